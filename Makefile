@@ -1,0 +1,40 @@
+PY := .venv/bin/python
+PROTO_OUT := node-agent/node_agent/proto_gen
+
+.PHONY: setup test lint unit kernel lab bench proto clean
+
+setup:
+	bash scripts/setup.sh
+
+proto: $(PROTO_OUT)/node_proxy_pb2.py
+
+$(PROTO_OUT)/node_proxy_pb2.py: proto/headrace/v1/node_proxy.proto
+	mkdir -p $(PROTO_OUT)
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto/headrace/v1 --python_out=$(PROTO_OUT) \
+	  --grpc_python_out=$(PROTO_OUT) --mypy_out=$(PROTO_OUT) proto/headrace/v1/node_proxy.proto
+	sed -i 's/^import node_proxy_pb2/from . import node_proxy_pb2/' $(PROTO_OUT)/node_proxy_pb2_grpc.py
+	touch $(PROTO_OUT)/__init__.py
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# The one test command (README and .ci/run): set-up, lint, type check, every test.
+test: setup
+	$(MAKE) -s lint
+	$(PY) -m pytest tests
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+kernel: setup
+	$(PY) -m pytest tests -m kernel
+
+lab: setup
+	.venv/bin/headrace lab run
+
+bench: setup
+	$(PY) bench/cni_add_latency.py
+
+clean:
+	rm -rf .venv $(PROTO_OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Redirection backends: iptables and eBPF, behind one interface (base.RedirectBackend)."""
