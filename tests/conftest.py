@@ -1,0 +1,58 @@
+"""Shared pytest fixtures: kernel-test gating and simulated nodes (tests/harness)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.node import SimNode
+
+KERNEL_DIR = Path(__file__).parent / "kernel"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/kernel is a kernel test; skip those clearly when not root."""
+    for item in items:
+        if KERNEL_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.kernel)
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="kernel tests need root")
+        for item in items:
+            if "kernel" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., SimNode]]:
+    """Factory for simulated nodes; every node (its pods, netns, bridge) is removed after the test."""
+    nodes: list[SimNode] = []
+
+    def factory(**kwargs: Any) -> SimNode:
+        node = SimNode.create(tmp_path / f"node{len(nodes)}", **kwargs)
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        node.close()
+
+
+@pytest.fixture
+def sim_node(make_node: Callable[..., SimNode]) -> SimNode:
+    """A dual-stack node whose chain is bridge + host-local + headrace-cni (default settings)."""
+    return make_node()
+
+
+@pytest.fixture
+def plain_node(make_node: Callable[..., SimNode]) -> SimNode:
+    """A dual-stack node whose chain is only bridge + host-local (no headrace)."""
+    return make_node(headrace=None)
+
+
+def have(binary: str) -> bool:
+    return shutil.which(binary) is not None
