@@ -1,0 +1,282 @@
+"""A simulated Kubernetes node: its own netns, a bridge network made by the real CNI plugins, an objects dir.
+
+    node = SimNode.create(tmp_path)               # node netns + objects dir + IPAM dir, nothing in root netns
+    node.add_namespace("shop", labels={...})
+    pod = node.add_pod("shop", "web", annotations={"sidecar.istio.io/status": "{}"})
+    ...                                             # pod.netns.path, pod.ipv4, pod.ipv6, pod.uid
+    node.remove_pod(pod); node.close()             # close() removes everything, also after failures
+
+Pods are network namespaces wired by `bridge` + `host-local` from /usr/lib/cni, chained with `headrace-cni`
+(from the venv) when the node's conflist has it. The plugins run inside the node netns, as a runtime on
+that node would. Subnets are chosen at random (10.200.0.0/13 and a ULA /64) so parallel tests don't clash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node_agent.lab.cni_runner import CniRunner
+from node_agent.lab.netns import NetNS, unique
+
+CNI_PLUGIN_DIR = "/usr/lib/cni"
+VENV_BIN = Path(sys.executable).parent
+HEADRACE_CNI = VENV_BIN / "headrace-cni"
+
+
+def random_subnets() -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network]:
+    v4 = ipaddress.IPv4Network(f"10.{200 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24")
+    v6 = ipaddress.IPv6Network(f"fd{secrets.token_hex(1)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}::/64")
+    return v4, v6
+
+
+@dataclass
+class Pod:
+    namespace: str
+    name: str
+    uid: str
+    netns: NetNS
+    container_id: str
+    result: dict[str, Any]
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def _ip(self, version: int) -> str | None:
+        for entry in self.result.get("ips", []):
+            iface = ipaddress.ip_interface(entry["address"])
+            if iface.version == version:
+                return str(iface.ip)
+        return None
+
+    @property
+    def ipv4(self) -> str:
+        ip = self._ip(4)
+        assert ip, f"pod {self.name} has no IPv4 address"
+        return ip
+
+    @property
+    def ipv6(self) -> str:
+        ip = self._ip(6)
+        assert ip, f"pod {self.name} has no IPv6 address"
+        return ip
+
+    @property
+    def cni_args(self) -> dict[str, str]:
+        return {
+            "IgnoreUnknown": "1",
+            "K8S_POD_NAMESPACE": self.namespace,
+            "K8S_POD_NAME": self.name,
+            "K8S_POD_UID": self.uid,
+            "K8S_POD_INFRA_CONTAINER_ID": self.container_id,
+        }
+
+
+@dataclass
+class SimNode:
+    root: Path
+    netns: NetNS
+    bridge: str
+    subnet_v4: ipaddress.IPv4Network
+    subnet_v6: ipaddress.IPv6Network
+    dual_stack: bool = True
+    headrace: dict[str, Any] | None = field(default_factory=dict)
+    pods: dict[str, Pod] = field(default_factory=dict)
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, *, dual_stack: bool = True, headrace: dict[str, Any] | None = None) -> SimNode:
+        """A node netns and directories under root. headrace=None: a chain without headrace-cni; a dict:
+        extra fields of the headrace-cni entry (defaults: objects_dir, log_file, agent_socket in root)."""
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in ("objects", "ipam", "cache", "bin", "state", "log"):
+            (root / sub).mkdir(exist_ok=True)
+        link = root / "bin" / "headrace-cni"
+        if not link.exists():
+            link.symlink_to(HEADRACE_CNI)
+        v4, v6 = random_subnets()
+        netns = NetNS.create("hrnode-")
+        node = cls(root, netns, unique("hrb", 8), v4, v6, dual_stack, headrace)
+        try:
+            netns.sysctl("net.ipv4.ip_forward", "1")
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1")
+        except BaseException:
+            node.close()
+            raise
+        return node
+
+    def close(self) -> None:
+        """Remove every pod (CNI DEL best effort), the pod netns, the node netns (and its bridge)."""
+        for pod in list(self.pods.values()):
+            try:
+                self.remove_pod(pod)
+            except Exception:
+                pod.netns.delete()
+                self.pods.pop(pod.uid, None)
+        self.netns.delete()
+
+    # -- configuration ------------------------------------------------------------------------------------
+    @property
+    def objects_dir(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "log" / "cni.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.state_dir / "cni.sock"
+
+    @property
+    def cni_path(self) -> list[str]:
+        return [CNI_PLUGIN_DIR, str(self.root / "bin")]
+
+    def headrace_entry(self) -> dict[str, Any] | None:
+        if self.headrace is None:
+            return None
+        entry: dict[str, Any] = {
+            "type": "headrace-cni",
+            "objects_dir": str(self.objects_dir),
+            "log_file": str(self.log_file),
+            "agent_socket": str(self.agent_socket),
+        }
+        entry.update(self.headrace)
+        return entry
+
+    def conflist(self, cni_version: str = "1.0.0") -> dict[str, Any]:
+        ranges: list[list[dict[str, str]]] = [[{"subnet": str(self.subnet_v4)}]]
+        if self.dual_stack:
+            ranges.append([{"subnet": str(self.subnet_v6)}])
+        plugins: list[dict[str, Any]] = [
+            {
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": ranges,
+                    "routes": [{"dst": "0.0.0.0/0"}] + ([{"dst": "::/0"}] if self.dual_stack else []),
+                    "dataDir": str(self.root / "ipam"),
+                },
+            }
+        ]
+        entry = self.headrace_entry()
+        if entry is not None:
+            plugins.append(entry)
+        return {"cniVersion": cni_version, "name": f"net-{self.bridge}", "plugins": plugins}
+
+    def runner(self, cni_version: str = "1.0.0") -> CniRunner:
+        return CniRunner(self.conflist(cni_version), self.cni_path, self.root / "cache", run_netns=self.netns.path)
+
+    # -- Kubernetes-shaped objects -------------------------------------------------------------------------
+    def add_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "uid": str(uuid.uuid4()), "labels": labels or {}},
+        }
+        self._write_object(f"namespace-{name}.json", obj)
+
+    def set_namespace_labels(self, name: str, labels: dict[str, str]) -> None:
+        path = self.objects_dir / f"namespace-{name}.json"
+        obj = json.loads(path.read_text())
+        obj["metadata"]["labels"] = labels
+        self._write_object(path.name, obj)
+
+    def pod_object(self, pod: Pod, *, host_network: bool = False) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "uid": pod.uid,
+                "labels": pod.labels,
+                "annotations": pod.annotations,
+            },
+            "spec": {
+                "nodeName": self.netns.name,
+                "hostNetwork": host_network,
+                "serviceAccountName": "default",
+                "containers": [{"name": "app", "image": "app"}],
+            },
+            "status": {
+                "phase": "Running",
+                "podIPs": [{"ip": e["address"].split("/")[0]} for e in pod.result.get("ips", [])],
+            },
+        }
+
+    def write_pod(self, pod: Pod) -> None:
+        self._write_object(f"pod-{pod.namespace}-{pod.name}.json", self.pod_object(pod))
+
+    def set_pod_labels(self, pod: Pod, labels: dict[str, str]) -> None:
+        pod.labels = dict(labels)
+        self.write_pod(pod)
+
+    def _write_object(self, filename: str, obj: dict[str, Any]) -> None:
+        tmp = self.objects_dir / f".{filename}.tmp"
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, self.objects_dir / filename)
+
+    # -- pods ----------------------------------------------------------------------------------------------
+    def add_pod(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        labels: dict[str, str] | None = None,
+        annotations: dict[str, str] | None = None,
+        cni_version: str = "1.0.0",
+    ) -> Pod:
+        """Write the Pod object (before ADD, as the API server has it), make its netns, run the chain ADD."""
+        if not (self.objects_dir / f"namespace-{namespace}.json").exists():
+            self.add_namespace(namespace)
+        netns = NetNS.create("hrpod-")
+        pod = Pod(
+            namespace,
+            name,
+            str(uuid.uuid4()),
+            netns,
+            secrets.token_hex(16),
+            {},
+            dict(labels or {}),
+            dict(annotations or {}),
+        )
+        self.write_pod(pod)
+        try:
+            pod.result = self.runner(cni_version).add(pod.container_id, netns.path, args=pod.cni_args)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.runner(cni_version).delete(pod.container_id, netns.path, args=pod.cni_args)
+            netns.delete()
+            (self.objects_dir / f"pod-{namespace}-{name}.json").unlink(missing_ok=True)
+            raise
+        self.pods[pod.uid] = pod
+        self.write_pod(pod)  # now with its IPs in status
+        return pod
+
+    def remove_pod(self, pod: Pod, cni_version: str = "1.0.0") -> None:
+        try:
+            self.runner(cni_version).delete(pod.container_id, pod.netns.path, args=pod.cni_args)
+        finally:
+            pod.netns.delete()
+            self.pods.pop(pod.uid, None)
+            (self.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
+
+    def cleanup_files(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
