@@ -113,6 +113,56 @@ class SimNode:
             raise
         return node
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able description, so another process (`headrace lab down`) can take the node over."""
+        return {
+            "root": str(self.root),
+            "netns": self.netns.name,
+            "bridge": self.bridge,
+            "subnet_v4": str(self.subnet_v4),
+            "subnet_v6": str(self.subnet_v6),
+            "dual_stack": self.dual_stack,
+            "headrace": self.headrace,
+            "pods": [
+                {
+                    "namespace": p.namespace,
+                    "name": p.name,
+                    "uid": p.uid,
+                    "netns": p.netns.name,
+                    "container_id": p.container_id,
+                    "result": p.result,
+                    "labels": p.labels,
+                    "annotations": p.annotations,
+                }
+                for p in self.pods.values()
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SimNode:
+        node = cls(
+            Path(data["root"]),
+            NetNS(data["netns"]),
+            data["bridge"],
+            ipaddress.IPv4Network(data["subnet_v4"]),
+            ipaddress.IPv6Network(data["subnet_v6"]),
+            bool(data["dual_stack"]),
+            data["headrace"],
+        )
+        for p in data["pods"]:
+            pod = Pod(
+                p["namespace"],
+                p["name"],
+                p["uid"],
+                NetNS(p["netns"]),
+                p["container_id"],
+                p["result"],
+                p["labels"],
+                p["annotations"],
+            )
+            node.pods[pod.uid] = pod
+        return node
+
     def close(self) -> None:
         """Remove every pod (CNI DEL best effort), the pod netns, the node netns (and its bridge)."""
         for pod in list(self.pods.values()):
