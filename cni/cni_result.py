@@ -1,0 +1,121 @@
+"""The prevResult a chained plugin receives: validation, version conversion, and the facts we need.
+
+headrace-cni never changes the result; it only converts it to the cniVersion the runtime asked for
+(0.4.0 <-> 1.0.0 <-> 1.1.0). The same version passes through untouched (unknown keys included); a
+conversion keeps the fields the target version defines (like libcni's typed conversion does).
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from cni.errors import INVALID_NETWORK_CONFIG, CniError
+
+if TYPE_CHECKING:
+    from cni.redirect_spec import Family
+
+READABLE_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+_IFACE_FIELDS_04 = ("name", "mac", "sandbox")
+_IFACE_FIELDS_11 = (*_IFACE_FIELDS_04, "mtu", "socketPath", "pciID")
+_ROUTE_FIELDS_04 = ("dst", "gw")
+_ROUTE_FIELDS_11 = (*_ROUTE_FIELDS_04, "mtu", "advmss", "priority", "table", "scope")
+_DNS_FIELDS = ("nameservers", "domain", "search", "options")
+
+
+def _bad(msg: str) -> CniError:
+    return CniError(INVALID_NETWORK_CONFIG, f"invalid prevResult: {msg}")
+
+
+def validate(result: dict[str, Any], config_version: str) -> str:
+    """Check the shape we rely on; return the version the result is written in."""
+    version = result.get("cniVersion", config_version)
+    if not isinstance(version, str) or version not in READABLE_VERSIONS:
+        raise _bad(f"unsupported cniVersion {str(version)[:20]!r}")
+    interfaces = result.get("interfaces", [])
+    if not isinstance(interfaces, list) or not all(isinstance(i, dict) for i in interfaces):
+        raise _bad("'interfaces' must be a list of objects")
+    for iface in interfaces:
+        if "name" in iface and not isinstance(iface["name"], str):
+            raise _bad("interface 'name' must be a string")
+    ips = result.get("ips", [])
+    if not isinstance(ips, list):
+        raise _bad("'ips' must be a list")
+    for ip in ips:
+        if not isinstance(ip, dict):
+            raise _bad("'ips' entries must be objects")
+        address = ip.get("address")
+        if not isinstance(address, str):
+            raise _bad("every ip needs an 'address' string")
+        try:
+            iface_addr = ipaddress.ip_interface(address)
+        except ValueError as exc:
+            raise _bad(f"ip address {address[:60]!r} is not an address/prefix") from exc
+        if "/" not in address:
+            raise _bad(f"ip address {address[:60]!r} has no prefix length")
+        gateway = ip.get("gateway")
+        if gateway is not None:
+            try:
+                ipaddress.ip_address(gateway if isinstance(gateway, str) else "x")
+            except ValueError as exc:
+                raise _bad(f"gateway {str(gateway)[:60]!r} is not an IP address") from exc
+        index = ip.get("interface")
+        if index is not None and (
+            isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(interfaces)
+        ):
+            raise _bad(f"ip 'interface' index {index!r} does not point into 'interfaces'")
+        if version.startswith("0.") and "version" in ip and ip["version"] != str(iface_addr.version):
+            raise _bad(f"ip 'version' {ip['version']!r} does not match {address[:60]!r}")
+    routes = result.get("routes", [])
+    if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+        raise _bad("'routes' must be a list of objects")
+    dns = result.get("dns", {})
+    if not isinstance(dns, dict):
+        raise _bad("'dns' must be an object")
+    return version
+
+
+def addresses(result: dict[str, Any]) -> list[str]:
+    """The pod's IP addresses (no prefix length), in prevResult order."""
+    return [str(ipaddress.ip_interface(ip["address"]).ip) for ip in result.get("ips", [])]
+
+
+def families(result: dict[str, Any]) -> tuple[Family, ...]:
+    """Address families of the pod's IPs; both when the result holds no IP (capture rather than leak)."""
+    found = {ipaddress.ip_interface(ip["address"]).version for ip in result.get("ips", [])}
+    out: tuple[Family, ...] = tuple(f for f in (4, 6) if f in found)
+    return out or (4, 6)
+
+
+def _pick(obj: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: copy.deepcopy(obj[k]) for k in keys if k in obj}
+
+
+def convert(result: dict[str, Any], source_version: str, target_version: str) -> dict[str, Any]:
+    """The same result expressed in ``target_version``."""
+    if source_version == target_version:
+        same = copy.deepcopy(result)
+        same["cniVersion"] = target_version
+        return same
+    old_target = target_version.startswith("0.")
+    iface_fields = _IFACE_FIELDS_11 if target_version == "1.1.0" else _IFACE_FIELDS_04
+    route_fields = _ROUTE_FIELDS_11 if target_version == "1.1.0" else _ROUTE_FIELDS_04
+    out: dict[str, Any] = {"cniVersion": target_version}
+    if "interfaces" in result:
+        out["interfaces"] = [_pick(i, iface_fields) for i in result["interfaces"]]
+    if "ips" in result:
+        ips = []
+        for ip in result["ips"]:
+            entry = _pick(ip, ("interface", "address", "gateway"))
+            if old_target:
+                version = str(ipaddress.ip_interface(ip["address"]).version)
+                entry = {"version": version, **entry}
+            ips.append(entry)
+        out["ips"] = ips
+    if "routes" in result:
+        out["routes"] = [_pick(r, route_fields) for r in result["routes"]]
+    if "dns" in result:
+        out["dns"] = _pick(result["dns"], _DNS_FIELDS)
+    return out

@@ -1,0 +1,141 @@
+"""The plugin-event client (cni.agent_client) against a real unix-socket server in a thread.
+
+``FakeAgent`` is also used by the plugin tests (test_cni_plugin_process.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni.agent_client import AgentUnavailable, PluginEvent, send_event
+
+Reply = Callable[[dict[str, Any]], bytes | None]
+
+
+class FakeAgent:
+    """A unix-socket server speaking the plugin-event protocol; ``reply`` decides each answer
+    (None = hang up without answering; it may also sleep to simulate a slow agent)."""
+
+    def __init__(self, path: Path, reply: Reply | None = None) -> None:
+        self.path = path
+        self.reply: Reply = reply or (lambda req: b'{"ok": true, "state": "enrolled"}\n')
+        self.requests: list[dict[str, Any]] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while b"\n" not in buf:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+            req = json.loads(buf.split(b"\n")[0])
+            self.requests.append(req)
+            answer = self.reply(req)
+            if answer is not None:
+                try:
+                    conn.sendall(answer)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self.thread.join(2)
+        self.path.unlink(missing_ok=True)
+
+
+EVENT = PluginEvent("ADD", "c1", "/run/netns/p", "eth0", "shop", "web", "uid-1", ("10.0.0.5",), "ambient")
+
+
+def test_roundtrip(tmp_path: Path) -> None:
+    agent = FakeAgent(tmp_path / "a.sock")
+    try:
+        reply = send_event(str(agent.path), EVENT, timeout=2)
+        assert reply.ok and reply.state == "enrolled"
+        assert agent.requests == [
+            {
+                "v": 1,
+                "cmd": "ADD",
+                "container_id": "c1",
+                "netns": "/run/netns/p",
+                "ifname": "eth0",
+                "pod": {"namespace": "shop", "name": "web", "uid": "uid-1"},
+                "ips": ["10.0.0.5"],
+                "mode": "ambient",
+            }
+        ]
+    finally:
+        agent.close()
+
+
+def test_error_reply(tmp_path: Path) -> None:
+    agent = FakeAgent(tmp_path / "a.sock", lambda r: b'{"ok": false, "error": "no proxy", "retry": true}\n')
+    try:
+        reply = send_event(str(agent.path), EVENT, timeout=2)
+        assert (reply.ok, reply.error, reply.retry) == (False, "no proxy", True)
+    finally:
+        agent.close()
+
+
+def test_missing_socket(tmp_path: Path) -> None:
+    with pytest.raises(AgentUnavailable, match="does not exist"):
+        send_event(str(tmp_path / "none.sock"), EVENT, timeout=1)
+
+
+def test_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dead.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()  # the file stays, nobody listens
+    with pytest.raises(AgentUnavailable, match="refused"):
+        send_event(str(path), EVENT, timeout=1)
+
+
+def test_slow_agent_times_out_within_bound(tmp_path: Path) -> None:
+    def slow(req: dict[str, Any]) -> bytes:
+        time.sleep(2)
+        return b'{"ok": true}\n'
+
+    agent = FakeAgent(tmp_path / "a.sock", slow)
+    try:
+        start = time.monotonic()
+        with pytest.raises(AgentUnavailable, match=r"did not answer within 0\.5s"):
+            send_event(str(agent.path), EVENT, timeout=0.5)
+        assert time.monotonic() - start < 1.5
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("answer", [None, b"garbage\n", b'{"state": "x"}\n'])
+def test_bad_answers(tmp_path: Path, answer: bytes | None) -> None:
+    agent = FakeAgent(tmp_path / "a.sock", lambda r: answer)
+    try:
+        with pytest.raises(AgentUnavailable):
+            send_event(str(agent.path), EVENT, timeout=1)
+    finally:
+        agent.close()

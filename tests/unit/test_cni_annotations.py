@@ -1,0 +1,95 @@
+"""traffic.sidecar.istio.io/* annotation validation (cni.annotations)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from cni import annotations as ann
+from cni.errors import INVALID_ANNOTATION, CniError
+from cni.redirect_spec import SidecarSpec
+
+
+def test_no_annotations_gives_contract_defaults() -> None:
+    assert ann.sidecar_spec({}) == SidecarSpec()
+
+
+def test_all_annotations() -> None:
+    spec = ann.sidecar_spec(
+        {
+            ann.INCLUDE_INBOUND_PORTS: "8080, 9090,8080",
+            ann.EXCLUDE_INBOUND_PORTS: "7070",
+            ann.EXCLUDE_OUTBOUND_PORTS: "5432,6379",
+            ann.EXCLUDE_OUTBOUND_IP_RANGES: "10.96.0.0/12, fd00:1::/64",
+            ann.INCLUDE_OUTBOUND_IP_RANGES: "10.0.0.0/8",
+        }
+    )
+    assert spec.include_inbound_ports == (8080, 9090)
+    assert spec.exclude_inbound_ports == (7070, 15020, 15021, 15090)
+    assert spec.exclude_outbound_ports == (5432, 6379)
+    assert spec.exclude_outbound_ranges == (
+        ipaddress.ip_network("10.96.0.0/12"),
+        ipaddress.ip_network("fd00:1::/64"),
+    )
+    assert spec.include_outbound_ranges == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert spec.ranges(6, "exclude") == (ipaddress.ip_network("fd00:1::/64"),)
+
+
+def test_stars_and_empty_values() -> None:
+    star = ann.sidecar_spec({ann.INCLUDE_INBOUND_PORTS: "*", ann.INCLUDE_OUTBOUND_IP_RANGES: "*"})
+    assert star.include_inbound_ports is None and star.include_outbound_ranges is None
+    empty = ann.sidecar_spec({ann.INCLUDE_INBOUND_PORTS: "", ann.INCLUDE_OUTBOUND_IP_RANGES: ""})
+    assert empty.include_inbound_ports == () and empty.include_outbound_ranges == ()
+    assert ann.sidecar_spec({ann.EXCLUDE_OUTBOUND_PORTS: ""}).exclude_outbound_ports == ()
+
+
+def test_reserved_ports_stay_excluded() -> None:
+    spec = ann.sidecar_spec({ann.INCLUDE_INBOUND_PORTS: "80,15021", ann.EXCLUDE_INBOUND_PORTS: "81"})
+    assert spec.include_inbound_ports == (80,)
+    assert {15020, 15021, 15090, 81} <= set(spec.exclude_inbound_ports)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "token"),
+    [
+        (ann.INCLUDE_INBOUND_PORTS, "80,0", "0"),
+        (ann.INCLUDE_INBOUND_PORTS, "65536", "65536"),
+        (ann.INCLUDE_INBOUND_PORTS, "80,*", "*"),
+        (ann.INCLUDE_INBOUND_PORTS, "8 0", "8 0"),
+        (ann.INCLUDE_INBOUND_PORTS, "80,,81", ""),
+        (ann.INCLUDE_INBOUND_PORTS, "80,", ""),
+        (ann.EXCLUDE_INBOUND_PORTS, "*", "*"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "22;reboot", "22;reboot"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "$(id)", "$(id)"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "-1", "-1"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "0x50", "0x50"),
+        (ann.EXCLUDE_OUTBOUND_PORTS, "\u0668\u0660", "\u0668\u0660"),  # Arabic-Indic digits
+        (ann.EXCLUDE_OUTBOUND_PORTS, "80\n-A OUTPUT -j ACCEPT", "80\n-A OUTPUT -j ACCEPT"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.1/8", "10.0.0.1/8"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.1", "10.0.0.1"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33", "10.0.0.0/33"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "*", "*"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8 -j ACCEPT", "10.0.0.0/8 -j ACCEPT"),
+        (ann.EXCLUDE_OUTBOUND_IP_RANGES, "fe80::1%eth0/64", "fe80::1%eth0/64"),
+        (ann.INCLUDE_OUTBOUND_IP_RANGES, "*,10.0.0.0/8", "*"),
+        (ann.INCLUDE_OUTBOUND_IP_RANGES, "010.0.0.0/8", "010.0.0.0/8"),
+        (ann.INCLUDE_OUTBOUND_IP_RANGES, " ", " "),
+    ],
+)
+def test_rejected(key: str, value: str, token: str) -> None:
+    with pytest.raises(CniError) as info:
+        ann.sidecar_spec({key: value})
+    assert info.value.code == INVALID_ANNOTATION
+    assert key in info.value.msg
+    assert repr(token) in info.value.msg
+
+
+def test_huge_lists_rejected() -> None:
+    value = ",".join(str(p) for p in range(1, 300))
+    with pytest.raises(CniError, match="more than 256 entries"):
+        ann.sidecar_spec({ann.EXCLUDE_OUTBOUND_PORTS: value})
+    with pytest.raises(CniError, match="longer than"):
+        ann.sidecar_spec({ann.EXCLUDE_OUTBOUND_PORTS: "1" * 20000})
+    ok = ",".join(str(p) for p in range(1, 257))
+    assert len(ann.sidecar_spec({ann.EXCLUDE_OUTBOUND_PORTS: ok}).exclude_outbound_ports) == 256
