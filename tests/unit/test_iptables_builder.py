@@ -1,0 +1,145 @@
+"""The pure rule builder: validation, family handling and the rule shapes the kernel tests rely on."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from cni.iptables import builder
+from cni.redirect_spec import AmbientSpec, SidecarSpec
+
+net = ipaddress.ip_network
+
+
+def _nat(rs: builder.RuleSet) -> builder.TableRules:
+    t = rs.table("nat")
+    assert t is not None
+    return t
+
+
+def test_all_chains_are_ours_and_short_enough() -> None:
+    for rs in (
+        builder.sidecar_rules(SidecarSpec(), 4),
+        builder.ambient_rules(AmbientSpec(), 6),
+        builder.node_probe_rules(["10.0.0.1"], 4),
+    ):
+        for t in rs.tables:
+            for chain in t.chains:
+                assert chain.startswith(rs.owner_prefix)
+                assert chain.startswith(builder.OWNED_PREFIX)
+                assert len(chain) <= 28  # XT_EXTENSION_MAXNAMELEN - 1
+            for line in (*t.jumps, *t.rules):
+                assert line.startswith("-A ")
+                assert "  " not in line and not line.endswith(" ")
+
+
+def test_sidecar_and_ambient_chain_names_are_distinct() -> None:
+    sc = {c for t in builder.sidecar_rules(SidecarSpec(), 4).tables for c in t.chains}
+    am = {c for t in builder.ambient_rules(AmbientSpec(), 4).tables for c in t.chains}
+    assert not sc & am
+
+
+def test_sidecar_health_ports_always_excluded() -> None:
+    rules = _nat(builder.sidecar_rules(SidecarSpec(exclude_inbound_ports=(22,)), 4)).rules
+    for port in (15020, 15021, 15090, 22):
+        assert f"-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport {port} -j RETURN" in rules
+
+
+def test_sidecar_include_inbound_only_listed_ports() -> None:
+    t = _nat(builder.sidecar_rules(SidecarSpec(include_inbound_ports=(80, 80, 8080)), 4))
+    inbound = [r for r in t.rules if r.startswith("-A HEADRACE_SC_INBOUND ")]
+    assert inbound == [
+        "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -j HEADRACE_SC_IN_REDIRECT",
+        "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 8080 -j HEADRACE_SC_IN_REDIRECT",
+    ]
+
+
+def test_sidecar_empty_include_means_no_inbound_capture() -> None:
+    t = _nat(builder.sidecar_rules(SidecarSpec(include_inbound_ports=()), 4))
+    assert not any(j.startswith("-A PREROUTING") for j in t.jumps)
+
+
+def test_sidecar_include_ranges_per_family() -> None:
+    spec = SidecarSpec(include_outbound_ranges=(net("10.0.0.0/8"),))
+    v4 = _nat(builder.sidecar_rules(spec, 4)).rules
+    v6 = _nat(builder.sidecar_rules(spec, 6)).rules
+    assert "-A HEADRACE_SC_OUTPUT -d 10.0.0.0/8 -j HEADRACE_SC_REDIRECT" in v4
+    assert not any(r.endswith("-j HEADRACE_SC_REDIRECT") and "SC_OUTPUT" in r for r in v6)
+
+
+def test_sidecar_v6_uses_v6_loopback_and_passthrough() -> None:
+    rules = _nat(builder.sidecar_rules(SidecarSpec(), 6)).rules
+    assert "-A HEADRACE_SC_OUTPUT -s ::6/128 -o lo -j RETURN" in rules
+    assert "-A HEADRACE_SC_OUTPUT -d ::1/128 -j RETURN" in rules
+    assert not any("127.0.0" in r for r in rules)
+
+
+def test_ambient_dns_only_when_enabled() -> None:
+    off = _nat(builder.ambient_rules(AmbientSpec(), 4)).rules
+    on = _nat(builder.ambient_rules(AmbientSpec(capture_dns=True), 4)).rules
+    assert not any("15053" in r for r in off)
+    assert sum("--to-ports 15053" in r for r in on) == 2  # udp and tcp
+
+
+def test_ambient_custom_mark_and_probe() -> None:
+    spec = AmbientSpec(mark=0x2, mark_mask=0xF, probe_snat_v4=ipaddress.IPv4Address("169.254.9.9"))
+    rs = builder.ambient_rules(spec, 4)
+    text = rs.render()
+    assert "--mark 0x2/0xf" in text and "169.254.9.9/32" in text
+    assert "--set-xmark 0x1/0xf" in text  # 0x111 & 0xf
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (SidecarSpec(outbound_port=0), "port must be"),
+        (SidecarSpec(inbound_port=70000), "port must be"),
+        (SidecarSpec(exclude_outbound_ports=(True,)), "excludeOutboundPorts"),
+        (SidecarSpec(exclude_inbound_ports=("80",)), "excludeInboundPorts"),  # type: ignore[arg-type]
+        (SidecarSpec(include_inbound_ports=(-1,)), "includeInboundPorts"),
+        (SidecarSpec(proxy_uid=-5), "proxy uid"),
+        (SidecarSpec(exclude_outbound_ranges=("10.0.0.0/8",)), "IP network"),  # type: ignore[arg-type]
+    ],
+)
+def test_sidecar_validation(spec: SidecarSpec, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        builder.sidecar_rules(spec, 4)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (AmbientSpec(mark=0x1539), "does not fit"),
+        (AmbientSpec(mark_mask=0), "does not fit"),
+        (AmbientSpec(hbone_port=0), "HBONE"),
+        (AmbientSpec(probe_snat_v4=ipaddress.IPv6Address("::1")), "probe source"),  # type: ignore[arg-type]
+    ],
+)
+def test_ambient_validation(spec: AmbientSpec, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        builder.ambient_rules(spec, 4)
+
+
+@pytest.mark.parametrize("family", [0, 5, "4", None])
+def test_bad_family(family: object) -> None:
+    with pytest.raises(ValueError, match="family"):
+        builder.sidecar_rules(SidecarSpec(), family)  # type: ignore[arg-type]
+
+
+def test_node_probe_rules_filter_sort_dedup() -> None:
+    rs = builder.node_probe_rules(["10.0.0.9", "10.0.0.10", "10.0.0.9", "fd00::1"], 4)
+    t = _nat(rs)
+    assert [r.split()[3] for r in t.rules] == ["10.0.0.9/32", "10.0.0.10/32"]
+    assert t.jumps == ("-A POSTROUTING -j HEADRACE_POSTROUTING",)
+    v6 = _nat(builder.node_probe_rules(["10.0.0.9", "fd00::1"], 6)).rules
+    assert v6 == (
+        "-A HEADRACE_POSTROUTING -d fd00::1/128 -p tcp -m owner --socket-exists "
+        "-j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff",
+    )
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.300", "10.0.0.1; rm -rf /", "", "10.0.0.0/24", 7])
+def test_node_probe_rejects_bad_ips(bad: object) -> None:
+    with pytest.raises(ValueError, match="pod IP"):
+        builder.node_probe_rules([bad], 4)
