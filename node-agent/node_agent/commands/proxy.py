@@ -1,0 +1,23 @@
+"""`headrace proxy`: the reference node proxy (ztunnel role) for tests and the lab."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("proxy")
+@click.option("--socket", "socket_path", default="/var/run/headrace/proxy.sock", show_default=True,
+              type=click.Path(dir_okay=False), help="The agent's node-proxy gRPC socket.")
+@click.option("--id", "proxy_id", default=None, help="Proxy identity sent in Hello [refproxy-<host>-<pid>].")
+@click.option("--netns-fd/--netns-path", default=False, show_default=True,
+              help="Get each pod netns as an fd over the agent's SCM_RIGHTS side channel instead of "
+                   "opening the pinned path.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def proxy(socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str) -> None:
+    """Run the reference node proxy: one JSON line per finished connection on stdout, logs on stderr."""
+    from node_agent.refproxy.main import run
+
+    sys.exit(run(socket_path, proxy_id, netns_fd, log_level))

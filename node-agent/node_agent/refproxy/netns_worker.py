@@ -1,0 +1,99 @@
+"""A thread parked inside one pod network namespace that runs small jobs (socket creation) there.
+
+Python 3.11 has no os.setns, so setns(2) is called through ctypes; it affects only the calling thread.
+A socket keeps the netns it was created in for its whole life, so the event loop can use sockets this
+thread made while the loop itself stays in the proxy's own namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+T = TypeVar("T")
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+class NetnsWorker:
+    """Owns `netns_fd` (closed when the worker ends). Jobs run in FIFO order inside that netns."""
+
+    def __init__(self, netns_fd: int, name: str) -> None:
+        self._fd = netns_fd
+        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self.ready: Future[None] = Future()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"netns-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._lock:
+            if not self._closed:
+                self._jobs.put((fn, fut))
+                return fut
+        fut.set_exception(RuntimeError("netns worker is closed"))
+        return fut
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._jobs.put(None)
+
+    def _run(self) -> None:
+        own = -1
+        try:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            setns(self._fd)
+        except OSError as exc:
+            self.ready.set_exception(exc)
+            self._drain(exc)
+            if own >= 0:
+                os.close(own)
+            os.close(self._fd)
+            return
+        self.ready.set_result(None)
+        try:
+            while True:
+                item = self._jobs.get()
+                if item is None:
+                    break
+                fn, fut = item
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+        finally:
+            self._drain(RuntimeError("netns worker is closed"))
+            try:
+                setns(own)  # back home before the thread ends
+            finally:
+                os.close(own)
+                os.close(self._fd)
+
+    def _drain(self, exc: BaseException) -> None:
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(exc)

@@ -1,0 +1,261 @@
+"""The proxy's workload table: per workload, listeners opened inside the pod's netns.
+
+Listeners (both IPv4 and IPv6 where the pod has it): 15001 outbound, 15006 inbound, 15008 HBONE (accepts
+and closes: this reference proxy speaks plaintext L4 only). An add is complete only when every listener
+is up; a delete closes the listeners and lets open connections finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from node_agent.netns_fd_channel import NetnsFdError, fetch_netns_fd, open_verified_netns
+from node_agent.refproxy.forward import Emit, relay
+from node_agent.refproxy.logs import event
+from node_agent.refproxy.netns_worker import NetnsWorker
+from node_agent.refproxy.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, make_listener, make_upstream
+from node_agent.workload import WorkloadInfo
+
+LISTENERS: tuple[tuple[int, str], ...] = (
+    (OUTBOUND_PORT, "outbound"),
+    (INBOUND_PORT, "inbound"),
+    (HBONE_PORT, "hbone"),
+)
+
+# uid, WorkloadInfo -> an fd of the workload's netns (already checked against the inode)
+NetnsOpener = Callable[[WorkloadInfo], Awaitable[int]]
+
+
+class WorkloadError(Exception):
+    """Why an add failed; its text goes back to the agent in the Ack."""
+
+
+def check_netns(info: WorkloadInfo) -> None:
+    """The pinned netns must exist and still be the namespace the agent told us about."""
+    if not info.netns_path:
+        raise WorkloadError(f"workload {info.uid} has no netns path")
+    try:
+        ino = os.stat(info.netns_path).st_ino
+    except OSError as exc:
+        raise WorkloadError(f"netns {info.netns_path} is gone: {exc.strerror}") from exc
+    if info.netns_inode and ino != info.netns_inode:
+        raise WorkloadError(f"netns {info.netns_path} has inode {ino}, the agent said {info.netns_inode}")
+
+
+async def open_by_path(info: WorkloadInfo) -> int:
+    check_netns(info)
+    try:
+        return open_verified_netns(info.netns_path, info.netns_inode)
+    except NetnsFdError as exc:
+        raise WorkloadError(str(exc)) from exc
+
+
+def side_channel_opener(get_socket: Callable[[], str]) -> NetnsOpener:
+    """Fetch the netns fd over the agent's SCM_RIGHTS side channel (path announced in HelloReply)."""
+
+    async def opener(info: WorkloadInfo) -> int:
+        path = get_socket()
+        if not path:
+            raise WorkloadError("the agent announced no netns fd side channel")
+        try:
+            fd, inode = await asyncio.to_thread(fetch_netns_fd, path, info.uid)
+        except (OSError, NetnsFdError) as exc:
+            raise WorkloadError(f"netns fd for {info.uid}: {exc}") from exc
+        if info.netns_inode and inode != info.netns_inode:
+            os.close(fd)
+            raise WorkloadError(f"netns fd for {info.uid} has inode {inode}, the agent said {info.netns_inode}")
+        return fd
+
+    return opener
+
+
+class WorkloadProxy:
+    def __init__(self, info: WorkloadInfo, emit: Emit) -> None:
+        self.info = info
+        self._emit = emit
+        self._worker: NetnsWorker | None = None
+        self._listening: list[tuple[asyncio.Server, socket.socket, str]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.active = 0
+        self.closing = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.namespace}/{self.info.name}"
+
+    async def start(self, netns_fd: int) -> None:
+        self._worker = NetnsWorker(netns_fd, self.info.uid[:12])
+        try:
+            await asyncio.wrap_future(self._worker.ready)
+            for port, direction in LISTENERS:
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    lsock = await self._listener(family, port)
+                    if lsock is None:
+                        continue
+                    handler = functools.partial(self._on_connection, direction)
+                    server = await asyncio.start_server(handler, sock=lsock)
+                    self._listening.append((server, lsock, direction))
+        except BaseException:
+            self.close(grace=0)
+            raise
+
+    async def _listener(self, family: socket.AddressFamily, port: int) -> socket.socket | None:
+        assert self._worker is not None
+        try:
+            return await asyncio.wrap_future(self._worker.submit(functools.partial(make_listener, family, port)))
+        except OSError as exc:
+            if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                event(logging.INFO, "ipv6_unavailable", workload=self.label, port=port)
+                return None
+            raise WorkloadError(f"listen on port {port} in {self.info.netns_path}: {exc.strerror}") from exc
+
+    async def _upstream(self, family: socket.AddressFamily) -> socket.socket:
+        if self._worker is None:
+            raise RuntimeError("workload is closed")
+        return await asyncio.wrap_future(self._worker.submit(functools.partial(make_upstream, family)))
+
+    async def _on_connection(self, direction: str, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        self.active += 1
+        await self._serve(direction, reader, writer)
+
+    async def _serve(self, direction: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Runs with self.active already counting this connection."""
+        try:
+            if direction == "hbone":
+                writer.close()  # the reference proxy does not terminate HBONE
+                return
+            await relay(reader, writer, direction=direction, workload=self.label,
+                        make_upstream=self._upstream, emit=self._emit)
+        finally:
+            self.active -= 1
+            if self.closing and self.active == 0:
+                self._stop_worker()
+
+    async def _serve_drained(self, direction: str, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            conn.close()
+            self.active -= 1
+            return
+        await self._serve(direction, reader, writer)
+
+    def close(self, grace: float = 1.0) -> None:
+        """Stop accepting; connections already open (or already queued on a listener) finish on their own.
+
+        The netns worker (needed to dial upstream) stays until the last connection ends; with no
+        connection it stops after `grace` seconds, covering connections asyncio accepted but whose
+        handler has not started yet.
+        """
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        for server, lsock, direction in self._listening:
+            # the client already completed its handshake for connections in the accept queue: serve them
+            # rather than letting close() reset them
+            while True:
+                try:
+                    conn, _ = lsock.accept()
+                except OSError:  # BlockingIOError: queue empty
+                    break
+                conn.setblocking(False)
+                self.active += 1
+                task = loop.create_task(self._serve_drained(direction, conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            server.close()
+        self._listening.clear()
+        if self.active == 0:
+            if grace > 0:
+                loop.call_later(grace, self._stop_if_idle)
+            else:
+                self._stop_worker()
+
+    def _stop_if_idle(self) -> None:
+        if self.active == 0:
+            self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+
+class WorkloadTable:
+    def __init__(self, emit: Emit, opener: NetnsOpener = open_by_path) -> None:
+        self._emit = emit
+        self._opener = opener
+        self._by_uid: dict[str, WorkloadProxy] = {}
+        self._seen: set[str] | None = None
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self._by_uid
+
+    def uids(self) -> list[str]:
+        return list(self._by_uid)
+
+    def begin_snapshot(self) -> None:
+        self._seen = set()
+
+    def finish_snapshot(self) -> list[str]:
+        """Drop every workload the snapshot did not mention; returns their uids."""
+        seen, self._seen = self._seen or set(), None
+        stale = [uid for uid in self.uids() if uid not in seen]
+        for uid in stale:
+            self.delete(uid)
+        return stale
+
+    def mark_seen(self, uid: str) -> None:
+        """Record that the snapshot in progress (if any) mentions uid."""
+        if self._seen is not None:
+            self._seen.add(uid)
+
+    async def add(self, info: WorkloadInfo) -> None:
+        self.mark_seen(info.uid)
+        existing = self._by_uid.get(info.uid)
+        try:
+            if info.netns_path:
+                check_netns(info)
+        except WorkloadError:
+            if existing is not None:
+                self.delete(info.uid)
+            raise
+        if existing is not None:
+            if (existing.info.netns_path, existing.info.netns_inode) == (info.netns_path, info.netns_inode):
+                existing.info = info  # same netns: keep the listeners, refresh the metadata
+                event(logging.INFO, "workload_updated", uid=info.uid, workload=existing.label)
+                return
+            self.delete(info.uid)
+        fd = await self._opener(info)
+        wp = WorkloadProxy(info, self._emit)
+        try:
+            await wp.start(fd)
+        except WorkloadError:
+            raise
+        except OSError as exc:
+            raise WorkloadError(f"workload {info.uid}: {exc}") from exc
+        self._by_uid[info.uid] = wp
+        event(logging.INFO, "workload_added", uid=info.uid, workload=wp.label, netns=info.netns_path,
+              inode=info.netns_inode)
+
+    def delete(self, uid: str, grace: float = 1.0) -> bool:
+        wp = self._by_uid.pop(uid, None)
+        if wp is None:
+            return False
+        wp.close(grace)
+        event(logging.INFO, "workload_deleted", uid=uid, workload=wp.label, open_connections=wp.active)
+        return True
+
+    def close_all(self) -> None:
+        for uid in list(self._by_uid):
+            self.delete(uid, grace=0)
+
+    def status(self) -> dict[str, Any]:
+        return {uid: {"workload": wp.label, "active": wp.active} for uid, wp in self._by_uid.items()}
