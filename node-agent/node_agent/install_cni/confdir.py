@@ -1,0 +1,218 @@
+"""Apply the pure conflist logic to a CNI config directory: install, uninstall, check.
+
+Every write is atomic (`atomic.write_atomic`); a run that finds everything in place writes nothing.
+A `.conf` primary is converted to a `.conflist`; the original bytes are kept in a small state file so
+uninstall can put back exactly what was there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from node_agent.install_cni import conflist as cl
+from node_agent.install_cni.atomic import read_bytes, remove_file, write_atomic
+
+
+@dataclass(frozen=True)
+class PrimaryConfig:
+    name: str
+    path: str
+    doc: cl.JsonObject
+    kind: str  # "conflist" | "conf"
+    mode: int
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """What one install/uninstall step did. action: unchanged, inserted, updated, converted, removed,
+    restored, no-config."""
+
+    action: str
+    path: str | None = None
+    converted_from: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.action not in ("unchanged", "no-config")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "path": self.path, "converted_from": self.converted_from}
+
+
+def _load(conf_dir: str, name: str) -> tuple[cl.JsonObject, int] | None:
+    path = os.path.join(conf_dir, name)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    raw = read_bytes(path)
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise cl.ConfigError(path, f"not UTF-8 text: {exc}") from exc
+    return cl.parse_config(path, text), st.st_mode & 0o7777
+
+
+def list_names(conf_dir: str) -> list[str]:
+    try:
+        return cl.candidates(os.listdir(conf_dir))
+    except FileNotFoundError:
+        return []
+
+
+def find_primary(conf_dir: str) -> PrimaryConfig | None:
+    """The config a runtime would use: the first candidate (lexically) that is a network config.
+
+    A candidate that cannot be parsed raises `ConfigError` naming the file (we never guess past it).
+    """
+    for name in list_names(conf_dir):
+        loaded = _load(conf_dir, name)
+        if loaded is None:
+            continue
+        doc, mode = loaded
+        path = os.path.join(conf_dir, name)
+        kind = cl.config_kind(path, doc)
+        if kind is None:
+            continue
+        return PrimaryConfig(name=name, path=path, doc=doc, kind=kind, mode=mode)
+    return None
+
+
+def _read_state(state_path: str | None) -> dict[str, Any]:
+    if not state_path:
+        return {}
+    raw = read_bytes(state_path)
+    if raw is None:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _write_state(state_path: str | None, state: Mapping[str, Any]) -> None:
+    if not state_path:
+        return
+    if not state:
+        remove_file(state_path)
+        return
+    os.makedirs(os.path.dirname(state_path), exist_ok=True)
+    write_atomic(state_path, cl.render(state), mode=0o600)
+
+
+def install_config(
+    conf_dir: str,
+    entry: Mapping[str, Any],
+    state_path: str | None = None,
+    supported_versions: Iterable[str] | None = None,
+) -> ConfigChange:
+    """Make sure the primary config ends with exactly `entry`. Nothing written when already so.
+
+    With `supported_versions`, a config whose cniVersion the plugin does not support is refused
+    (ConfigError, nothing written): the runtime would call the plugin with that version and every pod
+    ADD on the node would fail, including the agent's own.
+    """
+    primary = find_primary(conf_dir)
+    if primary is None:
+        return ConfigChange("no-config")
+    if supported_versions is not None:
+        warning = cl.version_warning(primary.doc, supported_versions)
+        if warning:
+            raise cl.ConfigError(primary.path, warning + "; not chaining headrace-cni into it")
+    if primary.kind == "conflist":
+        new = cl.upsert_entry(primary.doc, entry)
+        if new == primary.doc:
+            return ConfigChange("unchanged", primary.path)
+        action = "updated" if cl.has_our_entry(primary.doc) else "inserted"
+        # through a symlink to its target: the link (someone's layout) stays as it is
+        write_atomic(os.path.realpath(primary.path), cl.render(new), mode=primary.mode)
+        return ConfigChange(action, primary.path)
+
+    new_name = cl.conflist_name_for(primary.name)
+    new_path = os.path.join(conf_dir, new_name)
+    new = cl.upsert_entry(cl.to_conflist(primary.doc), entry)
+    if os.path.lexists(new_path):
+        existing = _load(conf_dir, new_name)
+        if existing is None or existing[0] != new:
+            raise cl.ConfigError(
+                primary.path, f"cannot convert to a conflist: {new_path} already exists (and sorts after it)"
+            )
+        # an earlier conversion wrote the conflist and stopped before removing the .conf: finish it
+        remove_file(primary.path)
+        return ConfigChange("converted", new_path, converted_from=primary.path)
+    original = read_bytes(primary.path)
+    state = _read_state(state_path)
+    if original is not None:
+        state["converted"] = {
+            "conflist": new_name,
+            "conf": primary.name,
+            "mode": primary.mode,
+            "original": original.decode("utf-8"),
+        }
+        _write_state(state_path, state)
+    # The new file is in place (fsynced) before the old one goes: a runtime always finds a config.
+    write_atomic(new_path, cl.render(new), mode=primary.mode)
+    remove_file(primary.path)
+    return ConfigChange("converted", new_path, converted_from=primary.path)
+
+
+def uninstall_config(conf_dir: str, state_path: str | None = None) -> list[ConfigChange]:
+    """Remove our entry from every config file that has it; restore a .conf we converted."""
+    changes: list[ConfigChange] = []
+    state = _read_state(state_path)
+    converted = state.get("converted") if isinstance(state.get("converted"), dict) else None
+    for name in list_names(conf_dir):
+        path = os.path.join(conf_dir, name)
+        try:
+            loaded = _load(conf_dir, name)
+        except cl.ConfigError:
+            continue  # not ours to judge on the way out
+        if loaded is None:
+            continue
+        doc, mode = loaded
+        if "plugins" not in doc or not isinstance(doc["plugins"], list) or not cl.has_our_entry(doc):
+            continue
+        new = cl.remove_entry(doc)
+        if converted and converted.get("conflist") == name and _matches_original(converted, new):
+            conf_path = os.path.join(conf_dir, str(converted["conf"]))
+            write_atomic(conf_path, str(converted["original"]).encode("utf-8"), mode=int(converted["mode"]))
+            remove_file(path)
+            changes.append(ConfigChange("restored", conf_path, converted_from=path))
+            state.pop("converted", None)
+            continue
+        write_atomic(os.path.realpath(path), cl.render(new), mode=mode)
+        changes.append(ConfigChange("removed", path))
+    _write_state(state_path, state)
+    return changes
+
+
+def _matches_original(converted: Mapping[str, Any], conflist_doc: Mapping[str, Any]) -> bool:
+    try:
+        original = cl.parse_config(str(converted["conf"]), str(converted["original"]))
+    except (cl.ConfigError, KeyError):
+        return False
+    return cl.to_conflist(original) == dict(conflist_doc)
+
+
+def entry_present(conf_dir: str, entry: Mapping[str, Any] | None = None) -> bool:
+    """Whether the primary config is a conflist ending with our entry (equal to `entry` when given)."""
+    try:
+        primary = find_primary(conf_dir)
+    except cl.ConfigError:
+        return False
+    if primary is None or primary.kind != "conflist":
+        return False
+    plugins = primary.doc.get("plugins", [])
+    if not plugins or not cl.is_our_entry(plugins[-1]):
+        return False
+    return entry is None or plugins[-1] == dict(entry)

@@ -1,0 +1,163 @@
+"""install-cni as a service: install once, then keep our entry in the primary config (watch + repair).
+
+Used by `headrace install-cni [--watch]` and importable by the agent (`InstallOptions`, `install_once`,
+`watch`, `uninstall`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from node_agent.install_cni import confdir, kubeconfig
+from node_agent.install_cni.conflist import ConfigError
+from node_agent.install_cni.runtime import PluginInstall, install_plugin, under_root, uninstall_plugin
+from node_agent.install_cni.settings import PluginSettings
+from node_agent.install_cni.watcher import DirWatcher
+
+STATE_FILE = "install-state.json"
+#: Re-check this often even without an inotify event (covers missed events and lost watches).
+RECHECK_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class InstallOptions:
+    """Paths are as the host sees them; `host_root` is where the host's / is mounted here."""
+
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_bin_dir: str = "/opt/cni/bin"
+    install_dir: str = "/opt/headrace"
+    host_root: str = "/"
+    install_plugin: bool = True
+    settings: PluginSettings = field(default_factory=PluginSettings)
+    #: When set, write `<install_dir>/kubeconfig` from this service account dir (settings.kubeconfig
+    #: should then name that host path: see `kubeconfig_path`).
+    service_account_dir: str | None = None
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: Insert the entry only once the agent's socket exists (the plugin would fail ambient ADDs before).
+    wait_for_agent: bool = False
+
+    @property
+    def kubeconfig_path(self) -> str:
+        return os.path.join(self.install_dir, kubeconfig.FILE_NAME)
+
+    @property
+    def conf_dir_here(self) -> str:
+        return under_root(self.host_root, self.cni_conf_dir)
+
+    @property
+    def state_path_here(self) -> str:
+        return os.path.join(under_root(self.host_root, self.install_dir), STATE_FILE)
+
+
+def log(level: str, msg: str, **fields: Any) -> None:
+    """One JSON object a line on stderr (structured logs)."""
+    rec = {"ts": round(time.time(), 3), "level": level, "component": "install-cni", "msg": msg, **fields}
+    print(json.dumps(rec, default=str), file=sys.stderr, flush=True)
+
+
+def install_plugin_files(opts: InstallOptions) -> PluginInstall | None:
+    if not opts.install_plugin:
+        return None
+    result = install_plugin(opts.cni_bin_dir, opts.install_dir, opts.host_root)
+    log("info", "plugin installed" if result.changed else "plugin already current",
+        launcher=result.launcher, runtime=result.runtime)
+    return result
+
+
+def write_kubeconfig(opts: InstallOptions) -> None:
+    """Write/refresh the plugin's kubeconfig when asked to (no-op otherwise)."""
+    if opts.service_account_dir:
+        here = under_root(opts.host_root, opts.kubeconfig_path)
+        if kubeconfig.write_from_service_account(here, opts.service_account_dir, opts.environ):
+            log("info", "kubeconfig for the plugin written", path=opts.kubeconfig_path)
+
+
+def ensure_config(opts: InstallOptions) -> confdir.ConfigChange:
+    """Insert or repair our entry in the primary config (raises ConfigError on an unusable file)."""
+    write_kubeconfig(opts)
+    from cni.netconf import SUPPORTED_VERSIONS
+
+    change = confdir.install_config(
+        opts.conf_dir_here, opts.settings.entry(), opts.state_path_here, supported_versions=SUPPORTED_VERSIONS
+    )
+    if change.changed:
+        log("info", f"conflist {change.action}", **change.as_dict())
+    return change
+
+
+def install_once(opts: InstallOptions) -> confdir.ConfigChange:
+    install_plugin_files(opts)
+    return ensure_config(opts)
+
+
+def watch(
+    opts: InstallOptions,
+    stop: threading.Event,
+    on_change: Callable[[confdir.ConfigChange], None] | None = None,
+    recheck: float = RECHECK_INTERVAL,
+    use_inotify: bool = True,
+) -> None:
+    """Keep our entry in place until `stop` is set: re-inserted within a second of being dropped,
+    installed as soon as a primary config appears. Errors on a broken file are logged (once per
+    distinct message) and retried on the next change."""
+    last_error = ""
+    waiting_logged = False
+    if opts.wait_for_agent:
+        sock = under_root(opts.host_root, opts.settings.agent_socket)
+        if not os.path.exists(sock):
+            log("info", "waiting for the agent socket before chaining the plugin", socket=opts.settings.agent_socket)
+        while not os.path.exists(sock) and not stop.wait(0.2):
+            pass
+    with DirWatcher(opts.conf_dir_here, use_inotify=use_inotify) as watcher:
+        while not stop.is_set():
+            try:
+                change = ensure_config(opts)
+                last_error = ""
+                if change.action == "no-config":
+                    if not waiting_logged:
+                        log("info", "no CNI config yet; waiting for one", dir=opts.cni_conf_dir)
+                        waiting_logged = True
+                else:
+                    waiting_logged = False
+                if on_change is not None and change.changed:
+                    on_change(change)
+            except ConfigError as exc:
+                if str(exc) != last_error:
+                    log("error", "cannot use the primary CNI config", file=exc.filename, error=exc.message)
+                    last_error = str(exc)
+            except kubeconfig.KubeconfigError as exc:
+                if str(exc) != last_error:
+                    log("error", "cannot write the plugin's kubeconfig", error=str(exc))
+                    last_error = str(exc)
+            except OSError as exc:
+                if str(exc) != last_error:
+                    log("error", "config dir I/O error", dir=opts.cni_conf_dir, error=str(exc))
+                    last_error = str(exc)
+            watcher.wait(recheck)
+
+
+def uninstall(opts: InstallOptions) -> dict[str, Any]:
+    """Remove exactly what install added: our entry (restoring a converted .conf), the launcher,
+    the runtime and the state file."""
+    changes = confdir.uninstall_config(opts.conf_dir_here, opts.state_path_here)
+    removed = uninstall_plugin(opts.cni_bin_dir, opts.install_dir, opts.host_root)
+    install_here = under_root(opts.host_root, opts.install_dir)
+    kube_here = os.path.join(install_here, kubeconfig.FILE_NAME)
+    if os.path.exists(kube_here):
+        os.unlink(kube_here)
+        removed.append(opts.kubeconfig_path)
+    try:
+        if os.path.isdir(install_here) and not os.listdir(install_here):
+            os.rmdir(install_here)
+    except OSError:
+        pass
+    report = {"config": [c.as_dict() for c in changes], "removed": removed}
+    log("info", "uninstalled", **report)
+    return report

@@ -1,0 +1,234 @@
+"""install/uninstall on a real (temporary) CNI config dir: primary choice, atomic + idempotent writes,
+.conf conversion and restore, refusal of broken files with nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from node_agent.install_cni import confdir
+from node_agent.install_cni.atomic import write_atomic
+from node_agent.install_cni.conflist import ConfigError
+from node_agent.install_cni.settings import PluginSettings
+
+DATA = Path(__file__).parent.parent / "data" / "conflists"
+ENTRY = PluginSettings(objects_dir="/var/lib/headrace/objects").entry()
+REAL_SHAPES = [
+    "87-podman-bridge.conflist",
+    "10-containerd-net.conflist",
+    "10-calico.conflist",
+    "05-cilium.conflist",
+    "10-flannel.conflist",
+    "10-kindnet.conflist",
+]
+
+
+def snapshot(d: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode) for p in sorted(d.iterdir())}
+
+
+def put(d: Path, *names: str) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(DATA / n, d / n)
+
+
+@pytest.mark.parametrize("name", REAL_SHAPES)
+def test_install_is_idempotent_and_keeps_other_plugins(tmp_path, name):
+    d = tmp_path / "net.d"
+    put(d, name)
+    os.chmod(d / name, 0o600)
+    state = tmp_path / "state.json"
+    original = json.loads((d / name).read_text())
+
+    change = confdir.install_config(str(d), ENTRY, str(state))
+    assert change.action == "inserted" and change.path == str(d / name)
+    doc = json.loads((d / name).read_text())
+    assert doc["plugins"] == [*original["plugins"], ENTRY]
+    assert (d / name).stat().st_mode & 0o777 == 0o600  # mode kept
+    assert confdir.entry_present(str(d), ENTRY)
+
+    before = snapshot(d)
+    assert confdir.install_config(str(d), ENTRY, str(state)).action == "unchanged"
+    assert snapshot(d) == before  # not even mtime changes
+    assert not state.exists()  # nothing to remember for a conflist
+
+    changes = confdir.uninstall_config(str(d), str(state))
+    assert [c.action for c in changes] == ["removed"]
+    assert json.loads((d / name).read_text()) == original
+    assert sorted(p.name for p in d.iterdir()) == [name]  # no temp files left
+
+
+def test_update_changed_settings(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-calico.conflist")
+    confdir.install_config(str(d), ENTRY)
+    new_entry = PluginSettings(backend="ebpf").entry()
+    assert confdir.install_config(str(d), new_entry).action == "updated"
+    plugins = json.loads((d / "10-calico.conflist").read_text())["plugins"]
+    assert [p["type"] for p in plugins] == ["calico", "bandwidth", "portmap", "headrace-cni"]
+    assert plugins[-1]["backend"] == "ebpf"
+
+
+def test_only_the_lexically_first_config_is_changed(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-calico.conflist", "05-cilium.conflist", "87-podman-bridge.conflist", "99-loopback.conf")
+    (d / "README").write_text("not a config")
+    (d / "calico-kubeconfig").write_text("apiVersion: v1")
+    before = snapshot(d)
+    change = confdir.install_config(str(d), ENTRY)
+    assert change.path == str(d / "05-cilium.conflist")
+    after = snapshot(d)
+    assert {k for k in after if after[k] != before[k]} == {"05-cilium.conflist"}
+
+
+def test_non_config_json_is_skipped(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-flannel.conflist")
+    (d / "00-settings.json").write_text('{"kind": "not-a-network"}')
+    assert confdir.install_config(str(d), ENTRY).path == str(d / "10-flannel.conflist")
+
+
+def test_conf_is_converted_then_restored_exactly(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-mynet.conf", "99-loopback.conf")
+    state = tmp_path / "inst" / "state.json"
+    conf_bytes = (d / "10-mynet.conf").read_bytes()
+
+    change = confdir.install_config(str(d), ENTRY, str(state))
+    assert change.action == "converted"
+    assert change.converted_from == str(d / "10-mynet.conf")
+    assert sorted(p.name for p in d.iterdir()) == ["10-mynet.conflist", "99-loopback.conf"]
+    doc = json.loads((d / "10-mynet.conflist").read_text())
+    conf = json.loads(conf_bytes)
+    assert doc == {"cniVersion": "1.0.0", "name": "mynet", "plugins": [conf, ENTRY]}
+    assert confdir.install_config(str(d), ENTRY, str(state)).action == "unchanged"
+
+    changes = confdir.uninstall_config(str(d), str(state))
+    assert [c.action for c in changes] == ["restored"]
+    assert sorted(p.name for p in d.iterdir()) == ["10-mynet.conf", "99-loopback.conf"]
+    assert (d / "10-mynet.conf").read_bytes() == conf_bytes
+    assert not state.exists()
+
+
+def test_converted_file_changed_by_others_is_not_restored(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-mynet.conf")
+    state = tmp_path / "state.json"
+    confdir.install_config(str(d), ENTRY, str(state))
+    doc = json.loads((d / "10-mynet.conflist").read_text())
+    doc["plugins"].insert(1, {"type": "portmap"})  # someone added a plugin since
+    (d / "10-mynet.conflist").write_text(json.dumps(doc))
+    changes = confdir.uninstall_config(str(d), str(state))
+    assert [c.action for c in changes] == ["removed"]
+    assert [p["type"] for p in json.loads((d / "10-mynet.conflist").read_text())["plugins"]] == [
+        "bridge", "portmap"]
+
+
+def test_conversion_refused_when_target_exists(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-mynet.conf")
+    (d / "10-mynet.conflist").write_text('{"name": "other", "plugins": [{"type": "bridge"}]}')
+    before = snapshot(d)
+    with pytest.raises(ConfigError, match="already exists"):
+        confdir.install_config(str(d), ENTRY)
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize(("name", "needle"), [("20-comments.conflist", "comments"), ("20-bad.conflist", "JSON")])
+def test_broken_primary_refused_nothing_changed(tmp_path, name, needle):
+    d = tmp_path / "net.d"
+    put(d, name, "87-podman-bridge.conflist")
+    before = snapshot(d)
+    with pytest.raises(ConfigError) as exc:
+        confdir.install_config(str(d), ENTRY)
+    assert str(d / name) in str(exc.value) and needle in str(exc.value)
+    assert snapshot(d) == before
+
+
+def test_broken_file_after_the_primary_is_ignored(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-flannel.conflist", "20-bad.conflist")
+    assert confdir.install_config(str(d), ENTRY).action == "inserted"
+
+
+def test_missing_or_empty_dir_is_no_config(tmp_path):
+    assert confdir.install_config(str(tmp_path / "absent"), ENTRY).action == "no-config"
+    (tmp_path / "empty").mkdir()
+    assert confdir.install_config(str(tmp_path / "empty"), ENTRY).action == "no-config"
+    assert confdir.uninstall_config(str(tmp_path / "absent")) == []
+
+
+def test_uninstall_removes_only_our_entry_everywhere(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-calico.conflist", "87-podman-bridge.conflist")
+    for n in ("10-calico.conflist", "87-podman-bridge.conflist"):
+        doc = json.loads((d / n).read_text())
+        doc["plugins"].append(dict(ENTRY))
+        (d / n).write_text(json.dumps(doc))
+    put(d, "20-bad.conflist")
+    changes = confdir.uninstall_config(str(d))
+    assert sorted(Path(c.path or "").name for c in changes) == ["10-calico.conflist", "87-podman-bridge.conflist"]
+    for n in ("10-calico.conflist", "87-podman-bridge.conflist"):
+        assert json.loads((d / n).read_text()) == json.loads((DATA / n).read_text())
+    assert (d / "20-bad.conflist").read_bytes() == (DATA / "20-bad.conflist").read_bytes()
+
+
+def test_write_atomic_idempotent_and_mode(tmp_path):
+    p = tmp_path / "f"
+    assert write_atomic(str(p), b"x", mode=0o640)
+    st = p.stat()
+    assert st.st_mode & 0o777 == 0o640
+    assert not write_atomic(str(p), b"x", mode=0o640)
+    assert p.stat().st_mtime_ns == st.st_mtime_ns
+    assert write_atomic(str(p), b"x", mode=0o644)  # mode change is a change
+    assert write_atomic(str(p), b"y", mode=0o644)
+    assert p.read_bytes() == b"y"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["f"]
+
+
+def test_cni_0_3_1_chained_and_unsupported_version_refused(tmp_path):
+    """The runtime passes the conflist's cniVersion to every plugin: chaining into a version the
+    plugin refuses would fail every pod ADD on the node, so install-cni refuses that instead."""
+    from node_agent.install_cni import service
+
+    from cni.netconf import SUPPORTED_VERSIONS
+
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    put(conf, "10-calico.conflist")
+    opts = service.InstallOptions(host_root=str(tmp_path), install_plugin=False)
+    assert "0.3.1" in SUPPORTED_VERSIONS  # kindnet, Calico and flannel still write 0.3.1
+    assert service.ensure_config(opts).action == "inserted"
+    with pytest.raises(ConfigError, match="cniVersion"):
+        confdir.install_config(str(conf), ENTRY, supported_versions=("1.0.0",))
+
+
+def test_interrupted_conversion_is_finished(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-mynet.conf")
+    state = tmp_path / "state.json"
+    confdir.install_config(str(d), ENTRY, str(state))
+    shutil.copy(DATA / "10-mynet.conf", d / "10-mynet.conf")  # as if the removal never happened
+    change = confdir.install_config(str(d), ENTRY, str(state))
+    assert change.action == "converted"
+    assert sorted(p.name for p in d.iterdir()) == ["10-mynet.conflist"]
+    confdir.uninstall_config(str(d), str(state))
+    assert (d / "10-mynet.conf").read_bytes() == (DATA / "10-mynet.conf").read_bytes()
+
+
+def test_symlinked_conflist_is_written_through(tmp_path):
+    real = tmp_path / "elsewhere"
+    put(real, "10-calico.conflist")
+    d = tmp_path / "net.d"
+    d.mkdir()
+    (d / "10-calico.conflist").symlink_to(real / "10-calico.conflist")
+    assert confdir.install_config(str(d), ENTRY).action == "inserted"
+    assert (d / "10-calico.conflist").is_symlink()
+    assert json.loads((real / "10-calico.conflist").read_text())["plugins"][-1] == ENTRY
+    confdir.uninstall_config(str(d))
+    assert (d / "10-calico.conflist").is_symlink()
+    original = json.loads((DATA / "10-calico.conflist").read_text())
+    assert json.loads((real / "10-calico.conflist").read_text()) == original

@@ -1,0 +1,125 @@
+"""Plugin install: self-contained runtime + launcher, idempotent, and the CLI commands end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from node_agent.cli import main as cli
+from node_agent.install_cni import runtime
+
+DATA = Path(__file__).parent.parent / "data" / "conflists"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path, runtime.PluginInstall]:
+    base = tmp_path_factory.mktemp("rt")
+    bin_dir, inst = base / "bin", base / "headrace"
+    result = runtime.install_plugin(str(bin_dir), str(inst))
+    return bin_dir, inst, result
+
+
+def test_layout_and_launcher(installed):
+    bin_dir, inst, result = installed
+    assert result.changed
+    launcher = bin_dir / "headrace-cni"
+    text = launcher.read_text()
+    rt = Path(result.runtime)
+    assert rt.parent == inst and rt.name.startswith("runtime-")
+    assert text.splitlines()[0] == f"#!{rt}/bin/python3.11 -IS"
+    assert runtime.is_our_launcher(str(launcher))
+    assert launcher.stat().st_mode & 0o777 == 0o755
+    assert (rt / "app" / "cni" / "plugin.py").is_file()
+    assert list((rt / "app" / "cni").glob("__pycache__/plugin.*.pyc"))  # precompiled: fast start
+    assert (rt / "lib" / "python3.11" / "json" / "__init__.py").is_file()
+    assert not (rt / "lib" / "python3.11" / "site-packages").exists()
+    assert not (rt / "lib" / "python3.11" / "test").exists()
+    assert "libffi.so.8" in os.listdir(rt / "shlib")  # ctypes' dependency travels along
+    host_libs = json.loads((rt / "host-libraries.json").read_text())
+    assert "libc.so.6" in host_libs and not any("ffi" in x or "ssl" in x for x in host_libs)
+
+
+def test_second_install_changes_nothing(installed):
+    bin_dir, inst, result = installed
+    launcher = bin_dir / "headrace-cni"
+    before = (launcher.stat().st_mtime_ns, sorted(os.listdir(inst)))
+    again = runtime.install_plugin(str(bin_dir), str(inst))
+    assert not again.changed and again.runtime == result.runtime
+    assert (launcher.stat().st_mtime_ns, sorted(os.listdir(inst))) == before
+
+
+def test_installed_plugin_answers_version(installed):
+    bin_dir, _, _ = installed
+    proc = subprocess.run([str(bin_dir / "headrace-cni")], env={"CNI_COMMAND": "VERSION"}, input=b"",
+                          capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
+
+
+def test_launcher_rejects_unusable_paths():
+    with pytest.raises(runtime.RuntimeInstallError):
+        runtime.render_launcher("/opt/with space/python", "/r", "/r/app", {})
+    with pytest.raises(runtime.RuntimeInstallError):
+        runtime.render_launcher("/" + "x" * 300, "/r", "/r/app", {})
+
+
+def test_uninstall_keeps_foreign_binary(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "headrace-cni").write_text("#!/bin/sh\necho someone else's\n")
+    assert runtime.uninstall_plugin(str(bin_dir), str(tmp_path / "inst")) == []
+    assert (bin_dir / "headrace-cni").exists()
+
+
+def test_cli_install_and_uninstall_round_trip(tmp_path):
+    root = tmp_path / "host"
+    conf = root / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    shutil.copy(DATA / "10-mynet.conf", conf)
+    shutil.copy(DATA / "99-loopback.conf", conf)
+    before = {p.name: p.read_bytes() for p in conf.iterdir()}
+    runner = CliRunner()
+    args = ["install-cni", "--host-root", str(root), "--objects-dir", "/var/lib/headrace/objects",
+            "--exclude-namespaces", "kube-system,istio-system", "--agent-namespace", "mesh-agent",
+            "--backend", "iptables"]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["action"] == "converted"
+    doc = json.loads((conf / "10-mynet.conflist").read_text())
+    assert doc["plugins"][-1] == {
+        "type": "headrace-cni", "objects_dir": "/var/lib/headrace/objects",
+        "agent_socket": "/var/run/headrace/cni.sock", "backend": "iptables", "iptables": "auto",
+        "exclude_namespaces": ["kube-system", "istio-system", "mesh-agent"],
+        "log_file": "/var/run/headrace/cni.log", "log_level": "info",
+    }
+    launcher = root / "opt" / "cni" / "bin" / "headrace-cni"
+    assert launcher.read_text().startswith("#!/opt/headrace/runtime-")  # host paths, not ours
+    assert json.loads(runner.invoke(cli, args).stdout.strip().splitlines()[-1])["action"] == "unchanged"
+
+    res = runner.invoke(cli, ["uninstall-cni", "--host-root", str(root)])
+    assert res.exit_code == 0, res.output
+    assert {p.name: p.read_bytes() for p in conf.iterdir()} == before
+    assert not launcher.exists()
+    assert not (root / "opt" / "headrace").exists()
+
+
+def test_cli_refuses_broken_config(tmp_path):
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    shutil.copy(DATA / "20-comments.conflist", conf)
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin"])
+    assert res.exit_code == 1
+    assert "20-comments.conflist" in res.output and "comments" in res.output
+    assert (conf / "20-comments.conflist").read_bytes() == (DATA / "20-comments.conflist").read_bytes()
+
+
+def test_cli_without_config_fails_clearly(tmp_path):
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin"])
+    assert res.exit_code == 1 and "no CNI config found" in res.output
+    res = CliRunner().invoke(cli, ["install-cni", "--skip-plugin", "--backend", "bogus"])
+    assert res.exit_code == 2

@@ -1,0 +1,165 @@
+"""Watch mode: our entry comes back within a second when dropped; a late primary config is picked up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_agent.install_cni import service
+from node_agent.install_cni.settings import PluginSettings
+from node_agent.install_cni.watcher import IN_CREATE, IN_IGNORED, DirWatcher, parse_events
+
+DATA = Path(__file__).parent.parent / "data" / "conflists"
+
+
+def has_entry(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return bool(doc["plugins"][-1].get("type") == "headrace-cni")
+
+
+def wait_for(cond, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if cond():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture(params=[True, False], ids=["inotify", "polling"])
+def watching(request, tmp_path) -> Iterator[tuple[Path, threading.Thread]]:
+    conf_dir = tmp_path / "etc" / "cni" / "net.d"
+    opts = service.InstallOptions(
+        cni_conf_dir="/etc/cni/net.d", cni_bin_dir="/opt/cni/bin", install_dir="/opt/headrace",
+        host_root=str(tmp_path), install_plugin=False, settings=PluginSettings(),
+    )
+    stop = threading.Event()
+    t = threading.Thread(target=service.watch, args=(opts, stop), kwargs={"use_inotify": request.param})
+    t.start()
+    try:
+        yield conf_dir, t
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        assert not t.is_alive(), "watch did not stop within 5 s"
+
+
+def test_late_config_then_dropped_entry_is_repaired(watching):
+    conf_dir, _ = watching
+    time.sleep(0.3)  # the node is "booting": no config dir yet
+    conf_dir.mkdir(parents=True)
+    target = conf_dir / "87-podman-bridge.conflist"
+    tmp = conf_dir / ".podman.tmp"
+    shutil.copy(DATA / "87-podman-bridge.conflist", tmp)
+    os.rename(tmp, target)
+    assert wait_for(lambda: has_entry(target), 2.0) < 1.5
+
+    for rewrite in ("rename", "in-place"):
+        time.sleep(0.2)
+        if rewrite == "rename":  # how a CNI agent replaces its file atomically
+            shutil.copy(DATA / "87-podman-bridge.conflist", tmp)
+            os.rename(tmp, target)
+        else:  # truncate + write
+            target.write_bytes((DATA / "87-podman-bridge.conflist").read_bytes())
+        assert not has_entry(target)
+        elapsed = wait_for(lambda: has_entry(target), 2.0)
+        assert elapsed < 1.0, f"re-inserted after {elapsed:.2f}s ({rewrite})"
+    doc = json.loads(target.read_text())
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap", "firewall", "tuning", "headrace-cni"]
+
+
+def test_broken_file_is_left_alone_until_fixed(watching):
+    conf_dir, t = watching
+    conf_dir.mkdir(parents=True)
+    bad = conf_dir / "20-bad.conflist"
+    shutil.copy(DATA / "20-bad.conflist", bad)
+    time.sleep(0.5)
+    assert bad.read_bytes() == (DATA / "20-bad.conflist").read_bytes()
+    assert t.is_alive()
+    shutil.copy(DATA / "10-containerd-net.conflist", conf_dir / "10-containerd-net.conflist")
+    wait_for(lambda: has_entry(conf_dir / "10-containerd-net.conflist"), 2.0)
+
+
+def test_dir_watcher_reports_creation_and_reappearance(tmp_path):
+    d = tmp_path / "d"
+    with DirWatcher(str(d), poll_interval=0.05) as w:
+        assert w.wait(0.1)  # no dir: polling says "look again"
+        d.mkdir()
+        assert w.wait(0.1) and w.watching == w.using_inotify
+        if w.using_inotify:
+            assert not w.wait(0.05)
+            (d / "x").write_text("1")
+            assert w.wait(1.0)
+            shutil.rmtree(d)
+            deadline = time.monotonic() + 1
+            while w.watching and time.monotonic() < deadline:
+                w.wait(0.1)
+            assert not w.watching
+
+
+def test_parse_events():
+    import struct
+
+    name = b"a.conflist\0\0"
+    buf = struct.pack("iIII", 1, IN_CREATE, 0, len(name)) + name + struct.pack("iIII", 1, IN_IGNORED, 0, 0)
+    assert parse_events(buf) == [(1, IN_CREATE, "a.conflist"), (1, IN_IGNORED, "")]
+
+
+@pytest.mark.parametrize("uninstall_on_exit", [False, True])
+def test_cli_watch_stops_on_sigterm(tmp_path, uninstall_on_exit):
+    import signal
+    import subprocess
+    import sys
+
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    target = conf / "10-containerd-net.conflist"
+    shutil.copy(DATA / "10-containerd-net.conflist", target)
+    headrace = Path(sys.executable).parent / "headrace"
+    argv = [str(headrace), "install-cni", "--watch", "--skip-plugin", "--host-root", str(tmp_path)]
+    if uninstall_on_exit:
+        argv.append("--uninstall-on-exit")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: has_entry(target), 10.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(r["msg"] == "conflist inserted" for r in logs)
+    assert has_entry(target) is not uninstall_on_exit
+
+
+def test_wait_for_agent_socket_before_chaining(tmp_path):
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    target = conf / "10-containerd-net.conflist"
+    shutil.copy(DATA / "10-containerd-net.conflist", target)
+    opts = service.InstallOptions(host_root=str(tmp_path), install_plugin=False, wait_for_agent=True,
+                                  settings=PluginSettings(agent_socket="/run/hr/cni.sock"))
+    stop = threading.Event()
+    t = threading.Thread(target=service.watch, args=(opts, stop))
+    t.start()
+    try:
+        time.sleep(0.6)
+        assert not has_entry(target)  # no agent yet: pods are not sent to a missing agent
+        (tmp_path / "run" / "hr").mkdir(parents=True)
+        (tmp_path / "run" / "hr" / "cni.sock").touch()
+        assert wait_for(lambda: has_entry(target), 2.0) < 1.0
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()

@@ -1,0 +1,211 @@
+"""deploy/: every manifest validates offline against the Kubernetes OpenAPI schemas (strict: unknown
+fields are errors), RBAC is read-only on pods/namespaces, and the DaemonSet mounts every path its
+ConfigMap and arguments use, as the process inside the container sees it."""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent.parent
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.33.0"  # schemas shipped with kubernetes-validate; appArmorProfile needs >= 1.30
+MANIFESTS = sorted(p for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def load_all() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for p in MANIFESTS:
+        docs.extend(d for d in yaml.safe_load_all(p.read_text()) if d)
+    return docs
+
+
+def one(kind: str) -> dict[str, Any]:
+    found = [d for d in load_all() if d["kind"] == kind]
+    assert len(found) == 1, kind
+    return found[0]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_validates(path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_validator_is_strict():
+    ds = copy.deepcopy(one("DaemonSet"))
+    ds["spec"]["template"]["spec"]["containers"][0]["bogusField"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest_and_one_namespace():
+    k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert sorted(k["resources"]) == sorted(p.name for p in MANIFESTS)
+    namespaced = [d for d in load_all() if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding",
+                                                              "PriorityClass")]
+    assert {d["metadata"]["namespace"] for d in namespaced} == {k["namespace"]} == {"headrace-system"}
+
+
+def test_rbac_is_read_only_on_pods_and_namespaces():
+    role = one("ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = one("ClusterRoleBinding")
+    sa = one("ServiceAccount")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    assert not [d for d in load_all() if d["kind"] in ("Role", "RoleBinding")]
+
+
+def pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = one("DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def containers() -> list[dict[str, Any]]:
+    spec = pod_spec()
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def test_daemonset_shape():
+    spec = pod_spec()
+    assert spec["hostPID"] and spec["hostNetwork"]
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["priorityClassName"] == one("PriorityClass")["metadata"]["name"]
+    assert spec["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
+    agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    caps = agent["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"]
+    assert set(caps["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "BPF", "PERFMON", "SYS_RESOURCE"}
+    assert agent["securityContext"]["privileged"] is False
+    for c in containers():
+        if c["name"] != "agent":
+            assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, c["name"]
+
+
+def test_every_capability_says_why():
+    lines = (DEPLOY / "daemonset.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"\s+- (NET_ADMIN|NET_RAW|SYS_ADMIN|SYS_PTRACE|BPF|PERFMON|SYS_RESOURCE)", line)
+        if m:
+            assert lines[i - 1].strip().startswith("#") and len(lines[i - 1].strip()) > 10, m.group(1)
+
+
+def test_probes_on_the_metrics_port():
+    data = one("ConfigMap")["data"]
+    port = int(data["HEADRACE_METRICS_ADDR"].rsplit(":", 1)[1])
+    agent = next(c for c in pod_spec()["containers"] if c["name"] == "agent")
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+    assert agent["ports"][0]["containerPort"] == port
+
+
+def expanded_args(container: dict[str, Any]) -> list[str]:
+    env: dict[str, str] = {}
+    cm = one("ConfigMap")
+    for src in container.get("envFrom", []):
+        assert src["configMapRef"]["name"] == cm["metadata"]["name"]
+        env.update(cm["data"])
+    for e in container.get("env", []):
+        env[e["name"]] = e.get("value", f"<{e['name']}>")
+    out = []
+    for a in container.get("args", []):
+        missing = [v for v in re.findall(r"\$\((\w+)\)", a) if v not in env]
+        assert not missing, f"{container['name']}: {a} uses undefined {missing}"
+        out.append(re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a))
+    return out
+
+
+def mounted_host_path(container: dict[str, Any], path: str) -> str | None:
+    """The host path behind `path` inside the container, or None when no mount covers it."""
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    best: tuple[int, str] | None = None
+    for m in container.get("volumeMounts", []):
+        mp = m["mountPath"].rstrip("/")
+        if path == mp or path.startswith(mp + "/"):
+            host = volumes[m["name"]].get("hostPath", {}).get("path")
+            if host is not None and (best is None or len(mp) > best[0]):
+                best = (len(mp), host.rstrip("/") + path[len(mp):])
+    return best[1] if best else None
+
+
+PATH_OPTIONS = ("--cni-conf-dir", "--cni-bin-dir", "--install-dir", "--kubeconfig", "--state-dir",
+                "--cni-socket", "--proxy-socket", "--agent-socket", "--log-file")
+
+
+@pytest.mark.parametrize("name", ["install-plugin", "agent", "install-cni"])
+def test_every_path_in_args_is_mounted_from_the_same_host_path(name):
+    c = next(c for c in containers() if c["name"] == name)
+    args = expanded_args(c)
+    opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    host_root = opts.get("host-root", "/")
+    checked = 0
+    for opt, value in opts.items():
+        if f"--{opt}" not in PATH_OPTIONS:
+            continue
+        assert value.startswith("/"), f"{opt}={value}"
+        if (opt == "cni-conf-dir" and "--skip-config" in args) or (opt == "cni-bin-dir" and "--skip-plugin" in args):
+            continue  # not touched by this container
+        if opt == "kubeconfig" and host_root != "/":
+            continue  # written by this container under --install-dir, checked there
+        inside = posixpath.join(host_root, value.lstrip("/"))
+        assert mounted_host_path(c, inside) == value, f"{name}: {opt}={value} not mounted at {inside}"
+        checked += 1
+    assert checked >= 2
+
+
+def test_every_configmap_path_is_used_and_mounted():
+    data = one("ConfigMap")["data"]
+    all_args = [a for c in containers() for a in expanded_args(c)]
+    for key, value in data.items():
+        if value.startswith("/"):
+            assert any(a.endswith("=" + value) for a in all_args), f"{key} is not used by any container"
+
+
+def test_agent_mounts_the_host_paths_discovery_and_ebpf_need():
+    agent = next(c for c in pod_spec()["containers"] if c["name"] == "agent")
+    for inside, host in [("/var/run/headrace", "/var/run/headrace"), ("/var/run/netns", "/var/run/netns"),
+                         ("/host/proc", "/proc"), ("/sys/fs/cgroup", "/sys/fs/cgroup"),
+                         ("/sys/fs/bpf", "/sys/fs/bpf"), ("/var/run/headrace/bpf", "/var/run/headrace/bpf")]:
+        assert mounted_host_path(agent, inside) == host, inside
+    propagation = {m["mountPath"]: m.get("mountPropagation") for m in agent["volumeMounts"]}
+    assert propagation["/var/run/netns"] == "HostToContainer"  # netns created after the agent started
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for kustomize) not installed")
+def test_kustomize_build_renders_valid_objects():
+    proc = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert sorted(d["kind"] for d in docs) == sorted(d["kind"] for d in load_all())
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "headrace"
+
+
+def test_containerfile_copies_existing_sources_and_matches_the_manifests():
+    text = (DEPLOY / "Containerfile").read_text()
+    for line in text.splitlines():
+        m = re.match(r"COPY\s+(?!--from)(.+)\s+\S+$", line)
+        if m:
+            for src in m.group(1).split():
+                assert (ROOT / src).exists(), f"Containerfile copies missing {src}"
+    assert 'ENTRYPOINT ["headrace"]' in text
+    k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    image = f'{k["images"][0]["name"]}:{k["images"][0]["newTag"]}'
+    assert image in text  # the build command in the header
+    for c in containers():
+        assert c["image"] == image and c["command"] == ["headrace"]
