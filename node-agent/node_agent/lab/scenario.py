@@ -119,6 +119,7 @@ class Lab:
     def teardown(self) -> None:
         self.stop()
         self.node.close()
+        unmount_below(self.dir)  # the agent's pinned netns (it keeps them over its own restarts)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def status(self) -> dict[str, dict[str, Any]]:
@@ -133,6 +134,19 @@ class Lab:
             ).stdout
             found += [line for line in out.splitlines() if line.startswith(":HEADRACE")]
         return found
+
+
+def unmount_below(root: Path) -> None:
+    """Lazily unmount every mount point at or below root (deepest first)."""
+    prefix = str(root.resolve())
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

@@ -33,6 +33,30 @@ VENV_BIN = Path(sys.executable).parent
 HEADRACE_CNI = VENV_BIN / "headrace-cni"
 
 
+def write_plugin_launcher(path: Path) -> None:
+    """Write a headrace-cni launcher the way install-cni lays one on a node: `python -IS` (no site
+    processing, no editable-install hooks), the `cni` package first on sys.path, site-packages last
+    (only for the lazily imported PyYAML)."""
+    import sysconfig
+
+    import cni
+
+    package_root = str(Path(cni.__file__).resolve().parent.parent)
+    purelib = sysconfig.get_paths()["purelib"]
+    text = (
+        f"#!{sys.executable} -IS\n"
+        "import sys\n"
+        f"sys.path.insert(0, {package_root!r})\n"
+        f"sys.path.append({purelib!r})\n"
+        "from cni.plugin import main\n"
+        "sys.exit(main())\n"
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+
+
 def random_subnets() -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network]:
     v4 = ipaddress.IPv4Network(f"10.{200 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24")
     v6 = ipaddress.IPv6Network(f"fd{secrets.token_hex(1)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}::/64")
@@ -99,9 +123,7 @@ class SimNode:
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("objects", "ipam", "cache", "bin", "state", "log"):
             (root / sub).mkdir(exist_ok=True)
-        link = root / "bin" / "headrace-cni"
-        if not link.exists():
-            link.symlink_to(HEADRACE_CNI)
+        write_plugin_launcher(root / "bin" / "headrace-cni")
         v4, v6 = random_subnets()
         netns = NetNS.create("hrnode-")
         node = cls(root, netns, unique("hrb", 8), v4, v6, dual_stack, headrace)
