@@ -9,7 +9,7 @@ APT_PACKAGES=(
   iptables nftables conntrack iproute2 util-linux procps
   containernetworking-plugins podman runc containerd
   bpftool clang python3-bpfcc linux-headers-amd64
-  python3 python3-venv python3-dev socat
+  python3 python3-venv python3-dev socat ruby
 )
 
 missing=()

@@ -1,0 +1,251 @@
+"""CNI ADD latency: headrace-cni's ADD next to the reference bridge plugin's ADD in the same chain.
+
+    .venv/bin/python bench/cni_add_latency.py [--runs 20] [--flavours legacy,nft]
+
+For each iptables flavour a simulated node (its own netns; node_agent.lab) runs the chain
+bridge + host-local + headrace-cni the way a runtime does (libcni semantics, every plugin a fresh process
+exec'd inside the node netns). Each run adds (and then deletes) one sidecar pod (annotation
+`sidecar.istio.io/status`: headrace-cni installs the redirect) and one non-mesh pod (headrace-cni only
+looks the pod up), side by side. Printed: median and p90 wall time per plugin and command, and the ratio
+of medians headrace-cni ADD / bridge ADD; for context the start-up of a bare `python3 -c pass`, of
+`headrace-cni` answering VERSION, and of `nsenter --net` itself. No assertions: it prints a table.
+Everything (pods, netns, the node's bridge, files) is removed at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from node_agent.lab.cni_runner import CniInvocationError, CniRunner
+from node_agent.lab.netns import NetNS
+from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode
+
+SIDECAR_ANNOTATIONS = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
+KINDS = ("sidecar", "non-mesh")
+FLAVOURS = ("legacy", "nft")
+PLUGINS = ("bridge", "headrace-cni")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class Samples:
+    """Seconds per (plugin, command) for one (flavour, pod kind)."""
+
+    by_key: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def add(self, plugin: str, command: str, seconds: float) -> None:
+        self.by_key.setdefault((plugin, command), []).append(seconds)
+
+    def get(self, plugin: str, command: str) -> list[float]:
+        return self.by_key.get((plugin, command), [])
+
+
+def ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
+
+
+def ratio(numerator: Sequence[float], denominator: Sequence[float]) -> str:
+    if not numerator or not denominator:
+        return "-"
+    return f"{statistics.median(numerator) / statistics.median(denominator):.2f}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def result_rows(results: dict[tuple[str, str], Samples]) -> list[list[str]]:
+    rows = []
+    for (flavour, kind), s in results.items():
+        b_add, h_add = s.get("bridge", "ADD"), s.get("headrace-cni", "ADD")
+        b_del, h_del = s.get("bridge", "DEL"), s.get("headrace-cni", "DEL")
+        rows.append(
+            [
+                flavour,
+                kind,
+                str(len(h_add)),
+                ms(percentile(b_add, 50)),
+                ms(percentile(b_add, 90)),
+                ms(percentile(h_add, 50)),
+                ms(percentile(h_add, 90)),
+                ratio(h_add, b_add),
+                ms(percentile(b_del, 50)),
+                ms(percentile(h_del, 50)),
+            ]
+        )
+    return rows
+
+
+RESULT_HEADER = [
+    "iptables",
+    "pod",
+    "runs",
+    "bridge ADD p50 ms",
+    "bridge ADD p90",
+    "headrace-cni ADD p50 ms",
+    "headrace-cni ADD p90",
+    "ratio headrace/bridge (p50)",
+    "bridge DEL p50",
+    "headrace-cni DEL p50",
+]
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+
+
+def new_pod(node: SimNode, kind: str, run: int) -> Pod:
+    """A pod netns registered on the node at once (so node.close() removes it even mid-ADD)."""
+    netns = NetNS.create("hrbpod-")
+    name = f"{'side' if kind == 'sidecar' else 'plain'}-{run}-{secrets.token_hex(3)}"
+    annotations = dict(SIDECAR_ANNOTATIONS) if kind == "sidecar" else {}
+    pod = Pod("bench", name, str(uuid.uuid4()), netns, secrets.token_hex(16), {}, {}, annotations)
+    node.pods[pod.uid] = pod
+    node.write_pod(pod)
+    return pod
+
+
+def one_cycle(node: SimNode, runner: CniRunner, kind: str, run: int, samples: Samples) -> None:
+    """ADD then DEL one pod of this kind; record each plugin's wall time."""
+    pod = new_pod(node, kind, run)
+    mark = len(runner.timings)
+    pod.result = runner.add(pod.container_id, pod.netns.path, args=pod.cni_args)
+    runner.delete(pod.container_id, pod.netns.path, args=pod.cni_args)
+    for t in runner.timings[mark:]:
+        samples.add(t.plugin, t.command, t.seconds)
+    pod.netns.delete()
+    node.pods.pop(pod.uid, None)
+    (node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
+
+
+def measure_flavour(
+    root: Path, flavour: str, runs: int, nodes: list[SimNode], progress: Callable[[str], None]
+) -> dict[str, Samples]:
+    node = SimNode.create(root / flavour, headrace={"iptables": flavour})
+    nodes.append(node)
+    node.add_namespace("bench")
+    runner = node.runner()
+    out = {kind: Samples() for kind in KINDS}
+    # One warm-up cycle per kind (page cache, first nft table set-up), not recorded.
+    for kind in KINDS:
+        one_cycle(node, runner, kind, -1, Samples())
+    for i in range(runs):
+        for kind in KINDS:  # side by side: each run does both kinds
+            one_cycle(node, runner, kind, i, out[kind])
+        progress(f"{flavour}: {i + 1}/{runs}")
+    return out
+
+
+def startup_samples(
+    argv: Sequence[str], runs: int, env: dict[str, str] | None = None, stdin: bytes = b""
+) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, input=stdin, env=env, capture_output=True, check=True)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def context_rows(runs: int, node_netns: str | None) -> list[list[str]]:
+    rows = []
+    cases: list[tuple[str, list[str], dict[str, str] | None]] = [
+        ("python3 -c pass (/usr/bin/python3)", ["/usr/bin/python3", "-c", "pass"], None),
+        ("venv python -c pass (.pth files)", [sys.executable, "-c", "pass"], None),
+        ("headrace-cni VERSION", [str(HEADRACE_CNI)], {"CNI_COMMAND": "VERSION", "PATH": "/usr/sbin:/usr/bin"}),
+    ]
+    if node_netns:
+        cases.append(("nsenter --net=NODE true", ["nsenter", f"--net={node_netns}", "--", "true"], None))
+    for label, argv, env in cases:
+        s = startup_samples(argv, runs, env, b'{"cniVersion":"1.0.0"}' if env else b"")
+        rows.append([label, str(len(s)), ms(percentile(s, 50)), ms(percentile(s, 90))])
+    return rows
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=20, help="ADD+DEL cycles per pod kind and flavour (>=1)")
+    parser.add_argument("--flavours", default=",".join(FLAVOURS), help="comma-separated: legacy,nft")
+    args = parser.parse_args(argv)
+    flavours = [f for f in args.flavours.split(",") if f]
+    if args.runs < 1 or any(f not in FLAVOURS for f in flavours) or not flavours:
+        parser.error("--runs must be >= 1 and --flavours a list of legacy, nft")
+    if not HEADRACE_CNI.exists():
+        parser.error(f"{HEADRACE_CNI} not found: run `make setup` first")
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (background job)
+
+    root = Path(tempfile.mkdtemp(prefix="hrbench-"))
+    nodes: list[SimNode] = []
+    results: dict[tuple[str, str], Samples] = {}
+
+    def progress(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, end="\r", flush=True)
+
+    try:
+        for flavour in flavours:
+            for kind, s in measure_flavour(root, flavour, args.runs, nodes, progress).items():
+                results[(flavour, kind)] = s
+        print(file=sys.stderr)
+        context = context_rows(args.runs, nodes[0].netns.path if nodes else None)
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        return 130
+    except CniInvocationError as exc:
+        print(f"\nbench failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for node in nodes:
+            node.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(
+        f"CNI ADD/DEL latency, chain bridge (+ host-local IPAM) + headrace-cni, {args.runs} runs per row"
+        " (wall ms per plugin exec, nsenter into the node netns included for both)"
+    )
+    print()
+    print(table(result_rows(results), RESULT_HEADER))
+    print()
+    print("Start-up, for context (fresh process each run):")
+    print()
+    print(table(context, ["process", "runs", "p50 ms", "p90 ms"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
