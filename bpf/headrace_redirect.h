@@ -1,0 +1,68 @@
+/* headrace eBPF redirection: shared types of the programs in redirect.c and of the Python loader
+ * (node_agent.backends.ebpf.maps packs these layouts; keep both in step).
+ *
+ * UAPI headers only (no vmlinux.h). Every parameter (ports, uid, mark, mode, excluded ports and ranges)
+ * arrives through the per-pod maps below; the C never needs editing for a different pod or spec.
+ */
+#ifndef HEADRACE_REDIRECT_H
+#define HEADRACE_REDIRECT_H
+
+#define HR_MODE_SIDECAR 1
+#define HR_MODE_AMBIENT 2
+
+#define HR_SO_ORIGINAL_DST 80 /* SOL_IP / SO_ORIGINAL_DST and SOL_IPV6 / IP6T_SO_ORIGINAL_DST */
+#define HR_SOL_IP 0
+#define HR_SOL_IPV6 41
+#define HR_AF_INET 2
+#define HR_AF_INET6 10
+#define HR_SOCK_STREAM 1
+#define HR_SOCK_DGRAM 2
+#define HR_DNS_PORT 53
+
+#define HR_INBOUND_NONE 0    /* no inbound capture */
+#define HR_INBOUND_ALL 1     /* every TCP port except those in hr_cfg_xin */
+#define HR_INBOUND_LISTED 2  /* only the ports in hr_cfg_iin (minus hr_cfg_xin) */
+
+/* per-pod parameters: array map "hr_cfg", one entry (index 0). 72 bytes. */
+struct hr_config {
+    __u32 mode;          /* HR_MODE_* */
+    __u32 proxy_uid;     /* sidecar: connections of this uid are never redirected */
+    __u32 mark;          /* ambient: sockets with (mark & mark_mask) == mark are never redirected */
+    __u32 mark_mask;
+    __u16 outbound_port; /* TCP redirect target on loopback */
+    __u16 dns_port;      /* UDP 53 redirect target on loopback (when capture_dns) */
+    __u8 capture_dns;
+    __u8 include_all4;   /* 1: every IPv4 destination is captured unless excluded */
+    __u8 include_all6;
+    __u8 inbound_mode;   /* HR_INBOUND_* */
+    __u64 generation;    /* hash of the applied spec: lets the agent see what is installed */
+    __u64 cgroup_id;     /* the cgroup the programs are attached to (for removal after a restart) */
+    __u16 inbound_port;  /* inbound TCP is assigned to the listener on this port (TC ingress) */
+    __u16 pad16;
+    __u32 probe_src4;    /* inbound from this source (kubelet probe SNAT) is not captured; 0 = none */
+    __u32 probe_src6[4]; /* same for IPv6; all zero = none */
+    __u32 proxy_gid;     /* sidecar: connections of this gid are never redirected (as the uid) */
+    __u32 pad32;
+};
+
+/* LPM trie key of the include/exclude range maps (IPv4 ranges stored as ::ffff:a.b.c.d/96+len) */
+struct hr_lpm_key {
+    __u32 prefixlen;
+    __u32 addr[4];
+};
+
+/* an original destination; addresses always 16 bytes (IPv4 as ::ffff:a.b.c.d) */
+struct hr_orig {
+    __u32 addr[4];
+    __u16 port; /* network byte order */
+    __u16 family; /* HR_AF_INET or HR_AF_INET6: what the app asked for */
+};
+
+/* a redirected connection as both ends see it: the client's address and port in one netns */
+struct hr_conn_key {
+    __u64 netns;
+    __u32 addr[4]; /* client address, IPv4 as ::ffff:a.b.c.d */
+    __u32 port;    /* client port, host byte order */
+};
+
+#endif

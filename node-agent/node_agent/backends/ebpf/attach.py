@@ -1,0 +1,123 @@
+"""Attach programs to a pod's own cgroup v2 directory (BPF_F_ALLOW_MULTI), never to a cgroup2 root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from node_agent.backends.ebpf import bpfsys
+
+
+class CgroupError(Exception):
+    pass
+
+
+def cgroup2_mounts() -> list[Path]:
+    out: list[Path] = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                out.append(Path(left.split()[4].replace("\\040", " ")))
+    return out
+
+
+def validate_cgroup(path: str | None) -> Path:
+    """The pod cgroup as a resolved path; refuses a missing dir, a non-cgroup2 dir and any cgroup2 root."""
+    if not path:
+        raise CgroupError("the pod's cgroup v2 directory is unknown (PodTarget.cgroup_path); eBPF needs it")
+    p = Path(path).resolve()
+    if not p.is_dir():
+        raise CgroupError(f"pod cgroup {p} does not exist")
+    mounts = cgroup2_mounts()
+    if not mounts:
+        raise CgroupError("no cgroup2 filesystem is mounted (mount cgroup2, e.g. at /sys/fs/cgroup/unified)")
+    owner = [m for m in mounts if p == m or m in p.parents]
+    if not owner:
+        raise CgroupError(f"{p} is not inside a cgroup2 mount ({', '.join(map(str, mounts))})")
+    if any(p == m for m in mounts):
+        raise CgroupError(f"{p} is a cgroup2 root: refusing to attach host-wide")
+    return p
+
+
+def cgroup_id(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+def find_cgroup_by_id(cg_id: int) -> Path | None:
+    """The cgroup2 directory with this id (inode), searched below every cgroup2 mount."""
+    for m in cgroup2_mounts():
+        for dirpath, _dirs, _files in os.walk(m):
+            try:
+                if os.stat(dirpath).st_ino == cg_id:
+                    return Path(dirpath)
+            except FileNotFoundError:
+                continue
+    return None
+
+
+class Cgroup:
+    """An open cgroup directory fd."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise CgroupError(f"cannot open cgroup {path}: {e.strerror}") from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Cgroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def attached(self, attach_type: int) -> list[int]:
+        return bpfsys.prog_query(self.fd, attach_type)
+
+    def attach(self, prog_fd: int, attach_type: int, replace_fd: int | None = None) -> None:
+        flags = bpfsys.F_ALLOW_MULTI
+        if replace_fd is not None:
+            flags |= bpfsys.F_REPLACE
+        bpfsys.prog_attach(prog_fd, self.fd, attach_type, flags, replace_fd or 0)
+
+    def detach(self, prog_fd: int, attach_type: int) -> None:
+        bpfsys.prog_detach(prog_fd, self.fd, attach_type)
+
+
+def cgroup2_path_of_pid(pid: int, proc: Path = Path("/proc"), mounts: list[Path] | None = None) -> Path | None:
+    """The cgroup v2 directory a process is in ("0::/path" in /proc/PID/cgroup under the cgroup2 mount)."""
+    try:
+        text = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    rel = next((line[3:] for line in text.splitlines() if line.startswith("0::")), None)
+    mnts = cgroup2_mounts() if mounts is None else mounts
+    if rel is None or not mnts:
+        return None
+    return mnts[0] / rel.lstrip("/")
+
+
+def pod_cgroup_of_pid(
+    pid: int, pod_uid: str | None = None, proc: Path = Path("/proc"), mounts: list[Path] | None = None
+) -> Path | None:
+    """The pod-level cgroup v2 directory of a pod process: the ancestor named for the pod UID by the kubelet
+    (cgroupfs `pod<uid>`, systemd `...-pod<uid_with_underscores>.slice`), else the process's own cgroup.
+    None when unknown or when that is a cgroup2 root (never attach host-wide)."""
+    own = cgroup2_path_of_pid(pid, proc, mounts)
+    if own is None:
+        return None
+    roots = set(cgroup2_mounts() if mounts is None else mounts)
+    if pod_uid:
+        marks = (f"pod{pod_uid}", f"pod{pod_uid.replace('-', '_')}")
+        for cand in (own, *own.parents):
+            if cand in roots:
+                break
+            if any(m in cand.name for m in marks):
+                return cand
+    return None if own in roots else own

@@ -1,0 +1,536 @@
+"""EbpfBackend: per-pod eBPF redirection on the pod's own cgroup v2 directory.
+
+Outbound TCP (IPv4, IPv6, v4-mapped) and DNS are done in eBPF (bpf/redirect.c): connect4/6 rewrite to the
+proxy's loopback port, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP is captured by a
+TC ingress program in the pod netns (bpf_sk_assign to the proxy's inbound listener). Alternatively (kernels
+without bpf_sk_assign), inbound is handed to an inbound fallback backend (the iptables backend) with an
+"inbound only" spec.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from pathlib import Path
+
+from cni.redirect_spec import AmbientSpec
+from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, RedirectSpec
+from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc
+from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
+
+log = logging.getLogger("headrace.backend.ebpf")
+
+TCP_PROGRAMS = ("hr_connect4", "hr_connect6", "hr_sockops", "hr_getsockopt")
+DNS_PROGRAMS = ("hr_sendmsg4", "hr_sendmsg6", "hr_recvmsg4", "hr_recvmsg6", "hr_getpeername4", "hr_getpeername6")
+PROXY_GETSOCKOPT = "hr_getsockopt_proxy"
+OUR_ATTACH_TYPES = tuple(sorted({loader.PROGRAMS[p][1] for p in (*TCP_PROGRAMS, *DNS_PROGRAMS)}))
+
+
+TC_PROGRAM = "hr_tc_ingress"
+
+
+def wanted_programs(spec: RedirectSpec) -> tuple[str, ...]:
+    """The cgroup programs a spec needs (the TC program is separate: see wants_tc)."""
+    if isinstance(spec, AmbientSpec) and spec.capture_dns:
+        return TCP_PROGRAMS + DNS_PROGRAMS
+    return TCP_PROGRAMS
+
+
+def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
+    return inbound_in_ebpf and maps.needs_inbound(spec)
+
+
+def _close(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+class EbpfBackend(RedirectBackend):
+    name = "ebpf"
+    needs_cgroup = True  # the agent must pass PodTarget.cgroup_path
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        inbound_fallback: RedirectBackend | None = None,
+        proxy_cgroup: str | Path | None = None,
+    ) -> None:
+        """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
+        the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
+        inbound_fallback: when given, inbound capture is delegated to it instead of the TC program."""
+        self.state_dir = Path(state_dir)
+        self.inbound = inbound_fallback
+        self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
+        self._lock = threading.RLock()
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def _root(self) -> Path:
+        try:
+            return pinning.ensure_bpffs(self.state_dir)
+        except pinning.PinError as e:
+            raise BackendError(str(e)) from e
+
+    def _object(self) -> loader.CompiledObject:
+        try:
+            return loader.compile_object()
+        except loader.ToolchainError as e:
+            raise BackendError(f"eBPF backend unavailable: {e}") from e
+
+    def _node_maps(self, root: Path, obj: loader.CompiledObject) -> dict[str, int]:
+        """Open (creating and pinning on first use) the maps shared by every pod of the node."""
+        ndir = root / pinning.NODE_DIR
+        ndir.mkdir(exist_ok=True)
+        fds: dict[str, int] = {}
+        try:
+            for name in loader.NODE_MAPS:
+                fd = pinning.open_pinned(ndir / name)
+                if fd is None:
+                    fd = bpfsys.map_create(obj.maps[name], name)
+                    pinning.pin(fd, ndir / name)
+                fds[name] = fd
+        except (bpfsys.BpfSysError, OSError) as e:
+            _close(fds)
+            raise BackendError(f"cannot create or open the node eBPF maps in {ndir}: {e}") from e
+        return fds
+
+    def _pod_dir(self, root: Path, target: PodTarget) -> Path:
+        try:
+            return root / pinning.pod_dir_name(target.uid)
+        except pinning.PinError as e:
+            raise BackendError(str(e)) from e
+
+    def _read_config(self, pdir: Path) -> dict[str, int] | None:
+        fd = pinning.open_pinned(pdir / "hr_cfg")
+        if fd is None:
+            return None
+        try:
+            raw = bpfsys.map_lookup(fd, b"\0\0\0\0", maps.CONFIG_SIZE)
+        finally:
+            os.close(fd)
+        return maps.unpack_config(raw) if raw else None
+
+    @property
+    def inbound_in_ebpf(self) -> bool:
+        return self.inbound is None
+
+    def _ebpf_problems(
+        self, pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool
+    ) -> list[str]:
+        problems: list[str] = []
+        cfg = self._read_config(pdir)
+        if cfg is None:
+            return [f"eBPF config map of the pod is not pinned in {pdir}"]
+        if cfg["generation"] != gen:
+            problems.append("eBPF config differs from the wanted spec")
+        if cfg["cgroup_id"] != cgroup_id(cg):
+            problems.append(f"eBPF programs belong to another cgroup (id {cfg['cgroup_id']})")
+        with Cgroup(cg) as c:
+            for name in wanted:
+                atype = loader.PROGRAMS[name][1]
+                fd = pinning.open_pinned(pdir / name)
+                if fd is None:
+                    problems.append(f"eBPF program {name} is not pinned")
+                    continue
+                try:
+                    pid = bpfsys.prog_info(fd).prog_id
+                finally:
+                    os.close(fd)
+                if pid not in c.attached(atype):
+                    problems.append(f"eBPF program {name} is not attached to {cg}")
+        extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
+        problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
+        if tc_wanted:
+            if not (pdir / TC_PROGRAM).exists():
+                problems.append(f"eBPF program {TC_PROGRAM} is not pinned")
+            status = tc.ingress_status(netns)
+            if not status:
+                problems.append(f"no pod interface found in {netns}")
+            problems += [f"TC ingress program missing on {ifname}" for ifname, ok in status.items() if not ok]
+        elif (pdir / TC_PROGRAM).exists():
+            problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
+        return problems
+
+    # ---- RedirectBackend -----------------------------------------------------------------------------
+    def fallback_reason(self, spec: RedirectSpec) -> str | None:
+        """Why this backend cannot fully implement spec on this node (the agent should then use iptables
+        for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
+        if isinstance(spec, AmbientSpec) and self.proxy_cgroup is None:
+            return (
+                "ambient over eBPF needs the node proxy's cgroup v2 directory (its accepted sockets live there, "
+                "so SO_ORIGINAL_DST is answered there): pass proxy_cgroup / call set_proxy_cgroup, "
+                "or use backend 'iptables'"
+            )
+        return None
+
+    def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
+        reason = self.fallback_reason(spec)
+        if reason is not None:
+            raise BackendError(f"eBPF apply for pod {target.uid}: {reason}")
+        with self._lock:
+            try:
+                cg = validate_cgroup(target.cgroup_path)
+            except CgroupError as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+            inbound = maps.needs_inbound(spec)
+            had_ebpf = self._ebpf_installed(target)
+            self._apply_ebpf(target, spec, cg)
+            if inbound and self.inbound is not None:
+                try:
+                    self.inbound.apply(target, maps.inbound_only(spec))
+                except Exception:
+                    if not had_ebpf:
+                        self._remove_ebpf(target)
+                    raise
+            elif self.inbound is not None and self.inbound.installed(target):
+                self.inbound.remove(target)
+
+    def _apply_ebpf(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> None:
+        try:
+            pm = maps.pod_maps(spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips)
+        except ValueError as e:
+            raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
+        obj = self._object()
+        root = self._root()
+        pdir = self._pod_dir(root, target)
+        wanted = wanted_programs(spec)
+        tc_wanted = wants_tc(spec, self.inbound_in_ebpf)
+        if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
+            nfds = self._node_maps(root, obj)
+            try:
+                self._ensure_proxy_getsockopt(root, obj, nfds)
+            finally:
+                _close(nfds)
+        if pdir.is_dir():
+            cfg = self._read_config(pdir)
+            if cfg is not None and cfg["cgroup_id"] != cgroup_id(cg):
+                self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
+            elif not self._ebpf_problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
+                log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
+                return
+        pdir.mkdir(exist_ok=True)
+        fds = self._node_maps(root, obj)
+        progs: dict[str, int] = {}
+        done: list[tuple[int, int, int | None]] = []  # (new fd, attach type, replaced fd)
+        olds: dict[str, int] = {}
+        had_tc = (pdir / TC_PROGRAM).exists()
+        try:
+            for name in loader.POD_MAPS:
+                fds[name] = bpfsys.map_create(obj.maps[name], name)
+            bpfsys.map_update(fds["hr_cfg"], b"\0\0\0\0", pm.config)
+            for key in pm.exclude_ports:
+                bpfsys.map_update(fds["hr_cfg_xports"], key, b"\1")
+            for key in pm.exclude_nets:
+                bpfsys.map_update(fds["hr_cfg_xnets"], key, b"\1")
+            for key in pm.include_nets:
+                bpfsys.map_update(fds["hr_cfg_inets"], key, b"\1")
+            for key in pm.exclude_inbound:
+                bpfsys.map_update(fds["hr_cfg_xin"], key, b"\1")
+            for key in pm.include_inbound:
+                bpfsys.map_update(fds["hr_cfg_iin"], key, b"\1")
+            for key in pm.local_addrs:
+                bpfsys.map_update(fds["hr_cfg_local"], key, b"\1")
+            for name in (*wanted, TC_PROGRAM) if tc_wanted else wanted:
+                prog = obj.programs[name]
+                progs[name] = bpfsys.prog_load(
+                    prog.prog_type, prog.patched(fds), name, prog.attach_type, loader.LICENSE
+                )
+            with Cgroup(cg) as c:
+                for name in wanted:
+                    atype = loader.PROGRAMS[name][1]
+                    old = pinning.open_pinned(pdir / name)
+                    if old is not None:
+                        olds[name] = old
+                        if bpfsys.prog_info(old).prog_id not in c.attached(atype):
+                            old = None
+                    if old is None:  # an unpinned program of ours (crash mid-apply) must not stay twice
+                        self._detach_ours_by_name(c, only_type=atype)
+                    c.attach(progs[name], atype, replace_fd=old)
+                    done.append((progs[name], atype, old))
+                for child in list(pdir.iterdir()):  # programs no longer wanted (DNS switched off)
+                    if child.name in loader.PROGRAMS and child.name not in wanted:
+                        self._detach_pinned(c, child)
+            if tc_wanted:
+                tc.attach_ingress(target.netns_path, progs[TC_PROGRAM])
+            elif had_tc:
+                tc.detach_ingress(target.netns_path)
+                pinning.unpin(pdir / TC_PROGRAM)
+            for name, fd in progs.items():
+                pinning.pin(fd, pdir / name)
+            for name in loader.POD_MAPS:
+                pinning.pin(fds[name], pdir / name)
+        except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
+            self._rollback(cg, done)
+            if tc_wanted and not had_tc:
+                self._tc_detach_quietly(target.netns_path)
+            detail = f"; verifier log:\n{e.log[-2000:]}" if isinstance(e, bpfsys.BpfSysError) and e.log else ""
+            raise BackendError(f"eBPF apply for pod {target.uid} failed: {e}{detail}") from e
+        finally:
+            _close(fds)
+            _close(progs)
+            _close(olds)
+        log.info(
+            "ebpf redirect applied",
+            extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},
+        )
+
+    def set_proxy_cgroup(self, path: str | Path | None) -> None:
+        """Tell the backend where the node proxy runs (e.g. from SO_PEERCRED of its connection and
+        attach.cgroup2_path_of_pid). Moves the node-level getsockopt program there when ambient pods exist."""
+        with self._lock:
+            new = str(path) if path is not None else None
+            if new == self.proxy_cgroup:
+                return
+            if new is not None:
+                try:
+                    validate_cgroup(new)
+                except CgroupError as e:
+                    raise BackendError(f"proxy cgroup: {e}") from e
+            root = self._root()
+            had = (root / pinning.NODE_DIR / PROXY_GETSOCKOPT).exists()
+            if had:
+                self._detach_proxy_getsockopt(root)
+            self.proxy_cgroup = new
+            if had and new is not None:
+                fds = self._node_maps(root, self._object())
+                try:
+                    self._ensure_proxy_getsockopt(root, self._object(), fds)
+                finally:
+                    _close(fds)
+
+    def _ensure_proxy_getsockopt(self, root: Path, obj: loader.CompiledObject, node_fds: dict[str, int]) -> None:
+        """One getsockopt program on the node proxy's cgroup (ambient), shared by all pods; idempotent."""
+        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
+        atype = loader.PROGRAMS["hr_getsockopt"][1]
+        try:
+            cg = validate_cgroup(self.proxy_cgroup)
+            with Cgroup(cg) as c:
+                fd = pinning.open_pinned(path)
+                try:
+                    if fd is not None and bpfsys.prog_info(fd).prog_id in c.attached(atype):
+                        return
+                    if fd is None:
+                        prog = obj.programs["hr_getsockopt"]
+                        fd = bpfsys.prog_load(
+                            prog.prog_type, prog.patched(node_fds), "hr_getsockopt", prog.attach_type, loader.LICENSE
+                        )
+                        pinning.pin(fd, path)
+                    c.attach(fd, atype)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+        except (CgroupError, bpfsys.BpfSysError, OSError) as e:
+            raise BackendError(
+                f"cannot attach the original-destination program to the proxy cgroup {self.proxy_cgroup}: {e}"
+            ) from e
+        log.info(
+            "ebpf proxy getsockopt attached", extra={"event": "ebpf_proxy_attached", "cgroup": str(self.proxy_cgroup)}
+        )
+
+    def _proxy_problems(self, root: Path) -> list[str]:
+        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
+        fd = pinning.open_pinned(path)
+        if fd is None:
+            return [f"original-destination program for the proxy cgroup is not pinned ({path})"]
+        try:
+            pid = bpfsys.prog_info(fd).prog_id
+            with Cgroup(validate_cgroup(self.proxy_cgroup)) as c:
+                if pid not in c.attached(loader.PROGRAMS["hr_getsockopt"][1]):
+                    return [f"original-destination program is not attached to {self.proxy_cgroup}"]
+        except (CgroupError, bpfsys.BpfSysError) as e:
+            return [f"proxy cgroup: {e}"]
+        finally:
+            os.close(fd)
+        return []
+
+    def _detach_proxy_getsockopt(self, root: Path) -> None:
+        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
+        if not path.exists():
+            return
+        if self.proxy_cgroup is not None and Path(self.proxy_cgroup).is_dir():
+            with Cgroup(Path(self.proxy_cgroup)) as c:
+                fd = pinning.open_pinned(path)
+                if fd is not None:
+                    try:
+                        c.detach(fd, loader.PROGRAMS["hr_getsockopt"][1])
+                    except bpfsys.BpfSysError as e:
+                        if e.errno not in (errno.ENOENT, errno.EINVAL):
+                            raise
+                    finally:
+                        os.close(fd)
+        pinning.unpin(path)
+
+    def _tc_detach_quietly(self, netns: str) -> None:
+        try:
+            tc.detach_ingress(netns)
+        except (tc.TcError, OSError):
+            log.warning("ebpf tc rollback failed", extra={"netns": netns})
+
+    def _rollback(self, cg: Path, done: list[tuple[int, int, int | None]]) -> None:
+        try:
+            with Cgroup(cg) as c:
+                for new, atype, old in reversed(done):
+                    try:
+                        if old is not None:
+                            c.attach(old, atype, replace_fd=new)
+                        else:
+                            c.detach(new, atype)
+                    except bpfsys.BpfSysError:
+                        log.warning("ebpf rollback step failed", extra={"cgroup": str(cg)})
+        except CgroupError:
+            pass
+
+    def _detach_pinned(self, c: Cgroup, path: Path) -> None:
+        fd = pinning.open_pinned(path)
+        if fd is None:
+            return
+        try:
+            c.detach(fd, loader.PROGRAMS[path.name][1])
+        except bpfsys.BpfSysError as e:
+            if e.errno not in (errno.ENOENT, errno.EINVAL):
+                raise
+        finally:
+            os.close(fd)
+        pinning.unpin(path)
+
+    def _cgroup_of(self, target: PodTarget, pdir: Path | None) -> Path | None:
+        if target.cgroup_path and Path(target.cgroup_path).is_dir():
+            return Path(target.cgroup_path)
+        cfg = self._read_config(pdir) if pdir is not None and pdir.is_dir() else None
+        if cfg is not None and cfg["cgroup_id"]:
+            return find_cgroup_by_id(cfg["cgroup_id"])
+        return None
+
+    def _remove_ebpf(self, target: PodTarget) -> None:
+        root = self._root()
+        pdir = self._pod_dir(root, target)
+        cg = self._cgroup_of(target, pdir)
+        try:
+            if cg is not None:
+                with Cgroup(cg) as c:
+                    if pdir.is_dir():
+                        for child in list(pdir.iterdir()):
+                            if child.name in loader.PROGRAMS:
+                                self._detach_pinned(c, child)
+                    self._detach_ours_by_name(c)
+            if target.netns_path:  # our filters only; cheap when there are none
+                try:
+                    tc.detach_ingress(target.netns_path)
+                except (tc.TcError, OSError) as e:  # netns gone or not a netns any more: filters went with it
+                    log.info("ebpf tc detach skipped", extra={"pod": target.uid, "reason": str(e)})
+            pinning.remove_dir(pdir)
+            others = [p for p in root.iterdir() if p.is_dir() and p.name != pinning.NODE_DIR]
+            if not others:
+                self._detach_proxy_getsockopt(root)
+                pinning.remove_dir(root / pinning.NODE_DIR)
+        except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
+            raise BackendError(f"eBPF remove for pod {target.uid} failed: {e}") from e
+        log.info("ebpf redirect removed", extra={"pod": target.uid, "event": "ebpf_removed"})
+
+    def _ours_attached(self, c: Cgroup, only_type: int | None = None) -> list[tuple[int, int]]:
+        """(program id, attach type) of headrace programs attached to this cgroup, pinned or not."""
+        found: list[tuple[int, int]] = []
+        for atype in OUR_ATTACH_TYPES if only_type is None else (only_type,):
+            for pid in c.attached(atype):
+                try:
+                    fd = bpfsys.prog_fd_by_id(pid)
+                except bpfsys.BpfSysError:
+                    continue
+                try:
+                    if bpfsys.prog_info(fd).name in loader.PROGRAMS:
+                        found.append((pid, atype))
+                finally:
+                    os.close(fd)
+        return found
+
+    def _detach_ours_by_name(self, c: Cgroup, only_type: int | None = None) -> None:
+        for pid, atype in self._ours_attached(c, only_type):
+            try:
+                fd = bpfsys.prog_fd_by_id(pid)
+            except bpfsys.BpfSysError:
+                continue
+            try:
+                c.detach(fd, atype)
+            except bpfsys.BpfSysError as e:
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+            finally:
+                os.close(fd)
+
+    def _ebpf_installed(self, target: PodTarget) -> bool:
+        root = self._root()
+        pdir = self._pod_dir(root, target)
+        if pdir.is_dir() and any(pdir.iterdir()):
+            return True
+        cg = self._cgroup_of(target, None)
+        if cg is None:
+            return False
+        try:
+            with Cgroup(cg) as c:
+                return bool(self._ours_attached(c))
+        except (CgroupError, bpfsys.BpfSysError):
+            return False
+
+    def pinned_pods(self) -> list[str]:
+        """UIDs of the pods with eBPF state pinned on this node (for the agent's garbage collection)."""
+        root = self.state_dir / "bpf"
+        if pinning.mount_fstype(root) != "bpf":
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != pinning.NODE_DIR)
+
+    def close(self) -> None:
+        """Agent shutdown: unmount <state-dir>/bpf when nothing of ours is pinned there any more (pods keep
+        their programs otherwise, and the next agent re-adopts them from the pins)."""
+        with self._lock:
+            root = self.state_dir / "bpf"
+            if pinning.mount_fstype(root) != "bpf":
+                return
+            if any(p.is_dir() for p in root.iterdir()):
+                return
+            try:
+                pinning.unmount_bpffs(self.state_dir)
+            except pinning.PinError as e:
+                log.warning("ebpf bpffs unmount failed", extra={"reason": str(e)})
+
+    def remove(self, target: PodTarget) -> None:
+        with self._lock:
+            self._remove_ebpf(target)
+            if self.inbound is not None:
+                self.inbound.remove(target)
+
+    def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        with self._lock:
+            try:
+                cg = validate_cgroup(target.cgroup_path)
+            except CgroupError as e:
+                return [str(e)]
+            root = self._root()
+            pdir = self._pod_dir(root, target)
+            problems: list[str] = []
+            if not pdir.is_dir():
+                problems.append(f"no eBPF pin directory {pdir}")
+            else:
+                try:
+                    gen = maps.pod_maps(spec, 0, inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips).generation
+                    problems += self._ebpf_problems(
+                        pdir, cg, wanted_programs(spec), gen, target.netns_path, wants_tc(spec, self.inbound_in_ebpf)
+                    )
+                except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
+                    problems.append(f"cannot read eBPF state: {e}")
+            if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
+                problems += self._proxy_problems(root)
+            if maps.needs_inbound(spec):
+                if self.inbound is not None:
+                    problems += [
+                        f"inbound ({self.inbound.name}): {p}"
+                        for p in self.inbound.check(target, maps.inbound_only(spec))
+                    ]
+            return problems
+
+    def installed(self, target: PodTarget) -> bool:
+        with self._lock:
+            if self._ebpf_installed(target):
+                return True
+            return self.inbound is not None and self.inbound.installed(target)

@@ -1,0 +1,209 @@
+"""Pure: a redirect spec -> the per-pod map contents the programs read (layouts of bpf/headrace_redirect.h).
+
+Also splits a spec into its inbound part, for a backend configured to hand inbound capture to a fallback
+(kernels without bpf_sk_assign) instead of half-redirecting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import struct
+from dataclasses import dataclass
+
+from cni.redirect_spec import AmbientSpec, IPNetwork, SidecarSpec
+
+MODE_SIDECAR = 1
+MODE_AMBIENT = 2
+INBOUND_NONE = 0
+INBOUND_ALL = 1
+INBOUND_LISTED = 2
+CONFIG_FMT = "=IIIIHHBBBBQQHHI16sII"  # struct hr_config
+CONFIG_SIZE = struct.calcsize(CONFIG_FMT)
+LPM_FMT = "=I16s"  # struct hr_lpm_key
+PORT_FMT = "=H"
+ALL_V4 = ipaddress.IPv4Network("0.0.0.0/0")
+ALL_V6 = ipaddress.IPv6Network("::/0")
+
+Spec = SidecarSpec | AmbientSpec
+
+
+@dataclass(frozen=True)
+class PodMaps:
+    """Entries of the per-pod maps (keys/values packed as the C structs)."""
+
+    config: bytes
+    exclude_ports: tuple[bytes, ...]
+    exclude_nets: tuple[bytes, ...]
+    include_nets: tuple[bytes, ...]
+    exclude_inbound: tuple[bytes, ...]
+    include_inbound: tuple[bytes, ...]
+    local_addrs: tuple[bytes, ...]
+    generation: int
+
+
+def generation_of(spec: Spec, *extra: object) -> int:
+    """A stable 63-bit hash of the spec (and extra inputs), stored in the config map: what is installed."""
+
+    def enc(v: object) -> object:
+        if isinstance(v, tuple):
+            return [enc(x) for x in v]
+        if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return str(v)
+        return v
+
+    doc = {"kind": type(spec).__name__, **{f.name: enc(getattr(spec, f.name)) for f in dataclasses.fields(spec)}}
+    if extra:
+        doc["extra"] = [enc(x) for x in extra]
+    digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def lpm_key(net: IPNetwork) -> bytes:
+    """IPv4 ranges live in the IPv4-mapped IPv6 space (::ffff:0:0/96), as the programs look them up."""
+    if net.version == 4:
+        addr = b"\0" * 10 + b"\xff\xff" + net.network_address.packed
+        return struct.pack(LPM_FMT, 96 + net.prefixlen, addr)
+    return struct.pack(LPM_FMT, net.prefixlen, net.network_address.packed)
+
+
+def _check_port(p: int, what: str) -> int:
+    if not isinstance(p, int) or not 1 <= p <= 65535:
+        raise ValueError(f"{what} {p!r} is not a TCP port (1-65535)")
+    return p
+
+
+def inbound_ports(spec: Spec) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(inbound mode, excluded ports, included ports) as the TC ingress program applies them."""
+    incl: tuple[int, ...]
+    excl: set[int]
+    if isinstance(spec, SidecarSpec):
+        excl = set(spec.exclude_inbound_ports)
+        if spec.include_inbound_ports is None:
+            mode, incl = INBOUND_ALL, ()
+        elif spec.include_inbound_ports:
+            mode, incl = INBOUND_LISTED, tuple(spec.include_inbound_ports)
+        else:
+            mode, incl = INBOUND_NONE, ()
+    else:
+        mode, incl = INBOUND_ALL, ()
+        excl = {*spec.exclude_inbound_ports, spec.hbone_port}
+    excl_t = tuple(sorted({_check_port(p, "excluded inbound port") for p in excl}))
+    incl_t = tuple(sorted({_check_port(p, "included inbound port") for p in incl}))
+    return mode, excl_t, incl_t
+
+
+def local_addresses(ips: tuple[str, ...]) -> tuple[str, ...]:
+    """The pod's own addresses from PodTarget.ips ("10.1.2.3/24" or "10.1.2.3"), normalised and sorted."""
+    out: set[str] = set()
+    for ip in ips:
+        try:
+            out.add(str(ipaddress.ip_interface(ip).ip))
+        except ValueError:
+            raise ValueError(f"invalid pod IP {ip!r}") from None
+    return tuple(sorted(out))
+
+
+def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = ()) -> PodMaps:
+    """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs."""
+    local = local_addresses(ips)
+    gen = generation_of(spec, "inbound-ebpf" if inbound_in_ebpf else "inbound-fallback", *local)
+    if isinstance(spec, SidecarSpec):
+        mode, uid, mark, mask = MODE_SIDECAR, spec.proxy_uid, 0, 0
+        proxy_gid = spec.proxy_gid
+        dns_port, capture_dns = 0, False
+        include = spec.include_outbound_ranges
+    else:
+        mode, uid, mark, mask = MODE_AMBIENT, 0xFFFFFFFF, spec.mark, spec.mark_mask
+        proxy_gid = 0xFFFFFFFF
+        dns_port, capture_dns = _check_port(spec.dns_port, "dns_port"), spec.capture_dns
+        include = None
+    if not (0 <= uid <= 0xFFFFFFFF and 0 <= proxy_gid <= 0xFFFFFFFF):
+        raise ValueError(f"proxy uid/gid {uid}/{proxy_gid} out of range")
+    out_port = _check_port(spec.outbound_port, "outbound_port")
+    excl = list(spec.exclude_outbound_ranges)
+    if include is None:
+        all4 = all6 = True
+        inc: list[IPNetwork] = []
+    else:
+        inc = list(include)
+        all4 = any(n == ALL_V4 for n in inc)
+        all6 = any(n == ALL_V6 for n in inc)
+    in_mode, in_excl, in_incl = inbound_ports(spec)
+    if not inbound_in_ebpf:
+        in_mode, in_excl, in_incl = INBOUND_NONE, (), ()
+    in_port = _check_port(spec.inbound_port, "inbound_port")
+    probe4, probe6 = 0, b"\0" * 16
+    if isinstance(spec, AmbientSpec):
+        probe4 = int.from_bytes(spec.probe_snat_v4.packed, "little")  # network order as the C reads it
+        probe6 = spec.probe_snat_v6.packed
+    config = struct.pack(
+        CONFIG_FMT, mode, uid, mark & 0xFFFFFFFF, mask & 0xFFFFFFFF, out_port, dns_port,
+        1 if capture_dns else 0, 1 if all4 else 0, 1 if all6 else 0, in_mode, gen, cgroup_id,
+        in_port, 0, probe4, probe6, proxy_gid, 0,
+    )  # fmt: skip
+    ports = tuple(sorted({_check_port(p, "excluded outbound port") for p in spec.exclude_outbound_ports}))
+    return PodMaps(
+        config=config,
+        exclude_ports=tuple(struct.pack(PORT_FMT, p) for p in ports),
+        exclude_nets=tuple(lpm_key(n) for n in excl),
+        include_nets=tuple(lpm_key(n) for n in inc),
+        exclude_inbound=tuple(struct.pack(PORT_FMT, p) for p in in_excl),
+        include_inbound=tuple(struct.pack(PORT_FMT, p) for p in in_incl),
+        local_addrs=tuple(lpm_key(ipaddress.ip_network(a)) for a in local),
+        generation=gen,
+    )
+
+
+def unpack_config(raw: bytes) -> dict[str, int]:
+    names = (
+        "mode",
+        "proxy_uid",
+        "mark",
+        "mark_mask",
+        "outbound_port",
+        "dns_port",
+        "capture_dns",
+        "include_all4",
+        "include_all6",
+        "inbound_mode",
+        "generation",
+        "cgroup_id",
+        "inbound_port",
+        "pad16",
+        "probe_src4",
+        "probe_src6",
+        "proxy_gid",
+        "pad32",
+    )
+    values = struct.unpack(CONFIG_FMT, raw[:CONFIG_SIZE])
+    out = dict(zip(names, values, strict=True))
+    del out["probe_src6"]
+    return out
+
+
+def needs_inbound(spec: Spec) -> bool:
+    """Whether the spec asks for inbound capture."""
+    if isinstance(spec, SidecarSpec):
+        return spec.include_inbound_ports is None or len(spec.include_inbound_ports) > 0
+    return True
+
+
+EVERYWHERE = (
+    ipaddress.IPv4Network("0.0.0.0/1"),
+    ipaddress.IPv4Network("128.0.0.0/1"),
+    ipaddress.IPv6Network("::/1"),
+    ipaddress.IPv6Network("8000::/1"),
+)  # every address, without /0 (iptables-save drops "-d 0.0.0.0/0", which trips rule comparisons)
+
+
+def inbound_only(spec: Spec) -> Spec:
+    """The same spec with all outbound capture (and DNS) switched off: what the inbound fallback installs.
+
+    Sidecar: no include ranges (the spec's "no outbound capture"); ambient: every address excluded.
+    """
+    if isinstance(spec, SidecarSpec):
+        return dataclasses.replace(spec, include_outbound_ranges=())
+    return dataclasses.replace(spec, exclude_outbound_ranges=EVERYWHERE, capture_dns=False)

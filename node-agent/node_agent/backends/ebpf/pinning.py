@@ -1,0 +1,99 @@
+"""The bpffs the backend pins into: <state-dir>/bpf (outside /sys, which `ip netns exec` remounts).
+
+Layout: <state-dir>/bpf/node/<map>  (maps shared by all pods of the node)
+        <state-dir>/bpf/<pod-uid>/<prog or map>
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from node_agent.backends.ebpf import bpfsys
+
+NODE_DIR = "node"
+_POD_UID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class PinError(Exception):
+    pass
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at path (from /proc/self/mountinfo), or None."""
+    target = str(path.resolve())
+    found: str | None = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+                found = right.split()[0]  # the last mount at a path wins
+    return found
+
+
+def ensure_bpffs(state_dir: str | Path) -> Path:
+    """Mount a bpffs at <state-dir>/bpf unless one is there already; return the path."""
+    root = Path(state_dir) / "bpf"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if mount_fstype(root) == "bpf":
+        return root
+    res = subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], capture_output=True, text=True, check=False)
+    if res.returncode != 0 or mount_fstype(root) != "bpf":
+        raise PinError(
+            f"cannot mount a bpffs at {root}: {res.stderr.strip() or 'mount failed'} "
+            "(the agent needs CAP_SYS_ADMIN and a writable state dir)"
+        )
+    return root
+
+
+def unmount_bpffs(state_dir: str | Path) -> None:
+    """Unmount <state-dir>/bpf if it is a bpffs (tests; a node keeps it)."""
+    root = Path(state_dir) / "bpf"
+    while mount_fstype(root) == "bpf":
+        res = subprocess.run(["umount", str(root)], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise PinError(f"cannot unmount {root}: {res.stderr.strip()}")
+
+
+def pod_dir_name(pod_uid: str) -> str:
+    if not _POD_UID_RE.match(pod_uid) or pod_uid == NODE_DIR or ".." in pod_uid:
+        raise PinError(f"pod uid {pod_uid!r} is not usable as a pin directory name")
+    return pod_uid
+
+
+def open_pinned(path: Path) -> int | None:
+    try:
+        return bpfsys.obj_get(str(path))
+    except bpfsys.BpfSysError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def pin(fd: int, path: Path) -> None:
+    """Pin fd at path, replacing what is pinned there."""
+    unpin(path)
+    bpfsys.obj_pin(fd, str(path))
+
+
+def unpin(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_dir(path: Path) -> None:
+    """Unpin everything in a pin directory and remove it (idempotent)."""
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        unpin(child)
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass

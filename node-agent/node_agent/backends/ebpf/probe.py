@@ -1,0 +1,57 @@
+"""Can the eBPF backend run here? Each check names what is missing and how to supply it."""
+
+from __future__ import annotations
+
+import os
+
+from node_agent.backends.ebpf import bpfsys, loader
+from node_agent.backends.ebpf.attach import cgroup2_mounts
+
+
+def probe() -> list[str]:
+    """Problems that stop the eBPF backend on this node (empty: it can run). Compiles (cached) once."""
+    problems: list[str] = []
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        problems.append(
+            f"bcc is not importable ({e}): install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
+            "to the agent's Python (make setup does this)"
+        )
+    headers = loader.kernel_headers_problem()
+    if headers:
+        problems.append(headers)
+    if not cgroup2_mounts():
+        problems.append(
+            "no cgroup2 filesystem is mounted: mount cgroup2 (e.g. at /sys/fs/cgroup/unified) and give "
+            "the agent the host's cgroup tree"
+        )
+    if os.geteuid() != 0:
+        problems.append(
+            "the agent is not root: loading cgroup BPF programs needs CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN"
+        )
+    if problems:
+        return problems
+    try:
+        obj = loader.compile_object()
+    except loader.ToolchainError as e:
+        return [str(e)]
+    # load one program against throwaway maps: the verifier and the kernel's program types say yes or no
+    fds: dict[str, int] = {}
+    try:
+        for name in (*loader.POD_MAPS, *loader.NODE_MAPS):
+            fds[name] = bpfsys.map_create(obj.maps[name], name)
+        for pname in ("hr_connect4", "hr_sockops", "hr_getsockopt", "hr_tc_ingress"):
+            prog = obj.programs[pname]
+            fd = bpfsys.prog_load(prog.prog_type, prog.patched(fds), pname, prog.attach_type, loader.LICENSE)
+            os.close(fd)
+    except bpfsys.BpfSysError as e:
+        tail = f" (verifier: {e.log.strip().splitlines()[-1]})" if e.log.strip() else ""
+        return [
+            f"the kernel refused the probe program: {e}{tail}; needs Linux >= 5.15 with "
+            f"CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_NET_CLS_BPF"
+        ]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return []

@@ -1,0 +1,151 @@
+"""TC ingress (clsact) attach inside a pod's netns, with pyroute2, never in the host netns.
+
+Netlink work runs in a short-lived thread that has setns()'d into the pod netns (setns affects only the
+calling thread; pyroute2 binds its socket to the thread's netns). A clsact qdisc is created only where none
+exists and never deleted; only our filter (priority HR_PRIO, handle 1, name hr_tc_ingress) is touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+CLONE_NEWNET = 0x40000000
+HR_PRIO = 0x4852  # "HR"
+HR_HANDLE = 1
+INGRESS_PARENT = 0xFFFFFFF2
+FILTER_NAME = "hr_tc_ingress"
+
+T = TypeVar("T")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class TcError(Exception):
+    pass
+
+
+def in_netns(netns_path: str, fn: Callable[[], T]) -> T:
+    """Run fn in a fresh thread that has entered netns_path; return its result or raise its error."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise TcError(f"setns({netns_path}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["result"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="headrace-tc-netns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    result: T = box["result"]
+    return result
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name)
+
+
+def _our_filters(ipr: Any, index: int) -> list[Any]:
+    out = []
+    try:
+        filters = ipr.get_filters(index=index, parent=INGRESS_PARENT)
+    except Exception:  # no clsact qdisc: no filters
+        return []
+    for f in filters:
+        if _attr(f, "TCA_KIND") != "bpf":
+            continue
+        opts = _attr(f, "TCA_OPTIONS")
+        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if name and str(name).startswith(FILTER_NAME):
+            out.append(f)
+    return out
+
+
+def _pod_links(ipr: Any) -> list[tuple[int, str]]:
+    return [
+        (int(link["index"]), str(_attr(link, "IFLA_IFNAME")))
+        for link in ipr.get_links()
+        if _attr(link, "IFLA_IFNAME") != "lo"
+    ]
+
+
+def attach_ingress(netns_path: str, prog_fd: int) -> list[str]:
+    """Put our program on ingress of every non-loopback interface of the netns (replacing ours in place)."""
+
+    def work() -> list[str]:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        done: list[str] = []
+        with IPRoute() as ipr:
+            links = _pod_links(ipr)
+            if not links:
+                raise TcError(f"no interface besides lo in {netns_path}")
+            for index, ifname in links:
+                try:
+                    ipr.tc("add", "clsact", index)
+                except NetlinkError as e:
+                    if e.code != 17:  # EEXIST: keep whoever's clsact is there
+                        raise TcError(f"clsact on {ifname}: {e}") from e
+                try:
+                    ipr.tc(
+                        "replace-filter", "bpf", index, HR_HANDLE, fd=prog_fd, name=FILTER_NAME,
+                        parent=INGRESS_PARENT, classid=1, direct_action=True, prio=HR_PRIO,
+                    )  # fmt: skip
+                except NetlinkError as e:
+                    raise TcError(f"TC ingress filter on {ifname}: {e} (needs CONFIG_NET_CLS_BPF)") from e
+                done.append(ifname)
+        return done
+
+    return in_netns(netns_path, work)
+
+
+def detach_ingress(netns_path: str) -> list[str]:
+    """Delete only our filters; the qdisc and other filters stay. A gone netns is fine."""
+    if not os.path.exists(netns_path):
+        return []
+
+    def work() -> list[str]:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        removed: list[str] = []
+        with IPRoute() as ipr:
+            for index, ifname in _pod_links(ipr):
+                for _ in _our_filters(ipr, index):
+                    try:
+                        ipr.tc("del-filter", "bpf", index, HR_HANDLE, parent=INGRESS_PARENT, prio=HR_PRIO)
+                    except NetlinkError as e:
+                        if e.code != 2:  # ENOENT: already gone
+                            raise TcError(f"deleting our TC filter on {ifname}: {e}") from e
+                    removed.append(ifname)
+                    break
+        return removed
+
+    return in_netns(netns_path, work)
+
+
+def ingress_status(netns_path: str) -> dict[str, bool]:
+    """{interface: our filter present} for every non-loopback interface of the netns."""
+    if not os.path.exists(netns_path):
+        return {}
+
+    def work() -> dict[str, bool]:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return {ifname: bool(_our_filters(ipr, index)) for index, ifname in _pod_links(ipr)}
+
+    return in_netns(netns_path, work)

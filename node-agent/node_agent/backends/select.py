@@ -1,0 +1,87 @@
+"""Choose the node's redirection backend: `auto`, `iptables` or `ebpf`.
+
+auto  -> eBPF when bcc, kernel headers, cgroup2 and a probe program load all work, else iptables (the
+         reason is logged and returned);
+ebpf  -> eBPF or BackendError naming what is missing and how to supply it (enrolment fails closed);
+iptables -> iptables.
+The eBPF backend captures inbound with TC + bpf_sk_assign; inbound="iptables" hands inbound capture to an
+iptables backend of the same flavour instead (see docs/ebpf.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from node_agent.backends.base import BackendError, RedirectBackend
+
+log = logging.getLogger("headrace.backend.select")
+SETTINGS = ("auto", "iptables", "ebpf")
+DEFAULT_STATE_DIR = Path("/var/run/headrace")
+
+
+class BackendChoice(NamedTuple):
+    """(backend, reason). Also usable as the backend itself (attribute access is forwarded)."""
+
+    backend: RedirectBackend
+    reason: str
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.backend, attr)
+
+
+def _iptables(flavour: str) -> RedirectBackend:
+    from node_agent.backends.iptables_backend import IptablesBackend
+
+    backend: RedirectBackend = IptablesBackend(flavour)
+    return backend
+
+
+def ebpf_problems() -> list[str]:
+    try:
+        from node_agent.backends.ebpf.probe import probe
+    except ImportError as e:  # pragma: no cover - our own package
+        return [f"eBPF backend code not importable: {e}"]
+    return probe()
+
+
+def select_backend(
+    setting: str,
+    *,
+    state_dir: str | Path | None = None,
+    iptables_flavour: str = "auto",
+    proxy_cgroup: str | Path | None = None,
+    inbound: str = "ebpf",
+    problems_fn: Any = None,
+) -> BackendChoice:
+    """The backend for this node and why it was chosen. problems_fn overrides the eBPF probe (tests).
+
+    proxy_cgroup: the node proxy's cgroup v2 dir (ambient original-destination lookups happen there)."""
+    if setting not in SETTINGS:
+        raise BackendError(f"unknown backend {setting!r}: use one of {', '.join(SETTINGS)}")
+    if setting == "iptables":
+        return BackendChoice(_iptables(iptables_flavour), "backend 'iptables' configured")
+    problems: list[str] = list((problems_fn or ebpf_problems)())
+    if problems:
+        why = "; ".join(problems)
+        if setting == "ebpf":
+            raise BackendError(f"backend 'ebpf' configured but eBPF cannot run on this node: {why}")
+        reason = f"auto: eBPF unavailable ({why}); using iptables"
+        log.warning(reason, extra={"event": "backend_selected", "backend": "iptables"})
+        return BackendChoice(_iptables(iptables_flavour), reason)
+    from node_agent.backends.ebpf.backend import EbpfBackend
+
+    if inbound not in ("ebpf", "iptables"):
+        raise BackendError(f"unknown inbound mode {inbound!r}: use 'ebpf' or 'iptables'")
+
+    backend = EbpfBackend(
+        Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR,
+        inbound_fallback=_iptables(iptables_flavour) if inbound == "iptables" else None,
+        proxy_cgroup=proxy_cgroup,
+    )
+    reason = (
+        f"{setting}: eBPF available (outbound in eBPF, inbound via {'TC eBPF' if inbound == 'ebpf' else 'iptables'})"
+    )
+    log.info(reason, extra={"event": "backend_selected", "backend": "ebpf"})
+    return BackendChoice(backend, reason)

@@ -1,0 +1,479 @@
+"""eBPF backend on the real kernel: real TCP through cgroup/connect4|6 + sock_ops + getsockopt."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_agent.backends.base import BackendError, PodTarget
+
+from cni.redirect_spec import AmbientSpec, SidecarSpec
+from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup
+
+pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
+
+if os.geteuid() != 0:
+    pytest.skip("needs root", allow_module_level=True)
+bcc = pytest.importorskip("bcc")
+
+from node_agent.backends.ebpf import bpfsys, loader, pinning, tc  # noqa: E402
+from node_agent.backends.ebpf.attach import Cgroup  # noqa: E402
+from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
+
+SIDECAR_OUT = SidecarSpec(include_inbound_ports=())
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[PodEnv]:
+    yield from pod_env(tmp_path)
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
+    state = tmp_path / "state"
+    b = EbpfBackend(state)
+    yield b
+    pinning.unmount_bpffs(state)
+
+
+@pytest.fixture
+def target(env: PodEnv, backend: EbpfBackend) -> Iterator[PodTarget]:
+    t = PodTarget(
+        uid=f"pod-{env.name}",
+        namespace="default",
+        name="app",
+        netns_path=env.pod_ns_path,
+        ips=(f"{env.pod_v4}/24", f"{env.pod_v6}/64"),
+        cgroup_path=str(env.cgroup),
+    )
+    yield t
+    backend.remove(t)
+
+
+def bpftool_json(*args: str) -> list[dict[str, Any]]:
+
+    res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
+    out: list[dict[str, Any]] = json.loads(res.stdout.strip() or "[]")
+    return out
+
+
+def wait_no_maps_of(ids: set[int], timeout: float = 5.0) -> bool:
+    """Maps are freed after their programs, asynchronously (RCU): poll until none of ids is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not ids & {m["id"] for m in bpftool_json("map", "show")}:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def cgroup_prog_names(cg: Path) -> list[str]:
+    return [str(p.get("name", "")) for p in bpftool_json("cgroup", "show", str(cg))]
+
+
+def start_proxy_and_server(env: PodEnv, proxy_cgroup: Path | None = None) -> None:
+    env.start_server(env.pod_ns, 15001, "proxy", cgroup=proxy_cgroup or env.cgroup)
+    env.start_server(env.peer_ns, 8080, "server")
+    env.start_server(env.peer_ns, 9090, "server9090")
+
+
+def test_sidecar_outbound_v4_reaches_proxy_with_original_destination(env, backend, target):
+    start_proxy_and_server(env)
+    before = env.connect(env.peer_v4, 8080)
+    assert before["ok"] and before["reply"]["name"] == "server"
+    backend.apply(target, SIDECAR_OUT)
+    got = env.connect(env.peer_v4, 8080)
+    assert got["ok"], got
+    assert got["reply"]["name"] == "proxy"
+    assert got["reply"]["orig"] == f"{env.peer_v4}:8080"
+    assert backend.check(target, SIDECAR_OUT) == []
+    assert backend.installed(target)
+
+
+def test_sidecar_outbound_v6(env, backend, target):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    got = env.connect(env.peer_v6, 8080)
+    assert got["ok"], got
+    assert got["reply"]["name"] == "proxy"
+    assert got["reply"]["orig"] == f"[{env.peer_v6}]:8080"
+
+
+def test_sidecar_outbound_v4_mapped_on_v6_socket(env, backend, target):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    got = env.connect(f"::ffff:{env.peer_v4}", 8080)
+    assert got["ok"], got
+    assert got["reply"]["name"] == "proxy" and got["reply"]["orig"] == f"{env.peer_v4}:8080"
+
+
+def test_sidecar_local_destinations_as_iptables(env, backend, target):
+    """App -> own pod IP: untouched; proxy (uid 1337) -> own pod IP: via inbound 15006; from 127.0.0.6: untouched."""
+    env.start_server(env.pod_ns, 15001, "proxy", cgroup=env.cgroup)
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+    env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
+    backend.apply(target, SidecarSpec())
+    assert env.connect(env.pod_v4, 8080)["reply"]["name"] == "app"
+    assert env.connect("127.0.0.1", 8080)["reply"]["name"] == "app"
+    via = env.connect(env.pod_v4, 8080, uid=1337)
+    assert via["reply"]["name"] == "inbound-proxy" and via["reply"]["orig"] == f"{env.pod_v4}:8080"
+    via6 = env.connect(env.pod_v6, 8080, uid=1337)
+    assert via6["reply"]["name"] == "inbound-proxy" and via6["reply"]["orig"] == f"[{env.pod_v6}]:8080"
+    assert env.connect(env.pod_v4, 8080, uid=1337, src="127.0.0.6")["reply"]["name"] == "app"
+    assert env.connect("127.0.0.1", 8080, uid=1337)["reply"]["name"] == "app"
+
+
+def test_sidecar_uid_1337_bypasses(env, backend, target):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    got = env.connect(env.peer_v4, 8080, uid=1337)
+    assert got["ok"] and got["reply"]["name"] == "server"
+    other = env.connect(env.peer_v4, 8080, uid=1000)
+    assert other["ok"] and other["reply"]["name"] == "proxy"
+
+
+def test_excluded_port_and_range_bypass(env, backend, target):
+    start_proxy_and_server(env)
+    spec = SidecarSpec(
+        include_inbound_ports=(),
+        exclude_outbound_ports=(9090,),
+        exclude_outbound_ranges=(ipaddress.ip_network(f"{env.peer_v6}/128"),),
+    )
+    backend.apply(target, spec)
+    assert env.connect(env.peer_v4, 9090)["reply"]["name"] == "server9090"
+    assert env.connect(env.peer_v6, 8080)["reply"]["name"] == "server"
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+
+
+def test_include_ranges_limit_capture(env, backend, target):
+    start_proxy_and_server(env)
+    spec = SidecarSpec(include_inbound_ports=(), include_outbound_ranges=(ipaddress.ip_network("192.0.2.0/24"),))
+    backend.apply(target, spec)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
+
+
+def test_process_outside_pod_cgroup_untouched(env, backend, target):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    got = env.connect(env.peer_v4, 8080, in_cgroup=False)
+    assert got["reply"]["name"] == "server"
+
+
+@pytest.fixture
+def proxy_cgroup(env: PodEnv) -> Iterator[Path]:
+    cg = make_cgroup(Path(f"{env.cgroup}-proxy"))
+    yield cg
+    remove_cgroup(cg)
+
+
+def test_ambient_proxy_in_own_cgroup_gets_original_destination_and_mark_bypasses(env, backend, target, proxy_cgroup):
+    # the node proxy: its own cgroup, listening inside the pod netns (in-pod mode)
+    start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb.apply(target, AmbientSpec())
+    assert amb.inbound is not None and amb.inbound.installed(target)  # inbound handed to the fallback
+    got = env.connect(env.peer_v4, 8080)
+    assert got["reply"]["name"] == "proxy" and got["reply"]["orig"] == f"{env.peer_v4}:8080"
+    got6 = env.connect(env.peer_v6, 8080)
+    assert got6["reply"]["name"] == "proxy" and got6["reply"]["orig"] == f"[{env.peer_v6}]:8080"
+    marked = env.connect(env.peer_v4, 8080, mark=0x539)
+    assert marked["reply"]["name"] == "server"
+    assert amb.check(target, AmbientSpec()) == []
+    amb.remove(target)
+    assert cgroup_prog_names(proxy_cgroup) == []
+    assert cgroup_prog_names(env.cgroup) == []
+
+
+def test_ambient_all_in_ebpf_inbound_hbone_and_probe_bypass(env, backend, target, proxy_cgroup):
+    # the node proxy (own cgroup) listens in the pod netns: outbound 15001, inbound 15006, HBONE 15008
+    start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=proxy_cgroup)
+    env.start_server(env.pod_ns, 15008, "hbone", cgroup=proxy_cgroup)
+    env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
+    probe = str(AmbientSpec().probe_snat_v4)
+    subprocess.run(["ip", "-n", env.peer_ns, "addr", "add", f"{probe}/32", "dev", "eth0"], check=True)
+    subprocess.run(["ip", "-n", env.pod_ns, "route", "add", f"{probe}/32", "dev", "eth0"], check=True)
+    amb = EbpfBackend(backend.state_dir, proxy_cgroup=proxy_cgroup)
+    amb.apply(target, AmbientSpec())
+    got = env.connect_from_peer(env.pod_v4, 8080)
+    assert got["reply"]["name"] == "inbound-proxy" and got["reply"]["orig"] == f"{env.pod_v4}:8080"
+    assert env.connect_from_peer(env.pod_v4, 15008)["reply"]["name"] == "hbone"
+    assert env.connect_from_peer(env.pod_v4, 8080, src=probe)["reply"]["name"] == "app"  # kubelet probe
+    out = env.connect(env.peer_v4, 8080)
+    assert out["reply"]["name"] == "proxy" and out["reply"]["orig"] == f"{env.peer_v4}:8080"
+    assert amb.check(target, AmbientSpec()) == []
+    amb.remove(target)
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
+    assert cgroup_prog_names(proxy_cgroup) == [] and cgroup_prog_names(env.cgroup) == []
+
+
+def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
+    start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())
+    assert amb.fallback_reason(AmbientSpec()) is not None
+    with pytest.raises(BackendError, match="proxy's cgroup"):  # never redirect without SO_ORIGINAL_DST
+        amb.apply(target, AmbientSpec())
+    assert not amb.installed(target)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
+    amb.set_proxy_cgroup(proxy_cgroup)
+    assert amb.fallback_reason(AmbientSpec()) is None
+    amb.apply(target, AmbientSpec())
+    assert env.connect(env.peer_v4, 8080)["reply"]["orig"] == f"{env.peer_v4}:8080"
+    with pytest.raises(BackendError, match="root"):
+        amb.set_proxy_cgroup("/sys/fs/cgroup/unified")
+    amb.remove(target)
+    assert cgroup_prog_names(proxy_cgroup) == []
+
+
+def test_ambient_dns_capture(env, backend, target, proxy_cgroup):
+    env.start_udp_server(env.pod_ns, 15053, "dnsproxy", cgroup=proxy_cgroup)
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb.apply(target, AmbientSpec(capture_dns=True))
+    got = env.udp_query(env.peer_v4, 53)
+    assert got["unconnected"] == {"data": "dnsproxy:q1", "src": f"{env.peer_v4}:53"}
+    assert got["connected"] == {"data": "dnsproxy:q2", "peer": f"{env.peer_v4}:53"}
+    env.start_server(env.pod_ns, 15053, "dns-tcp", cgroup=proxy_cgroup)
+    tcp = env.connect(env.peer_v4, 53)
+    assert tcp["reply"]["name"] == "dns-tcp" and tcp["reply"]["orig"] == f"{env.peer_v4}:53"
+    env.start_udp_server(env.pod_ns, 53, "localdns")
+    local = env.udp_query(env.pod_v4, 53)["unconnected"]  # a pod-local destination: untouched
+    assert local == {"data": "localdns:q1", "src": f"{env.pod_v4}:53"}
+    # switching DNS capture off detaches the DNS programs in place
+    amb.apply(target, AmbientSpec(capture_dns=False))
+    names = cgroup_prog_names(env.cgroup)
+    assert "hr_sendmsg4" not in names and "hr_connect4" in names
+    amb.remove(target)
+
+
+def test_foreign_cgroup_program_and_tc_filter_survive(env, backend, target):
+    foreign = load_foreign_connect4()
+    try:
+        with Cgroup(env.cgroup) as c:
+            c.attach(foreign, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+        tc = ["tc", "-n", env.pod_ns]
+        subprocess.run([*tc, "qdisc", "add", "dev", "eth0", "clsact"], check=True)
+        subprocess.run(
+            [
+                *tc,
+                "filter",
+                "add",
+                "dev",
+                "eth0",
+                "ingress",
+                "prio",
+                "7",
+                "u32",
+                "match",
+                "u32",
+                "0",
+                "0",
+                "classid",
+                "1:1",
+            ],
+            check=True,
+        )
+        start_proxy_and_server(env)
+        backend.apply(target, SIDECAR_OUT)
+        assert "foreign_c4" in cgroup_prog_names(env.cgroup)
+        assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+        backend.remove(target)
+        assert cgroup_prog_names(env.cgroup) == ["foreign_c4"]
+        filters = subprocess.run(
+            [*tc, "filter", "show", "dev", "eth0", "ingress"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "pref 7 u32" in filters
+        assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
+    finally:
+        with Cgroup(env.cgroup) as c:
+            try:
+                c.detach(foreign, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+            except OSError:
+                pass
+        os.close(foreign)
+
+
+def load_foreign_connect4() -> int:
+    """Someone else's cgroup/connect4 program: 'return 1' (allow), named foreign_c4."""
+    insns = bytes.fromhex("b7000000010000009500000000000000")
+    return bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, insns, "foreign_c4", bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+
+
+def test_apply_idempotent_and_readopted_after_restart(env, backend, target, tmp_path):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    names = sorted(cgroup_prog_names(env.cgroup))
+    compiles = loader.compile_count
+    restarted = EbpfBackend(backend.state_dir)  # a new agent: same state dir, pins re-adopted
+    assert restarted.installed(target)
+    assert restarted.pinned_pods() == [target.uid]
+    assert restarted.check(target, SIDECAR_OUT) == []
+    restarted.apply(target, SIDECAR_OUT)
+    backend.apply(target, SIDECAR_OUT)
+    assert sorted(cgroup_prog_names(env.cgroup)) == names
+    assert loader.compile_count == compiles == 1
+    # a different spec replaces ours in place: still one of each program
+    spec2 = SidecarSpec(include_inbound_ports=(), exclude_outbound_ports=(8080,))
+    restarted.apply(target, spec2)
+    assert sorted(cgroup_prog_names(env.cgroup)) == names
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
+    assert restarted.check(target, SIDECAR_OUT) != []
+
+
+def test_remove_leaves_nothing_and_is_idempotent(env, backend, target):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    ours = {p["id"] for p in bpftool_json("prog", "show") if str(p.get("name", "")).startswith("hr_")}
+    assert ours
+    ours_maps = {m["id"] for m in bpftool_json("map", "show") if str(m.get("name", "")).startswith("hr_")}
+    backend.remove(target)
+    backend.remove(target)
+    assert cgroup_prog_names(env.cgroup) == []
+    left = {p["id"] for p in bpftool_json("prog", "show")}
+    assert not (ours & left)
+    assert wait_no_maps_of(ours_maps)
+    assert not (backend.state_dir / "bpf" / target.uid).exists()
+    assert not backend.installed(target)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
+    backend.close()  # nothing pinned any more: the bpffs goes too
+    assert pinning.mount_fstype(backend.state_dir / "bpf") is None
+
+
+def test_refuses_root_cgroup(env, backend):
+    root_target = PodTarget(
+        uid="x", namespace="d", name="n", netns_path=env.pod_ns_path, cgroup_path="/sys/fs/cgroup/unified"
+    )
+    with pytest.raises(BackendError, match="root"):
+        backend.apply(root_target, SIDECAR_OUT)
+    assert not backend.installed(root_target)
+
+
+def test_sidecar_inbound_reaches_15006_with_original_destination(env, backend, target):
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+    env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
+    env.start_server(env.pod_ns, 15020, "app15020", cgroup=env.cgroup)
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
+    backend.apply(target, SidecarSpec())
+    got = env.connect_from_peer(env.pod_v4, 8080)
+    assert got["ok"], got
+    assert got["reply"]["name"] == "inbound-proxy"
+    assert got["reply"]["orig"] == f"{env.pod_v4}:8080"
+    assert got["reply"]["local"] == f"{env.pod_v4}:8080"  # TPROXY-like: the local address is kept
+    got6 = env.connect_from_peer(env.pod_v6, 8080)
+    assert got6["reply"]["name"] == "inbound-proxy" and got6["reply"]["orig"] == f"[{env.pod_v6}]:8080"
+    assert env.connect_from_peer(env.pod_v4, 15020)["reply"]["name"] == "app15020"  # excluded inbound port
+    assert backend.check(target, SidecarSpec()) == []
+    # include list: only listed ports are captured
+    backend.apply(target, SidecarSpec(include_inbound_ports=(9999,)))
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
+    backend.remove(target)
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
+    assert tc.ingress_status(env.pod_ns_path) == {"eth0": False}
+
+
+def test_inbound_without_proxy_listener_fails_closed(env, backend, target):
+    env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
+    backend.apply(target, SidecarSpec())
+    got = env.connect_from_peer(env.pod_v4, 8080)
+    assert not got["ok"]  # never delivered around the proxy
+
+
+class _NullInbound:
+    """An inbound fallback that records calls (the iptables backend in production)."""
+
+    name = "null"
+
+    def __init__(self) -> None:
+        self.applied: list[object] = []
+
+    def apply(self, target: PodTarget, spec: object) -> None:
+        self.applied.append(spec)
+
+    def remove(self, target: PodTarget) -> None:
+        self.applied.clear()
+
+    def check(self, target: PodTarget, spec: object) -> list[str]:
+        return []
+
+    def installed(self, target: PodTarget) -> bool:
+        return bool(self.applied)
+
+
+def test_remove_after_pod_is_gone(env, backend, target):
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+    backend.apply(target, SidecarSpec())
+    env.close()
+    subprocess.run(["ip", "netns", "del", env.pod_ns], check=True)
+    remove_cgroup(env.cgroup)
+    gone = PodTarget(uid=target.uid, namespace="default", name="app", netns_path=env.pod_ns_path)
+    assert backend.installed(gone)  # the pins are still there
+    backend.remove(gone)
+    backend.remove(gone)
+    assert not backend.installed(gone)
+    assert not (backend.state_dir / "bpf" / target.uid).exists()
+
+
+def test_failed_apply_rolls_back(env, backend):
+    # a netns with only lo: the TC step fails after the cgroup programs were attached
+    empty = f"hr-ebpf-empty-{env.name}"
+    subprocess.run(["ip", "netns", "add", empty], check=True)
+    t = PodTarget(
+        uid=f"pod-{env.name}-e", namespace="d", name="e", netns_path=f"/run/netns/{empty}", cgroup_path=str(env.cgroup)
+    )
+    try:
+        with pytest.raises(BackendError, match="no interface"):
+            backend.apply(t, SidecarSpec())
+        assert cgroup_prog_names(env.cgroup) == []
+        assert not backend.installed(t)
+    finally:
+        backend.remove(t)
+        subprocess.run(["ip", "netns", "del", empty], check=False)
+
+
+def test_probe_and_auto_selection_pick_ebpf_here(tmp_path):
+    from node_agent.backends.ebpf.probe import probe
+    from node_agent.backends.select import select_backend
+
+    assert probe() == []
+    choice = select_backend("auto", state_dir=tmp_path / "s", iptables_flavour="auto")
+    assert choice.backend.name == "ebpf"
+    assert "eBPF available" in choice.reason
+
+
+def test_drift_detected_and_repaired(env, backend, target):
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+    env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
+    backend.apply(target, SidecarSpec())
+    names = sorted(cgroup_prog_names(env.cgroup))
+    # someone deletes our TC filter and detaches our connect4
+    tc.detach_ingress(env.pod_ns_path)
+    fd = pinning.open_pinned(backend.state_dir / "bpf" / target.uid / "hr_connect4")
+    assert fd is not None
+    with Cgroup(env.cgroup) as c:
+        c.detach(fd, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+    os.close(fd)
+    problems = backend.check(target, SidecarSpec())
+    assert any("eth0" in p for p in problems) and any("hr_connect4" in p for p in problems)
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
+    backend.apply(target, SidecarSpec())
+    assert backend.check(target, SidecarSpec()) == []
+    assert sorted(cgroup_prog_names(env.cgroup)) == names
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+
+
+def test_unpinned_leftover_is_not_duplicated(env, backend, target):
+    """A crash between attach and pin leaves an attached, unpinned program: the next apply replaces it."""
+    backend.apply(target, SIDECAR_OUT)
+    pinning.unpin(backend.state_dir / "bpf" / target.uid / "hr_connect4")
+    assert backend.check(target, SIDECAR_OUT) != []
+    backend.apply(target, SIDECAR_OUT)
+    assert cgroup_prog_names(env.cgroup).count("hr_connect4") == 1
+    assert backend.check(target, SIDECAR_OUT) == []
+    backend.remove(target)
+    assert cgroup_prog_names(env.cgroup) == []

@@ -1,0 +1,176 @@
+"""Pure parts of the eBPF backend: spec -> map entries, inbound split, relocations, names."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import struct
+
+import pytest
+from node_agent.backends.ebpf import loader, maps, pinning
+
+from cni.redirect_spec import AmbientSpec, SidecarSpec
+
+
+def test_sidecar_config_layout():
+    pm = maps.pod_maps(SidecarSpec(exclude_outbound_ports=(9090, 22, 22)), cgroup_id=77)
+    cfg = maps.unpack_config(pm.config)
+    assert len(pm.config) == maps.CONFIG_SIZE == 72
+    assert cfg["proxy_gid"] == 1337
+    assert cfg["mode"] == maps.MODE_SIDECAR
+    assert cfg["proxy_uid"] == 1337
+    assert cfg["outbound_port"] == 15001
+    assert cfg["include_all4"] == cfg["include_all6"] == 1
+    assert cfg["capture_dns"] == 0
+    assert cfg["cgroup_id"] == 77
+    assert cfg["generation"] == pm.generation
+    assert pm.exclude_ports == (struct.pack("=H", 22), struct.pack("=H", 9090))
+    assert cfg["inbound_mode"] == maps.INBOUND_ALL and cfg["inbound_port"] == 15006
+    assert pm.exclude_inbound == tuple(struct.pack("=H", p) for p in (15020, 15021, 15090))
+    assert cfg["probe_src4"] == 0
+
+
+def test_inbound_modes():
+    assert maps.inbound_ports(SidecarSpec(include_inbound_ports=())) == (maps.INBOUND_NONE, (15020, 15021, 15090), ())
+    listed = maps.inbound_ports(SidecarSpec(include_inbound_ports=(8080, 80)))
+    assert listed == (maps.INBOUND_LISTED, (15020, 15021, 15090), (80, 8080))
+    amb = maps.inbound_ports(AmbientSpec(exclude_inbound_ports=(22,)))
+    assert amb == (maps.INBOUND_ALL, (22, 15008), ())
+    off = maps.unpack_config(maps.pod_maps(SidecarSpec(), 1, inbound_in_ebpf=False).config)
+    assert off["inbound_mode"] == maps.INBOUND_NONE
+    assert (
+        maps.pod_maps(SidecarSpec(), 1, inbound_in_ebpf=False).generation != maps.pod_maps(SidecarSpec(), 1).generation
+    )
+
+
+def test_ambient_config_mark_and_dns():
+    pm = maps.pod_maps(AmbientSpec(capture_dns=True), cgroup_id=1)
+    cfg = maps.unpack_config(pm.config)
+    assert cfg["mode"] == maps.MODE_AMBIENT
+    assert (cfg["mark"], cfg["mark_mask"]) == (0x539, 0xFFF)
+    assert cfg["proxy_uid"] == 0xFFFFFFFF  # no uid bypass in ambient
+    assert (cfg["capture_dns"], cfg["dns_port"]) == (1, 15053)
+    assert cfg["probe_src4"].to_bytes(4, "little") == bytes([169, 254, 7, 127])
+    assert pm.config[48:64] == AmbientSpec().probe_snat_v6.packed
+
+
+def test_lpm_keys_map_ipv4_into_v6_space():
+    k4 = maps.lpm_key(ipaddress.ip_network("10.1.0.0/16"))
+    assert struct.unpack("=I", k4[:4])[0] == 96 + 16
+    assert k4[4:] == b"\0" * 10 + b"\xff\xff" + bytes([10, 1, 0, 0])
+    k6 = maps.lpm_key(ipaddress.ip_network("fd00::/8"))
+    assert struct.unpack("=I", k6[:4])[0] == 8
+    assert k6[4:] == ipaddress.ip_address("fd00::").packed
+
+
+def test_include_ranges():
+    spec = SidecarSpec(include_outbound_ranges=(ipaddress.ip_network("10.0.0.0/8"),))
+    pm = maps.pod_maps(spec, 1)
+    cfg = maps.unpack_config(pm.config)
+    assert (cfg["include_all4"], cfg["include_all6"]) == (0, 0)
+    assert pm.include_nets == (maps.lpm_key(ipaddress.ip_network("10.0.0.0/8")),)
+    none = maps.unpack_config(maps.pod_maps(SidecarSpec(include_outbound_ranges=()), 1).config)
+    assert (none["include_all4"], none["include_all6"]) == (0, 0)
+    star = SidecarSpec(include_outbound_ranges=(maps.ALL_V4,))
+    assert maps.unpack_config(maps.pod_maps(star, 1).config)["include_all4"] == 1
+
+
+def test_generation_stable_and_sensitive():
+    a = maps.generation_of(SidecarSpec())
+    assert a == maps.generation_of(SidecarSpec())
+    assert a != maps.generation_of(SidecarSpec(exclude_outbound_ports=(1,)))
+    assert a != maps.generation_of(AmbientSpec())
+    assert 0 <= a < 2**63
+
+
+def test_invalid_port_rejected():
+    with pytest.raises(ValueError, match="port"):
+        maps.pod_maps(SidecarSpec(exclude_outbound_ports=(0,)), 1)
+    with pytest.raises(ValueError, match="outbound_port"):
+        maps.pod_maps(SidecarSpec(outbound_port=70000), 1)
+
+
+def test_inbound_split():
+    assert maps.needs_inbound(SidecarSpec())
+    assert maps.needs_inbound(SidecarSpec(include_inbound_ports=(8080,)))
+    assert not maps.needs_inbound(SidecarSpec(include_inbound_ports=()))
+    assert maps.needs_inbound(AmbientSpec())
+    only = maps.inbound_only(SidecarSpec(exclude_outbound_ports=(5,)))
+    assert isinstance(only, SidecarSpec)
+    assert only.include_outbound_ranges == ()
+    assert only.exclude_outbound_ports == (5,)
+    amb = maps.inbound_only(AmbientSpec(capture_dns=True))
+    assert isinstance(amb, AmbientSpec) and not amb.capture_dns
+    for probe in ("1.2.3.4", "200.1.1.1", "::1", "fd00::1"):
+        assert any(ipaddress.ip_address(probe) in n for n in amb.exclude_outbound_ranges)
+    # everything inbound stays as it was
+    assert dataclasses.replace(amb, exclude_outbound_ranges=(), capture_dns=True) == AmbientSpec(capture_dns=True)
+
+
+def _insn(code: int, dst: int, src: int, off: int, imm: int) -> bytes:
+    return struct.pack("=BBhi", code, (src << 4) | dst, off, imm)
+
+
+def test_relocations_and_patch():
+    insns = (
+        _insn(0xB7, 0, 0, 0, 1)  # r0 = 1
+        + _insn(0x18, 1, 1, 0, 42) + _insn(0, 0, 0, 0, 0)  # r1 = map fd 42 (two slots)
+        + _insn(0x18, 2, 0, 0, 7) + _insn(0, 0, 0, 0, 0)  # r2 = imm64 7 (not a map)
+        + _insn(0x95, 0, 0, 0, 0)
+    )  # fmt: skip
+    relocs = loader.relocations(insns, {42: "hr_cfg"})
+    assert relocs == ((1, "hr_cfg"),)
+    prog = loader.Program("p", 18, 10, insns, relocs)
+    patched = prog.patched({"hr_cfg": 9})
+    assert struct.unpack_from("=i", patched, 8 + 4)[0] == 9
+    assert patched[:8] == insns[:8] and patched[16:] == insns[16:]
+    with pytest.raises(loader.ToolchainError, match="unknown map"):
+        loader.relocations(insns, {})
+
+
+def test_program_table_is_consistent():
+    assert set(loader.PROGRAMS) >= {"hr_connect4", "hr_connect6", "hr_sockops", "hr_getsockopt"}
+    assert all(len(n) <= 15 for n in loader.PROGRAMS)  # kernel program names are 15 chars
+    assert loader.bpf_source_dir().joinpath("redirect.c").is_file()
+
+
+@pytest.mark.parametrize("uid", ["", "node", "../x", "a/b", "x" * 200])
+def test_pod_dir_name_rejects(uid):
+    with pytest.raises(pinning.PinError):
+        pinning.pod_dir_name(uid)
+
+
+def test_pod_dir_name_accepts_k8s_uid():
+    assert pinning.pod_dir_name("3f1c2d4e-1111-2222-3333-444455556666") == "3f1c2d4e-1111-2222-3333-444455556666"
+
+
+def test_pod_cgroup_of_pid(tmp_path):
+    from node_agent.backends.ebpf.attach import cgroup2_path_of_pid, pod_cgroup_of_pid
+
+    root = tmp_path / "cg2"
+    uid = "1234-abcd"
+    proc = tmp_path / "proc"
+    (proc / "7").mkdir(parents=True)
+    (proc / "7" / "cgroup").write_text(f"12:cpu:/x\n0::/kubepods/burstable/pod{uid}/ctr1\n")
+    (proc / "8").mkdir()
+    (proc / "8" / "cgroup").write_text("0::/\n")
+    (proc / "9").mkdir()
+    (proc / "9" / "cgroup").write_text("0::/kubepods.slice/kubepods-pod1234_abcd.slice/cri-x.scope\n")
+    assert cgroup2_path_of_pid(7, proc, [root]) == root / f"kubepods/burstable/pod{uid}/ctr1"
+    assert pod_cgroup_of_pid(7, uid, proc, [root]) == root / f"kubepods/burstable/pod{uid}"
+    assert pod_cgroup_of_pid(7, None, proc, [root]) == root / f"kubepods/burstable/pod{uid}/ctr1"
+    assert pod_cgroup_of_pid(9, uid, proc, [root]) == root / "kubepods.slice/kubepods-pod1234_abcd.slice"
+    assert pod_cgroup_of_pid(8, uid, proc, [root]) is None  # the root: never
+    assert pod_cgroup_of_pid(99, uid, proc, [root]) is None
+
+
+def test_local_addresses_and_generation():
+    pm = maps.pod_maps(SidecarSpec(), 1, ips=("10.1.2.3/24", "fd00::5", "10.1.2.3"))
+    assert pm.local_addrs == (
+        maps.lpm_key(ipaddress.ip_network("10.1.2.3/32")),
+        maps.lpm_key(ipaddress.ip_network("fd00::5/128")),
+    )
+    assert pm.generation != maps.pod_maps(SidecarSpec(), 1).generation  # new IPs: re-apply
+    assert pm.generation == maps.pod_maps(SidecarSpec(), 1, ips=("10.1.2.3", "fd00::5/64")).generation
+    with pytest.raises(ValueError, match="pod IP"):
+        maps.pod_maps(SidecarSpec(), 1, ips=("nonsense",))

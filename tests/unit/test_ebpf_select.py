@@ -1,0 +1,102 @@
+"""select_backend: auto / iptables / ebpf, reasons and errors (the probe is stubbed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from node_agent.backends import select
+from node_agent.backends.base import BackendError, PodTarget
+from node_agent.backends.ebpf import attach, maps
+from node_agent.backends.ebpf.backend import EbpfBackend
+
+from cni.redirect_spec import SidecarSpec
+
+
+class FakeIptables:
+    name = "iptables"
+
+    def __init__(self, flavour: str) -> None:
+        self.flavour = flavour
+
+
+@pytest.fixture(autouse=True)
+def fake_iptables(monkeypatch):
+    monkeypatch.setattr(select, "_iptables", FakeIptables)
+
+
+def test_iptables_forced():
+    choice = select.select_backend("iptables", iptables_flavour="legacy", problems_fn=lambda: ["x"])
+    backend, reason = choice
+    assert isinstance(backend, FakeIptables) and backend.flavour == "legacy"
+    assert "iptables" in reason
+
+
+def test_auto_falls_back_with_reason(caplog):
+    backend, reason = select.select_backend("auto", problems_fn=lambda: ["kernel headers missing: install X"])
+    assert isinstance(backend, FakeIptables)
+    assert "kernel headers missing" in reason and "iptables" in reason
+    assert "kernel headers missing" in caplog.text
+
+
+def test_ebpf_forced_fails_closed_naming_the_problem():
+    with pytest.raises(BackendError, match="bcc is not importable"):
+        select.select_backend("ebpf", problems_fn=lambda: ["bcc is not importable (no module)"])
+
+
+def test_ebpf_chosen_when_probe_passes(tmp_path):
+    choice = select.select_backend("auto", state_dir=tmp_path, iptables_flavour="nft", problems_fn=lambda: [])
+    assert isinstance(choice.backend, EbpfBackend)
+    assert choice.backend.inbound is None and choice.backend.inbound_in_ebpf
+    hybrid = select.select_backend("ebpf", state_dir=tmp_path, inbound="iptables", problems_fn=lambda: [])
+    assert isinstance(hybrid.backend, EbpfBackend) and isinstance(hybrid.backend.inbound, FakeIptables)
+    assert choice.backend.state_dir == tmp_path
+    assert choice.name == "ebpf"  # the choice can stand in for the backend
+    assert "eBPF" in choice.reason
+
+
+def test_unknown_setting():
+    with pytest.raises(BackendError, match="unknown backend"):
+        select.select_backend("nftables")
+
+
+class RecordingInbound:
+    name = "rec"
+
+    def __init__(self) -> None:
+        self.specs: list[object] = []
+
+    def apply(self, target, spec):
+        self.specs.append(spec)
+
+    def remove(self, target):
+        self.specs.clear()
+
+    def check(self, target, spec):
+        return []
+
+    def installed(self, target):
+        return bool(self.specs)
+
+
+def test_inbound_fallback_gets_inbound_only_spec(monkeypatch, tmp_path):
+    monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
+    monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
+    monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c: None)
+    rec = RecordingInbound()
+    b = EbpfBackend(tmp_path, inbound_fallback=rec)
+    assert not b.inbound_in_ebpf
+    t = PodTarget(uid="u", namespace="n", name="p", netns_path="/x", cgroup_path="/cg")
+    b.apply(t, SidecarSpec())
+    assert rec.specs == [maps.inbound_only(SidecarSpec())]
+    b.apply(t, SidecarSpec(include_inbound_ports=()))  # no inbound wanted any more: fallback removed
+    assert rec.specs == []
+
+
+def test_validate_cgroup_errors(tmp_path):
+    with pytest.raises(attach.CgroupError, match="unknown"):
+        attach.validate_cgroup(None)
+    with pytest.raises(attach.CgroupError, match="does not exist"):
+        attach.validate_cgroup(str(tmp_path / "missing"))
+    with pytest.raises(attach.CgroupError):
+        attach.validate_cgroup(str(tmp_path))  # not a cgroup2 dir
