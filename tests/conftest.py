@@ -45,7 +45,7 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., SimNode]]:
 @pytest.fixture
 def sim_node(make_node: Callable[..., SimNode]) -> SimNode:
     """A dual-stack node whose chain is bridge + host-local + headrace-cni (default settings)."""
-    return make_node()
+    return make_node(headrace={})
 
 
 @pytest.fixture

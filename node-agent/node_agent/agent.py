@@ -1,0 +1,226 @@
+"""The node agent: wires the pod source, reconciler, proxy hub, plugin-event server and HTTP endpoints.
+
+Shutdown (SIGTERM/SIGINT) stops serving and watching but leaves every pod's rules, pins and records in
+place: traffic of enrolled pods must not bypass the proxy because the agent restarts. The next agent
+adopts them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from types import FrameType
+from typing import Any, Protocol
+
+from node_agent.agent_config import AgentConfig
+from node_agent.backends.base import RedirectBackend
+from node_agent.cni_server import CniServer
+from node_agent.metrics import AgentMetrics
+from node_agent.netns_pin import NetnsPins
+from node_agent.pod_records import RecordStore
+from node_agent.pod_store import PodStore
+from node_agent.reconcile import Hub, Reconciler
+
+log = logging.getLogger("headrace.agent")
+
+
+class Source(Protocol):
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start (missing backend, bad socket path, ...)."""
+
+
+def resolve_flavour(setting: str) -> str:
+    """The iptables flavour for every pod on this node: detected once (`auto`) or forced."""
+    try:
+        flavour_mod = importlib.import_module("cni.iptables.flavour")
+    except ImportError:
+        return "nft" if setting == "auto" else setting
+    return str(flavour_mod.resolve(setting))
+
+
+def make_backend(config: AgentConfig, flavour: str) -> RedirectBackend:
+    """The node's backend via node_agent.backends.select (eBPF helper), else the iptables backend."""
+    from node_agent.backends.base import BackendError
+
+    try:
+        select_mod = importlib.import_module("node_agent.backends.select")
+    except ImportError:
+        select_mod = None
+    try:
+        if select_mod is not None and hasattr(select_mod, "select_backend"):
+            choice = select_mod.select_backend(config.backend, state_dir=config.state_dir,
+                                               iptables_flavour=flavour)
+            log.info("backend: %s", choice.reason, extra={"step": "backend", "backend": choice.backend.name})
+            backend: RedirectBackend = choice.backend
+            return backend
+        if config.backend == "ebpf":
+            raise AgentError("--backend ebpf requested but the eBPF backend is not available")
+        mod = importlib.import_module("node_agent.backends.iptables_backend")
+        iptables_backend: RedirectBackend = mod.IptablesBackend(flavour)
+        return iptables_backend
+    except BackendError as exc:
+        raise AgentError(str(exc)) from exc
+    except ImportError as exc:
+        raise AgentError(f"no redirection backend available: {exc}") from exc
+
+
+def make_node_rules(flavour: str) -> Callable[[list[str]], None] | None:
+    """Node-side probe SNAT in the agent's own netns: checked, and re-synced only when it differs."""
+    try:
+        mod = importlib.import_module("cni.iptables.netns_tables")
+    except ImportError:
+        return None
+    sync_fn = getattr(mod, "sync_node_probe_rules", None)
+    check_fn = getattr(mod, "check_node_probe_rules", None)
+    if sync_fn is None:
+        return None
+
+    def sync(ips: list[str]) -> None:
+        if check_fn is not None and not check_fn(None, ips, flavour):
+            return
+        sync_fn(None, ips, flavour)
+
+    return sync
+
+
+def make_hub(config: AgentConfig) -> Hub:
+    from node_agent.proxy_hub import ProxyHub
+
+    hub: Hub = ProxyHub(str(config.proxy_socket), config.agent_id)
+    return hub
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        backend: RedirectBackend | None = None,
+        hub: Hub | None = None,
+        source_factory: Callable[[PodStore], Source] | None = None,
+        node_rules: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = PodStore()
+        flavour: str = config.iptables
+        if backend is None or node_rules is None:
+            flavour = resolve_flavour(config.iptables)
+        self.flavour = flavour
+        self.backend = backend if backend is not None else make_backend(config, flavour)
+        fallback: RedirectBackend | None = None
+        if backend is None and config.backend == "auto" and self.backend.name != "iptables":
+            fallback = make_backend(replace(config, backend="iptables"), flavour)
+        self.hub = hub if hub is not None else make_hub(config)
+        self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
+        self.pins = NetnsPins(config.netns_dir)
+        self.records = RecordStore(config.pods_dir)
+        rules = node_rules if node_rules is not None else make_node_rules(flavour)
+        self.reconciler = Reconciler(
+            self.store, self.backend, self.hub, self.pins, self.records,
+            exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
+            node_name=config.node_name, drift_interval=config.drift_interval, fallback=fallback,
+        )
+        self.source: Source = (source_factory or self._default_source)(self.store)
+        self.cni = CniServer(
+            str(config.cni_socket), self.reconciler, add_timeout=config.cni_add_timeout,
+            resolve_uid=self._resolve_uid, extra_status=self._extra_status,
+        )
+        self.health: Any = None
+        self._stopped = threading.Event()
+
+    def _default_source(self, store: PodStore) -> Source:
+        if self.config.objects_dir is not None:
+            from node_agent.objects_source import ObjectsDirSource
+
+            return ObjectsDirSource(store, self.config.objects_dir, self.config.node_name)
+        from node_agent.k8s_source import KubernetesSource
+
+        assert self.config.kubeconfig is not None
+        return KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+
+    def _resolve_uid(self, namespace: str, name: str) -> str | None:
+        for pod in self.store.snapshot().pods.values():
+            if pod.namespace == namespace and pod.name == name:
+                return pod.uid
+        return None
+
+    def _extra_status(self) -> dict[str, Any]:
+        proxy: dict[str, Any] = {"connected": bool(self.hub.connected)}
+        status_fn = getattr(self.hub, "status", None)
+        if callable(status_fn):
+            proxy = status_fn()
+        return {"backend": self.backend.name, "node": self.config.node_name, "proxy": proxy,
+                "synced": self.store.synced}
+
+    def healthz(self) -> tuple[bool, str]:
+        last = self.reconciler.last_pass
+        if self.reconciler.passes and time.time() - last > 30:
+            return False, f"reconcile loop stalled ({time.time() - last:.0f}s since the last pass)"
+        return True, "ok"
+
+    def readyz(self) -> tuple[bool, str]:
+        if not self.store.synced:
+            return False, "pod source not synced yet"
+        if not self.cni.listening:
+            return False, "plugin-event socket not listening"
+        if not self.reconciler.passes:
+            return False, "first reconcile pass not done"
+        return True, "ready"
+
+    def start(self) -> None:
+        os.makedirs(self.config.state_dir, mode=0o755, exist_ok=True)
+        self.pins.ensure_dir()
+        start_hub = getattr(self.hub, "start", None)
+        if callable(start_hub):
+            start_hub()
+        self.reconciler.start()
+        self.source.start()
+        self.cni.start()
+        if self.config.metrics_addr is not None:
+            from node_agent.health import HealthServer
+
+            self.health = HealthServer(self.config.metrics_addr.host, self.config.metrics_addr.port,
+                                       self.metrics.registry, self.healthz, self.readyz)
+            self.health.start()
+        log.info("agent started", extra={"step": "start", "backend": self.backend.name,
+                                         "state_dir": str(self.config.state_dir), "flavour": self.flavour})
+
+    def stop(self) -> None:
+        """Clean shutdown: stop serving; leave pods' rules, pins and records in place."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.cni.stop()
+        self.source.stop()
+        self.reconciler.stop()
+        stop_hub = getattr(self.hub, "stop", None)
+        if callable(stop_hub):
+            stop_hub()
+        if self.health is not None:
+            self.health.stop()
+        log.info("agent stopped; pod rules left in place", extra={"step": "stop"})
+
+    def run(self) -> int:
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: shutting down", signum, extra={"step": "signal"})
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not done.wait(1.0):
+            pass
+        self.stop()
+        return 0

@@ -1,0 +1,162 @@
+"""The node agent's settings: one validated, immutable object built from the command line."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+BackendSetting = Literal["auto", "iptables", "ebpf"]
+IptablesSetting = Literal["auto", "legacy", "nft"]
+
+DEFAULT_STATE_DIR = Path("/var/run/headrace")
+DEFAULT_EXCLUDED_NAMESPACES = ("kube-system",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """The settings are invalid; the message says which one and why."""
+
+
+@dataclass(frozen=True)
+class MetricsAddr:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    cni_socket: Path
+    proxy_socket: Path
+    objects_dir: Path | None = None
+    kubeconfig: Path | None = None
+    node_name: str = ""
+    backend: BackendSetting = "auto"
+    iptables: IptablesSetting = "auto"
+    metrics_addr: MetricsAddr | None = None
+    exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
+    log_level: str = "info"
+    drift_interval: float = 2.0  # seconds between checks of enrolled pods' rules
+    cni_add_timeout: float = 20.0  # an ADD waits this long for rules + proxy ack
+    ack_timeout: float = 15.0
+    agent_id: str = field(default="")
+
+    @property
+    def netns_dir(self) -> Path:
+        return self.state_dir / "netns"
+
+    @property
+    def pods_dir(self) -> Path:
+        return self.state_dir / "pods"
+
+
+def parse_metrics_addr(value: str) -> MetricsAddr | None:
+    """`host:port`, `:port` (all interfaces) or `[v6]:port`; empty or `off` disables metrics."""
+    value = value.strip()
+    if value in ("", "off", "none"):
+        return None
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise ConfigError(f"--metrics-addr {value!r}: expected HOST:PORT")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-addr {value!r}: port out of range")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"--metrics-addr {value!r}: host must be an IP address or localhost") from None
+    return MetricsAddr(host, port)
+
+
+def parse_namespaces(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else [x for v in value for x in v.split(",")]
+    out: list[str] = []
+    for raw in items:
+        name = raw.strip()
+        if not name:
+            continue
+        if not _DNS_LABEL.match(name):
+            raise ConfigError(f"--exclude-namespaces: {name!r} is not a valid namespace name")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def build_config(
+    *,
+    objects_dir: str | Path | None = None,
+    kubeconfig: str | Path | None = None,
+    node_name: str | None = None,
+    state_dir: str | Path | None = None,
+    cni_socket: str | Path | None = None,
+    proxy_socket: str | Path | None = None,
+    backend: str = "auto",
+    iptables: str = "auto",
+    metrics_addr: str = "",
+    exclude_namespaces: str | tuple[str, ...] | list[str] = DEFAULT_EXCLUDED_NAMESPACES,
+    log_level: str = "info",
+    drift_interval: float = 2.0,
+    cni_add_timeout: float = 20.0,
+) -> AgentConfig:
+    """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
+    if (objects_dir is None) == (kubeconfig is None):
+        raise ConfigError("give exactly one pod source: --objects-dir DIR or --kubeconfig FILE --node-name N")
+    node = (node_name or "").strip()
+    odir: Path | None = None
+    kcfg: Path | None = None
+    if objects_dir is not None:
+        odir = Path(objects_dir)
+        if not odir.is_dir():
+            raise ConfigError(f"--objects-dir {str(odir)!r} is not a directory")
+    if kubeconfig is not None:
+        kcfg = Path(kubeconfig)
+        if not kcfg.is_file():
+            raise ConfigError(f"--kubeconfig {str(kcfg)!r} does not exist")
+        if not node:
+            raise ConfigError("--kubeconfig needs --node-name (the pods of this node are watched)")
+    if node and not _NODE_NAME.match(node):
+        raise ConfigError(f"--node-name {node!r} is not a valid node name")
+    if backend not in ("auto", "iptables", "ebpf"):
+        raise ConfigError(f"--backend {backend!r}: expected auto, iptables or ebpf")
+    if iptables not in ("auto", "legacy", "nft"):
+        raise ConfigError(f"--iptables {iptables!r}: expected auto, legacy or nft")
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level {log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    for name, val in (("drift", drift_interval), ("cni-add", cni_add_timeout)):
+        if not 0 < val <= 3600:
+            raise ConfigError(f"{name} interval/timeout {val!r} must be in (0, 3600] seconds")
+    sdir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+    if not sdir.is_absolute():
+        sdir = sdir.resolve()
+    csock = Path(cni_socket) if cni_socket is not None else sdir / "cni.sock"
+    psock = Path(proxy_socket) if proxy_socket is not None else sdir / "proxy.sock"
+    for flag, sock in (("--cni-socket", csock), ("--proxy-socket", psock)):
+        if len(str(sock).encode()) > 107:
+            raise ConfigError(f"{flag} {str(sock)!r}: unix socket paths must be under 108 bytes")
+    if csock == psock:
+        raise ConfigError("--cni-socket and --proxy-socket must differ")
+    return AgentConfig(
+        state_dir=sdir,
+        cni_socket=csock,
+        proxy_socket=psock,
+        objects_dir=odir,
+        kubeconfig=kcfg,
+        node_name=node,
+        backend=backend,  # type: ignore[arg-type]
+        iptables=iptables,  # type: ignore[arg-type]
+        metrics_addr=parse_metrics_addr(metrics_addr),
+        exclude_namespaces=parse_namespaces(exclude_namespaces),
+        log_level=level,
+        drift_interval=drift_interval,
+        cni_add_timeout=cni_add_timeout,
+        agent_id=f"headrace-agent-{node or 'local'}",
+    )

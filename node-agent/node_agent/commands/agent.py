@@ -1,0 +1,64 @@
+"""`headrace agent`: run the node agent."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("agent")
+@click.option("--objects-dir", type=click.Path(file_okay=False), help="Pod source: a local objects dir (lab).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Pod source: the Kubernetes API.")
+@click.option("--node-name", default="", help="This node's name (pods are watched by spec.nodeName).")
+@click.option("--state-dir", default="/var/run/headrace", show_default=True,
+              help="Pins (netns/), records (pods/) and default sockets.")
+@click.option("--cni-socket", default=None, help="Plugin-event socket [default: STATE_DIR/cni.sock].")
+@click.option("--proxy-socket", default=None, help="Node-proxy gRPC socket [default: STATE_DIR/proxy.sock].")
+@click.option("--backend", type=click.Choice(["auto", "iptables", "ebpf"]), default="auto", show_default=True)
+@click.option("--iptables", "iptables_flavour", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
+              show_default=True, help="iptables flavour used in every pod (auto: detected once per node).")
+@click.option("--metrics-addr", default="", help="HOST:PORT for /metrics, /healthz, /readyz (off if empty).")
+@click.option("--exclude-namespaces", default="kube-system", show_default=True,
+              help="Comma-separated namespaces never touched.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@click.option("--drift-interval", type=float, default=2.0, show_default=True,
+              help="Seconds between drift checks of enrolled pods.")
+@click.option("--cni-add-timeout", type=float, default=20.0, show_default=True,
+              help="Longest an ADD waits for rules + proxy ack.")
+def agent(
+    objects_dir: str | None,
+    kubeconfig: str | None,
+    node_name: str,
+    state_dir: str,
+    cni_socket: str | None,
+    proxy_socket: str | None,
+    backend: str,
+    iptables_flavour: str,
+    metrics_addr: str,
+    exclude_namespaces: str,
+    log_level: str,
+    drift_interval: float,
+    cni_add_timeout: float,
+) -> None:
+    """Run the node agent (one per node)."""
+    from node_agent import agent_log
+    from node_agent.agent_config import ConfigError, build_config
+
+    try:
+        config = build_config(
+            objects_dir=objects_dir, kubeconfig=kubeconfig, node_name=node_name, state_dir=state_dir,
+            cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
+            metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
+            drift_interval=drift_interval, cni_add_timeout=cni_add_timeout,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    agent_log.setup(config.log_level)
+    from node_agent.agent import Agent, AgentError
+
+    try:
+        sys.exit(Agent(config).run())
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from exc

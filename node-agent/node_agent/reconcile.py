@@ -1,0 +1,695 @@
+"""Desired (labels) vs actual (pinned netns, rules, proxy acks): the agent's one reconcile loop.
+
+Level-triggered: every pass reads the whole PodStore and converges. Wake-ups come from the pod sources,
+CNI plugin events, proxy acks and timers. Enrolment of an ambient pod, in order: locate the netns (the CNI
+event's CNI_NETNS, an adopted pin, or a /proc scan), pin it (inode recorded), write the record, tell the
+proxy and wait for its ack, then install the rules (so a redirected connection always finds a listener);
+the pod is `enrolled` only after both. Removal goes the other way: rules out, proxy told, pin released.
+
+After a restart, records and pins found on disk are adopted (rules already in place are checked, not
+re-added; nothing is duplicated since backends are idempotent), pods that left are cleaned up, and every
+enrolled workload is sent to the (new) proxy hub, which snapshots them to the proxy. A periodic drift
+check repairs altered rules and counts the repair. A pod whose pinned netns is gone and cannot be found
+again (node reboot without drain) is `failed` and retried, never reported enrolled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cni.redirect_spec import AmbientSpec
+from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.desired_state import Desired, desired_pods
+from node_agent.netns_finder import NetnsLocation, NetnsNotFound, pick
+from node_agent.netns_pin import PinError
+from node_agent.pod_records import EnrolRecord, RecordStore
+from node_agent.pod_store import PodRecord, PodStore
+from node_agent.workload import WorkloadInfo
+
+log = logging.getLogger("headrace.agent.reconcile")
+
+ENROLLED, PENDING, FAILED, NONE = "enrolled", "pending", "failed", "none"
+
+
+class Hub(Protocol):
+    def upsert(self, w: WorkloadInfo) -> Future[None]: ...
+    def remove(self, uid: str) -> Future[None]: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+class Pins(Protocol):
+    def path(self, uid: str) -> Path: ...
+    def inode(self, uid: str) -> int | None: ...
+    def pin(self, uid: str, source: str, expected_inode: int) -> str: ...
+    def verify(self, uid: str, expected_inode: int) -> str: ...
+    def release(self, uid: str) -> None: ...
+    def pinned(self) -> dict[str, int]: ...
+    def leftovers(self) -> list[str]: ...
+
+
+class Conntrack(Protocol):
+    def read_loose(self, netns_path: str) -> int | None: ...
+    def set_loose(self, netns_path: str, value: int) -> None: ...
+
+
+class Metrics(Protocol):
+    def enrolled(self) -> None: ...
+    def failed(self, reason: str) -> None: ...
+    def drift_repaired(self) -> None: ...
+    def reconcile_took(self, seconds: float) -> None: ...
+    def pod_states(self, counts: Mapping[str, int]) -> None: ...
+
+
+class _NoMetrics:
+    def enrolled(self) -> None: ...
+    def failed(self, reason: str) -> None: ...
+    def drift_repaired(self) -> None: ...
+    def reconcile_took(self, seconds: float) -> None: ...
+    def pod_states(self, counts: Mapping[str, int]) -> None: ...
+
+
+@dataclass
+class CniHint:
+    """What a CNI ADD told us about a pod the pod source may not show yet."""
+
+    uid: str
+    namespace: str
+    name: str
+    netns: str
+    ips: tuple[str, ...]
+    expires: float
+
+
+@dataclass
+class PodState:
+    uid: str
+    namespace: str
+    name: str
+    mode: str = "ambient"
+    state: str = PENDING
+    reason: str = ""
+    netns: str = ""
+    inode: int = 0
+    ips: tuple[str, ...] = ()
+    cgroup_path: str | None = None
+    attempts: int = 0
+    retry_at: float = 0.0
+    ack: Future[None] | None = None
+    ack_since: float = 0.0
+    rules_in: bool = False
+    service_account: str = "default"
+    tcp_loose: int | None = None  # the pod's nf_conntrack_tcp_loose before we changed it
+    backend: str = ""  # the backend that holds (or will hold) this pod's redirection
+    enrolled_at: float = 0.0  # wall clock of the last transition to enrolled
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    state: str
+    error: str = ""
+    retry: bool = True
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: PodStore,
+        backend: RedirectBackend,
+        hub: Hub,
+        pins: Pins,
+        records: RecordStore,
+        *,
+        exclude_namespaces: tuple[str, ...] = ("kube-system",),
+        scan: Callable[[], dict[str, list[NetnsLocation]]] | None = None,
+        read_ips: Callable[[str], tuple[str, ...]] | None = None,
+        find_by_ips: Callable[[str, tuple[str, ...]], NetnsLocation] | None = None,
+        conntrack: Conntrack | None = None,
+        fallback: RedirectBackend | None = None,
+        node_rules: Callable[[list[str]], None] | None = None,
+        metrics: Metrics | None = None,
+        spec: AmbientSpec | None = None,
+        node_name: str = "",
+        drift_interval: float = 2.0,
+        hint_ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from node_agent import netns_finder
+
+        self.store = store
+        self.backend = backend
+        # `auto` on a node where eBPF runs: pods whose cgroup is unknown get the fallback (iptables)
+        self.fallback = fallback
+        self.hub = hub
+        self.pins = pins
+        self.records = records
+        self.exclude_namespaces = exclude_namespaces
+        self._scan = scan or netns_finder.scan
+        self._read_ips = read_ips or netns_finder.read_netns_ips
+        self._find_by_ips = find_by_ips or netns_finder.IpMatcher().find
+        if conntrack is None:
+            from node_agent import conntrack_guard
+
+            conntrack = conntrack_guard
+        self._conntrack: Conntrack = conntrack
+        self._node_rules = node_rules
+        self.metrics: Metrics = metrics or _NoMetrics()
+        self.spec = spec or AmbientSpec()
+        self.node_name = node_name
+        self.drift_interval = drift_interval
+        self.hint_ttl = hint_ttl
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pods: dict[str, PodState] = {}
+        self.others: dict[str, Desired] = {}  # non-ambient pods, for status
+        self.hints: dict[str, CniHint] = {}
+        self.sidecars: dict[str, PodState] = {}  # sidecar pods handed over by the plugin (backend ebpf)
+        self.sidecar_specs: dict[str, Any] = {}
+        self.tombstones: set[str] = set()
+        self._node_ips: list[str] | None = None
+        self._last_drift = 0.0
+        self.passes = 0
+        self.last_pass = 0.0
+        store.subscribe(self.wake)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self.adopt()
+        self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop. Rules, pins and records stay: pods keep their redirection."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=min(self.drift_interval, 1.0))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("reconcile pass failed", extra={"step": "reconcile"})
+
+    # ---- adoption after restart --------------------------------------------------------------------
+    def adopt(self) -> None:
+        """Take over what a previous agent left: records and pins."""
+        with self._lock:
+            records = self.records.load_all()
+            pinned = self.pins.pinned()
+            for uid, rec in records.items():
+                st = PodState(uid, rec.namespace, rec.name, ips=rec.ips, inode=rec.netns_inode,
+                              tcp_loose=rec.tcp_loose, backend=rec.backend, cgroup_path=rec.cgroup_path)
+                got = pinned.get(uid)
+                if got == rec.netns_inode:
+                    st.netns = str(self.pins.path(uid))
+                    st.rules_in = True  # checked before use; never re-added blindly
+                    st.reason = "adopted after restart"
+                    st.extra["adopted"] = True
+                else:
+                    st.inode = 0
+                    st.state = FAILED
+                    st.reason = "pinned netns gone (node reboot?)"
+                    self.records.delete(uid)
+                    if got is not None:
+                        self.pins.release(uid)
+                self.pods[uid] = st
+            for uid, ino in pinned.items():
+                if uid not in self.pods:
+                    st = PodState(uid, "", "", inode=ino, netns=str(self.pins.path(uid)),
+                                  reason="adopted pin without record")
+                    st.extra["adopted"] = True
+                    self.pods[uid] = st
+            for uid in self.pins.leftovers():
+                self.pins.release(uid)
+        self.wake()
+
+    # ---- the pass ----------------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        started = time.perf_counter()
+        with self._lock:
+            now = self._clock()
+            snap = self.store.snapshot()
+            desired = desired_pods(snap, self.exclude_namespaces)
+            for uid, hint in list(self.hints.items()):
+                if hint.expires < now:
+                    del self.hints[uid]
+            want: dict[str, PodRecord] = {}
+            others: dict[str, Desired] = {}
+            for uid, d in desired.items():
+                if uid in self.tombstones:
+                    continue
+                if d.mode == "ambient":
+                    want[uid] = d.pod
+                else:
+                    others[uid] = d
+            for uid, hint in self.hints.items():
+                # a CNI ADD stands in for a pod the source does not show yet
+                if uid not in desired and uid not in self.tombstones:
+                    want[uid] = PodRecord(uid=uid, namespace=hint.namespace, name=hint.name, ips=hint.ips)
+            self.tombstones &= set(desired)  # a pod gone from the source needs no tombstone
+            self.others = others
+
+            for uid in list(self.pods):
+                if uid in want:
+                    continue
+                if not snap.synced:
+                    continue  # never clean up before the first full list
+                self._unenrol(uid, "not ambient any more" if uid in desired else "pod gone")
+
+            if snap.synced:
+                for uid in [u for u in self.sidecars if u not in desired]:
+                    self._sidecar_remove(uid)
+
+            scan_cache: dict[str, dict[str, list[NetnsLocation]]] = {}
+            for uid, pod in want.items():
+                try:
+                    self._converge(uid, pod, now, scan_cache)
+                except Exception as exc:  # one pod's surprise must not stall the others
+                    log.exception("converging pod failed", extra={"uid": uid, "step": "converge"})
+                    st = self.pods.get(uid)
+                    if st is not None:
+                        self._fail(st, f"internal error: {exc}", now)
+
+            drift_due = now - self._last_drift >= self.drift_interval
+            if drift_due:
+                self._last_drift = now
+                self._drift_check()
+            self._sync_node_rules(force=drift_due)
+            counts: dict[str, int] = {}
+            for st in self.pods.values():
+                counts[st.state] = counts.get(st.state, 0) + 1
+            self.metrics.pod_states(counts)
+            self.passes += 1
+            self.last_pass = time.time()
+            self._cond.notify_all()
+        self.metrics.reconcile_took(time.perf_counter() - started)
+
+    def _converge(self, uid: str, pod: PodRecord, now: float, scan_cache: dict[str, Any]) -> None:
+        st = self.pods.get(uid)
+        if st is None:
+            st = self.pods[uid] = PodState(uid, pod.namespace, pod.name)
+        st.namespace, st.name = pod.namespace or st.namespace, pod.name or st.name
+        st.service_account = pod.service_account
+        if pod.ips:
+            st.ips = pod.ips
+        if st.state == ENROLLED:
+            return
+        if st.state == FAILED and now < st.retry_at:
+            return
+        if st.ack is not None:
+            if not st.ack.done():
+                return
+            self._after_ack(st)
+            return
+        self._start_enrol(st, now, scan_cache)
+
+    def _fail(self, st: PodState, reason: str, now: float | None = None) -> None:
+        now = self._clock() if now is None else now
+        st.state = FAILED
+        st.reason = reason
+        st.attempts += 1
+        st.retry_at = now + min(30.0, 0.5 * (2 ** min(st.attempts, 6)))
+        st.ack = None
+        self.metrics.failed(reason.split(":")[0][:40])
+        log.warning("enrolment failed: %s", reason, extra=self._ctx(st, "enrol-failed"))
+        self._cond.notify_all()
+
+    def _ctx(self, st: PodState, step: str) -> dict[str, Any]:
+        return {"pod": st.name, "namespace": st.namespace, "uid": st.uid, "netns": st.netns, "step": step}
+
+    def _locate(self, st: PodState, scan_cache: dict[str, Any]) -> None:
+        """Make sure st.netns is a verified pin; raises PinError/LookupError."""
+        if st.inode and st.netns:
+            try:
+                self.pins.verify(st.uid, st.inode)
+                return
+            except PinError:
+                st.netns, st.inode, st.rules_in = "", 0, False
+                raise
+        hint = self.hints.get(st.uid)
+        if hint is not None and hint.netns:
+            ino = os.stat(hint.netns).st_ino
+            current = self.pins.inode(st.uid)
+            if current is not None and current != ino:
+                self.pins.release(st.uid)  # a new sandbox for the same pod
+            st.netns = self.pins.pin(st.uid, hint.netns, ino)
+            st.inode = ino
+            if self._needs_cgroup(self.backend) and not st.cgroup_path:
+                # the sandbox's processes (if any) name the pod's cgroup, which eBPF attaches to
+                if "scan" not in scan_cache:
+                    scan_cache["scan"] = self._scan()
+                for loc in scan_cache["scan"].get(st.uid, []):
+                    if loc.inode == ino and loc.cgroup_path:
+                        st.cgroup_path = loc.cgroup_path
+                        break
+            return
+        if "scan" not in scan_cache:
+            scan_cache["scan"] = self._scan()
+        try:
+            loc = pick(st.uid, scan_cache["scan"].get(st.uid, []))
+        except NetnsNotFound:
+            if not st.ips:
+                raise
+            loc = self._find_by_ips(st.uid, st.ips)
+        current = self.pins.inode(st.uid)
+        if current is not None and current != loc.inode:
+            self.pins.release(st.uid)
+        st.netns = self.pins.pin(st.uid, loc.path, loc.inode)
+        st.inode = loc.inode
+        st.cgroup_path = loc.cgroup_path
+
+    def _needs_cgroup(self, backend: RedirectBackend) -> bool:
+        return bool(getattr(backend, "needs_cgroup", backend.name == "ebpf"))
+
+    def _backend_of(self, st: PodState) -> RedirectBackend:
+        """The pod's backend: the one recorded, else the node's, else (cgroup unknown) the fallback."""
+        for b in (self.backend, self.fallback):
+            if b is not None and st.backend and b.name == st.backend:
+                return b
+        chosen = self.backend
+        if self.fallback is not None and not st.cgroup_path and self._needs_cgroup(self.backend):
+            chosen = self.fallback
+        st.backend = chosen.name
+        return chosen
+
+    def _target(self, st: PodState) -> PodTarget:
+        path = self.pins.verify(st.uid, st.inode)
+        return PodTarget(st.uid, st.namespace, st.name, path, st.inode, st.ips, st.cgroup_path)
+
+    def _start_enrol(self, st: PodState, now: float, scan_cache: dict[str, Any]) -> None:
+        st.state = PENDING
+        try:
+            self._locate(st, scan_cache)
+        except FileNotFoundError as exc:
+            self._fail(st, f"netns not found: {exc}", now)
+            return
+        except (PinError, LookupError, OSError) as exc:
+            self._fail(st, f"netns not found: {exc}", now)
+            return
+        self._backend_of(st)
+        if not st.ips:
+            try:
+                st.ips = self._read_ips(st.netns)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read pod IPs: %s", exc, extra=self._ctx(st, "read-ips"))
+        self._save_record(st)
+        w = WorkloadInfo(
+            uid=st.uid, name=st.name, namespace=st.namespace, service_account=st.service_account,
+            ips=st.ips, netns_path=st.netns, netns_inode=st.inode, node=self.node_name,
+        )
+        st.reason = "waiting for proxy ack"
+        st.ack_since = now
+        try:
+            fut = self.hub.upsert(w)
+        except Exception as exc:
+            self._fail(st, f"proxy hub: {exc}", now)
+            return
+        st.ack = fut
+        log.info("workload sent to proxy", extra=self._ctx(st, "proxy-upsert"))
+        fut.add_done_callback(lambda _f: self.wake())
+        if fut.done():
+            self._after_ack(st)
+
+    def _save_record(self, st: PodState) -> None:
+        self.records.save(EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend,
+                                      st.tcp_loose, st.cgroup_path))
+
+    def _guard_long_lived(self, st: PodState, netns_path: str) -> None:
+        """Connections opened before enrolment must not be redirected mid-stream (conntrack_guard)."""
+        try:
+            if st.tcp_loose is None:
+                st.tcp_loose = self._conntrack.read_loose(netns_path)
+                self._save_record(st)
+            if st.tcp_loose:
+                self._conntrack.set_loose(netns_path, 0)
+        except OSError as exc:
+            log.warning("cannot protect pre-existing connections: %s", exc, extra=self._ctx(st, "conntrack"))
+
+    def _after_ack(self, st: PodState) -> None:
+        fut, st.ack = st.ack, None
+        assert fut is not None
+        exc = fut.exception()
+        if exc is not None:
+            self._fail(st, f"proxy refused workload: {exc}")
+            return
+        try:
+            target = self._target(st)
+            backend = self._backend_of(st)
+            problems = backend.check(target, self.spec) if st.rules_in else ["not applied"]
+            if problems:
+                self._guard_long_lived(st, target.netns_path)
+                backend.apply(target, self.spec)
+            st.rules_in = True
+        except (BackendError, PinError, OSError) as exc:
+            self._fail(st, f"rules: {exc}")
+            try:
+                self.hub.remove(st.uid)
+            except Exception:  # noqa: S110 - the retry re-sends anyway
+                pass
+            return
+        st.state = ENROLLED
+        st.enrolled_at = time.time()
+        st.reason = ""
+        st.attempts = 0
+        st.extra.pop("adopted", None)
+        self.metrics.enrolled()
+        log.info("pod enrolled", extra=self._ctx(st, "enrolled"))
+        self._cond.notify_all()
+
+    def _unenrol(self, uid: str, why: str) -> bool:
+        st = self.pods.get(uid)
+        if st is None:
+            return True
+        try:
+            if st.inode and self.pins.inode(uid) == st.inode:
+                target = self._target(st)
+                self._backend_of(st).remove(target)
+                if st.tcp_loose:
+                    self._conntrack.set_loose(target.netns_path, st.tcp_loose)
+        except (BackendError, PinError, OSError) as exc:
+            self._fail(st, f"rule removal: {exc}")
+            return False
+        try:
+            self.hub.remove(uid)
+        except Exception as exc:
+            log.warning("proxy hub remove failed: %s", exc, extra=self._ctx(st, "proxy-remove"))
+        try:
+            self.pins.release(uid)
+        except OSError as exc:
+            log.warning("releasing pin failed: %s", exc, extra=self._ctx(st, "unpin"))
+        self.records.delete(uid)
+        del self.pods[uid]
+        log.info("pod removed (%s)", why, extra=self._ctx(st, "removed"))
+        self._cond.notify_all()
+        return True
+
+    def _drift_check(self) -> None:
+        for st in list(self.pods.values()):
+            if st.state != ENROLLED:
+                continue
+            try:
+                target = self._target(st)
+            except PinError as exc:
+                st.state, st.netns, st.inode, st.rules_in = PENDING, "", 0, False
+                self._fail(st, f"pinned netns lost: {exc}")
+                continue
+            try:
+                backend = self._backend_of(st)
+                problems = backend.check(target, self.spec)
+                if problems:
+                    log.warning("drift found, repairing: %s", "; ".join(problems),
+                                extra=self._ctx(st, "drift"))
+                    backend.apply(target, self.spec)
+                    self.metrics.drift_repaired()
+            except BackendError as exc:
+                self._fail(st, f"drift repair: {exc}")
+
+    def _sync_node_rules(self, force: bool) -> None:
+        if self._node_rules is None:
+            return
+        ips = sorted({ip for st in self.pods.values() if st.state == ENROLLED for ip in st.ips})
+        if ips == self._node_ips and not force:
+            return
+        try:
+            self._node_rules(ips)
+            self._node_ips = ips
+        except Exception as exc:
+            log.warning("node probe rules: %s", exc, extra={"step": "node-rules"})
+
+    # ---- CNI plugin events --------------------------------------------------------------------------
+    def cni_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
+                timeout: float) -> Outcome:
+        started = self._clock()
+        deadline = started + timeout
+        with self._lock:
+            passes_at_request = self.passes
+            self.tombstones.discard(uid)
+            self.hints[uid] = CniHint(uid, namespace, name, netns, ips, self._clock() + self.hint_ttl)
+            st = self.pods.get(uid)
+            if st is not None and netns:
+                try:
+                    new_ino = os.stat(netns).st_ino
+                except OSError as exc:
+                    return Outcome(False, FAILED, f"netns {netns}: {exc.strerror}", retry=False)
+                if st.inode != new_ino:  # a new sandbox: forget the old one
+                    self._unenrol(uid, "sandbox replaced")
+                elif st.state == FAILED:
+                    st.retry_at = 0.0
+            self.wake()
+            while True:
+                st = self.pods.get(uid)
+                if st is not None and st.state == ENROLLED:
+                    return Outcome(True, ENROLLED)
+                if st is not None and st.state == FAILED and self.passes > passes_at_request:
+                    return Outcome(False, FAILED, st.reason, retry=True)
+                other = self.others.get(uid)
+                # the source may lag a label change the plugin already saw: give it a moment to agree
+                grace_over = self._clock() - started >= min(5.0, timeout / 2)
+                if st is None and other is not None and self.passes > passes_at_request and grace_over:
+                    return Outcome(False, NONE, f"the agent's pod source puts this pod in mode "
+                                   f"{other.mode!r} ({other.reason})", retry=True)
+                left = deadline - self._clock()
+                if left <= 0:
+                    reason = st.reason if st is not None else "not processed"
+                    return Outcome(False, PENDING, f"timed out after {timeout:.0f}s: {reason}", retry=True)
+                self._cond.wait(min(left, 0.5))
+
+    def cni_sidecar_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
+                        timeout: float) -> Outcome:
+        """A sidecar pod the plugin hands over (its conflist says backend ebpf): apply the sidecar spec of
+        the pod's annotations with the agent's backend, in CNI_NETNS. Sidecar redirection lives and dies
+        with the pod netns, so nothing is pinned or persisted."""
+        from cni.annotations import sidecar_spec
+        from cni.errors import CniError
+
+        deadline = self._clock() + timeout
+        while True:
+            pod = self.store.snapshot().pods.get(uid)
+            if pod is not None:
+                break
+            if self._clock() >= deadline:
+                return Outcome(False, PENDING, "pod not in the agent's pod source yet", retry=True)
+            time.sleep(0.1)
+        try:
+            spec = sidecar_spec(pod.annotations)
+        except CniError as exc:
+            return Outcome(False, FAILED, f"sidecar annotations: {exc}", retry=False)
+        with self._lock:
+            try:
+                ino = os.stat(netns).st_ino
+            except OSError as exc:
+                return Outcome(False, FAILED, f"netns {netns}: {exc.strerror}", retry=False)
+            st = PodState(uid, namespace or pod.namespace, name or pod.name, mode="sidecar",
+                          netns=netns, inode=ino, ips=ips or pod.ips)
+            if self._needs_cgroup(self.backend):
+                for loc in self._scan().get(uid, []):
+                    if loc.inode == ino and loc.cgroup_path:
+                        st.cgroup_path = loc.cgroup_path
+                        break
+            backend = self._backend_of(st)
+            target = PodTarget(uid, st.namespace, st.name, netns, ino, st.ips, st.cgroup_path)
+            try:
+                backend.apply(target, spec)
+            except BackendError as exc:
+                return Outcome(False, FAILED, f"sidecar rules: {exc}", retry=True)
+            st.state, st.rules_in = ENROLLED, True
+            self.sidecars[uid] = st
+            self.sidecar_specs[uid] = spec
+            log.info("sidecar pod redirected", extra=self._ctx(st, "sidecar-enrolled"))
+            return Outcome(True, ENROLLED)
+
+    def _sidecar_remove(self, uid: str) -> None:
+        st = self.sidecars.pop(uid, None)
+        self.sidecar_specs.pop(uid, None)
+        if st is None:
+            return
+        try:
+            if os.path.exists(st.netns) and os.stat(st.netns).st_ino == st.inode:
+                self._backend_of(st).remove(
+                    PodTarget(uid, st.namespace, st.name, st.netns, st.inode, st.ips, st.cgroup_path))
+        except (BackendError, OSError) as exc:
+            log.warning("sidecar removal: %s", exc, extra=self._ctx(st, "sidecar-remove"))
+
+    def cni_del(self, uid: str) -> Outcome:
+        with self._lock:
+            self._sidecar_remove(uid)
+            self.hints.pop(uid, None)
+            if uid in self.pods:
+                self.tombstones.add(uid)
+                if not self._unenrol(uid, "CNI DEL"):
+                    st = self.pods.get(uid)
+                    return Outcome(False, FAILED, st.reason if st else "removal failed")
+            return Outcome(True, "removed")
+
+    def cni_check(self, uid: str) -> Outcome:
+        with self._lock:
+            side = self.sidecars.get(uid)
+            if side is not None:
+                target = PodTarget(uid, side.namespace, side.name, side.netns, side.inode, side.ips,
+                                   side.cgroup_path)
+                try:
+                    problems = self._backend_of(side).check(target, self.sidecar_specs[uid])
+                except BackendError as exc:
+                    return Outcome(False, FAILED, str(exc))
+                return Outcome(not problems, "intact" if not problems else FAILED, "; ".join(problems))
+            st = self.pods.get(uid)
+            if st is None or st.state != ENROLLED:
+                return Outcome(False, st.state if st else NONE, "pod is not enrolled", retry=True)
+            try:
+                problems = self._backend_of(st).check(self._target(st), self.spec)
+            except (BackendError, PinError) as exc:
+                return Outcome(False, FAILED, str(exc))
+            if problems:
+                return Outcome(False, FAILED, "; ".join(problems))
+            return Outcome(True, "intact")
+
+    # ---- status ----------------------------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows: list[dict[str, Any]] = []
+            for st in self.pods.values():
+                rows.append({
+                    "namespace": st.namespace, "name": st.name, "uid": st.uid, "mode": "ambient",
+                    "backend": st.backend or self.backend.name, "state": st.state, "reason": st.reason,
+                    "netns": st.netns, "ips": list(st.ips),
+                    "enrolled_at": round(st.enrolled_at, 3) if st.state == ENROLLED else None,
+                })
+            for st in self.sidecars.values():
+                rows.append({
+                    "namespace": st.namespace, "name": st.name, "uid": st.uid, "mode": "sidecar",
+                    "backend": st.backend, "state": st.state, "reason": "redirected by the agent",
+                    "netns": st.netns, "ips": list(st.ips),
+                })
+            for uid, d in self.others.items():
+                if uid in self.pods or uid in self.sidecars:
+                    continue
+                rows.append({
+                    "namespace": d.pod.namespace, "name": d.pod.name, "uid": uid, "mode": d.mode,
+                    "backend": "", "state": NONE, "reason": d.reason, "netns": "", "ips": list(d.pod.ips),
+                })
+            rows.sort(key=lambda r: (r["namespace"], r["name"], r["uid"]))
+            return rows

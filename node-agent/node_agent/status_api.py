@@ -1,0 +1,70 @@
+"""`headrace status`: ask the local agent (STATUS on its plugin-event socket) and render the answer."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+COLUMNS = ("namespace", "name", "uid", "mode", "backend", "state", "netns")
+
+
+class StatusError(Exception):
+    """The agent could not be asked or answered badly."""
+
+
+def query(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(socket_path)
+        except FileNotFoundError as exc:
+            raise StatusError(f"agent socket {socket_path} does not exist (is the agent running?)") from exc
+        except OSError as exc:
+            raise StatusError(f"cannot connect to the agent at {socket_path}: {exc.strerror or exc}") from exc
+        buf = b""
+        try:
+            sock.sendall(b'{"v":1,"cmd":"STATUS"}\n')
+            while b"\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except OSError as exc:
+            raise StatusError(f"talking to the agent failed: {exc}") from exc
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError as exc:
+        raise StatusError("the agent's answer is not JSON") from exc
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        err = reply.get("error", "unknown error") if isinstance(reply, dict) else "bad reply"
+        raise StatusError(f"the agent refused: {err}")
+    if not isinstance(reply.get("pods"), list):
+        raise StatusError("the agent's answer has no pod list")
+    return reply
+
+
+def state_text(pod: dict[str, Any]) -> str:
+    state = str(pod.get("state", ""))
+    reason = str(pod.get("reason", ""))
+    if state in ("pending", "failed") and reason:
+        return f"{state} ({reason})"
+    return state
+
+
+def render_table(reply: dict[str, Any]) -> str:
+    rows = [[str(p.get(c, "")) if c != "state" else state_text(p) for c in COLUMNS] for p in reply["pods"]]
+    header = [c.upper() for c in COLUMNS]
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i])
+              for i in range(len(COLUMNS))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    proxy = reply.get("proxy")
+    if isinstance(proxy, dict):
+        lines.append("")
+        lines.append(f"proxy: {'connected' if proxy.get('connected') else 'not connected'}"
+                     + (f" ({proxy.get('proxy_id')})" if proxy.get("proxy_id") else ""))
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Netns finder and pinning with real processes, real netns and real cgroup v2 directories."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_agent.netns_finder import NetnsNotFound, find_pod_netns, scan
+from node_agent.netns_pin import NetnsPins, PinError, RecycledNetns
+
+pytestmark = pytest.mark.kernel
+CGROOT = Path("/sys/fs/cgroup/unified")
+
+
+class PodProcs:
+    """Processes in fresh netns, each placed in a cgroup v2 directory named like kubelet's."""
+
+    def __init__(self) -> None:
+        self.base = CGROOT / f"headrace-test-{secrets.token_hex(4)}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.dirs: list[Path] = []
+
+    def start(self, cgroup_rel: str, share_netns_of: int | None = None) -> subprocess.Popen[bytes]:
+        cg = self.base / cgroup_rel
+        cg.mkdir(parents=True)
+        for d in [cg, *cg.parents]:
+            if d == self.base.parent:
+                break
+            if d not in self.dirs:
+                self.dirs.append(d)
+        if share_netns_of is None:
+            cmd = ["unshare", "--net", "sleep", "300"]
+        else:
+            cmd = ["nsenter", f"--net=/proc/{share_netns_of}/ns/net", "sleep", "300"]
+        proc = subprocess.Popen(cmd)
+        self.procs.append(proc)
+        (cg / "cgroup.procs").write_text(str(proc.pid))
+        deadline = time.monotonic() + 5
+        # wait until the process runs in its new netns (unshare execs sleep after switching)
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep")
+                    and os.stat(f"/proc/{proc.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+                ):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+        for d in sorted(self.dirs, key=lambda p: len(p.parts), reverse=True):
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+@pytest.fixture
+def pods() -> Iterator[PodProcs]:
+    p = PodProcs()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def pins(tmp_path: Path) -> Iterator[NetnsPins]:
+    pn = NetnsPins(tmp_path / "netns")
+    try:
+        yield pn
+    finally:
+        for uid in list(pn.pinned()):
+            pn.release(uid)
+
+
+def ns_inode(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def test_finder_matches_pod_uid_in_cgroupfs_and_systemd_layouts(pods: PodProcs) -> None:
+    uid_a, uid_b = str(uuid.uuid4()), str(uuid.uuid4())
+    a = pods.start(f"kubepods/besteffort/pod{uid_a}/sandbox")
+    a2 = pods.start(f"kubepods/besteffort/pod{uid_a}/app", share_netns_of=a.pid)
+    systemd_dir = f"kubepods-burstable-pod{uid_b.replace('-', '_')}.slice"
+    b = pods.start(f"kubepods.slice/kubepods-burstable.slice/{systemd_dir}/cri-x")
+    loc_a = find_pod_netns(uid_a)
+    assert loc_a.inode == ns_inode(a.pid) == ns_inode(a2.pid)
+    assert loc_a.pid == min(a.pid, a2.pid)
+    assert loc_a.cgroup_path == str(pods.base / "kubepods/besteffort" / f"pod{uid_a}")
+    loc_b = find_pod_netns(uid_b)
+    assert loc_b.inode == ns_inode(b.pid) != loc_a.inode
+    with pytest.raises(NetnsNotFound):
+        find_pod_netns(str(uuid.uuid4()))
+
+
+def test_host_netns_processes_are_ignored(pods: PodProcs) -> None:
+    uid = str(uuid.uuid4())
+    cg = pods.base / f"kubepods/pod{uid}"
+    cg.mkdir(parents=True)
+    pods.dirs += [cg, cg.parent, pods.base]
+    proc = subprocess.Popen(["sleep", "300"])  # a host-network pod: same netns as us
+    pods.procs.append(proc)
+    (cg / "cgroup.procs").write_text(str(proc.pid))
+    assert uid not in scan()
+
+
+def test_pin_survives_process_exit_and_verifies_inode(pods: PodProcs, pins: NetnsPins) -> None:
+    uid = str(uuid.uuid4())
+    proc = pods.start(f"kubepods/pod{uid}")
+    loc = find_pod_netns(uid)
+    path = pins.pin(uid, loc.path, loc.inode)
+    assert pins.pin(uid, loc.path, loc.inode) == path  # idempotent
+    proc.kill()
+    proc.wait(5)
+    assert pins.verify(uid, loc.inode) == path
+    out = subprocess.run(
+        ["nsenter", f"--net={path}", "readlink", "/proc/self/ns/net"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"net:[{loc.inode}]"
+    assert pins.pinned() == {uid: loc.inode}
+    pins.release(uid)
+    assert pins.inode(uid) is None and not Path(path).exists()
+    with pytest.raises(PinError):
+        pins.verify(uid, loc.inode)
+
+
+def test_recycled_pin_path_is_refused(pods: PodProcs, pins: NetnsPins) -> None:
+    uid = str(uuid.uuid4())
+    first = pods.start(f"kubepods/pod{uid}/a")
+    first_ino = ns_inode(first.pid)
+    pins.pin(uid, f"/proc/{first.pid}/ns/net", first_ino)
+    pins.release(uid)
+    # the same path now holds another netns (e.g. re-created by someone else)
+    other = pods.start(f"kubepods/other-{secrets.token_hex(2)}")
+    other_ino = ns_inode(other.pid)
+    pins.pin(uid, f"/proc/{other.pid}/ns/net", other_ino)
+    with pytest.raises(RecycledNetns):
+        pins.verify(uid, first_ino)
+    with pytest.raises(RecycledNetns):
+        pins.pin(uid, f"/proc/{first.pid}/ns/net", first_ino)  # will not stack a second netns
+    with pytest.raises(RecycledNetns):
+        pins.pin(uid, f"/proc/{first.pid}/ns/net", other_ino)  # source is not the expected inode
+
+
+def test_ip_matcher_finds_named_netns_by_pod_ips_and_refuses_ambiguity() -> None:
+    from node_agent.netns_finder import IpMatcher, NetnsAmbiguous
+
+    names = [f"hra-ipm-{secrets.token_hex(3)}" for _ in range(3)]
+    octet = secrets.randbelow(200) + 20
+    try:
+        for i, name in enumerate(names):
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            subprocess.run(["ip", "-n", name, "link", "add", "a0", "type", "veth", "peer", "name", "b0"], check=True)
+            ip = f"10.198.{octet}.{2 if i < 2 else 3}"  # netns 0 and 1 share an IP
+            subprocess.run(["ip", "-n", name, "addr", "add", f"{ip}/24", "dev", "a0"], check=True)
+            subprocess.run(
+                ["ip", "-n", name, "addr", "add", f"fd00:{octet:x}::{i + 10}/64", "dev", "a0", "nodad"], check=True
+            )
+        m = IpMatcher()
+        loc = m.find("uid-c", (f"10.198.{octet}.3",))
+        assert loc.path == f"/run/netns/{names[2]}"
+        assert loc.inode == os.stat(f"/run/netns/{names[2]}").st_ino
+        # both families must match the same netns
+        loc = m.find("uid-a", (f"10.198.{octet}.2", f"fd00:{octet:x}::10"))
+        assert loc.path == f"/run/netns/{names[0]}"
+        with pytest.raises(NetnsAmbiguous):
+            m.find("uid-x", (f"10.198.{octet}.2",))
+        with pytest.raises(NetnsNotFound):
+            m.find("uid-y", (f"10.198.{octet}.99",))
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)

@@ -1,0 +1,221 @@
+"""A tiny Kubernetes API server for the agent's pod-source tests: real list/watch JSON over HTTP.
+
+Serves /api/v1/pods (fieldSelector spec.nodeName=...) and /api/v1/namespaces: lists with a
+resourceVersion, and `?watch=true` streams of newline-delimited WatchEvents (chunked, as the real API
+server does) from the requested resourceVersion. Tests can drop every open watch, compact history (a watch
+from an older version then gets a 410 ERROR event), and make the next requests fail with HTTP 500.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+TOKEN = "test-token"
+
+
+class FakeApiServer:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.rv = 100
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {"pods": {}, "namespaces": {}}
+        self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, kind, type, obj)
+        self.compacted = 0
+        self.drop_generation = 0
+        self.fail_next = 0
+        self.requests: list[tuple[str, dict[str, list[str]]]] = []
+        self.unauthorized = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                server.handle(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    # ---- control ---------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.drop_generation += 1
+            self.cond.notify_all()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def write_kubeconfig(self, path: Any) -> None:
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+        }
+        path.write_text(json.dumps(cfg))
+
+    def put(self, kind: str, obj: dict[str, Any], silent: bool = False) -> None:
+        """Create or update; `silent` changes the object without a watch event (lost in a gap)."""
+        with self.cond:
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
+            key = self._key(kind, obj)
+            etype = "MODIFIED" if key in self.objects[kind] else "ADDED"
+            self.objects[kind][key] = obj
+            if not silent:
+                self.events.append((self.rv, kind, etype, obj))
+            self.cond.notify_all()
+
+    def delete(self, kind: str, namespace: str, name: str, silent: bool = False) -> None:
+        with self.cond:
+            key = f"{namespace}/{name}" if kind == "pods" else name
+            obj = self.objects[kind].pop(key)
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            if not silent:
+                self.events.append((self.rv, kind, "DELETED", obj))
+            self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget history: watches from an older resourceVersion get 410 Gone."""
+        with self.cond:
+            self.rv += 1
+            self.compacted = self.rv
+            self.cond.notify_all()
+
+    def drop_watches(self) -> None:
+        with self.cond:
+            self.drop_generation += 1
+            self.cond.notify_all()
+
+    def count(self, kind: str, watch: bool) -> int:
+        with self.cond:
+            return sum(1 for path, q in self.requests if path.endswith(kind) and ("watch" in q) == watch)
+
+    def watch_versions(self, kind: str) -> list[str]:
+        with self.cond:
+            return [
+                q.get("resourceVersion", [""])[0] for path, q in self.requests if path.endswith(kind) and "watch" in q
+            ]
+
+    # ---- serving ---------------------------------------------------------------------------------
+    @staticmethod
+    def _key(kind: str, obj: dict[str, Any]) -> str:
+        meta = obj["metadata"]
+        return f"{meta.get('namespace', 'default')}/{meta['name']}" if kind == "pods" else str(meta["name"])
+
+    @staticmethod
+    def _matches(kind: str, obj: dict[str, Any], query: dict[str, list[str]]) -> bool:
+        sel = query.get("fieldSelector", [""])[0]
+        if kind != "pods" or not sel:
+            return True
+        field, _, value = sel.partition("=")
+        assert field == "spec.nodeName", sel
+        return bool(obj.get("spec", {}).get("nodeName") == value)
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        url = urlparse(h.path)
+        query = parse_qs(url.query)
+        with self.cond:
+            self.requests.append((url.path, query))
+            if h.headers.get("Authorization") != f"Bearer {TOKEN}":
+                self.unauthorized += 1
+                self._json(h, 401, {"kind": "Status", "code": 401})
+                return
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                self._json(h, 500, {"kind": "Status", "code": 500, "message": "injected failure"})
+                return
+        kind = url.path.rsplit("/", 1)[-1]
+        if url.path not in ("/api/v1/pods", "/api/v1/namespaces"):
+            self._json(h, 404, {"kind": "Status", "code": 404})
+            return
+        if query.get("watch", ["false"])[0] in ("true", "1"):
+            self._watch(h, kind, query)
+            return
+        with self.cond:
+            items = [o for o in self.objects[kind].values() if self._matches(kind, o, query)]
+            body = {
+                "kind": "PodList" if kind == "pods" else "NamespaceList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": items,
+            }
+        self._json(h, 200, body)
+
+    @staticmethod
+    def _json(h: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _watch(self, h: BaseHTTPRequestHandler, kind: str, query: dict[str, list[str]]) -> None:
+        since = int(query.get("resourceVersion", ["0"])[0] or 0)
+        timeout = float(query.get("timeoutSeconds", ["30"])[0])
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+
+        def chunk(obj: dict[str, Any]) -> None:
+            data = (json.dumps(obj) + "\n").encode()
+            h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            h.wfile.flush()
+
+        try:
+            with self.cond:
+                generation = self.drop_generation
+                if since and since < self.compacted:
+                    chunk(
+                        {
+                            "type": "ERROR",
+                            "object": {
+                                "kind": "Status",
+                                "apiVersion": "v1",
+                                "status": "Failure",
+                                "code": 410,
+                                "reason": "Expired",
+                                "message": f"too old resource version: {since} ({self.compacted})",
+                            },
+                        }
+                    )
+                    h.wfile.write(b"0\r\n\r\n")
+                    return
+                sent = since
+                import time
+
+                end = time.monotonic() + timeout
+                while self.drop_generation == generation and time.monotonic() < end:
+                    for rv, k, etype, obj in self.events:
+                        if k == kind and rv > sent and self._matches(kind, obj, query):
+                            chunk({"type": etype, "object": obj})
+                    sent = max([sent] + [rv for rv, k, _, _ in self.events if k == kind])
+                    self.cond.wait(0.2)
+                if self.drop_generation != generation:
+                    # a dropped connection: no terminating chunk, just close
+                    h.close_connection = True
+                    return
+            h.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            return

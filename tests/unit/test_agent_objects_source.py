@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from node_agent.objects_source import ObjectsDirSource, read_objects_dir
+from node_agent.pod_store import PodStore
+
+
+def write(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def ns(name: str, labels: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
+
+
+def pod(name: str, uid: str, node: str = "") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "app", "uid": uid},
+        "spec": {"nodeName": node} if node else {},
+    }
+
+
+def test_reads_json_yaml_and_lists(tmp_path: Path) -> None:
+    write(tmp_path / "ns.json", ns("app", {"istio.io/dataplane-mode": "ambient"}))
+    write(tmp_path / "p1.json", pod("p1", "u1"))
+    (tmp_path / "p2.yaml").write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p2\n  namespace: app\n  uid: u2\n"
+        "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: other\n"
+    )
+    write(tmp_path / "list.json", {"kind": "List", "items": [pod("p3", "u3"), pod("p4", "u4", node="elsewhere")]})
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "notes.txt").write_text("ignored")
+    pods, namespaces = read_objects_dir(tmp_path, node_name="here")
+    assert sorted(p.uid for p in pods) == ["u1", "u2", "u3"]  # u4 is on another node
+    assert sorted(n.name for n in namespaces) == ["app", "other"]
+
+
+def test_poll_sees_changes(tmp_path: Path) -> None:
+    write(tmp_path / "ns.json", ns("app"))
+    write(tmp_path / "p1.json", pod("p1", "u1"))
+    store = PodStore()
+    src = ObjectsDirSource(store, tmp_path, interval=0.05)
+    src.start()
+    try:
+        assert store.synced
+        assert store.snapshot().namespaces["app"].labels == {}
+        write(tmp_path / "ns.json", ns("app", {"istio.io/dataplane-mode": "ambient"}))
+        deadline = time.monotonic() + 5
+        while store.snapshot().namespaces["app"].labels == {} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.snapshot().namespaces["app"].labels == {"istio.io/dataplane-mode": "ambient"}
+        (tmp_path / "p1.json").unlink()
+        while store.snapshot().pods and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not store.snapshot().pods
+    finally:
+        src.stop()
+    assert not src.poll_once()  # nothing changed since

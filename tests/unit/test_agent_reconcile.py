@@ -1,0 +1,354 @@
+"""The reconcile loop with fake pins, backend and proxy hub: ordering, adoption, drift, failure paths."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from node_agent.backends.base import PodTarget
+from node_agent.netns_finder import NetnsLocation, NetnsNotFound
+from node_agent.pod_records import EnrolRecord, RecordStore
+from node_agent.pod_store import NamespaceRecord, PodRecord, PodStore
+from node_agent.reconcile import Reconciler
+
+from tests.unit.agent_fakes import FakeBackend, FakeHub, FakePins
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+UID = "aaaaaaaa-0000-0000-0000-000000000001"
+UID2 = "aaaaaaaa-0000-0000-0000-000000000002"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeConntrack:
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def read_loose(self, netns_path: str) -> int | None:
+        return self.values.get(netns_path, 1)
+
+    def set_loose(self, netns_path: str, value: int) -> None:
+        self.values[netns_path] = value
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.store = PodStore()
+        self.backend = FakeBackend()
+        self.hub = FakeHub()
+        self.pins = FakePins(tmp / "netns")
+        self.records = RecordStore(tmp / "pods")
+        self.clock = Clock()
+        self.netns: dict[str, Path] = {}
+        self.node_rules: list[list[str]] = []
+        self.repairs = 0
+        self.ct = FakeConntrack()
+        self.r = self.make()
+
+    def make(self) -> Reconciler:
+        env = self
+
+        class M:
+            def enrolled(self) -> None: ...
+            def failed(self, reason: str) -> None: ...
+            def drift_repaired(self) -> None:
+                env.repairs += 1
+
+            def reconcile_took(self, seconds: float) -> None: ...
+            def pod_states(self, counts) -> None: ...
+
+        return Reconciler(
+            self.store,
+            self.backend,
+            self.hub,
+            self.pins,
+            self.records,
+            scan=self.scan,
+            read_ips=lambda path: ("10.9.9.9",),
+            find_by_ips=self.by_ips,
+            conntrack=self.ct,
+            node_rules=self.node_rules.append,
+            metrics=M(),
+            clock=self.clock,
+            drift_interval=2.0,
+        )
+
+    def fake_netns(self, uid: str) -> Path:
+        path = self.tmp / f"ns-{uid}"
+        path.write_text("")
+        self.netns[uid] = path
+        return path
+
+    def scan(self) -> dict[str, list[NetnsLocation]]:
+        return {uid: [NetnsLocation(uid, 100, str(p), os.stat(p).st_ino)] for uid, p in self.netns.items()}
+
+    def by_ips(self, uid: str, ips: tuple[str, ...]) -> NetnsLocation:
+        raise NetnsNotFound(f"no named netns holds {ips}")
+
+    def set(self, ns_labels: dict[str, str], *pods: PodRecord) -> None:
+        self.store.replace_namespaces([NamespaceRecord("app", ns_labels), NamespaceRecord("kube-system", AMBIENT)])
+        self.store.replace_pods(pods)
+
+    def state(self, uid: str) -> str:
+        return self.r.pods[uid].state if uid in self.r.pods else "absent"
+
+
+def pod(uid: str = UID, **kw) -> PodRecord:
+    return PodRecord(
+        uid=uid,
+        namespace=kw.pop("namespace", "app"),
+        name=kw.pop("name", "p-" + uid[-1]),
+        ips=kw.pop("ips", ("10.0.0.5",)),
+        **kw,
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+def test_label_enrols_running_pod_proxy_first_then_rules(env: Env) -> None:
+    env.hub.auto_ack = False
+    env.fake_netns(UID)
+    env.set({}, pod())
+    env.r.reconcile()
+    assert env.state(UID) == "none" or UID not in env.r.pods
+    assert env.backend.rules == {}
+    env.set(AMBIENT, pod())
+    env.r.reconcile()
+    assert env.state(UID) == "pending"
+    assert env.hub.desired[UID].netns_path == str(env.pins.path(UID))
+    assert env.hub.desired[UID].netns_inode == os.stat(env.netns[UID]).st_ino
+    assert env.backend.rules == {}, "rules must wait for the proxy's ack"
+    env.hub.ack_all()
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+    assert env.backend.rules == {UID: 1}
+    assert env.node_rules[-1] == ["10.0.0.5"]
+    assert env.records.load_all()[UID].netns_inode == os.stat(env.netns[UID]).st_ino
+    assert env.records.load_all()[UID].tcp_loose == 1
+    assert env.ct.values[str(env.pins.path(UID))] == 0, "pre-existing connections are protected"
+
+
+def test_unlabel_removes_rules_then_tells_proxy_then_releases_pin(env: Env) -> None:
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    env.r.reconcile()
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+    env.set({}, pod())
+    env.r.reconcile()
+    assert UID not in env.r.pods
+    assert env.backend.rules == {}
+    assert env.hub.log[-1] == ("delete", UID)
+    assert UID in env.pins.released and env.pins.inode(UID) is None
+    assert env.ct.values[str(env.pins.path(UID))] == 1, "conntrack setting restored"
+    assert env.records.load_all() == {}
+    assert env.r.status()[0]["mode"] == "none"
+
+
+def test_deleted_pod_is_cleaned(env: Env) -> None:
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    env.r.reconcile()
+    env.set(AMBIENT)
+    env.r.reconcile()
+    assert env.r.pods == {} and env.backend.rules == {} and env.hub.desired == {}
+
+
+def test_excluded_and_host_network_never_touched(env: Env) -> None:
+    for u in (UID, UID2):
+        env.fake_netns(u)
+    env.set(AMBIENT, pod(UID, host_network=True), pod(UID2, namespace="kube-system", labels=AMBIENT))
+    env.r.reconcile()
+    assert env.r.pods == {} and env.backend.applies == 0 and env.hub.log == []
+    assert {row["mode"] for row in env.r.status()} == {"none"}
+
+
+def test_restart_adopts_without_duplicates_and_resends_to_proxy(env: Env) -> None:
+    env.fake_netns(UID)
+    env.fake_netns(UID2)
+    env.set(AMBIENT, pod(UID), pod(UID2))
+    env.r.reconcile()
+    assert env.backend.applies == 2
+    # "SIGKILL": a new reconciler and a new (empty) hub; pins, records and rules survive
+    env.set(AMBIENT, pod(UID))  # UID2 was deleted while the agent was down
+    env.hub = FakeHub()
+    env.r = env.make()
+    env.r.adopt()
+    assert env.state(UID) == "pending" and env.state(UID2) == "pending"
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+    assert env.backend.applies == 2, "intact rules are checked, not re-applied"
+    assert env.backend.rules == {UID: 1}, "the stale pod's rules are removed"
+    assert list(env.hub.desired) == [UID]
+    assert UID2 in env.pins.released
+
+
+def test_restart_before_source_synced_removes_nothing(env: Env) -> None:
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()
+    env.store = PodStore()  # a fresh source that has not listed yet
+    env.r = env.make()
+    env.r.adopt()
+    env.r.reconcile()
+    assert env.backend.rules == {UID: 1} and UID in env.r.pods
+
+
+def test_drift_is_repaired_and_counted(env: Env) -> None:
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    env.r.reconcile()
+    env.backend.flush(UID)
+    env.clock.t += 2.5
+    env.r.reconcile()
+    assert env.backend.rules == {UID: 1}
+    assert env.repairs == 1
+
+
+def test_node_reboot_pod_is_failed_and_retried_never_enrolled(env: Env) -> None:
+    """istio/istio#60882: the pinned netns is gone after a reboot and no process of the pod is found."""
+    env.records.save(EnrolRecord(UID, "app", "p-1", 4242, ("10.0.0.5",), "fake"))
+    env.set(AMBIENT, pod())
+    env.r.adopt()
+    for _ in range(4):
+        env.r.reconcile()
+        st = env.r.pods[UID]
+        assert st.state == "failed"
+        assert "netns" in st.reason
+        env.clock.t += 60
+    assert env.r.pods[UID].attempts >= 3
+    assert env.hub.log == [] and env.backend.rules == {}
+    row = next(r for r in env.r.status() if r["uid"] == UID)
+    assert row["state"] == "failed"
+    # the pod comes back (its processes are found): enrolled on the next retry
+    env.fake_netns(UID)
+    env.clock.t += 60
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+
+
+def test_proxy_nack_fails_and_retries(env: Env) -> None:
+    env.fake_netns(UID)
+    env.hub.nack_next = "cannot open listeners"
+    env.set(AMBIENT, pod())
+    env.r.reconcile()
+    assert env.state(UID) == "failed" and "cannot open listeners" in env.r.pods[UID].reason
+    assert env.backend.rules == {}
+    env.r.reconcile()
+    assert env.state(UID) == "failed"  # still backing off
+    env.clock.t += 60
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+
+
+def test_backend_failure_rolls_back_proxy(env: Env) -> None:
+    env.fake_netns(UID)
+    env.backend.fail_apply = True
+    env.set(AMBIENT, pod())
+    env.r.reconcile()
+    assert env.state(UID) == "failed" and "rules" in env.r.pods[UID].reason
+    assert UID not in env.hub.desired
+
+
+def test_cni_add_waits_for_ack_and_del_removes(env: Env) -> None:
+    env.hub.auto_ack = False
+    env.set(
+        {},
+    )  # the source does not know the pod yet
+    netns = env.fake_netns(UID)
+    env.r._clock = __import__("time").monotonic
+    env.r.start()
+    try:
+        result: list[object] = []
+        t = threading.Thread(
+            target=lambda: result.append(env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7",), timeout=10))
+        )
+        t.start()
+        for _ in range(200):
+            if env.hub.pending:
+                break
+            threading.Event().wait(0.01)
+        assert env.hub.pending and not result, "ADD must not return before the proxy acked"
+        env.hub.ack_all()
+        t.join(10)
+        assert result[0].ok and result[0].state == "enrolled"  # type: ignore[attr-defined]
+        assert env.backend.rules == {UID: 1}
+        out = env.r.cni_del(UID)
+        assert out.ok and env.backend.rules == {} and env.pins.inode(UID) is None
+    finally:
+        env.r.stop()
+
+
+def test_cni_add_times_out_without_proxy(env: Env) -> None:
+    env.hub.auto_ack = False
+    env.set({})
+    netns = env.fake_netns(UID)
+    env.r._clock = __import__("time").monotonic
+    env.r.start()
+    try:
+        out = env.r.cni_add(UID, "app", "p-1", str(netns), (), timeout=0.5)
+        assert not out.ok and out.retry and "timed out" in out.error
+        assert env.backend.rules == {}
+    finally:
+        env.r.stop()
+
+
+def test_sidecar_pod_handed_over_by_plugin(env: Env) -> None:
+    from cni.redirect_spec import SidecarSpec
+
+    netns = env.fake_netns(UID)
+    env.set(
+        {}, pod(annotations={"sidecar.istio.io/status": "{}", "traffic.sidecar.istio.io/excludeInboundPorts": "9000"})
+    )
+    seen: list[object] = []
+    orig = env.backend.apply
+
+    def spy(target: PodTarget, spec: object) -> None:
+        seen.append(spec)
+        orig(target, spec)
+
+    env.backend.apply = spy  # type: ignore[method-assign]
+    out = env.r.cni_sidecar_add(UID, "app", "p-1", str(netns), (), timeout=1)
+    assert out.ok and out.state == "enrolled"
+    assert isinstance(seen[0], SidecarSpec) and 9000 in seen[0].exclude_inbound_ports
+    assert env.r.cni_check(UID).ok
+    assert env.hub.log == [], "sidecar pods are not the node proxy's"
+    row = next(r for r in env.r.status() if r["uid"] == UID)
+    assert (row["mode"], row["state"]) == ("sidecar", "enrolled")
+    assert env.r.cni_del(UID).ok and env.backend.rules == {}
+
+
+def test_sidecar_bad_annotation_is_refused(env: Env) -> None:
+    netns = env.fake_netns(UID)
+    env.set(
+        {}, pod(annotations={"sidecar.istio.io/status": "{}", "traffic.sidecar.istio.io/excludeInboundPorts": "http"})
+    )
+    out = env.r.cni_sidecar_add(UID, "app", "p-1", str(netns), (), timeout=1)
+    assert not out.ok and not out.retry and "annotations" in out.error
+
+
+def test_cni_add_for_pod_the_source_puts_elsewhere_fails_after_grace(env: Env) -> None:
+    netns = env.fake_netns(UID)
+    env.set({}, pod())  # the source says: not labelled
+    env.r._clock = __import__("time").monotonic
+    env.r.start()
+    try:
+        t0 = __import__("time").monotonic()
+        out = env.r.cni_add(UID, "app", "p-1", str(netns), (), timeout=2)
+        assert not out.ok and out.retry and "mode 'none'" in out.error
+        assert __import__("time").monotonic() - t0 < 1.9
+        assert env.backend.rules == {}
+    finally:
+        env.r.stop()
