@@ -34,7 +34,9 @@ lab: setup
 	.venv/bin/headrace lab run
 
 bench: setup
-	$(PY) bench/cni_add_latency.py
+	$(PY) bench/cni_add_latency.py --runs 30
+	$(PY) bench/agent_enrol.py
+	$(PY) bench/redirect_overhead.py --rounds 5 --requests 2000 --connections 500
 
 clean:
 	rm -rf .venv $(PROTO_OUT) .pytest_cache .mypy_cache .ruff_cache
