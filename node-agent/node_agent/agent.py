@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from node_agent.agent_config import AgentConfig
+from node_agent.agent_duties import AgentDuties, DutyOptions
 from node_agent.backends.base import RedirectBackend
 from node_agent.cni_server import CniServer
 from node_agent.metrics import AgentMetrics
@@ -59,7 +60,7 @@ def make_backend(config: AgentConfig, flavour: str) -> RedirectBackend:
     try:
         if select_mod is not None and hasattr(select_mod, "select_backend"):
             choice = select_mod.select_backend(config.backend, state_dir=config.state_dir,
-                                               iptables_flavour=flavour)
+                                               iptables_flavour=flavour, proxy_cgroup=config.proxy_cgroup)
             log.info("backend: %s", choice.reason, extra={"step": "backend", "backend": choice.backend.name})
             backend: RedirectBackend = choice.backend
             return backend
@@ -109,6 +110,7 @@ class Agent:
         hub: Hub | None = None,
         source_factory: Callable[[PodStore], Source] | None = None,
         node_rules: Callable[[list[str]], None] | None = None,
+        duties: DutyOptions | None = None,
     ) -> None:
         self.config = config
         self.store = PodStore()
@@ -118,8 +120,11 @@ class Agent:
         self.flavour = flavour
         self.backend = backend if backend is not None else make_backend(config, flavour)
         fallback: RedirectBackend | None = None
-        if backend is None and config.backend == "auto" and self.backend.name != "iptables":
+        # eBPF node: iptables serves the pods eBPF cannot (fallback_reason, e.g. ambient without a known
+        # proxy cgroup); with `auto` also the pods whose cgroup is unknown (`ebpf` fails those closed)
+        if backend is None and self.backend.name != "iptables":
             fallback = make_backend(replace(config, backend="iptables"), flavour)
+        factory = self._other_backend if backend is None else None
         self.hub = hub if hub is not None else make_hub(config)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
         self.pins = NetnsPins(config.netns_dir)
@@ -129,10 +134,12 @@ class Agent:
             self.store, self.backend, self.hub, self.pins, self.records,
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
             node_name=config.node_name, drift_interval=config.drift_interval, fallback=fallback,
+            cgroup_fallback=config.backend == "auto", backend_factory=factory,
         )
         self.source: Source = (source_factory or self._default_source)(self.store)
+        self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race repair (issue 5)
         self.cni = CniServer(
-            str(config.cni_socket), self.reconciler, add_timeout=config.cni_add_timeout,
+            str(config.cni_socket), self.duties.status_view(self.reconciler), add_timeout=config.cni_add_timeout,
             resolve_uid=self._resolve_uid, extra_status=self._extra_status,
         )
         self.health: Any = None
@@ -147,6 +154,18 @@ class Agent:
 
         assert self.config.kubeconfig is not None
         return KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+
+    def _other_backend(self, name: str) -> RedirectBackend | None:
+        """A backend that is not this node's any more (agent restarted with another --backend): only to
+        remove what it left in a pod before the pod moves to the node's backend."""
+        if name == "iptables":
+            return make_backend(replace(self.config, backend="iptables"), self.flavour)
+        if name == "ebpf":
+            from node_agent.backends.ebpf.backend import EbpfBackend
+
+            other: RedirectBackend = EbpfBackend(self.config.state_dir, proxy_cgroup=self.config.proxy_cgroup)
+            return other
+        return None
 
     def _resolve_uid(self, namespace: str, name: str) -> str | None:
         for pod in self.store.snapshot().pods.values():
@@ -186,6 +205,7 @@ class Agent:
         self.reconciler.start()
         self.source.start()
         self.cni.start()
+        self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
             from node_agent.health import HealthServer
 
@@ -200,6 +220,7 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.duties.stop()  # first: with --cni-cleanup-on-exit the entry leaves before the socket closes
         self.cni.stop()
         self.source.stop()
         self.reconciler.stop()
@@ -208,6 +229,7 @@ class Agent:
             stop_hub()
         if self.health is not None:
             self.health.stop()
+        self.reconciler.close_backends()
         log.info("agent stopped; pod rules left in place", extra={"step": "stop"})
 
     def run(self) -> int:

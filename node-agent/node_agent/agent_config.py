@@ -46,6 +46,7 @@ class AgentConfig:
     cni_add_timeout: float = 20.0  # an ADD waits this long for rules + proxy ack
     ack_timeout: float = 15.0
     agent_id: str = field(default="")
+    proxy_cgroup: Path | None = None  # the node proxy's cgroup v2 dir (ambient over eBPF)
 
     @property
     def netns_dir(self) -> Path:
@@ -105,6 +106,7 @@ def build_config(
     log_level: str = "info",
     drift_interval: float = 2.0,
     cni_add_timeout: float = 20.0,
+    proxy_cgroup: str | Path | None = None,
 ) -> AgentConfig:
     """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
     if (objects_dir is None) == (kubeconfig is None):
@@ -144,6 +146,11 @@ def build_config(
             raise ConfigError(f"{flag} {str(sock)!r}: unix socket paths must be under 108 bytes")
     if csock == psock:
         raise ConfigError("--cni-socket and --proxy-socket must differ")
+    pcg: Path | None = None
+    if proxy_cgroup:
+        pcg = Path(proxy_cgroup)
+        if not pcg.is_absolute() or not (pcg / "cgroup.procs").is_file():
+            raise ConfigError(f"--proxy-cgroup {str(pcg)!r} is not a cgroup directory (absolute path expected)")
     return AgentConfig(
         state_dir=sdir,
         cni_socket=csock,
@@ -159,4 +166,5 @@ def build_config(
         drift_interval=drift_interval,
         cni_add_timeout=cni_add_timeout,
         agent_id=f"headrace-agent-{node or 'local'}",
+        proxy_cgroup=pcg,
     )

@@ -137,6 +137,8 @@ class Reconciler:
         find_by_ips: Callable[[str, tuple[str, ...]], NetnsLocation] | None = None,
         conntrack: Conntrack | None = None,
         fallback: RedirectBackend | None = None,
+        cgroup_fallback: bool = True,
+        backend_factory: Callable[[str], RedirectBackend | None] | None = None,
         node_rules: Callable[[list[str]], None] | None = None,
         metrics: Metrics | None = None,
         spec: AmbientSpec | None = None,
@@ -151,6 +153,12 @@ class Reconciler:
         self.backend = backend
         # `auto` on a node where eBPF runs: pods whose cgroup is unknown get the fallback (iptables)
         self.fallback = fallback
+        # True (`auto`): the fallback also takes pods whose cgroup is unknown; False (`ebpf`): only pods the
+        # node backend itself declines (its fallback_reason(spec)); the others fail closed
+        self.cgroup_fallback = cgroup_fallback
+        # builds a backend this node no longer uses, to clear a pod recorded with it (backend switch)
+        self._backend_factory = backend_factory
+        self._retired: dict[str, RedirectBackend | None] = {}
         self.hub = hub
         self.pins = pins
         self.records = records
@@ -341,11 +349,23 @@ class Reconciler:
     def _ctx(self, st: PodState, step: str) -> dict[str, Any]:
         return {"pod": st.name, "namespace": st.namespace, "uid": st.uid, "netns": st.netns, "step": step}
 
+    def _find_cgroup(self, st: PodState, scan_cache: dict[str, Any]) -> None:
+        """The pod's cgroup v2 dir from its processes in the pinned netns (eBPF attaches there)."""
+        if st.cgroup_path or not self._needs_cgroup(self.backend):
+            return
+        if "scan" not in scan_cache:
+            scan_cache["scan"] = self._scan()
+        for loc in scan_cache["scan"].get(st.uid, []):
+            if loc.inode == st.inode and loc.cgroup_path:
+                st.cgroup_path = loc.cgroup_path
+                return
+
     def _locate(self, st: PodState, scan_cache: dict[str, Any]) -> None:
         """Make sure st.netns is a verified pin; raises PinError/LookupError."""
         if st.inode and st.netns:
             try:
                 self.pins.verify(st.uid, st.inode)
+                self._find_cgroup(st, scan_cache)  # adopted from an agent that did not need it
                 return
             except PinError:
                 st.netns, st.inode, st.rules_in = "", 0, False
@@ -385,16 +405,72 @@ class Reconciler:
     def _needs_cgroup(self, backend: RedirectBackend) -> bool:
         return bool(getattr(backend, "needs_cgroup", backend.name == "ebpf"))
 
-    def _backend_of(self, st: PodState) -> RedirectBackend:
-        """The pod's backend: the one recorded, else the node's, else (cgroup unknown) the fallback."""
+    def _backend_named(self, name: str) -> RedirectBackend | None:
         for b in (self.backend, self.fallback):
-            if b is not None and st.backend and b.name == st.backend:
+            if b is not None and b.name == name:
                 return b
-        chosen = self.backend
-        if self.fallback is not None and not st.cgroup_path and self._needs_cgroup(self.backend):
-            chosen = self.fallback
+        if name not in self._retired:
+            made = None
+            if self._backend_factory is not None:
+                try:
+                    made = self._backend_factory(name)
+                except Exception as exc:
+                    log.warning("cannot build backend %s: %s", name, exc, extra={"step": "backend"})
+            self._retired[name] = made
+        return self._retired[name]
+
+    def _choose(self, st: PodState, spec: Any) -> RedirectBackend:
+        """The backend a pod should have now: the node's, or the fallback when the node's backend declines
+        the spec (fallback_reason) or, with cgroup_fallback, when the pod's cgroup is unknown."""
+        if self.fallback is None:
+            return self.backend
+        reason_fn = getattr(self.backend, "fallback_reason", None)
+        reason = reason_fn(spec) if callable(reason_fn) else None
+        if reason is None and self.cgroup_fallback and not st.cgroup_path and self._needs_cgroup(self.backend):
+            reason = "the pod's cgroup v2 directory is unknown (no pod process found)"
+        if reason is None:
+            return self.backend
+        if st.extra.get("fallback_reason") != reason:
+            st.extra["fallback_reason"] = reason
+            log.info("pod uses the %s backend: %s", self.fallback.name, reason,
+                     extra={**self._ctx(st, "backend"), "backend": self.fallback.name})
+        return self.fallback
+
+    def _backend_of(self, st: PodState) -> RedirectBackend:
+        """The pod's backend: the one recorded, else the one chosen now (see _choose)."""
+        if st.backend:
+            b = self._backend_named(st.backend)
+            if b is not None:
+                return b
+        chosen = self._choose(st, self.spec)
         st.backend = chosen.name
         return chosen
+
+    def _settle_backend(self, st: PodState) -> None:
+        """A pod recorded with another backend than the one it should have now (the agent restarted with
+        another --backend, or its cgroup became known): clear the old backend's redirection first, so the
+        new one is installed alone."""
+        chosen = self._choose(st, self.spec)
+        if st.backend and st.backend != chosen.name:
+            old = self._backend_named(st.backend)
+            if old is not None and st.inode:
+                target = self._target(st)
+                if old.installed(target):
+                    old.remove(target)
+                    log.info("pod moved from the %s to the %s backend", old.name, chosen.name,
+                             extra=self._ctx(st, "backend-switch"))
+            st.rules_in = False
+        st.backend = chosen.name
+
+    def close_backends(self) -> None:
+        """Agent shutdown: let backends release node resources they hold (pods keep their redirection)."""
+        for b in (self.backend, self.fallback, *self._retired.values()):
+            close = getattr(b, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as exc:
+                    log.warning("backend close: %s", exc, extra={"step": "stop"})
 
     def _target(self, st: PodState) -> PodTarget:
         path = self.pins.verify(st.uid, st.inode)
@@ -410,7 +486,11 @@ class Reconciler:
         except (PinError, LookupError, OSError) as exc:
             self._fail(st, f"netns not found: {exc}", now)
             return
-        self._backend_of(st)
+        try:
+            self._settle_backend(st)
+        except (BackendError, PinError, OSError) as exc:
+            self._fail(st, f"backend switch: {exc}", now)
+            return
         if not st.ips:
             try:
                 st.ips = self._read_ips(st.netns)
@@ -610,7 +690,8 @@ class Reconciler:
                     if loc.inode == ino and loc.cgroup_path:
                         st.cgroup_path = loc.cgroup_path
                         break
-            backend = self._backend_of(st)
+            backend = self._choose(st, spec)
+            st.backend = backend.name
             target = PodTarget(uid, st.namespace, st.name, netns, ino, st.ips, st.cgroup_path)
             try:
                 backend.apply(target, spec)
@@ -634,8 +715,24 @@ class Reconciler:
         except (BackendError, OSError) as exc:
             log.warning("sidecar removal: %s", exc, extra=self._ctx(st, "sidecar-remove"))
 
+    def _remove_unknown_pins(self, uid: str) -> None:
+        """A pod we hold no state for (a sidecar pod redirected by an earlier agent run) may still have
+        pinned eBPF state: remove it by its pins (cgroup found by id; TC went with the netns)."""
+        for b in (self.backend, self.fallback):
+            pinned = getattr(b, "pinned_pods", None)
+            if b is None or not callable(pinned):
+                continue
+            try:
+                if uid in pinned():
+                    b.remove(PodTarget(uid, "", "", ""))
+                    log.info("pinned state of an unknown pod removed", extra={"uid": uid, "step": "cni-del"})
+            except (BackendError, OSError) as exc:
+                log.warning("removing pinned state: %s", exc, extra={"uid": uid, "step": "cni-del"})
+
     def cni_del(self, uid: str) -> Outcome:
         with self._lock:
+            if uid not in self.sidecars and uid not in self.pods:
+                self._remove_unknown_pins(uid)
             self._sidecar_remove(uid)
             self.hints.pop(uid, None)
             if uid in self.pods:

@@ -50,7 +50,7 @@ def query(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
 def state_text(pod: dict[str, Any]) -> str:
     state = str(pod.get("state", ""))
     reason = str(pod.get("reason", ""))
-    if state in ("pending", "failed") and reason:
+    if reason and (state in ("pending", "failed") or pod.get("boot_race")):  # boot race: agent_duties.py
         return f"{state} ({reason})"
     return state
 

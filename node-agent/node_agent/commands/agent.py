@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
+
+from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 
 
 @click.command("agent")
@@ -27,6 +30,10 @@ import click
               help="Seconds between drift checks of enrolled pods.")
 @click.option("--cni-add-timeout", type=float, default=20.0, show_default=True,
               help="Longest an ADD waits for rules + proxy ack.")
+@click.option("--proxy-cgroup", default=None, type=click.Path(file_okay=False),
+              help="The node proxy's cgroup v2 directory (ambient over eBPF answers SO_ORIGINAL_DST there; "
+                   "without it ambient pods use iptables).")
+@duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent_duties.py)
 def agent(
     objects_dir: str | None,
     kubeconfig: str | None,
@@ -41,6 +48,8 @@ def agent(
     log_level: str,
     drift_interval: float,
     cni_add_timeout: float,
+    proxy_cgroup: str | None,
+    **duty: Any,
 ) -> None:
     """Run the node agent (one per node)."""
     from node_agent import agent_log
@@ -51,14 +60,15 @@ def agent(
             objects_dir=objects_dir, kubeconfig=kubeconfig, node_name=node_name, state_dir=state_dir,
             cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
             metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
-            drift_interval=drift_interval, cni_add_timeout=cni_add_timeout,
+            drift_interval=drift_interval, cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    duties = build_duties(duty)
     agent_log.setup(config.log_level)
     from node_agent.agent import Agent, AgentError
 
     try:
-        sys.exit(Agent(config).run())
+        sys.exit(Agent(config, duties=duties).run())
     except AgentError as exc:
         raise click.ClickException(str(exc)) from exc

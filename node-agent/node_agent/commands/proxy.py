@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -16,8 +17,20 @@ import click
                    "opening the pinned path.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def proxy(socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str) -> None:
+@click.option("--cgroup", "cgroup", default=None, type=click.Path(file_okay=False),
+              help="Join this cgroup v2 directory at start (ambient eBPF: the agent's --proxy-cgroup, where "
+                   "SO_ORIGINAL_DST is answered for the proxy's sockets).")
+def proxy(socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str, cgroup: str | None) -> None:
     """Run the reference node proxy: one JSON line per finished connection on stdout, logs on stderr."""
     from node_agent.refproxy.main import run
+
+    if cgroup is not None:
+        from pathlib import Path
+
+        procs = Path(cgroup) / "cgroup.procs"
+        try:
+            procs.write_text(str(os.getpid()))
+        except OSError as exc:
+            raise click.ClickException(f"--cgroup {cgroup}: cannot join ({exc.strerror or exc})") from exc
 
     sys.exit(run(socket_path, proxy_id, netns_fd, log_level))

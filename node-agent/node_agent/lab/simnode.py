@@ -9,6 +9,13 @@
 Pods are network namespaces wired by `bridge` + `host-local` from /usr/lib/cni, chained with `headrace-cni`
 (from the venv) when the node's conflist has it. The plugins run inside the node netns, as a runtime on
 that node would. Subnets are chosen at random (10.200.0.0/13 and a ULA /64) so parallel tests don't clash.
+
+`SimNode.create(..., pod_cgroups=True)` makes pods like a real runtime does: before the chain ADD each pod
+gets an infra ("pause") process (`sleep infinity` entered into the pod netns) in a cgroup v2 directory laid
+out like kubelet's cgroupfs driver, `/sys/fs/cgroup/unified/headrace-test-<node>/kubepods/pod<uid>/<id>`
+(`pod.pod_cgroup` is the pod level, `pod.cgroup` the container). The agent's /proc scan then finds the
+pod's netns and cgroup (needed by the eBPF backend). Removing the pod or the node kills the process and
+removes the directories, also after failures. `node.proxy_cgroup()` makes a cgroup for the node proxy.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +39,7 @@ from node_agent.lab.cni_runner import CniRunner
 from node_agent.lab.netns import NetNS, unique
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
+CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 VENV_BIN = Path(sys.executable).parent
 HEADRACE_CNI = VENV_BIN / "headrace-cni"
 
@@ -73,6 +84,13 @@ class Pod:
     result: dict[str, Any]
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
+    cgroup: str | None = None  # the infra process's (container-level) cgroup v2 dir, with pod_cgroups
+    pause_pid: int | None = None
+
+    @property
+    def pod_cgroup(self) -> str | None:
+        """The pod-level cgroup v2 directory (`.../kubepods/pod<uid>`), None without pod_cgroups."""
+        return str(Path(self.cgroup).parent) if self.cgroup else None
 
     def _ip(self, version: int) -> str | None:
         for entry in self.result.get("ips", []):
@@ -114,19 +132,29 @@ class SimNode:
     dual_stack: bool = True
     headrace: dict[str, Any] | None = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)
+    pod_cgroups: bool = False
+    _pause: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     # -- life cycle -------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path, *, dual_stack: bool = True, headrace: dict[str, Any] | None = None) -> SimNode:
+    def create(
+        cls,
+        root: Path,
+        *,
+        dual_stack: bool = True,
+        headrace: dict[str, Any] | None = None,
+        pod_cgroups: bool = False,
+    ) -> SimNode:
         """A node netns and directories under root. headrace=None: a chain without headrace-cni; a dict:
-        extra fields of the headrace-cni entry (defaults: objects_dir, log_file, agent_socket in root)."""
+        extra fields of the headrace-cni entry (defaults: objects_dir, log_file, agent_socket in root).
+        pod_cgroups: give every pod an infra process in a kubelet-like cgroup v2 directory."""
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("objects", "ipam", "cache", "bin", "state", "log"):
             (root / sub).mkdir(exist_ok=True)
         write_plugin_launcher(root / "bin" / "headrace-cni")
         v4, v6 = random_subnets()
         netns = NetNS.create("hrnode-")
-        node = cls(root, netns, unique("hrb", 8), v4, v6, dual_stack, headrace)
+        node = cls(root, netns, unique("hrb", 8), v4, v6, dual_stack, headrace, pod_cgroups=pod_cgroups)
         try:
             netns.sysctl("net.ipv4.ip_forward", "1")
             netns.sysctl("net.ipv6.conf.all.forwarding", "1")
@@ -145,6 +173,7 @@ class SimNode:
             "subnet_v6": str(self.subnet_v6),
             "dual_stack": self.dual_stack,
             "headrace": self.headrace,
+            "pod_cgroups": self.pod_cgroups,
             "pods": [
                 {
                     "namespace": p.namespace,
@@ -155,6 +184,8 @@ class SimNode:
                     "result": p.result,
                     "labels": p.labels,
                     "annotations": p.annotations,
+                    "cgroup": p.cgroup,
+                    "pause_pid": p.pause_pid,
                 }
                 for p in self.pods.values()
             ],
@@ -170,6 +201,7 @@ class SimNode:
             ipaddress.IPv6Network(data["subnet_v6"]),
             bool(data["dual_stack"]),
             data["headrace"],
+            pod_cgroups=bool(data.get("pod_cgroups", False)),
         )
         for p in data["pods"]:
             pod = Pod(
@@ -181,6 +213,8 @@ class SimNode:
                 p["result"],
                 p["labels"],
                 p["annotations"],
+                p.get("cgroup"),
+                p.get("pause_pid"),
             )
             node.pods[pod.uid] = pod
         return node
@@ -191,14 +225,38 @@ class SimNode:
             try:
                 self.remove_pod(pod)
             except Exception:
+                self._stop_pause(pod)
                 pod.netns.delete()
                 self.pods.pop(pod.uid, None)
-        self.netns.delete()
+        try:
+            self.remove_cgroups()
+        finally:
+            self.netns.delete()
 
     # -- configuration ------------------------------------------------------------------------------------
     @property
     def objects_dir(self) -> Path:
         return self.root / "objects"
+
+    @property
+    def cgroup_base(self) -> Path:
+        """This node's cgroup v2 subtree (pod_cgroups): everything of the node's pods and proxy is below."""
+        return CGROUP2_ROOT / f"headrace-test-{self.netns.name}"
+
+    def proxy_cgroup(self) -> Path:
+        """A cgroup v2 directory for the node proxy (ambient eBPF answers SO_ORIGINAL_DST there)."""
+        path = self.cgroup_base / "headrace-proxy"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def remove_cgroups(self) -> None:
+        """Remove the node's cgroup subtree, deepest first; processes still inside are killed first."""
+        base = self.cgroup_base
+        if not base.is_dir():
+            return
+        dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for d in [*dirs, base]:
+            _rmdir_cgroup(d)
 
     @property
     def state_dir(self) -> Path:
@@ -331,10 +389,13 @@ class SimNode:
         )
         self.write_pod(pod)
         try:
+            if self.pod_cgroups:
+                self._start_pause(pod)
             pod.result = self.runner(cni_version).add(pod.container_id, netns.path, args=pod.cni_args)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.runner(cni_version).delete(pod.container_id, netns.path, args=pod.cni_args)
+            self._stop_pause(pod)
             netns.delete()
             (self.objects_dir / f"pod-{namespace}-{name}.json").unlink(missing_ok=True)
             raise
@@ -346,9 +407,89 @@ class SimNode:
         try:
             self.runner(cni_version).delete(pod.container_id, pod.netns.path, args=pod.cni_args)
         finally:
+            self._stop_pause(pod)
             pod.netns.delete()
             self.pods.pop(pod.uid, None)
             (self.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
 
+    # -- infra ("pause") processes in pod cgroups ---------------------------------------------------------
+    def _start_pause(self, pod: Pod) -> None:
+        """The pod's infra process: `sleep infinity` in the pod netns, moved into its container cgroup."""
+        cg = self.cgroup_base / "kubepods" / f"pod{pod.uid}" / pod.container_id
+        cg.mkdir(parents=True, exist_ok=True)
+        pod.cgroup = str(cg)
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={pod.netns.path}", "--", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._pause[pod.uid] = proc
+        pod.pause_pid = proc.pid
+        # nsenter execs sleep in place, so the pid stays; wait until it is in the pod netns
+        (cg / "cgroup.procs").write_text(str(proc.pid))
+        want = os.stat(pod.netns.path).st_ino
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == want:
+                    return
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        raise RuntimeError(f"infra process of pod {pod.name} did not enter its netns")
+
+    def _stop_pause(self, pod: Pod) -> None:
+        proc = self._pause.pop(pod.uid, None)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        elif pod.pause_pid is not None:  # a node taken over with from_dict
+            _kill_if_in(pod.pause_pid, pod.cgroup)
+        pod.pause_pid = None
+        if pod.cgroup:
+            cg = Path(pod.cgroup)
+            _rmdir_cgroup(cg)
+            _rmdir_cgroup(cg.parent)
+
     def cleanup_files(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _kill_if_in(pid: int, cgroup: str | None) -> None:
+    """SIGKILL pid only if it still lives in cgroup (pids are recycled)."""
+    if not cgroup:
+        return
+    try:
+        procs = (Path(cgroup) / "cgroup.procs").read_text().split()
+    except OSError:
+        return
+    if str(pid) in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _rmdir_cgroup(path: Path, timeout: float = 3.0) -> None:
+    """rmdir a cgroup v2 directory, killing what still runs inside (EBUSY until the processes are gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                return
+        try:
+            for pid in (path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+        time.sleep(0.02)

@@ -6,6 +6,10 @@
 
 A listener replies b"<label>|<first bytes received>" so the client sees who answered. Clients can run as
 another uid (uid=1337 runs a small child process with /usr/bin/python3) or with an SO_MARK (mark=0x539).
+
+cgroup=DIR (a pod's cgroup v2 directory, `pod.cgroup` of a SimNode made with pod_cgroups=True) runs the
+client, or the listener, as a child process that joins that cgroup first: cgroup eBPF programs (connect,
+getsockopt for SO_ORIGINAL_DST) only act on the processes of their cgroup, as on a real node.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from node_agent.lab.netns import entered
 SO_ORIGINAL_DST = 80
 SOL_IPV6 = 41
 CLIENT_SCRIPT = Path(__file__).with_name("tcp_client.py")
+LISTENER_SCRIPT = Path(__file__).with_name("listener_child.py")
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
@@ -62,6 +67,7 @@ class Listener:
         addr: str | None = None,
         label: str | None = None,
         reply: bool = True,
+        cgroup: str | None = None,
     ) -> None:
         self.netns_path = netns_path
         self.port = port
@@ -73,8 +79,13 @@ class Listener:
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self.cgroup = cgroup
+        self._child: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Listener:
+        if self.cgroup is not None:
+            self._start_child()
+            return self
         with entered(self.netns_path):
             s = socket.socket(self.family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -87,6 +98,51 @@ class Listener:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
         return self
+
+    def _start_child(self) -> None:
+        """The listener as a child process inside the cgroup; its JSON lines feed self.accepted."""
+        spec = {
+            "family": 6 if self.family == socket.AF_INET6 else 4,
+            "addr": self.addr,
+            "port": self.port,
+            "label": self.label,
+            "reply": self.reply,
+            "cgroup": self.cgroup,
+        }
+        child = subprocess.Popen(
+            ["nsenter", f"--net={self.netns_path}", "--", "/usr/bin/python3", str(LISTENER_SCRIPT), json.dumps(spec)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._child = child
+        assert child.stdout is not None
+        first = child.stdout.readline()
+        if not first:
+            err = child.stderr.read() if child.stderr is not None else ""
+            child.wait(5)
+            self._child = None
+            raise OSError(f"listener on port {self.port} in cgroup {self.cgroup} failed: {err.strip()}")
+        self._thread = threading.Thread(target=self._read_child, args=(child,), daemon=True)
+        self._thread.start()
+
+    def _read_child(self, child: subprocess.Popen[str]) -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            odst = obj.get("original_dst")
+            self.accepted.put(
+                Accepted(
+                    (str(obj["peer"][0]), int(obj["peer"][1])),
+                    (str(obj["local"][0]), int(obj["local"][1])),
+                    (str(odst[0]), int(odst[1])) if odst else None,
+                    bytes.fromhex(obj["data"]),
+                )
+            )
 
     def _serve(self) -> None:
         assert self._sock is not None
@@ -122,6 +178,13 @@ class Listener:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
+        if self._child is not None:
+            self._child.kill()
+            self._child.wait(5)
+            for pipe in (self._child.stdout, self._child.stderr):
+                if pipe is not None:
+                    pipe.close()
+            self._child = None
         if self._sock is not None:
             self._sock.close()
         if self._thread is not None:
@@ -139,12 +202,31 @@ def tcp_request(
     gid: int | None = None,
     mark: int | None = None,
     source: str | None = None,
+    cgroup: str | None = None,
 ) -> bytes:
     """Connect from inside netns_path to host:port, send payload, return the reply (until EOF).
 
     uid/gid: run the client as that user in a child process (the proxy's uid 1337 in sidecar tests).
     mark: set SO_MARK on the socket (the node proxy's 0x539 in ambient tests). Raises OSError on failure.
+    cgroup: run the client in a child process inside that cgroup v2 directory (then as uid/gid if given).
     """
+    if cgroup is not None:
+        spec = {
+            "host": host,
+            "port": port,
+            "payload": payload.decode(),
+            "timeout": timeout,
+            "mark": mark,
+            "source": source,
+            "cgroup": cgroup,
+            "uid": uid,
+            "gid": gid,
+        }
+        argv = ["nsenter", f"--net={netns_path}", "--", "/usr/bin/python3", str(CLIENT_SCRIPT), json.dumps(spec)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
+        if proc.returncode != 0:
+            raise ConnectionError(f"client in cgroup {cgroup} failed: {proc.stderr.strip()}")
+        return bytes.fromhex(proc.stdout.strip())
     if uid is not None or gid is not None:
         argv = [
             "nsenter",
