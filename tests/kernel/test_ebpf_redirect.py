@@ -64,14 +64,22 @@ def bpftool_json(*args: str) -> list[dict[str, Any]]:
     return out
 
 
-def wait_no_maps_of(ids: set[int], timeout: float = 5.0) -> bool:
-    """Maps are freed after their programs, asynchronously (RCU): poll until none of ids is left."""
+def wait_none_left(kind: str, ids: set[int], timeout: float = 5.0) -> bool:
+    """Programs and maps are freed asynchronously (RCU): poll until none of ids is left."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not ids & {m["id"] for m in bpftool_json("map", "show")}:
+        if not ids & {m["id"] for m in bpftool_json(kind, "show")}:
             return True
         time.sleep(0.1)
     return False
+
+
+def wait_no_maps_of(ids: set[int], timeout: float = 5.0) -> bool:
+    return wait_none_left("map", ids, timeout)
+
+
+def hr_ids(kind: str) -> set[int]:
+    return {x["id"] for x in bpftool_json(kind, "show") if str(x.get("name", "")).startswith("hr_")}
 
 
 def cgroup_prog_names(cg: Path) -> list[str]:
@@ -328,15 +336,16 @@ def test_apply_idempotent_and_readopted_after_restart(env, backend, target, tmp_
 
 def test_remove_leaves_nothing_and_is_idempotent(env, backend, target):
     start_proxy_and_server(env)
+    # Only what this apply created counts as ours: other processes on the machine may load hr_* too.
+    before_progs, before_maps = hr_ids("prog"), hr_ids("map")
     backend.apply(target, SIDECAR_OUT)
-    ours = {p["id"] for p in bpftool_json("prog", "show") if str(p.get("name", "")).startswith("hr_")}
+    ours = hr_ids("prog") - before_progs
     assert ours
-    ours_maps = {m["id"] for m in bpftool_json("map", "show") if str(m.get("name", "")).startswith("hr_")}
+    ours_maps = hr_ids("map") - before_maps
     backend.remove(target)
     backend.remove(target)
     assert cgroup_prog_names(env.cgroup) == []
-    left = {p["id"] for p in bpftool_json("prog", "show")}
-    assert not (ours & left)
+    assert wait_none_left("prog", ours)
     assert wait_no_maps_of(ours_maps)
     assert not (backend.state_dir / "bpf" / target.uid).exists()
     assert not backend.installed(target)

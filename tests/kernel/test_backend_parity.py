@@ -1,0 +1,385 @@
+"""The same behaviour on both redirection backends, through the product path (issue 4, "How it is proven").
+
+Every test runs once with `iptables` and once with `ebpf`: a simulated node whose pods are made like a real
+runtime makes them (bridge + host-local + headrace-cni with `backend: <b>` in the conflist, an infra
+process per pod in a kubelet-like cgroup v2 directory), the agent (`--backend <b>`) and the reference proxy
+(in its own cgroup, `--proxy-cgroup`) as processes in the node netns. Clients and the sidecar proxy's
+listeners run inside the pod's cgroup, as a pod's processes would.
+
+- sidecar: outbound lands on 15001 with SO_ORIGINAL_DST (IPv4 and IPv6), inbound lands on 15006 with the
+  original destination, uid 1337 bypasses, an excluded port bypasses; after CNI DEL nothing of ours is left
+  (iptables-save / bpftool cgroup show / tc filter / pins);
+- ambient: labelling a namespace with running pods sends their traffic through the reference proxy (JSON
+  lines name the workloads and the original destination); agent SIGKILL + restart re-adopts without
+  duplicates (same rules / same program ids) and traffic stays redirected; drift (flushed chains / a
+  detached program) is repaired; unlabel → direct, nothing of ours left;
+- a pod switched from one backend to the other (agent restarted with the other --backend) keeps working
+  and keeps only the new backend's redirection.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_agent.lab.simnode import Pod, SimNode
+from node_agent.lab.traffic import Listener, tcp_request
+
+from tests.kernel.agent_kit import HEADRACE, AgentRun, headrace_rules, run, wait_for
+from tests.kernel.test_ambient_e2e import PORT, start_app
+
+pytestmark = pytest.mark.kernel
+
+BACKENDS = ("iptables", "ebpf")
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+SIDECAR = {"sidecar.istio.io/status": "{}"}
+
+
+def _ebpf_problems() -> list[str]:
+    from node_agent.backends.select import ebpf_problems
+
+    return list(ebpf_problems())
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    name = str(request.param)
+    if name == "ebpf":
+        problems = _ebpf_problems()
+        if problems:
+            pytest.skip(f"eBPF cannot run here: {'; '.join(problems)}")
+    return name
+
+
+class ParityRun(AgentRun):
+    """AgentRun whose reference proxy joins the node's proxy cgroup (ambient eBPF answers there)."""
+
+    proxy_cgroup: Path
+
+    def start_proxy(self) -> None:
+        self.proxy_runs += 1
+        out = open(self.base / f"proxy{self.proxy_runs}.out", "wb")
+        err = open(self.base / f"proxy{self.proxy_runs}.log", "wb")
+        self.proxy = subprocess.Popen(
+            self._nsenter(
+                HEADRACE, "proxy", "--socket", self.proxy_socket, "--id", "parity-proxy",
+                "--cgroup", str(self.proxy_cgroup),
+            ),
+            stdout=out,
+            stderr=err,
+        )
+        out.close()
+        err.close()
+
+    def use_backend(self, name: str) -> None:
+        self.extra = ["--backend", name, "--proxy-cgroup", str(self.proxy_cgroup)]
+
+
+@pytest.fixture
+def env(make_node: Any, backend: str) -> Iterator[tuple[SimNode, ParityRun, list[subprocess.Popen[bytes]]]]:
+    yield from node_env(make_node, backend)
+
+
+@pytest.fixture
+def ebpf_env(make_node: Any) -> Iterator[tuple[SimNode, ParityRun, list[subprocess.Popen[bytes]]]]:
+    problems = _ebpf_problems()
+    if problems:
+        pytest.skip(f"eBPF cannot run here: {'; '.join(problems)}")
+    yield from node_env(make_node, "ebpf")
+
+
+def node_env(make_node: Any, backend: str) -> Iterator[tuple[SimNode, ParityRun, list[subprocess.Popen[bytes]]]]:
+    node: SimNode = make_node(headrace={"backend": backend}, pod_cgroups=True)
+    agent = ParityRun(
+        node.netns.path,
+        node.objects_dir,
+        node.root / "run",
+        state_dir=node.state_dir,
+        cni_socket=node.agent_socket,
+        proxy_socket=node.state_dir / "proxy.sock",
+    )
+    agent.proxy_cgroup = node.proxy_cgroup()
+    agent.use_backend(backend)
+    apps: list[subprocess.Popen[bytes]] = []
+    try:
+        yield node, agent, apps
+    finally:
+        for app in apps:
+            app.kill()
+            app.wait(5)
+        agent.close()
+
+
+# ---- what of ours is in a pod -----------------------------------------------------------------------------
+def bpftool_cgroup(cgroup: str | None) -> list[dict[str, Any]]:
+    if not cgroup or not Path(cgroup).is_dir():
+        return []
+    out = run(["bpftool", "-j", "cgroup", "show", cgroup], check=False).stdout.strip()
+    return [p for p in (json.loads(out) if out else []) if str(p.get("name", "")).startswith("hr_")]
+
+
+def tc_filters(netns_path: str) -> list[str]:
+    """Our TC ingress filters (bpf programs named hr_*) on every interface of the pod."""
+    links = json.loads(run(["nsenter", f"--net={netns_path}", "ip", "-j", "link", "show"]).stdout)
+    found: list[str] = []
+    for link in links:
+        ifname = link["ifname"]
+        if ifname == "lo":
+            continue
+        out = run(["nsenter", f"--net={netns_path}", "tc", "-j", "filter", "show", "dev", ifname, "ingress"],
+                  check=False).stdout.strip()
+        for f in json.loads(out) if out else []:
+            name = str(f.get("options", {}).get("bpf_name", ""))
+            if name.startswith("hr_"):
+                found.append(f"{ifname}:{name}")
+    return sorted(found)
+
+
+def ebpf_state(pod: Pod) -> list[str]:
+    """Our cgroup programs (attach type + name) and TC filters of a pod."""
+    progs = [f"{p['attach_type']}:{p['name']}" for p in bpftool_cgroup(pod.pod_cgroup)]
+    return sorted(progs) + tc_filters(pod.netns.path)
+
+
+def ebpf_ids(pod: Pod) -> list[int]:
+    return sorted(int(p["id"]) for p in bpftool_cgroup(pod.pod_cgroup))
+
+
+def iptables_state(pod: Pod) -> list[str]:
+    return headrace_rules(pod.netns.path, 4) + headrace_rules(pod.netns.path, 6)
+
+
+def ours(pod: Pod, backend: str) -> list[str]:
+    return ebpf_state(pod) if backend == "ebpf" else iptables_state(pod)
+
+
+def anything_of_ours(node: SimNode, pod: Pod) -> list[str]:
+    """Everything either backend could have left in or for a pod (bpftool + iptables + pins)."""
+    left = ebpf_state(pod) + iptables_state(pod)
+    pin_dir = node.state_dir / "bpf" / pod.uid
+    if pin_dir.exists():
+        left.append(f"pinned: {pin_dir}")
+    return left
+
+
+# ---- traffic helpers --------------------------------------------------------------------------------------
+def request(src: Pod, host: str, payload: bytes, timeout: float = 6.0) -> bytes:
+    """A request from inside the pod's cgroup, retried while the far side is not up yet."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            reply = tcp_request(src.netns.path, host, PORT, payload, cgroup=src.cgroup)
+            if reply or time.monotonic() > end:
+                return reply
+        except OSError:
+            if time.monotonic() > end:
+                raise
+        time.sleep(0.1)
+
+
+def proxied(agent: AgentRun, client: str, server: str, dst: str, after: int = 0) -> list[dict[str, Any]]:
+    lines = agent.proxy_lines()[after:]
+    out = [x for x in lines if x.get("direction") == "outbound" and x.get("workload") == client and x.get("dst") == dst]
+    inn = [x for x in lines if x.get("direction") == "inbound" and x.get("workload") == server]
+    return out + inn if out and inn else []
+
+
+# ---- sidecar ----------------------------------------------------------------------------------------------
+def test_sidecar_parity(env: Any, backend: str) -> None:
+    node, agent, _apps = env
+    agent.start_agent()  # the ebpf plugin hands sidecar pods to the agent; iptables applies them itself
+    peer = node.add_pod("plain", "peer")
+    pod = node.add_pod(
+        "app", "web", annotations={**SIDECAR, "traffic.sidecar.istio.io/excludeOutboundPorts": "9090"}
+    )
+    installed = ours(pod, backend)
+    assert installed, f"no {backend} redirection in the pod"
+    if backend == "ebpf":
+        assert not iptables_state(pod)
+        row = agent.status()[pod.uid]
+        assert (row["mode"], row["backend"], row["state"]) == ("sidecar", "ebpf", "enrolled")
+    else:
+        assert not ebpf_state(pod)
+
+    with (
+        Listener(pod.netns.path, 15001, cgroup=pod.cgroup, label="outbound") as out4,
+        Listener(pod.netns.path, 15001, family=6, cgroup=pod.cgroup, label="outbound6") as out6,
+        Listener(peer.netns.path, PORT, label="peer"),
+        Listener(peer.netns.path, PORT, family=6, label="peer6"),
+        Listener(peer.netns.path, 9090, label="peer9090"),
+    ):
+        # outbound → 15001, the original destination readable with SO_ORIGINAL_DST
+        assert tcp_request(pod.netns.path, peer.ipv4, PORT, b"out", cgroup=pod.cgroup) == b"outbound|out"
+        conn = out4.wait_one()
+        assert conn.original_dst == (peer.ipv4, PORT)
+        assert tcp_request(pod.netns.path, peer.ipv6, PORT, b"out6", cgroup=pod.cgroup) == b"outbound6|out6"
+        assert out6.wait_one().original_dst == (peer.ipv6, PORT)
+        # the proxy's uid bypasses
+        reply = tcp_request(pod.netns.path, peer.ipv4, PORT, b"proxy", uid=1337, gid=1337, cgroup=pod.cgroup)
+        assert reply == b"peer|proxy"
+        # an excluded outbound port bypasses
+        assert tcp_request(pod.netns.path, peer.ipv4, 9090, b"excl", cgroup=pod.cgroup) == b"peer9090|excl"
+        assert out4.count() == 0
+
+    # inbound → 15006 with the original destination
+    with Listener(pod.netns.path, 15006, cgroup=pod.cgroup, label="inbound") as inbound:
+        assert tcp_request(peer.netns.path, pod.ipv4, PORT, b"in", cgroup=peer.cgroup) == b"inbound|in"
+        assert inbound.wait_one().original_dst == (pod.ipv4, PORT)
+
+    # CNI DEL: nothing of ours remains (checked before the harness removes the netns and cgroup)
+    node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)
+    wait_for(lambda: not anything_of_ours(node, pod), 10, "nothing of ours after DEL")
+    node.remove_pod(pod)
+
+    # a sidecar pod redirected before an agent restart: still redirected after it, and its DEL (handled
+    # by the new agent, which never saw its ADD) leaves no program on the cgroup and no pins
+    pod2 = node.add_pod("app", "web2", annotations=SIDECAR)
+    agent.kill_agent(signal.SIGKILL)
+    agent.start_agent()
+    with Listener(pod2.netns.path, 15001, cgroup=pod2.cgroup, label="outbound2") as out2:
+        assert tcp_request(pod2.netns.path, peer.ipv4, PORT, b"o2", cgroup=pod2.cgroup) == b"outbound2|o2"
+        assert out2.wait_one().original_dst == (peer.ipv4, PORT)
+    node.runner().delete(pod2.container_id, pod2.netns.path, args=pod2.cni_args)
+    wait_for(
+        lambda: not bpftool_cgroup(pod2.pod_cgroup) and not iptables_state(pod2)
+        and not (node.state_dir / "bpf" / pod2.uid).exists(),
+        10,
+        "nothing of ours after DEL by a restarted agent",
+    )
+
+
+# ---- ambient ----------------------------------------------------------------------------------------------
+def test_ambient_parity(env: Any, backend: str) -> None:
+    node, agent, apps = env
+    node.add_namespace("shop")
+    client = node.add_pod("shop", "client")
+    server = node.add_pod("shop", "server")
+    start_app(server.netns.path, "server", apps)
+    agent.start_proxy()
+    agent.start_agent()
+    uids = (client.uid, server.uid)
+    dst = f"{server.ipv4}:{PORT}"
+
+    # before: direct
+    assert request(client, server.ipv4, b"hello") == b"server|hello"
+    assert agent.proxy_lines() == []
+
+    # label the namespace: running pods enrolled with this backend, traffic through the proxy
+    node.set_namespace_labels("shop", AMBIENT)
+    wait_for(lambda: all(agent.pod_state(u) == "enrolled" for u in uids), 30, "pods enrolled")
+    rows = agent.status()
+    assert {rows[u]["backend"] for u in uids} == {backend}
+    state = {p.uid: ours(p, backend) for p in (client, server)}
+    assert all(state.values()), state
+    other = "iptables" if backend == "ebpf" else "ebpf"
+    assert not any(ours(p, other) for p in (client, server))
+    assert request(client, server.ipv4, b"through") == b"server|through"
+    lines = wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxy lines")
+    outbound = next(x for x in lines if x["direction"] == "outbound")
+    # Known difference: connect4 rewrites to 127.0.0.1:15001 before the source is chosen, so the proxy's
+    # accepted socket shows a loopback peer (iptables REDIRECT keeps the pod IP). The workload is still
+    # named right (the proxy knows which pod's listener accepted it).
+    assert outbound["src"].startswith(client.ipv4 if backend == "iptables" else "127.0.0.1")
+    assert outbound["bytes_sent"] == len(b"through") and outbound["bytes_received"] == len(b"server|through")
+
+    # SIGKILL + restart: adopted, nothing duplicated or reloaded, traffic still redirected
+    ids = {p.uid: ebpf_ids(p) for p in (client, server)}
+    agent.kill_agent(signal.SIGKILL)
+    seen = len(agent.proxy_lines())
+    assert request(client, server.ipv4, b"agent-down") == b"server|agent-down"
+    wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst, seen), 10, "proxied while agent down")
+    agent.start_agent()
+    wait_for(lambda: all(agent.pod_state(u) == "enrolled" for u in uids), 30, "re-enrolled")
+    assert {p.uid: ours(p, backend) for p in (client, server)} == state
+    assert {p.uid: ebpf_ids(p) for p in (client, server)} == ids
+    seen = len(agent.proxy_lines())
+    assert request(client, server.ipv4, b"after-restart") == b"server|after-restart"
+    wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst, seen), 10, "proxied after restart")
+
+    # drift: flushed chains / a detached program → repaired and counted
+    if backend == "iptables":
+        run(["nsenter", f"--net={client.netns.path}", "iptables-nft", "-t", "nat", "-F"])
+    else:
+        progs = bpftool_cgroup(client.pod_cgroup)
+        prog = next((p for p in progs if p["name"] == "hr_connect4"), None)
+        assert prog is not None and client.pod_cgroup is not None, progs
+        run(["bpftool", "cgroup", "detach", client.pod_cgroup, prog["attach_type"], "id", str(prog["id"])])
+    assert ours(client, backend) != state[client.uid]
+    wait_for(lambda: ours(client, backend) == state[client.uid], 10, "drift repaired")
+    wait_for(lambda: agent.metric("headrace_agent_drift_repairs_total") >= 1, 5, "drift metric")
+    seen = len(agent.proxy_lines())
+    assert request(client, server.ipv4, b"repaired") == b"server|repaired"
+    wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst, seen), 10, "proxied after repair")
+
+    # unlabel: nothing of ours left, traffic direct
+    node.set_namespace_labels("shop", {})
+    wait_for(lambda: not any(anything_of_ours(node, p) for p in (client, server)), 30, "unenrolled")
+    seen = len(agent.proxy_lines())
+    assert request(client, server.ipv4, b"direct") == b"server|direct"
+    time.sleep(0.5)
+    assert len(agent.proxy_lines()) == seen
+
+
+def test_ambient_pod_switches_backend(env: Any, backend: str) -> None:
+    """Enrolled with one backend, the agent restarted with the other: the pod moves, keeps working, and
+    only the new backend's redirection is left."""
+    node, agent, apps = env
+    other = "iptables" if backend == "ebpf" else "ebpf"
+    if other == "ebpf" and _ebpf_problems():
+        pytest.skip("eBPF cannot run here")
+    node.add_namespace("shop", AMBIENT)
+    agent.start_proxy()
+    agent.start_agent()
+    client = node.add_pod("shop", "client")  # ADD returns once enrolled
+    server = node.add_pod("shop", "server")
+    start_app(server.netns.path, "server", apps)
+    dst = f"{server.ipv4}:{PORT}"
+    assert agent.status()[client.uid]["backend"] == backend
+    assert request(client, server.ipv4, b"before") == b"server|before"
+    wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxied before the switch")
+
+    agent.kill_agent(signal.SIGTERM)
+    agent.use_backend(other)
+    agent.start_agent()
+    pods = (client, server)
+    wait_for(
+        lambda: all(agent.status().get(p.uid, {}).get("backend") == other for p in pods)
+        and all(agent.pod_state(p.uid) == "enrolled" for p in pods),
+        30,
+        f"pods moved to {other}",
+    )
+    assert all(ours(p, other) for p in pods)
+    wait_for(lambda: not any(ours(p, backend) for p in pods), 10, f"{backend} redirection removed")
+    seen = len(agent.proxy_lines())
+    assert request(client, server.ipv4, b"after") == b"server|after"
+    wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst, seen), 10, "proxied after the switch")
+
+    # unenrol after the switch: nothing of either backend is left (and no program outlives the test)
+    node.set_namespace_labels("shop", {})
+    wait_for(lambda: not any(anything_of_ours(node, p) for p in pods), 30, "unenrolled after the switch")
+
+
+def test_ebpf_ambient_without_proxy_cgroup_falls_back_to_iptables(ebpf_env: Any) -> None:
+    """`--backend ebpf` without `--proxy-cgroup`: eBPF cannot answer SO_ORIGINAL_DST for the node proxy
+    (fallback_reason), so ambient pods are enrolled with iptables — logged, shown in status — and work."""
+    node, agent, apps = ebpf_env
+    agent.extra = ["--backend", "ebpf"]
+    node.add_namespace("shop", AMBIENT)
+    agent.start_proxy()
+    agent.start_agent()
+    client = node.add_pod("shop", "client")
+    server = node.add_pod("shop", "server")
+    start_app(server.netns.path, "server", apps)
+    rows = agent.status()
+    assert {rows[p.uid]["backend"] for p in (client, server)} == {"iptables"}
+    assert iptables_state(client) and not ebpf_state(client)
+    assert "proxy's cgroup" in agent.agent_log()
+    assert request(client, server.ipv4, b"fallback") == b"server|fallback"
+    dst = f"{server.ipv4}:{PORT}"
+    wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxied via iptables")
