@@ -17,6 +17,32 @@ def join_cgroup(path: str) -> None:
         fh.write(str(os.getpid()))
 
 
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+def exchange(
+    s: socket.socket, host: str, port: int, payload: bytes, timeout: float, mark: int | None, source: str | None
+) -> bytes:
+    """Connect s to host:port, send payload, half-close, return everything received until EOF."""
+    with s:
+        if mark is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if source:
+            s.bind((source, 0))
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def main() -> int:
     req = json.loads(sys.argv[1])
     if req.get("cgroup"):
@@ -26,23 +52,12 @@ def main() -> int:
         os.setgid(int(req["gid"]))
     if req.get("uid") is not None:
         os.setuid(int(req["uid"]))
-    family = socket.AF_INET6 if ipaddress.ip_address(req["host"]).version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        if req.get("mark") is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(req["mark"]))
-        if req.get("source"):
-            s.bind((req["source"], 0))
-        s.settimeout(float(req["timeout"]))
-        s.connect((req["host"], int(req["port"])))
-        s.sendall(req["payload"].encode())
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    sys.stdout.write(b"".join(chunks).hex() + "\n")
+    mark = None if req.get("mark") is None else int(req["mark"])
+    sock = socket.socket(family_of(req["host"]), socket.SOCK_STREAM)
+    reply = exchange(
+        sock, req["host"], int(req["port"]), req["payload"].encode(), float(req["timeout"]), mark, req.get("source")
+    )
+    sys.stdout.write(reply.hex() + "\n")
     return 0
 
 

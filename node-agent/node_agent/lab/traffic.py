@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from node_agent.lab.netns import entered
+from node_agent.lab.tcp_client import exchange, family_of
 
 SO_ORIGINAL_DST = 80
 SOL_IPV6 = 41
@@ -210,7 +211,8 @@ def tcp_request(
     mark: set SO_MARK on the socket (the node proxy's 0x539 in ambient tests). Raises OSError on failure.
     cgroup: run the client in a child process inside that cgroup v2 directory (then as uid/gid if given).
     """
-    if cgroup is not None:
+    if cgroup is not None or uid is not None or gid is not None:
+        # A child process: it joins the cgroup first, then drops to gid/uid (tcp_client.py).
         spec = {
             "host": host,
             "port": port,
@@ -225,59 +227,17 @@ def tcp_request(
         argv = ["nsenter", f"--net={netns_path}", "--", "/usr/bin/python3", str(CLIENT_SCRIPT), json.dumps(spec)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
         if proc.returncode != 0:
-            raise ConnectionError(f"client in cgroup {cgroup} failed: {proc.stderr.strip()}")
+            raise ConnectionError(f"client (cgroup {cgroup}, uid {uid}) failed: {proc.stderr.strip()}")
         return bytes.fromhex(proc.stdout.strip())
-    if uid is not None or gid is not None:
-        argv = [
-            "nsenter",
-            f"--net={netns_path}",
-            "--setuid",
-            str(uid if uid is not None else 0),
-            "--setgid",
-            str(gid if gid is not None else 0),
-            "--",
-            "/usr/bin/python3",
-            str(CLIENT_SCRIPT),
-            json.dumps(
-                {
-                    "host": host,
-                    "port": port,
-                    "payload": payload.decode(),
-                    "timeout": timeout,
-                    "mark": mark,
-                    "source": source,
-                }
-            ),
-        ]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
-        if proc.returncode != 0:
-            raise ConnectionError(f"client as uid {uid} failed: {proc.stderr.strip()}")
-        return bytes.fromhex(proc.stdout.strip())
-    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     with entered(netns_path):
-        s = socket.socket(family, socket.SOCK_STREAM)
-    with s:
-        if mark is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if source is not None:
-            s.bind((source, 0))
-        s.settimeout(timeout)
-        s.connect((host, port))
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        s = socket.socket(family_of(host), socket.SOCK_STREAM)
+    return exchange(s, host, port, payload, timeout, mark, source)
 
 
 def udp_request(
     netns_path: str, host: str, port: int, payload: bytes = b"q", *, timeout: float = 2.0
 ) -> tuple[bytes, tuple[str, int]]:
-    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    family = family_of(host)
     with entered(netns_path):
         s = socket.socket(family, socket.SOCK_DGRAM)
     with s:
