@@ -15,14 +15,13 @@ import logging
 import os
 import re
 import socket
-import stat
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node_agent.reconcile import Outcome
+from node_agent.unix_socket import listen_private
 
 log = logging.getLogger("headrace.agent.cni")
 
@@ -140,26 +139,7 @@ class CniServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        directory = os.path.dirname(self.socket_path)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)  # a previous agent's socket
-        tmpdir = tempfile.mkdtemp(prefix=".cni-sock-", dir=directory)
-        tmp = os.path.join(tmpdir, "s")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(tmp)
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            os.rmdir(tmpdir)
-        sock.listen(128)
+        sock = listen_private(self.socket_path, 128)
         sock.settimeout(0.1)
         self._inode = os.lstat(self.socket_path).st_ino
         self._sock = sock

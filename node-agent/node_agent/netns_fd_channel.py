@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import socket
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from node_agent.unix_socket import listen_private
 from node_agent.workload import WorkloadInfo
 
 log = logging.getLogger("headrace.netns_fd_channel")
@@ -61,26 +61,7 @@ def open_verified_netns(path: str, inode: int) -> int:
 
 def bind_private_unix_socket(path: str) -> socket.socket:
     """Bind a listening unix stream socket at `path` with mode 0600, replacing a stale socket file."""
-    _remove_stale_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)  # before listen(): nobody can connect while the mode is still loose
-        sock.listen(16)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise NetnsFdError(f"{path} exists and is not a socket; refusing to replace it")
-    os.unlink(path)
+    return listen_private(path, 16, NetnsFdError)
 
 
 @dataclass

@@ -19,8 +19,6 @@ import itertools
 import logging
 import os
 import queue
-import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -32,6 +30,7 @@ import grpc
 from node_agent.netns_fd_channel import NetnsFdServer, side_channel_path
 from node_agent.proto_gen import node_proxy_pb2 as pb
 from node_agent.proto_gen import node_proxy_pb2_grpc as pb_grpc
+from node_agent.unix_socket import private_bind_path
 from node_agent.workload import WorkloadInfo
 
 log = logging.getLogger("headrace.proxy_hub")
@@ -165,25 +164,12 @@ class ProxyHub:
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        directory = os.path.dirname(self.socket_path)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        _remove_stale_socket(self.socket_path)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers,
                                                         thread_name_prefix="proxy-hub"))
         pb_grpc.add_NodeProxyServicer_to_server(_Servicer(self), server)
-        # Bind inside a private 0700 directory, tighten the mode, then rename into place: the socket is
-        # never reachable with a looser mode than 0600.
-        tmpdir = tempfile.mkdtemp(prefix=".proxy-hub-", dir=directory)
-        tmp_sock = os.path.join(tmpdir, "s")
-        try:
+        with private_bind_path(self.socket_path, ProxyHubError) as tmp_sock:
             if server.add_insecure_port(f"unix:{tmp_sock}") == 0:
                 raise OSError(f"cannot listen on unix:{tmp_sock}")
-            os.chmod(tmp_sock, 0o600)
-            os.rename(tmp_sock, self.socket_path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_sock)
-            os.rmdir(tmpdir)
         self._socket_inode = os.lstat(self.socket_path).st_ino
         server.start()
         self._server = server
@@ -487,13 +473,3 @@ def _settle(fut: futures.Future[None], exc: BaseException | None) -> None:
             fut.set_exception(exc)
     except futures.InvalidStateError:
         pass  # cancelled by the caller meanwhile
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ProxyHubError(f"{path} exists and is not a socket; refusing to replace it")
-    os.unlink(path)

@@ -1,0 +1,54 @@
+"""The agent's unix sockets: mode 0600 from the first moment, stale files of a previous agent replaced."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+
+
+def remove_stale_socket(path: str, error: type[Exception] = FileExistsError) -> None:
+    """Unlink a socket file left by a previous process; anything that is not a socket raises `error`."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise error(f"{path} exists and is not a socket; refusing to replace it")
+    os.unlink(path)
+
+
+@contextlib.contextmanager
+def private_bind_path(path: str, error: type[Exception] = FileExistsError) -> Iterator[str]:
+    """Yield a temporary path to bind a socket at, inside a private 0700 directory next to `path`; after
+    the body has bound it, set mode 0600 and rename it to `path`. So the socket is never reachable with a
+    looser mode, and `path` switches from a previous agent's socket to ours atomically."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    remove_stale_socket(path, error)
+    tmpdir = tempfile.mkdtemp(prefix=".sock-", dir=directory)
+    tmp = os.path.join(tmpdir, "s")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        os.rmdir(tmpdir)
+
+
+def listen_private(path: str, backlog: int, error: type[Exception] = FileExistsError) -> socket.socket:
+    """A listening unix stream socket at `path`, mode 0600 (see private_bind_path)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with private_bind_path(path, error) as tmp:
+            sock.bind(tmp)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
