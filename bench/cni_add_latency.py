@@ -32,7 +32,7 @@ from types import FrameType
 
 from node_agent.lab.cni_runner import CniInvocationError, CniRunner
 from node_agent.lab.netns import NetNS
-from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode
+from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
 
 SIDECAR_ANNOTATIONS = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 KINDS = ("sidecar", "non-mesh")
@@ -175,12 +175,15 @@ def startup_samples(
     return samples
 
 
-def context_rows(runs: int, node_netns: str | None) -> list[list[str]]:
+def context_rows(runs: int, node_netns: str | None, launcher: Path) -> list[list[str]]:
+    """Start-up costs; `launcher` is the `python -IS` plugin launcher the chain runs (as install-cni lays it)."""
     rows = []
+    version_env = {"CNI_COMMAND": "VERSION", "PATH": "/usr/sbin:/usr/bin"}
     cases: list[tuple[str, list[str], dict[str, str] | None]] = [
-        ("python3 -c pass (/usr/bin/python3)", ["/usr/bin/python3", "-c", "pass"], None),
+        ("python3 -IS -c pass (/usr/bin/python3)", ["/usr/bin/python3", "-IS", "-c", "pass"], None),
         ("venv python -c pass (.pth files)", [sys.executable, "-c", "pass"], None),
-        ("headrace-cni VERSION", [str(HEADRACE_CNI)], {"CNI_COMMAND": "VERSION", "PATH": "/usr/sbin:/usr/bin"}),
+        ("headrace-cni VERSION (-IS launcher)", [str(launcher)], version_env),
+        ("headrace-cni VERSION (venv console script)", [str(HEADRACE_CNI)], version_env),
     ]
     if node_netns:
         cases.append(("nsenter --net=NODE true", ["nsenter", f"--net={node_netns}", "--", "true"], None))
@@ -219,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for kind, s in measure_flavour(root, flavour, args.runs, nodes, progress).items():
                 results[(flavour, kind)] = s
         print(file=sys.stderr)
-        context = context_rows(args.runs, nodes[0].netns.path if nodes else None)
+        launcher = root / "headrace-cni"
+        write_plugin_launcher(launcher)
+        context = context_rows(args.runs, nodes[0].netns.path if nodes else None, launcher)
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
         return 130
