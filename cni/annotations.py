@@ -11,12 +11,14 @@ The contract ports 15020/15021/15090 always stay excluded from inbound capture.
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from collections.abc import Mapping
-
 from cni.errors import INVALID_ANNOTATION, CniError
-from cni.redirect_spec import SIDECAR_EXCLUDED_INBOUND, IPNetwork, SidecarSpec
+from cni.sidecar_params import SIDECAR_EXCLUDED_INBOUND, SidecarParams
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:  # no re/ipaddress/collections at import: the CNI plugin imports this for sidecar pods
+    from collections.abc import Mapping
+
+    from cni.redirect_spec import IPNetwork, SidecarSpec
 
 PREFIX = "traffic.sidecar.istio.io/"
 INCLUDE_INBOUND_PORTS = PREFIX + "includeInboundPorts"
@@ -34,8 +36,18 @@ KNOWN = (
 
 MAX_ENTRIES = 256
 MAX_VALUE_LEN = 16384
-_PORT = re.compile(r"[0-9]{1,5}")
-_CIDR_CHARS = re.compile(r"[0-9A-Fa-f.:/]+")
+_DIGITS = frozenset("0123456789")
+_CIDR_CHARS = frozenset("0123456789ABCDEFabcdef.:/")
+
+
+def _is_port_text(entry: str) -> bool:
+    """``[0-9]{1,5}`` (full match)."""
+    return 0 < len(entry) <= 5 and _DIGITS.issuperset(entry)
+
+
+def _is_cidr_text(entry: str) -> bool:
+    """``[0-9A-Fa-f.:/]+`` (full match)."""
+    return bool(entry) and _CIDR_CHARS.issuperset(entry)
 
 
 def _fail(annotation: str, token: str, why: str) -> CniError:
@@ -76,7 +88,7 @@ def parse_ports(annotation: str, value: str, allow_star: bool = False) -> tuple[
     for entry in tokens:
         if entry == "*":
             raise _fail(annotation, entry, "'*' must be the whole value" if allow_star else "'*' not allowed")
-        if not _PORT.fullmatch(entry):
+        if not _is_port_text(entry):
             raise _fail(annotation, entry, "not a port number")
         port = int(entry)
         if not 1 <= port <= 65535:
@@ -94,10 +106,12 @@ def parse_cidrs(annotation: str, value: str, allow_star: bool = False) -> tuple[
     for entry in tokens:
         if entry == "*":
             raise _fail(annotation, entry, "'*' must be the whole value" if allow_star else "'*' not allowed")
-        if not _CIDR_CHARS.fullmatch(entry):
+        if not _is_cidr_text(entry):
             raise _fail(annotation, entry, "not a CIDR (unexpected characters)")
         if entry.count("/") != 1:
             raise _fail(annotation, entry, "a CIDR needs exactly one '/prefix'")
+        import ipaddress  # only pods with range annotations pay for it
+
         try:
             net = ipaddress.ip_network(entry, strict=True)
         except ValueError as exc:
@@ -109,7 +123,25 @@ def parse_cidrs(annotation: str, value: str, allow_star: bool = False) -> tuple[
 
 def sidecar_spec(annotations: Mapping[str, str], base: SidecarSpec | None = None) -> SidecarSpec:
     """The sidecar redirect for a pod, from the contract defaults plus its traffic annotations."""
-    spec = base or SidecarSpec()
+    from cni.redirect_spec import SidecarSpec
+
+    params = sidecar_params(annotations, base)
+    return SidecarSpec(
+        proxy_uid=params.proxy_uid,
+        proxy_gid=params.proxy_gid,
+        outbound_port=params.outbound_port,
+        inbound_port=params.inbound_port,
+        include_inbound_ports=params.include_inbound_ports,
+        exclude_inbound_ports=params.exclude_inbound_ports,
+        exclude_outbound_ports=params.exclude_outbound_ports,
+        exclude_outbound_ranges=params.exclude_outbound_ranges,
+        include_outbound_ranges=params.include_outbound_ranges,
+    )
+
+
+def sidecar_params(annotations: Mapping[str, str], base: SidecarSpec | SidecarParams | None = None) -> SidecarParams:
+    """``sidecar_spec`` without the dataclass (the CNI plugin's hot path): same validation, same values."""
+    spec = base or SidecarParams()
     include_in: tuple[int, ...] | None = spec.include_inbound_ports
     exclude_in = set(spec.exclude_inbound_ports) | set(SIDECAR_EXCLUDED_INBOUND)
     exclude_out = spec.exclude_outbound_ports
@@ -129,7 +161,7 @@ def sidecar_spec(annotations: Mapping[str, str], base: SidecarSpec | None = None
         )
     if include_in is not None:
         include_in = tuple(p for p in include_in if p not in exclude_in)
-    return SidecarSpec(
+    return SidecarParams(
         proxy_uid=spec.proxy_uid,
         proxy_gid=spec.proxy_gid,
         outbound_port=spec.outbound_port,

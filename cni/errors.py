@@ -7,7 +7,10 @@ exits 1. The table is documented in docs/cni-plugin.md.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # --- spec codes -------------------------------------------------------------------------------------
 INCOMPATIBLE_VERSION = 1

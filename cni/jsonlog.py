@@ -6,10 +6,14 @@ still reaches the runtime through the CNI error object).
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import Any
+
+from cni import jsoncodec
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_LOG_FILE = "/var/log/headrace/cni.log"
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -55,7 +59,7 @@ class JsonLog:
         for key, value in extra.items():
             if key not in record:
                 record[key] = value
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        line = jsoncodec.dumps(record, default=str, separators=(",", ":")) + "\n"
         try:
             directory = os.path.dirname(self.path)
             if directory:

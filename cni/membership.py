@@ -10,10 +10,13 @@ Order of the rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Literal
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 
-Mode = Literal["sidecar", "ambient", "none"]
+if TYPE_CHECKING:  # no `typing`/`collections` at run time: the CNI plugin imports this module
+    from collections.abc import Iterable, Mapping
+    from typing import Literal
+
+    Mode = Literal["sidecar", "ambient", "none"]
 
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"

@@ -1,18 +1,23 @@
 """Parse what the runtime hands the plugin: the CNI_* environment and the network configuration on stdin.
 
-Everything is validated here, once, into frozen dataclasses; the rest of the plugin trusts them. Errors
+Everything is validated here, once, into small immutable records; the rest of the plugin trusts them. Errors
 are ``CniError`` with the spec code that fits (6 undecodable input, 4 invalid config, 1 unsupported
 version, 7 invalid environment).
 """
 
-import json
-import os
-import re
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from __future__ import annotations
 
+import os
+
+from cni import jsoncodec
 from cni.errors import DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_ENV, INVALID_NETWORK_CONFIG, CniError
 from cni.jsonlog import DEFAULT_LOG_FILE, LEVELS
+from cni.record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 SUPPORTED_VERSIONS: tuple[str, ...] = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
@@ -26,58 +31,183 @@ VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 # podman sends only K8S_POD_NAME (the container name): such pods are looked up in this namespace.
 ASSUMED_NAMESPACE = "default"
 
-_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,1023}")
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
-_IFNAME_BAD = re.compile(r"[/:\s]")
+# Names are checked with str methods, not `re`: importing `re` (and `enum` with it) costs the plugin
+# several milliseconds of start-up. Each function states the regular expression it implements.
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_ID_CHARS = _ALNUM | frozenset("_.-")
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
-class K8sArgs(NamedTuple):
+def _is_id(value: str, max_len: int) -> bool:
+    """``[A-Za-z0-9][A-Za-z0-9_.\\-]{0,max_len-1}`` (full match)."""
+    return 0 < len(value) <= max_len and value[0] in _ALNUM and _ID_CHARS.issuperset(value)
+
+
+def _is_container_id(value: str) -> bool:
+    return _is_id(value, 1024)
+
+
+def _is_uid(value: str) -> bool:
+    return _is_id(value, 128)
+
+
+def _is_label(value: str) -> bool:
+    """A DNS label part without length limit: ``[a-z0-9]([-a-z0-9]*[a-z0-9])?``."""
+    return bool(value) and _LABEL_CHARS.issuperset(value) and value[0] != "-" and value[-1] != "-"
+
+
+def _is_dns_label(value: str) -> bool:
+    """``[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?`` (full match)."""
+    return len(value) <= 63 and _is_label(value)
+
+
+def _is_dns_subdomain(value: str) -> bool:
+    """``[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*`` (full match; no length limit)."""
+    return all(_is_label(part) for part in value.split("."))
+
+
+def _bad_ifname_char(value: str) -> bool:
+    """``[/:\\s]`` found anywhere (``\\s``: Unicode whitespace, as ``str.isspace``)."""
+    return any(c == "/" or c == ":" or c.isspace() for c in value)
+
+
+class K8sArgs(Record):
     """The Kubernetes identity of the pod from CNI_ARGS ("" where not given)."""
 
-    namespace: str = ""
-    name: str = ""
-    uid: str = ""
-    infra_container_id: str = ""
-    namespace_assumed: bool = False
+    __slots__ = ("infra_container_id", "name", "namespace", "namespace_assumed", "uid")
+    namespace: str
+    name: str
+    uid: str
+    infra_container_id: str
+    namespace_assumed: bool
+
+    def __init__(
+        self,
+        namespace: str = "",
+        name: str = "",
+        uid: str = "",
+        infra_container_id: str = "",
+        namespace_assumed: bool = False,
+    ) -> None:
+        self._init(
+            namespace=namespace,
+            name=name,
+            uid=uid,
+            infra_container_id=infra_container_id,
+            namespace_assumed=namespace_assumed,
+        )
 
     @property
     def known(self) -> bool:
         return bool(self.namespace and self.name)
 
 
-class CniEnv(NamedTuple):
+_NO_K8S = K8sArgs()
+
+
+class CniEnv(Record):
+    __slots__ = ("args", "command", "container_id", "ifname", "k8s", "netns", "path")
     command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    args: str = ""
-    path: str = ""
-    k8s: K8sArgs = K8sArgs()
+    container_id: str
+    netns: str
+    ifname: str
+    args: str
+    path: str
+    k8s: K8sArgs
+
+    def __init__(
+        self,
+        command: str,
+        container_id: str = "",
+        netns: str = "",
+        ifname: str = "",
+        args: str = "",
+        path: str = "",
+        k8s: K8sArgs = _NO_K8S,
+    ) -> None:
+        self._init(
+            command=command, container_id=container_id, netns=netns, ifname=ifname, args=args, path=path, k8s=k8s
+        )
 
 
-class Attachment(NamedTuple):
+class Attachment(Record):
+    __slots__ = ("container_id", "ifname")
     container_id: str
     ifname: str
 
+    def __init__(self, container_id: str, ifname: str) -> None:
+        self._init(container_id=container_id, ifname=ifname)
 
-class NetConf(NamedTuple):
+
+class NetConf(Record):
+    __slots__ = (
+        "agent_socket",
+        "agent_timeout",
+        "api_timeout",
+        "backend",
+        "cni_version",
+        "exclude_namespaces",
+        "iptables",
+        "kubeconfig",
+        "log_file",
+        "log_level",
+        "name",
+        "objects_dir",
+        "prev_result",
+        "type",
+        "valid_attachments",
+    )
     cni_version: str
     name: str
     type: str
-    kubeconfig: str | None = None
-    objects_dir: str | None = None
-    agent_socket: str = DEFAULT_AGENT_SOCKET
-    backend: str = "auto"
-    iptables: str = "auto"
-    exclude_namespaces: tuple[str, ...] = ("kube-system",)
-    log_file: str = DEFAULT_LOG_FILE
-    log_level: str = "info"
-    agent_timeout: float = DEFAULT_AGENT_TIMEOUT
-    api_timeout: float = DEFAULT_API_TIMEOUT
-    prev_result: dict[str, Any] | None = None
-    valid_attachments: tuple[Attachment, ...] | None = None
+    kubeconfig: str | None
+    objects_dir: str | None
+    agent_socket: str
+    backend: str
+    iptables: str
+    exclude_namespaces: tuple[str, ...]
+    log_file: str
+    log_level: str
+    agent_timeout: float
+    api_timeout: float
+    prev_result: dict[str, Any] | None
+    valid_attachments: tuple[Attachment, ...] | None
+
+    def __init__(
+        self,
+        cni_version: str,
+        name: str,
+        type: str,
+        kubeconfig: str | None = None,
+        objects_dir: str | None = None,
+        agent_socket: str = DEFAULT_AGENT_SOCKET,
+        backend: str = "auto",
+        iptables: str = "auto",
+        exclude_namespaces: tuple[str, ...] = ("kube-system",),
+        log_file: str = DEFAULT_LOG_FILE,
+        log_level: str = "info",
+        agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+        api_timeout: float = DEFAULT_API_TIMEOUT,
+        prev_result: dict[str, Any] | None = None,
+        valid_attachments: tuple[Attachment, ...] | None = None,
+    ) -> None:
+        self._init(
+            cni_version=cni_version,
+            name=name,
+            type=type,
+            kubeconfig=kubeconfig,
+            objects_dir=objects_dir,
+            agent_socket=agent_socket,
+            backend=backend,
+            iptables=iptables,
+            exclude_namespaces=exclude_namespaces,
+            log_file=log_file,
+            log_level=log_level,
+            agent_timeout=agent_timeout,
+            api_timeout=api_timeout,
+            prev_result=prev_result,
+            valid_attachments=valid_attachments,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,13 +232,13 @@ def parse_cni_args(raw: str) -> K8sArgs:
     name = values.get("K8S_POD_NAME", "")
     uid = values.get("K8S_POD_UID", "")
     infra = values.get("K8S_POD_INFRA_CONTAINER_ID", "")
-    if namespace and not _DNS_LABEL.fullmatch(namespace):
+    if namespace and not _is_dns_label(namespace):
         raise _env_error("CNI_ARGS K8S_POD_NAMESPACE is not a valid namespace name", repr(namespace[:80]))
-    if uid and not _UID.fullmatch(uid):
+    if uid and not _is_uid(uid):
         raise _env_error("CNI_ARGS K8S_POD_UID is not a valid UID", repr(uid[:80]))
-    if infra and not _CONTAINER_ID.fullmatch(infra):
+    if infra and not _is_container_id(infra):
         raise _env_error("CNI_ARGS K8S_POD_INFRA_CONTAINER_ID is not a valid container ID", repr(infra[:80]))
-    valid_name = bool(name) and len(name) <= 253 and _DNS_SUBDOMAIN.fullmatch(name) is not None
+    valid_name = bool(name) and len(name) <= 253 and _is_dns_subdomain(name)
     if namespace:
         if not name:
             raise _env_error("CNI_ARGS has K8S_POD_NAMESPACE but no K8S_POD_NAME")
@@ -133,7 +263,7 @@ def parse_env(environ: Mapping[str, str]) -> CniEnv:
     container_id = environ.get("CNI_CONTAINERID", "")
     if not container_id:
         raise _env_error("CNI_CONTAINERID is not set")
-    if not _CONTAINER_ID.fullmatch(container_id):
+    if not _is_container_id(container_id):
         raise _env_error(
             "CNI_CONTAINERID is invalid",
             f"must start with a letter or digit and hold only letters, digits, '_', '.', '-': {container_id[:80]!r}",
@@ -141,7 +271,7 @@ def parse_env(environ: Mapping[str, str]) -> CniEnv:
     ifname = environ.get("CNI_IFNAME", "")
     if not ifname:
         raise _env_error("CNI_IFNAME is not set")
-    if len(ifname) > 15 or ifname in (".", "..") or _IFNAME_BAD.search(ifname):
+    if len(ifname) > 15 or ifname in (".", "..") or _bad_ifname_char(ifname):
         raise _env_error("CNI_IFNAME is not a valid interface name", repr(ifname[:80]))
     netns = environ.get("CNI_NETNS", "")
     if command in ("ADD", "CHECK") and not netns:
@@ -176,8 +306,10 @@ def decode_json_object(data: bytes, what: str = "network configuration") -> dict
     if not text.strip():
         raise CniError(DECODE_FAILURE, f"{what} is empty", "expected a JSON object on stdin")
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        obj = jsoncodec.loads(text)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, ValueError) and not jsoncodec.is_decode_error(exc):
+            raise
         raise CniError(DECODE_FAILURE, f"{what} is not valid JSON", str(exc)[:300]) from exc
     if not isinstance(obj, dict):
         raise CniError(DECODE_FAILURE, f"{what} must be a JSON object", f"got {type(obj).__name__}")
@@ -186,9 +318,13 @@ def decode_json_object(data: bytes, what: str = "network configuration") -> dict
 
 def requested_version(data: bytes) -> str | None:
     """Best effort: the cniVersion the runtime asked for (to format errors), None if not readable."""
+    if not data.strip():  # e.g. VERSION with empty stdin: not JSON (decided without importing json)
+        return None
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = jsoncodec.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, ValueError) and not (isinstance(exc, UnicodeDecodeError) or jsoncodec.is_decode_error(exc)):
+            raise
         return None
     if isinstance(obj, dict):
         version = obj.get("cniVersion")
@@ -246,7 +382,7 @@ def _namespaces(obj: dict[str, Any]) -> tuple[str, ...]:
         raise _config_error("field 'exclude_namespaces' must be a list of namespace names")
     out: list[str] = []
     for item in value:
-        if not isinstance(item, str) or not _DNS_LABEL.fullmatch(item):
+        if not isinstance(item, str) or not _is_dns_label(item):
             raise _config_error("field 'exclude_namespaces' holds an invalid namespace name", repr(item)[:80])
         out.append(item)
     return tuple(out)

@@ -8,32 +8,41 @@ Every input is validated before anything touches the pod's network namespace.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sys
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
 
-from cni import cni_result, errors, membership, netconf
+from cni import cni_result, errors, jsoncodec, membership, netconf
 from cni.errors import CniError
 from cni.jsonlog import DEFAULT_LOG_FILE, JsonLog
-from cni.netconf import CniEnv, NetConf
 from cni.podsource import PodMeta, PodSourceError, from_config
+from cni.record import Record
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: the namespace type
 CLONE_NEWNET = 0x40000000
+# Start-up cost is most of the plugin's wall time: nothing here imports `typing`, `re`, `json`,
+# `collections`, `ipaddress` or `subprocess` on the non-mesh path (tests/unit/test_cni_plugin_process.py).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
     from cni.agent_client import PluginEvent
-    from cni.redirect_spec import Family, SidecarSpec
+    from cni.netconf import CniEnv, NetConf
+    from cni.redirect_spec import Family
+    from cni.sidecar_params import SidecarParams
 
 LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before the config is read
 
 
-class Decision(NamedTuple):
+class Decision(Record):
+    __slots__ = ("mode", "pod", "reason")
     mode: membership.Mode | None  # None: unknown (pod source failed; DEL only)
     pod: PodMeta | None
     reason: str
+
+    def __init__(self, mode: membership.Mode | None, pod: PodMeta | None, reason: str) -> None:
+        self._init(mode=mode, pod=pod, reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,14 +163,15 @@ def uses_agent(mode: membership.Mode | None, conf: NetConf) -> bool:
 
 
 def apply_sidecar_redirect(
-    netns: str, spec: SidecarSpec, families: tuple[Family, ...], setting: str, log: JsonLog
+    netns: str, spec: SidecarParams, families: tuple[Family, ...], setting: str, log: JsonLog
 ) -> None:
     try:
         from cni.iptables import flavour, netns_tables
     except ImportError as exc:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
-        netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log)
+        # optimistic: an ADD normally meets a fresh netns; one restore per family then, no save first
+        netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True)
     except (netns_tables.IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
 
@@ -178,7 +188,7 @@ def remove_redirect(netns: str, setting: str, log: JsonLog) -> None:
 
 
 def check_sidecar_redirect(
-    netns: str, spec: SidecarSpec, families: tuple[Family, ...], setting: str, log: JsonLog
+    netns: str, spec: SidecarParams, families: tuple[Family, ...], setting: str, log: JsonLog
 ) -> list[str]:
     try:
         from cni.iptables import flavour, netns_tables
@@ -190,11 +200,11 @@ def check_sidecar_redirect(
         raise CniError(errors.CHECK_FAILED, "reading the pod's redirect rules failed", str(exc)) from exc
 
 
-def _sidecar_spec(annotations: Mapping[str, str]) -> SidecarSpec:
+def _sidecar_spec(annotations: Mapping[str, str]) -> SidecarParams:
     """Validate the pod's traffic annotations (imported here: only sidecar pods pay for it)."""
-    from cni.annotations import sidecar_spec
+    from cni.annotations import sidecar_params
 
-    return sidecar_spec(annotations)
+    return sidecar_params(annotations)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +371,7 @@ def version_info(stdin: bytes) -> dict[str, Any]:
 
 def _early_log_file(stdin: bytes, environ: Mapping[str, str]) -> str:
     try:
-        obj = json.loads(stdin)
+        obj = jsoncodec.loads_bytes(stdin) if stdin.strip() else None  # empty: not JSON, no json import
         if isinstance(obj, dict) and isinstance(obj.get("log_file"), str) and os.path.isabs(obj["log_file"]):
             return str(obj["log_file"])
     except (ValueError, RecursionError):
@@ -378,7 +388,7 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
     try:
         env = netconf.parse_env(environ)
         if env.command == "VERSION":
-            return 0, json.dumps(version_info(stdin)) + "\n"
+            return 0, jsoncodec.dumps(version_info(stdin)) + "\n"
         log.bind(pod=env.k8s.name, namespace=env.k8s.namespace)
         conf = netconf.parse_config(stdin, env.command)
         version = conf.cni_version
@@ -390,8 +400,9 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
             cmd_del(env, conf, log)
         elif env.command == "CHECK":
             if version.startswith("0.3."):
-                raise CniError(errors.INCOMPATIBLE_VERSION, "CHECK needs cniVersion 0.4.0 or later",
-                               f"config has {version}")
+                raise CniError(
+                    errors.INCOMPATIBLE_VERSION, "CHECK needs cniVersion 0.4.0 or later", f"config has {version}"
+                )
             cmd_check(env, conf, log)
         elif env.command == "STATUS":
             cmd_status(conf, log)
@@ -399,14 +410,14 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
             cmd_gc(conf, log)
         elapsed = round((time.monotonic() - started) * 1000, 2)
         log.info("done", f"{env.command} ok", duration_ms=elapsed)
-        return 0, (json.dumps(output) + "\n") if output is not None else ""
+        return 0, (jsoncodec.dumps(output) + "\n") if output is not None else ""
     except CniError as exc:
         log.error("error", exc.msg, code=exc.code, details=exc.details)
-        return 1, json.dumps(exc.to_dict(version)) + "\n"
+        return 1, jsoncodec.dumps(exc.to_dict(version)) + "\n"
     except Exception as exc:  # a bug: still answer in the CNI format
         err = CniError(errors.INTERNAL_ERROR, "internal error in headrace-cni", f"{type(exc).__name__}: {exc}")
         log.error("error", err.msg, code=err.code, details=err.details)
-        return 1, json.dumps(err.to_dict(version)) + "\n"
+        return 1, jsoncodec.dumps(err.to_dict(version)) + "\n"
 
 
 def main() -> int:

@@ -5,16 +5,20 @@ lazy ``import yaml``; the Kubernetes path uses urllib + ssl with the credentials
 (bearer token or token file, client certificate, CA data or file, insecure-skip-tls-verify).
 """
 
-import base64
-import json
-import os
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from __future__ import annotations
 
-if TYPE_CHECKING:
+import os
+from types import MappingProxyType
+
+from cni import jsoncodec
+from cni.record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:  # typing, collections, json, base64, ssl, urllib: imported only where used
     import ssl
     import urllib.request
+    from collections.abc import Mapping
+    from typing import Any, Protocol
 
 MAX_OBJECT_BYTES = 4 * 1024 * 1024
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -25,29 +29,56 @@ class PodSourceError(Exception):
     """The pod source could not answer (unreachable, unreadable, malformed, forbidden)."""
 
 
-class NamespaceMeta(NamedTuple):
+class NamespaceMeta(Record):
+    __slots__ = ("labels", "name")
     name: str
-    labels: Mapping[str, str] = _EMPTY
+    labels: Mapping[str, str]
+
+    def __init__(self, name: str, labels: Mapping[str, str] = _EMPTY) -> None:
+        self._init(name=name, labels=labels)
 
 
-class PodMeta(NamedTuple):
+class PodMeta(Record):
+    __slots__ = ("annotations", "host_network", "labels", "name", "namespace", "node_name", "uid")
     namespace: str
     name: str
-    uid: str = ""
-    labels: Mapping[str, str] = _EMPTY
-    annotations: Mapping[str, str] = _EMPTY
-    host_network: bool = False
-    node_name: str = ""
+    uid: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    host_network: bool
+    node_name: str
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        uid: str = "",
+        labels: Mapping[str, str] = _EMPTY,
+        annotations: Mapping[str, str] = _EMPTY,
+        host_network: bool = False,
+        node_name: str = "",
+    ) -> None:
+        self._init(
+            namespace=namespace,
+            name=name,
+            uid=uid,
+            labels=labels,
+            annotations=annotations,
+            host_network=host_network,
+            node_name=node_name,
+        )
 
 
-class PodSource(Protocol):
-    """``authoritative``: a missing pod is an error (Kubernetes) rather than "not ours" (objects dir)."""
+if TYPE_CHECKING:
 
-    authoritative: bool
+    class PodSource(Protocol):
+        """``authoritative``: a missing pod is an error (Kubernetes) rather than "not ours" (objects dir)."""
 
-    def get_pod(self, namespace: str, name: str) -> PodMeta | None: ...
+        authoritative: bool
 
-    def get_namespace(self, name: str) -> NamespaceMeta | None: ...
+        def get_pod(self, namespace: str, name: str) -> PodMeta | None: ...
+
+        def get_namespace(self, name: str) -> NamespaceMeta | None: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,8 +174,10 @@ class ObjectsDirSource:
                 continue
             if entry.endswith(".json"):
                 try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
+                    obj = jsoncodec.loads(text)
+                except ValueError as exc:
+                    if not jsoncodec.is_decode_error(exc):
+                        raise
                     raise PodSourceError(f"{full}: invalid JSON: {exc}") from exc
             else:
                 obj = _load_yaml(text, full)
@@ -184,17 +217,55 @@ class ObjectsDirSource:
 # Kubernetes API
 
 
-class KubeCredentials(NamedTuple):
+class KubeCredentials(Record):
+    __slots__ = (
+        "ca_data",
+        "ca_file",
+        "cert_data",
+        "cert_file",
+        "insecure",
+        "key_data",
+        "key_file",
+        "proxy_url",
+        "server",
+        "token",
+    )
     server: str
-    ca_data: bytes | None = None
-    ca_file: str | None = None
-    insecure: bool = False
-    token: str | None = None
-    cert_data: bytes | None = None
-    key_data: bytes | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    proxy_url: str | None = None
+    ca_data: bytes | None
+    ca_file: str | None
+    insecure: bool
+    token: str | None
+    cert_data: bytes | None
+    key_data: bytes | None
+    cert_file: str | None
+    key_file: str | None
+    proxy_url: str | None
+
+    def __init__(
+        self,
+        server: str,
+        ca_data: bytes | None = None,
+        ca_file: str | None = None,
+        insecure: bool = False,
+        token: str | None = None,
+        cert_data: bytes | None = None,
+        key_data: bytes | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        proxy_url: str | None = None,
+    ) -> None:
+        self._init(
+            server=server,
+            ca_data=ca_data,
+            ca_file=ca_file,
+            insecure=insecure,
+            token=token,
+            cert_data=cert_data,
+            key_data=key_data,
+            cert_file=cert_file,
+            key_file=key_file,
+            proxy_url=proxy_url,
+        )
 
 
 def _named(items: Any, name: str, kind: str, key: str) -> dict[str, Any]:
@@ -212,6 +283,8 @@ def _named(items: Any, name: str, kind: str, key: str) -> dict[str, Any]:
 def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         raise PodSourceError(f"kubeconfig: {what} must be a base64 string")
+    import base64  # Kubernetes source only
+
     try:
         return base64.b64decode(value, validate=True)
     except (ValueError, TypeError) as exc:
@@ -222,6 +295,8 @@ def parse_kubeconfig(text: str, base_dir: str, origin: str = "kubeconfig") -> Ku
     """The server and credentials of the current context (JSON natively, YAML through PyYAML)."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
+        import json  # Kubernetes source only
+
         try:
             cfg = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -284,7 +359,7 @@ def parse_kubeconfig(text: str, base_dir: str, origin: str = "kubeconfig") -> Ku
     )
 
 
-def _ssl_context(creds: KubeCredentials) -> "ssl.SSLContext":
+def _ssl_context(creds: KubeCredentials) -> ssl.SSLContext:
     import shutil
     import ssl
     import tempfile
@@ -383,6 +458,8 @@ class KubeApiSource:
             raise PodSourceError(f"Kubernetes API at {creds.server} unreachable: {reason}") from exc
         if len(body) > MAX_OBJECT_BYTES:
             raise PodSourceError(f"Kubernetes API GET {api_path}: response too large")
+        import json  # Kubernetes source only
+
         try:
             obj = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -10,14 +10,15 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The sidecar contract constants live in the plugin's light module (cni/sidecar_params.py).
+from cni.sidecar_params import PROXY_GID as PROXY_GID
+from cni.sidecar_params import PROXY_UID as PROXY_UID
+from cni.sidecar_params import SIDECAR_EXCLUDED_INBOUND as SIDECAR_EXCLUDED_INBOUND
+from cni.sidecar_params import SIDECAR_INBOUND_PORT as SIDECAR_INBOUND_PORT
+from cni.sidecar_params import SIDECAR_OUTBOUND_PORT as SIDECAR_OUTBOUND_PORT
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Family = Literal[4, 6]
-
-PROXY_UID = 1337
-PROXY_GID = 1337
-SIDECAR_OUTBOUND_PORT = 15001
-SIDECAR_INBOUND_PORT = 15006
-SIDECAR_EXCLUDED_INBOUND = (15020, 15021, 15090)
 
 AMBIENT_OUTBOUND_PORT = 15001
 AMBIENT_INBOUND_PORT = 15006

@@ -13,19 +13,16 @@ Chains (all prefixed `HEADRACE_`, so removal finds exactly ours):
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from cni.record import Record
+from cni.sidecar_params import SIDECAR_EXCLUDED_INBOUND
 
-from cni.redirect_spec import (
-    PROBE_SNAT_V4,
-    PROBE_SNAT_V6,
-    SIDECAR_EXCLUDED_INBOUND,
-    AmbientSpec,
-    Family,
-    IPNetwork,
-    SidecarSpec,
-)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:  # no typing/collections/dataclasses at run time: the CNI plugin imports this module
+    import ipaddress
+    from collections.abc import Iterable, Sequence
+
+    from cni.redirect_spec import AmbientSpec, Family, IPNetwork, SidecarSpec
+    from cni.sidecar_params import SidecarParams
 
 OWNED_PREFIX = "HEADRACE_"
 SIDECAR_PREFIX = "HEADRACE_SC_"
@@ -48,23 +45,29 @@ LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
 DNS_PORT = 53
 
 
-@dataclass(frozen=True)
-class TableRules:
+class TableRules(Record):
     """Our part of one table: chains we own, our jump rules in built-in chains, our chains' rules."""
 
+    __slots__ = ("table", "chains", "jumps", "rules")  # noqa: RUF023 - field order (repr)
     table: str
     chains: tuple[str, ...]
     jumps: tuple[str, ...]  # "-A PREROUTING ... -j HEADRACE_..." (inserted at the top of the chain)
     rules: tuple[str, ...]  # "-A HEADRACE_... ..." in order
 
+    def __init__(self, table: str, chains: tuple[str, ...], jumps: tuple[str, ...], rules: tuple[str, ...]) -> None:
+        self._init(table=table, chains=chains, jumps=jumps, rules=rules)
 
-@dataclass(frozen=True)
-class RuleSet:
+
+class RuleSet(Record):
     """All our rules of one address family; `owner_prefix` names the chains this set replaces."""
 
+    __slots__ = ("family", "owner_prefix", "tables")
     family: Family
     owner_prefix: str
     tables: tuple[TableRules, ...]
+
+    def __init__(self, family: Family, owner_prefix: str, tables: tuple[TableRules, ...]) -> None:
+        self._init(family=family, owner_prefix=owner_prefix, tables=tables)
 
     def table(self, name: str) -> TableRules | None:
         for t in self.tables:
@@ -125,6 +128,8 @@ def _check_u32(value: object, what: str) -> int:
 def _check_networks(nets: Iterable[object], family: Family, what: str) -> tuple[str, ...]:
     out: list[str] = []
     for n in nets:
+        import ipaddress  # only with ranges (a pod without range annotations never loads it)
+
         if not isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network):
             raise ValueError(f"{what}: expected an IP network, not {n!r}")
         if n.version != family:
@@ -193,7 +198,7 @@ def _redirect(port: int) -> str:
 # ---------------------------------------------------------------- sidecar
 
 
-def sidecar_rules(spec: SidecarSpec, family: Family) -> RuleSet:
+def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     """Istio istio-iptables compatible REDIRECT-mode interception for one family."""
     fam = _check_family(family)
     uid = _check_id(spec.proxy_uid, "proxy uid")
@@ -273,6 +278,8 @@ def sidecar_rules(spec: SidecarSpec, family: Family) -> RuleSet:
 
 def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
     """Istio in-pod (ztunnel) style interception for one family, REDIRECT based."""
+    import ipaddress
+
     fam = _check_family(family)
     outbound = _check_port(spec.outbound_port, "outbound proxy port")
     inbound = _check_port(spec.inbound_port, "inbound proxy port")
@@ -374,6 +381,8 @@ def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
 
 def parse_pod_ips(pod_ips: Iterable[object]) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     """Validate pod IPs (strings or ipaddress objects); sorted, deduplicated."""
+    import ipaddress
+
     found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     for ip in pod_ips:
         if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -397,6 +406,8 @@ def node_probe_rules(
 
     `-m owner --socket-exists` limits it to locally generated packets (the kubelet), not forwarded ones.
     """
+    from cni.redirect_spec import PROBE_SNAT_V4, PROBE_SNAT_V6
+
     fam = _check_family(family)
     source = snat_source if snat_source is not None else (PROBE_SNAT_V4 if fam == 4 else PROBE_SNAT_V6)
     if source.version != fam:

@@ -11,11 +11,15 @@ so nothing has to be run at all.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from typing import Literal
 
-Flavour = Literal["legacy", "nft"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:  # no typing/shutil/subprocess at import: the CNI plugin imports this module
+    from typing import Literal
+
+    Flavour = Literal["legacy", "nft"]
+else:
+    Flavour = str  # importable at run time (node_agent); only type checkers look at its value
+
 FLAVOURS: tuple[Flavour, ...] = ("legacy", "nft")
 SETTINGS = ("auto", "legacy", "nft")
 _TIMEOUT = 30.0
@@ -55,10 +59,14 @@ def _legacy_tables_present(proc_net: str = "/proc/net") -> bool:
 
 
 def _installed(flavour: Flavour) -> bool:
+    import shutil  # "auto" detection only
+
     return shutil.which(binary(flavour, 4, "save")) is not None
 
 
 def _count(flavour: Flavour, netns_path: str | None) -> int:
+    import subprocess  # "auto" detection only (once per process)
+
     total = 0
     for family in (4, 6):
         argv = [binary(flavour, family, "save")]

@@ -1,6 +1,7 @@
 """Apply, check and remove headrace's iptables rules inside a network namespace, atomically.
 
-How: `nsenter --net=PATH <iptables-FLAVOUR-save|restore>` (argv lists, no shell). Writers hold a flock on
+How: `nsenter --net=PATH <iptables-FLAVOUR-save|restore>` (argv lists, no shell, started with
+`posix_spawn`: see spawn.py). Writers hold a flock on
 the netns file. Per address family the current state is read with save, then ONE
 `iptables-restore --noflush` replaces everything of ours in one transaction: our old jump rules are
 deleted (`-D`), our chains are declared (which creates or flushes them) and refilled, stale chains of ours
@@ -10,33 +11,37 @@ from a fresh save), the families that went in are put back to their saved state 
 deletes exactly our jumps and chains, so the netns is left as it was before (tables that did not exist
 before stay as empty tables: a legacy table cannot be unloaded once created).
 
-Stdlib only: imported by the CNI plugin.
+Stdlib only: imported by the CNI plugin, so nothing here imports `subprocess`, `dataclasses`, `typing`,
+`contextlib` or `shlex` at run time (each costs the plugin milliseconds of start-up).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import shlex
-import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from cni.iptables import builder
-from cni.iptables.builder import RuleSet, TableRules
-from cni.iptables.flavour import Flavour, binary
-from cni.redirect_spec import AmbientSpec, Family, SidecarSpec
+from cni.iptables import builder, spawn
+from cni.iptables.flavour import binary
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from types import TracebackType
+    from typing import Any, Protocol
+
+    from cni.iptables.builder import RuleSet, TableRules
+    from cni.iptables.flavour import Flavour
+    from cni.redirect_spec import AmbientSpec, Family, SidecarSpec
+    from cni.sidecar_params import SidecarParams
+
+    class _Log(Protocol):
+        def log(self, level: str, step: str, msg: str, **extra: Any) -> None: ...
+
 
 _TIMEOUT = 30.0
 _WAIT = "--wait=10"  # xtables lock (legacy); accepted and ignored by nft
 _LOCK_TIMEOUT = 60.0
-
-
-class _Log(Protocol):
-    def log(self, level: str, step: str, msg: str, **extra: Any) -> None: ...
 
 
 class IptablesError(Exception):
@@ -63,11 +68,13 @@ def _argv(netns_path: str | None, argv: Sequence[str]) -> list[str]:
 def _run(step: str, netns_path: str | None, argv: Sequence[str], stdin: str | None = None) -> str:
     full = _argv(netns_path, argv)
     try:
-        proc = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+        (proc,) = spawn.run_many([(full, stdin)], _TIMEOUT)
     except FileNotFoundError as exc:
         raise IptablesError(step, f"{full[0] if netns_path is None else 'nsenter'} not found", str(exc)) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise IptablesError(step, f"{argv[0]} timed out after {_TIMEOUT:.0f}s") from exc
+    except OSError as exc:
+        raise IptablesError(step, f"{full[0]} could not be started", str(exc)) from exc
+    if proc.returncode is None:
+        raise IptablesError(step, f"{argv[0]} timed out after {_TIMEOUT:.0f}s")
     if proc.returncode != 0:
         raise IptablesError(step, f"{argv[0]} exited {proc.returncode}", proc.stderr)
     return proc.stdout
@@ -82,31 +89,19 @@ def save_families(netns_path: str | None, flavour: Flavour, families: Sequence[F
     """iptables-save of several families, run in parallel (the plugin's ADD latency matters)."""
     if len(families) < 2:
         return {f: save(netns_path, flavour, f) for f in families}
-    procs: dict[Family, subprocess.Popen[str]] = {}
+    argvs = [_argv(netns_path, [binary(flavour, f, "save")]) for f in families]
     try:
-        for f in families:
-            argv = _argv(netns_path, [binary(flavour, f, "save")])
-            try:
-                procs[f] = subprocess.Popen(
-                    argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-                )
-            except OSError as exc:
-                raise IptablesError(f"save-v{f}", f"{argv[0]} could not be started", str(exc)) from exc
-        out: dict[Family, str] = {}
-        for f, proc in procs.items():
-            try:
-                stdout, stderr = proc.communicate(timeout=_TIMEOUT)
-            except subprocess.TimeoutExpired as exc:
-                raise IptablesError(f"save-v{f}", f"save timed out after {_TIMEOUT:.0f}s") from exc
-            if proc.returncode != 0:
-                raise IptablesError(f"save-v{f}", f"{binary(flavour, f, 'save')} exited {proc.returncode}", stderr)
-            out[f] = stdout
-        return out
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        results = spawn.run_many([(argv, None) for argv in argvs], _TIMEOUT)
+    except OSError as exc:
+        raise IptablesError(f"save-v{families[0]}", f"{argvs[0][0]} could not be started", str(exc)) from exc
+    out: dict[Family, str] = {}
+    for f, proc in zip(families, results, strict=True):
+        if proc.returncode is None:
+            raise IptablesError(f"save-v{f}", f"save timed out after {_TIMEOUT:.0f}s")
+        if proc.returncode != 0:
+            raise IptablesError(f"save-v{f}", f"{binary(flavour, f, 'save')} exited {proc.returncode}", proc.stderr)
+        out[f] = proc.stdout
+    return out
 
 
 def _restore_argv(flavour: Flavour, family: Family) -> list[str]:
@@ -122,52 +117,43 @@ def _restore_many(
 ) -> dict[Family, IptablesError | None]:
     """One restore per family, all running at once; each is its own transaction. Result per family."""
     results: dict[Family, IptablesError | None] = {}
-    procs: dict[Family, subprocess.Popen[str]] = {}
+    fams = list(texts)
+    argvs = [_argv(netns_path, _restore_argv(flavour, fam)) for fam in fams]
     try:
-        for fam, text in texts.items():
-            argv = _argv(netns_path, _restore_argv(flavour, fam))
-            try:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-                )
-            except OSError as exc:
-                results[fam] = IptablesError(f"{step}-v{fam}", f"{argv[0]} could not be started", str(exc))
-                continue
-            procs[fam] = proc
-            stdin, proc.stdin = proc.stdin, None  # written here, so communicate() only collects output
-            assert stdin is not None
-            try:
-                stdin.write(text)
-                stdin.close()
-            except BrokenPipeError:
-                pass  # the process died early; its exit status and stderr tell why
-        for fam, proc in procs.items():
-            try:
-                _, stderr = proc.communicate(timeout=_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                results[fam] = IptablesError(f"{step}-v{fam}", f"restore timed out after {_TIMEOUT:.0f}s")
-                continue
-            if proc.returncode == 0:
-                results[fam] = None
-            else:
-                what = binary(flavour, fam, "restore")
-                results[fam] = IptablesError(f"{step}-v{fam}", f"{what} exited {proc.returncode}", stderr)
-        return results
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        procs = spawn.run_many([(argv, texts[fam]) for fam, argv in zip(fams, argvs, strict=True)], _TIMEOUT)
+    except OSError as exc:
+        return {fam: IptablesError(f"{step}-v{fam}", f"{argvs[0][0]} could not be started", str(exc)) for fam in fams}
+    for fam, proc in zip(fams, procs, strict=True):
+        results[fam] = _restore_result(flavour, fam, proc, step)
+    return results
 
 
 # ---------------------------------------------------------------- parsing iptables-save
 
 
-@dataclass
-class SavedTable:
-    name: str
-    chains: dict[str, str] = field(default_factory=dict)  # chain -> policy ("-" for user chains)
-    rules: list[tuple[str, str]] = field(default_factory=list)  # (chain, "-A chain ...") in order
+class _Plain:
+    """Equality and repr over ``__slots__`` (what @dataclass gave; `dataclasses` costs the plugin ms)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a non-frozen dataclass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
+
+
+class SavedTable(_Plain):
+    __slots__ = ("name", "chains", "rules")  # noqa: RUF023 - field order (repr)
+
+    def __init__(
+        self, name: str, chains: dict[str, str] | None = None, rules: list[tuple[str, str]] | None = None
+    ) -> None:
+        self.name = name
+        self.chains: dict[str, str] = {} if chains is None else chains  # chain -> policy ("-" for user chains)
+        self.rules: list[tuple[str, str]] = [] if rules is None else rules  # (chain, "-A chain ...") in order
 
     def chain_rules(self, chain: str) -> list[str]:
         return [line for c, line in self.rules if c == chain]
@@ -196,25 +182,40 @@ def parse_save(text: str) -> dict[str, SavedTable]:
     return tables
 
 
+_PLAIN_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - frozenset("\"'\\") | {"\t"}
+
+
 def rule_target(line: str) -> str | None:
     """The -j/-g target of a saved rule line."""
-    try:
-        tokens = shlex.split(line)
-    except ValueError:
-        tokens = line.split()
+    if _PLAIN_CHARS.issuperset(line):
+        tokens = line.split()  # no quotes, escapes or odd whitespace: what shlex.split would give
+    else:
+        import shlex  # quoted arguments (e.g. comments): rare, and shlex costs an import of re
+
+        try:
+            tokens = shlex.split(line)
+        except ValueError:
+            tokens = line.split()
     for i, tok in enumerate(tokens[:-1]):
         if tok in ("-j", "--jump", "-g", "--goto"):
             return tokens[i + 1]
     return None
 
 
-@dataclass
-class Owned:
+class Owned(_Plain):
     """What of ours one table holds: chains (+ their rules) and jumps into them from other chains."""
 
-    chains: list[str] = field(default_factory=list)
-    rules: list[str] = field(default_factory=list)
-    jumps: list[tuple[str, int, str]] = field(default_factory=list)  # (chain, 1-based position, line)
+    __slots__ = ("chains", "rules", "jumps")  # noqa: RUF023 - field order (repr)
+
+    def __init__(
+        self,
+        chains: list[str] | None = None,
+        rules: list[str] | None = None,
+        jumps: list[tuple[str, int, str]] | None = None,
+    ) -> None:
+        self.chains: list[str] = [] if chains is None else chains
+        self.rules: list[str] = [] if rules is None else rules
+        self.jumps: list[tuple[str, int, str]] = [] if jumps is None else jumps  # (chain, 1-based position, line)
 
     def empty(self) -> bool:
         return not self.chains and not self.jumps
@@ -253,17 +254,34 @@ def _desired_from_ruleset(rs: RuleSet) -> dict[str, Owned]:
     return out
 
 
-def transition(current: dict[str, SavedTable], desired: dict[str, Owned], prefix: str) -> str:
+def _chain_rules(rules: list[str], chain: str) -> list[str]:
+    return [r for r in rules if r.split(" ", 2)[1] == chain]
+
+
+def _same(have: Owned, want: Owned) -> bool:
+    """Our part of a table is already exactly `want`: the same chains with the same rules, and the same
+    jumps at the same positions (ours at the top). Builder text is iptables-save canonical, so the
+    strings compare (as CHECK does); anything else takes the restore path."""
+    if set(have.chains) != set(want.chains) or sorted(have.jumps) != sorted(want.jumps):
+        return False
+    return all(_chain_rules(have.rules, c) == _chain_rules(want.rules, c) for c in want.chains)
+
+
+def transition(
+    current: dict[str, SavedTable], desired: dict[str, Owned], prefix: str, *, skip_unchanged: bool = False
+) -> str:
     """Restore text (for --noflush) that turns our part of `current` into `desired`; other rules stay.
 
-    Empty string when nothing has to change table-wise (no tables of ours now and none wanted).
+    Empty string when nothing has to change table-wise (no tables of ours now and none wanted; with
+    `skip_unchanged`, also when ours are already exactly what is wanted: an ADD of the same rules then
+    runs no restore at all).
     """
     out: list[str] = []
     for name in sorted(set(current) | set(desired)):
         have = owned(current[name], prefix) if name in current else Owned()
         want = desired.get(name, Owned())
-        if have.empty() and want.empty():
-            continue
+        if (have.empty() and want.empty()) or (skip_unchanged and _same(have, want)):
+            continue  # nothing to do: no restore, nothing rewritten
         out.append(f"*{name}")
         out.extend(f":{c} - [0:0]" for c in want.chains)  # creates, or flushes when present
         out.extend("-D" + line[2:] for _, _, line in have.jumps)
@@ -310,30 +328,46 @@ def _require_netns(netns_path: str | None, step: str) -> None:
         raise IptablesError(step, f"network namespace {netns_path} does not exist")
 
 
-@contextlib.contextmanager
-def netns_lock(netns_path: str | None, step: str) -> Iterator[None]:
+class netns_lock:
     """Serialise our writers (plugin, agent, threads) per netns: flock on the netns file itself, so two
     read-modify-write cycles cannot interleave (both would insert their jumps). None: this thread's."""
-    path = netns_path if netns_path is not None else "/proc/thread-self/ns/net"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise IptablesError(step, f"network namespace {path} does not exist") from None
-    except OSError as exc:
-        raise IptablesError(step, f"cannot open network namespace {path}", str(exc)) from exc
-    try:
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise IptablesError(step, f"timed out waiting for the lock on {path}") from None
-                time.sleep(0.005)
-        yield
-    finally:
-        os.close(fd)
+
+    __slots__ = ("fd", "path", "step")
+
+    def __init__(self, netns_path: str | None, step: str) -> None:
+        self.path = netns_path if netns_path is not None else "/proc/thread-self/ns/net"
+        self.step = step
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        path, step = self.path, self.step
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise IptablesError(step, f"network namespace {path} does not exist") from None
+        except OSError as exc:
+            raise IptablesError(step, f"cannot open network namespace {path}", str(exc)) from exc
+        try:
+            deadline = time.monotonic() + _LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise IptablesError(step, f"timed out waiting for the lock on {path}") from None
+                    time.sleep(0.005)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _emit(log: _Log | None, level: str, step: str, msg: str, **extra: Any) -> None:
@@ -366,6 +400,25 @@ def _set_owned(
                 raise
 
 
+def fresh_text(desired: dict[str, Owned]) -> str:
+    """Restore text that installs `desired` into a netns holding nothing of ours, and FAILS (atomically,
+    changing nothing) if any of our chains already exists: `-N` refuses an existing chain on both flavours.
+    Without our chains there can be no jumps of ours either (iptables keeps no jump to a missing chain),
+    so inserting our jumps at positions 1..k of their chains is exactly what `transition` would do."""
+    out: list[str] = []
+    for name in sorted(desired):
+        want = desired[name]
+        if want.empty():
+            continue
+        out.append(f"*{name}")
+        out.extend(f"-N {c}" for c in want.chains)
+        for chain, pos, line in sorted(want.jumps, key=lambda j: j[1]):
+            out.append(f"-I {chain} {pos}" + line[len(f"-A {chain}") :])
+        out.extend(want.rules)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
 def _apply(
     netns_path: str | None,
     rulesets: Sequence[RuleSet],
@@ -373,10 +426,13 @@ def _apply(
     prefix: str,
     step: str,
     log: _Log | None,
+    *,
+    optimistic: bool = False,
+    side_job: tuple[str, list[str]] | None = None,
 ) -> None:
     _require_netns(netns_path, step)
     with netns_lock(netns_path, step):
-        _apply_locked(netns_path, rulesets, flavour, prefix, step, log)
+        _apply_locked(netns_path, rulesets, flavour, prefix, step, log, optimistic=optimistic, side_job=side_job)
 
 
 def _apply_locked(
@@ -386,35 +442,146 @@ def _apply_locked(
     prefix: str,
     step: str,
     log: _Log | None,
+    *,
+    optimistic: bool = False,
+    side_job: tuple[str, list[str]] | None = None,
 ) -> None:
+    """`optimistic`: first try `fresh_text` for every family at once (one restore each, no save: the
+    common case of an ADD into a new netns); the families it refuses (our chains exist already) take the
+    save → transition → restore path. `side_job` (step, argv run in the netns): a command run in
+    parallel with the first stage; if it fails, whatever went in is rolled back and its error raised."""
     families = [rs.family for rs in rulesets]
-    saved = save_families(netns_path, flavour, families)
-    before = {fam: _owned_all(parse_save(text), prefix) for fam, text in saved.items()}
     desired = {rs.family: _desired_from_ruleset(rs) for rs in rulesets}
-    texts = {fam: transition(parse_save(saved[fam]), desired[fam], prefix) for fam in families}
-    results = _restore_many(netns_path, flavour, {f: t for f, t in texts.items() if t}, step)
-    for fam, err in list(results.items()):
-        if err is None:
-            continue
-        # The rules may have changed between save and restore: one retry from a fresh save.
-        _emit(log, "warning", step, "iptables restore failed, retrying", family=fam, error=str(err))
-        try:
-            _set_owned(netns_path, flavour, fam, desired[fam], prefix, f"{step}-v{fam}", attempts=1)
-            results[fam] = None
-        except IptablesError as exc:
-            results[fam] = exc
+    before: dict[Family, dict[str, Owned]] = {}
+    texts: dict[Family, str] = {}
+    results: dict[Family, IptablesError | None] = {}
+    side_error: IptablesError | None = None
+    pending = list(families)
+    if optimistic:
+        fresh = {fam: fresh_text(desired[fam]) for fam in families}
+        todo = {f: t for f, t in fresh.items() if t}
+        results, side_error = _restore_many_with(netns_path, flavour, todo, step, side_job)
+        side_job = None  # it ran (or could not start: side_error says so)
+        if side_error is not None and not results:
+            pending = []  # the batch did not start: nothing changed
+        else:
+            pending = [fam for fam in families if results.get(fam) is not None]
+            for fam in families:
+                if fam not in pending:
+                    before[fam], texts[fam] = {}, fresh[fam]  # nothing of ours was there: -N succeeded
+            results = {fam: None for fam in families if fam not in pending}
+        if pending and side_error is None:
+            _emit(log, "debug", step, "our chains exist already: replacing them", families=pending)
+    if pending and side_error is None:
+        saved, side_error = _save_with(netns_path, flavour, pending, side_job)
+        for fam in pending if side_error is None else ():
+            before[fam] = _owned_all(parse_save(saved[fam]), prefix)
+            texts[fam] = transition(parse_save(saved[fam]), desired[fam], prefix, skip_unchanged=True)
+        if side_error is None:
+            results.update(_restore_many(netns_path, flavour, {f: texts[f] for f in pending if texts[f]}, step))
+            for fam in pending:
+                if results.get(fam) is None:
+                    continue
+                # The rules may have changed between save and restore: one retry from a fresh save.
+                err = results[fam]
+                _emit(log, "warning", step, "iptables restore failed, retrying", family=fam, error=str(err))
+                try:
+                    _set_owned(netns_path, flavour, fam, desired[fam], prefix, f"{step}-v{fam}", attempts=1)
+                    results[fam] = None
+                except IptablesError as exc:
+                    results[fam] = exc
     failed = [(fam, err) for fam, err in results.items() if err is not None]
-    if failed:
+    if failed or side_error is not None:
         for fam, err in failed:
             _emit(log, "error", step, "iptables restore failed, rolling back", family=fam, error=str(err))
+        if side_error is not None:
+            _emit(log, "error", step, "setting up the netns failed, rolling back", error=str(side_error))
         for fam in families:
-            if texts[fam] and results.get(fam) is None:
+            if texts.get(fam) and fam in results and results[fam] is None:
                 try:
                     _set_owned(netns_path, flavour, fam, before[fam], prefix, f"rollback-v{fam}")
                 except IptablesError as rb_exc:
                     _emit(log, "error", step, "rollback failed", family=fam, error=str(rb_exc))
+        if side_error is not None:
+            raise side_error
         raise failed[0][1]
     _emit(log, "info", step, "iptables rules applied", families=list(families), flavour=flavour)
+
+
+def _restore_result(flavour: Flavour, fam: Family, proc: spawn.Result, step: str) -> IptablesError | None:
+    if proc.returncode is None:
+        return IptablesError(f"{step}-v{fam}", f"restore timed out after {_TIMEOUT:.0f}s")
+    if proc.returncode != 0:
+        what = binary(flavour, fam, "restore")
+        return IptablesError(f"{step}-v{fam}", f"{what} exited {proc.returncode}", proc.stderr)
+    return None
+
+
+def _side_result(side_job: tuple[str, list[str]], proc: spawn.Result) -> IptablesError | None:
+    side_step, argv = side_job
+    if proc.returncode is None:
+        return IptablesError(side_step, f"{argv[0]} timed out after {_TIMEOUT:.0f}s")
+    if proc.returncode != 0:
+        return IptablesError(side_step, f"{argv[0]} exited {proc.returncode}", proc.stderr)
+    return None
+
+
+def _with_side_job(
+    netns_path: str | None, jobs: Sequence[tuple[list[str], str | None]], side_job: tuple[str, list[str]] | None
+) -> tuple[list[spawn.Result], IptablesError | None]:
+    """Run `jobs` (argv already netns-wrapped) and the side job together. A batch that cannot be started
+    is reported as the side job's error (the side job always ran first before batching: same outcome)."""
+    if side_job is None:
+        return spawn.run_many(jobs, _TIMEOUT), None
+    side_argv = _argv(netns_path, side_job[1])
+    try:
+        procs = spawn.run_many([*jobs, (side_argv, None)], _TIMEOUT)
+    except FileNotFoundError as exc:
+        missing = side_argv[0] if netns_path is None else "nsenter"
+        return [], IptablesError(side_job[0], f"{missing} not found", str(exc))
+    except OSError as exc:
+        return [], IptablesError(side_job[0], f"{side_argv[0]} could not be started", str(exc))
+    return procs[:-1], _side_result(side_job, procs[-1])
+
+
+def _restore_many_with(
+    netns_path: str | None,
+    flavour: Flavour,
+    texts: dict[Family, str],
+    step: str,
+    side_job: tuple[str, list[str]] | None,
+) -> tuple[dict[Family, IptablesError | None], IptablesError | None]:
+    """`_restore_many`, plus the side job in the same batch of processes."""
+    if side_job is None:
+        return _restore_many(netns_path, flavour, texts, step), None
+    fams = list(texts)
+    jobs = [(_argv(netns_path, _restore_argv(flavour, fam)), texts[fam]) for fam in fams]
+    procs, side_error = _with_side_job(netns_path, jobs, side_job)
+    if not procs:
+        return {}, side_error
+    return {fam: _restore_result(flavour, fam, proc, step) for fam, proc in zip(fams, procs, strict=True)}, side_error
+
+
+def _save_with(
+    netns_path: str | None, flavour: Flavour, families: Sequence[Family], side_job: tuple[str, list[str]] | None
+) -> tuple[dict[Family, str], IptablesError | None]:
+    """`save_families`, plus the side job in the same batch of processes."""
+    if side_job is None:
+        return save_families(netns_path, flavour, families), None
+    jobs: list[tuple[list[str], str | None]] = [
+        (_argv(netns_path, [binary(flavour, f, "save")]), None) for f in families
+    ]
+    procs, side_error = _with_side_job(netns_path, jobs, side_job)
+    if not procs:
+        return {}, side_error
+    out: dict[Family, str] = {}
+    for f, proc in zip(families, procs, strict=True):
+        if proc.returncode is None:
+            raise IptablesError(f"save-v{f}", f"save timed out after {_TIMEOUT:.0f}s")
+        if proc.returncode != 0:
+            raise IptablesError(f"save-v{f}", f"{binary(flavour, f, 'save')} exited {proc.returncode}", proc.stderr)
+        out[f] = proc.stdout
+    return out, side_error
 
 
 def check_rulesets(netns_path: str | None, rulesets: Sequence[RuleSet], flavour: Flavour) -> list[str]:
@@ -483,25 +650,39 @@ def _diff(what: str, expected: list[str], got: list[str]) -> str:
 
 def apply_sidecar(
     netns_path: str,
-    spec: SidecarSpec,
+    spec: SidecarSpec | SidecarParams,
     families: Iterable[Family],
     flavour: Flavour,
     *,
     log: _Log | None = None,
+    optimistic: bool = False,
 ) -> None:
     """Install (or replace) the sidecar chains in the pod netns; all families or none.
 
     With IPv6, ::6/128 is also put on `lo` (as istio-iptables does) so the sidecar can bind its inbound
-    passthrough source; the address is left in place on removal (harmless, dies with the pod netns)."""
+    passthrough source; the address is left in place on removal (harmless, dies with the pod netns). It
+    is added in parallel with the first iptables step; if that fails, the rules are rolled back.
+    `optimistic` (the CNI ADD into a fresh netns): try the one-restore-per-family `fresh_text` first."""
     fams = _families(families)
     rulesets = [builder.sidecar_rules(spec, f) for f in fams]
-    if 6 in fams:
-        _require_netns(netns_path, "apply-sidecar")
-        _run("lo-v6", netns_path, ["ip", "-6", "addr", "replace", builder.PASSTHROUGH_SOURCE[6], "dev", "lo"])
-    _apply(netns_path, rulesets, flavour, builder.SIDECAR_PREFIX, "apply-sidecar", log)
+    lo_job = (
+        ("lo-v6", ["ip", "-6", "addr", "replace", builder.PASSTHROUGH_SOURCE[6], "dev", "lo"]) if 6 in fams else None
+    )
+    _apply(
+        netns_path,
+        rulesets,
+        flavour,
+        builder.SIDECAR_PREFIX,
+        "apply-sidecar",
+        log,
+        optimistic=optimistic,
+        side_job=lo_job,
+    )
 
 
-def check_sidecar(netns_path: str, spec: SidecarSpec, families: Iterable[Family], flavour: Flavour) -> list[str]:
+def check_sidecar(
+    netns_path: str, spec: SidecarSpec | SidecarParams, families: Iterable[Family], flavour: Flavour
+) -> list[str]:
     rulesets = [builder.sidecar_rules(spec, f) for f in _families(families)]
     return check_rulesets(netns_path, rulesets, flavour)
 
@@ -533,9 +714,13 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: _Log | None = N
     try:
         with netns_lock(netns_path, "remove"):
             saved = save_families(netns_path, flavour, (4, 6))
-            for family in (4, 6):
-                step = f"remove-v{family}"
-                _set_owned(netns_path, flavour, family, {}, builder.OWNED_PREFIX, step, saved[family])
+            texts: dict[Family, str] = {f: transition(parse_save(saved[f]), {}, builder.OWNED_PREFIX) for f in (4, 6)}
+            # both families' restores at once; a failed one is retried once from a fresh save
+            results = _restore_many(netns_path, flavour, {f: t for f, t in texts.items() if t}, "remove")
+            for family, err in results.items():
+                if err is not None:
+                    step = f"remove-v{family}"
+                    _set_owned(netns_path, flavour, family, {}, builder.OWNED_PREFIX, step, attempts=1)
     except IptablesError:
         if netns_path is not None and not os.path.exists(netns_path):
             return

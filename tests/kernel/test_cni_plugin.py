@@ -31,7 +31,13 @@ def save(pod: Pod, flavour: str) -> str:
     out: list[str] = []
     for tool in (f"iptables-{flavour}-save", f"ip6tables-{flavour}-save"):
         text = pod.netns.run([tool]).stdout
-        out.extend(line for line in text.splitlines() if not line.startswith("#"))
+        # chain headers carry packet counters (":OUTPUT ACCEPT [1:40]"): traffic on the node's bridge
+        # (e.g. an IGMP report) would change them between two saves
+        out.extend(
+            line.split(" [")[0] if line.startswith(":") else line
+            for line in text.splitlines()
+            if not line.startswith("#")
+        )
     return "\n".join(out)
 
 

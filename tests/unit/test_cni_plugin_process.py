@@ -167,33 +167,73 @@ def test_version(env: Env) -> None:
 FORBIDDEN = ("grpc", "pyroute2", "iptc", "bcc", "yaml", "kubernetes", "click", "psutil", "google", "node_agent")
 
 
+# Stdlib modules whose import costs a non-mesh ADD milliseconds of start-up (docs/cni-plugin.md, "Start-up
+# cost"): json pulls in re, enum, functools and collections; typing, ipaddress, copy, base64, contextlib,
+# weakref, subprocess, dataclasses, inspect, socket, ssl and urllib are only for the paths that need them.
+HEAVY_STDLIB = (
+    "json", "re", "enum", "functools", "collections", "typing", "ipaddress", "copy", "base64", "contextlib",
+    "weakref", "subprocess", "dataclasses", "inspect", "socket", "ssl", "urllib", "shutil", "tempfile", "shlex",
+    "threading", "selectors", "signal", "ctypes",
+)  # fmt: skip
+
+
+def _modules_after(env: Env, code: str) -> set[str]:
+    """Modules a fresh `python -I -S` (like the installed launcher) has loaded after running ``code``."""
+    wrapper = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "before = set(sys.modules)\n"
+        f"{code}\n"
+        "mods = sorted(set(sys.modules) - before)\n"
+        "sys.stdout.write('\\n'.join(mods))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", wrapper], capture_output=True, text=True, env={}, check=True
+    )
+    return set(proc.stdout.split())
+
+
 def test_only_stdlib_is_imported(env: Env) -> None:
     env.pod("shop", "web")
     conf = env.conf()
     code = (
-        "import json, sys, os\n"
+        "import os\n"
         "from cni import plugin\n"
         "environ = dict(os.environ, CNI_COMMAND='ADD', CNI_CONTAINERID='c1', CNI_IFNAME='eth0',"
         f" CNI_NETNS={env.netns!r}, CNI_ARGS='K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web')\n"
         f"rc, out = plugin.run(environ, {json.dumps(conf).encode()!r})\n"
         "rc2, _ = plugin.run(dict(os.environ, CNI_COMMAND='VERSION'), b'')\n"
-        "print(json.dumps({'rc': rc + rc2, 'mods': sorted(sys.modules)}))\n"
+        "assert rc + rc2 == 0, out\n"
     )
-    # -S: no site, so nothing from site-packages can sneak in through .pth files
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
-        check=True,
-    )
-    report = json.loads(proc.stdout)
-    assert report["rc"] == 0
-    tops = {m.split(".")[0] for m in report["mods"]}
+    mods = _modules_after(env, code)
+    tops = {m.split(".")[0] for m in mods}
     assert not tops & set(FORBIDDEN)
     assert tops - set(sys.stdlib_module_names) - {"__main__"} == {"cni"}
     # a non-mesh ADD does not pay for the heavy stdlib modules or the sidecar/agent code
-    assert not {"dataclasses", "inspect", "cni.annotations", "cni.iptables", "cni.agent_client"} & set(report["mods"])
+    assert not {"cni.annotations", "cni.iptables", "cni.agent_client", "cni.redirect_spec"} & mods
+    assert not set(HEAVY_STDLIB) & tops, sorted(set(HEAVY_STDLIB) & tops)
+
+
+@pytest.mark.parametrize("ranges", [False, True])
+def test_sidecar_path_imports_stay_lean(env: Env, ranges: bool) -> None:
+    """What a sidecar ADD loads besides the non-mesh path: the annotation parser, the rule builder,
+    netns_tables and its spawner, without `subprocess`, `dataclasses`, `typing`, `re`, `json` (each costs
+    milliseconds); `ipaddress` only when the pod has range annotations."""
+    annotations = {"traffic.sidecar.istio.io/excludeOutboundPorts": "5432"}
+    if ranges:
+        annotations["traffic.sidecar.istio.io/excludeOutboundIPRanges"] = "10.1.0.0/16,fd00::/64"
+    code = (
+        "from cni.annotations import sidecar_params\n"
+        "from cni.iptables import builder, flavour, netns_tables, spawn\n"
+        f"spec = sidecar_params({annotations!r})\n"
+        "text = builder.sidecar_rules(spec, 4).render() + builder.sidecar_rules(spec, 6).render()\n"
+        "assert spawn.run_many([(['true'], None), (['cat'], text)], 10)[1].stdout == text\n"
+    )
+    mods = _modules_after(env, code)
+    tops = {m.split(".")[0] for m in mods}
+    heavy = set(HEAVY_STDLIB) - {"ipaddress", "functools", "collections"} if ranges else set(HEAVY_STDLIB)
+    assert not heavy & tops, sorted(heavy & tops)
+    assert "cni.redirect_spec" not in mods
 
 
 def test_importtime_of_version(env: Env) -> None:

@@ -149,3 +149,13 @@ def test_iptables_package_imports_only_stdlib() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_transition_skip_unchanged_only_when_exactly_the_same() -> None:
+    """Re-applying what is there runs no restore (apply uses skip_unchanged); any difference still does."""
+    current = parse_save(FOREIGN)
+    previous = netns_tables._owned_all(current, builder.SIDECAR_PREFIX)
+    assert transition(current, previous, builder.SIDECAR_PREFIX, skip_unchanged=True) == ""
+    moved = parse_save(FOREIGN.replace("-A OUTPUT -p tcp -j HEADRACE_SC_OUTPUT\n", ""))
+    assert transition(moved, previous, builder.SIDECAR_PREFIX, skip_unchanged=True) != ""
+    assert transition(parse_save(FOREIGN), {}, builder.SIDECAR_PREFIX, skip_unchanged=True) != ""

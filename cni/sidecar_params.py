@@ -1,0 +1,86 @@
+"""The sidecar redirect's values in a light form for the CNI plugin's hot path.
+
+``redirect_spec.SidecarSpec`` is a frozen dataclass (the agent and the eBPF backend rely on
+``dataclasses.fields``/``replace``), and importing ``dataclasses`` + ``typing`` + ``ipaddress`` costs the
+plugin about 20 ms per sidecar ADD. ``SidecarParams`` holds exactly the same fields with the same
+defaults and the same ``ranges()``; the rule builder reads either. ``annotations.sidecar_spec`` turns
+these into the dataclass for everyone else. The contract constants live here and are re-exported by
+``redirect_spec``.
+"""
+
+from __future__ import annotations
+
+from cni.record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from cni.redirect_spec import Family, IPNetwork
+
+PROXY_UID = 1337
+PROXY_GID = 1337
+SIDECAR_OUTBOUND_PORT = 15001
+SIDECAR_INBOUND_PORT = 15006
+SIDECAR_EXCLUDED_INBOUND = (15020, 15021, 15090)
+
+FIELDS = (
+    "proxy_uid",
+    "proxy_gid",
+    "outbound_port",
+    "inbound_port",
+    "include_inbound_ports",
+    "exclude_inbound_ports",
+    "exclude_outbound_ports",
+    "exclude_outbound_ranges",
+    "include_outbound_ranges",
+)
+
+
+class SidecarParams(Record):
+    """The fields of ``SidecarSpec``, same meaning and defaults (see there)."""
+
+    __slots__ = FIELDS
+    proxy_uid: int
+    proxy_gid: int
+    outbound_port: int
+    inbound_port: int
+    include_inbound_ports: tuple[int, ...] | None
+    exclude_inbound_ports: tuple[int, ...]
+    exclude_outbound_ports: tuple[int, ...]
+    exclude_outbound_ranges: tuple[IPNetwork, ...]
+    include_outbound_ranges: tuple[IPNetwork, ...] | None
+
+    def __init__(
+        self,
+        proxy_uid: int = PROXY_UID,
+        proxy_gid: int = PROXY_GID,
+        outbound_port: int = SIDECAR_OUTBOUND_PORT,
+        inbound_port: int = SIDECAR_INBOUND_PORT,
+        include_inbound_ports: tuple[int, ...] | None = None,
+        exclude_inbound_ports: tuple[int, ...] = SIDECAR_EXCLUDED_INBOUND,
+        exclude_outbound_ports: tuple[int, ...] = (),
+        exclude_outbound_ranges: tuple[IPNetwork, ...] = (),
+        include_outbound_ranges: tuple[IPNetwork, ...] | None = None,
+    ) -> None:
+        self._init(
+            proxy_uid=proxy_uid,
+            proxy_gid=proxy_gid,
+            outbound_port=outbound_port,
+            inbound_port=inbound_port,
+            include_inbound_ports=include_inbound_ports,
+            exclude_inbound_ports=exclude_inbound_ports,
+            exclude_outbound_ports=exclude_outbound_ports,
+            exclude_outbound_ranges=exclude_outbound_ranges,
+            include_outbound_ranges=include_outbound_ranges,
+        )
+
+    def ranges(self, family: Family, which: Literal["include", "exclude"]) -> tuple[IPNetwork, ...] | None:
+        """The include/exclude outbound ranges of one address family (None = '*' for include)."""
+        src = self.include_outbound_ranges if which == "include" else self.exclude_outbound_ranges
+        if src is None:
+            return None
+        return tuple(n for n in src if n.version == family)
+
+    def __repr__(self) -> str:  # the text SidecarSpec's repr gives (it appears in the plugin's log)
+        return "SidecarSpec(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in FIELDS) + ")"
