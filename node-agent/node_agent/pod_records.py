@@ -21,6 +21,8 @@ class EnrolRecord:
     backend: str
     tcp_loose: int | None = None  # nf_conntrack_tcp_loose before enrolment (restored on removal)
     cgroup_path: str | None = None  # the pod's cgroup v2 directory (eBPF), when known
+    mode: str = "ambient"  # "sidecar": a sidecar pod the plugin handed over (its spec from `annotations`)
+    annotations: tuple[tuple[str, str], ...] = ()  # the traffic annotations the sidecar spec is built from
 
 
 class RecordStore:
@@ -61,7 +63,11 @@ class RecordStore:
                     backend=str(raw.get("backend", "")),
                     tcp_loose=int(raw["tcp_loose"]) if raw.get("tcp_loose") is not None else None,
                     cgroup_path=str(raw["cgroup_path"]) if raw.get("cgroup_path") else None,
+                    mode=str(raw.get("mode") or "ambient"),
+                    annotations=tuple((str(k), str(v)) for k, v in raw.get("annotations") or ()),
                 )
+                if rec.mode not in ("ambient", "sidecar"):
+                    continue
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             out[rec.uid] = rec

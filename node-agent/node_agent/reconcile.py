@@ -11,6 +11,10 @@ re-added; nothing is duplicated since backends are idempotent), pods that left a
 enrolled workload is sent to the (new) proxy hub, which snapshots them to the proxy. A periodic drift
 check repairs altered rules and counts the repair. A pod whose pinned netns is gone and cannot be found
 again (node reboot without drain) is `failed` and retried, never reported enrolled.
+
+Sidecar pods the plugin hands over (`backend: ebpf` conflists) get the same care without the proxy: netns
+pinned, record with mode `sidecar` and the traffic annotations their spec is rebuilt from, adopted after a
+restart without re-applying, drift-checked (same metric), removed on CNI DEL or when the pod leaves.
 """
 
 from __future__ import annotations
@@ -229,6 +233,9 @@ class Reconciler:
             records = self.records.load_all()
             pinned = self.pins.pinned()
             for uid, rec in records.items():
+                if rec.mode == "sidecar":
+                    self._adopt_sidecar(rec, pinned.get(uid))
+                    continue
                 st = PodState(uid, rec.namespace, rec.name, ips=rec.ips, inode=rec.netns_inode,
                               tcp_loose=rec.tcp_loose, backend=rec.backend, cgroup_path=rec.cgroup_path)
                 got = pinned.get(uid)
@@ -246,7 +253,7 @@ class Reconciler:
                         self.pins.release(uid)
                 self.pods[uid] = st
             for uid, ino in pinned.items():
-                if uid not in self.pods:
+                if uid not in self.pods and uid not in self.sidecars:
                     st = PodState(uid, "", "", inode=ino, netns=str(self.pins.path(uid)),
                                   reason="adopted pin without record")
                     st.extra["adopted"] = True
@@ -254,6 +261,35 @@ class Reconciler:
             for uid in self.pins.leftovers():
                 self.pins.release(uid)
         self.wake()
+
+    def _adopt_sidecar(self, rec: EnrolRecord, pinned_inode: int | None) -> None:
+        """A sidecar pod a previous agent redirected: keep it (rules checked by the drift check, not
+        re-applied), or, when its netns is gone, clear what is left of it."""
+        from cni.annotations import sidecar_spec
+        from cni.errors import CniError
+
+        uid = rec.uid
+        st = PodState(uid, rec.namespace, rec.name, mode="sidecar", ips=rec.ips, inode=rec.netns_inode,
+                      backend=rec.backend, cgroup_path=rec.cgroup_path)
+        try:
+            spec = sidecar_spec(dict(rec.annotations))
+        except CniError as exc:  # the record was valid when written; never guess a spec
+            log.warning("sidecar record unusable: %s", exc, extra=self._ctx(st, "adopt-sidecar"))
+            spec = None
+        if pinned_inode == rec.netns_inode and spec is not None:
+            st.netns = str(self.pins.path(uid))
+            st.state, st.rules_in = ENROLLED, True
+            st.reason = "adopted after restart"
+            st.enrolled_at = time.time()
+            self.sidecars[uid] = st
+            self.sidecar_specs[uid] = spec
+            log.info("sidecar pod adopted", extra=self._ctx(st, "adopt-sidecar"))
+            return
+        self._remove_unknown_pins(uid)
+        if pinned_inode is not None:
+            self.pins.release(uid)
+        self.records.delete(uid)
+        log.info("sidecar record dropped: netns gone", extra=self._ctx(st, "adopt-sidecar"))
 
     # ---- the pass ----------------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -306,6 +342,7 @@ class Reconciler:
             if drift_due:
                 self._last_drift = now
                 self._drift_check()
+                self._sidecar_drift_check()
             self._sync_node_rules(force=drift_due)
             counts: dict[str, int] = {}
             for st in self.pods.values():
@@ -661,9 +698,10 @@ class Reconciler:
     def cni_sidecar_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
                         timeout: float) -> Outcome:
         """A sidecar pod the plugin hands over (its conflist says backend ebpf): apply the sidecar spec of
-        the pod's annotations with the agent's backend, in CNI_NETNS. Sidecar redirection lives and dies
-        with the pod netns, so nothing is pinned or persisted."""
-        from cni.annotations import sidecar_spec
+        the pod's annotations with the agent's backend, in CNI_NETNS. Like an ambient pod, the netns is
+        pinned and an enrolment record (mode sidecar, the traffic annotations) is written, so a restarted
+        agent adopts it and the drift check repairs it. Never sent to the node proxy."""
+        from cni.annotations import KNOWN, sidecar_spec
         from cni.errors import CniError
 
         deadline = self._clock() + timeout
@@ -678,42 +716,108 @@ class Reconciler:
             spec = sidecar_spec(pod.annotations)
         except CniError as exc:
             return Outcome(False, FAILED, f"sidecar annotations: {exc}", retry=False)
+        annotations = tuple(sorted((k, v) for k, v in pod.annotations.items() if k in KNOWN))
         with self._lock:
             try:
                 ino = os.stat(netns).st_ino
             except OSError as exc:
                 return Outcome(False, FAILED, f"netns {netns}: {exc.strerror}", retry=False)
-            st = PodState(uid, namespace or pod.namespace, name or pod.name, mode="sidecar",
-                          netns=netns, inode=ino, ips=ips or pod.ips)
-            if self._needs_cgroup(self.backend):
+            old = self.sidecars.get(uid)
+            if old is not None and (old.inode != ino or self.sidecar_specs.get(uid) != spec):
+                self._sidecar_remove(uid)  # a new sandbox (or new annotations): start over
+                old = None
+            if uid in self.pods:
+                self._unenrol(uid, "now a sidecar pod")
+            st = old or PodState(uid, namespace or pod.namespace, name or pod.name, mode="sidecar",
+                                 inode=ino, ips=ips or pod.ips)
+            try:
+                current = self.pins.inode(uid)
+                if current is not None and current != ino:
+                    self.pins.release(uid)
+                st.netns = self.pins.pin(uid, netns, ino)
+            except (PinError, OSError) as exc:
+                return Outcome(False, FAILED, f"netns pin: {exc}", retry=True)
+            if not st.cgroup_path and self._needs_cgroup(self.backend):
                 for loc in self._scan().get(uid, []):
                     if loc.inode == ino and loc.cgroup_path:
                         st.cgroup_path = loc.cgroup_path
                         break
-            backend = self._choose(st, spec)
+            backend = self._backend_named(st.backend) if st.backend else None
+            if backend is None:
+                backend = self._choose(st, spec)
             st.backend = backend.name
-            target = PodTarget(uid, st.namespace, st.name, netns, ino, st.ips, st.cgroup_path)
+            target = PodTarget(uid, st.namespace, st.name, st.netns, ino, st.ips, st.cgroup_path)
+            self.records.save(EnrolRecord(uid, st.namespace, st.name, ino, st.ips, st.backend, None,
+                                          st.cgroup_path, mode="sidecar", annotations=annotations))
             try:
-                backend.apply(target, spec)
+                problems = backend.check(target, spec) if st.rules_in else ["not applied"]
+                if problems:
+                    backend.apply(target, spec)
             except BackendError as exc:
+                st.state, st.reason = FAILED, f"sidecar rules: {exc}"
+                self.sidecars[uid], self.sidecar_specs[uid] = st, spec  # DEL or a retry clears it
                 return Outcome(False, FAILED, f"sidecar rules: {exc}", retry=True)
-            st.state, st.rules_in = ENROLLED, True
+            st.state, st.rules_in, st.reason = ENROLLED, True, ""
+            st.enrolled_at = time.time()
             self.sidecars[uid] = st
             self.sidecar_specs[uid] = spec
             log.info("sidecar pod redirected", extra=self._ctx(st, "sidecar-enrolled"))
             return Outcome(True, ENROLLED)
 
+    def _sidecar_target(self, st: PodState) -> PodTarget:
+        path = self.pins.verify(st.uid, st.inode)
+        return PodTarget(st.uid, st.namespace, st.name, path, st.inode, st.ips, st.cgroup_path)
+
     def _sidecar_remove(self, uid: str) -> None:
+        """Redirection out (while the pinned netns still proves it is this pod's), pin released, record
+        deleted."""
         st = self.sidecars.pop(uid, None)
         self.sidecar_specs.pop(uid, None)
         if st is None:
             return
+        backend = self._backend_of(st)
         try:
-            if os.path.exists(st.netns) and os.stat(st.netns).st_ino == st.inode:
-                self._backend_of(st).remove(
-                    PodTarget(uid, st.namespace, st.name, st.netns, st.inode, st.ips, st.cgroup_path))
+            backend.remove(self._sidecar_target(st))
+        except PinError:
+            try:  # netns gone: what may remain is the pinned eBPF state (found by pod uid)
+                if uid in getattr(backend, "pinned_pods", lambda: set())():
+                    backend.remove(PodTarget(uid, "", "", ""))
+            except (BackendError, OSError) as exc:
+                log.warning("sidecar removal: %s", exc, extra=self._ctx(st, "sidecar-remove"))
         except (BackendError, OSError) as exc:
             log.warning("sidecar removal: %s", exc, extra=self._ctx(st, "sidecar-remove"))
+        try:
+            self.pins.release(uid)
+        except OSError as exc:
+            log.warning("releasing pin failed: %s", exc, extra=self._ctx(st, "unpin"))
+        self.records.delete(uid)
+        log.info("sidecar pod removed", extra=self._ctx(st, "sidecar-removed"))
+
+    def _sidecar_drift_check(self) -> None:
+        for uid, st in list(self.sidecars.items()):
+            spec = self.sidecar_specs.get(uid)
+            if spec is None:
+                continue
+            try:
+                target = self._sidecar_target(st)
+            except PinError as exc:
+                log.info("sidecar pod netns gone: %s", exc, extra=self._ctx(st, "drift"))
+                self._sidecar_remove(uid)
+                continue
+            try:
+                backend = self._backend_of(st)
+                problems = backend.check(target, spec)
+                if problems:
+                    log.warning("drift found, repairing: %s", "; ".join(problems),
+                                extra=self._ctx(st, "drift"))
+                    backend.apply(target, spec)
+                    self.metrics.drift_repaired()
+                    if st.state != ENROLLED:
+                        st.enrolled_at = time.time()
+                st.state, st.reason = ENROLLED, ""
+            except (BackendError, OSError) as exc:
+                st.state, st.reason = FAILED, f"drift repair: {exc}"
+                log.warning("sidecar drift repair failed: %s", exc, extra=self._ctx(st, "drift"))
 
     def _remove_unknown_pins(self, uid: str) -> None:
         """A pod we hold no state for (a sidecar pod redirected by an earlier agent run) may still have
@@ -746,11 +850,10 @@ class Reconciler:
         with self._lock:
             side = self.sidecars.get(uid)
             if side is not None:
-                target = PodTarget(uid, side.namespace, side.name, side.netns, side.inode, side.ips,
-                                   side.cgroup_path)
                 try:
+                    target = self._sidecar_target(side)
                     problems = self._backend_of(side).check(target, self.sidecar_specs[uid])
-                except BackendError as exc:
+                except (BackendError, PinError) as exc:
                     return Outcome(False, FAILED, str(exc))
                 return Outcome(not problems, "intact" if not problems else FAILED, "; ".join(problems))
             st = self.pods.get(uid)
@@ -778,8 +881,9 @@ class Reconciler:
             for st in self.sidecars.values():
                 rows.append({
                     "namespace": st.namespace, "name": st.name, "uid": st.uid, "mode": "sidecar",
-                    "backend": st.backend, "state": st.state, "reason": "redirected by the agent",
-                    "netns": st.netns, "ips": list(st.ips),
+                    "backend": st.backend, "state": st.state,
+                    "reason": st.reason or "redirected by the agent", "netns": st.netns, "ips": list(st.ips),
+                    "enrolled_at": round(st.enrolled_at, 3) if st.state == ENROLLED else None,
                 })
             for uid, d in self.others.items():
                 if uid in self.pods or uid in self.sidecars:
