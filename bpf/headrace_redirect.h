@@ -23,7 +23,7 @@
 #define HR_INBOUND_ALL 1     /* every TCP port except those in hr_cfg_xin */
 #define HR_INBOUND_LISTED 2  /* only the ports in hr_cfg_iin (minus hr_cfg_xin) */
 
-/* per-pod parameters: array map "hr_cfg", one entry (index 0). 72 bytes. */
+/* per-pod parameters: array map "hr_cfg", one entry (index 0). 96 bytes. */
 struct hr_config {
     __u32 mode;          /* HR_MODE_* */
     __u32 proxy_uid;     /* sidecar: connections of this uid are never redirected */
@@ -43,6 +43,12 @@ struct hr_config {
     __u32 probe_src6[4]; /* same for IPv6; all zero = none */
     __u32 proxy_gid;     /* sidecar: connections of this gid are never redirected (as the uid) */
     __u32 pad32;
+    /* the pod's own first IPv4 / IPv6 address (network order; zero = the pod has none of that family):
+     * outbound TCP is redirected to self:outbound_port so the kernel picks the pod IP as the source, as
+     * with iptables REDIRECT (the proxy identifies the workload by it); loopback when zero */
+    __u32 self_ip4;
+    __u32 self_ip6[4];
+    __u32 pad_end;       /* explicit: sizeof is 96 with the __u64 alignment; the loader packs every byte */
 };
 
 /* LPM trie key of the include/exclude range maps (IPv4 ranges stored as ::ffff:a.b.c.d/96+len) */

@@ -1,8 +1,9 @@
 /* headrace eBPF redirection programs (compiled once per agent process by bcc; loaded per pod).
  *
  * Per pod, attached to the pod's own cgroup v2 directory (BPF_F_ALLOW_MULTI), never host-wide:
- *   hr_connect4 / hr_connect6   cgroup/connect4|6: outbound TCP -> loopback:outbound_port, original
- *                               destination remembered by socket cookie; UDP :53 -> loopback:dns_port
+ *   hr_connect4 / hr_connect6   cgroup/connect4|6: outbound TCP -> pod-ip:outbound_port (loopback when the
+ *                               pod has no IP of the family), original destination remembered by socket
+ *                               cookie; UDP :53 -> loopback:dns_port
  *   hr_sockops                  sock_ops: at TCP connect, move the original destination from the socket
  *                               cookie to the connection's client address/port (what the proxy sees)
  *   hr_getsockopt               cgroup/getsockopt: answers SO_ORIGINAL_DST (SOL_IP 80, SOL_IPV6 80) for
@@ -163,13 +164,30 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
         hr_cookie_orig.update(&cookie, &orig);
 
     u16 dport = to == HR_TO_DNS ? cfg->dns_port : to == HR_TO_INBOUND ? cfg->inbound_port : cfg->outbound_port;
-    if (v4 && !mapped) {
-        ctx->user_ip4 = bpf_htonl(0x7f000001);
-    } else if (mapped) {
-        ctx->user_ip6[0] = 0;
-        ctx->user_ip6[1] = 0;
-        ctx->user_ip6[2] = bpf_htonl(0xffff);
-        ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+    /* outbound TCP goes to the pod's own IP (routed over lo, the proxy's wildcard listener accepts it) so the
+     * source the kernel picks next is the pod IP, as iptables REDIRECT keeps it; loopback when the pod has no
+     * address of the family. Inbound (proxy -> own IP) and DNS keep loopback. */
+    int self = to == HR_TO_OUTBOUND;
+    u32 self4 = cfg->self_ip4;
+    u32 self6_0 = cfg->self_ip6[0];
+    u32 self6_1 = cfg->self_ip6[1];
+    u32 self6_2 = cfg->self_ip6[2];
+    u32 self6_3 = cfg->self_ip6[3];
+    if (v4) {
+        u32 dst4 = self && self4 ? self4 : bpf_htonl(0x7f000001);
+        if (!mapped) {
+            ctx->user_ip4 = dst4;
+        } else {
+            ctx->user_ip6[0] = 0;
+            ctx->user_ip6[1] = 0;
+            ctx->user_ip6[2] = bpf_htonl(0xffff);
+            ctx->user_ip6[3] = dst4;
+        }
+    } else if (self && (self6_0 | self6_1 | self6_2 | self6_3)) {
+        ctx->user_ip6[0] = self6_0;
+        ctx->user_ip6[1] = self6_1;
+        ctx->user_ip6[2] = self6_2;
+        ctx->user_ip6[3] = self6_3;
     } else {
         ctx->user_ip6[0] = 0;
         ctx->user_ip6[1] = 0;

@@ -282,10 +282,9 @@ def test_ambient_parity(env: Any, backend: str) -> None:
     assert request(client, server.ipv4, b"through") == b"server|through"
     lines = wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxy lines")
     outbound = next(x for x in lines if x["direction"] == "outbound")
-    # Known difference: connect4 rewrites to 127.0.0.1:15001 before the source is chosen, so the proxy's
-    # accepted socket shows a loopback peer (iptables REDIRECT keeps the pod IP). The workload is still
-    # named right (the proxy knows which pod's listener accepted it).
-    assert outbound["src"].startswith(client.ipv4 if backend == "iptables" else "127.0.0.1")
+    # Both backends keep the pod IP as the source the proxy sees (eBPF: connect4 redirects to the pod's own
+    # IP:15001, so the kernel picks the pod IP as source, as iptables REDIRECT leaves it).
+    assert outbound["src"].rsplit(":", 1)[0] == client.ipv4, outbound
     assert outbound["bytes_sent"] == len(b"through") and outbound["bytes_received"] == len(b"server|through")
 
     # SIGKILL + restart: adopted, nothing duplicated or reloaded, traffic still redirected

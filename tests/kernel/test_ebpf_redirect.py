@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -101,6 +102,8 @@ def test_sidecar_outbound_v4_reaches_proxy_with_original_destination(env, backen
     assert got["ok"], got
     assert got["reply"]["name"] == "proxy"
     assert got["reply"]["orig"] == f"{env.peer_v4}:8080"
+    # as with iptables REDIRECT, the proxy sees the pod IP as the source (not 127.0.0.1)
+    assert got["reply"]["peer"] == env.pod_v4
     assert backend.check(target, SIDECAR_OUT) == []
     assert backend.installed(target)
 
@@ -112,6 +115,7 @@ def test_sidecar_outbound_v6(env, backend, target):
     assert got["ok"], got
     assert got["reply"]["name"] == "proxy"
     assert got["reply"]["orig"] == f"[{env.peer_v6}]:8080"
+    assert ipaddress.ip_address(got["reply"]["peer"]) == ipaddress.ip_address(env.pod_v6)
 
 
 def test_sidecar_outbound_v4_mapped_on_v6_socket(env, backend, target):
@@ -120,6 +124,19 @@ def test_sidecar_outbound_v4_mapped_on_v6_socket(env, backend, target):
     got = env.connect(f"::ffff:{env.peer_v4}", 8080)
     assert got["ok"], got
     assert got["reply"]["name"] == "proxy" and got["reply"]["orig"] == f"{env.peer_v4}:8080"
+    assert got["reply"]["peer"] == env.pod_v4
+
+
+def test_outbound_without_pod_ip_of_the_family_falls_back_to_loopback(env, backend, target):
+    """A pod without an IPv6 address in PodTarget.ips: IPv6 outbound still reaches the proxy (via ::1)."""
+    start_proxy_and_server(env)
+    v4_only = dataclasses.replace(target, ips=(f"{env.pod_v4}/24",))
+    backend.apply(v4_only, SIDECAR_OUT)
+    got6 = env.connect(env.peer_v6, 8080)
+    assert got6["reply"]["name"] == "proxy" and got6["reply"]["orig"] == f"[{env.peer_v6}]:8080"
+    assert got6["reply"]["peer"] == "::1"
+    got = env.connect(env.peer_v4, 8080)
+    assert got["reply"]["name"] == "proxy" and got["reply"]["peer"] == env.pod_v4
 
 
 def test_sidecar_local_destinations_as_iptables(env, backend, target):
@@ -189,8 +206,10 @@ def test_ambient_proxy_in_own_cgroup_gets_original_destination_and_mark_bypasses
     assert amb.inbound is not None and amb.inbound.installed(target)  # inbound handed to the fallback
     got = env.connect(env.peer_v4, 8080)
     assert got["reply"]["name"] == "proxy" and got["reply"]["orig"] == f"{env.peer_v4}:8080"
+    assert got["reply"]["peer"] == env.pod_v4  # the node proxy identifies the workload by its IP
     got6 = env.connect(env.peer_v6, 8080)
     assert got6["reply"]["name"] == "proxy" and got6["reply"]["orig"] == f"[{env.peer_v6}]:8080"
+    assert ipaddress.ip_address(got6["reply"]["peer"]) == ipaddress.ip_address(env.pod_v6)
     marked = env.connect(env.peer_v4, 8080, mark=0x539)
     assert marked["reply"]["name"] == "server"
     assert amb.check(target, AmbientSpec()) == []

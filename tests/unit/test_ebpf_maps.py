@@ -15,7 +15,8 @@ from cni.redirect_spec import AmbientSpec, SidecarSpec
 def test_sidecar_config_layout():
     pm = maps.pod_maps(SidecarSpec(exclude_outbound_ports=(9090, 22, 22)), cgroup_id=77)
     cfg = maps.unpack_config(pm.config)
-    assert len(pm.config) == maps.CONFIG_SIZE == 72
+    assert len(pm.config) == maps.CONFIG_SIZE == 96
+    assert cfg["self_ip4"] == 0  # no pod IPs: outbound falls back to loopback
     assert cfg["proxy_gid"] == 1337
     assert cfg["mode"] == maps.MODE_SIDECAR
     assert cfg["proxy_uid"] == 1337
@@ -174,3 +175,22 @@ def test_local_addresses_and_generation():
     assert pm.generation == maps.pod_maps(SidecarSpec(), 1, ips=("10.1.2.3", "fd00::5/64")).generation
     with pytest.raises(ValueError, match="pod IP"):
         maps.pod_maps(SidecarSpec(), 1, ips=("nonsense",))
+
+
+def test_outbound_target_is_first_pod_ip_of_each_family():
+    """connect4/6 redirect to the pod's own first IP of the family (so the source stays the pod IP)."""
+    ips = ("fd00::5/64", "10.1.2.3/24", "10.9.9.9", "fd00::6")
+    assert maps.self_addresses(ips) == (ipaddress.IPv4Address("10.1.2.3"), ipaddress.IPv6Address("fd00::5"))
+    assert maps.self_addresses(("10.1.2.3",)) == (ipaddress.IPv4Address("10.1.2.3"), None)
+    pm = maps.pod_maps(SidecarSpec(), 1, ips=ips)
+    raw = struct.unpack(maps.CONFIG_FMT, pm.config)
+    assert raw[-3] == int.from_bytes(bytes([10, 1, 2, 3]), "little")  # network order as the C reads it
+    assert raw[-2] == ipaddress.IPv6Address("fd00::5").packed
+    assert maps.unpack_config(pm.config)["self_ip4"] == raw[-3]
+    # a different first address is a different installed config (re-applied, not adopted)
+    other = maps.pod_maps(SidecarSpec(), 1, ips=("10.9.9.9", "10.1.2.3/24", "fd00::5/64", "fd00::6"))
+    assert other.generation != pm.generation
+    # an older, shorter config value still unpacks (so an upgraded agent sees a differing generation)
+    assert maps.unpack_config(pm.config[:72])["generation"] == pm.generation
+    with pytest.raises(ValueError, match="invalid pod IP"):
+        maps.self_addresses(("nope",))

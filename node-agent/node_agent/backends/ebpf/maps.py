@@ -20,7 +20,7 @@ MODE_AMBIENT = 2
 INBOUND_NONE = 0
 INBOUND_ALL = 1
 INBOUND_LISTED = 2
-CONFIG_FMT = "=IIIIHHBBBBQQHHI16sII"  # struct hr_config
+CONFIG_FMT = "=IIIIHHBBBBQQHHI16sIII16sI"  # struct hr_config (96 bytes)
 CONFIG_SIZE = struct.calcsize(CONFIG_FMT)
 LPM_FMT = "=I16s"  # struct hr_lpm_key
 PORT_FMT = "=H"
@@ -106,10 +106,31 @@ def local_addresses(ips: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+def self_addresses(ips: tuple[str, ...]) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+    """The first IPv4 and first IPv6 address of PodTarget.ips (in the given order): the outbound redirect
+    target, so the proxy sees the pod IP as the source (None: that family falls back to loopback)."""
+    v4: ipaddress.IPv4Address | None = None
+    v6: ipaddress.IPv6Address | None = None
+    for ip in ips:
+        try:
+            addr = ipaddress.ip_interface(ip).ip
+        except ValueError:
+            raise ValueError(f"invalid pod IP {ip!r}") from None
+        if isinstance(addr, ipaddress.IPv4Address):
+            if v4 is None and not addr.is_unspecified:
+                v4 = addr
+        elif v6 is None and not addr.is_unspecified and addr.ipv4_mapped is None:
+            v6 = addr
+    return v4, v6
+
+
 def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = ()) -> PodMaps:
     """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs."""
     local = local_addresses(ips)
-    gen = generation_of(spec, "inbound-ebpf" if inbound_in_ebpf else "inbound-fallback", *local)
+    self4, self6 = self_addresses(ips)
+    gen = generation_of(
+        spec, "inbound-ebpf" if inbound_in_ebpf else "inbound-fallback", *local, "self-src", str(self4), str(self6)
+    )
     if isinstance(spec, SidecarSpec):
         mode, uid, mark, mask = MODE_SIDECAR, spec.proxy_uid, 0, 0
         proxy_gid = spec.proxy_gid
@@ -143,6 +164,8 @@ def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tupl
         CONFIG_FMT, mode, uid, mark & 0xFFFFFFFF, mask & 0xFFFFFFFF, out_port, dns_port,
         1 if capture_dns else 0, 1 if all4 else 0, 1 if all6 else 0, in_mode, gen, cgroup_id,
         in_port, 0, probe4, probe6, proxy_gid, 0,
+        int.from_bytes(self4.packed, "little") if self4 else 0,  # network order as the C reads it
+        self6.packed if self6 else b"\0" * 16, 0,
     )  # fmt: skip
     ports = tuple(sorted({_check_port(p, "excluded outbound port") for p in spec.exclude_outbound_ports}))
     return PodMaps(
@@ -177,10 +200,15 @@ def unpack_config(raw: bytes) -> dict[str, int]:
         "probe_src6",
         "proxy_gid",
         "pad32",
+        "self_ip4",
+        "self_ip6",
+        "pad_end",
     )
-    values = struct.unpack(CONFIG_FMT, raw[:CONFIG_SIZE])
+    raw = raw[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\0")  # a config map pinned by an older, shorter layout
+    values = struct.unpack(CONFIG_FMT, raw)
     out = dict(zip(names, values, strict=True))
     del out["probe_src6"]
+    del out["self_ip6"]
     return out
 
 
