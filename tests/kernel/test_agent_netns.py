@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,61 +13,9 @@ import pytest
 from node_agent.netns_finder import NetnsNotFound, find_pod_netns, scan
 from node_agent.netns_pin import NetnsPins, PinError, RecycledNetns
 
+from tests.kernel.agent_kit import PodProcs
+
 pytestmark = pytest.mark.kernel
-CGROOT = Path("/sys/fs/cgroup/unified")
-
-
-class PodProcs:
-    """Processes in fresh netns, each placed in a cgroup v2 directory named like kubelet's."""
-
-    def __init__(self) -> None:
-        self.base = CGROOT / f"headrace-test-{secrets.token_hex(4)}"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.dirs: list[Path] = []
-
-    def start(self, cgroup_rel: str, share_netns_of: int | None = None) -> subprocess.Popen[bytes]:
-        cg = self.base / cgroup_rel
-        cg.mkdir(parents=True)
-        for d in [cg, *cg.parents]:
-            if d == self.base.parent:
-                break
-            if d not in self.dirs:
-                self.dirs.append(d)
-        if share_netns_of is None:
-            cmd = ["unshare", "--net", "sleep", "300"]
-        else:
-            cmd = ["nsenter", f"--net=/proc/{share_netns_of}/ns/net", "sleep", "300"]
-        proc = subprocess.Popen(cmd)
-        self.procs.append(proc)
-        (cg / "cgroup.procs").write_text(str(proc.pid))
-        deadline = time.monotonic() + 5
-        # wait until the process runs in its new netns (unshare execs sleep after switching)
-        while time.monotonic() < deadline:
-            try:
-                if (
-                    os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep")
-                    and os.stat(f"/proc/{proc.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
-                ):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.01)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait(5)
-        for d in sorted(self.dirs, key=lambda p: len(p.parts), reverse=True):
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
 
 
 @pytest.fixture
