@@ -3,6 +3,7 @@ reference proxy run as real processes inside the node netns (`nsenter --net=/run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -12,9 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from node_agent.lab.simnode import SimNode
 
 from node_agent.netns_pin import NetnsPins
 from node_agent.status_api import StatusError, query
@@ -289,3 +293,28 @@ def headrace_rules(netns_path: str, family: int = 4) -> list[str]:
             if line.startswith("-A") and "HEADRACE" in line
         ]
     return out
+
+
+AgentT = TypeVar("AgentT", bound=AgentRun)
+
+
+@contextlib.contextmanager
+def node_agent(node: SimNode, agent_cls: type[AgentT]) -> Iterator[tuple[AgentT, list[subprocess.Popen[bytes]]]]:
+    """An agent (not started) for a simulated node, sharing the node's state dir and sockets, plus a list
+    for the test's app processes; apps are killed and the agent closed afterwards, even on failure."""
+    agent = agent_cls(
+        node.netns.path,
+        node.objects_dir,
+        node.root / "run",
+        state_dir=node.state_dir,
+        cni_socket=node.agent_socket,
+        proxy_socket=node.state_dir / "proxy.sock",
+    )
+    apps: list[subprocess.Popen[bytes]] = []
+    try:
+        yield agent, apps
+    finally:
+        for app in apps:
+            app.kill()
+            app.wait(5)
+        agent.close()

@@ -23,7 +23,7 @@ from node_agent.lab.netns import entered
 from node_agent.lab.simnode import SimNode
 from node_agent.lab.traffic import tcp_request
 
-from tests.kernel.agent_kit import AgentRun, headrace_rules, run, wait_for
+from tests.kernel.agent_kit import AgentRun, headrace_rules, node_agent, run, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -38,23 +38,8 @@ def env(make_node) -> Iterator[tuple[SimNode, AgentRun, list[subprocess.Popen[by
 
 
 def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]], None, None]:
-    node = sim_node
-    agent = AgentRun(
-        node.netns.path,
-        node.objects_dir,
-        node.root / "run",
-        state_dir=node.state_dir,
-        cni_socket=node.agent_socket,
-        proxy_socket=node.state_dir / "proxy.sock",
-    )
-    apps: list[subprocess.Popen[bytes]] = []
-    try:
-        yield node, agent, apps
-    finally:
-        for app in apps:
-            app.kill()
-            app.wait(5)
-        agent.close()
+    with node_agent(sim_node, AgentRun) as (agent, apps):
+        yield sim_node, agent, apps
 
 
 def start_app(netns_path: str, label: str, apps: list[subprocess.Popen[bytes]]) -> None:

@@ -31,7 +31,7 @@ import pytest
 from node_agent.lab.simnode import Pod, SimNode
 from node_agent.lab.traffic import Listener, tcp_request
 
-from tests.kernel.agent_kit import HEADRACE, AgentRun, headrace_rules, run, wait_for
+from tests.kernel.agent_kit import HEADRACE, AgentRun, headrace_rules, node_agent, run, wait_for
 from tests.kernel.test_ambient_e2e import PORT, start_app
 
 pytestmark = pytest.mark.kernel
@@ -96,24 +96,10 @@ def ebpf_env(make_node: Any) -> Iterator[tuple[SimNode, ParityRun, list[subproce
 
 def node_env(make_node: Any, backend: str) -> Iterator[tuple[SimNode, ParityRun, list[subprocess.Popen[bytes]]]]:
     node: SimNode = make_node(headrace={"backend": backend}, pod_cgroups=True)
-    agent = ParityRun(
-        node.netns.path,
-        node.objects_dir,
-        node.root / "run",
-        state_dir=node.state_dir,
-        cni_socket=node.agent_socket,
-        proxy_socket=node.state_dir / "proxy.sock",
-    )
-    agent.proxy_cgroup = node.proxy_cgroup()
-    agent.use_backend(backend)
-    apps: list[subprocess.Popen[bytes]] = []
-    try:
+    with node_agent(node, ParityRun) as (agent, apps):
+        agent.proxy_cgroup = node.proxy_cgroup()
+        agent.use_backend(backend)
         yield node, agent, apps
-    finally:
-        for app in apps:
-            app.kill()
-            app.wait(5)
-        agent.close()
 
 
 # ---- what of ours is in a pod -----------------------------------------------------------------------------
