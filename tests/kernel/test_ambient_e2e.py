@@ -5,7 +5,8 @@ Proves flows 2-6 of DESIGN.md: running pods enrolled by a namespace label withou
 passes the proxy, which names both workloads, the original destination and the byte counts), a
 long-lived connection surviving enrolment, SIGKILL + restart without duplicate rules and with a fresh
 snapshot, drift repair, a new ambient pod enrolled before ADD returns, unlabel back to direct, and with
-the agent down: ambient ADD fails, a non-mesh ADD succeeds.
+the agent down: ambient ADD fails, a non-mesh ADD succeeds. test_ambient_end_to_end runs on both backends
+(iptables, ebpf: pods in kubelet-like cgroups, clients inside them, the proxy in its own cgroup).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -23,18 +23,20 @@ from node_agent.lab.netns import entered
 from node_agent.lab.simnode import SimNode
 from node_agent.lab.traffic import tcp_request
 
-from tests.kernel.agent_kit import AgentRun, headrace_rules, node_agent, run, wait_for
+from tests.kernel.agent_kit import AgentRun, node_agent, run, wait_for
+from tests.kernel.test_backend_parity import PORT as PORT
+from tests.kernel.test_backend_parity import anything_of_ours, bpftool_cgroup, node_env, ours, request, start_app
+from tests.kernel.test_backend_parity import backend as backend  # the ("iptables", "ebpf") fixture
 
 pytestmark = pytest.mark.kernel
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
-PORT = 8080
 
 
 @pytest.fixture
-def env(make_node) -> Iterator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]]]:
-    node = make_node(headrace={})
-    yield from _env(node)
+def env(make_node: Any, backend: str) -> Iterator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]]]:
+    """A node with pod cgroups and the agent on `backend` (param of the parity module's fixture)."""
+    yield from node_env(make_node, backend)
 
 
 def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]], None, None]:
@@ -42,41 +44,7 @@ def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subproces
         yield sim_node, agent, apps
 
 
-def start_app(netns_path: str, label: str, apps: list[subprocess.Popen[bytes]]) -> None:
-    apps.append(
-        subprocess.Popen(
-            [
-                "nsenter",
-                f"--net={netns_path}",
-                sys.executable,
-                "-m",
-                "node_agent.lab.appserver",
-                "--port",
-                str(PORT),
-                "--label",
-                label,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    )
-
-
-def request(src: str, dst: str, payload: bytes, timeout: float = 5.0) -> bytes:
-    """A request, retried while the app is not up yet (refused directly, or closed empty by the proxy)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            reply = tcp_request(src, dst, PORT, payload)
-            if reply or time.monotonic() > end:
-                return reply
-        except OSError:
-            if time.monotonic() > end:
-                raise
-        time.sleep(0.1)
-
-
-def test_ambient_end_to_end(env) -> None:
+def test_ambient_end_to_end(env: Any, backend: str) -> None:
     node, agent, apps = env
     node.add_namespace("shop")
     node.add_namespace("plain")
@@ -88,7 +56,7 @@ def test_ambient_end_to_end(env) -> None:
     uids = (client.uid, server.uid)
 
     # 1. before enrolment: direct, the proxy sees nothing
-    assert request(client.netns.path, server.ipv4, b"hello") == b"server|hello"
+    assert request(client, server.ipv4, b"hello") == b"server|hello"
     assert agent.proxy_lines() == []
     with entered(client.netns.path):
         held = socket.socket()
@@ -101,11 +69,12 @@ def test_ambient_end_to_end(env) -> None:
         # 2. label the namespace: both running pods enrolled, nothing restarted
         node.set_namespace_labels("shop", AMBIENT)
         wait_for(lambda: all(agent.pod_state(u) == "enrolled" for u in uids), 30, "pods enrolled")
-        rules = {u: headrace_rules(p.netns.path) for u, p in ((client.uid, client), (server.uid, server))}
+        assert {agent.status()[u]["backend"] for u in uids} == {backend}
+        rules = {u: ours(p, backend) for u, p in ((client.uid, client), (server.uid, server))}
         assert all(rules.values())
 
         # 3. the next connection passes the proxy (outbound at the client, inbound at the server)
-        assert request(client.netns.path, server.ipv4, b"through") == b"server|through"
+        assert request(client, server.ipv4, b"through") == b"server|through"
         dst = f"{server.ipv4}:{PORT}"
 
         def proxied() -> list[dict[str, Any]]:
@@ -132,25 +101,26 @@ def test_ambient_end_to_end(env) -> None:
 
         # 5. SIGKILL + restart: rules unchanged (no duplicates), the proxy gets a fresh snapshot
         agent.kill_agent(signal.SIGKILL)
-        assert request(client.netns.path, server.ipv4, b"agent-down") == b"server|agent-down"
+        assert request(client, server.ipv4, b"agent-down") == b"server|agent-down"
         agent.start_agent()
         wait_for(lambda: all(agent.pod_state(u) == "enrolled" for u in uids), 30, "re-enrolled")
-        assert {client.uid: headrace_rules(client.netns.path), server.uid: headrace_rules(server.netns.path)} == rules
+        assert {client.uid: ours(client, backend), server.uid: ours(server, backend)} == rules
         wait_for(lambda: agent.proxy_log().count("snapshot_applied") >= 2, 15, "a fresh snapshot")
         seen = len(agent.proxy_lines())
-        assert request(client.netns.path, server.ipv4, b"after-restart") == b"server|after-restart"
+        assert request(client, server.ipv4, b"after-restart") == b"server|after-restart"
         wait_for(lambda: len(agent.proxy_lines()) > seen, 10, "proxied after restart")
 
         # 5b. proxy restart: pods keep their rules meanwhile; the new proxy gets the snapshot, traffic resumes
         assert agent.proxy is not None
         agent.proxy.kill()
         agent.proxy.wait(10)
-        assert {client.uid: headrace_rules(client.netns.path), server.uid: headrace_rules(server.netns.path)} == rules
+        assert {client.uid: ours(client, backend), server.uid: ours(server, backend)} == rules
         with pytest.raises(OSError):
-            tcp_request(client.netns.path, server.ipv4, PORT, b"no-proxy", timeout=2)  # fails closed
+            # fails closed
+            tcp_request(client.netns.path, server.ipv4, PORT, b"no-proxy", timeout=2, cgroup=client.cgroup)
         agent.start_proxy()
         wait_for(lambda: "snapshot_applied" in agent.proxy_log(), 15, "snapshot to the new proxy")
-        assert request(client.netns.path, server.ipv4, b"new-proxy") == b"server|new-proxy"
+        assert request(client, server.ipv4, b"new-proxy") == b"server|new-proxy"
         wait_for(
             lambda: any(x.get("workload") == "shop/client" for x in agent.proxy_lines()),
             10,
@@ -158,22 +128,27 @@ def test_ambient_end_to_end(env) -> None:
         )
 
         # 6. drift: flush the pod's nat table -> repaired within seconds
-        run(["nsenter", f"--net={client.netns.path}", "iptables-nft", "-t", "nat", "-F"])
+        if backend == "iptables":
+            run(["nsenter", f"--net={client.netns.path}", "iptables-nft", "-t", "nat", "-F"])
+        else:
+            prog = next(p for p in bpftool_cgroup(client.pod_cgroup) if p["name"] == "hr_connect4")
+            assert client.pod_cgroup is not None
+            run(["bpftool", "cgroup", "detach", client.pod_cgroup, prog["attach_type"], "id", str(prog["id"])])
         t0 = time.monotonic()
-        wait_for(lambda: headrace_rules(client.netns.path) == rules[client.uid], 10, "drift repaired")
+        wait_for(lambda: ours(client, backend) == rules[client.uid], 10, "drift repaired")
         assert time.monotonic() - t0 < 10
         wait_for(lambda: agent.metric("headrace_agent_drift_repairs_total") >= 1, 5, "drift metric")
 
         # 7. a new pod in the ambient namespace: enrolled before its ADD returns
         late = node.add_pod("shop", "late")
         assert agent.pod_state(late.uid) == "enrolled"
-        assert headrace_rules(late.netns.path)
+        assert ours(late, backend)
 
         # 8. remove the label: rules gone, traffic direct again
         node.set_namespace_labels("shop", {})
-        wait_for(lambda: not any(headrace_rules(p.netns.path) for p in (client, server, late)), 30, "rules removed")
+        wait_for(lambda: not any(ours(p, backend) for p in (client, server, late)), 30, "rules removed")
         seen = len(agent.proxy_lines())
-        assert request(client.netns.path, server.ipv4, b"direct-again") == b"server|direct-again"
+        assert request(client, server.ipv4, b"direct-again") == b"server|direct-again"
         time.sleep(0.5)
         assert len(agent.proxy_lines()) == seen
         held.sendall(b"last")
@@ -187,10 +162,11 @@ def test_ambient_end_to_end(env) -> None:
     with pytest.raises(Exception, match=r"(?i)agent"):
         node.add_pod("shop", "orphan")
     plain = node.add_pod("plain", "ok")
-    assert plain.ipv4 and not headrace_rules(plain.netns.path)
+    assert plain.ipv4 and not anything_of_ours(node, plain)
 
 
-def test_backend_auto_falls_back_to_iptables_for_pods_without_cgroup(make_node) -> None:
+# iptables-only: `--backend auto` falling back to iptables for pods without a cgroup is the point.
+def test_backend_auto_falls_back_to_iptables_for_pods_without_cgroup(make_node: Any) -> None:
     """With `--backend auto` on a node where eBPF runs, pods whose cgroup is unknown (the harness's bare
     netns) are enrolled with iptables; status says so and traffic passes the proxy."""
     node = make_node(headrace={})
@@ -206,7 +182,7 @@ def test_backend_auto_falls_back_to_iptables_for_pods_without_cgroup(make_node) 
         start_app(server.netns.path, "server", apps)
         rows = agent.status()
         assert rows[client.uid]["state"] == "enrolled" and rows[client.uid]["backend"] == "iptables"
-        assert request(client.netns.path, server.ipv4, b"auto") == b"server|auto"
+        assert request(client, server.ipv4, b"auto") == b"server|auto"
         wait_for(lambda: any(x.get("workload") == "shop/client" for x in agent.proxy_lines()), 10, "proxied")
     finally:
         gen.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,13 +33,34 @@ from node_agent.lab.simnode import Pod, SimNode
 from node_agent.lab.traffic import Listener, tcp_request
 
 from tests.kernel.agent_kit import HEADRACE, AgentRun, headrace_rules, node_agent, run, wait_for
-from tests.kernel.test_ambient_e2e import PORT, start_app
 
 pytestmark = pytest.mark.kernel
 
 BACKENDS = ("iptables", "ebpf")
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 SIDECAR = {"sidecar.istio.io/status": "{}"}
+PORT = 8080
+
+
+def start_app(netns_path: str, label: str, apps: list[subprocess.Popen[bytes]]) -> None:
+    """The lab's app server (IPv4 and IPv6 on PORT, replies `label|payload`) inside a pod's netns."""
+    apps.append(
+        subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={netns_path}",
+                sys.executable,
+                "-m",
+                "node_agent.lab.appserver",
+                "--port",
+                str(PORT),
+                "--label",
+                label,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
 
 
 def _ebpf_problems() -> list[str]:
@@ -368,3 +390,28 @@ def test_ebpf_ambient_without_proxy_cgroup_falls_back_to_iptables(ebpf_env: Any)
     assert request(client, server.ipv4, b"fallback") == b"server|fallback"
     dst = f"{server.ipv4}:{PORT}"
     wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxied via iptables")
+
+
+def test_ambient_ipv6_parity(env: Any, backend: str) -> None:
+    """IPv6 client → server through the proxy: the JSON lines name both workloads and the [v6]:port
+    original destination."""
+    node, agent, apps = env
+    node.add_namespace("shop", AMBIENT)
+    agent.start_proxy()
+    agent.start_agent()
+    client = node.add_pod("shop", "client")  # ADD returns once enrolled
+    server = node.add_pod("shop", "server")
+    start_app(server.netns.path, "server", apps)
+    assert client.ipv6 and server.ipv6
+    assert {agent.status()[p.uid]["backend"] for p in (client, server)} == {backend}
+    assert request(client, server.ipv6, b"six") == b"server|six"
+    dst = f"[{server.ipv6}]:{PORT}"
+
+    def answered() -> list[dict[str, Any]]:
+        # the line of the answered attempt (earlier ones may have found the app not listening yet)
+        lines = proxied(agent, "shop/client", "shop/server", dst)
+        return [x for x in lines if x["direction"] == "outbound" and x["bytes_received"] == len(b"server|six")]
+
+    outbound = wait_for(answered, 10, "IPv6 proxy lines")[-1]
+    assert outbound["bytes_sent"] == len(b"six")
+    assert outbound["src"].rsplit(":", 1)[0].strip("[]") == client.ipv6, outbound
