@@ -18,6 +18,7 @@ from dataclasses import replace
 from types import FrameType
 from typing import Any, Protocol
 
+from cni.redirect_spec import AmbientSpec
 from node_agent.agent_config import AgentConfig
 from node_agent.agent_duties import AgentDuties, DutyOptions
 from node_agent.backends.base import RedirectBackend
@@ -135,6 +136,7 @@ class Agent:
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
             node_name=config.node_name, drift_interval=config.drift_interval, fallback=fallback,
             cgroup_fallback=config.backend == "auto", backend_factory=factory,
+            spec=AmbientSpec(capture_dns=config.capture_dns),
         )
         self.source: Source = (source_factory or self._default_source)(self.store)
         self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race repair (issue 5)

@@ -47,6 +47,7 @@ class AgentConfig:
     ack_timeout: float = 15.0
     agent_id: str = field(default="")
     proxy_cgroup: Path | None = None  # the node proxy's cgroup v2 dir (ambient over eBPF)
+    capture_dns: bool = False  # ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053
 
     @property
     def netns_dir(self) -> Path:
@@ -107,6 +108,7 @@ def build_config(
     drift_interval: float = 2.0,
     cni_add_timeout: float = 20.0,
     proxy_cgroup: str | Path | None = None,
+    capture_dns: bool = False,
 ) -> AgentConfig:
     """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
     if (objects_dir is None) == (kubeconfig is None):
@@ -167,4 +169,5 @@ def build_config(
         cni_add_timeout=cni_add_timeout,
         agent_id=f"headrace-agent-{node or 'local'}",
         proxy_cgroup=pcg,
+        capture_dns=capture_dns,
     )

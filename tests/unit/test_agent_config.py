@@ -71,3 +71,8 @@ def test_metrics_addr_forms() -> None:
 def test_exclude_namespaces_list(tmp_path: Path) -> None:
     cfg = build_config(objects_dir=tmp_path, exclude_namespaces="kube-system, istio-system,,kube-system")
     assert cfg.exclude_namespaces == ("kube-system", "istio-system")
+
+
+def test_dns_capture_is_off_unless_asked(tmp_path: Path) -> None:
+    assert build_config(objects_dir=tmp_path).capture_dns is False
+    assert build_config(objects_dir=tmp_path, capture_dns=True).capture_dns is True

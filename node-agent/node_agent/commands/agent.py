@@ -33,6 +33,8 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 @click.option("--proxy-cgroup", default=None, type=click.Path(file_okay=False),
               help="The node proxy's cgroup v2 directory (ambient over eBPF answers SO_ORIGINAL_DST there; "
                    "without it ambient pods use iptables).")
+@click.option("--capture-dns/--no-capture-dns", default=False, show_default=True,
+              help="Also redirect ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053.")
 @duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent_duties.py)
 def agent(
     objects_dir: str | None,
@@ -49,6 +51,7 @@ def agent(
     drift_interval: float,
     cni_add_timeout: float,
     proxy_cgroup: str | None,
+    capture_dns: bool,
     **duty: Any,
 ) -> None:
     """Run the node agent (one per node)."""
@@ -61,6 +64,7 @@ def agent(
             cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
             metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
             drift_interval=drift_interval, cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
+            capture_dns=capture_dns,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
