@@ -198,6 +198,16 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
     return 1;
 }
 
+/* The destination of an AF_INET6 sock_addr call; returns whether it is a v4-mapped address. */
+static __always_inline int hr_user_addr6(struct bpf_sock_addr *ctx, u32 addr[4])
+{
+    addr[0] = ctx->user_ip6[0];
+    addr[1] = ctx->user_ip6[1];
+    addr[2] = ctx->user_ip6[2];
+    addr[3] = ctx->user_ip6[3];
+    return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
+}
+
 int hr_connect4(struct bpf_sock_addr *ctx)
 {
     u32 addr[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
@@ -207,11 +217,7 @@ int hr_connect4(struct bpf_sock_addr *ctx)
 int hr_connect6(struct bpf_sock_addr *ctx)
 {
     u32 addr[4];
-    addr[0] = ctx->user_ip6[0];
-    addr[1] = ctx->user_ip6[1];
-    addr[2] = ctx->user_ip6[2];
-    addr[3] = ctx->user_ip6[3];
-    int mapped = addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
+    int mapped = hr_user_addr6(ctx, addr);
     return hr_connect(ctx, addr, mapped, mapped);
 }
 
@@ -370,11 +376,7 @@ int hr_sendmsg4(struct bpf_sock_addr *ctx)
 int hr_sendmsg6(struct bpf_sock_addr *ctx)
 {
     u32 addr[4];
-    addr[0] = ctx->user_ip6[0];
-    addr[1] = ctx->user_ip6[1];
-    addr[2] = ctx->user_ip6[2];
-    addr[3] = ctx->user_ip6[3];
-    int mapped = addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
+    int mapped = hr_user_addr6(ctx, addr);
     return hr_sendmsg(ctx, addr, mapped, mapped);
 }
 
