@@ -102,14 +102,21 @@ def netns_for_del(path: str, log: JsonLog) -> bool:
 
 
 def decide(env: CniEnv, conf: NetConf, log: JsonLog, for_del: bool = False) -> Decision:
-    """The pod's mode. On DEL nothing about the pod source is fatal: mode None means "unknown"."""
+    """The pod's mode (logged). On DEL nothing about the pod source is fatal: mode None means "unknown"."""
     try:
-        return _decide(env, conf, for_del)
+        decision = _decide(env, conf, for_del)
     except CniError as exc:
         if not for_del:
             raise
         log.warning("pod-source", f"pod metadata unavailable on DEL: {exc.msg}", details=exc.details)
-        return Decision(None, None, exc.msg)
+        decision = Decision(None, None, exc.msg)
+    log.info("membership", f"mode {decision.mode}: {decision.reason}", mode=decision.mode)
+    return decision
+
+
+def plugin_redirects(mode: membership.Mode | None, conf: NetConf) -> bool:
+    """Sidecar pods on an iptables node: the plugin installs their rules itself (no agent)."""
+    return mode == "sidecar" and conf.backend != "ebpf"
 
 
 def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
@@ -257,8 +264,7 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
     out = cni_result.convert(prev, prev_version, conf.cni_version)
     netns_inode(env.netns)
     decision = decide(env, conf, log)
-    log.info("membership", f"mode {decision.mode}: {decision.reason}", mode=decision.mode)
-    if decision.mode == "sidecar" and conf.backend != "ebpf":
+    if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
         spec = _sidecar_spec(decision.pod.annotations)
         families = cni_result.families(prev)
@@ -275,11 +281,10 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
 
 def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     decision = decide(env, conf, log, for_del=True)
-    log.info("membership", f"mode {decision.mode}: {decision.reason}", mode=decision.mode)
     if decision.mode == "none":
         return
     if netns_for_del(env.netns, log) and (
-        decision.mode is None or (decision.mode == "sidecar" and conf.backend != "ebpf")
+        decision.mode is None or plugin_redirects(decision.mode, conf)
     ):
         remove_redirect(env.netns, conf.iptables, log)
         log.info("redirect", "redirect removed (if any)")
@@ -299,8 +304,7 @@ def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     prev, _ = prev_result(conf)
     netns_inode(env.netns)
     decision = decide(env, conf, log)
-    log.info("membership", f"mode {decision.mode}: {decision.reason}", mode=decision.mode)
-    if decision.mode == "sidecar" and conf.backend != "ebpf":
+    if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
         spec = _sidecar_spec(decision.pod.annotations)
         problems = check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf.iptables, log)
