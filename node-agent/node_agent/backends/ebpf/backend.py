@@ -220,18 +220,17 @@ class EbpfBackend(RedirectBackend):
             for name in loader.POD_MAPS:
                 fds[name] = bpfsys.map_create(obj.maps[name], name)
             bpfsys.map_update(fds["hr_cfg"], b"\0\0\0\0", pm.config)
-            for key in pm.exclude_ports:
-                bpfsys.map_update(fds["hr_cfg_xports"], key, b"\1")
-            for key in pm.exclude_nets:
-                bpfsys.map_update(fds["hr_cfg_xnets"], key, b"\1")
-            for key in pm.include_nets:
-                bpfsys.map_update(fds["hr_cfg_inets"], key, b"\1")
-            for key in pm.exclude_inbound:
-                bpfsys.map_update(fds["hr_cfg_xin"], key, b"\1")
-            for key in pm.include_inbound:
-                bpfsys.map_update(fds["hr_cfg_iin"], key, b"\1")
-            for key in pm.local_addrs:
-                bpfsys.map_update(fds["hr_cfg_local"], key, b"\1")
+            sets = {
+                "hr_cfg_xports": pm.exclude_ports,
+                "hr_cfg_xnets": pm.exclude_nets,
+                "hr_cfg_inets": pm.include_nets,
+                "hr_cfg_xin": pm.exclude_inbound,
+                "hr_cfg_iin": pm.include_inbound,
+                "hr_cfg_local": pm.local_addrs,
+            }
+            for map_name, keys in sets.items():
+                for key in keys:
+                    bpfsys.map_update(fds[map_name], key, b"\1")
             for name in (*wanted, TC_PROGRAM) if tc_wanted else wanted:
                 prog = obj.programs[name]
                 progs[name] = bpfsys.prog_load(
