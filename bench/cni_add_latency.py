@@ -34,6 +34,9 @@ from node_agent.lab.cni_runner import CniInvocationError, CniRunner
 from node_agent.lab.netns import NetNS
 from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
 
+from cni.iptables import builder, netns_tables
+from cni.redirect_spec import SidecarSpec
+
 SIDECAR_ANNOTATIONS = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 KINDS = ("sidecar", "non-mesh")
 FLAVOURS = ("legacy", "nft")
@@ -193,6 +196,36 @@ def context_rows(runs: int, node_netns: str | None, launcher: Path) -> list[list
     return rows
 
 
+FLOOR_CHILD = Path(__file__).resolve().parent / "add_floor_child.py"
+
+
+def floor_rows(runs: int, root: Path, flavours: Sequence[str], node_netns: str) -> list[list[str]]:
+    """The floor of a sidecar ADD (bench/add_floor_child.py): `python3 -IS` under nsenter into the node
+    netns, running only the iptables-restore (+ `ip`) processes the plugin runs, with the same rule text,
+    into a fresh pod netns each run. Dual-stack and IPv4-only."""
+    rule_files = []
+    for family in (4, 6):
+        path = root / f"floor-rules-v{family}.txt"
+        path.write_text(netns_tables.fresh_ruleset_text(builder.sidecar_rules(SidecarSpec(), family)))
+        rule_files.append(str(path))
+    rows = []
+    for flavour in flavours:
+        for label, files in (("IPv4+IPv6", rule_files), ("IPv4 only", rule_files[:1])):
+            samples = []
+            for _ in range(runs):
+                pod_netns = NetNS.create("hrbfloor-")
+                try:
+                    argv = ["nsenter", f"--net={node_netns}", "--", sys.executable, "-IS", str(FLOOR_CHILD)]
+                    start = time.perf_counter()
+                    subprocess.run([*argv, pod_netns.path, flavour, *files], capture_output=True, check=True)
+                    samples.append(time.perf_counter() - start)
+                finally:
+                    pod_netns.delete()
+            what = f"floor, {flavour}, {label}: python3 -IS + the plugin's restore processes only"
+            rows.append([what, str(len(samples)), ms(percentile(samples, 50)), ms(percentile(samples, 90))])
+    return rows
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -225,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         launcher = root / "headrace-cni"
         write_plugin_launcher(launcher)
         context = context_rows(args.runs, nodes[0].netns.path if nodes else None, launcher)
+        if nodes:
+            context += floor_rows(args.runs, root, flavours, nodes[0].netns.path)
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
         return 130

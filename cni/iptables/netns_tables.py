@@ -419,6 +419,11 @@ def fresh_text(desired: dict[str, Owned]) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
+def fresh_ruleset_text(rs: RuleSet) -> str:
+    """The restore text an ADD into a new netns sends for this ruleset (`fresh_text` of its chains)."""
+    return fresh_text(_desired_from_ruleset(rs))
+
+
 def _apply(
     netns_path: str | None,
     rulesets: Sequence[RuleSet],

@@ -185,6 +185,7 @@ class Reconciler:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._wake = threading.Event()
+        self._urgent = threading.Event()  # a CNI request waits for a converge step
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.pods: dict[str, PodState] = {}
@@ -196,6 +197,7 @@ class Reconciler:
         self._node_ips: list[str] | None = None
         self._last_drift = 0.0
         self.passes = 0
+        self.converges = 0
         self.last_pass = 0.0
         store.subscribe(self.wake)
 
@@ -293,56 +295,19 @@ class Reconciler:
 
     # ---- the pass ----------------------------------------------------------------------------------
     def reconcile(self) -> None:
+        """One pass: converge every pod on the desired state; every drift interval also re-check each
+        enrolled pod's rules. The drift check takes the lock one pod at a time, and a CNI request that
+        arrives meanwhile gets a converge step before the next pod, so it never waits for a whole pass."""
         started = time.perf_counter()
         with self._lock:
             now = self._clock()
-            snap = self.store.snapshot()
-            desired = desired_pods(snap, self.exclude_namespaces)
-            for uid, hint in list(self.hints.items()):
-                if hint.expires < now:
-                    del self.hints[uid]
-            want: dict[str, PodRecord] = {}
-            others: dict[str, Desired] = {}
-            for uid, d in desired.items():
-                if uid in self.tombstones:
-                    continue
-                if d.mode == "ambient":
-                    want[uid] = d.pod
-                else:
-                    others[uid] = d
-            for uid, hint in self.hints.items():
-                # a CNI ADD stands in for a pod the source does not show yet
-                if uid not in desired and uid not in self.tombstones:
-                    want[uid] = PodRecord(uid=uid, namespace=hint.namespace, name=hint.name, ips=hint.ips)
-            self.tombstones &= set(desired)  # a pod gone from the source needs no tombstone
-            self.others = others
-
-            for uid in list(self.pods):
-                if uid in want:
-                    continue
-                if not snap.synced:
-                    continue  # never clean up before the first full list
-                self._unenrol(uid, "not ambient any more" if uid in desired else "pod gone")
-
-            if snap.synced:
-                for uid in [u for u in self.sidecars if u not in desired]:
-                    self._sidecar_remove(uid)
-
-            scan_cache: dict[str, dict[str, list[NetnsLocation]]] = {}
-            for uid, pod in want.items():
-                try:
-                    self._converge(uid, pod, now, scan_cache)
-                except Exception as exc:  # one pod's surprise must not stall the others
-                    log.exception("converging pod failed", extra={"uid": uid, "step": "converge"})
-                    st = self.pods.get(uid)
-                    if st is not None:
-                        self._fail(st, f"internal error: {exc}", now)
-
+            self._converge_all(now)
             drift_due = now - self._last_drift >= self.drift_interval
             if drift_due:
                 self._last_drift = now
-                self._drift_check()
-                self._sidecar_drift_check()
+        if drift_due:
+            self._drift_pass()
+        with self._lock:
             self._sync_node_rules(force=drift_due)
             counts: dict[str, int] = {}
             for st in self.pods.values():
@@ -352,6 +317,81 @@ class Reconciler:
             self.last_pass = time.time()
             self._cond.notify_all()
         self.metrics.reconcile_took(time.perf_counter() - started)
+
+    def _converge_all(self, now: float) -> None:
+        """Bring every pod to its desired state (lock held). Counts in `converges` (CNI waiters use it)."""
+        self._urgent.clear()
+        snap = self.store.snapshot()
+        desired = desired_pods(snap, self.exclude_namespaces)
+        for uid, hint in list(self.hints.items()):
+            if hint.expires < now:
+                del self.hints[uid]
+        want: dict[str, PodRecord] = {}
+        others: dict[str, Desired] = {}
+        for uid, d in desired.items():
+            if uid in self.tombstones:
+                continue
+            if d.mode == "ambient":
+                want[uid] = d.pod
+            else:
+                others[uid] = d
+        for uid, hint in self.hints.items():
+            # a CNI ADD stands in for a pod the source does not show yet
+            if uid not in desired and uid not in self.tombstones:
+                want[uid] = PodRecord(uid=uid, namespace=hint.namespace, name=hint.name, ips=hint.ips)
+        self.tombstones &= set(desired)  # a pod gone from the source needs no tombstone
+        self.others = others
+
+        for uid in list(self.pods):
+            if uid in want:
+                continue
+            if not snap.synced:
+                continue  # never clean up before the first full list
+            self._unenrol(uid, "not ambient any more" if uid in desired else "pod gone")
+
+        if snap.synced:
+            for uid in [u for u in self.sidecars if u not in desired]:
+                self._sidecar_remove(uid)
+
+        scan_cache: dict[str, dict[str, list[NetnsLocation]]] = {}
+        for uid, pod in want.items():
+            try:
+                self._converge(uid, pod, now, scan_cache)
+            except Exception as exc:  # one pod's surprise must not stall the others
+                log.exception("converging pod failed", extra={"uid": uid, "step": "converge"})
+                st = self.pods.get(uid)
+                if st is not None:
+                    self._fail(st, f"internal error: {exc}", now)
+        self.converges += 1
+        self._cond.notify_all()
+
+    def _drift_pass(self) -> None:
+        """Re-check (and repair) every enrolled pod, ambient then sidecar. The read-back runs outside the
+        lock (it only reads the pod's rules); the lock is taken to pick the pod and again to act on what
+        was read, after making sure the pod is still the one that was read."""
+        todo = [(False, uid) for uid in list(self.pods)] + [(True, uid) for uid in list(self.sidecars)]
+        for sidecar, uid in todo:
+            if self._stop.is_set():
+                return
+            with self._lock:
+                if self._urgent.is_set():  # a CNI request waits: serve it before the next pod
+                    self._converge_all(self._clock())
+                job = self._drift_job(sidecar, uid)
+            if job is None:
+                continue
+            st, backend, target, spec = job
+            try:
+                result: list[str] | BackendError = backend.check(target, spec)
+            except BackendError as exc:
+                result = exc
+            with self._lock:
+                table = self.sidecars if sidecar else self.pods
+                if table.get(uid) is not st or st.inode != target.netns_inode:
+                    continue  # removed or replaced meanwhile: its new state is checked next time
+                if sidecar:
+                    self._sidecar_drift_repair(st, backend, target, spec, result)
+                elif st.state == ENROLLED:
+                    self._drift_repair(st, backend, target, result)
 
     def _converge(self, uid: str, pod: PodRecord, now: float, scan_cache: dict[str, Any]) -> None:
         st = self.pods.get(uid)
@@ -624,26 +664,47 @@ class Reconciler:
         self._cond.notify_all()
         return True
 
-    def _drift_check(self) -> None:
-        for st in list(self.pods.values()):
-            if st.state != ENROLLED:
-                continue
-            try:
-                target = self._target(st)
-            except PinError as exc:
+    def _drift_job(self, sidecar: bool, uid: str) -> tuple[PodState, RedirectBackend, PodTarget, Any] | None:
+        """What the drift check reads for this pod (lock held); None: nothing to check."""
+        st = self.sidecars.get(uid) if sidecar else self.pods.get(uid)
+        spec = self.sidecar_specs.get(uid) if sidecar else self.spec
+        if st is None or spec is None or (not sidecar and st.state != ENROLLED):
+            return None
+        try:
+            target = self._sidecar_target(st) if sidecar else self._target(st)
+            backend = self._backend_of(st)
+        except PinError as exc:
+            if sidecar:
+                log.info("sidecar pod netns gone: %s", exc, extra=self._ctx(st, "drift"))
+                self._sidecar_remove(uid)
+            else:
                 st.state, st.netns, st.inode, st.rules_in = PENDING, "", 0, False
                 self._fail(st, f"pinned netns lost: {exc}")
-                continue
-            try:
-                backend = self._backend_of(st)
-                problems = backend.check(target, self.spec)
-                if problems:
-                    log.warning("drift found, repairing: %s", "; ".join(problems),
-                                extra=self._ctx(st, "drift"))
-                    backend.apply(target, self.spec)
-                    self.metrics.drift_repaired()
-            except BackendError as exc:
-                self._fail(st, f"drift repair: {exc}")
+            return None
+        except BackendError as exc:
+            self._drift_failed(st, sidecar, exc)
+            return None
+        return st, backend, target, spec
+
+    def _drift_failed(self, st: PodState, sidecar: bool, exc: Exception) -> None:
+        if sidecar:
+            st.state, st.reason = FAILED, f"drift repair: {exc}"
+            log.warning("sidecar drift repair failed: %s", exc, extra=self._ctx(st, "drift"))
+        else:
+            self._fail(st, f"drift repair: {exc}")
+
+    def _drift_repair(
+        self, st: PodState, backend: RedirectBackend, target: PodTarget, result: list[str] | BackendError
+    ) -> None:
+        try:
+            if isinstance(result, BackendError):
+                raise result
+            if result:
+                log.warning("drift found, repairing: %s", "; ".join(result), extra=self._ctx(st, "drift"))
+                backend.apply(target, self.spec)
+                self.metrics.drift_repaired()
+        except BackendError as exc:
+            self._drift_failed(st, False, exc)
 
     def _sync_node_rules(self, force: bool) -> None:
         if self._node_rules is None:
@@ -663,7 +724,7 @@ class Reconciler:
         started = self._clock()
         deadline = started + timeout
         with self._lock:
-            passes_at_request = self.passes
+            converges_at_request = self.converges
             self.tombstones.discard(uid)
             self.hints[uid] = CniHint(uid, namespace, name, netns, ips, self._clock() + self.hint_ttl)
             st = self.pods.get(uid)
@@ -676,17 +737,18 @@ class Reconciler:
                     self._unenrol(uid, "sandbox replaced")
                 elif st.state == FAILED:
                     st.retry_at = 0.0
+            self._urgent.set()
             self.wake()
             while True:
                 st = self.pods.get(uid)
                 if st is not None and st.state == ENROLLED:
                     return Outcome(True, ENROLLED)
-                if st is not None and st.state == FAILED and self.passes > passes_at_request:
+                if st is not None and st.state == FAILED and self.converges > converges_at_request:
                     return Outcome(False, FAILED, st.reason, retry=True)
                 other = self.others.get(uid)
                 # the source may lag a label change the plugin already saw: give it a moment to agree
                 grace_over = self._clock() - started >= min(5.0, timeout / 2)
-                if st is None and other is not None and self.passes > passes_at_request and grace_over:
+                if st is None and other is not None and self.converges > converges_at_request and grace_over:
                     return Outcome(False, NONE, f"the agent's pod source puts this pod in mode "
                                    f"{other.mode!r} ({other.reason})", retry=True)
                 left = deadline - self._clock()
@@ -793,31 +855,21 @@ class Reconciler:
         self.records.delete(uid)
         log.info("sidecar pod removed", extra=self._ctx(st, "sidecar-removed"))
 
-    def _sidecar_drift_check(self) -> None:
-        for uid, st in list(self.sidecars.items()):
-            spec = self.sidecar_specs.get(uid)
-            if spec is None:
-                continue
-            try:
-                target = self._sidecar_target(st)
-            except PinError as exc:
-                log.info("sidecar pod netns gone: %s", exc, extra=self._ctx(st, "drift"))
-                self._sidecar_remove(uid)
-                continue
-            try:
-                backend = self._backend_of(st)
-                problems = backend.check(target, spec)
-                if problems:
-                    log.warning("drift found, repairing: %s", "; ".join(problems),
-                                extra=self._ctx(st, "drift"))
-                    backend.apply(target, spec)
-                    self.metrics.drift_repaired()
-                    if st.state != ENROLLED:
-                        st.enrolled_at = time.time()
-                st.state, st.reason = ENROLLED, ""
-            except (BackendError, OSError) as exc:
-                st.state, st.reason = FAILED, f"drift repair: {exc}"
-                log.warning("sidecar drift repair failed: %s", exc, extra=self._ctx(st, "drift"))
+    def _sidecar_drift_repair(
+        self, st: PodState, backend: RedirectBackend, target: PodTarget, spec: Any, result: list[str] | BackendError
+    ) -> None:
+        try:
+            if isinstance(result, BackendError):
+                raise result
+            if result:
+                log.warning("drift found, repairing: %s", "; ".join(result), extra=self._ctx(st, "drift"))
+                backend.apply(target, spec)
+                self.metrics.drift_repaired()
+                if st.state != ENROLLED:
+                    st.enrolled_at = time.time()
+            st.state, st.reason = ENROLLED, ""
+        except (BackendError, OSError) as exc:
+            self._drift_failed(st, True, exc)
 
     def _remove_unknown_pins(self, uid: str) -> None:
         """A pod we hold no state for (a sidecar pod redirected by an earlier agent run) may still have
