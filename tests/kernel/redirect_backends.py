@@ -21,9 +21,7 @@ unmounts the eBPF backend's bpffs; the node fixture then removes pods, netns and
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -169,34 +167,6 @@ def over_backends_and_families(
 
 
 # ---- UDP (DNS) ----------------------------------------------------------------------------------------------
-# A child process that joins the pod's cgroup, sends one datagram and prints the reply as JSON. The lab's
-# udp_request has no cgroup= yet (tcp_request does); standard library only, run by /usr/bin/python3.
-_UDP_CLIENT = """
-import json, os, socket, sys
-req = json.loads(sys.argv[1])
-with open(os.path.join(req["cgroup"], "cgroup.procs"), "w") as fh:
-    fh.write(str(os.getpid()))
-s = socket.socket(socket.AF_INET6 if ":" in req["host"] else socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(float(req["timeout"]))
-s.sendto(bytes.fromhex(req["payload"]), (req["host"], int(req["port"])))
-data, peer = s.recvfrom(65536)
-print(json.dumps({"data": data.hex(), "peer": [peer[0], peer[1]]}))
-"""
-
-
-def udp_request_in_cgroup(
-    netns_path: str, host: str, port: int, payload: bytes, cgroup: str, timeout: float = 2.0
-) -> tuple[bytes, tuple[str, int]]:
-    """One UDP query from inside netns_path and the cgroup v2 dir cgroup; (reply, replying address)."""
-    spec = json.dumps({"host": host, "port": port, "payload": payload.hex(), "cgroup": cgroup, "timeout": timeout})
-    argv = ["nsenter", f"--net={netns_path}", "--", "/usr/bin/python3", "-c", _UDP_CLIENT, spec]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10, check=False)
-    if proc.returncode != 0:
-        raise ConnectionError(f"udp client (cgroup {cgroup}) to {host}:{port} failed: {proc.stderr.strip()}")
-    out = json.loads(proc.stdout)
-    return bytes.fromhex(out["data"]), (str(out["peer"][0]), int(out["peer"][1]))
-
-
 @contextmanager
 def udp_responder(netns_path: str, port: int, family: int, label: bytes) -> Iterator[list[tuple[str, int]]]:
     """A UDP socket (wildcard address) in the netns answering label|payload; yields the senders seen."""

@@ -27,13 +27,12 @@ import pytest
 from cni.iptables import netns_tables
 from cni.redirect_spec import PROBE_SNAT_V4, PROBE_SNAT_V6, AmbientSpec
 from tests.harness.node import Pod
-from tests.harness.traffic import Listener, tcp_request
+from tests.harness.traffic import Listener, tcp_request, udp_request
 from tests.kernel.redirect_backends import (
     Redirect,
     ip,
     over_backends_and_families,
     redirect_fixture,
-    udp_request_in_cgroup,
     udp_responder,
 )
 
@@ -101,10 +100,10 @@ def test_dns_capture(redirect: Redirect, family: int) -> None:
         udp_responder(peer.netns.path, 53, family, b"upstream") as upstream_seen,
     ):
         redirect.apply(app, AmbientSpec())
-        data, _ = udp_request_in_cgroup(app.netns.path, ip(peer, family), 53, b"q1", app.cgroup)
+        data, _ = udp_request(app.netns.path, ip(peer, family), 53, b"q1", cgroup=app.cgroup)
         assert data == b"upstream|q1"  # DNS capture off by default
         redirect.apply(app, AmbientSpec(capture_dns=True))
-        data, _ = udp_request_in_cgroup(app.netns.path, ip(peer, family), 53, b"q2", app.cgroup)
+        data, _ = udp_request(app.netns.path, ip(peer, family), 53, b"q2", cgroup=app.cgroup)
         assert data == b"dnsproxy|q2"
         assert len(proxy_seen) == 1 and len(upstream_seen) == 1
         # TCP 53 goes to the DNS proxy port as well

@@ -1,8 +1,9 @@
-"""Child-process TCP client for tests (runs as another uid, so standard library only).
+"""Child-process TCP (or UDP) client for tests (runs as another uid, so standard library only).
 
-argv[1] is JSON {host, port, payload, timeout, mark, source, cgroup, uid, gid}; prints the reply as hex
-on stdout. cgroup: join that cgroup v2 directory first (cgroup eBPF programs only see their cgroup's
-processes), then drop to gid/uid if given.
+argv[1] is JSON {host, port, payload, timeout, mark, source, cgroup, uid, gid, udp}; prints the reply as
+hex on stdout (TCP), or, with udp true, one JSON line {"data": hex, "peer": [address, port]} for the one
+datagram sent and the one received. cgroup: join that cgroup v2 directory first (cgroup eBPF programs only
+see their cgroup's processes), then drop to gid/uid if given.
 """
 
 import ipaddress
@@ -43,6 +44,15 @@ def exchange(
     return b"".join(chunks)
 
 
+def datagram(s: socket.socket, host: str, port: int, payload: bytes, timeout: float) -> tuple[bytes, tuple[str, int]]:
+    """Send payload to host:port, return the one reply and the address it came from."""
+    with s:
+        s.settimeout(timeout)
+        s.sendto(payload, (host, port))
+        data, peer = s.recvfrom(65536)
+    return data, (peer[0], peer[1])
+
+
 def main() -> int:
     req = json.loads(sys.argv[1])
     if req.get("cgroup"):
@@ -52,6 +62,11 @@ def main() -> int:
         os.setgid(int(req["gid"]))
     if req.get("uid") is not None:
         os.setuid(int(req["uid"]))
+    if req.get("udp"):
+        sock = socket.socket(family_of(req["host"]), socket.SOCK_DGRAM)
+        data, peer = datagram(sock, req["host"], int(req["port"]), bytes.fromhex(req["payload"]), float(req["timeout"]))
+        sys.stdout.write(json.dumps({"data": data.hex(), "peer": list(peer)}) + "\n")
+        return 0
     mark = None if req.get("mark") is None else int(req["mark"])
     sock = socket.socket(family_of(req["host"]), socket.SOCK_STREAM)
     reply = exchange(

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from node_agent.lab.netns import entered
-from node_agent.lab.tcp_client import exchange, family_of
+from node_agent.lab.tcp_client import datagram, exchange, family_of
 
 SO_ORIGINAL_DST = 80
 SOL_IPV6 = 41
@@ -235,13 +235,28 @@ def tcp_request(
 
 
 def udp_request(
-    netns_path: str, host: str, port: int, payload: bytes = b"q", *, timeout: float = 2.0
+    netns_path: str,
+    host: str,
+    port: int,
+    payload: bytes = b"q",
+    *,
+    timeout: float = 2.0,
+    cgroup: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> tuple[bytes, tuple[str, int]]:
-    family = family_of(host)
+    """Send one datagram from inside netns_path to host:port; (the reply, the address it came from).
+    cgroup/uid/gid: as for tcp_request (a child process joins the cgroup, then drops to gid/uid)."""
+    if cgroup is not None or uid is not None or gid is not None:
+        spec = {"host": host, "port": port, "payload": payload.hex(), "timeout": timeout, "udp": True,
+                "cgroup": cgroup, "uid": uid, "gid": gid}
+        argv = ["nsenter", f"--net={netns_path}", "--", "/usr/bin/python3", str(CLIENT_SCRIPT), json.dumps(spec)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
+        if proc.returncode != 0:
+            raise ConnectionError(f"udp client (cgroup {cgroup}, uid {uid}) to {host}:{port} failed: "
+                                  f"{proc.stderr.strip()}")
+        out = json.loads(proc.stdout)
+        return bytes.fromhex(out["data"]), (str(out["peer"][0]), int(out["peer"][1]))
     with entered(netns_path):
-        s = socket.socket(family, socket.SOCK_DGRAM)
-    with s:
-        s.settimeout(timeout)
-        s.sendto(payload, (host, port))
-        data, peer = s.recvfrom(65536)
-        return data, (peer[0], peer[1])
+        s = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    return datagram(s, host, port, payload, timeout)
