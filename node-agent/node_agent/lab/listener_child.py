@@ -13,39 +13,60 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 SO_ORIGINAL_DST = 80
 SOL_IPV6 = 41
 _out = threading.Lock()
 
+Address = tuple[str, int]
 
-def original_dst(sock: socket.socket) -> list[Any] | None:
+
+def original_dst(sock: socket.socket) -> Address | None:
+    """The pre-NAT destination of an accepted connection (netfilter's SO_ORIGINAL_DST), None if none."""
     try:
         if sock.family == socket.AF_INET6:
             raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
-            return [str(ipaddress.IPv6Address(raw[8:24])), struct.unpack("!H", raw[2:4])[0]]
+            return str(ipaddress.IPv6Address(raw[8:24])), struct.unpack("!H", raw[2:4])[0]
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        return [socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0]]
+        return socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0]
     except OSError:
         return None
 
 
-def emit(obj: dict[str, Any]) -> None:
-    with _out:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
+def listening_socket(family: int, addr: str, port: int) -> socket.socket:
+    """A TCP socket listening on addr:port (family 4 or 6; v6-only for 6), in the caller's netns."""
+    s = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == 6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((addr, port))
+        s.listen(64)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
-def handle(conn: socket.socket, peer: Any, label: str, reply: bool) -> None:
+def handle(
+    conn: socket.socket,
+    peer: Any,
+    label: str,
+    reply: bool,
+    report: Callable[[Address, Address, Address | None, bytes], None],
+) -> None:
+    """Read what the client sends (up to its half-close), report (peer, local, original_dst, data), and
+    answer `label|data` when reply is set."""
     with conn:
         conn.settimeout(5)
         try:
             data = conn.recv(65536)
         except OSError:
             data = b""
-        local = conn.getsockname()[:2]
-        emit({"peer": list(peer[:2]), "local": list(local), "original_dst": original_dst(conn), "data": data.hex()})
+        local = conn.getsockname()
+        report((peer[0], peer[1]), (local[0], local[1]), original_dst(conn), data)
         if reply:
             try:
                 conn.sendall(label.encode() + b"|" + data)
@@ -53,22 +74,26 @@ def handle(conn: socket.socket, peer: Any, label: str, reply: bool) -> None:
                 pass
 
 
+def emit(peer: Address, local: Address, odst: Address | None, data: bytes) -> None:
+    obj = {"peer": list(peer), "local": list(local), "original_dst": list(odst) if odst else None, "data": data.hex()}
+    with _out:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+
 def main() -> int:
     req = json.loads(sys.argv[1])
     if req.get("cgroup"):
         with open(os.path.join(req["cgroup"], "cgroup.procs"), "w") as fh:
             fh.write(str(os.getpid()))
-    family = socket.AF_INET6 if int(req["family"]) == 6 else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((req["addr"], int(req["port"])))
-    s.listen(64)
-    emit({"ready": True})
+    s = listening_socket(int(req["family"]), req["addr"], int(req["port"]))
+    with _out:
+        sys.stdout.write(json.dumps({"ready": True}) + "\n")
+        sys.stdout.flush()
     while True:
         conn, peer = s.accept()
-        threading.Thread(target=handle, args=(conn, peer, req["label"], bool(req["reply"])), daemon=True).start()
+        args = (conn, peer, req["label"], bool(req["reply"]), emit)
+        threading.Thread(target=handle, args=args, daemon=True).start()
 
 
 if __name__ == "__main__":

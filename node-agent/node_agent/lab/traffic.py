@@ -14,38 +14,21 @@ getsockopt for SO_ORIGINAL_DST) only act on the processes of their cgroup, as on
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import queue
 import socket
-import struct
 import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from node_agent.lab.listener_child import Address, handle, listening_socket
 from node_agent.lab.netns import entered
 from node_agent.lab.tcp_client import datagram, exchange, family_of
 
-SO_ORIGINAL_DST = 80
-SOL_IPV6 = 41
 CLIENT_SCRIPT = Path(__file__).with_name("tcp_client.py")
 LISTENER_SCRIPT = Path(__file__).with_name("listener_child.py")
-
-
-def original_dst(sock: socket.socket) -> tuple[str, int] | None:
-    """The pre-NAT destination of an accepted connection (netfilter's SO_ORIGINAL_DST), None if none."""
-    try:
-        if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
-            port = struct.unpack("!H", raw[2:4])[0]
-            return str(ipaddress.IPv6Address(raw[8:24])), port
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        port = struct.unpack("!H", raw[2:4])[0]
-        return socket.inet_ntoa(raw[4:8]), port
-    except OSError:
-        return None
 
 
 @dataclass
@@ -88,12 +71,7 @@ class Listener:
             self._start_child()
             return self
         with entered(self.netns_path):
-            s = socket.socket(self.family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((self.addr, self.port))
-        s.listen(64)
+            s = listening_socket(6 if self.family == socket.AF_INET6 else 4, self.addr, self.port)
         s.settimeout(0.2)
         self._sock = s
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -157,19 +135,10 @@ class Listener:
             threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
 
     def _handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                data = b""
-            local = conn.getsockname()[:2]
-            self.accepted.put(Accepted(tuple(peer[:2]), tuple(local), original_dst(conn), data))  # type: ignore[arg-type]
-            if self.reply:
-                try:
-                    conn.sendall(self.label.encode() + b"|" + data)
-                except OSError:
-                    pass
+        handle(conn, peer, self.label, self.reply, self._report)
+
+    def _report(self, peer: Address, local: Address, odst: Address | None, data: bytes) -> None:
+        self.accepted.put(Accepted(peer, local, odst, data))
 
     def wait_one(self, timeout: float = 5.0) -> Accepted:
         return self.accepted.get(timeout=timeout)
