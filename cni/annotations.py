@@ -1,4 +1,5 @@
-"""Validate a pod's ``traffic.sidecar.istio.io/*`` annotations into a ``SidecarSpec``. Pure.
+"""Validate a pod's ``traffic.sidecar.istio.io/*`` annotations (and ``sidecar.istio.io/interceptionMode``)
+into a ``SidecarSpec``. Pure.
 
 Accepted syntax (as Istio accepts it): comma-separated lists, whitespace around an entry is trimmed;
 ports are 1-65535 in ASCII digits; CIDRs are strict (no host bits) and must carry a prefix length;
@@ -7,18 +8,20 @@ ports are 1-65535 in ASCII digits; CIDRs are strict (no host bits) and must carr
 the annotation and the offending entry: spaces inside entries, shell metacharacters, empty entries,
 more than MAX_ENTRIES entries, values longer than MAX_VALUE_LEN.
 The contract ports 15020/15021/15090 always stay excluded from inbound capture.
+``sidecar.istio.io/interceptionMode`` is exactly ``REDIRECT`` (the default) or ``TPROXY``; ``NONE`` (Istio's
+"no iptables at all") and anything else are rejected.
 """
 
 from __future__ import annotations
 
 from cni.errors import INVALID_ANNOTATION, CniError
-from cni.sidecar_params import SIDECAR_EXCLUDED_INBOUND, SidecarParams
+from cni.sidecar_params import INTERCEPTION_MODES, SIDECAR_EXCLUDED_INBOUND, SidecarParams
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:  # no re/ipaddress/collections at import: the CNI plugin imports this for sidecar pods
     from collections.abc import Mapping
 
-    from cni.redirect_spec import IPNetwork, SidecarSpec
+    from cni.redirect_spec import InterceptionMode, IPNetwork, SidecarSpec
 
 PREFIX = "traffic.sidecar.istio.io/"
 INCLUDE_INBOUND_PORTS = PREFIX + "includeInboundPorts"
@@ -26,7 +29,9 @@ EXCLUDE_INBOUND_PORTS = PREFIX + "excludeInboundPorts"
 EXCLUDE_OUTBOUND_PORTS = PREFIX + "excludeOutboundPorts"
 EXCLUDE_OUTBOUND_IP_RANGES = PREFIX + "excludeOutboundIPRanges"
 INCLUDE_OUTBOUND_IP_RANGES = PREFIX + "includeOutboundIPRanges"
+INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
 KNOWN = (
+    INTERCEPTION_MODE,
     INCLUDE_INBOUND_PORTS,
     EXCLUDE_INBOUND_PORTS,
     EXCLUDE_OUTBOUND_PORTS,
@@ -121,6 +126,20 @@ def parse_cidrs(annotation: str, value: str, allow_star: bool = False) -> tuple[
     return tuple(nets)
 
 
+def parse_interception_mode(value: str) -> InterceptionMode:
+    """``REDIRECT`` or ``TPROXY``, spelled exactly so (as Istio's validation wants)."""
+    for mode in INTERCEPTION_MODES:
+        if value == mode:
+            return mode
+    shown = value if len(value) <= 64 else value[:64] + "..."
+    why = "NONE (no interception) is not supported by headrace-cni" if value == "NONE" else "unknown mode"
+    raise CniError(
+        INVALID_ANNOTATION,
+        f"invalid annotation {INTERCEPTION_MODE}: {shown!r}: {why}",
+        "expected REDIRECT (the default) or TPROXY",
+    )
+
+
 def sidecar_spec(annotations: Mapping[str, str], base: SidecarSpec | None = None) -> SidecarSpec:
     """The sidecar redirect for a pod, from the contract defaults plus its traffic annotations."""
     from cni.redirect_spec import SidecarSpec
@@ -136,6 +155,7 @@ def sidecar_spec(annotations: Mapping[str, str], base: SidecarSpec | None = None
         exclude_outbound_ports=params.exclude_outbound_ports,
         exclude_outbound_ranges=params.exclude_outbound_ranges,
         include_outbound_ranges=params.include_outbound_ranges,
+        interception_mode=params.interception_mode,
     )
 
 
@@ -147,6 +167,9 @@ def sidecar_params(annotations: Mapping[str, str], base: SidecarSpec | SidecarPa
     exclude_out = spec.exclude_outbound_ports
     exclude_ranges = spec.exclude_outbound_ranges
     include_ranges = spec.include_outbound_ranges
+    mode = spec.interception_mode
+    if INTERCEPTION_MODE in annotations:
+        mode = parse_interception_mode(annotations[INTERCEPTION_MODE])
     if INCLUDE_INBOUND_PORTS in annotations:
         include_in = parse_ports(INCLUDE_INBOUND_PORTS, annotations[INCLUDE_INBOUND_PORTS], allow_star=True)
     if EXCLUDE_INBOUND_PORTS in annotations:
@@ -171,4 +194,5 @@ def sidecar_params(annotations: Mapping[str, str], base: SidecarSpec | SidecarPa
         exclude_outbound_ports=exclude_out,
         exclude_outbound_ranges=exclude_ranges,
         include_outbound_ranges=include_ranges,
+        interception_mode=mode,
     )

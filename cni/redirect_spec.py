@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # The sidecar contract constants live in the plugin's light module (cni/sidecar_params.py).
+from cni.sidecar_params import INTERCEPTION_REDIRECT
 from cni.sidecar_params import PROXY_GID as PROXY_GID
 from cni.sidecar_params import PROXY_UID as PROXY_UID
 from cni.sidecar_params import SIDECAR_EXCLUDED_INBOUND as SIDECAR_EXCLUDED_INBOUND
@@ -19,6 +20,7 @@ from cni.sidecar_params import SIDECAR_OUTBOUND_PORT as SIDECAR_OUTBOUND_PORT
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Family = Literal[4, 6]
+InterceptionMode = Literal["REDIRECT", "TPROXY"]
 
 AMBIENT_OUTBOUND_PORT = 15001
 AMBIENT_INBOUND_PORT = 15006
@@ -46,6 +48,11 @@ class SidecarSpec:
     exclude_outbound_ranges: tuple[IPNetwork, ...] = ()
     # None = all destinations ("*"); a tuple = only these ranges; empty = no outbound capture.
     include_outbound_ranges: tuple[IPNetwork, ...] | None = None
+    # Inbound capture: "REDIRECT" (nat REDIRECT to inbound_port: the proxy's accepted socket has local
+    # address pod-ip:inbound_port, SO_ORIGINAL_DST gives the destination) or "TPROXY" (mangle TPROXY +
+    # policy routing: the IP_TRANSPARENT listener's accepted socket has the original destination as its
+    # local address). Outbound is REDIRECT to outbound_port either way.
+    interception_mode: InterceptionMode = INTERCEPTION_REDIRECT
 
     def ranges(self, family: Family, which: Literal["include", "exclude"]) -> tuple[IPNetwork, ...] | None:
         """The include/exclude outbound ranges of one address family (None = '*' for include)."""

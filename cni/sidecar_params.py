@@ -14,15 +14,24 @@ from cni.record import Record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
-    from typing import Literal
+    from typing import Final, Literal
 
-    from cni.redirect_spec import Family, IPNetwork
+    from cni.redirect_spec import Family, InterceptionMode, IPNetwork
 
 PROXY_UID = 1337
 PROXY_GID = 1337
 SIDECAR_OUTBOUND_PORT = 15001
 SIDECAR_INBOUND_PORT = 15006
 SIDECAR_EXCLUDED_INBOUND = (15020, 15021, 15090)
+# Inbound interception modes (annotation sidecar.istio.io/interceptionMode). TPROXY delivers inbound
+# connections unrewritten to the proxy's IP_TRANSPARENT listener; it needs the marks and the
+# policy-routing table below (as istio-iptables' TPROXY mode).
+INTERCEPTION_REDIRECT: Final = "REDIRECT"
+INTERCEPTION_TPROXY: Final = "TPROXY"
+INTERCEPTION_MODES: tuple[InterceptionMode, ...] = (INTERCEPTION_REDIRECT, INTERCEPTION_TPROXY)
+TPROXY_MARK = 1337  # packet mark of diverted inbound packets (and of the proxy's original_src sockets)
+TPROXY_ROUTE_TABLE = 133  # policy routing table: "fwmark TPROXY_MARK lookup 133", local default via lo
+TPROXY_OUTBOUND_MARK = 1338  # the proxy's own connections to its pod's IP over lo (captured inbound)
 
 FIELDS = (
     "proxy_uid",
@@ -34,6 +43,7 @@ FIELDS = (
     "exclude_outbound_ports",
     "exclude_outbound_ranges",
     "include_outbound_ranges",
+    "interception_mode",
 )
 
 
@@ -50,6 +60,7 @@ class SidecarParams(Record):
     exclude_outbound_ports: tuple[int, ...]
     exclude_outbound_ranges: tuple[IPNetwork, ...]
     include_outbound_ranges: tuple[IPNetwork, ...] | None
+    interception_mode: InterceptionMode
 
     def __init__(
         self,
@@ -62,6 +73,7 @@ class SidecarParams(Record):
         exclude_outbound_ports: tuple[int, ...] = (),
         exclude_outbound_ranges: tuple[IPNetwork, ...] = (),
         include_outbound_ranges: tuple[IPNetwork, ...] | None = None,
+        interception_mode: InterceptionMode = INTERCEPTION_REDIRECT,
     ) -> None:
         self._init(
             proxy_uid=proxy_uid,
@@ -73,6 +85,7 @@ class SidecarParams(Record):
             exclude_outbound_ports=exclude_outbound_ports,
             exclude_outbound_ranges=exclude_outbound_ranges,
             include_outbound_ranges=include_outbound_ranges,
+            interception_mode=interception_mode,
         )
 
     def ranges(self, family: Family, which: Literal["include", "exclude"]) -> tuple[IPNetwork, ...] | None:

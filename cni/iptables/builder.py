@@ -7,6 +7,8 @@ round-trip test proves the canonical form on both flavours.
 
 Chains (all prefixed `HEADRACE_`, so removal finds exactly ours):
 - sidecar (nat): HEADRACE_SC_INBOUND, HEADRACE_SC_IN_REDIRECT, HEADRACE_SC_OUTPUT, HEADRACE_SC_REDIRECT
+- sidecar TPROXY mode (mangle): HEADRACE_SC_PRERT, HEADRACE_SC_INBOUND, HEADRACE_SC_DIVERT, HEADRACE_SC_TPROXY,
+  HEADRACE_SC_OUTPUT (the nat table then keeps only the outbound part: no nat HEADRACE_SC_INBOUND)
 - ambient (nat and mangle): HEADRACE_AM_PRERT, HEADRACE_AM_OUTPUT
 - node side (nat, the agent's netns): HEADRACE_POSTROUTING
 """
@@ -14,7 +16,13 @@ Chains (all prefixed `HEADRACE_`, so removal finds exactly ours):
 from __future__ import annotations
 
 from cni.record import Record
-from cni.sidecar_params import SIDECAR_EXCLUDED_INBOUND
+from cni.sidecar_params import (
+    INTERCEPTION_REDIRECT,
+    INTERCEPTION_TPROXY,
+    SIDECAR_EXCLUDED_INBOUND,
+    TPROXY_MARK,
+    TPROXY_OUTBOUND_MARK,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:  # no typing/collections/dataclasses at run time: the CNI plugin imports this module
@@ -33,6 +41,9 @@ SC_INBOUND = "HEADRACE_SC_INBOUND"
 SC_IN_REDIRECT = "HEADRACE_SC_IN_REDIRECT"
 SC_OUTPUT = "HEADRACE_SC_OUTPUT"
 SC_REDIRECT = "HEADRACE_SC_REDIRECT"
+SC_PRERT = "HEADRACE_SC_PRERT"
+SC_DIVERT = "HEADRACE_SC_DIVERT"
+SC_TPROXY = "HEADRACE_SC_TPROXY"
 AM_PRERT = "HEADRACE_AM_PRERT"
 AM_OUTPUT = "HEADRACE_AM_OUTPUT"
 
@@ -42,6 +53,7 @@ CONNMARK_PROXY = 0x111
 # Inbound passthrough source: the sidecar forwards inbound traffic to the app from this address.
 PASSTHROUGH_SOURCE = {4: "127.0.0.6/32", 6: "::6/128"}
 LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
+ANY_ADDRESS = {4: "0.0.0.0", 6: "::"}
 DNS_PORT = 53
 
 
@@ -155,6 +167,7 @@ def rule(
     src: str | None = None,
     dst: str | None = None,
     not_dst: bool = False,
+    in_if: str | None = None,
     out_if: str | None = None,
     not_out_if: bool = False,
     proto: str | None = None,
@@ -162,12 +175,14 @@ def rule(
     target: str,
     target_args: str = "",
 ) -> str:
-    """One rule in iptables-save order: -A chain [-s] [[!] -d] [[!] -o] [-p] matches -j target args."""
+    """One rule in iptables-save order: -A chain [-s] [[!] -d] [-i] [[!] -o] [-p] matches -j target args."""
     parts = [f"-A {chain}"]
     if src is not None:
         parts.append(f"-s {src}")
     if dst is not None:
         parts.append(f"{'! ' if not_dst else ''}-d {dst}")
+    if in_if is not None:
+        parts.append(f"-i {in_if}")
     if out_if is not None:
         parts.append(f"{'! ' if not_out_if else ''}-o {out_if}")
     if proto is not None:
@@ -187,6 +202,11 @@ def _mark(mark: int, mask: int, negate: bool = False, kind: str = "mark") -> str
     return f"-m {kind} {'! ' if negate else ''}--mark {mark:#x}/{mask:#x}"
 
 
+def _full_mark(mark: int, negate: bool = False, kind: str = "mark") -> str:
+    """A mark match with the full mask, as iptables-save prints it (no '/0xffffffff')."""
+    return f"-m {kind} {'! ' if negate else ''}--mark {mark:#x}"
+
+
 def _owner(kind: str, ident: int, negate: bool = False) -> str:
     return f"-m owner {'! ' if negate else ''}--{kind}-owner {ident}"
 
@@ -199,7 +219,8 @@ def _redirect(port: int) -> str:
 
 
 def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
-    """Istio istio-iptables compatible REDIRECT-mode interception for one family."""
+    """Istio istio-iptables compatible interception for one family: inbound REDIRECT (nat) or, with
+    ``interception_mode`` TPROXY, inbound TPROXY (mangle, see `_tproxy_mangle`); outbound REDIRECT."""
     fam = _check_family(family)
     uid = _check_id(spec.proxy_uid, "proxy uid")
     gid = _check_id(spec.proxy_gid, "proxy gid")
@@ -213,6 +234,7 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     exclude_ranges = _check_networks(spec.exclude_outbound_ranges, fam, "excludeOutboundIPRanges")
     include_ranges = _ranges(spec.include_outbound_ranges, fam, "includeOutboundIPRanges")
     lo_addr = LOOPBACK[fam]
+    tproxy = uses_tproxy(spec)
 
     rules: list[str] = [
         rule(SC_REDIRECT, proto="tcp", target="REDIRECT", target_args=_redirect(outbound)),
@@ -222,14 +244,16 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
 
     # Inbound: everything but the excluded ports, or only the included ones.
     capture_inbound = include_in is None or len(include_in) > 0
-    if include_in is None:
+    if tproxy:
+        pass  # inbound goes through mangle (below); nat keeps the outbound part only
+    elif include_in is None:
         for port in exclude_in:
             rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target="RETURN"))
         rules.append(rule(SC_INBOUND, proto="tcp", target=SC_IN_REDIRECT))
     else:
         for port in include_in:
             rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target=SC_IN_REDIRECT))
-    if capture_inbound:
+    if capture_inbound and not tproxy:
         jumps.append(rule("PREROUTING", proto="tcp", target=SC_INBOUND))
 
     # Outbound.
@@ -266,11 +290,119 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
 
     nat = TableRules(
         table="nat",
-        chains=(SC_INBOUND, SC_IN_REDIRECT, SC_OUTPUT, SC_REDIRECT),
+        chains=(SC_IN_REDIRECT, SC_OUTPUT, SC_REDIRECT)
+        if tproxy
+        else (SC_INBOUND, SC_IN_REDIRECT, SC_OUTPUT, SC_REDIRECT),
         jumps=tuple(jumps),
         rules=tuple(rules),
     )
-    return RuleSet(family=fam, owner_prefix=SIDECAR_PREFIX, tables=(nat,))
+    if not tproxy:
+        return RuleSet(family=fam, owner_prefix=SIDECAR_PREFIX, tables=(nat,))
+    assert include_in is None or include_in  # uses_tproxy: some inbound capture
+    mangle = _tproxy_mangle(fam, inbound, include_in, exclude_in, uid, gid)
+    return RuleSet(family=fam, owner_prefix=SIDECAR_PREFIX, tables=(mangle, nat))
+
+
+def interception_mode(spec: SidecarSpec | SidecarParams) -> str:
+    mode = spec.interception_mode
+    if mode not in (INTERCEPTION_REDIRECT, INTERCEPTION_TPROXY):
+        raise ValueError(f"interception mode must be REDIRECT or TPROXY, not {mode!r}")
+    return str(mode)
+
+
+def uses_tproxy(spec: SidecarSpec | SidecarParams) -> bool:
+    """TPROXY inbound rules (mangle) and policy routing are needed: TPROXY mode with some inbound capture.
+    TPROXY mode without inbound capture (includeInboundPorts empty) is exactly REDIRECT mode's rules."""
+    if interception_mode(spec) != INTERCEPTION_TPROXY:
+        return False
+    return spec.include_inbound_ports is None or len(spec.include_inbound_ports) > 0
+
+
+def _tproxy_mangle(
+    fam: Family, inbound: int, include_in: tuple[int, ...] | None, exclude_in: tuple[int, ...], uid: int, gid: int
+) -> TableRules:
+    """Inbound TPROXY interception (mangle), Istio's TPROXY mode in behaviour:
+
+    - PREROUTING → PRERT → INBOUND: packets already marked TPROXY_MARK, the proxy's passthrough source on
+      lo and other lo traffic not marked TPROXY_OUTBOUND_MARK are left alone; excluded ports return;
+      packets of established connections are marked and accepted (DIVERT: the policy routing delivers them
+      locally, to the proxy's socket); new connections are TPROXYed to the inbound port with the mark.
+      Back in PRERT, a packet arriving with TPROXY_MARK (the proxy's original_src connection to the app)
+      saves its mark on the connection.
+    - OUTPUT (mangle): the proxy's own TCP to a non-loopback address over lo (its pod IP) is marked
+      TPROXY_OUTBOUND_MARK (so INBOUND captures it); packets of connections marked TPROXY_MARK get the
+      mark back (the app's replies to original_src connections are routed to the proxy, not out).
+    """
+    lo_addr = LOOPBACK[fam]
+    full = 0xFFFFFFFF
+    rules: list[str] = [
+        rule(SC_DIVERT, target="MARK", target_args=f"--set-xmark {TPROXY_MARK:#x}/{full:#x}"),
+        rule(SC_DIVERT, target="ACCEPT"),
+        rule(
+            SC_TPROXY,
+            dst=lo_addr,
+            not_dst=True,
+            proto="tcp",
+            target="TPROXY",
+            target_args=f"--on-port {inbound} --on-ip {ANY_ADDRESS[fam]} --tproxy-mark {TPROXY_MARK:#x}/{full:#x}",
+        ),
+        rule(SC_PRERT, proto="tcp", target=SC_INBOUND),
+        rule(
+            SC_PRERT,
+            proto="tcp",
+            matches=[_full_mark(TPROXY_MARK)],
+            target="CONNMARK",
+            target_args=f"--save-mark --nfmask {full:#x} --ctmask {full:#x}",
+        ),
+        rule(SC_INBOUND, proto="tcp", matches=[_full_mark(TPROXY_MARK)], target="RETURN"),
+        rule(SC_INBOUND, src=PASSTHROUGH_SOURCE[fam], in_if="lo", proto="tcp", target="RETURN"),
+        rule(
+            SC_INBOUND,
+            in_if="lo",
+            proto="tcp",
+            matches=[_full_mark(TPROXY_OUTBOUND_MARK, negate=True)],
+            target="RETURN",
+        ),
+    ]
+    established = "-m conntrack --ctstate RELATED,ESTABLISHED"
+    if include_in is None:
+        for port in exclude_in:
+            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target="RETURN"))
+        rules.append(rule(SC_INBOUND, proto="tcp", matches=[established], target=SC_DIVERT))
+        rules.append(rule(SC_INBOUND, proto="tcp", target=SC_TPROXY))
+    else:
+        for port in include_in:
+            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port), established], target=SC_DIVERT))
+            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target=SC_TPROXY))
+    rules.append(rule(SC_OUTPUT, out_if="lo", proto="tcp", matches=[_full_mark(TPROXY_MARK)], target="RETURN"))
+    for kind, ident in (("uid", uid), ("gid", gid)):
+        rules.append(
+            rule(
+                SC_OUTPUT,
+                dst=lo_addr,
+                not_dst=True,
+                out_if="lo",
+                proto="tcp",
+                matches=[_owner(kind, ident)],
+                target="MARK",
+                target_args=f"--set-xmark {TPROXY_OUTBOUND_MARK:#x}/{full:#x}",
+            )
+        )
+    rules.append(
+        rule(
+            SC_OUTPUT,
+            proto="tcp",
+            matches=[_full_mark(TPROXY_MARK, kind="connmark")],
+            target="CONNMARK",
+            target_args=f"--restore-mark --nfmask {full:#x} --ctmask {full:#x}",
+        )
+    )
+    return TableRules(
+        table="mangle",
+        chains=(SC_PRERT, SC_INBOUND, SC_DIVERT, SC_TPROXY, SC_OUTPUT),
+        jumps=(rule("PREROUTING", proto="tcp", target=SC_PRERT), rule("OUTPUT", proto="tcp", target=SC_OUTPUT)),
+        rules=tuple(rules),
+    )
 
 
 # ---------------------------------------------------------------- ambient (in-pod, node proxy)

@@ -433,11 +433,14 @@ def _apply(
     log: _Log | None,
     *,
     optimistic: bool = False,
-    side_job: tuple[str, list[str]] | None = None,
-) -> None:
+    side_jobs: Sequence[SideJob] = (),
+) -> dict[Family, dict[str, Owned]]:
+    """Our part of each family before the apply (table → Owned; empty: nothing of ours was there)."""
     _require_netns(netns_path, step)
     with netns_lock(netns_path, step):
-        _apply_locked(netns_path, rulesets, flavour, prefix, step, log, optimistic=optimistic, side_job=side_job)
+        return _apply_locked(
+            netns_path, rulesets, flavour, prefix, step, log, optimistic=optimistic, side_jobs=side_jobs
+        )
 
 
 def _apply_locked(
@@ -449,12 +452,13 @@ def _apply_locked(
     log: _Log | None,
     *,
     optimistic: bool = False,
-    side_job: tuple[str, list[str]] | None = None,
-) -> None:
+    side_jobs: Sequence[SideJob] = (),
+) -> dict[Family, dict[str, Owned]]:
     """`optimistic`: first try `fresh_text` for every family at once (one restore each, no save: the
     common case of an ADD into a new netns); the families it refuses (our chains exist already) take the
-    save → transition → restore path. `side_job` (step, argv run in the netns): a command run in
-    parallel with the first stage; if it fails, whatever went in is rolled back and its error raised."""
+    save → transition → restore path. `side_jobs`: commands run in the netns in parallel with the first
+    stage; if one fails, whatever went in is rolled back (iptables, and what the other side jobs undo)
+    and its error raised; if iptables fails, the side jobs' effects are undone too (`SideJob.undo`)."""
     families = [rs.family for rs in rulesets]
     desired = {rs.family: _desired_from_ruleset(rs) for rs in rulesets}
     before: dict[Family, dict[str, Owned]] = {}
@@ -462,11 +466,12 @@ def _apply_locked(
     results: dict[Family, IptablesError | None] = {}
     side_error: IptablesError | None = None
     pending = list(families)
+    ran: Sequence[SideJob] = side_jobs
     if optimistic:
         fresh = {fam: fresh_text(desired[fam]) for fam in families}
         todo = {f: t for f, t in fresh.items() if t}
-        results, side_error = _restore_many_with(netns_path, flavour, todo, step, side_job)
-        side_job = None  # it ran (or could not start: side_error says so)
+        results, side_error = _restore_many_with(netns_path, flavour, todo, step, side_jobs)
+        ran, side_jobs = side_jobs, ()  # they ran (or could not start: side_error says so)
         if side_error is not None and not results:
             pending = []  # the batch did not start: nothing changed
         else:
@@ -478,7 +483,7 @@ def _apply_locked(
         if pending and side_error is None:
             _emit(log, "debug", step, "our chains exist already: replacing them", families=pending)
     if pending and side_error is None:
-        saved, side_error = _save_with(netns_path, flavour, pending, side_job)
+        saved, side_error = _save_with(netns_path, flavour, pending, side_jobs)
         for fam in pending if side_error is None else ():
             before[fam] = _owned_all(parse_save(saved[fam]), prefix)
             texts[fam] = transition(parse_save(saved[fam]), desired[fam], prefix, skip_unchanged=True)
@@ -507,10 +512,12 @@ def _apply_locked(
                     _set_owned(netns_path, flavour, fam, before[fam], prefix, f"rollback-v{fam}")
                 except IptablesError as rb_exc:
                     _emit(log, "error", step, "rollback failed", family=fam, error=str(rb_exc))
+        _undo_side_jobs(netns_path, ran, step, log)
         if side_error is not None:
             raise side_error
         raise failed[0][1]
     _emit(log, "info", step, "iptables rules applied", families=list(families), flavour=flavour)
+    return before
 
 
 def _restore_result(flavour: Flavour, fam: Family, proc: spawn.Result, step: str) -> IptablesError | None:
@@ -522,31 +529,97 @@ def _restore_result(flavour: Flavour, fam: Family, proc: spawn.Result, step: str
     return None
 
 
-def _side_result(side_job: tuple[str, list[str]], proc: spawn.Result) -> IptablesError | None:
-    side_step, argv = side_job
-    if proc.returncode is None:
-        return IptablesError(side_step, f"{argv[0]} timed out after {_TIMEOUT:.0f}s")
-    if proc.returncode != 0:
-        return IptablesError(side_step, f"{argv[0]} exited {proc.returncode}", proc.stderr)
-    return None
+class SideJob:
+    """A command run in the netns (argv without the nsenter wrapper; `stdin` fed to it) together with the
+    first iptables stage of an apply. `done` once it succeeded; `undo` gives what takes its effect back
+    when the apply is rolled back (None: nothing to undo, e.g. the ::6 address on lo)."""
+
+    __slots__ = ("argv", "done", "stdin", "step")
+
+    def __init__(self, step: str, argv: list[str], stdin: str | None = None) -> None:
+        self.step = step
+        self.argv = argv
+        self.stdin = stdin
+        self.done = False
+
+    def error(self, proc: spawn.Result) -> IptablesError | None:
+        if proc.returncode is None:
+            return IptablesError(self.step, f"{self.argv[0]} timed out after {_TIMEOUT:.0f}s")
+        why = self._failure(proc)
+        if why is not None:
+            return IptablesError(self.step, why, proc.stderr)
+        self.done = True
+        return None
+
+    def _failure(self, proc: spawn.Result) -> str | None:
+        return f"{self.argv[0]} exited {proc.returncode}" if proc.returncode != 0 else None
+
+    def undo(self) -> tuple[list[str], str | None] | None:
+        return None
+
+
+class TproxyRoutesJob(SideJob):
+    """One family's TPROXY policy routing (and, IPv6, the ::6 address): an `ip -force -batch` where a rule
+    or route that exists already is success; a rollback deletes exactly what this run created."""
+
+    __slots__ = ("added", "family", "lines")
+
+    def __init__(self, family: Family) -> None:
+        from cni.iptables import tproxy_routes  # TPROXY pods only: REDIRECT ADDs do not load it
+
+        self.family = family
+        self.lines = tproxy_routes.add_lines(family)
+        self.added: list[str] = []
+        super().__init__(f"tproxy-routes-v{family}", tproxy_routes.argv(family), tproxy_routes.batch_text(self.lines))
+
+    def _failure(self, proc: spawn.Result) -> str | None:
+        from cni.iptables import tproxy_routes
+
+        why = tproxy_routes.add_error(self.lines, proc.stderr, proc.returncode or 0)
+        if why is None:
+            self.added = tproxy_routes.newly_added(self.lines, proc.stderr)
+        return why
+
+    def undo(self) -> tuple[list[str], str | None] | None:
+        if not self.done or not self.added:
+            return None
+        from cni.iptables import tproxy_routes
+
+        return self.argv, tproxy_routes.batch_text(tproxy_routes.undo_lines(self.added))
+
+
+def _undo_side_jobs(netns_path: str | None, jobs: Sequence[SideJob], step: str, log: _Log | None) -> None:
+    undos = [u for u in (job.undo() for job in jobs) if u is not None]
+    if not undos:
+        return
+    try:
+        procs = spawn.run_many([(_argv(netns_path, argv), stdin) for argv, stdin in undos], _TIMEOUT)
+    except OSError as exc:
+        _emit(log, "error", step, "undoing the netns set-up failed", error=str(exc))
+        return
+    for (argv, _), proc in zip(undos, procs, strict=True):
+        if proc.returncode != 0:
+            _emit(log, "error", step, "undoing the netns set-up failed", argv=argv, error=proc.stderr.strip())
 
 
 def _with_side_job(
-    netns_path: str | None, jobs: Sequence[tuple[list[str], str | None]], side_job: tuple[str, list[str]] | None
+    netns_path: str | None, jobs: Sequence[tuple[list[str], str | None]], side_jobs: Sequence[SideJob]
 ) -> tuple[list[spawn.Result], IptablesError | None]:
-    """Run `jobs` (argv already netns-wrapped) and the side job together. A batch that cannot be started
-    is reported as the side job's error (the side job always ran first before batching: same outcome)."""
-    if side_job is None:
+    """Run `jobs` (argv already netns-wrapped) and the side jobs together. A batch that cannot be started
+    is reported as the first side job's error (the side job always ran first before batching: same
+    outcome). The error is the first failed side job's."""
+    if not side_jobs:
         return spawn.run_many(jobs, _TIMEOUT), None
-    side_argv = _argv(netns_path, side_job[1])
+    side = [(_argv(netns_path, sj.argv), sj.stdin) for sj in side_jobs]
     try:
-        procs = spawn.run_many([*jobs, (side_argv, None)], _TIMEOUT)
+        procs = spawn.run_many([*jobs, *side], _TIMEOUT)
     except FileNotFoundError as exc:
-        missing = side_argv[0] if netns_path is None else "nsenter"
-        return [], IptablesError(side_job[0], f"{missing} not found", str(exc))
+        missing = side[0][0][0] if netns_path is None else "nsenter"
+        return [], IptablesError(side_jobs[0].step, f"{missing} not found", str(exc))
     except OSError as exc:
-        return [], IptablesError(side_job[0], f"{side_argv[0]} could not be started", str(exc))
-    return procs[:-1], _side_result(side_job, procs[-1])
+        return [], IptablesError(side_jobs[0].step, f"{side[0][0][0]} could not be started", str(exc))
+    errors = [sj.error(proc) for sj, proc in zip(side_jobs, procs[len(jobs) :], strict=True)]
+    return procs[: len(jobs)], next((e for e in errors if e is not None), None)
 
 
 def _restore_many_with(
@@ -554,29 +627,31 @@ def _restore_many_with(
     flavour: Flavour,
     texts: dict[Family, str],
     step: str,
-    side_job: tuple[str, list[str]] | None,
+    side_jobs: Sequence[SideJob],
 ) -> tuple[dict[Family, IptablesError | None], IptablesError | None]:
-    """`_restore_many`, plus the side job in the same batch of processes."""
-    if side_job is None:
+    """`_restore_many`, plus the side jobs in the same batch of processes."""
+    if not side_jobs:
         return _restore_many(netns_path, flavour, texts, step), None
     fams = list(texts)
-    jobs = [(_argv(netns_path, _restore_argv(flavour, fam)), texts[fam]) for fam in fams]
-    procs, side_error = _with_side_job(netns_path, jobs, side_job)
+    jobs: list[tuple[list[str], str | None]] = [
+        (_argv(netns_path, _restore_argv(flavour, fam)), texts[fam]) for fam in fams
+    ]
+    procs, side_error = _with_side_job(netns_path, jobs, side_jobs)
     if not procs:
         return {}, side_error
     return {fam: _restore_result(flavour, fam, proc, step) for fam, proc in zip(fams, procs, strict=True)}, side_error
 
 
 def _save_with(
-    netns_path: str | None, flavour: Flavour, families: Sequence[Family], side_job: tuple[str, list[str]] | None
+    netns_path: str | None, flavour: Flavour, families: Sequence[Family], side_jobs: Sequence[SideJob]
 ) -> tuple[dict[Family, str], IptablesError | None]:
-    """`save_families`, plus the side job in the same batch of processes."""
-    if side_job is None:
+    """`save_families`, plus the side jobs in the same batch of processes."""
+    if not side_jobs:
         return save_families(netns_path, flavour, families), None
     jobs: list[tuple[list[str], str | None]] = [
         (_argv(netns_path, [binary(flavour, f, "save")]), None) for f in families
     ]
-    procs, side_error = _with_side_job(netns_path, jobs, side_job)
+    procs, side_error = _with_side_job(netns_path, jobs, side_jobs)
     if not procs:
         return {}, side_error
     out: dict[Family, str] = {}
@@ -667,13 +742,22 @@ def apply_sidecar(
     With IPv6, ::6/128 is also put on `lo` (as istio-iptables does) so the sidecar can bind its inbound
     passthrough source; the address is left in place on removal (harmless, dies with the pod netns). It
     is added in parallel with the first iptables step; if that fails, the rules are rolled back.
+    TPROXY mode (`builder.uses_tproxy`): instead, one `ip -batch` per family adds the policy routing (and
+    the ::6 address), in parallel with the first iptables step likewise; a failure on either side rolls
+    both back (the routing entries this run created are deleted). Replacing TPROXY rules by REDIRECT ones
+    deletes the policy routing.
     `optimistic` (the CNI ADD into a fresh netns): try the one-restore-per-family `fresh_text` first."""
     fams = _families(families)
     rulesets = [builder.sidecar_rules(spec, f) for f in fams]
-    lo_job = (
-        ("lo-v6", ["ip", "-6", "addr", "replace", builder.PASSTHROUGH_SOURCE[6], "dev", "lo"]) if 6 in fams else None
-    )
-    _apply(
+    tproxy = builder.uses_tproxy(spec)
+    jobs: list[SideJob]
+    if tproxy:
+        jobs = [TproxyRoutesJob(f) for f in fams]
+    elif 6 in fams:
+        jobs = [SideJob("lo-v6", ["ip", "-6", "addr", "replace", builder.PASSTHROUGH_SOURCE[6], "dev", "lo"])]
+    else:
+        jobs = []
+    before = _apply(
         netns_path,
         rulesets,
         flavour,
@@ -681,15 +765,64 @@ def apply_sidecar(
         "apply-sidecar",
         log,
         optimistic=optimistic,
-        side_job=lo_job,
+        side_jobs=jobs,
     )
+    if not tproxy:
+        was_tproxy = [fam for fam, owned_before in before.items() if "mangle" in owned_before]
+        if was_tproxy:
+            remove_tproxy_routes(netns_path, was_tproxy, log=log)
+
+
+def remove_tproxy_routes(netns_path: str | None, families: Iterable[Family], *, log: _Log | None = None) -> None:
+    """Delete our TPROXY policy routing (rule + local route) of these families; absent entries are fine."""
+    from cni.iptables import tproxy_routes
+
+    fams = _families(families)
+    batches = [(tproxy_routes.argv(f), tproxy_routes.del_lines(f)) for f in fams]
+    try:
+        procs = spawn.run_many(
+            [(_argv(netns_path, argv), tproxy_routes.batch_text(lines)) for argv, lines in batches], _TIMEOUT
+        )
+    except OSError as exc:
+        raise IptablesError("tproxy-routes-remove", "ip could not be started", str(exc)) from exc
+    for fam, (_, lines), proc in zip(fams, batches, procs, strict=True):
+        if proc.returncode is None:
+            raise IptablesError(f"tproxy-routes-remove-v{fam}", f"ip timed out after {_TIMEOUT:.0f}s")
+        why = tproxy_routes.del_error(lines, proc.stderr, proc.returncode)
+        if why is not None:
+            raise IptablesError(f"tproxy-routes-remove-v{fam}", why)
+    _emit(log, "info", "tproxy-routes", "TPROXY policy routing removed", families=list(fams))
+
+
+def check_tproxy_routes(netns_path: str | None, families: Iterable[Family]) -> list[str]:
+    """Problems with our TPROXY policy routing (missing rule or route), per family."""
+    from cni.iptables import tproxy_routes
+
+    fams = _families(families)
+    text = tproxy_routes.batch_text(tproxy_routes.check_lines())
+    try:
+        procs = spawn.run_many([(_argv(netns_path, tproxy_routes.argv(f)), text) for f in fams], _TIMEOUT)
+    except OSError as exc:
+        return [f"cannot read the policy routing: ip could not be started: {exc}"]
+    problems: list[str] = []
+    for fam, proc in zip(fams, procs, strict=True):
+        if proc.returncode is None:
+            problems.append(f"IPv{fam} policy routing: ip timed out")
+            continue
+        problems.extend(tproxy_routes.check_problems(fam, proc.stdout))
+    return problems
 
 
 def check_sidecar(
     netns_path: str, spec: SidecarSpec | SidecarParams, families: Iterable[Family], flavour: Flavour
 ) -> list[str]:
-    rulesets = [builder.sidecar_rules(spec, f) for f in _families(families)]
-    return check_rulesets(netns_path, rulesets, flavour)
+    """Problems with the sidecar rules (and, in TPROXY mode, the policy routing); empty when intact."""
+    fams = _families(families)
+    rulesets = [builder.sidecar_rules(spec, f) for f in fams]
+    problems = check_rulesets(netns_path, rulesets, flavour)
+    if builder.uses_tproxy(spec) and not (netns_path is not None and not os.path.exists(netns_path)):
+        problems.extend(check_tproxy_routes(netns_path, fams))
+    return problems
 
 
 def apply_ambient(
@@ -719,13 +852,21 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: _Log | None = N
     try:
         with netns_lock(netns_path, "remove"):
             saved = save_families(netns_path, flavour, (4, 6))
-            texts: dict[Family, str] = {f: transition(parse_save(saved[f]), {}, builder.OWNED_PREFIX) for f in (4, 6)}
+            parsed = {f: parse_save(saved[f]) for f in (4, 6)}
+            texts: dict[Family, str] = {f: transition(parsed[f], {}, builder.OWNED_PREFIX) for f in (4, 6)}
+            # TPROXY-mode sidecar chains (mangle) come with policy routing: removed along with them
+            both: tuple[Family, ...] = (4, 6)
+            tproxy_fams = [
+                f for f in both if "mangle" in parsed[f] and owned(parsed[f]["mangle"], builder.SIDECAR_PREFIX).chains
+            ]
             # both families' restores at once; a failed one is retried once from a fresh save
             results = _restore_many(netns_path, flavour, {f: t for f, t in texts.items() if t}, "remove")
             for family, err in results.items():
                 if err is not None:
                     step = f"remove-v{family}"
                     _set_owned(netns_path, flavour, family, {}, builder.OWNED_PREFIX, step, attempts=1)
+            if tproxy_fams:
+                remove_tproxy_routes(netns_path, tproxy_fams, log=log)
     except IptablesError:
         if netns_path is not None and not os.path.exists(netns_path):
             return

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ from node_agent.metrics import AgentMetrics
 from node_agent.netns_pin import NetnsPins
 from node_agent.pod_records import RecordStore
 from node_agent.pod_store import PodStore
+from node_agent.proxy_cgroup import Source as CgroupSource
+from node_agent.proxy_cgroup_follow import ProxyCgroupFollower, saved_proxy_cgroup
 from node_agent.reconcile import Hub, Reconciler
 
 log = logging.getLogger("headrace.agent")
@@ -119,7 +122,10 @@ class Agent:
         if backend is None or node_rules is None:
             flavour = resolve_flavour(config.iptables)
         self.flavour = flavour
-        self.backend = backend if backend is not None else make_backend(config, flavour)
+        # the proxy cgroup a previous agent learned (no --proxy-cgroup): the backend starts from it
+        self._restored_proxy_cgroup = None if config.proxy_cgroup else saved_proxy_cgroup(self.proxy_cgroup_file)
+        self.backend = backend if backend is not None else make_backend(
+            replace(config, proxy_cgroup=config.proxy_cgroup or self._restored_proxy_cgroup), flavour)
         fallback: RedirectBackend | None = None
         # eBPF node: iptables serves the pods eBPF cannot (fallback_reason, e.g. ambient without a known
         # proxy cgroup); with `auto` also the pods whose cgroup is unknown (`ebpf` fails those closed)
@@ -128,6 +134,7 @@ class Agent:
         factory = self._other_backend if backend is None else None
         self.hub = hub if hub is not None else make_hub(config)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
+        self.proxy_cgroups = self._proxy_cgroup_follower()
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
         rules = node_rules if node_rules is not None else make_node_rules(flavour)
@@ -165,9 +172,32 @@ class Agent:
         if name == "ebpf":
             from node_agent.backends.ebpf.backend import EbpfBackend
 
-            other: RedirectBackend = EbpfBackend(self.config.state_dir, proxy_cgroup=self.config.proxy_cgroup)
+            other: RedirectBackend = EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path)
             return other
         return None
+
+    def _proxy_cgroup_follower(self) -> ProxyCgroupFollower:
+        """The node proxy's cgroup (ambient over eBPF): --proxy-cgroup, else learned from the proxy's
+        connections (proxy_cgroup_follow.py) and handed to the backend's set_proxy_cgroup."""
+        setter = getattr(self.backend, "set_proxy_cgroup", None)
+        follower = ProxyCgroupFollower(setter if callable(setter) else None, self.config.proxy_cgroup,
+                                       on_change=self._proxy_cgroup_changed, state_file=self.proxy_cgroup_file,
+                                       restored=self._restored_proxy_cgroup if callable(setter) else None)
+        self.metrics.proxy_cgroup_source(follower.source)
+        add = getattr(self.hub, "add_peer_listener", None)
+        if callable(add):
+            add(follower.observe)
+        return follower
+
+    @property
+    def proxy_cgroup_file(self) -> Path:
+        return self.config.state_dir / "proxy-cgroup"
+
+    def _proxy_cgroup_changed(self, source: CgroupSource) -> None:
+        self.metrics.proxy_cgroup_source(source)
+        reconciler = getattr(self, "reconciler", None)
+        if reconciler is not None:
+            reconciler.rechoose_backends()  # enrolled pods move backend if the choice changed
 
     def _resolve_uid(self, namespace: str, name: str) -> str | None:
         for pod in self.store.snapshot().pods.values():
@@ -181,7 +211,7 @@ class Agent:
         if callable(status_fn):
             proxy = status_fn()
         return {"backend": self.backend.name, "node": self.config.node_name, "proxy": proxy,
-                "synced": self.store.synced}
+                "synced": self.store.synced, "proxy_cgroup": self.proxy_cgroups.status()}
 
     def healthz(self) -> tuple[bool, str]:
         last = self.reconciler.last_pass

@@ -9,6 +9,9 @@ Wire format (one request per line, any number of requests per connection):
             {"ok": false, "uid": "...", "error": "..."}\\n   with no fd
 The server opens the pinned path itself and checks the inode before sending, so a proxy never receives a
 namespace that is not the workload's. The socket is mode 0600 (root only on a real node).
+
+Each accepted connection's SO_PEERCRED pid is handed to `on_peer` (the agent learns the node proxy's cgroup
+from it: proxy_cgroup_follow.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +35,10 @@ MAX_REQUEST = 4096
 
 # uid -> the workload the agent currently wants the proxy to serve (None when unknown)
 WorkloadLookup = Callable[[str], WorkloadInfo | None]
+# the pid of a connected client (SO_PEERCRED, in the agent's pid namespace)
+PeerCallback = Callable[[int], None]
+
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 
 
 class NetnsFdError(Exception):
@@ -59,6 +67,14 @@ def open_verified_netns(path: str, inode: int) -> int:
     return fd
 
 
+def peer_pid(conn: socket.socket) -> int:
+    """The pid of the process at the other end of a connected unix socket (SO_PEERCRED); 0 if unknown
+    (a peer in another pid namespace that the kernel cannot map)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, _uid, _gid = _UCRED.unpack(raw)
+    return int(pid)
+
+
 def bind_private_unix_socket(path: str) -> socket.socket:
     """Bind a listening unix stream socket at `path` with mode 0600, replacing a stale socket file."""
     return listen_private(path, 16, NetnsFdError)
@@ -73,9 +89,10 @@ class _Stats:
 class NetnsFdServer:
     """Serves netns fds of the workloads `lookup` knows about; one thread, one connection at a time."""
 
-    def __init__(self, path: str, lookup: WorkloadLookup) -> None:
+    def __init__(self, path: str, lookup: WorkloadLookup, on_peer: PeerCallback | None = None) -> None:
         self.path = path
         self._lookup = lookup
+        self._on_peer = on_peer
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -112,11 +129,23 @@ class NetnsFdServer:
                 raise
             with conn:
                 conn.settimeout(2.0)
+                self._report_peer(conn)
                 try:
                     self._serve_connection(conn)
                 except OSError as exc:
                     log.warning("netns fd side channel connection failed",
                                 extra={"step": "netns-fd", "error": str(exc)})
+
+    def _report_peer(self, conn: socket.socket) -> None:
+        if self._on_peer is None:
+            return
+        try:
+            pid = peer_pid(conn)
+            if pid > 0:
+                self._on_peer(pid)
+        except Exception as exc:  # never let the cgroup follower break fd serving
+            log.warning("netns fd side channel: peer report failed",
+                        extra={"step": "netns-fd", "error": str(exc)})
 
     def _serve_connection(self, conn: socket.socket) -> None:
         buf = b""

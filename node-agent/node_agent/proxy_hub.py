@@ -8,6 +8,7 @@ add/delete messages in the order the agent issued them. Each message carries a s
     fut = hub.upsert(workload)   # resolves when the workload's latest add is acked (ProxyNack on error)
     fut = hub.remove(uid)        # resolves when the delete is acked (or a later snapshot omits it)
     hub.connected, hub.snapshot_acked, hub.status(); hub.stop()
+    hub.add_peer_listener(cb)    # cb(pids, via): processes connected to the proxy sockets (their cgroup)
 
 Thread-safe: every public method may be called from any thread. Futures are resolved outside the lock.
 """
@@ -20,7 +21,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +31,7 @@ import grpc
 from node_agent.netns_fd_channel import NetnsFdServer, side_channel_path
 from node_agent.proto_gen import node_proxy_pb2 as pb
 from node_agent.proto_gen import node_proxy_pb2_grpc as pb_grpc
+from node_agent.unix_peers import client_pids
 from node_agent.unix_socket import private_bind_path
 from node_agent.workload import WorkloadInfo
 
@@ -38,6 +40,9 @@ log = logging.getLogger("headrace.proxy_hub")
 PROTOCOL_VERSION = 1
 
 OpKind = Literal["add", "delete"]
+
+# (pids connected to a proxy socket, via "grpc" | "netns-fd"); called on the hub's peer-report thread
+PeerListener = Callable[[set[int], str], None]
 
 
 class ProxyHubError(Exception):
@@ -153,6 +158,9 @@ class ProxyHub:
         self._session_numbers = itertools.count(1)
         self._server: grpc.Server | None = None
         self._fd_server: NetnsFdServer | None = None
+        self._peer_listeners: list[PeerListener] = []
+        self._peer_reports: queue.Queue[tuple[Callable[[], set[int]], str] | None] = queue.Queue()
+        self._peer_thread: threading.Thread | None = None
         self._socket_inode = 0
         self._stopped = False
         self.sessions = 0
@@ -173,8 +181,11 @@ class ProxyHub:
         self._socket_inode = os.lstat(self.socket_path).st_ino
         server.start()
         self._server = server
+        self._peer_thread = threading.Thread(target=self._peer_worker, name="proxy-hub-peers", daemon=True)
+        self._peer_thread.start()
         if self.netns_fd_socket:
-            self._fd_server = NetnsFdServer(self.netns_fd_socket, self._lookup_desired)
+            self._fd_server = NetnsFdServer(self.netns_fd_socket, self._lookup_desired,
+                                            on_peer=lambda pid: self._report_peers(lambda: {pid}, "netns-fd"))
             self._fd_server.start()
         _jlog(logging.INFO, "proxy_hub_started", socket=self.socket_path, netns_fd_socket=self.netns_fd_socket)
 
@@ -191,6 +202,10 @@ class ProxyHub:
         if self._fd_server is not None:
             self._fd_server.stop()
             self._fd_server = None
+        if self._peer_thread is not None:
+            self._peer_reports.put(None)
+            self._peer_thread.join(timeout=5)
+            self._peer_thread = None
         try:
             if self._socket_inode and os.lstat(self.socket_path).st_ino == self._socket_inode:
                 os.unlink(self.socket_path)
@@ -278,7 +293,35 @@ class ProxyHub:
                 "inflight": len(s.inflight) if (s is not None and live) else 0,
             }
 
+    def add_peer_listener(self, listener: PeerListener) -> None:
+        """Call listener(pids, via) with the pids of the processes connected to the gRPC socket when a
+        session opens (via "grpc": sock_diag, same netns only) and with each side-channel client's
+        SO_PEERCRED pid (via "netns-fd"). Calls come from one hub thread, in order."""
+        self._peer_listeners.append(listener)
+
     # ---- internals -------------------------------------------------------------------------------
+
+    def _report_peers(self, pids: Callable[[], set[int]], via: str) -> None:
+        if self._peer_listeners:
+            self._peer_reports.put((pids, via))
+
+    def _peer_worker(self) -> None:
+        while True:
+            item = self._peer_reports.get()
+            if item is None:
+                return
+            get_pids, via = item
+            try:
+                pids = get_pids()
+            except OSError as exc:
+                _jlog(logging.WARNING, "proxy_peer_unknown", via=via, error=str(exc))
+                continue
+            _jlog(logging.DEBUG, "proxy_peer", via=via, pids=sorted(pids))
+            for listener in list(self._peer_listeners):
+                try:
+                    listener(pids, via)
+                except Exception:
+                    log.exception("proxy peer listener failed", extra={"step": "proxy_peer", "via": via})
 
     def _lookup_desired(self, uid: str) -> WorkloadInfo | None:
         with self._lock:
@@ -344,6 +387,9 @@ class ProxyHub:
             self._refuse(context, code, msg)
             return
         s = session
+        # grpcio does not expose the connection (context.peer() is just "unix:"): ask the kernel who is
+        # connected to our socket
+        self._report_peers(lambda: client_pids(self.socket_path), "grpc")
         context.add_callback(lambda: self._end_session(s, "rpc finished"))
         reader = threading.Thread(target=self._read_acks, args=(s, request_iterator),
                                   name=f"proxy-hub-acks-{s.number}", daemon=True)

@@ -186,6 +186,7 @@ class Reconciler:
         self._cond = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._urgent = threading.Event()  # a CNI request waits for a converge step
+        self._rechoose = False  # the node backend's conditions changed: move pods whose choice differs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.pods: dict[str, PodState] = {}
@@ -302,6 +303,9 @@ class Reconciler:
         with self._lock:
             now = self._clock()
             self._converge_all(now)
+            if self._rechoose:
+                self._rechoose = False
+                self._rechoose_all()
             drift_due = now - self._last_drift >= self.drift_interval
             if drift_due:
                 self._last_drift = now
@@ -317,6 +321,29 @@ class Reconciler:
             self.last_pass = time.time()
             self._cond.notify_all()
         self.metrics.reconcile_took(time.perf_counter() - started)
+
+    def rechoose_backends(self) -> None:
+        """Ask the next pass to move enrolled pods whose backend would be chosen differently now (e.g.
+        the node proxy's cgroup became known: ambient pods on the iptables fallback go to eBPF)."""
+        with self._lock:
+            self._rechoose = True
+        self.wake()
+
+    def _rechoose_all(self) -> None:
+        for st in list(self.pods.values()):
+            if st.state != ENROLLED or not st.backend or self._choose(st, self.spec).name == st.backend:
+                continue
+            old = st.backend
+            try:
+                self._settle_backend(st)  # the old backend's redirection is removed first
+                self._backend_of(st).apply(self._target(st), self.spec)
+                st.rules_in = True
+                self._save_record(st)
+                log.info("pod re-applied on the %s backend (was %s)", st.backend, old,
+                         extra=self._ctx(st, "backend-switch"))
+            except (BackendError, PinError, OSError) as exc:
+                st.state, st.rules_in = PENDING, False
+                self._fail(st, f"backend switch: {exc}")  # retried like any failed enrolment
 
     def _converge_all(self, now: float) -> None:
         """Bring every pod to its desired state (lock held). Counts in `converges` (CNI waiters use it)."""
@@ -614,6 +641,8 @@ class Reconciler:
             self._fail(st, f"proxy refused workload: {exc}")
             return
         try:
+            if not st.rules_in:
+                self._settle_backend(st)  # the choice may have changed while the proxy was acking
             target = self._target(st)
             backend = self._backend_of(st)
             problems = backend.check(target, self.spec) if st.rules_in else ["not applied"]

@@ -55,6 +55,17 @@ def state_text(pod: dict[str, Any]) -> str:
     return state
 
 
+def proxy_cgroup_text(cg: dict[str, Any]) -> str:
+    """`proxy cgroup: <dir> (flag|peer)` or `proxy cgroup: none`, with why a detection was not used."""
+    source = str(cg.get("source", "none"))
+    text = f"proxy cgroup: {cg.get('path')} ({source})" if cg.get("path") else "proxy cgroup: none"
+    if not cg.get("needed", True):
+        text += " [not needed by this backend]"
+    if cg.get("problem"):
+        text += f"; {cg.get('problem')}"
+    return text
+
+
 def render_table(reply: dict[str, Any]) -> str:
     rows = [[str(p.get(c, "")) if c != "state" else state_text(p) for c in COLUMNS] for p in reply["pods"]]
     header = [c.upper() for c in COLUMNS]
@@ -67,4 +78,7 @@ def render_table(reply: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"proxy: {'connected' if proxy.get('connected') else 'not connected'}"
                      + (f" ({proxy.get('proxy_id')})" if proxy.get("proxy_id") else ""))
+    cgroup = reply.get("proxy_cgroup")
+    if isinstance(cgroup, dict):
+        lines.append(proxy_cgroup_text(cgroup))
     return "\n".join(lines)

@@ -373,12 +373,14 @@ def test_ambient_pod_switches_backend(env: Any, backend: str) -> None:
 
 
 def test_ebpf_ambient_without_proxy_cgroup_falls_back_to_iptables(ebpf_env: Any) -> None:
-    """`--backend ebpf` without `--proxy-cgroup`: eBPF cannot answer SO_ORIGINAL_DST for the node proxy
-    (fallback_reason), so ambient pods are enrolled with iptables — logged, shown in status — and work."""
+    """`--backend ebpf` without `--proxy-cgroup` and a proxy whose cgroup the agent refuses (it shares the
+    agent's): eBPF cannot answer SO_ORIGINAL_DST for the node proxy (fallback_reason), so ambient pods are
+    enrolled with iptables — logged, shown in status — and work. (A proxy in a cgroup of its own is
+    detected instead: tests/kernel/test_agent_proxy_cgroup.py.)"""
     node, agent, apps = ebpf_env
     agent.extra = ["--backend", "ebpf"]
     node.add_namespace("shop", AMBIENT)
-    agent.start_proxy()
+    AgentRun.start_proxy(agent)  # not ParityRun's: the proxy stays in the agent's cgroup
     agent.start_agent()
     client = node.add_pod("shop", "client")
     server = node.add_pod("shop", "server")

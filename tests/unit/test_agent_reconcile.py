@@ -393,3 +393,38 @@ def test_cni_add_is_served_during_a_long_drift_pass(env: Env) -> None:
         assert status_took < 0.5 and took < 0.5, (status_took, took)  # the whole pass takes ~2 s
     finally:
         env.r.stop()
+
+
+def test_enrolled_pods_move_backend_when_the_choice_changes(env: Env) -> None:
+    """An ambient pod enrolled on the fallback (the node backend declined it, e.g. no proxy cgroup yet)
+    moves to the node backend once that backend accepts it: old redirection removed, new one applied."""
+    from tests.unit.agent_fakes import FakeBackend
+
+    class Node(FakeBackend):
+        name = "ebpf"
+        reason: str | None = "the node proxy's cgroup is unknown"
+        needs_cgroup = False
+
+        def fallback_reason(self, spec: object) -> str | None:
+            return self.reason
+
+    class Fallback(FakeBackend):
+        name = "iptables"
+
+    node, fallback = Node(), Fallback()
+    r = Reconciler(env.store, node, env.hub, env.pins, env.records, scan=env.scan,
+                   read_ips=lambda path: ("10.9.9.9",), find_by_ips=env.by_ips, conntrack=env.ct,
+                   fallback=fallback, clock=env.clock)
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    r.reconcile()
+    assert r.pods[UID].state == "enrolled" and r.pods[UID].backend == "iptables"
+    assert fallback.rules == {UID: 1} and node.rules == {}
+    node.reason = None  # e.g. the proxy connected and its cgroup was learned
+    r.reconcile()
+    assert r.pods[UID].backend == "iptables", "nothing moves until asked"
+    r.rechoose_backends()
+    r.reconcile()
+    assert r.pods[UID].state == "enrolled" and r.pods[UID].backend == "ebpf"
+    assert fallback.rules == {} and node.rules == {UID: 1}
+    assert env.records.load_all()[UID].backend == "ebpf"

@@ -93,3 +93,25 @@ def test_huge_lists_rejected() -> None:
         ann.sidecar_spec({ann.EXCLUDE_OUTBOUND_PORTS: "1" * 20000})
     ok = ",".join(str(p) for p in range(1, 257))
     assert len(ann.sidecar_spec({ann.EXCLUDE_OUTBOUND_PORTS: ok}).exclude_outbound_ports) == 256
+
+
+def test_interception_mode() -> None:
+    assert ann.sidecar_spec({}).interception_mode == "REDIRECT"
+    assert ann.sidecar_spec({ann.INTERCEPTION_MODE: "REDIRECT"}).interception_mode == "REDIRECT"
+    spec = ann.sidecar_spec({ann.INTERCEPTION_MODE: "TPROXY", ann.INCLUDE_INBOUND_PORTS: "80"})
+    assert spec.interception_mode == "TPROXY" and spec.include_inbound_ports == (80,)
+    # the plugin's light form carries the same value
+    assert ann.sidecar_params({ann.INTERCEPTION_MODE: "TPROXY"}).interception_mode == "TPROXY"
+    assert ann.INTERCEPTION_MODE in ann.KNOWN  # the agent re-applies when it changes
+
+
+@pytest.mark.parametrize("value", ["tproxy", "Redirect", " TPROXY", "TPROXY ", "", "NONE", "TPROXY;id", "T" * 100])
+def test_interception_mode_rejected(value: str) -> None:
+    with pytest.raises(CniError) as info:
+        ann.sidecar_params({ann.INTERCEPTION_MODE: value})
+    assert info.value.code == INVALID_ANNOTATION
+    assert ann.INTERCEPTION_MODE in info.value.msg
+    assert "REDIRECT" in info.value.details and "TPROXY" in info.value.details
+    assert len(info.value.msg) < 200
+    if value == "NONE":
+        assert "not supported" in info.value.msg

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from cni.iptables import builder
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.redirect_spec import AmbientSpec, Family, SidecarSpec
 
 net = ipaddress.ip_network
 
@@ -143,3 +143,92 @@ def test_node_probe_rules_filter_sort_dedup() -> None:
 def test_node_probe_rejects_bad_ips(bad: object) -> None:
     with pytest.raises(ValueError, match="pod IP"):
         builder.node_probe_rules([bad], 4)
+
+
+# ---------------------------------------------------------------- TPROXY inbound mode
+
+TPROXY = SidecarSpec(interception_mode="TPROXY")
+
+
+def test_tproxy_chains_are_ours_and_short_enough() -> None:
+    rs = builder.sidecar_rules(TPROXY, 4)
+    assert [t.table for t in rs.tables] == ["mangle", "nat"]
+    for t in rs.tables:
+        for chain in t.chains:
+            assert chain.startswith(builder.SIDECAR_PREFIX) and len(chain) <= 28
+        for line in (*t.jumps, *t.rules):
+            assert line.startswith("-A ") and "  " not in line and not line.endswith(" ")
+        # every rule of ours lives in a chain of ours; built-in chains only get jumps into ours
+        assert all(r.split()[1].startswith(builder.SIDECAR_PREFIX) for r in t.rules)
+        assert all(j.split()[-1].startswith(builder.SIDECAR_PREFIX) for j in t.jumps)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tproxy_nat_is_the_outbound_part_of_redirect_mode(family: Family) -> None:
+    redirect = _nat(builder.sidecar_rules(SidecarSpec(), family))
+    tproxy = _nat(builder.sidecar_rules(TPROXY, family))
+    assert builder.SC_INBOUND not in tproxy.chains
+    assert tproxy.jumps == tuple(j for j in redirect.jumps if not j.startswith("-A PREROUTING"))
+    assert tproxy.rules == tuple(r for r in redirect.rules if not r.startswith(f"-A {builder.SC_INBOUND} "))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tproxy_mangle_rules(family: Family) -> None:
+    mangle = builder.sidecar_rules(TPROXY, family).table("mangle")
+    assert mangle is not None
+    any_ip, lo, passthrough = (
+        ("0.0.0.0", "127.0.0.1/32", "127.0.0.6/32") if family == 4 else ("::", "::1/128", "::6/128")
+    )
+    tproxy = (
+        f"-A HEADRACE_SC_TPROXY ! -d {lo} -p tcp -j TPROXY --on-port 15006 --on-ip {any_ip} "
+        "--tproxy-mark 0x539/0xffffffff"
+    )
+    assert tproxy in mangle.rules
+    inbound = [r for r in mangle.rules if r.startswith("-A HEADRACE_SC_INBOUND ")]
+    assert inbound[:3] == [
+        "-A HEADRACE_SC_INBOUND -p tcp -m mark --mark 0x539 -j RETURN",
+        f"-A HEADRACE_SC_INBOUND -s {passthrough} -i lo -p tcp -j RETURN",
+        "-A HEADRACE_SC_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN",
+    ]
+    # the contract's excluded ports return before established connections are diverted
+    assert inbound[3:] == [
+        *(f"-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport {p} -j RETURN" for p in (15020, 15021, 15090)),
+        "-A HEADRACE_SC_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j HEADRACE_SC_DIVERT",
+        "-A HEADRACE_SC_INBOUND -p tcp -j HEADRACE_SC_TPROXY",
+    ]
+    assert mangle.jumps == ("-A PREROUTING -p tcp -j HEADRACE_SC_PRERT", "-A OUTPUT -p tcp -j HEADRACE_SC_OUTPUT")
+
+
+def test_tproxy_include_inbound_ports_divert_and_tproxy_per_port() -> None:
+    mangle = builder.sidecar_rules(SidecarSpec(interception_mode="TPROXY", include_inbound_ports=(80,)), 4).table(
+        "mangle"
+    )
+    assert mangle is not None
+    inbound = [r for r in mangle.rules if r.startswith("-A HEADRACE_SC_INBOUND ")][3:]
+    assert inbound == [
+        "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -m conntrack --ctstate RELATED,ESTABLISHED "
+        "-j HEADRACE_SC_DIVERT",
+        "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -j HEADRACE_SC_TPROXY",
+    ]
+
+
+def test_tproxy_without_inbound_capture_is_redirect_mode() -> None:
+    spec = SidecarSpec(interception_mode="TPROXY", include_inbound_ports=())
+    assert not builder.uses_tproxy(spec)
+    families: tuple[Family, ...] = (4, 6)
+    for family in families:
+        assert builder.sidecar_rules(spec, family) == builder.sidecar_rules(
+            SidecarSpec(include_inbound_ports=()), family
+        )
+
+
+def test_uses_tproxy_and_bad_mode() -> None:
+    assert builder.uses_tproxy(TPROXY) and not builder.uses_tproxy(SidecarSpec())
+    with pytest.raises(ValueError, match="interception mode"):
+        builder.sidecar_rules(SidecarSpec(interception_mode="NONE"), 4)  # type: ignore[arg-type]
+
+
+def test_in_if_is_placed_where_iptables_save_puts_it() -> None:
+    assert builder.rule("C", src="1.2.3.4/32", dst="5.6.7.8/32", in_if="lo", proto="tcp", target="RETURN") == (
+        "-A C -s 1.2.3.4/32 -d 5.6.7.8/32 -i lo -p tcp -j RETURN"
+    )

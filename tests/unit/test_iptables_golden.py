@@ -54,6 +54,14 @@ SCENARIOS: dict[str, Callable[[], str]] = {
         4,
         6,
     ),
+    "sidecar_tproxy_v4": _sidecar(SidecarSpec(interception_mode="TPROXY"), 4),
+    "sidecar_tproxy_v6": _sidecar(SidecarSpec(interception_mode="TPROXY"), 6),
+    "sidecar_tproxy_include_inbound": _sidecar(
+        SidecarSpec(interception_mode="TPROXY", include_inbound_ports=(80, 8080)), 4, 6
+    ),
+    "sidecar_tproxy_exclude_inbound": _sidecar(
+        SidecarSpec(interception_mode="TPROXY", exclude_inbound_ports=(22, 9000), exclude_outbound_ports=(5432,)), 4
+    ),
     "ambient_default_v4": _ambient(AmbientSpec(), 4),
     "ambient_default_v6": _ambient(AmbientSpec(), 6),
     "ambient_dns": _ambient(AmbientSpec(capture_dns=True), 4, 6),

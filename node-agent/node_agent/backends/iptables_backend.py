@@ -2,17 +2,33 @@
 
 One flavour (legacy or nft) per node, chosen once by the agent (`cni.iptables.flavour.resolve`) and used
 for every pod. Address families come from the pod's IPs (both when unknown: harmless in a v4-only pod).
+
+Drift checks on legacy hosts first ask `iptc_check.DriftShortcut`: an in-process python-iptables read
+of the pod's tables whose fingerprint matches the last verified one answers "intact" without running
+anything; otherwise (and always on nft hosts, and for checks that look beyond iptables, e.g. sidecar
+TPROXY policy routing) the iptables-save compare decides. HEADRACE_IPTC_CHECK=0 in the agent's
+environment turns the shortcut off.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 
+from cni.iptables import builder, netns_tables
 from cni.iptables import flavour as flavour_mod
-from cni.iptables import netns_tables
 from cni.iptables.flavour import Flavour
 from cni.redirect_spec import AmbientSpec, Family, SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
+from node_agent.backends.iptc_check import STATS, DriftShortcut
+
+IPTC_ENV = "HEADRACE_IPTC_CHECK"
+
+
+def in_process_check_enabled(environ: dict[str, str] | None = None) -> bool:
+    """HEADRACE_IPTC_CHECK: unset or anything but 0/false/no/off turns the in-process check on."""
+    value = (os.environ if environ is None else environ).get(IPTC_ENV, "1")
+    return value.strip().lower() not in ("0", "false", "no", "off")
 
 
 def families_of(ips: tuple[str, ...]) -> tuple[Family, ...]:
@@ -33,18 +49,47 @@ def families_of(ips: tuple[str, ...]) -> tuple[Family, ...]:
     return tuple(out)
 
 
+def iptables_only_check(spec: RedirectSpec) -> bool:
+    """Whether the authoritative check of `spec` looks at iptables rules only, so that an unchanged
+    fingerprint may stand in for it. Sidecar TPROXY mode also checks the policy routing (`ip rule`/`ip
+    route`), which the fingerprint does not cover: those pods always get the full check."""
+    if isinstance(spec, AmbientSpec):
+        return True
+    uses_tproxy = getattr(builder, "uses_tproxy", None)
+    return not (uses_tproxy is not None and uses_tproxy(spec))
+
+
 class IptablesBackend:
     """RedirectBackend on iptables chains (HEADRACE_*) inside each pod's netns."""
 
     name = "iptables"
 
-    def __init__(self, flavour: str = "auto") -> None:
+    def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None) -> None:
+        """in_process_check: None = on for legacy unless HEADRACE_IPTC_CHECK says off; never on nft."""
         try:
             self.flavour: Flavour = flavour_mod.resolve(flavour)
         except ValueError as exc:
             raise BackendError(str(exc)) from exc
+        self.shortcut: DriftShortcut | None = None
+        wanted = in_process_check_enabled() if in_process_check is None else in_process_check
+        if self.flavour == "legacy" and wanted:  # python-iptables drives legacy tables only
+            from node_agent.backends import iptc_reader
+
+            iptc_reader.prepare_env()  # now, while the agent is still single-threaded
+            self.shortcut = DriftShortcut(iptc_reader.shared_reader())
+
+    def _forget(self, target: PodTarget) -> None:
+        if self.shortcut is not None:
+            self.shortcut.forget(target.netns_path)
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
+        self._forget(target)
+        try:
+            self._apply(target, spec)
+        finally:
+            self._forget(target)
+
+    def _apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         families = families_of(target.ips)
         try:
             if isinstance(spec, SidecarSpec):
@@ -57,13 +102,31 @@ class IptablesBackend:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def remove(self, target: PodTarget) -> None:
+        self._forget(target)
         try:
             netns_tables.remove_all(target.netns_path, self.flavour)
         except (netns_tables.IptablesError, OSError) as exc:
             raise BackendError(f"iptables remove for pod {target.namespace}/{target.name}: {exc}") from exc
+        finally:
+            self._forget(target)
 
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         families = families_of(target.ips)
+        if isinstance(spec, SidecarSpec):
+            prefix = builder.SIDECAR_PREFIX
+        elif isinstance(spec, AmbientSpec):
+            prefix = builder.AMBIENT_PREFIX
+        else:
+            raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
+        if self.shortcut is None or not iptables_only_check(spec):
+            STATS.count("iptables_save")
+            return self._check_save(target, spec, families)
+        return self.shortcut.check(
+            target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
+        )
+
+    def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
+        """The authoritative check: iptables-save in the pod netns, compared with the builder's rules."""
         try:
             if isinstance(spec, SidecarSpec):
                 return netns_tables.check_sidecar(target.netns_path, spec, families, self.flavour)

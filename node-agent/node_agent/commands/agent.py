@@ -31,8 +31,8 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 @click.option("--cni-add-timeout", type=float, default=20.0, show_default=True,
               help="Longest an ADD waits for rules + proxy ack.")
 @click.option("--proxy-cgroup", default=None, type=click.Path(file_okay=False),
-              help="The node proxy's cgroup v2 directory (ambient over eBPF answers SO_ORIGINAL_DST there; "
-                   "without it ambient pods use iptables).")
+              help="The node proxy's cgroup v2 directory (ambient over eBPF answers SO_ORIGINAL_DST there). "
+                   "Default: learned from the proxy's connection; this overrides it.")
 @click.option("--capture-dns/--no-capture-dns", default=False, show_default=True,
               help="Also redirect ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053.")
 @duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent_duties.py)

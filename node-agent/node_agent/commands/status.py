@@ -24,7 +24,7 @@ def status(as_json: bool, cni_socket: str, timeout: float) -> None:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         out = {"pods": reply["pods"]}
-        for key in ("backend", "proxy", "node"):
+        for key in ("backend", "proxy", "node", "proxy_cgroup"):
             if key in reply:
                 out[key] = reply[key]
         click.echo(json.dumps(out, indent=2, sort_keys=True))

@@ -1,0 +1,162 @@
+"""The agent process on a legacy-iptables node: drift checks decided in-process, tampering still repaired.
+
+A pod (a process in its own netns, kubelet-style cgroup) is wired by a veth to a server netns. With the
+agent running `--iptables legacy`, the pod's connection to the server goes through the reference proxy
+(outbound 15001). Idle drift checks are counted as in-process (python-iptables, nothing spawned). Then a
+foreign rule is inserted at the top of our OUTPUT chain that lets TCP bypass the proxy: the fingerprint
+no longer matches, the iptables-save compare finds it, the agent repairs it, and the pod's traffic goes
+through the proxy again. With HEADRACE_IPTC_CHECK=0 no check is in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.netns import NetNS, entered
+from tests.kernel.agent_kit import (
+    AgentRun,
+    NodeNetns,
+    PodProcs,
+    headrace_rules,
+    ns_object,
+    pod_object,
+    run,
+    wait_for,
+    write_object,
+)
+
+pytestmark = pytest.mark.kernel
+
+POD_IP, SERVER_IP, PORT = "10.77.0.2", "10.77.0.9", 8080
+
+
+class LegacyWorld:
+    def __init__(self, tmp: Path, iptc: str) -> None:
+        self.node = NodeNetns()
+        self.pods = PodProcs()
+        self.server = NetNS.create("hr-iptc-srv-")
+        self.objects = tmp / "objects"
+        self.objects.mkdir()
+        self.agent = AgentRun(self.node.path, self.objects, extra=["--iptables", "legacy"])
+        self.uid = str(uuid.uuid4())
+        self.proc = self.pods.pod(self.uid)
+        self.netns = f"/proc/{self.proc.pid}/ns/net"
+        pod = ["nsenter", f"--net={self.netns}"]
+        veth = f"hrp{os.urandom(3).hex()}"
+        run([*pod, "ip", "link", "set", "lo", "up"])
+        run([*pod, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth9"])
+        run([*pod, "ip", "link", "set", "eth9", "netns", self.server.name])
+        run([*pod, "ip", "addr", "add", f"{POD_IP}/24", "dev", veth])
+        run([*pod, "ip", "link", "set", veth, "up"])
+        self.server.run(["ip", "addr", "add", f"{SERVER_IP}/24", "dev", "eth9"])
+        self.server.run(["ip", "link", "set", "eth9", "up"])
+        self.env = os.environ.get("HEADRACE_IPTC_CHECK")
+        os.environ["HEADRACE_IPTC_CHECK"] = iptc  # the agent process inherits it
+        write_object(self.objects, "ns.json", ns_object("app", ambient=True))
+        write_object(self.objects, "pod.json", pod_object("app", "web", self.uid, [POD_IP]))
+        self.stop = threading.Event()
+        with entered(self.server.path):
+            self.listener = socket.create_server((SERVER_IP, PORT))
+        self.listener.settimeout(0.2)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"hi")
+
+    def request(self) -> bytes:
+        with entered(self.netns):
+            c = socket.create_connection((SERVER_IP, PORT), timeout=5)
+        with c:
+            return c.recv(16)
+
+    def checks(self) -> dict[str, float]:
+        _, text = self.agent.http("/metrics")
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith('headrace_agent_iptables_checks_total{path="'):
+                out[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    def via_proxy(self) -> int:
+        return sum(1 for x in self.agent.proxy_lines()
+                   if x.get("direction") == "outbound" and x.get("dst") == f"{SERVER_IP}:{PORT}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(5)
+        if self.env is None:
+            os.environ.pop("HEADRACE_IPTC_CHECK", None)
+        else:
+            os.environ["HEADRACE_IPTC_CHECK"] = self.env
+        self.agent.close()
+        self.pods.close()
+        self.server.delete()
+        self.node.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LegacyWorld]:
+    w = LegacyWorld(tmp_path, getattr(request, "param", "1"))
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def enrolled(w: LegacyWorld) -> bool:
+    return w.agent.status().get(w.uid, {}).get("state") == "enrolled"
+
+
+def test_in_process_drift_checks_and_repair_of_a_bypass_rule(world: LegacyWorld) -> None:
+    w = world
+    w.agent.start_proxy()
+    w.agent.start_agent()
+    wait_for(lambda: enrolled(w), 20, "pod enrolled")
+    rules = headrace_rules(w.netns)
+    assert rules and all(line.startswith("legacy: ") for line in rules)
+    assert w.request() == b"hi"
+    wait_for(lambda: w.via_proxy() >= 1, 10, "connection through the proxy")
+    # idle: checks decided in-process (the first ones are full compares while iptc loads and records)
+    first = wait_for(lambda: (c := w.checks()).get("in_process", 0) >= 3 and c, 15, "in-process checks")
+    # a foreign rule at the top of our OUTPUT chain: TCP would bypass the proxy
+    run(["nsenter", f"--net={w.netns}", "iptables-legacy", "-t", "nat", "-I", "HEADRACE_AM_OUTPUT", "1",
+         "-p", "tcp", "-j", "ACCEPT"])
+    assert headrace_rules(w.netns) != rules
+    wait_for(lambda: headrace_rules(w.netns) == rules, 10, "bypass rule removed by the drift repair")
+    wait_for(lambda: w.agent.metric("headrace_agent_drift_repairs_total") >= 1, 5, "drift counted")
+    later = w.checks()
+    assert later["iptables_save"] > first["iptables_save"]  # the changed fingerprint sent it to the compare
+    n = w.via_proxy()
+    assert w.request() == b"hi"
+    wait_for(lambda: w.via_proxy() > n, 10, "traffic through the proxy again")
+    # and back to in-process checks
+    wait_for(lambda: w.checks().get("in_process", 0) > later["in_process"] + 2, 15, "in-process again")
+
+
+@pytest.mark.parametrize("world", ["0"], indirect=True)
+def test_switched_off_every_check_runs_iptables_save(world: LegacyWorld) -> None:
+    w = world
+    w.agent.start_proxy()
+    w.agent.start_agent()
+    wait_for(lambda: enrolled(w), 20, "pod enrolled")
+    wait_for(lambda: w.checks().get("iptables_save", 0) >= 4, 15, "checks")
+    assert w.checks().get("in_process", 0) == 0
+    assert w.request() == b"hi"
+    wait_for(lambda: w.via_proxy() >= 1, 10, "connection through the proxy")
