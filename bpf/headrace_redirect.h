@@ -19,6 +19,9 @@
 #define HR_SOCK_DGRAM 2
 #define HR_DNS_PORT 53
 
+#define HR_FAM_V4 1
+#define HR_FAM_V6 2
+
 #define HR_INBOUND_NONE 0    /* no inbound capture */
 #define HR_INBOUND_ALL 1     /* every TCP port except those in hr_cfg_xin */
 #define HR_INBOUND_LISTED 2  /* only the ports in hr_cfg_iin (minus hr_cfg_xin) */
@@ -37,18 +40,22 @@ struct hr_config {
     __u8 inbound_mode;   /* HR_INBOUND_* */
     __u64 generation;    /* hash of the applied spec: lets the agent see what is installed */
     __u64 cgroup_id;     /* the cgroup the programs are attached to (for removal after a restart) */
-    __u16 inbound_port;  /* inbound TCP is assigned to the listener on this port (TC ingress) */
-    __u16 pad16;
+    __u16 inbound_port;  /* inbound TCP is rewritten to this port (TC ingress/egress) */
+    __u16 families;      /* HR_FAM_* bits: the address families the pod has (as iptables installs rules per
+                          * family); 0 = both (the pod's IPs are not known) */
     __u32 probe_src4;    /* inbound from this source (kubelet probe SNAT) is not captured; 0 = none */
     __u32 probe_src6[4]; /* same for IPv6; all zero = none */
     __u32 proxy_gid;     /* sidecar: connections of this gid are never redirected (as the uid) */
-    __u32 pad32;
+    /* the pod netns' cookie (SO_NETNS_COOKIE, read by the agent) in two halves (keeps the layout at 96
+     * bytes): TC programs key the node's flow maps with it, since bpf_get_netns_cookie(skb) in TC answers
+     * for the skb's socket, which an ingress packet has none of */
+    __u32 netns_cookie_lo;
     /* the pod's own first IPv4 / IPv6 address (network order; zero = the pod has none of that family):
-     * outbound TCP is redirected to self:outbound_port so the kernel picks the pod IP as the source, as
-     * with iptables REDIRECT (the proxy identifies the workload by it); loopback when zero */
+     * redirected sockets are bound to it first (bpf_bind / the sendmsg source), so the proxy sees the pod
+     * IP as the peer, as with iptables REDIRECT; no binding when zero */
     __u32 self_ip4;
     __u32 self_ip6[4];
-    __u32 pad_end;       /* explicit: sizeof is 96 with the __u64 alignment; the loader packs every byte */
+    __u32 netns_cookie_hi;
 };
 
 /* LPM trie key of the include/exclude range maps (IPv4 ranges stored as ::ffff:a.b.c.d/96+len) */

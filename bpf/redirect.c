@@ -1,19 +1,21 @@
 /* headrace eBPF redirection programs (compiled once per agent process by bcc; loaded per pod).
  *
  * Per pod, attached to the pod's own cgroup v2 directory (BPF_F_ALLOW_MULTI), never host-wide:
- *   hr_connect4 / hr_connect6   cgroup/connect4|6: outbound TCP -> pod-ip:outbound_port (loopback when the
- *                               pod has no IP of the family), original destination remembered by socket
- *                               cookie; UDP :53 -> loopback:dns_port
+ *   hr_connect4 / hr_connect6   cgroup/connect4|6: outbound TCP -> loopback:outbound_port with the socket
+ *                               bound to the pod IP first (the source iptables REDIRECT keeps), original
+ *                               destination remembered by socket cookie; TCP/UDP :53 -> loopback:dns_port
  *   hr_sockops                  sock_ops: at TCP connect, move the original destination from the socket
  *                               cookie to the connection's client address/port (what the proxy sees)
  *   hr_getsockopt               cgroup/getsockopt: answers SO_ORIGINAL_DST (SOL_IP 80, SOL_IPV6 80) for
  *                               redirected connections from that map, as netfilter would after REDIRECT
- *   hr_sendmsg4|6, hr_recvmsg4|6, hr_getpeername4|6   DNS capture (unconnected sends, replies, peer name)
+ *   hr_sock_create              cgroup/sock_create (sidecar): the creator's uid/gid of each TCP socket
+ *   hr_getpeername4|6           a redirected socket's peer name is the destination the app asked (TCP, DNS)
+ *   hr_sendmsg4|6, hr_recvmsg4|6   DNS capture (unconnected sends from the pod IP, replies' source)
  * and inside the pod's netns only:
- *   hr_tc_ingress               TC ingress (clsact) on the pod's interfaces: a new inbound TCP connection is
- *                               handed to the proxy's inbound listener with bpf_sk_assign (TPROXY-like: the
- *                               accepted socket keeps the original local address); SO_ORIGINAL_DST answered
- *                               from hr_conn_orig like outbound
+ *   hr_tc_ingress / hr_tc_egress   TC (clsact) on the pod's interfaces: a new inbound TCP connection to a
+ *                               captured port is rewritten to the proxy's inbound port (destination port on
+ *                               ingress, source port of the replies on egress: REDIRECT without conntrack,
+ *                               per-flow state in hr_nat); SO_ORIGINAL_DST answered from hr_conn_orig
  *
  * Maps named hr_cfg_* are per pod (parameters); hr_conn_orig, hr_cookie_orig and hr_dns_orig are shared by
  * all pods of a node (keyed by socket cookie / netns cookie + client address) so that a proxy in another
@@ -39,6 +41,10 @@ BPF_LPM_TRIE(hr_cfg_local, struct hr_lpm_key, u8, 64); /* the pod's own addresse
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_cookie_orig, 65536);
 BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_conn_orig, 65536);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_dns_orig, 65536);
+/* inbound port rewrite state (TC): client (netns, address, port) -> the address and port it dialled */
+BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_nat, 65536);
+/* sidecar: uid (low 32 bits) and gid of the process that created a TCP socket, by socket cookie */
+BPF_TABLE("lru_hash", u64, u64, hr_sock_owner, 65536);
 
 /* 1 when the destination (16-byte form) must not be captured */
 static __always_inline int hr_dest_excluded(struct hr_config *cfg, u32 *addr, u16 port, int v4)
@@ -89,11 +95,30 @@ static __always_inline int hr_is_local(u32 *addr, int v4)
     return hr_cfg_local.lookup(&key) != NULL;
 }
 
+/* whether the pod has this address family (a v4-mapped destination is IPv4 on the wire) */
+static __always_inline int hr_family_wanted(struct hr_config *cfg, int v4)
+{
+    u16 fam = cfg->families;
+    return fam == 0 || (fam & (v4 ? HR_FAM_V4 : HR_FAM_V6)) != 0;
+}
+
+/* the kubelet probe SNAT address of the spec (ambient; zero = none) */
+static __always_inline int hr_is_probe_src(struct hr_config *cfg, u32 *addr, int v4)
+{
+    if (v4)
+        return cfg->probe_src4 != 0 && addr[3] == cfg->probe_src4;
+    u32 p0 = cfg->probe_src6[0];
+    u32 p1 = cfg->probe_src6[1];
+    u32 p2 = cfg->probe_src6[2];
+    u32 p3 = cfg->probe_src6[3];
+    return (p0 | p1 | p2 | p3) != 0 && addr[0] == p0 && addr[1] == p1 && addr[2] == p2 && addr[3] == p3;
+}
+
 #define HR_TO_OUTBOUND 1
 #define HR_TO_INBOUND 2
 #define HR_TO_DNS 3
 
-static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int v4, int mapped)
+static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int v4, int mapped, int sendmsg)
 {
     int zero = 0;
     struct hr_config *cfg = hr_cfg.lookup(&zero);
@@ -102,6 +127,8 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
     u16 port = bpf_ntohs((u16)ctx->user_port);
     u32 type = ctx->type;
     if (type != HR_SOCK_STREAM && type != HR_SOCK_DGRAM)
+        return 1;
+    if (!hr_family_wanted(cfg, v4))
         return 1;
     if (type == HR_SOCK_DGRAM && (!cfg->capture_dns || port != HR_DNS_PORT))
         return 1;
@@ -120,7 +147,11 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
     int to = HR_TO_OUTBOUND;
 
     if (cfg->mode == HR_MODE_SIDECAR) {
-        u64 ugid = bpf_get_current_uid_gid();
+        /* iptables' owner match tests the socket's creator (its file credentials), not the caller of
+         * connect(): use the creator recorded by hr_sock_create; the caller for a socket made before it */
+        u64 sock_cookie = bpf_get_socket_cookie(ctx);
+        u64 *owner = hr_sock_owner.lookup(&sock_cookie);
+        u64 ugid = owner ? *owner : bpf_get_current_uid_gid();
         int proxy = (u32)ugid == cfg->proxy_uid || (u32)(ugid >> 32) == cfg->proxy_gid;
         /* Envoy's inbound passthrough source 127.0.0.6 / ::6 over lo: never touched */
         int passthrough = family == HR_AF_INET ? s4 == bpf_htonl(0x7f000006)
@@ -141,6 +172,9 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
         if ((mark & cfg->mark_mask) == cfg->mark)
             return 1;
         if (local)
+            return 1;
+        /* TCP to the kubelet probe SNAT address is never captured (iptables: -d <probe> -p tcp -j ACCEPT) */
+        if (type == HR_SOCK_STREAM && hr_is_probe_src(cfg, addr, v4))
             return 1;
         if (cfg->capture_dns && port == HR_DNS_PORT)
             to = HR_TO_DNS; /* UDP and TCP 53 */
@@ -164,17 +198,87 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
         hr_cookie_orig.update(&cookie, &orig);
 
     u16 dport = to == HR_TO_DNS ? cfg->dns_port : to == HR_TO_INBOUND ? cfg->inbound_port : cfg->outbound_port;
-    /* outbound TCP goes to the pod's own IP (routed over lo, the proxy's wildcard listener accepts it) so the
-     * source the kernel picks next is the pod IP, as iptables REDIRECT keeps it; loopback when the pod has no
-     * address of the family. Inbound (proxy -> own IP) and DNS keep loopback. */
-    int self = to == HR_TO_OUTBOUND;
-    u32 self4 = cfg->self_ip4;
-    u32 self6_0 = cfg->self_ip6[0];
-    u32 self6_1 = cfg->self_ip6[1];
-    u32 self6_2 = cfg->self_ip6[2];
-    u32 self6_3 = cfg->self_ip6[3];
+    ctx->user_port = bpf_htons(dport);
+
+    /* As iptables REDIRECT in OUTPUT: the new destination is 127.0.0.1 / ::1 (::ffff:127.0.0.1 on a
+     * dual-stack socket) and the source stays the one the kernel would have picked for the original
+     * destination, so the proxy sees peer = pod IP and local = loopback:port. A sock_addr program cannot
+     * set the source of a connect, so it binds the socket first (bpf_bind, address only: the port is still
+     * chosen at connect); sendmsg sets the message source instead. The source:
+     *   outbound, DNS   the pod's first IP of the family (hr_config.self_ip4/6), as routing over the pod's
+     *                   interface picks it;
+     *   inbound (proxy dialling its own pod IP)   that address itself (a local route's source);
+     *   a socket already bound to an address, or a pod with no IP of the family: left as it is. */
+    u32 src[4] = {};
+    int want_src = 0;
+    if (to == HR_TO_INBOUND) {
+        if (!hr_is_loopback(addr, v4)) {
+            src[0] = addr[0];
+            src[1] = addr[1];
+            src[2] = addr[2];
+            src[3] = addr[3];
+            want_src = 1;
+        }
+    } else if (v4) {
+        u32 self4 = cfg->self_ip4;
+        if (self4) {
+            src[2] = bpf_htonl(0xffff);
+            src[3] = self4;
+            want_src = 1;
+        }
+    } else {
+        src[0] = cfg->self_ip6[0];
+        src[1] = cfg->self_ip6[1];
+        src[2] = cfg->self_ip6[2];
+        src[3] = cfg->self_ip6[3];
+        want_src = (src[0] | src[1] | src[2] | src[3]) != 0;
+    }
+    int unbound = family == HR_AF_INET ? s4 == 0 : (s6_0 | s6_1 | s6_2 | s6_3) == 0;
+    int to_lo = 1;
+    if (want_src && unbound) {
+        if (sendmsg == 4) { /* msg_src_* exist only in the sendmsg programs: sendmsg is a constant */
+            if (v4 && !mapped) {
+                if (ctx->msg_src_ip4 == 0)
+                    ctx->msg_src_ip4 = src[3];
+            }
+        } else if (sendmsg == 6) {
+            if (!v4) {
+                u32 m0 = ctx->msg_src_ip6[0];
+                u32 m1 = ctx->msg_src_ip6[1];
+                u32 m2 = ctx->msg_src_ip6[2];
+                u32 m3 = ctx->msg_src_ip6[3];
+                if ((m0 | m1 | m2 | m3) == 0) {
+                    ctx->msg_src_ip6[0] = src[0];
+                    ctx->msg_src_ip6[1] = src[1];
+                    ctx->msg_src_ip6[2] = src[2];
+                    ctx->msg_src_ip6[3] = src[3];
+                }
+            }
+        } else {
+            long err;
+            if (v4 && !mapped) {
+                struct sockaddr_in sa = {};
+                sa.sin_family = HR_AF_INET;
+                sa.sin_addr.s_addr = src[3];
+                err = bpf_bind(ctx, &sa, sizeof(sa));
+            } else {
+                struct sockaddr_in6 sa6 = {};
+                sa6.sin6_family = HR_AF_INET6;
+                sa6.sin6_addr.in6_u.u6_addr32[0] = src[0];
+                sa6.sin6_addr.in6_u.u6_addr32[1] = src[1];
+                sa6.sin6_addr.in6_u.u6_addr32[2] = src[2];
+                sa6.sin6_addr.in6_u.u6_addr32[3] = src[3];
+                err = bpf_bind(ctx, &sa6, sizeof(sa6));
+            }
+            /* not bindable (a port already bound on the wildcard, an address not ready): send TCP to the
+             * source address itself instead, which makes the kernel pick it as the source (the proxy then
+             * sees it as the local address too); DNS stays on loopback for a DNS proxy bound there */
+            if (err && to != HR_TO_DNS)
+                to_lo = 0;
+        }
+    }
     if (v4) {
-        u32 dst4 = self && self4 ? self4 : bpf_htonl(0x7f000001);
+        u32 dst4 = to_lo ? bpf_htonl(0x7f000001) : src[3];
         if (!mapped) {
             ctx->user_ip4 = dst4;
         } else {
@@ -183,18 +287,32 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
             ctx->user_ip6[2] = bpf_htonl(0xffff);
             ctx->user_ip6[3] = dst4;
         }
-    } else if (self && (self6_0 | self6_1 | self6_2 | self6_3)) {
-        ctx->user_ip6[0] = self6_0;
-        ctx->user_ip6[1] = self6_1;
-        ctx->user_ip6[2] = self6_2;
-        ctx->user_ip6[3] = self6_3;
+    } else if (!to_lo) {
+        ctx->user_ip6[0] = src[0];
+        ctx->user_ip6[1] = src[1];
+        ctx->user_ip6[2] = src[2];
+        ctx->user_ip6[3] = src[3];
     } else {
         ctx->user_ip6[0] = 0;
         ctx->user_ip6[1] = 0;
         ctx->user_ip6[2] = 0;
         ctx->user_ip6[3] = bpf_htonl(1);
     }
-    ctx->user_port = bpf_htons(dport);
+    return 1;
+}
+
+/* cgroup/sock_create: remember who created each TCP socket of a sidecar pod (the proxy bypass tests it) */
+int hr_sock_create(struct bpf_sock *sk)
+{
+    int zero = 0;
+    struct hr_config *cfg = hr_cfg.lookup(&zero);
+    if (!cfg || cfg->mode != HR_MODE_SIDECAR)
+        return 1;
+    if (sk->type != HR_SOCK_STREAM)
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(sk);
+    u64 ugid = bpf_get_current_uid_gid();
+    hr_sock_owner.update(&cookie, &ugid);
     return 1;
 }
 
@@ -211,14 +329,14 @@ static __always_inline int hr_user_addr6(struct bpf_sock_addr *ctx, u32 addr[4])
 int hr_connect4(struct bpf_sock_addr *ctx)
 {
     u32 addr[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
-    return hr_connect(ctx, addr, 1, 0);
+    return hr_connect(ctx, addr, 1, 0, 0);
 }
 
 int hr_connect6(struct bpf_sock_addr *ctx)
 {
     u32 addr[4];
     int mapped = hr_user_addr6(ctx, addr);
-    return hr_connect(ctx, addr, mapped, mapped);
+    return hr_connect(ctx, addr, mapped, mapped, 0);
 }
 
 static __always_inline void hr_conn_key_of_ops(struct bpf_sock_ops *skops, struct hr_conn_key *key)
@@ -360,45 +478,83 @@ int hr_getsockopt(struct bpf_sockopt *ctx)
 }
 
 /* DNS: unconnected sends to :53 go to the local DNS proxy; replies appear to come from the server asked */
-static __always_inline int hr_sendmsg(struct bpf_sock_addr *ctx, u32 *addr, int v4, int mapped)
+static __always_inline int hr_sendmsg(struct bpf_sock_addr *ctx, u32 *addr, int v4, int mapped, int which)
 {
     if (ctx->type != HR_SOCK_DGRAM)
         return 1;
-    return hr_connect(ctx, addr, v4, mapped);
+    return hr_connect(ctx, addr, v4, mapped, which);
 }
 
 int hr_sendmsg4(struct bpf_sock_addr *ctx)
 {
     u32 addr[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
-    return hr_sendmsg(ctx, addr, 1, 0);
+    return hr_sendmsg(ctx, addr, 1, 0, 4);
 }
 
 int hr_sendmsg6(struct bpf_sock_addr *ctx)
 {
     u32 addr[4];
     int mapped = hr_user_addr6(ctx, addr);
-    return hr_sendmsg(ctx, addr, mapped, mapped);
+    return hr_sendmsg(ctx, addr, mapped, mapped, 6);
+}
+
+/* The original destination of a redirected TCP connection, looked up by the client socket's own address:
+ * getpeername() on it answers the server the app dialled, as with iptables (conntrack NAT leaves the
+ * socket's peer alone). */
+static __always_inline struct hr_orig *hr_tcp_orig_of(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return NULL;
+    u32 family = sk->family;
+    u32 ip4 = sk->src_ip4;
+    u32 a0 = sk->src_ip6[0];
+    u32 a1 = sk->src_ip6[1];
+    u32 a2 = sk->src_ip6[2];
+    u32 a3 = sk->src_ip6[3];
+    struct hr_conn_key key = {};
+    key.netns = bpf_get_netns_cookie(ctx);
+    key.port = sk->src_port;
+    if (family == HR_AF_INET) {
+        key.addr[2] = bpf_htonl(0xffff);
+        key.addr[3] = ip4;
+    } else {
+        key.addr[0] = a0;
+        key.addr[1] = a1;
+        key.addr[2] = a2;
+        key.addr[3] = a3;
+    }
+    return hr_conn_orig.lookup(&key);
 }
 
 static __always_inline int hr_restore_peer(struct bpf_sock_addr *ctx, int v6)
 {
     int zero = 0;
     struct hr_config *cfg = hr_cfg.lookup(&zero);
-    if (!cfg || !cfg->capture_dns)
+    if (!cfg || !cfg->mode)
         return 1;
-    if (bpf_ntohs((u16)ctx->user_port) != cfg->dns_port)
-        return 1;
-    if (!v6) {
-        if (ctx->user_ip4 != bpf_htonl(0x7f000001))
+    u16 port = bpf_ntohs((u16)ctx->user_port);
+    struct hr_orig *orig;
+    if (ctx->type == HR_SOCK_STREAM) {
+        /* only a peer on one of our ports can be a redirect (cheap filter before the lookup) */
+        if (port != cfg->outbound_port && port != cfg->inbound_port && !(cfg->capture_dns && port == cfg->dns_port))
             return 1;
+        orig = hr_tcp_orig_of(ctx);
     } else {
-        u32 a2 = ctx->user_ip6[2];
-        u32 a3 = ctx->user_ip6[3];
-        if (a3 != bpf_htonl(1) && !(a2 == bpf_htonl(0xffff) && a3 == bpf_htonl(0x7f000001)))
+        if (!cfg->capture_dns || port != cfg->dns_port)
             return 1;
+        if (!v6) {
+            if (ctx->user_ip4 != bpf_htonl(0x7f000001))
+                return 1;
+        } else {
+            u32 a2 = ctx->user_ip6[2];
+            u32 a3 = ctx->user_ip6[3];
+            if (a3 != bpf_htonl(1) && !(a2 == bpf_htonl(0xffff) && a3 == bpf_htonl(0x7f000001)))
+                return 1;
+        }
+        u64 cookie = bpf_get_socket_cookie(ctx);
+        orig = hr_dns_orig.lookup(&cookie);
     }
-    u64 cookie = bpf_get_socket_cookie(ctx);
-    struct hr_orig *orig = hr_dns_orig.lookup(&cookie);
     if (!orig)
         return 1;
     if (!v6) {
@@ -433,75 +589,135 @@ static __always_inline int hr_inbound_port_captured(struct hr_config *cfg, u16 p
     return 1;
 }
 
+/* a TCP segment as both TC programs read it (addresses in the 16-byte form, ports in network order) */
+struct hr_tcp_pkt {
+    u32 saddr[4];
+    u32 daddr[4];
+    u16 sport;
+    u16 dport;
+    u32 l4off;
+    u8 syn;
+    u8 ack;
+    u8 v4;
+};
+
+static __always_inline int hr_parse_tcp(struct __sk_buff *skb, struct hr_tcp_pkt *p)
+{
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return 0;
+    struct tcphdr *tcp;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = (void *)(eth + 1);
+        if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl != 5)
+            return 0;
+        tcp = (void *)(ip + 1);
+        if ((void *)(tcp + 1) > end)
+            return 0;
+        p->saddr[2] = bpf_htonl(0xffff);
+        p->saddr[3] = ip->saddr;
+        p->daddr[2] = bpf_htonl(0xffff);
+        p->daddr[3] = ip->daddr;
+        p->l4off = sizeof(*eth) + sizeof(*ip);
+        p->v4 = 1;
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
+        if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+            return 0;
+        tcp = (void *)(ip6 + 1);
+        if ((void *)(tcp + 1) > end)
+            return 0;
+        __builtin_memcpy(p->saddr, &ip6->saddr, 16);
+        __builtin_memcpy(p->daddr, &ip6->daddr, 16);
+        p->l4off = sizeof(*eth) + sizeof(*ip6);
+        p->v4 = 0;
+    } else {
+        return 0;
+    }
+    p->sport = tcp->source;
+    p->dport = tcp->dest;
+    p->syn = tcp->syn;
+    p->ack = tcp->ack;
+    return 1;
+}
+
+static __always_inline u64 hr_netns_of(struct hr_config *cfg)
+{
+    return ((u64)cfg->netns_cookie_hi << 32) | cfg->netns_cookie_lo;
+}
+
+static __always_inline int hr_same_addr(u32 *a, u32 *b)
+{
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* rewrite one TCP port (field offset 0: source, 2: destination) and fix the checksum by difference */
+static __always_inline int hr_set_port(struct __sk_buff *skb, u32 l4off, u32 field, u16 from, u16 to)
+{
+    if (bpf_l4_csum_replace(skb, l4off + 16, from, to, sizeof(to)))
+        return -1;
+    return bpf_skb_store_bytes(skb, l4off + field, &to, sizeof(to), 0);
+}
+
+/* Inbound as iptables REDIRECT in PREROUTING does it: a new connection to a captured port gets its
+ * destination port rewritten to the proxy's inbound port (so the accepted socket's local address is
+ * pod-ip:15006), every later segment of it too, and hr_tc_egress rewrites the replies' source port back;
+ * hr_nat is that per-flow state (conntrack's job), keyed by (netns cookie, client address, client port). */
 int hr_tc_ingress(struct __sk_buff *skb)
 {
     int zero = 0;
     struct hr_config *cfg = hr_cfg.lookup(&zero);
     if (!cfg || cfg->inbound_mode == HR_INBOUND_NONE)
         return TC_ACT_OK;
-    void *data = (void *)(long)skb->data;
-    void *end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > end)
+    struct hr_tcp_pkt p = {};
+    if (!hr_parse_tcp(skb, &p) || !hr_family_wanted(cfg, p.v4))
         return TC_ACT_OK;
-    struct bpf_sock_tuple tuple = {};
-    struct bpf_sock_tuple ltuple = {};
-    struct hr_conn_key key = {};
-    struct hr_orig orig = {};
-    struct tcphdr *tcp;
-    u32 tlen;
-    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *ip = (void *)(eth + 1);
-        if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl != 5)
+    if (p.v4) {
+        if (cfg->probe_src4 && p.saddr[3] == cfg->probe_src4)
             return TC_ACT_OK;
-        tcp = (void *)(ip + 1);
-        if ((void *)(tcp + 1) > end)
-            return TC_ACT_OK;
-        if (cfg->probe_src4 && ip->saddr == cfg->probe_src4)
-            return TC_ACT_OK;
-        tuple.ipv4.saddr = ip->saddr;
-        tuple.ipv4.daddr = ip->daddr;
-        tuple.ipv4.sport = tcp->source;
-        tuple.ipv4.dport = tcp->dest;
-        ltuple.ipv4.saddr = ip->saddr;
-        ltuple.ipv4.daddr = ip->daddr;
-        ltuple.ipv4.sport = tcp->source;
-        ltuple.ipv4.dport = bpf_htons(cfg->inbound_port);
-        tlen = sizeof(tuple.ipv4);
-        key.addr[2] = bpf_htonl(0xffff);
-        key.addr[3] = ip->saddr;
-        orig.addr[2] = bpf_htonl(0xffff);
-        orig.addr[3] = ip->daddr;
-        orig.family = HR_AF_INET;
-    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr *ip6 = (void *)(eth + 1);
-        if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
-            return TC_ACT_OK;
-        tcp = (void *)(ip6 + 1);
-        if ((void *)(tcp + 1) > end)
-            return TC_ACT_OK;
-        if (ip6->saddr.in6_u.u6_addr32[0] == cfg->probe_src6[0] && ip6->saddr.in6_u.u6_addr32[1] == cfg->probe_src6[1] &&
-            ip6->saddr.in6_u.u6_addr32[2] == cfg->probe_src6[2] && ip6->saddr.in6_u.u6_addr32[3] == cfg->probe_src6[3])
-            return TC_ACT_OK;
-        __builtin_memcpy(tuple.ipv6.saddr, &ip6->saddr, 16);
-        __builtin_memcpy(tuple.ipv6.daddr, &ip6->daddr, 16);
-        tuple.ipv6.sport = tcp->source;
-        tuple.ipv6.dport = tcp->dest;
-        __builtin_memcpy(ltuple.ipv6.saddr, &ip6->saddr, 16);
-        __builtin_memcpy(ltuple.ipv6.daddr, &ip6->daddr, 16);
-        ltuple.ipv6.sport = tcp->source;
-        ltuple.ipv6.dport = bpf_htons(cfg->inbound_port);
-        tlen = sizeof(tuple.ipv6);
-        __builtin_memcpy(key.addr, &ip6->saddr, 16);
-        __builtin_memcpy(orig.addr, &ip6->daddr, 16);
-        orig.family = HR_AF_INET6;
-    } else {
+    } else if (p.saddr[0] == cfg->probe_src6[0] && p.saddr[1] == cfg->probe_src6[1] &&
+               p.saddr[2] == cfg->probe_src6[2] && p.saddr[3] == cfg->probe_src6[3]) {
         return TC_ACT_OK;
     }
-    u16 dport = bpf_ntohs(tcp->dest);
-    if (!hr_inbound_port_captured(cfg, dport))
+    u16 to = bpf_htons(cfg->inbound_port);
+    struct hr_conn_key key = {};
+    key.netns = hr_netns_of(cfg);
+    key.addr[0] = p.saddr[0];
+    key.addr[1] = p.saddr[1];
+    key.addr[2] = p.saddr[2];
+    key.addr[3] = p.saddr[3];
+    key.port = bpf_ntohs(p.sport);
+    int new_conn = p.syn && !p.ack;
+    struct hr_orig *nat = hr_nat.lookup(&key);
+    if (nat && !new_conn && nat->port == p.dport && hr_same_addr(nat->addr, p.daddr)) {
+        if (hr_set_port(skb, p.l4off, 2, p.dport, to))
+            return TC_ACT_SHOT;
         return TC_ACT_OK;
-    /* a socket of this very connection (request or established) already exists: the stack finds it */
+    }
+    /* a new connection straight to the inbound port from a client address/port that an older, rewritten
+     * connection used: that state is stale (the two would be the same flow on the wire) */
+    if (nat && new_conn && p.dport == to)
+        hr_nat.delete(&key);
+    if (!new_conn || !hr_inbound_port_captured(cfg, bpf_ntohs(p.dport)))
+        return TC_ACT_OK;
+    struct bpf_sock_tuple tuple = {};
+    u32 tlen;
+    if (p.v4) {
+        tuple.ipv4.saddr = p.saddr[3];
+        tuple.ipv4.daddr = p.daddr[3];
+        tuple.ipv4.sport = p.sport;
+        tuple.ipv4.dport = p.dport;
+        tlen = sizeof(tuple.ipv4);
+    } else {
+        __builtin_memcpy(tuple.ipv6.saddr, p.saddr, 16);
+        __builtin_memcpy(tuple.ipv6.daddr, p.daddr, 16);
+        tuple.ipv6.sport = p.sport;
+        tuple.ipv6.dport = p.dport;
+        tlen = sizeof(tuple.ipv6);
+    }
+    /* a socket of this very connection already exists (made before capture began): the stack finds it */
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, tlen, BPF_F_CURRENT_NETNS, 0);
     if (sk) {
         int listening = sk->state == BPF_TCP_LISTEN;
@@ -509,22 +725,57 @@ int hr_tc_ingress(struct __sk_buff *skb)
         if (!listening)
             return TC_ACT_OK;
     }
-    if (!tcp->syn || tcp->ack)
-        return TC_ACT_OK;
-    sk = bpf_skc_lookup_tcp(skb, &ltuple, tlen, BPF_F_CURRENT_NETNS, 0);
+    /* the proxy must be listening: otherwise fail closed, never deliver around the proxy */
+    if (p.v4)
+        tuple.ipv4.dport = to;
+    else
+        tuple.ipv6.dport = to;
+    sk = bpf_skc_lookup_tcp(skb, &tuple, tlen, BPF_F_CURRENT_NETNS, 0);
     if (!sk)
-        return TC_ACT_SHOT; /* proxy not listening: fail closed, never deliver around the proxy */
-    if (sk->state != BPF_TCP_LISTEN) {
-        bpf_sk_release(sk);
         return TC_ACT_SHOT;
-    }
-    long err = bpf_sk_assign(skb, sk, 0);
+    int listening = sk->state == BPF_TCP_LISTEN;
     bpf_sk_release(sk);
-    if (err)
+    if (!listening)
         return TC_ACT_SHOT;
-    key.netns = bpf_get_netns_cookie(skb);
-    key.port = bpf_ntohs(tcp->source);
-    orig.port = tcp->dest;
+    struct hr_orig orig = {};
+    orig.addr[0] = p.daddr[0];
+    orig.addr[1] = p.daddr[1];
+    orig.addr[2] = p.daddr[2];
+    orig.addr[3] = p.daddr[3];
+    orig.port = p.dport;
+    orig.family = p.v4 ? HR_AF_INET : HR_AF_INET6;
+    hr_nat.update(&key, &orig);
     hr_conn_orig.update(&key, &orig);
+    if (hr_set_port(skb, p.l4off, 2, p.dport, to))
+        return TC_ACT_SHOT;
+    return TC_ACT_OK;
+}
+
+/* TC egress on the same interfaces: replies of a rewritten inbound connection leave from the port the
+ * client dialled (the reverse of hr_tc_ingress, as conntrack un-NATs a REDIRECT) */
+int hr_tc_egress(struct __sk_buff *skb)
+{
+    int zero = 0;
+    struct hr_config *cfg = hr_cfg.lookup(&zero);
+    if (!cfg || cfg->inbound_mode == HR_INBOUND_NONE)
+        return TC_ACT_OK;
+    struct hr_tcp_pkt p = {};
+    if (!hr_parse_tcp(skb, &p))
+        return TC_ACT_OK;
+    if (p.sport != bpf_htons(cfg->inbound_port))
+        return TC_ACT_OK;
+    struct hr_conn_key key = {};
+    key.netns = hr_netns_of(cfg);
+    key.addr[0] = p.daddr[0];
+    key.addr[1] = p.daddr[1];
+    key.addr[2] = p.daddr[2];
+    key.addr[3] = p.daddr[3];
+    key.port = bpf_ntohs(p.dport);
+    struct hr_orig *nat = hr_nat.lookup(&key);
+    if (!nat || !hr_same_addr(nat->addr, p.saddr))
+        return TC_ACT_OK;
+    u16 orig_port = nat->port;
+    if (hr_set_port(skb, p.l4off, 0, p.sport, orig_port))
+        return TC_ACT_SHOT;
     return TC_ACT_OK;
 }

@@ -17,6 +17,7 @@ from node_agent.backends.base import BackendError, PodTarget
 
 from cni.redirect_spec import AmbientSpec, SidecarSpec
 from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup
+from tests.kernel.parity_kit import ANY, HELPER, LOOPBACK, Scenario
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -127,41 +128,69 @@ def test_sidecar_outbound_v4_mapped_on_v6_socket(env, backend, target):
     assert got["reply"]["peer"] == env.pod_v4
 
 
-def test_outbound_without_pod_ip_of_the_family_falls_back_to_loopback(env, backend, target):
-    """A pod without an IPv6 address in PodTarget.ips: IPv6 outbound still reaches the proxy (via ::1)."""
+def test_pod_with_one_family_is_captured_in_that_family_only(env, backend, target):
+    """A pod given only IPv4 in PodTarget.ips: IPv6 is left alone in both directions, as the iptables backend
+    installs no ip6tables rules for it; with no IPs known at all, both families are captured (from loopback)."""
     start_proxy_and_server(env)
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+    env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
     v4_only = dataclasses.replace(target, ips=(f"{env.pod_v4}/24",))
-    backend.apply(v4_only, SIDECAR_OUT)
-    got6 = env.connect(env.peer_v6, 8080)
-    assert got6["reply"]["name"] == "proxy" and got6["reply"]["orig"] == f"[{env.peer_v6}]:8080"
-    assert got6["reply"]["peer"] == "::1"
+    backend.apply(v4_only, SidecarSpec())
+    assert env.connect(env.peer_v6, 8080)["reply"]["name"] == "server"
+    assert env.connect_from_peer(env.pod_v6, 8080)["reply"]["name"] == "app"
     got = env.connect(env.peer_v4, 8080)
     assert got["reply"]["name"] == "proxy" and got["reply"]["peer"] == env.pod_v4
+    assert env.connect(f"::ffff:{env.peer_v4}", 8080)["reply"]["name"] == "proxy"  # IPv4 on the wire
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+    unknown = dataclasses.replace(target, ips=())
+    backend.apply(unknown, SidecarSpec())
+    got6 = env.connect(env.peer_v6, 8080)
+    assert got6["reply"]["name"] == "proxy" and got6["reply"]["orig"] == f"[{env.peer_v6}]:8080"
+    assert got6["reply"]["peer"] == "::1"  # no pod IP to bind: the kernel's loopback source
 
 
-def test_sidecar_local_destinations_as_iptables(env, backend, target):
-    """App -> own pod IP: untouched; proxy (uid 1337) -> own pod IP: via inbound 15006; from 127.0.0.6: untouched."""
+@pytest.fixture
+def scenario(env: PodEnv, tmp_path: Path) -> Iterator[Scenario]:
+    """Processes that run as uid 1337 from before their socket exists (the proxy's uid is the creator's)."""
+    helper = tmp_path / "parity_helper.py"
+    helper.write_text(HELPER)
+    sc = Scenario(env, helper)
+    yield sc
+    sc.stop()
+
+
+def test_sidecar_local_destinations_as_iptables(env, backend, target, scenario):
+    """App -> own pod IP: untouched; proxy (uid 1337) -> own pod IP: via inbound 15006 from the pod IP;
+    from 127.0.0.6: untouched (tests/kernel/test_ebpf_source_parity.py compares all of it with iptables)."""
     env.start_server(env.pod_ns, 15001, "proxy", cgroup=env.cgroup)
     env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
     env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
     backend.apply(target, SidecarSpec())
     assert env.connect(env.pod_v4, 8080)["reply"]["name"] == "app"
     assert env.connect("127.0.0.1", 8080)["reply"]["name"] == "app"
-    via = env.connect(env.pod_v4, 8080, uid=1337)
+    via = scenario.app(env.pod_v4, 8080, uid=1337)
     assert via["reply"]["name"] == "inbound-proxy" and via["reply"]["orig"] == f"{env.pod_v4}:8080"
-    via6 = env.connect(env.pod_v6, 8080, uid=1337)
+    assert via["reply"]["peer"] == env.pod_v4 and via["reply"]["local"] == "127.0.0.1:15006"  # as iptables
+    via6 = scenario.app(env.pod_v6, 8080, uid=1337)
     assert via6["reply"]["name"] == "inbound-proxy" and via6["reply"]["orig"] == f"[{env.pod_v6}]:8080"
-    assert env.connect(env.pod_v4, 8080, uid=1337, src="127.0.0.6")["reply"]["name"] == "app"
-    assert env.connect("127.0.0.1", 8080, uid=1337)["reply"]["name"] == "app"
+    assert ipaddress.ip_address(via6["reply"]["peer"]) == ipaddress.ip_address(env.pod_v6)
+    assert via6["reply"]["local"] == "::1:15006"  # this server prints "%s:%d"
+    assert scenario.app(env.pod_v4, 8080, uid=1337, src="127.0.0.6")["reply"]["name"] == "app"
+    # ::6 is put on lo (as the iptables backend does) so the sidecar can bind its IPv6 passthrough source
+    assert scenario.app(env.pod_v6, 8080, uid=1337, src="::6")["reply"]["name"] == "app"
+    assert scenario.app("127.0.0.1", 8080, uid=1337)["reply"]["name"] == "app"
 
 
-def test_sidecar_uid_1337_bypasses(env, backend, target):
+def test_sidecar_uid_1337_bypasses(env, backend, target, scenario):
     start_proxy_and_server(env)
     backend.apply(target, SIDECAR_OUT)
-    got = env.connect(env.peer_v4, 8080, uid=1337)
+    got = scenario.app(env.peer_v4, 8080, uid=1337)
     assert got["ok"] and got["reply"]["name"] == "server"
-    other = env.connect(env.peer_v4, 8080, uid=1000)
+    other = scenario.app(env.peer_v4, 8080, uid=1000)
     assert other["ok"] and other["reply"]["name"] == "proxy"
+    # iptables' owner match tests the socket's creator: a socket made by root stays the app's
+    late = scenario.app(env.peer_v4, 8080, uid=1337, uid_after_socket=True)
+    assert late["ok"] and late["reply"]["name"] == "proxy"
 
 
 def test_excluded_port_and_range_bypass(env, backend, target):
@@ -259,19 +288,44 @@ def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
     assert cgroup_prog_names(proxy_cgroup) == []
 
 
-def test_ambient_dns_capture(env, backend, target, proxy_cgroup):
-    env.start_udp_server(env.pod_ns, 15053, "dnsproxy", cgroup=proxy_cgroup)
+def test_restarted_backend_moves_the_proxy_program_without_an_orphan(env, backend, target, proxy_cgroup):
+    """A new backend instance (agent restart) that does not know the old proxy cgroup yet, then learns a
+    new one: the node-level getsockopt program ends up on the new cgroup only, never left on the old."""
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb.apply(target, AmbientSpec())
+    assert cgroup_prog_names(proxy_cgroup) == ["hr_getsockopt"]
+    moved = make_cgroup(Path(f"{env.cgroup}-proxy2"))
+    try:
+        restarted = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())
+        restarted.set_proxy_cgroup(moved)
+        assert cgroup_prog_names(moved) == ["hr_getsockopt"]
+        assert cgroup_prog_names(proxy_cgroup) == [], "the program stayed on the old proxy cgroup"
+        again = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+        again.apply(target, AmbientSpec())  # a restart with the old cgroup as flag: moved back, not doubled
+        assert cgroup_prog_names(proxy_cgroup) == ["hr_getsockopt"] and cgroup_prog_names(moved) == []
+        again.remove(target)
+        assert cgroup_prog_names(proxy_cgroup) == [] and cgroup_prog_names(moved) == []
+    finally:
+        remove_cgroup(moved)
+
+
+def test_ambient_dns_capture(env, backend, target, proxy_cgroup, scenario):
+    # the DNS proxy answers from the loopback address the query reached (as it must with iptables too)
+    scenario.udpserve(env.pod_ns, 15053, "dnsproxy", LOOPBACK, cgroup=proxy_cgroup)
     amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
     amb.apply(target, AmbientSpec(capture_dns=True))
-    got = env.udp_query(env.peer_v4, 53)
-    assert got["unconnected"] == {"data": "dnsproxy:q1", "src": f"{env.peer_v4}:53"}
-    assert got["connected"] == {"data": "dnsproxy:q2", "peer": f"{env.peer_v4}:53"}
-    env.start_server(env.pod_ns, 15053, "dns-tcp", cgroup=proxy_cgroup)
-    tcp = env.connect(env.peer_v4, 53)
+    got = scenario.udpapp(env.peer_v4, 53)
+    assert got["unconnected"]["src"] == f"{env.peer_v4}:53" and got["unconnected"]["reply"]["data"] == "q1"
+    assert got["unconnected"]["reply"]["name"] == "dnsproxy"
+    assert got["unconnected"]["reply"]["peer"].startswith(f"{env.pod_v4}:")  # the pod IP, not loopback
+    assert got["connected"]["peername"] == f"{env.peer_v4}:53" and got["connected"]["reply"]["data"] == "q2"
+    scenario.serve(env.pod_ns, 15053, "dns-tcp", LOOPBACK, cgroup=proxy_cgroup)
+    tcp = scenario.app(env.peer_v4, 53)
     assert tcp["reply"]["name"] == "dns-tcp" and tcp["reply"]["orig"] == f"{env.peer_v4}:53"
-    env.start_udp_server(env.pod_ns, 53, "localdns")
-    local = env.udp_query(env.pod_v4, 53)["unconnected"]  # a pod-local destination: untouched
-    assert local == {"data": "localdns:q1", "src": f"{env.pod_v4}:53"}
+    assert tcp["peername"] == f"{env.peer_v4}:53"
+    scenario.udpserve(env.pod_ns, 53, "localdns", ANY)
+    local = scenario.udpapp(env.pod_v4, 53)["unconnected"]  # a pod-local destination: untouched
+    assert local["reply"]["name"] == "localdns" and local["src"] == f"{env.pod_v4}:53"
     # switching DNS capture off detaches the DNS programs in place
     amb.apply(target, AmbientSpec(capture_dns=False))
     names = cgroup_prog_names(env.cgroup)
@@ -392,7 +446,8 @@ def test_sidecar_inbound_reaches_15006_with_original_destination(env, backend, t
     assert got["ok"], got
     assert got["reply"]["name"] == "inbound-proxy"
     assert got["reply"]["orig"] == f"{env.pod_v4}:8080"
-    assert got["reply"]["local"] == f"{env.pod_v4}:8080"  # TPROXY-like: the local address is kept
+    assert got["reply"]["local"] == f"{env.pod_v4}:15006"  # as iptables REDIRECT: pod-ip:15006
+    assert tc.ingress_status(env.pod_ns_path, tc.EGRESS) == {"eth0": True}
     got6 = env.connect_from_peer(env.pod_v6, 8080)
     assert got6["reply"]["name"] == "inbound-proxy" and got6["reply"]["orig"] == f"[{env.pod_v6}]:8080"
     assert env.connect_from_peer(env.pod_v4, 15020)["reply"]["name"] == "app15020"  # excluded inbound port
@@ -403,6 +458,7 @@ def test_sidecar_inbound_reaches_15006_with_original_destination(env, backend, t
     backend.remove(target)
     assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
     assert tc.ingress_status(env.pod_ns_path) == {"eth0": False}
+    assert tc.ingress_status(env.pod_ns_path, tc.EGRESS) == {"eth0": False}
 
 
 def test_inbound_without_proxy_listener_fails_closed(env, backend, target):
@@ -505,3 +561,57 @@ def test_unpinned_leftover_is_not_duplicated(env, backend, target):
     assert backend.check(target, SIDECAR_OUT) == []
     backend.remove(target)
     assert cgroup_prog_names(env.cgroup) == []
+
+
+def test_tproxy_interception_mode_is_declined(env, backend, target):
+    """Sidecar TPROXY mode needs iptables' policy routing for the proxy's original-source connections: the
+    eBPF backend names that and refuses, so the agent puts such pods on iptables (never half-redirected)."""
+    if "interception_mode" not in {f.name for f in dataclasses.fields(SidecarSpec)}:
+        pytest.skip("SidecarSpec has no interception_mode here")
+    tproxy = SidecarSpec(interception_mode="TPROXY")  # type: ignore[call-arg,unused-ignore]
+    assert "TPROXY" in (backend.fallback_reason(tproxy) or "")
+    with pytest.raises(BackendError, match="TPROXY"):
+        backend.apply(target, tproxy)
+    assert not backend.installed(target)
+    # TPROXY without inbound capture is REDIRECT mode's outbound only: eBPF does it
+    assert backend.fallback_reason(dataclasses.replace(tproxy, include_inbound_ports=())) is None
+
+
+def test_inbound_connection_made_before_capture_keeps_working(env, backend, target):
+    """As with iptables (REDIRECT applies to new connections only), a connection to the app that exists when
+    inbound capture starts stays with the app: TC rewrites only flows whose SYN it saw."""
+    import socket
+    import threading
+
+    from node_agent.lab.netns import entered
+
+    with entered(env.pod_ns_path):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with entered(f"/run/netns/{env.peer_ns}"):
+        cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 8080))
+    srv.listen(4)
+    cli.settimeout(3)
+
+    def echo() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            while data := conn.recv(100):
+                conn.sendall(b"app|" + data)
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    try:
+        cli.connect((env.pod_v4, 8080))
+        cli.sendall(b"before")
+        assert cli.recv(100) == b"app|before"
+        env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+        backend.apply(target, SidecarSpec())
+        cli.sendall(b"after")
+        assert cli.recv(100) == b"app|after"  # not rewritten to 15006, replies not rewritten either
+        assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"  # new ones are
+    finally:
+        cli.close()
+        srv.close()
+        t.join(timeout=3)

@@ -9,12 +9,10 @@ Proven on each backend:
   the health port 15021 is not captured; the proxy (uid/gid 1337) reaches the real destination; the app
   talking to itself over loopback is not captured (test_outbound_and_inbound_capture);
 - Istio's lo handling: the proxy reaches the local app from 127.0.0.6 / ::6, while its plain connection to
-  the pod's own address is inbound traffic (test_proxy_to_local_app_over_lo; strict xfail on eBPF + IPv6,
-  which does not put ::6 on lo);
+  the pod's own address is inbound traffic (test_proxy_to_local_app_over_lo);
 - excludeOutboundPorts / excludeOutboundIPRanges bypass, includeOutboundIPRanges limits capture,
   includeInboundPorts limits inbound capture, excludeInboundPorts bypasses (test_excluded_inbound_port);
-- a pod given only IPv4 keeps its IPv6 untouched (test_excluded_inbound_port_and_v4_only_pod; strict xfail
-  on eBPF, whose programs are not per family);
+- a pod given only IPv4 keeps its IPv6 untouched (test_excluded_inbound_port_and_v4_only_pod);
 - a pod without redirection is untouched (test_non_mesh_pod_untouched).
 """
 
@@ -34,16 +32,6 @@ from tests.harness.traffic import Listener, tcp_request
 from tests.kernel.redirect_backends import Redirect, ip, over_backends, over_backends_and_families, redirect_fixture
 
 pytestmark = pytest.mark.kernel
-
-NO_PASSTHROUGH_V6 = (
-    "the eBPF backend does not put ::6/128 on the pod's lo (the iptables backend does, as istio-iptables), "
-    "so the sidecar cannot bind its IPv6 inbound passthrough source"
-)
-V4_ONLY_CAPTURES_V6 = (
-    "eBPF programs are per cgroup/interface, not per address family: a pod given only IPv4 still has its IPv6 "
-    "inbound captured (TC ingress), where the iptables backend installs no ip6tables rules"
-)
-
 
 @pytest.fixture
 def redirect(request: pytest.FixtureRequest, make_node: Any) -> Iterator[Redirect]:
@@ -93,7 +81,7 @@ def test_outbound_and_inbound_capture(redirect: Redirect, family: int) -> None:
         assert appl.count() == 0 and out.count() == 0 and inb.count() == 0
 
 
-@over_backends_and_families(xfail={("ebpf", 6): NO_PASSTHROUGH_V6})
+@over_backends_and_families()
 def test_proxy_to_local_app_over_lo(redirect: Redirect, family: int) -> None:
     """Istio's lo handling: from 127.0.0.6 (::6) the proxy reaches the app; a plain proxy connection to
     its own pod address is inbound traffic and goes to 15006."""
@@ -154,7 +142,7 @@ def test_excluded_inbound_port(redirect: Redirect, family: int) -> None:
         assert app_request(peer, ip(app, family), 8080, b"i") == b"in|i"
 
 
-@over_backends(xfail={"ebpf": V4_ONLY_CAPTURES_V6})
+@over_backends()
 def test_excluded_inbound_port_and_v4_only_pod(redirect: Redirect) -> None:
     """excludeInboundPorts passes through; a pod given only family 4 gets no IPv6 redirection."""
     app, peer = redirect.pods(2)

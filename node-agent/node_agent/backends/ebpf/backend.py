@@ -1,10 +1,10 @@
 """EbpfBackend: per-pod eBPF redirection on the pod's own cgroup v2 directory.
 
 Outbound TCP (IPv4, IPv6, v4-mapped) and DNS are done in eBPF (bpf/redirect.c): connect4/6 rewrite to the
-proxy's loopback port, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP is captured by a
-TC ingress program in the pod netns (bpf_sk_assign to the proxy's inbound listener). Alternatively (kernels
-without bpf_sk_assign), inbound is handed to an inbound fallback backend (the iptables backend) with an
-"inbound only" spec.
+proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP is
+captured by TC ingress/egress programs in the pod netns (the port rewritten to the proxy's inbound port and
+back, as REDIRECT). Alternatively (kernels without what TC needs), inbound is handed to an inbound fallback
+backend (the iptables backend) with an "inbound only" spec.
 """
 
 from __future__ import annotations
@@ -15,27 +15,32 @@ import os
 import threading
 from pathlib import Path
 
-from cni.redirect_spec import AmbientSpec
+from cni.redirect_spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, RedirectSpec
-from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc
+from node_agent.backends.ebpf import bpfsys, loader, maps, netns_addr, pinning, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
 
 log = logging.getLogger("headrace.backend.ebpf")
 
-TCP_PROGRAMS = ("hr_connect4", "hr_connect6", "hr_sockops", "hr_getsockopt")
-DNS_PROGRAMS = ("hr_sendmsg4", "hr_sendmsg6", "hr_recvmsg4", "hr_recvmsg6", "hr_getpeername4", "hr_getpeername6")
+# getpeername4/6: a redirected socket's peer name is the destination the app dialled (TCP and DNS)
+TCP_PROGRAMS = ("hr_connect4", "hr_connect6", "hr_sockops", "hr_getsockopt", "hr_getpeername4", "hr_getpeername6")
+DNS_PROGRAMS = ("hr_sendmsg4", "hr_sendmsg6", "hr_recvmsg4", "hr_recvmsg6")
+# sidecar: the proxy uid/gid is the socket creator's (as iptables' owner match), recorded at socket creation
+SIDECAR_PROGRAMS = ("hr_sock_create",)
 PROXY_GETSOCKOPT = "hr_getsockopt_proxy"
-OUR_ATTACH_TYPES = tuple(sorted({loader.PROGRAMS[p][1] for p in (*TCP_PROGRAMS, *DNS_PROGRAMS)}))
+OUR_ATTACH_TYPES = tuple(sorted({loader.PROGRAMS[p][1] for p in loader.PROGRAMS}))
 
 
 TC_PROGRAM = "hr_tc_ingress"
+TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
+TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
 
 
 def wanted_programs(spec: RedirectSpec) -> tuple[str, ...]:
     """The cgroup programs a spec needs (the TC program is separate: see wants_tc)."""
-    if isinstance(spec, AmbientSpec) and spec.capture_dns:
-        return TCP_PROGRAMS + DNS_PROGRAMS
-    return TCP_PROGRAMS
+    if isinstance(spec, AmbientSpec):
+        return TCP_PROGRAMS + DNS_PROGRAMS if spec.capture_dns else TCP_PROGRAMS
+    return SIDECAR_PROGRAMS + TCP_PROGRAMS
 
 
 def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
@@ -143,12 +148,14 @@ class EbpfBackend(RedirectBackend):
         extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
         problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
         if tc_wanted:
-            if not (pdir / TC_PROGRAM).exists():
-                problems.append(f"eBPF program {TC_PROGRAM} is not pinned")
-            status = tc.ingress_status(netns)
-            if not status:
-                problems.append(f"no pod interface found in {netns}")
-            problems += [f"TC ingress program missing on {ifname}" for ifname, ok in status.items() if not ok]
+            for prog_name, hook in TC_HOOKS:
+                if not (pdir / prog_name).exists():
+                    problems.append(f"eBPF program {prog_name} is not pinned")
+                status = tc.ingress_status(netns, hook)
+                if not status:
+                    problems.append(f"no pod interface found in {netns}")
+                    break
+                problems += [f"TC {hook} program missing on {ifname}" for ifname, ok in status.items() if not ok]
         elif (pdir / TC_PROGRAM).exists():
             problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
         return problems
@@ -157,6 +164,16 @@ class EbpfBackend(RedirectBackend):
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
         """Why this backend cannot fully implement spec on this node (the agent should then use iptables
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
+        if (
+            isinstance(spec, SidecarSpec)
+            and getattr(spec, "interception_mode", "REDIRECT") == "TPROXY"
+            and maps.needs_inbound(spec)
+        ):
+            return (
+                "sidecar interceptionMode TPROXY is not implemented in eBPF: the proxy's original-source "
+                "connections to the app (mark 1337, a foreign source over lo) need the fwmark policy routing "
+                "and CONNMARK of the iptables TPROXY rules; use backend 'iptables' for such pods"
+            )
         if isinstance(spec, AmbientSpec) and self.proxy_cgroup is None:
             return (
                 "ambient over eBPF needs the node proxy's cgroup v2 directory (its accepted sockets live there, "
@@ -189,7 +206,24 @@ class EbpfBackend(RedirectBackend):
 
     def _apply_ebpf(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> None:
         try:
-            pm = maps.pod_maps(spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips)
+            families = maps.families_mask(target.ips)
+        except ValueError as e:
+            raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:
+            try:  # the sidecar's IPv6 inbound passthrough source (as the iptables backend puts it there)
+                netns_addr.ensure_lo_passthrough6(target.netns_path)
+            except (tc.TcError, OSError) as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        cookie = 0
+        if wants_tc(spec, self.inbound_in_ebpf):
+            try:
+                cookie = tc.netns_cookie(target.netns_path)
+            except (tc.TcError, OSError) as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        try:
+            pm = maps.pod_maps(
+                spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips, netns_cookie=cookie
+            )
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
         obj = self._object()
@@ -231,7 +265,7 @@ class EbpfBackend(RedirectBackend):
             for map_name, keys in sets.items():
                 for key in keys:
                     bpfsys.map_update(fds[map_name], key, b"\1")
-            for name in (*wanted, TC_PROGRAM) if tc_wanted else wanted:
+            for name in (*wanted, TC_PROGRAM, TC_EGRESS) if tc_wanted else wanted:
                 prog = obj.programs[name]
                 progs[name] = bpfsys.prog_load(
                     prog.prog_type, prog.patched(fds), name, prog.attach_type, loader.LICENSE
@@ -252,10 +286,12 @@ class EbpfBackend(RedirectBackend):
                     if child.name in loader.PROGRAMS and child.name not in wanted:
                         self._detach_pinned(c, child)
             if tc_wanted:
-                tc.attach_ingress(target.netns_path, progs[TC_PROGRAM])
+                for prog_name, hook in TC_HOOKS:
+                    tc.attach_ingress(target.netns_path, progs[prog_name], hook)
             elif had_tc:
-                tc.detach_ingress(target.netns_path)
-                pinning.unpin(pdir / TC_PROGRAM)
+                for prog_name, hook in TC_HOOKS:
+                    tc.detach_ingress(target.netns_path, hook)
+                    pinning.unpin(pdir / prog_name)
             for name, fd in progs.items():
                 pinning.pin(fd, pdir / name)
             for name in loader.POD_MAPS:
@@ -276,8 +312,9 @@ class EbpfBackend(RedirectBackend):
         )
 
     def set_proxy_cgroup(self, path: str | Path | None) -> None:
-        """Tell the backend where the node proxy runs (e.g. from SO_PEERCRED of its connection and
-        attach.cgroup2_path_of_pid). Moves the node-level getsockopt program there when ambient pods exist."""
+        """Tell the backend where the node proxy runs (the agent learns it from the proxy's connection:
+        node_agent.proxy_cgroup_follow). Moves the node-level getsockopt program there when ambient pods
+        exist."""
         with self._lock:
             new = str(path) if path is not None else None
             if new == self.proxy_cgroup:
@@ -305,10 +342,14 @@ class EbpfBackend(RedirectBackend):
         atype = loader.PROGRAMS["hr_getsockopt"][1]
         try:
             cg = validate_cgroup(self.proxy_cgroup)
+            recorded = self._proxy_attached_cgroup()
+            if recorded is not None and recorded != str(cg) and path.exists():
+                self._detach_proxy_from(path, recorded)  # attached by an earlier run to another cgroup
             with Cgroup(cg) as c:
                 fd = pinning.open_pinned(path)
                 try:
                     if fd is not None and bpfsys.prog_info(fd).prog_id in c.attached(atype):
+                        self._record_proxy_attached(str(cg))
                         return
                     if fd is None:
                         prog = obj.programs["hr_getsockopt"]
@@ -317,6 +358,7 @@ class EbpfBackend(RedirectBackend):
                         )
                         pinning.pin(fd, path)
                     c.attach(fd, atype)
+                    self._record_proxy_attached(str(cg))
                 finally:
                     if fd is not None:
                         os.close(fd)
@@ -344,26 +386,55 @@ class EbpfBackend(RedirectBackend):
             os.close(fd)
         return []
 
-    def _detach_proxy_getsockopt(self, root: Path) -> None:
-        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
-        if not path.exists():
+    @property
+    def _proxy_attached_file(self) -> Path:
+        """Where the cgroup holding the node-level getsockopt program is recorded (outside the bpffs: a
+        legacy cgroup attachment cannot be looked up from the program, and the agent's idea of the proxy
+        cgroup may change, or be unknown, after a restart)."""
+        return self.state_dir / "ebpf-proxy-getsockopt.cgroup"
+
+    def _proxy_attached_cgroup(self) -> str | None:
+        try:
+            return self._proxy_attached_file.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _record_proxy_attached(self, cgroup: str) -> None:
+        if self._proxy_attached_cgroup() == cgroup:
             return
-        if self.proxy_cgroup is not None and Path(self.proxy_cgroup).is_dir():
-            with Cgroup(Path(self.proxy_cgroup)) as c:
-                fd = pinning.open_pinned(path)
-                if fd is not None:
-                    try:
-                        c.detach(fd, loader.PROGRAMS["hr_getsockopt"][1])
-                    except bpfsys.BpfSysError as e:
-                        if e.errno not in (errno.ENOENT, errno.EINVAL):
-                            raise
-                    finally:
-                        os.close(fd)
-        pinning.unpin(path)
+        tmp = self._proxy_attached_file.with_suffix(".tmp")
+        tmp.write_text(cgroup + "\n", encoding="utf-8")
+        os.replace(tmp, self._proxy_attached_file)
+
+    def _detach_proxy_from(self, path: Path, cgroup: str) -> None:
+        if not Path(cgroup).is_dir():
+            return  # the cgroup is gone, and its attachments with it
+        with Cgroup(Path(cgroup)) as c:
+            fd = pinning.open_pinned(path)
+            if fd is None:
+                return
+            try:
+                c.detach(fd, loader.PROGRAMS["hr_getsockopt"][1])
+            except bpfsys.BpfSysError as e:
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+            finally:
+                os.close(fd)
+
+    def _detach_proxy_getsockopt(self, root: Path) -> None:
+        """Detach the node-level getsockopt program from wherever it is attached (the recorded cgroup and
+        the current proxy cgroup), then unpin it."""
+        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
+        if path.exists():
+            for cgroup in {c for c in (self._proxy_attached_cgroup(), self.proxy_cgroup) if c is not None}:
+                self._detach_proxy_from(path, cgroup)
+            pinning.unpin(path)
+        self._proxy_attached_file.unlink(missing_ok=True)
 
     def _tc_detach_quietly(self, netns: str) -> None:
         try:
-            tc.detach_ingress(netns)
+            for _prog_name, hook in TC_HOOKS:
+                tc.detach_ingress(netns, hook)
         except (tc.TcError, OSError):
             log.warning("ebpf tc rollback failed", extra={"netns": netns})
 
@@ -416,7 +487,8 @@ class EbpfBackend(RedirectBackend):
                     self._detach_ours_by_name(c)
             if target.netns_path:  # our filters only; cheap when there are none
                 try:
-                    tc.detach_ingress(target.netns_path)
+                    for _prog_name, hook in TC_HOOKS:
+                        tc.detach_ingress(target.netns_path, hook)
                 except (tc.TcError, OSError) as e:  # netns gone or not a netns any more: filters went with it
                     log.info("ebpf tc detach skipped", extra={"pod": target.uid, "reason": str(e)})
             pinning.remove_dir(pdir)

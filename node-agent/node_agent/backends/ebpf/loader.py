@@ -33,12 +33,14 @@ PROGRAMS: dict[str, tuple[int, int]] = {
     "hr_recvmsg6": (bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_UDP6_RECVMSG),
     "hr_getpeername4": (bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
     "hr_getpeername6": (bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
+    "hr_sock_create": (bpfsys.PROG_TYPE_CGROUP_SOCK, bpfsys.ATTACH_CGROUP_INET_SOCK_CREATE),
 }
 TC_PROGRAMS: dict[str, tuple[int, int]] = {
     "hr_tc_ingress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
+    "hr_tc_egress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
 }
 POD_MAPS = ("hr_cfg", "hr_cfg_xports", "hr_cfg_xnets", "hr_cfg_inets", "hr_cfg_xin", "hr_cfg_iin", "hr_cfg_local")
-NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig")
+NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat")
 LICENSE = "Dual MIT/GPL"
 
 

@@ -106,6 +106,22 @@ def local_addresses(ips: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+FAM_V4 = 1
+FAM_V6 = 2
+
+
+def families_mask(ips: tuple[str, ...]) -> int:
+    """HR_FAM_* bits of the families among the pod's IPs (0 = both: IPs unknown), as the iptables backend
+    installs rules only for the families a pod has."""
+    mask = 0
+    for ip in ips:
+        try:
+            mask |= FAM_V4 if ipaddress.ip_interface(ip).version == 4 else FAM_V6
+        except ValueError:
+            raise ValueError(f"invalid pod IP {ip!r}") from None
+    return mask
+
+
 def self_addresses(ips: tuple[str, ...]) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
     """The first IPv4 and first IPv6 address of PodTarget.ips (in the given order): the outbound redirect
     target, so the proxy sees the pod IP as the source (None: that family falls back to loopback)."""
@@ -124,12 +140,15 @@ def self_addresses(ips: tuple[str, ...]) -> tuple[ipaddress.IPv4Address | None, 
     return v4, v6
 
 
-def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = ()) -> PodMaps:
-    """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs."""
+def pod_maps(
+    spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = (), netns_cookie: int = 0
+) -> PodMaps:
+    """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs.
+    netns_cookie: the pod netns' SO_NETNS_COOKIE (keys the TC programs' flow state; not part of the spec hash)."""
     local = local_addresses(ips)
     self4, self6 = self_addresses(ips)
     gen = generation_of(
-        spec, "inbound-ebpf" if inbound_in_ebpf else "inbound-fallback", *local, "self-src", str(self4), str(self6)
+        spec, "inbound-ebpf" if inbound_in_ebpf else "inbound-fallback", *local, "nat-fam-v4", str(self4), str(self6)
     )
     if isinstance(spec, SidecarSpec):
         mode, uid, mark, mask = MODE_SIDECAR, spec.proxy_uid, 0, 0
@@ -163,9 +182,9 @@ def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tupl
     config = struct.pack(
         CONFIG_FMT, mode, uid, mark & 0xFFFFFFFF, mask & 0xFFFFFFFF, out_port, dns_port,
         1 if capture_dns else 0, 1 if all4 else 0, 1 if all6 else 0, in_mode, gen, cgroup_id,
-        in_port, 0, probe4, probe6, proxy_gid, 0,
+        in_port, families_mask(ips), probe4, probe6, proxy_gid, netns_cookie & 0xFFFF_FFFF,
         int.from_bytes(self4.packed, "little") if self4 else 0,  # network order as the C reads it
-        self6.packed if self6 else b"\0" * 16, 0,
+        self6.packed if self6 else b"\0" * 16, (netns_cookie >> 32) & 0xFFFF_FFFF,
     )  # fmt: skip
     ports = tuple(sorted({_check_port(p, "excluded outbound port") for p in spec.exclude_outbound_ports}))
     return PodMaps(
@@ -195,14 +214,14 @@ def unpack_config(raw: bytes) -> dict[str, int]:
         "generation",
         "cgroup_id",
         "inbound_port",
-        "pad16",
+        "families",
         "probe_src4",
         "probe_src6",
         "proxy_gid",
-        "pad32",
+        "netns_cookie_lo",
         "self_ip4",
         "self_ip6",
-        "pad_end",
+        "netns_cookie_hi",
     )
     raw = raw[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\0")  # a config map pinned by an older, shorter layout
     values = struct.unpack(CONFIG_FMT, raw)

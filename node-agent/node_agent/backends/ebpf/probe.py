@@ -41,7 +41,7 @@ def probe() -> list[str]:
     try:
         for name in (*loader.POD_MAPS, *loader.NODE_MAPS):
             fds[name] = bpfsys.map_create(obj.maps[name], name)
-        for pname in ("hr_connect4", "hr_sockops", "hr_getsockopt", "hr_tc_ingress"):
+        for pname in ("hr_connect4", "hr_sock_create", "hr_sockops", "hr_getsockopt", "hr_tc_ingress", "hr_tc_egress"):
             prog = obj.programs[pname]
             fd = bpfsys.prog_load(prog.prog_type, prog.patched(fds), pname, prog.attach_type, loader.LICENSE)
             os.close(fd)

@@ -1,8 +1,9 @@
-"""TC ingress (clsact) attach inside a pod's netns, with pyroute2, never in the host netns.
+"""TC ingress and egress (clsact) attach inside a pod's netns, with pyroute2, never in the host netns.
 
 Netlink work runs in a short-lived thread that has setns()'d into the pod netns (setns affects only the
 calling thread; pyroute2 binds its socket to the thread's netns). A clsact qdisc is created only where none
-exists and never deleted; only our filter (priority HR_PRIO, handle 1, name hr_tc_ingress) is touched.
+exists and never deleted; only our filters (priority HR_PRIO, handle 1, named hr_tc_ingress on ingress and
+hr_tc_egress on egress) are touched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ CLONE_NEWNET = 0x40000000
 HR_PRIO = 0x4852  # "HR"
 HR_HANDLE = 1
 INGRESS_PARENT = 0xFFFFFFF2
+EGRESS_PARENT = 0xFFFFFFF3
 FILTER_NAME = "hr_tc_ingress"
+EGRESS_FILTER_NAME = "hr_tc_egress"
+INGRESS = "ingress"
+EGRESS = "egress"
+_HOOKS = {INGRESS: (INGRESS_PARENT, FILTER_NAME), EGRESS: (EGRESS_PARENT, EGRESS_FILTER_NAME)}
 
 T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -57,10 +63,11 @@ def _attr(msg: Any, name: str) -> Any:
     return msg.get_attr(name)
 
 
-def _our_filters(ipr: Any, index: int) -> list[Any]:
+def _our_filters(ipr: Any, index: int, hook: str = INGRESS) -> list[Any]:
+    parent, fname = _HOOKS[hook]
     out = []
     try:
-        filters = ipr.get_filters(index=index, parent=INGRESS_PARENT)
+        filters = ipr.get_filters(index=index, parent=parent)
     except Exception:  # no clsact qdisc: no filters
         return []
     for f in filters:
@@ -68,7 +75,7 @@ def _our_filters(ipr: Any, index: int) -> list[Any]:
             continue
         opts = _attr(f, "TCA_OPTIONS")
         name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-        if name and str(name).startswith(FILTER_NAME):
+        if name and str(name).startswith(fname):
             out.append(f)
     return out
 
@@ -81,8 +88,10 @@ def _pod_links(ipr: Any) -> list[tuple[int, str]]:
     ]
 
 
-def attach_ingress(netns_path: str, prog_fd: int) -> list[str]:
-    """Put our program on ingress of every non-loopback interface of the netns (replacing ours in place)."""
+def attach_ingress(netns_path: str, prog_fd: int, hook: str = INGRESS) -> list[str]:
+    """Put our program on ingress (or egress) of every non-loopback interface of the netns (replacing ours in
+    place)."""
+    parent, fname = _HOOKS[hook]
 
     def work() -> list[str]:
         from pyroute2 import IPRoute
@@ -101,21 +110,22 @@ def attach_ingress(netns_path: str, prog_fd: int) -> list[str]:
                         raise TcError(f"clsact on {ifname}: {e}") from e
                 try:
                     ipr.tc(
-                        "replace-filter", "bpf", index, HR_HANDLE, fd=prog_fd, name=FILTER_NAME,
-                        parent=INGRESS_PARENT, classid=1, direct_action=True, prio=HR_PRIO,
+                        "replace-filter", "bpf", index, HR_HANDLE, fd=prog_fd, name=fname,
+                        parent=parent, classid=1, direct_action=True, prio=HR_PRIO,
                     )  # fmt: skip
                 except NetlinkError as e:
-                    raise TcError(f"TC ingress filter on {ifname}: {e} (needs CONFIG_NET_CLS_BPF)") from e
+                    raise TcError(f"TC {hook} filter on {ifname}: {e} (needs CONFIG_NET_CLS_BPF)") from e
                 done.append(ifname)
         return done
 
     return in_netns(netns_path, work)
 
 
-def detach_ingress(netns_path: str) -> list[str]:
-    """Delete only our filters; the qdisc and other filters stay. A gone netns is fine."""
+def detach_ingress(netns_path: str, hook: str = INGRESS) -> list[str]:
+    """Delete only our filters (of that hook); the qdisc and other filters stay. A gone netns is fine."""
     if not os.path.exists(netns_path):
         return []
+    parent = _HOOKS[hook][0]
 
     def work() -> list[str]:
         from pyroute2 import IPRoute
@@ -124,9 +134,9 @@ def detach_ingress(netns_path: str) -> list[str]:
         removed: list[str] = []
         with IPRoute() as ipr:
             for index, ifname in _pod_links(ipr):
-                for _ in _our_filters(ipr, index):
+                for _ in _our_filters(ipr, index, hook):
                     try:
-                        ipr.tc("del-filter", "bpf", index, HR_HANDLE, parent=INGRESS_PARENT, prio=HR_PRIO)
+                        ipr.tc("del-filter", "bpf", index, HR_HANDLE, parent=parent, prio=HR_PRIO)
                     except NetlinkError as e:
                         if e.code != 2:  # ENOENT: already gone
                             raise TcError(f"deleting our TC filter on {ifname}: {e}") from e
@@ -137,8 +147,8 @@ def detach_ingress(netns_path: str) -> list[str]:
     return in_netns(netns_path, work)
 
 
-def ingress_status(netns_path: str) -> dict[str, bool]:
-    """{interface: our filter present} for every non-loopback interface of the netns."""
+def ingress_status(netns_path: str, hook: str = INGRESS) -> dict[str, bool]:
+    """{interface: our filter (of that hook) present} for every non-loopback interface of the netns."""
     if not os.path.exists(netns_path):
         return {}
 
@@ -146,6 +156,27 @@ def ingress_status(netns_path: str) -> dict[str, bool]:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            return {ifname: bool(_our_filters(ipr, index)) for index, ifname in _pod_links(ipr)}
+            return {ifname: bool(_our_filters(ipr, index, hook)) for index, ifname in _pod_links(ipr)}
+
+    return in_netns(netns_path, work)
+
+
+SO_NETNS_COOKIE = 71  # Linux >= 5.14
+
+
+def netns_cookie(netns_path: str) -> int:
+    """The netns' cookie (what bpf_get_netns_cookie answers for sockets there), from a socket made in it."""
+
+    def work() -> int:
+        import socket
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+            except OSError as e:
+                raise TcError(f"SO_NETNS_COOKIE in {netns_path}: {e} (needs Linux >= 5.14)") from e
+        value: int = struct.unpack("=Q", raw)[0]
+        return value
 
     return in_netns(netns_path, work)
