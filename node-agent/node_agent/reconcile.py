@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -359,7 +359,9 @@ class Reconciler:
             if uid in self.tombstones:
                 continue
             if d.mode == "ambient":
-                want[uid] = d.pod
+                added = self.hints.get(uid)
+                # a pod object written before its CNI ADD has no IPs yet; the ADD brings them
+                want[uid] = replace(d.pod, ips=added.ips) if not d.pod.ips and added and added.ips else d.pod
             else:
                 others[uid] = d
         for uid, hint in self.hints.items():
@@ -426,6 +428,11 @@ class Reconciler:
             st = self.pods[uid] = PodState(uid, pod.namespace, pod.name)
         st.namespace, st.name = pod.namespace or st.namespace, pod.name or st.name
         st.service_account = pod.service_account
+        if pod.ips and st.ips and set(pod.ips) != set(st.ips) and (st.state == ENROLLED or st.ack is not None):
+            # the proxy and the backend (eBPF keeps the pod IPs in its config) must learn the new IPs
+            log.info("pod IPs changed (%s -> %s): enrolling again", ",".join(st.ips), ",".join(pod.ips),
+                     extra=self._ctx(st, "ips-changed"))
+            st.state, st.rules_in, st.ack = PENDING, False, None
         if pod.ips:
             st.ips = pod.ips
         if st.state == ENROLLED:
@@ -600,6 +607,10 @@ class Reconciler:
                 st.ips = self._read_ips(st.netns)
             except (OSError, ValueError) as exc:
                 log.warning("cannot read pod IPs: %s", exc, extra=self._ctx(st, "read-ips"))
+        if not st.ips:
+            # not wired yet (its CNI ADD has not run): the proxy identifies workloads by IP, so wait
+            st.reason = "waiting for the pod's IPs (CNI ADD or pod status)"
+            return
         self._save_record(st)
         w = WorkloadInfo(
             uid=st.uid, name=st.name, namespace=st.namespace, service_account=st.service_account,

@@ -428,3 +428,39 @@ def test_enrolled_pods_move_backend_when_the_choice_changes(env: Env) -> None:
     assert r.pods[UID].state == "enrolled" and r.pods[UID].backend == "ebpf"
     assert fallback.rules == {} and node.rules == {UID: 1}
     assert env.records.load_all()[UID].backend == "ebpf"
+
+
+def test_pod_without_ips_waits_for_its_cni_add(env: Env) -> None:
+    """A labelled pod the source shows before its CNI ADD (no IPs in the object, none in the netns yet) is
+    not sent to the proxy, which identifies workloads by IP; the ADD's IPs enrol it."""
+    import time
+
+    env.r._read_ips = lambda path: ()
+    netns = env.fake_netns(UID)
+    env.set(AMBIENT, pod(ips=()))
+    env.r.reconcile()
+    assert env.state(UID) == "pending" and "IPs" in env.r.pods[UID].reason
+    assert UID not in env.hub.desired and env.backend.rules == {}
+    env.r._clock = time.monotonic
+    env.r.start()
+    try:
+        out = env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7", "fd00::7"), timeout=5)
+    finally:
+        env.r.stop()
+    assert out.ok and out.state == "enrolled"
+    assert env.hub.desired[UID].ips == ("10.0.0.7", "fd00::7") and env.r.pods[UID].ips == ("10.0.0.7", "fd00::7")
+
+
+def test_enrolled_pod_whose_ips_change_is_sent_and_applied_again(env: Env) -> None:
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled" and env.backend.applies == 1
+    env.set(AMBIENT, pod(ips=("10.0.0.5", "fd00::5")))
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+    assert env.hub.desired[UID].ips == ("10.0.0.5", "fd00::5")
+    assert env.backend.applies == 2 and env.backend.rules == {UID: 1}
+    assert env.records.load_all()[UID].ips == ("10.0.0.5", "fd00::5")
+    env.r.reconcile()
+    assert env.backend.applies == 2, "no change: nothing re-applied"
