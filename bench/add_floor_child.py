@@ -10,6 +10,7 @@ node netns). It imports nothing but cni.iptables.spawn, reads the restore texts 
 is interpreter start-up plus those processes. Exits non-zero if a command fails.
 """
 
+import os
 import sys
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
@@ -34,4 +35,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # as the plugin does (cni.plugin.run_executable): no interpreter finalization

@@ -436,5 +436,17 @@ def main() -> int:
     return status
 
 
+def run_executable() -> None:
+    """The plugin executable's entry point: main(), then leave with os._exit, skipping the interpreter's
+    finalization (tearing down the modules a short-lived process no longer needs costs 2-3 ms of every
+    ADD). Nothing is lost: main() flushed stdout, the log is written unbuffered (os.write), every child
+    process was waited for, and the plugin starts no threads."""
+    status = main()
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_executable()

@@ -244,9 +244,9 @@ class _Preload:
 
 sys.meta_path.insert(0, _Preload)
 sys.path[:0] = [{app!r}]
-from cni.plugin import main
+from cni.plugin import run_executable
 
-sys.exit(main())
+run_executable()
 '''
 
 

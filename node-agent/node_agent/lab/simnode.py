@@ -59,8 +59,8 @@ def write_plugin_launcher(path: Path) -> None:
         "import sys\n"
         f"sys.path.insert(0, {package_root!r})\n"
         f"sys.path.append({purelib!r})\n"
-        "from cni.plugin import main\n"
-        "sys.exit(main())\n"
+        "from cni.plugin import run_executable\n"
+        "run_executable()\n"
     )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
