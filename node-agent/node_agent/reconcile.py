@@ -417,10 +417,8 @@ class Reconciler:
                 table = self.sidecars if sidecar else self.pods
                 if table.get(uid) is not st or st.inode != target.netns_inode:
                     continue  # removed or replaced meanwhile: its new state is checked next time
-                if sidecar:
-                    self._sidecar_drift_repair(st, backend, target, spec, result)
-                elif st.state == ENROLLED:
-                    self._drift_repair(st, backend, target, result)
+                if sidecar or st.state == ENROLLED:
+                    self._drift_repair(st, sidecar, backend, target, spec, result)
 
     def _converge(self, uid: str, pod: PodRecord, now: float, scan_cache: dict[str, Any]) -> None:
         st = self.pods.get(uid)
@@ -734,17 +732,24 @@ class Reconciler:
             self._fail(st, f"drift repair: {exc}")
 
     def _drift_repair(
-        self, st: PodState, backend: RedirectBackend, target: PodTarget, result: list[str] | BackendError
+        self, st: PodState, sidecar: bool, backend: RedirectBackend, target: PodTarget, spec: Any,
+        result: list[str] | BackendError,
     ) -> None:
+        """Act on what the drift check read: re-apply what is missing or altered. A sidecar pod (its
+        state may be `failed` from an earlier repair) is `enrolled` again once intact."""
         try:
             if isinstance(result, BackendError):
                 raise result
             if result:
                 log.warning("drift found, repairing: %s", "; ".join(result), extra=self._ctx(st, "drift"))
-                backend.apply(target, self.spec)
+                backend.apply(target, spec)
                 self.metrics.drift_repaired()
-        except BackendError as exc:
-            self._drift_failed(st, False, exc)
+                if sidecar and st.state != ENROLLED:
+                    st.enrolled_at = time.time()
+            if sidecar:
+                st.state, st.reason = ENROLLED, ""
+        except (BackendError, OSError) as exc:
+            self._drift_failed(st, sidecar, exc)
 
     def _sync_node_rules(self, force: bool) -> None:
         if self._node_rules is None:
@@ -894,22 +899,6 @@ class Reconciler:
             log.warning("releasing pin failed: %s", exc, extra=self._ctx(st, "unpin"))
         self.records.delete(uid)
         log.info("sidecar pod removed", extra=self._ctx(st, "sidecar-removed"))
-
-    def _sidecar_drift_repair(
-        self, st: PodState, backend: RedirectBackend, target: PodTarget, spec: Any, result: list[str] | BackendError
-    ) -> None:
-        try:
-            if isinstance(result, BackendError):
-                raise result
-            if result:
-                log.warning("drift found, repairing: %s", "; ".join(result), extra=self._ctx(st, "drift"))
-                backend.apply(target, spec)
-                self.metrics.drift_repaired()
-                if st.state != ENROLLED:
-                    st.enrolled_at = time.time()
-            st.state, st.reason = ENROLLED, ""
-        except (BackendError, OSError) as exc:
-            self._drift_failed(st, True, exc)
 
     def _remove_unknown_pins(self, uid: str) -> None:
         """A pod we hold no state for (a sidecar pod redirected by an earlier agent run) may still have

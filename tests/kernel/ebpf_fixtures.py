@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node_agent.backends.base import PodTarget
+
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 
 HELPER = r"""
@@ -164,6 +166,17 @@ class PodEnv:
     def pod_v6(self) -> str:
         return f"fd00:4842:{self.octet:x}::2"
 
+    def target(self) -> PodTarget:
+        """The PodTarget the agent would build for this pod (both IPs, its cgroup)."""
+        return PodTarget(
+            uid=f"pod-{self.name}",
+            namespace="default",
+            name="app",
+            netns_path=self.pod_ns_path,
+            ips=(f"{self.pod_v4}/24", f"{self.pod_v6}/64"),
+            cgroup_path=str(self.cgroup),
+        )
+
     def nsenter(self, ns: str) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{ns}", "--"]
 
@@ -247,14 +260,19 @@ class PodEnv:
         return out
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-            p.wait(timeout=5)
-            for s in (p.stdout, p.stderr):
-                if s is not None:
-                    s.close()
-        self.procs.clear()
+        stop_processes(self.procs)
+
+
+def stop_processes(procs: list[subprocess.Popen[str]]) -> None:
+    """Kill what still runs, reap everything, close the pipes; empties the list."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait(timeout=5)
+        for s in (p.stdout, p.stderr):
+            if s is not None:
+                s.close()
+    procs.clear()
 
 
 def make_cgroup(path: Path) -> Path:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.kernel.ebpf_fixtures import PodEnv
+from tests.kernel.ebpf_fixtures import PodEnv, stop_processes
 
 # The processes of the scenarios: servers (TCP and UDP) that report what their accepted socket / the
 # datagram shows, and an app that reports what its own socket shows.
@@ -197,14 +197,7 @@ class Scenario:
         return self._run(self.env.pod_ns, "udpapp", str(self.env.cgroup), host, str(port))
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=5)
-            for s in (p.stdout, p.stderr):
-                if s is not None:
-                    s.close()
-        self.procs.clear()
+        stop_processes(self.procs)
 
 
 def host_of(addr: str) -> str:

@@ -21,10 +21,7 @@ unmounts the eBPF backend's bpffs; the node fixture then removes pods, netns and
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +29,6 @@ import pytest
 from node_agent.backends.base import PodTarget, RedirectBackend, RedirectSpec
 
 from cni.iptables.flavour import Flavour
-from tests.harness.netns import entered
 from tests.harness.node import Pod, SimNode
 
 BACKENDS = ("iptables-legacy", "iptables-nft", "ebpf")
@@ -164,37 +160,3 @@ def over_backends_and_families(
     xf = dict(xfail or {})
     params = [_param((b, f), xf.get((b, f))) for b in BACKENDS for f in families]
     return pytest.mark.parametrize(("redirect", "family"), params, indirect=["redirect"])
-
-
-# ---- UDP (DNS) ----------------------------------------------------------------------------------------------
-@contextmanager
-def udp_responder(netns_path: str, port: int, family: int, label: bytes) -> Iterator[list[tuple[str, int]]]:
-    """A UDP socket (wildcard address) in the netns answering label|payload; yields the senders seen."""
-    with entered(netns_path):
-        s = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
-    if family == 6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind(("::" if family == 6 else "0.0.0.0", port))
-    s.settimeout(0.2)
-    seen: list[tuple[str, int]] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = s.recvfrom(2048)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            seen.append((peer[0], peer[1]))
-            s.sendto(label + b"|" + data, peer)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield seen
-    finally:
-        stop.set()
-        s.close()
-        t.join(timeout=2)

@@ -6,38 +6,13 @@ client pod (where ztunnel listens); the query is addressed to another pod's IP:5
 
 from __future__ import annotations
 
-import socket
-import threading
 from typing import Any
 
-from node_agent.lab.netns import entered
-from node_agent.lab.traffic import Listener, tcp_request, udp_request
+from node_agent.lab.traffic import Listener, tcp_request, udp_request, udp_responder
 
 from tests.kernel.agent_kit import AgentRun, node_agent, wait_for
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
-
-
-def udp_dns_stand_in(netns_path: str, stop: threading.Event) -> socket.socket:
-    with entered(netns_path):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    # REDIRECT of a locally generated packet goes to 127.0.0.1: answering from there lets conntrack turn the
-    # reply's source back into the server the app asked (a DNS proxy binds 127.0.0.1:15053 for this).
-    s.bind(("127.0.0.1", 15053))
-    s.settimeout(0.2)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = s.recvfrom(512)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            s.sendto(b"dns-proxy|" + data, peer)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return s
 
 
 def test_capture_dns_sends_udp_and_tcp_53_to_15053(make_node: Any) -> None:
@@ -50,15 +25,11 @@ def test_capture_dns_sends_udp_and_tcp_53_to_15053(make_node: Any) -> None:
         client = node.add_pod("shop", "client")  # enrolled before ADD returns
         peer = node.add_pod("default", "peer")
         wait_for(lambda: agent.pod_state(client.uid) == "enrolled", 20, "client enrolled")
-        stop = threading.Event()
-        udp = udp_dns_stand_in(client.netns.path, stop)
-        try:
+        # the DNS proxy stand-in answers from 127.0.0.1:15053, where REDIRECT sent the query
+        with udp_responder(client.netns.path, 15053, label=b"dns-proxy", addr="127.0.0.1"):
             data, source = udp_request(client.netns.path, peer.ipv4, 53, b"query")
             assert data == b"dns-proxy|query"
             assert source == (peer.ipv4, 53)  # the reply looks like it came from the server asked
             with Listener(client.netns.path, 15053, label="dns-proxy-tcp") as tcp:
                 assert tcp_request(client.netns.path, peer.ipv4, 53, b"q") == b"dns-proxy-tcp|q"
                 assert tcp.wait_one().original_dst == (peer.ipv4, 53)
-        finally:
-            stop.set()
-            udp.close()

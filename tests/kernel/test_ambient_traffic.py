@@ -27,13 +27,12 @@ import pytest
 from cni.iptables import netns_tables
 from cni.redirect_spec import PROBE_SNAT_V4, PROBE_SNAT_V6, AmbientSpec
 from tests.harness.node import Pod
-from tests.harness.traffic import Listener, tcp_request, udp_request
+from tests.harness.traffic import Listener, tcp_request, udp_request, udp_responder
 from tests.kernel.redirect_backends import (
     Redirect,
     ip,
     over_backends_and_families,
     redirect_fixture,
-    udp_responder,
 )
 
 pytestmark = pytest.mark.kernel

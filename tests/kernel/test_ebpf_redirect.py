@@ -47,14 +47,7 @@ def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
 
 @pytest.fixture
 def target(env: PodEnv, backend: EbpfBackend) -> Iterator[PodTarget]:
-    t = PodTarget(
-        uid=f"pod-{env.name}",
-        namespace="default",
-        name="app",
-        netns_path=env.pod_ns_path,
-        ips=(f"{env.pod_v4}/24", f"{env.pod_v6}/64"),
-        cgroup_path=str(env.cgroup),
-    )
+    t = env.target()
     yield t
     backend.remove(t)
 

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from node_agent.backends.base import PodTarget, RedirectBackend, RedirectSpec
-from node_agent.lab.netns import entered
-from node_agent.lab.traffic import Listener, tcp_request, udp_request
+from node_agent.lab.traffic import Listener, tcp_request, udp_request, udp_responder
 
 from cni.redirect_spec import AmbientSpec, SidecarSpec
 from tests.kernel.agent_kit import HEADRACE, AgentRun, node_agent, wait_for
@@ -59,14 +56,7 @@ def proxy_cgroup(env: PodEnv) -> Iterator[Path]:
 
 @pytest.fixture
 def target(env: PodEnv) -> PodTarget:
-    return PodTarget(
-        uid=f"pod-{env.name}",
-        namespace="default",
-        name="app",
-        netns_path=env.pod_ns_path,
-        ips=(f"{env.pod_v4}/24", f"{env.pod_v6}/64"),
-        cgroup_path=str(env.cgroup),
-    )
+    return env.target()
 
 
 def run_on(
@@ -291,28 +281,6 @@ class DnsAgentRun(AgentRun):
             )  # fmt: skip
 
 
-def udp_dns_stand_in(netns_path: str, stop: threading.Event, seen: list[tuple[str, int]]) -> socket.socket:
-    """The node proxy's DNS listener: bound to 127.0.0.1:15053 (it answers from where the query arrived)."""
-    with entered(netns_path):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 15053))
-    s.settimeout(0.2)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = s.recvfrom(512)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            seen.append(peer)
-            s.sendto(b"dns-proxy|" + data, peer)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return s
-
-
 @pytest.mark.parametrize("backend", ["iptables", "ebpf"])
 def test_agent_capture_dns_same_on_both_backends(make_node: Any, backend: str) -> None:
     node = make_node(headrace={"backend": backend}, pod_cgroups=True)
@@ -326,10 +294,8 @@ def test_agent_capture_dns_same_on_both_backends(make_node: Any, backend: str) -
         peer = node.add_pod("default", "peer")
         wait_for(lambda: agent.pod_state(client.uid) == "enrolled", 20, "client enrolled")
         assert agent.status()[client.uid]["backend"] == backend
-        stop = threading.Event()
-        seen: list[tuple[str, int]] = []
-        udp = udp_dns_stand_in(client.netns.path, stop, seen)
-        try:
+        # the node proxy's DNS listener answers from 127.0.0.1:15053, where the query arrived
+        with udp_responder(client.netns.path, 15053, label=b"dns-proxy", addr="127.0.0.1") as seen:
             data, source = udp_request(client.netns.path, peer.ipv4, 53, b"query", cgroup=client.cgroup)
             assert data == b"dns-proxy|query"
             assert source == (peer.ipv4, 53)  # the reply looks like it came from the server asked
@@ -341,6 +307,4 @@ def test_agent_capture_dns_same_on_both_backends(make_node: Any, backend: str) -
                 conn = tcp.wait_one()
                 assert conn.original_dst == (peer.ipv4, 53)
                 assert conn.peer[0] == client.ipv4 and conn.local == ("127.0.0.1", 15053)
-        finally:
-            stop.set()
-            udp.close()
+

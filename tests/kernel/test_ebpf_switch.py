@@ -35,14 +35,7 @@ def backends(tmp_path: Path, env: PodEnv) -> Iterator[tuple[EbpfBackend, object,
     state = tmp_path / "state"
     ipt = iptables_backend.IptablesBackend("auto")
     ebpf = EbpfBackend(state)
-    target = PodTarget(
-        uid=f"pod-{env.name}",
-        namespace="default",
-        name="app",
-        netns_path=env.pod_ns_path,
-        ips=(f"{env.pod_v4}/24", f"{env.pod_v6}/64"),
-        cgroup_path=str(env.cgroup),
-    )
+    target = env.target()
     yield ebpf, ipt, target
     try:
         ebpf.remove(target)

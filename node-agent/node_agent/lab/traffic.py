@@ -19,6 +19,8 @@ import queue
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -229,3 +231,45 @@ def udp_request(
     with entered(netns_path):
         s = socket.socket(family_of(host), socket.SOCK_DGRAM)
     return datagram(s, host, port, payload, timeout)
+
+
+@contextmanager
+def udp_responder(
+    netns_path: str, port: int, family: int = 4, label: bytes = b"udp", *, addr: str | None = None
+) -> Iterator[list[tuple[str, int]]]:
+    """A UDP socket in the netns (on addr, default the wildcard) answering label|payload to each datagram
+    from where it arrived; yields the list of senders seen. A DNS proxy stand-in binds 127.0.0.1:15053:
+    REDIRECT sends a locally generated packet to 127.0.0.1, and answering from there lets conntrack turn
+    the reply's source back into the server the app asked."""
+    with entered(netns_path):
+        s = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if family == 6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((addr if addr is not None else ("::" if family == 6 else "0.0.0.0"), port))
+        s.settimeout(0.2)
+    except BaseException:
+        s.close()
+        raise
+    seen: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = s.recvfrom(2048)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            seen.append((peer[0], peer[1]))
+            s.sendto(label + b"|" + data, peer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        s.close()
+        t.join(timeout=2)
