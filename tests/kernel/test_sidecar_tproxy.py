@@ -20,17 +20,13 @@ Proven:
   TPROXY → REDIRECT deletes the routing, a v4-only pod gets IPv4 routing only; the agent's IptablesBackend
   reports and repairs a deleted route.
 
-The harness Listener cannot set IP_TRANSPARENT, so `TransparentListener` here does (in-process thread).
+The inbound listener is the harness Listener with `transparent=True` (IP_TRANSPARENT).
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import socket
-import threading
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import Any
 
 import pytest
@@ -40,7 +36,7 @@ from node_agent.backends.iptables_backend import IptablesBackend
 from cni.iptables import flavour, netns_tables
 from cni.redirect_spec import SidecarSpec
 from tests.harness.cni_runner import CniInvocationError
-from tests.harness.netns import NetNS, entered
+from tests.harness.netns import NetNS
 from tests.harness.node import Pod, SimNode
 from tests.harness.traffic import Listener, tcp_request
 
@@ -50,79 +46,7 @@ FLAVOURS = ["legacy", "nft"]
 MODE = "sidecar.istio.io/interceptionMode"
 SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 TPROXY = {**SIDECAR, MODE: "TPROXY"}
-IP_TRANSPARENT = 19  # SOL_IP
-IPV6_TRANSPARENT = 75  # SOL_IPV6
 
-Address = tuple[str, int]
-
-
-class TransparentListener:
-    """The sidecar's inbound listener in TPROXY mode: IP_TRANSPARENT on 0.0.0.0 / [::] in the pod netns.
-    Records (peer, local, data) of each accepted connection and replies b"<label>|<data>"."""
-
-    def __init__(self, netns_path: str, port: int, family: int, label: str = "tproxy") -> None:
-        self.netns_path = netns_path
-        self.port = port
-        self.family = family
-        self.label = label
-        self.accepted: queue.Queue[tuple[Address, Address, bytes]] = queue.Queue()
-        self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def __enter__(self) -> TransparentListener:
-        with entered(self.netns_path):
-            s = socket.socket(socket.AF_INET6 if self.family == 6 else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.family == 6:
-                s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(("::", self.port))
-            else:
-                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                s.bind(("0.0.0.0", self.port))
-            s.listen(16)
-            s.settimeout(0.2)
-        except BaseException:
-            s.close()
-            raise
-        self._sock = s
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        return self
-
-    def _serve(self) -> None:
-        assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    data = conn.recv(65536)
-                    local = conn.getsockname()
-                    self.accepted.put(((peer[0], peer[1]), (local[0], local[1]), data))
-                    conn.sendall(self.label.encode() + b"|" + data)
-                except OSError:
-                    continue
-
-    def wait_one(self, timeout: float = 5.0) -> tuple[Address, Address, bytes]:
-        return self.accepted.get(timeout=timeout)
-
-    def count(self) -> int:
-        return self.accepted.qsize()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
 
 
 @pytest.fixture(params=FLAVOURS)
@@ -177,7 +101,7 @@ def test_tproxy_inbound_outbound_check_del(flavour_node: tuple[str, SimNode], fa
     pod_ip, client_ip = ip(web, family), ip(client, family)
 
     with (
-        TransparentListener(web.netns.path, 15006, family) as inbound,
+        Listener(web.netns.path, 15006, family=family, label="tproxy", transparent=True) as inbound,
         Listener(web.netns.path, 15001, family=family, label="out") as outbound,
         Listener(web.netns.path, 8080, family=family, label="app") as app,
         Listener(web.netns.path, 9000, family=family, label="excluded") as excluded,
@@ -186,7 +110,8 @@ def test_tproxy_inbound_outbound_check_del(flavour_node: tuple[str, SimNode], fa
     ):
         # inbound: TPROXY keeps the original destination as the local address and the client as the peer
         assert tcp_request(client.netns.path, pod_ip, 8080, b"in") == b"tproxy|in"
-        peer, local, data = inbound.wait_one()
+        got = inbound.wait_one()
+        peer, local, data = got.peer, got.local, got.data
         assert local == (pod_ip, 8080) and peer[0] == client_ip and data == b"in"
         assert app.count() == 0
         # excluded inbound ports reach the app directly
@@ -228,11 +153,11 @@ def test_tproxy_include_inbound_ports(flavour_node: tuple[str, SimNode]) -> None
     client = node.add_pod("shop", "client")
     web = node.add_pod("shop", "web", annotations={**TPROXY, "traffic.sidecar.istio.io/includeInboundPorts": "8080"})
     with (
-        TransparentListener(web.netns.path, 15006, 4) as inbound,
+        Listener(web.netns.path, 15006, label="tproxy", transparent=True) as inbound,
         Listener(web.netns.path, 8081, label="other") as other,
     ):
         assert tcp_request(client.netns.path, web.ipv4, 8080, b"a") == b"tproxy|a"
-        assert inbound.wait_one()[1] == (web.ipv4, 8080)
+        assert inbound.wait_one().local == (web.ipv4, 8080)
         assert tcp_request(client.netns.path, web.ipv4, 8081, b"b") == b"other|b"
         assert other.wait_one().peer[0] == client.ipv4
         assert inbound.count() == 0
@@ -245,7 +170,7 @@ def test_tproxy_proxy_to_local_app_over_lo(flavour_node: tuple[str, SimNode], fa
     pod_ip = ip(web, family)
     passthrough = "127.0.0.6" if family == 4 else "::6"
     with (
-        TransparentListener(web.netns.path, 15006, family) as inbound,
+        Listener(web.netns.path, 15006, family=family, label="tproxy", transparent=True) as inbound,
         Listener(web.netns.path, 8080, family=family, label="app") as app,
     ):
         # the proxy's inbound passthrough (source 127.0.0.6 / ::6) reaches the app

@@ -1,7 +1,7 @@
 """Child-process TCP listener for tests (standard library only): joins a cgroup v2 directory, listens, and
 reports every accepted connection as one JSON line on stdout.
 
-argv[1] is JSON {family, addr, port, label, reply, cgroup}. Prints {"ready": true} once listening, then per
+argv[1] is JSON {family, addr, port, label, reply, cgroup, transparent}. Prints {"ready": true} once listening, then per
 connection {"peer", "local", "original_dst", "data"(hex)}. Runs until killed. SO_ORIGINAL_DST is read here,
 inside the cgroup, since a cgroup getsockopt program (eBPF backend) answers only its cgroup's processes.
 """
@@ -35,11 +35,22 @@ def original_dst(sock: socket.socket) -> Address | None:
         return None
 
 
-def listening_socket(family: int, addr: str, port: int) -> socket.socket:
-    """A TCP socket listening on addr:port (family 4 or 6; v6-only for 6), in the caller's netns."""
+IP_TRANSPARENT = 19  # SOL_IP
+IPV6_TRANSPARENT = 75  # SOL_IPV6
+
+
+def listening_socket(family: int, addr: str, port: int, transparent: bool = False) -> socket.socket:
+    """A TCP socket listening on addr:port (family 4 or 6; v6-only for 6), in the caller's netns.
+    transparent: IP_TRANSPARENT / IPV6_TRANSPARENT (a TPROXY listener: it accepts connections to any
+    address, and their local address is the original destination)."""
     s = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            if family == 6:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         if family == 6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((addr, port))
@@ -86,7 +97,7 @@ def main() -> int:
     if req.get("cgroup"):
         with open(os.path.join(req["cgroup"], "cgroup.procs"), "w") as fh:
             fh.write(str(os.getpid()))
-    s = listening_socket(int(req["family"]), req["addr"], int(req["port"]))
+    s = listening_socket(int(req["family"]), req["addr"], int(req["port"]), bool(req.get("transparent")))
     with _out:
         sys.stdout.write(json.dumps({"ready": True}) + "\n")
         sys.stdout.flush()

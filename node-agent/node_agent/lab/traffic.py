@@ -54,8 +54,10 @@ class Listener:
         label: str | None = None,
         reply: bool = True,
         cgroup: str | None = None,
+        transparent: bool = False,
     ) -> None:
         self.netns_path = netns_path
+        self.transparent = transparent  # IP_TRANSPARENT: a TPROXY listener
         self.port = port
         self.family = socket.AF_INET6 if family == 6 else socket.AF_INET
         self.addr = addr if addr is not None else ("::" if family == 6 else "0.0.0.0")
@@ -73,7 +75,7 @@ class Listener:
             self._start_child()
             return self
         with entered(self.netns_path):
-            s = listening_socket(6 if self.family == socket.AF_INET6 else 4, self.addr, self.port)
+            s = listening_socket(6 if self.family == socket.AF_INET6 else 4, self.addr, self.port, self.transparent)
         s.settimeout(0.2)
         self._sock = s
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -89,6 +91,7 @@ class Listener:
             "label": self.label,
             "reply": self.reply,
             "cgroup": self.cgroup,
+            "transparent": self.transparent,
         }
         child = subprocess.Popen(
             ["nsenter", f"--net={self.netns_path}", "--", "/usr/bin/python3", str(LISTENER_SCRIPT), json.dumps(spec)],
