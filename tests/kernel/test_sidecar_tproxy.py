@@ -48,7 +48,6 @@ SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 TPROXY = {**SIDECAR, MODE: "TPROXY"}
 
 
-
 @pytest.fixture(params=FLAVOURS)
 def flavour_node(request: pytest.FixtureRequest, make_node: Callable[..., SimNode]) -> tuple[str, SimNode]:
     flavour = str(request.param)
