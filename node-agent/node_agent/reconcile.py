@@ -187,6 +187,7 @@ class Reconciler:
         self._wake = threading.Event()
         self._urgent = threading.Event()  # a CNI request waits for a converge step
         self._rechoose = False  # the node backend's conditions changed: move pods whose choice differs
+        self._verify_soon = False  # pods were enrolled on rules found in place: run the drift pass now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.pods: dict[str, PodState] = {}
@@ -306,9 +307,9 @@ class Reconciler:
             if self._rechoose:
                 self._rechoose = False
                 self._rechoose_all()
-            drift_due = now - self._last_drift >= self.drift_interval
+            drift_due = now - self._last_drift >= self.drift_interval or self._verify_soon
             if drift_due:
-                self._last_drift = now
+                self._last_drift, self._verify_soon = now, False
         if drift_due:
             self._drift_pass()
         with self._lock:
@@ -654,8 +655,11 @@ class Reconciler:
                 self._settle_backend(st)  # the choice may have changed while the proxy was acking
             target = self._target(st)
             backend = self._backend_of(st)
-            problems = backend.check(target, self.spec) if st.rules_in else ["not applied"]
-            if problems:
+            if st.rules_in:
+                # rules found in place (adopted after a restart, or re-sent to a restarted proxy): the
+                # drift pass of this same reconcile reads them back, outside the lock, and repairs them
+                self._verify_soon = True
+            else:
                 self._guard_long_lived(st, target.netns_path)
                 backend.apply(target, self.spec)
             st.rules_in = True

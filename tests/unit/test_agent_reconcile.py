@@ -464,3 +464,30 @@ def test_enrolled_pod_whose_ips_change_is_sent_and_applied_again(env: Env) -> No
     assert env.records.load_all()[UID].ips == ("10.0.0.5", "fd00::5")
     env.r.reconcile()
     assert env.backend.applies == 2, "no change: nothing re-applied"
+
+
+def test_restart_verifies_adopted_rules_in_the_same_pass_outside_the_lock(env: Env) -> None:
+    """Adopted pods are enrolled on the rules found in place; the same reconcile() then reads them back
+    (the drift pass, one pod per lock hold) and repairs what was lost while the agent was down."""
+    env.fake_netns(UID)
+    env.fake_netns(UID2)
+    env.set(AMBIENT, pod(UID), pod(UID2))
+    env.r.reconcile()
+    env.backend.flush(UID2)  # lost while the agent was down
+    env.hub = FakeHub()
+    env.r = env.make()
+    env.r.adopt()
+    checked: list[str] = []
+    check = env.backend.check
+
+    def counting(target: PodTarget, spec: object) -> list[str]:
+        assert not env.r._lock._is_owned(), "the read-back must run outside the agent's lock"  # type: ignore[attr-defined]
+        checked.append(target.uid)
+        return check(target, spec)
+
+    env.backend.check = counting  # type: ignore[method-assign]
+    env.r._last_drift = env.clock.t  # a drift pass just ran: only the adoption makes this one run
+    env.r.reconcile()
+    assert sorted(checked) == sorted([UID, UID2])
+    assert env.backend.rules == {UID: 1, UID2: 1} and env.repairs == 1
+    assert env.state(UID) == "enrolled" and env.state(UID2) == "enrolled"
