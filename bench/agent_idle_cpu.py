@@ -1,13 +1,14 @@
-"""Agent idle CPU on a legacy-iptables node: drift checks by iptables-save vs in-process (python-iptables).
+"""Agent idle CPU on an iptables node: drift checks by iptables-save vs in-process (legacy: python-iptables
+fingerprint; nft: the netns' ruleset generation).
 
     .venv/bin/python bench/agent_idle_cpu.py [--pods 100] [--drift-interval 2] [--window 5] [--windows 3]
-                                             [--rounds 2] [--ipv6] [--baseline]
+                                             [--rounds 2] [--ipv6] [--baseline] [--iptables legacy|nft]
 
 A node netns gets N pod-like processes (each in a fresh netns and a kubelet-style cgroup), their Pod
 objects in an ambient namespace, the reference proxy and `headrace agent --backend iptables --iptables
-legacy`. The same node is measured with the agent in both drift-check modes, alternating (rounds): with
-HEADRACE_IPTC_CHECK=0 (every check runs `iptables-legacy-save` per family per pod) and with the default
-in-process check. Each time the agent is (re)started (SIGKILL in between: the new one adopts the pods),
+FLAVOUR` (default legacy). The same node is measured with the agent in both drift-check modes,
+alternating (rounds): with HEADRACE_IPTC_CHECK=0 (every check runs `iptables-FLAVOUR-save` per family
+per pod) and with the default in-process check. Each time the agent is (re)started (SIGKILL in between: the new one adopts the pods),
 waits until all pods are enrolled and the checks have settled (3 drift intervals), then its CPU (own +
 reaped children, i.e. the iptables tools) is sampled over `--windows` windows of `--window` seconds.
 Prints per pod count: the median (and range) of the windows per mode, the ratio, and the check counts per
@@ -106,7 +107,7 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, ModeResult]:
             for mode, value in modes.items():
                 os.environ[ENV] = value  # the agent inherits the environment
                 drift = 3600.0 if mode == BASELINE else args.drift_interval
-                agent.extra = ["--iptables", "legacy", "--drift-interval", str(drift), "--log-level", "info"]
+                agent.extra = ["--iptables", args.iptables, "--drift-interval", str(drift), "--log-level", "info"]
                 measure(agent, uids, min(drift, args.drift_interval), args.window, args.windows, results[mode])
         return results
     finally:
@@ -129,9 +130,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="agent runs per mode (modes alternate)")
     ap.add_argument("--ipv6", action="store_true", help="dual-stack pods (two families checked per pod)")
     ap.add_argument("--baseline", action="store_true", help="also measure the agent without drift checks")
+    ap.add_argument("--iptables", choices=("legacy", "nft"), default="legacy", help="the node's iptables flavour")
     args = ap.parse_args()
     counts = [int(x) for x in args.pods.split(",") if x.strip()]
-    print(f"agent idle CPU (% of one core, agent + reaped iptables tools), legacy iptables, drift interval "
+    print(f"agent idle CPU (% of one core, agent + reaped iptables tools), {args.iptables} iptables, drift interval "
           f"{args.drift_interval:g} s, {'dual-stack' if args.ipv6 else 'IPv4'} pods; median (min-max) of "
           f"{args.rounds}x{args.windows} windows of {args.window:g} s per mode; checks/s from the agent's metrics")
     print(f"{'pods':>5}  {'iptables-save CPU %':>22}  {'in-process CPU %':>20}  {'ratio':>6}  "

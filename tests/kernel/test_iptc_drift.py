@@ -5,7 +5,8 @@ counters); every kind of tampering (flushed chain, deleted jump, foreign rule in
 rule, deleted chain, duplicated jump, IPv6-only change, new chain of ours) changes the fingerprint, so
 the iptables-save compare runs and reports it, and a repair makes the next check in-process again;
 reading never creates a legacy table; the calling thread never changes netns, the one reader thread is
-back home after every read and ends on close; nft backends never use python-iptables.
+back home after every read and ends on close; nft backends never use python-iptables (they use the
+ruleset generation: test_nft_generation.py).
 """
 
 from __future__ import annotations
@@ -324,5 +325,8 @@ def test_reading_creates_no_table_and_leaves_threads_home(ns: NetNS, reader: ipt
 
 
 def test_nft_backend_never_uses_python_iptables() -> None:
-    assert IptablesBackend("nft").shortcut is None
+    from node_agent.backends.nft_generation import NftGenerationReader
+
+    nft = IptablesBackend("nft").shortcut
+    assert nft is not None and isinstance(nft.reader, NftGenerationReader)  # the ruleset generation
     assert IptablesBackend("legacy", in_process_check=False).shortcut is None

@@ -195,14 +195,18 @@ def test_env_switch(value: str | None, on: bool) -> None:
     assert in_process_check_enabled(env) is on
 
 
-def test_backend_uses_the_shortcut_on_legacy_only(monkeypatch) -> None:
+def test_backend_picks_the_shortcut_of_its_flavour(monkeypatch) -> None:
+    from node_agent.backends.iptc_reader import IptcReader
+    from node_agent.backends.nft_generation import NftGenerationReader
+
     monkeypatch.setenv("XTABLES_LIBDIR", "/usr/lib/x86_64-linux-gnu/xtables")
     monkeypatch.delenv(iptables_backend.IPTC_ENV, raising=False)
-    assert IptablesBackend("legacy").shortcut is not None
-    assert IptablesBackend("nft").shortcut is None
+    legacy, nft = IptablesBackend("legacy").shortcut, IptablesBackend("nft").shortcut
+    assert legacy is not None and isinstance(legacy.reader, IptcReader)
+    assert nft is not None and isinstance(nft.reader, NftGenerationReader)
     assert IptablesBackend("legacy", in_process_check=False).shortcut is None
     monkeypatch.setenv(iptables_backend.IPTC_ENV, "0")
-    assert IptablesBackend("legacy").shortcut is None
+    assert IptablesBackend("legacy").shortcut is None and IptablesBackend("nft").shortcut is None
 
 
 def test_backend_check_goes_through_the_shortcut_with_the_right_prefix(monkeypatch) -> None:

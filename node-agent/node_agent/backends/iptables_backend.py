@@ -3,11 +3,12 @@
 One flavour (legacy or nft) per node, chosen once by the agent (`cni.iptables.flavour.resolve`) and used
 for every pod. Address families come from the pod's IPs (both when unknown: harmless in a v4-only pod).
 
-Drift checks on legacy hosts first ask `iptc_check.DriftShortcut`: an in-process python-iptables read
-of the pod's tables whose fingerprint matches the last verified one answers "intact" without running
-anything; otherwise (and always on nft hosts, and for checks that look beyond iptables, e.g. sidecar
-TPROXY policy routing) the iptables-save compare decides. HEADRACE_IPTC_CHECK=0 in the agent's
-environment turns the shortcut off.
+Drift checks first ask `iptc_check.DriftShortcut` for a cheap in-process answer: on legacy hosts a
+python-iptables read of the pod's tables whose fingerprint matches the last verified one, on nft hosts
+the netns' nf_tables ruleset generation unchanged since the last verified check (`nft_generation`).
+Either answers "intact" without running anything; otherwise (and for checks that look beyond
+iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides. HEADRACE_IPTC_CHECK=0
+in the agent's environment turns the shortcut off.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class IptablesBackend:
     name = "iptables"
 
     def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None) -> None:
-        """in_process_check: None = on for legacy unless HEADRACE_IPTC_CHECK says off; never on nft."""
+        """in_process_check: None = on unless HEADRACE_IPTC_CHECK says off (legacy: python-iptables
+        fingerprint; nft: the ruleset generation)."""
         try:
             self.flavour: Flavour = flavour_mod.resolve(flavour)
         except ValueError as exc:
@@ -77,6 +79,10 @@ class IptablesBackend:
 
             iptc_reader.prepare_env()  # now, while the agent is still single-threaded
             self.shortcut = DriftShortcut(iptc_reader.shared_reader())
+        elif self.flavour == "nft" and wanted:
+            from node_agent.backends.nft_generation import NftGenerationReader
+
+            self.shortcut = DriftShortcut(NftGenerationReader())
 
     def _forget(self, target: PodTarget) -> None:
         if self.shortcut is not None:
