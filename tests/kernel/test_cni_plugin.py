@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.cni_runner import CniInvocationError
+from tests.harness.cni_runner import CniInvocationError, CniRunner
 from tests.harness.node import Pod, SimNode
 from tests.harness.traffic import Listener, tcp_request
 
@@ -181,7 +181,73 @@ def test_status_gc_version(make_node: Callable[..., SimNode]) -> None:
     assert info.value.code == 1
 
 
-# The bridge plugin installed here (Debian's) speaks up to 1.0.0; 1.1.0 results are covered by unit tests.
+# Debian's bridge plugin speaks up to 1.0.0; for 1.1.0 it runs behind a version shim (a primary plugin
+# that answers in 1.1.0 what bridge answers in 1.0.0; the two versions' results have the same shape).
+BRIDGE_V11 = """#!/usr/bin/python3
+import json, subprocess, sys
+data = sys.stdin.buffer.read()
+conf = json.loads(data) if data.strip() else {}
+if conf.get("cniVersion") == "1.1.0":
+    conf["cniVersion"] = "1.0.0"
+    if isinstance(conf.get("prevResult"), dict):
+        conf["prevResult"]["cniVersion"] = "1.0.0"
+out = subprocess.run(["/usr/lib/cni/bridge"], input=json.dumps(conf).encode(), capture_output=True)
+text = out.stdout
+if text.strip():
+    obj = json.loads(text)
+    if obj.get("cniVersion") == "1.0.0":
+        obj["cniVersion"] = "1.1.0"
+    if "supportedVersions" in obj:
+        obj["supportedVersions"].append("1.1.0")
+    text = json.dumps(obj).encode()
+sys.stdout.buffer.write(text)
+sys.stderr.buffer.write(out.stderr)
+sys.exit(out.returncode)
+"""
+
+
+def v11_runner(node: SimNode, tmp_path: Path) -> CniRunner:
+    """The node's chain at cniVersion 1.1.0, with bridge behind the version shim."""
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    shim = shim_dir / "bridge-v11"
+    shim.write_text(BRIDGE_V11)
+    shim.chmod(0o755)
+    conf = node.conflist("1.1.0")
+    conf["plugins"][0]["type"] = "bridge-v11"
+    base = node.runner("1.1.0")
+    return CniRunner(conf, [str(shim_dir), *base.cni_path], base.cache_dir, run_netns=base.run_netns)
+
+
+def test_chain_at_1_1_0_redirects_and_checks(make_node: Callable[..., SimNode], tmp_path: Path) -> None:
+    """A 1.1.0 chain on the real kernel: headrace-cni gets a 1.1.0 prevResult, returns it unchanged,
+    the sidecar redirect works (real traffic), CHECK passes and fails when a chain is gone, DEL cleans."""
+    from tests.harness.netns import NetNS
+
+    node = make_node(headrace={"iptables": "nft"})
+    runner = v11_runner(node, tmp_path)
+    node.add_namespace("shop")
+    netns, peer = NetNS.create("hrpod-"), node.add_pod("default", "peer")
+    pod = Pod("shop", "web", "7f0c6a8e-0000-4000-8000-000000000011", netns, "d" * 32, {}, {}, dict(SIDECAR))
+    node.write_pod(pod)
+    try:
+        result = runner.add(pod.container_id, netns.path, args=pod.cni_args)
+        bridge_out, headrace_out = runner.timings[0].result, runner.timings[1].result
+        assert headrace_out == bridge_out == result and result["cniVersion"] == "1.1.0"
+        with Listener(netns.path, 15001, label="out") as out, Listener(peer.netns.path, 8080, label="peer"):
+            assert tcp_request(netns.path, peer.ipv4, 8080, b"x") == b"out|x"
+            assert out.wait_one().original_dst == (peer.ipv4, 8080)
+        runner.check(pod.container_id, netns.path, args=pod.cni_args)
+        netns.run(["iptables-nft", "-t", "nat", "-F", "HEADRACE_SC_OUTPUT"])
+        with pytest.raises(CniInvocationError) as info:
+            runner.check(pod.container_id, netns.path, args=pod.cni_args)
+        assert info.value.code == 105
+        runner.delete(pod.container_id, netns.path, args=pod.cni_args)
+        assert headrace_lines(pod) == []
+    finally:
+        netns.delete()
+
+
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
 def test_chain_result_is_the_bridge_result(make_node: Callable[..., SimNode], version: str) -> None:
     """With the real bridge + host-local, headrace-cni's output is exactly what bridge returned."""
