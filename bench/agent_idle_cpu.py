@@ -10,8 +10,8 @@ FLAVOUR` (default legacy). The same node is measured with the agent in both drif
 alternating (rounds): with HEADRACE_IPTC_CHECK=0 (every check runs `iptables-FLAVOUR-save` per family
 per pod) and with the default in-process check. Each time the agent is (re)started (SIGKILL in
 between: the new one adopts the pods), waits until all pods are enrolled and the checks have settled
-(3 drift intervals), then its CPU (own +
-reaped children, i.e. the iptables tools) is sampled over `--windows` windows of `--window` seconds.
+(3 drift intervals), then its CPU (own + reaped children, i.e. the iptables tools) is sampled over
+`--windows` windows of `--window` seconds.
 Prints per pod count: the median (and range) of the windows per mode, the ratio, and the check counts per
 second from the agent's `headrace_agent_iptables_checks_total{path}` (proof of which path ran), and with
 `--baseline` the agent's floor (drift interval one hour: no drift checks at all). Cleans up.
