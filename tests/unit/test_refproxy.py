@@ -179,3 +179,46 @@ def test_session_version_mismatch_is_refused(sock_path: str) -> None:
         assert "version 7" in (info.value.details() or "")
     finally:
         hub.stop(grace=0.1)
+
+
+def test_connection_handler_task_survives_garbage_collection() -> None:
+    """start_server (Python 3.11) holds no strong reference to a connection's handler task and a stream's
+    protocol holds its reader weakly: WorkloadProxy keeps the task, so a GC pass mid-connection cannot
+    destroy it (which closed both sockets of a relay: seen as an empty reply under test load)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from node_agent.refproxy.workloads import WorkloadProxy
+
+    info = WorkloadInfo(uid="u", name="n", namespace="ns", ips=(), netns_path="", netns_inode=0, node="")
+    wp = WorkloadProxy(info, emit=lambda record: None)
+
+    async def main() -> bool:
+        release = asyncio.Event()
+        started = asyncio.Event()
+
+        async def serve(direction: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            started.set()
+            await release.wait()
+            writer.close()
+            wp.active -= 1
+
+        wp._serve = serve  # type: ignore[method-assign]
+        server = await asyncio.start_server(lambda r, w: wp._on_connection("outbound", r, w), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await started.wait()
+        (task,) = list(wp._tasks)
+        ref = weakref.ref(task)
+        del task
+        gc.collect()
+        alive = ref() is not None and not ref().done()  # type: ignore[union-attr]
+        release.set()
+        await asyncio.sleep(0.05)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return alive and not wp._tasks
+
+    assert asyncio.run(main())

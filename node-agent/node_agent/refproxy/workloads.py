@@ -123,6 +123,13 @@ class WorkloadProxy:
 
     async def _on_connection(self, direction: str, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
+        # Python 3.11's start_server keeps no strong reference to this handler's task, and a stream's
+        # protocol holds its reader only weakly: without this reference a garbage collection can destroy
+        # the task mid-relay (closing both sockets; "Task was destroyed but it is pending!").
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self.active += 1
         await self._serve(direction, reader, writer)
 
