@@ -435,26 +435,10 @@ def _apply(
     optimistic: bool = False,
     side_jobs: Sequence[SideJob] = (),
 ) -> dict[Family, dict[str, Owned]]:
-    """Our part of each family before the apply (table → Owned; empty: nothing of ours was there)."""
-    _require_netns(netns_path, step)
-    with netns_lock(netns_path, step):
-        return _apply_locked(
-            netns_path, rulesets, flavour, prefix, step, log, optimistic=optimistic, side_jobs=side_jobs
-        )
+    """Apply `rulesets` (the caller holds `netns_lock`); returns our part of each family before the apply
+    (table → Owned; empty: nothing of ours was there).
 
-
-def _apply_locked(
-    netns_path: str | None,
-    rulesets: Sequence[RuleSet],
-    flavour: Flavour,
-    prefix: str,
-    step: str,
-    log: _Log | None,
-    *,
-    optimistic: bool = False,
-    side_jobs: Sequence[SideJob] = (),
-) -> dict[Family, dict[str, Owned]]:
-    """`optimistic`: first try `fresh_text` for every family at once (one restore each, no save: the
+    `optimistic`: first try `fresh_text` for every family at once (one restore each, no save: the
     common case of an ADD into a new netns); the families it refuses (our chains exist already) take the
     save → transition → restore path. `side_jobs`: commands run in the netns in parallel with the first
     stage; if one fails, whatever went in is rolled back (iptables, and what the other side jobs undo)
@@ -757,20 +741,16 @@ def apply_sidecar(
         jobs = [SideJob("lo-v6", ["ip", "-6", "addr", "replace", builder.PASSTHROUGH_SOURCE[6], "dev", "lo"])]
     else:
         jobs = []
-    before = _apply(
-        netns_path,
-        rulesets,
-        flavour,
-        builder.SIDECAR_PREFIX,
-        "apply-sidecar",
-        log,
-        optimistic=optimistic,
-        side_jobs=jobs,
-    )
-    if not tproxy:
-        was_tproxy = [fam for fam, owned_before in before.items() if "mangle" in owned_before]
-        if was_tproxy:
-            remove_tproxy_routes(netns_path, was_tproxy, log=log)
+    step = "apply-sidecar"
+    _require_netns(netns_path, step)
+    with netns_lock(netns_path, step):
+        before = _apply(
+            netns_path, rulesets, flavour, builder.SIDECAR_PREFIX, step, log, optimistic=optimistic, side_jobs=jobs
+        )
+        if not tproxy:
+            was_tproxy = [fam for fam, owned_before in before.items() if "mangle" in owned_before]
+            if was_tproxy:
+                remove_tproxy_routes(netns_path, was_tproxy, log=log)
 
 
 def remove_tproxy_routes(netns_path: str | None, families: Iterable[Family], *, log: _Log | None = None) -> None:
@@ -835,7 +815,9 @@ def apply_ambient(
 ) -> None:
     """Install (or replace) the ambient in-pod chains in the pod netns; all families or none."""
     rulesets = [builder.ambient_rules(spec, f) for f in _families(families)]
-    _apply(netns_path, rulesets, flavour, builder.AMBIENT_PREFIX, "apply-ambient", log)
+    _require_netns(netns_path, "apply-ambient")
+    with netns_lock(netns_path, "apply-ambient"):
+        _apply(netns_path, rulesets, flavour, builder.AMBIENT_PREFIX, "apply-ambient", log)
 
 
 def check_ambient(netns_path: str, spec: AmbientSpec, families: Iterable[Family], flavour: Flavour) -> list[str]:
