@@ -339,6 +339,21 @@ int hr_connect6(struct bpf_sock_addr *ctx)
     return hr_connect(ctx, addr, mapped, mapped, 0);
 }
 
+/* a key's address from a socket's, read off its ctx by the caller (the verifier wants plain ctx loads):
+ * IPv4 as v4-mapped, IPv6 as it is */
+static __always_inline void hr_key_addr(struct hr_conn_key *key, int v4, u32 ip4, u32 a0, u32 a1, u32 a2, u32 a3)
+{
+    if (v4) {
+        key->addr[2] = bpf_htonl(0xffff);
+        key->addr[3] = ip4;
+    } else {
+        key->addr[0] = a0;
+        key->addr[1] = a1;
+        key->addr[2] = a2;
+        key->addr[3] = a3;
+    }
+}
+
 static __always_inline void hr_conn_key_of_ops(struct bpf_sock_ops *skops, struct hr_conn_key *key)
 {
     /* read every field unconditionally: the verifier rejects a ctx pointer the compiler offset */
@@ -350,15 +365,7 @@ static __always_inline void hr_conn_key_of_ops(struct bpf_sock_ops *skops, struc
     u32 a3 = skops->local_ip6[3];
     key->netns = bpf_get_netns_cookie(skops);
     key->port = skops->local_port;
-    if (family == HR_AF_INET) {
-        key->addr[2] = bpf_htonl(0xffff);
-        key->addr[3] = ip4;
-    } else {
-        key->addr[0] = a0;
-        key->addr[1] = a1;
-        key->addr[2] = a2;
-        key->addr[3] = a3;
-    }
+    hr_key_addr(key, family == HR_AF_INET, ip4, a0, a1, a2, a3);
 }
 
 /* the key of an accepted (inbound) connection: the remote end is the client */
@@ -374,15 +381,7 @@ static __always_inline void hr_conn_key_of_peer(struct bpf_sock_ops *skops, stru
     key->netns = bpf_get_netns_cookie(skops);
     /* network order in the upper 16 bits on little endian kernels; accept both layouts */
     key->port = (rport & 0xffff) == 0 ? bpf_ntohl(rport) : bpf_ntohs((u16)rport);
-    if (family == HR_AF_INET) {
-        key->addr[2] = bpf_htonl(0xffff);
-        key->addr[3] = ip4;
-    } else {
-        key->addr[0] = a0;
-        key->addr[1] = a1;
-        key->addr[2] = a2;
-        key->addr[3] = a3;
-    }
+    hr_key_addr(key, family == HR_AF_INET, ip4, a0, a1, a2, a3);
 }
 
 int hr_sockops(struct bpf_sock_ops *skops)
@@ -433,17 +432,9 @@ int hr_getsockopt(struct bpf_sockopt *ctx)
     u32 a1 = sk->dst_ip6[1];
     u32 a2 = sk->dst_ip6[2];
     u32 a3 = sk->dst_ip6[3];
-    if (family == HR_AF_INET) {
-        key.addr[2] = bpf_htonl(0xffff);
-        key.addr[3] = ip4;
-    } else if (family == HR_AF_INET6) {
-        key.addr[0] = a0;
-        key.addr[1] = a1;
-        key.addr[2] = a2;
-        key.addr[3] = a3;
-    } else {
+    if (family != HR_AF_INET && family != HR_AF_INET6)
         return 1;
-    }
+    hr_key_addr(&key, family == HR_AF_INET, ip4, a0, a1, a2, a3);
     struct hr_orig *orig = hr_conn_orig.lookup(&key);
     if (!orig)
         return 1;
@@ -515,15 +506,7 @@ static __always_inline struct hr_orig *hr_tcp_orig_of(struct bpf_sock_addr *ctx)
     struct hr_conn_key key = {};
     key.netns = bpf_get_netns_cookie(ctx);
     key.port = sk->src_port;
-    if (family == HR_AF_INET) {
-        key.addr[2] = bpf_htonl(0xffff);
-        key.addr[3] = ip4;
-    } else {
-        key.addr[0] = a0;
-        key.addr[1] = a1;
-        key.addr[2] = a2;
-        key.addr[3] = a3;
-    }
+    hr_key_addr(&key, family == HR_AF_INET, ip4, a0, a1, a2, a3);
     return hr_conn_orig.lookup(&key);
 }
 
