@@ -15,67 +15,53 @@ import os
 import socket
 import struct
 
+from node_agent import netlink_parse
+from node_agent.netlink_parse import NLMSG_DONE, NLMSG_ERROR
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 UDIAG_SHOW_VFS = 0x2
 UDIAG_SHOW_PEER = 0x4
 UNIX_DIAG_VFS = 1
 UNIX_DIAG_PEER = 2
 TCP_ESTABLISHED = 1
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie[2]
 _MSG = struct.Struct("=BBBBIII")  # family, type, state, pad, ino, cookie[2]
-_RTA = struct.Struct("=HH")
 
 
 class UnixDiagError(OSError):
     """sock_diag refused the dump or answered something unexpected."""
 
 
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
-
-
 def parse_dump(data: bytes) -> tuple[list[tuple[int, int | None, int | None]], bool]:
     """Messages of one netlink read: [(socket inode, vfs inode or None, peer inode or None)], and whether
     the dump is complete (NLMSG_DONE seen). Raises UnixDiagError on an NLMSG_ERROR."""
     out: list[tuple[int, int | None, int | None]] = []
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > len(data):
-            raise UnixDiagError(f"truncated netlink message ({length} bytes at {off})")
-        body = data[off + _NLMSGHDR.size : off + length]
-        off += _align4(length)
-        if mtype == NLMSG_DONE:
-            return out, True
-        if mtype == NLMSG_ERROR:
-            err = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
-            if err:
-                raise UnixDiagError(err, f"sock_diag: {os.strerror(err)}")
-            continue
-        if mtype != SOCK_DIAG_BY_FAMILY or len(body) < _MSG.size:
-            continue
-        _fam, _typ, _state, _pad, ino, _c0, _c1 = _MSG.unpack_from(body)
-        vfs: int | None = None
-        peer: int | None = None
-        a = _MSG.size
-        while a + _RTA.size <= len(body):
-            alen, atype = _RTA.unpack_from(body, a)
-            if alen < _RTA.size:
-                break
-            payload = body[a + _RTA.size : a + alen]
-            if atype == UNIX_DIAG_VFS and len(payload) >= 4:
-                vfs = struct.unpack_from("=I", payload)[0]
-            elif atype == UNIX_DIAG_PEER and len(payload) >= 4:
-                peer = struct.unpack_from("=I", payload)[0]
-            a += _align4(alen)
-        out.append((ino, vfs, peer))
+    try:
+        for mtype, _seq, body in netlink_parse.messages(data):
+            if mtype == NLMSG_DONE:
+                return out, True
+            if mtype == NLMSG_ERROR:
+                err = netlink_parse.error_code(body)
+                if err:
+                    raise UnixDiagError(err, f"sock_diag: {os.strerror(err)}")
+                continue
+            if mtype != SOCK_DIAG_BY_FAMILY or len(body) < _MSG.size:
+                continue
+            _fam, _typ, _state, _pad, ino, _c0, _c1 = _MSG.unpack_from(body)
+            vfs: int | None = None
+            peer: int | None = None
+            for atype, payload in netlink_parse.attributes(body[_MSG.size :]):
+                if atype == UNIX_DIAG_VFS and len(payload) >= 4:
+                    vfs = struct.unpack_from("=I", payload)[0]
+                elif atype == UNIX_DIAG_PEER and len(payload) >= 4:
+                    peer = struct.unpack_from("=I", payload)[0]
+            out.append((ino, vfs, peer))
+    except netlink_parse.NetlinkParseError as exc:
+        raise UnixDiagError(str(exc)) from None
     return out, False
 
 
@@ -86,7 +72,8 @@ def connected_peer_inodes(socket_file_inode: int) -> set[int]:
         nl.settimeout(5.0)
         req = _REQ.pack(socket.AF_UNIX, 0, 0, 1 << TCP_ESTABLISHED, 0, UDIAG_SHOW_VFS | UDIAG_SHOW_PEER, 0xFFFFFFFF,
                         0xFFFFFFFF)
-        hdr = _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+        nlmsghdr = netlink_parse.NLMSGHDR
+        hdr = nlmsghdr.pack(nlmsghdr.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
         nl.sendall(hdr + req)
         done = False
         while not done:

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 from node_agent.backends import nft_generation as g
+from node_agent.netlink_parse import NLMSG_ERROR
 
 
 def newgen(seq: int, gen: int, *, extra_attrs: bytes = b"") -> bytes:
@@ -38,7 +39,7 @@ def test_answers_to_other_requests_are_ignored() -> None:
 
 
 def test_errors_and_garbage_are_refused() -> None:
-    err = struct.pack("=IHHII", 36, g.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -1) + b"\x00" * 16
+    err = struct.pack("=IHHII", 36, NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -1) + b"\x00" * 16
     with pytest.raises(g.NftGenerationError, match="netlink error"):
         g.parse_getgen_reply(err, 1)
     with pytest.raises(g.NftGenerationError, match="truncated"):

@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 from node_agent.backends.base import BackendError
 from node_agent.metrics import AgentMetrics
+from node_agent.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 from node_agent.netns_fd_channel import NetnsFdError, NetnsFdServer, fetch_netns_fd, peer_pid
 from node_agent.proxy_cgroup_follow import Located, ProxyCgroupFollower, locate, saved_proxy_cgroup
 from node_agent.proxy_hub import ProxyHub
 from node_agent.status_api import proxy_cgroup_text
-from node_agent.unix_peers import NLMSG_DONE, NLMSG_ERROR, SOCK_DIAG_BY_FAMILY, UnixDiagError, client_pids, parse_dump
+from node_agent.unix_peers import SOCK_DIAG_BY_FAMILY, UnixDiagError, client_pids, parse_dump
 
 HEADRACE = str(Path(sys.executable).parent / "headrace")
 

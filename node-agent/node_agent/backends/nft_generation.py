@@ -21,18 +21,18 @@ import struct
 import threading
 from collections.abc import Sequence
 
+from node_agent import netlink_parse
+from node_agent.netlink_parse import NLMSG_ERROR
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 NLM_F_REQUEST = 0x1
-NLMSG_ERROR = 0x2
 CLONE_NEWNET = 0x40000000
 
-_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big endian, 0 here)
-_NLATTR = struct.Struct("=HH")  # nlattr: len, type
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -44,36 +44,27 @@ def getgen_request(seq: int) -> bytes:
     """An NFT_MSG_GETGEN request (AF_UNSPEC, nfnetlink version 0)."""
     body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
     msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-    return _NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body
+    hdr = netlink_parse.NLMSGHDR
+    return hdr.pack(hdr.size + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body
 
 
 def parse_getgen_reply(data: bytes, seq: int) -> int:
     """The NFTA_GEN_ID of the NFT_MSG_NEWGEN answer to request `seq`; NftGenerationError otherwise."""
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, msg_type, _flags, msg_seq, _pid = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size or offset + length > len(data):
-            raise NftGenerationError(f"truncated netlink message ({length} bytes at {offset})")
-        payload = data[offset + _NLMSG.size : offset + length]
-        offset += (length + 3) & ~3
-        if msg_seq != seq:
-            continue
-        if msg_type == NLMSG_ERROR:
-            (err,) = struct.unpack_from("=i", payload) if len(payload) >= 4 else (0,)
-            raise NftGenerationError(f"netlink error: {os.strerror(-err) if err < 0 else err}")
-        if msg_type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
-            continue
-        attrs = payload[_NFGEN.size :]
-        pos = 0
-        while pos + _NLATTR.size <= len(attrs):
-            attr_len, attr_type = _NLATTR.unpack_from(attrs, pos)
-            if attr_len < _NLATTR.size:
-                break
-            if attr_type & 0x3FFF == NFTA_GEN_ID and attr_len >= _NLATTR.size + 4:
-                (gen,) = struct.unpack_from("!I", attrs, pos + _NLATTR.size)
-                return int(gen)
-            pos += (attr_len + 3) & ~3
-        raise NftGenerationError("NEWGEN answer without NFTA_GEN_ID")
+    try:
+        for msg_type, msg_seq, payload in netlink_parse.messages(data):
+            if msg_seq != seq:
+                continue
+            if msg_type == NLMSG_ERROR:
+                err = netlink_parse.error_code(payload)
+                raise NftGenerationError(f"netlink error: {os.strerror(err) if err > 0 else err}")
+            if msg_type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+                continue
+            for attr_type, value in netlink_parse.attributes(payload[_NFGEN.size :]):
+                if attr_type == NFTA_GEN_ID and len(value) >= 4:
+                    return int(struct.unpack_from("!I", value)[0])
+            raise NftGenerationError("NEWGEN answer without NFTA_GEN_ID")
+    except netlink_parse.NetlinkParseError as exc:
+        raise NftGenerationError(str(exc)) from None
     raise NftGenerationError("no NEWGEN answer")
 
 

@@ -1,0 +1,46 @@
+"""Walking netlink messages and their attributes (pure; used by the sock_diag and nf_tables readers)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLATTR = struct.Struct("=HH")  # len, type
+
+
+class NetlinkParseError(ValueError):
+    """A message runs past the end of what was read."""
+
+
+def align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, seq, payload) of each message in one read."""
+    off = 0
+    while off + NLMSGHDR.size <= len(data):
+        length, msg_type, _flags, seq, _pid = NLMSGHDR.unpack_from(data, off)
+        if length < NLMSGHDR.size or off + length > len(data):
+            raise NetlinkParseError(f"truncated netlink message ({length} bytes at {off})")
+        yield msg_type, seq, data[off + NLMSGHDR.size : off + length]
+        off += align4(length)
+
+
+def error_code(payload: bytes) -> int:
+    """The errno of an NLMSG_ERROR payload (0: an acknowledgement)."""
+    return -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+
+
+def attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type without the nested/byte-order flags, payload) of each attribute."""
+    pos = 0
+    while pos + NLATTR.size <= len(data):
+        attr_len, attr_type = NLATTR.unpack_from(data, pos)
+        if attr_len < NLATTR.size:
+            return
+        yield attr_type & 0x3FFF, data[pos + NLATTR.size : pos + attr_len]
+        pos += align4(attr_len)
