@@ -166,6 +166,20 @@ class Listener:
             self._thread.join(timeout=2)
 
 
+def _run_client(netns_path: str, spec: dict[str, object], timeout: float) -> str:
+    """tcp_client.py in a child process inside netns_path (it joins spec's cgroup, then drops to its
+    gid/uid); its stdout. ConnectionError when it fails."""
+    argv = ["nsenter", f"--net={netns_path}", "--", "/usr/bin/python3", str(CLIENT_SCRIPT), json.dumps(spec)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
+    if proc.returncode != 0:
+        what = "udp client" if spec.get("udp") else "client"
+        raise ConnectionError(
+            f"{what} (cgroup {spec.get('cgroup')}, uid {spec.get('uid')}) to {spec['host']}:{spec['port']} failed: "
+            f"{proc.stderr.strip()}"
+        )
+    return proc.stdout
+
+
 def tcp_request(
     netns_path: str,
     host: str,
@@ -198,11 +212,7 @@ def tcp_request(
             "uid": uid,
             "gid": gid,
         }
-        argv = ["nsenter", f"--net={netns_path}", "--", "/usr/bin/python3", str(CLIENT_SCRIPT), json.dumps(spec)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
-        if proc.returncode != 0:
-            raise ConnectionError(f"client (cgroup {cgroup}, uid {uid}) failed: {proc.stderr.strip()}")
-        return bytes.fromhex(proc.stdout.strip())
+        return bytes.fromhex(_run_client(netns_path, spec, timeout).strip())
     with entered(netns_path):
         s = socket.socket(family_of(host), socket.SOCK_STREAM)
     return exchange(s, host, port, payload, timeout, mark, source)
@@ -224,12 +234,7 @@ def udp_request(
     if cgroup is not None or uid is not None or gid is not None:
         spec = {"host": host, "port": port, "payload": payload.hex(), "timeout": timeout, "udp": True,
                 "cgroup": cgroup, "uid": uid, "gid": gid}
-        argv = ["nsenter", f"--net={netns_path}", "--", "/usr/bin/python3", str(CLIENT_SCRIPT), json.dumps(spec)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
-        if proc.returncode != 0:
-            raise ConnectionError(f"udp client (cgroup {cgroup}, uid {uid}) to {host}:{port} failed: "
-                                  f"{proc.stderr.strip()}")
-        out = json.loads(proc.stdout)
+        out = json.loads(_run_client(netns_path, spec, timeout))
         return bytes.fromhex(out["data"]), (str(out["peer"][0]), int(out["peer"][1]))
     with entered(netns_path):
         s = socket.socket(family_of(host), socket.SOCK_DGRAM)
