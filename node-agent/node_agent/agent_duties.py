@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from node_agent.backends.base import RedirectBackend
+from node_agent.backends.base import RedirectBackend, needs_cgroup
 from node_agent.boot_race import REPAIR_MODES, BootRaceMonitor, PrometheusBootRaceMetrics, RepairMode
 from node_agent.netns_finder import NetnsLocation
 from node_agent.reconcile import Outcome
@@ -93,10 +93,6 @@ def install_options(agent_config: Any, duties: DutyOptions) -> Any:
     )
 
 
-def _needs_cgroup(backend: RedirectBackend) -> bool:
-    return bool(getattr(backend, "needs_cgroup", backend.name == "ebpf"))
-
-
 class AgentDuties:
     """install-cni + boot-race monitor around one Agent (anything with config, store, backend, flavour,
     reconciler and metrics)."""
@@ -128,7 +124,7 @@ class AgentDuties:
 
         def repair_backend(loc: NetnsLocation) -> RedirectBackend:
             node: RedirectBackend = agent.backend
-            if _needs_cgroup(node) and not loc.cgroup_path:
+            if needs_cgroup(node) and not loc.cgroup_path:
                 return fallback if fallback is not None else iptables
             return node
 

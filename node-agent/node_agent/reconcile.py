@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cni.redirect_spec import AmbientSpec
-from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, needs_cgroup
 from node_agent.desired_state import Desired, desired_pods
 from node_agent.netns_finder import NetnsLocation, NetnsNotFound, pick
 from node_agent.netns_pin import PinError
@@ -461,7 +461,7 @@ class Reconciler:
 
     def _find_cgroup(self, st: PodState, scan_cache: dict[str, Any]) -> None:
         """The pod's cgroup v2 dir from its processes in the pinned netns (eBPF attaches there)."""
-        if st.cgroup_path or not self._needs_cgroup(self.backend):
+        if st.cgroup_path or not needs_cgroup(self.backend):
             return
         if "scan" not in scan_cache:
             scan_cache["scan"] = self._scan()
@@ -488,7 +488,7 @@ class Reconciler:
                 self.pins.release(st.uid)  # a new sandbox for the same pod
             st.netns = self.pins.pin(st.uid, hint.netns, ino)
             st.inode = ino
-            if self._needs_cgroup(self.backend) and not st.cgroup_path:
+            if needs_cgroup(self.backend) and not st.cgroup_path:
                 # the sandbox's processes (if any) name the pod's cgroup, which eBPF attaches to
                 if "scan" not in scan_cache:
                     scan_cache["scan"] = self._scan()
@@ -512,9 +512,6 @@ class Reconciler:
         st.inode = loc.inode
         st.cgroup_path = loc.cgroup_path
 
-    def _needs_cgroup(self, backend: RedirectBackend) -> bool:
-        return bool(getattr(backend, "needs_cgroup", backend.name == "ebpf"))
-
     def _backend_named(self, name: str) -> RedirectBackend | None:
         for b in (self.backend, self.fallback):
             if b is not None and b.name == name:
@@ -536,7 +533,7 @@ class Reconciler:
             return self.backend
         reason_fn = getattr(self.backend, "fallback_reason", None)
         reason = reason_fn(spec) if callable(reason_fn) else None
-        if reason is None and self.cgroup_fallback and not st.cgroup_path and self._needs_cgroup(self.backend):
+        if reason is None and self.cgroup_fallback and not st.cgroup_path and needs_cgroup(self.backend):
             reason = "the pod's cgroup v2 directory is unknown (no pod process found)"
         if reason is None:
             return self.backend
@@ -848,7 +845,7 @@ class Reconciler:
                 st.netns = self.pins.pin(uid, netns, ino)
             except (PinError, OSError) as exc:
                 return Outcome(False, FAILED, f"netns pin: {exc}", retry=True)
-            if not st.cgroup_path and self._needs_cgroup(self.backend):
+            if not st.cgroup_path and needs_cgroup(self.backend):
                 for loc in self._scan().get(uid, []):
                     if loc.inode == ino and loc.cgroup_path:
                         st.cgroup_path = loc.cgroup_path

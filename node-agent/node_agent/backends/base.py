@@ -42,3 +42,9 @@ class RedirectBackend(Protocol):
 
     def installed(self, target: PodTarget) -> bool:
         """Whether anything of ours is present in the pod (adoption after an agent restart)."""
+
+
+def needs_cgroup(backend: RedirectBackend) -> bool:
+    """Whether the backend acts on the pod's cgroup, so the agent must pass PodTarget.cgroup_path
+    (a backend's `needs_cgroup` attribute; eBPF by name when it has none, e.g. a test double)."""
+    return bool(getattr(backend, "needs_cgroup", backend.name == "ebpf"))

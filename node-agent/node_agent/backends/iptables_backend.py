@@ -54,10 +54,7 @@ def iptables_only_check(spec: RedirectSpec) -> bool:
     """Whether the authoritative check of `spec` looks at iptables rules only, so that an unchanged
     fingerprint may stand in for it. Sidecar TPROXY mode also checks the policy routing (`ip rule`/`ip
     route`), which the fingerprint does not cover: those pods always get the full check."""
-    if isinstance(spec, AmbientSpec):
-        return True
-    uses_tproxy = getattr(builder, "uses_tproxy", None)
-    return not (uses_tproxy is not None and uses_tproxy(spec))
+    return isinstance(spec, AmbientSpec) or not builder.uses_tproxy(spec)
 
 
 class IptablesBackend:
