@@ -1,5 +1,5 @@
 PY := .venv/bin/python
-PROTO_OUT := node-agent/node_agent/proto_gen
+PROTO_OUT := node-agent/node_agent/protocol/proto_gen
 
 .PHONY: setup test lint unit kernel lab bench proto clean
 

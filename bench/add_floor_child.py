@@ -3,7 +3,7 @@
     python3 -IS bench/add_floor_child.py NETNS FLAVOUR V4_RULES_FILE [V6_RULES_FILE]
 
 Started by bench/cni_add_latency.py exactly like the plugin (`python3 -IS`, under `nsenter` into the
-node netns). It imports nothing but cni.iptables.spawn, reads the restore texts the plugin would send
+node netns). It imports nothing but cni.kernel.spawn, reads the restore texts the plugin would send
 (written beforehand by the bench) and runs the same commands the plugin runs on ADD, in parallel: one
 `nsenter --net=NETNS iptables-FLAVOUR-restore --noflush` per family and, with IPv6, the
 `ip -6 addr replace ::6/128 dev lo`. No config parsing, no pod lookup, no log, no result: the time left
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 
-from cni.iptables import spawn
+from cni.kernel import spawn
 
 
 def main(argv: list[str]) -> int:

@@ -34,8 +34,9 @@ from node_agent.lab.cni_runner import CniInvocationError, CniRunner
 from node_agent.lab.netns import NetNS
 from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
 
-from cni.iptables import builder, netns_tables
-from cni.redirect_spec import SidecarSpec
+from cni.contract.spec import SidecarSpec
+from cni.kernel import tables as netns_tables
+from cni.rules import builder
 
 SIDECAR_ANNOTATIONS = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 KINDS = ("sidecar", "non-mesh")

@@ -72,7 +72,7 @@ from bench.redirect_stats import (
     summarise,
     verdict_rows,
 )
-from cni.redirect_spec import PROXY_UID, SidecarSpec
+from cni.contract.spec import PROXY_UID, SidecarSpec
 
 WORKERS = Path(__file__).resolve().parent / "redirect_workers.py"
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
@@ -345,7 +345,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_backends(modes: tuple[str, ...], state: Path) -> dict[str, RedirectBackend | None]:
-    from node_agent.backends.iptables_backend import IptablesBackend
+    from node_agent.backends.iptables.backend import IptablesBackend
 
     out: dict[str, RedirectBackend | None] = {"direct": None}
     if "iptables" in modes:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from node_agent.lab.simnode import SimNode
 
-from node_agent.netns_pin import NetnsPins
-from node_agent.status_api import StatusError, query
+from node_agent.netns.pin import NetnsPins
+from node_agent.serve.status_client import StatusError, query
 
 VENV_BIN = Path(sys.executable).parent
 HEADRACE = str(VENV_BIN / "headrace")
@@ -277,7 +277,7 @@ class AgentRun:
 
 
 def iptables_save(netns_path: str, family: int, flavour: str) -> str:
-    from cni.iptables import flavour as flavour_mod
+    from cni.kernel import flavour as flavour_mod
 
     tool = flavour_mod.binary(flavour, family, "save")  # type: ignore[arg-type]
     return run(["nsenter", f"--net={netns_path}", tool], check=False).stdout

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from node_agent.backends.base import PodTarget, RedirectBackend, RedirectSpec
 
-from cni.iptables.flavour import Flavour
+from cni.kernel.flavour import Flavour
 from tests.harness.node import Pod, SimNode
 
 BACKENDS = ("iptables-legacy", "iptables-nft", "ebpf")
@@ -117,7 +117,7 @@ def make_backend(name: str, node: SimNode) -> RedirectBackend:
         from node_agent.backends.ebpf.backend import EbpfBackend
 
         return EbpfBackend(node.state_dir, proxy_cgroup=node.proxy_cgroup())
-    from node_agent.backends.iptables_backend import IptablesBackend
+    from node_agent.backends.iptables.backend import IptablesBackend
 
     return IptablesBackend(name.removeprefix("iptables-"))
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_agent.netns_finder import NetnsNotFound, find_pod_netns, scan
-from node_agent.netns_pin import NetnsPins, PinError, RecycledNetns
+from node_agent.netns.finder import NetnsNotFound, find_pod_netns, scan
+from node_agent.netns.pin import NetnsPins, PinError, RecycledNetns
 
 from tests.kernel.agent_kit import PodProcs
 
@@ -107,7 +107,7 @@ def test_recycled_pin_path_is_refused(pods: PodProcs, pins: NetnsPins) -> None:
 
 
 def test_ip_matcher_finds_named_netns_by_pod_ips_and_refuses_ambiguity() -> None:
-    from node_agent.netns_finder import IpMatcher, NetnsAmbiguous
+    from node_agent.netns.finder import IpMatcher, NetnsAmbiguous
 
     names = [f"hra-ipm-{secrets.token_hex(3)}" for _ in range(3)]
     octet = secrets.randbelow(200) + 20

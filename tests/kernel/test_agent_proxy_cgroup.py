@@ -43,7 +43,7 @@ AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
 def proxy_cgroup(agent: AgentRun) -> dict[str, Any]:
     try:
-        from node_agent.status_api import query
+        from node_agent.serve.status_client import query
 
         got = query(agent.cni_socket, 10).get("proxy_cgroup")
     except Exception:

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from cni.iptables import netns_tables
-from cni.redirect_spec import PROBE_SNAT_V4, PROBE_SNAT_V6, AmbientSpec
+from cni.contract.spec import PROBE_SNAT_V4, PROBE_SNAT_V6, AmbientSpec
+from cni.kernel import tables as netns_tables
 from tests.harness.node import Pod
 from tests.harness.traffic import Listener, tcp_request, udp_request, udp_responder
 from tests.kernel.redirect_backends import (

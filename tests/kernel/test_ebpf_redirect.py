@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from node_agent.backends.base import BackendError, PodTarget
 
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup
 from tests.kernel.parity_kit import ANY, HELPER, LOOPBACK, Scenario
 

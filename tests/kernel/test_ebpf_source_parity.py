@@ -24,7 +24,7 @@ import pytest
 from node_agent.backends.base import PodTarget, RedirectBackend, RedirectSpec
 from node_agent.lab.traffic import Listener, tcp_request, udp_request, udp_responder
 
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from tests.kernel.agent_kit import HEADRACE, AgentRun, node_agent, wait_for
 from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup, run
 from tests.kernel.parity_kit import ANY, HELPER, LOOPBACK, Scenario, host_of, tcp_view
@@ -37,7 +37,7 @@ pytest.importorskip("bcc")
 
 from node_agent.backends.ebpf import pinning  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
-from node_agent.backends.iptables_backend import IptablesBackend  # noqa: E402
+from node_agent.backends.iptables.backend import IptablesBackend  # noqa: E402
 
 Observe = Callable[[Scenario], dict[str, Any]]
 

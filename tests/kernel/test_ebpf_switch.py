@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from node_agent.backends.base import PodTarget
 
-from cni.redirect_spec import SidecarSpec
+from cni.contract.spec import SidecarSpec
 from tests.kernel.ebpf_fixtures import PodEnv, pod_env
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 pytest.importorskip("bcc")
-iptables_backend = pytest.importorskip("node_agent.backends.iptables_backend")
+iptables_backend = pytest.importorskip("node_agent.backends.iptables.backend")
 
 from node_agent.backends.ebpf import pinning  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
@@ -86,7 +86,7 @@ def test_hybrid_inbound_via_iptables(env, backends, tmp_path):
 
 
 def test_hybrid_ambient_inbound_via_iptables(env, backends, tmp_path):
-    from cni.redirect_spec import AmbientSpec
+    from cni.contract.spec import AmbientSpec
     from tests.kernel.ebpf_fixtures import make_cgroup, remove_cgroup
 
     ebpf, ipt, target = backends

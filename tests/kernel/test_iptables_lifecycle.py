@@ -13,10 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 from node_agent.backends.base import BackendError, PodTarget
-from node_agent.backends.iptables_backend import IptablesBackend
+from node_agent.backends.iptables.backend import IptablesBackend
 
-from cni.iptables import builder, flavour, netns_tables
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.kernel import flavour
+from cni.kernel import tables as netns_tables
+from cni.rules import builder
 from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from cni.iptables import flavour, netns_tables, spawn
-from cni.redirect_spec import SidecarSpec
-from cni.sidecar_params import SidecarParams
+from cni.contract.sidecar_params import SidecarParams
+from cni.contract.spec import SidecarSpec
+from cni.kernel import flavour, spawn
+from cni.kernel import tables as netns_tables
 from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel

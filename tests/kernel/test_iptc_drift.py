@@ -17,13 +17,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from node_agent.backends import iptc_reader
 from node_agent.backends.base import PodTarget, RedirectSpec
-from node_agent.backends.iptables_backend import IptablesBackend
-from node_agent.backends.iptc_check import CheckStats, DriftShortcut
+from node_agent.backends.iptables import iptc_reader
+from node_agent.backends.iptables.backend import IptablesBackend
+from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
 
-from cni.iptables import builder, spawn
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.kernel import spawn
+from cni.rules import builder
 from tests.harness.netns import NetNS, entered
 
 pytestmark = pytest.mark.kernel
@@ -51,7 +52,7 @@ def ns() -> Iterator[NetNS]:
 
 
 class Spawns:
-    """Counts processes started through cni.iptables.spawn (every iptables-save/restore goes there)."""
+    """Counts processes started through cni.kernel.spawn (every iptables-save/restore goes there)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
@@ -325,7 +326,7 @@ def test_reading_creates_no_table_and_leaves_threads_home(ns: NetNS, reader: ipt
 
 
 def test_nft_backend_never_uses_python_iptables() -> None:
-    from node_agent.backends.nft_generation import NftGenerationReader
+    from node_agent.backends.iptables.nft_generation import NftGenerationReader
 
     nft = IptablesBackend("nft").shortcut
     assert nft is not None and isinstance(nft.reader, NftGenerationReader)  # the ruleset generation

@@ -15,12 +15,12 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 from node_agent.backends.base import PodTarget
-from node_agent.backends.iptables_backend import IptablesBackend
-from node_agent.backends.iptc_check import CheckStats, DriftShortcut
-from node_agent.backends.nft_generation import NftGenerationReader, read_generation
+from node_agent.backends.iptables.backend import IptablesBackend
+from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
+from node_agent.backends.iptables.nft_generation import NftGenerationReader, read_generation
 
-from cni.iptables import spawn
-from cni.redirect_spec import AmbientSpec
+from cni.contract.spec import AmbientSpec
+from cni.kernel import spawn
 from tests.harness.netns import NetNS, entered
 
 pytestmark = pytest.mark.kernel

@@ -1,6 +1,6 @@
 """The reference proxy (`headrace proxy`) with real traffic between two netns joined by a veth pair.
 
-Each netns gets the ambient in-pod redirect (cni.iptables.netns_tables.apply_ambient, iptables-nft), inside
+Each netns gets the ambient in-pod redirect (cni.kernel.tables.apply_ambient, iptables-nft), inside
 the test's own netns only. The agent side is a real ProxyHub; the proxy runs as a `headrace proxy`
 subprocess (pinned-path mode and SCM_RIGHTS side-channel mode).
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from node_agent.proxy_hub import ProxyHub, ProxyNack
-from node_agent.workload import WorkloadInfo
+from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.hub import ProxyHub, ProxyNack
 
 from tests.harness.netns import NetNS, entered
 
@@ -37,11 +37,11 @@ IPT = {4: "iptables-nft", 6: "ip6tables-nft"}
 
 
 def ambient_redirect(ns: NetNS) -> None:
-    """The in-pod ambient rules: the project's own (cni.iptables) when present, else a minimal stand-in
+    """The in-pod ambient rules: the project's own (cni.rules) when present, else a minimal stand-in
     (nat OUTPUT: TCP not marked 0x539 -> 15001; nat PREROUTING: TCP -> 15006)."""
     try:
-        from cni.iptables.netns_tables import apply_ambient
-        from cni.redirect_spec import AmbientSpec
+        from cni.contract.spec import AmbientSpec
+        from cni.kernel.tables import apply_ambient
     except ImportError:
         pass
     else:

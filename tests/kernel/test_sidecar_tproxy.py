@@ -31,10 +31,11 @@ from typing import Any
 
 import pytest
 from node_agent.backends.base import PodTarget
-from node_agent.backends.iptables_backend import IptablesBackend
+from node_agent.backends.iptables.backend import IptablesBackend
 
-from cni.iptables import flavour, netns_tables
-from cni.redirect_spec import SidecarSpec
+from cni.contract.spec import SidecarSpec
+from cni.kernel import flavour
+from cni.kernel import tables as netns_tables
 from tests.harness.cni_runner import CniInvocationError
 from tests.harness.netns import NetNS
 from tests.harness.node import Pod, SimNode

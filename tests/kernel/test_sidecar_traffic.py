@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from node_agent.backends.base import PodTarget
 
-from cni.iptables import netns_tables
-from cni.redirect_spec import SidecarSpec
+from cni.contract.spec import SidecarSpec
+from cni.kernel import tables as netns_tables
 from tests.harness.node import Pod
 from tests.harness.traffic import Listener, tcp_request
 from tests.kernel.redirect_backends import Redirect, ip, over_backends, over_backends_and_families, redirect_fixture

@@ -9,8 +9,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from node_agent.backends.base import BackendError, PodTarget
-from node_agent.netns_pin import PinError, RecycledNetns
-from node_agent.workload import WorkloadInfo
+from node_agent.netns.pin import PinError, RecycledNetns
+from node_agent.protocol.workload import WorkloadInfo
 
 
 class FakePins:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from node_agent.netns_finder import NetnsLocation
-from node_agent.reconcile import Reconciler
+from node_agent.netns.finder import NetnsLocation
+from node_agent.reconcile.loop import Reconciler
 
 from tests.unit.agent_fakes import FakeBackend, FakeHub
 from tests.unit.test_agent_reconcile import AMBIENT, UID, Env, pod

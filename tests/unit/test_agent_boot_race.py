@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_agent.agent_duties import AgentDuties, DutyConfigError, DutyOptions, StatusView, build_duty_options
+from node_agent.agent.duties import AgentDuties, DutyConfigError, DutyOptions, StatusView, build_duty_options
 from node_agent.backends.base import BackendError, PodTarget
-from node_agent.boot_race import (
+from node_agent.netns.finder import NetnsLocation, NetnsNotFound
+from node_agent.reconcile.loop import Outcome
+from node_agent.repair.boot_race import (
     FAILED,
     FLAGGED,
     INTACT,
@@ -20,9 +22,7 @@ from node_agent.boot_race import (
     BootRaceMonitor,
     PrometheusBootRaceMetrics,
 )
-from node_agent.netns_finder import NetnsLocation, NetnsNotFound
-from node_agent.pod_store import NamespaceRecord, PodRecord, PodStore
-from node_agent.reconcile import Outcome
+from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
 from prometheus_client import CollectorRegistry
 
 SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
@@ -266,7 +266,7 @@ def test_status_view_delegates_and_overlays(tmp_path: Path) -> None:
 
 
 def test_status_table_shows_boot_race_reason() -> None:
-    from node_agent.status_api import render_table
+    from node_agent.serve.status_client import render_table
 
     rows = [
         {"namespace": "shop", "name": "early", "uid": "u1", "mode": "sidecar", "backend": "iptables",

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from node_agent.cni_server import CniServer
 from node_agent.commands.status import status
-from node_agent.reconcile import Outcome
+from node_agent.reconcile.loop import Outcome
+from node_agent.serve.cni_server import CniServer
 
-from cni.agent_client import PluginEvent, send_event
+from cni.plugin.agent_client import PluginEvent, send_event
 
 UID = "bbbbbbbb-0000-0000-0000-000000000001"
 
@@ -167,7 +167,7 @@ def test_malformed_requests_refused(server, payload: bytes, message: str) -> Non
 
 
 def test_slow_client_is_bounded(server, monkeypatch) -> None:
-    import node_agent.cni_server as mod
+    import node_agent.serve.cni_server as mod
 
     monkeypatch.setattr(mod, "READ_TIMEOUT", 0.2)
     _, _, path = server

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_agent.agent_config import ConfigError, MetricsAddr, build_config, parse_metrics_addr
+from node_agent.agent.config import ConfigError, MetricsAddr, build_config, parse_metrics_addr
 
 
 def test_defaults_from_state_dir(tmp_path: Path) -> None:

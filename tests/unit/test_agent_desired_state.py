@@ -3,8 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from node_agent.desired_state import desired_pods, pod_mode
-from node_agent.pod_store import NamespaceRecord, ObjectError, PodRecord, PodStore, pod_from_dict
+from node_agent.sources.desired import desired_pods, pod_mode
+from node_agent.sources.store import NamespaceRecord, ObjectError, PodRecord, PodStore, pod_from_dict
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from node_agent.health import HealthServer
-from node_agent.metrics import AgentMetrics
+from node_agent.serve.health import HealthServer
+from node_agent.serve.metrics import AgentMetrics
 
 
 def get(url: str) -> tuple[int, str]:

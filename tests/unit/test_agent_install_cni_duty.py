@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from node_agent.agent_duties import DutyOptions, install_options
-from node_agent.agent_install_cni import InstallCniDuty
+from node_agent.agent.duties import DutyOptions, install_options
 from node_agent.install_cni import runtime, service
+from node_agent.install_cni.duty import InstallCniDuty
 from node_agent.install_cni.settings import PluginSettings
 
 DATA = Path(__file__).parent.parent / "data" / "conflists"
@@ -107,7 +107,7 @@ def test_late_config_and_preinstalled_plugin(tmp_path: Path) -> None:
 
 
 def test_entry_points_at_this_agent(tmp_path: Path) -> None:
-    from node_agent.agent_config import build_config
+    from node_agent.agent.config import build_config
 
     objects = tmp_path / "objects"
     objects.mkdir()

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from node_agent.k8s_source import Backoff, KubernetesSource
-from node_agent.pod_store import PodStore
+from node_agent.sources.kubernetes import Backoff, KubernetesSource
+from node_agent.sources.store import PodStore
 
 from tests.unit.agent_fake_apiserver import FakeApiServer
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from click.testing import CliRunner
-from node_agent import agent_log
+from node_agent.agent import log as agent_log
 from node_agent.commands.agent import agent
 
 

@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node_agent.objects_source import ObjectsDirSource, read_objects_dir
-from node_agent.pod_store import PodStore
+from node_agent.sources.objects_dir import ObjectsDirSource, read_objects_dir
+from node_agent.sources.store import PodStore
 
 
 def write(path: Path, obj: dict[str, Any]) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from node_agent.backends.base import PodTarget
-from node_agent.netns_finder import NetnsLocation, NetnsNotFound
-from node_agent.pod_records import EnrolRecord, RecordStore
-from node_agent.pod_store import NamespaceRecord, PodRecord, PodStore
-from node_agent.reconcile import Reconciler
+from node_agent.netns.finder import NetnsLocation, NetnsNotFound
+from node_agent.reconcile.loop import Reconciler
+from node_agent.reconcile.records import EnrolRecord, RecordStore
+from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
 
 from tests.unit.agent_fakes import FakeBackend, FakeHub, FakePins
 
@@ -306,7 +306,7 @@ def test_cni_add_times_out_without_proxy(env: Env) -> None:
 
 
 def test_sidecar_pod_handed_over_by_plugin(env: Env) -> None:
-    from cni.redirect_spec import SidecarSpec
+    from cni.contract.spec import SidecarSpec
 
     netns = env.fake_netns(UID)
     env.set(

@@ -123,7 +123,7 @@ def test_sidecar_new_sandbox_replaces_old(env: Env) -> None:
 
 
 def test_ambient_records_unchanged(env: Env) -> None:
-    from node_agent.pod_records import EnrolRecord
+    from node_agent.reconcile.records import EnrolRecord
 
     env.records.save(EnrolRecord(UID, "app", "p-1", 7, ("10.0.0.5",), "fake"))
     raw = (env.tmp / "pods" / f"{UID}.json").read_text()

@@ -7,9 +7,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from node_agent.agent import Agent
-from node_agent.agent_config import build_config
-from node_agent.status_api import query
+from node_agent.agent.config import build_config
+from node_agent.agent.daemon import Agent
+from node_agent.serve.status_client import query
 
 from tests.unit.agent_fake_apiserver import FakeApiServer
 from tests.unit.agent_fakes import FakeBackend, FakeHub

@@ -1,4 +1,4 @@
-"""The plugin-event client (cni.agent_client) against a real unix-socket server in a thread.
+"""The plugin-event client (cni.plugin.agent_client) against a real unix-socket server in a thread.
 
 ``FakeAgent`` is also used by the plugin tests (test_cni_plugin_process.py)."""
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cni.agent_client import AgentUnavailable, PluginEvent, send_event
+from cni.plugin.agent_client import AgentUnavailable, PluginEvent, send_event
 
 Reply = Callable[[dict[str, Any]], bytes | None]
 

@@ -1,4 +1,4 @@
-"""traffic.sidecar.istio.io/* annotation validation (cni.annotations)."""
+"""traffic.sidecar.istio.io/* annotation validation (cni.contract.annotations)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from cni import annotations as ann
-from cni.errors import INVALID_ANNOTATION, CniError
-from cni.redirect_spec import SidecarSpec
+from cni.contract import annotations as ann
+from cni.contract.errors import INVALID_ANNOTATION, CniError
+from cni.contract.spec import SidecarSpec
 
 
 def test_no_annotations_gives_contract_defaults() -> None:

@@ -1,4 +1,4 @@
-"""The plugin's JSON-lines log (cni.jsonlog)."""
+"""The plugin's JSON-lines log (cni.plugin.log)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from cni.jsonlog import JsonLog
+from cni.plugin.log import JsonLog
 
 
 def test_one_object_per_line_with_context(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The stdlib replacements that keep the plugin's start-up lean behave exactly like what they replace:
-cni.jsoncodec vs json, cni_result.ip_version vs ipaddress, the netconf/annotations name checks vs the
+cni.contract.jsoncodec vs json, cni_result.ip_version vs ipaddress, the netconf/annotations name checks vs the
 regular expressions they implement, the spawner vs subprocess. Inputs: hand-picked edge cases plus a
 seeded random fuzz."""
 
@@ -17,9 +17,12 @@ from typing import Any
 
 import pytest
 
-from cni import annotations as cni_annotations
-from cni import cni_result, jsoncodec, netconf
-from cni.iptables import netns_tables, spawn
+from cni.contract import annotations as cni_annotations
+from cni.contract import jsoncodec
+from cni.kernel import spawn
+from cni.kernel import tables as netns_tables
+from cni.plugin import netconf
+from cni.plugin import result as cni_result
 
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -96,7 +99,7 @@ def test_success_paths_do_not_import_json_re_or_typing() -> None:
     code = (
         "import sys\n"
         f"sys.path.insert(0, {REPO!r})\n"
-        "from cni import jsoncodec, cni_result\n"
+        "from cni.contract import jsoncodec\nfrom cni.plugin import result as cni_result\n"
         'obj = jsoncodec.loads_bytes(b\'{"a": [1, 2.5, "\\\\u00e9"], "b": null}\')\n'
         "text = jsoncodec.dumps(obj) + jsoncodec.dumps(obj, separators=(',', ':'), default=str)\n"
         "v = cni_result.ip_version('10.0.0.1/24') + cni_result.ip_version('fd00:1::5/64')\n"

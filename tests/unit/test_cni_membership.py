@@ -1,10 +1,10 @@
-"""A pod's dataplane mode (cni.membership)."""
+"""A pod's dataplane mode (cni.contract.membership)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cni.membership import namespace_needed, pod_mode
+from cni.contract.membership import namespace_needed, pod_mode
 
 SIDECAR = {"sidecar.istio.io/status": "{}"}
 AMB = {"istio.io/dataplane-mode": "ambient"}

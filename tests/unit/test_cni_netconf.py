@@ -1,4 +1,4 @@
-"""CNI environment and network-configuration parsing (cni.netconf)."""
+"""CNI environment and network-configuration parsing (cni.plugin.netconf)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cni import errors
-from cni.errors import CniError
-from cni.netconf import parse_cni_args, parse_config, parse_env
+from cni.contract import errors
+from cni.contract.errors import CniError
+from cni.plugin.netconf import parse_cni_args, parse_config, parse_env
 
 BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_IFNAME": "eth0", "CNI_NETNS": "/run/netns/x"}
 PREV = {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}

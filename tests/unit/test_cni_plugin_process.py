@@ -198,7 +198,7 @@ def test_only_stdlib_is_imported(env: Env) -> None:
     conf = env.conf()
     code = (
         "import os\n"
-        "from cni import plugin\n"
+        "from cni.plugin import entry as plugin\n"
         "environ = dict(os.environ, CNI_COMMAND='ADD', CNI_CONTAINERID='c1', CNI_IFNAME='eth0',"
         f" CNI_NETNS={env.netns!r}, CNI_ARGS='K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web')\n"
         f"rc, out = plugin.run(environ, {json.dumps(conf).encode()!r})\n"
@@ -210,7 +210,7 @@ def test_only_stdlib_is_imported(env: Env) -> None:
     assert not tops & set(FORBIDDEN)
     assert tops - set(sys.stdlib_module_names) - {"__main__"} == {"cni"}
     # a non-mesh ADD does not pay for the heavy stdlib modules or the sidecar/agent code
-    assert not {"cni.annotations", "cni.iptables", "cni.agent_client", "cni.redirect_spec"} & mods
+    assert not {"cni.contract.annotations", "cni.rules", "cni.plugin.agent_client", "cni.contract.spec"} & mods
     assert not set(HEAVY_STDLIB) & tops, sorted(set(HEAVY_STDLIB) & tops)
 
 
@@ -223,8 +223,8 @@ def test_sidecar_path_imports_stay_lean(env: Env, ranges: bool) -> None:
     if ranges:
         annotations["traffic.sidecar.istio.io/excludeOutboundIPRanges"] = "10.1.0.0/16,fd00::/64"
     code = (
-        "from cni.annotations import sidecar_params\n"
-        "from cni.iptables import builder, flavour, netns_tables, spawn\n"
+        "from cni.contract.annotations import sidecar_params\n"
+        "from cni.rules import builder\nfrom cni.kernel import flavour, spawn\nfrom cni.kernel import tables as netns_tables\n"
         f"spec = sidecar_params({annotations!r})\n"
         "text = builder.sidecar_rules(spec, 4).render() + builder.sidecar_rules(spec, 6).render()\n"
         "assert spawn.run_many([(['true'], None), (['cat'], text)], 10)[1].stdout == text\n"
@@ -233,7 +233,7 @@ def test_sidecar_path_imports_stay_lean(env: Env, ranges: bool) -> None:
     tops = {m.split(".")[0] for m in mods}
     heavy = set(HEAVY_STDLIB) - {"ipaddress", "functools", "collections"} if ranges else set(HEAVY_STDLIB)
     assert not heavy & tops, sorted(heavy & tops)
-    assert "cni.redirect_spec" not in mods
+    assert "cni.contract.spec" not in mods
 
 
 def test_importtime_of_version(env: Env) -> None:

@@ -1,4 +1,4 @@
-"""Pod sources (cni.podsource): an objects dir, and the Kubernetes API served by a real local HTTP(S)
+"""Pod sources (cni.plugin.pod_source): an objects dir, and the Kubernetes API served by a real local HTTP(S)
 server (http.server in a thread, real API JSON, a self-signed certificate made with openssl)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cni.podsource import KubeApiSource, ObjectsDirSource, PodSourceError, parse_kubeconfig
+from cni.plugin.pod_source import KubeApiSource, ObjectsDirSource, PodSourceError, parse_kubeconfig
 
 POD: dict[str, Any] = {
     "apiVersion": "v1",
@@ -78,7 +78,7 @@ def test_objects_dir_yaml_is_parsed_lazily(tmp_path: Path) -> None:
     )
     (tmp_path / "ns.yml").write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n")
     code = (
-        "import sys; from cni.podsource import ObjectsDirSource as S; s=S(sys.argv[1]);"
+        "import sys; from cni.plugin.pod_source import ObjectsDirSource as S; s=S(sys.argv[1]);"
         "assert s.get_pod('shop','web') is None; print('yaml' in sys.modules);"
         "p=s.get_pod('shop','api'); print('yaml' in sys.modules, p.host_network, dict(p.labels));"
         "print(s.get_namespace('shop'))"

@@ -1,4 +1,4 @@
-"""prevResult validation and conversion between CNI 0.4.0, 1.0.0 and 1.1.0 (cni.cni_result)."""
+"""prevResult validation and conversion between CNI 0.4.0, 1.0.0 and 1.1.0 (cni.plugin.result)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from cni import cni_result
-from cni.errors import INVALID_NETWORK_CONFIG, CniError
+from cni.contract.errors import INVALID_NETWORK_CONFIG, CniError
+from cni.plugin import result as cni_result
 
 R040: dict[str, Any] = {
     "cniVersion": "0.4.0",

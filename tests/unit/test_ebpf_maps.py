@@ -9,7 +9,7 @@ import struct
 import pytest
 from node_agent.backends.ebpf import loader, maps, pinning
 
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 
 
 def test_sidecar_config_layout():

@@ -10,7 +10,7 @@ from node_agent.backends.base import BackendError, PodTarget
 from node_agent.backends.ebpf import attach, maps
 from node_agent.backends.ebpf.backend import EbpfBackend
 
-from cni.redirect_spec import SidecarSpec
+from cni.contract.spec import SidecarSpec
 
 
 class FakeIptables:

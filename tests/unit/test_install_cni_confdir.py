@@ -195,7 +195,7 @@ def test_cni_0_3_1_chained_and_unsupported_version_refused(tmp_path):
     plugin refuses would fail every pod ADD on the node, so install-cni refuses that instead."""
     from node_agent.install_cni import service
 
-    from cni.netconf import SUPPORTED_VERSIONS
+    from cni.plugin.netconf import SUPPORTED_VERSIONS
 
     conf = tmp_path / "etc" / "cni" / "net.d"
     put(conf, "10-calico.conflist")

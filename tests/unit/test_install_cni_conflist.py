@@ -155,7 +155,7 @@ def test_upsert_refuses_foreign_entry():
 
 
 def test_version_warning_for_versions_the_plugin_refuses():
-    from cni.netconf import SUPPORTED_VERSIONS
+    from cni.plugin.netconf import SUPPORTED_VERSIONS
 
     assert cl.version_warning(load("10-containerd-net.conflist"), SUPPORTED_VERSIONS) is None
     assert cl.version_warning(load("10-calico.conflist"), SUPPORTED_VERSIONS) is None

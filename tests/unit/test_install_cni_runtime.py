@@ -34,8 +34,8 @@ def test_layout_and_launcher(installed):
     assert text.splitlines()[0] == f"#!{rt}/bin/python3.11 -IS"
     assert runtime.is_our_launcher(str(launcher))
     assert launcher.stat().st_mode & 0o777 == 0o755
-    assert (rt / "app" / "cni" / "plugin.py").is_file()
-    assert list((rt / "app" / "cni").glob("__pycache__/plugin.*.pyc"))  # precompiled: fast start
+    assert (rt / "app" / "cni" / "plugin" / "entry.py").is_file()
+    assert list((rt / "app" / "cni" / "plugin").glob("__pycache__/entry.*.pyc"))  # precompiled: fast start
     assert (rt / "lib" / "python3.11" / "json" / "__init__.py").is_file()
     assert not (rt / "lib" / "python3.11" / "site-packages").exists()
     assert not (rt / "lib" / "python3.11" / "test").exists()

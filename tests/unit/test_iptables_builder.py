@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from cni.iptables import builder
-from cni.redirect_spec import AmbientSpec, Family, SidecarSpec
+from cni.contract.spec import AmbientSpec, Family, SidecarSpec
+from cni.rules import builder
 
 net = ipaddress.ip_network
 

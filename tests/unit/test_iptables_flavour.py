@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cni.iptables import flavour
+from cni.kernel import flavour
 
 # What an nft host with kube-proxy-ish rules and a stray empty legacy table looks like: the legacy dump
 # has MORE lines (chain headers) but no rules; a line-count heuristic would wrongly pick legacy.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cni.iptables import builder
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.rules import builder
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden" / "iptables"
 net = ipaddress.ip_network

@@ -6,16 +6,18 @@ import types
 from collections.abc import Callable, Sequence
 
 import pytest
-from node_agent.backends import iptables_backend, iptc_reader
 from node_agent.backends.base import PodTarget
-from node_agent.backends.iptables_backend import IptablesBackend, in_process_check_enabled, iptables_only_check
-from node_agent.backends.iptc_check import CheckStats, DriftShortcut
-from node_agent.backends.iptc_reader import IptcReader, IptcReadError, IptcUnavailable
-from node_agent.metrics import AgentMetrics
+from node_agent.backends.iptables import backend as iptables_backend
+from node_agent.backends.iptables import iptc_reader
+from node_agent.backends.iptables.backend import IptablesBackend, in_process_check_enabled, iptables_only_check
+from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
+from node_agent.backends.iptables.iptc_reader import IptcReader, IptcReadError, IptcUnavailable
+from node_agent.serve.metrics import AgentMetrics
 from prometheus_client import generate_latest
 
-from cni.iptables import builder, netns_tables
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.kernel import tables as netns_tables
+from cni.rules import builder
 
 NS = "/run/netns/pod-a"
 PREFIX = "HEADRACE_AM_"
@@ -196,8 +198,8 @@ def test_env_switch(value: str | None, on: bool) -> None:
 
 
 def test_backend_picks_the_shortcut_of_its_flavour(monkeypatch) -> None:
-    from node_agent.backends.iptc_reader import IptcReader
-    from node_agent.backends.nft_generation import NftGenerationReader
+    from node_agent.backends.iptables.iptc_reader import IptcReader
+    from node_agent.backends.iptables.nft_generation import NftGenerationReader
 
     monkeypatch.setenv("XTABLES_LIBDIR", "/usr/lib/x86_64-linux-gnu/xtables")
     monkeypatch.delenv(iptables_backend.IPTC_ENV, raising=False)

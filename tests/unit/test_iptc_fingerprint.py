@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from node_agent.backends.iptc_fingerprint import (
+from node_agent.backends.iptables.iptc_fingerprint import (
     LAYOUTS,
     RuleKey,
     fingerprint,

@@ -6,8 +6,8 @@ import socket
 import struct
 
 import pytest
-from node_agent.backends import nft_generation as g
-from node_agent.netlink_parse import NLMSG_ERROR
+from node_agent.backends.iptables import nft_generation as g
+from node_agent.kernel.netlink_parse import NLMSG_ERROR
 
 
 def newgen(seq: int, gen: int, *, extra_attrs: bytes = b"") -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 import pytest
-from node_agent.proxy_cgroup import (
+from node_agent.proxy.cgroup import (
     Cgroup2Mount,
     ProxyCgroupError,
     cgroup2_mounts,

@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 from node_agent.backends.base import BackendError
-from node_agent.metrics import AgentMetrics
-from node_agent.netlink_parse import NLMSG_DONE, NLMSG_ERROR
-from node_agent.netns_fd_channel import NetnsFdError, NetnsFdServer, fetch_netns_fd, peer_pid
-from node_agent.proxy_cgroup_follow import Located, ProxyCgroupFollower, locate, saved_proxy_cgroup
-from node_agent.proxy_hub import ProxyHub
-from node_agent.status_api import proxy_cgroup_text
-from node_agent.unix_peers import SOCK_DIAG_BY_FAMILY, UnixDiagError, client_pids, parse_dump
+from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
+from node_agent.protocol.fd_channel import NetnsFdError, NetnsFdServer, fetch_netns_fd, peer_pid
+from node_agent.proxy.cgroup_follow import Located, ProxyCgroupFollower, locate, saved_proxy_cgroup
+from node_agent.proxy.hub import ProxyHub
+from node_agent.proxy.peers import SOCK_DIAG_BY_FAMILY, UnixDiagError, client_pids, parse_dump
+from node_agent.serve.metrics import AgentMetrics
+from node_agent.serve.status_client import proxy_cgroup_text
 
 HEADRACE = str(Path(sys.executable).parent / "headrace")
 
@@ -304,9 +304,9 @@ def test_metric_has_one_current_source() -> None:
 
 
 def test_agent_wires_the_follower_into_status_and_metrics(tmp_path: Path) -> None:
-    from node_agent.agent import Agent
-    from node_agent.agent_config import build_config
-    from node_agent.status_api import query, render_table
+    from node_agent.agent.config import build_config
+    from node_agent.agent.daemon import Agent
+    from node_agent.serve.status_client import query, render_table
 
     from tests.unit.agent_fakes import FakeBackend, FakeHub
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import grpc
 import pytest
-from node_agent.netns_fd_channel import NetnsFdError, fetch_netns_fd, side_channel_path
-from node_agent.proto_gen import node_proxy_pb2 as pb
-from node_agent.proto_gen import node_proxy_pb2_grpc as pb_grpc
-from node_agent.proxy_hub import HubStopped, ProxyHub, ProxyNack, Superseded
-from node_agent.workload import WorkloadInfo
+from node_agent.protocol.fd_channel import NetnsFdError, fetch_netns_fd, side_channel_path
+from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
+from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
+from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.hub import HubStopped, ProxyHub, ProxyNack, Superseded
 
 T = 5.0
 

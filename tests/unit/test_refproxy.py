@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from node_agent.proxy_hub import ProxyHub, ProxyNack
+from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.hub import ProxyHub, ProxyNack
 from node_agent.refproxy.agent_session import AgentSession
 from node_agent.refproxy.logs import JsonFormatter
 from node_agent.refproxy.sockets import format_addr, parse_sockaddr_in, parse_sockaddr_in6
 from node_agent.refproxy.workloads import WorkloadError, WorkloadTable
-from node_agent.workload import WorkloadInfo
 
 T = 5.0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cni.iptables import tproxy_routes as tr
+from cni.rules import tproxy_routes as tr
 
 
 def test_lines_per_family() -> None:

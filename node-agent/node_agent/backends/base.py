@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 
 RedirectSpec = SidecarSpec | AmbientSpec
 

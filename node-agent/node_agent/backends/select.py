@@ -32,7 +32,7 @@ class BackendChoice(NamedTuple):
 
 
 def _iptables(flavour: str) -> RedirectBackend:
-    from node_agent.backends.iptables_backend import IptablesBackend
+    from node_agent.backends.iptables.backend import IptablesBackend
 
     backend: RedirectBackend = IptablesBackend(flavour)
     return backend

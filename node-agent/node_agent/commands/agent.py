@@ -55,8 +55,8 @@ def agent(
     **duty: Any,
 ) -> None:
     """Run the node agent (one per node)."""
-    from node_agent import agent_log
-    from node_agent.agent_config import ConfigError, build_config
+    from node_agent.agent import log as agent_log
+    from node_agent.agent.config import ConfigError, build_config
 
     try:
         config = build_config(
@@ -70,7 +70,7 @@ def agent(
         raise click.UsageError(str(exc)) from exc
     duties = build_duties(duty)
     agent_log.setup(config.log_level)
-    from node_agent.agent import Agent, AgentError
+    from node_agent.agent.daemon import Agent, AgentError
 
     try:
         sys.exit(Agent(config, duties=duties).run())

@@ -1,5 +1,5 @@
 """The `headrace agent` flags of the node duties (install-cni in the agent, boot-race repair); see
-node_agent.agent_duties. Kept apart from commands/agent.py so the command only gains one decorator."""
+node_agent.agent.duties. Kept apart from commands/agent.py so the command only gains one decorator."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def duty_flags(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_duties(values: dict[str, Any]) -> Any:
     """DutyOptions from the flag values; a bad value is a usage error naming the flag."""
-    from node_agent.agent_duties import DutyConfigError, build_duty_options
+    from node_agent.agent.duties import DutyConfigError, build_duty_options
 
     try:
         return build_duty_options(**{k: values[k] for k in DUTY_FLAGS})

@@ -16,7 +16,7 @@ DEFAULT_SOCKET = "/var/run/headrace/cni.sock"
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 120))
 def status(as_json: bool, cni_socket: str, timeout: float) -> None:
     """Show the pods the local agent manages."""
-    from node_agent.status_api import StatusError, query, render_table
+    from node_agent.serve.status_client import StatusError, query, render_table
 
     try:
         reply = query(cni_socket, timeout)

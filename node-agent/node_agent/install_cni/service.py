@@ -82,7 +82,7 @@ def write_kubeconfig(opts: InstallOptions) -> None:
 def ensure_config(opts: InstallOptions) -> confdir.ConfigChange:
     """Insert or repair our entry in the primary config (raises ConfigError on an unusable file)."""
     write_kubeconfig(opts)
-    from cni.netconf import SUPPORTED_VERSIONS
+    from cni.plugin.netconf import SUPPORTED_VERSIONS
 
     change = confdir.install_config(
         opts.conf_dir_here, opts.settings.entry(), opts.state_path_here, supported_versions=SUPPORTED_VERSIONS

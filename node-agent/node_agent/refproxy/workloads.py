@@ -16,12 +16,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from node_agent.netns_fd_channel import NetnsFdError, fetch_netns_fd, open_verified_netns
+from node_agent.protocol.fd_channel import NetnsFdError, fetch_netns_fd, open_verified_netns
+from node_agent.protocol.workload import WorkloadInfo
 from node_agent.refproxy.forward import Emit, relay
 from node_agent.refproxy.logs import event
 from node_agent.refproxy.netns_worker import NetnsWorker
 from node_agent.refproxy.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, make_listener, make_upstream
-from node_agent.workload import WorkloadInfo
 
 LISTENERS: tuple[tuple[int, str], ...] = (
     (OUTBOUND_PORT, "outbound"),

@@ -15,7 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from cni.redirect_spec import AmbientSpec, SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, RedirectSpec
 from node_agent.backends.ebpf import bpfsys, loader, maps, netns_addr, pinning, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
@@ -313,7 +313,7 @@ class EbpfBackend(RedirectBackend):
 
     def set_proxy_cgroup(self, path: str | Path | None) -> None:
         """Tell the backend where the node proxy runs (the agent learns it from the proxy's connection:
-        node_agent.proxy_cgroup_follow). Moves the node-level getsockopt program there when ambient pods
+        node_agent.proxy.cgroup_follow). Moves the node-level getsockopt program there when ambient pods
         exist."""
         with self._lock:
             new = str(path) if path is not None else None

@@ -13,7 +13,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-from cni.redirect_spec import AmbientSpec, IPNetwork, SidecarSpec
+from cni.contract.spec import AmbientSpec, IPNetwork, SidecarSpec
 
 MODE_SIDECAR = 1
 MODE_AMBIENT = 2

@@ -1,0 +1,99 @@
+"""The sidecar redirect's values in a light form for the CNI plugin's hot path.
+
+``redirect_spec.SidecarSpec`` is a frozen dataclass (the agent and the eBPF backend rely on
+``dataclasses.fields``/``replace``), and importing ``dataclasses`` + ``typing`` + ``ipaddress`` costs the
+plugin about 20 ms per sidecar ADD. ``SidecarParams`` holds exactly the same fields with the same
+defaults and the same ``ranges()``; the rule builder reads either. ``annotations.sidecar_spec`` turns
+these into the dataclass for everyone else. The contract constants live here and are re-exported by
+``redirect_spec``.
+"""
+
+from __future__ import annotations
+
+from cni.contract.record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Final, Literal
+
+    from cni.contract.spec import Family, InterceptionMode, IPNetwork
+
+PROXY_UID = 1337
+PROXY_GID = 1337
+SIDECAR_OUTBOUND_PORT = 15001
+SIDECAR_INBOUND_PORT = 15006
+SIDECAR_EXCLUDED_INBOUND = (15020, 15021, 15090)
+# Inbound interception modes (annotation sidecar.istio.io/interceptionMode). TPROXY delivers inbound
+# connections unrewritten to the proxy's IP_TRANSPARENT listener; it needs the marks and the
+# policy-routing table below (as istio-iptables' TPROXY mode).
+INTERCEPTION_REDIRECT: Final = "REDIRECT"
+INTERCEPTION_TPROXY: Final = "TPROXY"
+INTERCEPTION_MODES: tuple[InterceptionMode, ...] = (INTERCEPTION_REDIRECT, INTERCEPTION_TPROXY)
+TPROXY_MARK = 1337  # packet mark of diverted inbound packets (and of the proxy's original_src sockets)
+TPROXY_ROUTE_TABLE = 133  # policy routing table: "fwmark TPROXY_MARK lookup 133", local default via lo
+TPROXY_OUTBOUND_MARK = 1338  # the proxy's own connections to its pod's IP over lo (captured inbound)
+
+FIELDS = (
+    "proxy_uid",
+    "proxy_gid",
+    "outbound_port",
+    "inbound_port",
+    "include_inbound_ports",
+    "exclude_inbound_ports",
+    "exclude_outbound_ports",
+    "exclude_outbound_ranges",
+    "include_outbound_ranges",
+    "interception_mode",
+)
+
+
+class SidecarParams(Record):
+    """The fields of ``SidecarSpec``, same meaning and defaults (see there)."""
+
+    __slots__ = FIELDS
+    proxy_uid: int
+    proxy_gid: int
+    outbound_port: int
+    inbound_port: int
+    include_inbound_ports: tuple[int, ...] | None
+    exclude_inbound_ports: tuple[int, ...]
+    exclude_outbound_ports: tuple[int, ...]
+    exclude_outbound_ranges: tuple[IPNetwork, ...]
+    include_outbound_ranges: tuple[IPNetwork, ...] | None
+    interception_mode: InterceptionMode
+
+    def __init__(
+        self,
+        proxy_uid: int = PROXY_UID,
+        proxy_gid: int = PROXY_GID,
+        outbound_port: int = SIDECAR_OUTBOUND_PORT,
+        inbound_port: int = SIDECAR_INBOUND_PORT,
+        include_inbound_ports: tuple[int, ...] | None = None,
+        exclude_inbound_ports: tuple[int, ...] = SIDECAR_EXCLUDED_INBOUND,
+        exclude_outbound_ports: tuple[int, ...] = (),
+        exclude_outbound_ranges: tuple[IPNetwork, ...] = (),
+        include_outbound_ranges: tuple[IPNetwork, ...] | None = None,
+        interception_mode: InterceptionMode = INTERCEPTION_REDIRECT,
+    ) -> None:
+        self._init(
+            proxy_uid=proxy_uid,
+            proxy_gid=proxy_gid,
+            outbound_port=outbound_port,
+            inbound_port=inbound_port,
+            include_inbound_ports=include_inbound_ports,
+            exclude_inbound_ports=exclude_inbound_ports,
+            exclude_outbound_ports=exclude_outbound_ports,
+            exclude_outbound_ranges=exclude_outbound_ranges,
+            include_outbound_ranges=include_outbound_ranges,
+            interception_mode=interception_mode,
+        )
+
+    def ranges(self, family: Family, which: Literal["include", "exclude"]) -> tuple[IPNetwork, ...] | None:
+        """The include/exclude outbound ranges of one address family (None = '*' for include)."""
+        src = self.include_outbound_ranges if which == "include" else self.exclude_outbound_ranges
+        if src is None:
+            return None
+        return tuple(n for n in src if n.version == family)
+
+    def __repr__(self) -> str:  # the text SidecarSpec's repr gives (it appears in the plugin's log)
+        return "SidecarSpec(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in FIELDS) + ")"

@@ -1,0 +1,80 @@
+"""What to redirect in a pod: the validated, immutable inputs of every redirection backend.
+
+Pure data. Built from the contract defaults plus a pod's annotations (cni.contract.annotations); consumed by the
+iptables rule builder and the eBPF backend alike, so both backends implement exactly the same spec.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+# The sidecar contract constants live in the plugin's light module (cni/contract/sidecar_params.py).
+from cni.contract.sidecar_params import INTERCEPTION_REDIRECT
+from cni.contract.sidecar_params import PROXY_GID as PROXY_GID
+from cni.contract.sidecar_params import PROXY_UID as PROXY_UID
+from cni.contract.sidecar_params import SIDECAR_EXCLUDED_INBOUND as SIDECAR_EXCLUDED_INBOUND
+from cni.contract.sidecar_params import SIDECAR_INBOUND_PORT as SIDECAR_INBOUND_PORT
+from cni.contract.sidecar_params import SIDECAR_OUTBOUND_PORT as SIDECAR_OUTBOUND_PORT
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Family = Literal[4, 6]
+InterceptionMode = Literal["REDIRECT", "TPROXY"]
+
+AMBIENT_OUTBOUND_PORT = 15001
+AMBIENT_INBOUND_PORT = 15006
+AMBIENT_HBONE_PORT = 15008
+AMBIENT_DNS_PORT = 15053
+AMBIENT_MARK = 0x539  # SO_MARK of the node proxy's own sockets: never redirected
+AMBIENT_MARK_MASK = 0xFFF
+PROBE_SNAT_V4 = ipaddress.IPv4Address("169.254.7.127")
+PROBE_SNAT_V6 = ipaddress.IPv6Address("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+
+
+@dataclass(frozen=True)
+class SidecarSpec:
+    """Sidecar (per-pod Envoy) interception, Istio-compatible."""
+
+    proxy_uid: int = PROXY_UID
+    proxy_gid: int = PROXY_GID
+    outbound_port: int = SIDECAR_OUTBOUND_PORT
+    inbound_port: int = SIDECAR_INBOUND_PORT
+    # None = every inbound port except exclude_inbound_ports ("*"); a tuple = only these ports;
+    # an empty tuple = no inbound capture at all.
+    include_inbound_ports: tuple[int, ...] | None = None
+    exclude_inbound_ports: tuple[int, ...] = SIDECAR_EXCLUDED_INBOUND
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ranges: tuple[IPNetwork, ...] = ()
+    # None = all destinations ("*"); a tuple = only these ranges; empty = no outbound capture.
+    include_outbound_ranges: tuple[IPNetwork, ...] | None = None
+    # Inbound capture: "REDIRECT" (nat REDIRECT to inbound_port: the proxy's accepted socket has local
+    # address pod-ip:inbound_port, SO_ORIGINAL_DST gives the destination) or "TPROXY" (mangle TPROXY +
+    # policy routing: the IP_TRANSPARENT listener's accepted socket has the original destination as its
+    # local address). Outbound is REDIRECT to outbound_port either way.
+    interception_mode: InterceptionMode = INTERCEPTION_REDIRECT
+
+    def ranges(self, family: Family, which: Literal["include", "exclude"]) -> tuple[IPNetwork, ...] | None:
+        """The include/exclude outbound ranges of one address family (None = '*' for include)."""
+        src = self.include_outbound_ranges if which == "include" else self.exclude_outbound_ranges
+        if src is None:
+            return None
+        return tuple(n for n in src if n.version == family)
+
+
+@dataclass(frozen=True)
+class AmbientSpec:
+    """Ambient (node proxy / ztunnel) in-pod interception."""
+
+    outbound_port: int = AMBIENT_OUTBOUND_PORT
+    inbound_port: int = AMBIENT_INBOUND_PORT
+    hbone_port: int = AMBIENT_HBONE_PORT
+    dns_port: int = AMBIENT_DNS_PORT
+    capture_dns: bool = False
+    mark: int = AMBIENT_MARK
+    mark_mask: int = AMBIENT_MARK_MASK
+    probe_snat_v4: ipaddress.IPv4Address = PROBE_SNAT_V4
+    probe_snat_v6: ipaddress.IPv6Address = PROBE_SNAT_V6
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ranges: tuple[IPNetwork, ...] = field(default=())

@@ -1,0 +1,457 @@
+"""headrace-cni: the chained CNI plugin (ADD, DEL, CHECK, VERSION, STATUS, GC).
+
+Stdlib only on every path that runs per pod (the iptables module it calls is stdlib only too). stdout
+carries only the CNI result or the CNI error object; logs go to ``log_file`` as JSON lines.
+Every input is validated before anything touches the pod's network namespace.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+
+from cni.contract import errors, jsoncodec, membership
+from cni.contract.errors import CniError
+from cni.contract.record import Record
+from cni.plugin import netconf
+from cni.plugin import result as cni_result
+from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
+from cni.plugin.pod_source import PodMeta, PodSourceError, from_config
+
+NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: the namespace type
+CLONE_NEWNET = 0x40000000
+# Start-up cost is most of the plugin's wall time: nothing here imports `typing`, `re`, `json`,
+# `collections`, `ipaddress` or `subprocess` on the non-mesh path (tests/unit/test_cni_plugin_process.py).
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from cni.contract.sidecar_params import SidecarParams
+    from cni.contract.spec import Family
+    from cni.plugin.agent_client import PluginEvent
+    from cni.plugin.netconf import CniEnv, NetConf
+
+LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before the config is read
+
+
+class Decision(Record):
+    __slots__ = ("mode", "pod", "reason")
+    mode: membership.Mode | None  # None: unknown (pod source failed; DEL only)
+    pod: PodMeta | None
+    reason: str
+
+    def __init__(self, mode: membership.Mode | None, pod: PodMeta | None, reason: str) -> None:
+        self._init(mode=mode, pod=pod, reason=reason)
+
+
+# ---------------------------------------------------------------------------------------------------
+# netns
+
+
+class NetnsUnusable(CniError):
+    """CNI_NETNS cannot be acted on; ``gone`` when it no longer is a namespace at all."""
+
+    def __init__(self, msg: str, details: str = "", gone: bool = False) -> None:
+        super().__init__(errors.NETNS_UNAVAILABLE, msg, details)
+        self.gone = gone
+
+
+def netns_inode(path: str) -> int:
+    """Validate that ``path`` is a network namespace other than our own; return its inode."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NetnsUnusable(f"network namespace {path} does not exist", gone=True) from exc
+    except OSError as exc:
+        raise NetnsUnusable(f"cannot open network namespace {path}", exc.strerror or "") from exc
+    try:
+        try:
+            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError as exc:
+            # e.g. the runtime's pin file after the namespace was unmounted: an empty regular file
+            raise NetnsUnusable(f"{path} is not a namespace file", exc.strerror or "", gone=True) from exc
+        if nstype != CLONE_NEWNET:
+            raise NetnsUnusable(f"{path} is not a network namespace")
+        inode = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    own = os.stat("/proc/self/ns/net").st_ino
+    if inode == own:
+        raise NetnsUnusable(f"refusing to act on {path}: it is the plugin's own (node) network namespace")
+    return inode
+
+
+def netns_for_del(path: str, log: JsonLog) -> bool:
+    """DEL: whether there is a pod netns to clean; a missing or unmounted one is not an error."""
+    if not path:
+        log.info("netns", "no CNI_NETNS given (netns already released): nothing to remove in it")
+        return False
+    try:
+        netns_inode(path)
+    except NetnsUnusable as exc:
+        if not exc.gone:
+            raise
+        log.info("netns", f"network namespace already gone: {exc.msg}")
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# which pod, which mode
+
+
+def decide(env: CniEnv, conf: NetConf, log: JsonLog, for_del: bool = False) -> Decision:
+    """The pod's mode (logged). On DEL nothing about the pod source is fatal: mode None means "unknown"."""
+    try:
+        decision = _decide(env, conf, for_del)
+    except CniError as exc:
+        if not for_del:
+            raise
+        log.warning("pod-source", f"pod metadata unavailable on DEL: {exc.msg}", details=exc.details)
+        decision = Decision(None, None, exc.msg)
+    log.info("membership", f"mode {decision.mode}: {decision.reason}", mode=decision.mode)
+    return decision
+
+
+def plugin_redirects(mode: membership.Mode | None, conf: NetConf) -> bool:
+    """Sidecar pods on an iptables node: the plugin installs their rules itself (no agent)."""
+    return mode == "sidecar" and conf.backend != "ebpf"
+
+
+def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
+    k8s = env.k8s
+    if not k8s.known:
+        return Decision("none", None, "no Kubernetes pod identity in CNI_ARGS")
+    if k8s.namespace in conf.exclude_namespaces:
+        return Decision("none", None, f"namespace {k8s.namespace} is excluded")
+    try:
+        source = from_config(conf.kubeconfig, conf.objects_dir, conf.api_timeout)
+        pod = source.get_pod(k8s.namespace, k8s.name)
+        if pod is None:
+            if for_del:
+                return Decision(None, None, "pod not found in the pod source")
+            if source.authoritative:
+                raise CniError(
+                    errors.POD_METADATA_UNAVAILABLE,
+                    f"pod {k8s.namespace}/{k8s.name} not found in the Kubernetes API",
+                )
+            return Decision("none", None, "no object for this pod in objects_dir")
+        if k8s.uid and pod.uid and k8s.uid != pod.uid:
+            raise CniError(
+                errors.POD_METADATA_UNAVAILABLE,
+                f"pod {k8s.namespace}/{k8s.name} has UID {pod.uid}, the runtime says {k8s.uid}",
+                "the pod object is stale or belongs to another pod",
+            )
+        ns_labels: Mapping[str, str] | None = None
+        if membership.namespace_needed(
+            pod.namespace, pod.labels, pod.annotations, pod.host_network, conf.exclude_namespaces
+        ):
+            ns = source.get_namespace(pod.namespace)
+            if ns is None and source.authoritative:
+                raise CniError(
+                    errors.POD_METADATA_UNAVAILABLE, f"namespace {pod.namespace} not found in the Kubernetes API"
+                )
+            ns_labels = ns.labels if ns is not None else {}
+    except PodSourceError as exc:
+        raise CniError(errors.POD_METADATA_UNAVAILABLE, "pod metadata unavailable", str(exc)) from exc
+    mode = membership.pod_mode(
+        pod.namespace, pod.labels, pod.annotations, pod.host_network, ns_labels, conf.exclude_namespaces
+    )
+    return Decision(mode, pod, "pod source")
+
+
+def uses_agent(mode: membership.Mode | None, conf: NetConf) -> bool:
+    return mode == "ambient" or (mode == "sidecar" and conf.backend == "ebpf") or mode is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the redirect itself (iptables module, stdlib only; imported only when a sidecar pod needs it)
+
+
+def apply_sidecar_redirect(
+    netns: str, spec: SidecarParams, families: tuple[Family, ...], setting: str, log: JsonLog
+) -> None:
+    try:
+        from cni.kernel import flavour
+        from cni.kernel import tables as netns_tables
+    except ImportError as exc:
+        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
+    try:
+        # optimistic: an ADD normally meets a fresh netns; one restore per family then, no save first
+        netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True)
+    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+        raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
+
+
+def remove_redirect(netns: str, setting: str, log: JsonLog) -> None:
+    try:
+        from cni.kernel import flavour
+        from cni.kernel import tables as netns_tables
+    except ImportError as exc:
+        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
+    try:
+        netns_tables.remove_all(netns, flavour.resolve(setting), log=log)
+    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+        raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
+
+
+def check_sidecar_redirect(
+    netns: str, spec: SidecarParams, families: tuple[Family, ...], setting: str, log: JsonLog
+) -> list[str]:
+    try:
+        from cni.kernel import flavour
+        from cni.kernel import tables as netns_tables
+    except ImportError as exc:
+        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
+    try:
+        return netns_tables.check_sidecar(netns, spec, families, flavour.resolve(setting))
+    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+        raise CniError(errors.CHECK_FAILED, "reading the pod's redirect rules failed", str(exc)) from exc
+
+
+def _sidecar_spec(annotations: Mapping[str, str]) -> SidecarParams:
+    """Validate the pod's traffic annotations (imported here: only sidecar pods pay for it)."""
+    from cni.contract.annotations import sidecar_params
+
+    return sidecar_params(annotations)
+
+
+# ---------------------------------------------------------------------------------------------------
+# agent
+
+
+def agent_event(cmd: str, env: CniEnv, conf: NetConf, decision: Decision, ips: list[str]) -> PluginEvent:
+    from cni.plugin.agent_client import PluginEvent
+
+    pod = decision.pod
+    mode = decision.mode if decision.mode in ("ambient", "sidecar") else "ambient"
+    return PluginEvent(
+        cmd=cmd,
+        container_id=env.container_id,
+        netns=env.netns,
+        ifname=env.ifname,
+        namespace=pod.namespace if pod else env.k8s.namespace,
+        name=pod.name if pod else env.k8s.name,
+        uid=(pod.uid if pod and pod.uid else env.k8s.uid),
+        ips=tuple(ips),
+        mode=str(mode),
+    )
+
+
+def ask_agent(event: PluginEvent, conf: NetConf, log: JsonLog) -> None:
+    from cni.plugin.agent_client import AgentUnavailable, send_event
+
+    log.info("agent", f"sending {event.cmd} to the agent", agent_socket=conf.agent_socket, mode=event.mode)
+    try:
+        reply = send_event(conf.agent_socket, event, conf.agent_timeout)
+    except AgentUnavailable as exc:
+        raise CniError(errors.AGENT_UNREACHABLE, "headrace agent unreachable", str(exc)) from exc
+    if not reply.ok:
+        code = errors.TRY_AGAIN_LATER if reply.retry else errors.AGENT_REFUSED
+        raise CniError(code, f"headrace agent could not {event.cmd} the pod", reply.error)
+    log.info("agent", f"agent answered {reply.state or 'ok'}", state=reply.state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands
+
+
+def prev_result(conf: NetConf) -> tuple[dict[str, Any], str]:
+    assert conf.prev_result is not None  # parse_config enforces it for ADD and CHECK
+    return conf.prev_result, cni_result.validate(conf.prev_result, conf.cni_version)
+
+
+def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
+    prev, prev_version = prev_result(conf)
+    out = cni_result.convert(prev, prev_version, conf.cni_version)
+    netns_inode(env.netns)
+    decision = decide(env, conf, log)
+    if plugin_redirects(decision.mode, conf):
+        assert decision.pod is not None
+        spec = _sidecar_spec(decision.pod.annotations)
+        families = cni_result.families(prev)
+        apply_sidecar_redirect(env.netns, spec, families, conf.iptables, log)
+        log.info(
+            "redirect", "sidecar redirect applied", families=list(families), iptables=conf.iptables, spec=repr(spec)
+        )
+    elif decision.mode in ("ambient", "sidecar"):
+        if decision.mode == "sidecar" and decision.pod is not None:
+            _sidecar_spec(decision.pod.annotations)  # reject bad annotations before the agent
+        ask_agent(agent_event("ADD", env, conf, decision, cni_result.addresses(prev)), conf, log)
+    return out
+
+
+def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
+    decision = decide(env, conf, log, for_del=True)
+    if decision.mode == "none":
+        return
+    if netns_for_del(env.netns, log) and (
+        decision.mode is None or plugin_redirects(decision.mode, conf)
+    ):
+        remove_redirect(env.netns, conf.iptables, log)
+        log.info("redirect", "redirect removed (if any)")
+    if uses_agent(decision.mode, conf):
+        if decision.mode is None and not os.path.exists(conf.agent_socket):
+            return
+        prev = conf.prev_result
+        ips = cni_result.addresses(prev) if prev is not None else []
+        try:
+            ask_agent(agent_event("DEL", env, conf, decision, ips), conf, log)
+        except CniError as exc:
+            # DEL must succeed: the agent reconciles against the pod source when it is back.
+            log.warning("agent", f"DEL not delivered to the agent: {exc.msg}", details=exc.details)
+
+
+def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
+    prev, _ = prev_result(conf)
+    netns_inode(env.netns)
+    decision = decide(env, conf, log)
+    if plugin_redirects(decision.mode, conf):
+        assert decision.pod is not None
+        spec = _sidecar_spec(decision.pod.annotations)
+        problems = check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf.iptables, log)
+        if problems:
+            raise CniError(errors.CHECK_FAILED, "pod redirect rules are missing or altered", "; ".join(problems))
+    elif decision.mode in ("ambient", "sidecar"):
+        try:
+            ask_agent(agent_event("CHECK", env, conf, decision, cni_result.addresses(prev)), conf, log)
+        except CniError as exc:
+            if exc.code in (errors.AGENT_REFUSED, errors.TRY_AGAIN_LATER):
+                raise CniError(errors.CHECK_FAILED, "pod redirect is missing or altered", exc.details) from exc
+            raise
+
+
+def require_1_1(conf: NetConf, command: str) -> None:
+    if conf.cni_version != "1.1.0":
+        raise CniError(
+            errors.INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0", f"config has {conf.cni_version}"
+        )
+
+
+def cmd_status(conf: NetConf, log: JsonLog) -> None:
+    require_1_1(conf, "STATUS")
+    problems: list[str] = []
+    if conf.objects_dir and not os.path.isdir(conf.objects_dir):
+        problems.append(f"objects_dir {conf.objects_dir} is not a directory")
+    if conf.kubeconfig:
+        from cni.plugin.pod_source import KubeApiSource
+
+        try:
+            KubeApiSource(conf.kubeconfig, conf.api_timeout).credentials()
+        except PodSourceError as exc:
+            problems.append(str(exc))
+    if not conf.kubeconfig and not conf.objects_dir:
+        problems.append("no pod source configured (kubeconfig or objects_dir)")
+    if conf.backend != "ebpf":
+        import shutil
+
+        flavours = ("legacy", "nft") if conf.iptables == "auto" else (conf.iptables,)
+        tools = [(f"iptables-{f}-restore", f"ip6tables-{f}-restore", f"iptables-{f}-save") for f in flavours]
+        if not any(all(shutil.which(t) for t in group) for group in tools):
+            problems.append(f"iptables tools missing: need {' or '.join(g[0] for g in tools)} (and -save, ip6tables)")
+        if shutil.which("nsenter") is None:
+            problems.append("nsenter is not installed")
+    if conf.backend == "ebpf" and not os.path.exists(conf.agent_socket):
+        problems.append(f"backend ebpf needs the agent, and {conf.agent_socket} does not exist")
+    if problems:
+        raise CniError(errors.PLUGIN_NOT_AVAILABLE, "headrace-cni is not ready", "; ".join(problems))
+    log.info("status", "ready")
+
+
+def cmd_gc(conf: NetConf, log: JsonLog) -> None:
+    require_1_1(conf, "GC")
+    valid = conf.valid_attachments or ()
+    # Nothing lives outside the pod netns per attachment: sidecar rules die with the netns, and the
+    # agent reconciles ambient pods against its pod source on its own.
+    log.info("gc", f"nothing to collect ({len(valid)} valid attachments)", valid_attachments=len(valid))
+
+
+def version_info(stdin: bytes) -> dict[str, Any]:
+    requested = netconf.requested_version(stdin) or netconf.LATEST_VERSION
+    return {"cniVersion": requested, "supportedVersions": list(netconf.SUPPORTED_VERSIONS)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry
+
+
+def _early_log_file(stdin: bytes, environ: Mapping[str, str]) -> str:
+    try:
+        obj = jsoncodec.loads_bytes(stdin) if stdin.strip() else None  # empty: not JSON, no json import
+        if isinstance(obj, dict) and isinstance(obj.get("log_file"), str) and os.path.isabs(obj["log_file"]):
+            return str(obj["log_file"])
+    except (ValueError, RecursionError):
+        pass
+    return environ.get(LOG_FILE_ENV) or DEFAULT_LOG_FILE
+
+
+def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
+    """One invocation: (exit status, text for stdout)."""
+    started = time.monotonic()
+    log = JsonLog(_early_log_file(stdin, environ), cmd=environ.get("CNI_COMMAND", ""))
+    log.bind(container_id=environ.get("CNI_CONTAINERID", "")[:128], netns=environ.get("CNI_NETNS", "")[:256])
+    version = netconf.requested_version(stdin) or netconf.LATEST_VERSION
+    try:
+        env = netconf.parse_env(environ)
+        if env.command == "VERSION":
+            return 0, jsoncodec.dumps(version_info(stdin)) + "\n"
+        log.bind(pod=env.k8s.name, namespace=env.k8s.namespace)
+        conf = netconf.parse_config(stdin, env.command)
+        version = conf.cni_version
+        log.configure(conf.log_file, conf.log_level)
+        output: dict[str, Any] | None = None
+        if env.command == "ADD":
+            output = cmd_add(env, conf, log)
+        elif env.command == "DEL":
+            cmd_del(env, conf, log)
+        elif env.command == "CHECK":
+            if version.startswith("0.3."):
+                raise CniError(
+                    errors.INCOMPATIBLE_VERSION, "CHECK needs cniVersion 0.4.0 or later", f"config has {version}"
+                )
+            cmd_check(env, conf, log)
+        elif env.command == "STATUS":
+            cmd_status(conf, log)
+        else:
+            cmd_gc(conf, log)
+        elapsed = round((time.monotonic() - started) * 1000, 2)
+        log.info("done", f"{env.command} ok", duration_ms=elapsed)
+        return 0, (jsoncodec.dumps(output) + "\n") if output is not None else ""
+    except CniError as exc:
+        log.error("error", exc.msg, code=exc.code, details=exc.details)
+        return 1, jsoncodec.dumps(exc.to_dict(version)) + "\n"
+    except Exception as exc:  # a bug: still answer in the CNI format
+        err = CniError(errors.INTERNAL_ERROR, "internal error in headrace-cni", f"{type(exc).__name__}: {exc}")
+        log.error("error", err.msg, code=err.code, details=err.details)
+        return 1, jsoncodec.dumps(err.to_dict(version)) + "\n"
+
+
+def main() -> int:
+    try:
+        stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
+    except OSError:
+        stdin = b""
+    status, text = run(os.environ, stdin)
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return status
+
+
+def run_executable() -> None:
+    """The plugin executable's entry point: main(), then leave with os._exit, skipping the interpreter's
+    finalization (tearing down the modules a short-lived process no longer needs costs 2-3 ms of every
+    ADD). Nothing is lost: main() flushed stdout, the log is written unbuffered (os.write), every child
+    process was waited for, and the plugin starts no threads."""
+    status = main()
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+if __name__ == "__main__":
+    run_executable()

@@ -1,0 +1,147 @@
+"""The iptables redirection backend: cni.rules (builder + atomic in-netns apply) behind RedirectBackend.
+
+One flavour (legacy or nft) per node, chosen once by the agent (`cni.kernel.flavour.resolve`) and used
+for every pod. Address families come from the pod's IPs (both when unknown: harmless in a v4-only pod).
+
+Drift checks first ask `iptc_check.DriftShortcut` for a cheap in-process answer: on legacy hosts a
+python-iptables read of the pod's tables whose fingerprint matches the last verified one, on nft hosts
+the netns' nf_tables ruleset generation unchanged since the last verified check (`nft_generation`).
+Either answers "intact" without running anything; otherwise (and for checks that look beyond
+iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides. HEADRACE_IPTC_CHECK=0
+in the agent's environment turns the shortcut off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from cni.contract.spec import AmbientSpec, Family, SidecarSpec
+from cni.kernel import flavour as flavour_mod
+from cni.kernel import tables as netns_tables
+from cni.kernel.flavour import Flavour
+from cni.rules import builder
+from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
+from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
+
+IPTC_ENV = "HEADRACE_IPTC_CHECK"
+
+
+def in_process_check_enabled(environ: dict[str, str] | None = None) -> bool:
+    """HEADRACE_IPTC_CHECK: unset or anything but 0/false/no/off turns the in-process check on."""
+    value = (os.environ if environ is None else environ).get(IPTC_ENV, "1")
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def families_of(ips: tuple[str, ...]) -> tuple[Family, ...]:
+    """The address families of a pod's IPs; (4, 6) when none are known. Bad IPs raise BackendError."""
+    found: set[int] = set()
+    for ip in ips:
+        try:
+            found.add(ipaddress.ip_interface(ip).version)
+        except ValueError:
+            raise BackendError(f"invalid pod IP {ip!r}") from None
+    if not found:
+        return (4, 6)
+    out: list[Family] = []
+    if 4 in found:
+        out.append(4)
+    if 6 in found:
+        out.append(6)
+    return tuple(out)
+
+
+def iptables_only_check(spec: RedirectSpec) -> bool:
+    """Whether the authoritative check of `spec` looks at iptables rules only, so that an unchanged
+    fingerprint may stand in for it. Sidecar TPROXY mode also checks the policy routing (`ip rule`/`ip
+    route`), which the fingerprint does not cover: those pods always get the full check."""
+    return isinstance(spec, AmbientSpec) or not builder.uses_tproxy(spec)
+
+
+class IptablesBackend:
+    """RedirectBackend on iptables chains (HEADRACE_*) inside each pod's netns."""
+
+    name = "iptables"
+
+    def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None) -> None:
+        """in_process_check: None = on unless HEADRACE_IPTC_CHECK says off (legacy: python-iptables
+        fingerprint; nft: the ruleset generation)."""
+        try:
+            self.flavour: Flavour = flavour_mod.resolve(flavour)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
+        self.shortcut: DriftShortcut | None = None
+        wanted = in_process_check_enabled() if in_process_check is None else in_process_check
+        if self.flavour == "legacy" and wanted:  # python-iptables drives legacy tables only
+            from node_agent.backends.iptables import iptc_reader
+
+            iptc_reader.prepare_env()  # now, while the agent is still single-threaded
+            self.shortcut = DriftShortcut(iptc_reader.shared_reader())
+        elif self.flavour == "nft" and wanted:
+            from node_agent.backends.iptables.nft_generation import NftGenerationReader
+
+            self.shortcut = DriftShortcut(NftGenerationReader())
+
+    def _forget(self, target: PodTarget) -> None:
+        if self.shortcut is not None:
+            self.shortcut.forget(target.netns_path)
+
+    def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
+        self._forget(target)
+        try:
+            self._apply(target, spec)
+        finally:
+            self._forget(target)
+
+    def _apply(self, target: PodTarget, spec: RedirectSpec) -> None:
+        families = families_of(target.ips)
+        try:
+            if isinstance(spec, SidecarSpec):
+                netns_tables.apply_sidecar(target.netns_path, spec, families, self.flavour)
+            elif isinstance(spec, AmbientSpec):
+                netns_tables.apply_ambient(target.netns_path, spec, families, self.flavour)
+            else:
+                raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
+        except (netns_tables.IptablesError, ValueError, OSError) as exc:
+            raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: {exc}") from exc
+
+    def remove(self, target: PodTarget) -> None:
+        self._forget(target)
+        try:
+            netns_tables.remove_all(target.netns_path, self.flavour)
+        except (netns_tables.IptablesError, OSError) as exc:
+            raise BackendError(f"iptables remove for pod {target.namespace}/{target.name}: {exc}") from exc
+        finally:
+            self._forget(target)
+
+    def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        families = families_of(target.ips)
+        if isinstance(spec, SidecarSpec):
+            prefix = builder.SIDECAR_PREFIX
+        elif isinstance(spec, AmbientSpec):
+            prefix = builder.AMBIENT_PREFIX
+        else:
+            raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
+        if self.shortcut is None or not iptables_only_check(spec):
+            STATS.count("iptables_save")
+            return self._check_save(target, spec, families)
+        return self.shortcut.check(
+            target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
+        )
+
+    def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
+        """The authoritative check: iptables-save in the pod netns, compared with the builder's rules."""
+        try:
+            if isinstance(spec, SidecarSpec):
+                return netns_tables.check_sidecar(target.netns_path, spec, families, self.flavour)
+            if isinstance(spec, AmbientSpec):
+                return netns_tables.check_ambient(target.netns_path, spec, families, self.flavour)
+        except (netns_tables.IptablesError, ValueError, OSError) as exc:
+            raise BackendError(f"iptables check for pod {target.namespace}/{target.name}: {exc}") from exc
+        raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
+
+    def installed(self, target: PodTarget) -> bool:
+        try:
+            return netns_tables.installed(target.netns_path, self.flavour)
+        except (netns_tables.IptablesError, OSError) as exc:
+            raise BackendError(f"iptables read for pod {target.namespace}/{target.name}: {exc}") from exc

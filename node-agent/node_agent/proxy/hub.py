@@ -1,0 +1,521 @@
+"""Agent side of the node-proxy protocol (proto/headrace/v1/node_proxy.proto, docs/protocol.md).
+
+A grpcio server on a unix socket serves one `Session` stream at a time. The hub keeps the desired workload
+set; a proxy that connects gets all of it as a snapshot, a SnapshotComplete marker, then incremental
+add/delete messages in the order the agent issued them. Each message carries a seq that the proxy acks.
+
+    hub = ProxyHub(socket_path, agent_id); hub.start()
+    fut = hub.upsert(workload)   # resolves when the workload's latest add is acked (ProxyNack on error)
+    fut = hub.remove(uid)        # resolves when the delete is acked (or a later snapshot omits it)
+    hub.connected, hub.snapshot_acked, hub.status(); hub.stop()
+    hub.add_peer_listener(cb)    # cb(pids, via): processes connected to the proxy sockets (their cgroup)
+
+Thread-safe: every public method may be called from any thread. Futures are resolved outside the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+
+from node_agent.kernel.unix_socket import private_bind_path
+from node_agent.protocol.fd_channel import NetnsFdServer, side_channel_path
+from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
+from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
+from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.peers import client_pids
+
+log = logging.getLogger("headrace.proxy_hub")
+
+PROTOCOL_VERSION = 1
+
+OpKind = Literal["add", "delete"]
+
+# (pids connected to a proxy socket, via "grpc" | "netns-fd"); called on the hub's peer-report thread
+PeerListener = Callable[[set[int], str], None]
+
+
+class ProxyHubError(Exception):
+    """Base class of the errors a hub future can carry."""
+
+
+class ProxyNack(ProxyHubError):
+    """The proxy acknowledged the message with an error; str(exc) is the proxy's error text."""
+
+
+class Superseded(ProxyHubError):
+    """A later upsert/remove of the same uid replaced this one before the proxy acked it."""
+
+
+class HubStopped(ProxyHubError):
+    """The hub stopped before the proxy acked the message."""
+
+
+@dataclass
+class _Waiter:
+    op: int
+    kind: OpKind
+    future: futures.Future[None]
+
+
+@dataclass
+class _Inflight:
+    kind: Literal["add", "delete", "snapshot_complete"]
+    uid: str
+    op: int
+
+
+@dataclass
+class _Session:
+    number: int
+    proxy_id: str
+    wants_netns_fd: bool
+    out: queue.Queue[Any] = field(default_factory=queue.Queue)  # AgentMessage or None (end)
+    inflight: dict[int, _Inflight] = field(default_factory=dict)
+    next_seq: int = 1
+    snapshot_watermark: int = 0  # op counter value the snapshot reflects
+    snapshot_acked: bool = False
+    closed: bool = False
+
+
+def _jlog(level: int, event: str, **fields: Any) -> None:
+    """Structured: the agent's JSON formatter turns `extra` into fields of the log line."""
+    log.log(level, event.replace("_", " "), extra={"step": event, **fields})
+
+
+def workload_to_pb(w: WorkloadInfo) -> Any:
+    return pb.Workload(
+        uid=w.uid,
+        name=w.name,
+        namespace=w.namespace,
+        service_account=w.service_account,
+        ips=list(w.ips),
+        netns_path=w.netns_path,
+        netns_inode=w.netns_inode,
+        node=w.node,
+    )
+
+
+def workload_from_pb(m: Any) -> WorkloadInfo:
+    return WorkloadInfo(
+        uid=m.uid,
+        name=m.name,
+        namespace=m.namespace,
+        service_account=m.service_account,
+        ips=tuple(m.ips),
+        netns_path=m.netns_path,
+        netns_inode=m.netns_inode,
+        node=m.node,
+    )
+
+
+class _Servicer:
+    """The object grpc dispatches `Session` to (duck-typed NodeProxyServicer)."""
+
+    def __init__(self, hub: ProxyHub) -> None:
+        self._hub = hub
+
+    def Session(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        return self._hub._serve_session(request_iterator, context)
+
+
+class ProxyHub:
+    def __init__(
+        self,
+        socket_path: str,
+        agent_id: str,
+        *,
+        netns_fd_socket: str | None = None,
+        max_workers: int = 6,
+        hello_timeout: float = 10.0,
+    ) -> None:
+        if not socket_path:
+            raise ValueError("socket_path must not be empty")
+        self.socket_path = os.path.abspath(socket_path)
+        self.agent_id = agent_id
+        # None: next to the gRPC socket; "": no side channel
+        self.netns_fd_socket = side_channel_path(self.socket_path) if netns_fd_socket is None else netns_fd_socket
+        self._max_workers = max_workers
+        self.hello_timeout = hello_timeout
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._desired: dict[str, WorkloadInfo] = {}
+        self._latest_op: dict[str, int] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._ops = itertools.count(1)
+        self._op_now = 0
+        self._session: _Session | None = None
+        self._session_numbers = itertools.count(1)
+        self._server: grpc.Server | None = None
+        self._fd_server: NetnsFdServer | None = None
+        self._peer_listeners: list[PeerListener] = []
+        self._peer_reports: queue.Queue[tuple[Callable[[], set[int]], str] | None] = queue.Queue()
+        self._peer_thread: threading.Thread | None = None
+        self._socket_inode = 0
+        self._stopped = False
+        self.sessions = 0
+        self.acks = 0
+        self.nacks = 0
+        self.refused = 0
+        self.last_proxy_id = ""
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers,
+                                                        thread_name_prefix="proxy-hub"))
+        pb_grpc.add_NodeProxyServicer_to_server(_Servicer(self), server)
+        with private_bind_path(self.socket_path, ProxyHubError) as tmp_sock:
+            if server.add_insecure_port(f"unix:{tmp_sock}") == 0:
+                raise OSError(f"cannot listen on unix:{tmp_sock}")
+        self._socket_inode = os.lstat(self.socket_path).st_ino
+        server.start()
+        self._server = server
+        self._peer_thread = threading.Thread(target=self._peer_worker, name="proxy-hub-peers", daemon=True)
+        self._peer_thread.start()
+        if self.netns_fd_socket:
+            self._fd_server = NetnsFdServer(self.netns_fd_socket, self._lookup_desired,
+                                            on_peer=lambda pid: self._report_peers(lambda: {pid}, "netns-fd"))
+            self._fd_server.start()
+        _jlog(logging.INFO, "proxy_hub_started", socket=self.socket_path, netns_fd_socket=self.netns_fd_socket)
+
+    def stop(self, grace: float = 1.0) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._session is not None:
+                self._close_session_locked(self._session, "hub stopping")
+            failed = [w.future for ws in self._waiters.values() for w in ws]
+            self._waiters.clear()
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 1)
+            self._server = None
+        if self._fd_server is not None:
+            self._fd_server.stop()
+            self._fd_server = None
+        if self._peer_thread is not None:
+            self._peer_reports.put(None)
+            self._peer_thread.join(timeout=5)
+            self._peer_thread = None
+        try:
+            if self._socket_inode and os.lstat(self.socket_path).st_ino == self._socket_inode:
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        for fut in failed:
+            _settle(fut, HubStopped("proxy hub stopped before the proxy acknowledged"))
+        _jlog(logging.INFO, "proxy_hub_stopped", socket=self.socket_path)
+
+    # ---- the agent's interface -------------------------------------------------------------------
+
+    def upsert(self, w: WorkloadInfo) -> futures.Future[None]:
+        if not w.uid:
+            raise ValueError("workload uid must not be empty")
+        fut: futures.Future[None] = futures.Future()
+        with self._lock:
+            self._check_running()
+            op = self._next_op()
+            self._desired[w.uid] = w
+            self._latest_op[w.uid] = op
+            superseded = self._supersede_locked(w.uid, keep="add")
+            self._waiters.setdefault(w.uid, []).append(_Waiter(op, "add", fut))
+            s = self._session
+            if s is not None and not s.closed:
+                self._send_locked(s, _Inflight("add", w.uid, op),
+                                  add=pb.WorkloadAdd(workload=workload_to_pb(w), snapshot=False))
+        for f in superseded:
+            _settle(f, Superseded(f"workload {w.uid} was upserted again before the proxy acked"))
+        return fut
+
+    def remove(self, uid: str) -> futures.Future[None]:
+        if not uid:
+            raise ValueError("uid must not be empty")
+        fut: futures.Future[None] = futures.Future()
+        with self._lock:
+            self._check_running()
+            op = self._next_op()
+            self._desired.pop(uid, None)
+            self._latest_op[uid] = op
+            superseded = self._supersede_locked(uid, keep="delete")
+            self._waiters.setdefault(uid, []).append(_Waiter(op, "delete", fut))
+            s = self._session
+            if s is not None and not s.closed:
+                self._send_locked(s, _Inflight("delete", uid, op), delete=pb.WorkloadDelete(uid=uid))
+        for f in superseded:
+            _settle(f, Superseded(f"workload {uid} was removed before the proxy acked its add"))
+        return fut
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._session is not None and not self._session.closed
+
+    @property
+    def snapshot_acked(self) -> bool:
+        with self._lock:
+            s = self._session
+            return s is not None and not s.closed and s.snapshot_acked
+
+    def wait_snapshot_acked(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.snapshot_acked, timeout)
+
+    def desired(self) -> dict[str, WorkloadInfo]:
+        with self._lock:
+            return dict(self._desired)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            s = self._session
+            live = s is not None and not s.closed
+            return {
+                "socket": self.socket_path,
+                "netns_fd_socket": self.netns_fd_socket,
+                "connected": live,
+                "proxy_id": s.proxy_id if (s is not None and live) else "",
+                "last_proxy_id": self.last_proxy_id,
+                "snapshot_acked": bool(live and s is not None and s.snapshot_acked),
+                "sessions": self.sessions,
+                "acks": self.acks,
+                "nacks": self.nacks,
+                "refused": self.refused,
+                "workloads": len(self._desired),
+                "pending": sum(len(ws) for ws in self._waiters.values()),
+                "inflight": len(s.inflight) if (s is not None and live) else 0,
+            }
+
+    def add_peer_listener(self, listener: PeerListener) -> None:
+        """Call listener(pids, via) with the pids of the processes connected to the gRPC socket when a
+        session opens (via "grpc": sock_diag, same netns only) and with each side-channel client's
+        SO_PEERCRED pid (via "netns-fd"). Calls come from one hub thread, in order."""
+        self._peer_listeners.append(listener)
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _report_peers(self, pids: Callable[[], set[int]], via: str) -> None:
+        if self._peer_listeners:
+            self._peer_reports.put((pids, via))
+
+    def _peer_worker(self) -> None:
+        while True:
+            item = self._peer_reports.get()
+            if item is None:
+                return
+            get_pids, via = item
+            try:
+                pids = get_pids()
+            except OSError as exc:
+                _jlog(logging.WARNING, "proxy_peer_unknown", via=via, error=str(exc))
+                continue
+            _jlog(logging.DEBUG, "proxy_peer", via=via, pids=sorted(pids))
+            for listener in list(self._peer_listeners):
+                try:
+                    listener(pids, via)
+                except Exception:
+                    log.exception("proxy peer listener failed", extra={"step": "proxy_peer", "via": via})
+
+    def _lookup_desired(self, uid: str) -> WorkloadInfo | None:
+        with self._lock:
+            return self._desired.get(uid)
+
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise HubStopped("proxy hub is stopped")
+
+    def _next_op(self) -> int:
+        self._op_now = next(self._ops)
+        return self._op_now
+
+    def _supersede_locked(self, uid: str, keep: OpKind) -> list[futures.Future[None]]:
+        """Drop waiters of the other kind for uid (their operation was replaced); return their futures."""
+        ws = self._waiters.get(uid, [])
+        gone = [w.future for w in ws if w.kind != keep]
+        if gone:
+            self._waiters[uid] = [w for w in ws if w.kind == keep]
+        return gone
+
+    def _send_locked(self, s: _Session, what: _Inflight, **body: Any) -> None:
+        seq = s.next_seq
+        s.next_seq += 1
+        s.inflight[seq] = what
+        s.out.put(pb.AgentMessage(seq=seq, **body))
+
+    def _close_session_locked(self, s: _Session, reason: str) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        s.out.put(None)
+        if self._session is s:
+            self._session = None
+        self._changed.notify_all()
+        _jlog(logging.INFO, "proxy_session_ended", session=s.number, proxy_id=s.proxy_id, reason=reason,
+              unacked=len(s.inflight))
+
+    def _serve_session(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        first = self._read_hello(request_iterator, context)
+        if first is None:
+            return
+        if first.WhichOneof("msg") != "hello":
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "the first message of a Session must be Hello")
+        hello = first.hello
+        if hello.protocol_version != PROTOCOL_VERSION:
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"protocol version mismatch: proxy speaks version {hello.protocol_version}, "
+                         f"this agent speaks version {PROTOCOL_VERSION}")
+        session: _Session | None = None
+        with self._lock:
+            current = self._session
+            if self._stopped:
+                code, msg = grpc.StatusCode.UNAVAILABLE, "the agent's proxy hub is stopping"
+            elif current is not None and not current.closed:
+                code = grpc.StatusCode.ALREADY_EXISTS
+                msg = (f"another node proxy session is active (proxy_id={current.proxy_id!r}); "
+                       f"only one proxy per node is served, refusing proxy_id={hello.proxy_id!r}")
+            else:
+                session = self._open_session_locked(hello)
+        if session is None:
+            self._refuse(context, code, msg)
+            return
+        s = session
+        # grpcio does not expose the connection (context.peer() is just "unix:"): ask the kernel who is
+        # connected to our socket
+        self._report_peers(lambda: client_pids(self.socket_path), "grpc")
+        context.add_callback(lambda: self._end_session(s, "rpc finished"))
+        reader = threading.Thread(target=self._read_acks, args=(s, request_iterator),
+                                  name=f"proxy-hub-acks-{s.number}", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = s.out.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            self._end_session(s, "stream closed")
+
+    def _read_hello(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """The first message, read with a deadline so a silent client cannot hold a server thread."""
+        box: list[Any] = []
+        got = threading.Event()
+
+        def read() -> None:
+            with contextlib.suppress(StopIteration, grpc.RpcError, ValueError):
+                box.append(next(request_iterator))
+            got.set()
+
+        threading.Thread(target=read, name="proxy-hub-hello", daemon=True).start()
+        if not got.wait(self.hello_timeout):
+            self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"no Hello within {self.hello_timeout:g}s of opening the session")
+        return box[0] if box else None
+
+    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        with self._lock:
+            self.refused += 1
+        _jlog(logging.WARNING, "proxy_refused", code=code.name, reason=message)
+        context.abort(code, message)
+
+    def _open_session_locked(self, hello: Any) -> _Session:
+        s = _Session(number=next(self._session_numbers), proxy_id=hello.proxy_id,
+                     wants_netns_fd=hello.wants_netns_fd)
+        self._session = s
+        self.sessions += 1
+        self.last_proxy_id = hello.proxy_id
+        s.out.put(pb.AgentMessage(seq=0, hello_reply=pb.HelloReply(
+            protocol_version=PROTOCOL_VERSION, agent_id=self.agent_id, netns_fd_socket=self.netns_fd_socket)))
+        s.snapshot_watermark = self._op_now
+        for uid, w in self._desired.items():
+            self._send_locked(s, _Inflight("add", uid, self._latest_op[uid]),
+                              add=pb.WorkloadAdd(workload=workload_to_pb(w), snapshot=True))
+        self._send_locked(s, _Inflight("snapshot_complete", "", self._op_now),
+                          snapshot_complete=pb.SnapshotComplete(count=len(self._desired)))
+        self._changed.notify_all()
+        _jlog(logging.INFO, "proxy_session_started", session=s.number, proxy_id=s.proxy_id,
+              snapshot=len(self._desired), wants_netns_fd=s.wants_netns_fd)
+        return s
+
+    def _end_session(self, s: _Session, reason: str) -> None:
+        with self._lock:
+            self._close_session_locked(s, reason)
+
+    def _read_acks(self, s: _Session, request_iterator: Iterator[Any]) -> None:
+        reason = "proxy closed its stream"
+        try:
+            for msg in request_iterator:
+                if s.closed:
+                    break
+                if msg.WhichOneof("msg") != "ack":
+                    _jlog(logging.WARNING, "proxy_protocol_error", session=s.number,
+                          detail=f"unexpected {msg.WhichOneof('msg')} after Hello")
+                    continue
+                self._on_ack(s, msg.ack.seq, msg.ack.error)
+        except grpc.RpcError as exc:
+            reason = f"stream error: {exc.code() if hasattr(exc, 'code') else exc}"
+        except Exception as exc:
+            reason = f"stream error: {exc}"
+        finally:
+            self._end_session(s, reason)
+
+    def _on_ack(self, s: _Session, seq: int, error: str) -> None:
+        done: list[tuple[futures.Future[None], BaseException | None]] = []
+        with self._lock:
+            what = s.inflight.pop(seq, None)
+            if what is None:
+                _jlog(logging.WARNING, "proxy_unknown_ack", session=s.number, seq=seq)
+                return
+            self.acks += 1
+            if error:
+                self.nacks += 1
+                _jlog(logging.WARNING, "proxy_nack", session=s.number, seq=seq, kind=what.kind,
+                      uid=what.uid, error=error)
+            if what.kind == "snapshot_complete":
+                if s is self._session:
+                    s.snapshot_acked = True
+                # removals issued before the snapshot was built are fulfilled by its absence
+                for uid, ws in list(self._waiters.items()):
+                    if uid in self._desired:
+                        continue
+                    covered = [w for w in ws if w.kind == "delete" and w.op <= what.op]
+                    done += [(w.future, ProxyNack(error) if error else None) for w in covered]
+                    self._drop_waiters_locked(uid, covered)
+                self._changed.notify_all()
+            elif self._latest_op.get(what.uid) == what.op:
+                ws = self._waiters.get(what.uid, [])
+                hit = [w for w in ws if w.kind == what.kind and w.op <= what.op]
+                done += [(w.future, ProxyNack(error) if error else None) for w in hit]
+                self._drop_waiters_locked(what.uid, hit)
+                if what.kind == "delete" and what.uid not in self._desired:
+                    self._latest_op.pop(what.uid, None)
+        for fut, exc in done:
+            _settle(fut, exc)
+
+    def _drop_waiters_locked(self, uid: str, gone: list[_Waiter]) -> None:
+        if not gone:
+            return
+        rest = [w for w in self._waiters.get(uid, []) if w not in gone]
+        if rest:
+            self._waiters[uid] = rest
+        else:
+            self._waiters.pop(uid, None)
+
+
+def _settle(fut: futures.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    try:
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+    except futures.InvalidStateError:
+        pass  # cancelled by the caller meanwhile

@@ -1,0 +1,98 @@
+"""The agent's Prometheus metrics, in their own registry (no process-global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+
+STATES = ("enrolled", "pending", "failed")
+PROXY_CGROUP_SOURCES = ("flag", "peer", "none")
+
+
+class IptablesCheckCollector:
+    """Exports the iptables backend's drift-check counts (node_agent.backends.iptables.iptc_check.CheckStats):
+    `headrace_agent_iptables_checks_total{path}` with path `in_process` (python-iptables fingerprint
+    unchanged, nothing spawned) or `iptables_save` (the full compare ran), and
+    `headrace_agent_iptables_inprocess_read_errors_total` (in-process reads that failed and fell back)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        checks = CounterMetricFamily(
+            "headrace_agent_iptables_checks", "iptables rule checks (drift, adoption) by how they were decided.",
+            labels=["path"])
+        for path in ("in_process", "iptables_save"):
+            checks.add_metric([path], counts.get(path, 0))
+        yield checks
+        errors = CounterMetricFamily(
+            "headrace_agent_iptables_inprocess_read_errors",
+            "In-process (python-iptables) reads that failed; the check fell back to iptables-save.")
+        errors.add_metric([], counts.get("read_errors", 0))
+        yield errors
+
+
+def _iptables_check_counts() -> Mapping[str, int]:
+    from node_agent.backends.iptables.iptc_check import STATS
+
+    return STATS.snapshot()
+
+
+class AgentMetrics:
+    def __init__(
+        self,
+        proxy_connected: Callable[[], bool] | None = None,
+        iptables_checks: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        # iptables_checks: the drift-check counts to export (default: the process's iptables backend)
+        self.registry.register(IptablesCheckCollector(iptables_checks or _iptables_check_counts))
+        self.enrolments = Counter(
+            "headrace_agent_enrolments", "Pods enrolled (rules in and proxy acked).", registry=self.registry)
+        self.failures = Counter(
+            "headrace_agent_enrolment_failures", "Failed enrolment or removal attempts.", ["reason"],
+            registry=self.registry)
+        self.drift_repairs = Counter(
+            "headrace_agent_drift_repairs", "Enrolled pods whose altered rules were repaired.",
+            registry=self.registry)
+        self.reconcile_duration = Histogram(
+            "headrace_agent_reconcile_duration_seconds", "Time of one reconcile pass.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
+        self.pods = Gauge("headrace_agent_pods", "Ambient pods by state.", ["state"], registry=self.registry)
+        self.proxy_connected = Gauge(
+            "headrace_agent_proxy_connected", "1 while a node proxy session is open.", registry=self.registry)
+        self.proxy_cgroup = Gauge(
+            "headrace_agent_proxy_cgroup_source",
+            "Where the node proxy's cgroup (ambient over eBPF) comes from: 1 for the current source "
+            "(flag: --proxy-cgroup, peer: detected from the proxy's connection, none: unknown or refused).",
+            ["source"], registry=self.registry)
+        self.proxy_cgroup_source("none")
+        if proxy_connected is not None:
+            self.proxy_connected.set_function(lambda: 1.0 if proxy_connected() else 0.0)
+        for state in STATES:
+            self.pods.labels(state=state).set(0)
+
+    def proxy_cgroup_source(self, source: str) -> None:
+        for name in PROXY_CGROUP_SOURCES:
+            self.proxy_cgroup.labels(source=name).set(1 if name == source else 0)
+
+    # the reconciler's Metrics protocol
+    def enrolled(self) -> None:
+        self.enrolments.inc()
+
+    def failed(self, reason: str) -> None:
+        self.failures.labels(reason=reason or "unknown").inc()
+
+    def drift_repaired(self) -> None:
+        self.drift_repairs.inc()
+
+    def reconcile_took(self, seconds: float) -> None:
+        self.reconcile_duration.observe(seconds)
+
+    def pod_states(self, counts: Mapping[str, int]) -> None:
+        for state in STATES:
+            self.pods.labels(state=state).set(counts.get(state, 0))

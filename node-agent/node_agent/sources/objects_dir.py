@@ -1,0 +1,131 @@
+"""Pod source for the lab: a local directory of Kubernetes-shaped Namespace and Pod objects.
+
+One JSON or YAML file per object (a `kind: List` or a multi-document YAML file works too). The directory
+is polled (cheap: a stat per file) and re-read whenever a file's size or mtime changes, is added or is
+removed; the whole set then replaces the store's content, so the events are the same as a Kubernetes
+re-list. Files that fail to parse are skipped with a warning and keep their previous content out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from node_agent.sources.store import (
+    NamespaceRecord,
+    ObjectError,
+    PodRecord,
+    PodStore,
+    namespace_from_dict,
+    pod_from_dict,
+)
+
+log = logging.getLogger("headrace.agent.objects")
+
+SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _documents(path: Path) -> Iterator[Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        yield json.loads(text)
+        return
+    import yaml  # lazy: only the YAML files need it
+
+    yield from yaml.safe_load_all(text)
+
+
+def _objects(doc: Any) -> Iterator[dict[str, Any]]:
+    if not isinstance(doc, dict):
+        return
+    if doc.get("kind") == "List" or (doc.get("kind", "").endswith("List") and "items" in doc):
+        for item in doc.get("items") or []:
+            if isinstance(item, dict):
+                yield item
+        return
+    yield doc
+
+
+def read_objects_dir(directory: Path, node_name: str = "") -> tuple[list[PodRecord], list[NamespaceRecord]]:
+    """Parse every object file; pods scheduled to another node (spec.nodeName set and different) skipped."""
+    pods: list[PodRecord] = []
+    namespaces: list[NamespaceRecord] = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix not in SUFFIXES or not path.is_file() or path.name.startswith("."):
+            continue
+        try:
+            for doc in _documents(path):
+                for obj in _objects(doc):
+                    kind = obj.get("kind")
+                    if kind == "Pod":
+                        pod = pod_from_dict(obj)
+                        if node_name and pod.node_name and pod.node_name != node_name:
+                            continue
+                        pods.append(pod)
+                    elif kind == "Namespace":
+                        namespaces.append(namespace_from_dict(obj))
+        except (OSError, ValueError, ObjectError) as exc:
+            log.warning("skipping %s: %s", path.name, exc, extra={"step": "objects-parse"})
+        except Exception as exc:  # yaml.YAMLError and friends
+            log.warning("skipping %s: %s", path.name, exc, extra={"step": "objects-parse"})
+    return pods, namespaces
+
+
+def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for path in directory.iterdir():
+        if path.suffix not in SUFFIXES or path.name.startswith("."):
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out.append((path.name, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(out))
+
+
+class ObjectsDirSource:
+    def __init__(self, store: PodStore, directory: Path, node_name: str = "", interval: float = 0.3) -> None:
+        self._store = store
+        self.directory = directory
+        self.node_name = node_name
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last: tuple[tuple[str, int, int], ...] | None = None
+        self.loads = 0
+
+    def poll_once(self) -> bool:
+        """Re-read the directory if anything changed; True when it did."""
+        try:
+            sig = _signature(self.directory)
+        except OSError as exc:
+            log.warning("objects dir unreadable: %s", exc, extra={"step": "objects-poll"})
+            return False
+        if sig == self._last:
+            return False
+        self._last = sig
+        pods, namespaces = read_objects_dir(self.directory, self.node_name)
+        self._store.replace_namespaces(namespaces)
+        self._store.replace_pods(pods)
+        self.loads += 1
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self.poll_once()
+        self._thread = threading.Thread(target=self._run, name="objects-dir", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
