@@ -51,7 +51,7 @@ def test_ebpf_chosen_when_probe_passes(tmp_path):
     hybrid = select.select_backend("ebpf", state_dir=tmp_path, inbound="iptables", problems_fn=lambda: [])
     assert isinstance(hybrid.backend, EbpfBackend) and isinstance(hybrid.backend.inbound, FakeIptables)
     assert choice.backend.state_dir == tmp_path
-    assert choice.name == "ebpf"  # the choice can stand in for the backend
+    assert choice.backend.name == "ebpf"
     assert "eBPF" in choice.reason
 
 

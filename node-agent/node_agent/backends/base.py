@@ -1,8 +1,13 @@
-"""The interface every redirection backend implements, so the agent treats iptables and eBPF alike."""
+"""The interface every redirection backend implements, so the agent treats iptables and eBPF alike.
+
+`PodRules` is what writes one pod's redirection (also the shape of the eBPF backend's inbound delegate);
+`RedirectBackend` adds what the agent asks of a node's backend. Every backend implements all of it, with
+no-ops or empty answers where a member does not apply (iptables has no cgroups and no pinned state)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
@@ -27,7 +32,9 @@ class PodTarget:
     cgroup_path: str | None = None  # the pod's cgroup v2 directory, when known (eBPF)
 
 
-class RedirectBackend(Protocol):
+class PodRules(Protocol):
+    """Writes and reads one pod's redirection."""
+
     name: str
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
@@ -44,7 +51,23 @@ class RedirectBackend(Protocol):
         """Whether anything of ours is present in the pod (adoption after an agent restart)."""
 
 
-def needs_cgroup(backend: RedirectBackend) -> bool:
-    """Whether the backend acts on the pod's cgroup, so the agent must pass PodTarget.cgroup_path
-    (a backend's `needs_cgroup` attribute; eBPF by name when it has none, e.g. a test double)."""
-    return bool(getattr(backend, "needs_cgroup", backend.name == "ebpf"))
+class RedirectBackend(PodRules, Protocol):
+    """A node's redirection backend, as the agent uses it."""
+
+    # the backend attaches to cgroups: the pods' (the agent must pass PodTarget.cgroup_path) and the node
+    # proxy's (set_proxy_cgroup)
+    needs_cgroup: bool
+
+    def fallback_reason(self, spec: RedirectSpec) -> str | None:
+        """Why this backend cannot implement spec on this node (the pod should get the fallback backend),
+        or None."""
+
+    def set_proxy_cgroup(self, path: str | Path | None) -> None:
+        """The node proxy's cgroup v2 directory (None: unknown). Raises BackendError."""
+
+    def pinned_pods(self) -> list[str]:
+        """UIDs of the pods with state of ours pinned on the node outside their netns (found by uid even
+        when the netns is gone)."""
+
+    def close(self) -> None:
+        """Agent shutdown: release node resources held (pods keep their redirection)."""

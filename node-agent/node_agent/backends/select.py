@@ -11,8 +11,9 @@ iptables backend of the same flavour instead (see docs/ebpf.md).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from node_agent.backends.base import BackendError, RedirectBackend
 
@@ -22,13 +23,10 @@ DEFAULT_STATE_DIR = Path("/var/run/headrace")
 
 
 class BackendChoice(NamedTuple):
-    """(backend, reason). Also usable as the backend itself (attribute access is forwarded)."""
+    """The node's backend and why it was chosen."""
 
     backend: RedirectBackend
     reason: str
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.backend, attr)
 
 
 def _iptables(flavour: str) -> RedirectBackend:
@@ -39,10 +37,8 @@ def _iptables(flavour: str) -> RedirectBackend:
 
 
 def ebpf_problems() -> list[str]:
-    try:
-        from node_agent.backends.ebpf.probe import probe
-    except ImportError as e:  # pragma: no cover - our own package
-        return [f"eBPF backend code not importable: {e}"]
+    from node_agent.backends.ebpf.probe import probe
+
     return probe()
 
 
@@ -53,7 +49,7 @@ def select_backend(
     iptables_flavour: str = "auto",
     proxy_cgroup: str | Path | None = None,
     inbound: str = "ebpf",
-    problems_fn: Any = None,
+    problems_fn: Callable[[], Iterable[str]] | None = None,
 ) -> BackendChoice:
     """The backend for this node and why it was chosen. problems_fn overrides the eBPF probe (tests).
 

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, RedirectSpec
+from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
 from node_agent.backends.ebpf import bpfsys, loader, maps, netns_addr, pinning, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
 
@@ -60,7 +60,7 @@ class EbpfBackend(RedirectBackend):
     def __init__(
         self,
         state_dir: str | Path,
-        inbound_fallback: RedirectBackend | None = None,
+        inbound_fallback: PodRules | None = None,
         proxy_cgroup: str | Path | None = None,
     ) -> None:
         """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
@@ -166,7 +166,7 @@ class EbpfBackend(RedirectBackend):
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
         if (
             isinstance(spec, SidecarSpec)
-            and getattr(spec, "interception_mode", "REDIRECT") == "TPROXY"
+            and spec.interception_mode == "TPROXY"
             and maps.needs_inbound(spec)
         ):
             return (

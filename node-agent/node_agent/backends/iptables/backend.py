@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, Family, SidecarSpec
 from cni.kernel import flavour as flavour_mod
@@ -62,6 +63,7 @@ class IptablesBackend:
     """RedirectBackend on iptables chains (HEADRACE_*) inside each pod's netns."""
 
     name = "iptables"
+    needs_cgroup = False
 
     def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None) -> None:
         """in_process_check: None = on unless HEADRACE_IPTC_CHECK says off (legacy: python-iptables
@@ -145,3 +147,15 @@ class IptablesBackend:
             return netns_tables.installed(target.netns_path, self.flavour)
         except (netns_tables.IptablesError, OSError) as exc:
             raise BackendError(f"iptables read for pod {target.namespace}/{target.name}: {exc}") from exc
+
+    def fallback_reason(self, spec: RedirectSpec) -> str | None:
+        return None  # iptables implements every spec
+
+    def set_proxy_cgroup(self, path: str | Path | None) -> None:
+        """Nothing to do: iptables redirection needs no proxy cgroup."""
+
+    def pinned_pods(self) -> list[str]:
+        return []  # every rule lives in its pod's netns
+
+    def close(self) -> None:
+        """Nothing held on the node."""
