@@ -7,10 +7,12 @@ import os
 import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from node_agent.backends.base import BackendError, PodTarget
 from node_agent.netns.pin import PinError, RecycledNetns
 from node_agent.protocol.workload import WorkloadInfo
+from node_agent.reconcile.state import PeerListener
 
 
 class FakePins:
@@ -54,7 +56,10 @@ class FakePins:
 
 
 class FakeBackend:
+    """A RedirectBackend that keeps rule sets in a dict (needs no cgroup, declines nothing, pins nothing)."""
+
     name = "fake"
+    needs_cgroup = False
 
     def __init__(self) -> None:
         self.rules: dict[str, int] = {}  # uid -> number of rule sets (must never exceed 1)
@@ -87,8 +92,22 @@ class FakeBackend:
         with self.lock:
             self.rules.pop(uid, None)
 
+    def fallback_reason(self, spec: object) -> str | None:
+        return None
+
+    def set_proxy_cgroup(self, path: str | Path | None) -> None:
+        pass
+
+    def pinned_pods(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
 
 class FakeHub:
+    """The node-proxy hub: acks at once (auto_ack) or when told, nacks the next upsert when asked."""
+
     def __init__(self, auto_ack: bool = True) -> None:
         self.auto_ack = auto_ack
         self.desired: dict[str, WorkloadInfo] = {}
@@ -96,6 +115,20 @@ class FakeHub:
         self.log: list[tuple[str, str]] = []
         self.connected = True
         self.nack_next = ""
+        self.listeners: list[PeerListener] = []
+        self.started = self.stopped = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.connected, "workloads": len(self.desired)}
+
+    def add_peer_listener(self, listener: PeerListener) -> None:
+        self.listeners.append(listener)
 
     def upsert(self, w: WorkloadInfo) -> Future[None]:
         self.desired[w.uid] = w

@@ -9,6 +9,7 @@ from typing import Any
 
 from node_agent.netns.finder import NetnsLocation
 from node_agent.reconcile.loop import Reconciler
+from node_agent.reconcile.state import SIDECAR
 
 from tests.unit.agent_fakes import FakeBackend, FakeHub
 from tests.unit.test_agent_reconcile import AMBIENT, UID, Env, pod
@@ -23,6 +24,7 @@ class FakeEbpf(FakeBackend):
         self.reason = reason
         self.closed = 0
         self.cgroups: list[str | None] = []
+        self.pinned: set[str] = set()  # pods with state pinned outside their netns
 
     def fallback_reason(self, spec: object) -> str | None:
         return self.reason
@@ -33,6 +35,9 @@ class FakeEbpf(FakeBackend):
 
     def close(self) -> None:
         self.closed += 1
+
+    def pinned_pods(self) -> list[str]:
+        return sorted(self.pinned & set(self.rules))
 
 
 class FakeIptables(FakeBackend):
@@ -146,8 +151,52 @@ def test_del_of_a_pod_only_pinned_by_an_earlier_agent_removes_its_pins(tmp_path:
     env = Env(tmp_path)
     ebpf = FakeEbpf()
     ebpf.rules[UID] = 1  # a sidecar pod redirected by the previous agent run; this one never saw its ADD
-    ebpf.pinned_pods = lambda: list(ebpf.rules)  # type: ignore[attr-defined]
+    ebpf.pinned.add(UID)
     r = make(env, ebpf, FakeIptables(), cgroup_fallback=False)
     assert r.cni_del(UID).ok
     assert ebpf.removes == 1 and not ebpf.rules
     assert r.cni_del(UID).ok and ebpf.removes == 1  # nothing pinned any more: nothing to do
+
+
+def test_boot_race_repair_picks_the_backend_like_choose(tmp_path: Path) -> None:
+    """The reconciler writes a boot-race pod's rules: the node's backend when it can hold the pod, else the
+    fallback (its cgroup unknown, whatever the setting, or the spec declined)."""
+    import dataclasses
+
+    from node_agent.backends.base import PodTarget
+
+    from cni.contract.spec import SidecarSpec
+
+    env = Env(tmp_path)
+    ebpf, ipt = FakeEbpf(), FakeIptables()
+    r = make(env, ebpf, ipt, cgroup_fallback=False)
+    netns = env.fake_netns(UID)
+    ino = netns.stat().st_ino
+    with_cg = PodTarget(UID, "app", "p-1", str(netns), ino, ("10.0.0.5",), "/sys/fs/cgroup/k/pod" + UID)
+    assert r.repair_sidecar(with_cg, SidecarSpec()).backend == "ebpf" and ebpf.rules == {UID: 1}
+    no_cg = dataclasses.replace(with_cg, cgroup_path=None)
+    out = r.repair_sidecar(no_cg, SidecarSpec())
+    assert (out.backend, out.error) == ("iptables", "") and ipt.rules == {UID: 1}
+    ebpf.reason = "TPROXY is not implemented in eBPF"
+    ipt.rules.clear()
+    assert r.repair_sidecar(with_cg, SidecarSpec()).backend == "iptables" and ipt.rules == {UID: 1}
+    ipt.fail_apply = True
+    out = r.repair_sidecar(with_cg, SidecarSpec())
+    assert out.backend == "iptables" and "injected apply failure" in out.error
+    assert r.managed_pods() == frozenset(), "repairs are not held: the monitor keeps reporting them"
+
+
+def test_sidecar_pod_whose_netns_is_gone_is_cleared_by_its_pins(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    ebpf = FakeEbpf()
+    with_cgroup(env, "/sys/fs/cgroup/unified/k/pod" + UID)
+    r = make(env, ebpf, FakeIptables(), cgroup_fallback=False)
+    netns = env.fake_netns(UID)
+    env.set({}, pod(UID, annotations={"sidecar.istio.io/status": "{}"}))
+    assert r.cni_sidecar_add(UID, "app", "p-1", str(netns), (), timeout=1).ok
+    assert r.pods[UID].mode == SIDECAR and r.managed_pods() == frozenset({UID})
+    ebpf.pinned.add(UID)
+    env.pins.mounted.clear()  # the pod's netns is gone
+    env.clock.t += 10
+    r.reconcile()
+    assert UID not in r.pods and not ebpf.rules and env.records.load_all() == {}

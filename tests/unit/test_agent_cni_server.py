@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from node_agent.commands.status import status
-from node_agent.reconcile.loop import Outcome
+from node_agent.reconcile.state import Outcome
 from node_agent.serve.cni_server import CniServer
 
 from cni.plugin.agent_client import PluginEvent, send_event

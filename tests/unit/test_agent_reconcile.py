@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,14 @@ UID2 = "aaaaaaaa-0000-0000-0000-000000000002"
 
 
 class Clock:
+    """Still until moved (t), or the real monotonic clock once `real` (tests that run the loop thread)."""
+
     def __init__(self) -> None:
         self.t = 1000.0
+        self.real = False
 
     def __call__(self) -> float:
-        return self.t
+        return time.monotonic() if self.real else self.t
 
 
 class FakeConntrack:
@@ -52,6 +56,7 @@ class Env:
         self.node_rules: list[list[str]] = []
         self.repairs = 0
         self.ct = FakeConntrack()
+        self.ips_in_netns: tuple[str, ...] = ("10.9.9.9",)  # what the pod's netns shows (no CNI ADD yet)
         self.r = self.make()
 
     def make(self) -> Reconciler:
@@ -72,8 +77,8 @@ class Env:
             self.hub,
             self.pins,
             self.records,
-            scan=self.scan,
-            read_ips=lambda path: ("10.9.9.9",),
+            scan=lambda: self.scan(),
+            read_ips=lambda path: self.ips_in_netns,
             find_by_ips=self.by_ips,
             conntrack=self.ct,
             node_rules=self.node_rules.append,
@@ -218,7 +223,7 @@ def test_drift_is_repaired_and_counted(env: Env) -> None:
 
 
 def test_node_reboot_pod_is_failed_and_retried_never_enrolled(env: Env) -> None:
-    """istio/istio#60882: the pinned netns is gone after a reboot and no process of the pod is found."""
+    """The pinned netns is gone after a reboot and no process of the pod is found."""
     env.records.save(EnrolRecord(UID, "app", "p-1", 4242, ("10.0.0.5",), "fake"))
     env.set(AMBIENT, pod())
     env.r.adopt()
@@ -268,7 +273,7 @@ def test_cni_add_waits_for_ack_and_del_removes(env: Env) -> None:
         {},
     )  # the source does not know the pod yet
     netns = env.fake_netns(UID)
-    env.r._clock = __import__("time").monotonic
+    env.clock.real = True
     env.r.start()
     try:
         result: list[object] = []
@@ -295,7 +300,7 @@ def test_cni_add_times_out_without_proxy(env: Env) -> None:
     env.hub.auto_ack = False
     env.set({})
     netns = env.fake_netns(UID)
-    env.r._clock = __import__("time").monotonic
+    env.clock.real = True
     env.r.start()
     try:
         out = env.r.cni_add(UID, "app", "p-1", str(netns), (), timeout=0.5)
@@ -342,13 +347,13 @@ def test_sidecar_bad_annotation_is_refused(env: Env) -> None:
 def test_cni_add_for_pod_the_source_puts_elsewhere_fails_after_grace(env: Env) -> None:
     netns = env.fake_netns(UID)
     env.set({}, pod())  # the source says: not labelled
-    env.r._clock = __import__("time").monotonic
+    env.clock.real = True
     env.r.start()
     try:
-        t0 = __import__("time").monotonic()
+        t0 = time.monotonic()
         out = env.r.cni_add(UID, "app", "p-1", str(netns), (), timeout=2)
         assert not out.ok and out.retry and "mode 'none'" in out.error
-        assert __import__("time").monotonic() - t0 < 1.9
+        assert time.monotonic() - t0 < 1.9
         assert env.backend.rules == {}
     finally:
         env.r.stop()
@@ -357,12 +362,10 @@ def test_cni_add_for_pod_the_source_puts_elsewhere_fails_after_grace(env: Env) -
 def test_cni_add_is_served_during_a_long_drift_pass(env: Env) -> None:
     """The drift check reads each pod's rules outside the lock: a CNI ADD arriving in the middle of a
     slow pass (40 pods x 50 ms) is enrolled before the pass ends, and `status` answers meanwhile."""
-    import time
-
     uids = [f"bbbbbbbb-0000-0000-0000-{i:012d}" for i in range(40)]
     for uid in uids:
         env.fake_netns(uid)
-    env.r._clock = time.monotonic
+    env.clock.real = True
     env.r.start()
     try:
         env.set(AMBIENT, *(pod(uid) for uid in uids))
@@ -380,7 +383,7 @@ def test_cni_add_is_served_during_a_long_drift_pass(env: Env) -> None:
             return fast_check(target, spec)
 
         env.backend.check = slow_check  # type: ignore[method-assign]
-        env.r._last_drift = -1e9  # the next pass runs the drift check
+        env.r.drift.last_run = -1e9  # the next pass runs the drift check
         env.r.wake()
         assert checking.wait(5), "the drift pass never started"
         netns = env.fake_netns(UID)
@@ -433,15 +436,13 @@ def test_enrolled_pods_move_backend_when_the_choice_changes(env: Env) -> None:
 def test_pod_without_ips_waits_for_its_cni_add(env: Env) -> None:
     """A labelled pod the source shows before its CNI ADD (no IPs in the object, none in the netns yet) is
     not sent to the proxy, which identifies workloads by IP; the ADD's IPs enrol it."""
-    import time
-
-    env.r._read_ips = lambda path: ()
+    env.ips_in_netns = ()
     netns = env.fake_netns(UID)
     env.set(AMBIENT, pod(ips=()))
     env.r.reconcile()
     assert env.state(UID) == "pending" and "IPs" in env.r.pods[UID].reason
     assert UID not in env.hub.desired and env.backend.rules == {}
-    env.r._clock = time.monotonic
+    env.clock.real = True
     env.r.start()
     try:
         out = env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7", "fd00::7"), timeout=5)
@@ -481,12 +482,12 @@ def test_restart_verifies_adopted_rules_in_the_same_pass_outside_the_lock(env: E
     check = env.backend.check
 
     def counting(target: PodTarget, spec: object) -> list[str]:
-        assert not env.r._lock._is_owned(), "the read-back must run outside the agent's lock"  # type: ignore[attr-defined]
+        assert not env.r.table.lock._is_owned(), "the read-back must run outside the agent's lock"  # type: ignore[attr-defined]
         checked.append(target.uid)
         return check(target, spec)
 
     env.backend.check = counting  # type: ignore[method-assign]
-    env.r._last_drift = env.clock.t  # a drift pass just ran: only the adoption makes this one run
+    env.r.drift.last_run = env.clock.t  # a drift pass just ran: only the adoption makes this one run
     env.r.reconcile()
     assert sorted(checked) == sorted([UID, UID2])
     assert env.backend.rules == {UID: 1, UID2: 1} and env.repairs == 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from node_agent.backends.base import PodTarget
 
+from cni.contract.spec import SidecarSpec
 from tests.unit.test_agent_reconcile import UID, Env, pod
 
 SIDECAR = {
@@ -49,10 +50,9 @@ def test_sidecar_adopted_after_restart_without_reapply(env: Env) -> None:
     applies = env.backend.applies
     r2 = env.make()  # a new agent: same pins, records and backend state
     r2.adopt()
-    st = r2.sidecars[UID]
-    assert (st.mode, st.state, st.backend) == ("sidecar", "enrolled", "fake")
-    assert 9000 in r2.sidecar_specs[UID].exclude_inbound_ports
-    assert UID not in r2.pods, "a sidecar pod is not an ambient enrolment"
+    st = r2.pods[UID]
+    assert (st.mode, st.state, st.backend) == ("sidecar", "enrolled", "fake"), "not an ambient enrolment"
+    assert isinstance(st.spec, SidecarSpec) and 9000 in st.spec.exclude_inbound_ports
     env.clock.t += 10
     r2.reconcile()
     assert env.backend.applies == applies and env.backend.rules == {UID: 1}
@@ -82,7 +82,7 @@ def test_sidecar_removed_on_cni_del_after_restart(env: Env) -> None:
     r2.adopt()
     assert r2.cni_del(UID).ok
     assert env.backend.rules == {} and UID not in env.pins.mounted
-    assert env.records.load_all() == {} and UID not in r2.sidecars
+    assert env.records.load_all() == {} and UID not in r2.pods
     assert all(r["uid"] != UID or r["state"] == "none" for r in r2.status())
 
 
@@ -101,7 +101,16 @@ def test_sidecar_record_with_lost_netns_is_dropped(env: Env) -> None:
     env.pins.mounted.clear()  # node reboot: pin gone
     r2 = env.make()
     r2.adopt()
-    assert UID not in r2.sidecars and env.records.load_all() == {}
+    assert UID not in r2.pods and env.records.load_all() == {}
+
+
+def test_sidecar_record_with_another_netns_pinned_is_dropped_with_its_pin(env: Env) -> None:
+    _add(env)
+    env.pins.mounted[UID] += 1  # the pin holds another netns than the one recorded
+    r2 = env.make()
+    r2.adopt()
+    assert UID not in r2.pods, "the released pin is not adopted as an ambient pod"
+    assert env.records.load_all() == {} and UID not in env.pins.mounted
 
 
 def test_sidecar_new_sandbox_replaces_old(env: Env) -> None:

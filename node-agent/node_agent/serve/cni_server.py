@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node_agent.kernel.unix_socket import listen_private
-from node_agent.reconcile.loop import Outcome
+from node_agent.reconcile.state import Outcome
 
 log = logging.getLogger("headrace.agent.cni")
 

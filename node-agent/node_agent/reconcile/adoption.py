@@ -1,0 +1,90 @@
+"""After a restart: take over what a previous agent left, its enrolment records and netns pins.
+
+An ambient pod whose pin still holds the recorded netns is adopted with its rules taken as in place (they
+are checked, not re-added: nothing is duplicated); the next pass re-sends it to the (new) proxy hub. One
+whose pinned netns is gone (node reboot without drain) is `failed` and retried, never reported enrolled.
+A sidecar pod is kept `enrolled` (the drift check reads its rules back) or, when its netns is gone, what
+is left of it is cleared. A pin without a record is adopted as an ambient pod the next pass decides on."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cni.contract.annotations import sidecar_spec
+from cni.contract.errors import CniError
+from node_agent.reconcile.choice import Backends
+from node_agent.reconcile.enrol import AmbientEnrolment
+from node_agent.reconcile.records import EnrolRecord
+from node_agent.reconcile.state import ENROLLED, FAILED, SIDECAR, PodState, log_ctx
+from node_agent.reconcile.table import PodTable
+
+log = logging.getLogger("headrace.agent.reconcile")
+
+
+class Adoption:
+    def __init__(self, table: PodTable, backends: Backends, enrolment: AmbientEnrolment) -> None:
+        self.table = table
+        self.backends = backends
+        self.enrolment = enrolment
+
+    def adopt(self) -> None:
+        """Take over the records and pins found on disk (lock held)."""
+        pins = self.table.pins
+        records = self.table.records.load_all()
+        pinned = pins.pinned()
+        for uid, rec in records.items():
+            if rec.mode == SIDECAR:
+                self._adopt_sidecar(rec, pinned.get(uid))
+            else:
+                self._adopt_ambient(rec, pinned.get(uid))
+        for uid, ino in pinned.items():
+            if uid not in self.table.pods and uid not in records:
+                st = self.enrolment.new_state(uid, "", "")
+                st.inode, st.netns = ino, str(pins.path(uid))
+                st.reason = "adopted pin without record"
+                self.table.pods[uid] = st
+        for uid in pins.leftovers():
+            pins.release(uid)
+
+    def _adopt_ambient(self, rec: EnrolRecord, pinned_inode: int | None) -> None:
+        uid = rec.uid
+        st = self.enrolment.new_state(uid, rec.namespace, rec.name)
+        st.ips, st.inode, st.tcp_loose = rec.ips, rec.netns_inode, rec.tcp_loose
+        st.backend, st.cgroup_path = rec.backend, rec.cgroup_path
+        if pinned_inode == rec.netns_inode:
+            st.netns = str(self.table.pins.path(uid))
+            st.rules_in = True  # checked before use; never re-added blindly
+            st.reason = "adopted after restart"
+        else:
+            st.inode = 0
+            st.state = FAILED
+            st.reason = "pinned netns gone (node reboot?)"
+            self.table.records.delete(uid)
+            if pinned_inode is not None:
+                self.table.pins.release(uid)
+        self.table.pods[uid] = st
+
+    def _adopt_sidecar(self, rec: EnrolRecord, pinned_inode: int | None) -> None:
+        """A sidecar pod a previous agent redirected: kept (rules checked by the drift check, not
+        re-applied), or, when its netns is gone, what is left of it cleared."""
+        uid = rec.uid
+        ctx = {"pod": rec.name, "namespace": rec.namespace, "uid": uid, "netns": "", "step": "adopt-sidecar"}
+        try:
+            spec = sidecar_spec(dict(rec.annotations))
+        except CniError as exc:  # the record was valid when written; never guess a spec
+            log.warning("sidecar record unusable: %s", exc, extra=ctx)
+        else:
+            if pinned_inode == rec.netns_inode:
+                st = PodState(uid, rec.namespace, rec.name, SIDECAR, spec, state=ENROLLED,
+                              reason="adopted after restart", netns=str(self.table.pins.path(uid)),
+                              inode=rec.netns_inode, ips=rec.ips, cgroup_path=rec.cgroup_path, rules_in=True,
+                              backend=rec.backend, enrolled_at=time.time(), annotations=rec.annotations)
+                self.table.pods[uid] = st
+                log.info("sidecar pod adopted", extra=log_ctx(st, "adopt-sidecar"))
+                return
+        self.backends.remove_unheld(uid)
+        if pinned_inode is not None:
+            self.table.pins.release(uid)
+        self.table.records.delete(uid)
+        log.info("sidecar record dropped: netns gone", extra=ctx)

@@ -1,0 +1,138 @@
+"""Which backend holds a pod: the node's, or its fallback (iptables on an eBPF node) when the node's
+backend declines the pod's spec (fallback_reason) or, with `auto`, when the pod's cgroup is unknown. A pod
+recorded with another backend (the agent restarted with another --backend, or the choice changed) is
+settled: the old backend's redirection comes out before the new one goes in. Backends this node no longer
+uses are built on demand (retired), only to clear what they left."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, RedirectSpec
+from node_agent.reconcile.pod_netns import PodNetns
+from node_agent.reconcile.state import PodState, log_ctx
+
+log = logging.getLogger("headrace.agent.reconcile")
+
+UNKNOWN_CGROUP = "the pod's cgroup v2 directory is unknown (no pod process found)"
+
+
+class Backends:
+    def __init__(
+        self,
+        node: RedirectBackend,
+        netns: PodNetns,
+        *,
+        fallback: RedirectBackend | None = None,
+        cgroup_fallback: bool = True,
+        factory: Callable[[str], RedirectBackend | None] | None = None,
+    ) -> None:
+        self.node = node
+        # `auto` on a node where eBPF runs: pods whose cgroup is unknown get the fallback (iptables)
+        self.fallback = fallback
+        # True (`auto`): the fallback also takes pods whose cgroup is unknown; False (`ebpf`): only pods the
+        # node backend itself declines (its fallback_reason(spec)); the others fail closed
+        self.cgroup_fallback = cgroup_fallback
+        # builds a backend this node no longer uses, to clear a pod recorded with it (backend switch)
+        self._factory = factory
+        self._retired: dict[str, RedirectBackend | None] = {}
+        self._netns = netns
+
+    def in_use(self) -> list[RedirectBackend]:
+        """The node's backend and its fallback."""
+        return [b for b in (self.node, self.fallback) if b is not None]
+
+    def named(self, name: str) -> RedirectBackend | None:
+        for b in self.in_use():
+            if b.name == name:
+                return b
+        if name not in self._retired:
+            made = None
+            if self._factory is not None:
+                try:
+                    made = self._factory(name)
+                except Exception as exc:
+                    log.warning("cannot build backend %s: %s", name, exc, extra={"step": "backend"})
+            self._retired[name] = made
+        return self._retired[name]
+
+    def _declines(self, spec: RedirectSpec, cgroup_path: str | None, cgroup_fallback: bool) -> str | None:
+        """Why the node's backend should not hold such a pod, or None."""
+        reason = self.node.fallback_reason(spec)
+        if reason is None and cgroup_fallback and not cgroup_path and self.node.needs_cgroup:
+            reason = UNKNOWN_CGROUP
+        return reason
+
+    def choose(self, st: PodState) -> RedirectBackend:
+        """The backend the pod should have now."""
+        if self.fallback is None:
+            return self.node
+        reason = self._declines(st.spec, st.cgroup_path, self.cgroup_fallback)
+        if reason is None:
+            return self.node
+        if st.fallback_reason != reason:
+            st.fallback_reason = reason
+            log.info("pod uses the %s backend: %s", self.fallback.name, reason,
+                     extra={**log_ctx(st, "backend"), "backend": self.fallback.name})
+        return self.fallback
+
+    def for_unheld_pod(self, spec: RedirectSpec, cgroup_path: str | None) -> RedirectBackend:
+        """The backend for a pod the reconciler holds no state for (boot-race repair): as `choose`, and a
+        pod whose cgroup is unknown goes to the fallback whatever the setting."""
+        if self.fallback is not None and self._declines(spec, cgroup_path, True) is not None:
+            return self.fallback
+        return self.node
+
+    def of(self, st: PodState) -> RedirectBackend:
+        """The pod's backend: the one recorded, else the one chosen now (recorded in st.backend)."""
+        if st.backend:
+            b = self.named(st.backend)
+            if b is not None:
+                return b
+        chosen = self.choose(st)
+        st.backend = chosen.name
+        return chosen
+
+    def settle(self, st: PodState) -> None:
+        """A pod recorded with another backend than the one it should have now: clear the old backend's
+        redirection first, so the new one is installed alone. Raises BackendError/PinError/OSError."""
+        chosen = self.choose(st)
+        if st.backend and st.backend != chosen.name:
+            old = self.named(st.backend)
+            if old is not None and st.inode:
+                target = self._netns.target(st)
+                if old.installed(target):
+                    old.remove(target)
+                    log.info("pod moved from the %s to the %s backend", old.name, chosen.name,
+                             extra=log_ctx(st, "backend-switch"))
+            st.rules_in = False
+        st.backend = chosen.name
+
+    def remove_pinned(self, backend: RedirectBackend, uid: str) -> bool:
+        """Remove what `backend` pinned for the pod outside its netns (the netns may be gone: found by uid).
+        Whether there was something. Raises BackendError/OSError."""
+        if uid not in backend.pinned_pods():
+            return False
+        backend.remove(PodTarget(uid, "", "", ""))
+        return True
+
+    def remove_unheld(self, uid: str) -> None:
+        """A pod we hold no state for (a sidecar pod redirected by an earlier agent run) may still have
+        pinned eBPF state: remove it by its pins (cgroup found by id; TC went with the netns)."""
+        for b in self.in_use():
+            try:
+                if self.remove_pinned(b, uid):
+                    log.info("pinned state of an unknown pod removed", extra={"uid": uid, "step": "cni-del"})
+            except (BackendError, OSError) as exc:
+                log.warning("removing pinned state: %s", exc, extra={"uid": uid, "step": "cni-del"})
+
+    def close(self) -> None:
+        """Agent shutdown: let backends release node resources they hold (pods keep their redirection)."""
+        for b in (*self.in_use(), *self._retired.values()):
+            if b is None:
+                continue
+            try:
+                b.close()
+            except Exception as exc:
+                log.warning("backend close: %s", exc, extra={"step": "stop"})

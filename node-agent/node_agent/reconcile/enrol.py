@@ -1,0 +1,205 @@
+"""Ambient pods: enrolment and removal.
+
+Enrolment, in order: locate the netns (the CNI event's CNI_NETNS, an adopted pin, or a /proc scan), pin it
+(inode recorded), write the record, tell the proxy and wait for its ack, then install the rules (so a
+redirected connection always finds a listener); the pod is `enrolled` only after both. Removal goes the
+other way: rules out, proxy told, pin released, record deleted. Connections opened before enrolment are
+protected from being redirected mid-stream (nf_conntrack_tcp_loose set to 0, restored on removal).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from cni.contract.spec import AmbientSpec
+from node_agent.backends.base import BackendError
+from node_agent.netns.pin import PinError
+from node_agent.protocol.workload import WorkloadInfo
+from node_agent.reconcile.choice import Backends
+from node_agent.reconcile.pod_netns import PodNetns, Scan
+from node_agent.reconcile.state import AMBIENT, ENROLLED, FAILED, PENDING, Conntrack, Hub, PodState, log_ctx
+from node_agent.reconcile.table import PodTable
+from node_agent.sources.store import PodRecord
+
+log = logging.getLogger("headrace.agent.reconcile")
+
+
+class AmbientEnrolment:
+    def __init__(
+        self,
+        table: PodTable,
+        netns: PodNetns,
+        backends: Backends,
+        hub: Hub,
+        conntrack: Conntrack,
+        spec: AmbientSpec,
+        *,
+        node_name: str,
+        wake: Callable[[], None],
+        verify_soon: Callable[[], None],
+    ) -> None:
+        self.table = table
+        self.netns = netns
+        self.backends = backends
+        self.hub = hub
+        self.conntrack = conntrack
+        self.spec = spec
+        self.node_name = node_name
+        self._wake = wake  # the proxy acked: the loop takes the next step
+        self._verify_soon = verify_soon  # rules were found in place: read them back in this pass
+
+    def new_state(self, uid: str, namespace: str, name: str) -> PodState:
+        return PodState(uid, namespace, name, AMBIENT, self.spec)
+
+    def converge(self, uid: str, pod: PodRecord, hint_netns: str, now: float, scan: Scan) -> None:
+        """One step towards `enrolled` for a pod the source (or a CNI ADD) wants ambient (lock held)."""
+        st = self.table.pods.get(uid)
+        if st is None:
+            st = self.table.pods[uid] = self.new_state(uid, pod.namespace, pod.name)
+        elif st.mode != AMBIENT:
+            return  # the plugin handed it over as a sidecar pod: that stays until its DEL or the pod leaves
+        st.namespace, st.name = pod.namespace or st.namespace, pod.name or st.name
+        st.service_account = pod.service_account
+        if pod.ips and st.ips and set(pod.ips) != set(st.ips) and (st.state == ENROLLED or st.ack is not None):
+            # the proxy and the backend (eBPF keeps the pod IPs in its config) must learn the new IPs
+            log.info("pod IPs changed (%s -> %s): enrolling again", ",".join(st.ips), ",".join(pod.ips),
+                     extra=log_ctx(st, "ips-changed"))
+            st.state, st.rules_in, st.ack = PENDING, False, None
+        if pod.ips:
+            st.ips = pod.ips
+        if st.state == ENROLLED:
+            return
+        if st.state == FAILED and now < st.retry_at:
+            return
+        if st.ack is not None:
+            if st.ack.done():
+                self._after_ack(st)
+            return
+        self._start(st, hint_netns, now, scan)
+
+    def _start(self, st: PodState, hint_netns: str, now: float, scan: Scan) -> None:
+        st.state = PENDING
+        try:
+            self.netns.locate(st, hint_netns, scan)
+        except (PinError, LookupError, OSError) as exc:
+            self.table.fail(st, f"netns not found: {exc}", now)
+            return
+        try:
+            self.backends.settle(st)
+        except (BackendError, PinError, OSError) as exc:
+            self.table.fail(st, f"backend switch: {exc}", now)
+            return
+        if not st.ips:
+            try:
+                st.ips = self.netns.read_ips(st.netns)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read pod IPs: %s", exc, extra=log_ctx(st, "read-ips"))
+        if not st.ips:
+            # not wired yet (its CNI ADD has not run): the proxy identifies workloads by IP, so wait
+            st.reason = "waiting for the pod's IPs (CNI ADD or pod status)"
+            return
+        self.table.save_record(st)
+        w = WorkloadInfo(
+            uid=st.uid, name=st.name, namespace=st.namespace, service_account=st.service_account,
+            ips=st.ips, netns_path=st.netns, netns_inode=st.inode, node=self.node_name,
+        )
+        st.reason = "waiting for proxy ack"
+        st.ack_since = now
+        try:
+            fut = self.hub.upsert(w)
+        except Exception as exc:
+            self.table.fail(st, f"proxy hub: {exc}", now)
+            return
+        st.ack = fut
+        log.info("workload sent to proxy", extra=log_ctx(st, "proxy-upsert"))
+        fut.add_done_callback(lambda _f: self._wake())
+        if fut.done():
+            self._after_ack(st)
+
+    def _guard_long_lived(self, st: PodState, netns_path: str) -> None:
+        """Connections opened before enrolment must not be redirected mid-stream (conntrack_guard)."""
+        try:
+            if st.tcp_loose is None:
+                st.tcp_loose = self.conntrack.read_loose(netns_path)
+                self.table.save_record(st)
+            if st.tcp_loose:
+                self.conntrack.set_loose(netns_path, 0)
+        except OSError as exc:
+            log.warning("cannot protect pre-existing connections: %s", exc, extra=log_ctx(st, "conntrack"))
+
+    def _after_ack(self, st: PodState) -> None:
+        fut, st.ack = st.ack, None
+        assert fut is not None
+        exc = fut.exception()
+        if exc is not None:
+            self.table.fail(st, f"proxy refused workload: {exc}")
+            return
+        try:
+            if not st.rules_in:
+                self.backends.settle(st)  # the choice may have changed while the proxy was acking
+            target = self.netns.target(st)
+            backend = self.backends.of(st)
+            if st.rules_in:
+                # rules found in place (adopted after a restart, or re-sent to a restarted proxy): the
+                # drift pass of this same reconcile reads them back, outside the lock, and repairs them
+                self._verify_soon()
+            else:
+                self._guard_long_lived(st, target.netns_path)
+                backend.apply(target, self.spec)
+            st.rules_in = True
+        except (BackendError, PinError, OSError) as exc:
+            self.table.fail(st, f"rules: {exc}")
+            try:
+                self.hub.remove(st.uid)
+            except Exception:  # noqa: S110 - the retry re-sends anyway
+                pass
+            return
+        st.state = ENROLLED
+        st.enrolled_at = time.time()
+        st.reason = ""
+        st.attempts = 0
+        self.table.metrics.enrolled()
+        log.info("pod enrolled", extra=log_ctx(st, "enrolled"))
+        self.table.notify()
+
+    def unenrol(self, uid: str, why: str) -> bool:
+        """Rules out (conntrack setting restored), proxy told, pin released, record deleted. False (and
+        the pod `failed`, retried) when the rules could not be removed."""
+        st = self.table.get(uid, AMBIENT)
+        if st is None:
+            return True
+        try:
+            if st.inode and self.table.pins.inode(uid) == st.inode:
+                target = self.netns.target(st)
+                self.backends.of(st).remove(target)
+                if st.tcp_loose:
+                    self.conntrack.set_loose(target.netns_path, st.tcp_loose)
+        except (BackendError, PinError, OSError) as exc:
+            self.table.fail(st, f"rule removal: {exc}")
+            return False
+        try:
+            self.hub.remove(uid)
+        except Exception as exc:
+            log.warning("proxy hub remove failed: %s", exc, extra=log_ctx(st, "proxy-remove"))
+        self.table.forget(st, f"pod removed ({why})", "removed")
+        return True
+
+    def switch_backends(self) -> None:
+        """Move enrolled pods whose backend would be chosen differently now (e.g. the node proxy's cgroup
+        became known: pods on the iptables fallback go to eBPF). Old redirection out first."""
+        for st in self.table.of_mode(AMBIENT):
+            if st.state != ENROLLED or not st.backend or self.backends.choose(st).name == st.backend:
+                continue
+            old = st.backend
+            try:
+                self.backends.settle(st)
+                self.backends.of(st).apply(self.netns.target(st), self.spec)
+                st.rules_in = True
+                self.table.save_record(st)
+                log.info("pod re-applied on the %s backend (was %s)", st.backend, old,
+                         extra=log_ctx(st, "backend-switch"))
+            except (BackendError, PinError, OSError) as exc:
+                st.state, st.rules_in = PENDING, False
+                self.table.fail(st, f"backend switch: {exc}")  # retried like any failed enrolment

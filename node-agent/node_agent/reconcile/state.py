@@ -1,0 +1,129 @@
+"""What the reconciler knows about a pod (PodState), what it answers (Outcome, RepairResult), the state
+names, and the interfaces of its collaborators (proxy hub, netns pins, conntrack guard, metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from node_agent.backends.base import RedirectSpec
+from node_agent.protocol.workload import WorkloadInfo
+
+ENROLLED, PENDING, FAILED, NONE = "enrolled", "pending", "failed", "none"
+
+Mode = Literal["ambient", "sidecar"]
+AMBIENT: Mode = "ambient"  # enrolled by the agent from the pod source's labels; served by the node proxy
+SIDECAR: Mode = "sidecar"  # handed over by the plugin (conflist backend ebpf); its own sidecar proxy
+
+PeerListener = Callable[[set[int], str], None]
+
+
+class Hub(Protocol):
+    """The node-proxy session (node_agent.proxy.hub.ProxyHub)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def upsert(self, w: WorkloadInfo) -> Future[None]: ...
+    def remove(self, uid: str) -> Future[None]: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+    def add_peer_listener(self, listener: PeerListener) -> None: ...
+
+
+class Pins(Protocol):
+    def path(self, uid: str) -> Path: ...
+    def inode(self, uid: str) -> int | None: ...
+    def pin(self, uid: str, source: str, expected_inode: int) -> str: ...
+    def verify(self, uid: str, expected_inode: int) -> str: ...
+    def release(self, uid: str) -> None: ...
+    def pinned(self) -> dict[str, int]: ...
+    def leftovers(self) -> list[str]: ...
+
+
+class Conntrack(Protocol):
+    def read_loose(self, netns_path: str) -> int | None: ...
+    def set_loose(self, netns_path: str, value: int) -> None: ...
+
+
+class Metrics(Protocol):
+    def enrolled(self) -> None: ...
+    def failed(self, reason: str) -> None: ...
+    def drift_repaired(self) -> None: ...
+    def reconcile_took(self, seconds: float) -> None: ...
+    def pod_states(self, counts: Mapping[str, int]) -> None: ...
+
+
+class NoMetrics:
+    def enrolled(self) -> None: ...
+    def failed(self, reason: str) -> None: ...
+    def drift_repaired(self) -> None: ...
+    def reconcile_took(self, seconds: float) -> None: ...
+    def pod_states(self, counts: Mapping[str, int]) -> None: ...
+
+
+@dataclass
+class CniHint:
+    """What a CNI ADD told us about a pod the pod source may not show yet."""
+
+    uid: str
+    namespace: str
+    name: str
+    netns: str
+    ips: tuple[str, ...]
+    expires: float
+
+
+@dataclass
+class PodState:
+    """One pod the reconciler holds, ambient or sidecar; `spec` is what its redirection implements (the
+    node's AmbientSpec, or the SidecarSpec of the pod's annotations)."""
+
+    uid: str
+    namespace: str
+    name: str
+    mode: Mode
+    spec: RedirectSpec
+    state: str = PENDING
+    reason: str = ""
+    netns: str = ""
+    inode: int = 0
+    ips: tuple[str, ...] = ()
+    cgroup_path: str | None = None
+    attempts: int = 0
+    retry_at: float = 0.0
+    ack: Future[None] | None = None
+    ack_since: float = 0.0
+    rules_in: bool = False
+    service_account: str = "default"
+    tcp_loose: int | None = None  # the pod's nf_conntrack_tcp_loose before we changed it
+    backend: str = ""  # the backend that holds (or will hold) this pod's redirection
+    enrolled_at: float = 0.0  # wall clock of the last transition to enrolled
+    annotations: tuple[tuple[str, str], ...] = ()  # sidecar: the traffic annotations its spec comes from
+    fallback_reason: str | None = None  # why the pod is on the fallback backend (logged once per reason)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    state: str
+    error: str = ""
+    retry: bool = True
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """A sidecar pod's rules put in place for the boot-race monitor: the backend used, and why it failed
+    (empty: applied and read back intact)."""
+
+    backend: str
+    error: str = ""
+
+
+def log_ctx(st: PodState, step: str) -> dict[str, Any]:
+    return {"pod": st.name, "namespace": st.namespace, "uid": st.uid, "netns": st.netns, "step": step}

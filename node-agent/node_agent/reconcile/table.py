@@ -1,0 +1,68 @@
+"""The reconciler's one state table: every pod it holds, ambient or sidecar, keyed by uid, with the lock
+that guards it and the bookkeeping every collaborator shares (failure and backoff, the enrolment record,
+the removal tail)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from node_agent.reconcile.records import EnrolRecord, RecordStore
+from node_agent.reconcile.state import FAILED, Metrics, Mode, Pins, PodState, log_ctx
+
+log = logging.getLogger("headrace.agent.reconcile")
+
+
+class PodTable:
+    def __init__(self, pins: Pins, records: RecordStore, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self.pods: dict[str, PodState] = {}
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.pins = pins
+        self.records = records
+        self.metrics = metrics
+        self.clock = clock
+
+    def get(self, uid: str, mode: Mode | None = None) -> PodState | None:
+        """The pod's state (of that mode only, when given)."""
+        st = self.pods.get(uid)
+        if st is None or (mode is not None and st.mode != mode):
+            return None
+        return st
+
+    def of_mode(self, mode: Mode) -> list[PodState]:
+        return [st for st in self.pods.values() if st.mode == mode]
+
+    def notify(self) -> None:
+        """Wake the CNI requests waiting for a pod's state (lock held)."""
+        self.cond.notify_all()
+
+    def fail(self, st: PodState, reason: str, now: float | None = None) -> None:
+        """The pod is `failed` and retried after a backoff that grows with its attempts."""
+        now = self.clock() if now is None else now
+        st.state = FAILED
+        st.reason = reason
+        st.attempts += 1
+        st.retry_at = now + min(30.0, 0.5 * (2 ** min(st.attempts, 6)))
+        st.ack = None
+        self.metrics.failed(reason.split(":")[0][:40])
+        log.warning("enrolment failed: %s", reason, extra=log_ctx(st, "enrol-failed"))
+        self.notify()
+
+    def save_record(self, st: PodState) -> None:
+        self.records.save(EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend, st.tcp_loose,
+                                      st.cgroup_path, mode=st.mode, annotations=st.annotations))
+
+    def forget(self, st: PodState, message: str, step: str) -> None:
+        """The end of every removal, once the pod's redirection is out: pin released, record deleted, the
+        pod dropped from the table."""
+        try:
+            self.pins.release(st.uid)
+        except OSError as exc:
+            log.warning("releasing pin failed: %s", exc, extra=log_ctx(st, "unpin"))
+        self.records.delete(st.uid)
+        if self.pods.get(st.uid) is st:
+            del self.pods[st.uid]
+        log.info(message, extra=log_ctx(st, step))
+        self.notify()
