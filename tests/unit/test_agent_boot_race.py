@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_agent.agent.duties import AgentDuties, DutyConfigError, DutyOptions, StatusView, build_duty_options
+from node_agent.agent.duties import DutyConfigError, StatusView, build_duty_options
 from node_agent.backends.base import BackendError, PodTarget
 from node_agent.netns.finder import NetnsLocation, NetnsNotFound
-from node_agent.reconcile.loop import Outcome
+from node_agent.reconcile.loop import Reconciler
+from node_agent.reconcile.records import RecordStore
+from node_agent.reconcile.state import Outcome
 from node_agent.repair.boot_race import (
     FAILED,
     FLAGGED,
@@ -21,9 +23,12 @@ from node_agent.repair.boot_race import (
     SUSPECT,
     BootRaceMonitor,
     PrometheusBootRaceMetrics,
+    RepairMode,
 )
 from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
 from prometheus_client import CollectorRegistry
+
+from tests.unit.agent_fakes import FakeHub, FakePins
 
 SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 
@@ -37,6 +42,8 @@ class Clock:
 
 
 class RulesBackend:
+    needs_cgroup = False
+
     def __init__(self, name: str = "iptables") -> None:
         self.name = name
         self.rules: set[str] = set()
@@ -59,6 +66,18 @@ class RulesBackend:
     def installed(self, target: PodTarget) -> bool:
         return target.uid in self.rules
 
+    def fallback_reason(self, spec: Any) -> str | None:
+        return None
+
+    def set_proxy_cgroup(self, path: str | Path | None) -> None:
+        pass
+
+    def pinned_pods(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
 
 class Conntrack:
     def __init__(self) -> None:
@@ -76,7 +95,7 @@ def pod(uid: str, name: str, annotations: dict[str, str] | None = None, ns: str 
 
 
 class World:
-    def __init__(self, tmp_path: Path, mode: str = "apply") -> None:
+    def __init__(self, tmp_path: Path, mode: RepairMode = "apply") -> None:
         self.netns_file = tmp_path / "netns"
         self.netns_file.write_text("")
         self.ino = os.stat(self.netns_file).st_ino
@@ -88,10 +107,12 @@ class World:
         self.conntrack = Conntrack()
         self.unfindable: set[str] = set()
         self.located: list[str] = []
+        # the reconciler writes the repairs (with its node backend); the monitor only detects and reports
+        self.reconciler = Reconciler(self.store, self.backend, FakeHub(), FakePins(tmp_path / "pins"),
+                                     RecordStore(tmp_path / "pods"), conntrack=self.conntrack)
         self.monitor = BootRaceMonitor(
-            self.store, mode=mode, check_backends=[self.ebpf, self.backend],  # type: ignore[arg-type]
-            repair_backend=lambda loc: self.backend, locate=self.locate, conntrack=self.conntrack,
-            metrics=PrometheusBootRaceMetrics(self.registry), grace=2.0, clock=self.clock,
+            self.store, mode=mode, check_backends=[self.ebpf, self.backend], repairer=self.reconciler,
+            locate=self.locate, metrics=PrometheusBootRaceMetrics(self.registry), grace=2.0, clock=self.clock,
         )
 
     def locate(self, p: PodRecord, cache: dict[str, Any]) -> NetnsLocation:
@@ -257,9 +278,7 @@ def test_status_view_delegates_and_overlays(tmp_path: Path) -> None:
     w.monitor.check_once()
     w.clock.now += 3
     w.monitor.check_once()
-    duties = AgentDuties(object(), DutyOptions(repair_sidecars="off"), monitor=w.monitor)
-    view = duties.status_view(Handler())
-    assert isinstance(view, StatusView)
+    view = StatusView(Handler(), w.monitor.overlay)
     assert view.cni_del("x").state == "removed" and view.cni_check("x").state == "intact"
     assert view.cni_add("u", "ns", "n", "/p", (), 1.0).ok
     assert view.status()[0]["boot_race"] == "repaired"

@@ -1,4 +1,4 @@
-"""The agent's node duties beyond enrolment (issue 5): install-cni in the agent and the boot-race monitor.
+"""The agent's node duties beyond enrolment: install-cni in the agent and the boot-race monitor.
 
     headrace agent ... [--install-cni [--cni-conf-dir D] [--cni-bin-dir D] [--cni-install-dir D]
                         [--cni-cleanup-on-exit]] [--repair-sidecars apply|flag|off]
@@ -7,20 +7,30 @@
 `AgentDuties` is created by the Agent after its reconciler; `start()` runs after the plugin-event socket
 listens (so the entry is never chained before the agent can answer the plugin), `stop()` runs first on
 shutdown (with cleanup the entry leaves before the socket closes). `status_view()` wraps the reconciler
-for the plugin-event server so `headrace status` shows boot-race pods' state and reason.
+for the plugin-event server (its Handler) so `headrace status` shows boot-race pods' state and reason.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from node_agent.backends.base import RedirectBackend, needs_cgroup
-from node_agent.netns.finder import NetnsLocation
-from node_agent.reconcile.loop import Outcome
+from node_agent.agent.config import AgentConfig
+from node_agent.agent.errors import AgentError
+from node_agent.backends.base import PodRules
+from node_agent.backends.iptables.backend import IptablesBackend
+from node_agent.install_cni.duty import InstallCniDuty, InstallCniError
+from node_agent.install_cni.service import InstallOptions
+from node_agent.install_cni.settings import PluginSettings
+from node_agent.reconcile.loop import Reconciler
+from node_agent.reconcile.state import Outcome
 from node_agent.repair.boot_race import REPAIR_MODES, BootRaceMonitor, PrometheusBootRaceMetrics, RepairMode
+from node_agent.serve.cni_server import Handler
+from node_agent.serve.metrics import AgentMetrics
+from node_agent.sources.store import PodStore
 
 _NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -74,11 +84,8 @@ def build_duty_options(
     )
 
 
-def install_options(agent_config: Any, duties: DutyOptions) -> Any:
+def install_options(agent_config: AgentConfig, duties: DutyOptions) -> InstallOptions:
     """install-cni's options from the agent's settings: the entry points the plugin at this agent."""
-    from node_agent.install_cni import service
-    from node_agent.install_cni.settings import PluginSettings
-
     objects_dir = str(agent_config.objects_dir.resolve()) if agent_config.objects_dir is not None else None
     kubeconfig = str(agent_config.kubeconfig.resolve()) if agent_config.kubeconfig is not None else None
     settings = PluginSettings(
@@ -87,23 +94,31 @@ def install_options(agent_config: Any, duties: DutyOptions) -> Any:
         agent_namespace=duties.agent_namespace, log_file=str(agent_config.state_dir / "cni.log"),
         log_level=agent_config.log_level,
     )
-    return service.InstallOptions(
+    return InstallOptions(
         cni_conf_dir=duties.cni_conf_dir, cni_bin_dir=duties.cni_bin_dir, install_dir=duties.cni_install_dir,
         host_root="/", install_plugin=True, settings=settings,
     )
 
 
-class AgentDuties:
-    """install-cni + boot-race monitor around one Agent (anything with config, store, backend, flavour,
-    reconciler and metrics)."""
+class DutyHost(Protocol):
+    """What the duties need of the agent (node_agent.agent.daemon.Agent)."""
 
-    def __init__(self, agent: Any, options: DutyOptions | None, *, monitor: BootRaceMonitor | None = None) -> None:
+    config: AgentConfig
+    store: PodStore
+    flavour: str
+    reconciler: Reconciler
+    metrics: AgentMetrics
+
+
+class AgentDuties:
+    """install-cni + boot-race monitor around one agent."""
+
+    def __init__(self, agent: DutyHost, options: DutyOptions | None, *,
+                 monitor: BootRaceMonitor | None = None) -> None:
         self.options = options or DutyOptions(repair_sidecars="off")
         self.agent = agent
-        self.install: Any = None
+        self.install: InstallCniDuty | None = None
         if self.options.install_cni:
-            from node_agent.install_cni.duty import InstallCniDuty
-
             self.install = InstallCniDuty(install_options(agent.config, self.options),
                                           cleanup_on_exit=self.options.cni_cleanup_on_exit)
         self.monitor = monitor
@@ -111,41 +126,25 @@ class AgentDuties:
             self.monitor = self._make_monitor()
 
     def _make_monitor(self) -> BootRaceMonitor:
+        """Checks with the node's backend, its fallback and the iptables backend the plugin writes sidecar
+        rules with (unless its conflist says backend ebpf); repairs through the reconciler."""
         agent = self.agent
-        fallback: RedirectBackend | None = getattr(agent.reconciler, "fallback", None)
-        checks: list[RedirectBackend] = [b for b in (agent.backend, fallback) if b is not None]
-        iptables: RedirectBackend | None = next((b for b in checks if b.name == "iptables"), None)
-        if iptables is None:
-            # the plugin writes sidecar rules with iptables unless its conflist says backend ebpf
-            from node_agent.backends.iptables.backend import IptablesBackend
-
-            iptables = IptablesBackend(agent.flavour)
-            checks.append(iptables)
-
-        def repair_backend(loc: NetnsLocation) -> RedirectBackend:
-            node: RedirectBackend = agent.backend
-            if needs_cgroup(node) and not loc.cgroup_path:
-                return fallback if fallback is not None else iptables
-            return node
-
-        registry = getattr(agent.metrics, "registry", None)
+        reconciler = agent.reconciler
+        checks: list[PodRules] = list(reconciler.backends.in_use())
+        if not any(b.name == "iptables" for b in checks):
+            checks.append(IptablesBackend(agent.flavour))
         return BootRaceMonitor(
-            agent.store, mode=self.options.repair_sidecars, check_backends=checks,
-            repair_backend=repair_backend, exclude_namespaces=tuple(agent.config.exclude_namespaces),
-            skip=lambda: list(getattr(agent.reconciler, "sidecars", {}).copy()),
-            metrics=PrometheusBootRaceMetrics(registry) if registry is not None else None,
+            agent.store, mode=self.options.repair_sidecars, check_backends=checks, repairer=reconciler,
+            exclude_namespaces=tuple(agent.config.exclude_namespaces),
+            metrics=PrometheusBootRaceMetrics(agent.metrics.registry),
             interval=self.options.boot_race_interval, grace=self.options.boot_race_grace,
         )
 
     def start(self) -> None:
         if self.install is not None:
-            from node_agent.install_cni.duty import InstallCniError
-
             try:
                 self.install.start()
             except InstallCniError as exc:
-                from node_agent.agent.daemon import AgentError
-
                 raise AgentError(str(exc)) from exc
         if self.monitor is not None:
             self.monitor.start()
@@ -156,41 +155,34 @@ class AgentDuties:
         if self.install is not None:
             self.install.stop()
 
-    def status_view(self, handler: Any) -> StatusView:
-        return StatusView(handler, self)
+    def status_view(self, handler: Handler) -> StatusView:
+        return StatusView(handler, self.overlay)
 
     def overlay(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.monitor.overlay(rows) if self.monitor is not None else rows
 
 
 class StatusView:
-    """The reconciler as the plugin-event server sees it, with boot-race verdicts in the status rows."""
+    """The reconciler as the plugin-event server sees it (its Handler), with boot-race verdicts in the
+    status rows."""
 
-    def __init__(self, handler: Any, duties: AgentDuties) -> None:
+    def __init__(self, handler: Handler, overlay: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
         self._handler = handler
-        self._duties = duties
+        self._overlay = overlay
 
     def cni_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
                 timeout: float) -> Outcome:
-        out: Outcome = self._handler.cni_add(uid, namespace, name, netns, ips, timeout)
-        return out
+        return self._handler.cni_add(uid, namespace, name, netns, ips, timeout)
 
     def cni_sidecar_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
                         timeout: float) -> Outcome:
-        out: Outcome = self._handler.cni_sidecar_add(uid, namespace, name, netns, ips, timeout)
-        return out
+        return self._handler.cni_sidecar_add(uid, namespace, name, netns, ips, timeout)
 
     def cni_del(self, uid: str) -> Outcome:
-        out: Outcome = self._handler.cni_del(uid)
-        return out
+        return self._handler.cni_del(uid)
 
     def cni_check(self, uid: str) -> Outcome:
-        out: Outcome = self._handler.cni_check(uid)
-        return out
+        return self._handler.cni_check(uid)
 
     def status(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self._handler.status()
-        return self._duties.overlay(rows)
-
-    def __getattr__(self, name: str) -> Any:  # anything else the server may ask the reconciler for
-        return getattr(self._handler, name)
+        return self._overlay(self._handler.status())

@@ -1,11 +1,11 @@
-"""Node boot race (istio/istio#14327): pods that started before headrace-cni was chained on the node.
+"""Node boot race: pods that started before headrace-cni was chained on the node.
 
 A pod whose sandbox was set up before our conflist entry existed never went through `headrace-cni` ADD.
 Ambient pods need nothing extra: the agent enrols running pods by finding their netns (flow 3). Sidecar
 pods (annotation `sidecar.istio.io/status`) do: the plugin is what installs their redirection, so such a
 pod runs with its app traffic bypassing its sidecar. This monitor finds them and reports them (status
-row state/reason, Prometheus), and with `--repair-sidecars=apply` (the default) installs the sidecar
-rules in place; `flag` only reports; `off` disables the monitor.
+row state/reason, Prometheus), and with `--repair-sidecars=apply` (the default) has the reconciler (the one
+writer of pod rules) install the sidecar rules in place; `flag` only reports; `off` disables the monitor.
 
 **Why in place, where Istio deletes the pod.** Istio's repair controller deletes (or labels) such pods
 because nothing in Istio could put the rules into a running pod: the CNI plugin only ever runs at sandbox
@@ -21,7 +21,8 @@ lost requests, and no dependency on the workload's controller recreating the pod
 **What counts.** A sidecar pod of the pod source whose netns was found and in which no backend shows
 any of our rules (`installed()` of the node backend, its fallback and the iptables backend the plugin
 uses), seen so for `grace` seconds (a pod whose ADD is still running is not a victim). Pods whose rules
-are present are left alone: the plugin made them. Pods whose netns cannot be found are not judged.
+are present are left alone: the plugin made them. Pods whose netns cannot be found are not judged, nor
+are pods the reconciler already holds (its `managed_pods()`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from cni.contract.annotations import sidecar_spec
+from cni.contract.errors import CniError
+from cni.contract.spec import SidecarSpec
+from node_agent.backends.base import BackendError, PodRules, PodTarget
 from node_agent.netns.finder import NetnsLocation
+from node_agent.reconcile.state import RepairResult
 from node_agent.sources.desired import desired_pods
 from node_agent.sources.store import PodRecord, PodStore
 
@@ -54,6 +59,16 @@ FAILED = "failed"  # boot-race victim, repair failed (retried with backoff)
 REPORTED = (FLAGGED, REPAIRED, FAILED)
 
 Locator = Callable[[PodRecord, dict[str, Any]], NetnsLocation]
+
+
+class SidecarRepairer(Protocol):
+    """The reconciler, as the monitor asks it (node_agent.reconcile.loop.Reconciler)."""
+
+    def managed_pods(self) -> frozenset[str]:
+        """The pods it holds (left to it: never judged here)."""
+
+    def repair_sidecar(self, target: PodTarget, spec: SidecarSpec) -> RepairResult:
+        """Put the sidecar rules of spec into the pod's running netns."""
 
 
 class Metrics(Protocol):
@@ -150,12 +165,10 @@ class BootRaceMonitor:
         store: PodStore,
         *,
         mode: RepairMode,
-        check_backends: Iterable[RedirectBackend],
-        repair_backend: Callable[[NetnsLocation], RedirectBackend],
+        check_backends: Iterable[PodRules],
+        repairer: SidecarRepairer,
         exclude_namespaces: tuple[str, ...] = ("kube-system",),
         locate: Locator | None = None,
-        skip: Callable[[], Iterable[str]] = lambda: (),
-        conntrack: Any = None,
         metrics: Metrics | None = None,
         interval: float = 1.0,
         grace: float = 2.0,
@@ -166,16 +179,10 @@ class BootRaceMonitor:
             raise ValueError(f"repair mode must be one of {', '.join(REPAIR_MODES)}, not {mode!r}")
         self.store = store
         self.mode = mode
-        self.check_backends = list(check_backends)
-        self.repair_backend = repair_backend
+        self.check_backends = list(check_backends)  # any of them showing our rules: the pod is intact
+        self.repairer = repairer
         self.exclude_namespaces = exclude_namespaces
         self._locate = locate or default_locator()
-        self._skip = skip
-        if conntrack is None:
-            from node_agent.netns import conntrack as conntrack_guard
-
-            conntrack = conntrack_guard
-        self._conntrack = conntrack
         self.metrics: Metrics = metrics or _NoMetrics()
         self.interval = interval
         self.grace = grace
@@ -213,7 +220,7 @@ class BootRaceMonitor:
         if not snap.synced:
             return
         now = self._clock()
-        skip = set(self._skip())
+        skip = self.repairer.managed_pods()
         sidecars = {
             uid: d.pod for uid, d in desired_pods(snap, self.exclude_namespaces).items()
             if d.mode == "sidecar" and uid not in skip
@@ -298,9 +305,6 @@ class BootRaceMonitor:
             self._repair(pod, prev, loc, target, now)
 
     def _repair(self, pod: PodRecord, prev: Verdict, loc: NetnsLocation, target: PodTarget, now: float) -> None:
-        from cni.contract.annotations import sidecar_spec
-        from cni.contract.errors import CniError
-
         attempts = prev.attempts + 1 if prev.state == FAILED else 1
         try:
             spec = sidecar_spec(pod.annotations)
@@ -309,27 +313,19 @@ class BootRaceMonitor:
                               f"boot race: sidecar rules missing; annotations invalid, not repaired: {exc}",
                               loc.inode, loc.path, attempts=attempts, retry_at=now + 30.0))
             return
-        backend = self.repair_backend(loc)
-        try:
-            with contextlib.suppress(OSError):
-                if self._conntrack.read_loose(target.netns_path):
-                    self._conntrack.set_loose(target.netns_path, 0)
-            backend.apply(target, spec)
-            problems = backend.check(target, spec)
-            if problems:
-                raise BackendError("; ".join(problems))
-        except BackendError as exc:
+        result = self.repairer.repair_sidecar(target, spec)
+        if result.error:
             delay = min(30.0, 0.5 * 2 ** min(attempts, 6))
-            self._set(Verdict(pod.uid, pod.namespace, pod.name, FAILED, f"boot race: repair failed: {exc}",
-                              loc.inode, loc.path, backend.name, attempts=attempts, retry_at=now + delay))
-            log.error("boot-race repair failed: %s", exc, extra=self._ctx(pod, "boot-race-repair"))
+            self._set(Verdict(pod.uid, pod.namespace, pod.name, FAILED, f"boot race: repair failed: {result.error}",
+                              loc.inode, loc.path, result.backend, attempts=attempts, retry_at=now + delay))
+            log.error("boot-race repair failed: %s", result.error, extra=self._ctx(pod, "boot-race-repair"))
             return
         self.metrics.repaired()
         self._set(Verdict(pod.uid, pod.namespace, pod.name, REPAIRED,
                           "boot race: started before headrace-cni was installed; sidecar rules installed "
-                          "in place by the agent", loc.inode, loc.path, backend.name))
+                          "in place by the agent", loc.inode, loc.path, result.backend))
         log.info("boot-race sidecar pod repaired in place", extra={**self._ctx(pod, "boot-race-repair"),
-                                                                    "backend": backend.name})
+                                                                    "backend": result.backend})
 
     @staticmethod
     def _ctx(pod: PodRecord, step: str) -> dict[str, Any]:
