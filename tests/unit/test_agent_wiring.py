@@ -47,6 +47,7 @@ def test_objects_dir_agent_status_and_health(tmp_path: Path) -> None:
     agent = make_agent(tmp_path, objects_dir=objects)
     agent.start()
     try:
+        assert agent.health is not None
         port = agent.health.port
         wait(lambda: agent.readyz()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:

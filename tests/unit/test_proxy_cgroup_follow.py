@@ -311,23 +311,19 @@ def test_agent_wires_the_follower_into_status_and_metrics(tmp_path: Path) -> Non
     from tests.unit.agent_fakes import FakeBackend, FakeHub
 
     class CgroupBackend(FakeBackend):
+        needs_cgroup = True  # as eBPF: the node proxy's cgroup is handed to it
+
         def __init__(self) -> None:
             super().__init__()
-            self.proxy_cgroups: list[Path | None] = []
+            self.proxy_cgroups: list[str | Path | None] = []
 
-        def set_proxy_cgroup(self, path: Path | None) -> None:
+        def set_proxy_cgroup(self, path: str | Path | None) -> None:
             self.proxy_cgroups.append(path)
-
-    class PeerHub(FakeHub):
-        listeners: list[Any]
-
-        def add_peer_listener(self, cb: Any) -> None:
-            self.listeners = [*getattr(self, "listeners", []), cb]
 
     objects = tmp_path / "objects"
     objects.mkdir()
     cfg = build_config(state_dir=tmp_path / "state", objects_dir=objects, cni_socket=tmp_path / "cni.sock")
-    backend, hub = CgroupBackend(), PeerHub()
+    backend, hub = CgroupBackend(), FakeHub()
     agent = Agent(cfg, backend=backend, hub=hub, node_rules=lambda ips: None)
     proxy_dir = tmp_path / "proxy"
     agent.proxy_cgroups._locate = lambda pid: Located(pid, "/proxy", proxy_dir)
@@ -351,6 +347,6 @@ def test_agent_wires_the_follower_into_status_and_metrics(tmp_path: Path) -> Non
         agent.stop()
     # the next agent starts from the saved cgroup
     proxy_dir.mkdir()
-    again = Agent(cfg, backend=CgroupBackend(), hub=PeerHub(), node_rules=lambda ips: None)
+    again = Agent(cfg, backend=CgroupBackend(), hub=FakeHub(), node_rules=lambda ips: None)
     st = again.proxy_cgroups.status()
     assert (st["source"], st["path"], st["via"]) == ("peer", str(proxy_dir), "saved")

@@ -7,7 +7,6 @@ adopts them.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -20,15 +19,24 @@ from types import FrameType
 from typing import Any, Protocol
 
 from cni.contract.spec import AmbientSpec
+from cni.kernel import flavour as flavour_mod
+from cni.kernel import tables as kernel_tables
+from cni.kernel.flavour import Flavour
 from node_agent.agent.config import AgentConfig
 from node_agent.agent.duties import AgentDuties, DutyOptions
-from node_agent.backends.base import RedirectBackend
+from node_agent.agent.errors import AgentError
+from node_agent.backends.base import BackendError, RedirectBackend
+from node_agent.backends.ebpf.backend import EbpfBackend
+from node_agent.backends.select import select_backend
 from node_agent.netns.pin import NetnsPins
 from node_agent.proxy.cgroup import Source as CgroupSource
 from node_agent.proxy.cgroup_follow import ProxyCgroupFollower, saved_proxy_cgroup
-from node_agent.reconcile.loop import Hub, Reconciler
+from node_agent.proxy.hub import ProxyHub
+from node_agent.reconcile.loop import Reconciler
 from node_agent.reconcile.records import RecordStore
+from node_agent.reconcile.state import Hub
 from node_agent.serve.cni_server import CniServer
+from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
 from node_agent.sources.store import PodStore
 
@@ -40,69 +48,35 @@ class Source(Protocol):
     def stop(self, timeout: float = 5.0) -> None: ...
 
 
-class AgentError(RuntimeError):
-    """The agent cannot start (missing backend, bad socket path, ...)."""
-
-
-def resolve_flavour(setting: str) -> str:
+def resolve_flavour(setting: str) -> Flavour:
     """The iptables flavour for every pod on this node: detected once (`auto`) or forced."""
-    try:
-        flavour_mod = importlib.import_module("cni.kernel.flavour")
-    except ImportError:
-        return "nft" if setting == "auto" else setting
-    return str(flavour_mod.resolve(setting))
+    return flavour_mod.resolve(setting)
 
 
 def make_backend(config: AgentConfig, flavour: str) -> RedirectBackend:
-    """The node's backend via node_agent.backends.select (eBPF helper), else the iptables backend."""
-    from node_agent.backends.base import BackendError
-
+    """The node's backend (node_agent.backends.select); AgentError when it cannot run here."""
     try:
-        select_mod = importlib.import_module("node_agent.backends.select")
-    except ImportError:
-        select_mod = None
-    try:
-        if select_mod is not None and hasattr(select_mod, "select_backend"):
-            choice = select_mod.select_backend(config.backend, state_dir=config.state_dir,
-                                               iptables_flavour=flavour, proxy_cgroup=config.proxy_cgroup)
-            log.info("backend: %s", choice.reason, extra={"step": "backend", "backend": choice.backend.name})
-            backend: RedirectBackend = choice.backend
-            return backend
-        if config.backend == "ebpf":
-            raise AgentError("--backend ebpf requested but the eBPF backend is not available")
-        mod = importlib.import_module("node_agent.backends.iptables.backend")
-        iptables_backend: RedirectBackend = mod.IptablesBackend(flavour)
-        return iptables_backend
+        choice = select_backend(config.backend, state_dir=config.state_dir, iptables_flavour=flavour,
+                                proxy_cgroup=config.proxy_cgroup)
     except BackendError as exc:
         raise AgentError(str(exc)) from exc
-    except ImportError as exc:
-        raise AgentError(f"no redirection backend available: {exc}") from exc
+    log.info("backend: %s", choice.reason, extra={"step": "backend", "backend": choice.backend.name})
+    return choice.backend
 
 
-def make_node_rules(flavour: str) -> Callable[[list[str]], None] | None:
+def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
     """Node-side probe SNAT in the agent's own netns: checked, and re-synced only when it differs."""
-    try:
-        mod = importlib.import_module("cni.kernel.tables")
-    except ImportError:
-        return None
-    sync_fn = getattr(mod, "sync_node_probe_rules", None)
-    check_fn = getattr(mod, "check_node_probe_rules", None)
-    if sync_fn is None:
-        return None
 
     def sync(ips: list[str]) -> None:
-        if check_fn is not None and not check_fn(None, ips, flavour):
+        if not kernel_tables.check_node_probe_rules(None, ips, flavour):
             return
-        sync_fn(None, ips, flavour)
+        kernel_tables.sync_node_probe_rules(None, ips, flavour)
 
     return sync
 
 
 def make_hub(config: AgentConfig) -> Hub:
-    from node_agent.proxy.hub import ProxyHub
-
-    hub: Hub = ProxyHub(str(config.proxy_socket), config.agent_id)
-    return hub
+    return ProxyHub(str(config.proxy_socket), config.agent_id)
 
 
 class Agent:
@@ -118,26 +92,23 @@ class Agent:
     ) -> None:
         self.config = config
         self.store = PodStore()
-        flavour: str = config.iptables
-        if backend is None or node_rules is None:
-            flavour = resolve_flavour(config.iptables)
-        self.flavour = flavour
+        injected = backend is not None and node_rules is not None
+        self.flavour: str = config.iptables if injected else resolve_flavour(config.iptables)
         # the proxy cgroup a previous agent learned (no --proxy-cgroup): the backend starts from it
         self._restored_proxy_cgroup = None if config.proxy_cgroup else saved_proxy_cgroup(self.proxy_cgroup_file)
         self.backend = backend if backend is not None else make_backend(
-            replace(config, proxy_cgroup=config.proxy_cgroup or self._restored_proxy_cgroup), flavour)
+            replace(config, proxy_cgroup=config.proxy_cgroup or self._restored_proxy_cgroup), self.flavour)
         fallback: RedirectBackend | None = None
         # eBPF node: iptables serves the pods eBPF cannot (fallback_reason, e.g. ambient without a known
         # proxy cgroup); with `auto` also the pods whose cgroup is unknown (`ebpf` fails those closed)
         if backend is None and self.backend.name != "iptables":
-            fallback = make_backend(replace(config, backend="iptables"), flavour)
+            fallback = make_backend(replace(config, backend="iptables"), self.flavour)
         factory = self._other_backend if backend is None else None
-        self.hub = hub if hub is not None else make_hub(config)
+        self.hub: Hub = hub if hub is not None else make_hub(config)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
-        self.proxy_cgroups = self._proxy_cgroup_follower()
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
-        rules = node_rules if node_rules is not None else make_node_rules(flavour)
+        rules = node_rules if node_rules is not None else make_node_rules(resolve_flavour(config.iptables))
         self.reconciler = Reconciler(
             self.store, self.backend, self.hub, self.pins, self.records,
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
@@ -145,13 +116,14 @@ class Agent:
             cgroup_fallback=config.backend == "auto", backend_factory=factory,
             spec=AmbientSpec(capture_dns=config.capture_dns),
         )
+        self.proxy_cgroups = self._proxy_cgroup_follower()
         self.source: Source = (source_factory or self._default_source)(self.store)
-        self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race repair (issue 5)
+        self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race monitor
         self.cni = CniServer(
             str(config.cni_socket), self.duties.status_view(self.reconciler), add_timeout=config.cni_add_timeout,
             resolve_uid=self._resolve_uid, extra_status=self._extra_status,
         )
-        self.health: Any = None
+        self.health: HealthServer | None = None
         self._stopped = threading.Event()
 
     def _default_source(self, store: PodStore) -> Source:
@@ -170,23 +142,19 @@ class Agent:
         if name == "iptables":
             return make_backend(replace(self.config, backend="iptables"), self.flavour)
         if name == "ebpf":
-            from node_agent.backends.ebpf.backend import EbpfBackend
-
-            other: RedirectBackend = EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path)
-            return other
+            return EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path)
         return None
 
     def _proxy_cgroup_follower(self) -> ProxyCgroupFollower:
         """The node proxy's cgroup (ambient over eBPF): --proxy-cgroup, else learned from the proxy's
-        connections (proxy_cgroup_follow.py) and handed to the backend's set_proxy_cgroup."""
-        setter = getattr(self.backend, "set_proxy_cgroup", None)
-        follower = ProxyCgroupFollower(setter if callable(setter) else None, self.config.proxy_cgroup,
+        connections (proxy/cgroup_follow.py) and handed to the backend's set_proxy_cgroup. A backend that
+        needs no cgroup gets nothing: the detection is only reported."""
+        needed = self.backend.needs_cgroup
+        follower = ProxyCgroupFollower(self.backend.set_proxy_cgroup if needed else None, self.config.proxy_cgroup,
                                        on_change=self._proxy_cgroup_changed, state_file=self.proxy_cgroup_file,
-                                       restored=self._restored_proxy_cgroup if callable(setter) else None)
+                                       restored=self._restored_proxy_cgroup if needed else None)
         self.metrics.proxy_cgroup_source(follower.source)
-        add = getattr(self.hub, "add_peer_listener", None)
-        if callable(add):
-            add(follower.observe)
+        self.hub.add_peer_listener(follower.observe)
         return follower
 
     @property
@@ -195,9 +163,7 @@ class Agent:
 
     def _proxy_cgroup_changed(self, source: CgroupSource) -> None:
         self.metrics.proxy_cgroup_source(source)
-        reconciler = getattr(self, "reconciler", None)
-        if reconciler is not None:
-            reconciler.rechoose_backends()  # enrolled pods move backend if the choice changed
+        self.reconciler.rechoose_backends()  # enrolled pods move backend if the choice changed
 
     def _resolve_uid(self, namespace: str, name: str) -> str | None:
         for pod in self.store.snapshot().pods.values():
@@ -206,11 +172,7 @@ class Agent:
         return None
 
     def _extra_status(self) -> dict[str, Any]:
-        proxy: dict[str, Any] = {"connected": bool(self.hub.connected)}
-        status_fn = getattr(self.hub, "status", None)
-        if callable(status_fn):
-            proxy = status_fn()
-        return {"backend": self.backend.name, "node": self.config.node_name, "proxy": proxy,
+        return {"backend": self.backend.name, "node": self.config.node_name, "proxy": self.hub.status(),
                 "synced": self.store.synced, "proxy_cgroup": self.proxy_cgroups.status()}
 
     def healthz(self) -> tuple[bool, str]:
@@ -231,16 +193,12 @@ class Agent:
     def start(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o755, exist_ok=True)
         self.pins.ensure_dir()
-        start_hub = getattr(self.hub, "start", None)
-        if callable(start_hub):
-            start_hub()
+        self.hub.start()
         self.reconciler.start()
         self.source.start()
         self.cni.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
-            from node_agent.serve.health import HealthServer
-
             self.health = HealthServer(self.config.metrics_addr.host, self.config.metrics_addr.port,
                                        self.metrics.registry, self.healthz, self.readyz)
             self.health.start()
@@ -256,9 +214,7 @@ class Agent:
         self.cni.stop()
         self.source.stop()
         self.reconciler.stop()
-        stop_hub = getattr(self.hub, "stop", None)
-        if callable(stop_hub):
-            stop_hub()
+        self.hub.stop()
         if self.health is not None:
             self.health.stop()
         self.reconciler.close_backends()

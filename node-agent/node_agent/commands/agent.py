@@ -35,7 +35,7 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
                    "Default: learned from the proxy's connection; this overrides it.")
 @click.option("--capture-dns/--no-capture-dns", default=False, show_default=True,
               help="Also redirect ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053.")
-@duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent_duties.py)
+@duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent/duties.py)
 def agent(
     objects_dir: str | None,
     kubeconfig: str | None,
@@ -70,7 +70,8 @@ def agent(
         raise click.UsageError(str(exc)) from exc
     duties = build_duties(duty)
     agent_log.setup(config.log_level)
-    from node_agent.agent.daemon import Agent, AgentError
+    from node_agent.agent.daemon import Agent
+    from node_agent.agent.errors import AgentError
 
     try:
         sys.exit(Agent(config, duties=duties).run())

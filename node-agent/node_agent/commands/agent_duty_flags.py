@@ -4,9 +4,12 @@ node_agent.agent.duties. Kept apart from commands/agent.py so the command only g
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from node_agent.agent.duties import DutyOptions
 
 DUTY_FLAGS = ("install_cni", "cni_conf_dir", "cni_bin_dir", "cni_install_dir", "cni_cleanup_on_exit",
               "repair_sidecars")
@@ -35,7 +38,7 @@ def duty_flags(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def build_duties(values: dict[str, Any]) -> Any:
+def build_duties(values: dict[str, Any]) -> DutyOptions:
     """DutyOptions from the flag values; a bad value is a usage error naming the flag."""
     from node_agent.agent.duties import DutyConfigError, build_duty_options
 
