@@ -1,6 +1,6 @@
 """The agent as a real process in a node netns, with real pod netns (processes in kubelet-like cgroups),
 the real iptables backend and the reference proxy: enrolment of running pods, restart adoption without
-duplicates, drift repair, node-reboot handling (istio/istio#60882), clean shutdown keeping rules."""
+duplicates, drift repair, node-reboot handling, clean shutdown keeping rules."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def test_sigterm_keeps_rules(world: World) -> None:
 
 
 def test_node_reboot_pod_reported_failed_and_retried_never_enrolled(world: World) -> None:
-    """istio/istio#60882: after a reboot without drain the pinned netns is gone and the pod's old netns
+    """After a reboot without drain the pinned netns is gone and the pod's old netns
     cannot be found; the pod must show `failed` (and be retried), never `enrolled`."""
     w = world
     w.label(True)
@@ -159,7 +159,7 @@ def test_node_reboot_pod_reported_failed_and_retried_never_enrolled(world: World
 
 
 def test_flavour_detected_once_from_node_rules_and_used_in_every_pod(world: World) -> None:
-    """istio/istio#56983: the node (here: the node netns) runs legacy iptables with real rules, nft has
+    """The node (here: the node netns) runs legacy iptables with real rules, nft has
     only empty chains; `--iptables auto` must pick legacy by counting `-A` rules and use it in every pod."""
     w = world
     for i in range(3):

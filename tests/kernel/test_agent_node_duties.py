@@ -1,9 +1,9 @@
-"""The agent's node duties as a real process in a node netns (issue 5).
+"""The agent's node duties as a real process in a node netns.
 
 - `--install-cni` (tmp dirs, never /etc/cni/net.d or /opt/cni/bin): the entry and the launcher appear at
   start, a rewrite that drops the entry is repaired within a second while the agent runs, SIGTERM with
   `--cni-cleanup-on-exit` restores the config byte for byte and removes the plugin files.
-- Node boot race (istio/istio#14327) on a simulated node: a sidecar pod created by a chain WITHOUT
+- Node boot race on a simulated node: a sidecar pod created by a chain WITHOUT
   headrace-cni runs unredirected; the agent (iptables backend) finds its netns (harness pods are bare
   netns, found by their IPs), reports it, and with `--repair-sidecars=apply` installs the sidecar rules
   in place: the pod's outbound TCP then lands on 15001 with SO_ORIGINAL_DST. A sidecar pod the plugin
