@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -147,7 +147,7 @@ def default_locator() -> Locator:
 
 
 @contextlib.contextmanager
-def held_netns(loc: NetnsLocation) -> Any:
+def held_netns(loc: NetnsLocation) -> Iterator[str]:
     """Hold the located netns by an fd and verify its inode: a recycled /proc/PID path is never entered.
     Yields a path (/proc/<agent pid>/fd/N) that tools like nsenter can open while the fd is held."""
     fd = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
