@@ -31,8 +31,9 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Any, Protocol
 
+    from cni.contract.kinds import Family
     from cni.contract.sidecar_params import SidecarParams
-    from cni.contract.spec import AmbientSpec, Family, SidecarSpec
+    from cni.contract.spec import AmbientSpec, SidecarSpec
     from cni.kernel.flavour import Flavour
     from cni.rules.builder import RuleSet, TableRules
 

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
+    from cni.contract.kinds import Family
     from cni.contract.sidecar_params import SidecarParams
-    from cni.contract.spec import Family
     from cni.plugin.agent_client import PluginEvent
     from cni.plugin.netconf import CniEnv, NetConf
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from cni.contract.spec import AmbientSpec, Family, SidecarSpec
+from cni.contract.kinds import Family
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import flavour as flavour_mod
 from cni.kernel import tables as netns_tables
 from cni.kernel.flavour import Flavour
