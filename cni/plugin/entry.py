@@ -177,12 +177,13 @@ def apply_sidecar_redirect(
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
+        from cni.kernel.iptables_run import IptablesError
     except ImportError as exc:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
         # optimistic: an ADD normally meets a fresh netns; one restore per family then, no save first
         netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True)
-    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+    except (IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
 
 
@@ -190,11 +191,12 @@ def remove_redirect(netns: str, setting: str, log: JsonLog) -> None:
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
+        from cni.kernel.iptables_run import IptablesError
     except ImportError as exc:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
         netns_tables.remove_all(netns, flavour.resolve(setting), log=log)
-    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+    except (IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
 
 
@@ -204,11 +206,12 @@ def check_sidecar_redirect(
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
+        from cni.kernel.iptables_run import IptablesError
     except ImportError as exc:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
         return netns_tables.check_sidecar(netns, spec, families, flavour.resolve(setting))
-    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+    except (IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.CHECK_FAILED, "reading the pod's redirect rules failed", str(exc)) from exc
 
 

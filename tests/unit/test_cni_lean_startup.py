@@ -20,9 +20,9 @@ import pytest
 from cni.contract import annotations as cni_annotations
 from cni.contract import jsoncodec
 from cni.kernel import spawn
-from cni.kernel import tables as netns_tables
 from cni.plugin import netconf
 from cni.plugin import result as cni_result
+from cni.rules import saved
 
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -223,7 +223,7 @@ def test_rule_target_is_shlex_based() -> None:
         expected = next(
             (tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t in ("-j", "--jump", "-g", "--goto")), None
         )
-        assert netns_tables.rule_target(line) == expected, line
+        assert saved.rule_target(line) == expected, line
 
 
 # ---------------------------------------------------------------------------------------------------
