@@ -62,22 +62,31 @@ def run(step: str, netns_path: str | None, argv: Sequence[str], stdin: str | Non
     return proc.stdout
 
 
+def save_argv(flavour: Flavour, family: Family) -> list[str]:
+    return [binary(flavour, family, "save")]
+
+
 def save(netns_path: str | None, flavour: Flavour, family: Family) -> str:
     """The full iptables-save dump of one family (only existing tables; nothing gets created)."""
-    return run(f"save-v{family}", netns_path, [binary(flavour, family, "save")])
+    return run(f"save-v{family}", netns_path, save_argv(flavour, family))
 
 
 def save_families(netns_path: str | None, flavour: Flavour, families: Sequence[Family]) -> dict[Family, str]:
     """iptables-save of several families, run in parallel (the plugin's ADD latency matters)."""
     if len(families) < 2:
         return {f: save(netns_path, flavour, f) for f in families}
-    argvs = [netns_argv(netns_path, [binary(flavour, f, "save")]) for f in families]
+    argvs = [netns_argv(netns_path, save_argv(flavour, f)) for f in families]
     try:
         results = spawn.run_many([(argv, None) for argv in argvs], TIMEOUT)
     except OSError as exc:
         raise IptablesError(f"save-v{families[0]}", f"{argvs[0][0]} could not be started", str(exc)) from exc
+    return save_results(flavour, families, results)
+
+
+def save_results(flavour: Flavour, families: Sequence[Family], procs: Sequence[spawn.Result]) -> dict[Family, str]:
+    """The dumps of finished save processes (one per family, in order); IptablesError for the first failed."""
     out: dict[Family, str] = {}
-    for f, proc in zip(families, results, strict=True):
+    for f, proc in zip(families, procs, strict=True):
         if proc.returncode is None:
             raise IptablesError(f"save-v{f}", f"save timed out after {TIMEOUT:.0f}s")
         if proc.returncode != 0:

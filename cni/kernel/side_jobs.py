@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from cni.kernel import spawn
-from cni.kernel.flavour import binary
 from cni.kernel.iptables_run import (
     TIMEOUT,
     IptablesError,
@@ -13,7 +12,9 @@ from cni.kernel.iptables_run import (
     restore_argv,
     restore_many,
     restore_result,
+    save_argv,
     save_families,
+    save_results,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -114,16 +115,9 @@ def save_with(
     if not side_jobs:
         return save_families(netns_path, flavour, families), None
     jobs: list[tuple[list[str], str | None]] = [
-        (netns_argv(netns_path, [binary(flavour, f, "save")]), None) for f in families
+        (netns_argv(netns_path, save_argv(flavour, f)), None) for f in families
     ]
     procs, side_error = run_with_side_jobs(netns_path, jobs, side_jobs)
     if not procs:
         return {}, side_error
-    out: dict[Family, str] = {}
-    for f, proc in zip(families, procs, strict=True):
-        if proc.returncode is None:
-            raise IptablesError(f"save-v{f}", f"save timed out after {TIMEOUT:.0f}s")
-        if proc.returncode != 0:
-            raise IptablesError(f"save-v{f}", f"{binary(flavour, f, 'save')} exited {proc.returncode}", proc.stderr)
-        out[f] = proc.stdout
-    return out, side_error
+    return save_results(flavour, families, procs), side_error
