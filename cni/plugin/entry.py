@@ -7,7 +7,6 @@ Every input is validated before anything touches the pod's network namespace.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import time
@@ -15,13 +14,12 @@ import time
 from cni.contract import errors, jsoncodec, membership
 from cni.contract.errors import CniError
 from cni.contract.record import Record
+from cni.kernel.netns import NetnsFileError, pod_netns_inode
 from cni.plugin import netconf
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
 from cni.plugin.pod_source import PodMeta, PodSourceError, from_config
 
-NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: the namespace type
-CLONE_NEWNET = 0x40000000
 # Start-up cost is most of the plugin's wall time: nothing here imports `typing`, `re`, `json`,
 # `collections`, `ipaddress` or `subprocess` on the non-mesh path (tests/unit/test_cni_plugin_process.py).
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -62,26 +60,9 @@ class NetnsUnusable(CniError):
 def netns_inode(path: str) -> int:
     """Validate that ``path`` is a network namespace other than our own; return its inode."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise NetnsUnusable(f"network namespace {path} does not exist", gone=True) from exc
-    except OSError as exc:
-        raise NetnsUnusable(f"cannot open network namespace {path}", exc.strerror or "") from exc
-    try:
-        try:
-            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
-        except OSError as exc:
-            # e.g. the runtime's pin file after the namespace was unmounted: an empty regular file
-            raise NetnsUnusable(f"{path} is not a namespace file", exc.strerror or "", gone=True) from exc
-        if nstype != CLONE_NEWNET:
-            raise NetnsUnusable(f"{path} is not a network namespace")
-        inode = os.fstat(fd).st_ino
-    finally:
-        os.close(fd)
-    own = os.stat("/proc/self/ns/net").st_ino
-    if inode == own:
-        raise NetnsUnusable(f"refusing to act on {path}: it is the plugin's own (node) network namespace")
-    return inode
+        return pod_netns_inode(path)
+    except NetnsFileError as exc:
+        raise NetnsUnusable(exc.msg, exc.details, gone=exc.gone) from exc
 
 
 def netns_for_del(path: str, log: JsonLog) -> bool:
