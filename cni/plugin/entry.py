@@ -15,7 +15,7 @@ from cni.contract import errors, jsoncodec, membership
 from cni.contract.errors import CniError
 from cni.contract.record import Record
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
-from cni.plugin import netconf
+from cni.plugin import cni_env, netconf
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
 from cni.plugin.pod_source import PodMeta, PodSourceError, from_config
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from cni.contract.kinds import Family
     from cni.contract.sidecar_params import SidecarParams
     from cni.plugin.agent_client import PluginEvent
-    from cni.plugin.netconf import CniEnv, NetConf
+    from cni.plugin.cni_env import CniEnv
+    from cni.plugin.netconf import NetConf
 
 LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before the config is read
 
@@ -379,7 +380,7 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
     log.bind(container_id=environ.get("CNI_CONTAINERID", "")[:128], netns=environ.get("CNI_NETNS", "")[:256])
     version = netconf.requested_version(stdin) or netconf.LATEST_VERSION
     try:
-        env = netconf.parse_env(environ)
+        env = cni_env.parse_env(environ)
         if env.command == "VERSION":
             return 0, jsoncodec.dumps(version_info(stdin)) + "\n"
         log.bind(pod=env.k8s.name, namespace=env.k8s.namespace)
