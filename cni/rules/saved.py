@@ -6,30 +6,21 @@ at run time.
 
 from __future__ import annotations
 
-
-class _Plain:
-    """Equality and repr over ``__slots__`` (what @dataclass gave; `dataclasses` costs the plugin ms)."""
-
-    __slots__: tuple[str, ...] = ()
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like a non-frozen dataclass
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
+from cni.contract.record import Record
 
 
-class SavedTable(_Plain):
+class SavedTable(Record):
+    """One table of a dump. Its dict and list fill up while the dump is read (the record is not hashable)."""
+
     __slots__ = ("name", "chains", "rules")  # noqa: RUF023 - field order (repr)
+    name: str
+    chains: dict[str, str]  # chain -> policy ("-" for user chains)
+    rules: list[tuple[str, str]]  # (chain, "-A chain ...") in order
 
     def __init__(
         self, name: str, chains: dict[str, str] | None = None, rules: list[tuple[str, str]] | None = None
     ) -> None:
-        self.name = name
-        self.chains: dict[str, str] = {} if chains is None else chains  # chain -> policy ("-" for user chains)
-        self.rules: list[tuple[str, str]] = [] if rules is None else rules  # (chain, "-A chain ...") in order
+        self._init(name=name, chains={} if chains is None else chains, rules=[] if rules is None else rules)
 
     def chain_rules(self, chain: str) -> list[str]:
         return [line for c, line in self.rules if c == chain]
@@ -78,10 +69,13 @@ def rule_target(line: str) -> str | None:
     return None
 
 
-class Owned(_Plain):
+class Owned(Record):
     """What of ours one table holds: chains (+ their rules) and jumps into them from other chains."""
 
     __slots__ = ("chains", "rules", "jumps")  # noqa: RUF023 - field order (repr)
+    chains: list[str]
+    rules: list[str]
+    jumps: list[tuple[str, int, str]]  # (chain, 1-based position, line)
 
     def __init__(
         self,
@@ -89,9 +83,11 @@ class Owned(_Plain):
         rules: list[str] | None = None,
         jumps: list[tuple[str, int, str]] | None = None,
     ) -> None:
-        self.chains: list[str] = [] if chains is None else chains
-        self.rules: list[str] = [] if rules is None else rules
-        self.jumps: list[tuple[str, int, str]] = [] if jumps is None else jumps  # (chain, 1-based position, line)
+        self._init(
+            chains=[] if chains is None else chains,
+            rules=[] if rules is None else rules,
+            jumps=[] if jumps is None else jumps,
+        )
 
     def empty(self) -> bool:
         return not self.chains and not self.jumps
