@@ -1,13 +1,20 @@
 """The plugin side of the plugin-event protocol (cni/contract/events.py): one JSON line each way.
 
-Stdlib only. Every wait is bounded by one overall deadline.
+Stdlib only, and no `typing` or `json` at run time (the plugin imports this for every mesh pod). Every
+wait is bounded by one overall deadline.
 """
+
+from __future__ import annotations
 
 import socket
 import time
-from typing import Any, NamedTuple
 
 from cni.contract import events
+from cni.contract.record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class AgentUnavailable(Exception):
@@ -18,14 +25,19 @@ class AgentUnavailable(Exception):
         self.retryable = retryable
 
 
-class AgentReply(NamedTuple):
+class AgentReply(Record):
+    __slots__ = ("ok", "state", "error", "retry")  # noqa: RUF023 - field order (repr)
     ok: bool
-    state: str = ""
-    error: str = ""
-    retry: bool = False
+    state: str
+    error: str
+    retry: bool
+
+    def __init__(self, ok: bool, state: str = "", error: str = "", retry: bool = False) -> None:
+        self._init(ok=ok, state=state, error=error, retry=retry)
 
 
-class PluginEvent(NamedTuple):
+class PluginEvent(Record):
+    __slots__ = ("cmd", "container_id", "netns", "ifname", "namespace", "name", "uid", "ips", "mode")  # noqa: RUF023
     cmd: str
     container_id: str
     netns: str
@@ -35,6 +47,23 @@ class PluginEvent(NamedTuple):
     uid: str
     ips: tuple[str, ...]
     mode: str
+
+    def __init__(
+        self,
+        cmd: str,
+        container_id: str,
+        netns: str,
+        ifname: str,
+        namespace: str,
+        name: str,
+        uid: str,
+        ips: tuple[str, ...],
+        mode: str,
+    ) -> None:
+        self._init(
+            cmd=cmd, container_id=container_id, netns=netns, ifname=ifname, namespace=namespace, name=name, uid=uid,
+            ips=ips, mode=mode,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return events.event_request(

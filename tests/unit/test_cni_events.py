@@ -68,3 +68,18 @@ def test_read_line_limit_and_deadline() -> None:
     with a, b:
         b.sendall(b"y" * 100 + b"\n")
         assert events.read_line(a, time.monotonic() + 1, limit=100) == b"y" * 100
+
+
+def test_plugin_client_imports_stay_lean() -> None:
+    """The plugin imports the client (and this module) for every mesh pod: no json, typing or re."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[2])
+    code = (
+        f"import sys\nsys.path.insert(0, {repo!r})\nbefore = set(sys.modules)\nimport cni.plugin.agent_client\n"
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} & {'json', 'typing', 're'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
