@@ -7,6 +7,7 @@ import os
 import time
 
 from cni.kernel.iptables_run import IptablesError
+from cni.kernel.netns import THREAD_NETNS
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ class netns_lock:
     __slots__ = ("fd", "path", "step")
 
     def __init__(self, netns_path: str | None, step: str) -> None:
-        self.path = netns_path if netns_path is not None else "/proc/thread-self/ns/net"
+        self.path = netns_path if netns_path is not None else THREAD_NETNS
         self.step = step
         self.fd = -1
 
