@@ -44,6 +44,7 @@ def require_netns(netns_path: str | None, step: str) -> None:
     if netns_path is not None and not os.path.exists(netns_path):
         raise IptablesError(step, f"network namespace {netns_path} does not exist")
 
+
 def set_owned(
     netns_path: str | None,
     flavour: Flavour,
@@ -67,6 +68,7 @@ def set_owned(
         except IptablesError:
             if attempt == attempts:
                 raise
+
 
 def apply_rulesets(
     netns_path: str | None,
@@ -146,6 +148,7 @@ def apply_rulesets(
         raise failed[0][1]
     emit(log, "info", step, "iptables rules applied", families=list(families), flavour=flavour)
     return before
+
 
 def check_rulesets(netns_path: str | None, rulesets: Sequence[RuleSet], flavour: Flavour) -> list[str]:
     """Problems (missing, altered, duplicated or extra rules of ours); empty when intact."""

@@ -102,6 +102,7 @@ def restore_argv(flavour: Flavour, family: Family) -> list[str]:
 def restore(netns_path: str | None, flavour: Flavour, family: Family, text: str, step: str) -> None:
     run(step, netns_path, restore_argv(flavour, family), stdin=text)
 
+
 def restore_many(
     netns_path: str | None, flavour: Flavour, texts: dict[Family, str], step: str
 ) -> dict[Family, IptablesError | None]:
@@ -117,6 +118,7 @@ def restore_many(
         results[fam] = restore_result(flavour, fam, proc, step)
     return results
 
+
 def restore_result(flavour: Flavour, fam: Family, proc: spawn.Result, step: str) -> IptablesError | None:
     if proc.returncode is None:
         return IptablesError(f"{step}-v{fam}", f"restore timed out after {TIMEOUT:.0f}s")
@@ -124,6 +126,7 @@ def restore_result(flavour: Flavour, fam: Family, proc: spawn.Result, step: str)
         what = binary(flavour, fam, "restore")
         return IptablesError(f"{step}-v{fam}", f"{what} exited {proc.returncode}", proc.stderr)
     return None
+
 
 def emit(log: StepLog | None, level: str, step: str, msg: str, **extra: Any) -> None:
     if log is not None:

@@ -54,6 +54,7 @@ class SideJob:
     def undo(self) -> tuple[list[str], str | None] | None:
         return None
 
+
 def undo_side_jobs(netns_path: str | None, jobs: Sequence[SideJob], step: str, log: StepLog | None) -> None:
     undos = [u for u in (job.undo() for job in jobs) if u is not None]
     if not undos:
@@ -114,9 +115,7 @@ def save_with(
     """`save_families`, plus the side jobs in the same batch of processes."""
     if not side_jobs:
         return save_families(netns_path, flavour, families), None
-    jobs: list[tuple[list[str], str | None]] = [
-        (netns_argv(netns_path, save_argv(flavour, f)), None) for f in families
-    ]
+    jobs: list[tuple[list[str], str | None]] = [(netns_argv(netns_path, save_argv(flavour, f)), None) for f in families]
     procs, side_error = run_with_side_jobs(netns_path, jobs, side_jobs)
     if not procs:
         return {}, side_error

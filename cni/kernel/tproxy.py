@@ -40,6 +40,7 @@ class TproxyRoutesJob(SideJob):
             return None
         return self.argv, tproxy_routes.batch_text(tproxy_routes.undo_lines(self.added))
 
+
 def remove_tproxy_routes(netns_path: str | None, families: Iterable[Family], *, log: StepLog | None = None) -> None:
     """Delete our TPROXY policy routing (rule + local route) of these families; absent entries are fine."""
     fams = valid_families(families)

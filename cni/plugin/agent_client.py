@@ -61,13 +61,27 @@ class PluginEvent(Record):
         mode: str,
     ) -> None:
         self._init(
-            cmd=cmd, container_id=container_id, netns=netns, ifname=ifname, namespace=namespace, name=name, uid=uid,
-            ips=ips, mode=mode,
+            cmd=cmd,
+            container_id=container_id,
+            netns=netns,
+            ifname=ifname,
+            namespace=namespace,
+            name=name,
+            uid=uid,
+            ips=ips,
+            mode=mode,
         )
 
     def to_json(self) -> dict[str, Any]:
         return events.event_request(
-            self.cmd, self.container_id, self.netns, self.ifname, self.namespace, self.name, self.uid, self.ips,
+            self.cmd,
+            self.container_id,
+            self.netns,
+            self.ifname,
+            self.namespace,
+            self.name,
+            self.uid,
+            self.ips,
             self.mode,
         )
 
