@@ -35,8 +35,7 @@ from node_agent.lab.netns import NetNS
 from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
 
 from cni.contract.spec import SidecarSpec
-from cni.kernel import tables as netns_tables
-from cni.rules import builder
+from cni.rules import builder, transition
 
 SIDECAR_ANNOTATIONS = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 KINDS = ("sidecar", "non-mesh")
@@ -207,7 +206,7 @@ def floor_rows(runs: int, root: Path, flavours: Sequence[str], node_netns: str) 
     rule_files = []
     for family in (4, 6):
         path = root / f"floor-rules-v{family}.txt"
-        path.write_text(netns_tables.fresh_ruleset_text(builder.sidecar_rules(SidecarSpec(), family)))
+        path.write_text(transition.fresh_ruleset_text(builder.sidecar_rules(SidecarSpec(), family)))
         rule_files.append(str(path))
     rows = []
     for flavour in flavours:

@@ -72,7 +72,8 @@ from bench.redirect_stats import (
     summarise,
     verdict_rows,
 )
-from cni.contract.spec import PROXY_UID, SidecarSpec
+from cni.contract.constants import PROXY_UID
+from cni.contract.spec import SidecarSpec
 
 WORKERS = Path(__file__).resolve().parent / "redirect_workers.py"
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")

@@ -14,14 +14,16 @@ The contract ports 15020/15021/15090 always stay excluded from inbound capture.
 
 from __future__ import annotations
 
+from cni.contract.constants import INTERCEPTION_MODES, SIDECAR_EXCLUDED_INBOUND
 from cni.contract.errors import INVALID_ANNOTATION, CniError
-from cni.contract.sidecar_params import INTERCEPTION_MODES, SIDECAR_EXCLUDED_INBOUND, SidecarParams
+from cni.contract.sidecar_params import SidecarParams
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:  # no re/ipaddress/collections at import: the CNI plugin imports this for sidecar pods
     from collections.abc import Mapping
 
-    from cni.contract.spec import InterceptionMode, IPNetwork, SidecarSpec
+    from cni.contract.kinds import InterceptionMode, IPNetwork
+    from cni.contract.spec import SidecarSpec
 
 PREFIX = "traffic.sidecar.istio.io/"
 INCLUDE_INBOUND_PORTS = PREFIX + "includeInboundPorts"

@@ -1,37 +1,29 @@
 """The sidecar redirect's values in a light form for the CNI plugin's hot path.
 
-``redirect_spec.SidecarSpec`` is a frozen dataclass (the agent and the eBPF backend rely on
+``cni.contract.spec.SidecarSpec`` is a frozen dataclass (the agent and the eBPF backend rely on
 ``dataclasses.fields``/``replace``), and importing ``dataclasses`` + ``typing`` + ``ipaddress`` costs the
 plugin about 20 ms per sidecar ADD. ``SidecarParams`` holds exactly the same fields with the same
 defaults and the same ``ranges()``; the rule builder reads either. ``annotations.sidecar_spec`` turns
-these into the dataclass for everyone else. The contract constants live here and are re-exported by
-``redirect_spec``.
+these into the dataclass for everyone else. Both take their defaults from cni/contract/constants.py.
 """
 
 from __future__ import annotations
 
+from cni.contract.constants import (
+    INTERCEPTION_REDIRECT,
+    PROXY_GID,
+    PROXY_UID,
+    SIDECAR_EXCLUDED_INBOUND,
+    SIDECAR_INBOUND_PORT,
+    SIDECAR_OUTBOUND_PORT,
+)
 from cni.contract.record import Record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
-    from typing import Final, Literal
+    from typing import Literal
 
-    from cni.contract.spec import Family, InterceptionMode, IPNetwork
-
-PROXY_UID = 1337
-PROXY_GID = 1337
-SIDECAR_OUTBOUND_PORT = 15001
-SIDECAR_INBOUND_PORT = 15006
-SIDECAR_EXCLUDED_INBOUND = (15020, 15021, 15090)
-# Inbound interception modes (annotation sidecar.istio.io/interceptionMode). TPROXY delivers inbound
-# connections unrewritten to the proxy's IP_TRANSPARENT listener; it needs the marks and the
-# policy-routing table below (as istio-iptables' TPROXY mode).
-INTERCEPTION_REDIRECT: Final = "REDIRECT"
-INTERCEPTION_TPROXY: Final = "TPROXY"
-INTERCEPTION_MODES: tuple[InterceptionMode, ...] = (INTERCEPTION_REDIRECT, INTERCEPTION_TPROXY)
-TPROXY_MARK = 1337  # packet mark of diverted inbound packets (and of the proxy's original_src sockets)
-TPROXY_ROUTE_TABLE = 133  # policy routing table: "fwmark TPROXY_MARK lookup 133", local default via lo
-TPROXY_OUTBOUND_MARK = 1338  # the proxy's own connections to its pod's IP over lo (captured inbound)
+    from cni.contract.kinds import Family, InterceptionMode, IPNetwork
 
 FIELDS = (
     "proxy_uid",

@@ -1,7 +1,8 @@
 """What to redirect in a pod: the validated, immutable inputs of every redirection backend.
 
-Pure data. Built from the contract defaults plus a pod's annotations (cni.contract.annotations); consumed by the
-iptables rule builder and the eBPF backend alike, so both backends implement exactly the same spec.
+Pure data. Built from the contract defaults (cni/contract/constants.py) plus a pod's annotations
+(cni.contract.annotations); consumed by the iptables rule builder and the eBPF backend alike, so both
+backends implement exactly the same spec.
 """
 
 from __future__ import annotations
@@ -10,26 +11,26 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
-# The sidecar contract constants live in the plugin's light module (cni/contract/sidecar_params.py).
-from cni.contract.sidecar_params import INTERCEPTION_REDIRECT
-from cni.contract.sidecar_params import PROXY_GID as PROXY_GID
-from cni.contract.sidecar_params import PROXY_UID as PROXY_UID
-from cni.contract.sidecar_params import SIDECAR_EXCLUDED_INBOUND as SIDECAR_EXCLUDED_INBOUND
-from cni.contract.sidecar_params import SIDECAR_INBOUND_PORT as SIDECAR_INBOUND_PORT
-from cni.contract.sidecar_params import SIDECAR_OUTBOUND_PORT as SIDECAR_OUTBOUND_PORT
+from cni.contract.constants import (
+    AMBIENT_DNS_PORT,
+    AMBIENT_HBONE_PORT,
+    AMBIENT_INBOUND_PORT,
+    AMBIENT_MARK,
+    AMBIENT_MARK_MASK,
+    AMBIENT_OUTBOUND_PORT,
+    INTERCEPTION_REDIRECT,
+    PROBE_SNAT_V4_TEXT,
+    PROBE_SNAT_V6_TEXT,
+    PROXY_GID,
+    PROXY_UID,
+    SIDECAR_EXCLUDED_INBOUND,
+    SIDECAR_INBOUND_PORT,
+    SIDECAR_OUTBOUND_PORT,
+)
+from cni.contract.kinds import Family, InterceptionMode, IPNetwork
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Family = Literal[4, 6]
-InterceptionMode = Literal["REDIRECT", "TPROXY"]
-
-AMBIENT_OUTBOUND_PORT = 15001
-AMBIENT_INBOUND_PORT = 15006
-AMBIENT_HBONE_PORT = 15008
-AMBIENT_DNS_PORT = 15053
-AMBIENT_MARK = 0x539  # SO_MARK of the node proxy's own sockets: never redirected
-AMBIENT_MARK_MASK = 0xFFF
-PROBE_SNAT_V4 = ipaddress.IPv4Address("169.254.7.127")
-PROBE_SNAT_V6 = ipaddress.IPv6Address("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+PROBE_SNAT_V4 = ipaddress.IPv4Address(PROBE_SNAT_V4_TEXT)
+PROBE_SNAT_V6 = ipaddress.IPv6Address(PROBE_SNAT_V6_TEXT)
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,20 @@
-"""The plugin side of the plugin-event protocol (docs/internals.md): one JSON line each way per connection.
+"""The plugin side of the plugin-event protocol (cni/contract/events.py): one JSON line each way.
 
-Request: {"v": 1, "cmd", "container_id", "netns", "ifname", "pod": {namespace, name, uid}, "ips", "mode"}
-Reply:   {"ok": true, "state": ...} or {"ok": false, "error": str, "retry": bool}
-Stdlib only. Every wait is bounded by one overall deadline.
+Stdlib only, and no `typing` or `json` at run time (the plugin imports this for every mesh pod). Every
+wait is bounded by one overall deadline.
 """
 
-import json
+from __future__ import annotations
+
 import socket
 import time
-from typing import Any, NamedTuple
 
-PROTOCOL_VERSION = 1
-MAX_REPLY_BYTES = 65536
+from cni.contract import events
+from cni.contract.record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class AgentUnavailable(Exception):
@@ -22,14 +25,19 @@ class AgentUnavailable(Exception):
         self.retryable = retryable
 
 
-class AgentReply(NamedTuple):
+class AgentReply(Record):
+    __slots__ = ("ok", "state", "error", "retry")  # noqa: RUF023 - field order (repr)
     ok: bool
-    state: str = ""
-    error: str = ""
-    retry: bool = False
+    state: str
+    error: str
+    retry: bool
+
+    def __init__(self, ok: bool, state: str = "", error: str = "", retry: bool = False) -> None:
+        self._init(ok=ok, state=state, error=error, retry=retry)
 
 
-class PluginEvent(NamedTuple):
+class PluginEvent(Record):
+    __slots__ = ("cmd", "container_id", "netns", "ifname", "namespace", "name", "uid", "ips", "mode")  # noqa: RUF023
     cmd: str
     container_id: str
     netns: str
@@ -40,31 +48,56 @@ class PluginEvent(NamedTuple):
     ips: tuple[str, ...]
     mode: str
 
+    def __init__(
+        self,
+        cmd: str,
+        container_id: str,
+        netns: str,
+        ifname: str,
+        namespace: str,
+        name: str,
+        uid: str,
+        ips: tuple[str, ...],
+        mode: str,
+    ) -> None:
+        self._init(
+            cmd=cmd,
+            container_id=container_id,
+            netns=netns,
+            ifname=ifname,
+            namespace=namespace,
+            name=name,
+            uid=uid,
+            ips=ips,
+            mode=mode,
+        )
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "v": PROTOCOL_VERSION,
-            "cmd": self.cmd,
-            "container_id": self.container_id,
-            "netns": self.netns,
-            "ifname": self.ifname,
-            "pod": {"namespace": self.namespace, "name": self.name, "uid": self.uid},
-            "ips": list(self.ips),
-            "mode": self.mode,
-        }
+        return events.event_request(
+            self.cmd,
+            self.container_id,
+            self.netns,
+            self.ifname,
+            self.namespace,
+            self.name,
+            self.uid,
+            self.ips,
+            self.mode,
+        )
 
 
 def parse_reply(line: bytes) -> AgentReply:
     try:
-        obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = events.decode_line(line)
+    except ValueError as exc:
         raise AgentUnavailable(f"agent reply is not JSON: {line[:100]!r}", retryable=True) from exc
-    if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
+    if not isinstance(obj, dict) or not isinstance(obj.get(events.OK), bool):
         raise AgentUnavailable("agent reply has no boolean 'ok'", retryable=True)
-    state = obj.get("state", "")
-    error = obj.get("error", "")
-    retry = obj.get("retry", False)
+    state = obj.get(events.STATE, "")
+    error = obj.get(events.ERROR, "")
+    retry = obj.get(events.RETRY, False)
     return AgentReply(
-        ok=obj["ok"],
+        ok=obj[events.OK],
         state=state if isinstance(state, str) else "",
         error=error if isinstance(error, str) else str(error),
         retry=retry is True,
@@ -74,7 +107,7 @@ def parse_reply(line: bytes) -> AgentReply:
 def send_event(socket_path: str, event: PluginEvent, timeout: float) -> AgentReply:
     """Send one event and wait (at most ``timeout`` seconds in all) for the agent's answer."""
     deadline = time.monotonic() + timeout
-    payload = (json.dumps(event.to_json(), separators=(",", ":")) + "\n").encode()
+    payload = events.encode_line(event.to_json())
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(max(0.001, min(timeout, 5.0)))
@@ -88,25 +121,15 @@ def send_event(socket_path: str, event: PluginEvent, timeout: float) -> AgentRep
             raise AgentUnavailable(f"connecting to the agent at {socket_path} timed out") from exc
         except OSError as exc:
             raise AgentUnavailable(f"cannot connect to the agent at {socket_path}: {exc.strerror}") from exc
-        buf = b""
         try:
             sock.sendall(payload)
-            while b"\n" not in buf:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_REPLY_BYTES:
-                    raise AgentUnavailable("agent reply too long")
+            line = events.read_line(sock, deadline)
+        except events.LineTooLong as exc:
+            raise AgentUnavailable("agent reply too long") from exc
         except TimeoutError as exc:
             raise AgentUnavailable(f"the agent did not answer within {timeout:g}s") from exc
         except OSError as exc:
             raise AgentUnavailable(f"talking to the agent failed: {exc.strerror or exc}") from exc
-        line = buf.split(b"\n", 1)[0]
         if not line.strip():
             raise AgentUnavailable("the agent closed the connection without an answer")
         return parse_reply(line)

@@ -7,7 +7,6 @@ Every input is validated before anything touches the pod's network namespace.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import time
@@ -15,13 +14,12 @@ import time
 from cni.contract import errors, jsoncodec, membership
 from cni.contract.errors import CniError
 from cni.contract.record import Record
-from cni.plugin import netconf
+from cni.kernel.netns import NetnsFileError, pod_netns_inode
+from cni.plugin import cni_env, netconf
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
 from cni.plugin.pod_source import PodMeta, PodSourceError, from_config
 
-NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: the namespace type
-CLONE_NEWNET = 0x40000000
 # Start-up cost is most of the plugin's wall time: nothing here imports `typing`, `re`, `json`,
 # `collections`, `ipaddress` or `subprocess` on the non-mesh path (tests/unit/test_cni_plugin_process.py).
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -29,10 +27,11 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
+    from cni.contract.kinds import Family
     from cni.contract.sidecar_params import SidecarParams
-    from cni.contract.spec import Family
     from cni.plugin.agent_client import PluginEvent
-    from cni.plugin.netconf import CniEnv, NetConf
+    from cni.plugin.cni_env import CniEnv
+    from cni.plugin.netconf import NetConf
 
 LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before the config is read
 
@@ -62,26 +61,9 @@ class NetnsUnusable(CniError):
 def netns_inode(path: str) -> int:
     """Validate that ``path`` is a network namespace other than our own; return its inode."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise NetnsUnusable(f"network namespace {path} does not exist", gone=True) from exc
-    except OSError as exc:
-        raise NetnsUnusable(f"cannot open network namespace {path}", exc.strerror or "") from exc
-    try:
-        try:
-            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
-        except OSError as exc:
-            # e.g. the runtime's pin file after the namespace was unmounted: an empty regular file
-            raise NetnsUnusable(f"{path} is not a namespace file", exc.strerror or "", gone=True) from exc
-        if nstype != CLONE_NEWNET:
-            raise NetnsUnusable(f"{path} is not a network namespace")
-        inode = os.fstat(fd).st_ino
-    finally:
-        os.close(fd)
-    own = os.stat("/proc/self/ns/net").st_ino
-    if inode == own:
-        raise NetnsUnusable(f"refusing to act on {path}: it is the plugin's own (node) network namespace")
-    return inode
+        return pod_netns_inode(path)
+    except NetnsFileError as exc:
+        raise NetnsUnusable(exc.msg, exc.details, gone=exc.gone) from exc
 
 
 def netns_for_del(path: str, log: JsonLog) -> bool:
@@ -177,12 +159,13 @@ def apply_sidecar_redirect(
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
+        from cni.kernel.iptables_run import IptablesError
     except ImportError as exc:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
         # optimistic: an ADD normally meets a fresh netns; one restore per family then, no save first
         netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True)
-    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+    except (IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
 
 
@@ -190,11 +173,12 @@ def remove_redirect(netns: str, setting: str, log: JsonLog) -> None:
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
+        from cni.kernel.iptables_run import IptablesError
     except ImportError as exc:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
         netns_tables.remove_all(netns, flavour.resolve(setting), log=log)
-    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+    except (IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
 
 
@@ -204,11 +188,12 @@ def check_sidecar_redirect(
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
+        from cni.kernel.iptables_run import IptablesError
     except ImportError as exc:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
         return netns_tables.check_sidecar(netns, spec, families, flavour.resolve(setting))
-    except (netns_tables.IptablesError, OSError, ValueError) as exc:
+    except (IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.CHECK_FAILED, "reading the pod's redirect rules failed", str(exc)) from exc
 
 
@@ -395,7 +380,7 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
     log.bind(container_id=environ.get("CNI_CONTAINERID", "")[:128], netns=environ.get("CNI_NETNS", "")[:256])
     version = netconf.requested_version(stdin) or netconf.LATEST_VERSION
     try:
-        env = netconf.parse_env(environ)
+        env = cni_env.parse_env(environ)
         if env.command == "VERSION":
             return 0, jsoncodec.dumps(version_info(stdin)) + "\n"
         log.bind(pod=env.k8s.name, namespace=env.k8s.namespace)

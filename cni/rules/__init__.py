@@ -1,11 +1,11 @@
-"""iptables redirection for headrace: a pure rule builder, flavour detection and atomic in-netns apply.
-
-Stdlib only: the CNI plugin imports this package on its hot path.
+"""iptables rules for headrace, pure and stdlib only (the CNI plugin imports this package on its hot path).
 
 - `builder`: SidecarSpec / AmbientSpec / node probe IPs + address family → rules in iptables-save syntax.
-- `flavour`: legacy vs nft, detected from the real rules of the current netns (or forced).
-- `netns_tables`: save/restore inside a netns with `nsenter`, one atomic restore per family, rollback,
-  idempotent re-apply (an optimistic `-N` restore first on a fresh netns), exact removal, CHECK against
-  the builder's output.
-- `spawn`: starts those commands with `os.posix_spawnp` (cheaper to import than `subprocess`).
+- `saved`: parse an iptables-save dump; which chains, rules and jumps in it are ours.
+- `transition`: the restore text that turns our part of a dump into the wanted rules (or installs them
+  into a fresh netns with `-N`).
+- `compare`: CHECK, our rules in a dump against the wanted ones, in words.
+- `tproxy_routes`: TPROXY mode's policy routing as `ip -batch` lines, and judging ip's answers.
+
+Running them in a netns (save/restore, locks, rollback) is cni.kernel's job.
 """

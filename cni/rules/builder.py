@@ -15,22 +15,23 @@ Chains (all prefixed `HEADRACE_`, so removal finds exactly ours):
 
 from __future__ import annotations
 
-from cni.contract.record import Record
-from cni.contract.sidecar_params import (
+from cni.contract.constants import (
     INTERCEPTION_REDIRECT,
     INTERCEPTION_TPROXY,
     SIDECAR_EXCLUDED_INBOUND,
     TPROXY_MARK,
     TPROXY_OUTBOUND_MARK,
 )
+from cni.contract.record import Record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:  # no typing/collections/dataclasses at run time: the CNI plugin imports this module
     import ipaddress
     from collections.abc import Iterable, Sequence
 
+    from cni.contract.kinds import Family, IPNetwork
     from cni.contract.sidecar_params import SidecarParams
-    from cni.contract.spec import AmbientSpec, Family, IPNetwork, SidecarSpec
+    from cni.contract.spec import AmbientSpec, SidecarSpec
 
 OWNED_PREFIX = "HEADRACE_"
 SIDECAR_PREFIX = "HEADRACE_SC_"

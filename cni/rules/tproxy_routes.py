@@ -18,11 +18,11 @@ Pure and stdlib only (imported by the CNI plugin): building the batch text and p
 
 from __future__ import annotations
 
-from cni.contract.sidecar_params import TPROXY_MARK, TPROXY_ROUTE_TABLE
+from cni.contract.constants import TPROXY_MARK, TPROXY_ROUTE_TABLE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
-    from cni.contract.spec import Family
+    from cni.contract.kinds import Family
 
 RULE_PREF = 32765  # the priority `ip rule add` picks first in a fresh netns (main is 32766)
 _ANY = {4: "0.0.0.0/0", 6: "::/0"}

@@ -19,10 +19,10 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
-from node_agent.lab.netns import entered
 from node_agent.lab.simnode import SimNode
 from node_agent.lab.traffic import tcp_request
 
+from cni.kernel.netns import entered
 from tests.kernel.agent_kit import AgentRun, node_agent, run, wait_for
 from tests.kernel.test_backend_parity import PORT as PORT
 from tests.kernel.test_backend_parity import anything_of_ours, bpftool_cgroup, node_env, ours, request, start_app

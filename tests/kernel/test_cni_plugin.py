@@ -316,7 +316,7 @@ class _ObjectsApi(BaseHTTPRequestHandler):
 
 def test_sidecar_pod_from_the_kubernetes_api_over_tls(make_node: Callable[..., SimNode], tmp_path: Path) -> None:
     """The pod source is an HTTPS API server inside the node netns (the plugin runs there too)."""
-    from tests.harness.netns import entered
+    from cni.kernel.netns import entered
     from tests.unit.test_cni_podsource import openssl_cert
 
     cert, key = openssl_cert(tmp_path, "apiserver")

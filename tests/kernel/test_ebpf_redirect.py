@@ -576,7 +576,7 @@ def test_inbound_connection_made_before_capture_keeps_working(env, backend, targ
     import socket
     import threading
 
-    from node_agent.lab.netns import entered
+    from cni.kernel.netns import entered
 
     with entered(env.pod_ns_path):
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -16,9 +16,9 @@ from node_agent.backends.base import BackendError, PodTarget
 from node_agent.backends.iptables.backend import IptablesBackend
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from cni.kernel import flavour
+from cni.kernel import apply, flavour, iptables_run
 from cni.kernel import tables as netns_tables
-from cni.rules import builder
+from cni.rules import builder, saved, transition
 from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
@@ -57,7 +57,7 @@ def restore(n: NetNS, fl: str, family: int, text: str) -> None:
 
 def normalized(n: NetNS, fl: str, family: int) -> str:
     """iptables-save without comments and counters (traffic changes counters, not rules)."""
-    text = netns_tables.save(n.path, fl, family)  # type: ignore[arg-type]
+    text = iptables_run.save(n.path, fl, family)  # type: ignore[arg-type]
     lines = [re.sub(r"\[\d+:\d+\]", "[0:0]", x) for x in text.splitlines() if not x.startswith("#")]
     return "\n".join(lines)
 
@@ -78,7 +78,7 @@ def test_apply_twice_is_one_set(ns, fl) -> None:
         netns_tables.apply_sidecar(ns.path, SIDECAR, (4, 6), fl)
         netns_tables.apply_ambient(ns.path, AMBIENT, (4, 6), fl)
     for family in (4, 6):
-        tables = netns_tables.parse_save(netns_tables.save(ns.path, fl, family))
+        tables = saved.parse_save(iptables_run.save(ns.path, fl, family))
         for table in tables.values():
             lines = [line for _, line in table.rules if "HEADRACE_" in line]
             assert len(lines) == len(set(lines)), f"duplicated rules in {table.name}"
@@ -181,7 +181,7 @@ def test_missing_netns(fl) -> None:
     netns_tables.remove_all(path, fl)
     assert not netns_tables.installed(path, fl)
     assert netns_tables.check_sidecar(path, SidecarSpec(), (4,), fl) == [f"network namespace {path} does not exist"]
-    with pytest.raises(netns_tables.IptablesError) as err:
+    with pytest.raises(iptables_run.IptablesError) as err:
         netns_tables.apply_sidecar(path, SidecarSpec(), (4,), fl)
     assert err.value.step == "apply-sidecar"
 
@@ -198,8 +198,8 @@ def test_v6_failure_rolls_v4_back(ns, fl, monkeypatch) -> None:
         """Fault injection at the process level: the v6 restore binary does not exist."""
         return "ip6tables-headrace-missing" if (family, tool) == (6, "restore") else real(fla, family, tool)
 
-    monkeypatch.setattr(netns_tables, "binary", broken_v6_restore)
-    with pytest.raises(netns_tables.IptablesError) as err:
+    monkeypatch.setattr(iptables_run, "binary", broken_v6_restore)
+    with pytest.raises(iptables_run.IptablesError) as err:
         netns_tables.apply_sidecar(ns.path, SIDECAR, (4, 6), fl)
     assert err.value.step == "apply-sidecar-v6" and "ip6tables-headrace-missing" in err.value.stderr
     assert normalized(ns, fl, 4) == before
@@ -212,8 +212,8 @@ def test_bad_restore_input_leaves_netns_untouched(ns, fl) -> None:
     """A restore that iptables rejects changes nothing (one transaction per family)."""
     netns_tables.apply_sidecar(ns.path, SidecarSpec(), (4,), fl)
     before = normalized(ns, fl, 4)
-    with pytest.raises(netns_tables.IptablesError) as err:
-        netns_tables._restore(ns.path, fl, 4, "*nat\n-F HEADRACE_SC_OUTPUT\n-A NO_SUCH_CHAIN -j RETURN\nCOMMIT\n", "t")
+    with pytest.raises(iptables_run.IptablesError) as err:
+        iptables_run.restore(ns.path, fl, 4, "*nat\n-F HEADRACE_SC_OUTPUT\n-A NO_SUCH_CHAIN -j RETURN\nCOMMIT\n", "t")
     assert err.value.stderr
     assert normalized(ns, fl, 4) == before
 
@@ -271,15 +271,15 @@ ROUNDTRIP: dict[str, list[builder.RuleSet]] = {
 def test_builder_output_is_iptables_save_canonical(ns, fl, scenario) -> None:
     rulesets = ROUNDTRIP[scenario]
     for rs in rulesets:
-        netns_tables._set_owned(ns.path, fl, rs.family, netns_tables._desired_from_ruleset(rs), rs.owner_prefix, "t")
-        saved = netns_tables.parse_save(netns_tables.save(ns.path, fl, rs.family))
+        apply.set_owned(ns.path, fl, rs.family, transition.desired_from_ruleset(rs), rs.owner_prefix, "t")
+        dump = saved.parse_save(iptables_run.save(ns.path, fl, rs.family))
         for t in rs.tables:
             for chain in t.chains:
                 expect = [r for r in t.rules if r.split(" ", 2)[1] == chain]
-                assert saved[t.table].chain_rules(chain) == expect
+                assert dump[t.table].chain_rules(chain) == expect
             for jump in t.jumps:
-                assert jump in [line for _, line in saved[t.table].rules]
-    assert netns_tables.check_rulesets(ns.path, rulesets, fl) == []
+                assert jump in [line for _, line in dump[t.table].rules]
+    assert apply.check_rulesets(ns.path, rulesets, fl) == []
 
 
 # ---------------------------------------------------------------- flavour lesson (istio/istio#56983)
@@ -292,8 +292,8 @@ def test_flavour_counts_rules_not_chain_headers(ns) -> None:
     restore(ns, "nft", 4, f"*nat\n{nft_rules}COMMIT\n")
     canary = ":KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n"
     restore(ns, "legacy", 4, f"*nat\n{canary}*mangle\n{canary}")
-    legacy_lines = len(netns_tables.save(ns.path, "legacy", 4).splitlines())
-    nft_lines = len(netns_tables.save(ns.path, "nft", 4).splitlines())
+    legacy_lines = len(iptables_run.save(ns.path, "legacy", 4).splitlines())
+    nft_lines = len(iptables_run.save(ns.path, "nft", 4).splitlines())
     assert legacy_lines > nft_lines  # a line-count heuristic would pick legacy here
     assert flavour.detect(ns.path) == "nft"
     # A host whose real rules are legacy ones is detected as legacy.

@@ -17,7 +17,7 @@ import pytest
 
 from cni.contract.sidecar_params import SidecarParams
 from cni.contract.spec import SidecarSpec
-from cni.kernel import flavour, spawn
+from cni.kernel import flavour, iptables_run, side_jobs, spawn
 from cni.kernel import tables as netns_tables
 from tests.harness.netns import NetNS
 
@@ -42,7 +42,7 @@ def ns() -> Iterator[NetNS]:
 
 def rules(n: NetNS, fl: str, family: int) -> list[str]:
     """Rule and chain lines of the save output (no comments, no counters)."""
-    text = netns_tables.save(n.path, fl, family)  # type: ignore[arg-type]
+    text = iptables_run.save(n.path, fl, family)  # type: ignore[arg-type]
     return [line.split(" [")[0] for line in text.splitlines() if line and not line.startswith("#")]
 
 
@@ -84,8 +84,8 @@ def test_v6_failure_rolls_back_an_optimistic_v4(ns: NetNS, fl: str, monkeypatch:
     def broken_v6_restore(fla: str, family: int, tool: str) -> str:
         return "ip6tables-headrace-missing" if (family, tool) == (6, "restore") else real(fla, family, tool)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(netns_tables, "binary", broken_v6_restore)
-    with pytest.raises(netns_tables.IptablesError) as err:
+    monkeypatch.setattr(iptables_run, "binary", broken_v6_restore)
+    with pytest.raises(iptables_run.IptablesError) as err:
         netns_tables.apply_sidecar(ns.path, SPEC, (4, 6), fl, optimistic=True)  # type: ignore[arg-type]
     assert err.value.step == "apply-sidecar-v6" and "ip6tables-headrace-missing" in err.value.stderr
     assert rules(ns, fl, 4) == before
@@ -98,13 +98,13 @@ def test_lo_address_failure_rolls_the_rules_back(
     ns: NetNS, fl: str, optimistic: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = {family: rules(ns, fl, family) for family in (4, 6)}
-    real_argv = netns_tables._argv
+    real_argv = iptables_run.netns_argv
 
     def failing_ip(netns_path: str | None, argv: list[str]) -> list[str]:
         return real_argv(netns_path, ["false", *argv[1:]] if argv[0] == "ip" else argv)
 
-    monkeypatch.setattr(netns_tables, "_argv", failing_ip)
-    with pytest.raises(netns_tables.IptablesError) as err:
+    monkeypatch.setattr(side_jobs, "netns_argv", failing_ip)
+    with pytest.raises(iptables_run.IptablesError) as err:
         netns_tables.apply_sidecar(ns.path, SPEC, (4, 6), fl, optimistic=optimistic)  # type: ignore[arg-type]
     assert err.value.step == "lo-v6"
     for family in (4, 6):

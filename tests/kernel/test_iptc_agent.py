@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.netns import NetNS, entered
+from cni.kernel.netns import entered
+from tests.harness.netns import NetNS
 from tests.kernel.agent_kit import (
     AgentRun,
     NodeNetns,

@@ -24,8 +24,9 @@ from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
+from cni.kernel.netns import entered
 from cni.rules import builder
-from tests.harness.netns import NetNS, entered
+from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

@@ -21,7 +21,8 @@ from node_agent.backends.iptables.nft_generation import NftGenerationReader, rea
 
 from cni.contract.spec import AmbientSpec
 from cni.kernel import spawn
-from tests.harness.netns import NetNS, entered
+from cni.kernel.netns import entered
+from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

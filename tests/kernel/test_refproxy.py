@@ -27,7 +27,8 @@ import pytest
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.proxy.hub import ProxyHub, ProxyNack
 
-from tests.harness.netns import NetNS, entered
+from cni.kernel.netns import entered
+from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

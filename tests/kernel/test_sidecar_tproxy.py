@@ -34,7 +34,7 @@ from node_agent.backends.base import PodTarget
 from node_agent.backends.iptables.backend import IptablesBackend
 
 from cni.contract.spec import SidecarSpec
-from cni.kernel import flavour
+from cni.kernel import flavour, iptables_run, side_jobs
 from cni.kernel import tables as netns_tables
 from tests.harness.cni_runner import CniInvocationError
 from tests.harness.netns import NetNS
@@ -214,7 +214,7 @@ def ours(n: NetNS, fl: str) -> tuple[list[str], list[list[str]]]:
     lines = [
         line
         for family in (4, 6)
-        for line in netns_tables.save(n.path, fl, family).splitlines()  # type: ignore[arg-type]
+        for line in iptables_run.save(n.path, fl, family).splitlines()  # type: ignore[arg-type]
         if "HEADRACE" in line
     ]
     routing: list[list[str]] = []
@@ -239,8 +239,8 @@ def test_iptables_failure_rolls_the_new_routing_back(
     def broken_v6_restore(fla: str, family: int, tool: str) -> str:
         return "ip6tables-headrace-missing" if (family, tool) == (6, "restore") else real(fla, family, tool)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(netns_tables, "binary", broken_v6_restore)
-    with pytest.raises(netns_tables.IptablesError):
+    monkeypatch.setattr(iptables_run, "binary", broken_v6_restore)
+    with pytest.raises(iptables_run.IptablesError):
         netns_tables.apply_sidecar(ns.path, SPEC_TPROXY, (4, 6), fl, optimistic=optimistic)  # type: ignore[arg-type]
     assert ours(ns, fl) == ([], [])
 
@@ -249,13 +249,13 @@ def test_iptables_failure_rolls_the_new_routing_back(
 def test_routing_failure_rolls_rules_and_the_other_family_back(
     ns: NetNS, fl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_argv = netns_tables._argv
+    real_argv = iptables_run.netns_argv
 
     def failing_ip6(netns_path: str | None, argv: list[str]) -> list[str]:
         return real_argv(netns_path, ["false", *argv[1:]] if argv[:2] == ["ip", "-6"] else argv)
 
-    monkeypatch.setattr(netns_tables, "_argv", failing_ip6)
-    with pytest.raises(netns_tables.IptablesError) as err:
+    monkeypatch.setattr(side_jobs, "netns_argv", failing_ip6)
+    with pytest.raises(iptables_run.IptablesError) as err:
         netns_tables.apply_sidecar(ns.path, SPEC_TPROXY, (4, 6), fl, optimistic=True)  # type: ignore[arg-type]
     assert err.value.step == "tproxy-routes-v6"
     assert ours(ns, fl) == ([], [])  # the IPv4 rule/route that went in were deleted again
@@ -274,9 +274,9 @@ def test_rollback_keeps_routing_that_was_there_and_mode_switches(
         return "ip6tables-headrace-missing" if (family, tool) == (6, "restore") else real(fla, family, tool)  # type: ignore[arg-type]
 
     with monkeypatch.context() as m:
-        m.setattr(netns_tables, "binary", broken_v6_restore)
+        m.setattr(iptables_run, "binary", broken_v6_restore)
         other = SidecarSpec(interception_mode="TPROXY", include_inbound_ports=(80,))
-        with pytest.raises(netns_tables.IptablesError):
+        with pytest.raises(iptables_run.IptablesError):
             netns_tables.apply_sidecar(ns.path, other, (4, 6), fl)  # type: ignore[arg-type]
     assert ours(ns, fl) == before  # rules rolled back, the routing (already there) kept
     assert netns_tables.check_sidecar(ns.path, SPEC_TPROXY, (4, 6), fl) == []  # type: ignore[arg-type]

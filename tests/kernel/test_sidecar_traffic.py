@@ -26,7 +26,7 @@ import pytest
 from node_agent.backends.base import PodTarget
 
 from cni.contract.spec import SidecarSpec
-from cni.kernel import tables as netns_tables
+from cni.kernel import iptables_run
 from tests.harness.node import Pod
 from tests.harness.traffic import Listener, tcp_request
 from tests.kernel.redirect_backends import Redirect, ip, over_backends, over_backends_and_families, redirect_fixture
@@ -148,7 +148,7 @@ def test_excluded_inbound_port_and_v4_only_pod(redirect: Redirect) -> None:
     app, peer = redirect.pods(2)
     redirect.apply(app, SidecarSpec(exclude_inbound_ports=(22,)), families=(4,))
     if redirect.flavour is not None:
-        assert "HEADRACE" not in netns_tables.save(app.netns.path, redirect.flavour, 6)
+        assert "HEADRACE" not in iptables_run.save(app.netns.path, redirect.flavour, 6)
     with (
         listener(app, 22, 4, "ssh"),
         listener(app, 15006, 6, "in6"),

@@ -20,9 +20,9 @@ import pytest
 from cni.contract import annotations as cni_annotations
 from cni.contract import jsoncodec
 from cni.kernel import spawn
-from cni.kernel import tables as netns_tables
-from cni.plugin import netconf
+from cni.plugin import names
 from cni.plugin import result as cni_result
+from cni.rules import saved
 
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -181,14 +181,14 @@ def test_prev_result_gateway_check_is_ipaddress() -> None:
 
 
 REGEXES = [
-    (netconf._is_container_id, re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,1023}").fullmatch),
-    (netconf._is_uid, re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}").fullmatch),
-    (netconf._is_dns_label, re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?").fullmatch),
+    (names.is_container_id, re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,1023}").fullmatch),
+    (names.is_uid, re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}").fullmatch),
+    (names.is_dns_label, re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?").fullmatch),
     (
-        netconf._is_dns_subdomain,
+        names.is_dns_subdomain,
         re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*").fullmatch,
     ),
-    (netconf._bad_ifname_char, re.compile(r"[/:\s]").search),
+    (names.bad_ifname_char, re.compile(r"[/:\s]").search),
     (cni_annotations._is_port_text, re.compile(r"[0-9]{1,5}").fullmatch),
     (cni_annotations._is_cidr_text, re.compile(r"[0-9A-Fa-f.:/]+").fullmatch),
 ]
@@ -223,7 +223,7 @@ def test_rule_target_is_shlex_based() -> None:
         expected = next(
             (tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t in ("-j", "--jump", "-g", "--goto")), None
         )
-        assert netns_tables.rule_target(line) == expected, line
+        assert saved.rule_target(line) == expected, line
 
 
 # ---------------------------------------------------------------------------------------------------

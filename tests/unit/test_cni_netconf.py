@@ -8,7 +8,8 @@ import pytest
 
 from cni.contract import errors
 from cni.contract.errors import CniError
-from cni.plugin.netconf import parse_cni_args, parse_config, parse_env
+from cni.plugin.cni_env import parse_cni_args, parse_env
+from cni.plugin.netconf import parse_config
 
 BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_IFNAME": "eth0", "CNI_NETNS": "/run/netns/x"}
 PREV = {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}

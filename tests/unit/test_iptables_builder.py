@@ -6,7 +6,8 @@ import ipaddress
 
 import pytest
 
-from cni.contract.spec import AmbientSpec, Family, SidecarSpec
+from cni.contract.kinds import Family
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.rules import builder
 
 net = ipaddress.ip_network

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import select
 import struct
 import time
+
+from cni.kernel.netns import libc
 
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
@@ -37,9 +38,8 @@ _EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 
 
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        return ctypes.CDLL(name, use_errno=True)
+        return libc()
     except OSError:
         return None
 

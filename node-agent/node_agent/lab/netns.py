@@ -1,39 +1,13 @@
-"""Network namespaces for tests: create/delete named netns, run commands inside, enter one per thread."""
+"""Network namespaces for tests: create/delete named netns, run commands inside (entering one from a thread:
+cni.kernel.netns.entered)."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def entered(netns_path: str) -> Iterator[None]:
-    """Run the body with the calling thread inside netns_path (sockets made here stay in that netns)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(netns_path, os.O_RDONLY)
-    try:
-        setns(target)
-        try:
-            yield
-        finally:
-            setns(own)
-    finally:
-        os.close(target)
-        os.close(own)
 
 
 def run_in(

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from node_agent.lab.netns import entered
+from cni.kernel.netns import entered
 from node_agent.lab.processes import HEADRACE, PYTHON, LabProcess, agent_status, read_json_lines, start_in_netns
 from node_agent.lab.simnode import Pod, SimNode
 from node_agent.lab.traffic import Listener, tcp_request

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from cni.kernel.netns import entered
 from node_agent.lab.listener_child import Address, handle, listening_socket
-from node_agent.lab.netns import entered
 from node_agent.lab.tcp_client import datagram, exchange, family_of
 
 CLIENT_SCRIPT = Path(__file__).with_name("tcp_client.py")

@@ -8,17 +8,18 @@ released and re-created for another netns ("recycled") is refused, never entered
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
 from pathlib import Path
 
+from cni.kernel.netns import libc
+
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
 _UID_RE = re.compile(r"^[0-9a-zA-Z][0-9a-zA-Z._-]{0,127}$")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc()  # the process-wide handle (cni.kernel.netns)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 

@@ -1,13 +1,13 @@
 """A thread parked inside one pod network namespace that runs small jobs (socket creation) there.
 
-Python 3.11 has no os.setns, so setns(2) is called through ctypes; it affects only the calling thread.
+The thread enters the netns with cni.kernel.netns.entered (setns(2) moves only the calling thread) and
+goes back to its own before it ends.
 A socket keeps the netns it was created in for its whole life, so the event loop can use sockets this
 thread made while the loop itself stays in the proxy's own namespace.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import threading
@@ -15,16 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from cni.kernel.netns import NetnsReturnError, entered
 
 T = TypeVar("T")
-
-
-def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 class NetnsWorker:
@@ -55,37 +48,31 @@ class NetnsWorker:
                 self._jobs.put(None)
 
     def _run(self) -> None:
-        own = -1
         try:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            setns(self._fd)
-        except OSError as exc:
+            with entered(self._fd):
+                self.ready.set_result(None)
+                self._serve()
+        except NetnsReturnError:
+            raise  # could not get back home: the thread ends (and says so)
+        except OSError as exc:  # could not enter: nothing ran
             self.ready.set_exception(exc)
             self._drain(exc)
-            if own >= 0:
-                os.close(own)
-            os.close(self._fd)
-            return
-        self.ready.set_result(None)
-        try:
-            while True:
-                item = self._jobs.get()
-                if item is None:
-                    break
-                fn, fut = item
-                if not fut.set_running_or_notify_cancel():
-                    continue
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:
-                    fut.set_exception(exc)
         finally:
             self._drain(RuntimeError("netns worker is closed"))
+            os.close(self._fd)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
             try:
-                setns(own)  # back home before the thread ends
-            finally:
-                os.close(own)
-                os.close(self._fd)
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
 
     def _drain(self, exc: BaseException) -> None:
         with self._lock:

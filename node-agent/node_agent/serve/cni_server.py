@@ -1,33 +1,32 @@
 """The plugin-event server: `headrace-cni` (and `headrace status`) talk to the agent over a unix socket.
 
-Protocol (docs/internals.md): one JSON object per line, one request per connection, one JSON line back.
-Requests: ADD / DEL / CHECK from the plugin, plus STATUS (`{"v": 1, "cmd": "STATUS"}`) for the status
-command. ADD of an ambient pod answers only after the pod's netns is pinned, the proxy has acked the
-workload and the rules are in (`{"ok": true, "state": "enrolled"}`); every wait is bounded. The socket is
-created with mode 0600 (bound in a private directory, then renamed into place).
+Protocol (cni/contract/events.py): one JSON object per line, one request per connection, one JSON line
+back. Requests: ADD / DEL / CHECK from the plugin, plus STATUS for the status command. ADD of an ambient
+pod answers only after the pod's netns is pinned, the proxy has acked the workload and the rules are in
+(`{"ok": true, "state": "enrolled"}`); every wait is bounded. The socket is created with mode 0600
+(bound in a private directory, then renamed into place).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cni.contract import events
 from node_agent.kernel.unix_socket import listen_private
 from node_agent.reconcile.state import Outcome
 
 log = logging.getLogger("headrace.agent.cni")
 
-PROTOCOL_VERSION = 1
-MAX_REQUEST_BYTES = 65536
-READ_TIMEOUT = 5.0
+READ_TIMEOUT = 5.0  # the whole request line must arrive within this
 MAX_CONNECTIONS = 64
 _UID_RE = re.compile(r"^[0-9a-zA-Z][0-9a-zA-Z._-]{0,127}$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -61,22 +60,26 @@ class PluginRequest:
 
 def parse_request(line: bytes) -> PluginRequest:
     try:
-        obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = events.decode_line(line)
+    except ValueError as exc:
         raise RequestError(f"request is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise RequestError("request must be a JSON object")
-    if obj.get("v") != PROTOCOL_VERSION:
-        raise RequestError(f"unsupported protocol version {obj.get('v')!r} (agent speaks {PROTOCOL_VERSION})")
-    cmd = obj.get("cmd")
-    if cmd not in ("ADD", "DEL", "CHECK", "STATUS"):
+    if obj.get(events.VERSION) != events.PROTOCOL_VERSION:
+        raise RequestError(
+            f"unsupported protocol version {obj.get(events.VERSION)!r} (agent speaks {events.PROTOCOL_VERSION})"
+        )
+    cmd = obj.get(events.CMD)
+    if cmd not in events.COMMANDS:
         raise RequestError(f"unknown cmd {cmd!r}")
-    if cmd == "STATUS":
-        return PluginRequest("STATUS", "", "", "", "", (), "", "")
-    pod = obj.get("pod")
+    if cmd == events.STATUS:
+        return PluginRequest(events.STATUS, "", "", "", "", (), "", "")
+    pod = obj.get(events.POD)
     if not isinstance(pod, dict):
         raise RequestError("request has no 'pod' object")
-    uid, namespace, name = pod.get("uid", ""), pod.get("namespace", ""), pod.get("name", "")
+    uid = pod.get(events.POD_UID, "")
+    namespace = pod.get(events.POD_NAMESPACE, "")
+    name = pod.get(events.POD_NAME, "")
     if not all(isinstance(x, str) for x in (uid, namespace, name)):
         raise RequestError("pod uid/namespace/name must be strings")
     if uid and not _UID_RE.match(uid):
@@ -85,10 +88,10 @@ def parse_request(line: bytes) -> PluginRequest:
         raise RequestError(f"invalid namespace {namespace!r}")
     if name and not _NAME_RE.match(name):
         raise RequestError(f"invalid pod name {name!r}")
-    netns = obj.get("netns", "")
+    netns = obj.get(events.NETNS, "")
     if not isinstance(netns, str) or (netns and not netns.startswith("/")) or "\0" in netns:
         raise RequestError("netns must be an absolute path")
-    ips_raw = obj.get("ips") or []
+    ips_raw = obj.get(events.IPS) or []
     if not isinstance(ips_raw, list) or not all(isinstance(i, str) for i in ips_raw):
         raise RequestError("ips must be a list of strings")
     import ipaddress
@@ -99,20 +102,20 @@ def parse_request(line: bytes) -> PluginRequest:
             ips.append(str(ipaddress.ip_interface(ip).ip))
         except ValueError as exc:
             raise RequestError(f"invalid ip {ip!r}") from exc
-    mode = obj.get("mode", "ambient")
-    if mode not in ("ambient", "sidecar"):
+    mode = obj.get(events.MODE, events.AMBIENT)
+    if mode not in events.MODES:
         raise RequestError(f"unknown mode {mode!r}")
-    if cmd == "ADD" and not netns:
+    if cmd == events.ADD and not netns:
         raise RequestError("ADD needs the pod's netns")
-    container_id = obj.get("container_id", "")
+    container_id = obj.get(events.CONTAINER_ID, "")
     return PluginRequest(cmd, uid, namespace, name, netns, tuple(ips), mode,
                          container_id if isinstance(container_id, str) else "")
 
 
 def reply_json(outcome: Outcome) -> dict[str, Any]:
     if outcome.ok:
-        return {"ok": True, "state": outcome.state}
-    return {"ok": False, "error": outcome.error, "retry": outcome.retry, "state": outcome.state}
+        return events.success_reply(outcome.state)
+    return events.failure_reply(outcome.error, outcome.retry, outcome.state)
 
 
 class CniServer:
@@ -179,7 +182,7 @@ class CniServer:
                     return
                 continue
             if not self._slots.acquire(blocking=False):
-                self._send(conn, {"ok": False, "error": "agent busy", "retry": True})
+                self._send(conn, events.failure_reply("agent busy", retry=True))
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="cni-conn", daemon=True).start()
@@ -187,42 +190,37 @@ class CniServer:
     @staticmethod
     def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
-            conn.sendall((json.dumps(obj, separators=(",", ":")) + "\n").encode())
+            conn.sendall(events.encode_line(obj))
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(READ_TIMEOUT)
-            buf = b""
             try:
-                while b"\n" not in buf:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if len(buf) > MAX_REQUEST_BYTES:
-                        raise RequestError("request too long")
-            except TimeoutError:
-                self._send(conn, {"ok": False, "error": "request not received in time", "retry": True})
+                line = events.read_line(conn, time.monotonic() + READ_TIMEOUT)
+            except events.LineTooLong:
+                self._send(conn, events.failure_reply("request too long", retry=False))
                 return
+            except TimeoutError:
+                self._send(conn, events.failure_reply("request not received in time", retry=True))
+                return
+            except OSError:
+                return  # the client went away
             self.requests += 1
             try:
-                reply = self.handle(buf.split(b"\n", 1)[0])
+                reply = self.handle(line)
             except RequestError as exc:
-                reply = {"ok": False, "error": str(exc), "retry": False}
+                reply = events.failure_reply(str(exc), retry=False)
             except Exception as exc:
                 log.exception("plugin event failed", extra={"step": "cni-event"})
-                reply = {"ok": False, "error": f"agent error: {exc}", "retry": True}
+                reply = events.failure_reply(f"agent error: {exc}", retry=True)
             self._send(conn, reply)
-        except RequestError as exc:
-            self._send(conn, {"ok": False, "error": str(exc), "retry": False})
         finally:
             conn.close()
             self._slots.release()
 
     def handle(self, line: bytes) -> dict[str, Any]:
         req = parse_request(line)
-        if req.cmd == "STATUS":
-            out: dict[str, Any] = {"ok": True, "pods": self.handler.status()}
+        if req.cmd == events.STATUS:
+            out: dict[str, Any] = {events.OK: True, events.PODS: self.handler.status()}
             if self._extra_status is not None:
                 out.update(self._extra_status())
             return out
@@ -234,10 +232,10 @@ class CniServer:
         ctx = {"pod": req.name, "namespace": req.namespace, "uid": uid, "netns": req.netns,
                "step": f"cni-{req.cmd.lower()}"}
         log.info("plugin event", extra=ctx)
-        if req.cmd == "ADD":
-            add = self.handler.cni_add if req.mode == "ambient" else self.handler.cni_sidecar_add
+        if req.cmd == events.ADD:
+            add = self.handler.cni_add if req.mode == events.AMBIENT else self.handler.cni_sidecar_add
             outcome = add(uid, req.namespace, req.name, req.netns, req.ips, self.add_timeout)
-        elif req.cmd == "DEL":
+        elif req.cmd == events.DEL:
             outcome = self.handler.cni_del(uid)
         else:
             outcome = self.handler.cni_check(uid)

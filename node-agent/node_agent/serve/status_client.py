@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import socket
+import time
 from typing import Any
 
+from cni.contract import events
+
 COLUMNS = ("namespace", "name", "uid", "mode", "backend", "state", "netns")
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # the pod list of a busy node
 
 
 class StatusError(Exception):
@@ -14,6 +17,8 @@ class StatusError(Exception):
 
 
 def query(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The agent's STATUS answer (every wait bounded by `timeout` in all)."""
+    deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
@@ -23,26 +28,23 @@ def query(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
             raise StatusError(f"agent socket {socket_path} does not exist (is the agent running?)") from exc
         except OSError as exc:
             raise StatusError(f"cannot connect to the agent at {socket_path}: {exc.strerror or exc}") from exc
-        buf = b""
         try:
-            sock.sendall(b'{"v":1,"cmd":"STATUS"}\n')
-            while b"\n" not in buf:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
+            sock.sendall(events.encode_line(events.status_request()))
+            line = events.read_line(sock, deadline, MAX_REPLY_BYTES)
+        except events.LineTooLong as exc:
+            raise StatusError("the agent's answer is too long") from exc
         except OSError as exc:
             raise StatusError(f"talking to the agent failed: {exc}") from exc
     finally:
         sock.close()
     try:
-        reply = json.loads(buf.split(b"\n", 1)[0])
+        reply = events.decode_line(line)
     except ValueError as exc:
         raise StatusError("the agent's answer is not JSON") from exc
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        err = reply.get("error", "unknown error") if isinstance(reply, dict) else "bad reply"
+    if not isinstance(reply, dict) or not reply.get(events.OK):
+        err = reply.get(events.ERROR, "unknown error") if isinstance(reply, dict) else "bad reply"
         raise StatusError(f"the agent refused: {err}")
-    if not isinstance(reply.get("pods"), list):
+    if not isinstance(reply.get(events.PODS), list):
         raise StatusError("the agent's answer has no pod list")
     return reply
 

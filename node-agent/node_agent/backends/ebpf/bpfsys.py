@@ -7,11 +7,12 @@ id and object info. Every failure raises BpfSysError carrying errno and, for pro
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as errno_mod
 import os
 import struct
 from dataclasses import dataclass
+
+from cni.kernel.netns import libc
 
 SYS_BPF = 321  # x86_64
 ATTR_SIZE = 160
@@ -51,7 +52,7 @@ ATTACH_CGROUP_GETSOCKOPT = 21
 ATTACH_CGROUP_INET4_GETPEERNAME = 29
 ATTACH_CGROUP_INET6_GETPEERNAME = 30
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc()  # the process-wide handle (cni.kernel.netns)
 _libc.syscall.restype = ctypes.c_long
 
 

@@ -13,7 +13,8 @@ import json
 import struct
 from dataclasses import dataclass
 
-from cni.contract.spec import AmbientSpec, IPNetwork, SidecarSpec
+from cni.contract.kinds import IPNetwork
+from cni.contract.spec import AmbientSpec, SidecarSpec
 
 MODE_SIDECAR = 1
 MODE_AMBIENT = 2

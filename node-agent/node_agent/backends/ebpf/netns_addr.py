@@ -6,7 +6,8 @@ address stays on removal (harmless, it dies with the pod netns), as with the ipt
 
 from __future__ import annotations
 
-from node_agent.backends.ebpf.tc import TcError, in_netns
+from cni.kernel.netns import run_in_thread
+from node_agent.backends.ebpf.tc import TcError
 
 PASSTHROUGH_V6 = "::6"
 
@@ -27,4 +28,4 @@ def ensure_lo_passthrough6(netns_path: str) -> None:
             except NetlinkError as e:
                 raise TcError(f"adding {PASSTHROUGH_V6}/128 to lo in {netns_path}: {e}") from e
 
-    in_netns(netns_path, work)
+    run_in_thread(netns_path, work, name="headrace-tc-netns")

@@ -1,20 +1,18 @@
 """TC ingress and egress (clsact) attach inside a pod's netns, with pyroute2, never in the host netns.
 
-Netlink work runs in a short-lived thread that has setns()'d into the pod netns (setns affects only the
-calling thread; pyroute2 binds its socket to the thread's netns). A clsact qdisc is created only where none
-exists and never deleted; only our filters (priority HR_PRIO, handle 1, named hr_tc_ingress on ingress and
-hr_tc_egress on egress) are touched.
+Netlink work runs in a short-lived thread that has setns()'d into the pod netns
+(cni.kernel.netns.run_in_thread: setns affects only the calling thread; pyroute2 binds its socket to the
+thread's netns). A clsact qdisc is created only where none exists and never deleted; only our filters
+(priority HR_PRIO, handle 1, named hr_tc_ingress on ingress and hr_tc_egress on egress) are touched.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-CLONE_NEWNET = 0x40000000
+from cni.kernel.netns import run_in_thread
+
 HR_PRIO = 0x4852  # "HR"
 HR_HANDLE = 1
 INGRESS_PARENT = 0xFFFFFFF2
@@ -25,38 +23,9 @@ INGRESS = "ingress"
 EGRESS = "egress"
 _HOOKS = {INGRESS: (INGRESS_PARENT, FILTER_NAME), EGRESS: (EGRESS_PARENT, EGRESS_FILTER_NAME)}
 
-T = TypeVar("T")
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class TcError(Exception):
     pass
-
-
-def in_netns(netns_path: str, fn: Callable[[], T]) -> T:
-    """Run fn in a fresh thread that has entered netns_path; return its result or raise its error."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(netns_path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise TcError(f"setns({netns_path}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["result"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=run, name="headrace-tc-netns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    result: T = box["result"]
-    return result
 
 
 def _attr(msg: Any, name: str) -> Any:
@@ -118,7 +87,7 @@ def attach_ingress(netns_path: str, prog_fd: int, hook: str = INGRESS) -> list[s
                 done.append(ifname)
         return done
 
-    return in_netns(netns_path, work)
+    return run_in_thread(netns_path, work, name="headrace-tc-netns")
 
 
 def detach_ingress(netns_path: str, hook: str = INGRESS) -> list[str]:
@@ -144,7 +113,7 @@ def detach_ingress(netns_path: str, hook: str = INGRESS) -> list[str]:
                     break
         return removed
 
-    return in_netns(netns_path, work)
+    return run_in_thread(netns_path, work, name="headrace-tc-netns")
 
 
 def ingress_status(netns_path: str, hook: str = INGRESS) -> dict[str, bool]:
@@ -158,7 +127,7 @@ def ingress_status(netns_path: str, hook: str = INGRESS) -> dict[str, bool]:
         with IPRoute() as ipr:
             return {ifname: bool(_our_filters(ipr, index, hook)) for index, ifname in _pod_links(ipr)}
 
-    return in_netns(netns_path, work)
+    return run_in_thread(netns_path, work, name="headrace-tc-netns")
 
 
 SO_NETNS_COOKIE = 71  # Linux >= 5.14
@@ -179,4 +148,4 @@ def netns_cookie(netns_path: str) -> int:
         value: int = struct.unpack("=Q", raw)[0]
         return value
 
-    return in_netns(netns_path, work)
+    return run_in_thread(netns_path, work, name="headrace-tc-netns")

@@ -17,10 +17,12 @@ import ipaddress
 import os
 from pathlib import Path
 
-from cni.contract.spec import AmbientSpec, Family, SidecarSpec
+from cni.contract.kinds import Family
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import flavour as flavour_mod
 from cni.kernel import tables as netns_tables
 from cni.kernel.flavour import Flavour
+from cni.kernel.iptables_run import IptablesError
 from cni.rules import builder
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
@@ -104,14 +106,14 @@ class IptablesBackend:
                 netns_tables.apply_ambient(target.netns_path, spec, families, self.flavour)
             else:
                 raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
-        except (netns_tables.IptablesError, ValueError, OSError) as exc:
+        except (IptablesError, ValueError, OSError) as exc:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def remove(self, target: PodTarget) -> None:
         self._forget(target)
         try:
             netns_tables.remove_all(target.netns_path, self.flavour)
-        except (netns_tables.IptablesError, OSError) as exc:
+        except (IptablesError, OSError) as exc:
             raise BackendError(f"iptables remove for pod {target.namespace}/{target.name}: {exc}") from exc
         finally:
             self._forget(target)
@@ -138,14 +140,14 @@ class IptablesBackend:
                 return netns_tables.check_sidecar(target.netns_path, spec, families, self.flavour)
             if isinstance(spec, AmbientSpec):
                 return netns_tables.check_ambient(target.netns_path, spec, families, self.flavour)
-        except (netns_tables.IptablesError, ValueError, OSError) as exc:
+        except (IptablesError, ValueError, OSError) as exc:
             raise BackendError(f"iptables check for pod {target.namespace}/{target.name}: {exc}") from exc
         raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
 
     def installed(self, target: PodTarget) -> bool:
         try:
             return netns_tables.installed(target.netns_path, self.flavour)
-        except (netns_tables.IptablesError, OSError) as exc:
+        except (IptablesError, OSError) as exc:
             raise BackendError(f"iptables read for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def fallback_reason(self, spec: RedirectSpec) -> str | None:

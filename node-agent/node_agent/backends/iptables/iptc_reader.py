@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from cni.kernel.netns import THREAD_NETNS, NetnsReturnError, enter, entered
 from node_agent.backends.iptables.iptc_fingerprint import (
     LAYOUTS,
     Chains,
@@ -43,8 +44,6 @@ from node_agent.backends.iptables.iptc_fingerprint import (
 
 log = logging.getLogger("headrace.backend.iptc")
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 # Debian/Ubuntu multiarch first, then the usual single-arch places.
 XTABLES_DIRS = (
     "/usr/lib/x86_64-linux-gnu/xtables",
@@ -83,12 +82,6 @@ def prepare_env(dirs: Sequence[str] = XTABLES_DIRS) -> str | None:
 
 def _import_iptc() -> ModuleType:
     return importlib.import_module("iptc")
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def entry_layouts(iptc: Any) -> dict[int, EntryLayout]:
@@ -164,7 +157,7 @@ class _NetnsWorker:
         self.lock_timeout = lock_timeout
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.alive = True
-        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # the caller's netns
+        self.home = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)  # the caller's netns
         self.thread = threading.Thread(target=self._run, name="headrace-iptc-read", daemon=True)
         try:
             self.thread.start()
@@ -181,7 +174,7 @@ class _NetnsWorker:
 
     def _run(self) -> None:
         try:
-            _setns(self.home)  # start from the creator's netns even if this thread began elsewhere
+            enter(self.home)  # start from the creator's netns even if this thread began elsewhere
             while True:
                 job = self.jobs.get()
                 if job is None or not self._do(job):
@@ -208,26 +201,18 @@ class _NetnsWorker:
             return True
         try:
             try:
-                fd = os.open(job.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _setns(fd)  # EINVAL if it is not a network namespace
-                finally:
-                    os.close(fd)
-            except BaseException as exc:  # never left home
-                job.error = exc
-                job.done.set()
-                return True
-            try:
-                job.result = _read_tables_here(self.iptc, job.families, self.layouts)
-            except BaseException as exc:
-                job.error = exc
-            try:
-                _setns(self.home)
-            except OSError as exc:
+                with entered(job.netns_path):  # EINVAL if it is not a network namespace
+                    try:
+                        job.result = _read_tables_here(self.iptc, job.families, self.layouts)
+                    except BaseException as exc:
+                        job.error = exc
+            except NetnsReturnError as exc:
                 log.error("iptc reader thread cannot go back to its netns, ending it: %s", exc,
                           extra={"step": "iptc-read", "netns": job.netns_path})
                 job.result, job.error = None, IptcReadError(f"cannot leave {job.netns_path}: {exc}")
                 return False
+            except BaseException as exc:  # never left home
+                job.error = exc
             return True
         finally:
             _IPTC_LOCK.release()

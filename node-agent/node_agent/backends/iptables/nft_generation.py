@@ -8,19 +8,19 @@ spawning anything. `iptc_check.DriftShortcut` does the recording and the fall-ba
 reads the number: one NFT_MSG_GETGEN request on a netfilter netlink socket made inside the pod netns.
 
 The socket has to be created in the pod netns, and `setns` moves only the calling thread: each read runs
-in a short-lived thread that enters the netns, asks, and ends (a thread's netns goes with it, so the
-agent's threads never leave theirs). Request building and reply parsing are pure and unit-tested.
+in a short-lived thread that enters the netns, asks, and ends (cni.kernel.netns.run_in_thread: a
+thread's netns goes with it, so the agent's threads never leave theirs). Request building and reply
+parsing are pure and unit-tested.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import struct
-import threading
 from collections.abc import Sequence
 
+from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
 from node_agent.kernel import netlink_parse
 from node_agent.kernel.netlink_parse import NLMSG_ERROR
 
@@ -30,10 +30,8 @@ NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 NLM_F_REQUEST = 0x1
-CLONE_NEWNET = 0x40000000
 
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big endian, 0 here)
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NftGenerationError(Exception):
@@ -79,30 +77,12 @@ def _read_here(timeout: float) -> int:
 
 def read_generation(netns_path: str, timeout: float = 2.0) -> int:
     """The ruleset generation of the netns at netns_path (read from a thread that enters it)."""
-    result: list[int] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {netns_path}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(_read_here(timeout))
-        except BaseException as exc:  # handed to the caller
-            errors.append(exc)
-
-    t = threading.Thread(target=run, name="headrace-nft-gen", daemon=True)
-    t.start()
-    t.join(timeout + 1.0)
-    if errors:
-        raise NftGenerationError(str(errors[0])) from errors[0]
-    if not result:
-        raise NftGenerationError(f"no answer from {netns_path} within {timeout:.0f}s")
-    return result[0]
+    try:
+        return run_in_thread(netns_path, lambda: _read_here(timeout), name="headrace-nft-gen", timeout=timeout + 1.0)
+    except NetnsThreadTimeout:
+        raise NftGenerationError(f"no answer from {netns_path} within {timeout:.0f}s") from None
+    except Exception as exc:  # the thread's error (cannot enter, netlink failed)
+        raise NftGenerationError(str(exc)) from exc
 
 
 class NftGenerationReader:

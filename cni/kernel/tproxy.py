@@ -1,0 +1,77 @@
+"""TPROXY mode's policy routing in a pod netns: added as a side job of the apply (rolled back with it),
+removed, checked. Loaded only for TPROXY pods (and when TPROXY rules are replaced or removed)."""
+
+from __future__ import annotations
+
+from cni.kernel import spawn
+from cni.kernel.apply import valid_families
+from cni.kernel.iptables_run import TIMEOUT, IptablesError, emit, netns_argv
+from cni.kernel.side_jobs import SideJob
+from cni.rules import tproxy_routes
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from cni.contract.kinds import Family
+    from cni.kernel.iptables_run import StepLog
+
+
+class TproxyRoutesJob(SideJob):
+    """One family's TPROXY policy routing (and, IPv6, the ::6 address): an `ip -force -batch` where a rule
+    or route that exists already is success; a rollback deletes exactly what this run created."""
+
+    __slots__ = ("added", "family", "lines")
+
+    def __init__(self, family: Family) -> None:
+        self.family = family
+        self.lines = tproxy_routes.add_lines(family)
+        self.added: list[str] = []
+        super().__init__(f"tproxy-routes-v{family}", tproxy_routes.argv(family), tproxy_routes.batch_text(self.lines))
+
+    def _failure(self, proc: spawn.Result) -> str | None:
+        why = tproxy_routes.add_error(self.lines, proc.stderr, proc.returncode or 0)
+        if why is None:
+            self.added = tproxy_routes.newly_added(self.lines, proc.stderr)
+        return why
+
+    def undo(self) -> tuple[list[str], str | None] | None:
+        if not self.done or not self.added:
+            return None
+        return self.argv, tproxy_routes.batch_text(tproxy_routes.undo_lines(self.added))
+
+
+def remove_tproxy_routes(netns_path: str | None, families: Iterable[Family], *, log: StepLog | None = None) -> None:
+    """Delete our TPROXY policy routing (rule + local route) of these families; absent entries are fine."""
+    fams = valid_families(families)
+    batches = [(tproxy_routes.argv(f), tproxy_routes.del_lines(f)) for f in fams]
+    try:
+        procs = spawn.run_many(
+            [(netns_argv(netns_path, argv), tproxy_routes.batch_text(lines)) for argv, lines in batches], TIMEOUT
+        )
+    except OSError as exc:
+        raise IptablesError("tproxy-routes-remove", "ip could not be started", str(exc)) from exc
+    for fam, (_, lines), proc in zip(fams, batches, procs, strict=True):
+        if proc.returncode is None:
+            raise IptablesError(f"tproxy-routes-remove-v{fam}", f"ip timed out after {TIMEOUT:.0f}s")
+        why = tproxy_routes.del_error(lines, proc.stderr, proc.returncode)
+        if why is not None:
+            raise IptablesError(f"tproxy-routes-remove-v{fam}", why)
+    emit(log, "info", "tproxy-routes", "TPROXY policy routing removed", families=list(fams))
+
+
+def check_tproxy_routes(netns_path: str | None, families: Iterable[Family]) -> list[str]:
+    """Problems with our TPROXY policy routing (missing rule or route), per family."""
+    fams = valid_families(families)
+    text = tproxy_routes.batch_text(tproxy_routes.check_lines())
+    try:
+        procs = spawn.run_many([(netns_argv(netns_path, tproxy_routes.argv(f)), text) for f in fams], TIMEOUT)
+    except OSError as exc:
+        return [f"cannot read the policy routing: ip could not be started: {exc}"]
+    problems: list[str] = []
+    for fam, proc in zip(fams, procs, strict=True):
+        if proc.returncode is None:
+            problems.append(f"IPv{fam} policy routing: ip timed out")
+            continue
+        problems.extend(tproxy_routes.check_problems(fam, proc.stdout))
+    return problems
