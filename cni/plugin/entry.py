@@ -14,11 +14,12 @@ import time
 
 from cni.contract import errors, jsoncodec, membership
 from cni.contract.errors import CniError
+from cni.contract.kube_objects import Pod
 from cni.contract.record import Record
 from cni.plugin import netconf
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
-from cni.plugin.pod_source import PodMeta, PodSourceError, from_config
+from cni.plugin.pod_source import PodSourceError, from_config
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: the namespace type
 CLONE_NEWNET = 0x40000000
@@ -40,10 +41,10 @@ LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before 
 class Decision(Record):
     __slots__ = ("mode", "pod", "reason")
     mode: membership.Mode | None  # None: unknown (pod source failed; DEL only)
-    pod: PodMeta | None
+    pod: Pod | None
     reason: str
 
-    def __init__(self, mode: membership.Mode | None, pod: PodMeta | None, reason: str) -> None:
+    def __init__(self, mode: membership.Mode | None, pod: Pod | None, reason: str) -> None:
         self._init(mode=mode, pod=pod, reason=reason)
 
 
@@ -139,7 +140,7 @@ def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
                     f"pod {k8s.namespace}/{k8s.name} not found in the Kubernetes API",
                 )
             return Decision("none", None, "no object for this pod in objects_dir")
-        if k8s.uid and pod.uid and k8s.uid != pod.uid:
+        if k8s.uid and pod.authoritative_uid and k8s.uid != pod.uid:
             raise CniError(
                 errors.POD_METADATA_UNAVAILABLE,
                 f"pod {k8s.namespace}/{k8s.name} has UID {pod.uid}, the runtime says {k8s.uid}",
@@ -235,7 +236,7 @@ def agent_event(cmd: str, env: CniEnv, conf: NetConf, decision: Decision, ips: l
         ifname=env.ifname,
         namespace=pod.namespace if pod else env.k8s.namespace,
         name=pod.name if pod else env.k8s.name,
-        uid=(pod.uid if pod and pod.uid else env.k8s.uid),
+        uid=(pod.authoritative_uid if pod and pod.authoritative_uid else env.k8s.uid),
         ips=tuple(ips),
         mode=str(mode),
     )
@@ -337,7 +338,7 @@ def cmd_status(conf: NetConf, log: JsonLog) -> None:
     if conf.objects_dir and not os.path.isdir(conf.objects_dir):
         problems.append(f"objects_dir {conf.objects_dir} is not a directory")
     if conf.kubeconfig:
-        from cni.plugin.pod_source import KubeApiSource
+        from cni.plugin.kube_api import KubeApiSource
 
         try:
             KubeApiSource(conf.kubeconfig, conf.api_timeout).credentials()

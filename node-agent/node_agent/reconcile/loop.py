@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -362,7 +362,7 @@ class Reconciler:
             if d.mode == "ambient":
                 added = self.hints.get(uid)
                 # a pod object written before its CNI ADD has no IPs yet; the ADD brings them
-                want[uid] = replace(d.pod, ips=added.ips) if not d.pod.ips and added and added.ips else d.pod
+                want[uid] = d.pod.with_ips(added.ips) if not d.pod.ips and added and added.ips else d.pod
             else:
                 others[uid] = d
         for uid, hint in self.hints.items():
