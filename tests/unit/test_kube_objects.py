@@ -132,7 +132,7 @@ def test_with_ips_and_immutability() -> None:
     moved = pod.with_ips(("10.0.0.9",))
     assert moved.ips == ("10.0.0.9",) and moved.uid == pod.uid and moved.uid_derived
     with pytest.raises(AttributeError):
-        pod.name = "x"  # type: ignore[misc]
+        pod.name = "x"
 
 
 def test_the_agent_and_the_plugin_share_the_record_type() -> None:

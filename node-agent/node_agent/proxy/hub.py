@@ -29,6 +29,7 @@ from typing import Any, Literal
 import grpc
 
 from node_agent.kernel.unix_socket import private_bind_path
+from node_agent.protocol.convert import PROTOCOL_VERSION, workload_to_pb
 from node_agent.protocol.fd_channel import NetnsFdServer, side_channel_path
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
@@ -36,8 +37,6 @@ from node_agent.protocol.workload import WorkloadInfo
 from node_agent.proxy.peers import client_pids
 
 log = logging.getLogger("headrace.proxy_hub")
-
-PROTOCOL_VERSION = 1
 
 OpKind = Literal["add", "delete"]
 
@@ -91,32 +90,6 @@ class _Session:
 def _jlog(level: int, event: str, **fields: Any) -> None:
     """Structured: the agent's JSON formatter turns `extra` into fields of the log line."""
     log.log(level, event.replace("_", " "), extra={"step": event, **fields})
-
-
-def workload_to_pb(w: WorkloadInfo) -> Any:
-    return pb.Workload(
-        uid=w.uid,
-        name=w.name,
-        namespace=w.namespace,
-        service_account=w.service_account,
-        ips=list(w.ips),
-        netns_path=w.netns_path,
-        netns_inode=w.netns_inode,
-        node=w.node,
-    )
-
-
-def workload_from_pb(m: Any) -> WorkloadInfo:
-    return WorkloadInfo(
-        uid=m.uid,
-        name=m.name,
-        namespace=m.namespace,
-        service_account=m.service_account,
-        ips=tuple(m.ips),
-        netns_path=m.netns_path,
-        netns_inode=m.netns_inode,
-        node=m.node,
-    )
 
 
 class _Servicer:
