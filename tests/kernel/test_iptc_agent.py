@@ -22,7 +22,6 @@ import pytest
 from tests.harness.netns import NetNS, entered
 from tests.kernel.agent_kit import (
     AgentRun,
-    NodeNetns,
     PodProcs,
     headrace_rules,
     ns_object,
@@ -39,7 +38,7 @@ POD_IP, SERVER_IP, PORT = "10.77.0.2", "10.77.0.9", 8080
 
 class LegacyWorld:
     def __init__(self, tmp: Path, iptc: str) -> None:
-        self.node = NodeNetns()
+        self.node = NetNS.create("hra-node-")
         self.pods = PodProcs()
         self.server = NetNS.create("hr-iptc-srv-")
         self.objects = tmp / "objects"
@@ -108,7 +107,7 @@ class LegacyWorld:
         self.agent.close()
         self.pods.close()
         self.server.delete()
-        self.node.close()
+        self.node.delete()
 
 
 @pytest.fixture

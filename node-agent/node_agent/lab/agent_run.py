@@ -1,136 +1,41 @@
-"""Helpers for the agent's kernel tests: a node netns, pod-like processes in cgroups, and the agent and
-reference proxy run as real processes inside the node netns (`nsenter --net=/run/netns/NODE`)."""
+"""The node agent (`headrace agent`) and the reference proxy (`headrace proxy`) run as real processes inside
+a node netns (`nsenter --net=NODE`), each with a private state dir, sockets and logs; the agent's status,
+metrics and health are read back. Used by the agent benchmarks and the agent kernel tests.
+
+    node = NetNS.create("hra-node-"); pods = PodProcs(); agent = AgentRun(node.path, objects_dir)
+    write_object(objects_dir, "ns.json", ns_object("app", ambient=True)); agent.start_proxy(); agent.start_agent()
+    wait_for(lambda: agent.pod_state(uid) == "enrolled", 20, "enrolled"); agent.close(); pods.close()
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-if TYPE_CHECKING:
-    from node_agent.lab.simnode import SimNode
-
+from node_agent.lab.netns import run_in
+from node_agent.lab.processes import HEADRACE
 from node_agent.netns.pin import NetnsPins
 from node_agent.serve.status_client import StatusError, query
 
-VENV_BIN = Path(sys.executable).parent
-HEADRACE = str(VENV_BIN / "headrace")
-CGROOT = Path("/sys/fs/cgroup/unified")
 
-
-def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition", poll: float = 0.05) -> Any:
+    """Poll ``cond`` until it returns something true, and return that; TimeoutError after ``timeout`` s."""
     end = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < end:
         last = cond()
         if last:
             return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30)
-
-
-class NodeNetns:
-    def __init__(self) -> None:
-        self.name = f"hra-node-{secrets.token_hex(4)}"
-        run(["ip", "netns", "add", self.name])
-        self.path = f"/run/netns/{self.name}"
-        run(["ip", "-n", self.name, "link", "set", "lo", "up"])
-
-    def close(self) -> None:
-        run(["ip", "netns", "del", self.name], check=False)
-
-
-class PodProcs:
-    """Processes in fresh netns, each placed in a cgroup v2 directory named like kubelet's."""
-
-    def __init__(self) -> None:
-        self.base = CGROOT / f"headrace-test-{secrets.token_hex(4)}"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.dirs: list[Path] = []
-
-    def start(self, cgroup_rel: str, share_netns_of: int | None = None) -> subprocess.Popen[bytes]:
-        cg = self.base / cgroup_rel
-        cg.mkdir(parents=True, exist_ok=True)
-        for d in [cg, *cg.parents]:
-            if d == self.base.parent:
-                break
-            if d not in self.dirs:
-                self.dirs.append(d)
-        if share_netns_of is None:
-            cmd = ["unshare", "--net", "sleep", "600"]
-        else:
-            cmd = ["nsenter", f"--net=/proc/{share_netns_of}/ns/net", "sleep", "600"]
-        proc = subprocess.Popen(cmd)
-        self.procs.append(proc)
-        (cg / "cgroup.procs").write_text(str(proc.pid))
-        host = os.stat("/proc/self/ns/net").st_ino
-        end = time.monotonic() + 5
-        while time.monotonic() < end:
-            try:
-                if (
-                    os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep")
-                    and os.stat(f"/proc/{proc.pid}/ns/net").st_ino != host
-                ):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.01)
-        return proc
-
-    def pod(self, uid: str) -> subprocess.Popen[bytes]:
-        return self.start(f"kubepods/besteffort/pod{uid}")
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait(5)
-        for d in sorted(self.dirs, key=lambda p: len(p.parts), reverse=True):
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
-
-
-def ns_object(name: str, ambient: bool) -> dict[str, Any]:
-    labels = {"istio.io/dataplane-mode": "ambient"} if ambient else {}
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
-
-
-def pod_object(
-    ns: str, name: str, uid: str, ips: list[str], labels: dict[str, str] | None = None, node: str = ""
-) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels or {}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
-        "status": {"phase": "Running", "podIP": ips[0] if ips else "", "podIPs": [{"ip": ip} for ip in ips]},
-    }
-
-
-def write_object(directory: Path, filename: str, obj: dict[str, Any]) -> None:
-    tmp = directory / f".{filename}.tmp"
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, directory / filename)
+        time.sleep(poll)
+    raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")
 
 
 class AgentRun:
@@ -225,7 +130,7 @@ class AgentRun:
 
     def ready(self) -> bool:
         if self.agent is not None and self.agent.poll() is not None:
-            raise AssertionError(f"agent exited {self.agent.returncode}: {self.agent_log()[-3000:]}")
+            raise RuntimeError(f"agent exited {self.agent.returncode}: {self.agent_log()[-3000:]}")
         return self.http("/readyz")[0] == 200
 
     def http(self, path: str) -> tuple[int, str]:
@@ -236,7 +141,8 @@ class AgentRun:
             "except urllib.error.HTTPError as e: print(e.code); print(e.read().decode())\n"
             "except Exception as e: print(0); print(e)\n"
         )
-        out = run(self._nsenter(sys.executable, "-c", code, f"http://127.0.0.1:{self.metrics_port}{path}"), check=False)
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        out = run_in(self.node_path, [sys.executable, "-c", code, url], check=False, timeout=30)
         first, _, rest = out.stdout.partition("\n")
         return (int(first) if first.strip().isdigit() else 0), rest
 
@@ -272,49 +178,5 @@ class AgentRun:
         with open("/proc/self/mounts", encoding="utf-8") as fh:
             points = [line.split()[1] for line in fh]
         for point in sorted((p for p in points if p.startswith(str(self.state) + "/")), reverse=True):
-            run(["umount", "-l", point], check=False)
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
         shutil.rmtree(self.base, ignore_errors=True)
-
-
-def iptables_save(netns_path: str, family: int, flavour: str) -> str:
-    from cni.kernel import flavour as flavour_mod
-
-    tool = flavour_mod.binary(flavour, family, "save")  # type: ignore[arg-type]
-    return run(["nsenter", f"--net={netns_path}", tool], check=False).stdout
-
-
-def headrace_rules(netns_path: str, family: int = 4) -> list[str]:
-    """Our rule lines in a netns, from both iptables flavours (a rule in the wrong flavour counts too)."""
-    out: list[str] = []
-    for flavour in ("nft", "legacy"):
-        out += [
-            f"{flavour}: {line}"
-            for line in iptables_save(netns_path, family, flavour).splitlines()
-            if line.startswith("-A") and "HEADRACE" in line
-        ]
-    return out
-
-
-AgentT = TypeVar("AgentT", bound=AgentRun)
-
-
-@contextlib.contextmanager
-def node_agent(node: SimNode, agent_cls: type[AgentT]) -> Iterator[tuple[AgentT, list[subprocess.Popen[bytes]]]]:
-    """An agent (not started) for a simulated node, sharing the node's state dir and sockets, plus a list
-    for the test's app processes; apps are killed and the agent closed afterwards, even on failure."""
-    agent = agent_cls(
-        node.netns.path,
-        node.objects_dir,
-        node.root / "run",
-        state_dir=node.state_dir,
-        cni_socket=node.agent_socket,
-        proxy_socket=node.state_dir / "proxy.sock",
-    )
-    apps: list[subprocess.Popen[bytes]] = []
-    try:
-        yield agent, apps
-    finally:
-        for app in apps:
-            app.kill()
-            app.wait(5)
-        agent.close()
