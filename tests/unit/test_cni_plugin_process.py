@@ -224,7 +224,8 @@ def test_sidecar_path_imports_stay_lean(env: Env, ranges: bool) -> None:
         annotations["traffic.sidecar.istio.io/excludeOutboundIPRanges"] = "10.1.0.0/16,fd00::/64"
     code = (
         "from cni.contract.annotations import sidecar_params\n"
-        "from cni.rules import builder\nfrom cni.kernel import flavour, spawn\nfrom cni.kernel import tables as netns_tables\n"
+        "from cni.rules import builder\nfrom cni.kernel import flavour, spawn\n"
+        "from cni.kernel import tables as netns_tables\n"
         f"spec = sidecar_params({annotations!r})\n"
         "text = builder.sidecar_rules(spec, 4).render() + builder.sidecar_rules(spec, 6).render()\n"
         "assert spawn.run_many([(['true'], None), (['cat'], text)], 10)[1].stdout == text\n"
