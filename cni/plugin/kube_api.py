@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-
-
 class KubeCredentials(Record):
     __slots__ = (
         "ca_data",
