@@ -30,14 +30,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.kernel.agent_kit import (
-    AgentRun,
-    NodeNetns,
-    PodProcs,
-    ns_object,
-    pod_object,
-    write_object,
-)
+from node_agent.lab.agent_run import AgentRun
+from node_agent.lab.netns import NetNS
+from node_agent.lab.objects import ns_object, pod_object, write_object
+from node_agent.lab.pod_cgroups import PodProcs
 
 
 def p99(values: list[float]) -> float:
@@ -81,7 +77,7 @@ def reconcile_passes(agent: AgentRun) -> tuple[int, float]:
 
 
 def run_one(n: int, drift: float, agent_args: list[str] | None = None) -> dict[str, float]:
-    node = NodeNetns()
+    node = NetNS.create("hra-node-")
     pods = PodProcs()
     objects = Path(tempfile.mkdtemp(prefix="hra-bench-", dir="/tmp"))
     agent = AgentRun(node.path, objects, extra=["--drift-interval", str(drift), "--log-level", "info",
@@ -120,7 +116,7 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None) -> dict[s
     finally:
         agent.close()
         pods.close()
-        node.close()
+        node.delete()
         shutil.rmtree(objects, ignore_errors=True)
 
 

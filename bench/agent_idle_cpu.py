@@ -35,8 +35,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from node_agent.lab.agent_run import AgentRun
+from node_agent.lab.netns import NetNS
+from node_agent.lab.objects import ns_object, pod_object, write_object
+from node_agent.lab.pod_cgroups import PodProcs
+
 from bench.agent_enrol import wait_all_enrolled
-from tests.kernel.agent_kit import AgentRun, NodeNetns, PodProcs, ns_object, pod_object, write_object
 
 MODES = {"iptables-save": "0", "in-process": "1"}  # HEADRACE_IPTC_CHECK per mode
 BASELINE = "no drift checks"  # --baseline: the agent with a drift interval of an hour (its idle floor)
@@ -87,7 +91,7 @@ def measure(agent: AgentRun, uids: list[str], drift: float, window: float, windo
 
 
 def run_one(n: int, args: argparse.Namespace) -> dict[str, ModeResult]:
-    node = NodeNetns()
+    node = NetNS.create("hra-node-")
     pods = PodProcs()
     objects = Path(tempfile.mkdtemp(prefix="hra-idle-", dir="/tmp"))
     agent = AgentRun(node.path, objects)
@@ -118,7 +122,7 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, ModeResult]:
             os.environ[ENV] = saved_env
         agent.close()
         pods.close()
-        node.close()
+        node.delete()
         shutil.rmtree(objects, ignore_errors=True)
 
 

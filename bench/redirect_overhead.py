@@ -359,8 +359,10 @@ def make_backends(modes: tuple[str, ...], state: Path) -> dict[str, RedirectBack
 
 
 def environment_line(backends: dict[str, RedirectBackend | None]) -> str:
+    from node_agent.backends.iptables.backend import IptablesBackend
+
     ipt = backends.get("iptables")
-    flavour = getattr(ipt, "flavour", "-")
+    flavour = ipt.flavour if isinstance(ipt, IptablesBackend) else "-"
     return f"kernel {platform.release()}, {os.cpu_count()} CPUs, python {platform.python_version()}, iptables {flavour}"
 
 

@@ -13,12 +13,13 @@ import time
 
 from cni.contract import errors, jsoncodec, membership
 from cni.contract.errors import CniError
+from cni.contract.kube_objects import Pod
 from cni.contract.record import Record
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
 from cni.plugin import cni_env, netconf
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
-from cni.plugin.pod_source import PodMeta, PodSourceError, from_config
+from cni.plugin.pod_source import PodSourceError, from_config
 
 # Start-up cost is most of the plugin's wall time: nothing here imports `typing`, `re`, `json`,
 # `collections`, `ipaddress` or `subprocess` on the non-mesh path (tests/unit/test_cni_plugin_process.py).
@@ -39,10 +40,10 @@ LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before 
 class Decision(Record):
     __slots__ = ("mode", "pod", "reason")
     mode: membership.Mode | None  # None: unknown (pod source failed; DEL only)
-    pod: PodMeta | None
+    pod: Pod | None
     reason: str
 
-    def __init__(self, mode: membership.Mode | None, pod: PodMeta | None, reason: str) -> None:
+    def __init__(self, mode: membership.Mode | None, pod: Pod | None, reason: str) -> None:
         self._init(mode=mode, pod=pod, reason=reason)
 
 
@@ -121,7 +122,7 @@ def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
                     f"pod {k8s.namespace}/{k8s.name} not found in the Kubernetes API",
                 )
             return Decision("none", None, "no object for this pod in objects_dir")
-        if k8s.uid and pod.uid and k8s.uid != pod.uid:
+        if k8s.uid and pod.authoritative_uid and k8s.uid != pod.uid:
             raise CniError(
                 errors.POD_METADATA_UNAVAILABLE,
                 f"pod {k8s.namespace}/{k8s.name} has UID {pod.uid}, the runtime says {k8s.uid}",
@@ -220,7 +221,7 @@ def agent_event(cmd: str, env: CniEnv, conf: NetConf, decision: Decision, ips: l
         ifname=env.ifname,
         namespace=pod.namespace if pod else env.k8s.namespace,
         name=pod.name if pod else env.k8s.name,
-        uid=(pod.uid if pod and pod.uid else env.k8s.uid),
+        uid=(pod.authoritative_uid if pod and pod.authoritative_uid else env.k8s.uid),
         ips=tuple(ips),
         mode=str(mode),
     )
@@ -322,7 +323,7 @@ def cmd_status(conf: NetConf, log: JsonLog) -> None:
     if conf.objects_dir and not os.path.isdir(conf.objects_dir):
         problems.append(f"objects_dir {conf.objects_dir} is not a directory")
     if conf.kubeconfig:
-        from cni.plugin.pod_source import KubeApiSource
+        from cni.plugin.kube_api import KubeApiSource
 
         try:
             KubeApiSource(conf.kubeconfig, conf.api_timeout).credentials()

@@ -1,23 +1,61 @@
 """The `headrace` command: wires the subcommands, each defined in node_agent.commands.<module>.
 
-Subcommands are imported only when invoked, so `headrace --help` and small commands stay fast.
+Each subcommand is imported by its own small loader only when invoked, so `headrace --help` and small
+commands stay fast.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable
 
 import click
 
-# name -> (module under node_agent.commands, attribute, one-line help)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "agent": ("agent", "agent", "Run the node agent."),
-    "proxy": ("proxy", "proxy", "Run the reference node proxy."),
-    "status": ("status", "status", "Show the pods the local agent manages."),
-    "install-cni": ("install_cni", "install_cni", "Install the plugin and chain it into the CNI config."),
-    "uninstall-cni": ("install_cni", "uninstall_cni", "Remove what install-cni added."),
-    "lab": ("lab", "lab", "Run or manage the local kernel lab."),
+
+def _agent() -> click.Command:
+    from node_agent.commands.agent import agent
+
+    return agent
+
+
+def _proxy() -> click.Command:
+    from node_agent.commands.proxy import proxy
+
+    return proxy
+
+
+def _status() -> click.Command:
+    from node_agent.commands.status import status
+
+    return status
+
+
+def _install_cni() -> click.Command:
+    from node_agent.commands.install_cni import install_cni
+
+    return install_cni
+
+
+def _uninstall_cni() -> click.Command:
+    from node_agent.commands.install_cni import uninstall_cni
+
+    return uninstall_cni
+
+
+def _lab() -> click.Command:
+    from node_agent.commands.lab import lab
+
+    return lab
+
+
+# name -> (loader, one-line help)
+COMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
+    "agent": (_agent, "Run the node agent."),
+    "proxy": (_proxy, "Run the reference node proxy."),
+    "status": (_status, "Show the pods the local agent manages."),
+    "install-cni": (_install_cni, "Install the plugin and chain it into the CNI config."),
+    "uninstall-cni": (_uninstall_cni, "Remove what install-cni added."),
+    "lab": (_lab, "Run or manage the local kernel lab."),
 }
 
 
@@ -27,21 +65,10 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         entry = COMMANDS.get(cmd_name)
-        if entry is None:
-            return None
-        module, attr, _ = entry
-        try:
-            mod = importlib.import_module(f"node_agent.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"node_agent.commands.{module}":
-                raise
-            return None
-        command = getattr(mod, attr)
-        assert isinstance(command, click.Command)
-        return command
+        return entry[0]() if entry is not None else None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

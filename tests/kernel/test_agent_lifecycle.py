@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.netns import NetNS
 from tests.kernel.agent_kit import (
     AgentRun,
-    NodeNetns,
     PodProcs,
     headrace_rules,
     ns_object,
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.kernel
 
 class World:
     def __init__(self, tmp: Path) -> None:
-        self.node = NodeNetns()
+        self.node = NetNS.create("hra-node-")
         self.pods = PodProcs()
         self.objects = tmp / "objects"
         self.objects.mkdir()
@@ -50,7 +50,7 @@ class World:
     def close(self) -> None:
         self.agent.close()
         self.pods.close()
-        self.node.close()
+        self.node.delete()
 
 
 @pytest.fixture

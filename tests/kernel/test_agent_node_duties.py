@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.netns import NetNS
 from tests.harness.node import SimNode
 from tests.harness.traffic import Listener, tcp_request
-from tests.kernel.agent_kit import AgentRun, NodeNetns, headrace_rules, wait_for
+from tests.kernel.agent_kit import AgentRun, headrace_rules, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -41,7 +42,7 @@ def has_entry(path: Path) -> bool:
 
 
 def test_agent_install_cni_repairs_and_cleans_up_on_sigterm(tmp_path: Path) -> None:
-    node = NodeNetns()
+    node = NetNS.create("hra-node-")
     conf, bin_dir, install_dir = tmp_path / "net.d", tmp_path / "bin", tmp_path / "opt-headrace"
     conf.mkdir()
     bin_dir.mkdir()
@@ -76,7 +77,7 @@ def test_agent_install_cni_repairs_and_cleans_up_on_sigterm(tmp_path: Path) -> N
         assert not install_dir.exists() or list(install_dir.iterdir()) == []
     finally:
         agent.close()
-        node.close()
+        node.delete()
 
 
 def direct_or_redirected(pod_ns: str, peer_ip: str) -> bytes:

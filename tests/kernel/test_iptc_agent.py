@@ -23,7 +23,6 @@ from cni.kernel.netns import entered
 from tests.harness.netns import NetNS
 from tests.kernel.agent_kit import (
     AgentRun,
-    NodeNetns,
     PodProcs,
     headrace_rules,
     ns_object,
@@ -40,7 +39,7 @@ POD_IP, SERVER_IP, PORT = "10.77.0.2", "10.77.0.9", 8080
 
 class LegacyWorld:
     def __init__(self, tmp: Path, iptc: str) -> None:
-        self.node = NodeNetns()
+        self.node = NetNS.create("hra-node-")
         self.pods = PodProcs()
         self.server = NetNS.create("hr-iptc-srv-")
         self.objects = tmp / "objects"
@@ -109,7 +108,7 @@ class LegacyWorld:
         self.agent.close()
         self.pods.close()
         self.server.delete()
-        self.node.close()
+        self.node.delete()
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ from typing import Any
 
 import pytest
 from node_agent.sources.desired import desired_pods, pod_mode
-from node_agent.sources.store import NamespaceRecord, ObjectError, PodRecord, PodStore, pod_from_dict
+from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
+
+from cni.contract.kube_objects import ObjectError, pod_from_object
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -51,15 +53,15 @@ def test_desired_pods_from_store() -> None:
     assert d["c"].reason == "pod opted out"
 
 
-def test_pod_from_dict_derives_uid_and_ips() -> None:
-    rec = pod_from_dict(
+def test_pod_from_object_derives_uid_and_ips() -> None:
+    rec = pod_from_object(
         {
             "metadata": {"name": "x", "namespace": "n"},
             "spec": {"hostNetwork": True},
             "status": {"podIPs": [{"ip": "10.1.1.1"}, {"ip": "fd00::5"}]},
         }
     )
-    assert rec.uid and rec.uid == pod_from_dict({"metadata": {"name": "x", "namespace": "n"}}).uid
+    assert rec.uid and rec.uid == pod_from_object({"metadata": {"name": "x", "namespace": "n"}}).uid
     assert rec.ips == ("10.1.1.1", "fd00::5")
     assert rec.host_network
 
@@ -82,4 +84,4 @@ def test_store_notifies_only_on_change() -> None:
 
 def test_pod_uid_must_be_safe_for_paths() -> None:
     with pytest.raises(ObjectError, match=r"invalid metadata\.uid"):
-        pod_from_dict({"metadata": {"name": "x", "namespace": "n", "uid": "../../etc"}})
+        pod_from_object({"metadata": {"name": "x", "namespace": "n", "uid": "../../etc"}})

@@ -1,5 +1,5 @@
-"""Pod sources (cni.plugin.pod_source): an objects dir, and the Kubernetes API served by a real local HTTP(S)
-server (http.server in a thread, real API JSON, a self-signed certificate made with openssl)."""
+"""Pod sources (cni.plugin.pod_source, cni.plugin.kube_api): an objects dir, and the Kubernetes API served
+by a real local HTTP(S) server (http.server in a thread, real API JSON, a self-signed certificate made with openssl)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from cni.plugin.pod_source import KubeApiSource, ObjectsDirSource, PodSourceError, parse_kubeconfig
+from cni.plugin.kube_api import KubeApiSource, parse_kubeconfig
+from cni.plugin.pod_source import ObjectsDirSource, PodSourceError
 
 POD: dict[str, Any] = {
     "apiVersion": "v1",

@@ -15,7 +15,7 @@ from node_agent.cli import main as cli
 from node_agent.install_cni import kubeconfig, service
 from node_agent.install_cni.settings import PluginSettings
 
-from cni.plugin.pod_source import parse_kubeconfig
+from cni.plugin.kube_api import parse_kubeconfig
 
 DATA = Path(__file__).parent.parent / "data" / "conflists"
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

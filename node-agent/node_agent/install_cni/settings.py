@@ -47,8 +47,13 @@ class PluginSettings:
             raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.objects_dir and self.kubeconfig:
             raise SettingsError("give objects_dir or kubeconfig, not both")
-        for path_name in ("agent_socket", "log_file", "objects_dir", "kubeconfig"):
-            value = getattr(self, path_name)
+        paths = {
+            "agent_socket": self.agent_socket,
+            "log_file": self.log_file,
+            "objects_dir": self.objects_dir,
+            "kubeconfig": self.kubeconfig,
+        }
+        for path_name, value in paths.items():
             if value is not None and not value.startswith("/"):
                 raise SettingsError(f"{path_name} must be an absolute path, not {value!r}")
         for ns in (*self.exclude_namespaces, self.agent_namespace):

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from cni.kernel.netns import entered
+from node_agent.lab.agent_run import wait_for
 from node_agent.lab.processes import HEADRACE, PYTHON, LabProcess, agent_status, read_json_lines, start_in_netns
 from node_agent.lab.simnode import Pod, SimNode
 from node_agent.lab.traffic import Listener, tcp_request
@@ -150,12 +151,10 @@ def unmount_below(root: Path) -> None:
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+    try:
+        wait_for(check, timeout, what, poll=0.2)
+    except TimeoutError:
+        raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}") from None
 
 
 def create(lab_dir: Path) -> Lab:

@@ -26,10 +26,8 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +35,10 @@ from typing import Any
 
 from node_agent.lab.cni_runner import CniRunner
 from node_agent.lab.netns import NetNS, unique
+from node_agent.lab.objects import ns_object, pod_object, write_object
+from node_agent.lab.pod_cgroups import CGROUP2_ROOT, kill_if_in, rmdir_cgroup, sleeper
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
-CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 VENV_BIN = Path(sys.executable).parent
 HEADRACE_CNI = VENV_BIN / "headrace-cni"
 
@@ -256,7 +255,7 @@ class SimNode:
             return
         dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
         for d in [*dirs, base]:
-            _rmdir_cgroup(d)
+            rmdir_cgroup(d)
 
     @property
     def state_dir(self) -> Path:
@@ -315,53 +314,23 @@ class SimNode:
 
     # -- Kubernetes-shaped objects -------------------------------------------------------------------------
     def add_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
-        obj = {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": name, "uid": str(uuid.uuid4()), "labels": labels or {}},
-        }
-        self._write_object(f"namespace-{name}.json", obj)
+        write_object(self.objects_dir, f"namespace-{name}.json", ns_object(name, labels=labels, uid=str(uuid.uuid4())))
 
     def set_namespace_labels(self, name: str, labels: dict[str, str]) -> None:
         path = self.objects_dir / f"namespace-{name}.json"
         obj = json.loads(path.read_text())
         obj["metadata"]["labels"] = labels
-        self._write_object(path.name, obj)
-
-    def pod_object(self, pod: Pod, *, host_network: bool = False) -> dict[str, Any]:
-        return {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": pod.name,
-                "namespace": pod.namespace,
-                "uid": pod.uid,
-                "labels": pod.labels,
-                "annotations": pod.annotations,
-            },
-            "spec": {
-                "nodeName": self.netns.name,
-                "hostNetwork": host_network,
-                "serviceAccountName": "default",
-                "containers": [{"name": "app", "image": "app"}],
-            },
-            "status": {
-                "phase": "Running",
-                "podIPs": [{"ip": e["address"].split("/")[0]} for e in pod.result.get("ips", [])],
-            },
-        }
+        write_object(self.objects_dir, path.name, obj)
 
     def write_pod(self, pod: Pod) -> None:
-        self._write_object(f"pod-{pod.namespace}-{pod.name}.json", self.pod_object(pod))
+        ips = [e["address"].split("/")[0] for e in pod.result.get("ips", [])]
+        obj = pod_object(pod.namespace, pod.name, pod.uid, ips, pod.labels, self.netns.name,
+                         annotations=pod.annotations, container="app")  # fmt: skip
+        write_object(self.objects_dir, f"pod-{pod.namespace}-{pod.name}.json", obj)
 
     def set_pod_labels(self, pod: Pod, labels: dict[str, str]) -> None:
         pod.labels = dict(labels)
         self.write_pod(pod)
-
-    def _write_object(self, filename: str, obj: dict[str, Any]) -> None:
-        tmp = self.objects_dir / f".{filename}.tmp"
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, self.objects_dir / filename)
 
     # -- pods ----------------------------------------------------------------------------------------------
     def add_pod(
@@ -416,31 +385,10 @@ class SimNode:
     def _start_pause(self, pod: Pod) -> None:
         """The pod's infra process: `sleep infinity` in the pod netns, moved into its container cgroup."""
         cg = self.cgroup_base / "kubepods" / f"pod{pod.uid}" / pod.container_id
-        cg.mkdir(parents=True, exist_ok=True)
         pod.cgroup = str(cg)
-        proc = subprocess.Popen(
-            ["nsenter", f"--net={pod.netns.path}", "--", "sleep", "infinity"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc = sleeper(cg, pod.netns.path)
         self._pause[pod.uid] = proc
         pod.pause_pid = proc.pid
-        # nsenter execs sleep in place, so the pid stays; wait until it is in the pod netns
-        (cg / "cgroup.procs").write_text(str(proc.pid))
-        want = os.stat(pod.netns.path).st_ino
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == want:
-                    return
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                break
-            time.sleep(0.01)
-        raise RuntimeError(f"infra process of pod {pod.name} did not enter its netns")
 
     def _stop_pause(self, pod: Pod) -> None:
         proc = self._pause.pop(pod.uid, None)
@@ -450,46 +398,12 @@ class SimNode:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         elif pod.pause_pid is not None:  # a node taken over with from_dict
-            _kill_if_in(pod.pause_pid, pod.cgroup)
+            kill_if_in(pod.pause_pid, pod.cgroup)
         pod.pause_pid = None
         if pod.cgroup:
             cg = Path(pod.cgroup)
-            _rmdir_cgroup(cg)
-            _rmdir_cgroup(cg.parent)
+            rmdir_cgroup(cg)
+            rmdir_cgroup(cg.parent)
 
     def cleanup_files(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _kill_if_in(pid: int, cgroup: str | None) -> None:
-    """SIGKILL pid only if it still lives in cgroup (pids are recycled)."""
-    if not cgroup:
-        return
-    try:
-        procs = (Path(cgroup) / "cgroup.procs").read_text().split()
-    except OSError:
-        return
-    if str(pid) in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _rmdir_cgroup(path: Path, timeout: float = 3.0) -> None:
-    """rmdir a cgroup v2 directory, killing what still runs inside (EBUSY until the processes are gone)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                return
-        try:
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
-        time.sleep(0.02)

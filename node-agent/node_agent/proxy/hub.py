@@ -19,30 +19,25 @@ import contextlib
 import itertools
 import logging
 import os
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 
 from node_agent.kernel.unix_socket import private_bind_path
+from node_agent.protocol.convert import PROTOCOL_VERSION, workload_to_pb
 from node_agent.protocol.fd_channel import NetnsFdServer, side_channel_path
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
 from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.hub_session import Inflight, OpKind, Session, Waiter, settle
+from node_agent.proxy.peer_reports import PeerListener, PeerReports
 from node_agent.proxy.peers import client_pids
 
 log = logging.getLogger("headrace.proxy_hub")
 
-PROTOCOL_VERSION = 1
-
-OpKind = Literal["add", "delete"]
-
-# (pids connected to a proxy socket, via "grpc" | "netns-fd"); called on the hub's peer-report thread
-PeerListener = Callable[[set[int], str], None]
 
 
 class ProxyHubError(Exception):
@@ -61,62 +56,9 @@ class HubStopped(ProxyHubError):
     """The hub stopped before the proxy acked the message."""
 
 
-@dataclass
-class _Waiter:
-    op: int
-    kind: OpKind
-    future: futures.Future[None]
-
-
-@dataclass
-class _Inflight:
-    kind: Literal["add", "delete", "snapshot_complete"]
-    uid: str
-    op: int
-
-
-@dataclass
-class _Session:
-    number: int
-    proxy_id: str
-    wants_netns_fd: bool
-    out: queue.Queue[Any] = field(default_factory=queue.Queue)  # AgentMessage or None (end)
-    inflight: dict[int, _Inflight] = field(default_factory=dict)
-    next_seq: int = 1
-    snapshot_watermark: int = 0  # op counter value the snapshot reflects
-    snapshot_acked: bool = False
-    closed: bool = False
-
-
 def _jlog(level: int, event: str, **fields: Any) -> None:
     """Structured: the agent's JSON formatter turns `extra` into fields of the log line."""
     log.log(level, event.replace("_", " "), extra={"step": event, **fields})
-
-
-def workload_to_pb(w: WorkloadInfo) -> Any:
-    return pb.Workload(
-        uid=w.uid,
-        name=w.name,
-        namespace=w.namespace,
-        service_account=w.service_account,
-        ips=list(w.ips),
-        netns_path=w.netns_path,
-        netns_inode=w.netns_inode,
-        node=w.node,
-    )
-
-
-def workload_from_pb(m: Any) -> WorkloadInfo:
-    return WorkloadInfo(
-        uid=m.uid,
-        name=m.name,
-        namespace=m.namespace,
-        service_account=m.service_account,
-        ips=tuple(m.ips),
-        netns_path=m.netns_path,
-        netns_inode=m.netns_inode,
-        node=m.node,
-    )
 
 
 class _Servicer:
@@ -151,16 +93,14 @@ class ProxyHub:
         self._changed = threading.Condition(self._lock)
         self._desired: dict[str, WorkloadInfo] = {}
         self._latest_op: dict[str, int] = {}
-        self._waiters: dict[str, list[_Waiter]] = {}
+        self._waiters: dict[str, list[Waiter]] = {}
         self._ops = itertools.count(1)
         self._op_now = 0
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._session_numbers = itertools.count(1)
         self._server: grpc.Server | None = None
         self._fd_server: NetnsFdServer | None = None
-        self._peer_listeners: list[PeerListener] = []
-        self._peer_reports: queue.Queue[tuple[Callable[[], set[int]], str] | None] = queue.Queue()
-        self._peer_thread: threading.Thread | None = None
+        self._peers = PeerReports()
         self._socket_inode = 0
         self._stopped = False
         self.sessions = 0
@@ -181,11 +121,10 @@ class ProxyHub:
         self._socket_inode = os.lstat(self.socket_path).st_ino
         server.start()
         self._server = server
-        self._peer_thread = threading.Thread(target=self._peer_worker, name="proxy-hub-peers", daemon=True)
-        self._peer_thread.start()
+        self._peers.start()
         if self.netns_fd_socket:
             self._fd_server = NetnsFdServer(self.netns_fd_socket, self._lookup_desired,
-                                            on_peer=lambda pid: self._report_peers(lambda: {pid}, "netns-fd"))
+                                            on_peer=lambda pid: self._peers.report(lambda: {pid}, "netns-fd"))
             self._fd_server.start()
         _jlog(logging.INFO, "proxy_hub_started", socket=self.socket_path, netns_fd_socket=self.netns_fd_socket)
 
@@ -202,17 +141,14 @@ class ProxyHub:
         if self._fd_server is not None:
             self._fd_server.stop()
             self._fd_server = None
-        if self._peer_thread is not None:
-            self._peer_reports.put(None)
-            self._peer_thread.join(timeout=5)
-            self._peer_thread = None
+        self._peers.stop()
         try:
             if self._socket_inode and os.lstat(self.socket_path).st_ino == self._socket_inode:
                 os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
         for fut in failed:
-            _settle(fut, HubStopped("proxy hub stopped before the proxy acknowledged"))
+            settle(fut, HubStopped("proxy hub stopped before the proxy acknowledged"))
         _jlog(logging.INFO, "proxy_hub_stopped", socket=self.socket_path)
 
     # ---- the agent's interface -------------------------------------------------------------------
@@ -227,13 +163,13 @@ class ProxyHub:
             self._desired[w.uid] = w
             self._latest_op[w.uid] = op
             superseded = self._supersede_locked(w.uid, keep="add")
-            self._waiters.setdefault(w.uid, []).append(_Waiter(op, "add", fut))
+            self._waiters.setdefault(w.uid, []).append(Waiter(op, "add", fut))
             s = self._session
             if s is not None and not s.closed:
-                self._send_locked(s, _Inflight("add", w.uid, op),
+                self._send_locked(s, Inflight("add", w.uid, op),
                                   add=pb.WorkloadAdd(workload=workload_to_pb(w), snapshot=False))
         for f in superseded:
-            _settle(f, Superseded(f"workload {w.uid} was upserted again before the proxy acked"))
+            settle(f, Superseded(f"workload {w.uid} was upserted again before the proxy acked"))
         return fut
 
     def remove(self, uid: str) -> futures.Future[None]:
@@ -246,12 +182,12 @@ class ProxyHub:
             self._desired.pop(uid, None)
             self._latest_op[uid] = op
             superseded = self._supersede_locked(uid, keep="delete")
-            self._waiters.setdefault(uid, []).append(_Waiter(op, "delete", fut))
+            self._waiters.setdefault(uid, []).append(Waiter(op, "delete", fut))
             s = self._session
             if s is not None and not s.closed:
-                self._send_locked(s, _Inflight("delete", uid, op), delete=pb.WorkloadDelete(uid=uid))
+                self._send_locked(s, Inflight("delete", uid, op), delete=pb.WorkloadDelete(uid=uid))
         for f in superseded:
-            _settle(f, Superseded(f"workload {uid} was removed before the proxy acked its add"))
+            settle(f, Superseded(f"workload {uid} was removed before the proxy acked its add"))
         return fut
 
     @property
@@ -297,31 +233,9 @@ class ProxyHub:
         """Call listener(pids, via) with the pids of the processes connected to the gRPC socket when a
         session opens (via "grpc": sock_diag, same netns only) and with each side-channel client's
         SO_PEERCRED pid (via "netns-fd"). Calls come from one hub thread, in order."""
-        self._peer_listeners.append(listener)
+        self._peers.add_listener(listener)
 
     # ---- internals -------------------------------------------------------------------------------
-
-    def _report_peers(self, pids: Callable[[], set[int]], via: str) -> None:
-        if self._peer_listeners:
-            self._peer_reports.put((pids, via))
-
-    def _peer_worker(self) -> None:
-        while True:
-            item = self._peer_reports.get()
-            if item is None:
-                return
-            get_pids, via = item
-            try:
-                pids = get_pids()
-            except OSError as exc:
-                _jlog(logging.WARNING, "proxy_peer_unknown", via=via, error=str(exc))
-                continue
-            _jlog(logging.DEBUG, "proxy_peer", via=via, pids=sorted(pids))
-            for listener in list(self._peer_listeners):
-                try:
-                    listener(pids, via)
-                except Exception:
-                    log.exception("proxy peer listener failed", extra={"step": "proxy_peer", "via": via})
 
     def _lookup_desired(self, uid: str) -> WorkloadInfo | None:
         with self._lock:
@@ -343,13 +257,13 @@ class ProxyHub:
             self._waiters[uid] = [w for w in ws if w.kind == keep]
         return gone
 
-    def _send_locked(self, s: _Session, what: _Inflight, **body: Any) -> None:
+    def _send_locked(self, s: Session, what: Inflight, **body: Any) -> None:
         seq = s.next_seq
         s.next_seq += 1
         s.inflight[seq] = what
         s.out.put(pb.AgentMessage(seq=seq, **body))
 
-    def _close_session_locked(self, s: _Session, reason: str) -> None:
+    def _close_session_locked(self, s: Session, reason: str) -> None:
         if s.closed:
             return
         s.closed = True
@@ -372,7 +286,7 @@ class ProxyHub:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"protocol version mismatch: proxy speaks version {hello.protocol_version}, "
                          f"this agent speaks version {PROTOCOL_VERSION}")
-        session: _Session | None = None
+        session: Session | None = None
         with self._lock:
             current = self._session
             if self._stopped:
@@ -389,7 +303,7 @@ class ProxyHub:
         s = session
         # grpcio does not expose the connection (context.peer() is just "unix:"): ask the kernel who is
         # connected to our socket
-        self._report_peers(lambda: client_pids(self.socket_path), "grpc")
+        self._peers.report(lambda: client_pids(self.socket_path), "grpc")
         context.add_callback(lambda: self._end_session(s, "rpc finished"))
         reader = threading.Thread(target=self._read_acks, args=(s, request_iterator),
                                   name=f"proxy-hub-acks-{s.number}", daemon=True)
@@ -425,8 +339,8 @@ class ProxyHub:
         _jlog(logging.WARNING, "proxy_refused", code=code.name, reason=message)
         context.abort(code, message)
 
-    def _open_session_locked(self, hello: Any) -> _Session:
-        s = _Session(number=next(self._session_numbers), proxy_id=hello.proxy_id,
+    def _open_session_locked(self, hello: Any) -> Session:
+        s = Session(number=next(self._session_numbers), proxy_id=hello.proxy_id,
                      wants_netns_fd=hello.wants_netns_fd)
         self._session = s
         self.sessions += 1
@@ -435,20 +349,20 @@ class ProxyHub:
             protocol_version=PROTOCOL_VERSION, agent_id=self.agent_id, netns_fd_socket=self.netns_fd_socket)))
         s.snapshot_watermark = self._op_now
         for uid, w in self._desired.items():
-            self._send_locked(s, _Inflight("add", uid, self._latest_op[uid]),
+            self._send_locked(s, Inflight("add", uid, self._latest_op[uid]),
                               add=pb.WorkloadAdd(workload=workload_to_pb(w), snapshot=True))
-        self._send_locked(s, _Inflight("snapshot_complete", "", self._op_now),
+        self._send_locked(s, Inflight("snapshot_complete", "", self._op_now),
                           snapshot_complete=pb.SnapshotComplete(count=len(self._desired)))
         self._changed.notify_all()
         _jlog(logging.INFO, "proxy_session_started", session=s.number, proxy_id=s.proxy_id,
               snapshot=len(self._desired), wants_netns_fd=s.wants_netns_fd)
         return s
 
-    def _end_session(self, s: _Session, reason: str) -> None:
+    def _end_session(self, s: Session, reason: str) -> None:
         with self._lock:
             self._close_session_locked(s, reason)
 
-    def _read_acks(self, s: _Session, request_iterator: Iterator[Any]) -> None:
+    def _read_acks(self, s: Session, request_iterator: Iterator[Any]) -> None:
         reason = "proxy closed its stream"
         try:
             for msg in request_iterator:
@@ -466,7 +380,7 @@ class ProxyHub:
         finally:
             self._end_session(s, reason)
 
-    def _on_ack(self, s: _Session, seq: int, error: str) -> None:
+    def _on_ack(self, s: Session, seq: int, error: str) -> None:
         done: list[tuple[futures.Future[None], BaseException | None]] = []
         with self._lock:
             what = s.inflight.pop(seq, None)
@@ -497,9 +411,9 @@ class ProxyHub:
                 if what.kind == "delete" and what.uid not in self._desired:
                     self._latest_op.pop(what.uid, None)
         for fut, exc in done:
-            _settle(fut, exc)
+            settle(fut, exc)
 
-    def _drop_waiters_locked(self, uid: str, gone: list[_Waiter]) -> None:
+    def _drop_waiters_locked(self, uid: str, gone: list[Waiter]) -> None:
         if not gone:
             return
         rest = [w for w in self._waiters.get(uid, []) if w not in gone]
@@ -508,14 +422,3 @@ class ProxyHub:
         else:
             self._waiters.pop(uid, None)
 
-
-def _settle(fut: futures.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    try:
-        if exc is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(exc)
-    except futures.InvalidStateError:
-        pass  # cancelled by the caller meanwhile

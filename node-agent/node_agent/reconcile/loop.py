@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
@@ -219,7 +218,7 @@ class Reconciler:
             if d.mode == "ambient":
                 added = self.hints.get(uid)
                 # a pod object written before its CNI ADD has no IPs yet; the ADD brings them
-                want[uid] = replace(d.pod, ips=added.ips) if not d.pod.ips and added and added.ips else d.pod
+                want[uid] = d.pod.with_ips(added.ips) if not d.pod.ips and added and added.ips else d.pod
             else:
                 others[uid] = d
         for uid, hint in self.hints.items():

@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from node_agent.protocol.convert import PROTOCOL_VERSION, workload_from_pb
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
-from node_agent.proxy.hub import PROTOCOL_VERSION, workload_from_pb
 from node_agent.refproxy.logs import event
 from node_agent.refproxy.workloads import WorkloadError, WorkloadTable
 

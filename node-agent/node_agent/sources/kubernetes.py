@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from node_agent.sources.store import ObjectError, PodStore, namespace_from_dict, pod_from_dict
+from cni.contract.kube_objects import ObjectError, namespace_from_object, pod_from_object
+from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.k8s")
 
@@ -234,14 +235,14 @@ class KubernetesSource:
         pods = []
         for item in items:
             try:
-                pods.append(pod_from_dict(item))
+                pods.append(pod_from_object(item))
             except ObjectError as exc:
                 log.warning("skipping malformed pod: %s", exc, extra={"step": "pods-list"})
         self._store.replace_pods(pods)
 
     def _pod_event(self, etype: str, obj: dict[str, Any]) -> None:
         try:
-            pod = pod_from_dict(obj)
+            pod = pod_from_object(obj)
         except ObjectError as exc:
             log.warning("skipping malformed pod event: %s", exc, extra={"step": "pods-watch"})
             return
@@ -254,14 +255,14 @@ class KubernetesSource:
         nss = []
         for item in items:
             try:
-                nss.append(namespace_from_dict(item))
+                nss.append(namespace_from_object(item))
             except ObjectError as exc:
                 log.warning("skipping malformed namespace: %s", exc, extra={"step": "namespaces-list"})
         self._store.replace_namespaces(nss)
 
     def _namespace_event(self, etype: str, obj: dict[str, Any]) -> None:
         try:
-            ns = namespace_from_dict(obj)
+            ns = namespace_from_object(obj)
         except ObjectError as exc:
             log.warning("skipping malformed namespace event: %s", exc, extra={"step": "namespaces-watch"})
             return

@@ -15,14 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from node_agent.sources.store import (
-    NamespaceRecord,
-    ObjectError,
-    PodRecord,
-    PodStore,
-    namespace_from_dict,
-    pod_from_dict,
-)
+from cni.contract.kube_objects import ObjectError, namespace_from_object, pod_from_object
+from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
 
 log = logging.getLogger("headrace.agent.objects")
 
@@ -62,12 +56,12 @@ def read_objects_dir(directory: Path, node_name: str = "") -> tuple[list[PodReco
                 for obj in _objects(doc):
                     kind = obj.get("kind")
                     if kind == "Pod":
-                        pod = pod_from_dict(obj)
+                        pod = pod_from_object(obj)
                         if node_name and pod.node_name and pod.node_name != node_name:
                             continue
                         pods.append(pod)
                     elif kind == "Namespace":
-                        namespaces.append(namespace_from_dict(obj))
+                        namespaces.append(namespace_from_object(obj))
         except (OSError, ValueError, ObjectError) as exc:
             log.warning("skipping %s: %s", path.name, exc, extra={"step": "objects-parse"})
         except Exception as exc:  # yaml.YAMLError and friends

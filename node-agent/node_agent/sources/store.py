@@ -1,103 +1,22 @@
 """Pods and namespaces as the agent sees them, and the thread-safe cache the pod sources fill.
 
-Both sources (Kubernetes watch, objects dir) turn Kubernetes-shaped dicts into these records and push them
-into one `PodStore`; the reconcile loop reads a consistent snapshot and is woken on every change.
+Both sources (Kubernetes watch, objects dir) turn Kubernetes-shaped dicts into records with the one parser,
+`cni.contract.kube_objects` (shared with the CNI plugin; `PodRecord` and `NamespaceRecord` are its `Pod`
+and `Namespace`), and push them into one `PodStore`; the reconcile loop reads a consistent snapshot and is
+woken on every change.
 """
 
 from __future__ import annotations
 
-import re
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-_UID_RE = re.compile(r"^[0-9a-zA-Z][0-9a-zA-Z._-]{0,127}$")  # used in file names: no slashes, no dots first
+from cni.contract.kube_objects import Namespace, Pod
 
-
-class ObjectError(ValueError):
-    """A Kubernetes object is malformed (missing name, wrong types)."""
-
-
-@dataclass(frozen=True)
-class PodRecord:
-    uid: str
-    namespace: str
-    name: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    annotations: Mapping[str, str] = field(default_factory=dict)
-    host_network: bool = False
-    node_name: str = ""
-    ips: tuple[str, ...] = ()
-    phase: str = ""
-    service_account: str = "default"
-    deleting: bool = False
-
-
-@dataclass(frozen=True)
-class NamespaceRecord:
-    name: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-def _str_map(value: Any, what: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ObjectError(f"{what} must be a mapping")
-    return {str(k): str(v) for k, v in value.items()}
-
-
-def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
-    meta = obj.get("metadata")
-    if not isinstance(meta, dict):
-        raise ObjectError("object has no metadata")
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise ObjectError("object has no metadata.name")
-    return meta
-
-
-def pod_from_dict(obj: Mapping[str, Any]) -> PodRecord:
-    meta = _meta(obj)
-    namespace = meta.get("namespace") or "default"
-    if not isinstance(namespace, str):
-        raise ObjectError("metadata.namespace must be a string")
-    uid = meta.get("uid")
-    if not isinstance(uid, str) or not uid:
-        # Lab objects may omit the uid; derive a stable one from the identity.
-        uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"headrace:{namespace}/{meta['name']}"))
-    if not _UID_RE.match(uid):
-        raise ObjectError(f"pod {namespace}/{meta['name']}: invalid metadata.uid {uid[:80]!r}")
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
-    if not isinstance(spec, dict) or not isinstance(status, dict):
-        raise ObjectError("spec and status must be mappings")
-    ips: list[str] = []
-    for entry in status.get("podIPs") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("ip"), str) and entry["ip"] not in ips:
-            ips.append(entry["ip"])
-    if isinstance(status.get("podIP"), str) and status["podIP"] and status["podIP"] not in ips:
-        ips.insert(0, status["podIP"])
-    return PodRecord(
-        uid=uid,
-        namespace=namespace,
-        name=str(meta["name"]),
-        labels=_str_map(meta.get("labels"), "metadata.labels"),
-        annotations=_str_map(meta.get("annotations"), "metadata.annotations"),
-        host_network=bool(spec.get("hostNetwork", False)),
-        node_name=str(spec.get("nodeName") or ""),
-        ips=tuple(ips),
-        phase=str(status.get("phase") or ""),
-        service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
-        deleting=bool(meta.get("deletionTimestamp")),
-    )
-
-
-def namespace_from_dict(obj: Mapping[str, Any]) -> NamespaceRecord:
-    meta = _meta(obj)
-    return NamespaceRecord(name=str(meta["name"]), labels=_str_map(meta.get("labels"), "metadata.labels"))
+# The agent's names for the one pod/namespace record type (parsed by cni.contract.kube_objects).
+PodRecord = Pod
+NamespaceRecord = Namespace
 
 
 @dataclass(frozen=True)
