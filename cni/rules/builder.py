@@ -5,6 +5,10 @@ order `-s -d -i -o -p`, then matches in order, then the target; `-p tcp --dport`
 `-p tcp -m tcp --dport`), so CHECK can compare saved rules with these strings verbatim. The kernel
 round-trip test proves the canonical form on both flavours.
 
+Every rule describes itself: its last match is `-m comment --comment "headrace: <purpose>"` (right before
+`-j`), so `iptables-save` in a pod shows what each of our rules is for. Both flavours print the comment
+where it was given, quoted with double quotes (the text always holds a space).
+
 Chains (all prefixed `HEADRACE_`, so removal finds exactly ours):
 - sidecar (nat): HEADRACE_SC_INBOUND, HEADRACE_SC_IN_REDIRECT, HEADRACE_SC_OUTPUT, HEADRACE_SC_REDIRECT
 - sidecar TPROXY mode (mangle): HEADRACE_SC_PRERT, HEADRACE_SC_INBOUND, HEADRACE_SC_DIVERT, HEADRACE_SC_TPROXY,
@@ -55,6 +59,10 @@ PASSTHROUGH_SOURCE = {4: "127.0.0.6/32", 6: "::6/128"}
 LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
 ANY_ADDRESS = {4: "0.0.0.0", 6: "::"}
 DNS_PORT = 53
+COMMENT_PREFIX = "headrace: "
+COMMENT_MAX = 255  # xt_comment holds 256 bytes, NUL included
+# Characters iptables-save would escape inside a quoted comment (or that cannot be in one at all).
+_COMMENT_FORBIDDEN = frozenset("\"\\'") | frozenset(chr(c) for c in range(0x20)) | {chr(0x7F)}
 
 
 class TableRules(Record):
@@ -172,10 +180,12 @@ def rule(
     not_out_if: bool = False,
     proto: str | None = None,
     matches: Sequence[str] = (),
+    purpose: str,
     target: str,
     target_args: str = "",
 ) -> str:
-    """One rule in iptables-save order: -A chain [-s] [[!] -d] [-i] [[!] -o] [-p] matches -j target args."""
+    """One rule in iptables-save order: -A chain [-s] [[!] -d] [-i] [[!] -o] [-p] matches, the comment
+    naming its purpose, -j target args."""
     parts = [f"-A {chain}"]
     if src is not None:
         parts.append(f"-s {src}")
@@ -188,10 +198,19 @@ def rule(
     if proto is not None:
         parts.append(f"-p {proto}")
     parts.extend(matches)
+    parts.append(comment(purpose))
     parts.append(f"-j {target}")
     if target_args:
         parts.append(target_args)
     return " ".join(parts)
+
+
+def comment(purpose: str) -> str:
+    """The comment match of a rule, as iptables-save prints it: `-m comment --comment "headrace: ..."`."""
+    text = COMMENT_PREFIX + purpose
+    if not purpose or _COMMENT_FORBIDDEN.intersection(text) or len(text.encode()) > COMMENT_MAX:
+        raise ValueError(f"rule purpose {purpose!r}: 1..{COMMENT_MAX - len(COMMENT_PREFIX)} bytes, no quotes")
+    return f'-m comment --comment "{text}"'
 
 
 def _dport(proto: str, port: int, negate: bool = False) -> str:
@@ -237,8 +256,20 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     tproxy = uses_tproxy(spec)
 
     rules: list[str] = [
-        rule(SC_REDIRECT, proto="tcp", target="REDIRECT", target_args=_redirect(outbound)),
-        rule(SC_IN_REDIRECT, proto="tcp", target="REDIRECT", target_args=_redirect(inbound)),
+        rule(
+            SC_REDIRECT,
+            proto="tcp",
+            purpose="sidecar outbound redirect",
+            target="REDIRECT",
+            target_args=_redirect(outbound),
+        ),
+        rule(
+            SC_IN_REDIRECT,
+            proto="tcp",
+            purpose="sidecar inbound redirect",
+            target="REDIRECT",
+            target_args=_redirect(inbound),
+        ),
     ]
     jumps: list[str] = []
 
@@ -248,19 +279,45 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
         pass  # inbound goes through mangle (below); nat keeps the outbound part only
     elif include_in is None:
         for port in exclude_in:
-            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target="RETURN"))
-        rules.append(rule(SC_INBOUND, proto="tcp", target=SC_IN_REDIRECT))
+            rules.append(
+                rule(
+                    SC_INBOUND,
+                    proto="tcp",
+                    matches=[_dport("tcp", port)],
+                    purpose="skip excluded inbound port",
+                    target="RETURN",
+                )
+            )
+        rules.append(rule(SC_INBOUND, proto="tcp", purpose="sidecar inbound capture", target=SC_IN_REDIRECT))
     else:
         for port in include_in:
-            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target=SC_IN_REDIRECT))
+            rules.append(
+                rule(
+                    SC_INBOUND,
+                    proto="tcp",
+                    matches=[_dport("tcp", port)],
+                    purpose="sidecar included inbound port",
+                    target=SC_IN_REDIRECT,
+                )
+            )
     if capture_inbound and not tproxy:
-        jumps.append(rule("PREROUTING", proto="tcp", target=SC_INBOUND))
+        jumps.append(rule("PREROUTING", proto="tcp", purpose="sidecar inbound", target=SC_INBOUND))
 
     # Outbound.
     for port in exclude_out:
-        rules.append(rule(SC_OUTPUT, proto="tcp", matches=[_dport("tcp", port)], target="RETURN"))
+        rules.append(
+            rule(
+                SC_OUTPUT,
+                proto="tcp",
+                matches=[_dport("tcp", port)],
+                purpose="skip excluded outbound port",
+                target="RETURN",
+            )
+        )
     # The sidecar's inbound forwarding to the app (source 127.0.0.6 / ::6) passes straight through.
-    rules.append(rule(SC_OUTPUT, src=PASSTHROUGH_SOURCE[fam], out_if="lo", target="RETURN"))
+    rules.append(
+        rule(SC_OUTPUT, src=PASSTHROUGH_SOURCE[fam], out_if="lo", purpose="skip inbound passthrough", target="RETURN")
+    )
     for kind, ident in (("uid", uid), ("gid", gid)):
         # The proxy calling its own pod's address over lo is inbound traffic: send it to 15006.
         rules.append(
@@ -271,22 +328,31 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
                 out_if="lo",
                 proto="tcp",
                 matches=[_owner(kind, ident)],
+                purpose=f"proxy {kind} to own pod ip",
                 target=SC_IN_REDIRECT,
             )
         )
         # The app talking to itself over lo is not captured.
-        rules.append(rule(SC_OUTPUT, out_if="lo", matches=[_owner(kind, ident, negate=True)], target="RETURN"))
+        rules.append(
+            rule(
+                SC_OUTPUT,
+                out_if="lo",
+                matches=[_owner(kind, ident, negate=True)],
+                purpose=f"skip non-proxy {kind} over lo",
+                target="RETURN",
+            )
+        )
         # The proxy's own outbound traffic goes straight out.
-        rules.append(rule(SC_OUTPUT, matches=[_owner(kind, ident)], target="RETURN"))
-    rules.append(rule(SC_OUTPUT, dst=lo_addr, target="RETURN"))
+        rules.append(rule(SC_OUTPUT, matches=[_owner(kind, ident)], purpose=f"skip proxy {kind}", target="RETURN"))
+    rules.append(rule(SC_OUTPUT, dst=lo_addr, purpose="skip loopback destination", target="RETURN"))
     for net in exclude_ranges:
-        rules.append(rule(SC_OUTPUT, dst=net, target="RETURN"))
+        rules.append(rule(SC_OUTPUT, dst=net, purpose="skip excluded outbound range", target="RETURN"))
     if include_ranges is None:
-        rules.append(rule(SC_OUTPUT, target=SC_REDIRECT))
+        rules.append(rule(SC_OUTPUT, purpose="sidecar outbound capture", target=SC_REDIRECT))
     else:
         for net in include_ranges:
-            rules.append(rule(SC_OUTPUT, dst=net, target=SC_REDIRECT))
-    jumps.append(rule("OUTPUT", proto="tcp", target=SC_OUTPUT))
+            rules.append(rule(SC_OUTPUT, dst=net, purpose="sidecar included outbound range", target=SC_REDIRECT))
+    jumps.append(rule("OUTPUT", proto="tcp", purpose="sidecar outbound", target=SC_OUTPUT))
 
     nat = TableRules(
         table="nat",
@@ -336,45 +402,101 @@ def _tproxy_mangle(
     lo_addr = LOOPBACK[fam]
     full = 0xFFFFFFFF
     rules: list[str] = [
-        rule(SC_DIVERT, target="MARK", target_args=f"--set-xmark {TPROXY_MARK:#x}/{full:#x}"),
-        rule(SC_DIVERT, target="ACCEPT"),
+        rule(
+            SC_DIVERT,
+            purpose="mark diverted packet",
+            target="MARK",
+            target_args=f"--set-xmark {TPROXY_MARK:#x}/{full:#x}",
+        ),
+        rule(SC_DIVERT, purpose="accept diverted packet", target="ACCEPT"),
         rule(
             SC_TPROXY,
             dst=lo_addr,
             not_dst=True,
             proto="tcp",
+            purpose="tproxy to inbound proxy",
             target="TPROXY",
             target_args=f"--on-port {inbound} --on-ip {ANY_ADDRESS[fam]} --tproxy-mark {TPROXY_MARK:#x}/{full:#x}",
         ),
-        rule(SC_PRERT, proto="tcp", target=SC_INBOUND),
+        rule(SC_PRERT, proto="tcp", purpose="sidecar tproxy inbound", target=SC_INBOUND),
         rule(
             SC_PRERT,
             proto="tcp",
             matches=[_full_mark(TPROXY_MARK)],
+            purpose="save tproxy mark on connection",
             target="CONNMARK",
             target_args=f"--save-mark --nfmask {full:#x} --ctmask {full:#x}",
         ),
-        rule(SC_INBOUND, proto="tcp", matches=[_full_mark(TPROXY_MARK)], target="RETURN"),
-        rule(SC_INBOUND, src=PASSTHROUGH_SOURCE[fam], in_if="lo", proto="tcp", target="RETURN"),
+        rule(
+            SC_INBOUND,
+            proto="tcp",
+            matches=[_full_mark(TPROXY_MARK)],
+            purpose="skip tproxy-marked packet",
+            target="RETURN",
+        ),
+        rule(
+            SC_INBOUND,
+            src=PASSTHROUGH_SOURCE[fam],
+            in_if="lo",
+            proto="tcp",
+            purpose="skip inbound passthrough",
+            target="RETURN",
+        ),
         rule(
             SC_INBOUND,
             in_if="lo",
             proto="tcp",
             matches=[_full_mark(TPROXY_OUTBOUND_MARK, negate=True)],
+            purpose="skip lo traffic not from proxy",
             target="RETURN",
         ),
     ]
     established = "-m conntrack --ctstate RELATED,ESTABLISHED"
     if include_in is None:
         for port in exclude_in:
-            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target="RETURN"))
-        rules.append(rule(SC_INBOUND, proto="tcp", matches=[established], target=SC_DIVERT))
-        rules.append(rule(SC_INBOUND, proto="tcp", target=SC_TPROXY))
+            rules.append(
+                rule(
+                    SC_INBOUND,
+                    proto="tcp",
+                    matches=[_dport("tcp", port)],
+                    purpose="skip excluded inbound port",
+                    target="RETURN",
+                )
+            )
+        rules.append(
+            rule(SC_INBOUND, proto="tcp", matches=[established], purpose="divert established inbound", target=SC_DIVERT)
+        )
+        rules.append(rule(SC_INBOUND, proto="tcp", purpose="tproxy new inbound", target=SC_TPROXY))
     else:
         for port in include_in:
-            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port), established], target=SC_DIVERT))
-            rules.append(rule(SC_INBOUND, proto="tcp", matches=[_dport("tcp", port)], target=SC_TPROXY))
-    rules.append(rule(SC_OUTPUT, out_if="lo", proto="tcp", matches=[_full_mark(TPROXY_MARK)], target="RETURN"))
+            rules.append(
+                rule(
+                    SC_INBOUND,
+                    proto="tcp",
+                    matches=[_dport("tcp", port), established],
+                    purpose="divert established included port",
+                    target=SC_DIVERT,
+                )
+            )
+            rules.append(
+                rule(
+                    SC_INBOUND,
+                    proto="tcp",
+                    matches=[_dport("tcp", port)],
+                    purpose="tproxy new included port",
+                    target=SC_TPROXY,
+                )
+            )
+    rules.append(
+        rule(
+            SC_OUTPUT,
+            out_if="lo",
+            proto="tcp",
+            matches=[_full_mark(TPROXY_MARK)],
+            purpose="skip tproxy-marked over lo",
+            target="RETURN",
+        )
+    )
     for kind, ident in (("uid", uid), ("gid", gid)):
         rules.append(
             rule(
@@ -384,6 +506,7 @@ def _tproxy_mangle(
                 out_if="lo",
                 proto="tcp",
                 matches=[_owner(kind, ident)],
+                purpose=f"mark proxy {kind} to own pod ip",
                 target="MARK",
                 target_args=f"--set-xmark {TPROXY_OUTBOUND_MARK:#x}/{full:#x}",
             )
@@ -393,6 +516,7 @@ def _tproxy_mangle(
             SC_OUTPUT,
             proto="tcp",
             matches=[_full_mark(TPROXY_MARK, kind="connmark")],
+            purpose="restore tproxy mark",
             target="CONNMARK",
             target_args=f"--restore-mark --nfmask {full:#x} --ctmask {full:#x}",
         )
@@ -400,7 +524,10 @@ def _tproxy_mangle(
     return TableRules(
         table="mangle",
         chains=(SC_PRERT, SC_INBOUND, SC_DIVERT, SC_TPROXY, SC_OUTPUT),
-        jumps=(rule("PREROUTING", proto="tcp", target=SC_PRERT), rule("OUTPUT", proto="tcp", target=SC_OUTPUT)),
+        jumps=(
+            rule("PREROUTING", proto="tcp", purpose="sidecar tproxy prerouting", target=SC_PRERT),
+            rule("OUTPUT", proto="tcp", purpose="sidecar tproxy output", target=SC_OUTPUT),
+        ),
         rules=tuple(rules),
     )
 
@@ -434,12 +561,16 @@ def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
     mangle = TableRules(
         table="mangle",
         chains=(AM_PRERT, AM_OUTPUT),
-        jumps=(rule("PREROUTING", target=AM_PRERT), rule("OUTPUT", target=AM_OUTPUT)),
+        jumps=(
+            rule("PREROUTING", purpose="ambient prerouting", target=AM_PRERT),
+            rule("OUTPUT", purpose="ambient output", target=AM_OUTPUT),
+        ),
         rules=(
             # Packets of the proxy's own connections (to the local app over lo) tag their conntrack entry…
             rule(
                 AM_PRERT,
                 matches=[_mark(mark, mask)],
+                purpose="tag proxy connection",
                 target="CONNMARK",
                 target_args=f"--set-xmark {connmark:#x}/{mask:#x}",
             ),
@@ -447,15 +578,24 @@ def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
             rule(
                 AM_OUTPUT,
                 matches=[_mark(connmark, mask, kind="connmark")],
+                purpose="restore proxy connection mark",
                 target="CONNMARK",
                 target_args="--restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
             ),
         ),
     )
 
-    pre: list[str] = [rule(AM_PRERT, src=probe_net, proto="tcp", target="ACCEPT")]
+    pre: list[str] = [rule(AM_PRERT, src=probe_net, proto="tcp", purpose="accept kubelet probe", target="ACCEPT")]
     for port in exclude_in:
-        pre.append(rule(AM_PRERT, proto="tcp", matches=[_dport("tcp", port)], target="RETURN"))
+        pre.append(
+            rule(
+                AM_PRERT,
+                proto="tcp",
+                matches=[_dport("tcp", port)],
+                purpose="skip excluded inbound port",
+                target="RETURN",
+            )
+        )
     pre.append(
         rule(
             AM_PRERT,
@@ -463,12 +603,15 @@ def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
             not_dst=True,
             proto="tcp",
             matches=[_dport("tcp", hbone, negate=True), _mark(mark, mask, negate=True)],
+            purpose="ambient inbound redirect",
             target="REDIRECT",
             target_args=_redirect(inbound),
         )
     )
 
-    out: list[str] = [rule(AM_OUTPUT, dst=probe_net, proto="tcp", target="ACCEPT")]
+    out: list[str] = [
+        rule(AM_OUTPUT, dst=probe_net, proto="tcp", purpose="accept kubelet probe reply", target="ACCEPT")
+    ]
     if spec.capture_dns:
         for proto in ("udp", "tcp"):
             out.append(
@@ -478,16 +621,42 @@ def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
                     not_out_if=True,
                     proto=proto,
                     matches=[_dport(proto, DNS_PORT), _mark(mark, mask, negate=True)],
+                    purpose=f"ambient {proto} dns redirect",
                     target="REDIRECT",
                     target_args=_redirect(dns),
                 )
             )
-    out.append(rule(AM_OUTPUT, proto="tcp", matches=[_mark(connmark, mask)], target="ACCEPT"))
-    out.append(rule(AM_OUTPUT, dst=lo_addr, not_dst=True, out_if="lo", target="ACCEPT"))
+    out.append(
+        rule(
+            AM_OUTPUT,
+            proto="tcp",
+            matches=[_mark(connmark, mask)],
+            purpose="accept proxy connection reply",
+            target="ACCEPT",
+        )
+    )
+    out.append(
+        rule(
+            AM_OUTPUT,
+            dst=lo_addr,
+            not_dst=True,
+            out_if="lo",
+            purpose="accept pod-local traffic over lo",
+            target="ACCEPT",
+        )
+    )
     for port in exclude_out:
-        out.append(rule(AM_OUTPUT, proto="tcp", matches=[_dport("tcp", port)], target="RETURN"))
+        out.append(
+            rule(
+                AM_OUTPUT,
+                proto="tcp",
+                matches=[_dport("tcp", port)],
+                purpose="skip excluded outbound port",
+                target="RETURN",
+            )
+        )
     for net in exclude_ranges:
-        out.append(rule(AM_OUTPUT, dst=net, target="RETURN"))
+        out.append(rule(AM_OUTPUT, dst=net, purpose="skip excluded outbound range", target="RETURN"))
     out.append(
         rule(
             AM_OUTPUT,
@@ -495,6 +664,7 @@ def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
             not_dst=True,
             proto="tcp",
             matches=[_mark(mark, mask, negate=True)],
+            purpose="ambient outbound redirect",
             target="REDIRECT",
             target_args=_redirect(outbound),
         )
@@ -502,7 +672,10 @@ def ambient_rules(spec: AmbientSpec, family: Family) -> RuleSet:
     nat = TableRules(
         table="nat",
         chains=(AM_PRERT, AM_OUTPUT),
-        jumps=(rule("PREROUTING", target=AM_PRERT), rule("OUTPUT", target=AM_OUTPUT)),
+        jumps=(
+            rule("PREROUTING", purpose="ambient prerouting", target=AM_PRERT),
+            rule("OUTPUT", purpose="ambient output", target=AM_OUTPUT),
+        ),
         rules=(*pre, *out),
     )
     return RuleSet(family=fam, owner_prefix=AMBIENT_PREFIX, tables=(mangle, nat))
@@ -550,6 +723,7 @@ def node_probe_rules(
             dst=f"{ip}/{ip.max_prefixlen}",
             proto="tcp",
             matches=["-m owner --socket-exists"],
+            purpose="snat kubelet probe",
             target="SNAT",
             target_args=f"--to-source {source}",
         )
@@ -559,7 +733,7 @@ def node_probe_rules(
     nat = TableRules(
         table="nat",
         chains=(NODE_CHAIN,),
-        jumps=(rule("POSTROUTING", target=NODE_CHAIN),),
+        jumps=(rule("POSTROUTING", purpose="node probe snat", target=NODE_CHAIN),),
         rules=rules,
     )
     return RuleSet(family=fam, owner_prefix=NODE_CHAIN, tables=(nat,))
