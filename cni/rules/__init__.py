@@ -1,11 +1,12 @@
-"""iptables redirection for headrace: a pure rule builder, flavour detection and atomic in-netns apply.
+"""iptables rules of headrace, built as text (pure) plus the TPROXY policy routing lines.
 
 Stdlib only: the CNI plugin imports this package on its hot path.
 
-- `builder`: SidecarSpec / AmbientSpec / node probe IPs + address family → rules in iptables-save syntax.
-- `flavour`: legacy vs nft, detected from the real rules of the current netns (or forced).
-- `netns_tables`: save/restore inside a netns with `nsenter`, one atomic restore per family, rollback,
-  idempotent re-apply (an optimistic `-N` restore first on a fresh netns), exact removal, CHECK against
-  the builder's output.
-- `spawn`: starts those commands with `os.posix_spawnp` (cheaper to import than `subprocess`).
+- `builder`: the public face: SidecarSpec / AmbientSpec / node probe IPs + address family → rules.
+- `rule_text`: iptables-save canonical rule text (each rule carries a `headrace: <purpose>` comment), the
+  RuleSet / TableRules records, validation of rule values.
+- `sidecar`, `ambient`, `node_probe`: the rule sets of each kind.
+- `tproxy_routes`: the `ip -batch` lines of TPROXY mode's policy routing, and how to judge ip's answers.
+
+Applying them in a netns is `cni.kernel.tables`' job.
 """
