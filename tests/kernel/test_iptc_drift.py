@@ -159,6 +159,12 @@ def _altered_match(ns: NetNS) -> None:  # same rule, other mark mask: only a mat
             "--to-ports", "15001"])
 
 
+def _altered_comment(ns: NetNS) -> None:  # same rule, another purpose: only the comment match's data differs
+    ns.run(["iptables-legacy", "-t", "nat", "-R", "HEADRACE_AM_OUTPUT", "4", "!", "-d", "127.0.0.1/32", "-p", "tcp",
+            "-m", "mark", "!", "--mark", "0x539/0xfff", *_purpose("ambient outbound redirectz"), "-j", "REDIRECT",
+            "--to-ports", "15001"])
+
+
 def _deleted_chain(ns: NetNS) -> None:
     for argv in (["-D", "PREROUTING", "1"], ["-F", "HEADRACE_AM_PRERT"],
                  ["-X", "HEADRACE_AM_PRERT"]):
@@ -189,6 +195,7 @@ TAMPERING: dict[str, Callable[[NetNS], None]] = {
     "foreign-rule-inside": _foreign_rule_inside,
     "altered-target": _altered_rule,
     "altered-match": _altered_match,
+    "altered-comment": _altered_comment,
     "deleted-chain": _deleted_chain,
     "duplicated-jump": _duplicate_jump,
     "ipv6-only": _v6_only,
