@@ -203,3 +203,38 @@ def owner_match(kind: str, ident: int, negate: bool = False) -> str:
 
 def to_ports(port: int) -> str:
     return f"--to-ports {port}"
+
+
+def arguments(line: str) -> list[str]:
+    """A rule line split into its arguments the way iptables-restore splits it, for lines iptables-save
+    printed: whitespace separates; a double-quoted string (our comments) is one argument, inside which a
+    backslash takes the next character literally (iptables-save writes `\\"`, `\\\\` and `\\'` there);
+    nothing else quotes. For such lines this is what `shlex.split` gives (and means `\\'` the way
+    iptables-restore does), without importing `shlex` and `re`: a save parser that meets our quoted
+    comments on the plugin's path can split them cheaply."""
+    out: list[str] = []
+    current: list[str] = []
+    started = quoted = escaped = False
+    for ch in line:
+        if quoted:
+            if escaped:
+                current.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            else:
+                current.append(ch)
+        elif ch == '"':
+            quoted = started = True
+        elif ch in " \t\n\r\v\f":
+            if started:
+                out.append("".join(current))
+                current, started = [], False
+        else:
+            current.append(ch)
+            started = True
+    if started:
+        out.append("".join(current))
+    return out

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 
 import pytest
 
 from cni.contract.spec import AmbientSpec, Family, SidecarSpec
-from cni.rules import builder
+from cni.rules import builder, rule_text
 
 net = ipaddress.ip_network
 
@@ -271,3 +272,25 @@ def test_uses_tproxy_and_bad_mode() -> None:
 def test_in_if_is_placed_where_iptables_save_puts_it() -> None:
     line = builder.rule("C", src="1.2.3.4/32", dst="5.6.7.8/32", in_if="lo", proto="tcp", purpose="p", target="RETURN")
     assert line == '-A C -s 1.2.3.4/32 -d 5.6.7.8/32 -i lo -p tcp -m comment --comment "headrace: p" -j RETURN'
+
+
+def test_arguments_split_saved_lines_like_iptables_restore() -> None:
+    for rs in _all_rule_sets():
+        for t in rs.tables:
+            for line in (*t.jumps, *t.rules):
+                assert rule_text.arguments(line) == shlex.split(line), line
+    # iptables-save's escapes inside a quoted comment: \" \\ \' (each the character itself)
+    saved = r'-A X -m comment --comment "say \"hi\" c:\\ it\'s" -j RETURN'
+    assert rule_text.arguments(saved) == [
+        "-A",
+        "X",
+        "-m",
+        "comment",
+        "--comment",
+        'say "hi" c:\\ it\'s',
+        "-j",
+        "RETURN",
+    ]
+    assert rule_text.arguments(" -A\tX  -j Y \n") == ["-A", "X", "-j", "Y"]
+    assert rule_text.arguments('-A X --comment "" -j Y') == ["-A", "X", "--comment", "", "-j", "Y"]
+    assert rule_text.arguments("-A X --comment 'b c' -j Y") == ["-A", "X", "--comment", "'b", "c'", "-j", "Y"]
