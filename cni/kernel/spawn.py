@@ -6,6 +6,10 @@ commands. ``posix_spawnp`` (vfork + exec in glibc) starts them cheaply; stdin is
 drained together in one poll loop, so no pipe can fill up and block a child. Like ``subprocess`` with its
 defaults: the environment is inherited, SIGPIPE/SIGXFSZ are reset to their defaults in the child, output
 is decoded as UTF-8 with universal newlines.
+
+Every command the kernel layer (tables.py) starts goes through ``run_many``, which hands the batch to the
+installed ``Runner``: ``Spawner`` (the real thing) unless a test installed another one with
+``install_runner``, e.g. a recorder that captures the exact argv and stdin texts of a CNI ADD (a dry run).
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ import time
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Protocol
+
+    class Runner(Protocol):
+        """Runs one batch of commands at once: ``(argv, stdin text or None)`` each, a result each, in order.
+        Raises OSError when a command cannot be started (as ``posix_spawnp`` does)."""
+
+        def run_many(self, jobs: Sequence[tuple[Sequence[str], str | None]], timeout: float) -> list[Result]: ...
+
 
 _CHUNK = 65536
 _DEFAULT_SIGNALS: tuple[int, int] = (_signal.SIGPIPE, _signal.SIGXFSZ)  # what subprocess's restore_signals resets
@@ -97,7 +109,33 @@ class _Child:
             self.status = -1
 
 
+class Spawner:
+    """The real runner: ``spawn_many``."""
+
+    __slots__ = ()
+
+    def run_many(self, jobs: Sequence[tuple[Sequence[str], str | None]], timeout: float) -> list[Result]:
+        return spawn_many(jobs, timeout)
+
+
+_runner: Runner = Spawner()
+
+
+def install_runner(runner: Runner | None) -> Runner:
+    """Make ``runner`` run every batch from now on (None: the real ``Spawner``); returns the one it
+    replaces, so a test can put it back."""
+    global _runner
+    previous = _runner
+    _runner = runner if runner is not None else Spawner()
+    return previous
+
+
 def run_many(jobs: Sequence[tuple[Sequence[str], str | None]], timeout: float) -> list[Result]:
+    """Run one batch through the installed runner (see ``spawn_many`` for what the real one does)."""
+    return _runner.run_many(jobs, timeout)
+
+
+def spawn_many(jobs: Sequence[tuple[Sequence[str], str | None]], timeout: float) -> list[Result]:
     """Start every ``(argv, stdin text or None)`` at once, wait for all (at most ``timeout`` seconds in
     total). OSError from starting a command (e.g. FileNotFoundError) is raised after the ones already
     started have been killed and reaped."""

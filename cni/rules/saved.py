@@ -7,6 +7,7 @@ at run time.
 from __future__ import annotations
 
 from cni.contract.record import Record
+from cni.rules import rule_text
 
 
 class SavedTable(Record):
@@ -55,14 +56,9 @@ _PLAIN_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - frozenset("\"'\\")
 def rule_target(line: str) -> str | None:
     """The -j/-g target of a saved rule line."""
     if _PLAIN_CHARS.issuperset(line):
-        tokens = line.split()  # no quotes, escapes or odd whitespace: what shlex.split would give
+        tokens = line.split()  # no quotes, escapes or odd whitespace
     else:
-        import shlex  # quoted arguments (e.g. comments): rare, and shlex costs an import of re
-
-        try:
-            tokens = shlex.split(line)
-        except ValueError:
-            tokens = line.split()
+        tokens = rule_text.arguments(line)  # quoted arguments (our comments), split as iptables-restore does
     for i, tok in enumerate(tokens[:-1]):
         if tok in ("-j", "--jump", "-g", "--goto"):
             return tokens[i + 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 import threading
 from collections.abc import Iterator
 
@@ -129,11 +130,16 @@ def test_check_detects_drift_and_reapply_repairs(ns, fl) -> None:
     ns.run([f"ip6tables-{fl}", "-t", "nat", "-F", "HEADRACE_AM_OUTPUT"])
     problems = netns_tables.check_ambient(ns.path, AMBIENT, (4, 6), fl)
     assert problems and all(p.startswith("IPv6 nat: chain HEADRACE_AM_OUTPUT") for p in problems), problems
-    ns.run([f"iptables-{fl}", "-t", "mangle", "-D", "PREROUTING", "-j", "HEADRACE_AM_PRERT"])
+    mangle = builder.ambient_rules(AMBIENT, 4).table("mangle")
+    assert mangle is not None
+    jump = mangle.jumps[0]  # "-A PREROUTING ... -j HEADRACE_AM_PRERT", with its purpose comment
+    ns.run([f"iptables-{fl}", "-t", "mangle", "-D", *shlex.split(jump)[1:]])
     problems = netns_tables.check_ambient(ns.path, AMBIENT, (4, 6), fl)
-    assert any("IPv4 mangle: jump '-A PREROUTING -j HEADRACE_AM_PRERT' is missing" in p for p in problems)
+    assert any(f"IPv4 mangle: jump '{jump}' is missing" in p for p in problems)
     ns.run([f"iptables-{fl}", "-t", "nat", "-X", "HEADRACE_AM_PRERT"], check=False)  # referenced: fails
-    ns.run([f"iptables-{fl}", "-t", "nat", "-A", "OUTPUT", "-j", "HEADRACE_AM_OUTPUT"])
+    nat = builder.ambient_rules(AMBIENT, 4).table("nat")
+    assert nat is not None
+    ns.run([f"iptables-{fl}", "-t", "nat", *shlex.split(nat.jumps[1])])  # "-A OUTPUT ... -j HEADRACE_AM_OUTPUT"
     assert any("2 times" in p for p in netns_tables.check_ambient(ns.path, AMBIENT, (4, 6), fl))
     netns_tables.apply_ambient(ns.path, AMBIENT, (4, 6), fl)
     assert netns_tables.check_ambient(ns.path, AMBIENT, (4, 6), fl) == []

@@ -12,6 +12,7 @@ ruleset generation: test_nft_generation.py).
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -130,12 +131,17 @@ def test_traffic_moves_counters_not_the_fingerprint(ns: NetNS, reader: iptc_read
     assert stats.snapshot()["in_process"] == n + 1
 
 
+def _purpose(text: str) -> list[str]:
+    """The comment match our rules carry (so a tampered rule differs from ours only where intended)."""
+    return shlex.split(builder.comment(text))
+
+
 def _flush(ns: NetNS) -> None:
     ns.run(["iptables-legacy", "-t", "nat", "-F", "HEADRACE_AM_PRERT"])
 
 
 def _delete_jump(ns: NetNS) -> None:
-    ns.run(["iptables-legacy", "-t", "nat", "-D", "OUTPUT", "-j", "HEADRACE_AM_OUTPUT"])
+    ns.run(["iptables-legacy", "-t", "nat", "-D", "OUTPUT", "1"])  # ours is inserted at the top
 
 
 def _foreign_rule_inside(ns: NetNS) -> None:
@@ -144,22 +150,31 @@ def _foreign_rule_inside(ns: NetNS) -> None:
 
 def _altered_rule(ns: NetNS) -> None:  # same rule, other port: only the REDIRECT target's data differs
     ns.run(["iptables-legacy", "-t", "nat", "-R", "HEADRACE_AM_OUTPUT", "4", "!", "-d", "127.0.0.1/32", "-p", "tcp",
-            "-m", "mark", "!", "--mark", "0x539/0xfff", "-j", "REDIRECT", "--to-ports", "15002"])
+            "-m", "mark", "!", "--mark", "0x539/0xfff", *_purpose("ambient outbound redirect"), "-j", "REDIRECT",
+            "--to-ports", "15002"])
 
 
 def _altered_match(ns: NetNS) -> None:  # same rule, other mark mask: only a match's data differs
     ns.run(["iptables-legacy", "-t", "nat", "-R", "HEADRACE_AM_OUTPUT", "4", "!", "-d", "127.0.0.1/32", "-p", "tcp",
-            "-m", "mark", "!", "--mark", "0x539/0xffff", "-j", "REDIRECT", "--to-ports", "15001"])
+            "-m", "mark", "!", "--mark", "0x539/0xffff", *_purpose("ambient outbound redirect"), "-j", "REDIRECT",
+            "--to-ports", "15001"])
+
+
+def _altered_comment(ns: NetNS) -> None:  # same rule, another purpose: only the comment match's data differs
+    ns.run(["iptables-legacy", "-t", "nat", "-R", "HEADRACE_AM_OUTPUT", "4", "!", "-d", "127.0.0.1/32", "-p", "tcp",
+            "-m", "mark", "!", "--mark", "0x539/0xfff", *_purpose("ambient outbound redirectz"), "-j", "REDIRECT",
+            "--to-ports", "15001"])
 
 
 def _deleted_chain(ns: NetNS) -> None:
-    for argv in (["-D", "PREROUTING", "-j", "HEADRACE_AM_PRERT"], ["-F", "HEADRACE_AM_PRERT"],
+    for argv in (["-D", "PREROUTING", "1"], ["-F", "HEADRACE_AM_PRERT"],
                  ["-X", "HEADRACE_AM_PRERT"]):
         ns.run(["iptables-legacy", "-t", "mangle", *argv])
 
 
 def _duplicate_jump(ns: NetNS) -> None:
-    ns.run(["iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-j", "HEADRACE_AM_PRERT"])
+    jump = ["-A", "PREROUTING", *_purpose("ambient prerouting"), "-j", "HEADRACE_AM_PRERT"]
+    ns.run(["iptables-legacy", "-t", "nat", *jump])
 
 
 def _v6_only(ns: NetNS) -> None:
@@ -171,7 +186,8 @@ def _extra_chain_elsewhere(ns: NetNS) -> None:  # a chain of ours in a table we 
 
 
 def _goto_instead_of_jump(ns: NetNS) -> None:
-    ns.run(["iptables-legacy", "-t", "nat", "-R", "PREROUTING", "1", "-g", "HEADRACE_AM_PRERT"])
+    ns.run(["iptables-legacy", "-t", "nat", "-R", "PREROUTING", "1", *_purpose("ambient prerouting"), "-g",
+            "HEADRACE_AM_PRERT"])
 
 
 TAMPERING: dict[str, Callable[[NetNS], None]] = {
@@ -180,6 +196,7 @@ TAMPERING: dict[str, Callable[[NetNS], None]] = {
     "foreign-rule-inside": _foreign_rule_inside,
     "altered-target": _altered_rule,
     "altered-match": _altered_match,
+    "altered-comment": _altered_comment,
     "deleted-chain": _deleted_chain,
     "duplicated-jump": _duplicate_jump,
     "ipv6-only": _v6_only,

@@ -83,7 +83,7 @@ def test_unchanged_pod_is_checked_without_spawning_and_tampering_is_caught(
 
     for tamper in (
         ["-t", "nat", "-F", "HEADRACE_AM_OUTPUT"],  # flushed chain
-        ["-t", "nat", "-D", "OUTPUT", "-j", "HEADRACE_AM_OUTPUT"],  # deleted jump
+        ["-t", "nat", "-D", "OUTPUT", "1"],  # deleted jump (ours is inserted at the top)
         ["-t", "nat", "-I", "HEADRACE_AM_OUTPUT", "1", "-p", "tcp", "-j", "ACCEPT"],  # a bypass inserted
     ):
         ipt(ns, *tamper)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import shlex
 
 import pytest
 
 from cni.contract.kinds import Family
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from cni.rules import builder
+from cni.rules import builder, rule_text
 
 net = ipaddress.ip_network
 
@@ -17,6 +19,41 @@ def _nat(rs: builder.RuleSet) -> builder.TableRules:
     t = rs.table("nat")
     assert t is not None
     return t
+
+
+def _bare(lines: tuple[str, ...] | list[str]) -> list[str]:
+    """The rules without their purpose comment (the shape tests below look at matches and targets)."""
+    return [re.sub(r' -m comment --comment "headrace: [^"]*"', "", line) for line in lines]
+
+
+def _all_rule_sets() -> list[builder.RuleSet]:
+    families: tuple[Family, ...] = (4, 6)
+    specs = [
+        SidecarSpec(exclude_inbound_ports=(22,), exclude_outbound_ranges=(net("10.0.0.0/8"), net("fd00::/8"))),
+        SidecarSpec(include_inbound_ports=(80,), include_outbound_ranges=(net("10.0.0.0/8"), net("fd00::/8"))),
+        SidecarSpec(interception_mode="TPROXY", exclude_outbound_ports=(5432,)),
+        SidecarSpec(interception_mode="TPROXY", include_inbound_ports=(80,)),
+    ]
+    out = [builder.sidecar_rules(spec, f) for spec in specs for f in families]
+    out += [builder.ambient_rules(AmbientSpec(capture_dns=True, exclude_outbound_ports=(9,)), f) for f in families]
+    out += [builder.node_probe_rules(["10.0.0.1", "fd00::1"], f) for f in families]
+    return out
+
+
+def test_every_rule_names_its_purpose_right_before_its_target() -> None:
+    pattern = re.compile(r'^-A \S+ .*-m comment --comment "headrace: [a-z0-9 ()-]+" -[jg] \S+( .*)?$')
+    for rs in _all_rule_sets():
+        for t in rs.tables:
+            for line in (*t.jumps, *t.rules):
+                assert pattern.match(line), line
+                assert line.count("-m comment") == 1
+
+
+def test_comment_is_canonical_and_rejects_what_iptables_save_would_escape() -> None:
+    assert builder.comment("skip proxy uid") == '-m comment --comment "headrace: skip proxy uid"'
+    for bad in ("", 'say "hi"', "it's", "back\\slash", "new\nline", "x" * 250):
+        with pytest.raises(ValueError, match="purpose"):
+            builder.comment(bad)
 
 
 def test_all_chains_are_ours_and_short_enough() -> None:
@@ -42,14 +79,14 @@ def test_sidecar_and_ambient_chain_names_are_distinct() -> None:
 
 
 def test_sidecar_health_ports_always_excluded() -> None:
-    rules = _nat(builder.sidecar_rules(SidecarSpec(exclude_inbound_ports=(22,)), 4)).rules
+    rules = _bare(_nat(builder.sidecar_rules(SidecarSpec(exclude_inbound_ports=(22,)), 4)).rules)
     for port in (15020, 15021, 15090, 22):
         assert f"-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport {port} -j RETURN" in rules
 
 
 def test_sidecar_include_inbound_only_listed_ports() -> None:
     t = _nat(builder.sidecar_rules(SidecarSpec(include_inbound_ports=(80, 80, 8080)), 4))
-    inbound = [r for r in t.rules if r.startswith("-A HEADRACE_SC_INBOUND ")]
+    inbound = _bare([r for r in t.rules if r.startswith("-A HEADRACE_SC_INBOUND ")])
     assert inbound == [
         "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -j HEADRACE_SC_IN_REDIRECT",
         "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 8080 -j HEADRACE_SC_IN_REDIRECT",
@@ -63,14 +100,14 @@ def test_sidecar_empty_include_means_no_inbound_capture() -> None:
 
 def test_sidecar_include_ranges_per_family() -> None:
     spec = SidecarSpec(include_outbound_ranges=(net("10.0.0.0/8"),))
-    v4 = _nat(builder.sidecar_rules(spec, 4)).rules
-    v6 = _nat(builder.sidecar_rules(spec, 6)).rules
+    v4 = _bare(_nat(builder.sidecar_rules(spec, 4)).rules)
+    v6 = _bare(_nat(builder.sidecar_rules(spec, 6)).rules)
     assert "-A HEADRACE_SC_OUTPUT -d 10.0.0.0/8 -j HEADRACE_SC_REDIRECT" in v4
     assert not any(r.endswith("-j HEADRACE_SC_REDIRECT") and "SC_OUTPUT" in r for r in v6)
 
 
 def test_sidecar_v6_uses_v6_loopback_and_passthrough() -> None:
-    rules = _nat(builder.sidecar_rules(SidecarSpec(), 6)).rules
+    rules = _bare(_nat(builder.sidecar_rules(SidecarSpec(), 6)).rules)
     assert "-A HEADRACE_SC_OUTPUT -s ::6/128 -o lo -j RETURN" in rules
     assert "-A HEADRACE_SC_OUTPUT -d ::1/128 -j RETURN" in rules
     assert not any("127.0.0" in r for r in rules)
@@ -132,10 +169,11 @@ def test_node_probe_rules_filter_sort_dedup() -> None:
     rs = builder.node_probe_rules(["10.0.0.9", "10.0.0.10", "10.0.0.9", "fd00::1"], 4)
     t = _nat(rs)
     assert [r.split()[3] for r in t.rules] == ["10.0.0.9/32", "10.0.0.10/32"]
-    assert t.jumps == ("-A POSTROUTING -j HEADRACE_POSTROUTING",)
+    assert t.jumps == ('-A POSTROUTING -m comment --comment "headrace: node probe snat" -j HEADRACE_POSTROUTING',)
     v6 = _nat(builder.node_probe_rules(["10.0.0.9", "fd00::1"], 6)).rules
     assert v6 == (
         "-A HEADRACE_POSTROUTING -d fd00::1/128 -p tcp -m owner --socket-exists "
+        '-m comment --comment "headrace: snat kubelet probe" '
         "-j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff",
     )
 
@@ -184,8 +222,8 @@ def test_tproxy_mangle_rules(family: Family) -> None:
         f"-A HEADRACE_SC_TPROXY ! -d {lo} -p tcp -j TPROXY --on-port 15006 --on-ip {any_ip} "
         "--tproxy-mark 0x539/0xffffffff"
     )
-    assert tproxy in mangle.rules
-    inbound = [r for r in mangle.rules if r.startswith("-A HEADRACE_SC_INBOUND ")]
+    assert tproxy in _bare(mangle.rules)
+    inbound = _bare([r for r in mangle.rules if r.startswith("-A HEADRACE_SC_INBOUND ")])
     assert inbound[:3] == [
         "-A HEADRACE_SC_INBOUND -p tcp -m mark --mark 0x539 -j RETURN",
         f"-A HEADRACE_SC_INBOUND -s {passthrough} -i lo -p tcp -j RETURN",
@@ -197,7 +235,10 @@ def test_tproxy_mangle_rules(family: Family) -> None:
         "-A HEADRACE_SC_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j HEADRACE_SC_DIVERT",
         "-A HEADRACE_SC_INBOUND -p tcp -j HEADRACE_SC_TPROXY",
     ]
-    assert mangle.jumps == ("-A PREROUTING -p tcp -j HEADRACE_SC_PRERT", "-A OUTPUT -p tcp -j HEADRACE_SC_OUTPUT")
+    assert _bare(mangle.jumps) == [
+        "-A PREROUTING -p tcp -j HEADRACE_SC_PRERT",
+        "-A OUTPUT -p tcp -j HEADRACE_SC_OUTPUT",
+    ]
 
 
 def test_tproxy_include_inbound_ports_divert_and_tproxy_per_port() -> None:
@@ -205,7 +246,7 @@ def test_tproxy_include_inbound_ports_divert_and_tproxy_per_port() -> None:
         "mangle"
     )
     assert mangle is not None
-    inbound = [r for r in mangle.rules if r.startswith("-A HEADRACE_SC_INBOUND ")][3:]
+    inbound = _bare([r for r in mangle.rules if r.startswith("-A HEADRACE_SC_INBOUND ")][3:])
     assert inbound == [
         "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -m conntrack --ctstate RELATED,ESTABLISHED "
         "-j HEADRACE_SC_DIVERT",
@@ -230,6 +271,27 @@ def test_uses_tproxy_and_bad_mode() -> None:
 
 
 def test_in_if_is_placed_where_iptables_save_puts_it() -> None:
-    assert builder.rule("C", src="1.2.3.4/32", dst="5.6.7.8/32", in_if="lo", proto="tcp", target="RETURN") == (
-        "-A C -s 1.2.3.4/32 -d 5.6.7.8/32 -i lo -p tcp -j RETURN"
-    )
+    line = builder.rule("C", src="1.2.3.4/32", dst="5.6.7.8/32", in_if="lo", proto="tcp", purpose="p", target="RETURN")
+    assert line == '-A C -s 1.2.3.4/32 -d 5.6.7.8/32 -i lo -p tcp -m comment --comment "headrace: p" -j RETURN'
+
+
+def test_arguments_split_saved_lines_like_iptables_restore() -> None:
+    for rs in _all_rule_sets():
+        for t in rs.tables:
+            for line in (*t.jumps, *t.rules):
+                assert rule_text.arguments(line) == shlex.split(line), line
+    # iptables-save's escapes inside a quoted comment: \" \\ \' (each the character itself)
+    saved = r'-A X -m comment --comment "say \"hi\" c:\\ it\'s" -j RETURN'
+    assert rule_text.arguments(saved) == [
+        "-A",
+        "X",
+        "-m",
+        "comment",
+        "--comment",
+        'say "hi" c:\\ it\'s',
+        "-j",
+        "RETURN",
+    ]
+    assert rule_text.arguments(" -A\tX  -j Y \n") == ["-A", "X", "-j", "Y"]
+    assert rule_text.arguments('-A X --comment "" -j Y') == ["-A", "X", "--comment", "", "-j", "Y"]
+    assert rule_text.arguments("-A X --comment 'b c' -j Y") == ["-A", "X", "--comment", "'b", "c'", "-j", "Y"]

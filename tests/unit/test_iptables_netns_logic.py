@@ -53,8 +53,9 @@ def test_transition_replaces_ours_in_one_table_block() -> None:
     assert "-D FOREIGN -j HEADRACE_SC_OLD" in lines
     assert lines.index("-F HEADRACE_SC_OLD") < lines.index("-X HEADRACE_SC_OLD")
     assert ":HEADRACE_SC_OUTPUT - [0:0]" in lines
-    assert "-I PREROUTING 1 -p tcp -j HEADRACE_SC_INBOUND" in lines
-    assert "-I OUTPUT 1 -p tcp -j HEADRACE_SC_OUTPUT" in lines
+    purpose = '-m comment --comment "headrace: sidecar {}"'
+    assert f"-I PREROUTING 1 -p tcp {purpose.format('inbound')} -j HEADRACE_SC_INBOUND" in lines
+    assert f"-I OUTPUT 1 -p tcp {purpose.format('outbound')} -j HEADRACE_SC_OUTPUT" in lines
     assert not any("FOREIGN -j RETURN" in x or x.startswith("-D OUTPUT -d") for x in lines)
 
 
@@ -105,7 +106,9 @@ def test_compare_intact_and_drift() -> None:
     flushed = "\n".join(x for x in good.splitlines() if not x.startswith("-A HEADRACE_AM_OUTPUT"))
     problems = compare.compare(parse_save(flushed), rs)
     assert problems and all("HEADRACE_AM_OUTPUT" in p for p in problems)
-    jump = "-A OUTPUT -j HEADRACE_AM_OUTPUT"
+    nat = rs.table("nat")
+    assert nat is not None
+    jump = next(j for j in nat.jumps if j.startswith("-A OUTPUT "))
     doubled = good.replace(jump, f"{jump}\n{jump}")
     assert any("2 times" in p for p in compare.compare(parse_save(doubled), rs))
     altered = good.replace("--to-ports 15001", "--to-ports 15002")

@@ -8,7 +8,9 @@ content). A rule's content is everything the kernel stores for it except counter
 the `ipt_ip`/`ip6t_ip6` header (addresses, masks, interfaces, protocol, flags, inversions), each match
 (name, revision, data) and the target (name, revision, data; a standard target by its verdict name, i.e.
 the chain jumped to or ACCEPT/RETURN/..., since its data holds a blob offset that moves when unrelated
-rules change). Tables holding nothing of ours are left out, like the iptables-save compare does.
+rules change). Our rules' `headrace: <purpose>` comment is a match like any other (xt_comment's 256-byte
+text), so a rule whose comment changed differs. Tables holding nothing of ours are left out, like the
+iptables-save compare does.
 
 Kernel ABI used (`LAYOUTS` holds the x86_64 values; the reader takes them from python-iptables' ctypes
 structs): `struct ipt_entry` = ipt_ip (84 bytes), nfcache u32, target_offset u16 (@88), next_offset u16
