@@ -93,7 +93,7 @@ def test_b_cni_layers() -> None:
     assert L.cni_layers(graph) == [
         "cni.contract.a imports cni.rules.builder: cni.contract imports only cni.contract",
         "cni.rules.builder imports cni.kernel.tables: cni.rules imports only cni.contract/cni.rules",
-        "cni.kernel.tables imports cni.plugin.entry: cni.kernel imports only cni.contract/cni.kernel",
+        "cni.kernel.tables imports cni.plugin.entry: cni.kernel imports only cni.contract/cni.rules/cni.kernel",
         "cni.plugin.entry imports node_agent.lab: cni.plugin never imports node_agent",
     ]
 
