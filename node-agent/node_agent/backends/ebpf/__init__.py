@@ -1,6 +1,8 @@
 """The eBPF redirection backend (bcc-compiled programs in bpf/, attached to each pod's own cgroup v2).
 
 Modules: bpfsys (bpf(2) via ctypes), loader (compile once per process), maps (pure spec -> map entries),
+cgroup_programs (our programs on a cgroup: which, find, detach, roll back), proxy_orig_dst (the node-level
+getsockopt program on the proxy cgroup),
 pinning (bpffs at <state-dir>/bpf), attach (cgroup v2 attach), tc (clsact ingress in the pod netns),
 backend (EbpfBackend), probe (can it run?). See docs/ebpf.md.
 Import EbpfBackend from node_agent.backends.ebpf.backend; this package imports nothing heavy.

@@ -9,7 +9,6 @@ backend (the iptables backend) with an "inbound only" spec.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -17,30 +16,15 @@ from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
-from node_agent.backends.ebpf import bpfsys, loader, maps, netns_addr, pinning, tc
+from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
+from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
 log = logging.getLogger("headrace.backend.ebpf")
-
-# getpeername4/6: a redirected socket's peer name is the destination the app dialled (TCP and DNS)
-TCP_PROGRAMS = ("hr_connect4", "hr_connect6", "hr_sockops", "hr_getsockopt", "hr_getpeername4", "hr_getpeername6")
-DNS_PROGRAMS = ("hr_sendmsg4", "hr_sendmsg6", "hr_recvmsg4", "hr_recvmsg6")
-# sidecar: the proxy uid/gid is the socket creator's (as iptables' owner match), recorded at socket creation
-SIDECAR_PROGRAMS = ("hr_sock_create",)
-PROXY_GETSOCKOPT = "hr_getsockopt_proxy"
-OUR_ATTACH_TYPES = tuple(sorted({loader.PROGRAMS[p][1] for p in loader.PROGRAMS}))
-
 
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
 TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
-
-
-def wanted_programs(spec: RedirectSpec) -> tuple[str, ...]:
-    """The cgroup programs a spec needs (the TC program is separate: see wants_tc)."""
-    if isinstance(spec, AmbientSpec):
-        return TCP_PROGRAMS + DNS_PROGRAMS if spec.capture_dns else TCP_PROGRAMS
-    return SIDECAR_PROGRAMS + TCP_PROGRAMS
 
 
 def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
@@ -51,6 +35,14 @@ def _close(fds: dict[str, int]) -> None:
     for fd in fds.values():
         os.close(fd)
     fds.clear()
+
+
+def tc_detach_quietly(netns: str) -> None:
+    try:
+        for _prog_name, hook in TC_HOOKS:
+            tc.detach_ingress(netns, hook)
+    except (tc.TcError, OSError):
+        log.warning("ebpf tc rollback failed", extra={"netns": netns})
 
 
 class EbpfBackend(RedirectBackend):
@@ -70,6 +62,7 @@ class EbpfBackend(RedirectBackend):
         self.inbound = inbound_fallback
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
         self._lock = threading.RLock()
+        self.orig_dst = ProxyOrigDst(self.state_dir)
 
     # ---- helpers -------------------------------------------------------------------------------------
     def _root(self) -> Path:
@@ -229,12 +222,12 @@ class EbpfBackend(RedirectBackend):
         obj = self._object()
         root = self._root()
         pdir = self._pod_dir(root, target)
-        wanted = wanted_programs(spec)
+        wanted = cgroup_programs.wanted_programs(spec)
         tc_wanted = wants_tc(spec, self.inbound_in_ebpf)
         if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
             nfds = self._node_maps(root, obj)
             try:
-                self._ensure_proxy_getsockopt(root, obj, nfds)
+                self.orig_dst.ensure(self.proxy_cgroup, root, obj, nfds)
             finally:
                 _close(nfds)
         if pdir.is_dir():
@@ -279,12 +272,12 @@ class EbpfBackend(RedirectBackend):
                         if bpfsys.prog_info(old).prog_id not in c.attached(atype):
                             old = None
                     if old is None:  # an unpinned program of ours (crash mid-apply) must not stay twice
-                        self._detach_ours_by_name(c, only_type=atype)
+                        cgroup_programs.detach_ours_by_name(c, only_type=atype)
                     c.attach(progs[name], atype, replace_fd=old)
                     done.append((progs[name], atype, old))
                 for child in list(pdir.iterdir()):  # programs no longer wanted (DNS switched off)
                     if child.name in loader.PROGRAMS and child.name not in wanted:
-                        self._detach_pinned(c, child)
+                        cgroup_programs.detach_pinned(c, child)
             if tc_wanted:
                 for prog_name, hook in TC_HOOKS:
                     tc.attach_ingress(target.netns_path, progs[prog_name], hook)
@@ -297,9 +290,9 @@ class EbpfBackend(RedirectBackend):
             for name in loader.POD_MAPS:
                 pinning.pin(fds[name], pdir / name)
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
-            self._rollback(cg, done)
+            cgroup_programs.rollback(cg, done)
             if tc_wanted and not had_tc:
-                self._tc_detach_quietly(target.netns_path)
+                tc_detach_quietly(target.netns_path)
             detail = f"; verifier log:\n{e.log[-2000:]}" if isinstance(e, bpfsys.BpfSysError) and e.log else ""
             raise BackendError(f"eBPF apply for pod {target.uid} failed: {e}{detail}") from e
         finally:
@@ -325,145 +318,16 @@ class EbpfBackend(RedirectBackend):
                 except CgroupError as e:
                     raise BackendError(f"proxy cgroup: {e}") from e
             root = self._root()
-            had = (root / pinning.NODE_DIR / PROXY_GETSOCKOPT).exists()
+            had = self.orig_dst.pinned_path(root).exists()
             if had:
-                self._detach_proxy_getsockopt(root)
+                self.orig_dst.detach(self.proxy_cgroup, root)
             self.proxy_cgroup = new
             if had and new is not None:
                 fds = self._node_maps(root, self._object())
                 try:
-                    self._ensure_proxy_getsockopt(root, self._object(), fds)
+                    self.orig_dst.ensure(self.proxy_cgroup, root, self._object(), fds)
                 finally:
                     _close(fds)
-
-    def _ensure_proxy_getsockopt(self, root: Path, obj: loader.CompiledObject, node_fds: dict[str, int]) -> None:
-        """One getsockopt program on the node proxy's cgroup (ambient), shared by all pods; idempotent."""
-        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
-        atype = loader.PROGRAMS["hr_getsockopt"][1]
-        try:
-            cg = validate_cgroup(self.proxy_cgroup)
-            recorded = self._proxy_attached_cgroup()
-            if recorded is not None and recorded != str(cg) and path.exists():
-                self._detach_proxy_from(path, recorded)  # attached by an earlier run to another cgroup
-            with Cgroup(cg) as c:
-                fd = pinning.open_pinned(path)
-                try:
-                    if fd is not None and bpfsys.prog_info(fd).prog_id in c.attached(atype):
-                        self._record_proxy_attached(str(cg))
-                        return
-                    if fd is None:
-                        prog = obj.programs["hr_getsockopt"]
-                        fd = bpfsys.prog_load(
-                            prog.prog_type, prog.patched(node_fds), "hr_getsockopt", prog.attach_type, loader.LICENSE
-                        )
-                        pinning.pin(fd, path)
-                    c.attach(fd, atype)
-                    self._record_proxy_attached(str(cg))
-                finally:
-                    if fd is not None:
-                        os.close(fd)
-        except (CgroupError, bpfsys.BpfSysError, OSError) as e:
-            raise BackendError(
-                f"cannot attach the original-destination program to the proxy cgroup {self.proxy_cgroup}: {e}"
-            ) from e
-        log.info(
-            "ebpf proxy getsockopt attached", extra={"event": "ebpf_proxy_attached", "cgroup": str(self.proxy_cgroup)}
-        )
-
-    def _proxy_problems(self, root: Path) -> list[str]:
-        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
-        fd = pinning.open_pinned(path)
-        if fd is None:
-            return [f"original-destination program for the proxy cgroup is not pinned ({path})"]
-        try:
-            pid = bpfsys.prog_info(fd).prog_id
-            with Cgroup(validate_cgroup(self.proxy_cgroup)) as c:
-                if pid not in c.attached(loader.PROGRAMS["hr_getsockopt"][1]):
-                    return [f"original-destination program is not attached to {self.proxy_cgroup}"]
-        except (CgroupError, bpfsys.BpfSysError) as e:
-            return [f"proxy cgroup: {e}"]
-        finally:
-            os.close(fd)
-        return []
-
-    @property
-    def _proxy_attached_file(self) -> Path:
-        """Where the cgroup holding the node-level getsockopt program is recorded (outside the bpffs: a
-        legacy cgroup attachment cannot be looked up from the program, and the agent's idea of the proxy
-        cgroup may change, or be unknown, after a restart)."""
-        return self.state_dir / "ebpf-proxy-getsockopt.cgroup"
-
-    def _proxy_attached_cgroup(self) -> str | None:
-        try:
-            return self._proxy_attached_file.read_text(encoding="utf-8").strip() or None
-        except FileNotFoundError:
-            return None
-
-    def _record_proxy_attached(self, cgroup: str) -> None:
-        if self._proxy_attached_cgroup() == cgroup:
-            return
-        tmp = self._proxy_attached_file.with_suffix(".tmp")
-        tmp.write_text(cgroup + "\n", encoding="utf-8")
-        os.replace(tmp, self._proxy_attached_file)
-
-    def _detach_proxy_from(self, path: Path, cgroup: str) -> None:
-        if not Path(cgroup).is_dir():
-            return  # the cgroup is gone, and its attachments with it
-        with Cgroup(Path(cgroup)) as c:
-            fd = pinning.open_pinned(path)
-            if fd is None:
-                return
-            try:
-                c.detach(fd, loader.PROGRAMS["hr_getsockopt"][1])
-            except bpfsys.BpfSysError as e:
-                if e.errno not in (errno.ENOENT, errno.EINVAL):
-                    raise
-            finally:
-                os.close(fd)
-
-    def _detach_proxy_getsockopt(self, root: Path) -> None:
-        """Detach the node-level getsockopt program from wherever it is attached (the recorded cgroup and
-        the current proxy cgroup), then unpin it."""
-        path = root / pinning.NODE_DIR / PROXY_GETSOCKOPT
-        if path.exists():
-            for cgroup in {c for c in (self._proxy_attached_cgroup(), self.proxy_cgroup) if c is not None}:
-                self._detach_proxy_from(path, cgroup)
-            pinning.unpin(path)
-        self._proxy_attached_file.unlink(missing_ok=True)
-
-    def _tc_detach_quietly(self, netns: str) -> None:
-        try:
-            for _prog_name, hook in TC_HOOKS:
-                tc.detach_ingress(netns, hook)
-        except (tc.TcError, OSError):
-            log.warning("ebpf tc rollback failed", extra={"netns": netns})
-
-    def _rollback(self, cg: Path, done: list[tuple[int, int, int | None]]) -> None:
-        try:
-            with Cgroup(cg) as c:
-                for new, atype, old in reversed(done):
-                    try:
-                        if old is not None:
-                            c.attach(old, atype, replace_fd=new)
-                        else:
-                            c.detach(new, atype)
-                    except bpfsys.BpfSysError:
-                        log.warning("ebpf rollback step failed", extra={"cgroup": str(cg)})
-        except CgroupError:
-            pass
-
-    def _detach_pinned(self, c: Cgroup, path: Path) -> None:
-        fd = pinning.open_pinned(path)
-        if fd is None:
-            return
-        try:
-            c.detach(fd, loader.PROGRAMS[path.name][1])
-        except bpfsys.BpfSysError as e:
-            if e.errno not in (errno.ENOENT, errno.EINVAL):
-                raise
-        finally:
-            os.close(fd)
-        pinning.unpin(path)
 
     def _cgroup_of(self, target: PodTarget, pdir: Path | None) -> Path | None:
         if target.cgroup_path and Path(target.cgroup_path).is_dir():
@@ -483,8 +347,8 @@ class EbpfBackend(RedirectBackend):
                     if pdir.is_dir():
                         for child in list(pdir.iterdir()):
                             if child.name in loader.PROGRAMS:
-                                self._detach_pinned(c, child)
-                    self._detach_ours_by_name(c)
+                                cgroup_programs.detach_pinned(c, child)
+                    cgroup_programs.detach_ours_by_name(c)
             if target.netns_path:  # our filters only; cheap when there are none
                 try:
                     for _prog_name, hook in TC_HOOKS:
@@ -494,41 +358,11 @@ class EbpfBackend(RedirectBackend):
             pinning.remove_dir(pdir)
             others = [p for p in root.iterdir() if p.is_dir() and p.name != pinning.NODE_DIR]
             if not others:
-                self._detach_proxy_getsockopt(root)
+                self.orig_dst.detach(self.proxy_cgroup, root)
                 pinning.remove_dir(root / pinning.NODE_DIR)
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
             raise BackendError(f"eBPF remove for pod {target.uid} failed: {e}") from e
         log.info("ebpf redirect removed", extra={"pod": target.uid, "event": "ebpf_removed"})
-
-    def _ours_attached(self, c: Cgroup, only_type: int | None = None) -> list[tuple[int, int]]:
-        """(program id, attach type) of headrace programs attached to this cgroup, pinned or not."""
-        found: list[tuple[int, int]] = []
-        for atype in OUR_ATTACH_TYPES if only_type is None else (only_type,):
-            for pid in c.attached(atype):
-                try:
-                    fd = bpfsys.prog_fd_by_id(pid)
-                except bpfsys.BpfSysError:
-                    continue
-                try:
-                    if bpfsys.prog_info(fd).name in loader.PROGRAMS:
-                        found.append((pid, atype))
-                finally:
-                    os.close(fd)
-        return found
-
-    def _detach_ours_by_name(self, c: Cgroup, only_type: int | None = None) -> None:
-        for pid, atype in self._ours_attached(c, only_type):
-            try:
-                fd = bpfsys.prog_fd_by_id(pid)
-            except bpfsys.BpfSysError:
-                continue
-            try:
-                c.detach(fd, atype)
-            except bpfsys.BpfSysError as e:
-                if e.errno not in (errno.ENOENT, errno.EINVAL):
-                    raise
-            finally:
-                os.close(fd)
 
     def _ebpf_installed(self, target: PodTarget) -> bool:
         root = self._root()
@@ -540,7 +374,7 @@ class EbpfBackend(RedirectBackend):
             return False
         try:
             with Cgroup(cg) as c:
-                return bool(self._ours_attached(c))
+                return bool(cgroup_programs.ours_attached(c))
         except (CgroupError, bpfsys.BpfSysError):
             return False
 
@@ -585,13 +419,13 @@ class EbpfBackend(RedirectBackend):
             else:
                 try:
                     gen = maps.pod_maps(spec, 0, inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips).generation
-                    problems += self._ebpf_problems(
-                        pdir, cg, wanted_programs(spec), gen, target.netns_path, wants_tc(spec, self.inbound_in_ebpf)
-                    )
+                    wanted = cgroup_programs.wanted_programs(spec)
+                    tc_wanted = wants_tc(spec, self.inbound_in_ebpf)
+                    problems += self._ebpf_problems(pdir, cg, wanted, gen, target.netns_path, tc_wanted)
                 except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
                     problems.append(f"cannot read eBPF state: {e}")
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
-                problems += self._proxy_problems(root)
+                problems += self.orig_dst.problems(self.proxy_cgroup, root)
             if maps.needs_inbound(spec):
                 if self.inbound is not None:
                     problems += [
