@@ -25,9 +25,10 @@ from node_agent.repair.boot_race import (
     PrometheusBootRaceMetrics,
     RepairMode,
 )
-from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
+from node_agent.sources.store import PodStore
 from prometheus_client import CollectorRegistry
 
+from cni.contract.kube_objects import Namespace, Pod
 from tests.unit.agent_fakes import FakeHub, FakePins
 
 SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
@@ -90,8 +91,8 @@ class Conntrack:
         self.set_to.append(value)
 
 
-def pod(uid: str, name: str, annotations: dict[str, str] | None = None, ns: str = "shop") -> PodRecord:
-    return PodRecord(uid=uid, namespace=ns, name=name, annotations=annotations or {}, ips=("10.1.0.2",))
+def pod(uid: str, name: str, annotations: dict[str, str] | None = None, ns: str = "shop") -> Pod:
+    return Pod(uid=uid, namespace=ns, name=name, annotations=annotations or {}, ips=("10.1.0.2",))
 
 
 class World:
@@ -115,15 +116,15 @@ class World:
             locate=self.locate, metrics=PrometheusBootRaceMetrics(self.registry), grace=2.0, clock=self.clock,
         )
 
-    def locate(self, p: PodRecord, cache: dict[str, Any]) -> NetnsLocation:
+    def locate(self, p: Pod, cache: dict[str, Any]) -> NetnsLocation:
         self.located.append(p.uid)
         if p.uid in self.unfindable:
             raise NetnsNotFound("no process")
         return NetnsLocation(p.uid, 0, str(self.netns_file), self.ino, None)
 
-    def set_pods(self, *pods: PodRecord) -> None:
+    def set_pods(self, *pods: Pod) -> None:
         self.store.replace_pods(pods)
-        self.store.replace_namespaces([NamespaceRecord("shop")])
+        self.store.replace_namespaces([Namespace("shop")])
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels or None)

@@ -4,17 +4,17 @@ from typing import Any
 
 import pytest
 from node_agent.sources.desired import desired_pods, pod_mode
-from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
+from node_agent.sources.store import PodStore
 
-from cni.contract.kube_objects import ObjectError, pod_from_object
+from cni.contract.kube_objects import Namespace, ObjectError, Pod, pod_from_object
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
 
-def p(**kw: Any) -> PodRecord:
+def p(**kw: Any) -> Pod:
     base: dict[str, Any] = {"uid": "u1", "namespace": "app", "name": "p"}
     base.update(kw)
-    return PodRecord(**base)
+    return Pod(**base)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +31,8 @@ def p(**kw: Any) -> PodRecord:
         (p(phase="Succeeded"), AMBIENT, "none"),
     ],
 )
-def test_mode(pod: PodRecord, ns_labels: dict[str, str], mode: str) -> None:
-    got, reason = pod_mode(pod, NamespaceRecord(pod.namespace, ns_labels), ("kube-system",))
+def test_mode(pod: Pod, ns_labels: dict[str, str], mode: str) -> None:
+    got, reason = pod_mode(pod, Namespace(pod.namespace, ns_labels), ("kube-system",))
     assert got == mode
     assert reason
 
@@ -43,7 +43,7 @@ def test_missing_namespace_object_means_not_labelled() -> None:
 
 def test_desired_pods_from_store() -> None:
     store = PodStore()
-    store.replace_namespaces([NamespaceRecord("app", AMBIENT), NamespaceRecord("other", {})])
+    store.replace_namespaces([Namespace("app", AMBIENT), Namespace("other", {})])
     store.replace_pods(
         [p(uid="a"), p(uid="b", namespace="other"), p(uid="c", labels={"istio.io/dataplane-mode": "none"})]
     )

@@ -12,8 +12,9 @@ from node_agent.backends.base import PodTarget
 from node_agent.netns.finder import NetnsLocation, NetnsNotFound
 from node_agent.reconcile.loop import Reconciler
 from node_agent.reconcile.records import EnrolRecord, RecordStore
-from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
+from node_agent.sources.store import PodStore
 
+from cni.contract.kube_objects import Namespace, Pod
 from tests.unit.agent_fakes import FakeBackend, FakeHub, FakePins
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -99,16 +100,16 @@ class Env:
     def by_ips(self, uid: str, ips: tuple[str, ...]) -> NetnsLocation:
         raise NetnsNotFound(f"no named netns holds {ips}")
 
-    def set(self, ns_labels: dict[str, str], *pods: PodRecord) -> None:
-        self.store.replace_namespaces([NamespaceRecord("app", ns_labels), NamespaceRecord("kube-system", AMBIENT)])
+    def set(self, ns_labels: dict[str, str], *pods: Pod) -> None:
+        self.store.replace_namespaces([Namespace("app", ns_labels), Namespace("kube-system", AMBIENT)])
         self.store.replace_pods(pods)
 
     def state(self, uid: str) -> str:
         return self.r.pods[uid].state if uid in self.r.pods else "absent"
 
 
-def pod(uid: str = UID, **kw) -> PodRecord:
-    return PodRecord(
+def pod(uid: str = UID, **kw) -> Pod:
+    return Pod(
         uid=uid,
         namespace=kw.pop("namespace", "app"),
         name=kw.pop("name", "p-" + uid[-1]),

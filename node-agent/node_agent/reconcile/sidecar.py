@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from cni.contract.annotations import KNOWN, sidecar_spec
 from cni.contract.errors import CniError
+from cni.contract.kube_objects import Pod
 from cni.contract.spec import SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget
 from node_agent.netns.pin import PinError
@@ -32,7 +33,7 @@ from node_agent.reconcile.state import (
     log_ctx,
 )
 from node_agent.reconcile.table import PodTable
-from node_agent.sources.store import PodRecord, PodStore
+from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.reconcile")
 
@@ -55,7 +56,7 @@ class SidecarPods:
         self.conntrack = conntrack
         self._unenrol_ambient = unenrol_ambient
 
-    def _wait_for_pod(self, uid: str, timeout: float) -> PodRecord | None:
+    def _wait_for_pod(self, uid: str, timeout: float) -> Pod | None:
         deadline = self.table.clock() + timeout
         while True:
             pod = self.store.snapshot().pods.get(uid)

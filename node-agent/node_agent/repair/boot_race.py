@@ -38,12 +38,13 @@ from typing import Any, Literal, Protocol
 
 from cni.contract.annotations import sidecar_spec
 from cni.contract.errors import CniError
+from cni.contract.kube_objects import Pod
 from cni.contract.spec import SidecarSpec
 from node_agent.backends.base import BackendError, PodRules, PodTarget
 from node_agent.netns.finder import NetnsLocation
 from node_agent.reconcile.state import RepairResult
 from node_agent.sources.desired import desired_pods
-from node_agent.sources.store import PodRecord, PodStore
+from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.boot-race")
 
@@ -58,7 +59,7 @@ REPAIRED = "repaired"  # boot-race victim, rules installed in place by the agent
 FAILED = "failed"  # boot-race victim, repair failed (retried with backoff)
 REPORTED = (FLAGGED, REPAIRED, FAILED)
 
-Locator = Callable[[PodRecord, dict[str, Any]], NetnsLocation]
+Locator = Callable[[Pod, dict[str, Any]], NetnsLocation]
 
 
 class SidecarRepairer(Protocol):
@@ -135,7 +136,7 @@ def default_locator() -> Locator:
 
     matcher = netns_finder.IpMatcher()
 
-    def locate(pod: PodRecord, cache: dict[str, Any]) -> NetnsLocation:
+    def locate(pod: Pod, cache: dict[str, Any]) -> NetnsLocation:
         if "scan" not in cache:
             cache["scan"] = netns_finder.scan()
         found = cache["scan"].get(netns_finder.normalise_uid(pod.uid), [])
@@ -268,7 +269,7 @@ class BootRaceMonitor:
                 log.warning("cannot read %s state: %s", backend.name, exc, extra={"uid": target.uid})
         return False
 
-    def _judge(self, pod: PodRecord, prev: Verdict | None, now: float, cache: dict[str, Any]) -> None:
+    def _judge(self, pod: Pod, prev: Verdict | None, now: float, cache: dict[str, Any]) -> None:
         try:
             loc = self._locate(pod, cache)
         except (LookupError, OSError):
@@ -304,7 +305,7 @@ class BootRaceMonitor:
                 return
             self._repair(pod, prev, loc, target, now)
 
-    def _repair(self, pod: PodRecord, prev: Verdict, loc: NetnsLocation, target: PodTarget, now: float) -> None:
+    def _repair(self, pod: Pod, prev: Verdict, loc: NetnsLocation, target: PodTarget, now: float) -> None:
         attempts = prev.attempts + 1 if prev.state == FAILED else 1
         try:
             spec = sidecar_spec(pod.annotations)
@@ -328,7 +329,7 @@ class BootRaceMonitor:
                                                                     "backend": result.backend})
 
     @staticmethod
-    def _ctx(pod: PodRecord, step: str) -> dict[str, Any]:
+    def _ctx(pod: Pod, step: str) -> dict[str, Any]:
         return {"pod": pod.name, "namespace": pod.namespace, "uid": pod.uid, "step": step}
 
     # ---- status -------------------------------------------------------------------------------------

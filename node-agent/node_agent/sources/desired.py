@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cni.contract import membership
-from node_agent.sources.store import NamespaceRecord, PodRecord, StoreSnapshot
+from cni.contract.kube_objects import Namespace, Pod
+from node_agent.sources.store import StoreSnapshot
 
 Mode = Literal["ambient", "sidecar", "none"]
 
@@ -25,12 +26,12 @@ FINISHED_PHASES = ("Succeeded", "Failed")
 
 @dataclass(frozen=True)
 class Desired:
-    pod: PodRecord
+    pod: Pod
     mode: Mode
     reason: str
 
 
-def _reason(pod: PodRecord, namespace: NamespaceRecord | None, mode: Mode) -> str:
+def _reason(pod: Pod, namespace: Namespace | None, mode: Mode) -> str:
     if mode == "sidecar":
         return "sidecar injected"
     pod_label = pod.labels.get(DATAPLANE_LABEL)
@@ -40,8 +41,8 @@ def _reason(pod: PodRecord, namespace: NamespaceRecord | None, mode: Mode) -> st
 
 
 def pod_mode(
-    pod: PodRecord,
-    namespace: NamespaceRecord | None,
+    pod: Pod,
+    namespace: Namespace | None,
     exclude_namespaces: tuple[str, ...],
 ) -> tuple[Mode, str]:
     """The mode of one pod plus a short human reason."""

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cni.contract.kube_objects import ObjectError, namespace_from_object, pod_from_object
-from node_agent.sources.store import NamespaceRecord, PodRecord, PodStore
+from cni.contract.kube_objects import Namespace, ObjectError, Pod, namespace_from_object, pod_from_object
+from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.objects")
 
@@ -44,10 +44,10 @@ def _objects(doc: Any) -> Iterator[dict[str, Any]]:
     yield doc
 
 
-def read_objects_dir(directory: Path, node_name: str = "") -> tuple[list[PodRecord], list[NamespaceRecord]]:
+def read_objects_dir(directory: Path, node_name: str = "") -> tuple[list[Pod], list[Namespace]]:
     """Parse every object file; pods scheduled to another node (spec.nodeName set and different) skipped."""
-    pods: list[PodRecord] = []
-    namespaces: list[NamespaceRecord] = []
+    pods: list[Pod] = []
+    namespaces: list[Namespace] = []
     for path in sorted(directory.iterdir()):
         if path.suffix not in SUFFIXES or not path.is_file() or path.name.startswith("."):
             continue

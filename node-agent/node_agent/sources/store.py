@@ -1,9 +1,8 @@
 """Pods and namespaces as the agent sees them, and the thread-safe cache the pod sources fill.
 
-Both sources (Kubernetes watch, objects dir) turn Kubernetes-shaped dicts into records with the one parser,
-`cni.contract.kube_objects` (shared with the CNI plugin; `PodRecord` and `NamespaceRecord` are its `Pod`
-and `Namespace`), and push them into one `PodStore`; the reconcile loop reads a consistent snapshot and is
-woken on every change.
+Both sources (Kubernetes watch, objects dir) turn Kubernetes-shaped dicts into `Pod` and `Namespace` values
+with the one parser, `cni.contract.kube_objects` (shared with the CNI plugin), and push them into one
+`PodStore`; the reconcile loop reads a consistent snapshot and is woken on every change.
 """
 
 from __future__ import annotations
@@ -14,15 +13,11 @@ from dataclasses import dataclass
 
 from cni.contract.kube_objects import Namespace, Pod
 
-# The agent's names for the one pod/namespace record type (parsed by cni.contract.kube_objects).
-PodRecord = Pod
-NamespaceRecord = Namespace
-
 
 @dataclass(frozen=True)
 class StoreSnapshot:
-    pods: Mapping[str, PodRecord]
-    namespaces: Mapping[str, NamespaceRecord]
+    pods: Mapping[str, Pod]
+    namespaces: Mapping[str, Namespace]
     synced: bool  # every source has completed its first full list
     generation: int
 
@@ -32,8 +27,8 @@ class PodStore:
 
     def __init__(self, kinds: Iterable[str] = ("pods", "namespaces")) -> None:
         self._lock = threading.Lock()
-        self._pods: dict[str, PodRecord] = {}
-        self._namespaces: dict[str, NamespaceRecord] = {}
+        self._pods: dict[str, Pod] = {}
+        self._namespaces: dict[str, Namespace] = {}
         self._pending_sync = set(kinds)
         self._generation = 0
         self._listeners: list[Callable[[], None]] = []
@@ -46,7 +41,7 @@ class PodStore:
         for listener in list(self._listeners):
             listener()
 
-    def replace_pods(self, pods: Iterable[PodRecord]) -> None:
+    def replace_pods(self, pods: Iterable[Pod]) -> None:
         new = {p.uid: p for p in pods}
         with self._lock:
             changed = new != self._pods or "pods" in self._pending_sync
@@ -55,7 +50,7 @@ class PodStore:
         if changed:
             self._changed()
 
-    def replace_namespaces(self, namespaces: Iterable[NamespaceRecord]) -> None:
+    def replace_namespaces(self, namespaces: Iterable[Namespace]) -> None:
         new = {n.name: n for n in namespaces}
         with self._lock:
             changed = new != self._namespaces or "namespaces" in self._pending_sync
@@ -64,7 +59,7 @@ class PodStore:
         if changed:
             self._changed()
 
-    def upsert_pod(self, pod: PodRecord) -> None:
+    def upsert_pod(self, pod: Pod) -> None:
         with self._lock:
             if self._pods.get(pod.uid) == pod:
                 return
@@ -77,7 +72,7 @@ class PodStore:
                 return
         self._changed()
 
-    def upsert_namespace(self, ns: NamespaceRecord) -> None:
+    def upsert_namespace(self, ns: Namespace) -> None:
         with self._lock:
             if self._namespaces.get(ns.name) == ns:
                 return
