@@ -1,4 +1,4 @@
-"""The same behaviour on both redirection backends, through the product path (issue 4, "How it is proven").
+"""The same behaviour on both redirection backends, through the product path.
 
 Every test runs once with `iptables` and once with `ebpf`: a simulated node whose pods are made like a real
 runtime makes them (bridge + host-local + headrace-cni with `backend: <b>` in the conflist, an infra

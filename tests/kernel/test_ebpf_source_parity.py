@@ -143,7 +143,7 @@ def test_sidecar_flows_observed_alike(env: PodEnv, target: PodTarget, tmp_path: 
     assert ebpf["out6"]["server_peer"] == env.pod_v6 and ebpf["out6"]["server_local"] == "[::1]:15001"
     assert ebpf["out6"]["orig"] == f"[{env.peer_v6}]:8080"
     assert ebpf["out_mapped"]["server_peer"] == env.pod_v4 and ebpf["out_mapped"]["orig"] == f"{env.peer_v4}:8080"
-    # issue 4 note 1: the proxy dialling its own pod IP reaches 15006 from the pod IP, not from loopback
+    # the proxy dialling its own pod IP reaches 15006 from the pod IP, not from loopback
     assert ebpf["proxy_to_own_ip4"] == {
         "server": "inbound", "server_peer": env.pod_v4, "server_local": "127.0.0.1:15006",
         "orig": f"{env.pod_v4}:8080", "app_sock": env.pod_v4, "app_peername": f"{env.pod_v4}:8080",
@@ -236,7 +236,7 @@ def test_ambient_outbound_and_dns_observed_alike(
     run("ip", "-n", env.pod_ns, "route", "add", f"{PROBE_V4}/32", "dev", "eth0")
     ipt, ebpf = both(env, target, spec, tmp_path, ambient_flows(env, proxy_cgroup), proxy_cgroup=proxy_cgroup)
     assert_same(ipt, ebpf)
-    # issue 4 note 2: the DNS proxy sees the pod IP (not loopback); the app sees the server it asked
+    # the DNS proxy sees the pod IP (not loopback); the app sees the server it asked
     udp4 = ebpf["dns_udp4"]
     for mode in ("unconnected", "connected"):
         assert udp4[mode]["server"] == "dns-udp" and udp4[mode]["server_peer"] == env.pod_v4

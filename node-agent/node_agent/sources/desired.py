@@ -1,6 +1,6 @@
 """Pure: which pods on this node the agent enrols, and in which mode.
 
-The rules (DESIGN.md contract): host-network pods and excluded namespaces are never touched; pods with an
+The rules (the contract): host-network pods and excluded namespaces are never touched; pods with an
 injected sidecar (`sidecar.istio.io/status`) are left to the sidecar path; a pod label
 `istio.io/dataplane-mode=none` opts a pod out; the same label set to `ambient` on the pod or on its
 namespace enrols it. The decision itself is `cni.contract.membership.pod_mode`, shared with the plugin, so the
