@@ -1,7 +1,7 @@
 """Ambient mode end to end on the real kernel: a simulated node (bridge + host-local + headrace-cni),
 the agent and the reference proxy running in the node netns, real TCP between two pods.
 
-Proves the ambient flows (new pod, labelled running pods, unlabel, agent and proxy restarts): running pods enrolled by a namespace label without a restart (traffic then
+Proves the ambient flows: running pods enrolled by a namespace label without a restart (traffic then
 passes the proxy, which names both workloads, the original destination and the byte counts), a
 long-lived connection surviving enrolment, SIGKILL + restart without duplicate rules and with a fresh
 snapshot, drift repair, a new ambient pod enrolled before ADD returns, unlabel back to direct, and with
