@@ -23,7 +23,7 @@ from cni.kernel.apply import apply_rulesets, check_rulesets, require_netns, set_
 from cni.kernel.iptables_run import IptablesError, emit, restore_many, save, save_families
 from cni.kernel.netns_lock import netns_lock
 from cni.kernel.side_jobs import SideJob
-from cni.rules import builder
+from cni.rules import rule_text, sidecar
 from cni.rules.saved import owned, owned_all, parse_save
 from cni.rules.transition import desired_from_ruleset, transition
 
@@ -52,28 +52,28 @@ def apply_sidecar(
     With IPv6, ::6/128 is also put on `lo` (as istio-iptables does) so the sidecar can bind its inbound
     passthrough source; the address is left in place on removal (harmless, dies with the pod netns). It
     is added in parallel with the first iptables step; if that fails, the rules are rolled back.
-    TPROXY mode (`builder.uses_tproxy`): instead, one `ip -batch` per family adds the policy routing (and
+    TPROXY mode (`sidecar.uses_tproxy`): instead, one `ip -batch` per family adds the policy routing (and
     the ::6 address), in parallel with the first iptables step likewise; a failure on either side rolls
     both back (the routing entries this run created are deleted). Replacing TPROXY rules by REDIRECT ones
     deletes the policy routing.
     `optimistic` (the CNI ADD into a fresh netns): try the one-restore-per-family `fresh_text` first."""
     fams = valid_families(families)
-    rulesets = [builder.sidecar_rules(spec, f) for f in fams]
-    tproxy = builder.uses_tproxy(spec)
+    rulesets = [sidecar.sidecar_rules(spec, f) for f in fams]
+    tproxy = sidecar.uses_tproxy(spec)
     jobs: list[SideJob]
     if tproxy:
         from cni.kernel.tproxy import TproxyRoutesJob  # TPROXY pods only: REDIRECT ADDs do not load it
 
         jobs = [TproxyRoutesJob(f) for f in fams]
     elif 6 in fams:
-        jobs = [SideJob("lo-v6", ["ip", "-6", "addr", "replace", builder.PASSTHROUGH_SOURCE[6], "dev", "lo"])]
+        jobs = [SideJob("lo-v6", ["ip", "-6", "addr", "replace", rule_text.PASSTHROUGH_SOURCE[6], "dev", "lo"])]
     else:
         jobs = []
     step = "apply-sidecar"
     require_netns(netns_path, step)
     with netns_lock(netns_path, step):
         before = apply_rulesets(
-            netns_path, rulesets, flavour, builder.SIDECAR_PREFIX, step, log, optimistic=optimistic, side_jobs=jobs
+            netns_path, rulesets, flavour, sidecar.SIDECAR_PREFIX, step, log, optimistic=optimistic, side_jobs=jobs
         )
         if not tproxy:
             was_tproxy = [fam for fam, owned_before in before.items() if "mangle" in owned_before]
@@ -88,9 +88,9 @@ def check_sidecar(
 ) -> list[str]:
     """Problems with the sidecar rules (and, in TPROXY mode, the policy routing); empty when intact."""
     fams = valid_families(families)
-    rulesets = [builder.sidecar_rules(spec, f) for f in fams]
+    rulesets = [sidecar.sidecar_rules(spec, f) for f in fams]
     problems = check_rulesets(netns_path, rulesets, flavour)
-    if builder.uses_tproxy(spec) and not (netns_path is not None and not os.path.exists(netns_path)):
+    if sidecar.uses_tproxy(spec) and not (netns_path is not None and not os.path.exists(netns_path)):
         from cni.kernel.tproxy import check_tproxy_routes
 
         problems.extend(check_tproxy_routes(netns_path, fams))
@@ -106,14 +106,16 @@ def apply_ambient(
     log: StepLog | None = None,
 ) -> None:
     """Install (or replace) the ambient in-pod chains in the pod netns; all families or none."""
-    rulesets = [builder.ambient_rules(spec, f) for f in valid_families(families)]
+    from cni.rules import ambient  # ambient pods only (the agent's backend)
+    rulesets = [ambient.ambient_rules(spec, f) for f in valid_families(families)]
     require_netns(netns_path, "apply-ambient")
     with netns_lock(netns_path, "apply-ambient"):
-        apply_rulesets(netns_path, rulesets, flavour, builder.AMBIENT_PREFIX, "apply-ambient", log)
+        apply_rulesets(netns_path, rulesets, flavour, ambient.AMBIENT_PREFIX, "apply-ambient", log)
 
 
 def check_ambient(netns_path: str, spec: AmbientSpec, families: Iterable[Family], flavour: Flavour) -> list[str]:
-    rulesets = [builder.ambient_rules(spec, f) for f in valid_families(families)]
+    from cni.rules import ambient  # ambient pods only (the agent's backend)
+    rulesets = [ambient.ambient_rules(spec, f) for f in valid_families(families)]
     return check_rulesets(netns_path, rulesets, flavour)
 
 
@@ -127,18 +129,18 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None 
         with netns_lock(netns_path, "remove"):
             saved = save_families(netns_path, flavour, (4, 6))
             parsed = {f: parse_save(saved[f]) for f in (4, 6)}
-            texts: dict[Family, str] = {f: transition(parsed[f], {}, builder.OWNED_PREFIX) for f in (4, 6)}
+            texts: dict[Family, str] = {f: transition(parsed[f], {}, rule_text.OWNED_PREFIX) for f in (4, 6)}
             # TPROXY-mode sidecar chains (mangle) come with policy routing: removed along with them
             both: tuple[Family, ...] = (4, 6)
             tproxy_fams = [
-                f for f in both if "mangle" in parsed[f] and owned(parsed[f]["mangle"], builder.SIDECAR_PREFIX).chains
+                f for f in both if "mangle" in parsed[f] and owned(parsed[f]["mangle"], sidecar.SIDECAR_PREFIX).chains
             ]
             # both families' restores at once; a failed one is retried once from a fresh save
             results = restore_many(netns_path, flavour, {f: t for f, t in texts.items() if t}, "remove")
             for family, err in results.items():
                 if err is not None:
                     step = f"remove-v{family}"
-                    set_owned(netns_path, flavour, family, {}, builder.OWNED_PREFIX, step, attempts=1)
+                    set_owned(netns_path, flavour, family, {}, rule_text.OWNED_PREFIX, step, attempts=1)
             if tproxy_fams:
                 from cni.kernel.tproxy import remove_tproxy_routes
 
@@ -155,7 +157,7 @@ def installed(netns_path: str | None, flavour: Flavour) -> bool:
     if netns_path is not None and not os.path.exists(netns_path):
         return False
     saved = save_families(netns_path, flavour, (4, 6))
-    return any(owned_all(parse_save(text), builder.OWNED_PREFIX) for text in saved.values())
+    return any(owned_all(parse_save(text), rule_text.OWNED_PREFIX) for text in saved.values())
 
 
 def sync_node_probe_rules(
@@ -167,26 +169,28 @@ def sync_node_probe_rules(
 ) -> None:
     """Make HEADRACE_POSTROUTING (nat) in the node's netns SNAT host-originated TCP to exactly these pod
     IPs to the probe address; one atomic restore per family. A family without pod IPs gets no chain."""
+    from cni.rules import node_probe  # the agent's node netns only
     require_netns(netns_path, "node-probe")
-    ips = builder.parse_pod_ips(pod_ips)
+    ips = node_probe.parse_pod_ips(pod_ips)
     with netns_lock(netns_path, "node-probe"):
         for family in (4, 6):
             fam_ips = [ip for ip in ips if ip.version == family]
-            desired = desired_from_ruleset(builder.node_probe_rules(fam_ips, family)) if fam_ips else {}
-            set_owned(netns_path, flavour, family, desired, builder.NODE_CHAIN, f"node-probe-v{family}")
+            desired = desired_from_ruleset(node_probe.node_probe_rules(fam_ips, family)) if fam_ips else {}
+            set_owned(netns_path, flavour, family, desired, node_probe.NODE_CHAIN, f"node-probe-v{family}")
     emit(log, "info", "node-probe", "node probe SNAT rules synced", pod_ips=[str(i) for i in ips])
 
 
 def check_node_probe_rules(netns_path: str | None, pod_ips: Iterable[object], flavour: Flavour) -> list[str]:
-    ips = builder.parse_pod_ips(pod_ips)
+    from cni.rules import node_probe  # the agent's node netns only
+    ips = node_probe.parse_pod_ips(pod_ips)
     problems: list[str] = []
     for family in (4, 6):
         fam_ips = [ip for ip in ips if ip.version == family]
-        rs = builder.node_probe_rules(fam_ips, family)
+        rs = node_probe.node_probe_rules(fam_ips, family)
         if fam_ips:
             problems.extend(check_rulesets(netns_path, [rs], flavour))
         else:
             current = parse_save(save(netns_path, flavour, family))
-            for name in owned_all(current, builder.NODE_CHAIN):
-                problems.append(f"IPv{family} {name}: unexpected {builder.NODE_CHAIN} (no pod IPs of this family)")
+            for name in owned_all(current, node_probe.NODE_CHAIN):
+                problems.append(f"IPv{family} {name}: unexpected {node_probe.NODE_CHAIN} (no pod IPs of this family)")
     return problems
