@@ -16,7 +16,6 @@ tests/unit/test_cni_add_dry_run.py` and review the diff.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 from cni.kernel import spawn
 from cni.plugin import entry
+from tests.unit.golden import assert_golden
 from tests.unit.test_cni_agent_client import FakeAgent
 from tests.unit.test_cni_plugin_process import pod_netns
 
@@ -194,12 +194,7 @@ def test_add_dry_run(name: str, tmp_path: Path, pod_netns: str, recorder: Record
     assert status == 0, stdout
     assert json.loads(stdout)["ips"] == conf["prevResult"]["ips"]  # the chained result passes through
     text = render(name, sc, status, recorder.batches, agent.requests).replace(pod_netns, "$NETNS")
-    path = GOLDEN_DIR / f"{name}.golden"
-    if os.environ.get("HEADRACE_UPDATE_GOLDEN") == "1":
-        GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"missing {path}; run with HEADRACE_UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{name} differs from {path} (HEADRACE_UPDATE_GOLDEN=1 regenerates)"
+    assert_golden(GOLDEN_DIR / f"{name}.golden", text)
 
 
 def test_no_stale_golden_files() -> None:

@@ -7,7 +7,6 @@ tests/unit/test_iptables_golden.py` and review the diff.
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.rules import builder
+from tests.unit.golden import assert_golden
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden" / "iptables"
 net = ipaddress.ip_network
@@ -72,12 +72,7 @@ SCENARIOS: dict[str, Callable[[], str]] = {
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_golden(name: str) -> None:
     text = SCENARIOS[name]()
-    path = GOLDEN_DIR / f"{name}.golden"
-    if os.environ.get("HEADRACE_UPDATE_GOLDEN") == "1":
-        GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"missing {path}; run with HEADRACE_UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), f"{name} differs from {path} (HEADRACE_UPDATE_GOLDEN=1 regenerates)"
+    assert_golden(GOLDEN_DIR / f"{name}.golden", text)
 
 
 def test_no_stale_golden_files() -> None:
