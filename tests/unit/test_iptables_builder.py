@@ -98,7 +98,7 @@ def test_sidecar_hbone_never_captured() -> None:
     specs = (SidecarSpec(), SidecarSpec(include_inbound_ports=(15008, 80)), SidecarSpec(interception_mode="TPROXY"))
     for spec in specs:
         for fam in (4, 6):
-            rs = builder.sidecar_rules(spec, fam)  # type: ignore[arg-type]
+            rs = builder.sidecar_rules(spec, fam)
             table = rs.table("mangle") if spec.interception_mode == "TPROXY" else rs.table("nat")
             assert table is not None
             inbound = _bare([r for r in table.rules if r.startswith("-A HEADRACE_SC_INBOUND ")])
