@@ -103,6 +103,18 @@ def test_ambient_hbone_from_outside(redirect: Redirect, family: int) -> None:
         assert inb.wait_one().original_dst == (ip(app, family), 8080)
 
 
+@over_backends_and_families(families=(4,))
+def test_istio_validation_probe(redirect: Redirect, family: int) -> None:
+    """The injector's istio-validation init container (uid 1337, with istio-cni "enabled") dials
+    127.0.0.6:15002 and expects to be answered on 15001 or 15006 with SO_ORIGINAL_DST port 15002."""
+    app = redirect.pod("p0")
+    redirect.apply(app, SidecarSpec())
+    with listener(app, 15006, family, "in") as inb, listener(app, 15001, family, "out") as out:
+        assert app_request(app, "127.0.0.6", 15002, b"v", **PROXY) in (b"in|v", b"out|v")
+        got = inb.wait_one() if inb.count() else out.wait_one()
+        assert got.original_dst == ("127.0.0.6", 15002)
+
+
 # ---------------------------------------------------------------- includeOutboundPorts
 
 
