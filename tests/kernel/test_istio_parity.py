@@ -115,6 +115,27 @@ def test_istio_validation_probe(redirect: Redirect, family: int) -> None:
         assert got.original_dst == ("127.0.0.6", 15002)
 
 
+@pytest.mark.parametrize("flavour", ["legacy", "nft"])
+def test_tproxy_hbone_not_captured(make_node: Callable[..., SimNode], flavour: str) -> None:
+    """TPROXY mode through the plugin chain: 15008 is not captured either (istio-iptables' TPROXY rules
+    would take it), while the app port is (an IP_TRANSPARENT listener sees the original destination)."""
+    node = make_node(headrace={"iptables": flavour})
+    peer = node.add_pod("shop", "peer")
+    web = node.add_pod("shop", "web", annotations={**SIDECAR, "sidecar.istio.io/interceptionMode": "TPROXY"})
+    with (
+        Listener(web.netns.path, 15006, label="tproxy", transparent=True) as inb,
+        Listener(web.netns.path, 15008, label="hbone") as hbone,
+        Listener(web.netns.path, 8080, label="app"),
+    ):
+        assert tcp_request(peer.netns.path, web.ipv4, 15008, b"h") == b"hbone|h"
+        assert hbone.wait_one().peer[0] == peer.ipv4
+        assert tcp_request(web.netns.path, web.ipv4, 15008, b"s", uid=1337, gid=1337) == b"hbone|s"
+        hbone.wait_one()
+        assert inb.count() == 0
+        assert tcp_request(peer.netns.path, web.ipv4, 8080, b"i") == b"tproxy|i"
+        assert inb.wait_one().peer[0] == peer.ipv4
+
+
 # ---------------------------------------------------------------- includeOutboundPorts
 
 
