@@ -34,7 +34,7 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 from tests.harness.netns import NetNS
 from tests.harness.node import Pod, SimNode
 from tests.harness.traffic import Listener, tcp_request
-from tests.kernel.redirect_backends import Redirect, ip, over_backends, over_backends_and_families, redirect_fixture
+from tests.kernel.redirect_backends import Redirect, ip, over_backends_and_families, redirect_fixture
 
 pytestmark = pytest.mark.kernel
 
@@ -175,16 +175,24 @@ def test_include_outbound_ports_beside_ranges(redirect: Redirect, family: int) -
 # ---------------------------------------------------------------- interfaces
 
 
+LINKS = {  # (pod side, other side) per family of the second link
+    "ext": {4: ("10.250.7.2", "10.250.7.1"), 6: ("fd00:250:7::2", "fd00:250:7::1")},
+    "vm": {4: ("10.251.7.1", "10.251.7.2"), 6: ("fd00:251:7::1", "fd00:251:7::2")},
+}
+
+
 @contextmanager
-def second_link(pod: Pod, pod_if: str, pod_ip: str, other_ip: str, prefix: str) -> Iterator[NetNS]:
-    """A veth from the pod netns (pod_if, pod_ip/24) to a new netns (other_ip/24); the netns is deleted
-    (with its end of the veth, and so the pod's) afterwards."""
+def second_link(pod: Pod, pod_if: str, which: str, prefix: str) -> Iterator[NetNS]:
+    """A veth from the pod netns (pod_if) to a new netns (its end: x0), both families addressed from
+    LINKS[which]; the netns is deleted (with its end of the veth, and so the pod's) afterwards."""
     other = NetNS.create(prefix)
     try:
         pod.netns.run(["ip", "link", "add", pod_if, "type", "veth", "peer", "name", "x0", "netns", other.name])
-        pod.netns.run(["ip", "addr", "add", f"{pod_ip}/24", "dev", pod_if])
+        for fam, (mine, theirs) in LINKS[which].items():
+            plen, flags = ("24", ()) if fam == 4 else ("64", ("nodad",))
+            pod.netns.run(["ip", f"-{fam}", "addr", "add", f"{mine}/{plen}", "dev", pod_if, *flags])
+            other.run(["ip", f"-{fam}", "addr", "add", f"{theirs}/{plen}", "dev", "x0", *flags])
         pod.netns.run(["ip", "link", "set", pod_if, "up"])
-        other.run(["ip", "addr", "add", f"{other_ip}/24", "dev", "x0"])
         other.run(["ip", "link", "set", "x0", "up"])
         yield other
     finally:
@@ -201,67 +209,70 @@ def assert_declined(redirect: Redirect, pod: Pod, spec: SidecarSpec, annotation:
     assert not redirect.backend.installed(redirect.target(pod))
 
 
-@over_backends()
-def test_exclude_interfaces(redirect: Redirect) -> None:
+@over_backends_and_families()
+def test_exclude_interfaces(redirect: Redirect, family: int) -> None:
     app, peer = redirect.pods(2)
     spec = SidecarSpec(exclude_interfaces=("net1",))
     if redirect.flavour is None:
         assert_declined(redirect, app, spec, "excludeInterfaces")
         return
-    with second_link(app, "net1", "10.250.7.2", "10.250.7.1", "hrext-") as ext:
+    mine, theirs = LINKS["ext"][family]
+    with second_link(app, "net1", "ext", "hrext-") as ext:
         redirect.apply(app, spec)
         with (
-            listener(app, 15001, 4, "out") as out,
-            listener(app, 15006, 4, "in") as inb,
-            listener(app, 8080, 4, "app") as appl,
-            Listener(ext.path, 8080, family=4, label="ext") as extl,
-            listener(peer, 8080, 4, "peer"),
+            listener(app, 15001, family, "out") as out,
+            listener(app, 15006, family, "in") as inb,
+            listener(app, 8080, family, "app") as appl,
+            Listener(ext.path, 8080, family=family, label="ext") as extl,
+            listener(peer, 8080, family, "peer"),
         ):
             # arriving on the excluded interface: the app itself, from the real client
-            assert tcp_request(ext.path, "10.250.7.2", 8080, b"a") == b"app|a"
-            assert appl.wait_one().peer[0] == "10.250.7.1"
+            assert tcp_request(ext.path, mine, 8080, b"a") == b"app|a"
+            assert appl.wait_one().peer[0] == theirs
             # leaving via the excluded interface: the real destination, from the pod's address there
-            assert app_request(app, "10.250.7.1", 8080, b"b") == b"ext|b"
-            assert extl.wait_one().peer[0] == "10.250.7.2"
+            assert app_request(app, theirs, 8080, b"b") == b"ext|b"
+            assert extl.wait_one().peer[0] == mine
             assert out.count() == 0 and inb.count() == 0
             # eth0 stays captured both ways
-            assert app_request(peer, app.ipv4, 8080, b"c") == b"in|c"
-            assert app_request(app, peer.ipv4, 8080, b"d") == b"out|d"
-            assert out.wait_one().original_dst == (peer.ipv4, 8080)
+            assert app_request(peer, ip(app, family), 8080, b"c") == b"in|c"
+            assert app_request(app, ip(peer, family), 8080, b"d") == b"out|d"
+            assert out.wait_one().original_dst == (ip(peer, family), 8080)
 
 
-@over_backends()
-def test_kubevirt_interfaces(redirect: Redirect) -> None:
+@over_backends_and_families()
+def test_kubevirt_interfaces(redirect: Redirect, family: int) -> None:
     app, peer = redirect.pods(2)
     wildcard = SidecarSpec(kubevirt_interfaces=("eth1",))
     if redirect.flavour is None:
         assert_declined(redirect, app, wildcard, "kubevirtInterfaces")
         return
-    with second_link(app, "eth1", "10.251.7.1", "10.251.7.2", "hrvm-") as vm:
-        app.netns.sysctl("net.ipv4.ip_forward", "1")  # the pod routes the VM's traffic (its own netns only)
-        vm.run(["ip", "route", "add", "default", "via", "10.251.7.1"])
-        only_peer = SidecarSpec(kubevirt_interfaces=("eth1",), include_outbound_ranges=(host_net(peer, 4),))
+    gateway, vm_ip = LINKS["vm"][family]
+    with second_link(app, "eth1", "vm", "hrvm-") as vm:
+        # the pod routes the VM's traffic (sysctls of its own netns only)
+        app.netns.sysctl("net.ipv4.ip_forward" if family == 4 else "net.ipv6.conf.all.forwarding", "1")
+        vm.run(["ip", f"-{family}", "route", "add", "default", "via", gateway])
+        only_peer = SidecarSpec(kubevirt_interfaces=("eth1",), include_outbound_ranges=(host_net(peer, family),))
         redirect.apply(app, only_peer)
         with (
-            listener(app, 15001, 4, "out") as out,
-            listener(app, 15006, 4, "in") as inb,
-            listener(app, 9090, 4, "app9090") as app9090,
+            listener(app, 15001, family, "out") as out,
+            listener(app, 15006, family, "in") as inb,
+            listener(app, 9090, family, "app9090") as app9090,
         ):
             # the VM's connection to an included destination is outbound traffic of the pod's proxy
-            assert tcp_request(vm.path, peer.ipv4, 8080, b"v") == b"out|v"
+            assert tcp_request(vm.path, ip(peer, family), 8080, b"v") == b"out|v"
             got = out.wait_one()
-            assert got.original_dst == (peer.ipv4, 8080) and got.peer[0] == "10.251.7.2"
+            assert got.original_dst == (ip(peer, family), 8080) and got.peer[0] == vm_ip
             # the rest of the VM's traffic is not captured at all (not even as inbound)
-            assert tcp_request(vm.path, app.ipv4, 9090, b"w") == b"app9090|w"
-            assert app9090.wait_one().peer[0] == "10.251.7.2"
+            assert tcp_request(vm.path, ip(app, family), 9090, b"w") == b"app9090|w"
+            assert app9090.wait_one().peer[0] == vm_ip
             assert inb.count() == 0
             # the same port from eth0 is inbound traffic
-            assert app_request(peer, app.ipv4, 9090, b"x") == b"in|x"
+            assert app_request(peer, ip(app, family), 9090, b"x") == b"in|x"
             inb.wait_one()
             # every destination with the wildcard include
             redirect.apply(app, wildcard)
-            assert tcp_request(vm.path, app.ipv4, 9090, b"z") == b"out|z"
-            assert out.wait_one().original_dst == (app.ipv4, 9090)
+            assert tcp_request(vm.path, ip(app, family), 9090, b"z") == b"out|z"
+            assert out.wait_one().original_dst == (ip(app, family), 9090)
             assert inb.count() == 0 and app9090.count() == 0
 
 
