@@ -305,9 +305,8 @@ def test_envoy_hbone_port_not_captured(mesh: Mesh) -> None:
         reply = http_get(mesh.peer.netns.path, dst, 15008, "/hbone", cgroup=mesh.peer.cgroup)
         assert (reply.status, reply.body) == (200, "hbone")
         mesh.envoy.wait_log(entry(listener="inbound_hbone", path="/hbone", downstream_remote_ip=client))
-        app_cg = mesh.app.cgroup
-        request = b"GET /self HTTP/1.1\r\nHost: hbone\r\nConnection: close\r\n\r\n"
-        own = tcp_request(mesh.app.netns.path, dst, 15008, request, uid=PROXY_UID, gid=PROXY_UID, cgroup=app_cg)
-        assert own.startswith(b"HTTP/1.1 200") and own.endswith(b"hbone"), own
+        # (an HTTP client: Envoy's HTTP/1 codec drops a connection that half-closes before the response)
+        own = http_get(mesh.app.netns.path, dst, 15008, "/self", cgroup=mesh.app.cgroup, uid=PROXY_UID, gid=PROXY_UID)
+        assert (own.status, own.body) == (200, "hbone")
         mesh.envoy.wait_log(entry(listener="inbound_hbone", path="/self", downstream_remote_ip=dst))
     assert mesh.counts() == expect(hbone=4)
