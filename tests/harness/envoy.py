@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -116,7 +115,7 @@ class EnvoySidecar:
     binary: Path | None = None
     keep_logs_in: Path | None = None  # stop() copies Envoy's log and access log here first (a test's tmp_path)
     base_id: int = field(default_factory=lambda: 10_000 + secrets.randbelow(1_000_000))
-    workdir: Path = field(init=False)
+    workdir: Path = field(init=False, default=Path("/nonexistent"))  # a private temp dir while started
     proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
 
     @property
@@ -209,15 +208,13 @@ class EnvoySidecar:
         proc, self.proc = self.proc, None
         if proc is not None:
             if proc.poll() is None:
-                # nsenter and the exec launcher exec in place: proc.pid is Envoy itself
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
+                proc.terminate()  # nsenter, the launcher and setpriv exec in place: proc is Envoy itself
                 try:
                     proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
-        if getattr(self, "workdir", None) is not None:
+        if self.workdir.is_dir():
             if self.keep_logs_in is not None:
                 self.keep_logs_in.mkdir(parents=True, exist_ok=True)
                 for f in self.workdir.glob("*.log"):

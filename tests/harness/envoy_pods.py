@@ -10,8 +10,8 @@ processes would be, so cgroup eBPF programs see them.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,8 @@ class AppServer:
         }
         self._proc: subprocess.Popen[str] | None = None
         self._seen: list[Seen] = []
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
 
     def __enter__(self) -> AppServer:
         argv = ["nsenter", f"--net={self.netns_path}", "--", PYTHON, str(APP_SCRIPT), "serve", json.dumps(self.spec)]
@@ -71,7 +73,8 @@ class AppServer:
             err = proc.stderr.read() if proc.stderr is not None else ""
             self.__exit__(None, None, None)
             raise OSError(f"app server {self.spec['label']} failed: {err.strip()}")
-        os.set_blocking(proc.stdout.fileno(), False)
+        self._reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._reader.start()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -79,32 +82,36 @@ class AppServer:
         if proc is not None:
             proc.kill()
             proc.wait(5)
+            if self._reader is not None:
+                self._reader.join(timeout=2)
             for pipe in (proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
 
-    def _drain(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in iter(self._proc.stdout.readline, ""):
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        """The child's report lines (one JSON object each) until it exits."""
+        assert proc.stdout is not None
+        for line in proc.stdout:
             obj = json.loads(line)
             data = obj.get("data")
-            self._seen.append(
-                Seen(
-                    int(obj["port"]),
-                    str(obj["kind"]),
-                    (str(obj["peer"][0]), int(obj["peer"][1])),
-                    (str(obj["local"][0]), int(obj["local"][1])),
-                    obj.get("path"),
-                    bytes.fromhex(data) if data is not None else None,
-                    dict(obj.get("headers") or {}),
-                )
+            seen = Seen(
+                int(obj["port"]),
+                str(obj["kind"]),
+                (str(obj["peer"][0]), int(obj["peer"][1])),
+                (str(obj["local"][0]), int(obj["local"][1])),
+                obj.get("path"),
+                bytes.fromhex(data) if data is not None else None,
+                dict(obj.get("headers") or {}),
             )
+            with self._lock:
+                self._seen.append(seen)
 
     def seen(self, settle: float = 0.2) -> list[Seen]:
-        """Everything seen so far (after a short settle time: a report can trail the client's reply)."""
+        """Everything seen so far, in order (after a short settle time: the child reports a connection
+        before it answers, but the line can still be on its way to the reader thread)."""
         time.sleep(settle)
-        self._drain()
-        return list(self._seen)
+        with self._lock:
+            return list(self._seen)
 
 
 def http_get(
