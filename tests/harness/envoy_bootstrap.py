@@ -88,7 +88,10 @@ def _tcp_proxy(cfg: SidecarConfig, listener: str, cluster: str) -> dict[str, Any
     }
 
 
-def _hcm(cfg: SidecarConfig, listener: str, stat_prefix: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+def _hcm(
+    cfg: SidecarConfig, listener: str, stat_prefix: str, routes: list[dict[str, Any]], vhost: str | None = None
+) -> dict[str, Any]:
+    """An HTTP connection manager with one virtual host (`vhost`, default the listener's name) for all domains."""
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -96,8 +99,7 @@ def _hcm(cfg: SidecarConfig, listener: str, stat_prefix: str, routes: list[dict[
             "stat_prefix": stat_prefix,
             "route_config": {
                 "name": listener,
-                "virtual_hosts": [{"name": "allow_any" if "outbound" in stat_prefix else listener,
-                                   "domains": ["*"], "routes": routes}],
+                "virtual_hosts": [{"name": vhost or listener, "domains": ["*"], "routes": routes}],
             },
             "http_filters": [
                 {"name": "envoy.filters.http.router",
@@ -149,13 +151,14 @@ def _virtual_outbound(cfg: SidecarConfig) -> dict[str, Any]:
 
 def _outbound_http(cfg: SidecarConfig, port: int) -> dict[str, Any]:
     name = f"0.0.0.0_{port}"
+    hcm = _hcm(cfg, name, f"outbound_0.0.0.0_{port}", [_route("PassthroughCluster")], vhost="allow_any")
     return {
         "name": name,
         "stat_prefix": name,
         **_wildcards(port),
         "bind_to_port": False,
         "traffic_direction": "OUTBOUND",
-        "filter_chains": [{"filters": [_hcm(cfg, name, f"outbound_0.0.0.0_{port}", [_route("PassthroughCluster")])]}],
+        "filter_chains": [{"filters": [hcm]}],
     }
 
 
