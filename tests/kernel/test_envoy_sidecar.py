@@ -324,7 +324,6 @@ def test_envoy_excluded_ports_not_captured(mesh: Mesh) -> None:
     assert mesh.counts() == expect(health=2, prometheus=2)
 
 
-@pytest.mark.xfail(reason="15008 exemption lands with the parity branch", strict=False)
 def test_envoy_hbone_port_not_captured(mesh: Mesh) -> None:
     """Another pod's connection to 15008 reaches Envoy's 15008 listener itself (not through 15006), and so
     does a proxy-uid connection to the pod's own address on 15008 (the proxy-to-own-pod rule skips 15008)."""
