@@ -76,7 +76,14 @@ def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
 
 
 def make_hub(config: AgentConfig) -> Hub:
-    return ProxyHub(str(config.proxy_socket), config.agent_id)
+    """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty."""
+    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id)
+    if config.zds_socket is None:
+        return grpc_hub
+    from node_agent.proxy.hub_fanout import HubFanout
+    from node_agent.proxy.zds_server import ZdsHub
+
+    return HubFanout(grpc_hub, ZdsHub(str(config.zds_socket)), names=("grpc", "zds"))
 
 
 class Agent:
