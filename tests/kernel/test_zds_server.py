@@ -172,7 +172,7 @@ def test_missing_ack_closes_the_connection_and_the_next_snapshot_settles(hub: Zd
     zt = FakeZtunnel(hub.socket_path)
     assert zt.answer()[0].kind == "snapshot_sent"
     fut = hub.upsert(workload(pods[0], "a"))
-    req, fds = zt.recv()  # ... and never answered
+    _req, fds = zt.recv()  # ... and never answered
     for fd in fds:
         os.close(fd)
     assert zt.closed_by_agent()  # after ack_timeout
