@@ -6,7 +6,8 @@ passes the proxy, which names both workloads, the original destination and the b
 long-lived connection surviving enrolment, SIGKILL + restart without duplicate rules and with a fresh
 snapshot, drift repair, a new ambient pod enrolled before ADD returns, unlabel back to direct, and with
 the agent down: ambient ADD fails, a non-mesh ADD succeeds. test_ambient_end_to_end runs on both backends
-(iptables, ebpf: pods in kubelet-like cgroups, clients inside them, the proxy in its own cgroup).
+(iptables, ebpf: pods in kubelet-like cgroups, clients inside them, the proxy in its own cgroup) and over
+both proxy protocols (gRPC, and ztunnel's ZDS with the netns handed over as an fd).
 """
 
 from __future__ import annotations
@@ -31,12 +32,22 @@ from tests.kernel.test_backend_parity import backend as backend  # the ("iptable
 pytestmark = pytest.mark.kernel
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+Env = tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]]
+
+
+@pytest.fixture(params=["grpc", "zds"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    """What the reference proxy speaks: headrace's gRPC protocol, or ztunnel's ZDS (netns fds)."""
+    return str(request.param)
 
 
 @pytest.fixture
-def env(make_node: Any, backend: str) -> Iterator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]]]:
-    """A node with pod cgroups and the agent on `backend` (param of the parity module's fixture)."""
-    yield from node_env(make_node, backend)
+def env(make_node: Any, backend: str, protocol: str) -> Iterator[Env]:
+    """A node with pod cgroups and the agent on `backend` (param of the parity module's fixture), the
+    proxy speaking `protocol`."""
+    for node, agent, apps in node_env(make_node, backend):
+        agent.protocol = protocol
+        yield node, agent, apps
 
 
 def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]], None, None]:
@@ -44,7 +55,7 @@ def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subproces
         yield sim_node, agent, apps
 
 
-def test_ambient_end_to_end(env: Any, backend: str) -> None:
+def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
     node, agent, apps = env
     node.add_namespace("shop")
     node.add_namespace("plain")
@@ -166,13 +177,14 @@ def test_ambient_end_to_end(env: Any, backend: str) -> None:
 
 
 # iptables-only: `--backend auto` falling back to iptables for pods without a cgroup is the point.
-def test_backend_auto_falls_back_to_iptables_for_pods_without_cgroup(make_node: Any) -> None:
+def test_backend_auto_falls_back_to_iptables_for_pods_without_cgroup(make_node: Any, protocol: str) -> None:
     """With `--backend auto` on a node where eBPF runs, pods whose cgroup is unknown (the harness's bare
     netns) are enrolled with iptables; status says so and traffic passes the proxy."""
     node = make_node(headrace={})
     gen = _env(node)
     node, agent, apps = next(gen)
     try:
+        agent.protocol = protocol
         agent.extra = ["--backend", "auto"]
         node.add_namespace("shop", AMBIENT)
         agent.start_proxy()

@@ -28,7 +28,7 @@ def apply(done: list[Settle]) -> None:
 
 def drain(book: ZdsBook, conn: ZdsConn, error: str = "") -> list[tuple[str, str]]:
     """Send and ack everything queued on conn; returns (kind, uid) in send order."""
-    sent = []
+    sent: list[tuple[str, str]] = []
     while (out := book.next_request(conn)) is not None:
         sent.append((out.kind, out.uid))
         apply(book.acked(conn, error))
