@@ -12,6 +12,7 @@ both proxy protocols (gRPC, and ztunnel's ZDS with the netns handed over as an f
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -50,6 +51,12 @@ def env(make_node: Any, backend: str, protocol: str) -> Iterator[Env]:
         yield node, agent, apps
 
 
+def redirection(node: SimNode, pod: Any) -> str | None:
+    """The pod's ambient.istio.io/redirection annotation in its object file (the agent writes it back)."""
+    obj = json.loads((node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").read_text())
+    return (obj["metadata"].get("annotations") or {}).get("ambient.istio.io/redirection")
+
+
 def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]], None, None]:
     with node_agent(sim_node, AgentRun) as (agent, apps):
         yield sim_node, agent, apps
@@ -81,6 +88,8 @@ def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
         node.set_namespace_labels("shop", AMBIENT)
         wait_for(lambda: all(agent.pod_state(u) == "enrolled" for u in uids), 30, "pods enrolled")
         assert {agent.status()[u]["backend"] for u in uids} == {backend}
+        # as istio-cni does: the enrolled pods carry the redirection annotation (objects-dir: in the file)
+        wait_for(lambda: all(redirection(node, p) == "enabled" for p in (client, server)), 15, "annotation set")
         rules = {u: ours(p, backend) for u, p in ((client.uid, client), (server.uid, server))}
         assert all(rules.values())
 
@@ -158,6 +167,7 @@ def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
         # 8. remove the label: rules gone, traffic direct again
         node.set_namespace_labels("shop", {})
         wait_for(lambda: not any(ours(p, backend) for p in (client, server, late)), 30, "rules removed")
+        wait_for(lambda: not any(redirection(node, p) for p in (client, server, late)), 15, "annotation removed")
         seen = len(agent.proxy_lines())
         assert request(client, server.ipv4, b"direct-again") == b"server|direct-again"
         time.sleep(0.5)
