@@ -97,7 +97,12 @@ def test_proxy_command_protocol_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     from node_agent.refproxy import main
 
     seen: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(main, "run", lambda *a: seen.append(a) or 0)
+
+    def fake_run(*args: Any) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(main, "run", fake_run)
     r = CliRunner().invoke(proxy_cmd.proxy, ["--protocol", "zds", "--id", "z"])
     assert r.exit_code == 0, r.output
     assert seen[-1] == ("/var/run/ztunnel/ztunnel.sock", "z", False, "info", "zds")
