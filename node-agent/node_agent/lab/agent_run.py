@@ -103,7 +103,7 @@ class AgentRun:
             stderr=err,
         )
         err.close()
-        wait_for(lambda: self.ready(), 20, "agent ready")
+        wait_for(lambda: self.ready(), 60, "agent ready")  # eBPF compiles at start: slow on a busy machine
 
     def proxy_argv(self, proxy_id: str, *extra: str) -> list[str]:
         """`headrace proxy` over self.protocol, at the matching agent socket."""
