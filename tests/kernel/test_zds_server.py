@@ -212,3 +212,36 @@ def test_snapshot_keeps_a_workload_whose_netns_is_gone(hub: ZdsHub, tmp_path: Pa
         assert zt.answer()[0].kind == "snapshot_sent"
     finally:
         zt.close()
+
+
+class Gate:
+    def __init__(self) -> None:
+        import threading
+
+        self.opened = threading.Event()
+
+    def ready(self) -> bool:
+        return self.opened.is_set()
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        return self.opened.wait(timeout)
+
+
+def test_snapshot_waits_for_the_gate(pods: list[NetNS]) -> None:
+    d = tempfile.mkdtemp(prefix="hrz-", dir="/tmp")
+    gate = Gate()
+    h = ZdsHub(os.path.join(d, "ztunnel.sock"), snapshot_gate=gate)
+    h.start()
+    zt = FakeZtunnel(h.socket_path)
+    try:
+        zt.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            zt.recv()  # adoption not done: no snapshot yet (an empty one would make ztunnel drop all)
+        h.upsert(workload(pods[0], "a"))
+        gate.opened.set()
+        zt.sock.settimeout(10)
+        assert [zt.answer()[0].kind for _ in range(2)] == ["add", "snapshot_sent"]
+    finally:
+        zt.close()
+        h.stop()
+        shutil.rmtree(d, ignore_errors=True)

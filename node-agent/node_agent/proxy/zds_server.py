@@ -24,7 +24,7 @@ import select
 import socket
 import threading
 from concurrent import futures
-from typing import Any
+from typing import Any, Protocol
 
 from node_agent.kernel.unix_socket import private_bind_path
 from node_agent.protocol import zds_wire
@@ -37,6 +37,13 @@ from node_agent.proxy.zds_book import Outgoing, Settle, ZdsBook, ZdsConn
 log = logging.getLogger("headrace.zds")
 
 IDLE_CHECK = 30.0  # seconds between checks that an idle ztunnel is still connected
+
+
+class SnapshotGate(Protocol):
+    """Opens once the agent's desired set is complete (after restart adoption); no snapshot before."""
+
+    def ready(self) -> bool: ...
+    def wait_ready(self, timeout: float | None) -> bool: ...
 
 
 class ZdsError(Exception):
@@ -63,12 +70,14 @@ def encode(out: Outgoing) -> bytes:
 
 
 class ZdsHub:
-    def __init__(self, socket_path: str, *, ack_timeout: float = 5.0, hello_timeout: float = 5.0) -> None:
+    def __init__(self, socket_path: str, *, ack_timeout: float = 5.0, hello_timeout: float = 5.0,
+                 snapshot_gate: SnapshotGate | None = None) -> None:
         if not socket_path:
             raise ValueError("socket_path must not be empty")
         self.socket_path = os.path.abspath(socket_path)
         self.ack_timeout = ack_timeout
         self.hello_timeout = hello_timeout
+        self._gate = snapshot_gate
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._book = ZdsBook()
@@ -225,7 +234,7 @@ class ZdsHub:
         reason = "ztunnel closed the connection"
         try:
             conn = self._greet(sock, number)
-            if conn is None:
+            if conn is None or not self._wait_gate(number):
                 return
             with self._lock:
                 self._wakers[number] = efd
@@ -247,6 +256,17 @@ class ZdsHub:
             os.close(efd)
             if conn is not None:
                 _jlog(logging.INFO, "zds_disconnected", connection=number, reason=reason)
+
+    def _wait_gate(self, number: int) -> bool:
+        """Hold the snapshot until the desired set is complete (a snapshot of an empty set would make
+        ztunnel drop every workload); False when the server stops meanwhile."""
+        if self._gate is None or self._gate.ready():
+            return True
+        _jlog(logging.INFO, "zds_snapshot_held", connection=number)
+        while not self._stopped:
+            if self._gate.wait_ready(0.5):
+                return True
+        return False
 
     def _greet(self, sock: socket.socket, number: int) -> ZdsConn | None:
         pid = 0
