@@ -60,7 +60,7 @@ class AgentRun:
         self.state = state_dir or self.base / "state"
         self.cni_socket = str(cni_socket or self.base / "cni.sock")
         self.proxy_socket = str(proxy_socket or self.base / "proxy.sock")
-        self.zds_socket = str(zds_socket or self.base / "ztunnel.sock")
+        self.zds_socket = str(zds_socket or self.base / "zds.sock")
         self.protocol = "grpc"  # what the reference proxy speaks: "grpc" or "zds" (ztunnel's protocol)
         self.extra = extra or []
         self.agent: subprocess.Popen[bytes] | None = None
