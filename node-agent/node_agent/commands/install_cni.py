@@ -62,13 +62,17 @@ def _split_namespaces(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--watch", is_flag=True,
               help="Keep running: re-insert the entry when the config is rewritten; wait for a config.")
 @click.option("--uninstall-on-exit", is_flag=True, help="With --watch: uninstall on SIGTERM/SIGINT.")
+@click.option("--owner-daemonset", default=None, metavar="NAME",
+              help="With --watch: on SIGTERM/SIGINT, uninstall only if DaemonSet NAME (in --agent-namespace) "
+              "is gone or being deleted; keep everything on a rolling update. Needs a kubeconfig "
+              "(--write-kubeconfig or --kubeconfig) allowed to get that DaemonSet.")
 def install_cni(
     host_root: str, install_dir: str, cni_bin_dir: str, cni_conf_dir: str, agent_socket: str, backend: str,
     iptables_mode: str, objects_dir: str | None, kubeconfig: str | None, write_kubeconfig: bool,
     service_account_dir: str, exclude_namespaces: tuple[str, ...],
     agent_namespace: str, log_file: str, log_level: str, skip_plugin: bool, skip_config: bool,
     wait_for_agent: bool, watch: bool,
-    uninstall_on_exit: bool,
+    uninstall_on_exit: bool, owner_daemonset: str | None,
 ) -> None:
     """Install the plugin and chain it at the end of the node's primary CNI config."""
     from node_agent.install_cni import service
@@ -77,6 +81,10 @@ def install_cni(
     from node_agent.install_cni.runtime import RuntimeInstallError
     from node_agent.install_cni.settings import PluginSettings, SettingsError
 
+    if owner_daemonset is not None and not (watch and (write_kubeconfig or kubeconfig)):
+        raise click.UsageError("--owner-daemonset needs --watch and --write-kubeconfig or --kubeconfig")
+    if uninstall_on_exit and owner_daemonset is not None:
+        raise click.UsageError("give --uninstall-on-exit (always) or --owner-daemonset (when deleted), not both")
     if write_kubeconfig:
         if kubeconfig or objects_dir:
             raise click.UsageError("--write-kubeconfig replaces --kubeconfig and --objects-dir")
@@ -123,6 +131,8 @@ def install_cni(
     service.watch(opts, stop)
     if uninstall_on_exit:
         service.uninstall(opts)
+    elif owner_daemonset is not None:
+        service.uninstall_if_owner_gone(opts, owner_daemonset)
     sys.exit(0)
 
 
