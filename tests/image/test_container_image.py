@@ -19,7 +19,8 @@ from tests.image.conftest import report
 from tests.image_support.debian_rootfs import build_dir
 from tests.image_support.image_podman import IMAGE, ImagePodman, ca_mount_args, source_tree
 
-pytestmark = pytest.mark.image
+# the first test pays for the image build (fixture): about 5 minutes from scratch here, seconds when cached
+pytestmark = [pytest.mark.image, pytest.mark.timeout(2400)]
 
 #: The image is big mostly because of bcc (LLVM/clang libraries); this bound catches a regression such as
 #: a compiler or the build venv leaking into the runtime stage.

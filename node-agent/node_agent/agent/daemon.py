@@ -133,8 +133,7 @@ class Agent:
             return ObjectsDirSource(store, self.config.objects_dir, self.config.node_name)
         from node_agent.sources.kubernetes import KubernetesSource
 
-        assert self.config.kubeconfig is not None
-        return KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+        return KubernetesSource(store, self.config.kubeconfig, self.config.node_name)  # None: in-cluster
 
     def _other_backend(self, name: str) -> RedirectBackend | None:
         """A backend that is not this node's any more (agent restarted with another --backend): only to
