@@ -68,6 +68,18 @@ def run_image(pm: ImagePodman, image: str, *args: str, entrypoint: str | None = 
     return pm.run([*argv, image, *args], input=stdin, timeout=300).stdout
 
 
+def node_image(pm: ImagePodman, base_image: str, tmp_path: Path) -> str:
+    """A node's root filesystem: the Debian base with libexpat (zlib and glibc are already there)."""
+    tag = "localhost/headrace-node:test"
+    if not pm.has_image(tag):
+        (tmp_path / "Containerfile.node").write_text(
+            f"FROM {base_image}\nRUN apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+            "libexpat1 >/dev/null && rm -rf /var/lib/apt/lists/*\n")
+        pm.run(["build", "--pull=never", "--network=host", "-f", str(tmp_path / "Containerfile.node"), "-t", tag,
+                str(tmp_path)], timeout=600)
+    return tag
+
+
 def test_version(image_podman: ImagePodman, headrace_image: str) -> None:
     assert run_image(image_podman, headrace_image, "--version").strip() == "headrace, version 0.1.0"
 
@@ -117,12 +129,18 @@ def test_install_cni_into_host_root_and_plugin_answers(
     first_line = launcher.read_text().splitlines()[0]
     assert first_line.startswith("#!/opt/headrace/runtime-") and first_line.endswith(" -IS")
 
-    # A node without Python: the bare Debian base runs the launcher on the runtime install-cni copied.
-    no_python = run_image(image_podman, base_image, "-c", "command -v python3 python || echo none",
-                          entrypoint="/bin/sh")
+    # A node without Python: the bare Debian base plus the libraries install-cni says the host must
+    # provide (host-libraries.json) runs the launcher on the runtime install-cni copied.
+    runtime = next((host / "opt" / "headrace").glob("runtime-*"))
+    needed = json.loads((runtime / "host-libraries.json").read_text())
+    names = {Path(str(lib)).name for lib in needed}  # soname -> path in the image
+    assert {"libc.so.6", "libexpat.so.1"} <= names <= {"libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1",
+                                                       "ld-linux-x86-64.so.2", "linux-vdso.so.1"}, names
+    node = node_image(image_podman, base_image, tmp_path)
+    no_python = run_image(image_podman, node, "-c", "command -v python3 python || echo none", entrypoint="/bin/sh")
     assert no_python.strip() == "none"
     reply = run_image(
-        image_podman, base_image, entrypoint="/opt/cni/bin/headrace-cni",
+        image_podman, node, entrypoint="/opt/cni/bin/headrace-cni",
         volumes=(f"{host}/opt/headrace:/opt/headrace:ro", f"{host}/opt/cni/bin:/opt/cni/bin:ro"),
         env=("CNI_COMMAND=VERSION",), stdin=json.dumps({"cniVersion": "1.0.0"}),
     )

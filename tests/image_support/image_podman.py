@@ -8,13 +8,13 @@ so no rule, bridge or veth is made anywhere) or none at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.podman_support.isolated import DEFAULT_ULIMITS, toml_list, toml_str
@@ -29,12 +29,20 @@ class ImagePodmanError(RuntimeError):
     pass
 
 
+def short_dir(base: Path) -> Path:
+    """The run root's parent: short (podman limits its length) and the same for the same storage on
+    every run (podman's database remembers it and refuses another)."""
+    return Path("/tmp") / f"hrimg-{hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:10]}"
+
+
 @dataclass
 class ImagePodman:
     base: Path
-    short: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hrimg-", dir="/tmp")))
+    short: Path = Path()
 
     def __post_init__(self) -> None:
+        if self.short == Path():
+            self.short = short_dir(self.base)
         for d in (self.base / "storage", self.base / "home", self.base / "net.d", self.short / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
         (self.base / "containers.conf").write_text("\n".join([
@@ -113,8 +121,8 @@ class ImagePodman:
 
     def close(self) -> None:
         # stop nothing: every container here runs with --rm; only the run root goes
-        subprocess.run(self.argv(["container", "cleanup", "--all"]), env=self.env(), capture_output=True,
-                       check=False, timeout=60)
+        for args in (["container", "cleanup", "--all"], ["unmount", "--all"]):
+            subprocess.run(self.argv(args), env=self.env(), capture_output=True, check=False, timeout=60)
         subprocess.run(["umount", "-R", "-l", str(self.short / "run")], capture_output=True, check=False)
         shutil.rmtree(self.short, ignore_errors=True)
 

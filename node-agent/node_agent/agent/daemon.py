@@ -38,6 +38,8 @@ from node_agent.reconcile.state import Hub
 from node_agent.serve.cni_server import CniServer
 from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
+from node_agent.serve.plugin_logs import PluginLogListener
+from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent")
@@ -124,6 +126,7 @@ class Agent:
             resolve_uid=self._resolve_uid, extra_status=self._extra_status,
         )
         self.health: HealthServer | None = None
+        self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
 
     def _default_source(self, store: PodStore) -> Source:
@@ -195,6 +198,7 @@ class Agent:
         self.hub.start()
         self.reconciler.start()
         self.source.start()
+        self.plugin_logs.start()  # the plugin's log lines, into this agent's log
         self.cni.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
@@ -211,6 +215,7 @@ class Agent:
         self._stopped.set()
         self.duties.stop()  # first: with --cni-cleanup-on-exit the entry leaves before the socket closes
         self.cni.stop()
+        self.plugin_logs.stop()
         self.source.stop()
         self.reconciler.stop()
         self.hub.stop()

@@ -61,6 +61,9 @@ def _split_namespaces(values: tuple[str, ...]) -> tuple[str, ...]:
               help="With --watch: chain the entry only once the agent socket exists.")
 @click.option("--watch", is_flag=True,
               help="Keep running: re-insert the entry when the config is rewritten; wait for a config.")
+@click.option("--check", is_flag=True,
+              help="Only check (a readiness probe): exit 0 when our entry ends the primary CNI config and the "
+              "launcher is installed, 1 otherwise.")
 @click.option("--uninstall-on-exit", is_flag=True, help="With --watch: uninstall on SIGTERM/SIGINT.")
 @click.option("--owner-daemonset", default=None, metavar="NAME",
               help="With --watch: on SIGTERM/SIGINT, uninstall only if DaemonSet NAME (in --agent-namespace) "
@@ -72,9 +75,12 @@ def install_cni(
     service_account_dir: str, exclude_namespaces: tuple[str, ...],
     agent_namespace: str, log_file: str, log_level: str, skip_plugin: bool, skip_config: bool,
     wait_for_agent: bool, watch: bool,
-    uninstall_on_exit: bool, owner_daemonset: str | None,
+    uninstall_on_exit: bool, owner_daemonset: str | None, check: bool,
 ) -> None:
     """Install the plugin and chain it at the end of the node's primary CNI config."""
+    if check:
+        _check(host_root, cni_conf_dir, cni_bin_dir)
+        return
     from node_agent.install_cni import service
     from node_agent.install_cni.conflist import ConfigError
     from node_agent.install_cni.kubeconfig import KubeconfigError
@@ -134,6 +140,22 @@ def install_cni(
     elif owner_daemonset is not None:
         service.uninstall_if_owner_gone(opts, owner_daemonset)
     sys.exit(0)
+
+
+def _check(host_root: str, cni_conf_dir: str, cni_bin_dir: str) -> None:
+    import os
+
+    from node_agent.install_cni import confdir
+    from node_agent.install_cni.runtime import PLUGIN_BINARY, is_our_launcher, under_root
+
+    if not confdir.entry_present(under_root(host_root, cni_conf_dir)):
+        click.echo(f"not ready: no headrace-cni entry at the end of the primary CNI config in {cni_conf_dir}",
+                   err=True)
+        sys.exit(1)
+    if not is_our_launcher(under_root(host_root, os.path.join(cni_bin_dir, PLUGIN_BINARY))):
+        click.echo(f"not ready: no headrace-cni launcher in {cni_bin_dir}", err=True)
+        sys.exit(1)
+    click.echo("ready: headrace-cni chained and installed")
 
 
 @click.command("uninstall-cni")
