@@ -187,6 +187,12 @@ def test_daemonset_going_away_uninstalls(plain_node: SimNode, installed: dict[st
 
 @pytest.mark.parametrize("installed", ["present"], indirect=True)
 def test_rolling_update_keeps_plugin_then_manual_uninstall(plain_node: SimNode, installed: dict[str, Any]) -> None:
+    def check() -> subprocess.CompletedProcess[str]:  # the install-cni container's readiness probe
+        return subprocess.run([HEADRACE, "install-cni", "--check", "--cni-conf-dir", str(installed["conf_dir"]),
+                               "--cni-bin-dir", str(installed["bin"])], capture_output=True, text=True, check=False)
+
+    ready = check()
+    assert ready.returncode == 0 and "ready" in ready.stdout, ready.stderr
     chained = installed["conf"].read_text()
     err = stop(installed["proc"])
     assert "DaemonSet still present" in err
@@ -198,4 +204,6 @@ def test_rolling_update_keeps_plugin_then_manual_uninstall(plain_node: SimNode, 
         capture_output=True, text=True, check=True,
     ).stdout
     assert json.loads(out)["config"][0]["action"] == "removed"
+    not_ready = check()
+    assert not_ready.returncode == 1 and "no headrace-cni entry" in not_ready.stderr
     pods_start_without_headrace(plain_node, installed["conf"])
