@@ -106,7 +106,8 @@ def test_image_is_lean(image_podman: ImagePodman, headrace_image: str) -> None:
 def test_runtime_tools_present(image_podman: ImagePodman, headrace_image: str) -> None:
     script = "set -e; for t in iptables-save iptables-legacy-save nft ip nsenter conntrack bpftool ldd; do " \
              "command -v $t >/dev/null || { echo missing $t; exit 1; }; done; " \
-             "python -c 'import bcc, nftables, iptc, grpc, kubernetes, prometheus_client; print(\"ok\")'"
+             "python -c 'import bcc, nftables, iptc, grpc, prometheus_client, kubernetes.client, kubernetes.config, " \
+             "kubernetes.watch, node_agent.sources.kubernetes, node_agent.agent.daemon; print(\"ok\")'"
     assert run_image(image_podman, headrace_image, "-c", script, entrypoint="/bin/sh").strip() == "ok"
 
 
