@@ -137,14 +137,31 @@ def ca_mount_args(environ: Mapping[str, str] | None = None) -> tuple[list[str], 
     return ["--volume", f"{os.path.realpath(cert)}:{CA_IN_CONTAINER}:ro"], {"PIP_CERT": CA_IN_CONTAINER}
 
 
+#: Left out when the repository is not a git checkout (a copy, as in the Vagrant VM): what .gitignore lists.
+NOT_SOURCE = (".git", ".venv", ".build", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "proto_gen",
+              "lab-state", "build", "dist")
+
+
+def _repo_files(repo: Path) -> list[str]:
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True, check=False,
+    )
+    if proc.returncode == 0:
+        return proc.stdout.decode().split("\0")
+    files = []
+    for dirpath, dirs, names in os.walk(repo):
+        dirs[:] = [d for d in dirs if d not in NOT_SOURCE and not d.endswith(".egg-info")]
+        files += [os.path.relpath(os.path.join(dirpath, n), repo) for n in names
+                  if n not in NOT_SOURCE and not n.endswith(".pyc")]
+    return files
+
+
 def source_tree(dest: Path) -> Path:
     """A copy of the repository's files as a clean clone would have them (tracked and new, not ignored:
     no .venv, no generated code, no build dir)."""
     repo = Path(__file__).resolve().parents[2]
-    files = subprocess.run(
-        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    files = _repo_files(repo)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
