@@ -37,6 +37,7 @@ class AgentConfig:
     proxy_socket: Path
     objects_dir: Path | None = None
     kubeconfig: Path | None = None
+    in_cluster: bool = False  # the Kubernetes API through the pod's service account (token refreshed)
     node_name: str = ""
     backend: BackendSetting = "auto"
     iptables: IptablesSetting = "auto"
@@ -112,10 +113,14 @@ def build_config(
     proxy_cgroup: str | Path | None = None,
     capture_dns: bool = False,
     zds_socket: str | Path | None = None,
+    in_cluster: bool = False,
 ) -> AgentConfig:
     """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
-    if (objects_dir is None) == (kubeconfig is None):
-        raise ConfigError("give exactly one pod source: --objects-dir DIR or --kubeconfig FILE --node-name N")
+    if [objects_dir is not None, kubeconfig is not None, in_cluster].count(True) != 1:
+        raise ConfigError("give exactly one pod source: --objects-dir DIR, --kubeconfig FILE --node-name N "
+                          "or --in-cluster --node-name N")
+    if in_cluster and not (node_name or "").strip():
+        raise ConfigError("--in-cluster needs --node-name (the pods of this node are watched)")
     node = (node_name or "").strip()
     odir: Path | None = None
     kcfg: Path | None = None
@@ -169,6 +174,7 @@ def build_config(
         proxy_socket=psock,
         objects_dir=odir,
         kubeconfig=kcfg,
+        in_cluster=in_cluster,
         node_name=node,
         backend=backend,  # type: ignore[arg-type]
         iptables=iptables,  # type: ignore[arg-type]

@@ -38,6 +38,8 @@ from node_agent.reconcile.state import Hub
 from node_agent.serve.cni_server import CniServer
 from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
+from node_agent.serve.plugin_logs import PluginLogListener
+from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
 from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
 
@@ -134,6 +136,7 @@ class Agent:
             resolve_uid=self._resolve_uid, extra_status=self._extra_status,
         )
         self.health: HealthServer | None = None
+        self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
 
     def _default_source(self, store: PodStore) -> Source:
@@ -149,8 +152,7 @@ class Agent:
             return ObjectsDirSource(store, objects_dir, self.config.node_name)
         from node_agent.sources.kubernetes import KubernetesSource
 
-        assert self.config.kubeconfig is not None
-        source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+        source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)  # None: in-cluster
         self._annotation_writer = source.patch_redirection
         return source
 
@@ -225,6 +227,7 @@ class Agent:
         self.source.start()
         if self.marker is not None:
             self.marker.start()
+        self.plugin_logs.start()  # the plugin's log lines, into this agent's log
         self.cni.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
@@ -243,6 +246,7 @@ class Agent:
         self.cni.stop()
         if self.marker is not None:
             self.marker.stop()
+        self.plugin_logs.stop()
         self.source.stop()
         self.reconciler.stop()
         self.hub.stop()
