@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iptables nftables conntrack iproute2 util-linux procps
   containernetworking-plugins podman runc containerd
-  bpftool clang python3-bpfcc linux-headers-amd64
+  bpftool clang python3-bpfcc linux-headers-amd64 python3-nftables
   python3 python3-venv python3-dev socat ruby
 )
 
@@ -54,6 +54,10 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 mkdir -p "$site/_headrace_bcc"
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/_headrace_bcc/bcc"
 echo "$site/_headrace_bcc" > "$site/headrace_bcc.pth"
+# The same for libnftables' Python binding (the agent's nftables backend applies rules in-process).
+mkdir -p "$site/_headrace_nftables"
+ln -sfn /usr/lib/python3/dist-packages/nftables "$site/_headrace_nftables/nftables"
+echo "$site/_headrace_nftables" > "$site/headrace_nftables.pth"
 
 # Generated gRPC code (never hand-edited, never committed).
 make -s proto
