@@ -14,7 +14,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from node_agent.backends.base import BackendError, RedirectBackend
 
@@ -50,7 +50,7 @@ def iptables_installed() -> bool:
     return any(shutil.which(name) is not None for name in IPTABLES_BINARIES)
 
 
-def rules_backend_setting(iptables_present: bool | None = None) -> str:
+def rules_backend_setting(iptables_present: bool | None = None) -> Literal["iptables", "nftables"]:
     """The rule-based backend of this host: iptables, or nftables where no iptables binary is installed
     (what `auto` falls back to without eBPF, and what serves the pods an eBPF node declines)."""
     present = iptables_installed() if iptables_present is None else iptables_present

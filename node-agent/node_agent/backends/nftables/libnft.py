@@ -32,10 +32,17 @@ def load() -> object:
     return nftables
 
 
-def run_in_netns(netns_path: str, commands: Sequence[str]) -> list[NftResult]:
+def run_in_netns(netns_path: str | None, commands: Sequence[str]) -> list[NftResult]:
     """Run nft commands (each a full nft input text: one command or a whole transaction) one after the
-    other in the netns at `netns_path`, with one fresh context; their results in order."""
+    other in the netns at `netns_path` (None: the calling thread's own), with one fresh context; their
+    results in order."""
     module = load()
+    if netns_path is None:
+        ctx = module.Nftables()  # type: ignore[attr-defined]
+        try:
+            return [NftResult(*ctx.cmd(c)) for c in commands]
+        finally:
+            del ctx
     try:
         with entered(netns_path):
             ctx = module.Nftables()  # type: ignore[attr-defined]
