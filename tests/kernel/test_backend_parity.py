@@ -1,10 +1,10 @@
 """The same behaviour on every redirection backend, through the product path.
 
 Every test runs once with `iptables`, once with `nftables` and once with `ebpf`: a simulated node whose pods
-are made like a real runtime makes them (bridge + host-local + headrace-cni with `backend: <b>` in the conflist, an infra
-process per pod in a kubelet-like cgroup v2 directory), the agent (`--backend <b>`) and the reference proxy
-(in its own cgroup, `--proxy-cgroup`) as processes in the node netns. Clients and the sidecar proxy's
-listeners run inside the pod's cgroup, as a pod's processes would.
+are made like a real runtime makes them (bridge + host-local + headrace-cni with `backend: <b>` in the
+conflist, an infra process per pod in a kubelet-like cgroup v2 directory), the agent (`--backend <b>`) and
+the reference proxy (in its own cgroup, `--proxy-cgroup`) as processes in the node netns. Clients and the
+sidecar proxy's listeners run inside the pod's cgroup, as a pod's processes would.
 
 - sidecar: outbound lands on 15001 with SO_ORIGINAL_DST (IPv4 and IPv6), inbound lands on 15006 with the
   original destination, uid 1337 bypasses, an excluded port bypasses; after CNI DEL nothing of ours is left
