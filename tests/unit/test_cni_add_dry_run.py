@@ -69,6 +69,10 @@ SCENARIOS: dict[str, Scenario] = {
     "sidecar_tproxy": _sidecar({"sidecar.istio.io/interceptionMode": "TPROXY"}),
     "sidecar_tproxy_ipv4_only": _sidecar({"sidecar.istio.io/interceptionMode": "TPROXY"}, ips=(V4,)),
     "sidecar_iptables_legacy": Scenario(conf={"iptables": "legacy"}),
+    "sidecar_nftables": Scenario(conf={"backend": "nftables"}),
+    "sidecar_nftables_tproxy_ipv4_only": _sidecar(
+        {"sidecar.istio.io/interceptionMode": "TPROXY"}, ips=(V4,), conf={"backend": "nftables"}
+    ),
     "non_mesh_pod": Scenario(annotations=None),
     "excluded_namespace": Scenario(namespace="batch", conf={"exclude_namespaces": ["kube-system", "batch"]}),
     "ambient_pod": Scenario(annotations=None, namespace_labels={"istio.io/dataplane-mode": "ambient"}),
