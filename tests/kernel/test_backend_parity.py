@@ -171,6 +171,12 @@ def nftables_state(pod: Pod) -> list[str]:
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
 
 
+def node_table(node: SimNode) -> str:
+    """The node netns' probe SNAT table of the nftables backend ("" when there is none)."""
+    proc = run(["nsenter", f"--net={node.netns.path}", "nft", "list", "table", "inet", "headrace_node"], check=False)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
 def ours(pod: Pod, backend: str) -> list[str]:
     if backend == "ebpf":
         return ebpf_state(pod)
@@ -294,6 +300,8 @@ def test_ambient_parity(env: Any, backend: str) -> None:
     state = {p.uid: ours(p, backend) for p in (client, server)}
     assert all(state.values()), state
     assert not any(ours(p, other) for p in (client, server) for other in BACKENDS if other != backend)
+    if backend == "nftables":  # the node-side probe SNAT is nftables too, one rule per enrolled pod IP
+        wait_for(lambda: all(p.ipv4 in node_table(node) for p in (client, server)), 10, "node probe SNAT table")
     assert request(client, server.ipv4, b"through") == b"server|through"
     lines = wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxy lines")
     outbound = next(x for x in lines if x["direction"] == "outbound")
@@ -336,6 +344,8 @@ def test_ambient_parity(env: Any, backend: str) -> None:
     # unlabel: nothing of ours left, traffic direct
     node.set_namespace_labels("shop", {})
     wait_for(lambda: not any(anything_of_ours(node, p) for p in (client, server)), 30, "unenrolled")
+    if backend == "nftables":
+        wait_for(lambda: node_table(node) == "", 10, "node probe SNAT table removed")
     seen = len(agent.proxy_lines())
     assert request(client, server.ipv4, b"direct") == b"server|direct"
     time.sleep(0.5)
