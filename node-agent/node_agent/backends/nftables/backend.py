@@ -8,6 +8,9 @@ also needs `::6` on `lo` (IPv6) or, in TPROXY mode, the policy routing: those ru
 Drift check: list our table (in-process) and compare it with what this backend applied last (the listing
 taken right after the apply), or, for a table it did not apply in this run (after a restart), with the
 builder's canonical text; a missing, altered or extra chain or rule is drift, repaired by applying again.
+A check first reads the netns' nf_tables ruleset generation (one netlink request, `nft_generation`): every
+nf_tables commit in the netns bumps it and reads do not, so when it is the one recorded at the last apply
+or verified listing, nothing in the netns changed and the listing is skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cni.rules.nft_compare import compare
 from cni.rules.sidecar import uses_tproxy
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.iptables.backend import families_of
+from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation
 from node_agent.backends.nftables import libnft
 
 TPROXY_CHAIN = "chain sc_tproxy {"
@@ -46,8 +50,8 @@ class NftablesBackend:
     def __init__(self) -> None:
         libnft.load()  # fail at selection time, not at the first pod
         self._lock = threading.Lock()
-        # netns path → (the table text wanted, the listing right after we applied it)
-        self._applied: dict[str, tuple[str, str]] = {}
+        # netns path → (the table text wanted, its verified listing, the netns' ruleset generation then)
+        self._applied: dict[str, tuple[str, str, int | None]] = {}
 
     # ------------------------------------------------------------------ apply / remove
 
@@ -67,13 +71,14 @@ class NftablesBackend:
                 except (IptablesError, OSError) as exc:
                     self._swap(target, _restore_text(before))
                     raise BackendError(f"nftables apply for pod {target.namespace}/{target.name}: {exc}") from exc
+                generation = _generation(target.netns_path)
                 (after,) = libnft.run_in_netns(target.netns_path, [nft_text.list_command()])
                 listed = libnft.listing_of(after)
         except IptablesError as exc:  # the lock: netns gone or busy
             raise BackendError(f"nftables apply for pod {target.namespace}/{target.name}: {exc}") from exc
         if listed is not None:
             with self._lock:
-                self._applied[target.netns_path] = (table.render(), listed)
+                self._applied[target.netns_path] = (table.render(), listed, generation)
 
     def _swap(self, target: PodTarget, text: str) -> str | None:
         """Our table before, then `text` as one transaction (the caller holds the netns lock)."""
@@ -141,14 +146,20 @@ class NftablesBackend:
             table = wanted_table(spec, families)
         except ValueError as exc:
             raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
-        listed = self.listing(target)
+        text = table.render()
+        generation = _generation(target.netns_path)  # read before the listing it vouches for
         with self._lock:
             applied = self._applied.get(target.netns_path)
-        text = table.render()
-        if applied is not None and applied == (text, listed):
-            problems: list[str] = []
+        problems: list[str] = []
+        if applied is not None and applied[0] == text and generation is not None and applied[2] == generation:
+            pass  # nothing in the netns changed since the table was verified
         else:
-            problems = compare(listed, table)
+            listed = self.listing(target)
+            if applied is None or applied[:2] != (text, listed):
+                problems = compare(listed, table)
+            if not problems and listed is not None:
+                with self._lock:
+                    self._applied[target.netns_path] = (text, listed, generation)
         if isinstance(spec, SidecarSpec) and uses_tproxy(spec):
             from cni.kernel.tproxy import check_tproxy_routes
 
@@ -177,6 +188,14 @@ class NftablesBackend:
 
     def close(self) -> None:
         """Nothing held on the node."""
+
+
+def _generation(netns_path: str) -> int | None:
+    """The netns' nf_tables ruleset generation; None when it cannot be read (then the listing decides)."""
+    try:
+        return read_generation(netns_path)
+    except NftGenerationError:
+        return None
 
 
 def _restore_text(before: str | None) -> str:
