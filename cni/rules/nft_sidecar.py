@@ -212,17 +212,11 @@ def _nat_output(inp: SidecarInputs) -> tuple[str, ...]:
         )
     if all(inp.include_ranges[f] is None for f in fams):
         rules.append(t.nrule(f"jump {SC_REDIRECT}", purpose="sidecar outbound capture"))
-    else:
+    else:  # one spec: every family has a list (possibly empty: no capture of that family)
         for f in fams:
-            included = inp.include_ranges[f]
-            if included is None:  # cannot happen: one spec gives both families the same None-ness
-                rules.append(
-                    t.nrule(f"meta nfproto {t.NFPROTO[f]}", f"jump {SC_REDIRECT}", purpose="sidecar outbound capture")
-                )
-                continue
             rules.extend(
                 t.nrule(t.addr(f, "daddr", net), f"jump {SC_REDIRECT}", purpose="sidecar included outbound range")
-                for net in included
+                for net in inp.include_ranges[f] or ()
             )
     return tuple(rules)
 
