@@ -7,8 +7,10 @@ dstnat) and `nat_output` (-100) jump to `sc_inbound` / `sc_output`, which end in
 `sc_tp_output`; the nat part then keeps only the outbound chains. Rules of one address family only (an
 address match) are emitted for the pod's families; family-independent rules once.
 
-HBONE: inbound port 15008 is never captured, and the proxy's own connections to its pod's address on
-15008 are not sent to 15006.
+As istio-iptables: the proxy's HBONE port 15008 is never captured inbound, and the proxy's own connections
+to its pod's IP go to the inbound port except those to 15008. excludeInterfaces: traffic arriving on or
+leaving via them is not captured; kubevirtInterfaces: TCP arriving on them is a VM's outbound traffic
+(to the outbound port, or only to the include ranges), the rest of their traffic is not captured.
 
 `sidecar_inputs` is the one place that turns a spec into the validated values the rules use: a new
 spec field is read there and used by the rule that needs it.
@@ -16,11 +18,12 @@ spec field is read there and used by the rule that needs it.
 
 from __future__ import annotations
 
-from cni.contract.constants import AMBIENT_HBONE_PORT, SIDECAR_EXCLUDED_INBOUND, TPROXY_MARK, TPROXY_OUTBOUND_MARK
+from cni.contract.constants import SIDECAR_EXCLUDED_INBOUND, SIDECAR_HBONE_PORT, TPROXY_MARK, TPROXY_OUTBOUND_MARK
 from cni.contract.record import Record
 from cni.rules import nft_text as t
 from cni.rules.rule_text import check_id, check_networks, check_optional_networks, check_port, check_ports
 from cni.rules.sidecar import uses_tproxy
+from cni.rules.sidecar_interfaces import check_interfaces
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -28,8 +31,7 @@ if TYPE_CHECKING:
     from cni.contract.sidecar_params import SidecarParams
     from cni.contract.spec import SidecarSpec
 
-HBONE_PORT = AMBIENT_HBONE_PORT
-ALWAYS_EXCLUDED_INBOUND = (HBONE_PORT, *SIDECAR_EXCLUDED_INBOUND)
+HBONE_PORT = SIDECAR_HBONE_PORT
 SC_INBOUND = "sc_inbound"
 SC_IN_REDIRECT = "sc_in_redirect"
 SC_OUTPUT = "sc_output"
@@ -45,6 +47,7 @@ class SidecarInputs(Record):
     """A sidecar spec's validated values, per family where they are addresses."""
 
     __slots__ = (
+        "exclude_ifs",
         "exclude_in",
         "exclude_out",
         "exclude_ranges",
@@ -52,7 +55,9 @@ class SidecarInputs(Record):
         "gid",
         "inbound",
         "include_in",
+        "include_out",
         "include_ranges",
+        "kubevirt_ifs",
         "outbound",
         "tproxy",
         "uid",
@@ -67,6 +72,9 @@ class SidecarInputs(Record):
     exclude_out: tuple[int, ...]
     exclude_ranges: dict[Family, tuple[str, ...]]
     include_ranges: dict[Family, tuple[str, ...] | None]
+    include_out: tuple[int, ...]
+    exclude_ifs: tuple[str, ...]
+    kubevirt_ifs: tuple[str, ...]
     tproxy: bool
 
     def __init__(self, **fields: object) -> None:
@@ -82,7 +90,7 @@ def sidecar_inputs(spec: SidecarSpec | SidecarParams, families: tuple[Family, ..
         gid=check_id(spec.proxy_gid, "proxy gid"),
         outbound=check_port(spec.outbound_port, "outbound proxy port"),
         inbound=check_port(spec.inbound_port, "inbound proxy port"),
-        exclude_in=check_ports((*ALWAYS_EXCLUDED_INBOUND, *spec.exclude_inbound_ports), "excludeInboundPorts"),
+        exclude_in=check_ports((*SIDECAR_EXCLUDED_INBOUND, *spec.exclude_inbound_ports), "excludeInboundPorts"),
         include_in=None if include_in is None else check_ports(include_in, "includeInboundPorts"),
         exclude_out=check_ports(spec.exclude_outbound_ports, "excludeOutboundPorts"),
         exclude_ranges={
@@ -91,6 +99,9 @@ def sidecar_inputs(spec: SidecarSpec | SidecarParams, families: tuple[Family, ..
         include_ranges={
             f: check_optional_networks(spec.include_outbound_ranges, f, "includeOutboundIPRanges") for f in families
         },
+        include_out=check_ports(spec.include_outbound_ports, "includeOutboundPorts"),
+        exclude_ifs=check_interfaces(spec.exclude_interfaces, "excludeInterfaces"),
+        kubevirt_ifs=check_interfaces(spec.kubevirt_interfaces, "kubevirtInterfaces"),
         tproxy=uses_tproxy(spec),
     )
 
@@ -100,6 +111,7 @@ def sidecar_chains(spec: SidecarSpec | SidecarParams, families: tuple[Family, ..
     inp = sidecar_inputs(spec, families)
     guard = t.family_guard(families)
     capture_inbound = inp.include_in is None or len(inp.include_in) > 0
+    nat_inbound = (capture_inbound and not inp.tproxy) or bool(inp.kubevirt_ifs)
     chains: list[t.Chain] = []
     if inp.tproxy:
         chains.append(
@@ -116,7 +128,7 @@ def sidecar_chains(spec: SidecarSpec | SidecarParams, families: tuple[Family, ..
                 (t.nrule(guard, "meta l4proto tcp", f"jump {SC_TP_OUTPUT}", purpose="sidecar tproxy output"),),
             )
         )
-    elif capture_inbound:
+    if nat_inbound:
         chains.append(
             t.Chain(
                 "nat_prerouting",
@@ -131,8 +143,8 @@ def sidecar_chains(spec: SidecarSpec | SidecarParams, families: tuple[Family, ..
             (t.nrule(guard, "meta l4proto tcp", f"jump {SC_OUTPUT}", purpose="sidecar outbound"),),
         )
     )
-    if not inp.tproxy and capture_inbound:
-        chains.append(t.Chain(SC_INBOUND, None, _nat_inbound(inp)))
+    if nat_inbound:
+        chains.append(t.Chain(SC_INBOUND, None, _nat_inbound(inp, capture_inbound)))
     chains.append(
         t.Chain(
             SC_IN_REDIRECT,
@@ -153,45 +165,67 @@ def sidecar_chains(spec: SidecarSpec | SidecarParams, families: tuple[Family, ..
     return tuple(chains)
 
 
-def _nat_inbound(inp: SidecarInputs) -> tuple[str, ...]:
-    """Inbound REDIRECT: everything but the excluded ports, or only the included ones."""
+def _kubevirt(inp: SidecarInputs, redirect: bool) -> list[str]:
+    """Per kubevirt interface: its TCP to the outbound redirect (every destination, or the include ranges;
+    redirect False: none, TPROXY's mangle part), then a return for the rest of its traffic."""
+    rules: list[str] = []
+    for name in inp.kubevirt_ifs:
+        if redirect and all(inp.include_ranges[f] is None for f in inp.families):
+            rules.append(t.nrule(t.iif(name), f"jump {SC_REDIRECT}", purpose="kubevirt interface outbound"))
+        elif redirect:
+            rules.extend(
+                t.nrule(t.addr(f, "daddr", net), t.iif(name), f"jump {SC_REDIRECT}",
+                        purpose="kubevirt interface outbound range")
+                for f in inp.families
+                for net in inp.include_ranges[f] or ()
+            )  # fmt: skip
+        rules.append(t.nrule(t.iif(name), "return", purpose="kubevirt interface not inbound"))
+    return rules
+
+
+def _nat_inbound(inp: SidecarInputs, capture_inbound: bool) -> tuple[str, ...]:
+    """Inbound REDIRECT: kubevirt interfaces first; then (unless TPROXY mode or no inbound capture) the
+    excluded interfaces, 15008, and everything but the excluded ports, or only the included ones."""
+    rules = _kubevirt(inp, redirect=True)
+    if inp.tproxy or not capture_inbound:
+        return tuple(rules)
+    rules.extend(t.nrule(t.iif(name), "return", purpose="skip excluded interface") for name in inp.exclude_ifs)
+    rules.append(t.nrule(t.dport("tcp", HBONE_PORT), "return", purpose="skip hbone port"))
     if inp.include_in is None:
-        rules = [
-            t.nrule(t.dport("tcp", port), "return", purpose="skip excluded inbound port") for port in inp.exclude_in
-        ]
+        rules.extend(
+            t.nrule(t.dport("tcp", port), "return", purpose="skip excluded inbound port")
+            for port in inp.exclude_in
+            if port != HBONE_PORT
+        )
         rules.append(t.nrule(f"jump {SC_IN_REDIRECT}", purpose="sidecar inbound capture"))
         return tuple(rules)
-    return tuple(
+    rules.extend(
         t.nrule(t.dport("tcp", port), f"jump {SC_IN_REDIRECT}", purpose="sidecar included inbound port")
         for port in inp.include_in
         if port != HBONE_PORT
     )
+    return tuple(rules)
 
 
 def _nat_output(inp: SidecarInputs) -> tuple[str, ...]:
-    """Outbound REDIRECT, in the iptables order (docs/iptables.md): excluded ports, the passthrough source,
-    the proxy's HBONE and own-pod connections, the app over lo, the proxy, loopback, ranges, capture."""
+    """Outbound REDIRECT, in the iptables order (docs/iptables.md): excluded interfaces and ports, the
+    passthrough source, the proxy's own-pod connections (not 15008), the app over lo, the proxy, loopback,
+    excluded ranges, included ports, capture."""
     fams = inp.families
-    rules = [t.nrule(t.dport("tcp", port), "return", purpose="skip excluded outbound port") for port in inp.exclude_out]
+    rules = [t.nrule(t.oif(name), "return", purpose="skip excluded interface") for name in inp.exclude_ifs]
+    rules.extend(
+        t.nrule(t.dport("tcp", port), "return", purpose="skip excluded outbound port") for port in inp.exclude_out
+    )
     rules.extend(
         t.nrule(t.oif("lo"), t.addr(f, "saddr", t.PASSTHROUGH_SOURCE[f]), "return", purpose="skip inbound passthrough")
         for f in fams
     )
     for kind, ident in (("uid", inp.uid), ("gid", inp.gid)):
-        # HBONE: the proxy's connections to its pod's 15008 are never inbound-captured
-        rules.append(
-            t.nrule(
-                t.oif("lo"),
-                t.owner(kind, ident),
-                t.dport("tcp", HBONE_PORT),
-                "return",
-                purpose=f"skip proxy {kind} to hbone port",
-            )
-        )
         rules.extend(
             t.nrule(
                 t.oif("lo"),
                 t.addr(f, "daddr", t.LOOPBACK[f], negate=True),
+                t.dport("tcp", HBONE_PORT, negate=True),
                 t.owner(kind, ident),
                 f"jump {SC_IN_REDIRECT}",
                 purpose=f"proxy {kind} to own pod ip",
@@ -210,6 +244,10 @@ def _nat_output(inp: SidecarInputs) -> tuple[str, ...]:
             t.nrule(t.addr(f, "daddr", net), "return", purpose="skip excluded outbound range")
             for net in inp.exclude_ranges[f]
         )
+    rules.extend(
+        t.nrule(t.dport("tcp", port), f"jump {SC_REDIRECT}", purpose="sidecar included outbound port")
+        for port in inp.include_out
+    )
     if all(inp.include_ranges[f] is None for f in fams):
         rules.append(t.nrule(f"jump {SC_REDIRECT}", purpose="sidecar outbound capture"))
     else:  # one spec: every family has a list (possibly empty: no capture of that family)
@@ -247,6 +285,7 @@ def _tproxy_chains(inp: SidecarInputs) -> tuple[t.Chain, ...]:
         t.nrule(t.addr(f, "daddr", t.LOOPBACK[f], negate=True), "drop", purpose="no transparent listener") for f in fams
     )
     prert = (
+        *(t.nrule(t.iif(name), "return", purpose="skip excluded interface") for name in inp.exclude_ifs),
         t.nrule(f"jump {SC_TP_INBOUND}", purpose="sidecar tproxy inbound"),
         t.nrule(t.mark_eq(TPROXY_MARK), "ct mark set meta mark", purpose="save tproxy mark on connection"),
     )
@@ -263,10 +302,14 @@ def _tproxy_chains(inp: SidecarInputs) -> tuple[t.Chain, ...]:
             purpose="skip lo traffic not from proxy",
         )
     )
+    inbound.extend(_kubevirt(inp, redirect=False))
+    inbound.append(t.nrule(t.dport("tcp", HBONE_PORT), "return", purpose="skip hbone port"))
     established = "ct state established,related"
     if inp.include_in is None:
         inbound.extend(
-            t.nrule(t.dport("tcp", port), "return", purpose="skip excluded inbound port") for port in inp.exclude_in
+            t.nrule(t.dport("tcp", port), "return", purpose="skip excluded inbound port")
+            for port in inp.exclude_in
+            if port != HBONE_PORT
         )
         inbound.append(t.nrule(established, f"jump {SC_DIVERT}", purpose="divert established inbound"))
         inbound.append(t.nrule(f"jump {SC_TPROXY}", purpose="tproxy new inbound"))
@@ -280,12 +323,14 @@ def _tproxy_chains(inp: SidecarInputs) -> tuple[t.Chain, ...]:
                 )
             )
             inbound.append(t.nrule(t.dport("tcp", port), f"jump {SC_TPROXY}", purpose="tproxy new included port"))
-    output = [t.nrule(t.oif("lo"), t.mark_eq(TPROXY_MARK), "return", purpose="skip tproxy-marked over lo")]
+    output = [t.nrule(t.oif(name), "return", purpose="skip excluded interface") for name in inp.exclude_ifs]
+    output.append(t.nrule(t.oif("lo"), t.mark_eq(TPROXY_MARK), "return", purpose="skip tproxy-marked over lo"))
     for kind, ident in (("uid", inp.uid), ("gid", inp.gid)):
         output.extend(
             t.nrule(
                 t.oif("lo"),
                 t.addr(f, "daddr", t.LOOPBACK[f], negate=True),
+                t.dport("tcp", HBONE_PORT, negate=True),
                 t.owner(kind, ident),
                 f"meta mark set {t.hex32(TPROXY_OUTBOUND_MARK)}",
                 purpose=f"mark proxy {kind} to own pod ip",

@@ -39,18 +39,39 @@ def test_one_family_guards_the_jumps_and_drops_the_other_family() -> None:
 def test_hbone_never_captured() -> None:
     table = nft_builder.sidecar_table(SidecarSpec(exclude_inbound_ports=()), (4,))
     assert rules_of(table, "sc_inbound")[0].startswith("tcp dport 15008 return")
-    out = rules_of(table, "sc_output")
-    hbone = out.index(
-        'oifname "lo" meta skuid 1337 tcp dport 15008 return comment "headrace: skip proxy uid to hbone port"'
-    )
-    own = next(i for i, r in enumerate(out) if "proxy uid to own pod ip" in r)
-    assert hbone < own
+    own = [r for r in rules_of(table, "sc_output") if "own pod ip" in r]
+    assert own and all("tcp dport != 15008" in r for r in own)
     included = nft_builder.sidecar_table(SidecarSpec(include_inbound_ports=(15008, 80)), (4,))
-    assert [r.split(" jump")[0] for r in rules_of(included, "sc_inbound")] == ["tcp dport 80"]
+    assert [r.split(" jump")[0].split(" return")[0] for r in rules_of(included, "sc_inbound")] == [
+        "tcp dport 15008",
+        "tcp dport 80",
+    ]
     tproxy = nft_builder.sidecar_table(SidecarSpec(interception_mode="TPROXY"), (4,))
     assert any(r.startswith("tcp dport 15008 return") for r in rules_of(tproxy, "sc_tp_inbound"))
+    assert all("tcp dport != 15008" in r for r in rules_of(tproxy, "sc_tp_output") if "own pod ip" in r)
     ambient = rules_of(nft_builder.ambient_table(AmbientSpec(), (4,)), "am_prert")
     assert any("tcp dport != 15008" in r and "redirect to :15006" in r for r in ambient)
+
+
+def test_interfaces_and_included_outbound_ports() -> None:
+    spec = SidecarSpec(exclude_interfaces=("net1",), kubevirt_interfaces=("eth1",), include_outbound_ports=(31000,))
+    table = nft_builder.sidecar_table(spec, (4, 6))
+    assert [r.split(" comment")[0] for r in rules_of(table, "sc_inbound")[:3]] == [
+        'iifname "eth1" jump sc_redirect',
+        'iifname "eth1" return',
+        'iifname "net1" return',
+    ]
+    out = rules_of(table, "sc_output")
+    assert out[0].startswith('oifname "net1" return')
+    assert (
+        out.index('tcp dport 31000 jump sc_redirect comment "headrace: sidecar included outbound port"') == len(out) - 2
+    )
+    with pytest.raises(ValueError, match="excludeInterfaces"):
+        nft_builder.sidecar_table(SidecarSpec(exclude_interfaces=('eth0" accept',)), (4,))
+    kubevirt_tproxy = nft_builder.sidecar_table(
+        SidecarSpec(interception_mode="TPROXY", kubevirt_interfaces=("eth1",)), (4,)
+    )
+    assert kubevirt_tproxy.chain("nat_prerouting") is not None  # the VM's outbound still goes through nat
 
 
 def test_tproxy_drops_what_no_transparent_listener_takes() -> None:
