@@ -14,7 +14,7 @@ APT_PACKAGES=(
   iptables nftables conntrack iproute2 util-linux procps
   containernetworking-plugins podman runc containerd
   gcc libc6-dev make mmdebstrap
-  bpftool clang python3-bpfcc linux-headers-amd64
+  bpftool clang python3-bpfcc linux-headers-amd64 python3-nftables
   python3 python3-venv python3-dev socat ruby
 )
 
@@ -75,12 +75,16 @@ else
   step "[3/5] .venv: headrace installed (pyproject.toml unchanged)"
 fi
 
-step "[4/5] bcc exposed to the .venv"
+step "[4/5] bcc and nftables exposed to the .venv"
 # Expose only the bcc package from dist-packages (all of dist-packages would shadow pip's pyroute2).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p "$site/_headrace_bcc"
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/_headrace_bcc/bcc"
 echo "$site/_headrace_bcc" > "$site/headrace_bcc.pth"
+# The same for libnftables' Python binding (the agent's nftables backend applies rules in-process).
+mkdir -p "$site/_headrace_nftables"
+ln -sfn /usr/lib/python3/dist-packages/nftables "$site/_headrace_nftables/nftables"
+echo "$site/_headrace_nftables" > "$site/headrace_nftables.pth"
 
 # Generated gRPC code (never hand-edited, never committed).
 step "[5/5] generated gRPC code (make proto)"

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-BackendSetting = Literal["auto", "iptables", "ebpf"]
+BackendSetting = Literal["auto", "iptables", "nftables", "ebpf"]
+BACKEND_SETTINGS = ("auto", "iptables", "nftables", "ebpf")
 IptablesSetting = Literal["auto", "legacy", "nft"]
 
 DEFAULT_STATE_DIR = Path("/var/run/headrace")
@@ -136,8 +137,8 @@ def build_config(
             raise ConfigError("--kubeconfig needs --node-name (the pods of this node are watched)")
     if node and not _NODE_NAME.match(node):
         raise ConfigError(f"--node-name {node!r} is not a valid node name")
-    if backend not in ("auto", "iptables", "ebpf"):
-        raise ConfigError(f"--backend {backend!r}: expected auto, iptables or ebpf")
+    if backend not in BACKEND_SETTINGS:
+        raise ConfigError(f"--backend {backend!r}: expected auto, iptables, nftables or ebpf")
     if iptables not in ("auto", "legacy", "nft"):
         raise ConfigError(f"--iptables {iptables!r}: expected auto, legacy or nft")
     level = log_level.lower()

@@ -27,7 +27,7 @@ from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
 from node_agent.backends.base import BackendError, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
-from node_agent.backends.select import select_backend
+from node_agent.backends.select import rules_backend_setting, select_backend
 from node_agent.netns.pin import NetnsPins
 from node_agent.proxy.cgroup import Source as CgroupSource
 from node_agent.proxy.cgroup_follow import ProxyCgroupFollower, saved_proxy_cgroup
@@ -111,14 +111,14 @@ class Agent:
         fallback: RedirectBackend | None = None
         # eBPF node: iptables serves the pods eBPF cannot (fallback_reason, e.g. ambient without a known
         # proxy cgroup); with `auto` also the pods whose cgroup is unknown (`ebpf` fails those closed)
-        if backend is None and self.backend.name != "iptables":
-            fallback = make_backend(replace(config, backend="iptables"), self.flavour)
+        if backend is None and self.backend.name == "ebpf":
+            fallback = make_backend(replace(config, backend=rules_backend_setting()), self.flavour)
         factory = self._other_backend if backend is None else None
         self.hub: Hub = hub if hub is not None else make_hub(config)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
-        rules = node_rules if node_rules is not None else make_node_rules(resolve_flavour(config.iptables))
+        rules = node_rules if node_rules is not None else self._node_rules()
         self.reconciler = Reconciler(
             self.store, self.backend, self.hub, self.pins, self.records,
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
@@ -165,11 +165,21 @@ class Agent:
         self.store.subscribe(marker.wake)
         return marker
 
+    def _node_rules(self) -> Callable[[list[str]], None]:
+        """The node-side probe SNAT: nftables on a node without iptables (or with the nftables backend)."""
+        if self.backend.name == "nftables" or rules_backend_setting() == "nftables":
+            from node_agent.backends.nftables.node_probe import make_nft_node_rules
+
+            return make_nft_node_rules()
+        return make_node_rules(resolve_flavour(self.config.iptables))
+
     def _other_backend(self, name: str) -> RedirectBackend | None:
         """A backend that is not this node's any more (agent restarted with another --backend): only to
         remove what it left in a pod before the pod moves to the node's backend."""
         if name == "iptables":
             return make_backend(replace(self.config, backend="iptables"), self.flavour)
+        if name == "nftables":
+            return make_backend(replace(self.config, backend="nftables"), self.flavour)
         if name == "ebpf":
             return EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path)
         return None

@@ -20,7 +20,8 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
               help="Pins (netns/), records (pods/) and default sockets.")
 @click.option("--cni-socket", default=None, help="Plugin-event socket [default: STATE_DIR/cni.sock].")
 @click.option("--proxy-socket", default=None, help="Node-proxy gRPC socket [default: STATE_DIR/proxy.sock].")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "ebpf"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nftables", "ebpf"]), default="auto",
+              show_default=True)
 @click.option("--iptables", "iptables_flavour", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
               show_default=True, help="iptables flavour used in every pod (auto: detected once per node).")
 @click.option("--metrics-addr", default="", help="HOST:PORT for /metrics, /healthz, /readyz (off if empty).")

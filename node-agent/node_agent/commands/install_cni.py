@@ -38,7 +38,8 @@ def _split_namespaces(values: tuple[str, ...]) -> tuple[str, ...]:
 @_path_options
 @click.option("--agent-socket", default="/var/run/headrace/cni.sock", show_default=True,
               help="Agent plugin-event socket, written into the entry.")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "ebpf"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nftables", "ebpf"]), default="auto",
+              show_default=True)
 @click.option("--iptables", "iptables_mode", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
               show_default=True)
 @click.option("--objects-dir", default=None, help="Pod source for the plugin: a local objects dir (lab).")
