@@ -85,8 +85,11 @@ def test_hostile_sources_are_refused_before_mounting(pins: NetnsPins, tmp_path: 
 
 def test_refusal_messages_say_why(pins: NetnsPins, tmp_path: Path) -> None:
     sources = hostile_sources(tmp_path)
-    why = {kind: str(pytest.raises(NotPodNetns, pins.pin, "u1", src, os.stat(src).st_ino).value)
-           for kind, src in sources.items()}
+    why: dict[str, str] = {}
+    for kind, src in sources.items():
+        with pytest.raises(NotPodNetns) as err:
+            pins.pin("u1", src, os.stat(src).st_ino)
+        why[kind] = str(err.value)
     assert "not a namespace file" in why["regular"] and "is a directory" in why["directory"]
     assert "not a namespace file" in why["fifo"]
     assert "agent's own (node) network namespace" in why["own"] and "own" in why["own-symlink"]
