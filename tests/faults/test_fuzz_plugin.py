@@ -113,7 +113,7 @@ def stage() -> Iterator[Stage]:
 
 class Tally:
     cases = 0
-    by_code: dict[int, int] = {}  # noqa: RUF012 - a per-module counter, printed at the end
+    by_code: dict[int, int] = {}  # a per-module counter, printed at the end
 
 
 def test_fuzz_plugin_in_process(stage: Stage) -> None:
