@@ -51,8 +51,8 @@ annotation_value = st.one_of(
     st.text(alphabet="0123456789,./:-* abcdefTPROXYRDIEC\t\n", max_size=30),
     st.text(max_size=30),
 )
-annotations = st.dictionaries(st.sampled_from(ANNOTATION_KEYS), annotation_value, max_size=4) | st.dictionaries(
-    st.text(max_size=30), st.text(max_size=20), max_size=3)
+annotations = st.one_of(st.dictionaries(st.sampled_from(ANNOTATION_KEYS), annotation_value, max_size=4),
+                        st.dictionaries(st.text(max_size=30), st.text(max_size=20), max_size=3))
 labels = st.fixed_dictionaries({}, optional={
     "istio.io/dataplane-mode": st.sampled_from(["ambient", "none", "AMBIENT", "", "sidecar"]) | st.text(max_size=8)})
 
