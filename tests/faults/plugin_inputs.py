@@ -51,7 +51,7 @@ annotation_value = st.one_of(
     st.text(alphabet="0123456789,./:-* abcdefTPROXYRDIEC\t\n", max_size=30),
     st.text(max_size=30),
 )
-annotations = st.one_of(st.dictionaries(st.sampled_from(ANNOTATION_KEYS), annotation_value, max_size=4),
+pod_annotations = st.one_of(st.dictionaries(st.sampled_from(ANNOTATION_KEYS), annotation_value, max_size=4),
                         st.dictionaries(st.text(max_size=30), st.text(max_size=20), max_size=3))
 labels = st.fixed_dictionaries({}, optional={
     "istio.io/dataplane-mode": st.sampled_from(["ambient", "none", "AMBIENT", "", "sidecar"]) | st.text(max_size=8)})
@@ -68,7 +68,7 @@ prev_ips = st.lists(st.one_of(
 @st.composite
 def pod_objects(draw: st.DrawFn) -> dict[str, Any]:
     """What the objects dir holds: the pod's mode inputs and its annotations."""
-    ann = draw(annotations)
+    ann = draw(pod_annotations)
     if draw(st.booleans()):
         ann = {**SIDECAR_STATUS, **ann}
     return {
