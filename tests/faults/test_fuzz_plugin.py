@@ -1,7 +1,7 @@
 """Property-based fuzzing of the CNI plugin in-process (cni.plugin.entry.run, the executable's whole
 path): stdin netconf, the CNI_* environment and the pod's labels and annotations. Hypothesis draws
-450 structured inputs (derandomized); each is run as drawn and with 19 cheap mutations of it (a field
-replaced or removed, bytes bent, an env variable changed; seeded from the example), 9 000 plugin runs in
+450 structured inputs (derandomized); each is run as drawn and with 21 cheap mutations of it (a field
+replaced or removed, bytes bent, an env variable changed; seeded from the example), 9 900 plugin runs in
 all. Every command the kernel layer would start goes to a recording runner that answers success, and
 the agent is a fake that answers at random (enrolled, retry, refusal, garbage, hang-up), so each case
 costs about a millisecond. Invariant (tests/faults/plugin_checks.py): a CNI result or one CNI error
@@ -41,7 +41,7 @@ from tests.unit.test_cni_agent_client import FakeAgent
 pytestmark = pytest.mark.faults
 
 EXAMPLES = 450
-MUTATIONS = 19  # per example, besides the example itself
+MUTATIONS = 21  # per example, besides the example itself
 IN_PROCESS_CASES = EXAMPLES * (1 + MUTATIONS)
 AGENT_REPLIES = (
     b'{"ok": true, "state": "enrolled"}\n',
