@@ -64,7 +64,7 @@ def request_objects(draw: st.DrawFn) -> dict[str, Any]:
     """A valid request with up to three fields replaced or removed (often still valid), or any object."""
     if draw(st.integers(0, 5)) == 0:
         return draw(st.fixed_dictionaries({}, optional=fields))
-    obj = json.loads(json.dumps(VALID))
+    obj: dict[str, Any] = json.loads(json.dumps(VALID))
     obj[events.CMD] = draw(st.sampled_from(events.COMMANDS))
     for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=3, unique=True)):
         if draw(st.integers(0, 4)) == 0:

@@ -60,18 +60,23 @@ async def refuse(info: WorkloadInfo) -> int:
     raise WorkloadError(f"no netns here for {info.uid[:20]!r}")
 
 
+def agent_message(seq: int, kind: str, w: WorkloadInfo, uid: str, count: int) -> bytes:
+    msg = pb.AgentMessage(seq=seq)
+    if kind == "add":
+        msg.add.workload.CopyFrom(workload_to_pb(w))
+    elif kind == "delete":
+        msg.delete.uid = uid
+    elif kind == "done":
+        msg.snapshot_complete.count = count
+    elif kind == "hello":
+        msg.hello_reply.protocol_version = count
+    return msg.SerializeToString()
+
+
 def agent_messages() -> st.SearchStrategy[bytes]:
-    valid = st.builds(
-        lambda seq, kind, w, uid, count: pb.AgentMessage(seq=seq, **{
-            "add": {"add": pb.WorkloadAdd(workload=workload_to_pb(w))},
-            "delete": {"delete": pb.WorkloadDelete(uid=uid)},
-            "done": {"snapshot_complete": pb.SnapshotComplete(count=count)},
-            "hello": {"hello_reply": pb.HelloReply(protocol_version=count)},
-            "none": {},
-        }[kind]).SerializeToString(),
-        st.integers(0, 2**64 - 1), st.sampled_from(["add", "delete", "done", "hello", "none"]), workloads, text,
-        st.integers(0, 2**32 - 1),
-    )
+    valid = st.builds(agent_message, st.integers(0, 2**64 - 1),
+                      st.sampled_from(["add", "delete", "done", "hello", "none"]), workloads, text,
+                      st.integers(0, 2**32 - 1))
     return st.one_of(valid, st.binary(max_size=200), valid.flatmap(
         lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda i: b[:i] + bytes([b[i] ^ 0x5A]) + b[i + 1:]
                                                          if b else b)))
