@@ -122,7 +122,7 @@ def test_one_deadline_per_request_not_per_read(servers, monkeypatch) -> None:
     s.close()
     elapsed = time.monotonic() - started
     assert got and got[0]["ok"] is False and "not received in time" in got[0]["error"]
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 3.0, elapsed  # a per-read limit would never fire: a byte comes every 0.1 s
     assert handler.calls == []
 
 
@@ -165,7 +165,7 @@ def test_a_fresh_request_evicts_the_slowest_reader(servers) -> None:
 
 def test_seventy_slow_clients_never_starve_an_add(servers) -> None:
     """70 clients that send one byte a second and reconnect at once when dropped, against the real
-    limits (64 reading slots); ADDs keep getting through, each within a second."""
+    limits (64 reading slots); ADDs keep getting through at once (a few ms; 3 s allowed on a busy machine)."""
     srv, handler, path = servers(admission=Admission(per_peer=1000), check=lambda p: None)
     stop = threading.Event()
 
@@ -184,13 +184,15 @@ def test_seventy_slow_clients_never_starve_an_add(servers) -> None:
     for t in threads:
         t.start()
     try:
-        time.sleep(1.5)
+        deadline = time.monotonic() + 15
+        while srv.admission.counts()["reading"] < 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert srv.admission.counts()["reading"] == 64  # every reading slot is held
         for _ in range(10):
             started = time.monotonic()
             reply = send_event(path, add_event(), timeout=5)
             assert reply.ok, reply.error
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 3.0  # well within the plugin's deadline, on a loaded machine
             time.sleep(0.1)
     finally:
         stop.set()
