@@ -133,3 +133,17 @@ def test_fuzz_netns_fd_side_channel() -> None:
     case()
     assert server.stats.served == 0
     print(f"\nnetns fd side channel: {json.dumps(tally)}")
+
+
+@pytest.mark.parametrize("path", ["/proc/self/ns/net", "/proc/1/ns/net", "/proc/self/ns/uts", "/etc/hostname", "/"])
+def test_the_proxy_never_enters_its_own_or_a_non_pod_netns(path: str) -> None:
+    """Found by the message fuzzing: a workload with inode 0 (unchecked) and the proxy's own netns as its
+    path made the reference proxy open its listeners there. Refused now, nothing opened."""
+    from cni.kernel.netns import NetnsFileError, pod_netns_inode
+
+    with pytest.raises(NetnsFileError):  # guard: the check refuses it before the table is asked
+        pod_netns_inode(path, "proxy")
+    table = WorkloadTable(lambda record: None)
+    with pytest.raises(WorkloadError, match=r"refused|is gone"):
+        asyncio.run(table.add(WorkloadInfo("u1", "web", "app", netns_path=path, netns_inode=0)))
+    assert table.uids() == []
