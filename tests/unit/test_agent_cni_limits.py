@@ -99,6 +99,8 @@ def test_admission_evicts_the_oldest_reader_and_bounds_peers() -> None:
         adm.close(t)  # idempotent
     assert adm.counts()["reading"] == 0 and adm.counts()["handling"] == 0 and adm.counts()["peers"] == 0
     assert peer_key(0, 7) == ("uid", 7)
+    unmapped = [adm.admit(peer_key(0, 0), 5.0)[0] for _ in range(4)]  # pid unknown: not bounded per peer
+    assert all(isinstance(t, Ticket) for t in unmapped)
 
 
 # ---- the server -----------------------------------------------------------------------------------

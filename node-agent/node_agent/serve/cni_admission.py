@@ -12,10 +12,12 @@ A connection goes through two phases, each with its own bounded set of slots:
   `max_handling`. Readers never take these slots, so slow clients cannot starve requests; a full set
   answers "agent busy" (retry).
 
-Per peer (the SO_PEERCRED pid of the connecting process; its uid when the pid is unknown, e.g. a peer in
-another pid namespace) at most `per_peer` connections in both phases together: one process cannot take
-the slots of everybody else. The socket is mode 0600, so every peer is root on a node; the per-uid bound
-would be the whole socket, so pids are what is counted.
+Per peer (the SO_PEERCRED pid of the connecting process) at most `per_peer` connections in both phases
+together: one process cannot take the slots of everybody else. The socket is mode 0600, so every peer is
+root on a node; a per-uid bound would be the whole socket, so pids are what is counted. A peer whose pid
+the kernel cannot map into the agent's pid namespace (pid 0: an agent without the host's pid namespace)
+is keyed by its uid and not bounded per peer, since that key would bound every plugin of the node at
+once; the global limits and the eviction still hold for it.
 
 Pure bookkeeping (thread-safe, no sockets): the server does the closing.
 """
@@ -69,10 +71,9 @@ class Admission:
         """A new connection: its ticket (or why it is refused) and the tickets evicted to make room,
         which the caller must close."""
         with self._lock:
-            if self._per_peer.get(peer, 0) >= self.per_peer:
+            if peer[0] == "pid" and self._per_peer.get(peer, 0) >= self.per_peer:
                 self.refused_peer += 1
-                what = f"pid {peer[1]}" if peer[0] == "pid" else f"uid {peer[1]}"
-                return Refusal(f"too many connections from {what} (at most {self.per_peer})"), []
+                return Refusal(f"too many connections from pid {peer[1]} (at most {self.per_peer})"), []
             evicted: list[Ticket] = []
             while len(self._reading) >= self.max_reading:
                 victim = self._reading.pop(0)
