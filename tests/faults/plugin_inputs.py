@@ -195,10 +195,12 @@ ODD_ENV: tuple[str, ...] = ("", " ", "ADD", "DEL", "CHECK", "VERSION", "x" * 500
                             "eth0", "K8S_POD_NAME=web", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web")
 
 
-def mutate_stdin(rng: Any, stdin: bytes) -> bytes:
-    """A field of the netconf (or of its prevResult) replaced or removed, or the bytes themselves bent."""
-    how = rng.randrange(4)
-    if how == 3 or not stdin.startswith(b"{"):
+def mutate_stdin(rng: Any, stdin: bytes, bend_bytes: bool = True) -> bytes:
+    """A field of the netconf (or of its prevResult) replaced or removed, or (`bend_bytes`) the bytes
+    themselves bent. Bent bytes can turn `log_file` into any path: only runs whose log is pinned
+    (`PinnedLog`, in-process) may use them."""
+    how = rng.randrange(4 if bend_bytes else 3)
+    if how == 3 or (bend_bytes and not stdin.startswith(b"{")):
         data = bytearray(stdin)
         for _ in range(rng.randrange(1, 4)):
             if not data:
@@ -221,7 +223,7 @@ def mutate_stdin(rng: Any, stdin: bytes) -> bytes:
     target = conf
     if how == 2 and isinstance(conf.get("prevResult"), dict):
         target = conf["prevResult"]
-    keys = sorted(target) + list(CONF_FIELDS)
+    keys = [k for k in sorted(target) if k != "log_file"] + list(CONF_FIELDS)
     key = rng.choice(keys)
     if how == 1:
         target.pop(key, None)

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from cni.kernel import spawn
 from cni.plugin import entry
+from cni.plugin.log import JsonLog
 from tests.faults.plugin_checks import check_answer
 from tests.faults.plugin_inputs import (
     FUZZ,
@@ -53,6 +54,19 @@ AGENT_REPLIES = (
     b'{"ok": true, "state": ' + b"[" * 3000 + b"\n",
     None,
 )
+
+
+class PinnedLog(JsonLog):
+    """The plugin's log, always written to one file of the test: fuzzed `log_file` values (bent bytes
+    make any path of them) never create files elsewhere."""
+
+    path_for_tests = "/dev/null"
+
+    def __init__(self, path: str = "", level: str = "info", **context: str) -> None:
+        super().__init__(self.path_for_tests, level, **context)
+
+    def configure(self, path: str | None = None, level: str | None = None) -> None:
+        super().configure(self.path_for_tests if path else None, level)
 
 
 class Recorder:
@@ -104,9 +118,13 @@ def stage() -> Iterator[Stage]:
     s = Stage()
     recorder = Recorder()
     previous = spawn.install_runner(recorder)
+    PinnedLog.path_for_tests = str(s.tmp / "cni.log")
+    pinned = pytest.MonkeyPatch()
+    pinned.setattr(entry, "JsonLog", PinnedLog)
     try:
         yield s
     finally:
+        pinned.undo()
         spawn.install_runner(previous)
         s.close()
 
