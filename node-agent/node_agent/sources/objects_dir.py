@@ -3,12 +3,16 @@
 One JSON or YAML file per object (a `kind: List` or a multi-document YAML file works too). The directory
 is polled (cheap: a stat per file) and re-read whenever a file's size or mtime changes, is added or is
 removed; the whole set then replaces the store's content, so the events are the same as a Kubernetes
-re-list. Files that fail to parse are skipped with a warning and keep their previous content out.
+re-list. Files that fail to parse are skipped with a warning naming the file and keep their previous
+content out; the other files are served as usual.
+
+Every file is read within the limits of `cni.contract.object_files`: at most 2 MiB, at most 200 000 YAML
+nodes with aliases expanded (an alias bomb is refused while it is parsed, in milliseconds), JSON not
+nested too deep.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cni.contract.kube_objects import Namespace, ObjectError, Pod, namespace_from_object, pod_from_object
+from cni.contract.object_files import load_json, load_yaml_all, read_text
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.objects")
@@ -23,14 +28,11 @@ log = logging.getLogger("headrace.agent.objects")
 SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def _documents(path: Path) -> Iterator[Any]:
-    text = path.read_text(encoding="utf-8")
+def _documents(path: Path) -> list[Any]:
+    text = read_text(str(path))
     if path.suffix == ".json":
-        yield json.loads(text)
-        return
-    import yaml  # lazy: only the YAML files need it
-
-    yield from yaml.safe_load_all(text)
+        return [load_json(text, path.name)]
+    return load_yaml_all(text, path.name)
 
 
 def _objects(doc: Any) -> Iterator[dict[str, Any]]:
@@ -62,10 +64,9 @@ def read_objects_dir(directory: Path, node_name: str = "") -> tuple[list[Pod], l
                         pods.append(pod)
                     elif kind == "Namespace":
                         namespaces.append(namespace_from_object(obj))
-        except (OSError, ValueError, ObjectError) as exc:
-            log.warning("skipping %s: %s", path.name, exc, extra={"step": "objects-parse"})
-        except Exception as exc:  # yaml.YAMLError and friends
-            log.warning("skipping %s: %s", path.name, exc, extra={"step": "objects-parse"})
+        except (OSError, ValueError, ObjectError) as exc:  # ObjectFileError is a ValueError
+            log.warning("skipping %s: %s", path.name, str(exc)[:300], extra={"step": "objects-parse",
+                        "file": path.name})
     return pods, namespaces
 
 
