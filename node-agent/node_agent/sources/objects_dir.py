@@ -3,8 +3,9 @@
 One JSON or YAML file per object (a `kind: List` or a multi-document YAML file works too). The directory
 is polled (cheap: a stat per file) and re-read whenever a file's size or mtime changes, is added or is
 removed; the whole set then replaces the store's content, so the events are the same as a Kubernetes
-re-list. Files that fail to parse are skipped with a warning naming the file and keep their previous
-content out; the other files are served as usual.
+re-list. A file that fails to parse is reported with a warning naming it and keeps serving what it
+held when it last parsed (a file caught half-written does not drop its pods); the other files are served
+as usual.
 
 Every file is read within the limits of `cni.contract.object_files`: at most 2 MiB, at most 200 000 YAML
 nodes with aliases expanded (an alias bomb is refused while it is parsed, in milliseconds), JSON not
@@ -46,27 +47,56 @@ def _objects(doc: Any) -> Iterator[dict[str, Any]]:
     yield doc
 
 
-def read_objects_dir(directory: Path, node_name: str = "") -> tuple[list[Pod], list[Namespace]]:
-    """Parse every object file; pods scheduled to another node (spec.nodeName set and different) skipped."""
+def read_object_file(path: Path, node_name: str = "") -> tuple[list[Pod], list[Namespace]]:
+    """The pods and namespaces of one file; pods scheduled to another node (spec.nodeName set and
+    different) skipped. Raises OSError, ValueError or ObjectError for a file that cannot be used."""
     pods: list[Pod] = []
     namespaces: list[Namespace] = []
+    for doc in _documents(path):
+        for obj in _objects(doc):
+            kind = obj.get("kind")
+            if kind == "Pod":
+                pod = pod_from_object(obj)
+                if node_name and pod.node_name and pod.node_name != node_name:
+                    continue
+                pods.append(pod)
+            elif kind == "Namespace":
+                namespaces.append(namespace_from_object(obj))
+    return pods, namespaces
+
+
+FileObjects = dict[str, tuple[list[Pod], list[Namespace]]]
+
+
+def read_objects_dir(directory: Path, node_name: str = "",
+                     last_good: FileObjects | None = None) -> tuple[list[Pod], list[Namespace]]:
+    """Parse every object file. A file that fails to parse is skipped with a warning naming it; with
+    `last_good` (updated in place) it keeps serving what it held when it last parsed, so a file caught
+    half-written does not make its pods disappear for a moment."""
+    pods: list[Pod] = []
+    namespaces: list[Namespace] = []
+    seen: set[str] = set()
     for path in sorted(directory.iterdir()):
         if path.suffix not in SUFFIXES or not path.is_file() or path.name.startswith("."):
             continue
+        seen.add(path.name)
         try:
-            for doc in _documents(path):
-                for obj in _objects(doc):
-                    kind = obj.get("kind")
-                    if kind == "Pod":
-                        pod = pod_from_object(obj)
-                        if node_name and pod.node_name and pod.node_name != node_name:
-                            continue
-                        pods.append(pod)
-                    elif kind == "Namespace":
-                        namespaces.append(namespace_from_object(obj))
+            content = read_object_file(path, node_name)
         except (OSError, ValueError, ObjectError) as exc:  # ObjectFileError is a ValueError
-            log.warning("skipping %s: %s", path.name, str(exc)[:300], extra={"step": "objects-parse",
-                        "file": path.name})
+            kept = last_good.get(path.name) if last_good is not None else None
+            log.warning("skipping %s: %s%s", path.name, str(exc)[:300],
+                        " (its last good content is kept)" if kept else "",
+                        extra={"step": "objects-parse", "file": path.name})
+            if kept is None:
+                continue
+            content = kept
+        if last_good is not None:
+            last_good[path.name] = content
+        pods.extend(content[0])
+        namespaces.extend(content[1])
+    if last_good is not None:
+        for gone in set(last_good) - seen:
+            del last_good[gone]
     return pods, namespaces
 
 
@@ -92,6 +122,7 @@ class ObjectsDirSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: tuple[tuple[str, int, int], ...] | None = None
+        self._last_good: FileObjects = {}
         self.loads = 0
 
     def poll_once(self) -> bool:
@@ -104,7 +135,7 @@ class ObjectsDirSource:
         if sig == self._last:
             return False
         self._last = sig
-        pods, namespaces = read_objects_dir(self.directory, self.node_name)
+        pods, namespaces = read_objects_dir(self.directory, self.node_name, self._last_good)
         self._store.replace_namespaces(namespaces)
         self._store.replace_pods(pods)
         self.loads += 1
