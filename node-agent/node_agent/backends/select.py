@@ -36,10 +36,11 @@ def _iptables(flavour: str) -> RedirectBackend:
     return backend
 
 
-def ebpf_problems() -> list[str]:
+def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
+    """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs."""
     from node_agent.backends.ebpf.probe import probe
 
-    return probe()
+    return probe(cache_dir=state_dir / "bpf-cache")
 
 
 def select_backend(
@@ -58,7 +59,10 @@ def select_backend(
         raise BackendError(f"unknown backend {setting!r}: use one of {', '.join(SETTINGS)}")
     if setting == "iptables":
         return BackendChoice(_iptables(iptables_flavour), "backend 'iptables' configured")
-    problems: list[str] = list((problems_fn or ebpf_problems)())
+    if problems_fn is None:
+        problems: list[str] = ebpf_problems(Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR)
+    else:
+        problems = list(problems_fn())
     if problems:
         why = "; ".join(problems)
         if setting == "ebpf":

@@ -25,6 +25,7 @@ log = logging.getLogger("headrace.backend.ebpf")
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
 TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
+CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / object_cache)
 
 
 def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
@@ -59,6 +60,8 @@ class EbpfBackend(RedirectBackend):
         the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
         inbound_fallback: when given, inbound capture is delegated to it instead of the TC program."""
         self.state_dir = Path(state_dir)
+        if loader.cache_dir() is None:  # compiled objects kept between agent runs
+            loader.set_cache_dir(self.state_dir / CACHE_DIR)
         self.inbound = inbound_fallback
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
         self._lock = threading.RLock()
@@ -77,7 +80,7 @@ class EbpfBackend(RedirectBackend):
         except loader.ToolchainError as e:
             raise BackendError(f"eBPF backend unavailable: {e}") from e
 
-    def _node_maps(self, root: Path, obj: loader.CompiledObject) -> dict[str, int]:
+    def _node_maps(self, root: Path) -> dict[str, int]:
         """Open (creating and pinning on first use) the maps shared by every pod of the node."""
         ndir = root / pinning.NODE_DIR
         ndir.mkdir(exist_ok=True)
@@ -86,10 +89,10 @@ class EbpfBackend(RedirectBackend):
             for name in loader.NODE_MAPS:
                 fd = pinning.open_pinned(ndir / name)
                 if fd is None:
-                    fd = bpfsys.map_create(obj.maps[name], name)
+                    fd = bpfsys.map_create(self._object().maps[name], name)
                     pinning.pin(fd, ndir / name)
                 fds[name] = fd
-        except (bpfsys.BpfSysError, OSError) as e:
+        except (bpfsys.BpfSysError, OSError, BackendError) as e:
             _close(fds)
             raise BackendError(f"cannot create or open the node eBPF maps in {ndir}: {e}") from e
         return fds
@@ -219,15 +222,14 @@ class EbpfBackend(RedirectBackend):
             )
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
-        obj = self._object()
         root = self._root()
         pdir = self._pod_dir(root, target)
         wanted = cgroup_programs.wanted_programs(spec)
         tc_wanted = wants_tc(spec, self.inbound_in_ebpf)
         if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
-            nfds = self._node_maps(root, obj)
+            nfds = self._node_maps(root)
             try:
-                self.orig_dst.ensure(self.proxy_cgroup, root, obj, nfds)
+                self.orig_dst.ensure(self.proxy_cgroup, root, self._object, nfds)
             finally:
                 _close(nfds)
         if pdir.is_dir():
@@ -237,8 +239,9 @@ class EbpfBackend(RedirectBackend):
             elif not self._ebpf_problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
+        obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
         pdir.mkdir(exist_ok=True)
-        fds = self._node_maps(root, obj)
+        fds = self._node_maps(root)
         progs: dict[str, int] = {}
         done: list[tuple[int, int, int | None]] = []  # (new fd, attach type, replaced fd)
         olds: dict[str, int] = {}
@@ -323,9 +326,9 @@ class EbpfBackend(RedirectBackend):
                 self.orig_dst.detach(self.proxy_cgroup, root)
             self.proxy_cgroup = new
             if had and new is not None:
-                fds = self._node_maps(root, self._object())
+                fds = self._node_maps(root)
                 try:
-                    self.orig_dst.ensure(self.proxy_cgroup, root, self._object(), fds)
+                    self.orig_dst.ensure(self.proxy_cgroup, root, self._object, fds)
                 finally:
                     _close(fds)
 

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, loader
 from node_agent.backends.ebpf.attach import cgroup2_mounts
 
 
-def probe() -> list[str]:
-    """Problems that stop the eBPF backend on this node (empty: it can run). Compiles (cached) once."""
+def probe(cache_dir: str | Path | None = None) -> list[str]:
+    """Problems that stop the eBPF backend on this node (empty: it can run). Compiles once, or reads the
+    object compiled by an earlier run from cache_dir (then neither bcc nor the headers are needed)."""
+    if cache_dir is not None and loader.cache_dir() is None:
+        loader.set_cache_dir(cache_dir)
     problems: list[str] = []
-    try:
-        import bcc  # noqa: F401
-    except ImportError as e:
-        problems.append(
-            f"bcc is not importable ({e}): install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
-            "to the agent's Python (make setup does this)"
-        )
-    headers = loader.kernel_headers_problem()
-    if headers:
-        problems.append(headers)
+    if not loader.cached_available():
+        if importlib.util.find_spec("bcc") is None:
+            problems.append(
+                "bcc is not importable: install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
+                "to the agent's Python (make setup does this)"
+            )
+        headers = loader.kernel_headers_problem()
+        if headers:
+            problems.append(headers)
     if not cgroup2_mounts():
         problems.append(
             "no cgroup2 filesystem is mounted: mount cgroup2 (e.g. at /sys/fs/cgroup/unified) and give "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from node_agent.backends.base import BackendError
@@ -33,9 +34,14 @@ class ProxyOrigDst:
         return root / pinning.NODE_DIR / PROXY_GETSOCKOPT
 
     def ensure(
-        self, proxy_cgroup: str | None, root: Path, obj: loader.CompiledObject, node_fds: dict[str, int]
+        self,
+        proxy_cgroup: str | None,
+        root: Path,
+        obj: Callable[[], loader.CompiledObject],
+        node_fds: dict[str, int],
     ) -> None:
-        """One getsockopt program on the node proxy's cgroup (ambient), shared by all pods; idempotent."""
+        """One getsockopt program on the node proxy's cgroup (ambient), shared by all pods; idempotent.
+        obj gives the compiled object, asked for only when the program must be loaded."""
         path = self.pinned_path(root)
         atype = loader.PROGRAMS["hr_getsockopt"][1]
         try:
@@ -50,7 +56,7 @@ class ProxyOrigDst:
                         self._record_attached(str(cg))
                         return
                     if fd is None:
-                        prog = obj.programs["hr_getsockopt"]
+                        prog = obj().programs["hr_getsockopt"]
                         fd = bpfsys.prog_load(
                             prog.prog_type, prog.patched(node_fds), "hr_getsockopt", prog.attach_type, loader.LICENSE
                         )
