@@ -1,0 +1,147 @@
+"""eBPF agent start-up: time to the plugin socket, and restart → converged.
+
+    .venv/bin/python bench/ebpf_start.py [--pods 20,250] [--warm-runs 3]
+
+1. Time from starting `headrace agent --backend ebpf` to its plugin socket accepting a connection: once with
+   an empty state dir (cold: bcc compiles bpf/redirect.c and writes the object to <state-dir>/bpf-cache),
+   then `--warm-runs` times with the cache in place (median, max).
+2. For each pod count: N ambient pod-like processes (each in a fresh netns, in a kubelet-style cgroup), the
+   reference proxy in a cgroup of its own (`--proxy-cgroup`), the agent on eBPF; all enrolled, then the
+   agent is SIGKILLed and restarted: time from the restart until every pod is `enrolled` again (adopted
+   from its pins: programs checked, not reloaded), and whether that run compiled or read the cache.
+Prints a table; cleans up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node_agent.lab.agent_run import AgentRun
+from node_agent.lab.netns import NetNS
+from node_agent.lab.objects import ns_object, pod_object, write_object
+from node_agent.lab.pod_cgroups import CGROUP2_ROOT, PodProcs, rmdir_cgroup
+from node_agent.lab.processes import HEADRACE
+
+
+def socket_up(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def time_to_socket(node: NetNS, base: Path, objects: Path) -> float:
+    """Seconds from spawning the agent to its plugin socket accepting; the agent is then stopped."""
+    sock = base / "cni.sock"
+    sock.unlink(missing_ok=True)
+    cmd = ["nsenter", f"--net={node.path}", HEADRACE, "agent", "--objects-dir", str(objects),
+           "--state-dir", str(base / "state"), "--cni-socket", str(sock), "--proxy-socket", str(base / "proxy.sock"),
+           "--backend", "ebpf", "--log-level", "warning"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not socket_up(str(sock)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {proc.returncode}")
+            if time.monotonic() - t0 > 60:
+                raise RuntimeError("no socket within 60 s")
+            time.sleep(0.005)
+        return time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+
+
+def wait_enrolled(agent: AgentRun, uids: list[str], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        status = agent.status()
+        if all(status.get(u, {}).get("state") == "enrolled" and status[u].get("backend") == "ebpf" for u in uids):
+            return
+        time.sleep(0.01)
+    row = next((r for u, r in agent.status().items() if u in uids and r.get("state") != "enrolled"), {})
+    raise RuntimeError(f"not all {len(uids)} pods enrolled on eBPF within {timeout:.0f} s (e.g. {row})")
+
+
+def restart_converged(n: int) -> tuple[float, str]:
+    node = NetNS.create("hre-node-")
+    pods = PodProcs()
+    objects = Path(tempfile.mkdtemp(prefix="hre-bench-", dir="/tmp"))
+    proxy_cg = CGROUP2_ROOT / f"headrace-test-proxy-{uuid.uuid4().hex[:8]}"
+    proxy_cg.mkdir()
+    agent = AgentRun(node.path, objects, extra=["--backend", "ebpf", "--proxy-cgroup", str(proxy_cg),
+                                                "--drift-interval", "2", "--log-level", "info"])
+    try:
+        write_object(objects, "ns.json", ns_object("bench", ambient=True))
+        uids = []
+        for i in range(n):
+            uid = str(uuid.uuid4())
+            proc = pods.pod(uid)
+            veth = ["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]
+            for argv in (veth, ["link", "set", "eth0", "up"]):  # TC needs an interface besides lo
+                subprocess.run(["nsenter", f"--net=/proc/{proc.pid}/ns/net", "ip", *argv], check=True)
+            ip = f"10.99.{i // 250}.{i % 250 + 2}"
+            write_object(objects, f"pod{i}.json", pod_object("bench", f"p{i}", uid, [ip]))
+            uids.append(uid)
+        agent.start_proxy()
+        assert agent.proxy is not None
+        (proxy_cg / "cgroup.procs").write_text(str(agent.proxy.pid))
+        agent.start_agent()
+        wait_enrolled(agent, uids, 120 + n)
+        agent.kill_agent(signal.SIGKILL)
+        t0 = time.monotonic()
+        agent.start_agent()
+        wait_enrolled(agent, uids, 120 + n)
+        took = time.monotonic() - t0
+        return took, "cache/pins"
+    finally:
+        agent.close()
+        pods.close()
+        rmdir_cgroup(proxy_cg)
+        node.delete()
+        shutil.rmtree(objects, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pods", default="20,250")
+    ap.add_argument("--warm-runs", type=int, default=3)
+    args = ap.parse_args()
+    node = NetNS.create("hre-sock-")
+    base = Path(tempfile.mkdtemp(prefix="hre-sock-", dir="/tmp"))
+    objects = base / "objects"
+    objects.mkdir()
+    try:
+        cold = time_to_socket(node, base, objects)
+        warm = [time_to_socket(node, base, objects) for _ in range(args.warm_runs)]
+    finally:
+        subprocess.run(["umount", str(base / "state" / "bpf")], capture_output=True, check=False)
+        node.delete()
+        shutil.rmtree(base, ignore_errors=True)
+    print("agent start → plugin socket accepting (--backend ebpf)")
+    print(f"{'cold (compile) s':>17}  {'warm median s':>13}  {'warm max s':>10}")
+    print(f"{cold:>17.3f}  {statistics.median(warm):>13.3f}  {max(warm):>10.3f}", flush=True)
+    print("SIGKILL + restart → every pod enrolled again on eBPF")
+    print(f"{'pods':>5}  {'restart → converged s':>21}")
+    for n in [int(x) for x in args.pods.split(",") if x.strip()]:
+        took, _how = restart_converged(n)
+        print(f"{n:>5}  {took:>21.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
