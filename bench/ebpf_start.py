@@ -3,8 +3,9 @@
     .venv/bin/python bench/ebpf_start.py [--pods 20,250] [--warm-runs 3]
 
 1. Time from starting `headrace agent --backend ebpf` to its plugin socket accepting a connection: once with
-   an empty state dir (cold: bcc compiles bpf/redirect.c and writes the object to <state-dir>/bpf-cache),
-   then `--warm-runs` times with the cache in place (median, max).
+   an empty state dir (cold: bcc compiles bpf/redirect.c and writes the object to <state-dir>/bpf-cache;
+   unless $HEADRACE_BPF_CACHE_DIR points at a filled cache), then `--warm-runs` times with the cache in
+   place (median, max); for comparison the same with `--backend iptables` (median).
 2. For each pod count: N ambient pod-like processes (each in a fresh netns, in a kubelet-style cgroup), the
    reference proxy in a cgroup of its own (`--proxy-cgroup`), the agent on eBPF; all enrolled, then the
    agent is SIGKILLed and restarted: time from the restart until every pod is `enrolled` again (adopted
@@ -44,13 +45,13 @@ def socket_up(path: str) -> bool:
     return True
 
 
-def time_to_socket(node: NetNS, base: Path, objects: Path) -> float:
+def time_to_socket(node: NetNS, base: Path, objects: Path, backend: str = "ebpf") -> float:
     """Seconds from spawning the agent to its plugin socket accepting; the agent is then stopped."""
     sock = base / "cni.sock"
     sock.unlink(missing_ok=True)
     cmd = ["nsenter", f"--net={node.path}", HEADRACE, "agent", "--objects-dir", str(objects),
            "--state-dir", str(base / "state"), "--cni-socket", str(sock), "--proxy-socket", str(base / "proxy.sock"),
-           "--backend", "ebpf", "--log-level", "warning"]
+           "--backend", backend, "--log-level", "warning"]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -128,13 +129,15 @@ def main() -> int:
     try:
         cold = time_to_socket(node, base, objects)
         warm = [time_to_socket(node, base, objects) for _ in range(args.warm_runs)]
+        ipt = [time_to_socket(node, base, objects, "iptables") for _ in range(args.warm_runs)]
     finally:
         subprocess.run(["umount", str(base / "state" / "bpf")], capture_output=True, check=False)
         node.delete()
         shutil.rmtree(base, ignore_errors=True)
     print("agent start → plugin socket accepting (--backend ebpf)")
-    print(f"{'cold (compile) s':>17}  {'warm median s':>13}  {'warm max s':>10}")
-    print(f"{cold:>17.3f}  {statistics.median(warm):>13.3f}  {max(warm):>10.3f}", flush=True)
+    print(f"{'cold (compile) s':>17}  {'warm median s':>13}  {'warm max s':>10}  {'iptables median s':>17}")
+    print(f"{cold:>17.3f}  {statistics.median(warm):>13.3f}  {max(warm):>10.3f}  {statistics.median(ipt):>17.3f}",
+          flush=True)
     print("SIGKILL + restart → every pod enrolled again on eBPF")
     print(f"{'pods':>5}  {'restart → converged s':>21}")
     for n in [int(x) for x in args.pods.split(",") if x.strip()]:

@@ -10,7 +10,8 @@ from node_agent.backends.ebpf.bpfsys import MapSpec
 
 MAPS = {"hr_cfg": MapSpec(2, 4, 96, 1, 0), "hr_in_orig": MapSpec(24, 4, 20, 0, 1)}
 INSNS = bytes(range(16)) * 2  # 4 instructions
-PROGS = {"hr_connect4": (18, 10, INSNS, ((0, "hr_cfg"), (2, "hr_in_orig")))}
+RELOCS: tuple[tuple[int, str], ...] = ((0, "hr_cfg"), (2, "hr_in_orig"))
+PROGS = {"hr_connect4": (18, 10, INSNS, RELOCS)}
 
 
 def test_key_changes_with_any_input():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
-from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, tc
+from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, tc, tc_status
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
@@ -66,13 +66,17 @@ class EbpfBackend(RedirectBackend):
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
         self._lock = threading.RLock()
         self.orig_dst = ProxyOrigDst(self.state_dir)
+        self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
 
     # ---- helpers -------------------------------------------------------------------------------------
     def _root(self) -> Path:
+        if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
+            return self._mounted
         try:
-            return pinning.ensure_bpffs(self.state_dir)
+            self._mounted = pinning.ensure_bpffs(self.state_dir)
         except pinning.PinError as e:
             raise BackendError(str(e)) from e
+        return self._mounted
 
     def _object(self) -> loader.CompiledObject:
         try:
@@ -144,14 +148,7 @@ class EbpfBackend(RedirectBackend):
         extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
         problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
         if tc_wanted:
-            for prog_name, hook in TC_HOOKS:
-                if not (pdir / prog_name).exists():
-                    problems.append(f"eBPF program {prog_name} is not pinned")
-                status = tc.ingress_status(netns, hook)
-                if not status:
-                    problems.append(f"no pod interface found in {netns}")
-                    break
-                problems += [f"TC {hook} program missing on {ifname}" for ifname, ok in status.items() if not ok]
+            problems += tc_status.problems(pdir, netns, TC_HOOKS)
         elif (pdir / TC_PROGRAM).exists():
             problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
         return problems
@@ -205,23 +202,7 @@ class EbpfBackend(RedirectBackend):
             families = maps.families_mask(target.ips)
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:
-            try:  # the sidecar's IPv6 inbound passthrough source (as the iptables backend puts it there)
-                netns_addr.ensure_lo_passthrough6(target.netns_path)
-            except (tc.TcError, OSError) as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        cookie = 0
-        if wants_tc(spec, self.inbound_in_ebpf):
-            try:
-                cookie = tc.netns_cookie(target.netns_path)
-            except (tc.TcError, OSError) as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        try:
-            pm = maps.pod_maps(
-                spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips, netns_cookie=cookie
-            )
-        except ValueError as e:
-            raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
+        pm = self._pod_maps(target, spec, cg, 0)  # the netns cookie is not part of the spec hash
         root = self._root()
         pdir = self._pod_dir(root, target)
         wanted = cgroup_programs.wanted_programs(spec)
@@ -239,6 +220,16 @@ class EbpfBackend(RedirectBackend):
             elif not self._ebpf_problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
+        if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:  # not for intact pods: ~20 ms (pyroute2)
+            try:  # the sidecar's IPv6 inbound passthrough source (as the iptables backend puts it there)
+                netns_addr.ensure_lo_passthrough6(target.netns_path)
+            except (tc.TcError, OSError) as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        if wants_tc(spec, self.inbound_in_ebpf):  # the config holds the pod netns' cookie (TC flow keys)
+            try:
+                pm = self._pod_maps(target, spec, cg, tc.netns_cookie(target.netns_path))
+            except (tc.TcError, OSError) as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
         pdir.mkdir(exist_ok=True)
         fds = self._node_maps(root)
@@ -306,6 +297,14 @@ class EbpfBackend(RedirectBackend):
             "ebpf redirect applied",
             extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},
         )
+
+    def _pod_maps(self, target: PodTarget, spec: RedirectSpec, cg: Path, cookie: int) -> maps.PodMaps:
+        try:
+            return maps.pod_maps(
+                spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips, netns_cookie=cookie
+            )
+        except ValueError as e:
+            raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
 
     def set_proxy_cgroup(self, path: str | Path | None) -> None:
         """Tell the backend where the node proxy runs (the agent learns it from the proxy's connection:
@@ -399,6 +398,7 @@ class EbpfBackend(RedirectBackend):
                 return
             try:
                 pinning.unmount_bpffs(self.state_dir)
+                self._mounted = None
             except pinning.PinError as e:
                 log.warning("ebpf bpffs unmount failed", extra={"reason": str(e)})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -43,8 +44,10 @@ def probe(cache_dir: str | Path | None = None) -> list[str]:
     # load one program against throwaway maps: the verifier and the kernel's program types say yes or no
     fds: dict[str, int] = {}
     try:
-        for name in (*loader.POD_MAPS, *loader.NODE_MAPS):
-            fds[name] = bpfsys.map_create(obj.maps[name], name)
+        for name in (*loader.POD_MAPS, *loader.NODE_MAPS):  # the verifier needs the shapes, not the sizes
+            spec = obj.maps[name]
+            small = dataclasses.replace(spec, max_entries=min(spec.max_entries, 16)) if spec.max_entries else spec
+            fds[name] = bpfsys.map_create(small, name)
         for pname in ("hr_connect4", "hr_sock_create", "hr_sockops", "hr_getsockopt", "hr_tc_ingress", "hr_tc_egress"):
             prog = obj.programs[pname]
             fd = bpfsys.prog_load(prog.prog_type, prog.patched(fds), pname, prog.attach_type, loader.LICENSE)
