@@ -70,6 +70,9 @@ def agent(
         raise click.UsageError(str(exc)) from exc
     duties = build_duties(duty)
     agent_log.setup(config.log_level)
+    from node_agent.kernel.unix_socket import listen_early
+
+    listen_early(str(config.cni_socket), 128)  # ADDs wait in the backlog while the agent starts, never refused
     from node_agent.agent.daemon import Agent
     from node_agent.agent.errors import AgentError
 
