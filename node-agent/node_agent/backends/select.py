@@ -37,10 +37,11 @@ def _iptables(flavour: str) -> RedirectBackend:
 
 
 def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
-    """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs."""
+    """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs. On the
+    first start (nothing cached) the compile runs in the background: the agent serves meanwhile."""
     from node_agent.backends.ebpf.probe import probe
 
-    return probe(cache_dir=state_dir / "bpf-cache")
+    return probe(cache_dir=state_dir / "bpf-cache", background=True)
 
 
 def select_backend(
@@ -79,6 +80,7 @@ def select_backend(
         Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR,
         inbound_fallback=_iptables(iptables_flavour) if inbound == "iptables" else None,
         proxy_cgroup=proxy_cgroup,
+        toolchain_fallback=setting == "auto",
     )
     reason = (
         f"{setting}: eBPF available (outbound in eBPF, inbound via {'TC eBPF' if inbound == 'ebpf' else 'iptables'})"

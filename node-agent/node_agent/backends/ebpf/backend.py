@@ -55,10 +55,14 @@ class EbpfBackend(RedirectBackend):
         state_dir: str | Path,
         inbound_fallback: PodRules | None = None,
         proxy_cgroup: str | Path | None = None,
+        toolchain_fallback: bool = False,
     ) -> None:
         """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
         the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
-        inbound_fallback: when given, inbound capture is delegated to it instead of the TC program."""
+        inbound_fallback: when given, inbound capture is delegated to it instead of the TC program.
+        toolchain_fallback (`auto`): a failed background compile makes fallback_reason decline every pod
+        (the agent's iptables fallback takes them); otherwise apply fails closed."""
+        self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
         if loader.cache_dir() is None:  # compiled objects kept between agent runs
             loader.set_cache_dir(self.state_dir / CACHE_DIR)
@@ -157,6 +161,8 @@ class EbpfBackend(RedirectBackend):
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
         """Why this backend cannot fully implement spec on this node (the agent should then use iptables
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
+        if self.toolchain_fallback and loader.failure() is not None:
+            return f"eBPF is unavailable on this node: {loader.failure()}"
         if (
             isinstance(spec, SidecarSpec)
             and spec.interception_mode == "TPROXY"

@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,7 @@ compile_count = 0  # observable by tests and benchmarks: compile once per proces
 cache_loads = 0  # objects read from the on-disk cache instead
 _cache_dir: Path | None = None
 CACHE_ENV = "HEADRACE_BPF_CACHE_DIR"
+FAILED_COMPILE = "compile failed: "
 
 
 def set_cache_dir(path: str | Path | None) -> None:
@@ -163,26 +165,71 @@ def object_key() -> str:
 def compile_object() -> CompiledObject:
     """The compiled programs: from this process's memory, else the disk cache, else compiled by bcc (then
     written to the disk cache)."""
-    global _cached, compile_count, cache_loads
     with _lock:
-        if _cached is not None:
-            return _cached
-        where = cache_dir()
-        key = object_key() if where is not None else ""
-        if where is not None:
-            obj = _load_cached(where, key)
-            if obj is not None:
-                cache_loads += 1
-                _cached = obj
-                return obj
-        _cached = _compile()
-        compile_count += 1
-        if where is not None:
-            try:
-                object_cache.write(where, key, _encode(key, _cached))
-            except OSError as e:
-                log.warning("ebpf object cache not written", extra={"reason": str(e), "dir": str(where)})
+        return _compile_locked()
+
+
+def _compile_locked() -> CompiledObject:
+    global _cached, compile_count, cache_loads, _failure
+    if _cached is not None:
         return _cached
+    if _failure is not None and _failure.startswith(FAILED_COMPILE):
+        raise ToolchainError(_failure)
+    where = cache_dir()
+    try:
+        key = object_key() if where is not None else ""
+        obj = _load_cached(where, key) if where is not None else None
+        if obj is not None:
+            cache_loads += 1
+            _cached = obj
+            return obj
+        obj = _compile()
+    except ToolchainError as e:
+        _failure = f"{FAILED_COMPILE}{e}"
+        raise
+    _cached = obj
+    compile_count += 1
+    if where is not None:
+        try:
+            object_cache.write(where, key, _encode(key, obj))
+        except OSError as e:
+            log.warning("ebpf object cache not written", extra={"reason": str(e), "dir": str(where)})
+    return obj
+
+
+_failure: str | None = None
+
+
+def compile_in_background(verify: Callable[[CompiledObject], str | None]) -> None:
+    """Compile (then verify) in a thread; compile_object() callers wait for it (the thread holds the lock
+    before this returns). A failure is kept for failure(); a failed compile is raised by compile_object()
+    from then on."""
+    started = threading.Event()
+
+    def work() -> None:
+        global _failure
+        with _lock:
+            started.set()
+            try:
+                problem = verify(_compile_locked())
+            except ToolchainError as e:
+                problem = str(e)
+            except Exception as e:  # reported as the reason eBPF is unavailable here
+                problem = f"eBPF object not usable: {e}"
+            if problem and _failure is None:
+                _failure = problem
+        if problem:
+            log.error("ebpf unavailable: %s", problem, extra={"event": "ebpf_compile_failed"})
+        else:
+            log.info("ebpf object ready", extra={"event": "ebpf_compiled", "compiles": compile_count})
+
+    threading.Thread(target=work, name="headrace-bpf-compile", daemon=True).start()
+    started.wait()
+
+
+def failure() -> str | None:
+    """Why the background compile (or its probe load) failed; None when it did not (or is still running)."""
+    return _failure
 
 
 def cached_available() -> bool:

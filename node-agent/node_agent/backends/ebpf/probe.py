@@ -11,13 +11,18 @@ from node_agent.backends.ebpf import bpfsys, loader
 from node_agent.backends.ebpf.attach import cgroup2_mounts
 
 
-def probe(cache_dir: str | Path | None = None) -> list[str]:
+def probe(cache_dir: str | Path | None = None, background: bool = False) -> list[str]:
     """Problems that stop the eBPF backend on this node (empty: it can run). Compiles once, or reads the
-    object compiled by an earlier run from cache_dir (then neither bcc nor the headers are needed)."""
+    object compiled by an earlier run from cache_dir (then neither bcc nor the headers are needed).
+
+    background: when the object must be compiled (nothing cached), check only what can be checked without
+    it and compile (then probe-load) in a thread: the agent starts serving meanwhile, and a failure is
+    reported by loader.failure() (the backend then declines pods, or refuses them when eBPF is forced)."""
     if cache_dir is not None and loader.cache_dir() is None:
         loader.set_cache_dir(cache_dir)
     problems: list[str] = []
-    if not loader.cached_available():
+    cached = loader.cached_available()
+    if not cached:
         if importlib.util.find_spec("bcc") is None:
             problems.append(
                 "bcc is not importable: install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
@@ -37,11 +42,20 @@ def probe(cache_dir: str | Path | None = None) -> list[str]:
         )
     if problems:
         return problems
+    if background and not cached:
+        loader.compile_in_background(probe_load)
+        return []
     try:
         obj = loader.compile_object()
     except loader.ToolchainError as e:
         return [str(e)]
-    # load one program against throwaway maps: the verifier and the kernel's program types say yes or no
+    problem = probe_load(obj)
+    return [problem] if problem else []
+
+
+def probe_load(obj: loader.CompiledObject) -> str | None:
+    """Load the programs of each type against throwaway maps: the verifier and the kernel's program types
+    say yes (None) or no (why)."""
     fds: dict[str, int] = {}
     try:
         for name in (*loader.POD_MAPS, *loader.NODE_MAPS):  # the verifier needs the shapes, not the sizes
@@ -54,11 +68,11 @@ def probe(cache_dir: str | Path | None = None) -> list[str]:
             os.close(fd)
     except bpfsys.BpfSysError as e:
         tail = f" (verifier: {e.log.strip().splitlines()[-1]})" if e.log.strip() else ""
-        return [
+        return (
             f"the kernel refused the probe program: {e}{tail}; needs Linux >= 5.15 with "
             f"CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_NET_CLS_BPF"
-        ]
+        )
     finally:
         for fd in fds.values():
             os.close(fd)
-    return []
+    return None
