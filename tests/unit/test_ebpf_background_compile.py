@@ -21,13 +21,14 @@ OBJ = loader.CompiledObject(programs={}, maps={})
 def fresh_loader(monkeypatch, tmp_path):
     monkeypatch.setattr(loader, "_cached", None)
     monkeypatch.setattr(loader, "_failure", None)
+    monkeypatch.setattr(loader, "_busy", False)
     monkeypatch.setattr(loader, "compile_count", 0)
     monkeypatch.setattr(loader, "_cache_dir", None)
     monkeypatch.setenv(loader.CACHE_ENV, "")
     monkeypatch.setattr(loader, "cache_dir", lambda: None)
 
 
-def test_callers_wait_for_the_one_background_compile(monkeypatch):
+def test_callers_wait_for_the_one_background_compile(monkeypatch, tmp_path):
     release = threading.Event()
     calls: list[int] = []
 
@@ -43,9 +44,19 @@ def test_callers_wait_for_the_one_background_compile(monkeypatch):
     waiter.start()
     time.sleep(0.1)
     assert not got  # still compiling: the caller waits
+    # the backend never waits: `auto` hands pods to its fallback meanwhile, a forced one asks for a retry
+    assert loader.busy()
+    assert "being compiled" in (EbpfBackend(tmp_path / "a", toolchain_fallback=True).fallback_reason(SidecarSpec())
+                                or "")
+    with pytest.raises(BackendError, match=r"being compiled.*retry"):
+        EbpfBackend(tmp_path / "b")._object()
     release.set()
     waiter.join(5)
     assert got == [OBJ] and calls == [1] and loader.failure() is None
+    deadline = time.monotonic() + 5
+    while loader.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert EbpfBackend(tmp_path / "c")._object() is OBJ
 
 
 def test_failed_compile_declines_pods_under_auto_and_fails_them_when_forced(monkeypatch, tmp_path):
@@ -57,7 +68,7 @@ def test_failed_compile_declines_pods_under_auto_and_fails_them_when_forced(monk
     with loader._lock:  # the background work is done once the lock is free again
         pass
     deadline = time.monotonic() + 5
-    while loader.failure() is None and time.monotonic() < deadline:
+    while (loader.busy() or loader.failure() is None) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "clang said no" in (loader.failure() or "")
     auto = EbpfBackend(tmp_path / "a", toolchain_fallback=True)

@@ -36,12 +36,13 @@ def _iptables(flavour: str) -> RedirectBackend:
     return backend
 
 
-def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR) -> list[str]:
-    """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs. On the
-    first start (nothing cached) the compile runs in the background: the agent serves meanwhile."""
+def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR, background: bool = False) -> list[str]:
+    """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs.
+    background (`auto`): on the first start (nothing cached) compile in the background, the agent serving
+    meanwhile (pods go to iptables until the object is ready); otherwise (`ebpf`) compile now."""
     from node_agent.backends.ebpf.probe import probe
 
-    return probe(cache_dir=state_dir / "bpf-cache", background=True)
+    return probe(cache_dir=state_dir / "bpf-cache", background=background)
 
 
 def select_backend(
@@ -61,7 +62,8 @@ def select_backend(
     if setting == "iptables":
         return BackendChoice(_iptables(iptables_flavour), "backend 'iptables' configured")
     if problems_fn is None:
-        problems: list[str] = ebpf_problems(Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR)
+        where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+        problems: list[str] = ebpf_problems(where, background=setting == "auto")
     else:
         problems = list(problems_fn())
     if problems:

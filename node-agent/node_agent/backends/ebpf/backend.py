@@ -25,6 +25,7 @@ log = logging.getLogger("headrace.backend.ebpf")
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
 TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
+COMPILING = "the eBPF programs are being compiled (first start on this node)"
 CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / object_cache)
 
 
@@ -36,14 +37,6 @@ def _close(fds: dict[str, int]) -> None:
     for fd in fds.values():
         os.close(fd)
     fds.clear()
-
-
-def tc_detach_quietly(netns: str) -> None:
-    try:
-        for _prog_name, hook in TC_HOOKS:
-            tc.detach_ingress(netns, hook)
-    except (tc.TcError, OSError):
-        log.warning("ebpf tc rollback failed", extra={"netns": netns})
 
 
 class EbpfBackend(RedirectBackend):
@@ -83,6 +76,8 @@ class EbpfBackend(RedirectBackend):
         return self._mounted
 
     def _object(self) -> loader.CompiledObject:
+        if loader.busy():  # first start on this node: never hold the caller (the reconciler) for seconds
+            raise BackendError(f"eBPF unavailable for now: {COMPILING}; retry")
         try:
             return loader.compile_object()
         except loader.ToolchainError as e:
@@ -161,8 +156,8 @@ class EbpfBackend(RedirectBackend):
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
         """Why this backend cannot fully implement spec on this node (the agent should then use iptables
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
-        if self.toolchain_fallback and loader.failure() is not None:
-            return f"eBPF is unavailable on this node: {loader.failure()}"
+        if self.toolchain_fallback and (loader.busy() or loader.failure() is not None):
+            return f"eBPF is unavailable on this node: {loader.failure() or COMPILING}"
         if (
             isinstance(spec, SidecarSpec)
             and spec.interception_mode == "TPROXY"
@@ -292,7 +287,7 @@ class EbpfBackend(RedirectBackend):
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
             cgroup_programs.rollback(cg, done)
             if tc_wanted and not had_tc:
-                tc_detach_quietly(target.netns_path)
+                tc.detach_quietly(target.netns_path)
             detail = f"; verifier log:\n{e.log[-2000:]}" if isinstance(e, bpfsys.BpfSysError) and e.log else ""
             raise BackendError(f"eBPF apply for pod {target.uid} failed: {e}{detail}") from e
         finally:

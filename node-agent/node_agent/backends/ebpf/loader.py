@@ -198,16 +198,19 @@ def _compile_locked() -> CompiledObject:
 
 
 _failure: str | None = None
+_busy = False
 
 
 def compile_in_background(verify: Callable[[CompiledObject], str | None]) -> None:
     """Compile (then verify) in a thread; compile_object() callers wait for it (the thread holds the lock
     before this returns). A failure is kept for failure(); a failed compile is raised by compile_object()
     from then on."""
+    global _busy
     started = threading.Event()
+    _busy = True
 
     def work() -> None:
-        global _failure
+        global _failure, _busy
         with _lock:
             started.set()
             try:
@@ -218,6 +221,7 @@ def compile_in_background(verify: Callable[[CompiledObject], str | None]) -> Non
                 problem = f"eBPF object not usable: {e}"
             if problem and _failure is None:
                 _failure = problem
+            _busy = False
         if problem:
             log.error("ebpf unavailable: %s", problem, extra={"event": "ebpf_compile_failed"})
         else:
@@ -225,6 +229,11 @@ def compile_in_background(verify: Callable[[CompiledObject], str | None]) -> Non
 
     threading.Thread(target=work, name="headrace-bpf-compile", daemon=True).start()
     started.wait()
+
+
+def busy() -> bool:
+    """True while the background compile runs (compile_object() would wait for it)."""
+    return _busy
 
 
 def failure() -> str | None:
