@@ -1,5 +1,7 @@
 """eBPF inbound state survives the node's flow map filling up: an idle inbound connection keeps working
-after many more flows than the inbound rewrite map (hr_nat, an LRU) holds.
+after many more flows than the inbound rewrite map (hr_nat, an LRU) holds — sidecar-style with the proxy
+outside our cgroups (TC keeps the state on the socket), and ambient with the node proxy in its own cgroup
+(sock_ops there keeps it from the moment the connection is accepted).
 
 The map is made small for the test (pinned before the first apply, which then uses it as the node's map),
 so a few hundred real connections evict the idle flows' entries — the only state the rewrite had before
@@ -13,6 +15,8 @@ import dataclasses
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +24,8 @@ from pathlib import Path
 import pytest
 from node_agent.backends.base import PodTarget
 
-from cni.contract.spec import SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, pod_env
+from cni.contract.spec import AmbientSpec, SidecarSpec
+from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup, stop_processes
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -184,3 +188,82 @@ def test_idle_inbound_connections_survive_more_flows_than_the_map_holds(env, bac
         for s in idle:
             s.close()
         proxy.close()
+
+
+PROXY_SCRIPT = r"""
+import os, socket, sys, threading
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 15006))
+srv.listen(256)
+conns = {}
+lock = threading.Lock()
+def serve(conn, peer):
+    try:
+        while True:
+            data = conn.recv(100)
+            if not data:
+                break
+            if data == b"PUSH":
+                with lock:
+                    others = [c for p, c in conns.items() if p != peer]
+                for c in others:
+                    c.sendall(b"pushed")
+            conn.sendall(b"proxy|" + data)
+    except OSError:
+        pass
+    with lock:
+        conns.pop(peer, None)
+    conn.close()
+print("ready", flush=True)
+while True:
+    conn, peer = srv.accept()
+    with lock:
+        conns[peer] = conn
+    threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+"""
+
+
+def test_ambient_idle_connection_the_proxy_speaks_first_on_after_eviction(env, backend, target, tmp_path):
+    """Only the handshake, then silence, then the flow's hr_nat entry evicted, then the proxy writes first:
+    only state kept on the accepted socket from the start (sock_ops on the proxy's cgroup) gets that reply
+    out from the port the client dialled."""
+    proxy_cg = make_cgroup(env.cgroup.parent / f"{env.cgroup.name}-proxy")
+    script = tmp_path / "proxy.py"
+    script.write_text(PROXY_SCRIPT)
+    procs: list[subprocess.Popen[str]] = []
+    silent: socket.socket | None = None
+    try:
+        amb = EbpfBackend(backend.state_dir, proxy_cgroup=proxy_cg)
+        amb.apply(target, AmbientSpec())
+        p = subprocess.Popen([*env.nsenter(env.pod_ns), sys.executable, str(script), str(proxy_cg)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        silent = client(env)
+        cookie = tc.netns_cookie(env.pod_ns_path)
+        key = nat_key(cookie, env.peer_v4, silent.getsockname()[1])
+        nat_fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / "hr_nat")
+        assert nat_fd is not None
+        try:
+            for i in range(FLOWS):
+                with client(env) as c:
+                    c.sendall(b"f%d" % i)
+                    assert c.recv(100) == b"proxy|f%d" % i
+            assert bpfsys.map_lookup(nat_fd, key, 20) is None, "not evicted: the test proves nothing"
+        finally:
+            os.close(nat_fd)
+        with client(env) as ctl:
+            ctl.sendall(b"PUSH")
+            assert ctl.recv(100) == b"proxy|PUSH"
+        assert silent.recv(100) == b"pushed"
+        silent.sendall(b"after")
+        assert silent.recv(100) == b"proxy|after"
+        amb.remove(target)
+    finally:
+        if silent is not None:
+            silent.close()
+        stop_processes(procs)
+        remove_cgroup(proxy_cg)
