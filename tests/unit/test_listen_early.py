@@ -43,3 +43,11 @@ def test_early_listen_failure_is_left_to_the_server(tmp_path):
     path.write_text("not a socket")
     unix_socket.listen_early(str(path), 16)  # no exception here
     assert path.read_text() == "not a socket"
+
+
+def test_dropped_early_socket_is_closed_and_removed(tmp_path):
+    path = str(tmp_path / "cni.sock")
+    unix_socket.listen_early(path, 16)
+    unix_socket.drop_early(path)
+    assert not os.path.exists(path)
+    unix_socket.drop_early(path)  # twice is fine

@@ -55,6 +55,19 @@ def listen_early(path: str, backlog: int) -> None:
     _early[os.path.abspath(path)] = (sock, os.lstat(path).st_ino)
 
 
+def drop_early(path: str) -> None:
+    """Close the socket listen_early opened for `path` (start-up failed before a server took it over) and
+    remove its file if it is still that socket's."""
+    found = _early.pop(os.path.abspath(path), None)
+    if found is None:
+        return
+    sock, inode = found
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    sock.close()
+
+
 def _take_early(path: str, backlog: int) -> socket.socket | None:
     found = _early.pop(os.path.abspath(path), None)
     if found is None:
