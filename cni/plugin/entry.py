@@ -143,6 +143,8 @@ def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
     mode = membership.pod_mode(
         pod.namespace, pod.labels, pod.annotations, pod.host_network, ns_labels, conf.exclude_namespaces
     )
+    if mode == "none" and membership.interception_none(pod.annotations):
+        return Decision(mode, pod, "sidecar.istio.io/interceptionMode NONE: no redirection")
     return Decision(mode, pod, "pod source")
 
 
