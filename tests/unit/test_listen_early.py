@@ -46,8 +46,9 @@ def test_early_listen_failure_is_left_to_the_server(tmp_path):
 
 
 def test_dropped_early_socket_is_closed_and_removed(tmp_path):
-    path = str(tmp_path / "cni.sock")
+    path = str(tmp_path / "state" / "run" / "cni.sock")
     unix_socket.listen_early(path, 16)
+    assert os.path.exists(path)
     unix_socket.drop_early(path)
-    assert not os.path.exists(path)
+    assert not os.path.exists(tmp_path / "state")  # nor the directories made for it
     unix_socket.drop_early(path)  # twice is fine

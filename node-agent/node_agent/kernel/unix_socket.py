@@ -41,18 +41,23 @@ def private_bind_path(path: str, error: type[Exception] = FileExistsError) -> It
         os.rmdir(tmpdir)
 
 
-_early: dict[str, tuple[socket.socket, int]] = {}  # path -> (listening socket, inode of its file)
+_early: dict[str, tuple[socket.socket, int, list[str]]] = {}  # path -> (socket, its file's inode, dirs made)
 
 
 def listen_early(path: str, backlog: int) -> None:
     """Listen at `path` at once, before the server that serves it is built (the agent's start-up imports
     take a second or more): clients connecting meanwhile wait in the backlog instead of finding no socket.
     The server's listen_private(path) takes this socket over. Failures are left for that call to report."""
+    made: list[str] = []  # the directories listening creates (removed again if start-up fails)
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
         sock = listen_private(path, backlog)
     except (OSError, FileExistsError):
         return
-    _early[os.path.abspath(path)] = (sock, os.lstat(path).st_ino)
+    _early[os.path.abspath(path)] = (sock, os.lstat(path).st_ino, made)
 
 
 def drop_early(path: str) -> None:
@@ -61,18 +66,21 @@ def drop_early(path: str) -> None:
     found = _early.pop(os.path.abspath(path), None)
     if found is None:
         return
-    sock, inode = found
+    sock, inode, made = found
     with contextlib.suppress(OSError):
         if os.lstat(path).st_ino == inode:
             os.unlink(path)
     sock.close()
+    for directory in made:  # deepest first; only if still empty
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def _take_early(path: str, backlog: int) -> socket.socket | None:
     found = _early.pop(os.path.abspath(path), None)
     if found is None:
         return None
-    sock, inode = found
+    sock, inode, _made = found
     try:
         if os.lstat(path).st_ino == inode:
             sock.listen(backlog)
