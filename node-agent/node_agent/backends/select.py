@@ -57,10 +57,13 @@ def rules_backend_setting(iptables_present: bool | None = None) -> Literal["ipta
     return "iptables" if present else "nftables"
 
 
-def ebpf_problems() -> list[str]:
+def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR, background: bool = False) -> list[str]:
+    """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs.
+    background (`auto`): on the first start (nothing cached) compile in the background, the agent serving
+    meanwhile (pods go to iptables until the object is ready); otherwise (`ebpf`) compile now."""
     from node_agent.backends.ebpf.probe import probe
 
-    return probe()
+    return probe(cache_dir=state_dir / "bpf-cache", background=background)
 
 
 def select_backend(
@@ -83,7 +86,11 @@ def select_backend(
         return BackendChoice(_iptables(iptables_flavour), "backend 'iptables' configured")
     if setting == "nftables":
         return BackendChoice(_nftables(), "backend 'nftables' configured")
-    problems: list[str] = list((problems_fn or ebpf_problems)())
+    if problems_fn is None:
+        where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+        problems: list[str] = ebpf_problems(where, background=setting == "auto")
+    else:
+        problems = list(problems_fn())
     if problems:
         why = "; ".join(problems)
         if setting == "ebpf":
@@ -104,6 +111,7 @@ def select_backend(
         Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR,
         inbound_fallback=_iptables(iptables_flavour) if inbound == "iptables" else None,
         proxy_cgroup=proxy_cgroup,
+        toolchain_fallback=setting == "auto",
     )
     reason = (
         f"{setting}: eBPF available (outbound in eBPF, inbound via {'TC eBPF' if inbound == 'ebpf' else 'iptables'})"

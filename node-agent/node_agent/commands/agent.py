@@ -75,7 +75,14 @@ def agent(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    duties = build_duties(duty)
+    from node_agent.kernel.unix_socket import drop_early, listen_early
+
+    listen_early(str(config.cni_socket), 128)  # ADDs wait in the backlog while the agent starts, never refused
+    try:
+        duties = build_duties(duty)
+    except BaseException:
+        drop_early(str(config.cni_socket))
+        raise
     agent_log.setup(config.log_level)
     from node_agent.agent.daemon import Agent
     from node_agent.agent.errors import AgentError
@@ -83,4 +90,5 @@ def agent(
     try:
         sys.exit(Agent(config, duties=duties).run())
     except AgentError as exc:
+        drop_early(str(config.cni_socket))  # not taken over: the agent never served
         raise click.ClickException(str(exc)) from exc
