@@ -36,6 +36,7 @@ from node_agent.reconcile.adoption import Adoption
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.drift import DriftCheck
 from node_agent.reconcile.enrol import AmbientEnrolment
+from node_agent.reconcile.gate import AdoptionGate
 from node_agent.reconcile.pod_netns import PodNetns
 from node_agent.reconcile.records import RecordStore
 from node_agent.reconcile.sidecar import SidecarPods
@@ -88,6 +89,7 @@ class Reconciler:
         drift_interval: float = 2.0,
         hint_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        adoption_gate: AdoptionGate | None = None,
     ) -> None:
         """fallback: on an eBPF node, the backend (iptables) for pods the node's backend declines; with
         cgroup_fallback (`auto`) also for pods whose cgroup is unknown. backend_factory builds a backend
@@ -109,7 +111,7 @@ class Reconciler:
                                           node_name=node_name, wake=self.wake, verify_soon=self.drift.verify_soon)
         self.sidecars = SidecarPods(self.table, self.netns, self.backends, store, ct,
                                     unenrol_ambient=self.enrolment.unenrol)
-        self.adoption = Adoption(self.table, self.backends, self.enrolment)
+        self.adoption = Adoption(self.table, self.backends, self.enrolment, adoption_gate)
         self._wake = threading.Event()
         self._urgent = threading.Event()  # a CNI request waits for a converge step
         self._rechoose = False  # the node backend's conditions changed: move pods whose choice differs

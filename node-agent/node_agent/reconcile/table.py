@@ -52,7 +52,8 @@ class PodTable:
 
     def save_record(self, st: PodState) -> None:
         self.records.save(EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend, st.tcp_loose,
-                                      st.cgroup_path, mode=st.mode, annotations=st.annotations))
+                                      st.cgroup_path, mode=st.mode, annotations=st.annotations,
+                                      service_account=st.service_account))
 
     def forget(self, st: PodState, message: str, step: str) -> None:
         """The end of every removal, once the pod's redirection is out: pin released, record deleted, the
