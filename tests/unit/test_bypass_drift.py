@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+from node_agent.backends.iptables import nft_foreign
+
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.rules import builder, compare
 from cni.rules.saved import parse_save
 from cni.rules.transition import desired_from_ruleset, transition
-from node_agent.backends.iptables import nft_foreign
 
 
 def _as_save(rs: builder.RuleSet, head: str = "", policy: str = "ACCEPT") -> str:
@@ -74,7 +75,8 @@ def test_foreign_base_chains_ahead_of_nat_are_found() -> None:
     both = nft_foreign.ahead_of_redirect(chains, (4, 6))
     assert [(c.table, c.name) for c in both] == [("bar", "raw"), ("x", "pre")]
     assert nft_foreign.removal_script(both) == (
-        "flush chain inet bar raw\ndelete chain inet bar handle 2\nflush chain ip6 x pre\ndelete chain ip6 x handle 4\n")
+        "flush chain inet bar raw\ndelete chain inet bar handle 2\n"
+        "flush chain ip6 x pre\ndelete chain ip6 x handle 4\n")
     assert "priority -300" in nft_foreign.problems_of(v4)[0]
 
 

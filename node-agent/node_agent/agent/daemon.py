@@ -119,6 +119,7 @@ class Agent:
             cgroup_fallback=config.backend == "auto", backend_factory=factory,
             spec=AmbientSpec(capture_dns=config.capture_dns), adoption_gate=self.adoption_gate,
         )
+        self.metrics.watch_pods_without_proxy(self.reconciler.enrolled_without_proxy)
         self.proxy_cgroups = self._proxy_cgroup_follower()
         self.source: Source = (source_factory or self._default_source)(self.store)
         self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race monitor

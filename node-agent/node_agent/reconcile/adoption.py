@@ -71,7 +71,8 @@ class Adoption:
             st.reason = "adopted after restart"
             self.table.pods[uid] = st
             if st.ips:
-                self.enrolment.send(st, self.table.clock(), follow=False)  # back into the desired set, before any snapshot
+                # back into the desired set, before any proxy gets a snapshot
+                self.enrolment.send(st, self.table.clock(), follow=False)
             return
         st.inode = 0
         st.state = FAILED

@@ -57,7 +57,7 @@ from node_agent.reconcile.state import (
     PodState,
     RepairResult,
 )
-from node_agent.reconcile.status import status_rows
+from node_agent.reconcile.status import StatusBoard, proxy_state, status_rows, with_proxy
 from node_agent.reconcile.table import PodTable
 from node_agent.sources.desired import Desired, desired_pods
 from node_agent.sources.store import PodStore
@@ -124,6 +124,9 @@ class Reconciler:
         self.passes = 0
         self.converges = 0
         self.last_pass = 0.0
+        self._hub = hub
+        self.board = StatusBoard()
+        self.table.on_change = self._publish_status
         store.subscribe(self.wake)
 
     @property
@@ -166,6 +169,7 @@ class Reconciler:
         """Take over what a previous agent left: records and pins."""
         with self.table.lock:
             self.adoption.adopt()
+            self.table.notify()
         self.wake()
 
     # ---- the pass ----------------------------------------------------------------------------------
@@ -353,6 +357,17 @@ class Reconciler:
         return self.sidecars.repair_in_place(target, spec)
 
     # ---- status ----------------------------------------------------------------------------------------
+    def _publish_status(self) -> None:
+        """A new status snapshot (lock held: called on every state change)."""
+        self.board.publish(status_rows(self.table.pods.values(), self.others, self.backends.node.name))
+
+    def proxy_state(self) -> str:
+        return proxy_state(self._hub.status())
+
     def status(self) -> list[dict[str, Any]]:
-        with self.table.lock:
-            return status_rows(self.table.pods.values(), self.others, self.backends.node.name)
+        """The last published rows with the node proxy's session state: never takes the reconcile lock."""
+        return with_proxy(self.board.rows(), self.proxy_state())
+
+    def enrolled_without_proxy(self) -> int:
+        """Enrolled ambient pods while the node proxy is not connected (their traffic has no listener)."""
+        return 0 if self.proxy_state() == "connected" else self.board.enrolled_ambient

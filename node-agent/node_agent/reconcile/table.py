@@ -23,6 +23,7 @@ class PodTable:
         self.records = records
         self.metrics = metrics
         self.clock = clock
+        self.on_change: Callable[[], None] | None = None  # after every state change (lock held): status snapshot
 
     def get(self, uid: str, mode: Mode | None = None) -> PodState | None:
         """The pod's state (of that mode only, when given)."""
@@ -35,8 +36,10 @@ class PodTable:
         return [st for st in self.pods.values() if st.mode == mode]
 
     def notify(self) -> None:
-        """Wake the CNI requests waiting for a pod's state (lock held)."""
+        """Wake the CNI requests waiting for a pod's state (lock held); publish the new state."""
         self.cond.notify_all()
+        if self.on_change is not None:
+            self.on_change()
 
     def fail(self, st: PodState, reason: str, now: float | None = None) -> None:
         """The pod is `failed` and retried after a backoff that grows with its attempts."""
