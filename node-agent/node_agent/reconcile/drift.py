@@ -121,6 +121,8 @@ class DriftCheck:
                 if sidecar and st.state != ENROLLED:
                     st.enrolled_at = time.time()
             if sidecar:
-                st.state, st.reason = ENROLLED, ""
+                st.state = ENROLLED
+                if st.reason.startswith("drift repair"):
+                    st.reason = ""
         except (BackendError, OSError) as exc:
             self._failed(st, exc)

@@ -7,6 +7,7 @@ keyed by uid, ambient or sidecar) and its lock:
 
   enrol.AmbientEnrolment   ambient pods: enrolment (netns pinned, proxy acked, then rules) and removal
   sidecar.SidecarPods      sidecar pods the plugin hands over; in-place repair of boot-race sidecar pods
+  plugin_sidecars          sidecar pods the plugin redirected on its own, taken over for the drift check
   drift.DriftCheck         read back every pod's redirection and repair it
   adoption.Adoption        after a restart: records and pins a previous agent left
   choice.Backends          which backend holds a pod; moves between backends
@@ -37,6 +38,7 @@ from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.drift import DriftCheck
 from node_agent.reconcile.enrol import AmbientEnrolment
 from node_agent.reconcile.gate import AdoptionGate
+from node_agent.reconcile.plugin_sidecars import PluginSidecars
 from node_agent.reconcile.pod_netns import PodNetns
 from node_agent.reconcile.records import RecordStore
 from node_agent.reconcile.sidecar import SidecarPods
@@ -111,6 +113,7 @@ class Reconciler:
                                           node_name=node_name, wake=self.wake, verify_soon=self.drift.verify_soon)
         self.sidecars = SidecarPods(self.table, self.netns, self.backends, store, ct,
                                     unenrol_ambient=self.enrolment.unenrol)
+        self.plugin_sidecars = PluginSidecars(self.table, self.netns, self.backends)
         self.adoption = Adoption(self.table, self.backends, self.enrolment, adoption_gate)
         self._wake = threading.Event()
         self._urgent = threading.Event()  # a CNI request waits for a converge step
@@ -185,6 +188,9 @@ class Reconciler:
                 self._rechoose = False
                 self.enrolment.switch_backends()
             drift_due = self.drift.take_due(now)
+            plugin_pods = self.plugin_sidecars.candidates(self.others, now) if self.store.synced else []
+        if plugin_pods:
+            self.plugin_sidecars.look(plugin_pods)
         if drift_due:
             self.drift.run(self._stop.is_set, self._serve_waiting)
         with self.table.lock:
