@@ -88,7 +88,7 @@ class Reconciler:
         metrics: Metrics | None = None,
         spec: AmbientSpec | None = None,
         node_name: str = "",
-        drift_interval: float = 2.0,
+        drift_interval: float = 1.0,
         hint_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         adoption_gate: AdoptionGate | None = None,
