@@ -9,7 +9,8 @@ ACCEPT (`bypass_problems`).
 
 from __future__ import annotations
 
-from cni.rules.saved import Owned, SavedTable, owned
+from cni.rules.rule_text import OWNED_PREFIX
+from cni.rules.saved import Owned, SavedTable, owned, rule_target
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -73,10 +74,11 @@ def bypass_problems(table: SavedTable, want: TableRules, v: str) -> list[str]:
     for chain in hooked_chains(want):
         exp = [line for line in want.jumps if line.split(" ", 2)[1] == chain]
         got = table.chain_rules(chain)
-        head = got[: len(exp)]
-        if head != exp and all(line in got for line in exp):
-            first = next(line for line in got if line not in exp)
-            problems.append(f"{v} {table.name}: rule ahead of our jump in {chain}: '{first}'")
+        # jumps into any chain of ours (the other redirect kind) may come first; nothing else may
+        ahead = [line for line in got[: max((got.index(e) for e in exp if e in got), default=0)]
+                 if not (rule_target(line) or "").startswith(OWNED_PREFIX)]
+        if ahead:
+            problems.append(f"{v} {table.name}: rule ahead of our jump in {chain}: '{ahead[0]}'")
         policy = table.chains.get(chain, "ACCEPT")
         if policy not in ("ACCEPT", "-"):
             problems.append(f"{v} {table.name}: chain {chain} policy is {policy}, expected ACCEPT")

@@ -360,6 +360,8 @@ class Reconciler:
 
     def repair_sidecar(self, target: PodTarget, spec: SidecarSpec) -> RepairResult:
         """Put a boot-race sidecar pod's rules into its running netns (see SidecarPods.repair_in_place)."""
+        with self.table.lock:
+            self.plugin_sidecars.repaired_in_place.add(target.uid)
         return self.sidecars.repair_in_place(target, spec)
 
     # ---- status ----------------------------------------------------------------------------------------

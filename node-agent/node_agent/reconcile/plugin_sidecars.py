@@ -6,7 +6,8 @@ netns read spawns iptables-save) each is located (the /proc scan, else its IPs) 
 rules present (the plugin made them) → the netns is pinned and the pod held as a `sidecar` pod with the
 iptables backend (rules taken as in place, checked by the next drift pass, record written so a restarted
 agent adopts it). No rules: left to the boot-race monitor (a pod that started before the plugin was
-chained), which installs them; the next look takes the pod over. Pods not found, not redirected or
+chained), which installs them and keeps reporting the pod (such pods are not taken over). Pods not
+found, not redirected or
 whose read failed are looked at again after a back-off (up to 30 s), a few per pass, so a node full
 of such pods never stalls the reconcile loop.
 """
@@ -41,14 +42,18 @@ class PluginSidecars:
         self.netns = netns
         self.backends = backends
         self._next: dict[str, tuple[float, int]] = {}  # uid -> (next look, misses)
+        # boot-race pods whose rules the agent put in place: the boot-race monitor reports them (left to it)
+        self.repaired_in_place: set[str] = set()
 
     def candidates(self, others: Mapping[str, Desired], now: float) -> list[Pod]:
         """Sidecar pods of the source to look at in this pass (lock held)."""
         for uid in [u for u in self._next if u not in others or u in self.table.pods]:
             del self._next[uid]
+        self.repaired_in_place &= set(others)
         out = []
         for uid, d in others.items():
-            if d.mode != "sidecar" or uid in self.table.pods or self._next.get(uid, (0.0, 0))[0] > now:
+            if d.mode != "sidecar" or uid in self.table.pods or uid in self.repaired_in_place \
+                    or self._next.get(uid, (0.0, 0))[0] > now:
                 continue
             out.append(d.pod)
             if len(out) >= PER_PASS:
