@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +55,21 @@ class StormRun(ParityRun):
             super().start_agent()
         except TimeoutError:
             wait_for(self.ready, 90, "agent ready (slow start)")
+
+
+STATUS_WATCH = """
+import sys, time
+from node_agent.serve.status_client import StatusError, query
+while True:
+    started = time.perf_counter()
+    try:
+        query(sys.argv[1], 2.0)
+    except StatusError:
+        pass  # the agent is down (killed) right now
+    else:
+        print(time.perf_counter() - started, flush=True)
+    time.sleep(0.1)
+"""
 
 
 @pytest.fixture(params=BACKENDS)
@@ -119,8 +135,18 @@ class Storm:
         self.agent.start_agent()
 
     def run(self) -> None:
+        # `headrace status` asked every 0.1 s during the storm, from a process of its own (this one is busy)
+        watcher = subprocess.Popen([sys.executable, "-c", STATUS_WATCH, self.agent.cni_socket],
+                                   stdout=subprocess.PIPE, text=True)
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(self._add, range(PODS)))
+        watcher.terminate()
+        out, _ = watcher.communicate(10)
+        self.status_times = [float(x) for x in out.split()]
+
+    def status_p95(self) -> float:
+        times = sorted(self.status_times)
+        return times[int(len(times) * 0.95)] if times else 0.0
 
 
 def iptables_tables(pod: Pod) -> list[list[str]]:
@@ -203,6 +229,8 @@ def test_sigkill_during_add_storms(env: Any, backend: str) -> None:
         all_ok += storm.ok
         wait_for(all_enrolled, 60, "enrolled after the storm")
         problems = invariants(node, agent, backend, all_ok)
+        if storm.status_p95() > 0.05:
+            problems.append(f"status during the storm: p95 {storm.status_p95() * 1000:.0f} ms")
 
         # clients loop through enrolled pods (and the proxy) while the agent is SIGKILLed and restarted
         clients = rng.sample(all_ok, min(4, len(all_ok)))
@@ -224,6 +252,7 @@ def test_sigkill_during_add_storms(env: Any, backend: str) -> None:
         total_violations += len(problems)
         record(f"SIGKILL agent{' + proxy' if storm.kill_proxy else ''} during a {PODS}-pod ADD storm ({backend})",
                1, len(problems), f"kill after {storm.kill_at} ADDs, {len(storm.ok)} ok, {storm.failed} failed; "
-               f"client loop {seen['tries']} connections")
+               f"client loop {seen['tries']} connections; status p95 {storm.status_p95() * 1000:.0f} ms, max "
+               f"{max(storm.status_times, default=0) * 1000:.0f} ms over {len(storm.status_times)} requests")
         assert not problems, f"round {round_no}: " + "; ".join(problems[:8])
     assert total_violations == 0
