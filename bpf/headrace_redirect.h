@@ -26,7 +26,7 @@
 #define HR_INBOUND_ALL 1     /* every TCP port except those in hr_cfg_xin */
 #define HR_INBOUND_LISTED 2  /* only the ports in hr_cfg_iin (minus hr_cfg_xin) */
 
-/* per-pod parameters: array map "hr_cfg", one entry (index 0). 96 bytes. */
+/* per-pod parameters: array map "hr_cfg", one entry (index 0). 104 bytes. */
 struct hr_config {
     __u32 mode;          /* HR_MODE_* */
     __u32 proxy_uid;     /* sidecar: connections of this uid are never redirected */
@@ -56,6 +56,11 @@ struct hr_config {
     __u32 self_ip4;
     __u32 self_ip6[4];
     __u32 netns_cookie_hi;
+    /* sidecar: the proxy's HBONE port (15008): the proxy's own connections to its pod's IP on it are not
+     * sent to inbound_port (istio-iptables: "! --dport 15008" on that rule); 0 = none */
+    __u16 hbone_port;
+    __u16 reserved16;
+    __u32 reserved32;
 };
 
 /* LPM trie key of the include/exclude range maps (IPv4 ranges stored as ::ffff:a.b.c.d/96+len) */

@@ -38,6 +38,7 @@ BPF_LPM_TRIE(hr_cfg_inets, struct hr_lpm_key, u8, 1024); /* included outbound ra
 BPF_HASH(hr_cfg_xin, u16, u8, 1024);             /* excluded inbound ports (host order) */
 BPF_HASH(hr_cfg_iin, u16, u8, 1024);             /* included inbound ports (HR_INBOUND_LISTED) */
 BPF_LPM_TRIE(hr_cfg_local, struct hr_lpm_key, u8, 64); /* the pod's own addresses (/128 each) */
+BPF_HASH(hr_cfg_oports, u16, u8, 1024);          /* included outbound ports: captured whatever the address */
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_cookie_orig, 65536);
 BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_conn_orig, 65536);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_dns_orig, 65536);
@@ -59,6 +60,8 @@ static __always_inline int hr_dest_excluded(struct hr_config *cfg, u32 *addr, u1
     key.addr[3] = addr[3];
     if (hr_cfg_xnets.lookup(&key))
         return 1;
+    if (hr_cfg_oports.lookup(&port)) /* includeOutboundPorts: after the exclusions, before the ranges */
+        return 0;
     if (v4 ? cfg->include_all4 : cfg->include_all6)
         return 0;
     if (hr_cfg_inets.lookup(&key))
@@ -160,8 +163,9 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
         if (local && passthrough)
             return 1;
         if (proxy) {
-            /* the proxy dialling the pod itself (not 127.0.0.1): goes through inbound, as with iptables */
-            if (type == HR_SOCK_STREAM && local && !hr_is_lo_primary(addr, v4))
+            /* the proxy dialling the pod itself (not 127.0.0.1): goes through inbound, as with iptables,
+             * except to its own HBONE port */
+            if (type == HR_SOCK_STREAM && local && !hr_is_lo_primary(addr, v4) && port != cfg->hbone_port)
                 to = HR_TO_INBOUND;
             else
                 return 1;

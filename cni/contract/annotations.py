@@ -7,9 +7,14 @@ ports are 1-65535 in ASCII digits; CIDRs are strict (no host bits) and must carr
 (for the include annotations: capture nothing). Everything else is rejected with a message that names
 the annotation and the offending entry: spaces inside entries, shell metacharacters, empty entries,
 more than MAX_ENTRIES entries, values longer than MAX_VALUE_LEN.
-The contract ports 15020/15021/15090 always stay excluded from inbound capture.
-``sidecar.istio.io/interceptionMode`` is exactly ``REDIRECT`` (the default) or ``TPROXY``; ``NONE`` (Istio's
-"no iptables at all") and anything else are rejected.
+The contract ports 15020/15021/15090 always stay excluded from inbound capture (and 15008, the proxy's
+HBONE port, is never captured: the rule builders see to it).
+``includeOutboundPorts`` is a port list (no ``*``); ``excludeInterfaces`` and ``kubevirtInterfaces`` (or its
+newer name ``istio.io/reroute-virtual-interfaces``, which wins when both are set) are lists of interface
+names as Istio validates them: a letter, then letters, digits, ``_``, ``.`` or ``-``, at most 15 characters.
+``sidecar.istio.io/interceptionMode`` is exactly ``REDIRECT`` (the default) or ``TPROXY`` here; ``NONE``
+(Istio's "no interception") never reaches a spec: ``cni.contract.membership`` makes such a pod a
+pass-through pod. Anything else is rejected.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ EXCLUDE_INBOUND_PORTS = PREFIX + "excludeInboundPorts"
 EXCLUDE_OUTBOUND_PORTS = PREFIX + "excludeOutboundPorts"
 EXCLUDE_OUTBOUND_IP_RANGES = PREFIX + "excludeOutboundIPRanges"
 INCLUDE_OUTBOUND_IP_RANGES = PREFIX + "includeOutboundIPRanges"
+INCLUDE_OUTBOUND_PORTS = PREFIX + "includeOutboundPorts"
+EXCLUDE_INTERFACES = PREFIX + "excludeInterfaces"
+KUBEVIRT_INTERFACES = PREFIX + "kubevirtInterfaces"
+REROUTE_VIRTUAL_INTERFACES = "istio.io/reroute-virtual-interfaces"  # kubevirtInterfaces' newer name
 INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
 KNOWN = (
     INTERCEPTION_MODE,
@@ -39,12 +48,19 @@ KNOWN = (
     EXCLUDE_OUTBOUND_PORTS,
     EXCLUDE_OUTBOUND_IP_RANGES,
     INCLUDE_OUTBOUND_IP_RANGES,
+    INCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_INTERFACES,
+    KUBEVIRT_INTERFACES,
+    REROUTE_VIRTUAL_INTERFACES,
 )
 
 MAX_ENTRIES = 256
 MAX_VALUE_LEN = 16384
 _DIGITS = frozenset("0123456789")
 _CIDR_CHARS = frozenset("0123456789ABCDEFabcdef.:/")
+_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_IFNAME_CHARS = _LETTERS | _DIGITS | frozenset("_.-")
+IFNAME_MAX = 15  # IFNAMSIZ - 1
 
 
 def _is_port_text(entry: str) -> bool:
@@ -59,11 +75,16 @@ def _is_cidr_text(entry: str) -> bool:
 
 def _fail(annotation: str, token: str, why: str) -> CniError:
     shown = token if len(token) <= 64 else token[:64] + "..."
+    if annotation.endswith("Ports"):
+        what = " of ports 1-65535"
+    elif annotation.endswith(("Interfaces", "interfaces")):
+        what = f" of interface names (a letter, then letters, digits, '_', '.', '-'; at most {IFNAME_MAX})"
+    else:
+        what = " of CIDRs like 10.0.0.0/8"
     return CniError(
         INVALID_ANNOTATION,
         f"invalid annotation {annotation}: bad entry {shown!r}: {why}",
-        "expected a comma-separated list"
-        + (" of ports 1-65535" if annotation.endswith("Ports") else " of CIDRs like 10.0.0.0/8"),
+        "expected a comma-separated list" + what,
     )
 
 
@@ -128,13 +149,31 @@ def parse_cidrs(annotation: str, value: str, allow_star: bool = False) -> tuple[
     return tuple(nets)
 
 
+def parse_interfaces(annotation: str, value: str) -> tuple[str, ...]:
+    """An interface-name list (Istio's rule: ``[a-zA-Z][a-zA-Z0-9_.-]*``, at most 15 characters), in the
+    given order without duplicates; empty value = none."""
+    names: list[str] = []
+    for entry in _tokens(annotation, value):
+        if entry == "*":
+            raise _fail(annotation, entry, "'*' not allowed: name each interface")
+        if len(entry) > IFNAME_MAX:
+            raise _fail(annotation, entry, f"interface name longer than {IFNAME_MAX} characters")
+        if entry[0] not in _LETTERS or not _IFNAME_CHARS.issuperset(entry):
+            raise _fail(annotation, entry, "not an interface name")
+        if entry not in names:
+            names.append(entry)
+    return tuple(names)
+
+
 def parse_interception_mode(value: str) -> InterceptionMode:
     """``REDIRECT`` or ``TPROXY``, spelled exactly so (as Istio's validation wants)."""
     for mode in INTERCEPTION_MODES:
         if value == mode:
             return mode
     shown = value if len(value) <= 64 else value[:64] + "..."
-    why = "NONE (no interception) is not supported by headrace-cni" if value == "NONE" else "unknown mode"
+    why = "unknown mode"
+    if value == "NONE":  # membership.pod_mode makes such a pod a pass-through pod before any spec
+        why = "NONE means no redirection at all, not a spec"
     raise CniError(
         INVALID_ANNOTATION,
         f"invalid annotation {INTERCEPTION_MODE}: {shown!r}: {why}",
@@ -158,6 +197,9 @@ def sidecar_spec(annotations: Mapping[str, str], base: SidecarSpec | None = None
         exclude_outbound_ranges=params.exclude_outbound_ranges,
         include_outbound_ranges=params.include_outbound_ranges,
         interception_mode=params.interception_mode,
+        include_outbound_ports=params.include_outbound_ports,
+        exclude_interfaces=params.exclude_interfaces,
+        kubevirt_interfaces=params.kubevirt_interfaces,
     )
 
 
@@ -170,6 +212,9 @@ def sidecar_params(annotations: Mapping[str, str], base: SidecarSpec | SidecarPa
     exclude_ranges = spec.exclude_outbound_ranges
     include_ranges = spec.include_outbound_ranges
     mode = spec.interception_mode
+    include_out = spec.include_outbound_ports
+    exclude_ifs = spec.exclude_interfaces
+    kubevirt_ifs = spec.kubevirt_interfaces
     if INTERCEPTION_MODE in annotations:
         mode = parse_interception_mode(annotations[INTERCEPTION_MODE])
     if INCLUDE_INBOUND_PORTS in annotations:
@@ -184,6 +229,13 @@ def sidecar_params(annotations: Mapping[str, str], base: SidecarSpec | SidecarPa
         include_ranges = parse_cidrs(
             INCLUDE_OUTBOUND_IP_RANGES, annotations[INCLUDE_OUTBOUND_IP_RANGES], allow_star=True
         )
+    if INCLUDE_OUTBOUND_PORTS in annotations:
+        include_out = parse_ports(INCLUDE_OUTBOUND_PORTS, annotations[INCLUDE_OUTBOUND_PORTS]) or ()
+    if EXCLUDE_INTERFACES in annotations:
+        exclude_ifs = parse_interfaces(EXCLUDE_INTERFACES, annotations[EXCLUDE_INTERFACES])
+    for key in (KUBEVIRT_INTERFACES, REROUTE_VIRTUAL_INTERFACES):  # validate both; the newer name wins
+        if key in annotations:
+            kubevirt_ifs = parse_interfaces(key, annotations[key])
     if include_in is not None:
         include_in = tuple(p for p in include_in if p not in exclude_in)
     return SidecarParams(
@@ -197,4 +249,7 @@ def sidecar_params(annotations: Mapping[str, str], base: SidecarSpec | SidecarPa
         exclude_outbound_ranges=exclude_ranges,
         include_outbound_ranges=include_ranges,
         interception_mode=mode,
+        include_outbound_ports=include_out,
+        exclude_interfaces=exclude_ifs,
+        kubevirt_interfaces=kubevirt_ifs,
     )

@@ -19,6 +19,9 @@ PROXY_GID = 1337
 SIDECAR_OUTBOUND_PORT = 15001
 SIDECAR_INBOUND_PORT = 15006
 SIDECAR_EXCLUDED_INBOUND = (15020, 15021, 15090)
+# The proxy's HBONE (mTLS tunnel) listener, istio-iptables' "inbound tunnel port": never captured inbound,
+# and the proxy's own connections to its pod's IP on this port go straight to it (not to the inbound port).
+SIDECAR_HBONE_PORT = 15008
 
 # Inbound interception modes (annotation sidecar.istio.io/interceptionMode). TPROXY delivers inbound
 # connections unrewritten to the proxy's IP_TRANSPARENT listener; it needs the marks and the
@@ -26,6 +29,9 @@ SIDECAR_EXCLUDED_INBOUND = (15020, 15021, 15090)
 INTERCEPTION_REDIRECT: Final = "REDIRECT"
 INTERCEPTION_TPROXY: Final = "TPROXY"
 INTERCEPTION_MODES: tuple[InterceptionMode, ...] = (INTERCEPTION_REDIRECT, INTERCEPTION_TPROXY)
+# "NONE": Istio's "no traffic interception at all" for a sidecar pod. Such a pod gets no redirection (the
+# membership decision makes it a pass-through pod); it is never a spec's mode.
+INTERCEPTION_NONE = "NONE"
 TPROXY_MARK = 1337  # packet mark of diverted inbound packets (and of the proxy's original_src sockets)
 TPROXY_ROUTE_TABLE = 133  # policy routing table: "fwmark TPROXY_MARK lookup 133", local default via lo
 TPROXY_OUTBOUND_MARK = 1338  # the proxy's own connections to its pod's IP over lo (captured inbound)

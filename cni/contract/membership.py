@@ -2,13 +2,17 @@
 
 Order of the rules:
 1. excluded namespaces (``kube-system`` by default) and hostNetwork pods -> "none";
-2. annotation ``sidecar.istio.io/status`` present (an injected pod) -> "sidecar";
+2. annotation ``sidecar.istio.io/status`` present (an injected pod) -> "sidecar", unless
+   ``sidecar.istio.io/interceptionMode`` is ``NONE`` (Istio's "no interception": the pod starts and passes
+   through, as istio-iptables installs nothing for it) -> "none";
 3. pod label ``istio.io/dataplane-mode``: "ambient" -> "ambient", "none" (opt-out) -> "none";
 4. namespace label ``istio.io/dataplane-mode=ambient`` -> "ambient";
 5. otherwise -> "none".
 """
 
 from __future__ import annotations
+
+from cni.contract.constants import INTERCEPTION_NONE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 
@@ -19,6 +23,7 @@ if TYPE_CHECKING:  # no `typing`/`collections` at run time: the CNI plugin impor
     Mode = Literal["sidecar", "ambient", "none"]
 
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
+INTERCEPTION_MODE_ANNOTATION = "sidecar.istio.io/interceptionMode"
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 AMBIENT = "ambient"
 OPT_OUT = "none"
@@ -52,7 +57,7 @@ def pod_mode(
     if namespace in set(exclude_namespaces) or host_network:
         return "none"
     if SIDECAR_STATUS_ANNOTATION in pod_annotations:
-        return "sidecar"
+        return "none" if interception_none(pod_annotations) else "sidecar"
     pod_label = pod_labels.get(DATAPLANE_MODE_LABEL)
     if pod_label == AMBIENT:
         return "ambient"
@@ -61,3 +66,8 @@ def pod_mode(
     if namespace_labels is not None and namespace_labels.get(DATAPLANE_MODE_LABEL) == AMBIENT:
         return "ambient"
     return "none"
+
+
+def interception_none(pod_annotations: Mapping[str, str]) -> bool:
+    """An injected pod that asked for no interception at all (``sidecar.istio.io/interceptionMode: NONE``)."""
+    return pod_annotations.get(INTERCEPTION_MODE_ANNOTATION) == INTERCEPTION_NONE

@@ -36,6 +36,9 @@ FIELDS = (
     "exclude_outbound_ranges",
     "include_outbound_ranges",
     "interception_mode",
+    "include_outbound_ports",
+    "exclude_interfaces",
+    "kubevirt_interfaces",
 )
 
 
@@ -53,6 +56,9 @@ class SidecarParams(Record):
     exclude_outbound_ranges: tuple[IPNetwork, ...]
     include_outbound_ranges: tuple[IPNetwork, ...] | None
     interception_mode: InterceptionMode
+    include_outbound_ports: tuple[int, ...]
+    exclude_interfaces: tuple[str, ...]
+    kubevirt_interfaces: tuple[str, ...]
 
     def __init__(
         self,
@@ -66,6 +72,9 @@ class SidecarParams(Record):
         exclude_outbound_ranges: tuple[IPNetwork, ...] = (),
         include_outbound_ranges: tuple[IPNetwork, ...] | None = None,
         interception_mode: InterceptionMode = INTERCEPTION_REDIRECT,
+        include_outbound_ports: tuple[int, ...] = (),
+        exclude_interfaces: tuple[str, ...] = (),
+        kubevirt_interfaces: tuple[str, ...] = (),
     ) -> None:
         self._init(
             proxy_uid=proxy_uid,
@@ -78,6 +87,9 @@ class SidecarParams(Record):
             exclude_outbound_ranges=exclude_outbound_ranges,
             include_outbound_ranges=include_outbound_ranges,
             interception_mode=interception_mode,
+            include_outbound_ports=include_outbound_ports,
+            exclude_interfaces=exclude_interfaces,
+            kubevirt_interfaces=kubevirt_interfaces,
         )
 
     def ranges(self, family: Family, which: Literal["include", "exclude"]) -> tuple[IPNetwork, ...] | None:

@@ -54,6 +54,15 @@ class SidecarSpec:
     # policy routing: the IP_TRANSPARENT listener's accepted socket has the original destination as its
     # local address). Outbound is REDIRECT to outbound_port either way.
     interception_mode: InterceptionMode = INTERCEPTION_REDIRECT
+    # Outbound TCP to these ports is captured whatever the destination (after the excluded ports and
+    # ranges, before the include ranges), as istio-iptables' includeOutboundPorts.
+    include_outbound_ports: tuple[int, ...] = ()
+    # Interfaces whose traffic is never captured: inbound arriving on them, outbound leaving via them.
+    exclude_interfaces: tuple[str, ...] = ()
+    # Interfaces of a VM (KubeVirt) routed through the pod: TCP arriving on them is the VM's outbound
+    # traffic and goes to outbound_port (only to include_outbound_ranges when that is a list); the rest
+    # of their traffic is not captured.
+    kubevirt_interfaces: tuple[str, ...] = ()
 
     def ranges(self, family: Family, which: Literal["include", "exclude"]) -> tuple[IPNetwork, ...] | None:
         """The include/exclude outbound ranges of one address family (None = '*' for include)."""

@@ -143,6 +143,8 @@ def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
     mode = membership.pod_mode(
         pod.namespace, pod.labels, pod.annotations, pod.host_network, ns_labels, conf.exclude_namespaces
     )
+    if mode == "none" and membership.interception_none(pod.annotations):
+        return Decision(mode, pod, "sidecar.istio.io/interceptionMode NONE: no redirection")
     return Decision(mode, pod, "pod source")
 
 
@@ -275,11 +277,8 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     if decision.mode == "none":
         return
     if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket):
-        # a running agent watches the sidecar pods the plugin redirected (drift repair): it lets go first
-        _del_to_agent(env, conf, decision, log)
-    if netns_for_del(env.netns, log) and (
-        decision.mode is None or plugin_redirects(decision.mode, conf)
-    ):
+        _del_to_agent(env, conf, decision, log)  # a running agent watches such pods: it lets go first
+    if netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
         remove_redirect(env.netns, conf.iptables, log)
         log.info("redirect", "redirect removed (if any)")
     if uses_agent(decision.mode, conf):

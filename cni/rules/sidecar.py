@@ -3,7 +3,11 @@
 REDIRECT mode (nat): HEADRACE_SC_INBOUND, HEADRACE_SC_IN_REDIRECT, HEADRACE_SC_OUTPUT, HEADRACE_SC_REDIRECT.
 TPROXY mode adds the inbound part in mangle (HEADRACE_SC_PRERT, HEADRACE_SC_INBOUND, HEADRACE_SC_DIVERT,
 HEADRACE_SC_TPROXY, HEADRACE_SC_OUTPUT); the nat table then keeps only the outbound part (no nat
-HEADRACE_SC_INBOUND). Rule text and validation: `rule_text`.
+HEADRACE_SC_INBOUND, unless kubevirtInterfaces need it). Rule text and validation: `rule_text`; the
+interface rules (excludeInterfaces, kubevirtInterfaces): `sidecar_interfaces`.
+
+As istio-iptables: the proxy's HBONE port 15008 is never captured inbound (first rule of the inbound
+chain), and the proxy's own connections to its pod's IP go to the inbound port except those to 15008.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from cni.contract.constants import (
     INTERCEPTION_REDIRECT,
     INTERCEPTION_TPROXY,
     SIDECAR_EXCLUDED_INBOUND,
+    SIDECAR_HBONE_PORT,
     TPROXY_MARK,
     TPROXY_OUTBOUND_MARK,
 )
@@ -32,6 +37,12 @@ from cni.rules.rule_text import (
     owner_match,
     rule,
     to_ports,
+)
+from cni.rules.sidecar_interfaces import (
+    check_interfaces,
+    excluded_in_rules,
+    excluded_out_rules,
+    kubevirt_rules,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -65,6 +76,10 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     exclude_out = check_ports(spec.exclude_outbound_ports, "excludeOutboundPorts")
     exclude_ranges = check_networks(spec.exclude_outbound_ranges, fam, "excludeOutboundIPRanges")
     include_ranges = check_optional_networks(spec.include_outbound_ranges, fam, "includeOutboundIPRanges")
+    include_out = check_ports(spec.include_outbound_ports, "includeOutboundPorts")
+    exclude_ifs = check_interfaces(spec.exclude_interfaces, "excludeInterfaces")
+    kubevirt_ifs = check_interfaces(spec.kubevirt_interfaces, "kubevirtInterfaces")
+    hbone = SIDECAR_HBONE_PORT
     lo_addr = LOOPBACK[fam]
     tproxy = uses_tproxy(spec)
 
@@ -86,12 +101,25 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     ]
     jumps: list[str] = []
 
-    # Inbound: everything but the excluded ports, or only the included ones.
+    # Inbound: kubevirt interfaces' traffic is outbound (to SC_REDIRECT); excluded interfaces return; then
+    # everything but 15008 and the excluded ports, or only the included ones.
     capture_inbound = include_in is None or len(include_in) > 0
+    rules += kubevirt_rules(SC_INBOUND, SC_REDIRECT, kubevirt_ifs, include_ranges)
+    if not tproxy and capture_inbound:
+        rules += excluded_in_rules(SC_INBOUND, exclude_ifs)
+        rules.append(
+            rule(
+                SC_INBOUND,
+                proto="tcp",
+                matches=[dport_match("tcp", hbone)],
+                purpose="skip hbone port",
+                target="RETURN",
+            )
+        )
     if tproxy:
         pass  # inbound goes through mangle (below); nat keeps the outbound part only
     elif include_in is None:
-        for port in exclude_in:
+        for port in (p for p in exclude_in if p != hbone):
             rules.append(
                 rule(
                     SC_INBOUND,
@@ -103,7 +131,7 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
             )
         rules.append(rule(SC_INBOUND, proto="tcp", purpose="sidecar inbound capture", target=SC_IN_REDIRECT))
     else:
-        for port in include_in:
+        for port in (p for p in include_in if p != hbone):
             rules.append(
                 rule(
                     SC_INBOUND,
@@ -113,10 +141,12 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
                     target=SC_IN_REDIRECT,
                 )
             )
-    if capture_inbound and not tproxy:
+    nat_inbound = (capture_inbound and not tproxy) or bool(kubevirt_ifs)
+    if nat_inbound:
         jumps.append(rule("PREROUTING", proto="tcp", purpose="sidecar inbound", target=SC_INBOUND))
 
     # Outbound.
+    rules += excluded_out_rules(SC_OUTPUT, exclude_ifs)
     for port in exclude_out:
         rules.append(
             rule(
@@ -140,7 +170,7 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
                 not_dst=True,
                 out_if="lo",
                 proto="tcp",
-                matches=[owner_match(kind, ident)],
+                matches=[dport_match("tcp", hbone, negate=True), owner_match(kind, ident)],
                 purpose=f"proxy {kind} to own pod ip",
                 target=SC_IN_REDIRECT,
             )
@@ -160,6 +190,16 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     rules.append(rule(SC_OUTPUT, dst=lo_addr, purpose="skip loopback destination", target="RETURN"))
     for net in exclude_ranges:
         rules.append(rule(SC_OUTPUT, dst=net, purpose="skip excluded outbound range", target="RETURN"))
+    for port in include_out:
+        rules.append(
+            rule(
+                SC_OUTPUT,
+                proto="tcp",
+                matches=[dport_match("tcp", port)],
+                purpose="sidecar included outbound port",
+                target=SC_REDIRECT,
+            )
+        )
     if include_ranges is None:
         rules.append(rule(SC_OUTPUT, purpose="sidecar outbound capture", target=SC_REDIRECT))
     else:
@@ -169,16 +209,16 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
 
     nat = TableRules(
         table="nat",
-        chains=(SC_IN_REDIRECT, SC_OUTPUT, SC_REDIRECT)
-        if tproxy
-        else (SC_INBOUND, SC_IN_REDIRECT, SC_OUTPUT, SC_REDIRECT),
+        chains=(SC_INBOUND, SC_IN_REDIRECT, SC_OUTPUT, SC_REDIRECT)
+        if not tproxy or kubevirt_ifs
+        else (SC_IN_REDIRECT, SC_OUTPUT, SC_REDIRECT),
         jumps=tuple(jumps),
         rules=tuple(rules),
     )
     if not tproxy:
         return RuleSet(family=fam, owner_prefix=SIDECAR_PREFIX, tables=(nat,))
     assert include_in is None or include_in  # uses_tproxy: some inbound capture
-    mangle = _tproxy_mangle(fam, inbound, include_in, exclude_in, uid, gid)
+    mangle = _tproxy_mangle(fam, inbound, include_in, exclude_in, uid, gid, exclude_ifs, kubevirt_ifs)
     return RuleSet(family=fam, owner_prefix=SIDECAR_PREFIX, tables=(mangle, nat))
 
 
@@ -198,7 +238,14 @@ def uses_tproxy(spec: SidecarSpec | SidecarParams) -> bool:
 
 
 def _tproxy_mangle(
-    fam: Family, inbound: int, include_in: tuple[int, ...] | None, exclude_in: tuple[int, ...], uid: int, gid: int
+    fam: Family,
+    inbound: int,
+    include_in: tuple[int, ...] | None,
+    exclude_in: tuple[int, ...],
+    uid: int,
+    gid: int,
+    exclude_ifs: tuple[str, ...] = (),
+    kubevirt_ifs: tuple[str, ...] = (),
 ) -> TableRules:
     """Inbound TPROXY interception (mangle), Istio's TPROXY mode in behaviour:
 
@@ -206,6 +253,8 @@ def _tproxy_mangle(
       lo and other lo traffic not marked TPROXY_OUTBOUND_MARK are left alone; excluded ports return;
       packets of established connections are marked and accepted (DIVERT: the policy routing delivers them
       locally, to the proxy's socket); new connections are TPROXYed to the inbound port with the mark.
+      15008 (HBONE) is never captured, traffic on excluded interfaces returns (PRERT) and so does
+      traffic arriving on kubevirt interfaces (INBOUND: the nat rules send it to the outbound port).
       Back in PRERT, a packet arriving with TPROXY_MARK (the proxy's original_src connection to the app)
       saves its mark on the connection.
     - OUTPUT (mangle): the proxy's own TCP to a non-loopback address over lo (its pod IP) is marked
@@ -214,7 +263,10 @@ def _tproxy_mangle(
     """
     lo_addr = LOOPBACK[fam]
     full = 0xFFFFFFFF
+    hbone = SIDECAR_HBONE_PORT
     rules: list[str] = [
+        *excluded_in_rules(SC_PRERT, exclude_ifs),
+        *excluded_out_rules(SC_OUTPUT, exclude_ifs),
         rule(
             SC_DIVERT,
             purpose="mark diverted packet",
@@ -263,10 +315,12 @@ def _tproxy_mangle(
             purpose="skip lo traffic not from proxy",
             target="RETURN",
         ),
+        *kubevirt_rules(SC_INBOUND, None, kubevirt_ifs, None),
+        rule(SC_INBOUND, proto="tcp", matches=[dport_match("tcp", hbone)], purpose="skip hbone port", target="RETURN"),
     ]
     established = "-m conntrack --ctstate RELATED,ESTABLISHED"
     if include_in is None:
-        for port in exclude_in:
+        for port in (p for p in exclude_in if p != hbone):
             rules.append(
                 rule(
                     SC_INBOUND,
@@ -281,7 +335,7 @@ def _tproxy_mangle(
         )
         rules.append(rule(SC_INBOUND, proto="tcp", purpose="tproxy new inbound", target=SC_TPROXY))
     else:
-        for port in include_in:
+        for port in (p for p in include_in if p != hbone):
             rules.append(
                 rule(
                     SC_INBOUND,
@@ -318,7 +372,7 @@ def _tproxy_mangle(
                 not_dst=True,
                 out_if="lo",
                 proto="tcp",
-                matches=[owner_match(kind, ident)],
+                matches=[dport_match("tcp", hbone, negate=True), owner_match(kind, ident)],
                 purpose=f"mark proxy {kind} to own pod ip",
                 target="MARK",
                 target_args=f"--set-xmark {TPROXY_OUTBOUND_MARK:#x}/{full:#x}",

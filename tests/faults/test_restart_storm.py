@@ -141,7 +141,7 @@ class Storm:
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(self._add, range(PODS)))
         watcher.terminate()
-        out, _ = watcher.communicate(10)
+        out, _ = watcher.communicate(timeout=10)
         self.status_times = [float(x) for x in out.split()]
 
     def status_p95(self) -> float:

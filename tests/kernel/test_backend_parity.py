@@ -32,7 +32,7 @@ import pytest
 from node_agent.lab.simnode import Pod, SimNode
 from node_agent.lab.traffic import Listener, tcp_request
 
-from tests.kernel.agent_kit import HEADRACE, AgentRun, headrace_rules, node_agent, run, wait_for
+from tests.kernel.agent_kit import AgentRun, headrace_rules, node_agent, run, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -89,10 +89,7 @@ class ParityRun(AgentRun):
         out = open(self.base / f"proxy{self.proxy_runs}.out", "wb")
         err = open(self.base / f"proxy{self.proxy_runs}.log", "wb")
         self.proxy = subprocess.Popen(
-            self._nsenter(
-                HEADRACE, "proxy", "--socket", self.proxy_socket, "--id", "parity-proxy",
-                "--cgroup", str(self.proxy_cgroup),
-            ),
+            self.proxy_argv("parity-proxy", "--cgroup", str(self.proxy_cgroup)),
             stdout=out,
             stderr=err,
         )

@@ -255,6 +255,24 @@ ROUNDTRIP: dict[str, list[builder.RuleSet]] = {
         )
         for f in (4, 6)
     ],
+    "sidecar_istio_parity": [
+        builder.sidecar_rules(
+            SidecarSpec(
+                include_outbound_ports=(5432, 9090),
+                include_outbound_ranges=(net("10.0.0.0/8"), net("fd00::/8")),
+                exclude_interfaces=("net1",),
+                kubevirt_interfaces=("eth1", "eth2"),
+            ),
+            f,
+        )
+        for f in (4, 6)
+    ],
+    "sidecar_tproxy_interfaces": [
+        builder.sidecar_rules(
+            SidecarSpec(interception_mode="TPROXY", exclude_interfaces=("net1",), kubevirt_interfaces=("eth1",)), f
+        )
+        for f in (4, 6)
+    ],
     "ambient_default": [builder.ambient_rules(AmbientSpec(), f) for f in (4, 6)],
     "ambient_full": [
         builder.ambient_rules(

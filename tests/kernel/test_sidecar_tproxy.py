@@ -188,7 +188,7 @@ def test_bad_mode_leaves_netns_untouched(flavour_node: tuple[str, SimNode]) -> N
     _, node = flavour_node
     pod = node.add_pod("shop", "plain")
     before = (headrace_lines(pod), policy_routing(pod, 4), policy_routing(pod, 6))
-    for bad in ("tproxy", "NONE", "TPROXY; ip rule flush"):
+    for bad in ("tproxy", "none", "TPROXY; ip rule flush"):
         pod.annotations = {**SIDECAR, MODE: bad}
         node.write_pod(pod)
         with pytest.raises(CniInvocationError) as info:

@@ -69,6 +69,21 @@ SCENARIOS: dict[str, Scenario] = {
     "sidecar_tproxy": _sidecar({"sidecar.istio.io/interceptionMode": "TPROXY"}),
     "sidecar_tproxy_ipv4_only": _sidecar({"sidecar.istio.io/interceptionMode": "TPROXY"}, ips=(V4,)),
     "sidecar_iptables_legacy": Scenario(conf={"iptables": "legacy"}),
+    "sidecar_include_outbound_ports": _sidecar(
+        {
+            "traffic.sidecar.istio.io/includeOutboundPorts": "31000, 32000",
+            "traffic.sidecar.istio.io/includeOutboundIPRanges": "",
+        },
+        ips=(V4,),
+    ),
+    "sidecar_interfaces": _sidecar(
+        {
+            "traffic.sidecar.istio.io/excludeInterfaces": "net1",
+            "traffic.sidecar.istio.io/kubevirtInterfaces": "eth1,eth2",
+        },
+        ips=(V4,),
+    ),
+    "sidecar_interception_none": _sidecar({"sidecar.istio.io/interceptionMode": "NONE"}),
     "non_mesh_pod": Scenario(annotations=None),
     "excluded_namespace": Scenario(namespace="batch", conf={"exclude_namespaces": ["kube-system", "batch"]}),
     "ambient_pod": Scenario(annotations=None, namespace_labels={"istio.io/dataplane-mode": "ambient"}),

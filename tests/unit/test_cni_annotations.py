@@ -113,5 +113,51 @@ def test_interception_mode_rejected(value: str) -> None:
     assert ann.INTERCEPTION_MODE in info.value.msg
     assert "REDIRECT" in info.value.details and "TPROXY" in info.value.details
     assert len(info.value.msg) < 200
-    if value == "NONE":
-        assert "not supported" in info.value.msg
+    if value == "NONE":  # membership makes such a pod a pass-through pod: it never reaches a spec
+        assert "no redirection" in info.value.msg
+
+
+def test_include_outbound_ports_and_interfaces() -> None:
+    spec = ann.sidecar_spec(
+        {
+            ann.INCLUDE_OUTBOUND_PORTS: "32000, 31000,32000",
+            ann.EXCLUDE_INTERFACES: "net1,eth9, net1",
+            ann.KUBEVIRT_INTERFACES: "eth1",
+        }
+    )
+    assert spec.include_outbound_ports == (31000, 32000)
+    assert spec.exclude_interfaces == ("net1", "eth9")
+    assert spec.kubevirt_interfaces == ("eth1",)
+    params = ann.sidecar_params({ann.INCLUDE_OUTBOUND_PORTS: "80", ann.EXCLUDE_INTERFACES: ""})
+    assert params.include_outbound_ports == (80,) and params.exclude_interfaces == ()
+    # the newer name wins over kubevirtInterfaces; both are validated
+    both = ann.sidecar_spec({ann.KUBEVIRT_INTERFACES: "eth1", ann.REROUTE_VIRTUAL_INTERFACES: "virt0"})
+    assert both.kubevirt_interfaces == ("virt0",)
+    with pytest.raises(CniError):
+        ann.sidecar_spec({ann.KUBEVIRT_INTERFACES: "1bad", ann.REROUTE_VIRTUAL_INTERFACES: "virt0"})
+    assert {ann.INCLUDE_OUTBOUND_PORTS, ann.EXCLUDE_INTERFACES, ann.KUBEVIRT_INTERFACES} <= set(ann.KNOWN)
+    assert ann.sidecar_spec({}).include_outbound_ports == ()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        (ann.INCLUDE_OUTBOUND_PORTS, "*", "'*' not allowed"),
+        (ann.INCLUDE_OUTBOUND_PORTS, "0", "out of range"),
+        (ann.INCLUDE_OUTBOUND_PORTS, "80;id", "not a port"),
+        (ann.EXCLUDE_INTERFACES, "eth0 eth1", "not an interface name"),
+        (ann.EXCLUDE_INTERFACES, "0eth", "not an interface name"),
+        (ann.EXCLUDE_INTERFACES, "eth$(id)", "not an interface name"),
+        (ann.EXCLUDE_INTERFACES, "a" * 16, "longer than 15"),
+        (ann.EXCLUDE_INTERFACES, "eth0,,eth1", "empty entry"),
+        (ann.KUBEVIRT_INTERFACES, "*", "'*' not allowed"),
+        (ann.KUBEVIRT_INTERFACES, "eth/1", "not an interface name"),
+    ],
+)
+def test_new_annotations_rejected(key: str, value: str, why: str) -> None:
+    with pytest.raises(CniError) as info:
+        ann.sidecar_params({key: value})
+    assert info.value.code == INVALID_ANNOTATION
+    assert key in info.value.msg and why in info.value.msg
+    expected = "interface names" if key.endswith("Interfaces") else "ports 1-65535"
+    assert expected in info.value.details

@@ -23,6 +23,11 @@ OPT_OUT = {"istio.io/dataplane-mode": "none"}
         ("shop", {}, {}, False, {"istio.io/dataplane-mode": "other"}, "none"),
         ("kube-system", AMB, SIDECAR, False, AMB, "none"),
         ("shop", AMB, SIDECAR, True, AMB, "none"),  # hostNetwork
+        # interceptionMode NONE: no redirection at all (not even ambient)
+        ("shop", {}, {**SIDECAR, "sidecar.istio.io/interceptionMode": "NONE"}, False, None, "none"),
+        ("shop", AMB, {**SIDECAR, "sidecar.istio.io/interceptionMode": "NONE"}, False, AMB, "none"),
+        ("shop", {}, {**SIDECAR, "sidecar.istio.io/interceptionMode": "none"}, False, None, "sidecar"),
+        ("shop", {}, {**SIDECAR, "sidecar.istio.io/interceptionMode": "TPROXY"}, False, None, "sidecar"),
     ],
 )
 def test_pod_mode(ns, labels, annotations, host, ns_labels, mode) -> None:

@@ -15,7 +15,8 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 def test_sidecar_config_layout():
     pm = maps.pod_maps(SidecarSpec(exclude_outbound_ports=(9090, 22, 22)), cgroup_id=77)
     cfg = maps.unpack_config(pm.config)
-    assert len(pm.config) == maps.CONFIG_SIZE == 96
+    assert len(pm.config) == maps.CONFIG_SIZE == 104
+    assert cfg["hbone_port"] == 15008  # the proxy's own connections to its pod IP:15008 are not captured
     assert cfg["self_ip4"] == 0  # no pod IPs: outbound falls back to loopback
     assert cfg["proxy_gid"] == 1337
     assert cfg["mode"] == maps.MODE_SIDECAR
@@ -27,14 +28,16 @@ def test_sidecar_config_layout():
     assert cfg["generation"] == pm.generation
     assert pm.exclude_ports == (struct.pack("=H", 22), struct.pack("=H", 9090))
     assert cfg["inbound_mode"] == maps.INBOUND_ALL and cfg["inbound_port"] == 15006
-    assert pm.exclude_inbound == tuple(struct.pack("=H", p) for p in (15020, 15021, 15090))
+    assert pm.exclude_inbound == tuple(struct.pack("=H", p) for p in (15008, 15020, 15021, 15090))
+    assert pm.include_ports == ()
     assert cfg["probe_src4"] == 0
 
 
 def test_inbound_modes():
-    assert maps.inbound_ports(SidecarSpec(include_inbound_ports=())) == (maps.INBOUND_NONE, (15020, 15021, 15090), ())
+    excluded = (15008, 15020, 15021, 15090)  # 15008 (HBONE) is never captured
+    assert maps.inbound_ports(SidecarSpec(include_inbound_ports=())) == (maps.INBOUND_NONE, excluded, ())
     listed = maps.inbound_ports(SidecarSpec(include_inbound_ports=(8080, 80)))
-    assert listed == (maps.INBOUND_LISTED, (15020, 15021, 15090), (80, 8080))
+    assert listed == (maps.INBOUND_LISTED, excluded, (80, 8080))
     amb = maps.inbound_ports(AmbientSpec(exclude_inbound_ports=(22,)))
     assert amb == (maps.INBOUND_ALL, (22, 15008), ())
     off = maps.unpack_config(maps.pod_maps(SidecarSpec(), 1, inbound_in_ebpf=False).config)
@@ -184,9 +187,9 @@ def test_outbound_target_is_first_pod_ip_of_each_family():
     assert maps.self_addresses(("10.1.2.3",)) == (ipaddress.IPv4Address("10.1.2.3"), None)
     pm = maps.pod_maps(SidecarSpec(), 1, ips=ips)
     raw = struct.unpack(maps.CONFIG_FMT, pm.config)
-    assert raw[-3] == int.from_bytes(bytes([10, 1, 2, 3]), "little")  # network order as the C reads it
-    assert raw[-2] == ipaddress.IPv6Address("fd00::5").packed
-    assert maps.unpack_config(pm.config)["self_ip4"] == raw[-3]
+    assert raw[-6] == int.from_bytes(bytes([10, 1, 2, 3]), "little")  # network order as the C reads it
+    assert raw[-5] == ipaddress.IPv6Address("fd00::5").packed
+    assert maps.unpack_config(pm.config)["self_ip4"] == raw[-6]
     # a different first address is a different installed config (re-applied, not adopted)
     other = maps.pod_maps(SidecarSpec(), 1, ips=("10.9.9.9", "10.1.2.3/24", "fd00::5/64", "fd00::6"))
     assert other.generation != pm.generation
@@ -194,3 +197,16 @@ def test_outbound_target_is_first_pod_ip_of_each_family():
     assert maps.unpack_config(pm.config[:72])["generation"] == pm.generation
     with pytest.raises(ValueError, match="invalid pod IP"):
         maps.self_addresses(("nope",))
+
+
+def test_include_outbound_ports_and_interface_fallback():
+    spec = SidecarSpec(include_outbound_ports=(32000, 31000, 32000), include_outbound_ranges=())
+    pm = maps.pod_maps(spec, 1)
+    assert pm.include_ports == tuple(struct.pack("=H", p) for p in (31000, 32000))
+    assert maps.unpack_config(pm.config)["include_all4"] == 0
+    assert pm.generation != maps.pod_maps(SidecarSpec(include_outbound_ranges=()), 1).generation
+    only = maps.inbound_only(spec)
+    assert isinstance(only, SidecarSpec) and only.include_outbound_ports == ()
+    assert maps.pod_maps(AmbientSpec(), 1).include_ports == ()
+    reason = maps.interfaces_reason(SidecarSpec(exclude_interfaces=("net1",), kubevirt_interfaces=("eth1",)))
+    assert "excludeInterfaces and kubevirtInterfaces" in reason and "iptables" in reason

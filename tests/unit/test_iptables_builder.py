@@ -88,9 +88,32 @@ def test_sidecar_include_inbound_only_listed_ports() -> None:
     t = _nat(builder.sidecar_rules(SidecarSpec(include_inbound_ports=(80, 80, 8080)), 4))
     inbound = _bare([r for r in t.rules if r.startswith("-A HEADRACE_SC_INBOUND ")])
     assert inbound == [
+        "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",  # HBONE first, as istio-iptables
         "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -j HEADRACE_SC_IN_REDIRECT",
         "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 8080 -j HEADRACE_SC_IN_REDIRECT",
     ]
+
+
+def test_sidecar_hbone_never_captured() -> None:
+    specs = (SidecarSpec(), SidecarSpec(include_inbound_ports=(15008, 80)), SidecarSpec(interception_mode="TPROXY"))
+    for spec in specs:
+        for fam in (4, 6):
+            rs = builder.sidecar_rules(spec, fam)
+            table = rs.table("mangle") if spec.interception_mode == "TPROXY" else rs.table("nat")
+            assert table is not None
+            inbound = _bare([r for r in table.rules if r.startswith("-A HEADRACE_SC_INBOUND ")])
+            assert "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 15008 -j RETURN" in inbound
+            assert not any("--dport 15008 -j HEADRACE_SC_IN_REDIRECT" in r for r in inbound)
+            own = [r for t in rs.tables for r in t.rules if "own pod ip" in r]
+            assert own and all("-m tcp ! --dport 15008 -m owner" in r for r in own)
+
+
+def test_sidecar_bad_interface_names_rejected() -> None:
+    for bad in ("", "1eth", "eth 0", "e" * 16, "eth;id"):
+        with pytest.raises(ValueError, match="not an interface name"):
+            builder.sidecar_rules(SidecarSpec(exclude_interfaces=(bad,)), 4)
+        with pytest.raises(ValueError, match="not an interface name"):
+            builder.sidecar_rules(SidecarSpec(kubevirt_interfaces=(bad,)), 4)
 
 
 def test_sidecar_empty_include_means_no_inbound_capture() -> None:
@@ -229,9 +252,9 @@ def test_tproxy_mangle_rules(family: Family) -> None:
         f"-A HEADRACE_SC_INBOUND -s {passthrough} -i lo -p tcp -j RETURN",
         "-A HEADRACE_SC_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN",
     ]
-    # the contract's excluded ports return before established connections are diverted
+    # HBONE and the contract's excluded ports return before established connections are diverted
     assert inbound[3:] == [
-        *(f"-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport {p} -j RETURN" for p in (15020, 15021, 15090)),
+        *(f"-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport {p} -j RETURN" for p in (15008, 15020, 15021, 15090)),
         "-A HEADRACE_SC_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j HEADRACE_SC_DIVERT",
         "-A HEADRACE_SC_INBOUND -p tcp -j HEADRACE_SC_TPROXY",
     ]
@@ -248,6 +271,7 @@ def test_tproxy_include_inbound_ports_divert_and_tproxy_per_port() -> None:
     assert mangle is not None
     inbound = _bare([r for r in mangle.rules if r.startswith("-A HEADRACE_SC_INBOUND ")][3:])
     assert inbound == [
+        "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
         "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -m conntrack --ctstate RELATED,ESTABLISHED "
         "-j HEADRACE_SC_DIVERT",
         "-A HEADRACE_SC_INBOUND -p tcp -m tcp --dport 80 -j HEADRACE_SC_TPROXY",

@@ -62,6 +62,34 @@ SCENARIOS: dict[str, Callable[[], str]] = {
     "sidecar_tproxy_exclude_inbound": _sidecar(
         SidecarSpec(interception_mode="TPROXY", exclude_inbound_ports=(22, 9000), exclude_outbound_ports=(5432,)), 4
     ),
+    "sidecar_include_outbound_ports": _sidecar(
+        SidecarSpec(include_outbound_ports=(31000, 32000), include_outbound_ranges=()), 4, 6
+    ),
+    "sidecar_include_outbound_ports_ranges": _sidecar(
+        SidecarSpec(
+            include_outbound_ports=(5432,),
+            include_outbound_ranges=(net("10.0.0.0/8"),),
+            exclude_outbound_ranges=(net("10.1.0.0/16"),),
+        ),
+        4,
+    ),
+    "sidecar_exclude_interfaces": _sidecar(SidecarSpec(exclude_interfaces=("net1", "eth9")), 4, 6),
+    "sidecar_kubevirt_interfaces": _sidecar(SidecarSpec(kubevirt_interfaces=("eth1", "eth2")), 4, 6),
+    "sidecar_kubevirt_interfaces_ranges": _sidecar(
+        SidecarSpec(
+            kubevirt_interfaces=("eth1",),
+            exclude_interfaces=("net1",),
+            include_outbound_ranges=(net("10.0.0.0/8"), net("fd00::/8")),
+        ),
+        4,
+        6,
+    ),
+    "sidecar_kubevirt_no_inbound": _sidecar(
+        SidecarSpec(kubevirt_interfaces=("eth1",), include_inbound_ports=()), 4
+    ),
+    "sidecar_tproxy_interfaces": _sidecar(
+        SidecarSpec(interception_mode="TPROXY", exclude_interfaces=("net1",), kubevirt_interfaces=("eth1",)), 4
+    ),
     "ambient_default_v4": _ambient(AmbientSpec(), 4),
     "ambient_default_v6": _ambient(AmbientSpec(), 6),
     "ambient_dns": _ambient(AmbientSpec(capture_dns=True), 4, 6),

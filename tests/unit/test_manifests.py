@@ -57,10 +57,11 @@ def test_kustomization_lists_every_manifest_and_one_namespace():
     assert {d["metadata"]["namespace"] for d in namespaced} == {k["namespace"]} == {"headrace-system"}
 
 
-def test_rbac_is_read_only_on_pods_and_namespaces():
+def test_rbac_reads_pods_and_namespaces_and_patches_only_pod_status():
     role = one("ClusterRole")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"],
-                              "verbs": ["get", "list", "watch"]}]
+                              "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]}]
     binding = one("ClusterRoleBinding")
     sa = one("ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]

@@ -12,6 +12,7 @@ BackendSetting = Literal["auto", "iptables", "ebpf"]
 IptablesSetting = Literal["auto", "legacy", "nft"]
 
 DEFAULT_STATE_DIR = Path("/var/run/headrace")
+DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"  # where ztunnel looks for its node agent
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -48,6 +49,7 @@ class AgentConfig:
     agent_id: str = field(default="")
     proxy_cgroup: Path | None = None  # the node proxy's cgroup v2 dir (ambient over eBPF)
     capture_dns: bool = False  # ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053
+    zds_socket: Path | None = None  # ztunnel's ZDS socket (SOCK_SEQPACKET); None: not served
 
     @property
     def netns_dir(self) -> Path:
@@ -109,6 +111,7 @@ def build_config(
     cni_add_timeout: float = 20.0,
     proxy_cgroup: str | Path | None = None,
     capture_dns: bool = False,
+    zds_socket: str | Path | None = None,
 ) -> AgentConfig:
     """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
     if (objects_dir is None) == (kubeconfig is None):
@@ -143,11 +146,18 @@ def build_config(
         sdir = sdir.resolve()
     csock = Path(cni_socket) if cni_socket is not None else sdir / "cni.sock"
     psock = Path(proxy_socket) if proxy_socket is not None else sdir / "proxy.sock"
-    for flag, sock in (("--cni-socket", csock), ("--proxy-socket", psock)):
+    # ztunnel's socket: the default path unless given; empty turns the ZDS server off
+    zsock: Path | None = Path(DEFAULT_ZDS_SOCKET if zds_socket is None else zds_socket)
+    if zds_socket is not None and not str(zds_socket):
+        zsock = None
+    if zsock is not None and not zsock.is_absolute():
+        zsock = zsock.resolve()
+    named = [("--cni-socket", csock), ("--proxy-socket", psock)] + ([("--zds-socket", zsock)] if zsock else [])
+    for flag, sock in named:
         if len(str(sock).encode()) > 107:
             raise ConfigError(f"{flag} {str(sock)!r}: unix socket paths must be under 108 bytes")
-    if csock == psock:
-        raise ConfigError("--cni-socket and --proxy-socket must differ")
+    if len({p for _, p in named}) != len(named):
+        raise ConfigError("--cni-socket, --proxy-socket and --zds-socket must differ")
     pcg: Path | None = None
     if proxy_cgroup:
         pcg = Path(proxy_cgroup)
@@ -170,4 +180,5 @@ def build_config(
         agent_id=f"headrace-agent-{node or 'local'}",
         proxy_cgroup=pcg,
         capture_dns=capture_dns,
+        zds_socket=zsock,
     )

@@ -39,6 +39,7 @@ from node_agent.reconcile.state import Hub
 from node_agent.serve.cni_server import CniServer
 from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
+from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent")
@@ -76,8 +77,16 @@ def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
     return sync
 
 
-def make_hub(config: AgentConfig, gate: AdoptionGate) -> Hub:
-    return ProxyHub(str(config.proxy_socket), config.agent_id, snapshot_gate=gate)
+def make_hub(config: AgentConfig, gate: AdoptionGate | None = None) -> Hub:
+    """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty; neither sends a
+    snapshot before the gate opens (adoption complete)."""
+    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id, snapshot_gate=gate)
+    if config.zds_socket is None:
+        return grpc_hub
+    from node_agent.proxy.hub_fanout import HubFanout
+    from node_agent.proxy.zds_server import ZdsHub
+
+    return HubFanout(grpc_hub, ZdsHub(str(config.zds_socket), snapshot_gate=gate), names=("grpc", "zds"))
 
 
 class Agent:
@@ -121,7 +130,9 @@ class Agent:
         )
         self.metrics.watch_pods_without_proxy(self.reconciler.enrolled_without_proxy)
         self.proxy_cgroups = self._proxy_cgroup_follower()
+        self._annotation_writer: Writer | None = None  # set by the default sources
         self.source: Source = (source_factory or self._default_source)(self.store)
+        self.marker = self._redirection_marker()
         self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race monitor
         self.cni = CniServer(
             str(config.cni_socket), self.duties.status_view(self.reconciler), add_timeout=config.cni_add_timeout,
@@ -133,12 +144,29 @@ class Agent:
     def _default_source(self, store: PodStore) -> Source:
         if self.config.objects_dir is not None:
             from node_agent.sources.objects_dir import ObjectsDirSource
+            from node_agent.sources.objects_write import write_pod_annotation
 
-            return ObjectsDirSource(store, self.config.objects_dir, self.config.node_name)
+            objects_dir = self.config.objects_dir
+            def write(namespace: str, name: str, enabled: bool) -> None:
+                write_pod_annotation(objects_dir, namespace, name, enabled)
+
+            self._annotation_writer = write
+            return ObjectsDirSource(store, objects_dir, self.config.node_name)
         from node_agent.sources.kubernetes import KubernetesSource
 
         assert self.config.kubeconfig is not None
-        return KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+        source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+        self._annotation_writer = source.patch_redirection
+        return source
+
+    def _redirection_marker(self) -> RedirectionMarker | None:
+        """`ambient.istio.io/redirection: enabled` on enrolled ambient pods (sources/redirection_mark.py)."""
+        if self._annotation_writer is None:
+            return None
+        marker = RedirectionMarker(self.reconciler.status, lambda: self.store.snapshot().pods,
+                                   lambda: self.reconciler.passes > 0, self._annotation_writer)
+        self.store.subscribe(marker.wake)
+        return marker
 
     def _other_backend(self, name: str) -> RedirectBackend | None:
         """A backend that is not this node's any more (agent restarted with another --backend): only to
@@ -200,6 +228,8 @@ class Agent:
         self.hub.start()
         self.reconciler.start()
         self.source.start()
+        if self.marker is not None:
+            self.marker.start()
         self.cni.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
@@ -216,6 +246,8 @@ class Agent:
         self._stopped.set()
         self.duties.stop()  # first: with --cni-cleanup-on-exit the entry leaves before the socket closes
         self.cni.stop()
+        if self.marker is not None:
+            self.marker.stop()
         self.source.stop()
         self.reconciler.stop()
         self.hub.stop()

@@ -35,6 +35,8 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
                    "Default: learned from the proxy's connection; this overrides it.")
 @click.option("--capture-dns/--no-capture-dns", default=False, show_default=True,
               help="Also redirect ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053.")
+@click.option("--zds-socket", default="/var/run/ztunnel/ztunnel.sock", show_default=True,
+              help="Also serve ztunnel's ZDS protocol on this SOCK_SEQPACKET socket (empty: off).")
 @duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent/duties.py)
 def agent(
     objects_dir: str | None,
@@ -52,6 +54,7 @@ def agent(
     cni_add_timeout: float,
     proxy_cgroup: str | None,
     capture_dns: bool,
+    zds_socket: str,
     **duty: Any,
 ) -> None:
     """Run the node agent (one per node)."""
@@ -64,7 +67,7 @@ def agent(
             cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
             metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
             drift_interval=drift_interval, cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
-            capture_dns=capture_dns,
+            capture_dns=capture_dns, zds_socket=zds_socket,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

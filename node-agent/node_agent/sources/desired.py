@@ -37,6 +37,8 @@ def _reason(pod: Pod, namespace: Namespace | None, mode: Mode) -> str:
     pod_label = pod.labels.get(DATAPLANE_LABEL)
     if mode == "ambient":
         return "pod label" if pod_label == "ambient" else "namespace label"
+    if membership.interception_none(pod.annotations):
+        return "sidecar interceptionMode NONE: no redirection"
     return "pod opted out" if pod_label == "none" else "not labelled"
 
 

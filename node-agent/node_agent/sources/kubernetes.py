@@ -218,7 +218,7 @@ class KubernetesSource:
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg,
                                 persist_config=False)
         self._api_client = client.ApiClient(cfg)
-        api = client.CoreV1Api(self._api_client)
+        api = self._api = client.CoreV1Api(self._api_client)
         self.node_name = node_name
         self.pods = _Watcher(
             "pods", api.list_pod_for_all_namespaces, self._pods_listed, self._pod_event, self._stop,
@@ -270,6 +270,23 @@ class KubernetesSource:
             self._store.delete_namespace(ns.name)
         else:
             self._store.upsert_namespace(ns)
+
+    def patch_redirection(self, namespace: str, name: str, enabled: bool) -> None:
+        """Set or remove the ambient redirection annotation: a merge patch of the pod's status subresource
+        (RBAC: patch pods/status only). A pod that is gone is not an error."""
+        from kubernetes.client.exceptions import ApiException  # lazy: heavy import
+
+        from node_agent.sources.redirection_mark import merge_patch
+
+        try:
+            resp = self._api.patch_namespaced_pod_status(name, namespace, merge_patch(enabled),
+                                                         _content_type="application/merge-patch+json",
+                                                         _request_timeout=10, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        resp.release_conn()  # the pod as stored: not needed, the watch brings it
 
     def start(self) -> None:
         for watcher in (self.pods, self.namespaces):

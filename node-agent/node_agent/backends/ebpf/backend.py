@@ -167,6 +167,8 @@ class EbpfBackend(RedirectBackend):
                 "connections to the app (mark 1337, a foreign source over lo) need the fwmark policy routing "
                 "and CONNMARK of the iptables TPROXY rules; use backend 'iptables' for such pods"
             )
+        if isinstance(spec, SidecarSpec) and (spec.exclude_interfaces or spec.kubevirt_interfaces):
+            return maps.interfaces_reason(spec)
         if isinstance(spec, AmbientSpec) and self.proxy_cgroup is None:
             return (
                 "ambient over eBPF needs the node proxy's cgroup v2 directory (its accepted sockets live there, "
@@ -254,6 +256,7 @@ class EbpfBackend(RedirectBackend):
                 "hr_cfg_xin": pm.exclude_inbound,
                 "hr_cfg_iin": pm.include_inbound,
                 "hr_cfg_local": pm.local_addrs,
+                "hr_cfg_oports": pm.include_ports,
             }
             for map_name, keys in sets.items():
                 for key in keys:

@@ -39,7 +39,16 @@ TC_PROGRAMS: dict[str, tuple[int, int]] = {
     "hr_tc_ingress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
     "hr_tc_egress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
 }
-POD_MAPS = ("hr_cfg", "hr_cfg_xports", "hr_cfg_xnets", "hr_cfg_inets", "hr_cfg_xin", "hr_cfg_iin", "hr_cfg_local")
+POD_MAPS = (
+    "hr_cfg",
+    "hr_cfg_xports",
+    "hr_cfg_xnets",
+    "hr_cfg_inets",
+    "hr_cfg_xin",
+    "hr_cfg_iin",
+    "hr_cfg_local",
+    "hr_cfg_oports",
+)
 NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat")
 LICENSE = "Dual MIT/GPL"
 

@@ -13,6 +13,7 @@ import json
 import struct
 from dataclasses import dataclass
 
+from cni.contract.constants import SIDECAR_HBONE_PORT
 from cni.contract.kinds import IPNetwork
 from cni.contract.spec import AmbientSpec, SidecarSpec
 
@@ -21,7 +22,7 @@ MODE_AMBIENT = 2
 INBOUND_NONE = 0
 INBOUND_ALL = 1
 INBOUND_LISTED = 2
-CONFIG_FMT = "=IIIIHHBBBBQQHHI16sIII16sI"  # struct hr_config (96 bytes)
+CONFIG_FMT = "=IIIIHHBBBBQQHHI16sIII16sIHHI"  # struct hr_config (104 bytes)
 CONFIG_SIZE = struct.calcsize(CONFIG_FMT)
 LPM_FMT = "=I16s"  # struct hr_lpm_key
 PORT_FMT = "=H"
@@ -43,6 +44,7 @@ class PodMaps:
     include_inbound: tuple[bytes, ...]
     local_addrs: tuple[bytes, ...]
     generation: int
+    include_ports: tuple[bytes, ...] = ()
 
 
 def generation_of(spec: Spec, *extra: object) -> int:
@@ -81,7 +83,7 @@ def inbound_ports(spec: Spec) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     incl: tuple[int, ...]
     excl: set[int]
     if isinstance(spec, SidecarSpec):
-        excl = set(spec.exclude_inbound_ports)
+        excl = {*spec.exclude_inbound_ports, SIDECAR_HBONE_PORT}  # HBONE: never captured (as istio-iptables)
         if spec.include_inbound_ports is None:
             mode, incl = INBOUND_ALL, ()
         elif spec.include_inbound_ports:
@@ -156,11 +158,15 @@ def pod_maps(
         proxy_gid = spec.proxy_gid
         dns_port, capture_dns = 0, False
         include = spec.include_outbound_ranges
+        hbone = SIDECAR_HBONE_PORT
+        include_ports = tuple(sorted({_check_port(p, "included outbound port") for p in spec.include_outbound_ports}))
     else:
         mode, uid, mark, mask = MODE_AMBIENT, 0xFFFFFFFF, spec.mark, spec.mark_mask
         proxy_gid = 0xFFFFFFFF
         dns_port, capture_dns = _check_port(spec.dns_port, "dns_port"), spec.capture_dns
         include = None
+        hbone = _check_port(spec.hbone_port, "hbone_port")
+        include_ports = ()
     if not (0 <= uid <= 0xFFFFFFFF and 0 <= proxy_gid <= 0xFFFFFFFF):
         raise ValueError(f"proxy uid/gid {uid}/{proxy_gid} out of range")
     out_port = _check_port(spec.outbound_port, "outbound_port")
@@ -185,7 +191,7 @@ def pod_maps(
         1 if capture_dns else 0, 1 if all4 else 0, 1 if all6 else 0, in_mode, gen, cgroup_id,
         in_port, families_mask(ips), probe4, probe6, proxy_gid, netns_cookie & 0xFFFF_FFFF,
         int.from_bytes(self4.packed, "little") if self4 else 0,  # network order as the C reads it
-        self6.packed if self6 else b"\0" * 16, (netns_cookie >> 32) & 0xFFFF_FFFF,
+        self6.packed if self6 else b"\0" * 16, (netns_cookie >> 32) & 0xFFFF_FFFF, hbone, 0, 0,
     )  # fmt: skip
     ports = tuple(sorted({_check_port(p, "excluded outbound port") for p in spec.exclude_outbound_ports}))
     return PodMaps(
@@ -197,6 +203,7 @@ def pod_maps(
         include_inbound=tuple(struct.pack(PORT_FMT, p) for p in in_incl),
         local_addrs=tuple(lpm_key(ipaddress.ip_network(a)) for a in local),
         generation=gen,
+        include_ports=tuple(struct.pack(PORT_FMT, p) for p in include_ports),
     )
 
 
@@ -223,12 +230,17 @@ def unpack_config(raw: bytes) -> dict[str, int]:
         "self_ip4",
         "self_ip6",
         "netns_cookie_hi",
+        "hbone_port",
+        "reserved16",
+        "reserved32",
     )
     raw = raw[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\0")  # a config map pinned by an older, shorter layout
     values = struct.unpack(CONFIG_FMT, raw)
     out = dict(zip(names, values, strict=True))
     del out["probe_src6"]
     del out["self_ip6"]
+    del out["reserved16"]
+    del out["reserved32"]
     return out
 
 
@@ -237,6 +249,18 @@ def needs_inbound(spec: Spec) -> bool:
     if isinstance(spec, SidecarSpec):
         return spec.include_inbound_ports is None or len(spec.include_inbound_ports) > 0
     return True
+
+
+def interfaces_reason(spec: SidecarSpec) -> str:
+    """Why the interface annotations keep a sidecar pod off eBPF: a cgroup connect hook runs before
+    routing, so it cannot tell the interface a connection will leave by (excludeInterfaces), and a VM's
+    traffic forwarded through the pod (kubevirtInterfaces) passes no socket hook of the pod at all."""
+    pairs = (("excludeInterfaces", spec.exclude_interfaces), ("kubevirtInterfaces", spec.kubevirt_interfaces))
+    which = " and ".join(name for name, value in pairs if value)
+    return (
+        f"sidecar {which} not implemented in eBPF: the connect hooks run before routing (no output "
+        "interface) and forwarded VM traffic passes no socket hook of the pod; use backend 'iptables' for such pods"
+    )
 
 
 EVERYWHERE = (
@@ -253,5 +277,5 @@ def inbound_only(spec: Spec) -> Spec:
     Sidecar: no include ranges (the spec's "no outbound capture"); ambient: every address excluded.
     """
     if isinstance(spec, SidecarSpec):
-        return dataclasses.replace(spec, include_outbound_ranges=())
+        return dataclasses.replace(spec, include_outbound_ranges=(), include_outbound_ports=())
     return dataclasses.replace(spec, exclude_outbound_ranges=EVERYWHERE, capture_dns=False)
