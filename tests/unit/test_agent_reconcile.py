@@ -530,3 +530,13 @@ def test_status_never_waits_for_the_reconcile_lock_and_shows_the_proxy(env: Env)
     row = next(r for r in env.r.status() if r["uid"] == UID)
     assert row["proxy"] == "disconnected" and state_text(row) == "enrolled, proxy disconnected"
     assert env.r.enrolled_without_proxy() == 1
+
+
+def test_proxy_state_over_several_transports() -> None:
+    from node_agent.reconcile.status import proxy_state
+
+    assert proxy_state({"connected": False}) == "disconnected"
+    assert proxy_state({"connected": True, "snapshot_acked": False}) == "syncing"
+    assert proxy_state({"connected": True, "snapshot_acked": True}) == "connected"
+    zds_only = {"connected": True, "snapshot_acked": False, "zds": {"connected": True, "snapshot_acked": True}}
+    assert proxy_state(zds_only) == "connected"

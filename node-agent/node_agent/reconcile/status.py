@@ -42,7 +42,9 @@ def proxy_state(hub_status: Mapping[str, Any]) -> str:
     snapshot not acked yet) or disconnected."""
     if not hub_status.get("connected"):
         return DISCONNECTED
-    return CONNECTED if hub_status.get("snapshot_acked") else SYNCING
+    # one hub, or several transports (gRPC's at the top level, the others' under their names)
+    sessions = [hub_status, *(v for v in hub_status.values() if isinstance(v, Mapping))]
+    return CONNECTED if any(s.get("connected") and s.get("snapshot_acked") for s in sessions) else SYNCING
 
 
 def with_proxy(rows: list[dict[str, Any]], proxy: str) -> list[dict[str, Any]]:
