@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-BackendSetting = Literal["auto", "iptables", "ebpf"]
+BackendSetting = Literal["auto", "iptables", "nftables", "ebpf"]
+BACKEND_SETTINGS = ("auto", "iptables", "nftables", "ebpf")
 IptablesSetting = Literal["auto", "legacy", "nft"]
 
 DEFAULT_STATE_DIR = Path("/var/run/headrace")
@@ -37,6 +38,7 @@ class AgentConfig:
     proxy_socket: Path
     objects_dir: Path | None = None
     kubeconfig: Path | None = None
+    in_cluster: bool = False  # the Kubernetes API through the pod's service account (token refreshed)
     node_name: str = ""
     backend: BackendSetting = "auto"
     iptables: IptablesSetting = "auto"
@@ -112,10 +114,14 @@ def build_config(
     proxy_cgroup: str | Path | None = None,
     capture_dns: bool = False,
     zds_socket: str | Path | None = None,
+    in_cluster: bool = False,
 ) -> AgentConfig:
     """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
-    if (objects_dir is None) == (kubeconfig is None):
-        raise ConfigError("give exactly one pod source: --objects-dir DIR or --kubeconfig FILE --node-name N")
+    if [objects_dir is not None, kubeconfig is not None, in_cluster].count(True) != 1:
+        raise ConfigError("give exactly one pod source: --objects-dir DIR, --kubeconfig FILE --node-name N "
+                          "or --in-cluster --node-name N")
+    if in_cluster and not (node_name or "").strip():
+        raise ConfigError("--in-cluster needs --node-name (the pods of this node are watched)")
     node = (node_name or "").strip()
     odir: Path | None = None
     kcfg: Path | None = None
@@ -131,8 +137,8 @@ def build_config(
             raise ConfigError("--kubeconfig needs --node-name (the pods of this node are watched)")
     if node and not _NODE_NAME.match(node):
         raise ConfigError(f"--node-name {node!r} is not a valid node name")
-    if backend not in ("auto", "iptables", "ebpf"):
-        raise ConfigError(f"--backend {backend!r}: expected auto, iptables or ebpf")
+    if backend not in BACKEND_SETTINGS:
+        raise ConfigError(f"--backend {backend!r}: expected auto, iptables, nftables or ebpf")
     if iptables not in ("auto", "legacy", "nft"):
         raise ConfigError(f"--iptables {iptables!r}: expected auto, legacy or nft")
     level = log_level.lower()
@@ -169,6 +175,7 @@ def build_config(
         proxy_socket=psock,
         objects_dir=odir,
         kubeconfig=kcfg,
+        in_cluster=in_cluster,
         node_name=node,
         backend=backend,  # type: ignore[arg-type]
         iptables=iptables,  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
 from node_agent.backends.base import BackendError, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
-from node_agent.backends.select import select_backend
+from node_agent.backends.select import rules_backend_setting, select_backend
 from node_agent.netns.pin import NetnsPins
 from node_agent.proxy.cgroup import Source as CgroupSource
 from node_agent.proxy.cgroup_follow import ProxyCgroupFollower, saved_proxy_cgroup
@@ -39,6 +39,8 @@ from node_agent.reconcile.state import Hub
 from node_agent.serve.cni_server import CniServer
 from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
+from node_agent.serve.plugin_logs import PluginLogListener
+from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
 from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
 
@@ -111,8 +113,8 @@ class Agent:
         fallback: RedirectBackend | None = None
         # eBPF node: iptables serves the pods eBPF cannot (fallback_reason, e.g. ambient without a known
         # proxy cgroup); with `auto` also the pods whose cgroup is unknown (`ebpf` fails those closed)
-        if backend is None and self.backend.name != "iptables":
-            fallback = make_backend(replace(config, backend="iptables"), self.flavour)
+        if backend is None and self.backend.name == "ebpf":
+            fallback = make_backend(replace(config, backend=rules_backend_setting()), self.flavour)
         factory = self._other_backend if backend is None else None
         # proxies get no snapshot before adoption has rebuilt the desired set (reconcile.gate)
         self.adoption_gate = AdoptionGate()
@@ -120,7 +122,7 @@ class Agent:
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
-        rules = node_rules if node_rules is not None else make_node_rules(resolve_flavour(config.iptables))
+        rules = node_rules if node_rules is not None else self._node_rules()
         self.reconciler = Reconciler(
             self.store, self.backend, self.hub, self.pins, self.records,
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
@@ -139,6 +141,7 @@ class Agent:
             resolve_uid=self._resolve_uid, extra_status=self._extra_status,
         )
         self.health: HealthServer | None = None
+        self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
 
     def _default_source(self, store: PodStore) -> Source:
@@ -154,8 +157,7 @@ class Agent:
             return ObjectsDirSource(store, objects_dir, self.config.node_name)
         from node_agent.sources.kubernetes import KubernetesSource
 
-        assert self.config.kubeconfig is not None
-        source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+        source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)  # None: in-cluster
         self._annotation_writer = source.patch_redirection
         return source
 
@@ -168,11 +170,21 @@ class Agent:
         self.store.subscribe(marker.wake)
         return marker
 
+    def _node_rules(self) -> Callable[[list[str]], None]:
+        """The node-side probe SNAT: nftables on a node without iptables (or with the nftables backend)."""
+        if self.backend.name == "nftables" or rules_backend_setting() == "nftables":
+            from node_agent.backends.nftables.node_probe import make_nft_node_rules
+
+            return make_nft_node_rules()
+        return make_node_rules(resolve_flavour(self.config.iptables))
+
     def _other_backend(self, name: str) -> RedirectBackend | None:
         """A backend that is not this node's any more (agent restarted with another --backend): only to
         remove what it left in a pod before the pod moves to the node's backend."""
         if name == "iptables":
             return make_backend(replace(self.config, backend="iptables"), self.flavour)
+        if name == "nftables":
+            return make_backend(replace(self.config, backend="nftables"), self.flavour)
         if name == "ebpf":
             return EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path)
         return None
@@ -230,6 +242,7 @@ class Agent:
         self.source.start()
         if self.marker is not None:
             self.marker.start()
+        self.plugin_logs.start()  # the plugin's log lines, into this agent's log
         self.cni.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
@@ -248,6 +261,7 @@ class Agent:
         self.cni.stop()
         if self.marker is not None:
             self.marker.stop()
+        self.plugin_logs.stop()
         self.source.stop()
         self.reconciler.stop()
         self.hub.stop()

@@ -13,12 +13,15 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 @click.command("agent")
 @click.option("--objects-dir", type=click.Path(file_okay=False), help="Pod source: a local objects dir (lab).")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Pod source: the Kubernetes API.")
+@click.option("--in-cluster", is_flag=True,
+              help="Pod source: the Kubernetes API through this pod's service account (token refreshed).")
 @click.option("--node-name", default="", help="This node's name (pods are watched by spec.nodeName).")
 @click.option("--state-dir", default="/var/run/headrace", show_default=True,
               help="Pins (netns/), records (pods/) and default sockets.")
 @click.option("--cni-socket", default=None, help="Plugin-event socket [default: STATE_DIR/cni.sock].")
 @click.option("--proxy-socket", default=None, help="Node-proxy gRPC socket [default: STATE_DIR/proxy.sock].")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "ebpf"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nftables", "ebpf"]), default="auto",
+              show_default=True)
 @click.option("--iptables", "iptables_flavour", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
               show_default=True, help="iptables flavour used in every pod (auto: detected once per node).")
 @click.option("--metrics-addr", default="", help="HOST:PORT for /metrics, /healthz, /readyz (off if empty).")
@@ -41,6 +44,7 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 def agent(
     objects_dir: str | None,
     kubeconfig: str | None,
+    in_cluster: bool,
     node_name: str,
     state_dir: str,
     cni_socket: str | None,
@@ -67,7 +71,7 @@ def agent(
             cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
             metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
             drift_interval=drift_interval, cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
-            capture_dns=capture_dns, zds_socket=zds_socket,
+            capture_dns=capture_dns, zds_socket=zds_socket, in_cluster=in_cluster,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

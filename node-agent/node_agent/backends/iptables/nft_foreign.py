@@ -25,6 +25,7 @@ from typing import Any
 NAT_PRIORITY = -100  # iptables-nft's nat chains; mangle (-150) and raw (-300) come before it
 HOOKS = ("prerouting", "output")
 IPTABLES_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
+OWN_TABLE = "headrace"  # the nftables backend's per-pod table (inet headrace): ours, never foreign
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,255}$")
 
 
@@ -78,7 +79,8 @@ def parse_ruleset(text: str) -> list[BaseChain]:
 
 
 def iptables_owned(c: BaseChain) -> bool:
-    return c.family in ("ip", "ip6") and c.table in IPTABLES_TABLES
+    """iptables-nft's tables (checked through iptables-save) and our nftables backend's table."""
+    return (c.family in ("ip", "ip6") and c.table in IPTABLES_TABLES) or c.table == OWN_TABLE
 
 
 def ahead_of_redirect(chains: list[BaseChain], families: tuple[int, ...]) -> list[BaseChain]:
