@@ -141,7 +141,7 @@ def test_connections_are_bounded_per_peer(servers) -> None:
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15  # generous: a loaded machine delays the server's threads
     while time.monotonic() < deadline:  # their slots are given back once closed
         reply_ok = send_event(path, add_event(), timeout=5)
         if reply_ok.ok:
