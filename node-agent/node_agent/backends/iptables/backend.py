@@ -7,7 +7,8 @@ Drift checks first ask `iptc_check.DriftShortcut` for a cheap in-process answer:
 python-iptables read of the pod's tables whose fingerprint matches the last verified one, on nft hosts
 the netns' nf_tables ruleset generation unchanged since the last verified check (`nft_generation`).
 Either answers "intact" without running anything; otherwise (and for checks that look beyond
-iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides. HEADRACE_IPTC_CHECK=0
+iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides. An ambient pod's policy
+routing (original-source delivery) is checked with `ip` beside either answer. HEADRACE_IPTC_CHECK=0
 in the agent's environment turns the shortcut off.
 """
 
@@ -128,10 +129,21 @@ class IptablesBackend:
             raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
         if self.shortcut is None or not iptables_only_check(spec):
             STATS.count("iptables_save")
-            return self._check_save(target, spec, families)
-        return self.shortcut.check(
-            target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
-        )
+            problems = self._check_save(target, spec, families)
+        else:
+            problems = self.shortcut.check(
+                target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
+            )
+        if isinstance(spec, AmbientSpec):  # beside the iptables rules (never part of the fingerprint)
+            problems = [*problems, *self._check_ambient_routes(target, families)]
+        return problems
+
+    def _check_ambient_routes(self, target: PodTarget, families: tuple[Family, ...]) -> list[str]:
+        """The ambient pod's original-source policy routing (`ip rule` / `ip route`)."""
+        try:
+            return netns_tables.check_ambient_routes(target.netns_path, families)
+        except (ValueError, OSError) as exc:
+            raise BackendError(f"policy routing check for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
         """The authoritative check: iptables-save in the pod netns, compared with the builder's rules."""
