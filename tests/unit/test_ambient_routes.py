@@ -21,10 +21,10 @@ def describe(routing: tr.Routing) -> str:
     """Everything the routing runs, per family: the add, delete and check batches."""
     out = [f"# {routing.name}: pref {routing.pref} fwmark {routing.fwmark} table {routing.table}"]
     for family in (4, 6):
-        argv = " ".join(tr.argv(family))  # type: ignore[arg-type]
+        argv = " ".join(tr.argv(family))
         out.append(f"## IPv{family}: {argv}")
-        out += [f"add: {line}" for line in tr.add_lines(family, routing)]  # type: ignore[arg-type]
-        out += [f"del: {line}" for line in tr.del_lines(family, routing)]  # type: ignore[arg-type]
+        out += [f"add: {line}" for line in tr.add_lines(family, routing)]
+        out += [f"del: {line}" for line in tr.del_lines(family, routing)]
         out += [f"check: {line}" for line in tr.check_lines(routing)]
     return "\n".join(out) + "\n"
 
@@ -43,7 +43,7 @@ def test_ambient_routing_matches_the_ambient_rules_and_istio() -> None:
     spec = AmbientSpec()
     for family in (4, 6):
         text = "\n".join(
-            line for table in ambient.ambient_rules(spec, family).tables for line in table.rules  # type: ignore[arg-type]
+            line for table in ambient.ambient_rules(spec, family).tables for line in table.rules
         )
         assert f"--set-xmark {r.fwmark}" in text
         assert re.search(rf"-m connmark --mark {r.fwmark} .*-j CONNMARK --restore-mark", text)
