@@ -12,14 +12,18 @@ iptables backends (legacy, nft) and on eBPF with its inbound delegated to iptabl
 - negative control in the pod's own netns: without the rule, or without the route, the proxy's connection
   to the app fails; the backend's check names what is missing; re-applying repairs it;
 - removal leaves no rule or route; a failed routing step rolls the rules and the other family back
-  (test_routing_failure_rolls_ambient_back).
+  (test_routing_failure_rolls_ambient_back);
+- the reference proxy's `--orig-src` mode delivers the same way (test_reference_proxy_orig_src).
 eBPF ambient pods with TC inbound are not covered: the app's replies carry no mark there (no CONNMARK), so
 policy routing cannot tell them apart; see docs/istio.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +37,7 @@ from cni.kernel.netns import entered
 from tests.harness.netns import NetNS
 from tests.harness.node import Pod
 from tests.harness.traffic import Listener, tcp_request
+from tests.kernel import test_refproxy as rp
 from tests.kernel.redirect_backends import Redirect, ip, redirect_fixture
 
 pytestmark = pytest.mark.kernel
@@ -277,3 +282,35 @@ def test_routing_failure_rolls_ambient_back(ns: NetNS, fl: str, monkeypatch: pyt
     assert netns_tables.check_ambient_routes(ns.path, (4, 6)) == []
     netns_tables.remove_all(ns.path, fl)  # type: ignore[arg-type]
     assert ours(ns, fl) == ([], [])
+
+
+@pytest.fixture
+def refproxy_world() -> Iterator[rp.World]:
+    tmp = tempfile.mkdtemp(prefix="hr-rpo-", dir="/tmp")
+    try:
+        yield from rp.make_world(tmp, netns_fd=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_reference_proxy_orig_src(refproxy_world: rp.World, family: int) -> None:
+    """`headrace proxy --orig-src` (the reference proxy's ztunnel-like delivery) over the ambient rules and
+    routing (apply_ambient): the app sees the client's address; without the rule the inbound hop fails."""
+    w = refproxy_world
+    w.proxy.stop()
+    w.proxy.argv.append("--orig-src")
+    w.proxy.start()
+    rp.enrol_both(w)
+    cip, sip = w.client_ips[family == 6], w.server_ips[family == 6]
+    assert rp.request(w.client, sip, b"hello") == b"got:hello"
+    peer, got = w.app.received.get(timeout=rp.T)
+    assert (peer, got) == (cip, b"hello")  # the client's own address, not the server pod's
+    assert all("error" not in line for line in w.proxy.next_lines(2))
+
+    w.server.run(["ip", f"-{family}", "rule", "del", "pref", "32764", "fwmark", "0x111/0xfff", "lookup", "100"])
+    with contextlib.suppress(OSError):
+        assert rp.request(w.client, sip, b"again") == b""
+    inbound = [line for line in w.proxy.next_lines(2) if line["direction"] == "inbound"]
+    assert inbound and "error" in inbound[0], inbound
+    assert w.app.received.empty()

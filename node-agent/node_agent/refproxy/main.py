@@ -27,10 +27,12 @@ def default_proxy_id() -> str:
     return f"refproxy-{socket.gethostname()}-{os.getpid()}"
 
 
-def build(socket_path: str, proxy_id: str, netns_fd: bool, emit: Emit = stdout_emit) -> AgentSession:
+def build(
+    socket_path: str, proxy_id: str, netns_fd: bool, emit: Emit = stdout_emit, *, orig_src: bool = False
+) -> AgentSession:
     session: AgentSession
     opener = side_channel_opener(lambda: session.netns_fd_socket) if netns_fd else open_by_path
-    table = WorkloadTable(emit, opener)
+    table = WorkloadTable(emit, opener, orig_src=orig_src)
     session = AgentSession(socket_path, proxy_id, table, wants_netns_fd=netns_fd)
     return session
 
@@ -51,9 +53,9 @@ async def serve(session: AgentSession) -> None:
         session.table.close_all()
 
 
-def run(socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str) -> int:
+def run(socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str, *, orig_src: bool = False) -> int:
     logs.setup(log_level)
-    session = build(socket_path, proxy_id or default_proxy_id(), netns_fd)
+    session = build(socket_path, proxy_id or default_proxy_id(), netns_fd, orig_src=orig_src)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(session))
     return 0
