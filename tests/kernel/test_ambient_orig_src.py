@@ -29,11 +29,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from node_agent.kernel.policy_routes_read import check_routing
 
 from cni.contract.spec import AmbientSpec
 from cni.kernel import iptables_run, side_jobs
 from cni.kernel import tables as netns_tables
 from cni.kernel.netns import entered
+from cni.rules.tproxy_routes import AMBIENT
 from tests.harness.netns import NetNS
 from tests.harness.node import Pod
 from tests.harness.traffic import Listener, tcp_request
@@ -195,6 +197,7 @@ def prove_orig_src(redirect: Redirect, family: int) -> None:
     rules = in_netns(app, "ip", fam, "rule", "list", "pref", "32764").split()
     assert rules == ["32764:", "from", "all", "fwmark", "0x111/0xfff", "lookup", "100"]
     assert in_netns(app, "ip", fam, "route", "list", "table", "100").split()[:4] == ["local", "default", "dev", "lo"]
+    assert check_routing(app.netns.path, (4, 6), AMBIENT) == []
 
     proxy = OrigSrcProxy(app.netns.path, family, (ip(app, family), APP_PORT))
     try:
@@ -209,6 +212,10 @@ def prove_orig_src(redirect: Redirect, family: int) -> None:
             in_netns(app, *rule)
             problems = redirect.backend.check(target, spec)
             assert any("ip rule 'pref 32764 fwmark 0x111/0xfff lookup 100' is missing" in p for p in problems)
+            # the in-process (rtnetlink) read and the `ip` read agree
+            missing = [f"IPv{family} policy routing: ip rule 'pref 32764 fwmark 0x111/0xfff lookup 100' is missing"]
+            assert check_routing(app.netns.path, (family,), AMBIENT) == missing
+            assert netns_tables.check_ambient_routes(app.netns.path, (family,)) == missing  # type: ignore[arg-type]
             assert request(client, app, family, b"two") == b""
             assert proxy.served == 1 and len(proxy.errors) == 1, proxy.errors
             assert appl.count() == 0

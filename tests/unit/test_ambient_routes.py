@@ -42,9 +42,7 @@ def test_ambient_routing_matches_the_ambient_rules_and_istio() -> None:
     # the ambient rules set exactly this connmark on the proxy's connections and restore it on replies
     spec = AmbientSpec()
     for family in (4, 6):
-        text = "\n".join(
-            line for table in ambient.ambient_rules(spec, family).tables for line in table.rules
-        )
+        text = "\n".join(line for table in ambient.ambient_rules(spec, family).tables for line in table.rules)
         assert f"--set-xmark {r.fwmark}" in text
         assert re.search(rf"-m connmark --mark {r.fwmark} .*-j CONNMARK --restore-mark", text)
     # no ::6 address for ambient pods; sidecar TPROXY keeps its own distinct priority and table

@@ -8,7 +8,8 @@ python-iptables read of the pod's tables whose fingerprint matches the last veri
 the netns' nf_tables ruleset generation unchanged since the last verified check (`nft_generation`).
 Either answers "intact" without running anything; otherwise (and for checks that look beyond
 iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides. An ambient pod's policy
-routing (original-source delivery) is checked with `ip` beside either answer. HEADRACE_IPTC_CHECK=0
+routing (original-source delivery) is read beside either answer, in-process over rtnetlink
+(`node_agent.kernel.policy_routes_read`; `ip` if that fails). HEADRACE_IPTC_CHECK=0
 in the agent's environment turns the shortcut off.
 """
 
@@ -139,7 +140,17 @@ class IptablesBackend:
         return problems
 
     def _check_ambient_routes(self, target: PodTarget, families: tuple[Family, ...]) -> list[str]:
-        """The ambient pod's original-source policy routing (`ip rule` / `ip route`)."""
+        """The ambient pod's original-source policy routing: read in-process over rtnetlink (nothing
+        spawned), or with `ip` when that read fails."""
+        if not os.path.exists(target.netns_path):
+            return []
+        from cni.rules.tproxy_routes import AMBIENT
+        from node_agent.kernel.policy_routes_read import PolicyRoutesReadError, check_routing
+
+        try:
+            return check_routing(target.netns_path, families, AMBIENT)
+        except PolicyRoutesReadError:
+            pass
         try:
             return netns_tables.check_ambient_routes(target.netns_path, families)
         except (ValueError, OSError) as exc:
