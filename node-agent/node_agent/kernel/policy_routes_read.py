@@ -13,9 +13,9 @@ import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
-from cni.rules.tproxy_routes import Routing
 from node_agent.kernel import netlink_parse
 
 RTM_NEWROUTE, RTM_GETROUTE, RTM_NEWRULE, RTM_GETRULE = 24, 26, 32, 34
@@ -29,6 +29,21 @@ FRA_SELECTORS = frozenset({1, 2, 3, 12, 17, 19, 20, 22, 23, 24})
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 _HDR = struct.Struct("=BBBBBBBBI")  # fib_rule_hdr and rtmsg have the same layout (12 bytes)
 _U32 = struct.Struct("=I")
+
+
+class Routing(Protocol):
+    """What is read for (cni.rules.tproxy_routes.Routing: TPROXY, AMBIENT)."""
+
+    @property
+    def pref(self) -> int: ...
+    @property
+    def mark(self) -> int: ...
+    @property
+    def mask(self) -> int | None: ...
+    @property
+    def table(self) -> int: ...
+    @property
+    def fwmark(self) -> str: ...
 
 
 class PolicyRoutesReadError(Exception):
