@@ -8,7 +8,7 @@ from __future__ import annotations
 from cni.kernel import spawn
 from cni.kernel.apply import valid_families
 from cni.kernel.iptables_run import TIMEOUT, IptablesError, emit, netns_argv
-from cni.kernel.side_jobs import SideJob
+from cni.kernel.side_jobs import SideJob, run_with_side_jobs, undo_side_jobs
 from cni.rules import tproxy_routes
 from cni.rules.tproxy_routes import TPROXY
 
@@ -47,6 +47,25 @@ class RoutesJob(SideJob):
 
 
 TproxyRoutesJob = RoutesJob  # the sidecar TPROXY name (routing defaults to TPROXY)
+
+
+def add_routes(
+    netns_path: str | None, families: Iterable[Family], routing: Routing, *, log: StepLog | None = None
+) -> list[RoutesJob]:
+    """Add this policy routing on its own (a packet-filter backend that does not batch it with its rules),
+    all families or none. Returns the jobs: `undo_routes` takes back exactly what they created (the
+    caller's rollback when its own rules then fail). Raises IptablesError."""
+    jobs = [RoutesJob(f, routing) for f in valid_families(families)]
+    _, error = run_with_side_jobs(netns_path, [], jobs)
+    if error is not None:
+        undo_side_jobs(netns_path, jobs, routing.name, log)
+        raise error
+    return jobs
+
+
+def undo_routes(netns_path: str | None, jobs: list[RoutesJob], *, log: StepLog | None = None) -> None:
+    """Delete what `add_routes` created (entries that were there before it stay)."""
+    undo_side_jobs(netns_path, jobs, jobs[0].routing.name if jobs else "routes", log)
 
 
 def remove_routes(

@@ -321,3 +321,21 @@ def test_reference_proxy_orig_src(refproxy_world: rp.World, family: int) -> None
     inbound = [line for line in w.proxy.next_lines(2) if line["direction"] == "inbound"]
     assert inbound and "error" in inbound[0], inbound
     assert w.app.received.empty()
+
+
+def test_routing_alone_for_other_packet_filter_backends(ns: NetNS) -> None:
+    """add_routes / undo_routes / check_routes / remove_routes: the routing without iptables (what a
+    backend that writes its rules some other way uses); an add that meets existing entries undoes none."""
+    from cni.kernel import tproxy
+
+    jobs = tproxy.add_routes(ns.path, (4, 6), AMBIENT)
+    assert len(ours(ns, "nft")[1]) == 4 and tproxy.check_routes(ns.path, (4, 6), AMBIENT) == []
+    again = tproxy.add_routes(ns.path, (4, 6), AMBIENT)  # idempotent: nothing new, nothing to undo
+    tproxy.undo_routes(ns.path, again)
+    assert len(ours(ns, "nft")[1]) == 4
+    tproxy.undo_routes(ns.path, jobs)
+    assert ours(ns, "nft")[1] == []
+    assert len(tproxy.check_routes(ns.path, (4, 6), AMBIENT)) == 4
+    tproxy.add_routes(ns.path, (4,), AMBIENT)
+    tproxy.remove_routes(ns.path, (4, 6), AMBIENT)
+    assert ours(ns, "nft")[1] == []
