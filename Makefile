@@ -6,13 +6,19 @@ PROTO_OUT := node-agent/node_agent/protocol/proto_gen
 setup:
 	bash scripts/setup.sh
 
-proto: $(PROTO_OUT)/node_proxy_pb2.py
+proto: $(PROTO_OUT)/node_proxy_pb2.py $(PROTO_OUT)/zds_pb2.py
 
 $(PROTO_OUT)/node_proxy_pb2.py: proto/headrace/v1/node_proxy.proto
 	mkdir -p $(PROTO_OUT)
 	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto/headrace/v1 --python_out=$(PROTO_OUT) \
 	  --grpc_python_out=$(PROTO_OUT) --mypy_out=$(PROTO_OUT) proto/headrace/v1/node_proxy.proto
 	sed -i 's/^import node_proxy_pb2/from . import node_proxy_pb2/' $(PROTO_OUT)/node_proxy_pb2_grpc.py
+	touch $(PROTO_OUT)/__init__.py
+
+$(PROTO_OUT)/zds_pb2.py: proto/istio/zds/zds.proto
+	mkdir -p $(PROTO_OUT)
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto/istio/zds --python_out=$(PROTO_OUT) \
+	  --mypy_out=$(PROTO_OUT) proto/istio/zds/zds.proto
 	touch $(PROTO_OUT)/__init__.py
 
 lint:

@@ -1,8 +1,8 @@
-"""Redirect overhead: (a) no redirection vs (b) iptables vs (c) eBPF, side by side in one run.
+"""Redirect overhead: (a) no redirection vs (b) iptables vs (c) eBPF vs (d) nftables, side by side in one run.
 
     .venv/bin/python bench/redirect_overhead.py [--rounds 5] [--requests 2000] [--connections 500]
         [--size 64] [--spec sidecar|sidecar-outbound] [--conntrack fresh|always] [--cpus auto|none|N,..] [--rotate]
-        [--settle 0.2] [--phase-limit 20] [--modes direct,iptables,ebpf] [--json FILE]
+        [--settle 0.2] [--phase-limit 20] [--modes direct,iptables,nftables,ebpf] [--json FILE]
 
 Root only. A simulated node (node_agent.lab.SimNode, its own netns and bridge, plain pods: headrace=None)
 gets two pods made by the real bridge + host-local plugins: `client` and `server`. The client pod also
@@ -15,9 +15,10 @@ backend attaches to. Three long-lived processes (bench/redirect_workers.py) run 
 - the client in the client pod, in its cgroup: per phase one connection with N sequential
   request/response round trips (latency) and M cycles of connect + 1 request/response + close (rate).
 All three are pinned to one CPU by default (--cpus auto: the highest one), which steadies the figures.
-Modes: (a) `direct`: no redirect rules; the client dials 127.0.0.1:15001. (b) `iptables`:
-IptablesBackend (host flavour) applies SidecarSpec to the client pod; the client dials server:8080.
-(c) `ebpf`: EbpfBackend, same spec, same pod. Rounds interleave the modes (a,b,c,a,b,c,…); each phase
+Modes: (a) `direct`: no redirect rules; the client dials 127.0.0.1:15001. (b) `iptables`: IptablesBackend
+(host flavour) applies SidecarSpec to the client pod; the client dials server:8080. (c) `ebpf`: EbpfBackend,
+same spec, same pod. (d) `nftables`: NftablesBackend (one `table inet headrace`, same spec, same pod; removal
+deletes the whole table, so no hook is left behind). Rounds interleave the modes (a,b,c,a,b,c,…); each phase
 applies its backend, checks with the proxy's counters that every connection went through the proxy the
 expected way (original destination in (b)/(c), the fixed upstream in (a)), measures, removes the backend.
 A warm-up phase per mode (not recorded) comes first (it also compiles the eBPF object, once). Every phase
@@ -59,12 +60,14 @@ from node_agent.lab.netns import NetNS, run_in
 from node_agent.lab.simnode import Pod, SimNode
 
 from bench.redirect_stats import (
+    ALL_MODES,
     MODE_LABELS,
-    MODES,
+    NFT_VERDICT_HEADER,
     RESULT_HEADER,
     VERDICT_HEADER,
     ModeSamples,
     interleaved_schedule,
+    nft_verdict_rows,
     percentile,
     rate_per_second,
     render_table,
@@ -316,7 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus", default="auto",
                    help="pin server, proxy and client to these CPUs (e.g. 1 or 0,1); auto: the highest CPU "
                    "available; none: no pinning")  # fmt: skip
-    p.add_argument("--modes", default=",".join(MODES), help="subset of direct,iptables,ebpf")
+    p.add_argument("--modes", default=",".join(ALL_MODES), help="subset of direct,iptables,nftables,ebpf")
     p.add_argument("--json", type=Path, help="also write the summaries as JSON here")
     a = p.parse_args(argv)
     for name in ("rounds", "requests", "connections", "size"):
@@ -339,8 +342,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not cpus <= os.sched_getaffinity(0):
             p.error(f"--cpus must be a subset of the CPUs available here: {sorted(os.sched_getaffinity(0))}")
     modes = tuple(m for m in a.modes.split(",") if m)
-    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
-        p.error(f"--modes takes a subset of {','.join(MODES)}")
+    if not modes or any(m not in ALL_MODES for m in modes) or len(set(modes)) != len(modes):
+        p.error(f"--modes takes a subset of {','.join(ALL_MODES)}")
     a.modes = modes
     return a
 
@@ -351,6 +354,10 @@ def make_backends(modes: tuple[str, ...], state: Path) -> dict[str, RedirectBack
     out: dict[str, RedirectBackend | None] = {"direct": None}
     if "iptables" in modes:
         out["iptables"] = IptablesBackend("auto")
+    if "nftables" in modes:
+        from node_agent.backends.nftables.backend import NftablesBackend
+
+        out["nftables"] = NftablesBackend()
     if "ebpf" in modes:
         from node_agent.backends.ebpf.backend import EbpfBackend
 
@@ -456,6 +463,8 @@ def report(a: argparse.Namespace, argv: list[str], samples: dict[str, ModeSample
         "",
         render_table(verdict_rows(summaries, samples), VERDICT_HEADER),
     ]
+    if "nftables" in samples:
+        lines += ["", render_table(nft_verdict_rows(summaries, samples), NFT_VERDICT_HEADER)]
     return "\n".join(lines)
 
 

@@ -9,10 +9,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-MODES = ("direct", "iptables", "ebpf")
+MODES = ("direct", "iptables", "ebpf")  # the modes of the iptables/eBPF verdict
+ALL_MODES = ("direct", "iptables", "nftables", "ebpf")  # every mode the bench can run, in table order
 MODE_LABELS = {
     "direct": "(a) no redirect, dial proxy",
     "iptables": "(b) iptables REDIRECT",
+    "nftables": "(d) nftables REDIRECT",
     "ebpf": "(c) eBPF connect/getsockopt",
 }
 BASELINE = "direct"
@@ -208,7 +210,7 @@ def result_rows(summaries: dict[str, Summary]) -> list[list[str]]:
     """One row per mode; cost columns are the ratios to the baseline (a) (>1 = slower)."""
     base = summaries.get(BASELINE)
     rows = []
-    for mode in MODES:
+    for mode in ALL_MODES:
         s = summaries.get(mode)
         if s is None:
             continue
@@ -280,6 +282,39 @@ def verdict_rows(
                 *paired,
             ]
         )
+    return rows
+
+
+NFT_VERDICT_HEADER = [
+    "figure",
+    "nftables cost",
+    "nftables ≤ 5 % over (a)?",
+    "nftables ≤ iptables?",
+    "paired nftables cost",
+    "rounds nftables ≤ iptables",
+]
+
+
+def nft_verdict_rows(
+    summaries: dict[str, Summary], samples: dict[str, ModeSamples] | None = None, target: float = 1.05
+) -> list[list[str]]:
+    """Per figure: the pooled cost of (d) nftables relative to (a), whether it is within target of (a) and at
+    least as good as (b) iptables; with samples the paired cost and in how many rounds it was ≤ iptables."""
+    base, ipt, nft = (summaries.get(m) for m in ("direct", "iptables", "nftables"))
+    rows = []
+    for name, lower in FIGURES:
+        if base is None or nft is None:
+            rows.append([name] + ["-"] * (len(NFT_VERDICT_HEADER) - 1))
+            continue
+        c_nft = cost_ratio(name, nft.figure(name), base.figure(name), lower)
+        vs_ipt = None if ipt is None else ebpf_not_worse(nft.figure(name), ipt.figure(name), lower)
+        paired = ["-", "-"]
+        if samples is not None and all(m in samples for m in ("direct", "iptables", "nftables")):
+            wins, total = paired_wins(samples["nftables"], samples["iptables"], name, lower)
+            paired = [fmt(median_or_nan(paired_costs(samples["nftables"], samples["direct"], name, lower)), 3),
+                      f"{wins}/{total}"]  # fmt: skip
+        within = None if math.isnan(c_nft) else c_nft <= target
+        rows.append([name, fmt(c_nft, 3), fmt_verdict(within), fmt_verdict(vs_ipt), *paired])
     return rows
 
 

@@ -76,6 +76,9 @@ struct hr_orig {
     __u16 family; /* HR_AF_INET or HR_AF_INET6: what the app asked for */
 };
 
+/* hr_nat values: set in hr_orig.family once the flow's accepted socket holds the state (hr_in_orig) */
+#define HR_NAT_SAVED 0x100
+
 /* a redirected connection as both ends see it: the client's address and port in one netns */
 struct hr_conn_key {
     __u64 netns;

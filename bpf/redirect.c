@@ -44,6 +44,10 @@ BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_conn_orig, 65536);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_dns_orig, 65536);
 /* inbound port rewrite state (TC): client (netns, address, port) -> the address and port it dialled */
 BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_nat, 65536);
+/* inbound, per socket: the original destination of a redirected inbound connection, stored on the accepted
+ * socket itself (freed with it), so an established flow never depends on hr_nat, which an LRU can evict
+ * while the connection idles; hr_nat then only carries the handshake and the tail of a connection */
+BPF_SK_STORAGE(hr_in_orig, struct hr_orig);
 /* sidecar: uid (low 32 bits) and gid of the process that created a TCP socket, by socket cookie */
 BPF_TABLE("lru_hash", u64, u64, hr_sock_owner, 65536);
 
@@ -388,6 +392,19 @@ static __always_inline void hr_conn_key_of_peer(struct bpf_sock_ops *skops, stru
     hr_key_addr(key, family == HR_AF_INET, ip4, a0, a1, a2, a3);
 }
 
+/* an inbound connection the proxy (in this cgroup) just accepted: keep its rewrite state on the socket */
+static __always_inline void hr_in_orig_from_nat(struct bpf_sock_ops *skops, struct hr_conn_key *key)
+{
+    struct hr_orig *nat = hr_nat.lookup(key);
+    if (!nat)
+        return;
+    struct hr_orig copy = *nat;
+    copy.family &= ~HR_NAT_SAVED;
+    struct bpf_sock *sk = skops->sk;
+    if (sk && hr_in_orig.sk_storage_get(sk, &copy, BPF_SK_STORAGE_GET_F_CREATE))
+        nat->family |= HR_NAT_SAVED;
+}
+
 int hr_sockops(struct bpf_sock_ops *skops)
 {
     struct hr_conn_key key = {};
@@ -406,6 +423,7 @@ int hr_sockops(struct bpf_sock_ops *skops)
         hr_conn_key_of_peer(skops, &key);
         if (hr_conn_orig.lookup(&key))
             bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+        hr_in_orig_from_nat(skops, &key);
     } else if (op == BPF_SOCK_OPS_STATE_CB) {
         if (skops->args[1] == BPF_TCP_CLOSE) {
             hr_conn_key_of_ops(skops, &key);
@@ -648,6 +666,85 @@ static __always_inline int hr_set_port(struct __sk_buff *skb, u32 l4off, u32 fie
     return bpf_skb_store_bytes(skb, l4off + field, &to, sizeof(to), 0);
 }
 
+/* the socket lookup tuple of a segment (client -> pod), with destination port dport (network order) */
+static __always_inline u32 hr_tuple(struct hr_tcp_pkt *p, struct bpf_sock_tuple *tuple, u16 dport)
+{
+    if (p->v4) {
+        tuple->ipv4.saddr = p->saddr[3];
+        tuple->ipv4.daddr = p->daddr[3];
+        tuple->ipv4.sport = p->sport;
+        tuple->ipv4.dport = dport;
+        return sizeof(tuple->ipv4);
+    }
+    __builtin_memcpy(tuple->ipv6.saddr, p->saddr, 16);
+    __builtin_memcpy(tuple->ipv6.daddr, p->daddr, 16);
+    tuple->ipv6.sport = p->sport;
+    tuple->ipv6.dport = dport;
+    return sizeof(tuple->ipv6);
+}
+
+/* The accepted socket of a redirected flow (client -> pod:inbound port). create: store orig on it; 1 when
+ * stored. Otherwise: 1 when its stored original destination is orig, 2 when it is an established socket
+ * with nothing stored, 0 else. */
+static __always_inline int hr_sock_orig(struct __sk_buff *skb, struct hr_tcp_pkt *p, u16 to, struct hr_orig *orig,
+                                        int create)
+{
+    struct bpf_sock_tuple tuple = {};
+    u32 tlen = hr_tuple(p, &tuple, to);
+    struct bpf_sock *skc = bpf_skc_lookup_tcp(skb, &tuple, tlen, BPF_F_CURRENT_NETNS, 0);
+    if (!skc)
+        return 0;
+    int ok = 0;
+    struct bpf_sock *sk = bpf_sk_fullsock(skc);
+    if (sk && sk->state != BPF_TCP_LISTEN) {
+        if (create) {
+            struct hr_orig copy = *orig;
+            copy.family &= ~HR_NAT_SAVED;
+            ok = hr_in_orig.sk_storage_get(sk, &copy, BPF_SK_STORAGE_GET_F_CREATE) != NULL;
+        } else {
+            struct hr_orig *got = hr_in_orig.sk_storage_get(sk, 0, 0);
+            if (got)
+                ok = got->port == orig->port && hr_same_addr(got->addr, orig->addr);
+            else if (sk->state == BPF_TCP_ESTABLISHED)
+                ok = 2;
+        }
+    }
+    bpf_sk_release(skc);
+    return ok;
+}
+
+/* A non-SYN segment hr_nat does not know (its entry evicted while the connection idled): part of a
+ * redirected connection when the accepted socket of (client -> pod:inbound port) holds this destination.
+ * That socket having nothing stored yet (no segment passed between the handshake and the eviction): the
+ * segment is the flow's when the port is captured and no socket of (client -> pod:port) exists; its
+ * destination is then stored there. */
+static __always_inline int hr_inbound_flow_by_socket(struct __sk_buff *skb, struct hr_config *cfg,
+                                                     struct hr_tcp_pkt *p, u16 to)
+{
+    struct hr_orig want = {};
+    want.addr[0] = p->daddr[0];
+    want.addr[1] = p->daddr[1];
+    want.addr[2] = p->daddr[2];
+    want.addr[3] = p->daddr[3];
+    want.port = p->dport;
+    want.family = p->v4 ? HR_AF_INET : HR_AF_INET6;
+    int found = hr_sock_orig(skb, p, to, &want, 0);
+    if (found != 2)
+        return found;
+    if (!hr_inbound_port_captured(cfg, bpf_ntohs(p->dport)))
+        return 0;
+    struct bpf_sock_tuple tuple = {};
+    u32 tlen = hr_tuple(p, &tuple, p->dport);
+    struct bpf_sock *direct = bpf_skc_lookup_tcp(skb, &tuple, tlen, BPF_F_CURRENT_NETNS, 0);
+    if (direct) { /* the app's listener on that port is fine; a connection of that tuple is not ours */
+        int conn = direct->state != BPF_TCP_LISTEN;
+        bpf_sk_release(direct);
+        if (conn)
+            return 0;
+    }
+    return hr_sock_orig(skb, p, to, &want, 1);
+}
+
 /* Inbound as iptables REDIRECT in PREROUTING does it: a new connection to a captured port gets its
  * destination port rewritten to the proxy's inbound port (so the accepted socket's local address is
  * pod-ip:15006), every later segment of it too, and hr_tc_egress rewrites the replies' source port back;
@@ -677,8 +774,14 @@ int hr_tc_ingress(struct __sk_buff *skb)
     key.addr[3] = p.saddr[3];
     key.port = bpf_ntohs(p.sport);
     int new_conn = p.syn && !p.ack;
+    struct bpf_sock_tuple tuple = {};
+    u32 tlen = hr_tuple(&p, &tuple, p.dport);
     struct hr_orig *nat = hr_nat.lookup(&key);
     if (nat && !new_conn && nat->port == p.dport && hr_same_addr(nat->addr, p.daddr)) {
+        /* copy the flow's state onto the accepted socket once it exists (the handshake's last ACK still
+         * finds a request socket: the next segment does it) */
+        if (!(nat->family & HR_NAT_SAVED) && hr_sock_orig(skb, &p, to, nat, 1))
+            nat->family |= HR_NAT_SAVED;
         if (hr_set_port(skb, p.l4off, 2, p.dport, to))
             return TC_ACT_SHOT;
         return TC_ACT_OK;
@@ -687,23 +790,17 @@ int hr_tc_ingress(struct __sk_buff *skb)
      * connection used: that state is stale (the two would be the same flow on the wire) */
     if (nat && new_conn && p.dport == to)
         hr_nat.delete(&key);
-    if (!new_conn || !hr_inbound_port_captured(cfg, bpf_ntohs(p.dport)))
+    if (!new_conn) {
+        /* not in hr_nat (evicted while the connection idled): an established redirected flow is known by
+         * its accepted socket's storage */
+        if (p.dport != to && hr_inbound_flow_by_socket(skb, cfg, &p, to)) {
+            if (hr_set_port(skb, p.l4off, 2, p.dport, to))
+                return TC_ACT_SHOT;
+        }
         return TC_ACT_OK;
-    struct bpf_sock_tuple tuple = {};
-    u32 tlen;
-    if (p.v4) {
-        tuple.ipv4.saddr = p.saddr[3];
-        tuple.ipv4.daddr = p.daddr[3];
-        tuple.ipv4.sport = p.sport;
-        tuple.ipv4.dport = p.dport;
-        tlen = sizeof(tuple.ipv4);
-    } else {
-        __builtin_memcpy(tuple.ipv6.saddr, p.saddr, 16);
-        __builtin_memcpy(tuple.ipv6.daddr, p.daddr, 16);
-        tuple.ipv6.sport = p.sport;
-        tuple.ipv6.dport = p.dport;
-        tlen = sizeof(tuple.ipv6);
     }
+    if (!hr_inbound_port_captured(cfg, bpf_ntohs(p.dport)))
+        return TC_ACT_OK;
     /* a socket of this very connection already exists (made before capture began): the stack finds it */
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, tlen, BPF_F_CURRENT_NETNS, 0);
     if (sk) {
@@ -758,10 +855,26 @@ int hr_tc_egress(struct __sk_buff *skb)
     key.addr[2] = p.daddr[2];
     key.addr[3] = p.daddr[3];
     key.port = bpf_ntohs(p.dport);
-    struct hr_orig *nat = hr_nat.lookup(&key);
-    if (!nat || !hr_same_addr(nat->addr, p.saddr))
-        return TC_ACT_OK;
-    u16 orig_port = nat->port;
+    u16 orig_port = 0;
+    struct bpf_sock *sk = skb->sk;
+    if (sk)
+        sk = bpf_sk_fullsock(sk);
+    if (sk) { /* the accepted socket's own state first: it outlives any hr_nat eviction */
+        struct hr_orig *own = hr_in_orig.sk_storage_get(sk, 0, 0);
+        if (own && hr_same_addr(own->addr, p.saddr))
+            orig_port = own->port;
+    }
+    if (!orig_port) {
+        struct hr_orig *nat = hr_nat.lookup(&key);
+        if (!nat || !hr_same_addr(nat->addr, p.saddr))
+            return TC_ACT_OK;
+        orig_port = nat->port;
+        if (sk && !(nat->family & HR_NAT_SAVED)) {
+            struct hr_orig copy = *nat;
+            if (hr_in_orig.sk_storage_get(sk, &copy, BPF_SK_STORAGE_GET_F_CREATE))
+                nat->family |= HR_NAT_SAVED;
+        }
+    }
     if (hr_set_port(skb, p.l4off, 0, p.sport, orig_port))
         return TC_ACT_SHOT;
     return TC_ACT_OK;

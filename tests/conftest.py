@@ -56,3 +56,19 @@ def plain_node(make_node: Callable[..., SimNode]) -> SimNode:
 
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_bpf_object_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One compiled eBPF object for the whole session: every agent a test starts (each with a fresh state
+    dir) reads it instead of compiling again (seconds each on a loaded machine)."""
+    if os.environ.get("HEADRACE_BPF_CACHE_DIR"):
+        yield
+        return
+    cache = tmp_path_factory.mktemp("bpf-cache")
+    cache.chmod(0o700)
+    os.environ["HEADRACE_BPF_CACHE_DIR"] = str(cache)
+    try:
+        yield
+    finally:
+        os.environ.pop("HEADRACE_BPF_CACHE_DIR", None)

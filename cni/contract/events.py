@@ -114,8 +114,12 @@ def encode_line(obj: dict[str, Any]) -> bytes:
 
 
 def decode_line(line: bytes) -> Any:
-    """The JSON value of one line (UTF-8); ValueError (UnicodeDecodeError, JSONDecodeError) if it is none."""
-    return jsoncodec.loads(line.decode("utf-8"))
+    """The JSON value of one line (UTF-8); ValueError (UnicodeDecodeError, JSONDecodeError, or nested too
+    deep for the parser) if it is none."""
+    try:
+        return jsoncodec.loads(line.decode("utf-8"))
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deep") from exc
 
 
 class LineTooLong(ValueError):

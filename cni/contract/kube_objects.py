@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from cni.contract.pod_uid import valid_uid as valid_uid  # re-exported: the uid rule lives there
 from cni.contract.record import Record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -33,18 +34,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
-_UID_FIRST = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_UID_CHARS = _UID_FIRST | frozenset("._-")
-UID_MAX_LEN = 128
 
 
 class ObjectError(ValueError):
     """A Kubernetes object is malformed (not an object, no name, fields of the wrong type, a bad uid)."""
-
-
-def valid_uid(uid: str) -> bool:
-    """A pod uid that is safe as a file name: 1-128 of ``[0-9A-Za-z._-]``, the first a letter or digit."""
-    return 0 < len(uid) <= UID_MAX_LEN and uid[0] in _UID_FIRST and all(c in _UID_CHARS for c in uid)
 
 
 def derived_uid(namespace: str, name: str) -> str:

@@ -8,8 +8,9 @@
 - `entered(netns)`: a context manager; the body runs in that netns, and the thread always goes back to the
   netns it was in (`NetnsReturnError` if even that fails: the thread must then end).
 - `run_in_thread(netns, fn)`: `fn()` in a fresh thread that entered the netns; its result or its error.
-- `pod_netns_inode(path)`: the CNI plugin's check that a path is a network namespace (nsfs, by
-  NS_GET_NSTYPE) other than the caller's own.
+- `open_pod_netns(path)` / `pod_netns_inode(path)`: the check the plugin (CNI_NETNS) and the agent (an
+  ADD's netns, every pin) make before acting on a path: a network namespace (on nsfs, by NS_GET_NSTYPE)
+  that is neither the caller's own nor the host's (/proc/1/ns/net).
 
 Stdlib only, and cheap to import: the CNI plugin runs `pod_netns_inode` on every ADD, so `ctypes` and
 `threading` are imported only by the functions that need them.
@@ -142,26 +143,77 @@ class NetnsFileError(Exception):
         self.gone = gone
 
 
-def pod_netns_inode(path: str) -> int:
-    """The inode of the network namespace at `path`, which must not be the caller's own (NetnsFileError)."""
+HOST_NETNS = "/proc/1/ns/net"  # the host's network namespace (where the node's pid 1 lives)
+OWN_NETNS = "/proc/self/ns/net"
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the namespace at `path`, None when it cannot be read (e.g. /proc/1 in a
+    container without the host's pid namespace, or without ptrace access to pid 1)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def open_pod_netns(path: str, owner: str = "plugin", host: str = HOST_NETNS) -> int:
+    """Open the network namespace at `path` (read-only, close-on-exec) after checking that it is one and
+    that it belongs to a pod; returns the fd (the caller closes it). NetnsFileError when:
+
+    - it does not exist (``gone``), cannot be opened, or is no nsfs file at all: a regular file, a
+      directory, a FIFO (never opened blocking), a device (``gone`` for anything that is not nsfs);
+    - it is a namespace of another type;
+    - it is the caller's own network namespace (the node's, for the plugin and the agent) or the host's
+      (`host`, /proc/1/ns/net; skipped when that cannot be read). Symlinks are followed first, so a link
+      to either is refused too.
+
+    `owner` names the caller in the message. Acting on the returned fd (not on `path` again) leaves no
+    window for the path to be swapped after the check.
+    """
+    import stat as stat_mod
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise NetnsFileError(f"network namespace {path} does not exist", gone=True) from exc
+    except OSError as exc:
+        raise NetnsFileError(f"cannot open network namespace {path}", exc.strerror or "") from exc
+    own = os.stat(OWN_NETNS)
+    if not stat_mod.S_ISREG(st.st_mode) or st.st_dev != own.st_dev:
+        kind = "a directory" if stat_mod.S_ISDIR(st.st_mode) else "not a namespace file"
+        raise NetnsFileError(f"{path} is {kind}", "not on nsfs: no network namespace is mounted there", gone=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError as exc:
         raise NetnsFileError(f"network namespace {path} does not exist", gone=True) from exc
     except OSError as exc:
         raise NetnsFileError(f"cannot open network namespace {path}", exc.strerror or "") from exc
     try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise NetnsFileError(f"{path} changed while it was being opened")
         try:
             nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
         except OSError as exc:
-            # e.g. the runtime's pin file after the namespace was unmounted: an empty regular file
             raise NetnsFileError(f"{path} is not a namespace file", exc.strerror or "", gone=True) from exc
         if nstype != CLONE_NEWNET:
             raise NetnsFileError(f"{path} is not a network namespace")
-        inode = os.fstat(fd).st_ino
+        ident = (fst.st_dev, fst.st_ino)
+        if ident == (own.st_dev, own.st_ino):
+            raise NetnsFileError(f"refusing to act on {path}: it is the {owner}'s own (node) network namespace")
+        if ident == _identity(host):
+            raise NetnsFileError(f"refusing to act on {path}: it is the host's network namespace ({host})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def pod_netns_inode(path: str, owner: str = "plugin", host: str = HOST_NETNS) -> int:
+    """The inode of the pod network namespace at `path`, checked as `open_pod_netns` does."""
+    fd = open_pod_netns(path, owner, host)
+    try:
+        return os.fstat(fd).st_ino
     finally:
         os.close(fd)
-    own = os.stat("/proc/self/ns/net").st_ino
-    if inode == own:
-        raise NetnsFileError(f"refusing to act on {path}: it is the plugin's own (node) network namespace")
-    return inode

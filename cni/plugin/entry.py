@@ -16,7 +16,7 @@ from cni.contract.errors import CniError
 from cni.contract.kube_objects import Pod
 from cni.contract.record import Record
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
-from cni.plugin import cni_env, netconf
+from cni.plugin import cni_env, netconf, rules_backend
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
 from cni.plugin.pod_source import PodSourceError, from_config
@@ -157,8 +157,11 @@ def uses_agent(mode: membership.Mode | None, conf: NetConf) -> bool:
 
 
 def apply_sidecar_redirect(
-    netns: str, spec: SidecarParams, families: tuple[Family, ...], setting: str, log: JsonLog
+    netns: str, spec: SidecarParams, families: tuple[Family, ...], conf: NetConf, log: JsonLog
 ) -> None:
+    if rules_backend.uses_nftables(conf):
+        return rules_backend.apply(netns, spec, families, log)
+    setting = conf.iptables
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
@@ -172,7 +175,10 @@ def apply_sidecar_redirect(
         raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
 
 
-def remove_redirect(netns: str, setting: str, log: JsonLog) -> None:
+def remove_redirect(netns: str, conf: NetConf, log: JsonLog) -> None:
+    if rules_backend.uses_nftables(conf):
+        return rules_backend.remove(netns, log)
+    setting = conf.iptables
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
@@ -185,9 +191,10 @@ def remove_redirect(netns: str, setting: str, log: JsonLog) -> None:
         raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
 
 
-def check_sidecar_redirect(
-    netns: str, spec: SidecarParams, families: tuple[Family, ...], setting: str, log: JsonLog
-) -> list[str]:
+def check_sidecar_redirect(netns: str, spec: SidecarParams, families: tuple[Family, ...], conf: NetConf) -> list[str]:
+    if rules_backend.uses_nftables(conf):
+        return rules_backend.check(netns, spec, families)
+    setting = conf.iptables
     try:
         from cni.kernel import flavour
         from cni.kernel import tables as netns_tables
@@ -261,9 +268,10 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
         assert decision.pod is not None
         spec = _sidecar_spec(decision.pod.annotations)
         families = cni_result.families(prev)
-        apply_sidecar_redirect(env.netns, spec, families, conf.iptables, log)
+        apply_sidecar_redirect(env.netns, spec, families, conf, log)
         log.info(
-            "redirect", "sidecar redirect applied", families=list(families), iptables=conf.iptables, spec=repr(spec)
+            "redirect", "sidecar redirect applied", families=list(families), iptables=conf.iptables,
+            backend=conf.backend, spec=repr(spec),
         )
     elif decision.mode in ("ambient", "sidecar"):
         if decision.mode == "sidecar" and decision.pod is not None:
@@ -279,7 +287,7 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     if netns_for_del(env.netns, log) and (
         decision.mode is None or plugin_redirects(decision.mode, conf)
     ):
-        remove_redirect(env.netns, conf.iptables, log)
+        remove_redirect(env.netns, conf, log)
         log.info("redirect", "redirect removed (if any)")
     if uses_agent(decision.mode, conf):
         if decision.mode is None and not os.path.exists(conf.agent_socket):
@@ -300,7 +308,7 @@ def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
         spec = _sidecar_spec(decision.pod.annotations)
-        problems = check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf.iptables, log)
+        problems = check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf)
         if problems:
             raise CniError(errors.CHECK_FAILED, "pod redirect rules are missing or altered", "; ".join(problems))
     elif decision.mode in ("ambient", "sidecar"):
@@ -334,14 +342,7 @@ def cmd_status(conf: NetConf, log: JsonLog) -> None:
     if not conf.kubeconfig and not conf.objects_dir:
         problems.append("no pod source configured (kubeconfig or objects_dir)")
     if conf.backend != "ebpf":
-        import shutil
-
-        flavours = ("legacy", "nft") if conf.iptables == "auto" else (conf.iptables,)
-        tools = [(f"iptables-{f}-restore", f"ip6tables-{f}-restore", f"iptables-{f}-save") for f in flavours]
-        if not any(all(shutil.which(t) for t in group) for group in tools):
-            problems.append(f"iptables tools missing: need {' or '.join(g[0] for g in tools)} (and -save, ip6tables)")
-        if shutil.which("nsenter") is None:
-            problems.append("nsenter is not installed")
+        problems.extend(rules_backend.tool_problems(conf))
     if conf.backend == "ebpf" and not os.path.exists(conf.agent_socket):
         problems.append(f"backend ebpf needs the agent, and {conf.agent_socket} does not exist")
     if problems:

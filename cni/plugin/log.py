@@ -1,4 +1,9 @@
-"""One JSON object per line to the plugin's log file; never to stdout (stdout carries the CNI result).
+"""One JSON object per line, never on stdout (stdout carries the CNI result).
+
+Each line goes first to the agent, as one datagram on the unix socket `cni-log.sock` in the log file's
+directory (the agent's state dir on nodes), so the plugin's logs show in the agent's output (`kubectl
+logs`). When no agent listens there (or its queue is full) the line is appended to the log file instead,
+which is kept bounded: past `MAX_LOG_BYTES` it is renamed to `<file>.1` (the previous `.1` is dropped).
 
 Logging must never break the plugin: a log file that cannot be written is silently skipped (the error
 still reaches the runtime through the CNI error object).
@@ -17,6 +22,11 @@ if TYPE_CHECKING:
 
 DEFAULT_LOG_FILE = "/var/log/headrace/cni.log"
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+#: The agent's datagram socket for plugin log lines, next to the log file.
+FORWARD_SOCKET = "cni-log.sock"
+#: The fallback file is rotated (one old copy kept) once it grows past this.
+MAX_LOG_BYTES = 1 << 20
+_MAX_DATAGRAM = 60000
 
 
 def _timestamp() -> str:
@@ -40,14 +50,16 @@ class JsonLog:
             "cmd": "",
         }
         self.context.update(context)
+        self._sock: Any = None  # _socket.socket once connected; False after a failed attempt
 
     def bind(self, **context: str) -> None:
         """Add or replace context fields (e.g. once CNI_ARGS has been parsed)."""
         self.context.update(context)
 
     def configure(self, path: str | None = None, level: str | None = None) -> None:
-        if path:
+        if path and path != self.path:
             self.path = path
+            self._close_socket()
         if level:
             self.threshold = LEVELS.get(level, self.threshold)
 
@@ -59,14 +71,50 @@ class JsonLog:
         for key, value in extra.items():
             if key not in record:
                 record[key] = value
-        line = jsoncodec.dumps(record, default=str, separators=(",", ":")) + "\n"
+        data = (jsoncodec.dumps(record, default=str, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
+        if not self._forward(data):
+            self._append(data)
+
+    def _forward(self, data: bytes) -> bool:
+        """Send the line to the agent; False when it cannot take it (then the file gets it)."""
+        if self._sock is False or len(data) > _MAX_DATAGRAM:
+            return False
+        import _socket  # the C module: no `socket` (enum, selectors) import cost on the plugin's path
+
+        try:
+            if self._sock is None:
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+                self._sock = sock
+                sock.connect(os.path.join(os.path.dirname(self.path), FORWARD_SOCKET))
+            self._sock.send(data, _socket.MSG_DONTWAIT)
+            return True
+        except OSError:  # no agent listening, queue full (EAGAIN): the file, for the rest of this run
+            self._close_socket()
+            self._sock = False
+            return False
+
+    def _close_socket(self) -> None:
+        if self._sock:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = None
+
+    def _append(self, data: bytes) -> None:
         try:
             directory = os.path.dirname(self.path)
             if directory:
                 os.makedirs(directory, mode=0o755, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(self.path, flags, 0o640)
             try:
-                os.write(fd, line.encode("utf-8", "backslashreplace"))
+                size = os.fstat(fd).st_size
+                if size and size + len(data) > MAX_LOG_BYTES:  # rotate: this line starts a new file
+                    os.replace(self.path, self.path + ".1")
+                    os.close(fd)
+                    fd = os.open(self.path, flags, 0o640)
+                os.write(fd, data)
             finally:
                 os.close(fd)
         except OSError:

@@ -6,6 +6,8 @@ milliseconds of start-up. Each function states the regular expression it impleme
 
 from __future__ import annotations
 
+from cni.contract.pod_uid import valid_uid
+
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _ID_CHARS = _ALNUM | frozenset("_.-")
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -21,7 +23,8 @@ def is_container_id(value: str) -> bool:
 
 
 def is_uid(value: str) -> bool:
-    return _is_id(value, 128)
+    """The pod uid rule of ``cni.contract.pod_uid`` (``[A-Za-z0-9][A-Za-z0-9_.\\-]{0,127}``)."""
+    return valid_uid(value)
 
 
 def _is_label(value: str) -> bool:

@@ -24,7 +24,7 @@ LATEST_VERSION = "1.1.0"
 DEFAULT_AGENT_SOCKET = "/var/run/headrace/cni.sock"
 DEFAULT_AGENT_TIMEOUT = 25.0
 DEFAULT_API_TIMEOUT = 5.0
-BACKENDS = ("auto", "iptables", "ebpf")
+BACKENDS = ("auto", "iptables", "nftables", "ebpf")
 IPTABLES_FLAVOURS = ("auto", "legacy", "nft")
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 

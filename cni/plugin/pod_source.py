@@ -37,14 +37,16 @@ if TYPE_CHECKING:
 
 
 def load_yaml(text: str, origin: str) -> Any:
+    """One YAML document, within the limits of `cni.contract.object_files` (size, aliases expanded)."""
     try:
-        import yaml  # lazy: only for YAML files, never on the JSON path
+        from cni.contract.object_files import ObjectFileError
+        from cni.contract.object_files import load_yaml as load_bounded  # imports PyYAML: only for YAML
     except ImportError as exc:  # pragma: no cover - pyyaml is a declared dependency
         raise PodSourceError(f"{origin}: YAML needs PyYAML, which is not installed") from exc
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PodSourceError(f"{origin}: invalid YAML: {str(exc)[:200]}") from exc
+        return load_bounded(text, origin)
+    except ObjectFileError as exc:
+        raise PodSourceError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,6 +87,8 @@ class ObjectsDirSource:
             if entry.endswith(".json"):
                 try:
                     obj = jsoncodec.loads(text)
+                except RecursionError as exc:
+                    raise PodSourceError(f"{full}: invalid JSON: nested too deep") from exc
                 except ValueError as exc:
                     if not jsoncodec.is_decode_error(exc):
                         raise

@@ -137,10 +137,18 @@ def validate(result: dict[str, Any], config_version: str) -> str:
 
 
 def addresses(result: dict[str, Any]) -> list[str]:
-    """The pod's IP addresses (no prefix length), in prevResult order."""
+    """The pod's IP addresses (no prefix length), in prevResult order. Entries without a valid address
+    are left out (ADD and CHECK validated the prevResult already; DEL takes it as it comes)."""
     import ipaddress  # only the agent paths need the canonical text
 
-    return [str(ipaddress.ip_interface(ip["address"]).ip) for ip in result.get("ips", [])]
+    ips = result.get("ips")
+    out: list[str] = []
+    for ip in ips if isinstance(ips, list) else []:
+        try:
+            out.append(str(ipaddress.ip_interface(ip["address"]).ip))
+        except (TypeError, KeyError, ValueError):
+            continue
+    return out
 
 
 def families(result: dict[str, Any]) -> tuple[Family, ...]:

@@ -1,7 +1,8 @@
-"""Kernel-test fixtures that install pod redirection through a RedirectBackend, one of three:
+"""Kernel-test fixtures that install pod redirection through a RedirectBackend, one of four:
 
     iptables-legacy   IptablesBackend("legacy")
     iptables-nft      IptablesBackend("nft")
+    nftables          NftablesBackend() (one `table inet headrace`, libnftables in-process)
     ebpf              EbpfBackend(<node state dir>, proxy_cgroup=<node proxy cgroup>)
 
 so one test body proves the same behaviour on each. The node (`make_node(headrace=None, pod_cgroups=True)`)
@@ -31,7 +32,7 @@ from node_agent.backends.base import PodTarget, RedirectBackend, RedirectSpec
 from cni.kernel.flavour import Flavour
 from tests.harness.node import Pod, SimNode
 
-BACKENDS = ("iptables-legacy", "iptables-nft", "ebpf")
+BACKENDS = ("iptables-legacy", "iptables-nft", "nftables", "ebpf")
 FAMILIES = (4, 6)
 
 
@@ -64,7 +65,7 @@ class Redirect:
 
     @property
     def flavour(self) -> Flavour | None:
-        """The iptables flavour of an iptables backend, None for eBPF."""
+        """The iptables flavour of an iptables backend, None for nftables and eBPF."""
         if self.name == "iptables-legacy":
             return "legacy"
         if self.name == "iptables-nft":
@@ -117,6 +118,10 @@ def make_backend(name: str, node: SimNode) -> RedirectBackend:
         from node_agent.backends.ebpf.backend import EbpfBackend
 
         return EbpfBackend(node.state_dir, proxy_cgroup=node.proxy_cgroup())
+    if name == "nftables":
+        from node_agent.backends.nftables.backend import NftablesBackend
+
+        return NftablesBackend()
     from node_agent.backends.iptables.backend import IptablesBackend
 
     return IptablesBackend(name.removeprefix("iptables-"))

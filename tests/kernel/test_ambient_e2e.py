@@ -6,11 +6,13 @@ passes the proxy, which names both workloads, the original destination and the b
 long-lived connection surviving enrolment, SIGKILL + restart without duplicate rules and with a fresh
 snapshot, drift repair, a new ambient pod enrolled before ADD returns, unlabel back to direct, and with
 the agent down: ambient ADD fails, a non-mesh ADD succeeds. test_ambient_end_to_end runs on both backends
-(iptables, ebpf: pods in kubelet-like cgroups, clients inside them, the proxy in its own cgroup).
+(iptables, ebpf: pods in kubelet-like cgroups, clients inside them, the proxy in its own cgroup) and over
+both proxy protocols (gRPC, and ztunnel's ZDS with the netns handed over as an fd).
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -31,12 +33,28 @@ from tests.kernel.test_backend_parity import backend as backend  # the ("iptable
 pytestmark = pytest.mark.kernel
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+Env = tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]]
+
+
+@pytest.fixture(params=["grpc", "zds"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    """What the reference proxy speaks: headrace's gRPC protocol, or ztunnel's ZDS (netns fds)."""
+    return str(request.param)
 
 
 @pytest.fixture
-def env(make_node: Any, backend: str) -> Iterator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]]]:
-    """A node with pod cgroups and the agent on `backend` (param of the parity module's fixture)."""
-    yield from node_env(make_node, backend)
+def env(make_node: Any, backend: str, protocol: str) -> Iterator[Env]:
+    """A node with pod cgroups and the agent on `backend` (param of the parity module's fixture), the
+    proxy speaking `protocol`."""
+    for node, agent, apps in node_env(make_node, backend):
+        agent.protocol = protocol
+        yield node, agent, apps
+
+
+def redirection(node: SimNode, pod: Any) -> str | None:
+    """The pod's ambient.istio.io/redirection annotation in its object file (the agent writes it back)."""
+    obj = json.loads((node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").read_text())
+    return (obj["metadata"].get("annotations") or {}).get("ambient.istio.io/redirection")
 
 
 def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]], None, None]:
@@ -44,7 +62,7 @@ def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subproces
         yield sim_node, agent, apps
 
 
-def test_ambient_end_to_end(env: Any, backend: str) -> None:
+def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
     node, agent, apps = env
     node.add_namespace("shop")
     node.add_namespace("plain")
@@ -70,6 +88,8 @@ def test_ambient_end_to_end(env: Any, backend: str) -> None:
         node.set_namespace_labels("shop", AMBIENT)
         wait_for(lambda: all(agent.pod_state(u) == "enrolled" for u in uids), 30, "pods enrolled")
         assert {agent.status()[u]["backend"] for u in uids} == {backend}
+        # as istio-cni does: the enrolled pods carry the redirection annotation (objects-dir: in the file)
+        wait_for(lambda: all(redirection(node, p) == "enabled" for p in (client, server)), 15, "annotation set")
         rules = {u: ours(p, backend) for u, p in ((client.uid, client), (server.uid, server))}
         assert all(rules.values())
 
@@ -147,6 +167,7 @@ def test_ambient_end_to_end(env: Any, backend: str) -> None:
         # 8. remove the label: rules gone, traffic direct again
         node.set_namespace_labels("shop", {})
         wait_for(lambda: not any(ours(p, backend) for p in (client, server, late)), 30, "rules removed")
+        wait_for(lambda: not any(redirection(node, p) for p in (client, server, late)), 15, "annotation removed")
         seen = len(agent.proxy_lines())
         assert request(client, server.ipv4, b"direct-again") == b"server|direct-again"
         time.sleep(0.5)
@@ -166,13 +187,14 @@ def test_ambient_end_to_end(env: Any, backend: str) -> None:
 
 
 # iptables-only: `--backend auto` falling back to iptables for pods without a cgroup is the point.
-def test_backend_auto_falls_back_to_iptables_for_pods_without_cgroup(make_node: Any) -> None:
+def test_backend_auto_falls_back_to_iptables_for_pods_without_cgroup(make_node: Any, protocol: str) -> None:
     """With `--backend auto` on a node where eBPF runs, pods whose cgroup is unknown (the harness's bare
     netns) are enrolled with iptables; status says so and traffic passes the proxy."""
     node = make_node(headrace={})
     gen = _env(node)
     node, agent, apps = next(gen)
     try:
+        agent.protocol = protocol
         agent.extra = ["--backend", "auto"]
         node.add_namespace("shop", AMBIENT)
         agent.start_proxy()

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from node_agent.backends.nftables.node_probe import sync_node_probe
 
 from cni.contract.spec import PROBE_SNAT_V4, PROBE_SNAT_V6, AmbientSpec
 from cni.kernel import tables as netns_tables
@@ -115,7 +116,7 @@ def test_dns_capture(redirect: Redirect, family: int) -> None:
 def test_kubelet_probe_snat(redirect: Redirect, family: int) -> None:
     """Host-originated TCP to an enrolled pod is SNATed on the node to the probe address, which the
     in-pod redirection lets through to the app; without the node rule the same connection is captured.
-    The node rule is node-netns iptables whatever the pod backend (the backend's flavour; nft beside eBPF)."""
+    The node rule is node-netns iptables (the backend's flavour; nft beside eBPF), or nftables with nftables."""
     app = redirect.pod("app")
     node_ns = redirect.node.netns.path
     node_flavour = redirect.flavour or "nft"
@@ -126,10 +127,18 @@ def test_kubelet_probe_snat(redirect: Redirect, family: int) -> None:
         app_listener(app, 8080, family, "app") as appl,
     ):
         assert tcp_request(node_ns, ip(app, family), 8080, b"a") == b"in|a"
-        netns_tables.sync_node_probe_rules(node_ns, [app.ipv4, app.ipv6], node_flavour)
-        assert netns_tables.check_node_probe_rules(node_ns, [app.ipv6, app.ipv4], node_flavour) == []
+        if redirect.name == "nftables":  # the node side as nftables too (table inet headrace_node)
+            assert sync_node_probe([app.ipv4, app.ipv6], node_ns)
+            assert not sync_node_probe([app.ipv6, app.ipv4], node_ns)  # intact: nothing to change
+        else:
+            netns_tables.sync_node_probe_rules(node_ns, [app.ipv4, app.ipv6], node_flavour)
+            assert netns_tables.check_node_probe_rules(node_ns, [app.ipv6, app.ipv4], node_flavour) == []
         assert tcp_request(node_ns, ip(app, family), 8080, b"b") == b"app|b"
         assert appl.wait_one().peer[0] == probe
-        netns_tables.sync_node_probe_rules(node_ns, [], node_flavour)
-        assert not netns_tables.installed(node_ns, node_flavour)
+        if redirect.name == "nftables":
+            assert sync_node_probe([], node_ns)
+            assert "headrace" not in redirect.node.netns.run(["nft", "list", "tables"]).stdout
+        else:
+            netns_tables.sync_node_probe_rules(node_ns, [], node_flavour)
+            assert not netns_tables.installed(node_ns, node_flavour)
         assert tcp_request(node_ns, ip(app, family), 8080, b"c") == b"in|c"

@@ -1,10 +1,10 @@
-"""The same behaviour on both redirection backends, through the product path.
+"""The same behaviour on every redirection backend, through the product path.
 
-Every test runs once with `iptables` and once with `ebpf`: a simulated node whose pods are made like a real
-runtime makes them (bridge + host-local + headrace-cni with `backend: <b>` in the conflist, an infra
-process per pod in a kubelet-like cgroup v2 directory), the agent (`--backend <b>`) and the reference proxy
-(in its own cgroup, `--proxy-cgroup`) as processes in the node netns. Clients and the sidecar proxy's
-listeners run inside the pod's cgroup, as a pod's processes would.
+Every test runs once with `iptables`, once with `nftables` and once with `ebpf`: a simulated node whose pods
+are made like a real runtime makes them (bridge + host-local + headrace-cni with `backend: <b>` in the
+conflist, an infra process per pod in a kubelet-like cgroup v2 directory), the agent (`--backend <b>`) and
+the reference proxy (in its own cgroup, `--proxy-cgroup`) as processes in the node netns. Clients and the
+sidecar proxy's listeners run inside the pod's cgroup, as a pod's processes would.
 
 - sidecar: outbound lands on 15001 with SO_ORIGINAL_DST (IPv4 and IPv6), inbound lands on 15006 with the
   original destination, uid 1337 bypasses, an excluded port bypasses; after CNI DEL nothing of ours is left
@@ -32,11 +32,13 @@ import pytest
 from node_agent.lab.simnode import Pod, SimNode
 from node_agent.lab.traffic import Listener, tcp_request
 
-from tests.kernel.agent_kit import HEADRACE, AgentRun, headrace_rules, node_agent, run, wait_for
+from tests.kernel.agent_kit import AgentRun, headrace_rules, node_agent, run, wait_for
 
 pytestmark = pytest.mark.kernel
 
-BACKENDS = ("iptables", "ebpf")
+BACKENDS = ("iptables", "nftables", "ebpf")
+# the backend a pod moves to when the agent restarts with another --backend (test_ambient_pod_switches_backend)
+SWITCH_TO = {"iptables": "ebpf", "nftables": "iptables", "ebpf": "iptables"}
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 SIDECAR = {"sidecar.istio.io/status": "{}"}
 PORT = 8080
@@ -89,10 +91,7 @@ class ParityRun(AgentRun):
         out = open(self.base / f"proxy{self.proxy_runs}.out", "wb")
         err = open(self.base / f"proxy{self.proxy_runs}.log", "wb")
         self.proxy = subprocess.Popen(
-            self._nsenter(
-                HEADRACE, "proxy", "--socket", self.proxy_socket, "--id", "parity-proxy",
-                "--cgroup", str(self.proxy_cgroup),
-            ),
+            self.proxy_argv("parity-proxy", "--cgroup", str(self.proxy_cgroup)),
             stdout=out,
             stderr=err,
         )
@@ -163,13 +162,27 @@ def iptables_state(pod: Pod) -> list[str]:
     return headrace_rules(pod.netns.path, 4) + headrace_rules(pod.netns.path, 6)
 
 
+def nftables_state(pod: Pod) -> list[str]:
+    """The lines of our nftables table in the pod (none: no table)."""
+    proc = run(["nsenter", f"--net={pod.netns.path}", "nft", "list", "table", "inet", "headrace"], check=False)
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+
+
+def node_table(node: SimNode) -> str:
+    """The node netns' probe SNAT table of the nftables backend ("" when there is none)."""
+    proc = run(["nsenter", f"--net={node.netns.path}", "nft", "list", "table", "inet", "headrace_node"], check=False)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
 def ours(pod: Pod, backend: str) -> list[str]:
-    return ebpf_state(pod) if backend == "ebpf" else iptables_state(pod)
+    if backend == "ebpf":
+        return ebpf_state(pod)
+    return nftables_state(pod) if backend == "nftables" else iptables_state(pod)
 
 
 def anything_of_ours(node: SimNode, pod: Pod) -> list[str]:
-    """Everything either backend could have left in or for a pod (bpftool + iptables + pins)."""
-    left = ebpf_state(pod) + iptables_state(pod)
+    """Everything any backend could have left in or for a pod (bpftool + iptables + nftables + pins)."""
+    left = ebpf_state(pod) + iptables_state(pod) + nftables_state(pod)
     pin_dir = node.state_dir / "bpf" / pod.uid
     if pin_dir.exists():
         left.append(f"pinned: {pin_dir}")
@@ -208,12 +221,10 @@ def test_sidecar_parity(env: Any, backend: str) -> None:
     )
     installed = ours(pod, backend)
     assert installed, f"no {backend} redirection in the pod"
+    assert all(not ours(pod, b) for b in BACKENDS if b != backend)
     if backend == "ebpf":
-        assert not iptables_state(pod)
         row = agent.status()[pod.uid]
         assert (row["mode"], row["backend"], row["state"]) == ("sidecar", "ebpf", "enrolled")
-    else:
-        assert not ebpf_state(pod)
 
     with (
         Listener(pod.netns.path, 15001, cgroup=pod.cgroup, label="outbound") as out4,
@@ -255,7 +266,7 @@ def test_sidecar_parity(env: Any, backend: str) -> None:
         assert out2.wait_one().original_dst == (peer.ipv4, PORT)
     node.runner().delete(pod2.container_id, pod2.netns.path, args=pod2.cni_args)
     wait_for(
-        lambda: not bpftool_cgroup(pod2.pod_cgroup) and not iptables_state(pod2)
+        lambda: not bpftool_cgroup(pod2.pod_cgroup) and not iptables_state(pod2) and not nftables_state(pod2)
         and not (node.state_dir / "bpf" / pod2.uid).exists(),
         10,
         "nothing of ours after DEL by a restarted agent",
@@ -285,8 +296,9 @@ def test_ambient_parity(env: Any, backend: str) -> None:
     assert {rows[u]["backend"] for u in uids} == {backend}
     state = {p.uid: ours(p, backend) for p in (client, server)}
     assert all(state.values()), state
-    other = "iptables" if backend == "ebpf" else "ebpf"
-    assert not any(ours(p, other) for p in (client, server))
+    assert not any(ours(p, other) for p in (client, server) for other in BACKENDS if other != backend)
+    if backend == "nftables":  # the node-side probe SNAT is nftables too, one rule per enrolled pod IP
+        wait_for(lambda: all(p.ipv4 in node_table(node) for p in (client, server)), 10, "node probe SNAT table")
     assert request(client, server.ipv4, b"through") == b"server|through"
     lines = wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxy lines")
     outbound = next(x for x in lines if x["direction"] == "outbound")
@@ -312,6 +324,8 @@ def test_ambient_parity(env: Any, backend: str) -> None:
     # drift: flushed chains / a detached program → repaired and counted
     if backend == "iptables":
         run(["nsenter", f"--net={client.netns.path}", "iptables-nft", "-t", "nat", "-F"])
+    elif backend == "nftables":
+        run(["nsenter", f"--net={client.netns.path}", "nft", "flush", "chain", "inet", "headrace", "am_output"])
     else:
         progs = bpftool_cgroup(client.pod_cgroup)
         prog = next((p for p in progs if p["name"] == "hr_connect4"), None)
@@ -327,6 +341,8 @@ def test_ambient_parity(env: Any, backend: str) -> None:
     # unlabel: nothing of ours left, traffic direct
     node.set_namespace_labels("shop", {})
     wait_for(lambda: not any(anything_of_ours(node, p) for p in (client, server)), 30, "unenrolled")
+    if backend == "nftables":
+        wait_for(lambda: node_table(node) == "", 10, "node probe SNAT table removed")
     seen = len(agent.proxy_lines())
     assert request(client, server.ipv4, b"direct") == b"server|direct"
     time.sleep(0.5)
@@ -337,7 +353,7 @@ def test_ambient_pod_switches_backend(env: Any, backend: str) -> None:
     """Enrolled with one backend, the agent restarted with the other: the pod moves, keeps working, and
     only the new backend's redirection is left."""
     node, agent, apps = env
-    other = "iptables" if backend == "ebpf" else "ebpf"
+    other = SWITCH_TO[backend]
     if other == "ebpf" and _ebpf_problems():
         pytest.skip("eBPF cannot run here")
     node.add_namespace("shop", AMBIENT)

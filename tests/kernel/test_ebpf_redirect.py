@@ -30,6 +30,7 @@ from node_agent.backends.ebpf.attach import Cgroup  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 
 SIDECAR_OUT = SidecarSpec(include_inbound_ports=())
+PROXY_PROGRAMS = ["hr_getsockopt", "hr_sockops"]  # on the node proxy's cgroup (ambient)
 
 
 @pytest.fixture
@@ -283,19 +284,20 @@ def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
 
 def test_restarted_backend_moves_the_proxy_program_without_an_orphan(env, backend, target, proxy_cgroup):
     """A new backend instance (agent restart) that does not know the old proxy cgroup yet, then learns a
-    new one: the node-level getsockopt program ends up on the new cgroup only, never left on the old."""
+    new one: the node-level programs (getsockopt, sock_ops) end up on the new cgroup only, never left on the
+    old."""
     amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
     amb.apply(target, AmbientSpec())
-    assert cgroup_prog_names(proxy_cgroup) == ["hr_getsockopt"]
+    assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS
     moved = make_cgroup(Path(f"{env.cgroup}-proxy2"))
     try:
         restarted = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())
         restarted.set_proxy_cgroup(moved)
-        assert cgroup_prog_names(moved) == ["hr_getsockopt"]
+        assert sorted(cgroup_prog_names(moved)) == PROXY_PROGRAMS
         assert cgroup_prog_names(proxy_cgroup) == [], "the program stayed on the old proxy cgroup"
         again = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
         again.apply(target, AmbientSpec())  # a restart with the old cgroup as flag: moved back, not doubled
-        assert cgroup_prog_names(proxy_cgroup) == ["hr_getsockopt"] and cgroup_prog_names(moved) == []
+        assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS and cgroup_prog_names(moved) == []
         again.remove(target)
         assert cgroup_prog_names(proxy_cgroup) == [] and cgroup_prog_names(moved) == []
     finally:

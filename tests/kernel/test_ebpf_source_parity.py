@@ -9,6 +9,7 @@ what iptables REDIRECT is known to produce (so a shared mistake would not pass e
 
 The differences that remain are listed in docs/ebpf.md and asserted as such where a scenario meets one
 (a socket bound to the wildcard with a port; SO_ORIGINAL_DST on connections that were not redirected).
+The nftables backend runs the same scenarios against iptables and must observe exactly the same.
 """
 
 from __future__ import annotations
@@ -264,6 +265,30 @@ def test_ambient_outbound_and_dns_observed_alike(
     }  # fmt: skip
 
 
+# ---- nftables: observed exactly like iptables ----------------------------------------------------------
+@pytest.mark.parametrize("flows", ["sidecar", "inbound", "ambient"])
+def test_nftables_observed_like_iptables(
+    env: PodEnv, target: PodTarget, tmp_path: Path, proxy_cgroup: Path, flows: str
+) -> None:
+    """The nftables backend (one `inet headrace` table) against iptables, the same flows in the same pod:
+    every address, arrival port and SO_ORIGINAL_DST equal, with no documented difference at all."""
+    from node_agent.backends.nftables.backend import NftablesBackend
+
+    spec: RedirectSpec = SidecarSpec(exclude_outbound_ports=(9090,))
+    observe = sidecar_flows(env)
+    if flows == "inbound":
+        spec, observe = SidecarSpec(), inbound_flows(env)
+    elif flows == "ambient":
+        spec, observe = AmbientSpec(capture_dns=True), ambient_flows(env, proxy_cgroup)
+        run("ip", "-n", env.peer_ns, "addr", "add", f"{PROBE_V4}/32", "dev", "eth0")
+        run("ip", "-n", env.pod_ns, "route", "add", f"{PROBE_V4}/32", "dev", "eth0")
+    ipt = run_on(IptablesBackend("auto"), target, spec, env, tmp_path, observe)
+    nft = run_on(NftablesBackend(), target, spec, env, tmp_path, observe)
+    keys = sorted({*ipt, *nft})
+    diff = {k: {"iptables": ipt.get(k), "nftables": nft.get(k)} for k in keys if ipt.get(k) != nft.get(k)}
+    assert not diff, json.dumps(diff, indent=1)
+
+
 # ---- the product path: `headrace agent --capture-dns` on either backend ---------------------------------
 class DnsAgentRun(AgentRun):
     """The agent with DNS capture on the given backend; the reference proxy in the node's proxy cgroup."""
@@ -281,7 +306,7 @@ class DnsAgentRun(AgentRun):
             )  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["iptables", "ebpf"])
+@pytest.mark.parametrize("backend", ["iptables", "nftables", "ebpf"])
 def test_agent_capture_dns_same_on_both_backends(make_node: Any, backend: str) -> None:
     node = make_node(headrace={"backend": backend}, pod_cgroups=True)
     node.add_namespace("shop", {"istio.io/dataplane-mode": "ambient"})

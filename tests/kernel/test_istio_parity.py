@@ -1,5 +1,5 @@
 """istio-iptables parity, proven with real TCP between pods made by the real bridge + host-local plugins, on
-every redirection backend (iptables-legacy, iptables-nft, ebpf: tests/kernel/redirect_backends.py) where the
+every redirection backend (iptables-legacy, iptables-nft, nftables, ebpf: tests/kernel/redirect_backends.py) where the
 backend implements the feature, and through the real plugin chain for interceptionMode NONE.
 
 Proven:
@@ -115,11 +115,11 @@ def test_istio_validation_probe(redirect: Redirect, family: int) -> None:
         assert got.original_dst == ("127.0.0.6", 15002)
 
 
-@pytest.mark.parametrize("flavour", ["legacy", "nft"])
+@pytest.mark.parametrize("flavour", ["legacy", "nft", "nftables"])
 def test_tproxy_hbone_not_captured(make_node: Callable[..., SimNode], flavour: str) -> None:
     """TPROXY mode through the plugin chain: 15008 is not captured either (istio-iptables' TPROXY rules
     would take it), while the app port is (an IP_TRANSPARENT listener sees the original destination)."""
-    node = make_node(headrace={"iptables": flavour})
+    node = make_node(headrace={"backend": "nftables"} if flavour == "nftables" else {"iptables": flavour})
     peer = node.add_pod("shop", "peer")
     web = node.add_pod("shop", "web", annotations={**SIDECAR, "sidecar.istio.io/interceptionMode": "TPROXY"})
     with (
@@ -213,7 +213,7 @@ def assert_declined(redirect: Redirect, pod: Pod, spec: SidecarSpec, annotation:
 def test_exclude_interfaces(redirect: Redirect, family: int) -> None:
     app, peer = redirect.pods(2)
     spec = SidecarSpec(exclude_interfaces=("net1",))
-    if redirect.flavour is None:
+    if redirect.name == "ebpf":
         assert_declined(redirect, app, spec, "excludeInterfaces")
         return
     mine, theirs = LINKS["ext"][family]
@@ -243,7 +243,7 @@ def test_exclude_interfaces(redirect: Redirect, family: int) -> None:
 def test_kubevirt_interfaces(redirect: Redirect, family: int) -> None:
     app, peer = redirect.pods(2)
     wildcard = SidecarSpec(kubevirt_interfaces=("eth1",))
-    if redirect.flavour is None:
+    if redirect.name == "ebpf":
         assert_declined(redirect, app, wildcard, "kubevirtInterfaces")
         return
     gateway, vm_ip = LINKS["vm"][family]
@@ -286,7 +286,9 @@ def headrace_lines(pod: Pod) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("conf", [{"iptables": "legacy"}, {"iptables": "nft"}, {"backend": "ebpf"}], ids=str)
+@pytest.mark.parametrize(
+    "conf", [{"iptables": "legacy"}, {"iptables": "nft"}, {"backend": "nftables"}, {"backend": "ebpf"}], ids=str
+)
 def test_interception_none(make_node: Callable[..., SimNode], conf: dict[str, str]) -> None:
     """ADD succeeds without an agent (an eBPF chain would otherwise need one), nothing is installed, the
     pod's traffic is direct; the log says why."""
@@ -294,6 +296,7 @@ def test_interception_none(make_node: Callable[..., SimNode], conf: dict[str, st
     peer = node.add_pod("shop", "peer")
     web = node.add_pod("shop", "web", annotations={**SIDECAR, "sidecar.istio.io/interceptionMode": "NONE"})
     assert headrace_lines(web) == []
+    assert "headrace" not in web.netns.run(["nft", "list", "tables"]).stdout
     with (
         Listener(web.netns.path, 15006, label="in") as inb,
         Listener(web.netns.path, 8080, label="app") as appl,

@@ -149,6 +149,9 @@ def test_excluded_inbound_port_and_v4_only_pod(redirect: Redirect) -> None:
     redirect.apply(app, SidecarSpec(exclude_inbound_ports=(22,)), families=(4,))
     if redirect.flavour is not None:
         assert "HEADRACE" not in iptables_run.save(app.netns.path, redirect.flavour, 6)
+    if redirect.name == "nftables":
+        listed = app.netns.run(["nft", "list", "table", "inet", "headrace"]).stdout
+        assert "ip6 " not in listed and "meta nfproto ipv4" in listed
     with (
         listener(app, 22, 4, "ssh"),
         listener(app, 15006, 6, "in6"),

@@ -29,6 +29,7 @@ class FakeApiServer:
         self.fail_next = 0
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
         self.unauthorized = 0
+        self.patches: list[tuple[str, str, dict[str, Any]]] = []  # (path, Content-Type, body) of each PATCH
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +40,9 @@ class FakeApiServer:
 
             def do_GET(self) -> None:
                 server.handle(self)
+
+            def do_PATCH(self) -> None:
+                server.handle_patch(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -160,6 +164,39 @@ class FakeApiServer:
                 "items": items,
             }
         self._json(h, 200, body)
+
+    def handle_patch(self, h: BaseHTTPRequestHandler) -> None:
+        """PATCH /api/v1/namespaces/NS/pods/NAME[/status] with a JSON merge patch of metadata.annotations
+        (the only patch the agent sends); recorded in `patches`, applied, and a MODIFIED event emitted."""
+        path = urlparse(h.path).path
+        body = json.loads(h.rfile.read(int(h.headers.get("Content-Length", "0") or 0)) or b"{}")
+        ctype = h.headers.get("Content-Type", "")
+        parts = path.strip("/").split("/")
+        with self.cond:
+            self.patches.append((path, ctype, body))
+            if h.headers.get("Authorization") != f"Bearer {TOKEN}":
+                self._json(h, 401, {"kind": "Status", "code": 401})
+                return
+            if len(parts) < 6 or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "pods":
+                self._json(h, 404, {"kind": "Status", "code": 404})
+                return
+            if ctype != "application/merge-patch+json":
+                self._json(h, 415, {"kind": "Status", "code": 415, "message": f"unsupported {ctype}"})
+                return
+            obj = self.objects["pods"].get(f"{parts[3]}/{parts[5]}")
+            if obj is None:
+                self._json(h, 404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                return
+            obj = copy.deepcopy(obj)
+            notes = obj.setdefault("metadata", {}).get("annotations") or {}
+            for key, value in ((body.get("metadata") or {}).get("annotations") or {}).items():
+                if value is None:
+                    notes.pop(key, None)
+                else:
+                    notes[key] = value
+            obj["metadata"]["annotations"] = notes
+        self.put("pods", obj)
+        self._json(h, 200, obj)
 
     @staticmethod
     def _json(h: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:

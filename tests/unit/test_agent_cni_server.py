@@ -81,6 +81,7 @@ def server(tmp_path: Path) -> Iterator[tuple[CniServer, Handler, str]]:
         add_timeout=3.0,
         resolve_uid=lambda ns, name: UID if (ns, name) == ("app", "web") else None,
         extra_status=lambda: {"backend": "iptables", "proxy": {"connected": True, "proxy_id": "p1"}},
+        check_netns=lambda path: None,  # the real check (a pod netns) is tested in test_agent_cni_limits.py
     )
     srv.start()
     yield srv, handler, path

@@ -62,3 +62,21 @@ def test_poll_sees_changes(tmp_path: Path) -> None:
     finally:
         src.stop()
     assert not src.poll_once()  # nothing changed since
+
+
+def test_a_file_that_stops_parsing_keeps_its_last_good_content(tmp_path: Path) -> None:
+    write(tmp_path / "ns.json", ns("app"))
+    write(tmp_path / "p1.json", pod("p1", "u1"))
+    store = PodStore()
+    src = ObjectsDirSource(store, tmp_path, interval=60)
+    src.poll_once()
+    assert set(store.snapshot().pods) == {"u1"}
+    (tmp_path / "p1.json").write_text('{"kind": "Pod", "metadata": {')  # caught half-written
+    assert src.poll_once()
+    assert set(store.snapshot().pods) == {"u1"} and "app" in store.snapshot().namespaces
+    (tmp_path / "p1.json").unlink()
+    assert src.poll_once()
+    assert not store.snapshot().pods
+    (tmp_path / "p1.json").write_text("{not json")  # a new file that never parsed serves nothing
+    assert src.poll_once()
+    assert not store.snapshot().pods

@@ -69,6 +69,10 @@ SCENARIOS: dict[str, Scenario] = {
     "sidecar_tproxy": _sidecar({"sidecar.istio.io/interceptionMode": "TPROXY"}),
     "sidecar_tproxy_ipv4_only": _sidecar({"sidecar.istio.io/interceptionMode": "TPROXY"}, ips=(V4,)),
     "sidecar_iptables_legacy": Scenario(conf={"iptables": "legacy"}),
+    "sidecar_nftables": Scenario(conf={"backend": "nftables"}),
+    "sidecar_nftables_tproxy_ipv4_only": _sidecar(
+        {"sidecar.istio.io/interceptionMode": "TPROXY"}, ips=(V4,), conf={"backend": "nftables"}
+    ),
     "sidecar_include_outbound_ports": _sidecar(
         {
             "traffic.sidecar.istio.io/includeOutboundPorts": "31000, 32000",

@@ -57,7 +57,7 @@ def test_ebpf_chosen_when_probe_passes(tmp_path):
 
 def test_unknown_setting():
     with pytest.raises(BackendError, match="unknown backend"):
-        select.select_backend("nftables")
+        select.select_backend("pf")
 
 
 class RecordingInbound:

@@ -65,13 +65,15 @@ def test_late_config_then_dropped_entry_is_repaired(watching):
 
     for rewrite in ("rename", "in-place"):
         time.sleep(0.2)
+        before = target.stat().st_ino, target.stat().st_mtime_ns
         if rewrite == "rename":  # how a CNI agent replaces its file atomically
             shutil.copy(DATA / "87-podman-bridge.conflist", tmp)
             os.rename(tmp, target)
         else:  # truncate + write
             target.write_bytes((DATA / "87-podman-bridge.conflist").read_bytes())
-        assert not has_entry(target)
-        elapsed = wait_for(lambda: has_entry(target), 2.0)
+        # (the watcher may already have put the entry back here: wait for a file newer than ours)
+        elapsed = wait_for(
+            lambda b=before: has_entry(target) and (target.stat().st_ino, target.stat().st_mtime_ns) != b, 2.0)
         assert elapsed < 1.0, f"re-inserted after {elapsed:.2f}s ({rewrite})"
     doc = json.loads(target.read_text())
     assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap", "firewall", "tuning", "headrace-cni"]

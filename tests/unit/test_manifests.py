@@ -1,10 +1,13 @@
-"""deploy/: every manifest validates offline against the Kubernetes OpenAPI schemas (strict: unknown
-fields are errors), RBAC is read-only on pods/namespaces, and the DaemonSet mounts every path its
-ConfigMap and arguments use, as the process inside the container sees it."""
+"""deploy/: every manifest validates offline against the Kubernetes OpenAPI schemas of the minimum
+supported version and a current one (strict: unknown fields are errors), RBAC is read-only on
+pods/namespaces (plus get of its own DaemonSet), and the DaemonSet mounts every path its ConfigMap and
+arguments use, as the process inside the container sees it — also with each distribution's host-path
+component (k3s, GKE, OpenShift) applied."""
 
 from __future__ import annotations
 
 import copy
+import os
 import posixpath
 import re
 import shutil
@@ -18,28 +21,99 @@ import yaml
 
 ROOT = Path(__file__).parent.parent.parent
 DEPLOY = ROOT / "deploy"
-K8S_VERSION = "1.33.0"  # schemas shipped with kubernetes-validate; appArmorProfile needs >= 1.30
+K8S_VERSION = "1.33.0"  # schemas shipped with kubernetes-validate
+#: The minimum Kubernetes version (stated in daemonset.yaml and docs/deploy.md): appArmorProfile is 1.30.
+MIN_K8S_VERSION = "1.30.0"
 MANIFESTS = sorted(p for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+PLATFORMS = ("k3s", "gke", "openshift")
+PLATFORM_PATHS = {  # (CNI conf dir, CNI bin dir) on each distribution's nodes
+    None: ("/etc/cni/net.d", "/opt/cni/bin"),
+    "k3s": ("/var/lib/rancher/k3s/agent/etc/cni/net.d", "/var/lib/rancher/k3s/data/cni"),
+    "gke": ("/etc/cni/net.d", "/home/kubernetes/bin"),
+    "openshift": ("/etc/kubernetes/cni/net.d", "/var/lib/cni/bin"),
+}
 
 
-def load_all() -> list[dict[str, Any]]:
+def _pointer(doc: Any, path: str) -> tuple[Any, str | int]:
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+    for part in parts[:-1]:
+        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+    last = parts[-1]
+    return doc, int(last) if isinstance(doc, list) else last
+
+
+def apply_component(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The component's JSON6902 patches (test and replace) applied, as kustomize does; its extra resources
+    added."""
+    comp_dir = DEPLOY / "components" / name
+    comp = yaml.safe_load((comp_dir / "kustomization.yaml").read_text())
+    assert comp["kind"] == "Component"
+    out = copy.deepcopy(docs)
+    for patch in comp.get("patches", []):
+        targets = [d for d in out if d["kind"] == patch["target"]["kind"]
+                   and d["metadata"]["name"] == patch["target"]["name"]]
+        assert len(targets) == 1, patch["target"]
+        for op in yaml.safe_load(patch["patch"]):
+            parent, key = _pointer(targets[0], op["path"])
+            if op["op"] == "test":
+                assert parent[key] == op["value"], op
+            else:
+                assert op["op"] == "replace", op
+                assert (key in parent) if isinstance(parent, dict) else (isinstance(key, int) and key < len(parent)), op
+                parent[key] = op["value"]
+    for res in comp.get("resources", []):
+        out.extend(d for d in yaml.safe_load_all((comp_dir / res).read_text()) if d)
+    return out
+
+
+def load_all(platform: str | None = None) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for p in MANIFESTS:
         docs.extend(d for d in yaml.safe_load_all(p.read_text()) if d)
-    return docs
+    return apply_component(docs, platform) if platform else docs
 
 
-def one(kind: str) -> dict[str, Any]:
-    found = [d for d in load_all() if d["kind"] == kind]
+def one(kind: str, platform: str | None = None) -> dict[str, Any]:
+    found = [d for d in load_all(platform) if d["kind"] == kind]
     assert len(found) == 1, kind
     return found[0]
 
 
+@pytest.mark.parametrize("version", [MIN_K8S_VERSION, K8S_VERSION])
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_validates(path):
+def test_manifest_validates(path, version):
     for doc in yaml.safe_load_all(path.read_text()):
         if doc:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_minimum_version_is_stated():
+    assert f"Minimum Kubernetes version: {MIN_K8S_VERSION.rsplit('.', 1)[0]}" in (DEPLOY / "daemonset.yaml").read_text()
+    assert f"Kubernetes {MIN_K8S_VERSION.rsplit('.', 1)[0]} or newer" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_platform_component_validates_and_sets_its_paths(platform):
+    docs = load_all(platform)
+    for doc in docs:
+        kubernetes_validate.validate(doc, MIN_K8S_VERSION, strict=True)
+    data = one("ConfigMap", platform)["data"]
+    assert (data["CNI_CONF_DIR"], data["CNI_BIN_DIR"]) == PLATFORM_PATHS[platform]
+
+
+def test_podmonitor_selects_the_agent_pods_metrics_port():
+    comp = yaml.safe_load((DEPLOY / "components" / "podmonitor" / "kustomization.yaml").read_text())
+    assert comp["kind"] == "Component"
+    pm = yaml.safe_load((DEPLOY / "components" / "podmonitor" / comp["resources"][0]).read_text())
+    assert pm["kind"] == "PodMonitor" and pm["apiVersion"] == "monitoring.coreos.com/v1"
+    template = one("DaemonSet")["spec"]["template"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    agent = next(c for c in template["spec"]["containers"] if c["name"] == "agent")
+    endpoint = pm["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] in [p["name"] for p in agent["ports"]] and endpoint["path"] == "/metrics"
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == agent["ports"][0]["containerPort"]
 
 
 def test_validator_is_strict():
@@ -57,25 +131,31 @@ def test_kustomization_lists_every_manifest_and_one_namespace():
     assert {d["metadata"]["namespace"] for d in namespaced} == {k["namespace"]} == {"headrace-system"}
 
 
-def test_rbac_is_read_only_on_pods_and_namespaces():
+def test_rbac_reads_pods_and_namespaces_and_patches_only_pod_status():
     role = one("ClusterRole")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"],
-                              "verbs": ["get", "list", "watch"]}]
+                              "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]}]
     binding = one("ClusterRoleBinding")
     sa = one("ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": sa["metadata"]["namespace"]}]
-    assert not [d for d in load_all() if d["kind"] in ("Role", "RoleBinding")]
+    # namespaced: get of its own DaemonSet only (install-cni: deleted or updated?)
+    role = one("Role")
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                              "resourceNames": [one("DaemonSet")["metadata"]["name"]], "verbs": ["get"]}]
+    assert one("RoleBinding")["subjects"] == binding["subjects"]
+    assert one("RoleBinding")["roleRef"]["name"] == role["metadata"]["name"]
 
 
-def pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = one("DaemonSet")["spec"]["template"]["spec"]
+def pod_spec(platform: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = one("DaemonSet", platform)["spec"]["template"]["spec"]
     return spec
 
 
-def containers() -> list[dict[str, Any]]:
-    spec = pod_spec()
+def containers(platform: str | None = None) -> list[dict[str, Any]]:
+    spec = pod_spec(platform)
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
@@ -83,7 +163,11 @@ def test_daemonset_shape():
     spec = pod_spec()
     assert spec["hostPID"] and spec["hostNetwork"]
     assert spec["tolerations"] == [{"operator": "Exists"}]
-    assert spec["priorityClassName"] == one("PriorityClass")["metadata"]["name"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    install = next(c for c in spec["containers"] if c["name"] == "install-cni")
+    assert "--owner-daemonset=" + one("DaemonSet")["metadata"]["name"] in install["args"]
+    assert "install-cni --check" in install["readinessProbe"]["exec"]["command"][-1]
     assert spec["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
     agent = next(c for c in spec["containers"] if c["name"] == "agent")
     caps = agent["securityContext"]["capabilities"]
@@ -112,9 +196,9 @@ def test_probes_on_the_metrics_port():
     assert agent["ports"][0]["containerPort"] == port
 
 
-def expanded_args(container: dict[str, Any]) -> list[str]:
+def expanded_args(container: dict[str, Any], platform: str | None = None) -> list[str]:
     env: dict[str, str] = {}
-    cm = one("ConfigMap")
+    cm = one("ConfigMap", platform)
     for src in container.get("envFrom", []):
         assert src["configMapRef"]["name"] == cm["metadata"]["name"]
         env.update(cm["data"])
@@ -128,9 +212,9 @@ def expanded_args(container: dict[str, Any]) -> list[str]:
     return out
 
 
-def mounted_host_path(container: dict[str, Any], path: str) -> str | None:
+def mounted_host_path(container: dict[str, Any], path: str, platform: str | None = None) -> str | None:
     """The host path behind `path` inside the container, or None when no mount covers it."""
-    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(platform)["volumes"]}
     best: tuple[int, str] | None = None
     for m in container.get("volumeMounts", []):
         mp = m["mountPath"].rstrip("/")
@@ -145,10 +229,11 @@ PATH_OPTIONS = ("--cni-conf-dir", "--cni-bin-dir", "--install-dir", "--kubeconfi
                 "--cni-socket", "--proxy-socket", "--agent-socket", "--log-file")
 
 
+@pytest.mark.parametrize("platform", [None, *PLATFORMS])
 @pytest.mark.parametrize("name", ["install-plugin", "agent", "install-cni"])
-def test_every_path_in_args_is_mounted_from_the_same_host_path(name):
-    c = next(c for c in containers() if c["name"] == name)
-    args = expanded_args(c)
+def test_every_path_in_args_is_mounted_from_the_same_host_path(name, platform):
+    c = next(c for c in containers(platform) if c["name"] == name)
+    args = expanded_args(c, platform)
     opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
     host_root = opts.get("host-root", "/")
     checked = 0
@@ -156,12 +241,12 @@ def test_every_path_in_args_is_mounted_from_the_same_host_path(name):
         if f"--{opt}" not in PATH_OPTIONS:
             continue
         assert value.startswith("/"), f"{opt}={value}"
-        if (opt == "cni-conf-dir" and "--skip-config" in args) or (opt == "cni-bin-dir" and "--skip-plugin" in args):
+        if opt == "cni-conf-dir" and "--skip-config" in args:
             continue  # not touched by this container
         if opt == "kubeconfig" and host_root != "/":
             continue  # written by this container under --install-dir, checked there
         inside = posixpath.join(host_root, value.lstrip("/"))
-        assert mounted_host_path(c, inside) == value, f"{name}: {opt}={value} not mounted at {inside}"
+        assert mounted_host_path(c, inside, platform) == value, f"{name}: {opt}={value} not mounted at {inside}"
         checked += 1
     assert checked >= 2
 
@@ -194,6 +279,28 @@ def test_kustomize_build_renders_valid_objects():
     for d in docs:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
         assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "headrace"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for kustomize) not installed")
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_kustomize_renders_each_component_as_the_test_applies_it(platform, tmp_path):
+    """kustomize agrees with apply_component above (which runs in CI even without kubectl)."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(DEPLOY, tmp_path)],
+        "components": [os.path.relpath(DEPLOY / "components" / platform, tmp_path),
+                       os.path.relpath(DEPLOY / "components" / "podmonitor", tmp_path)],
+    }))
+    proc = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(proc.stdout) if d}
+    assert "PodMonitor" in docs
+    assert docs["ConfigMap"]["data"] == one("ConfigMap", platform)["data"]
+    rendered, ours = docs["DaemonSet"]["spec"]["template"]["spec"], pod_spec(platform)
+    assert rendered["volumes"] == ours["volumes"]
+    for a, b in zip([*rendered["initContainers"], *rendered["containers"]], containers(platform), strict=True):
+        assert a["volumeMounts"] == b["volumeMounts"], a["name"]
 
 
 def test_containerfile_copies_existing_sources_and_matches_the_manifests():

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-BackendSetting = Literal["auto", "iptables", "ebpf"]
+BackendSetting = Literal["auto", "iptables", "nftables", "ebpf"]
+BACKEND_SETTINGS = ("auto", "iptables", "nftables", "ebpf")
 IptablesSetting = Literal["auto", "legacy", "nft"]
 
 DEFAULT_STATE_DIR = Path("/var/run/headrace")
+DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"  # where ztunnel looks for its node agent
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,6 +38,7 @@ class AgentConfig:
     proxy_socket: Path
     objects_dir: Path | None = None
     kubeconfig: Path | None = None
+    in_cluster: bool = False  # the Kubernetes API through the pod's service account (token refreshed)
     node_name: str = ""
     backend: BackendSetting = "auto"
     iptables: IptablesSetting = "auto"
@@ -48,6 +51,7 @@ class AgentConfig:
     agent_id: str = field(default="")
     proxy_cgroup: Path | None = None  # the node proxy's cgroup v2 dir (ambient over eBPF)
     capture_dns: bool = False  # ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053
+    zds_socket: Path | None = None  # ztunnel's ZDS socket (SOCK_SEQPACKET); None: not served
 
     @property
     def netns_dir(self) -> Path:
@@ -109,10 +113,15 @@ def build_config(
     cni_add_timeout: float = 20.0,
     proxy_cgroup: str | Path | None = None,
     capture_dns: bool = False,
+    zds_socket: str | Path | None = None,
+    in_cluster: bool = False,
 ) -> AgentConfig:
     """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
-    if (objects_dir is None) == (kubeconfig is None):
-        raise ConfigError("give exactly one pod source: --objects-dir DIR or --kubeconfig FILE --node-name N")
+    if [objects_dir is not None, kubeconfig is not None, in_cluster].count(True) != 1:
+        raise ConfigError("give exactly one pod source: --objects-dir DIR, --kubeconfig FILE --node-name N "
+                          "or --in-cluster --node-name N")
+    if in_cluster and not (node_name or "").strip():
+        raise ConfigError("--in-cluster needs --node-name (the pods of this node are watched)")
     node = (node_name or "").strip()
     odir: Path | None = None
     kcfg: Path | None = None
@@ -128,8 +137,8 @@ def build_config(
             raise ConfigError("--kubeconfig needs --node-name (the pods of this node are watched)")
     if node and not _NODE_NAME.match(node):
         raise ConfigError(f"--node-name {node!r} is not a valid node name")
-    if backend not in ("auto", "iptables", "ebpf"):
-        raise ConfigError(f"--backend {backend!r}: expected auto, iptables or ebpf")
+    if backend not in BACKEND_SETTINGS:
+        raise ConfigError(f"--backend {backend!r}: expected auto, iptables, nftables or ebpf")
     if iptables not in ("auto", "legacy", "nft"):
         raise ConfigError(f"--iptables {iptables!r}: expected auto, legacy or nft")
     level = log_level.lower()
@@ -143,11 +152,18 @@ def build_config(
         sdir = sdir.resolve()
     csock = Path(cni_socket) if cni_socket is not None else sdir / "cni.sock"
     psock = Path(proxy_socket) if proxy_socket is not None else sdir / "proxy.sock"
-    for flag, sock in (("--cni-socket", csock), ("--proxy-socket", psock)):
+    # ztunnel's socket: the default path unless given; empty turns the ZDS server off
+    zsock: Path | None = Path(DEFAULT_ZDS_SOCKET if zds_socket is None else zds_socket)
+    if zds_socket is not None and not str(zds_socket):
+        zsock = None
+    if zsock is not None and not zsock.is_absolute():
+        zsock = zsock.resolve()
+    named = [("--cni-socket", csock), ("--proxy-socket", psock)] + ([("--zds-socket", zsock)] if zsock else [])
+    for flag, sock in named:
         if len(str(sock).encode()) > 107:
             raise ConfigError(f"{flag} {str(sock)!r}: unix socket paths must be under 108 bytes")
-    if csock == psock:
-        raise ConfigError("--cni-socket and --proxy-socket must differ")
+    if len({p for _, p in named}) != len(named):
+        raise ConfigError("--cni-socket, --proxy-socket and --zds-socket must differ")
     pcg: Path | None = None
     if proxy_cgroup:
         pcg = Path(proxy_cgroup)
@@ -159,6 +175,7 @@ def build_config(
         proxy_socket=psock,
         objects_dir=odir,
         kubeconfig=kcfg,
+        in_cluster=in_cluster,
         node_name=node,
         backend=backend,  # type: ignore[arg-type]
         iptables=iptables,  # type: ignore[arg-type]
@@ -170,4 +187,5 @@ def build_config(
         agent_id=f"headrace-agent-{node or 'local'}",
         proxy_cgroup=pcg,
         capture_dns=capture_dns,
+        zds_socket=zsock,
     )

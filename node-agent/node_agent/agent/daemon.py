@@ -27,7 +27,7 @@ from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
 from node_agent.backends.base import BackendError, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
-from node_agent.backends.select import select_backend
+from node_agent.backends.select import rules_backend_setting, select_backend
 from node_agent.netns.pin import NetnsPins
 from node_agent.proxy.cgroup import Source as CgroupSource
 from node_agent.proxy.cgroup_follow import ProxyCgroupFollower, saved_proxy_cgroup
@@ -38,6 +38,9 @@ from node_agent.reconcile.state import Hub
 from node_agent.serve.cni_server import CniServer
 from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
+from node_agent.serve.plugin_logs import PluginLogListener
+from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
+from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent")
@@ -76,7 +79,14 @@ def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
 
 
 def make_hub(config: AgentConfig) -> Hub:
-    return ProxyHub(str(config.proxy_socket), config.agent_id)
+    """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty."""
+    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id)
+    if config.zds_socket is None:
+        return grpc_hub
+    from node_agent.proxy.hub_fanout import HubFanout
+    from node_agent.proxy.zds_server import ZdsHub
+
+    return HubFanout(grpc_hub, ZdsHub(str(config.zds_socket)), names=("grpc", "zds"))
 
 
 class Agent:
@@ -101,14 +111,14 @@ class Agent:
         fallback: RedirectBackend | None = None
         # eBPF node: iptables serves the pods eBPF cannot (fallback_reason, e.g. ambient without a known
         # proxy cgroup); with `auto` also the pods whose cgroup is unknown (`ebpf` fails those closed)
-        if backend is None and self.backend.name != "iptables":
-            fallback = make_backend(replace(config, backend="iptables"), self.flavour)
+        if backend is None and self.backend.name == "ebpf":
+            fallback = make_backend(replace(config, backend=rules_backend_setting()), self.flavour)
         factory = self._other_backend if backend is None else None
         self.hub: Hub = hub if hub is not None else make_hub(config)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
-        rules = node_rules if node_rules is not None else make_node_rules(resolve_flavour(config.iptables))
+        rules = node_rules if node_rules is not None else self._node_rules()
         self.reconciler = Reconciler(
             self.store, self.backend, self.hub, self.pins, self.records,
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
@@ -117,30 +127,59 @@ class Agent:
             spec=AmbientSpec(capture_dns=config.capture_dns),
         )
         self.proxy_cgroups = self._proxy_cgroup_follower()
+        self._annotation_writer: Writer | None = None  # set by the default sources
         self.source: Source = (source_factory or self._default_source)(self.store)
+        self.marker = self._redirection_marker()
         self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race monitor
         self.cni = CniServer(
             str(config.cni_socket), self.duties.status_view(self.reconciler), add_timeout=config.cni_add_timeout,
             resolve_uid=self._resolve_uid, extra_status=self._extra_status,
         )
         self.health: HealthServer | None = None
+        self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
 
     def _default_source(self, store: PodStore) -> Source:
         if self.config.objects_dir is not None:
             from node_agent.sources.objects_dir import ObjectsDirSource
+            from node_agent.sources.objects_write import write_pod_annotation
 
-            return ObjectsDirSource(store, self.config.objects_dir, self.config.node_name)
+            objects_dir = self.config.objects_dir
+            def write(namespace: str, name: str, enabled: bool) -> None:
+                write_pod_annotation(objects_dir, namespace, name, enabled)
+
+            self._annotation_writer = write
+            return ObjectsDirSource(store, objects_dir, self.config.node_name)
         from node_agent.sources.kubernetes import KubernetesSource
 
-        assert self.config.kubeconfig is not None
-        return KubernetesSource(store, self.config.kubeconfig, self.config.node_name)
+        source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)  # None: in-cluster
+        self._annotation_writer = source.patch_redirection
+        return source
+
+    def _redirection_marker(self) -> RedirectionMarker | None:
+        """`ambient.istio.io/redirection: enabled` on enrolled ambient pods (sources/redirection_mark.py)."""
+        if self._annotation_writer is None:
+            return None
+        marker = RedirectionMarker(self.reconciler.status, lambda: self.store.snapshot().pods,
+                                   lambda: self.reconciler.passes > 0, self._annotation_writer)
+        self.store.subscribe(marker.wake)
+        return marker
+
+    def _node_rules(self) -> Callable[[list[str]], None]:
+        """The node-side probe SNAT: nftables on a node without iptables (or with the nftables backend)."""
+        if self.backend.name == "nftables" or rules_backend_setting() == "nftables":
+            from node_agent.backends.nftables.node_probe import make_nft_node_rules
+
+            return make_nft_node_rules()
+        return make_node_rules(resolve_flavour(self.config.iptables))
 
     def _other_backend(self, name: str) -> RedirectBackend | None:
         """A backend that is not this node's any more (agent restarted with another --backend): only to
         remove what it left in a pod before the pod moves to the node's backend."""
         if name == "iptables":
             return make_backend(replace(self.config, backend="iptables"), self.flavour)
+        if name == "nftables":
+            return make_backend(replace(self.config, backend="nftables"), self.flavour)
         if name == "ebpf":
             return EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path)
         return None
@@ -196,6 +235,9 @@ class Agent:
         self.hub.start()
         self.reconciler.start()
         self.source.start()
+        if self.marker is not None:
+            self.marker.start()
+        self.plugin_logs.start()  # the plugin's log lines, into this agent's log
         self.cni.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
@@ -212,6 +254,9 @@ class Agent:
         self._stopped.set()
         self.duties.stop()  # first: with --cni-cleanup-on-exit the entry leaves before the socket closes
         self.cni.stop()
+        if self.marker is not None:
+            self.marker.stop()
+        self.plugin_logs.stop()
         self.source.stop()
         self.reconciler.stop()
         self.hub.stop()

@@ -1,9 +1,9 @@
-"""Choose the node's redirection backend: `auto`, `iptables` or `ebpf`.
+"""Choose the node's redirection backend: `auto`, `iptables`, `nftables` or `ebpf`.
 
-auto  -> eBPF when bcc, kernel headers, cgroup2 and a probe program load all work, else iptables (the
-         reason is logged and returned);
+auto  -> eBPF when bcc, kernel headers, cgroup2 and a probe program load all work, else iptables, or
+         nftables on a host without an iptables binary (the reason is logged and returned);
 ebpf  -> eBPF or BackendError naming what is missing and how to supply it (enrolment fails closed);
-iptables -> iptables.
+iptables -> iptables; nftables -> nftables (libnftables in-process; BackendError when it is missing).
 The eBPF backend captures inbound with TC + bpf_sk_assign; inbound="iptables" hands inbound capture to an
 iptables backend of the same flavour instead (see docs/ebpf.md).
 """
@@ -11,14 +11,16 @@ iptables backend of the same flavour instead (see docs/ebpf.md).
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from node_agent.backends.base import BackendError, RedirectBackend
 
 log = logging.getLogger("headrace.backend.select")
-SETTINGS = ("auto", "iptables", "ebpf")
+SETTINGS = ("auto", "iptables", "nftables", "ebpf")
+IPTABLES_BINARIES = ("iptables", "iptables-restore", "iptables-nft-restore", "iptables-legacy-restore")
 DEFAULT_STATE_DIR = Path("/var/run/headrace")
 
 
@@ -36,10 +38,32 @@ def _iptables(flavour: str) -> RedirectBackend:
     return backend
 
 
-def ebpf_problems() -> list[str]:
+def _nftables() -> RedirectBackend:
+    from node_agent.backends.nftables.backend import NftablesBackend
+
+    backend: RedirectBackend = NftablesBackend()
+    return backend
+
+
+def iptables_installed() -> bool:
+    """Whether this host has an iptables binary (either flavour) on PATH."""
+    return any(shutil.which(name) is not None for name in IPTABLES_BINARIES)
+
+
+def rules_backend_setting(iptables_present: bool | None = None) -> Literal["iptables", "nftables"]:
+    """The rule-based backend of this host: iptables, or nftables where no iptables binary is installed
+    (what `auto` falls back to without eBPF, and what serves the pods an eBPF node declines)."""
+    present = iptables_installed() if iptables_present is None else iptables_present
+    return "iptables" if present else "nftables"
+
+
+def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR, background: bool = False) -> list[str]:
+    """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs.
+    background (`auto`): on the first start (nothing cached) compile in the background, the agent serving
+    meanwhile (pods go to iptables until the object is ready); otherwise (`ebpf`) compile now."""
     from node_agent.backends.ebpf.probe import probe
 
-    return probe()
+    return probe(cache_dir=state_dir / "bpf-cache", background=background)
 
 
 def select_backend(
@@ -50,19 +74,31 @@ def select_backend(
     proxy_cgroup: str | Path | None = None,
     inbound: str = "ebpf",
     problems_fn: Callable[[], Iterable[str]] | None = None,
+    iptables_present: bool | None = None,
 ) -> BackendChoice:
-    """The backend for this node and why it was chosen. problems_fn overrides the eBPF probe (tests).
+    """The backend for this node and why it was chosen. problems_fn overrides the eBPF probe and
+    iptables_present the look for an iptables binary (tests).
 
     proxy_cgroup: the node proxy's cgroup v2 dir (ambient original-destination lookups happen there)."""
     if setting not in SETTINGS:
         raise BackendError(f"unknown backend {setting!r}: use one of {', '.join(SETTINGS)}")
     if setting == "iptables":
         return BackendChoice(_iptables(iptables_flavour), "backend 'iptables' configured")
-    problems: list[str] = list((problems_fn or ebpf_problems)())
+    if setting == "nftables":
+        return BackendChoice(_nftables(), "backend 'nftables' configured")
+    if problems_fn is None:
+        where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+        problems: list[str] = ebpf_problems(where, background=setting == "auto")
+    else:
+        problems = list(problems_fn())
     if problems:
         why = "; ".join(problems)
         if setting == "ebpf":
             raise BackendError(f"backend 'ebpf' configured but eBPF cannot run on this node: {why}")
+        if rules_backend_setting(iptables_present) == "nftables":
+            reason = f"auto: eBPF unavailable ({why}) and no iptables binary; using nftables"
+            log.warning(reason, extra={"event": "backend_selected", "backend": "nftables"})
+            return BackendChoice(_nftables(), reason)
         reason = f"auto: eBPF unavailable ({why}); using iptables"
         log.warning(reason, extra={"event": "backend_selected", "backend": "iptables"})
         return BackendChoice(_iptables(iptables_flavour), reason)
@@ -75,6 +111,7 @@ def select_backend(
         Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR,
         inbound_fallback=_iptables(iptables_flavour) if inbound == "iptables" else None,
         proxy_cgroup=proxy_cgroup,
+        toolchain_fallback=setting == "auto",
     )
     reason = (
         f"{setting}: eBPF available (outbound in eBPF, inbound via {'TC eBPF' if inbound == 'ebpf' else 'iptables'})"

@@ -13,12 +13,15 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 @click.command("agent")
 @click.option("--objects-dir", type=click.Path(file_okay=False), help="Pod source: a local objects dir (lab).")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Pod source: the Kubernetes API.")
+@click.option("--in-cluster", is_flag=True,
+              help="Pod source: the Kubernetes API through this pod's service account (token refreshed).")
 @click.option("--node-name", default="", help="This node's name (pods are watched by spec.nodeName).")
 @click.option("--state-dir", default="/var/run/headrace", show_default=True,
               help="Pins (netns/), records (pods/) and default sockets.")
 @click.option("--cni-socket", default=None, help="Plugin-event socket [default: STATE_DIR/cni.sock].")
 @click.option("--proxy-socket", default=None, help="Node-proxy gRPC socket [default: STATE_DIR/proxy.sock].")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "ebpf"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nftables", "ebpf"]), default="auto",
+              show_default=True)
 @click.option("--iptables", "iptables_flavour", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
               show_default=True, help="iptables flavour used in every pod (auto: detected once per node).")
 @click.option("--metrics-addr", default="", help="HOST:PORT for /metrics, /healthz, /readyz (off if empty).")
@@ -35,10 +38,13 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
                    "Default: learned from the proxy's connection; this overrides it.")
 @click.option("--capture-dns/--no-capture-dns", default=False, show_default=True,
               help="Also redirect ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053.")
+@click.option("--zds-socket", default="/var/run/ztunnel/ztunnel.sock", show_default=True,
+              help="Also serve ztunnel's ZDS protocol on this SOCK_SEQPACKET socket (empty: off).")
 @duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent/duties.py)
 def agent(
     objects_dir: str | None,
     kubeconfig: str | None,
+    in_cluster: bool,
     node_name: str,
     state_dir: str,
     cni_socket: str | None,
@@ -52,6 +58,7 @@ def agent(
     cni_add_timeout: float,
     proxy_cgroup: str | None,
     capture_dns: bool,
+    zds_socket: str,
     **duty: Any,
 ) -> None:
     """Run the node agent (one per node)."""
@@ -64,11 +71,18 @@ def agent(
             cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
             metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
             drift_interval=drift_interval, cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
-            capture_dns=capture_dns,
+            capture_dns=capture_dns, zds_socket=zds_socket, in_cluster=in_cluster,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    duties = build_duties(duty)
+    from node_agent.kernel.unix_socket import drop_early, listen_early
+
+    listen_early(str(config.cni_socket), 128)  # ADDs wait in the backlog while the agent starts, never refused
+    try:
+        duties = build_duties(duty)
+    except BaseException:
+        drop_early(str(config.cni_socket))
+        raise
     agent_log.setup(config.log_level)
     from node_agent.agent.daemon import Agent
     from node_agent.agent.errors import AgentError
@@ -76,4 +90,5 @@ def agent(
     try:
         sys.exit(Agent(config, duties=duties).run())
     except AgentError as exc:
+        drop_early(str(config.cni_socket))  # not taken over: the agent never served
         raise click.ClickException(str(exc)) from exc

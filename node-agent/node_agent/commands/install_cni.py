@@ -38,7 +38,8 @@ def _split_namespaces(values: tuple[str, ...]) -> tuple[str, ...]:
 @_path_options
 @click.option("--agent-socket", default="/var/run/headrace/cni.sock", show_default=True,
               help="Agent plugin-event socket, written into the entry.")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "ebpf"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nftables", "ebpf"]), default="auto",
+              show_default=True)
 @click.option("--iptables", "iptables_mode", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
               show_default=True)
 @click.option("--objects-dir", default=None, help="Pod source for the plugin: a local objects dir (lab).")
@@ -61,22 +62,36 @@ def _split_namespaces(values: tuple[str, ...]) -> tuple[str, ...]:
               help="With --watch: chain the entry only once the agent socket exists.")
 @click.option("--watch", is_flag=True,
               help="Keep running: re-insert the entry when the config is rewritten; wait for a config.")
+@click.option("--check", is_flag=True,
+              help="Only check (a readiness probe): exit 0 when our entry ends the primary CNI config and the "
+              "launcher is installed, 1 otherwise.")
 @click.option("--uninstall-on-exit", is_flag=True, help="With --watch: uninstall on SIGTERM/SIGINT.")
+@click.option("--owner-daemonset", default=None, metavar="NAME",
+              help="With --watch: on SIGTERM/SIGINT, uninstall only if DaemonSet NAME (in --agent-namespace) "
+              "is gone or being deleted; keep everything on a rolling update. Needs a kubeconfig "
+              "(--write-kubeconfig or --kubeconfig) allowed to get that DaemonSet.")
 def install_cni(
     host_root: str, install_dir: str, cni_bin_dir: str, cni_conf_dir: str, agent_socket: str, backend: str,
     iptables_mode: str, objects_dir: str | None, kubeconfig: str | None, write_kubeconfig: bool,
     service_account_dir: str, exclude_namespaces: tuple[str, ...],
     agent_namespace: str, log_file: str, log_level: str, skip_plugin: bool, skip_config: bool,
     wait_for_agent: bool, watch: bool,
-    uninstall_on_exit: bool,
+    uninstall_on_exit: bool, owner_daemonset: str | None, check: bool,
 ) -> None:
     """Install the plugin and chain it at the end of the node's primary CNI config."""
+    if check:
+        _check(host_root, cni_conf_dir, cni_bin_dir)
+        return
     from node_agent.install_cni import service
     from node_agent.install_cni.conflist import ConfigError
     from node_agent.install_cni.kubeconfig import KubeconfigError
     from node_agent.install_cni.runtime import RuntimeInstallError
     from node_agent.install_cni.settings import PluginSettings, SettingsError
 
+    if owner_daemonset is not None and not (watch and (write_kubeconfig or kubeconfig)):
+        raise click.UsageError("--owner-daemonset needs --watch and --write-kubeconfig or --kubeconfig")
+    if uninstall_on_exit and owner_daemonset is not None:
+        raise click.UsageError("give --uninstall-on-exit (always) or --owner-daemonset (when deleted), not both")
     if write_kubeconfig:
         if kubeconfig or objects_dir:
             raise click.UsageError("--write-kubeconfig replaces --kubeconfig and --objects-dir")
@@ -123,7 +138,25 @@ def install_cni(
     service.watch(opts, stop)
     if uninstall_on_exit:
         service.uninstall(opts)
+    elif owner_daemonset is not None:
+        service.uninstall_if_owner_gone(opts, owner_daemonset)
     sys.exit(0)
+
+
+def _check(host_root: str, cni_conf_dir: str, cni_bin_dir: str) -> None:
+    import os
+
+    from node_agent.install_cni import confdir
+    from node_agent.install_cni.runtime import PLUGIN_BINARY, is_our_launcher, under_root
+
+    if not confdir.entry_present(under_root(host_root, cni_conf_dir)):
+        click.echo(f"not ready: no headrace-cni entry at the end of the primary CNI config in {cni_conf_dir}",
+                   err=True)
+        sys.exit(1)
+    if not is_our_launcher(under_root(host_root, os.path.join(cni_bin_dir, PLUGIN_BINARY))):
+        click.echo(f"not ready: no headrace-cni launcher in {cni_bin_dir}", err=True)
+        sys.exit(1)
+    click.echo("ready: headrace-cni chained and installed")
 
 
 @click.command("uninstall-cni")

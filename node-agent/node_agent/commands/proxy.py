@@ -9,8 +9,10 @@ import click
 
 
 @click.command("proxy")
-@click.option("--socket", "socket_path", default="/var/run/headrace/proxy.sock", show_default=True,
-              type=click.Path(dir_okay=False), help="The agent's node-proxy gRPC socket.")
+@click.option("--socket", "socket_path", default=None, type=click.Path(dir_okay=False),
+              help="The agent's socket [grpc: /var/run/headrace/proxy.sock; zds: /var/run/ztunnel/ztunnel.sock].")
+@click.option("--protocol", type=click.Choice(["grpc", "zds"]), default="grpc", show_default=True,
+              help="grpc: headrace's node-proxy protocol; zds: ztunnel's (netns fds over SOCK_SEQPACKET).")
 @click.option("--id", "proxy_id", default=None, help="Proxy identity sent in Hello [refproxy-<host>-<pid>].")
 @click.option("--netns-fd/--netns-path", default=False, show_default=True,
               help="Get each pod netns as an fd over the agent's SCM_RIGHTS side channel instead of "
@@ -23,9 +25,8 @@ import click
 @click.option("--orig-src/--own-src", "orig_src", default=False, show_default=True,
               help="Dial the app from the client's own address (IP_TRANSPARENT), as ztunnel with "
                    "ENABLE_ORIG_SRC; needs the pod's ambient policy routing (fwmark 0x111 lookup 100).")
-def proxy(
-    socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str, cgroup: str | None, orig_src: bool
-) -> None:
+def proxy(socket_path: str | None, protocol: str, proxy_id: str | None, netns_fd: bool, log_level: str,
+          cgroup: str | None, orig_src: bool) -> None:
     """Run the reference node proxy: one JSON line per finished connection on stdout, logs on stderr."""
     from node_agent.refproxy.main import run
 
@@ -38,4 +39,6 @@ def proxy(
         except OSError as exc:
             raise click.ClickException(f"--cgroup {cgroup}: cannot join ({exc.strerror or exc})") from exc
 
-    sys.exit(run(socket_path, proxy_id, netns_fd, log_level, orig_src=orig_src))
+    if socket_path is None:
+        socket_path = "/var/run/ztunnel/ztunnel.sock" if protocol == "zds" else "/var/run/headrace/proxy.sock"
+    sys.exit(run(socket_path, proxy_id, netns_fd, log_level, protocol, orig_src=orig_src))

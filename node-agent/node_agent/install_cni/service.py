@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from node_agent.install_cni import confdir, kubeconfig
+from node_agent.install_cni import confdir, kubeconfig, owner
 from node_agent.install_cni.conflist import ConfigError
 from node_agent.install_cni.runtime import PluginInstall, install_plugin, under_root, uninstall_plugin
 from node_agent.install_cni.settings import PluginSettings
@@ -161,3 +161,27 @@ def uninstall(opts: InstallOptions) -> dict[str, Any]:
     report = {"config": [c.as_dict() for c in changes], "removed": removed}
     log("info", "uninstalled", **report)
     return report
+
+
+def uninstall_if_owner_gone(opts: InstallOptions, daemonset: str, attempts: int = 3) -> owner.Verdict:
+    """At termination: uninstall when our DaemonSet is gone or being deleted, keep everything on a
+    rolling update or restart (see `owner`). Asks with the plugin's kubeconfig; an unknown answer is
+    retried a few times within the grace period, then the files stay (logged with the manual fix)."""
+    verdict = owner.Verdict(owner.UNKNOWN, "no kubeconfig to ask the Kubernetes API with")
+    for attempt in range(attempts):
+        if opts.settings.kubeconfig:
+            here = under_root(opts.host_root, opts.settings.kubeconfig)
+            verdict = owner.check_daemonset(here, opts.settings.agent_namespace, daemonset)
+        if verdict.action != owner.UNKNOWN or attempt == attempts - 1:
+            break
+        time.sleep(1.0)
+    fields = {"daemonset": f"{opts.settings.agent_namespace}/{daemonset}", "reason": verdict.reason}
+    if verdict.uninstall:
+        log("info", "DaemonSet going away: removing the plugin from this node", **fields)
+        uninstall(opts)
+    elif verdict.action == owner.KEEP:
+        log("info", "DaemonSet still present: keeping the plugin chained for the next pod", **fields)
+    else:
+        log("warning", "cannot tell whether the DaemonSet is being deleted: keeping the plugin; if it was "
+            "deleted, run `headrace uninstall-cni` on this node", **fields)
+    return verdict

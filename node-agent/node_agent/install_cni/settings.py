@@ -12,7 +12,7 @@ DEFAULT_AGENT_SOCKET = "/var/run/headrace/cni.sock"
 DEFAULT_LOG_FILE = "/var/run/headrace/cni.log"
 DEFAULT_AGENT_NAMESPACE = "headrace-system"
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
-BACKENDS = ("auto", "iptables", "ebpf")
+BACKENDS = ("auto", "iptables", "nftables", "ebpf")
 IPTABLES_MODES = ("auto", "legacy", "nft")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

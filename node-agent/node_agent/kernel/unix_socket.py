@@ -41,8 +41,62 @@ def private_bind_path(path: str, error: type[Exception] = FileExistsError) -> It
         os.rmdir(tmpdir)
 
 
+_early: dict[str, tuple[socket.socket, int, list[str]]] = {}  # path -> (socket, its file's inode, dirs made)
+
+
+def listen_early(path: str, backlog: int) -> None:
+    """Listen at `path` at once, before the server that serves it is built (the agent's start-up imports
+    take a second or more): clients connecting meanwhile wait in the backlog instead of finding no socket.
+    The server's listen_private(path) takes this socket over. Failures are left for that call to report."""
+    made: list[str] = []  # the directories listening creates (removed again if start-up fails)
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        sock = listen_private(path, backlog)
+    except (OSError, FileExistsError):
+        return
+    _early[os.path.abspath(path)] = (sock, os.lstat(path).st_ino, made)
+
+
+def drop_early(path: str) -> None:
+    """Close the socket listen_early opened for `path` (start-up failed before a server took it over) and
+    remove its file if it is still that socket's."""
+    found = _early.pop(os.path.abspath(path), None)
+    if found is None:
+        return
+    sock, inode, made = found
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    sock.close()
+    for directory in made:  # deepest first; only if still empty
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def _take_early(path: str, backlog: int) -> socket.socket | None:
+    found = _early.pop(os.path.abspath(path), None)
+    if found is None:
+        return None
+    sock, inode, _made = found
+    try:
+        if os.lstat(path).st_ino == inode:
+            sock.listen(backlog)
+            return sock
+    except OSError:
+        pass
+    sock.close()  # the file was replaced meanwhile: start over
+    return None
+
+
 def listen_private(path: str, backlog: int, error: type[Exception] = FileExistsError) -> socket.socket:
-    """A listening unix stream socket at `path`, mode 0600 (see private_bind_path)."""
+    """A listening unix stream socket at `path`, mode 0600 (see private_bind_path); the one listen_early
+    opened for `path`, if any, with the connections waiting on it."""
+    early = _take_early(path, backlog)
+    if early is not None:
+        return early
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with private_bind_path(path, error) as tmp:

@@ -50,6 +50,7 @@ class AgentRun:
         state_dir: Path | None = None,
         cni_socket: Path | None = None,
         proxy_socket: Path | None = None,
+        zds_socket: Path | None = None,
         extra: list[str] | None = None,
     ) -> None:
         self.node_path = node_path
@@ -59,6 +60,8 @@ class AgentRun:
         self.state = state_dir or self.base / "state"
         self.cni_socket = str(cni_socket or self.base / "cni.sock")
         self.proxy_socket = str(proxy_socket or self.base / "proxy.sock")
+        self.zds_socket = str(zds_socket or self.base / "zds.sock")
+        self.protocol = "grpc"  # what the reference proxy speaks: "grpc" or "zds" (ztunnel's protocol)
         self.extra = extra or []
         self.agent: subprocess.Popen[bytes] | None = None
         self.proxy: subprocess.Popen[bytes] | None = None
@@ -84,6 +87,8 @@ class AgentRun:
                 self.cni_socket,
                 "--proxy-socket",
                 self.proxy_socket,
+                "--zds-socket",
+                self.zds_socket,
                 "--backend",
                 "iptables",
                 "--metrics-addr",
@@ -98,14 +103,21 @@ class AgentRun:
             stderr=err,
         )
         err.close()
-        wait_for(lambda: self.ready(), 20, "agent ready")
+        wait_for(lambda: self.ready(), 60, "agent ready")  # eBPF compiles at start: slow on a busy machine
+
+    def proxy_argv(self, proxy_id: str, *extra: str) -> list[str]:
+        """`headrace proxy` over self.protocol, at the matching agent socket."""
+        if self.protocol == "zds":
+            return self._nsenter(HEADRACE, "proxy", "--protocol", "zds", "--socket", self.zds_socket,
+                                 "--id", proxy_id, *extra)
+        return self._nsenter(HEADRACE, "proxy", "--socket", self.proxy_socket, "--id", proxy_id, *extra)
 
     def start_proxy(self) -> None:
         self.proxy_runs += 1
         out = open(self.base / f"proxy{self.proxy_runs}.out", "wb")
         err = open(self.base / f"proxy{self.proxy_runs}.log", "wb")
         self.proxy = subprocess.Popen(
-            self._nsenter(HEADRACE, "proxy", "--socket", self.proxy_socket, "--id", "test-proxy"),
+            self.proxy_argv("test-proxy"),
             stdout=out,
             stderr=err,
         )

@@ -96,6 +96,8 @@ class Lab:
             str(self.cni_socket),
             "--proxy-socket",
             str(self.proxy_socket),
+            "--zds-socket",
+            str(self.node.state_dir / "zds.sock"),  # no longer than proxy.sock: fits the 108-byte limit
             "--metrics-addr",
             "127.0.0.1:15014",
         ]

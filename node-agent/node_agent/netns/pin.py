@@ -3,6 +3,12 @@
 A pin keeps the netns alive after its processes exit, so enrolment never races a dying pod. Every use
 checks that the pin is still a mounted nsfs file with the inode recorded at pin time: a path that was
 released and re-created for another netns ("recycled") is refused, never entered.
+
+Nothing but a pod's network namespace is ever mounted: the source is opened and checked first
+(`cni.kernel.netns.open_pod_netns`: nsfs, a network namespace, neither the agent's own nor the host's,
+the expected inode), and the bind mount is made from that open descriptor (/proc/self/fd/N), so the path
+cannot be swapped in between. Releasing unmounts everything stacked at the pin, whatever it is, before
+the file is removed; a pin that fails its check after mounting is released at once.
 """
 
 from __future__ import annotations
@@ -10,14 +16,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 from pathlib import Path
 
-from cni.kernel.netns import libc
+from cni.contract.pod_uid import InvalidUid, valid_uid
+from cni.contract.pod_uid import check_uid as _check_uid
+from cni.kernel.netns import NetnsFileError, libc, open_pod_netns
 
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
-_UID_RE = re.compile(r"^[0-9a-zA-Z][0-9a-zA-Z._-]{0,127}$")
+UMOUNT_NOFOLLOW = 0x8
+MAX_STACKED = 64  # unmounts tried on one pin path before giving up (EBUSY on the unlink then)
 
 _libc = libc()  # the process-wide handle (cni.kernel.netns)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
@@ -32,6 +40,11 @@ class RecycledNetns(PinError):
     """The pin exists but holds another netns than the one recorded: never use it."""
 
 
+class NotPodNetns(PinError):
+    """The source is no pod network namespace (not nsfs, another namespace type, the agent's own, the
+    host's): nothing was mounted."""
+
+
 def _nsfs_dev() -> int:
     return os.stat("/proc/self/ns/net").st_dev
 
@@ -42,17 +55,22 @@ def _mount_bind(src: str, dst: str) -> None:
         raise PinError(err, f"bind mount {src} -> {dst}: {os.strerror(err)}")
 
 
-def _umount(path: str) -> None:
-    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+def _umount(path: str) -> bool:
+    """Detach the top mount at `path`; False when nothing is mounted there (EINVAL) or it is gone."""
+    if _libc.umount2(path.encode(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
         err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted / gone: nothing to undo
-            raise PinError(err, f"umount {path}: {os.strerror(err)}")
+        if err in (errno.EINVAL, errno.ENOENT):  # not a mount point / gone: nothing (more) to undo
+            return False
+        raise PinError(err, f"umount {path}: {os.strerror(err)}")
+    return True
 
 
 def check_uid(uid: str) -> str:
-    if not _UID_RE.match(uid) or uid in (".", ".."):
-        raise PinError(errno.EINVAL, f"invalid pod uid {uid!r}")
-    return uid
+    """The uid, when it follows the pod uid rule (`cni.contract.pod_uid`); PinError otherwise."""
+    try:
+        return _check_uid(uid)
+    except InvalidUid as exc:
+        raise PinError(errno.EINVAL, str(exc)) from exc
 
 
 class NetnsPins:
@@ -76,30 +94,41 @@ class NetnsPins:
         return st.st_ino
 
     def pin(self, uid: str, source: str, expected_inode: int) -> str:
-        """Bind-mount `source` (e.g. /proc/PID/ns/net or CNI_NETNS) at the pin path. Idempotent for the
-        same netns; refuses when the source is not that inode or the pin already holds another netns."""
-        self.ensure_dir()
+        """Bind-mount the netns at `source` (e.g. /proc/PID/ns/net or CNI_NETNS) at the pin path.
+        Idempotent for the same netns; refuses (NotPodNetns, nothing mounted) a source that is no pod
+        network namespace, and (RecycledNetns) a source that is not that inode or a pin that already
+        holds another netns."""
         target = self.path(uid)
         try:
-            src_ino = os.stat(source).st_ino
-        except OSError as exc:
-            raise PinError(exc.errno or errno.ENOENT, f"netns {source}: {exc.strerror}") from exc
-        if src_ino != expected_inode:
-            raise RecycledNetns(errno.ESTALE, f"netns {source} is inode {src_ino}, expected {expected_inode}")
-        current = self.inode(uid)
-        if current == expected_inode:
+            fd = open_pod_netns(source, "agent")
+        except NetnsFileError as exc:
+            detail = f" ({exc.details})" if exc.details else ""
+            raise NotPodNetns(errno.EINVAL, f"{exc.msg}{detail}") from exc
+        try:
+            src_ino = os.fstat(fd).st_ino
+            if src_ino != expected_inode:
+                raise RecycledNetns(errno.ESTALE, f"netns {source} is inode {src_ino}, expected {expected_inode}")
+            current = self.inode(uid)
+            if current == expected_inode:
+                return str(target)
+            if current is not None:
+                raise RecycledNetns(errno.EEXIST, f"pin {target} holds netns {current}, not {expected_inode}")
+            self.ensure_dir()
+            self._unmount_all(target)  # whatever a crash left there: never stack on it
+            if not target.exists():
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_RDONLY | os.O_CLOEXEC, 0o400))
+            try:
+                _mount_bind(f"/proc/self/fd/{fd}", str(target))
+                got = self.inode(uid)
+                if got != expected_inode:
+                    raise RecycledNetns(errno.ESTALE,
+                                        f"pinned {source} but found inode {got}, expected {expected_inode}")
+            except BaseException:
+                self._unmount_and_unlink(target)
+                raise
             return str(target)
-        if current is not None:
-            raise RecycledNetns(errno.EEXIST, f"pin {target} holds netns {current}, not {expected_inode}")
-        if not target.exists():
-            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o400)
+        finally:
             os.close(fd)
-        _mount_bind(source, str(target))
-        got = self.inode(uid)
-        if got != expected_inode:
-            self._unmount_and_unlink(target)
-            raise RecycledNetns(errno.ESTALE, f"pinned {source} but found inode {got}, expected {expected_inode}")
-        return str(target)
 
     def verify(self, uid: str, expected_inode: int) -> str:
         """The pin path, after checking it holds the expected netns; raises otherwise."""
@@ -114,12 +143,16 @@ class NetnsPins:
         self._unmount_and_unlink(self.path(uid))
 
     @staticmethod
-    def _unmount_and_unlink(target: Path) -> None:
-        # a pin may have been mounted more than once (never by us, but be thorough)
-        for _ in range(8):
-            if not target.exists() or os.stat(target).st_dev != _nsfs_dev():
-                break
-            _umount(str(target))
+    def _unmount_all(target: Path) -> None:
+        """Unmount everything stacked at `target` (nsfs or not: an older agent's leftovers)."""
+        for _ in range(MAX_STACKED):
+            if not _umount(str(target)):
+                return
+        raise PinError(errno.EBUSY, f"{target}: more than {MAX_STACKED} mounts stacked")
+
+    @classmethod
+    def _unmount_and_unlink(cls, target: Path) -> None:
+        cls._unmount_all(target)
         try:
             target.unlink()
         except FileNotFoundError:
@@ -133,7 +166,7 @@ class NetnsPins:
         except FileNotFoundError:
             return out
         for entry in entries:
-            ino = self.inode(entry.name) if _UID_RE.match(entry.name) else None
+            ino = self.inode(entry.name) if valid_uid(entry.name) else None
             if ino is not None:
                 out[entry.name] = ino
         return out
@@ -147,7 +180,7 @@ class NetnsPins:
         except FileNotFoundError:
             return released
         for entry in entries:
-            if _UID_RE.match(entry.name):
+            if valid_uid(entry.name):
                 self._unmount_and_unlink(entry)
                 released.append(entry.name)
         return released
@@ -158,4 +191,4 @@ class NetnsPins:
             entries = list(self.directory.iterdir())
         except FileNotFoundError:
             return []
-        return [e.name for e in entries if _UID_RE.match(e.name) and self.inode(e.name) is None]
+        return [e.name for e in entries if valid_uid(e.name) and self.inode(e.name) is None]

@@ -174,7 +174,7 @@ class NetnsFdServer:
             if w is None:
                 raise NetnsFdError(f"unknown workload {uid}")
             fd = open_verified_netns(w.netns_path, w.netns_inode)
-        except (ValueError, NetnsFdError) as exc:
+        except (ValueError, RecursionError, NetnsFdError) as exc:  # RecursionError: JSON nested too deep
             self.stats.refused += 1
             reply = {"ok": False, "uid": uid, "error": str(exc)}
             conn.sendall(json.dumps(reply).encode() + b"\n")

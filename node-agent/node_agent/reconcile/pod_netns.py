@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 
 from node_agent.backends.base import PodTarget
+from node_agent.backends.ebpf import pod_cgroup
 from node_agent.netns.finder import NetnsLocation, NetnsNotFound, pick
 from node_agent.netns.pin import PinError
 from node_agent.reconcile.state import Pins, PodState
@@ -69,6 +70,9 @@ class PodNetns:
             if loc.inode == st.inode and loc.cgroup_path:
                 st.cgroup_path = loc.cgroup_path
                 return
+        # no process yet (CNI ADD under containerd/CRI-O): the directory the kubelet made for the pod
+        found = pod_cgroup.find(st.uid)
+        st.cgroup_path = str(found) if found is not None else None
 
     def locate(self, st: PodState, hint_netns: str, scan: Scan) -> None:
         """Make sure st.netns is a verified pin: the one held, else the CNI event's netns (hint_netns),
@@ -96,3 +100,5 @@ class PodNetns:
         st.netns = self.pin(st.uid, loc.path, loc.inode)
         st.inode = loc.inode
         st.cgroup_path = loc.cgroup_path
+        if not st.cgroup_path:
+            self.fill_cgroup(st, scan)

@@ -16,6 +16,7 @@ from node_agent.refproxy import logs
 from node_agent.refproxy.agent_session import AgentSession
 from node_agent.refproxy.forward import Emit
 from node_agent.refproxy.workloads import WorkloadTable, open_by_path, side_channel_opener
+from node_agent.refproxy.zds_session import ReceivedFds, ZdsSession
 
 
 def stdout_emit(record: dict[str, Any]) -> None:
@@ -37,7 +38,15 @@ def build(
     return session
 
 
-async def serve(session: AgentSession) -> None:
+def build_zds(
+    socket_path: str, proxy_id: str, emit: Emit = stdout_emit, *, orig_src: bool = False
+) -> ZdsSession:
+    """ztunnel's role over ZDS: every add brings the pod's netns as an fd."""
+    fds = ReceivedFds()
+    return ZdsSession(socket_path, proxy_id, WorkloadTable(emit, fds.opener, orig_src=orig_src), fds)
+
+
+async def serve(session: AgentSession | ZdsSession) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -53,9 +62,22 @@ async def serve(session: AgentSession) -> None:
         session.table.close_all()
 
 
-def run(socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str, *, orig_src: bool = False) -> int:
+def run(
+    socket_path: str,
+    proxy_id: str | None,
+    netns_fd: bool,
+    log_level: str,
+    protocol: str = "grpc",
+    *,
+    orig_src: bool = False,
+) -> int:
     logs.setup(log_level)
-    session = build(socket_path, proxy_id or default_proxy_id(), netns_fd, orig_src=orig_src)
+    pid = proxy_id or default_proxy_id()
+    session = (
+        build_zds(socket_path, pid, orig_src=orig_src)
+        if protocol == "zds"
+        else build(socket_path, pid, netns_fd, orig_src=orig_src)
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(session))
     return 0

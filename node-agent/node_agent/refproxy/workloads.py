@@ -16,6 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cni.kernel.netns import NetnsFileError, pod_netns_inode
 from node_agent.protocol.fd_channel import NetnsFdError, fetch_netns_fd, open_verified_netns
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.refproxy.forward import Emit, relay
@@ -38,13 +39,15 @@ class WorkloadError(Exception):
 
 
 def check_netns(info: WorkloadInfo) -> None:
-    """The pinned netns must exist and still be the namespace the agent told us about."""
+    """The pinned netns must exist, be a pod's network namespace (not the proxy's own, not the host's, not
+    a plain file) and still be the namespace the agent told us about."""
     if not info.netns_path:
         raise WorkloadError(f"workload {info.uid} has no netns path")
     try:
-        ino = os.stat(info.netns_path).st_ino
-    except OSError as exc:
-        raise WorkloadError(f"netns {info.netns_path} is gone: {exc.strerror}") from exc
+        ino = pod_netns_inode(info.netns_path, "proxy")
+    except NetnsFileError as exc:
+        why = "is gone" if exc.gone else "refused"
+        raise WorkloadError(f"netns {info.netns_path} {why}: {exc.msg}") from exc
     if info.netns_inode and ino != info.netns_inode:
         raise WorkloadError(f"netns {info.netns_path} has inode {ino}, the agent said {info.netns_inode}")
 

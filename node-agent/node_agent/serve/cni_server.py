@@ -1,10 +1,16 @@
 """The plugin-event server: `headrace-cni` (and `headrace status`) talk to the agent over a unix socket.
 
 Protocol (cni/contract/events.py): one JSON object per line, one request per connection, one JSON line
-back. Requests: ADD / DEL / CHECK from the plugin, plus STATUS for the status command. ADD of an ambient
-pod answers only after the pod's netns is pinned, the proxy has acked the workload and the rules are in
-(`{"ok": true, "state": "enrolled"}`); every wait is bounded. The socket is created with mode 0600
-(bound in a private directory, then renamed into place).
+back. Requests: ADD / DEL / CHECK from the plugin, plus STATUS for the status command (validated by
+`serve/cni_request.py`). ADD of an ambient pod answers only after the pod's netns is pinned, the proxy
+has acked the workload and the rules are in (`{"ok": true, "state": "enrolled"}`); every wait is bounded.
+The socket is created with mode 0600 (bound in a private directory, then renamed into place).
+
+Limits (`serve/cni_admission.py`): the whole request line within `READ_TIMEOUT` of accept (one deadline,
+not one per read), the reply written within `SEND_TIMEOUT`, connections bounded per peer process, and
+slow readers evicted (oldest first) when a new connection needs their slot, so no number of slow
+clients keeps a plugin's ADD out. An ADD's netns is checked before anything acts on it: a network
+namespace, not the agent's own, not the host's (`cni.kernel.netns.open_pod_netns`).
 """
 
 from __future__ import annotations
@@ -12,28 +18,45 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cni.contract import events
+from cni.kernel.netns import NetnsFileError, pod_netns_inode
 from node_agent.kernel.unix_socket import listen_private
 from node_agent.reconcile.state import Outcome
+from node_agent.serve.cni_admission import Admission, Refusal, Ticket, peer_key
+from node_agent.serve.cni_request import PluginRequest, RequestError, parse_request, reply_json
 
 log = logging.getLogger("headrace.agent.cni")
 
-READ_TIMEOUT = 5.0  # the whole request line must arrive within this
-MAX_CONNECTIONS = 64
-_UID_RE = re.compile(r"^[0-9a-zA-Z][0-9a-zA-Z._-]{0,127}$")
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+READ_TIMEOUT = 5.0  # the whole request line must arrive within this, counted from accept
+SEND_TIMEOUT = 5.0  # the reply must be taken within this
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+
+__all__ = ["CniServer", "Handler", "PluginRequest", "RequestError", "check_add_netns", "parse_request"]
 
 
-class RequestError(ValueError):
-    """The request is malformed; the reply says why (not retryable)."""
+def check_add_netns(path: str) -> None:
+    """An ADD's netns must be a pod's network namespace (RequestError otherwise): checked before the
+    agent pins, mounts or enters anything."""
+    try:
+        pod_netns_inode(path, "agent")
+    except NetnsFileError as exc:
+        detail = f" ({exc.details})" if exc.details else ""
+        raise RequestError(f"netns refused: {exc.msg}{detail}") from exc
+
+
+def _peer(conn: socket.socket) -> tuple[str, int]:
+    try:
+        pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return peer_key(0, -1)
+    return peer_key(pid, uid)
 
 
 class Handler(Protocol):
@@ -46,78 +69,6 @@ class Handler(Protocol):
     def status(self) -> list[dict[str, Any]]: ...
 
 
-@dataclass(frozen=True)
-class PluginRequest:
-    cmd: str
-    uid: str
-    namespace: str
-    name: str
-    netns: str
-    ips: tuple[str, ...]
-    mode: str
-    container_id: str
-
-
-def parse_request(line: bytes) -> PluginRequest:
-    try:
-        obj = events.decode_line(line)
-    except ValueError as exc:
-        raise RequestError(f"request is not JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise RequestError("request must be a JSON object")
-    if obj.get(events.VERSION) != events.PROTOCOL_VERSION:
-        raise RequestError(
-            f"unsupported protocol version {obj.get(events.VERSION)!r} (agent speaks {events.PROTOCOL_VERSION})"
-        )
-    cmd = obj.get(events.CMD)
-    if cmd not in events.COMMANDS:
-        raise RequestError(f"unknown cmd {cmd!r}")
-    if cmd == events.STATUS:
-        return PluginRequest(events.STATUS, "", "", "", "", (), "", "")
-    pod = obj.get(events.POD)
-    if not isinstance(pod, dict):
-        raise RequestError("request has no 'pod' object")
-    uid = pod.get(events.POD_UID, "")
-    namespace = pod.get(events.POD_NAMESPACE, "")
-    name = pod.get(events.POD_NAME, "")
-    if not all(isinstance(x, str) for x in (uid, namespace, name)):
-        raise RequestError("pod uid/namespace/name must be strings")
-    if uid and not _UID_RE.match(uid):
-        raise RequestError(f"invalid pod uid {uid!r}")
-    if namespace and not _NAME_RE.match(namespace):
-        raise RequestError(f"invalid namespace {namespace!r}")
-    if name and not _NAME_RE.match(name):
-        raise RequestError(f"invalid pod name {name!r}")
-    netns = obj.get(events.NETNS, "")
-    if not isinstance(netns, str) or (netns and not netns.startswith("/")) or "\0" in netns:
-        raise RequestError("netns must be an absolute path")
-    ips_raw = obj.get(events.IPS) or []
-    if not isinstance(ips_raw, list) or not all(isinstance(i, str) for i in ips_raw):
-        raise RequestError("ips must be a list of strings")
-    import ipaddress
-
-    ips: list[str] = []
-    for ip in ips_raw:
-        try:
-            ips.append(str(ipaddress.ip_interface(ip).ip))
-        except ValueError as exc:
-            raise RequestError(f"invalid ip {ip!r}") from exc
-    mode = obj.get(events.MODE, events.AMBIENT)
-    if mode not in events.MODES:
-        raise RequestError(f"unknown mode {mode!r}")
-    if cmd == events.ADD and not netns:
-        raise RequestError("ADD needs the pod's netns")
-    container_id = obj.get(events.CONTAINER_ID, "")
-    return PluginRequest(cmd, uid, namespace, name, netns, tuple(ips), mode,
-                         container_id if isinstance(container_id, str) else "")
-
-
-def reply_json(outcome: Outcome) -> dict[str, Any]:
-    if outcome.ok:
-        return events.success_reply(outcome.state)
-    return events.failure_reply(outcome.error, outcome.retry, outcome.state)
-
-
 class CniServer:
     def __init__(
         self,
@@ -127,6 +78,8 @@ class CniServer:
         add_timeout: float = 20.0,
         resolve_uid: Callable[[str, str], str | None] | None = None,
         extra_status: Callable[[], dict[str, Any]] | None = None,
+        check_netns: Callable[[str], None] = check_add_netns,
+        admission: Admission | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.handler = handler
@@ -136,7 +89,8 @@ class CniServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._check_netns = check_netns
+        self.admission = admission or Admission()
         self._inode = 0
         self.requests = 0
 
@@ -181,21 +135,44 @@ class CniServer:
                 if self._stop.is_set():
                     return
                 continue
-            if not self._slots.acquire(blocking=False):
-                self._send(conn, events.failure_reply("agent busy", retry=True))
+            now = time.monotonic()
+            got, evicted = self.admission.admit(_peer(conn), now, conn)
+            for victim in evicted:
+                self._close(victim, events.failure_reply("evicted: the request was not sent in time", retry=True))
+            if isinstance(got, Refusal):
+                self._send_now(conn, events.failure_reply(got.reason, retry=True))
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="cni-conn", daemon=True).start()
+            threading.Thread(target=self._serve, args=(got,), name="cni-conn", daemon=True).start()
+
+    @staticmethod
+    def _send_now(conn: socket.socket, obj: dict[str, Any]) -> None:
+        """A short answer that never blocks the caller (a fresh socket's buffer takes it)."""
+        with contextlib.suppress(OSError):
+            conn.send(events.encode_line(obj), socket.MSG_DONTWAIT)
+
+    def _close(self, ticket: Ticket, reply: dict[str, Any]) -> None:
+        """Answer an evicted connection and shut it down: its reading thread wakes and closes it."""
+        conn = ticket.payload
+        assert isinstance(conn, socket.socket)
+        self._send_now(conn, reply)
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        log.info("plugin-socket client evicted: request not complete", extra={"step": "cni-evict",
+                 "peer": f"{ticket.peer[0]} {ticket.peer[1]}"})
 
     @staticmethod
     def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
+            conn.settimeout(SEND_TIMEOUT)
             conn.sendall(events.encode_line(obj))
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, ticket: Ticket) -> None:
+        conn = ticket.payload
+        assert isinstance(conn, socket.socket)
         try:
             try:
-                line = events.read_line(conn, time.monotonic() + READ_TIMEOUT)
+                line = events.read_line(conn, ticket.accepted + READ_TIMEOUT)
             except events.LineTooLong:
                 self._send(conn, events.failure_reply("request too long", retry=False))
                 return
@@ -203,7 +180,12 @@ class CniServer:
                 self._send(conn, events.failure_reply("request not received in time", retry=True))
                 return
             except OSError:
-                return  # the client went away
+                return  # the client went away (or was evicted)
+            refused = self.admission.start_handling(ticket)
+            if refused is not None:
+                if not ticket.evicted:
+                    self._send(conn, events.failure_reply(refused.reason, retry=True))
+                return
             self.requests += 1
             try:
                 reply = self.handle(line)
@@ -214,8 +196,8 @@ class CniServer:
                 reply = events.failure_reply(f"agent error: {exc}", retry=True)
             self._send(conn, reply)
         finally:
+            self.admission.close(ticket)
             conn.close()
-            self._slots.release()
 
     def handle(self, line: bytes) -> dict[str, Any]:
         req = parse_request(line)
@@ -233,6 +215,7 @@ class CniServer:
                "step": f"cni-{req.cmd.lower()}"}
         log.info("plugin event", extra=ctx)
         if req.cmd == events.ADD:
+            self._check_netns(req.netns)
             add = self.handler.cni_add if req.mode == events.AMBIENT else self.handler.cni_sidecar_add
             outcome = add(uid, req.namespace, req.name, req.netns, req.ips, self.add_timeout)
         elif req.cmd == events.DEL:

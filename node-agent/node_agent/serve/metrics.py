@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -42,6 +42,16 @@ def _iptables_check_counts() -> Mapping[str, int]:
     return STATS.snapshot()
 
 
+def build_version() -> str:
+    """The installed headrace distribution's version ("unknown" when run from a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("headrace")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class AgentMetrics:
     def __init__(
         self,
@@ -49,6 +59,14 @@ class AgentMetrics:
         iptables_checks: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... of the agent
+        ProcessCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "headrace_build_info", "Always 1; the labels say which headrace and Python this agent runs.",
+            ["version", "python"], registry=self.registry)
+        import platform
+
+        self.build_info.labels(version=build_version(), python=platform.python_version()).set(1)
         # iptables_checks: the drift-check counts to export (default: the process's iptables backend)
         self.registry.register(IptablesCheckCollector(iptables_checks or _iptables_check_counts))
         self.enrolments = Counter(

@@ -197,28 +197,39 @@ class _Watcher:
         self._stop.wait(delay)
 
 
+def load_client_config(cfg: Any, kubeconfig: Path | None) -> None:
+    """Fill a client Configuration: from the kubeconfig file when one is given, else in-cluster (the
+    pod's service account). In-cluster, the client re-reads the projected token file before it expires
+    (`try_refresh_token`), so a rotated service-account token is picked up without a restart."""
+    from kubernetes import config  # lazy: heavy import
+
+    if kubeconfig is not None:
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg, persist_config=False)
+    else:
+        config.load_incluster_config(client_configuration=cfg, try_refresh_token=True)
+
+
 class KubernetesSource:
-    """Fills a PodStore from the API server named in a kubeconfig."""
+    """Fills a PodStore from the Kubernetes API: in-cluster config, or the API server of a kubeconfig."""
 
     def __init__(
         self,
         store: PodStore,
-        kubeconfig: Path,
+        kubeconfig: Path | None,
         node_name: str,
         *,
         watch_timeout: int = 300,
         backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
     ) -> None:
-        from kubernetes import client, config  # lazy: heavy import
+        from kubernetes import client  # lazy: heavy import
 
         self._store = store
         self._stop = threading.Event()
         cfg = client.Configuration()
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg,
-                                persist_config=False)
+        load_client_config(cfg, kubeconfig)
         self._api_client = client.ApiClient(cfg)
-        api = client.CoreV1Api(self._api_client)
+        api = self._api = client.CoreV1Api(self._api_client)
         self.node_name = node_name
         self.pods = _Watcher(
             "pods", api.list_pod_for_all_namespaces, self._pods_listed, self._pod_event, self._stop,
@@ -270,6 +281,24 @@ class KubernetesSource:
             self._store.delete_namespace(ns.name)
         else:
             self._store.upsert_namespace(ns)
+
+    def patch_redirection(self, namespace: str, name: str, enabled: bool) -> None:
+        """Set or remove the ambient redirection annotation: a merge patch of the pod's status subresource
+        (RBAC: patch pods/status only). A pod that is gone is not an error."""
+        from kubernetes.client.exceptions import ApiException  # lazy: heavy import
+
+        from node_agent.sources.redirection_mark import merge_patch
+
+        try:
+            resp = self._api.patch_namespaced_pod_status(name, namespace, merge_patch(enabled),
+                                                         _content_type="application/merge-patch+json",
+                                                         _request_timeout=10, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        resp.read()  # the pod as stored: not needed (the watch brings it), but a body left unread would
+        resp.release_conn()  # be taken for the next response on this pooled connection
 
     def start(self) -> None:
         for watcher in (self.pods, self.namespaces):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
-from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, tc
+from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, tc, tc_status
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
@@ -25,6 +25,8 @@ log = logging.getLogger("headrace.backend.ebpf")
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
 TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
+COMPILING = "the eBPF programs are being compiled (first start on this node)"
+CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / object_cache)
 
 
 def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
@@ -37,14 +39,6 @@ def _close(fds: dict[str, int]) -> None:
     fds.clear()
 
 
-def tc_detach_quietly(netns: str) -> None:
-    try:
-        for _prog_name, hook in TC_HOOKS:
-            tc.detach_ingress(netns, hook)
-    except (tc.TcError, OSError):
-        log.warning("ebpf tc rollback failed", extra={"netns": netns})
-
-
 class EbpfBackend(RedirectBackend):
     name = "ebpf"
     needs_cgroup = True  # the agent must pass PodTarget.cgroup_path
@@ -54,30 +48,42 @@ class EbpfBackend(RedirectBackend):
         state_dir: str | Path,
         inbound_fallback: PodRules | None = None,
         proxy_cgroup: str | Path | None = None,
+        toolchain_fallback: bool = False,
     ) -> None:
         """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
         the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
-        inbound_fallback: when given, inbound capture is delegated to it instead of the TC program."""
+        inbound_fallback: when given, inbound capture is delegated to it instead of the TC program.
+        toolchain_fallback (`auto`): a failed background compile makes fallback_reason decline every pod
+        (the agent's iptables fallback takes them); otherwise apply fails closed."""
+        self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
+        if loader.cache_dir() is None:  # compiled objects kept between agent runs
+            loader.set_cache_dir(self.state_dir / CACHE_DIR)
         self.inbound = inbound_fallback
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
         self._lock = threading.RLock()
         self.orig_dst = ProxyOrigDst(self.state_dir)
+        self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
 
     # ---- helpers -------------------------------------------------------------------------------------
     def _root(self) -> Path:
+        if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
+            return self._mounted
         try:
-            return pinning.ensure_bpffs(self.state_dir)
+            self._mounted = pinning.ensure_bpffs(self.state_dir)
         except pinning.PinError as e:
             raise BackendError(str(e)) from e
+        return self._mounted
 
     def _object(self) -> loader.CompiledObject:
+        if loader.busy():  # first start on this node: never hold the caller (the reconciler) for seconds
+            raise BackendError(f"eBPF unavailable for now: {COMPILING}; retry")
         try:
             return loader.compile_object()
         except loader.ToolchainError as e:
             raise BackendError(f"eBPF backend unavailable: {e}") from e
 
-    def _node_maps(self, root: Path, obj: loader.CompiledObject) -> dict[str, int]:
+    def _node_maps(self, root: Path) -> dict[str, int]:
         """Open (creating and pinning on first use) the maps shared by every pod of the node."""
         ndir = root / pinning.NODE_DIR
         ndir.mkdir(exist_ok=True)
@@ -86,10 +92,10 @@ class EbpfBackend(RedirectBackend):
             for name in loader.NODE_MAPS:
                 fd = pinning.open_pinned(ndir / name)
                 if fd is None:
-                    fd = bpfsys.map_create(obj.maps[name], name)
+                    fd = bpfsys.map_create(self._object().maps[name], name)
                     pinning.pin(fd, ndir / name)
                 fds[name] = fd
-        except (bpfsys.BpfSysError, OSError) as e:
+        except (bpfsys.BpfSysError, OSError, BackendError) as e:
             _close(fds)
             raise BackendError(f"cannot create or open the node eBPF maps in {ndir}: {e}") from e
         return fds
@@ -141,14 +147,7 @@ class EbpfBackend(RedirectBackend):
         extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
         problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
         if tc_wanted:
-            for prog_name, hook in TC_HOOKS:
-                if not (pdir / prog_name).exists():
-                    problems.append(f"eBPF program {prog_name} is not pinned")
-                status = tc.ingress_status(netns, hook)
-                if not status:
-                    problems.append(f"no pod interface found in {netns}")
-                    break
-                problems += [f"TC {hook} program missing on {ifname}" for ifname, ok in status.items() if not ok]
+            problems += tc_status.problems(pdir, netns, TC_HOOKS)
         elif (pdir / TC_PROGRAM).exists():
             problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
         return problems
@@ -157,6 +156,8 @@ class EbpfBackend(RedirectBackend):
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
         """Why this backend cannot fully implement spec on this node (the agent should then use iptables
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
+        if self.toolchain_fallback and (loader.busy() or loader.failure() is not None):
+            return f"eBPF is unavailable on this node: {loader.failure() or COMPILING}"
         if (
             isinstance(spec, SidecarSpec)
             and spec.interception_mode == "TPROXY"
@@ -204,32 +205,15 @@ class EbpfBackend(RedirectBackend):
             families = maps.families_mask(target.ips)
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:
-            try:  # the sidecar's IPv6 inbound passthrough source (as the iptables backend puts it there)
-                netns_addr.ensure_lo_passthrough6(target.netns_path)
-            except (tc.TcError, OSError) as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        cookie = 0
-        if wants_tc(spec, self.inbound_in_ebpf):
-            try:
-                cookie = tc.netns_cookie(target.netns_path)
-            except (tc.TcError, OSError) as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        try:
-            pm = maps.pod_maps(
-                spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips, netns_cookie=cookie
-            )
-        except ValueError as e:
-            raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
-        obj = self._object()
+        pm = self._pod_maps(target, spec, cg, 0)  # the netns cookie is not part of the spec hash
         root = self._root()
         pdir = self._pod_dir(root, target)
         wanted = cgroup_programs.wanted_programs(spec)
         tc_wanted = wants_tc(spec, self.inbound_in_ebpf)
         if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
-            nfds = self._node_maps(root, obj)
+            nfds = self._node_maps(root)
             try:
-                self.orig_dst.ensure(self.proxy_cgroup, root, obj, nfds)
+                self.orig_dst.ensure(self.proxy_cgroup, root, self._object, nfds)
             finally:
                 _close(nfds)
         if pdir.is_dir():
@@ -239,8 +223,19 @@ class EbpfBackend(RedirectBackend):
             elif not self._ebpf_problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
+        if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:  # not for intact pods: ~20 ms (pyroute2)
+            try:  # the sidecar's IPv6 inbound passthrough source (as the iptables backend puts it there)
+                netns_addr.ensure_lo_passthrough6(target.netns_path)
+            except (tc.TcError, OSError) as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        if wants_tc(spec, self.inbound_in_ebpf):  # the config holds the pod netns' cookie (TC flow keys)
+            try:
+                pm = self._pod_maps(target, spec, cg, tc.netns_cookie(target.netns_path))
+            except (tc.TcError, OSError) as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
         pdir.mkdir(exist_ok=True)
-        fds = self._node_maps(root, obj)
+        fds = self._node_maps(root)
         progs: dict[str, int] = {}
         done: list[tuple[int, int, int | None]] = []  # (new fd, attach type, replaced fd)
         olds: dict[str, int] = {}
@@ -295,7 +290,7 @@ class EbpfBackend(RedirectBackend):
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
             cgroup_programs.rollback(cg, done)
             if tc_wanted and not had_tc:
-                tc_detach_quietly(target.netns_path)
+                tc.detach_quietly(target.netns_path)
             detail = f"; verifier log:\n{e.log[-2000:]}" if isinstance(e, bpfsys.BpfSysError) and e.log else ""
             raise BackendError(f"eBPF apply for pod {target.uid} failed: {e}{detail}") from e
         finally:
@@ -306,6 +301,14 @@ class EbpfBackend(RedirectBackend):
             "ebpf redirect applied",
             extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},
         )
+
+    def _pod_maps(self, target: PodTarget, spec: RedirectSpec, cg: Path, cookie: int) -> maps.PodMaps:
+        try:
+            return maps.pod_maps(
+                spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips, netns_cookie=cookie
+            )
+        except ValueError as e:
+            raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
 
     def set_proxy_cgroup(self, path: str | Path | None) -> None:
         """Tell the backend where the node proxy runs (the agent learns it from the proxy's connection:
@@ -326,9 +329,9 @@ class EbpfBackend(RedirectBackend):
                 self.orig_dst.detach(self.proxy_cgroup, root)
             self.proxy_cgroup = new
             if had and new is not None:
-                fds = self._node_maps(root, self._object())
+                fds = self._node_maps(root)
                 try:
-                    self.orig_dst.ensure(self.proxy_cgroup, root, self._object(), fds)
+                    self.orig_dst.ensure(self.proxy_cgroup, root, self._object, fds)
                 finally:
                     _close(fds)
 
@@ -399,6 +402,7 @@ class EbpfBackend(RedirectBackend):
                 return
             try:
                 pinning.unmount_bpffs(self.state_dir)
+                self._mounted = None
             except pinning.PinError as e:
                 log.warning("ebpf bpffs unmount failed", extra={"reason": str(e)})
 

@@ -30,6 +30,9 @@ PROG_GET_FD_BY_ID = 13
 MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
+BTF_LOAD = 18
+
+MAP_TYPE_SK_STORAGE = 24
 
 F_ALLOW_MULTI = 2
 F_REPLACE = 4
@@ -92,10 +95,41 @@ class MapSpec:
     flags: int
 
 
+def storage_btf(value_size: int) -> bytes:
+    """Pure: the smallest BTF a socket-storage map accepts (the kernel insists on key and value types):
+    type 1 `int` (the key), type 2 `u8`, type 3 `u8[value_size]` (the value)."""
+    strings = b"\0int\0u8\0"
+    types = b"".join(
+        (
+            struct.pack("=IIII", 1, 1 << 24, 4, (1 << 24) | 32),  # INT "int": 4 bytes, signed, 32 bits
+            struct.pack("=IIII", 5, 1 << 24, 1, 8),  # INT "u8": 1 byte, 8 bits
+            struct.pack("=IIIIII", 0, 3 << 24, 0, 2, 1, value_size),  # ARRAY of type 2, index type 1
+        )
+    )
+    header = struct.pack("=HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + strings
+
+
+def btf_load(blob: bytes) -> int:
+    bb = ctypes.create_string_buffer(blob, len(blob))
+    return _bpf(BTF_LOAD, _attr("=QQIII", _addr(bb), 0, len(blob), 0, 0), "load BTF")
+
+
 def map_create(spec: MapSpec, name: str) -> int:
     raw = name.encode()[:15].ljust(16, b"\0")
-    attr = _attr("=IIIIIII16s", spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, 0, 0, raw)
-    return _bpf(MAP_CREATE, attr, f"create map {name}")
+    btf_fd, key_type, value_type = 0, 0, 0
+    if spec.map_type == MAP_TYPE_SK_STORAGE:  # needs BTF for its key and value
+        btf_fd, key_type, value_type = btf_load(storage_btf(spec.value_size)), 1, 3
+    try:
+        attr = _attr(
+            "=IIIIIII16sIIII",
+            spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags, 0, 0, raw,
+            0, btf_fd, key_type, value_type,
+        )  # fmt: skip
+        return _bpf(MAP_CREATE, attr, f"create map {name}")
+    finally:
+        if btf_fd:
+            os.close(btf_fd)
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:

@@ -3,18 +3,24 @@
 bcc compiles the C and creates template maps; we copy out each program's instructions, note which
 instructions load which map (BPF_PSEUDO_MAP_FD relocations), read each map's shape, and then release the
 bcc module (so its template maps and nothing else of ours stays in the kernel). Each pod then gets fresh
-maps and programs from this cached object: one ~0.3-1 s compile per agent start, not per pod.
+maps and programs from this object. The object is also kept on disk (object_cache.py), keyed by the
+sources, the kernel release and the bcc version: a restarted agent reads it instead of compiling (seconds).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.backends.ebpf import bpfsys
+from node_agent.backends.ebpf import bpfsys, object_cache
+
+log = logging.getLogger("headrace.backend.ebpf")
 
 BPF_PSEUDO_MAP_FD = 1
 LD_IMM64 = 0x18
@@ -49,7 +55,7 @@ POD_MAPS = (
     "hr_cfg_local",
     "hr_cfg_oports",
 )
-NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat")
+NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat", "hr_in_orig")
 LICENSE = "Dual MIT/GPL"
 
 
@@ -126,23 +132,157 @@ def relocations(insns: bytes, fd_names: dict[int, str]) -> tuple[tuple[int, str]
 
 _lock = threading.Lock()
 _cached: CompiledObject | None = None
-compile_count = 0  # observable by tests: compile once per process
+compile_count = 0  # observable by tests and benchmarks: compile once per process at most
+cache_loads = 0  # objects read from the on-disk cache instead
+_cache_dir: Path | None = None
+CACHE_ENV = "HEADRACE_BPF_CACHE_DIR"
+FAILED_COMPILE = "compile failed: "
+
+
+def set_cache_dir(path: str | Path | None) -> None:
+    """Where compiled objects are kept between agent runs (the agent: <state-dir>/bpf-cache);
+    $HEADRACE_BPF_CACHE_DIR wins; None: no disk cache."""
+    global _cache_dir
+    _cache_dir = Path(path) if path is not None else None
+
+
+def cache_dir() -> Path | None:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else _cache_dir
+
+
+def bcc_version() -> str:
+    """The installed bcc's version, read from its package without importing it ("" when absent)."""
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    for loc in spec.submodule_search_locations:
+        try:
+            return (Path(loc) / "version.py").read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+    return ""
+
+
+def object_key() -> str:
+    """The cache key of the object this process would compile: sources, kernel release, bcc version."""
+    src = bpf_source_dir()
+    sources = [(src / name).read_bytes() for name in (C_FILE, HEADER)]
+    return object_cache.cache_key(sources, os.uname().release, bcc_version())
 
 
 def compile_object() -> CompiledObject:
-    """The compiled programs (compiled on first use, then cached for the life of the process)."""
-    global _cached, compile_count
+    """The compiled programs: from this process's memory, else the disk cache, else compiled by bcc (then
+    written to the disk cache)."""
+    with _lock:
+        return _compile_locked()
+
+
+def _compile_locked() -> CompiledObject:
+    global _cached, compile_count, cache_loads, _failure
+    if _cached is not None:
+        return _cached
+    if _failure is not None and _failure.startswith(FAILED_COMPILE):
+        raise ToolchainError(_failure)
+    where = cache_dir()
+    try:
+        key = object_key() if where is not None else ""
+        obj = _load_cached(where, key) if where is not None else None
+        if obj is not None:
+            cache_loads += 1
+            _cached = obj
+            return obj
+        obj = _compile()
+    except ToolchainError as e:
+        _failure = f"{FAILED_COMPILE}{e}"
+        raise
+    _cached = obj
+    compile_count += 1
+    if where is not None:
+        try:
+            object_cache.write(where, key, _encode(key, obj))
+        except OSError as e:
+            log.warning("ebpf object cache not written", extra={"reason": str(e), "dir": str(where)})
+    return obj
+
+
+_failure: str | None = None
+_busy = False
+
+
+def compile_in_background(verify: Callable[[CompiledObject], str | None]) -> None:
+    """Compile (then verify) in a thread; compile_object() callers wait for it (the thread holds the lock
+    before this returns). A failure is kept for failure(); a failed compile is raised by compile_object()
+    from then on."""
+    global _busy
+    started = threading.Event()
+    _busy = True
+
+    def work() -> None:
+        global _failure, _busy
+        with _lock:
+            started.set()
+            try:
+                problem = verify(_compile_locked())
+            except ToolchainError as e:
+                problem = str(e)
+            except Exception as e:  # reported as the reason eBPF is unavailable here
+                problem = f"eBPF object not usable: {e}"
+            if problem and _failure is None:
+                _failure = problem
+            _busy = False
+        if problem:
+            log.error("ebpf unavailable: %s", problem, extra={"event": "ebpf_compile_failed"})
+        else:
+            log.info("ebpf object ready", extra={"event": "ebpf_compiled", "compiles": compile_count})
+
+    threading.Thread(target=work, name="headrace-bpf-compile", daemon=True).start()
+    started.wait()
+
+
+def busy() -> bool:
+    """True while the background compile runs (compile_object() would wait for it)."""
+    return _busy
+
+
+def failure() -> str | None:
+    """Why the background compile (or its probe load) failed; None when it did not (or is still running)."""
+    return _failure
+
+
+def cached_available() -> bool:
+    """True when compile_object() will not need bcc: in memory, or a usable cache file for this key."""
     with _lock:
         if _cached is not None:
-            return _cached
-        _cached = _compile()
-        compile_count += 1
-        return _cached
+            return True
+    where = cache_dir()
+    try:
+        return where is not None and object_cache.read(where, object_key()) is not None
+    except (object_cache.CacheError, ToolchainError, OSError):
+        return False
+
+
+def _encode(key: str, obj: CompiledObject) -> bytes:
+    progs = {n: (p.prog_type, p.attach_type, p.insns, p.relocs) for n, p in obj.programs.items()}
+    return object_cache.encode(key, progs, obj.maps)
+
+
+def _load_cached(where: Path, key: str) -> CompiledObject | None:
+    try:
+        raw = object_cache.read(where, key)
+        if raw is None:
+            return None
+        progs, maps = object_cache.decode(raw, key, set(PROGRAMS | TC_PROGRAMS), {*POD_MAPS, *NODE_MAPS})
+    except object_cache.CacheError as e:
+        log.warning("ebpf object cache not used", extra={"reason": str(e), "dir": str(where)})
+        return None
+    return CompiledObject({n: Program(n, *p) for n, p in progs.items()}, maps)
 
 
 def _compile() -> CompiledObject:
     try:
         from bcc import BPF
+        from bcc.libbcc import lib
     except ImportError as e:
         raise ToolchainError(
             f"bcc is not importable ({e}); install python3-bpfcc and expose "
@@ -163,7 +303,9 @@ def _compile() -> CompiledObject:
         fd_names: dict[int, str] = {}
         maps: dict[str, bpfsys.MapSpec] = {}
         for name in (*POD_MAPS, *NODE_MAPS):
-            fd = int(module[name.encode()].map_fd)
+            fd = int(lib.bpf_table_fd(module.module, name.encode()))  # also the map types bcc has no class for
+            if fd < 0:
+                raise ToolchainError(f"bcc created no map {name}")
             fd_names[fd] = name
             maps[name] = bpfsys.map_info(fd).spec
         programs: dict[str, Program] = {}

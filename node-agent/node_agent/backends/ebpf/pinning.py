@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import subprocess
 from pathlib import Path
 
+from cni.contract.pod_uid import valid_uid
 from node_agent.backends.ebpf import bpfsys
 
 NODE_DIR = "node"
-_POD_UID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class PinError(Exception):
@@ -60,7 +59,7 @@ def unmount_bpffs(state_dir: str | Path) -> None:
 
 
 def pod_dir_name(pod_uid: str) -> str:
-    if not _POD_UID_RE.match(pod_uid) or pod_uid == NODE_DIR or ".." in pod_uid:
+    if not valid_uid(pod_uid) or pod_uid == NODE_DIR or ".." in pod_uid:
         raise PinError(f"pod uid {pod_uid!r} is not usable as a pin directory name")
     return pod_uid
 

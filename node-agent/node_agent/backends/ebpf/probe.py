@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
+from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, loader
 from node_agent.backends.ebpf.attach import cgroup2_mounts
 
 
-def probe() -> list[str]:
-    """Problems that stop the eBPF backend on this node (empty: it can run). Compiles (cached) once."""
+def probe(cache_dir: str | Path | None = None, background: bool = False) -> list[str]:
+    """Problems that stop the eBPF backend on this node (empty: it can run). Compiles once, or reads the
+    object compiled by an earlier run from cache_dir (then neither bcc nor the headers are needed).
+
+    background: when the object must be compiled (nothing cached), check only what can be checked without
+    it and compile (then probe-load) in a thread: the agent starts serving meanwhile, and a failure is
+    reported by loader.failure() (the backend then declines pods, or refuses them when eBPF is forced)."""
+    if cache_dir is not None and loader.cache_dir() is None:
+        loader.set_cache_dir(cache_dir)
     problems: list[str] = []
-    try:
-        import bcc  # noqa: F401
-    except ImportError as e:
-        problems.append(
-            f"bcc is not importable ({e}): install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
-            "to the agent's Python (make setup does this)"
-        )
-    headers = loader.kernel_headers_problem()
-    if headers:
-        problems.append(headers)
+    cached = loader.cached_available()
+    if not cached:
+        if importlib.util.find_spec("bcc") is None:
+            problems.append(
+                "bcc is not importable: install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
+                "to the agent's Python (make setup does this)"
+            )
+        headers = loader.kernel_headers_problem()
+        if headers:
+            problems.append(headers)
     if not cgroup2_mounts():
         problems.append(
             "no cgroup2 filesystem is mounted: mount cgroup2 (e.g. at /sys/fs/cgroup/unified) and give "
@@ -32,26 +42,37 @@ def probe() -> list[str]:
         )
     if problems:
         return problems
+    if background and not cached:
+        loader.compile_in_background(probe_load)
+        return []
     try:
         obj = loader.compile_object()
     except loader.ToolchainError as e:
         return [str(e)]
-    # load one program against throwaway maps: the verifier and the kernel's program types say yes or no
+    problem = probe_load(obj)
+    return [problem] if problem else []
+
+
+def probe_load(obj: loader.CompiledObject) -> str | None:
+    """Load the programs of each type against throwaway maps: the verifier and the kernel's program types
+    say yes (None) or no (why)."""
     fds: dict[str, int] = {}
     try:
-        for name in (*loader.POD_MAPS, *loader.NODE_MAPS):
-            fds[name] = bpfsys.map_create(obj.maps[name], name)
+        for name in (*loader.POD_MAPS, *loader.NODE_MAPS):  # the verifier needs the shapes, not the sizes
+            spec = obj.maps[name]
+            small = dataclasses.replace(spec, max_entries=min(spec.max_entries, 16)) if spec.max_entries else spec
+            fds[name] = bpfsys.map_create(small, name)
         for pname in ("hr_connect4", "hr_sock_create", "hr_sockops", "hr_getsockopt", "hr_tc_ingress", "hr_tc_egress"):
             prog = obj.programs[pname]
             fd = bpfsys.prog_load(prog.prog_type, prog.patched(fds), pname, prog.attach_type, loader.LICENSE)
             os.close(fd)
     except bpfsys.BpfSysError as e:
         tail = f" (verifier: {e.log.strip().splitlines()[-1]})" if e.log.strip() else ""
-        return [
+        return (
             f"the kernel refused the probe program: {e}{tail}; needs Linux >= 5.15 with "
             f"CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_NET_CLS_BPF"
-        ]
+        )
     finally:
         for fd in fds.values():
             os.close(fd)
-    return []
+    return None

@@ -1,6 +1,7 @@
-"""The node-level original-destination program of ambient mode: one `getsockopt` program attached to the
-node proxy's cgroup v2 directory (the proxy's accepted sockets live there, not in the pods' cgroups), shared
-by every ambient pod, pinned under the node dir of the backend's bpffs.
+"""The node-level programs of ambient mode on the node proxy's cgroup v2 directory (the proxy's accepted
+sockets live there, not in the pods' cgroups): `getsockopt` (SO_ORIGINAL_DST) and `sock_ops` (an accepted
+inbound connection's rewrite state kept on its socket), shared by every ambient pod, pinned under the node
+dir of the backend's bpffs.
 
 Where it is attached is recorded in a file outside the bpffs: a legacy cgroup attachment cannot be looked up
 from the program, and the agent's idea of the proxy cgroup may change, or be unknown, after a restart.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from node_agent.backends.base import BackendError
@@ -20,69 +22,85 @@ from node_agent.backends.ebpf.attach import Cgroup, CgroupError, validate_cgroup
 log = logging.getLogger("headrace.backend.ebpf")
 
 PROXY_GETSOCKOPT = "hr_getsockopt_proxy"
+# (program, its pin name under the node dir): getsockopt answers SO_ORIGINAL_DST for the proxy's accepted
+# sockets; sock_ops keeps each accepted inbound connection's rewrite state on the socket (hr_in_orig) and
+# drops its SO_ORIGINAL_DST entry when it closes
+PROXY_PROGRAMS = (("hr_getsockopt", PROXY_GETSOCKOPT), ("hr_sockops", "hr_sockops_proxy"))
 
 
 class ProxyOrigDst:
-    """The proxy cgroup's getsockopt program: attach (idempotent), check, detach."""
+    """The proxy cgroup's programs: attach (idempotent), check, detach."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
 
     @staticmethod
-    def pinned_path(root: Path) -> Path:
-        return root / pinning.NODE_DIR / PROXY_GETSOCKOPT
+    def pinned_path(root: Path, pin: str = PROXY_GETSOCKOPT) -> Path:
+        return root / pinning.NODE_DIR / pin
 
     def ensure(
-        self, proxy_cgroup: str | None, root: Path, obj: loader.CompiledObject, node_fds: dict[str, int]
+        self,
+        proxy_cgroup: str | None,
+        root: Path,
+        obj: Callable[[], loader.CompiledObject],
+        node_fds: dict[str, int],
     ) -> None:
-        """One getsockopt program on the node proxy's cgroup (ambient), shared by all pods; idempotent."""
-        path = self.pinned_path(root)
-        atype = loader.PROGRAMS["hr_getsockopt"][1]
+        """The node-level programs on the node proxy's cgroup (ambient), shared by all pods; idempotent.
+        obj gives the compiled object, asked for only when a program must be loaded."""
         try:
             cg = validate_cgroup(proxy_cgroup)
             recorded = self._attached_cgroup()
-            if recorded is not None and recorded != str(cg) and path.exists():
-                self._detach_from(path, recorded)  # attached by an earlier run to another cgroup
+            if recorded is not None and recorded != str(cg):
+                self._detach_from(root, recorded)  # attached by an earlier run to another cgroup
             with Cgroup(cg) as c:
-                fd = pinning.open_pinned(path)
-                try:
-                    if fd is not None and bpfsys.prog_info(fd).prog_id in c.attached(atype):
-                        self._record_attached(str(cg))
-                        return
-                    if fd is None:
-                        prog = obj.programs["hr_getsockopt"]
-                        fd = bpfsys.prog_load(
-                            prog.prog_type, prog.patched(node_fds), "hr_getsockopt", prog.attach_type, loader.LICENSE
-                        )
-                        pinning.pin(fd, path)
-                    c.attach(fd, atype)
-                    self._record_attached(str(cg))
-                finally:
-                    if fd is not None:
-                        os.close(fd)
+                for prog_name, pin in PROXY_PROGRAMS:
+                    self._ensure_one(c, prog_name, self.pinned_path(root, pin), obj, node_fds)
+            self._record_attached(str(cg))
         except (CgroupError, bpfsys.BpfSysError, OSError) as e:
             raise BackendError(
-                f"cannot attach the original-destination program to the proxy cgroup {proxy_cgroup}: {e}"
+                f"cannot attach the original-destination programs to the proxy cgroup {proxy_cgroup}: {e}"
             ) from e
         log.info(
-            "ebpf proxy getsockopt attached", extra={"event": "ebpf_proxy_attached", "cgroup": str(proxy_cgroup)}
+            "ebpf proxy programs attached", extra={"event": "ebpf_proxy_attached", "cgroup": str(proxy_cgroup)}
         )
 
-    def problems(self, proxy_cgroup: str | None, root: Path) -> list[str]:
-        path = self.pinned_path(root)
+    @staticmethod
+    def _ensure_one(
+        c: Cgroup, prog_name: str, path: Path, obj: Callable[[], loader.CompiledObject], node_fds: dict[str, int]
+    ) -> None:
+        atype = loader.PROGRAMS[prog_name][1]
         fd = pinning.open_pinned(path)
-        if fd is None:
-            return [f"original-destination program for the proxy cgroup is not pinned ({path})"]
         try:
-            pid = bpfsys.prog_info(fd).prog_id
-            with Cgroup(validate_cgroup(proxy_cgroup)) as c:
-                if pid not in c.attached(loader.PROGRAMS["hr_getsockopt"][1]):
-                    return [f"original-destination program is not attached to {proxy_cgroup}"]
-        except (CgroupError, bpfsys.BpfSysError) as e:
-            return [f"proxy cgroup: {e}"]
+            if fd is not None and bpfsys.prog_info(fd).prog_id in c.attached(atype):
+                return
+            if fd is None:
+                prog = obj().programs[prog_name]
+                fd = bpfsys.prog_load(prog.prog_type, prog.patched(node_fds), prog_name, prog.attach_type,
+                                      loader.LICENSE)
+                pinning.pin(fd, path)
+            c.attach(fd, atype)
         finally:
-            os.close(fd)
-        return []
+            if fd is not None:
+                os.close(fd)
+
+    def problems(self, proxy_cgroup: str | None, root: Path) -> list[str]:
+        found: list[str] = []
+        for prog_name, pin in PROXY_PROGRAMS:
+            path = self.pinned_path(root, pin)
+            fd = pinning.open_pinned(path)
+            if fd is None:
+                found.append(f"original-destination program for the proxy cgroup is not pinned ({path})")
+                continue
+            try:
+                pid = bpfsys.prog_info(fd).prog_id
+                with Cgroup(validate_cgroup(proxy_cgroup)) as c:
+                    if pid not in c.attached(loader.PROGRAMS[prog_name][1]):
+                        found.append(f"original-destination program {pin} is not attached to {proxy_cgroup}")
+            except (CgroupError, bpfsys.BpfSysError) as e:
+                return [f"proxy cgroup: {e}"]
+            finally:
+                os.close(fd)
+        return found
 
     @property
     def _attached_file(self) -> Path:
@@ -104,27 +122,27 @@ class ProxyOrigDst:
         tmp.write_text(cgroup + "\n", encoding="utf-8")
         os.replace(tmp, self._attached_file)
 
-    def _detach_from(self, path: Path, cgroup: str) -> None:
+    def _detach_from(self, root: Path, cgroup: str) -> None:
         if not Path(cgroup).is_dir():
             return  # the cgroup is gone, and its attachments with it
         with Cgroup(Path(cgroup)) as c:
-            fd = pinning.open_pinned(path)
-            if fd is None:
-                return
-            try:
-                c.detach(fd, loader.PROGRAMS["hr_getsockopt"][1])
-            except bpfsys.BpfSysError as e:
-                if e.errno not in (errno.ENOENT, errno.EINVAL):
-                    raise
-            finally:
-                os.close(fd)
+            for prog_name, pin in PROXY_PROGRAMS:
+                fd = pinning.open_pinned(self.pinned_path(root, pin))
+                if fd is None:
+                    continue
+                try:
+                    c.detach(fd, loader.PROGRAMS[prog_name][1])
+                except bpfsys.BpfSysError as e:
+                    if e.errno not in (errno.ENOENT, errno.EINVAL):
+                        raise
+                finally:
+                    os.close(fd)
 
     def detach(self, proxy_cgroup: str | None, root: Path) -> None:
-        """Detach the node-level getsockopt program from wherever it is attached (the recorded cgroup and
-        the current proxy cgroup), then unpin it."""
-        path = self.pinned_path(root)
-        if path.exists():
-            for cgroup in {c for c in (self._attached_cgroup(), proxy_cgroup) if c is not None}:
-                self._detach_from(path, cgroup)
-            pinning.unpin(path)
+        """Detach the node-level programs from wherever they are attached (the recorded cgroup and the
+        current proxy cgroup), then unpin them."""
+        for cgroup in {c for c in (self._attached_cgroup(), proxy_cgroup) if c is not None}:
+            self._detach_from(root, cgroup)
+        for _prog_name, pin in PROXY_PROGRAMS:
+            pinning.unpin(self.pinned_path(root, pin))
         self._attached_file.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ thread's netns). A clsact qdisc is created only where none exists and never dele
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ EGRESS_FILTER_NAME = "hr_tc_egress"
 INGRESS = "ingress"
 EGRESS = "egress"
 _HOOKS = {INGRESS: (INGRESS_PARENT, FILTER_NAME), EGRESS: (EGRESS_PARENT, EGRESS_FILTER_NAME)}
+HOOK_PARENTS = {INGRESS: INGRESS_PARENT, EGRESS: EGRESS_PARENT}
 
 
 class TcError(Exception):
@@ -114,6 +116,15 @@ def detach_ingress(netns_path: str, hook: str = INGRESS) -> list[str]:
         return removed
 
     return run_in_thread(netns_path, work, name="headrace-tc-netns")
+
+
+def detach_quietly(netns_path: str) -> None:
+    """Rollback: our filters off both hooks; a failure is only logged."""
+    try:
+        for hook in (INGRESS, EGRESS):
+            detach_ingress(netns_path, hook)
+    except (TcError, OSError):
+        logging.getLogger("headrace.backend.ebpf").warning("ebpf tc rollback failed", extra={"netns": netns_path})
 
 
 def ingress_status(netns_path: str, hook: str = INGRESS) -> dict[str, bool]:

@@ -1,0 +1,112 @@
+"""Is our DaemonSet going away? Decides, when install-cni is told to stop, between uninstall and keep.
+
+A pod of the DaemonSet stops for two different reasons:
+
+- the DaemonSet is being deleted (`kubectl delete -k deploy`, a namespace deletion): nothing will put a
+  new pod on this node, so our conflist entry and launcher must go, or every later pod ADD on the node
+  fails (a plugin whose agent and credentials are gone);
+- a rolling update, a restart, an eviction: a new pod of the same DaemonSet follows, and removing the
+  entry would let pods start unredirected in between, so everything stays.
+
+So at termination install-cni GETs its DaemonSet: present without `deletionTimestamp` means keep;
+`404`, a `deletionTimestamp`, or `401`/`403` (our service account or its RBAC binding deleted first,
+as a `kubectl delete -k` of the whole set does) means uninstall. Anything else (API unreachable, 5xx)
+is unknown and keeps the files: the log line says to run `headrace uninstall-cni` if the DaemonSet was
+deleted. The decision is a pure function (`decide`) of what the GET returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from cni.plugin.kube_api import KubeCredentials, parse_kubeconfig
+from cni.plugin.pod_source import PodSourceError
+
+KEEP = "keep"
+UNINSTALL = "uninstall"
+UNKNOWN = "unknown"
+MAX_BODY = 1 << 20
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str  # KEEP, UNINSTALL or UNKNOWN
+    reason: str
+
+    @property
+    def uninstall(self) -> bool:
+        return self.action == UNINSTALL
+
+
+def decide(status: int | None, body: bytes | None, error: str = "") -> Verdict:
+    """What the GET of our DaemonSet means: `status` None when there was no HTTP answer at all."""
+    if status is None:
+        return Verdict(UNKNOWN, f"Kubernetes API unreachable: {error}")
+    if status == 404:
+        return Verdict(UNINSTALL, "the DaemonSet no longer exists")
+    if status in (401, 403):
+        return Verdict(UNINSTALL, f"HTTP {status}: our service account or its RBAC binding is gone")
+    if status != 200:
+        return Verdict(UNKNOWN, f"HTTP {status} from the Kubernetes API")
+    try:
+        obj = json.loads(body or b"")
+    except (ValueError, UnicodeDecodeError):
+        return Verdict(UNKNOWN, "the DaemonSet GET returned no JSON")
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return Verdict(UNKNOWN, "the DaemonSet GET returned no object metadata")
+    if meta.get("deletionTimestamp"):
+        return Verdict(UNINSTALL, f"the DaemonSet is being deleted (since {meta['deletionTimestamp']})")
+    return Verdict(KEEP, "the DaemonSet is still there: a rolling update or a restart")
+
+
+def daemonset_path(namespace: str, name: str) -> str:
+    q = urllib.parse.quote
+    return f"/apis/apps/v1/namespaces/{q(namespace, safe='')}/daemonsets/{q(name, safe='')}"
+
+
+def _ssl_context(creds: KubeCredentials) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if creds.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif creds.ca_data:
+        ctx.load_verify_locations(cadata=creds.ca_data.decode("ascii", "replace"))
+    elif creds.ca_file:
+        ctx.load_verify_locations(cafile=creds.ca_file)
+    if creds.cert_file:
+        ctx.load_cert_chain(creds.cert_file, creds.key_file)
+    return ctx
+
+
+def check_daemonset(kubeconfig_path: str, namespace: str, name: str, timeout: float = 5.0) -> Verdict:
+    """GET the DaemonSet with the kubeconfig's credentials (bearer token or client cert files) and decide."""
+    try:
+        with open(kubeconfig_path, encoding="utf-8") as fh:
+            creds = parse_kubeconfig(fh.read(MAX_BODY), os.path.dirname(kubeconfig_path), kubeconfig_path)
+    except (OSError, UnicodeDecodeError, ValueError, PodSourceError) as exc:
+        return Verdict(UNKNOWN, f"kubeconfig {kubeconfig_path} unusable: {exc}")
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if creds.server.startswith("https://"):
+        try:
+            handlers.append(urllib.request.HTTPSHandler(context=_ssl_context(creds)))
+        except (OSError, ssl.SSLError) as exc:
+            return Verdict(UNKNOWN, f"cannot load the cluster CA: {exc}")
+    headers = {"Accept": "application/json", "User-Agent": "headrace-install-cni"}
+    if creds.token:
+        headers["Authorization"] = f"Bearer {creds.token}"
+    url = creds.server.rstrip("/") + daemonset_path(namespace, name)
+    request = urllib.request.Request(url, headers=headers, method="GET")  # noqa: S310 - http(s) from kubeconfig
+    try:
+        with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as resp:
+            return decide(resp.status, resp.read(MAX_BODY))
+    except urllib.error.HTTPError as exc:
+        return decide(exc.code, None)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return decide(None, None, str(getattr(exc, "reason", exc)))

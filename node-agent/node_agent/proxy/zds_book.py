@@ -1,0 +1,191 @@
+"""The ZDS server's state machine (pure: no sockets, no threads, no clock; the server holds its lock).
+
+What it keeps: the desired workload set, the futures waiting for acks, and per ztunnel connection the
+queue of requests still to send and the one in flight. The rules, as istio-cni applies them:
+
+- A new connection (after its ZdsHello) gets the whole desired set as adds, then `snapshot_sent`.
+- An add goes to the newest connection only (during a ztunnel upgrade the new ztunnel takes over the
+  pods); a delete goes to every connection, so an older ztunnel still running lets go of the pod too.
+- One request in flight per connection; its ack (from any connection) settles the waiters of that uid's
+  latest operation. An error ack fails them (ProxyNack): the pod is not enrolled (fail closed).
+- An add whose netns cannot be opened when it is sent: inside a snapshot it becomes a `keep` (ztunnel
+  keeps the workload if it has it), outside one it fails its waiters.
+- A delete issued while no connection was there is fulfilled when a later snapshot (which omits the
+  uid) is acked.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Literal
+
+from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.hub_session import OpKind, Waiter
+
+Settle = tuple[futures.Future[None], BaseException | None]
+OutKind = Literal["add", "keep", "del", "snapshot_sent"]
+
+
+class ZdsNack(Exception):
+    """ztunnel acked with an error (or the request could not be sent); str(exc) says which."""
+
+
+class ZdsSuperseded(Exception):
+    """A later upsert/remove of the same uid replaced this one before ztunnel acked it."""
+
+
+@dataclass
+class Outgoing:
+    kind: OutKind
+    uid: str
+    op: int
+    workload: WorkloadInfo | None = None
+    snapshot: bool = False
+
+
+@dataclass
+class ZdsConn:
+    number: int
+    pid: int = 0
+    queue: deque[Outgoing] = field(default_factory=deque)
+    inflight: Outgoing | None = None
+    snapshot_acked: bool = False
+    closed: bool = False
+
+
+class ZdsBook:
+    def __init__(self) -> None:
+        self.desired: dict[str, WorkloadInfo] = {}
+        self.latest_op: dict[str, int] = {}
+        self.waiters: dict[str, list[Waiter]] = {}
+        self.conns: list[ZdsConn] = []  # greeted connections, oldest first
+        self._ops = itertools.count(1)
+        self.op_now = 0
+        self.acks = 0
+        self.nacks = 0
+
+    # ---- the agent's operations ------------------------------------------------------------------
+
+    def upsert(self, w: WorkloadInfo, fut: futures.Future[None]) -> list[Settle]:
+        op = self._next_op()
+        self.desired[w.uid] = w
+        self.latest_op[w.uid] = op
+        gone = self._supersede(w.uid, keep="add")
+        self.waiters.setdefault(w.uid, []).append(Waiter(op, "add", fut))
+        newest = self.newest()
+        if newest is not None:
+            newest.queue.append(Outgoing("add", w.uid, op, w))
+        return gone
+
+    def remove(self, uid: str, fut: futures.Future[None]) -> list[Settle]:
+        op = self._next_op()
+        self.desired.pop(uid, None)
+        self.latest_op[uid] = op
+        gone = self._supersede(uid, keep="delete")
+        self.waiters.setdefault(uid, []).append(Waiter(op, "delete", fut))
+        for c in self.conns:
+            c.queue.append(Outgoing("del", uid, op))
+        return gone
+
+    # ---- connections -----------------------------------------------------------------------------
+
+    def newest(self) -> ZdsConn | None:
+        return self.conns[-1] if self.conns else None
+
+    def greeted(self, conn: ZdsConn) -> None:
+        """The connection said hello: it becomes the newest and gets the snapshot."""
+        self.conns.append(conn)
+        for uid, w in self.desired.items():
+            conn.queue.append(Outgoing("add", uid, self.latest_op[uid], w, snapshot=True))
+        conn.queue.append(Outgoing("snapshot_sent", "", self.op_now))
+
+    def closed(self, conn: ZdsConn) -> None:
+        """The connection is gone: what it had not acked waits for the next connection's snapshot."""
+        conn.closed = True
+        conn.inflight = None
+        conn.queue.clear()
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+    def next_request(self, conn: ZdsConn) -> Outgoing | None:
+        """The next request to send on conn, now in flight; None while one is in flight or none queued."""
+        if conn.closed or conn.inflight is not None or not conn.queue:
+            return None
+        conn.inflight = conn.queue.popleft()
+        return conn.inflight
+
+    def as_keep(self, conn: ZdsConn) -> Outgoing:
+        """The in-flight snapshot add's netns cannot be opened: send a keep for it instead."""
+        out = conn.inflight
+        assert out is not None and out.kind == "add" and out.snapshot
+        conn.inflight = Outgoing("keep", out.uid, out.op, snapshot=True)
+        return conn.inflight
+
+    def send_failed(self, conn: ZdsConn, error: str) -> list[Settle]:
+        """The in-flight request could not be sent (its netns is gone): settle it as an error ack."""
+        return self.acked(conn, error, counted=False)
+
+    def acked(self, conn: ZdsConn, error: str, *, counted: bool = True) -> list[Settle]:
+        """conn's in-flight request was answered; returns the futures to settle (outside the lock)."""
+        what, conn.inflight = conn.inflight, None
+        if what is None:
+            return []
+        if counted:
+            self.acks += 1
+            self.nacks += bool(error)
+        out: list[Settle] = []
+        if what.kind == "snapshot_sent":
+            conn.snapshot_acked = True
+            # removals issued before the snapshot was built are fulfilled by their absence from it
+            for uid, ws in list(self.waiters.items()):
+                if uid in self.desired:
+                    continue
+                covered = [w for w in ws if w.kind == "delete" and w.op <= what.op]
+                out += [(w.future, ZdsNack(error) if error else None) for w in covered]
+                self._drop(uid, covered)
+            return out
+        if what.kind == "keep" or self.latest_op.get(what.uid) != what.op:
+            return out  # a keep settles nothing; an older operation was superseded
+        kind: OpKind = "add" if what.kind == "add" else "delete"
+        hit = [w for w in self.waiters.get(what.uid, []) if w.kind == kind and w.op <= what.op]
+        out += [(w.future, ZdsNack(error) if error else None) for w in hit]
+        self._drop(what.uid, hit)
+        if kind == "delete" and what.uid not in self.desired:
+            self.latest_op.pop(what.uid, None)
+        return out
+
+    def stop(self) -> list[futures.Future[None]]:
+        """Every waiting future (the server fails them)."""
+        failed = [w.future for ws in self.waiters.values() for w in ws]
+        self.waiters.clear()
+        for c in list(self.conns):
+            self.closed(c)
+        return failed
+
+    def pending(self) -> int:
+        return sum(len(ws) for ws in self.waiters.values())
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _next_op(self) -> int:
+        self.op_now = next(self._ops)
+        return self.op_now
+
+    def _supersede(self, uid: str, keep: OpKind) -> list[Settle]:
+        ws = self.waiters.get(uid, [])
+        gone = [w for w in ws if w.kind != keep]
+        if gone:
+            self.waiters[uid] = [w for w in ws if w.kind == keep]
+        return [(w.future, ZdsSuperseded(f"workload {uid}: a later {keep} replaced this operation")) for w in gone]
+
+    def _drop(self, uid: str, gone: list[Waiter]) -> None:
+        if not gone:
+            return
+        rest = [w for w in self.waiters.get(uid, []) if w not in gone]
+        if rest:
+            self.waiters[uid] = rest
+        else:
+            self.waiters.pop(uid, None)

@@ -1,0 +1,96 @@
+"""Objects-dir mode: write a pod's `ambient.istio.io/redirection` annotation back into its object file,
+as the API server would store the agent's patch. The file is replaced atomically (same directory,
+rename); JSON stays JSON, YAML stays YAML (comments are not kept)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cni.contract.kube_objects import ObjectError, pod_from_object
+from node_agent.sources.redirection_mark import ANNOTATION, ENABLED
+
+SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _is_pod(obj: Any, namespace: str, name: str) -> bool:
+    if not isinstance(obj, dict) or obj.get("kind") != "Pod":
+        return False
+    try:
+        pod = pod_from_object(obj)
+    except ObjectError:
+        return False
+    return (pod.namespace, pod.name) == (namespace, name)
+
+
+def _set(obj: dict[str, Any], enabled: bool) -> bool:
+    """Set or remove the annotation in obj; True when obj changed."""
+    meta = obj.setdefault("metadata", {})
+    notes = meta.get("annotations") or {}
+    if enabled == (notes.get(ANNOTATION) == ENABLED) and (enabled or ANNOTATION not in notes):
+        return False
+    if enabled:
+        notes[ANNOTATION] = ENABLED
+    else:
+        notes.pop(ANNOTATION, None)
+    meta["annotations"] = notes
+    return True
+
+
+def _patch_docs(docs: list[Any], namespace: str, name: str, enabled: bool) -> tuple[bool, bool]:
+    """(found, changed) over the documents of one file (objects, or `kind: *List` with items)."""
+    found = changed = False
+    for doc in docs:
+        is_list = isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List")
+        objs = (doc.get("items") or []) if is_list else [doc]
+        for obj in objs:
+            if _is_pod(obj, namespace, name):
+                found = True
+                changed = _set(obj, enabled) or changed
+    return found, changed
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_pod_annotation(directory: Path, namespace: str, name: str, enabled: bool) -> bool:
+    """Set (enabled) or remove the annotation on pod namespace/name in its object file; False when no
+    file holds that pod (it is gone: nothing to do)."""
+    for path in sorted(directory.iterdir()):
+        if path.suffix not in SUFFIXES or path.name.startswith(".") or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        if name not in text:
+            continue
+        if path.suffix == ".json":
+            docs = [json.loads(text)]
+        else:
+            import yaml  # lazy: only YAML files need it
+
+            docs = list(yaml.safe_load_all(text))
+        found, changed = _patch_docs(docs, namespace, name, enabled)
+        if not found:
+            continue
+        if changed:
+            if path.suffix == ".json":
+                _write_atomic(path, json.dumps(docs[0], indent=2) + "\n")
+            else:
+                import yaml
+
+                _write_atomic(path, yaml.safe_dump_all(docs, sort_keys=False))
+        return True
+    return False

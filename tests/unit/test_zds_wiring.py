@@ -1,0 +1,111 @@
+"""ZDS beside gRPC: the --zds-socket setting, the agent's hub (both transports), the fan-out's first
+answer wins (an error fails the pod), and `headrace proxy --protocol zds`."""
+
+from __future__ import annotations
+
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from node_agent.agent.config import ConfigError, build_config
+from node_agent.agent.daemon import make_hub
+from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.hub import ProxyHub
+from node_agent.proxy.hub_fanout import HubFanout, first_answer
+from node_agent.proxy.zds_server import ZdsHub
+
+
+def test_zds_socket_default_off_and_checked(tmp_path: Path) -> None:
+    assert str(build_config(objects_dir=tmp_path).zds_socket) == "/var/run/ztunnel/ztunnel.sock"
+    assert build_config(objects_dir=tmp_path, zds_socket="").zds_socket is None
+    assert build_config(objects_dir=tmp_path, zds_socket=tmp_path / "z.sock").zds_socket == tmp_path / "z.sock"
+    with pytest.raises(ConfigError, match="108 bytes"):
+        build_config(objects_dir=tmp_path, zds_socket="/tmp/" + "z" * 120)
+    with pytest.raises(ConfigError, match="must differ"):
+        build_config(objects_dir=tmp_path, state_dir=tmp_path, zds_socket=tmp_path / "proxy.sock")
+
+
+def test_agent_hub_serves_both_or_grpc_only(tmp_path: Path) -> None:
+    both = make_hub(build_config(objects_dir=tmp_path, state_dir=tmp_path, zds_socket=tmp_path / "z.sock"))
+    assert isinstance(both, HubFanout)
+    assert [type(h) for h in both.hubs] == [ProxyHub, ZdsHub]
+    alone = make_hub(build_config(objects_dir=tmp_path, state_dir=tmp_path, zds_socket=""))
+    assert isinstance(alone, ProxyHub)
+
+
+class StubHub:
+    def __init__(self, connected: bool = False) -> None:
+        self.futs: list[futures.Future[None]] = []
+        self.connected = connected
+        self.listeners: list[Any] = []
+        self.started = self.stopped = 0
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+    def upsert(self, w: WorkloadInfo) -> futures.Future[None]:
+        self.futs.append(futures.Future())
+        return self.futs[-1]
+
+    def remove(self, uid: str) -> futures.Future[None]:
+        return self.upsert(WorkloadInfo(uid, "", ""))
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.connected, "acks": 1}
+
+    def add_peer_listener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+
+def test_fanout_first_answer_wins_and_errors_fail() -> None:
+    grpc_hub, zds = StubHub(), StubHub(connected=True)
+    fan = HubFanout(grpc_hub, zds, names=("grpc", "zds"))
+    fan.start()
+    ok = fan.upsert(WorkloadInfo("u", "n", "ns"))
+    assert not ok.done()
+    zds.futs[-1].set_result(None)
+    assert ok.result(0) is None
+    grpc_hub.futs[-1].set_exception(RuntimeError("late"))  # too late to matter
+    assert ok.result(0) is None
+    bad = fan.upsert(WorkloadInfo("u", "n", "ns"))
+    zds.futs[-1].set_exception(RuntimeError("ztunnel said no"))
+    with pytest.raises(RuntimeError, match="ztunnel said no"):
+        bad.result(0)
+    assert fan.connected
+    assert fan.status() == {"connected": True, "acks": 1, "zds": {"connected": True, "acks": 1}}
+    fan.add_peer_listener(print)
+    assert grpc_hub.listeners == zds.listeners == [print]
+    fan.stop()
+    assert (grpc_hub.started, zds.started, grpc_hub.stopped, zds.stopped) == (1, 1, 1, 1)
+
+
+def test_first_answer_of_cancelled() -> None:
+    f: futures.Future[None] = futures.Future()
+    out = first_answer([f])
+    f.cancel()
+    with pytest.raises(futures.CancelledError):
+        out.result(0)
+
+
+def test_proxy_command_protocol_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node_agent.commands import proxy as proxy_cmd
+    from node_agent.refproxy import main
+
+    seen: list[tuple[Any, ...]] = []
+
+    def fake_run(*args: Any) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(main, "run", fake_run)
+    r = CliRunner().invoke(proxy_cmd.proxy, ["--protocol", "zds", "--id", "z"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == ("/var/run/ztunnel/ztunnel.sock", "z", False, "info", "zds")
+    r = CliRunner().invoke(proxy_cmd.proxy, ["--id", "g"])
+    assert seen[-1] == ("/var/run/headrace/proxy.sock", "g", False, "info", "grpc")
+    assert CliRunner().invoke(proxy_cmd.proxy, ["--protocol", "quic"]).exit_code != 0
