@@ -6,7 +6,7 @@ table 100`, with the ambient rules' CONNMARK restoring 0x111 on those replies) d
 proxy's socket instead of out of the pod.
 
 Proven with real traffic between two pods of the real bridge + host-local chain, IPv4 and IPv6, on the
-iptables backends (legacy, nft) and on eBPF with its inbound delegated to iptables:
+iptables backends (legacy, nft), the nftables backend, and eBPF with its inbound delegated to iptables:
 - end to end: client → 15006 → proxy → app (from the client's address) → replies back to the client
   (test_orig_src_delivery_needs_the_policy_routing);
 - negative control in the pod's own netns: without the rule, or without the route, the proxy's connection
@@ -58,7 +58,7 @@ def redirect(request: pytest.FixtureRequest, make_node: Any) -> Iterator[Redirec
 
 over_iptables_and_families = pytest.mark.parametrize(
     ("redirect", "family"),
-    [pytest.param(f"iptables-{fl}", fam, id=f"{fl}-{fam}") for fl in FLAVOURS for fam in (4, 6)],
+    [pytest.param(b, fam, id=f"{b}-{fam}") for b in ("iptables-legacy", "iptables-nft", "nftables") for fam in (4, 6)],
     indirect=["redirect"],
 )
 

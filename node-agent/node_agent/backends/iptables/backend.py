@@ -63,6 +63,24 @@ def iptables_only_check(spec: RedirectSpec) -> bool:
     return isinstance(spec, AmbientSpec) or not builder.uses_tproxy(spec)
 
 
+def check_ambient_routing(target: PodTarget, families: tuple[Family, ...]) -> list[str]:
+    """An ambient pod's original-source policy routing (any packet-filter backend): read in-process over
+    rtnetlink (nothing spawned), or with `ip` when that read fails."""
+    if not os.path.exists(target.netns_path):
+        return []
+    from cni.rules.tproxy_routes import AMBIENT
+    from node_agent.kernel.policy_routes_read import PolicyRoutesReadError, check_routing
+
+    try:
+        return check_routing(target.netns_path, families, AMBIENT)
+    except PolicyRoutesReadError:
+        pass
+    try:
+        return netns_tables.check_ambient_routes(target.netns_path, families)
+    except (ValueError, OSError) as exc:
+        raise BackendError(f"policy routing check for pod {target.namespace}/{target.name}: {exc}") from exc
+
+
 class IptablesBackend:
     """RedirectBackend on iptables chains (HEADRACE_*) inside each pod's netns."""
 
@@ -136,25 +154,8 @@ class IptablesBackend:
                 target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
             )
         if isinstance(spec, AmbientSpec):  # beside the iptables rules (never part of the fingerprint)
-            problems = [*problems, *self._check_ambient_routes(target, families)]
+            problems = [*problems, *check_ambient_routing(target, families)]
         return problems
-
-    def _check_ambient_routes(self, target: PodTarget, families: tuple[Family, ...]) -> list[str]:
-        """The ambient pod's original-source policy routing: read in-process over rtnetlink (nothing
-        spawned), or with `ip` when that read fails."""
-        if not os.path.exists(target.netns_path):
-            return []
-        from cni.rules.tproxy_routes import AMBIENT
-        from node_agent.kernel.policy_routes_read import PolicyRoutesReadError, check_routing
-
-        try:
-            return check_routing(target.netns_path, families, AMBIENT)
-        except PolicyRoutesReadError:
-            pass
-        try:
-            return netns_tables.check_ambient_routes(target.netns_path, families)
-        except (ValueError, OSError) as exc:
-            raise BackendError(f"policy routing check for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
         """The authoritative check: iptables-save in the pod netns, compared with the builder's rules."""
