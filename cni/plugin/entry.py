@@ -284,21 +284,25 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     decision = decide(env, conf, log, for_del=True)
     if decision.mode == "none":
         return
-    if netns_for_del(env.netns, log) and (
-        decision.mode is None or plugin_redirects(decision.mode, conf)
-    ):
+    if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket):
+        _del_to_agent(env, conf, decision, log)  # a running agent watches such pods: it lets go first
+    if netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
         remove_redirect(env.netns, conf, log)
         log.info("redirect", "redirect removed (if any)")
     if uses_agent(decision.mode, conf):
         if decision.mode is None and not os.path.exists(conf.agent_socket):
             return
-        prev = conf.prev_result
-        ips = cni_result.addresses(prev) if prev is not None else []
-        try:
-            ask_agent(agent_event("DEL", env, conf, decision, ips), conf, log)
-        except CniError as exc:
-            # DEL must succeed: the agent reconciles against the pod source when it is back.
-            log.warning("agent", f"DEL not delivered to the agent: {exc.msg}", details=exc.details)
+        _del_to_agent(env, conf, decision, log)
+
+
+def _del_to_agent(env: CniEnv, conf: NetConf, decision: Decision, log: JsonLog) -> None:
+    prev = conf.prev_result
+    ips = cni_result.addresses(prev) if prev is not None else []
+    try:
+        ask_agent(agent_event("DEL", env, conf, decision, ips), conf, log)
+    except CniError as exc:
+        # DEL must succeed: the agent reconciles against the pod source when it is back.
+        log.warning("agent", f"DEL not delivered to the agent: {exc.msg}", details=exc.details)
 
 
 def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:

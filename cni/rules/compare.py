@@ -1,11 +1,16 @@
 """CHECK: how our rules in a parsed iptables-save dump differ from a wanted ruleset, in words.
 
 Pure. Builder text is iptables-save canonical, so saved lines and wanted lines compare as strings.
+Besides our chains and the count of our jumps, what decides whether traffic meets our redirection at all
+is checked too: our jumps must be the first rules of the built-in chains they are in (a rule ahead of
+them, e.g. `-I OUTPUT -j ACCEPT`, lets traffic skip the redirect), and those chains' policy must be
+ACCEPT (`bypass_problems`).
 """
 
 from __future__ import annotations
 
-from cni.rules.saved import Owned, SavedTable, owned
+from cni.rules.rule_text import OWNED_PREFIX
+from cni.rules.saved import Owned, SavedTable, owned, rule_target
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -47,6 +52,36 @@ def compare(current: dict[str, SavedTable], rs: RuleSet) -> list[str]:
         for line in found:
             if line not in want.jumps:
                 problems.append(f"{v} {name}: unexpected jump '{line}'")
+        if table is not None:
+            problems.extend(bypass_problems(table, want, v))
+    return problems
+
+
+def hooked_chains(want: TableRules) -> list[str]:
+    """The built-in chains our jumps go into, in order of first appearance."""
+    out: list[str] = []
+    for line in want.jumps:
+        chain = line.split(" ", 2)[1]
+        if chain not in out:
+            out.append(chain)
+    return out
+
+
+def bypass_problems(table: SavedTable, want: TableRules, v: str) -> list[str]:
+    """What makes traffic skip our jumps in one table: a rule ahead of them, or a policy other than ACCEPT
+    in a chain they are in."""
+    problems: list[str] = []
+    for chain in hooked_chains(want):
+        exp = [line for line in want.jumps if line.split(" ", 2)[1] == chain]
+        got = table.chain_rules(chain)
+        # jumps into any chain of ours (the other redirect kind) may come first; nothing else may
+        ahead = [line for line in got[: max((got.index(e) for e in exp if e in got), default=0)]
+                 if not (rule_target(line) or "").startswith(OWNED_PREFIX)]
+        if ahead:
+            problems.append(f"{v} {table.name}: rule ahead of our jump in {chain}: '{ahead[0]}'")
+        policy = table.chains.get(chain, "ACCEPT")
+        if policy not in ("ACCEPT", "-"):
+            problems.append(f"{v} {table.name}: chain {chain} policy is {policy}, expected ACCEPT")
     return problems
 
 

@@ -39,6 +39,15 @@ def _same(have: Owned, want: Owned) -> bool:
     return all(_chain_rules(have.rules, c) == _chain_rules(want.rules, c) for c in want.chains)
 
 
+def _not_accepting(table: SavedTable | None, want: Owned) -> list[str]:
+    """Built-in chains our jumps go into whose policy is not ACCEPT (a DROP policy there would drop what
+    our chains let through): set back to ACCEPT with our rules."""
+    if table is None:
+        return []
+    chains = sorted({chain for chain, _, _ in want.jumps})
+    return [c for c in chains if table.chains.get(c, "ACCEPT") not in ("ACCEPT", "-")]
+
+
 def transition(
     current: dict[str, SavedTable], desired: dict[str, Owned], prefix: str, *, skip_unchanged: bool = False
 ) -> str:
@@ -52,9 +61,11 @@ def transition(
     for name in sorted(set(current) | set(desired)):
         have = owned(current[name], prefix) if name in current else Owned()
         want = desired.get(name, Owned())
-        if (have.empty() and want.empty()) or (skip_unchanged and _same(have, want)):
+        policies = _not_accepting(current.get(name), want)
+        if (have.empty() and want.empty()) or (skip_unchanged and _same(have, want) and not policies):
             continue  # nothing to do: no restore, nothing rewritten
         out.append(f"*{name}")
+        out.extend(f":{c} ACCEPT [0:0]" for c in policies)  # a built-in chain's policy (counters reset)
         out.extend(f":{c} - [0:0]" for c in want.chains)  # creates, or flushes when present
         out.extend("-D" + line[2:] for _, _, line in have.jumps)
         stale = [c for c in have.chains if c not in want.chains]

@@ -108,7 +108,10 @@ def test_boot_race_sidecar_pod_found_and_repaired(make_node: Callable[..., SimNo
             assert row["mode"] == "sidecar" and row["boot_race"] == ("repaired" if mode == "apply" else "flagged")
             assert "before headrace-cni was installed" in row["reason"]
             made_row = agent.status()[made.uid]
-            assert made_row["state"] == "none" and "boot_race" not in made_row  # the plugin made its rules
+            # the plugin made its rules: the agent watches them (drift repair), no boot race
+            made_row = wait_for(lambda: (r := agent.status()[made.uid]).get("state") == "enrolled" and r, 20,
+                                "plugin sidecar pod taken over")
+            assert "boot_race" not in made_row and "plugin" in made_row["reason"]
             assert headrace_rules(made.netns.path) == made_rules  # left alone
             assert agent.metric("headrace_agent_boot_race_detected_total") == 1
             assert agent.metric("headrace_agent_boot_race_repairs_total") == (1 if mode == "apply" else 0)

@@ -266,12 +266,17 @@ def test_foreign_rules_elsewhere_and_moved_jumps(ns: NetNS, reader: iptc_reader.
     n = stats.snapshot()
     assert backend.check(target, AMBIENT) == []
     assert stats.snapshot()["in_process"] == n["in_process"] + 1
-    # A foreign rule above our jump moves it: the full compare says intact and the new state is learnt.
+    # A foreign rule above our jump lets traffic skip it: drift, found by the full compare; the repair puts
+    # our jump first again (the foreign rule stays, after ours) and the new state is learnt.
     ns.run(["iptables-legacy", "-t", "nat", "-I", "OUTPUT", "1", "-p", "udp", "-j", "RETURN"])
-    assert backend.check(target, AMBIENT) == []
+    problems = backend.check(target, AMBIENT)
+    assert problems and all("rule ahead of our jump" in p for p in problems)
     assert stats.snapshot()["iptables_save"] == n["iptables_save"] + 1
+    backend.apply(target, AMBIENT)
+    assert backend.check(target, AMBIENT) == []
     assert backend.check(target, AMBIENT) == []
     assert stats.snapshot()["in_process"] == n["in_process"] + 2
+    assert "-A OUTPUT -p udp -j RETURN" in ns.run(["iptables-legacy-save", "-t", "nat"]).stdout
 
 
 def test_remove_forgets_and_missing_netns_falls_back(ns: NetNS, reader: iptc_reader.IptcReader) -> None:

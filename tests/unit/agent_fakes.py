@@ -125,7 +125,7 @@ class FakeHub:
         self.stopped = True
 
     def status(self) -> dict[str, Any]:
-        return {"connected": self.connected, "workloads": len(self.desired)}
+        return {"connected": self.connected, "snapshot_acked": self.connected, "workloads": len(self.desired)}
 
     def add_peer_listener(self, listener: PeerListener) -> None:
         self.listeners.append(listener)

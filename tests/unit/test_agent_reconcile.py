@@ -493,3 +493,50 @@ def test_restart_verifies_adopted_rules_in_the_same_pass_outside_the_lock(env: E
     assert sorted(checked) == sorted([UID, UID2])
     assert env.backend.rules == {UID: 1, UID2: 1} and env.repairs == 1
     assert env.state(UID) == "enrolled" and env.state(UID2) == "enrolled"
+
+
+def test_status_never_waits_for_the_reconcile_lock_and_shows_the_proxy(env: Env) -> None:
+    """A status request reads the published snapshot: it answers while another thread holds the lock
+    (a long pass, an ADD storm), and an enrolled ambient pod whose proxy is gone says so."""
+    import threading
+    import time
+
+    from node_agent.serve.status_client import state_text
+
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    env.r.reconcile()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with env.r.table.lock:
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        started = time.perf_counter()
+        rows = env.r.status()
+        took = time.perf_counter() - started
+    finally:
+        release.set()
+        holder.join(5)
+    assert took < 0.05, f"status took {took:.3f} s while the lock was held"
+    row = next(r for r in rows if r["uid"] == UID)
+    assert (row["state"], row["proxy"]) == ("enrolled", "connected")
+    env.hub.connected = False
+    row = next(r for r in env.r.status() if r["uid"] == UID)
+    assert row["proxy"] == "disconnected" and state_text(row) == "enrolled, proxy disconnected"
+    assert env.r.enrolled_without_proxy() == 1
+
+
+def test_proxy_state_over_several_transports() -> None:
+    from node_agent.reconcile.status import proxy_state
+
+    assert proxy_state({"connected": False}) == "disconnected"
+    assert proxy_state({"connected": True, "snapshot_acked": False}) == "syncing"
+    assert proxy_state({"connected": True, "snapshot_acked": True}) == "connected"
+    zds_only = {"connected": True, "snapshot_acked": False, "zds": {"connected": True, "snapshot_acked": True}}
+    assert proxy_state(zds_only) == "connected"

@@ -383,3 +383,41 @@ def test_silent_client_times_out(sockdir: str) -> None:
 def test_side_channel_path_is_next_to_the_grpc_socket() -> None:
     assert side_channel_path("/var/run/headrace/proxy.sock") == "/var/run/headrace/proxy-netns.sock"
     assert side_channel_path("/x/agent") == "/x/agent-netns.sock"
+
+
+def test_snapshot_waits_for_the_adoption_gate(sockdir: str, proxies: list[FakeProxy]) -> None:
+    """A proxy that connects while the restarted agent is still adopting gets its HelloReply, then nothing
+    (no empty snapshot it would act on) until the gate opens; the snapshot then holds every adopted pod and
+    what came in meanwhile, and the upserts' futures resolve on its acks."""
+    from node_agent.reconcile.gate import AdoptionGate
+
+    gate = AdoptionGate()
+    h = ProxyHub(os.path.join(sockdir, "proxy.sock"), "agent-test", snapshot_gate=gate)
+    h.start()
+    try:
+        p = connect(h, proxies)
+        assert kinds([p.recv()]) == ["hello_reply"]
+        wait_until(lambda: h.connected)
+        first = h.upsert(wl("a"))
+        second = h.upsert(wl("b"))
+        gone = h.remove("old")
+        time.sleep(0.3)
+        assert p.received.empty(), "nothing before adoption is complete"
+        assert h.status()["snapshot_held"] is True
+        gate.open()
+        msgs = p.recv_n(3)
+        assert kinds(msgs) == ["add", "add", "snapshot_complete"]
+        assert {m.add.workload.uid for m in msgs[:2]} == {"a", "b"} and all(m.add.snapshot for m in msgs[:2])
+        assert msgs[2].snapshot_complete.count == 2
+        p.ack_all(msgs)
+        first.result(T)
+        second.result(T)
+        gone.result(T)
+        assert h.snapshot_acked and h.status()["snapshot_held"] is False
+        later = h.upsert(wl("c"))  # incremental again once the snapshot went out
+        m = p.recv()
+        assert kinds([m]) == ["add"] and not m.add.snapshot
+        p.ack(m.seq)
+        later.result(T)
+    finally:
+        h.stop(grace=0.2)

@@ -45,7 +45,7 @@ class AgentConfig:
     metrics_addr: MetricsAddr | None = None
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
     log_level: str = "info"
-    drift_interval: float = 2.0  # seconds between checks of enrolled pods' rules
+    drift_interval: float = 1.0  # seconds between checks of enrolled pods' rules (a bypass is repaired within 2 s)
     cni_add_timeout: float = 20.0  # an ADD waits this long for rules + proxy ack
     ack_timeout: float = 15.0
     agent_id: str = field(default="")
@@ -109,7 +109,7 @@ def build_config(
     metrics_addr: str = "",
     exclude_namespaces: str | tuple[str, ...] | list[str] = DEFAULT_EXCLUDED_NAMESPACES,
     log_level: str = "info",
-    drift_interval: float = 2.0,
+    drift_interval: float = 1.0,
     cni_add_timeout: float = 20.0,
     proxy_cgroup: str | Path | None = None,
     capture_dns: bool = False,

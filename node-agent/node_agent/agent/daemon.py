@@ -32,6 +32,7 @@ from node_agent.netns.pin import NetnsPins
 from node_agent.proxy.cgroup import Source as CgroupSource
 from node_agent.proxy.cgroup_follow import ProxyCgroupFollower, saved_proxy_cgroup
 from node_agent.proxy.hub import ProxyHub
+from node_agent.reconcile.gate import AdoptionGate
 from node_agent.reconcile.loop import Reconciler
 from node_agent.reconcile.records import RecordStore
 from node_agent.reconcile.state import Hub
@@ -78,15 +79,16 @@ def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
     return sync
 
 
-def make_hub(config: AgentConfig) -> Hub:
-    """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty."""
-    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id)
+def make_hub(config: AgentConfig, gate: AdoptionGate | None = None) -> Hub:
+    """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty; neither sends a
+    snapshot before the gate opens (adoption complete)."""
+    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id, snapshot_gate=gate)
     if config.zds_socket is None:
         return grpc_hub
     from node_agent.proxy.hub_fanout import HubFanout
     from node_agent.proxy.zds_server import ZdsHub
 
-    return HubFanout(grpc_hub, ZdsHub(str(config.zds_socket)), names=("grpc", "zds"))
+    return HubFanout(grpc_hub, ZdsHub(str(config.zds_socket), snapshot_gate=gate), names=("grpc", "zds"))
 
 
 class Agent:
@@ -114,7 +116,9 @@ class Agent:
         if backend is None and self.backend.name == "ebpf":
             fallback = make_backend(replace(config, backend=rules_backend_setting()), self.flavour)
         factory = self._other_backend if backend is None else None
-        self.hub: Hub = hub if hub is not None else make_hub(config)
+        # proxies get no snapshot before adoption has rebuilt the desired set (reconcile.gate)
+        self.adoption_gate = AdoptionGate()
+        self.hub: Hub = hub if hub is not None else make_hub(config, self.adoption_gate)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
@@ -124,8 +128,9 @@ class Agent:
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
             node_name=config.node_name, drift_interval=config.drift_interval, fallback=fallback,
             cgroup_fallback=config.backend == "auto", backend_factory=factory,
-            spec=AmbientSpec(capture_dns=config.capture_dns),
+            spec=AmbientSpec(capture_dns=config.capture_dns), adoption_gate=self.adoption_gate,
         )
+        self.metrics.watch_pods_without_proxy(self.reconciler.enrolled_without_proxy)
         self.proxy_cgroups = self._proxy_cgroup_follower()
         self._annotation_writer: Writer | None = None  # set by the default sources
         self.source: Source = (source_factory or self._default_source)(self.store)

@@ -29,7 +29,7 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
               help="Comma-separated namespaces never touched.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-@click.option("--drift-interval", type=float, default=2.0, show_default=True,
+@click.option("--drift-interval", type=float, default=1.0, show_default=True,
               help="Seconds between drift checks of enrolled pods.")
 @click.option("--cni-add-timeout", type=float, default=20.0, show_default=True,
               help="Longest an ADD waits for rules + proxy ack.")

@@ -48,7 +48,7 @@ def _checked(data: bytes) -> bytes:
 
 
 def hello(version: int = ZDS_VERSION) -> bytes:
-    return _checked(zpb.ZdsHello(version=version).SerializeToString())  # type: ignore[arg-type, unused-ignore]
+    return _checked(zpb.ZdsHello(version=version).SerializeToString())  # type: ignore[arg-type,unused-ignore]
 
 
 def add(w: WorkloadInfo) -> bytes:

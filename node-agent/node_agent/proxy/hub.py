@@ -10,6 +10,10 @@ add/delete messages in the order the agent issued them. Each message carries a s
     hub.connected, hub.snapshot_acked, hub.status(); hub.stop()
     hub.add_peer_listener(cb)    # cb(pids, via): processes connected to the proxy sockets (their cgroup)
 
+A `SnapshotGate` (node_agent.reconcile.gate) holds back the snapshot (and the incremental messages after
+it) of a proxy that connects before the agent's adoption has rebuilt the desired set: the proxy gets its
+HelloReply at once and the snapshot as soon as the gate opens, never an empty set it would act on.
+
 Thread-safe: every public method may be called from any thread. Futures are resolved outside the lock.
 """
 
@@ -35,9 +39,9 @@ from node_agent.protocol.workload import WorkloadInfo
 from node_agent.proxy.hub_session import Inflight, OpKind, Session, Waiter, settle
 from node_agent.proxy.peer_reports import PeerListener, PeerReports
 from node_agent.proxy.peers import client_pids
+from node_agent.reconcile.gate import OpenGate, SnapshotGate
 
 log = logging.getLogger("headrace.proxy_hub")
-
 
 
 class ProxyHubError(Exception):
@@ -80,6 +84,7 @@ class ProxyHub:
         netns_fd_socket: str | None = None,
         max_workers: int = 6,
         hello_timeout: float = 10.0,
+        snapshot_gate: SnapshotGate | None = None,
     ) -> None:
         if not socket_path:
             raise ValueError("socket_path must not be empty")
@@ -89,6 +94,7 @@ class ProxyHub:
         self.netns_fd_socket = side_channel_path(self.socket_path) if netns_fd_socket is None else netns_fd_socket
         self._max_workers = max_workers
         self.hello_timeout = hello_timeout
+        self._gate: SnapshotGate = snapshot_gate or OpenGate()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._desired: dict[str, WorkloadInfo] = {}
@@ -165,7 +171,7 @@ class ProxyHub:
             superseded = self._supersede_locked(w.uid, keep="add")
             self._waiters.setdefault(w.uid, []).append(Waiter(op, "add", fut))
             s = self._session
-            if s is not None and not s.closed:
+            if s is not None and not s.closed and s.snapshot_sent:
                 self._send_locked(s, Inflight("add", w.uid, op),
                                   add=pb.WorkloadAdd(workload=workload_to_pb(w), snapshot=False))
         for f in superseded:
@@ -184,7 +190,7 @@ class ProxyHub:
             superseded = self._supersede_locked(uid, keep="delete")
             self._waiters.setdefault(uid, []).append(Waiter(op, "delete", fut))
             s = self._session
-            if s is not None and not s.closed:
+            if s is not None and not s.closed and s.snapshot_sent:
                 self._send_locked(s, Inflight("delete", uid, op), delete=pb.WorkloadDelete(uid=uid))
         for f in superseded:
             settle(f, Superseded(f"workload {uid} was removed before the proxy acked its add"))
@@ -220,6 +226,7 @@ class ProxyHub:
                 "proxy_id": s.proxy_id if (s is not None and live) else "",
                 "last_proxy_id": self.last_proxy_id,
                 "snapshot_acked": bool(live and s is not None and s.snapshot_acked),
+                "snapshot_held": bool(live and s is not None and not s.snapshot_sent),
                 "sessions": self.sessions,
                 "acks": self.acks,
                 "nacks": self.nacks,
@@ -347,6 +354,26 @@ class ProxyHub:
         self.last_proxy_id = hello.proxy_id
         s.out.put(pb.AgentMessage(seq=0, hello_reply=pb.HelloReply(
             protocol_version=PROTOCOL_VERSION, agent_id=self.agent_id, netns_fd_socket=self.netns_fd_socket)))
+        _jlog(logging.INFO, "proxy_session_started", session=s.number, proxy_id=s.proxy_id,
+              wants_netns_fd=s.wants_netns_fd, adoption_complete=self._gate.ready())
+        if self._gate.ready():
+            self._send_snapshot_locked(s)
+        else:
+            threading.Thread(target=self._snapshot_when_ready, args=(s,), name=f"proxy-hub-gate-{s.number}",
+                             daemon=True).start()
+        return s
+
+    def _snapshot_when_ready(self, s: Session) -> None:
+        """The snapshot of a session opened before adoption was complete: sent when the gate opens."""
+        while not self._gate.wait_ready(0.5):
+            if s.closed:
+                return
+        with self._lock:
+            if not s.closed and not s.snapshot_sent:
+                self._send_snapshot_locked(s)
+
+    def _send_snapshot_locked(self, s: Session) -> None:
+        s.snapshot_sent = True
         s.snapshot_watermark = self._op_now
         for uid, w in self._desired.items():
             self._send_locked(s, Inflight("add", uid, self._latest_op[uid]),
@@ -354,9 +381,7 @@ class ProxyHub:
         self._send_locked(s, Inflight("snapshot_complete", "", self._op_now),
                           snapshot_complete=pb.SnapshotComplete(count=len(self._desired)))
         self._changed.notify_all()
-        _jlog(logging.INFO, "proxy_session_started", session=s.number, proxy_id=s.proxy_id,
-              snapshot=len(self._desired), wants_netns_fd=s.wants_netns_fd)
-        return s
+        _jlog(logging.INFO, "proxy_snapshot_sent", session=s.number, proxy_id=s.proxy_id, snapshot=len(self._desired))
 
     def _end_session(self, s: Session, reason: str) -> None:
         with self._lock:

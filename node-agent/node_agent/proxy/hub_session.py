@@ -37,6 +37,7 @@ class Session:
     inflight: dict[int, Inflight] = field(default_factory=dict)
     next_seq: int = 1
     snapshot_watermark: int = 0  # op counter value the snapshot reflects
+    snapshot_sent: bool = False  # held back until the agent's adoption is complete (SnapshotGate)
     snapshot_acked: bool = False
     closed: bool = False
 

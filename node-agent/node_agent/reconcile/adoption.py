@@ -1,7 +1,9 @@
 """After a restart: take over what a previous agent left, its enrolment records and netns pins.
 
 An ambient pod whose pin still holds the recorded netns is adopted with its rules taken as in place (they
-are checked, not re-added: nothing is duplicated); the next pass re-sends it to the (new) proxy hub. One
+are checked, not re-added: nothing is duplicated) and put straight back into the proxy hub's desired set
+from its record, before any proxy gets a snapshot: adoption then opens the `AdoptionGate`, the hub's
+signal that a snapshot now holds every pod still redirected (so the proxy keeps their listeners). One
 whose pinned netns is gone (node reboot without drain) is `failed` and retried, never reported enrolled.
 A sidecar pod is kept `enrolled` (the drift check reads its rules back) or, when its netns is gone, what
 is left of it is cleared. A pin without a record is adopted as an ambient pod the next pass decides on."""
@@ -15,6 +17,7 @@ from cni.contract.annotations import sidecar_spec
 from cni.contract.errors import CniError
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.enrol import AmbientEnrolment
+from node_agent.reconcile.gate import AdoptionGate
 from node_agent.reconcile.records import EnrolRecord
 from node_agent.reconcile.state import ENROLLED, FAILED, SIDECAR, PodState, log_ctx
 from node_agent.reconcile.table import PodTable
@@ -23,13 +26,22 @@ log = logging.getLogger("headrace.agent.reconcile")
 
 
 class Adoption:
-    def __init__(self, table: PodTable, backends: Backends, enrolment: AmbientEnrolment) -> None:
+    def __init__(self, table: PodTable, backends: Backends, enrolment: AmbientEnrolment,
+                 gate: AdoptionGate | None = None) -> None:
         self.table = table
         self.backends = backends
         self.enrolment = enrolment
+        self.gate = gate or AdoptionGate()
 
     def adopt(self) -> None:
-        """Take over the records and pins found on disk (lock held)."""
+        """Take over the records and pins found on disk (lock held); the gate opens when done, whatever
+        happened (a snapshot must not be held back for ever)."""
+        try:
+            self._adopt()
+        finally:
+            self.gate.open()
+
+    def _adopt(self) -> None:
         pins = self.table.pins
         records = self.table.records.load_all()
         pinned = pins.pinned()
@@ -52,17 +64,22 @@ class Adoption:
         st = self.enrolment.new_state(uid, rec.namespace, rec.name)
         st.ips, st.inode, st.tcp_loose = rec.ips, rec.netns_inode, rec.tcp_loose
         st.backend, st.cgroup_path = rec.backend, rec.cgroup_path
+        st.service_account = rec.service_account
         if pinned_inode == rec.netns_inode:
             st.netns = str(self.table.pins.path(uid))
             st.rules_in = True  # checked before use; never re-added blindly
             st.reason = "adopted after restart"
-        else:
-            st.inode = 0
-            st.state = FAILED
-            st.reason = "pinned netns gone (node reboot?)"
-            self.table.records.delete(uid)
-            if pinned_inode is not None:
-                self.table.pins.release(uid)
+            self.table.pods[uid] = st
+            if st.ips:
+                # back into the desired set, before any proxy gets a snapshot
+                self.enrolment.send(st, self.table.clock(), follow=False)
+            return
+        st.inode = 0
+        st.state = FAILED
+        st.reason = "pinned netns gone (node reboot?)"
+        self.table.records.delete(uid)
+        if pinned_inode is not None:
+            self.table.pins.release(uid)
         self.table.pods[uid] = st
 
     def _adopt_sidecar(self, rec: EnrolRecord, pinned_inode: int | None) -> None:

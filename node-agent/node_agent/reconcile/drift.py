@@ -73,7 +73,10 @@ class DriftCheck:
                 if self.table.pods.get(uid) is not st or st.inode != target.netns_inode:
                     continue  # removed or replaced meanwhile: its new state is checked next time
                 if st.mode == SIDECAR or st.state == ENROLLED:
+                    before = (st.state, st.reason)
                     self._repair(st, backend, target, result)
+                    if (st.state, st.reason) != before:
+                        self.table.notify()
 
     def _job(self, uid: str) -> Job | None:
         """What the check reads for this pod (lock held); None: nothing to check."""
@@ -118,6 +121,8 @@ class DriftCheck:
                 if sidecar and st.state != ENROLLED:
                     st.enrolled_at = time.time()
             if sidecar:
-                st.state, st.reason = ENROLLED, ""
+                st.state = ENROLLED
+                if st.reason.startswith("drift repair"):
+                    st.reason = ""
         except (BackendError, OSError) as exc:
             self._failed(st, exc)

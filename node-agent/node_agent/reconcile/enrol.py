@@ -101,6 +101,11 @@ class AmbientEnrolment:
             st.reason = "waiting for the pod's IPs (CNI ADD or pod status)"
             return
         self.table.save_record(st)
+        self.send(st, now)
+
+    def send(self, st: PodState, now: float, *, follow: bool = True) -> None:
+        """Tell the proxy hub about the pod (its pinned netns and IPs known); the next steps follow its ack
+        (at once if it is already there and `follow`; else in the next pass that converges the pod)."""
         w = WorkloadInfo(
             uid=st.uid, name=st.name, namespace=st.namespace, service_account=st.service_account,
             ips=st.ips, netns_path=st.netns, netns_inode=st.inode, node=self.node_name,
@@ -115,7 +120,7 @@ class AmbientEnrolment:
         st.ack = fut
         log.info("workload sent to proxy", extra=log_ctx(st, "proxy-upsert"))
         fut.add_done_callback(lambda _f: self._wake())
-        if fut.done():
+        if fut.done() and follow:
             self._after_ack(st)
 
     def _guard_long_lived(self, st: PodState, netns_path: str) -> None:
@@ -137,8 +142,12 @@ class AmbientEnrolment:
             self.table.fail(st, f"proxy refused workload: {exc}")
             return
         try:
-            if not st.rules_in:
-                self.backends.settle(st)  # the choice may have changed while the proxy was acking
+            # the choice may have changed while the proxy was acking, or since the agent that enrolled an
+            # adopted pod (then the old backend's redirection comes out and the new one goes in)
+            recorded = st.backend
+            self.backends.settle(st)
+            if st.backend != recorded:
+                self.table.save_record(st)
             target = self.netns.target(st)
             backend = self.backends.of(st)
             if st.rules_in:

@@ -7,6 +7,7 @@ keyed by uid, ambient or sidecar) and its lock:
 
   enrol.AmbientEnrolment   ambient pods: enrolment (netns pinned, proxy acked, then rules) and removal
   sidecar.SidecarPods      sidecar pods the plugin hands over; in-place repair of boot-race sidecar pods
+  plugin_sidecars          sidecar pods the plugin redirected on its own, taken over for the drift check
   drift.DriftCheck         read back every pod's redirection and repair it
   adoption.Adoption        after a restart: records and pins a previous agent left
   choice.Backends          which backend holds a pod; moves between backends
@@ -36,6 +37,8 @@ from node_agent.reconcile.adoption import Adoption
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.drift import DriftCheck
 from node_agent.reconcile.enrol import AmbientEnrolment
+from node_agent.reconcile.gate import AdoptionGate
+from node_agent.reconcile.plugin_sidecars import PluginSidecars
 from node_agent.reconcile.pod_netns import PodNetns
 from node_agent.reconcile.records import RecordStore
 from node_agent.reconcile.sidecar import SidecarPods
@@ -56,7 +59,7 @@ from node_agent.reconcile.state import (
     PodState,
     RepairResult,
 )
-from node_agent.reconcile.status import status_rows
+from node_agent.reconcile.status import StatusBoard, proxy_state, status_rows, with_proxy
 from node_agent.reconcile.table import PodTable
 from node_agent.sources.desired import Desired, desired_pods
 from node_agent.sources.store import PodStore
@@ -85,9 +88,10 @@ class Reconciler:
         metrics: Metrics | None = None,
         spec: AmbientSpec | None = None,
         node_name: str = "",
-        drift_interval: float = 2.0,
+        drift_interval: float = 1.0,
         hint_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        adoption_gate: AdoptionGate | None = None,
     ) -> None:
         """fallback: on an eBPF node, the backend (iptables) for pods the node's backend declines; with
         cgroup_fallback (`auto`) also for pods whose cgroup is unknown. backend_factory builds a backend
@@ -109,7 +113,8 @@ class Reconciler:
                                           node_name=node_name, wake=self.wake, verify_soon=self.drift.verify_soon)
         self.sidecars = SidecarPods(self.table, self.netns, self.backends, store, ct,
                                     unenrol_ambient=self.enrolment.unenrol)
-        self.adoption = Adoption(self.table, self.backends, self.enrolment)
+        self.plugin_sidecars = PluginSidecars(self.table, self.netns, self.backends)
+        self.adoption = Adoption(self.table, self.backends, self.enrolment, adoption_gate)
         self._wake = threading.Event()
         self._urgent = threading.Event()  # a CNI request waits for a converge step
         self._rechoose = False  # the node backend's conditions changed: move pods whose choice differs
@@ -122,6 +127,9 @@ class Reconciler:
         self.passes = 0
         self.converges = 0
         self.last_pass = 0.0
+        self._hub = hub
+        self.board = StatusBoard()
+        self.table.on_change = self._publish_status
         store.subscribe(self.wake)
 
     @property
@@ -164,6 +172,7 @@ class Reconciler:
         """Take over what a previous agent left: records and pins."""
         with self.table.lock:
             self.adoption.adopt()
+            self.table.notify()
         self.wake()
 
     # ---- the pass ----------------------------------------------------------------------------------
@@ -179,6 +188,9 @@ class Reconciler:
                 self._rechoose = False
                 self.enrolment.switch_backends()
             drift_due = self.drift.take_due(now)
+            plugin_pods = self.plugin_sidecars.candidates(self.others, now) if self.store.synced else []
+        if plugin_pods:
+            self.plugin_sidecars.look(plugin_pods)
         if drift_due:
             self.drift.run(self._stop.is_set, self._serve_waiting)
         with self.table.lock:
@@ -348,9 +360,22 @@ class Reconciler:
 
     def repair_sidecar(self, target: PodTarget, spec: SidecarSpec) -> RepairResult:
         """Put a boot-race sidecar pod's rules into its running netns (see SidecarPods.repair_in_place)."""
+        with self.table.lock:
+            self.plugin_sidecars.repaired_in_place.add(target.uid)
         return self.sidecars.repair_in_place(target, spec)
 
     # ---- status ----------------------------------------------------------------------------------------
+    def _publish_status(self) -> None:
+        """A new status snapshot (lock held: called on every state change)."""
+        self.board.publish(status_rows(self.table.pods.values(), self.others, self.backends.node.name))
+
+    def proxy_state(self) -> str:
+        return proxy_state(self._hub.status())
+
     def status(self) -> list[dict[str, Any]]:
-        with self.table.lock:
-            return status_rows(self.table.pods.values(), self.others, self.backends.node.name)
+        """The last published rows with the node proxy's session state: never takes the reconcile lock."""
+        return with_proxy(self.board.rows(), self.proxy_state())
+
+    def enrolled_without_proxy(self) -> int:
+        """Enrolled ambient pods while the node proxy is not connected (their traffic has no listener)."""
+        return 0 if self.proxy_state() == "connected" else self.board.enrolled_ambient

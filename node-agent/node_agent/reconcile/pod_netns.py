@@ -74,6 +74,15 @@ class PodNetns:
         found = pod_cgroup.find(st.uid)
         st.cgroup_path = str(found) if found is not None else None
 
+    def find(self, uid: str, ips: tuple[str, ...], scan: Scan) -> NetnsLocation:
+        """A pod's netns from the scan, else by its IPs (not pinned). Raises LookupError/OSError."""
+        try:
+            return pick(uid, scan.of(uid))
+        except NetnsNotFound:
+            if not ips:
+                raise
+            return self._find_by_ips(uid, ips)
+
     def locate(self, st: PodState, hint_netns: str, scan: Scan) -> None:
         """Make sure st.netns is a verified pin: the one held, else the CNI event's netns (hint_netns),
         else the scan or the IP match. Raises PinError/LookupError/OSError."""

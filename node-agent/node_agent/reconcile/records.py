@@ -23,6 +23,7 @@ class EnrolRecord:
     cgroup_path: str | None = None  # the pod's cgroup v2 directory (eBPF), when known
     mode: str = "ambient"  # "sidecar": a sidecar pod the plugin handed over (its spec from `annotations`)
     annotations: tuple[tuple[str, str], ...] = ()  # the traffic annotations the sidecar spec is built from
+    service_account: str = "default"  # ambient: sent to the proxy with the workload (adoption re-sends it)
 
 
 class RecordStore:
@@ -65,6 +66,7 @@ class RecordStore:
                     cgroup_path=str(raw["cgroup_path"]) if raw.get("cgroup_path") else None,
                     mode=str(raw.get("mode") or "ambient"),
                     annotations=tuple((str(k), str(v)) for k, v in raw.get("annotations") or ()),
+                    service_account=str(raw.get("service_account") or "default"),
                 )
                 if rec.mode not in ("ambient", "sidecar"):
                     continue

@@ -110,10 +110,12 @@ class SidecarPods:
             except BackendError as exc:
                 st.state, st.reason = FAILED, f"sidecar rules: {exc}"
                 self.table.pods[uid] = st  # DEL or a retry clears it
+                self.table.notify()
                 return Outcome(False, FAILED, f"sidecar rules: {exc}", retry=True)
             st.state, st.rules_in, st.reason = ENROLLED, True, ""
             st.enrolled_at = time.time()
             self.table.pods[uid] = st
+            self.table.notify()
             log.info("sidecar pod redirected", extra=log_ctx(st, "sidecar-enrolled"))
             return Outcome(True, ENROLLED)
 

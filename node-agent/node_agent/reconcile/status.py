@@ -1,8 +1,14 @@
 """The `headrace status` rows: every pod held (ambient or sidecar) and every other pod of the source with
-its mode and why, sorted by namespace, name and uid."""
+its mode and why, sorted by namespace, name and uid.
+
+The reconciler publishes the rows as an immutable snapshot whenever its state changes (`StatusBoard`), so
+a status request never waits for the reconcile lock, whatever the load; the node proxy's session state
+is added per ambient pod when the request is answered (`with_proxy`): an enrolled pod whose proxy is
+gone shows `enrolled, proxy disconnected` (its redirected traffic has no listener)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,6 +32,41 @@ def other_row(uid: str, d: Desired) -> dict[str, Any]:
         "namespace": d.pod.namespace, "name": d.pod.name, "uid": uid, "mode": d.mode,
         "backend": "", "state": NONE, "reason": d.reason, "netns": "", "ips": list(d.pod.ips),
     }
+
+
+CONNECTED, DISCONNECTED, SYNCING = "connected", "disconnected", "syncing"
+
+
+def proxy_state(hub_status: Mapping[str, Any]) -> str:
+    """The node proxy's session as ambient pods see it: connected (snapshot acked), syncing (session open,
+    snapshot not acked yet) or disconnected."""
+    if not hub_status.get("connected"):
+        return DISCONNECTED
+    # one hub, or several transports (gRPC's at the top level, the others' under their names)
+    sessions = [hub_status, *(v for v in hub_status.values() if isinstance(v, Mapping))]
+    return CONNECTED if any(s.get("connected") and s.get("snapshot_acked") for s in sessions) else SYNCING
+
+
+def with_proxy(rows: list[dict[str, Any]], proxy: str) -> list[dict[str, Any]]:
+    """Rows with the `proxy` column for ambient pods (copies; the published rows stay as they are)."""
+    return [{**r, "proxy": proxy} if r.get("mode") == AMBIENT and r.get("state") != NONE else r for r in rows]
+
+
+class StatusBoard:
+    """The latest published status rows; reading never blocks on the reconciler."""
+
+    def __init__(self) -> None:
+        self._rows: tuple[dict[str, Any], ...] = ()
+        self._lock = threading.Lock()  # only orders publishers; readers take the reference as it is
+        self.enrolled_ambient = 0
+
+    def publish(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._rows = tuple(rows)
+            self.enrolled_ambient = sum(1 for r in rows if r["mode"] == AMBIENT and r["state"] == ENROLLED)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows]
 
 
 def status_rows(held: Iterable[PodState], others: Mapping[str, Desired], node_backend: str) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ class PodTable:
         self.records = records
         self.metrics = metrics
         self.clock = clock
+        self.on_change: Callable[[], None] | None = None  # after every state change (lock held): status snapshot
 
     def get(self, uid: str, mode: Mode | None = None) -> PodState | None:
         """The pod's state (of that mode only, when given)."""
@@ -35,8 +36,10 @@ class PodTable:
         return [st for st in self.pods.values() if st.mode == mode]
 
     def notify(self) -> None:
-        """Wake the CNI requests waiting for a pod's state (lock held)."""
+        """Wake the CNI requests waiting for a pod's state (lock held); publish the new state."""
         self.cond.notify_all()
+        if self.on_change is not None:
+            self.on_change()
 
     def fail(self, st: PodState, reason: str, now: float | None = None) -> None:
         """The pod is `failed` and retried after a backoff that grows with its attempts."""
@@ -52,7 +55,8 @@ class PodTable:
 
     def save_record(self, st: PodState) -> None:
         self.records.save(EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend, st.tcp_loose,
-                                      st.cgroup_path, mode=st.mode, annotations=st.annotations))
+                                      st.cgroup_path, mode=st.mode, annotations=st.annotations,
+                                      service_account=st.service_account))
 
     def forget(self, st: PodState, message: str, step: str) -> None:
         """The end of every removal, once the pod's redirection is out: pin released, record deleted, the

@@ -89,10 +89,18 @@ class AgentMetrics:
             "(flag: --proxy-cgroup, peer: detected from the proxy's connection, none: unknown or refused).",
             ["source"], registry=self.registry)
         self.proxy_cgroup_source("none")
+        self.pods_proxy_lost = Gauge(
+            "headrace_agent_pods_proxy_disconnected",
+            "Enrolled ambient pods while the node proxy session is down or not synced (redirected traffic "
+            "finds no listener).", registry=self.registry)
         if proxy_connected is not None:
             self.proxy_connected.set_function(lambda: 1.0 if proxy_connected() else 0.0)
         for state in STATES:
             self.pods.labels(state=state).set(0)
+
+    def watch_pods_without_proxy(self, count: Callable[[], int]) -> None:
+        """headrace_agent_pods_proxy_disconnected from the reconciler's published state."""
+        self.pods_proxy_lost.set_function(lambda: float(count()))
 
     def proxy_cgroup_source(self, source: str) -> None:
         for name in PROXY_CGROUP_SOURCES:

@@ -52,6 +52,9 @@ def query(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
 def state_text(pod: dict[str, Any]) -> str:
     state = str(pod.get("state", ""))
     reason = str(pod.get("reason", ""))
+    proxy = str(pod.get("proxy", ""))
+    if state == "enrolled" and proxy and proxy != "connected":  # ambient: the node proxy's session
+        return f"{state}, proxy {proxy}"
     if reason and (state in ("pending", "failed") or pod.get("boot_race")):  # boot race: agent_duties.py
         return f"{state} ({reason})"
     return state

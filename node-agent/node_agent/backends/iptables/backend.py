@@ -11,11 +11,16 @@ iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides.
 routing (original-source delivery) is read beside either answer, in-process over rtnetlink
 (`node_agent.kernel.policy_routes_read`; `ip` if that fails). HEADRACE_IPTC_CHECK=0
 in the agent's environment turns the shortcut off.
+
+The compare also checks that traffic meets our jumps at all (cni.rules.compare: a rule ahead of our jump,
+a policy other than ACCEPT); on nft hosts the full check also reads the netns' nf_tables ruleset for
+foreign base chains hooked ahead of our nat chains (`nft_foreign`), which `apply` removes.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from pathlib import Path
 
@@ -27,9 +32,11 @@ from cni.kernel.flavour import Flavour
 from cni.kernel.iptables_run import IptablesError
 from cni.rules import builder
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
+from node_agent.backends.iptables import nft_foreign
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
 
 IPTC_ENV = "HEADRACE_IPTC_CHECK"
+log = logging.getLogger("headrace.backend.iptables")
 
 
 def in_process_check_enabled(environ: dict[str, str] | None = None) -> bool:
@@ -119,6 +126,7 @@ class IptablesBackend:
 
     def _apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         families = families_of(target.ips)
+        self._remove_foreign(target, families)
         try:
             if isinstance(spec, SidecarSpec):
                 netns_tables.apply_sidecar(target.netns_path, spec, families, self.flavour)
@@ -158,15 +166,43 @@ class IptablesBackend:
         return problems
 
     def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
-        """The authoritative check: iptables-save in the pod netns, compared with the builder's rules."""
+        """The authoritative check: iptables-save in the pod netns, compared with the builder's rules (and,
+        on nft hosts, the foreign base chains ahead of ours)."""
         try:
             if isinstance(spec, SidecarSpec):
-                return netns_tables.check_sidecar(target.netns_path, spec, families, self.flavour)
-            if isinstance(spec, AmbientSpec):
-                return netns_tables.check_ambient(target.netns_path, spec, families, self.flavour)
+                problems = netns_tables.check_sidecar(target.netns_path, spec, families, self.flavour)
+            elif isinstance(spec, AmbientSpec):
+                problems = netns_tables.check_ambient(target.netns_path, spec, families, self.flavour)
+            else:
+                raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
         except (IptablesError, ValueError, OSError) as exc:
             raise BackendError(f"iptables check for pod {target.namespace}/{target.name}: {exc}") from exc
-        raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
+        return problems + nft_foreign.problems_of(self._foreign(target, families))
+
+    def _foreign(self, target: PodTarget, families: tuple[Family, ...]) -> list[nft_foreign.BaseChain]:
+        """Foreign nftables base chains ahead of our nat chains (nft hosts; [] when nft cannot tell)."""
+        if self.flavour != "nft" or not os.path.exists(target.netns_path):
+            return []
+        try:
+            return nft_foreign.read(target.netns_path, families)
+        except nft_foreign.NftForeignError as exc:
+            log.warning("cannot read the pod's nftables ruleset: %s", exc,
+                        extra={"uid": target.uid, "netns": target.netns_path, "step": "nft-foreign"})
+            return []
+
+    def _remove_foreign(self, target: PodTarget, families: tuple[Family, ...]) -> None:
+        found = self._foreign(target, families)
+        if not found:
+            return
+        try:
+            nft_foreign.remove(target.netns_path, found)
+        except (nft_foreign.NftForeignError, ValueError) as exc:
+            raise BackendError(f"removing foreign nftables chains for pod {target.namespace}/{target.name}: "
+                               f"{exc}") from exc
+        log.warning("foreign nftables chains ahead of our redirect removed: %s",
+                    "; ".join(c.describe() for c in found),
+                    extra={"pod": target.name, "namespace": target.namespace, "uid": target.uid,
+                           "netns": target.netns_path, "step": "nft-foreign"})
 
     def installed(self, target: PodTarget) -> bool:
         try:

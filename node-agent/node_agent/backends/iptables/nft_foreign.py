@@ -1,0 +1,130 @@
+"""Foreign nftables base chains that run ahead of our redirection in a pod's netns (nft hosts).
+
+iptables-nft writes our rules into the nf_tables tables `ip nat` / `ip6 nat` (and `mangle`), whose base
+chains hook at priority -100 (nat) and -150 (mangle). Any other nf_tables table in the pod netns can hook
+its own base chain at prerouting or output with an earlier priority; `iptables-save` does not show it.
+Such a chain can make traffic skip the redirect (a `notrack` at raw priority: the connection never meets
+a nat chain; a `meta mark set 0x539`: ambient rules take it for the proxy's own traffic; a `drop`). We do
+not judge its statements: in a pod we redirect, nothing but our chains may run at the hooks we use ahead
+of our nat chains. A non-empty (or non-accepting) foreign base chain there is drift, and the repair
+removes that chain (its table and its other chains stay) — the one case where the agent deletes rules
+that are not its own, because no position of ours can come before an earlier hook priority.
+
+Pure parts (`parse_ruleset`, `ahead_of_redirect`, `removal_script`) are unit-tested; `read`/`remove`
+run `nft` in the netns through nsenter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+NAT_PRIORITY = -100  # iptables-nft's nat chains; mangle (-150) and raw (-300) come before it
+HOOKS = ("prerouting", "output")
+IPTABLES_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
+OWN_TABLE = "headrace"  # the nftables backend's per-pod table (inet headrace): ours, never foreign
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,255}$")
+
+
+class NftForeignError(Exception):
+    """nft could not be run or its answer not read."""
+
+
+@dataclass(frozen=True)
+class BaseChain:
+    family: str
+    table: str
+    name: str
+    handle: int
+    hook: str
+    priority: int
+    policy: str
+    rules: int
+
+    def describe(self) -> str:
+        return (f"{self.family} {self.table} {self.name} (hook {self.hook}, priority {self.priority}, "
+                f"policy {self.policy}, {self.rules} rules)")
+
+
+def parse_ruleset(text: str) -> list[BaseChain]:
+    """Base chains of `nft -j list ruleset` with their rule counts. NftForeignError on bad JSON."""
+    try:
+        items = json.loads(text).get("nftables", [])
+    except (ValueError, AttributeError) as exc:
+        raise NftForeignError(f"nft -j output unreadable: {exc}") from None
+    counts: dict[tuple[str, str, str], int] = {}
+    chains: list[dict[str, Any]] = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("chain"), dict) and "hook" in item["chain"]:
+            chains.append(item["chain"])
+        elif isinstance(item.get("rule"), dict):
+            r = item["rule"]
+            key = (str(r.get("family")), str(r.get("table")), str(r.get("chain")))
+            counts[key] = counts.get(key, 0) + 1
+    out = []
+    for c in chains:
+        fam, table, name = str(c.get("family")), str(c.get("table")), str(c.get("name"))
+        try:
+            prio, handle = int(c.get("prio", 0)), int(c.get("handle", 0))
+        except (TypeError, ValueError):
+            continue
+        out.append(BaseChain(fam, table, name, handle, str(c.get("hook")), prio, str(c.get("policy", "accept")),
+                             counts.get((fam, table, name), 0)))
+    return out
+
+
+def iptables_owned(c: BaseChain) -> bool:
+    """iptables-nft's tables (checked through iptables-save) and our nftables backend's table."""
+    return (c.family in ("ip", "ip6") and c.table in IPTABLES_TABLES) or c.table == OWN_TABLE
+
+
+def ahead_of_redirect(chains: list[BaseChain], families: tuple[int, ...]) -> list[BaseChain]:
+    """Foreign base chains that see a pod's traffic before our nat chains do and can act on it."""
+    fams = {"inet"} | {"ip" if f == 4 else "ip6" for f in families}
+    return [c for c in chains
+            if c.family in fams and c.hook in HOOKS and c.priority <= NAT_PRIORITY and not iptables_owned(c)
+            and (c.rules > 0 or c.policy != "accept")]
+
+
+def problems_of(found: list[BaseChain]) -> list[str]:
+    return [f"foreign nftables chain ahead of our redirect: {c.describe()}" for c in found]
+
+
+def removal_script(found: list[BaseChain]) -> str:
+    """An `nft -f` script removing these chains in one transaction. ValueError on a name nft would need
+    quoting for (such a chain is reported, not removed)."""
+    lines = []
+    for c in found:
+        for part in (c.family, c.table, c.name):
+            if not _NAME.match(part):
+                raise ValueError(f"unexpected nftables name {part!r}")
+        lines.append(f"flush chain {c.family} {c.table} {c.name}")
+        lines.append(f"delete chain {c.family} {c.table} handle {c.handle}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _nft(netns_path: str, args: list[str], stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(["nsenter", f"--net={netns_path}", "nft", *args], input=stdin, capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NftForeignError(f"nft {' '.join(args)}: {exc}") from exc
+    if done.returncode != 0:
+        raise NftForeignError(f"nft {' '.join(args)}: {done.stderr.strip()[:300]}")
+    return done.stdout
+
+
+def read(netns_path: str, families: tuple[int, ...]) -> list[BaseChain]:
+    """The foreign base chains ahead of our redirect in the netns."""
+    return ahead_of_redirect(parse_ruleset(_nft(netns_path, ["-j", "list", "ruleset"])), families)
+
+
+def remove(netns_path: str, found: list[BaseChain]) -> None:
+    script = removal_script(found)
+    if script:
+        _nft(netns_path, ["-f", "-"], stdin=script)

@@ -1,0 +1,106 @@
+"""Sidecar pods the plugin redirected on its own (iptables, no agent involved at ADD): once the agent
+runs, it takes them over so the drift check watches and repairs them like every pod it holds.
+
+Each pass offers the sidecar pods of the source the reconciler does not hold yet. Outside the lock (a
+netns read spawns iptables-save) each is located (the /proc scan, else its IPs) and read: our sidecar
+rules present (the plugin made them) → the netns is pinned and the pod held as a `sidecar` pod with the
+iptables backend (rules taken as in place, checked by the next drift pass, record written so a restarted
+agent adopts it). No rules: left to the boot-race monitor (a pod that started before the plugin was
+chained), which installs them and keeps reporting the pod (such pods are not taken over). Pods not
+found, not redirected or
+whose read failed are looked at again after a back-off (up to 30 s), a few per pass, so a node full
+of such pods never stalls the reconcile loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from cni.contract.annotations import KNOWN, sidecar_spec
+from cni.contract.errors import CniError
+from cni.contract.kube_objects import Pod
+from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.netns.finder import NetnsLocation
+from node_agent.netns.pin import PinError
+from node_agent.reconcile.choice import Backends
+from node_agent.reconcile.pod_netns import PodNetns
+from node_agent.reconcile.state import ENROLLED, SIDECAR, PodState, log_ctx
+from node_agent.reconcile.table import PodTable
+from node_agent.sources.desired import Desired
+
+log = logging.getLogger("headrace.agent.reconcile")
+
+PER_PASS = 8
+PLUGIN_REASON = "redirected by the plugin; watched by the agent"
+
+
+class PluginSidecars:
+    def __init__(self, table: PodTable, netns: PodNetns, backends: Backends) -> None:
+        self.table = table
+        self.netns = netns
+        self.backends = backends
+        self._next: dict[str, tuple[float, int]] = {}  # uid -> (next look, misses)
+        # boot-race pods whose rules the agent put in place: the boot-race monitor reports them (left to it)
+        self.repaired_in_place: set[str] = set()
+
+    def candidates(self, others: Mapping[str, Desired], now: float) -> list[Pod]:
+        """Sidecar pods of the source to look at in this pass (lock held)."""
+        for uid in [u for u in self._next if u not in others or u in self.table.pods]:
+            del self._next[uid]
+        self.repaired_in_place &= set(others)
+        out = []
+        for uid, d in others.items():
+            if d.mode != "sidecar" or uid in self.table.pods or uid in self.repaired_in_place \
+                    or self._next.get(uid, (0.0, 0))[0] > now:
+                continue
+            out.append(d.pod)
+            if len(out) >= PER_PASS:
+                break
+        return out
+
+    def _backoff(self, uid: str, now: float) -> None:
+        misses = self._next.get(uid, (0.0, 0))[1] + 1
+        self._next[uid] = (now + min(30.0, 0.5 * 2 ** min(misses, 6)), misses)
+
+    def look(self, pods: list[Pod]) -> None:
+        """Take over the pods whose netns holds our sidecar rules (called without the lock)."""
+        backend = self.backends.named("iptables")
+        if backend is None:
+            return
+        scan = self.netns.new_scan()
+        for pod in pods:
+            now = self.table.clock()
+            try:
+                loc = self.netns.find(pod.uid, pod.ips, scan)
+                target = PodTarget(pod.uid, pod.namespace, pod.name, loc.path, loc.inode, pod.ips)
+                present = backend.installed(target)
+            except (LookupError, OSError, BackendError):
+                present = False
+            with self.table.lock:
+                if not present or pod.uid in self.table.pods:
+                    self._backoff(pod.uid, now)
+                    continue
+                self._take(pod, loc, backend)
+
+    def _take(self, pod: Pod, loc: NetnsLocation, backend: RedirectBackend) -> None:
+        try:
+            spec = sidecar_spec(pod.annotations)
+        except CniError:
+            self._backoff(pod.uid, self.table.clock())  # the plugin refused such a pod: nothing of ours
+            return
+        st = PodState(pod.uid, pod.namespace, pod.name, SIDECAR, spec, state=ENROLLED, reason=PLUGIN_REASON,
+                      inode=loc.inode, ips=pod.ips, rules_in=True, backend=backend.name, enrolled_at=time.time(),
+                      annotations=tuple(sorted((k, v) for k, v in pod.annotations.items() if k in KNOWN)))
+        try:
+            st.netns = self.netns.pin(pod.uid, loc.path, loc.inode)
+        except (PinError, OSError) as exc:
+            log.info("cannot pin a plugin sidecar pod's netns: %s", exc, extra=log_ctx(st, "plugin-sidecar"))
+            self._backoff(pod.uid, self.table.clock())
+            return
+        self.table.pods[pod.uid] = st
+        self.table.save_record(st)
+        self.table.notify()
+        log.info("sidecar pod redirected by the plugin taken over (drift watched)",
+                 extra=log_ctx(st, "plugin-sidecar"))
