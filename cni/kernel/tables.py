@@ -27,6 +27,8 @@ from cni.rules import rule_text, sidecar
 from cni.rules.saved import owned, owned_all, parse_save
 from cni.rules.transition import desired_from_ruleset, transition
 
+_AM_PREFIX = "HEADRACE_AM_"  # cni.rules.ambient.AMBIENT_PREFIX (not imported: the plugin's DEL stays lean)
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -105,18 +107,38 @@ def apply_ambient(
     *,
     log: StepLog | None = None,
 ) -> None:
-    """Install (or replace) the ambient in-pod chains in the pod netns; all families or none."""
-    from cni.rules import ambient  # ambient pods only (the agent's backend)
-    rulesets = [ambient.ambient_rules(spec, f) for f in valid_families(families)]
+    """Install (or replace) the ambient in-pod chains in the pod netns; all families or none.
+
+    With them, per family, the policy routing of the node proxy's original-source connections
+    (tproxy_routes.AMBIENT: `fwmark 0x111/0xfff lookup 100`, `local default dev lo table 100`), added in
+    parallel with the first iptables step; a failure on either side rolls both back."""
+    from cni.kernel.tproxy import RoutesJob  # ambient pods only (the agent's backend)
+    from cni.rules import ambient
+    from cni.rules.tproxy_routes import AMBIENT
+
+    fams = valid_families(families)
+    rulesets = [ambient.ambient_rules(spec, f) for f in fams]
+    jobs: list[SideJob] = [RoutesJob(f, AMBIENT) for f in fams]
     require_netns(netns_path, "apply-ambient")
     with netns_lock(netns_path, "apply-ambient"):
-        apply_rulesets(netns_path, rulesets, flavour, ambient.AMBIENT_PREFIX, "apply-ambient", log)
+        apply_rulesets(netns_path, rulesets, flavour, ambient.AMBIENT_PREFIX, "apply-ambient", log, side_jobs=jobs)
 
 
 def check_ambient(netns_path: str, spec: AmbientSpec, families: Iterable[Family], flavour: Flavour) -> list[str]:
+    """Problems with the ambient iptables rules (their policy routing: `check_ambient_routes`)."""
     from cni.rules import ambient  # ambient pods only (the agent's backend)
     rulesets = [ambient.ambient_rules(spec, f) for f in valid_families(families)]
     return check_rulesets(netns_path, rulesets, flavour)
+
+
+def check_ambient_routes(netns_path: str | None, families: Iterable[Family]) -> list[str]:
+    """Problems with the ambient policy routing alone (a netns that is gone has none to report)."""
+    if netns_path is not None and not os.path.exists(netns_path):
+        return []
+    from cni.kernel.tproxy import check_routes
+    from cni.rules.tproxy_routes import AMBIENT
+
+    return check_routes(netns_path, families, AMBIENT)
 
 
 def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None = None) -> None:
@@ -135,6 +157,8 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None 
             tproxy_fams = [
                 f for f in both if "mangle" in parsed[f] and owned(parsed[f]["mangle"], sidecar.SIDECAR_PREFIX).chains
             ]
+            # ambient chains (mangle) come with the original-source policy routing likewise
+            ambient_fams = [f for f in both if "mangle" in parsed[f] and owned(parsed[f]["mangle"], _AM_PREFIX).chains]
             # both families' restores at once; a failed one is retried once from a fresh save
             results = restore_many(netns_path, flavour, {f: t for f, t in texts.items() if t}, "remove")
             for family, err in results.items():
@@ -145,6 +169,11 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None 
                 from cni.kernel.tproxy import remove_tproxy_routes
 
                 remove_tproxy_routes(netns_path, tproxy_fams, log=log)
+            if ambient_fams:
+                from cni.kernel.tproxy import remove_routes
+                from cni.rules.tproxy_routes import AMBIENT
+
+                remove_routes(netns_path, ambient_fams, AMBIENT, log=log)
     except IptablesError:
         if netns_path is not None and not os.path.exists(netns_path):
             return

@@ -98,8 +98,8 @@ def test_proxy_command_protocol_flag(monkeypatch: pytest.MonkeyPatch) -> None:
 
     seen: list[tuple[Any, ...]] = []
 
-    def fake_run(*args: Any) -> int:
-        seen.append(args)
+    def fake_run(*args: Any, orig_src: bool = False) -> int:
+        seen.append(args + (("orig_src",) if orig_src else ()))
         return 0
 
     monkeypatch.setattr(main, "run", fake_run)
@@ -108,4 +108,7 @@ def test_proxy_command_protocol_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen[-1] == ("/var/run/ztunnel/ztunnel.sock", "z", False, "info", "zds")
     r = CliRunner().invoke(proxy_cmd.proxy, ["--id", "g"])
     assert seen[-1] == ("/var/run/headrace/proxy.sock", "g", False, "info", "grpc")
+    CliRunner().invoke(proxy_cmd.proxy, ["--id", "o", "--orig-src"])
+    last = seen.pop()
+    assert last[1] == "o" and last[-1] == "orig_src"
     assert CliRunner().invoke(proxy_cmd.proxy, ["--protocol", "quic"]).exit_code != 0

@@ -22,8 +22,11 @@ import click
 @click.option("--cgroup", "cgroup", default=None, type=click.Path(file_okay=False),
               help="Join this cgroup v2 directory at start (ambient eBPF: the agent's --proxy-cgroup, where "
                    "SO_ORIGINAL_DST is answered for the proxy's sockets).")
+@click.option("--orig-src/--own-src", "orig_src", default=False, show_default=True,
+              help="Dial the app from the client's own address (IP_TRANSPARENT), as ztunnel with "
+                   "ENABLE_ORIG_SRC; needs the pod's ambient policy routing (fwmark 0x111 lookup 100).")
 def proxy(socket_path: str | None, protocol: str, proxy_id: str | None, netns_fd: bool, log_level: str,
-          cgroup: str | None) -> None:
+          cgroup: str | None, orig_src: bool) -> None:
     """Run the reference node proxy: one JSON line per finished connection on stdout, logs on stderr."""
     from node_agent.refproxy.main import run
 
@@ -38,4 +41,4 @@ def proxy(socket_path: str | None, protocol: str, proxy_id: str | None, netns_fd
 
     if socket_path is None:
         socket_path = "/var/run/ztunnel/ztunnel.sock" if protocol == "zds" else "/var/run/headrace/proxy.sock"
-    sys.exit(run(socket_path, proxy_id, netns_fd, log_level, protocol))
+    sys.exit(run(socket_path, proxy_id, netns_fd, log_level, protocol, orig_src=orig_src))

@@ -18,7 +18,8 @@ from node_agent.refproxy.logs import event
 from node_agent.refproxy.sockets import format_addr, original_dst
 
 Emit = Callable[[dict[str, Any]], None]
-UpstreamFactory = Callable[[socket.AddressFamily], Awaitable[socket.socket]]
+# (family, source address to bind transparently or None) -> an unconnected upstream socket in the pod netns
+UpstreamFactory = Callable[[socket.AddressFamily, str | None], Awaitable[socket.socket]]
 
 CHUNK = 65536
 
@@ -55,8 +56,10 @@ async def relay(
     make_upstream: UpstreamFactory,
     emit: Emit,
     connect_timeout: float = 10.0,
+    orig_src: bool = False,
 ) -> None:
-    """Serve one accepted client connection to its original destination; emit its JSON line at the end."""
+    """Serve one accepted client connection to its original destination; emit its JSON line at the end.
+    `orig_src`: inbound connections dial the app from the client's own address (ztunnel's ENABLE_ORIG_SRC)."""
     sock = client_writer.get_extra_info("socket")
     peer = client_writer.get_extra_info("peername")
     src = format_addr(str(peer[0]), int(peer[1])) if peer else "?"
@@ -78,7 +81,8 @@ async def relay(
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     up_sock: socket.socket | None = None
     try:
-        up_sock = await make_upstream(family)
+        source = str(peer[0]) if orig_src and direction == "inbound" and peer else None
+        up_sock = await make_upstream(family, source)
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(loop.sock_connect(up_sock, (ip, port)), connect_timeout)
         up_reader, up_writer = await asyncio.open_connection(sock=up_sock)

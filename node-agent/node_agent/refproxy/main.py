@@ -28,18 +28,22 @@ def default_proxy_id() -> str:
     return f"refproxy-{socket.gethostname()}-{os.getpid()}"
 
 
-def build(socket_path: str, proxy_id: str, netns_fd: bool, emit: Emit = stdout_emit) -> AgentSession:
+def build(
+    socket_path: str, proxy_id: str, netns_fd: bool, emit: Emit = stdout_emit, *, orig_src: bool = False
+) -> AgentSession:
     session: AgentSession
     opener = side_channel_opener(lambda: session.netns_fd_socket) if netns_fd else open_by_path
-    table = WorkloadTable(emit, opener)
+    table = WorkloadTable(emit, opener, orig_src=orig_src)
     session = AgentSession(socket_path, proxy_id, table, wants_netns_fd=netns_fd)
     return session
 
 
-def build_zds(socket_path: str, proxy_id: str, emit: Emit = stdout_emit) -> ZdsSession:
+def build_zds(
+    socket_path: str, proxy_id: str, emit: Emit = stdout_emit, *, orig_src: bool = False
+) -> ZdsSession:
     """ztunnel's role over ZDS: every add brings the pod's netns as an fd."""
     fds = ReceivedFds()
-    return ZdsSession(socket_path, proxy_id, WorkloadTable(emit, fds.opener), fds)
+    return ZdsSession(socket_path, proxy_id, WorkloadTable(emit, fds.opener, orig_src=orig_src), fds)
 
 
 async def serve(session: AgentSession | ZdsSession) -> None:
@@ -58,10 +62,22 @@ async def serve(session: AgentSession | ZdsSession) -> None:
         session.table.close_all()
 
 
-def run(socket_path: str, proxy_id: str | None, netns_fd: bool, log_level: str, protocol: str = "grpc") -> int:
+def run(
+    socket_path: str,
+    proxy_id: str | None,
+    netns_fd: bool,
+    log_level: str,
+    protocol: str = "grpc",
+    *,
+    orig_src: bool = False,
+) -> int:
     logs.setup(log_level)
     pid = proxy_id or default_proxy_id()
-    session = build_zds(socket_path, pid) if protocol == "zds" else build(socket_path, pid, netns_fd)
+    session = (
+        build_zds(socket_path, pid, orig_src=orig_src)
+        if protocol == "zds"
+        else build(socket_path, pid, netns_fd, orig_src=orig_src)
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(session))
     return 0

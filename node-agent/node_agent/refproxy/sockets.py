@@ -11,6 +11,8 @@ import struct
 BYPASS_MARK = 0x539  # contract: the pod's redirect rules never capture traffic of sockets with this mark
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_ORIGINAL_DST = 80  # on SOL_IP; IP6T_SO_ORIGINAL_DST has the same value on SOL_IPV6 (= IPPROTO_IPV6)
+IP_TRANSPARENT = 19  # on SOL_IP
+IPV6_TRANSPARENT = 75  # on SOL_IPV6
 SOCKADDR_IN_LEN = 16
 SOCKADDR_IN6_LEN = 28
 
@@ -71,11 +73,19 @@ def make_listener(family: socket.AddressFamily, port: int) -> socket.socket:
     return s
 
 
-def make_upstream(family: socket.AddressFamily) -> socket.socket:
-    """A non-blocking TCP socket carrying the bypass mark, in the calling thread's netns (unconnected)."""
+def make_upstream(family: socket.AddressFamily, source: str | None = None) -> socket.socket:
+    """A non-blocking TCP socket carrying the bypass mark, in the calling thread's netns (unconnected).
+    `source`: bound to that (foreign) address with IP_TRANSPARENT, as ztunnel delivers inbound with the
+    client's original source; the pod's ambient policy routing brings the app's replies back to it."""
     s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+        if source is not None:
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.bind((source, 0))
         s.setblocking(False)
     except OSError:
         s.close()

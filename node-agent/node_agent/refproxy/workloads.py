@@ -80,8 +80,9 @@ def side_channel_opener(get_socket: Callable[[], str]) -> NetnsOpener:
 
 
 class WorkloadProxy:
-    def __init__(self, info: WorkloadInfo, emit: Emit) -> None:
+    def __init__(self, info: WorkloadInfo, emit: Emit, *, orig_src: bool = False) -> None:
         self.info = info
+        self.orig_src = orig_src
         self._emit = emit
         self._worker: NetnsWorker | None = None
         self._listening: list[tuple[asyncio.Server, socket.socket, str]] = []
@@ -119,10 +120,10 @@ class WorkloadProxy:
                 return None
             raise WorkloadError(f"listen on port {port} in {self.info.netns_path}: {exc.strerror}") from exc
 
-    async def _upstream(self, family: socket.AddressFamily) -> socket.socket:
+    async def _upstream(self, family: socket.AddressFamily, source: str | None = None) -> socket.socket:
         if self._worker is None:
             raise RuntimeError("workload is closed")
-        return await asyncio.wrap_future(self._worker.submit(functools.partial(make_upstream, family)))
+        return await asyncio.wrap_future(self._worker.submit(functools.partial(make_upstream, family, source)))
 
     async def _on_connection(self, direction: str, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -143,7 +144,7 @@ class WorkloadProxy:
                 writer.close()  # the reference proxy does not terminate HBONE
                 return
             await relay(reader, writer, direction=direction, workload=self.label,
-                        make_upstream=self._upstream, emit=self._emit)
+                        make_upstream=self._upstream, emit=self._emit, orig_src=self.orig_src)
         finally:
             self.active -= 1
             if self.closing and self.active == 0:
@@ -199,8 +200,9 @@ class WorkloadProxy:
 
 
 class WorkloadTable:
-    def __init__(self, emit: Emit, opener: NetnsOpener = open_by_path) -> None:
+    def __init__(self, emit: Emit, opener: NetnsOpener = open_by_path, *, orig_src: bool = False) -> None:
         self._emit = emit
+        self.orig_src = orig_src  # inbound to the app from the client's own address
         self._opener = opener
         self._by_uid: dict[str, WorkloadProxy] = {}
         self._seen: set[str] | None = None
@@ -244,7 +246,7 @@ class WorkloadTable:
                 return
             self.delete(info.uid)
         fd = await self._opener(info)
-        wp = WorkloadProxy(info, self._emit)
+        wp = WorkloadProxy(info, self._emit, orig_src=self.orig_src)
         try:
             await wp.start(fd)
         except WorkloadError:

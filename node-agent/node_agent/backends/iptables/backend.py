@@ -7,7 +7,9 @@ Drift checks first ask `iptc_check.DriftShortcut` for a cheap in-process answer:
 python-iptables read of the pod's tables whose fingerprint matches the last verified one, on nft hosts
 the netns' nf_tables ruleset generation unchanged since the last verified check (`nft_generation`).
 Either answers "intact" without running anything; otherwise (and for checks that look beyond
-iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides. HEADRACE_IPTC_CHECK=0
+iptables, e.g. sidecar TPROXY policy routing) the iptables-save compare decides. An ambient pod's policy
+routing (original-source delivery) is read beside either answer, in-process over rtnetlink
+(`node_agent.kernel.policy_routes_read`; `ip` if that fails). HEADRACE_IPTC_CHECK=0
 in the agent's environment turns the shortcut off.
 
 The compare also checks that traffic meets our jumps at all (cni.rules.compare: a rule ahead of our jump,
@@ -66,6 +68,24 @@ def iptables_only_check(spec: RedirectSpec) -> bool:
     fingerprint may stand in for it. Sidecar TPROXY mode also checks the policy routing (`ip rule`/`ip
     route`), which the fingerprint does not cover: those pods always get the full check."""
     return isinstance(spec, AmbientSpec) or not builder.uses_tproxy(spec)
+
+
+def check_ambient_routing(target: PodTarget, families: tuple[Family, ...]) -> list[str]:
+    """An ambient pod's original-source policy routing (any packet-filter backend): read in-process over
+    rtnetlink (nothing spawned), or with `ip` when that read fails."""
+    if not os.path.exists(target.netns_path):
+        return []
+    from cni.rules.tproxy_routes import AMBIENT
+    from node_agent.kernel.policy_routes_read import PolicyRoutesReadError, check_routing
+
+    try:
+        return check_routing(target.netns_path, families, AMBIENT)
+    except PolicyRoutesReadError:
+        pass
+    try:
+        return netns_tables.check_ambient_routes(target.netns_path, families)
+    except (ValueError, OSError) as exc:
+        raise BackendError(f"policy routing check for pod {target.namespace}/{target.name}: {exc}") from exc
 
 
 class IptablesBackend:
@@ -136,10 +156,14 @@ class IptablesBackend:
             raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
         if self.shortcut is None or not iptables_only_check(spec):
             STATS.count("iptables_save")
-            return self._check_save(target, spec, families)
-        return self.shortcut.check(
-            target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
-        )
+            problems = self._check_save(target, spec, families)
+        else:
+            problems = self.shortcut.check(
+                target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
+            )
+        if isinstance(spec, AmbientSpec):  # beside the iptables rules (never part of the fingerprint)
+            problems = [*problems, *check_ambient_routing(target, families)]
+        return problems
 
     def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
         """The authoritative check: iptables-save in the pod netns, compared with the builder's rules (and,

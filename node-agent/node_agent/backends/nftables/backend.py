@@ -3,7 +3,9 @@
 Apply = read our table (if any) and swap it for the builder's in ONE nftables transaction (both families);
 the netns flock (`cni.kernel.netns_lock`) keeps the plugin's and the agent's writers apart. A sidecar pod
 also needs `::6` on `lo` (IPv6) or, in TPROXY mode, the policy routing: those run as the plugin's side jobs
-(`ip`), and if they fail the old table is put back. Ambient pods — the agent's bulk — run no process.
+(`ip`), and if they fail the old table is put back. An ambient pod gets the original-source policy routing
+(`tproxy_routes.AMBIENT`, one `ip -batch` per family, the same as on iptables) after its table; if that
+fails the old table is put back; it is removed with the table and read back in-process by the check.
 
 Drift check: list our table (in-process) and compare it with what this backend applied last (the listing
 taken right after the apply), or, for a table it did not apply in this run (after a restart), with the
@@ -23,14 +25,16 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.iptables_run import IptablesError
 from cni.kernel.netns_lock import netns_lock
 from cni.rules import nft_builder, nft_text
+from cni.rules.nft_ambient import AM_MANGLE_PRERT
 from cni.rules.nft_compare import compare
 from cni.rules.sidecar import uses_tproxy
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
-from node_agent.backends.iptables.backend import families_of
+from node_agent.backends.iptables.backend import check_ambient_routing, families_of
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation
 from node_agent.backends.nftables import libnft
 
 TPROXY_CHAIN = "chain sc_tproxy {"
+AMBIENT_CHAIN = f"chain {AM_MANGLE_PRERT} {{"  # an ambient table: it comes with the policy routing
 
 
 def wanted_table(spec: RedirectSpec, families: tuple[int, ...]) -> nft_text.NftTable:
@@ -93,8 +97,8 @@ class NftablesBackend:
     def _side_jobs(
         self, target: PodTarget, spec: RedirectSpec, families: tuple[int, ...], tproxy: bool, before: str | None
     ) -> None:
-        """Sidecar pods only: `::6` on lo (IPv6) or the TPROXY policy routing; the routing of a TPROXY table
-        replaced by something else is removed."""
+        """Sidecar pods: `::6` on lo (IPv6) or the TPROXY policy routing; ambient pods: their policy routing;
+        the routing of a TPROXY table replaced by something else is removed."""
         from cni.kernel import nft_tables
 
         if isinstance(spec, SidecarSpec):
@@ -106,6 +110,12 @@ class NftablesBackend:
                 if err is not None:
                     undo_side_jobs(target.netns_path, jobs, "apply-nft", None)
                     raise err
+        if isinstance(spec, AmbientSpec):
+            from cni.kernel.apply import valid_families
+            from cni.kernel.tproxy import add_routes
+            from cni.rules.tproxy_routes import AMBIENT
+
+            add_routes(target.netns_path, valid_families(families), AMBIENT)  # all families or none
         if before is not None and TPROXY_CHAIN in before and not tproxy:
             from cni.kernel.tproxy import remove_tproxy_routes
 
@@ -127,6 +137,11 @@ class NftablesBackend:
                     from cni.kernel.tproxy import remove_tproxy_routes
 
                     remove_tproxy_routes(target.netns_path, (4, 6))
+                if before is not None and AMBIENT_CHAIN in before:
+                    from cni.kernel.tproxy import remove_routes
+                    from cni.rules.tproxy_routes import AMBIENT
+
+                    remove_routes(target.netns_path, (4, 6), AMBIENT)
         except (IptablesError, OSError) as exc:
             if not os.path.exists(target.netns_path):
                 return
@@ -164,6 +179,8 @@ class NftablesBackend:
             from cni.kernel.tproxy import check_tproxy_routes
 
             problems.extend(check_tproxy_routes(target.netns_path, families))
+        if isinstance(spec, AmbientSpec):
+            problems.extend(check_ambient_routing(target, families))
         return problems
 
     def installed(self, target: PodTarget) -> bool:
