@@ -4,8 +4,9 @@ configured the way Istio configures the sidecar (tests/harness/envoy.py), with r
 Each test runs on every way headrace can redirect a sidecar pod:
 
     legacy, nft          bridge + host-local + headrace-cni (`iptables: legacy|nft`): the plugin installs the rules
+    nftables             the same chain with `backend: nftables`: the plugin installs one `inet headrace` table
     ebpf                 the same chain with `backend: ebpf`: the plugin hands the pod to the agent (running)
-    legacy-tproxy, ...   `sidecar.istio.io/interceptionMode: TPROXY` (iptables only: eBPF refuses TPROXY pods)
+    legacy-tproxy, ...   `sidecar.istio.io/interceptionMode: TPROXY` (iptables and nftables: eBPF refuses TPROXY pods)
 
 The app pod has Istio's sidecar annotation, `excludeOutboundPorts: 9090` and `excludeInboundPorts: 9091`;
 Envoy runs in it, inside the pod's cgroup, as uid/gid 1337 (TPROXY: uid 0, gid 1337, only CAP_NET_ADMIN, as
@@ -27,7 +28,7 @@ Proven, IPv4 and IPv6:
 - excluded ports and the health (15021) and Prometheus (15090) ports are not captured: they reach their
   server directly, with the client's address (test_envoy_excluded_ports_not_captured);
 - 15008 (HBONE) is not captured inbound, nor is the proxy's connection to its own pod on 15008
-  (test_envoy_hbone_port_not_captured, expected to fail until the 15008 exemption is in).
+  (test_envoy_hbone_port_not_captured).
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ TPROXY = {"sidecar.istio.io/interceptionMode": "TPROXY"}
 HTTP, TCP, EXCLUDED_OUT, EXCLUDED_IN = 8080, 9000, 9090, 9091
 FAMILIES = (4, 6)
 
-# (backend, tproxy): the ways a sidecar pod can be redirected; eBPF refuses TPROXY pods (iptables only)
+# (backend, tproxy): the ways a sidecar pod can be redirected; eBPF refuses TPROXY pods (iptables and nftables only)
 MODES = {
     "legacy": ("iptables-legacy", False),
     "nft": ("iptables-nft", False),
+    "nftables": ("nftables", False),
     "ebpf": ("ebpf", False),
     "legacy-tproxy": ("iptables-legacy", True),
     "nft-tproxy": ("iptables-nft", True),
+    "nftables-tproxy": ("nftables", True),
 }
 
 
@@ -144,6 +147,9 @@ def _assert_backend(pod: Pod, backend: str, agent: ParityRun | None) -> None:
         row = agent.status()[pod.uid]
         assert (row["mode"], row["backend"], row["state"]) == ("sidecar", "ebpf", "enrolled"), row
         assert bpftool_cgroup(pod.pod_cgroup) and not rules, rules
+    elif backend == "nftables":
+        tables = pod.netns.run(["nft", "list", "tables"]).stdout.split()
+        assert "headrace" in tables and not rules, (tables, rules)
     else:
         flavour = backend.removeprefix("iptables-")
         assert rules and all(r.startswith(f"{flavour}: ") for r in rules), rules
@@ -179,6 +185,8 @@ def mesh(
     agent: ParityRun | None = None
     if backend == "ebpf":
         node, agent = request.getfixturevalue("ebpf_node")
+    elif backend == "nftables":
+        node = make_node(headrace={"backend": "nftables"}, pod_cgroups=True)
     else:
         flavour = backend.removeprefix("iptables-")
         node = make_node(headrace={"backend": "iptables", "iptables": flavour}, pod_cgroups=True)
