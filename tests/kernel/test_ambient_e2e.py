@@ -150,6 +150,8 @@ def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
         # 6. drift: flush the pod's nat table -> repaired within seconds
         if backend == "iptables":
             run(["nsenter", f"--net={client.netns.path}", "iptables-nft", "-t", "nat", "-F"])
+        elif backend == "nftables":
+            run(["nsenter", f"--net={client.netns.path}", "nft", "flush", "table", "inet", "headrace"])
         else:
             prog = next(p for p in bpftool_cgroup(client.pod_cgroup) if p["name"] == "hr_connect4")
             assert client.pod_cgroup is not None
