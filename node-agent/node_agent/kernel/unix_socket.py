@@ -21,6 +21,14 @@ def remove_stale_socket(path: str, error: type[Exception] = FileExistsError) -> 
     os.unlink(path)
 
 
+def unlink_if_ours(path: str, inode: int) -> None:
+    """Remove the socket file at `path` only if it is still the one we bound (inode `inode`, 0: never
+    bound); a newer agent's socket that replaced it stays."""
+    with contextlib.suppress(FileNotFoundError):
+        if inode and os.lstat(path).st_ino == inode:
+            os.unlink(path)
+
+
 @contextlib.contextmanager
 def private_bind_path(path: str, error: type[Exception] = FileExistsError) -> Iterator[str]:
     """Yield a temporary path to bind a socket at, inside a private 0700 directory next to `path`; after

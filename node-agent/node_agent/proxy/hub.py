@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from node_agent.kernel.unix_socket import private_bind_path
+from node_agent.kernel.unix_socket import private_bind_path, unlink_if_ours
 from node_agent.protocol.convert import PROTOCOL_VERSION, workload_to_pb
 from node_agent.protocol.fd_channel import NetnsFdServer, side_channel_path
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
@@ -148,11 +148,7 @@ class ProxyHub:
             self._fd_server.stop()
             self._fd_server = None
         self._peers.stop()
-        try:
-            if self._socket_inode and os.lstat(self.socket_path).st_ino == self._socket_inode:
-                os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        unlink_if_ours(self.socket_path, self._socket_inode)
         for fut in failed:
             settle(fut, HubStopped("proxy hub stopped before the proxy acknowledged"))
         _jlog(logging.INFO, "proxy_hub_stopped", socket=self.socket_path)

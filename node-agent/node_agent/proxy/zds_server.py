@@ -26,7 +26,7 @@ import threading
 from concurrent import futures
 from typing import Any, Protocol
 
-from node_agent.kernel.unix_socket import private_bind_path
+from node_agent.kernel.unix_socket import private_bind_path, unlink_if_ours
 from node_agent.protocol import zds_wire
 from node_agent.protocol.fd_channel import NetnsFdError, open_verified_netns, peer_pid
 from node_agent.protocol.workload import WorkloadInfo
@@ -121,9 +121,7 @@ class ZdsHub:
             self._listener.close()
             self._listener = None
         self._peers.stop()
-        with contextlib.suppress(FileNotFoundError):
-            if self._socket_inode and os.lstat(self.socket_path).st_ino == self._socket_inode:
-                os.unlink(self.socket_path)
+        unlink_if_ours(self.socket_path, self._socket_inode)
         for fut in failed:
             settle(fut, ZdsStopped("the ZDS server stopped before ztunnel acknowledged"))
         _jlog(logging.INFO, "zds_stopped", socket=self.socket_path)

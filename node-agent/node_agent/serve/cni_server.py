@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from cni.contract import events
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
-from node_agent.kernel.unix_socket import listen_private
+from node_agent.kernel.unix_socket import listen_private, unlink_if_ours
 from node_agent.reconcile.state import Outcome
 from node_agent.serve.cni_admission import Admission, Refusal, Ticket, peer_key
 from node_agent.serve.cni_request import PluginRequest, RequestError, parse_request, reply_json
@@ -113,11 +113,7 @@ class CniServer:
             self._thread.join(5)
         if self._sock is not None:
             self._sock.close()
-        try:
-            if self._inode and os.lstat(self.socket_path).st_ino == self._inode:
-                os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        unlink_if_ours(self.socket_path, self._inode)
 
     @property
     def listening(self) -> bool:

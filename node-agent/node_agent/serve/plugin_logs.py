@@ -10,7 +10,6 @@ identifiers, and beyond `max_per_second` lines are dropped (counted in the next 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from cni.plugin.log import FORWARD_SOCKET
+from node_agent.kernel.unix_socket import private_bind_path, remove_stale_socket, unlink_if_ours
 
 log = logging.getLogger("headrace.cni")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -61,15 +61,16 @@ class PluginLogListener:
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._inode = 0
 
     def start(self) -> None:
         """Listen; a socket that cannot be made is logged and the plugin keeps writing its file."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            sock.bind(str(self.path))
-            os.chmod(self.path, 0o600)
+            remove_stale_socket(str(self.path), OSError)
+            with private_bind_path(str(self.path), OSError) as tmp:  # 0600 from the first moment
+                sock.bind(tmp)
+            self._inode = os.lstat(self.path).st_ino
         except OSError as exc:
             sock.close()
             logging.getLogger("headrace.agent").warning(
@@ -111,5 +112,4 @@ class PluginLogListener:
             self._thread.join(2)
         if self._sock is not None:
             self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unlink_if_ours(str(self.path), self._inode)
