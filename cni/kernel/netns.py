@@ -173,6 +173,8 @@ def open_pod_netns(path: str, owner: str = "plugin", host: str = HOST_NETNS) -> 
     """
     import stat as stat_mod
 
+    if not path or "\0" in path:
+        raise NetnsFileError(f"network namespace path {path!r} is not a usable path", gone=True)
     try:
         st = os.stat(path)
     except FileNotFoundError as exc:
