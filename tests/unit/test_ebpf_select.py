@@ -131,7 +131,12 @@ def test_ambient_inbound_takes_only_ambient_pods(monkeypatch, tmp_path):
     rec = RecordingInbound()
     reads: list[str] = []
     real_installed = rec.installed
-    monkeypatch.setattr(rec, "installed", lambda t: reads.append(t.uid) or real_installed(t))
+
+    def installed(t: PodTarget) -> bool:
+        reads.append(t.uid)
+        return bool(real_installed(t))
+
+    monkeypatch.setattr(rec, "installed", installed)
     b = EbpfBackend(tmp_path, ambient_inbound=rec, proxy_cgroup="/pcg")
     assert b.inbound_in_ebpf
     t = PodTarget(uid="u", namespace="n", name="p", netns_path="/x", cgroup_path="/cg")
