@@ -17,8 +17,8 @@ every pod's inbound delegated to iptables:
   (test_routing_failure_rolls_ambient_back);
 - the reference proxy's `--orig-src` mode delivers the same way (test_reference_proxy_orig_src).
 An eBPF backend built with ambient inbound in TC (no rules backend for it; only tests build one) cannot do
-this: the app's replies carry no mark there (no CONNMARK), so policy routing cannot tell them apart; see
-docs/ebpf.md.
+this: the app's replies carry no mark there (no CONNMARK), so policy routing cannot tell them apart
+(test_tc_inbound_cannot_route_the_replies); see docs/ebpf.md.
 """
 
 from __future__ import annotations
@@ -232,6 +232,28 @@ def test_orig_src_on_ebpf_as_the_agent_selects_it(ebpf_default: Redirect, family
         assert any("HEADRACE_AM_PRERT" in line for line in saved)
 
     prove_orig_src(ebpf_default, family, served_by_both)
+
+
+@pytest.mark.parametrize("redirect", ["ebpf"], indirect=True)
+def test_tc_inbound_cannot_route_the_replies(redirect: Redirect) -> None:
+    """Why ambient inbound is not TC's on eBPF nodes: an EbpfBackend built with ambient inbound in TC (no
+    rules backend) installs no policy routing and has no connection mark to route the app's replies by: they
+    leave the pod, and the proxy's original-source connection to the app never completes."""
+    app = redirect.pod("app")
+    client = redirect.pod("client")
+    redirect.apply(app, AmbientSpec())
+    from tests.kernel.test_backend_parity import tc_filters
+
+    assert tc_filters(app.netns.path)  # inbound captured in TC
+    assert in_netns(app, "ip", "-4", "rule", "list", "pref", "32764").strip() == ""
+    proxy = OrigSrcProxy(app.netns.path, 4, (ip(app, 4), APP_PORT), connect_timeout=1.5)
+    try:
+        with Listener(app.netns.path, APP_PORT, family=4, label="app") as appl:
+            assert request(client, app, 4, b"one") == b""
+            assert proxy.served == 0 and len(proxy.errors) == 1, proxy.errors
+            assert appl.count() == 0
+    finally:
+        proxy.close()
 
 
 def prove_orig_src(redirect: Redirect, family: int, inspect: Callable[[Pod], None] | None = None) -> None:
