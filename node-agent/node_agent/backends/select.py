@@ -110,15 +110,22 @@ def select_backend(
     if inbound not in ("ebpf", "iptables"):
         raise BackendError(f"unknown inbound mode {inbound!r}: use 'ebpf' or 'iptables'")
 
-    rules = _iptables(iptables_flavour) if rules_backend_setting(iptables_present) == "iptables" else _nftables()
+    # inbound "ebpf": TC for sidecar pods, the rules backend for ambient pods (its CONNMARK + policy routing
+    # bring the app's replies on the node proxy's original-source connections back to the proxy)
+    inbound_rules = _iptables(iptables_flavour) if inbound == "iptables" else None
+    ambient_rules: RedirectBackend | None = None
+    if inbound_rules is None:
+        on_iptables = rules_backend_setting(iptables_present) == "iptables"
+        ambient_rules = _iptables(iptables_flavour) if on_iptables else _nftables()
     backend = EbpfBackend(
         Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR,
-        inbound_fallback=_iptables(iptables_flavour) if inbound == "iptables" else None,
+        inbound_fallback=inbound_rules,
         proxy_cgroup=proxy_cgroup,
         toolchain_fallback=setting == "auto",
-        ambient_inbound=rules if inbound == "ebpf" else None,
+        ambient_inbound=ambient_rules,
     )
-    how = f"TC eBPF; ambient pods' inbound via {rules.name}" if inbound == "ebpf" else "iptables"
+    ambient_in = ambient_rules.name if ambient_rules is not None else "iptables"
+    how = "iptables" if ambient_rules is None else f"TC eBPF; ambient pods' inbound via {ambient_in}"
     reason = f"{setting}: eBPF available (outbound in eBPF, inbound via {how})"
-    log.info(reason, extra={"event": "backend_selected", "backend": "ebpf"})
+    log.info(reason, extra={"event": "backend_selected", "backend": "ebpf", "ambient_inbound": ambient_in})
     return BackendChoice(backend, reason)
