@@ -122,7 +122,6 @@ class EbpfBackend(RedirectBackend):
         """The rules backend holding this spec's inbound capture, or None (TC eBPF)."""
         return self.inbound or (self.ambient_inbound if isinstance(spec, AmbientSpec) else None)
 
-
     # ---- RedirectBackend -----------------------------------------------------------------------------
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
         """Why this backend cannot fully implement spec on this node (the agent should then use iptables
