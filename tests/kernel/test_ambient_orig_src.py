@@ -6,7 +6,9 @@ table 100`, with the ambient rules' CONNMARK restoring 0x111 on those replies) d
 proxy's socket instead of out of the pod.
 
 Proven with real traffic between two pods of the real bridge + host-local chain, IPv4 and IPv6, on the
-iptables backends (legacy, nft), the nftables backend, and eBPF with its inbound delegated to iptables:
+iptables backends (legacy, nft), the nftables backend, and eBPF both as `--backend auto` / `ebpf` build it
+(select_backend: ambient pods' inbound goes to the rules backend, sidecar pods' stays in TC eBPF) and with
+every pod's inbound delegated to iptables:
 - end to end: client → 15006 → proxy → app (from the client's address) → replies back to the client
   (test_orig_src_delivery_needs_the_policy_routing);
 - negative control in the pod's own netns: without the rule, or without the route, the proxy's connection
@@ -14,8 +16,9 @@ iptables backends (legacy, nft), the nftables backend, and eBPF with its inbound
 - removal leaves no rule or route; a failed routing step rolls the rules and the other family back
   (test_routing_failure_rolls_ambient_back);
 - the reference proxy's `--orig-src` mode delivers the same way (test_reference_proxy_orig_src).
-eBPF ambient pods with TC inbound are not covered: the app's replies carry no mark there (no CONNMARK), so
-policy routing cannot tell them apart; see docs/istio.md.
+An eBPF backend built with ambient inbound in TC (no rules backend for it; only tests build one) cannot do
+this: the app's replies carry no mark there (no CONNMARK), so policy routing cannot tell them apart
+(test_tc_inbound_cannot_route_the_replies); see docs/ebpf.md.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -187,12 +190,81 @@ def test_orig_src_on_ebpf_with_iptables_inbound(ebpf_iptables_inbound: Redirect,
     prove_orig_src(ebpf_iptables_inbound, family)
 
 
-def prove_orig_src(redirect: Redirect, family: int) -> None:
-    """The end-to-end proof, the negative controls, the repair and the removal, on one backend."""
+@pytest.fixture(params=["auto", "ebpf"])
+def ebpf_default(request: pytest.FixtureRequest, make_node: Any) -> Iterator[Redirect]:
+    """The eBPF backend exactly as the agent builds it for `--backend auto` (on a node where eBPF runs) and
+    `--backend ebpf`: select_backend with its default inbound mode."""
+    from node_agent.backends.ebpf import pinning
+    from node_agent.backends.ebpf.backend import EbpfBackend
+    from node_agent.backends.select import ebpf_problems, select_backend
+
+    problems = list(ebpf_problems())
+    if problems:
+        pytest.skip(f"eBPF cannot run here: {'; '.join(problems)}")
+    node = make_node(headrace=None, pod_cgroups=True)
+    choice = select_backend(
+        str(request.param), state_dir=node.state_dir, iptables_flavour="nft", proxy_cgroup=node.proxy_cgroup(),
+        problems_fn=lambda: problems,
+    )  # fmt: skip
+    assert isinstance(choice.backend, EbpfBackend) and choice.backend.inbound_in_ebpf  # sidecar inbound: TC
+    assert "ambient pods' inbound via iptables" in choice.reason
+    rd = Redirect("ebpf", choice.backend, node, str(node.proxy_cgroup()))
+    try:
+        yield rd
+    finally:
+        try:
+            left = rd.remove_all()
+        finally:
+            pinning.unmount_bpffs(node.state_dir)
+        assert not left, f"something of ours left after remove in pods {left}"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_orig_src_on_ebpf_as_the_agent_selects_it(ebpf_default: Redirect, family: int) -> None:
+    """The default install on an eBPF node: outbound in eBPF (cgroup programs attached), ambient inbound by
+    the rules backend with its policy routing (no TC filters), and original-source delivery works."""
+    from tests.kernel.test_backend_parity import bpftool_cgroup, tc_filters
+
+    def served_by_both(app: Pod) -> None:
+        assert any(p["name"] == "hr_connect4" for p in bpftool_cgroup(app.pod_cgroup))
+        assert tc_filters(app.netns.path) == []
+        saved = iptables_run.save(app.netns.path, "nft", family).splitlines()  # type: ignore[arg-type]
+        assert any("HEADRACE_AM_PRERT" in line for line in saved)
+
+    prove_orig_src(ebpf_default, family, served_by_both)
+
+
+@pytest.mark.parametrize("redirect", ["ebpf"], indirect=True)
+def test_tc_inbound_cannot_route_the_replies(redirect: Redirect) -> None:
+    """Why ambient inbound is not TC's on eBPF nodes: an EbpfBackend built with ambient inbound in TC (no
+    rules backend) installs no policy routing and has no connection mark to route the app's replies by: they
+    leave the pod, and the proxy's original-source connection to the app never completes."""
+    app = redirect.pod("app")
+    client = redirect.pod("client")
+    redirect.apply(app, AmbientSpec())
+    from tests.kernel.test_backend_parity import tc_filters
+
+    assert tc_filters(app.netns.path)  # inbound captured in TC
+    assert in_netns(app, "ip", "-4", "rule", "list", "pref", "32764").strip() == ""
+    proxy = OrigSrcProxy(app.netns.path, 4, (ip(app, 4), APP_PORT), connect_timeout=1.5)
+    try:
+        with Listener(app.netns.path, APP_PORT, family=4, label="app") as appl:
+            assert request(client, app, 4, b"one") == b""
+            assert proxy.served == 0 and len(proxy.errors) == 1, proxy.errors
+            assert appl.count() == 0
+    finally:
+        proxy.close()
+
+
+def prove_orig_src(redirect: Redirect, family: int, inspect: Callable[[Pod], None] | None = None) -> None:
+    """The end-to-end proof, the negative controls, the repair and the removal, on one backend (inspect:
+    more checks of the enrolled app pod)."""
     app = redirect.pod("app")
     client = redirect.pod("client")
     spec = AmbientSpec()
     target = redirect.apply(app, spec)  # backend.check == [] includes the policy routing
+    if inspect is not None:
+        inspect(app)
     fam = f"-{family}"
     rules = in_netns(app, "ip", fam, "rule", "list", "pref", "32764").split()
     assert rules == ["32764:", "from", "all", "fwmark", "0x111/0xfff", "lookup", "100"]

@@ -174,9 +174,18 @@ def node_table(node: SimNode) -> str:
     return proc.stdout if proc.returncode == 0 else ""
 
 
+def inbound_only_rules(pod: Pod) -> bool:
+    """Whether the pod's iptables rules are the eBPF backend's ambient inbound-only ones (every outbound
+    address excluded: outbound is eBPF's), not the iptables backend's full ambient rules."""
+    rules = iptables_state(pod)
+    return any("HEADRACE_AM_PRERT" in r for r in rules) and any(
+        "-d 0.0.0.0/1" in r and "skip excluded outbound range" in r for r in rules
+    )
+
+
 def ours(pod: Pod, backend: str) -> list[str]:
-    if backend == "ebpf":
-        return ebpf_state(pod)
+    if backend == "ebpf":  # an ambient pod's inbound is the rules backend's (original-source routing)
+        return ebpf_state(pod) + [f"inbound {line}" for line in iptables_state(pod)]
     return nftables_state(pod) if backend == "nftables" else iptables_state(pod)
 
 
@@ -296,7 +305,11 @@ def test_ambient_parity(env: Any, backend: str) -> None:
     assert {rows[u]["backend"] for u in uids} == {backend}
     state = {p.uid: ours(p, backend) for p in (client, server)}
     assert all(state.values()), state
-    assert not any(ours(p, other) for p in (client, server) for other in BACKENDS if other != backend)
+    others = [o for o in BACKENDS if o != backend and not (backend == "ebpf" and o == "iptables")]
+    assert not any(ours(p, other) for p in (client, server) for other in others)
+    if backend == "ebpf":  # the inbound (only) of ambient pods is in iptables, with the policy routing
+        assert all(inbound_only_rules(p) for p in (client, server))
+        assert not any(tc_filters(p.netns.path) for p in (client, server))
     if backend == "nftables":  # the node-side probe SNAT is nftables too, one rule per enrolled pod IP
         wait_for(lambda: all(p.ipv4 in node_table(node) for p in (client, server)), 10, "node probe SNAT table")
     assert request(client, server.ipv4, b"through") == b"server|through"
@@ -367,6 +380,7 @@ def test_ambient_pod_switches_backend(env: Any, backend: str) -> None:
     assert request(client, server.ipv4, b"before") == b"server|before"
     wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst), 10, "proxied before the switch")
 
+    before = {p.uid: iptables_state(p) for p in (client, server)}
     agent.kill_agent(signal.SIGTERM)
     agent.use_backend(other)
     agent.start_agent()
@@ -378,7 +392,15 @@ def test_ambient_pod_switches_backend(env: Any, backend: str) -> None:
         f"pods moved to {other}",
     )
     assert all(ours(p, other) for p in pods)
-    wait_for(lambda: not any(ours(p, backend) for p in pods), 10, f"{backend} redirection removed")
+
+    def old_gone(p: Pod) -> bool:
+        if backend == "ebpf":
+            return not ebpf_state(p)
+        if other == "ebpf":  # the full ambient rules made way for the eBPF backend's inbound-only ones
+            return iptables_state(p) != before[p.uid] and inbound_only_rules(p)
+        return not ours(p, backend)
+
+    wait_for(lambda: all(old_gone(p) for p in pods), 10, f"{backend} redirection removed")
     seen = len(agent.proxy_lines())
     assert request(client, server.ipv4, b"after") == b"server|after"
     wait_for(lambda: proxied(agent, "shop/client", "shop/server", dst, seen), 10, "proxied after the switch")

@@ -10,7 +10,7 @@ from node_agent.backends.base import BackendError, PodTarget
 from node_agent.backends.ebpf import attach, maps
 from node_agent.backends.ebpf.backend import EbpfBackend
 
-from cni.contract.spec import SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 
 
 class FakeIptables:
@@ -48,8 +48,25 @@ def test_ebpf_chosen_when_probe_passes(tmp_path):
     choice = select.select_backend("auto", state_dir=tmp_path, iptables_flavour="nft", problems_fn=lambda: [])
     assert isinstance(choice.backend, EbpfBackend)
     assert choice.backend.inbound is None and choice.backend.inbound_in_ebpf
+    # ambient pods' inbound goes to the rules backend (CONNMARK + policy routing for original-source delivery)
+    assert isinstance(choice.backend.ambient_inbound, FakeIptables) and choice.backend.ambient_inbound.flavour == "nft"
+    assert "ambient pods' inbound via iptables" in choice.reason
+    assert choice.backend.rules_inbound(AmbientSpec()) is choice.backend.ambient_inbound
+    assert choice.backend.rules_inbound(SidecarSpec()) is None  # sidecar inbound stays in TC eBPF
     hybrid = select.select_backend("ebpf", state_dir=tmp_path, inbound="iptables", problems_fn=lambda: [])
     assert isinstance(hybrid.backend, EbpfBackend) and isinstance(hybrid.backend.inbound, FakeIptables)
+    assert hybrid.backend.ambient_inbound is None
+    assert hybrid.backend.rules_inbound(AmbientSpec()) is hybrid.backend.inbound
+
+
+def test_ambient_inbound_is_nftables_without_an_iptables_binary(tmp_path, monkeypatch):
+    class FakeNft:
+        name = "nftables"
+
+    monkeypatch.setattr(select, "_nftables", FakeNft)
+    choice = select.select_backend("ebpf", state_dir=tmp_path, problems_fn=lambda: [], iptables_present=False)
+    assert isinstance(choice.backend, EbpfBackend) and isinstance(choice.backend.ambient_inbound, FakeNft)
+    assert "ambient pods' inbound via nftables" in choice.reason
     assert choice.backend.state_dir == tmp_path
     assert choice.backend.name == "ebpf"
     assert "eBPF" in choice.reason
@@ -100,3 +117,41 @@ def test_validate_cgroup_errors(tmp_path):
         attach.validate_cgroup(str(tmp_path / "missing"))
     with pytest.raises(attach.CgroupError):
         attach.validate_cgroup(str(tmp_path))  # not a cgroup2 dir
+
+
+def test_ambient_inbound_takes_only_ambient_pods(monkeypatch, tmp_path):
+    """Default eBPF node: an ambient pod's inbound goes to the rules backend, a sidecar pod's stays in TC;
+    a pod pinned as sidecar never costs a rules read; remove takes the ambient rules out."""
+    monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
+    monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
+    monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c: None)
+    monkeypatch.setattr(EbpfBackend, "_remove_ebpf", lambda self, t: None)
+    mode: list[int | None] = [None]
+    monkeypatch.setattr(EbpfBackend, "_pinned_mode", lambda self, t: mode[0])
+    rec = RecordingInbound()
+    reads: list[str] = []
+    real_installed = rec.installed
+
+    def installed(t: PodTarget) -> bool:
+        reads.append(t.uid)
+        return bool(real_installed(t))
+
+    monkeypatch.setattr(rec, "installed", installed)
+    b = EbpfBackend(tmp_path, ambient_inbound=rec, proxy_cgroup="/pcg")
+    assert b.inbound_in_ebpf
+    t = PodTarget(uid="u", namespace="n", name="p", netns_path="/x", cgroup_path="/cg")
+    b.apply(t, SidecarSpec())
+    assert rec.specs == [] and reads == []
+    mode[0] = maps.MODE_SIDECAR
+    b.apply(t, SidecarSpec())
+    b.remove(t)
+    assert reads == []
+    mode[0] = None
+    b.apply(t, AmbientSpec())
+    assert rec.specs == [maps.inbound_only(AmbientSpec())]
+    mode[0] = maps.MODE_AMBIENT
+    b.apply(t, SidecarSpec())  # an ambient pod turned sidecar: its ambient rules come out
+    assert rec.specs == [] and reads == ["u"]
+    b.apply(t, AmbientSpec())
+    b.remove(t)
+    assert rec.specs == []

@@ -4,8 +4,11 @@ auto  -> eBPF when bcc, kernel headers, cgroup2 and a probe program load all wor
          nftables on a host without an iptables binary (the reason is logged and returned);
 ebpf  -> eBPF or BackendError naming what is missing and how to supply it (enrolment fails closed);
 iptables -> iptables; nftables -> nftables (libnftables in-process; BackendError when it is missing).
-The eBPF backend captures inbound with TC + bpf_sk_assign; inbound="iptables" hands inbound capture to an
-iptables backend of the same flavour instead (see docs/ebpf.md).
+The eBPF backend captures inbound with TC + bpf_sk_assign, except for ambient pods: their inbound goes to
+the rule-based backend (iptables, or nftables without an iptables binary), whose CONNMARK and policy routing
+bring the app's replies to the node proxy's original-source connections back to the proxy (TC eBPF keeps no
+connection marks). inbound="iptables" hands every pod's inbound capture to an iptables backend of the same
+flavour instead (see docs/ebpf.md).
 """
 
 from __future__ import annotations
@@ -107,14 +110,22 @@ def select_backend(
     if inbound not in ("ebpf", "iptables"):
         raise BackendError(f"unknown inbound mode {inbound!r}: use 'ebpf' or 'iptables'")
 
+    # inbound "ebpf": TC for sidecar pods, the rules backend for ambient pods (its CONNMARK + policy routing
+    # bring the app's replies on the node proxy's original-source connections back to the proxy)
+    inbound_rules = _iptables(iptables_flavour) if inbound == "iptables" else None
+    ambient_rules: RedirectBackend | None = None
+    if inbound_rules is None:
+        on_iptables = rules_backend_setting(iptables_present) == "iptables"
+        ambient_rules = _iptables(iptables_flavour) if on_iptables else _nftables()
     backend = EbpfBackend(
         Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR,
-        inbound_fallback=_iptables(iptables_flavour) if inbound == "iptables" else None,
+        inbound_fallback=inbound_rules,
         proxy_cgroup=proxy_cgroup,
         toolchain_fallback=setting == "auto",
+        ambient_inbound=ambient_rules,
     )
-    reason = (
-        f"{setting}: eBPF available (outbound in eBPF, inbound via {'TC eBPF' if inbound == 'ebpf' else 'iptables'})"
-    )
-    log.info(reason, extra={"event": "backend_selected", "backend": "ebpf"})
+    ambient_in = ambient_rules.name if ambient_rules is not None else "iptables"
+    how = "iptables" if ambient_rules is None else f"TC eBPF; ambient pods' inbound via {ambient_in}"
+    reason = f"{setting}: eBPF available (outbound in eBPF, inbound via {how})"
+    log.info(reason, extra={"event": "backend_selected", "backend": "ebpf", "ambient_inbound": ambient_in})
     return BackendChoice(backend, reason)

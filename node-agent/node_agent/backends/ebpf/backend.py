@@ -4,7 +4,9 @@ Outbound TCP (IPv4, IPv6, v4-mapped) and DNS are done in eBPF (bpf/redirect.c): 
 proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP is
 captured by TC ingress/egress programs in the pod netns (the port rewritten to the proxy's inbound port and
 back, as REDIRECT). Alternatively (kernels without what TC needs), inbound is handed to an inbound fallback
-backend (the iptables backend) with an "inbound only" spec.
+backend (the iptables backend) with an "inbound only" spec. ambient_inbound: the rules backend that takes
+ambient pods' inbound even then (its CONNMARK + policy routing return the replies of the node proxy's
+original-source connections to the proxy; TC has no connection marks).
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
-from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, tc, tc_status
+from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, pod_state, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
 log = logging.getLogger("headrace.backend.ebpf")
 
-TC_PROGRAM = "hr_tc_ingress"
-TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
-TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
+TC_PROGRAM, TC_EGRESS, TC_HOOKS = pod_state.TC_PROGRAM, pod_state.TC_EGRESS, pod_state.TC_HOOKS
 COMPILING = "the eBPF programs are being compiled (first start on this node)"
 CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / object_cache)
 
@@ -49,6 +49,7 @@ class EbpfBackend(RedirectBackend):
         inbound_fallback: PodRules | None = None,
         proxy_cgroup: str | Path | None = None,
         toolchain_fallback: bool = False,
+        ambient_inbound: PodRules | None = None,
     ) -> None:
         """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
         the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
@@ -60,6 +61,7 @@ class EbpfBackend(RedirectBackend):
         if loader.cache_dir() is None:  # compiled objects kept between agent runs
             loader.set_cache_dir(self.state_dir / CACHE_DIR)
         self.inbound = inbound_fallback
+        self.ambient_inbound = ambient_inbound
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
         self._lock = threading.RLock()
         self.orig_dst = ProxyOrigDst(self.state_dir)
@@ -106,51 +108,19 @@ class EbpfBackend(RedirectBackend):
         except pinning.PinError as e:
             raise BackendError(str(e)) from e
 
-    def _read_config(self, pdir: Path) -> dict[str, int] | None:
-        fd = pinning.open_pinned(pdir / "hr_cfg")
-        if fd is None:
-            return None
-        try:
-            raw = bpfsys.map_lookup(fd, b"\0\0\0\0", maps.CONFIG_SIZE)
-        finally:
-            os.close(fd)
-        return maps.unpack_config(raw) if raw else None
+    def _pinned_mode(self, target: PodTarget) -> int | None:
+        """The mode (maps.MODE_*) the pod's pinned config holds, or None (nothing pinned)."""
+        pdir = self._pod_dir(self._root(), target)
+        cfg = pod_state.read_config(pdir) if pdir.is_dir() else None
+        return cfg["mode"] if cfg is not None else None
 
     @property
     def inbound_in_ebpf(self) -> bool:
         return self.inbound is None
 
-    def _ebpf_problems(
-        self, pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool
-    ) -> list[str]:
-        problems: list[str] = []
-        cfg = self._read_config(pdir)
-        if cfg is None:
-            return [f"eBPF config map of the pod is not pinned in {pdir}"]
-        if cfg["generation"] != gen:
-            problems.append("eBPF config differs from the wanted spec")
-        if cfg["cgroup_id"] != cgroup_id(cg):
-            problems.append(f"eBPF programs belong to another cgroup (id {cfg['cgroup_id']})")
-        with Cgroup(cg) as c:
-            for name in wanted:
-                atype = loader.PROGRAMS[name][1]
-                fd = pinning.open_pinned(pdir / name)
-                if fd is None:
-                    problems.append(f"eBPF program {name} is not pinned")
-                    continue
-                try:
-                    pid = bpfsys.prog_info(fd).prog_id
-                finally:
-                    os.close(fd)
-                if pid not in c.attached(atype):
-                    problems.append(f"eBPF program {name} is not attached to {cg}")
-        extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
-        problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
-        if tc_wanted:
-            problems += tc_status.problems(pdir, netns, TC_HOOKS)
-        elif (pdir / TC_PROGRAM).exists():
-            problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
-        return problems
+    def rules_inbound(self, spec: RedirectSpec) -> PodRules | None:
+        """The rules backend holding this spec's inbound capture, or None (TC eBPF)."""
+        return self.inbound or (self.ambient_inbound if isinstance(spec, AmbientSpec) else None)
 
     # ---- RedirectBackend -----------------------------------------------------------------------------
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
@@ -189,16 +159,22 @@ class EbpfBackend(RedirectBackend):
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
             inbound = maps.needs_inbound(spec)
             had_ebpf = self._ebpf_installed(target)
+            mode = self._pinned_mode(target)
             self._apply_ebpf(target, spec, cg)
-            if inbound and self.inbound is not None:
+            rules = self.rules_inbound(spec) if inbound else None
+            if rules is not None:
                 try:
-                    self.inbound.apply(target, maps.inbound_only(spec))
+                    rules.apply(target, maps.inbound_only(spec))
                 except Exception:
                     if not had_ebpf:
                         self._remove_ebpf(target)
                     raise
-            elif self.inbound is not None and self.inbound.installed(target):
-                self.inbound.remove(target)
+            for other in (self.inbound, self.ambient_inbound):
+                # ambient_inbound never held a pod pinned as sidecar (spares a rules read per sidecar apply)
+                was = mode if mode is not None else (maps.MODE_SIDECAR if isinstance(spec, SidecarSpec) else None)
+                skip = other is self.ambient_inbound and was == maps.MODE_SIDECAR
+                if other is not None and other is not rules and not skip and other.installed(target):
+                    other.remove(target)
 
     def _apply_ebpf(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> None:
         try:
@@ -209,7 +185,7 @@ class EbpfBackend(RedirectBackend):
         root = self._root()
         pdir = self._pod_dir(root, target)
         wanted = cgroup_programs.wanted_programs(spec)
-        tc_wanted = wants_tc(spec, self.inbound_in_ebpf)
+        tc_wanted = wants_tc(spec, self.rules_inbound(spec) is None)
         if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
             nfds = self._node_maps(root)
             try:
@@ -217,10 +193,10 @@ class EbpfBackend(RedirectBackend):
             finally:
                 _close(nfds)
         if pdir.is_dir():
-            cfg = self._read_config(pdir)
+            cfg = pod_state.read_config(pdir)
             if cfg is not None and cfg["cgroup_id"] != cgroup_id(cg):
                 self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
-            elif not self._ebpf_problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
+            elif not pod_state.problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
         if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:  # not for intact pods: ~20 ms (pyroute2)
@@ -228,7 +204,7 @@ class EbpfBackend(RedirectBackend):
                 netns_addr.ensure_lo_passthrough6(target.netns_path)
             except (tc.TcError, OSError) as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        if wants_tc(spec, self.inbound_in_ebpf):  # the config holds the pod netns' cookie (TC flow keys)
+        if tc_wanted:  # the config holds the pod netns' cookie (TC flow keys)
             try:
                 pm = self._pod_maps(target, spec, cg, tc.netns_cookie(target.netns_path))
             except (tc.TcError, OSError) as e:
@@ -305,7 +281,8 @@ class EbpfBackend(RedirectBackend):
     def _pod_maps(self, target: PodTarget, spec: RedirectSpec, cg: Path, cookie: int) -> maps.PodMaps:
         try:
             return maps.pod_maps(
-                spec, cgroup_id(cg), inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips, netns_cookie=cookie
+                spec, cgroup_id(cg), inbound_in_ebpf=self.rules_inbound(spec) is None, ips=target.ips,
+                netns_cookie=cookie,
             )
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
@@ -338,7 +315,7 @@ class EbpfBackend(RedirectBackend):
     def _cgroup_of(self, target: PodTarget, pdir: Path | None) -> Path | None:
         if target.cgroup_path and Path(target.cgroup_path).is_dir():
             return Path(target.cgroup_path)
-        cfg = self._read_config(pdir) if pdir is not None and pdir.is_dir() else None
+        cfg = pod_state.read_config(pdir) if pdir is not None and pdir.is_dir() else None
         if cfg is not None and cfg["cgroup_id"]:
             return find_cgroup_by_id(cfg["cgroup_id"])
         return None
@@ -408,9 +385,12 @@ class EbpfBackend(RedirectBackend):
 
     def remove(self, target: PodTarget) -> None:
         with self._lock:
+            mode = self._pinned_mode(target)
             self._remove_ebpf(target)
             if self.inbound is not None:
                 self.inbound.remove(target)
+            elif self.ambient_inbound is not None and mode != maps.MODE_SIDECAR:
+                self.ambient_inbound.remove(target)  # not for pods pinned as sidecar (never there; a read costs)
 
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         with self._lock:
@@ -425,24 +405,22 @@ class EbpfBackend(RedirectBackend):
                 problems.append(f"no eBPF pin directory {pdir}")
             else:
                 try:
-                    gen = maps.pod_maps(spec, 0, inbound_in_ebpf=self.inbound_in_ebpf, ips=target.ips).generation
+                    in_ebpf = self.rules_inbound(spec) is None
+                    gen = maps.pod_maps(spec, 0, inbound_in_ebpf=in_ebpf, ips=target.ips).generation
                     wanted = cgroup_programs.wanted_programs(spec)
-                    tc_wanted = wants_tc(spec, self.inbound_in_ebpf)
-                    problems += self._ebpf_problems(pdir, cg, wanted, gen, target.netns_path, tc_wanted)
+                    tc_wanted = wants_tc(spec, in_ebpf)
+                    problems += pod_state.problems(pdir, cg, wanted, gen, target.netns_path, tc_wanted)
                 except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
                     problems.append(f"cannot read eBPF state: {e}")
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
                 problems += self.orig_dst.problems(self.proxy_cgroup, root)
-            if maps.needs_inbound(spec):
-                if self.inbound is not None:
-                    problems += [
-                        f"inbound ({self.inbound.name}): {p}"
-                        for p in self.inbound.check(target, maps.inbound_only(spec))
-                    ]
+            rules = self.rules_inbound(spec) if maps.needs_inbound(spec) else None
+            if rules is not None:
+                problems += [f"inbound ({rules.name}): {p}" for p in rules.check(target, maps.inbound_only(spec))]
             return problems
 
     def installed(self, target: PodTarget) -> bool:
         with self._lock:
             if self._ebpf_installed(target):
                 return True
-            return self.inbound is not None and self.inbound.installed(target)
+            return any(b is not None and b.installed(target) for b in (self.inbound, self.ambient_inbound))

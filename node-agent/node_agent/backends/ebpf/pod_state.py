@@ -1,0 +1,58 @@
+"""What an eBPF pod's pins say: its config map, and what is missing or extra among its programs (cgroup
+and TC) for a wanted spec generation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc, tc_status
+from node_agent.backends.ebpf.attach import Cgroup, cgroup_id
+
+TC_PROGRAM = "hr_tc_ingress"
+TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
+TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
+
+
+def read_config(pdir: Path) -> dict[str, int] | None:
+    """The pod's pinned config map, unpacked, or None."""
+    fd = pinning.open_pinned(pdir / "hr_cfg")
+    if fd is None:
+        return None
+    try:
+        raw = bpfsys.map_lookup(fd, b"\0\0\0\0", maps.CONFIG_SIZE)
+    finally:
+        os.close(fd)
+    return maps.unpack_config(raw) if raw else None
+
+
+def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool) -> list[str]:
+    """Why the pinned eBPF state of the pod in pdir differs from what is wanted ([] when intact)."""
+    problems: list[str] = []
+    cfg = read_config(pdir)
+    if cfg is None:
+        return [f"eBPF config map of the pod is not pinned in {pdir}"]
+    if cfg["generation"] != gen:
+        problems.append("eBPF config differs from the wanted spec")
+    if cfg["cgroup_id"] != cgroup_id(cg):
+        problems.append(f"eBPF programs belong to another cgroup (id {cfg['cgroup_id']})")
+    with Cgroup(cg) as c:
+        for name in wanted:
+            atype = loader.PROGRAMS[name][1]
+            fd = pinning.open_pinned(pdir / name)
+            if fd is None:
+                problems.append(f"eBPF program {name} is not pinned")
+                continue
+            try:
+                pid = bpfsys.prog_info(fd).prog_id
+            finally:
+                os.close(fd)
+            if pid not in c.attached(atype):
+                problems.append(f"eBPF program {name} is not attached to {cg}")
+    extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
+    problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
+    if tc_wanted:
+        problems += tc_status.problems(pdir, netns, TC_HOOKS)
+    elif (pdir / TC_PROGRAM).exists():
+        problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
+    return problems
