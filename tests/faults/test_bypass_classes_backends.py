@@ -14,6 +14,9 @@ rewrite the destination back).
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -118,6 +121,42 @@ def detach_connect4(w: World, mode: str) -> list[list[str]]:
     return [["bpftool", "cgroup", "detach", cg, prog["attach_type"], "id", str(prog["id"])]]
 
 
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, dst | src << 4, off, imm)
+
+
+def _u32_imm(raw: bytes) -> int:
+    return struct.unpack("<i", raw)[0]  # the little-endian word of network-order bytes, as a signed imm
+
+
+def foreign_connect4(w: World, mode: str) -> list[list[str]]:
+    """Attach a foreign cgroup/connect4 program to the pod cgroup (after ours, so it runs after ours) that
+    writes the server's address back into every connect: the connection goes straight to the server."""
+    from node_agent.backends.ebpf import bpfsys
+
+    cg = w.pods[mode].pod_cgroup
+    assert cg is not None
+    ip = _u32_imm(socket.inet_aton(w.server.ipv4))
+    port = _u32_imm(struct.pack(">H", PORT) + b"\0\0")
+    insns = b"".join([
+        _insn(0xB7, dst=2, imm=ip),  # r2 = server address
+        _insn(0x63, dst=1, src=2, off=4),  # ctx->user_ip4 = r2
+        _insn(0xB7, dst=2, imm=port),  # r2 = port (network order)
+        _insn(0x63, dst=1, src=2, off=24),  # ctx->user_port = r2
+        _insn(0xB7, dst=0, imm=1),  # r0 = 1: allow
+        _insn(0x95),  # exit
+    ])
+    prog = bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, insns, "hrfault_conn4",
+                            bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+    cgfd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bpfsys.prog_attach(prog, cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT, bpfsys.F_ALLOW_MULTI)
+    finally:
+        os.close(cgfd)
+        os.close(prog)
+    return []
+
+
 Tamper = Callable[[World, str], list[list[str]]]
 # backend → class → (modes, tamper (argv lists run in the pod netns), cleanup of what is not ours)
 CLASSES: dict[str, dict[str, tuple[tuple[str, ...], Tamper, Tamper]]] = {
@@ -171,6 +210,11 @@ CLASSES: dict[str, dict[str, tuple[tuple[str, ...], Tamper, Tamper]]] = {
         "program detached": (
             ("ambient", "sidecar"),
             detach_connect4,
+            lambda w, m: [],
+        ),
+        "foreign program after ours": (
+            ("ambient", "sidecar"),
+            foreign_connect4,
             lambda w, m: [],
         ),
     },

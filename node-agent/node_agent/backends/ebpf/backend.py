@@ -3,8 +3,8 @@
 Outbound TCP (IPv4, IPv6, v4-mapped) and DNS are done in eBPF (bpf/redirect.c): connect4/6 rewrite to the
 proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP is
 captured by TC ingress/egress programs in the pod netns (the port rewritten to the proxy's inbound port and
-back, as REDIRECT). Alternatively (kernels without what TC needs), inbound is handed to an inbound fallback
-backend (the iptables backend) with an "inbound only" spec.
+back, as REDIRECT). Else inbound goes to an inbound fallback backend (iptables) with an "inbound only" spec.
+Foreign programs on the pod cgroup at our hooks are drift, detached by the apply (`foreign_progs`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
 from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, tc, tc_status
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
+from node_agent.backends.ebpf.foreign_progs import detach_foreign, foreign_problems
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
 log = logging.getLogger("headrace.backend.ebpf")
@@ -65,7 +66,6 @@ class EbpfBackend(RedirectBackend):
         self.orig_dst = ProxyOrigDst(self.state_dir)
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
 
-    # ---- helpers -------------------------------------------------------------------------------------
     def _root(self) -> Path:
         if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
             return self._mounted
@@ -144,6 +144,7 @@ class EbpfBackend(RedirectBackend):
                     os.close(fd)
                 if pid not in c.attached(atype):
                     problems.append(f"eBPF program {name} is not attached to {cg}")
+            problems += foreign_problems(c, pdir, wanted)
         extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
         problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
         if tc_wanted:
@@ -220,7 +221,8 @@ class EbpfBackend(RedirectBackend):
             cfg = self._read_config(pdir)
             if cfg is not None and cfg["cgroup_id"] != cgroup_id(cg):
                 self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
-            elif not self._ebpf_problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
+            elif not detach_foreign(cg, pdir, wanted, target.uid) and not self._ebpf_problems(
+                    pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
         if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:  # not for intact pods: ~20 ms (pyroute2)
