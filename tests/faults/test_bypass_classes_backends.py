@@ -126,7 +126,7 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
 
 
 def _u32_imm(raw: bytes) -> int:
-    return struct.unpack("<i", raw)[0]  # the little-endian word of network-order bytes, as a signed imm
+    return int(struct.unpack("<i", raw)[0])  # the little-endian word of network-order bytes, as a signed imm
 
 
 def foreign_connect4(w: World, mode: str) -> list[list[str]]:
