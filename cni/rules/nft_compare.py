@@ -41,6 +41,21 @@ def parse_listing(text: str) -> ListedChains:
     return chains
 
 
+def changed_policies(text: str) -> dict[str, str]:
+    """Base chains of a listing whose policy is not accept (ours are all accept): chain → policy."""
+    out: dict[str, str] = {}
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("chain ") and line.endswith("{"):
+            current = line[len("chain ") : -1].strip()
+        elif line.startswith("type ") and "; policy " in line:
+            policy = line.split("; policy ", 1)[1].split(";", 1)[0].strip()
+            if policy != "accept":
+                out[current] = policy
+    return out
+
+
 def compare(listing: str | None, want: NftTable) -> list[str]:
     """Problems between what nft lists (None: no table at all) and `want`; empty when they match."""
     where = f"table {TABLE_FAMILY} {want.name}"
@@ -64,6 +79,8 @@ def compare(listing: str | None, want: NftTable) -> list[str]:
         problems.extend(f"{where}: chain {chain.name}: unexpected rule: {r}" for r in extra)
         if not missing and not extra:
             problems.append(f"{where}: chain {chain.name}: rules out of order or duplicated")
+    problems.extend(f"{where}: chain {name} has policy {policy}, want accept"
+                    for name, policy in changed_policies(listing).items())
     wanted_names = {c.name for c in want.chains}
     problems.extend(f"{where}: unexpected chain {name}" for name in have if name not in wanted_names)
     return problems

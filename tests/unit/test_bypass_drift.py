@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from node_agent.backends.iptables import nft_foreign
+from node_agent.backends import nft_foreign
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.rules import builder, compare
@@ -81,6 +81,22 @@ def test_foreign_base_chains_ahead_of_nat_are_found() -> None:
         "flush chain inet bar raw\ndelete chain inet bar handle 2\n"
         "flush chain ip6 x pre\ndelete chain ip6 x handle 4\n")
     assert "priority -300" in nft_foreign.problems_of(v4)[0]
+    # the nftables backend owns only inet headrace: iptables-nft's non-empty nat OUTPUT is foreign there
+    nft = nft_foreign.ahead_of_redirect(chains, (4,), nft_foreign.nftables_owned)
+    assert [(c.family, c.table, c.name) for c in nft] == [("ip", "nat", "OUTPUT"), ("inet", "bar", "raw")]
+
+
+def test_a_changed_policy_on_our_nftables_chain_is_drift() -> None:
+    from cni.contract.spec import SidecarSpec
+    from cni.rules import nft_builder
+    from cni.rules.nft_compare import changed_policies, compare
+
+    table = nft_builder.sidecar_table(SidecarSpec(), (4,))
+    text = table.render()
+    assert compare(text, table) == []
+    dropped = text.replace("hook output priority -100; policy accept;", "hook output priority -100; policy drop;")
+    assert changed_policies(dropped) == {"nat_output": "drop"}
+    assert compare(dropped, table) == ["table inet headrace: chain nat_output has policy drop, want accept"]
 
 
 def test_odd_names_are_reported_not_removed() -> None:

@@ -1,15 +1,15 @@
-"""Sidecar pods the plugin redirected on its own (iptables, no agent involved at ADD): once the agent
-runs, it takes them over so the drift check watches and repairs them like every pod it holds.
+"""Sidecar pods the plugin redirected on its own (iptables or nftables, no agent involved at ADD): once the
+agent runs, it takes them over so the drift check watches and repairs them like every pod it holds.
 
 Each pass offers the sidecar pods of the source the reconciler does not hold yet. Outside the lock (a
 netns read spawns iptables-save) each is located (the /proc scan, else its IPs) and read: our sidecar
 rules present (the plugin made them) → the netns is pinned and the pod held as a `sidecar` pod with the
-iptables backend (rules taken as in place, checked by the next drift pass, record written so a restarted
-agent adopts it). No rules: left to the boot-race monitor (a pod that started before the plugin was
-chained), which installs them and keeps reporting the pod (such pods are not taken over). Pods not
-found, not redirected or
-whose read failed are looked at again after a back-off (up to 30 s), a few per pass, so a node full
-of such pods never stalls the reconcile loop.
+backend whose rules they are (nftables when the node runs it, else iptables; rules taken as in place,
+checked by the next drift pass, record written so a restarted agent adopts it). No rules: left to the
+boot-race monitor (a pod that started before the plugin was chained), which installs them and keeps
+reporting the pod (such pods are not taken over). Pods not found, not redirected or whose read failed
+are looked at again after a back-off (up to 30 s), a few per pass, so a node full of such pods never
+stalls the reconcile loop.
 """
 
 from __future__ import annotations
@@ -66,23 +66,27 @@ class PluginSidecars:
 
     def look(self, pods: list[Pod]) -> None:
         """Take over the pods whose netns holds our sidecar rules (called without the lock)."""
-        backend = self.backends.named("iptables")
-        if backend is None:
+        # the plugin writes with the nftables backend when the node runs it, else with iptables
+        backends = [b for b in self.backends.in_use() if b.name == "nftables"]
+        iptables = self.backends.named("iptables")
+        backends += [iptables] if iptables is not None else []
+        if not backends:
             return
         scan = self.netns.new_scan()
         for pod in pods:
             now = self.table.clock()
+            present: RedirectBackend | None = None
             try:
                 loc = self.netns.find(pod.uid, pod.ips, scan)
                 target = PodTarget(pod.uid, pod.namespace, pod.name, loc.path, loc.inode, pod.ips)
-                present = backend.installed(target)
+                present = next((b for b in backends if b.installed(target)), None)
             except (LookupError, OSError, BackendError):
-                present = False
+                present = None
             with self.table.lock:
-                if not present or pod.uid in self.table.pods:
+                if present is None or pod.uid in self.table.pods:
                     self._backoff(pod.uid, now)
                     continue
-                self._take(pod, loc, backend)
+                self._take(pod, loc, present)
 
     def _take(self, pod: Pod, loc: NetnsLocation, backend: RedirectBackend) -> None:
         try:

@@ -7,6 +7,7 @@ back, as REDIRECT). Alternatively (kernels without what TC needs), inbound is ha
 backend (the iptables backend) with an "inbound only" spec. ambient_inbound: the rules backend that takes
 ambient pods' inbound even then (its CONNMARK + policy routing return the replies of the node proxy's
 original-source connections to the proxy; TC has no connection marks).
+Foreign programs on the pod cgroup at our hooks are drift, detached by the apply (`foreign_progs`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
 from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, pod_state, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
+from node_agent.backends.ebpf.foreign_progs import detach_foreign
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
 log = logging.getLogger("headrace.backend.ebpf")
@@ -67,7 +69,6 @@ class EbpfBackend(RedirectBackend):
         self.orig_dst = ProxyOrigDst(self.state_dir)
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
 
-    # ---- helpers -------------------------------------------------------------------------------------
     def _root(self) -> Path:
         if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
             return self._mounted
@@ -196,7 +197,8 @@ class EbpfBackend(RedirectBackend):
             cfg = pod_state.read_config(pdir)
             if cfg is not None and cfg["cgroup_id"] != cgroup_id(cg):
                 self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
-            elif not pod_state.problems(pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):
+            elif not detach_foreign(cg, pdir, wanted, target.uid) and not pod_state.problems(
+                    pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
         if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:  # not for intact pods: ~20 ms (pyroute2)

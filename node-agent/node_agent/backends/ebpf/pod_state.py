@@ -8,6 +8,7 @@ from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc, tc_status
 from node_agent.backends.ebpf.attach import Cgroup, cgroup_id
+from node_agent.backends.ebpf.foreign_progs import foreign_problems
 
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
@@ -49,6 +50,7 @@ def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str
                 os.close(fd)
             if pid not in c.attached(atype):
                 problems.append(f"eBPF program {name} is not attached to {cg}")
+        problems += foreign_problems(c, pdir, wanted)
     extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
     problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
     if tc_wanted:

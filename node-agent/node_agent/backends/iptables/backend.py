@@ -31,8 +31,8 @@ from cni.kernel import tables as netns_tables
 from cni.kernel.flavour import Flavour
 from cni.kernel.iptables_run import IptablesError
 from cni.rules import builder
+from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
-from node_agent.backends.iptables import nft_foreign
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
 
 IPTC_ENV = "HEADRACE_IPTC_CHECK"

@@ -12,11 +12,15 @@ taken right after the apply), or, for a table it did not apply in this run (afte
 builder's canonical text; a missing, altered or extra chain or rule is drift, repaired by applying again.
 A check first reads the netns' nf_tables ruleset generation (one netlink request, `nft_generation`): every
 nf_tables commit in the netns bumps it and reads do not, so when it is the one recorded at the last apply
-or verified listing, nothing in the netns changed and the listing is skipped.
+or verified listing, nothing in the netns changed and the listing is skipped. When it moved, the check
+also reads the whole ruleset (JSON, in-process) for foreign base chains hooked at prerouting/output at or
+before our nat chains' priority (`nft_foreign`, with only `inet headrace` as ours): drift too, and the
+re-apply removes them in the same transaction that restores our table.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -28,6 +32,7 @@ from cni.rules import nft_builder, nft_text
 from cni.rules.nft_ambient import AM_MANGLE_PRERT
 from cni.rules.nft_compare import compare
 from cni.rules.sidecar import uses_tproxy
+from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.iptables.backend import check_ambient_routing, families_of
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation
@@ -35,6 +40,7 @@ from node_agent.backends.nftables import libnft
 
 TPROXY_CHAIN = "chain sc_tproxy {"
 AMBIENT_CHAIN = f"chain {AM_MANGLE_PRERT} {{"  # an ambient table: it comes with the policy routing
+log = logging.getLogger("headrace.backend.nftables")
 
 
 def wanted_table(spec: RedirectSpec, families: tuple[int, ...]) -> nft_text.NftTable:
@@ -69,7 +75,13 @@ class NftablesBackend:
         tproxy = isinstance(spec, SidecarSpec) and uses_tproxy(spec)
         try:
             with netns_lock(target.netns_path, "apply-nft"):
-                before = self._swap(target, nft_text.replace_text(table))
+                foreign = self._foreign(target, families)
+                before = self._swap(target, _removal(target, foreign) + nft_text.replace_text(table))
+                if foreign:
+                    log.warning("foreign nftables chains ahead of our redirect removed: %s",
+                                "; ".join(c.describe() for c in foreign),
+                                extra={"pod": target.name, "namespace": target.namespace, "uid": target.uid,
+                                       "netns": target.netns_path, "step": "nft-foreign"})
                 try:
                     self._side_jobs(target, spec, families, tproxy, before)
                 except (IptablesError, OSError) as exc:
@@ -149,6 +161,17 @@ class NftablesBackend:
 
     # ------------------------------------------------------------------ reading
 
+    def _foreign(self, target: PodTarget, families: tuple[int, ...]) -> list[nft_foreign.BaseChain]:
+        """Foreign base chains ahead of our nat chains in the pod netns (`nft_foreign`)."""
+        (result,) = libnft.run_in_netns(target.netns_path, ["list ruleset"], json=True)
+        if result.rc != 0:
+            raise BackendError(f"nft list ruleset failed: {result.error.strip()}")
+        try:
+            chains = nft_foreign.parse_ruleset(result.output)
+        except nft_foreign.NftForeignError as exc:
+            raise BackendError(str(exc)) from exc
+        return nft_foreign.ahead_of_redirect(chains, families, nft_foreign.nftables_owned)
+
     def listing(self, target: PodTarget) -> str | None:
         (listed,) = libnft.run_in_netns(target.netns_path, [nft_text.list_command()])
         return libnft.listing_of(listed)
@@ -172,6 +195,7 @@ class NftablesBackend:
             listed = self.listing(target)
             if applied is None or applied[:2] != (text, listed):
                 problems = compare(listed, table)
+            problems += nft_foreign.problems_of(self._foreign(target, families))
             if not problems and listed is not None:
                 with self._lock:
                     self._applied[target.netns_path] = (text, listed, generation)
@@ -213,6 +237,14 @@ def _generation(netns_path: str) -> int | None:
         return read_generation(netns_path)
     except NftGenerationError:
         return None
+
+
+def _removal(target: PodTarget, found: list[nft_foreign.BaseChain]) -> str:
+    """The `nft` lines removing foreign chains (the start of the apply transaction)."""
+    try:
+        return nft_foreign.removal_script(found)
+    except ValueError as exc:
+        raise BackendError(f"foreign nftables chains for pod {target.namespace}/{target.name}: {exc}") from exc
 
 
 def _restore_text(before: str | None) -> str:

@@ -32,13 +32,14 @@ def load() -> object:
     return nftables
 
 
-def run_in_netns(netns_path: str | None, commands: Sequence[str]) -> list[NftResult]:
+def run_in_netns(netns_path: str | None, commands: Sequence[str], json: bool = False) -> list[NftResult]:
     """Run nft commands (each a full nft input text: one command or a whole transaction) one after the
     other in the netns at `netns_path` (None: the calling thread's own), with one fresh context; their
-    results in order."""
+    results in order (`json`: listings as `nft -j` prints them)."""
     module = load()
     if netns_path is None:
         ctx = module.Nftables()  # type: ignore[attr-defined]
+        ctx.set_json_output(json)
         try:
             return [NftResult(*ctx.cmd(c)) for c in commands]
         finally:
@@ -46,6 +47,7 @@ def run_in_netns(netns_path: str | None, commands: Sequence[str]) -> list[NftRes
     try:
         with entered(netns_path):
             ctx = module.Nftables()  # type: ignore[attr-defined]
+            ctx.set_json_output(json)
             try:
                 return [NftResult(*ctx.cmd(c)) for c in commands]
             finally:

@@ -1,14 +1,24 @@
-"""Foreign nftables base chains that run ahead of our redirection in a pod's netns (nft hosts).
+"""Foreign nftables base chains that run ahead of our redirection in a pod's netns.
 
-iptables-nft writes our rules into the nf_tables tables `ip nat` / `ip6 nat` (and `mangle`), whose base
-chains hook at priority -100 (nat) and -150 (mangle). Any other nf_tables table in the pod netns can hook
-its own base chain at prerouting or output with an earlier priority; `iptables-save` does not show it.
+Shared by the iptables backend (nft hosts) and the nftables backend. iptables-nft writes our rules into
+the nf_tables tables `ip nat` / `ip6 nat` (and `mangle`), whose base chains hook at priority -100 (nat)
+and -150 (mangle). Any other nf_tables table in the pod netns can hook its own base chain at prerouting
+or output with an earlier priority; `iptables-save` does not show it.
 Such a chain can make traffic skip the redirect (a `notrack` at raw priority: the connection never meets
 a nat chain; a `meta mark set 0x539`: ambient rules take it for the proxy's own traffic; a `drop`). We do
 not judge its statements: in a pod we redirect, nothing but our chains may run at the hooks we use ahead
 of our nat chains. A non-empty (or non-accepting) foreign base chain there is drift, and the repair
 removes that chain (its table and its other chains stay) — the one case where the agent deletes rules
 that are not its own, because no position of ours can come before an earlier hook priority.
+
+Who owns what depends on the backend: with iptables, the iptables-nft tables and our `inet headrace` are
+ours (`iptables_owned`); with the nftables backend only `inet headrace` is (`nftables_owned`), so an
+iptables-nft nat or raw chain in the pod is as foreign as any other table. Our nftables chains hook mangle
+(-150) and nat (-100) too, so the same threshold (at or before -100) applies to both backends. In the
+kernel, NAT-type chains run in priority order until one of them binds a NAT: a foreign nat chain's plain
+`accept` lets ours still run, a foreign `redirect`/`dnat` wins; a `notrack` before conntrack (-200)
+means no nat chain runs at all; a mark set before our nat chains makes an ambient pod's traffic look like
+the proxy's own. Statements are not judged: any non-empty or non-accepting such chain is drift.
 
 Pure parts (`parse_ruleset`, `ahead_of_redirect`, `removal_script`) are unit-tested; `read`/`remove`
 run `nft` in the netns through nsenter.
@@ -19,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,11 +94,17 @@ def iptables_owned(c: BaseChain) -> bool:
     return (c.family in ("ip", "ip6") and c.table in IPTABLES_TABLES) or c.table == OWN_TABLE
 
 
-def ahead_of_redirect(chains: list[BaseChain], families: tuple[int, ...]) -> list[BaseChain]:
+def nftables_owned(c: BaseChain) -> bool:
+    """The nftables backend's own table (`inet headrace`); everything else, iptables-nft's too, is foreign."""
+    return c.family == "inet" and c.table == OWN_TABLE
+
+
+def ahead_of_redirect(chains: list[BaseChain], families: tuple[int, ...],
+                      owned: Callable[[BaseChain], bool] = iptables_owned) -> list[BaseChain]:
     """Foreign base chains that see a pod's traffic before our nat chains do and can act on it."""
     fams = {"inet"} | {"ip" if f == 4 else "ip6" for f in families}
     return [c for c in chains
-            if c.family in fams and c.hook in HOOKS and c.priority <= NAT_PRIORITY and not iptables_owned(c)
+            if c.family in fams and c.hook in HOOKS and c.priority <= NAT_PRIORITY and not owned(c)
             and (c.rules > 0 or c.policy != "accept")]
 
 
