@@ -28,7 +28,7 @@ lint:
 # The one test command (README and .ci/run): set-up, lint, type check, every test.
 test: setup
 	$(MAKE) -s lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 unit: setup
 	$(PY) -m pytest tests/unit
