@@ -100,6 +100,8 @@ def test_inbound_fallback_gets_inbound_only_spec(monkeypatch, tmp_path):
     monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
     monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
     monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c: None)
+    (tmp_path / "bpf").mkdir()  # a plain directory: a unit test mounts nothing
+    monkeypatch.setattr(EbpfBackend, "_root", lambda self: tmp_path / "bpf")
     rec = RecordingInbound()
     b = EbpfBackend(tmp_path, inbound_fallback=rec)
     assert not b.inbound_in_ebpf
