@@ -15,6 +15,33 @@ from tests.harness.node import SimNode
 KERNEL_DIR = Path(__file__).parent / "kernel"
 
 
+def leftovers() -> set[str]:
+    """What tests must never leave behind: bpffs and nsfs mounts (pins, named netns) and named netns."""
+    out: set[str] = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype in ("bpf", "nsfs"):
+                out.add(f"{fstype} mount {fields[4]}")
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir():
+        out |= {f"netns {p.name}" for p in netns_dir.iterdir()}
+    return out
+
+
+_AT_START = leftovers()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The whole run fails when it left a mount or a netns behind (each test removes its own, even on
+    failure; a module- or session-scoped fixture by its end)."""
+    left = sorted(leftovers() - _AT_START)
+    if left:
+        print("\nthe tests left these behind:\n  " + "\n  ".join(left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Everything under tests/kernel is a kernel test; skip those clearly when not root."""
     for item in items:

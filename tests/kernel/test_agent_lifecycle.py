@@ -112,7 +112,7 @@ def test_running_pods_enrol_restart_adopt_drift_and_unlabel(world: World) -> Non
     wait_for(lambda: all(headrace_rules(w.netns(u)) == [] for u in w.uids), 20, "rules removed")
     wait_for(lambda: all(w.agent.status()[u]["mode"] == "none" for u in w.uids), 10, "status none")
     assert not any((w.agent.state / "netns").iterdir())
-    assert [r for r in headrace_rules(w.node.path) if "10.77" in r] == []
+    wait_for(lambda: not [r for r in headrace_rules(w.node.path) if "10.77" in r], 10, "node probe SNAT removed")
 
 
 def test_sigterm_keeps_rules(world: World) -> None:

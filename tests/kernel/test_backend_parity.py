@@ -185,7 +185,8 @@ def inbound_only_rules(pod: Pod) -> bool:
 
 def ours(pod: Pod, backend: str) -> list[str]:
     if backend == "ebpf":  # an ambient pod's inbound is the rules backend's (original-source routing)
-        return ebpf_state(pod) + [f"inbound {line}" for line in iptables_state(pod)]
+        inbound = iptables_state(pod) if inbound_only_rules(pod) else []
+        return ebpf_state(pod) + [f"inbound {line}" for line in inbound]
     return nftables_state(pod) if backend == "nftables" else iptables_state(pod)
 
 
