@@ -15,8 +15,12 @@ from tests.harness.node import SimNode
 KERNEL_DIR = Path(__file__).parent / "kernel"
 
 
+CGROUP_PREFIXES = ("headrace-", "hrpm-")  # the nodes' and pods' cgroups (lab, eBPF fixtures), podman's parents
+
+
 def leftovers() -> set[str]:
-    """What tests must never leave behind: bpffs and nsfs mounts (pins, named netns) and named netns."""
+    """What tests must never leave behind: bpffs and nsfs mounts (pins, named netns), named netns and the
+    cgroups the tests make."""
     out: set[str] = set()
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -27,6 +31,8 @@ def leftovers() -> set[str]:
     netns_dir = Path("/run/netns")
     if netns_dir.is_dir():
         out |= {f"netns {p.name}" for p in netns_dir.iterdir()}
+    for hierarchy in Path("/sys/fs/cgroup").glob("*/"):  # cgroup v2 (unified) and each v1 controller
+        out |= {f"cgroup {p}" for p in hierarchy.glob("*") if p.name.startswith(CGROUP_PREFIXES) and p.is_dir()}
     return out
 
 
