@@ -60,6 +60,7 @@ class FakeBackend:
 
     name = "fake"
     needs_cgroup = False
+    change_events = False
 
     def __init__(self) -> None:
         self.rules: dict[str, int] = {}  # uid -> number of rule sets (must never exceed 1)

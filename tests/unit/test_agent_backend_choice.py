@@ -18,6 +18,7 @@ from tests.unit.test_agent_reconcile import AMBIENT, UID, Env, pod
 class FakeEbpf(FakeBackend):
     name = "ebpf"
     needs_cgroup = True
+    change_events = False
 
     def __init__(self, reason: str | None = None) -> None:
         super().__init__()

@@ -44,6 +44,7 @@ class Clock:
 
 class RulesBackend:
     needs_cgroup = False
+    change_events = False
 
     def __init__(self, name: str = "iptables") -> None:
         self.name = name

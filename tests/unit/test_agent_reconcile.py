@@ -408,6 +408,7 @@ def test_enrolled_pods_move_backend_when_the_choice_changes(env: Env) -> None:
         name = "ebpf"
         reason: str | None = "the node proxy's cgroup is unknown"
         needs_cgroup = False
+        change_events = False
 
         def fallback_reason(self, spec: object) -> str | None:
             return self.reason

@@ -312,6 +312,7 @@ def test_agent_wires_the_follower_into_status_and_metrics(tmp_path: Path) -> Non
 
     class CgroupBackend(FakeBackend):
         needs_cgroup = True  # as eBPF: the node proxy's cgroup is handed to it
+        change_events = False
 
         def __init__(self) -> None:
             super().__init__()

@@ -46,6 +46,9 @@ class AgentConfig:
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
     log_level: str = "info"
     drift_interval: float = 1.0  # seconds between checks of enrolled pods' rules (a bypass is repaired within 2 s)
+    # pods whose backend announces changes (nftables, iptables-nft) are checked on change, and all every:
+    drift_backstop: float = 30.0
+    drift_events: bool = True  # False: every pod polled every drift_interval
     cni_add_timeout: float = 20.0  # an ADD waits this long for rules + proxy ack
     ack_timeout: float = 15.0
     agent_id: str = field(default="")
@@ -111,6 +114,8 @@ def build_config(
     log_level: str = "info",
     drift_interval: float = 1.0,
     cni_add_timeout: float = 20.0,
+    drift_backstop: float = 30.0,
+    drift_events: bool = True,
     proxy_cgroup: str | Path | None = None,
     capture_dns: bool = False,
     zds_socket: str | Path | None = None,
@@ -144,7 +149,7 @@ def build_config(
     level = log_level.lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level {log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
-    for name, val in (("drift", drift_interval), ("cni-add", cni_add_timeout)):
+    for name, val in (("drift", drift_interval), ("cni-add", cni_add_timeout), ("drift-backstop", drift_backstop)):
         if not 0 < val <= 3600:
             raise ConfigError(f"{name} interval/timeout {val!r} must be in (0, 3600] seconds")
     sdir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
@@ -183,6 +188,8 @@ def build_config(
         exclude_namespaces=parse_namespaces(exclude_namespaces),
         log_level=level,
         drift_interval=drift_interval,
+        drift_backstop=drift_backstop,
+        drift_events=drift_events,
         cni_add_timeout=cni_add_timeout,
         agent_id=f"headrace-agent-{node or 'local'}",
         proxy_cgroup=pcg,

@@ -127,6 +127,7 @@ class Agent:
             self.store, self.backend, self.hub, self.pins, self.records,
             exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
             node_name=config.node_name, drift_interval=config.drift_interval, fallback=fallback,
+            drift_backstop=config.drift_backstop, drift_events=config.drift_events,
             cgroup_fallback=config.backend == "auto", backend_factory=factory,
             spec=AmbientSpec(capture_dns=config.capture_dns), adoption_gate=self.adoption_gate,
         )

@@ -57,6 +57,9 @@ class RedirectBackend(PodRules, Protocol):
     # the backend attaches to cgroups: the pods' (the agent must pass PodTarget.cgroup_path) and the node
     # proxy's (set_proxy_cgroup)
     needs_cgroup: bool
+    # everything `check` reads of a pod, but its policy routing, lives in nf_tables: a change to it is
+    # announced on the pod netns' NFNLGRP_NFTABLES group, so the agent checks on change instead of polling
+    change_events: bool
 
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
         """Why this backend cannot implement spec on this node (the pod should get the fallback backend),

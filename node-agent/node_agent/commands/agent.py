@@ -30,7 +30,12 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--drift-interval", type=float, default=1.0, show_default=True,
-              help="Seconds between drift checks of enrolled pods.")
+              help="Seconds between drift checks of enrolled pods that are polled (iptables-legacy, eBPF).")
+@click.option("--drift-backstop", type=float, default=30.0, show_default=True,
+              help="Seconds between full re-checks of every pod (nftables and iptables-nft pods are checked "
+                   "when their netns announces an nf_tables change).")
+@click.option("--drift-events/--no-drift-events", default=True, show_default=True,
+              help="Check nftables and iptables-nft pods on change (off: poll them every --drift-interval).")
 @click.option("--cni-add-timeout", type=float, default=20.0, show_default=True,
               help="Longest an ADD waits for rules + proxy ack.")
 @click.option("--proxy-cgroup", default=None, type=click.Path(file_okay=False),
@@ -55,6 +60,8 @@ def agent(
     exclude_namespaces: str,
     log_level: str,
     drift_interval: float,
+    drift_backstop: float,
+    drift_events: bool,
     cni_add_timeout: float,
     proxy_cgroup: str | None,
     capture_dns: bool,
@@ -70,7 +77,8 @@ def agent(
             objects_dir=objects_dir, kubeconfig=kubeconfig, node_name=node_name, state_dir=state_dir,
             cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
             metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
-            drift_interval=drift_interval, cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
+            drift_interval=drift_interval, drift_backstop=drift_backstop, drift_events=drift_events,
+            cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
             capture_dns=capture_dns, zds_socket=zds_socket, in_cluster=in_cluster,
         )
     except ConfigError as exc:

@@ -1,14 +1,26 @@
-"""The drift check: every drift interval (and right after pods were enrolled on rules found in place) each
-enrolled pod's redirection is read back and what is missing or altered is re-applied (counted in
-headrace_agent_drift_repairs). The read-back runs outside the lock, one pod at a time; a CNI request that
-arrives meanwhile is served before the next pod. A pod whose pinned netns is gone: an ambient pod is
-`failed` and retried (never reported enrolled), a sidecar pod is removed."""
+"""The drift check: an enrolled pod's redirection is read back and what is missing or altered is re-applied
+(counted in headrace_agent_drift_repairs).
+
+When a pod is read back:
+- on change: a pod whose backend keeps everything the check reads in nf_tables (nftables, iptables-nft)
+  is watched (`repair.change_watch`: one thread, one NFNLGRP_NFTABLES subscription per pod netns) and
+  checked when its netns announces a change; the subscription is made once the pod is enrolled, and the
+  pod is checked once right after (a change between its apply and the subscription is not missed);
+- every drift interval (`--drift-interval`): the pods that are not watched (iptables-legacy, eBPF, or a
+  failed subscription);
+- every backstop interval (`--drift-backstop`) and right after pods were enrolled on rules found in place
+  (adoption): every pod, watched or not (also what no nf_tables change announces, such as policy routes).
+The read-back runs outside the lock, one pod at a time; a CNI request that arrives meanwhile is served
+before the next pod. A pod whose pinned netns is gone: an ambient pod is `failed` and retried (never
+reported enrolled), a sidecar pod is removed. A pod that leaves the table is unwatched (socket closed)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.netns.pin import PinError
@@ -16,10 +28,20 @@ from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns
 from node_agent.reconcile.state import ENROLLED, FAILED, PENDING, SIDECAR, PodState, log_ctx
 from node_agent.reconcile.table import PodTable
+from node_agent.repair.change_watch import ChangeWatcher
 
 log = logging.getLogger("headrace.agent.reconcile")
 
 Job = tuple[PodState, RedirectBackend, PodTarget]
+
+
+@dataclass(frozen=True)
+class Due:
+    """The pods one pass reads back (None: every pod), and whether it is a timed pass (poll or backstop:
+    the node-level rules are re-checked too)."""
+
+    uids: frozenset[str] | None
+    timed: bool
 
 
 class DriftCheck:
@@ -31,31 +53,105 @@ class DriftCheck:
         *,
         interval: float,
         remove_sidecar: Callable[[str], None],
+        backstop: float = 30.0,
+        events: bool = True,
+        wake: Callable[[], None] = lambda: None,
+        watcher_factory: Callable[[Callable[[str], None]], ChangeWatcher] = ChangeWatcher,
     ) -> None:
+        """events: watch pods whose backend announces its changes (else every pod is polled); wake: the
+        reconcile loop's wake-up (a watched pod changed)."""
         self.table = table
         self.netns = netns
         self.backends = backends
         self.interval = interval
+        self.backstop = max(backstop, interval)
+        self.events = events
         self._remove_sidecar = remove_sidecar
-        self.last_run = 0.0
+        self._wake = wake
+        self._watcher_factory = watcher_factory
+        self.watcher: ChangeWatcher | None = None  # made when the first pod is watched
+        self.last_run = 0.0  # the last poll pass (the pods that are not watched)
+        self.last_full = 0.0  # the last backstop pass (every pod)
         self._soon = False  # pods were enrolled on rules found in place: run the drift pass now
+        self._dirty_lock = threading.Lock()
+        self._dirty: set[str] = set()  # watched pods that announced a change
+        self.event_checks = 0  # pods read back because they announced a change
 
     def verify_soon(self) -> None:
         self._soon = True
 
-    def take_due(self, now: float) -> bool:
-        """Whether this pass runs the check (lock held); if so, it counts as run now."""
-        if now - self.last_run < self.interval and not self._soon:
-            return False
-        self.last_run, self._soon = now, False
-        return True
+    def changed(self, uid: str) -> None:
+        """A watched pod's netns announced an nf_tables change (the watcher's thread): check it soon."""
+        with self._dirty_lock:
+            self._dirty.add(uid)
+        self._wake()
 
-    def run(self, stopping: Callable[[], bool], serve_waiting: Callable[[], None]) -> None:
-        """Re-check (and repair) every pod held. The lock is taken to pick the pod and again to act on what
-        was read, after making sure the pod is still the one that was read. serve_waiting (lock held) runs
-        a converge step for CNI requests that arrived meanwhile."""
+    def next_due(self, now: float) -> float:
+        """Seconds until the next timed pass (poll when a pod is polled, else the backstop)."""
+        polled = any(not self._is_watched(uid) for uid in self.table.pods)
+        until_full = self.last_full + self.backstop - now
+        return max(0.0, min(until_full, self.last_run + self.interval - now) if polled else until_full)
+
+    def _is_watched(self, uid: str) -> bool:
+        return self.watcher is not None and self.watcher.watched(uid)
+
+    def take_due(self, now: float) -> Due | None:
+        """What this pass reads back (lock held), or None; a poll or backstop due counts as run now."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        if self._soon or now - self.last_full >= self.backstop:
+            self.last_run = self.last_full = now
+            self._soon = False
+            return Due(None, True)
+        uids = {uid for uid in dirty if uid in self.table.pods}
+        timed = now - self.last_run >= self.interval
+        if timed:
+            self.last_run = now
+            uids |= {uid for uid in self.table.pods if not self._is_watched(uid)}
+        self.event_checks += len(uids & dirty)
+        if not uids and not timed:
+            return None
+        return Due(frozenset(uids), timed)
+
+    def close(self) -> None:
+        """Every subscription closed (agent shutdown)."""
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
+
+    def sync_watches(self) -> None:
+        """Watch every checked pod whose backend announces its changes; unwatch the others (their socket
+        closed). A pod newly watched is checked once right after (lock not held: subscribing enters the
+        pod netns)."""
         with self.table.lock:
-            todo = list(self.table.pods)
+            want: dict[str, tuple[str, int]] = {}
+            for st in self.table.pods.values():
+                if not self.events or not st.netns or (st.mode != SIDECAR and st.state != ENROLLED):
+                    continue
+                try:
+                    if self.backends.of(st).change_events:
+                        want[st.uid] = (st.netns, st.inode)
+                except (BackendError, PinError):
+                    continue
+        if not want and self.watcher is None:
+            return
+        if self.watcher is None:
+            self.watcher = self._watcher_factory(self.changed)
+            self.watcher.start()
+        for uid in self.watcher.keys() - set(want):
+            self.watcher.unwatch(uid)
+        fresh = [uid for uid, (path, inode) in want.items() if self.watcher.watch(uid, path, inode) == "new"]
+        if fresh:
+            with self._dirty_lock:
+                self._dirty.update(fresh)
+            self._wake()
+
+    def run(self, stopping: Callable[[], bool], serve_waiting: Callable[[], None], due: Due | None = None) -> None:
+        """Re-check (and repair) the pods due (default: every pod held). The lock is taken to pick the pod
+        and again to act on what was read, after making sure the pod is still the one that was read.
+        serve_waiting (lock held) runs a converge step for CNI requests that arrived meanwhile."""
+        with self.table.lock:
+            todo = [uid for uid in self.table.pods if due is None or due.uids is None or uid in due.uids]
         for uid in todo:
             if stopping():
                 return

@@ -89,6 +89,8 @@ class Reconciler:
         spec: AmbientSpec | None = None,
         node_name: str = "",
         drift_interval: float = 1.0,
+        drift_backstop: float = 30.0,
+        drift_events: bool = True,
         hint_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         adoption_gate: AdoptionGate | None = None,
@@ -108,7 +110,8 @@ class Reconciler:
                                  factory=backend_factory)
         ct: Conntrack = conntrack if conntrack is not None else conntrack_guard
         self.drift = DriftCheck(self.table, self.netns, self.backends, interval=drift_interval,
-                                remove_sidecar=self._remove_sidecar)
+                                remove_sidecar=self._remove_sidecar, backstop=drift_backstop,
+                                events=drift_events, wake=self.wake)
         self.enrolment = AmbientEnrolment(self.table, self.netns, self.backends, hub, ct, spec or AmbientSpec(),
                                           node_name=node_name, wake=self.wake, verify_soon=self.drift.verify_soon)
         self.sidecars = SidecarPods(self.table, self.netns, self.backends, store, ct,
@@ -152,6 +155,7 @@ class Reconciler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.drift.close()
 
     def close_backends(self) -> None:
         """Agent shutdown: let backends release node resources they hold (pods keep their redirection)."""
@@ -159,7 +163,9 @@ class Reconciler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(timeout=min(self.drift.interval, 1.0))
+            with self.table.lock:
+                idle = min(self.drift.next_due(self.table.clock()), 1.0)
+            self._wake.wait(timeout=idle)
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -187,14 +193,15 @@ class Reconciler:
             if self._rechoose:
                 self._rechoose = False
                 self.enrolment.switch_backends()
-            drift_due = self.drift.take_due(now)
+            due = self.drift.take_due(now)
             plugin_pods = self.plugin_sidecars.candidates(self.others, now) if self.store.synced else []
         if plugin_pods:
             self.plugin_sidecars.look(plugin_pods)
-        if drift_due:
-            self.drift.run(self._stop.is_set, self._serve_waiting)
+        if due is not None:
+            self.drift.run(self._stop.is_set, self._serve_waiting, due)
+        self.drift.sync_watches()
         with self.table.lock:
-            self._sync_node_rules(force=drift_due)
+            self._sync_node_rules(force=due is not None and due.timed)
             counts: dict[str, int] = {}
             for st in self.table.of_mode(AMBIENT):
                 counts[st.state] = counts.get(st.state, 0) + 1

@@ -44,6 +44,7 @@ def _close(fds: dict[str, int]) -> None:
 class EbpfBackend(RedirectBackend):
     name = "ebpf"
     needs_cgroup = True  # the agent must pass PodTarget.cgroup_path
+    change_events = False  # cgroup programs and tc filters announce nothing on nf_tables: polled
 
     def __init__(
         self,

@@ -102,6 +102,8 @@ class IptablesBackend:
         except ValueError as exc:
             raise BackendError(str(exc)) from exc
         self.shortcut: DriftShortcut | None = None
+        # iptables-nft writes through nf_tables (changes announced); legacy tables announce nothing: polled
+        self.change_events = self.flavour == "nft"
         wanted = in_process_check_enabled() if in_process_check is None else in_process_check
         if self.flavour == "legacy" and wanted:  # python-iptables drives legacy tables only
             from node_agent.backends.iptables import iptc_reader

@@ -56,6 +56,7 @@ class NftablesBackend:
 
     name = "nftables"
     needs_cgroup = False
+    change_events = True  # every change to our table (or a foreign one) is an nf_tables commit
 
     def __init__(self) -> None:
         libnft.load()  # fail at selection time, not at the first pod

@@ -1,0 +1,100 @@
+"""nf_tables change notifications of one network namespace: a netlink socket subscribed to NFNLGRP_NFTABLES.
+
+Every nf_tables commit in a netns (native nftables and iptables-nft alike, whatever the table) is announced
+to that netns' NFNLGRP_NFTABLES listeners: one message per object changed (table, chain, rule, set...)
+and a closing NFT_MSG_NEWGEN carrying the new ruleset generation. Reads (`nft list`, iptables-nft-save)
+announce nothing. A socket belongs to the netns it was created in, for good: `subscribe` creates it in a
+short-lived thread that enters the pod netns (cni.kernel.netns.run_in_thread), and the caller's threads
+never move.
+
+The socket is non-blocking; `drain` reads what is queued and tells whether anything was announced. A
+receive buffer overrun (ENOBUFS: more announced than the socket held) counts as a change. Parsing is pure
+(`changes_in`) and unit-tested.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+
+from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
+from node_agent.kernel import netlink_parse
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+NFTA_GEN_ID = 1
+NFGENMSG_SIZE = 4  # nfgenmsg: family, version, res_id
+RCVBUF = 256 * 1024  # an overrun is harmless (a change all the same) but costs a full check
+
+
+class NftEventsError(Exception):
+    """The subscription could not be made (the caller polls this pod instead)."""
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What one read held: nf_tables messages and the last generation announced (None: no NEWGEN)."""
+
+    messages: int
+    generation: int | None
+
+
+def changes_in(data: bytes) -> Changes:
+    """The nf_tables announcements in one read (other subsystems' messages are not counted). Raises
+    netlink_parse.NetlinkParseError for a truncated message."""
+    count, generation = 0, None
+    for msg_type, _seq, payload in netlink_parse.messages(data):
+        if msg_type >> 8 != NFNL_SUBSYS_NFTABLES:
+            continue
+        count += 1
+        if msg_type & 0xFF == NFT_MSG_NEWGEN:
+            for attr_type, value in netlink_parse.attributes(payload[NFGENMSG_SIZE:]):
+                if attr_type == NFTA_GEN_ID and len(value) >= 4:
+                    generation = int.from_bytes(value[:4], "big")
+    return Changes(count, generation)
+
+
+def _open_here() -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                      NETLINK_NETFILTER)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        s.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def subscribe(netns_path: str, timeout: float = 2.0) -> socket.socket:
+    """A non-blocking socket receiving the nf_tables announcements of the netns at netns_path."""
+    try:
+        return run_in_thread(netns_path, _open_here, name="headrace-nft-events", timeout=timeout)
+    except NetnsThreadTimeout:
+        raise NftEventsError(f"no answer from {netns_path} within {timeout:.0f}s") from None
+    except Exception as exc:  # cannot enter the netns, or no nfnetlink
+        raise NftEventsError(f"cannot subscribe to nf_tables changes in {netns_path}: {exc}") from exc
+
+
+def drain(sock: socket.socket) -> bool:
+    """Read everything queued; True when any nf_tables change was announced (or some were lost)."""
+    changed = False
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return changed
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # announcements were dropped: something changed
+                changed = True
+                continue
+            raise
+        if not data:
+            return changed
+        try:
+            changed = changed or changes_in(data).messages > 0
+        except netlink_parse.NetlinkParseError:
+            changed = True
