@@ -82,6 +82,7 @@ class DriftCheck:
 
     def changed(self, uid: str) -> None:
         """A watched pod's netns announced an nf_tables change (the watcher's thread): check it soon."""
+        log.debug("nf_tables change announced", extra={"uid": uid, "step": "nft-change"})
         with self._dirty_lock:
             self._dirty.add(uid)
         self._wake()

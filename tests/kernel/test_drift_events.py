@@ -1,0 +1,151 @@
+"""Event-driven drift checks on real kernels: the agent checks a pod when its netns announces an nf_tables
+change, not on a poll.
+
+With the poll and the backstop set to an hour, an enrolled ambient pod's table flushed (`nft flush table
+inet headrace` on the nftables backend, `iptables-nft -t nat -F` on iptables-nft) is repaired within 2 s
+and the repair counted: only the change notification can have triggered it. Pods enrolled and unenrolled
+leave no socket behind (the agent's fds in /proc/PID/fd back where they were).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from node_agent.lab.netns import NetNS
+
+from tests.kernel.agent_kit import AgentRun, PodProcs, ns_object, pod_object, run, wait_for, write_object
+
+pytestmark = pytest.mark.kernel
+
+HOUR = "3600"
+REPAIR_LIMIT = 2.0
+
+
+@dataclass
+class Node:
+    agent: AgentRun
+    pods: PodProcs
+    objects: Path
+    uids: list[str] = field(default_factory=list)
+    netns: dict[str, str] = field(default_factory=dict)
+
+    def add_pods(self, n: int) -> list[str]:
+        new = []
+        for _ in range(n):
+            i = len(self.uids)
+            uid = str(uuid.uuid4())
+            proc = self.pods.pod(uid)
+            self.netns[uid] = f"/proc/{proc.pid}/ns/net"
+            ips = [f"10.98.{i // 250}.{i % 250 + 2}"]
+            write_object(self.objects, f"pod{i}.json", pod_object("mesh", f"p{i}", uid, ips))
+            self.uids.append(uid)
+            new.append(uid)
+        return new
+
+    def fds(self) -> int:
+        assert self.agent.agent is not None
+        return len(os.listdir(f"/proc/{self.agent.agent.pid}/fd"))
+
+    def enrolled(self, uids: list[str]) -> bool:
+        status = self.agent.status()
+        return all(status.get(u, {}).get("state") == "enrolled" for u in uids)
+
+
+@contextlib.contextmanager
+def make_node(backend: str) -> Iterator[Node]:
+    host = NetNS.create("hr-evnode-")
+    pods = PodProcs()
+    objects = Path(tempfile.mkdtemp(prefix="hr-events-", dir="/tmp"))
+    agent = AgentRun(host.path, objects, extra=["--backend", backend, "--iptables", "nft",
+                                                "--drift-interval", HOUR, "--drift-backstop", HOUR])
+    try:
+        write_object(objects, "ns.json", ns_object("mesh", ambient=True))
+        agent.start_proxy()
+        agent.start_agent()
+        yield Node(agent, pods, objects)
+    finally:
+        agent.close()
+        pods.close()
+        host.delete()
+        shutil.rmtree(objects, ignore_errors=True)
+
+
+@pytest.fixture(params=["nftables", "iptables"])
+def node(request: pytest.FixtureRequest) -> Iterator[Node]:
+    with make_node(str(request.param)) as n:
+        yield n
+
+
+def tables(netns: str) -> str:
+    return run(["nsenter", f"--net={netns}", "nft", "list", "ruleset"]).stdout
+
+
+def test_a_flushed_table_is_repaired_on_the_change_event_not_the_poll(node: Node) -> None:
+    (uid,) = node.add_pods(1)
+    wait_for(lambda: node.enrolled([uid]), 30, "pod enrolled")
+    netns = node.netns[uid]
+    time.sleep(1.0)  # the check right after the subscription is made
+    intact = tables(netns)
+    assert "headrace" in intact.lower()
+    backend = node.agent.status()[uid]["backend"]
+    tamper = (["nft", "flush table inet headrace"] if backend == "nftables"
+              else ["iptables-nft", "-t", "nat", "-F"])
+    for round_no in range(2):
+        repairs = node.agent.metric("headrace_agent_drift_repairs_total")
+        run(["nsenter", f"--net={netns}", *tamper])
+        t0 = time.monotonic()
+        while node.agent.metric("headrace_agent_drift_repairs_total") <= repairs:
+            assert time.monotonic() - t0 < REPAIR_LIMIT + 3, f"round {round_no}: no repair (poll is an hour away)"
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        assert took <= REPAIR_LIMIT, f"round {round_no}: repaired after {took:.2f} s"
+        wait_for(lambda: tables(netns) == intact, 5, "our rules exactly as before")
+
+
+def change_lines(node: Node, uid: str) -> int:
+    return sum(1 for line in node.agent.agent_log().splitlines() if '"nft-change"' in line and uid in line)
+
+
+def test_reads_trigger_no_checks(node: Node) -> None:
+    """Reads announce nothing: listing the ruleset in an enrolled pod does not make the agent check it."""
+    (uid,) = node.add_pods(1)
+    wait_for(lambda: node.enrolled([uid]), 30, "pod enrolled")
+    time.sleep(1.0)
+    seen = change_lines(node, uid)
+    for _ in range(5):
+        tables(node.netns[uid])
+        run(["nsenter", f"--net={node.netns[uid]}", "iptables-nft-save"])
+    time.sleep(0.5)
+    assert change_lines(node, uid) == seen
+    run(["nsenter", f"--net={node.netns[uid]}", "nft", "add table inet hrunrelated"])
+    wait_for(lambda: change_lines(node, uid) > seen, 5, "a change announced and logged")
+
+
+def test_enrol_and_unenrol_leave_no_socket() -> None:
+    """Every subscription is closed when its pod is unenrolled: the agent's fds come back to where they were,
+    round after round (the watcher's own epoll and wake pipe stay)."""
+    with make_node("nftables") as node:
+        time.sleep(0.5)
+        base = node.fds()
+        uids = node.add_pods(20)
+        after: list[int] = []
+        for round_no in range(3):
+            write_object(node.objects, "ns.json", ns_object("mesh", ambient=True))
+            wait_for(lambda: node.enrolled(uids), 60, "pods enrolled")
+            wait_for(lambda: node.fds() >= base + len(uids), 10, "one subscription per pod")
+            write_object(node.objects, "ns.json", ns_object("mesh", ambient=False))
+            wait_for(lambda: not any(node.agent.status().get(u, {}).get("state") == "enrolled" for u in uids),
+                     60, "pods unenrolled")
+            wait_for(lambda: node.fds() <= base + 3, 10,
+                     f"round {round_no}: the agent's fds back near {base} (now {node.fds()})")
+            after.append(node.fds())
+        assert after[-1] <= after[0], f"fds grow round after round: {after}"
