@@ -1,11 +1,14 @@
 """Pod source for the lab: a local directory of Kubernetes-shaped Namespace and Pod objects.
 
 One JSON or YAML file per object (a `kind: List` or a multi-document YAML file works too). The directory
-is polled (cheap: a stat per file) and re-read whenever a file's size or mtime changes, is added or is
-removed; the whole set then replaces the store's content, so the events are the same as a Kubernetes
-re-list. A file that fails to parse is reported with a warning naming it and keeps serving what it
-held when it last parsed (a file caught half-written does not drop its pods); the other files are served
-as usual.
+is watched with inotify (`dir_events`): a file written, renamed into place or removed is re-read at once
+(a burst of writes is gathered first), and every file's stat is compared again every `rescan` seconds as
+a backstop. Without inotify it is polled every `interval`. Only files whose size or
+mtime changed, or that an event named, are parsed again; the whole set then replaces the store's
+content, so the events are the same as a Kubernetes re-list. A file that fails to parse is reported with
+a warning naming it and keeps serving what it held when it last parsed (a file caught half-written does
+not drop its pods; its close or rename is another event, and then it is read whole); the other files are
+served as usual. Hidden files (an editor's or tool's temporary file before the rename) are ignored.
 
 Every file is read within the limits of `cni.contract.object_files`: at most 2 MiB, at most 200 000 YAML
 nodes with aliases expanded (an alias bomb is refused while it is parsed, in milliseconds), JSON not
@@ -15,13 +18,16 @@ nested too deep.
 from __future__ import annotations
 
 import logging
+import stat
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cni.contract.kube_objects import Namespace, ObjectError, Pod, namespace_from_object, pod_from_object
 from cni.contract.object_files import load_json, load_yaml_all, read_text
+from node_agent.sources.dir_events import DirEvents
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.objects")
@@ -100,7 +106,10 @@ def read_objects_dir(directory: Path, node_name: str = "",
     return pods, namespaces
 
 
-def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
+Signature = tuple[tuple[str, int, int], ...]
+
+
+def _signature(directory: Path) -> Signature:
     out = []
     for path in directory.iterdir():
         if path.suffix not in SUFFIXES or path.name.startswith("."):
@@ -109,44 +118,99 @@ def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
             st = path.stat()
         except OSError:
             continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
         out.append((path.name, st.st_mtime_ns, st.st_size))
     return tuple(sorted(out))
 
 
 class ObjectsDirSource:
-    def __init__(self, store: PodStore, directory: Path, node_name: str = "", interval: float = 0.3) -> None:
+    def __init__(self, store: PodStore, directory: Path, node_name: str = "", interval: float = 0.3,
+                 rescan: float = 10.0, use_inotify: bool = True) -> None:
+        """interval: the poll without inotify; rescan: the backstop look at every file with inotify."""
         self._store = store
         self.directory = directory
         self.node_name = node_name
         self.interval = interval
+        self.rescan = rescan
+        self._use_inotify = use_inotify
+        self._events: DirEvents | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last: tuple[tuple[str, int, int], ...] | None = None
+        self._last: Signature | None = None
+        self._files: dict[str, tuple[int, int]] = {}  # name -> (mtime, size) when last read
         self._last_good: FileObjects = {}
         self.loads = 0
 
-    def poll_once(self) -> bool:
-        """Re-read the directory if anything changed; True when it did."""
+    @property
+    def using_inotify(self) -> bool:
+        return self._events is not None
+
+    def poll_once(self, named: Iterable[str] = ()) -> bool:
+        """Re-read what changed (and the files named by an event, whatever their stat says); True when
+        anything did."""
+        forced = {n for n in named if Path(n).suffix in SUFFIXES and not n.startswith(".")}
         try:
             sig = _signature(self.directory)
         except OSError as exc:
             log.warning("objects dir unreadable: %s", exc, extra={"step": "objects-poll"})
             return False
-        if sig == self._last:
+        if sig == self._last and not forced:
             return False
         self._last = sig
-        pods, namespaces = read_objects_dir(self.directory, self.node_name, self._last_good)
+        for name, mtime, size in sig:
+            if name in forced or self._files.get(name) != (mtime, size):
+                self._read_file(name, (mtime, size))
+        present = {name for name, _m, _s in sig}
+        for gone in set(self._last_good) - present:
+            del self._last_good[gone]
+        for gone in set(self._files) - present:
+            del self._files[gone]
+        pods: list[Pod] = []
+        namespaces: list[Namespace] = []
+        for name in sorted(self._last_good):
+            pods.extend(self._last_good[name][0])
+            namespaces.extend(self._last_good[name][1])
         self._store.replace_namespaces(namespaces)
         self._store.replace_pods(pods)
         self.loads += 1
         return True
 
+    def _read_file(self, name: str, seen: tuple[int, int]) -> None:
+        self._files[name] = seen
+        try:
+            self._last_good[name] = read_object_file(self.directory / name, self.node_name)
+        except (OSError, ValueError, ObjectError) as exc:  # ObjectFileError is a ValueError
+            kept = name in self._last_good
+            log.warning("skipping %s: %s%s", name, str(exc)[:300], " (its last good content is kept)" if kept else "",
+                        extra={"step": "objects-parse", "file": name})
+
     def _run(self) -> None:
+        next_rescan = time.monotonic() + self.rescan
         while not self._stop.is_set():
-            self.poll_once()
-            self._stop.wait(self.interval)
+            events = self._events
+            if events is None:
+                self._stop.wait(self.interval)
+                self.poll_once()
+                continue
+            names = events.wait(min(0.5, max(0.0, next_rescan - time.monotonic())))
+            if self._stop.is_set():
+                return
+            if names is None or time.monotonic() >= next_rescan:
+                self.poll_once(names or ())  # every file's stat compared with the one last read
+                next_rescan = time.monotonic() + self.rescan
+            elif names:
+                self.poll_once(names)
 
     def start(self) -> None:
+        if self._use_inotify:
+            self._events = DirEvents.open(str(self.directory))
+        if self._events is not None:
+            log.info("objects dir watched (inotify; every file's stat again every %g s)", self.rescan,
+                     extra={"step": "objects-watch"})
+        elif self._use_inotify:
+            log.warning("inotify unavailable: the objects dir is polled every %g s", self.interval,
+                        extra={"step": "objects-watch"})
         self.poll_once()
         self._thread = threading.Thread(target=self._run, name="objects-dir", daemon=True)
         self._thread.start()
@@ -155,3 +219,6 @@ class ObjectsDirSource:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._events is not None:
+            self._events.close()
+            self._events = None

@@ -1,0 +1,107 @@
+"""The names changed in one directory, from inotify (through ctypes): what the objects-dir source reads.
+
+    events = DirEvents(directory)    # None from .open() when inotify is unavailable: the caller polls
+    names = events.wait(timeout)     # set of file names changed; empty: quiet; None: unknown, look at all
+
+A burst of writes (an editor's temp file + rename, a tool writing many files) is gathered: after the first
+event, `wait` keeps reading while more arrive within `settle` seconds (at most `max_batch`). A lost watch
+(the directory deleted or moved away), a queue overflow or a failed read answer None; the watch is
+re-added on the next `wait` once the directory is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import select
+import time
+
+from cni.kernel.netns import libc
+from node_agent.install_cni.watcher import IN_CLOEXEC, IN_IGNORED, IN_NONBLOCK, WATCH_MASK, parse_events
+
+IN_Q_OVERFLOW = 0x00004000
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+LOST = IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_Q_OVERFLOW
+
+
+class DirEvents:
+    def __init__(self, directory: str, fd: int, lib: ctypes.CDLL, settle: float = 0.02,
+                 max_batch: float = 0.2) -> None:
+        self.directory = directory
+        self._fd = fd
+        self._lib = lib
+        self._wd = -1
+        self.settle = settle
+        self.max_batch = max_batch
+
+    @classmethod
+    def open(cls, directory: str, **kw: float) -> DirEvents | None:
+        try:
+            lib = libc()
+        except OSError:
+            return None
+        fd = lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            return None
+        events = cls(directory, fd, lib, **kw)
+        events._add_watch()
+        return events
+
+    @property
+    def watching(self) -> bool:
+        return self._wd >= 0
+
+    def _add_watch(self) -> bool:
+        wd = self._lib.inotify_add_watch(self._fd, os.fsencode(self.directory), WATCH_MASK)
+        if wd < 0:
+            return False
+        self._wd = wd
+        return True
+
+    def _read(self) -> list[tuple[int, int, str]] | None:
+        try:
+            return parse_events(os.read(self._fd, 65536))
+        except BlockingIOError:
+            return []
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                return []
+            return None
+
+    def wait(self, timeout: float) -> set[str] | None:
+        if not self.watching:
+            if self._add_watch():
+                return None  # the directory is back: look at everything
+            time.sleep(max(0.0, timeout))
+            return None
+        ready, _, _ = select.select([self._fd], [], [], max(0.0, timeout))
+        if not ready:
+            return set()
+        names: set[str] = set()
+        lost = False
+        end = time.monotonic() + self.max_batch
+        while True:
+            got = self._read()
+            if got is None:
+                return None
+            for _wd, mask, name in got:
+                if mask & LOST:
+                    lost = True
+                    if mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+                        self._wd = -1
+                elif name:
+                    names.add(name)
+            left = min(self.settle, end - time.monotonic())
+            if left <= 0 or not select.select([self._fd], [], [], left)[0]:
+                break
+        return None if lost else names
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+            self._wd = -1
