@@ -8,30 +8,42 @@ not insist on SYN sends it to the proxy, which knows nothing of it and answers w
 they reach their socket as before. The previous value is recorded and restored on removal, so the pod is
 left exactly as it was. (A REDIRECT restricted to SYN packets in the rule builder would make this
 unnecessary; it is harmless then.)
+
+The sysctl is read and written in-process: a short-lived thread enters the pod netns and uses
+/proc/sys/net (resolved in the netns of the thread that opens it); no process is started.
 """
 
 from __future__ import annotations
 
-import subprocess
+from pathlib import Path
+
+from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
 
 KEY = "net.netfilter.nf_conntrack_tcp_loose"
+_PATH = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
 
 
-def _sysctl(netns_path: str, *args: str) -> str:
-    out = subprocess.run(["nsenter", f"--net={netns_path}", "sysctl", "-n", *args],
-                         capture_output=True, text=True, timeout=10, check=False)
-    if out.returncode != 0:
-        raise OSError(f"sysctl {' '.join(args)} in {netns_path}: {out.stderr.strip() or out.returncode}")
-    return out.stdout.strip()
+def _in_netns(netns_path: str, value: int | None) -> str:
+    def job() -> str:
+        if value is not None:
+            _PATH.write_text(f"{int(value)}\n")
+        return _PATH.read_text().strip()
+
+    try:
+        return run_in_thread(netns_path, job, name="headrace-sysctl", timeout=10.0)
+    except NetnsThreadTimeout as exc:
+        raise OSError(f"sysctl {KEY} in {netns_path}: {exc}") from None
+    except OSError as exc:
+        raise OSError(f"sysctl {KEY} in {netns_path}: {exc.strerror or exc}") from exc
 
 
 def read_loose(netns_path: str) -> int | None:
     """The current value, or None where the sysctl does not exist (no conntrack in that netns)."""
     try:
-        return int(_sysctl(netns_path, KEY))
+        return int(_in_netns(netns_path, None))
     except (OSError, ValueError):
         return None
 
 
 def set_loose(netns_path: str, value: int) -> None:
-    _sysctl(netns_path, "-w", f"{KEY}={int(value)}")
+    _in_netns(netns_path, value)

@@ -5,6 +5,11 @@ Enrolment, in order: locate the netns (the CNI event's CNI_NETNS, an adopted pin
 redirected connection always finds a listener); the pod is `enrolled` only after both. Removal goes the
 other way: rules out, proxy told, pin released, record deleted. Connections opened before enrolment are
 protected from being redirected mid-stream (nf_conntrack_tcp_loose set to 0, restored on removal).
+
+The rules of many pods go in in parallel: a pass hands every pod whose proxy ack is in to a bounded
+worker pool (`APPLY_WORKERS`; the jobs never take the lock) and, at its end, waits for them all
+(`finish_jobs`) and makes each pod `enrolled` (or `failed`). A removal waits for the pod's job first (so
+its rules cannot go in after the removal).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec
-from node_agent.backends.base import BackendError
+from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.netns.pin import PinError
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.reconcile.choice import Backends
@@ -24,6 +30,9 @@ from node_agent.reconcile.state import AMBIENT, ENROLLED, FAILED, PENDING, Connt
 from node_agent.reconcile.table import PodTable
 
 log = logging.getLogger("headrace.agent.reconcile")
+
+APPLY_WORKERS = 6  # pods whose rules go in at once (each mostly waits on the kernel or a helper process)
+JOB_WAIT = 30.0  # the longest a removal waits for the pod's running apply
 
 
 class AmbientEnrolment:
@@ -49,6 +58,14 @@ class AmbientEnrolment:
         self.node_name = node_name
         self._wake = wake  # the proxy acked: the loop takes the next step
         self._verify_soon = verify_soon  # rules were found in place: read them back in this pass
+        self._pool: ThreadPoolExecutor | None = None  # made on the first apply
+        self.jobs: dict[str, Future[None]] = {}  # uid -> its running (or not yet collected) apply
+
+    def close(self) -> None:
+        """Agent shutdown: running applies finish; nothing new starts."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def new_state(self, uid: str, namespace: str, name: str) -> PodState:
         return PodState(uid, namespace, name, AMBIENT, self.spec)
@@ -62,6 +79,11 @@ class AmbientEnrolment:
             return  # the plugin handed it over as a sidecar pod: that stays until its DEL or the pod leaves
         st.namespace, st.name = pod.namespace or st.namespace, pod.name or st.name
         st.service_account = pod.service_account
+        job = self.jobs.get(uid)
+        if job is not None:
+            if job.done():
+                self._finish_apply(st, self.jobs.pop(uid))
+            return  # its rules are going in: new IPs and the rest are looked at once they are
         if pod.ips and st.ips and set(pod.ips) != set(st.ips) and (st.state == ENROLLED or st.ack is not None):
             # the proxy and the backend (eBPF keeps the pod IPs in its config) must learn the new IPs
             log.info("pod IPs changed (%s -> %s): enrolling again", ",".join(st.ips), ",".join(pod.ips),
@@ -123,23 +145,12 @@ class AmbientEnrolment:
         if fut.done() and follow:
             self._after_ack(st)
 
-    def _guard_long_lived(self, st: PodState, netns_path: str) -> None:
-        """Connections opened before enrolment must not be redirected mid-stream (conntrack_guard)."""
-        try:
-            if st.tcp_loose is None:
-                st.tcp_loose = self.conntrack.read_loose(netns_path)
-                self.table.save_record(st)
-            if st.tcp_loose:
-                self.conntrack.set_loose(netns_path, 0)
-        except OSError as exc:
-            log.warning("cannot protect pre-existing connections: %s", exc, extra=log_ctx(st, "conntrack"))
-
     def _after_ack(self, st: PodState) -> None:
         fut, st.ack = st.ack, None
         assert fut is not None
-        exc = fut.exception()
-        if exc is not None:
-            self.table.fail(st, f"proxy refused workload: {exc}")
+        refused = fut.exception()
+        if refused is not None:
+            self.table.fail(st, f"proxy refused workload: {refused}")
             return
         try:
             # the choice may have changed while the proxy was acking, or since the agent that enrolled an
@@ -150,21 +161,87 @@ class AmbientEnrolment:
                 self.table.save_record(st)
             target = self.netns.target(st)
             backend = self.backends.of(st)
-            if st.rules_in:
-                # rules found in place (adopted after a restart, or re-sent to a restarted proxy): the
-                # drift pass of this same reconcile reads them back, outside the lock, and repairs them
-                self._verify_soon()
-            else:
-                self._guard_long_lived(st, target.netns_path)
-                backend.apply(target, self.spec)
-            st.rules_in = True
+            if not st.rules_in:
+                self._submit(st, target, backend)
+                return
+            # rules found in place (adopted after a restart, or re-sent to a restarted proxy): the drift
+            # pass of this same reconcile reads them back, outside the lock, and repairs them
+            self._verify_soon()
         except (BackendError, PinError, OSError) as exc:
-            self.table.fail(st, f"rules: {exc}")
-            try:
-                self.hub.remove(st.uid)
-            except Exception:  # noqa: S110 - the retry re-sends anyway
-                pass
+            self._rules_failed(st, exc)
             return
+        self._enrolled(st)
+
+    def finish_jobs(self) -> None:
+        """The end of a pass (lock held): wait for the applies it started; each pod `enrolled` or `failed`."""
+        for uid in list(self.jobs):
+            fut = self.jobs[uid]
+            try:
+                fut.exception(timeout=JOB_WAIT)
+            except TimeoutError:
+                continue  # still running (a stuck helper process): collected by a later pass
+            del self.jobs[uid]
+            st = self.table.get(uid, AMBIENT)
+            if st is not None:
+                self._finish_apply(st, fut)
+
+    def _submit(self, st: PodState, target: PodTarget, backend: RedirectBackend) -> None:
+        """Start the pod's conntrack guard and rules on the pool (lock held)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=APPLY_WORKERS, thread_name_prefix="enrol-apply")
+        if st.tcp_loose is None:  # recorded before it is changed: a restarted agent restores the original
+            try:
+                st.tcp_loose = self.conntrack.read_loose(target.netns_path)
+                self.table.save_record(st)
+            except OSError as exc:
+                log.warning("cannot read nf_conntrack_tcp_loose: %s", exc, extra=log_ctx(st, "conntrack"))
+        loose, spec, conntrack, ctx = st.tcp_loose, self.spec, self.conntrack, log_ctx(st, "conntrack")
+
+        def job() -> None:
+            try:
+                if loose:  # connections opened before enrolment must not be redirected mid-stream
+                    conntrack.set_loose(target.netns_path, 0)
+            except OSError as exc:
+                log.warning("cannot protect pre-existing connections: %s", exc, extra=ctx)
+            backend.apply(target, spec)
+
+        st.reason = "applying rules"
+        fut = self._pool.submit(job)
+        self.jobs[st.uid] = fut
+        fut.add_done_callback(lambda _f: self._wake())
+
+    def _finish_apply(self, st: PodState, fut: Future[None]) -> None:
+        """The pass that sees a pod's apply done (lock held): `enrolled`, or `failed` and retried."""
+        try:
+            fut.result()
+        except (BackendError, PinError, OSError) as exc:
+            self._rules_failed(st, exc)
+            return
+        except Exception as exc:  # a surprise in one pod's job must not stall the others
+            log.exception("apply job failed", extra=log_ctx(st, "apply"))
+            self._rules_failed(st, exc)
+            return
+        self._enrolled(st)
+
+    def _rules_failed(self, st: PodState, exc: Exception) -> None:
+        self.table.fail(st, f"rules: {exc}")
+        try:
+            self.hub.remove(st.uid)
+        except Exception:  # noqa: S110 - the retry re-sends anyway
+            pass
+
+    def wait_job(self, uid: str) -> None:
+        """A pod being removed: let its running apply end first (lock held; the job never takes it)."""
+        fut = self.jobs.pop(uid, None)
+        if fut is None:
+            return
+        try:
+            fut.result(timeout=JOB_WAIT)
+        except Exception as exc:  # the removal takes out whatever went in
+            log.info("apply ended before the removal: %s", exc, extra={"uid": uid, "step": "unenrol"})
+
+    def _enrolled(self, st: PodState) -> None:
+        st.rules_in = True
         st.state = ENROLLED
         st.enrolled_at = time.time()
         st.reason = ""
@@ -179,6 +256,7 @@ class AmbientEnrolment:
         st = self.table.get(uid, AMBIENT)
         if st is None:
             return True
+        self.wait_job(uid)
         try:
             if st.inode and self.table.pins.inode(uid) == st.inode:
                 target = self.netns.target(st)

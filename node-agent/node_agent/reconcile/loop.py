@@ -155,6 +155,7 @@ class Reconciler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.enrolment.close()
         self.drift.close()
 
     def close_backends(self) -> None:
@@ -266,6 +267,7 @@ class Reconciler:
                 failed = self.table.get(uid, AMBIENT)
                 if failed is not None:
                     self.table.fail(failed, f"internal error: {exc}", now)
+        self.enrolment.finish_jobs()  # the rules of every pod acked in this pass went in side by side
         self.converges += 1
         self.table.notify()
 
