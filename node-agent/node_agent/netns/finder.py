@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 
 _POD_RE = re.compile(r"pod([0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12})")
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
@@ -70,8 +69,7 @@ def scan(proc_root: str = "/proc") -> dict[str, list[NetnsLocation]]:
     """Every pod UID seen in /proc with the processes (and their netns) found for it."""
     host_ino = own_netns_inode(proc_root)
     found: dict[str, list[NetnsLocation]] = {}
-    for proc in psutil.process_iter(attrs=[]):
-        pid = proc.pid
+    for pid in (int(name) for name in os.listdir(proc_root) if name.isdigit()):  # no other process info read
         try:
             with open(f"{proc_root}/{pid}/cgroup", encoding="utf-8") as fh:
                 text = fh.read()
