@@ -1,4 +1,4 @@
-"""Find a running pod's network namespace without the runtime: scan /proc (psutil) for processes whose
+"""Find a running pod's network namespace without the runtime: scan /proc for processes whose
 cgroup path names the pod UID, and read their /proc/PID/ns/net inode.
 
 Kubelet puts every container of a pod under a cgroup directory named for the pod UID: `pod<uid>` with the
@@ -14,7 +14,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-
 
 _POD_RE = re.compile(r"pod([0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12})")
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
