@@ -145,7 +145,7 @@ class AmbientEnrolment:
         if fut.done() and follow:
             self._after_ack(st)
 
-    def _after_ack(self, st: PodState) -> None:
+    def _after_ack(self, st: PodState, *, notify: bool = True) -> None:
         fut, st.ack = st.ack, None
         assert fut is not None
         refused = fut.exception()
@@ -170,20 +170,29 @@ class AmbientEnrolment:
         except (BackendError, PinError, OSError) as exc:
             self._rules_failed(st, exc)
             return
-        self._enrolled(st)
+        self._enrolled(st, notify=notify)
 
     def finish_jobs(self) -> None:
-        """The end of a pass (lock held): wait for the applies it started; each pod `enrolled` or `failed`."""
-        for uid in list(self.jobs):
-            fut = self.jobs[uid]
-            try:
-                fut.exception(timeout=JOB_WAIT)
-            except TimeoutError:
-                continue  # still running (a stuck helper process): collected by a later pass
-            del self.jobs[uid]
-            st = self.table.get(uid, AMBIENT)
-            if st is not None:
-                self._finish_apply(st, fut)
+        """The end of a pass (lock held): until the applies it started are done, make each pod `enrolled`
+        (or `failed`) as soon as its job ends, and start the applies of pods whose proxy ack comes in
+        meanwhile (acks and applies overlap). Waits on the table's condition: the lock is free meanwhile
+        (CNI requests and status are served). A job stuck past JOB_WAIT is collected by a later pass."""
+        deadline = time.monotonic() + JOB_WAIT
+        while self.jobs and time.monotonic() < deadline:
+            done = [uid for uid, fut in self.jobs.items() if fut.done()]
+            for uid in done:
+                fut = self.jobs.pop(uid)
+                st = self.table.get(uid, AMBIENT)
+                if st is not None:
+                    self._finish_apply(st, fut, notify=False)
+            acked = [st for st in self.table.of_mode(AMBIENT)
+                     if st.ack is not None and st.ack.done() and st.uid not in self.jobs]
+            for st in acked:
+                self._after_ack(st, notify=False)
+            if done or acked:
+                self.table.notify()
+            if self.jobs and not done:
+                self.table.cond.wait(0.02)
 
     def _submit(self, st: PodState, target: PodTarget, backend: RedirectBackend) -> None:
         """Start the pod's conntrack guard and rules on the pool (lock held)."""
@@ -210,7 +219,7 @@ class AmbientEnrolment:
         self.jobs[st.uid] = fut
         fut.add_done_callback(lambda _f: self._wake())
 
-    def _finish_apply(self, st: PodState, fut: Future[None]) -> None:
+    def _finish_apply(self, st: PodState, fut: Future[None], *, notify: bool = True) -> None:
         """The pass that sees a pod's apply done (lock held): `enrolled`, or `failed` and retried."""
         try:
             fut.result()
@@ -221,7 +230,7 @@ class AmbientEnrolment:
             log.exception("apply job failed", extra=log_ctx(st, "apply"))
             self._rules_failed(st, exc)
             return
-        self._enrolled(st)
+        self._enrolled(st, notify=notify)
 
     def _rules_failed(self, st: PodState, exc: Exception) -> None:
         self.table.fail(st, f"rules: {exc}")
@@ -240,7 +249,7 @@ class AmbientEnrolment:
         except Exception as exc:  # the removal takes out whatever went in
             log.info("apply ended before the removal: %s", exc, extra={"uid": uid, "step": "unenrol"})
 
-    def _enrolled(self, st: PodState) -> None:
+    def _enrolled(self, st: PodState, *, notify: bool = True) -> None:
         st.rules_in = True
         st.state = ENROLLED
         st.enrolled_at = time.time()
@@ -248,7 +257,8 @@ class AmbientEnrolment:
         st.attempts = 0
         self.table.metrics.enrolled()
         log.info("pod enrolled", extra=log_ctx(st, "enrolled"))
-        self.table.notify()
+        if notify:
+            self.table.notify()
 
     def unenrol(self, uid: str, why: str) -> bool:
         """Rules out (conntrack setting restored), proxy told, pin released, record deleted. False (and
