@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec
@@ -33,6 +34,7 @@ log = logging.getLogger("headrace.agent.reconcile")
 
 APPLY_WORKERS = 6  # pods whose rules go in at once (each mostly waits on the kernel or a helper process)
 JOB_WAIT = 30.0  # the longest a removal waits for the pod's running apply
+JobResult = tuple[int | None, Exception | None]  # an apply job: nf_conntrack_tcp_loose found before, error
 
 
 class AmbientEnrolment:
@@ -59,7 +61,7 @@ class AmbientEnrolment:
         self._wake = wake  # the proxy acked: the loop takes the next step
         self._verify_soon = verify_soon  # rules were found in place: read them back in this pass
         self._pool: ThreadPoolExecutor | None = None  # made on the first apply
-        self.jobs: dict[str, Future[None]] = {}  # uid -> its running (or not yet collected) apply
+        self.jobs: dict[str, Future[JobResult]] = {}  # uid -> its running (or not yet collected) apply
 
     def close(self) -> None:
         """Agent shutdown: running applies finish; nothing new starts."""
@@ -198,37 +200,44 @@ class AmbientEnrolment:
         """Start the pod's conntrack guard and rules on the pool (lock held)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=APPLY_WORKERS, thread_name_prefix="enrol-apply")
-        if st.tcp_loose is None:  # recorded before it is changed: a restarted agent restores the original
-            try:
-                st.tcp_loose = self.conntrack.read_loose(target.netns_path)
-                self.table.save_record(st)
-            except OSError as exc:
-                log.warning("cannot read nf_conntrack_tcp_loose: %s", exc, extra=log_ctx(st, "conntrack"))
-        loose, spec, conntrack, ctx = st.tcp_loose, self.spec, self.conntrack, log_ctx(st, "conntrack")
+        known, record = st.tcp_loose, self.table.record_of(st)
+        spec, conntrack, records, ctx = self.spec, self.conntrack, self.table.records, log_ctx(st, "conntrack")
 
-        def job() -> None:
+        def job() -> JobResult:
+            """The pod's conntrack guard and rules (no lock: nothing else writes this pod's record or
+            state while its job runs): the nf_conntrack_tcp_loose found before, and the apply's error."""
+            loose = known
             try:
+                if loose is None:  # recorded before it is changed: a restarted agent restores the original
+                    loose = conntrack.read_loose(target.netns_path)
+                    records.save(replace(record, tcp_loose=loose))
                 if loose:  # connections opened before enrolment must not be redirected mid-stream
                     conntrack.set_loose(target.netns_path, 0)
             except OSError as exc:
                 log.warning("cannot protect pre-existing connections: %s", exc, extra=ctx)
-            backend.apply(target, spec)
+            try:
+                backend.apply(target, spec)
+            except (BackendError, PinError, OSError) as exc:
+                return loose, exc
+            return loose, None
 
         st.reason = "applying rules"
         fut = self._pool.submit(job)
         self.jobs[st.uid] = fut
         fut.add_done_callback(lambda _f: self._wake())
 
-    def _finish_apply(self, st: PodState, fut: Future[None], *, notify: bool = True) -> None:
+    def _finish_apply(self, st: PodState, fut: Future[JobResult], *, notify: bool = True) -> None:
         """The pass that sees a pod's apply done (lock held): `enrolled`, or `failed` and retried."""
         try:
-            fut.result()
-        except (BackendError, PinError, OSError) as exc:
-            self._rules_failed(st, exc)
-            return
+            loose, error = fut.result()
         except Exception as exc:  # a surprise in one pod's job must not stall the others
             log.exception("apply job failed", extra=log_ctx(st, "apply"))
             self._rules_failed(st, exc)
+            return
+        if st.tcp_loose is None:
+            st.tcp_loose = loose  # the original value, whatever the apply did (a retry must not read our 0)
+        if error is not None:
+            self._rules_failed(st, error)
             return
         self._enrolled(st, notify=notify)
 

@@ -54,9 +54,13 @@ class PodTable:
         self.notify()
 
     def save_record(self, st: PodState) -> None:
-        self.records.save(EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend, st.tcp_loose,
-                                      st.cgroup_path, mode=st.mode, annotations=st.annotations,
-                                      service_account=st.service_account))
+        self.records.save(self.record_of(st))
+
+    def record_of(self, st: PodState) -> EnrolRecord:
+        """The pod's enrolment record as it stands (lock held); saved by save_record, or by a job."""
+        return EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend, st.tcp_loose,
+                           st.cgroup_path, mode=st.mode, annotations=st.annotations,
+                           service_account=st.service_account)
 
     def forget(self, st: PodState, message: str, step: str) -> None:
         """The end of every removal, once the pod's redirection is out: pin released, record deleted, the
