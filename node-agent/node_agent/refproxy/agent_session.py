@@ -13,10 +13,8 @@ from node_agent.protocol.convert import PROTOCOL_VERSION, workload_from_pb
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
 from node_agent.refproxy.logs import event
+from node_agent.refproxy.reconnect import BACKOFF_MIN, next_backoff, socket_identity, wait_before_redial
 from node_agent.refproxy.workloads import WorkloadError, WorkloadTable
-
-BACKOFF_MIN = 0.1
-BACKOFF_MAX = 5.0
 
 
 class ProtocolError(Exception):
@@ -41,6 +39,7 @@ class AgentSession:
         backoff = BACKOFF_MIN
         while True:
             greeted = False
+            lost_at = socket_identity(self.socket_path)  # the agent's socket this attempt dials
             try:
                 greeted = await self.run_once()
                 reason = "agent closed the stream"
@@ -55,8 +54,8 @@ class AgentSession:
                 backoff = BACKOFF_MIN
             event(logging.WARNING, "agent_session_lost", reason=reason, retry_in=round(backoff, 2),
                   socket=self.socket_path)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await wait_before_redial(self.socket_path, backoff, lost_at)
+            backoff = next_backoff(backoff)
 
     async def run_once(self) -> bool:
         """One session; returns True when the agent greeted us (then the stream ended normally)."""

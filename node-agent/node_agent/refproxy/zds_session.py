@@ -12,10 +12,8 @@ import socket
 from node_agent.protocol import zds_wire
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.refproxy.logs import event
+from node_agent.refproxy.reconnect import BACKOFF_MIN, next_backoff, socket_identity, wait_before_redial
 from node_agent.refproxy.workloads import WorkloadError, WorkloadTable
-
-BACKOFF_MIN = 0.1
-BACKOFF_MAX = 5.0
 
 
 class ReceivedFds:
@@ -69,6 +67,7 @@ class ZdsSession:
         backoff = BACKOFF_MIN
         while True:
             greeted = False
+            lost_at = socket_identity(self.socket_path)  # the agent's socket this attempt dials
             try:
                 greeted = await self.run_once()
                 reason = "agent closed the connection"
@@ -78,8 +77,8 @@ class ZdsSession:
                 backoff = BACKOFF_MIN
             event(logging.WARNING, "agent_session_lost", reason=reason, retry_in=round(backoff, 2),
                   socket=self.socket_path, protocol="zds")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await wait_before_redial(self.socket_path, backoff, lost_at)
+            backoff = next_backoff(backoff)
 
     async def run_once(self) -> bool:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
