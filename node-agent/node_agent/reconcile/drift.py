@@ -17,6 +17,7 @@ reported enrolled), a sidecar pod is removed. A pod that leaves the table is unw
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,10 +36,14 @@ log = logging.getLogger("headrace.agent.reconcile")
 Job = tuple[PodState, RedirectBackend, PodTarget]
 
 
+NODE = ""  # the watcher key of the agent's own netns (the node-level probe rules live there)
+NODE_NETNS = "/proc/self/ns/net"
+
+
 @dataclass(frozen=True)
 class Due:
-    """The pods one pass reads back (None: every pod), and whether it is a timed pass (poll or backstop:
-    the node-level rules are re-checked too)."""
+    """The pods one pass reads back (None: every pod), and whether the node-level rules are re-checked
+    too (a poll or backstop pass, or the node netns announced a change)."""
 
     uids: frozenset[str] | None
     timed: bool
@@ -74,8 +79,7 @@ class DriftCheck:
         self.last_full = 0.0  # the last backstop pass (every pod)
         self._soon = False  # pods were enrolled on rules found in place: run the drift pass now
         self._dirty_lock = threading.Lock()
-        self._dirty: set[str] = set()  # watched pods that announced a change
-        self.event_checks = 0  # pods read back because they announced a change
+        self._dirty: set[str] = set()  # watched pods (and NODE) that announced a change
 
     def verify_soon(self) -> None:
         self._soon = True
@@ -89,9 +93,11 @@ class DriftCheck:
 
     def next_due(self, now: float) -> float:
         """Seconds until the next timed pass (poll when a pod is polled, else the backstop)."""
-        polled = any(not self._is_watched(uid) for uid in self.table.pods)
         until_full = self.last_full + self.backstop - now
-        return max(0.0, min(until_full, self.last_run + self.interval - now) if polled else until_full)
+        return max(0.0, min(until_full, self.last_run + self.interval - now) if self._polled() else until_full)
+
+    def _polled(self) -> bool:
+        return any(not self._is_watched(uid) for uid in self.table.pods)
 
     def _is_watched(self, uid: str) -> bool:
         return self.watcher is not None and self.watcher.watched(uid)
@@ -105,14 +111,14 @@ class DriftCheck:
             self._soon = False
             return Due(None, True)
         uids = {uid for uid in dirty if uid in self.table.pods}
-        timed = now - self.last_run >= self.interval
+        timed = now - self.last_run >= self.interval and self._polled()
+        node = NODE in dirty
         if timed:
             self.last_run = now
             uids |= {uid for uid in self.table.pods if not self._is_watched(uid)}
-        self.event_checks += len(uids & dirty)
-        if not uids and not timed:
+        if not uids and not timed and not node:
             return None
-        return Due(frozenset(uids), timed)
+        return Due(frozenset(uids), timed or node)
 
     def close(self) -> None:
         """Every subscription closed (agent shutdown)."""
@@ -136,12 +142,18 @@ class DriftCheck:
                     continue
         if not want and self.watcher is None:
             return
+        if want:  # the node's own probe rules: re-checked when the node netns announces a change
+            try:
+                want[NODE] = (NODE_NETNS, os.stat(NODE_NETNS).st_ino)
+            except OSError:
+                pass
         if self.watcher is None:
             self.watcher = self._watcher_factory(self.changed)
             self.watcher.start()
         for uid in self.watcher.keys() - set(want):
             self.watcher.unwatch(uid)
-        fresh = [uid for uid, (path, inode) in want.items() if self.watcher.watch(uid, path, inode) == "new"]
+        fresh = [uid for uid, (path, inode) in want.items() if self.watcher.watch(uid, path, inode) == "new"
+                 and uid != NODE]
         if fresh:
             with self._dirty_lock:
                 self._dirty.update(fresh)
