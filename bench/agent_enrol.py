@@ -1,13 +1,16 @@
 """Agent enrolment benchmark: label change → pods enrolled, idle cost, and re-adoption after a restart.
 
-    .venv/bin/python bench/agent_enrol.py [--pods 1,10,100] [--drift-interval 2]
+    .venv/bin/python bench/agent_enrol.py [--pods 1,10,100] [--backends nftables,iptables-nft,...]
+                                          [--drift-interval 1] [--settle 5] [--window 10]
 
-For each pod count a node netns gets N pod-like processes (each in a fresh netns, inside a kubelet-style
-cgroup v2 directory `.../pod<uid>`), their Pod objects in an objects dir, the reference proxy and
-`headrace agent --backend iptables` in the node netns. Then the namespace is labelled ambient and the
+For each pod count and backend (side by side: nftables, iptables-nft, iptables-legacy, ebpf) a node netns
+gets N pod-like processes (each in a fresh netns, inside a kubelet-style cgroup v2 directory
+`.../pod<uid>`), their Pod objects in an objects dir, the reference proxy and `headrace agent` on that
+backend in the node netns. Then the namespace is labelled ambient and the
 agent's status is polled: per-pod time from the label write to `enrolled` (rules in and proxy ack),
-median / p99 / total (per pod from the agent's `enrolled_at`). With all pods enrolled: the agent's RSS
-and CPU over 5 s idle (drift checks and the iptables tools it runs included). Finally the agent is
+median / p99 / total (per pod from the agent's `enrolled_at`), and the agent's CPU seconds meanwhile (a
+figure that the machine's other load does not inflate). With all pods enrolled and settled: the agent's
+RSS and CPU over an idle window (drift checks and the tools it runs included). Finally the agent is
 SIGKILLed and restarted: per pod, the time from the restart until it is enrolled again (adoption: rules
 checked, not re-applied; fresh snapshot to the proxy), median / p99 / all, and the new agent's reconcile
 passes until then (count, longest pass, from its `headrace_agent_reconcile_duration_seconds`). Prints a
@@ -20,6 +23,7 @@ import argparse
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node_agent.lab.agent_run import AgentRun
 from node_agent.lab.netns import NetNS
 from node_agent.lab.objects import ns_object, pod_object, write_object
-from node_agent.lab.pod_cgroups import PodProcs
+from node_agent.lab.pod_cgroups import CGROUP2_ROOT, PodProcs, rmdir_cgroup
 
 
 def p99(values: list[float]) -> float:
@@ -76,34 +80,63 @@ def reconcile_passes(agent: AgentRun) -> tuple[int, float]:
     return count, longest
 
 
-def run_one(n: int, drift: float, agent_args: list[str] | None = None) -> dict[str, float]:
+BACKENDS = {  # bench name -> `headrace agent` flags
+    "nftables": ["--backend", "nftables"],
+    "iptables-nft": ["--backend", "iptables", "--iptables", "nft"],
+    "iptables-legacy": ["--backend", "iptables", "--iptables", "legacy"],
+    "ebpf": ["--backend", "ebpf"],
+}
+
+
+def agent_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of the agent and the helper processes it reaped."""
+    t = proc.cpu_times()
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backend: str = "iptables-legacy",
+            settle: float = 5.0, window: float = 10.0) -> dict[str, float]:
     node = NetNS.create("hra-node-")
     pods = PodProcs()
     objects = Path(tempfile.mkdtemp(prefix="hra-bench-", dir="/tmp"))
-    agent = AgentRun(node.path, objects, extra=["--drift-interval", str(drift), "--log-level", "info",
+    proxy_cg = CGROUP2_ROOT / f"headrace-test-proxy-{uuid.uuid4().hex[:8]}"
+    flags = list(BACKENDS[backend])
+    if backend == "ebpf":
+        proxy_cg.mkdir()
+        flags += ["--proxy-cgroup", str(proxy_cg)]
+    agent = AgentRun(node.path, objects, extra=[*flags, "--drift-interval", str(drift), "--log-level", "info",
                                                    *(agent_args or [])])
     try:
         write_object(objects, "ns.json", ns_object("bench", ambient=False))
         uids = []
         for i in range(n):
             uid = str(uuid.uuid4())
-            pods.pod(uid)
+            proc_ = pods.pod(uid)
+            if backend == "ebpf":  # TC needs an interface besides lo
+                for argv in (["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                             ["link", "set", "eth0", "up"]):
+                    subprocess.run(["nsenter", f"--net=/proc/{proc_.pid}/ns/net", "ip", *argv], check=True)
             write_object(objects, f"pod{i}.json",
                          pod_object("bench", f"p{i}", uid, [f"10.99.{i // 250}.{i % 250 + 2}"]))
             uids.append(uid)
         agent.start_proxy()
+        if backend == "ebpf":
+            assert agent.proxy is not None
+            (proxy_cg / "cgroup.procs").write_text(str(agent.proxy.pid))
         agent.start_agent()
+        assert agent.agent is not None
+        proc = psutil.Process(agent.agent.pid)
+        time.sleep(1)
+        cpu_start = agent_cpu(proc)
         t0 = time.time()
         write_object(objects, "ns.json", ns_object("bench", ambient=True))
         lat = list(wait_all_enrolled(agent, uids, t0, 60 + n).values())
-        assert agent.agent is not None
-        proc = psutil.Process(agent.agent.pid)
-        time.sleep(2)
-        cpu0 = proc.cpu_times()
-        time.sleep(5)
-        cpu1 = proc.cpu_times()
+        enrol_cpu = agent_cpu(proc) - cpu_start
+        time.sleep(settle)  # the first checks after the applies, the status annotations written back
+        cpu0, w0 = agent_cpu(proc), time.monotonic()
+        time.sleep(window)
         # the agent plus the tools it ran (iptables-save for drift checks), as % of one core
-        idle_cpu = (sum(cpu1[:4]) - sum(cpu0[:4])) / 5 * 100
+        idle_cpu = (agent_cpu(proc) - cpu0) / (time.monotonic() - w0) * 100
         rss = proc.memory_info().rss / 2**20
         agent.kill_agent(signal.SIGKILL)
         t1 = time.time()
@@ -111,11 +144,13 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None) -> dict[s
         again = list(wait_all_enrolled(agent, uids, t1, 60 + n).values())
         passes, longest = reconcile_passes(agent)
         return {"median": statistics.median(lat), "p99": p99(lat), "total": max(lat), "rss": rss,
-                "cpu": idle_cpu, "r_median": statistics.median(again), "r_p99": p99(again),
-                "restart": max(again), "passes": passes, "longest": longest}
+                "cpu": idle_cpu, "enrol_cpu": enrol_cpu, "r_median": statistics.median(again),
+                "r_p99": p99(again), "restart": max(again), "passes": passes, "longest": longest}
     finally:
         agent.close()
         pods.close()
+        if proxy_cg.exists():
+            rmdir_cgroup(proxy_cg)
         node.delete()
         shutil.rmtree(objects, ignore_errors=True)
 
@@ -123,19 +158,32 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None) -> dict[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pods", default="1,10,100")
-    ap.add_argument("--drift-interval", type=float, default=2.0)
+    ap.add_argument("--backends", default="iptables-legacy",
+                    help=f"comma-separated, side by side: {', '.join(BACKENDS)}")
+    ap.add_argument("--drift-interval", type=float, default=1.0)
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds after enrolment before the idle window")
+    ap.add_argument("--window", type=float, default=10.0, help="seconds of the idle CPU window")
     ap.add_argument("--agent-args", default="", help="extra `headrace agent` flags (space separated)")
     args = ap.parse_args()
     counts = [int(x) for x in args.pods.split(",") if x.strip()]
-    print("label → enrolled per pod (median, p99, all); idle with all enrolled (RSS, CPU incl. tools); after a "
-          "SIGKILL + restart: per pod back to enrolled (median, p99, all) and reconcile passes (count, longest ≤)")
-    print(f"{'pods':>5}  {'median s':>9}  {'p99 s':>7}  {'all s':>7}  {'idle RSS MiB':>12}  {'idle CPU %':>10}  "
-          f"{'restart median s':>16}  {'p99 s':>7}  {'all s':>7}  {'passes':>6}  {'longest ≤ s':>11}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        ap.error(f"unknown backend(s) {', '.join(unknown)}: expected {', '.join(BACKENDS)}")
+    print(f"label → enrolled per pod (median, p99, all) and the agent's CPU seconds for it; idle with all enrolled "
+          f"(RSS, CPU incl. tools, {args.window:g} s window {args.settle:g} s after); after a SIGKILL + restart: per "
+          f"pod back to enrolled (median, p99, all) and reconcile passes (count, longest ≤); drift interval "
+          f"{args.drift_interval:g} s")
+    print(f"{'backend':>15}  {'pods':>5}  {'median s':>9}  {'p99 s':>7}  {'all s':>7}  {'enrol CPU s':>11}  "
+          f"{'idle RSS MiB':>12}  {'idle CPU %':>10}  {'restart median s':>16}  {'p99 s':>7}  {'all s':>7}  "
+          f"{'passes':>6}  {'longest ≤ s':>11}")
     for n in counts:
-        r = run_one(n, args.drift_interval, args.agent_args.split())
-        print(f"{n:>5}  {r['median']:>9.3f}  {r['p99']:>7.3f}  {r['total']:>7.3f}  {r['rss']:>12.1f}  "
-              f"{r['cpu']:>10.1f}  {r['r_median']:>16.3f}  {r['r_p99']:>7.3f}  {r['restart']:>7.3f}  "
-              f"{r['passes']:>6}  {r['longest']:>11.3f}", flush=True)
+        for backend in backends:
+            r = run_one(n, args.drift_interval, args.agent_args.split(), backend=backend, settle=args.settle,
+                        window=args.window)
+            print(f"{backend:>15}  {n:>5}  {r['median']:>9.3f}  {r['p99']:>7.3f}  {r['total']:>7.3f}  "
+                  f"{r['enrol_cpu']:>11.2f}  {r['rss']:>12.1f}  {r['cpu']:>10.2f}  {r['r_median']:>16.3f}  "
+                  f"{r['r_p99']:>7.3f}  {r['restart']:>7.3f}  {r['passes']:>6}  {r['longest']:>11.3f}", flush=True)
     return 0
 
 

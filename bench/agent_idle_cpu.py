@@ -1,14 +1,16 @@
-"""Agent idle CPU on an iptables node: drift checks by iptables-save vs in-process (legacy: python-iptables
-fingerprint; nft: the netns' ruleset generation).
+"""Agent idle CPU on an iptables node: drift checks polled by iptables-save vs polled in-process (legacy:
+python-iptables fingerprint; nft: the netns' ruleset generation) vs on change (nf_tables notifications;
+on legacy hosts the events mode polls in-process, as legacy tables announce nothing).
 
     .venv/bin/python bench/agent_idle_cpu.py [--pods 100] [--drift-interval 2] [--window 5] [--windows 3]
                                              [--rounds 2] [--ipv6] [--baseline] [--iptables legacy|nft]
 
 A node netns gets N pod-like processes (each in a fresh netns and a kubelet-style cgroup), their Pod
 objects in an ambient namespace, the reference proxy and `headrace agent --backend iptables --iptables
-FLAVOUR` (default legacy). The same node is measured with the agent in both drift-check modes,
-alternating (rounds): with HEADRACE_IPTC_CHECK=0 (every check runs `iptables-FLAVOUR-save` per family
-per pod) and with the default in-process check. Each time the agent is (re)started (SIGKILL in
+FLAVOUR` (default legacy). The same node is measured with the agent in three drift-check modes,
+alternating (rounds): polled (`--no-drift-events`) with HEADRACE_IPTC_CHECK=0 (every check runs
+`iptables-FLAVOUR-save` per family per pod), polled with the default in-process check, and the default
+(events: a pod is checked when its netns announces a change, every pod every `--drift-backstop`). Each time the agent is (re)started (SIGKILL in
 between: the new one adopts the pods), waits until all pods are enrolled and the checks have settled
 (3 drift intervals), then its CPU (own + reaped children, i.e. the iptables tools) is sampled over
 `--windows` windows of `--window` seconds.
@@ -42,7 +44,8 @@ from node_agent.lab.pod_cgroups import PodProcs
 
 from bench.agent_enrol import wait_all_enrolled
 
-MODES = {"iptables-save": "0", "in-process": "1"}  # HEADRACE_IPTC_CHECK per mode
+MODES = {"iptables-save": "0", "in-process": "1", "events": "1"}  # HEADRACE_IPTC_CHECK per mode
+POLLED = ("iptables-save", "in-process")  # run with --no-drift-events: every pod polled every drift interval
 BASELINE = "no drift checks"  # --baseline: the agent with a drift interval of an hour (its idle floor)
 ENV = "HEADRACE_IPTC_CHECK"
 
@@ -112,7 +115,8 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, ModeResult]:
             for mode, value in modes.items():
                 os.environ[ENV] = value  # the agent inherits the environment
                 drift = 3600.0 if mode == BASELINE else args.drift_interval
-                agent.extra = ["--iptables", args.iptables, "--drift-interval", str(drift), "--log-level", "info"]
+                agent.extra = ["--iptables", args.iptables, "--drift-interval", str(drift), "--log-level", "info",
+                               *(["--no-drift-events"] if mode in POLLED else [])]
                 measure(agent, uids, min(drift, args.drift_interval), args.window, args.windows, results[mode])
         return results
     finally:
@@ -142,12 +146,12 @@ def main() -> int:
           f"{args.drift_interval:g} s, {'dual-stack' if args.ipv6 else 'IPv4'} pods; median (min-max) of "
           f"{args.rounds}x{args.windows} windows of {args.window:g} s per mode; checks/s from the agent's metrics")
     print(f"{'pods':>5}  {'iptables-save CPU %':>22}  {'in-process CPU %':>20}  {'ratio':>6}  "
-          f"{'save mode: save/s':>17}  {'in-proc mode: in-proc/s':>23}  {'save/s':>6}"
-          + (f"  {'no drift checks CPU %':>22}" if args.baseline else ""))
+          f"{'save mode: save/s':>17}  {'in-proc mode: in-proc/s':>23}  {'save/s':>6}  {'events CPU %':>16}  "
+          f"{'events: checks/s':>16}" + (f"  {'no drift checks CPU %':>22}" if args.baseline else ""))
     for n in counts:
         r = run_one(n, args)
         cells = []
-        for mode in MODES:
+        for mode in POLLED:
             s = r[mode].samples
             cells.append((statistics.median(s), min(s), max(s)))
         ratio = cells[0][0] / cells[1][0] if cells[1][0] > 0 else float("inf")
@@ -156,6 +160,9 @@ def main() -> int:
               f"{cells[1][0]:>6.1f} ({cells[1][1]:.1f}-{cells[1][2]:.1f}){'':>2}  {ratio:>6.1f}  "
               f"{rates['iptables-save', 'iptables_save']:>17.1f}  {rates['in-process', 'in_process']:>23.1f}  "
               f"{rates['in-process', 'iptables_save']:>6.1f}", end="")
+        e = r["events"].samples
+        ev_rate = rates["events", "in_process"] + rates["events", "iptables_save"]
+        print(f"  {statistics.median(e):>6.2f} ({min(e):.2f}-{max(e):.2f})  {ev_rate:>16.2f}", end="")
         if args.baseline:
             b = r[BASELINE].samples
             print(f"  {statistics.median(b):>8.1f} ({min(b):.1f}-{max(b):.1f}){'':>4}", end="")
