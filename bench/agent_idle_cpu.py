@@ -10,7 +10,8 @@ objects in an ambient namespace, the reference proxy and `headrace agent --backe
 FLAVOUR` (default legacy). The same node is measured with the agent in three drift-check modes,
 alternating (rounds): polled (`--no-drift-events`) with HEADRACE_IPTC_CHECK=0 (every check runs
 `iptables-FLAVOUR-save` per family per pod), polled with the default in-process check, and the default
-(events: a pod is checked when its netns announces a change, every pod every `--drift-backstop`). Each time the agent is (re)started (SIGKILL in
+(events: a pod is checked when its netns announces a change, every pod every `--drift-backstop`).
+Each time the agent is (re)started (SIGKILL in
 between: the new one adopts the pods), waits until all pods are enrolled and the checks have settled
 (3 drift intervals), then its CPU (own + reaped children, i.e. the iptables tools) is sampled over
 `--windows` windows of `--window` seconds.
