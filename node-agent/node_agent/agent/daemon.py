@@ -169,6 +169,7 @@ class Agent:
         marker = RedirectionMarker(self.reconciler.status, lambda: self.store.snapshot().pods,
                                    lambda: self.reconciler.passes > 0, self._annotation_writer)
         self.store.subscribe(marker.wake)
+        self.reconciler.board.subscribe(marker.wake)  # a pod enrolled or gone: write at once
         return marker
 
     def _node_rules(self) -> Callable[[list[str]], None]:

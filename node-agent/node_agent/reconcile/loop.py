@@ -66,6 +66,8 @@ from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.reconcile")
 
+IDLE_MAX = 5.0  # the longest the loop sleeps with nothing due (every pod enrolled, none polled)
+
 
 class Reconciler:
     def __init__(
@@ -165,7 +167,7 @@ class Reconciler:
     def _run(self) -> None:
         while not self._stop.is_set():
             with self.table.lock:
-                idle = min(self.drift.next_due(self.table.clock()), 1.0)
+                idle = self._idle_timeout()
             self._wake.wait(timeout=idle)
             self._wake.clear()
             if self._stop.is_set():
@@ -174,6 +176,22 @@ class Reconciler:
                 self.reconcile()
             except Exception:
                 log.exception("reconcile pass failed", extra={"step": "reconcile"})
+
+    def _idle_timeout(self) -> float:
+        """How long the loop may sleep when nothing wakes it (lock held): until the next drift pass, a failed
+        pod's retry; 1 s while a pod is on its way (pending), a CNI hint is held, the source has not listed
+        yet or a sidecar pod is not held yet; never more than IDLE_MAX (the level-triggered pass runs anyway)."""
+        now = self.table.clock()
+        wait = min(self.drift.next_due(now), IDLE_MAX)
+        if not self.store.synced or self.hints or self._rechoose or any(
+                d.mode == "sidecar" and uid not in self.table.pods for uid, d in self.others.items()):
+            wait = min(wait, 1.0)  # including sidecar pods the plugin may have redirected: looked at soon
+        for st in self.table.pods.values():
+            if st.state == FAILED:
+                wait = min(wait, st.retry_at - now)
+            elif st.state != ENROLLED:
+                wait = min(wait, 1.0)
+        return max(0.0, wait)
 
     def adopt(self) -> None:
         """Take over what a previous agent left: records and pins."""

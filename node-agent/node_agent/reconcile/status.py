@@ -9,7 +9,7 @@ gone shows `enrolled, proxy disconnected` (its redirected traffic has no listene
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from node_agent.reconcile.state import AMBIENT, ENROLLED, NONE, PodState
@@ -59,11 +59,18 @@ class StatusBoard:
         self._rows: tuple[dict[str, Any], ...] = ()
         self._lock = threading.Lock()  # only orders publishers; readers take the reference as it is
         self.enrolled_ambient = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call listener() after every publish (from the publisher's thread: it must be quick)."""
+        self._listeners.append(listener)
 
     def publish(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:
             self._rows = tuple(rows)
             self.enrolled_ambient = sum(1 for r in rows if r["mode"] == AMBIENT and r["state"] == ENROLLED)
+        for listener in self._listeners:
+            listener()
 
     def rows(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._rows]

@@ -57,7 +57,8 @@ def changes(rows: Iterable[Mapping[str, Any]], pods: Mapping[str, Pod]) -> list[
 
 
 class RedirectionMarker:
-    """Runs `changes` every `interval` seconds (and when woken) once the reconciler has made a pass."""
+    """Runs `changes` when woken (the store or the status changed) and every `interval` seconds (a write that
+    failed is retried), once the reconciler has made a pass."""
 
     def __init__(
         self,
@@ -66,7 +67,7 @@ class RedirectionMarker:
         ready: Callable[[], bool],
         writer: Writer,
         *,
-        interval: float = 0.5,
+        interval: float = 5.0,
         retry_after: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
