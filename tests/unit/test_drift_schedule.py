@@ -1,0 +1,106 @@
+"""Which pods a reconcile pass reads back when their backend announces changes: a pod once right after its
+subscription, then only on change; every pod at the backstop; polled pods every drift interval; a pod that
+leaves is unwatched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from node_agent.backends.base import PodTarget
+
+from tests.unit.test_agent_reconcile import AMBIENT, UID, UID2, Env, pod
+
+
+class FakeWatcher:
+    def __init__(self, on_change: Callable[[str], None]) -> None:
+        self.on_change = on_change
+        self.held: dict[str, tuple[str, int]] = {}
+        self.unwatched: list[str] = []
+
+    def start(self) -> None: ...
+
+    def watch(self, key: str, netns_path: str, inode: int = 0) -> str:
+        if self.held.get(key) == (netns_path, inode):
+            return "kept"
+        self.held[key] = (netns_path, inode)
+        return "new"
+
+    def unwatch(self, key: str) -> None:
+        self.held.pop(key, None)
+        self.unwatched.append(key)
+
+    def watched(self, key: str) -> bool:
+        return key in self.held
+
+    def keys(self) -> set[str]:
+        return set(self.held)
+
+    def close(self) -> None:
+        self.held.clear()
+
+
+def setup(tmp_path: Path, *, events: bool = True) -> tuple[Env, list[str], list[FakeWatcher]]:
+    env = Env(tmp_path)
+    env.backend.change_events = events  # type: ignore[misc]
+    made: list[FakeWatcher] = []
+
+    def factory(cb: Callable[[str], None]) -> FakeWatcher:
+        made.append(FakeWatcher(cb))
+        return made[-1]
+
+    env.r.drift._watcher_factory = factory  # type: ignore[assignment]
+    env.r.drift.backstop = 30.0
+    checked: list[str] = []
+    real = env.backend.check
+
+    def counting(target: PodTarget, spec: object) -> list[str]:
+        checked.append(target.uid)
+        return real(target, spec)  # type: ignore[arg-type]
+
+    env.backend.check = counting  # type: ignore[method-assign]
+    env.fake_netns(UID)
+    env.fake_netns(UID2)
+    env.set(AMBIENT, pod(UID), pod(UID2, ips=("10.0.0.6",)))
+    env.r.reconcile()
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled" and env.state(UID2) == "enrolled"
+    return env, checked, made
+
+
+def test_watched_pods_are_checked_after_subscribing_then_only_on_change_and_at_the_backstop(tmp_path: Path) -> None:
+    env, checked, made = setup(tmp_path)
+    (w,) = made
+    assert w.keys() >= {UID, UID2}
+    env.clock.t += 0.1
+    env.r.reconcile()
+    assert UID in checked and UID2 in checked  # once, right after the subscription
+    checked.clear()
+    for _ in range(5):  # drift intervals pass: nothing is polled
+        env.clock.t += 2.5
+        env.r.reconcile()
+    assert checked == []
+    w.on_change(UID)
+    env.r.reconcile()
+    assert checked == [UID]
+    checked.clear()
+    env.clock.t += 31
+    env.r.reconcile()
+    assert sorted(checked) == sorted([UID, UID2])  # the backstop: every pod
+
+
+def test_a_pod_that_leaves_is_unwatched(tmp_path: Path) -> None:
+    env, _checked, made = setup(tmp_path)
+    (w,) = made
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()
+    assert UID2 in w.unwatched and UID2 not in w.keys() and UID in w.keys()
+
+
+def test_without_events_every_pod_is_polled(tmp_path: Path) -> None:
+    env, checked, made = setup(tmp_path, events=False)
+    assert made == []  # no watcher at all
+    checked.clear()
+    env.clock.t += 2.5
+    env.r.reconcile()
+    assert sorted(checked) == sorted([UID, UID2])
