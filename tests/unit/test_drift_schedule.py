@@ -42,7 +42,7 @@ class FakeWatcher:
 
 def setup(tmp_path: Path, *, events: bool = True) -> tuple[Env, list[str], list[FakeWatcher]]:
     env = Env(tmp_path)
-    env.backend.change_events = events  # type: ignore[misc]
+    env.backend.change_events = events
     made: list[FakeWatcher] = []
 
     def factory(cb: Callable[[str], None]) -> FakeWatcher:
@@ -56,7 +56,7 @@ def setup(tmp_path: Path, *, events: bool = True) -> tuple[Env, list[str], list[
 
     def counting(target: PodTarget, spec: object) -> list[str]:
         checked.append(target.uid)
-        return real(target, spec)  # type: ignore[arg-type]
+        return real(target, spec)
 
     env.backend.check = counting  # type: ignore[method-assign]
     env.fake_netns(UID)
