@@ -115,7 +115,7 @@ class Reconciler:
                                 remove_sidecar=self._remove_sidecar, backstop=drift_backstop,
                                 events=drift_events, wake=self.wake)
         self.enrolment = AmbientEnrolment(self.table, self.netns, self.backends, hub, ct, spec or AmbientSpec(),
-                                          node_name=node_name, wake=self.wake, verify_soon=self.drift.verify_soon)
+                                          node_name=node_name, wake=self._acked, verify_soon=self.drift.verify_soon)
         self.sidecars = SidecarPods(self.table, self.netns, self.backends, store, ct,
                                     unenrol_ambient=self.enrolment.unenrol)
         self.plugin_sidecars = PluginSidecars(self.table, self.netns, self.backends)
@@ -237,8 +237,14 @@ class Reconciler:
             self._rechoose = True
         self.wake()
 
+    def _acked(self) -> None:
+        """The proxy acked a pod: its next step is taken by the next pass, or between two pods of a running
+        drift pass (a long read-back, e.g. after a restart, does not hold enrolments back)."""
+        self._urgent.set()
+        self._wake.set()
+
     def _serve_waiting(self) -> None:
-        if self._urgent.is_set():  # a CNI request waits: serve it before the next pod
+        if self._urgent.is_set():  # a CNI request or a proxy ack waits: serve it before the next pod
             self._converge_all(self.table.clock())
 
     def _converge_all(self, now: float) -> None:
