@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
 import socket
 import threading
@@ -25,6 +26,20 @@ from collections.abc import Callable
 from node_agent.kernel import nft_events
 
 log = logging.getLogger("headrace.agent.change_watch")
+
+
+def raise_fd_limit() -> int:
+    """One socket per watched pod: lift the soft RLIMIT_NOFILE to the hard one (1024 is the usual soft
+    limit; a node may run more pods). Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit: %s", exc, extra={"step": "nft-watch"})
+    return soft
 
 
 class ChangeWatcher:
@@ -40,6 +55,7 @@ class ChangeWatcher:
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.fd_limit = raise_fd_limit()  # a subscription that hits it fails: that pod is polled
         self.events = 0  # change reports made (for tests and metrics)
 
     def start(self) -> None:
