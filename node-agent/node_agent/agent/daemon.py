@@ -151,11 +151,13 @@ class Agent:
             from node_agent.sources.objects_write import write_pod_annotation
 
             objects_dir = self.config.objects_dir
+            objects = ObjectsDirSource(store, objects_dir, self.config.node_name)
+
             def write(namespace: str, name: str, enabled: bool) -> None:
-                write_pod_annotation(objects_dir, namespace, name, enabled)
+                write_pod_annotation(objects_dir, namespace, name, enabled, objects.file_of(namespace, name))
 
             self._annotation_writer = write
-            return ObjectsDirSource(store, objects_dir, self.config.node_name)
+            return objects
         from node_agent.sources.kubernetes import KubernetesSource
 
         source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)  # None: in-cluster

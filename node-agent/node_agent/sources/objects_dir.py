@@ -140,6 +140,7 @@ class ObjectsDirSource:
         self._last: Signature | None = None
         self._files: dict[str, tuple[int, int]] = {}  # name -> (mtime, size) when last read
         self._last_good: FileObjects = {}
+        self._pod_files: dict[tuple[str, str], str] = {}  # (namespace, name) -> the file it was read from
         self.loads = 0
 
     @property
@@ -168,13 +169,21 @@ class ObjectsDirSource:
             del self._files[gone]
         pods: list[Pod] = []
         namespaces: list[Namespace] = []
+        pod_files: dict[tuple[str, str], str] = {}
         for name in sorted(self._last_good):
             pods.extend(self._last_good[name][0])
             namespaces.extend(self._last_good[name][1])
+            for p in self._last_good[name][0]:
+                pod_files.setdefault((p.namespace, p.name), name)
+        self._pod_files = pod_files  # replaced whole: file_of reads it from another thread
         self._store.replace_namespaces(namespaces)
         self._store.replace_pods(pods)
         self.loads += 1
         return True
+
+    def file_of(self, namespace: str, name: str) -> str | None:
+        """The file the pod was last read from (any thread), or None."""
+        return self._pod_files.get((namespace, name))
 
     def _read_file(self, name: str, seen: tuple[int, int]) -> None:
         self._files[name] = seen

@@ -67,10 +67,15 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_pod_annotation(directory: Path, namespace: str, name: str, enabled: bool) -> bool:
+def write_pod_annotation(directory: Path, namespace: str, name: str, enabled: bool, hint: str | None = None) -> bool:
     """Set (enabled) or remove the annotation on pod namespace/name in its object file; False when no
-    file holds that pod (it is gone: nothing to do)."""
-    for path in sorted(directory.iterdir()):
+    file holds that pod (it is gone: nothing to do). `hint`: the file the source last saw it in, tried
+    first (else every file is read until one holds the pod)."""
+    paths = sorted(directory.iterdir())
+    if hint is not None and (directory / hint) in paths:
+        paths.remove(directory / hint)
+        paths.insert(0, directory / hint)
+    for path in paths:
         if path.suffix not in SUFFIXES or path.name.startswith(".") or not path.is_file():
             continue
         text = path.read_text(encoding="utf-8")
