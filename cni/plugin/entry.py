@@ -16,7 +16,7 @@ from cni.contract.errors import CniError
 from cni.contract.kube_objects import Pod
 from cni.contract.record import Record
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
-from cni.plugin import cni_env, netconf, rules_backend
+from cni.plugin import cni_env, netconf, rules_backend, standalone
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
 from cni.plugin.pod_source import PodSourceError, from_config
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-    from cni.contract.kinds import Family
-    from cni.contract.sidecar_params import SidecarParams
     from cni.plugin.agent_client import PluginEvent
     from cni.plugin.cni_env import CniEnv
     from cni.plugin.netconf import NetConf
@@ -153,68 +151,6 @@ def uses_agent(mode: membership.Mode | None, conf: NetConf) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the redirect itself (iptables module, stdlib only; imported only when a sidecar pod needs it)
-
-
-def apply_sidecar_redirect(
-    netns: str, spec: SidecarParams, families: tuple[Family, ...], conf: NetConf, log: JsonLog
-) -> None:
-    if rules_backend.uses_nftables(conf):
-        return rules_backend.apply(netns, spec, families, log)
-    setting = conf.iptables
-    try:
-        from cni.kernel import flavour
-        from cni.kernel import tables as netns_tables
-        from cni.kernel.iptables_run import IptablesError
-    except ImportError as exc:
-        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
-    try:
-        # optimistic: an ADD normally meets a fresh netns; one restore per family then, no save first
-        netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True)
-    except (IptablesError, OSError, ValueError) as exc:
-        raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
-
-
-def remove_redirect(netns: str, conf: NetConf, log: JsonLog) -> None:
-    if rules_backend.uses_nftables(conf):
-        return rules_backend.remove(netns, log)
-    setting = conf.iptables
-    try:
-        from cni.kernel import flavour
-        from cni.kernel import tables as netns_tables
-        from cni.kernel.iptables_run import IptablesError
-    except ImportError as exc:
-        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
-    try:
-        netns_tables.remove_all(netns, flavour.resolve(setting), log=log)
-    except (IptablesError, OSError, ValueError) as exc:
-        raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
-
-
-def check_sidecar_redirect(netns: str, spec: SidecarParams, families: tuple[Family, ...], conf: NetConf) -> list[str]:
-    if rules_backend.uses_nftables(conf):
-        return rules_backend.check(netns, spec, families)
-    setting = conf.iptables
-    try:
-        from cni.kernel import flavour
-        from cni.kernel import tables as netns_tables
-        from cni.kernel.iptables_run import IptablesError
-    except ImportError as exc:
-        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
-    try:
-        return netns_tables.check_sidecar(netns, spec, families, flavour.resolve(setting))
-    except (IptablesError, OSError, ValueError) as exc:
-        raise CniError(errors.CHECK_FAILED, "reading the pod's redirect rules failed", str(exc)) from exc
-
-
-def _sidecar_spec(annotations: Mapping[str, str]) -> SidecarParams:
-    """Validate the pod's traffic annotations (imported here: only sidecar pods pay for it)."""
-    from cni.contract.annotations import sidecar_params
-
-    return sidecar_params(annotations)
-
-
-# ---------------------------------------------------------------------------------------------------
 # agent
 
 
@@ -263,19 +199,24 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
     prev, prev_version = prev_result(conf)
     out = cni_result.convert(prev, prev_version, conf.cni_version)
     netns_inode(env.netns)
+    if env.k8s.known and env.k8s.namespace not in conf.exclude_namespaces:
+        from cni.plugin.via_agent import add_via_agent
+
+        if add_via_agent(env, conf, prev, log):  # a running agent decided, and applied the rules
+            return out
     decision = decide(env, conf, log)
     if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
-        spec = _sidecar_spec(decision.pod.annotations)
+        spec = standalone.sidecar_spec(decision.pod.annotations)
         families = cni_result.families(prev)
-        apply_sidecar_redirect(env.netns, spec, families, conf, log)
+        standalone.apply_sidecar_redirect(env.netns, spec, families, conf, log)
         log.info(
             "redirect", "sidecar redirect applied", families=list(families), iptables=conf.iptables,
             backend=conf.backend, spec=repr(spec),
         )
     elif decision.mode in ("ambient", "sidecar"):
         if decision.mode == "sidecar" and decision.pod is not None:
-            _sidecar_spec(decision.pod.annotations)  # reject bad annotations before the agent
+            standalone.sidecar_spec(decision.pod.annotations)  # reject bad annotations before the agent
         ask_agent(agent_event("ADD", env, conf, decision, cni_result.addresses(prev)), conf, log)
     return out
 
@@ -287,7 +228,7 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket):
         _del_to_agent(env, conf, decision, log)  # a running agent watches such pods: it lets go first
     if netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
-        remove_redirect(env.netns, conf, log)
+        standalone.remove_redirect(env.netns, conf, log)
         log.info("redirect", "redirect removed (if any)")
     if uses_agent(decision.mode, conf):
         if decision.mode is None and not os.path.exists(conf.agent_socket):
@@ -311,8 +252,8 @@ def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     decision = decide(env, conf, log)
     if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
-        spec = _sidecar_spec(decision.pod.annotations)
-        problems = check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf)
+        spec = standalone.sidecar_spec(decision.pod.annotations)
+        problems = standalone.check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf)
         if problems:
             raise CniError(errors.CHECK_FAILED, "pod redirect rules are missing or altered", "; ".join(problems))
     elif decision.mode in ("ambient", "sidecar"):

@@ -41,6 +41,7 @@ from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
 from node_agent.serve.plugin_logs import PluginLogListener
 from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
+from node_agent.serve.warm_add import WarmAdd, pod_lookup
 from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
 
@@ -136,9 +137,16 @@ class Agent:
         self.source: Source = (source_factory or self._default_source)(self.store)
         self.marker = self._redirection_marker()
         self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race monitor
+        view = self.duties.status_view(self.reconciler)
+        self.warm_add = WarmAdd(
+            self.store, view, self.reconciler.table, self.reconciler.backends, self.reconciler.plugin_sidecars,
+            lookup=pod_lookup(str(config.kubeconfig) if config.kubeconfig else None,
+                              str(config.objects_dir) if config.objects_dir else None),
+            add_timeout=config.cni_add_timeout,
+        )
         self.cni = CniServer(
-            str(config.cni_socket), self.duties.status_view(self.reconciler), add_timeout=config.cni_add_timeout,
-            resolve_uid=self._resolve_uid, extra_status=self._extra_status,
+            str(config.cni_socket), view, add_timeout=config.cni_add_timeout,
+            resolve_uid=self._resolve_uid, extra_status=self._extra_status, warm_add=self.warm_add.add,
         )
         self.health: HealthServer | None = None
         self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from cni.contract.annotations import KNOWN, sidecar_spec
 from cni.contract.errors import CniError
 from cni.contract.kube_objects import Pod
+from cni.contract.spec import SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.netns.finder import NetnsLocation
 from node_agent.netns.pin import PinError
@@ -94,17 +95,24 @@ class PluginSidecars:
         except CniError:
             self._backoff(pod.uid, self.table.clock())  # the plugin refused such a pod: nothing of ours
             return
-        st = PodState(pod.uid, pod.namespace, pod.name, SIDECAR, spec, state=ENROLLED, reason=PLUGIN_REASON,
-                      inode=loc.inode, ips=pod.ips, rules_in=True, backend=backend.name, enrolled_at=time.time(),
+        if not self.hold(pod, loc.path, loc.inode, backend, spec, pod.ips, PLUGIN_REASON):
+            self._backoff(pod.uid, self.table.clock())
+
+    def hold(self, pod: Pod, netns_path: str, inode: int, backend: RedirectBackend, spec: SidecarSpec,
+             ips: tuple[str, ...], reason: str) -> bool:
+        """Hold a sidecar pod whose rules are in place (put there by the plugin, or by the agent's ADD for the
+        plugin): netns pinned, record written, watched by the drift check (lock held). False when the netns
+        cannot be pinned."""
+        st = PodState(pod.uid, pod.namespace, pod.name, SIDECAR, spec, state=ENROLLED, reason=reason,
+                      inode=inode, ips=ips or pod.ips, rules_in=True, backend=backend.name, enrolled_at=time.time(),
                       annotations=tuple(sorted((k, v) for k, v in pod.annotations.items() if k in KNOWN)))
         try:
-            st.netns = self.netns.pin(pod.uid, loc.path, loc.inode)
+            st.netns = self.netns.pin(pod.uid, netns_path, inode)
         except (PinError, OSError) as exc:
-            log.info("cannot pin a plugin sidecar pod's netns: %s", exc, extra=log_ctx(st, "plugin-sidecar"))
-            self._backoff(pod.uid, self.table.clock())
-            return
+            log.info("cannot pin a sidecar pod's netns: %s", exc, extra=log_ctx(st, "plugin-sidecar"))
+            return False
         self.table.pods[pod.uid] = st
         self.table.save_record(st)
         self.table.notify()
-        log.info("sidecar pod redirected by the plugin taken over (drift watched)",
-                 extra=log_ctx(st, "plugin-sidecar"))
+        log.info("sidecar pod held (drift watched): %s", reason, extra=log_ctx(st, "plugin-sidecar"))
+        return True
