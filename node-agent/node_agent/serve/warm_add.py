@@ -128,6 +128,7 @@ class WarmAdd:
             why = "interceptionMode NONE" if membership.interception_none(pod.annotations) else "not in the mesh"
             return agent_add.none_reply(f"{why} (agent's pod cache)")
         if mode == "ambient" or req.backend == "ebpf":
+            log.info("%s pod: the agent holds it, the plugin waits for the outcome", mode, extra=ctx)
             interim(agent_add.interim_reply(mode))
             return self._held(mode, pod, req, ctx)
         reply = self._sidecar(pod, req, ctx)
