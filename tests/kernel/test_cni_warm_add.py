@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from cni.contract import agent_add
 from node_agent.lab.cni_runner import CniInvocationError
 from node_agent.lab.simnode import Pod, SimNode
+
+from cni.contract import agent_add
 from tests.harness.traffic import Listener, tcp_request
 from tests.kernel.agent_kit import AgentRun, headrace_rules, run, wait_for
 
@@ -133,7 +133,7 @@ def test_nftables_sidecar_add_starts_no_process(make_node: Callable[..., SimNode
 
 
 def test_agent_down_means_standalone(warm: tuple[SimNode, AgentRun, str]) -> None:
-    node, agent, backend = warm
+    node, agent, _backend = warm
     peer = node.add_pod("plain", "peer")
     start = time.monotonic()
     pod = node.add_pod("shop", "nosock", annotations=SIDECAR)  # no socket at all
@@ -152,7 +152,7 @@ def test_agent_down_means_standalone(warm: tuple[SimNode, AgentRun, str]) -> Non
 
 
 def test_wedged_then_killed_agent_falls_back_without_half_state(warm: tuple[SimNode, AgentRun, str]) -> None:
-    node, agent, backend = warm
+    node, agent, _backend = warm
     agent.start_agent()
     peer = node.add_pod("plain", "peer")
     before = headrace_rules(peer.netns.path)
@@ -270,7 +270,7 @@ def test_hostile_requests_are_refused(warm: tuple[SimNode, AgentRun, str]) -> No
 
 
 def test_del_after_the_agent_died_removes_agent_rules(warm: tuple[SimNode, AgentRun, str]) -> None:
-    node, agent, backend = warm
+    node, agent, _backend = warm
     agent.start_agent()
     pod = node.add_pod("shop", "web", annotations=SIDECAR)
     assert any(r["msg"] == "sidecar redirect applied by the agent" for r in plugin_lines(node, pod.container_id))
