@@ -3,8 +3,9 @@ with a real agent in the node netns:
 
 - agent up: a sidecar pod's ADD is decided and applied by the agent (plugin log: "applied by the agent",
   no iptables/nft step of the plugin; agent status: held, drift watched); outbound TCP lands on 15001
-  with the original destination; on nftables an IPv4 pod's ADD starts no process at all in the agent
-  (strace of the agent during the ADD); DEL removes the rules; a non-mesh pod is answered by the agent;
+  with the original destination; on nftables a dual-stack pod's ADD starts no process at all in the
+  agent (strace of the agent during the ADD); DEL removes the rules; a non-mesh pod is answered by the
+  agent;
 - agent down (no socket, or a stale socket of a killed agent): the standalone path, quickly;
 - agent wedged (SIGSTOP) then killed during a sidecar ADD: the plugin falls back to its standalone path
   after the first-answer bound, the rules are in exactly once; an ambient pod the agent took and then
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.kernel
 SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 # (conflist backend, iptables flavour, agent --backend, node dual-stack)
 BACKENDS = {
-    "nftables": ("nftables", "auto", "nftables", False),
+    "nftables": ("nftables", "auto", "nftables", True),
     "iptables-nft": ("iptables", "nft", "iptables", True),
     "iptables-legacy": ("iptables", "legacy", "iptables", True),
 }
@@ -106,8 +107,9 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
 
 
 def test_nftables_sidecar_add_starts_no_process(make_node: Callable[..., SimNode], tmp_path: Path) -> None:
-    """IPv4 pod, nftables: libnftables in the agent, nothing exec'd by the agent during the ADD."""
-    node = make_node(headrace={"backend": "nftables"}, dual_stack=False)
+    """Dual-stack pod, nftables: libnftables and rtnetlink (`::6` on lo) in the agent, nothing exec'd by
+    the agent during the ADD."""
+    node = make_node(headrace={"backend": "nftables"}, dual_stack=True)
     agent = AgentRun(node.netns.path, node.objects_dir, tmp_path / "agent", state_dir=node.state_dir,
                      cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
                      extra=["--backend", "nftables"])
@@ -126,6 +128,8 @@ def test_nftables_sidecar_add_starts_no_process(make_node: Callable[..., SimNode
             tracer.wait(10)
         assert "sidecar redirect applied by the agent" in node.log_file.read_text()
         assert nft_table(pod.netns.path)
+        lo = run(["nsenter", f"--net={pod.netns.path}", "ip", "-6", "addr", "show", "dev", "lo"]).stdout
+        assert "inet6 ::6/128" in lo
         execs = [line for line in trace.read_text().splitlines() if "execve" in line]
         assert execs == [], execs
     finally:

@@ -34,6 +34,7 @@ from node_agent.reconcile.plugin_sidecars import PluginSidecars
 from node_agent.reconcile.state import Outcome
 from node_agent.reconcile.table import PodTable
 from node_agent.serve.add_request import WarmAddRequest
+from node_agent.serve.sidecar_apply import apply_for_add
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.cni")
@@ -181,16 +182,21 @@ class WarmAdd:
         except OSError as exc:
             return self._standalone(f"netns {req.netns}: {exc.strerror}", ctx)
         target = PodTarget(pod.uid, pod.namespace, pod.name, req.netns, inode, req.ips)
+        t0 = time.monotonic()
         try:
-            backend.apply(target, spec)
+            apply_for_add(backend, target, spec)
         except BackendError as exc:
             self._count("apply_failed")
             log.warning("sidecar apply for the plugin failed: %s", exc, extra=ctx)
             return agent_add.failed_reply("sidecar", f"sidecar rules: {exc}", retry=True)
         self._count("sidecar")
+        t1 = time.monotonic()
         with self.table.lock:
+            t2 = time.monotonic()
             if pod.uid not in self.table.pods:  # else: taken over meanwhile (it saw our rules)
                 self.sidecars.hold(pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON)
+        ctx["apply_ms"], ctx["lock_ms"], ctx["hold_ms"] = [round((b - a) * 1000, 2) for a, b in
+                                                           ((t0, t1), (t1, t2), (t2, time.monotonic()))]
         return agent_add.done_reply("sidecar", "enrolled", backend.name)
 
 
