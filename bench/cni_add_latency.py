@@ -166,37 +166,36 @@ def measure_backend(
     root: Path, backend: str, agent_modes: Sequence[bool], runs: int, nodes: list[SimNode],
     agents: list[AgentRun], progress: Callable[[str], None],
 ) -> dict[tuple[str, str], Samples]:
-    """(agent up/down, pod kind) -> samples on one node of this backend."""
+    """(agent up/down, pod kind) -> samples on one node of this backend. With both, one agent runs and the
+    "down" chain names an agent socket that does not exist, and each run measures both, side by side."""
     conf, agent_args = BACKENDS[backend]
     node = SimNode.create(root / backend, headrace=dict(conf))
     nodes.append(node)
     node.add_namespace("bench")
-    runner = node.runner()
-    out: dict[tuple[str, str], Samples] = {}
+    runners: dict[str, CniRunner] = {}
     for up in agent_modes:
-        label = "up" if up else "down"
-        agent: AgentRun | None = None
         if up:
-            agent = AgentRun(node.netns.path, node.objects_dir, root / f"agent-{backend}", state_dir=node.state_dir,
-                             cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
-                             extra=[*agent_args, "--log-level", "warning", "--drift-interval", "5"])
-            agents.append(agent)
-            agent.start_agent()
-        try:
-            # One warm-up cycle per kind (page cache, first nft table set-up), not recorded.
-            for kind in KINDS:
-                one_cycle(node, runner, kind, -1, Samples())
-            samples = {kind: Samples() for kind in KINDS}
-            for i in range(runs):
-                for kind in KINDS:  # side by side: each run does both kinds
-                    one_cycle(node, runner, kind, i, samples[kind])
-                progress(f"{backend}, agent {label}: {i + 1}/{runs}")
-        finally:
-            if agent is not None:
-                agent.close()
-                agents.remove(agent)
+            runners["up"] = node.runner()
+        else:
+            conflist = node.conflist()
+            conflist["plugins"][-1]["agent_socket"] = str(root / f"no-agent-{backend}.sock")
+            runners["down"] = CniRunner(conflist, node.cni_path, node.root / "cache", run_netns=node.netns.path)
+    if "up" in runners:
+        agent = AgentRun(node.netns.path, node.objects_dir, root / f"agent-{backend}", state_dir=node.state_dir,
+                         cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
+                         extra=[*agent_args, "--log-level", "warning"])
+        agents.append(agent)
+        agent.start_agent()
+    out = {(label, kind): Samples() for label in runners for kind in KINDS}
+    # One warm-up cycle per chain and kind (page cache, first nft table set-up), not recorded.
+    for runner in runners.values():
         for kind in KINDS:
-            out[(label, kind)] = samples[kind]
+            one_cycle(node, runner, kind, -1, Samples())
+    for i in range(runs):
+        for label, runner in runners.items():  # side by side: each run does every chain and kind
+            for kind in KINDS:
+                one_cycle(node, runner, kind, i, out[(label, kind)])
+        progress(f"{backend}: {i + 1}/{runs}")
     return out
 
 

@@ -38,9 +38,32 @@ class Unreachable(Exception):
         self.held = held
 
 
-def _read(sock: Any, deadline: float, held: bool) -> agent_add.AddReply:
+class _Lines:
+    """Reply lines off one connection, in order: an interim line and the final one may arrive in one read."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def next(self, deadline: float) -> bytes:
+        while b"\n" not in self.buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no complete line before the deadline")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+            if len(self.buf) > events.MAX_LINE_BYTES and b"\n" not in self.buf[: events.MAX_LINE_BYTES + 1]:
+                raise events.LineTooLong(f"line longer than {events.MAX_LINE_BYTES} bytes")
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+
+def _read(lines: _Lines, deadline: float, held: bool) -> agent_add.AddReply:
     try:
-        line = events.read_line(sock, deadline)
+        line = lines.next(deadline)
     except events.LineTooLong as exc:
         raise Unreachable("agent reply too long", held) from exc
     except TimeoutError as exc:
@@ -79,9 +102,10 @@ def send_add(socket_path: str, request: dict[str, Any], timeout: float,
             sock.sendall(payload)
         except OSError as exc:
             raise Unreachable(f"sending to the agent failed: {exc.strerror or exc}") from exc
-        reply = _read(sock, started + min(first_timeout, timeout), False)
+        lines = _Lines(sock)
+        reply = _read(lines, started + min(first_timeout, timeout), False)
         if reply.kind != "interim":
             return reply
-        return _read(sock, started + max(timeout, first_timeout), True)
+        return _read(lines, started + max(timeout, first_timeout), True)
     finally:
         sock.close()

@@ -11,15 +11,12 @@ import os
 import sys
 import time
 
-from cni.contract import errors, jsoncodec, membership
+from cni.contract import errors, jsoncodec
 from cni.contract.errors import CniError
-from cni.contract.kube_objects import Pod
-from cni.contract.record import Record
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
-from cni.plugin import cni_env, netconf, rules_backend, standalone
+from cni.plugin import cni_env, netconf
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
-from cni.plugin.pod_source import PodSourceError, from_config
 
 # Start-up cost is most of the plugin's wall time: nothing here imports `typing`, `re`, `json`,
 # `collections`, `ipaddress` or `subprocess` on the non-mesh path (tests/unit/test_cni_plugin_process.py).
@@ -28,21 +25,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
+    from cni.contract import membership
     from cni.plugin.agent_client import PluginEvent
     from cni.plugin.cni_env import CniEnv
+    from cni.plugin.decide import Decision
     from cni.plugin.netconf import NetConf
 
 LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before the config is read
-
-
-class Decision(Record):
-    __slots__ = ("mode", "pod", "reason")
-    mode: membership.Mode | None  # None: unknown (pod source failed; DEL only)
-    pod: Pod | None
-    reason: str
-
-    def __init__(self, mode: membership.Mode | None, pod: Pod | None, reason: str) -> None:
-        self._init(mode=mode, pod=pod, reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,72 +67,6 @@ def netns_for_del(path: str, log: JsonLog) -> bool:
         log.info("netns", f"network namespace already gone: {exc.msg}")
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------------
-# which pod, which mode
-
-
-def decide(env: CniEnv, conf: NetConf, log: JsonLog, for_del: bool = False) -> Decision:
-    """The pod's mode (logged). On DEL nothing about the pod source is fatal: mode None means "unknown"."""
-    try:
-        decision = _decide(env, conf, for_del)
-    except CniError as exc:
-        if not for_del:
-            raise
-        log.warning("pod-source", f"pod metadata unavailable on DEL: {exc.msg}", details=exc.details)
-        decision = Decision(None, None, exc.msg)
-    log.info("membership", f"mode {decision.mode}: {decision.reason}", mode=decision.mode)
-    return decision
-
-
-def plugin_redirects(mode: membership.Mode | None, conf: NetConf) -> bool:
-    """Sidecar pods on an iptables node: the plugin installs their rules itself (no agent)."""
-    return mode == "sidecar" and conf.backend != "ebpf"
-
-
-def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
-    k8s = env.k8s
-    if not k8s.known:
-        return Decision("none", None, "no Kubernetes pod identity in CNI_ARGS")
-    if k8s.namespace in conf.exclude_namespaces:
-        return Decision("none", None, f"namespace {k8s.namespace} is excluded")
-    try:
-        source = from_config(conf.kubeconfig, conf.objects_dir, conf.api_timeout)
-        pod = source.get_pod(k8s.namespace, k8s.name)
-        if pod is None:
-            if for_del:
-                return Decision(None, None, "pod not found in the pod source")
-            if source.authoritative:
-                raise CniError(
-                    errors.POD_METADATA_UNAVAILABLE,
-                    f"pod {k8s.namespace}/{k8s.name} not found in the Kubernetes API",
-                )
-            return Decision("none", None, "no object for this pod in objects_dir")
-        if k8s.uid and pod.authoritative_uid and k8s.uid != pod.uid:
-            raise CniError(
-                errors.POD_METADATA_UNAVAILABLE,
-                f"pod {k8s.namespace}/{k8s.name} has UID {pod.uid}, the runtime says {k8s.uid}",
-                "the pod object is stale or belongs to another pod",
-            )
-        ns_labels: Mapping[str, str] | None = None
-        if membership.namespace_needed(
-            pod.namespace, pod.labels, pod.annotations, pod.host_network, conf.exclude_namespaces
-        ):
-            ns = source.get_namespace(pod.namespace)
-            if ns is None and source.authoritative:
-                raise CniError(
-                    errors.POD_METADATA_UNAVAILABLE, f"namespace {pod.namespace} not found in the Kubernetes API"
-                )
-            ns_labels = ns.labels if ns is not None else {}
-    except PodSourceError as exc:
-        raise CniError(errors.POD_METADATA_UNAVAILABLE, "pod metadata unavailable", str(exc)) from exc
-    mode = membership.pod_mode(
-        pod.namespace, pod.labels, pod.annotations, pod.host_network, ns_labels, conf.exclude_namespaces
-    )
-    if mode == "none" and membership.interception_none(pod.annotations):
-        return Decision(mode, pod, "sidecar.istio.io/interceptionMode NONE: no redirection")
-    return Decision(mode, pod, "pod source")
 
 
 def uses_agent(mode: membership.Mode | None, conf: NetConf) -> bool:
@@ -204,6 +127,9 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
 
         if add_via_agent(env, conf, prev, log):  # a running agent decided, and applied the rules
             return out
+    from cni.plugin import standalone
+    from cni.plugin.decide import decide, plugin_redirects
+
     decision = decide(env, conf, log)
     if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
@@ -222,6 +148,9 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
 
 
 def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
+    from cni.plugin import standalone
+    from cni.plugin.decide import decide, plugin_redirects
+
     decision = decide(env, conf, log, for_del=True)
     if decision.mode == "none":
         return
@@ -249,6 +178,9 @@ def _del_to_agent(env: CniEnv, conf: NetConf, decision: Decision, log: JsonLog) 
 def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     prev, _ = prev_result(conf)
     netns_inode(env.netns)
+    from cni.plugin import standalone
+    from cni.plugin.decide import decide, plugin_redirects
+
     decision = decide(env, conf, log)
     if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
@@ -273,6 +205,9 @@ def require_1_1(conf: NetConf, command: str) -> None:
 
 
 def cmd_status(conf: NetConf, log: JsonLog) -> None:
+    from cni.plugin import rules_backend
+    from cni.plugin.pod_source import PodSourceError
+
     require_1_1(conf, "STATUS")
     problems: list[str] = []
     if conf.objects_dir and not os.path.isdir(conf.objects_dir):

@@ -15,7 +15,6 @@ import os
 from cni.contract import agent_add as wire
 from cni.contract import errors
 from cni.contract.errors import CniError
-from cni.plugin import rules_backend
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -29,8 +28,10 @@ if TYPE_CHECKING:
 def rules_setting(conf: NetConf) -> str:
     """The backend the plugin itself writes sidecar rules with (the agent must use the same one, so the
     plugin's own DEL can remove them when the agent is gone)."""
-    if conf.backend == "ebpf":
-        return "ebpf"
+    if conf.backend in ("ebpf", "iptables", "nftables"):
+        return conf.backend
+    from cni.plugin import rules_backend  # `auto`: looks for the iptables tools
+
     return "nftables" if rules_backend.uses_nftables(conf) else "iptables"
 
 

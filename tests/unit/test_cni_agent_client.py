@@ -16,7 +16,7 @@ import pytest
 
 from cni.plugin.agent_client import AgentUnavailable, PluginEvent, send_event
 
-Reply = Callable[[dict[str, Any]], bytes | None]
+Reply = Callable[[dict[str, Any]], "bytes | list[bytes | float] | None"]
 # what serve/cni_request.py of an agent that speaks only version 1 answers a version 2 request
 OLD_AGENT_REFUSAL = b'{"ok":false,"error":"unsupported protocol version \'2\' (agent speaks 1)","retry":false}\n'
 
@@ -60,11 +60,17 @@ class FakeAgent:
             req = json.loads(buf.split(b"\n")[0])
             self.requests.append(req)
             answer = self.v2(req) if req.get("v") == 2 else self.reply(req)
-            if answer is not None:
+            # a list: parts sent one after the other, a float between them is a pause (seconds)
+            for part in answer if isinstance(answer, list) else [answer]:
+                if isinstance(part, float):
+                    time.sleep(part)
+                    continue
+                if part is None:
+                    return
                 try:
-                    conn.sendall(answer)
+                    conn.sendall(part)
                 except OSError:
-                    pass
+                    return
 
     def close(self) -> None:
         self._stop.set()
