@@ -100,6 +100,9 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     assert row["mode"] == "sidecar" and row["state"] == "enrolled" and "by the agent" in row["reason"]
     # the non-mesh peer was answered by the agent too
     assert any(r["msg"].startswith("mode none") for r in plugin_lines(node, peer.container_id))
+    _, metrics = agent.http("/metrics")
+    assert 'headrace_agent_plugin_adds_total{outcome="sidecar"} 1.0' in metrics
+    assert 'headrace_agent_plugin_adds_total{outcome="none"} 1.0' in metrics
     redirected(pod, peer)
     node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)  # netns still there
     assert not our_rules(pod.netns.path, backend)

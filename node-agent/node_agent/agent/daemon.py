@@ -144,6 +144,7 @@ class Agent:
                               str(config.objects_dir) if config.objects_dir else None),
             add_timeout=config.cni_add_timeout,
         )
+        self.metrics.watch_plugin_adds(self.warm_add.counts)
         self.cni = CniServer(
             str(config.cni_socket), view, add_timeout=config.cni_add_timeout,
             resolve_uid=self._resolve_uid, extra_status=self._extra_status, warm_add=self.warm_add.add,

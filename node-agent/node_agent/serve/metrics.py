@@ -36,6 +36,25 @@ class IptablesCheckCollector:
         yield errors
 
 
+class PluginAddCollector:
+    """The plugin's one-request ADDs by outcome (serve/warm_add.py): `headrace_agent_plugin_adds_total{outcome}`
+    with outcome `none`, `sidecar` (rules applied by the agent), `ambient`, `refused` (bad annotations),
+    `apply_failed`, `standalone` (left to the plugin's own path), and `lookup` (cache misses looked up)."""
+
+    OUTCOMES = ("none", "sidecar", "ambient", "refused", "apply_failed", "standalone", "lookup")
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        adds = CounterMetricFamily("headrace_agent_plugin_adds", "The plugin's one-request ADDs, by outcome.",
+                                   labels=["outcome"])
+        for outcome in self.OUTCOMES:
+            adds.add_metric([outcome], counts.get(outcome, 0))
+        yield adds
+
+
 def _iptables_check_counts() -> Mapping[str, int]:
     from node_agent.backends.iptables.iptc_check import STATS
 
@@ -101,6 +120,10 @@ class AgentMetrics:
     def watch_pods_without_proxy(self, count: Callable[[], int]) -> None:
         """headrace_agent_pods_proxy_disconnected from the reconciler's published state."""
         self.pods_proxy_lost.set_function(lambda: float(count()))
+
+    def watch_plugin_adds(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """headrace_agent_plugin_adds_total from the one-request ADD's counts."""
+        self.registry.register(PluginAddCollector(counts))
 
     def proxy_cgroup_source(self, source: str) -> None:
         for name in PROXY_CGROUP_SOURCES:

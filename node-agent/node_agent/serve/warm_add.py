@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -75,10 +76,17 @@ class WarmAdd:
         self.sidecars = sidecars
         self.lookup = lookup
         self.add_timeout = add_timeout
-        self.counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
 
     def _count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
+        with self._counts_lock:
+            self._counts[what] = self._counts.get(what, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        """ADDs by outcome (and cache-miss lookups), for the metrics."""
+        with self._counts_lock:
+            return dict(self._counts)
 
     # ---- which pod -----------------------------------------------------------------------------------
     def _cached(self, req: WarmAddRequest) -> tuple[Pod | None, Namespace | None]:
