@@ -177,3 +177,11 @@ def test_ebpf_sidecar_goes_to_the_sidecar_handler(env: Env) -> None:
     assert s.interims == [{"v": 2, "ok": True, "mode": "sidecar", "interim": True}]
     assert reply == {"v": 2, "ok": True, "mode": "sidecar", "state": "enrolled"}
     assert env.r.pods[UID].reason != AGENT_REASON  # held by the eBPF sidecar path
+
+
+def test_bad_annotation_on_ebpf_is_refused_before_the_hand_off(env: Env) -> None:
+    s = Setup(env)
+    s.warm.backends = Named(env.backend, "ebpf")
+    env.set({}, pod(annotations={**SIDECAR, "traffic.sidecar.istio.io/excludeInboundPorts": "80,x"}))
+    reply = s.add(s.request(backend="ebpf"))
+    assert reply["code"] == 101 and s.interims == [] and UID not in env.r.pods

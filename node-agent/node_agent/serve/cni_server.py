@@ -5,6 +5,10 @@ back. Requests: ADD / DEL / CHECK from the plugin, plus STATUS for the status co
 `serve/cni_request.py`). ADD of an ambient pod answers only after the pod's netns is pinned, the proxy
 has acked the workload and the rules are in (`{"ok": true, "state": "enrolled"}`); every wait is bounded.
 The socket is created with mode 0600 (bound in a private directory, then renamed into place).
+Version 2 requests (the one-request ADD, `cni/contract/agent_add.py`, docs/plugin-agent.md) are validated
+by `serve/add_request.py`, their netns checked like an ADD's, and handed to `warm_add` (which may send an
+interim line before its answer); without a `warm_add` they are refused as unknown, as an agent that speaks
+only version 1 does.
 
 Limits (`serve/cni_admission.py`): the whole request line within `READ_TIMEOUT` of accept (one deadline,
 not one per read), the reply written within `SEND_TIMEOUT`, connections bounded per peer process, and

@@ -28,6 +28,7 @@ from cni.contract import agent_add, membership
 from cni.contract.annotations import sidecar_spec
 from cni.contract.errors import CniError
 from cni.contract.kube_objects import Namespace, Pod
+from cni.contract.spec import SidecarSpec
 from cni.kernel import flavour as flavour_mod
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.backends.iptables.backend import IptablesBackend
@@ -136,11 +137,19 @@ class WarmAdd:
             self._count("none")
             why = "interceptionMode NONE" if membership.interception_none(pod.annotations) else "not in the mesh"
             return agent_add.none_reply(f"{why} (agent's pod cache)")
-        if mode == "ambient" or req.backend == "ebpf":
+        spec: SidecarSpec | None = None
+        if mode == "sidecar":
+            try:
+                spec = sidecar_spec(pod.annotations)
+            except CniError as exc:  # refused before anything is done, with the plugin's error code
+                self._count("refused")
+                return agent_add.failed_reply("sidecar", f"{exc.msg}: {exc.details}" if exc.details else exc.msg,
+                                              retry=False, code=exc.code)
+        if spec is None or req.backend == "ebpf":
             log.info("%s pod: the agent holds it, the plugin waits for the outcome", mode, extra=ctx)
             interim(agent_add.interim_reply(mode))
             return self._held(mode, pod, req, ctx)
-        reply = self._sidecar(pod, req, ctx)
+        reply = self._sidecar(pod, spec, req, ctx)
         log.info("sidecar pod: %s", reply.get("state") or reply.get("error"),
                  extra={**ctx, "duration_ms": round((time.monotonic() - started) * 1000, 2)})
         return reply
@@ -172,13 +181,7 @@ class WarmAdd:
             return backend if backend.flavour == wanted else None
         return backend
 
-    def _sidecar(self, pod: Pod, req: WarmAddRequest, ctx: dict[str, Any]) -> dict[str, Any]:
-        try:
-            spec = sidecar_spec(pod.annotations)
-        except CniError as exc:
-            self._count("refused")
-            return agent_add.failed_reply("sidecar", f"{exc.msg}: {exc.details}" if exc.details else exc.msg,
-                                          retry=False, code=exc.code)
+    def _sidecar(self, pod: Pod, spec: SidecarSpec, req: WarmAddRequest, ctx: dict[str, Any]) -> dict[str, Any]:
         backend = self._backend(req)
         if backend is None:
             return self._standalone(f"the agent runs no {req.backend} backend like the plugin's", ctx)
