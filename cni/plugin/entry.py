@@ -122,7 +122,7 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
     prev, prev_version = prev_result(conf)
     out = cni_result.convert(prev, prev_version, conf.cni_version)
     netns_inode(env.netns)
-    if env.k8s.known and env.k8s.namespace not in conf.exclude_namespaces:
+    if env.k8s.known and env.k8s.namespace not in conf.exclude_namespaces and os.path.exists(conf.agent_socket):
         from cni.plugin.via_agent import add_via_agent
 
         if add_via_agent(env, conf, prev, log):  # a running agent decided, and applied the rules
