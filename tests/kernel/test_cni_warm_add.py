@@ -4,8 +4,8 @@ with a real agent in the node netns:
 - agent up: a sidecar pod's ADD is decided and applied by the agent (plugin log: "applied by the agent",
   no iptables/nft step of the plugin; agent status: held, drift watched); outbound TCP lands on 15001
   with the original destination; on nftables a dual-stack pod's ADD starts no process at all in the
-  agent (strace of the agent during the ADD); DEL removes the rules; a non-mesh pod is answered by the
-  agent;
+  agent (strace of the agent during the ADD); CHECK passes; DEL removes the rules; a non-mesh pod is
+  answered by the agent;
 - agent down (no socket, or a stale socket of a killed agent): the standalone path, quickly;
 - agent wedged (SIGSTOP) then killed during a sidecar ADD: the plugin falls back to its standalone path
   after the first-answer bound, the rules are in exactly once; an ambient pod the agent took and then
@@ -104,6 +104,7 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     assert 'headrace_agent_plugin_adds_total{outcome="sidecar"} 1.0' in metrics
     assert 'headrace_agent_plugin_adds_total{outcome="none"} 1.0' in metrics
     redirected(pod, peer)
+    node.runner().check(pod.container_id, pod.netns.path, args=pod.cni_args)  # the plugin reads them back
     node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)  # netns still there
     assert not our_rules(pod.netns.path, backend)
     wait_for(lambda: pod.uid not in agent.status() or agent.pod_state(pod.uid) == "none", 10, "agent let go")
