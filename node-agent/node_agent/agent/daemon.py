@@ -82,7 +82,8 @@ def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
 def make_hub(config: AgentConfig, gate: AdoptionGate | None = None) -> Hub:
     """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty; neither sends a
     snapshot before the gate opens (adoption complete)."""
-    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id, snapshot_gate=gate)
+    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id, snapshot_gate=gate,
+                        ack_timeout=config.ack_timeout)
     if config.zds_socket is None:
         return grpc_hub
     from node_agent.proxy.hub_fanout import HubFanout

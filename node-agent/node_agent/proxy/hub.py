@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -84,6 +85,7 @@ class ProxyHub:
         netns_fd_socket: str | None = None,
         max_workers: int = 6,
         hello_timeout: float = 10.0,
+        ack_timeout: float = 15.0,
         snapshot_gate: SnapshotGate | None = None,
     ) -> None:
         if not socket_path:
@@ -94,6 +96,7 @@ class ProxyHub:
         self.netns_fd_socket = side_channel_path(self.socket_path) if netns_fd_socket is None else netns_fd_socket
         self._max_workers = max_workers
         self.hello_timeout = hello_timeout
+        self.ack_timeout = ack_timeout  # a session whose oldest message stays unacked this long is ended
         self._gate: SnapshotGate = snapshot_gate or OpenGate()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -113,6 +116,7 @@ class ProxyHub:
         self.acks = 0
         self.nacks = 0
         self.refused = 0
+        self.ack_timeouts = 0
         self.last_proxy_id = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -128,6 +132,7 @@ class ProxyHub:
         server.start()
         self._server = server
         self._peers.start()
+        threading.Thread(target=self._ack_watchdog, name="proxy-hub-ack-watchdog", daemon=True).start()
         if self.netns_fd_socket:
             self._fd_server = NetnsFdServer(self.netns_fd_socket, self._lookup_desired,
                                             on_peer=lambda pid: self._peers.report(lambda: {pid}, "netns-fd"))
@@ -137,6 +142,7 @@ class ProxyHub:
     def stop(self, grace: float = 1.0) -> None:
         with self._lock:
             self._stopped = True
+            self._changed.notify_all()
             if self._session is not None:
                 self._close_session_locked(self._session, "hub stopping")
             failed = [w.future for ws in self._waiters.values() for w in ws]
@@ -227,6 +233,7 @@ class ProxyHub:
                 "acks": self.acks,
                 "nacks": self.nacks,
                 "refused": self.refused,
+                "ack_timeouts": self.ack_timeouts,
                 "workloads": len(self._desired),
                 "pending": sum(len(ws) for ws in self._waiters.values()),
                 "inflight": len(s.inflight) if (s is not None and live) else 0,
@@ -378,6 +385,21 @@ class ProxyHub:
                           snapshot_complete=pb.SnapshotComplete(count=len(self._desired)))
         self._changed.notify_all()
         _jlog(logging.INFO, "proxy_snapshot_sent", session=s.number, proxy_id=s.proxy_id, snapshot=len(self._desired))
+
+    def _ack_watchdog(self) -> None:
+        """End a session whose proxy stopped acking: it reconnects and gets a fresh snapshot, instead of
+        every later enrolment waiting on an ack that never comes."""
+        with self._changed:
+            while not self._stopped:
+                self._changed.wait(min(1.0, self.ack_timeout / 4))
+                s = self._session
+                if s is None or s.closed or not s.inflight:
+                    continue
+                seq, oldest = min(s.inflight.items(), key=lambda item: item[1].sent)
+                if time.monotonic() - oldest.sent > self.ack_timeout:
+                    self.ack_timeouts += 1
+                    self._close_session_locked(
+                        s, f"no ack for seq {seq} ({oldest.kind} {oldest.uid}) within {self.ack_timeout:g}s")
 
     def _end_session(self, s: Session, reason: str) -> None:
         with self._lock:

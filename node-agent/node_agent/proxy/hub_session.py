@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +27,7 @@ class Inflight:
     kind: Literal["add", "delete", "snapshot_complete"]
     uid: str
     op: int
+    sent: float = field(default_factory=time.monotonic)
 
 
 @dataclass
