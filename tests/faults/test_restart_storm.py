@@ -220,6 +220,10 @@ def not_enrolled(agent: ParityRun, pods: list[Pod]) -> str:
         if row.get("state") != "enrolled":
             lines = [line for line in log if pod.uid in line][-4:]
             out.append(f"{pod.name} {row.get('state')!r} ({row.get('reason')}): " + " | ".join(lines))
+    proxy = agent.proxy
+    if proxy is not None:
+        alive = "running" if proxy.poll() is None else f"exited {proxy.returncode}"
+        out.append(f"proxy {alive}, its last lines: " + " | ".join(agent.proxy_log().splitlines()[-3:]))
     return "; ".join(out)
 
 

@@ -41,6 +41,7 @@ from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
 from node_agent.serve.plugin_logs import PluginLogListener
 from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
+from node_agent.serve.proxy_metrics import ProxyProtocolCollector
 from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
 
@@ -121,6 +122,7 @@ class Agent:
         self.adoption_gate = AdoptionGate()
         self.hub: Hub = hub if hub is not None else make_hub(config, self.adoption_gate)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
+        self.metrics.registry.register(ProxyProtocolCollector(self.hub.status))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
         rules = node_rules if node_rules is not None else self._node_rules()
