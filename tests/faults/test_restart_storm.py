@@ -11,7 +11,7 @@ except while the restarted agent is still starting (those answers are reported, 
 
 HEADRACE_FAULT_SEED, HEADRACE_FAULT_ROUNDS and HEADRACE_FAULT_PODS change the seed (default 12), the rounds
 per backend (default 2 on iptables, 1 on nftables and on eBPF, whose agent start compiles its programs) and the pods per
-storm (30).
+storm (50).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.kernel]
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 SEED = int(os.environ.get("HEADRACE_FAULT_SEED", "12"))
 ROUNDS = {"iptables": 2, "nftables": 1, "ebpf": 1}
-PODS = int(os.environ.get("HEADRACE_FAULT_PODS", "30"))
+PODS = int(os.environ.get("HEADRACE_FAULT_PODS", "50"))
 STATUS_P95_LIMIT = float(os.environ.get("HEADRACE_STATUS_P95_LIMIT", "0.2"))
 
 
