@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -37,7 +36,7 @@ from node_agent.protocol.fd_channel import NetnsFdServer, side_channel_path
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
 from node_agent.protocol.workload import WorkloadInfo
-from node_agent.proxy.hub_session import Inflight, OpKind, Session, Waiter, settle
+from node_agent.proxy.hub_session import Inflight, Session, Waiter, drop_waiters, overdue_ack, settle, supersede
 from node_agent.proxy.peer_reports import PeerListener, PeerReports
 from node_agent.proxy.peers import client_pids
 from node_agent.reconcile.gate import OpenGate, SnapshotGate
@@ -170,7 +169,7 @@ class ProxyHub:
             op = self._next_op()
             self._desired[w.uid] = w
             self._latest_op[w.uid] = op
-            superseded = self._supersede_locked(w.uid, keep="add")
+            superseded = supersede(self._waiters, w.uid, keep="add")
             self._waiters.setdefault(w.uid, []).append(Waiter(op, "add", fut))
             s = self._session
             if s is not None and not s.closed and s.snapshot_sent:
@@ -189,7 +188,7 @@ class ProxyHub:
             op = self._next_op()
             self._desired.pop(uid, None)
             self._latest_op[uid] = op
-            superseded = self._supersede_locked(uid, keep="delete")
+            superseded = supersede(self._waiters, uid, keep="delete")
             self._waiters.setdefault(uid, []).append(Waiter(op, "delete", fut))
             s = self._session
             if s is not None and not s.closed and s.snapshot_sent:
@@ -258,14 +257,6 @@ class ProxyHub:
     def _next_op(self) -> int:
         self._op_now = next(self._ops)
         return self._op_now
-
-    def _supersede_locked(self, uid: str, keep: OpKind) -> list[futures.Future[None]]:
-        """Drop waiters of the other kind for uid (their operation was replaced); return their futures."""
-        ws = self._waiters.get(uid, [])
-        gone = [w.future for w in ws if w.kind != keep]
-        if gone:
-            self._waiters[uid] = [w for w in ws if w.kind == keep]
-        return gone
 
     def _send_locked(self, s: Session, what: Inflight, **body: Any) -> None:
         seq = s.next_seq
@@ -393,13 +384,10 @@ class ProxyHub:
             while not self._stopped:
                 self._changed.wait(min(1.0, self.ack_timeout / 4))
                 s = self._session
-                if s is None or s.closed or not s.inflight:
-                    continue
-                seq, oldest = min(s.inflight.items(), key=lambda item: item[1].sent)
-                if time.monotonic() - oldest.sent > self.ack_timeout:
+                overdue = overdue_ack(s, self.ack_timeout) if s is not None and not s.closed else ""
+                if s is not None and overdue:
                     self.ack_timeouts += 1
-                    self._close_session_locked(
-                        s, f"no ack for seq {seq} ({oldest.kind} {oldest.uid}) within {self.ack_timeout:g}s")
+                    self._close_session_locked(s, overdue)
 
     def _end_session(self, s: Session, reason: str) -> None:
         with self._lock:
@@ -444,24 +432,15 @@ class ProxyHub:
                         continue
                     covered = [w for w in ws if w.kind == "delete" and w.op <= what.op]
                     done += [(w.future, ProxyNack(error) if error else None) for w in covered]
-                    self._drop_waiters_locked(uid, covered)
+                    drop_waiters(self._waiters, uid, covered)
                 self._changed.notify_all()
             elif self._latest_op.get(what.uid) == what.op:
                 ws = self._waiters.get(what.uid, [])
                 hit = [w for w in ws if w.kind == what.kind and w.op <= what.op]
                 done += [(w.future, ProxyNack(error) if error else None) for w in hit]
-                self._drop_waiters_locked(what.uid, hit)
+                drop_waiters(self._waiters, what.uid, hit)
                 if what.kind == "delete" and what.uid not in self._desired:
                     self._latest_op.pop(what.uid, None)
         for fut, exc in done:
             settle(fut, exc)
-
-    def _drop_waiters_locked(self, uid: str, gone: list[Waiter]) -> None:
-        if not gone:
-            return
-        rest = [w for w in self._waiters.get(uid, []) if w not in gone]
-        if rest:
-            self._waiters[uid] = rest
-        else:
-            self._waiters.pop(uid, None)
 
