@@ -9,11 +9,15 @@ nat chain at an earlier priority that binds a DNAT first; an iptables-nft raw NO
 tables are foreign to this backend), our chain altered (a `return` on top) or emptied, our table flushed
 or deleted, a changed policy on one of our base chains. eBPF: a program detached from the pod cgroup, a
 foreign program attached to the pod cgroup beside ours at the same hook (it runs after ours and can
-rewrite the destination back).
+rewrite the destination back); on the sidecar pod's inbound (TC) a foreign filter ahead of ours on the
+pod interface's ingress: a u32 match-all without action (TC_ACT_OK) at a lower pref, a direct-action program returning
+TC_ACT_OK at a lower pref or at ours under another handle, and a tcx program (runs before every clsact
+filter) — each one lets inbound connections reach the app past the proxy (mode `sidecar-in`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -50,10 +54,18 @@ class World:
             "ambient": node.add_pod("mesh", "amb"),
             "sidecar": node.add_pod("plain", "sc", annotations=SIDECAR),
         }
+        self.pods["sidecar-in"] = self.pods["sidecar"]  # the same pod, its inbound (TC on eBPF)
+        start_app(self.pods["sidecar"].netns.path, "scapp", apps)  # reached directly when inbound is bypassed
 
     def proxied(self, mode: str, payload: bytes) -> bool:
         """One real connection from the pod (inside its cgroup) to the server: did it go through the proxy?"""
         pod = self.pods[mode]
+        if mode == "sidecar-in":
+            try:
+                reply = tcp_request(self.server.netns.path, pod.ipv4, PORT, payload, timeout=0.7)
+                return reply == b"inbound|" + payload
+            except OSError:
+                return False
         if mode == "sidecar":
             try:
                 reply = tcp_request(pod.netns.path, self.server.ipv4, PORT, payload, timeout=0.7, cgroup=pod.cgroup)
@@ -92,7 +104,9 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             agent.use_backend(backend)
             agent.extra += ["--drift-interval", "1"]  # the agent's default interval
             w = World(backend, node, agent, apps)
-            with Listener(w.pods["sidecar"].netns.path, 15001, label="outbound"):  # the sidecar's Envoy
+            sc = w.pods["sidecar"]
+            with Listener(sc.netns.path, 15001, label="outbound"), \
+                    Listener(sc.netns.path, 15006, cgroup=sc.cgroup, label="inbound"):  # the sidecar's Envoy
                 wait_for(lambda: w.agent.pod_state(w.pods["ambient"].uid) == "enrolled", 30, "ambient enrolled")
                 wait_for(lambda: (w.agent.status().get(w.pods["sidecar"].uid) or {}).get("state") == "enrolled",
                          30, "plugin sidecar pod taken over by the agent")
@@ -158,6 +172,66 @@ def foreign_connect4(w: World, mode: str) -> list[list[str]]:
 
 
 Tamper = Callable[[World, str], list[list[str]]]
+
+
+def pod_ifaces(w: World, mode: str) -> list[tuple[int, str]]:
+    links = json.loads(run(["nsenter", f"--net={w.pods[mode].netns.path}", "ip", "-j", "link", "show"]).stdout)
+    return [(int(link["ifindex"]), str(link["ifname"])) for link in links if link["ifname"] != "lo"]
+
+
+def tc_ok_program() -> int:
+    """A direct-action TC program that returns TC_ACT_OK (0, also tcx's TCX_PASS) for every packet."""
+    from node_agent.backends.ebpf import bpfsys
+
+    return bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, _insn(0xB7, dst=0, imm=0) + _insn(0x95), "hrfault_tcok", 0)
+
+
+def foreign_tc_program(prio: int, handle: int) -> Tamper:
+    """A foreign direct-action filter (TC_ACT_OK) on the pod interfaces' ingress at prio/handle."""
+
+    def tamper(w: World, mode: str) -> list[list[str]]:
+        from node_agent.backends.ebpf import tc
+
+        from cni.kernel.netns import run_in_thread
+
+        prog = tc_ok_program()
+
+        def work() -> None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                for index, _name in pod_ifaces(w, mode):
+                    ipr.tc("add-filter", "bpf", index, handle, fd=prog, name="hrfault_tcok", parent=tc.INGRESS_PARENT,
+                           classid=1, direct_action=True, prio=prio)
+
+        try:
+            run_in_thread(w.pods[mode].netns.path, work, name="fault-tc")
+        finally:
+            os.close(prog)
+        return []
+
+    return tamper
+
+
+def foreign_tcx(w: World, mode: str) -> list[list[str]]:
+    """A tcx ingress program that passes every packet: it runs before every clsact filter."""
+    from node_agent.backends.ebpf import bpfsys
+
+    from cni.kernel.netns import run_in_thread
+
+    prog = tc_ok_program()
+    try:
+        run_in_thread(w.pods[mode].netns.path, lambda: [bpfsys.prog_attach(prog, index, bpfsys.ATTACH_TCX_INGRESS, 0)
+                                                        for index, _n in pod_ifaces(w, mode)], name="fault-tcx")
+    finally:
+        os.close(prog)
+    return []
+
+
+def tc_del_pref(prio: int) -> Tamper:
+    return lambda w, m: [["tc", "filter", "del", "dev", name, "ingress", "pref", str(prio)]
+                         for _i, name in pod_ifaces(w, m)]
+
 # backend → class → (modes, tamper (argv lists run in the pod netns), cleanup of what is not ours)
 CLASSES: dict[str, dict[str, tuple[tuple[str, ...], Tamper, Tamper]]] = {
     "nftables": {
@@ -215,6 +289,27 @@ CLASSES: dict[str, dict[str, tuple[tuple[str, ...], Tamper, Tamper]]] = {
         "foreign program after ours": (
             ("ambient", "sidecar"),
             foreign_connect4,
+            lambda w, m: [],
+        ),
+        "foreign tc u32 match-all at a lower pref": (  # no action: its verdict is TC_ACT_OK
+            ("sidecar-in",),
+            lambda w, m: [["tc", "filter", "add", "dev", name, "ingress", "pref", "1", "protocol", "all", "u32",
+                           "match", "u32", "0", "0", "classid", "1:1"] for _i, name in pod_ifaces(w, m)],
+            tc_del_pref(1),
+        ),
+        "foreign tc program returning OK at a lower pref": (
+            ("sidecar-in",),
+            foreign_tc_program(1, 1),
+            tc_del_pref(1),
+        ),
+        "foreign tc program at our pref, other handle": (
+            ("sidecar-in",),
+            foreign_tc_program(0x4852, 2),
+            lambda w, m: [],
+        ),
+        "foreign tcx program": (
+            ("sidecar-in",),
+            foreign_tcx,
             lambda w, m: [],
         ),
     },
