@@ -220,9 +220,14 @@ def foreign_tcx(w: World, mode: str) -> list[list[str]]:
     from cni.kernel.netns import run_in_thread
 
     prog = tc_ok_program()
+    ifaces = pod_ifaces(w, mode)
+
+    def work() -> None:
+        for index, _name in ifaces:
+            bpfsys.prog_attach(prog, index, bpfsys.ATTACH_TCX_INGRESS, 0)
+
     try:
-        run_in_thread(w.pods[mode].netns.path, lambda: [bpfsys.prog_attach(prog, index, bpfsys.ATTACH_TCX_INGRESS, 0)
-                                                        for index, _n in pod_ifaces(w, mode)], name="fault-tcx")
+        run_in_thread(w.pods[mode].netns.path, work, name="fault-tcx")
     finally:
         os.close(prog)
     return []
