@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 STATES = ("enrolled", "pending", "failed")
@@ -34,6 +34,34 @@ class IptablesCheckCollector:
             "In-process (python-iptables) reads that failed; the check fell back to iptables-save.")
         errors.add_metric([], counts.get("read_errors", 0))
         yield errors
+
+
+class EbpfParentCollector:
+    """Exports what the eBPF drift check found on pods' ancestor cgroups (node_agent.backends.ebpf.parent_alerts):
+    `headrace_agent_ebpf_parent_program_pods` (pods whose ancestor cgroups now hold a program that can override
+    the redirect) and `headrace_agent_ebpf_parent_program_alerts_total` (such findings since start)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        pods = GaugeMetricFamily(
+            "headrace_agent_ebpf_parent_program_pods",
+            "Pods whose parent cgroups hold an eBPF program that can override the redirect (reported, not removed).")
+        pods.add_metric([], counts.get("pods", 0))
+        yield pods
+        alerts = CounterMetricFamily(
+            "headrace_agent_ebpf_parent_program_alerts",
+            "eBPF programs found on pods' parent cgroups that can override the redirect (one per pod and program).")
+        alerts.add_metric([], counts.get("alerts", 0))
+        yield alerts
+
+
+def _ebpf_parent_counts() -> Mapping[str, int]:
+    from node_agent.backends.ebpf.parent_alerts import ALERTS
+
+    return ALERTS.snapshot()
 
 
 def _iptables_check_counts() -> Mapping[str, int]:
@@ -69,6 +97,7 @@ class AgentMetrics:
         self.build_info.labels(version=build_version(), python=platform.python_version()).set(1)
         # iptables_checks: the drift-check counts to export (default: the process's iptables backend)
         self.registry.register(IptablesCheckCollector(iptables_checks or _iptables_check_counts))
+        self.registry.register(EbpfParentCollector(_ebpf_parent_counts))
         self.enrolments = Counter(
             "headrace_agent_enrolments", "Pods enrolled (rules in and proxy acked).", registry=self.registry)
         self.failures = Counter(

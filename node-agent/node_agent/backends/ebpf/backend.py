@@ -8,7 +8,8 @@ backend (the iptables backend) with an "inbound only" spec. ambient_inbound: the
 ambient pods' inbound even then (its CONNMARK + policy routing return the replies of the node proxy's
 original-source connections to the proxy; TC has no connection marks).
 Foreign programs on the pod cgroup at our hooks, and foreign TC filters or tcx programs that run before
-ours, are drift, removed by the apply (`foreign_progs`, `tc_foreign`).
+ours, are drift, removed by the apply (`foreign_progs`, `tc_foreign`). Programs on the pod cgroup's
+ancestors that can override ours are reported by the check, never removed (`parent_progs`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from node_agent.backends.base import BackendError, PodRules, PodTarget, Redirect
 from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, pod_state, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
 from node_agent.backends.ebpf.foreign_progs import detach_foreign
+from node_agent.backends.ebpf.parent_alerts import ALERTS
+from node_agent.backends.ebpf.parent_progs import watch_parents
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
 log = logging.getLogger("headrace.backend.ebpf")
@@ -400,6 +403,7 @@ class EbpfBackend(RedirectBackend):
         with self._lock:
             mode = self._pinned_mode(target)
             self._remove_ebpf(target)
+            ALERTS.clear(target.uid)
             if self.inbound is not None:
                 self.inbound.remove(target)
             elif self.ambient_inbound is not None and mode != maps.MODE_SIDECAR:
@@ -423,6 +427,7 @@ class EbpfBackend(RedirectBackend):
                     wanted = cgroup_programs.wanted_programs(spec)
                     tc_wanted = wants_tc(spec, in_ebpf)
                     problems += pod_state.problems(pdir, cg, wanted, gen, target.netns_path, tc_wanted)
+                    watch_parents(target.uid, cg, pdir, wanted, [self.orig_dst.pinned_path(root)])
                 except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
                     problems.append(f"cannot read eBPF state: {e}")
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
