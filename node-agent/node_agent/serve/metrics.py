@@ -58,6 +58,35 @@ class EbpfParentCollector:
         yield alerts
 
 
+# admission counter (serve/cni_admission.py Admission.counts) → the `reason` label of the refusals
+REFUSAL_REASONS = {"refused_peer": "peer_limit", "refused_busy": "busy", "evictions": "evicted",
+                   "deadlines": "deadline"}
+
+
+class PluginAdmissionCollector:
+    """Exports the plugin socket's admission counts: `headrace_agent_plugin_requests_refused_total{reason}`
+    (peer_limit: too many connections from one process; busy: every handling slot taken; evicted: a slow
+    reader dropped to make room; deadline: the request line not complete in time) and
+    `headrace_agent_plugin_connections{phase}` (reading / handling now)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        refused = CounterMetricFamily(
+            "headrace_agent_plugin_requests_refused",
+            "Plugin-socket connections answered without being handled, by reason.", labels=["reason"])
+        for key, reason in REFUSAL_REASONS.items():
+            refused.add_metric([reason], counts.get(key, 0))
+        yield refused
+        conns = GaugeMetricFamily(
+            "headrace_agent_plugin_connections", "Plugin-socket connections now, by phase.", labels=["phase"])
+        for phase in ("reading", "handling"):
+            conns.add_metric([phase], counts.get(phase, 0))
+        yield conns
+
+
 def _ebpf_parent_counts() -> Mapping[str, int]:
     from node_agent.backends.ebpf.parent_alerts import ALERTS
 
@@ -126,6 +155,10 @@ class AgentMetrics:
             self.proxy_connected.set_function(lambda: 1.0 if proxy_connected() else 0.0)
         for state in STATES:
             self.pods.labels(state=state).set(0)
+
+    def watch_plugin_admission(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """headrace_agent_plugin_requests_refused_total / _plugin_connections from the plugin socket."""
+        self.registry.register(PluginAdmissionCollector(counts))
 
     def watch_pods_without_proxy(self, count: Callable[[], int]) -> None:
         """headrace_agent_pods_proxy_disconnected from the reconciler's published state."""
