@@ -32,6 +32,7 @@ from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 from node_agent.backends.ebpf.parent_alerts import ALERTS  # noqa: E402
 from node_agent.reconcile.status import StatusBoard  # noqa: E402
 from node_agent.serve.metrics import AgentMetrics  # noqa: E402
+from node_agent.serve.status_client import state_text  # noqa: E402
 
 SPEC = SidecarSpec(include_inbound_ports=())
 
@@ -111,6 +112,7 @@ def test_parent_cgroup_program_is_reported_not_removed(env: PodEnv, backend: Ebp
         board.publish([{"uid": target.uid, "mode": "sidecar", "state": "enrolled", "reason": ""}])
         row = board.rows()[0]
         assert row["alerts"] == list(found) and "can override the redirect" in row["reason"]
+        assert state_text(row) == f"enrolled ({found[0]})"  # what `headrace status` prints
         text = _metrics()
         assert "headrace_agent_ebpf_parent_program_pods 1.0" in text
         assert _value(text, "headrace_agent_ebpf_parent_program_alerts_total") >= 1
