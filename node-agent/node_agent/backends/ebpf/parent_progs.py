@@ -16,7 +16,7 @@ reason and `headrace_agent_ebpf_parent_program_*` metrics) and leaves the decisi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, loader, pinning
@@ -76,26 +76,26 @@ def _name(prog_id: int) -> str:
         os.close(fd)
 
 
-def found(cg: Path, wanted: Iterable[str], ours: set[int]) -> list[str]:
+def found(cg: Path, wanted: Iterable[str], ours: Callable[[], set[int]]) -> list[str]:
     """One line per program that runs for the pod cgroup at a checked hook, is not attached to the pod
-    cgroup itself and is not one of ours."""
-    out: list[str] = []
+    cgroup itself and is not one of ours (ours: read only when something else runs)."""
+    candidates: list[tuple[int, int]] = []
     with Cgroup(cg) as c:
         for atype in checked_types(wanted):
             own = set(c.attached(atype))
-            for pid in bpfsys.prog_query(c.fd, atype, bpfsys.F_QUERY_EFFECTIVE):
-                if pid in own or pid in ours:
-                    continue
-                holder = _holder(cg, pid, atype)
-                out.append(f"eBPF program id {pid} ({_name(pid)}) on parent cgroup {holder or '?'} at "
-                           f"cgroup/{HOOK_NAMES[atype]} runs for the pod's sockets and can override the redirect")
-    return out
+            candidates += [(pid, atype) for pid in bpfsys.prog_query(c.fd, atype, bpfsys.F_QUERY_EFFECTIVE)
+                           if pid not in own]
+    if not candidates:
+        return []
+    mine = ours()
+    return [f"eBPF program id {pid} ({_name(pid)}) on parent cgroup {_holder(cg, pid, atype) or '?'} at "
+            f"cgroup/{HOOK_NAMES[atype]} runs for the pod's sockets and can override the redirect"
+            for pid, atype in candidates if pid not in mine]
 
 
 def watch_parents(pod: str, cg: Path, pdir: Path, wanted: tuple[str, ...], node_pins: Iterable[Path]) -> None:
     """The drift check's part: record what runs from the ancestors now (a failed read records nothing new)."""
     try:
-        ours = pinned_ids([*(pdir / n for n in wanted), *node_pins])
-        ALERTS.update(pod, found(cg, wanted, ours))
+        ALERTS.update(pod, found(cg, wanted, lambda: pinned_ids([*(pdir / n for n in wanted), *node_pins])))
     except (CgroupError, bpfsys.BpfSysError, OSError):
         return
