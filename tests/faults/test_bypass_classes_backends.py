@@ -12,7 +12,9 @@ foreign program attached to the pod cgroup beside ours at the same hook (it runs
 rewrite the destination back); on the sidecar pod's inbound (TC) a foreign filter ahead of ours on the
 pod interface's ingress: a u32 match-all without action (TC_ACT_OK) at a lower pref, a direct-action program returning
 TC_ACT_OK at a lower pref or at ours under another handle, and a tcx program (runs before every clsact
-filter) — each one lets inbound connections reach the app past the proxy (mode `sidecar-in`).
+filter) — each one lets inbound connections reach the app past the proxy (mode `sidecar-in`); the same
+program on egress, ahead of our reverse port rewrite (the replies leave from the proxy's port: the peer
+resets the connection).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class World:
         pod = self.pods[mode]
         if mode == "sidecar-in":
             try:
-                reply = tcp_request(self.server.netns.path, pod.ipv4, PORT, payload, timeout=0.7)
+                # a short timeout: a broken inbound (replies from the wrong port) hangs rather than fails
+                reply = tcp_request(self.server.netns.path, pod.ipv4, PORT, payload, timeout=0.4)
                 return reply == b"inbound|" + payload
             except OSError:
                 return False
@@ -186,8 +189,8 @@ def tc_ok_program() -> int:
     return bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, _insn(0xB7, dst=0, imm=0) + _insn(0x95), "hrfault_tcok", 0)
 
 
-def foreign_tc_program(prio: int, handle: int) -> Tamper:
-    """A foreign direct-action filter (TC_ACT_OK) on the pod interfaces' ingress at prio/handle."""
+def foreign_tc_program(prio: int, handle: int, egress: bool = False) -> Tamper:
+    """A foreign direct-action filter (TC_ACT_OK) on the pod interfaces' ingress (or egress) at prio/handle."""
 
     def tamper(w: World, mode: str) -> list[list[str]]:
         from node_agent.backends.ebpf import tc
@@ -201,8 +204,9 @@ def foreign_tc_program(prio: int, handle: int) -> Tamper:
 
             with IPRoute() as ipr:
                 for index, _name in pod_ifaces(w, mode):
-                    ipr.tc("add-filter", "bpf", index, handle, fd=prog, name="hrfault_tcok", parent=tc.INGRESS_PARENT,
-                           classid=1, direct_action=True, prio=prio)
+                    ipr.tc("add-filter", "bpf", index, handle, fd=prog, name="hrfault_tcok",
+                           parent=tc.EGRESS_PARENT if egress else tc.INGRESS_PARENT, classid=1, direct_action=True,
+                           prio=prio)
 
         try:
             run_in_thread(w.pods[mode].netns.path, work, name="fault-tc")
@@ -311,6 +315,11 @@ CLASSES: dict[str, dict[str, tuple[tuple[str, ...], Tamper, Tamper]]] = {
             ("sidecar-in",),
             foreign_tc_program(0x4852, 2),
             lambda w, m: [],
+        ),
+        "foreign tc program returning OK on egress": (  # replies leave with the proxy's port: reset
+            ("sidecar-in",),
+            foreign_tc_program(1, 1, egress=True),
+            lambda w, m: [["tc", "filter", "del", "dev", name, "egress", "pref", "1"] for _i, name in pod_ifaces(w, m)],
         ),
         "foreign tcx program": (
             ("sidecar-in",),
