@@ -14,7 +14,8 @@ pod interface's ingress: a u32 match-all without action (TC_ACT_OK) at a lower p
 TC_ACT_OK at a lower pref or at ours under another handle, and a tcx program (runs before every clsact
 filter) — each one lets inbound connections reach the app past the proxy (mode `sidecar-in`); the same
 program on egress, ahead of our reverse port rewrite (the replies leave from the proxy's port: the peer
-resets the connection).
+resets the connection). Not a repair but a report: a connect4 program on the pods' parent cgroup, which
+the running agent reports within 2 s and leaves attached (not ours).
 """
 
 from __future__ import annotations
@@ -365,3 +366,56 @@ def test_bypass_is_repaired_within_2s(world: World, fault: str, mode: str) -> No
     finally:
         for argv in cleanup(w, mode):
             run(["nsenter", f"--net={pod.netns.path}", *argv], check=False)
+
+
+@pytest.mark.parametrize("world", ["ebpf"], indirect=True)
+def test_parent_cgroup_program_is_reported_not_removed(world: World) -> None:
+    """A connect4 program on the pods' parent cgroup (`kubepods`), attached with BPF_F_ALLOW_MULTI, runs
+    after ours for every pod below and sends connections straight to the server. Not ours to remove: the
+    running agent reports it within 2 s (metrics, `status` reason, log) and leaves it attached; once its
+    owner detaches it, the report clears and traffic goes through the proxy again."""
+    from node_agent.backends.ebpf import bpfsys
+
+    w = world
+    assert wait_for(lambda: w.proxied("sidecar", b"before"), 10, "traffic through the proxy before")
+    pod_cg = w.pods["sidecar"].pod_cgroup
+    assert pod_cg is not None
+    parent = Path(pod_cg).parent
+    ip = _u32_imm(socket.inet_aton(w.server.ipv4))
+    port = _u32_imm(struct.pack(">H", PORT) + b"\0\0")
+    insns = b"".join([_insn(0xB7, dst=2, imm=ip), _insn(0x63, dst=1, src=2, off=4), _insn(0xB7, dst=2, imm=port),
+                      _insn(0x63, dst=1, src=2, off=24), _insn(0xB7, dst=0, imm=1), _insn(0x95)])
+    prog = bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, insns, "hrfault_parent4",
+                            bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+    cgfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    repairs = w.agent.metric("headrace_agent_drift_repairs_total")
+    attached = False
+    try:
+        bpfsys.prog_attach(prog, cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT, bpfsys.F_ALLOW_MULTI)
+        attached = True
+        t0 = time.monotonic()
+        assert not w.proxied("sidecar", b"bypassed")  # straight to the server
+        reported = _eventually(lambda: w.agent.metric("headrace_agent_ebpf_parent_program_pods") >= 2, 5.0)
+        took = time.monotonic() - t0
+        row = w.agent.status()[w.pods["sidecar"].uid]
+        still = bpfsys.prog_info(prog).prog_id in bpfsys.prog_query(cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+        violations = (not reported) + (took > REPAIR_LIMIT) + (not still)
+        record("parent-cgroup connect4 program reported, not removed (ebpf)", 1, violations,
+               f"reported after {round(took, 2)} s")
+        assert reported and took <= REPAIR_LIMIT, f"reported after {took:.2f} s"
+        assert f"on parent cgroup {parent} at cgroup/connect4" in row["reason"], row
+        assert row["state"] == "enrolled" and row["alerts"]
+        assert still, "the agent removed a program of the node's parent cgroup"
+        assert w.agent.metric("headrace_agent_ebpf_parent_program_alerts_total") >= 2
+        assert w.agent.metric("headrace_agent_drift_repairs_total") == repairs  # nothing of ours to repair
+        assert "ebpf-parent-cgroup" in w.agent.agent_log()
+        bpfsys.prog_detach(prog, cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+        attached = False
+        assert _eventually(lambda: w.agent.metric("headrace_agent_ebpf_parent_program_pods") == 0, 5.0)
+        assert "alerts" not in w.agent.status()[w.pods["sidecar"].uid]
+        assert wait_for(lambda: w.proxied("sidecar", b"after"), 5, "traffic through the proxy again")
+    finally:
+        if attached:
+            bpfsys.prog_detach(prog, cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+        os.close(cgfd)
+        os.close(prog)
