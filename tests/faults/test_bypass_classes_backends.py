@@ -342,6 +342,7 @@ def test_bypass_is_repaired_within_2s(world: World, fault: str, mode: str) -> No
     assert wait_for(lambda: w.proxied(mode, b"before"), 10, "traffic through the proxy before the fault")
     state = ours(pod, backend)
     repairs = w.agent.metric("headrace_agent_drift_repairs_total")
+    logged = w.agent.agent_log().count("ebpf-foreign-tc")
     for argv in tamper(w, mode):
         run(["nsenter", f"--net={pod.netns.path}", *argv])
     t0 = time.monotonic()
@@ -363,6 +364,8 @@ def test_bypass_is_repaired_within_2s(world: World, fault: str, mode: str) -> No
         assert back <= REPAIR_LIMIT, f"{fault}: back through the proxy only after {back:.2f} s"
         assert same, f"{fault}: our state differs after the repair: {ours(pod, backend)} != {state}"
         assert counted, f"{fault}: the repair was not counted"
+        if mode == "sidecar-in":  # what was removed is logged
+            assert w.agent.agent_log().count("ebpf-foreign-tc") > logged, "the removal was not logged"
     finally:
         for argv in cleanup(w, mode):
             run(["nsenter", f"--net={pod.netns.path}", *argv], check=False)
