@@ -143,6 +143,7 @@ class Agent:
             str(config.cni_socket), self.duties.status_view(self.reconciler), add_timeout=config.cni_add_timeout,
             resolve_uid=self._resolve_uid, extra_status=self._extra_status,
         )
+        self.metrics.watch_plugin_admission(self.cni.admission.counts)
         self.health: HealthServer | None = None
         self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
