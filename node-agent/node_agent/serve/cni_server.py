@@ -184,6 +184,7 @@ class CniServer:
                 self._send(conn, events.failure_reply("request too long", retry=False))
                 return
             except TimeoutError:
+                self.admission.timed_out()
                 self._send(conn, events.failure_reply("request not received in time", retry=True))
                 return
             except OSError:
