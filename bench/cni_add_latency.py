@@ -1,15 +1,18 @@
 """CNI ADD latency: headrace-cni's ADD next to the reference bridge plugin's ADD in the same chain.
 
-    .venv/bin/python bench/cni_add_latency.py [--runs 20] [--flavours legacy,nft]
+    .venv/bin/python bench/cni_add_latency.py [--runs 30] [--backends legacy,nft,nftables] [--agent both]
 
-For each iptables flavour a simulated node (its own netns; node_agent.lab) runs the chain
-bridge + host-local + headrace-cni the way a runtime does (libcni semantics, every plugin a fresh process
-exec'd inside the node netns). Each run adds (and then deletes) one sidecar pod (annotation
-`sidecar.istio.io/status`: headrace-cni installs the redirect) and one non-mesh pod (headrace-cni only
-looks the pod up), side by side. Printed: median and p90 wall time per plugin and command, and the ratio
-of medians headrace-cni ADD / bridge ADD; for context the start-up of a bare `python3 -c pass`, of
-`headrace-cni` answering VERSION, and of `nsenter --net` itself. No assertions: it prints a table.
-Everything (pods, netns, the node's bridge, files) is removed at the end, also on Ctrl-C.
+For each backend (iptables-legacy, iptables-nft, nftables) a simulated node (its own netns; node_agent.lab)
+runs the chain bridge + host-local + headrace-cni the way a runtime does (libcni semantics, every plugin a
+fresh process exec'd inside the node netns; headrace-cni through the `python -IS` launcher `headrace
+install-cni` lays). `--agent`: `up` runs `headrace agent` (same backend) on the node, so the plugin sends
+its one-request ADD and the agent decides and applies; `down` has no agent (the plugin's standalone path:
+pod lookup, iptables-restore / `nft -f`); `both` measures the two on the same node, one after the other.
+Each run adds (and then deletes) one sidecar pod (annotation `sidecar.istio.io/status`) and one non-mesh
+pod, side by side. Printed: median and p90 wall time per plugin and command, and the ratio of medians
+headrace-cni ADD / bridge ADD; for context the start-up of a bare `python3 -IS -c pass`, of `headrace-cni`
+answering VERSION, and of `nsenter --net` itself. No assertions: it prints a table.
+Everything (agent, pods, netns, the node's bridge, files) is removed at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from node_agent.lab.agent_run import AgentRun
 from node_agent.lab.cni_runner import CniInvocationError, CniRunner
 from node_agent.lab.netns import NetNS
 from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
@@ -40,6 +44,13 @@ from cni.rules import builder, transition
 SIDECAR_ANNOTATIONS = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 KINDS = ("sidecar", "non-mesh")
 FLAVOURS = ("legacy", "nft")
+# backend label -> (headrace-cni conflist fields, `headrace agent` arguments)
+BACKENDS: dict[str, tuple[dict[str, str], list[str]]] = {
+    "legacy": ({"backend": "iptables", "iptables": "legacy"}, ["--backend", "iptables", "--iptables", "legacy"]),
+    "nft": ({"backend": "iptables", "iptables": "nft"}, ["--backend", "iptables", "--iptables", "nft"]),
+    "nftables": ({"backend": "nftables"}, ["--backend", "nftables"]),
+}
+AGENT_MODES = {"up": (True,), "down": (False,), "both": (False, True)}
 PLUGINS = ("bridge", "headrace-cni")
 
 
@@ -86,14 +97,15 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
-def result_rows(results: dict[tuple[str, str], Samples]) -> list[list[str]]:
+def result_rows(results: dict[tuple[str, str, str], Samples]) -> list[list[str]]:
     rows = []
-    for (flavour, kind), s in results.items():
+    for (flavour, agent, kind), s in results.items():
         b_add, h_add = s.get("bridge", "ADD"), s.get("headrace-cni", "ADD")
         b_del, h_del = s.get("bridge", "DEL"), s.get("headrace-cni", "DEL")
         rows.append(
             [
                 flavour,
+                agent,
                 kind,
                 str(len(h_add)),
                 ms(percentile(b_add, 50)),
@@ -109,7 +121,8 @@ def result_rows(results: dict[tuple[str, str], Samples]) -> list[list[str]]:
 
 
 RESULT_HEADER = [
-    "iptables",
+    "backend",
+    "agent",
     "pod",
     "runs",
     "bridge ADD p50 ms",
@@ -149,21 +162,40 @@ def one_cycle(node: SimNode, runner: CniRunner, kind: str, run: int, samples: Sa
     (node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
 
 
-def measure_flavour(
-    root: Path, flavour: str, runs: int, nodes: list[SimNode], progress: Callable[[str], None]
-) -> dict[str, Samples]:
-    node = SimNode.create(root / flavour, headrace={"iptables": flavour})
+def measure_backend(
+    root: Path, backend: str, agent_modes: Sequence[bool], runs: int, nodes: list[SimNode],
+    agents: list[AgentRun], progress: Callable[[str], None],
+) -> dict[tuple[str, str], Samples]:
+    """(agent up/down, pod kind) -> samples on one node of this backend. With both, one agent runs and the
+    "down" chain names an agent socket that does not exist, and each run measures both, side by side."""
+    conf, agent_args = BACKENDS[backend]
+    node = SimNode.create(root / backend, headrace=dict(conf))
     nodes.append(node)
     node.add_namespace("bench")
-    runner = node.runner()
-    out = {kind: Samples() for kind in KINDS}
-    # One warm-up cycle per kind (page cache, first nft table set-up), not recorded.
-    for kind in KINDS:
-        one_cycle(node, runner, kind, -1, Samples())
+    runners: dict[str, CniRunner] = {}
+    for up in agent_modes:
+        if up:
+            runners["up"] = node.runner()
+        else:
+            conflist = node.conflist()
+            conflist["plugins"][-1]["agent_socket"] = str(root / f"no-agent-{backend}.sock")
+            runners["down"] = CniRunner(conflist, node.cni_path, node.root / "cache", run_netns=node.netns.path)
+    if "up" in runners:
+        agent = AgentRun(node.netns.path, node.objects_dir, root / f"agent-{backend}", state_dir=node.state_dir,
+                         cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
+                         extra=[*agent_args, "--log-level", "warning"])
+        agents.append(agent)
+        agent.start_agent()
+    out = {(label, kind): Samples() for label in runners for kind in KINDS}
+    # One warm-up cycle per chain and kind (page cache, first nft table set-up), not recorded.
+    for runner in runners.values():
+        for kind in KINDS:
+            one_cycle(node, runner, kind, -1, Samples())
     for i in range(runs):
-        for kind in KINDS:  # side by side: each run does both kinds
-            one_cycle(node, runner, kind, i, out[kind])
-        progress(f"{flavour}: {i + 1}/{runs}")
+        for label, runner in runners.items():  # side by side: each run does every chain and kind
+            for kind in KINDS:
+                one_cycle(node, runner, kind, i, out[(label, kind)])
+        progress(f"{backend}: {i + 1}/{runs}")
     return out
 
 
@@ -232,12 +264,16 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=20, help="ADD+DEL cycles per pod kind and flavour (>=1)")
-    parser.add_argument("--flavours", default=",".join(FLAVOURS), help="comma-separated: legacy,nft")
+    parser.add_argument("--runs", type=int, default=30, help="ADD+DEL cycles per pod kind, backend, agent (>=1)")
+    parser.add_argument("--backends", "--flavours", default=",".join(BACKENDS),
+                        help="comma-separated: legacy,nft (iptables flavours), nftables")
+    parser.add_argument("--agent", choices=sorted(AGENT_MODES), default="both",
+                        help="headrace agent running on the node (up), not (down), or both")
     args = parser.parse_args(argv)
-    flavours = [f for f in args.flavours.split(",") if f]
-    if args.runs < 1 or any(f not in FLAVOURS for f in flavours) or not flavours:
-        parser.error("--runs must be >= 1 and --flavours a list of legacy, nft")
+    backends = [f for f in args.backends.split(",") if f]
+    if args.runs < 1 or any(f not in BACKENDS for f in backends) or not backends:
+        parser.error("--runs must be >= 1 and --backends a list of legacy, nft, nftables")
+    flavours = [b for b in backends if b in FLAVOURS]
     if not HEADRACE_CNI.exists():
         parser.error(f"{HEADRACE_CNI} not found: run `make setup` first")
     signal.signal(signal.SIGTERM, _interrupt)
@@ -245,20 +281,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="hrbench-"))
     nodes: list[SimNode] = []
-    results: dict[tuple[str, str], Samples] = {}
+    agents: list[AgentRun] = []
+    results: dict[tuple[str, str, str], Samples] = {}
 
     def progress(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, end="\r", flush=True)
 
     try:
-        for flavour in flavours:
-            for kind, s in measure_flavour(root, flavour, args.runs, nodes, progress).items():
-                results[(flavour, kind)] = s
+        for backend in backends:
+            measured = measure_backend(root, backend, AGENT_MODES[args.agent], args.runs, nodes, agents, progress)
+            for (agent_label, kind), s in measured.items():
+                results[(backend, agent_label, kind)] = s
         print(file=sys.stderr)
         launcher = root / "headrace-cni"
         write_plugin_launcher(launcher)
         context = context_rows(args.runs, nodes[0].netns.path if nodes else None, launcher)
-        if nodes:
+        if nodes and flavours:
             context += floor_rows(args.runs, root, flavours, nodes[0].netns.path)
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
@@ -270,13 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for running in agents:
+            running.close()
         for node in nodes:
             node.close()
         shutil.rmtree(root, ignore_errors=True)
 
     print(
-        f"CNI ADD/DEL latency, chain bridge (+ host-local IPAM) + headrace-cni, {args.runs} runs per row"
-        " (wall ms per plugin exec, nsenter into the node netns included for both)"
+        f"CNI ADD/DEL latency, chain bridge (+ host-local IPAM) + headrace-cni (-IS launcher), {args.runs} runs"
+        " per row (wall ms per plugin exec, nsenter into the node netns included for both); agent up: the"
+        " one-request ADD to `headrace agent`, down: the plugin's standalone path"
     )
     print()
     print(table(result_rows(results), RESULT_HEADER))

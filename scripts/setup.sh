@@ -15,7 +15,7 @@ APT_PACKAGES=(
   containernetworking-plugins podman runc containerd
   gcc libc6-dev make mmdebstrap
   bpftool clang python3-bpfcc linux-headers-amd64 python3-nftables
-  python3 python3-venv python3-dev socat ruby
+  python3 python3-venv python3-dev socat ruby strace
 )
 
 missing=()

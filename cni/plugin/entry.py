@@ -11,15 +11,12 @@ import os
 import sys
 import time
 
-from cni.contract import errors, jsoncodec, membership
+from cni.contract import errors, jsoncodec
 from cni.contract.errors import CniError
-from cni.contract.kube_objects import Pod
-from cni.contract.record import Record
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
-from cni.plugin import cni_env, netconf, rules_backend
+from cni.plugin import cni_env, netconf
 from cni.plugin import result as cni_result
 from cni.plugin.log import DEFAULT_LOG_FILE, JsonLog
-from cni.plugin.pod_source import PodSourceError, from_config
 
 # Start-up cost is most of the plugin's wall time: nothing here imports `typing`, `re`, `json`,
 # `collections`, `ipaddress` or `subprocess` on the non-mesh path (tests/unit/test_cni_plugin_process.py).
@@ -28,23 +25,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-    from cni.contract.kinds import Family
-    from cni.contract.sidecar_params import SidecarParams
+    from cni.contract import membership
     from cni.plugin.agent_client import PluginEvent
     from cni.plugin.cni_env import CniEnv
+    from cni.plugin.decide import Decision
     from cni.plugin.netconf import NetConf
 
 LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before the config is read
-
-
-class Decision(Record):
-    __slots__ = ("mode", "pod", "reason")
-    mode: membership.Mode | None  # None: unknown (pod source failed; DEL only)
-    pod: Pod | None
-    reason: str
-
-    def __init__(self, mode: membership.Mode | None, pod: Pod | None, reason: str) -> None:
-        self._init(mode=mode, pod=pod, reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,136 +69,8 @@ def netns_for_del(path: str, log: JsonLog) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------------------------------
-# which pod, which mode
-
-
-def decide(env: CniEnv, conf: NetConf, log: JsonLog, for_del: bool = False) -> Decision:
-    """The pod's mode (logged). On DEL nothing about the pod source is fatal: mode None means "unknown"."""
-    try:
-        decision = _decide(env, conf, for_del)
-    except CniError as exc:
-        if not for_del:
-            raise
-        log.warning("pod-source", f"pod metadata unavailable on DEL: {exc.msg}", details=exc.details)
-        decision = Decision(None, None, exc.msg)
-    log.info("membership", f"mode {decision.mode}: {decision.reason}", mode=decision.mode)
-    return decision
-
-
-def plugin_redirects(mode: membership.Mode | None, conf: NetConf) -> bool:
-    """Sidecar pods on an iptables node: the plugin installs their rules itself (no agent)."""
-    return mode == "sidecar" and conf.backend != "ebpf"
-
-
-def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
-    k8s = env.k8s
-    if not k8s.known:
-        return Decision("none", None, "no Kubernetes pod identity in CNI_ARGS")
-    if k8s.namespace in conf.exclude_namespaces:
-        return Decision("none", None, f"namespace {k8s.namespace} is excluded")
-    try:
-        source = from_config(conf.kubeconfig, conf.objects_dir, conf.api_timeout)
-        pod = source.get_pod(k8s.namespace, k8s.name)
-        if pod is None:
-            if for_del:
-                return Decision(None, None, "pod not found in the pod source")
-            if source.authoritative:
-                raise CniError(
-                    errors.POD_METADATA_UNAVAILABLE,
-                    f"pod {k8s.namespace}/{k8s.name} not found in the Kubernetes API",
-                )
-            return Decision("none", None, "no object for this pod in objects_dir")
-        if k8s.uid and pod.authoritative_uid and k8s.uid != pod.uid:
-            raise CniError(
-                errors.POD_METADATA_UNAVAILABLE,
-                f"pod {k8s.namespace}/{k8s.name} has UID {pod.uid}, the runtime says {k8s.uid}",
-                "the pod object is stale or belongs to another pod",
-            )
-        ns_labels: Mapping[str, str] | None = None
-        if membership.namespace_needed(
-            pod.namespace, pod.labels, pod.annotations, pod.host_network, conf.exclude_namespaces
-        ):
-            ns = source.get_namespace(pod.namespace)
-            if ns is None and source.authoritative:
-                raise CniError(
-                    errors.POD_METADATA_UNAVAILABLE, f"namespace {pod.namespace} not found in the Kubernetes API"
-                )
-            ns_labels = ns.labels if ns is not None else {}
-    except PodSourceError as exc:
-        raise CniError(errors.POD_METADATA_UNAVAILABLE, "pod metadata unavailable", str(exc)) from exc
-    mode = membership.pod_mode(
-        pod.namespace, pod.labels, pod.annotations, pod.host_network, ns_labels, conf.exclude_namespaces
-    )
-    if mode == "none" and membership.interception_none(pod.annotations):
-        return Decision(mode, pod, "sidecar.istio.io/interceptionMode NONE: no redirection")
-    return Decision(mode, pod, "pod source")
-
-
 def uses_agent(mode: membership.Mode | None, conf: NetConf) -> bool:
     return mode == "ambient" or (mode == "sidecar" and conf.backend == "ebpf") or mode is None
-
-
-# ---------------------------------------------------------------------------------------------------
-# the redirect itself (iptables module, stdlib only; imported only when a sidecar pod needs it)
-
-
-def apply_sidecar_redirect(
-    netns: str, spec: SidecarParams, families: tuple[Family, ...], conf: NetConf, log: JsonLog
-) -> None:
-    if rules_backend.uses_nftables(conf):
-        return rules_backend.apply(netns, spec, families, log)
-    setting = conf.iptables
-    try:
-        from cni.kernel import flavour
-        from cni.kernel import tables as netns_tables
-        from cni.kernel.iptables_run import IptablesError
-    except ImportError as exc:
-        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
-    try:
-        # optimistic: an ADD normally meets a fresh netns; one restore per family then, no save first
-        netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True)
-    except (IptablesError, OSError, ValueError) as exc:
-        raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
-
-
-def remove_redirect(netns: str, conf: NetConf, log: JsonLog) -> None:
-    if rules_backend.uses_nftables(conf):
-        return rules_backend.remove(netns, log)
-    setting = conf.iptables
-    try:
-        from cni.kernel import flavour
-        from cni.kernel import tables as netns_tables
-        from cni.kernel.iptables_run import IptablesError
-    except ImportError as exc:
-        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
-    try:
-        netns_tables.remove_all(netns, flavour.resolve(setting), log=log)
-    except (IptablesError, OSError, ValueError) as exc:
-        raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
-
-
-def check_sidecar_redirect(netns: str, spec: SidecarParams, families: tuple[Family, ...], conf: NetConf) -> list[str]:
-    if rules_backend.uses_nftables(conf):
-        return rules_backend.check(netns, spec, families)
-    setting = conf.iptables
-    try:
-        from cni.kernel import flavour
-        from cni.kernel import tables as netns_tables
-        from cni.kernel.iptables_run import IptablesError
-    except ImportError as exc:
-        raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
-    try:
-        return netns_tables.check_sidecar(netns, spec, families, flavour.resolve(setting))
-    except (IptablesError, OSError, ValueError) as exc:
-        raise CniError(errors.CHECK_FAILED, "reading the pod's redirect rules failed", str(exc)) from exc
-
-
-def _sidecar_spec(annotations: Mapping[str, str]) -> SidecarParams:
-    """Validate the pod's traffic annotations (imported here: only sidecar pods pay for it)."""
-    from cni.contract.annotations import sidecar_params
-
-    return sidecar_params(annotations)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,31 +122,42 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
     prev, prev_version = prev_result(conf)
     out = cni_result.convert(prev, prev_version, conf.cni_version)
     netns_inode(env.netns)
+    if env.k8s.known and env.k8s.namespace not in conf.exclude_namespaces and os.path.exists(conf.agent_socket):
+        from cni.plugin.via_agent import add_via_agent
+
+        if add_via_agent(env, conf, prev, log):  # a running agent decided, and applied the rules
+            return out
+    from cni.plugin import standalone
+    from cni.plugin.decide import decide, plugin_redirects
+
     decision = decide(env, conf, log)
     if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
-        spec = _sidecar_spec(decision.pod.annotations)
+        spec = standalone.sidecar_spec(decision.pod.annotations)
         families = cni_result.families(prev)
-        apply_sidecar_redirect(env.netns, spec, families, conf, log)
+        standalone.apply_sidecar_redirect(env.netns, spec, families, conf, log)
         log.info(
             "redirect", "sidecar redirect applied", families=list(families), iptables=conf.iptables,
             backend=conf.backend, spec=repr(spec),
         )
     elif decision.mode in ("ambient", "sidecar"):
         if decision.mode == "sidecar" and decision.pod is not None:
-            _sidecar_spec(decision.pod.annotations)  # reject bad annotations before the agent
+            standalone.sidecar_spec(decision.pod.annotations)  # reject bad annotations before the agent
         ask_agent(agent_event("ADD", env, conf, decision, cni_result.addresses(prev)), conf, log)
     return out
 
 
 def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
+    from cni.plugin import standalone
+    from cni.plugin.decide import decide, plugin_redirects
+
     decision = decide(env, conf, log, for_del=True)
     if decision.mode == "none":
         return
     if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket):
         _del_to_agent(env, conf, decision, log)  # a running agent watches such pods: it lets go first
     if netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
-        remove_redirect(env.netns, conf, log)
+        standalone.remove_redirect(env.netns, conf, log)
         log.info("redirect", "redirect removed (if any)")
     if uses_agent(decision.mode, conf):
         if decision.mode is None and not os.path.exists(conf.agent_socket):
@@ -308,11 +178,14 @@ def _del_to_agent(env: CniEnv, conf: NetConf, decision: Decision, log: JsonLog) 
 def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     prev, _ = prev_result(conf)
     netns_inode(env.netns)
+    from cni.plugin import standalone
+    from cni.plugin.decide import decide, plugin_redirects
+
     decision = decide(env, conf, log)
     if plugin_redirects(decision.mode, conf):
         assert decision.pod is not None
-        spec = _sidecar_spec(decision.pod.annotations)
-        problems = check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf)
+        spec = standalone.sidecar_spec(decision.pod.annotations)
+        problems = standalone.check_sidecar_redirect(env.netns, spec, cni_result.families(prev), conf)
         if problems:
             raise CniError(errors.CHECK_FAILED, "pod redirect rules are missing or altered", "; ".join(problems))
     elif decision.mode in ("ambient", "sidecar"):
@@ -332,6 +205,9 @@ def require_1_1(conf: NetConf, command: str) -> None:
 
 
 def cmd_status(conf: NetConf, log: JsonLog) -> None:
+    from cni.plugin import rules_backend
+    from cni.plugin.pod_source import PodSourceError
+
     require_1_1(conf, "STATUS")
     problems: list[str] = []
     if conf.objects_dir and not os.path.isdir(conf.objects_dir):

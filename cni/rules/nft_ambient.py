@@ -113,26 +113,13 @@ def ambient_chains(spec: AmbientSpec, families: tuple[Family, ...]) -> tuple[t.C
         for f in families
     )
     return (
-        t.Chain(
-            "mangle_prerouting",
-            t.hook("filter", "prerouting", t.PRIO_MANGLE),
-            (t.nrule(guard, f"jump {AM_MANGLE_PRERT}", purpose="ambient prerouting"),),
-        ),
-        t.Chain(
-            "mangle_output",
-            t.hook("route", "output", t.PRIO_MANGLE),
-            (t.nrule(guard, f"jump {AM_MANGLE_OUTPUT}", purpose="ambient output"),),
-        ),
-        t.Chain(
-            "nat_prerouting",
-            t.hook("nat", "prerouting", t.PRIO_DSTNAT),
-            (t.nrule(guard, f"jump {AM_PRERT}", purpose="ambient prerouting"),),
-        ),
-        t.Chain(
-            "nat_output",
-            t.hook("nat", "output", t.PRIO_NAT_OUTPUT),
-            (t.nrule(guard, f"jump {AM_OUTPUT}", purpose="ambient output"),),
-        ),
+        t.base_chain("mangle_prerouting", "filter", "prerouting", t.PRIO_MANGLE, AM_MANGLE_PRERT, guard,
+                     purpose="ambient prerouting"),
+        t.base_chain("mangle_output", "route", "output", t.PRIO_MANGLE, AM_MANGLE_OUTPUT, guard,
+                     purpose="ambient output"),
+        t.base_chain("nat_prerouting", "nat", "prerouting", t.PRIO_DSTNAT, AM_PRERT, guard,
+                     purpose="ambient prerouting"),
+        t.base_chain("nat_output", "nat", "output", t.PRIO_NAT_OUTPUT, AM_OUTPUT, guard, purpose="ambient output"),
         t.Chain(
             AM_MANGLE_PRERT,
             None,

@@ -113,36 +113,16 @@ def sidecar_chains(spec: SidecarSpec | SidecarParams, families: tuple[Family, ..
     capture_inbound = inp.include_in is None or len(inp.include_in) > 0
     nat_inbound = (capture_inbound and not inp.tproxy) or bool(inp.kubevirt_ifs)
     chains: list[t.Chain] = []
+
+    def base(name: str, kind: str, hook: str, prio: str, target: str, purpose: str) -> None:
+        chains.append(t.base_chain(name, kind, hook, prio, target, guard, "meta l4proto tcp", purpose=purpose))
+
     if inp.tproxy:
-        chains.append(
-            t.Chain(
-                "mangle_prerouting",
-                t.hook("filter", "prerouting", t.PRIO_MANGLE),
-                (t.nrule(guard, "meta l4proto tcp", f"jump {SC_PRERT}", purpose="sidecar tproxy prerouting"),),
-            )
-        )
-        chains.append(
-            t.Chain(
-                "mangle_output",
-                t.hook("route", "output", t.PRIO_MANGLE),
-                (t.nrule(guard, "meta l4proto tcp", f"jump {SC_TP_OUTPUT}", purpose="sidecar tproxy output"),),
-            )
-        )
+        base("mangle_prerouting", "filter", "prerouting", t.PRIO_MANGLE, SC_PRERT, "sidecar tproxy prerouting")
+        base("mangle_output", "route", "output", t.PRIO_MANGLE, SC_TP_OUTPUT, "sidecar tproxy output")
     if nat_inbound:
-        chains.append(
-            t.Chain(
-                "nat_prerouting",
-                t.hook("nat", "prerouting", t.PRIO_DSTNAT),
-                (t.nrule(guard, "meta l4proto tcp", f"jump {SC_INBOUND}", purpose="sidecar inbound"),),
-            )
-        )
-    chains.append(
-        t.Chain(
-            "nat_output",
-            t.hook("nat", "output", t.PRIO_NAT_OUTPUT),
-            (t.nrule(guard, "meta l4proto tcp", f"jump {SC_OUTPUT}", purpose="sidecar outbound"),),
-        )
-    )
+        base("nat_prerouting", "nat", "prerouting", t.PRIO_DSTNAT, SC_INBOUND, "sidecar inbound")
+    base("nat_output", "nat", "output", t.PRIO_NAT_OUTPUT, SC_OUTPUT, "sidecar outbound")
     if nat_inbound:
         chains.append(t.Chain(SC_INBOUND, None, _nat_inbound(inp, capture_inbound)))
     chains.append(

@@ -122,6 +122,12 @@ def nrule(*parts: str, purpose: str) -> str:
     return " ".join([p for p in parts if p] + [nft_comment(purpose)])
 
 
+def base_chain(name: str, kind: str, hook_name: str, priority: str, target: str, *matches: str,
+               purpose: str) -> Chain:
+    """A base chain whose one rule sends what `matches` select to our regular chain `target`."""
+    return Chain(name, hook(kind, hook_name, priority), (nrule(*matches, f"jump {target}", purpose=purpose),))
+
+
 def family_guard(families: Iterable[Family]) -> str:
     """The match a base chain's jump carries so that only the pod's families are redirected: nothing with
     both (an inet table sees only IPv4 and IPv6), `meta nfproto ipv4` / `ipv6` with one."""

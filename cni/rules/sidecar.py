@@ -163,18 +163,7 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     )
     for kind, ident in (("uid", uid), ("gid", gid)):
         # The proxy calling its own pod's address over lo is inbound traffic: send it to 15006.
-        rules.append(
-            rule(
-                SC_OUTPUT,
-                dst=lo_addr,
-                not_dst=True,
-                out_if="lo",
-                proto="tcp",
-                matches=[dport_match("tcp", hbone, negate=True), owner_match(kind, ident)],
-                purpose=f"proxy {kind} to own pod ip",
-                target=SC_IN_REDIRECT,
-            )
-        )
+        rules.append(_proxy_to_own_pod(kind, ident, lo_addr, hbone, f"proxy {kind} to own pod ip", SC_IN_REDIRECT))
         # The app talking to itself over lo is not captured.
         rules.append(
             rule(
@@ -220,6 +209,23 @@ def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     assert include_in is None or include_in  # uses_tproxy: some inbound capture
     mangle = _tproxy_mangle(fam, inbound, include_in, exclude_in, uid, gid, exclude_ifs, kubevirt_ifs)
     return RuleSet(family=fam, owner_prefix=SIDECAR_PREFIX, tables=(mangle, nat))
+
+
+def _proxy_to_own_pod(kind: str, ident: int, lo_addr: str, hbone: int, purpose: str, target: str,
+                      target_args: str = "") -> str:
+    """The proxy (by uid or gid) connecting to its own pod's address over lo, except to HBONE: that is
+    inbound traffic for the proxy, not outbound."""
+    return rule(
+        SC_OUTPUT,
+        dst=lo_addr,
+        not_dst=True,
+        out_if="lo",
+        proto="tcp",
+        matches=[dport_match("tcp", hbone, negate=True), owner_match(kind, ident)],
+        purpose=purpose,
+        target=target,
+        target_args=target_args,
+    )
 
 
 def interception_mode(spec: SidecarSpec | SidecarParams) -> str:
@@ -365,19 +371,8 @@ def _tproxy_mangle(
         )
     )
     for kind, ident in (("uid", uid), ("gid", gid)):
-        rules.append(
-            rule(
-                SC_OUTPUT,
-                dst=lo_addr,
-                not_dst=True,
-                out_if="lo",
-                proto="tcp",
-                matches=[dport_match("tcp", hbone, negate=True), owner_match(kind, ident)],
-                purpose=f"mark proxy {kind} to own pod ip",
-                target="MARK",
-                target_args=f"--set-xmark {TPROXY_OUTBOUND_MARK:#x}/{full:#x}",
-            )
-        )
+        rules.append(_proxy_to_own_pod(kind, ident, lo_addr, hbone, f"mark proxy {kind} to own pod ip", "MARK",
+                                       f"--set-xmark {TPROXY_OUTBOUND_MARK:#x}/{full:#x}"))
     rules.append(
         rule(
             SC_OUTPUT,

@@ -9,11 +9,18 @@ nat chain at an earlier priority that binds a DNAT first; an iptables-nft raw NO
 tables are foreign to this backend), our chain altered (a `return` on top) or emptied, our table flushed
 or deleted, a changed policy on one of our base chains. eBPF: a program detached from the pod cgroup, a
 foreign program attached to the pod cgroup beside ours at the same hook (it runs after ours and can
-rewrite the destination back).
+rewrite the destination back); on the sidecar pod's inbound (TC) a foreign filter ahead of ours on the
+pod interface's ingress: a u32 match-all without action (TC_ACT_OK) at a lower pref, a direct-action program returning
+TC_ACT_OK at a lower pref or at ours under another handle, and a tcx program (runs before every clsact
+filter) — each one lets inbound connections reach the app past the proxy (mode `sidecar-in`); the same
+program on egress, ahead of our reverse port rewrite (the replies leave from the proxy's port: the peer
+resets the connection). Not a repair but a report: a connect4 program on the pods' parent cgroup, which
+the running agent reports within 2 s and leaves attached (not ours).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -50,10 +57,19 @@ class World:
             "ambient": node.add_pod("mesh", "amb"),
             "sidecar": node.add_pod("plain", "sc", annotations=SIDECAR),
         }
+        self.pods["sidecar-in"] = self.pods["sidecar"]  # the same pod, its inbound (TC on eBPF)
+        start_app(self.pods["sidecar"].netns.path, "scapp", apps)  # reached directly when inbound is bypassed
 
     def proxied(self, mode: str, payload: bytes) -> bool:
         """One real connection from the pod (inside its cgroup) to the server: did it go through the proxy?"""
         pod = self.pods[mode]
+        if mode == "sidecar-in":
+            try:
+                # a short timeout: a broken inbound (replies from the wrong port) hangs rather than fails
+                reply = tcp_request(self.server.netns.path, pod.ipv4, PORT, payload, timeout=0.4)
+                return reply == b"inbound|" + payload
+            except OSError:
+                return False
         if mode == "sidecar":
             try:
                 reply = tcp_request(pod.netns.path, self.server.ipv4, PORT, payload, timeout=0.7, cgroup=pod.cgroup)
@@ -92,7 +108,9 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             agent.use_backend(backend)
             agent.extra += ["--drift-interval", "1"]  # the agent's default interval
             w = World(backend, node, agent, apps)
-            with Listener(w.pods["sidecar"].netns.path, 15001, label="outbound"):  # the sidecar's Envoy
+            sc = w.pods["sidecar"]
+            with Listener(sc.netns.path, 15001, label="outbound"), \
+                    Listener(sc.netns.path, 15006, cgroup=sc.cgroup, label="inbound"):  # the sidecar's Envoy
                 wait_for(lambda: w.agent.pod_state(w.pods["ambient"].uid) == "enrolled", 30, "ambient enrolled")
                 wait_for(lambda: (w.agent.status().get(w.pods["sidecar"].uid) or {}).get("state") == "enrolled",
                          30, "plugin sidecar pod taken over by the agent")
@@ -158,6 +176,72 @@ def foreign_connect4(w: World, mode: str) -> list[list[str]]:
 
 
 Tamper = Callable[[World, str], list[list[str]]]
+
+
+def pod_ifaces(w: World, mode: str) -> list[tuple[int, str]]:
+    links = json.loads(run(["nsenter", f"--net={w.pods[mode].netns.path}", "ip", "-j", "link", "show"]).stdout)
+    return [(int(link["ifindex"]), str(link["ifname"])) for link in links if link["ifname"] != "lo"]
+
+
+def tc_ok_program() -> int:
+    """A direct-action TC program that returns TC_ACT_OK (0, also tcx's TCX_PASS) for every packet."""
+    from node_agent.backends.ebpf import bpfsys
+
+    return bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, _insn(0xB7, dst=0, imm=0) + _insn(0x95), "hrfault_tcok", 0)
+
+
+def foreign_tc_program(prio: int, handle: int, egress: bool = False) -> Tamper:
+    """A foreign direct-action filter (TC_ACT_OK) on the pod interfaces' ingress (or egress) at prio/handle."""
+
+    def tamper(w: World, mode: str) -> list[list[str]]:
+        from node_agent.backends.ebpf import tc
+
+        from cni.kernel.netns import run_in_thread
+
+        prog = tc_ok_program()
+
+        def work() -> None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                for index, _name in pod_ifaces(w, mode):
+                    ipr.tc("add-filter", "bpf", index, handle, fd=prog, name="hrfault_tcok",
+                           parent=tc.EGRESS_PARENT if egress else tc.INGRESS_PARENT, classid=1, direct_action=True,
+                           prio=prio)
+
+        try:
+            run_in_thread(w.pods[mode].netns.path, work, name="fault-tc")
+        finally:
+            os.close(prog)
+        return []
+
+    return tamper
+
+
+def foreign_tcx(w: World, mode: str) -> list[list[str]]:
+    """A tcx ingress program that passes every packet: it runs before every clsact filter."""
+    from node_agent.backends.ebpf import bpfsys
+
+    from cni.kernel.netns import run_in_thread
+
+    prog = tc_ok_program()
+    ifaces = pod_ifaces(w, mode)
+
+    def work() -> None:
+        for index, _name in ifaces:
+            bpfsys.prog_attach(prog, index, bpfsys.ATTACH_TCX_INGRESS, 0)
+
+    try:
+        run_in_thread(w.pods[mode].netns.path, work, name="fault-tcx")
+    finally:
+        os.close(prog)
+    return []
+
+
+def tc_del_pref(prio: int) -> Tamper:
+    return lambda w, m: [["tc", "filter", "del", "dev", name, "ingress", "pref", str(prio)]
+                         for _i, name in pod_ifaces(w, m)]
+
 # backend → class → (modes, tamper (argv lists run in the pod netns), cleanup of what is not ours)
 CLASSES: dict[str, dict[str, tuple[tuple[str, ...], Tamper, Tamper]]] = {
     "nftables": {
@@ -217,6 +301,32 @@ CLASSES: dict[str, dict[str, tuple[tuple[str, ...], Tamper, Tamper]]] = {
             foreign_connect4,
             lambda w, m: [],
         ),
+        "foreign tc u32 match-all at a lower pref": (  # no action: its verdict is TC_ACT_OK
+            ("sidecar-in",),
+            lambda w, m: [["tc", "filter", "add", "dev", name, "ingress", "pref", "1", "protocol", "all", "u32",
+                           "match", "u32", "0", "0", "classid", "1:1"] for _i, name in pod_ifaces(w, m)],
+            tc_del_pref(1),
+        ),
+        "foreign tc program returning OK at a lower pref": (
+            ("sidecar-in",),
+            foreign_tc_program(1, 1),
+            tc_del_pref(1),
+        ),
+        "foreign tc program at our pref, other handle": (
+            ("sidecar-in",),
+            foreign_tc_program(0x4852, 2),
+            lambda w, m: [],
+        ),
+        "foreign tc program returning OK on egress": (  # replies leave with the proxy's port: reset
+            ("sidecar-in",),
+            foreign_tc_program(1, 1, egress=True),
+            lambda w, m: [["tc", "filter", "del", "dev", name, "egress", "pref", "1"] for _i, name in pod_ifaces(w, m)],
+        ),
+        "foreign tcx program": (
+            ("sidecar-in",),
+            foreign_tcx,
+            lambda w, m: [],
+        ),
     },
 }
 CASES = [(backend, name, mode) for backend, classes in CLASSES.items()
@@ -232,6 +342,7 @@ def test_bypass_is_repaired_within_2s(world: World, fault: str, mode: str) -> No
     assert wait_for(lambda: w.proxied(mode, b"before"), 10, "traffic through the proxy before the fault")
     state = ours(pod, backend)
     repairs = w.agent.metric("headrace_agent_drift_repairs_total")
+    logged = w.agent.agent_log().count("ebpf-foreign-tc")
     for argv in tamper(w, mode):
         run(["nsenter", f"--net={pod.netns.path}", *argv])
     t0 = time.monotonic()
@@ -253,6 +364,61 @@ def test_bypass_is_repaired_within_2s(world: World, fault: str, mode: str) -> No
         assert back <= REPAIR_LIMIT, f"{fault}: back through the proxy only after {back:.2f} s"
         assert same, f"{fault}: our state differs after the repair: {ours(pod, backend)} != {state}"
         assert counted, f"{fault}: the repair was not counted"
+        if mode == "sidecar-in":  # what was removed is logged
+            assert w.agent.agent_log().count("ebpf-foreign-tc") > logged, "the removal was not logged"
     finally:
         for argv in cleanup(w, mode):
             run(["nsenter", f"--net={pod.netns.path}", *argv], check=False)
+
+
+@pytest.mark.parametrize("world", ["ebpf"], indirect=True)
+def test_parent_cgroup_program_is_reported_not_removed(world: World) -> None:
+    """A connect4 program on the pods' parent cgroup (`kubepods`), attached with BPF_F_ALLOW_MULTI, runs
+    after ours for every pod below and sends connections straight to the server. Not ours to remove: the
+    running agent reports it within 2 s (metrics, `status` reason, log) and leaves it attached; once its
+    owner detaches it, the report clears and traffic goes through the proxy again."""
+    from node_agent.backends.ebpf import bpfsys
+
+    w = world
+    assert wait_for(lambda: w.proxied("sidecar", b"before"), 10, "traffic through the proxy before")
+    pod_cg = w.pods["sidecar"].pod_cgroup
+    assert pod_cg is not None
+    parent = Path(pod_cg).parent
+    ip = _u32_imm(socket.inet_aton(w.server.ipv4))
+    port = _u32_imm(struct.pack(">H", PORT) + b"\0\0")
+    insns = b"".join([_insn(0xB7, dst=2, imm=ip), _insn(0x63, dst=1, src=2, off=4), _insn(0xB7, dst=2, imm=port),
+                      _insn(0x63, dst=1, src=2, off=24), _insn(0xB7, dst=0, imm=1), _insn(0x95)])
+    prog = bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, insns, "hrfault_parent4",
+                            bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+    cgfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    repairs = w.agent.metric("headrace_agent_drift_repairs_total")
+    attached = False
+    try:
+        bpfsys.prog_attach(prog, cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT, bpfsys.F_ALLOW_MULTI)
+        attached = True
+        t0 = time.monotonic()
+        assert not w.proxied("sidecar", b"bypassed")  # straight to the server
+        reported = _eventually(lambda: w.agent.metric("headrace_agent_ebpf_parent_program_pods") >= 2, 5.0)
+        took = time.monotonic() - t0
+        row = w.agent.status()[w.pods["sidecar"].uid]
+        still = bpfsys.prog_info(prog).prog_id in bpfsys.prog_query(cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+        violations = (not reported) + (took > REPAIR_LIMIT) + (not still)
+        record("parent-cgroup connect4 program reported, not removed (ebpf)", 1, violations,
+               f"reported after {round(took, 2)} s")
+        assert reported and took <= REPAIR_LIMIT, f"reported after {took:.2f} s"
+        assert f"on parent cgroup {parent} at cgroup/connect4" in row["reason"], row
+        assert row["state"] == "enrolled" and row["alerts"]
+        assert still, "the agent removed a program of the node's parent cgroup"
+        assert w.agent.metric("headrace_agent_ebpf_parent_program_alerts_total") >= 2
+        assert w.agent.metric("headrace_agent_drift_repairs_total") == repairs  # nothing of ours to repair
+        assert "ebpf-parent-cgroup" in w.agent.agent_log()
+        bpfsys.prog_detach(prog, cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+        attached = False
+        assert _eventually(lambda: w.agent.metric("headrace_agent_ebpf_parent_program_pods") == 0, 5.0)
+        assert "alerts" not in w.agent.status()[w.pods["sidecar"].uid]
+        assert wait_for(lambda: w.proxied("sidecar", b"after"), 5, "traffic through the proxy again")
+    finally:
+        if attached:
+            bpfsys.prog_detach(prog, cgfd, bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+        os.close(cgfd)
+        os.close(prog)

@@ -5,11 +5,13 @@ After every round: every ambient pod whose ADD succeeded is enrolled and redirec
 (or programs) of every other pod (none missing, none twice); the pins under the state dir are exactly the
 enrolled pods (one bind mount each); no cgroup, bpffs object or pin is left of a pod whose ADD failed; and
 clients looping from enrolled pods through the proxy while the agent is SIGKILLed and restarted see no
-failed connection (a restarted agent never hands the proxy a snapshot without its workloads).
+failed connection (a restarted agent never hands the proxy a snapshot without its workloads). `headrace
+status`, asked every 0.1 s during the storm, answers within HEADRACE_STATUS_P95_LIMIT (p95, default 0.2 s)
+except while the restarted agent is still starting (those answers are reported, not held to it).
 
 HEADRACE_FAULT_SEED, HEADRACE_FAULT_ROUNDS and HEADRACE_FAULT_PODS change the seed (default 12), the rounds
 per backend (default 2 on iptables, 1 on nftables and on eBPF, whose agent start compiles its programs) and the pods per
-storm (30).
+storm (50).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.kernel]
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 SEED = int(os.environ.get("HEADRACE_FAULT_SEED", "12"))
 ROUNDS = {"iptables": 2, "nftables": 1, "ebpf": 1}
-PODS = int(os.environ.get("HEADRACE_FAULT_PODS", "30"))
+PODS = int(os.environ.get("HEADRACE_FAULT_PODS", "50"))
 STATUS_P95_LIMIT = float(os.environ.get("HEADRACE_STATUS_P95_LIMIT", "0.2"))
 
 
@@ -62,13 +64,13 @@ STATUS_WATCH = """
 import sys, time
 from node_agent.serve.status_client import StatusError, query
 while True:
-    started = time.perf_counter()
+    started = time.monotonic()
     try:
         query(sys.argv[1], 2.0)
     except StatusError:
         pass  # the agent is down (killed) right now
     else:
-        print(time.perf_counter() - started, flush=True)
+        print(started, time.monotonic() - started, flush=True)
     time.sleep(0.1)
 """
 
@@ -107,6 +109,9 @@ class Storm:
         self._done = 0
         self._lock = threading.Lock()
         self._killed = threading.Event()
+        self.restarting = (0.0, 0.0)  # from the kill until the new agent is ready (CLOCK_MONOTONIC)
+        self.status_times: list[float] = []  # requests answered by a running agent
+        self.status_starting: list[float] = []  # requests the new agent answered while it was starting
 
     def _add(self, i: int) -> None:
         try:
@@ -126,6 +131,7 @@ class Storm:
             self._restart()
 
     def _restart(self) -> None:
+        self.restarting = (time.monotonic(), float("inf"))
         self.agent.kill_agent(signal.SIGKILL)
         if self.kill_proxy and self.agent.proxy is not None:
             self.agent.proxy.kill()
@@ -134,6 +140,7 @@ class Storm:
         if self.kill_proxy:
             self.agent.start_proxy()
         self.agent.start_agent()
+        self.restarting = (self.restarting[0], time.monotonic())
 
     def run(self) -> None:
         # `headrace status` asked every 0.1 s during the storm, from a process of its own (this one is busy)
@@ -143,7 +150,12 @@ class Storm:
             list(pool.map(self._add, range(PODS)))
         watcher.terminate()
         out, _ = watcher.communicate(timeout=10)
-        self.status_times = [float(x) for x in out.split()]
+        # status is promised within the limit under enrolment load, not while the restarted agent is still
+        # importing and adopting (a C extension's import holds the GIL)
+        for line in out.splitlines():
+            started, took = (float(x) for x in line.split())
+            starting = self.restarting[0] <= started <= self.restarting[1]
+            (self.status_starting if starting else self.status_times).append(took)
 
     def status_p95(self) -> float:
         times = sorted(self.status_times)
@@ -198,6 +210,23 @@ def invariants(node: SimNode, agent: ParityRun, backend: str, pods: list[Pod]) -
     return problems
 
 
+def not_enrolled(agent: ParityRun, pods: list[Pod]) -> str:
+    """Each pod that is not enrolled, its state and reason, and the agent's last log lines naming it."""
+    status = agent.status()
+    log = agent.agent_log().splitlines()
+    out = []
+    for pod in pods:
+        row = status.get(pod.uid) or {}
+        if row.get("state") != "enrolled":
+            lines = [line for line in log if pod.uid in line][-4:]
+            out.append(f"{pod.name} {row.get('state')!r} ({row.get('reason')}): " + " | ".join(lines))
+    proxy = agent.proxy
+    if proxy is not None:
+        alive = "running" if proxy.poll() is None else f"exited {proxy.returncode}"
+        out.append(f"proxy {alive}, its last lines: " + " | ".join(agent.proxy_log().splitlines()[-3:]))
+    return "; ".join(out)
+
+
 def loop_clients(pods: list[Pod], server: Pod, stop: threading.Event, out: dict[str, Any]) -> None:
     while not stop.is_set():
         for pod in pods:
@@ -225,11 +254,17 @@ def test_sigkill_during_add_storms(env: Any, backend: str) -> None:
     def all_enrolled() -> bool:
         return all(agent.pod_state(p.uid) == "enrolled" for p in all_ok)
 
+    def wait_enrolled(what: str) -> None:
+        try:
+            wait_for(all_enrolled, 60, what)
+        except TimeoutError:
+            raise AssertionError(f"{what}: not enrolled after 60 s: {not_enrolled(agent, all_ok)}") from None
+
     for round_no in range(rounds(backend)):
         storm = Storm(node, agent, rng, round_no)
         storm.run()
         all_ok += storm.ok
-        wait_for(all_enrolled, 60, "enrolled after the storm")
+        wait_enrolled("enrolled after the storm")
         problems = invariants(node, agent, backend, all_ok)
         # the target is 50 ms; the margin is for this shared machine (the unit test proves the status path
         # never waits for the reconcile lock; what is left is CPU and GIL share under a storm)
@@ -248,7 +283,7 @@ def test_sigkill_during_add_storms(env: Any, backend: str) -> None:
         agent.kill_agent(signal.SIGKILL)
         time.sleep(rng.uniform(0.0, 0.5))
         agent.start_agent()
-        wait_for(all_enrolled, 60, "enrolled after restart")
+        wait_enrolled("enrolled after restart")
         time.sleep(1.5)  # the new agent's first snapshot and drift passes
         stop.set()
         loop.join(30)
@@ -257,6 +292,8 @@ def test_sigkill_during_add_storms(env: Any, backend: str) -> None:
         record(f"SIGKILL agent{' + proxy' if storm.kill_proxy else ''} during a {PODS}-pod ADD storm ({backend})",
                1, len(problems), f"kill after {storm.kill_at} ADDs, {len(storm.ok)} ok, {storm.failed} failed; "
                f"client loop {seen['tries']} connections; status p95 {storm.status_p95() * 1000:.0f} ms, max "
-               f"{max(storm.status_times, default=0) * 1000:.0f} ms over {len(storm.status_times)} requests")
+               f"{max(storm.status_times, default=0) * 1000:.0f} ms over {len(storm.status_times)} requests (and "
+               f"{len(storm.status_starting)} while the agent was starting, max "
+               f"{max(storm.status_starting, default=0) * 1000:.0f} ms)")
         assert not problems, f"round {round_no}: " + "; ".join(problems[:8])
     assert total_violations == 0

@@ -3,7 +3,7 @@ headrace-cni, the agent and the reference proxy in the node netns):
 
 - 70 slow clients (70 processes, one byte a second each, reconnecting at once when dropped) hold every
   reading slot, and real ambient ADDs through the whole chain still enrol their pods within their
-  deadline;
+  deadline; the evictions show in `headrace_agent_plugin_requests_refused_total{reason="evicted"}`;
 - ADDs whose netns is the agent's own (the node's), the host's (/proc/1/ns/net), a regular file, a
   directory or a symlink to either namespace are refused with a clear error, repeatedly, and leave
   nothing behind: no mount, no pin, no rule in the node netns, the root netns' rules unchanged (only
@@ -87,6 +87,24 @@ def test_seventy_slow_clients_do_not_starve_real_adds(env: Any, slow_clients: li
         assert headrace_rules(pod.netns.path), "the pod's redirect is in place"
     assert max(durations) < 10.0, durations  # the plugin's own deadline is 25 s
     assert "plugin-socket client evicted" in agent.agent_log()
+    # the admission counters are exported: the slow readers were evicted (or ran out of time), the
+    # reading phase never held more than its 64 slots
+    metrics = samples(agent.http("/metrics")[1])
+    refused = {k: v for k, v in metrics.items() if k.startswith("headrace_agent_plugin_requests_refused_total")}
+    assert set(refused) == {f'headrace_agent_plugin_requests_refused_total{{reason="{r}"}}'
+                            for r in ("peer_limit", "busy", "evicted", "deadline")}, refused
+    assert refused['headrace_agent_plugin_requests_refused_total{reason="evicted"}'] >= 1, refused
+    assert 1 <= metrics['headrace_agent_plugin_connections{phase="reading"}'] <= 64
+
+
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text exposition: {name{labels}: value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
 
 
 def root_rules() -> str:

@@ -6,8 +6,9 @@
 - Node boot race on a simulated node: a sidecar pod created by a chain WITHOUT
   headrace-cni runs unredirected; the agent (iptables backend) finds its netns (harness pods are bare
   netns, found by their IPs), reports it, and with `--repair-sidecars=apply` installs the sidecar rules
-  in place: the pod's outbound TCP then lands on 15001 with SO_ORIGINAL_DST. A sidecar pod the plugin
-  made is left alone. With `flag` the pod is only reported and stays direct.
+  in place: the pod's outbound TCP then lands on 15001 with SO_ORIGINAL_DST; from then on it is
+  drift-watched like every pod (its nat table flushed: the rules are back within 2 s). A sidecar pod the
+  plugin made is left alone. With `flag` the pod is only reported and stays direct.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +127,24 @@ def test_boot_race_sidecar_pod_found_and_repaired(make_node: Callable[..., SimNo
                     assert out.wait_one().original_dst == (peer.ipv4, 8080)
                     # the sidecar's own traffic (uid 1337) still goes straight out
                     assert tcp_request(early.netns.path, peer.ipv4, 8080, b"p", uid=1337, gid=1337) == b"peer|p"
-                assert headrace_rules(early.netns.path) != []
+                rules = headrace_rules(early.netns.path)
+                assert rules != []
+                # from now on the repaired pod is drift-watched like every pod: its nat table flushed, the
+                # rules are back within 2 s (drift interval 1 s), the repair counted, traffic redirected again
+                repairs = agent.metric("headrace_agent_drift_repairs_total")
+                flavour = rules[0].split(":", 1)[0]
+                subprocess.run(["nsenter", f"--net={early.netns.path}", f"iptables-{flavour}", "-t", "nat", "-F"],
+                               check=True, capture_output=True)
+                flushed = time.monotonic()
+                assert headrace_rules(early.netns.path) != rules
+                wait_for(lambda: headrace_rules(early.netns.path) == rules, 5, "boot-race pod's rules repaired")
+                back = time.monotonic() - flushed
+                assert back <= 2.0, f"rules back only after {back:.2f} s"
+                assert agent.metric("headrace_agent_drift_repairs_total") > repairs
+                with Listener(early.netns.path, 15001, label="out2") as out:
+                    assert tcp_request(early.netns.path, peer.ipv4, 8080, b"o") == b"out2|o"
+                row = agent.status()[early.uid]
+                assert row["state"] == "enrolled" and row["boot_race"] == "repaired"
             else:
                 time.sleep(1.5)
                 assert headrace_rules(early.netns.path) == []

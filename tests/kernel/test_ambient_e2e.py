@@ -165,6 +165,12 @@ def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
         late = node.add_pod("shop", "late")
         assert agent.pod_state(late.uid) == "enrolled"
         assert ours(late, backend)
+        # the transport the proxy speaks counts its sessions and acks
+        metrics = agent.http("/metrics")[1]
+        key = f'headrace_agent_proxy_acks_total{{protocol="{protocol}"}}'
+        acks = [ln for ln in metrics.splitlines() if ln.startswith(key)]
+        assert acks and float(acks[0].rsplit(" ", 1)[1]) >= 3, acks
+        assert f'headrace_agent_proxy_connections{{protocol="{protocol}"}} 1.0' in metrics
 
         # 8. remove the label: rules gone, traffic direct again
         node.set_namespace_labels("shop", {})

@@ -313,3 +313,31 @@ def test_agent_command_rejects_bad_duty_flags(tmp_path: Path) -> None:
     res = CliRunner().invoke(agent, [*base, "--repair-sidecars", "sometimes"])
     assert res.exit_code == 2
     assert not (tmp_path / "state").exists()  # nothing started
+
+
+def test_repaired_pod_is_held_by_the_reconciler_and_stays_reported(tmp_path: Path) -> None:
+    """After the repair the reconciler holds the pod (its drift is checked like every pod's); the monitor
+    keeps reporting it as repaired, with the reconciler's own state."""
+    w = World(tmp_path)
+    w.set_pods(pod("u-early", "early", SIDECAR))
+    w.reconciler.reconcile()  # the reconciler knows the pod (not held: a sidecar pod without rules)
+    assert "u-early" not in w.reconciler.managed_pods()
+    w.monitor.check_once()
+    w.clock.now += 3
+    w.monitor.check_once()
+    assert w.state("u-early") == REPAIRED
+    assert "u-early" in w.reconciler.managed_pods()
+    held = w.reconciler.table.pods["u-early"]
+    assert held.mode == "sidecar" and held.state == "enrolled" and held.backend == "iptables"
+    assert "boot race" in held.reason
+    w.clock.now += 60
+    w.monitor.check_once()
+    assert w.state("u-early") == REPAIRED  # held, yet still reported
+    assert w.metric("headrace_agent_boot_race_pods", state="repaired") == 1
+    row = w.monitor.overlay([{"uid": "u-early", "mode": "sidecar", "state": "failed",
+                              "reason": "drift repair: boom", "netns": "/pins/u-early"}])[0]
+    assert row["state"] == "failed" and row["boot_race"] == "repaired"  # the reconciler's state is kept
+    assert "in place" in row["reason"] and row["reason"].endswith("drift repair: boom")
+    w.set_pods()  # the pod is gone from the source: no longer reported
+    w.monitor.check_once()
+    assert "u-early" not in w.monitor.verdicts

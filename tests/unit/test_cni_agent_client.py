@@ -16,16 +16,20 @@ import pytest
 
 from cni.plugin.agent_client import AgentUnavailable, PluginEvent, send_event
 
-Reply = Callable[[dict[str, Any]], bytes | None]
+Reply = Callable[[dict[str, Any]], "bytes | list[bytes | float] | None"]
+# what serve/cni_request.py of an agent that speaks only version 1 answers a version 2 request
+OLD_AGENT_REFUSAL = b'{"ok":false,"error":"unsupported protocol version \'2\' (agent speaks 1)","retry":false}\n'
 
 
 class FakeAgent:
     """A unix-socket server speaking the plugin-event protocol; ``reply`` decides each answer
-    (None = hang up without answering; it may also sleep to simulate a slow agent)."""
+    (None = hang up without answering; it may also sleep to simulate a slow agent). Version 2 requests
+    (the one-request ADD) go to ``v2``, by default refused as an agent that speaks only version 1 does."""
 
-    def __init__(self, path: Path, reply: Reply | None = None) -> None:
+    def __init__(self, path: Path, reply: Reply | None = None, v2: Reply | None = None) -> None:
         self.path = path
         self.reply: Reply = reply or (lambda req: b'{"ok": true, "state": "enrolled"}\n')
+        self.v2: Reply = v2 or (lambda req: OLD_AGENT_REFUSAL)
         self.requests: list[dict[str, Any]] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
@@ -55,12 +59,18 @@ class FakeAgent:
                 buf += chunk
             req = json.loads(buf.split(b"\n")[0])
             self.requests.append(req)
-            answer = self.reply(req)
-            if answer is not None:
+            answer = self.v2(req) if req.get("v") == 2 else self.reply(req)
+            # a list: parts sent one after the other, a float between them is a pause (seconds)
+            for part in answer if isinstance(answer, list) else [answer]:
+                if isinstance(part, float):
+                    time.sleep(part)
+                    continue
+                if part is None:
+                    return
                 try:
-                    conn.sendall(answer)
+                    conn.sendall(part)
                 except OSError:
-                    pass
+                    return
 
     def close(self) -> None:
         self._stop.set()

@@ -372,7 +372,8 @@ def test_ambient_add_waits_for_the_agent(env: Env) -> None:
     try:
         rc, out = env.run("ADD", env.conf())
         assert rc == 0 and out == PREV_100
-        req = agent.requests[0]
+        assert [r["v"] for r in agent.requests] == [2, 1]  # a version-1 agent: the plugin asks again
+        req = agent.requests[1]
         assert req["cmd"] == "ADD" and req["mode"] == "ambient" and req["netns"] == env.netns
         assert req["pod"] == {"namespace": "shop", "name": "web", "uid": "uid-1"}
         assert req["ips"] == ["10.7.0.5"] and req["container_id"] == "c0ffee" and req["ifname"] == "eth0"
@@ -432,7 +433,7 @@ def test_ebpf_backend_hands_sidecar_pods_to_the_agent(env: Env) -> None:
     agent = FakeAgent(env.sock)
     try:
         assert env.run("ADD", env.conf(backend="ebpf"))[0] == 0
-        assert agent.requests[0]["mode"] == "sidecar"
+        assert agent.requests[-1]["mode"] == "sidecar"
     finally:
         agent.close()
 
@@ -539,7 +540,7 @@ def test_kubernetes_source(env: Env) -> None:
                 K8S_ARGS_UNUSED="1",
                 CNI_ARGS="K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0",
             )
-            assert rc == 0 and agent.requests[0]["pod"]["uid"].startswith("1111")
+            assert rc == 0 and agent.requests[-1]["pod"]["uid"].startswith("1111")
         finally:
             agent.close()
         # not found in the API is an error (the pod must exist when the runtime calls ADD)

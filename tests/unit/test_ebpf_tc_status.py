@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from node_agent.backends.ebpf import tc, tc_status
+from node_agent.backends.ebpf import tc, tc_foreign, tc_status
 
 
 def attr(kind: int, payload: bytes) -> bytes:
@@ -37,3 +37,35 @@ def test_filters_of_one_parent_with_names_and_ids():
     ]
     assert tc_status.filters_of(dump, tc.INGRESS_PARENT) == [("hr_tc_ingress", 41), ("cilium_ingress", 7)]
     assert tc_status.filters_of(dump, tc.EGRESS_PARENT) == [("hr_tc_egress", 42)]
+
+
+def any_filter(parent: int, kind: str, prio: int, handle: int, chain: int | None = None) -> tuple[int, bytes]:
+    body = attr(tc_status.TCA_KIND, kind.encode() + b"\0")
+    if chain is not None:
+        body += attr(tc_status.TCA_CHAIN, struct.pack("=I", chain))
+    return tc_status.RTM_NEWTFILTER, tc_status.TCMSG.pack(0, 2, handle, parent, (prio << 16) | 0x0300) + body
+
+
+def test_records_carry_priority_handle_and_chain():
+    dump = [bpf_filter(tc.INGRESS_PARENT, "hr_tc_ingress", 41), any_filter(tc.INGRESS_PARENT, "matchall", 1, 1, 0),
+            any_filter(tc.INGRESS_PARENT, "u32", 3, 0x800, 7)]
+    recs = tc_status.records_of(dump, tc.INGRESS_PARENT)
+    assert [(r.kind, r.prio, r.handle, r.chain) for r in recs] == [
+        ("bpf", tc.HR_PRIO, 1, 0), ("matchall", 1, 1, 0), ("u32", 3, 0x800, 7)]
+
+
+def test_foreign_ahead_of_ours():
+    ours = tc_foreign.TcFilter("bpf", tc.HR_PRIO, tc.HR_HANDLE, name="hr_tc_ingress", prog_id=41)
+    lower = tc_foreign.TcFilter("matchall", 1, 1)
+    same_pref_other_handle = tc_foreign.TcFilter("bpf", tc.HR_PRIO, 2, name="cilium", prog_id=9)
+    same_pref_header = tc_foreign.TcFilter("bpf", tc.HR_PRIO, 0)
+    after = tc_foreign.TcFilter("u32", tc.HR_PRIO + 1, 0x800)
+    other_chain = tc_foreign.TcFilter("u32", 1, 0x800, chain=3)
+    impostor = tc_foreign.TcFilter("bpf", tc.HR_PRIO, tc.HR_HANDLE, name="not_ours", prog_id=5)
+    got = tc_foreign.ahead_of_ours([ours, lower, same_pref_other_handle, same_pref_header, after, other_chain,
+                                    impostor], "hr_tc_ingress")
+    assert got == [lower, same_pref_other_handle, impostor]
+    found = tc_foreign.foreign_of(tc.INGRESS, "eth0", 2, [ours, lower], [(77, 0), (78, 12)], "hr_tc_ingress")
+    assert [tc_foreign.label(x.item) for x in found] == [
+        "tcx program id 77", "tcx program id 78 (link id 12)", "matchall filter pref 1 handle 0x1"]
+    assert tc_foreign.describe(tc.INGRESS, "eth0", [ours], [], "hr_tc_ingress") == []

@@ -83,7 +83,7 @@ def test_bench_statistics() -> None:
     s = Samples()
     for plugin, cmd, sec in [("bridge", "ADD", 0.010), ("headrace-cni", "ADD", 0.005)]:
         s.add(plugin, cmd, sec)
-    rows = result_rows({("nft", "sidecar"): s})
-    assert rows[0][:8] == ["nft", "sidecar", "1", "10.0", "10.0", "5.0", "5.0", "0.50"]
-    out = table(rows, ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])
+    rows = result_rows({("nft", "up", "sidecar"): s})
+    assert rows[0][:9] == ["nft", "up", "sidecar", "1", "10.0", "10.0", "5.0", "5.0", "0.50"]
+    out = table(rows, ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"])
     assert out.splitlines()[1].startswith("|---")

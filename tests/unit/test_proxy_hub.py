@@ -421,3 +421,25 @@ def test_snapshot_waits_for_the_adoption_gate(sockdir: str, proxies: list[FakePr
         later.result(T)
     finally:
         h.stop(grace=0.2)
+
+
+def test_a_proxy_that_stops_acking_is_disconnected_and_resynced(sockdir: str, proxies: list[FakeProxy]) -> None:
+    h = ProxyHub(os.path.join(sockdir, "proxy.sock"), "a", ack_timeout=0.5)
+    h.start()
+    try:
+        fut = h.upsert(wl("a"))
+        p1 = connect(h, proxies)
+        assert kinds(p1.recv_n(3)) == ["hello_reply", "add", "snapshot_complete"]
+        # p1 never acks: the hub ends its session instead of leaving the add pending for good
+        p1.wait_end()
+        wait_until(lambda: not h.connected)
+        assert h.status()["ack_timeouts"] == 1
+        assert not fut.done()
+        p2 = connect(h, proxies)
+        again = p2.recv_n(3)
+        assert kinds(again) == ["hello_reply", "add", "snapshot_complete"]
+        p2.ack_all(again)
+        fut.result(T)
+        assert h.wait_snapshot_acked(T)
+    finally:
+        h.stop(grace=0.1)

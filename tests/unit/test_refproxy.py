@@ -222,3 +222,19 @@ def test_connection_handler_task_survives_garbage_collection() -> None:
         return alive and not wp._tasks
 
     assert asyncio.run(main())
+
+
+def test_an_apply_that_hangs_is_acked_with_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node_agent.refproxy import apply_deadline
+
+    monkeypatch.setattr(apply_deadline, "APPLY_TIMEOUT", 0.05)
+
+    async def hang() -> str:
+        await asyncio.sleep(5)
+        return ""
+
+    async def quick() -> str:
+        return "listen failed"
+
+    assert asyncio.run(apply_deadline.bounded_apply(hang(), "add")) == "add not applied within 0.05s"
+    assert asyncio.run(apply_deadline.bounded_apply(quick(), "add")) == "listen failed"

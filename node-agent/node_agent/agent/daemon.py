@@ -41,6 +41,8 @@ from node_agent.serve.health import HealthServer
 from node_agent.serve.metrics import AgentMetrics
 from node_agent.serve.plugin_logs import PluginLogListener
 from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
+from node_agent.serve.proxy_metrics import ProxyProtocolCollector
+from node_agent.serve.warm_add import WarmAdd, pod_lookup
 from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
 
@@ -82,7 +84,8 @@ def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
 def make_hub(config: AgentConfig, gate: AdoptionGate | None = None) -> Hub:
     """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty; neither sends a
     snapshot before the gate opens (adoption complete)."""
-    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id, snapshot_gate=gate)
+    grpc_hub = ProxyHub(str(config.proxy_socket), config.agent_id, snapshot_gate=gate,
+                        ack_timeout=config.ack_timeout)
     if config.zds_socket is None:
         return grpc_hub
     from node_agent.proxy.hub_fanout import HubFanout
@@ -120,6 +123,7 @@ class Agent:
         self.adoption_gate = AdoptionGate()
         self.hub: Hub = hub if hub is not None else make_hub(config, self.adoption_gate)
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
+        self.metrics.registry.register(ProxyProtocolCollector(self.hub.status))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
         rules = node_rules if node_rules is not None else self._node_rules()
@@ -137,10 +141,19 @@ class Agent:
         self.source: Source = (source_factory or self._default_source)(self.store)
         self.marker = self._redirection_marker()
         self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race monitor
-        self.cni = CniServer(
-            str(config.cni_socket), self.duties.status_view(self.reconciler), add_timeout=config.cni_add_timeout,
-            resolve_uid=self._resolve_uid, extra_status=self._extra_status,
+        view = self.duties.status_view(self.reconciler)
+        self.warm_add = WarmAdd(
+            self.store, view, self.reconciler.table, self.reconciler.backends, self.reconciler.plugin_sidecars,
+            lookup=pod_lookup(str(config.kubeconfig) if config.kubeconfig else None,
+                              str(config.objects_dir) if config.objects_dir else None),
+            add_timeout=config.cni_add_timeout,
         )
+        self.metrics.watch_plugin_adds(self.warm_add.counts)
+        self.cni = CniServer(
+            str(config.cni_socket), view, add_timeout=config.cni_add_timeout,
+            resolve_uid=self._resolve_uid, extra_status=self._extra_status, warm_add=self.warm_add.add,
+        )
+        self.metrics.watch_plugin_admission(self.cni.admission.counts)
         self.health: HealthServer | None = None
         self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()

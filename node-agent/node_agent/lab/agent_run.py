@@ -10,6 +10,7 @@ metrics and health are read back. Used by the agent benchmarks and the agent ker
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -191,4 +192,5 @@ class AgentRun:
             points = [line.split()[1] for line in fh]
         for point in sorted((p for p in points if p.startswith(str(self.state) + "/")), reverse=True):
             subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
-        shutil.rmtree(self.base, ignore_errors=True)
+        if not os.environ.get("HEADRACE_KEEP_LAB_LOGS"):  # set it to read the agent and proxy logs afterwards
+            shutil.rmtree(self.base, ignore_errors=True)

@@ -36,7 +36,7 @@ from node_agent.protocol.fd_channel import NetnsFdServer, side_channel_path
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
 from node_agent.protocol.workload import WorkloadInfo
-from node_agent.proxy.hub_session import Inflight, OpKind, Session, Waiter, settle
+from node_agent.proxy.hub_session import Inflight, Session, Waiter, drop_waiters, overdue_ack, settle, supersede
 from node_agent.proxy.peer_reports import PeerListener, PeerReports
 from node_agent.proxy.peers import client_pids
 from node_agent.reconcile.gate import OpenGate, SnapshotGate
@@ -84,6 +84,7 @@ class ProxyHub:
         netns_fd_socket: str | None = None,
         max_workers: int = 6,
         hello_timeout: float = 10.0,
+        ack_timeout: float = 15.0,
         snapshot_gate: SnapshotGate | None = None,
     ) -> None:
         if not socket_path:
@@ -94,6 +95,7 @@ class ProxyHub:
         self.netns_fd_socket = side_channel_path(self.socket_path) if netns_fd_socket is None else netns_fd_socket
         self._max_workers = max_workers
         self.hello_timeout = hello_timeout
+        self.ack_timeout = ack_timeout  # a session whose oldest message stays unacked this long is ended
         self._gate: SnapshotGate = snapshot_gate or OpenGate()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -113,6 +115,7 @@ class ProxyHub:
         self.acks = 0
         self.nacks = 0
         self.refused = 0
+        self.ack_timeouts = 0
         self.last_proxy_id = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -128,6 +131,7 @@ class ProxyHub:
         server.start()
         self._server = server
         self._peers.start()
+        threading.Thread(target=self._ack_watchdog, name="proxy-hub-ack-watchdog", daemon=True).start()
         if self.netns_fd_socket:
             self._fd_server = NetnsFdServer(self.netns_fd_socket, self._lookup_desired,
                                             on_peer=lambda pid: self._peers.report(lambda: {pid}, "netns-fd"))
@@ -137,6 +141,7 @@ class ProxyHub:
     def stop(self, grace: float = 1.0) -> None:
         with self._lock:
             self._stopped = True
+            self._changed.notify_all()
             if self._session is not None:
                 self._close_session_locked(self._session, "hub stopping")
             failed = [w.future for ws in self._waiters.values() for w in ws]
@@ -164,7 +169,7 @@ class ProxyHub:
             op = self._next_op()
             self._desired[w.uid] = w
             self._latest_op[w.uid] = op
-            superseded = self._supersede_locked(w.uid, keep="add")
+            superseded = supersede(self._waiters, w.uid, keep="add")
             self._waiters.setdefault(w.uid, []).append(Waiter(op, "add", fut))
             s = self._session
             if s is not None and not s.closed and s.snapshot_sent:
@@ -183,7 +188,7 @@ class ProxyHub:
             op = self._next_op()
             self._desired.pop(uid, None)
             self._latest_op[uid] = op
-            superseded = self._supersede_locked(uid, keep="delete")
+            superseded = supersede(self._waiters, uid, keep="delete")
             self._waiters.setdefault(uid, []).append(Waiter(op, "delete", fut))
             s = self._session
             if s is not None and not s.closed and s.snapshot_sent:
@@ -227,6 +232,7 @@ class ProxyHub:
                 "acks": self.acks,
                 "nacks": self.nacks,
                 "refused": self.refused,
+                "ack_timeouts": self.ack_timeouts,
                 "workloads": len(self._desired),
                 "pending": sum(len(ws) for ws in self._waiters.values()),
                 "inflight": len(s.inflight) if (s is not None and live) else 0,
@@ -251,14 +257,6 @@ class ProxyHub:
     def _next_op(self) -> int:
         self._op_now = next(self._ops)
         return self._op_now
-
-    def _supersede_locked(self, uid: str, keep: OpKind) -> list[futures.Future[None]]:
-        """Drop waiters of the other kind for uid (their operation was replaced); return their futures."""
-        ws = self._waiters.get(uid, [])
-        gone = [w.future for w in ws if w.kind != keep]
-        if gone:
-            self._waiters[uid] = [w for w in ws if w.kind == keep]
-        return gone
 
     def _send_locked(self, s: Session, what: Inflight, **body: Any) -> None:
         seq = s.next_seq
@@ -379,6 +377,18 @@ class ProxyHub:
         self._changed.notify_all()
         _jlog(logging.INFO, "proxy_snapshot_sent", session=s.number, proxy_id=s.proxy_id, snapshot=len(self._desired))
 
+    def _ack_watchdog(self) -> None:
+        """End a session whose proxy stopped acking: it reconnects and gets a fresh snapshot, instead of
+        every later enrolment waiting on an ack that never comes."""
+        with self._changed:
+            while not self._stopped:
+                self._changed.wait(min(1.0, self.ack_timeout / 4))
+                s = self._session
+                overdue = overdue_ack(s, self.ack_timeout) if s is not None and not s.closed else ""
+                if s is not None and overdue:
+                    self.ack_timeouts += 1
+                    self._close_session_locked(s, overdue)
+
     def _end_session(self, s: Session, reason: str) -> None:
         with self._lock:
             self._close_session_locked(s, reason)
@@ -422,24 +432,15 @@ class ProxyHub:
                         continue
                     covered = [w for w in ws if w.kind == "delete" and w.op <= what.op]
                     done += [(w.future, ProxyNack(error) if error else None) for w in covered]
-                    self._drop_waiters_locked(uid, covered)
+                    drop_waiters(self._waiters, uid, covered)
                 self._changed.notify_all()
             elif self._latest_op.get(what.uid) == what.op:
                 ws = self._waiters.get(what.uid, [])
                 hit = [w for w in ws if w.kind == what.kind and w.op <= what.op]
                 done += [(w.future, ProxyNack(error) if error else None) for w in hit]
-                self._drop_waiters_locked(what.uid, hit)
+                drop_waiters(self._waiters, what.uid, hit)
                 if what.kind == "delete" and what.uid not in self._desired:
                     self._latest_op.pop(what.uid, None)
         for fut, exc in done:
             settle(fut, exc)
-
-    def _drop_waiters_locked(self, uid: str, gone: list[Waiter]) -> None:
-        if not gone:
-            return
-        rest = [w for w in self._waiters.get(uid, []) if w not in gone]
-        if rest:
-            self._waiters[uid] = rest
-        else:
-            self._waiters.pop(uid, None)
 

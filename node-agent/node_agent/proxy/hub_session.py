@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +27,7 @@ class Inflight:
     kind: Literal["add", "delete", "snapshot_complete"]
     uid: str
     op: int
+    sent: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -53,3 +55,32 @@ def settle(fut: futures.Future[None], exc: BaseException | None) -> None:
             fut.set_exception(exc)
     except futures.InvalidStateError:
         pass  # cancelled by the caller meanwhile
+
+
+def supersede(waiters: dict[str, list[Waiter]], uid: str, keep: OpKind) -> list[futures.Future[None]]:
+    """Drop waiters of the other kind for uid (their operation was replaced); return their futures."""
+    ws = waiters.get(uid, [])
+    gone = [w.future for w in ws if w.kind != keep]
+    if gone:
+        waiters[uid] = [w for w in ws if w.kind == keep]
+    return gone
+
+
+def drop_waiters(waiters: dict[str, list[Waiter]], uid: str, gone: list[Waiter]) -> None:
+    if not gone:
+        return
+    rest = [w for w in waiters.get(uid, []) if w not in gone]
+    if rest:
+        waiters[uid] = rest
+    else:
+        waiters.pop(uid, None)
+
+
+def overdue_ack(s: Session, timeout: float, now: float | None = None) -> str:
+    """Why the session must end when its oldest unacked message is older than `timeout`; "" if none is."""
+    if not s.inflight:
+        return ""
+    seq, oldest = min(s.inflight.items(), key=lambda item: item[1].sent)
+    if (time.monotonic() if now is None else now) - oldest.sent <= timeout:
+        return ""
+    return f"no ack for seq {seq} ({oldest.kind} {oldest.uid}) within {timeout:g}s"

@@ -395,7 +395,13 @@ class Reconciler:
         """Put a boot-race sidecar pod's rules into its running netns (see SidecarPods.repair_in_place)."""
         with self.table.lock:
             self.plugin_sidecars.repaired_in_place.add(target.uid)
-        return self.sidecars.repair_in_place(target, spec)
+        result = self.sidecars.repair_in_place(target, spec)
+        if not result.error:  # held from now on: the drift check watches it like every pod
+            with self.table.lock:
+                other, backend = self.others.get(target.uid), self.backends.named(result.backend)
+                if other is not None and backend is not None:
+                    self.plugin_sidecars.take_repaired(other.pod, target, backend)
+        return result
 
     # ---- status ----------------------------------------------------------------------------------------
     def _publish_status(self) -> None:

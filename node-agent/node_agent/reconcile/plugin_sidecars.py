@@ -6,8 +6,9 @@ netns read spawns iptables-save) each is located (the /proc scan, else its IPs) 
 rules present (the plugin made them) → the netns is pinned and the pod held as a `sidecar` pod with the
 backend whose rules they are (nftables when the node runs it, else iptables; rules taken as in place,
 checked by the next drift pass, record written so a restarted agent adopts it). No rules: left to the
-boot-race monitor (a pod that started before the plugin was chained), which installs them and keeps
-reporting the pod (such pods are not taken over). Pods not found, not redirected or whose read failed
+boot-race monitor (a pod that started before the plugin was chained), which installs them through the
+reconciler and keeps reporting the pod; once its rules are in, the pod is held the same way
+(`take_repaired`), so its drift is watched too. Pods not found, not redirected or whose read failed
 are looked at again after a back-off (up to 30 s), a few per pass, so a node full of such pods never
 stalls the reconcile loop.
 """
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from cni.contract.annotations import KNOWN, sidecar_spec
 from cni.contract.errors import CniError
 from cni.contract.kube_objects import Pod
+from cni.contract.spec import SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.netns.finder import NetnsLocation
 from node_agent.netns.pin import PinError
@@ -34,6 +36,7 @@ log = logging.getLogger("headrace.agent.reconcile")
 
 PER_PASS = 8
 PLUGIN_REASON = "redirected by the plugin; watched by the agent"
+BOOT_RACE_REASON = "boot race: sidecar rules installed in place by the agent; watched by the agent"
 
 
 class PluginSidecars:
@@ -88,23 +91,39 @@ class PluginSidecars:
                     continue
                 self._take(pod, loc, present)
 
-    def _take(self, pod: Pod, loc: NetnsLocation, backend: RedirectBackend) -> None:
+    def take_repaired(self, pod: Pod, target: PodTarget, backend: RedirectBackend) -> None:
+        """A boot-race pod whose rules the agent just put in place (lock held; target's netns held by the
+        caller): held from now on like a plugin sidecar pod, so the drift check watches and repairs it."""
+        if pod.uid in self.table.pods:
+            return
+        loc = NetnsLocation(pod.uid, 0, target.netns_path, target.netns_inode, target.cgroup_path)
+        self._take(pod, loc, backend, BOOT_RACE_REASON)
+
+    def _take(self, pod: Pod, loc: NetnsLocation, backend: RedirectBackend, reason: str = PLUGIN_REASON) -> None:
         try:
             spec = sidecar_spec(pod.annotations)
         except CniError:
             self._backoff(pod.uid, self.table.clock())  # the plugin refused such a pod: nothing of ours
             return
-        st = PodState(pod.uid, pod.namespace, pod.name, SIDECAR, spec, state=ENROLLED, reason=PLUGIN_REASON,
-                      inode=loc.inode, ips=pod.ips, rules_in=True, backend=backend.name, enrolled_at=time.time(),
+        if not self.hold(pod, loc.path, loc.inode, backend, spec, pod.ips, reason, loc.cgroup_path):
+            self._backoff(pod.uid, self.table.clock())
+
+    def hold(self, pod: Pod, netns_path: str, inode: int, backend: RedirectBackend, spec: SidecarSpec,
+             ips: tuple[str, ...], reason: str, cgroup_path: str | None = None) -> bool:
+        """Hold a sidecar pod whose rules are in place (put there by the plugin, by the agent at the plugin's
+        ADD, or by a boot-race repair): netns pinned, record written, watched by the drift check (lock held).
+        False when the netns cannot be pinned."""
+        st = PodState(pod.uid, pod.namespace, pod.name, SIDECAR, spec, state=ENROLLED, reason=reason,
+                      inode=inode, ips=ips or pod.ips, cgroup_path=cgroup_path, rules_in=True,
+                      backend=backend.name, enrolled_at=time.time(),
                       annotations=tuple(sorted((k, v) for k, v in pod.annotations.items() if k in KNOWN)))
         try:
-            st.netns = self.netns.pin(pod.uid, loc.path, loc.inode)
+            st.netns = self.netns.pin(pod.uid, netns_path, inode)
         except (PinError, OSError) as exc:
-            log.info("cannot pin a plugin sidecar pod's netns: %s", exc, extra=log_ctx(st, "plugin-sidecar"))
-            self._backoff(pod.uid, self.table.clock())
-            return
+            log.info("cannot pin a sidecar pod's netns: %s", exc, extra=log_ctx(st, "plugin-sidecar"))
+            return False
         self.table.pods[pod.uid] = st
         self.table.save_record(st)
         self.table.notify()
-        log.info("sidecar pod redirected by the plugin taken over (drift watched)",
-                 extra=log_ctx(st, "plugin-sidecar"))
+        log.info("sidecar pod held (drift watched): %s", reason, extra=log_ctx(st, "plugin-sidecar"))
+        return True

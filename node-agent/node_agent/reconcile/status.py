@@ -4,7 +4,8 @@ its mode and why, sorted by namespace, name and uid.
 The reconciler publishes the rows as an immutable snapshot whenever its state changes (`StatusBoard`), so
 a status request never waits for the reconcile lock, whatever the load; the node proxy's session state
 is added per ambient pod when the request is answered (`with_proxy`): an enrolled pod whose proxy is
-gone shows `enrolled, proxy disconnected` (its redirected traffic has no listener)."""
+gone shows `enrolled, proxy disconnected` (its redirected traffic has no listener). An eBPF pod whose parent
+cgroups hold a program that can override the redirect carries it in its reason (`with_alerts`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.reconcile.state import AMBIENT, ENROLLED, NONE, PodState
 from node_agent.sources.desired import Desired
 
@@ -73,7 +75,17 @@ class StatusBoard:
             listener()
 
     def rows(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._rows]
+        return [with_alerts(dict(r)) for r in self._rows]
+
+
+def with_alerts(row: dict[str, Any]) -> dict[str, Any]:
+    """A held pod's row with what the eBPF drift check found on its parent cgroups (read when asked: the
+    findings change without a reconcile) as `alerts` and in its reason."""
+    found = ALERTS.of(row["uid"]) if row.get("state") != NONE else ()
+    if found:
+        row["alerts"] = list(found)
+        row["reason"] = "; ".join(x for x in (row.get("reason") or "", *found) if x)
+    return row
 
 
 def status_rows(held: Iterable[PodState], others: Mapping[str, Desired], node_backend: str) -> list[dict[str, Any]]:

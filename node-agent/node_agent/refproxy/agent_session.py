@@ -12,6 +12,7 @@ import grpc.aio
 from node_agent.protocol.convert import PROTOCOL_VERSION, workload_from_pb
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
+from node_agent.refproxy.apply_deadline import bounded_apply
 from node_agent.refproxy.logs import event
 from node_agent.refproxy.reconnect import BACKOFF_MIN, next_backoff, socket_identity, wait_before_redial
 from node_agent.refproxy.workloads import WorkloadError, WorkloadTable
@@ -82,7 +83,7 @@ class AgentSession:
                     msg = await call.read()
                     if msg is grpc.aio.EOF:
                         return True
-                    error = await self._apply(msg)
+                    error = await bounded_apply(self._apply(msg), msg.WhichOneof("msg"))
                     await call.write(pb.ProxyMessage(ack=pb.Ack(seq=msg.seq, error=error)))
             finally:
                 call.cancel()

@@ -11,6 +11,7 @@ import socket
 
 from node_agent.protocol import zds_wire
 from node_agent.protocol.workload import WorkloadInfo
+from node_agent.refproxy.apply_deadline import bounded_apply
 from node_agent.refproxy.logs import event
 from node_agent.refproxy.reconnect import BACKOFF_MIN, next_backoff, socket_identity, wait_before_redial
 from node_agent.refproxy.workloads import WorkloadError, WorkloadTable
@@ -95,7 +96,7 @@ class ZdsSession:
                     for fd in fds:
                         os.close(fd)
                     return True
-                error = await self._apply(data, fds)
+                error = await bounded_apply(self._apply(data, fds), "request")
                 zds_wire.send_packet(sock, zds_wire.ack(error))
         finally:
             sock.close()

@@ -22,7 +22,8 @@ lost requests, and no dependency on the workload's controller recreating the pod
 any of our rules (`installed()` of the node backend, its fallback and the iptables backend the plugin
 uses), seen so for `grace` seconds (a pod whose ADD is still running is not a victim). Pods whose rules
 are present are left alone: the plugin made them. Pods whose netns cannot be found are not judged, nor
-are pods the reconciler already holds (its `managed_pods()`).
+are pods the reconciler already holds (its `managed_pods()`). A repaired pod is held by the reconciler from
+then on (drift watched like every pod it holds); it stays reported here as `repaired`.
 """
 
 from __future__ import annotations
@@ -222,12 +223,11 @@ class BootRaceMonitor:
             return
         now = self._clock()
         skip = self.repairer.managed_pods()
-        sidecars = {
-            uid: d.pod for uid, d in desired_pods(snap, self.exclude_namespaces).items()
-            if d.mode == "sidecar" and uid not in skip
-        }
-        with self._lock:
-            for uid in [u for u in self.verdicts if u not in sidecars]:
+        desired = desired_pods(snap, self.exclude_namespaces)
+        sidecars = {uid: d.pod for uid, d in desired.items() if d.mode == "sidecar" and uid not in skip}
+        with self._lock:  # a repaired pod stays reported once the reconciler holds it (drift watched)
+            for uid in [u for u, v in self.verdicts.items()
+                        if u not in sidecars and not (v.state == REPAIRED and u in desired)]:
                 del self.verdicts[uid]
         cache: dict[str, Any] = {}
         for uid, pod in sidecars.items():
@@ -344,8 +344,12 @@ class BootRaceMonitor:
             v = verdicts.get(str(row.get("uid", "")))
             if v is not None and row.get("mode") == "sidecar":
                 row = dict(row)
-                row["state"] = "enrolled" if v.state == REPAIRED else "failed"
-                row["reason"] = v.reason
+                held = v.state == REPAIRED and row.get("state") not in (None, "none")  # the reconciler's state
+                if not held:
+                    row["state"] = "enrolled" if v.state == REPAIRED else "failed"
+                    row["reason"] = v.reason
+                else:  # a failed drift repair shows its own reason too
+                    row["reason"] = v.reason if row["state"] == "enrolled" else f"{v.reason}; {row.get('reason')}"
                 row["boot_race"] = v.state
                 row["netns"] = row.get("netns") or v.netns
                 if v.backend:

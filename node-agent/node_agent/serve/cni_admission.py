@@ -66,6 +66,7 @@ class Admission:
         self.evictions = 0
         self.refused_peer = 0
         self.refused_busy = 0
+        self.deadlines = 0  # requests not complete within their deadline (the server calls timed_out)
 
     def admit(self, peer: tuple[str, int], now: float, payload: object = None) -> tuple[Ticket | Refusal, list[Ticket]]:
         """A new connection: its ticket (or why it is refused) and the tickets evicted to make room,
@@ -122,8 +123,15 @@ class Admission:
         else:
             self._per_peer.pop(peer, None)
 
+    def timed_out(self) -> None:
+        """A request line was not complete within its deadline (answered and closed by the server)."""
+        with self._lock:
+            self.deadlines += 1
+
     def counts(self) -> dict[str, int]:
+        """Now (reading, handling, peers) and since start (the rest): exported as metrics
+        (serve/metrics.py PluginAdmissionCollector)."""
         with self._lock:
             return {"reading": len(self._reading), "handling": self._handling, "peers": len(self._per_peer),
                     "evictions": self.evictions, "refused_peer": self.refused_peer,
-                    "refused_busy": self.refused_busy}
+                    "refused_busy": self.refused_busy, "deadlines": self.deadlines}

@@ -18,7 +18,7 @@ from cni.contract import events
 from cni.contract.pod_uid import valid_uid
 from node_agent.reconcile.state import Outcome
 
-_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 PATH_MAX = 4096
 MAX_IPS = 16
 
@@ -54,7 +54,7 @@ def _decode(line: bytes) -> dict[str, Any]:
     return obj
 
 
-def _ips(raw: Any) -> tuple[str, ...]:
+def parse_ips(raw: Any) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
@@ -87,16 +87,16 @@ def parse_request(line: bytes) -> PluginRequest:
         raise RequestError("pod uid/namespace/name must be strings")
     if uid and not valid_uid(uid):
         raise RequestError(f"invalid pod uid {uid[:80]!r}")
-    if namespace and not _NAME_RE.fullmatch(namespace):
+    if namespace and not NAME_RE.fullmatch(namespace):
         raise RequestError(f"invalid namespace {namespace[:80]!r}")
-    if name and not _NAME_RE.fullmatch(name):
+    if name and not NAME_RE.fullmatch(name):
         raise RequestError(f"invalid pod name {name[:80]!r}")
     netns = obj.get(events.NETNS) or ""
     if not isinstance(netns, str) or (netns and not netns.startswith("/")) or "\0" in netns:
         raise RequestError("netns must be an absolute path")
     if len(netns) > PATH_MAX:
         raise RequestError(f"netns path longer than {PATH_MAX} characters")
-    ips = _ips(obj.get(events.IPS))
+    ips = parse_ips(obj.get(events.IPS))
     mode = obj.get(events.MODE, events.AMBIENT)
     if not isinstance(mode, str) or mode not in events.MODES:
         raise RequestError(f"unknown mode {str(mode)[:40]!r}")

@@ -5,6 +5,10 @@ back. Requests: ADD / DEL / CHECK from the plugin, plus STATUS for the status co
 `serve/cni_request.py`). ADD of an ambient pod answers only after the pod's netns is pinned, the proxy
 has acked the workload and the rules are in (`{"ok": true, "state": "enrolled"}`); every wait is bounded.
 The socket is created with mode 0600 (bound in a private directory, then renamed into place).
+Version 2 requests (the one-request ADD, `cni/contract/agent_add.py`, docs/plugin-agent.md) are validated
+by `serve/add_request.py`, their netns checked like an ADD's, and handed to `warm_add` (which may send an
+interim line before its answer); without a `warm_add` they are refused as unknown, as an agent that speaks
+only version 1 does.
 
 Limits (`serve/cni_admission.py`): the whole request line within `READ_TIMEOUT` of accept (one deadline,
 not one per read), the reply written within `SEND_TIMEOUT`, connections bounded per peer process, and
@@ -29,6 +33,7 @@ from cni.contract import events
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
 from node_agent.kernel.unix_socket import listen_private, unlink_if_ours
 from node_agent.reconcile.state import Outcome
+from node_agent.serve.add_request import WarmAddRequest, is_v2, parse_add_request
 from node_agent.serve.cni_admission import Admission, Refusal, Ticket, peer_key
 from node_agent.serve.cni_request import PluginRequest, RequestError, parse_request, reply_json
 
@@ -69,6 +74,10 @@ class Handler(Protocol):
     def status(self) -> list[dict[str, Any]]: ...
 
 
+# the one-request ADD: (request, send an interim line) -> the final reply
+WarmAddFn = Callable[[WarmAddRequest, Callable[[dict[str, Any]], None]], dict[str, Any]]
+
+
 class CniServer:
     def __init__(
         self,
@@ -80,6 +89,7 @@ class CniServer:
         extra_status: Callable[[], dict[str, Any]] | None = None,
         check_netns: Callable[[str], None] = check_add_netns,
         admission: Admission | None = None,
+        warm_add: WarmAddFn | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.handler = handler
@@ -93,6 +103,7 @@ class CniServer:
         self.admission = admission or Admission()
         self._inode = 0
         self.requests = 0
+        self._warm_add = warm_add  # version 2 (the one-request ADD); None: answered as version 1 does
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,6 +184,7 @@ class CniServer:
                 self._send(conn, events.failure_reply("request too long", retry=False))
                 return
             except TimeoutError:
+                self.admission.timed_out()
                 self._send(conn, events.failure_reply("request not received in time", retry=True))
                 return
             except OSError:
@@ -184,7 +196,7 @@ class CniServer:
                 return
             self.requests += 1
             try:
-                reply = self.handle(line)
+                reply = self.handle(line, lambda obj: self._send(conn, obj))
             except RequestError as exc:
                 reply = events.failure_reply(str(exc), retry=False)
             except Exception as exc:
@@ -195,7 +207,16 @@ class CniServer:
             self.admission.close(ticket)
             conn.close()
 
-    def handle(self, line: bytes) -> dict[str, Any]:
+    def handle(self, line: bytes, interim: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        if self._warm_add is not None:
+            try:
+                obj = events.decode_line(line)
+            except ValueError:
+                obj = None  # parse_request says what is wrong
+            if is_v2(obj):
+                warm = parse_add_request(obj)
+                self._check_netns(warm.netns)
+                return self._warm_add(warm, interim or (lambda _obj: None))
         req = parse_request(line)
         if req.cmd == events.STATUS:
             out: dict[str, Any] = {events.OK: True, events.PODS: self.handler.status()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 STATES = ("enrolled", "pending", "failed")
@@ -34,6 +34,82 @@ class IptablesCheckCollector:
             "In-process (python-iptables) reads that failed; the check fell back to iptables-save.")
         errors.add_metric([], counts.get("read_errors", 0))
         yield errors
+
+
+class PluginAddCollector:
+    """The plugin's one-request ADDs by outcome (serve/warm_add.py): `headrace_agent_plugin_adds_total{outcome}`
+    with outcome `none`, `sidecar` (rules applied by the agent), `ambient`, `refused` (bad annotations),
+    `apply_failed`, `standalone` (left to the plugin's own path), and `lookup` (cache misses looked up)."""
+
+    OUTCOMES = ("none", "sidecar", "ambient", "refused", "apply_failed", "standalone", "lookup")
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        adds = CounterMetricFamily("headrace_agent_plugin_adds", "The plugin's one-request ADDs, by outcome.",
+                                   labels=["outcome"])
+        for outcome in self.OUTCOMES:
+            adds.add_metric([outcome], counts.get(outcome, 0))
+        yield adds
+
+
+class EbpfParentCollector:
+    """Exports what the eBPF drift check found on pods' ancestor cgroups (node_agent.backends.ebpf.parent_alerts):
+    `headrace_agent_ebpf_parent_program_pods` (pods whose ancestor cgroups now hold a program that can override
+    the redirect) and `headrace_agent_ebpf_parent_program_alerts_total` (such findings since start)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        pods = GaugeMetricFamily(
+            "headrace_agent_ebpf_parent_program_pods",
+            "Pods whose parent cgroups hold an eBPF program that can override the redirect (reported, not removed).")
+        pods.add_metric([], counts.get("pods", 0))
+        yield pods
+        alerts = CounterMetricFamily(
+            "headrace_agent_ebpf_parent_program_alerts",
+            "eBPF programs found on pods' parent cgroups that can override the redirect (one per pod and program).")
+        alerts.add_metric([], counts.get("alerts", 0))
+        yield alerts
+
+
+# admission counter (serve/cni_admission.py Admission.counts) → the `reason` label of the refusals
+REFUSAL_REASONS = {"refused_peer": "peer_limit", "refused_busy": "busy", "evictions": "evicted",
+                   "deadlines": "deadline"}
+
+
+class PluginAdmissionCollector:
+    """Exports the plugin socket's admission counts: `headrace_agent_plugin_requests_refused_total{reason}`
+    (peer_limit: too many connections from one process; busy: every handling slot taken; evicted: a slow
+    reader dropped to make room; deadline: the request line not complete in time) and
+    `headrace_agent_plugin_connections{phase}` (reading / handling now)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        refused = CounterMetricFamily(
+            "headrace_agent_plugin_requests_refused",
+            "Plugin-socket connections answered without being handled, by reason.", labels=["reason"])
+        for key, reason in REFUSAL_REASONS.items():
+            refused.add_metric([reason], counts.get(key, 0))
+        yield refused
+        conns = GaugeMetricFamily(
+            "headrace_agent_plugin_connections", "Plugin-socket connections now, by phase.", labels=["phase"])
+        for phase in ("reading", "handling"):
+            conns.add_metric([phase], counts.get(phase, 0))
+        yield conns
+
+
+def _ebpf_parent_counts() -> Mapping[str, int]:
+    from node_agent.backends.ebpf.parent_alerts import ALERTS
+
+    return ALERTS.snapshot()
 
 
 def _iptables_check_counts() -> Mapping[str, int]:
@@ -69,6 +145,7 @@ class AgentMetrics:
         self.build_info.labels(version=build_version(), python=platform.python_version()).set(1)
         # iptables_checks: the drift-check counts to export (default: the process's iptables backend)
         self.registry.register(IptablesCheckCollector(iptables_checks or _iptables_check_counts))
+        self.registry.register(EbpfParentCollector(_ebpf_parent_counts))
         self.enrolments = Counter(
             "headrace_agent_enrolments", "Pods enrolled (rules in and proxy acked).", registry=self.registry)
         self.failures = Counter(
@@ -98,9 +175,17 @@ class AgentMetrics:
         for state in STATES:
             self.pods.labels(state=state).set(0)
 
+    def watch_plugin_admission(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """headrace_agent_plugin_requests_refused_total / _plugin_connections from the plugin socket."""
+        self.registry.register(PluginAdmissionCollector(counts))
+
     def watch_pods_without_proxy(self, count: Callable[[], int]) -> None:
         """headrace_agent_pods_proxy_disconnected from the reconciler's published state."""
         self.pods_proxy_lost.set_function(lambda: float(count()))
+
+    def watch_plugin_adds(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """headrace_agent_plugin_adds_total from the one-request ADD's counts."""
+        self.registry.register(PluginAddCollector(counts))
 
     def proxy_cgroup_source(self, source: str) -> None:
         for name in PROXY_CGROUP_SOURCES:

@@ -55,7 +55,8 @@ def state_text(pod: dict[str, Any]) -> str:
     proxy = str(pod.get("proxy", ""))
     if state == "enrolled" and proxy and proxy != "connected":  # ambient: the node proxy's session
         return f"{state}, proxy {proxy}"
-    if reason and (state in ("pending", "failed") or pod.get("boot_race")):  # boot race: agent_duties.py
+    # boot race: agent_duties.py; alerts: eBPF programs on parent cgroups (reconcile/status.py)
+    if reason and (state in ("pending", "failed") or pod.get("boot_race") or pod.get("alerts")):
         return f"{state} ({reason})"
     return state
 

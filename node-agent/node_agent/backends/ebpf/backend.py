@@ -7,7 +7,9 @@ back, as REDIRECT). Alternatively (kernels without what TC needs), inbound is ha
 backend (the iptables backend) with an "inbound only" spec. ambient_inbound: the rules backend that takes
 ambient pods' inbound even then (its CONNMARK + policy routing return the replies of the node proxy's
 original-source connections to the proxy; TC has no connection marks).
-Foreign programs on the pod cgroup at our hooks are drift, detached by the apply (`foreign_progs`).
+Foreign programs on the pod cgroup at our hooks, and foreign TC filters or tcx programs that run before
+ours, are drift, removed by the apply (`foreign_progs`, `tc_foreign`). Programs on the pod cgroup's
+ancestors that can override ours are reported by the check, never removed (`parent_progs`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from node_agent.backends.base import BackendError, PodRules, PodTarget, Redirect
 from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, pod_state, tc
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
 from node_agent.backends.ebpf.foreign_progs import detach_foreign
+from node_agent.backends.ebpf.parent_alerts import ALERTS
+from node_agent.backends.ebpf.parent_progs import watch_parents
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
 log = logging.getLogger("headrace.backend.ebpf")
@@ -198,7 +202,7 @@ class EbpfBackend(RedirectBackend):
             cfg = pod_state.read_config(pdir)
             if cfg is not None and cfg["cgroup_id"] != cgroup_id(cg):
                 self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
-            elif not detach_foreign(cg, pdir, wanted, target.uid) and not pod_state.problems(
+            elif not self._remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
@@ -280,6 +284,16 @@ class EbpfBackend(RedirectBackend):
             "ebpf redirect applied",
             extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},
         )
+
+    def _remove_foreign(self, cg: Path, pdir: Path, wanted: tuple[str, ...], target: PodTarget, tc_wanted: bool) -> int:
+        """The repair of foreign programs at our hooks (pod cgroup; TC ahead of ours); how many there were."""
+        gone = detach_foreign(cg, pdir, wanted, target.uid)
+        if tc_wanted:
+            try:
+                gone += pod_state.remove_foreign_tc(target.netns_path, target.uid)
+            except OSError as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        return gone
 
     def _pod_maps(self, target: PodTarget, spec: RedirectSpec, cg: Path, cookie: int) -> maps.PodMaps:
         try:
@@ -390,6 +404,7 @@ class EbpfBackend(RedirectBackend):
         with self._lock:
             mode = self._pinned_mode(target)
             self._remove_ebpf(target)
+            ALERTS.clear(target.uid)
             if self.inbound is not None:
                 self.inbound.remove(target)
             elif self.ambient_inbound is not None and mode != maps.MODE_SIDECAR:
@@ -413,6 +428,7 @@ class EbpfBackend(RedirectBackend):
                     wanted = cgroup_programs.wanted_programs(spec)
                     tc_wanted = wants_tc(spec, in_ebpf)
                     problems += pod_state.problems(pdir, cg, wanted, gen, target.netns_path, tc_wanted)
+                    watch_parents(target.uid, cg, pdir, wanted, [self.orig_dst.pinned_path(root)])
                 except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
                     problems.append(f"cannot read eBPF state: {e}")
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:

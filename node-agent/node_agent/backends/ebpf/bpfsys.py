@@ -31,11 +31,14 @@ MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
 BTF_LOAD = 18
+LINK_GET_FD_BY_ID = 30
+LINK_DETACH = 34
 
 MAP_TYPE_SK_STORAGE = 24
 
 F_ALLOW_MULTI = 2
 F_REPLACE = 4
+F_QUERY_EFFECTIVE = 1  # query: the programs that run for the cgroup (its own and its ancestors')
 
 PROG_TYPE_SCHED_CLS = 3
 PROG_TYPE_CGROUP_SOCK = 9
@@ -54,6 +57,8 @@ ATTACH_CGROUP_UDP6_RECVMSG = 20
 ATTACH_CGROUP_GETSOCKOPT = 21
 ATTACH_CGROUP_INET4_GETPEERNAME = 29
 ATTACH_CGROUP_INET6_GETPEERNAME = 30
+ATTACH_TCX_INGRESS = 46  # tcx: run before the clsact filters of the interface
+ATTACH_TCX_EGRESS = 47
 
 _libc = libc()  # the process-wide handle (cni.kernel.netns)
 _libc.syscall.restype = ctypes.c_long
@@ -204,14 +209,43 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _bpf(PROG_DETACH, _attr("=IIII", target_fd, prog_fd, attach_type, 0), "detach program")
 
 
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """Ids of the programs attached to a cgroup for one attach type (effective=False: this cgroup only)."""
+def prog_query(target_fd: int, attach_type: int, flags: int = 0) -> list[int]:
+    """Ids of the programs attached to a cgroup for one attach type (flags 0: this cgroup only;
+    F_QUERY_EFFECTIVE: the ones that run for it, in run order)."""
     cap = 64
     ids = (ctypes.c_uint32 * cap)()
-    attr = _attr("=IIIIQI", target_fd, attach_type, 0, 0, ctypes.addressof(ids), cap)
+    attr = _attr("=IIIIQI", target_fd, attach_type, flags, 0, ctypes.addressof(ids), cap)
     _bpf(PROG_QUERY, attr, "query cgroup programs")
     count = struct.unpack_from("=I", attr.raw, 24)[0]
     return [int(ids[i]) for i in range(min(count, cap))]
+
+
+def tcx_query(ifindex: int, attach_type: int) -> list[tuple[int, int]]:
+    """(program id, link id or 0) of the tcx programs on an interface of the calling thread's netns."""
+    cap = 64
+    ids = (ctypes.c_uint32 * cap)()
+    links = (ctypes.c_uint32 * cap)()
+    attr = _attr("=IIIIQIIQQ", ifindex, attach_type, 0, 0, ctypes.addressof(ids), cap, 0, 0,
+                 ctypes.addressof(links))
+    _bpf(PROG_QUERY, attr, "query tcx programs")
+    count = struct.unpack_from("=I", attr.raw, 24)[0]
+    return [(int(ids[i]), int(links[i])) for i in range(min(count, cap))]
+
+
+def tcx_detach(ifindex: int, attach_type: int, prog_id: int, link_id: int) -> None:
+    """Take one tcx program off an interface: its link detached, or (attached without a link) the program."""
+    if link_id:
+        fd = _bpf(LINK_GET_FD_BY_ID, _attr("=III", link_id, 0, 0), f"open link id {link_id}")
+        try:
+            _bpf(LINK_DETACH, _attr("=I", fd), f"detach link id {link_id}")
+        finally:
+            os.close(fd)
+        return
+    fd = prog_fd_by_id(prog_id)
+    try:
+        prog_detach(fd, ifindex, attach_type)
+    finally:
+        os.close(fd)
 
 
 def prog_fd_by_id(prog_id: int) -> int:

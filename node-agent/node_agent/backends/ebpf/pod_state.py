@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc, tc_status
+from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc, tc_foreign, tc_status
 from node_agent.backends.ebpf.attach import Cgroup, cgroup_id
 from node_agent.backends.ebpf.foreign_progs import foreign_problems
 
@@ -58,3 +58,15 @@ def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str
     elif (pdir / TC_PROGRAM).exists():
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
     return problems
+
+
+def foreign_tc(netns: str) -> list[tc_foreign.Foreign]:
+    """The foreign TC filters and tcx programs that run before our TC programs on the pod's interfaces."""
+    views = tc_status.read(netns, (hook for _name, hook in TC_HOOKS))
+    return [x for name, hook in TC_HOOKS for ifname, v in views.get(hook, {}).items()
+            for x in tc_foreign.foreign_of(hook, ifname, v.index, v.filters, v.tcx, name)]
+
+
+def remove_foreign_tc(netns: str, pod: str) -> int:
+    """Remove them (the repair); how many there were."""
+    return tc_foreign.remove(netns, foreign_tc(netns), pod)

@@ -1,5 +1,6 @@
-"""Which of our TC filters are on a pod's interfaces, read with two raw netlink dumps per interface
-(RTM_GETLINK, RTM_GETTFILTER) from one thread inside the pod netns.
+"""Which TC filters are on a pod's interfaces, read with raw netlink dumps (RTM_GETLINK, RTM_GETTFILTER)
+and a tcx query per interface and hook from one thread inside the pod netns: ours, and the foreign ones
+that run before ours (`tc_foreign`).
 
 The check runs for every pod at every agent start (adoption) and drift pass, so it avoids pyroute2's
 message objects (~13 ms a hook there, ~1 ms for both hooks here). Parsing is pure (`links_of`,
@@ -12,10 +13,11 @@ import os
 import socket
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cni.kernel.netns import run_in_thread
-from node_agent.backends.ebpf import bpfsys, pinning, tc
+from node_agent.backends.ebpf import bpfsys, pinning, tc, tc_foreign
 from node_agent.kernel import netlink_parse
 from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 
@@ -23,7 +25,7 @@ RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 IFLA_IFNAME = 3
-TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_KIND, TCA_OPTIONS, TCA_CHAIN = 1, 2, 11
 TCA_BPF_NAME, TCA_BPF_ID = 7, 11
 IFINFOMSG = struct.Struct("=BxHiII")
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
@@ -50,27 +52,43 @@ def links_of(data: Iterable[tuple[int, bytes]]) -> list[tuple[int, str]]:
     return out
 
 
-def filters_of(data: Iterable[tuple[int, bytes]], parent: int) -> list[tuple[str, int]]:
-    """Pure: (program name, program id) of each bpf filter under parent in RTM_NEWTFILTER payloads."""
-    out: list[tuple[str, int]] = []
+def records_of(data: Iterable[tuple[int, bytes]], parent: int) -> list[tc_foreign.TcFilter]:
+    """Pure: every filter (any kind) under parent in RTM_NEWTFILTER payloads."""
+    out: list[tc_foreign.TcFilter] = []
     for msg_type, payload in data:
         if msg_type != RTM_NEWTFILTER or len(payload) < TCMSG.size:
             continue
-        if TCMSG.unpack_from(payload)[3] != parent:
+        _family, _index, handle, fparent, info = TCMSG.unpack_from(payload)
+        if fparent != parent:
             continue
-        kind, name, prog_id = "", "", 0
+        kind, name, prog_id, chain = "", "", 0, 0
         for t, v in netlink_parse.attributes(payload[TCMSG.size :]):
             if t == TCA_KIND:
                 kind = _cstr(v)
+            elif t == TCA_CHAIN and len(v) >= 4:
+                chain = struct.unpack_from("=I", v)[0]
             elif t == TCA_OPTIONS:
                 for ot, ov in netlink_parse.attributes(v):
                     if ot == TCA_BPF_NAME:
                         name = _cstr(ov)
                     elif ot == TCA_BPF_ID and len(ov) >= 4:
                         prog_id = struct.unpack_from("=I", ov)[0]
-        if kind == "bpf":
-            out.append((name, prog_id))
+        out.append(tc_foreign.TcFilter(kind, info >> 16, handle, chain, name, prog_id))
     return out
+
+
+def filters_of(data: Iterable[tuple[int, bytes]], parent: int) -> list[tuple[str, int]]:
+    """Pure: (program name, program id) of each bpf filter under parent in RTM_NEWTFILTER payloads."""
+    return [(f.name, f.prog_id) for f in records_of(data, parent) if f.kind == "bpf"]
+
+
+@dataclass
+class HookView:
+    """One hook of one interface: its clsact filters and its tcx programs ((program id, link id))."""
+
+    index: int
+    filters: list[tc_foreign.TcFilter] = field(default_factory=list)
+    tcx: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _dump(sock: socket.socket, msg_type: int, body: bytes, seq: int) -> list[tuple[int, bytes]]:
@@ -93,27 +111,39 @@ def _dump(sock: socket.socket, msg_type: int, body: bytes, seq: int) -> list[tup
             got.append((t, payload))
 
 
-def status(netns_path: str, hooks: dict[str, tuple[int, str]]) -> dict[str, dict[str, list[tuple[str, int]]]]:
-    """{hook: {interface: [(filter program name, id) of the bpf filters on that hook whose name starts
-    with the hook's name]}} for every non-loopback interface of the netns; hooks: {hook: (parent, name)}.
-    A gone netns gives {}."""
+TCX_TYPES = {tc.INGRESS: bpfsys.ATTACH_TCX_INGRESS, tc.EGRESS: bpfsys.ATTACH_TCX_EGRESS}
+
+
+def _tcx(index: int, hook: str) -> list[tuple[int, int]]:
+    try:
+        return bpfsys.tcx_query(index, TCX_TYPES[hook])
+    except bpfsys.BpfSysError:  # a kernel without tcx (< 6.6): nothing can run there
+        return []
+
+
+def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]]:
+    """{hook: {interface: HookView}} for every non-loopback interface of the netns. A gone netns gives {}."""
     if not os.path.exists(netns_path):
         return {}
+    hooks = tuple(hooks)
 
-    def work() -> dict[str, dict[str, list[tuple[str, int]]]]:
+    def work() -> dict[str, dict[str, HookView]]:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
             s.settimeout(5)
             links = links_of(_dump(s, RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0), 1))
-            out: dict[str, dict[str, list[tuple[str, int]]]] = {hook: {} for hook in hooks}
+            out: dict[str, dict[str, HookView]] = {hook: {} for hook in hooks}
             seq = 2
             for index, ifname in links:
-                for hook, (parent, prefix) in hooks.items():
+                for hook in hooks:
+                    parent = tc.HOOK_PARENTS[hook]
+                    view = HookView(index, tcx=_tcx(index, hook))
                     try:
-                        found = filters_of(_dump(s, RTM_GETTFILTER, TCMSG.pack(0, index, 0, parent, 0), seq), parent)
+                        view.filters = records_of(_dump(s, RTM_GETTFILTER, TCMSG.pack(0, index, 0, parent, 0), seq),
+                                                  parent)
                     except TcStatusError:  # no clsact qdisc on the interface: no filters
-                        found = []
+                        pass
                     seq += 1
-                    out[hook][ifname] = [(n, i) for n, i in found if n.startswith(prefix)]
+                    out[hook][ifname] = view
             return out
 
     return run_in_thread(netns_path, work, name="headrace-tc-status")
@@ -135,15 +165,17 @@ def problems(pdir: Path, netns: str, hooks: Iterable[tuple[str, str]]) -> list[s
         finally:
             os.close(fd)
     try:
-        found = status(netns, {hook: (tc.HOOK_PARENTS[hook], name) for name, hook in hooks})
+        views = read(netns, (hook for _name, hook in hooks))
     except OSError as e:
         return [*found_problems, f"cannot read the TC filters in {netns}: {e}"]
-    if not any(found.values()):
+    if not any(views.values()):
         return [*found_problems, f"no pod interface found in {netns}"]
     for prog_name, hook in hooks:
-        for ifname, filters in found[hook].items():
-            if not filters:
+        for ifname, view in views[hook].items():
+            ours = {f.prog_id for f in view.filters if tc_foreign.is_ours(f, prog_name)}
+            if not ours:
                 found_problems.append(f"TC {hook} program missing on {ifname}")
-            elif prog_name in pinned and pinned[prog_name] not in {i for _n, i in filters}:
+            elif prog_name in pinned and pinned[prog_name] not in ours:
                 found_problems.append(f"TC {hook} program on {ifname} is not the pinned one")
+            found_problems += tc_foreign.describe(hook, ifname, view.filters, view.tcx, prog_name)
     return found_problems

@@ -1,0 +1,75 @@
+"""ADD through a running agent: one request (`cni.contract.agent_add`), the agent decides the pod's mode
+from its pod cache and applies a sidecar pod's rules in-process; the plugin only reports.
+
+`add_via_agent` answers True when the agent did the ADD, False when the plugin's standalone path must run
+(no agent socket, agent not answering within the short first-answer bound, an agent that speaks only
+protocol version 1, or one that declined this pod), and raises CniError when the ADD failed for good
+(an ambient pod the agent could not enrol, a bad annotation, an agent that stopped answering after it
+took the pod). Stdlib only; the socket client is imported only when the agent socket exists.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cni.contract import agent_add as wire
+from cni.contract import errors
+from cni.contract.errors import CniError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from cni.plugin.cni_env import CniEnv
+    from cni.plugin.log import JsonLog
+    from cni.plugin.netconf import NetConf
+
+
+def rules_setting(conf: NetConf) -> str:
+    """The backend the plugin itself writes sidecar rules with (the agent must use the same one, so the
+    plugin's own DEL can remove them when the agent is gone)."""
+    if conf.backend in ("ebpf", "iptables", "nftables"):
+        return conf.backend
+    from cni.plugin import rules_backend  # `auto`: looks for the iptables tools
+
+    return "nftables" if rules_backend.uses_nftables(conf) else "iptables"
+
+
+def request_of(env: CniEnv, conf: NetConf, prev: dict[str, Any]) -> dict[str, Any]:
+    ips = prev.get("ips")
+    addresses = [ip["address"] for ip in (ips if isinstance(ips, list) else [])
+                 if isinstance(ip, dict) and isinstance(ip.get("address"), str)]
+    k8s = env.k8s
+    return wire.add_request(env.container_id, env.netns, env.ifname, k8s.namespace, k8s.name, k8s.uid,
+                            addresses, rules_setting(conf), conf.iptables, conf.exclude_namespaces)
+
+
+def add_via_agent(env: CniEnv, conf: NetConf, prev: dict[str, Any], log: JsonLog) -> bool:
+    if not os.path.exists(conf.agent_socket):
+        return False
+    from cni.plugin.agent_add_client import Unreachable, send_add
+
+    try:
+        reply = send_add(conf.agent_socket, request_of(env, conf, prev), conf.agent_timeout)
+    except Unreachable as exc:
+        if exc.held:
+            raise CniError(errors.AGENT_UNREACHABLE, "headrace agent did not finish the ADD", exc.msg) from exc
+        log.warning("agent", f"agent not usable, standalone path: {exc.msg}", agent_socket=conf.agent_socket)
+        return False
+    if reply.kind == "standalone":
+        log.info("agent", f"agent left the ADD to the plugin: {reply.error}")
+        return False
+    if reply.kind == "done":
+        log.info("membership", f"mode {reply.mode}: {reply.reason or 'decided by the agent'}", mode=reply.mode)
+        if reply.mode == "sidecar":
+            log.info("redirect", "sidecar redirect applied by the agent", backend=reply.backend, state=reply.state)
+        elif reply.mode == "ambient":
+            log.info("agent", f"agent answered {reply.state or 'ok'}", state=reply.state)
+        return True
+    if reply.code:
+        raise CniError(reply.code, f"headrace agent refused the {reply.mode or 'pod'}'s ADD", reply.error)
+    if reply.mode == "sidecar" and conf.backend != "ebpf":
+        log.warning("agent", f"agent could not apply the sidecar redirect, standalone path: {reply.error}")
+        return False
+    code = errors.TRY_AGAIN_LATER if reply.retry else errors.AGENT_REFUSED
+    raise CniError(code, "headrace agent could not ADD the pod", reply.error)

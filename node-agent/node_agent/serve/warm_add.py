@@ -1,0 +1,231 @@
+"""The one-request ADD (`cni.contract.agent_add`): the plugin hands the agent a whole CNI ADD; the agent
+decides the pod's mode from its pod cache (a direct lookup on a miss) and acts:
+
+- none: answered at once;
+- sidecar, with the backend the plugin would write (iptables of the same flavour, or nftables): the
+  rules applied here, in-process where the backend can (nftables: libnftables), into CNI_NETNS, then
+  the pod held like a sidecar pod the plugin redirected itself (`PluginSidecars.hold`: pinned, recorded,
+  drift watched). The same backend and rules as the plugin's own path, so the plugin's DEL removes them
+  even when this agent is gone by then;
+- sidecar on eBPF, ambient: "interim" answered first (the pod is the agent's now: the plugin waits its
+  full timeout and never falls back), then the existing handlers (`cni_sidecar_add`, `cni_add`).
+
+Everything else is left to the plugin's standalone path (a "standalone" answer): a pod the agent does not
+know or knows under another uid, a namespace it cannot see, a pod it holds already, a backend it does not
+run, or a sidecar apply that failed (the plugin tries itself and reports its own error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from cni.contract import agent_add, membership
+from cni.contract.annotations import sidecar_spec
+from cni.contract.errors import CniError
+from cni.contract.kube_objects import Namespace, Pod
+from cni.contract.spec import SidecarSpec
+from cni.kernel import flavour as flavour_mod
+from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.backends.iptables.backend import IptablesBackend
+from node_agent.reconcile.plugin_sidecars import PluginSidecars
+from node_agent.reconcile.state import Outcome
+from node_agent.reconcile.table import PodTable
+from node_agent.serve.add_request import WarmAddRequest
+from node_agent.serve.sidecar_apply import apply_for_add
+from node_agent.sources.store import PodStore
+
+log = logging.getLogger("headrace.agent.cni")
+
+AGENT_REASON = "redirected by the agent at the plugin's ADD; watched by the agent"
+Lookup = Callable[[str, str], tuple[Pod | None, Namespace | None]]
+
+
+class Handlers(Protocol):
+    """What the agent already answers for pods it holds (the reconciler, through the server's view)."""
+
+    def cni_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
+                timeout: float) -> Outcome: ...
+    def cni_sidecar_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
+                        timeout: float) -> Outcome: ...
+
+
+class BackendSource(Protocol):
+    def named(self, name: str) -> RedirectBackend | None: ...
+
+
+class WarmAdd:
+    def __init__(
+        self,
+        store: PodStore,
+        handlers: Handlers,
+        table: PodTable,
+        backends: BackendSource,
+        sidecars: PluginSidecars,
+        *,
+        lookup: Lookup | None = None,
+        add_timeout: float = 20.0,
+    ) -> None:
+        self.store = store
+        self.handlers = handlers
+        self.table = table
+        self.backends = backends
+        self.sidecars = sidecars
+        self.lookup = lookup
+        self.add_timeout = add_timeout
+        self._counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
+
+    def _count(self, what: str) -> None:
+        with self._counts_lock:
+            self._counts[what] = self._counts.get(what, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        """ADDs by outcome (and cache-miss lookups), for the metrics."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    # ---- which pod -----------------------------------------------------------------------------------
+    def _cached(self, req: WarmAddRequest) -> tuple[Pod | None, Namespace | None]:
+        snap = self.store.snapshot()
+        pod = snap.pods.get(req.uid) if req.uid else None
+        if pod is None:
+            pod = next((p for p in snap.pods.values() if p.namespace == req.namespace and p.name == req.name), None)
+        return pod, (snap.namespaces.get(pod.namespace) if pod is not None else None)
+
+    @staticmethod
+    def _matches(pod: Pod | None, req: WarmAddRequest) -> bool:
+        if pod is None or pod.namespace != req.namespace or pod.name != req.name:
+            return False
+        return not (req.uid and pod.authoritative_uid and pod.uid != req.uid)
+
+    def _pod(self, req: WarmAddRequest) -> tuple[Pod | None, Namespace | None]:
+        """The pod (None when the agent cannot tell) and its namespace (None when unknown and needed)."""
+        pod, ns = self._cached(req)
+        ok = self._matches(pod, req)
+        if ok and ns is None and pod is not None and not membership.namespace_needed(
+                pod.namespace, pod.labels, pod.annotations, pod.host_network, req.exclude_namespaces):
+            return pod, None
+        if (not ok or ns is None) and self.lookup is not None:
+            self._count("lookup")
+            pod, ns = self.lookup(req.namespace, req.name)
+        return (pod, ns) if self._matches(pod, req) else (None, None)
+
+    # ---- the request ---------------------------------------------------------------------------------
+    def add(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        started = time.monotonic()
+        ctx = {"pod": req.name, "namespace": req.namespace, "uid": req.uid, "netns": req.netns, "step": "cni-add-v2"}
+        try:
+            pod, ns = self._pod(req)
+        except Exception as exc:  # the lookup's source failed: the plugin asks its own
+            log.info("pod lookup failed: %s", exc, extra=ctx)
+            pod, ns = None, None
+        if pod is None:
+            return self._standalone("pod not in the agent's pod source", ctx)
+        needed = membership.namespace_needed(pod.namespace, pod.labels, pod.annotations, pod.host_network,
+                                             req.exclude_namespaces)
+        if needed and ns is None:
+            return self._standalone(f"namespace {pod.namespace} not in the agent's pod source", ctx)
+        mode = membership.pod_mode(pod.namespace, pod.labels, pod.annotations, pod.host_network,
+                                   ns.labels if ns is not None else None, req.exclude_namespaces)
+        ctx["uid"] = pod.uid
+        if mode == "none":
+            self._count("none")
+            why = "interceptionMode NONE" if membership.interception_none(pod.annotations) else "not in the mesh"
+            return agent_add.none_reply(f"{why} (agent's pod cache)")
+        spec: SidecarSpec | None = None
+        if mode == "sidecar":
+            try:
+                spec = sidecar_spec(pod.annotations)
+            except CniError as exc:  # refused before anything is done, with the plugin's error code
+                self._count("refused")
+                return agent_add.failed_reply("sidecar", f"{exc.msg}: {exc.details}" if exc.details else exc.msg,
+                                              retry=False, code=exc.code)
+        if spec is None or req.backend == "ebpf":
+            log.info("%s pod: the agent holds it, the plugin waits for the outcome", mode, extra=ctx)
+            interim(agent_add.interim_reply(mode))
+            return self._held(mode, pod, req, ctx)
+        reply = self._sidecar(pod, spec, req, ctx)
+        log.info("sidecar pod: %s", reply.get("state") or reply.get("error"),
+                 extra={**ctx, "duration_ms": round((time.monotonic() - started) * 1000, 2)})
+        return reply
+
+    def _standalone(self, reason: str, ctx: dict[str, Any]) -> dict[str, Any]:
+        self._count("standalone")
+        log.info("ADD left to the plugin: %s", reason, extra=ctx)
+        return agent_add.standalone_reply(reason)
+
+    def _held(self, mode: str, pod: Pod, req: WarmAddRequest, ctx: dict[str, Any]) -> dict[str, Any]:
+        self._count(mode)
+        handler = self.handlers.cni_add if mode == "ambient" else self.handlers.cni_sidecar_add
+        outcome = handler(pod.uid, pod.namespace, pod.name, req.netns, req.ips, self.add_timeout)
+        log.info("plugin ADD answered: %s", outcome.state if outcome.ok else outcome.error,
+                 extra={**ctx, "ok": outcome.ok})
+        if outcome.ok:
+            return agent_add.done_reply(mode, outcome.state)
+        return agent_add.failed_reply(mode, outcome.error, outcome.retry, state=outcome.state)
+
+    def _backend(self, req: WarmAddRequest) -> RedirectBackend | None:
+        """The agent's backend that writes what the plugin would: nftables, or iptables of the flavour the
+        plugin's setting resolves to."""
+        backend = self.backends.named(req.backend)
+        if isinstance(backend, IptablesBackend):
+            try:
+                wanted = flavour_mod.resolve(req.iptables)
+            except ValueError:
+                return None
+            return backend if backend.flavour == wanted else None
+        return backend
+
+    def _sidecar(self, pod: Pod, spec: SidecarSpec, req: WarmAddRequest, ctx: dict[str, Any]) -> dict[str, Any]:
+        backend = self._backend(req)
+        if backend is None:
+            return self._standalone(f"the agent runs no {req.backend} backend like the plugin's", ctx)
+        with self.table.lock:
+            if pod.uid in self.table.pods:
+                return self._standalone("the agent holds this pod already", ctx)
+        try:
+            inode = os.stat(req.netns).st_ino
+        except OSError as exc:
+            return self._standalone(f"netns {req.netns}: {exc.strerror}", ctx)
+        target = PodTarget(pod.uid, pod.namespace, pod.name, req.netns, inode, req.ips)
+        t0 = time.monotonic()
+        try:
+            apply_for_add(backend, target, spec)
+        except BackendError as exc:
+            self._count("apply_failed")
+            log.warning("sidecar apply for the plugin failed: %s", exc, extra=ctx)
+            return agent_add.failed_reply("sidecar", f"sidecar rules: {exc}", retry=True)
+        self._count("sidecar")
+        t1 = time.monotonic()
+        with self.table.lock:
+            t2 = time.monotonic()
+            if pod.uid not in self.table.pods:  # else: taken over meanwhile (it saw our rules)
+                self.sidecars.hold(pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON)
+        ctx["apply_ms"], ctx["lock_ms"], ctx["hold_ms"] = [round((b - a) * 1000, 2) for a, b in
+                                                           ((t0, t1), (t1, t2), (t2, time.monotonic()))]
+        return agent_add.done_reply("sidecar", "enrolled", backend.name)
+
+
+def pod_lookup(kubeconfig: str | None, objects_dir: str | None, timeout: float = 2.0) -> Lookup | None:
+    """A direct lookup of one pod and its namespace for cache misses, with the plugin's pod source code
+    (a kubeconfig GET, or the objects directory); None when the agent has neither (in-cluster). An objects
+    directory without the namespace's file means a namespace without labels, as for the plugin."""
+    if not kubeconfig and not objects_dir:
+        return None
+
+    def lookup(namespace: str, name: str) -> tuple[Pod | None, Namespace | None]:
+        from cni.plugin.pod_source import from_config
+
+        source = from_config(kubeconfig, objects_dir, timeout)
+        pod = source.get_pod(namespace, name)
+        if pod is None:
+            return None, None
+        ns = source.get_namespace(namespace)
+        return pod, (ns if ns is not None or source.authoritative else Namespace(namespace))
+
+    return lookup

@@ -1,0 +1,288 @@
+"""The one-request ADD on the real chain (bridge + host-local + headrace-cni as the installed `-IS` launcher)
+with a real agent in the node netns:
+
+- agent up: a sidecar pod's ADD is decided and applied by the agent (plugin log: "applied by the agent",
+  no iptables/nft step of the plugin; agent status: held, drift watched); outbound TCP lands on 15001
+  with the original destination; on nftables a dual-stack pod's ADD starts no process at all in the
+  agent (strace of the agent during the ADD); CHECK passes; DEL removes the rules; a non-mesh pod is
+  answered by the agent;
+- agent down (no socket, or a stale socket of a killed agent): the standalone path, quickly;
+- agent wedged (SIGSTOP) then killed during a sidecar ADD: the plugin falls back to its standalone path
+  after the first-answer bound, the rules are in exactly once; an ambient pod the agent took and then
+  died on fails closed (CNI code 103);
+- hostile version-2 requests (bad fields, the host netns, an oversized line) are refused with a reason
+  and the agent still serves the next ADD;
+- a rule-less pod after DEL when the agent died between ADD and DEL (the plugin's standalone removal).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_agent.lab.cni_runner import CniInvocationError
+from node_agent.lab.simnode import Pod, SimNode
+
+from cni.contract import agent_add
+from tests.harness.traffic import Listener, tcp_request
+from tests.kernel.agent_kit import AgentRun, headrace_rules, run, wait_for
+
+pytestmark = pytest.mark.kernel
+
+SIDECAR = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
+# (conflist backend, iptables flavour, agent --backend, node dual-stack)
+BACKENDS = {
+    "nftables": ("nftables", "auto", "nftables", True),
+    "iptables-nft": ("iptables", "nft", "iptables", True),
+    "iptables-legacy": ("iptables", "legacy", "iptables", True),
+}
+
+
+def plugin_lines(node: SimNode, container_id: str) -> list[dict[str, Any]]:
+    out = []
+    for line in node.log_file.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("container_id") == container_id:
+            out.append(rec)
+    return out
+
+
+def nft_table(netns: str) -> str:
+    return run(["nsenter", f"--net={netns}", "nft", "list", "table", "inet", "headrace"], check=False).stdout
+
+
+def our_rules(netns: str, backend: str) -> str:
+    return nft_table(netns) if backend == "nftables" else "\n".join(headrace_rules(netns))
+
+
+def redirected(pod: Pod, peer: Pod) -> None:
+    """Outbound TCP of the pod lands on its 15001 with the original destination; uid 1337 goes out."""
+    with Listener(peer.netns.path, 8080, label="peer"), Listener(pod.netns.path, 15001, label="out") as out:
+        assert tcp_request(pod.netns.path, peer.ipv4, 8080, b"o") == b"out|o"
+        assert out.wait_one().original_dst == (peer.ipv4, 8080)
+        assert tcp_request(pod.netns.path, peer.ipv4, 8080, b"p", uid=1337, gid=1337) == b"peer|p"
+
+
+@pytest.fixture
+def warm(make_node: Callable[..., SimNode], tmp_path: Path, request: pytest.FixtureRequest
+         ) -> Iterator[tuple[SimNode, AgentRun, str]]:
+    name = getattr(request, "param", "iptables-nft")
+    conf_backend, flavour, agent_backend, dual = BACKENDS[name]
+    node = make_node(headrace={"backend": conf_backend, "iptables": flavour}, dual_stack=dual)
+    agent = AgentRun(node.netns.path, node.objects_dir, tmp_path / "agent", state_dir=node.state_dir,
+                     cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
+                     extra=["--backend", agent_backend, "--iptables", flavour])
+    try:
+        yield node, agent, conf_backend
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("warm", list(BACKENDS), indirect=True)
+def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -> None:
+    node, agent, backend = warm
+    agent.start_agent()
+    peer = node.add_pod("plain", "peer")
+    pod = node.add_pod("shop", "web", annotations=SIDECAR)
+    lines = plugin_lines(node, pod.container_id)
+    assert any(r["msg"] == "sidecar redirect applied by the agent" for r in lines), lines
+    assert not any(r["step"] in ("apply-sidecar", "apply-nft") for r in lines), "the plugin wrote rules itself"
+    assert our_rules(pod.netns.path, backend)
+    row = wait_for(lambda: agent.status().get(pod.uid), 10, "agent holds the pod")
+    assert row["mode"] == "sidecar" and row["state"] == "enrolled" and "by the agent" in row["reason"]
+    # the non-mesh peer was answered by the agent too
+    assert any(r["msg"].startswith("mode none") for r in plugin_lines(node, peer.container_id))
+    _, metrics = agent.http("/metrics")
+    assert 'headrace_agent_plugin_adds_total{outcome="sidecar"} 1.0' in metrics
+    assert 'headrace_agent_plugin_adds_total{outcome="none"} 1.0' in metrics
+    redirected(pod, peer)
+    node.runner().check(pod.container_id, pod.netns.path, args=pod.cni_args)  # the plugin reads them back
+    node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)  # netns still there
+    assert not our_rules(pod.netns.path, backend)
+    wait_for(lambda: pod.uid not in agent.status() or agent.pod_state(pod.uid) == "none", 10, "agent let go")
+
+
+def test_nftables_sidecar_add_starts_no_process(make_node: Callable[..., SimNode], tmp_path: Path) -> None:
+    """Dual-stack pod, nftables: libnftables and rtnetlink (`::6` on lo) in the agent, nothing exec'd by
+    the agent during the ADD."""
+    node = make_node(headrace={"backend": "nftables"}, dual_stack=True)
+    agent = AgentRun(node.netns.path, node.objects_dir, tmp_path / "agent", state_dir=node.state_dir,
+                     cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
+                     extra=["--backend", "nftables"])
+    trace = tmp_path / "agent.strace"
+    try:
+        agent.start_agent()
+        node.add_pod("shop", "warmup", annotations=SIDECAR)  # first use of every code path
+        assert agent.agent is not None
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=execve,execveat", "-o", str(trace),
+                                   "-p", str(agent.agent.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            time.sleep(1.0)  # attached to every thread
+            pod = node.add_pod("shop", "web", annotations=SIDECAR)
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(10)
+        assert "sidecar redirect applied by the agent" in node.log_file.read_text()
+        assert nft_table(pod.netns.path)
+        lo = run(["nsenter", f"--net={pod.netns.path}", "ip", "-6", "addr", "show", "dev", "lo"]).stdout
+        assert "inet6 ::6/128" in lo
+        execs = [line for line in trace.read_text().splitlines() if "execve" in line]
+        assert execs == [], execs
+    finally:
+        agent.close()
+
+
+def test_agent_down_means_standalone(warm: tuple[SimNode, AgentRun, str]) -> None:
+    node, agent, _backend = warm
+    peer = node.add_pod("plain", "peer")
+    start = time.monotonic()
+    pod = node.add_pod("shop", "nosock", annotations=SIDECAR)  # no socket at all
+    assert time.monotonic() - start < 5
+    assert any(r["step"] == "apply-sidecar" for r in plugin_lines(node, pod.container_id))
+    redirected(pod, peer)
+    agent.start_agent()
+    agent.kill_agent(signal.SIGKILL)  # leaves its socket file behind: connect refused
+    assert node.agent_socket.exists()
+    start = time.monotonic()
+    stale = node.add_pod("shop", "stale", annotations=SIDECAR)
+    assert time.monotonic() - start < 5
+    lines = plugin_lines(node, stale.container_id)
+    assert any("refused the connection" in r["msg"] for r in lines) and any(r["step"] == "apply-sidecar" for r in lines)
+    redirected(stale, peer)
+
+
+def test_wedged_then_killed_agent_falls_back_without_half_state(warm: tuple[SimNode, AgentRun, str]) -> None:
+    node, agent, _backend = warm
+    agent.start_agent()
+    peer = node.add_pod("plain", "peer")
+    before = headrace_rules(peer.netns.path)
+    assert agent.agent is not None
+    agent.agent.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        pod = node.add_pod("shop", "wedged", annotations=SIDECAR)
+        took = time.monotonic() - start
+    finally:
+        agent.kill_agent(signal.SIGKILL)
+    assert 1.5 < took < 10, took  # the first-answer bound (2 s), then the standalone apply
+    lines = plugin_lines(node, pod.container_id)
+    assert any("did not answer in time" in r["msg"] for r in lines), lines
+    assert any(r["step"] == "apply-sidecar" for r in lines)
+    rules = headrace_rules(pod.netns.path)
+    assert len(rules) == len(set(rules)), "a rule is in twice"
+    assert before == []
+    redirected(pod, peer)
+
+    # killed while it holds the connection: EOF, then the standalone path
+    agent.start_agent()
+    assert agent.agent is not None
+    agent.agent.send_signal(signal.SIGSTOP)
+    result: dict[str, Any] = {}
+
+    def add() -> None:
+        result["pod"] = node.add_pod("shop", "killed", annotations=SIDECAR)
+
+    adder = threading.Thread(target=add)
+    adder.start()
+    time.sleep(0.5)
+    agent.kill_agent(signal.SIGKILL)
+    adder.join(30)
+    killed = result["pod"]
+    lines = plugin_lines(node, killed.container_id)
+    assert any(r["step"] == "apply-sidecar" for r in lines), lines
+    redirected(killed, peer)
+
+
+def test_ambient_pod_fails_closed_when_the_agent_dies_holding_it(warm: tuple[SimNode, AgentRun, str]) -> None:
+    node, agent, _ = warm
+    agent.start_agent()  # no node proxy: the enrolment waits for its ack
+    result: dict[str, Any] = {}
+
+    def add() -> None:
+        try:
+            node.add_pod("mesh", "amb", labels={"istio.io/dataplane-mode": "ambient"})
+        except CniInvocationError as exc:
+            result["error"] = exc
+
+    adder = threading.Thread(target=add)
+    adder.start()
+    wait_for(lambda: "the plugin waits for the outcome" in agent.agent_log(), 10, "ADD arrived")
+    time.sleep(0.3)
+    agent.kill_agent(signal.SIGKILL)
+    adder.join(30)
+    err = result.get("error")
+    assert err is not None, "an ambient ADD succeeded without the agent"
+    assert '"code": 103' in str(err) or '"code":103' in str(err), str(err)
+
+
+def _ask(sock_path: Path, payload: bytes) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        s.sendall(payload)
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return dict(json.loads(buf.split(b"\n")[0]))
+
+
+def _req(path: str, **change: Any) -> dict[str, Any]:
+    req = agent_add.add_request("c1", path, "eth0", "shop", "web", "", ["10.9.0.5/24"], "iptables", "nft",
+                                ["kube-system"])
+    for key, value in change.items():
+        if value is None:
+            req.pop(key, None)
+        else:
+            req[key] = value
+    return req
+
+
+def test_hostile_requests_are_refused(warm: tuple[SimNode, AgentRun, str]) -> None:
+    node, agent, _ = warm
+    agent.start_agent()
+    pod_netns = node.add_pod("plain", "peer").netns.path
+    bad = {
+        "bad namespace": _req(pod_netns, pod={"namespace": "Shop!", "name": "web", "uid": ""}),
+        "no pod": _req(pod_netns, pod=None),
+        "relative netns": _req(pod_netns, netns="run/netns/x"),
+        "host netns": _req("/proc/1/ns/net"),
+        "agent's own netns": _req("/proc/self/ns/net"),
+        "not a netns": _req("/etc/hostname"),
+        "too many ips": _req(pod_netns, ips=[f"10.0.0.{i}" for i in range(40)]),
+        "bad ip": _req(pod_netns, ips=["10.0.0.300"]),
+        "unknown backend": _req(pod_netns, rules={"backend": "pf", "iptables": "nft"}),
+        "no rules": _req(pod_netns, rules=None),
+        "bad excluded": _req(pod_netns, exclude_namespaces=["ok", "NOT OK"]),
+        "huge excluded": _req(pod_netns, exclude_namespaces=["a"] * 1000),
+        "not ADD": _req(pod_netns, cmd="DEL"),
+    }
+    for what, req in bad.items():
+        reply = _ask(node.agent_socket, (json.dumps(req) + "\n").encode())
+        assert reply["ok"] is False and reply["retry"] is False and reply["error"], (what, reply)
+    huge = _ask(node.agent_socket, b'{"v": 2, "cmd": "ADD", "pad": "' + b"x" * 200_000 + b'"}\n')
+    assert huge == {"ok": False, "error": "request too long", "retry": False}
+    # still serving: a real sidecar ADD goes through the agent
+    pod = node.add_pod("shop", "after", annotations=SIDECAR)
+    assert any(r["msg"] == "sidecar redirect applied by the agent" for r in plugin_lines(node, pod.container_id))
+
+
+def test_del_after_the_agent_died_removes_agent_rules(warm: tuple[SimNode, AgentRun, str]) -> None:
+    node, agent, _backend = warm
+    agent.start_agent()
+    pod = node.add_pod("shop", "web", annotations=SIDECAR)
+    assert any(r["msg"] == "sidecar redirect applied by the agent" for r in plugin_lines(node, pod.container_id))
+    assert headrace_rules(pod.netns.path)
+    agent.kill_agent(signal.SIGKILL)
+    node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)
+    assert headrace_rules(pod.netns.path) == []
