@@ -1,7 +1,7 @@
 """Read a pod netns' policy routing in-process (rtnetlink rule and route dumps), for drift checks that must
 not spawn anything: is the `Routing` (cni.rules.tproxy_routes) of each family in place?
 
-One short-lived thread enters the netns (cni.kernel.netns.run_in_thread: setns moves only that thread),
+A pooled thread enters the netns (node_agent.kernel.netns_runner: setns moves only that thread),
 opens a NETLINK_ROUTE socket there and dumps the family's rules and routes. Request building and reply
 parsing are pure and unit-tested; the problem texts are the same as `tproxy_routes.check_problems`.
 """
@@ -15,8 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
+from cni.kernel.netns import NetnsThreadTimeout
 from node_agent.kernel import netlink_parse
+from node_agent.kernel.netns_runner import run_in_netns
 
 RTM_NEWROUTE, RTM_GETROUTE, RTM_NEWRULE, RTM_GETRULE = 24, 26, 32, 34
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
@@ -171,9 +172,7 @@ def check_routing(netns_path: str, families: Iterable[int], routing: Routing, ti
     """Problems with `routing` in the netns at netns_path, per family; PolicyRoutesReadError if unreadable."""
     fams = tuple(families)
     try:
-        return run_in_thread(
-            netns_path, lambda: _check_here(fams, routing, timeout), name="headrace-routes", timeout=timeout + 1.0
-        )
+        return run_in_netns(netns_path, lambda: _check_here(fams, routing, timeout), timeout=timeout + 1.0)
     except NetnsThreadTimeout:
         raise PolicyRoutesReadError(f"no answer from {netns_path} within {timeout:.0f}s") from None
     except PolicyRoutesReadError:

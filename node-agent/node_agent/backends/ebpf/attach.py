@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+import threading
 from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys
@@ -12,14 +14,53 @@ class CgroupError(Exception):
     pass
 
 
-def cgroup2_mounts() -> list[Path]:
+def parse_cgroup2_mounts(mountinfo: str) -> list[Path]:
+    """The cgroup2 mount points in a /proc/<pid>/mountinfo text."""
     out: list[Path] = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                out.append(Path(left.split()[4].replace("\\040", " ")))
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split()[:1] == ["cgroup2"]:
+            out.append(Path(left.split()[4].replace("\\040", " ")))
     return out
+
+
+class MountTable:
+    """The cgroup2 mount points, read again only when the mount table changed: the kernel flags an open
+    mountinfo file with POLLPRI/POLLERR on every mount or unmount (the drift check validates each pod's
+    cgroup every second; re-reading the whole table for each was most of its cost)."""
+
+    def __init__(self, path: str = "/proc/self/mountinfo") -> None:
+        self.path = path
+        self.reads = 0
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._poll = select.poll()
+        self._mounts: list[Path] = []
+
+    def cgroup2(self) -> list[Path]:
+        with self._lock:
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
+                self._reload()
+            elif self._poll.poll(0):
+                self._reload()
+            return list(self._mounts)
+
+    def _reload(self) -> None:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 65536):
+            chunks.append(chunk)
+        self._mounts = parse_cgroup2_mounts(b"".join(chunks).decode("utf-8", "replace"))
+        self.reads += 1
+
+
+MOUNTS = MountTable()
+
+
+def cgroup2_mounts() -> list[Path]:
+    return MOUNTS.cgroup2()
 
 
 def validate_cgroup(path: str | None) -> Path:

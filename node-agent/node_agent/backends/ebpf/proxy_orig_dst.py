@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +32,12 @@ PROXY_PROGRAMS = (("hr_getsockopt", PROXY_GETSOCKOPT), ("hr_sockops", "hr_sockop
 class ProxyOrigDst:
     """The proxy cgroup's programs: attach (idempotent), check, detach."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, max_age: float = 0.5) -> None:
         self.state_dir = state_dir
+        # problems() is node-wide but asked in every ambient pod's check: one answer serves all the pods
+        # checked within max_age seconds (a detached program is still seen well within the 2 s target)
+        self.max_age = max_age
+        self._last: tuple[float, str | None, Path, list[str]] | None = None
 
     @staticmethod
     def pinned_path(root: Path, pin: str = PROXY_GETSOCKOPT) -> Path:
@@ -84,6 +89,15 @@ class ProxyOrigDst:
                 os.close(fd)
 
     def problems(self, proxy_cgroup: str | None, root: Path) -> list[str]:
+        now = time.monotonic()
+        last = self._last
+        if last is not None and now - last[0] < self.max_age and last[1:3] == (proxy_cgroup, root):
+            return list(last[3])
+        found = self._problems(proxy_cgroup, root)
+        self._last = (now, proxy_cgroup, root, found) if not found else None  # a problem: look again next time
+        return found
+
+    def _problems(self, proxy_cgroup: str | None, root: Path) -> list[str]:
         found: list[str] = []
         for prog_name, pin in PROXY_PROGRAMS:
             path = self.pinned_path(root, pin)

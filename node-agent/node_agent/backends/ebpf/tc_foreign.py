@@ -19,9 +19,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from cni.kernel.netns import run_in_thread
 from node_agent.backends.ebpf import bpfsys, tc
 from node_agent.kernel import netlink_parse
+from node_agent.kernel.netns_runner import run_in_netns
 
 log = logging.getLogger("headrace.backend.ebpf")
 
@@ -134,5 +134,5 @@ def remove(netns_path: str, found: list[Foreign], pod: str) -> int:
                 log.warning("foreign TC %s on %s %s removed (it ran before ours)", label(x.item), x.ifname, x.hook,
                             extra={"pod": pod, "netns": netns_path, "step": "ebpf-foreign-tc"})
 
-    run_in_thread(netns_path, work, name="headrace-tc-foreign")
+    run_in_netns(netns_path, work)
     return len(found)

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cni.kernel.netns import run_in_thread
 from node_agent.backends.ebpf import bpfsys, pinning, tc, tc_foreign
 from node_agent.kernel import netlink_parse
 from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
+from node_agent.kernel.netns_runner import run_in_netns
 
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
@@ -146,7 +146,7 @@ def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]
                     out[hook][ifname] = view
             return out
 
-    return run_in_thread(netns_path, work, name="headrace-tc-status")
+    return run_in_netns(netns_path, work)
 
 
 def problems(pdir: Path, netns: str, hooks: Iterable[tuple[str, str]]) -> list[str]:

@@ -8,8 +8,8 @@ spawning anything. `iptc_check.DriftShortcut` does the recording and the fall-ba
 reads the number: one NFT_MSG_GETGEN request on a netfilter netlink socket made inside the pod netns.
 
 The socket has to be created in the pod netns, and `setns` moves only the calling thread: each read runs
-in a short-lived thread that enters the netns, asks, and ends (cni.kernel.netns.run_in_thread: a
-thread's netns goes with it, so the agent's threads never leave theirs). Request building and reply
+on a pooled thread that enters the netns, asks, and goes back (node_agent.kernel.netns_runner: the
+agent's other threads never leave their netns). Request building and reply
 parsing are pure and unit-tested.
 """
 
@@ -20,9 +20,10 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
+from cni.kernel.netns import NetnsThreadTimeout
 from node_agent.kernel import netlink_parse
 from node_agent.kernel.netlink_parse import NLMSG_ERROR
+from node_agent.kernel.netns_runner import run_in_netns
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -78,7 +79,7 @@ def _read_here(timeout: float) -> int:
 def read_generation(netns_path: str, timeout: float = 2.0) -> int:
     """The ruleset generation of the netns at netns_path (read from a thread that enters it)."""
     try:
-        return run_in_thread(netns_path, lambda: _read_here(timeout), name="headrace-nft-gen", timeout=timeout + 1.0)
+        return run_in_netns(netns_path, lambda: _read_here(timeout), timeout=timeout + 1.0)
     except NetnsThreadTimeout:
         raise NftGenerationError(f"no answer from {netns_path} within {timeout:.0f}s") from None
     except Exception as exc:  # the thread's error (cannot enter, netlink failed)

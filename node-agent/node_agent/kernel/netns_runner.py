@@ -1,0 +1,98 @@
+"""Run small jobs inside other network namespaces on long-lived threads (the agent's periodic reads).
+
+`cni.kernel.netns.run_in_thread` starts a fresh thread per job; the drift check reads several things
+inside every pod's netns every second (nf_tables generation, policy routes, tc filters), and a thread
+start cost about five times the setns round trip. Here a worker enters the job's netns, runs the job,
+goes back to its own netns, and waits for the next job:
+
+    run_in_netns("/var/run/netns/pod", fn, timeout=2.0)
+
+Same contract as run_in_thread: fn's result or its exception; NetnsThreadTimeout when it did not finish
+in time (that worker is abandoned: it ends after its job instead of serving another). A worker that
+cannot get back to its own netns (NetnsReturnError) ends too; the caller gets that error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from cni.kernel.netns import NetnsReturnError, NetnsThreadTimeout, entered
+
+T = TypeVar("T")
+
+_Job = tuple[str, Callable[[], Any], "queue.Queue[tuple[bool, Any]]"]
+
+
+class _Worker:
+    def __init__(self, pool: NetnsRunner, number: int) -> None:
+        self.pool = pool
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._run, name=f"headrace-netns-{number}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            netns, fn, reply = job
+            try:
+                with entered(netns):
+                    value = fn()
+            except NetnsReturnError as exc:  # this thread sits in a foreign netns: never reuse it
+                reply.put((False, exc))
+                return
+            except BaseException as exc:  # handed to the caller
+                reply.put((False, exc))
+            else:
+                reply.put((True, value))
+            if not self.pool.release(self):
+                return
+
+
+class NetnsRunner:
+    def __init__(self, max_idle: int = 4) -> None:
+        self.max_idle = max_idle
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._numbers = itertools.count(1)
+        self.started = 0
+
+    def run(self, netns: str, fn: Callable[[], T], *, timeout: float | None = None) -> T:
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                self.started += 1
+        if worker is None:
+            worker = _Worker(self, next(self._numbers))
+        reply: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+        worker.jobs.put((netns, fn, reply))
+        try:
+            ok, value = reply.get(timeout=timeout)
+        except queue.Empty:
+            worker.abandoned = True  # still busy with the job: it ends when the job does
+            raise NetnsThreadTimeout(f"no answer from {netns} within {timeout:.0f}s") from None
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def release(self, worker: _Worker) -> bool:
+        """A worker done with its job: back to the idle list (True) or told to end (False)."""
+        with self._lock:
+            if worker.abandoned or len(self._idle) >= self.max_idle:
+                return False
+            self._idle.append(worker)
+            return True
+
+
+RUNNER = NetnsRunner()
+
+
+def run_in_netns(netns: str, fn: Callable[[], T], *, timeout: float | None = None) -> T:
+    """fn() inside `netns` on a pooled thread."""
+    return RUNNER.run(netns, fn, timeout=timeout)
