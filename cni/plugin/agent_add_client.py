@@ -19,6 +19,7 @@ import _socket
 import time
 
 from cni.contract import agent_add, events
+from cni.plugin.unix_connect import connect
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -88,16 +89,7 @@ def send_add(socket_path: str, request: dict[str, Any], timeout: float,
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(socket_path)
-        except FileNotFoundError as exc:
-            raise Unreachable(f"agent socket {socket_path} does not exist") from exc
-        except ConnectionRefusedError as exc:
-            raise Unreachable(f"agent socket {socket_path} refused the connection") from exc
-        except TimeoutError as exc:
-            raise Unreachable(f"connecting to the agent at {socket_path} timed out") from exc
-        except OSError as exc:
-            raise Unreachable(f"cannot connect to the agent at {socket_path}: {exc.strerror or exc}") from exc
+        connect(sock, socket_path, Unreachable)
         try:
             sock.sendall(payload)
         except OSError as exc:

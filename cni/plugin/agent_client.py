@@ -11,6 +11,7 @@ import time
 
 from cni.contract import events
 from cni.contract.record import Record
+from cni.plugin.unix_connect import connect
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -111,16 +112,7 @@ def send_event(socket_path: str, event: PluginEvent, timeout: float) -> AgentRep
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(max(0.001, min(timeout, 5.0)))
-        try:
-            sock.connect(socket_path)
-        except FileNotFoundError as exc:
-            raise AgentUnavailable(f"agent socket {socket_path} does not exist (is the agent running?)") from exc
-        except ConnectionRefusedError as exc:
-            raise AgentUnavailable(f"agent socket {socket_path} refused the connection") from exc
-        except TimeoutError as exc:
-            raise AgentUnavailable(f"connecting to the agent at {socket_path} timed out") from exc
-        except OSError as exc:
-            raise AgentUnavailable(f"cannot connect to the agent at {socket_path}: {exc.strerror}") from exc
+        connect(sock, socket_path, AgentUnavailable, " (is the agent running?)")
         try:
             sock.sendall(payload)
             line = events.read_line(sock, deadline)

@@ -22,22 +22,9 @@ from node_agent.backends.ebpf.attach import Cgroup
 log = logging.getLogger("headrace.backend.ebpf")
 
 
-def _our_ids(pdir: Path, wanted: tuple[str, ...]) -> set[int]:
-    ids: set[int] = set()
-    for name in wanted:
-        fd = pinning.open_pinned(pdir / name)
-        if fd is None:
-            continue
-        try:
-            ids.add(bpfsys.prog_info(fd).prog_id)
-        finally:
-            os.close(fd)
-    return ids
-
-
 def found(c: Cgroup, pdir: Path, wanted: tuple[str, ...]) -> list[tuple[int, int]]:
     """(program id, attach type) of the programs on the cgroup at our hooks that are not our pinned ones."""
-    ours = _our_ids(pdir, wanted)
+    ours = pinning.pinned_ids(pdir / name for name in wanted)
     types = sorted({loader.PROGRAMS[n][1] for n in wanted})
     return [(pid, atype) for atype in types for pid in c.attached(atype) if pid not in ours]
 

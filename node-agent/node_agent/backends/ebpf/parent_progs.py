@@ -37,19 +37,6 @@ def checked_types(wanted: Iterable[str]) -> list[int]:
     return sorted({loader.PROGRAMS[n][1] for n in wanted} & HOOK_NAMES.keys())
 
 
-def pinned_ids(paths: Iterable[Path]) -> set[int]:
-    ids: set[int] = set()
-    for path in paths:
-        fd = pinning.open_pinned(path)
-        if fd is None:
-            continue
-        try:
-            ids.add(bpfsys.prog_info(fd).prog_id)
-        finally:
-            os.close(fd)
-    return ids
-
-
 def _holder(cg: Path, prog_id: int, atype: int) -> Path | None:
     """The ancestor cgroup the program is attached to (read only when something was found)."""
     roots = set(cgroup2_mounts())
@@ -96,6 +83,6 @@ def found(cg: Path, wanted: Iterable[str], ours: Callable[[], set[int]]) -> list
 def watch_parents(pod: str, cg: Path, pdir: Path, wanted: tuple[str, ...], node_pins: Iterable[Path]) -> None:
     """The drift check's part: record what runs from the ancestors now (a failed read records nothing new)."""
     try:
-        ALERTS.update(pod, found(cg, wanted, lambda: pinned_ids([*(pdir / n for n in wanted), *node_pins])))
+        ALERTS.update(pod, found(cg, wanted, lambda: pinning.pinned_ids([*(pdir / n for n in wanted), *node_pins])))
     except (CgroupError, bpfsys.BpfSysError, OSError):
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from cni.contract.pod_uid import valid_uid
@@ -96,3 +97,17 @@ def remove_dir(path: Path) -> None:
         path.rmdir()
     except FileNotFoundError:
         pass
+
+
+def pinned_ids(paths: Iterable[Path]) -> set[int]:
+    """The ids of the programs pinned at `paths` (missing pins skipped)."""
+    ids: set[int] = set()
+    for path in paths:
+        fd = open_pinned(path)
+        if fd is None:
+            continue
+        try:
+            ids.add(bpfsys.prog_info(fd).prog_id)
+        finally:
+            os.close(fd)
+    return ids

@@ -1,0 +1,23 @@
+"""Connecting to the agent's unix socket, every failure turned into one exception type with a clear
+message (the plugin's clients each have their own "agent unreachable" error). No imports: it sits on the
+plugin's hot path."""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def connect(sock: Any, path: str, error: type[Exception], hint: str = "") -> None:
+    """sock.connect(path); FileNotFoundError, refusal, timeout and other OSErrors raised as `error`."""
+    try:
+        sock.connect(path)
+    except FileNotFoundError as exc:
+        raise error(f"agent socket {path} does not exist{hint}") from exc
+    except ConnectionRefusedError as exc:
+        raise error(f"agent socket {path} refused the connection") from exc
+    except TimeoutError as exc:
+        raise error(f"connecting to the agent at {path} timed out") from exc
+    except OSError as exc:
+        raise error(f"cannot connect to the agent at {path}: {exc.strerror or exc}") from exc
