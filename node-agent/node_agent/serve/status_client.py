@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from cni.contract import events
+from cni.plugin.unix_connect import connect
 
 COLUMNS = ("namespace", "name", "uid", "mode", "backend", "state", "netns")
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # the pod list of a busy node
@@ -22,12 +23,7 @@ def query(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(socket_path)
-        except FileNotFoundError as exc:
-            raise StatusError(f"agent socket {socket_path} does not exist (is the agent running?)") from exc
-        except OSError as exc:
-            raise StatusError(f"cannot connect to the agent at {socket_path}: {exc.strerror or exc}") from exc
+        connect(sock, socket_path, StatusError, " (is the agent running?)")
         try:
             sock.sendall(events.encode_line(events.status_request()))
             line = events.read_line(sock, deadline, MAX_REPLY_BYTES)
