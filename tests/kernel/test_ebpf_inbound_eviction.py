@@ -106,7 +106,7 @@ class InboundProxy:
                     with self.lock:
                         others = [c for p, c in self.conns.items() if p != peer]
                     for c in others:
-                        c.sendall(b"pushed")
+                        push(c)
                 conn.sendall(b"proxy|" + data)
         except OSError:
             pass
@@ -125,6 +125,15 @@ class InboundProxy:
         with self.lock:
             for c in self.conns.values():
                 c.close()
+
+
+def push(conn: socket.socket) -> None:
+    """Send `pushed` on another open connection; one of the short flows may be closing meanwhile (its
+    serving thread closes it under our feet), which must not end the connection that asked for the push."""
+    try:
+        conn.sendall(b"pushed")
+    except OSError:
+        pass
 
 
 def client(env: PodEnv) -> socket.socket:
@@ -227,7 +236,10 @@ def serve(conn, peer):
                 with lock:
                     others = [c for p, c in conns.items() if p != peer]
                 for c in others:
-                    c.sendall(b"pushed")
+                    try:
+                        c.sendall(b"pushed")
+                    except OSError:
+                        pass  # a short flow closing meanwhile
             conn.sendall(b"proxy|" + data)
     except OSError:
         pass
