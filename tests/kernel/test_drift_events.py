@@ -150,8 +150,8 @@ def settled_fds(node: Node, at_most: int, timeout: float = 15.0) -> list[str]:
 
 def test_enrol_and_unenrol_leave_no_socket() -> None:
     """Every subscription is closed when its pod is unenrolled: round after round, the agent's fds come back
-    to where they were after the first round (which also opens what the agent keeps: the watcher's epoll
-    and wake pipe, libraries' handles)."""
+    to at most where they were after the first round (which also opens what the agent keeps: the watcher's
+    epoll and wake pipe, libraries' handles)."""
     with make_node("nftables") as node:
         time.sleep(0.5)
         before = node.fd_links()
@@ -166,4 +166,5 @@ def test_enrol_and_unenrol_leave_no_socket() -> None:
                      60, "pods unenrolled")
             after.append(settled_fds(node, len(after[0]) if after else len(before) + 6))
         assert len(after[0]) <= len(before) + 6, f"first round: {before} -> {after[0]}"
-        assert [len(a) for a in after[1:]] == [len(after[0])] * 2, f"fds after each round: {after}"
+        # no round leaves more than the first (one may leave fewer: a connection of the first round closed late)
+        assert all(len(a) <= len(after[0]) for a in after[1:]), f"fds after each round: {after}"

@@ -86,16 +86,21 @@ def test_refused_transaction_leaves_the_old_table(ns: NetNS, monkeypatch: pytest
     """A transaction nft refuses changes nothing: the previous table (or none) stays exactly as it was."""
     backend = NftablesBackend()
     t = target(ns)
-    real = nft_text.replace_text
+    real, real_create = nft_text.replace_text, nft_text.create_text
 
     def broken(table: nft_text.NftTable) -> str:
         return real(table) + "add rule inet headrace no_such_chain accept\n"
 
+    def broken_create(table: nft_text.NftTable) -> str:
+        return real_create(table) + "add rule inet headrace no_such_chain accept\n"
+
     monkeypatch.setattr(nft_text, "replace_text", broken)
+    monkeypatch.setattr(nft_text, "create_text", broken_create)
     with pytest.raises(BackendError):
-        backend.apply(t, SIDECAR)
+        backend.apply(t, SIDECAR)  # a fresh netns: created, refused, then replaced, refused too
     assert tables(ns) == []
     monkeypatch.setattr(nft_text, "replace_text", real)
+    monkeypatch.setattr(nft_text, "create_text", real_create)
     backend.apply(t, SIDECAR)
     before = backend.listing(t)
     monkeypatch.setattr(nft_text, "replace_text", broken)
@@ -106,18 +111,14 @@ def test_refused_transaction_leaves_the_old_table(ns: NetNS, monkeypatch: pytest
 
 
 def test_side_job_failure_puts_the_old_table_back(ns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
-    """IPv6 sidecar: `::6` on lo fails after the table went in → the table before is restored."""
+    """IPv6 sidecar: `::6` on lo fails after the table went in (the kernel refuses it: IPv6 is off on lo)
+    → the table before is restored."""
     backend = NftablesBackend()
     t = target(ns)
     backend.apply(t, AMBIENT)
     before = backend.listing(t)
-    real_argv = iptables_run.netns_argv
-
-    def failing_ip(netns_path: str | None, argv: list[str]) -> list[str]:
-        return real_argv(netns_path, ["false", *argv[1:]] if argv[0] == "ip" else argv)
-
-    monkeypatch.setattr(side_jobs, "netns_argv", failing_ip)
-    with pytest.raises(BackendError, match="lo-v6"):
+    ns.sysctl("net.ipv6.conf.lo.disable_ipv6", "1")
+    with pytest.raises(BackendError, match="adding ::6 to lo"):
         backend.apply(t, SIDECAR)
     assert backend.listing(t) == before
 

@@ -3,9 +3,9 @@
 Every nf_tables commit in a netns (native nftables and iptables-nft alike, whatever the table) is announced
 to that netns' NFNLGRP_NFTABLES listeners: one message per object changed (table, chain, rule, set...)
 and a closing NFT_MSG_NEWGEN carrying the new ruleset generation. Reads (`nft list`, iptables-nft-save)
-announce nothing. A socket belongs to the netns it was created in, for good: `subscribe` creates it in a
-short-lived thread that enters the pod netns (cni.kernel.netns.run_in_thread), and the caller's threads
-never move.
+announce nothing. A socket belongs to the netns it was created in, for good: `subscribe` creates it on a
+pooled thread that enters the pod netns and comes back (node_agent.kernel.netns_runner), and the caller's
+threads never move.
 
 The socket is non-blocking; `drain` reads what is queued and tells whether anything was announced. A
 receive buffer overrun (ENOBUFS: more announced than the socket held) counts as a change. Parsing is pure
@@ -18,8 +18,9 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
+from cni.kernel.netns import NetnsThreadTimeout
 from node_agent.kernel import netlink_parse
+from node_agent.kernel.netns_runner import run_in_netns
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -72,7 +73,7 @@ def _open_here() -> socket.socket:
 def subscribe(netns_path: str, timeout: float = 2.0) -> socket.socket:
     """A non-blocking socket receiving the nf_tables announcements of the netns at netns_path."""
     try:
-        return run_in_thread(netns_path, _open_here, name="headrace-nft-events", timeout=timeout)
+        return run_in_netns(netns_path, _open_here, timeout=timeout)
     except NetnsThreadTimeout:
         raise NftEventsError(f"no answer from {netns_path} within {timeout:.0f}s") from None
     except Exception as exc:  # cannot enter the netns, or no nfnetlink

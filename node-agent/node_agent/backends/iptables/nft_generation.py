@@ -67,7 +67,8 @@ def parse_getgen_reply(data: bytes, seq: int) -> int:
     raise NftGenerationError("no NEWGEN answer")
 
 
-def _read_here(timeout: float) -> int:
+def read_here(timeout: float = 2.0) -> int:
+    """The ruleset generation of the calling thread's netns (the caller has entered the pod netns)."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
         s.settimeout(timeout)
         s.bind((0, 0))
@@ -79,7 +80,7 @@ def _read_here(timeout: float) -> int:
 def read_generation(netns_path: str, timeout: float = 2.0) -> int:
     """The ruleset generation of the netns at netns_path (read from a thread that enters it)."""
     try:
-        return run_in_netns(netns_path, lambda: _read_here(timeout), timeout=timeout + 1.0)
+        return run_in_netns(netns_path, lambda: read_here(timeout), timeout=timeout + 1.0)
     except NetnsThreadTimeout:
         raise NftGenerationError(f"no answer from {netns_path} within {timeout:.0f}s") from None
     except Exception as exc:  # the thread's error (cannot enter, netlink failed)

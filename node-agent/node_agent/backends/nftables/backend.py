@@ -1,11 +1,12 @@
 """The nftables redirection backend: one `table inet headrace` per pod, applied in-process with libnftables.
 
-Apply = read our table (if any) and swap it for the builder's in ONE nftables transaction (both families);
-the netns flock (`cni.kernel.netns_lock`) keeps the plugin's and the agent's writers apart. A sidecar pod
-also needs `::6` on `lo` (IPv6) or, in TPROXY mode, the policy routing: those run as the plugin's side jobs
-(`ip`), and if they fail the old table is put back. An ambient pod gets the original-source policy routing
-(`tproxy_routes.AMBIENT`, one `ip -batch` per family, the same as on iptables) after its table; if that
-fails the old table is put back; it is removed with the table and read back in-process by the check.
+Apply = one entry into the pod netns with one libnftables context (`libnft.session`): the ruleset read
+(JSON: foreign base chains, and whether our table is there), our table swapped for the builder's in ONE
+nftables transaction (both families; created outright in a fresh netns), then what the table needs beside
+it over rtnetlink in the same thread (`pod_routing`: `::6` on `lo`, the TPROXY or ambient policy
+routing; if that fails the old table is put back), then the ruleset generation and our table read back.
+Nothing is spawned. The netns flock (`cni.kernel.netns_lock`) keeps the plugin's and the agent's writers
+apart. Remove deletes the table and its policy routing the same way.
 
 Drift check: list our table (in-process) and compare it with what this backend applied last (the listing
 taken right after the apply), or, for a table it did not apply in this run (after a restart), with the
@@ -35,8 +36,8 @@ from cni.rules.sidecar import uses_tproxy
 from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.iptables.backend import check_ambient_routing, families_of
-from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation
-from node_agent.backends.nftables import libnft
+from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation, read_here
+from node_agent.backends.nftables import libnft, pod_routing
 
 TPROXY_CHAIN = "chain sc_tproxy {"
 AMBIENT_CHAIN = f"chain {AM_MANGLE_PRERT} {{"  # an ambient table: it comes with the policy routing
@@ -73,105 +74,76 @@ class NftablesBackend:
         except ValueError as exc:
             raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
         self._forget(target.netns_path)
-        tproxy = isinstance(spec, SidecarSpec) and uses_tproxy(spec)
         try:
-            with netns_lock(target.netns_path, "apply-nft"):
-                foreign = self._foreign(target, families)
-                before = self._swap(target, _removal(target, foreign) + nft_text.replace_text(table))
-                if foreign:
-                    log.warning("foreign nftables chains ahead of our redirect removed: %s",
-                                "; ".join(c.describe() for c in foreign),
-                                extra={"pod": target.name, "namespace": target.namespace, "uid": target.uid,
-                                       "netns": target.netns_path, "step": "nft-foreign"})
-                try:
-                    self._side_jobs(target, spec, families, tproxy, before)
-                except (IptablesError, OSError) as exc:
-                    self._swap(target, _restore_text(before))
-                    raise BackendError(f"nftables apply for pod {target.namespace}/{target.name}: {exc}") from exc
-                generation = _generation(target.netns_path)
-                (after,) = libnft.run_in_netns(target.netns_path, [nft_text.list_command()])
-                listed = libnft.listing_of(after)
+            with netns_lock(target.netns_path, "apply-nft"), libnft.session(target.netns_path) as nft:
+                listed, generation = self._apply_here(nft, target, spec, table, families)
         except IptablesError as exc:  # the lock: netns gone or busy
             raise BackendError(f"nftables apply for pod {target.namespace}/{target.name}: {exc}") from exc
         if listed is not None:
             with self._lock:
                 self._applied[target.netns_path] = (table.render(), listed, generation)
 
-    def _swap(self, target: PodTarget, text: str) -> str | None:
-        """Our table before, then `text` as one transaction (the caller holds the netns lock)."""
-        listed, result = libnft.run_in_netns(target.netns_path, [nft_text.list_command(), text])
-        before = libnft.listing_of(listed)
+    def _apply_here(
+        self, nft: libnft.Session, target: PodTarget, spec: RedirectSpec, table: nft_text.NftTable,
+        families: tuple[int, ...],
+    ) -> tuple[str | None, int | None]:
+        """Inside the pod netns: swap the table in, then its policy routing (the table put back when that
+        fails); (the table as listed afterwards, the ruleset generation then)."""
+        what = f"pod {target.namespace}/{target.name}"
+        chains = _base_chains(nft)
+        foreign = nft_foreign.ahead_of_redirect(chains, families, nft_foreign.nftables_owned)
+        before = self._swap_here(nft, what, _removal(target, foreign), table,
+                                 any(nft_foreign.nftables_owned(c) for c in chains))
+        if foreign:
+            log.warning("foreign nftables chains ahead of our redirect removed: %s",
+                        "; ".join(c.describe() for c in foreign),
+                        extra={"pod": target.name, "namespace": target.namespace, "uid": target.uid,
+                               "netns": target.netns_path, "step": "nft-foreign"})
+        try:
+            pod_routing.add_here(spec, families, before is not None and TPROXY_CHAIN in before)
+        except OSError as exc:
+            nft.cmd(_restore_text(before))
+            raise BackendError(f"nftables apply for {what}: {exc}") from exc
+        try:
+            generation: int | None = read_here()
+        except (NftGenerationError, OSError):
+            generation = None  # the listing decides at the next check
+        return libnft.listing_of(nft.cmd(nft_text.list_command())), generation
+
+    @staticmethod
+    def _swap_here(nft: libnft.Session, what: str, removal: str, table: nft_text.NftTable, ours: bool) -> str | None:
+        """Our table before (None: none), then `table` in its place with the foreign chains' `removal`, as
+        one transaction. Without a table of ours it is created: a transaction that deletes a table makes
+        freeing the context wait for an RCU grace period, which a fresh pod need not pay."""
+        if not ours:
+            created = nft.cmd(removal + nft_text.create_text(table))
+            if created.rc == 0:
+                return None  # else a table without base chains is there: listed and replaced
+        before = libnft.listing_of(nft.cmd(nft_text.list_command()))
+        result = nft.cmd(removal + nft_text.replace_text(table))
         if result.rc != 0:
-            raise BackendError(
-                f"nftables transaction for pod {target.namespace}/{target.name} refused: {result.error.strip()}"
-            )
+            raise BackendError(f"nftables transaction for {what} refused: {result.error.strip()}")
         return before
-
-    def _side_jobs(
-        self, target: PodTarget, spec: RedirectSpec, families: tuple[int, ...], tproxy: bool, before: str | None
-    ) -> None:
-        """Sidecar pods: `::6` on lo (IPv6) or the TPROXY policy routing; ambient pods: their policy routing;
-        the routing of a TPROXY table replaced by something else is removed."""
-        from cni.kernel import nft_tables
-
-        if isinstance(spec, SidecarSpec):
-            jobs = nft_tables.sidecar_side_jobs(spec, families)
-            if jobs:
-                from cni.kernel.side_jobs import run_with_side_jobs, undo_side_jobs
-
-                _, err = run_with_side_jobs(target.netns_path, [], jobs)
-                if err is not None:
-                    undo_side_jobs(target.netns_path, jobs, "apply-nft", None)
-                    raise err
-        if isinstance(spec, AmbientSpec):
-            from cni.kernel.apply import valid_families
-            from cni.kernel.tproxy import add_routes
-            from cni.rules.tproxy_routes import AMBIENT
-
-            add_routes(target.netns_path, valid_families(families), AMBIENT)  # all families or none
-        if before is not None and TPROXY_CHAIN in before and not tproxy:
-            from cni.kernel.tproxy import remove_tproxy_routes
-
-            remove_tproxy_routes(target.netns_path, (4, 6))
 
     def remove(self, target: PodTarget) -> None:
         self._forget(target.netns_path)
         if not target.netns_path or not os.path.exists(target.netns_path):
             return
         try:
-            with netns_lock(target.netns_path, "remove-nft"):
-                listed, result = libnft.run_in_netns(
-                    target.netns_path, [nft_text.list_command(), nft_text.remove_text()]
-                )
-                before = libnft.listing_of(listed)
+            with netns_lock(target.netns_path, "remove-nft"), libnft.session(target.netns_path) as nft:
+                before = libnft.listing_of(nft.cmd(nft_text.list_command()))
+                if before is None:
+                    return
+                result = nft.cmd(nft_text.remove_text())
                 if result.rc != 0:
                     raise BackendError(f"nftables remove refused: {result.error.strip()}")
-                if before is not None and TPROXY_CHAIN in before:
-                    from cni.kernel.tproxy import remove_tproxy_routes
-
-                    remove_tproxy_routes(target.netns_path, (4, 6))
-                if before is not None and AMBIENT_CHAIN in before:
-                    from cni.kernel.tproxy import remove_routes
-                    from cni.rules.tproxy_routes import AMBIENT
-
-                    remove_routes(target.netns_path, (4, 6), AMBIENT)
+                pod_routing.remove_here(TPROXY_CHAIN in before, AMBIENT_CHAIN in before)
         except (IptablesError, OSError) as exc:
             if not os.path.exists(target.netns_path):
                 return
             raise BackendError(f"nftables remove for pod {target.namespace}/{target.name}: {exc}") from exc
 
     # ------------------------------------------------------------------ reading
-
-    def _foreign(self, target: PodTarget, families: tuple[int, ...]) -> list[nft_foreign.BaseChain]:
-        """Foreign base chains ahead of our nat chains in the pod netns (`nft_foreign`)."""
-        (result,) = libnft.run_in_netns(target.netns_path, ["list ruleset"], json=True)
-        if result.rc != 0:
-            raise BackendError(f"nft list ruleset failed: {result.error.strip()}")
-        try:
-            chains = nft_foreign.parse_ruleset(result.output)
-        except nft_foreign.NftForeignError as exc:
-            raise BackendError(str(exc)) from exc
-        return nft_foreign.ahead_of_redirect(chains, families, nft_foreign.nftables_owned)
 
     def listing(self, target: PodTarget) -> str | None:
         (listed,) = libnft.run_in_netns(target.netns_path, [nft_text.list_command()])
@@ -193,10 +165,13 @@ class NftablesBackend:
         if applied is not None and applied[0] == text and generation is not None and applied[2] == generation:
             pass  # nothing in the netns changed since the table was verified
         else:
-            listed = self.listing(target)
+            with libnft.session(target.netns_path) as nft:
+                listed = libnft.listing_of(nft.cmd(nft_text.list_command()))
+                chains = _base_chains(nft)
             if applied is None or applied[:2] != (text, listed):
                 problems = compare(listed, table)
-            problems += nft_foreign.problems_of(self._foreign(target, families))
+            problems += nft_foreign.problems_of(
+                nft_foreign.ahead_of_redirect(chains, families, nft_foreign.nftables_owned))
             if not problems and listed is not None:
                 with self._lock:
                     self._applied[target.netns_path] = (text, listed, generation)
@@ -238,6 +213,17 @@ def _generation(netns_path: str) -> int | None:
         return read_generation(netns_path)
     except NftGenerationError:
         return None
+
+
+def _base_chains(nft: libnft.Session) -> list[nft_foreign.BaseChain]:
+    """Every base chain in the netns (ours and foreign), from the JSON ruleset."""
+    result = nft.cmd("list ruleset", json=True)
+    if result.rc != 0:
+        raise BackendError(f"nft list ruleset failed: {result.error.strip()}")
+    try:
+        return nft_foreign.parse_ruleset(result.output)
+    except nft_foreign.NftForeignError as exc:
+        raise BackendError(str(exc)) from exc
 
 
 def _removal(target: PodTarget, found: list[nft_foreign.BaseChain]) -> str:

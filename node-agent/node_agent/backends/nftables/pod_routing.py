@@ -1,0 +1,67 @@
+"""What a pod's nftables table needs beside it in the pod netns, done in-process by the calling thread
+(which is inside the netns: `libnft.session`): nothing is spawned.
+
+- sidecar, REDIRECT, IPv6: `::6` on `lo` (the inbound passthrough source);
+- sidecar, TPROXY: the TPROXY policy routing (fwmark 0x539 → local delivery), and `::6` with IPv6;
+- ambient: the original-source policy routing (`tproxy_routes.AMBIENT`);
+- a TPROXY table replaced by anything else: its policy routing removed.
+
+`add_here` returns what it created, so `undo_here` (the apply's rollback when a later step fails) takes
+back exactly that; entries that were there before stay.
+"""
+
+from __future__ import annotations
+
+from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.rules.rule_text import PASSTHROUGH_SOURCE
+from cni.rules.sidecar import uses_tproxy
+from cni.rules.tproxy_routes import AMBIENT, TPROXY, Routing
+from node_agent.backends.base import RedirectSpec
+from node_agent.kernel import policy_routes_write
+from node_agent.kernel.loopback_address import replace_on_loopback
+
+Created = list[tuple[Routing, list[policy_routes_write.Entry]]]
+
+
+def routing_of(spec: RedirectSpec) -> Routing | None:
+    """The policy routing a table of this spec comes with (None: none)."""
+    if isinstance(spec, AmbientSpec):
+        return AMBIENT
+    if isinstance(spec, SidecarSpec) and uses_tproxy(spec):
+        return TPROXY
+    return None
+
+
+def add_here(spec: RedirectSpec, families: tuple[int, ...], replaced_tproxy: bool) -> Created:
+    """Everything `spec`'s table needs beside it; `replaced_tproxy`: the table before was a TPROXY one.
+    OSError when the kernel refuses a step (what this call created is taken back first)."""
+    created: Created = []
+    routing = routing_of(spec)
+    try:
+        if isinstance(spec, SidecarSpec) and 6 in families:
+            replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0])
+        if routing is not None:
+            created.append((routing, policy_routes_write.add_here(families, routing)))
+        if replaced_tproxy and routing is not TPROXY:
+            policy_routes_write.remove_here((4, 6), TPROXY)
+    except OSError:
+        undo_here(created)
+        raise
+    return created
+
+
+def undo_here(created: Created) -> None:
+    """Delete what `add_here` created (best effort: the caller is already failing)."""
+    for routing, entries in created:
+        try:
+            policy_routes_write.delete_here(entries, routing)
+        except OSError:
+            pass
+
+
+def remove_here(tproxy: bool, ambient: bool) -> None:
+    """The policy routing of a removed table (TPROXY and/or ambient), both families; absent is fine."""
+    if tproxy:
+        policy_routes_write.remove_here((4, 6), TPROXY)
+    if ambient:
+        policy_routes_write.remove_here((4, 6), AMBIENT)
