@@ -126,12 +126,14 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backen
         agent.start_agent()
         assert agent.agent is not None
         proc = psutil.Process(agent.agent.pid)
+        assert agent.proxy is not None
+        proxy = psutil.Process(agent.proxy.pid)
         time.sleep(1)
-        cpu_start = agent_cpu(proc)
+        cpu_start, proxy_start = agent_cpu(proc), agent_cpu(proxy)
         t0 = time.time()
         write_object(objects, "ns.json", ns_object("bench", ambient=True))
         lat = list(wait_all_enrolled(agent, uids, t0, 60 + n).values())
-        enrol_cpu = agent_cpu(proc) - cpu_start
+        enrol_cpu, proxy_cpu = agent_cpu(proc) - cpu_start, agent_cpu(proxy) - proxy_start
         time.sleep(settle)  # the first checks after the applies, the status annotations written back
         cpu0, w0 = agent_cpu(proc), time.monotonic()
         time.sleep(window)
@@ -143,7 +145,8 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backen
         agent.start_agent()
         again = list(wait_all_enrolled(agent, uids, t1, 60 + n).values())
         passes, longest = reconcile_passes(agent)
-        return {"median": statistics.median(lat), "p99": p99(lat), "total": max(lat), "rss": rss,
+        return {"first": min(lat), "proxy_cpu": proxy_cpu, "median": statistics.median(lat), "p99": p99(lat),
+                "total": max(lat), "rss": rss,
                 "cpu": idle_cpu, "enrol_cpu": enrol_cpu, "r_median": statistics.median(again),
                 "r_p99": p99(again), "restart": max(again), "passes": passes, "longest": longest}
     finally:
@@ -170,19 +173,22 @@ def main() -> int:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         ap.error(f"unknown backend(s) {', '.join(unknown)}: expected {', '.join(BACKENDS)}")
-    print(f"label → enrolled per pod (median, p99, all) and the agent's CPU seconds for it; idle with all enrolled "
+    print(f"label → enrolled per pod (first, median, p99, all) and the agent's and the proxy's CPU seconds for it; "
+          f"idle with all enrolled "
           f"(RSS, CPU incl. tools, {args.window:g} s window {args.settle:g} s after); after a SIGKILL + restart: per "
           f"pod back to enrolled (median, p99, all) and reconcile passes (count, longest ≤); drift interval "
           f"{args.drift_interval:g} s")
-    print(f"{'backend':>15}  {'pods':>5}  {'median s':>9}  {'p99 s':>7}  {'all s':>7}  {'enrol CPU s':>11}  "
+    print(f"{'backend':>15}  {'pods':>5}  {'first s':>7}  {'median s':>9}  {'p99 s':>7}  {'all s':>7}  "
+          f"{'enrol CPU s':>11}  {'proxy CPU s':>11}  "
           f"{'idle RSS MiB':>12}  {'idle CPU %':>10}  {'restart median s':>16}  {'p99 s':>7}  {'all s':>7}  "
           f"{'passes':>6}  {'longest ≤ s':>11}")
     for n in counts:
         for backend in backends:
             r = run_one(n, args.drift_interval, args.agent_args.split(), backend=backend, settle=args.settle,
                         window=args.window)
-            print(f"{backend:>15}  {n:>5}  {r['median']:>9.3f}  {r['p99']:>7.3f}  {r['total']:>7.3f}  "
-                  f"{r['enrol_cpu']:>11.2f}  {r['rss']:>12.1f}  {r['cpu']:>10.2f}  {r['r_median']:>16.3f}  "
+            print(f"{backend:>15}  {n:>5}  {r['first']:>7.3f}  {r['median']:>9.3f}  {r['p99']:>7.3f}  "
+                  f"{r['total']:>7.3f}  {r['enrol_cpu']:>11.2f}  {r['proxy_cpu']:>11.2f}  {r['rss']:>12.1f}  "
+                  f"{r['cpu']:>10.2f}  {r['r_median']:>16.3f}  "
                   f"{r['r_p99']:>7.3f}  {r['restart']:>7.3f}  {r['passes']:>6}  {r['longest']:>11.3f}", flush=True)
     return 0
 

@@ -117,20 +117,16 @@ class Pod(Record):
 
     def with_ips(self, ips: tuple[str, ...]) -> Pod:
         """The same pod with these IPs (a CNI ADD brings them before the object's status has them)."""
-        return Pod(
-            uid=self.uid,
-            namespace=self.namespace,
-            name=self.name,
-            labels=self.labels,
-            annotations=self.annotations,
-            host_network=self.host_network,
-            node_name=self.node_name,
-            ips=ips,
-            phase=self.phase,
-            service_account=self.service_account,
-            deleting=self.deleting,
-            uid_derived=self.uid_derived,
-        )
+        return self._with(ips=ips)
+
+    def with_annotations(self, annotations: Mapping[str, str]) -> Pod:
+        """The same pod with these annotations."""
+        return self._with(annotations=annotations)
+
+    def _with(self, **changes: Any) -> Pod:
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return Pod(**fields)
 
     @property
     def authoritative_uid(self) -> str:

@@ -80,3 +80,33 @@ def test_a_file_that_stops_parsing_keeps_its_last_good_content(tmp_path: Path) -
     (tmp_path / "p1.json").write_text("{not json")  # a new file that never parsed serves nothing
     assert src.poll_once()
     assert not store.snapshot().pods
+
+
+def test_an_empty_dir_is_synced(tmp_path: Path) -> None:
+    store = PodStore()
+    src = ObjectsDirSource(store, tmp_path, use_inotify=False)
+    assert src.poll_once() and store.synced and not store.snapshot().pods
+    assert not src.poll_once()
+
+
+def test_read_named_reads_only_those_files_and_the_full_look_then_finds_nothing_new(tmp_path: Path) -> None:
+    write(tmp_path / "ns.json", ns("app"))
+    write(tmp_path / "p1.json", pod("p1", "u1"))
+    write(tmp_path / "p2.json", pod("p2", "u2"))
+    store = PodStore()
+    src = ObjectsDirSource(store, tmp_path, use_inotify=False)
+    assert src.poll_once()
+    loads = src.loads
+    write(tmp_path / "p1.json", pod("p1-renamed", "u1"))
+    write(tmp_path / "p2.json", pod("p2-renamed", "u2"))  # not named: not read by read_named
+    (tmp_path / "p3.json").write_text("{")  # named but unparseable: skipped, nothing served
+    assert src.read_named(["p1.json", "p3.json", ".p1.json.tmp", "../ns.json"])
+    assert src.loads == loads + 1
+    assert {p.name for p in store.snapshot().pods.values()} == {"p1-renamed", "p2"}
+    assert not src.read_named([".hidden.json", "notes.txt"])
+    (tmp_path / "p1.json").unlink()
+    assert src.read_named(["p1.json"])  # removed
+    assert {p.name for p in store.snapshot().pods.values()} == {"p2"}
+    assert src.poll_once()  # the full look finds p2.json changed
+    assert {p.name for p in store.snapshot().pods.values()} == {"p2-renamed"}
+    assert not src.poll_once()

@@ -183,7 +183,7 @@ class Agent:
             return None
         marker = RedirectionMarker(self.reconciler.status, lambda: self.store.snapshot().pods,
                                    lambda: self.reconciler.passes > 0, self._annotation_writer)
-        self.store.subscribe(marker.wake)
+        self.store.subscribe(marker.wake, quiet=True)  # its own write-backs, and anyone else's edits
         self.reconciler.board.subscribe(marker.wake)  # a pod enrolled or gone: write at once
         return marker
 

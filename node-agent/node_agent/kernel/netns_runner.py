@@ -56,7 +56,7 @@ class _Worker:
 
 
 class NetnsRunner:
-    def __init__(self, max_idle: int = 4) -> None:
+    def __init__(self, max_idle: int = 8) -> None:
         self.max_idle = max_idle
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()

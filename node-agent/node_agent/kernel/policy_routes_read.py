@@ -154,7 +154,8 @@ def _dump(s: socket.socket, msg_type: int, want: int, family: int, seq: int) -> 
             return out
 
 
-def _check_here(families: tuple[int, ...], routing: Routing, timeout: float) -> list[str]:
+def check_here(families: Iterable[int], routing: Routing, timeout: float = 2.0) -> list[str]:
+    """Problems with `routing` in the calling thread's netns (the caller has entered it)."""
     lo = socket.if_nametoindex("lo")
     problems: list[str] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
@@ -172,7 +173,7 @@ def check_routing(netns_path: str, families: Iterable[int], routing: Routing, ti
     """Problems with `routing` in the netns at netns_path, per family; PolicyRoutesReadError if unreadable."""
     fams = tuple(families)
     try:
-        return run_in_netns(netns_path, lambda: _check_here(fams, routing, timeout), timeout=timeout + 1.0)
+        return run_in_netns(netns_path, lambda: check_here(fams, routing, timeout), timeout=timeout + 1.0)
     except NetnsThreadTimeout:
         raise PolicyRoutesReadError(f"no answer from {netns_path} within {timeout:.0f}s") from None
     except PolicyRoutesReadError:

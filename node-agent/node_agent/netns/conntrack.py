@@ -9,15 +9,17 @@ they reach their socket as before. The previous value is recorded and restored o
 left exactly as it was. (A REDIRECT restricted to SYN packets in the rule builder would make this
 unnecessary; it is harmless then.)
 
-The sysctl is read and written in-process: a short-lived thread enters the pod netns and uses
-/proc/sys/net (resolved in the netns of the thread that opens it); no process is started.
+The sysctl is read and written in-process: a pooled thread (node_agent.kernel.netns_runner) enters the
+pod netns and uses /proc/sys/net (resolved in the netns of the thread that opens it); no process or
+thread is started.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cni.kernel.netns import NetnsThreadTimeout, run_in_thread
+from cni.kernel.netns import NetnsThreadTimeout
+from node_agent.kernel.netns_runner import run_in_netns
 
 KEY = "net.netfilter.nf_conntrack_tcp_loose"
 _PATH = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
@@ -30,7 +32,7 @@ def _in_netns(netns_path: str, value: int | None) -> str:
         return _PATH.read_text().strip()
 
     try:
-        return run_in_thread(netns_path, job, name="headrace-sysctl", timeout=10.0)
+        return run_in_netns(netns_path, job, timeout=10.0)
     except NetnsThreadTimeout as exc:
         raise OSError(f"sysctl {KEY} in {netns_path}: {exc}") from None
     except OSError as exc:

@@ -34,6 +34,7 @@ log = logging.getLogger("headrace.agent.reconcile")
 
 APPLY_WORKERS = 6  # pods whose rules go in at once (each mostly waits on the kernel or a helper process)
 JOB_WAIT = 30.0  # the longest a removal waits for the pod's running apply
+PUBLISH_EVERY = 0.05  # while applies finish: the status rows are rebuilt at most this often
 JobResult = tuple[int | None, Exception | None]  # an apply job: nf_conntrack_tcp_loose found before, error
 
 
@@ -62,6 +63,7 @@ class AmbientEnrolment:
         self._verify_soon = verify_soon  # rules were found in place: read them back in this pass
         self._pool: ThreadPoolExecutor | None = None  # made on the first apply
         self.jobs: dict[str, Future[JobResult]] = {}  # uid -> its running (or not yet collected) apply
+        self._published, self._unpublished = 0.0, False  # status rows: last rebuilt, changes since
 
     def close(self) -> None:
         """Agent shutdown: running applies finish; nothing new starts."""
@@ -181,20 +183,37 @@ class AmbientEnrolment:
         (CNI requests and status are served). A job stuck past JOB_WAIT is collected by a later pass."""
         deadline = time.monotonic() + JOB_WAIT
         while self.jobs and time.monotonic() < deadline:
-            done = [uid for uid, fut in self.jobs.items() if fut.done()]
-            for uid in done:
-                fut = self.jobs.pop(uid)
-                st = self.table.get(uid, AMBIENT)
-                if st is not None:
-                    self._finish_apply(st, fut, notify=False)
-            acked = [st for st in self.table.of_mode(AMBIENT)
-                     if st.ack is not None and st.ack.done() and st.uid not in self.jobs]
-            for st in acked:
-                self._after_ack(st, notify=False)
-            if done or acked:
-                self.table.notify()
-            if self.jobs and not done:
+            if not self.step_jobs():
                 self.table.cond.wait(0.02)
+        self.publish(force=True)
+
+    def step_jobs(self) -> bool:
+        """Lock held: every finished apply makes its pod `enrolled` (or `failed`), every pod whose proxy ack
+        is in gets its apply started on the pool. The pass also calls it between pods, so applies run and
+        pods become enrolled while it is still sending the later ones. True when anything happened."""
+        done = [uid for uid, fut in self.jobs.items() if fut.done()]
+        for uid in done:
+            fut = self.jobs.pop(uid)
+            st = self.table.get(uid, AMBIENT)
+            if st is not None:
+                self._finish_apply(st, fut, notify=False)
+        acked = [st for st in self.table.of_mode(AMBIENT)
+                 if st.ack is not None and st.ack.done() and st.uid not in self.jobs]
+        for st in acked:
+            self._after_ack(st, notify=False)
+        if done or acked:
+            self.table.cond.notify_all()  # waiters see every change at once
+            self._unpublished = True
+            self.publish()
+        return bool(done)
+
+    def publish(self, *, force: bool = False) -> None:
+        """Rebuild the status rows (every pod) after step_jobs changed states: at most every PUBLISH_EVERY
+        while pods keep finishing; `force`: now, if anything is unpublished."""
+        now = time.monotonic()
+        if self._unpublished and (force or now - self._published >= PUBLISH_EVERY):
+            self.table.notify()
+            self._published, self._unpublished = now, False
 
     def _submit(self, st: PodState, target: PodTarget, backend: RedirectBackend) -> None:
         """Start the pod's conntrack guard and rules on the pool (lock held)."""

@@ -67,6 +67,7 @@ from node_agent.sources.store import PodStore
 log = logging.getLogger("headrace.agent.reconcile")
 
 IDLE_MAX = 5.0  # the longest the loop sleeps with nothing due (every pod enrolled, none polled)
+ACKED_EVERY = 8  # a pass collects finished applies and starts acked ones after every this many pods
 
 
 class Reconciler:
@@ -282,7 +283,9 @@ class Reconciler:
                     self.sidecars.remove(st.uid)
 
         scan = self.netns.new_scan()
-        for uid, pod in want.items():
+        for n, (uid, pod) in enumerate(want.items(), 1):
+            if n % ACKED_EVERY == 0:
+                self.enrolment.step_jobs()  # the pool applies while the later pods are sent
             added = self.hints.get(uid)
             try:
                 self.enrolment.converge(uid, pod, added.netns if added is not None else "", now, scan)

@@ -34,10 +34,21 @@ class RecordStore:
         return self.directory / f"{check_uid(uid)}.json"
 
     def save(self, rec: EnrolRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Write the record atomically (a temporary file renamed over the old one); the directory is made
+        when missing."""
         path = self._path(rec.uid)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(rec), sort_keys=True), encoding="utf-8")
+        tmp = f"{path}.tmp"
+        data = json.dumps(asdict(rec), sort_keys=True).encode("utf-8")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
 
     def delete(self, uid: str) -> None:

@@ -1,10 +1,10 @@
 """Pod source for the lab: a local directory of Kubernetes-shaped Namespace and Pod objects.
 
 One JSON or YAML file per object (a `kind: List` or a multi-document YAML file works too). The directory
-is watched with inotify (`dir_events`): a file written, renamed into place or removed is re-read at once
-(a burst of writes is gathered first), and every file's stat is compared again every `rescan` seconds as
-a backstop. Without inotify it is polled every `interval`. Only files whose size or
-mtime changed, or that an event named, are parsed again; the whole set then replaces the store's
+is watched with inotify (`dir_events`): a file written, renamed into place or removed is re-read at once,
+alone (a burst of writes is gathered first; the other files are not looked at), and every file's stat is
+compared again every `rescan` seconds as a backstop (then only files whose size or mtime changed are
+parsed again). Without inotify it is polled every `interval`. The whole set then replaces the store's
 content, so the events are the same as a Kubernetes re-list. A file that fails to parse is reported with
 a warning naming it and keeps serving what it held when it last parsed (a file caught half-written does
 not drop its pods; its close or rename is another event, and then it is read whole); the other files are
@@ -159,14 +159,40 @@ class ObjectsDirSource:
         if sig == self._last and not forced:
             return False
         self._last = sig
-        for name, mtime, size in sig:
-            if name in forced or self._files.get(name) != (mtime, size):
-                self._read_file(name, (mtime, size))
+        stale = [(name, (mtime, size)) for name, mtime, size in sig
+                 if name in forced or self._files.get(name) != (mtime, size)]
         present = {name for name, _m, _s in sig}
-        for gone in set(self._last_good) - present:
-            del self._last_good[gone]
-        for gone in set(self._files) - present:
-            del self._files[gone]
+        gone = (set(self._last_good) | set(self._files)) - present
+        if not stale and not gone and self.loads:
+            return False  # what changed was read already (an event named it)
+        for name, seen in stale:
+            self._read_file(name, seen)
+        for name in gone:
+            self._last_good.pop(name, None)
+            self._files.pop(name, None)
+        self._publish()
+        return True
+
+    def read_named(self, named: Iterable[str]) -> bool:
+        """Re-read only the files an event named (written, renamed in, removed), without looking at the
+        others: an event costs one file, not the directory. True when any was a candidate."""
+        names = {n for n in named if Path(n).suffix in SUFFIXES and not n.startswith(".") and "/" not in n}
+        for name in sorted(names):
+            try:
+                st = (self.directory / name).stat()
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                self._last_good.pop(name, None)
+                self._files.pop(name, None)
+                continue
+            self._read_file(name, (st.st_mtime_ns, st.st_size))
+        if names:
+            self._publish()
+        return bool(names)
+
+    def _publish(self) -> None:
+        """Every file's last good content into the store (replaced whole: the events of a re-list)."""
         pods: list[Pod] = []
         namespaces: list[Namespace] = []
         pod_files: dict[tuple[str, str], str] = {}
@@ -179,7 +205,6 @@ class ObjectsDirSource:
         self._store.replace_namespaces(namespaces)
         self._store.replace_pods(pods)
         self.loads += 1
-        return True
 
     def file_of(self, namespace: str, name: str) -> str | None:
         """The file the pod was last read from (any thread), or None."""
@@ -209,7 +234,7 @@ class ObjectsDirSource:
                 self.poll_once(names or ())  # every file's stat compared with the one last read
                 next_rescan = time.monotonic() + self.rescan
             elif names:
-                self.poll_once(names)
+                self.read_named(names)
 
     def start(self) -> None:
         if self._use_inotify:

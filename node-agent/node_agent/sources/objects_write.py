@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +54,14 @@ def _patch_docs(docs: list[Any], namespace: str, name: str, enabled: bool) -> tu
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace the file by renaming a hidden sibling over it (hidden files are not read as objects)."""
+    tmp = path.parent / f".{path.name}.headrace-tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, path.stat().st_mode & 0o777)
+        try:
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -67,35 +69,42 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _patch_file(path: Path, namespace: str, name: str, enabled: bool) -> bool:
+    """Set or remove the annotation if this file holds the pod; False when it does not."""
+    text = path.read_text(encoding="utf-8")
+    if name not in text:
+        return False
+    if path.suffix == ".json":
+        docs = [json.loads(text)]
+    else:
+        import yaml  # lazy: only YAML files need it
+
+        docs = list(yaml.safe_load_all(text))
+    found, changed = _patch_docs(docs, namespace, name, enabled)
+    if not found:
+        return False
+    if changed:
+        if path.suffix == ".json":
+            _write_atomic(path, json.dumps(docs[0], indent=2) + "\n")
+        else:
+            import yaml
+
+            _write_atomic(path, yaml.safe_dump_all(docs, sort_keys=False))
+    return True
+
+
+def _candidate(path: Path) -> bool:
+    return path.suffix in SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
 def write_pod_annotation(directory: Path, namespace: str, name: str, enabled: bool, hint: str | None = None) -> bool:
     """Set (enabled) or remove the annotation on pod namespace/name in its object file; False when no
     file holds that pod (it is gone: nothing to do). `hint`: the file the source last saw it in, tried
-    first (else every file is read until one holds the pod)."""
-    paths = sorted(directory.iterdir())
-    if hint is not None and (directory / hint) in paths:
-        paths.remove(directory / hint)
-        paths.insert(0, directory / hint)
-    for path in paths:
-        if path.suffix not in SUFFIXES or path.name.startswith(".") or not path.is_file():
-            continue
-        text = path.read_text(encoding="utf-8")
-        if name not in text:
-            continue
-        if path.suffix == ".json":
-            docs = [json.loads(text)]
-        else:
-            import yaml  # lazy: only YAML files need it
-
-            docs = list(yaml.safe_load_all(text))
-        found, changed = _patch_docs(docs, namespace, name, enabled)
-        if not found:
-            continue
-        if changed:
-            if path.suffix == ".json":
-                _write_atomic(path, json.dumps(docs[0], indent=2) + "\n")
-            else:
-                import yaml
-
-                _write_atomic(path, yaml.safe_dump_all(docs, sort_keys=False))
+    first (else, or when it no longer holds the pod, every file is read until one does)."""
+    hinted = directory / hint if hint is not None and "/" not in hint else None
+    if hinted is not None and _candidate(hinted) and _patch_file(hinted, namespace, name, enabled):
         return True
+    for path in sorted(directory.iterdir()):
+        if path != hinted and _candidate(path) and _patch_file(path, namespace, name, enabled):
+            return True
     return False

@@ -2,7 +2,10 @@
 
 Both sources (Kubernetes watch, objects dir) turn Kubernetes-shaped dicts into `Pod` and `Namespace` values
 with the one parser, `cni.contract.kube_objects` (shared with the CNI plugin), and push them into one
-`PodStore`; the reconcile loop reads a consistent snapshot and is woken on every change.
+`PodStore`; the reconcile loop reads a consistent snapshot and is woken on every change that matters to
+it. A change of a pod's `ambient.istio.io/redirection` annotation alone (what the agent itself writes
+back once a pod is enrolled) is quiet: only listeners subscribed with `quiet=True` (the annotation
+writer) hear of it, so each write-back does not start another reconcile pass over every pod.
 """
 
 from __future__ import annotations
@@ -12,6 +15,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from cni.contract.kube_objects import Namespace, Pod
+
+QUIET_ANNOTATIONS = frozenset({"ambient.istio.io/redirection"})  # written back by the agent itself
+
+
+def quiet_change(old: Pod, new: Pod) -> bool:
+    """The two differ only in QUIET_ANNOTATIONS (pure)."""
+    def loud(p: Pod) -> dict[str, str]:
+        return {k: v for k, v in p.annotations.items() if k not in QUIET_ANNOTATIONS}
+
+    return old.with_annotations({}) == new.with_annotations({}) and loud(old) == loud(new)
 
 
 @dataclass(frozen=True)
@@ -31,24 +44,29 @@ class PodStore:
         self._namespaces: dict[str, Namespace] = {}
         self._pending_sync = set(kinds)
         self._generation = 0
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[tuple[Callable[[], None], bool]] = []
 
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
+    def subscribe(self, listener: Callable[[], None], *, quiet: bool = False) -> None:
+        """listener() after every change; `quiet`: also after quiet ones (see the module text)."""
+        self._listeners.append((listener, quiet))
 
-    def _changed(self) -> None:
+    def _changed(self, quiet: bool = False) -> None:
         self._generation += 1
-        for listener in list(self._listeners):
-            listener()
+        for listener, hears_quiet in list(self._listeners):
+            if hears_quiet or not quiet:
+                listener()
 
     def replace_pods(self, pods: Iterable[Pod]) -> None:
         new = {p.uid: p for p in pods}
         with self._lock:
-            changed = new != self._pods or "pods" in self._pending_sync
+            first = "pods" in self._pending_sync
+            changed = new != self._pods or first
+            quiet = not first and new.keys() == self._pods.keys() and all(
+                quiet_change(self._pods[uid], pod) for uid, pod in new.items() if self._pods[uid] != pod)
             self._pods = new
             self._pending_sync.discard("pods")
         if changed:
-            self._changed()
+            self._changed(quiet)
 
     def replace_namespaces(self, namespaces: Iterable[Namespace]) -> None:
         new = {n.name: n for n in namespaces}
@@ -61,10 +79,11 @@ class PodStore:
 
     def upsert_pod(self, pod: Pod) -> None:
         with self._lock:
-            if self._pods.get(pod.uid) == pod:
+            old = self._pods.get(pod.uid)
+            if old == pod:
                 return
             self._pods[pod.uid] = pod
-        self._changed()
+        self._changed(old is not None and quiet_change(old, pod))
 
     def delete_pod(self, uid: str) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ import os
 import threading
 from pathlib import Path
 
+from cni.contract.kinds import Family
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.iptables_run import IptablesError
 from cni.kernel.netns_lock import netns_lock
@@ -36,7 +37,7 @@ from cni.rules.sidecar import uses_tproxy
 from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.iptables.backend import check_ambient_routing, families_of
-from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation, read_here
+from node_agent.backends.iptables.nft_generation import NftGenerationError, read_here
 from node_agent.backends.nftables import libnft, pod_routing
 
 TPROXY_CHAIN = "chain sc_tproxy {"
@@ -64,6 +65,7 @@ class NftablesBackend:
         self._lock = threading.Lock()
         # netns path → (the table text wanted, its verified listing, the netns' ruleset generation then)
         self._applied: dict[str, tuple[str, str, int | None]] = {}
+        self._built: dict[tuple[RedirectSpec, tuple[int, ...]], tuple[nft_text.NftTable, str]] = {}
 
     # ------------------------------------------------------------------ apply / remove
 
@@ -154,11 +156,13 @@ class NftablesBackend:
             return [f"network namespace {target.netns_path} does not exist"]
         families = families_of(target.ips)
         try:
-            table = wanted_table(spec, families)
+            table, text = self._wanted(spec, families)
         except ValueError as exc:
             raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
-        text = table.render()
-        generation = _generation(target.netns_path)  # read before the listing it vouches for
+        routing = pod_routing.routing_of(spec)
+        # one pooled hop into the netns: the ruleset generation (read before the listing it vouches for)
+        # and the policy routing
+        generation, routing_problems = pod_routing.quick_read(target.netns_path, families, routing)
         with self._lock:
             applied = self._applied.get(target.netns_path)
         problems: list[str] = []
@@ -175,13 +179,23 @@ class NftablesBackend:
             if not problems and listed is not None:
                 with self._lock:
                     self._applied[target.netns_path] = (text, listed, generation)
-        if isinstance(spec, SidecarSpec) and uses_tproxy(spec):
-            from cni.kernel.tproxy import check_tproxy_routes
+        if routing_problems is None:  # the in-process read failed: ask `ip`
+            routing_problems = _routing_problems_by_ip(target, spec, families)
+        return problems + routing_problems
 
-            problems.extend(check_tproxy_routes(target.netns_path, families))
-        if isinstance(spec, AmbientSpec):
-            problems.extend(check_ambient_routing(target, families))
-        return problems
+    def _wanted(self, spec: RedirectSpec, families: tuple[int, ...]) -> tuple[nft_text.NftTable, str]:
+        """The builder's table and its text, remembered per (spec, families): every check compares it."""
+        key = (spec, families)
+        with self._lock:
+            known = self._built.get(key)
+        if known is None:
+            table = wanted_table(spec, families)
+            known = (table, table.render())
+            with self._lock:
+                if len(self._built) >= 256:
+                    self._built.clear()
+                self._built[key] = known
+        return known
 
     def installed(self, target: PodTarget) -> bool:
         if not os.path.exists(target.netns_path):
@@ -207,12 +221,15 @@ class NftablesBackend:
         """Nothing held on the node."""
 
 
-def _generation(netns_path: str) -> int | None:
-    """The netns' nf_tables ruleset generation; None when it cannot be read (then the listing decides)."""
-    try:
-        return read_generation(netns_path)
-    except NftGenerationError:
-        return None
+def _routing_problems_by_ip(target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
+    """The policy routing checked with `ip` (when the in-process read failed)."""
+    if isinstance(spec, SidecarSpec) and uses_tproxy(spec):
+        from cni.kernel.tproxy import check_tproxy_routes
+
+        return check_tproxy_routes(target.netns_path, families)
+    if isinstance(spec, AmbientSpec):
+        return check_ambient_routing(target, families)
+    return []
 
 
 def _base_chains(nft: libnft.Session) -> list[nft_foreign.BaseChain]:

@@ -7,18 +7,22 @@
 - a TPROXY table replaced by anything else: its policy routing removed.
 
 `add_here` returns what it created, so `undo_here` (the apply's rollback when a later step fails) takes
-back exactly that; entries that were there before stay.
+back exactly that; entries that were there before stay. `quick_read` is the drift check's one hop into
+the netns: the nf_tables ruleset generation and the policy routing, read together.
 """
 
 from __future__ import annotations
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.kernel.netns import NetnsThreadTimeout
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from cni.rules.sidecar import uses_tproxy
 from cni.rules.tproxy_routes import AMBIENT, TPROXY, Routing
 from node_agent.backends.base import RedirectSpec
-from node_agent.kernel import policy_routes_write
+from node_agent.backends.iptables.nft_generation import NftGenerationError, read_here
+from node_agent.kernel import policy_routes_read, policy_routes_write
 from node_agent.kernel.loopback_address import replace_on_loopback
+from node_agent.kernel.netns_runner import run_in_netns
 
 Created = list[tuple[Routing, list[policy_routes_write.Entry]]]
 
@@ -65,3 +69,25 @@ def remove_here(tproxy: bool, ambient: bool) -> None:
         policy_routes_write.remove_here((4, 6), TPROXY)
     if ambient:
         policy_routes_write.remove_here((4, 6), AMBIENT)
+
+
+def quick_read(netns_path: str, families: tuple[int, ...], routing: Routing | None,
+               timeout: float = 2.0) -> tuple[int | None, list[str] | None]:
+    """(the netns' nf_tables ruleset generation, what is missing of `routing`) from one pooled thread in the
+    netns; None for a part that could not be read (the caller lists the table / asks `ip`)."""
+    def here() -> tuple[int | None, list[str] | None]:
+        try:
+            generation: int | None = read_here(timeout)
+        except (NftGenerationError, OSError):
+            generation = None
+        if routing is None:
+            return generation, []
+        try:
+            return generation, policy_routes_read.check_here(families, routing, timeout)
+        except (policy_routes_read.PolicyRoutesReadError, OSError):
+            return generation, None
+
+    try:
+        return run_in_netns(netns_path, here, timeout=timeout + 1.0)
+    except (NetnsThreadTimeout, OSError):
+        return None, None
