@@ -1,10 +1,11 @@
 """Event-driven drift checks on real kernels: the agent checks a pod when its netns announces an nf_tables
-change, not on a poll.
+or routing change, not on a poll.
 
 With the poll and the backstop set to an hour, an enrolled ambient pod's table flushed (`nft flush table
 inet headrace` on the nftables backend, `iptables-nft -t nat -F` on iptables-nft) is repaired within 2 s
-and the repair counted: only the change notification can have triggered it. Pods enrolled and unenrolled
-leave no socket behind (the agent's fds in /proc/PID/fd back where they were).
+and the repair counted: only the change notification can have triggered it; the same for the ambient policy
+routing deleted (announced over rtnetlink). Pods enrolled and unenrolled leave no socket behind (the
+agent's fds in /proc/PID/fd back where they were).
 """
 
 from __future__ import annotations
@@ -117,6 +118,33 @@ def test_a_flushed_table_is_repaired_on_the_change_event_not_the_poll(node: Node
         took = time.monotonic() - t0
         assert took <= REPAIR_LIMIT, f"round {round_no}: repaired after {took:.2f} s"
         wait_for(lambda: tables(netns) == intact, 5, "our rules exactly as before")
+
+
+def routing(netns: str) -> str:
+    """The ambient policy routing (the pods are IPv4 only) as `ip` prints it."""
+    rules = run(["nsenter", f"--net={netns}", "ip", "-4", "rule", "list", "pref", "32764"]).stdout
+    return rules + run(["nsenter", f"--net={netns}", "ip", "-4", "route", "list", "table", "100"], check=False).stdout
+
+
+def test_deleted_policy_routing_is_repaired_on_the_change_event(node: Node) -> None:
+    """The ambient policy routing is not nf_tables: its rule and route deleted are announced over rtnetlink
+    and repaired within the limit too (the poll and the backstop are an hour away)."""
+    (uid,) = node.add_pods(1)
+    wait_for(lambda: node.enrolled([uid]), 30, "pod enrolled")
+    netns = node.netns[uid]
+    time.sleep(1.0)
+    intact = routing(netns)
+    assert "lookup 100" in intact and "local default dev lo" in intact
+    for tamper in (["ip", "-4", "rule", "del", "pref", "32764"], ["ip", "-4", "route", "flush", "table", "100"]):
+        repairs = node.agent.metric("headrace_agent_drift_repairs_total")
+        run(["nsenter", f"--net={netns}", *tamper])
+        t0 = time.monotonic()
+        while node.agent.metric("headrace_agent_drift_repairs_total") <= repairs:
+            assert time.monotonic() - t0 < REPAIR_LIMIT + 3, f"{tamper}: no repair (poll is an hour away)"
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        assert took <= REPAIR_LIMIT, f"{tamper}: repaired after {took:.2f} s"
+        wait_for(lambda: routing(netns) == intact, 5, "the routing exactly as before")
 
 
 def change_lines(node: Node, uid: str) -> int:

@@ -47,7 +47,7 @@ class AgentConfig:
     log_level: str = "info"
     drift_interval: float = 1.0  # seconds between checks of enrolled pods' rules (a bypass is repaired within 2 s)
     # pods whose backend announces changes (nftables, iptables-nft) are checked on change, and all every:
-    drift_backstop: float = 30.0
+    drift_backstop: float = 120.0
     drift_events: bool = True  # False: every pod polled every drift_interval
     cni_add_timeout: float = 20.0  # an ADD waits this long for rules + proxy ack
     ack_timeout: float = 15.0
@@ -114,7 +114,7 @@ def build_config(
     log_level: str = "info",
     drift_interval: float = 1.0,
     cni_add_timeout: float = 20.0,
-    drift_backstop: float = 30.0,
+    drift_backstop: float = 120.0,
     drift_events: bool = True,
     proxy_cgroup: str | Path | None = None,
     capture_dns: bool = False,

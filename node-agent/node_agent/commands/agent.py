@@ -31,9 +31,9 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
               show_default=True)
 @click.option("--drift-interval", type=float, default=1.0, show_default=True,
               help="Seconds between drift checks of enrolled pods that are polled (iptables-legacy, eBPF).")
-@click.option("--drift-backstop", type=float, default=30.0, show_default=True,
+@click.option("--drift-backstop", type=float, default=120.0, show_default=True,
               help="Seconds between full re-checks of every pod (nftables and iptables-nft pods are checked "
-                   "when their netns announces an nf_tables change).")
+                   "when their netns announces an nf_tables or routing change).")
 @click.option("--drift-events/--no-drift-events", default=True, show_default=True,
               help="Check nftables and iptables-nft pods on change (off: poll them every --drift-interval).")
 @click.option("--cni-add-timeout", type=float, default=20.0, show_default=True,

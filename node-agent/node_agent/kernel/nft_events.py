@@ -1,15 +1,17 @@
-"""nf_tables change notifications of one network namespace: a netlink socket subscribed to NFNLGRP_NFTABLES.
+"""Change notifications of one network namespace: what the drift check reads there, announced.
 
-Every nf_tables commit in a netns (native nftables and iptables-nft alike, whatever the table) is announced
-to that netns' NFNLGRP_NFTABLES listeners: one message per object changed (table, chain, rule, set...)
-and a closing NFT_MSG_NEWGEN carrying the new ruleset generation. Reads (`nft list`, iptables-nft-save)
-announce nothing. A socket belongs to the netns it was created in, for good: `subscribe` creates it on a
-pooled thread that enters the pod netns and comes back (node_agent.kernel.netns_runner), and the caller's
-threads never move.
+- nf_tables: a netlink socket subscribed to NFNLGRP_NFTABLES. Every nf_tables commit in a netns (native
+  nftables and iptables-nft alike, whatever the table) is announced to that netns' listeners: one message
+  per object changed (table, chain, rule, set...) and a closing NFT_MSG_NEWGEN carrying the new ruleset
+  generation. Reads (`nft list`, iptables-nft-save) announce nothing.
+- routing: a NETLINK_ROUTE socket subscribed to the IPv4/IPv6 rule, route and address groups: the policy
+  routing of ambient and TPROXY pods and `::6` on `lo` (which no nf_tables message covers).
 
-The socket is non-blocking; `drain` reads what is queued and tells whether anything was announced. A
-receive buffer overrun (ENOBUFS: more announced than the socket held) counts as a change. Parsing is pure
-(`changes_in`) and unit-tested.
+A socket belongs to the netns it was created in, for good: `subscribe` creates both on a pooled thread
+that enters the pod netns and comes back (node_agent.kernel.netns_runner), and the caller's threads never
+move. The sockets are non-blocking; `drain` reads what is queued and tells whether anything was
+announced. A receive buffer overrun (ENOBUFS: more announced than the socket held) counts as a change.
+Parsing is pure (`changes_in`) and unit-tested.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ NFT_MSG_NEWGEN = 15
 NFTA_GEN_ID = 1
 NFGENMSG_SIZE = 4  # nfgenmsg: family, version, res_id
 RCVBUF = 256 * 1024  # an overrun is harmless (a change all the same) but costs a full check
+# RTNLGRP_IPV4_IFADDR 5, IPV4_ROUTE 7, IPV4_RULE 8, IPV6_IFADDR 9, IPV6_ROUTE 11, IPV6_RULE 19
+ROUTE_GROUPS = sum(1 << (group - 1) for group in (5, 7, 8, 9, 11, 19))
 
 
 class NftEventsError(Exception):
@@ -58,30 +62,43 @@ def changes_in(data: bytes) -> Changes:
     return Changes(count, generation)
 
 
-def _open_here() -> socket.socket:
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
-                      NETLINK_NETFILTER)
+def _open(proto: int, groups: int) -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        s.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        s.bind((0, groups))
     except BaseException:
         s.close()
         raise
     return s
 
 
-def subscribe(netns_path: str, timeout: float = 2.0) -> socket.socket:
-    """A non-blocking socket receiving the nf_tables announcements of the netns at netns_path."""
+def _open_here() -> tuple[socket.socket, socket.socket]:
+    nft = _open(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
+    try:
+        return nft, _open(socket.NETLINK_ROUTE, ROUTE_GROUPS)
+    except BaseException:
+        nft.close()
+        raise
+
+
+def subscribe(netns_path: str, timeout: float = 2.0) -> tuple[socket.socket, socket.socket]:
+    """Non-blocking sockets receiving the nf_tables and the routing announcements of the netns at
+    netns_path."""
     try:
         return run_in_netns(netns_path, _open_here, timeout=timeout)
     except NetnsThreadTimeout:
         raise NftEventsError(f"no answer from {netns_path} within {timeout:.0f}s") from None
     except Exception as exc:  # cannot enter the netns, or no nfnetlink
-        raise NftEventsError(f"cannot subscribe to nf_tables changes in {netns_path}: {exc}") from exc
+        raise NftEventsError(f"cannot subscribe to changes in {netns_path}: {exc}") from exc
+
+
+def _routing(sock: socket.socket) -> bool:
+    return getattr(sock, "family", None) == socket.AF_NETLINK and getattr(sock, "proto", None) == socket.NETLINK_ROUTE
 
 
 def drain(sock: socket.socket) -> bool:
-    """Read everything queued; True when any nf_tables change was announced (or some were lost)."""
+    """Read everything queued; True when any change was announced (or some were lost)."""
     changed = False
     while True:
         try:
@@ -95,6 +112,9 @@ def drain(sock: socket.socket) -> bool:
             raise
         if not data:
             return changed
+        if _routing(sock):
+            changed = True  # only the groups that matter are subscribed: any message is a change
+            continue
         try:
             changed = changed or changes_in(data).messages > 0
         except netlink_parse.NetlinkParseError:

@@ -2,14 +2,15 @@
 (counted in headrace_agent_drift_repairs).
 
 When a pod is read back:
-- on change: a pod whose backend keeps everything the check reads in nf_tables (nftables, iptables-nft)
-  is watched (`repair.change_watch`: one thread, one NFNLGRP_NFTABLES subscription per pod netns) and
-  checked when its netns announces a change; the subscription is made once the pod is enrolled, and the
-  pod is checked once right after (a change between its apply and the subscription is not missed);
+- on change: a pod whose backend keeps its rules in nf_tables (nftables, iptables-nft) is watched
+  (`repair.change_watch`: one thread; per pod netns an NFNLGRP_NFTABLES subscription and one to the
+  rtnetlink rule, route and address groups, which cover its policy routing) and checked when its netns
+  announces a change; the subscription is made once the pod is enrolled, and the pod is checked once
+  right after (a change between its apply and the subscription is not missed);
 - every drift interval (`--drift-interval`): the pods that are not watched (iptables-legacy, eBPF, or a
   failed subscription);
 - every backstop interval (`--drift-backstop`) and right after pods were enrolled on rules found in place
-  (adoption): every pod, watched or not (also what no nf_tables change announces, such as policy routes).
+  (adoption): every pod, watched or not.
 The read-back runs outside the lock, one pod at a time; a CNI request that arrives meanwhile is served
 before the next pod. A pod whose pinned netns is gone: an ambient pod is `failed` and retried (never
 reported enrolled), a sidecar pod is removed. A pod that leaves the table is unwatched (socket closed)."""
@@ -58,7 +59,7 @@ class DriftCheck:
         *,
         interval: float,
         remove_sidecar: Callable[[str], None],
-        backstop: float = 30.0,
+        backstop: float = 120.0,
         events: bool = True,
         wake: Callable[[], None] = lambda: None,
         watcher_factory: Callable[[Callable[[str], None]], ChangeWatcher] = ChangeWatcher,

@@ -92,7 +92,7 @@ class Reconciler:
         spec: AmbientSpec | None = None,
         node_name: str = "",
         drift_interval: float = 1.0,
-        drift_backstop: float = 30.0,
+        drift_backstop: float = 120.0,
         drift_events: bool = True,
         hint_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,

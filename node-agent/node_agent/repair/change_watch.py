@@ -1,16 +1,18 @@
-"""One thread that waits (epoll) on the nf_tables change subscriptions of every watched pod netns.
+"""One thread that waits (epoll) on the change subscriptions of every watched pod netns (nf_tables and
+routing: `nft_events`).
 
     watcher = ChangeWatcher(on_change)      # on_change(key) from the watcher thread
     watcher.start()
     watcher.watch(uid, netns_path, inode)   # subscribe (nft_events.subscribe): "new", "kept" or "failed"
-    watcher.unwatch(uid)                    # socket closed
+    watcher.unwatch(uid)                    # sockets closed
     watcher.keys(); watcher.close()
 
 A subscription is keyed by the caller's key (a pod uid) and remembers the netns (path and inode) it was
-made for: watching the same key at another netns replaces it. Sockets are registered with the epoll object from any
-thread (epoll_ctl is thread-safe); an event whose socket was unwatched meanwhile is dropped. A socket that
-fails to read is reported as a change (the caller verifies the pod) and dropped, so the caller's next
-`watch` makes a fresh one. Every socket is closed by `unwatch` and `close`.
+made for: watching the same key at another netns replaces it. A subscription is one socket or several
+(nf_tables and routing). Sockets are registered with the epoll object from any thread (epoll_ctl is
+thread-safe); an event whose socket was unwatched meanwhile is dropped. A socket that fails to read is
+reported as a change (the caller verifies the pod) and the key's sockets dropped, so the caller's next
+`watch` makes fresh ones. Every socket is closed by `unwatch` and `close`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import resource
 import select
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from node_agent.kernel import nft_events
 
@@ -44,11 +46,11 @@ def raise_fd_limit() -> int:
 
 class ChangeWatcher:
     def __init__(self, on_change: Callable[[str], None],
-                 subscribe: Callable[[str], socket.socket] = nft_events.subscribe) -> None:
+                 subscribe: Callable[[str], socket.socket | Sequence[socket.socket]] = nft_events.subscribe) -> None:
         self._on_change = on_change
         self._subscribe = subscribe
         self._lock = threading.Lock()
-        self._by_key: dict[str, tuple[tuple[str, int], socket.socket]] = {}
+        self._by_key: dict[str, tuple[tuple[str, int], tuple[socket.socket, ...]]] = {}
         self._by_fd: dict[int, str] = {}
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -71,21 +73,23 @@ class ChangeWatcher:
             if held is not None and held[0] == ident:
                 return "kept"
         try:
-            sock = self._subscribe(netns_path)
+            got = self._subscribe(netns_path)
         except (nft_events.NftEventsError, OSError) as exc:
-            log.warning("nf_tables change subscription failed: %s", exc,
+            log.warning("change subscription failed: %s", exc,
                         extra={"uid": key, "netns": netns_path, "step": "nft-watch"})
             return "failed"
+        socks = (got,) if isinstance(got, socket.socket) else tuple(got)
         with self._lock:
             if self._stop:
-                sock.close()
+                self._drop_locked(socks)
                 return "failed"
             old = self._by_key.pop(key, None)
             if old is not None:
                 self._drop_locked(old[1])
-            self._by_key[key] = (ident, sock)
-            self._by_fd[sock.fileno()] = key
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            self._by_key[key] = (ident, socks)
+            for sock in socks:
+                self._by_fd[sock.fileno()] = key
+                self._epoll.register(sock.fileno(), select.EPOLLIN)
         return "new"
 
     def unwatch(self, key: str) -> None:
@@ -105,8 +109,8 @@ class ChangeWatcher:
     def close(self) -> None:
         with self._lock:
             self._stop = True
-            for _path, sock in self._by_key.values():
-                self._drop_locked(sock)
+            for _path, socks in self._by_key.values():
+                self._drop_locked(socks)
             self._by_key.clear()
         os.write(self._wake_w, b"x")
         if self._thread is not None:
@@ -115,14 +119,17 @@ class ChangeWatcher:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def _drop_locked(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        self._by_fd.pop(fd, None)
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
-        sock.close()
+    def _drop_locked(self, socks: tuple[socket.socket, ...]) -> None:
+        for sock in socks:
+            fd = sock.fileno()
+            if fd < 0:
+                continue
+            self._by_fd.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+            sock.close()
 
     def _run(self) -> None:
         while True:
@@ -140,16 +147,17 @@ class ChangeWatcher:
                     key = self._by_fd.get(fd)
                     if key is None:
                         continue
-                    sock = self._by_key[key][1]
+                    socks = self._by_key[key][1]
+                    sock = next(s for s in socks if s.fileno() == fd)
                     try:
-                        if nft_events.drain(sock):
+                        if nft_events.drain(sock) and key not in changed:
                             changed.append(key)
                     except OSError as exc:
-                        log.warning("nf_tables change subscription failed: %s", exc,
-                                    extra={"uid": key, "step": "nft-watch"})
+                        log.warning("change subscription failed: %s", exc, extra={"uid": key, "step": "nft-watch"})
                         del self._by_key[key]
-                        self._drop_locked(sock)
-                        changed.append(key)
+                        self._drop_locked(socks)
+                        if key not in changed:
+                            changed.append(key)
             for key in changed:
                 self.events += 1
                 try:
