@@ -135,6 +135,8 @@ def test_deleted_policy_routing_is_repaired_on_the_change_event(node: Node) -> N
     time.sleep(1.0)
     intact = routing(netns)
     assert "lookup 100" in intact and "local default dev lo" in intact
+    assert node.agent.metric("headrace_agent_drift_watched_pods") >= 1
+    events = node.agent.metric("headrace_agent_drift_change_events_total")
     for tamper in (["ip", "-4", "rule", "del", "pref", "32764"], ["ip", "-4", "route", "flush", "table", "100"]):
         repairs = node.agent.metric("headrace_agent_drift_repairs_total")
         run(["nsenter", f"--net={netns}", *tamper])
@@ -145,6 +147,7 @@ def test_deleted_policy_routing_is_repaired_on_the_change_event(node: Node) -> N
         took = time.monotonic() - t0
         assert took <= REPAIR_LIMIT, f"{tamper}: repaired after {took:.2f} s"
         wait_for(lambda: routing(netns) == intact, 5, "the routing exactly as before")
+    assert node.agent.metric("headrace_agent_drift_change_events_total") >= events + 2
 
 
 def change_lines(node: Node, uid: str) -> int:

@@ -136,6 +136,7 @@ class Agent:
             spec=AmbientSpec(capture_dns=config.capture_dns), adoption_gate=self.adoption_gate,
         )
         self.metrics.watch_pods_without_proxy(self.reconciler.enrolled_without_proxy)
+        self.metrics.watch_drift_events(self.reconciler.drift.watch_counts)
         self.proxy_cgroups = self._proxy_cgroup_follower()
         self._annotation_writer: Writer | None = None  # set by the default sources
         self.source: Source = (source_factory or self._default_source)(self.store)

@@ -21,7 +21,7 @@ means no nat chain runs at all; a mark set before our nat chains makes an ambien
 the proxy's own. Statements are not judged: any non-empty or non-accepting such chain is drift.
 
 Pure parts (`parse_ruleset`, `ahead_of_redirect`, `removal_script`) are unit-tested; `read`/`remove`
-run `nft` in the netns through nsenter.
+run in the netns with libnftables in-process (python3-nftables), or `nft` through nsenter without it.
 """
 
 from __future__ import annotations
@@ -136,12 +136,31 @@ def _nft(netns_path: str, args: list[str], stdin: str | None = None) -> str:
     return done.stdout
 
 
+def _in_process(netns_path: str, text: str, json_out: bool) -> str | None:
+    """`text` run by libnftables in the netns (no process); None when the binding is not installed."""
+    from node_agent.backends.base import BackendError
+    from node_agent.backends.nftables import libnft
+
+    try:
+        (result,) = libnft.run_in_netns(netns_path, [text], json=json_out)
+    except BackendError as exc:
+        if "python3-nftables" in str(exc):
+            return None
+        raise NftForeignError(str(exc)) from exc
+    if result.rc != 0:
+        raise NftForeignError(f"nft {text.splitlines()[0]}: {result.error.strip()[:300]}")
+    return result.output
+
+
 def read(netns_path: str, families: tuple[int, ...]) -> list[BaseChain]:
-    """The foreign base chains ahead of our redirect in the netns."""
-    return ahead_of_redirect(parse_ruleset(_nft(netns_path, ["-j", "list", "ruleset"])), families)
+    """The foreign base chains ahead of our redirect in the netns (libnftables in-process, else `nft`)."""
+    text = _in_process(netns_path, "list ruleset", True)
+    if text is None:
+        text = _nft(netns_path, ["-j", "list", "ruleset"])
+    return ahead_of_redirect(parse_ruleset(text), families)
 
 
 def remove(netns_path: str, found: list[BaseChain]) -> None:
     script = removal_script(found)
-    if script:
+    if script and _in_process(netns_path, script, False) is None:
         _nft(netns_path, ["-f", "-"], stdin=script)

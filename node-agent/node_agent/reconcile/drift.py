@@ -82,6 +82,11 @@ class DriftCheck:
         self._dirty_lock = threading.Lock()
         self._dirty: set[str] = set()  # watched pods (and NODE) that announced a change
 
+    def watch_counts(self) -> dict[str, int]:
+        """Change announcements reported so far and the netns watched now (for the metrics; any thread)."""
+        w = self.watcher
+        return {"events": w.events, "watched": len(w.keys())} if w is not None else {"events": 0, "watched": 0}
+
     def verify_soon(self) -> None:
         self._soon = True
 

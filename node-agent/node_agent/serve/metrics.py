@@ -55,6 +55,26 @@ class PluginAddCollector:
         yield adds
 
 
+class DriftWatchCollector:
+    """The drift check's change subscriptions (node_agent.reconcile.drift): `headrace_agent_drift_change_events_total`
+    (announcements that made a pod be checked) and `headrace_agent_drift_watched_pods` (pods checked on
+    change rather than polled)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.source()
+        events = CounterMetricFamily("headrace_agent_drift_change_events",
+                                     "Change announcements (nf_tables, routing) that made the agent check a pod.")
+        events.add_metric([], counts.get("events", 0))
+        yield events
+        watched = GaugeMetricFamily("headrace_agent_drift_watched_pods",
+                                    "Pods (and the node netns) checked when their netns announces a change.")
+        watched.add_metric([], counts.get("watched", 0))
+        yield watched
+
+
 class EbpfParentCollector:
     """Exports what the eBPF drift check found on pods' ancestor cgroups (node_agent.backends.ebpf.parent_alerts):
     `headrace_agent_ebpf_parent_program_pods` (pods whose ancestor cgroups now hold a program that can override
@@ -182,6 +202,10 @@ class AgentMetrics:
     def watch_pods_without_proxy(self, count: Callable[[], int]) -> None:
         """headrace_agent_pods_proxy_disconnected from the reconciler's published state."""
         self.pods_proxy_lost.set_function(lambda: float(count()))
+
+    def watch_drift_events(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """headrace_agent_drift_change_events_total / _drift_watched_pods from the drift check."""
+        self.registry.register(DriftWatchCollector(counts))
 
     def watch_plugin_adds(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """headrace_agent_plugin_adds_total from the one-request ADD's counts."""

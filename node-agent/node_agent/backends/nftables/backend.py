@@ -30,6 +30,7 @@ from cni.contract.kinds import Family
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.iptables_run import IptablesError
 from cni.kernel.netns_lock import netns_lock
+from cni.kernel.nft_tables import restore_text
 from cni.rules import nft_builder, nft_text
 from cni.rules.nft_ambient import AM_MANGLE_PRERT
 from cni.rules.nft_compare import compare
@@ -94,8 +95,8 @@ class NftablesBackend:
         what = f"pod {target.namespace}/{target.name}"
         chains = _base_chains(nft)
         foreign = nft_foreign.ahead_of_redirect(chains, families, nft_foreign.nftables_owned)
-        before = self._swap_here(nft, what, _removal(target, foreign), table,
-                                 any(nft_foreign.nftables_owned(c) for c in chains))
+        before = swap_here(nft, what, _removal(target, foreign), table,
+                           any(nft_foreign.nftables_owned(c) for c in chains))
         if foreign:
             log.warning("foreign nftables chains ahead of our redirect removed: %s",
                         "; ".join(c.describe() for c in foreign),
@@ -104,28 +105,13 @@ class NftablesBackend:
         try:
             pod_routing.add_here(spec, families, before is not None and TPROXY_CHAIN in before)
         except OSError as exc:
-            nft.cmd(_restore_text(before))
+            nft.cmd(restore_text(before))
             raise BackendError(f"nftables apply for {what}: {exc}") from exc
         try:
             generation: int | None = read_here()
         except (NftGenerationError, OSError):
             generation = None  # the listing decides at the next check
         return libnft.listing_of(nft.cmd(nft_text.list_command())), generation
-
-    @staticmethod
-    def _swap_here(nft: libnft.Session, what: str, removal: str, table: nft_text.NftTable, ours: bool) -> str | None:
-        """Our table before (None: none), then `table` in its place with the foreign chains' `removal`, as
-        one transaction. Without a table of ours it is created: a transaction that deletes a table makes
-        freeing the context wait for an RCU grace period, which a fresh pod need not pay."""
-        if not ours:
-            created = nft.cmd(removal + nft_text.create_text(table))
-            if created.rc == 0:
-                return None  # else a table without base chains is there: listed and replaced
-        before = libnft.listing_of(nft.cmd(nft_text.list_command()))
-        result = nft.cmd(removal + nft_text.replace_text(table))
-        if result.rc != 0:
-            raise BackendError(f"nftables transaction for {what} refused: {result.error.strip()}")
-        return before
 
     def remove(self, target: PodTarget) -> None:
         self._forget(target.netns_path)
@@ -221,6 +207,22 @@ class NftablesBackend:
         """Nothing held on the node."""
 
 
+def swap_here(nft: libnft.Session, what: str, removal: str, table: nft_text.NftTable, ours: bool) -> str | None:
+    """In the session's netns: our table before (None: none), then `table` in its place with the foreign
+    chains' `removal`, as one transaction. Without a table of ours (`ours` False: a fresh netns) it is
+    created: a transaction that deletes a table makes freeing the context wait for an RCU grace period
+    (10-30 ms on a busy node), which a fresh pod need not pay."""
+    if not ours:
+        created = nft.cmd(removal + nft_text.create_text(table))
+        if created.rc == 0:
+            return None  # else a table of ours is there after all: listed and replaced
+    before = libnft.listing_of(nft.cmd(nft_text.list_command()))
+    result = nft.cmd(removal + nft_text.replace_text(table))
+    if result.rc != 0:
+        raise BackendError(f"nftables transaction for {what} refused: {result.error.strip()}")
+    return before
+
+
 def _routing_problems_by_ip(target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
     """The policy routing checked with `ip` (when the in-process read failed)."""
     if isinstance(spec, SidecarSpec) and uses_tproxy(spec):
@@ -249,9 +251,3 @@ def _removal(target: PodTarget, found: list[nft_foreign.BaseChain]) -> str:
         return nft_foreign.removal_script(found)
     except ValueError as exc:
         raise BackendError(f"foreign nftables chains for pod {target.namespace}/{target.name}: {exc}") from exc
-
-
-def _restore_text(before: str | None) -> str:
-    from cni.kernel.nft_tables import restore_text
-
-    return restore_text(before)
