@@ -73,7 +73,7 @@ class NftablesBackend:
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         families = families_of(target.ips)
         try:
-            table = wanted_table(spec, families)
+            table, text = self._wanted(spec, families)
         except ValueError as exc:
             raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
         self._forget(target.netns_path)
@@ -84,7 +84,7 @@ class NftablesBackend:
             raise BackendError(f"nftables apply for pod {target.namespace}/{target.name}: {exc}") from exc
         if listed is not None:
             with self._lock:
-                self._applied[target.netns_path] = (table.render(), listed, generation)
+                self._applied[target.netns_path] = (text, listed, generation)
 
     def _apply_here(
         self, nft: libnft.Session, target: PodTarget, spec: RedirectSpec, table: nft_text.NftTable,
