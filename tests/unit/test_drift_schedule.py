@@ -20,7 +20,7 @@ class FakeWatcher:
 
     def start(self) -> None: ...
 
-    def watch(self, key: str, netns_path: str, inode: int = 0) -> str:
+    def watch(self, key: str, netns_path: str, inode: int = 0, *, routing: bool = True) -> str:
         if self.held.get(key) == (netns_path, inode):
             return "kept"
         self.held[key] = (netns_path, inode)

@@ -84,7 +84,7 @@ def test_the_watcher_reports_a_change_per_key_and_closes_what_it_unwatches() -> 
     peers: dict[str, socket.socket] = {}
     mine: dict[str, socket.socket] = {}
 
-    def subscribe(path: str) -> socket.socket:
+    def subscribe(path: str, routing: bool = True) -> socket.socket:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         a.setblocking(False)
         peers[path], mine[path] = b, a

@@ -73,8 +73,10 @@ def _open(proto: int, groups: int) -> socket.socket:
     return s
 
 
-def _open_here() -> tuple[socket.socket, socket.socket]:
+def _open_here(routing: bool) -> tuple[socket.socket, ...]:
     nft = _open(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
+    if not routing:
+        return (nft,)
     try:
         return nft, _open(socket.NETLINK_ROUTE, ROUTE_GROUPS)
     except BaseException:
@@ -82,11 +84,11 @@ def _open_here() -> tuple[socket.socket, socket.socket]:
         raise
 
 
-def subscribe(netns_path: str, timeout: float = 2.0) -> tuple[socket.socket, socket.socket]:
-    """Non-blocking sockets receiving the nf_tables and the routing announcements of the netns at
-    netns_path."""
+def subscribe(netns_path: str, routing: bool = True, timeout: float = 2.0) -> tuple[socket.socket, ...]:
+    """Non-blocking sockets receiving the nf_tables (and, `routing`, the routing) announcements of the netns
+    at netns_path."""
     try:
-        return run_in_netns(netns_path, _open_here, timeout=timeout)
+        return run_in_netns(netns_path, lambda: _open_here(routing), timeout=timeout)
     except NetnsThreadTimeout:
         raise NftEventsError(f"no answer from {netns_path} within {timeout:.0f}s") from None
     except Exception as exc:  # cannot enter the netns, or no nfnetlink

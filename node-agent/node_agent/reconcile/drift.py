@@ -158,8 +158,9 @@ class DriftCheck:
             self.watcher.start()
         for uid in self.watcher.keys() - set(want):
             self.watcher.unwatch(uid)
-        fresh = [uid for uid, (path, inode) in want.items() if self.watcher.watch(uid, path, inode) == "new"
-                 and uid != NODE]
+        # the node netns: its nf_tables only (its routes change with every pod wired on the node)
+        fresh = [uid for uid, (path, inode) in want.items()
+                 if self.watcher.watch(uid, path, inode, routing=uid != NODE) == "new" and uid != NODE]
         if fresh:
             with self._dirty_lock:
                 self._dirty.update(fresh)

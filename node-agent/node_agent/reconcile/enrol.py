@@ -190,7 +190,7 @@ class AmbientEnrolment:
     def step_jobs(self) -> bool:
         """Lock held: every finished apply makes its pod `enrolled` (or `failed`), every pod whose proxy ack
         is in gets its apply started on the pool. The pass also calls it between pods, so applies run and
-        pods become enrolled while it is still sending the later ones. True when anything happened."""
+        pods become enrolled while it is still sending the later ones. True when an apply finished."""
         done = [uid for uid, fut in self.jobs.items() if fut.done()]
         for uid in done:
             fut = self.jobs.pop(uid)

@@ -46,7 +46,8 @@ def raise_fd_limit() -> int:
 
 class ChangeWatcher:
     def __init__(self, on_change: Callable[[str], None],
-                 subscribe: Callable[[str], socket.socket | Sequence[socket.socket]] = nft_events.subscribe) -> None:
+                 subscribe: Callable[[str, bool], socket.socket | Sequence[socket.socket]] = nft_events.subscribe,
+                 ) -> None:
         self._on_change = on_change
         self._subscribe = subscribe
         self._lock = threading.Lock()
@@ -64,16 +65,17 @@ class ChangeWatcher:
         self._thread = threading.Thread(target=self._run, name="nft-change-watch", daemon=True)
         self._thread.start()
 
-    def watch(self, key: str, netns_path: str, inode: int = 0) -> str:
-        """Subscribe to the changes of the netns at netns_path (of that inode) for key: "kept" when it
-        already is, "new", or "failed" (the subscription could not be made: the caller polls)."""
+    def watch(self, key: str, netns_path: str, inode: int = 0, *, routing: bool = True) -> str:
+        """Subscribe to the changes of the netns at netns_path (of that inode) for key (`routing`: its rule,
+        route and address changes too): "kept" when it already is, "new", or "failed" (the subscription
+        could not be made: the caller polls)."""
         ident = (netns_path, inode)
         with self._lock:
             held = self._by_key.get(key)
             if held is not None and held[0] == ident:
                 return "kept"
         try:
-            got = self._subscribe(netns_path)
+            got = self._subscribe(netns_path, routing)
         except (nft_events.NftEventsError, OSError) as exc:
             log.warning("change subscription failed: %s", exc,
                         extra={"uid": key, "netns": netns_path, "step": "nft-watch"})

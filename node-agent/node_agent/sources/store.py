@@ -61,7 +61,7 @@ class PodStore:
         with self._lock:
             first = "pods" in self._pending_sync
             changed = new != self._pods or first
-            quiet = not first and new.keys() == self._pods.keys() and all(
+            quiet = changed and not first and new.keys() == self._pods.keys() and all(
                 quiet_change(self._pods[uid], pod) for uid, pod in new.items() if self._pods[uid] != pod)
             self._pods = new
             self._pending_sync.discard("pods")
