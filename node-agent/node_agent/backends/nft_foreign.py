@@ -142,10 +142,12 @@ def _in_process(netns_path: str, text: str, json_out: bool) -> str | None:
     from node_agent.backends.nftables import libnft
 
     try:
+        libnft.load()
+    except BackendError:
+        return None
+    try:
         (result,) = libnft.run_in_netns(netns_path, [text], json=json_out)
     except BackendError as exc:
-        if "python3-nftables" in str(exc):
-            return None
         raise NftForeignError(str(exc)) from exc
     if result.rc != 0:
         raise NftForeignError(f"nft {text.splitlines()[0]}: {result.error.strip()[:300]}")

@@ -52,6 +52,23 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> bool:
     return True
 
 
+def replace_file(path: str, data: bytes, tmp: str, mode: int) -> None:
+    """Write `data` to `tmp` and rename it over `path`: a reader sees the old file or the new one. No
+    fsync (unlike `write_atomic`): for state rewritten often on a hot path, where a crash may lose the
+    latest writes. `tmp` is removed when anything fails; FileNotFoundError when the directory is missing."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def remove_file(path: str) -> bool:
     """Remove `path` and sync its directory; False when it did not exist."""
     try:

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from node_agent.install_cni.atomic import replace_file
 from node_agent.netns.pin import check_uid
 
 
@@ -36,20 +36,13 @@ class RecordStore:
     def save(self, rec: EnrolRecord) -> None:
         """Write the record atomically (a temporary file renamed over the old one); the directory is made
         when missing."""
-        path = self._path(rec.uid)
-        tmp = f"{path}.tmp"
+        path = str(self._path(rec.uid))
         data = json.dumps(asdict(rec), sort_keys=True).encode("utf-8")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600)
+            replace_file(path, data, f"{path}.tmp", 0o600)
         except FileNotFoundError:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, flags, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            replace_file(path, data, f"{path}.tmp", 0o600)
 
     def delete(self, uid: str) -> None:
         try:

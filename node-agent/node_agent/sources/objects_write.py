@@ -4,13 +4,12 @@ rename); JSON stays JSON, YAML stays YAML (comments are not kept)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from cni.contract.kube_objects import ObjectError, pod_from_object
+from node_agent.install_cni.atomic import replace_file
 from node_agent.sources.redirection_mark import ANNOTATION, ENABLED
 
 SUFFIXES = (".json", ".yaml", ".yml")
@@ -55,18 +54,8 @@ def _patch_docs(docs: list[Any], namespace: str, name: str, enabled: bool) -> tu
 
 def _write_atomic(path: Path, text: str) -> None:
     """Replace the file by renaming a hidden sibling over it (hidden files are not read as objects)."""
-    tmp = path.parent / f".{path.name}.headrace-tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, path.stat().st_mode & 0o777)
-        try:
-            os.write(fd, text.encode("utf-8"))
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(str(path), text.encode("utf-8"), str(path.parent / f".{path.name}.headrace-tmp"),
+                 path.stat().st_mode & 0o777)
 
 
 def _patch_file(path: Path, namespace: str, name: str, enabled: bool) -> bool:

@@ -6,12 +6,14 @@
 - ambient: the original-source policy routing (`tproxy_routes.AMBIENT`);
 - a TPROXY table replaced by anything else: its policy routing removed.
 
-`add_here` returns what it created, so `undo_here` (the apply's rollback when a later step fails) takes
-back exactly that; entries that were there before stay. `quick_read` is the drift check's one hop into
+When a step fails, `add_here` takes back what it created before raising; entries that were there before
+stay. `quick_read` is the drift check's one hop into
 the netns: the nf_tables ruleset generation and the policy routing, read together.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.netns import NetnsThreadTimeout
@@ -24,8 +26,6 @@ from node_agent.kernel import policy_routes_read, policy_routes_write
 from node_agent.kernel.loopback_address import replace_on_loopback
 from node_agent.kernel.netns_runner import run_in_netns
 
-Created = list[tuple[Routing, list[policy_routes_write.Entry]]]
-
 
 def routing_of(spec: RedirectSpec) -> Routing | None:
     """The policy routing a table of this spec comes with (None: none)."""
@@ -36,31 +36,23 @@ def routing_of(spec: RedirectSpec) -> Routing | None:
     return None
 
 
-def add_here(spec: RedirectSpec, families: tuple[int, ...], replaced_tproxy: bool) -> Created:
+def add_here(spec: RedirectSpec, families: tuple[int, ...], replaced_tproxy: bool) -> None:
     """Everything `spec`'s table needs beside it; `replaced_tproxy`: the table before was a TPROXY one.
-    OSError when the kernel refuses a step (what this call created is taken back first)."""
-    created: Created = []
+    OSError when the kernel refuses a step (the routing this call created is deleted first)."""
     routing = routing_of(spec)
+    created: list[policy_routes_write.Entry] = []
     try:
         if isinstance(spec, SidecarSpec) and 6 in families:
             replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0])
         if routing is not None:
-            created.append((routing, policy_routes_write.add_here(families, routing)))
+            created = policy_routes_write.add_here(families, routing)
         if replaced_tproxy and routing is not TPROXY:
             policy_routes_write.remove_here((4, 6), TPROXY)
     except OSError:
-        undo_here(created)
+        if routing is not None and created:
+            with contextlib.suppress(OSError):  # best effort: the apply is failing already
+                policy_routes_write.delete_here(created, routing)
         raise
-    return created
-
-
-def undo_here(created: Created) -> None:
-    """Delete what `add_here` created (best effort: the caller is already failing)."""
-    for routing, entries in created:
-        try:
-            policy_routes_write.delete_here(entries, routing)
-        except OSError:
-            pass
 
 
 def remove_here(tproxy: bool, ambient: bool) -> None:
