@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from cni.plugin.cni_env import CniEnv
     from cni.plugin.decide import Decision
     from cni.plugin.netconf import NetConf
+    from cni.plugin.relay_client import Answer
+    from cni.plugin.via_agent import Relayed
 
 LOG_FILE_ENV = "HEADRACE_CNI_LOG_FILE"  # overrides the default log file before the config is read
 
@@ -118,14 +120,15 @@ def prev_result(conf: NetConf) -> tuple[dict[str, Any], str]:
     return conf.prev_result, cni_result.validate(conf.prev_result, conf.cni_version)
 
 
-def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog) -> dict[str, Any]:
+def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog, relayed: Relayed | None = None) -> dict[str, Any]:
     prev, prev_version = prev_result(conf)
     out = cni_result.convert(prev, prev_version, conf.cni_version)
     netns_inode(env.netns)
-    if env.k8s.known and env.k8s.namespace not in conf.exclude_namespaces and os.path.exists(conf.agent_socket):
+    if env.k8s.known and env.k8s.namespace not in conf.exclude_namespaces and (
+            relayed is not None or os.path.exists(conf.agent_socket)):
         from cni.plugin.via_agent import add_via_agent
 
-        if add_via_agent(env, conf, prev, log):  # a running agent decided, and applied the rules
+        if add_via_agent(env, conf, prev, log, relayed):  # a running agent decided, and applied the rules
             return out
     from cni.plugin import standalone
     from cni.plugin.decide import decide, plugin_redirects
@@ -247,7 +250,7 @@ def version_info(stdin: bytes) -> dict[str, Any]:
 # entry
 
 
-def _early_log_file(stdin: bytes, environ: Mapping[str, str]) -> str:
+def early_log_file(stdin: bytes, environ: Mapping[str, str]) -> str:
     try:
         obj = jsoncodec.loads_bytes(stdin) if stdin.strip() else None  # empty: not JSON, no json import
         if isinstance(obj, dict) and isinstance(obj.get("log_file"), str) and os.path.isabs(obj["log_file"]):
@@ -257,10 +260,11 @@ def _early_log_file(stdin: bytes, environ: Mapping[str, str]) -> str:
     return environ.get(LOG_FILE_ENV) or DEFAULT_LOG_FILE
 
 
-def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
-    """One invocation: (exit status, text for stdout)."""
+def run(environ: Mapping[str, str], stdin: bytes, relayed: Relayed | None = None) -> tuple[int, str]:
+    """One invocation: (exit status, text for stdout). `relayed`: how the launcher's relay of this ADD to
+    an agent went, when it tried."""
     started = time.monotonic()
-    log = JsonLog(_early_log_file(stdin, environ), cmd=environ.get("CNI_COMMAND", ""))
+    log = JsonLog(early_log_file(stdin, environ), cmd=environ.get("CNI_COMMAND", ""))
     log.bind(container_id=environ.get("CNI_CONTAINERID", "")[:128], netns=environ.get("CNI_NETNS", "")[:256])
     version = netconf.requested_version(stdin) or netconf.LATEST_VERSION
     try:
@@ -273,7 +277,7 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         log.configure(conf.log_file, conf.log_level)
         output: dict[str, Any] | None = None
         if env.command == "ADD":
-            output = cmd_add(env, conf, log)
+            output = cmd_add(env, conf, log, relayed)
         elif env.command == "DEL":
             cmd_del(env, conf, log)
         elif env.command == "CHECK":
@@ -290,37 +294,32 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         log.info("done", f"{env.command} ok", duration_ms=elapsed)
         return 0, (jsoncodec.dumps(output) + "\n") if output is not None else ""
     except CniError as exc:
-        log.error("error", exc.msg, code=exc.code, details=exc.details)
-        return 1, jsoncodec.dumps(exc.to_dict(version)) + "\n"
+        return failed(exc, version, log)
     except Exception as exc:  # a bug: still answer in the CNI format
-        err = CniError(errors.INTERNAL_ERROR, "internal error in headrace-cni", f"{type(exc).__name__}: {exc}")
-        log.error("error", err.msg, code=err.code, details=err.details)
-        return 1, jsoncodec.dumps(err.to_dict(version)) + "\n"
+        return failed(internal_error(exc), version, log)
 
 
-def main() -> int:
-    try:
-        stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
-    except OSError:
-        stdin = b""
-    status, text = run(os.environ, stdin)
+def internal_error(exc: Exception) -> CniError:
+    return CniError(errors.INTERNAL_ERROR, "internal error in headrace-cni", f"{type(exc).__name__}: {exc}")
+
+
+def failed(exc: CniError, version: str, log: JsonLog) -> tuple[int, str]:
+    """The exit status and stdout of a failed invocation: the CNI error object, logged."""
+    log.error("error", exc.msg, code=exc.code, details=exc.details)
+    return 1, jsoncodec.dumps(exc.to_dict(version)) + "\n"
+
+
+def main(stdin: bytes | None = None, relay_socket: str = "", relayed: Answer | None = None) -> int:
+    """Run with the process's environment; print the result. `stdin`: the configuration when the
+    launcher read it already; `relayed`: its relay's answer (not "done") to the agent at `relay_socket`."""
+    if stdin is None:
+        try:
+            stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        except OSError:
+            stdin = b""
+    note = (relay_socket, relayed.kind, relayed.msg) if relayed is not None else None
+    status, text = run(os.environ, stdin, note)
     if text:
         sys.stdout.write(text)
         sys.stdout.flush()
     return status
-
-
-def run_executable() -> None:
-    """The plugin executable's entry point: main(), then leave with os._exit, skipping the interpreter's
-    finalization (tearing down the modules a short-lived process no longer needs costs 2-3 ms of every
-    ADD). Nothing is lost: main() flushed stdout, the log is written unbuffered (os.write), every child
-    process was waited for, and the plugin starts no threads."""
-    status = main()
-    try:
-        sys.stderr.flush()
-    finally:
-        os._exit(status)
-
-
-if __name__ == "__main__":
-    run_executable()

@@ -72,6 +72,10 @@ class JsonLog:
             if key not in record:
                 record[key] = value
         data = (jsoncodec.dumps(record, default=str, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
+        self.emit(data)
+
+    def emit(self, data: bytes) -> None:
+        """Put out one line: to the agent, or to the file when it cannot take it."""
         if not self._forward(data):
             self._append(data)
 
@@ -92,6 +96,10 @@ class JsonLog:
             self._close_socket()
             self._sock = False
             return False
+
+    def close(self) -> None:
+        """Let go of the agent's log socket (a long-lived process running the plugin's code does)."""
+        self._close_socket()
 
     def _close_socket(self) -> None:
         if self._sock:

@@ -12,6 +12,7 @@ import os
 from cni.contract import jsoncodec
 from cni.contract.errors import DECODE_FAILURE, INCOMPATIBLE_VERSION, INVALID_NETWORK_CONFIG, CniError
 from cni.contract.record import Record
+from cni.plugin.launch import DEFAULT_AGENT_SOCKET
 from cni.plugin.log import DEFAULT_LOG_FILE, LEVELS
 from cni.plugin.names import is_dns_label
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 SUPPORTED_VERSIONS: tuple[str, ...] = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
-DEFAULT_AGENT_SOCKET = "/var/run/headrace/cni.sock"
 DEFAULT_AGENT_TIMEOUT = 25.0
 DEFAULT_API_TIMEOUT = 5.0
 BACKENDS = ("auto", "iptables", "nftables", "ebpf")

@@ -9,15 +9,20 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+def describe(exc: OSError, path: str, hint: str = "") -> str:
+    """What a failed connect to the agent at `path` means, in words."""
+    if isinstance(exc, FileNotFoundError):
+        return f"agent socket {path} does not exist{hint}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"agent socket {path} refused the connection"
+    if isinstance(exc, TimeoutError):
+        return f"connecting to the agent at {path} timed out"
+    return f"cannot connect to the agent at {path}: {exc.strerror or exc}"
+
+
 def connect(sock: Any, path: str, error: type[Exception], hint: str = "") -> None:
     """sock.connect(path); FileNotFoundError, refusal, timeout and other OSErrors raised as `error`."""
     try:
         sock.connect(path)
-    except FileNotFoundError as exc:
-        raise error(f"agent socket {path} does not exist{hint}") from exc
-    except ConnectionRefusedError as exc:
-        raise error(f"agent socket {path} refused the connection") from exc
-    except TimeoutError as exc:
-        raise error(f"connecting to the agent at {path} timed out") from exc
     except OSError as exc:
-        raise error(f"cannot connect to the agent at {path}: {exc.strerror or exc}") from exc
+        raise error(describe(exc, path, hint)) from exc

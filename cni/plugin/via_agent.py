@@ -18,11 +18,18 @@ from cni.contract.errors import CniError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
+    from cni.contract.agent_add import AddReply
     from cni.plugin.cni_env import CniEnv
     from cni.plugin.log import JsonLog
     from cni.plugin.netconf import NetConf
+
+    #: how the launcher's relay of this ADD went, when it did not end it: (agent socket, kind, message)
+    Relayed = tuple[str, str, str]
+    #: the ADD request's transport: (agent socket, request, timeout) -> the agent's final reply
+    Send = Callable[[str, dict[str, Any], float], AddReply]
 
 
 def rules_setting(conf: NetConf) -> str:
@@ -44,13 +51,37 @@ def request_of(env: CniEnv, conf: NetConf, prev: dict[str, Any]) -> dict[str, An
                             addresses, rules_setting(conf), conf.iptables, conf.exclude_namespaces)
 
 
-def add_via_agent(env: CniEnv, conf: NetConf, prev: dict[str, Any], log: JsonLog) -> bool:
-    if not os.path.exists(conf.agent_socket):
+def _after_relay(conf: NetConf, relayed: Relayed | None, log: JsonLog) -> bool:
+    """Whether the launcher's relay settled this agent's part (True: standalone path; raises when the
+    agent held the pod and did not answer)."""
+    if relayed is None or os.path.normpath(relayed[0]) != os.path.normpath(conf.agent_socket):
         return False
-    from cni.plugin.agent_add_client import Unreachable, send_add
+    _socket_path, kind, msg = relayed
+    if kind == "held":
+        raise CniError(errors.AGENT_UNREACHABLE, "headrace agent did not finish the ADD", msg)
+    if kind == "standalone":
+        log.info("agent", "agent left the ADD to the plugin", agent_socket=conf.agent_socket)
+    else:
+        log.warning("agent", f"agent not usable, standalone path: {msg}", agent_socket=conf.agent_socket)
+    return True
 
+
+def add_via_agent(env: CniEnv, conf: NetConf, prev: dict[str, Any], log: JsonLog,
+                  relayed: Relayed | None = None, send: Send | None = None) -> bool:
+    """`relayed`: (agent socket, kind, message) of the launcher's relay of this ADD (`cni.plugin.launch`),
+    when it did not end it; `send`: the transport (the agent runs this in-process with its own)."""
+    if _after_relay(conf, relayed, log):
+        return False
+    from cni.plugin.agent_add_client import Unreachable
+
+    if send is None:
+        if not os.path.exists(conf.agent_socket):
+            return False
+        from cni.plugin.agent_add_client import send_add
+
+        send = send_add
     try:
-        reply = send_add(conf.agent_socket, request_of(env, conf, prev), conf.agent_timeout)
+        reply = send(conf.agent_socket, request_of(env, conf, prev), conf.agent_timeout)
     except Unreachable as exc:
         if exc.held:
             raise CniError(errors.AGENT_UNREACHABLE, "headrace agent did not finish the ADD", exc.msg) from exc

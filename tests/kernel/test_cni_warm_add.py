@@ -95,6 +95,7 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     lines = plugin_lines(node, pod.container_id)
     assert any(r["msg"] == "sidecar redirect applied by the agent" for r in lines), lines
     assert not any(r["step"] in ("apply-sidecar", "apply-nft") for r in lines), "the plugin wrote rules itself"
+    assert any(r["msg"] == "ADD ok (relayed to the agent)" for r in lines), "the launcher relayed the ADD"
     assert our_rules(pod.netns.path, backend)
     row = wait_for(lambda: agent.status().get(pod.uid), 10, "agent holds the pod")
     assert row["mode"] == "sidecar" and row["state"] == "enrolled" and "by the agent" in row["reason"]

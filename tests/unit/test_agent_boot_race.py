@@ -5,6 +5,7 @@ Prometheus show the verdicts; the duty flags are validated."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,47 @@ def test_recycled_netns_is_not_entered(tmp_path: Path) -> None:
     w.monitor.check_once()
     assert w.state("u-early") == FAILED and "inode mismatch" in w.monitor.verdicts["u-early"].reason
     assert w.backend.applied == []
+
+
+def test_next_look_is_due_only_while_a_pod_is_pending(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.unfindable.add("u-ghost")
+    w.backend.rules.add("u-made")
+    w.set_pods(pod("u-ghost", "ghost", SIDECAR), pod("u-made", "made", SIDECAR), pod("u-plain", "plain"))
+    w.monitor.check_once()
+    assert w.monitor.next_due == w.clock.now + 1.0  # the ghost's netns is looked for again
+    w.set_pods(pod("u-made", "made", SIDECAR), pod("u-plain", "plain"))
+    w.monitor.check_once()
+    assert w.monitor.next_due is None  # everything judged and intact: only a change wakes the monitor
+    (tmp_path / "flag").mkdir()
+    w2 = World(tmp_path / "flag", mode="flag")
+    w2.set_pods(pod("u-early", "early", SIDECAR))
+    w2.monitor.check_once()
+    w2.clock.now += 3
+    w2.monitor.check_once()
+    assert w2.state("u-early") == FLAGGED and w2.monitor.next_due == w2.clock.now + 10.0  # the recheck
+
+
+def test_the_monitor_thread_passes_at_start_and_on_a_source_change(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.monitor.interval = 0.01
+    w.backend.rules.add("u-made")
+    w.set_pods(pod("u-made", "made", SIDECAR))  # listed before the monitor starts: a first pass anyway
+    w.monitor.start()
+    try:
+        deadline = time.monotonic() + 5
+        while w.monitor.verdicts.get("u-made") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.state("u-made") == INTACT
+        passes = w.monitor.passes
+        time.sleep(0.3)
+        assert w.monitor.passes == passes  # nothing due, nothing changed: no pass
+        w.set_pods(pod("u-made", "made", SIDECAR), pod("u-other", "other", SIDECAR))
+        while "u-other" not in w.monitor.verdicts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "u-other" in w.monitor.verdicts
+    finally:
+        w.monitor.stop(2)
 
 
 def test_nothing_before_the_source_synced(tmp_path: Path) -> None:

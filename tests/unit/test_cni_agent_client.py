@@ -16,7 +16,7 @@ import pytest
 
 from cni.plugin.agent_client import AgentUnavailable, PluginEvent, send_event
 
-Reply = Callable[[dict[str, Any]], "bytes | list[bytes | float] | None"]
+Reply = Callable[[dict[str, Any]], "bytes | list[bytes | float | None] | None"]
 # what serve/cni_request.py of an agent that speaks only version 1 answers a version 2 request
 OLD_AGENT_REFUSAL = b'{"ok":false,"error":"unsupported protocol version \'2\' (agent speaks 1)","retry":false}\n'
 
@@ -24,12 +24,15 @@ OLD_AGENT_REFUSAL = b'{"ok":false,"error":"unsupported protocol version \'2\' (a
 class FakeAgent:
     """A unix-socket server speaking the plugin-event protocol; ``reply`` decides each answer
     (None = hang up without answering; it may also sleep to simulate a slow agent). Version 2 requests
-    (the one-request ADD) go to ``v2``, by default refused as an agent that speaks only version 1 does."""
+    (the one-request ADD) go to ``v2``, version 3 (the launcher's relayed ADD) to ``v3``, both by default
+    refused as an agent that speaks only version 1 does."""
 
-    def __init__(self, path: Path, reply: Reply | None = None, v2: Reply | None = None) -> None:
+    def __init__(self, path: Path, reply: Reply | None = None, v2: Reply | None = None,
+                 v3: Reply | None = None) -> None:
         self.path = path
         self.reply: Reply = reply or (lambda req: b'{"ok": true, "state": "enrolled"}\n')
         self.v2: Reply = v2 or (lambda req: OLD_AGENT_REFUSAL)
+        self.v3: Reply = v3 or (lambda req: OLD_AGENT_REFUSAL)
         self.requests: list[dict[str, Any]] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
@@ -59,7 +62,7 @@ class FakeAgent:
                 buf += chunk
             req = json.loads(buf.split(b"\n")[0])
             self.requests.append(req)
-            answer = self.v2(req) if req.get("v") == 2 else self.reply(req)
+            answer = {2: self.v2, 3: self.v3}.get(req.get("v"), self.reply)(req)
             # a list: parts sent one after the other, a float between them is a pause (seconds)
             for part in answer if isinstance(answer, list) else [answer]:
                 if isinstance(part, float):

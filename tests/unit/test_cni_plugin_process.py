@@ -239,7 +239,7 @@ def test_sidecar_path_imports_stay_lean(env: Env, ranges: bool) -> None:
 
 def test_importtime_of_version(env: Env) -> None:
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import sys; from cni.plugin import main; sys.exit(main())"],
+        [sys.executable, "-X", "importtime", "-c", "from cni.plugin.launch import run_executable; run_executable()"],
         input=b"",
         env={"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]},
         capture_output=True,

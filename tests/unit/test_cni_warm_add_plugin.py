@@ -118,7 +118,7 @@ def test_ambient_interim_then_final(env: Env) -> None:
 def test_ambient_waits_past_the_first_bound_once_the_agent_holds_it(env: Env) -> None:
     env.pod("shop", "web", labels={"istio.io/dataplane-mode": "ambient"})
     # interim at once, the final line 2.5 s later: longer than the first-answer bound (2 s)
-    parts: list[bytes | float] = [line(agent_add.interim_reply("ambient")), 2.5,
+    parts: list[bytes | float | None] = [line(agent_add.interim_reply("ambient")), 2.5,
                                   line(agent_add.done_reply("ambient", "enrolled"))]
     agent = FakeAgent(env.sock, v1_refusal, v2=lambda r: parts)
     try:

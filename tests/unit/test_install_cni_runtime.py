@@ -33,6 +33,7 @@ def test_layout_and_launcher(installed):
     assert rt.parent == inst and rt.name.startswith("runtime-")
     assert text.splitlines()[0] == f"#!{rt}/bin/python3.11 -IS"
     assert runtime.is_our_launcher(str(launcher))
+    assert text.rstrip().endswith("run_executable('/var/run/headrace/cni.sock')")  # relays ADDs there first
     assert launcher.stat().st_mode & 0o777 == 0o755
     assert (rt / "app" / "cni" / "plugin" / "entry.py").is_file()
     assert list((rt / "app" / "cni" / "plugin").glob("__pycache__/entry.*.pyc"))  # precompiled: fast start
@@ -42,6 +43,12 @@ def test_layout_and_launcher(installed):
     assert "libffi.so.8" in os.listdir(rt / "shlib")  # ctypes' dependency travels along
     host_libs = json.loads((rt / "host-libraries.json").read_text())
     assert "libc.so.6" in host_libs and not any("ffi" in x or "ssl" in x for x in host_libs)
+
+
+def test_launcher_relays_to_the_configured_agent_socket(installed, tmp_path):
+    _, inst, _ = installed
+    runtime.install_plugin(str(tmp_path / "bin"), str(inst), agent_socket="/run/other/cni.sock")
+    assert (tmp_path / "bin" / "headrace-cni").read_text().rstrip().endswith("run_executable('/run/other/cni.sock')")
 
 
 def test_second_install_changes_nothing(installed):

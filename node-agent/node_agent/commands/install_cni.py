@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from cni.plugin.launch import DEFAULT_AGENT_SOCKET
+
 
 def _path_options(f: Any) -> Any:
     f = click.option(
@@ -36,7 +38,7 @@ def _split_namespaces(values: tuple[str, ...]) -> tuple[str, ...]:
 
 @click.command("install-cni")
 @_path_options
-@click.option("--agent-socket", default="/var/run/headrace/cni.sock", show_default=True,
+@click.option("--agent-socket", default=DEFAULT_AGENT_SOCKET, show_default=True,
               help="Agent plugin-event socket, written into the entry.")
 @click.option("--backend", type=click.Choice(["auto", "iptables", "nftables", "ebpf"]), default="auto",
               show_default=True)

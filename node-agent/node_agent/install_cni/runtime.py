@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cni.plugin.launch import DEFAULT_AGENT_SOCKET
 from node_agent.install_cni.atomic import read_bytes, remove_file, write_atomic
 
 PLUGIN_BINARY = "headrace-cni"
@@ -244,24 +245,29 @@ class _Preload:
 
 sys.meta_path.insert(0, _Preload)
 sys.path[:0] = [{app!r}]
-from cni.plugin import run_executable
+from cni.plugin.launch import run_executable
 
-run_executable()
+run_executable({agent_socket!r})
 '''
 
 
-def render_launcher(python: str, runtime: str, app: str, preload: dict[str, list[str]]) -> bytes:
+def render_launcher(python: str, runtime: str, app: str, preload: dict[str, list[str]],
+                    agent_socket: str = DEFAULT_AGENT_SOCKET) -> bytes:
+    """The launcher's text; `agent_socket` is where it relays an ADD first (the one the configuration
+    names, which the agent checks)."""
     shebang = f"#!{python} -IS"
     if len(shebang) > MAX_SHEBANG or any(c.isspace() for c in python):
         raise RuntimeInstallError(f"install dir path too long or has spaces for a #! line: {python!r}")
     text = _LAUNCHER.format(
-        python=python, marker=LAUNCHER_MARKER, runtime=runtime, app=app, preload=dict(sorted(preload.items()))
+        python=python, marker=LAUNCHER_MARKER, runtime=runtime, app=app, preload=dict(sorted(preload.items())),
+        agent_socket=agent_socket,
     )
     return text.encode("utf-8")
 
 
 def install_plugin(
-    bin_dir: str, install_dir: str, host_root: str = "/", source: RuntimeSource | None = None
+    bin_dir: str, install_dir: str, host_root: str = "/", source: RuntimeSource | None = None,
+    agent_socket: str = DEFAULT_AGENT_SOCKET,
 ) -> PluginInstall:
     """Install (or keep) the runtime and the launcher. Nothing is written when both are current."""
     source = source or RuntimeSource.current()
@@ -279,7 +285,7 @@ def install_plugin(
     preload = json.loads(read_bytes(preload_file) or b"{}")
     launcher_w = os.path.join(under_root(host_root, bin_dir), PLUGIN_BINARY)
     os.makedirs(os.path.dirname(launcher_w), exist_ok=True)
-    data = render_launcher(python_host, runtime_host, app_host, preload)
+    data = render_launcher(python_host, runtime_host, app_host, preload, agent_socket)
     changed = write_atomic(launcher_w, data, mode=0o755) or changed
     changed = _remove_other_runtimes(under_root(host_root, install_dir), keep=RUNTIME_PREFIX + fp) or changed
     return PluginInstall(os.path.join(bin_dir, PLUGIN_BINARY), runtime_host, changed)

@@ -65,7 +65,8 @@ def log(level: str, msg: str, **fields: Any) -> None:
 def install_plugin_files(opts: InstallOptions) -> PluginInstall | None:
     if not opts.install_plugin:
         return None
-    result = install_plugin(opts.cni_bin_dir, opts.install_dir, opts.host_root)
+    result = install_plugin(opts.cni_bin_dir, opts.install_dir, opts.host_root,
+                            agent_socket=opts.settings.agent_socket)
     log("info", "plugin installed" if result.changed else "plugin already current",
         launcher=result.launcher, runtime=result.runtime)
     return result

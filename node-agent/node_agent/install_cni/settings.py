@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cni.plugin.launch import DEFAULT_AGENT_SOCKET
 from node_agent.install_cni.conflist import PLUGIN_TYPE
 
-DEFAULT_AGENT_SOCKET = "/var/run/headrace/cni.sock"
 DEFAULT_LOG_FILE = "/var/run/headrace/cni.log"
 DEFAULT_AGENT_NAMESPACE = "headrace-system"
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)

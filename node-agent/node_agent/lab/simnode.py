@@ -43,10 +43,11 @@ VENV_BIN = Path(sys.executable).parent
 HEADRACE_CNI = VENV_BIN / "headrace-cni"
 
 
-def write_plugin_launcher(path: Path) -> None:
+def write_plugin_launcher(path: Path, agent_socket: str | None = None) -> None:
     """Write a headrace-cni launcher the way install-cni lays one on a node: `python -IS` (no site
     processing, no editable-install hooks), the `cni` package first on sys.path, site-packages last
-    (only for the lazily imported PyYAML)."""
+    (only for the lazily imported PyYAML); it relays ADDs to `agent_socket` first (default: the
+    default configuration's)."""
     import sysconfig
 
     import cni
@@ -58,8 +59,8 @@ def write_plugin_launcher(path: Path) -> None:
         "import sys\n"
         f"sys.path.insert(0, {package_root!r})\n"
         f"sys.path.append({purelib!r})\n"
-        "from cni.plugin import run_executable\n"
-        "run_executable()\n"
+        "from cni.plugin.launch import run_executable\n"
+        + (f"run_executable({agent_socket!r})\n" if agent_socket else "run_executable()\n")
     )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
@@ -150,7 +151,7 @@ class SimNode:
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("objects", "ipam", "cache", "bin", "state", "log"):
             (root / sub).mkdir(exist_ok=True)
-        write_plugin_launcher(root / "bin" / "headrace-cni")
+        write_plugin_launcher(root / "bin" / "headrace-cni", str(root / "state" / "cni.sock"))
         v4, v6 = random_subnets()
         netns = NetNS.create("hrnode-")
         node = cls(root, netns, unique("hrb", 8), v4, v6, dual_stack, headrace, pod_cgroups=pod_cgroups)

@@ -16,6 +16,7 @@ from it: proxy_cgroup_follow.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -99,13 +100,15 @@ class NetnsFdServer:
         self.stats = _Stats()
 
     def start(self) -> None:
-        self._sock = bind_private_unix_socket(self.path)
-        self._sock.settimeout(0.2)
+        self._sock = bind_private_unix_socket(self.path)  # blocking accept: `stop` shuts it down to wake it
         self._thread = threading.Thread(target=self._serve, name="netns-fd-channel", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
         if self._thread is not None:
             self._thread.join(timeout=2)
         if self._sock is not None:
@@ -121,8 +124,6 @@ class NetnsFdServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
             except OSError:
                 if self._stop.is_set():
                     return

@@ -262,6 +262,8 @@ class ProxyHub:
         seq = s.next_seq
         s.next_seq += 1
         s.inflight[seq] = what
+        if len(s.inflight) == 1:
+            self._changed.notify_all()  # the ack watchdog, idle until now, starts watching
         s.out.put(pb.AgentMessage(seq=seq, **body))
 
     def _close_session_locked(self, s: Session, reason: str) -> None:
@@ -382,7 +384,9 @@ class ProxyHub:
         every later enrolment waiting on an ack that never comes."""
         with self._changed:
             while not self._stopped:
-                self._changed.wait(min(1.0, self.ack_timeout / 4))
+                s = self._session  # nothing unacked: sleeps until a send or a session change notifies
+                busy = s is not None and not s.closed and s.inflight
+                self._changed.wait(min(1.0, self.ack_timeout / 4) if busy else None)
                 s = self._session
                 overdue = overdue_ack(s, self.ack_timeout) if s is not None and not s.closed else ""
                 if s is not None and overdue:

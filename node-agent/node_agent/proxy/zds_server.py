@@ -23,6 +23,7 @@ import os
 import select
 import socket
 import threading
+import time
 from concurrent import futures
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from node_agent.proxy.zds_book import Outgoing, Settle, ZdsBook, ZdsConn
 log = logging.getLogger("headrace.zds")
 
 IDLE_CHECK = 30.0  # seconds between checks that an idle ztunnel is still connected
+ACCEPT_RETRY = 0.05  # after a failed accept (fd limit...)
 
 
 class SnapshotGate(Protocol):
@@ -102,8 +104,7 @@ class ZdsHub:
         except BaseException:
             sock.close()
             raise
-        sock.settimeout(0.5)
-        self._socket_inode = os.lstat(self.socket_path).st_ino
+        self._socket_inode = os.lstat(self.socket_path).st_ino  # blocking accept: `stop` shuts it down
         self._listener = sock
         self._peers.start()
         self._spawn(self._accept_loop, "zds-accept")
@@ -115,6 +116,9 @@ class ZdsHub:
             failed = self._book.stop()
             self._kick_all_locked()
             self._changed.notify_all()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
         for t in list(self._threads):
             t.join(timeout=2)
         if self._listener is not None:
@@ -216,12 +220,11 @@ class ZdsHub:
         while not self._stopped:
             try:
                 conn, _ = listener.accept()
-            except TimeoutError:
-                continue
             except OSError as exc:
                 if self._stopped:
                     return
                 _jlog(logging.WARNING, "zds_accept_failed", error=str(exc))
+                time.sleep(ACCEPT_RETRY)
                 continue
             self._spawn(self._serve, "zds-conn", conn)
 

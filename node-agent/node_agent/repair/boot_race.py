@@ -3,7 +3,8 @@
 A pod whose sandbox was set up before our conflist entry existed never went through `headrace-cni` ADD.
 Ambient pods need nothing extra: the agent enrols running pods by finding their netns (flow 3). Sidecar
 pods (annotation `sidecar.istio.io/status`) do: the plugin is what installs their redirection, so such a
-pod runs with its app traffic bypassing its sidecar. This monitor finds them and reports them (status
+pod runs with its app traffic bypassing its sidecar. This monitor (a pass when the pod source changes,
+then every `interval` while a pod is pending) finds them and reports them (status
 row state/reason, Prometheus), and with `--repair-sidecars=apply` (the default) has the reconciler (the one
 writer of pod rules) install the sidecar rules in place; `flag` only reports; `off` disables the monitor.
 
@@ -58,6 +59,8 @@ SUSPECT = "suspect"  # no rules seen yet; confirmed after the grace period
 FLAGGED = "flagged"  # boot-race victim, reported only
 REPAIRED = "repaired"  # boot-race victim, rules installed in place by the agent
 FAILED = "failed"  # boot-race victim, repair failed (retried with backoff)
+
+BACKSTOP = 60.0  # seconds: a pass at least this often even when nothing changed and nothing is due
 REPORTED = (FLAGGED, REPAIRED, FAILED)
 
 Locator = Callable[[Pod, dict[str, Any]], NetnsLocation]
@@ -193,24 +196,36 @@ class BootRaceMonitor:
         self._lock = threading.Lock()
         self.verdicts: dict[str, Verdict] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the pod source changed
         self._thread: threading.Thread | None = None
         self.passes = 0
+        self.next_due: float | None = None  # when a pod needs another look (None: only on a change)
 
     # ---- life cycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         if self.mode == "off":
             return
         self._stop.clear()
+        self.next_due = self._clock()  # a first pass at once: the source may have listed already
+        self.store.subscribe(self._wake.set)
         self._thread = threading.Thread(target=self._run, name="boot-race", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        """A pass when the pod source changed or a pod is due for another look (never more often than
+        `interval`); with nothing due, at least every BACKSTOP seconds."""
         while not self._stop.wait(self.interval):
+            due = self.next_due
+            self._wake.wait(BACKSTOP if due is None else max(0.0, due - self._clock()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.check_once()
             except Exception:
@@ -219,9 +234,10 @@ class BootRaceMonitor:
     # ---- one pass ------------------------------------------------------------------------------------
     def check_once(self) -> None:
         snap = self.store.snapshot()
-        if not snap.synced:
-            return
         now = self._clock()
+        if not snap.synced:
+            self.next_due = now + self.interval
+            return
         skip = self.repairer.managed_pods()
         desired = desired_pods(snap, self.exclude_namespaces)
         sidecars = {uid: d.pod for uid, d in desired.items() if d.mode == "sidecar" and uid not in skip}
@@ -244,8 +260,20 @@ class BootRaceMonitor:
         with self._lock:
             for v in self.verdicts.values():
                 counts[v.state] = counts.get(v.state, 0) + 1
+            dues = [self._due_at(self.verdicts.get(uid), now) for uid in sidecars]
+        self.next_due = min((d for d in dues if d is not None), default=None)
         self.metrics.counts(counts)
         self.passes += 1
+
+    def _due_at(self, v: Verdict | None, now: float) -> float | None:
+        """When `_due` turns true for this verdict (None: never without a change)."""
+        if v is None or v.state == SUSPECT:  # netns not found yet, or within the grace period
+            return now + self.interval
+        if v.state == FAILED:
+            return v.retry_at
+        if v.state == FLAGGED:
+            return v.checked_at + self.recheck
+        return None
 
     def _due(self, v: Verdict, now: float) -> bool:
         if v.state in (INTACT, REPAIRED):

@@ -10,6 +10,7 @@ MAX_EXCLUDED names). Unknown fields are ignored (a newer plugin may send more).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,10 @@ class WarmAddRequest:
     iptables: str  # its iptables setting: auto, legacy, nft
     exclude_namespaces: tuple[str, ...]
     container_id: str
+
+
+# the one-request ADD: (request, send an interim line) -> the final reply
+WarmAddFn = Callable[[WarmAddRequest, Callable[[dict[str, Any]], None]], dict[str, Any]]
 
 
 def is_v2(obj: Any) -> bool:

@@ -7,8 +7,9 @@ has acked the workload and the rules are in (`{"ok": true, "state": "enrolled"}`
 The socket is created with mode 0600 (bound in a private directory, then renamed into place).
 Version 2 requests (the one-request ADD, `cni/contract/agent_add.py`, docs/plugin-agent.md) are validated
 by `serve/add_request.py`, their netns checked like an ADD's, and handed to `warm_add` (which may send an
-interim line before its answer); without a `warm_add` they are refused as unknown, as an agent that speaks
-only version 1 does.
+interim line before its answer); version 3 requests (the launcher's relayed ADD, `cni/contract/relay.py`)
+run the plugin's ADD code here with `warm_add` in-process (`serve/relay_add.py`). Without a `warm_add`
+both are refused as unknown, as an agent that speaks only version 1 does.
 
 Limits (`serve/cni_admission.py`): the whole request line within `READ_TIMEOUT` of accept (one deadline,
 not one per read), the reply written within `SEND_TIMEOUT`, connections bounded per peer process, and
@@ -33,14 +34,16 @@ from cni.contract import events
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
 from node_agent.kernel.unix_socket import listen_private, unlink_if_ours
 from node_agent.reconcile.state import Outcome
-from node_agent.serve.add_request import WarmAddRequest, is_v2, parse_add_request
+from node_agent.serve.add_request import WarmAddFn, is_v2, parse_add_request
 from node_agent.serve.cni_admission import Admission, Refusal, Ticket, peer_key
 from node_agent.serve.cni_request import PluginRequest, RequestError, parse_request, reply_json
+from node_agent.serve.relay_add import is_relay, relayed_add
 
 log = logging.getLogger("headrace.agent.cni")
 
 READ_TIMEOUT = 5.0  # the whole request line must arrive within this, counted from accept
 SEND_TIMEOUT = 5.0  # the reply must be taken within this
+ACCEPT_RETRY = 0.05  # after a failed accept (fd limit...)
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 
 __all__ = ["CniServer", "Handler", "PluginRequest", "RequestError", "check_add_netns", "parse_request"]
@@ -74,10 +77,6 @@ class Handler(Protocol):
     def status(self) -> list[dict[str, Any]]: ...
 
 
-# the one-request ADD: (request, send an interim line) -> the final reply
-WarmAddFn = Callable[[WarmAddRequest, Callable[[dict[str, Any]], None]], dict[str, Any]]
-
-
 class CniServer:
     def __init__(
         self,
@@ -107,8 +106,7 @@ class CniServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        sock = listen_private(self.socket_path, 128)
-        sock.settimeout(0.1)
+        sock = listen_private(self.socket_path, 128)  # blocking accept: `stop` shuts it down to wake it
         self._inode = os.lstat(self.socket_path).st_ino
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="cni-server", daemon=True)
@@ -136,11 +134,10 @@ class CniServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
             except OSError:
                 if self._stop.is_set():
                     return
+                time.sleep(ACCEPT_RETRY)  # e.g. out of fds: try again, without spinning
                 continue
             now = time.monotonic()
             got, evicted = self.admission.admit(_peer(conn), now, conn)
@@ -169,10 +166,10 @@ class CniServer:
                  "peer": f"{ticket.peer[0]} {ticket.peer[1]}"})
 
     @staticmethod
-    def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
+    def _send(conn: socket.socket, obj: dict[str, Any] | bytes) -> None:
         with contextlib.suppress(OSError):
             conn.settimeout(SEND_TIMEOUT)
-            conn.sendall(events.encode_line(obj))
+            conn.sendall(obj if isinstance(obj, bytes) else events.encode_line(obj))
 
     def _serve(self, ticket: Ticket) -> None:
         conn = ticket.payload
@@ -195,6 +192,7 @@ class CniServer:
                     self._send(conn, events.failure_reply(refused.reason, retry=True))
                 return
             self.requests += 1
+            reply: dict[str, Any] | bytes
             try:
                 reply = self.handle(line, lambda obj: self._send(conn, obj))
             except RequestError as exc:
@@ -207,7 +205,8 @@ class CniServer:
             self.admission.close(ticket)
             conn.close()
 
-    def handle(self, line: bytes, interim: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def handle(self, line: bytes, interim: Callable[[Any], None] | None = None) -> dict[str, Any] | bytes:
+        """The reply to one request line (version 3: the frame bytes). `interim` sends an early answer."""
         if self._warm_add is not None:
             try:
                 obj = events.decode_line(line)
@@ -217,6 +216,9 @@ class CniServer:
                 warm = parse_add_request(obj)
                 self._check_netns(warm.netns)
                 return self._warm_add(warm, interim or (lambda _obj: None))
+            if is_relay(obj):
+                return relayed_add(obj, self.socket_path, self._warm_add, self._check_netns,
+                                   interim or (lambda _frame: None))
         req = parse_request(line)
         if req.cmd == events.STATUS:
             out: dict[str, Any] = {events.OK: True, events.PODS: self.handler.status()}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,12 +51,18 @@ class HealthServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="health-http", daemon=True)
+        # No poll interval: the thread sleeps until a connection; `stop` wakes it by shutting the socket.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(None,), name="health-http",
+                                        daemon=True)
         self._thread.start()
         log.info("metrics and health on port %d", self.port, extra={"step": "http-listen"})
 
     def stop(self) -> None:
-        self._server.shutdown()
+        stopper = threading.Thread(target=self._server.shutdown, name="health-http-stop", daemon=True)
+        stopper.start()  # asks the loop to end, then waits for it
+        with contextlib.suppress(OSError):
+            self._server.socket.shutdown(socket.SHUT_RDWR)  # the loop's select returns: it sees the request
+        stopper.join(5)
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(5)

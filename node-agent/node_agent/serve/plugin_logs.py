@@ -10,6 +10,7 @@ identifiers, and beyond `max_per_second` lines are dropped (counted in the next 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,8 +78,7 @@ class PluginLogListener:
                 "plugin log socket unavailable; the plugin logs to its file", extra={
                     "step": "plugin-logs", "socket": str(self.path), "error": str(exc)})
             return
-        sock.settimeout(0.5)
-        self._sock = sock
+        self._sock = sock  # blocking receive: `stop` shuts it down to wake it
         self._thread = threading.Thread(target=self._run, name="plugin-logs", daemon=True)
         self._thread.start()
 
@@ -88,9 +88,9 @@ class PluginLogListener:
         while not self._stop.is_set():
             try:
                 data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
             except OSError:
+                return
+            if not data and self._stop.is_set():
                 return
             now = int(time.monotonic())
             if now != window:
@@ -108,6 +108,9 @@ class PluginLogListener:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes recv()
         if self._thread is not None:
             self._thread.join(2)
         if self._sock is not None:

@@ -2,6 +2,7 @@
 
     events = DirEvents(directory)    # None from .open() when inotify is unavailable: the caller polls
     names = events.wait(timeout)     # set of file names changed; empty: quiet; None: unknown, look at all
+    events.wake()                    # (another thread) ends a wait at once
 
 A burst of writes (an editor's temp file + rename, a tool writing many files) is gathered: after the first
 event, `wait` keeps reading while more arrive within `settle` seconds (at most `max_batch`). A lost watch
@@ -25,6 +26,7 @@ IN_Q_OVERFLOW = 0x00004000
 IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
 LOST = IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_Q_OVERFLOW
+RETRY_WATCH = 0.5  # while the directory is gone: how often the watch is tried again
 
 
 class DirEvents:
@@ -36,6 +38,7 @@ class DirEvents:
         self._wd = -1
         self.settle = settle
         self.max_batch = max_batch
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # `wake` ends a `wait` early
 
     @classmethod
     def open(cls, directory: str, **kw: float) -> DirEvents | None:
@@ -71,14 +74,29 @@ class DirEvents:
                 return []
             return None
 
+    def wake(self) -> None:
+        """End a `wait` in another thread now (it answers an empty set)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"w")
+
+    def _events_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout`: True when inotify has events; False on the timeout or a `wake` (drained)."""
+        ready, _, _ = select.select([self._fd, self._wake_r], [], [], max(0.0, timeout))
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 4096)
+            return False
+        return self._fd in ready
+
     def wait(self, timeout: float) -> set[str] | None:
+        """The names changed within `timeout` (no polling in between: the thread sleeps until an event,
+        the timeout or `wake`)."""
         if not self.watching:
             if self._add_watch():
                 return None  # the directory is back: look at everything
-            time.sleep(max(0.0, timeout))
-            return None
-        ready, _, _ = select.select([self._fd], [], [], max(0.0, timeout))
-        if not ready:
+            ready, _, _ = select.select([self._wake_r], [], [], min(max(0.0, timeout), RETRY_WATCH))
+            return set() if ready else None
+        if not self._events_ready(timeout):
             return set()
         names: set[str] = set()
         lost = False
@@ -101,7 +119,8 @@ class DirEvents:
 
     def close(self) -> None:
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+            for fd in (self._fd, self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self._fd = -1
             self._wd = -1

@@ -227,7 +227,7 @@ class ObjectsDirSource:
                 self._stop.wait(self.interval)
                 self.poll_once()
                 continue
-            names = events.wait(min(0.5, max(0.0, next_rescan - time.monotonic())))
+            names = events.wait(max(0.0, next_rescan - time.monotonic()))  # `stop` wakes it
             if self._stop.is_set():
                 return
             if names is None or time.monotonic() >= next_rescan:
@@ -251,6 +251,8 @@ class ObjectsDirSource:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        if self._events is not None:
+            self._events.wake()
         if self._thread is not None:
             self._thread.join(timeout)
         if self._events is not None:

@@ -1,0 +1,76 @@
+"""The relayed ADD (`cni.contract.relay`, protocol version 3) in the agent: the plugin's launcher sent the
+runtime's CNI_* environment and the network configuration; the plugin's own ADD code runs here
+(`cni.plugin.relayed`) with an in-process transport to the one-request ADD (`warm_add`, the request
+validated and its netns checked exactly as when it comes over the socket). The plugin's log lines go
+where the plugin would put them (`cni.plugin.log`: the agent's `cni-log.sock` next to the configured log
+file, else the file). The answer is what the plugin prints, or "standalone" when the plugin's own path
+must run.
+
+A request that is not a valid relay request is refused with `RequestError` (the server answers it in
+the version 1 failure format, which the launcher takes as "agent not usable": the plugin's own path runs
+and reports what is wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cni.contract import agent_add, events, jsoncodec, relay
+from cni.plugin.agent_add_client import Unreachable
+from cni.plugin.entry import early_log_file
+from cni.plugin.log import JsonLog
+from cni.plugin.relayed import Declined, run_relayed
+from node_agent.serve.add_request import WarmAddFn, parse_add_request
+from node_agent.serve.cni_request import RequestError
+
+log = logging.getLogger("headrace.agent.cni")
+
+MAX_ENV_VALUE = 16384
+
+
+def is_relay(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get(events.VERSION) == relay.VERSION \
+        and not isinstance(obj.get(events.VERSION), bool)
+
+
+def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    """(the CNI_* environment, the configuration as bytes) of a relay request; RequestError if malformed."""
+    if obj.get(events.CMD) != events.ADD:
+        raise RequestError(f"protocol version {relay.VERSION} has only ADD, not {str(obj.get(events.CMD))[:40]!r}")
+    env = obj.get("env")
+    if not isinstance(env, dict) or not all(
+            k in relay.ENV_KEYS and isinstance(v, str) and len(v) <= MAX_ENV_VALUE for k, v in env.items()):
+        raise RequestError(f"'env' must map {', '.join(relay.ENV_KEYS)} to strings")
+    config = obj.get("stdin")
+    if not isinstance(config, dict):
+        raise RequestError("'stdin' must be the network configuration object")
+    return env, jsoncodec.dumps(config).encode()
+
+
+def relayed_add(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, check_netns: Callable[[str], None],
+                send_frame: Callable[[bytes], None]) -> bytes:
+    """Run one relayed ADD; the final frame (`send_frame` sends a `wait` frame when the agent holds the pod)."""
+    env, stdin = parse_relay(obj)
+
+    def send(_socket_path: str, request: dict[str, Any], timeout: float) -> agent_add.AddReply:
+        try:
+            warm = parse_add_request(request)
+            check_netns(warm.netns)
+        except RequestError as exc:
+            raise Unreachable(str(exc)) from exc
+        reply = warm_add(warm, lambda _interim: send_frame(relay.wait_frame(timeout)))
+        return agent_add.parse_reply(reply)
+
+    plugin_log = JsonLog(early_log_file(stdin, {}), cmd="ADD")
+    try:
+        status, text = run_relayed(env, stdin, own_socket, send, plugin_log)
+    except Declined as exc:
+        log.info("relayed ADD left to the plugin: %s", exc, extra={
+            "step": "cni-relay", "pod": plugin_log.context.get("pod", ""),
+            "namespace": plugin_log.context.get("namespace", ""), "netns": env.get("CNI_NETNS", "")})
+        return relay.standalone_frame()
+    finally:
+        plugin_log.close()
+    return relay.done_frame(status, text.encode())
