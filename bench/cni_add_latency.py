@@ -176,10 +176,15 @@ def measure_backend(
     for up in agent_modes:
         if up:
             runners["up"] = node.runner()
-        else:
+        else:  # its own launcher too: the node's relays to the running agent's socket
             conflist = node.conflist()
-            conflist["plugins"][-1]["agent_socket"] = str(root / f"no-agent-{backend}.sock")
-            runners["down"] = CniRunner(conflist, node.cni_path, node.root / "cache", run_netns=node.netns.path)
+            no_agent = str(root / f"no-agent-{backend}.sock")
+            conflist["plugins"][-1]["agent_socket"] = no_agent
+            bin_down = root / f"bin-down-{backend}"
+            bin_down.mkdir()
+            write_plugin_launcher(bin_down / "headrace-cni", no_agent)
+            runners["down"] = CniRunner(conflist, [node.cni_path[0], str(bin_down)], node.root / "cache",
+                                        run_netns=node.netns.path)
     if "up" in runners:
         agent = AgentRun(node.netns.path, node.objects_dir, root / f"agent-{backend}", state_dir=node.state_dir,
                          cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",

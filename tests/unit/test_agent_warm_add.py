@@ -5,6 +5,9 @@ handlers after an interim line, and every case left to the plugin's standalone p
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,22 @@ def test_sidecar_pod_applied_and_held(env: Env) -> None:
     # DEL: the agent lets go (rules out, pin released, record gone)
     assert env.r.cni_del(UID).ok
     assert UID not in env.r.pods and UID not in env.pins.mounted and env.backend.rules == {}
+
+
+def test_the_hold_comes_after_the_reply_and_a_del_waits_for_it(env: Env) -> None:
+    s = Setup(env)
+    env.set({}, pod(annotations=dict(SIDECAR)))
+    after: list[Callable[[], None]] = []
+    assert s.warm.add(s.request(), s.interims.append, after.append)["state"] == "enrolled"
+    assert env.backend.applies == 1 and UID not in env.r.pods and len(after) == 1  # the reply first
+    deleted: list[bool] = []
+    deleting = threading.Thread(target=lambda: deleted.append(env.r.cni_del(UID).ok))
+    deleting.start()
+    time.sleep(0.2)
+    assert deleted == []  # the DEL waits for the promised hold
+    after[0]()
+    deleting.join(5)
+    assert deleted == [True] and UID not in env.r.pods and UID not in env.pins.mounted and env.backend.rules == {}
 
 
 def test_a_pod_the_agent_holds_already_is_left_to_the_plugin(env: Env) -> None:

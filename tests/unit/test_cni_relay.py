@@ -214,11 +214,14 @@ class Warm:
         self.reply = reply
         self.interim = interim
         self.requests: list[WarmAddRequest] = []
+        self.afterwards: list[str] = []  # what ran after the reply
 
-    def __call__(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def __call__(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None],
+                 later: Callable[[Callable[[], None]], None]) -> dict[str, Any]:
         self.requests.append(req)
         if self.interim:
             interim(agent_add.interim_reply("ambient"))
+        later(lambda: self.afterwards.append(req.uid))
         return self.reply
 
 
@@ -245,6 +248,16 @@ def test_agent_runs_the_plugins_add(env: Env) -> None:
     [req] = warm.requests
     assert (req.namespace, req.name, req.netns, req.ips) == ("shop", "web", env.netns, ("10.7.0.5",))
     assert any(r["msg"] == "ADD ok (relayed to the agent)" for r in env.log_lines())  # the configured log file
+
+
+def test_what_the_add_leaves_for_later_runs_after_the_final_frame(env: Env) -> None:
+    warm = Warm(agent_add.done_reply("sidecar", "enrolled", "nftables"))
+    later: list[Callable[[], None]] = []
+    obj = {"v": 3, "cmd": "ADD", "env": {**ENV, "CNI_NETNS": env.netns}, "stdin": env.conf()}
+    frame = relayed_add(obj, str(env.sock), warm, lambda p: None, lambda b: None, later.append)
+    assert done(frame)[0] == 0 and warm.afterwards == [] and len(later) == 1
+    later[0]()
+    assert len(warm.afterwards) == 1
 
 
 def test_agent_sends_wait_with_the_configured_timeout(env: Env) -> None:

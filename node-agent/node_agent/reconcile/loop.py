@@ -362,6 +362,7 @@ class Reconciler:
         return self.sidecars.add(uid, namespace, name, netns, ips, timeout)
 
     def cni_del(self, uid: str) -> Outcome:
+        self.table.wait_hold(uid)  # an ADD answered just before: its hold first, then this removal
         with self.table.lock:
             st = self.table.get(uid)
             self.hints.pop(uid, None)

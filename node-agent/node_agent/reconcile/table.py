@@ -24,6 +24,25 @@ class PodTable:
         self.metrics = metrics
         self.clock = clock
         self.on_change: Callable[[], None] | None = None  # after every state change (lock held): status snapshot
+        self.holding: dict[str, threading.Event] = {}  # uid -> set once a hold promised to a CNI ADD is done
+
+    def hold_pending(self, uid: str) -> threading.Event:
+        """A hold of this pod will follow shortly (lock held): a CNI DEL of it waits for it (`wait_hold`)."""
+        done = self.holding[uid] = threading.Event()
+        return done
+
+    def hold_done(self, uid: str, done: threading.Event) -> None:
+        with self.lock:
+            if self.holding.get(uid) is done:
+                del self.holding[uid]
+        done.set()
+
+    def wait_hold(self, uid: str, timeout: float = 5.0) -> None:
+        """Wait (lock not held) until a promised hold of this pod is done."""
+        with self.lock:
+            done = self.holding.get(uid)
+        if done is not None:
+            done.wait(timeout)
 
     def get(self, uid: str, mode: Mode | None = None) -> PodState | None:
         """The pod's state (of that mode only, when given)."""

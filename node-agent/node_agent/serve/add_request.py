@@ -35,8 +35,10 @@ class WarmAddRequest:
     container_id: str
 
 
-# the one-request ADD: (request, send an interim line) -> the final reply
-WarmAddFn = Callable[[WarmAddRequest, Callable[[dict[str, Any]], None]], dict[str, Any]]
+# what runs once a reply is sent: later(fn)
+Later = Callable[[Callable[[], None]], None]
+# the one-request ADD: (request, send an interim line, later) -> the final reply
+WarmAddFn = Callable[[WarmAddRequest, Callable[[dict[str, Any]], None], Later], dict[str, Any]]
 
 
 def is_v2(obj: Any) -> bool:

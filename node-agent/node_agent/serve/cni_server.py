@@ -34,7 +34,7 @@ from cni.contract import events
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
 from node_agent.kernel.unix_socket import listen_private, unlink_if_ours
 from node_agent.reconcile.state import Outcome
-from node_agent.serve.add_request import WarmAddFn, is_v2, parse_add_request
+from node_agent.serve.add_request import Later, WarmAddFn, is_v2, parse_add_request
 from node_agent.serve.cni_admission import Admission, Refusal, Ticket, peer_key
 from node_agent.serve.cni_request import PluginRequest, RequestError, parse_request, reply_json
 from node_agent.serve.relay_add import is_relay, relayed_add
@@ -174,6 +174,7 @@ class CniServer:
     def _serve(self, ticket: Ticket) -> None:
         conn = ticket.payload
         assert isinstance(conn, socket.socket)
+        after: list[Callable[[], None]] = []
         try:
             try:
                 line = events.read_line(conn, ticket.accepted + READ_TIMEOUT)
@@ -194,7 +195,7 @@ class CniServer:
             self.requests += 1
             reply: dict[str, Any] | bytes
             try:
-                reply = self.handle(line, lambda obj: self._send(conn, obj))
+                reply = self.handle(line, lambda obj: self._send(conn, obj), after.append)
             except RequestError as exc:
                 reply = events.failure_reply(str(exc), retry=False)
             except Exception as exc:
@@ -204,9 +205,17 @@ class CniServer:
         finally:
             self.admission.close(ticket)
             conn.close()
+            for fn in after:  # what the handler left for after the reply (the plugin is not waiting)
+                try:
+                    fn()
+                except Exception:
+                    log.exception("work after a plugin reply failed", extra={"step": "cni-event"})
 
-    def handle(self, line: bytes, interim: Callable[[Any], None] | None = None) -> dict[str, Any] | bytes:
-        """The reply to one request line (version 3: the frame bytes). `interim` sends an early answer."""
+    def handle(self, line: bytes, interim: Callable[[Any], None] | None = None,
+               later: Later | None = None) -> dict[str, Any] | bytes:
+        """The reply to one request line (version 3: the frame bytes). `interim` sends an early answer;
+        `later(fn)` runs fn after the reply is sent (None: at once)."""
+        later = later or (lambda fn: fn())
         if self._warm_add is not None:
             try:
                 obj = events.decode_line(line)
@@ -215,10 +224,10 @@ class CniServer:
             if is_v2(obj):
                 warm = parse_add_request(obj)
                 self._check_netns(warm.netns)
-                return self._warm_add(warm, interim or (lambda _obj: None))
+                return self._warm_add(warm, interim or (lambda _obj: None), later)
             if is_relay(obj):
                 return relayed_add(obj, self.socket_path, self._warm_add, self._check_netns,
-                                   interim or (lambda _frame: None))
+                                   interim or (lambda _frame: None), later)
         req = parse_request(line)
         if req.cmd == events.STATUS:
             out: dict[str, Any] = {events.OK: True, events.PODS: self.handler.status()}

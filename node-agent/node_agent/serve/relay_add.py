@@ -22,7 +22,7 @@ from cni.plugin.agent_add_client import Unreachable
 from cni.plugin.entry import early_log_file
 from cni.plugin.log import JsonLog
 from cni.plugin.relayed import Declined, run_relayed
-from node_agent.serve.add_request import WarmAddFn, parse_add_request
+from node_agent.serve.add_request import Later, WarmAddFn, parse_add_request
 from node_agent.serve.cni_request import RequestError
 
 log = logging.getLogger("headrace.agent.cni")
@@ -50,8 +50,9 @@ def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
 
 
 def relayed_add(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, check_netns: Callable[[str], None],
-                send_frame: Callable[[bytes], None]) -> bytes:
-    """Run one relayed ADD; the final frame (`send_frame` sends a `wait` frame when the agent holds the pod)."""
+                send_frame: Callable[[bytes], None], later: Later = lambda fn: fn()) -> bytes:
+    """Run one relayed ADD; the final frame (`send_frame` sends a `wait` frame when the agent holds the pod;
+    `later` takes what runs once the final frame is sent)."""
     env, stdin = parse_relay(obj)
 
     def send(_socket_path: str, request: dict[str, Any], timeout: float) -> agent_add.AddReply:
@@ -60,7 +61,7 @@ def relayed_add(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, check
             check_netns(warm.netns)
         except RequestError as exc:
             raise Unreachable(str(exc)) from exc
-        reply = warm_add(warm, lambda _interim: send_frame(relay.wait_frame(timeout)))
+        reply = warm_add(warm, lambda _interim: send_frame(relay.wait_frame(timeout)), later)
         return agent_add.parse_reply(reply)
 
     plugin_log = JsonLog(early_log_file(stdin, {}), cmd="ADD")

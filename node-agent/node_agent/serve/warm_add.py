@@ -4,9 +4,10 @@ decides the pod's mode from its pod cache (a direct lookup on a miss) and acts:
 - none: answered at once;
 - sidecar, with the backend the plugin would write (iptables of the same flavour, or nftables): the
   rules applied here, in-process where the backend can (nftables: libnftables), into CNI_NETNS, then
-  the pod held like a sidecar pod the plugin redirected itself (`PluginSidecars.hold`: pinned, recorded,
-  drift watched). The same backend and rules as the plugin's own path, so the plugin's DEL removes them
-  even when this agent is gone by then;
+  — once the reply is on its way — the pod held like a sidecar pod the plugin redirected itself
+  (`PluginSidecars.hold`: pinned, recorded, drift watched); a CNI DEL of the pod meanwhile waits for it.
+  The same backend and rules as the plugin's own path, so the plugin's DEL removes them even when this
+  agent is gone by then;
 - sidecar on eBPF, ambient: "interim" answered first (the pod is the agent's now: the plugin waits its
   full timeout and never falls back), then the existing handlers (`cni_sidecar_add`, `cni_add`).
 
@@ -116,7 +117,10 @@ class WarmAdd:
         return (pod, ns) if self._matches(pod, req) else (None, None)
 
     # ---- the request ---------------------------------------------------------------------------------
-    def add(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def add(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None],
+            later: Callable[[Callable[[], None]], None] | None = None) -> dict[str, Any]:
+        """The reply; `interim` sends an early answer; `later(fn)` runs fn once the reply is sent (None: at
+        once) — the bookkeeping of a sidecar pod the agent redirected goes there."""
         started = time.monotonic()
         ctx = {"pod": req.name, "namespace": req.namespace, "uid": req.uid, "netns": req.netns, "step": "cni-add-v2"}
         try:
@@ -149,7 +153,7 @@ class WarmAdd:
             log.info("%s pod: the agent holds it, the plugin waits for the outcome", mode, extra=ctx)
             interim(agent_add.interim_reply(mode))
             return self._held(mode, pod, req, ctx)
-        reply = self._sidecar(pod, spec, req, ctx)
+        reply = self._sidecar(pod, spec, req, ctx, later or (lambda fn: fn()))
         log.info("sidecar pod: %s", reply.get("state") or reply.get("error"),
                  extra={**ctx, "duration_ms": round((time.monotonic() - started) * 1000, 2)})
         return reply
@@ -181,7 +185,8 @@ class WarmAdd:
             return backend if backend.flavour == wanted else None
         return backend
 
-    def _sidecar(self, pod: Pod, spec: SidecarSpec, req: WarmAddRequest, ctx: dict[str, Any]) -> dict[str, Any]:
+    def _sidecar(self, pod: Pod, spec: SidecarSpec, req: WarmAddRequest, ctx: dict[str, Any],
+                 later: Callable[[Callable[[], None]], None]) -> dict[str, Any]:
         backend = self._backend(req)
         if backend is None:
             return self._standalone(f"the agent runs no {req.backend} backend like the plugin's", ctx)
@@ -201,13 +206,21 @@ class WarmAdd:
             log.warning("sidecar apply for the plugin failed: %s", exc, extra=ctx)
             return agent_add.failed_reply("sidecar", f"sidecar rules: {exc}", retry=True)
         self._count("sidecar")
-        t1 = time.monotonic()
+        ctx["apply_ms"] = round((time.monotonic() - t0) * 1000, 2)
         with self.table.lock:
-            t2 = time.monotonic()
-            if pod.uid not in self.table.pods:  # else: taken over meanwhile (it saw our rules)
-                self.sidecars.hold(pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON)
-        ctx["apply_ms"], ctx["lock_ms"], ctx["hold_ms"] = [round((b - a) * 1000, 2) for a, b in
-                                                           ((t0, t1), (t1, t2), (t2, time.monotonic()))]
+            if pod.uid in self.table.pods:  # taken over meanwhile (it saw our rules)
+                return agent_add.done_reply("sidecar", "enrolled", backend.name)
+            done = self.table.hold_pending(pod.uid)  # a DEL of the pod waits for the hold
+
+        def hold() -> None:  # after the reply: pinned, recorded, drift watched
+            try:
+                with self.table.lock:
+                    if pod.uid not in self.table.pods:
+                        self.sidecars.hold(pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON)
+            finally:
+                self.table.hold_done(pod.uid, done)
+
+        later(hold)
         return agent_add.done_reply("sidecar", "enrolled", backend.name)
 
 
