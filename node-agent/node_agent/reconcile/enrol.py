@@ -126,7 +126,8 @@ class AmbientEnrolment:
             # not wired yet (its CNI ADD has not run): the proxy identifies workloads by IP, so wait
             st.reason = "waiting for the pod's IPs (CNI ADD or pod status)"
             return
-        self.table.save_record(st)
+        if st.tcp_loose is not None:  # else the apply job writes the record (with it) before the pod changes;
+            self.table.save_record(st)  # until then the pin alone is adopted after a restart
         self.send(st, now)
 
     def send(self, st: PodState, now: float, *, follow: bool = True) -> None:
