@@ -57,6 +57,11 @@ def redirection(node: SimNode, pod: Any) -> str | None:
     return (obj["metadata"].get("annotations") or {}).get("ambient.istio.io/redirection")
 
 
+def tcp_loose(pod: Any) -> str:
+    argv = ["nsenter", f"--net={pod.netns.path}", "sysctl", "-n", "net.netfilter.nf_conntrack_tcp_loose"]
+    return run(argv).stdout.strip()
+
+
 def _env(sim_node: SimNode) -> Generator[tuple[SimNode, AgentRun, list[subprocess.Popen[bytes]]], None, None]:
     with node_agent(sim_node, AgentRun) as (agent, apps):
         yield sim_node, agent, apps
@@ -115,9 +120,11 @@ def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
         # CHECK through the real chain: the plugin asks the agent, which verifies the rules
         node.runner().check(client.container_id, client.netns.path, args=client.cni_args)
 
-        # 4. the connection opened before enrolment still works (not redirected mid-flight)
+        # 4. the connection opened before enrolment still works (not redirected mid-flight): the guard set
+        # nf_conntrack_tcp_loose to 0 in the pod before its rules went in
         held.sendall(b"still-here")
         assert held.recv(100) == b"server|still-here"
+        assert tcp_loose(client) == "0"
 
         # 5. SIGKILL + restart: rules unchanged (no duplicates), the proxy gets a fresh snapshot
         agent.kill_agent(signal.SIGKILL)
@@ -182,6 +189,7 @@ def test_ambient_end_to_end(env: Any, backend: str, protocol: str) -> None:
         assert len(agent.proxy_lines()) == seen
         held.sendall(b"last")
         assert held.recv(100) == b"server|last"
+        assert tcp_loose(client) == "1"  # restored as it was found
     finally:
         held.close()
 

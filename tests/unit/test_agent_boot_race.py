@@ -92,6 +92,12 @@ class Conntrack:
     def set_loose(self, netns_path: str, value: int) -> None:
         self.set_to.append(value)
 
+    def read_loose_here(self) -> int | None:
+        return 1
+
+    def set_loose_here(self, value: int) -> None:
+        self.set_to.append(value)
+
 
 def pod(uid: str, name: str, annotations: dict[str, str] | None = None, ns: str = "shop") -> Pod:
     return Pod(uid=uid, namespace=ns, name=name, annotations=annotations or {}, ips=("10.1.0.2",))

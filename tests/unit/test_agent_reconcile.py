@@ -43,6 +43,12 @@ class FakeConntrack:
     def set_loose(self, netns_path: str, value: int) -> None:
         self.values[netns_path] = value
 
+    def read_loose_here(self) -> int | None:  # the fake backends apply from outside: never asked
+        raise AssertionError("no fake backend applies inside the netns")
+
+    def set_loose_here(self, value: int) -> None:
+        raise AssertionError("no fake backend applies inside the netns")
+
 
 class Env:
     def __init__(self, tmp: Path) -> None:

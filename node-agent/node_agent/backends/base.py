@@ -6,9 +6,10 @@ no-ops or empty answers where a member does not apply (iptables has no cgroups a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 
@@ -49,6 +50,14 @@ class PodRules(Protocol):
 
     def installed(self, target: PodTarget) -> bool:
         """Whether anything of ours is present in the pod (adoption after an agent restart)."""
+
+
+@runtime_checkable
+class AppliesInNetns(Protocol):
+    """A backend whose apply runs on the calling thread inside the pod netns: `first` runs there just
+    before the rules go in (one netns entry for the caller's own in-netns work and the apply)."""
+
+    def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None]) -> None: ...
 
 
 class RedirectBackend(PodRules, Protocol):

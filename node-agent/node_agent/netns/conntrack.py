@@ -16,36 +16,51 @@ thread is started.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from cni.kernel.netns import NetnsThreadTimeout
 from node_agent.kernel.netns_runner import run_in_netns
 
 KEY = "net.netfilter.nf_conntrack_tcp_loose"
 _PATH = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
+T = TypeVar("T")
 
 
-def _in_netns(netns_path: str, value: int | None) -> str:
-    def job() -> str:
-        if value is not None:
-            _PATH.write_text(f"{int(value)}\n")
-        return _PATH.read_text().strip()
+def read_loose_here() -> int | None:
+    """The value in the calling thread's netns, or None where the sysctl does not exist (no conntrack)."""
+    try:
+        return int(_PATH.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
+
+def set_loose_here(value: int) -> None:
+    """Set it in the calling thread's netns (OSError naming the sysctl)."""
+    try:
+        _PATH.write_text(f"{int(value)}\n")
+    except OSError as exc:
+        raise OSError(f"sysctl {KEY}: {exc.strerror or exc}") from exc
+
+
+def in_netns(netns_path: str, job: Callable[[], T]) -> T:
+    """`job` on a pooled thread inside the netns; its OSError (or a timeout) as OSError naming the netns."""
     try:
         return run_in_netns(netns_path, job, timeout=10.0)
     except NetnsThreadTimeout as exc:
         raise OSError(f"sysctl {KEY} in {netns_path}: {exc}") from None
     except OSError as exc:
-        raise OSError(f"sysctl {KEY} in {netns_path}: {exc.strerror or exc}") from exc
+        raise OSError(f"in {netns_path}: {exc.strerror or exc}") from exc
 
 
 def read_loose(netns_path: str) -> int | None:
-    """The current value, or None where the sysctl does not exist (no conntrack in that netns)."""
+    """The current value in that netns, or None where the sysctl does not exist (no conntrack there)."""
     try:
-        return int(_in_netns(netns_path, None))
-    except (OSError, ValueError):
+        return in_netns(netns_path, read_loose_here)
+    except OSError:
         return None
 
 
 def set_loose(netns_path: str, value: int) -> None:
-    _in_netns(netns_path, value)
+    in_netns(netns_path, lambda: set_loose_here(value))

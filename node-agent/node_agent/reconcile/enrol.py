@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec
-from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.backends.base import AppliesInNetns, BackendError, PodTarget, RedirectBackend
 from node_agent.netns.pin import PinError
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.reconcile.choice import Backends
@@ -225,18 +225,29 @@ class AmbientEnrolment:
 
         def job() -> JobResult:
             """The pod's conntrack guard and rules (no lock: nothing else writes this pod's record or
-            state while its job runs): the nf_conntrack_tcp_loose found before, and the apply's error."""
+            state while its job runs): the nf_conntrack_tcp_loose found before, and the apply's error.
+            A backend that applies from inside the pod netns runs the guard in the same entry."""
             loose = known
+
+            def guard(here: bool) -> None:
+                nonlocal loose
+                try:
+                    if loose is None:  # recorded before it is changed: a restarted agent restores the original
+                        loose = conntrack.read_loose_here() if here else conntrack.read_loose(target.netns_path)
+                        records.save(replace(record, tcp_loose=loose))
+                    if loose and here:  # connections opened before enrolment must not be redirected mid-stream
+                        conntrack.set_loose_here(0)
+                    elif loose:
+                        conntrack.set_loose(target.netns_path, 0)
+                except OSError as exc:
+                    log.warning("cannot protect pre-existing connections: %s", exc, extra=ctx)
+
             try:
-                if loose is None:  # recorded before it is changed: a restarted agent restores the original
-                    loose = conntrack.read_loose(target.netns_path)
-                    records.save(replace(record, tcp_loose=loose))
-                if loose:  # connections opened before enrolment must not be redirected mid-stream
-                    conntrack.set_loose(target.netns_path, 0)
-            except OSError as exc:
-                log.warning("cannot protect pre-existing connections: %s", exc, extra=ctx)
-            try:
-                backend.apply(target, spec)
+                if isinstance(backend, AppliesInNetns):
+                    backend.apply_after(target, spec, lambda: guard(True))
+                else:
+                    guard(False)
+                    backend.apply(target, spec)
             except (BackendError, PinError, OSError) as exc:
                 return loose, exc
             return loose, None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cni.contract.kinds import Family
@@ -71,6 +72,10 @@ class NftablesBackend:
     # ------------------------------------------------------------------ apply / remove
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
+        self.apply_after(target, spec, None)
+
+    def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None:
+        """`apply`, with `first` run inside the pod netns (same thread, same entry) before anything else."""
         families = families_of(target.ips)
         try:
             table, text = self._wanted(spec, families)
@@ -79,6 +84,8 @@ class NftablesBackend:
         self._forget(target.netns_path)
         try:
             with netns_lock(target.netns_path, "apply-nft"), libnft.session(target.netns_path) as nft:
+                if first is not None:
+                    first()
                 listed, generation = self._apply_here(nft, target, spec, table, families)
         except IptablesError as exc:  # the lock: netns gone or busy
             raise BackendError(f"nftables apply for pod {target.namespace}/{target.name}: {exc}") from exc
