@@ -68,6 +68,9 @@ class NftablesBackend:
         # netns path → (the table text wanted, its verified listing, the netns' ruleset generation then)
         self._applied: dict[str, tuple[str, str, int | None]] = {}
         self._built: dict[tuple[RedirectSpec, tuple[int, ...]], tuple[nft_text.NftTable, str]] = {}
+        # table text → how the kernel lists it: the same for every pod it goes into (our table alone, no
+        # handles or counters), so one pod's read-back stands for the next ones'
+        self._listings: dict[str, str] = {}
 
     # ------------------------------------------------------------------ apply / remove
 
@@ -82,23 +85,27 @@ class NftablesBackend:
         except ValueError as exc:
             raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
         self._forget(target.netns_path)
+        with self._lock:
+            known = self._listings.get(text)
         try:
             with netns_lock(target.netns_path, "apply-nft"), libnft.session(target.netns_path) as nft:
                 if first is not None:
                     first()
-                listed, generation = self._apply_here(nft, target, spec, table, families)
+                listed, generation = self._apply_here(nft, target, spec, table, families, known)
         except IptablesError as exc:  # the lock: netns gone or busy
             raise BackendError(f"nftables apply for pod {target.namespace}/{target.name}: {exc}") from exc
         if listed is not None:
             with self._lock:
                 self._applied[target.netns_path] = (text, listed, generation)
+                self._listings.setdefault(text, listed)
 
     def _apply_here(
         self, nft: libnft.Session, target: PodTarget, spec: RedirectSpec, table: nft_text.NftTable,
-        families: tuple[int, ...],
+        families: tuple[int, ...], known: str | None = None,
     ) -> tuple[str | None, int | None]:
         """Inside the pod netns: swap the table in, then its policy routing (the table put back when that
-        fails); (the table as listed afterwards, the ruleset generation then)."""
+        fails); (the table as listed afterwards — `known`, this text's listing, without reading it back —
+        the ruleset generation then)."""
         what = f"pod {target.namespace}/{target.name}"
         chains = _base_chains(nft)
         foreign = nft_foreign.ahead_of_redirect(chains, families, nft_foreign.nftables_owned)
@@ -118,6 +125,8 @@ class NftablesBackend:
             generation: int | None = read_here()
         except (NftGenerationError, OSError):
             generation = None  # the listing decides at the next check
+        if known is not None and generation is not None:
+            return known, generation  # the transaction went in whole: the table is what it lists as
         return libnft.listing_of(nft.cmd(nft_text.list_command())), generation
 
     def remove(self, target: PodTarget) -> None:
