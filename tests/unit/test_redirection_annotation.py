@@ -86,6 +86,29 @@ def test_marker_waits_for_the_first_pass_retries_and_does_not_repeat() -> None:
     assert m.sync_once() == 0 and len(calls) == 2  # the source has not caught up yet: no repeat
 
 
+def test_a_burst_of_changes_is_written_once_it_calms_down() -> None:
+    """While changes keep coming (an enrolment wave) nothing is written; then all of it at once."""
+    enrolled: list[str] = []
+    calls: list[tuple[str, str, bool]] = []
+    pods = {f"u{i}": pod(f"p{i}", f"u{i}") for i in range(5)}
+    m = RedirectionMarker(lambda: [row(u, "enrolled") for u in enrolled], lambda: pods, lambda: True,
+                          lambda ns, name, on: calls.append((ns, name, on)), interval=60, settle=0.3, max_delay=5)
+    m.start()
+    try:
+        time.sleep(0.2)  # the first pass: nothing enrolled yet
+        for i in range(5):
+            enrolled.append(f"u{i}")
+            m.wake()
+            time.sleep(0.1)  # closer together than `settle`
+        assert calls == []
+        deadline = time.monotonic() + 5
+        while len(calls) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(name for _, name, _ in calls) == [f"p{i}" for i in range(5)]
+    finally:
+        m.stop()
+
+
 @pytest.fixture
 def api() -> Iterator[FakeApiServer]:
     server = FakeApiServer()

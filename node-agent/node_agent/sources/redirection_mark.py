@@ -58,7 +58,9 @@ def changes(rows: Iterable[Mapping[str, Any]], pods: Mapping[str, Pod]) -> list[
 
 class RedirectionMarker:
     """Runs `changes` when woken (the store or the status changed) and every `interval` seconds (a write that
-    failed is retried), once the reconciler has made a pass."""
+    failed is retried), once the reconciler has made a pass. A burst of changes (an enrolment wave) is
+    written once it calms down: `settle` seconds without a change, at most `max_delay` after the first —
+    the writes then neither compete with the enrolment nor repeat."""
 
     def __init__(
         self,
@@ -69,6 +71,8 @@ class RedirectionMarker:
         *,
         interval: float = 5.0,
         retry_after: float = 5.0,
+        settle: float = 0.2,
+        max_delay: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._rows = rows
@@ -77,6 +81,8 @@ class RedirectionMarker:
         self._writer = writer
         self.interval = interval
         self.retry_after = retry_after
+        self.settle = settle
+        self.max_delay = max_delay
         self._clock = clock
         self._sent: dict[str, tuple[bool, float]] = {}  # uid -> (what was written, when): no repeats
         self._wake = threading.Event()
@@ -121,7 +127,17 @@ class RedirectionMarker:
                 self.sync_once()
             except Exception:
                 log.exception("redirection annotation pass failed", extra={"step": "redirection-annotation"})
-            self._wake.wait(self.interval)
+            if self._wake.wait(self.interval):
+                self._wake.clear()
+                self._calm_down()
+
+    def _calm_down(self) -> None:
+        """Wait until no change came for `settle` seconds, or `max_delay` passed (monotonic wall time)."""
+        deadline = time.monotonic() + self.max_delay
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wake.wait(min(self.settle, left)):
+                return
             self._wake.clear()
 
     def start(self) -> None:
