@@ -5,7 +5,9 @@ from its pod cache and applies a sidecar pod's rules in-process; the plugin only
 (no agent socket, agent not answering within the short first-answer bound, an agent that speaks only
 protocol version 1, or one that declined this pod), and raises CniError when the ADD failed for good
 (an ambient pod the agent could not enrol, a bad annotation, an agent that stopped answering after it
-took the pod). Stdlib only; the socket client is imported only when the agent socket exists.
+took the pod). When the launcher relayed the ADD to the same agent first (`cni.plugin.launch`) and it did
+not end there, that outcome stands: the agent is not asked again, and a pod it held without answering
+fails closed. Stdlib only; the socket client is imported only when the agent socket exists.
 """
 
 from __future__ import annotations
