@@ -10,8 +10,8 @@ with a real agent in the node netns:
 - agent wedged (SIGSTOP) then killed during a sidecar ADD: the plugin falls back to its standalone path
   after the first-answer bound, the rules are in exactly once; an ambient pod the agent took and then
   died on fails closed (CNI code 103);
-- hostile version-2 requests (bad fields, the host netns, an oversized line) are refused with a reason
-  and the agent still serves the next ADD;
+- hostile version-2 and version-3 requests (bad fields, the host netns, an oversized line) are refused
+  with a reason, and the agent still serves the next ADD;
 - a rule-less pod after DEL when the agent died between ADD and DEL (the plugin's standalone removal).
 """
 
@@ -224,18 +224,23 @@ def test_ambient_pod_fails_closed_when_the_agent_dies_holding_it(warm: tuple[Sim
     assert '"code": 103' in str(err) or '"code":103' in str(err), str(err)
 
 
-def _ask(sock_path: Path, payload: bytes) -> dict[str, Any]:
+def _ask_raw(sock_path: Path, payload: bytes) -> bytes:
+    """Everything the agent sends back before it closes the connection."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(sock_path))
         s.sendall(payload)
         buf = b""
-        while b"\n" not in buf:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return dict(json.loads(buf.split(b"\n")[0]))
+        try:
+            while chunk := s.recv(65536):
+                buf += chunk
+        except ConnectionResetError:  # the agent answered and closed without reading all (an oversized line)
+            pass
+    return buf
+
+
+def _ask(sock_path: Path, payload: bytes) -> dict[str, Any]:
+    return dict(json.loads(_ask_raw(sock_path, payload).split(b"\n")[0]))
 
 
 def _req(path: str, **change: Any) -> dict[str, Any]:
@@ -273,6 +278,34 @@ def test_hostile_requests_are_refused(warm: tuple[SimNode, AgentRun, str]) -> No
         assert reply["ok"] is False and reply["retry"] is False and reply["error"], (what, reply)
     huge = _ask(node.agent_socket, b'{"v": 2, "cmd": "ADD", "pad": "' + b"x" * 200_000 + b'"}\n')
     assert huge == {"ok": False, "error": "request too long", "retry": False}
+    # the relayed ADD (version 3): malformed requests refused the same way
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": pod_netns,
+           "CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web"}
+    conf = node.conflist()
+    netconf = {**conf["plugins"][-1], "name": conf["name"], "cniVersion": conf["cniVersion"]}
+    relay_bad = {
+        "env not an object": {"v": 3, "cmd": "ADD", "env": "CNI_COMMAND=ADD", "stdin": netconf},
+        "env beyond CNI_*": {"v": 3, "cmd": "ADD", "env": {**env, "LD_PRELOAD": "/tmp/x.so"}, "stdin": netconf},
+        "env value not a string": {"v": 3, "cmd": "ADD", "env": {**env, "CNI_ARGS": ["x"]}, "stdin": netconf},
+        "config not an object": {"v": 3, "cmd": "ADD", "env": env, "stdin": "{}"},
+        "not ADD": {"v": 3, "cmd": "DEL", "env": env, "stdin": netconf},
+    }
+    for what, req in relay_bad.items():
+        reply = _ask(node.agent_socket, (json.dumps(req) + "\n").encode())
+        assert reply["ok"] is False and reply["retry"] is False and reply["error"], (what, reply)
+    # well-formed, but what the plugin refuses: the plugin's own CNI error, from the agent
+    no_prev = _ask_raw(node.agent_socket, (json.dumps({"v": 3, "cmd": "ADD", "env": env, "stdin": netconf})
+                                           + "\n").encode())
+    head, _, body = no_prev.partition(b"\n")
+    assert head.split()[:3] == [b"HR3", b"done", b"1"] and json.loads(body)["code"] == 4, no_prev
+    # the host's netns as CNI_NETNS: the agent acts on nothing; it refuses the netns as the plugin does
+    # (CNI code 106) or leaves it to the plugin
+    host = {"v": 3, "cmd": "ADD", "env": {**env, "CNI_NETNS": "/proc/1/ns/net"},
+            "stdin": {**netconf, "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.5/24"}]}}}
+    answer = _ask_raw(node.agent_socket, (json.dumps(host) + "\n").encode())
+    head, _, body = answer.partition(b"\n")
+    assert answer == b"HR3 standalone\n" or (head.split()[:3] == [b"HR3", b"done", b"1"]
+                                              and json.loads(body)["code"] == 106), answer
     # still serving: a real sidecar ADD goes through the agent
     pod = node.add_pod("shop", "after", annotations=SIDECAR)
     assert any(r["msg"] == "sidecar redirect applied by the agent" for r in plugin_lines(node, pod.container_id))
