@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from pathlib import Path
 
@@ -45,7 +46,9 @@ class NotPodNetns(PinError):
     host's): nothing was mounted."""
 
 
+@functools.cache
 def _nsfs_dev() -> int:
+    """The device of the kernel's one nsfs (every namespace file is on it): read once."""
     return os.stat("/proc/self/ns/net").st_dev
 
 
