@@ -32,6 +32,8 @@ MAGIC = b"HR3"
 DONE = "done"
 STANDALONE = "standalone"
 WAIT = "wait"
+ENV = "env"  # request fields (beside cni.contract.events' "v" and "cmd")
+STDIN = "stdin"
 ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 MAX_LINE_BYTES = 65536  # as cni.contract.events.MAX_LINE_BYTES: the server's request line limit
 MAX_HEADER_BYTES = 64
@@ -61,7 +63,7 @@ def request_line(env: dict[str, str], stdin: bytes) -> bytes | None:
     if not config.startswith(b"{") or not config.endswith(b"}"):
         return None
     config = config.replace(b"\n", b" ").replace(b"\r", b" ")
-    head = '{"v":3,"cmd":"ADD","env":{' + ",".join(fields) + '},"stdin":'
+    head = f'{{"v":{VERSION},"cmd":"ADD","{ENV}":{{' + ",".join(fields) + f'}},"{STDIN}":'
     line = head.encode() + config + b"}\n"
     return line if len(line) <= MAX_LINE_BYTES else None
 

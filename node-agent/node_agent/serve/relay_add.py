@@ -39,11 +39,11 @@ def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
     """(the CNI_* environment, the configuration as bytes) of a relay request; RequestError if malformed."""
     if obj.get(events.CMD) != events.ADD:
         raise RequestError(f"protocol version {relay.VERSION} has only ADD, not {str(obj.get(events.CMD))[:40]!r}")
-    env = obj.get("env")
+    env = obj.get(relay.ENV)
     if not isinstance(env, dict) or not all(
             k in relay.ENV_KEYS and isinstance(v, str) and len(v) <= MAX_ENV_VALUE for k, v in env.items()):
         raise RequestError(f"'env' must map {', '.join(relay.ENV_KEYS)} to strings")
-    config = obj.get("stdin")
+    config = obj.get(relay.STDIN)
     if not isinstance(config, dict):
         raise RequestError("'stdin' must be the network configuration object")
     return env, jsoncodec.dumps(config).encode()
