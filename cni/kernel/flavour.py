@@ -2,8 +2,8 @@
 
 "auto" looks at the real rules of the current netns: it counts `-A` rule lines in iptables-legacy-save and
 iptables-nft-save (both families). Bare chain headers are not counted: Istio's line-count heuristic chose
-legacy on nft hosts because an empty legacy table prints more header lines than a few nft rules
-(istio/istio#56983). A tie (including no rules at all) means nft, the default of current distributions.
+legacy on nft hosts because an empty legacy table prints more header lines than a few nft rules.
+A tie (including no rules at all) means nft, the default of current distributions.
 Cheap first look: when /proc/net/ip_tables_names and ip6_tables_names are empty no legacy table exists,
 so nothing has to be run at all.
 """

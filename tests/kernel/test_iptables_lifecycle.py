@@ -1,7 +1,7 @@
 """Apply/replace/check/remove/rollback of our chains in real netns, both flavours, both families.
 
 Also: the builder emits iptables-save canonical syntax (kernel round trip of every golden scenario), and
-the flavour lesson from istio/istio#56983 (count rules, not chain headers).
+the flavour lesson Istio's CNI plugin learnt (count rules, not chain headers).
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def test_builder_output_is_iptables_save_canonical(ns, fl, scenario) -> None:
     assert apply.check_rulesets(ns.path, rulesets, fl) == []
 
 
-# ---------------------------------------------------------------- flavour lesson (istio/istio#56983)
+# ---------------------------------------------------------------- flavour lesson (count rules)
 
 
 def test_flavour_counts_rules_not_chain_headers(ns) -> None:

@@ -1,4 +1,4 @@
-"""Flavour selection: count rules, not lines (istio/istio#56983), forced settings, per-process cache."""
+"""Flavour selection: count rules, not lines, forced settings, per-process cache."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The plugin reads pods and namespaces with it (the same get/list/watch RBAC as the agent). It is JSON
 (valid YAML, so any reader takes it), mode 0600, rewritten only when the token or CA changes: in watch
 mode this runs every pass, so a rotated token reaches the host within a second (a stale kubeconfig
-is how Istio's plugin got stuck: istio/istio#57438).
+is how Istio's plugin once got stuck).
 """
 
 from __future__ import annotations
