@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from cni.contract import jsoncodec
+from cni.contract import jsoncodec, relay
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 PROTOCOL_VERSION = 1
-MAX_LINE_BYTES = 65536  # requests, and the replies to ADD/DEL/CHECK
+MAX_LINE_BYTES = relay.MAX_LINE_BYTES  # requests (the relayed ADD's too), and the replies to ADD/DEL/CHECK
 
 # commands
 ADD = "ADD"

@@ -35,7 +35,7 @@ WAIT = "wait"
 ENV = "env"  # request fields (beside cni.contract.events' "v" and "cmd")
 STDIN = "stdin"
 ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
-MAX_LINE_BYTES = 65536  # as cni.contract.events.MAX_LINE_BYTES: the server's request line limit
+MAX_LINE_BYTES = 65536  # the server's request line limit (cni.contract.events takes it from here)
 MAX_HEADER_BYTES = 64
 MAX_OUTPUT_BYTES = 1 << 20  # a CNI result larger than this is not the plugin's
 

@@ -72,10 +72,6 @@ class JsonLog:
             if key not in record:
                 record[key] = value
         data = (jsoncodec.dumps(record, default=str, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
-        self.emit(data)
-
-    def emit(self, data: bytes) -> None:
-        """Put out one line: to the agent, or to the file when it cannot take it."""
         if not self._forward(data):
             self._append(data)
 

@@ -53,6 +53,11 @@ def request_of(env: CniEnv, conf: NetConf, prev: dict[str, Any]) -> dict[str, An
                             addresses, rules_setting(conf), conf.iptables, conf.exclude_namespaces)
 
 
+def _unfinished(why: str) -> CniError:
+    """The agent took the pod and gave no final answer: the ADD fails (never the standalone path)."""
+    return CniError(errors.AGENT_UNREACHABLE, "headrace agent did not finish the ADD", why)
+
+
 def _after_relay(conf: NetConf, relayed: Relayed | None, log: JsonLog) -> bool:
     """Whether the launcher's relay settled this agent's part (True: standalone path; raises when the
     agent held the pod and did not answer)."""
@@ -60,7 +65,7 @@ def _after_relay(conf: NetConf, relayed: Relayed | None, log: JsonLog) -> bool:
         return False
     _socket_path, kind, msg = relayed
     if kind == "held":
-        raise CniError(errors.AGENT_UNREACHABLE, "headrace agent did not finish the ADD", msg)
+        raise _unfinished(msg)
     if kind == "standalone":
         log.info("agent", "agent left the ADD to the plugin", agent_socket=conf.agent_socket)
     else:
@@ -86,7 +91,7 @@ def add_via_agent(env: CniEnv, conf: NetConf, prev: dict[str, Any], log: JsonLog
         reply = send(conf.agent_socket, request_of(env, conf, prev), conf.agent_timeout)
     except Unreachable as exc:
         if exc.held:
-            raise CniError(errors.AGENT_UNREACHABLE, "headrace agent did not finish the ADD", exc.msg) from exc
+            raise _unfinished(exc.msg) from exc
         log.warning("agent", f"agent not usable, standalone path: {exc.msg}", agent_socket=conf.agent_socket)
         return False
     if reply.kind == "standalone":

@@ -9,6 +9,16 @@ import stat
 import tempfile
 from collections.abc import Iterator
 
+#: after a failed accept (out of fds...): the pause before the next try, so an accept loop never spins
+ACCEPT_RETRY = 0.05
+
+
+def wake_blocked(sock: socket.socket) -> None:
+    """Shut `sock` down so a thread blocked in its accept() or recv() returns at once (how a server's
+    `stop` ends a loop that has no timeout to poll with); errors ignored (closed already)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
 
 def remove_stale_socket(path: str, error: type[Exception] = FileExistsError) -> None:
     """Unlink a socket file left by a previous process; anything that is not a socket raises `error`."""

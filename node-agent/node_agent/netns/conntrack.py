@@ -44,7 +44,7 @@ def set_loose_here(value: int) -> None:
         raise OSError(f"sysctl {KEY}: {exc.strerror or exc}") from exc
 
 
-def in_netns(netns_path: str, job: Callable[[], T]) -> T:
+def _in_netns(netns_path: str, job: Callable[[], T]) -> T:
     """`job` on a pooled thread inside the netns; its OSError (or a timeout) as OSError naming the netns."""
     try:
         return run_in_netns(netns_path, job, timeout=10.0)
@@ -57,10 +57,10 @@ def in_netns(netns_path: str, job: Callable[[], T]) -> T:
 def read_loose(netns_path: str) -> int | None:
     """The current value in that netns, or None where the sysctl does not exist (no conntrack there)."""
     try:
-        return in_netns(netns_path, read_loose_here)
+        return _in_netns(netns_path, read_loose_here)
     except OSError:
         return None
 
 
 def set_loose(netns_path: str, value: int) -> None:
-    in_netns(netns_path, lambda: set_loose_here(value))
+    _in_netns(netns_path, lambda: set_loose_here(value))

@@ -16,7 +16,6 @@ from it: proxy_cgroup_follow.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node_agent.kernel.unix_socket import listen_private
+from node_agent.kernel.unix_socket import listen_private, wake_blocked
 from node_agent.protocol.workload import WorkloadInfo
 
 log = logging.getLogger("headrace.netns_fd_channel")
@@ -107,8 +106,7 @@ class NetnsFdServer:
     def stop(self) -> None:
         self._stop.set()
         if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            wake_blocked(self._sock)
         if self._thread is not None:
             self._thread.join(timeout=2)
         if self._sock is not None:

@@ -27,7 +27,7 @@ import time
 from concurrent import futures
 from typing import Any, Protocol
 
-from node_agent.kernel.unix_socket import private_bind_path, unlink_if_ours
+from node_agent.kernel.unix_socket import ACCEPT_RETRY, private_bind_path, unlink_if_ours, wake_blocked
 from node_agent.protocol import zds_wire
 from node_agent.protocol.fd_channel import NetnsFdError, open_verified_netns, peer_pid
 from node_agent.protocol.workload import WorkloadInfo
@@ -38,7 +38,6 @@ from node_agent.proxy.zds_book import Outgoing, Settle, ZdsBook, ZdsConn
 log = logging.getLogger("headrace.zds")
 
 IDLE_CHECK = 30.0  # seconds between checks that an idle ztunnel is still connected
-ACCEPT_RETRY = 0.05  # after a failed accept (fd limit...)
 
 
 class SnapshotGate(Protocol):
@@ -117,8 +116,7 @@ class ZdsHub:
             self._kick_all_locked()
             self._changed.notify_all()
         if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            wake_blocked(self._listener)
         for t in list(self._threads):
             t.join(timeout=2)
         if self._listener is not None:

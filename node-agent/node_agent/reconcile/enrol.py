@@ -229,24 +229,24 @@ class AmbientEnrolment:
             A backend that applies from inside the pod netns runs the guard in the same entry."""
             loose = known
 
-            def guard(here: bool) -> None:
+            def guard(read: Callable[[], int | None], write: Callable[[int], None]) -> None:
                 nonlocal loose
                 try:
                     if loose is None:  # recorded before it is changed: a restarted agent restores the original
-                        loose = conntrack.read_loose_here() if here else conntrack.read_loose(target.netns_path)
+                        loose = read()
                         records.save(replace(record, tcp_loose=loose))
-                    if loose and here:  # connections opened before enrolment must not be redirected mid-stream
-                        conntrack.set_loose_here(0)
-                    elif loose:
-                        conntrack.set_loose(target.netns_path, 0)
+                    if loose:  # connections opened before enrolment must not be redirected mid-stream
+                        write(0)
                 except OSError as exc:
                     log.warning("cannot protect pre-existing connections: %s", exc, extra=ctx)
 
             try:
                 if isinstance(backend, AppliesInNetns):
-                    backend.apply_after(target, spec, lambda: guard(True))
+                    here = (conntrack.read_loose_here, conntrack.set_loose_here)  # on the applying thread
+                    backend.apply_after(target, spec, lambda: guard(*here))
                 else:
-                    guard(False)
+                    path = target.netns_path
+                    guard(lambda: conntrack.read_loose(path), lambda value: conntrack.set_loose(path, value))
                     backend.apply(target, spec)
             except (BackendError, PinError, OSError) as exc:
                 return loose, exc

@@ -37,13 +37,25 @@ class WarmAddRequest:
 
 # what runs once a reply is sent: later(fn)
 Later = Callable[[Callable[[], None]], None]
+
+
+def at_once(fn: Callable[[], None]) -> None:
+    """The `Later` of a caller that sends no reply of its own: fn runs now."""
+    fn()
+
+
 # the one-request ADD: (request, send an interim line, later) -> the final reply
 WarmAddFn = Callable[[WarmAddRequest, Callable[[dict[str, Any]], None], Later], dict[str, Any]]
 
 
-def is_v2(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get(events.VERSION) == agent_add.VERSION \
+def speaks(obj: Any, version: int) -> bool:
+    """Whether a decoded request is an object of that protocol version (`true` is no version 1)."""
+    return isinstance(obj, dict) and obj.get(events.VERSION) == version \
         and not isinstance(obj.get(events.VERSION), bool)
+
+
+def is_v2(obj: Any) -> bool:
+    return speaks(obj, agent_add.VERSION)
 
 
 def _name(value: Any, what: str) -> str:

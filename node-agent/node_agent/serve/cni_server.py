@@ -32,9 +32,9 @@ from typing import Any, Protocol
 
 from cni.contract import events
 from cni.kernel.netns import NetnsFileError, pod_netns_inode
-from node_agent.kernel.unix_socket import listen_private, unlink_if_ours
+from node_agent.kernel.unix_socket import ACCEPT_RETRY, listen_private, unlink_if_ours, wake_blocked
 from node_agent.reconcile.state import Outcome
-from node_agent.serve.add_request import Later, WarmAddFn, is_v2, parse_add_request
+from node_agent.serve.add_request import Later, WarmAddFn, at_once, is_v2, parse_add_request
 from node_agent.serve.cni_admission import Admission, Refusal, Ticket, peer_key
 from node_agent.serve.cni_request import PluginRequest, RequestError, parse_request, reply_json
 from node_agent.serve.relay_add import is_relay, relayed_add
@@ -43,7 +43,6 @@ log = logging.getLogger("headrace.agent.cni")
 
 READ_TIMEOUT = 5.0  # the whole request line must arrive within this, counted from accept
 SEND_TIMEOUT = 5.0  # the reply must be taken within this
-ACCEPT_RETRY = 0.05  # after a failed accept (fd limit...)
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 
 __all__ = ["CniServer", "Handler", "PluginRequest", "RequestError", "check_add_netns", "parse_request"]
@@ -116,8 +115,7 @@ class CniServer:
     def stop(self) -> None:
         self._stop.set()
         if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            wake_blocked(self._sock)
         if self._thread is not None:
             self._thread.join(5)
         if self._sock is not None:
@@ -212,10 +210,9 @@ class CniServer:
                     log.exception("work after a plugin reply failed", extra={"step": "cni-event"})
 
     def handle(self, line: bytes, interim: Callable[[Any], None] | None = None,
-               later: Later | None = None) -> dict[str, Any] | bytes:
+               later: Later = at_once) -> dict[str, Any] | bytes:
         """The reply to one request line (version 3: the frame bytes). `interim` sends an early answer;
-        `later(fn)` runs fn after the reply is sent (None: at once)."""
-        later = later or (lambda fn: fn())
+        `later(fn)` runs fn after the reply is sent (by default at once)."""
         if self._warm_add is not None:
             try:
                 obj = events.decode_line(line)

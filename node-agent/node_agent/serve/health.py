@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from node_agent.kernel.unix_socket import wake_blocked
 
 log = logging.getLogger("headrace.agent.health")
 
@@ -60,8 +60,7 @@ class HealthServer:
     def stop(self) -> None:
         stopper = threading.Thread(target=self._server.shutdown, name="health-http-stop", daemon=True)
         stopper.start()  # asks the loop to end, then waits for it
-        with contextlib.suppress(OSError):
-            self._server.socket.shutdown(socket.SHUT_RDWR)  # the loop's select returns: it sees the request
+        wake_blocked(self._server.socket)  # the loop's select returns: it sees the request
         stopper.join(5)
         self._server.server_close()
         if self._thread is not None:

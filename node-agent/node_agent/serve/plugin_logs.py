@@ -10,7 +10,6 @@ identifiers, and beyond `max_per_second` lines are dropped (counted in the next 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 from cni.plugin.log import FORWARD_SOCKET
-from node_agent.kernel.unix_socket import private_bind_path, remove_stale_socket, unlink_if_ours
+from node_agent.kernel.unix_socket import private_bind_path, remove_stale_socket, unlink_if_ours, wake_blocked
 
 log = logging.getLogger("headrace.cni")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -109,8 +108,7 @@ class PluginLogListener:
     def stop(self) -> None:
         self._stop.set()
         if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes recv()
+            wake_blocked(self._sock)
         if self._thread is not None:
             self._thread.join(2)
         if self._sock is not None:

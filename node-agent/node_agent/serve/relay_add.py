@@ -22,7 +22,7 @@ from cni.plugin.agent_add_client import Unreachable
 from cni.plugin.entry import early_log_file
 from cni.plugin.log import JsonLog
 from cni.plugin.relayed import Declined, run_relayed
-from node_agent.serve.add_request import Later, WarmAddFn, parse_add_request
+from node_agent.serve.add_request import Later, WarmAddFn, at_once, parse_add_request, speaks
 from node_agent.serve.cni_request import RequestError
 
 log = logging.getLogger("headrace.agent.cni")
@@ -31,8 +31,7 @@ MAX_ENV_VALUE = 16384
 
 
 def is_relay(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get(events.VERSION) == relay.VERSION \
-        and not isinstance(obj.get(events.VERSION), bool)
+    return speaks(obj, relay.VERSION)
 
 
 def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
@@ -50,7 +49,7 @@ def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
 
 
 def relayed_add(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, check_netns: Callable[[str], None],
-                send_frame: Callable[[bytes], None], later: Later = lambda fn: fn()) -> bytes:
+                send_frame: Callable[[bytes], None], later: Later = at_once) -> bytes:
     """Run one relayed ADD; the final frame (`send_frame` sends a `wait` frame when the agent holds the pod;
     `later` takes what runs once the final frame is sent)."""
     env, stdin = parse_relay(obj)

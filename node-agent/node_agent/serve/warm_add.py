@@ -36,7 +36,7 @@ from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.reconcile.plugin_sidecars import PluginSidecars
 from node_agent.reconcile.state import Outcome
 from node_agent.reconcile.table import PodTable
-from node_agent.serve.add_request import WarmAddRequest
+from node_agent.serve.add_request import Later, WarmAddRequest, at_once
 from node_agent.serve.sidecar_apply import apply_for_add
 from node_agent.sources.store import PodStore
 
@@ -118,9 +118,9 @@ class WarmAdd:
 
     # ---- the request ---------------------------------------------------------------------------------
     def add(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None],
-            later: Callable[[Callable[[], None]], None] | None = None) -> dict[str, Any]:
-        """The reply; `interim` sends an early answer; `later(fn)` runs fn once the reply is sent (None: at
-        once) — the bookkeeping of a sidecar pod the agent redirected goes there."""
+            later: Later = at_once) -> dict[str, Any]:
+        """The reply; `interim` sends an early answer; `later(fn)` runs fn once the reply is sent (by default
+        at once) — the bookkeeping of a sidecar pod the agent redirected goes there."""
         started = time.monotonic()
         ctx = {"pod": req.name, "namespace": req.namespace, "uid": req.uid, "netns": req.netns, "step": "cni-add-v2"}
         try:
@@ -153,7 +153,7 @@ class WarmAdd:
             log.info("%s pod: the agent holds it, the plugin waits for the outcome", mode, extra=ctx)
             interim(agent_add.interim_reply(mode))
             return self._held(mode, pod, req, ctx)
-        reply = self._sidecar(pod, spec, req, ctx, later or (lambda fn: fn()))
+        reply = self._sidecar(pod, spec, req, ctx, later)
         log.info("sidecar pod: %s", reply.get("state") or reply.get("error"),
                  extra={**ctx, "duration_ms": round((time.monotonic() - started) * 1000, 2)})
         return reply
@@ -186,7 +186,7 @@ class WarmAdd:
         return backend
 
     def _sidecar(self, pod: Pod, spec: SidecarSpec, req: WarmAddRequest, ctx: dict[str, Any],
-                 later: Callable[[Callable[[], None]], None]) -> dict[str, Any]:
+                 later: Later) -> dict[str, Any]:
         backend = self._backend(req)
         if backend is None:
             return self._standalone(f"the agent runs no {req.backend} backend like the plugin's", ctx)
