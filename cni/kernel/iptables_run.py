@@ -41,10 +41,22 @@ class IptablesError(Exception):
 # ---------------------------------------------------------------- running iptables in a netns
 
 
+_NSENTER = "nsenter"
+_NET = "--net="
+
+
 def netns_argv(netns_path: str | None, argv: Sequence[str]) -> list[str]:
     if netns_path is None:
         return list(argv)
-    return ["nsenter", f"--net={netns_path}", "--", *argv]
+    return [_NSENTER, f"{_NET}{netns_path}", "--", *argv]
+
+
+def split_netns_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The inverse of `netns_argv`: (netns path or None, the command itself). A runner that can start
+    commands inside a netns without nsenter (the agent's) takes the wrapper off with this."""
+    if len(argv) > 3 and argv[0] == _NSENTER and argv[1].startswith(_NET) and argv[2] == "--":
+        return argv[1][len(_NET):], list(argv[3:])
+    return None, list(argv)
 
 
 def run(step: str, netns_path: str | None, argv: Sequence[str], stdin: str | None = None) -> str:

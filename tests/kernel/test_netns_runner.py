@@ -1,4 +1,5 @@
-"""Pooled netns threads: jobs run inside the named netns, workers are reused, the caller never moves."""
+"""Pooled netns threads: jobs run inside the named netns, workers are reused, the caller never moves; the
+agent's command runner starts commands inside a netns from such a thread instead of through nsenter."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 from node_agent.kernel.netns_runner import NetnsRunner
+from node_agent.kernel.netns_spawn import InNetnsSpawner
 
+from cni.kernel.iptables_run import netns_argv
 from cni.kernel.netns import NetnsThreadTimeout
 
 
@@ -85,3 +88,57 @@ def test_concurrent_callers_get_their_own_workers(netns: str) -> None:
         t.join(15)
     assert out == [["lo"]] * 4
     assert runner.started == 4
+
+
+# ---------------------------------------------------------------- commands started inside the netns
+
+
+def _netns_of_child(spawner: InNetnsSpawner, netns: str) -> str:
+    (res,) = spawner.run_many([(netns_argv(netns, ["readlink", "/proc/self/ns/net"]), None)], 10)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_commands_are_born_in_the_netns_without_nsenter(netns: str) -> None:
+    """The agent's runner takes the nsenter wrapper off and starts the command from a thread inside the
+    netns: it runs there (not in the caller's netns), several at once, stdin fed, output collected."""
+    spawner = InNetnsSpawner()
+    assert _netns_of_child(spawner, netns) == f"net:[{os.stat(netns).st_ino}]"
+    text = "hello\n" * 10000
+    jobs = [(netns_argv(netns, ["cat"]), text), (netns_argv(netns, ["ip", "-o", "link", "show"]), None),
+            (netns_argv(netns, ["sh", "-c", "exit 3"]), None)]
+    cat, links, failed = spawner.run_many(jobs, 10)
+    assert (cat.returncode, cat.stdout) == (0, text)
+    assert links.returncode == 0 and links.stdout.count("\n") == 1 and ": lo:" in links.stdout
+    assert failed.returncode == 3
+    plain = spawner.run_many([(["readlink", "/proc/self/ns/net"], None)], 10)[0]  # no wrapper: here
+    assert plain.stdout.strip() == os.readlink("/proc/self/ns/net")
+
+
+def test_iptables_restore_lands_in_the_pod_netns_only(netns: str) -> None:
+    spawner = InNetnsSpawner()
+    text = "*nat\n:HRTEST-CHAIN - [0:0]\nCOMMIT\n"
+    (res,) = spawner.run_many([(netns_argv(netns, ["iptables-legacy-restore", "--noflush"]), text)], 10)
+    assert res.returncode == 0, res.stderr
+    (saved,) = spawner.run_many([(netns_argv(netns, ["iptables-legacy-save", "-t", "nat"]), None)], 10)
+    assert ":HRTEST-CHAIN" in saved.stdout
+    here = subprocess.run(["iptables-legacy-save", "-t", "nat"], capture_output=True, text=True, check=False)
+    assert "HRTEST-CHAIN" not in here.stdout
+
+
+def test_a_netns_that_cannot_be_entered_fails_each_command_like_nsenter() -> None:
+    gone = "/run/netns/hrrun-does-not-exist"
+    results = InNetnsSpawner().run_many([(netns_argv(gone, ["true"]), None), (netns_argv(gone, ["true"]), "x")], 5)
+    assert [r.returncode for r in results] == [1, 1]
+    assert all(r.stderr.startswith(f"nsenter: cannot enter {gone}:") for r in results)
+
+
+def test_a_missing_binary_raises_and_mixed_batches_still_run(netns: str) -> None:
+    spawner = InNetnsSpawner()
+    with pytest.raises(FileNotFoundError):
+        spawner.run_many([(netns_argv(netns, ["headrace-no-such-binary"]), None)], 5)
+    other = f"/proc/{os.getpid()}/ns/net"  # two netns in one batch: started as they are, through nsenter
+    a, b = spawner.run_many([(netns_argv(netns, ["readlink", "/proc/self/ns/net"]), None),
+                             (netns_argv(other, ["readlink", "/proc/self/ns/net"]), None)], 10)
+    assert a.stdout.strip() == f"net:[{os.stat(netns).st_ino}]"
+    assert b.stdout.strip() == os.readlink("/proc/self/ns/net")

@@ -140,6 +140,17 @@ def test_error_carries_step_and_stderr() -> None:
     assert "line 3 failed" in str(err)
 
 
+def test_netns_wrapper_comes_off_again() -> None:
+    argv = ["iptables-restore", "--noflush", "--wait=10"]
+    wrapped = iptables_run.netns_argv("/run/netns/pod a", argv)
+    assert wrapped[0] == "nsenter"
+    assert iptables_run.split_netns_argv(wrapped) == ("/run/netns/pod a", argv)
+    assert iptables_run.split_netns_argv(iptables_run.netns_argv(None, argv)) == (None, argv)
+    others = (["nsenter", "--net=/x", "--"], ["nsenter", "--mount=/x", "--", "true"], ["nsenter", "--net=/x", "true"])
+    for other in others:
+        assert iptables_run.split_netns_argv(other) == (None, other)
+
+
 def test_iptables_package_imports_only_stdlib() -> None:
     """The CNI plugin imports cni.rules on its hot path: nothing outside the standard library."""
     import subprocess

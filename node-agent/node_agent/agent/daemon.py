@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from cni.contract.spec import AmbientSpec
 from cni.kernel import flavour as flavour_mod
+from cni.kernel import spawn
 from cni.kernel import tables as kernel_tables
 from cni.kernel.flavour import Flavour
 from node_agent.agent.config import AgentConfig
@@ -28,6 +29,7 @@ from node_agent.agent.errors import AgentError
 from node_agent.backends.base import BackendError, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
 from node_agent.backends.select import rules_backend_setting, select_backend
+from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.netns.pin import NetnsPins
 from node_agent.proxy.cgroup import Source as CgroupSource
 from node_agent.proxy.cgroup_follow import ProxyCgroupFollower, saved_proxy_cgroup
@@ -156,6 +158,7 @@ class Agent:
         )
         self.metrics.watch_plugin_admission(self.cni.admission.counts)
         self.health: HealthServer | None = None
+        self._spawner: spawn.Runner = spawn.Spawner()  # the runner start() replaced, put back by stop()
         self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
 
@@ -255,6 +258,7 @@ class Agent:
     def start(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o755, exist_ok=True)
         self.pins.ensure_dir()
+        self._spawner = spawn.install_runner(InNetnsSpawner())  # commands in a pod netns without nsenter
         self.hub.start()
         self.reconciler.start()
         self.source.start()
@@ -286,6 +290,7 @@ class Agent:
         if self.health is not None:
             self.health.stop()
         self.reconciler.close_backends()
+        spawn.install_runner(self._spawner)
         log.info("agent stopped; pod rules left in place", extra={"step": "stop"})
 
     def run(self) -> int:

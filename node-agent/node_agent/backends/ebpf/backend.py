@@ -424,7 +424,7 @@ class EbpfBackend(RedirectBackend):
             else:
                 try:
                     in_ebpf = self.rules_inbound(spec) is None
-                    gen = maps.pod_maps(spec, 0, inbound_in_ebpf=in_ebpf, ips=target.ips).generation
+                    gen = maps.wanted_generation(spec, in_ebpf, target.ips)
                     wanted = cgroup_programs.wanted_programs(spec)
                     tc_wanted = wants_tc(spec, in_ebpf)
                     problems += pod_state.problems(pdir, cg, wanted, gen, target.netns_path, tc_wanted)

@@ -7,6 +7,7 @@ Also splits a spec into its inbound part, for a backend configured to hand inbou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 import json
@@ -141,6 +142,13 @@ def self_addresses(ips: tuple[str, ...]) -> tuple[ipaddress.IPv4Address | None, 
         elif v6 is None and not addr.is_unspecified and addr.ipv4_mapped is None:
             v6 = addr
     return v4, v6
+
+
+@functools.lru_cache(maxsize=4096)
+def wanted_generation(spec: Spec, inbound_in_ebpf: bool, ips: tuple[str, ...]) -> int:
+    """`pod_maps(...).generation` for the drift check, remembered per input (the check runs every drift
+    interval for every pod; the spec and the pod's IPs rarely change)."""
+    return pod_maps(spec, 0, inbound_in_ebpf=inbound_in_ebpf, ips=ips).generation
 
 
 def pod_maps(
