@@ -26,6 +26,7 @@ from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find
 from node_agent.backends.ebpf.foreign_progs import detach_foreign
 from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.backends.ebpf.parent_progs import watch_parents
+from node_agent.backends.ebpf.program_loads import load_programs
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 
 log = logging.getLogger("headrace.backend.ebpf")
@@ -239,11 +240,7 @@ class EbpfBackend(RedirectBackend):
             for map_name, keys in sets.items():
                 for key in keys:
                     bpfsys.map_update(fds[map_name], key, b"\1")
-            for name in (*wanted, TC_PROGRAM, TC_EGRESS) if tc_wanted else wanted:
-                prog = obj.programs[name]
-                progs[name] = bpfsys.prog_load(
-                    prog.prog_type, prog.patched(fds), name, prog.attach_type, loader.LICENSE
-                )
+            progs.update(load_programs(obj, fds, (*wanted, TC_PROGRAM, TC_EGRESS) if tc_wanted else wanted))
             with Cgroup(cg) as c:
                 for name in wanted:
                     atype = loader.PROGRAMS[name][1]

@@ -1,0 +1,57 @@
+"""Load a pod's programs into the kernel side by side.
+
+Each pod gets its own instances of the programs (they reference the pod's own maps), and BPF_PROG_LOAD
+runs the verifier in the calling thread: ~20 ms of CPU per pod here, most of it in the IPv6 connect and
+sendmsg programs (~5 ms each). The loads are independent of each other, and ctypes releases the GIL
+around the syscall, so they run on a few threads at once; the slowest programs start first (biggest
+first packs best). All or nothing: when one load fails, the programs already loaded are closed and the
+first error (in the caller's order) is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from node_agent.backends.ebpf import bpfsys
+from node_agent.backends.ebpf.loader import LICENSE, CompiledObject
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            workers = max(2, min(4, os.cpu_count() or 2))
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ebpf-load")
+        return _pool
+
+
+def load_programs(obj: CompiledObject, fds: dict[str, int], names: Sequence[str]) -> dict[str, int]:
+    """name → fd of each loaded program (the caller closes them); BpfSysError when one does not load."""
+    if len(names) < 2:
+        return {name: _load(obj, fds, name) for name in names}
+    order = sorted(names, key=lambda n: len(obj.programs[n].insns), reverse=True)
+    futures: dict[str, Future[int]] = {name: _executor().submit(_load, obj, fds, name) for name in order}
+    loaded: dict[str, int] = {}
+    error: BaseException | None = None
+    for name in names:
+        try:
+            loaded[name] = futures[name].result()
+        except BaseException as exc:  # re-raised below, once every load has ended
+            if error is None:
+                error = exc
+    if error is not None:
+        for fd in loaded.values():
+            os.close(fd)
+        raise error
+    return loaded
+
+
+def _load(obj: CompiledObject, fds: dict[str, int], name: str) -> int:
+    prog = obj.programs[name]
+    return bpfsys.prog_load(prog.prog_type, prog.patched(fds), name, prog.attach_type, LICENSE)

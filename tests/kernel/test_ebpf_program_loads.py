@@ -1,0 +1,53 @@
+"""A pod's programs are loaded side by side (`program_loads`): every program loaded, or none left open."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
+
+from node_agent.backends.ebpf import bpfsys  # noqa: E402
+from node_agent.backends.ebpf.loader import CompiledObject, Program  # noqa: E402
+from node_agent.backends.ebpf.program_loads import load_programs  # noqa: E402
+
+
+def _insn(code: int, dst: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, dst, 0, imm)
+
+
+RETURN_1 = _insn(0xB7, dst=0, imm=1) + _insn(0x95)  # r0 = 1; exit
+NO_EXIT = _insn(0xB7, dst=0, imm=1)  # the verifier refuses a program that falls off its end
+
+
+def _object(bodies: dict[str, bytes]) -> CompiledObject:
+    programs = {name: Program(name, bpfsys.PROG_TYPE_SOCK_OPS, 0, body, ()) for name, body in bodies.items()}
+    return CompiledObject(programs=programs, maps={})
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_every_program_is_loaded() -> None:
+    names = [f"hrtest_ok{i}" for i in range(6)]
+    loaded = load_programs(_object(dict.fromkeys(names, RETURN_1)), {}, names)
+    try:
+        assert list(loaded) == names
+        ids = {bpfsys.prog_info(fd).prog_id for fd in loaded.values()}
+        assert len(ids) == len(names)  # six distinct programs in the kernel
+    finally:
+        for fd in loaded.values():
+            os.close(fd)
+
+
+def test_one_refused_program_leaves_nothing_open() -> None:
+    bodies = {f"hrtest_ok{i}": RETURN_1 for i in range(5)} | {"hrtest_bad": NO_EXIT}
+    names = ["hrtest_ok0", "hrtest_bad", "hrtest_ok1", "hrtest_ok2", "hrtest_ok3", "hrtest_ok4"]
+    before = _open_fds()
+    with pytest.raises(bpfsys.BpfSysError) as caught:
+        load_programs(_object(bodies), {}, names)
+    assert "hrtest_bad" in str(caught.value) and caught.value.log  # the verifier's own words come along
+    assert _open_fds() == before
