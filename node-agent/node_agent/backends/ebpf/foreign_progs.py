@@ -26,12 +26,18 @@ def found(c: Cgroup, pdir: Path, wanted: tuple[str, ...]) -> list[tuple[int, int
     """(program id, attach type) of the programs on the cgroup at our hooks that are not our pinned ones."""
     ours = pinning.pinned_ids(pdir / name for name in wanted)
     types = sorted({loader.PROGRAMS[n][1] for n in wanted})
-    return [(pid, atype) for atype in types for pid in c.attached(atype) if pid not in ours]
+    return not_ours({atype: c.attached(atype) for atype in types}, ours)
 
 
-def foreign_problems(c: Cgroup, pdir: Path, wanted: tuple[str, ...]) -> list[str]:
-    return [f"foreign eBPF program id {pid} attached to {c.path} at attach type {atype} beside ours"
-            for pid, atype in found(c, pdir, wanted)]
+def not_ours(attached: dict[int, list[int]], ours: set[int]) -> list[tuple[int, int]]:
+    """(program id, attach type) of the attached programs (attach type → ids, as queried) not in `ours`."""
+    return [(pid, atype) for atype in sorted(attached) for pid in attached[atype] if pid not in ours]
+
+
+def foreign_problems(path: Path, attached: dict[int, list[int]], ours: set[int]) -> list[str]:
+    """The drift texts for the foreign programs among those attached to the cgroup at `path`."""
+    return [f"foreign eBPF program id {pid} attached to {path} at attach type {atype} beside ours"
+            for pid, atype in not_ours(attached, ours)]
 
 
 def detach_foreign(cg: Path, pdir: Path, wanted: tuple[str, ...], pod: str) -> int:

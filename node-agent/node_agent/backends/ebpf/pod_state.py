@@ -37,9 +37,10 @@ def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str
         problems.append("eBPF config differs from the wanted spec")
     if cfg["cgroup_id"] != cgroup_id(cg):
         problems.append(f"eBPF programs belong to another cgroup (id {cfg['cgroup_id']})")
-    with Cgroup(cg) as c:
+    with Cgroup(cg) as c:  # each hook queried once, each pin opened once: this runs every drift interval
+        attached = {atype: c.attached(atype) for atype in {loader.PROGRAMS[name][1] for name in wanted}}
+        ours: set[int] = set()
         for name in wanted:
-            atype = loader.PROGRAMS[name][1]
             fd = pinning.open_pinned(pdir / name)
             if fd is None:
                 problems.append(f"eBPF program {name} is not pinned")
@@ -48,9 +49,10 @@ def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str
                 pid = bpfsys.prog_info(fd).prog_id
             finally:
                 os.close(fd)
-            if pid not in c.attached(atype):
+            ours.add(pid)
+            if pid not in attached[loader.PROGRAMS[name][1]]:
                 problems.append(f"eBPF program {name} is not attached to {cg}")
-        problems += foreign_problems(c, pdir, wanted)
+        problems += foreign_problems(cg, attached, ours)
     extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
     problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
     if tc_wanted:
