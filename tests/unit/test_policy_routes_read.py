@@ -39,6 +39,11 @@ def test_dump_request() -> None:
     req = pr.dump_request(pr.RTM_GETRULE, 10, 7)
     assert struct.unpack_from("=IHHII", req) == (28, 34, 0x301, 7, 0)
     assert req[16] == 10 and len(req) == 28
+    by_table = pr.dump_request(pr.RTM_GETROUTE, 2, 8, table=100)  # the kernel filters (strict checking)
+    assert struct.unpack_from("=IHHII", by_table) == (36, 26, 0x301, 8, 0)
+    assert HDR.unpack_from(by_table, 16)[4] == 100
+    assert struct.unpack_from("=HHI", by_table, 28) == (8, pr.RTA_TABLE, 100)
+    assert HDR.unpack_from(pr.dump_request(pr.RTM_GETROUTE, 2, 8, table=1000), 16)[4] == 0  # the attribute says it
 
 
 def test_rules_and_routes_parse_and_judge() -> None:

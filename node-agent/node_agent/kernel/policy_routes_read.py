@@ -28,6 +28,7 @@ FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
 # selectors that would narrow a rule (dst, src, iif, tun_id, l3mdev, oif, uid range, ip proto, ports)
 FRA_SELECTORS = frozenset({1, 2, 3, 12, 17, 19, 20, 22, 23, 24})
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 _HDR = struct.Struct("=BBBBBBBBI")  # fib_rule_hdr and rtmsg have the same layout (12 bytes)
 _U32 = struct.Struct("=I")
 
@@ -68,8 +69,12 @@ class Route:
     oif: int
 
 
-def dump_request(msg_type: int, family: int, seq: int) -> bytes:
-    body = _HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+def dump_request(msg_type: int, family: int, seq: int, table: int | None = None) -> bytes:
+    """A rule or route dump request; `table` (routes, on a socket with NETLINK_GET_STRICT_CHK): only the
+    routes of that table come back."""
+    body = _HDR.pack(family, 0, 0, 0, table if table is not None and table < 256 else 0, 0, 0, 0, 0)
+    if table is not None:
+        body += struct.pack("=HHI", 8, RTA_TABLE, table)
     hdr = netlink_parse.NLMSGHDR
     return hdr.pack(hdr.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
@@ -144,8 +149,8 @@ def routing_problems(family: int, rules: Iterable[Rule], routes: Iterable[Route]
     return problems
 
 
-def _dump(s: socket.socket, msg_type: int, want: int, family: int, seq: int) -> list[bytes]:
-    s.send(dump_request(msg_type, family, seq))
+def _dump(s: socket.socket, msg_type: int, want: int, family: int, seq: int, table: int | None = None) -> list[bytes]:
+    s.send(dump_request(msg_type, family, seq, table))
     out: list[bytes] = []
     while True:
         got, done = parse_dump(s.recv(1 << 16), seq, want)
@@ -161,10 +166,16 @@ def check_here(families: Iterable[int], routing: Routing, timeout: float = 2.0) 
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
         s.settimeout(timeout)
         s.bind((0, 0))
+        table = None
+        try:  # the kernel filters the route dump by table (Linux >= 4.20): ours only, not every local route
+            s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            table = routing.table
+        except OSError:
+            pass
         for seq, family in enumerate(families, 1):
             af = socket.AF_INET6 if family == 6 else socket.AF_INET
             rules = [parse_rule(p) for p in _dump(s, RTM_GETRULE, RTM_NEWRULE, af, seq * 2)]
-            routes = [parse_route(p) for p in _dump(s, RTM_GETROUTE, RTM_NEWROUTE, af, seq * 2 + 1)]
+            routes = [parse_route(p) for p in _dump(s, RTM_GETROUTE, RTM_NEWROUTE, af, seq * 2 + 1, table)]
             problems += routing_problems(family, rules, routes, lo, routing)
     return problems
 
