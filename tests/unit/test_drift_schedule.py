@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node_agent.backends.base import PodTarget
+from node_agent.reconcile.drift import NODE_POLL
 
 from tests.unit.test_agent_reconcile import AMBIENT, UID, UID2, Env, pod
 
@@ -104,3 +105,24 @@ def test_without_events_every_pod_is_polled(tmp_path: Path) -> None:
     env.clock.t += 2.5
     env.r.reconcile()
     assert sorted(checked) == sorted([UID, UID2])
+
+
+def test_an_unwatched_node_netns_is_rechecked_every_node_poll_not_every_poll(tmp_path: Path) -> None:
+    """Polled pods (legacy iptables, eBPF) are read back every drift interval; the node's probe SNAT
+    (an iptables-save of the node netns) only every NODE_POLL, at the backstop, or when its pods change."""
+    env, checked, _made = setup(tmp_path, events=False)
+    env.r.drift.backstop = 1000.0
+    env.clock.t += 2.5
+    env.r.reconcile()
+    calls = len(env.node_rules)
+    polls = 0
+    while env.clock.t - env.r.drift.last_node < NODE_POLL - 2.5:
+        checked.clear()
+        env.clock.t += 2.5
+        env.r.reconcile()
+        polls += 1
+        assert sorted(checked) == sorted([UID, UID2])  # the pods: every pass
+    assert polls >= 2 and len(env.node_rules) == calls  # the node: not on these passes
+    env.clock.t += 2.5
+    env.r.reconcile()
+    assert len(env.node_rules) == calls + 1

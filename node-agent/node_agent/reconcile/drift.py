@@ -41,13 +41,18 @@ NODE = ""  # the watcher key of the agent's own netns (the node-level probe rule
 NODE_NETNS = "/proc/self/ns/net"
 
 
+NODE_POLL = 10.0  # a node netns that announces nothing: its probe SNAT re-checked at most this often
+
+
 @dataclass(frozen=True)
 class Due:
     """The pods one pass reads back (None: every pod), and whether the node-level rules are re-checked
-    too (a poll or backstop pass, or the node netns announced a change)."""
+    too (a backstop pass, the node netns announced a change, or — when it announces nothing — a poll pass
+    at least NODE_POLL after the last node check: on a node with kube-proxy's thousands of rules the
+    node's iptables-save is the costliest read of a pass)."""
 
     uids: frozenset[str] | None
-    timed: bool
+    node: bool
 
 
 class DriftCheck:
@@ -78,6 +83,7 @@ class DriftCheck:
         self.watcher: ChangeWatcher | None = None  # made when the first pod is watched
         self.last_run = 0.0  # the last poll pass (the pods that are not watched)
         self.last_full = 0.0  # the last backstop pass (every pod)
+        self.last_node = 0.0  # the last pass that re-checked the node-level rules
         self._soon = False  # pods were enrolled on rules found in place: run the drift pass now
         self._dirty_lock = threading.Lock()
         self._dirty: set[str] = set()  # watched pods (and NODE) that announced a change
@@ -113,18 +119,20 @@ class DriftCheck:
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
         if self._soon or now - self.last_full >= self.backstop:
-            self.last_run = self.last_full = now
+            self.last_run = self.last_full = self.last_node = now
             self._soon = False
             return Due(None, True)
         uids = {uid for uid in dirty if uid in self.table.pods}
         timed = now - self.last_run >= self.interval and self._polled()
-        node = NODE in dirty
+        node = NODE in dirty or (timed and not self._is_watched(NODE) and now - self.last_node >= NODE_POLL)
         if timed:
             self.last_run = now
             uids |= {uid for uid in self.table.pods if not self._is_watched(uid)}
+        if node:
+            self.last_node = now
         if not uids and not timed and not node:
             return None
-        return Due(frozenset(uids), timed or node)
+        return Due(frozenset(uids), node)
 
     def close(self) -> None:
         """Every subscription closed (agent shutdown)."""

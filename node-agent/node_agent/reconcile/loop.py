@@ -221,7 +221,7 @@ class Reconciler:
             self.drift.run(self._stop.is_set, self._serve_waiting, due)
         self.drift.sync_watches()
         with self.table.lock:
-            self._sync_node_rules(force=due is not None and due.timed)
+            self._sync_node_rules(force=due is not None and due.node)
             counts: dict[str, int] = {}
             for st in self.table.of_mode(AMBIENT):
                 counts[st.state] = counts.get(st.state, 0) + 1
