@@ -99,15 +99,37 @@ def remove_dir(path: Path) -> None:
         pass
 
 
+_PROG_IDS: dict[str, tuple[int, int, int]] = {}  # pin path -> (inode, ctime ns, program id)
+_PROG_IDS_MAX = 65536
+
+
+def pinned_prog_id(path: Path) -> int | None:
+    """The id of the program pinned at `path` (None: nothing pinned there). Remembered per pin file: a
+    pin made again is a new bpffs inode, so one stat tells whether it is still the program read before
+    (the drift check asks for every program of every pod each interval; opening the pin and asking the
+    kernel for its info costs three bpf/close calls)."""
+    key = str(path)
+    try:
+        st = os.stat(key)
+    except FileNotFoundError:
+        _PROG_IDS.pop(key, None)
+        return None
+    known = _PROG_IDS.get(key)
+    if known is not None and known[:2] == (st.st_ino, st.st_ctime_ns):
+        return known[2]
+    fd = open_pinned(path)
+    if fd is None:
+        return None
+    try:
+        prog_id = bpfsys.prog_info(fd).prog_id
+    finally:
+        os.close(fd)
+    if len(_PROG_IDS) >= _PROG_IDS_MAX:
+        _PROG_IDS.clear()
+    _PROG_IDS[key] = (st.st_ino, st.st_ctime_ns, prog_id)  # read after the stat: a newer pin is re-read
+    return prog_id
+
+
 def pinned_ids(paths: Iterable[Path]) -> set[int]:
     """The ids of the programs pinned at `paths` (missing pins skipped)."""
-    ids: set[int] = set()
-    for path in paths:
-        fd = open_pinned(path)
-        if fd is None:
-            continue
-        try:
-            ids.add(bpfsys.prog_info(fd).prog_id)
-        finally:
-            os.close(fd)
-    return ids
+    return {pid for pid in map(pinned_prog_id, paths) if pid is not None}

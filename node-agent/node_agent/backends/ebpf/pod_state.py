@@ -41,14 +41,10 @@ def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str
         attached = {atype: c.attached(atype) for atype in {loader.PROGRAMS[name][1] for name in wanted}}
         ours: set[int] = set()
         for name in wanted:
-            fd = pinning.open_pinned(pdir / name)
-            if fd is None:
+            pid = pinning.pinned_prog_id(pdir / name)
+            if pid is None:
                 problems.append(f"eBPF program {name} is not pinned")
                 continue
-            try:
-                pid = bpfsys.prog_info(fd).prog_id
-            finally:
-                os.close(fd)
             ours.add(pid)
             if pid not in attached[loader.PROGRAMS[name][1]]:
                 problems.append(f"eBPF program {name} is not attached to {cg}")

@@ -1,15 +1,18 @@
-"""A pod's programs are loaded side by side (`program_loads`): every program loaded, or none left open."""
+"""A pod's programs are loaded side by side (`program_loads`): every program loaded, or none left open.
+A pinned program's id is remembered per pin file (`pinning.pinned_prog_id`), and a pin made again is read
+again."""
 
 from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
-from node_agent.backends.ebpf import bpfsys  # noqa: E402
+from node_agent.backends.ebpf import bpfsys, pinning  # noqa: E402
 from node_agent.backends.ebpf.loader import CompiledObject, Program  # noqa: E402
 from node_agent.backends.ebpf.program_loads import load_programs  # noqa: E402
 
@@ -51,3 +54,26 @@ def test_one_refused_program_leaves_nothing_open() -> None:
         load_programs(_object(bodies), {}, names)
     assert "hrtest_bad" in str(caught.value) and caught.value.log  # the verifier's own words come along
     assert _open_fds() == before
+
+
+def test_a_pinned_program_id_follows_the_pin(tmp_path: Path) -> None:
+    root = pinning.ensure_bpffs(tmp_path / "state")
+    try:
+        path = root / "hrtest_prog"
+        loaded = load_programs(_object({"hrtest_a": RETURN_1, "hrtest_b": RETURN_1}), {}, ["hrtest_a", "hrtest_b"])
+        try:
+            a, b = (bpfsys.prog_info(loaded[n]).prog_id for n in ("hrtest_a", "hrtest_b"))
+            assert pinning.pinned_prog_id(path) is None
+            pinning.pin(loaded["hrtest_a"], path)
+            assert pinning.pinned_prog_id(path) == a
+            assert pinning.pinned_prog_id(path) == a  # remembered
+            pinning.pin(loaded["hrtest_b"], path)  # replaced: a new pin file
+            assert pinning.pinned_prog_id(path) == b
+            assert pinning.pinned_ids([path, root / "hrtest_none"]) == {b}
+            pinning.unpin(path)
+            assert pinning.pinned_prog_id(path) is None
+        finally:
+            for fd in loaded.values():
+                os.close(fd)
+    finally:
+        pinning.unmount_bpffs(tmp_path / "state")
