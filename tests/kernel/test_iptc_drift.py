@@ -22,6 +22,7 @@ from node_agent.backends.base import PodTarget, RedirectSpec
 from node_agent.backends.iptables import iptc_reader
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
+from node_agent.backends.iptables.xt_digest import XtDigestError, XtDigestReader
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
@@ -68,9 +69,10 @@ class Spawns:
 
 
 def make_backend(reader: iptc_reader.IptcReader) -> tuple[IptablesBackend, CheckStats]:
+    """The legacy backend as the agent builds it: the xt digest first, then python-iptables."""
     backend = IptablesBackend("legacy", in_process_check=False)
     stats = CheckStats()
-    backend.shortcut = DriftShortcut(reader, stats)  # own counters: other tests share the process
+    backend.shortcut = DriftShortcut(reader, stats, quick=XtDigestReader())  # own counters (shared process)
     return backend, stats
 
 
@@ -203,6 +205,53 @@ TAMPERING: dict[str, Callable[[NetNS], None]] = {
     "extra-chain-other-table": _extra_chain_elsewhere,
     "goto-instead-of-jump": _goto_instead_of_jump,
 }
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERING))
+def test_tampering_changes_the_xt_digest_and_traffic_does_not(ns: NetNS, case: str) -> None:
+    """The digest asked first on legacy hosts: no tampering can hide behind it; counters do not move it."""
+    backend = IptablesBackend("legacy", in_process_check=False)
+    backend.apply(target_of(ns), AMBIENT)
+    quick = XtDigestReader()
+    digest = quick.digest(ns.path, (4, 6))
+    with entered(ns.path):
+        srv = socket.create_server(("127.0.0.1", 0))
+        socket.create_connection(srv.getsockname(), timeout=5).close()
+        srv.accept()[0].close()
+        srv.close()
+    assert quick.digest(ns.path, (4, 6)) == digest
+    TAMPERING[case](ns)
+    assert quick.digest(ns.path, (4, 6)) != digest
+
+
+def test_an_unchanged_netns_is_decided_by_the_xt_digest_alone(
+    ns: NetNS, reader: iptc_reader.IptcReader, monkeypatch
+) -> None:
+    backend, stats = make_backend(reader)
+    target = target_of(ns)
+    settle(backend, target, AMBIENT, stats)
+
+    def no_read(*_args: object) -> bytes:
+        raise AssertionError("python-iptables read although nothing changed")
+
+    spawns = Spawns(monkeypatch)
+    monkeypatch.setattr(reader, "fingerprint", no_read)
+    for _ in range(3):
+        assert backend.check(target, AMBIENT) == []
+    assert spawns.count == 0
+    monkeypatch.undo()
+    ns.run(["iptables-legacy", "-t", "nat", "-F", "HEADRACE_AM_OUTPUT"])
+    assert backend.check(target, AMBIENT)  # the digest moved: the fingerprint, then the compare
+
+
+def test_the_xt_digest_creates_no_table_and_reports_what_it_cannot_read(ns: NetNS, tmp_path) -> None:
+    quick = XtDigestReader()
+    empty = quick.digest(ns.path, (4, 6))
+    assert quick.digest(ns.path, (4, 6)) == empty
+    assert ns.run(["iptables-legacy-save"]).stdout.strip() == ""  # no table made by reading
+    assert quick.digest(ns.path, (4,)) != empty  # the families are part of it
+    with pytest.raises(XtDigestError):
+        quick.digest(str(tmp_path / "missing"), (4,))
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERING))

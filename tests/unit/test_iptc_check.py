@@ -106,6 +106,55 @@ def test_record_is_for_one_spec_family_set_and_prefix(other_spec, other_families
     assert auth.calls == 2
 
 
+class FakeQuick:
+    """A whole-netns digest reader: returns `value` (raises it when an exception), counts reads."""
+
+    def __init__(self, value: bytes | Exception = b"Q") -> None:
+        self.value = value
+        self.reads = 0
+
+    def digest(self, netns_path: str, families: Sequence[int]) -> bytes:
+        self.reads += 1
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+def test_an_unchanged_quick_digest_spares_the_fingerprint_read() -> None:
+    reader, quick, stats = FakeReader(b"A"), FakeQuick(), CheckStats()
+    sc = DriftShortcut(reader, stats, quick=quick)
+    auth = Authority([])
+    sc.check(NS, AmbientSpec(), (4,), PREFIX, auth)  # the full check: recorded, no quick digest yet
+    sc.check(NS, AmbientSpec(), (4,), PREFIX, auth)  # the fingerprint matches: its quick digest is kept
+    reads = reader.reads
+    for _ in range(3):
+        assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == []
+    assert reader.reads == reads and auth.calls == 1  # neither python-iptables nor iptables-save
+    quick.value = b"R"  # something in the netns changed (a foreign rule, or ours)
+    assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == []
+    assert reader.reads == reads + 1 and auth.calls == 1  # the fingerprint still matched: ours is intact
+    reader.script = [b"B"]  # now our part changed: the authority decides
+    quick.value = b"S"
+    auth.answers = [["IPv4 nat: rule altered"]]
+    assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == ["IPv4 nat: rule altered"]
+    assert not sc.recorded(NS)
+
+
+def test_the_quick_digest_is_for_one_record_and_its_failures_fall_through() -> None:
+    reader, quick = FakeReader(b"A"), FakeQuick()
+    sc = DriftShortcut(reader, CheckStats(), quick=quick)
+    auth = Authority([])
+    sc.check(NS, AmbientSpec(), (4,), PREFIX, auth)
+    sc.check(NS, AmbientSpec(), (4,), PREFIX, auth)
+    assert sc.check(NS, AmbientSpec(capture_dns=True), (4,), PREFIX, auth) == [] and auth.calls == 2  # new spec
+    sc.forget(NS)  # an apply: the next check is the full one, whatever the quick digest says
+    assert sc.check(NS, AmbientSpec(capture_dns=True), (4,), PREFIX, auth) == [] and auth.calls == 3
+    quick.value = OSError(11, "table replaced meanwhile")
+    reads = reader.reads
+    assert sc.check(NS, AmbientSpec(capture_dns=True), (4,), PREFIX, auth) == []
+    assert reader.reads == reads + 1 and sc.stats.snapshot()["read_errors"] == 1
+
+
 def test_a_change_racing_with_the_full_check_is_not_recorded() -> None:
     sc, _ = shortcut(FakeReader(b"A", b"B", b"B"))  # before != after the compare
     auth = Authority([])

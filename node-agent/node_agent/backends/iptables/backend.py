@@ -107,9 +107,10 @@ class IptablesBackend:
         wanted = in_process_check_enabled() if in_process_check is None else in_process_check
         if self.flavour == "legacy" and wanted:  # python-iptables drives legacy tables only
             from node_agent.backends.iptables import iptc_reader
+            from node_agent.backends.iptables.xt_digest import XtDigestReader
 
             iptc_reader.prepare_env()  # now, while the agent is still single-threaded
-            self.shortcut = DriftShortcut(iptc_reader.shared_reader())
+            self.shortcut = DriftShortcut(iptc_reader.shared_reader(), quick=XtDigestReader())
         elif self.flavour == "nft" and wanted:
             from node_agent.backends.iptables.nft_generation import NftGenerationReader
 

@@ -63,20 +63,38 @@ class FingerprintReader(Protocol):
     def fingerprint(self, netns_path: str, families: Sequence[int], prefix: str) -> bytes: ...
 
 
+class QuickReader(Protocol):
+    def digest(self, netns_path: str, families: Sequence[int]) -> bytes: ...
+
+
 class _Record(NamedTuple):
     spec: Hashable
     families: tuple[int, ...]
     prefix: str
     digest: bytes
+    quick: bytes | None = None  # the whole-state digest read before that verification (or None)
 
 
 class DriftShortcut:
-    def __init__(self, reader: FingerprintReader, stats: CheckStats | None = None) -> None:
+    def __init__(self, reader: FingerprintReader, stats: CheckStats | None = None,
+                 quick: QuickReader | None = None) -> None:
+        """quick: a cheaper digest of the netns' whole state, asked first (legacy: `xt_digest`): equal to
+        the one read before the last verification, nothing at all changed since."""
         self.reader = reader
+        self.quick = quick
         self.stats = stats if stats is not None else STATS
         self._lock = threading.Lock()
         self._records: dict[str, _Record] = {}
         self._generation = 0
+
+    def _read_quick(self, netns_path: str, families: tuple[int, ...]) -> bytes | None:
+        if self.quick is None:
+            return None
+        try:
+            return self.quick.digest(netns_path, families)
+        except (OSError, ValueError):
+            self.stats.read_error()
+            return None
 
     def _read(self, netns_path: str, families: tuple[int, ...], prefix: str) -> bytes | None:
         if not self.reader.ready():
@@ -102,9 +120,16 @@ class DriftShortcut:
         with self._lock:
             record = self._records.get(netns_path)
             generation = self._generation
+        same_pod = record is not None and record[:3] == (spec, fams, prefix)
+        quick = self._read_quick(netns_path, fams) if same_pod else None
+        if same_pod and quick is not None and record is not None and record.quick == quick:
+            self.stats.count("in_process")  # nothing in the netns changed since it was verified
+            return []
         before = self._read(netns_path, fams, prefix)
-        if before is not None and record == _Record(spec, fams, prefix, before):
+        if before is not None and same_pod and record is not None and record.digest == before:
             self.stats.count("in_process")
+            if quick is not None:  # read before `before`: a change since then shows next time
+                self._store(netns_path, generation, record._replace(quick=quick), replacing=record)
             return []
         self.stats.count("iptables_save")
         problems = authoritative()
@@ -116,12 +141,19 @@ class DriftShortcut:
         after = self._read(netns_path, fams, prefix)
         if after != before:
             return problems
-        with self._lock:
-            if self._generation == generation:
-                if len(self._records) >= MAX_RECORDS and netns_path not in self._records:
-                    self._records.clear()
-                self._records[netns_path] = _Record(spec, fams, prefix, after)
+        self._store(netns_path, generation, _Record(spec, fams, prefix, after, quick))
         return problems
+
+    def _store(self, netns_path: str, generation: int, record: _Record, replacing: _Record | None = None) -> None:
+        """Record a verified state unless an apply/remove (forget) or another check came in between."""
+        with self._lock:
+            if self._generation != generation:
+                return
+            if replacing is not None and self._records.get(netns_path) is not replacing:
+                return
+            if len(self._records) >= MAX_RECORDS and netns_path not in self._records:
+                self._records.clear()
+            self._records[netns_path] = record
 
     def forget(self, netns_path: str) -> None:
         """Drop the record of a netns (its rules are being changed by us, or it is gone)."""
