@@ -1,0 +1,21 @@
+"""The kernel layer's commands the agent does itself, in the pod netns, instead of starting them.
+
+`cni.kernel` runs them as processes (the plugin has nothing better); the agent's runner
+(`node_agent.kernel.netns_spawn.InNetnsSpawner`) looks a command up here by its exact argv and calls the
+function from its thread inside the netns:
+
+- `ip -6 addr replace ::6/128 dev lo` — a dual-stack sidecar's inbound passthrough source (the side job
+  of every sidecar apply): one rtnetlink request (`loopback_address`), a process fewer per ADD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cni.rules.rule_text import PASSTHROUGH_SOURCE
+from node_agent.kernel.loopback_address import replace_on_loopback
+
+IN_PROCESS: dict[tuple[str, ...], Callable[[], None]] = {
+    ("ip", "-6", "addr", "replace", PASSTHROUGH_SOURCE[6], "dev", "lo"):
+        lambda: replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0]),
+}
