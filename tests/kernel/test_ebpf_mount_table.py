@@ -1,10 +1,14 @@
-"""The cgroup2 mount table is read again only after a mount or unmount (the kernel flags mountinfo)."""
+"""The cgroup2 mount table is read again only after a mount or unmount (the kernel flags mountinfo); a
+validated pod cgroup path is remembered until it leads elsewhere."""
 
 from __future__ import annotations
 
 import subprocess
+import uuid
 from pathlib import Path
 
+import pytest
+from node_agent.backends.ebpf import attach
 from node_agent.backends.ebpf.attach import MountTable
 
 
@@ -25,3 +29,31 @@ def test_read_again_only_after_a_mount_change(tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", str(point)], check=True)
     assert point not in table.cgroup2()
+
+
+def test_a_valid_cgroup_path_is_remembered_until_it_leads_elsewhere(tmp_path: Path) -> None:
+    """validate_cgroup remembers a valid path with the directory it led to: the same path pointing at
+    another directory (a swapped symlink) is judged again, and refused when that is no pod cgroup."""
+    root = attach.cgroup2_mounts()[0]
+    cg = root / f"hrtest-valid-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    try:
+        link = tmp_path / "pod-cgroup"
+        link.symlink_to(cg)
+        assert attach.validate_cgroup(str(link)) == cg
+        assert attach.validate_cgroup(str(link)) == cg  # remembered
+        link.unlink()
+        link.symlink_to(tmp_path)  # not a cgroup2 directory
+        with pytest.raises(attach.CgroupError, match="not inside a cgroup2 mount"):
+            attach.validate_cgroup(str(link))
+        link.unlink()
+        link.symlink_to(root)  # the host's cgroup root
+        with pytest.raises(attach.CgroupError, match="cgroup2 root"):
+            attach.validate_cgroup(str(link))
+        link.unlink()
+        link.symlink_to(cg)
+        assert attach.validate_cgroup(str(link)) == cg
+    finally:
+        cg.rmdir()
+    with pytest.raises(attach.CgroupError, match="does not exist"):
+        attach.validate_cgroup(str(link))
