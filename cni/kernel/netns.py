@@ -147,9 +147,9 @@ HOST_NETNS = "/proc/1/ns/net"  # the host's network namespace (where the node's 
 OWN_NETNS = "/proc/self/ns/net"
 
 
-def _identity(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the namespace at `path`, None when it cannot be read (e.g. /proc/1 in a
-    container without the host's pid namespace, or without ptrace access to pid 1)."""
+def stat_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what `path` leads to, None when it cannot be read (e.g. the namespace at /proc/1
+    in a container without the host's pid namespace, or without ptrace access to pid 1)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -204,7 +204,7 @@ def open_pod_netns(path: str, owner: str = "plugin", host: str = HOST_NETNS) -> 
         ident = (fst.st_dev, fst.st_ino)
         if ident == (own.st_dev, own.st_ino):
             raise NetnsFileError(f"refusing to act on {path}: it is the {owner}'s own (node) network namespace")
-        if ident == _identity(host):
+        if ident == stat_identity(host):
             raise NetnsFileError(f"refusing to act on {path}: it is the host's network namespace ({host})")
     except BaseException:
         os.close(fd)

@@ -18,7 +18,7 @@ import os
 from cni.kernel import spawn
 from cni.kernel.iptables_run import TIMEOUT, IptablesError, emit, netns_argv
 from cni.kernel.netns_lock import netns_lock
-from cni.kernel.side_jobs import SideJob, run_with_side_jobs, undo_side_jobs
+from cni.kernel.side_jobs import SideJob, lo_passthrough_v6, run_with_side_jobs, undo_side_jobs
 from cni.rules import nft_builder, nft_text
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -83,7 +83,6 @@ def restore_text(before: str | None, name: str = nft_text.POD_TABLE) -> str:
 
 
 def sidecar_side_jobs(spec: SidecarSpec | SidecarParams, fams: tuple[int, ...]) -> list[SideJob]:
-    from cni.rules.rule_text import PASSTHROUGH_SOURCE
     from cni.rules.sidecar import uses_tproxy
 
     if uses_tproxy(spec):
@@ -91,7 +90,7 @@ def sidecar_side_jobs(spec: SidecarSpec | SidecarParams, fams: tuple[int, ...]) 
 
         return [TproxyRoutesJob(4 if f == 4 else 6) for f in fams]
     if 6 in fams:
-        return [SideJob("lo-v6", ["ip", "-6", "addr", "replace", PASSTHROUGH_SOURCE[6], "dev", "lo"])]
+        return [lo_passthrough_v6()]
     return []
 
 

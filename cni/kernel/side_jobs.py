@@ -16,6 +16,7 @@ from cni.kernel.iptables_run import (
     save_families,
     save_results,
 )
+from cni.rules.rule_text import PASSTHROUGH_SOURCE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -53,6 +54,15 @@ class SideJob:
 
     def undo(self) -> tuple[list[str], str | None] | None:
         return None
+
+
+#: the sidecar's IPv6 inbound passthrough source on lo (as istio-iptables puts it there); the agent does
+#: this one in-process (node_agent/backends/iptables/in_process_commands.py keys on this argv)
+LO_PASSTHROUGH_V6 = ("ip", "-6", "addr", "replace", PASSTHROUGH_SOURCE[6], "dev", "lo")
+
+
+def lo_passthrough_v6() -> SideJob:
+    return SideJob("lo-v6", list(LO_PASSTHROUGH_V6))
 
 
 def undo_side_jobs(netns_path: str | None, jobs: Sequence[SideJob], step: str, log: StepLog | None) -> None:

@@ -22,7 +22,7 @@ import os
 from cni.kernel.apply import apply_rulesets, check_rulesets, require_netns, set_owned, valid_families
 from cni.kernel.iptables_run import IptablesError, emit, restore_many, save, save_families
 from cni.kernel.netns_lock import netns_lock
-from cni.kernel.side_jobs import SideJob
+from cni.kernel.side_jobs import SideJob, lo_passthrough_v6
 from cni.rules import rule_text, sidecar
 from cni.rules.saved import owned, owned_all, parse_save
 from cni.rules.transition import desired_from_ruleset, transition
@@ -68,7 +68,7 @@ def apply_sidecar(
 
         jobs = [TproxyRoutesJob(f) for f in fams]
     elif 6 in fams:
-        jobs = [SideJob("lo-v6", ["ip", "-6", "addr", "replace", rule_text.PASSTHROUGH_SOURCE[6], "dev", "lo"])]
+        jobs = [lo_passthrough_v6()]
     else:
         jobs = []
     step = "apply-sidecar"

@@ -7,6 +7,7 @@ import select
 import threading
 from pathlib import Path
 
+from cni.kernel.netns import stat_identity
 from node_agent.backends.ebpf import bpfsys
 
 
@@ -67,14 +68,6 @@ _VALID: dict[str, tuple[int, int, int, Path]] = {}  # path -> (mount table reads
 _VALID_MAX = 65536
 
 
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def validate_cgroup(path: str | None) -> Path:
     """The pod cgroup as a resolved path; refuses a missing dir, a non-cgroup2 dir and any cgroup2 root.
     A path found valid is remembered with what it led to (device and inode) and the mount table it was
@@ -83,12 +76,12 @@ def validate_cgroup(path: str | None) -> Path:
     if not path:
         raise CgroupError("the pod's cgroup v2 directory is unknown (PodTarget.cgroup_path); eBPF needs it")
     cgroup2_mounts()  # notices a mount change (MOUNTS.reads moves)
-    reads, before = MOUNTS.reads, _identity(path)
+    reads, before = MOUNTS.reads, stat_identity(path)
     known = _VALID.get(path)
     if known is not None and before is not None and known[:3] == (reads, *before):
         return known[3]
     p = _validate(path)
-    if before is not None and _identity(path) == before and MOUNTS.reads == reads:
+    if before is not None and stat_identity(path) == before and MOUNTS.reads == reads:
         if len(_VALID) >= _VALID_MAX:
             _VALID.clear()
         _VALID[path] = (reads, *before, p)

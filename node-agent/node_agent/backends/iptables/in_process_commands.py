@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cni.kernel.side_jobs import LO_PASSTHROUGH_V6
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from node_agent.kernel.loopback_address import replace_on_loopback
 
 IN_PROCESS: dict[tuple[str, ...], Callable[[], None]] = {
-    ("ip", "-6", "addr", "replace", PASSTHROUGH_SOURCE[6], "dev", "lo"):
-        lambda: replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0]),
+    LO_PASSTHROUGH_V6: lambda: replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0]),
 }

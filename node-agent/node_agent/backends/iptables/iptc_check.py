@@ -120,13 +120,14 @@ class DriftShortcut:
         with self._lock:
             record = self._records.get(netns_path)
             generation = self._generation
-        same_pod = record is not None and record[:3] == (spec, fams, prefix)
-        quick = self._read_quick(netns_path, fams) if same_pod else None
-        if same_pod and quick is not None and record is not None and record.quick == quick:
+        if record is not None and record[:3] != (spec, fams, prefix):
+            record = None  # recorded for another spec, family set or prefix: no answer from it
+        quick = self._read_quick(netns_path, fams) if record is not None else None
+        if record is not None and quick is not None and record.quick == quick:
             self.stats.count("in_process")  # nothing in the netns changed since it was verified
             return []
         before = self._read(netns_path, fams, prefix)
-        if before is not None and same_pod and record is not None and record.digest == before:
+        if record is not None and before is not None and record.digest == before:
             self.stats.count("in_process")
             if quick is not None:  # read before `before`: a change since then shows next time
                 self._store(netns_path, generation, record._replace(quick=quick), replacing=record)

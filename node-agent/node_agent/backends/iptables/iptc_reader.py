@@ -98,6 +98,16 @@ def entry_layouts(iptc: Any) -> dict[int, EntryLayout]:
     return out
 
 
+def table_names_here(family: int) -> list[str]:
+    """The legacy tables of `family` the kernel has in the calling thread's netns (only these may be read:
+    opening a missing one would create it); [] when that family's legacy tables are not in the kernel."""
+    try:
+        with open(NAMES_FILES[family], encoding="ascii") as f:
+            return table_names(f.read())
+    except FileNotFoundError:
+        return []
+
+
 def _read_tables_here(
     iptc: Any, families: Sequence[int], layouts: dict[int, EntryLayout] = LAYOUTS
 ) -> dict[int, dict[str, Chains]]:
@@ -105,11 +115,7 @@ def _read_tables_here(
     order, each with its rules as RuleKeys. Called with _IPTC_LOCK held."""
     out: dict[int, dict[str, Chains]] = {}
     for family in families:
-        try:
-            with open(NAMES_FILES[family], encoding="ascii") as f:
-                names = table_names(f.read())
-        except FileNotFoundError:  # this family's legacy tables are not in the kernel: no tables
-            names = []
+        names = table_names_here(family)
         cls = iptc.Table if family == 4 else iptc.Table6
         tables: dict[str, Chains] = {}
         for name in names:

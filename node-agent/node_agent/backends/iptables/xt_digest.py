@@ -23,12 +23,12 @@ import struct
 from collections.abc import Sequence
 
 from cni.kernel.netns import NetnsThreadTimeout, libc
-from node_agent.backends.iptables.iptc_fingerprint import LAYOUTS, EntryLayout, table_names
+from node_agent.backends.iptables.iptc_fingerprint import LAYOUTS, EntryLayout
+from node_agent.backends.iptables.iptc_reader import table_names_here
 from node_agent.kernel.netns_runner import run_in_netns
 
 SO_GET_INFO, SO_GET_ENTRIES = 64, 65  # IPT_SO_* == IP6T_SO_*
 LEVELS = {4: socket.IPPROTO_IP, 6: socket.IPPROTO_IPV6}
-NAMES_FILES = {4: "/proc/thread-self/net/ip_tables_names", 6: "/proc/thread-self/net/ip6_tables_names"}
 INFO = struct.Struct("=32sI5I5III")  # name, valid_hooks, hook_entry[5], underflow[5], num_entries, size
 ENTRIES_HEADER = 40  # struct ipt_get_entries: name[32], size u32, then the 8-byte aligned entry table
 COUNTERS = 16  # struct xt_counters (pcnt, bcnt), the last field of the entry header
@@ -84,11 +84,7 @@ def digest_here(families: Sequence[int]) -> bytes:
     """The digest of every table of `families` in the calling thread's netns."""
     h = hashlib.blake2b(digest_size=16)
     for family in families:
-        try:
-            with open(NAMES_FILES[family], encoding="ascii") as f:
-                names = sorted(table_names(f.read()))
-        except FileNotFoundError:  # this family's legacy tables are not in the kernel
-            names = []
+        names = table_names_here(family)  # sorted
         h.update(f"v{family}:{','.join(names)};".encode())
         if not names:
             continue
