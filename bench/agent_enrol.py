@@ -15,6 +15,10 @@ SIGKILLed and restarted: per pod, the time from the restart until it is enrolled
 checked, not re-applied; fresh snapshot to the proxy), median / p99 / all, and the new agent's reconcile
 passes until then (count, longest pass, from its `headrace_agent_reconcile_duration_seconds`). Prints a
 table; cleans up.
+
+The agent's state dir (records, pins, sockets) and the objects dir are on a tmpfs (/dev/shm), as the
+agent's `/var/run/headrace` is on a node; on a disk file system (ext4) each record written by rename
+can start a writeback, which a node never pays.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ from node_agent.lab.agent_run import AgentRun
 from node_agent.lab.netns import NetNS
 from node_agent.lab.objects import ns_object, pod_object, write_object
 from node_agent.lab.pod_cgroups import CGROUP2_ROOT, PodProcs, rmdir_cgroup
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh directory on a tmpfs (/dev/shm) where there is one, else in /tmp."""
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        tmpfs = any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in fh)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm" if tmpfs else "/tmp"))
 
 
 def p99(values: list[float]) -> float:
@@ -98,14 +109,14 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backen
             settle: float = 5.0, window: float = 10.0) -> dict[str, float]:
     node = NetNS.create("hra-node-")
     pods = PodProcs()
-    objects = Path(tempfile.mkdtemp(prefix="hra-bench-", dir="/tmp"))
+    objects = scratch_dir("hra-bench-")
     proxy_cg = CGROUP2_ROOT / f"headrace-test-proxy-{uuid.uuid4().hex[:8]}"
     flags = list(BACKENDS[backend])
     if backend == "ebpf":
         proxy_cg.mkdir()
         flags += ["--proxy-cgroup", str(proxy_cg)]
-    agent = AgentRun(node.path, objects, extra=[*flags, "--drift-interval", str(drift), "--log-level", "info",
-                                                   *(agent_args or [])])
+    agent = AgentRun(node.path, objects, scratch_dir("hra-"),
+                     extra=[*flags, "--drift-interval", str(drift), "--log-level", "info", *(agent_args or [])])
     try:
         write_object(objects, "ns.json", ns_object("bench", ambient=False))
         uids = []

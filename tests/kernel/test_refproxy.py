@@ -313,3 +313,40 @@ def test_proxy_restart_gets_snapshot_and_long_connection_survives_delete(world: 
     wait_until(lambda: w.hub.status()["sessions"] == sessions + 1 and w.hub.snapshot_acked)
     assert request(w.client, w.server_ips[1], b"again") == b"got:again"
     assert {x["workload"] for x in w.proxy.next_lines(2)} == {"shop/client", "shop/server"}
+
+
+def test_a_port_taken_in_the_pod_fails_the_add_and_leaves_nothing_behind() -> None:
+    """The listeners are made in one go on the proxy's loop thread inside the pod netns: one that cannot
+    be bound fails the add with the port named, and closes the others and the netns fd."""
+    import asyncio
+    import uuid
+
+    from node_agent.refproxy.workloads import WorkloadError, WorkloadTable
+
+    ns = NetNS.create("hrt-rpx-")
+    try:
+        with entered(ns.path):
+            blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        blocker.bind(("0.0.0.0", 15006))
+        blocker.listen(1)
+        info = WorkloadInfo(uid=str(uuid.uuid4()), name="p", namespace="n", ips=("10.9.0.2",),
+                            netns_path=ns.path, netns_inode=os.stat(ns.path).st_ino)
+        table = WorkloadTable(lambda _record: None)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        home = os.readlink("/proc/thread-self/ns/net")
+
+        async def add() -> None:
+            with pytest.raises(WorkloadError, match="port 15006"):
+                await table.add(info)
+
+        asyncio.run(add())
+        assert info.uid not in table
+        assert len(os.listdir("/proc/self/fd")) == fds_before  # listeners and the netns fd closed
+        with entered(ns.path):
+            again = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        again.bind(("0.0.0.0", 15001))  # nothing of the failed add still holds its ports
+        again.close()
+        blocker.close()
+        assert os.readlink("/proc/thread-self/ns/net") == home  # the loop's thread came back
+    finally:
+        ns.delete()

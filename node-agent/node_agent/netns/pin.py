@@ -116,10 +116,7 @@ class NetnsPins:
                 return str(target)
             if current is not None:
                 raise RecycledNetns(errno.EEXIST, f"pin {target} holds netns {current}, not {expected_inode}")
-            self.ensure_dir()
-            self._unmount_all(target)  # whatever a crash left there: never stack on it
-            if not target.exists():
-                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_RDONLY | os.O_CLOEXEC, 0o400))
+            self._bare_file(target)
             try:
                 _mount_bind(f"/proc/self/fd/{fd}", str(target))
                 got = self.inode(uid)
@@ -132,6 +129,18 @@ class NetnsPins:
             return str(target)
         finally:
             os.close(fd)
+
+    def _bare_file(self, target: Path) -> None:
+        """The pin file with nothing mounted on it: a file made now cannot hold a mount; one that was
+        already there (a crash's leftover) has everything stacked on it unmounted (never stack on it)."""
+        flags = os.O_CREAT | os.O_EXCL | os.O_RDONLY | os.O_CLOEXEC
+        try:
+            os.close(os.open(target, flags, 0o400))
+        except FileExistsError:
+            self._unmount_all(target)
+        except FileNotFoundError:  # no directory yet (or it was removed)
+            self.ensure_dir()
+            os.close(os.open(target, flags, 0o400))
 
     def verify(self, uid: str, expected_inode: int) -> str:
         """The pin path, after checking it holds the expected netns; raises otherwise."""

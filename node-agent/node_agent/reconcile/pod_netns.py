@@ -4,13 +4,14 @@ the scan (eBPF attaches there)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 
 from node_agent.backends.base import PodTarget
 from node_agent.backends.ebpf import pod_cgroup
 from node_agent.netns.finder import NetnsLocation, NetnsNotFound, pick
-from node_agent.netns.pin import PinError
+from node_agent.netns.pin import PinError, RecycledNetns
 from node_agent.reconcile.state import Pins, PodState
 
 ScanFn = Callable[[], dict[str, list[NetnsLocation]]]
@@ -55,10 +56,13 @@ class PodNetns:
 
     def pin(self, uid: str, source: str, inode: int) -> str:
         """Pin the netns at `source` (expected inode) for the pod; a pin of an older sandbox is released
-        first. Raises PinError/OSError."""
-        current = self.pins.inode(uid)
-        if current is not None and current != inode:
-            self.pins.release(uid)
+        and replaced. Raises PinError/OSError."""
+        try:
+            return self.pins.pin(uid, source, inode)
+        except RecycledNetns as exc:
+            if exc.errno != errno.EEXIST:  # the source is not that netns (or changed while pinned)
+                raise
+        self.pins.release(uid)  # the pin holds another (an older sandbox's) netns
         return self.pins.pin(uid, source, inode)
 
     def fill_cgroup(self, st: PodState, scan: Scan) -> None:

@@ -21,12 +21,12 @@ T = TypeVar("T")
 
 
 class NetnsWorker:
-    """Owns `netns_fd` (closed when the worker ends). Jobs run in FIFO order inside that netns."""
+    """Owns `netns_fd` (closed when the worker ends). Jobs run in FIFO order inside that netns; they may be
+    submitted at once (they wait for the thread to enter it, and fail with the error when it cannot)."""
 
     def __init__(self, netns_fd: int, name: str) -> None:
         self._fd = netns_fd
         self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
-        self.ready: Future[None] = Future()
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"netns-{name}", daemon=True)
@@ -50,12 +50,10 @@ class NetnsWorker:
     def _run(self) -> None:
         try:
             with entered(self._fd):
-                self.ready.set_result(None)
                 self._serve()
         except NetnsReturnError:
             raise  # could not get back home: the thread ends (and says so)
-        except OSError as exc:  # could not enter: nothing ran
-            self.ready.set_exception(exc)
+        except OSError as exc:  # could not enter: nothing ran, every queued job fails with the reason
             self._drain(exc)
         finally:
             self._drain(RuntimeError("netns worker is closed"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 
 BYPASS_MARK = 0x539  # contract: the pod's redirect rules never capture traffic of sockets with this mark
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -71,6 +72,19 @@ def make_listener(family: socket.AddressFamily, port: int) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def make_listeners(ports: Sequence[int]) -> list[tuple[int, socket.AddressFamily, socket.socket | OSError]]:
+    """Every port's IPv4 and IPv6 listener (`make_listener`), made in one go in the calling thread's netns:
+    per (port, family) the socket or the error that refused it. The caller keeps or closes them all."""
+    made: list[tuple[int, socket.AddressFamily, socket.socket | OSError]] = []
+    for port in ports:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                made.append((port, family, make_listener(family, port)))
+            except OSError as exc:
+                made.append((port, family, exc))
+    return made
 
 
 def make_upstream(family: socket.AddressFamily, source: str | None = None) -> socket.socket:

@@ -16,13 +16,13 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cni.kernel.netns import NetnsFileError, pod_netns_inode
+from cni.kernel.netns import NetnsFileError, NetnsReturnError, entered, pod_netns_inode
 from node_agent.protocol.fd_channel import NetnsFdError, fetch_netns_fd, open_verified_netns
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.refproxy.forward import Emit, relay
 from node_agent.refproxy.logs import event
 from node_agent.refproxy.netns_worker import NetnsWorker
-from node_agent.refproxy.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, make_listener, make_upstream
+from node_agent.refproxy.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, make_listeners, make_upstream
 
 LISTENERS: tuple[tuple[int, str], ...] = (
     (OUTBOUND_PORT, "outbound"),
@@ -84,6 +84,7 @@ class WorkloadProxy:
         self.info = info
         self.orig_src = orig_src
         self._emit = emit
+        self._netns_fd = -1  # the pod netns, owned until handed to the worker (made at the first upstream dial)
         self._worker: NetnsWorker | None = None
         self._listening: list[tuple[asyncio.Server, socket.socket, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,34 +96,45 @@ class WorkloadProxy:
         return f"{self.info.namespace}/{self.info.name}"
 
     async def start(self, netns_fd: int) -> None:
-        self._worker = NetnsWorker(netns_fd, self.info.uid[:12])
+        """Every listener up (owns `netns_fd` from here on)."""
+        self._netns_fd = netns_fd
+        made: list[tuple[int, socket.AddressFamily, socket.socket | OSError]] = []
         try:
-            await asyncio.wrap_future(self._worker.ready)
-            for port, direction in LISTENERS:
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    lsock = await self._listener(family, port)
-                    if lsock is None:
-                        continue
-                    handler = functools.partial(self._on_connection, direction)
-                    server = await asyncio.start_server(handler, sock=lsock)
-                    self._listening.append((server, lsock, direction))
+            made = listeners_in(netns_fd, [port for port, _ in LISTENERS])
+            usable = self._usable(made)
+            direction_of = dict(LISTENERS)
+            for port, lsock in usable:
+                handler = functools.partial(self._on_connection, direction_of[port])
+                server = await asyncio.start_server(handler, sock=lsock)
+                self._listening.append((server, lsock, direction_of[port]))
         except BaseException:
+            serving = {id(lsock) for _, lsock, _ in self._listening}
+            for _, _, result in made:  # those not serving yet; close() stops the rest
+                if isinstance(result, socket.socket) and id(result) not in serving:
+                    result.close()
             self.close(grace=0)
             raise
 
-    async def _listener(self, family: socket.AddressFamily, port: int) -> socket.socket | None:
-        assert self._worker is not None
-        try:
-            return await asyncio.wrap_future(self._worker.submit(functools.partial(make_listener, family, port)))
-        except OSError as exc:
-            if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+    def _usable(self, made: list[tuple[int, socket.AddressFamily, socket.socket | OSError]]
+                ) -> list[tuple[int, socket.socket]]:
+        """The listeners made; IPv6 missing in the pod is logged and skipped, any other refusal is the add's
+        error (WorkloadError naming the port)."""
+        for port, family, result in made:
+            if not isinstance(result, OSError):
+                continue
+            if family == socket.AF_INET6 and result.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 event(logging.INFO, "ipv6_unavailable", workload=self.label, port=port)
-                return None
-            raise WorkloadError(f"listen on port {port} in {self.info.netns_path}: {exc.strerror}") from exc
+                continue
+            raise WorkloadError(f"listen on port {port} in {self.info.netns_path}: {result.strerror}") from result
+        return [(port, result) for port, _, result in made if isinstance(result, socket.socket)]
 
     async def _upstream(self, family: socket.AddressFamily, source: str | None = None) -> socket.socket:
+        """An upstream socket made inside the pod netns by the workload's own thread (started at the first
+        dial; it stays there until the workload is closed and its last connection ended)."""
         if self._worker is None:
-            raise RuntimeError("workload is closed")
+            if self._netns_fd < 0:
+                raise RuntimeError("workload is closed")
+            self._worker, self._netns_fd = NetnsWorker(self._netns_fd, self.info.uid[:12]), -1
         return await asyncio.wrap_future(self._worker.submit(functools.partial(make_upstream, family, source)))
 
     async def _on_connection(self, direction: str, reader: asyncio.StreamReader,
@@ -197,6 +209,21 @@ class WorkloadProxy:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+        if self._netns_fd >= 0:
+            os.close(self._netns_fd)
+            self._netns_fd = -1
+
+
+def listeners_in(netns_fd: int, ports: list[int]) -> list[tuple[int, socket.AddressFamily, socket.socket | OSError]]:
+    """`make_listeners` run by the calling thread (the event loop's) inside the pod netns and back: a few
+    syscalls, no hop to another thread. A thread that cannot come back must not go on serving (its next
+    sockets would be made in the pod): the process exits and is restarted."""
+    try:
+        with entered(netns_fd):
+            return make_listeners(ports)
+    except NetnsReturnError as exc:
+        event(logging.CRITICAL, "netns_return_failed", error=str(exc))
+        os._exit(70)
 
 
 class WorkloadTable:
