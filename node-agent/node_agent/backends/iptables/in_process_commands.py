@@ -16,6 +16,12 @@ from cni.kernel.side_jobs import LO_PASSTHROUGH_V6
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from node_agent.kernel.loopback_address import replace_on_loopback
 
+
+def lo_passthrough_v6_here() -> None:
+    """`ip -6 addr replace ::6/128 dev lo` in the calling thread's netns (OSError when refused)."""
+    replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0])
+
+
 IN_PROCESS: dict[tuple[str, ...], Callable[[], None]] = {
-    LO_PASSTHROUGH_V6: lambda: replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0]),
+    LO_PASSTHROUGH_V6: lo_passthrough_v6_here,
 }
