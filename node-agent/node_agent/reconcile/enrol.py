@@ -9,8 +9,7 @@ protected from being redirected mid-stream (nf_conntrack_tcp_loose set to 0, res
 The rules of many pods go in in parallel: a pass hands every pod whose proxy ack is in to a bounded
 worker pool (`APPLY_WORKERS`, `IN_PROCESS_WORKERS` for a backend that applies in-process; the jobs never
 take the lock) and, at its end, waits for them all (`finish_jobs`) and makes each pod `enrolled` (or
-`failed`). A removal waits for the pod's job first (so
-its rules cannot go in after the removal).
+`failed`). A removal waits for the pod's job first (so its rules cannot go in after the removal).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Socket helpers of the reference proxy: listeners, marked upstream sockets, original destination.
 
-The factories run on a NetnsWorker thread (inside the pod netns); the parsers are pure.
+The factories run on a thread inside the pod netns (the proxy's loop thread for a moment, or the
+workload's NetnsWorker); the parsers are pure.
 """
 
 from __future__ import annotations
@@ -74,10 +75,14 @@ def make_listener(family: socket.AddressFamily, port: int) -> socket.socket:
     return s
 
 
-def make_listeners(ports: Sequence[int]) -> list[tuple[int, socket.AddressFamily, socket.socket | OSError]]:
+# per (port, family): the listener, or the error that refused it
+Listeners = list[tuple[int, socket.AddressFamily, socket.socket | OSError]]
+
+
+def make_listeners(ports: Sequence[int]) -> Listeners:
     """Every port's IPv4 and IPv6 listener (`make_listener`), made in one go in the calling thread's netns:
     per (port, family) the socket or the error that refused it. The caller keeps or closes them all."""
-    made: list[tuple[int, socket.AddressFamily, socket.socket | OSError]] = []
+    made: Listeners = []
     for port in ports:
         for family in (socket.AF_INET, socket.AF_INET6):
             try:

@@ -22,7 +22,14 @@ from node_agent.protocol.workload import WorkloadInfo
 from node_agent.refproxy.forward import Emit, relay
 from node_agent.refproxy.logs import event
 from node_agent.refproxy.netns_worker import NetnsWorker
-from node_agent.refproxy.sockets import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, make_listeners, make_upstream
+from node_agent.refproxy.sockets import (
+    HBONE_PORT,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    Listeners,
+    make_listeners,
+    make_upstream,
+)
 
 LISTENERS: tuple[tuple[int, str], ...] = (
     (OUTBOUND_PORT, "outbound"),
@@ -98,7 +105,7 @@ class WorkloadProxy:
     async def start(self, netns_fd: int) -> None:
         """Every listener up (owns `netns_fd` from here on)."""
         self._netns_fd = netns_fd
-        made: list[tuple[int, socket.AddressFamily, socket.socket | OSError]] = []
+        made: Listeners = []
         try:
             made = listeners_in(netns_fd, [port for port, _ in LISTENERS])
             usable = self._usable(made)
@@ -115,8 +122,7 @@ class WorkloadProxy:
             self.close(grace=0)
             raise
 
-    def _usable(self, made: list[tuple[int, socket.AddressFamily, socket.socket | OSError]]
-                ) -> list[tuple[int, socket.socket]]:
+    def _usable(self, made: Listeners) -> list[tuple[int, socket.socket]]:
         """The listeners made; IPv6 missing in the pod is logged and skipped, any other refusal is the add's
         error (WorkloadError naming the port)."""
         for port, family, result in made:
@@ -214,7 +220,7 @@ class WorkloadProxy:
             self._netns_fd = -1
 
 
-def listeners_in(netns_fd: int, ports: list[int]) -> list[tuple[int, socket.AddressFamily, socket.socket | OSError]]:
+def listeners_in(netns_fd: int, ports: list[int]) -> Listeners:
     """`make_listeners` run by the calling thread (the event loop's) inside the pod netns and back: a few
     syscalls, no hop to another thread. A thread that cannot come back must not go on serving (its next
     sockets would be made in the pod): the process exits and is restarted."""
