@@ -138,3 +138,35 @@ def test_ambient_records_unchanged(env: Env) -> None:
     raw = (env.tmp / "pods" / f"{UID}.json").read_text()
     assert '"mode": "ambient"' in raw
     assert env.records.load_all()[UID].mode == "ambient"
+
+
+def test_a_sidecar_pods_record_is_written_before_its_pin(env: Env) -> None:
+    """An agent killed between the two must not leave a pin without a record: a restarted agent takes such
+    a pin for an ambient pod on its way in and, the pod not being ambient, removes our rules from it."""
+    recorded_at_pin: list[bool] = []
+    real_pin = env.pins.pin
+
+    def pin(uid: str, source: str, expected_inode: int) -> str:
+        recorded_at_pin.append(uid in env.records.load_all())
+        return real_pin(uid, source, expected_inode)
+
+    env.pins.pin = pin  # type: ignore[method-assign]
+    _add(env)  # the plugin's ADD handed to the agent (reconcile/sidecar.py)
+    netns = env.fake_netns("bbbbbbbb-0000-0000-0000-000000000002")
+    with env.r.table.lock:  # the agent's own sidecar ADD, held after its reply (lock held)
+        held = env.r.plugin_sidecars.hold(
+            pod(uid="bbbbbbbb-0000-0000-0000-000000000002", annotations=dict(SIDECAR)), str(netns),
+            netns.stat().st_ino, env.backend, SidecarSpec(), (), "test")
+    assert held and recorded_at_pin == [True, True]
+
+
+def test_a_sidecar_record_whose_pin_failed_is_not_left_behind(env: Env) -> None:
+    def refuse(uid: str, source: str, expected_inode: int) -> str:
+        raise OSError("no pin")
+
+    env.pins.pin = refuse  # type: ignore[method-assign]
+    netns = env.fake_netns(UID)
+    with env.r.table.lock:
+        assert not env.r.plugin_sidecars.hold(pod(annotations=dict(SIDECAR)), str(netns), netns.stat().st_ino,
+                                              env.backend, SidecarSpec(), (), "test")
+    assert UID not in env.records.load_all() and UID not in env.r.pods

@@ -126,3 +126,56 @@ def test_an_unwatched_node_netns_is_rechecked_every_node_poll_not_every_poll(tmp
     env.clock.t += 2.5
     env.r.reconcile()
     assert len(env.node_rules) == calls + 1
+
+
+def test_a_partly_announcing_backend_is_watched_polls_only_its_unannounced_part(tmp_path: Path) -> None:
+    """eBPF ambient pods: the programs are polled every drift interval (`check_unannounced`), the inbound
+    rules and routing (announced on the pod netns) are read by the full check only on change, right
+    after the subscription and at the backstop."""
+    env = Env(tmp_path)
+    env.backend.change_events = False
+    partial: list[str] = []
+    env.backend.announces_part = lambda spec: True  # type: ignore[attr-defined]
+
+    def unannounced(target: PodTarget, spec: object) -> list[str]:
+        partial.append(target.uid)
+        return []
+
+    env.backend.check_unannounced = unannounced  # type: ignore[attr-defined]
+    made: list[FakeWatcher] = []
+
+    def factory(cb: Callable[[str], None]) -> FakeWatcher:
+        made.append(FakeWatcher(cb))
+        return made[-1]
+
+    env.r.drift._watcher_factory = factory  # type: ignore[assignment]
+    env.r.drift.backstop = 30.0
+    full: list[str] = []
+    real = env.backend.check
+
+    def counting(target: PodTarget, spec: object) -> list[str]:
+        full.append(target.uid)
+        return real(target, spec)
+
+    env.backend.check = counting  # type: ignore[method-assign]
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+    (w,) = made
+    assert UID in w.keys()  # watched although its backend does not announce everything
+    assert UID in full  # the full check right after the subscription
+    full.clear()
+    partial.clear()
+    for _ in range(3):  # drift intervals: only the part that announces nothing
+        env.clock.t += 2.5
+        env.r.reconcile()
+    assert full == [] and partial == [UID] * 3
+    w.on_change(UID)  # the inbound rules or routing changed: the full check
+    env.r.reconcile()
+    assert full == [UID]
+    full.clear()
+    env.clock.t += 31
+    env.r.reconcile()
+    assert full == [UID]  # the backstop: the full check

@@ -60,6 +60,20 @@ class AppliesInNetns(Protocol):
     def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None]) -> None: ...
 
 
+@runtime_checkable
+class PartlyAnnounced(Protocol):
+    """A backend of which a pod's state is partly in nf_tables and its policy routing (announced on the
+    pod netns' NFNLGRP_NFTABLES and rtnetlink groups: eBPF's ambient inbound on a rules backend with
+    `change_events`) and partly not: the agent watches the pod, polls `check_unannounced` (the rest) and
+    runs the full `check` when the netns announces a change."""
+
+    def announces_part(self, spec: RedirectSpec) -> bool:
+        """Whether part of a pod with this spec announces its changes (else it is polled as a whole)."""
+
+    def check_unannounced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        """`check` without the part that announces its changes."""
+
+
 class RedirectBackend(PodRules, Protocol):
     """A node's redirection backend, as the agent uses it."""
 

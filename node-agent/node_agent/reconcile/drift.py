@@ -8,7 +8,9 @@ When a pod is read back:
   announces a change; the subscription is made once the pod is enrolled, and the pod is checked once
   right after (a change between its apply and the subscription is not missed);
 - every drift interval (`--drift-interval`): the pods that are not watched (iptables-legacy, eBPF, or a
-  failed subscription);
+  failed subscription), and the part that announces nothing of pods that are watched for the rest
+  (`PartlyAnnounced`: an eBPF ambient pod's programs and filters are polled, its inbound rules on
+  nftables or iptables-nft and its policy routing are checked on change);
 - every backstop interval (`--drift-backstop`) and right after pods were enrolled on rules found in place
   (adoption): every pod, watched or not.
 The read-back runs outside the lock, one pod at a time; a CNI request that arrives meanwhile is served
@@ -24,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.backends.base import BackendError, PartlyAnnounced, PodTarget, RedirectBackend
 from node_agent.netns.pin import PinError
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns
@@ -53,6 +55,7 @@ class Due:
 
     uids: frozenset[str] | None
     node: bool
+    partial: frozenset[str] = frozenset()  # of uids: only the part that announces nothing (PartlyAnnounced)
 
 
 class DriftCheck:
@@ -87,6 +90,7 @@ class DriftCheck:
         self._soon = False  # pods were enrolled on rules found in place: run the drift pass now
         self._dirty_lock = threading.Lock()
         self._dirty: set[str] = set()  # watched pods (and NODE) that announced a change
+        self._partly: frozenset[str] = frozenset()  # watched pods of which a part is polled (lock held)
 
     def watch_counts(self) -> dict[str, int]:
         """Change announcements reported so far and the netns watched now (for the metrics; any thread)."""
@@ -109,7 +113,11 @@ class DriftCheck:
         return max(0.0, min(until_full, self.last_run + self.interval - now) if self._polled() else until_full)
 
     def _polled(self) -> bool:
-        return any(not self._is_watched(uid) for uid in self.table.pods)
+        return any(self._is_polled(uid) for uid in self.table.pods)
+
+    def _is_polled(self, uid: str) -> bool:
+        """Read back on the timed passes: not watched, or only partly covered by its watch."""
+        return uid in self._partly or not self._is_watched(uid)
 
     def _is_watched(self, uid: str) -> bool:
         return self.watcher is not None and self.watcher.watched(uid)
@@ -125,14 +133,17 @@ class DriftCheck:
         uids = {uid for uid in dirty if uid in self.table.pods}
         timed = now - self.last_run >= self.interval and self._polled()
         node = NODE in dirty or (timed and not self._is_watched(NODE) and now - self.last_node >= NODE_POLL)
+        partial: set[str] = set()
         if timed:
             self.last_run = now
-            uids |= {uid for uid in self.table.pods if not self._is_watched(uid)}
+            polled = {uid for uid in self.table.pods if self._is_polled(uid)}
+            partial = {uid for uid in polled - uids if uid in self._partly and self._is_watched(uid)}
+            uids |= polled
         if node:
             self.last_node = now
         if not uids and not timed and not node:
             return None
-        return Due(frozenset(uids), node)
+        return Due(frozenset(uids), node, frozenset(partial))
 
     def close(self) -> None:
         """Every subscription closed (agent shutdown)."""
@@ -146,14 +157,20 @@ class DriftCheck:
         pod netns)."""
         with self.table.lock:
             want: dict[str, tuple[str, int]] = {}
+            partly: set[str] = set()
             for st in self.table.pods.values():
                 if not self.events or not st.netns or (st.mode != SIDECAR and st.state != ENROLLED):
                     continue
                 try:
-                    if self.backends.of(st).change_events:
-                        want[st.uid] = (st.netns, st.inode)
+                    backend = self.backends.of(st)
                 except (BackendError, PinError):
                     continue
+                if backend.change_events:
+                    want[st.uid] = (st.netns, st.inode)
+                elif isinstance(backend, PartlyAnnounced) and backend.announces_part(st.spec):
+                    want[st.uid] = (st.netns, st.inode)
+                    partly.add(st.uid)
+            self._partly = frozenset(partly)
         if not want and self.watcher is None:
             return
         if want:  # the node's own probe rules: re-checked when the node netns announces a change
@@ -190,7 +207,10 @@ class DriftCheck:
                 continue
             st, backend, target = job
             try:
-                result: list[str] | BackendError = backend.check(target, st.spec)
+                result: list[str] | BackendError = (
+                    backend.check_unannounced(target, st.spec)
+                    if due is not None and uid in due.partial and isinstance(backend, PartlyAnnounced)
+                    else backend.check(target, st.spec))
             except BackendError as exc:
                 result = exc
             with self.table.lock:

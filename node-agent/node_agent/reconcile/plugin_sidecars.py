@@ -117,13 +117,16 @@ class PluginSidecars:
                       inode=inode, ips=ips or pod.ips, cgroup_path=cgroup_path, rules_in=True,
                       backend=backend.name, enrolled_at=time.time(),
                       annotations=tuple(sorted((k, v) for k, v in pod.annotations.items() if k in KNOWN)))
+        # the record before the pin: a restarted agent that finds a pin without a record takes it for an
+        # ambient pod on its way in and, the pod not being ambient, removes our rules from its netns
+        self.table.save_record(st)
         try:
             st.netns = self.netns.pin(pod.uid, netns_path, inode)
         except (PinError, OSError) as exc:
+            self.table.records.delete(pod.uid)
             log.info("cannot pin a sidecar pod's netns: %s", exc, extra=log_ctx(st, "plugin-sidecar"))
             return False
         self.table.pods[pod.uid] = st
-        self.table.save_record(st)
         self.table.notify()
         log.info("sidecar pod held (drift watched): %s", reason, extra=log_ctx(st, "plugin-sidecar"))
         return True

@@ -92,17 +92,16 @@ class SidecarPods:
             st = old or PodState(uid, namespace or pod.namespace, name or pod.name, SIDECAR, spec, inode=ino,
                                  ips=ips or pod.ips)
             st.annotations = annotations
+            self.netns.fill_cgroup(st, self.netns.new_scan())
+            backend = self.backends.of(st)
+            self.table.save_record(st)  # before the pin, as PluginSidecars.hold does (the reason there)
             try:
                 st.netns = self.netns.pin(uid, netns, ino)
-            except (PinError, OSError) as exc:
-                return Outcome(False, FAILED, f"netns pin: {exc}", retry=True)
-            self.netns.fill_cgroup(st, self.netns.new_scan())
-            try:
                 target = self.netns.target(st)
-            except PinError as exc:
+            except (PinError, OSError) as exc:
+                if old is None:
+                    self.table.records.delete(uid)
                 return Outcome(False, FAILED, f"netns pin: {exc}", retry=True)
-            backend = self.backends.of(st)
-            self.table.save_record(st)
             try:
                 problems = backend.check(target, spec) if st.rules_in else ["not applied"]
                 if problems:

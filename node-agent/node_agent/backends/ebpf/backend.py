@@ -1,15 +1,14 @@
 """EbpfBackend: per-pod eBPF redirection on the pod's own cgroup v2 directory.
 
 Outbound TCP (IPv4, IPv6, v4-mapped) and DNS are done in eBPF (bpf/redirect.c): connect4/6 rewrite to the
-proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP is
-captured by TC ingress/egress programs in the pod netns (the port rewritten to the proxy's inbound port and
-back, as REDIRECT). Alternatively (kernels without what TC needs), inbound is handed to an inbound fallback
-backend (the iptables backend) with an "inbound only" spec. ambient_inbound: the rules backend that takes
-ambient pods' inbound even then (its CONNMARK + policy routing return the replies of the node proxy's
-original-source connections to the proxy; TC has no connection marks).
-Foreign programs on the pod cgroup at our hooks, and foreign TC filters or tcx programs that run before
-ours, are drift, removed by the apply (`foreign_progs`, `tc_foreign`). Programs on the pod cgroup's
-ancestors that can override ours are reported by the check, never removed (`parent_progs`).
+proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP: TC
+ingress/egress programs in the pod netns (the port rewritten to the proxy's inbound port and back, as
+REDIRECT), or (kernels without what TC needs) an inbound fallback backend (iptables) with an "inbound only"
+spec. ambient_inbound: the rules backend that takes ambient pods' inbound even then (its CONNMARK + policy
+routing return the replies of the node proxy's original-source connections; TC has no connection marks);
+its changes are announced, so the agent polls only `check_unannounced` for such pods. Foreign programs at
+our hooks and foreign TC filters or tcx programs ahead of ours are drift, removed by the apply; programs on
+the pod cgroup's ancestors are reported, never removed (`foreign_progs`, `tc_foreign`, `parent_progs`).
 """
 
 from __future__ import annotations
@@ -409,6 +408,18 @@ class EbpfBackend(RedirectBackend):
 
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         with self._lock:
+            problems = self.check_unannounced(target, spec)
+            if (rules := self.rules_inbound(spec) if maps.needs_inbound(spec) else None) is not None:
+                problems += [f"inbound ({rules.name}): {p}" for p in rules.check(target, maps.inbound_only(spec))]
+            return problems
+
+    def announces_part(self, spec: RedirectSpec) -> bool:
+        """An ambient pod's inbound is on the rules backend: announced when that one announces (nf_tables)."""
+        return bool(getattr(self.rules_inbound(spec) if maps.needs_inbound(spec) else None, "change_events", False))
+
+    def check_unannounced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        """The programs, pins, maps and TC filters (polled: nothing announces their changes)."""
+        with self._lock:
             try:
                 cg = validate_cgroup(target.cgroup_path)
             except CgroupError as e:
@@ -430,9 +441,6 @@ class EbpfBackend(RedirectBackend):
                     problems.append(f"cannot read eBPF state: {e}")
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
                 problems += self.orig_dst.problems(self.proxy_cgroup, root)
-            rules = self.rules_inbound(spec) if maps.needs_inbound(spec) else None
-            if rules is not None:
-                problems += [f"inbound ({rules.name}): {p}" for p in rules.check(target, maps.inbound_only(spec))]
             return problems
 
     def installed(self, target: PodTarget) -> bool:
