@@ -41,9 +41,8 @@ class FakeWatcher:
         self.held.clear()
 
 
-def setup(tmp_path: Path, *, events: bool = True) -> tuple[Env, list[str], list[FakeWatcher]]:
-    env = Env(tmp_path)
-    env.backend.change_events = events
+def watched_and_counted(env: Env) -> tuple[list[str], list[FakeWatcher]]:
+    """The drift check's watchers made fake (backstop 30 s) and the backend's full checks counted."""
     made: list[FakeWatcher] = []
 
     def factory(cb: Callable[[str], None]) -> FakeWatcher:
@@ -60,6 +59,13 @@ def setup(tmp_path: Path, *, events: bool = True) -> tuple[Env, list[str], list[
         return real(target, spec)
 
     env.backend.check = counting  # type: ignore[method-assign]
+    return checked, made
+
+
+def setup(tmp_path: Path, *, events: bool = True) -> tuple[Env, list[str], list[FakeWatcher]]:
+    env = Env(tmp_path)
+    env.backend.change_events = events
+    checked, made = watched_and_counted(env)
     env.fake_netns(UID)
     env.fake_netns(UID2)
     env.set(AMBIENT, pod(UID), pod(UID2, ips=("10.0.0.6",)))
@@ -142,22 +148,7 @@ def test_a_partly_announcing_backend_is_watched_polls_only_its_unannounced_part(
         return []
 
     env.backend.check_unannounced = unannounced  # type: ignore[attr-defined]
-    made: list[FakeWatcher] = []
-
-    def factory(cb: Callable[[str], None]) -> FakeWatcher:
-        made.append(FakeWatcher(cb))
-        return made[-1]
-
-    env.r.drift._watcher_factory = factory  # type: ignore[assignment]
-    env.r.drift.backstop = 30.0
-    full: list[str] = []
-    real = env.backend.check
-
-    def counting(target: PodTarget, spec: object) -> list[str]:
-        full.append(target.uid)
-        return real(target, spec)
-
-    env.backend.check = counting  # type: ignore[method-assign]
+    full, made = watched_and_counted(env)
     env.fake_netns(UID)
     env.set(AMBIENT, pod(UID))
     env.r.reconcile()
