@@ -58,7 +58,7 @@ class PluginAddCollector:
 class DriftWatchCollector:
     """The drift check's change subscriptions (node_agent.reconcile.drift): `headrace_agent_drift_change_events_total`
     (announcements that made a pod be checked) and `headrace_agent_drift_watched_pods` (pods checked on
-    change rather than polled)."""
+    change; an eBPF ambient pod counts too, its programs still polled)."""
 
     def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
         self.source = source
