@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 
 import pytest
-from node_agent.backends.iptables.in_process_commands import IN_PROCESS
+from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.kernel.netns_runner import NetnsRunner
 from node_agent.kernel.netns_spawn import InNetnsSpawner
 
@@ -31,6 +31,20 @@ def netns() -> Iterator[str]:
         yield f"/run/netns/{name}"
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The programs the runner starts (`spawn.spawn_many`), in order; in-process commands are not there."""
+    names: list[str] = []
+    real = spawn.spawn_many
+
+    def recording(jobs: Sequence[tuple[Sequence[str], str | None]], timeout: float) -> list[spawn.Result]:
+        names.extend(argv[0] for argv, _ in jobs)
+        return real(jobs, timeout)
+
+    monkeypatch.setattr(spawn, "spawn_many", recording)
+    return names
 
 
 def interfaces() -> list[str]:
@@ -148,24 +162,16 @@ def test_a_missing_binary_raises_and_mixed_batches_still_run(netns: str) -> None
     assert b.stdout.strip() == os.readlink("/proc/self/ns/net")
 
 
-def test_the_sidecar_passthrough_address_is_added_without_a_process(netns: str, monkeypatch) -> None:
+def test_the_sidecar_passthrough_address_is_added_without_a_process(netns: str, started: list[str]) -> None:
     """A dual-stack sidecar apply through the agent's runner: the iptables restores are processes, `::6`
     on lo is an rtnetlink request from the thread inside the netns; a failure reads like `ip`'s."""
-    started: list[list[str]] = []
-    real = spawn.spawn_many
-
-    def recording(jobs: Sequence[tuple[Sequence[str], str | None]], timeout: float) -> list[spawn.Result]:
-        started.extend(list(argv) for argv, _ in jobs)
-        return real(jobs, timeout)
-
-    monkeypatch.setattr(spawn, "spawn_many", recording)
     previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS))
     try:
         subprocess.run(["ip", "-n", os.path.basename(netns), "link", "set", "lo", "up"], check=True)
         netns_tables.apply_sidecar(netns, SidecarSpec(), (4, 6), "legacy", optimistic=True)
     finally:
         spawn.install_runner(previous)
-    assert sorted(argv[0] for argv in started) == ["ip6tables-legacy-restore", "iptables-legacy-restore"]
+    assert sorted(started) == ["ip6tables-legacy-restore", "iptables-legacy-restore"]
     addrs = subprocess.run(["ip", "-n", os.path.basename(netns), "-6", "addr", "show", "dev", "lo"],
                            capture_output=True, text=True, check=True).stdout
     assert "inet6 ::6/128" in addrs
@@ -178,3 +184,42 @@ def test_the_sidecar_passthrough_address_is_added_without_a_process(netns: str, 
     assert res.returncode in (0, 2)  # an address on a down lo: accepted or refused, never a crash
     if res.returncode:
         assert res.stderr.startswith("RTNETLINK answers:")
+
+
+def test_restorers_do_the_work_or_the_command_is_started(netns: str, started: list[str]) -> None:
+    """A restorer that did the work: nothing started, exit 0; one that declines (changing nothing) or
+    raises: the command is started after all, with its stdin."""
+    seen: list[str] = []
+
+    def done(text: str) -> None:
+        seen.append(text)
+
+    def declined(text: str) -> str | None:
+        return "not mine"
+
+    def boom(text: str) -> str | None:
+        raise RuntimeError("a bug")
+
+    spawner = InNetnsSpawner(restorers={("cat",): done, ("tee", "/dev/null"): declined, ("wc", "-c"): boom})
+    a, b, c = spawner.run_many([(netns_argv(netns, ["cat"]), "one"), (netns_argv(netns, ["tee", "/dev/null"]), "two"),
+                                (netns_argv(netns, ["wc", "-c"]), "three")], 10)
+    assert seen == ["one"] and (a.returncode, a.stdout) == (0, "")
+    assert (b.returncode, b.stdout) == (0, "two") and (c.returncode, c.stdout.strip()) == (0, "5")
+    assert started == ["tee", "wc"]
+
+
+@pytest.mark.parametrize(("flavour", "processes"), [("legacy", []), ("nft", ["ip6tables-nft-restore",
+                                                                            "iptables-nft-restore"])])
+def test_a_legacy_sidecar_apply_into_a_new_netns_starts_no_process(
+    netns: str, started: list[str], flavour: str, processes: list[str]
+) -> None:
+    """The agent's runner with its restorers: a dual-stack sidecar ADD on a legacy host is laid out and
+    swapped in by the agent itself (`xt_fresh_write`); iptables-nft still gets its restore processes."""
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        netns_tables.apply_sidecar(netns, SidecarSpec(), (4, 6), flavour, optimistic=True)  # type: ignore[arg-type]
+        assert sorted(started) == processes
+        assert netns_tables.installed(netns, flavour)  # type: ignore[arg-type]
+        assert netns_tables.check_sidecar(netns, SidecarSpec(), (4, 6), flavour) == []  # type: ignore[arg-type]
+    finally:
+        spawn.install_runner(previous)

@@ -28,7 +28,7 @@ from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
 from node_agent.backends.base import BackendError, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
-from node_agent.backends.iptables.in_process_commands import IN_PROCESS
+from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.select import rules_backend_setting, select_backend
 from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.netns.pin import NetnsPins
@@ -259,7 +259,8 @@ class Agent:
     def start(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o755, exist_ok=True)
         self.pins.ensure_dir()
-        self._spawner = spawn.install_runner(InNetnsSpawner(IN_PROCESS))  # commands in a pod netns, no nsenter
+        # commands in a pod netns without nsenter; some done in-process
+        self._spawner = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
         self.hub.start()
         self.reconciler.start()
         self.source.start()

@@ -12,11 +12,14 @@ message on stderr (what nsenter would have said), a command that cannot be start
 
 Commands the caller knows how to do in-process (`builtin`: exact argv → a function run in the netns) are
 not started at all: their result is exit status 0, or 2 with the kernel's words as `ip` prints them
-(the agent's table: `backends/iptables/in_process_commands.py`).
+(the agent's table: `backends/iptables/in_process_commands.py`). Commands fed on stdin may have a
+`restorer` (exact argv → a function of the stdin text, run in the netns) that does the command's work
+itself or declines with a reason (having changed nothing): then the command is started after all.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from cni.kernel import spawn
@@ -25,6 +28,9 @@ from node_agent.kernel.netns_runner import run_in_netns
 
 Jobs = Sequence[tuple[Sequence[str], str | None]]
 Builtin = Mapping[tuple[str, ...], Callable[[], None]]
+Restorers = Mapping[tuple[str, ...], Callable[[str], "str | None"]]  # None: done; else why it declined
+
+log = logging.getLogger("headrace.netns_spawn")
 
 
 def _builtin(fn: Callable[[], None]) -> spawn.Result:
@@ -35,21 +41,44 @@ def _builtin(fn: Callable[[], None]) -> spawn.Result:
     return spawn.Result(0, "", "")
 
 
-def _run_here(jobs: list[tuple[list[str], str | None]], table: Builtin, timeout: float) -> list[spawn.Result]:
-    """The batch in the calling thread's netns: built-in commands first (microseconds), then the rest."""
-    builtin = [table.get(tuple(argv)) if stdin is None else None for argv, stdin in jobs]
-    done = {i: _builtin(fn) for i, fn in enumerate(builtin) if fn is not None}
-    started = iter(spawn.spawn_many([job for job, fn in zip(jobs, builtin, strict=True) if fn is None], timeout))
+def _restored(fn: Callable[[str], str | None], argv: list[str], stdin: str) -> spawn.Result | None:
+    try:
+        declined = fn(stdin)
+    except Exception:  # a bug of ours must not fail the command: it is started instead
+        log.warning("in-process %s failed, starting it", argv[0], exc_info=True)
+        return None
+    if declined is not None:
+        log.debug("in-process %s declined, starting it: %s", argv[0], declined)
+        return None
+    return spawn.Result(0, "", "")
+
+
+def _run_here(
+    jobs: list[tuple[list[str], str | None]], table: Builtin, restorers: Restorers, timeout: float
+) -> list[spawn.Result]:
+    """The batch in the calling thread's netns: built-in commands and restorers first (microseconds), then
+    the rest (and what a restorer declined)."""
+    done: dict[int, spawn.Result] = {}
+    for i, (argv, stdin) in enumerate(jobs):
+        key = tuple(argv)
+        if stdin is None and key in table:
+            done[i] = _builtin(table[key])
+        elif stdin is not None and key in restorers:
+            result = _restored(restorers[key], argv, stdin)
+            if result is not None:
+                done[i] = result
+    started = iter(spawn.spawn_many([job for i, job in enumerate(jobs) if i not in done], timeout))
     return [done[i] if i in done else next(started) for i in range(len(jobs))]
 
 
 class InNetnsSpawner:
     """A `cni.kernel.spawn.Runner` that enters the netns itself instead of starting nsenter."""
 
-    __slots__ = ("builtin",)
+    __slots__ = ("builtin", "restorers")
 
-    def __init__(self, builtin: Builtin | None = None) -> None:
+    def __init__(self, builtin: Builtin | None = None, restorers: Restorers | None = None) -> None:
         self.builtin: Builtin = builtin or {}
+        self.restorers: Restorers = restorers or {}
 
     def run_many(self, jobs: Jobs, timeout: float) -> list[spawn.Result]:
         split = [split_netns_argv(argv) for argv, _ in jobs]
@@ -63,7 +92,7 @@ class InNetnsSpawner:
 
         def inside() -> list[spawn.Result]:
             entered.append(True)
-            return _run_here(bare, self.builtin, timeout)
+            return _run_here(bare, self.builtin, self.restorers, timeout)
 
         try:
             return run_in_netns(netns, inside)

@@ -6,14 +6,23 @@ function from its thread inside the netns:
 
 - `ip -6 addr replace ::6/128 dev lo` — a dual-stack sidecar's inbound passthrough source (the side job
   of every sidecar apply): one rtnetlink request (`loopback_address`), a process fewer per ADD.
+
+and, in `RESTORES`, the commands fed a text that it may do itself or decline (then they are started):
+
+- `ip{,6}tables-legacy-restore --noflush` with the text of an ADD into a new netns (`xt_fresh_write`:
+  the table laid out in-process and swapped in with one setsockopt), two processes fewer per
+  dual-stack sidecar ADD on a legacy host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
+from cni.kernel.iptables_run import restore_argv
 from cni.kernel.side_jobs import LO_PASSTHROUGH_V6
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
+from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
 from node_agent.kernel.loopback_address import replace_on_loopback
 
 
@@ -24,4 +33,8 @@ def lo_passthrough_v6_here() -> None:
 
 IN_PROCESS: dict[tuple[str, ...], Callable[[], None]] = {
     LO_PASSTHROUGH_V6: lo_passthrough_v6_here,
+}
+
+RESTORES: dict[tuple[str, ...], Callable[[str], str | None]] = {
+    tuple(restore_argv("legacy", family)): partial(restore_fresh_here, family) for family in (4, 6)
 }

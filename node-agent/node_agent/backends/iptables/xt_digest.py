@@ -55,7 +55,7 @@ def masked(entries: bytes, layout: EntryLayout) -> bytes:
     return bytes(out)
 
 
-def _getsockopt(fd: int, level: int, option: int, buf: ctypes.Array[ctypes.c_char], what: str) -> None:
+def getsockopt_into(fd: int, level: int, option: int, buf: ctypes.Array[ctypes.c_char], what: str) -> None:
     size = ctypes.c_uint32(len(buf))
     if libc().getsockopt(fd, level, option, buf, ctypes.byref(size)) != 0:
         err = ctypes.get_errno()
@@ -67,13 +67,13 @@ def read_table(sock: socket.socket, family: int, name: str) -> tuple[bytes, byte
     level = LEVELS[family]
     raw_name = name.encode("ascii")
     info_buf = ctypes.create_string_buffer(raw_name, INFO.size)
-    _getsockopt(sock.fileno(), level, SO_GET_INFO, info_buf, f"table {name} info")
+    getsockopt_into(sock.fileno(), level, SO_GET_INFO, info_buf, f"table {name} info")
     size = INFO.unpack_from(info_buf.raw)[-1]
     if size > MAX_TABLE:
         raise XtDigestError(0, f"table {name}: {size} bytes of entries")
     entries_buf = ctypes.create_string_buffer(ENTRIES_HEADER + size)
     struct.pack_into("=32sI", entries_buf, 0, raw_name, size)
-    _getsockopt(sock.fileno(), level, SO_GET_ENTRIES, entries_buf, f"table {name} entries")  # EAGAIN: replaced
+    getsockopt_into(sock.fileno(), level, SO_GET_ENTRIES, entries_buf, f"table {name} entries")  # EAGAIN: replaced
     try:
         return info_buf.raw[32:], masked(entries_buf.raw[ENTRIES_HEADER:], LAYOUTS[family])
     except ValueError as exc:

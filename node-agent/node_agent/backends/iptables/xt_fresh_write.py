@@ -1,0 +1,136 @@
+"""Put a fresh restore text into a new pod netns' legacy iptables table in-process: no iptables-restore.
+
+An ADD's sidecar rules go into a netns whose `nat` table holds nothing yet; `iptables-legacy-restore`
+(~2 ms of process per family here) reads the table with two getsockopt calls, lays it out again with our
+rules and hands it back with one setsockopt. `restore_fresh_here` does the same from the calling thread
+(which is inside the pod netns), with the blob `xt_blob` lays out, under the same xtables lock
+iptables takes (`/run/xtables.lock`, or `$XTABLES_LOCKFILE`):
+
+1. the text is read (`xt_fresh_rules.read_fresh`): anything outside its grammar is declined;
+2. `IPT_SO_GET_INFO` / `IPT_SO_GET_ENTRIES`: the table must be exactly what a new netns holds (every
+   hook's chain empty with an ACCEPT policy), else declined: iptables-restore then applies the text
+   (and refuses it the way it always does, e.g. when our chains exist);
+3. `IPT_SO_SET_REPLACE` with the new blob (the kernel swaps the whole table at once, or refuses it and
+   changes nothing; it refuses with EAGAIN when the table changed since step 2), then
+   `IPT_SO_SET_ADD_COUNTERS` gives the policies their counters back, as libiptc does.
+
+The records and the blob of a text are kept (a node's pods share a few specs, hence a few texts).
+
+Declined (returned reason) means nothing changed; the caller starts iptables-restore. The ip6tables
+calls have the same numbers at SOL_IPV6.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+from functools import lru_cache
+
+from node_agent.backends.iptables.xt_blob import Blob, layout, masked, pristine
+from node_agent.backends.iptables.xt_digest import (
+    ENTRIES_HEADER,
+    INFO,
+    LEVELS,
+    SO_GET_ENTRIES,
+    SO_GET_INFO,
+    XtDigestError,
+    getsockopt_into,
+)
+from node_agent.backends.iptables.xt_fresh_rules import FreshTable, Unsupported, read_fresh
+
+SO_SET_REPLACE, SO_SET_ADD_COUNTERS = 64, 65  # IPT_SO_* == IP6T_SO_*
+REPLACE = struct.Struct("=32sIII5I5IIQ")  # struct ipt_replace up to its entries
+COUNTERS_INFO = struct.Struct("=32sI4x")  # struct xt_counters_info up to its counters
+COUNTER = struct.Struct("=QQ")
+DEFAULT_LOCK = "/run/xtables.lock"
+
+
+# Most pods of a node share a handful of specs: the text → records → blob work is done once per text.
+_read = lru_cache(maxsize=64)(read_fresh)
+_layout = lru_cache(maxsize=64)(layout)
+_pristine = lru_cache(maxsize=8)(pristine)
+
+
+def lock_path() -> str:
+    return os.environ.get("XTABLES_LOCKFILE") or DEFAULT_LOCK
+
+
+def restore_fresh_here(family: int, text: str) -> str | None:
+    """Apply `text` (a fresh restore text) in the calling thread's netns; None when done, else why it
+    was declined (nothing changed)."""
+    try:
+        table = _read(text, family)
+    except Unsupported as exc:
+        return f"not laid out in-process: {exc}"
+    try:
+        lock = os.open(lock_path(), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return f"xtables lock: {exc.strerror}"
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "xtables lock busy"
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        with socket.socket(af, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW) as sock:
+            return _replace_pristine(sock, table)
+    except OSError as exc:
+        return f"table {table.name}: {exc.strerror or exc}"
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def _replace_pristine(sock: socket.socket, table: FreshTable) -> str | None:
+    family, level = table.family, LEVELS[table.family]
+    name = table.name.encode()
+    info_buf = ctypes.create_string_buffer(name, INFO.size)
+    try:
+        getsockopt_into(sock.fileno(), level, SO_GET_INFO, info_buf, f"table {table.name} info")
+    except XtDigestError as exc:
+        return str(exc)
+    _, valid_hooks, *_, num_entries, size = INFO.unpack_from(info_buf.raw)
+    empty = _pristine(family, valid_hooks)
+    if num_entries != empty.num_entries or size != len(empty.entries):
+        return f"table {table.name} is not empty ({num_entries} entries)"
+    entries_buf = ctypes.create_string_buffer(ENTRIES_HEADER + size)
+    struct.pack_into("=32sI", entries_buf, 0, name, size)
+    try:
+        getsockopt_into(sock.fileno(), level, SO_GET_ENTRIES, entries_buf, f"table {table.name} entries")
+    except XtDigestError as exc:
+        return str(exc)
+    if masked(entries_buf.raw[ENTRIES_HEADER:], family) != masked(empty.entries, family):
+        return f"table {table.name} is not empty (a chain's policy or an entry differs)"
+    try:
+        blob = _layout(table, valid_hooks)
+    except Unsupported as exc:
+        return f"not laid out in-process: {exc}"
+    old = ctypes.create_string_buffer(COUNTER.size * num_entries)
+    head = REPLACE.pack(name, valid_hooks, blob.num_entries, len(blob.entries), *blob.hook_entry, *blob.underflow,
+                        num_entries, ctypes.addressof(old))
+    try:
+        sock.setsockopt(level, SO_SET_REPLACE, head + blob.entries)
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return f"table {table.name} changed while it was read"
+        return f"table {table.name} refused by the kernel: {exc.strerror}"
+    _restore_policy_counters(sock, level, name, blob, empty, old.raw)
+    return None
+
+
+def _restore_policy_counters(
+    sock: socket.socket, level: int, name: bytes, new: Blob, old: Blob, counters: bytes
+) -> None:
+    """Add the old policies' packet and byte counts to the new policy entries (best effort: counters)."""
+    values = [COUNTER.pack(0, 0)] * new.num_entries
+    for was, now in zip(old.policies, new.policies, strict=True):
+        values[now] = counters[was * COUNTER.size : (was + 1) * COUNTER.size]
+    if all(v == COUNTER.pack(0, 0) for v in values):
+        return
+    try:
+        sock.setsockopt(level, SO_SET_ADD_COUNTERS, COUNTERS_INFO.pack(name, new.num_entries) + b"".join(values))
+    except OSError:
+        pass

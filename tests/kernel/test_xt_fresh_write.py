@@ -1,0 +1,171 @@
+"""The agent's in-process legacy iptables write of an ADD's sidecar rules (`xt_fresh_write`) against the
+real iptables-legacy-restore on the real kernel:
+
+- for every REDIRECT-mode sidecar scenario and both families, the table it writes is byte for byte the
+  one iptables-legacy-restore writes from the same text (entries, hooks, underflows; counters and the
+  kernel's own bookkeeping aside) and iptables-legacy-save prints the same rules;
+- it declines, changing nothing, whatever it does not lay out itself (TPROXY mode's mangle rules), a table
+  that is not as a new netns holds it (a rule of someone else, a DROP policy, our chains already there),
+  and a held xtables lock; the text then goes to iptables-restore as before;
+- the rules it writes redirect real traffic (outbound TCP lands on 15001 with its original destination).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_agent.backends.iptables.xt_blob import masked
+from node_agent.backends.iptables.xt_digest import read_table
+from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
+from node_agent.lab.simnode import SimNode
+
+from cni.contract.spec import SidecarSpec
+from cni.kernel.netns import entered
+from cni.rules import builder
+from cni.rules.transition import fresh_ruleset_text
+from tests.harness.traffic import Listener, tcp_request
+
+pytestmark = pytest.mark.kernel
+net = ipaddress.ip_network
+
+SPECS = {
+    "default": SidecarSpec(),
+    "exclude-inbound": SidecarSpec(exclude_inbound_ports=(22, 9000)),
+    "include-inbound": SidecarSpec(include_inbound_ports=(80, 8080)),
+    "no-inbound": SidecarSpec(include_inbound_ports=()),
+    "exclude-outbound": SidecarSpec(
+        exclude_outbound_ports=(5432, 6379),
+        exclude_outbound_ranges=(net("10.96.0.0/12"), net("192.168.0.0/16"), net("fd00:10:96::/112")),
+    ),
+    "include-ranges": SidecarSpec(include_outbound_ranges=(net("10.0.0.0/8"), net("fd00::/8")),
+                                  exclude_outbound_ranges=(net("10.1.0.0/16"),)),
+    "include-outbound-ports": SidecarSpec(include_outbound_ports=(31000, 32000), include_outbound_ranges=()),
+    "exclude-interfaces": SidecarSpec(exclude_interfaces=("net1", "eth9")),
+    "kubevirt": SidecarSpec(kubevirt_interfaces=("eth1", "eth2")),
+}
+
+
+def make_netns() -> str:
+    name = f"hrxt-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    return name
+
+
+@pytest.fixture
+def two() -> Iterator[tuple[str, str]]:
+    names = [make_netns(), make_netns()]
+    try:
+        yield names[0], names[1]
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def text_of(spec: SidecarSpec, family: int) -> str:
+    return fresh_ruleset_text(builder.sidecar_rules(spec, family))  # type: ignore[arg-type]
+
+
+def tool(family: int, what: str) -> str:
+    return f"{'iptables' if family == 4 else 'ip6tables'}-legacy-{what}"
+
+
+def restore(name: str, family: int, text: str) -> None:
+    subprocess.run(["ip", "netns", "exec", name, tool(family, "restore"), "--noflush"], input=text, text=True,
+                   check=True, capture_output=True)
+
+
+def saved(name: str, family: int) -> list[str]:
+    out = subprocess.run(["ip", "netns", "exec", name, tool(family, "save")], capture_output=True, text=True,
+                         check=True).stdout
+    return [line for line in out.splitlines() if not line.startswith("#")]
+
+
+def nat_table(name: str, family: int) -> tuple[bytes, bytes]:
+    with entered(f"/run/netns/{name}"):
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+            info, entries = read_table(sock, family, "nat")
+    return info, masked(entries, family)
+
+
+def fresh_here(name: str, family: int, text: str) -> str | None:
+    with entered(f"/run/netns/{name}"):
+        return restore_fresh_here(family, text)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("scenario", list(SPECS))
+def test_the_same_table_as_iptables_restore(two: tuple[str, str], scenario: str, family: int) -> None:
+    real, ours = two
+    text = text_of(SPECS[scenario], family)
+    restore(real, family, text)
+    assert fresh_here(ours, family, text) is None
+    assert nat_table(ours, family) == nat_table(real, family)
+    assert saved(ours, family) == saved(real, family)
+
+
+def test_declines_what_it_does_not_lay_out_and_changes_nothing(two: tuple[str, str]) -> None:
+    name, _ = two
+    tproxy = text_of(SidecarSpec(interception_mode="TPROXY"), 4)
+    assert "not laid out in-process" in (fresh_here(name, 4, tproxy) or "")
+    mark = "*nat\n-N HRX\n-A HRX -j MARK --set-mark 1\nCOMMIT\n"
+    assert "not laid out in-process" in (fresh_here(name, 4, mark) or "")
+    listed = subprocess.run(["ip", "netns", "exec", name, "cat", "/proc/net/ip_tables_names"], capture_output=True,
+                            text=True, check=True).stdout
+    assert listed.strip() == ""  # not even a table looked at
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_declines_a_table_that_is_not_new(two: tuple[str, str], family: int) -> None:
+    name, _ = two
+    text = text_of(SidecarSpec(), family)
+    restore(name, family, "*nat\n-A POSTROUTING -p udp -j ACCEPT\nCOMMIT\n")  # someone else's rule
+    before = nat_table(name, family)
+    assert "not empty" in (fresh_here(name, family, text) or "")
+    assert nat_table(name, family) == before
+    restore(name, family, "*nat\n-F POSTROUTING\n:OUTPUT DROP [0:0]\nCOMMIT\n")  # same entry count, DROP policy
+    before = nat_table(name, family)
+    assert "not empty" in (fresh_here(name, family, text) or "")
+    assert nat_table(name, family) == before
+    restore(name, family, "*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
+    assert fresh_here(name, family, text) is None
+    before = nat_table(name, family)
+    assert "not empty" in (fresh_here(name, family, text) or "")  # ours are there: iptables-restore refuses -N
+    assert nat_table(name, family) == before
+
+
+def test_declines_while_the_xtables_lock_is_held(two: tuple[str, str], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    name, _ = two
+    lock = tmp_path / "xtables.lock"
+    monkeypatch.setenv("XTABLES_LOCKFILE", str(lock))
+    holder = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert fresh_here(name, 4, text_of(SidecarSpec(), 4)) == "xtables lock busy"
+    finally:
+        os.close(holder)
+    assert fresh_here(name, 4, text_of(SidecarSpec(), 4)) is None
+
+
+def test_the_rules_it_writes_redirect_traffic(plain_node: SimNode) -> None:
+    node = plain_node
+    pod = node.add_pod("shop", "web")
+    peer = node.add_pod("shop", "peer")
+    with entered(pod.netns.path):
+        assert restore_fresh_here(4, text_of(SidecarSpec(), 4)) is None
+    with Listener(peer.netns.path, 8080, label="peer"), Listener(pod.netns.path, 15001, label="out") as out:
+        assert tcp_request(pod.netns.path, peer.ipv4, 8080, b"o") == b"out|o"
+        assert out.wait_one().original_dst == (peer.ipv4, 8080)
+        assert tcp_request(pod.netns.path, peer.ipv4, 8080, b"p", uid=1337, gid=1337) == b"peer|p"
+    with Listener(pod.netns.path, 8080, label="app"), Listener(pod.netns.path, 15006, label="in") as inbound:
+        assert tcp_request(peer.netns.path, pod.ipv4, 8080, b"i") == b"in|i"
+        assert inbound.wait_one().original_dst == (pod.ipv4, 8080)
