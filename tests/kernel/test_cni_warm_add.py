@@ -3,8 +3,8 @@ with a real agent in the node netns:
 
 - agent up: a sidecar pod's ADD is decided and applied by the agent (plugin log: "applied by the agent",
   no iptables/nft step of the plugin; agent status: held, drift watched); outbound TCP lands on 15001
-  with the original destination; on nftables and iptables-legacy a dual-stack pod's ADD starts no
-  process for its rules in the agent (strace of the agent during the ADD); CHECK passes; DEL removes the
+  with the original destination; on every backend a dual-stack pod's ADD starts no process for its
+  rules in the agent (strace of the agent during the ADD); CHECK passes; DEL removes the
   rules; a non-mesh pod is answered by the agent;
 - agent down (no socket, or a stale socket of a killed agent): the standalone path, quickly;
 - agent wedged (SIGSTOP) then killed during a sidecar ADD: the plugin falls back to its standalone path
@@ -111,11 +111,11 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     wait_for(lambda: pod.uid not in agent.status() or agent.pod_state(pod.uid) == "none", 10, "agent let go")
 
 
-@pytest.mark.parametrize("name", ["nftables", "iptables-legacy"])
+@pytest.mark.parametrize("name", ["nftables", "iptables-nft", "iptables-legacy"])
 def test_sidecar_add_starts_no_process(make_node: Callable[..., SimNode], tmp_path: Path, name: str) -> None:
-    """Dual-stack pod, nftables: libnftables and rtnetlink (`::6` on lo) in the agent; iptables-legacy: the
-    table laid out and swapped in by the agent itself (xt_fresh_write); nothing exec'd by the agent for
-    the ADD (on legacy the drift check's first read of the held pods starts processes of its own)."""
+    """Dual-stack pod, nftables: libnftables and rtnetlink (`::6` on lo) in the agent; iptables: the table
+    written by the agent itself (legacy: xt_fresh_write, nft: nft_fresh_write); nothing exec'd by the
+    agent for the ADD (on iptables the drift check's first read of the held pods may start processes)."""
     conf_backend, flavour, agent_backend, _ = BACKENDS[name]
     node = make_node(headrace={"backend": conf_backend, "iptables": flavour}, dual_stack=True)
     agent = AgentRun(node.netns.path, node.objects_dir, tmp_path / "agent", state_dir=node.state_dir,
@@ -139,8 +139,8 @@ def test_sidecar_add_starts_no_process(make_node: Callable[..., SimNode], tmp_pa
         lo = run(["nsenter", f"--net={pod.netns.path}", "ip", "-6", "addr", "show", "dev", "lo"]).stdout
         assert "inet6 ::6/128" in lo
         execs = [line for line in trace.read_text().splitlines() if "execve" in line]
-        if name != "nftables":  # what would write rules; the legacy drift check's first read (after the
-            # reply: iptables-legacy-save, python-iptables' loading) is not the ADD's
+        if name != "nftables":  # what would write rules; the drift check's first read (after the reply:
+            # iptables-save, python-iptables' loading) is not the ADD's
             execs = [line for line in execs if any(f'/{cmd}"' in line for cmd in ("ip", "nsenter", "nft"))
                      or "-restore" in line]
         assert execs == [], execs

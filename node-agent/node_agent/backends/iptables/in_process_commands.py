@@ -10,8 +10,9 @@ function from its thread inside the netns:
 and, in `RESTORES`, the commands fed a text that it may do itself or decline (then they are started):
 
 - `ip{,6}tables-legacy-restore --noflush` with the text of an ADD into a new netns (`xt_fresh_write`:
-  the table laid out in-process and swapped in with one setsockopt), two processes fewer per
-  dual-stack sidecar ADD on a legacy host.
+  the table laid out in-process and swapped in with one setsockopt), and `ip{,6}tables-nft-restore` with
+  such a text (`nft_fresh_write`: iptables-nft's nf_tables batch built in-process and sent on one
+  netlink socket): two processes fewer per dual-stack sidecar ADD.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from functools import partial
 from cni.kernel.iptables_run import restore_argv
 from cni.kernel.side_jobs import LO_PASSTHROUGH_V6
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
+from node_agent.backends.iptables.nft_fresh_write import restore_fresh_nft_here
 from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
 from node_agent.kernel.loopback_address import replace_on_loopback
 
@@ -36,5 +38,6 @@ IN_PROCESS: dict[tuple[str, ...], Callable[[], None]] = {
 }
 
 RESTORES: dict[tuple[str, ...], Callable[[str], str | None]] = {
-    tuple(restore_argv("legacy", family)): partial(restore_fresh_here, family) for family in (4, 6)
+    **{tuple(restore_argv("legacy", family)): partial(restore_fresh_here, family) for family in (4, 6)},
+    **{tuple(restore_argv("nft", family)): partial(restore_fresh_nft_here, family) for family in (4, 6)},
 }

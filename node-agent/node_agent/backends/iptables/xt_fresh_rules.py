@@ -3,12 +3,13 @@
 `cni.rules.transition.fresh_text` writes a sidecar pod's rules for `iptables-restore --noflush` as
 `*table`, `-N chain`, `-I BUILTIN <n> rule`, `-A chain rule`, `COMMIT`, every rule in iptables-save's
 canonical form (`cni.rules.rule_text`). The agent can put such a text into the kernel itself
-(`xt_fresh_write`); this module reads it into `XtRule` records with the data each match and target holds
-in the kernel (`xt_blob` lays them out), and declines — `Unsupported`, the caller starts
-`iptables-restore` as before — anything outside the small grammar the REDIRECT-mode sidecar rules use:
-`-s`, `[!] -d`, `-i`, `[!] -o`, `-p tcp|udp`, `-m tcp|udp [!] --dport N`, `-m owner [!] --uid-owner|--gid-owner
-N`, `-m comment --comment TEXT`, `-j REDIRECT --to-ports N`, `-j RETURN|ACCEPT|DROP` and jumps to chains the
-text creates. One table per text (a text naming two tables is two kernel transactions: declined).
+(legacy: `xt_fresh_write`, nft: `nft_fresh_write`); this module reads it into `XtRule` records with the
+data each match and target holds in the kernel (`xt_blob` and `nft_compat_batch` lay them out), and
+declines — `Unsupported`, the caller starts `iptables-restore` as before — anything outside the small
+grammar the REDIRECT-mode sidecar rules use: `-s`, `[!] -d`, `-i`, `[!] -o`, `-p tcp`,
+`-m tcp [!] --dport N`, `-m owner [!] --uid-owner|--gid-owner N`, `-m comment --comment TEXT`,
+`-j REDIRECT --to-ports N`, `-j RETURN|ACCEPT|DROP` and jumps to chains the text creates. One table per
+text (a text naming two tables is two kernel transactions: declined).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from cni.rules.rule_text import arguments
 
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")  # by netfilter hook number
 VERDICTS = {"ACCEPT": -2, "DROP": -1, "RETURN": -5}  # -NF_ACCEPT-1, -NF_DROP-1, XT_RETURN (-NF_REPEAT-1)
-PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP}
 COMMENT_LEN = 256  # struct xt_comment_info
 OWNER_UID, OWNER_GID = 1, 2  # XT_OWNER_UID, XT_OWNER_GID
-PORT_INV_DST = 0x02  # XT_TCP_INV_DSTPT == XT_UDP_INV_DSTPT
+PORT_INV_DST = 0x02  # XT_TCP_INV_DSTPT
 NAT_PROTO_SPECIFIED = 0x02  # NF_NAT_RANGE_PROTO_SPECIFIED
 IFNAMSIZ = 16
 
@@ -199,13 +200,10 @@ def _match(args: list[str], i: int, proto: int) -> tuple[int, Extension]:
     opts = args[i + 1 :]
     negate = bool(opts) and opts[0] == "!"
     body = opts[1:] if negate else opts
-    if name in PROTOCOLS and PROTOCOLS[name] == proto and len(body) >= 2 and body[0] == "--dport":
+    if name == "tcp" and proto == PROTOCOLS["tcp"] and len(body) >= 2 and body[0] == "--dport":
         port = _port(body[1])
-        inv = PORT_INV_DST if negate else 0
-        if name == "tcp":  # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, invflags
-            data = struct.pack("=HHHHBBBB", 0, 0xFFFF, port, port, 0, 0, 0, inv)
-        else:  # struct xt_udp: spts[2], dpts[2], invflags
-            data = struct.pack("=HHHHB", 0, 0xFFFF, port, port, inv)
+        # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, invflags
+        data = struct.pack("=HHHHBBBB", 0, 0xFFFF, port, port, 0, 0, 0, PORT_INV_DST if negate else 0)
         return i + 3 + negate, Extension(name, 0, data)
     if name == "owner" and len(body) >= 2 and body[0] in ("--uid-owner", "--gid-owner"):
         ident = _id(body[1])

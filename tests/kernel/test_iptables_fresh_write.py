@@ -1,13 +1,16 @@
-"""The agent's in-process legacy iptables write of an ADD's sidecar rules (`xt_fresh_write`) against the
-real iptables-legacy-restore on the real kernel:
+"""The agent's in-process iptables writes of an ADD's sidecar rules against the real iptables-restore on
+the real kernel, legacy (`xt_fresh_write`) and nft (`nft_fresh_write`):
 
-- for every REDIRECT-mode sidecar scenario and both families, the table it writes is byte for byte the
-  one iptables-legacy-restore writes from the same text (entries, hooks, underflows; counters and the
-  kernel's own bookkeeping aside) and iptables-legacy-save prints the same rules;
-- it declines, changing nothing, whatever it does not lay out itself (TPROXY mode's mangle rules), a table
-  that is not as a new netns holds it (a rule of someone else, a DROP policy, our chains already there),
-  and a held xtables lock; the text then goes to iptables-restore as before;
-- the rules it writes redirect real traffic (outbound TCP lands on 15001 with its original destination).
+- for every REDIRECT-mode sidecar scenario and both families, the table written is the one
+  iptables-restore writes from the same text: legacy byte for byte (entries, hooks, underflows; counters
+  and the kernel's own bookkeeping aside), nft expression for expression (`nft --debug=netlink list
+  ruleset`, handles aside), and iptables-save prints the same rules;
+- they decline, changing nothing, whatever they do not lay out themselves (TPROXY mode's mangle rules),
+  a table that is not as a new netns holds it (legacy: a rule of someone else, a DROP policy, our chains
+  already there; nft: any `nat` table of that family), and (legacy) a held xtables lock; the text then
+  goes to iptables-restore as before;
+- the rules they write redirect real traffic (outbound TCP lands on 15001 with its original destination,
+  inbound on 15006).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from node_agent.backends.iptables.nft_fresh_write import restore_fresh_nft_here
 from node_agent.backends.iptables.xt_blob import masked
 from node_agent.backends.iptables.xt_digest import read_table
 from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
@@ -73,19 +77,32 @@ def text_of(spec: SidecarSpec, family: int) -> str:
     return fresh_ruleset_text(builder.sidecar_rules(spec, family))  # type: ignore[arg-type]
 
 
-def tool(family: int, what: str) -> str:
-    return f"{'iptables' if family == 4 else 'ip6tables'}-legacy-{what}"
+def tool(family: int, what: str, flavour: str = "legacy") -> str:
+    return f"{'iptables' if family == 4 else 'ip6tables'}-{flavour}-{what}"
 
 
-def restore(name: str, family: int, text: str) -> None:
-    subprocess.run(["ip", "netns", "exec", name, tool(family, "restore"), "--noflush"], input=text, text=True,
-                   check=True, capture_output=True)
+def restore(name: str, family: int, text: str, flavour: str = "legacy") -> None:
+    subprocess.run(["ip", "netns", "exec", name, tool(family, "restore", flavour), "--noflush"], input=text,
+                   text=True, check=True, capture_output=True)
 
 
-def saved(name: str, family: int) -> list[str]:
-    out = subprocess.run(["ip", "netns", "exec", name, tool(family, "save")], capture_output=True, text=True,
-                         check=True).stdout
+def saved(name: str, family: int, flavour: str = "legacy") -> list[str]:
+    out = subprocess.run(["ip", "netns", "exec", name, tool(family, "save", flavour)], capture_output=True,
+                         text=True, check=True).stdout
     return [line for line in out.splitlines() if not line.startswith("#")]
+
+
+def nft_ruleset(name: str) -> list[str]:
+    """`nft --debug=netlink list ruleset`: each rule's expressions (handles taken off), then the listing."""
+    out = subprocess.run(["ip", "netns", "exec", name, "nft", "--debug=netlink", "list", "ruleset"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = []
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] in ("ip", "ip6") and all(w.isdigit() for w in words[3:]):
+            line = " ".join(words[:3])  # "ip nat CHAIN <handle> [<previous handle>]"
+        lines.append(line)
+    return lines
 
 
 def nat_table(name: str, family: int) -> tuple[bytes, bytes]:
@@ -96,14 +113,14 @@ def nat_table(name: str, family: int) -> tuple[bytes, bytes]:
     return info, masked(entries, family)
 
 
-def fresh_here(name: str, family: int, text: str) -> str | None:
+def fresh_here(name: str, family: int, text: str, flavour: str = "legacy") -> str | None:
     with entered(f"/run/netns/{name}"):
-        return restore_fresh_here(family, text)
+        return (restore_fresh_here if flavour == "legacy" else restore_fresh_nft_here)(family, text)
 
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("scenario", list(SPECS))
-def test_the_same_table_as_iptables_restore(two: tuple[str, str], scenario: str, family: int) -> None:
+def test_the_same_legacy_table_as_iptables_restore(two: tuple[str, str], scenario: str, family: int) -> None:
     real, ours = two
     text = text_of(SPECS[scenario], family)
     restore(real, family, text)
@@ -112,15 +129,41 @@ def test_the_same_table_as_iptables_restore(two: tuple[str, str], scenario: str,
     assert saved(ours, family) == saved(real, family)
 
 
-def test_declines_what_it_does_not_lay_out_and_changes_nothing(two: tuple[str, str]) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("scenario", list(SPECS))
+def test_the_same_nft_table_as_iptables_nft_restore(two: tuple[str, str], scenario: str, family: int) -> None:
+    real, ours = two
+    text = text_of(SPECS[scenario], family)
+    restore(real, family, text, "nft")
+    assert fresh_here(ours, family, text, "nft") is None
+    assert nft_ruleset(ours) == nft_ruleset(real)
+    assert saved(ours, family, "nft") == saved(real, family, "nft")
+
+
+@pytest.mark.parametrize("flavour", ["legacy", "nft"])
+def test_declines_what_it_does_not_lay_out_and_changes_nothing(two: tuple[str, str], flavour: str) -> None:
     name, _ = two
     tproxy = text_of(SidecarSpec(interception_mode="TPROXY"), 4)
-    assert "not laid out in-process" in (fresh_here(name, 4, tproxy) or "")
+    assert "in-process" in (fresh_here(name, 4, tproxy, flavour) or "")
     mark = "*nat\n-N HRX\n-A HRX -j MARK --set-mark 1\nCOMMIT\n"
-    assert "not laid out in-process" in (fresh_here(name, 4, mark) or "")
+    assert "in-process" in (fresh_here(name, 4, mark, flavour) or "")
     listed = subprocess.run(["ip", "netns", "exec", name, "cat", "/proc/net/ip_tables_names"], capture_output=True,
                             text=True, check=True).stdout
     assert listed.strip() == ""  # not even a table looked at
+    assert nft_ruleset(name) == []
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_nft_declines_a_table_that_exists(two: tuple[str, str], family: int) -> None:
+    name, _ = two
+    text = text_of(SidecarSpec(), family)
+    restore(name, family, "*nat\n-A POSTROUTING -p udp -j ACCEPT\nCOMMIT\n", "nft")  # someone else's rule
+    before = nft_ruleset(name)
+    assert fresh_here(name, family, text, "nft") == "table nat exists"
+    assert nft_ruleset(name) == before
+    restore(name, family, text, "nft")  # iptables-nft-restore puts ours beside it
+    lines = saved(name, family, "nft")
+    assert "-A POSTROUTING -p udp -j ACCEPT" in lines and any(x.startswith("-A HEADRACE_SC_OUTPUT") for x in lines)
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -156,12 +199,14 @@ def test_declines_while_the_xtables_lock_is_held(two: tuple[str, str], tmp_path:
     assert fresh_here(name, 4, text_of(SidecarSpec(), 4)) is None
 
 
-def test_the_rules_it_writes_redirect_traffic(plain_node: SimNode) -> None:
+@pytest.mark.parametrize("flavour", ["legacy", "nft"])
+def test_the_rules_it_writes_redirect_traffic(plain_node: SimNode, flavour: str) -> None:
     node = plain_node
     pod = node.add_pod("shop", "web")
     peer = node.add_pod("shop", "peer")
     with entered(pod.netns.path):
-        assert restore_fresh_here(4, text_of(SidecarSpec(), 4)) is None
+        write = restore_fresh_here if flavour == "legacy" else restore_fresh_nft_here
+        assert write(4, text_of(SidecarSpec(), 4)) is None
     with Listener(peer.netns.path, 8080, label="peer"), Listener(pod.netns.path, 15001, label="out") as out:
         assert tcp_request(pod.netns.path, peer.ipv4, 8080, b"o") == b"out|o"
         assert out.wait_one().original_dst == (peer.ipv4, 8080)
