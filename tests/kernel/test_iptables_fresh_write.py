@@ -22,6 +22,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,21 @@ def test_the_rules_it_writes_redirect_traffic(plain_node: SimNode, flavour: str)
     with Listener(pod.netns.path, 8080, label="app"), Listener(pod.netns.path, 15006, label="in") as inbound:
         assert tcp_request(peer.netns.path, pod.ipv4, 8080, b"i") == b"in|i"
         assert inbound.wait_one().original_dst == (pod.ipv4, 8080)
+
+
+@pytest.mark.parametrize("flavour", ["legacy", "nft"])
+def test_concurrent_adds_all_go_in_process(flavour: str) -> None:
+    """Eight ADDs at once (the agent's netns threads): none declines for the others' sake (legacy: the
+    agent's threads take turns on the xtables lock), every netns gets its full table."""
+    names = [make_netns() for _ in range(8)]
+    text = text_of(SidecarSpec(), 4)
+    try:
+        with ThreadPoolExecutor(len(names)) as pool:
+            results = list(pool.map(lambda n: fresh_here(n, 4, text, flavour), names))
+        assert results == [None] * len(names)
+        expected = saved(names[0], 4, flavour)
+        assert any(x.startswith("-A HEADRACE_SC_OUTPUT") for x in expected)
+        assert all(saved(n, 4, flavour) == expected for n in names[1:])
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)

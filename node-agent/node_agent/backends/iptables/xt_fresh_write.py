@@ -4,7 +4,8 @@ An ADD's sidecar rules go into a netns whose `nat` table holds nothing yet; `ipt
 (~2 ms of process per family here) reads the table with two getsockopt calls, lays it out again with our
 rules and hands it back with one setsockopt. `restore_fresh_here` does the same from the calling thread
 (which is inside the pod netns), with the blob `xt_blob` lays out, under the same xtables lock
-iptables takes (`/run/xtables.lock`, or `$XTABLES_LOCKFILE`):
+iptables takes (`/run/xtables.lock`, or `$XTABLES_LOCKFILE`; held by another process: declined, and
+iptables-restore waits for it; the agent's own threads take turns):
 
 1. the text is read (`xt_fresh_rules.read_fresh`): anything outside its grammar is declined;
 2. `IPT_SO_GET_INFO` / `IPT_SO_GET_ENTRIES`: the table must be exactly what a new netns holds (every
@@ -28,6 +29,7 @@ import fcntl
 import os
 import socket
 import struct
+import threading
 from functools import lru_cache
 
 from node_agent.backends.iptables.xt_blob import Blob, layout, masked, pristine
@@ -53,6 +55,7 @@ DEFAULT_LOCK = "/run/xtables.lock"
 _read = lru_cache(maxsize=64)(read_fresh)
 _layout = lru_cache(maxsize=64)(layout)
 _pristine = lru_cache(maxsize=8)(pristine)
+_OURS = threading.Lock()
 
 
 def lock_path() -> str:
@@ -66,22 +69,23 @@ def restore_fresh_here(family: int, text: str) -> str | None:
         table = _read(text, family)
     except Unsupported as exc:
         return f"not laid out in-process: {exc}"
-    try:
-        lock = os.open(lock_path(), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        return f"xtables lock: {exc.strerror}"
-    try:
+    with _OURS:  # our own threads take turns (a write is a fraction of a millisecond) instead of declining
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return "xtables lock busy"
-        af = socket.AF_INET if family == 4 else socket.AF_INET6
-        with socket.socket(af, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW) as sock:
-            return _replace_pristine(sock, table)
-    except OSError as exc:
-        return f"table {table.name}: {exc.strerror or exc}"
-    finally:
-        os.close(lock)  # releases the flock
+            lock = os.open(lock_path(), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            return f"xtables lock: {exc.strerror}"
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process: iptables-restore waits for it (--wait)
+                return "xtables lock busy"
+            af = socket.AF_INET if family == 4 else socket.AF_INET6
+            with socket.socket(af, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW) as sock:
+                return _replace_pristine(sock, table)
+        except OSError as exc:
+            return f"table {table.name}: {exc.strerror or exc}"
+        finally:
+            os.close(lock)  # releases the flock
 
 
 def _replace_pristine(sock: socket.socket, table: FreshTable) -> str | None:
