@@ -106,12 +106,15 @@ def apply_ambient(
     flavour: Flavour,
     *,
     log: StepLog | None = None,
+    optimistic: bool = False,
 ) -> None:
     """Install (or replace) the ambient in-pod chains in the pod netns; all families or none.
 
     With them, per family, the policy routing of the node proxy's original-source connections
     (tproxy_routes.AMBIENT: `fwmark 0x111/0xfff lookup 100`, `local default dev lo table 100`), added in
-    parallel with the first iptables step; a failure on either side rolls both back."""
+    parallel with the first iptables step; a failure on either side rolls both back.
+    `optimistic` (the agent, whose runner writes a fresh text in-process and refuses a legacy one of
+    several tables it cannot take): try `fresh_text` first, as a sidecar ADD does."""
     from cni.kernel.tproxy import RoutesJob  # ambient pods only (the agent's backend)
     from cni.rules import ambient
     from cni.rules.tproxy_routes import AMBIENT
@@ -121,7 +124,8 @@ def apply_ambient(
     jobs: list[SideJob] = [RoutesJob(f, AMBIENT) for f in fams]
     require_netns(netns_path, "apply-ambient")
     with netns_lock(netns_path, "apply-ambient"):
-        apply_rulesets(netns_path, rulesets, flavour, ambient.AMBIENT_PREFIX, "apply-ambient", log, side_jobs=jobs)
+        apply_rulesets(netns_path, rulesets, flavour, ambient.AMBIENT_PREFIX, "apply-ambient", log,
+                       optimistic=optimistic, side_jobs=jobs)
 
 
 def check_ambient(netns_path: str, spec: AmbientSpec, families: Iterable[Family], flavour: Flavour) -> list[str]:

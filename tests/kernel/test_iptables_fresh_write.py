@@ -32,7 +32,7 @@ from node_agent.backends.iptables.xt_digest import read_table
 from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
 from node_agent.lab.simnode import SimNode
 
-from cni.contract.spec import SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.netns import entered
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
@@ -58,6 +58,14 @@ SPECS = {
 }
 
 
+AMBIENT = {
+    "ambient-default": AmbientSpec(),
+    "ambient-dns": AmbientSpec(capture_dns=True),
+    "ambient-exclusions": AmbientSpec(exclude_inbound_ports=(9000,), exclude_outbound_ports=(5432,),
+                                      exclude_outbound_ranges=(net("10.96.0.0/12"), net("fd00:10:96::/112"))),
+}
+
+
 def make_netns() -> str:
     name = f"hrxt-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
@@ -74,7 +82,9 @@ def two() -> Iterator[tuple[str, str]]:
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def text_of(spec: SidecarSpec, family: int) -> str:
+def text_of(spec: SidecarSpec | AmbientSpec, family: int) -> str:
+    if isinstance(spec, AmbientSpec):
+        return fresh_ruleset_text(builder.ambient_rules(spec, family))  # type: ignore[arg-type]
     return fresh_ruleset_text(builder.sidecar_rules(spec, family))  # type: ignore[arg-type]
 
 
@@ -106,11 +116,11 @@ def nft_ruleset(name: str) -> list[str]:
     return lines
 
 
-def nat_table(name: str, family: int) -> tuple[bytes, bytes]:
+def nat_table(name: str, family: int, table: str = "nat") -> tuple[bytes, bytes]:
     with entered(f"/run/netns/{name}"):
         af = socket.AF_INET if family == 4 else socket.AF_INET6
         with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
-            info, entries = read_table(sock, family, "nat")
+            info, entries = read_table(sock, family, table)
     return info, masked(entries, family)
 
 
@@ -120,21 +130,23 @@ def fresh_here(name: str, family: int, text: str, flavour: str = "legacy") -> st
 
 
 @pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("scenario", list(SPECS))
+@pytest.mark.parametrize("scenario", [*SPECS, *AMBIENT])
 def test_the_same_legacy_table_as_iptables_restore(two: tuple[str, str], scenario: str, family: int) -> None:
     real, ours = two
-    text = text_of(SPECS[scenario], family)
+    spec = SPECS.get(scenario) or AMBIENT[scenario]
+    text = text_of(spec, family)
     restore(real, family, text)
     assert fresh_here(ours, family, text) is None
-    assert nat_table(ours, family) == nat_table(real, family)
+    for table in ("nat", "mangle") if scenario in AMBIENT else ("nat",):
+        assert nat_table(ours, family, table) == nat_table(real, family, table)
     assert saved(ours, family) == saved(real, family)
 
 
 @pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("scenario", list(SPECS))
+@pytest.mark.parametrize("scenario", [*SPECS, *AMBIENT])
 def test_the_same_nft_table_as_iptables_nft_restore(two: tuple[str, str], scenario: str, family: int) -> None:
     real, ours = two
-    text = text_of(SPECS[scenario], family)
+    text = text_of(SPECS.get(scenario) or AMBIENT[scenario], family)
     restore(real, family, text, "nft")
     assert fresh_here(ours, family, text, "nft") is None
     assert nft_ruleset(ours) == nft_ruleset(real)

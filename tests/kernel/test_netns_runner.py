@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 import pytest
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.kernel.netns_runner import NetnsRunner
-from node_agent.kernel.netns_spawn import InNetnsSpawner
+from node_agent.kernel.netns_spawn import InNetnsSpawner, Refused
 
-from cni.contract.spec import SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
 from cni.kernel import tables as netns_tables
 from cni.kernel.iptables_run import netns_argv
@@ -224,3 +224,48 @@ def test_a_sidecar_apply_into_a_new_netns_starts_no_process(netns: str, started:
         assert netns_tables.check_sidecar(netns, SidecarSpec(), (4, 6), flavour) == []  # type: ignore[arg-type]
     finally:
         spawn.install_runner(previous)
+
+
+@pytest.mark.parametrize("flavour", ["legacy", "nft"])
+def test_an_ambient_apply_into_a_new_netns_starts_only_the_routing(netns: str, started: list[str],
+                                                                     flavour: str) -> None:
+    """Ambient enrolment through the agent's runner: both tables (mangle and nat) of each family written
+    in-process; only the policy routing's `ip -batch` per family is started."""
+    subprocess.run(["ip", "-n", os.path.basename(netns), "link", "set", "lo", "up"], check=True)
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        netns_tables.apply_ambient(netns, AmbientSpec(), (4, 6), flavour, optimistic=True)  # type: ignore[arg-type]
+        assert started == ["ip", "ip"]
+        assert netns_tables.check_ambient(netns, AmbientSpec(), (4, 6), flavour) == []  # type: ignore[arg-type]
+        assert netns_tables.check_ambient_routes(netns, (4, 6)) == []
+    finally:
+        spawn.install_runner(previous)
+
+
+def test_a_legacy_ambient_text_the_tables_refuse_is_not_half_applied(netns: str, started: list[str]) -> None:
+    """Legacy, someone else's rule in nat: the in-process write declines (nat is not new) and, the text
+    having two tables, iptables-legacy-restore is not started with it (it would commit mangle before
+    failing on nat if our chains were there): the save → transition path puts the rules in, beside the
+    foreign rule."""
+    name = os.path.basename(netns)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "netns", "exec", name, "iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-p", "udp",
+                    "-j", "ACCEPT"], check=True)
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        netns_tables.apply_ambient(netns, AmbientSpec(), (4,), "legacy", optimistic=True)
+        assert sorted(started) == ["ip", "iptables-legacy-restore", "iptables-legacy-save"]  # no fresh restore
+        assert netns_tables.check_ambient(netns, AmbientSpec(), (4,), "legacy") == []
+    finally:
+        spawn.install_runner(previous)
+    saved = subprocess.run(["ip", "netns", "exec", name, "iptables-legacy-save", "-t", "nat"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "-A POSTROUTING -p udp -j ACCEPT" in saved
+
+
+def test_a_refused_command_fails_without_starting(netns: str, started: list[str]) -> None:
+    def refuse(text: str) -> str | None:
+        raise Refused("not now")
+
+    (res,) = InNetnsSpawner(restorers={("cat",): refuse}).run_many([(netns_argv(netns, ["cat"]), "x")], 5)
+    assert (res.returncode, res.stderr) == (1, "cat: not now\n") and started == []

@@ -37,8 +37,8 @@ def expressions(body: bytes) -> list[str]:
 
 
 def test_one_transaction_that_fails_where_the_table_exists() -> None:
-    table = read_fresh(fresh_ruleset_text(builder.sidecar_rules(SidecarSpec(), 4)), 4)
-    data, acked = nb.batch(table, 7)
+    (table,) = read_fresh(fresh_ruleset_text(builder.sidecar_rules(SidecarSpec(), 4)), 4)
+    data, acked = nb.batch((table,), 7)
     msgs = messages(data)
     assert msgs[0][0] == nb.NFNL_MSG_BATCH_BEGIN and msgs[-1][0] == nb.NFNL_MSG_BATCH_END
     changes = msgs[1:-1]
@@ -72,6 +72,8 @@ def test_what_it_does_not_build_is_declined() -> None:
     with pytest.raises(Unsupported):
         nb.batch(read_fresh("*nat\n-A OUTPUT -d 0.0.0.0/0 -j RETURN\nCOMMIT\n", 4), 1)
     with pytest.raises(Unsupported):
-        nb.batch(read_fresh("*mangle\n-A OUTPUT -j RETURN\nCOMMIT\n", 4), 1)
+        nb.batch(read_fresh("*raw\n-A OUTPUT -j RETURN\nCOMMIT\n", 4), 1)
+    with pytest.raises(Unsupported):
+        nb.batch(read_fresh("*mangle\n-A OUTPUT -m mark --mark 0x1 -j RETURN\nCOMMIT\n", 4), 1)
     with pytest.raises(Unsupported):
         nb.batch(read_fresh("*nat\n-A FORWARD -j RETURN\nCOMMIT\n", 4), 1)

@@ -9,7 +9,7 @@ import pytest
 from node_agent.backends.iptables.xt_blob import HEADER, layout, pristine
 from node_agent.backends.iptables.xt_fresh_rules import Unsupported, read_fresh
 
-from cni.contract.spec import SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
 
@@ -20,7 +20,7 @@ def fresh(spec: SidecarSpec, family: int) -> str:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_sidecar_text_reads_back_in_kernel_order(family: int) -> None:
-    table = read_fresh(fresh(SidecarSpec(), family), family)
+    (table,) = read_fresh(fresh(SidecarSpec(), family), family)
     assert table.name == "nat"
     assert table.chains == ("HEADRACE_SC_INBOUND", "HEADRACE_SC_IN_REDIRECT", "HEADRACE_SC_OUTPUT",
                             "HEADRACE_SC_REDIRECT")
@@ -38,7 +38,8 @@ def test_a_sidecar_text_reads_back_in_kernel_order(family: int) -> None:
     ("text", "why"),
     [
         ("*nat\n-N A\n-A A -j RETURN\n", "no committed table"),
-        ("*nat\nCOMMIT\n*mangle\nCOMMIT\n", "more than one table"),
+        ("*nat\nCOMMIT\n*nat\nCOMMIT\n", "table nat twice"),
+        ("*nat\n*mangle\nCOMMIT\n", "a table inside a table"),
         ("*nat\n:A - [0:0]\nCOMMIT\n", "line"),
         ("*nat\n-D OUTPUT -j A\nCOMMIT\n", "line"),
         ("*nat\n-N A\n-N A\nCOMMIT\n", "declared twice"),
@@ -46,7 +47,9 @@ def test_a_sidecar_text_reads_back_in_kernel_order(family: int) -> None:
         ("*nat\n-A OUTPUT -j B\nCOMMIT\n", "does not create"),
         ("*nat\n-I OUTPUT 2 -j RETURN\nCOMMIT\n", "past the chain's end"),
         ("*nat\n-A OUTPUT -j MARK --set-mark 1\nCOMMIT\n", "target"),
-        ("*nat\n-A OUTPUT -m mark --mark 0x1 -j RETURN\nCOMMIT\n", "match -m mark"),
+        ("*nat\n-A OUTPUT -m mark --mark 0x1/zz -j RETURN\nCOMMIT\n", "value"),
+        ("*nat\n-A OUTPUT -m socket -j RETURN\nCOMMIT\n", "match -m socket"),
+        ("*mangle\n-A OUTPUT -j CONNMARK --save-mark\nCOMMIT\n", "target CONNMARK"),
         ("*nat\n-A OUTPUT -p tcp -m tcp --dport 1:2 -j RETURN\nCOMMIT\n", "port"),
         ("*nat\n-A OUTPUT -m tcp --dport 80 -j RETURN\nCOMMIT\n", "match -m tcp"),
         ("*nat\n-A OUTPUT -p sctp -j RETURN\nCOMMIT\n", "option -p"),
@@ -67,6 +70,15 @@ def test_anything_outside_the_grammar_is_declined(text: str, why: str) -> None:
         read_fresh(text, 4)
 
 
+def test_the_ambient_rules_read_back_table_by_table() -> None:
+    text = fresh_ruleset_text(builder.ambient_rules(AmbientSpec(capture_dns=True), 4))
+    mangle, nat = read_fresh(text, 4)
+    assert (mangle.name, nat.name) == ("mangle", "nat")
+    assert sorted(m.name for r in mangle.rules for m in r.matches) == ["comment"] * 4 + ["connmark", "mark"]
+    assert {r.target.name for r in mangle.rules if not isinstance(r.target, str)} == {"CONNMARK"}
+    assert any(m.name == "udp" for r in nat.rules for m in r.matches)
+
+
 def test_tproxy_mode_is_declined() -> None:
     with pytest.raises(Unsupported):
         read_fresh(fresh(SidecarSpec(interception_mode="TPROXY"), 4), 4)
@@ -85,7 +97,7 @@ def test_a_new_table_is_its_policies_and_the_final_error_entry(family: int) -> N
 
 
 def test_jumps_point_at_the_first_rule_after_the_chain_head() -> None:
-    table = read_fresh("*nat\n-N B\n-N A\n-I OUTPUT 1 -j B\n-A A -j RETURN\n-A B -j A\nCOMMIT\n", 4)
+    (table,) = read_fresh("*nat\n-N B\n-N A\n-I OUTPUT 1 -j B\n-A A -j RETURN\n-A B -j A\nCOMMIT\n", 4)
     blob = layout(table, NAT_HOOKS)
     entries = blob.entries
     std, head = HEADER[4] + 40, HEADER[4] + 64

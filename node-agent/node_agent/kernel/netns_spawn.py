@@ -14,7 +14,8 @@ Commands the caller knows how to do in-process (`builtin`: exact argv → a func
 not started at all: their result is exit status 0, or 2 with the kernel's words as `ip` prints them
 (the agent's table: `backends/iptables/in_process_commands.py`). Commands fed on stdin may have a
 `restorer` (exact argv → a function of the stdin text, run in the netns) that does the command's work
-itself or declines with a reason (having changed nothing): then the command is started after all.
+itself or declines with a reason (having changed nothing): then the command is started after all; or
+raises `Refused`: the command fails with that message, not started.
 """
 
 from __future__ import annotations
@@ -41,9 +42,16 @@ def _builtin(fn: Callable[[], None]) -> spawn.Result:
     return spawn.Result(0, "", "")
 
 
+class Refused(Exception):
+    """A restorer's answer that the command must not be started either: it fails with this message
+    (nothing was changed); the caller takes its other way."""
+
+
 def _restored(fn: Callable[[str], str | None], argv: list[str], stdin: str) -> spawn.Result | None:
     try:
         declined = fn(stdin)
+    except Refused as exc:
+        return spawn.Result(1, "", f"{argv[0]}: {exc}\n")
     except Exception:  # a bug of ours must not fail the command: it is started instead
         log.warning("in-process %s failed, starting it", argv[0], exc_info=True)
         return None

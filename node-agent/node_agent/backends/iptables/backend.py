@@ -133,8 +133,8 @@ class IptablesBackend:
         try:
             if isinstance(spec, SidecarSpec):
                 netns_tables.apply_sidecar(target.netns_path, spec, families, self.flavour)
-            elif isinstance(spec, AmbientSpec):
-                netns_tables.apply_ambient(target.netns_path, spec, families, self.flavour)
+            elif isinstance(spec, AmbientSpec):  # a pod being enrolled mostly holds nothing of ours yet
+                netns_tables.apply_ambient(target.netns_path, spec, families, self.flavour, optimistic=True)
             else:
                 raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
         except (IptablesError, ValueError, OSError) as exc:

@@ -12,7 +12,9 @@ and, in `RESTORES`, the commands fed a text that it may do itself or decline (th
 - `ip{,6}tables-legacy-restore --noflush` with the text of an ADD into a new netns (`xt_fresh_write`:
   the table laid out in-process and swapped in with one setsockopt), and `ip{,6}tables-nft-restore` with
   such a text (`nft_fresh_write`: iptables-nft's nf_tables batch built in-process and sent on one
-  netlink socket): two processes fewer per dual-stack sidecar ADD.
+  netlink socket): two processes fewer per dual-stack sidecar ADD (and ambient enrolment). A legacy
+  text of several tables (ambient: mangle and nat) declined for the tables' state fails instead of
+  starting iptables-legacy-restore (see `legacy_restore_here`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from cni.kernel.iptables_run import restore_argv
 from cni.kernel.side_jobs import LO_PASSTHROUGH_V6
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from node_agent.backends.iptables.nft_fresh_write import restore_fresh_nft_here
-from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
+from node_agent.backends.iptables.xt_fresh_write import NOT_LAID_OUT, restore_fresh_here
 from node_agent.kernel.loopback_address import replace_on_loopback
+from node_agent.kernel.netns_spawn import Refused
 
 
 def lo_passthrough_v6_here() -> None:
@@ -37,7 +40,17 @@ IN_PROCESS: dict[tuple[str, ...], Callable[[], None]] = {
     LO_PASSTHROUGH_V6: lo_passthrough_v6_here,
 }
 
+def legacy_restore_here(family: int, text: str) -> str | None:
+    """`restore_fresh_here`; a text of several tables it declined for their state (not for the text) is
+    refused rather than handed to iptables-legacy-restore, which commits table by table and, failing on
+    a later table, would leave the earlier ones written: the caller's save → transition path takes it."""
+    declined = restore_fresh_here(family, text)
+    if declined is not None and not declined.startswith(NOT_LAID_OUT) and text.count("\nCOMMIT") > 1:
+        raise Refused(f"in-process write declined ({declined}), several tables: not started")
+    return declined
+
+
 RESTORES: dict[tuple[str, ...], Callable[[str], str | None]] = {
-    **{tuple(restore_argv("legacy", family)): partial(restore_fresh_here, family) for family in (4, 6)},
+    **{tuple(restore_argv("legacy", family)): partial(legacy_restore_here, family) for family in (4, 6)},
     **{tuple(restore_argv("nft", family)): partial(restore_fresh_nft_here, family) for family in (4, 6)},
 }

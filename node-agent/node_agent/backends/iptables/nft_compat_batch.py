@@ -5,14 +5,16 @@ built-in chains it uses are base chains (`type nat hook prerouting priority -100
 chains are regular chains, and each rule is a list of expressions. What iptables-nft 1.8 writes natively
 is written natively here, in its order: `-i`/`-o` (meta iifname/oifname, compared with the name and its
 NUL), `-p` (meta l4proto), `-s`/`-d` (payload of the address bytes the prefix covers, through a bitwise
-mask when the prefix ends inside a byte), `-m tcp --dport` (transport payload at offset 2); the other
+mask when the prefix ends inside a byte), `-m tcp|udp --dport` (transport payload at offset 2), `-m mark`
+(meta mark through a bitwise mask); the other
 matches and REDIRECT are `match`/`target` expressions carrying the same x_tables data as the legacy table
 (`xt_fresh_rules`); every rule has a counter, and a standard target is an `immediate` verdict. Every
 rule also gets the compat attribute (protocol and its inversion) nft_compat hands to the x_tables checks.
 
-The batch: BATCH_BEGIN, NEWTABLE with NLM_F_EXCL (so the whole batch fails with EEXIST, changing
-nothing, when the table is already there: the caller then starts iptables-nft-restore), the chains, the
-rules in their final order, BATCH_END. Each change message asks for an acknowledgement. The kernel test
+The batch: BATCH_BEGIN; per table NEWTABLE with NLM_F_EXCL (so the whole batch fails with EEXIST,
+changing nothing, when a table is already there: the caller then starts iptables-nft-restore), the
+chains, the rules in their final order; BATCH_END. iptables-nft-restore also commits all the tables of
+a text in one transaction. Each change message asks for an acknowledgement. The kernel test
 compares the result with iptables-nft-restore's (`nft --debug=netlink list ruleset`, iptables-nft-save).
 """
 
@@ -37,12 +39,17 @@ NFT_MSG_NEWTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE = 0, 3, 6
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
 NLA_F_NESTED = 0x8000
 FAMILIES = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
-# Built-in chains of the nat table: hook number, priority (NF_IP_PRI_NAT_DST / _SRC)
-NAT_HOOKS = {"PREROUTING": (0, -100), "INPUT": (1, 100), "OUTPUT": (3, -100), "POSTROUTING": (4, 100)}
+# Built-in chains per table: hook number, priority (NF_IP_PRI_NAT_DST / _SRC, NF_IP_PRI_MANGLE), chain type
+BASE_CHAINS = {
+    "nat": {"PREROUTING": (0, -100, "nat"), "INPUT": (1, 100, "nat"), "OUTPUT": (3, -100, "nat"),
+            "POSTROUTING": (4, 100, "nat")},
+    "mangle": {"PREROUTING": (0, -150, "filter"), "INPUT": (1, -150, "filter"), "FORWARD": (2, -150, "filter"),
+               "OUTPUT": (3, -150, "route"), "POSTROUTING": (4, -150, "filter")},
+}
 NF_ACCEPT = 1
 VERDICT_CODES = {"ACCEPT": NF_ACCEPT, "DROP": 0, "RETURN": -5}  # NF_ACCEPT, NF_DROP, NFT_RETURN
 NFT_JUMP = -3
-META_IIFNAME, META_OIFNAME, META_L4PROTO = 6, 7, 16
+META_MARK, META_IIFNAME, META_OIFNAME, META_L4PROTO = 3, 6, 7, 16
 BASE_NETWORK, BASE_TRANSPORT = 1, 2
 CMP_EQ, CMP_NEQ = 0, 1
 REG_VERDICT, REG_1 = 0, 1
@@ -124,9 +131,16 @@ def rule_expressions(rule: XtRule, family: int, chains: tuple[str, ...]) -> byte
     if rule.dst is not None:
         exprs += _address(family, 1, rule.dst, rule.not_dst)
     for m in rule.matches:
-        if m.name == "tcp":  # struct xt_tcp: dpts[0] at offset 4, invflags at 11
+        if m.name in ("tcp", "udp"):  # xt_tcp / xt_udp: dpts[0] at offset 4, invflags at 11 / 8
             (port,) = struct.unpack_from("=H", m.data, 4)
-            exprs += [_payload(BASE_TRANSPORT, 2, 2), _cmp(CMP_NEQ if m.data[11] else CMP_EQ, struct.pack("!H", port))]
+            negate = m.data[11 if m.name == "tcp" else 8]
+            exprs += [_payload(BASE_TRANSPORT, 2, 2), _cmp(CMP_NEQ if negate else CMP_EQ, struct.pack("!H", port))]
+        elif m.name == "mark":  # xt_mark_mtinfo1: mark, mask, invert
+            mark, mask, negate = struct.unpack("=IIB", m.data)
+            if mask == 0xFFFFFFFF:
+                raise Unsupported("a mark match without a mask")
+            exprs += [_meta(META_MARK), _bitwise(struct.pack("=I", mask)),
+                      _cmp(CMP_NEQ if negate else CMP_EQ, struct.pack("=I", mark))]
         else:
             exprs.append(_xt("match", m))
     exprs.append(_expr("counter", _attr(1, bytes(8)), _attr(2, bytes(8))))  # NFTA_COUNTER_BYTES, _PACKETS
@@ -148,11 +162,12 @@ def _message(msg_type: int, family: int, flags: int, seq: int, body: bytes, res_
     return hdr.pack(hdr.size + len(payload), msg_type, NLM_F_REQUEST | flags, seq, 0) + payload
 
 
-def batch(table: FreshTable, seq: int) -> tuple[bytes, list[int]]:
-    """(the batch, the sequence numbers of the messages the kernel acknowledges) for `table`."""
-    if table.name != "nat":
-        raise Unsupported(f"table {table.name}")
-    family = FAMILIES[table.family]
+def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, list[int]]:
+    """(the batch, the sequence numbers of the messages the kernel acknowledges) for `tables`: one
+    transaction for all of them."""
+    if not tables:
+        raise Unsupported("no table")
+    family = FAMILIES[tables[0].family]
     kind = NFNL_SUBSYS_NFTABLES << 8
     out = [_message(NFNL_MSG_BATCH_BEGIN, 0, 0, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)]
     acked: list[int] = []
@@ -161,21 +176,25 @@ def batch(table: FreshTable, seq: int) -> tuple[bytes, list[int]]:
         acked.append(seq + 1 + len(acked))
         out.append(_message(kind | msg_type, family, NLM_F_ACK | flags, acked[-1], body))
 
-    change(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, _str(1, table.name))  # NFTA_TABLE_NAME
-    for chain in table.chains:  # as iptables-nft: user chains first, built-in ones where first used
-        change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, _str(1, table.name) + _str(3, chain))
-    builtins = list(dict.fromkeys(r.chain for r in table.rules if r.chain in BUILTIN_CHAINS))
-    for chain in builtins:
-        if chain not in NAT_HOOKS:
-            raise Unsupported(f"nat has no chain {chain}")
-        hook, priority = NAT_HOOKS[chain]
-        # NFTA_CHAIN_TABLE, _NAME, _HOOK{HOOKNUM, PRIORITY}, _POLICY, _TYPE
-        change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, _str(1, table.name) + _str(3, chain)
-               + _nest(4, _u32(1, hook), _u32(2, priority)) + _u32(5, NF_ACCEPT) + _str(7, "nat"))
-    for rule in table.rules:
-        # NFTA_RULE_TABLE, _CHAIN, _EXPRESSIONS, _COMPAT{PROTO, FLAGS}
-        body = (_str(1, table.name) + _str(2, rule.chain) + _nest(4, rule_expressions(rule, table.family, table.chains))
-                + _nest(5, _u32(1, rule.proto), _u32(2, 0)))
-        change(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body)
+    for table in tables:
+        base = BASE_CHAINS.get(table.name)
+        if base is None or FAMILIES[table.family] != family:
+            raise Unsupported(f"table {table.name}")
+        change(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, _str(1, table.name))  # NFTA_TABLE_NAME
+        for chain in table.chains:  # as iptables-nft: user chains first, built-in ones where first used
+            change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, _str(1, table.name) + _str(3, chain))
+        for chain in dict.fromkeys(r.chain for r in table.rules if r.chain in BUILTIN_CHAINS):
+            if chain not in base:
+                raise Unsupported(f"{table.name} has no chain {chain}")
+            hook, priority, chain_type = base[chain]
+            # NFTA_CHAIN_TABLE, _NAME, _HOOK{HOOKNUM, PRIORITY}, _POLICY, _TYPE
+            change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, _str(1, table.name) + _str(3, chain)
+                   + _nest(4, _u32(1, hook), _u32(2, priority)) + _u32(5, NF_ACCEPT) + _str(7, chain_type))
+        for rule in table.rules:
+            # NFTA_RULE_TABLE, _CHAIN, _EXPRESSIONS, _COMPAT{PROTO, FLAGS}
+            exprs = rule_expressions(rule, table.family, table.chains)
+            compat = _nest(5, _u32(1, rule.proto), _u32(2, 0))
+            body = _str(1, table.name) + _str(2, rule.chain) + _nest(4, exprs) + compat
+            change(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body)
     out.append(_message(NFNL_MSG_BATCH_END, 0, 0, seq + 1 + len(acked), b"", res_id=NFNL_SUBSYS_NFTABLES))
     return b"".join(out), acked

@@ -3,8 +3,8 @@
 The nft counterpart of `xt_fresh_write`: the text is read (`xt_fresh_rules.read_fresh`), the batch
 iptables-nft would send is built (`nft_compat_batch`) and sent on a netfilter netlink socket made by
 the calling thread (which is inside the pod netns); the kernel applies the batch as one transaction.
-Its table comes with NLM_F_EXCL: where the table exists already (anything at all of iptables-nft's in
-that family), the batch fails with EEXIST and changes nothing, and the text goes to iptables-nft-restore
+Its tables come with NLM_F_EXCL: where one exists already (anything at all of iptables-nft's in that
+table and family), the batch fails with EEXIST and changes nothing, and the text goes to iptables-nft-restore
 as before. So does anything the reader or the batch builder does not lay out. The kernel's answer to
 every message is read; any error means the transaction was aborted.
 """
@@ -25,17 +25,17 @@ TIMEOUT = 5.0
 
 
 @lru_cache(maxsize=64)
-def _prepared(text: str, family: int) -> tuple[FreshTable, bytes, tuple[int, ...]]:
-    table = read_fresh(text, family)
-    data, acked = batch(table, 1)
-    return table, data, tuple(acked)
+def _prepared(text: str, family: int) -> tuple[tuple[FreshTable, ...], bytes, tuple[int, ...]]:
+    tables = read_fresh(text, family)
+    data, acked = batch(tables, 1)
+    return tables, data, tuple(acked)
 
 
 def restore_fresh_nft_here(family: int, text: str) -> str | None:
     """Apply `text` (a fresh restore text) in the calling thread's netns through nf_tables; None when
     done, else why it was declined (nothing changed)."""
     try:
-        table, data, acked = _prepared(text, family)
+        tables, data, acked = _prepared(text, family)
     except Unsupported as exc:
         return f"not built in-process: {exc}"
     try:
@@ -46,10 +46,11 @@ def restore_fresh_nft_here(family: int, text: str) -> str | None:
             error = _answers(sock, set(acked))
     except OSError as exc:
         return f"nf_tables: {exc.strerror or exc}"
+    names = "/".join(t.name for t in tables)
     if error == errno.EEXIST:
-        return f"table {table.name} exists"
+        return f"table {names} exists"
     if error:
-        return f"table {table.name} refused by the kernel: {os.strerror(error)}"
+        return f"table {names} refused by the kernel: {os.strerror(error)}"
     return None
 
 

@@ -6,10 +6,11 @@ canonical form (`cni.rules.rule_text`). The agent can put such a text into the k
 (legacy: `xt_fresh_write`, nft: `nft_fresh_write`); this module reads it into `XtRule` records with the
 data each match and target holds in the kernel (`xt_blob` and `nft_compat_batch` lay them out), and
 declines — `Unsupported`, the caller starts `iptables-restore` as before — anything outside the small
-grammar the REDIRECT-mode sidecar rules use: `-s`, `[!] -d`, `-i`, `[!] -o`, `-p tcp`,
-`-m tcp [!] --dport N`, `-m owner [!] --uid-owner|--gid-owner N`, `-m comment --comment TEXT`,
-`-j REDIRECT --to-ports N`, `-j RETURN|ACCEPT|DROP` and jumps to chains the text creates. One table per
-text (a text naming two tables is two kernel transactions: declined).
+grammar the REDIRECT-mode sidecar rules and the ambient rules use: `-s`, `[!] -d`, `-i`, `[!] -o`,
+`-p tcp|udp`, `-m tcp|udp [!] --dport N`, `-m owner [!] --uid-owner|--gid-owner N`,
+`-m mark|connmark [!] --mark V[/M]`, `-m comment --comment TEXT`, `-j REDIRECT --to-ports N`,
+`-j CONNMARK --set-xmark V/M | --restore-mark --nfmask M --ctmask M`, `-j RETURN|ACCEPT|DROP` and jumps
+to chains the text creates; any number of tables, each its own block.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from cni.rules.rule_text import arguments
 
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")  # by netfilter hook number
 VERDICTS = {"ACCEPT": -2, "DROP": -1, "RETURN": -5}  # -NF_ACCEPT-1, -NF_DROP-1, XT_RETURN (-NF_REPEAT-1)
-PROTOCOLS = {"tcp": socket.IPPROTO_TCP}
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 COMMENT_LEN = 256  # struct xt_comment_info
 OWNER_UID, OWNER_GID = 1, 2  # XT_OWNER_UID, XT_OWNER_GID
-PORT_INV_DST = 0x02  # XT_TCP_INV_DSTPT
+PORT_INV_DST = 0x02  # XT_TCP_INV_DSTPT == XT_UDP_INV_DSTPT
+CONNMARK_SET, CONNMARK_RESTORE = 0, 2  # XT_CONNMARK_SET, XT_CONNMARK_RESTORE
 NAT_PROTO_SPECIFIED = 0x02  # NF_NAT_RANGE_PROTO_SPECIFIED
 IFNAMSIZ = 16
 
@@ -68,29 +70,37 @@ class FreshTable(NamedTuple):
     rules: tuple[XtRule, ...]  # per chain in the order the kernel keeps them
 
 
-def read_fresh(text: str, family: int) -> FreshTable:
-    """The one table of a fresh restore text; Unsupported for anything else."""
+def read_fresh(text: str, family: int) -> tuple[FreshTable, ...]:
+    """The tables of a fresh restore text, in its order; Unsupported for anything else."""
     if family not in (4, 6):
         raise Unsupported(f"address family {family!r}")
-    table: str | None = None
-    committed = False
-    chains: list[str] = []
-    per_chain: dict[str, list[XtRule]] = {}
+    tables: list[FreshTable] = []
+    lines: list[str] | None = None
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
-        if committed:
-            raise Unsupported("more than one table")
         if line.startswith("*"):
-            if table is not None:
+            if lines is not None:
                 raise Unsupported("a table inside a table")
-            table = line[1:]
-            continue
-        if table is None:
+            if line[1:] in (t.name for t in tables):
+                raise Unsupported(f"table {line[1:]} twice")
+            lines = [line[1:]]
+        elif lines is None:
             raise Unsupported(f"line outside a table: {line!r}")
-        if line == "COMMIT":
-            committed = True
-            continue
+        elif line == "COMMIT":
+            tables.append(_table(lines[0], lines[1:], family))
+            lines = None
+        else:
+            lines.append(line)
+    if lines is not None or not tables:
+        raise Unsupported("no committed table")
+    return tuple(tables)
+
+
+def _table(name: str, lines: list[str], family: int) -> FreshTable:
+    chains: list[str] = []
+    per_chain: dict[str, list[XtRule]] = {}
+    for line in lines:
         args = arguments(line)
         if args[0] == "-N" and len(args) == 2:
             if args[1] in chains or args[1] in BUILTIN_CHAINS:
@@ -107,8 +117,6 @@ def read_fresh(text: str, family: int) -> FreshTable:
             where.insert(position - 1, _rule(args[1], args[3:], family))
         else:
             raise Unsupported(f"line {line!r}")
-    if table is None or not committed:
-        raise Unsupported("no committed table")
     for chain, chain_rules in per_chain.items():
         if chain not in chains and chain not in BUILTIN_CHAINS:
             raise Unsupported(f"rules in chain {chain}, which the text does not create")
@@ -116,7 +124,7 @@ def read_fresh(text: str, family: int) -> FreshTable:
             if isinstance(r.target, str) and r.target not in VERDICTS and r.target not in chains:
                 raise Unsupported(f"jump to {r.target}, which the text does not create")
     ordered = tuple(r for chain in per_chain for r in per_chain[chain])
-    return FreshTable(family=family, name=table, chains=tuple(chains), rules=ordered)
+    return FreshTable(family=family, name=name, chains=tuple(chains), rules=ordered)
 
 
 def _rule(chain: str, args: list[str], family: int) -> XtRule:
@@ -200,11 +208,17 @@ def _match(args: list[str], i: int, proto: int) -> tuple[int, Extension]:
     opts = args[i + 1 :]
     negate = bool(opts) and opts[0] == "!"
     body = opts[1:] if negate else opts
-    if name == "tcp" and proto == PROTOCOLS["tcp"] and len(body) >= 2 and body[0] == "--dport":
+    if name in PROTOCOLS and PROTOCOLS[name] == proto and len(body) >= 2 and body[0] == "--dport":
         port = _port(body[1])
-        # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, invflags
-        data = struct.pack("=HHHHBBBB", 0, 0xFFFF, port, port, 0, 0, 0, PORT_INV_DST if negate else 0)
+        inv = PORT_INV_DST if negate else 0
+        if name == "tcp":  # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, invflags
+            data = struct.pack("=HHHHBBBB", 0, 0xFFFF, port, port, 0, 0, 0, inv)
+        else:  # struct xt_udp: spts[2], dpts[2], invflags
+            data = struct.pack("=HHHHB", 0, 0xFFFF, port, port, inv)
         return i + 3 + negate, Extension(name, 0, data)
+    if name in ("mark", "connmark") and len(body) >= 2 and body[0] == "--mark":
+        mark, mask = _mark(body[1])  # xt_mark_mtinfo1 / xt_connmark_mtinfo1: mark, mask, invert (revision 1)
+        return i + 3 + negate, Extension(name, 1, struct.pack("=IIB", mark, mask, 1 if negate else 0))
     if name == "owner" and len(body) >= 2 and body[0] in ("--uid-owner", "--gid-owner"):
         ident = _id(body[1])
         flag = OWNER_UID if body[0] == "--uid-owner" else OWNER_GID
@@ -232,7 +246,38 @@ def _target(args: list[str], i: int, family: int) -> tuple[int, Extension | str]
         else:  # struct nf_nat_range: flags, min_addr, max_addr, min_proto, max_proto
             data = struct.pack("=I16s16s2s2s", NAT_PROTO_SPECIFIED, bytes(16), bytes(16), port, port)
         return i + 3, Extension("REDIRECT", 0, data)
+    if name == "CONNMARK":
+        return _connmark(args, i + 1)
     # a verdict or a jump (read_fresh checks that the chain is one the text creates)
     if not name.isidentifier() or i + 1 != len(args):
         raise Unsupported(f"target {' '.join(args[i:])!r}")
     return i + 1, name
+
+
+def _u32(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise Unsupported(f"value {text!r}") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise Unsupported(f"value {text!r}")
+    return value
+
+
+def _mark(text: str) -> tuple[int, int]:
+    value, _, mask = text.partition("/")
+    return _u32(value), _u32(mask) if mask else 0xFFFFFFFF
+
+
+def _connmark(args: list[str], i: int) -> tuple[int, Extension]:
+    """`-j CONNMARK --set-xmark V/M` or `--restore-mark --nfmask M --ctmask M` (the whole rest of the rule):
+    struct xt_connmark_tginfo2 (revision 2): ctmark, ctmask, nfmask, shift_dir, shift_bits, mode."""
+    opts = args[i:]
+    if len(opts) == 2 and opts[0] == "--set-xmark":
+        mark, mask = _mark(opts[1])
+        data = struct.pack("=IIIBBB", mark, mask, 0xFFFFFFFF, 0, 0, CONNMARK_SET)  # nfmask as iptables sets it
+    elif len(opts) == 5 and opts[0] == "--restore-mark" and opts[1] == "--nfmask" and opts[3] == "--ctmask":
+        data = struct.pack("=IIIBBB", 0, _u32(opts[4]), _u32(opts[2]), 0, 0, CONNMARK_RESTORE)
+    else:
+        raise Unsupported(f"target CONNMARK {' '.join(opts)}")
+    return len(args), Extension("CONNMARK", 2, data)

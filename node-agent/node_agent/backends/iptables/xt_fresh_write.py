@@ -8,12 +8,13 @@ iptables takes (`/run/xtables.lock`, or `$XTABLES_LOCKFILE`; held by another pro
 iptables-restore waits for it; the agent's own threads take turns):
 
 1. the text is read (`xt_fresh_rules.read_fresh`): anything outside its grammar is declined;
-2. `IPT_SO_GET_INFO` / `IPT_SO_GET_ENTRIES`: the table must be exactly what a new netns holds (every
-   hook's chain empty with an ACCEPT policy), else declined: iptables-restore then applies the text
-   (and refuses it the way it always does, e.g. when our chains exist);
-3. `IPT_SO_SET_REPLACE` with the new blob (the kernel swaps the whole table at once, or refuses it and
-   changes nothing; it refuses with EAGAIN when the table changed since step 2), then
-   `IPT_SO_SET_ADD_COUNTERS` gives the policies their counters back, as libiptc does.
+2. per table, `IPT_SO_GET_INFO` / `IPT_SO_GET_ENTRIES`: it must be exactly what a new netns holds
+   (every hook's chain empty with an ACCEPT policy), else declined: iptables-restore then applies the
+   text (and refuses it the way it always does, e.g. when our chains exist);
+3. per table, `IPT_SO_SET_REPLACE` with the new blob (the kernel swaps the whole table at once, or
+   refuses it and changes nothing; it refuses with EAGAIN when the table changed since step 2), then
+   `IPT_SO_SET_ADD_COUNTERS` gives the policies their counters back, as libiptc does. A refused table
+   puts the tables of the text swapped before it back (iptables-legacy-restore would leave them).
 
 The records and the blob of a text are kept (a node's pods share a few specs, hence a few texts).
 
@@ -31,6 +32,7 @@ import socket
 import struct
 import threading
 from functools import lru_cache
+from typing import NamedTuple
 
 from node_agent.backends.iptables.xt_blob import Blob, layout, masked, pristine
 from node_agent.backends.iptables.xt_digest import (
@@ -49,6 +51,7 @@ REPLACE = struct.Struct("=32sIII5I5IIQ")  # struct ipt_replace up to its entries
 COUNTERS_INFO = struct.Struct("=32sI4x")  # struct xt_counters_info up to its counters
 COUNTER = struct.Struct("=QQ")
 DEFAULT_LOCK = "/run/xtables.lock"
+NOT_LAID_OUT = "not laid out in-process"  # how a decline for the text itself (not the tables' state) starts
 
 
 # Most pods of a node share a handful of specs: the text → records → blob work is done once per text.
@@ -64,11 +67,13 @@ def lock_path() -> str:
 
 def restore_fresh_here(family: int, text: str) -> str | None:
     """Apply `text` (a fresh restore text) in the calling thread's netns; None when done, else why it
-    was declined (nothing changed)."""
+    was declined (nothing changed). Raises OSError only when a later table was refused and an earlier
+    one could not be put back (then the tables are as iptables-restore would have left them: the earlier
+    ones written)."""
     try:
-        table = _read(text, family)
+        tables = _read(text, family)
     except Unsupported as exc:
-        return f"not laid out in-process: {exc}"
+        return f"{NOT_LAID_OUT}: {exc}"
     with _OURS:  # our own threads take turns (a write is a fraction of a millisecond) instead of declining
         try:
             lock = os.open(lock_path(), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -81,14 +86,48 @@ def restore_fresh_here(family: int, text: str) -> str | None:
                 return "xtables lock busy"
             af = socket.AF_INET if family == 4 else socket.AF_INET6
             with socket.socket(af, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW) as sock:
-                return _replace_pristine(sock, table)
+                return _write(sock, tables)
         except OSError as exc:
-            return f"table {table.name}: {exc.strerror or exc}"
+            if isinstance(exc, HalfWritten):
+                raise
+            return f"table {'/'.join(t.name for t in tables)}: {exc.strerror or exc}"
         finally:
             os.close(lock)  # releases the flock
 
 
-def _replace_pristine(sock: socket.socket, table: FreshTable) -> str | None:
+class HalfWritten(OSError):
+    """A later table was refused and an earlier one, already written, could not be put back."""
+
+
+class _Plan(NamedTuple):
+    table: FreshTable
+    valid_hooks: int
+    old: Blob  # what the table holds now (the pristine layout, verified)
+    new: Blob
+
+
+def _write(sock: socket.socket, tables: tuple[FreshTable, ...]) -> str | None:
+    """Every table verified new and laid out first; then each swapped in, in order. A refused swap puts
+    the tables swapped before it back as they were."""
+    plans: list[_Plan] = []
+    for table in tables:
+        plan = _plan(sock, table)
+        if isinstance(plan, str):
+            return plan
+        plans.append(plan)
+    for i, plan in enumerate(plans):
+        refused = _swap(sock, plan.table, plan.valid_hooks, plan.new, plan.old.num_entries, counters_from=plan.old)
+        if refused is None:
+            continue
+        for done in reversed(plans[:i]):
+            back = _swap(sock, done.table, done.valid_hooks, done.old, done.new.num_entries)
+            if back is not None:
+                raise HalfWritten(0, f"{refused}; putting table {done.table.name} back failed: {back}")
+        return refused
+    return None
+
+
+def _plan(sock: socket.socket, table: FreshTable) -> _Plan | str:
     family, level = table.family, LEVELS[table.family]
     name = table.name.encode()
     info_buf = ctypes.create_string_buffer(name, INFO.size)
@@ -109,19 +148,26 @@ def _replace_pristine(sock: socket.socket, table: FreshTable) -> str | None:
     if masked(entries_buf.raw[ENTRIES_HEADER:], family) != masked(empty.entries, family):
         return f"table {table.name} is not empty (a chain's policy or an entry differs)"
     try:
-        blob = _layout(table, valid_hooks)
+        return _Plan(table, valid_hooks, empty, _layout(table, valid_hooks))
     except Unsupported as exc:
-        return f"not laid out in-process: {exc}"
-    old = ctypes.create_string_buffer(COUNTER.size * num_entries)
+        return f"{NOT_LAID_OUT}: {exc}"
+
+
+def _swap(sock: socket.socket, table: FreshTable, valid_hooks: int, blob: Blob, num_now: int,
+          counters_from: Blob | None = None) -> str | None:
+    """IPT_SO_SET_REPLACE of `table` with `blob` (the table holds `num_now` entries); why it was refused."""
+    level, name = LEVELS[table.family], table.name.encode()
+    old = ctypes.create_string_buffer(COUNTER.size * num_now)
     head = REPLACE.pack(name, valid_hooks, blob.num_entries, len(blob.entries), *blob.hook_entry, *blob.underflow,
-                        num_entries, ctypes.addressof(old))
+                        num_now, ctypes.addressof(old))
     try:
         sock.setsockopt(level, SO_SET_REPLACE, head + blob.entries)
     except OSError as exc:
         if exc.errno == errno.EAGAIN:
             return f"table {table.name} changed while it was read"
         return f"table {table.name} refused by the kernel: {exc.strerror}"
-    _restore_policy_counters(sock, level, name, blob, empty, old.raw)
+    if counters_from is not None:
+        _restore_policy_counters(sock, level, name, blob, counters_from, old.raw)
     return None
 
 
