@@ -21,6 +21,8 @@ from cni.kernel import spawn
 from cni.kernel import tables as netns_tables
 from cni.kernel.iptables_run import netns_argv
 from cni.kernel.netns import NetnsThreadTimeout
+from cni.kernel.tproxy import add_routes, check_routes, undo_routes
+from cni.rules.tproxy_routes import AMBIENT, route_line
 
 
 @pytest.fixture
@@ -227,15 +229,14 @@ def test_a_sidecar_apply_into_a_new_netns_starts_no_process(netns: str, started:
 
 
 @pytest.mark.parametrize("flavour", ["legacy", "nft"])
-def test_an_ambient_apply_into_a_new_netns_starts_only_the_routing(netns: str, started: list[str],
-                                                                     flavour: str) -> None:
+def test_an_ambient_apply_into_a_new_netns_starts_no_process(netns: str, started: list[str], flavour: str) -> None:
     """Ambient enrolment through the agent's runner: both tables (mangle and nat) of each family written
-    in-process; only the policy routing's `ip -batch` per family is started."""
+    in-process, the policy routing over rtnetlink: nothing started."""
     subprocess.run(["ip", "-n", os.path.basename(netns), "link", "set", "lo", "up"], check=True)
     previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
     try:
         netns_tables.apply_ambient(netns, AmbientSpec(), (4, 6), flavour, optimistic=True)  # type: ignore[arg-type]
-        assert started == ["ip", "ip"]
+        assert started == []
         assert netns_tables.check_ambient(netns, AmbientSpec(), (4, 6), flavour) == []  # type: ignore[arg-type]
         assert netns_tables.check_ambient_routes(netns, (4, 6)) == []
     finally:
@@ -254,7 +255,7 @@ def test_a_legacy_ambient_text_the_tables_refuse_is_not_half_applied(netns: str,
     previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
     try:
         netns_tables.apply_ambient(netns, AmbientSpec(), (4,), "legacy", optimistic=True)
-        assert sorted(started) == ["ip", "iptables-legacy-restore", "iptables-legacy-save"]  # no fresh restore
+        assert sorted(started) == ["iptables-legacy-restore", "iptables-legacy-save"]  # no fresh restore
         assert netns_tables.check_ambient(netns, AmbientSpec(), (4,), "legacy") == []
     finally:
         spawn.install_runner(previous)
@@ -269,3 +270,27 @@ def test_a_refused_command_fails_without_starting(netns: str, started: list[str]
 
     (res,) = InNetnsSpawner(restorers={("cat",): refuse}).run_many([(netns_argv(netns, ["cat"]), "x")], 5)
     assert (res.returncode, res.stderr) == (1, "cat: not now\n") and started == []
+
+
+def test_ambient_routing_in_process_reads_like_ip_and_undoes_only_its_own(netns: str, started: list[str]) -> None:
+    """The ambient routing side job through the agent's runner: a rule that was there already fails its
+    line with "File exists" as `ip -force -batch` says it (success), and the rollback deletes only the
+    route this call added."""
+    name = os.path.basename(netns)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "-n", name, "-4", "rule", "add", "pref", "32764", "from", "all", "fwmark", "0x111/0xfff",
+                    "lookup", "100"], check=True)
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        (job,) = add_routes(netns, (4,), AMBIENT)
+        assert job.added == [route_line("add", 4, AMBIENT)]
+        assert check_routes(netns, (4,), AMBIENT) == []
+        undo_routes(netns, [job])
+    finally:
+        spawn.install_runner(previous)
+    assert started == ["ip", "ip"]  # the check's `list` and the rollback's `del` batches are started
+    rules = subprocess.run(["ip", "-n", name, "-4", "rule", "list", "pref", "32764"], capture_output=True, text=True,
+                           check=True).stdout
+    routes = subprocess.run(["ip", "-n", name, "-4", "route", "list", "table", "100"], capture_output=True, text=True,
+                            check=False).stdout
+    assert "fwmark 0x111/0xfff lookup 100" in rules and routes.strip() == ""

@@ -14,8 +14,9 @@ Commands the caller knows how to do in-process (`builtin`: exact argv → a func
 not started at all: their result is exit status 0, or 2 with the kernel's words as `ip` prints them
 (the agent's table: `backends/iptables/in_process_commands.py`). Commands fed on stdin may have a
 `restorer` (exact argv → a function of the stdin text, run in the netns) that does the command's work
-itself or declines with a reason (having changed nothing): then the command is started after all; or
-raises `Refused`: the command fails with that message, not started.
+itself (its result: exit status 0, or the `spawn.Result` it returns, worded as the command would) or
+declines with a reason (having changed nothing): then the command is started after all; or raises
+`Refused`: the command fails with that message, not started.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from node_agent.kernel.netns_runner import run_in_netns
 
 Jobs = Sequence[tuple[Sequence[str], str | None]]
 Builtin = Mapping[tuple[str, ...], Callable[[], None]]
-Restorers = Mapping[tuple[str, ...], Callable[[str], "str | None"]]  # None: done; else why it declined
+# None: done (exit 0); a Result: done, with that outcome; a str: why it declined (the command is started)
+Restorers = Mapping[tuple[str, ...], Callable[[str], "str | spawn.Result | None"]]
 
 log = logging.getLogger("headrace.netns_spawn")
 
@@ -47,7 +49,7 @@ class Refused(Exception):
     (nothing was changed); the caller takes its other way."""
 
 
-def _restored(fn: Callable[[str], str | None], argv: list[str], stdin: str) -> spawn.Result | None:
+def _restored(fn: Callable[[str], str | spawn.Result | None], argv: list[str], stdin: str) -> spawn.Result | None:
     try:
         declined = fn(stdin)
     except Refused as exc:
@@ -55,6 +57,8 @@ def _restored(fn: Callable[[str], str | None], argv: list[str], stdin: str) -> s
     except Exception:  # a bug of ours must not fail the command: it is started instead
         log.warning("in-process %s failed, starting it", argv[0], exc_info=True)
         return None
+    if isinstance(declined, spawn.Result):
+        return declined
     if declined is not None:
         log.debug("in-process %s declined, starting it: %s", argv[0], declined)
         return None
