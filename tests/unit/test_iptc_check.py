@@ -274,7 +274,7 @@ def test_backend_check_goes_through_the_shortcut_with_the_right_prefix(monkeypat
     monkeypatch.setattr(reader, "fingerprint", spy)
     monkeypatch.setattr(netns_tables, "check_ambient", lambda *a: [])
     monkeypatch.setattr(netns_tables, "check_sidecar", lambda *a: ["missing"])
-    monkeypatch.setattr(netns_tables, "apply_ambient", lambda *a: None)
+    monkeypatch.setattr(netns_tables, "apply_ambient", lambda *a, **k: None)
     target = PodTarget(uid="u", namespace="d", name="n", netns_path=NS, ips=("10.0.0.2",))
     assert backend.check(target, AmbientSpec()) == []
     assert backend.shortcut.recorded(NS)

@@ -93,6 +93,9 @@ class IptablesBackend:
 
     name = "iptables"
     needs_cgroup = False
+    # A new pod's rules (and an ambient pod's policy routing) go in without a process in the agent, whose
+    # runner writes them itself (`in_process_commands`): its enrolment pool is the in-process one.
+    applies_in_process = True
 
     def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None) -> None:
         """in_process_check: None = on unless HEADRACE_IPTC_CHECK says off (legacy: python-iptables
