@@ -8,7 +8,7 @@ by name (as libiptc keeps them), each opened by an `ERROR` entry naming it and c
 entry; one last `ERROR` entry ends the table. A jump's verdict is the byte offset of the chain's first
 entry after its head. `hook_entry[h]`/`underflow[h]` are the offsets of hook h's first entry and of its
 policy. This is the layout iptables-restore (libiptc) produces; the kernel test compares the two blobs
-byte for byte for every REDIRECT-mode sidecar scenario.
+byte for byte for every REDIRECT-mode sidecar and ambient scenario.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from node_agent.backends.iptables.xt_fresh_rules import (
 )
 
 HEADER = {4: 112, 6: 168}  # sizeof(struct ipt_entry), sizeof(struct ip6t_entry)
-IP_LEN = {4: 84, 6: 136}  # sizeof(struct ipt_ip), sizeof(struct ip6t_ip6)
 EXT_HEADER = 32  # u16 size, char name[29], u8 revision
 ERROR_NAME_LEN = 30  # struct xt_error_target's errorname
 INV_VIA_OUT, INV_DST = 0x02, 0x10  # IPT_INV_VIA_OUT == IP6T_INV_VIA_OUT, IPT_INV_DSTIP == IP6T_INV_DSTIP

@@ -1,6 +1,7 @@
-"""The restore text of an ADD into a new pod netns, read back into rule records (pure).
+"""The restore text for a new pod netns (a sidecar ADD, an ambient enrolment), read back into rule
+records (pure).
 
-`cni.rules.transition.fresh_text` writes a sidecar pod's rules for `iptables-restore --noflush` as
+`cni.rules.transition.fresh_text` writes a pod's rules for `iptables-restore --noflush` as
 `*table`, `-N chain`, `-I BUILTIN <n> rule`, `-A chain rule`, `COMMIT`, every rule in iptables-save's
 canonical form (`cni.rules.rule_text`). The agent can put such a text into the kernel itself
 (legacy: `xt_fresh_write`, nft: `nft_fresh_write`); this module reads it into `XtRule` records with the

@@ -1,9 +1,10 @@
 """Put a fresh restore text into a new pod netns' legacy iptables table in-process: no iptables-restore.
 
-An ADD's sidecar rules go into a netns whose `nat` table holds nothing yet; `iptables-legacy-restore`
-(~2 ms of process per family here) reads the table with two getsockopt calls, lays it out again with our
-rules and hands it back with one setsockopt. `restore_fresh_here` does the same from the calling thread
-(which is inside the pod netns), with the blob `xt_blob` lays out, under the same xtables lock
+A new pod's rules (a sidecar ADD, an ambient enrolment) go into tables that hold nothing yet;
+`iptables-legacy-restore` (~2 ms of process per family here) reads each table with two getsockopt
+calls, lays it out again with our rules and hands it back with one setsockopt. `restore_fresh_here`
+does the same from the calling thread (which is inside the pod netns), with the blob `xt_blob` lays
+out, under the same xtables lock
 iptables takes (`/run/xtables.lock`, or `$XTABLES_LOCKFILE`; held by another process: declined, and
 iptables-restore waits for it; the agent's own threads take turns):
 
