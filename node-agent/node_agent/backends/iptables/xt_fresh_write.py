@@ -4,9 +4,8 @@ A new pod's rules (a sidecar ADD, an ambient enrolment) go into tables that hold
 `iptables-legacy-restore` (~2 ms of process per family here) reads each table with two getsockopt
 calls, lays it out again with our rules and hands it back with one setsockopt. `restore_fresh_here`
 does the same from the calling thread (which is inside the pod netns), with the blob `xt_blob` lays
-out, under the same xtables lock
-iptables takes (`/run/xtables.lock`, or `$XTABLES_LOCKFILE`; held by another process: declined, and
-iptables-restore waits for it; the agent's own threads take turns):
+out, under the same xtables lock iptables takes (`/run/xtables.lock`, or `$XTABLES_LOCKFILE`; held by
+another process: declined, and iptables-restore waits for it; the agent's own threads take turns):
 
 1. the text is read (`xt_fresh_rules.read_fresh`): anything outside its grammar is declined;
 2. per table, `IPT_SO_GET_INFO` / `IPT_SO_GET_ENTRIES`: it must be exactly what a new netns holds
