@@ -26,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from node_agent.backends.iptables.iptc_fingerprint import LAYOUTS
 from node_agent.backends.iptables.nft_fresh_write import restore_fresh_nft_here
-from node_agent.backends.iptables.xt_blob import masked, pristine
-from node_agent.backends.iptables.xt_digest import read_table
+from node_agent.backends.iptables.xt_blob import pristine
+from node_agent.backends.iptables.xt_digest import masked, read_table
 from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
 from node_agent.lab.simnode import SimNode
 
@@ -116,12 +117,12 @@ def nft_ruleset(name: str) -> list[str]:
     return lines
 
 
-def nat_table(name: str, family: int, table: str = "nat") -> tuple[bytes, bytes]:
+def table_blob(name: str, family: int, table: str = "nat") -> tuple[bytes, bytes]:
     with entered(f"/run/netns/{name}"):
         af = socket.AF_INET if family == 4 else socket.AF_INET6
         with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
             info, entries = read_table(sock, family, table)
-    return info, masked(entries, family)
+    return info, masked(entries, LAYOUTS[family], comefrom=True)
 
 
 def fresh_here(name: str, family: int, text: str, flavour: str = "legacy") -> str | None:
@@ -138,7 +139,7 @@ def test_the_same_legacy_table_as_iptables_restore(two: tuple[str, str], scenari
     restore(real, family, text)
     assert fresh_here(ours, family, text) is None
     for table in ("nat", "mangle") if scenario in AMBIENT else ("nat",):
-        assert nat_table(ours, family, table) == nat_table(real, family, table)
+        assert table_blob(ours, family, table) == table_blob(real, family, table)
     assert saved(ours, family) == saved(real, family)
 
 
@@ -184,18 +185,18 @@ def test_declines_a_table_that_is_not_new(two: tuple[str, str], family: int) -> 
     name, _ = two
     text = text_of(SidecarSpec(), family)
     restore(name, family, "*nat\n-A POSTROUTING -p udp -j ACCEPT\nCOMMIT\n")  # someone else's rule
-    before = nat_table(name, family)
+    before = table_blob(name, family)
     assert "not empty" in (fresh_here(name, family, text) or "")
-    assert nat_table(name, family) == before
+    assert table_blob(name, family) == before
     restore(name, family, "*nat\n-F POSTROUTING\n:OUTPUT DROP [0:0]\nCOMMIT\n")  # same entry count, DROP policy
-    before = nat_table(name, family)
+    before = table_blob(name, family)
     assert "not empty" in (fresh_here(name, family, text) or "")
-    assert nat_table(name, family) == before
+    assert table_blob(name, family) == before
     restore(name, family, "*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
     assert fresh_here(name, family, text) is None
-    before = nat_table(name, family)
+    before = table_blob(name, family)
     assert "not empty" in (fresh_here(name, family, text) or "")  # ours are there: iptables-restore refuses -N
-    assert nat_table(name, family) == before
+    assert table_blob(name, family) == before
 
 
 def test_declines_while_the_xtables_lock_is_held(two: tuple[str, str], tmp_path: Path,
@@ -260,4 +261,4 @@ def test_a_table_the_kernel_refuses_leaves_every_table_as_it_was(two: tuple[str,
     after = saved(name, 4, flavour)  # legacy: the tables exist now (reading one makes it), empty
     assert not [line for line in after if line.startswith("-") or "HRX" in line], after
     if flavour == "legacy":
-        assert nat_table(name, 4, "mangle")[1] == masked(pristine(4, 0b11111).entries, 4)
+        assert table_blob(name, 4, "mangle")[1] == masked(pristine(4, 0b11111).entries, LAYOUTS[4], comefrom=True)

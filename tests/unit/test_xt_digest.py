@@ -1,4 +1,5 @@
-"""The legacy table digest's pure part: counters zeroed entry by entry, a broken entry chain refused."""
+"""The legacy table digest's pure part: counters (and, when asked, comefrom) zeroed entry by entry, a broken
+entry chain refused."""
 
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ def test_counters_are_zeroed_and_nothing_else(family: int) -> None:
     assert masked(table, LAYOUTS[family]) == masked(busy, LAYOUTS[family]) == quiet
     other = entry(family, b"V" * 40, 5, 300) + entry(family, b"U" * 48, 0, 0)
     assert masked(other, LAYOUTS[family]) != quiet
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_comefrom_is_zeroed_only_when_asked(family: int) -> None:
+    """The kernel's bookkeeping u32 after the offsets: kept for the digest, zeroed to compare a table the
+    kernel holds with one laid out here."""
+    table = bytearray(entry(family, b"T" * 40, 5, 300))
+    struct.pack_into("=I", table, LAYOUTS[family].offsets_at + 4, 0x1B)
+    quiet = entry(family, b"T" * 40, 0, 0)
+    assert masked(bytes(table), LAYOUTS[family], comefrom=True) == quiet
+    assert masked(bytes(table), LAYOUTS[family]) != quiet
 
 
 def test_a_broken_entry_chain_is_refused() -> None:

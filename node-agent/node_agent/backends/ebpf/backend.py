@@ -128,17 +128,17 @@ class EbpfBackend(RedirectBackend):
         """The rules backend holding this spec's inbound capture, or None (TC eBPF)."""
         return self.inbound or (self.ambient_inbound if isinstance(spec, AmbientSpec) else None)
 
+    def inbound_rules(self, spec: RedirectSpec) -> PodRules | None:
+        """`rules_inbound`, for a spec that captures inbound at all (else None)."""
+        return self.rules_inbound(spec) if maps.needs_inbound(spec) else None
+
     # ---- RedirectBackend -----------------------------------------------------------------------------
     def fallback_reason(self, spec: RedirectSpec) -> str | None:
         """Why this backend cannot fully implement spec on this node (the agent should then use iptables
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
         if self.toolchain_fallback and (loader.busy() or loader.failure() is not None):
             return f"eBPF is unavailable on this node: {loader.failure() or COMPILING}"
-        if (
-            isinstance(spec, SidecarSpec)
-            and spec.interception_mode == "TPROXY"
-            and maps.needs_inbound(spec)
-        ):
+        if isinstance(spec, SidecarSpec) and spec.interception_mode == "TPROXY" and maps.needs_inbound(spec):
             return (
                 "sidecar interceptionMode TPROXY is not implemented in eBPF: the proxy's original-source "
                 "connections to the app (mark 1337, a foreign source over lo) need the fwmark policy routing "
@@ -163,11 +163,10 @@ class EbpfBackend(RedirectBackend):
                 cg = validate_cgroup(target.cgroup_path)
             except CgroupError as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-            inbound = maps.needs_inbound(spec)
             had_ebpf = self._ebpf_installed(target)
             mode = self._pinned_mode(target)
             self._apply_ebpf(target, spec, cg)
-            rules = self.rules_inbound(spec) if inbound else None
+            rules = self.inbound_rules(spec)
             if rules is not None:
                 try:
                     rules.apply(target, maps.inbound_only(spec))
@@ -409,13 +408,13 @@ class EbpfBackend(RedirectBackend):
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         with self._lock:
             problems = self.check_unannounced(target, spec)
-            if (rules := self.rules_inbound(spec) if maps.needs_inbound(spec) else None) is not None:
+            if (rules := self.inbound_rules(spec)) is not None:
                 problems += [f"inbound ({rules.name}): {p}" for p in rules.check(target, maps.inbound_only(spec))]
             return problems
 
     def announces_part(self, spec: RedirectSpec) -> bool:
         """An ambient pod's inbound is on the rules backend: announced when that one announces (nf_tables)."""
-        return bool(getattr(self.rules_inbound(spec) if maps.needs_inbound(spec) else None, "change_events", False))
+        return bool(getattr(self.inbound_rules(spec), "change_events", False))
 
     def check_unannounced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         """The programs, pins, maps and TC filters (polled: nothing announces their changes)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from node_agent.backends.iptables.iptc_fingerprint import EXT_HEADER, LAYOUTS
 from node_agent.backends.iptables.xt_fresh_rules import (
     BUILTIN_CHAINS,
     IFNAMSIZ,
@@ -26,13 +27,10 @@ from node_agent.backends.iptables.xt_fresh_rules import (
     XtRule,
 )
 
-HEADER = {4: 112, 6: 168}  # sizeof(struct ipt_entry), sizeof(struct ip6t_entry)
-EXT_HEADER = 32  # u16 size, char name[29], u8 revision
+HEADER = {family: entry.header_len for family, entry in LAYOUTS.items()}  # sizeof(ipt_entry / ip6t_entry)
 ERROR_NAME_LEN = 30  # struct xt_error_target's errorname
 INV_VIA_OUT, INV_DST = 0x02, 0x10  # IPT_INV_VIA_OUT == IP6T_INV_VIA_OUT, IPT_INV_DSTIP == IP6T_INV_DSTIP
 IP6T_F_PROTO = 0x01
-COUNTERS_AT = {4: 96, 6: 152}
-COMEFROM_AT = {4: 92, 6: 144}
 
 
 class Blob(NamedTuple):
@@ -165,16 +163,3 @@ def pristine(family: int, valid_hooks: int) -> Blob:
     """A table with every hook's chain empty and accepting, nothing else: what a new netns holds."""
     return layout(FreshTable(family=family, name="", chains=(), rules=()), valid_hooks)
 
-
-def masked(entries: bytes, family: int) -> bytes:
-    """`entries` with the fields the kernel fills in (counters, comefrom) zeroed, for comparing."""
-    out = bytearray(entries)
-    at = 0
-    while at + HEADER[family] <= len(out):
-        out[at + COUNTERS_AT[family] : at + COUNTERS_AT[family] + 16] = bytes(16)
-        out[at + COMEFROM_AT[family] : at + COMEFROM_AT[family] + 4] = bytes(4)
-        next_offset = struct.unpack_from("=H", out, at + COMEFROM_AT[family] - 2)[0]
-        if next_offset == 0:
-            break
-        at += next_offset
-    return bytes(out)

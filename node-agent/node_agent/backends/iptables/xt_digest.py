@@ -39,8 +39,10 @@ class XtDigestError(OSError):
     """The tables could not be read (the caller asks python-iptables or iptables-save instead)."""
 
 
-def masked(entries: bytes, layout: EntryLayout) -> bytes:
-    """The entry table with every entry's counters zeroed; ValueError when the entries do not chain up."""
+def masked(entries: bytes, layout: EntryLayout, *, comefrom: bool = False) -> bytes:
+    """The entry table with every entry's counters zeroed (and, with `comefrom`, the kernel's own
+    bookkeeping field after the offsets too: for comparing with a table laid out here, `xt_blob`);
+    ValueError when the entries do not chain up."""
     out = bytearray(entries)
     at = 0
     while at < len(out):
@@ -51,6 +53,8 @@ def masked(entries: bytes, layout: EntryLayout) -> bytes:
             raise ValueError(f"entry at {at}: bad next_offset {next_offset}")
         counters = at + layout.header_len - COUNTERS
         out[counters : counters + COUNTERS] = bytes(COUNTERS)
+        if comefrom:  # u32 right after target_offset and next_offset
+            out[at + layout.offsets_at + 4 : at + layout.offsets_at + 8] = bytes(4)
         at += next_offset
     return bytes(out)
 

@@ -34,7 +34,8 @@ import threading
 from functools import lru_cache
 from typing import NamedTuple
 
-from node_agent.backends.iptables.xt_blob import Blob, layout, masked, pristine
+from node_agent.backends.iptables.iptc_fingerprint import LAYOUTS
+from node_agent.backends.iptables.xt_blob import Blob, layout, pristine
 from node_agent.backends.iptables.xt_digest import (
     ENTRIES_HEADER,
     INFO,
@@ -43,6 +44,7 @@ from node_agent.backends.iptables.xt_digest import (
     SO_GET_INFO,
     XtDigestError,
     getsockopt_into,
+    masked,
 )
 from node_agent.backends.iptables.xt_fresh_rules import FreshTable, Unsupported, read_fresh
 
@@ -87,9 +89,9 @@ def restore_fresh_here(family: int, text: str) -> str | None:
             af = socket.AF_INET if family == 4 else socket.AF_INET6
             with socket.socket(af, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW) as sock:
                 return _write(sock, tables)
+        except HalfWritten:
+            raise
         except OSError as exc:
-            if isinstance(exc, HalfWritten):
-                raise
             return f"table {'/'.join(t.name for t in tables)}: {exc.strerror or exc}"
         finally:
             os.close(lock)  # releases the flock
@@ -145,7 +147,11 @@ def _plan(sock: socket.socket, table: FreshTable) -> _Plan | str:
         getsockopt_into(sock.fileno(), level, SO_GET_ENTRIES, entries_buf, f"table {table.name} entries")
     except XtDigestError as exc:
         return str(exc)
-    if masked(entries_buf.raw[ENTRIES_HEADER:], family) != masked(empty.entries, family):
+    try:
+        now = masked(entries_buf.raw[ENTRIES_HEADER:], LAYOUTS[family], comefrom=True)
+    except ValueError as exc:
+        return f"table {table.name}: {exc}"
+    if now != masked(empty.entries, LAYOUTS[family], comefrom=True):
         return f"table {table.name} is not empty (a chain's policy or an entry differs)"
     try:
         return _Plan(table, valid_hooks, empty, _layout(table, valid_hooks))
