@@ -3,7 +3,9 @@
 Proves: the generation of a pod netns is stable across reads (iptables-nft-save) and traffic and moves
 with every change; an unchanged pod is then checked without spawning anything; a flushed chain, a
 deleted jump or a foreign rule moves the generation, so the iptables-save compare runs, reports it, and
-after the repair the checks are in-process again; the calling thread never leaves its netns.
+after the repair the checks are in-process again; the calling thread never leaves its netns. An
+ambient apply the agent wrote itself (fresh batches only, nothing else committed meanwhile) is recorded
+without a read-back; any other commit in that window, ours or not, means the full compare.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from collections.abc import Iterator, Sequence
 import pytest
 from node_agent.backends.base import PodTarget
 from node_agent.backends.iptables.backend import IptablesBackend
+from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
 from node_agent.backends.iptables.nft_generation import NftGenerationReader, read_generation
+from node_agent.kernel.netns_spawn import InNetnsSpawner
 
 from cni.contract.spec import AmbientSpec
 from cni.kernel import spawn
+from cni.kernel.iptables_run import restore_argv
 from cni.kernel.netns import entered
 from tests.harness.netns import NetNS
 
@@ -96,3 +101,87 @@ def test_unchanged_pod_is_checked_without_spawning_and_tampering_is_caught(
         in_process = stats.snapshot()["in_process"]
         assert backend.check(target, AMBIENT) == []
         assert stats.snapshot()["in_process"] == in_process + 1
+
+
+# -- an apply the agent wrote itself: its first check is a generation read -------------------------------
+
+
+@pytest.fixture
+def agent_runner() -> Iterator[None]:
+    """The agent's command runner (fresh texts written in-process, `nft_fresh_write`)."""
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        yield
+    finally:
+        spawn.install_runner(previous)
+
+
+def nft_backend() -> tuple[IptablesBackend, CheckStats]:
+    backend = IptablesBackend("nft", in_process_check=False)
+    stats = CheckStats()
+    backend.shortcut = DriftShortcut(NftGenerationReader(), stats)
+    return backend, stats
+
+
+@pytest.mark.parametrize("ips", [("10.5.0.2",), ("10.5.0.2", "fd00:5::2")], ids=["v4", "dual"])
+def test_rules_the_agent_wrote_itself_are_not_read_back(ns: NetNS, agent_runner: None, ips: tuple[str, ...]) -> None:
+    """An ambient enrolment: every commit between the generation reads around the apply was one of the
+    agent's fresh batches (one per family, into tables that did not exist), so the first check is a
+    generation read, no save; a change after the apply is still caught. A second apply (our tables are
+    there: save → transition) is read back as before."""
+    subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
+    backend, stats = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=ips)
+    backend.apply(target, AMBIENT)
+    assert backend.shortcut is not None and backend.shortcut.recorded(ns.path)
+    assert backend.check(target, AMBIENT) == []
+    assert stats.snapshot() == {"in_process": 1, "iptables_save": 0, "read_errors": 0}
+    ipt(ns, "-t", "nat", "-F", "HEADRACE_AM_OUTPUT")
+    assert backend.check(target, AMBIENT), "a flushed chain after a recorded apply went unseen"
+    assert stats.snapshot()["iptables_save"] == 1
+    backend.apply(target, AMBIENT)
+    assert not backend.shortcut.recorded(ns.path)
+    assert backend.check(target, AMBIENT) == []
+    assert stats.snapshot()["iptables_save"] == 2
+
+
+def test_a_commit_by_anyone_else_during_the_apply_means_a_read_back(ns: NetNS) -> None:
+    """Right after the agent's own batch (inside the same apply) someone flushes our chain: the generation
+    moved by one more than the agent committed, so nothing is recorded and the first check, the full
+    compare, reports the flushed chain."""
+    key = tuple(restore_argv("nft", 4))
+
+    def write_then_tamper(text: str) -> str | None:
+        declined = RESTORES[key](text)
+        subprocess.run(["iptables-nft", "-t", "nat", "-F", "HEADRACE_AM_OUTPUT"], check=True, capture_output=True)
+        return declined  # type: ignore[return-value]
+
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, {**RESTORES, key: write_then_tamper}))
+    try:
+        backend, stats = nft_backend()
+        target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
+        backend.apply(target, AMBIENT)
+        assert backend.shortcut is not None and not backend.shortcut.recorded(ns.path)
+        assert backend.check(target, AMBIENT)
+        assert stats.snapshot()["iptables_save"] == 1
+    finally:
+        spawn.install_runner(previous)
+
+
+@pytest.mark.parametrize("before", ["our-tables", "foreign-chain"])
+def test_an_apply_that_was_not_only_fresh_writes_means_a_read_back(ns: NetNS, agent_runner: None, before: str) -> None:
+    """Tables of iptables-nft already there (the batch is refused, iptables-nft-restore puts the rules in)
+    or a foreign base chain the apply removes first: more commits than fresh batches, no record; the first
+    check is the full compare and finds the rules intact."""
+    if before == "our-tables":
+        ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
+    else:
+        chain = "chain out { type nat hook output priority -110; tcp dport 80 accept; };"
+        subprocess.run(["nsenter", f"--net={ns.path}", "nft", "-f", "-"], check=True, text=True,
+                       input=f"table ip other {{ {chain} }}\n")
+    backend, stats = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
+    backend.apply(target, AMBIENT)
+    assert backend.shortcut is not None and not backend.shortcut.recorded(ns.path)
+    assert backend.check(target, AMBIENT) == []
+    assert stats.snapshot()["iptables_save"] == 1

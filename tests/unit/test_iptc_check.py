@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from node_agent.backends.base import PodTarget
 from node_agent.backends.iptables import backend as iptables_backend
-from node_agent.backends.iptables import iptc_reader
+from node_agent.backends.iptables import iptc_reader, nft_fresh_write
 from node_agent.backends.iptables.backend import IptablesBackend, in_process_check_enabled, iptables_only_check
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
 from node_agent.backends.iptables.iptc_reader import IptcReader, IptcReadError, IptcUnavailable
@@ -92,6 +92,32 @@ def test_changed_but_intact_is_relearnt() -> None:
     assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == []
     assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == []
     assert auth.calls == 2 and stats.snapshot()["in_process"] == 1
+
+
+def test_a_written_state_is_the_record_until_it_changes() -> None:
+    """`record_written` stands in for the full check: the next check with that digest asks no authority;
+    another digest, spec or family set does."""
+    sc, stats = shortcut(FakeReader(b"G7", b"G7", b"G8"))
+    auth = Authority([])
+    sc.record_written(NS, AmbientSpec(), (4,), PREFIX, b"G7")
+    assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == [] and auth.calls == 0
+    assert sc.check(NS, AmbientSpec(), (4, 6), PREFIX, auth) == [] and auth.calls == 1  # other families
+    sc.record_written(NS, AmbientSpec(), (4,), PREFIX, b"G7")
+    assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == [] and auth.calls == 2  # G8 now: changed
+    assert stats.snapshot()["in_process"] == 1
+
+
+@pytest.mark.parametrize(
+    ("moved", "counted", "expected", "same_netns", "only_ours"),
+    [(2, 2, 2, True, True), (3, 2, 2, True, False), (1, 1, 2, True, False), (2, 2, 2, False, False),
+     (0, 0, 0, True, False), (2, 3, 2, True, False)],
+)
+def test_only_fresh_commits(moved: int, counted: int, expected: int, same_netns: bool, only_ours: bool) -> None:
+    """Exactly the expected commits, every one counted as a fresh batch of ours, in the same netns; the
+    32-bit generation wraps."""
+    before = nft_fresh_write.Mark((1, 100), 0xFFFFFFFF, 5)
+    after = nft_fresh_write.Mark((1, 100 if same_netns else 101), (0xFFFFFFFF + moved) % (1 << 32), 5 + counted)
+    assert nft_fresh_write.only_fresh_commits(before, after, expected) is only_ours
 
 
 @pytest.mark.parametrize(

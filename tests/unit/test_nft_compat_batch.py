@@ -36,14 +36,15 @@ def expressions(body: bytes) -> list[str]:
     return names
 
 
-def test_one_transaction_that_fails_where_the_table_exists() -> None:
+def test_one_transaction_that_fails_where_the_table_exists_and_one_acknowledgement() -> None:
     (table,) = read_fresh(fresh_ruleset_text(builder.sidecar_rules(SidecarSpec(), 4)), 4)
     data, acked = nb.batch((table,), 7)
     msgs = messages(data)
     assert msgs[0][0] == nb.NFNL_MSG_BATCH_BEGIN and msgs[-1][0] == nb.NFNL_MSG_BATCH_END
     changes = msgs[1:-1]
-    assert [seq for _, _, seq, _ in changes] == acked == list(range(8, 8 + len(changes)))
-    assert all(flags & nb.NLM_F_ACK for _, flags, _, _ in changes)
+    assert [seq for _, _, seq, _ in changes] == list(range(8, 8 + len(changes)))
+    assert acked == changes[-1][2] and msgs[-1][2] == acked + 1
+    assert [bool(flags & nb.NLM_F_ACK) for _, flags, _, _ in changes] == [False] * (len(changes) - 1) + [True]
     kind = nb.NFNL_SUBSYS_NFTABLES << 8
     assert changes[0][0] == kind | nb.NFT_MSG_NEWTABLE and changes[0][1] & nb.NLM_F_EXCL
     chains = [c for c in changes if c[0] == kind | nb.NFT_MSG_NEWCHAIN]

@@ -33,10 +33,9 @@ from node_agent.reconcile.table import PodTable
 log = logging.getLogger("headrace.agent.reconcile")
 
 APPLY_WORKERS = 6  # pods whose rules go in at once (each mostly waits on the kernel or a helper process)
-# pods whose rules go in at once on a backend that applies in-process (AppliesInNetns, or one that says
-# `applies_in_process`: ~0.7 ms of CPU a pod, part of it holding the GIL): more threads only fight over
-# the GIL (250 pods on 2 cores: nftables p99 0.8 s with 6, 0.6 s with 2; iptables-nft 0.84-0.98 s with 6,
-# 0.54-0.62 s with 2)
+# pods whose rules go in at once on a backend that applies in-process (AppliesInNetns: ~0.7 ms of CPU a
+# pod, part of it holding the GIL): more threads only fight over the GIL (250 pods on 2 cores: nftables
+# p99 0.8 s with 6, 0.6 s with 2; iptables-nft 0.84-0.98 s with 6, 0.54-0.62 s with 2)
 IN_PROCESS_WORKERS = 2
 JOB_WAIT = 30.0  # the longest a removal waits for the pod's running apply
 PUBLISH_EVERY = 0.05  # while applies finish: the status rows are rebuilt at most this often
@@ -223,7 +222,7 @@ class AmbientEnrolment:
 
     def _submit(self, st: PodState, target: PodTarget, backend: RedirectBackend) -> None:
         """Start the pod's conntrack guard and rules on the pool (lock held)."""
-        in_process = isinstance(backend, AppliesInNetns) or bool(getattr(backend, "applies_in_process", False))
+        in_process = isinstance(backend, AppliesInNetns)
         pool = self._pools.get(in_process)
         if pool is None:
             pool = self._pools[in_process] = ThreadPoolExecutor(

@@ -8,7 +8,9 @@ as the backend allows (the ADD waits for it):
   No process is started. The same table the plugin's `nft -f` path writes (`nft_builder`), so the drift
   check and the plugin's DEL treat it alike;
 - iptables: the plugin's optimistic apply (`cni.kernel.tables.apply_sidecar`, one iptables-restore per
-  family into a fresh netns, `::6` in parallel, rollback of every family on failure), from the warm agent;
+  family into a fresh netns, `::6` in parallel, rollback of every family on failure), from the warm agent,
+  whose runner writes a fresh text itself (`in_process_commands`), from this thread inside the pod netns
+  (`staying_in`: no hand-over to a pooled thread);
 - anything else (nftables in TPROXY mode, eBPF): the backend's own `apply`.
 
 The netns flock (`cni.kernel.netns_lock`) keeps this apart from the plugin's writers and the drift repair.
@@ -20,34 +22,39 @@ from __future__ import annotations
 from cni.contract.spec import SidecarSpec
 from cni.kernel import tables as netns_tables
 from cni.kernel.iptables_run import IptablesError
+from cni.kernel.netns import NetnsReturnError
 from cni.kernel.netns_lock import netns_lock
 from cni.kernel.nft_tables import restore_text
 from cni.rules.sidecar import uses_tproxy
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.backends.iptables.backend import IptablesBackend, families_of
 from node_agent.backends.nftables import libnft, pod_routing
-from node_agent.backends.nftables.backend import NftablesBackend, swap_here, wanted_table
+from node_agent.backends.nftables.backend import NftablesBackend, swap_here
+from node_agent.kernel.netns_runner import staying_in
 
 STEP = "agent-add-sidecar"
 
 
 def apply_for_add(backend: RedirectBackend, target: PodTarget, spec: SidecarSpec) -> None:
     if isinstance(backend, NftablesBackend) and not uses_tproxy(spec):
-        return _nftables(target, spec)
+        return _nftables(backend, target, spec)
     if isinstance(backend, IptablesBackend):
         try:
-            netns_tables.apply_sidecar(target.netns_path, spec, families_of(target.ips), backend.flavour,
-                                       optimistic=True)
+            with staying_in(target.netns_path):  # the runner's commands then run right here, no hand-over
+                netns_tables.apply_sidecar(target.netns_path, spec, families_of(target.ips), backend.flavour,
+                                           optimistic=True)
+        except NetnsReturnError:
+            raise
         except (IptablesError, ValueError, OSError) as exc:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: {exc}") from exc
         return None
     return backend.apply(target, spec)
 
 
-def _nftables(target: PodTarget, spec: SidecarSpec) -> None:
+def _nftables(backend: NftablesBackend, target: PodTarget, spec: SidecarSpec) -> None:
     families = families_of(target.ips)
     try:
-        table = wanted_table(spec, families)
+        table, _ = backend.wanted(spec, families)  # built once per spec and families
     except ValueError as exc:
         raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
     what = f"pod {target.namespace}/{target.name}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from cni.contract.kinds import Family
@@ -30,10 +31,13 @@ from cni.kernel import flavour as flavour_mod
 from cni.kernel import tables as netns_tables
 from cni.kernel.flavour import Flavour
 from cni.kernel.iptables_run import IptablesError
+from cni.kernel.netns import NetnsReturnError
 from cni.rules import builder
 from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
+from node_agent.backends.iptables import nft_fresh_write
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
+from node_agent.kernel.netns_runner import staying_in
 
 IPTC_ENV = "HEADRACE_IPTC_CHECK"
 log = logging.getLogger("headrace.backend.iptables")
@@ -88,14 +92,20 @@ def check_ambient_routing(target: PodTarget, families: tuple[Family, ...]) -> li
         raise BackendError(f"policy routing check for pod {target.namespace}/{target.name}: {exc}") from exc
 
 
+def _prefix(spec: RedirectSpec) -> str:
+    """The chain prefix of `spec`'s rules."""
+    if isinstance(spec, SidecarSpec):
+        return builder.SIDECAR_PREFIX
+    if isinstance(spec, AmbientSpec):
+        return builder.AMBIENT_PREFIX
+    raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
+
+
 class IptablesBackend:
     """RedirectBackend on iptables chains (HEADRACE_*) inside each pod's netns."""
 
     name = "iptables"
     needs_cgroup = False
-    # A new pod's rules (and an ambient pod's policy routing) go in without a process in the agent, whose
-    # runner writes them itself (`in_process_commands`): its enrolment pool is the in-process one.
-    applies_in_process = True
 
     def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None) -> None:
         """in_process_check: None = on unless HEADRACE_IPTC_CHECK says off (legacy: python-iptables
@@ -125,10 +135,52 @@ class IptablesBackend:
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         self._forget(target)
+        before = self._mark(target, spec)
         try:
             self._apply(target, spec)
         finally:
             self._forget(target)
+        if before is not None:
+            self._record_written(target, spec, before)
+
+    def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None:
+        """`apply` with the calling thread inside the pod netns for all of it, `first` run there before
+        (AppliesInNetns). A new pod's rules (and an ambient pod's policy routing) go in without a
+        process, the agent's runner writing them itself (`in_process_commands`), and with this one entry
+        its reads and writes in the netns need no hand-over to a pooled thread (`staying_in`)."""
+        try:
+            with staying_in(target.netns_path):
+                if first is not None:
+                    first()
+                self.apply(target, spec)
+        except NetnsReturnError:
+            raise
+        except OSError as exc:  # entering the netns
+            raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: cannot enter "
+                               f"{target.netns_path}: {exc.strerror or exc}") from exc
+
+    def _mark(self, target: PodTarget, spec: RedirectSpec) -> nft_fresh_write.Mark | None:
+        """nft hosts with the shortcut on, specs it covers: the netns' mark before an apply (read before
+        the apply reads the ruleset for foreign chains, so nothing committed after that read goes unseen)."""
+        if self.flavour != "nft" or self.shortcut is None or not isinstance(spec, (SidecarSpec, AmbientSpec)):
+            return None
+        if not iptables_only_check(spec):
+            return None
+        return nft_fresh_write.mark_of(target.netns_path)
+
+    def _record_written(self, target: PodTarget, spec: RedirectSpec, before: nft_fresh_write.Mark) -> None:
+        """After an apply whose every commit was a fresh in-process batch of its own text (one per family,
+        each into tables that did not exist: `nft_fresh_write`), with nothing else committed meanwhile and
+        no foreign chain found, the rules are exactly the spec's: recorded as verified, so the pod's first
+        drift check is a generation read instead of an iptables-save per family."""
+        families = families_of(target.ips)
+        after = nft_fresh_write.mark_of(target.netns_path)
+        if self.shortcut is None or after is None:
+            return
+        if not nft_fresh_write.only_fresh_commits(before, after, len(families)):
+            return
+        self.shortcut.record_written(target.netns_path, spec, families, _prefix(spec),
+                                     after.generation.to_bytes(4, "big"))
 
     def _apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         families = families_of(target.ips)
@@ -154,12 +206,7 @@ class IptablesBackend:
 
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         families = families_of(target.ips)
-        if isinstance(spec, SidecarSpec):
-            prefix = builder.SIDECAR_PREFIX
-        elif isinstance(spec, AmbientSpec):
-            prefix = builder.AMBIENT_PREFIX
-        else:
-            raise BackendError(f"unsupported redirect spec {type(spec).__name__}")
+        prefix = _prefix(spec)
         if self.shortcut is None or not iptables_only_check(spec):
             STATS.count("iptables_save")
             problems = self._check_save(target, spec, families)

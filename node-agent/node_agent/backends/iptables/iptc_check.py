@@ -11,8 +11,10 @@ iptables-save compare), whose problems are returned as they are and drive the re
 A fingerprint is recorded only from a state the authoritative check has just found intact, and only if
 the in-process reads right before and right after that check agree (a change racing with the check
 cannot be recorded as good) and no apply/remove touched the netns meanwhile (`forget` bumps a
-generation). Apply and remove forget the netns' record, so the first check after them is always the
-full compare.
+generation). Apply and remove forget the netns' record, so the first check after them is the full
+compare, except after an apply that proved it wrote exactly the spec's rules into a netns nobody else
+changed meanwhile (`record_written`: on nft hosts, every commit between two generation reads was one of
+the agent's fresh in-process batches); that state is recorded as if verified.
 """
 
 from __future__ import annotations
@@ -152,9 +154,20 @@ class DriftShortcut:
                 return
             if replacing is not None and self._records.get(netns_path) is not replacing:
                 return
-            if len(self._records) >= MAX_RECORDS and netns_path not in self._records:
-                self._records.clear()
-            self._records[netns_path] = record
+            self._put(netns_path, record)
+
+    def _put(self, netns_path: str, record: _Record) -> None:
+        """(lock held)"""
+        if len(self._records) >= MAX_RECORDS and netns_path not in self._records:
+            self._records.clear()
+        self._records[netns_path] = record
+
+    def record_written(self, netns_path: str, spec: Hashable, families: Sequence[int], prefix: str,
+                       digest: bytes) -> None:
+        """Record a state the caller has just written and proved to be exactly the spec's rules (the
+        caller's own proof stands in for the authoritative check); the next check compares with it."""
+        with self._lock:
+            self._put(netns_path, _Record(spec, tuple(families), prefix, digest))
 
     def forget(self, netns_path: str) -> None:
         """Drop the record of a netns (its rules are being changed by us, or it is gone)."""

@@ -14,7 +14,10 @@ rule also gets the compat attribute (protocol and its inversion) nft_compat hand
 The batch: BATCH_BEGIN; per table NEWTABLE with NLM_F_EXCL (so the whole batch fails with EEXIST,
 changing nothing, when a table is already there: the caller then starts iptables-nft-restore), the
 chains, the rules in their final order; BATCH_END. iptables-nft-restore also commits all the tables of
-a text in one transaction. Each change message asks for an acknowledgement. The kernel test
+a text in one transaction. Only the last change message asks for an acknowledgement: the kernel sends
+its answers after the commit, a failed message's error (and a failed commit's, on BATCH_BEGIN) always,
+the acknowledgement of a message only when asked, so one answer means "all applied" and the caller
+reads one datagram instead of one per message (iptables-nft asks for every one). The kernel test
 compares the result with iptables-nft-restore's (`nft --debug=netlink list ruleset`, iptables-nft-save).
 """
 
@@ -162,19 +165,16 @@ def _message(msg_type: int, family: int, flags: int, seq: int, body: bytes, res_
     return hdr.pack(hdr.size + len(payload), msg_type, NLM_F_REQUEST | flags, seq, 0) + payload
 
 
-def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, list[int]]:
-    """(the batch, the sequence numbers of the messages the kernel acknowledges) for `tables`: one
-    transaction for all of them."""
+def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, int]:
+    """(the batch, the sequence number of its last change message, the one the kernel acknowledges) for
+    `tables`: one transaction for all of them."""
     if not tables:
         raise Unsupported("no table")
     family = FAMILIES[tables[0].family]
-    kind = NFNL_SUBSYS_NFTABLES << 8
-    out = [_message(NFNL_MSG_BATCH_BEGIN, 0, 0, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)]
-    acked: list[int] = []
+    changes: list[tuple[int, int, bytes]] = []
 
     def change(msg_type: int, flags: int, body: bytes) -> None:
-        acked.append(seq + 1 + len(acked))
-        out.append(_message(kind | msg_type, family, NLM_F_ACK | flags, acked[-1], body))
+        changes.append((msg_type, flags, body))
 
     for table in tables:
         base = BASE_CHAINS.get(table.name)
@@ -196,5 +196,9 @@ def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, list[int]]:
             compat = _nest(5, _u32(1, rule.proto), _u32(2, 0))
             body = _str(1, table.name) + _str(2, rule.chain) + _nest(4, exprs) + compat
             change(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body)
-    out.append(_message(NFNL_MSG_BATCH_END, 0, 0, seq + 1 + len(acked), b"", res_id=NFNL_SUBSYS_NFTABLES))
-    return b"".join(out), acked
+    kind, last = NFNL_SUBSYS_NFTABLES << 8, seq + len(changes)
+    out = [_message(NFNL_MSG_BATCH_BEGIN, 0, 0, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)]
+    out.extend(_message(kind | msg_type, family, flags | (NLM_F_ACK if n == last else 0), n, body)
+               for n, (msg_type, flags, body) in enumerate(changes, seq + 1))
+    out.append(_message(NFNL_MSG_BATCH_END, 0, 0, last + 1, b"", res_id=NFNL_SUBSYS_NFTABLES))
+    return b"".join(out), last

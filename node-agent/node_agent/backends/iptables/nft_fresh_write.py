@@ -7,6 +7,10 @@ Its tables come with NLM_F_EXCL: where one exists already (anything at all of ip
 table and family), the batch fails with EEXIST and changes nothing, and the text goes to iptables-nft-restore
 as before. So does anything the reader or the batch builder does not lay out. The kernel's answer to
 every message is read; any error means the transaction was aborted.
+
+Each batch committed here is counted per netns (`COMMITS`): with the netns' ruleset generation read
+before and after an apply, the backend can tell that every commit in between was one of these fresh
+writes (see `IptablesBackend.apply`), so the rules are exactly the text's and need no read-back.
 """
 
 from __future__ import annotations
@@ -14,21 +18,82 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 from functools import lru_cache
+from typing import NamedTuple
 
 from node_agent.backends.iptables.nft_compat_batch import batch
-from node_agent.backends.iptables.nft_generation import NETLINK_NETFILTER
+from node_agent.backends.iptables.nft_generation import NETLINK_NETFILTER, NftGenerationError, read_generation
 from node_agent.backends.iptables.xt_fresh_rules import FreshTable, Unsupported, read_fresh
 from node_agent.kernel import netlink_parse
 
 TIMEOUT = 5.0
+MAX_NETNS = 65536  # netns counted; beyond that the counts start again (a caller then sees a mismatch)
+
+
+class FreshCommits:
+    """How many fresh batches this process committed in each netns (by its nsfs device and inode)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[int, int], int] = {}
+
+    @staticmethod
+    def key_of(netns_path: str) -> tuple[int, int]:
+        st = os.stat(netns_path)
+        return st.st_dev, st.st_ino
+
+    def note_here(self) -> None:
+        """One more commit in the calling thread's netns (uncounted if that cannot be told: a caller then
+        sees more commits than counted, which only costs it the read-back)."""
+        try:
+            key = self.key_of("/proc/thread-self/ns/net")
+        except OSError:
+            return
+        with self._lock:
+            if len(self._counts) >= MAX_NETNS and key not in self._counts:
+                self._counts.clear()
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def count(self, key: tuple[int, int]) -> int:
+        with self._lock:
+            return self._counts.get(key, 0)
+
+
+COMMITS = FreshCommits()
+
+
+class Mark(NamedTuple):
+    """A netns' ruleset generation and this process' fresh commits there, read one after the other."""
+
+    key: tuple[int, int]
+    generation: int
+    commits: int
+
+
+def mark_of(netns_path: str) -> Mark | None:
+    """The netns' mark now; None when it cannot be read."""
+    try:
+        key = FreshCommits.key_of(netns_path)
+        return Mark(key, read_generation(netns_path), COMMITS.count(key))
+    except (OSError, NftGenerationError):
+        return None
+
+
+def only_fresh_commits(before: Mark, after: Mark, expected: int) -> bool:
+    """Whether the netns saw exactly `expected` commits between the two marks, every one of them a fresh
+    batch of this process (the generation moves by one per commit, whoever makes it)."""
+    if before.key != after.key or expected < 1:
+        return False
+    moved = (after.generation - before.generation) % (1 << 32)
+    return moved == after.commits - before.commits == expected
 
 
 @lru_cache(maxsize=64)
-def _prepared(text: str, family: int) -> tuple[tuple[FreshTable, ...], bytes, tuple[int, ...]]:
+def _prepared(text: str, family: int) -> tuple[tuple[FreshTable, ...], bytes, int]:
     tables = read_fresh(text, family)
     data, acked = batch(tables, 1)
-    return tables, data, tuple(acked)
+    return tables, data, acked
 
 
 def restore_fresh_nft_here(family: int, text: str) -> str | None:
@@ -43,7 +108,7 @@ def restore_fresh_nft_here(family: int, text: str) -> str | None:
             sock.settimeout(TIMEOUT)
             sock.bind((0, 0))
             sock.send(data)
-            error = _answers(sock, set(acked))
+            error = _answers(sock, acked)
     except OSError as exc:
         return f"nf_tables: {exc.strerror or exc}"
     names = "/".join(t.name for t in tables)
@@ -51,19 +116,20 @@ def restore_fresh_nft_here(family: int, text: str) -> str | None:
         return f"table {names} exists"
     if error:
         return f"table {names} refused by the kernel: {os.strerror(error)}"
+    COMMITS.note_here()
     return None
 
 
-def _answers(sock: socket.socket, waiting: set[int]) -> int:
-    """Read the kernel's answers until every change message is acknowledged; the first error (0: all
-    applied). A failed message aborts the whole batch; so does a failed commit, which the kernel reports
-    first, on the batch's first message."""
-    while waiting:
+def _answers(sock: socket.socket, acked: int) -> int:
+    """Read the kernel's answers until the last change message's acknowledgement; the first error (0: all
+    applied). A failed message aborts the whole batch (its error comes before that acknowledgement);
+    so does a failed commit, which the kernel reports first, on the batch's first message."""
+    while True:
         for msg_type, seq, payload in netlink_parse.messages(sock.recv(1 << 16)):
             if msg_type != netlink_parse.NLMSG_ERROR:
                 continue
             code = netlink_parse.error_code(payload)
             if code:
                 return code
-            waiting.discard(seq)
-    return 0
+            if seq == acked:
+                return 0

@@ -81,7 +81,7 @@ class NftablesBackend:
         """`apply`, with `first` run inside the pod netns (same thread, same entry) before anything else."""
         families = families_of(target.ips)
         try:
-            table, text = self._wanted(spec, families)
+            table, text = self.wanted(spec, families)
         except ValueError as exc:
             raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
         self._forget(target.netns_path)
@@ -158,7 +158,7 @@ class NftablesBackend:
             return [f"network namespace {target.netns_path} does not exist"]
         families = families_of(target.ips)
         try:
-            table, text = self._wanted(spec, families)
+            table, text = self.wanted(spec, families)
         except ValueError as exc:
             raise BackendError(f"nftables rules for pod {target.namespace}/{target.name}: {exc}") from exc
         routing = pod_routing.routing_of(spec)
@@ -185,7 +185,7 @@ class NftablesBackend:
             routing_problems = _routing_problems_by_ip(target, spec, families)
         return problems + routing_problems
 
-    def _wanted(self, spec: RedirectSpec, families: tuple[int, ...]) -> tuple[nft_text.NftTable, str]:
+    def wanted(self, spec: RedirectSpec, families: tuple[int, ...]) -> tuple[nft_text.NftTable, str]:
         """The builder's table and its text, remembered per (spec, families): every check compares it."""
         key = (spec, families)
         with self._lock:
