@@ -111,6 +111,30 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     wait_for(lambda: pod.uid not in agent.status() or agent.pod_state(pod.uid) == "none", 10, "agent let go")
 
 
+def checks(agent: AgentRun, path: str) -> float:
+    _, metrics = agent.http("/metrics")
+    for line in metrics.splitlines():
+        if line.startswith(f'headrace_agent_iptables_checks_total{{path="{path}"}} '):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_a_warm_sidecar_pods_first_drift_check_reads_nothing_back(warm: tuple[SimNode, AgentRun, str]) -> None:
+    """iptables-nft: the rules the agent wrote at the ADD (its own fresh batches, nothing else committed
+    meanwhile, no table but ours) are recorded as verified, so the held pod's first drift check is a
+    ruleset generation read: no iptables-nft-save. A flushed chain afterwards is still found and repaired."""
+    node, agent, _ = warm
+    agent.start_agent()
+    pod = node.add_pod("shop", "web", annotations=SIDECAR)
+    wait_for(lambda: checks(agent, "in_process") >= 1, 10, "the held pod's first drift check")
+    time.sleep(1.0)  # two drift intervals more
+    assert checks(agent, "iptables_save") == 0
+    run(["nsenter", f"--net={pod.netns.path}", "iptables-nft", "-t", "nat", "-F", "HEADRACE_SC_OUTPUT"])
+    wait_for(lambda: checks(agent, "iptables_save") >= 1, 10, "the flushed chain read back")
+    wait_for(lambda: any(line.startswith("nft: -A HEADRACE_SC_OUTPUT") for line in headrace_rules(pod.netns.path)),
+             10, "the flushed chain repaired")
+
+
 @pytest.mark.parametrize("name", ["nftables", "iptables-nft", "iptables-legacy"])
 def test_sidecar_add_starts_no_process(make_node: Callable[..., SimNode], tmp_path: Path, name: str) -> None:
     """Dual-stack pod, nftables: libnftables and rtnetlink (`::6` on lo) in the agent; iptables: the table

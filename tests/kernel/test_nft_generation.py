@@ -168,15 +168,17 @@ def test_a_commit_by_anyone_else_during_the_apply_means_a_read_back(ns: NetNS) -
         spawn.install_runner(previous)
 
 
-@pytest.mark.parametrize("before", ["our-tables", "foreign-chain"])
+@pytest.mark.parametrize("before", ["our-tables", "foreign-chain", "foreign-table"])
 def test_an_apply_that_was_not_only_fresh_writes_means_a_read_back(ns: NetNS, agent_runner: None, before: str) -> None:
     """Tables of iptables-nft already there (the batch is refused, iptables-nft-restore puts the rules in)
-    or a foreign base chain the apply removes first: more commits than fresh batches, no record; the first
-    check is the full compare and finds the rules intact."""
+    or a foreign base chain the apply removes first: more commits than fresh batches; any other table
+    (here one whose chain runs after ours, no drift): not only iptables-nft's and ours. No record either
+    way; the first check is the full compare and finds the rules intact."""
     if before == "our-tables":
         ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
     else:
-        chain = "chain out { type nat hook output priority -110; tcp dport 80 accept; };"
+        prio = -110 if before == "foreign-chain" else 10
+        chain = f"chain out {{ type nat hook output priority {prio}; tcp dport 80 accept; }};"
         subprocess.run(["nsenter", f"--net={ns.path}", "nft", "-f", "-"], check=True, text=True,
                        input=f"table ip other {{ {chain} }}\n")
     backend, stats = nft_backend()

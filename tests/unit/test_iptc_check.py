@@ -107,6 +107,18 @@ def test_a_written_state_is_the_record_until_it_changes() -> None:
     assert stats.snapshot()["in_process"] == 1
 
 
+def test_a_record_follows_its_netns_to_its_pin() -> None:
+    """Applied at the runtime's netns path, checked at the agent's pin of it: the record moves along."""
+    sc, stats = shortcut(FakeReader(b"G7"))
+    auth = Authority([])
+    sc.record_written("/run/netns/cni-1", AmbientSpec(), (4,), PREFIX, b"G7")
+    sc.moved("/run/netns/cni-1", NS)
+    sc.moved("/run/netns/unknown", "/elsewhere")  # nothing recorded there: nothing happens
+    assert not sc.recorded("/run/netns/cni-1")
+    assert sc.check(NS, AmbientSpec(), (4,), PREFIX, auth) == [] and auth.calls == 0
+    assert stats.snapshot()["in_process"] == 1
+
+
 @pytest.mark.parametrize(
     ("moved", "counted", "expected", "same_netns", "only_ours"),
     [(2, 2, 2, True, True), (3, 2, 2, True, False), (1, 1, 2, True, False), (2, 2, 2, False, False),

@@ -22,6 +22,9 @@ the proxy's own. Statements are not judged: any non-empty or non-accepting such 
 
 Pure parts (`parse_ruleset`, `ahead_of_redirect`, `removal_script`) are unit-tested; `read`/`remove`
 run in the netns with libnftables in-process (python3-nftables), or `nft` through nsenter without it.
+`read` first asks the netns for its table names (`nft_table_dump`, one netlink dump): a netns with no
+table but iptables-nft's and ours (a new pod's, one being enrolled, one holding only our rules) holds no
+foreign chain, and its ruleset is not read.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from node_agent.backends.nft_table_dump import NftTableDumpError, tables_here
+from node_agent.kernel.netns_runner import run_in_netns
 
 NAT_PRIORITY = -100  # iptables-nft's nat chains; mangle (-150) and raw (-300) come before it
 HOOKS = ("prerouting", "output")
@@ -91,7 +97,11 @@ def parse_ruleset(text: str) -> list[BaseChain]:
 
 def iptables_owned(c: BaseChain) -> bool:
     """iptables-nft's tables (checked through iptables-save) and our nftables backend's table."""
-    return (c.family in ("ip", "ip6") and c.table in IPTABLES_TABLES) or c.table == OWN_TABLE
+    return iptables_owned_table(c.family, c.table)
+
+
+def iptables_owned_table(family: str, table: str) -> bool:
+    return (family in ("ip", "ip6") and table in IPTABLES_TABLES) or table == OWN_TABLE
 
 
 def nftables_owned(c: BaseChain) -> bool:
@@ -155,11 +165,24 @@ def _in_process(netns_path: str, text: str, json_out: bool) -> str | None:
 
 
 def read(netns_path: str, families: tuple[int, ...]) -> list[BaseChain]:
-    """The foreign base chains ahead of our redirect in the netns (libnftables in-process, else `nft`)."""
+    """The foreign base chains ahead of our redirect in the netns (libnftables in-process, else `nft`);
+    none, without reading the ruleset, when the netns holds no table but iptables-nft's and ours."""
+    if only_owned_tables(netns_path):
+        return []
     text = _in_process(netns_path, "list ruleset", True)
     if text is None:
         text = _nft(netns_path, ["-j", "list", "ruleset"])
     return ahead_of_redirect(parse_ruleset(text), families)
+
+
+def only_owned_tables(netns_path: str) -> bool:
+    """Whether every nf_tables table in the netns is iptables-nft's or ours (none at all included), so
+    that no chain there can be foreign (`iptables_owned`); False when that cannot be told."""
+    try:
+        tables = run_in_netns(netns_path, tables_here, timeout=5.0)
+    except (OSError, NftTableDumpError):  # cannot enter, no answer: the full read decides and reports
+        return False
+    return all(iptables_owned_table(family, name) for family, name in tables)
 
 
 def remove(netns_path: str, found: list[BaseChain]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 
@@ -44,3 +45,29 @@ def attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
             return
         yield attr_type & 0x3FFF, data[pos + NLATTR.size : pos + attr_len]
         pos += align4(attr_len)
+
+
+class NetlinkAnswerError(Exception):
+    """The kernel answered a request with an error (errno in `code`)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"netlink error: {os.strerror(code) if code > 0 else code}")
+        self.code = code
+
+
+def dump_answers(data: bytes, seq: int) -> tuple[list[tuple[int, bytes]], bool]:
+    """((type, payload) of each message answering dump `seq` in one read, whether NLMSG_DONE was seen).
+    NetlinkAnswerError on an error answer, NetlinkParseError on a truncated message."""
+    out: list[tuple[int, bytes]] = []
+    for msg_type, msg_seq, payload in messages(data):
+        if msg_seq != seq:
+            continue
+        if msg_type == NLMSG_DONE:
+            return out, True
+        if msg_type == NLMSG_ERROR:
+            code = error_code(payload)
+            if code:
+                raise NetlinkAnswerError(code)
+            continue
+        out.append((msg_type, payload))
+    return out, False

@@ -8,7 +8,6 @@ parsing are pure and unit-tested; the problem texts are the same as `tproxy_rout
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 from collections.abc import Iterable
@@ -115,23 +114,11 @@ def parse_route(payload: bytes) -> Route:
 
 def parse_dump(data: bytes, seq: int, want: int) -> tuple[list[bytes], bool]:
     """(payloads of the `want` messages answering `seq`, whether NLMSG_DONE was seen) of one read."""
-    out: list[bytes] = []
     try:
-        for msg_type, msg_seq, payload in netlink_parse.messages(data):
-            if msg_seq != seq:
-                continue
-            if msg_type == netlink_parse.NLMSG_DONE:
-                return out, True
-            if msg_type == netlink_parse.NLMSG_ERROR:
-                err = netlink_parse.error_code(payload)
-                if err:
-                    raise PolicyRoutesReadError(f"netlink error: {os.strerror(err) if err > 0 else err}")
-                continue
-            if msg_type == want and len(payload) >= _HDR.size:
-                out.append(payload)
-    except netlink_parse.NetlinkParseError as exc:
+        answers, done = netlink_parse.dump_answers(data, seq)
+    except (netlink_parse.NetlinkAnswerError, netlink_parse.NetlinkParseError) as exc:
         raise PolicyRoutesReadError(str(exc)) from None
-    return out, False
+    return [payload for msg_type, payload in answers if msg_type == want and len(payload) >= _HDR.size], done
 
 
 def routing_problems(family: int, rules: Iterable[Rule], routes: Iterable[Route], lo: int, r: Routing) -> list[str]:

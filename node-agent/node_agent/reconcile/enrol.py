@@ -67,6 +67,7 @@ class AmbientEnrolment:
         self._verify_soon = verify_soon  # rules were found in place: read them back in this pass
         self._pools: dict[bool, ThreadPoolExecutor] = {}  # in-process applies or not -> its pool, made when needed
         self.jobs: dict[str, Future[JobResult]] = {}  # uid -> its running (or not yet collected) apply
+        self._sent: dict[str, PodState] = {}  # pods told to the proxy since step_jobs last looked at them
         self._published, self._unpublished = 0.0, False  # status rows: last rebuilt, changes since
 
     def close(self) -> None:
@@ -149,6 +150,7 @@ class AmbientEnrolment:
             self.table.fail(st, f"proxy hub: {exc}", now)
             return
         st.ack = fut
+        self._sent[st.uid] = st
         log.debug("workload sent to proxy", extra=log_ctx(st, "proxy-upsert"))
         fut.add_done_callback(lambda _f: self._wake())
         if fut.done() and follow:
@@ -202,8 +204,12 @@ class AmbientEnrolment:
             st = self.table.get(uid, AMBIENT)
             if st is not None:
                 self._finish_apply(st, fut, notify=False)
-        acked = [st for st in self.table.of_mode(AMBIENT)
-                 if st.ack is not None and st.ack.done() and st.uid not in self.jobs]
+        acked = []
+        for uid, st in list(self._sent.items()):  # not every pod: the pass calls this between pods
+            if st.ack is None or self.table.pods.get(uid) is not st:
+                del self._sent[uid]  # acked, failed or gone
+            elif st.ack.done() and uid not in self.jobs:
+                acked.append(st)
         for st in acked:
             self._after_ack(st, notify=False)
         if done or acked:

@@ -10,7 +10,9 @@ as the backend allows (the ADD waits for it):
 - iptables: the plugin's optimistic apply (`cni.kernel.tables.apply_sidecar`, one iptables-restore per
   family into a fresh netns, `::6` in parallel, rollback of every family on failure), from the warm agent,
   whose runner writes a fresh text itself (`in_process_commands`), from this thread inside the pod netns
-  (`staying_in`: no hand-over to a pooled thread);
+  (`staying_in`: no hand-over to a pooled thread); on nft hosts, rules it wrote itself into a netns
+  nobody else changed meanwhile are recorded as verified (`IptablesBackend.record_written`), so the
+  held pod's first drift check needs no `iptables-nft-save`;
 - anything else (nftables in TPROXY mode, eBPF): the backend's own `apply`.
 
 The netns flock (`cni.kernel.netns_lock`) keeps this apart from the plugin's writers and the drift repair.
@@ -41,8 +43,11 @@ def apply_for_add(backend: RedirectBackend, target: PodTarget, spec: SidecarSpec
     if isinstance(backend, IptablesBackend):
         try:
             with staying_in(target.netns_path):  # the runner's commands then run right here, no hand-over
+                before = backend.mark_before(target, spec)
                 netns_tables.apply_sidecar(target.netns_path, spec, families_of(target.ips), backend.flavour,
                                            optimistic=True)
+                if before is not None:
+                    backend.record_written(target, spec, before)
         except NetnsReturnError:
             raise
         except (IptablesError, ValueError, OSError) as exc:

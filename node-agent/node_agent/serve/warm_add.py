@@ -215,8 +215,10 @@ class WarmAdd:
         def hold() -> None:  # after the reply: pinned, recorded, drift watched
             try:
                 with self.table.lock:
-                    if pod.uid not in self.table.pods:
-                        self.sidecars.hold(pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON)
+                    held = pod.uid not in self.table.pods and self.sidecars.hold(
+                        pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON)
+                    if held and isinstance(backend, IptablesBackend):  # before its first drift check
+                        backend.moved(req.netns, self.table.pods[pod.uid].netns)
             finally:
                 self.table.hold_done(pod.uid, done)
 

@@ -129,19 +129,24 @@ class IptablesBackend:
 
             self.shortcut = DriftShortcut(NftGenerationReader())
 
+    def moved(self, old_path: str, new_path: str) -> None:
+        """A pod's netns, applied at `old_path`, is pinned at `new_path`: what is known of it follows."""
+        if self.shortcut is not None:
+            self.shortcut.moved(old_path, new_path)
+
     def _forget(self, target: PodTarget) -> None:
         if self.shortcut is not None:
             self.shortcut.forget(target.netns_path)
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         self._forget(target)
-        before = self._mark(target, spec)
+        before = self.mark_before(target, spec)
         try:
             self._apply(target, spec)
         finally:
             self._forget(target)
         if before is not None:
-            self._record_written(target, spec, before)
+            self.record_written(target, spec, before)
 
     def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None:
         """`apply` with the calling thread inside the pod netns for all of it, `first` run there before
@@ -159,23 +164,25 @@ class IptablesBackend:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: cannot enter "
                                f"{target.netns_path}: {exc.strerror or exc}") from exc
 
-    def _mark(self, target: PodTarget, spec: RedirectSpec) -> nft_fresh_write.Mark | None:
-        """nft hosts with the shortcut on, specs it covers: the netns' mark before an apply (read before
-        the apply reads the ruleset for foreign chains, so nothing committed after that read goes unseen)."""
+    def mark_before(self, target: PodTarget, spec: RedirectSpec) -> nft_fresh_write.Mark | None:
+        """nft hosts with the shortcut on, specs it covers: the netns' mark, read right before an apply
+        that may then be recorded (`record_written`); None otherwise."""
         if self.flavour != "nft" or self.shortcut is None or not isinstance(spec, (SidecarSpec, AmbientSpec)):
             return None
         if not iptables_only_check(spec):
             return None
         return nft_fresh_write.mark_of(target.netns_path)
 
-    def _record_written(self, target: PodTarget, spec: RedirectSpec, before: nft_fresh_write.Mark) -> None:
+    def record_written(self, target: PodTarget, spec: RedirectSpec, before: nft_fresh_write.Mark) -> None:
         """After an apply whose every commit was a fresh in-process batch of its own text (one per family,
-        each into tables that did not exist: `nft_fresh_write`), with nothing else committed meanwhile and
-        no foreign chain found, the rules are exactly the spec's: recorded as verified, so the pod's first
-        drift check is a generation read instead of an iptables-save per family."""
+        each into tables that did not exist: `nft_fresh_write`), with nothing else committed since
+        `before` and no table in the netns but iptables-nft's and ours (so no foreign chain), the rules are
+        exactly the spec's: recorded as verified, so the pod's first drift check is a generation read
+        instead of an iptables-save per family and a ruleset read."""
         families = families_of(target.ips)
+        owned_only = nft_foreign.only_owned_tables(target.netns_path)  # read before `after`: still so then
         after = nft_fresh_write.mark_of(target.netns_path)
-        if self.shortcut is None or after is None:
+        if self.shortcut is None or after is None or not owned_only:
             return
         if not nft_fresh_write.only_fresh_commits(before, after, len(families)):
             return

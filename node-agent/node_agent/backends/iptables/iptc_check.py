@@ -169,6 +169,14 @@ class DriftShortcut:
         with self._lock:
             self._put(netns_path, _Record(spec, tuple(families), prefix, digest))
 
+    def moved(self, old_path: str, new_path: str) -> None:
+        """The netns recorded at `old_path` is checked at `new_path` from now on (the same netns: a pin of
+        it); its record, if any, follows."""
+        with self._lock:
+            record = self._records.pop(old_path, None)
+            if record is not None:
+                self._put(new_path, record)
+
     def forget(self, netns_path: str) -> None:
         """Drop the record of a netns (its rules are being changed by us, or it is gone)."""
         with self._lock:

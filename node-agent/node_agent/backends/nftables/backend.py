@@ -40,6 +40,7 @@ from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.iptables.backend import check_ambient_routing, families_of
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_here
+from node_agent.backends.nft_table_dump import NftTableDumpError, tables_here
 from node_agent.backends.nftables import libnft, pod_routing
 
 TPROXY_CHAIN = "chain sc_tproxy {"
@@ -251,7 +252,13 @@ def _routing_problems_by_ip(target: PodTarget, spec: RedirectSpec, families: tup
 
 
 def _base_chains(nft: libnft.Session) -> list[nft_foreign.BaseChain]:
-    """Every base chain in the netns (ours and foreign), from the JSON ruleset."""
+    """Every base chain in the netns (ours and foreign), from the JSON ruleset; none, without listing it,
+    when the netns holds no table at all (a new pod's)."""
+    try:
+        if not tables_here():
+            return []
+    except NftTableDumpError:
+        pass  # the listing decides
     result = nft.cmd("list ruleset", json=True)
     if result.rc != 0:
         raise BackendError(f"nft list ruleset failed: {result.error.strip()}")

@@ -1,0 +1,90 @@
+"""The nf_tables table dump and what leans on it, on real netns.
+
+Proves: a new netns lists no table, and tables made by nft and by iptables-nft are listed with their
+family; the foreign-chain read answers "none" for a netns with no table without running libnftables,
+and still finds a foreign chain where there is one; the libnftables contexts the agent makes leave no
+socket behind (a socket kept in a pod netns would keep that netns alive).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from node_agent.backends import nft_foreign
+from node_agent.backends.nft_table_dump import tables_here
+from node_agent.backends.nftables import libnft
+from node_agent.kernel.netns_runner import run_in_netns
+
+from cni.kernel.netns import entered
+from tests.harness.netns import NetNS
+
+pytestmark = pytest.mark.kernel
+SIOCGSKNS = 0x894C  # a socket's network namespace, as a new fd
+
+
+@pytest.fixture
+def ns() -> Iterator[NetNS]:
+    n = NetNS.create("hr-nftdump-")
+    try:
+        yield n
+    finally:
+        n.delete()
+
+
+def in_ns(ns: NetNS, *argv: str) -> None:
+    subprocess.run(["nsenter", f"--net={ns.path}", *argv], check=True, capture_output=True)
+
+
+def socket_netns() -> list[int]:
+    """The netns inode of every socket this process holds."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            ns_fd = fcntl.ioctl(int(fd), SIOCGSKNS)
+        except OSError:
+            continue
+        try:
+            out.append(os.fstat(ns_fd).st_ino)
+        finally:
+            os.close(ns_fd)
+    return out
+
+
+def test_tables_are_listed_with_their_family(ns: NetNS) -> None:
+    assert run_in_netns(ns.path, tables_here) == []
+    in_ns(ns, "nft", "add table inet somebody")
+    in_ns(ns, "iptables-nft", "-t", "nat", "-N", "MINE")
+    assert sorted(run_in_netns(ns.path, tables_here)) == [("inet", "somebody"), ("ip", "nat")]
+
+
+def test_a_netns_without_tables_is_not_read_and_a_foreign_chain_is_still_found(
+    ns: NetNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_libnft(*_args: object) -> str:
+        raise AssertionError("the ruleset was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(nft_foreign, "_in_process", no_libnft)
+        assert nft_foreign.read(ns.path, (4,)) == []
+    in_ns(ns, "nft", "add table inet somebody")
+    in_ns(ns, "nft", "add chain inet somebody early { type filter hook prerouting priority -300; }")
+    in_ns(ns, "nft", "add rule inet somebody early notrack")
+    found = nft_foreign.read(ns.path, (4,))
+    assert [(c.table, c.name, c.priority, c.rules) for c in found] == [("somebody", "early", -300, 1)]
+
+
+def test_libnftables_contexts_leave_no_socket_in_a_pod_netns(ns: NetNS) -> None:
+    pod = os.stat(ns.path).st_ino
+    before = sorted(socket_netns())
+    with entered(ns.path):
+        for json in (False, True) * 10:
+            (result,) = libnft.run_in_netns(None, ["list ruleset"], json=json)
+            assert result.rc == 0 and (result.output.startswith('{"nftables"') if json else result.output == "")
+    after = sorted(socket_netns())
+    assert pod not in after and after == before
