@@ -21,7 +21,7 @@ means no nat chain runs at all; a mark set before our nat chains makes an ambien
 the proxy's own. Statements are not judged: any non-empty or non-accepting such chain is drift.
 
 Pure parts (`parse_ruleset`, `ahead_of_redirect`, `removal_script`) are unit-tested; `read`/`remove`
-run in the netns with libnftables in-process (python3-nftables), or `nft` through nsenter without it.
+run in the netns with libnftables in-process (`nftables.libnft`), or `nft` through nsenter without it.
 `read` first asks the netns for its table names (`nft_table_dump`, one netlink dump): a netns with no
 table but iptables-nft's and ours (a new pod's, one being enrolled, one holding only our rules) holds no
 foreign chain, and its ruleset is not read.

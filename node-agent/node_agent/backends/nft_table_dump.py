@@ -1,9 +1,10 @@
 """The nf_tables tables of the calling thread's network namespace: one NFT_MSG_GETTABLE dump on a netfilter
 netlink socket, no libnftables context and no ruleset listing.
 
-A pod netns being enrolled mostly holds no table at all; then it holds no foreign chain either, and the
-agent skips the full ruleset read (`nft_foreign`). Request building and reply parsing are pure and
-unit-tested; `tables_here` runs in whatever netns the calling thread is in.
+A pod netns being enrolled mostly holds no table at all, and one holding our rules only iptables-nft's
+tables or ours; then it holds no foreign chain, and the agent skips the full ruleset read
+(`nft_foreign`). Request building and reply parsing are pure and unit-tested; `tables_here` runs in
+whatever netns the calling thread is in.
 """
 
 from __future__ import annotations
