@@ -4,8 +4,8 @@ or routing change, not on a poll.
 With the poll and the backstop set to an hour, an enrolled ambient pod's table flushed (`nft flush table
 inet headrace` on the nftables backend, `iptables-nft -t nat -F` on iptables-nft) is repaired within 2 s
 and the repair counted: only the change notification can have triggered it; the same for the ambient policy
-routing deleted (announced over rtnetlink). Pods enrolled and unenrolled leave no socket behind (the
-agent's fds in /proc/PID/fd back where they were).
+routing deleted (announced over rtnetlink), on iptables-legacy too. Pods enrolled and unenrolled leave no
+socket behind (the agent's fds in /proc/PID/fd back where they were).
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ class Node:
 
 
 @contextlib.contextmanager
-def make_node(backend: str) -> Iterator[Node]:
+def make_node(backend: str, flavour: str = "nft") -> Iterator[Node]:
     host = NetNS.create("hr-evnode-")
     pods = PodProcs()
     objects = Path(tempfile.mkdtemp(prefix="hr-events-", dir="/tmp"))
-    agent = AgentRun(host.path, objects, extra=["--backend", backend, "--iptables", "nft",
+    agent = AgentRun(host.path, objects, extra=["--backend", backend, "--iptables", flavour,
                                                 "--drift-interval", HOUR, "--drift-backstop", HOUR])
     try:
         write_object(objects, "ns.json", ns_object("mesh", ambient=True))
@@ -132,9 +132,18 @@ def routing(netns: str) -> str:
     return rules + run(["nsenter", f"--net={netns}", "ip", "-4", "route", "list", "table", "100"], check=False).stdout
 
 
-def test_deleted_policy_routing_is_repaired_on_the_change_event(node: Node) -> None:
+@pytest.fixture(params=["nftables", "iptables", "iptables-legacy"])
+def any_node(request: pytest.FixtureRequest) -> Iterator[Node]:
+    backend, _, flavour = str(request.param).partition("-")
+    with make_node(backend, flavour or "nft") as n:
+        yield n
+
+
+def test_deleted_policy_routing_is_repaired_on_the_change_event(any_node: Node) -> None:
     """The ambient policy routing is not nf_tables: its rule and route deleted are announced over rtnetlink
-    and repaired within the limit too (the poll and the backstop are an hour away)."""
+    and repaired within the limit too (the poll and the backstop are an hour away). On iptables-legacy,
+    whose rules announce nothing (polled), the routing is watched all the same."""
+    node = any_node
     (uid,) = node.add_pods(1)
     wait_for(lambda: node.enrolled([uid]), 30, "pod enrolled")
     netns = node.netns[uid]

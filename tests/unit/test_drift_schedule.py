@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node_agent.backends.base import PodTarget
-from node_agent.reconcile.drift import NODE_POLL
+from node_agent.reconcile.drift import NODE, NODE_POLL
 
 from tests.unit.test_agent_reconcile import AMBIENT, UID, UID2, Env, pod
 
@@ -170,3 +170,27 @@ def test_a_partly_announcing_backend_is_watched_polls_only_its_unannounced_part(
     env.clock.t += 31
     env.r.reconcile()
     assert full == [UID]  # the backstop: the full check
+
+
+def test_a_node_whose_probe_rules_announce_nothing_stays_polled(tmp_path: Path) -> None:
+    """iptables-legacy ambient pods are watched for their policy routing, but the node's probe SNAT is
+    x_tables there (node_announces False): the node netns is not watched and is re-checked every
+    NODE_POLL, as on a node with no watched pod at all."""
+    env = Env(tmp_path)
+    env.backend.change_events = False
+    env.backend.announces_part = lambda spec: True  # type: ignore[attr-defined]
+    env.backend.check_unannounced = lambda target, spec: []  # type: ignore[attr-defined]
+    env.r.drift.node_announces = False
+    _full, made = watched_and_counted(env)
+    env.r.drift.backstop = 1000.0
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()
+    env.r.reconcile()
+    (w,) = made
+    assert UID in w.keys() and NODE not in w.keys()
+    calls, start = len(env.node_rules), env.r.drift.last_node
+    for _ in range(int(NODE_POLL / 2.5) + 2):
+        env.clock.t += 2.5
+        env.r.reconcile()
+    assert env.r.drift.last_node > start and len(env.node_rules) > calls  # read again on a poll pass

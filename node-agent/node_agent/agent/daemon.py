@@ -129,10 +129,11 @@ class Agent:
         self.metrics.registry.register(ProxyProtocolCollector(self.hub.status))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir)
-        rules = node_rules if node_rules is not None else self._node_rules()
+        rules, announce = (node_rules, True) if node_rules is not None else self._node_rules()
         self.reconciler = Reconciler(
             self.store, self.backend, self.hub, self.pins, self.records,
-            exclude_namespaces=config.exclude_namespaces, node_rules=rules, metrics=self.metrics,
+            exclude_namespaces=config.exclude_namespaces, node_rules=rules, node_rules_announce=announce,
+            metrics=self.metrics,
             node_name=config.node_name, drift_interval=config.drift_interval, fallback=fallback,
             drift_backstop=config.drift_backstop, drift_events=config.drift_events,
             cgroup_fallback=config.backend == "auto", backend_factory=factory,
@@ -192,13 +193,15 @@ class Agent:
         self.reconciler.board.subscribe(marker.wake)  # a pod enrolled or gone: write at once
         return marker
 
-    def _node_rules(self) -> Callable[[list[str]], None]:
-        """The node-side probe SNAT: nftables on a node without iptables (or with the nftables backend)."""
+    def _node_rules(self) -> tuple[Callable[[list[str]], None], bool]:
+        """The node-side probe SNAT: nftables on a node without iptables (or with the nftables backend);
+        and whether its changes are announced (nf_tables: nftables or iptables-nft, not iptables-legacy)."""
         if self.backend.name == "nftables" or rules_backend_setting() == "nftables":
             from node_agent.backends.nftables.node_probe import make_nft_node_rules
 
-            return make_nft_node_rules()
-        return make_node_rules(resolve_flavour(self.config.iptables))
+            return make_nft_node_rules(), True
+        flavour = resolve_flavour(self.config.iptables)
+        return make_node_rules(flavour), flavour == "nft"
 
     def _other_backend(self, name: str) -> RedirectBackend | None:
         """A backend that is not this node's any more (agent restarted with another --backend): only to

@@ -7,10 +7,11 @@ When a pod is read back:
   rtnetlink rule, route and address groups, which cover its policy routing) and checked when its netns
   announces a change; the subscription is made once the pod is enrolled, and the pod is checked once
   right after (a change between its apply and the subscription is not missed);
-- every drift interval (`--drift-interval`): the pods that are not watched (iptables-legacy, eBPF, or a
-  failed subscription), and the part that announces nothing of pods that are watched for the rest
-  (`PartlyAnnounced`: an eBPF ambient pod's programs and filters are polled, its inbound rules on
-  nftables or iptables-nft and its policy routing are checked on change);
+- every drift interval (`--drift-interval`): the pods that are not watched (iptables-legacy sidecar
+  pods, eBPF, or a failed subscription), and the part that announces nothing of pods that are watched
+  for the rest (`PartlyAnnounced`: an eBPF ambient pod's programs and filters are polled, its inbound
+  rules on nftables or iptables-nft and its policy routing are checked on change; an iptables-legacy
+  ambient pod's x_tables rules are polled, its policy routing is checked on change);
 - every backstop interval (`--drift-backstop`) and right after pods were enrolled on rules found in place
   (adoption): every pod, watched or not.
 The read-back runs outside the lock, one pod at a time; a CNI request that arrives meanwhile is served
@@ -69,17 +70,20 @@ class DriftCheck:
         remove_sidecar: Callable[[str], None],
         backstop: float = 120.0,
         events: bool = True,
+        node_announces: bool = True,
         wake: Callable[[], None] = lambda: None,
         watcher_factory: Callable[[Callable[[str], None]], ChangeWatcher] = ChangeWatcher,
     ) -> None:
-        """events: watch pods whose backend announces its changes (else every pod is polled); wake: the
-        reconcile loop's wake-up (a watched pod changed)."""
+        """events: watch pods whose backend announces its changes (else every pod is polled);
+        node_announces: the node's own probe rules are in nf_tables (False: x_tables, polled every
+        NODE_POLL whatever the pods); wake: the reconcile loop's wake-up (a watched pod changed)."""
         self.table = table
         self.netns = netns
         self.backends = backends
         self.interval = interval
         self.backstop = max(backstop, interval)
         self.events = events
+        self.node_announces = node_announces
         self._remove_sidecar = remove_sidecar
         self._wake = wake
         self._watcher_factory = watcher_factory
@@ -173,7 +177,7 @@ class DriftCheck:
             self._partly = frozenset(partly)
         if not want and self.watcher is None:
             return
-        if want:  # the node's own probe rules: re-checked when the node netns announces a change
+        if want and self.node_announces:  # the node's probe rules: re-checked when the node netns announces
             try:
                 want[NODE] = (NODE_NETNS, os.stat(NODE_NETNS).st_ino)
             except OSError:

@@ -94,13 +94,15 @@ class Reconciler:
         drift_interval: float = 1.0,
         drift_backstop: float = 120.0,
         drift_events: bool = True,
+        node_rules_announce: bool = True,
         hint_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         adoption_gate: AdoptionGate | None = None,
     ) -> None:
         """fallback: on an eBPF node, the backend (iptables) for pods the node's backend declines; with
         cgroup_fallback (`auto`) also for pods whose cgroup is unknown. backend_factory builds a backend
-        this node no longer uses, to clear a pod recorded with it."""
+        this node no longer uses, to clear a pod recorded with it. node_rules_announce: node_rules writes
+        nf_tables (its changes are announced; False: iptables-legacy, polled)."""
         self.store = store
         self.exclude_namespaces = exclude_namespaces
         self.hint_ttl = hint_ttl
@@ -114,7 +116,7 @@ class Reconciler:
         ct: Conntrack = conntrack if conntrack is not None else conntrack_guard
         self.drift = DriftCheck(self.table, self.netns, self.backends, interval=drift_interval,
                                 remove_sidecar=self._remove_sidecar, backstop=drift_backstop,
-                                events=drift_events, wake=self.wake)
+                                events=drift_events, node_announces=node_rules_announce, wake=self.wake)
         self.enrolment = AmbientEnrolment(self.table, self.netns, self.backends, hub, ct, spec or AmbientSpec(),
                                           node_name=node_name, wake=self._acked, verify_soon=self.drift.verify_soon)
         self.sidecars = SidecarPods(self.table, self.netns, self.backends, store, ct,

@@ -211,7 +211,23 @@ class IptablesBackend:
         finally:
             self._forget(target)
 
+    def announces_part(self, spec: RedirectSpec) -> bool:
+        """An ambient pod's policy routing announces its changes (rtnetlink) on any host; on legacy hosts
+        its x_tables rules do not (polled: `check_unannounced`). On nft hosts everything announces
+        (`change_events`) and this is not asked (PartlyAnnounced)."""
+        return isinstance(spec, AmbientSpec)
+
+    def check_unannounced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        """`check` without the ambient policy routing: the iptables rules only."""
+        return self._check_rules(target, spec)
+
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        problems = self._check_rules(target, spec)
+        if isinstance(spec, AmbientSpec):  # beside the iptables rules (never part of the fingerprint)
+            problems = [*problems, *check_ambient_routing(target, families_of(target.ips))]
+        return problems
+
+    def _check_rules(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         families = families_of(target.ips)
         prefix = _prefix(spec)
         if self.shortcut is None or not iptables_only_check(spec):
@@ -221,8 +237,6 @@ class IptablesBackend:
             problems = self.shortcut.check(
                 target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
             )
-        if isinstance(spec, AmbientSpec):  # beside the iptables rules (never part of the fingerprint)
-            problems = [*problems, *check_ambient_routing(target, families)]
         return problems
 
     def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
