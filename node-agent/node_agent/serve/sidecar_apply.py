@@ -11,7 +11,7 @@ as the backend allows (the ADD waits for it):
   family into a fresh netns, `::6` in parallel, rollback of every family on failure), from the warm agent,
   whose runner writes a fresh text itself (`in_process_commands`), from this thread inside the pod netns
   (`staying_in`: no hand-over to a pooled thread); on nft hosts, rules it wrote itself into a netns
-  nobody else changed meanwhile are recorded as verified (`IptablesBackend.record_written`), so the
+  nobody else changed meanwhile are recorded as verified (`IptablesBackend.recorded_if_fresh`), so the
   held pod's first drift check needs no `iptables-nft-save`;
 - anything else (nftables in TPROXY mode, eBPF): the backend's own `apply`.
 
@@ -42,12 +42,10 @@ def apply_for_add(backend: RedirectBackend, target: PodTarget, spec: SidecarSpec
         return _nftables(backend, target, spec)
     if isinstance(backend, IptablesBackend):
         try:
-            with staying_in(target.netns_path):  # the runner's commands then run right here, no hand-over
-                before = backend.mark_before(target, spec)
+            # the runner's commands then run right here, no hand-over
+            with staying_in(target.netns_path), backend.recorded_if_fresh(target, spec):
                 netns_tables.apply_sidecar(target.netns_path, spec, families_of(target.ips), backend.flavour,
                                            optimistic=True)
-                if before is not None:
-                    backend.record_written(target, spec, before)
         except NetnsReturnError:
             raise
         except (IptablesError, ValueError, OSError) as exc:

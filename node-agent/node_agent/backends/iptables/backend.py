@@ -22,7 +22,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cni.contract.kinds import Family
@@ -140,13 +141,11 @@ class IptablesBackend:
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         self._forget(target)
-        before = self.mark_before(target, spec)
-        try:
-            self._apply(target, spec)
-        finally:
-            self._forget(target)
-        if before is not None:
-            self.record_written(target, spec, before)
+        with self.recorded_if_fresh(target, spec):
+            try:
+                self._apply(target, spec)
+            finally:
+                self._forget(target)
 
     def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None:
         """`apply` with the calling thread inside the pod netns for all of it, `first` run there before
@@ -164,27 +163,24 @@ class IptablesBackend:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: cannot enter "
                                f"{target.netns_path}: {exc.strerror or exc}") from exc
 
-    def mark_before(self, target: PodTarget, spec: RedirectSpec) -> nft_fresh_write.Mark | None:
-        """nft hosts with the shortcut on, specs it covers: the netns' mark, read right before an apply
-        that may then be recorded (`record_written`); None otherwise."""
-        if self.flavour != "nft" or self.shortcut is None or not isinstance(spec, (SidecarSpec, AmbientSpec)):
-            return None
-        if not iptables_only_check(spec):
-            return None
-        return nft_fresh_write.mark_of(target.netns_path)
-
-    def record_written(self, target: PodTarget, spec: RedirectSpec, before: nft_fresh_write.Mark) -> None:
-        """After an apply whose every commit was a fresh in-process batch of its own text (one per family,
-        each into tables that did not exist: `nft_fresh_write`), with nothing else committed since
-        `before` and no table in the netns but iptables-nft's and ours (so no foreign chain), the rules are
-        exactly the spec's: recorded as verified, so the pod's first drift check is a generation read
-        instead of an iptables-save per family and a ruleset read."""
+    @contextmanager
+    def recorded_if_fresh(self, target: PodTarget, spec: RedirectSpec) -> Iterator[None]:
+        """Around an apply (nft hosts with the shortcut on, specs it covers): the netns' mark is read
+        before and after; when every commit between them was a fresh in-process batch of the apply's own
+        text (one per family, each into tables that did not exist: `nft_fresh_write`) and the netns holds
+        no table but iptables-nft's and ours (so no foreign chain), the rules are exactly the spec's and
+        are recorded as verified, so the pod's first drift check is a generation read instead of an
+        iptables-save per family and a ruleset read. Nothing is recorded when the block raises."""
+        covered = (self.flavour == "nft" and self.shortcut is not None
+                   and isinstance(spec, (SidecarSpec, AmbientSpec)) and iptables_only_check(spec))
+        before = nft_fresh_write.mark_of(target.netns_path) if covered else None
+        yield
+        if before is None or self.shortcut is None:
+            return
         families = families_of(target.ips)
         owned_only = nft_foreign.only_owned_tables(target.netns_path)  # read before `after`: still so then
         after = nft_fresh_write.mark_of(target.netns_path)
-        if self.shortcut is None or after is None or not owned_only:
-            return
-        if not nft_fresh_write.only_fresh_commits(before, after, len(families)):
+        if after is None or not owned_only or not nft_fresh_write.only_fresh_commits(before, after, len(families)):
             return
         self.shortcut.record_written(target.netns_path, spec, families, _prefix(spec),
                                      after.generation.to_bytes(4, "big"))

@@ -10,7 +10,7 @@ every message is read; any error means the transaction was aborted.
 
 Each batch committed here is counted per netns (`COMMITS`): with the netns' ruleset generation read
 before and after an apply, the backend can tell that every commit in between was one of these fresh
-writes (see `IptablesBackend.record_written`), so the rules are exactly the text's and need no read-back.
+writes (see `IptablesBackend.recorded_if_fresh`), so the rules are exactly the text's and need no read-back.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class _Lib:
     binding's `Nftables` object resolves all of them again for every context, ~0.1 ms each time)."""
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL(SONAME, use_errno=True)
+        lib = ctypes.CDLL(SONAME)
         self.ctx_new = _fn(lib.nft_ctx_new, ctypes.c_void_p, ctypes.c_uint32)
         self.ctx_free = _fn(lib.nft_ctx_free, None, ctypes.c_void_p)
         self.buffer_output = _fn(lib.nft_ctx_buffer_output, ctypes.c_int, ctypes.c_void_p)
