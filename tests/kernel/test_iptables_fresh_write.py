@@ -20,8 +20,6 @@ import ipaddress
 import os
 import socket
 import subprocess
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,7 +35,8 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.netns import entered
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
-from tests.harness.traffic import Listener, tcp_request
+from tests.harness.bare_netns import make_netns
+from tests.harness.traffic import sidecar_redirected
 
 pytestmark = pytest.mark.kernel
 net = ipaddress.ip_network
@@ -65,22 +64,6 @@ AMBIENT = {
     "ambient-exclusions": AmbientSpec(exclude_inbound_ports=(9000,), exclude_outbound_ports=(5432,),
                                       exclude_outbound_ranges=(net("10.96.0.0/12"), net("fd00:10:96::/112"))),
 }
-
-
-def make_netns() -> str:
-    name = f"hrxt-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    return name
-
-
-@pytest.fixture
-def two() -> Iterator[tuple[str, str]]:
-    names = [make_netns(), make_netns()]
-    try:
-        yield names[0], names[1]
-    finally:
-        for name in names:
-            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def text_of(spec: SidecarSpec | AmbientSpec, family: int) -> str:
@@ -221,13 +204,7 @@ def test_the_rules_it_writes_redirect_traffic(plain_node: SimNode, flavour: str)
     with entered(pod.netns.path):
         write = restore_fresh_here if flavour == "legacy" else restore_fresh_nft_here
         assert write(4, text_of(SidecarSpec(), 4)) is None
-    with Listener(peer.netns.path, 8080, label="peer"), Listener(pod.netns.path, 15001, label="out") as out:
-        assert tcp_request(pod.netns.path, peer.ipv4, 8080, b"o") == b"out|o"
-        assert out.wait_one().original_dst == (peer.ipv4, 8080)
-        assert tcp_request(pod.netns.path, peer.ipv4, 8080, b"p", uid=1337, gid=1337) == b"peer|p"
-    with Listener(pod.netns.path, 8080, label="app"), Listener(pod.netns.path, 15006, label="in") as inbound:
-        assert tcp_request(peer.netns.path, pod.ipv4, 8080, b"i") == b"in|i"
-        assert inbound.wait_one().original_dst == (pod.ipv4, 8080)
+    sidecar_redirected(pod, peer)
 
 
 @pytest.mark.parametrize("flavour", ["legacy", "nft"])

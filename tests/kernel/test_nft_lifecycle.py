@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from node_agent.backends.base import BackendError, PodTarget
+from node_agent.backends.nftables import fresh_write
 from node_agent.backends.nftables.backend import NftablesBackend
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
@@ -96,6 +97,7 @@ def test_refused_transaction_leaves_the_old_table(ns: NetNS, monkeypatch: pytest
 
     monkeypatch.setattr(nft_text, "replace_text", broken)
     monkeypatch.setattr(nft_text, "create_text", broken_create)
+    monkeypatch.setattr(fresh_write, "create_here", lambda _table: "not built in-process: the test's text")
     with pytest.raises(BackendError):
         backend.apply(t, SIDECAR)  # a fresh netns: created, refused, then replaced, refused too
     assert tables(ns) == []

@@ -9,21 +9,12 @@ import pytest
 from node_agent.backends.iptables import nft_compat_batch as nb
 from node_agent.backends.iptables.xt_fresh_rules import Unsupported, read_fresh
 from node_agent.kernel import netlink_parse
+from node_agent.kernel import nft_messages as nm
 
 from cni.contract.spec import SidecarSpec
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
-
-
-def messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
-    """(type, flags, seq, body after nfgenmsg) of each message."""
-    out = []
-    off = 0
-    while off < len(data):
-        length, msg_type, flags, seq, _ = netlink_parse.NLMSGHDR.unpack_from(data, off)
-        out.append((msg_type, flags, seq, data[off + 20 : off + length]))
-        off += netlink_parse.align4(length)
-    return out
+from tests.unit.netlink_batch import messages
 
 
 def expressions(body: bytes) -> list[str]:
@@ -40,15 +31,15 @@ def test_one_transaction_that_fails_where_the_table_exists_and_one_acknowledgeme
     (table,) = read_fresh(fresh_ruleset_text(builder.sidecar_rules(SidecarSpec(), 4)), 4)
     data, acked = nb.batch((table,), 7)
     msgs = messages(data)
-    assert msgs[0][0] == nb.NFNL_MSG_BATCH_BEGIN and msgs[-1][0] == nb.NFNL_MSG_BATCH_END
+    assert msgs[0][0] == nm.NFNL_MSG_BATCH_BEGIN and msgs[-1][0] == nm.NFNL_MSG_BATCH_END
     changes = msgs[1:-1]
     assert [seq for _, _, seq, _ in changes] == list(range(8, 8 + len(changes)))
     assert acked == changes[-1][2] and msgs[-1][2] == acked + 1
-    assert [bool(flags & nb.NLM_F_ACK) for _, flags, _, _ in changes] == [False] * (len(changes) - 1) + [True]
-    kind = nb.NFNL_SUBSYS_NFTABLES << 8
-    assert changes[0][0] == kind | nb.NFT_MSG_NEWTABLE and changes[0][1] & nb.NLM_F_EXCL
-    chains = [c for c in changes if c[0] == kind | nb.NFT_MSG_NEWCHAIN]
-    rules = [c for c in changes if c[0] == kind | nb.NFT_MSG_NEWRULE]
+    assert [bool(flags & nm.NLM_F_ACK) for _, flags, _, _ in changes] == [False] * (len(changes) - 1) + [True]
+    kind = nm.NFNL_SUBSYS_NFTABLES << 8
+    assert changes[0][0] == kind | nm.NFT_MSG_NEWTABLE and changes[0][1] & nm.NLM_F_EXCL
+    chains = [c for c in changes if c[0] == kind | nm.NFT_MSG_NEWCHAIN]
+    rules = [c for c in changes if c[0] == kind | nm.NFT_MSG_NEWRULE]
     assert len(chains) == 4 + 2 and len(rules) == len(table.rules)  # ours, then PREROUTING and OUTPUT
     # "-A HEADRACE_SC_REDIRECT -p tcp ... -j REDIRECT --to-ports 15001"
     assert ["meta", "cmp", "match", "counter", "target"] in [expressions(r[3]) for r in rules]
@@ -64,7 +55,7 @@ def test_one_transaction_that_fails_where_the_table_exists_and_one_acknowledgeme
 )
 def test_an_address_loads_the_bytes_its_prefix_covers(network: str, exprs: list[str], loaded: int) -> None:
     table = read_fresh(f"*nat\n-A OUTPUT -d {network} -j RETURN\nCOMMIT\n", 4)
-    (rule,) = [m for m in messages(nb.batch(table, 1)[0]) if m[0] & 0xFF == nb.NFT_MSG_NEWRULE]
+    (rule,) = [m for m in messages(nb.batch(table, 1)[0]) if m[0] & 0xFF == nm.NFT_MSG_NEWRULE]
     assert expressions(rule[3]) == [*exprs, "counter", "immediate"]
     assert struct.pack("!I", loaded) in rule[3]
 

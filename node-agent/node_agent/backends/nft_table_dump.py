@@ -13,8 +13,8 @@ import socket
 import struct
 
 from node_agent.kernel import netlink_parse
+from node_agent.kernel.netlink_parse import NETLINK_NETFILTER
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_GETTABLE = 1

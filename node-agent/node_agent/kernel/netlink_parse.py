@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
+NETLINK_NETFILTER = 12  # the netlink protocol of nf_tables (and the rest of netfilter)
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLATTR = struct.Struct("=HH")  # len, type
 

@@ -24,7 +24,6 @@ from cni.kernel.netns import NetnsThreadTimeout
 from node_agent.kernel import netlink_parse
 from node_agent.kernel.netns_runner import run_in_netns
 
-NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
@@ -74,7 +73,7 @@ def _open(proto: int, groups: int) -> socket.socket:
 
 
 def _open_here(routing: bool) -> tuple[socket.socket, ...]:
-    nft = _open(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
+    nft = _open(netlink_parse.NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
     if not routing:
         return (nft,)
     try:

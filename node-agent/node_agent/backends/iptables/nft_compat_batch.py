@@ -23,7 +23,6 @@ compares the result with iptables-nft-restore's (`nft --debug=netlink list rules
 
 from __future__ import annotations
 
-import socket
 import struct
 
 from node_agent.backends.iptables.xt_fresh_rules import (
@@ -34,13 +33,38 @@ from node_agent.backends.iptables.xt_fresh_rules import (
     Unsupported,
     XtRule,
 )
-from node_agent.kernel import netlink_parse
+from node_agent.kernel.nft_messages import (
+    BASE_TRANSPORT,
+    CMP_EQ,
+    CMP_NEQ,
+    META_IIFNAME,
+    META_L4PROTO,
+    META_MARK,
+    META_OIFNAME,
+    NF_ACCEPT,
+    NFT_JUMP,
+    NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWRULE,
+    NFT_MSG_NEWTABLE,
+    NFT_RETURN,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    Change,
+    address,
+    attr,
+    bitwise,
+    cmp,
+    expr,
+    frame,
+    meta,
+    nest,
+    payload,
+    string,
+    u32,
+    verdict,
+)
 
-NFNL_SUBSYS_NFTABLES = 10
-NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
-NFT_MSG_NEWTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE = 0, 3, 6
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
-NLA_F_NESTED = 0x8000
 FAMILIES = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 # Built-in chains per table: hook number, priority (NF_IP_PRI_NAT_DST / _SRC, NF_IP_PRI_MANGLE), chain type
 BASE_CHAINS = {
@@ -49,86 +73,29 @@ BASE_CHAINS = {
     "mangle": {"PREROUTING": (0, -150, "filter"), "INPUT": (1, -150, "filter"), "FORWARD": (2, -150, "filter"),
                "OUTPUT": (3, -150, "route"), "POSTROUTING": (4, -150, "filter")},
 }
-NF_ACCEPT = 1
-VERDICT_CODES = {"ACCEPT": NF_ACCEPT, "DROP": 0, "RETURN": -5}  # NF_ACCEPT, NF_DROP, NFT_RETURN
-NFT_JUMP = -3
-META_MARK, META_IIFNAME, META_OIFNAME, META_L4PROTO = 3, 6, 7, 16
-BASE_NETWORK, BASE_TRANSPORT = 1, 2
-CMP_EQ, CMP_NEQ = 0, 1
-REG_VERDICT, REG_1 = 0, 1
-ADDRESS_OFFSETS = {4: (12, 16), 6: (8, 24)}  # source, destination in the IPv4 / IPv6 header
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    head = netlink_parse.NLATTR.pack(netlink_parse.NLATTR.size + len(value), kind)
-    return head + value + bytes(netlink_parse.align4(len(value)) - len(value))
-
-
-def _nest(kind: int, *parts: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(parts))
-
-
-def _str(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
-
-
-def _u32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack("!i" if value < 0 else "!I", value))
-
-
-def _expr(name: str, *data: bytes) -> bytes:
-    return _nest(1, _str(1, name), _nest(2, *data))  # NFTA_LIST_ELEM: NFTA_EXPR_NAME, NFTA_EXPR_DATA
-
-
-def _meta(key: int) -> bytes:
-    return _expr("meta", _u32(1, REG_1), _u32(2, key))  # NFTA_META_DREG, NFTA_META_KEY
-
-
-def _cmp(op: int, value: bytes) -> bytes:
-    return _expr("cmp", _u32(1, REG_1), _u32(2, op), _nest(3, _attr(1, value)))  # SREG, OP, DATA{VALUE}
-
-
-def _payload(base: int, offset: int, length: int) -> bytes:
-    return _expr("payload", _u32(1, REG_1), _u32(2, base), _u32(3, offset), _u32(4, length))
-
-
-def _bitwise(mask: bytes) -> bytes:  # SREG, DREG, LEN, MASK{VALUE}, XOR{VALUE}
-    return _expr("bitwise", _u32(1, REG_1), _u32(2, REG_1), _u32(3, len(mask)), _nest(4, _attr(1, mask)),
-                 _nest(5, _attr(1, bytes(len(mask)))))
+VERDICT_CODES = {"ACCEPT": NF_ACCEPT, "DROP": 0, "RETURN": NFT_RETURN}
 
 
 def _xt(kind: str, ext: Extension) -> bytes:
     size = (len(ext.data) + 7) & ~7  # the data as x_tables pads it
-    return _expr(kind, _str(1, ext.name), _u32(2, ext.revision), _attr(3, ext.data.ljust(size, b"\0")))
-
-
-def _verdict(code: int, chain: str | None = None) -> bytes:
-    verdict = _u32(1, code) + (_str(2, chain) if chain is not None else b"")
-    return _expr("immediate", _u32(1, REG_VERDICT), _nest(2, _nest(2, verdict)))  # DREG, DATA{VERDICT{..}}
+    return expr(kind, string(1, ext.name), u32(2, ext.revision), attr(3, ext.data.ljust(size, b"\0")))
 
 
 def _address(family: int, which: int, addr: Address, negate: bool) -> list[bytes]:
-    mask = addr.mask
-    whole = next((i for i, b in enumerate(mask) if b != 0xFF), len(mask))  # leading all-ones bytes
-    partial = any(mask[whole:])
-    if not partial and whole == 0:
-        raise Unsupported("a zero-length prefix")
-    length = len(mask) if partial else whole
-    out = [_payload(BASE_NETWORK, ADDRESS_OFFSETS[family][which], length)]
-    if partial:
-        out.append(_bitwise(mask))
-    out.append(_cmp(CMP_NEQ if negate else CMP_EQ, addr.address[:length]))
-    return out
+    try:
+        return address(family, which, addr.address, addr.mask, negate)
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from exc
 
 
 def rule_expressions(rule: XtRule, family: int, chains: tuple[str, ...]) -> bytes:
     exprs: list[bytes] = []
     if rule.in_if is not None:
-        exprs += [_meta(META_IIFNAME), _cmp(CMP_EQ, rule.in_if.encode() + b"\0")]
+        exprs += [meta(META_IIFNAME), cmp(CMP_EQ, rule.in_if.encode() + b"\0")]
     if rule.out_if is not None:
-        exprs += [_meta(META_OIFNAME), _cmp(CMP_NEQ if rule.not_out_if else CMP_EQ, rule.out_if.encode() + b"\0")]
+        exprs += [meta(META_OIFNAME), cmp(CMP_NEQ if rule.not_out_if else CMP_EQ, rule.out_if.encode() + b"\0")]
     if rule.proto:
-        exprs += [_meta(META_L4PROTO), _cmp(CMP_EQ, bytes((rule.proto,)))]
+        exprs += [meta(META_L4PROTO), cmp(CMP_EQ, bytes((rule.proto,)))]
     if rule.src is not None:
         exprs += _address(family, 0, rule.src, False)
     if rule.dst is not None:
@@ -137,32 +104,26 @@ def rule_expressions(rule: XtRule, family: int, chains: tuple[str, ...]) -> byte
         if m.name in ("tcp", "udp"):  # xt_tcp / xt_udp: dpts[0] at offset 4, invflags at 11 / 8
             (port,) = struct.unpack_from("=H", m.data, 4)
             negate = m.data[11 if m.name == "tcp" else 8]
-            exprs += [_payload(BASE_TRANSPORT, 2, 2), _cmp(CMP_NEQ if negate else CMP_EQ, struct.pack("!H", port))]
+            exprs += [payload(BASE_TRANSPORT, 2, 2), cmp(CMP_NEQ if negate else CMP_EQ, struct.pack("!H", port))]
         elif m.name == "mark":  # xt_mark_mtinfo1: mark, mask, invert
             mark, mask, negate = struct.unpack("=IIB", m.data)
             if mask == 0xFFFFFFFF:
                 raise Unsupported("a mark match without a mask")
-            exprs += [_meta(META_MARK), _bitwise(struct.pack("=I", mask)),
-                      _cmp(CMP_NEQ if negate else CMP_EQ, struct.pack("=I", mark))]
+            exprs += [meta(META_MARK), bitwise(struct.pack("=I", mask)),
+                      cmp(CMP_NEQ if negate else CMP_EQ, struct.pack("=I", mark))]
         else:
             exprs.append(_xt("match", m))
-    exprs.append(_expr("counter", _attr(1, bytes(8)), _attr(2, bytes(8))))  # NFTA_COUNTER_BYTES, _PACKETS
+    exprs.append(expr("counter", attr(1, bytes(8)), attr(2, bytes(8))))  # NFTA_COUNTER_BYTES, _PACKETS
     target = rule.target
     if isinstance(target, Extension):
         exprs.append(_xt("target", target))
     elif target in VERDICT_CODES:
-        exprs.append(_verdict(VERDICT_CODES[target]))
+        exprs.append(verdict(VERDICT_CODES[target]))
     elif target in chains:
-        exprs.append(_verdict(NFT_JUMP, target))
+        exprs.append(verdict(NFT_JUMP, target))
     else:
         raise Unsupported(f"jump to {target}")
     return b"".join(exprs)
-
-
-def _message(msg_type: int, family: int, flags: int, seq: int, body: bytes, res_id: int = 0) -> bytes:
-    payload = struct.pack("=BBH", family, 0, socket.htons(res_id)) + body  # nfgenmsg
-    hdr = netlink_parse.NLMSGHDR
-    return hdr.pack(hdr.size + len(payload), msg_type, NLM_F_REQUEST | flags, seq, 0) + payload
 
 
 def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, int]:
@@ -171,7 +132,7 @@ def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, int]:
     if not tables:
         raise Unsupported("no table")
     family = FAMILIES[tables[0].family]
-    changes: list[tuple[int, int, bytes]] = []
+    changes: list[Change] = []
 
     def change(msg_type: int, flags: int, body: bytes) -> None:
         changes.append((msg_type, flags, body))
@@ -180,25 +141,20 @@ def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, int]:
         base = BASE_CHAINS.get(table.name)
         if base is None or FAMILIES[table.family] != family:
             raise Unsupported(f"table {table.name}")
-        change(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, _str(1, table.name))  # NFTA_TABLE_NAME
+        change(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, string(1, table.name))  # NFTA_TABLE_NAME
         for chain in table.chains:  # as iptables-nft: user chains first, built-in ones where first used
-            change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, _str(1, table.name) + _str(3, chain))
+            change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, string(1, table.name) + string(3, chain))
         for chain in dict.fromkeys(r.chain for r in table.rules if r.chain in BUILTIN_CHAINS):
             if chain not in base:
                 raise Unsupported(f"{table.name} has no chain {chain}")
             hook, priority, chain_type = base[chain]
             # NFTA_CHAIN_TABLE, _NAME, _HOOK{HOOKNUM, PRIORITY}, _POLICY, _TYPE
-            change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, _str(1, table.name) + _str(3, chain)
-                   + _nest(4, _u32(1, hook), _u32(2, priority)) + _u32(5, NF_ACCEPT) + _str(7, chain_type))
+            change(NFT_MSG_NEWCHAIN, NLM_F_CREATE, string(1, table.name) + string(3, chain)
+                   + nest(4, u32(1, hook), u32(2, priority)) + u32(5, NF_ACCEPT) + string(7, chain_type))
         for rule in table.rules:
             # NFTA_RULE_TABLE, _CHAIN, _EXPRESSIONS, _COMPAT{PROTO, FLAGS}
             exprs = rule_expressions(rule, table.family, table.chains)
-            compat = _nest(5, _u32(1, rule.proto), _u32(2, 0))
-            body = _str(1, table.name) + _str(2, rule.chain) + _nest(4, exprs) + compat
+            compat = nest(5, u32(1, rule.proto), u32(2, 0))
+            body = string(1, table.name) + string(2, rule.chain) + nest(4, exprs) + compat
             change(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body)
-    kind, last = NFNL_SUBSYS_NFTABLES << 8, seq + len(changes)
-    out = [_message(NFNL_MSG_BATCH_BEGIN, 0, 0, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)]
-    out.extend(_message(kind | msg_type, family, flags | (NLM_F_ACK if n == last else 0), n, body)
-               for n, (msg_type, flags, body) in enumerate(changes, seq + 1))
-    out.append(_message(NFNL_MSG_BATCH_END, 0, 0, last + 1, b"", res_id=NFNL_SUBSYS_NFTABLES))
-    return b"".join(out), last
+    return frame(changes, family, seq)

@@ -15,19 +15,16 @@ writes (see `IptablesBackend.recorded_if_fresh`), so the rules are exactly the t
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
 import threading
 from functools import lru_cache
 from typing import NamedTuple
 
 from node_agent.backends.iptables.nft_compat_batch import batch
-from node_agent.backends.iptables.nft_generation import NETLINK_NETFILTER, NftGenerationError, read_generation
+from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation
 from node_agent.backends.iptables.xt_fresh_rules import FreshTable, Unsupported, read_fresh
-from node_agent.kernel import netlink_parse
+from node_agent.kernel.nft_commit import declined_here
 
-TIMEOUT = 5.0
 MAX_NETNS = 65536  # netns counted; beyond that the counts start again (a caller then sees a mismatch)
 
 
@@ -103,33 +100,9 @@ def restore_fresh_nft_here(family: int, text: str) -> str | None:
         tables, data, acked = _prepared(text, family)
     except Unsupported as exc:
         return f"not built in-process: {exc}"
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
-            sock.settimeout(TIMEOUT)
-            sock.bind((0, 0))
-            sock.send(data)
-            error = _answers(sock, acked)
-    except OSError as exc:
-        return f"nf_tables: {exc.strerror or exc}"
-    names = "/".join(t.name for t in tables)
-    if error == errno.EEXIST:
-        return f"table {names} exists"
-    if error:
-        return f"table {names} refused by the kernel: {os.strerror(error)}"
+    declined = declined_here(data, acked)
+    if declined is not None:
+        return f"table {'/'.join(t.name for t in tables)} {declined}"
     COMMITS.note_here()
     return None
 
-
-def _answers(sock: socket.socket, acked: int) -> int:
-    """Read the kernel's answers until the last change message's acknowledgement; the first error (0: all
-    applied). A failed message aborts the whole batch (its error comes before that acknowledgement);
-    so does a failed commit, which the kernel reports first, on the batch's first message."""
-    while True:
-        for msg_type, seq, payload in netlink_parse.messages(sock.recv(1 << 16)):
-            if msg_type != netlink_parse.NLMSG_ERROR:
-                continue
-            code = netlink_parse.error_code(payload)
-            if code:
-                return code
-            if seq == acked:
-                return 0

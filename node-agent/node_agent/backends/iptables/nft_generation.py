@@ -25,7 +25,6 @@ from node_agent.kernel import netlink_parse
 from node_agent.kernel.netlink_parse import NLMSG_ERROR
 from node_agent.kernel.netns_runner import run_in_netns
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
@@ -69,7 +68,7 @@ def parse_getgen_reply(data: bytes, seq: int) -> int:
 
 def read_here(timeout: float = 2.0) -> int:
     """The ruleset generation of the calling thread's netns (the caller has entered the pod netns)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, netlink_parse.NETLINK_NETFILTER) as s:
         s.settimeout(timeout)
         s.bind((0, 0))
         seq = 1

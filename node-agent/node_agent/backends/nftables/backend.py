@@ -41,7 +41,7 @@ from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.iptables.backend import check_ambient_routing, families_of
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_here
 from node_agent.backends.nft_table_dump import NftTableDumpError, tables_here
-from node_agent.backends.nftables import libnft, pod_routing
+from node_agent.backends.nftables import fresh_write, libnft, pod_routing
 
 TPROXY_CHAIN = "chain sc_tproxy {"
 AMBIENT_CHAIN = f"chain {AM_MANGLE_PRERT} {{"  # an ambient table: it comes with the policy routing
@@ -228,10 +228,13 @@ def swap_here(nft: libnft.Session, what: str, removal: str, table: nft_text.NftT
     """In the session's netns: our table before (None: none), then `table` in its place with the foreign
     chains' `removal`, as one transaction. Without a table of ours (`ours` False: a fresh netns) it is
     created: a transaction that deletes a table makes freeing the context wait for an RCU grace period
-    (10-30 ms on a busy node), which a fresh pod need not pay."""
+    (10-30 ms on a busy node), which a fresh pod need not pay. With no foreign chain to remove, the
+    creating batch is built and sent in-process (`fresh_write`; libnftables when it declines)."""
     if not ours:
-        created = nft.cmd(removal + nft_text.create_text(table))
-        if created.rc == 0:
+        declined = fresh_write.create_here(table) if not removal else "foreign chains to remove"
+        if declined is None:
+            return None
+        if declined != fresh_write.EXISTS and nft.cmd(removal + nft_text.create_text(table)).rc == 0:
             return None  # else a table of ours is there after all: listed and replaced
     before = libnft.listing_of(nft.cmd(nft_text.list_command()))
     result = nft.cmd(removal + nft_text.replace_text(table))

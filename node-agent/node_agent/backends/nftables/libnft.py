@@ -6,8 +6,9 @@ and keeps it: so a context is made *inside* the netns (the thread enters it with
 and always comes back), used for the commands of one operation, and freed. Making one costs ~50 µs (a
 python3-nftables `Nftables` object ~140 µs); no process is started. `session` keeps the thread in the
 netns with one context for a whole operation (the apply's reads, transaction, policy routing and
-read-back), so other in-netns work (rtnetlink, the ruleset generation) runs on the same entry;
-`run_in_netns` is one session per call.
+read-back), so other in-netns work (rtnetlink, the ruleset generation, the in-process create of
+`fresh_write`) runs on the same entry; the context is made at the session's first command (an apply
+that creates its table in-process needs none). `run_in_netns` is one session per call.
 """
 
 from __future__ import annotations
@@ -65,20 +66,27 @@ def load() -> _Lib:
 
 
 class Session:
-    """One libnftables context made in the netns the calling thread is in (inside `session`)."""
+    """One libnftables context made in the netns the calling thread is in (inside `session`), when the
+    first command needs it."""
 
     def __init__(self, lib: _Lib) -> None:
         self._lib = lib
-        self._ctx = lib.ctx_new(0)
-        if not self._ctx:
-            raise BackendError("libnftables could not make a context")
-        lib.buffer_output(self._ctx)
-        lib.buffer_error(self._ctx)
+        self._ctx: int | None = None  # made at the first command: a session may need none
         self._json = False
+
+    def _context(self) -> int:
+        if self._ctx is None:
+            ctx = self._lib.ctx_new(0)
+            if not ctx:
+                raise BackendError("libnftables could not make a context")
+            self._lib.buffer_output(ctx)
+            self._lib.buffer_error(ctx)
+            self._ctx = ctx
+        return self._ctx
 
     def cmd(self, text: str, json: bool = False) -> NftResult:
         """One nft input text (a command or a whole transaction); `json`: listings as `nft -j` prints them."""
-        lib, ctx = self._lib, self._ctx
+        lib, ctx = self._lib, self._context()
         if json != self._json:
             flags = lib.get_flags(ctx)
             lib.set_flags(ctx, flags | OUTPUT_JSON if json else flags & ~OUTPUT_JSON)

@@ -1,0 +1,90 @@
+"""The nf_tables batch the nftables backend sends to create a pod table in-process (pure; the kernel test
+compares the table the kernel then holds with the one libnftables writes from the same text)."""
+
+from __future__ import annotations
+
+import pytest
+from node_agent.backends.nftables.fresh_batch import Unsupported, batch, rule_body
+from node_agent.kernel import netlink_parse
+from node_agent.kernel import nft_messages as nm
+
+from cni.contract.spec import SidecarSpec
+from cni.rules import nft_builder
+from cni.rules.nft_text import Chain, NftTable
+from tests.unit.netlink_batch import messages
+
+CHAINS = frozenset({"sc_redirect"})
+
+
+def names(exprs: bytes) -> list[str]:
+    return [dict(netlink_parse.attributes(elem))[1].rstrip(b"\0").decode()
+            for _, elem in netlink_parse.attributes(exprs)]
+
+
+def test_one_transaction_that_fails_where_the_table_exists_and_one_acknowledgement() -> None:
+    table = nft_builder.sidecar_table(SidecarSpec(), (4, 6))
+    data, acked = batch(table, 3)
+    msgs = messages(data)
+    assert msgs[0][0] == nm.NFNL_MSG_BATCH_BEGIN and msgs[-1][0] == nm.NFNL_MSG_BATCH_END
+    changes = msgs[1:-1]
+    kinds = [m[0] & 0xFF for m in changes]
+    assert kinds[0] == nm.NFT_MSG_NEWTABLE and changes[0][1] & nm.NLM_F_EXCL
+    assert kinds.count(nm.NFT_MSG_NEWCHAIN) == len(table.chains)
+    assert kinds.count(nm.NFT_MSG_NEWRULE) == sum(len(c.rules) for c in table.chains)
+    assert [m[2] for m in changes if m[1] & nm.NLM_F_ACK] == [acked] == [changes[-1][2]]
+    assert batch(table, 3) is batch(table, 3)  # built once per table
+
+
+def test_dependencies_come_once_and_only_where_the_rule_lacks_them() -> None:
+    exprs, _ = rule_body('oifname "lo" ip daddr != 127.0.0.1 tcp dport != 15008 meta skuid 1337 return '
+                         'comment "headrace: x"', CHAINS)
+    assert names(exprs) == ["meta", "cmp", "meta", "cmp", "payload", "cmp", "meta", "cmp", "payload", "cmp",
+                            "meta", "cmp", "immediate"]
+    exprs, _ = rule_body("meta l4proto tcp tcp dport 80 return", CHAINS)
+    assert names(exprs) == ["meta", "cmp", "payload", "cmp", "immediate"]
+    exprs, _ = rule_body("meta l4proto tcp redirect to :15001", CHAINS)
+    assert names(exprs) == ["meta", "cmp", "immediate", "redir"]
+
+
+@pytest.mark.parametrize(("prefix", "exprs"), [
+    ("10.0.0.0/8", ["payload", "cmp"]),
+    ("10.96.0.0/12", ["payload", "bitwise", "cmp"]),
+    ("1.2.3.4", ["payload", "cmp"]),
+])
+def test_an_address_loads_what_nft_loads(prefix: str, exprs: list[str]) -> None:
+    body, _ = rule_body(f"ip daddr {prefix} return", CHAINS)
+    assert names(body) == ["meta", "cmp", *exprs, "immediate"]
+
+
+def test_the_comment_is_the_rules_user_data() -> None:
+    _, userdata = rule_body('return comment "headrace: skip"', CHAINS)
+    assert userdata == b"\x00\x0fheadrace: skip\x00"
+    _, userdata = rule_body("return", CHAINS)
+    assert userdata is None
+
+
+@pytest.mark.parametrize("rule", [
+    "meta mark set 0x00000539 accept",
+    'iifname "eth*" return',
+    'oifname "a-name-too-long-for-linux" return',
+    "jump elsewhere",
+    "ip daddr fd00::1 return",
+    "ip6 daddr ::1 tcp dport 1 udp dport 2 return",
+    "ip daddr 0.0.0.0/0 return",
+    "tcp dport 70000 return",
+    "tproxy ip to :15006",
+    "redirect",
+    'return comment "' + "x" * 200 + '"',
+    "return accept",
+    "",
+])
+def test_what_it_does_not_lay_out_is_left_to_libnftables(rule: str) -> None:
+    with pytest.raises(Unsupported):
+        rule_body(rule, CHAINS)
+
+
+def test_tproxy_and_ambient_tables_are_left_to_libnftables() -> None:
+    with pytest.raises(Unsupported):
+        batch(nft_builder.sidecar_table(SidecarSpec(interception_mode="TPROXY"), (4,)))
+    with pytest.raises(Unsupported):
+        batch(NftTable("headrace", (Chain("c", "type nat hook output priority first", ()),)))
