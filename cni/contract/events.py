@@ -4,6 +4,9 @@ One JSON object per line, one request per connection, answered by one JSON line 
 
 Request: {"v": PROTOCOL_VERSION, "cmd": "ADD"|"DEL"|"CHECK", "container_id", "netns", "ifname",
           "pod": {"namespace", "name", "uid"}, "ips": [str], "mode": "ambient"|"sidecar"}
+         a DEL after which the plugin removes the pod's rules itself also carries
+         "removes": {"backend": "iptables"|"nftables", "iptables": <its iptables setting>}: the agent then
+         lets go of a sidecar pod whose rules are that backend's without removing them (the plugin does)
          or {"v": PROTOCOL_VERSION, "cmd": "STATUS"}
 Reply:   {"ok": true, "state": str} (STATUS: {"ok": true, "pods": [...], ...})
          or {"ok": false, "error": str, "retry": bool}
@@ -59,6 +62,10 @@ POD_NAME = "name"
 POD_UID = "uid"
 IPS = "ips"
 MODE = "mode"
+REMOVES = "removes"  # a DEL's: what the plugin removes itself afterwards
+REMOVES_BACKEND = "backend"
+REMOVES_IPTABLES = "iptables"
+REMOVING_BACKENDS = ("iptables", "nftables")
 
 # reply fields
 OK = "ok"
@@ -78,9 +85,11 @@ def event_request(
     uid: str,
     ips: Sequence[str],
     mode: str,
+    removes: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """An ADD/DEL/CHECK request of the plugin."""
-    return {
+    """An ADD/DEL/CHECK request of the plugin; `removes`: (backend, iptables setting) of the rules a DEL's
+    plugin removes itself afterwards."""
+    out = {
         VERSION: PROTOCOL_VERSION,
         CMD: cmd,
         CONTAINER_ID: container_id,
@@ -90,6 +99,9 @@ def event_request(
         IPS: list(ips),
         MODE: mode,
     }
+    if removes is not None:
+        out[REMOVES] = {REMOVES_BACKEND: removes[0], REMOVES_IPTABLES: removes[1]}
+    return out
 
 
 def status_request() -> dict[str, Any]:

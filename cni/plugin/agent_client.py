@@ -38,7 +38,8 @@ class AgentReply(Record):
 
 
 class PluginEvent(Record):
-    __slots__ = ("cmd", "container_id", "netns", "ifname", "namespace", "name", "uid", "ips", "mode")  # noqa: RUF023
+    __slots__ = ("cmd", "container_id", "netns", "ifname", "namespace", "name", "uid", "ips", "mode",  # noqa: RUF023
+                 "removes")
     cmd: str
     container_id: str
     netns: str
@@ -48,6 +49,7 @@ class PluginEvent(Record):
     uid: str
     ips: tuple[str, ...]
     mode: str
+    removes: tuple[str, str] | None  # a DEL's: (backend, iptables setting) the plugin removes itself after
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class PluginEvent(Record):
         uid: str,
         ips: tuple[str, ...],
         mode: str,
+        removes: tuple[str, str] | None = None,
     ) -> None:
         self._init(
             cmd=cmd,
@@ -71,6 +74,7 @@ class PluginEvent(Record):
             uid=uid,
             ips=ips,
             mode=mode,
+            removes=removes,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +88,7 @@ class PluginEvent(Record):
             self.uid,
             self.ips,
             self.mode,
+            self.removes,
         )
 
 

@@ -79,7 +79,8 @@ def uses_agent(mode: membership.Mode | None, conf: NetConf) -> bool:
 # agent
 
 
-def agent_event(cmd: str, env: CniEnv, conf: NetConf, decision: Decision, ips: list[str]) -> PluginEvent:
+def agent_event(cmd: str, env: CniEnv, conf: NetConf, decision: Decision, ips: list[str],
+                removes: tuple[str, str] | None = None) -> PluginEvent:
     from cni.plugin.agent_client import PluginEvent
 
     pod = decision.pod
@@ -94,6 +95,7 @@ def agent_event(cmd: str, env: CniEnv, conf: NetConf, decision: Decision, ips: l
         uid=(pod.authoritative_uid if pod and pod.authoritative_uid else env.k8s.uid),
         ips=tuple(ips),
         mode=str(mode),
+        removes=removes,
     )
 
 
@@ -158,7 +160,10 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     if decision.mode == "none":
         return
     if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket):
-        _del_to_agent(env, conf, decision, log)  # a running agent watches such pods: it lets go first
+        from cni.plugin.via_agent import rules_setting
+
+        # a running agent watches such pods: it lets go first, leaving the rules to the removal below
+        _del_to_agent(env, conf, decision, log, removes=(rules_setting(conf), conf.iptables))
     if netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
         standalone.remove_redirect(env.netns, conf, log)
         log.info("redirect", "redirect removed (if any)")
@@ -168,11 +173,12 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
         _del_to_agent(env, conf, decision, log)
 
 
-def _del_to_agent(env: CniEnv, conf: NetConf, decision: Decision, log: JsonLog) -> None:
+def _del_to_agent(env: CniEnv, conf: NetConf, decision: Decision, log: JsonLog,
+                  removes: tuple[str, str] | None = None) -> None:
     prev = conf.prev_result
     ips = cni_result.addresses(prev) if prev is not None else []
     try:
-        ask_agent(agent_event("DEL", env, conf, decision, ips), conf, log)
+        ask_agent(agent_event("DEL", env, conf, decision, ips, removes), conf, log)
     except CniError as exc:
         # DEL must succeed: the agent reconciles against the pod source when it is back.
         log.warning("agent", f"DEL not delivered to the agent: {exc.msg}", details=exc.details)

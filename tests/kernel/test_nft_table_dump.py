@@ -3,7 +3,8 @@
 Proves: a new netns lists no table, and tables made by nft and by iptables-nft are listed with their
 family; the foreign-chain read answers "none" for a netns with no table without running libnftables,
 and still finds a foreign chain where there is one; the libnftables contexts the agent makes leave no
-socket behind (a socket kept in a pod netns would keep that netns alive).
+socket behind (a socket kept in a pod netns would keep that netns alive), those of a table's removal once
+the closer thread freed them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from collections.abc import Iterator
 
 import pytest
 from node_agent.backends import nft_foreign
+from node_agent.backends.base import PodTarget
 from node_agent.backends.nft_table_dump import tables_here
 from node_agent.backends.nftables import libnft
+from node_agent.backends.nftables.backend import NftablesBackend
 from node_agent.kernel.netns_runner import run_in_netns
+from node_agent.lab.agent_run import wait_for
 
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.netns import entered
 from tests.harness.netns import NetNS
 
@@ -88,3 +93,16 @@ def test_libnftables_contexts_leave_no_socket_in_a_pod_netns(ns: NetNS) -> None:
             assert result.rc == 0 and (result.output.startswith('{"nftables"') if json else result.output == "")
     after = sorted(socket_netns())
     assert pod not in after and after == before
+
+
+def test_a_removed_tables_context_is_freed_in_the_background(ns: NetNS) -> None:
+    """A remove (and a replace) deletes a table: its context is freed on the closer thread, after the
+    operation has returned, and then leaves no socket in the pod netns either."""
+    pod = os.stat(ns.path).st_ino
+    backend = NftablesBackend()
+    target = PodTarget("u1", "default", "p", ns.path, pod, ("10.9.0.2",))
+    backend.apply(target, SidecarSpec())
+    backend.apply(target, AmbientSpec())  # replaces the table
+    backend.remove(target)
+    assert backend.listing(target) is None
+    wait_for(lambda: pod not in socket_netns(), 10, "the contexts freed")

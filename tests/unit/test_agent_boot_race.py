@@ -314,7 +314,7 @@ def test_status_view_delegates_and_overlays(tmp_path: Path) -> None:
 
         cni_sidecar_add = cni_add
 
-        def cni_del(self, uid: str) -> Outcome:
+        def cni_del(self, uid: str, plugin_removes: tuple[str, str] | None = None) -> Outcome:
             return Outcome(True, "removed")
 
         def cni_check(self, uid: str) -> Outcome:

@@ -38,8 +38,8 @@ class Handler:
         self.calls.append(("SIDECAR", uid))
         return Outcome(True, "enrolled")
 
-    def cni_del(self, uid):
-        self.calls.append(("DEL", uid))
+    def cni_del(self, uid, plugin_removes=None):
+        self.calls.append(("DEL", uid, plugin_removes))
         return Outcome(True, "removed")
 
     def cni_check(self, uid):
@@ -198,3 +198,27 @@ def test_status_command_table_and_json(server) -> None:
 def test_status_without_agent_is_a_clear_error(tmp_path: Path) -> None:
     out = CliRunner().invoke(status, ["--cni-socket", str(tmp_path / "none.sock")])
     assert out.exit_code != 0 and "is the agent running" in out.output
+
+
+def test_a_del_says_what_its_plugin_removes_itself(server) -> None:
+    _, handler, path = server
+    sidecar_del = PluginEvent("DEL", "cid", "/proc/1/ns/net", "eth0", "app", "web", UID, (), "sidecar",
+                              removes=("iptables", "nft"))
+    assert send_event(path, sidecar_del, timeout=5).state == "removed"
+    assert send_event(path, event("DEL"), timeout=5).state == "removed"
+    assert [c for c in handler.calls if c[0] == "DEL"] == [("DEL", UID, ("iptables", "nft")), ("DEL", UID, None)]
+
+
+@pytest.mark.parametrize("removes", [
+    {"backend": "ebpf", "iptables": "auto"},
+    {"backend": "iptables", "iptables": "$(reboot)"},
+    {"backend": "nftables", "iptables": 3},
+    ["iptables", "nft"],
+    "iptables",
+])
+def test_a_bad_removes_field_is_refused(server, removes: Any) -> None:
+    _, handler, path = server
+    line = PluginEvent("DEL", "cid", "/proc/1/ns/net", "eth0", "app", "web", UID, (), "sidecar").to_json()
+    line["removes"] = removes
+    reply = raw(path, (json.dumps(line) + "\n").encode())
+    assert reply["ok"] is False and "removes" in reply["error"] and not handler.calls

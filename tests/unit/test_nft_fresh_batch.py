@@ -72,6 +72,7 @@ def test_the_comment_is_the_rules_user_data() -> None:
     "ip6 daddr ::1 tcp dport 1 udp dport 2 return",
     "ip daddr 0.0.0.0/0 return",
     "tcp dport 70000 return",
+    "tcp dport 80 meta l4proto tcp return",
     "tproxy ip to :15006",
     "redirect",
     'return comment "' + "x" * 200 + '"',

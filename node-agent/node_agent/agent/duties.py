@@ -178,8 +178,8 @@ class StatusView:
                         timeout: float) -> Outcome:
         return self._handler.cni_sidecar_add(uid, namespace, name, netns, ips, timeout)
 
-    def cni_del(self, uid: str) -> Outcome:
-        return self._handler.cni_del(uid)
+    def cni_del(self, uid: str, plugin_removes: tuple[str, str] | None = None) -> Outcome:
+        return self._handler.cni_del(uid, plugin_removes)
 
     def cni_check(self, uid: str) -> Outcome:
         return self._handler.cni_check(uid)

@@ -29,6 +29,7 @@ from typing import Any
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.backends.plugin_rules import writes_like_plugin
 from node_agent.netns import conntrack as conntrack_guard
 from node_agent.netns import finder as netns_finder
 from node_agent.netns.finder import NetnsLocation
@@ -363,7 +364,9 @@ class Reconciler:
                         timeout: float) -> Outcome:
         return self.sidecars.add(uid, namespace, name, netns, ips, timeout)
 
-    def cni_del(self, uid: str) -> Outcome:
+    def cni_del(self, uid: str, plugin_removes: tuple[str, str] | None = None) -> Outcome:
+        """`plugin_removes`: (backend, iptables setting) of the rules the plugin removes itself after this
+        DEL; a sidecar pod held on the backend that writes them is let go without removing them first."""
         self.table.wait_hold(uid)  # an ADD answered just before: its hold first, then this removal
         with self.table.lock:
             st = self.table.get(uid)
@@ -371,7 +374,11 @@ class Reconciler:
             if st is None:
                 self.backends.remove_unheld(uid)
             elif st.mode == SIDECAR:
-                self.sidecars.remove(uid)
+                if plugin_removes is not None and writes_like_plugin(self.backends.of(st), *plugin_removes):
+                    self.sidecars.let_go(uid)
+                else:
+                    self.sidecars.remove(uid)
+                self.plugin_sidecars.deleted(uid, self.table.clock())
             else:
                 self.tombstones.add(uid)
                 if not self.enrolment.unenrol(uid, "CNI DEL"):

@@ -10,7 +10,12 @@ boot-race monitor (a pod that started before the plugin was chained), which inst
 reconciler and keeps reporting the pod; once its rules are in, the pod is held the same way
 (`take_repaired`), so its drift is watched too. Pods not found, not redirected or whose read failed
 are looked at again after a back-off (up to 30 s), a few per pass, so a node full of such pods never
-stalls the reconcile loop.
+stalls the reconcile loop. A pod that appears while the agent runs is first looked at after
+`FIRST_LOOK_DELAY`: its CNI ADD is then under way or just done, and the agent holds a pod whose ADD it
+answered (`serve/warm_add.py`); looking earlier would scan /proc (a read per process of the node) right
+when the ADD is waiting, for a pod that has no netns or no rules yet. Pods already there when the agent
+starts are looked at in its first passes. A pod let go of at a CNI DEL is not looked at again for
+`AFTER_DEL_DELAY` (the plugin is removing its rules: a takeover then would repair them back).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from node_agent.sources.desired import Desired
 log = logging.getLogger("headrace.agent.reconcile")
 
 PER_PASS = 8
+FIRST_LOOK_DELAY = 5.0  # seconds before a pod that appeared while the agent runs is first looked at
+AFTER_DEL_DELAY = 30.0  # seconds before a pod the agent let go of at a CNI DEL is looked at again
 PLUGIN_REASON = "redirected by the plugin; watched by the agent"
 BOOT_RACE_REASON = "boot race: sidecar rules installed in place by the agent; watched by the agent"
 
@@ -47,21 +54,35 @@ class PluginSidecars:
         self._next: dict[str, tuple[float, int]] = {}  # uid -> (next look, misses)
         # boot-race pods whose rules the agent put in place: the boot-race monitor reports them (left to it)
         self.repaired_in_place: set[str] = set()
+        self._known: set[str] = set()  # pods offered at least once; empty until the first offer
+        self._primed = False
 
     def candidates(self, others: Mapping[str, Desired], now: float) -> list[Pod]:
         """Sidecar pods of the source to look at in this pass (lock held)."""
         for uid in [u for u in self._next if u not in others or u in self.table.pods]:
             del self._next[uid]
         self.repaired_in_place &= set(others)
-        out = []
+        self._known &= set(others)
+        out: list[Pod] = []
         for uid, d in others.items():
-            if d.mode != "sidecar" or uid in self.table.pods or uid in self.repaired_in_place \
-                    or self._next.get(uid, (0.0, 0))[0] > now:
+            if d.mode != "sidecar" or uid in self.table.pods or uid in self.repaired_in_place:
+                continue
+            if uid not in self._known:
+                self._known.add(uid)
+                if self._primed:  # new since the agent started: its ADD comes first
+                    self._next[uid] = (now + FIRST_LOOK_DELAY, 0)
+                    continue
+            if self._next.get(uid, (0.0, 0))[0] > now or len(out) >= PER_PASS:
                 continue
             out.append(d.pod)
-            if len(out) >= PER_PASS:
-                break
+        self._primed = True
         return out
+
+    def deleted(self, uid: str, now: float) -> None:
+        """A CNI DEL of the pod (lock held): not looked at again for AFTER_DEL_DELAY. Its rules may still
+        be there while the plugin's DEL removes them; taking the pod over then would put them back."""
+        self._known.add(uid)
+        self._next[uid] = (now + AFTER_DEL_DELAY, 0)
 
     def _backoff(self, uid: str, now: float) -> None:
         misses = self._next.get(uid, (0.0, 0))[1] + 1

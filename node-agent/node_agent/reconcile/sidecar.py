@@ -17,6 +17,7 @@ from cni.contract.errors import CniError
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget
+from node_agent.backends.plugin_rules import LetsGo
 from node_agent.netns.pin import PinError
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns
@@ -135,6 +136,18 @@ class SidecarPods:
         except (BackendError, OSError) as exc:
             log.warning("sidecar removal: %s", exc, extra=log_ctx(st, "sidecar-remove"))
         self.table.forget(st, "sidecar pod removed", "sidecar-removed")
+
+    def let_go(self, uid: str) -> None:
+        """Pin released, record deleted, the backend's knowledge of the pod dropped; the rules stay (the
+        plugin's DEL removes them right after)."""
+        st = self.table.get(uid, SIDECAR)
+        if st is None:
+            return
+        backend = self.backends.of(st)
+        if isinstance(backend, LetsGo):
+            with contextlib.suppress(PinError):
+                backend.forget(self.netns.target(st))
+        self.table.forget(st, "sidecar pod let go: the plugin's DEL removes its rules", "sidecar-let-go")
 
     def repair_in_place(self, target: PodTarget, spec: SidecarSpec) -> RepairResult:
         """A boot-race sidecar pod (started before the plugin was chained; no rules, no state here): the

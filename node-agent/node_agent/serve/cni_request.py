@@ -3,8 +3,8 @@
 
 Every field is checked before anything acts on it: the protocol version and command, the pod uid (the
 one rule of `cni.contract.pod_uid`), namespace and name (DNS subdomains), an absolute netns path without
-NUL (at most PATH_MAX), the IPs, the mode. The netns itself is checked by the server before an ADD is
-handled (`cni.kernel.netns.open_pod_netns`).
+NUL (at most PATH_MAX), the IPs, the mode, a DEL's `removes` (a backend name and an iptables setting).
+The netns itself is checked by the server before an ADD is handled (`cni.kernel.netns.open_pod_netns`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from cni.contract.pod_uid import valid_uid
 from node_agent.reconcile.state import Outcome
 
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+SETTING_RE = re.compile(r"[a-z0-9-]{0,32}")
 PATH_MAX = 4096
 MAX_IPS = 16
 
@@ -37,6 +38,7 @@ class PluginRequest:
     ips: tuple[str, ...]
     mode: str
     container_id: str
+    removes: tuple[str, str] | None = None  # a DEL's: (backend, iptables setting) the plugin removes after
 
 
 def _decode(line: bytes) -> dict[str, Any]:
@@ -104,7 +106,21 @@ def parse_request(line: bytes) -> PluginRequest:
         raise RequestError("ADD needs the pod's netns")
     container_id = obj.get(events.CONTAINER_ID, "")
     return PluginRequest(cmd, uid, namespace, name, netns, ips, mode,
-                         container_id[:1024] if isinstance(container_id, str) else "")
+                         container_id[:1024] if isinstance(container_id, str) else "",
+                         parse_removes(obj.get(events.REMOVES)) if cmd == events.DEL else None)
+
+
+def parse_removes(raw: Any) -> tuple[str, str] | None:
+    """A DEL's `removes` object: (backend, iptables setting); None when absent."""
+    if raw is None:
+        return None
+    backend = raw.get(events.REMOVES_BACKEND) if isinstance(raw, dict) else None
+    iptables = raw.get(events.REMOVES_IPTABLES, "") if isinstance(raw, dict) else None
+    if backend not in events.REMOVING_BACKENDS or not isinstance(iptables, str) \
+            or not SETTING_RE.fullmatch(iptables):
+        raise RequestError(f"'removes' must be {{\"backend\": one of {', '.join(events.REMOVING_BACKENDS)}, "
+                           f"\"iptables\": a setting}}")
+    return str(backend), iptables
 
 
 def reply_json(outcome: Outcome) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from cni.contract.annotations import sidecar_spec
 from cni.contract.errors import CniError
 from cni.contract.kube_objects import Namespace, Pod
 from cni.contract.spec import SidecarSpec
-from cni.kernel import flavour as flavour_mod
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
 from node_agent.backends.iptables.backend import IptablesBackend
+from node_agent.backends.plugin_rules import writes_like_plugin
 from node_agent.reconcile.plugin_sidecars import PluginSidecars
 from node_agent.reconcile.state import Outcome
 from node_agent.reconcile.table import PodTable
@@ -176,13 +176,9 @@ class WarmAdd:
     def _backend(self, req: WarmAddRequest) -> RedirectBackend | None:
         """The agent's backend that writes what the plugin would: nftables, or iptables of the flavour the
         plugin's setting resolves to."""
-        backend = self.backends.named(req.backend)
-        if isinstance(backend, IptablesBackend):
-            try:
-                wanted = flavour_mod.resolve(req.iptables)
-            except ValueError:
-                return None
-            return backend if backend.flavour == wanted else None
+        backend = self.backends.named(req.backend)  # the nftables one when the agent runs it
+        if isinstance(backend, IptablesBackend) and not writes_like_plugin(backend, req.backend, req.iptables):
+            return None
         return backend
 
     def _sidecar(self, pod: Pod, spec: SidecarSpec, req: WarmAddRequest, ctx: dict[str, Any],

@@ -142,6 +142,7 @@ class NftablesBackend:
                 result = nft.cmd(nft_text.remove_text())
                 if result.rc != 0:
                     raise BackendError(f"nftables remove refused: {result.error.strip()}")
+                nft.close_in_background = True  # the table is gone: nobody waits for the context's free
                 pod_routing.remove_here(TPROXY_CHAIN in before, AMBIENT_CHAIN in before)
         except (IptablesError, OSError) as exc:
             if not os.path.exists(target.netns_path):
@@ -205,6 +206,10 @@ class NftablesBackend:
             return False
         return self.listing(target) is not None
 
+    def forget(self, target: PodTarget) -> None:
+        """Drop what this backend keeps about the pod's netns (the applied table); the table stays."""
+        self._forget(target.netns_path)
+
     def _forget(self, netns_path: str) -> None:
         with self._lock:
             self._applied.pop(netns_path, None)
@@ -240,6 +245,7 @@ def swap_here(nft: libnft.Session, what: str, removal: str, table: nft_text.NftT
     result = nft.cmd(removal + nft_text.replace_text(table))
     if result.rc != 0:
         raise BackendError(f"nftables transaction for {what} refused: {result.error.strip()}")
+    nft.close_in_background = True  # the transaction deleted the old table
     return before
 
 

@@ -146,6 +146,8 @@ def _meta(rule: _Rule, words: list[str]) -> None:
     negate = _negated(words)
     value = _take(words, f"meta {key} value")
     op = CMP_NEQ if negate else CMP_EQ
+    if (key == "l4proto" and rule.l4proto is not None) or (key == "nfproto" and rule.nfproto is not None):
+        raise Unsupported(f"meta {key} after the rule established it")  # nft may fold it: not laid out
     if key == "l4proto" and value in L4PROTOS:
         rule.add(meta(META_L4PROTO), cmp(op, bytes((L4PROTOS[value],))))
         if not negate and rule.l4proto is None:
