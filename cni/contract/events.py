@@ -4,9 +4,10 @@ One JSON object per line, one request per connection, answered by one JSON line 
 
 Request: {"v": PROTOCOL_VERSION, "cmd": "ADD"|"DEL"|"CHECK", "container_id", "netns", "ifname",
           "pod": {"namespace", "name", "uid"}, "ips": [str], "mode": "ambient"|"sidecar"}
-         a DEL after which the plugin removes the pod's rules itself also carries
-         "removes": {"backend": "iptables"|"nftables", "iptables": <its iptables setting>}: the agent then
-         lets go of a sidecar pod whose rules are that backend's without removing them (the plugin does)
+         a DEL after which the plugin would remove the pod's rules itself also carries
+         "removes": {"backend": "iptables"|"nftables", "iptables": <its iptables setting>}: when the agent
+         holds the pod on that backend and removes its rules, it answers state "rules-removed" and the
+         plugin has nothing left to remove
          or {"v": PROTOCOL_VERSION, "cmd": "STATUS"}
 Reply:   {"ok": true, "state": str} (STATUS: {"ok": true, "pods": [...], ...})
          or {"ok": false, "error": str, "retry": bool}
@@ -62,10 +63,11 @@ POD_NAME = "name"
 POD_UID = "uid"
 IPS = "ips"
 MODE = "mode"
-REMOVES = "removes"  # a DEL's: what the plugin removes itself afterwards
+REMOVES = "removes"  # a DEL's: what the plugin would remove itself afterwards
 REMOVES_BACKEND = "backend"
 REMOVES_IPTABLES = "iptables"
 REMOVING_BACKENDS = ("iptables", "nftables")
+RULES_REMOVED = "rules-removed"  # a DEL's state: the agent removed the rules `removes` names
 
 # reply fields
 OK = "ok"
@@ -88,7 +90,7 @@ def event_request(
     removes: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """An ADD/DEL/CHECK request of the plugin; `removes`: (backend, iptables setting) of the rules a DEL's
-    plugin removes itself afterwards."""
+    plugin would remove itself afterwards."""
     out = {
         VERSION: PROTOCOL_VERSION,
         CMD: cmd,

@@ -49,7 +49,7 @@ class PluginEvent(Record):
     uid: str
     ips: tuple[str, ...]
     mode: str
-    removes: tuple[str, str] | None  # a DEL's: (backend, iptables setting) the plugin removes itself after
+    removes: tuple[str, str] | None  # a DEL's: (backend, iptables setting) the plugin would remove after
 
     def __init__(
         self,

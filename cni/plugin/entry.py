@@ -99,7 +99,8 @@ def agent_event(cmd: str, env: CniEnv, conf: NetConf, decision: Decision, ips: l
     )
 
 
-def ask_agent(event: PluginEvent, conf: NetConf, log: JsonLog) -> None:
+def ask_agent(event: PluginEvent, conf: NetConf, log: JsonLog) -> str:
+    """The agent's state for the event (CniError when it is unreachable or refuses)."""
     from cni.plugin.agent_client import AgentUnavailable, send_event
 
     log.info("agent", f"sending {event.cmd} to the agent", agent_socket=conf.agent_socket, mode=event.mode)
@@ -111,6 +112,7 @@ def ask_agent(event: PluginEvent, conf: NetConf, log: JsonLog) -> None:
         code = errors.TRY_AGAIN_LATER if reply.retry else errors.AGENT_REFUSED
         raise CniError(code, f"headrace agent could not {event.cmd} the pod", reply.error)
     log.info("agent", f"agent answered {reply.state or 'ok'}", state=reply.state)
+    return reply.state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,12 +161,15 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     decision = decide(env, conf, log, for_del=True)
     if decision.mode == "none":
         return
+    removed = False
     if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket):
         from cni.plugin.via_agent import rules_setting
 
-        # a running agent watches such pods: it lets go first, leaving the rules to the removal below
-        _del_to_agent(env, conf, decision, log, removes=(rules_setting(conf), conf.iptables))
-    if netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
+        # a running agent watches such pods: it lets go first, and removes the rules of a pod it holds
+        removed = _del_to_agent(env, conf, decision, log, removes=(rules_setting(conf), conf.iptables))
+    if removed:
+        log.info("redirect", "redirect removed by the agent")
+    elif netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
         standalone.remove_redirect(env.netns, conf, log)
         log.info("redirect", "redirect removed (if any)")
     if uses_agent(decision.mode, conf):
@@ -174,14 +179,19 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
 
 
 def _del_to_agent(env: CniEnv, conf: NetConf, decision: Decision, log: JsonLog,
-                  removes: tuple[str, str] | None = None) -> None:
+                  removes: tuple[str, str] | None = None) -> bool:
+    """Whether the agent removed the rules `removes` names (nothing left for the plugin to remove)."""
+    from cni.contract.events import RULES_REMOVED
+
     prev = conf.prev_result
     ips = cni_result.addresses(prev) if prev is not None else []
     try:
-        ask_agent(agent_event("DEL", env, conf, decision, ips, removes), conf, log)
+        state = ask_agent(agent_event("DEL", env, conf, decision, ips, removes), conf, log)
     except CniError as exc:
         # DEL must succeed: the agent reconciles against the pod source when it is back.
         log.warning("agent", f"DEL not delivered to the agent: {exc.msg}", details=exc.details)
+        return False
+    return removes is not None and state == RULES_REMOVED
 
 
 def cmd_check(env: CniEnv, conf: NetConf, log: JsonLog) -> None:

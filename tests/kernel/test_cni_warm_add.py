@@ -5,7 +5,7 @@ with a real agent in the node netns:
   no iptables/nft step of the plugin; agent status: held, drift watched); outbound TCP lands on 15001
   with the original destination; on every backend a dual-stack pod's ADD starts no process for its
   rules in the agent (strace of the agent during the ADD); CHECK passes; DEL removes the rules (the agent
-  lets go, the plugin removes them, the agent does not take the pod over again); a non-mesh pod is
+  does and says so, the plugin removes nothing; the pod is not taken over again); a non-mesh pod is
   answered by the agent;
 - agent down (no socket, or a stale socket of a killed agent): the standalone path, quickly;
 - agent wedged (SIGSTOP) then killed during a sidecar ADD: the plugin falls back to its standalone path
@@ -110,10 +110,11 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)  # netns still there
     assert not our_rules(pod.netns.path, backend)
     wait_for(lambda: pod.uid not in agent.status() or agent.pod_state(pod.uid) == "none", 10, "agent let go")
-    # the DEL said the plugin removes the rules itself: the agent let go without removing them first, and
-    # does not take the pod over again (its rules were still there while the plugin removed them)
-    assert "sidecar pod let go" in agent.agent_log() and "sidecar pod removed" not in agent.agent_log()
-    time.sleep(1.5)  # a few reconcile passes
+    # the agent held the pod on the plugin's backend: it removed the rules, the plugin removed nothing
+    deleting = [r for r in plugin_lines(node, pod.container_id) if r.get("cmd") == "DEL"]
+    assert any(r["msg"] == "redirect removed by the agent" for r in deleting), deleting
+    assert not any(r["step"] in ("remove", "remove-nft") for r in deleting), deleting
+    time.sleep(1.5)  # a few reconcile passes: the pod (still in the source) is not taken over again
     assert not our_rules(pod.netns.path, backend)
     assert pod.uid not in agent.status() or agent.pod_state(pod.uid) == "none"
 

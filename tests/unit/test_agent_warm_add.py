@@ -206,22 +206,17 @@ def test_bad_annotation_on_ebpf_is_refused_before_the_hand_off(env: Env) -> None
     assert reply["code"] == 101 and s.interims == [] and UID not in env.r.pods
 
 
-def test_a_del_whose_plugin_removes_the_rules_lets_go_without_removing_them(env: Env) -> None:
-    """The plugin's DEL says it removes the rules of its backend itself right after: the agent releases pin,
-    record and drift watch of a pod held on that backend and leaves the rules to it; a DEL naming another
-    backend (or none) still has the agent remove them."""
+def test_a_del_learns_that_the_agent_removed_the_rules_the_plugin_would_remove(env: Env) -> None:
+    """The plugin's DEL says which rules it would remove: the agent removes those of a pod it holds on that
+    backend and says so (the plugin then removes nothing); for a DEL naming another backend (or none) the
+    answer is the plain "removed" and the plugin removes its own."""
     env.backend.name = "nftables"  # the fake stands for the nftables backend
     s = Setup(env)
     env.set({}, pod(annotations=dict(SIDECAR)))
     assert s.add(s.request())["state"] == "enrolled"
-    assert env.r.cni_del(UID, ("iptables", "auto")).ok and env.backend.rules == {}  # another backend: removed
-    assert s.add(s.request())["state"] == "enrolled"
-    removes = env.backend.removes
-    assert env.r.cni_del(UID, ("nftables", "auto")).ok
+    out = env.r.cni_del(UID, ("nftables", "auto"))
+    assert (out.ok, out.state) == (True, "rules-removed") and env.backend.rules == {}
     assert UID not in env.r.pods and UID not in env.pins.mounted and UID not in env.records.load_all()
-    assert env.backend.removes == removes and env.backend.rules == {UID: 1}  # left to the plugin
-    # still in the source, its rules still there (the plugin is removing them): not taken over again
-    for _ in range(3):
-        env.clock.t += 5
-        env.r.reconcile()
-    assert UID not in env.r.pods
+    assert s.add(s.request())["state"] == "enrolled"
+    assert env.r.cni_del(UID, ("iptables", "auto")).state == "removed" and env.backend.rules == {}
+    assert env.r.cni_del(UID, ("nftables", "auto")).state == "removed"  # not held (any more)

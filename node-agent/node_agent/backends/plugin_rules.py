@@ -1,23 +1,14 @@
 """Which of the agent's backends writes the rules the plugin writes with its settings (pure): the plugin's
 sidecar rules go in with the nftables backend or the iptables backend of the flavour its `iptables`
 setting resolves to. The warm ADD applies with such a backend only (so the plugin's DEL can remove the
-rules when the agent is gone), and a DEL whose plugin removes the rules itself afterwards lets the agent
-let go of a pod held on such a backend without removing them first."""
+rules when the agent is gone), and a DEL whose plugin would remove such rules learns that the agent
+removed them for a pod it held on that backend (nothing left for the plugin to do)."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 from cni.kernel import flavour as flavour_mod
-from node_agent.backends.base import PodTarget, RedirectBackend
+from node_agent.backends.base import RedirectBackend
 from node_agent.backends.iptables.backend import IptablesBackend
-
-
-@runtime_checkable
-class LetsGo(Protocol):
-    """A backend that can drop what it keeps about a pod (caches by netns path) and leave its rules."""
-
-    def forget(self, target: PodTarget) -> None: ...
 
 
 def writes_like_plugin(backend: RedirectBackend, setting: str, iptables: str) -> bool:

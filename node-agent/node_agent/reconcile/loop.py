@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cni.contract.events import RULES_REMOVED
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
@@ -365,8 +366,9 @@ class Reconciler:
         return self.sidecars.add(uid, namespace, name, netns, ips, timeout)
 
     def cni_del(self, uid: str, plugin_removes: tuple[str, str] | None = None) -> Outcome:
-        """`plugin_removes`: (backend, iptables setting) of the rules the plugin removes itself after this
-        DEL; a sidecar pod held on the backend that writes them is let go without removing them first."""
+        """`plugin_removes`: (backend, iptables setting) of the rules the plugin would remove itself after
+        this DEL; when a sidecar pod is held on the backend that writes them and its rules come out, the
+        answer says so ("rules-removed") and the plugin has nothing left to remove."""
         self.table.wait_hold(uid)  # an ADD answered just before: its hold first, then this removal
         with self.table.lock:
             st = self.table.get(uid)
@@ -374,11 +376,11 @@ class Reconciler:
             if st is None:
                 self.backends.remove_unheld(uid)
             elif st.mode == SIDECAR:
-                if plugin_removes is not None and writes_like_plugin(self.backends.of(st), *plugin_removes):
-                    self.sidecars.let_go(uid)
-                else:
-                    self.sidecars.remove(uid)
+                plugins = plugin_removes is not None and writes_like_plugin(self.backends.of(st), *plugin_removes)
+                removed = self.sidecars.remove(uid)
                 self.plugin_sidecars.deleted(uid, self.table.clock())
+                if plugins and removed:
+                    return Outcome(True, RULES_REMOVED)
             else:
                 self.tombstones.add(uid)
                 if not self.enrolment.unenrol(uid, "CNI DEL"):

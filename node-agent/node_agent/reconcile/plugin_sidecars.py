@@ -15,7 +15,7 @@ stalls the reconcile loop. A pod that appears while the agent runs is first look
 answered (`serve/warm_add.py`); looking earlier would scan /proc (a read per process of the node) right
 when the ADD is waiting, for a pod that has no netns or no rules yet. Pods already there when the agent
 starts are looked at in its first passes. A pod let go of at a CNI DEL is not looked at again for
-`AFTER_DEL_DELAY` (the plugin is removing its rules: a takeover then would repair them back).
+`AFTER_DEL_DELAY` (the plugin may be removing its rules: a takeover then would repair them back).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class PluginSidecars:
 
     def deleted(self, uid: str, now: float) -> None:
         """A CNI DEL of the pod (lock held): not looked at again for AFTER_DEL_DELAY. Its rules may still
-        be there while the plugin's DEL removes them; taking the pod over then would put them back."""
+        be there while the plugin's DEL removes them (when the agent did not); taking the pod over then
+        would repair them back."""
         self._known.add(uid)
         self._next[uid] = (now + AFTER_DEL_DELAY, 0)
 

@@ -17,7 +17,6 @@ from cni.contract.errors import CniError
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget
-from node_agent.backends.plugin_rules import LetsGo
 from node_agent.netns.pin import PinError
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns
@@ -119,13 +118,15 @@ class SidecarPods:
             log.info("sidecar pod redirected", extra=log_ctx(st, "sidecar-enrolled"))
             return Outcome(True, ENROLLED)
 
-    def remove(self, uid: str) -> None:
+    def remove(self, uid: str) -> bool:
         """Redirection out (while the pinned netns still proves it is this pod's; when it is gone, what may
-        remain is pinned eBPF state, found by uid), pin released, record deleted."""
+        remain is pinned eBPF state, found by uid), pin released, record deleted. Whether the rules in the
+        pod's netns were removed (False: not held, no pinned netns, or the removal failed)."""
         st = self.table.get(uid, SIDECAR)
         if st is None:
-            return
+            return False
         backend = self.backends.of(st)
+        removed = False
         try:
             try:
                 target = self.netns.target(st)
@@ -133,21 +134,11 @@ class SidecarPods:
                 self.backends.remove_pinned(backend, uid)
             else:
                 backend.remove(target)
+                removed = True
         except (BackendError, OSError) as exc:
             log.warning("sidecar removal: %s", exc, extra=log_ctx(st, "sidecar-remove"))
         self.table.forget(st, "sidecar pod removed", "sidecar-removed")
-
-    def let_go(self, uid: str) -> None:
-        """Pin released, record deleted, the backend's knowledge of the pod dropped; the rules stay (the
-        plugin's DEL removes them right after)."""
-        st = self.table.get(uid, SIDECAR)
-        if st is None:
-            return
-        backend = self.backends.of(st)
-        if isinstance(backend, LetsGo):
-            with contextlib.suppress(PinError):
-                backend.forget(self.netns.target(st))
-        self.table.forget(st, "sidecar pod let go: the plugin's DEL removes its rules", "sidecar-let-go")
+        return removed
 
     def repair_in_place(self, target: PodTarget, spec: SidecarSpec) -> RepairResult:
         """A boot-race sidecar pod (started before the plugin was chained; no rules, no state here): the

@@ -135,18 +135,17 @@ class IptablesBackend:
         if self.shortcut is not None:
             self.shortcut.moved(old_path, new_path)
 
-    def forget(self, target: PodTarget) -> None:
-        """Drop what this backend keeps about the pod's netns (its drift record); the rules stay."""
+    def _forget(self, target: PodTarget) -> None:
         if self.shortcut is not None:
             self.shortcut.forget(target.netns_path)
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
-        self.forget(target)
+        self._forget(target)
         with self.recorded_if_fresh(target, spec):
             try:
                 self._apply(target, spec)
             finally:
-                self.forget(target)
+                self._forget(target)
 
     def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None:
         """`apply` with the calling thread inside the pod netns for all of it, `first` run there before
@@ -200,13 +199,13 @@ class IptablesBackend:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def remove(self, target: PodTarget) -> None:
-        self.forget(target)
+        self._forget(target)
         try:
             netns_tables.remove_all(target.netns_path, self.flavour)
         except (IptablesError, OSError) as exc:
             raise BackendError(f"iptables remove for pod {target.namespace}/{target.name}: {exc}") from exc
         finally:
-            self.forget(target)
+            self._forget(target)
 
     def announces_part(self, spec: RedirectSpec) -> bool:
         """An ambient pod's policy routing announces its changes (rtnetlink) on any host; on legacy hosts

@@ -206,10 +206,6 @@ class NftablesBackend:
             return False
         return self.listing(target) is not None
 
-    def forget(self, target: PodTarget) -> None:
-        """Drop what this backend keeps about the pod's netns (the applied table); the table stays."""
-        self._forget(target.netns_path)
-
     def _forget(self, netns_path: str) -> None:
         with self._lock:
             self._applied.pop(netns_path, None)
