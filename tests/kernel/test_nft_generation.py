@@ -5,7 +5,9 @@ with every change; an unchanged pod is then checked without spawning anything; a
 deleted jump or a foreign rule moves the generation, so the iptables-save compare runs, reports it, and
 after the repair the checks are in-process again; the calling thread never leaves its netns. An
 ambient apply the agent wrote itself (fresh batches only, nothing else committed meanwhile) is recorded
-without a read-back; any other commit in that window, ours or not, means the full compare.
+without a read-back; any other commit in that window, ours or not, means the full compare. A sidecar
+pod's write still unchanged at its removal is deleted in-process (its tables), a changed one goes through
+iptables-restore and keeps what others added.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORE
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
 from node_agent.backends.iptables.nft_generation import NftGenerationReader, read_generation
 from node_agent.kernel.netns_spawn import InNetnsSpawner
+from node_agent.serve.sidecar_apply import apply_for_add
 
-from cni.contract.spec import AmbientSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
 from cni.kernel.iptables_run import restore_argv
 from cni.kernel.netns import entered
@@ -32,6 +35,7 @@ from tests.harness.netns import NetNS
 pytestmark = pytest.mark.kernel
 
 AMBIENT = AmbientSpec()
+SIDECAR = SidecarSpec()
 
 
 @pytest.fixture
@@ -187,3 +191,48 @@ def test_an_apply_that_was_not_only_fresh_writes_means_a_read_back(ns: NetNS, ag
     assert backend.shortcut is not None and not backend.shortcut.recorded(ns.path)
     assert backend.check(target, AMBIENT) == []
     assert stats.snapshot()["iptables_save"] == 1
+
+
+# -- removing what the agent wrote itself: its tables deleted in-process -----------------------------------
+
+
+def nft_tables(ns: NetNS) -> list[str]:
+    out = subprocess.run(["nsenter", f"--net={ns.path}", "nft", "list", "tables"], check=True, capture_output=True,
+                         text=True).stdout
+    return out.split("\n")[:-1]
+
+
+@pytest.mark.parametrize("ips", [("10.5.0.2",), ("10.5.0.2", "fd00:5::2")], ids=["v4", "dual"])
+def test_a_sidecar_pods_unchanged_fresh_write_is_removed_in_process(
+    ns: NetNS, agent_runner: None, ips: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar apply the agent wrote itself and nobody changed since (the generation recorded): remove
+    deletes iptables-nft's tables it created, in one transaction, starting no process; the netns is as it
+    was before the apply."""
+    subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
+    before = nft_tables(ns)
+    backend, _ = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=ips)
+    apply_for_add(backend, target, SIDECAR)  # the warm ADD's apply: a fresh write, recorded
+    assert backend.shortcut is not None and backend.shortcut.written(ns.path) is not None
+    assert nft_tables(ns) == before + [f"table {f} nat" for f in ("ip", "ip6")[: len(ips)]]
+
+    def no_process(*_a: object, **_k: object) -> None:
+        raise AssertionError("a process was started to remove the rules")
+
+    monkeypatch.setattr(spawn, "run_many", no_process)
+    backend.remove(target)
+    assert nft_tables(ns) == before and not backend.shortcut.recorded(ns.path)
+
+
+def test_a_changed_netns_is_removed_by_iptables_restore_and_keeps_the_rest(ns: NetNS, agent_runner: None) -> None:
+    """Someone committed in the netns after our write (here a filter rule of theirs): the tables are not
+    ours alone any more, so the removal takes the usual way, our chains out, their rule left."""
+    backend, _ = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
+    apply_for_add(backend, target, SIDECAR)
+    ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
+    backend.remove(target)
+    saved = subprocess.run(["nsenter", f"--net={ns.path}", "iptables-nft-save", "-t", "nat"], check=True,
+                           capture_output=True, text=True).stdout
+    assert "HEADRACE" not in saved and "-A POSTROUTING -p udp -j ACCEPT" in saved

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -106,3 +107,15 @@ def test_a_removed_tables_context_is_freed_in_the_background(ns: NetNS) -> None:
     backend.remove(target)
     assert backend.listing(target) is None
     wait_for(lambda: pod not in socket_netns(), 10, "the contexts freed")
+    # the closer thread (started by a thread inside the pod netns) lives in the process' own netns
+    own = os.stat("/proc/self/ns/net").st_ino
+    away = [t for t in os.listdir("/proc/self/task") if thread_netns(t) not in (own, None)]
+    names = {str(t.native_id): t.name for t in threading.enumerate()}
+    assert [names.get(t, t) for t in away] == []
+
+
+def thread_netns(tid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/self/task/{tid}/ns/net").st_ino
+    except FileNotFoundError:
+        return None

@@ -8,28 +8,39 @@ import errno
 import os
 import socket
 
-from node_agent.kernel import netlink_parse
+from node_agent.kernel import background_close, netlink_parse
 from node_agent.kernel.netlink_parse import NETLINK_NETFILTER
 
 TIMEOUT = 5.0
 EXISTS = "exists"  # what `declined_here` answers when the batch creates something that is there
 
 
-def commit_here(data: bytes, acked: int, timeout: float = TIMEOUT) -> int:
+def commit_here(data: bytes, acked: int, timeout: float = TIMEOUT, close_later: bool = False) -> int:
     """0 when the whole batch was applied, else the errno the kernel answered (nothing applied: a failed
-    message or commit aborts the transaction). OSError when the socket fails or no answer comes in time."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
+    message or commit aborts the transaction). OSError when the socket fails or no answer comes in time.
+    `close_later`: the batch deletes tables, so the socket is closed in the background (`background_close`:
+    that close waits for an RCU grace period)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    try:
         sock.settimeout(timeout)
         sock.bind((0, 0))
         sock.send(data)
-        return _answers(sock, acked)
+        error = _answers(sock, acked)
+    except BaseException:
+        sock.close()
+        raise
+    if close_later:
+        background_close.later(sock.close)
+    else:
+        sock.close()
+    return error
 
 
-def declined_here(data: bytes, acked: int) -> str | None:
+def declined_here(data: bytes, acked: int, close_later: bool = False) -> str | None:
     """`commit_here` for writers that decline rather than fail: None when applied, `EXISTS` when the kernel
     answered EEXIST, else what went wrong (the kernel's refusal or the socket's error); nothing applied."""
     try:
-        error = commit_here(data, acked)
+        error = commit_here(data, acked, close_later=close_later)
     except OSError as exc:
         return f"nf_tables: {exc.strerror or exc}"
     if error == errno.EEXIST:

@@ -20,7 +20,7 @@ from node_agent.kernel import netlink_parse
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
-NFT_MSG_NEWTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE = 0, 3, 6
+NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE = 0, 2, 3, 6
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
 NLA_F_NESTED = 0x8000
 NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
@@ -104,9 +104,14 @@ def message(msg_type: int, family: int, flags: int, seq: int, body: bytes, res_i
 def frame(changes: Sequence[Change], family: int, seq: int) -> tuple[bytes, int]:
     """(the batch of `changes` in `family`, the sequence number of its last change message: the one asking
     for the acknowledgement)."""
+    return frame_families([(family, c) for c in changes], seq)
+
+
+def frame_families(changes: Sequence[tuple[int, Change]], seq: int) -> tuple[bytes, int]:
+    """`frame` for changes of several families (family, change): still one transaction."""
     kind, last = NFNL_SUBSYS_NFTABLES << 8, seq + len(changes)
     out = [message(NFNL_MSG_BATCH_BEGIN, 0, 0, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)]
     out.extend(message(kind | msg_type, family, flags | (NLM_F_ACK if n == last else 0), n, body)
-               for n, (msg_type, flags, body) in enumerate(changes, seq + 1))
+               for n, (family, (msg_type, flags, body)) in enumerate(changes, seq + 1))
     out.append(message(NFNL_MSG_BATCH_END, 0, 0, last + 1, b"", res_id=NFNL_SUBSYS_NFTABLES))
     return b"".join(out), last

@@ -36,7 +36,7 @@ from cni.kernel.netns import NetnsReturnError
 from cni.rules import builder
 from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
-from node_agent.backends.iptables import nft_fresh_write
+from node_agent.backends.iptables import nft_fresh_remove, nft_fresh_write
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
 from node_agent.kernel.netns_runner import staying_in
 
@@ -199,7 +199,10 @@ class IptablesBackend:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def remove(self, target: PodTarget) -> None:
+        written = self.shortcut.written(target.netns_path) if self.flavour == "nft" and self.shortcut else None
         self._forget(target)
+        if written is not None and nft_fresh_remove.remove_fresh(target.netns_path, *written) is None:
+            return  # our fresh write, unchanged since: its tables deleted in-process
         try:
             netns_tables.remove_all(target.netns_path, self.flavour)
         except (IptablesError, OSError) as exc:

@@ -75,6 +75,7 @@ class _Record(NamedTuple):
     prefix: str
     digest: bytes
     quick: bytes | None = None  # the whole-state digest read before that verification (or None)
+    written: bool = False  # recorded right after our own fresh write (record_written): nothing else there
 
 
 class DriftShortcut:
@@ -167,7 +168,14 @@ class DriftShortcut:
         """Record a state the caller has just written and proved to be exactly the spec's rules (the
         caller's own proof stands in for the authoritative check); the next check compares with it."""
         with self._lock:
-            self._put(netns_path, _Record(spec, tuple(families), prefix, digest))
+            self._put(netns_path, _Record(spec, tuple(families), prefix, digest, written=True))
+
+    def written(self, netns_path: str) -> tuple[Hashable, tuple[int, ...], bytes] | None:
+        """(spec, families, digest) of a netns whose record is a fresh write of ours that no check has found
+        changed since (its digest is then the state of that write); None otherwise."""
+        with self._lock:
+            record = self._records.get(netns_path)
+        return (record.spec, record.families, record.digest) if record is not None and record.written else None
 
     def moved(self, old_path: str, new_path: str) -> None:
         """The netns recorded at `old_path` is checked at `new_path` from now on (the same netns: a pin of

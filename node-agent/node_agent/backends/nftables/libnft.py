@@ -14,8 +14,6 @@ that creates its table in-process needs none). `run_in_netns` is one session per
 from __future__ import annotations
 
 import ctypes
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
@@ -23,6 +21,7 @@ from typing import Any, NamedTuple
 
 from cni.kernel.netns import entered
 from node_agent.backends.base import BackendError
+from node_agent.kernel import background_close
 
 _ABSENT = "No such file or directory"
 OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
@@ -75,7 +74,8 @@ class Session:
         self._lib = lib
         self._ctx: int | None = None  # made at the first command: a session may need none
         self._json = False
-        # set after a transaction that deleted a table: the context is freed on the closer thread
+        # set after a transaction that deleted a table: the context is freed in the background (the free
+        # waits for an RCU grace period then; `node_agent.kernel.background_close`)
         self.close_in_background = False
 
     def _context(self) -> int:
@@ -102,39 +102,10 @@ class Session:
     def close(self) -> None:
         ctx, self._ctx = self._ctx, None
         if ctx and self.close_in_background:
-            _closer().put((self._lib, ctx))
+            lib = self._lib
+            background_close.later(lambda: lib.ctx_free(ctx))
         elif ctx:
             self._lib.ctx_free(ctx)
-
-
-class _Closer:
-    """Frees contexts on a thread of its own: freeing one whose transaction deleted a table waits for an
-    RCU grace period in the kernel (~13 ms here, more on a busy node), which the operation's caller (a CNI
-    DEL, a repair) need not wait for: the transaction is committed before the free. Until it is freed the
-    context's socket keeps its netns alive."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[_Lib, int]] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="nft-context-free", daemon=True).start()
-
-    def put(self, item: tuple[_Lib, int]) -> None:
-        self._queue.put(item)
-
-    def _run(self) -> None:
-        while True:
-            lib, ctx = self._queue.get()
-            lib.ctx_free(ctx)
-
-
-_CLOSER: list[_Closer] = []
-_CLOSER_LOCK = threading.Lock()
-
-
-def _closer() -> _Closer:
-    with _CLOSER_LOCK:
-        if not _CLOSER:
-            _CLOSER.append(_Closer())
-        return _CLOSER[0]
 
 
 @contextmanager

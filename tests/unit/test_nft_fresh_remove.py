@@ -1,0 +1,33 @@
+"""Which iptables-nft tables the in-process removal of a fresh write deletes, and its batch (pure; the
+kernel test in test_nft_generation.py removes real ones)."""
+
+from __future__ import annotations
+
+from node_agent.backends.iptables.nft_fresh_remove import delete_batch, tables_of
+from node_agent.kernel import netlink_parse
+from node_agent.kernel import nft_messages as nm
+
+from cni.contract.spec import AmbientSpec, SidecarSpec
+from tests.unit.netlink_batch import families, messages
+
+
+def test_a_redirect_sidecar_write_is_its_nat_tables() -> None:
+    assert tables_of(SidecarSpec(), (4, 6)) == [(4, "nat"), (6, "nat")]
+    assert tables_of(SidecarSpec(), (4,)) == [(4, "nat")]
+
+
+def test_specs_whose_removal_takes_routing_out_are_not_removed_here() -> None:
+    assert tables_of(SidecarSpec(interception_mode="TPROXY"), (4,)) is None
+    assert tables_of(AmbientSpec(), (4, 6)) is None
+
+
+def test_one_transaction_deletes_them_by_family_and_name() -> None:
+    data, acked = delete_batch([(4, "nat"), (6, "nat")])
+    msgs = messages(data)
+    assert msgs[0][0] == nm.NFNL_MSG_BATCH_BEGIN and msgs[-1][0] == nm.NFNL_MSG_BATCH_END
+    deletes = msgs[1:-1]
+    assert [m[0] & 0xFF for m in deletes] == [nm.NFT_MSG_DELTABLE] * 2
+    assert [m[2] for m in deletes if m[1] & nm.NLM_F_ACK] == [acked]
+    assert families(data)[1:-1] == [nm.NFPROTO_IPV4, nm.NFPROTO_IPV6]
+    assert all(dict(netlink_parse.attributes(m[3]))[1] == b"nat\0" for m in deletes)
+
