@@ -1,5 +1,6 @@
-"""Pooled netns threads: jobs run inside the named netns, workers are reused, the caller never moves; the
-agent's command runner starts commands inside a netns from such a thread instead of through nsenter."""
+"""Pooled netns threads: jobs run inside the named netns, workers are reused, the caller never moves, a
+worker lives in the agent's netns whichever thread started it; the agent's command runner starts
+commands inside a netns from such a thread instead of through nsenter."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
-from node_agent.kernel.netns_runner import NetnsRunner
+from node_agent.kernel.netns_runner import NetnsRunner, staying_in
 from node_agent.kernel.netns_spawn import InNetnsSpawner, Refused
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
@@ -294,3 +295,17 @@ def test_ambient_routing_in_process_reads_like_ip_and_undoes_only_its_own(netns:
     routes = subprocess.run(["ip", "-n", name, "-4", "route", "list", "table", "100"], capture_output=True, text=True,
                             check=False).stdout
     assert "fwmark 0x111/0xfff lookup 100" in rules and routes.strip() == ""
+
+
+def test_a_worker_started_from_inside_a_pod_netns_lives_at_home(netns: str, two: tuple[str, str]) -> None:
+    """The first job of a runner handed over by a thread that sits in a pod netns (inside `staying_in` of
+    another netns): the new worker goes to the agent's own netns first (a thread starts in its creator's
+    netns), runs the job inside the job's netns and comes back home, keeping no pod netns alive."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    runner = NetnsRunner()
+    other = f"/run/netns/{two[0]}"
+    with staying_in(other):
+        assert runner.run(netns, lambda: os.stat("/proc/thread-self/ns/net").st_ino, timeout=5) == os.stat(
+            netns).st_ino
+    (worker,) = runner._idle
+    assert os.stat(f"/proc/self/task/{worker.thread.native_id}/ns/net").st_ino == own

@@ -6,16 +6,13 @@ thread itself lives in the agent's own netns, whichever thread started it."""
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
 
-from cni.kernel.netns import OWN_NETNS, setns
+from node_agent.kernel.home_netns import go_home
 
 _QUEUE: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-# the netns of the main thread when this module is loaded (the agent's main thread never enters a pod's)
-_HOME = os.open(OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC)
 _STARTED: list[threading.Thread] = []
 _LOCK = threading.Lock()
 
@@ -31,9 +28,7 @@ def later(close: Callable[[], None]) -> None:
 
 
 def _run() -> None:
-    # a thread starts in the netns of the thread that made it, here often one inside a pod netns: the
-    # closer moves to the process' own first, so it keeps no pod netns alive
-    setns(_HOME)
+    go_home()  # started by a thread that is often inside a pod netns: it must not stay there
     while True:
         close = _QUEUE.get()
         try:

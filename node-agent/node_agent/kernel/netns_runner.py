@@ -3,7 +3,8 @@
 `cni.kernel.netns.run_in_thread` starts a fresh thread per job; the drift check reads several things
 inside every pod's netns every second (nf_tables generation, policy routes, tc filters), and a thread
 start cost about five times the setns round trip. Here a worker enters the job's netns, runs the job,
-goes back to its own netns, and waits for the next job:
+goes back to its own netns (the agent's, whichever thread started it: `home_netns`), and waits for the
+next job:
 
     run_in_netns("/var/run/netns/pod", fn, timeout=2.0)
 
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from cni.kernel.netns import NetnsReturnError, NetnsThreadTimeout, entered
+from node_agent.kernel.home_netns import go_home
 
 T = TypeVar("T")
 
@@ -58,11 +60,20 @@ class _Worker:
         self.thread.start()
 
     def _run(self) -> None:
+        try:
+            go_home()  # the thread that made this worker may be inside a pod netns (`staying_in`)
+        except OSError as exc:
+            home_error: NetnsReturnError | None = NetnsReturnError(exc.errno, f"netns worker: {exc.strerror}")
+        else:
+            home_error = None
         while True:
             job = self.jobs.get()
             if job is None:
                 return
             netns, fn, reply = job
+            if home_error is not None:  # this thread is not at home: never used
+                reply.put((False, home_error))
+                return
             try:
                 with staying_in(netns):
                     value = fn()

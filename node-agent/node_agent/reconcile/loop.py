@@ -376,10 +376,10 @@ class Reconciler:
             if st is None:
                 self.backends.remove_unheld(uid)
             elif st.mode == SIDECAR:
-                plugins = plugin_removes is not None and writes_like_plugin(self.backends.of(st), *plugin_removes)
+                the_plugins = plugin_removes is not None and writes_like_plugin(self.backends.of(st), *plugin_removes)
                 removed = self.sidecars.remove(uid)
                 self.plugin_sidecars.deleted(uid, self.table.clock())
-                if plugins and removed:
+                if the_plugins and removed:  # the rules the plugin would remove are out
                     return Outcome(True, RULES_REMOVED)
             else:
                 self.tombstones.add(uid)
