@@ -3,7 +3,8 @@ Debian's python3-nftables binds; the binding's own object would resolve every fu
 
 A libnftables context opens its netlink socket when it is created, in the netns of the creating thread,
 and keeps it: so a context is made *inside* the netns (the thread enters it with `cni.kernel.netns.entered`
-and always comes back), used for the commands of one operation, and freed. Making one costs ~50 µs (a
+and always comes back), used for the commands of one operation, and freed (in the background when its
+transaction deleted a table: that free waits for an RCU grace period). Making one costs ~50 µs (a
 python3-nftables `Nftables` object ~140 µs); no process is started. `session` keeps the thread in the
 netns with one context for a whole operation (the apply's reads, transaction, policy routing and
 read-back), so other in-netns work (rtnetlink, the ruleset generation, the in-process create of
