@@ -10,7 +10,9 @@ the real kernel, legacy (`xt_fresh_write`) and nft (`nft_fresh_write`):
   already there; nft: any `nat` table of that family), and (legacy) a held xtables lock; the text then
   goes to iptables-restore as before;
 - the rules they write redirect real traffic (outbound TCP lands on 15001 with its original destination,
-  inbound on 15006).
+  inbound on 15006);
+- the way back (legacy): a table still exactly our write gets a new netns' empty chains back in-process
+  (the agent's removal of such a pod starts no process); a table someone changed is declined, unchanged.
 """
 
 from __future__ import annotations
@@ -24,14 +26,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from node_agent.backends.base import PodTarget
+from node_agent.backends.iptables.backend import IptablesBackend
+from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.iptables.iptc_fingerprint import LAYOUTS
 from node_agent.backends.iptables.nft_fresh_write import restore_fresh_nft_here
 from node_agent.backends.iptables.xt_blob import pristine
 from node_agent.backends.iptables.xt_digest import masked, read_table
-from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here
+from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here, unrestore_fresh_here
+from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.lab.simnode import SimNode
+from node_agent.serve.sidecar_apply import apply_for_add
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.kernel import spawn
 from cni.kernel.netns import entered
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
@@ -239,3 +247,53 @@ def test_a_table_the_kernel_refuses_leaves_every_table_as_it_was(two: tuple[str,
     assert not [line for line in after if line.startswith("-") or "HRX" in line], after
     if flavour == "legacy":
         assert table_blob(name, 4, "mangle")[1] == masked(pristine(4, 0b11111).entries, LAYOUTS[4], comefrom=True)
+
+
+# -- the way back (legacy): a table still exactly our write gets its empty chains back in-process -----------
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("scenario", [*SPECS, *AMBIENT])
+def test_legacy_unrestore_puts_the_new_netns_tables_back(two: tuple[str, str], scenario: str, family: int) -> None:
+    ours, fresh = two
+    text = text_of(SPECS.get(scenario) or AMBIENT[scenario], family)
+    assert fresh_here(ours, family, text) is None
+    with entered(f"/run/netns/{ours}"):
+        assert unrestore_fresh_here(family, text) is None
+    restore(fresh, family, "*nat\nCOMMIT\n*mangle\nCOMMIT\n")  # a new netns' tables, made by iptables
+    for table in ("nat", "mangle") if scenario in AMBIENT else ("nat",):
+        assert table_blob(ours, family, table) == table_blob(fresh, family, table)
+    assert not [line for line in saved(ours, family) if "HEADRACE" in line]
+
+
+def test_legacy_unrestore_declines_a_table_someone_changed(two: tuple[str, str]) -> None:
+    name, _ = two
+    text = text_of(SidecarSpec(), 4)
+    assert fresh_here(name, 4, text) is None
+    restore(name, 4, "*nat\n-A POSTROUTING -p udp -j ACCEPT\nCOMMIT\n")  # someone else's rule beside ours
+    before = table_blob(name, 4)
+    with entered(f"/run/netns/{name}"):
+        assert "not what we wrote" in (unrestore_fresh_here(4, text) or "")
+    assert table_blob(name, 4) == before
+
+
+def test_a_legacy_sidecar_pods_removal_starts_no_process(two: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's removal of a sidecar pod it applied (the warm ADD's apply): still exactly its rules, so
+    the tables get their empty chains back in-process, no iptables-save/restore started."""
+    name, _ = two
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        backend = IptablesBackend("legacy", in_process_check=False)
+        target = PodTarget("u1", "default", "web", f"/run/netns/{name}", 0, ("10.5.0.2", "fd00:5::2"))
+        apply_for_add(backend, target, SidecarSpec())
+        assert any("HEADRACE" in line for line in saved(name, 4))
+
+        def no_process(*_a: object, **_k: object) -> None:
+            raise AssertionError("a process was started to remove the rules")
+
+        with monkeypatch.context() as m:
+            m.setattr(spawn, "run_many", no_process)
+            backend.remove(target)
+        assert not [line for f in (4, 6) for line in saved(name, f) if "HEADRACE" in line]
+    finally:
+        spawn.install_runner(previous)

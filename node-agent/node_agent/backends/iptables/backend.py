@@ -36,11 +36,12 @@ from cni.kernel.netns import NetnsReturnError
 from cni.rules import builder
 from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
-from node_agent.backends.iptables import nft_fresh_remove, nft_fresh_write
+from node_agent.backends.iptables import fresh_remove, nft_fresh_write
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
 from node_agent.kernel.netns_runner import staying_in
 
 IPTC_ENV = "HEADRACE_IPTC_CHECK"
+MAX_APPLIED = 16384
 log = logging.getLogger("headrace.backend.iptables")
 
 
@@ -116,6 +117,8 @@ class IptablesBackend:
         except ValueError as exc:
             raise BackendError(str(exc)) from exc
         self.shortcut: DriftShortcut | None = None
+        # netns path -> (spec, families) of this backend's last apply there (a removal's in-process way)
+        self._applied: dict[str, tuple[RedirectSpec, tuple[Family, ...]]] = {}
         # iptables-nft writes through nf_tables (changes announced); legacy tables announce nothing: polled
         self.change_events = self.flavour == "nft"
         wanted = in_process_check_enabled() if in_process_check is None else in_process_check
@@ -134,6 +137,9 @@ class IptablesBackend:
         """A pod's netns, applied at `old_path`, is pinned at `new_path`: what is known of it follows."""
         if self.shortcut is not None:
             self.shortcut.moved(old_path, new_path)
+        applied = self._applied.pop(old_path, None)
+        if applied is not None:
+            self._applied[new_path] = applied
 
     def _forget(self, target: PodTarget) -> None:
         if self.shortcut is not None:
@@ -170,14 +176,18 @@ class IptablesBackend:
         text (one per family, each into tables that did not exist: `nft_fresh_write`) and the netns holds
         no table but iptables-nft's and ours (so no foreign chain), the rules are exactly the spec's and
         are recorded as verified, so the pod's first drift check is a generation read instead of an
-        iptables-save per family and a ruleset read. Nothing is recorded when the block raises."""
+        iptables-save per family and a ruleset read. Nothing is recorded when the block raises. On every
+        host the spec is remembered for the netns (a later removal's in-process way, `fresh_remove`)."""
         covered = (self.flavour == "nft" and self.shortcut is not None
                    and isinstance(spec, (SidecarSpec, AmbientSpec)) and iptables_only_check(spec))
         before = nft_fresh_write.mark_of(target.netns_path) if covered else None
         yield
+        families = families_of(target.ips)
+        if len(self._applied) >= MAX_APPLIED:  # pods whose removal never came here (netns gone)
+            self._applied.clear()
+        self._applied[target.netns_path] = (spec, families)
         if before is None or self.shortcut is None:
             return
-        families = families_of(target.ips)
         owned_only = nft_foreign.only_owned_tables(target.netns_path)  # read before `after`: still so then
         after = nft_fresh_write.mark_of(target.netns_path)
         if after is None or not owned_only or not nft_fresh_write.only_fresh_commits(before, after, len(families)):
@@ -200,9 +210,13 @@ class IptablesBackend:
 
     def remove(self, target: PodTarget) -> None:
         written = self.shortcut.written(target.netns_path) if self.flavour == "nft" and self.shortcut else None
+        applied = self._applied.pop(target.netns_path, None)
         self._forget(target)
-        if written is not None and nft_fresh_remove.remove_fresh(target.netns_path, *written) is None:
+        if written is not None and fresh_remove.remove_fresh_nft(target.netns_path, *written) is None:
             return  # our fresh write, unchanged since: its tables deleted in-process
+        if applied is not None and self.flavour == "legacy" \
+                and fresh_remove.remove_fresh_legacy(target.netns_path, *applied) is None:
+            return  # still exactly our rules: the tables' empty chains put back in-process
         try:
             netns_tables.remove_all(target.netns_path, self.flavour)
         except (IptablesError, OSError) as exc:

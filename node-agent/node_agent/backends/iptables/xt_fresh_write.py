@@ -72,6 +72,18 @@ def restore_fresh_here(family: int, text: str) -> str | None:
     was declined (nothing changed). Raises OSError only when a later table was refused and an earlier
     one could not be put back (then the tables are as iptables-restore would have left them: the earlier
     ones written)."""
+    return _swap_tables(family, text, remove=False)
+
+
+def unrestore_fresh_here(family: int, text: str) -> str | None:
+    """The way back: every table of `text` that holds exactly what `restore_fresh_here` writes from it
+    (nothing added, nothing changed since) gets its empty built-in chains back, as in a new netns; None
+    when done, else why it was declined (nothing changed; the caller then removes with iptables-restore).
+    OSError as for `restore_fresh_here`."""
+    return _swap_tables(family, text, remove=True)
+
+
+def _swap_tables(family: int, text: str, remove: bool) -> str | None:
     try:
         tables = _read(text, family)
     except Unsupported as exc:
@@ -88,7 +100,7 @@ def restore_fresh_here(family: int, text: str) -> str | None:
                 return "xtables lock busy"
             af = socket.AF_INET if family == 4 else socket.AF_INET6
             with socket.socket(af, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW) as sock:
-                return _write(sock, tables)
+                return _write(sock, tables, remove)
         except HalfWritten:
             raise
         except OSError as exc:
@@ -104,16 +116,16 @@ class HalfWritten(OSError):
 class _Plan(NamedTuple):
     table: FreshTable
     valid_hooks: int
-    old: Blob  # what the table holds now (the pristine layout, verified)
+    old: Blob  # what the table holds now (verified: the pristine layout, or ours when removing)
     new: Blob
 
 
-def _write(sock: socket.socket, tables: tuple[FreshTable, ...]) -> str | None:
-    """Every table verified new and laid out first; then each swapped in, in order. A refused swap puts
-    the tables swapped before it back as they were."""
+def _write(sock: socket.socket, tables: tuple[FreshTable, ...], remove: bool) -> str | None:
+    """Every table verified (new, or exactly ours when removing) and laid out first; then each swapped
+    in, in order. A refused swap puts the tables swapped before it back as they were."""
     plans: list[_Plan] = []
     for table in tables:
-        plan = _plan(sock, table)
+        plan = _plan(sock, table, remove)
         if isinstance(plan, str):
             return plan
         plans.append(plan)
@@ -129,7 +141,7 @@ def _write(sock: socket.socket, tables: tuple[FreshTable, ...]) -> str | None:
     return None
 
 
-def _plan(sock: socket.socket, table: FreshTable) -> _Plan | str:
+def _plan(sock: socket.socket, table: FreshTable, remove: bool) -> _Plan | str:
     family, level = table.family, LEVELS[table.family]
     name = table.name.encode()
     info_buf = ctypes.create_string_buffer(name, INFO.size)
@@ -138,9 +150,14 @@ def _plan(sock: socket.socket, table: FreshTable) -> _Plan | str:
     except XtDigestError as exc:
         return str(exc)
     _, valid_hooks, *_, num_entries, size = INFO.unpack_from(info_buf.raw)
-    empty = _pristine(family, valid_hooks)
-    if num_entries != empty.num_entries or size != len(empty.entries):
-        return f"table {table.name} is not empty ({num_entries} entries)"
+    try:
+        empty, ours = _pristine(family, valid_hooks), _layout(table, valid_hooks)
+    except Unsupported as exc:
+        return f"{NOT_LAID_OUT}: {exc}"
+    expected, wanted = (ours, empty) if remove else (empty, ours)
+    state = "not what we wrote" if remove else "not empty"
+    if num_entries != expected.num_entries or size != len(expected.entries):
+        return f"table {table.name} is {state} ({num_entries} entries)"
     entries_buf = ctypes.create_string_buffer(ENTRIES_HEADER + size)
     struct.pack_into("=32sI", entries_buf, 0, name, size)
     try:
@@ -151,12 +168,9 @@ def _plan(sock: socket.socket, table: FreshTable) -> _Plan | str:
         now = masked(entries_buf.raw[ENTRIES_HEADER:], LAYOUTS[family], comefrom=True)
     except ValueError as exc:
         return f"table {table.name}: {exc}"
-    if now != masked(empty.entries, LAYOUTS[family], comefrom=True):
-        return f"table {table.name} is not empty (a chain's policy or an entry differs)"
-    try:
-        return _Plan(table, valid_hooks, empty, _layout(table, valid_hooks))
-    except Unsupported as exc:
-        return f"{NOT_LAID_OUT}: {exc}"
+    if now != masked(expected.entries, LAYOUTS[family], comefrom=True):
+        return f"table {table.name} is {state} (a chain's policy or an entry differs)"
+    return _Plan(table, valid_hooks, expected, wanted)
 
 
 def _swap(sock: socket.socket, table: FreshTable, valid_hooks: int, blob: Blob, num_now: int,

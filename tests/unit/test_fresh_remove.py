@@ -1,9 +1,9 @@
-"""Which iptables-nft tables the in-process removal of a fresh write deletes, and its batch (pure; the
-kernel test in test_nft_generation.py removes real ones)."""
+"""Which tables the in-process removal of a fresh write empties, and the nft batch deleting them (pure; the
+kernel tests in test_nft_generation.py and test_iptables_fresh_write.py remove real ones)."""
 
 from __future__ import annotations
 
-from node_agent.backends.iptables.nft_fresh_remove import delete_batch, tables_of
+from node_agent.backends.iptables.fresh_remove import delete_batch, tables_of
 from node_agent.kernel import netlink_parse
 from node_agent.kernel import nft_messages as nm
 
