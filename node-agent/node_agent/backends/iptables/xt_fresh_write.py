@@ -16,6 +16,10 @@ another process: declined, and iptables-restore waits for it; the agent's own th
    `IPT_SO_SET_ADD_COUNTERS` gives the policies their counters back, as libiptc does. A refused table
    puts the tables of the text swapped before it back (iptables-legacy-restore would leave them).
 
+`unrestore_fresh_here` is the way back for a pod's removal: the same reads must find exactly the blob
+laid out from the text (nothing added or changed since), and each table gets the new netns' empty
+chains back the same way.
+
 The records and the blob of a text are kept (a node's pods share a few specs, hence a few texts).
 
 Declined (returned reason) means nothing changed; the caller starts iptables-restore. The ip6tables
