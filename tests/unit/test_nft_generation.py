@@ -7,13 +7,14 @@ import struct
 
 import pytest
 from node_agent.backends.iptables import nft_generation as g
+from node_agent.kernel import nft_messages as nm
 from node_agent.kernel.netlink_parse import NLMSG_ERROR
 
 
 def newgen(seq: int, gen: int, *, extra_attrs: bytes = b"") -> bytes:
     attr = struct.pack("=HH", 8, g.NFTA_GEN_ID) + struct.pack("!I", gen)
     body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0) + extra_attrs + attr
-    msg_type = (g.NFNL_SUBSYS_NFTABLES << 8) | g.NFT_MSG_NEWGEN
+    msg_type = (nm.NFNL_SUBSYS_NFTABLES << 8) | g.NFT_MSG_NEWGEN
     return struct.pack("=IHHII", 16 + len(body), msg_type, 0, seq, 0) + body
 
 
@@ -21,7 +22,7 @@ def test_request_is_a_getgen_for_any_family() -> None:
     req = g.getgen_request(7)
     length, msg_type, flags, seq, pid = struct.unpack_from("=IHHII", req)
     assert length == len(req) == 20
-    assert msg_type == (10 << 8) | 16 and flags == g.NLM_F_REQUEST and seq == 7 and pid == 0
+    assert msg_type == (10 << 8) | 16 and flags == nm.NLM_F_REQUEST and seq == 7 and pid == 0
     assert req[16:] == bytes([socket.AF_UNSPEC, 0, 0, 0])
 
 

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 from node_agent.backends import nft_table_dump as d
+from node_agent.kernel import nft_messages as nm
 from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 
 
@@ -18,7 +19,7 @@ def newtable(seq: int, family: int, name: bytes) -> bytes:
     value = name + b"\0"
     attr = struct.pack("=HH", 4 + len(value), d.NFTA_TABLE_NAME) + value + b"\0" * (-len(value) % 4)
     use = struct.pack("=HH", 8, 3) + struct.pack("!I", 2)  # NFTA_TABLE_USE: skipped
-    return message((d.NFNL_SUBSYS_NFTABLES << 8) | d.NFT_MSG_NEWTABLE, seq,
+    return message((nm.NFNL_SUBSYS_NFTABLES << 8) | nm.NFT_MSG_NEWTABLE, seq,
                    struct.pack("=BBH", family, 0, 0) + use + attr)
 
 
@@ -30,7 +31,7 @@ def test_request_is_a_table_dump_of_every_family() -> None:
     req = d.dump_request(7)
     length, msg_type, flags, seq, pid = struct.unpack_from("=IHHII", req)
     assert length == len(req) == 20
-    assert msg_type == (10 << 8) | 1 and flags == d.NLM_F_REQUEST | d.NLM_F_DUMP and seq == 7 and pid == 0
+    assert msg_type == (10 << 8) | 1 and flags == nm.NLM_F_REQUEST | d.NLM_F_DUMP and seq == 7 and pid == 0
     assert req[16:] == bytes([socket.AF_UNSPEC, 0, 0, 0])
 
 

@@ -14,12 +14,11 @@ import struct
 
 from node_agent.kernel import netlink_parse
 from node_agent.kernel.netlink_parse import NETLINK_NETFILTER
+from node_agent.kernel.nft_messages import NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWTABLE, message
 
-NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWTABLE = 0
 NFT_MSG_GETTABLE = 1
 NFTA_TABLE_NAME = 1
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_DUMP = 0x300
 FAMILY_NAMES = {socket.AF_INET: "ip", socket.AF_INET6: "ip6", 1: "inet", 3: "arp", 7: "bridge", 5: "netdev"}
 
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id
@@ -31,10 +30,7 @@ class NftTableDumpError(Exception):
 
 def dump_request(seq: int) -> bytes:
     """An NFT_MSG_GETTABLE dump of every family."""
-    body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
-    hdr = netlink_parse.NLMSGHDR
-    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
-    return hdr.pack(hdr.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    return message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, socket.AF_UNSPEC, NLM_F_DUMP, seq, b"")
 
 
 def parse_reply(data: bytes, seq: int) -> tuple[list[tuple[str, str]], bool]:

@@ -209,14 +209,12 @@ class IptablesBackend:
             raise BackendError(f"iptables apply for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def remove(self, target: PodTarget) -> None:
-        written = self.shortcut.written(target.netns_path) if self.flavour == "nft" and self.shortcut else None
         applied = self._applied.pop(target.netns_path, None)
+        written = self.shortcut.written(target.netns_path) if self.shortcut is not None else None
         self._forget(target)
-        if written is not None and fresh_remove.remove_fresh_nft(target.netns_path, *written) is None:
-            return  # our fresh write, unchanged since: its tables deleted in-process
-        if applied is not None and self.flavour == "legacy" \
-                and fresh_remove.remove_fresh_legacy(target.netns_path, *applied) is None:
-            return  # still exactly our rules: the tables' empty chains put back in-process
+        if applied is not None and fresh_remove.remove_fresh(target.netns_path, self.flavour, *applied,
+                                                             written) is None:
+            return  # still exactly the agent's own write: taken out in-process
         try:
             netns_tables.remove_all(target.netns_path, self.flavour)
         except (IptablesError, OSError) as exc:

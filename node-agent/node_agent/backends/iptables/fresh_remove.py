@@ -50,6 +50,17 @@ def tables_of(spec: Hashable, families: tuple[int, ...]) -> list[tuple[int, str]
             if t.chains or t.rules or t.jumps]
 
 
+def remove_fresh(netns_path: str, flavour: str, spec: Hashable, families: tuple[int, ...],
+                 written: bytes | None) -> str | None:
+    """The flavour's in-process removal (`written`: the recorded digest of an nft host's fresh write, the
+    nft way needs it); None when done, else why it was declined (nothing of ours changed)."""
+    if flavour == "legacy":
+        return remove_fresh_legacy(netns_path, spec, families)
+    if written is None:
+        return "no unchanged fresh write recorded"
+    return remove_fresh_nft(netns_path, spec, families, written)
+
+
 def delete_batch(tables: list[tuple[int, str]]) -> tuple[bytes, int]:
     """One transaction deleting these iptables-nft tables (NFT_MSG_DELTABLE by name)."""
     return nft_messages.frame_families(
@@ -76,7 +87,7 @@ def remove_fresh_legacy(netns_path: str, spec: Hashable, families: tuple[int, ..
     """None when every family's tables, still exactly what the fresh write of `spec` lays out, have their
     empty built-in chains back; else why it was declined (what was put back stays put back: the caller's
     iptables-restore removal then finds nothing of ours there)."""
-    if not isinstance(spec, SidecarSpec) or tables_of(spec, families) is None:
+    if not isinstance(spec, SidecarSpec) or uses_tproxy(spec):
         return "not removed in-process: its removal takes policy routing out too"
     texts = [(f, fresh_ruleset_text(builder.sidecar_rules(spec, cast(Family, f)))) for f in families]
 

@@ -170,12 +170,12 @@ class DriftShortcut:
         with self._lock:
             self._put(netns_path, _Record(spec, tuple(families), prefix, digest, written=True))
 
-    def written(self, netns_path: str) -> tuple[Hashable, tuple[int, ...], bytes] | None:
-        """(spec, families, digest) of a netns whose record is a fresh write of ours that no check has found
-        changed since (its digest is then the state of that write); None otherwise."""
+    def written(self, netns_path: str) -> bytes | None:
+        """The digest of a netns whose record is a fresh write of ours that no check has found changed
+        since (the state of that write); None otherwise."""
         with self._lock:
             record = self._records.get(netns_path)
-        return (record.spec, record.families, record.digest) if record is not None and record.written else None
+        return record.digest if record is not None and record.written else None
 
     def moved(self, old_path: str, new_path: str) -> None:
         """The netns recorded at `old_path` is checked at `new_path` from now on (the same netns: a pin of

@@ -24,12 +24,11 @@ from cni.kernel.netns import NetnsThreadTimeout
 from node_agent.kernel import netlink_parse
 from node_agent.kernel.netlink_parse import NLMSG_ERROR
 from node_agent.kernel.netns_runner import run_in_netns
+from node_agent.kernel.nft_messages import NFNL_SUBSYS_NFTABLES, message
 
-NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
-NLM_F_REQUEST = 0x1
 
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big endian, 0 here)
 
@@ -40,10 +39,7 @@ class NftGenerationError(Exception):
 
 def getgen_request(seq: int) -> bytes:
     """An NFT_MSG_GETGEN request (AF_UNSPEC, nfnetlink version 0)."""
-    body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
-    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-    hdr = netlink_parse.NLMSGHDR
-    return hdr.pack(hdr.size + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body
+    return message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, socket.AF_UNSPEC, 0, seq, b"")
 
 
 def parse_getgen_reply(data: bytes, seq: int) -> int:

@@ -150,11 +150,11 @@ def _meta(rule: _Rule, words: list[str]) -> None:
         raise Unsupported(f"meta {key} after the rule established it")  # nft may fold it: not laid out
     if key == "l4proto" and value in L4PROTOS:
         rule.add(meta(META_L4PROTO), cmp(op, bytes((L4PROTOS[value],))))
-        if not negate and rule.l4proto is None:
+        if not negate:
             rule.l4proto = L4PROTOS[value]
     elif key == "nfproto" and value in NFPROTOS:
         rule.add(meta(META_NFPROTO), cmp(op, bytes((NFPROTOS[value],))))
-        if not negate and rule.nfproto is None:
+        if not negate:
             rule.nfproto = NFPROTOS[value]
     elif key in ("skuid", "skgid"):
         ident = _number(value, 32, f"meta {key}")
