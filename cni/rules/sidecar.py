@@ -61,9 +61,31 @@ SC_DIVERT = "HEADRACE_SC_DIVERT"
 SC_TPROXY = "HEADRACE_SC_TPROXY"
 
 
+#: rulesets built, by (spec, family): the agent builds the same few specs' rules for every pod it applies
+#: or checks (0.1 ms a family); cleared when full. A RuleSet is immutable, so sharing one is safe.
+_BUILT: dict[tuple[object, object], RuleSet] = {}
+BUILT_MAX = 256
+
+
 def sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     """Istio istio-iptables compatible interception for one family: inbound REDIRECT (nat) or, with
-    ``interception_mode`` TPROXY, inbound TPROXY (mangle, see `_tproxy_mangle`); outbound REDIRECT."""
+    ``interception_mode`` TPROXY, inbound TPROXY (mangle, see `_tproxy_mangle`); outbound REDIRECT.
+    Raises ValueError for a spec it cannot build (nothing is remembered then)."""
+    key = (spec, family)
+    try:
+        return _BUILT[key]
+    except KeyError:
+        pass
+    except TypeError:  # a field that cannot be hashed (a list): built, not remembered
+        return _sidecar_rules(spec, family)
+    built = _sidecar_rules(spec, family)
+    if len(_BUILT) >= BUILT_MAX:
+        _BUILT.clear()
+    _BUILT[key] = built
+    return built
+
+
+def _sidecar_rules(spec: SidecarSpec | SidecarParams, family: Family) -> RuleSet:
     fam = check_family(family)
     uid = check_id(spec.proxy_uid, "proxy uid")
     gid = check_id(spec.proxy_gid, "proxy gid")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from node_agent.backends.base import PodTarget
@@ -223,6 +223,32 @@ def test_a_sidecar_pods_unchanged_fresh_write_is_removed_in_process(
     monkeypatch.setattr(spawn, "run_many", no_process)
     backend.remove(target)
     assert nft_tables(ns) == before and not backend.shortcut.recorded(ns.path)
+
+
+def test_the_warm_adds_record_follows_the_reply_and_a_commit_before_it_records_nothing(
+    ns: NetNS, agent_runner: None
+) -> None:
+    """The warm ADD hands the record to `later` (it runs after the reply): nothing is recorded until it
+    runs; run with nobody else's commit between, the write is recorded; with another commit in the netns
+    first (here a rule of someone else's), nothing is, and the first check reads the rules back."""
+    backend, stats = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
+    pending: list[Callable[[], None]] = []
+    apply_for_add(backend, target, SIDECAR, pending.append)
+    assert backend.shortcut is not None and len(pending) == 1 and not backend.shortcut.recorded(ns.path)
+    pending.pop()()
+    assert backend.shortcut.written(ns.path) is not None
+
+    other = NetNS.create("hrtest-ngl-")
+    try:
+        target = PodTarget(uid="u2", namespace="default", name="web", netns_path=other.path, ips=("10.5.0.2",))
+        apply_for_add(backend, target, SIDECAR, pending.append)
+        ipt(other, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
+        pending.pop()()
+        assert not backend.shortcut.recorded(other.path)
+        assert backend.check(target, SIDECAR) == [] and stats.snapshot()["iptables_save"] == 1
+    finally:
+        other.delete()
 
 
 def test_a_changed_netns_is_removed_by_iptables_restore_and_keeps_the_rest(ns: NetNS, agent_runner: None) -> None:

@@ -319,3 +319,18 @@ def test_arguments_split_saved_lines_like_iptables_restore() -> None:
     assert rule_text.arguments(" -A\tX  -j Y \n") == ["-A", "X", "-j", "Y"]
     assert rule_text.arguments('-A X --comment "" -j Y') == ["-A", "X", "--comment", "", "-j", "Y"]
     assert rule_text.arguments("-A X --comment 'b c' -j Y") == ["-A", "X", "--comment", "'b", "c'", "-j", "Y"]
+
+
+def test_sidecar_rules_are_built_once_per_spec_and_family() -> None:
+    """The agent applies and checks the same few specs for every pod: a spec and family built before give
+    the same (immutable) ruleset back; an equal spec finds it too, another family or spec does not."""
+    spec = SidecarSpec(exclude_outbound_ports=(5433,))
+    first = builder.sidecar_rules(spec, 4)
+    assert builder.sidecar_rules(SidecarSpec(exclude_outbound_ports=(5433,)), 4) is first
+    assert builder.sidecar_rules(spec, 6) is not first and builder.sidecar_rules(spec, 6).family == 6
+    assert builder.sidecar_rules(SidecarSpec(exclude_outbound_ports=(5434,)), 4) != first
+
+
+def test_an_unhashable_spec_is_built_not_remembered() -> None:
+    spec = SidecarSpec(exclude_outbound_ports=[5435])  # type: ignore[arg-type]
+    assert builder.sidecar_rules(spec, 4) == builder.sidecar_rules(SidecarSpec(exclude_outbound_ports=(5435,)), 4)

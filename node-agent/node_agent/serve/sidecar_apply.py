@@ -33,17 +33,19 @@ from node_agent.backends.iptables.backend import IptablesBackend, families_of
 from node_agent.backends.nftables import libnft, pod_routing
 from node_agent.backends.nftables.backend import NftablesBackend, swap_here
 from node_agent.kernel.netns_runner import staying_in
+from node_agent.serve.add_request import Later, at_once
 
 STEP = "agent-add-sidecar"
 
 
-def apply_for_add(backend: RedirectBackend, target: PodTarget, spec: SidecarSpec) -> None:
+def apply_for_add(backend: RedirectBackend, target: PodTarget, spec: SidecarSpec, later: Later = at_once) -> None:
+    """`later(fn)` takes the bookkeeping that can follow the ADD's reply."""
     if isinstance(backend, NftablesBackend) and not uses_tproxy(spec):
         return _nftables(backend, target, spec)
     if isinstance(backend, IptablesBackend):
         try:
             # the runner's commands then run right here, no hand-over
-            with staying_in(target.netns_path), backend.recorded_if_fresh(target, spec):
+            with staying_in(target.netns_path), backend.recorded_if_fresh(target, spec, later):
                 netns_tables.apply_sidecar(target.netns_path, spec, families_of(target.ips), backend.flavour,
                                            optimistic=True)
         except NetnsReturnError:

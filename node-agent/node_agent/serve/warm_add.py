@@ -196,7 +196,7 @@ class WarmAdd:
         target = PodTarget(pod.uid, pod.namespace, pod.name, req.netns, inode, req.ips)
         t0 = time.monotonic()
         try:
-            apply_for_add(backend, target, spec)
+            apply_for_add(backend, target, spec, later)  # its bookkeeping runs before `hold`
         except BackendError as exc:
             self._count("apply_failed")
             log.warning("sidecar apply for the plugin failed: %s", exc, extra=ctx)

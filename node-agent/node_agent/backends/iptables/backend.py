@@ -170,30 +170,41 @@ class IptablesBackend:
                                f"{target.netns_path}: {exc.strerror or exc}") from exc
 
     @contextmanager
-    def recorded_if_fresh(self, target: PodTarget, spec: RedirectSpec) -> Iterator[None]:
+    def recorded_if_fresh(self, target: PodTarget, spec: RedirectSpec,
+                          later: Callable[[Callable[[], None]], None] | None = None) -> Iterator[None]:
         """Around an apply (nft hosts with the shortcut on, specs it covers): the netns' mark is read
         before and after; when every commit between them was a fresh in-process batch of the apply's own
         text (one per family, each into tables that did not exist: `nft_fresh_write`) and the netns holds
         no table but iptables-nft's and ours (so no foreign chain), the rules are exactly the spec's and
         are recorded as verified, so the pod's first drift check is a generation read instead of an
         iptables-save per family and a ruleset read. Nothing is recorded when the block raises. On every
-        host the spec is remembered for the netns (a later removal's in-process way, `fresh_remove`)."""
+        host the spec is remembered for the netns (a later removal's in-process way, `fresh_remove`).
+        `later(fn)` (an ADD's: after its reply) takes what follows the block; a commit by anyone else
+        meanwhile only means nothing is recorded."""
         covered = (self.flavour == "nft" and self.shortcut is not None
                    and isinstance(spec, (SidecarSpec, AmbientSpec)) and iptables_only_check(spec))
         before = nft_fresh_write.mark_of(target.netns_path) if covered else None
         yield
-        families = families_of(target.ips)
-        if len(self._applied) >= MAX_APPLIED:  # pods whose removal never came here (netns gone)
-            self._applied.clear()
-        self._applied[target.netns_path] = (spec, families)
-        if before is None or self.shortcut is None:
-            return
-        owned_only = nft_foreign.only_owned_tables(target.netns_path)  # read before `after`: still so then
-        after = nft_fresh_write.mark_of(target.netns_path)
-        if after is None or not owned_only or not nft_fresh_write.only_fresh_commits(before, after, len(families)):
-            return
-        self.shortcut.record_written(target.netns_path, spec, families, _prefix(spec),
-                                     after.generation.to_bytes(4, "big"))
+
+        def record() -> None:
+            families = families_of(target.ips)
+            if len(self._applied) >= MAX_APPLIED:  # pods whose removal never came here (netns gone)
+                self._applied.clear()
+            self._applied[target.netns_path] = (spec, families)
+            if before is None or self.shortcut is None:
+                return
+            owned_only = nft_foreign.only_owned_tables(target.netns_path)  # read before `after`: still so then
+            after = nft_fresh_write.mark_of(target.netns_path)
+            if (after is None or not owned_only
+                    or not nft_fresh_write.only_fresh_commits(before, after, len(families))):
+                return
+            self.shortcut.record_written(target.netns_path, spec, families, _prefix(spec),
+                                         after.generation.to_bytes(4, "big"))
+
+        if later is None:
+            record()
+        else:
+            later(record)
 
     def _apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         families = families_of(target.ips)
