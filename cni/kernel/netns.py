@@ -3,7 +3,8 @@
 - `libc()`: the C library, loaded once per process (errno kept for `ctypes.get_errno()`); every ctypes
   call into libc in the codebase (setns, mount, inotify, bpf) goes through this handle.
 - `setns(fd)`: move the calling thread into the network namespace open at `fd` (Python 3.11 has no
-  `os.setns`). Only that thread moves; a socket keeps the netns it was created in.
+  `os.setns`; the C library's is called through `_ctypes`, see `_setns_call`). Only that thread moves;
+  a socket keeps the netns it was created in.
 - `enter(netns)`: the calling thread goes into a netns (path or open fd) for good (short-lived threads).
 - `entered(netns)`: a context manager; the body runs in that netns, and the thread always goes back to the
   netns it was in (`NetnsReturnError` if even that fails: the thread must then end).
@@ -47,14 +48,48 @@ def libc() -> ctypes.CDLL:
     return _libc
 
 
+_setns: Callable[[int, int], int] | None = None
+
+
+def _setns_call() -> Callable[[int, int], int]:
+    """setns(2) of the C library as a function returning its result, errno kept for `_ctypes.get_errno`.
+    Made with `_ctypes` as `ctypes.CDLL` makes its functions, without importing `ctypes` (~3 ms of the
+    CNI plugin's start-up; `_ctypes` alone ~0.5 ms): the plugin's nftables ADD enters the pod netns."""
+    global _setns
+    if _setns is None:
+        import _ctypes
+
+        class Int(_ctypes._SimpleCData):  # type: ignore[type-arg]  # what ctypes.c_int is
+            _type_ = "i"
+
+        class Function(_ctypes.CFuncPtr):  # what CDLL(use_errno=True)'s functions are
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = Int
+            _argtypes_ = (Int, Int)
+
+        class Process:  # dlopen(NULL): the symbols the interpreter was linked with
+            _handle = _ctypes.dlopen(None, os.RTLD_NOW)  # type: ignore[arg-type]
+
+        _setns = Function(("setns", Process))  # type: ignore[arg-type]
+    return _setns
+
+
 def setns(fd: int, what: str = "") -> None:
     """Move the calling thread into the network namespace open at `fd` (EINVAL: not a network namespace).
     `what` names it in the error."""
-    if libc().setns(fd, CLONE_NEWNET) != 0:
-        import ctypes
+    if hasattr(os, "setns"):  # Python 3.12+
+        try:
+            os.setns(fd, CLONE_NEWNET)
+            return
+        except OSError as exc:
+            err = exc.errno or 0
+    elif _setns_call()(fd, CLONE_NEWNET) != 0:
+        import _ctypes
 
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns{' ' + what if what else ''}: {os.strerror(err)}")
+        err = _ctypes.get_errno()
+    else:
+        return
+    raise OSError(err, f"setns{' ' + what if what else ''}: {os.strerror(err)}")
 
 
 def enter(netns: str | int) -> None:

@@ -1,9 +1,12 @@
 """Apply, check and remove the pod's nftables table with the `nft` binary (the plugin's standalone path).
 
-Each write is ONE `nsenter --net=PATH nft -f -` transaction fed on stdin (argv lists, no shell, started by
-`spawn`), so the pod's table is swapped for the new one, or nothing changes. ADD first tries `create
-table` (a fresh netns: one process, in parallel with the netns set-up side jobs: `::6` on `lo` for IPv6,
-TPROXY policy routing); a netns that has our table already gets a read and one replace transaction. When
+Each write is ONE nf_tables transaction, so the pod's table is swapped for the new one, or nothing changes.
+ADD of a REDIRECT-mode table into a netns without one first creates it from this process (`nft_fresh`:
+the batch built in-process, sent from inside the netns, `::6` on `lo` over rtnetlink; no process at
+all). Otherwise, or when that is declined, it runs `nsenter --net=PATH nft -f -` fed on stdin (argv
+lists, no shell, started by `spawn`): first `create table` (one process, in parallel with the netns
+set-up side jobs: `::6` on `lo` for IPv6, TPROXY policy routing); a netns that has our table already
+gets a read and one replace transaction. When
 either side fails, the table is put back as it was (deleted, or the old listing restored) and the side
 jobs are undone. Writers hold the netns flock (netns_lock.py), as the iptables path does. The agent applies
 the same tables in-process with libnftables (node_agent/backends/nftables/).
@@ -17,6 +20,7 @@ import os
 
 from cni.kernel import spawn
 from cni.kernel.iptables_run import TIMEOUT, IptablesError, emit, netns_argv
+from cni.kernel.netns import NetnsReturnError
 from cni.kernel.netns_lock import netns_lock
 from cni.kernel.side_jobs import SideJob, lo_passthrough_v6, run_with_side_jobs, undo_side_jobs
 from cni.rules import nft_builder, nft_text
@@ -109,6 +113,12 @@ def apply_sidecar(
     if not os.path.exists(netns_path):
         raise NftError(step, f"network namespace {netns_path} does not exist")
     with netns_lock(netns_path, step):
+        if not any(j.step.startswith("tproxy") for j in jobs):  # REDIRECT mode: no process if it can be
+            declined = _created_here(netns_path, table, 6 in fams, step)
+            if declined is None:
+                emit(log, "info", step, "nftables table applied", families=list(fams), way="in-process")
+                return
+            emit(log, "debug", step, "not created in-process, nft takes it", reason=declined)
         create = (netns_argv(netns_path, [NFT, "-f", "-"]), nft_text.create_text(table))
         procs, side_error = run_with_side_jobs(netns_path, [create], jobs)
         if not procs:
@@ -140,6 +150,18 @@ def apply_sidecar(
 
             remove_tproxy_routes(netns_path, fams, log=log)
     emit(log, "info", step, "nftables table applied", families=list(fams))
+
+
+def _created_here(netns_path: str, table: nft_text.NftTable, loopback_v6: bool, step: str) -> str | None:
+    from cni.kernel.nft_fresh import LeftBehind, create_fresh
+
+    try:
+        return create_fresh(netns_path, table, loopback_v6)
+    except LeftBehind as exc:
+        raise NftError(step, "the table went in, ::6 on lo did not, and the table could not be taken out",
+                       str(exc)) from exc
+    except NetnsReturnError as exc:
+        raise NftError(step, "cannot go back to the plugin's own netns", str(exc)) from exc
 
 
 def check_sidecar(netns_path: str, spec: SidecarSpec | SidecarParams, families: Iterable[object]) -> list[str]:

@@ -40,6 +40,9 @@ def apply(netns: str, spec: SidecarParams, families: tuple[Family, ...], log: Js
     from cni.kernel import nft_tables
     from cni.kernel.iptables_run import IptablesError
 
+    if not on_path(nft_tables.NFT):  # a new netns' table goes in without it, but CHECK, a retry and DEL need it
+        raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect (nftables) failed",
+                       f"{nft_tables.NFT} not found on PATH")
     try:
         nft_tables.apply_sidecar(netns, spec, families, log=log)
     except (IptablesError, OSError, ValueError) as exc:

@@ -160,7 +160,7 @@ def test_gone_netns(ns: NetNS) -> None:
     assert backend.check(t, AMBIENT) == ["network namespace /run/netns/headrace-no-such-netns does not exist"]
 
 
-# ---- the plugin's standalone path: nft -f - ------------------------------------------------------------
+# ---- the plugin's standalone path: in-process create, else nft -f - ---------------------------------------
 
 
 def test_plugin_path_add_twice_check_del(ns: NetNS) -> None:
@@ -178,6 +178,8 @@ def test_plugin_path_add_twice_check_del(ns: NetNS) -> None:
 
 
 def test_plugin_path_lo_failure_rolls_back(ns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `nft -f` way (the in-process create declined): `ip` failing rolls the created table back."""
+    monkeypatch.setattr(nft_tables, "_created_here", lambda *_a: "declined for the test")
     real_argv = iptables_run.netns_argv
 
     def failing_ip(netns_path: str | None, argv: list[str]) -> list[str]:

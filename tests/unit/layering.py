@@ -35,7 +35,7 @@ AGENT_SIDE = tuple(
         "install_cni",
     )
 )  # fmt: skip
-PROTOCOL_LAYER = ("cni.contract", "cni.kernel", "node_agent.protocol", "node_agent.kernel")
+PROTOCOL_LAYER = ("cni.contract", "cni.netlink", "cni.kernel", "node_agent.protocol", "node_agent.kernel")
 
 Graph = Mapping[str, Iterable[str]]
 
@@ -215,13 +215,16 @@ def cni_is_stdlib_only(graph: Graph, eager: Graph) -> list[str]:
 
 
 def cni_layers(graph: Graph) -> list[str]:
-    """(b) cni.contract -> nothing of ours but itself; cni.rules -> cni.contract and itself (pure: never
-    cni.kernel); cni.kernel -> cni.contract, the rules it applies and itself; cni.plugin never node_agent."""
+    """(b) cni.contract -> nothing of ours but itself; cni.netlink (the netlink wire format) -> itself;
+    cni.rules -> cni.contract, cni.netlink and itself (pure: never cni.kernel); cni.kernel -> those and
+    itself; cni.plugin never node_agent."""
     return [
         *_only(graph, "cni.contract", ("cni.contract",), "cni.contract imports only cni.contract"),
-        *_only(graph, "cni.rules", ("cni.contract", "cni.rules"), "cni.rules imports only cni.contract/cni.rules"),
-        *_only(graph, "cni.kernel", ("cni.contract", "cni.rules", "cni.kernel"),
-              "cni.kernel imports only cni.contract/cni.rules/cni.kernel"),
+        *_only(graph, "cni.netlink", ("cni.netlink",), "cni.netlink imports only cni.netlink"),
+        *_only(graph, "cni.rules", ("cni.contract", "cni.netlink", "cni.rules"),
+              "cni.rules imports only cni.contract/cni.netlink/cni.rules"),
+        *_only(graph, "cni.kernel", ("cni.contract", "cni.netlink", "cni.rules", "cni.kernel"),
+              "cni.kernel imports only cni.contract/cni.netlink/cni.rules/cni.kernel"),
         *[
             f"{module} imports {target}: cni.plugin never imports node_agent"
             for module, targets in sorted(graph.items())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node_agent.kernel import netlink_parse
+from cni.netlink import netlink_parse
 
 
 def messages(data: bytes) -> list[tuple[int, int, int, bytes]]:

@@ -3,9 +3,10 @@
 Each scenario feeds `cni.plugin.entry.run` a conflist entry (with prevResult), a pod (and namespace) object
 in an objects dir and the CNI environment, like a runtime does; every command the kernel layer starts is
 captured by a recording `spawn.Runner` (installed through `spawn.install_runner`) instead of being run,
-and answered with success. The golden file holds the exact argv and stdin texts per batch of commands
-started together (iptables-restore under nsenter, `ip -batch` lines, ...) or, for pods the agent handles,
-the request sent to the (fake) agent. This pins annotation parsing -> spec -> rules -> commands; the
+and answered with success; so is the nftables table the plugin creates in-process (`nft_fresh`). The
+golden file holds the exact argv and stdin texts per batch of commands started together
+(iptables-restore under nsenter, `ip -batch` lines, ...) or, for pods the agent handles, the request sent
+to the (fake) agent. This pins annotation parsing -> spec -> rules -> commands; the
 builder's own golden files (tests/golden/iptables) start from a spec.
 
 The pod netns is a real, empty one (the plugin validates it before anything else), written `$NETNS`.
@@ -23,8 +24,10 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from cni.kernel import spawn
+from cni.kernel import nft_fresh, spawn
 from cni.plugin import entry
+from cni.rules import nft_text
+from cni.rules.nft_text import NftTable
 from tests.unit.golden import assert_golden
 from tests.unit.test_cni_agent_client import FakeAgent
 from tests.unit.test_cni_plugin_process import pod_netns
@@ -106,9 +109,17 @@ class Recorder:
         return [spawn.Result(0, "", "") for _ in jobs]
 
 
+IN_PROCESS = "in-process"  # a recorded batch standing for the nftables table created without a command
+
+
 @pytest.fixture
-def recorder() -> Iterator[Recorder]:
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     rec = Recorder()
+
+    def created(_netns_path: str, table: NftTable, loopback_v6: bool) -> None:
+        rec.batches.append([([IN_PROCESS, *(["::6 on lo"] if loopback_v6 else [])], nft_text.create_text(table))])
+
+    monkeypatch.setattr(nft_fresh, "create_fresh", created)
     previous = spawn.install_runner(rec)
     try:
         yield rec
@@ -182,6 +193,12 @@ def render(
     if not batches and not requests:
         out.append("# nothing run, nothing sent")
     for number, batch in enumerate(batches, 1):
+        if batch[0][0][0] == IN_PROCESS:  # nft_fresh: the table as one nf_tables batch built in-process
+            (extra, text), = [(argv[1:], stdin or "") for argv, stdin in batch]
+            out.append(f"# batch {number}: no command, the plugin itself: this text's nf_tables batch"
+                       + "".join(f", {e}" for e in extra))
+            out.extend(text.splitlines())
+            continue
         out.append(f"# batch {number}: {len(batch)} command(s) started together")
         for argv, stdin in batch:
             out.extend(_shell(argv, stdin))

@@ -237,6 +237,23 @@ def test_sidecar_path_imports_stay_lean(env: Env, ranges: bool) -> None:
     assert "cni.contract.spec" not in mods
 
 
+def test_nftables_sidecar_path_imports_stay_lean(env: Env) -> None:
+    """The standalone nftables ADD's in-process create (the batch built, a netns entered, netlink sockets)
+    loads none of the heavy modules either: `_socket` and `_ctypes`, not `socket` and `ctypes`."""
+    code = (
+        "from cni.contract.annotations import sidecar_params\n"
+        "from cni.kernel import nft_fresh, nft_tables\n"
+        "from cni.kernel import netns\n"
+        "from cni.rules import nft_batch, nft_builder\n"
+        "spec = sidecar_params({'traffic.sidecar.istio.io/excludeOutboundPorts': '5432'})\n"
+        "assert nft_batch.batch(nft_builder.sidecar_table(spec, (4, 6)))[1] > 1\n"
+        "assert netns._setns_call() is not None\n"  # what setns calls (calling it needs root)
+    )
+    mods = _modules_after(env, code)
+    tops = {m.split(".")[0] for m in mods}
+    assert not set(HEAVY_STDLIB) & tops, sorted(set(HEAVY_STDLIB) & tops)
+
+
 def test_importtime_of_version(env: Env) -> None:
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "from cni.plugin.launch import run_executable; run_executable()"],

@@ -4,10 +4,10 @@ kernel tests in test_nft_generation.py and test_iptables_fresh_write.py remove r
 from __future__ import annotations
 
 from node_agent.backends.iptables.fresh_remove import delete_batch, tables_of
-from node_agent.kernel import netlink_parse
-from node_agent.kernel import nft_messages as nm
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.netlink import netlink_parse
+from cni.netlink import nft_messages as nm
 from tests.unit.netlink_batch import families, messages
 
 

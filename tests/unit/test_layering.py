@@ -89,11 +89,14 @@ def test_b_cni_layers() -> None:
         "cni.rules.builder": {"cni.kernel.tables"},
         "cni.kernel.tables": {"cni.plugin.entry", "cni.contract.errors"},
         "cni.plugin.entry": {"node_agent.lab", "cni.kernel.spawn"},
+        "cni.netlink.nft_messages": {"cni.netlink.netlink_parse", "cni.rules.nft_text"},
     }
     assert L.cni_layers(graph) == [
         "cni.contract.a imports cni.rules.builder: cni.contract imports only cni.contract",
-        "cni.rules.builder imports cni.kernel.tables: cni.rules imports only cni.contract/cni.rules",
-        "cni.kernel.tables imports cni.plugin.entry: cni.kernel imports only cni.contract/cni.rules/cni.kernel",
+        "cni.netlink.nft_messages imports cni.rules.nft_text: cni.netlink imports only cni.netlink",
+        "cni.rules.builder imports cni.kernel.tables: cni.rules imports only cni.contract/cni.netlink/cni.rules",
+        "cni.kernel.tables imports cni.plugin.entry: "
+        "cni.kernel imports only cni.contract/cni.netlink/cni.rules/cni.kernel",
         "cni.plugin.entry imports node_agent.lab: cni.plugin never imports node_agent",
     ]
 
@@ -101,11 +104,14 @@ def test_b_cni_layers() -> None:
 def test_c_protocol_layer() -> None:
     graph = {
         "node_agent.protocol.convert": {"grpc", "node_agent.protocol.workload", "node_agent.proxy.hub"},
-        "node_agent.kernel.netlink_parse": {"cni.kernel.spawn", "cni.plugin.log"},
+        "node_agent.kernel.policy_routes_read": {"cni.kernel.spawn", "cni.plugin.log"},
     }
-    rule = "node_agent.protocol/kernel import only cni.contract, cni.kernel, node_agent.protocol, node_agent.kernel"
+    rule = (
+        "node_agent.protocol/kernel import only cni.contract, cni.netlink, cni.kernel, node_agent.protocol, "
+        "node_agent.kernel"
+    )
     assert L.protocol_layer(graph) == [
-        f"node_agent.kernel.netlink_parse imports cni.plugin.log: {rule}",
+        f"node_agent.kernel.policy_routes_read imports cni.plugin.log: {rule}",
         f"node_agent.protocol.convert imports node_agent.proxy.hub: {rule}",
     ]
 

@@ -8,10 +8,10 @@ import struct
 import pytest
 from node_agent.backends.iptables import nft_compat_batch as nb
 from node_agent.backends.iptables.xt_fresh_rules import Unsupported, read_fresh
-from node_agent.kernel import netlink_parse
-from node_agent.kernel import nft_messages as nm
 
 from cni.contract.spec import SidecarSpec
+from cni.netlink import netlink_parse
+from cni.netlink import nft_messages as nm
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
 from tests.unit.netlink_batch import messages

@@ -6,8 +6,11 @@ import socket
 import struct
 
 import pytest
-from node_agent.kernel import netlink_parse, nft_events
-from node_agent.kernel.nft_events import NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWGEN, Changes, changes_in
+from node_agent.kernel import nft_events
+from node_agent.kernel.nft_events import NFT_MSG_NEWGEN, Changes, changes_in
+
+from cni.netlink import netlink_parse
+from cni.netlink.nft_messages import NFNL_SUBSYS_NFTABLES
 
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_NEWRULE = 6

@@ -7,8 +7,9 @@ import struct
 
 import pytest
 from node_agent.backends.iptables import nft_generation as g
-from node_agent.kernel import nft_messages as nm
-from node_agent.kernel.netlink_parse import NLMSG_ERROR
+
+from cni.netlink import nft_messages as nm
+from cni.netlink.netlink_parse import NLMSG_ERROR
 
 
 def newgen(seq: int, gen: int, *, extra_attrs: bytes = b"") -> bytes:

@@ -7,8 +7,9 @@ import struct
 
 import pytest
 from node_agent.backends import nft_table_dump as d
-from node_agent.kernel import nft_messages as nm
-from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
+
+from cni.netlink import nft_messages as nm
+from cni.netlink.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 
 
 def message(msg_type: int, seq: int, body: bytes) -> bytes:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import struct
 
-from node_agent.kernel import netlink_parse
 from node_agent.kernel import policy_routes_read as pr
 from node_agent.kernel import policy_routes_write as prw
 
+from cni.netlink import netlink_parse
 from cni.rules.tproxy_routes import AMBIENT, TPROXY
 
 NLMSGHDR = struct.Struct("=IHHII")

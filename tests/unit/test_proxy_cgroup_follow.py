@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 from node_agent.backends.base import BackendError
-from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 from node_agent.protocol.fd_channel import NetnsFdError, NetnsFdServer, fetch_netns_fd, peer_pid
 from node_agent.proxy.cgroup_follow import Located, ProxyCgroupFollower, locate, saved_proxy_cgroup
 from node_agent.proxy.hub import ProxyHub
 from node_agent.proxy.peers import SOCK_DIAG_BY_FAMILY, UnixDiagError, client_pids, parse_dump
 from node_agent.serve.metrics import AgentMetrics
 from node_agent.serve.status_client import proxy_cgroup_text
+
+from cni.netlink.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 
 HEADRACE = str(Path(sys.executable).parent / "headrace")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import socket
 import struct
 
-from node_agent.kernel import netlink_parse
-from node_agent.kernel.netlink_parse import NETLINK_NETFILTER
-from node_agent.kernel.nft_messages import NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWTABLE, message
+from cni.netlink import netlink_parse
+from cni.netlink.netlink_parse import NETLINK_NETFILTER
+from cni.netlink.nft_messages import NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWTABLE, message
 
 NFT_MSG_GETTABLE = 1
 NFTA_TABLE_NAME = 1

@@ -21,11 +21,11 @@ import socket
 from dataclasses import dataclass
 
 from cni.kernel.netns import NetnsThreadTimeout
-from node_agent.kernel import netlink_parse
+from cni.netlink import netlink_parse
+from cni.netlink.nft_messages import NFNL_SUBSYS_NFTABLES
 from node_agent.kernel.netns_runner import run_in_netns
 
 NFNLGRP_NFTABLES = 7
-NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_ID = 1
 NFGENMSG_SIZE = 4  # nfgenmsg: family, version, res_id

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cni.kernel.netns import NetnsThreadTimeout
-from node_agent.kernel import netlink_parse
+from cni.netlink import netlink_parse
 from node_agent.kernel.netns_runner import run_in_netns
 
 RTM_NEWROUTE, RTM_GETROUTE, RTM_NEWRULE, RTM_GETRULE = 24, 26, 32, 34

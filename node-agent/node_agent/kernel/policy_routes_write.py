@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from node_agent.kernel import netlink_parse
+from cni.netlink import netlink_parse
 from node_agent.kernel.policy_routes_read import Routing
 
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33

@@ -15,8 +15,8 @@ import os
 import socket
 import struct
 
-from node_agent.kernel import netlink_parse
-from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
+from cni.netlink import netlink_parse
+from cni.netlink.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20

@@ -19,8 +19,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from cni.netlink import netlink_parse
 from node_agent.backends.ebpf import bpfsys, tc
-from node_agent.kernel import netlink_parse
 from node_agent.kernel.netns_runner import run_in_netns
 
 log = logging.getLogger("headrace.backend.ebpf")

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cni.netlink import netlink_parse
+from cni.netlink.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 from node_agent.backends.ebpf import bpfsys, pinning, tc, tc_foreign
-from node_agent.kernel import netlink_parse
-from node_agent.kernel.netlink_parse import NLMSG_DONE, NLMSG_ERROR
 from node_agent.kernel.netns_runner import run_in_netns
 
 RTM_NEWLINK, RTM_GETLINK = 16, 18

@@ -28,15 +28,16 @@ from cni.contract.kinds import Family
 from cni.contract.spec import SidecarSpec
 from cni.kernel.iptables_run import IptablesError
 from cni.kernel.netns_lock import netns_lock
+from cni.kernel.nft_commit import declined_here
+from cni.netlink import nft_messages
 from cni.rules import builder
 from cni.rules.sidecar import uses_tproxy
 from cni.rules.transition import fresh_ruleset_text
 from node_agent.backends.iptables.nft_compat_batch import FAMILIES
 from node_agent.backends.iptables.nft_generation import read_here
 from node_agent.backends.iptables.xt_fresh_write import unrestore_fresh_here
-from node_agent.kernel import nft_messages
+from node_agent.kernel import background_close
 from node_agent.kernel.netns_runner import run_in_netns
-from node_agent.kernel.nft_commit import declined_here
 
 STEP = "remove-fresh"
 
@@ -63,9 +64,7 @@ def remove_fresh(netns_path: str, flavour: str, spec: Hashable, families: tuple[
 
 def delete_batch(tables: list[tuple[int, str]]) -> tuple[bytes, int]:
     """One transaction deleting these iptables-nft tables (NFT_MSG_DELTABLE by name)."""
-    return nft_messages.frame_families(
-        [(FAMILIES[family], (nft_messages.NFT_MSG_DELTABLE, 0, nft_messages.string(1, name)))
-         for family, name in tables], 1)
+    return nft_messages.delete_tables([(FAMILIES[family], name) for family, name in tables])
 
 
 def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...], digest: bytes) -> str | None:
@@ -78,7 +77,7 @@ def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...],
     def here() -> str | None:
         if read_here().to_bytes(4, "big") != digest:
             return "the netns changed since our write"
-        return declined_here(data, acked, close_later=True)
+        return declined_here(data, acked, close=background_close.later)
 
     return _in_netns(netns_path, here)
 

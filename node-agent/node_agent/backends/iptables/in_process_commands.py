@@ -27,12 +27,12 @@ from functools import partial
 from cni.contract.kinds import Family
 from cni.kernel import spawn
 from cni.kernel.iptables_run import restore_argv
+from cni.kernel.loopback_address import replace_on_loopback
 from cni.kernel.side_jobs import LO_PASSTHROUGH_V6
 from cni.rules import tproxy_routes
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from node_agent.backends.iptables.nft_fresh_write import restore_fresh_nft_here
 from node_agent.backends.iptables.xt_fresh_write import NOT_LAID_OUT, restore_fresh_here
-from node_agent.kernel.loopback_address import replace_on_loopback
 from node_agent.kernel.netns_spawn import Refused
 from node_agent.kernel.policy_routes_write import add_here
 

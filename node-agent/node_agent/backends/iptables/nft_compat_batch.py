@@ -25,15 +25,7 @@ from __future__ import annotations
 
 import struct
 
-from node_agent.backends.iptables.xt_fresh_rules import (
-    BUILTIN_CHAINS,
-    Address,
-    Extension,
-    FreshTable,
-    Unsupported,
-    XtRule,
-)
-from node_agent.kernel.nft_messages import (
+from cni.netlink.nft_messages import (
     BASE_TRANSPORT,
     CMP_EQ,
     CMP_NEQ,
@@ -63,6 +55,14 @@ from node_agent.kernel.nft_messages import (
     string,
     u32,
     verdict,
+)
+from node_agent.backends.iptables.xt_fresh_rules import (
+    BUILTIN_CHAINS,
+    Address,
+    Extension,
+    FreshTable,
+    Unsupported,
+    XtRule,
 )
 
 FAMILIES = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6

@@ -20,10 +20,10 @@ import threading
 from functools import lru_cache
 from typing import NamedTuple
 
+from cni.kernel.nft_commit import declined_here
 from node_agent.backends.iptables.nft_compat_batch import batch
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation
 from node_agent.backends.iptables.xt_fresh_rules import FreshTable, Unsupported, read_fresh
-from node_agent.kernel.nft_commit import declined_here
 
 MAX_NETNS = 65536  # netns counted; beyond that the counts start again (a caller then sees a mismatch)
 

@@ -21,10 +21,10 @@ import struct
 from collections.abc import Sequence
 
 from cni.kernel.netns import NetnsThreadTimeout
-from node_agent.kernel import netlink_parse
-from node_agent.kernel.netlink_parse import NLMSG_ERROR
+from cni.netlink import netlink_parse
+from cni.netlink.netlink_parse import NLMSG_ERROR
+from cni.netlink.nft_messages import NFNL_SUBSYS_NFTABLES, message
 from node_agent.kernel.netns_runner import run_in_netns
-from node_agent.kernel.nft_messages import NFNL_SUBSYS_NFTABLES, message
 
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16

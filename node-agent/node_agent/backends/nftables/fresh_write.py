@@ -1,13 +1,19 @@
 """Create our table in a netns that has none, from the calling thread (inside that netns), without
-libnftables: the batch `fresh_batch` builds, sent on a netfilter netlink socket (`nft_commit`)."""
+libnftables: the batch `cni.rules.nft_batch` builds (remembered per table: every sidecar pod of one spec
+gets the same), sent on a netfilter netlink socket (`cni.kernel.nft_commit`)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+from cni.kernel.nft_commit import EXISTS, declined_here
+from cni.rules.nft_batch import Unsupported
+from cni.rules.nft_batch import batch as build
 from cni.rules.nft_text import NftTable
-from node_agent.backends.nftables.fresh_batch import Unsupported, batch
-from node_agent.kernel.nft_commit import EXISTS, declined_here
 
 __all__ = ["EXISTS", "create_here"]
+
+batch = lru_cache(maxsize=64)(build)
 
 
 def create_here(table: NftTable) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
+from cni.kernel.loopback_address import replace_on_loopback
 from cni.kernel.netns import NetnsThreadTimeout
 from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from cni.rules.sidecar import uses_tproxy
@@ -23,7 +24,6 @@ from cni.rules.tproxy_routes import AMBIENT, TPROXY, Routing
 from node_agent.backends.base import RedirectSpec
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_here
 from node_agent.kernel import policy_routes_read, policy_routes_write
-from node_agent.kernel.loopback_address import replace_on_loopback
 from node_agent.kernel.netns_runner import run_in_netns
 
 

@@ -2,8 +2,10 @@
 
 `nft_text.create_text(table)` handed to libnftables costs ~0.6-0.8 ms for a sidecar pod's table, of
 which the kernel's part is ~0.25 ms: the rest is parsing, a cache fetch (six netlink dumps) and a
-user-name lookup per `meta skuid`. The agent's ADD of a sidecar pod waits for it, so the same
-transaction is built here from the table's canonical rule text and sent as it is (`fresh_write`).
+user-name lookup per `meta skuid`; the plugin's `nft -f` process costs it milliseconds more. Both the
+agent's ADD and the plugin's standalone ADD of a sidecar pod wait for it, so the same transaction is built
+here from the table's canonical rule text and sent as it is (the agent: `backends/nftables/fresh_write`;
+the plugin: `cni.kernel.nft_tables`).
 
 What is laid out is what the REDIRECT-mode sidecar tables use, encoded as libnftables 1.1 encodes it
 in an `inet` table: `meta l4proto|nfproto|skuid|skgid [!=] v`, `iifname|oifname [!=] "name"` (the name
@@ -12,23 +14,21 @@ the whole address through a bitwise mask), `tcp|udp sport|dport [!=] port`, the 
 `drop`, `return`, `jump`, `goto`, `redirect to :port`, and the comment (rule user data). A match on a
 header adds the dependency libnftables adds (`meta nfproto` before an address, `meta l4proto` before a
 port) unless the rule established it already. Anything else raises `Unsupported` and the text goes to
-libnftables as before. The kernel test compares the rules the kernel holds afterwards expression for
-expression with those libnftables writes from the same text, for every sidecar scenario.
+libnftables (or `nft -f`) as before. The kernel test compares the rules the kernel holds afterwards
+expression for expression with those libnftables writes from the same text, for every sidecar scenario.
 
 The batch: BATCH_BEGIN, the table with NLM_F_EXCL (a table of that name already there fails the whole
-batch with EEXIST, changing nothing: the caller then lists and replaces it with libnftables), the
-chains, the rules in order, BATCH_END; one acknowledgement (`nft_messages`).
+batch with EEXIST, changing nothing: the caller then lists and replaces it the usual way), the chains,
+the rules in order, BATCH_END; one acknowledgement (`cni.netlink.nft_messages`). Stdlib only and cheap
+to import (no `re`, `ipaddress` or `functools`: the CNI plugin imports it).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import struct
-from functools import lru_cache
+from _socket import AF_INET, AF_INET6, inet_pton
 
-from cni.rules.nft_text import TABLE_FAMILY, NftTable
-from node_agent.kernel.nft_messages import (
+from cni.netlink.nft_messages import (
     BASE_TRANSPORT,
     CMP_EQ,
     CMP_NEQ,
@@ -66,6 +66,11 @@ from node_agent.kernel.nft_messages import (
     u32,
     verdict,
 )
+from cni.rules.nft_text import TABLE_FAMILY
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from cni.rules.nft_text import NftTable
 
 HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
@@ -79,7 +84,7 @@ COMMENT_MAX = 128  # NFTNL_UDATA_COMMENT_MAXLEN, the terminating NUL included
 UDATA_RULE_COMMENT = 0
 VERDICTS = {"accept": NF_ACCEPT, "drop": NF_DROP, "return": NFT_RETURN}
 NF_NAT_RANGE_PROTO_SPECIFIED = 2
-_TOKEN = re.compile(r'"[^"]*"|\S+')
+SOCKET_FAMILIES = {4: AF_INET, 6: AF_INET6}
 
 
 class Unsupported(ValueError):
@@ -116,6 +121,47 @@ class _Rule:
             raise Unsupported("matches of two transport protocols in one rule")
 
 
+def tokens(text: str) -> list[str]:
+    """The words of a rule: a double-quoted string (spaces kept) or a run of non-space characters (what
+    the regular expression `"[^"]*"|\\S+` finds, without importing `re`)."""
+    out: list[str] = []
+    pos, end = 0, len(text)
+    while pos < end:
+        if text[pos].isspace():
+            pos += 1
+            continue
+        if text[pos] == '"':
+            close = text.find('"', pos + 1)
+            if close >= 0:
+                out.append(text[pos : close + 1])
+                pos = close + 1
+                continue
+        start = pos
+        while pos < end and not text[pos].isspace():
+            pos += 1
+        out.append(text[start:pos])
+    return out
+
+
+def network(text: str, family: int) -> tuple[bytes, bytes]:
+    """(address, mask) of `address[/prefix]` of one family with its host bits clear, as
+    `ipaddress.ip_network(text, strict=True)` reads it; ValueError for what that refuses (and for the
+    few forms it takes that inet_pton does not, e.g. an IPv6 scope: not laid out)."""
+    addr, sep, prefix = text.partition("/")
+    size = 4 if family == 4 else 16
+    try:
+        packed = inet_pton(SOCKET_FAMILIES[family], addr)
+    except OSError:
+        raise ValueError(f"not an IPv{family} address: {addr!r}") from None
+    if sep and not (prefix.isascii() and prefix.isdigit() and int(prefix) <= size * 8):
+        raise ValueError(f"bad prefix length {prefix!r}")
+    bits = int(prefix) if sep else size * 8
+    mask = (((1 << bits) - 1) << (size * 8 - bits)).to_bytes(size, "big")
+    if int.from_bytes(packed, "big") & ~int.from_bytes(mask, "big"):
+        raise ValueError(f"{text!r} has host bits set")
+    return packed, mask
+
+
 def _negated(words: list[str]) -> bool:
     if words and words[0] == "!=":
         words.pop(0)
@@ -130,7 +176,7 @@ def _take(words: list[str], what: str) -> str:
 
 
 def _number(text: str, bits: int, what: str) -> int:
-    if not text.isdigit() or int(text) >= 1 << bits:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 1 << bits:
         raise Unsupported(f"{what} {text!r}")
     return int(text)
 
@@ -180,13 +226,13 @@ def _address(rule: _Rule, proto: str, words: list[str]) -> None:
     text = _take(words, f"{proto} {which} value")
     family, nfproto = ADDRESS_FAMILIES[proto]
     try:
-        net = ipaddress.ip_network(text, strict=True)
+        packed, mask = network(text, family)
     except ValueError as exc:
         raise Unsupported(f"{proto} {which} {text!r}") from exc
-    if net.version != family or net.prefixlen == 0:
+    if not any(mask):
         raise Unsupported(f"{proto} {which} {text!r}")
     rule.need_nfproto(nfproto)
-    rule.add(*address(family, int(which == "daddr"), net.network_address.packed, net.netmask.packed, negate))
+    rule.add(*address(family, int(which == "daddr"), packed, mask, negate))
 
 
 def _port(rule: _Rule, proto: str, words: list[str]) -> None:
@@ -226,7 +272,7 @@ def _verdict(rule: _Rule, word: str, words: list[str], chains: frozenset[str]) -
 
 def rule_body(text: str, chains: frozenset[str]) -> tuple[bytes, bytes | None]:
     """(NFTA_RULE_EXPRESSIONS' content, NFTA_RULE_USERDATA or None) of one rule in canonical text."""
-    words = _TOKEN.findall(text)
+    words = tokens(text)
     rule = _Rule()
     while words:
         word = words.pop(0)
@@ -276,10 +322,9 @@ def _chain_hook(hook: str) -> bytes:
     return nest(4, u32(1, HOOKS[name]), u32(2, priority)) + u32(5, NF_ACCEPT) + string(7, kind)
 
 
-@lru_cache(maxsize=64)
 def batch(table: NftTable, seq: int = 1) -> tuple[bytes, int]:
     """(the batch creating `table`, the sequence number the kernel acknowledges); Unsupported when a part
-    of it is not laid out here. Remembered per table: every sidecar pod of one spec gets the same."""
+    of it is not laid out here."""
     if TABLE_FAMILY != "inet":
         raise Unsupported(f"table family {TABLE_FAMILY}")
     name = string(1, table.name)

@@ -1,22 +1,25 @@
 """nf_tables netlink messages and expressions, encoded (pure): the pieces a batch is made of.
 
-Used by the two writers that build a whole transaction themselves instead of asking a tool: the
-iptables-nft one (`backends/iptables/nft_compat_batch`) and the native nftables one
-(`backends/nftables/fresh_batch`). Attribute numbers are those of <linux/netfilter/nf_tables.h>.
+Used by the writers that build a whole transaction themselves instead of asking a tool: the agent's
+iptables-nft one (`node_agent/backends/iptables/nft_compat_batch`) and the native nftables one
+(`cni.rules.nft_batch`, the plugin's and the agent's). Attribute numbers are those of
+<linux/netfilter/nf_tables.h>.
 
 A batch is BATCH_BEGIN, the change messages, BATCH_END (`frame`); the kernel applies it as one
 transaction. Only the last change message asks for an acknowledgement: the kernel reports a failed
 message (and a failed commit, on the batch's first message) anyway, so one answer means "all applied"
-(`nft_commit.commit_here` reads it).
+(`cni.kernel.nft_commit.commit_here` reads it). Stdlib only (`struct`): the CNI plugin imports it.
 """
 
 from __future__ import annotations
 
-import socket
 import struct
-from collections.abc import Sequence
 
-from node_agent.kernel import netlink_parse
+from cni.netlink import netlink_parse
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
@@ -36,9 +39,13 @@ ADDRESS_OFFSETS = {4: (12, 16), 6: (8, 24)}  # source, destination in the IPv4 /
 Change = tuple[int, int, bytes]
 
 
+_ATTR_HEAD = netlink_parse.NLATTR.pack
+_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")  # by length % 4: to the next multiple of 4
+
+
 def attr(kind: int, value: bytes) -> bytes:
-    head = netlink_parse.NLATTR.pack(netlink_parse.NLATTR.size + len(value), kind)
-    return head + value + bytes(netlink_parse.align4(len(value)) - len(value))
+    size = len(value)
+    return _ATTR_HEAD(4 + size, kind) + value + _PADDING[size & 3]
 
 
 def nest(kind: int, *parts: bytes) -> bytes:
@@ -96,7 +103,7 @@ def address(family: int, which: int, address: bytes, mask: bytes, negate: bool) 
 
 
 def message(msg_type: int, family: int, flags: int, seq: int, body: bytes, res_id: int = 0) -> bytes:
-    data = struct.pack("=BBH", family, 0, socket.htons(res_id)) + body  # nfgenmsg
+    data = struct.pack("=BB", family, 0) + struct.pack("!H", res_id) + body  # nfgenmsg (res_id big-endian)
     hdr = netlink_parse.NLMSGHDR
     return hdr.pack(hdr.size + len(data), msg_type, NLM_F_REQUEST | flags, seq, 0) + data
 
@@ -115,3 +122,9 @@ def frame_families(changes: Sequence[tuple[int, Change]], seq: int) -> tuple[byt
                for n, (family, (msg_type, flags, body)) in enumerate(changes, seq + 1))
     out.append(message(NFNL_MSG_BATCH_END, 0, 0, last + 1, b"", res_id=NFNL_SUBSYS_NFTABLES))
     return b"".join(out), last
+
+
+def delete_tables(tables: Sequence[tuple[int, str]], seq: int = 1) -> tuple[bytes, int]:
+    """One transaction deleting these tables, (NFPROTO_* family, name) each (NFT_MSG_DELTABLE by name);
+    `frame_families`' pair."""
+    return frame_families([(family, (NFT_MSG_DELTABLE, 0, string(1, name))) for family, name in tables], seq)
