@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
-from cni.kernel.iptables_run import IptablesError, emit, restore, restore_many, save, save_families
-from cni.kernel.side_jobs import restore_many_with, save_with, undo_side_jobs
+from cni.kernel.iptables_run import IptablesError, emit, restore, restore_argv, restore_many, save, save_families
+from cni.kernel.side_jobs import LO_PASSTHROUGH_V6, restore_many_with, save_with, undo_side_jobs
+from cni.kernel.spawn import on_path
 from cni.rules.saved import owned_all, parse_save
 from cni.rules.transition import desired_from_ruleset, fresh_text, transition
 
@@ -79,6 +80,7 @@ def apply_rulesets(
     *,
     optimistic: bool = False,
     side_jobs: Sequence[SideJob] = (),
+    fresh_here: bool = False,
 ) -> dict[Family, dict[str, Owned]]:
     """Apply `rulesets` (the caller holds `netns_lock`); returns our part of each family before the apply
     (table → Owned; empty: nothing of ours was there).
@@ -87,7 +89,9 @@ def apply_rulesets(
     common case of an ADD into a new netns); the families it refuses (our chains exist already) take the
     save → transition → restore path. `side_jobs`: commands run in the netns in parallel with the first
     stage; if one fails, whatever went in is rolled back (iptables, and what the other side jobs undo)
-    and its error raised; if iptables fails, the side jobs' effects are undone too (`SideJob.undo`)."""
+    and its error raised; if iptables fails, the side jobs' effects are undone too (`SideJob.undo`).
+    `fresh_here` (the plugin, optimistic, iptables-nft): the fresh texts go in from this process first
+    (`nft_fresh.create_fresh_xt`, side jobs ::6 on lo at most); what it declines takes the processes."""
     families = [rs.family for rs in rulesets]
     desired = {rs.family: desired_from_ruleset(rs) for rs in rulesets}
     before: dict[Family, dict[str, Owned]] = {}
@@ -99,6 +103,10 @@ def apply_rulesets(
     if optimistic:
         fresh = {fam: fresh_text(desired[fam]) for fam in families}
         todo = {f: t for f, t in fresh.items() if t}
+        if fresh_here and _created_here(netns_path, flavour, todo, side_jobs, step, log):
+            emit(log, "info", step, "iptables rules applied", families=list(families), flavour=flavour,
+                 way="in-process")
+            return {fam: {} for fam in families}
         results, side_error = restore_many_with(netns_path, flavour, todo, step, side_jobs)
         ran, side_jobs = side_jobs, ()  # they ran (or could not start: side_error says so)
         if side_error is not None and not results:
@@ -147,6 +155,23 @@ def apply_rulesets(
         raise failed[0][1]
     emit(log, "info", step, "iptables rules applied", families=list(families), flavour=flavour)
     return before
+
+
+def _created_here(netns_path: str | None, flavour: Flavour, texts: dict[Family, str],
+                  side_jobs: Sequence[SideJob], step: str, log: StepLog | None) -> bool:
+    """Whether the fresh texts (and ::6 on lo) went in from this process; False: nothing changed. Only
+    where iptables-nft-restore is installed: a retry, CHECK and DEL need the tools anyway."""
+    lo = [job for job in side_jobs if tuple(job.argv) == LO_PASSTHROUGH_V6]
+    if flavour != "nft" or netns_path is None or not texts or len(lo) != len(side_jobs):
+        return False
+    if not all(on_path(restore_argv(flavour, family)[0]) for family in texts):
+        return False
+    from cni.kernel.nft_fresh import create_fresh_xt
+
+    declined = create_fresh_xt(netns_path, texts, bool(lo), step)
+    if declined is not None:
+        emit(log, "debug", step, "not created in-process, iptables-nft-restore takes it", reason=declined)
+    return declined is None
 
 
 def check_rulesets(netns_path: str | None, rulesets: Sequence[RuleSet], flavour: Flavour) -> list[str]:

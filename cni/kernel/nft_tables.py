@@ -20,7 +20,6 @@ import os
 
 from cni.kernel import spawn
 from cni.kernel.iptables_run import TIMEOUT, IptablesError, emit, netns_argv
-from cni.kernel.netns import NetnsReturnError
 from cni.kernel.netns_lock import netns_lock
 from cni.kernel.side_jobs import SideJob, lo_passthrough_v6, run_with_side_jobs, undo_side_jobs
 from cni.rules import nft_builder, nft_text
@@ -114,7 +113,9 @@ def apply_sidecar(
         raise NftError(step, f"network namespace {netns_path} does not exist")
     with netns_lock(netns_path, step):
         if not any(j.step.startswith("tproxy") for j in jobs):  # REDIRECT mode: no process if it can be
-            declined = _created_here(netns_path, table, 6 in fams, step)
+            from cni.kernel.nft_fresh import create_fresh
+
+            declined = create_fresh(netns_path, table, 6 in fams, step)
             if declined is None:
                 emit(log, "info", step, "nftables table applied", families=list(fams), way="in-process")
                 return
@@ -150,18 +151,6 @@ def apply_sidecar(
 
             remove_tproxy_routes(netns_path, fams, log=log)
     emit(log, "info", step, "nftables table applied", families=list(fams))
-
-
-def _created_here(netns_path: str, table: nft_text.NftTable, loopback_v6: bool, step: str) -> str | None:
-    from cni.kernel.nft_fresh import LeftBehind, create_fresh
-
-    try:
-        return create_fresh(netns_path, table, loopback_v6)
-    except LeftBehind as exc:
-        raise NftError(step, "the table went in, ::6 on lo did not, and the table could not be taken out",
-                       str(exc)) from exc
-    except NetnsReturnError as exc:
-        raise NftError(step, "cannot go back to the plugin's own netns", str(exc)) from exc
 
 
 def check_sidecar(netns_path: str, spec: SidecarSpec | SidecarParams, families: Iterable[object]) -> list[str]:

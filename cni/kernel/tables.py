@@ -48,6 +48,7 @@ def apply_sidecar(
     *,
     log: StepLog | None = None,
     optimistic: bool = False,
+    fresh_here: bool = False,
 ) -> None:
     """Install (or replace) the sidecar chains in the pod netns; all families or none.
 
@@ -58,7 +59,8 @@ def apply_sidecar(
     the ::6 address), in parallel with the first iptables step likewise; a failure on either side rolls
     both back (the routing entries this run created are deleted). Replacing TPROXY rules by REDIRECT ones
     deletes the policy routing.
-    `optimistic` (the CNI ADD into a fresh netns): try the one-restore-per-family `fresh_text` first."""
+    `optimistic` (the CNI ADD into a fresh netns): try the one-restore-per-family `fresh_text` first;
+    `fresh_here` (the plugin's, on iptables-nft): that from this process, without a restore process."""
     fams = valid_families(families)
     rulesets = [sidecar.sidecar_rules(spec, f) for f in fams]
     tproxy = sidecar.uses_tproxy(spec)
@@ -75,7 +77,8 @@ def apply_sidecar(
     require_netns(netns_path, step)
     with netns_lock(netns_path, step):
         before = apply_rulesets(
-            netns_path, rulesets, flavour, sidecar.SIDECAR_PREFIX, step, log, optimistic=optimistic, side_jobs=jobs
+            netns_path, rulesets, flavour, sidecar.SIDECAR_PREFIX, step, log, optimistic=optimistic, side_jobs=jobs,
+            fresh_here=fresh_here,
         )
         if not tproxy:
             was_tproxy = [fam for fam, owned_before in before.items() if "mangle" in owned_before]

@@ -6,10 +6,9 @@ Stdlib only; `cni.kernel.nft_tables` is imported only when nftables is used.
 
 from __future__ import annotations
 
-import os
-
 from cni.contract import errors
 from cni.contract.errors import CniError
+from cni.kernel.spawn import on_path
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -19,15 +18,6 @@ if TYPE_CHECKING:
     from cni.plugin.netconf import NetConf
 
 IPTABLES_BINARIES = ("iptables-nft-restore", "iptables-legacy-restore", "iptables-restore")
-
-
-def on_path(name: str) -> bool:
-    """Whether an executable `name` is on PATH (without importing shutil)."""
-    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        path = os.path.join(folder or ".", name)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return True
-    return False
 
 
 def uses_nftables(conf: NetConf) -> bool:

@@ -37,7 +37,8 @@ def apply_sidecar_redirect(
     try:
         # optimistic: an ADD normally meets a fresh netns; one restore per family then, no save first (a
         # family whose chains exist already, e.g. put there by an agent that did not answer, is replaced)
-        netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True)
+        netns_tables.apply_sidecar(netns, spec, families, flavour.resolve(setting), log=log, optimistic=True,
+                                   fresh_here=True)
     except (IptablesError, OSError, ValueError) as exc:
         raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
 

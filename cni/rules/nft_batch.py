@@ -26,7 +26,6 @@ to import (no `re`, `ipaddress` or `functools`: the CNI plugin imports it).
 from __future__ import annotations
 
 import struct
-from _socket import AF_INET, AF_INET6, inet_pton
 
 from cni.netlink.nft_messages import (
     BASE_TRANSPORT,
@@ -66,6 +65,7 @@ from cni.netlink.nft_messages import (
     u32,
     verdict,
 )
+from cni.rules.networks import network
 from cni.rules.nft_text import TABLE_FAMILY
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -84,7 +84,6 @@ COMMENT_MAX = 128  # NFTNL_UDATA_COMMENT_MAXLEN, the terminating NUL included
 UDATA_RULE_COMMENT = 0
 VERDICTS = {"accept": NF_ACCEPT, "drop": NF_DROP, "return": NFT_RETURN}
 NF_NAT_RANGE_PROTO_SPECIFIED = 2
-SOCKET_FAMILIES = {4: AF_INET, 6: AF_INET6}
 
 
 class Unsupported(ValueError):
@@ -141,25 +140,6 @@ def tokens(text: str) -> list[str]:
             pos += 1
         out.append(text[start:pos])
     return out
-
-
-def network(text: str, family: int) -> tuple[bytes, bytes]:
-    """(address, mask) of `address[/prefix]` of one family with its host bits clear, as
-    `ipaddress.ip_network(text, strict=True)` reads it; ValueError for what that refuses (and for the
-    few forms it takes that inet_pton does not, e.g. an IPv6 scope: not laid out)."""
-    addr, sep, prefix = text.partition("/")
-    size = 4 if family == 4 else 16
-    try:
-        packed = inet_pton(SOCKET_FAMILIES[family], addr)
-    except OSError:
-        raise ValueError(f"not an IPv{family} address: {addr!r}") from None
-    if sep and not (prefix.isascii() and prefix.isdigit() and int(prefix) <= size * 8):
-        raise ValueError(f"bad prefix length {prefix!r}")
-    bits = int(prefix) if sep else size * 8
-    mask = (((1 << bits) - 1) << (size * 8 - bits)).to_bytes(size, "big")
-    if int.from_bytes(packed, "big") & ~int.from_bytes(mask, "big"):
-        raise ValueError(f"{text!r} has host bits set")
-    return packed, mask
 
 
 def _negated(words: list[str]) -> bool:

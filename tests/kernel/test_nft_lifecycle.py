@@ -16,7 +16,7 @@ from node_agent.backends.nftables import fresh_write
 from node_agent.backends.nftables.backend import NftablesBackend
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from cni.kernel import iptables_run, nft_tables, side_jobs
+from cni.kernel import iptables_run, nft_fresh, nft_tables, side_jobs
 from cni.rules import nft_builder, nft_text
 from tests.harness.netns import NetNS
 from tests.unit.nft_scenarios import SCENARIOS
@@ -179,7 +179,7 @@ def test_plugin_path_add_twice_check_del(ns: NetNS) -> None:
 
 def test_plugin_path_lo_failure_rolls_back(ns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
     """The `nft -f` way (the in-process create declined): `ip` failing rolls the created table back."""
-    monkeypatch.setattr(nft_tables, "_created_here", lambda *_a: "declined for the test")
+    monkeypatch.setattr(nft_fresh, "create_fresh", lambda *_a: "declined for the test")
     real_argv = iptables_run.netns_argv
 
     def failing_ip(netns_path: str | None, argv: list[str]) -> list[str]:

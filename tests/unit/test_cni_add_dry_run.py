@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 
-from cni.kernel import nft_fresh, spawn
+from cni.kernel import apply, nft_fresh, spawn
 from cni.plugin import entry
 from cni.rules import nft_text
 from cni.rules.nft_text import NftTable
@@ -116,10 +116,16 @@ IN_PROCESS = "in-process"  # a recorded batch standing for the nftables table cr
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     rec = Recorder()
 
-    def created(_netns_path: str, table: NftTable, loopback_v6: bool) -> None:
+    def created(_netns_path: str, table: NftTable, loopback_v6: bool, _step: str) -> None:
         rec.batches.append([([IN_PROCESS, *(["::6 on lo"] if loopback_v6 else [])], nft_text.create_text(table))])
 
+    def created_xt(_netns_path: str, texts: Mapping[int, str], loopback_v6: bool, _step: str) -> None:
+        rec.batches.append([([IN_PROCESS, f"IPv{family} restore text", *(["::6 on lo"] if loopback_v6 else [])], text)
+                            for family, text in texts.items()])
+
     monkeypatch.setattr(nft_fresh, "create_fresh", created)
+    monkeypatch.setattr(nft_fresh, "create_fresh_xt", created_xt)
+    monkeypatch.setattr(apply, "on_path", lambda _name: True)  # the same text whatever this host has
     previous = spawn.install_runner(rec)
     try:
         yield rec
@@ -193,11 +199,11 @@ def render(
     if not batches and not requests:
         out.append("# nothing run, nothing sent")
     for number, batch in enumerate(batches, 1):
-        if batch[0][0][0] == IN_PROCESS:  # nft_fresh: the table as one nf_tables batch built in-process
-            (extra, text), = [(argv[1:], stdin or "") for argv, stdin in batch]
-            out.append(f"# batch {number}: no command, the plugin itself: this text's nf_tables batch"
-                       + "".join(f", {e}" for e in extra))
-            out.extend(text.splitlines())
+        if batch[0][0][0] == IN_PROCESS:  # nft_fresh: the tables as one nf_tables batch built in-process
+            out.append(f"# batch {number}: no command, the plugin itself: one nf_tables batch of these texts")
+            for argv, stdin in batch:
+                out.append("# " + ", ".join(argv[1:]) if argv[1:] else "#")
+                out.extend((stdin or "").splitlines())
             continue
         out.append(f"# batch {number}: {len(batch)} command(s) started together")
         for argv, stdin in batch:

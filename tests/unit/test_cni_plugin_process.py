@@ -237,9 +237,10 @@ def test_sidecar_path_imports_stay_lean(env: Env, ranges: bool) -> None:
     assert "cni.contract.spec" not in mods
 
 
-def test_nftables_sidecar_path_imports_stay_lean(env: Env) -> None:
-    """The standalone nftables ADD's in-process create (the batch built, a netns entered, netlink sockets)
-    loads none of the heavy modules either: `_socket` and `_ctypes`, not `socket` and `ctypes`."""
+def test_in_process_create_imports_stay_lean(env: Env) -> None:
+    """The standalone ADD's in-process create, nftables and iptables-nft (the batches built, a netns
+    entered, netlink sockets) loads none of the heavy modules either: `_socket` and `_ctypes`, not
+    `socket` and `ctypes`."""
     code = (
         "from cni.contract.annotations import sidecar_params\n"
         "from cni.kernel import nft_fresh, nft_tables\n"
@@ -247,6 +248,11 @@ def test_nftables_sidecar_path_imports_stay_lean(env: Env) -> None:
         "from cni.rules import nft_batch, nft_builder\n"
         "spec = sidecar_params({'traffic.sidecar.istio.io/excludeOutboundPorts': '5432'})\n"
         "assert nft_batch.batch(nft_builder.sidecar_table(spec, (4, 6)))[1] > 1\n"
+        "from cni.rules import builder, nft_compat_batch, xt_fresh_rules\n"
+        "from cni.rules.transition import fresh_ruleset_text\n"
+        "for family in (4, 6):\n"
+        "    text = fresh_ruleset_text(builder.sidecar_rules(spec, family))\n"
+        "    assert nft_compat_batch.changes(xt_fresh_rules.read_fresh(text, family))\n"
         "assert netns._setns_call() is not None\n"  # what setns calls (calling it needs root)
     )
     mods = _modules_after(env, code)

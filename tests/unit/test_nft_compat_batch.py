@@ -6,14 +6,14 @@ from __future__ import annotations
 import struct
 
 import pytest
-from node_agent.backends.iptables import nft_compat_batch as nb
-from node_agent.backends.iptables.xt_fresh_rules import Unsupported, read_fresh
 
 from cni.contract.spec import SidecarSpec
 from cni.netlink import netlink_parse
 from cni.netlink import nft_messages as nm
 from cni.rules import builder
+from cni.rules import nft_compat_batch as nb
 from cni.rules.transition import fresh_ruleset_text
+from cni.rules.xt_fresh_rules import Unsupported, read_fresh
 from tests.unit.netlink_batch import messages
 
 

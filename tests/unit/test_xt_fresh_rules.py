@@ -7,11 +7,11 @@ import struct
 
 import pytest
 from node_agent.backends.iptables.xt_blob import HEADER, layout, pristine
-from node_agent.backends.iptables.xt_fresh_rules import Unsupported, read_fresh
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
+from cni.rules.xt_fresh_rules import Unsupported, read_fresh
 
 
 def fresh(spec: SidecarSpec, family: int) -> str:

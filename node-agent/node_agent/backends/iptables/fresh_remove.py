@@ -31,9 +31,9 @@ from cni.kernel.netns_lock import netns_lock
 from cni.kernel.nft_commit import declined_here
 from cni.netlink import nft_messages
 from cni.rules import builder
+from cni.rules.nft_compat_batch import FAMILIES
 from cni.rules.sidecar import uses_tproxy
 from cni.rules.transition import fresh_ruleset_text
-from node_agent.backends.iptables.nft_compat_batch import FAMILIES
 from node_agent.backends.iptables.nft_generation import read_here
 from node_agent.backends.iptables.xt_fresh_write import unrestore_fresh_here
 from node_agent.kernel import background_close

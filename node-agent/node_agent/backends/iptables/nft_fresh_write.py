@@ -21,9 +21,9 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from cni.kernel.nft_commit import declined_here
-from node_agent.backends.iptables.nft_compat_batch import batch
+from cni.rules.nft_compat_batch import batch
+from cni.rules.xt_fresh_rules import FreshTable, Unsupported, read_fresh
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_generation
-from node_agent.backends.iptables.xt_fresh_rules import FreshTable, Unsupported, read_fresh
 
 MAX_NETNS = 65536  # netns counted; beyond that the counts start again (a caller then sees a mismatch)
 

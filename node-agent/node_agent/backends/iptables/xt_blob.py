@@ -16,8 +16,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from node_agent.backends.iptables.iptc_fingerprint import EXT_HEADER, LAYOUTS
-from node_agent.backends.iptables.xt_fresh_rules import (
+from cni.rules.xt_fresh_rules import (
     BUILTIN_CHAINS,
     IFNAMSIZ,
     VERDICTS,
@@ -26,6 +25,7 @@ from node_agent.backends.iptables.xt_fresh_rules import (
     Unsupported,
     XtRule,
 )
+from node_agent.backends.iptables.iptc_fingerprint import EXT_HEADER, LAYOUTS
 
 HEADER = {family: entry.header_len for family, entry in LAYOUTS.items()}  # sizeof(ipt_entry / ip6t_entry)
 ERROR_NAME_LEN = 30  # struct xt_error_target's errorname

@@ -38,6 +38,7 @@ import threading
 from functools import lru_cache
 from typing import NamedTuple
 
+from cni.rules.xt_fresh_rules import FreshTable, Unsupported, read_fresh
 from node_agent.backends.iptables.iptc_fingerprint import LAYOUTS
 from node_agent.backends.iptables.xt_blob import Blob, layout, pristine
 from node_agent.backends.iptables.xt_digest import (
@@ -50,7 +51,6 @@ from node_agent.backends.iptables.xt_digest import (
     getsockopt_into,
     masked,
 )
-from node_agent.backends.iptables.xt_fresh_rules import FreshTable, Unsupported, read_fresh
 
 SO_SET_REPLACE, SO_SET_ADD_COUNTERS = 64, 65  # IPT_SO_* == IP6T_SO_*
 REPLACE = struct.Struct("=32sIII5I5IIQ")  # struct ipt_replace up to its entries

@@ -56,7 +56,7 @@ from cni.netlink.nft_messages import (
     u32,
     verdict,
 )
-from node_agent.backends.iptables.xt_fresh_rules import (
+from cni.rules.xt_fresh_rules import (
     BUILTIN_CHAINS,
     Address,
     Extension,
@@ -131,11 +131,18 @@ def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, int]:
     `tables`: one transaction for all of them."""
     if not tables:
         raise Unsupported("no table")
+    return frame(changes(tables), FAMILIES[tables[0].family], seq)
+
+
+def changes(tables: tuple[FreshTable, ...]) -> list[Change]:
+    """The change messages creating `tables` (all of one family), in iptables-nft's order."""
+    if not tables:
+        raise Unsupported("no table")
     family = FAMILIES[tables[0].family]
-    changes: list[Change] = []
+    out: list[Change] = []
 
     def change(msg_type: int, flags: int, body: bytes) -> None:
-        changes.append((msg_type, flags, body))
+        out.append((msg_type, flags, body))
 
     for table in tables:
         base = BASE_CHAINS.get(table.name)
@@ -157,4 +164,4 @@ def batch(tables: tuple[FreshTable, ...], seq: int) -> tuple[bytes, int]:
             compat = nest(5, u32(1, rule.proto), u32(2, 0))
             body = string(1, table.name) + string(2, rule.chain) + nest(4, exprs) + compat
             change(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body)
-    return frame(changes, family, seq)
+    return out

@@ -16,16 +16,15 @@ to chains the text creates; any number of tables, each its own block.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import struct
-from typing import NamedTuple
 
+from cni.contract.record import Record
+from cni.rules.networks import network
 from cni.rules.rule_text import arguments
 
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")  # by netfilter hook number
 VERDICTS = {"ACCEPT": -2, "DROP": -1, "RETURN": -5}  # -NF_ACCEPT-1, -NF_DROP-1, XT_RETURN (-NF_REPEAT-1)
-PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTOCOLS = {"tcp": 6, "udp": 17}  # IPPROTO_TCP, IPPROTO_UDP
 COMMENT_LEN = 256  # struct xt_comment_info
 OWNER_UID, OWNER_GID = 1, 2  # XT_OWNER_UID, XT_OWNER_GID
 PORT_INV_DST = 0x02  # XT_TCP_INV_DSTPT == XT_UDP_INV_DSTPT
@@ -38,20 +37,29 @@ class Unsupported(ValueError):
     """The text holds something this reader does not lay out itself (iptables-restore takes it)."""
 
 
-class Extension(NamedTuple):
+class Extension(Record):
     """A match or a non-standard target: kernel name, revision, data (unpadded)."""
 
+    __slots__ = ("data", "name", "revision")
     name: str
     revision: int
     data: bytes
 
+    def __init__(self, name: str, revision: int, data: bytes) -> None:
+        self._init(name=name, revision=revision, data=data)
 
-class Address(NamedTuple):
+
+class Address(Record):
+    __slots__ = ("address", "mask")
     address: bytes  # network byte order, already masked
     mask: bytes
 
+    def __init__(self, address: bytes, mask: bytes) -> None:
+        self._init(address=address, mask=mask)
 
-class XtRule(NamedTuple):
+
+class XtRule(Record):
+    __slots__ = ("chain", "dst", "in_if", "matches", "not_dst", "not_out_if", "out_if", "proto", "src", "target")
     chain: str
     src: Address | None
     dst: Address | None
@@ -63,12 +71,22 @@ class XtRule(NamedTuple):
     matches: tuple[Extension, ...]
     target: Extension | str  # a standard verdict (ACCEPT/DROP/RETURN) or chain name, else the extension
 
+    def __init__(self, chain: str, src: Address | None, dst: Address | None, not_dst: bool, in_if: str | None,
+                 out_if: str | None, not_out_if: bool, proto: int, matches: tuple[Extension, ...],
+                 target: Extension | str) -> None:
+        self._init(chain=chain, src=src, dst=dst, not_dst=not_dst, in_if=in_if, out_if=out_if,
+                   not_out_if=not_out_if, proto=proto, matches=matches, target=target)
 
-class FreshTable(NamedTuple):
+
+class FreshTable(Record):
+    __slots__ = ("chains", "family", "name", "rules")
     family: int
     name: str
     chains: tuple[str, ...]  # user chains the text creates, in its order
     rules: tuple[XtRule, ...]  # per chain in the order the kernel keeps them
+
+    def __init__(self, family: int, name: str, chains: tuple[str, ...], rules: tuple[XtRule, ...]) -> None:
+        self._init(family=family, name=name, chains=chains, rules=rules)
 
 
 def read_fresh(text: str, family: int) -> tuple[FreshTable, ...]:
@@ -110,7 +128,7 @@ def _table(name: str, lines: list[str], family: int) -> FreshTable:
             per_chain[args[1]] = []
         elif args[0] == "-A" and len(args) > 2:
             per_chain.setdefault(args[1], []).append(_rule(args[1], args[2:], family))
-        elif args[0] == "-I" and len(args) > 3 and args[2].isdigit():
+        elif args[0] == "-I" and len(args) > 3 and args[2].isascii() and args[2].isdigit():
             where = per_chain.setdefault(args[1], [])
             position = int(args[2])
             if not 1 <= position <= len(where) + 1:
@@ -176,13 +194,12 @@ def _rule(chain: str, args: list[str], family: int) -> XtRule:
 
 
 def _address(text: str, family: int) -> Address:
-    try:
-        net = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise Unsupported(f"address {text!r}") from None
-    if net.version != family or "/" not in text:
+    if "/" not in text:
         raise Unsupported(f"address {text!r} for IPv{family}")
-    return Address(net.network_address.packed, net.netmask.packed)
+    try:
+        return Address(*network(text, family, strict=False))
+    except ValueError:
+        raise Unsupported(f"address {text!r} for IPv{family}") from None
 
 
 def _interface(name: str) -> str:
@@ -192,13 +209,13 @@ def _interface(name: str) -> str:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= 0xFFFF:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 0xFFFF:
         raise Unsupported(f"port {text!r}")
     return int(text)
 
 
 def _id(text: str) -> int:
-    if not text.isdigit() or int(text) >= 0xFFFFFFFF:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 0xFFFFFFFF:
         raise Unsupported(f"owner id {text!r}")
     return int(text)
 
