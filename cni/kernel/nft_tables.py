@@ -6,10 +6,10 @@ the batch built in-process, sent from inside the netns, `::6` on `lo` over rtnet
 all). Otherwise, or when that is declined, it runs `nsenter --net=PATH nft -f -` fed on stdin (argv
 lists, no shell, started by `spawn`): first `create table` (one process, in parallel with the netns
 set-up side jobs: `::6` on `lo` for IPv6, TPROXY policy routing); a netns that has our table already
-gets a read and one replace transaction. When
-either side fails, the table is put back as it was (deleted, or the old listing restored) and the side
-jobs are undone. Writers hold the netns flock (netns_lock.py), as the iptables path does. The agent applies
-the same tables in-process with libnftables (node_agent/backends/nftables/).
+gets a read and one replace transaction. When either side fails, the table is put back as it was
+(deleted, or the old listing restored) and the side jobs are undone. Writers hold the netns flock
+(netns_lock.py), as the iptables path does. The agent applies the same tables in-process with
+libnftables (node_agent/backends/nftables/).
 
 Stdlib only: imported by the CNI plugin for `backend: nftables`.
 """

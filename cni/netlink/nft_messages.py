@@ -1,9 +1,8 @@
 """nf_tables netlink messages and expressions, encoded (pure): the pieces a batch is made of.
 
-Used by the writers that build a whole transaction themselves instead of asking a tool: the agent's
-iptables-nft one (`node_agent/backends/iptables/nft_compat_batch`) and the native nftables one
-(`cni.rules.nft_batch`, the plugin's and the agent's). Attribute numbers are those of
-<linux/netfilter/nf_tables.h>.
+Used by the writers that build a whole transaction themselves instead of asking a tool, the plugin's
+and the agent's: the iptables-nft one (`cni.rules.nft_compat_batch`) and the native nftables one
+(`cni.rules.nft_batch`). Attribute numbers are those of <linux/netfilter/nf_tables.h>.
 
 A batch is BATCH_BEGIN, the change messages, BATCH_END (`frame`); the kernel applies it as one
 transaction. Only the last change message asks for an acknowledgement: the kernel reports a failed

@@ -5,7 +5,7 @@ which the kernel's part is ~0.25 ms: the rest is parsing, a cache fetch (six net
 user-name lookup per `meta skuid`; the plugin's `nft -f` process costs it milliseconds more. Both the
 agent's ADD and the plugin's standalone ADD of a sidecar pod wait for it, so the same transaction is built
 here from the table's canonical rule text and sent as it is (the agent: `backends/nftables/fresh_write`;
-the plugin: `cni.kernel.nft_tables`).
+the plugin: `cni.kernel.nft_fresh`).
 
 What is laid out is what the REDIRECT-mode sidecar tables use, encoded as libnftables 1.1 encodes it
 in an `inet` table: `meta l4proto|nfproto|skuid|skgid [!=] v`, `iifname|oifname [!=] "name"` (the name

@@ -3,9 +3,11 @@ records (pure).
 
 `cni.rules.transition.fresh_text` writes a pod's rules for `iptables-restore --noflush` as
 `*table`, `-N chain`, `-I BUILTIN <n> rule`, `-A chain rule`, `COMMIT`, every rule in iptables-save's
-canonical form (`cni.rules.rule_text`). The agent can put such a text into the kernel itself
-(legacy: `xt_fresh_write`, nft: `nft_fresh_write`); this module reads it into `XtRule` records with the
-data each match and target holds in the kernel (`xt_blob` and `nft_compat_batch` lay them out), and
+canonical form (`cni.rules.rule_text`). The agent can put such a text into the kernel itself (legacy:
+`node_agent/backends/iptables/xt_fresh_write`, nft: `nft_fresh_write`), and so can the plugin on
+iptables-nft (`cni.kernel.nft_fresh`); this module reads it into `XtRule` records with the data each
+match and target holds in the kernel (the agent's `xt_blob` and `cni.rules.nft_compat_batch` lay them
+out), without `ipaddress`, `socket` or `typing` (the plugin imports it), and
 declines — `Unsupported`, the caller starts `iptables-restore` as before — anything outside the small
 grammar the REDIRECT-mode sidecar rules and the ambient rules use: `-s`, `[!] -d`, `-i`, `[!] -o`,
 `-p tcp|udp`, `-m tcp|udp [!] --dport N`, `-m owner [!] --uid-owner|--gid-owner N`,
