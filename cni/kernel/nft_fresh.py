@@ -82,3 +82,5 @@ def commit_fresh(netns_path: str, batch: tuple[bytes, int], undo: tuple[bytes, i
         raise IptablesError(step, "cannot go back to the plugin's own netns", str(exc)) from exc
     except OSError as exc:  # entering the netns
         return f"entering {netns_path}: {exc.strerror or exc}"
+    except ImportError as exc:  # no `_ctypes` in this runtime (Python < 3.12): the processes do it
+        return f"entering {netns_path}: {exc}"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from cni.contract.spec import SidecarSpec
-from cni.kernel import iptables_run, nft_fresh, nft_tables, spawn
+from cni.kernel import iptables_run, netns, nft_fresh, nft_tables, spawn
 from cni.kernel import tables as netns_tables
 from cni.netlink.nft_messages import delete_tables
 from cni.rules import nft_builder, nft_text
@@ -148,3 +148,15 @@ def test_iptables_nft_without_the_tools_is_left_to_them(two: tuple[str, str], mo
         netns_tables.apply_sidecar(f"/run/netns/{ours}", SPEC, (4,), "nft", optimistic=True, fresh_here=True)
     monkeypatch.undo()
     assert not any(line.startswith("-A HEADRACE") for line in saved(ours, 4, "nft"))
+
+
+def test_a_runtime_without_ctypes_declines(ns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime whose `_ctypes` cannot load (no libffi): the plugin cannot enter a netns itself, so the
+    create is declined (the processes do it) instead of failing the ADD."""
+    def no_ctypes() -> None:
+        raise ImportError("libffi.so.8: cannot open shared object file")
+
+    monkeypatch.delattr(os, "setns", raising=False)
+    monkeypatch.setattr(netns, "_setns_call", no_ctypes)
+    declined = nft_fresh.create_fresh(ns.path, nft_builder.sidecar_table(SPEC, (4,)), False, "test")
+    assert declined is not None and "libffi" in declined and listed(ns) == ""
