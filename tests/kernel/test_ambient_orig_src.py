@@ -318,15 +318,6 @@ def prove_orig_src(redirect: Redirect, family: int, inspect: Callable[[Pod], Non
         assert app.netns.run(["ip", f, "route", "list", "table", "100"], check=False).stdout.strip() == ""
 
 
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hrams-")
-    try:
-        yield n
-    finally:
-        n.delete()
-
-
 def ours(n: NetNS, fl: str) -> tuple[list[str], list[str]]:
     """(HEADRACE lines of both families, the ambient policy-routing entries of both families)."""
     lines = [

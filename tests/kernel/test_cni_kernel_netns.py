@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,15 +11,6 @@ from cni.kernel import netns
 from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hrt-nsh-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def _here() -> int:

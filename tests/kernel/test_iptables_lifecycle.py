@@ -10,7 +10,6 @@ import ipaddress
 import re
 import shlex
 import threading
-from collections.abc import Iterator
 
 import pytest
 from node_agent.backends.base import BackendError, PodTarget
@@ -41,15 +40,6 @@ COMMIT
 COMMIT
 """
 FOREIGN_V6 = FOREIGN_V4.replace("192.0.2.1/32", "2001:db8::1/128")
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hript-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def restore(n: NetNS, fl: str, family: int, text: str) -> None:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,15 +28,6 @@ SPEC = SidecarSpec(
     exclude_outbound_ranges=(ipaddress.ip_network("10.96.0.0/12"), ipaddress.ip_network("fd00:96::/64")),
 )
 FOREIGN = "*nat\n:FOREIGN_NAT - [0:0]\n-A OUTPUT -j FOREIGN_NAT\n-A PREROUTING -p udp -j FOREIGN_NAT\nCOMMIT\n"
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hropt-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def rules(n: NetNS, fl: str, family: int) -> list[str]:

@@ -15,7 +15,7 @@ import os
 import shlex
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from node_agent.backends.base import PodTarget, RedirectSpec
@@ -43,15 +43,6 @@ def reader() -> iptc_reader.IptcReader:
     if not r.wait_ready(60):
         pytest.fail(f"python-iptables does not load: {r.error}")
     return r
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hr-iptc-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 class Spawns:

@@ -38,15 +38,6 @@ AMBIENT = AmbientSpec()
 SIDECAR = SidecarSpec()
 
 
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hr-nftgen-")
-    try:
-        yield n
-    finally:
-        n.delete()
-
-
 def ipt(ns: NetNS, *args: str) -> None:
     subprocess.run(["nsenter", f"--net={ns.path}", "iptables-nft", *args], check=True, capture_output=True)
 

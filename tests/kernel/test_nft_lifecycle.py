@@ -8,7 +8,6 @@ test_backend_parity.py), which run over nftables too.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
 
 import pytest
 from node_agent.backends.base import BackendError, PodTarget
@@ -29,13 +28,10 @@ FOREIGN = "table inet foreign {\n\tchain out {\n\t\ttype filter hook output prio
 
 
 @pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hrnft-")
-    try:
-        n.run(["ip", "link", "set", "lo", "up"])
-        yield n
-    finally:
-        n.delete()
+def ns(ns: NetNS) -> NetNS:
+    """The kernel tests' new netns, `lo` up."""
+    ns.run(["ip", "link", "set", "lo", "up"])
+    return ns
 
 
 def target(ns: NetNS, ips: tuple[str, ...] = ("10.9.0.2", "fd00:9::2")) -> PodTarget:

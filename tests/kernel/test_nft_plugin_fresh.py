@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,15 +21,6 @@ from tests.kernel.test_iptables_fresh_write import SPECS, nft_ruleset, restore, 
 pytestmark = pytest.mark.kernel
 
 SPEC = SidecarSpec(exclude_outbound_ports=(5432,))
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hrnpf-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def listed(ns: NetNS) -> str:

@@ -13,7 +13,6 @@ import fcntl
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 
 import pytest
 from node_agent.backends import nft_foreign
@@ -30,15 +29,6 @@ from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 SIOCGSKNS = 0x894C  # a socket's network namespace, as a new fd
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hr-nftdump-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def in_ns(ns: NetNS, *argv: str) -> None:

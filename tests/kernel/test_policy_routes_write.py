@@ -6,7 +6,6 @@ midway takes back what went in, and deletes of absent entries are fine."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 
 import pytest
 from node_agent.kernel import policy_routes_write as prw
@@ -18,15 +17,6 @@ from cni.rules.tproxy_routes import AMBIENT, TPROXY, Routing
 from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hr-prw-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def ip_view(ns: NetNS, routing: Routing) -> list[str]:

@@ -26,7 +26,7 @@ The inbound listener is the harness Listener with `transparent=True` (IP_TRANSPA
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -198,15 +198,6 @@ def test_bad_mode_leaves_netns_untouched(flavour_node: tuple[str, SimNode]) -> N
 
 
 # ---------------------------------------------------------------- netns_tables: rollback and mode switches
-
-
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hrtpx-")
-    try:
-        yield n
-    finally:
-        n.delete()
 
 
 def ours(n: NetNS, fl: str) -> tuple[list[str], list[list[str]]]:
