@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -36,6 +38,28 @@ def leftovers() -> set[str]:
     return out
 
 
+def terminated(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (`kill`, a CI job cancelled, a timeout) ends the run the way Ctrl-C does: pytest then tears
+    down every fixture in use, so the netns, cgroups, pod processes and mounts of the running tests go
+    too. Python's default for SIGTERM is to die at once, without any teardown."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, terminated)
+
+
+def sweep_stale() -> None:
+    """What a run killed with SIGKILL left (no teardown can run then): its nodes' cgroup subtrees and the
+    pod processes inside them, removed before this run starts."""
+    if os.geteuid() != 0 or not Path("/sys/fs/cgroup/unified").is_dir():
+        return
+    from node_agent.lab.simnode import remove_stale_node_cgroups
+
+    for base in remove_stale_node_cgroups():
+        print(f"removed {base}, left by a killed test run")
+
+
+sweep_stale()
 _AT_START = leftovers()
 
 

@@ -89,6 +89,15 @@ def rmdir_cgroup(path: Path, timeout: float = 3.0) -> None:
         time.sleep(0.02)
 
 
+def remove_tree(base: Path) -> None:
+    """Remove a cgroup v2 subtree, deepest directory first, killing what still runs inside each."""
+    if not base.is_dir():
+        return
+    dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    for d in [*dirs, base]:
+        rmdir_cgroup(d)
+
+
 class PodProcs:
     """Bare pods: each a ``sleep`` in a fresh netns (or sharing another's), in a kubelet-style cgroup below
     a private base directory; ``close()`` kills them and removes every directory it made."""

@@ -36,11 +36,28 @@ from typing import Any
 from node_agent.lab.cni_runner import CniRunner
 from node_agent.lab.netns import NetNS, unique
 from node_agent.lab.objects import ns_object, pod_object, write_object
-from node_agent.lab.pod_cgroups import CGROUP2_ROOT, kill_if_in, rmdir_cgroup, sleeper
+from node_agent.lab.pod_cgroups import CGROUP2_ROOT, kill_if_in, remove_tree, rmdir_cgroup, sleeper
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
 VENV_BIN = Path(sys.executable).parent
 HEADRACE_CNI = VENV_BIN / "headrace-cni"
+
+
+NODE_NETNS_PREFIX = "hrnode-"
+NODE_CGROUP_PREFIX = "headrace-test-"  # + the node netns' name: `SimNode.cgroup_base`
+
+
+def remove_stale_node_cgroups(netns_dir: Path = Path("/run/netns")) -> list[Path]:
+    """Remove the cgroup subtrees of nodes whose netns is gone, killing what still runs inside (the pods'
+    infra processes): what a run killed without its teardown (SIGKILL) leaves. A live node's netns
+    exists for as long as its subtree does (made after it, removed before it), so another run's nodes
+    are never touched. Returns what was removed."""
+    removed = []
+    for base in sorted(CGROUP2_ROOT.glob(f"{NODE_CGROUP_PREFIX}{NODE_NETNS_PREFIX}*")):
+        if not (netns_dir / base.name.removeprefix(NODE_CGROUP_PREFIX)).exists():
+            remove_tree(base)
+            removed.append(base)
+    return removed
 
 
 def write_plugin_launcher(path: Path, agent_socket: str | None = None) -> None:
@@ -153,7 +170,7 @@ class SimNode:
             (root / sub).mkdir(exist_ok=True)
         write_plugin_launcher(root / "bin" / "headrace-cni", str(root / "state" / "cni.sock"))
         v4, v6 = random_subnets()
-        netns = NetNS.create("hrnode-")
+        netns = NetNS.create(NODE_NETNS_PREFIX)
         node = cls(root, netns, unique("hrb", 8), v4, v6, dual_stack, headrace, pod_cgroups=pod_cgroups)
         try:
             netns.sysctl("net.ipv4.ip_forward", "1")
@@ -241,7 +258,7 @@ class SimNode:
     @property
     def cgroup_base(self) -> Path:
         """This node's cgroup v2 subtree (pod_cgroups): everything of the node's pods and proxy is below."""
-        return CGROUP2_ROOT / f"headrace-test-{self.netns.name}"
+        return CGROUP2_ROOT / f"{NODE_CGROUP_PREFIX}{self.netns.name}"
 
     def proxy_cgroup(self) -> Path:
         """A cgroup v2 directory for the node proxy (ambient eBPF answers SO_ORIGINAL_DST there)."""
@@ -251,12 +268,7 @@ class SimNode:
 
     def remove_cgroups(self) -> None:
         """Remove the node's cgroup subtree, deepest first; processes still inside are killed first."""
-        base = self.cgroup_base
-        if not base.is_dir():
-            return
-        dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        for d in [*dirs, base]:
-            rmdir_cgroup(d)
+        remove_tree(self.cgroup_base)
 
     @property
     def state_dir(self) -> Path:
