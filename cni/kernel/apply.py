@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
+from cni.kernel.executables import on_path
 from cni.kernel.iptables_run import IptablesError, emit, restore, restore_argv, restore_many, save, save_families
 from cni.kernel.side_jobs import LO_PASSTHROUGH_V6, restore_many_with, save_with, undo_side_jobs
-from cni.kernel.spawn import on_path
 from cni.rules.saved import owned_all, parse_save
 from cni.rules.transition import desired_from_ruleset, fresh_text, transition
 

@@ -59,9 +59,9 @@ def _legacy_tables_present(proc_net: str = "/proc/net") -> bool:
 
 
 def _installed(flavour: Flavour) -> bool:
-    import shutil  # "auto" detection only
+    from cni.kernel.executables import on_path
 
-    return shutil.which(binary(flavour, 4, "save")) is not None
+    return on_path(binary(flavour, 4, "save"))
 
 
 def _count(flavour: Flavour, netns_path: str | None) -> int:

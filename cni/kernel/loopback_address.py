@@ -10,6 +10,7 @@ import os
 import struct
 
 from cni.netlink.netlink_parse import NLMSG_ERROR, NLMSGHDR, messages
+from cni.rules.rule_text import PASSTHROUGH_SOURCE
 
 RTM_NEWADDR = 20
 NLM_F_REQUEST = 0x1
@@ -50,3 +51,9 @@ def replace_on_loopback(address: str, timeout: float = 2.0) -> None:
                 raise OSError(-err, f"adding {address} to lo: {os.strerror(-err)}")
             return
     raise OSError(f"adding {address} to lo: no acknowledgement from the kernel")
+
+
+def passthrough_v6_here() -> None:
+    """`ip -6 addr replace ::6/128 dev lo` in the calling thread's netns: a dual-stack sidecar's inbound
+    passthrough source (`PASSTHROUGH_SOURCE`, as istio-iptables puts it there); OSError when refused."""
+    replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0])

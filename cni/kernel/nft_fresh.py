@@ -16,7 +16,7 @@ Stdlib only and cheap to import.
 from __future__ import annotations
 
 from cni.kernel.iptables_run import IptablesError
-from cni.kernel.loopback_address import replace_on_loopback
+from cni.kernel.loopback_address import passthrough_v6_here
 from cni.kernel.netns import NetnsReturnError, entered
 from cni.kernel.nft_commit import declined_here
 from cni.netlink.nft_messages import NFPROTO_INET, delete_tables, frame_families
@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
     from cni.contract.kinds import Family
     from cni.rules.nft_text import NftTable
-
-LOOPBACK_V6 = "::6"  # the sidecar's IPv6 inbound passthrough source (rule_text.PASSTHROUGH_SOURCE[6])
-
 
 def create_fresh(netns_path: str, table: NftTable, loopback_v6: bool, step: str) -> str | None:
     """nftables: None when `table` (and, `loopback_v6`, ::6 on lo) is in place in the netns at
@@ -70,13 +67,13 @@ def commit_fresh(netns_path: str, batch: tuple[bytes, int], undo: tuple[bytes, i
             if declined is not None or not loopback_v6:
                 return declined
             try:
-                replace_on_loopback(LOOPBACK_V6)
+                passthrough_v6_here()
             except OSError as exc:
                 undone = declined_here(*undo)
                 if undone is not None:
                     raise IptablesError(step, "the tables went in, ::6 on lo did not, and the tables could not "
                                         "be taken out", f"{exc}; taking them out: {undone}") from exc
-                return f"{LOOPBACK_V6} on lo: {exc}"
+                return f"::6 on lo: {exc}"
             return None
     except NetnsReturnError as exc:
         raise IptablesError(step, "cannot go back to the plugin's own netns", str(exc)) from exc

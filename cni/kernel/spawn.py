@@ -121,15 +121,6 @@ class Spawner:
 _runner: Runner = Spawner()
 
 
-def on_path(name: str) -> bool:
-    """Whether an executable `name` is on PATH (without importing shutil)."""
-    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        path = os.path.join(folder or ".", name)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return True
-    return False
-
-
 def install_runner(runner: Runner | None) -> Runner:
     """Make ``runner`` run every batch from now on (None: the real ``Spawner``); returns the one it
     replaces, so a test can put it back."""

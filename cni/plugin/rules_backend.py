@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cni.contract import errors
 from cni.contract.errors import CniError
-from cni.kernel.spawn import on_path
+from cni.kernel.executables import on_path
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:

@@ -59,10 +59,10 @@ def test_a_table_already_there_is_declined_unchanged_and_replaced_by_nft(ns: Net
 
 
 def test_a_failed_lo_address_takes_the_table_out_again(ns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refused(_address: str) -> None:
+    def refused() -> None:
         raise PermissionError(1, "refused for the test")
 
-    monkeypatch.setattr(nft_fresh, "replace_on_loopback", refused)
+    monkeypatch.setattr(nft_fresh, "passthrough_v6_here", refused)
     declined = nft_fresh.create_fresh(ns.path, nft_builder.sidecar_table(SPEC, (4, 6)), True, "test")
     assert declined is not None and "refused for the test" in declined
     assert listed(ns) == ""
@@ -73,10 +73,10 @@ def test_a_failed_lo_address_takes_the_table_out_again(ns: NetNS, monkeypatch: p
 def test_a_table_that_cannot_be_taken_out_again_fails_the_add(ns: NetNS, monkeypatch: pytest.MonkeyPatch) -> None:
     """Worst case: the address fails and so does the table's removal. The ADD fails with both reasons
     (the runtime's DEL then removes the table) and the plugin is back in its own netns."""
-    def refused(_address: str) -> None:
+    def refused() -> None:
         raise PermissionError(1, "refused for the test")
 
-    monkeypatch.setattr(nft_fresh, "replace_on_loopback", refused)
+    monkeypatch.setattr(nft_fresh, "passthrough_v6_here", refused)
     monkeypatch.setattr(nft_fresh, "delete_tables", lambda _tables: delete_tables([(1, "no-such")]))
     home = os.stat("/proc/thread-self/ns/net").st_ino
     with pytest.raises(iptables_run.IptablesError, match="could not be taken out") as err:

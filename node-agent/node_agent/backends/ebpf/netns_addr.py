@@ -6,11 +6,11 @@ address stays on removal (harmless, it dies with the pod netns), as with the ipt
 
 from __future__ import annotations
 
-from node_agent.backends.iptables.in_process_commands import lo_passthrough_v6_here
+from cni.kernel.loopback_address import passthrough_v6_here
 from node_agent.kernel.netns_runner import run_in_netns
 
 
 def ensure_lo_passthrough6(netns_path: str) -> None:
     """Put ::6/128 on the netns' lo (idempotent: replace): one rtnetlink request from a pooled thread
     inside the netns. OSError when the netns cannot be entered or the kernel refuses."""
-    run_in_netns(netns_path, lo_passthrough_v6_here, timeout=10.0)
+    run_in_netns(netns_path, passthrough_v6_here, timeout=10.0)

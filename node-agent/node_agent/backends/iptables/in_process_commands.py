@@ -27,23 +27,16 @@ from functools import partial
 from cni.contract.kinds import Family
 from cni.kernel import spawn
 from cni.kernel.iptables_run import restore_argv
-from cni.kernel.loopback_address import replace_on_loopback
+from cni.kernel.loopback_address import passthrough_v6_here
 from cni.kernel.side_jobs import LO_PASSTHROUGH_V6
 from cni.rules import tproxy_routes
-from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from node_agent.backends.iptables.nft_fresh_write import restore_fresh_nft_here
 from node_agent.backends.iptables.xt_fresh_write import NOT_LAID_OUT, restore_fresh_here
 from node_agent.kernel.netns_spawn import Refused
 from node_agent.kernel.policy_routes_write import add_here
 
-
-def lo_passthrough_v6_here() -> None:
-    """`ip -6 addr replace ::6/128 dev lo` in the calling thread's netns (OSError when refused)."""
-    replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0])
-
-
 IN_PROCESS: dict[tuple[str, ...], Callable[[], None]] = {
-    LO_PASSTHROUGH_V6: lo_passthrough_v6_here,
+    LO_PASSTHROUGH_V6: passthrough_v6_here,
 }
 
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from cni.kernel.loopback_address import replace_on_loopback
+from cni.kernel.loopback_address import passthrough_v6_here
 from cni.kernel.netns import NetnsThreadTimeout
-from cni.rules.rule_text import PASSTHROUGH_SOURCE
 from cni.rules.sidecar import uses_tproxy
 from cni.rules.tproxy_routes import AMBIENT, TPROXY, Routing
 from node_agent.backends.base import RedirectSpec
@@ -43,7 +42,7 @@ def add_here(spec: RedirectSpec, families: tuple[int, ...], replaced_tproxy: boo
     created: list[policy_routes_write.Entry] = []
     try:
         if isinstance(spec, SidecarSpec) and 6 in families:
-            replace_on_loopback(PASSTHROUGH_SOURCE[6].split("/")[0])
+            passthrough_v6_here()
         if routing is not None:
             created = policy_routes_write.add_here(families, routing)
         if replaced_tproxy and routing is not TPROXY:
