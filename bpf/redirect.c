@@ -3,14 +3,18 @@
  * Per pod, attached to the pod's own cgroup v2 directory (BPF_F_ALLOW_MULTI), never host-wide:
  *   hr_connect4 / hr_connect6   cgroup/connect4|6: outbound TCP -> loopback:outbound_port with the socket
  *                               bound to the pod IP first (the source iptables REDIRECT keeps), original
- *                               destination remembered by socket cookie; TCP/UDP :53 -> loopback:dns_port
+ *                               destination remembered by socket cookie; TCP/UDP :53 -> loopback:dns_port.
+ *                               Compiled once per pod mode (hr_connect4_sc / _amb, ...: the mode is a
+ *                               constant, so the verifier walks one mode's paths, a quarter of the states)
+ *                               and loaded under these names
  *   hr_sockops                  sock_ops: at TCP connect, move the original destination from the socket
  *                               cookie to the connection's client address/port (what the proxy sees)
  *   hr_getsockopt               cgroup/getsockopt: answers SO_ORIGINAL_DST (SOL_IP 80, SOL_IPV6 80) for
  *                               redirected connections from that map, as netfilter would after REDIRECT
  *   hr_sock_create              cgroup/sock_create (sidecar): the creator's uid/gid of each TCP socket
  *   hr_getpeername4|6           a redirected socket's peer name is the destination the app asked (TCP, DNS)
- *   hr_sendmsg4|6, hr_recvmsg4|6   DNS capture (unconnected sends from the pod IP, replies' source)
+ *   hr_sendmsg4|6, hr_recvmsg4|6   DNS capture (unconnected sends from the pod IP, replies' source); ambient
+ *                               pods only
  * and inside the pod's netns only:
  *   hr_tc_ingress / hr_tc_egress   TC (clsact) on the pod's interfaces: a new inbound TCP connection to a
  *                               captured port is rewritten to the proxy's inbound port (destination port on
@@ -125,11 +129,14 @@ static __always_inline int hr_is_probe_src(struct hr_config *cfg, u32 *addr, int
 #define HR_TO_INBOUND 2
 #define HR_TO_DNS 3
 
-static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int v4, int mapped, int sendmsg)
+/* sidecar: a constant at every call (1: the sidecar's rules, 0: ambient's); a program only ever runs with
+ * the maps it was loaded with, whose mode matches, so a config of the other mode (never seen) is let by */
+static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int v4, int mapped, int sendmsg,
+                                      int sidecar)
 {
     int zero = 0;
     struct hr_config *cfg = hr_cfg.lookup(&zero);
-    if (!cfg || !cfg->mode)
+    if (!cfg || cfg->mode != (sidecar ? HR_MODE_SIDECAR : HR_MODE_AMBIENT))
         return 1;
     u16 port = bpf_ntohs((u16)ctx->user_port);
     u32 type = ctx->type;
@@ -153,7 +160,7 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
     int local = hr_is_local(addr, v4);
     int to = HR_TO_OUTBOUND;
 
-    if (cfg->mode == HR_MODE_SIDECAR) {
+    if (sidecar) {
         /* iptables' owner match tests the socket's creator (its file credentials), not the caller of
          * connect(): use the creator recorded by hr_sock_create; the caller for a socket made before it */
         u64 sock_cookie = bpf_get_socket_cookie(ctx);
@@ -334,17 +341,37 @@ static __always_inline int hr_user_addr6(struct bpf_sock_addr *ctx, u32 addr[4])
     return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
 }
 
-int hr_connect4(struct bpf_sock_addr *ctx)
+static __always_inline int hr_connect_v4(struct bpf_sock_addr *ctx, int sidecar)
 {
     u32 addr[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
-    return hr_connect(ctx, addr, 1, 0, 0);
+    return hr_connect(ctx, addr, 1, 0, 0, sidecar);
 }
 
-int hr_connect6(struct bpf_sock_addr *ctx)
+static __always_inline int hr_connect_v6(struct bpf_sock_addr *ctx, int sidecar)
 {
     u32 addr[4];
     int mapped = hr_user_addr6(ctx, addr);
-    return hr_connect(ctx, addr, mapped, mapped, 0);
+    return hr_connect(ctx, addr, mapped, mapped, 0, sidecar);
+}
+
+int hr_connect4_sc(struct bpf_sock_addr *ctx)
+{
+    return hr_connect_v4(ctx, 1);
+}
+
+int hr_connect4_amb(struct bpf_sock_addr *ctx)
+{
+    return hr_connect_v4(ctx, 0);
+}
+
+int hr_connect6_sc(struct bpf_sock_addr *ctx)
+{
+    return hr_connect_v6(ctx, 1);
+}
+
+int hr_connect6_amb(struct bpf_sock_addr *ctx)
+{
+    return hr_connect_v6(ctx, 0);
 }
 
 /* a key's address from a socket's, read off its ctx by the caller (the verifier wants plain ctx loads):
@@ -495,7 +522,7 @@ static __always_inline int hr_sendmsg(struct bpf_sock_addr *ctx, u32 *addr, int 
 {
     if (ctx->type != HR_SOCK_DGRAM)
         return 1;
-    return hr_connect(ctx, addr, v4, mapped, which);
+    return hr_connect(ctx, addr, v4, mapped, which, 0);
 }
 
 int hr_sendmsg4(struct bpf_sock_addr *ctx)

@@ -36,7 +36,7 @@ def _open_fds() -> int:
 
 def test_every_program_is_loaded() -> None:
     names = [f"hrtest_ok{i}" for i in range(6)]
-    loaded = load_programs(_object(dict.fromkeys(names, RETURN_1)), {}, names)
+    loaded = load_programs(_object(dict.fromkeys(names, RETURN_1)), {}, names, ambient=False)
     try:
         assert list(loaded) == names
         ids = {bpfsys.prog_info(fd).prog_id for fd in loaded.values()}
@@ -51,7 +51,7 @@ def test_one_refused_program_leaves_nothing_open() -> None:
     names = ["hrtest_ok0", "hrtest_bad", "hrtest_ok1", "hrtest_ok2", "hrtest_ok3", "hrtest_ok4"]
     before = _open_fds()
     with pytest.raises(bpfsys.BpfSysError) as caught:
-        load_programs(_object(bodies), {}, names)
+        load_programs(_object(bodies), {}, names, ambient=False)
     assert "hrtest_bad" in str(caught.value) and caught.value.log  # the verifier's own words come along
     assert _open_fds() == before
 
@@ -60,7 +60,9 @@ def test_a_pinned_program_id_follows_the_pin(tmp_path: Path) -> None:
     root = pinning.ensure_bpffs(tmp_path / "state")
     try:
         path = root / "hrtest_prog"
-        loaded = load_programs(_object({"hrtest_a": RETURN_1, "hrtest_b": RETURN_1}), {}, ["hrtest_a", "hrtest_b"])
+        loaded = load_programs(
+            _object({"hrtest_a": RETURN_1, "hrtest_b": RETURN_1}), {}, ["hrtest_a", "hrtest_b"], ambient=False
+        )
         try:
             a, b = (bpfsys.prog_info(loaded[n]).prog_id for n in ("hrtest_a", "hrtest_b"))
             assert pinning.pinned_prog_id(path) is None

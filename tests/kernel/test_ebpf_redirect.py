@@ -610,3 +610,34 @@ def test_inbound_connection_made_before_capture_keeps_working(env, backend, targ
         cli.close()
         srv.close()
         t.join(timeout=3)
+
+
+def _netns_inode() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+@pytest.mark.parametrize("rules", ["nftables", "iptables"])
+def test_apply_after_runs_first_inside_the_rules_backends_netns_entry(env, backend, target, proxy_cgroup, rules):
+    """The agent's conntrack guard (`first`) runs inside the pod netns, on the thread and in the netns entry
+    the ambient inbound rules go in with, before them."""
+    from node_agent.backends.iptables.backend import IptablesBackend
+    from node_agent.backends.nftables.backend import NftablesBackend
+
+    inbound = NftablesBackend() if rules == "nftables" else IptablesBackend("auto")
+    amb = EbpfBackend(backend.state_dir, proxy_cgroup=proxy_cgroup, ambient_inbound=inbound)
+    seen: list[tuple[int, bool]] = []
+    amb.apply_after(target, AmbientSpec(), lambda: seen.append((_netns_inode(), inbound.installed(target))))
+    try:
+        assert seen == [(os.stat(target.netns_path).st_ino, False)]
+        assert amb.check(target, AmbientSpec()) == []
+    finally:
+        amb.remove(target)
+
+
+def test_apply_after_runs_first_in_the_pod_netns_without_a_rules_backend(env, backend, target):
+    """A sidecar pod with its inbound in TC: no rules backend enters the netns, so `first` runs there on a
+    pooled thread, before anything is applied."""
+    seen: list[tuple[int, list[str]]] = []
+    backend.apply_after(target, SidecarSpec(), lambda: seen.append((_netns_inode(), cgroup_prog_names(env.cgroup))))
+    assert seen == [(os.stat(target.netns_path).st_ino, [])]
+    assert backend.check(target, SidecarSpec()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from node_agent.backends.ebpf import loader
 from node_agent.backends.ebpf import object_cache as oc
 from node_agent.backends.ebpf.bpfsys import MapSpec
 
@@ -68,3 +69,22 @@ def test_a_file_others_can_write_is_not_trusted(tmp_path):
     os.symlink("/etc/hostname", path)
     with pytest.raises(oc.CacheError):
         oc.read(tmp_path, "k")
+
+
+def test_what_the_loader_writes_it_reads_back(tmp_path):
+    """Every compiled function (each mode's variant of the connect programs included) goes to the cache
+    and comes back: a restarted agent loads the object instead of compiling it again."""
+    names = loader.compiled_functions()
+    assert {"hr_connect4_sc", "hr_connect4_amb", "hr_connect6_sc", "hr_connect6_amb"} <= set(names)
+    assert "hr_connect4" not in names and names["hr_connect4_amb"] == loader.PROGRAMS["hr_connect4"]
+    maps = dict.fromkeys((*loader.POD_MAPS, *loader.NODE_MAPS), MAPS["hr_cfg"])
+    programs = {n: loader.Program(n, t, a, INSNS, RELOCS[:1]) for n, (t, a) in names.items()}
+    obj = loader.CompiledObject(programs, maps)
+    oc.write(tmp_path, "k1", loader.encode("k1", obj))
+    assert loader._load_cached(tmp_path, "k1") == obj
+
+
+def test_each_mode_loads_its_own_function():
+    assert loader.function_of("hr_connect6", ambient=True) == "hr_connect6_amb"
+    assert loader.function_of("hr_connect6", ambient=False) == "hr_connect6_sc"
+    assert loader.function_of("hr_sockops", ambient=True) == "hr_sockops"

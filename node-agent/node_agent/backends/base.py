@@ -57,7 +57,7 @@ class AppliesInNetns(Protocol):
     """A backend whose apply runs on the calling thread inside the pod netns: `first` runs there just
     before the rules go in (one netns entry for the caller's own in-netns work and the apply)."""
 
-    def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None]) -> None: ...
+    def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None: ...
 
 
 @runtime_checkable

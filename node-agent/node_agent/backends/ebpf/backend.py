@@ -16,17 +16,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
+from cni.kernel.netns import NetnsThreadTimeout
+from node_agent.backends.base import AppliesInNetns, BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
 from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, pod_state, tc
-from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id, validate_cgroup
+from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, validate_cgroup
 from node_agent.backends.ebpf.foreign_progs import detach_foreign
 from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.backends.ebpf.parent_progs import watch_parents
 from node_agent.backends.ebpf.program_loads import load_programs
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
+from node_agent.kernel.netns_runner import run_in_netns
 
 log = logging.getLogger("headrace.backend.ebpf")
 
@@ -155,6 +158,11 @@ class EbpfBackend(RedirectBackend):
         return None
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
+        self.apply_after(target, spec, None)
+
+    def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None:
+        """`apply`, with `first` run inside the pod netns before the inbound rules go in (AppliesInNetns):
+        in the rules backend's own single entry where it has one, else on a pooled thread there."""
         reason = self.fallback_reason(spec)
         if reason is not None:
             raise BackendError(f"eBPF apply for pod {target.uid}: {reason}")
@@ -165,11 +173,19 @@ class EbpfBackend(RedirectBackend):
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
             had_ebpf = self._ebpf_installed(target)
             mode = self._pinned_mode(target)
-            self._apply_ebpf(target, spec, cg)
             rules = self.inbound_rules(spec)
+            if first is not None and not isinstance(rules, AppliesInNetns):
+                try:
+                    run_in_netns(target.netns_path, first, timeout=10.0)
+                except (OSError, NetnsThreadTimeout) as e:
+                    raise BackendError(f"eBPF apply for pod {target.uid}: in {target.netns_path}: {e}") from e
+            self._apply_ebpf(target, spec, cg)
             if rules is not None:
                 try:
-                    rules.apply(target, maps.inbound_only(spec))
+                    if isinstance(rules, AppliesInNetns):  # one netns entry for its reads and writes
+                        rules.apply_after(target, maps.inbound_only(spec), first)
+                    else:
+                        rules.apply(target, maps.inbound_only(spec))
                 except Exception:
                     if not had_ebpf:
                         self._remove_ebpf(target)
@@ -238,7 +254,8 @@ class EbpfBackend(RedirectBackend):
             for map_name, keys in sets.items():
                 for key in keys:
                     bpfsys.map_update(fds[map_name], key, b"\1")
-            progs.update(load_programs(obj, fds, (*wanted, TC_PROGRAM, TC_EGRESS) if tc_wanted else wanted))
+            names = (*wanted, TC_PROGRAM, TC_EGRESS) if tc_wanted else wanted
+            progs.update(load_programs(obj, fds, names, ambient=isinstance(spec, AmbientSpec)))
             with Cgroup(cg) as c:
                 for name in wanted:
                     atype = loader.PROGRAMS[name][1]
@@ -324,18 +341,10 @@ class EbpfBackend(RedirectBackend):
                 finally:
                     _close(fds)
 
-    def _cgroup_of(self, target: PodTarget, pdir: Path | None) -> Path | None:
-        if target.cgroup_path and Path(target.cgroup_path).is_dir():
-            return Path(target.cgroup_path)
-        cfg = pod_state.read_config(pdir) if pdir is not None and pdir.is_dir() else None
-        if cfg is not None and cfg["cgroup_id"]:
-            return find_cgroup_by_id(cfg["cgroup_id"])
-        return None
-
     def _remove_ebpf(self, target: PodTarget) -> None:
         root = self._root()
         pdir = self._pod_dir(root, target)
-        cg = self._cgroup_of(target, pdir)
+        cg = pod_state.cgroup_of(target.cgroup_path, pdir)
         try:
             if cg is not None:
                 with Cgroup(cg) as c:
@@ -364,7 +373,7 @@ class EbpfBackend(RedirectBackend):
         pdir = self._pod_dir(root, target)
         if pdir.is_dir() and any(pdir.iterdir()):
             return True
-        cg = self._cgroup_of(target, None)
+        cg = pod_state.cgroup_of(target.cgroup_path, None)
         if cg is None:
             return False
         try:
@@ -375,23 +384,15 @@ class EbpfBackend(RedirectBackend):
 
     def pinned_pods(self) -> list[str]:
         """UIDs of the pods with eBPF state pinned on this node (for the agent's garbage collection)."""
-        root = self.state_dir / "bpf"
-        if pinning.mount_fstype(root) != "bpf":
-            return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != pinning.NODE_DIR)
+        return pinning.pinned_pod_dirs(self.state_dir)
 
     def close(self) -> None:
         """Agent shutdown: unmount <state-dir>/bpf when nothing of ours is pinned there any more (pods keep
         their programs otherwise, and the next agent re-adopts them from the pins)."""
         with self._lock:
-            root = self.state_dir / "bpf"
-            if pinning.mount_fstype(root) != "bpf":
-                return
-            if any(p.is_dir() for p in root.iterdir()):
-                return
             try:
-                pinning.unmount_bpffs(self.state_dir)
-                self._mounted = None
+                if pinning.unmount_if_unused(self.state_dir):
+                    self._mounted = None
             except pinning.PinError as e:
                 log.warning("ebpf bpffs unmount failed", extra={"reason": str(e)})
 

@@ -59,6 +59,23 @@ def unmount_bpffs(state_dir: str | Path) -> None:
             raise PinError(f"cannot unmount {root}: {res.stderr.strip()}")
 
 
+def pinned_pod_dirs(state_dir: Path) -> list[str]:
+    """The names of the pod directories in <state-dir>/bpf (none unless a bpffs is mounted there)."""
+    root = state_dir / "bpf"
+    if mount_fstype(root) != "bpf":
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != NODE_DIR)
+
+
+def unmount_if_unused(state_dir: Path) -> bool:
+    """Unmount <state-dir>/bpf when it is a bpffs that holds no directory any more (True: unmounted)."""
+    root = state_dir / "bpf"
+    if mount_fstype(root) != "bpf" or any(p.is_dir() for p in root.iterdir()):
+        return False
+    unmount_bpffs(state_dir)
+    return True
+
+
 def pod_dir_name(pod_uid: str) -> str:
     if not valid_uid(pod_uid) or pod_uid == NODE_DIR or ".." in pod_uid:
         raise PinError(f"pod uid {pod_uid!r} is not usable as a pin directory name")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc, tc_foreign, tc_status
-from node_agent.backends.ebpf.attach import Cgroup, cgroup_id
+from node_agent.backends.ebpf.attach import Cgroup, cgroup_id, find_cgroup_by_id
 from node_agent.backends.ebpf.foreign_progs import foreign_problems
 
 TC_PROGRAM = "hr_tc_ingress"
@@ -25,6 +25,14 @@ def read_config(pdir: Path) -> dict[str, int] | None:
     finally:
         os.close(fd)
     return maps.unpack_config(raw) if raw else None
+
+
+def cgroup_of(cgroup_path: str | None, pdir: Path | None) -> Path | None:
+    """The pod's cgroup: the one it was given while that exists, else the one its pinned config names."""
+    if cgroup_path and Path(cgroup_path).is_dir():
+        return Path(cgroup_path)
+    cfg = read_config(pdir) if pdir is not None and pdir.is_dir() else None
+    return find_cgroup_by_id(cfg["cgroup_id"]) if cfg is not None and cfg["cgroup_id"] else None
 
 
 def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool) -> list[str]:

@@ -62,7 +62,8 @@ def probe_load(obj: loader.CompiledObject) -> str | None:
             spec = obj.maps[name]
             small = dataclasses.replace(spec, max_entries=min(spec.max_entries, 16)) if spec.max_entries else spec
             fds[name] = bpfsys.map_create(small, name)
-        for pname in ("hr_connect4", "hr_sock_create", "hr_sockops", "hr_getsockopt", "hr_tc_ingress", "hr_tc_egress"):
+        connect4 = loader.MODE_FUNCTIONS["hr_connect4"]  # both modes' (each with its own checks)
+        for pname in (*connect4, "hr_sock_create", "hr_sockops", "hr_getsockopt", "hr_tc_ingress", "hr_tc_egress"):
             prog = obj.programs[pname]
             fd = bpfsys.prog_load(prog.prog_type, prog.patched(fds), pname, prog.attach_type, loader.LICENSE)
             os.close(fd)
