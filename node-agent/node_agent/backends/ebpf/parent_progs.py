@@ -16,7 +16,7 @@ reason and `headrace_agent_ebpf_parent_program_*` metrics) and leaves the decisi
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, loader, pinning
@@ -63,13 +63,15 @@ def _name(prog_id: int) -> str:
         os.close(fd)
 
 
-def found(cg: Path, wanted: Iterable[str], ours: Callable[[], set[int]]) -> list[str]:
+def found(cg: Path, wanted: Iterable[str], ours: Callable[[], set[int]],
+          attached: Mapping[int, list[int]] | None = None) -> list[str]:
     """One line per program that runs for the pod cgroup at a checked hook, is not attached to the pod
-    cgroup itself and is not one of ours (ours: read only when something else runs)."""
+    cgroup itself and is not one of ours (ours: read only when something else runs). attached: the pod
+    cgroup's own ids per attach type, as the caller just read them (else read here)."""
     candidates: list[tuple[int, int]] = []
     with Cgroup(cg) as c:
         for atype in checked_types(wanted):
-            own = set(c.attached(atype))
+            own = set(attached[atype] if attached is not None and atype in attached else c.attached(atype))
             candidates += [(pid, atype) for pid in bpfsys.prog_query(c.fd, atype, bpfsys.F_QUERY_EFFECTIVE)
                            if pid not in own]
     if not candidates:
@@ -80,9 +82,13 @@ def found(cg: Path, wanted: Iterable[str], ours: Callable[[], set[int]]) -> list
             for pid, atype in candidates if pid not in mine]
 
 
-def watch_parents(pod: str, cg: Path, pdir: Path, wanted: tuple[str, ...], node_pins: Iterable[Path]) -> None:
+def watch_parents(pod: str, cg: Path, pdir: Path, wanted: tuple[str, ...], node_pins: Iterable[Path],
+                  attached: Mapping[int, list[int]] | None = None) -> None:
     """The drift check's part: record what runs from the ancestors now (a failed read records nothing new)."""
+    def ours() -> set[int]:
+        return pinning.pinned_ids([*(pdir / n for n in wanted), *node_pins])
+
     try:
-        ALERTS.update(pod, found(cg, wanted, lambda: pinning.pinned_ids([*(pdir / n for n in wanted), *node_pins])))
+        ALERTS.update(pod, found(cg, wanted, ours, attached))
     except (CgroupError, bpfsys.BpfSysError, OSError):
         return

@@ -37,10 +37,18 @@ def cgroup_of(cgroup_path: str | None, pdir: Path | None) -> Path | None:
 
 def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool) -> list[str]:
     """Why the pinned eBPF state of the pod in pdir differs from what is wanted ([] when intact)."""
+    return problems_and_hooks(pdir, cg, wanted, gen, netns, tc_wanted)[0]
+
+
+def problems_and_hooks(
+    pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool
+) -> tuple[list[str], dict[int, list[int]]]:
+    """`problems`, and the ids attached to the pod cgroup at each of the wanted programs' attach types as
+    read for it (empty when the config is not pinned): the drift check's parent check reuses them."""
     problems: list[str] = []
     cfg = read_config(pdir)
     if cfg is None:
-        return [f"eBPF config map of the pod is not pinned in {pdir}"]
+        return [f"eBPF config map of the pod is not pinned in {pdir}"], {}
     if cfg["generation"] != gen:
         problems.append("eBPF config differs from the wanted spec")
     if cfg["cgroup_id"] != cgroup_id(cg):
@@ -63,7 +71,7 @@ def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str
         problems += tc_status.problems(pdir, netns, TC_HOOKS)
     elif (pdir / TC_PROGRAM).exists():
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
-    return problems
+    return problems, attached
 
 
 def foreign_tc(netns: str) -> list[tc_foreign.Foreign]:
