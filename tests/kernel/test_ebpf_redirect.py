@@ -402,6 +402,17 @@ def test_apply_idempotent_and_readopted_after_restart(env, backend, target, tmp_
     assert restarted.check(target, SIDECAR_OUT) != []
 
 
+def pinned_map_ids(directory: Path) -> set[int]:
+    """The ids of the node maps pinned in directory."""
+    ids: set[int] = set()
+    for name in loader.NODE_MAPS:
+        fd = pinning.open_pinned(directory / name)
+        if fd is not None:
+            ids.add(bpfsys.map_info(fd).map_id)
+            os.close(fd)
+    return ids
+
+
 def test_remove_leaves_nothing_and_is_idempotent(env, backend, target):
     start_proxy_and_server(env)
     # Only what this apply created counts as ours: other processes on the machine may load hr_* too.
@@ -410,16 +421,21 @@ def test_remove_leaves_nothing_and_is_idempotent(env, backend, target):
     ours = hr_ids("prog") - before_progs
     assert ours
     ours_maps = hr_ids("map") - before_maps
+    node_maps = ours_maps & pinned_map_ids(backend.state_dir / "bpf" / pinning.NODE_DIR)
+    assert len(node_maps) == len(loader.NODE_MAPS)
     backend.remove(target)
     backend.remove(target)
     assert cgroup_prog_names(env.cgroup) == []
     assert wait_none_left("prog", ours)
-    assert wait_no_maps_of(ours_maps)
+    assert wait_no_maps_of(ours_maps - node_maps)  # the pod's own
     assert not (backend.state_dir / "bpf" / target.uid).exists()
     assert not backend.installed(target)
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
-    backend.close()  # nothing pinned any more: the bpffs goes too
+    # the node maps outlive the last pod while the agent runs (the next pod would create them again)
+    assert pinned_map_ids(backend.state_dir / "bpf" / pinning.NODE_DIR) == node_maps
+    backend.close()  # nothing pinned any more: the node maps and the bpffs go too
     assert pinning.mount_fstype(backend.state_dir / "bpf") is None
+    assert wait_no_maps_of(node_maps)
 
 
 def test_refuses_root_cgroup(env, backend):

@@ -62,16 +62,21 @@ def unmount_bpffs(state_dir: str | Path) -> None:
 def pinned_pod_dirs(state_dir: Path) -> list[str]:
     """The names of the pod directories in <state-dir>/bpf (none unless a bpffs is mounted there)."""
     root = state_dir / "bpf"
-    if mount_fstype(root) != "bpf":
-        return []
+    return pod_dirs(root) if mount_fstype(root) == "bpf" else []
+
+
+def pod_dirs(root: Path) -> list[str]:
+    """The names of the pod directories in a mounted pin root."""
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != NODE_DIR)
 
 
 def unmount_if_unused(state_dir: Path) -> bool:
-    """Unmount <state-dir>/bpf when it is a bpffs that holds no directory any more (True: unmounted)."""
+    """Unpin the node maps and unmount <state-dir>/bpf when it is a bpffs that holds no pod directory any
+    more (True: unmounted)."""
     root = state_dir / "bpf"
-    if mount_fstype(root) != "bpf" or any(p.is_dir() for p in root.iterdir()):
+    if mount_fstype(root) != "bpf" or pinned_pod_dirs(state_dir):
         return False
+    remove_dir(root / NODE_DIR)
     unmount_bpffs(state_dir)
     return True
 
