@@ -34,7 +34,7 @@ class Handler:
             threading.Event().wait(self.add_delay)
         return self.add_outcome
 
-    def cni_sidecar_add(self, uid, namespace, name, netns, ips, timeout):
+    def cni_sidecar_add(self, uid, namespace, name, netns, ips, timeout, pod=None):
         self.calls.append(("SIDECAR", uid))
         return Outcome(True, "enrolled")
 

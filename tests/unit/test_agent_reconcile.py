@@ -342,6 +342,20 @@ def test_sidecar_pod_handed_over_by_plugin(env: Env) -> None:
     assert env.r.cni_del(UID).ok and env.backend.rules == {}
 
 
+def test_sidecar_pod_the_plugin_socket_looked_up_is_not_waited_for(env: Env) -> None:
+    """The plugin-socket ADD hands over the Pod it looked up (a GET on a cache miss): applied at once, not
+    after the agent's pod source has it (it polls every 100 ms until the timeout)."""
+    netns = env.fake_netns(UID)
+    looked_up = pod(annotations={"sidecar.istio.io/status": "{}"})
+    env.set({}, pod(uid=UID2))  # the source does not have it yet
+    env.clock.real = True
+    out = env.r.cni_sidecar_add(UID, "app", "p-1", str(netns), (), timeout=0.3)
+    assert not out.ok and out.state == "pending"  # without it: waited for, in vain
+    t0 = time.monotonic()
+    out = env.r.cni_sidecar_add(UID, "app", "p-1", str(netns), (), timeout=5, pod=looked_up)
+    assert out.ok and out.state == "enrolled" and time.monotonic() - t0 < 0.1
+
+
 def test_sidecar_bad_annotation_is_refused(env: Env) -> None:
     netns = env.fake_netns(UID)
     env.set(

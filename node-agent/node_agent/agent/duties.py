@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cni.contract.kube_objects import Pod
 from node_agent.agent.config import AgentConfig
 from node_agent.agent.errors import AgentError
 from node_agent.backends.base import PodRules
@@ -175,8 +176,8 @@ class StatusView:
         return self._handler.cni_add(uid, namespace, name, netns, ips, timeout)
 
     def cni_sidecar_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
-                        timeout: float) -> Outcome:
-        return self._handler.cni_sidecar_add(uid, namespace, name, netns, ips, timeout)
+                        timeout: float, pod: Pod | None = None) -> Outcome:
+        return self._handler.cni_sidecar_add(uid, namespace, name, netns, ips, timeout, pod)
 
     def cni_del(self, uid: str, plugin_removes: tuple[str, str] | None = None) -> Outcome:
         return self._handler.cni_del(uid, plugin_removes)

@@ -362,8 +362,10 @@ class Reconciler:
                 self.table.cond.wait(min(left, 0.5))
 
     def cni_sidecar_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
-                        timeout: float) -> Outcome:
-        return self.sidecars.add(uid, namespace, name, netns, ips, timeout)
+                        timeout: float, pod: Pod | None = None) -> Outcome:
+        """pod: the Pod object as the caller already has it (its cache or a GET), else waited for in the
+        agent's pod source."""
+        return self.sidecars.add(uid, namespace, name, netns, ips, timeout, pod)
 
     def cni_del(self, uid: str, plugin_removes: tuple[str, str] | None = None) -> Outcome:
         """`plugin_removes`: (backend, iptables setting) of the rules the plugin would remove itself after

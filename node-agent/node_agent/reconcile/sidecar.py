@@ -65,10 +65,11 @@ class SidecarPods:
             time.sleep(0.1)
 
     def add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
-            timeout: float) -> Outcome:
+            timeout: float, known: Pod | None = None) -> Outcome:
         """The plugin's ADD of a sidecar pod: pinned, recorded, redirected (checked first when the same
-        sandbox is handed over again)."""
-        pod = self._wait_for_pod(uid, timeout)
+        sandbox is handed over again). known: the Pod object the caller has (the plugin-socket ADD looked
+        it up already: its cache or a GET), else it is waited for in the agent's pod source."""
+        pod = known if known is not None and known.uid == uid else self._wait_for_pod(uid, timeout)
         if pod is None:
             return Outcome(False, PENDING, "pod not in the agent's pod source yet", retry=True)
         try:

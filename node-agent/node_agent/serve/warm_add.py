@@ -52,7 +52,7 @@ class Handlers(Protocol):
     def cni_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
                 timeout: float) -> Outcome: ...
     def cni_sidecar_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
-                        timeout: float) -> Outcome: ...
+                        timeout: float, pod: Pod | None = None) -> Outcome: ...
 
 
 class BackendSource(Protocol):
@@ -165,8 +165,11 @@ class WarmAdd:
 
     def _held(self, mode: str, pod: Pod, req: WarmAddRequest, ctx: dict[str, Any]) -> dict[str, Any]:
         self._count(mode)
-        handler = self.handlers.cni_add if mode == "ambient" else self.handlers.cni_sidecar_add
-        outcome = handler(pod.uid, pod.namespace, pod.name, req.netns, req.ips, self.add_timeout)
+        if mode == "ambient":
+            outcome = self.handlers.cni_add(pod.uid, pod.namespace, pod.name, req.netns, req.ips, self.add_timeout)
+        else:  # the pod as looked up here: the pod source may not have it yet (a GET on a cache miss)
+            outcome = self.handlers.cni_sidecar_add(pod.uid, pod.namespace, pod.name, req.netns, req.ips,
+                                                    self.add_timeout, pod)
         log.info("plugin ADD answered: %s", outcome.state if outcome.ok else outcome.error,
                  extra={**ctx, "ok": outcome.ok})
         if outcome.ok:
