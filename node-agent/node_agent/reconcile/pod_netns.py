@@ -66,17 +66,21 @@ class PodNetns:
         return self.pins.pin(uid, source, inode)
 
     def fill_cgroup(self, st: PodState, scan: Scan) -> None:
-        """The pod's cgroup v2 directory, from its processes in its (pinned) netns, when the node's backend
-        needs it and it is not known yet."""
+        """The pod's cgroup v2 directory, when the node's backend needs it and it is not known yet: the one
+        the kubelet made for the pod below a cgroup root (a few stats; there before any process of the pod,
+        as at a CNI ADD under containerd or CRI-O), else from its processes in its (pinned) netns (a /proc
+        scan: a kubelet with another cgroup root, or another runtime)."""
         if st.cgroup_path or not self.needs_cgroup:
+            return
+        found = pod_cgroup.find(st.uid)
+        if found is not None:
+            st.cgroup_path = str(found)
             return
         for loc in scan.of(st.uid):
             if loc.inode == st.inode and loc.cgroup_path:
                 st.cgroup_path = loc.cgroup_path
                 return
-        # no process yet (CNI ADD under containerd/CRI-O): the directory the kubelet made for the pod
-        found = pod_cgroup.find(st.uid)
-        st.cgroup_path = str(found) if found is not None else None
+        st.cgroup_path = None
 
     def find(self, uid: str, ips: tuple[str, ...], scan: Scan) -> NetnsLocation:
         """A pod's netns from the scan, else by its IPs (not pinned). Raises LookupError/OSError."""
