@@ -1,8 +1,10 @@
 """CNI ADD latency: headrace-cni's ADD next to the reference bridge plugin's ADD in the same chain.
 
-    .venv/bin/python bench/cni_add_latency.py [--runs 30] [--backends legacy,nft,nftables] [--agent both]
+    .venv/bin/python bench/cni_add_latency.py [--runs 30] [--backends legacy,nft,nftables[,ebpf]] [--agent both]
 
-For each backend (iptables-legacy, iptables-nft, nftables) a simulated node (its own netns; node_agent.lab)
+For each backend (iptables-legacy, iptables-nft, nftables; eBPF when asked, agent up only: the plugin hands
+an eBPF node's sidecar pods to the agent, which attaches programs to the pod's cgroup, so its pods get
+kubelet-like cgroups) a simulated node (its own netns; node_agent.lab)
 runs the chain bridge + host-local + headrace-cni the way a runtime does (libcni semantics, every plugin a
 fresh process exec'd inside the node netns; headrace-cni through the `python -IS` launcher `headrace
 install-cni` lays). `--agent`: `up` runs `headrace agent` (same backend) on the node, so the plugin sends
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import shutil
 import signal
@@ -33,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from node_agent.backends.ebpf import pod_cgroup
 from node_agent.lab.agent_run import AgentRun
 from node_agent.lab.cni_runner import CniInvocationError, CniRunner
 from node_agent.lab.netns import NetNS
+from node_agent.lab.pod_cgroups import rmdir_cgroup
 from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
 
 from cni.contract.spec import SidecarSpec
@@ -49,7 +54,12 @@ BACKENDS: dict[str, tuple[dict[str, str], list[str]]] = {
     "legacy": ({"backend": "iptables", "iptables": "legacy"}, ["--backend", "iptables", "--iptables", "legacy"]),
     "nft": ({"backend": "iptables", "iptables": "nft"}, ["--backend", "iptables", "--iptables", "nft"]),
     "nftables": ({"backend": "nftables"}, ["--backend", "nftables"]),
+    "ebpf": ({"backend": "ebpf"}, ["--backend", "ebpf"]),
 }
+DEFAULT_BACKENDS = "legacy,nft,nftables"
+# on these the plugin hands sidecar pods to the agent (none without it: it fails closed), whose programs go
+# on the pod's cgroup: agent up only, and pods with kubelet-like cgroups
+AGENT_ONLY = ("ebpf",)
 AGENT_MODES = {"up": (True,), "down": (False,), "both": (False, True)}
 PLUGINS = ("bridge", "headrace-cni")
 
@@ -146,6 +156,8 @@ def new_pod(node: SimNode, kind: str, run: int) -> Pod:
     pod = Pod("bench", name, str(uuid.uuid4()), netns, secrets.token_hex(16), {}, {}, annotations)
     node.pods[pod.uid] = pod
     node.write_pod(pod)
+    if node.pod_cgroups:  # made by the kubelet before the sandbox, no process in it yet at ADD (containerd)
+        (node.cgroup_base / "kubepods" / f"pod{pod.uid}").mkdir(parents=True)
     return pod
 
 
@@ -160,6 +172,7 @@ def one_cycle(node: SimNode, runner: CniRunner, kind: str, run: int, samples: Sa
     pod.netns.delete()
     node.pods.pop(pod.uid, None)
     (node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
+    rmdir_cgroup(node.cgroup_base / "kubepods" / f"pod{pod.uid}")
 
 
 def measure_backend(
@@ -169,7 +182,12 @@ def measure_backend(
     """(agent up/down, pod kind) -> samples on one node of this backend. With both, one agent runs and the
     "down" chain names an agent socket that does not exist, and each run measures both, side by side."""
     conf, agent_args = BACKENDS[backend]
-    node = SimNode.create(root / backend, headrace=dict(conf))
+    if backend in AGENT_ONLY:
+        agent_modes = (True,)
+    node = SimNode.create(root / backend, headrace=dict(conf), pod_cgroups=backend in AGENT_ONLY)
+    if backend in AGENT_ONLY:  # the node's kubelet cgroup root, as with `kubelet --cgroup-root`
+        os.environ[pod_cgroup.ROOTS_ENV] = str(node.cgroup_base)
+        agent_args = [*agent_args, "--proxy-cgroup", str(node.proxy_cgroup())]
     nodes.append(node)
     node.add_namespace("bench")
     runners: dict[str, CniRunner] = {}
@@ -270,14 +288,14 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=30, help="ADD+DEL cycles per pod kind, backend, agent (>=1)")
-    parser.add_argument("--backends", "--flavours", default=",".join(BACKENDS),
-                        help="comma-separated: legacy,nft (iptables flavours), nftables")
+    parser.add_argument("--backends", "--flavours", default=DEFAULT_BACKENDS,
+                        help="comma-separated: legacy,nft (iptables flavours), nftables, ebpf (agent up only)")
     parser.add_argument("--agent", choices=sorted(AGENT_MODES), default="both",
                         help="headrace agent running on the node (up), not (down), or both")
     args = parser.parse_args(argv)
     backends = [f for f in args.backends.split(",") if f]
     if args.runs < 1 or any(f not in BACKENDS for f in backends) or not backends:
-        parser.error("--runs must be >= 1 and --backends a list of legacy, nft, nftables")
+        parser.error("--runs must be >= 1 and --backends a list of legacy, nft, nftables, ebpf")
     flavours = [b for b in backends if b in FLAVOURS]
     if not HEADRACE_CNI.exists():
         parser.error(f"{HEADRACE_CNI} not found: run `make setup` first")
