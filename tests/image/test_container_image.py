@@ -111,6 +111,20 @@ def test_runtime_tools_present(image_podman: ImagePodman, headrace_image: str) -
     assert run_image(image_podman, headrace_image, "-c", script, entrypoint="/bin/sh").strip() == "ok"
 
 
+def test_the_ebpf_compile_runs_as_the_agents_child(image_podman: ImagePodman, headrace_image: str) -> None:
+    """The agent compiles the eBPF object in a child of its own interpreter (bcc and LLVM never enter it):
+    in the image that child starts, and without the node's kernel headers (mounted on a node) it answers
+    with the toolchain's reason, which the agent raises; bcc was never imported by the agent."""
+    script = (
+        "import sys; from node_agent.backends.ebpf import loader\n"
+        "try:\n    loader.compile_object()\n    print('compiled')\n"
+        "except loader.ToolchainError as e:\n    print('refused:', e)\n"
+        "print('bcc imported:', 'bcc' in sys.modules)"
+    )
+    out = run_image(image_podman, headrace_image, "-c", script, entrypoint="/opt/venv/bin/python")
+    assert "refused: kernel headers missing" in out and "bcc imported: False" in out, out
+
+
 def test_install_cni_into_host_root_and_plugin_answers(
     image_podman: ImagePodman, headrace_image: str, base_image: str, tmp_path: Path
 ) -> None:
