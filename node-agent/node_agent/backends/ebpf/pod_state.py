@@ -65,11 +65,12 @@ def problems_and_hooks(
             if pid not in attached[loader.PROGRAMS[name][1]]:
                 problems.append(f"eBPF program {name} is not attached to {cg}")
         problems += foreign_problems(cg, attached, ours)
-    extra = sorted(p.name for p in pdir.iterdir() if p.name in loader.PROGRAMS and p.name not in wanted)
+    pinned = os.listdir(pdir)  # names only: this runs for every pod every drift interval
+    extra = sorted(n for n in pinned if n in loader.PROGRAMS and n not in wanted)
     problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
     if tc_wanted:
         problems += tc_status.problems(pdir, netns, TC_HOOKS)
-    elif (pdir / TC_PROGRAM).exists():
+    elif TC_PROGRAM in pinned:
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
     return problems, attached
 
