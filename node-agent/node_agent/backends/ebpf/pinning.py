@@ -74,7 +74,7 @@ def unmount_if_unused(state_dir: Path) -> bool:
     """Unpin the node maps and unmount <state-dir>/bpf when it is a bpffs that holds no pod directory any
     more (True: unmounted)."""
     root = state_dir / "bpf"
-    if mount_fstype(root) != "bpf" or pinned_pod_dirs(state_dir):
+    if mount_fstype(root) != "bpf" or pod_dirs(root):
         return False
     remove_dir(root / NODE_DIR)
     unmount_bpffs(state_dir)
