@@ -49,7 +49,8 @@ NODE_CGROUP_PREFIX = "headrace-test-"  # + the node netns' name: `SimNode.cgroup
 
 def remove_stale_node_cgroups(netns_dir: Path = Path("/run/netns")) -> list[Path]:
     """Remove the cgroup subtrees of nodes whose netns is gone, killing what still runs inside (the pods'
-    infra processes): what a run killed without its teardown (SIGKILL) leaves. A live node's netns
+    infra processes): what a run killed without its teardown (SIGKILL) leaves (nothing without a cgroup2
+    mount at CGROUP2_ROOT). A live node's netns
     exists for as long as its subtree does (made after it, removed before it), so another run's nodes
     are never touched. Returns what was removed."""
     removed = []
