@@ -60,7 +60,37 @@ struct hr_config {
      * sent to inbound_port (istio-iptables: "! --dport 15008" on that rule); 0 = none */
     __u16 hbone_port;
     __u16 reserved16;
-    __u32 reserved32;
+    __u32 netns_ino;     /* the pod netns' inode number: the agent's check that the pod kept its netns */
+};
+
+/* a pod's sets in the node maps: the pod netns' cookie and its config's generation */
+struct hr_set_key {
+    __u64 netns;
+    __u64 generation; /* hr_config.generation of the config the sets belong to */
+};
+
+/* the kinds of sets (hr_port_key.kind, hr_net_key.data[4]) */
+#define HR_SET_XPORTS 1 /* excluded outbound ports */
+#define HR_SET_OPORTS 2 /* included outbound ports */
+#define HR_SET_XNETS 1  /* excluded outbound ranges */
+#define HR_SET_INETS 2  /* included outbound ranges */
+#define HR_SET_LOCAL 3  /* the pod's own addresses (/128 each) */
+
+/* hash key of hr_pod_ports. 24 bytes. */
+struct hr_port_key {
+    __u64 netns;
+    __u64 generation;
+    __u16 port; /* host order */
+    __u16 kind;
+    __u32 pad;
+};
+
+/* LPM trie key of hr_pod_nets: data = netns cookie (8 bytes, native order), generation (8), kind (4), then
+ * the address as in hr_lpm_key; prefixlen = HR_NET_KEY_BITS + the range's length in hr_lpm_key. 40 bytes. */
+#define HR_NET_KEY_BITS 160
+struct hr_net_key {
+    __u32 prefixlen;
+    __u32 data[9];
 };
 
 /* LPM trie key of the include/exclude range maps (IPv4 ranges stored as ::ffff:a.b.c.d/96+len) */

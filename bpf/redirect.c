@@ -1,12 +1,12 @@
-/* headrace eBPF redirection programs (compiled once per agent process by bcc; loaded per pod).
+/* headrace eBPF redirection programs (compiled once per node by bcc; see below for how they are loaded).
  *
- * Per pod, attached to the pod's own cgroup v2 directory (BPF_F_ALLOW_MULTI), never host-wide:
+ * Attached to each pod's own cgroup v2 directory (BPF_F_ALLOW_MULTI), never host-wide:
  *   hr_connect4 / hr_connect6   cgroup/connect4|6: outbound TCP -> loopback:outbound_port with the socket
  *                               bound to the pod IP first (the source iptables REDIRECT keeps), original
  *                               destination remembered by socket cookie; TCP/UDP :53 -> loopback:dns_port.
  *                               Compiled once per pod mode (hr_connect4_sc / _amb, ...: the mode is a
  *                               constant, so the verifier walks one mode's paths, a quarter of the states)
- *                               and loaded under these names
+ *                               and attached under these names
  *   hr_sockops                  sock_ops: at TCP connect, move the original destination from the socket
  *                               cookie to the connection's client address/port (what the proxy sees)
  *   hr_getsockopt               cgroup/getsockopt: answers SO_ORIGINAL_DST (SOL_IP 80, SOL_IPV6 80) for
@@ -21,9 +21,14 @@
  *                               ingress, source port of the replies on egress: REDIRECT without conntrack,
  *                               per-flow state in hr_nat); SO_ORIGINAL_DST answered from hr_conn_orig
  *
- * Maps named hr_cfg_* are per pod (parameters); hr_conn_orig, hr_cookie_orig and hr_dns_orig are shared by
- * all pods of a node (keyed by socket cookie / netns cookie + client address) so that a proxy in another
- * cgroup can be answered too. UAPI headers only.
+ * The cgroup programs are loaded once per node (per pod mode) and attached to every pod's cgroup: they read
+ * the pod's parameters from the node's hr_pod_cfg, hr_pod_ports and hr_pod_nets, keyed by the socket's netns
+ * cookie (and, for the sets, the config's generation, so that a new spec's sets go in beside the old ones
+ * and the config switches to them in one write). Maps named hr_cfg_* are the pod's own copy of the same
+ * parameters: the agent's record of what it put in the node maps, and what the TC programs (loaded per pod)
+ * read directly (an ingress packet has no socket, so no netns cookie to look them up by). hr_conn_orig, hr_cookie_orig and hr_dns_orig are shared by all pods of a node
+ * (keyed by socket cookie / netns cookie + client address) so that a proxy in another cgroup can be
+ * answered too. UAPI headers only.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -36,13 +41,20 @@
 #include "headrace_redirect.h"
 
 BPF_ARRAY(hr_cfg, struct hr_config, 1);
-BPF_HASH(hr_cfg_xports, u16, u8, 1024);          /* excluded outbound ports (host order) */
+/* the sets: not preallocated (a pod's sets hold a few entries; the maps are made for every pod) */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_xports, 1024, BPF_F_NO_PREALLOC);         /* excluded outbound ports (host order) */
 BPF_LPM_TRIE(hr_cfg_xnets, struct hr_lpm_key, u8, 1024); /* excluded outbound ranges */
 BPF_LPM_TRIE(hr_cfg_inets, struct hr_lpm_key, u8, 1024); /* included outbound ranges (when not all) */
-BPF_HASH(hr_cfg_xin, u16, u8, 1024);             /* excluded inbound ports (host order) */
-BPF_HASH(hr_cfg_iin, u16, u8, 1024);             /* included inbound ports (HR_INBOUND_LISTED) */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_xin, 1024, BPF_F_NO_PREALLOC);            /* excluded inbound ports (host order) */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_iin, 1024, BPF_F_NO_PREALLOC);            /* included inbound ports (HR_INBOUND_LISTED) */
 BPF_LPM_TRIE(hr_cfg_local, struct hr_lpm_key, u8, 64); /* the pod's own addresses (/128 each) */
-BPF_HASH(hr_cfg_oports, u16, u8, 1024);          /* included outbound ports: captured whatever the address */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_oports, 1024, BPF_F_NO_PREALLOC);         /* included outbound ports: captured whatever the address */
+/* every pod's parameters, for the node's cgroup programs (not maps of maps: a write to one of those from
+ * user space waits for an RCU grace period, ~8 ms here): the config by netns cookie, the sets by (netns
+ * cookie, generation, set) */
+BPF_F_TABLE("hash", u64, struct hr_config, hr_pod_cfg, 16384, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct hr_port_key, u8, hr_pod_ports, 65536, BPF_F_NO_PREALLOC);
+BPF_LPM_TRIE(hr_pod_nets, struct hr_net_key, u8, 65536);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_cookie_orig, 65536);
 BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_conn_orig, 65536);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_dns_orig, 65536);
@@ -55,24 +67,58 @@ BPF_SK_STORAGE(hr_in_orig, struct hr_orig);
 /* sidecar: uid (low 32 bits) and gid of the process that created a TCP socket, by socket cookie */
 BPF_TABLE("lru_hash", u64, u64, hr_sock_owner, 65536);
 
-/* 1 when the destination (16-byte form) must not be captured */
-static __always_inline int hr_dest_excluded(struct hr_config *cfg, u32 *addr, u16 port, int v4)
+/* The calling socket's pod config (hr_pod_cfg by the netns cookie; NULL: not a pod of ours) and the key of
+ * its sets. */
+static __always_inline struct hr_config *hr_pod_config(void *ctx, struct hr_set_key *sets)
 {
-    struct hr_lpm_key key = {};
-    if (hr_cfg_xports.lookup(&port))
+    u64 netns = bpf_get_netns_cookie(ctx);
+    struct hr_config *cfg = hr_pod_cfg.lookup(&netns);
+    if (!cfg)
+        return NULL;
+    sets->netns = netns;
+    sets->generation = cfg->generation;
+    return cfg;
+}
+
+/* 1 when the port is in the pod's set of that kind (HR_SET_*) */
+static __always_inline int hr_port_in(struct hr_set_key *sets, u16 kind, u16 port)
+{
+    struct hr_port_key key = {};
+    key.netns = sets->netns;
+    key.generation = sets->generation;
+    key.port = port;
+    key.kind = kind;
+    return hr_pod_ports.lookup(&key) != NULL;
+}
+
+/* 1 when the address (16-byte form) is in a range of the pod's set of that kind (HR_SET_*) */
+static __always_inline int hr_addr_in(struct hr_set_key *sets, u32 kind, u32 *addr)
+{
+    struct hr_net_key key = {};
+    key.prefixlen = HR_NET_KEY_BITS + 128;
+    __builtin_memcpy(&key.data[0], &sets->netns, 8);
+    __builtin_memcpy(&key.data[2], &sets->generation, 8);
+    key.data[4] = kind;
+    key.data[5] = addr[0];
+    key.data[6] = addr[1];
+    key.data[7] = addr[2];
+    key.data[8] = addr[3];
+    return hr_pod_nets.lookup(&key) != NULL;
+}
+
+/* 1 when the destination (16-byte form) must not be captured */
+static __always_inline int hr_dest_excluded(struct hr_config *cfg, struct hr_set_key *sets, u32 *addr, u16 port,
+                                            int v4)
+{
+    if (hr_port_in(sets, HR_SET_XPORTS, port))
         return 1;
-    key.prefixlen = 128;
-    key.addr[0] = addr[0];
-    key.addr[1] = addr[1];
-    key.addr[2] = addr[2];
-    key.addr[3] = addr[3];
-    if (hr_cfg_xnets.lookup(&key))
+    if (hr_addr_in(sets, HR_SET_XNETS, addr))
         return 1;
-    if (hr_cfg_oports.lookup(&port)) /* includeOutboundPorts: after the exclusions, before the ranges */
+    if (hr_port_in(sets, HR_SET_OPORTS, port)) /* includeOutboundPorts: after the exclusions, before ranges */
         return 0;
     if (v4 ? cfg->include_all4 : cfg->include_all6)
         return 0;
-    if (hr_cfg_inets.lookup(&key))
+    if (hr_addr_in(sets, HR_SET_INETS, addr))
         return 0;
     return 1;
 }
@@ -92,18 +138,12 @@ static __always_inline int hr_is_lo_primary(u32 *addr, int v4)
     return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
 }
 
-/* a destination routed over lo: loopback or one of the pod's own addresses (hr_cfg_local) */
-static __always_inline int hr_is_local(u32 *addr, int v4)
+/* a destination routed over lo: loopback or one of the pod's own addresses (HR_SET_LOCAL) */
+static __always_inline int hr_is_local(struct hr_set_key *sets, u32 *addr, int v4)
 {
     if (hr_is_loopback(addr, v4))
         return 1;
-    struct hr_lpm_key key = {};
-    key.prefixlen = 128;
-    key.addr[0] = addr[0];
-    key.addr[1] = addr[1];
-    key.addr[2] = addr[2];
-    key.addr[3] = addr[3];
-    return hr_cfg_local.lookup(&key) != NULL;
+    return hr_addr_in(sets, HR_SET_LOCAL, addr);
 }
 
 /* whether the pod has this address family (a v4-mapped destination is IPv4 on the wire) */
@@ -129,13 +169,13 @@ static __always_inline int hr_is_probe_src(struct hr_config *cfg, u32 *addr, int
 #define HR_TO_INBOUND 2
 #define HR_TO_DNS 3
 
-/* sidecar: a constant at every call (1: the sidecar's rules, 0: ambient's); a program only ever runs with
- * the maps it was loaded with, whose mode matches, so a config of the other mode (never seen) is let by */
+/* sidecar: a constant at every call (1: the sidecar's rules, 0: ambient's); a pod's cgroup only ever has
+ * the programs of its own mode attached, so a config of the other mode (never seen) is let by */
 static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int v4, int mapped, int sendmsg,
                                       int sidecar)
 {
-    int zero = 0;
-    struct hr_config *cfg = hr_cfg.lookup(&zero);
+    struct hr_set_key sets = {};
+    struct hr_config *cfg = hr_pod_config(ctx, &sets);
     if (!cfg || cfg->mode != (sidecar ? HR_MODE_SIDECAR : HR_MODE_AMBIENT))
         return 1;
     u16 port = bpf_ntohs((u16)ctx->user_port);
@@ -157,7 +197,7 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
     u32 s6_1 = sk->src_ip6[1];
     u32 s6_2 = sk->src_ip6[2];
     u32 s6_3 = sk->src_ip6[3];
-    int local = hr_is_local(addr, v4);
+    int local = hr_is_local(&sets, addr, v4);
     int to = HR_TO_OUTBOUND;
 
     if (sidecar) {
@@ -196,7 +236,7 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
         else if (type != HR_SOCK_STREAM)
             return 1;
     }
-    if (to == HR_TO_OUTBOUND && hr_dest_excluded(cfg, addr, port, v4))
+    if (to == HR_TO_OUTBOUND && hr_dest_excluded(cfg, &sets, addr, port, v4))
         return 1;
 
     struct hr_orig orig = {};
@@ -319,8 +359,8 @@ static __always_inline int hr_connect(struct bpf_sock_addr *ctx, u32 *addr, int 
 /* cgroup/sock_create: remember who created each TCP socket of a sidecar pod (the proxy bypass tests it) */
 int hr_sock_create(struct bpf_sock *sk)
 {
-    int zero = 0;
-    struct hr_config *cfg = hr_cfg.lookup(&zero);
+    struct hr_set_key sets = {};
+    struct hr_config *cfg = hr_pod_config(sk, &sets);
     if (!cfg || cfg->mode != HR_MODE_SIDECAR)
         return 1;
     if (sk->type != HR_SOCK_STREAM)
@@ -561,8 +601,8 @@ static __always_inline struct hr_orig *hr_tcp_orig_of(struct bpf_sock_addr *ctx)
 
 static __always_inline int hr_restore_peer(struct bpf_sock_addr *ctx, int v6)
 {
-    int zero = 0;
-    struct hr_config *cfg = hr_cfg.lookup(&zero);
+    struct hr_set_key sets = {};
+    struct hr_config *cfg = hr_pod_config(ctx, &sets);
     if (!cfg || !cfg->mode)
         return 1;
     u16 port = bpf_ntohs((u16)ctx->user_port);

@@ -275,6 +275,13 @@ def stop_processes(procs: list[subprocess.Popen[str]]) -> None:
     procs.clear()
 
 
+def removed_after(env: PodEnv, backend: Any) -> Iterator[PodTarget]:
+    """The pod's target for a test (a fixture's body); its redirection removed by `backend` afterwards."""
+    t = env.target()
+    yield t
+    backend.remove(t)
+
+
 def make_cgroup(path: Path) -> Path:
     path.mkdir()
     return path

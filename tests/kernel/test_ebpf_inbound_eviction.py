@@ -25,7 +25,7 @@ import pytest
 from node_agent.backends.base import PodTarget
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup, stop_processes
+from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup, removed_after, stop_processes
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -68,9 +68,7 @@ def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
 
 @pytest.fixture
 def target(env: PodEnv, backend: EbpfBackend) -> Iterator[PodTarget]:
-    t = env.target()
-    yield t
-    backend.remove(t)
+    yield from removed_after(env, backend)
 
 
 class InboundProxy:

@@ -16,7 +16,7 @@ import pytest
 from node_agent.backends.base import BackendError, PodTarget
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup
+from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup, removed_after
 from tests.kernel.parity_kit import ANY, HELPER, LOOPBACK, Scenario
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
@@ -25,7 +25,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 bcc = pytest.importorskip("bcc")
 
-from node_agent.backends.ebpf import bpfsys, loader, pinning, tc  # noqa: E402
+from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, pinning, tc  # noqa: E402
 from node_agent.backends.ebpf.attach import Cgroup  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 
@@ -48,9 +48,7 @@ def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
 
 @pytest.fixture
 def target(env: PodEnv, backend: EbpfBackend) -> Iterator[PodTarget]:
-    t = env.target()
-    yield t
-    backend.remove(t)
+    yield from removed_after(env, backend)
 
 
 def bpftool_json(*args: str) -> list[dict[str, Any]]:
@@ -413,28 +411,56 @@ def pinned_map_ids(directory: Path) -> set[int]:
     return ids
 
 
-def test_remove_leaves_nothing_and_is_idempotent(env, backend, target):
+def pinned_node_prog_ids(directory: Path) -> set[int]:
+    """The ids of the node's cgroup programs pinned under directory (node/progs-<digest>/)."""
+    ids: set[int] = set()
+    for path in directory.glob("progs-*/*"):
+        fd = pinning.open_pinned(path)
+        if fd is not None:
+            ids.add(bpfsys.prog_info(fd).prog_id)
+            os.close(fd)
+    return ids
+
+
+def node_config_keys(directory: Path) -> list[bytes]:
+    fd = pinning.open_pinned(directory / "hr_pod_cfg")
+    assert fd is not None
+    try:
+        return bpfsys.map_keys(fd, 8)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("spec", [SIDECAR_OUT, SidecarSpec()], ids=["cgroup-only", "with-tc"])
+def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec):
     start_proxy_and_server(env)
     # Only what this apply created counts as ours: other processes on the machine may load hr_* too.
     before_progs, before_maps = hr_ids("prog"), hr_ids("map")
-    backend.apply(target, SIDECAR_OUT)
+    backend.apply(target, spec)
     ours = hr_ids("prog") - before_progs
     assert ours
+    node_dir = backend.state_dir / "bpf" / pinning.NODE_DIR
+    node_progs = ours & pinned_node_prog_ids(node_dir)
+    assert len(node_progs) == len(cgroup_programs.wanted_programs(spec))
     ours_maps = hr_ids("map") - before_maps
-    node_maps = ours_maps & pinned_map_ids(backend.state_dir / "bpf" / pinning.NODE_DIR)
+    node_maps = ours_maps & pinned_map_ids(node_dir)
     assert len(node_maps) == len(loader.NODE_MAPS)
+    assert len(node_config_keys(node_dir)) == 1
     backend.remove(target)
     backend.remove(target)
     assert cgroup_prog_names(env.cgroup) == []
-    assert wait_none_left("prog", ours)
+    assert wait_none_left("prog", ours - node_progs)  # the pod's own (TC)
     assert wait_no_maps_of(ours_maps - node_maps)  # the pod's own
+    assert node_config_keys(node_dir) == []  # its entries in the node maps too
     assert not (backend.state_dir / "bpf" / target.uid).exists()
     assert not backend.installed(target)
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
-    # the node maps outlive the last pod while the agent runs (the next pod would create them again)
-    assert pinned_map_ids(backend.state_dir / "bpf" / pinning.NODE_DIR) == node_maps
-    backend.close()  # nothing pinned any more: the node maps and the bpffs go too
+    # the node maps and programs outlive the last pod while the agent runs (the next pod would make them again)
+    assert pinned_map_ids(node_dir) == node_maps
+    assert pinned_node_prog_ids(node_dir) == node_progs
+    backend.close()  # nothing pinned any more: the node maps, programs and the bpffs go too
     assert pinning.mount_fstype(backend.state_dir / "bpf") is None
+    assert wait_none_left("prog", node_progs)
     assert wait_no_maps_of(node_maps)
 
 
@@ -526,6 +552,13 @@ def test_failed_apply_rolls_back(env, backend):
             backend.apply(t, SidecarSpec())
         assert cgroup_prog_names(env.cgroup) == []
         assert not backend.installed(t)
+        node_dir = backend.state_dir / "bpf" / pinning.NODE_DIR
+        assert node_config_keys(node_dir) == []  # its parameters were in the node maps: taken out again
+        for name, size in (("hr_pod_ports", 24), ("hr_pod_nets", 40)):
+            fd = pinning.open_pinned(node_dir / name)
+            assert fd is not None
+            assert bpfsys.map_keys(fd, size) == [], name
+            os.close(fd)
     finally:
         backend.remove(t)
         subprocess.run(["ip", "netns", "del", empty], check=False)

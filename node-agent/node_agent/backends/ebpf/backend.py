@@ -22,9 +22,22 @@ from pathlib import Path
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.netns import NetnsThreadTimeout
 from node_agent.backends.base import AppliesInNetns, BackendError, PodRules, PodTarget, RedirectBackend, RedirectSpec
-from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, maps, netns_addr, pinning, pod_state, tc
+from node_agent.backends.ebpf import (
+    bpfsys,
+    cgroup_programs,
+    loader,
+    maps,
+    netns_addr,
+    node_maps,
+    pinning,
+    pod_index,
+    pod_state,
+    tc,
+    tc_attach,
+)
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, validate_cgroup
 from node_agent.backends.ebpf.foreign_progs import detach_foreign
+from node_agent.backends.ebpf.node_programs import NodePrograms
 from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.backends.ebpf.parent_progs import watch_parents
 from node_agent.backends.ebpf.program_loads import load_programs
@@ -42,10 +55,7 @@ def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
     return inbound_in_ebpf and maps.needs_inbound(spec)
 
 
-def _close(fds: dict[str, int]) -> None:
-    for fd in fds.values():
-        os.close(fd)
-    fds.clear()
+_close = node_maps.close_all
 
 
 class EbpfBackend(RedirectBackend):
@@ -75,6 +85,8 @@ class EbpfBackend(RedirectBackend):
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
         self._lock = threading.RLock()
         self.orig_dst = ProxyOrigDst(self.state_dir)
+        self.node_programs = NodePrograms()
+        self.node_maps = node_maps.NodeMaps()
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
 
     def _root(self) -> Path:
@@ -95,21 +107,11 @@ class EbpfBackend(RedirectBackend):
             raise BackendError(f"eBPF backend unavailable: {e}") from e
 
     def _node_maps(self, root: Path) -> dict[str, int]:
-        """Open (creating and pinning on first use) the maps shared by every pod of the node."""
-        ndir = root / pinning.NODE_DIR
-        ndir.mkdir(exist_ok=True)
-        fds: dict[str, int] = {}
+        """The maps shared by every pod of the node (made and pinned on first use; the fds stay ours)."""
         try:
-            for name in loader.NODE_MAPS:
-                fd = pinning.open_pinned(ndir / name)
-                if fd is None:
-                    fd = bpfsys.map_create(self._object().maps[name], name)
-                    pinning.pin(fd, ndir / name)
-                fds[name] = fd
-        except (bpfsys.BpfSysError, OSError, BackendError) as e:
-            _close(fds)
-            raise BackendError(f"cannot create or open the node eBPF maps in {ndir}: {e}") from e
-        return fds
+            return self.node_maps.get(root, self._object)
+        except OSError as e:
+            raise BackendError(f"cannot create or open the node eBPF maps in {root / pinning.NODE_DIR}: {e}") from e
 
     def _pod_dir(self, root: Path, target: PodTarget) -> Path:
         try:
@@ -202,21 +204,19 @@ class EbpfBackend(RedirectBackend):
             families = maps.families_mask(target.ips)
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        pm = self._pod_maps(target, spec, cg, 0)  # the netns cookie is not part of the spec hash
+        pm = self._pod_maps(target, spec, cg)  # with_netns below: the netns is not part of the spec hash
         root = self._root()
         pdir = self._pod_dir(root, target)
         wanted = cgroup_programs.wanted_programs(spec)
+        ambient = isinstance(spec, AmbientSpec)
         tc_wanted = wants_tc(spec, self.rules_inbound(spec) is None)
-        if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
-            nfds = self._node_maps(root)
-            try:
-                self.orig_dst.ensure(self.proxy_cgroup, root, self._object, nfds)
-            finally:
-                _close(nfds)
-        if pdir.is_dir():
-            cfg = pod_state.read_config(pdir)
-            if cfg is not None and cfg["cgroup_id"] != cgroup_id(cg):
+        if ambient and self.proxy_cgroup is not None:
+            self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
+        old = pod_state.read_config(pdir) if pdir.is_dir() else None
+        if old is not None:
+            if old["cgroup_id"] != cgroup_id(cg):
                 self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
+                old = None
             elif not self._remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
@@ -226,54 +226,34 @@ class EbpfBackend(RedirectBackend):
                 netns_addr.ensure_lo_passthrough6(target.netns_path)
             except (tc.TcError, OSError) as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        if tc_wanted:  # the config holds the pod netns' cookie (TC flow keys)
-            try:
-                pm = self._pod_maps(target, spec, cg, tc.netns_cookie(target.netns_path))
-            except (tc.TcError, OSError) as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        try:  # the node's pod parameters are keyed by the netns cookie (so are the TC flow keys)
+            cookie = tc.netns_cookie(target.netns_path)
+            pm = maps.with_netns(pm, cookie, os.stat(target.netns_path).st_ino)
+        except (tc.TcError, OSError) as e:
+            raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
         pdir.mkdir(exist_ok=True)
         fds = self._node_maps(root)
+        pod_fds: dict[str, int] = {}
         progs: dict[str, int] = {}
         done: list[tuple[int, int, int | None]] = []  # (new fd, attach type, replaced fd)
         olds: dict[str, int] = {}
         had_tc = (pdir / TC_PROGRAM).exists()
+        indexed = switched = False
+        pinned: pod_index.Pinned | None = None
         try:
-            for name in loader.POD_MAPS:
-                fds[name] = bpfsys.map_create(obj.maps[name], name)
-            bpfsys.map_update(fds["hr_cfg"], b"\0\0\0\0", pm.config)
-            sets = {
-                "hr_cfg_xports": pm.exclude_ports,
-                "hr_cfg_xnets": pm.exclude_nets,
-                "hr_cfg_inets": pm.include_nets,
-                "hr_cfg_xin": pm.exclude_inbound,
-                "hr_cfg_iin": pm.include_inbound,
-                "hr_cfg_local": pm.local_addrs,
-                "hr_cfg_oports": pm.include_ports,
-            }
-            for map_name, keys in sets.items():
-                for key in keys:
-                    bpfsys.map_update(fds[map_name], key, b"\1")
-            names = (*wanted, TC_PROGRAM, TC_EGRESS) if tc_wanted else wanted
-            progs.update(load_programs(obj, fds, names, ambient=isinstance(spec, AmbientSpec)))
-            with Cgroup(cg) as c:
-                for name in wanted:
-                    atype = loader.PROGRAMS[name][1]
-                    old = pinning.open_pinned(pdir / name)
-                    if old is not None:
-                        olds[name] = old
-                        if bpfsys.prog_info(old).prog_id not in c.attached(atype):
-                            old = None
-                    if old is None:  # an unpinned program of ours (crash mid-apply) must not stay twice
-                        cgroup_programs.detach_ours_by_name(c, only_type=atype)
-                    c.attach(progs[name], atype, replace_fd=old)
-                    done.append((progs[name], atype, old))
-                for child in list(pdir.iterdir()):  # programs no longer wanted (DNS switched off)
-                    if child.name in loader.PROGRAMS and child.name not in wanted:
-                        cgroup_programs.detach_pinned(c, child)
+            pod_fds = node_maps.create_pod_maps(obj, pm)
+            progs.update(self.node_programs.open(root, obj, fds, wanted, ambient=ambient))
             if tc_wanted:
-                for prog_name, hook in TC_HOOKS:
-                    tc.attach_ingress(target.netns_path, progs[prog_name], hook)
+                progs.update(load_programs(obj, fds | pod_fds, (TC_PROGRAM, TC_EGRESS), ambient=ambient))
+            pinned = pod_index.pinned(pdir) if old is not None else None  # the entries to drop after
+            pod_index.add_sets(fds, pm, cookie)
+            indexed = True
+            cgroup_programs.attach_wanted(cg, pdir, wanted, progs, done, olds)
+            pod_index.point_config(fds, pm.config, cookie)
+            switched = True
+            if tc_wanted:
+                tc_attach.attach(target.netns_path, {hook: progs[prog_name] for prog_name, hook in TC_HOOKS})
             elif had_tc:
                 for prog_name, hook in TC_HOOKS:
                     tc.detach_ingress(target.netns_path, hook)
@@ -281,17 +261,19 @@ class EbpfBackend(RedirectBackend):
             for name, fd in progs.items():
                 pinning.pin(fd, pdir / name)
             for name in loader.POD_MAPS:
-                pinning.pin(fds[name], pdir / name)
+                pinning.pin(pod_fds[name], pdir / name)
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
             cgroup_programs.rollback(cg, done)
             if tc_wanted and not had_tc:
                 tc.detach_quietly(target.netns_path)
+            pod_index.undo(fds, pinned, cookie, pm, indexed=indexed, switched=switched)
             detail = f"; verifier log:\n{e.log[-2000:]}" if isinstance(e, bpfsys.BpfSysError) and e.log else ""
             raise BackendError(f"eBPF apply for pod {target.uid} failed: {e}{detail}") from e
         finally:
-            _close(fds)
+            _close(pod_fds)
             _close(progs)
             _close(olds)
+        pod_index.drop_stale(fds, pinned, cookie, pm.generation, target.uid)
         log.info(
             "ebpf redirect applied",
             extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},
@@ -307,11 +289,10 @@ class EbpfBackend(RedirectBackend):
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         return gone
 
-    def _pod_maps(self, target: PodTarget, spec: RedirectSpec, cg: Path, cookie: int) -> maps.PodMaps:
+    def _pod_maps(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> maps.PodMaps:
         try:
             return maps.pod_maps(
-                spec, cgroup_id(cg), inbound_in_ebpf=self.rules_inbound(spec) is None, ips=target.ips,
-                netns_cookie=cookie,
+                spec, cgroup_id(cg), inbound_in_ebpf=self.rules_inbound(spec) is None, ips=target.ips
             )
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
@@ -335,11 +316,7 @@ class EbpfBackend(RedirectBackend):
                 self.orig_dst.detach(self.proxy_cgroup, root)
             self.proxy_cgroup = new
             if had and new is not None:
-                fds = self._node_maps(root)
-                try:
-                    self.orig_dst.ensure(self.proxy_cgroup, root, self._object, fds)
-                finally:
-                    _close(fds)
+                self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
 
     def _remove_ebpf(self, target: PodTarget) -> None:
         root = self._root()
@@ -359,6 +336,7 @@ class EbpfBackend(RedirectBackend):
                         tc.detach_ingress(target.netns_path, hook)
                 except (tc.TcError, OSError) as e:  # netns gone or not a netns any more: filters went with it
                     log.info("ebpf tc detach skipped", extra={"pod": target.uid, "reason": str(e)})
+            pod_index.drop_pod(root / pinning.NODE_DIR, pdir)
             pinning.remove_dir(pdir)
             if not pinning.pod_dirs(root):  # the node maps stay (close() takes them)
                 self.orig_dst.detach(self.proxy_cgroup, root)
@@ -387,9 +365,10 @@ class EbpfBackend(RedirectBackend):
     def close(self) -> None:
         """Agent shutdown: when no pod has anything pinned any more, unpin the node maps and unmount
         <state-dir>/bpf (pods keep their programs otherwise, and the next agent re-adopts them from the pins).
-        The node maps outlive the last pod while the agent runs: the next pod's apply would otherwise create
-        them again, ~17 ms for the five preallocated 65 536-entry LRU maps."""
+        The node maps and programs outlive the last pod while the agent runs: the next pod's apply would
+        otherwise make them again (~17 ms for the five preallocated 65 536-entry LRU maps, and the verifier)."""
         with self._lock:
+            self.node_maps.close()
             try:
                 if pinning.unmount_if_unused(self.state_dir):
                     self._mounted = None

@@ -21,6 +21,7 @@ MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
 OBJ_PIN = 6
 OBJ_GET = 7
@@ -153,6 +154,23 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
             return None
         raise
     return vb.raw[:value_size]
+
+
+def map_keys(fd: int, key_size: int, limit: int = 65536) -> list[bytes]:
+    """Every key of a map (BPF_MAP_GET_NEXT_KEY from the first), at most `limit`."""
+    out: list[bytes] = []
+    prev: ctypes.Array[ctypes.c_char] | None = None
+    while len(out) < limit:
+        nxt = ctypes.create_string_buffer(key_size)
+        try:
+            _bpf(MAP_GET_NEXT_KEY, _attr("=I4xQQ", fd, _addr(prev), _addr(nxt)), "map next key")
+        except BpfSysError as e:
+            if e.errno == errno_mod.ENOENT:
+                break
+            raise
+        out.append(nxt.raw)
+        prev = nxt
+    return out
 
 
 def map_delete(fd: int, key: bytes) -> None:

@@ -1,16 +1,19 @@
-"""Compile bpf/redirect.c with bcc once per process and keep only what per-pod loading needs.
+"""Compile bpf/redirect.c with bcc once per process and keep only what loading needs.
 
 bcc compiles the C and creates template maps; we copy out each program's instructions, note which
 instructions load which map (BPF_PSEUDO_MAP_FD relocations), read each map's shape, and then release the
-bcc module (so its template maps and nothing else of ours stays in the kernel). Each pod then gets fresh
-maps and programs from this object. The object is also kept on disk (object_cache.py), keyed by the
-sources, the kernel release and the bcc version: a restarted agent reads it instead of compiling (seconds).
+bcc module (so its template maps and nothing else of ours stays in the kernel). The cgroup programs are then
+loaded once per node (node_programs.py); each pod gets fresh maps (and, for TC, programs) from this object.
+The object is also kept on disk (object_cache.py), keyed by the sources, the kernel release and the bcc
+version: a restarted agent reads it instead of compiling (seconds).
 The compile itself runs in a child process (compile_child.py): bcc and LLVM never enter the agent, which
 would otherwise keep ~180 MiB of them resident for its whole life.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -66,7 +69,9 @@ POD_MAPS = (
     "hr_cfg_local",
     "hr_cfg_oports",
 )
-NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat", "hr_in_orig")
+# every pod's parameters for the node's cgroup programs, by netns cookie (pod_index.py)
+INDEX_MAPS = ("hr_pod_cfg", "hr_pod_ports", "hr_pod_nets")
+NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat", "hr_in_orig", *INDEX_MAPS)
 LICENSE = "Dual MIT/GPL"
 
 
@@ -108,6 +113,16 @@ class Program:
 class CompiledObject:
     programs: dict[str, Program]
     maps: dict[str, bpfsys.MapSpec]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short hash of the programs and the maps' shapes: names the node's programs of this build."""
+        h = hashlib.sha256()
+        for name in sorted(self.programs):
+            p = self.programs[name]
+            h.update(repr((name, p.prog_type, p.attach_type, p.relocs)).encode() + p.insns)
+        h.update(repr(sorted(self.maps.items())).encode())
+        return h.hexdigest()[:16]
 
 
 def bpf_source_dir() -> Path:

@@ -151,11 +151,9 @@ def wanted_generation(spec: Spec, inbound_in_ebpf: bool, ips: tuple[str, ...]) -
     return pod_maps(spec, 0, inbound_in_ebpf=inbound_in_ebpf, ips=ips).generation
 
 
-def pod_maps(
-    spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = (), netns_cookie: int = 0
-) -> PodMaps:
-    """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs.
-    netns_cookie: the pod netns' SO_NETNS_COOKIE (keys the TC programs' flow state; not part of the spec hash)."""
+def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = ()) -> PodMaps:
+    """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs,
+    before `with_netns` names the pod netns."""
     local = local_addresses(ips)
     self4, self6 = self_addresses(ips)
     gen = generation_of(
@@ -197,9 +195,9 @@ def pod_maps(
     config = struct.pack(
         CONFIG_FMT, mode, uid, mark & 0xFFFFFFFF, mask & 0xFFFFFFFF, out_port, dns_port,
         1 if capture_dns else 0, 1 if all4 else 0, 1 if all6 else 0, in_mode, gen, cgroup_id,
-        in_port, families_mask(ips), probe4, probe6, proxy_gid, netns_cookie & 0xFFFF_FFFF,
+        in_port, families_mask(ips), probe4, probe6, proxy_gid, 0,
         int.from_bytes(self4.packed, "little") if self4 else 0,  # network order as the C reads it
-        self6.packed if self6 else b"\0" * 16, (netns_cookie >> 32) & 0xFFFF_FFFF, hbone, 0, 0,
+        self6.packed if self6 else b"\0" * 16, 0, hbone, 0, 0,
     )  # fmt: skip
     ports = tuple(sorted({_check_port(p, "excluded outbound port") for p in spec.exclude_outbound_ports}))
     return PodMaps(
@@ -213,6 +211,19 @@ def pod_maps(
         generation=gen,
         include_ports=tuple(struct.pack(PORT_FMT, p) for p in include_ports),
     )
+
+
+def with_netns(pm: PodMaps, netns_cookie: int, netns_ino: int) -> PodMaps:
+    """The same map contents for the pod netns with that SO_NETNS_COOKIE (the node's pod parameters and the
+    TC programs' flow state are keyed by it) and inode number (the check that the pod kept its netns);
+    neither is part of the spec hash."""
+    values = list(struct.unpack(CONFIG_FMT, pm.config))
+    values[_COOKIE_LO], values[_COOKIE_HI] = netns_cookie & 0xFFFF_FFFF, (netns_cookie >> 32) & 0xFFFF_FFFF
+    values[_NETNS_INO] = netns_ino & 0xFFFF_FFFF
+    return dataclasses.replace(pm, config=struct.pack(CONFIG_FMT, *values))
+
+
+_COOKIE_LO, _COOKIE_HI, _NETNS_INO = 17, 20, 23  # their places in CONFIG_FMT
 
 
 def unpack_config(raw: bytes) -> dict[str, int]:
@@ -240,7 +251,7 @@ def unpack_config(raw: bytes) -> dict[str, int]:
         "netns_cookie_hi",
         "hbone_port",
         "reserved16",
-        "reserved32",
+        "netns_ino",
     )
     raw = raw[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\0")  # a config map pinned by an older, shorter layout
     values = struct.unpack(CONFIG_FMT, raw)
@@ -248,7 +259,7 @@ def unpack_config(raw: bytes) -> dict[str, int]:
     del out["probe_src6"]
     del out["self_ip6"]
     del out["reserved16"]
-    del out["reserved32"]
+    out["netns_cookie"] = out["netns_cookie_hi"] << 32 | out["netns_cookie_lo"]
     return out
 
 

@@ -1,7 +1,8 @@
 """The bpffs the backend pins into: <state-dir>/bpf (outside /sys, which `ip netns exec` remounts).
 
-Layout: <state-dir>/bpf/node/<map>  (maps shared by all pods of the node)
-        <state-dir>/bpf/<pod-uid>/<prog or map>
+Layout: <state-dir>/bpf/node/<map>  (maps shared by all pods of the node, and the index of the pods' maps)
+        <state-dir>/bpf/node/progs-<object digest>/<function>  (the cgroup programs, loaded once per node)
+        <state-dir>/bpf/<pod-uid>/<prog or map>  (the programs attached for the pod, its maps)
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cni.contract.pod_uid import valid_uid
@@ -114,14 +115,17 @@ def remove_dir(path: Path) -> None:
     if not path.is_dir():
         return
     for child in path.iterdir():
-        unpin(child)
+        if child.is_dir():
+            remove_dir(child)
+        else:
+            unpin(child)
     try:
         path.rmdir()
     except FileNotFoundError:
         pass
 
 
-_PROG_IDS: dict[str, tuple[int, int, int]] = {}  # pin path -> (inode, ctime ns, program id)
+_PROG_IDS: dict[str, tuple[int, int, int]] = {}  # pin path -> (inode, ctime ns, program or map id)
 _PROG_IDS_MAX = 65536
 
 
@@ -130,6 +134,15 @@ def pinned_prog_id(path: Path) -> int | None:
     pin made again is a new bpffs inode, so one stat tells whether it is still the program read before
     (the drift check asks for every program of every pod each interval; opening the pin and asking the
     kernel for its info costs three bpf/close calls)."""
+    return _pinned_id(path, lambda fd: bpfsys.prog_info(fd).prog_id)
+
+
+def pinned_map_id(path: Path) -> int | None:
+    """`pinned_prog_id` for a pinned map."""
+    return _pinned_id(path, lambda fd: bpfsys.map_info(fd).map_id)
+
+
+def _pinned_id(path: Path, id_of: Callable[[int], int]) -> int | None:
     key = str(path)
     try:
         st = os.stat(key)
@@ -143,7 +156,7 @@ def pinned_prog_id(path: Path) -> int | None:
     if fd is None:
         return None
     try:
-        prog_id = bpfsys.prog_info(fd).prog_id
+        prog_id = id_of(fd)
     finally:
         os.close(fd)
     if len(_PROG_IDS) >= _PROG_IDS_MAX:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, tc, tc_foreign, tc_status
+from node_agent.backends.ebpf import loader, maps, pinning, pod_index, tc, tc_foreign, tc_status
 from node_agent.backends.ebpf.attach import Cgroup, cgroup_id, find_cgroup_by_id
 from node_agent.backends.ebpf.foreign_progs import foreign_problems
 
@@ -17,13 +17,7 @@ TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
 
 def read_config(pdir: Path) -> dict[str, int] | None:
     """The pod's pinned config map, unpacked, or None."""
-    fd = pinning.open_pinned(pdir / "hr_cfg")
-    if fd is None:
-        return None
-    try:
-        raw = bpfsys.map_lookup(fd, b"\0\0\0\0", maps.CONFIG_SIZE)
-    finally:
-        os.close(fd)
+    raw = pod_index.read_config_raw(pdir)
     return maps.unpack_config(raw) if raw else None
 
 
@@ -46,13 +40,17 @@ def problems_and_hooks(
     """`problems`, and the ids attached to the pod cgroup at each of the wanted programs' attach types as
     read for it (empty when the config is not pinned): the drift check's parent check reuses them."""
     problems: list[str] = []
-    cfg = read_config(pdir)
-    if cfg is None:
+    raw = pod_index.read_config_raw(pdir)
+    if not raw:
         return [f"eBPF config map of the pod is not pinned in {pdir}"], {}
+    cfg = maps.unpack_config(raw)
     if cfg["generation"] != gen:
         problems.append("eBPF config differs from the wanted spec")
     if cfg["cgroup_id"] != cgroup_id(cg):
         problems.append(f"eBPF programs belong to another cgroup (id {cfg['cgroup_id']})")
+    if netns and cfg["netns_ino"] != _inode(netns):
+        problems.append(f"eBPF config was made for another netns than {netns}")
+    problems += pod_index.problems(pdir.parent / pinning.NODE_DIR, cfg["netns_cookie"], raw)
     with Cgroup(cg) as c:  # each hook queried once, each pin opened once: this runs every drift interval
         attached = {atype: c.attached(atype) for atype in {loader.PROGRAMS[name][1] for name in wanted}}
         ours: set[int] = set()
@@ -73,6 +71,13 @@ def problems_and_hooks(
     elif TC_PROGRAM in pinned:
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
     return problems, attached
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def foreign_tc(netns: str) -> list[tc_foreign.Foreign]:

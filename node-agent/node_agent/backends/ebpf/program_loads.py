@@ -1,11 +1,12 @@
-"""Load a pod's programs into the kernel side by side.
+"""Load programs into the kernel side by side: the node's cgroup programs of a pod mode (once per node,
+node_programs.py) and a pod's own TC programs.
 
-Each pod gets its own instances of the programs (they reference the pod's own maps), and BPF_PROG_LOAD
-runs the verifier in the calling thread: ~2.5 ms of CPU per ambient pod here (~4 ms with DNS capture; the
-IPv6 connect and sendmsg programs ~1.1 ms each), ~8 ms per sidecar pod (its IPv6 connect ~3.7 ms). The
-loads are independent of each other, and ctypes releases the GIL around the syscall, so they run on a few
-threads at once; the slowest programs start first (biggest first packs best). All or nothing: when one
-load fails, the programs already loaded are closed and the first error (in the caller's order) is raised.
+BPF_PROG_LOAD runs the verifier in the calling thread: ~2.5 ms of CPU for the ambient TCP programs here
+(~4 ms with DNS capture; the IPv6 connect and sendmsg programs ~1.1 ms each), ~8 ms for the sidecar ones
+(its IPv6 connect ~3.7 ms), ~2 ms for the two TC programs. The loads are independent of each other, and
+ctypes releases the GIL around the syscall, so they run on a few threads at once; the slowest programs start
+first (biggest first packs best). All or nothing: when one load fails, the programs already loaded are
+closed and the first error (in the caller's order) is raised.
 """
 
 from __future__ import annotations

@@ -51,7 +51,10 @@ class ProxyOrigDst:
         node_fds: dict[str, int],
     ) -> None:
         """The node-level programs on the node proxy's cgroup (ambient), shared by all pods; idempotent.
-        obj gives the compiled object, asked for only when a program must be loaded."""
+        obj gives the compiled object, asked for only when a program must be loaded. Every ambient pod's
+        apply asks: found in place within max_age (by this or by `problems`), nothing is read again."""
+        if self._fresh(proxy_cgroup, root):
+            return
         try:
             cg = validate_cgroup(proxy_cgroup)
             recorded = self._attached_cgroup()
@@ -61,6 +64,7 @@ class ProxyOrigDst:
                 for prog_name, pin in PROXY_PROGRAMS:
                     self._ensure_one(c, prog_name, self.pinned_path(root, pin), obj, node_fds)
             self._record_attached(str(cg))
+            self._last = (time.monotonic(), proxy_cgroup, root, [])
         except (CgroupError, bpfsys.BpfSysError, OSError) as e:
             raise BackendError(
                 f"cannot attach the original-destination programs to the proxy cgroup {proxy_cgroup}: {e}"
@@ -87,6 +91,14 @@ class ProxyOrigDst:
         finally:
             if fd is not None:
                 os.close(fd)
+
+    def _fresh(self, proxy_cgroup: str | None, root: Path) -> bool:
+        """Found in place, for this cgroup and root, within max_age."""
+        last = self._last
+        return (
+            last is not None and time.monotonic() - last[0] < self.max_age and last[1:3] == (proxy_cgroup, root)
+            and not last[3]
+        )
 
     def problems(self, proxy_cgroup: str | None, root: Path) -> list[str]:
         now = time.monotonic()
@@ -155,6 +167,7 @@ class ProxyOrigDst:
     def detach(self, proxy_cgroup: str | None, root: Path) -> None:
         """Detach the node-level programs from wherever they are attached (the recorded cgroup and the
         current proxy cgroup), then unpin them."""
+        self._last = None
         for cgroup in {c for c in (self._attached_cgroup(), proxy_cgroup) if c is not None}:
             self._detach_from(root, cgroup)
         for _prog_name, pin in PROXY_PROGRAMS:

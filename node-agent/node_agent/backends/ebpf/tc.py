@@ -1,9 +1,10 @@
-"""TC ingress and egress (clsact) attach inside a pod's netns, with pyroute2, never in the host netns.
+"""TC ingress and egress (clsact) inside a pod's netns, never in the host netns: our filters' names and
+places, their removal and status with pyroute2 (the attach is tc_attach.py), the pod netns' cookie.
 
-Netlink work runs in a short-lived thread that has setns()'d into the pod netns
-(cni.kernel.netns.run_in_thread: setns affects only the calling thread; pyroute2 binds its socket to the
-thread's netns). A clsact qdisc is created only where none exists and never deleted; only our filters
-(priority HR_PRIO, handle 1, named hr_tc_ingress on ingress and hr_tc_egress on egress) are touched.
+Netlink work runs in a thread that has setns()'d into the pod netns (setns affects only the calling thread;
+pyroute2 binds its socket to the thread's netns). A clsact qdisc is created only where none exists and
+never deleted; only our filters (priority HR_PRIO, handle 1, named hr_tc_ingress on ingress and
+hr_tc_egress on egress) are touched.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from typing import Any
 
 from cni.kernel.netns import run_in_thread
+from node_agent.kernel.netns_runner import run_in_netns
 
 HR_PRIO = 0x4852  # "HR"
 HR_HANDLE = 1
@@ -23,6 +25,7 @@ EGRESS_FILTER_NAME = "hr_tc_egress"
 INGRESS = "ingress"
 EGRESS = "egress"
 _HOOKS = {INGRESS: (INGRESS_PARENT, FILTER_NAME), EGRESS: (EGRESS_PARENT, EGRESS_FILTER_NAME)}
+FILTER_NAMES = {INGRESS: FILTER_NAME, EGRESS: EGRESS_FILTER_NAME}
 HOOK_PARENTS = {INGRESS: INGRESS_PARENT, EGRESS: EGRESS_PARENT}
 
 
@@ -57,39 +60,6 @@ def _pod_links(ipr: Any) -> list[tuple[int, str]]:
         for link in ipr.get_links()
         if _attr(link, "IFLA_IFNAME") != "lo"
     ]
-
-
-def attach_ingress(netns_path: str, prog_fd: int, hook: str = INGRESS) -> list[str]:
-    """Put our program on ingress (or egress) of every non-loopback interface of the netns (replacing ours in
-    place)."""
-    parent, fname = _HOOKS[hook]
-
-    def work() -> list[str]:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        done: list[str] = []
-        with IPRoute() as ipr:
-            links = _pod_links(ipr)
-            if not links:
-                raise TcError(f"no interface besides lo in {netns_path}")
-            for index, ifname in links:
-                try:
-                    ipr.tc("add", "clsact", index)
-                except NetlinkError as e:
-                    if e.code != 17:  # EEXIST: keep whoever's clsact is there
-                        raise TcError(f"clsact on {ifname}: {e}") from e
-                try:
-                    ipr.tc(
-                        "replace-filter", "bpf", index, HR_HANDLE, fd=prog_fd, name=fname,
-                        parent=parent, classid=1, direct_action=True, prio=HR_PRIO,
-                    )  # fmt: skip
-                except NetlinkError as e:
-                    raise TcError(f"TC {hook} filter on {ifname}: {e} (needs CONFIG_NET_CLS_BPF)") from e
-                done.append(ifname)
-        return done
-
-    return run_in_thread(netns_path, work, name="headrace-tc-netns")
 
 
 def detach_ingress(netns_path: str, hook: str = INGRESS) -> list[str]:
@@ -145,7 +115,8 @@ SO_NETNS_COOKIE = 71  # Linux >= 5.14
 
 
 def netns_cookie(netns_path: str) -> int:
-    """The netns' cookie (what bpf_get_netns_cookie answers for sockets there), from a socket made in it."""
+    """The netns' cookie (what bpf_get_netns_cookie answers for sockets there), from a socket made in it
+    (on the agent's pooled netns threads: every full apply asks)."""
 
     def work() -> int:
         import socket
@@ -159,4 +130,4 @@ def netns_cookie(netns_path: str) -> int:
         value: int = struct.unpack("=Q", raw)[0]
         return value
 
-    return run_in_thread(netns_path, work, name="headrace-tc-netns")
+    return run_in_netns(netns_path, work, timeout=10.0)

@@ -91,7 +91,7 @@ class HookView:
     tcx: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _dump(sock: socket.socket, msg_type: int, body: bytes, seq: int) -> list[tuple[int, bytes]]:
+def dump(sock: socket.socket, msg_type: int, body: bytes, seq: int) -> list[tuple[int, bytes]]:
     hdr = netlink_parse.NLMSGHDR.pack(netlink_parse.NLMSGHDR.size + len(body), msg_type,
                                       NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     sock.send(hdr + body)
@@ -130,7 +130,7 @@ def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]
     def work() -> dict[str, dict[str, HookView]]:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
             s.settimeout(5)
-            links = links_of(_dump(s, RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0), 1))
+            links = links_of(dump(s, RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0), 1))
             out: dict[str, dict[str, HookView]] = {hook: {} for hook in hooks}
             seq = 2
             for index, ifname in links:
@@ -138,7 +138,7 @@ def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]
                     parent = tc.HOOK_PARENTS[hook]
                     view = HookView(index, tcx=_tcx(index, hook))
                     try:
-                        view.filters = records_of(_dump(s, RTM_GETTFILTER, TCMSG.pack(0, index, 0, parent, 0), seq),
+                        view.filters = records_of(dump(s, RTM_GETTFILTER, TCMSG.pack(0, index, 0, parent, 0), seq),
                                                   parent)
                     except TcStatusError:  # no clsact qdisc on the interface: no filters
                         pass

@@ -1,0 +1,88 @@
+"""The maps shared by every pod of the node, pinned under <bpffs>/node: the connection state maps and every
+pod's parameters (pod_index.py). A pod's own maps are made fresh for each apply (`create_pod_maps`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from node_agent.backends.ebpf import bpfsys, loader, maps, pinning
+
+
+def close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+class NodeMaps:
+    """The node maps' fds, opened once and kept while the pin directory is unchanged (a pin made or removed
+    there changes its mtime: one stat instead of opening every pin for each pod)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._seen: tuple[Path, int, int] | None = None  # (node dir, inode, mtime ns) the fds were opened at
+
+    def get(self, root: Path, obj: Callable[[], loader.CompiledObject]) -> dict[str, int]:
+        """name → fd of each node map (owned here: callers do not close them), made and pinned where
+        missing; obj is only called then. OSError (BpfSysError included) when one cannot be made."""
+        ndir = root / pinning.NODE_DIR
+        try:
+            st = os.stat(ndir)
+            seen: tuple[Path, int, int] | None = (ndir, st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            seen = None
+        if seen is not None and seen == self._seen:
+            return self._fds
+        self.close()
+        fds = open_node_maps(ndir, obj)
+        st = os.stat(ndir)  # after any pin it made
+        self._fds, self._seen = fds, (ndir, st.st_ino, st.st_mtime_ns)
+        return fds
+
+    def close(self) -> None:
+        close_all(self._fds)
+        self._seen = None
+
+
+def open_node_maps(ndir: Path, obj: Callable[[], loader.CompiledObject]) -> dict[str, int]:
+    """Open the node maps pinned in ndir, making and pinning those missing (the caller closes them)."""
+    ndir.mkdir(exist_ok=True)
+    fds: dict[str, int] = {}
+    try:
+        for name in loader.NODE_MAPS:
+            fd = pinning.open_pinned(ndir / name)
+            if fd is None:
+                fd = bpfsys.map_create(obj().maps[name], name)
+                pinning.pin(fd, ndir / name)
+            fds[name] = fd
+    except BaseException:
+        close_all(fds)
+        raise
+    return fds
+
+
+def create_pod_maps(obj: loader.CompiledObject, pm: maps.PodMaps) -> dict[str, int]:
+    """A pod's own maps, made and filled (the caller closes them)."""
+    fds: dict[str, int] = {}
+    try:
+        for name in loader.POD_MAPS:
+            fds[name] = bpfsys.map_create(obj.maps[name], name)
+        bpfsys.map_update(fds["hr_cfg"], b"\0\0\0\0", pm.config)
+        sets = {
+            "hr_cfg_xports": pm.exclude_ports,
+            "hr_cfg_xnets": pm.exclude_nets,
+            "hr_cfg_inets": pm.include_nets,
+            "hr_cfg_xin": pm.exclude_inbound,
+            "hr_cfg_iin": pm.include_inbound,
+            "hr_cfg_local": pm.local_addrs,
+            "hr_cfg_oports": pm.include_ports,
+        }
+        for map_name, keys in sets.items():
+            for key in keys:
+                bpfsys.map_update(fds[map_name], key, b"\1")
+    except BaseException:
+        close_all(fds)
+        raise
+    return fds

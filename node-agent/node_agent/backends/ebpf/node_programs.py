@@ -1,0 +1,82 @@
+"""The cgroup programs, loaded once per node and pod mode.
+
+They reference only the node's maps: a pod's own maps are reached through the node's index of them
+(hr_pod_cfg and the hr_pod_* sets, keyed by the netns cookie), so every pod of a mode gets the same
+programs attached to its cgroup and the kernel verifies each program once per node instead of once per
+pod. They are pinned under <bpffs>/node/progs-<object digest>/<function>, so a restarted agent attaches the
+same programs; a directory of another digest (an older build's programs) is unpinned when this one is made,
+which leaves the programs attached to pods alone (an attachment holds its program).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from node_agent.backends.ebpf import bpfsys, pinning
+from node_agent.backends.ebpf.loader import CompiledObject, function_of
+from node_agent.backends.ebpf.program_loads import load_programs
+
+PREFIX = "progs-"
+
+
+class NodePrograms:
+    """Opens (loading and pinning on first use) the node's cgroup programs; remembers which pins it has
+    checked against the node maps in this process."""
+
+    def __init__(self) -> None:
+        self._checked: dict[str, int] = {}  # pin path -> the program id found to use the node's maps
+
+    def open(
+        self, root: Path, obj: CompiledObject, node_fds: dict[str, int], names: Sequence[str], *, ambient: bool
+    ) -> dict[str, int]:
+        """program name → fd of the node's program for a pod of that mode (the caller closes them)."""
+        pdir = self._dir(root, obj)
+        out: dict[str, int] = {}
+        missing: list[str] = []
+        try:
+            for name in names:
+                fd = self._usable(pdir / function_of(name, ambient), node_fds)
+                if fd is None:
+                    missing.append(name)
+                else:
+                    out[name] = fd
+            if missing:
+                loaded = load_programs(obj, node_fds, missing, ambient=ambient)
+                out.update(loaded)
+                for name, fd in loaded.items():
+                    path = pdir / function_of(name, ambient)
+                    pinning.pin(fd, path)
+                    self._checked[str(path)] = bpfsys.prog_info(fd).prog_id
+        except BaseException:
+            for fd in out.values():
+                os.close(fd)
+            raise
+        return out
+
+    def _dir(self, root: Path, obj: CompiledObject) -> Path:
+        node = root / pinning.NODE_DIR
+        pdir = node / f"{PREFIX}{obj.digest}"
+        if not pdir.is_dir():
+            for old in node.glob(f"{PREFIX}*"):
+                pinning.remove_dir(old)
+            pdir.mkdir()
+        return pdir
+
+    def _usable(self, path: Path, node_fds: dict[str, int]) -> int | None:
+        """The pinned program's fd when it uses the node maps open now (maps made again after an unpin
+        leave older programs pointing at the old ones); else it is unpinned and None."""
+        fd = pinning.open_pinned(path)
+        if fd is None:
+            return None
+        info = bpfsys.prog_info(fd)
+        if self._checked.get(str(path)) == info.prog_id:
+            return fd
+        node_ids = {bpfsys.map_info(m).map_id for m in node_fds.values()}
+        if set(info.map_ids) <= node_ids:
+            self._checked[str(path)] = info.prog_id
+            return fd
+        os.close(fd)
+        pinning.unpin(path)
+        return None

@@ -1,0 +1,196 @@
+"""Every pod's parameters in the node maps the node-wide cgroup programs read (layouts of
+bpf/headrace_redirect.h): hr_pod_cfg holds each pod's config under its netns cookie; hr_pod_ports and
+hr_pod_nets its sets under (netns cookie, config generation, kind). A new spec's sets go in beside the old
+ones, then the config entry is replaced (one write: a program sees either the old config and sets or the
+new ones), then the old sets are dropped. The pod's own pinned maps (hr_cfg, hr_cfg_xports, ...) hold the
+same entries without the netns and generation: the record of what to drop later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from node_agent.backends.ebpf import bpfsys, maps, pinning
+
+log = logging.getLogger("headrace.backend.ebpf")
+
+CONFIG = "hr_pod_cfg"
+PORTS = "hr_pod_ports"
+NETS = "hr_pod_nets"
+# the pod's own set maps: (node map, kind) their entries go to (HR_SET_* of the header)
+SETS: dict[str, tuple[str, int]] = {
+    "hr_cfg_xports": (PORTS, 1),
+    "hr_cfg_oports": (PORTS, 2),
+    "hr_cfg_xnets": (NETS, 1),
+    "hr_cfg_inets": (NETS, 2),
+    "hr_cfg_local": (NETS, 3),
+}
+NET_KEY_BITS = 160  # HR_NET_KEY_BITS: netns, generation and kind ahead of the address
+PORT_KEY = struct.Struct("=QQHHI")  # struct hr_port_key
+NET_KEY = struct.Struct("=IQQI16s")  # struct hr_net_key
+POD_PORT = struct.Struct(maps.PORT_FMT)
+POD_NET = struct.Struct(maps.LPM_FMT)
+
+
+def config_key(netns: int) -> bytes:
+    return struct.pack("=Q", netns)
+
+
+def node_key(pod_map: str, pod_key: bytes, netns: int, generation: int) -> tuple[str, bytes]:
+    """Pure: the node map and key of an entry of the pod's own set map `pod_map`."""
+    node_map, kind = SETS[pod_map]
+    if node_map == PORTS:
+        (port,) = POD_PORT.unpack(pod_key)
+        return node_map, PORT_KEY.pack(netns, generation, port, kind, 0)
+    prefixlen, addr = POD_NET.unpack(pod_key)
+    return node_map, NET_KEY.pack(NET_KEY_BITS + prefixlen, netns, generation, kind, addr)
+
+
+def sets_of(pm: maps.PodMaps) -> dict[str, tuple[bytes, ...]]:
+    """Pure: the pod's set entries by its own map's name."""
+    return {
+        "hr_cfg_xports": pm.exclude_ports,
+        "hr_cfg_oports": pm.include_ports,
+        "hr_cfg_xnets": pm.exclude_nets,
+        "hr_cfg_inets": pm.include_nets,
+        "hr_cfg_local": pm.local_addrs,
+    }
+
+
+def _node_entries(sets: Mapping[str, Iterable[bytes]], netns: int, generation: int) -> list[tuple[str, bytes]]:
+    return [node_key(name, key, netns, generation) for name, keys in sets.items() for key in keys]
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """What a pod's pinned maps say it has in the node maps."""
+
+    netns: int
+    generation: int
+    config: bytes
+    sets: dict[str, list[bytes]]
+
+
+def pinned(pdir: Path) -> Pinned | None:
+    """The pod's pinned config and sets (None: no config pinned)."""
+    raw = read_config_raw(pdir)
+    if raw is None:
+        return None
+    cfg = maps.unpack_config(raw)
+    sets: dict[str, list[bytes]] = {}
+    for name in SETS:
+        fd = pinning.open_pinned(pdir / name)
+        if fd is None:
+            continue
+        try:
+            size = POD_PORT.size if SETS[name][0] == PORTS else POD_NET.size
+            sets[name] = bpfsys.map_keys(fd, size)
+        finally:
+            os.close(fd)
+    return Pinned(cfg["netns_cookie"], cfg["generation"], raw, sets)
+
+
+def read_config_raw(pdir: Path) -> bytes | None:
+    """The pod's pinned config map's value, or None."""
+    fd = pinning.open_pinned(pdir / "hr_cfg")
+    if fd is None:
+        return None
+    try:
+        return bpfsys.map_lookup(fd, b"\0\0\0\0", maps.CONFIG_SIZE)
+    finally:
+        os.close(fd)
+
+
+def add_sets(node_fds: dict[str, int], pm: maps.PodMaps, netns: int) -> None:
+    for node_map, key in _node_entries(sets_of(pm), netns, pm.generation):
+        bpfsys.map_update(node_fds[node_map], key, b"\1")
+
+
+def point_config(node_fds: dict[str, int], config: bytes, netns: int) -> None:
+    """The switch: the pod's config entry (and so the generation of sets its programs read)."""
+    bpfsys.map_update(node_fds[CONFIG], config_key(netns), config)
+
+
+def drop(
+    node_fds: dict[str, int], sets: Mapping[str, Iterable[bytes]], netns: int, generation: int, *, config: bool
+) -> None:
+    """Remove these sets' entries of that generation (and the config entry when `config`); absent ones are
+    fine."""
+    entries = _node_entries(sets, netns, generation)
+    if config:
+        entries.insert(0, (CONFIG, config_key(netns)))
+    for node_map, key in entries:
+        try:
+            bpfsys.map_delete(node_fds[node_map], key)
+        except bpfsys.BpfSysError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+
+def problems(node_dir: Path, netns: int, config: bytes) -> list[str]:
+    """Why the node's config entry for the pod's netns is not its pinned config ([] when it is)."""
+    fd = pinning.open_pinned(node_dir / CONFIG)
+    if fd is None:
+        return [f"the node's eBPF pod config map is not pinned in {node_dir}"]
+    try:
+        found = bpfsys.map_lookup(fd, config_key(netns), maps.CONFIG_SIZE)
+    finally:
+        os.close(fd)
+    if found is None:
+        return ["the pod's netns has no entry in the node's eBPF pod config map"]
+    return [] if found == config else ["the node's eBPF pod config map holds another config for the pod's netns"]
+
+
+def drop_stale(node_fds: dict[str, int], old: Pinned | None, netns: int, generation: int, pod: str) -> None:
+    """After an apply: the entries of the pod's previous config (`old`, as pinned before) that the new ones
+    did not replace: all of them for another netns (or a pod pinned by an older layout), else the sets of
+    another generation."""
+    try:
+        if old is not None and old.netns != netns:
+            drop(node_fds, old.sets, old.netns, old.generation, config=True)
+        elif old is not None and old.generation != generation:
+            drop(node_fds, old.sets, netns, old.generation, config=False)
+    except bpfsys.BpfSysError as e:  # harmless: nothing leads to stale entries
+        log.warning("ebpf stale node entries not dropped", extra={"pod": pod, "reason": str(e)})
+
+
+def undo(
+    node_fds: dict[str, int], old: Pinned | None, netns: int, pm: maps.PodMaps, *, indexed: bool, switched: bool
+) -> None:
+    """A failed apply's entries: the config entry back to the pinned config (or gone), the new generation's
+    sets gone unless they are the old ones."""
+    same_netns = old is not None and old.netns == netns
+    try:
+        if switched:
+            if old is not None and same_netns:
+                point_config(node_fds, old.config, netns)
+            else:
+                drop(node_fds, {}, netns, pm.generation, config=True)
+        if indexed and not (old is not None and same_netns and old.generation == pm.generation):
+            drop(node_fds, sets_of(pm), netns, pm.generation, config=False)
+    except OSError as e:
+        log.warning("ebpf node entries rollback failed", extra={"reason": str(e)})
+
+
+def drop_pod(node_dir: Path, pdir: Path) -> None:
+    """A removed pod's entries, named by its pinned maps (none pinned, or no netns cookie: nothing)."""
+    old = pinned(pdir) if pdir.is_dir() else None
+    if old is None or not old.netns:
+        return
+    fds: dict[str, int] = {}
+    try:
+        for name in (CONFIG, PORTS, NETS):
+            fd = pinning.open_pinned(node_dir / name)
+            if fd is None:
+                return
+            fds[name] = fd
+        drop(fds, old.sets, old.netns, old.generation, config=True)
+    finally:
+        for fd in fds.values():
+            os.close(fd)

@@ -1,0 +1,97 @@
+"""Put our TC programs on the pod's interfaces with raw rtnetlink requests, from one entry into the pod netns.
+
+Per non-loopback interface: a clsact qdisc where none is (RTM_NEWQDISC with NLM_F_EXCL: whoever's clsact is
+there stays), then our filter on each hook replaced in place (RTM_NEWTFILTER, NLM_F_CREATE |
+NLM_F_REPLACE): kind bpf, priority HR_PRIO, handle HR_HANDLE, protocol all, direct action, the program by fd
+and named after it. The same filter `tc filter replace ... bpf da fd N name hr_tc_ingress` makes; pyroute2
+(what tc.py reads and deletes with) took ~3 ms a hook for it here, this ~0.1 ms.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+from cni.netlink import netlink_parse
+from node_agent.backends.ebpf import tc
+from node_agent.backends.ebpf.tc_status import IFINFOMSG, RTM_GETLINK, TCMSG, dump, links_of
+from node_agent.kernel.netns_runner import run_in_netns
+
+RTM_NEWQDISC, RTM_NEWTFILTER = 36, 44
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE = 0x1, 0x4, 0x200, 0x400, 0x100
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 6, 7, 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
+TC_H_CLSACT = 0xFFFFFFF1
+CLSACT_HANDLE = 0xFFFF0000
+ETH_P_ALL_BE = socket.htons(0x0003)  # filter protocol "all", network order as tcm_info carries it
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    nla = netlink_parse.NLATTR.pack(netlink_parse.NLATTR.size + len(value), kind) + value
+    return nla + b"\0" * (-len(nla) % 4)
+
+
+def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+    return netlink_parse.NLMSGHDR.pack(netlink_parse.NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def clsact_request(index: int, seq: int) -> bytes:
+    """Pure: create a clsact qdisc on the interface unless one is there (EEXIST then)."""
+    body = TCMSG.pack(0, index, CLSACT_HANDLE, TC_H_CLSACT, 0) + _attr(TCA_KIND, b"clsact\0")
+    return _message(RTM_NEWQDISC, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
+
+
+def filter_request(index: int, hook: str, prog_fd: int, name: str, seq: int) -> bytes:
+    """Pure: our bpf filter on the hook (tc.INGRESS / tc.EGRESS) of the interface, made or replaced."""
+    options = b"".join((
+        _attr(TCA_BPF_CLASSID, struct.pack("=I", 1)),
+        _attr(TCA_BPF_FD, struct.pack("=I", prog_fd)),
+        _attr(TCA_BPF_NAME, name.encode() + b"\0"),
+        _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)),
+    ))  # fmt: skip
+    info = (tc.HR_PRIO << 16) | ETH_P_ALL_BE
+    body = TCMSG.pack(0, index, tc.HR_HANDLE, tc.HOOK_PARENTS[hook], info)
+    body += _attr(TCA_KIND, b"bpf\0") + _attr(TCA_OPTIONS, options)
+    return _message(RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, body)
+
+
+def _ack(sock: socket.socket, seq: int) -> int:
+    """The request's error code (0: done)."""
+    while True:
+        for msg_type, got_seq, payload in netlink_parse.messages(sock.recv(1 << 16)):
+            if got_seq == seq and msg_type == netlink_parse.NLMSG_ERROR:
+                return netlink_parse.error_code(payload)
+
+
+def attach(netns_path: str, progs: dict[str, int]) -> list[str]:
+    """Our filter with the program of each hook (tc.INGRESS / tc.EGRESS → program fd) on every non-loopback
+    interface of the netns; the interfaces done. tc.TcError when the netns has no such interface or a
+    request fails."""
+
+    def work() -> list[str]:
+        done: list[str] = []
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
+            s.settimeout(5)
+            links = links_of(dump(s, RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0), 1))
+            if not links:
+                raise tc.TcError(f"no interface besides lo in {netns_path}")
+            seq = 2
+            for index, ifname in links:
+                s.send(clsact_request(index, seq))
+                err = _ack(s, seq)
+                if err not in (0, errno.EEXIST):  # EEXIST: keep whoever's clsact is there
+                    raise tc.TcError(f"clsact on {ifname}: {os.strerror(err)}")
+                for hook, prog_fd in progs.items():
+                    seq += 1
+                    s.send(filter_request(index, hook, prog_fd, tc.FILTER_NAMES[hook], seq))
+                    err = _ack(s, seq)
+                    if err:
+                        raise tc.TcError(f"TC {hook} filter on {ifname}: {os.strerror(err)} (needs CONFIG_NET_CLS_BPF)")
+                seq += 1
+                done.append(ifname)
+        return done
+
+    return run_in_netns(netns_path, work, timeout=10.0)

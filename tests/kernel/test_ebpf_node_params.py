@@ -1,0 +1,152 @@
+"""eBPF: the cgroup programs are loaded once per node and find each pod's parameters in the node maps by
+the pod netns' cookie. Pods share the programs and keep their own parameters; a spec change switches to
+the new generation and drops the old entries; a lost entry, or a pod in a new netns, is drift the apply
+repairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_agent.backends.base import PodTarget
+
+from cni.contract.spec import SidecarSpec
+from tests.kernel.ebpf_fixtures import PodEnv, pod_env, removed_after, suffix
+
+pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
+
+if os.geteuid() != 0:
+    pytest.skip("needs root", allow_module_level=True)
+pytest.importorskip("bcc")
+
+from node_agent.backends.ebpf import bpfsys, pinning, pod_index, tc  # noqa: E402
+from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
+
+SIDECAR_OUT = SidecarSpec(include_inbound_ports=())
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[PodEnv]:
+    yield from pod_env(tmp_path)
+
+
+@pytest.fixture
+def env2(tmp_path: Path) -> Iterator[PodEnv]:
+    (tmp_path / "second").mkdir()
+    yield from pod_env(tmp_path / "second")
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
+    state = tmp_path / "state"
+    b = EbpfBackend(state)
+    yield b
+    b.close()
+    pinning.unmount_bpffs(state)
+
+
+@pytest.fixture
+def target(env: PodEnv, backend: EbpfBackend) -> Iterator[PodTarget]:
+    yield from removed_after(env, backend)
+
+
+def start_proxy_and_server(env: PodEnv) -> None:
+    env.start_server(env.pod_ns, 15001, "proxy", cgroup=env.cgroup)
+    env.start_server(env.peer_ns, 8080, "server")
+    env.start_server(env.peer_ns, 9090, "server9090")
+
+
+def node_keys(backend: EbpfBackend, name: str) -> list[bytes]:
+    size = {pod_index.CONFIG: 8, pod_index.PORTS: pod_index.PORT_KEY.size, pod_index.NETS: pod_index.NET_KEY.size}
+    fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / name)
+    assert fd is not None
+    try:
+        return bpfsys.map_keys(fd, size[name])
+    finally:
+        os.close(fd)
+
+
+def attached_ids(cg: Path) -> list[int]:
+    res = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True, check=True)
+    return sorted(int(p["id"]) for p in json.loads(res.stdout or "[]"))
+
+
+def test_pods_share_the_programs_and_keep_their_own_parameters(env, env2, backend):
+    start_proxy_and_server(env)
+    start_proxy_and_server(env2)
+    a, b = env.target(), env2.target()
+    try:
+        backend.apply(a, dataclasses.replace(SIDECAR_OUT, exclude_outbound_ports=(8080,)))
+        backend.apply(b, SIDECAR_OUT)
+        assert attached_ids(env.cgroup) == attached_ids(env2.cgroup) != []  # the same programs
+        assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"  # excluded in pod a only
+        assert env2.connect(env2.peer_v4, 8080)["reply"]["name"] == "proxy"
+        assert env.connect(env.peer_v4, 9090)["reply"]["name"] == "proxy"
+        assert len(node_keys(backend, pod_index.CONFIG)) == 2
+    finally:
+        backend.remove(a)
+        backend.remove(b)
+    assert node_keys(backend, pod_index.CONFIG) == []
+    assert node_keys(backend, pod_index.PORTS) == node_keys(backend, pod_index.NETS) == []
+
+
+def test_spec_change_switches_generation_and_drops_the_old_entries(env, backend, target):
+    start_proxy_and_server(env)
+    first = dataclasses.replace(SIDECAR_OUT, exclude_outbound_ports=(8080, 8081))
+    second = dataclasses.replace(SIDECAR_OUT, exclude_outbound_ports=(9090,))
+    backend.apply(target, first)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
+    assert env.connect(env.peer_v4, 9090)["reply"]["name"] == "proxy"
+    backend.apply(target, second)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+    assert env.connect(env.peer_v4, 9090)["reply"]["name"] == "server9090"
+    (key,) = node_keys(backend, pod_index.CONFIG)
+    cfg = pod_index.read_config_raw(backend.state_dir / "bpf" / target.uid)
+    assert cfg is not None
+    generation = struct.unpack_from("=Q", cfg, 24)[0]  # hr_config.generation
+    ports = [pod_index.PORT_KEY.unpack(k) for k in node_keys(backend, pod_index.PORTS)]
+    assert [(netns, gen, port) for netns, gen, port, _kind, _pad in ports] == [
+        (struct.unpack("=Q", key)[0], generation, 9090)
+    ]
+    assert {pod_index.NET_KEY.unpack(k)[2] for k in node_keys(backend, pod_index.NETS)} == {generation}
+
+
+def test_lost_node_entry_is_drift_and_repaired(env, backend, target):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / pod_index.CONFIG)
+    assert fd is not None
+    try:
+        for key in bpfsys.map_keys(fd, 8):
+            bpfsys.map_delete(fd, key)
+    finally:
+        os.close(fd)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"  # the programs find no parameters
+    assert any("no entry in the node's eBPF pod config map" in p for p in backend.check(target, SIDECAR_OUT))
+    backend.apply(target, SIDECAR_OUT)
+    assert backend.check(target, SIDECAR_OUT) == []
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+
+
+def test_pod_in_a_new_netns_is_drift_and_its_entries_move(env, backend, target):
+    backend.apply(target, SIDECAR_OUT)
+    (old_key,) = node_keys(backend, pod_index.CONFIG)
+    ns = f"hr-ebpf-new-{suffix()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        moved = dataclasses.replace(target, netns_path=f"/run/netns/{ns}")
+        assert any("another netns" in p for p in backend.check(moved, SIDECAR_OUT))
+        backend.apply(moved, SIDECAR_OUT)
+        assert backend.check(moved, SIDECAR_OUT) == []
+        assert node_keys(backend, pod_index.CONFIG) == [struct.pack("=Q", tc.netns_cookie(moved.netns_path))]
+        assert node_keys(backend, pod_index.CONFIG) != [old_key]
+        backend.remove(moved)
+        assert node_keys(backend, pod_index.CONFIG) == []
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

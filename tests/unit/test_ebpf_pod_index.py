@@ -1,0 +1,58 @@
+"""Pure parts of the node's pod parameters (pod_index): the keys the node-wide programs look a pod up by."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from node_agent.backends.ebpf import loader, maps, pod_index
+
+from cni.contract.spec import SidecarSpec
+
+COOKIE = 0x1122_3344_5566_7788
+
+
+def test_with_netns_names_the_netns_and_leaves_the_rest():
+    pm = maps.pod_maps(SidecarSpec(), cgroup_id=5, ips=("10.1.0.2/24",))
+    named = maps.with_netns(pm, COOKIE, 4026532999)
+    before, after = maps.unpack_config(pm.config), maps.unpack_config(named.config)
+    assert before["netns_cookie"] == before["netns_ino"] == 0
+    assert after["netns_cookie"] == COOKIE
+    assert (after["netns_cookie_lo"], after["netns_cookie_hi"]) == (0x5566_7788, 0x1122_3344)
+    assert after["netns_ino"] == 4026532999
+    assert {k: v for k, v in after.items() if not k.startswith("netns")} == {
+        k: v for k, v in before.items() if not k.startswith("netns")
+    }
+    assert named.generation == pm.generation  # the netns is not part of the spec hash
+
+
+def test_port_keys_carry_netns_generation_and_kind():
+    node_map, key = pod_index.node_key("hr_cfg_xports", struct.pack("=H", 9090), COOKIE, 77)
+    assert node_map == "hr_pod_ports"
+    assert len(key) == 24  # struct hr_port_key
+    assert struct.unpack("=QQHHI", key) == (COOKIE, 77, 9090, 1, 0)
+    assert pod_index.node_key("hr_cfg_oports", struct.pack("=H", 9090), COOKIE, 77)[1] != key
+
+
+def test_net_keys_put_the_range_after_160_bits_of_pod():
+    pod_key = maps.lpm_key(ipaddress.ip_network("10.9.0.0/16"))
+    node_map, key = pod_index.node_key("hr_cfg_xnets", pod_key, COOKIE, 77)
+    assert node_map == "hr_pod_nets"
+    assert len(key) == 40  # struct hr_net_key
+    prefixlen, netns, gen, kind, addr = struct.unpack("=IQQI16s", key)
+    assert (prefixlen, netns, gen, kind) == (160 + 96 + 16, COOKIE, 77, 1)
+    assert addr == b"\0" * 10 + b"\xff\xff" + bytes([10, 9, 0, 0])
+    names = ("hr_cfg_xnets", "hr_cfg_inets", "hr_cfg_local")
+    kinds = {pod_index.node_key(name, pod_key, COOKIE, 77)[1][20:24] for name in names}
+    assert len(kinds) == 3
+
+
+def test_sets_cover_every_pod_set_the_cgroup_programs_read():
+    pm = maps.pod_maps(SidecarSpec(exclude_outbound_ports=(22,), include_outbound_ports=(80,)), 1, ips=("10.1.0.2",))
+    sets = pod_index.sets_of(pm)
+    assert set(sets) == set(pod_index.SETS)
+    assert set(sets) < set(loader.POD_MAPS)
+    assert sets["hr_cfg_xports"] == (struct.pack("=H", 22),)
+    assert sets["hr_cfg_oports"] == (struct.pack("=H", 80),)
+    assert len(sets["hr_cfg_local"]) == 1
+    assert set(loader.INDEX_MAPS) == {pod_index.CONFIG, pod_index.PORTS, pod_index.NETS}
