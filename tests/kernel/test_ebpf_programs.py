@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
 from node_agent.backends.ebpf import bpfsys, pinning  # noqa: E402
 from node_agent.backends.ebpf.loader import CompiledObject, Program  # noqa: E402
-from node_agent.backends.ebpf.program_loads import load_programs  # noqa: E402
+from node_agent.backends.ebpf.program_loads import load_programs, start_loads  # noqa: E402
 
 
 def _insn(code: int, dst: int = 0, imm: int = 0) -> bytes:
@@ -53,6 +53,16 @@ def test_one_refused_program_leaves_nothing_open() -> None:
     with pytest.raises(bpfsys.BpfSysError) as caught:
         load_programs(_object(bodies), {}, names, ambient=False)
     assert "hrtest_bad" in str(caught.value) and caught.value.log  # the verifier's own words come along
+    assert _open_fds() == before
+
+
+def test_discarded_loads_leave_nothing_open() -> None:
+    """Loads started beside other work (a pod's TC programs) and dropped because that work failed."""
+    bodies = {"hrtest_ok0": RETURN_1, "hrtest_ok1": RETURN_1, "hrtest_bad": NO_EXIT}
+    before = _open_fds()
+    start_loads(_object(bodies), {}, list(bodies), ambient=False).discard()
+    start_loads(_object(dict.fromkeys(("hrtest_ok0", "hrtest_ok1"), RETURN_1)), {}, ["hrtest_ok0", "hrtest_ok1"],
+                ambient=False).discard()
     assert _open_fds() == before
 
 

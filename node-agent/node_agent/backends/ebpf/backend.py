@@ -1,7 +1,9 @@
 """EbpfBackend: per-pod eBPF redirection on the pod's own cgroup v2 directory.
 
 Outbound TCP (IPv4, IPv6, v4-mapped) and DNS are done in eBPF (bpf/redirect.c): connect4/6 rewrite to the
-proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. Inbound TCP: TC
+proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. The cgroup
+programs are the node's (node_programs), attached to each pod's cgroup; a pod's parameters are entries in
+the node maps under its netns cookie (pod_index), its own maps the record of them. Inbound TCP: TC
 ingress/egress programs in the pod netns (the port rewritten to the proxy's inbound port and back, as
 REDIRECT), or (kernels without what TC needs) an inbound fallback backend (iptables) with an "inbound only"
 spec. ambient_inbound: the rules backend that takes ambient pods' inbound even then (its CONNMARK + policy
@@ -40,7 +42,7 @@ from node_agent.backends.ebpf.foreign_progs import detach_foreign
 from node_agent.backends.ebpf.node_programs import NodePrograms
 from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.backends.ebpf.parent_progs import watch_parents
-from node_agent.backends.ebpf.program_loads import load_programs
+from node_agent.backends.ebpf.program_loads import PendingLoads, start_loads
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 from node_agent.kernel.netns_runner import run_in_netns
 
@@ -241,18 +243,21 @@ class EbpfBackend(RedirectBackend):
         had_tc = (pdir / TC_PROGRAM).exists()
         indexed = switched = False
         pinned: pod_index.Pinned | None = None
+        tc_loads: PendingLoads | None = None
         try:
             pod_fds = node_maps.create_pod_maps(obj, pm)
+            if tc_wanted:  # the verifier runs meanwhile (the pod's own TC programs; ~2 ms)
+                tc_loads = start_loads(obj, fds | pod_fds, (TC_PROGRAM, TC_EGRESS), ambient=ambient)
             progs.update(self.node_programs.open(root, obj, fds, wanted, ambient=ambient))
-            if tc_wanted:
-                progs.update(load_programs(obj, fds | pod_fds, (TC_PROGRAM, TC_EGRESS), ambient=ambient))
             pinned = pod_index.pinned(pdir) if old is not None else None  # the entries to drop after
             pod_index.add_sets(fds, pm, cookie)
             indexed = True
             cgroup_programs.attach_wanted(cg, pdir, wanted, progs, done, olds)
             pod_index.point_config(fds, pm.config, cookie)
             switched = True
-            if tc_wanted:
+            if tc_loads is not None:
+                pending, tc_loads = tc_loads, None
+                progs.update(pending.wait())
                 tc_attach.attach(target.netns_path, {hook: progs[prog_name] for prog_name, hook in TC_HOOKS})
             elif had_tc:
                 for prog_name, hook in TC_HOOKS:
@@ -270,6 +275,8 @@ class EbpfBackend(RedirectBackend):
             detail = f"; verifier log:\n{e.log[-2000:]}" if isinstance(e, bpfsys.BpfSysError) and e.log else ""
             raise BackendError(f"eBPF apply for pod {target.uid} failed: {e}{detail}") from e
         finally:
+            if tc_loads is not None:  # the apply failed before it took them: wait for them before the maps close
+                tc_loads.discard()
             _close(pod_fds)
             _close(progs)
             _close(olds)

@@ -37,21 +37,45 @@ def load_programs(obj: CompiledObject, fds: dict[str, int], names: Sequence[str]
     (loader.function_of); BpfSysError when one does not load."""
     if len(names) < 2:
         return {name: _load(obj, fds, name, ambient) for name in names}
+    return start_loads(obj, fds, names, ambient=ambient).wait()
+
+
+class PendingLoads:
+    """Loads under way on the pool (the map fds they were given must stay open until they end): `wait` for
+    the programs, or `discard` them."""
+
+    def __init__(self, names: Sequence[str], futures: dict[str, Future[int]]) -> None:
+        self.names = tuple(names)
+        self.futures = futures
+
+    def wait(self) -> dict[str, int]:
+        """`load_programs`' answer (all or nothing)."""
+        loaded: dict[str, int] = {}
+        error: BaseException | None = None
+        for name in self.names:
+            try:
+                loaded[name] = self.futures[name].result()
+            except BaseException as exc:  # re-raised below, once every load has ended
+                if error is None:
+                    error = exc
+        if error is not None:
+            for fd in loaded.values():
+                os.close(fd)
+            raise error
+        return loaded
+
+    def discard(self) -> None:
+        """Wait for the loads to end and close what they loaded (the caller's step failed meanwhile)."""
+        for future in self.futures.values():
+            if future.exception() is None:  # (waits for it) a load that failed left nothing to close
+                os.close(future.result())
+
+
+def start_loads(obj: CompiledObject, fds: dict[str, int], names: Sequence[str], *, ambient: bool) -> PendingLoads:
+    """Start the loads (biggest first) and return at once: the caller goes on with its own work while the
+    verifier runs on the pool's threads (ctypes releases the GIL around the syscall)."""
     order = sorted(names, key=lambda n: len(obj.programs[function_of(n, ambient)].insns), reverse=True)
-    futures: dict[str, Future[int]] = {name: _executor().submit(_load, obj, fds, name, ambient) for name in order}
-    loaded: dict[str, int] = {}
-    error: BaseException | None = None
-    for name in names:
-        try:
-            loaded[name] = futures[name].result()
-        except BaseException as exc:  # re-raised below, once every load has ended
-            if error is None:
-                error = exc
-    if error is not None:
-        for fd in loaded.values():
-            os.close(fd)
-        raise error
-    return loaded
+    return PendingLoads(names, {name: _executor().submit(_load, obj, fds, name, ambient) for name in order})
 
 
 def _load(obj: CompiledObject, fds: dict[str, int], name: str, ambient: bool) -> int:
