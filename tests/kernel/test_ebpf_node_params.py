@@ -25,7 +25,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 pytest.importorskip("bcc")
 
-from node_agent.backends.ebpf import bpfsys, pinning, pod_index, tc  # noqa: E402
+from node_agent.backends.ebpf import bpfsys, loader, pinning, pod_index, tc  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 
 SIDECAR_OUT = SidecarSpec(include_inbound_ports=())
@@ -150,3 +150,22 @@ def test_pod_in_a_new_netns_is_drift_and_its_entries_move(env, backend, target):
         assert node_keys(backend, pod_index.CONFIG) == []
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_node_maps_made_again_get_programs_loaded_against_them(env, backend, target):
+    """Someone unpins the node maps: the pod's programs keep the maps they were loaded with, the check sees
+    the pod missing from the new ones, and the repair loads the programs again against the new maps (a spec
+    change after it takes effect)."""
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    node_dir = backend.state_dir / "bpf" / pinning.NODE_DIR
+    for name in loader.NODE_MAPS:
+        pinning.unpin(node_dir / name)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+    assert backend.check(target, SIDECAR_OUT) != []
+    backend.apply(target, SIDECAR_OUT)
+    assert backend.check(target, SIDECAR_OUT) == []
+    changed = dataclasses.replace(SIDECAR_OUT, exclude_outbound_ports=(8080,))
+    backend.apply(target, changed)
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
+    assert env.connect(env.peer_v4, 9090)["reply"]["name"] == "proxy"

@@ -1,10 +1,10 @@
 """The cgroup programs, loaded once per node and pod mode.
 
-They reference only the node's maps: a pod's own maps are reached through the node's index of them
-(hr_pod_cfg and the hr_pod_* sets, keyed by the netns cookie), so every pod of a mode gets the same
-programs attached to its cgroup and the kernel verifies each program once per node instead of once per
-pod. They are pinned under <bpffs>/node/progs-<object digest>/<function>, so a restarted agent attaches the
-same programs; a directory of another digest (an older build's programs) is unpinned when this one is made,
+They reference only the node's maps: a pod's parameters are entries there (hr_pod_cfg, hr_pod_ports,
+hr_pod_nets, keyed by the netns cookie: pod_index.py), so every pod of a mode gets the same programs
+attached to its cgroup and the kernel verifies each program once per node instead of once per pod. They
+are pinned under <bpffs>/node/progs-<object digest>/<function>, so a restarted agent attaches the same
+programs; a directory of another digest (an older build's programs) is unpinned when this one is made,
 which leaves the programs attached to pods alone (an attachment holds its program).
 """
 
@@ -26,18 +26,22 @@ class NodePrograms:
     checked against the node maps in this process."""
 
     def __init__(self) -> None:
-        self._checked: dict[str, int] = {}  # pin path -> the program id found to use the node's maps
+        # pin path -> (program id, the node maps' ids) found to match: checked once per program and maps
+        self._checked: dict[str, tuple[int, frozenset[int]]] = {}
+        self._ids: tuple[dict[str, int], frozenset[int]] | None = None  # the last node maps dict, their ids
 
     def open(
         self, root: Path, obj: CompiledObject, node_fds: dict[str, int], names: Sequence[str], *, ambient: bool
     ) -> dict[str, int]:
-        """program name → fd of the node's program for a pod of that mode (the caller closes them)."""
+        """program name → fd of the node's program for a pod of that mode (the caller closes them), using the
+        node maps node_fds (their ids are remembered per dict: the caller keeps one dict per opening)."""
+        node_ids = self._ids_of(node_fds)
         pdir = self._dir(root, obj)
         out: dict[str, int] = {}
         missing: list[str] = []
         try:
             for name in names:
-                fd = self._usable(pdir / function_of(name, ambient), node_fds)
+                fd = self._usable(pdir / function_of(name, ambient), node_ids)
                 if fd is None:
                     missing.append(name)
                 else:
@@ -48,7 +52,7 @@ class NodePrograms:
                 for name, fd in loaded.items():
                     path = pdir / function_of(name, ambient)
                     pinning.pin(fd, path)
-                    self._checked[str(path)] = bpfsys.prog_info(fd).prog_id
+                    self._checked[str(path)] = (bpfsys.prog_info(fd).prog_id, node_ids)
         except BaseException:
             for fd in out.values():
                 os.close(fd)
@@ -64,18 +68,22 @@ class NodePrograms:
             pdir.mkdir()
         return pdir
 
-    def _usable(self, path: Path, node_fds: dict[str, int]) -> int | None:
+    def _ids_of(self, node_fds: dict[str, int]) -> frozenset[int]:
+        if self._ids is None or self._ids[0] is not node_fds:
+            self._ids = (node_fds, frozenset(bpfsys.map_info(fd).map_id for fd in node_fds.values()))
+        return self._ids[1]
+
+    def _usable(self, path: Path, node_ids: frozenset[int]) -> int | None:
         """The pinned program's fd when it uses the node maps open now (maps made again after an unpin
         leave older programs pointing at the old ones); else it is unpinned and None."""
         fd = pinning.open_pinned(path)
         if fd is None:
             return None
         info = bpfsys.prog_info(fd)
-        if self._checked.get(str(path)) == info.prog_id:
+        if self._checked.get(str(path)) == (info.prog_id, node_ids):
             return fd
-        node_ids = {bpfsys.map_info(m).map_id for m in node_fds.values()}
         if set(info.map_ids) <= node_ids:
-            self._checked[str(path)] = info.prog_id
+            self._checked[str(path)] = (info.prog_id, node_ids)
             return fd
         os.close(fd)
         pinning.unpin(path)
