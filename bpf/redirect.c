@@ -26,9 +26,9 @@
  * cookie (and, for the sets, the config's generation, so that a new spec's sets go in beside the old ones
  * and the config switches to them in one write). Maps named hr_cfg_* are the pod's own copy of the same
  * parameters: the agent's record of what it put in the node maps, and what the TC programs (loaded per pod)
- * read directly (an ingress packet has no socket, so no netns cookie to look them up by). hr_conn_orig, hr_cookie_orig and hr_dns_orig are shared by all pods of a node
- * (keyed by socket cookie / netns cookie + client address) so that a proxy in another cgroup can be
- * answered too. UAPI headers only.
+ * read directly (an ingress packet has no socket, so no netns cookie to look them up by). hr_conn_orig,
+ * hr_cookie_orig and hr_dns_orig are shared by all pods of a node (keyed by socket cookie / netns cookie +
+ * client address) so that a proxy in another cgroup can be answered too. UAPI headers only.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -41,14 +41,16 @@
 #include "headrace_redirect.h"
 
 BPF_ARRAY(hr_cfg, struct hr_config, 1);
-/* the sets: not preallocated (a pod's sets hold a few entries; the maps are made for every pod) */
-BPF_F_TABLE("hash", u16, u8, hr_cfg_xports, 1024, BPF_F_NO_PREALLOC);         /* excluded outbound ports (host order) */
+/* the sets (ports in host order): not preallocated (a pod's sets hold a few entries; the maps are made for
+ * every pod) */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_xports, 1024, BPF_F_NO_PREALLOC); /* excluded outbound ports */
 BPF_LPM_TRIE(hr_cfg_xnets, struct hr_lpm_key, u8, 1024); /* excluded outbound ranges */
 BPF_LPM_TRIE(hr_cfg_inets, struct hr_lpm_key, u8, 1024); /* included outbound ranges (when not all) */
-BPF_F_TABLE("hash", u16, u8, hr_cfg_xin, 1024, BPF_F_NO_PREALLOC);            /* excluded inbound ports (host order) */
-BPF_F_TABLE("hash", u16, u8, hr_cfg_iin, 1024, BPF_F_NO_PREALLOC);            /* included inbound ports (HR_INBOUND_LISTED) */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_xin, 1024, BPF_F_NO_PREALLOC); /* excluded inbound ports */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_iin, 1024, BPF_F_NO_PREALLOC); /* included inbound ports (HR_INBOUND_LISTED) */
 BPF_LPM_TRIE(hr_cfg_local, struct hr_lpm_key, u8, 64); /* the pod's own addresses (/128 each) */
-BPF_F_TABLE("hash", u16, u8, hr_cfg_oports, 1024, BPF_F_NO_PREALLOC);         /* included outbound ports: captured whatever the address */
+/* included outbound ports: captured whatever the address */
+BPF_F_TABLE("hash", u16, u8, hr_cfg_oports, 1024, BPF_F_NO_PREALLOC);
 /* every pod's parameters, for the node's cgroup programs (not maps of maps: a write to one of those from
  * user space waits for an RCU grace period, ~8 ms here): the config by netns cookie, the sets by (netns
  * cookie, generation, set) */
