@@ -56,7 +56,8 @@ def _u32(attr_type: int, value: int) -> bytes:
     return _ATTR_U32.pack(_ATTR_U32.size, attr_type, value)
 
 
-def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+def request(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+    """An rtnetlink request that asks for an acknowledgement (pure)."""
     hdr = netlink_parse.NLMSGHDR
     return hdr.pack(hdr.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body
 
@@ -69,8 +70,8 @@ def rule_request(add: bool, family: int, routing: Routing, seq: int) -> bytes:
     if routing.mask is not None:
         body += _u32(FRA_FWMASK, routing.mask)
     if add:
-        return _message(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, seq, body)
-    return _message(RTM_DELRULE, 0, seq, body)
+        return request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, seq, body)
+    return request(RTM_DELRULE, 0, seq, body)
 
 
 def route_request(add: bool, family: int, routing: Routing, seq: int) -> bytes:
@@ -79,8 +80,8 @@ def route_request(add: bool, family: int, routing: Routing, seq: int) -> bytes:
     body = _HDR.pack(_AF[family], 0, 0, 0, table, RTPROT_BOOT, RT_SCOPE_HOST, RTN_LOCAL, 0)
     body += _u32(RTA_TABLE, routing.table) + _u32(RTA_OIF, LOOPBACK_INDEX)
     if add:
-        return _message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, seq, body)
-    return _message(RTM_DELROUTE, 0, seq, body)
+        return request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, seq, body)
+    return request(RTM_DELROUTE, 0, seq, body)
 
 
 def ack_errno(data: bytes, seq: int) -> int | None:
@@ -94,8 +95,9 @@ def ack_errno(data: bytes, seq: int) -> int | None:
     return None
 
 
-def _ask(sock: socket.socket, request: bytes, seq: int) -> int:
-    sock.send(request)
+def ask(sock: socket.socket, message: bytes, seq: int) -> int:
+    """Send one request (made with `request`) and wait for its acknowledgement: its errno (0: done)."""
+    sock.send(message)
     while True:
         err = ack_errno(sock.recv(65536), seq)
         if err is not None:
@@ -119,7 +121,7 @@ def _run(entries: list[Entry], add: bool, routing: Routing, timeout: float) -> t
         sock.settimeout(timeout)
         sock.bind((0, 0))
         for seq, entry in enumerate(entries, 1):
-            err = _ask(sock, _request(entry, add, routing, seq), seq)
+            err = ask(sock, _request(entry, add, routing, seq), seq)
             if err == 0:
                 changed.append(entry)
             elif err not in fine:

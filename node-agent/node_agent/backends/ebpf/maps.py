@@ -223,39 +223,42 @@ def with_netns(pm: PodMaps, netns_cookie: int, netns_ino: int) -> PodMaps:
     return dataclasses.replace(pm, config=struct.pack(CONFIG_FMT, *values))
 
 
-_COOKIE_LO, _COOKIE_HI, _NETNS_INO = 17, 20, 23  # their places in CONFIG_FMT
+# struct hr_config's fields in CONFIG_FMT's order
+CONFIG_FIELDS = (
+    "mode",
+    "proxy_uid",
+    "mark",
+    "mark_mask",
+    "outbound_port",
+    "dns_port",
+    "capture_dns",
+    "include_all4",
+    "include_all6",
+    "inbound_mode",
+    "generation",
+    "cgroup_id",
+    "inbound_port",
+    "families",
+    "probe_src4",
+    "probe_src6",
+    "proxy_gid",
+    "netns_cookie_lo",
+    "self_ip4",
+    "self_ip6",
+    "netns_cookie_hi",
+    "hbone_port",
+    "reserved16",
+    "netns_ino",
+)
+_COOKIE_LO, _COOKIE_HI, _NETNS_INO = (
+    CONFIG_FIELDS.index(f) for f in ("netns_cookie_lo", "netns_cookie_hi", "netns_ino")
+)
 
 
 def unpack_config(raw: bytes) -> dict[str, int]:
-    names = (
-        "mode",
-        "proxy_uid",
-        "mark",
-        "mark_mask",
-        "outbound_port",
-        "dns_port",
-        "capture_dns",
-        "include_all4",
-        "include_all6",
-        "inbound_mode",
-        "generation",
-        "cgroup_id",
-        "inbound_port",
-        "families",
-        "probe_src4",
-        "probe_src6",
-        "proxy_gid",
-        "netns_cookie_lo",
-        "self_ip4",
-        "self_ip6",
-        "netns_cookie_hi",
-        "hbone_port",
-        "reserved16",
-        "netns_ino",
-    )
     raw = raw[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\0")  # a config map pinned by an older, shorter layout
     values = struct.unpack(CONFIG_FMT, raw)
-    out = dict(zip(names, values, strict=True))
+    out = dict(zip(CONFIG_FIELDS, values, strict=True))
     del out["probe_src6"]
     del out["self_ip6"]
     del out["reserved16"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from cni.contract.pod_uid import valid_uid
@@ -125,7 +125,7 @@ def remove_dir(path: Path) -> None:
         pass
 
 
-_PROG_IDS: dict[str, tuple[int, int, int]] = {}  # pin path -> (inode, ctime ns, program or map id)
+_PROG_IDS: dict[str, tuple[int, int, int]] = {}  # pin path -> (inode, ctime ns, program id)
 _PROG_IDS_MAX = 65536
 
 
@@ -134,15 +134,6 @@ def pinned_prog_id(path: Path) -> int | None:
     pin made again is a new bpffs inode, so one stat tells whether it is still the program read before
     (the drift check asks for every program of every pod each interval; opening the pin and asking the
     kernel for its info costs three bpf/close calls)."""
-    return _pinned_id(path, lambda fd: bpfsys.prog_info(fd).prog_id)
-
-
-def pinned_map_id(path: Path) -> int | None:
-    """`pinned_prog_id` for a pinned map."""
-    return _pinned_id(path, lambda fd: bpfsys.map_info(fd).map_id)
-
-
-def _pinned_id(path: Path, id_of: Callable[[int], int]) -> int | None:
     key = str(path)
     try:
         st = os.stat(key)
@@ -156,7 +147,7 @@ def _pinned_id(path: Path, id_of: Callable[[int], int]) -> int | None:
     if fd is None:
         return None
     try:
-        prog_id = id_of(fd)
+        prog_id = bpfsys.prog_info(fd).prog_id
     finally:
         os.close(fd)
     if len(_PROG_IDS) >= _PROG_IDS_MAX:

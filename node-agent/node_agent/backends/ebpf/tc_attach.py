@@ -14,13 +14,14 @@ import os
 import socket
 import struct
 
-from cni.netlink import netlink_parse
+from cni.netlink.nft_messages import attr, string
 from node_agent.backends.ebpf import tc
 from node_agent.backends.ebpf.tc_status import IFINFOMSG, RTM_GETLINK, TCMSG, dump, links_of
 from node_agent.kernel.netns_runner import run_in_netns
+from node_agent.kernel.policy_routes_write import ask, request
 
 RTM_NEWQDISC, RTM_NEWTFILTER = 36, 44
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE = 0x1, 0x4, 0x200, 0x400, 0x100
+NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE = 0x4, 0x200, 0x400, 0x100  # `request` adds REQUEST | ACK
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 6, 7, 8
 TCA_BPF_FLAG_ACT_DIRECT = 1
@@ -29,41 +30,24 @@ CLSACT_HANDLE = 0xFFFF0000
 ETH_P_ALL_BE = socket.htons(0x0003)  # filter protocol "all", network order as tcm_info carries it
 
 
-def _attr(kind: int, value: bytes) -> bytes:
-    nla = netlink_parse.NLATTR.pack(netlink_parse.NLATTR.size + len(value), kind) + value
-    return nla + b"\0" * (-len(nla) % 4)
-
-
-def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
-    return netlink_parse.NLMSGHDR.pack(netlink_parse.NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
-
-
 def clsact_request(index: int, seq: int) -> bytes:
     """Pure: create a clsact qdisc on the interface unless one is there (EEXIST then)."""
-    body = TCMSG.pack(0, index, CLSACT_HANDLE, TC_H_CLSACT, 0) + _attr(TCA_KIND, b"clsact\0")
-    return _message(RTM_NEWQDISC, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
+    body = TCMSG.pack(0, index, CLSACT_HANDLE, TC_H_CLSACT, 0) + string(TCA_KIND, "clsact")
+    return request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
 def filter_request(index: int, hook: str, prog_fd: int, name: str, seq: int) -> bytes:
     """Pure: our bpf filter on the hook (tc.INGRESS / tc.EGRESS) of the interface, made or replaced."""
     options = b"".join((
-        _attr(TCA_BPF_CLASSID, struct.pack("=I", 1)),
-        _attr(TCA_BPF_FD, struct.pack("=I", prog_fd)),
-        _attr(TCA_BPF_NAME, name.encode() + b"\0"),
-        _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)),
+        attr(TCA_BPF_CLASSID, struct.pack("=I", 1)),
+        attr(TCA_BPF_FD, struct.pack("=I", prog_fd)),
+        string(TCA_BPF_NAME, name),
+        attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)),
     ))  # fmt: skip
     info = (tc.HR_PRIO << 16) | ETH_P_ALL_BE
     body = TCMSG.pack(0, index, tc.HR_HANDLE, tc.HOOK_PARENTS[hook], info)
-    body += _attr(TCA_KIND, b"bpf\0") + _attr(TCA_OPTIONS, options)
-    return _message(RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, body)
-
-
-def _ack(sock: socket.socket, seq: int) -> int:
-    """The request's error code (0: done)."""
-    while True:
-        for msg_type, got_seq, payload in netlink_parse.messages(sock.recv(1 << 16)):
-            if got_seq == seq and msg_type == netlink_parse.NLMSG_ERROR:
-                return netlink_parse.error_code(payload)
+    body += string(TCA_KIND, "bpf") + attr(TCA_OPTIONS, options)
+    return request(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_REPLACE, seq, body)
 
 
 def attach(netns_path: str, progs: dict[str, int]) -> list[str]:
@@ -80,14 +64,12 @@ def attach(netns_path: str, progs: dict[str, int]) -> list[str]:
                 raise tc.TcError(f"no interface besides lo in {netns_path}")
             seq = 2
             for index, ifname in links:
-                s.send(clsact_request(index, seq))
-                err = _ack(s, seq)
+                err = ask(s, clsact_request(index, seq), seq)
                 if err not in (0, errno.EEXIST):  # EEXIST: keep whoever's clsact is there
                     raise tc.TcError(f"clsact on {ifname}: {os.strerror(err)}")
                 for hook, prog_fd in progs.items():
                     seq += 1
-                    s.send(filter_request(index, hook, prog_fd, tc.FILTER_NAMES[hook], seq))
-                    err = _ack(s, seq)
+                    err = ask(s, filter_request(index, hook, prog_fd, tc.FILTER_NAMES[hook], seq), seq)
                     if err:
                         raise tc.TcError(f"TC {hook} filter on {ifname}: {os.strerror(err)} (needs CONFIG_NET_CLS_BPF)")
                 seq += 1
