@@ -48,7 +48,7 @@ struct hr_config {
     __u32 proxy_gid;     /* sidecar: connections of this gid are never redirected (as the uid) */
     /* the pod netns' cookie (SO_NETNS_COOKIE, read by the agent) in two halves (keeps the layout at 96
      * bytes): TC programs key the node's flow maps with it, since bpf_get_netns_cookie(skb) in TC answers
-     * for the skb's socket, which an ingress packet has none of */
+     * for the skb's socket, which on ingress is none or the sender's */
     __u32 netns_cookie_lo;
     /* the pod's own first IPv4 / IPv6 address (network order; zero = the pod has none of that family):
      * redirected sockets are bound to it first (bpf_bind / the sendmsg source), so the proxy sees the pod
@@ -59,7 +59,7 @@ struct hr_config {
     /* sidecar: the proxy's HBONE port (15008): the proxy's own connections to its pod's IP on it are not
      * sent to inbound_port (istio-iptables: "! --dport 15008" on that rule); 0 = none */
     __u16 hbone_port;
-    __u16 reserved16;
+    __u16 tc_slot; /* the classid of the pod's TC filters, its key in hr_pod_tc; 0 = its own TC programs */
     __u32 netns_ino;     /* the pod netns' inode number: the agent's check that the pod kept its netns */
 };
 
@@ -72,6 +72,8 @@ struct hr_set_key {
 /* the kinds of sets (hr_port_key.kind, hr_net_key.data[4]) */
 #define HR_SET_XPORTS 1 /* excluded outbound ports */
 #define HR_SET_OPORTS 2 /* included outbound ports */
+#define HR_SET_XIN 3    /* excluded inbound ports */
+#define HR_SET_IIN 4    /* included inbound ports (HR_INBOUND_LISTED) */
 #define HR_SET_XNETS 1  /* excluded outbound ranges */
 #define HR_SET_INETS 2  /* included outbound ranges */
 #define HR_SET_LOCAL 3  /* the pod's own addresses (/128 each) */

@@ -16,17 +16,20 @@
  *   hr_sendmsg4|6, hr_recvmsg4|6   DNS capture (unconnected sends from the pod IP, replies' source); ambient
  *                               pods only
  * and inside the pod's netns only:
- *   hr_tc_ingress / hr_tc_egress   TC (clsact) on the pod's interfaces: a new inbound TCP connection to a
- *                               captured port is rewritten to the proxy's inbound port (destination port on
- *                               ingress, source port of the replies on egress: REDIRECT without conntrack,
- *                               per-flow state in hr_nat); SO_ORIGINAL_DST answered from hr_conn_orig
+ *   hr_tc_ingress / hr_tc_egress   TC (clsact) on the pod's interfaces (the _node variants: see below): a
+ *                               new inbound TCP connection to a captured port is rewritten to the proxy's
+ *                               inbound port (destination port on ingress, source port of the replies on
+ *                               egress: REDIRECT without conntrack, per-flow state in hr_nat);
+ *                               SO_ORIGINAL_DST answered from hr_conn_orig
  *
  * The cgroup programs are loaded once per node (per pod mode) and attached to every pod's cgroup: they read
  * the pod's parameters from the node's hr_pod_cfg, hr_pod_ports and hr_pod_nets, keyed by the socket's netns
  * cookie (and, for the sets, the config's generation, so that a new spec's sets go in beside the old ones
- * and the config switches to them in one write). Maps named hr_cfg_* are the pod's own copy of the same
- * parameters: the agent's record of what it put in the node maps, and what the TC programs (loaded per pod)
- * read directly (an ingress packet has no socket, so no netns cookie to look them up by). hr_conn_orig,
+ * and the config switches to them in one write). So do the TC programs (hr_tc_ingress_node /
+ * hr_tc_egress_node, loaded once per node): each pod's TC filters carry its TC slot as their classid, and
+ * hr_pod_tc maps the slot to the pod's netns cookie; a pod that gets no slot (all 65535 taken) gets its own
+ * hr_tc_ingress / hr_tc_egress, which read the pod's own hr_cfg_* maps. Those maps are the pod's own copy
+ * of its parameters: the agent's record of what it put in the node maps. hr_conn_orig,
  * hr_cookie_orig and hr_dns_orig are shared by all pods of a node (keyed by socket cookie / netns cookie +
  * client address) so that a proxy in another cgroup can be answered too. UAPI headers only.
  */
@@ -57,6 +60,8 @@ BPF_F_TABLE("hash", u16, u8, hr_cfg_oports, 1024, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u64, struct hr_config, hr_pod_cfg, 16384, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct hr_port_key, u8, hr_pod_ports, 65536, BPF_F_NO_PREALLOC);
 BPF_LPM_TRIE(hr_pod_nets, struct hr_net_key, u8, 65536);
+/* the node's TC programs: a pod's TC slot (its filters' classid) -> its netns cookie */
+BPF_F_TABLE("hash", u32, u64, hr_pod_tc, 65536, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_cookie_orig, 65536);
 BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_conn_orig, 65536);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_dns_orig, 65536);
@@ -650,15 +655,52 @@ int hr_getpeername6(struct bpf_sock_addr *ctx) { return hr_restore_peer(ctx, 1);
 
 /* ---- inbound: TC ingress in the pod netns ---------------------------------------------------------- */
 
-static __always_inline int hr_inbound_port_captured(struct hr_config *cfg, u16 port)
+/* The TC programs' pod config and set key. node (a constant at every call): from hr_pod_cfg under the
+ * netns cookie hr_pod_tc holds for the pod's TC slot, which the agent gives its filters as their classid
+ * (the kernel hands the filter's classid to the program in skb->tc_classid, 16 bits of it;
+ * bpf_get_netns_cookie(skb) would answer for the packet's socket, which on ingress through a veth can be
+ * the sender's, in another netns); else from the pod's own hr_cfg. */
+static __always_inline struct hr_config *hr_tc_config(struct __sk_buff *skb, struct hr_set_key *sets, int node)
+{
+    struct hr_config *cfg;
+    if (node) {
+        u32 slot = skb->tc_classid;
+        u64 *found = hr_pod_tc.lookup(&slot);
+        if (!found)
+            return NULL;
+        u64 netns = *found;
+        cfg = hr_pod_cfg.lookup(&netns);
+    } else {
+        int zero = 0;
+        cfg = hr_cfg.lookup(&zero);
+    }
+    if (!cfg)
+        return NULL;
+    sets->netns = ((u64)cfg->netns_cookie_hi << 32) | cfg->netns_cookie_lo;
+    sets->generation = cfg->generation;
+    return cfg;
+}
+
+/* 1 when the inbound port is in the pod's set of that kind (node: the node map; else the pod's own) */
+static __always_inline int hr_inbound_port_in(struct hr_set_key *sets, u16 kind, u16 port, int node)
+{
+    if (node)
+        return hr_port_in(sets, kind, port);
+    if (kind == HR_SET_XIN)
+        return hr_cfg_xin.lookup(&port) != NULL;
+    return hr_cfg_iin.lookup(&port) != NULL;
+}
+
+static __always_inline int hr_inbound_port_captured(struct hr_config *cfg, struct hr_set_key *sets, u16 port,
+                                                    int node)
 {
     if (cfg->inbound_mode == HR_INBOUND_NONE)
         return 0;
     if (port == cfg->inbound_port)
         return 0;
-    if (hr_cfg_xin.lookup(&port))
+    if (hr_inbound_port_in(sets, HR_SET_XIN, port, node))
         return 0;
-    if (cfg->inbound_mode == HR_INBOUND_LISTED && !hr_cfg_iin.lookup(&port))
+    if (cfg->inbound_mode == HR_INBOUND_LISTED && !hr_inbound_port_in(sets, HR_SET_IIN, port, node))
         return 0;
     return 1;
 }
@@ -715,11 +757,6 @@ static __always_inline int hr_parse_tcp(struct __sk_buff *skb, struct hr_tcp_pkt
     p->syn = tcp->syn;
     p->ack = tcp->ack;
     return 1;
-}
-
-static __always_inline u64 hr_netns_of(struct hr_config *cfg)
-{
-    return ((u64)cfg->netns_cookie_hi << 32) | cfg->netns_cookie_lo;
 }
 
 static __always_inline int hr_same_addr(u32 *a, u32 *b)
@@ -788,7 +825,8 @@ static __always_inline int hr_sock_orig(struct __sk_buff *skb, struct hr_tcp_pkt
  * segment is the flow's when the port is captured and no socket of (client -> pod:port) exists; its
  * destination is then stored there. */
 static __always_inline int hr_inbound_flow_by_socket(struct __sk_buff *skb, struct hr_config *cfg,
-                                                     struct hr_tcp_pkt *p, u16 to)
+                                                     struct hr_set_key *sets, struct hr_tcp_pkt *p, u16 to,
+                                                     int node)
 {
     struct hr_orig want = {};
     want.addr[0] = p->daddr[0];
@@ -800,7 +838,7 @@ static __always_inline int hr_inbound_flow_by_socket(struct __sk_buff *skb, stru
     int found = hr_sock_orig(skb, p, to, &want, 0);
     if (found != 2)
         return found;
-    if (!hr_inbound_port_captured(cfg, bpf_ntohs(p->dport)))
+    if (!hr_inbound_port_captured(cfg, sets, bpf_ntohs(p->dport), node))
         return 0;
     struct bpf_sock_tuple tuple = {};
     u32 tlen = hr_tuple(p, &tuple, p->dport);
@@ -818,10 +856,10 @@ static __always_inline int hr_inbound_flow_by_socket(struct __sk_buff *skb, stru
  * destination port rewritten to the proxy's inbound port (so the accepted socket's local address is
  * pod-ip:15006), every later segment of it too, and hr_tc_egress rewrites the replies' source port back;
  * hr_nat is that per-flow state (conntrack's job), keyed by (netns cookie, client address, client port). */
-int hr_tc_ingress(struct __sk_buff *skb)
+static __always_inline int hr_tc_in(struct __sk_buff *skb, int node)
 {
-    int zero = 0;
-    struct hr_config *cfg = hr_cfg.lookup(&zero);
+    struct hr_set_key sets = {};
+    struct hr_config *cfg = hr_tc_config(skb, &sets, node);
     if (!cfg || cfg->inbound_mode == HR_INBOUND_NONE)
         return TC_ACT_OK;
     struct hr_tcp_pkt p = {};
@@ -836,7 +874,7 @@ int hr_tc_ingress(struct __sk_buff *skb)
     }
     u16 to = bpf_htons(cfg->inbound_port);
     struct hr_conn_key key = {};
-    key.netns = hr_netns_of(cfg);
+    key.netns = sets.netns;
     key.addr[0] = p.saddr[0];
     key.addr[1] = p.saddr[1];
     key.addr[2] = p.saddr[2];
@@ -862,13 +900,13 @@ int hr_tc_ingress(struct __sk_buff *skb)
     if (!new_conn) {
         /* not in hr_nat (evicted while the connection idled): an established redirected flow is known by
          * its accepted socket's storage */
-        if (p.dport != to && hr_inbound_flow_by_socket(skb, cfg, &p, to)) {
+        if (p.dport != to && hr_inbound_flow_by_socket(skb, cfg, &sets, &p, to, node)) {
             if (hr_set_port(skb, p.l4off, 2, p.dport, to))
                 return TC_ACT_SHOT;
         }
         return TC_ACT_OK;
     }
-    if (!hr_inbound_port_captured(cfg, bpf_ntohs(p.dport)))
+    if (!hr_inbound_port_captured(cfg, &sets, bpf_ntohs(p.dport), node))
         return TC_ACT_OK;
     /* a socket of this very connection already exists (made before capture began): the stack finds it */
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, tlen, BPF_F_CURRENT_NETNS, 0);
@@ -906,10 +944,10 @@ int hr_tc_ingress(struct __sk_buff *skb)
 
 /* TC egress on the same interfaces: replies of a rewritten inbound connection leave from the port the
  * client dialled (the reverse of hr_tc_ingress, as conntrack un-NATs a REDIRECT) */
-int hr_tc_egress(struct __sk_buff *skb)
+static __always_inline int hr_tc_out(struct __sk_buff *skb, int node)
 {
-    int zero = 0;
-    struct hr_config *cfg = hr_cfg.lookup(&zero);
+    struct hr_set_key sets = {};
+    struct hr_config *cfg = hr_tc_config(skb, &sets, node);
     if (!cfg || cfg->inbound_mode == HR_INBOUND_NONE)
         return TC_ACT_OK;
     struct hr_tcp_pkt p = {};
@@ -918,7 +956,7 @@ int hr_tc_egress(struct __sk_buff *skb)
     if (p.sport != bpf_htons(cfg->inbound_port))
         return TC_ACT_OK;
     struct hr_conn_key key = {};
-    key.netns = hr_netns_of(cfg);
+    key.netns = sets.netns;
     key.addr[0] = p.daddr[0];
     key.addr[1] = p.daddr[1];
     key.addr[2] = p.daddr[2];
@@ -948,3 +986,8 @@ int hr_tc_egress(struct __sk_buff *skb)
         return TC_ACT_SHOT;
     return TC_ACT_OK;
 }
+
+int hr_tc_ingress(struct __sk_buff *skb) { return hr_tc_in(skb, 0); }
+int hr_tc_ingress_node(struct __sk_buff *skb) { return hr_tc_in(skb, 1); }
+int hr_tc_egress(struct __sk_buff *skb) { return hr_tc_out(skb, 0); }
+int hr_tc_egress_node(struct __sk_buff *skb) { return hr_tc_out(skb, 1); }

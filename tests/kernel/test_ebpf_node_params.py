@@ -1,7 +1,7 @@
-"""eBPF: the cgroup programs are loaded once per node and find each pod's parameters in the node maps by
-the pod netns' cookie. Pods share the programs and keep their own parameters; a spec change switches to
-the new generation and drops the old entries; a lost entry, or a pod in a new netns, is drift the apply
-repairs."""
+"""eBPF: the cgroup and TC programs are loaded once per node and find each pod's parameters in the node
+maps by the pod netns' cookie (TC: by the pod's TC slot, its filters' classid). Pods share the programs and
+keep their own parameters; a spec change switches to the new generation and drops the old entries; a lost
+entry, a TC filter of another slot, or a pod in a new netns, is drift the apply repairs."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def start_proxy_and_server(env: PodEnv) -> None:
 
 
 def node_keys(backend: EbpfBackend, name: str) -> list[bytes]:
-    size = {pod_index.CONFIG: 8, pod_index.PORTS: pod_index.PORT_KEY.size, pod_index.NETS: pod_index.NET_KEY.size}
+    size = {pod_index.CONFIG: 8, pod_index.PORTS: pod_index.PORT_KEY.size, pod_index.NETS: pod_index.NET_KEY.size,
+            pod_index.TC: 4}
     fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / name)
     assert fd is not None
     try:
@@ -111,9 +112,8 @@ def test_spec_change_switches_generation_and_drops_the_old_entries(env, backend,
     assert cfg is not None
     generation = struct.unpack_from("=Q", cfg, 24)[0]  # hr_config.generation
     ports = [pod_index.PORT_KEY.unpack(k) for k in node_keys(backend, pod_index.PORTS)]
-    assert [(netns, gen, port) for netns, gen, port, _kind, _pad in ports] == [
-        (struct.unpack("=Q", key)[0], generation, 9090)
-    ]
+    assert {(netns, gen) for netns, gen, _port, _kind, _pad in ports} == {(struct.unpack("=Q", key)[0], generation)}
+    assert [port for _netns, _gen, port, kind, _pad in ports if kind == 1] == [9090]  # HR_SET_XPORTS
     assert {pod_index.NET_KEY.unpack(k)[2] for k in node_keys(backend, pod_index.NETS)} == {generation}
 
 
@@ -169,3 +169,62 @@ def test_node_maps_made_again_get_programs_loaded_against_them(env, backend, tar
     backend.apply(target, changed)
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
     assert env.connect(env.peer_v4, 9090)["reply"]["name"] == "proxy"
+
+
+def tc_filter_ids(env: PodEnv, hook: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "exec", env.pod_ns, "tc", "-j", "filter", "show", "dev", "eth0", hook],
+                         capture_output=True, text=True, check=True).stdout
+    return sorted(f"{f['options'].get('prog', {}).get('id')}@{f['options'].get('flowid', '')}"
+                  for f in json.loads(out or "[]") if "options" in f)
+
+
+def start_inbound(env: PodEnv) -> None:
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+    env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
+
+
+def test_pods_share_the_tc_programs_each_under_its_own_slot(env, env2, backend):
+    start_inbound(env)
+    start_inbound(env2)
+    a, b = env.target(), env2.target()
+    try:
+        backend.apply(a, SidecarSpec())
+        backend.apply(b, dataclasses.replace(SidecarSpec(), exclude_inbound_ports=(8080,)))
+        ids_a, ids_b = tc_filter_ids(env, "ingress"), tc_filter_ids(env2, "ingress")
+        assert [i.split("@")[0] for i in ids_a] == [i.split("@")[0] for i in ids_b]  # one program
+        assert ids_a != ids_b  # two slots
+        assert len(node_keys(backend, pod_index.TC)) == 2
+        assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+        assert env2.connect_from_peer(env2.pod_v4, 8080)["reply"]["name"] == "app"  # excluded in pod b only
+    finally:
+        backend.remove(a)
+        backend.remove(b)
+    assert node_keys(backend, pod_index.TC) == []
+
+
+def test_a_lost_slot_or_a_filter_of_another_slot_is_drift_and_repaired(env, backend, target):
+    start_inbound(env)
+    backend.apply(target, SidecarSpec())
+    (slot_key,) = node_keys(backend, pod_index.TC)
+    slot = struct.unpack("=I", slot_key)[0]
+    fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / pod_index.TC)
+    assert fd is not None
+    try:
+        bpfsys.map_delete(fd, slot_key)
+    finally:
+        os.close(fd)
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"  # the programs find no pod
+    assert any(f"TC slot {slot} is not the pod's" in p for p in backend.check(target, SidecarSpec()))
+    backend.apply(target, SidecarSpec())
+    assert backend.check(target, SidecarSpec()) == []
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+    pinned = backend.state_dir / "bpf" / target.uid / "hr_tc_ingress"  # the node's program, pinned for the pod
+    subprocess.run(["ip", "netns", "exec", env.pod_ns, "tc", "filter", "replace", "dev", "eth0", "ingress",
+                    "pref", str(tc.HR_PRIO), "handle", "1", "bpf", "da", "object-pinned", str(pinned),
+                    "classid", ":9"], check=True)
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"  # slot 9 is no pod's
+    assert any("has classid 0x9" in p for p in backend.check(target, SidecarSpec()))
+    backend.apply(target, SidecarSpec())
+    assert backend.check(target, SidecarSpec()) == []
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+

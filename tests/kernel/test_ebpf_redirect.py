@@ -422,18 +422,26 @@ def pinned_node_prog_ids(directory: Path) -> set[int]:
     return ids
 
 
-def node_config_keys(directory: Path) -> list[bytes]:
-    fd = pinning.open_pinned(directory / "hr_pod_cfg")
+def node_config_keys(directory: Path, name: str = "hr_pod_cfg", size: int = 8) -> list[bytes]:
+    fd = pinning.open_pinned(directory / name)
     assert fd is not None
     try:
-        return bpfsys.map_keys(fd, 8)
+        return bpfsys.map_keys(fd, size)
     finally:
         os.close(fd)
 
 
-@pytest.mark.parametrize("spec", [SIDECAR_OUT, SidecarSpec()], ids=["cgroup-only", "with-tc"])
-def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec):
+def node_slot_keys(directory: Path) -> list[bytes]:
+    return node_config_keys(directory, "hr_pod_tc", 4)
+
+
+@pytest.mark.parametrize(
+    ("spec", "node_tc"), [(SIDECAR_OUT, True), (SidecarSpec(), True), (SidecarSpec(), False)],
+    ids=["cgroup-only", "with-tc", "with-pod-tc"],
+)
+def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec, node_tc):
     start_proxy_and_server(env)
+    backend.node_tc = node_tc
     # Only what this apply created counts as ours: other processes on the machine may load hr_* too.
     before_progs, before_maps = hr_ids("prog"), hr_ids("map")
     backend.apply(target, spec)
@@ -441,7 +449,9 @@ def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec):
     assert ours
     node_dir = backend.state_dir / "bpf" / pinning.NODE_DIR
     node_progs = ours & pinned_node_prog_ids(node_dir)
-    assert len(node_progs) == len(cgroup_programs.wanted_programs(spec))
+    node_tc_progs = 2 if node_tc and spec.include_inbound_ports != () else 0  # ingress, egress
+    assert len(node_progs) == len(cgroup_programs.wanted_programs(spec)) + node_tc_progs
+    assert len(node_slot_keys(node_dir)) == (1 if node_tc_progs else 0)
     ours_maps = hr_ids("map") - before_maps
     node_maps = ours_maps & pinned_map_ids(node_dir)
     assert len(node_maps) == len(loader.NODE_MAPS)
@@ -451,7 +461,7 @@ def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec):
     assert cgroup_prog_names(env.cgroup) == []
     assert wait_none_left("prog", ours - node_progs)  # the pod's own (TC)
     assert wait_no_maps_of(ours_maps - node_maps)  # the pod's own
-    assert node_config_keys(node_dir) == []  # its entries in the node maps too
+    assert node_config_keys(node_dir) == node_slot_keys(node_dir) == []  # its entries in the node maps too
     assert not (backend.state_dir / "bpf" / target.uid).exists()
     assert not backend.installed(target)
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"

@@ -14,14 +14,16 @@ COOKIE = 0x1122_3344_5566_7788
 
 def test_with_netns_names_the_netns_and_leaves_the_rest():
     pm = maps.pod_maps(SidecarSpec(), cgroup_id=5, ips=("10.1.0.2/24",))
-    named = maps.with_netns(pm, COOKIE, 4026532999)
+    named = maps.with_netns(pm, COOKIE, 4026532999, 0x7A46)
     before, after = maps.unpack_config(pm.config), maps.unpack_config(named.config)
-    assert before["netns_cookie"] == before["netns_ino"] == 0
+    assert before["netns_cookie"] == before["netns_ino"] == before["tc_slot"] == 0
     assert after["netns_cookie"] == COOKIE
     assert (after["netns_cookie_lo"], after["netns_cookie_hi"]) == (0x5566_7788, 0x1122_3344)
     assert after["netns_ino"] == 4026532999
-    assert {k: v for k, v in after.items() if not k.startswith("netns")} == {
-        k: v for k, v in before.items() if not k.startswith("netns")
+    assert after["tc_slot"] == 0x7A46
+    ours = ("netns", "tc_slot")
+    assert {k: v for k, v in after.items() if not k.startswith(ours)} == {
+        k: v for k, v in before.items() if not k.startswith(ours)
     }
     assert named.generation == pm.generation  # the netns is not part of the spec hash
 
@@ -55,4 +57,15 @@ def test_sets_cover_every_pod_set_the_cgroup_programs_read():
     assert sets["hr_cfg_xports"] == (struct.pack("=H", 22),)
     assert sets["hr_cfg_oports"] == (struct.pack("=H", 80),)
     assert len(sets["hr_cfg_local"]) == 1
-    assert set(loader.INDEX_MAPS) == {pod_index.CONFIG, pod_index.PORTS, pod_index.NETS}
+    assert set(loader.INDEX_MAPS) == {pod_index.CONFIG, pod_index.PORTS, pod_index.NETS, pod_index.TC}
+    assert sets["hr_cfg_xin"] and sets["hr_cfg_iin"] == ()  # inbound: every port but the proxy's own
+    port_sets = [name for name, (node_map, _kind) in pod_index.SETS.items() if node_map == pod_index.PORTS]
+    assert {pod_index.node_key(name, struct.pack("=H", 1), COOKIE, 1)[1][18:20] for name in port_sets} == {
+        struct.pack("=H", kind) for kind in (1, 2, 3, 4)}  # HR_SET_XPORTS, _OPORTS, _XIN, _IIN
+
+
+def test_tc_slots_start_spread_by_cookie_within_16_bits():
+    assert pod_index.first_slot(0) == 1 and pod_index.first_slot(0xFFFE) == 0xFFFF
+    assert pod_index.first_slot(0xFFFF) == 1  # slot 0 means "no slot"
+    start = 162000 % 0xFFFF + 1
+    assert {pod_index.first_slot(c) for c in range(162000, 162250)} == set(range(start, start + 250))

@@ -27,7 +27,7 @@ def test_clsact_is_created_only_where_none_is():
 
 
 def test_filter_replaces_ours_in_place_as_direct_action_bpf():
-    raw = tc_attach.filter_request(7, tc.EGRESS, 42, tc.FILTER_NAMES[tc.EGRESS], 4)
+    raw = tc_attach.filter_request(7, tc.EGRESS, 42, tc.FILTER_NAMES[tc.EGRESS], 4, 0x7A46)
     (_, msg_type, flags, _seq, _), (_family, index, handle, parent, info), attrs = parse(raw)
     assert msg_type == tc_attach.RTM_NEWTFILTER and index == 7
     assert flags & tc_attach.NLM_F_REPLACE and flags & tc_attach.NLM_F_CREATE and not flags & tc_attach.NLM_F_EXCL
@@ -38,4 +38,5 @@ def test_filter_replaces_ours_in_place_as_direct_action_bpf():
     assert struct.unpack("=I", options[tc_attach.TCA_BPF_FD]) == (42,)
     assert options[tc_attach.TCA_BPF_NAME] == b"hr_tc_egress\0"
     assert struct.unpack("=I", options[tc_attach.TCA_BPF_FLAGS]) == (tc_attach.TCA_BPF_FLAG_ACT_DIRECT,)
-    assert struct.unpack("=I", options[tc_attach.TCA_BPF_CLASSID]) == (1,)
+    assert struct.unpack("=I", options[tc_attach.TCA_BPF_CLASSID]) == (0x7A46,)  # the pod's TC slot
+

@@ -16,8 +16,9 @@ def link(index: int, name: str) -> tuple[int, bytes]:
     return tc_status.RTM_NEWLINK, tc_status.IFINFOMSG.pack(0, 1, index, 0, 0) + attr(3, name.encode() + b"\0")
 
 
-def bpf_filter(parent: int, name: str, prog_id: int, kind: str = "bpf") -> tuple[int, bytes]:
+def bpf_filter(parent: int, name: str, prog_id: int, kind: str = "bpf", classid: int = 1) -> tuple[int, bytes]:
     opts = attr(tc_status.TCA_BPF_NAME, name.encode() + b"\0") + attr(tc_status.TCA_BPF_ID, struct.pack("=I", prog_id))
+    opts += attr(tc_status.TCA_BPF_CLASSID, struct.pack("=I", classid))
     body = attr(tc_status.TCA_KIND, kind.encode() + b"\0") + attr(tc_status.TCA_OPTIONS | 0x8000, opts)
     return tc_status.RTM_NEWTFILTER, tc_status.TCMSG.pack(0, 2, 1, parent, (0x4852 << 16) | 0x0300) + body
 
@@ -52,6 +53,11 @@ def test_records_carry_priority_handle_and_chain():
     recs = tc_status.records_of(dump, tc.INGRESS_PARENT)
     assert [(r.kind, r.prio, r.handle, r.chain) for r in recs] == [
         ("bpf", tc.HR_PRIO, 1, 0), ("matchall", 1, 1, 0), ("u32", 3, 0x800, 7)]
+
+
+def test_records_carry_the_bpf_filters_classid():
+    recs = tc_status.records_of([bpf_filter(tc.EGRESS_PARENT, "hr_tc_egress", 42, classid=0x278EF)], tc.EGRESS_PARENT)
+    assert [(r.name, r.prog_id, r.classid) for r in recs] == [("hr_tc_egress", 42, 0x278EF)]
 
 
 def test_foreign_ahead_of_ours():

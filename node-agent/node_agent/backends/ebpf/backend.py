@@ -48,7 +48,7 @@ from node_agent.kernel.netns_runner import run_in_netns
 
 log = logging.getLogger("headrace.backend.ebpf")
 
-TC_PROGRAM, TC_EGRESS, TC_HOOKS = pod_state.TC_PROGRAM, pod_state.TC_EGRESS, pod_state.TC_HOOKS
+TC_PROGRAM, TC_HOOKS, TC_NAMES = pod_state.TC_PROGRAM, pod_state.TC_HOOKS, pod_state.TC_NAMES
 COMPILING = "the eBPF programs are being compiled (first start on this node)"
 CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / object_cache)
 
@@ -72,12 +72,14 @@ class EbpfBackend(RedirectBackend):
         proxy_cgroup: str | Path | None = None,
         toolchain_fallback: bool = False,
         ambient_inbound: PodRules | None = None,
+        node_tc: bool = True,
     ) -> None:
         """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
         the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
         inbound_fallback: when given, inbound capture is delegated to it instead of the TC program.
         toolchain_fallback (`auto`): a failed background compile makes fallback_reason decline every pod
-        (the agent's iptables fallback takes them); otherwise apply fails closed."""
+        (the agent's iptables fallback takes them); otherwise apply fails closed.
+        node_tc: False loads each pod its own TC programs (as when every TC slot is taken)."""
         self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
         if loader.cache_dir() is None:  # compiled objects kept between agent runs
@@ -90,6 +92,7 @@ class EbpfBackend(RedirectBackend):
         self.node_programs = NodePrograms()
         self.node_maps = node_maps.NodeMaps()
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
+        self.node_tc = node_tc
 
     def _root(self) -> Path:
         if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
@@ -229,13 +232,19 @@ class EbpfBackend(RedirectBackend):
             except (tc.TcError, OSError) as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         try:  # the node's pod parameters are keyed by the netns cookie (so are the TC flow keys)
-            cookie = tc.netns_cookie(target.netns_path)
-            pm = maps.with_netns(pm, cookie, os.stat(target.netns_path).st_ino)
+            cookie, ino = tc.netns_cookie(target.netns_path), os.stat(target.netns_path).st_ino
         except (tc.TcError, OSError) as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
         pdir.mkdir(exist_ok=True)
         fds = self._node_maps(root)
+        slot, new_slot = 0, False
+        if tc_wanted and self.node_tc:  # the node's TC programs find the pod by its slot
+            try:
+                slot, new_slot = pod_index.tc_slot(fds, cookie, old["tc_slot"] if old else 0)
+            except OSError as e:
+                raise BackendError(f"eBPF apply for pod {target.uid}: TC slot: {e}") from e
+        pm = maps.with_netns(pm, cookie, ino, slot)
         pod_fds: dict[str, int] = {}
         progs: dict[str, int] = {}
         done: list[tuple[int, int, int | None]] = []  # (new fd, attach type, replaced fd)
@@ -246,19 +255,22 @@ class EbpfBackend(RedirectBackend):
         tc_loads: PendingLoads | None = None
         try:
             pod_fds = node_maps.create_pod_maps(obj, pm)
-            if tc_wanted:  # the verifier runs meanwhile (the pod's own TC programs; ~2 ms)
-                tc_loads = start_loads(obj, fds | pod_fds, (TC_PROGRAM, TC_EGRESS), ambient=ambient)
-            progs.update(self.node_programs.open(root, obj, fds, wanted, ambient=ambient))
+            if tc_wanted and not slot:  # the verifier runs meanwhile (the pod's own TC programs; ~2 ms)
+                tc_loads = start_loads(obj, fds | pod_fds, TC_NAMES, ambient=ambient)
+            progs.update(self.node_programs.open(root, obj, fds, (*wanted, *TC_NAMES) if slot else wanted,
+                                                 ambient=ambient))
             pinned = pod_index.pinned(pdir) if old is not None else None  # the entries to drop after
             pod_index.add_sets(fds, pm, cookie)
             indexed = True
             cgroup_programs.attach_wanted(cg, pdir, wanted, progs, done, olds)
             pod_index.point_config(fds, pm.config, cookie)
             switched = True
-            if tc_loads is not None:
-                pending, tc_loads = tc_loads, None
-                progs.update(pending.wait())
-                tc_attach.attach(target.netns_path, {hook: progs[prog_name] for prog_name, hook in TC_HOOKS})
+            if tc_wanted:
+                if tc_loads is not None:
+                    pending, tc_loads = tc_loads, None
+                    progs.update(pending.wait())
+                hooks = {hook: progs[prog_name] for prog_name, hook in TC_HOOKS}
+                tc_attach.attach(target.netns_path, hooks, slot)
             elif had_tc:
                 for prog_name, hook in TC_HOOKS:
                     tc.detach_ingress(target.netns_path, hook)
@@ -272,6 +284,8 @@ class EbpfBackend(RedirectBackend):
             if tc_wanted and not had_tc:
                 tc.detach_quietly(target.netns_path)
             pod_index.undo(fds, pinned, cookie, pm, indexed=indexed, switched=switched)
+            if new_slot:
+                pod_index.release_slot(fds, slot, cookie)
             detail = f"; verifier log:\n{e.log[-2000:]}" if isinstance(e, bpfsys.BpfSysError) and e.log else ""
             raise BackendError(f"eBPF apply for pod {target.uid} failed: {e}{detail}") from e
         finally:
@@ -280,7 +294,7 @@ class EbpfBackend(RedirectBackend):
             _close(pod_fds)
             _close(progs)
             _close(olds)
-        pod_index.drop_stale(fds, pinned, cookie, pm.generation, target.uid)
+        pod_index.drop_stale(fds, pinned, cookie, pm, target.uid)
         log.info(
             "ebpf redirect applied",
             extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},

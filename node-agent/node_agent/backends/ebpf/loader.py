@@ -59,6 +59,9 @@ MODE_FUNCTIONS: dict[str, tuple[str, str]] = {  # program: (sidecar, ambient)
     "hr_connect4": ("hr_connect4_sc", "hr_connect4_amb"),
     "hr_connect6": ("hr_connect6_sc", "hr_connect6_amb"),
 }
+# The function a program loaded once per node is loaded from where it differs from the per-pod one: the TC
+# programs that find the pod's parameters in the node maps by their filter's classid (pod_index.tc_slot).
+NODE_FUNCTIONS: dict[str, str] = {"hr_tc_ingress": "hr_tc_ingress_node", "hr_tc_egress": "hr_tc_egress_node"}
 POD_MAPS = (
     "hr_cfg",
     "hr_cfg_xports",
@@ -70,13 +73,15 @@ POD_MAPS = (
     "hr_cfg_oports",
 )
 # every pod's parameters for the node's cgroup programs, by netns cookie (pod_index.py)
-INDEX_MAPS = ("hr_pod_cfg", "hr_pod_ports", "hr_pod_nets")
+INDEX_MAPS = ("hr_pod_cfg", "hr_pod_ports", "hr_pod_nets", "hr_pod_tc")
 NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat", "hr_in_orig", *INDEX_MAPS)
 LICENSE = "Dual MIT/GPL"
 
 
-def function_of(program: str, ambient: bool) -> str:
-    """The compiled function a pod of that mode loads as `program`."""
+def function_of(program: str, ambient: bool, *, node: bool = False) -> str:
+    """The compiled function a pod of that mode loads as `program` (node: the node-wide program)."""
+    if node and program in NODE_FUNCTIONS:
+        return NODE_FUNCTIONS[program]
     pair = MODE_FUNCTIONS.get(program)
     return program if pair is None else pair[1 if ambient else 0]
 
@@ -86,6 +91,8 @@ def compiled_functions() -> dict[str, tuple[int, int]]:
     out = {name: types for name, types in (PROGRAMS | TC_PROGRAMS).items() if name not in MODE_FUNCTIONS}
     for program, functions in MODE_FUNCTIONS.items():
         out.update(dict.fromkeys(functions, PROGRAMS[program]))
+    for program, function in NODE_FUNCTIONS.items():
+        out[function] = TC_PROGRAMS[program]
     return out
 
 

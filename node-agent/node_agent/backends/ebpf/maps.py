@@ -213,13 +213,14 @@ def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tupl
     )
 
 
-def with_netns(pm: PodMaps, netns_cookie: int, netns_ino: int) -> PodMaps:
+def with_netns(pm: PodMaps, netns_cookie: int, netns_ino: int, tc_slot: int = 0) -> PodMaps:
     """The same map contents for the pod netns with that SO_NETNS_COOKIE (the node's pod parameters and the
-    TC programs' flow state are keyed by it) and inode number (the check that the pod kept its netns);
-    neither is part of the spec hash."""
+    TC programs' flow state are keyed by it), inode number (the check that the pod kept its netns) and TC
+    slot (pod_index.tc_slot); none is part of the spec hash."""
     values = list(struct.unpack(CONFIG_FMT, pm.config))
     values[_COOKIE_LO], values[_COOKIE_HI] = netns_cookie & 0xFFFF_FFFF, (netns_cookie >> 32) & 0xFFFF_FFFF
     values[_NETNS_INO] = netns_ino & 0xFFFF_FFFF
+    values[_TC_SLOT] = tc_slot
     return dataclasses.replace(pm, config=struct.pack(CONFIG_FMT, *values))
 
 
@@ -247,11 +248,11 @@ CONFIG_FIELDS = (
     "self_ip6",
     "netns_cookie_hi",
     "hbone_port",
-    "reserved16",
+    "tc_slot",
     "netns_ino",
 )
-_COOKIE_LO, _COOKIE_HI, _NETNS_INO = (
-    CONFIG_FIELDS.index(f) for f in ("netns_cookie_lo", "netns_cookie_hi", "netns_ino")
+_COOKIE_LO, _COOKIE_HI, _NETNS_INO, _TC_SLOT = (
+    CONFIG_FIELDS.index(f) for f in ("netns_cookie_lo", "netns_cookie_hi", "netns_ino", "tc_slot")
 )
 
 
@@ -261,7 +262,6 @@ def unpack_config(raw: bytes) -> dict[str, int]:
     out = dict(zip(CONFIG_FIELDS, values, strict=True))
     del out["probe_src6"]
     del out["self_ip6"]
-    del out["reserved16"]
     out["netns_cookie"] = out["netns_cookie_hi"] << 32 | out["netns_cookie_lo"]
     return out
 

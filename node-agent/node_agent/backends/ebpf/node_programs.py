@@ -1,4 +1,4 @@
-"""The cgroup programs, loaded once per node and pod mode.
+"""The cgroup programs (and, on kernels that allow it, the TC programs), loaded once per node and pod mode.
 
 They reference only the node's maps: a pod's parameters are entries there (hr_pod_cfg, hr_pod_ports,
 hr_pod_nets, keyed by the netns cookie: pod_index.py), so every pod of a mode gets the same programs
@@ -41,16 +41,16 @@ class NodePrograms:
         missing: list[str] = []
         try:
             for name in names:
-                fd = self._usable(pdir / function_of(name, ambient), node_ids)
+                fd = self._usable(pdir / function_of(name, ambient, node=True), node_ids)
                 if fd is None:
                     missing.append(name)
                 else:
                     out[name] = fd
             if missing:
-                loaded = load_programs(obj, node_fds, missing, ambient=ambient)
+                loaded = load_programs(obj, node_fds, missing, ambient=ambient, node=True)
                 out.update(loaded)
                 for name, fd in loaded.items():
-                    path = pdir / function_of(name, ambient)
+                    path = pdir / function_of(name, ambient, node=True)
                     pinning.pin(fd, path)
                     self._checked[str(path)] = (bpfsys.prog_info(fd).prog_id, node_ids)
         except BaseException:

@@ -1,9 +1,10 @@
-"""Every pod's parameters in the node maps the node-wide cgroup programs read (layouts of
+"""Every pod's parameters in the node maps the node-wide cgroup and TC programs read (layouts of
 bpf/headrace_redirect.h): hr_pod_cfg holds each pod's config under its netns cookie; hr_pod_ports and
 hr_pod_nets its sets under (netns cookie, config generation, kind). A new spec's sets go in beside the old
 ones, then the config entry is replaced (one write: a program sees either the old config and sets or the
 new ones), then the old sets are dropped. The pod's own pinned maps (hr_cfg, hr_cfg_xports, ...) hold the
-same entries without the netns and generation: the record of what to drop later.
+same entries without the netns and generation: the record of what to drop later. hr_pod_tc maps each pod's
+TC slot (the classid of its TC filters, in its config) to its netns cookie.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ log = logging.getLogger("headrace.backend.ebpf")
 CONFIG = "hr_pod_cfg"
 PORTS = "hr_pod_ports"
 NETS = "hr_pod_nets"
+TC = "hr_pod_tc"
+SLOTS = 0xFFFF  # TC slots 1..65535: a TC program sees 16 bits of its filter's classid
 # the pod's own set maps: (node map, kind) their entries go to (HR_SET_* of the header)
 SETS: dict[str, tuple[str, int]] = {
     "hr_cfg_xports": (PORTS, 1),
     "hr_cfg_oports": (PORTS, 2),
+    "hr_cfg_xin": (PORTS, 3),
+    "hr_cfg_iin": (PORTS, 4),
     "hr_cfg_xnets": (NETS, 1),
     "hr_cfg_inets": (NETS, 2),
     "hr_cfg_local": (NETS, 3),
@@ -40,6 +45,44 @@ POD_NET = struct.Struct(maps.LPM_FMT)
 
 def config_key(netns: int) -> bytes:
     return struct.pack("=Q", netns)
+
+
+def slot_key(slot: int) -> bytes:
+    return struct.pack("=I", slot)
+
+
+def first_slot(netns: int) -> int:
+    """Pure: where the search for a free TC slot starts (spread by the cookie, so that a node's pods seldom
+    try a taken one)."""
+    return netns % SLOTS + 1
+
+
+def tc_slot(node_fds: dict[str, int], netns: int, held: int) -> tuple[int, bool]:
+    """The pod's TC slot and whether it was taken now: `held` while hr_pod_tc maps it to this netns, else the
+    first free one from first_slot (a slot whose netns has no config entry any more is free: a pod removed
+    while the agent was down); (0, False) when every slot is taken."""
+    fd = node_fds[TC]
+    if held and bpfsys.map_lookup(fd, slot_key(held), 8) == config_key(netns):
+        return held, False
+    start = first_slot(netns)
+    for i in range(SLOTS):
+        slot = (start - 1 + i) % SLOTS + 1
+        owner = bpfsys.map_lookup(fd, slot_key(slot), 8)
+        if owner is None or bpfsys.map_lookup(node_fds[CONFIG], owner, maps.CONFIG_SIZE) is None:
+            bpfsys.map_update(fd, slot_key(slot), config_key(netns))
+            return slot, True
+    return 0, False
+
+
+def release_slot(node_fds: dict[str, int], slot: int, netns: int) -> None:
+    """Free the slot while it is this netns' (absent: fine)."""
+    fd = node_fds[TC]
+    if slot and bpfsys.map_lookup(fd, slot_key(slot), 8) == config_key(netns):
+        try:
+            bpfsys.map_delete(fd, slot_key(slot))
+        except bpfsys.BpfSysError as e:
+            if e.errno != errno.ENOENT:
+                raise
 
 
 def node_key(pod_map: str, pod_key: bytes, netns: int, generation: int) -> tuple[str, bytes]:
@@ -57,6 +100,8 @@ def sets_of(pm: maps.PodMaps) -> dict[str, tuple[bytes, ...]]:
     return {
         "hr_cfg_xports": pm.exclude_ports,
         "hr_cfg_oports": pm.include_ports,
+        "hr_cfg_xin": pm.exclude_inbound,
+        "hr_cfg_iin": pm.include_inbound,
         "hr_cfg_xnets": pm.exclude_nets,
         "hr_cfg_inets": pm.include_nets,
         "hr_cfg_local": pm.local_addrs,
@@ -75,6 +120,7 @@ class Pinned:
     generation: int
     config: bytes
     sets: dict[str, list[bytes]]
+    slot: int = 0
 
 
 def pinned(pdir: Path) -> Pinned | None:
@@ -93,7 +139,7 @@ def pinned(pdir: Path) -> Pinned | None:
             sets[name] = bpfsys.map_keys(fd, size)
         finally:
             os.close(fd)
-    return Pinned(cfg["netns_cookie"], cfg["generation"], raw, sets)
+    return Pinned(cfg["netns_cookie"], cfg["generation"], raw, sets, cfg["tc_slot"])
 
 
 def read_config_raw(pdir: Path) -> bytes | None:
@@ -133,29 +179,46 @@ def drop(
                 raise
 
 
-def problems(node_dir: Path, netns: int, config: bytes) -> list[str]:
-    """Why the node's config entry for the pod's netns is not its pinned config ([] when it is)."""
-    fd = pinning.open_pinned(node_dir / CONFIG)
+def _lookup(node_dir: Path, name: str, key: bytes, size: int) -> bytes | None:
+    """The value under key in the node map pinned as name (OSError when it is not pinned)."""
+    fd = pinning.open_pinned(node_dir / name)
     if fd is None:
-        return [f"the node's eBPF pod config map is not pinned in {node_dir}"]
+        raise FileNotFoundError(f"the node's eBPF map {name} is not pinned in {node_dir}")
     try:
-        found = bpfsys.map_lookup(fd, config_key(netns), maps.CONFIG_SIZE)
+        return bpfsys.map_lookup(fd, key, size)
     finally:
         os.close(fd)
+
+
+def problems(node_dir: Path, netns: int, config: bytes) -> list[str]:
+    """Why the node's config entry for the pod's netns is not its pinned config, or its TC slot not its
+    netns' ([] when both are)."""
+    slot = maps.unpack_config(config)["tc_slot"]
+    try:
+        found = _lookup(node_dir, CONFIG, config_key(netns), maps.CONFIG_SIZE)
+        owner = _lookup(node_dir, TC, slot_key(slot), 8) if slot else config_key(netns)
+    except OSError as e:
+        return [str(e)]
     if found is None:
         return ["the pod's netns has no entry in the node's eBPF pod config map"]
-    return [] if found == config else ["the node's eBPF pod config map holds another config for the pod's netns"]
+    if found != config:
+        return ["the node's eBPF pod config map holds another config for the pod's netns"]
+    return [] if owner == config_key(netns) else [f"the node's eBPF TC slot {slot} is not the pod's netns'"]
 
 
-def drop_stale(node_fds: dict[str, int], old: Pinned | None, netns: int, generation: int, pod: str) -> None:
+def drop_stale(node_fds: dict[str, int], old: Pinned | None, netns: int, pm: maps.PodMaps, pod: str) -> None:
     """After an apply: the entries of the pod's previous config (`old`, as pinned before) that the new ones
     did not replace: all of them for another netns (or a pod pinned by an older layout), else the sets of
-    another generation."""
+    another generation, and a TC slot it no longer has."""
     try:
         if old is not None and old.netns != netns:
             drop(node_fds, old.sets, old.netns, old.generation, config=True)
-        elif old is not None and old.generation != generation:
+            release_slot(node_fds, old.slot, old.netns)
+            return
+        if old is not None and old.generation != pm.generation:
             drop(node_fds, old.sets, netns, old.generation, config=False)
+        if old is not None and old.slot != maps.unpack_config(pm.config)["tc_slot"]:
+            release_slot(node_fds, old.slot, netns)
     except bpfsys.BpfSysError as e:  # harmless: nothing leads to stale entries
         log.warning("ebpf stale node entries not dropped", extra={"pod": pod, "reason": str(e)})
 
@@ -185,12 +248,15 @@ def drop_pod(node_dir: Path, pdir: Path) -> None:
         return
     fds: dict[str, int] = {}
     try:
-        for name in (CONFIG, PORTS, NETS):
+        for name in (CONFIG, PORTS, NETS, TC):
             fd = pinning.open_pinned(node_dir / name)
-            if fd is None:
+            if fd is None and name != TC:  # (no TC map: pinned by an older build, which gave no slots)
                 return
-            fds[name] = fd
+            if fd is not None:
+                fds[name] = fd
         drop(fds, old.sets, old.netns, old.generation, config=True)
+        if TC in fds:
+            release_slot(fds, old.slot, old.netns)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -13,6 +13,7 @@ from node_agent.backends.ebpf.foreign_progs import foreign_problems
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
 TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
+TC_NAMES = (TC_PROGRAM, TC_EGRESS)
 
 
 def read_config(pdir: Path) -> dict[str, int] | None:
@@ -67,7 +68,7 @@ def problems_and_hooks(
     extra = sorted(n for n in pinned if n in loader.PROGRAMS and n not in wanted)
     problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
     if tc_wanted:
-        problems += tc_status.problems(pdir, netns, TC_HOOKS)
+        problems += tc_status.problems(pdir, netns, TC_HOOKS, cfg["tc_slot"])
     elif TC_PROGRAM in pinned:
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
     return problems, attached

@@ -32,12 +32,14 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def load_programs(obj: CompiledObject, fds: dict[str, int], names: Sequence[str], *, ambient: bool) -> dict[str, int]:
+def load_programs(
+    obj: CompiledObject, fds: dict[str, int], names: Sequence[str], *, ambient: bool, node: bool = False
+) -> dict[str, int]:
     """name → fd of each loaded program (the caller closes them), each from the function of the pod's mode
-    (loader.function_of); BpfSysError when one does not load."""
+    (loader.function_of; node: the node-wide programs'); BpfSysError when one does not load."""
     if len(names) < 2:
-        return {name: _load(obj, fds, name, ambient) for name in names}
-    return start_loads(obj, fds, names, ambient=ambient).wait()
+        return {name: _load(obj, fds, name, ambient, node) for name in names}
+    return start_loads(obj, fds, names, ambient=ambient, node=node).wait()
 
 
 class PendingLoads:
@@ -71,13 +73,15 @@ class PendingLoads:
                 os.close(future.result())
 
 
-def start_loads(obj: CompiledObject, fds: dict[str, int], names: Sequence[str], *, ambient: bool) -> PendingLoads:
+def start_loads(
+    obj: CompiledObject, fds: dict[str, int], names: Sequence[str], *, ambient: bool, node: bool = False
+) -> PendingLoads:
     """Start the loads (biggest first) and return at once: the caller goes on with its own work while the
     verifier runs on the pool's threads (ctypes releases the GIL around the syscall)."""
-    order = sorted(names, key=lambda n: len(obj.programs[function_of(n, ambient)].insns), reverse=True)
-    return PendingLoads(names, {name: _executor().submit(_load, obj, fds, name, ambient) for name in order})
+    order = sorted(names, key=lambda n: len(obj.programs[function_of(n, ambient, node=node)].insns), reverse=True)
+    return PendingLoads(names, {name: _executor().submit(_load, obj, fds, name, ambient, node) for name in order})
 
 
-def _load(obj: CompiledObject, fds: dict[str, int], name: str, ambient: bool) -> int:
-    prog = obj.programs[function_of(name, ambient)]
+def _load(obj: CompiledObject, fds: dict[str, int], name: str, ambient: bool, node: bool) -> int:
+    prog = obj.programs[function_of(name, ambient, node=node)]
     return bpfsys.prog_load(prog.prog_type, prog.patched(fds), name, prog.attach_type, LICENSE)

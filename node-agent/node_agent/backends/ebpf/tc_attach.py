@@ -36,10 +36,11 @@ def clsact_request(index: int, seq: int) -> bytes:
     return request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
-def filter_request(index: int, hook: str, prog_fd: int, name: str, seq: int) -> bytes:
-    """Pure: our bpf filter on the hook (tc.INGRESS / tc.EGRESS) of the interface, made or replaced."""
+def filter_request(index: int, hook: str, prog_fd: int, name: str, seq: int, classid: int) -> bytes:
+    """Pure: our bpf filter on the hook (tc.INGRESS / tc.EGRESS) of the interface, made or replaced, with
+    that classid (tc.tc_id)."""
     options = b"".join((
-        attr(TCA_BPF_CLASSID, struct.pack("=I", 1)),
+        attr(TCA_BPF_CLASSID, struct.pack("=I", classid)),
         attr(TCA_BPF_FD, struct.pack("=I", prog_fd)),
         string(TCA_BPF_NAME, name),
         attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)),
@@ -50,10 +51,10 @@ def filter_request(index: int, hook: str, prog_fd: int, name: str, seq: int) -> 
     return request(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_REPLACE, seq, body)
 
 
-def attach(netns_path: str, progs: dict[str, int]) -> list[str]:
-    """Our filter with the program of each hook (tc.INGRESS / tc.EGRESS → program fd) on every non-loopback
-    interface of the netns; the interfaces done. tc.TcError when the netns has no such interface or a
-    request fails."""
+def attach(netns_path: str, progs: dict[str, int], classid: int) -> list[str]:
+    """Our filter with the program of each hook (tc.INGRESS / tc.EGRESS → program fd) and that classid on
+    every non-loopback interface of the netns; the interfaces done. tc.TcError when the netns has no such
+    interface or a request fails."""
 
     def work() -> list[str]:
         done: list[str] = []
@@ -69,7 +70,7 @@ def attach(netns_path: str, progs: dict[str, int]) -> list[str]:
                     raise tc.TcError(f"clsact on {ifname}: {os.strerror(err)}")
                 for hook, prog_fd in progs.items():
                     seq += 1
-                    err = ask(s, filter_request(index, hook, prog_fd, tc.FILTER_NAMES[hook], seq), seq)
+                    err = ask(s, filter_request(index, hook, prog_fd, tc.FILTER_NAMES[hook], seq, classid), seq)
                     if err:
                         raise tc.TcError(f"TC {hook} filter on {ifname}: {os.strerror(err)} (needs CONFIG_NET_CLS_BPF)")
                 seq += 1

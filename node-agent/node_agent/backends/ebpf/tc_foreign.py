@@ -41,6 +41,7 @@ class TcFilter:
     chain: int = 0
     name: str = ""
     prog_id: int = 0
+    classid: int = 0
 
 
 @dataclass(frozen=True)

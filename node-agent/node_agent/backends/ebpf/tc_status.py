@@ -26,7 +26,7 @@ RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 IFLA_IFNAME = 3
 TCA_KIND, TCA_OPTIONS, TCA_CHAIN = 1, 2, 11
-TCA_BPF_NAME, TCA_BPF_ID = 7, 11
+TCA_BPF_CLASSID, TCA_BPF_NAME, TCA_BPF_ID = 3, 7, 11
 IFINFOMSG = struct.Struct("=BxHiII")
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 
@@ -61,7 +61,7 @@ def records_of(data: Iterable[tuple[int, bytes]], parent: int) -> list[tc_foreig
         _family, _index, handle, fparent, info = TCMSG.unpack_from(payload)
         if fparent != parent:
             continue
-        kind, name, prog_id, chain = "", "", 0, 0
+        kind, name, prog_id, chain, classid = "", "", 0, 0, 0
         for t, v in netlink_parse.attributes(payload[TCMSG.size :]):
             if t == TCA_KIND:
                 kind = _cstr(v)
@@ -73,7 +73,9 @@ def records_of(data: Iterable[tuple[int, bytes]], parent: int) -> list[tc_foreig
                         name = _cstr(ov)
                     elif ot == TCA_BPF_ID and len(ov) >= 4:
                         prog_id = struct.unpack_from("=I", ov)[0]
-        out.append(tc_foreign.TcFilter(kind, info >> 16, handle, chain, name, prog_id))
+                    elif ot == TCA_BPF_CLASSID and len(ov) >= 4:
+                        classid = struct.unpack_from("=I", ov)[0]
+        out.append(tc_foreign.TcFilter(kind, info >> 16, handle, chain, name, prog_id, classid))
     return out
 
 
@@ -149,9 +151,9 @@ def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]
     return run_in_netns(netns_path, work)
 
 
-def problems(pdir: Path, netns: str, hooks: Iterable[tuple[str, str]]) -> list[str]:
+def problems(pdir: Path, netns: str, hooks: Iterable[tuple[str, str]], classid: int) -> list[str]:
     """Our TC programs (hooks: (program name, hook)) pinned in pdir and on their hook of every pod
-    interface, as the pinned program (one netlink pass for all)."""
+    interface, as the pinned program, in filters of that classid (one netlink pass for all)."""
     hooks = tuple(hooks)
     found_problems: list[str] = []
     pinned: dict[str, int] = {}
@@ -172,10 +174,13 @@ def problems(pdir: Path, netns: str, hooks: Iterable[tuple[str, str]]) -> list[s
         return [*found_problems, f"no pod interface found in {netns}"]
     for prog_name, hook in hooks:
         for ifname, view in views[hook].items():
-            ours = {f.prog_id for f in view.filters if tc_foreign.is_ours(f, prog_name)}
+            filters = [f for f in view.filters if tc_foreign.is_ours(f, prog_name)]
+            ours = {f.prog_id for f in filters}
             if not ours:
                 found_problems.append(f"TC {hook} program missing on {ifname}")
             elif prog_name in pinned and pinned[prog_name] not in ours:
                 found_problems.append(f"TC {hook} program on {ifname} is not the pinned one")
+            found_problems += [f"TC {hook} filter on {ifname} has classid {f.classid:#x}, not the pod's {classid:#x}"
+                               for f in filters if f.classid != classid]
             found_problems += tc_foreign.describe(hook, ifname, view.filters, view.tcx, prog_name)
     return found_problems
