@@ -114,7 +114,6 @@ def ingress_status(netns_path: str, hook: str = INGRESS) -> dict[str, bool]:
 SO_NETNS_COOKIE = 71  # Linux >= 5.14
 
 
-
 def netns_cookie(netns_path: str) -> int:
     """The netns' cookie (what bpf_get_netns_cookie answers for sockets there), from a socket made in it
     (on the agent's pooled netns threads: every full apply asks)."""
