@@ -10,11 +10,12 @@ import json
 import os
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_agent.backends.base import PodTarget
+from node_agent.backends.base import BackendError, PodTarget
 
 from cni.contract.spec import SidecarSpec
 from tests.kernel.ebpf_fixtures import PodEnv, pod_env, removed_after, suffix
@@ -178,6 +179,17 @@ def tc_filter_ids(env: PodEnv, hook: str) -> list[str]:
                   for f in json.loads(out or "[]") if "options" in f)
 
 
+def program_freed(prog_id: int, timeout: float = 5.0) -> bool:
+    """Programs are freed asynchronously (RCU): poll until the id is gone."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+        if prog_id not in {p["id"] for p in json.loads(out or "[]")}:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def start_inbound(env: PodEnv) -> None:
     env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
     env.start_server(env.pod_ns, 8080, "app", cgroup=env.cgroup)
@@ -228,3 +240,36 @@ def test_a_lost_slot_or_a_filter_of_another_slot_is_drift_and_repaired(env, back
     assert backend.check(target, SidecarSpec()) == []
     assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
 
+
+
+def test_a_pod_with_its_own_tc_programs_is_left_until_its_spec_changes(env, backend, target):
+    """As after an upgrade from a build that loaded TC programs per pod (or a pod that found no slot): such
+    a pod is intact; its next spec change moves it to the node's TC programs and frees its own."""
+    start_inbound(env)
+    backend.node_tc = False
+    backend.apply(target, SidecarSpec())
+    (own,) = {i.split("@")[0] for i in tc_filter_ids(env, "ingress")}
+    assert node_keys(backend, pod_index.TC) == []
+    backend.node_tc = True
+    assert backend.check(target, SidecarSpec()) == []
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+    changed = dataclasses.replace(SidecarSpec(), exclude_inbound_ports=(9999,))
+    backend.apply(target, changed)
+    assert backend.check(target, changed) == []
+    (slot_key,) = node_keys(backend, pod_index.TC)
+    slot = struct.unpack("=I", slot_key)[0]
+    ids = tc_filter_ids(env, "ingress")  # the node's program now, under the pod's slot
+    assert ids and all(i.split("@")[0] != own and i.endswith(f":{slot:x}") for i in ids)
+    assert program_freed(int(own))
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+
+
+def test_a_second_pod_in_the_same_netns_is_refused(env, env2, backend, target):
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    intruder = dataclasses.replace(env2.target(), netns_path=target.netns_path)  # its own cgroup, pod a's netns
+    with pytest.raises(BackendError, match="already carries the eBPF redirection of the pod in cgroup id"):
+        backend.apply(intruder, dataclasses.replace(SIDECAR_OUT, exclude_outbound_ports=(8080,)))
+    assert not backend.installed(intruder)
+    assert backend.check(target, SIDECAR_OUT) == []  # pod a's parameters untouched
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"

@@ -236,14 +236,13 @@ class EbpfBackend(RedirectBackend):
         except (tc.TcError, OSError) as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
-        pdir.mkdir(exist_ok=True)
         fds = self._node_maps(root)
-        slot, new_slot = 0, False
-        if tc_wanted and self.node_tc:  # the node's TC programs find the pod by its slot
-            try:
-                slot, new_slot = pod_index.tc_slot(fds, cookie, old["tc_slot"] if old else 0)
-            except OSError as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: TC slot: {e}") from e
+        try:
+            slot, new_slot = pod_index.claim(fds, cookie, cgroup_id(cg), old["tc_slot"] if old else 0,
+                                             tc_wanted and self.node_tc)
+        except OSError as e:
+            raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+        pdir.mkdir(exist_ok=True)
         pm = maps.with_netns(pm, cookie, ino, slot)
         pod_fds: dict[str, int] = {}
         progs: dict[str, int] = {}

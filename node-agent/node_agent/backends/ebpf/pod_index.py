@@ -57,6 +57,17 @@ def first_slot(netns: int) -> int:
     return netns % SLOTS + 1
 
 
+def claim(node_fds: dict[str, int], netns: int, cgroup: int, held: int, wants_slot: bool) -> tuple[int, bool]:
+    """Before an apply of the pod in that cgroup: its TC slot and whether it was taken now (tc_slot; (0, False)
+    when it wants none). OSError (EBUSY) when the node's config entry for the netns is another pod's: one
+    netns has one entry, which two pods would overwrite in turn."""
+    raw = bpfsys.map_lookup(node_fds[CONFIG], config_key(netns), maps.CONFIG_SIZE)
+    other = None if raw is None else maps.unpack_config(raw)["cgroup_id"]
+    if other is not None and other != cgroup:
+        raise OSError(errno.EBUSY, f"its netns already carries the eBPF redirection of the pod in cgroup id {other}")
+    return tc_slot(node_fds, netns, held) if wants_slot else (0, False)
+
+
 def tc_slot(node_fds: dict[str, int], netns: int, held: int) -> tuple[int, bool]:
     """The pod's TC slot and whether it was taken now: `held` while hr_pod_tc maps it to this netns, else the
     first free one from first_slot (a slot whose netns has no config entry any more is free: a pod removed

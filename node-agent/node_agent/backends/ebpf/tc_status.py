@@ -153,7 +153,8 @@ def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]
 
 def problems(pdir: Path, netns: str, hooks: Iterable[tuple[str, str]], classid: int) -> list[str]:
     """Our TC programs (hooks: (program name, hook)) pinned in pdir and on their hook of every pod
-    interface, as the pinned program, in filters of that classid (one netlink pass for all)."""
+    interface, as the pinned program, in filters of that classid (the pod's TC slot; 0: the pod's own
+    programs, which do not read it) (one netlink pass for all)."""
     hooks = tuple(hooks)
     found_problems: list[str] = []
     pinned: dict[str, int] = {}
@@ -181,6 +182,6 @@ def problems(pdir: Path, netns: str, hooks: Iterable[tuple[str, str]], classid: 
             elif prog_name in pinned and pinned[prog_name] not in ours:
                 found_problems.append(f"TC {hook} program on {ifname} is not the pinned one")
             found_problems += [f"TC {hook} filter on {ifname} has classid {f.classid:#x}, not the pod's {classid:#x}"
-                               for f in filters if f.classid != classid]
+                               for f in filters if classid and f.classid != classid]
             found_problems += tc_foreign.describe(hook, ifname, view.filters, view.tcx, prog_name)
     return found_problems
