@@ -273,3 +273,19 @@ def test_a_second_pod_in_the_same_netns_is_refused(env, env2, backend, target):
     assert not backend.installed(intruder)
     assert backend.check(target, SIDECAR_OUT) == []  # pod a's parameters untouched
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+
+
+def test_the_node_programs_kept_open_are_let_go_at_close(env, env2, backend):
+    """The backend keeps the node's programs open between applies (a second pod's apply reuses them, no
+    pin opened again); its close lets go of them, so the last pod's removal and the agent's shutdown leave
+    no program behind."""
+    a, b = env.target(), env2.target()
+    backend.apply(a, SIDECAR_OUT)
+    backend.apply(b, SIDECAR_OUT)  # served from the programs kept open
+    backend.apply(env.target(), dataclasses.replace(SIDECAR_OUT, exclude_outbound_ports=(22,)))
+    progs = attached_ids(env.cgroup)
+    assert progs == attached_ids(env2.cgroup)
+    backend.remove(a)
+    backend.remove(b)
+    backend.close()
+    assert all(program_freed(pid) for pid in progs)

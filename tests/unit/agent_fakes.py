@@ -65,6 +65,7 @@ class FakeBackend:
     def __init__(self) -> None:
         self.rules: dict[str, int] = {}  # uid -> number of rule sets (must never exceed 1)
         self.applies = 0
+        self.targets: list[PodTarget] = []  # as each apply got them
         self.removes = 0
         self.fail_apply = False
         self.lock = threading.Lock()
@@ -75,6 +76,7 @@ class FakeBackend:
                 raise BackendError("injected apply failure")
             assert target.netns_path and target.netns_inode
             self.applies += 1
+            self.targets.append(target)
             self.rules[target.uid] = 1
 
     def remove(self, target: PodTarget) -> None:

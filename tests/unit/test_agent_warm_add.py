@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from node_agent.backends.base import RedirectBackend
+from node_agent.backends.ebpf import pod_cgroup
 from node_agent.serve.add_request import WarmAddRequest
 from node_agent.serve.warm_add import AGENT_REASON, WarmAdd
 
@@ -188,7 +189,9 @@ def test_ambient_pod_goes_to_the_enrolment_after_an_interim_line(env: Env) -> No
     assert reply["mode"] == "ambient"
 
 
-def test_ebpf_sidecar_goes_to_the_sidecar_handler(env: Env) -> None:
+def test_ebpf_sidecar_goes_to_the_sidecar_handler(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No kubelet cgroup directory of the pod: the held path, which also looks for its processes."""
+    monkeypatch.setenv(pod_cgroup.ROOTS_ENV, str(env.tmp / "no-kubelet-cgroups"))
     s = Setup(env)
     s.warm.backends = Named(env.backend, "ebpf")
     env.set({}, pod(annotations=dict(SIDECAR)))
@@ -196,6 +199,43 @@ def test_ebpf_sidecar_goes_to_the_sidecar_handler(env: Env) -> None:
     assert s.interims == [{"v": 2, "ok": True, "mode": "sidecar", "interim": True}]
     assert reply == {"v": 2, "ok": True, "mode": "sidecar", "state": "enrolled"}
     assert env.r.pods[UID].reason != AGENT_REASON  # held by the eBPF sidecar path
+
+
+def kubelet_cgroup(env: Env, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The pod-level cgroup directory the kubelet makes before the sandbox (cgroupfs driver, Guaranteed)."""
+    root = env.tmp / "cgroup-root"
+    monkeypatch.setenv(pod_cgroup.ROOTS_ENV, str(root))
+    made = root / "kubepods" / f"pod{UID}"
+    made.mkdir(parents=True)
+    return made
+
+
+def test_ebpf_sidecar_with_its_kubelet_cgroup_is_applied_here_and_held_after(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    cgroup = kubelet_cgroup(env, monkeypatch)
+    s = Setup(env)
+    s.warm.backends = Named(env.backend, "ebpf")
+    env.set({}, pod(annotations=dict(SIDECAR)))
+    after: list[Callable[[], None]] = []
+    reply = s.warm.add(s.request(backend="ebpf"), s.interims.append, after.append)
+    assert reply == {"v": 2, "ok": True, "mode": "sidecar", "state": "enrolled", "backend": "fake"}
+    assert s.interims == [] and env.backend.applies == 1 and UID not in env.r.pods  # the reply first
+    assert env.backend.targets[-1].cgroup_path == str(cgroup)
+    after[0]()
+    st = env.r.pods[UID]
+    assert (st.reason, st.cgroup_path) == (AGENT_REASON, str(cgroup))
+    assert env.r.cni_del(UID).ok and env.backend.rules == {}
+
+
+def test_ebpf_sidecar_the_ebpf_backend_declines_goes_to_the_held_path(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    kubelet_cgroup(env, monkeypatch)
+    s = Setup(env)
+    s.warm.backends = Named(env.backend, "ebpf")
+    monkeypatch.setattr(env.backend, "fallback_reason", lambda spec: "interceptionMode TPROXY is not in eBPF")
+    env.set({}, pod(annotations=dict(SIDECAR)))
+    s.add(s.request(backend="ebpf"))
+    assert s.interims == [{"v": 2, "ok": True, "mode": "sidecar", "interim": True}]
 
 
 def test_bad_annotation_on_ebpf_is_refused_before_the_hand_off(env: Env) -> None:

@@ -69,3 +69,14 @@ def test_tc_slots_start_spread_by_cookie_within_16_bits():
     assert pod_index.first_slot(0xFFFF) == 1  # slot 0 means "no slot"
     start = 162000 % 0xFFFF + 1
     assert {pod_index.first_slot(c) for c in range(162000, 162250)} == set(range(start, start + 250))
+
+
+def test_a_specs_maps_are_made_once_and_named_per_pod():
+    spec = SidecarSpec(exclude_outbound_ports=(22,))
+    pm = maps.spec_maps(spec, True, ("10.1.0.2/24",))
+    assert maps.spec_maps(spec, True, ("10.1.0.2/24",)) is pm  # remembered
+    assert maps.unpack_config(pm.config)["cgroup_id"] == 0
+    named = maps.with_netns(pm, COOKIE, 4026532999, 0, 77)
+    assert maps.unpack_config(named.config)["cgroup_id"] == 77
+    assert named.config == maps.with_netns(maps.pod_maps(spec, 77, ips=("10.1.0.2/24",)), COOKIE, 4026532999).config
+    assert maps.wanted_generation(spec, True, ("10.1.0.2/24",)) == named.generation

@@ -2,14 +2,16 @@
 decides the pod's mode from its pod cache (a direct lookup on a miss) and acts:
 
 - none: answered at once;
-- sidecar, with the backend the plugin would write (iptables of the same flavour, or nftables): the
-  rules applied here, in-process where the backend can (nftables: libnftables), into CNI_NETNS, then
-  — once the reply is on its way — the pod held like a sidecar pod the plugin redirected itself
-  (`PluginSidecars.hold`: pinned, recorded, drift watched); a CNI DEL of the pod meanwhile waits for it.
-  The same backend and rules as the plugin's own path, so the plugin's DEL removes them even when this
-  agent is gone by then;
-- sidecar on eBPF, ambient: "interim" answered first (the pod is the agent's now: the plugin waits its
-  full timeout and never falls back), then the existing handlers (`cni_sidecar_add`, `cni_add`).
+- sidecar, with the backend the plugin would write (iptables of the same flavour, or nftables) or on an
+  eBPF node whose eBPF backend takes the pod and whose kubelet made the pod's cgroup directory: the
+  rules (programs) applied here, in-process where the backend can (nftables: libnftables), into
+  CNI_NETNS, then — once the reply is on its way — the pod held like a sidecar pod the plugin redirected
+  itself (`PluginSidecars.hold`: pinned, recorded, drift watched); a CNI DEL of the pod meanwhile waits
+  for it. The same backend and rules as the plugin's own path, so the plugin's DEL removes them even when
+  this agent is gone by then (eBPF: the plugin has no path of its own; a failure fails the ADD);
+- any other sidecar pod on eBPF (no cgroup directory yet, or another backend takes it), ambient: "interim"
+  answered first (the pod is the agent's now: the plugin waits its full timeout and never falls back),
+  then the existing handlers (`cni_sidecar_add`, `cni_add`).
 
 Everything else is left to the plugin's standalone path (a "standalone" answer): a pod the agent does not
 know or knows under another uid, a namespace it cannot see, a pod it holds already, a backend it does not
@@ -31,6 +33,7 @@ from cni.contract.errors import CniError
 from cni.contract.kube_objects import Namespace, Pod
 from cni.contract.spec import SidecarSpec
 from node_agent.backends.base import BackendError, PodTarget, RedirectBackend
+from node_agent.backends.ebpf import pod_cgroup
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.plugin_rules import writes_like_plugin
 from node_agent.reconcile.plugin_sidecars import PluginSidecars
@@ -149,11 +152,12 @@ class WarmAdd:
                 self._count("refused")
                 return agent_add.failed_reply("sidecar", f"{exc.msg}: {exc.details}" if exc.details else exc.msg,
                                               retry=False, code=exc.code)
-        if spec is None or req.backend == "ebpf":
+        cgroup = self._ebpf_cgroup(pod, spec) if spec is not None and req.backend == "ebpf" else None
+        if spec is None or (req.backend == "ebpf" and cgroup is None):
             log.info("%s pod: the agent holds it, the plugin waits for the outcome", mode, extra=ctx)
             interim(agent_add.interim_reply(mode))
             return self._held(mode, pod, req, ctx)
-        reply = self._sidecar(pod, spec, req, ctx, later)
+        reply = self._sidecar(pod, spec, req, ctx, later, cgroup)
         log.info("sidecar pod: %s", reply.get("state") or reply.get("error"),
                  extra={**ctx, "duration_ms": round((time.monotonic() - started) * 1000, 2)})
         return reply
@@ -176,6 +180,16 @@ class WarmAdd:
             return agent_add.done_reply(mode, outcome.state)
         return agent_add.failed_reply(mode, outcome.error, outcome.retry, state=outcome.state)
 
+    def _ebpf_cgroup(self, pod: Pod, spec: SidecarSpec) -> str | None:
+        """The pod's cgroup directory, when an eBPF node's sidecar pod can be redirected right here: the
+        eBPF backend takes the spec (else the held path picks the backend that does) and the kubelet made
+        the directory (a few stats; else the held path looks for the pod's processes)."""
+        backend = self.backends.named("ebpf")
+        if backend is None or backend.fallback_reason(spec) is not None:
+            return None
+        found = pod_cgroup.find(pod.uid)
+        return str(found) if found is not None else None
+
     def _backend(self, req: WarmAddRequest) -> RedirectBackend | None:
         """The agent's backend that writes what the plugin would: nftables, or iptables of the flavour the
         plugin's setting resolves to."""
@@ -185,7 +199,7 @@ class WarmAdd:
         return backend
 
     def _sidecar(self, pod: Pod, spec: SidecarSpec, req: WarmAddRequest, ctx: dict[str, Any],
-                 later: Later) -> dict[str, Any]:
+                 later: Later, cgroup: str | None = None) -> dict[str, Any]:
         backend = self._backend(req)
         if backend is None:
             return self._standalone(f"the agent runs no {req.backend} backend like the plugin's", ctx)
@@ -196,7 +210,7 @@ class WarmAdd:
             inode = os.stat(req.netns).st_ino
         except OSError as exc:
             return self._standalone(f"netns {req.netns}: {exc.strerror}", ctx)
-        target = PodTarget(pod.uid, pod.namespace, pod.name, req.netns, inode, req.ips)
+        target = PodTarget(pod.uid, pod.namespace, pod.name, req.netns, inode, req.ips, cgroup)
         t0 = time.monotonic()
         try:
             apply_for_add(backend, target, spec, later)  # its bookkeeping runs before `hold`
@@ -215,7 +229,7 @@ class WarmAdd:
             try:
                 with self.table.lock:
                     held = pod.uid not in self.table.pods and self.sidecars.hold(
-                        pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON)
+                        pod, req.netns, inode, backend, spec, req.ips, AGENT_REASON, cgroup)
                     if held and isinstance(backend, IptablesBackend):  # before its first drift check
                         backend.moved(req.netns, self.table.pods[pod.uid].netns)
             finally:

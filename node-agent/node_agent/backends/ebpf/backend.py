@@ -178,9 +178,9 @@ class EbpfBackend(RedirectBackend):
                 cg = validate_cgroup(target.cgroup_path)
             except CgroupError as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-            had_ebpf = self._ebpf_installed(target)
-            mode = self._pinned_mode(target)
             rules = self.inbound_rules(spec)
+            had_ebpf = rules is not None and self._ebpf_installed(target)  # asked by a failed rules apply only
+            mode = self._pinned_mode(target)
             if first is not None and not isinstance(rules, AppliesInNetns):
                 try:
                     run_in_netns(target.netns_path, first, timeout=10.0)
@@ -209,7 +209,7 @@ class EbpfBackend(RedirectBackend):
             families = maps.families_mask(target.ips)
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        pm = self._pod_maps(target, spec, cg)  # with_netns below: the netns is not part of the spec hash
+        pm = self._pod_maps(target, spec)  # with_netns below: the cgroup and netns are not part of the spec hash
         root = self._root()
         pdir = self._pod_dir(root, target)
         wanted = cgroup_programs.wanted_programs(spec)
@@ -226,13 +226,12 @@ class EbpfBackend(RedirectBackend):
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return
-        if isinstance(spec, SidecarSpec) and families != maps.FAM_V4:  # not for intact pods
-            try:  # the sidecar's IPv6 inbound passthrough source (as the iptables backend puts it there)
-                netns_addr.ensure_lo_passthrough6(target.netns_path)
-            except (tc.TcError, OSError) as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        try:  # the node's pod parameters are keyed by the netns cookie (so are the TC flow keys)
-            cookie, ino = tc.netns_cookie(target.netns_path), os.stat(target.netns_path).st_ino
+        # the node's pod parameters are keyed by the netns cookie (so are the TC flow keys); a sidecar with
+        # IPv6 gets its inbound passthrough source on lo (as the iptables backend puts it there)
+        passthrough6 = isinstance(spec, SidecarSpec) and families != maps.FAM_V4
+        try:
+            cookie = netns_addr.cookie_and_passthrough6(target.netns_path, passthrough6)
+            ino = os.stat(target.netns_path).st_ino
         except (tc.TcError, OSError) as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
@@ -243,7 +242,7 @@ class EbpfBackend(RedirectBackend):
         except OSError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         pdir.mkdir(exist_ok=True)
-        pm = maps.with_netns(pm, cookie, ino, slot)
+        pm = maps.with_netns(pm, cookie, ino, slot, cgroup_id(cg))
         pod_fds: dict[str, int] = {}
         progs: dict[str, int] = {}
         done: list[tuple[int, int, int | None]] = []  # (new fd, attach type, replaced fd)
@@ -309,11 +308,9 @@ class EbpfBackend(RedirectBackend):
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         return gone
 
-    def _pod_maps(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> maps.PodMaps:
+    def _pod_maps(self, target: PodTarget, spec: RedirectSpec) -> maps.PodMaps:
         try:
-            return maps.pod_maps(
-                spec, cgroup_id(cg), inbound_in_ebpf=self.rules_inbound(spec) is None, ips=target.ips
-            )
+            return maps.spec_maps(spec, self.rules_inbound(spec) is None, tuple(target.ips))
         except ValueError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
 
@@ -389,6 +386,7 @@ class EbpfBackend(RedirectBackend):
         otherwise make them again (~17 ms for the five preallocated 65 536-entry LRU maps, and the verifier)."""
         with self._lock:
             self.node_maps.close()
+            self.node_programs.close()
             try:
                 if pinning.unmount_if_unused(self.state_dir):
                     self._mounted = None

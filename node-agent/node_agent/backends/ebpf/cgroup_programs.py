@@ -49,7 +49,7 @@ def attach_wanted(
                 olds[name] = old
                 if bpfsys.prog_info(old).prog_id not in attached:
                     old = None
-            if old is None:  # an unpinned program of ours (crash mid-apply) must not stay twice
+            if old is None and attached:  # an unpinned program of ours (crash mid-apply) must not stay twice
                 detach_ours_by_name(c, only_type=atype)
             c.attach(progs[name], atype, replace_fd=old)
             done.append((progs[name], atype, old))

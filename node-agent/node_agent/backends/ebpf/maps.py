@@ -145,10 +145,15 @@ def self_addresses(ips: tuple[str, ...]) -> tuple[ipaddress.IPv4Address | None, 
 
 
 @functools.lru_cache(maxsize=4096)
+def spec_maps(spec: Spec, inbound_in_ebpf: bool, ips: tuple[str, ...]) -> PodMaps:
+    """`pod_maps` before `with_netns` names the pod's cgroup and netns, remembered per input (a node's pods
+    share a few specs, and the drift check asks for every pod's generation every interval)."""
+    return pod_maps(spec, 0, inbound_in_ebpf=inbound_in_ebpf, ips=ips)
+
+
 def wanted_generation(spec: Spec, inbound_in_ebpf: bool, ips: tuple[str, ...]) -> int:
-    """`pod_maps(...).generation` for the drift check, remembered per input (the check runs every drift
-    interval for every pod; the spec and the pod's IPs rarely change)."""
-    return pod_maps(spec, 0, inbound_in_ebpf=inbound_in_ebpf, ips=ips).generation
+    """`pod_maps(...).generation`, for the drift check."""
+    return spec_maps(spec, inbound_in_ebpf, ips).generation
 
 
 def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = ()) -> PodMaps:
@@ -213,11 +218,15 @@ def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tupl
     )
 
 
-def with_netns(pm: PodMaps, netns_cookie: int, netns_ino: int, tc_slot: int = 0) -> PodMaps:
+def with_netns(
+    pm: PodMaps, netns_cookie: int, netns_ino: int, tc_slot: int = 0, cgroup_id: int | None = None
+) -> PodMaps:
     """The same map contents for the pod netns with that SO_NETNS_COOKIE (the node's pod parameters and the
     TC programs' flow state are keyed by it), inode number (the check that the pod kept its netns) and TC
-    slot (pod_index.tc_slot); none is part of the spec hash."""
+    slot (pod_index.tc_slot), and (when given) in the cgroup of that id; none is part of the spec hash."""
     values = list(struct.unpack(CONFIG_FMT, pm.config))
+    if cgroup_id is not None:
+        values[_CGROUP] = cgroup_id
     values[_COOKIE_LO], values[_COOKIE_HI] = netns_cookie & 0xFFFF_FFFF, (netns_cookie >> 32) & 0xFFFF_FFFF
     values[_NETNS_INO] = netns_ino & 0xFFFF_FFFF
     values[_TC_SLOT] = tc_slot
@@ -251,8 +260,8 @@ CONFIG_FIELDS = (
     "tc_slot",
     "netns_ino",
 )
-_COOKIE_LO, _COOKIE_HI, _NETNS_INO, _TC_SLOT = (
-    CONFIG_FIELDS.index(f) for f in ("netns_cookie_lo", "netns_cookie_hi", "netns_ino", "tc_slot")
+_COOKIE_LO, _COOKIE_HI, _NETNS_INO, _TC_SLOT, _CGROUP = (
+    CONFIG_FIELDS.index(f) for f in ("netns_cookie_lo", "netns_cookie_hi", "netns_ino", "tc_slot", "cgroup_id")
 )
 
 

@@ -22,13 +22,16 @@ PREFIX = "progs-"
 
 
 class NodePrograms:
-    """Opens (loading and pinning on first use) the node's cgroup programs; remembers which pins it has
-    checked against the node maps in this process."""
+    """Opens (loading and pinning on first use) the node's programs; remembers which pins it has checked
+    against the node maps in this process, and keeps the programs it opened while their pin directory and
+    the node maps are unchanged (a pin made or removed there changes the directory's mtime)."""
 
     def __init__(self) -> None:
         # pin path -> (program id, the node maps' ids) found to match: checked once per program and maps
         self._checked: dict[str, tuple[int, frozenset[int]]] = {}
         self._ids: tuple[dict[str, int], frozenset[int]] | None = None  # the last node maps dict, their ids
+        self._kept: dict[str, int] = {}  # pin path -> fd of the program, valid while _kept_for holds
+        self._kept_for: tuple[Path, int, int, frozenset[int]] | None = None  # (dir, inode, mtime ns, node map ids)
 
     def open(
         self, root: Path, obj: CompiledObject, node_fds: dict[str, int], names: Sequence[str], *, ambient: bool
@@ -37,15 +40,20 @@ class NodePrograms:
         node maps node_fds (their ids are remembered per dict: the caller keeps one dict per opening)."""
         node_ids = self._ids_of(node_fds)
         pdir = self._dir(root, obj)
+        self._keep_for(pdir, node_ids)
         out: dict[str, int] = {}
         missing: list[str] = []
         try:
             for name in names:
-                fd = self._usable(pdir / function_of(name, ambient, node=True), node_ids)
-                if fd is None:
-                    missing.append(name)
-                else:
-                    out[name] = fd
+                path = pdir / function_of(name, ambient, node=True)
+                kept = self._kept.get(str(path))
+                if kept is None:
+                    kept = self._usable(path, node_ids)
+                    if kept is None:
+                        missing.append(name)
+                        continue
+                    self._kept[str(path)] = kept
+                out[name] = os.dup(kept)
             if missing:
                 loaded = load_programs(obj, node_fds, missing, ambient=ambient, node=True)
                 out.update(loaded)
@@ -58,6 +66,20 @@ class NodePrograms:
                 os.close(fd)
             raise
         return out
+
+    def _keep_for(self, pdir: Path, node_ids: frozenset[int]) -> None:
+        st = os.stat(pdir)
+        key = (pdir, st.st_ino, st.st_mtime_ns, node_ids)
+        if key != self._kept_for:
+            self.close()
+            self._kept_for = key
+
+    def close(self) -> None:
+        """Let go of the programs kept open."""
+        for fd in self._kept.values():
+            os.close(fd)
+        self._kept.clear()
+        self._kept_for = None
 
     def _dir(self, root: Path, obj: CompiledObject) -> Path:
         node = root / pinning.NODE_DIR

@@ -116,18 +116,19 @@ SO_NETNS_COOKIE = 71  # Linux >= 5.14
 
 def netns_cookie(netns_path: str) -> int:
     """The netns' cookie (what bpf_get_netns_cookie answers for sockets there), from a socket made in it
-    (on the agent's pooled netns threads: every full apply asks)."""
+    (on the agent's pooled netns threads)."""
+    return run_in_netns(netns_path, netns_cookie_here, timeout=10.0)
 
-    def work() -> int:
-        import socket
-        import struct
 
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
-            except OSError as e:
-                raise TcError(f"SO_NETNS_COOKIE in {netns_path}: {e} (needs Linux >= 5.14)") from e
-        value: int = struct.unpack("=Q", raw)[0]
-        return value
+def netns_cookie_here() -> int:
+    """`netns_cookie` of the calling thread's netns."""
+    import socket
+    import struct
 
-    return run_in_netns(netns_path, work, timeout=10.0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError as e:
+            raise TcError(f"SO_NETNS_COOKIE: {e} (needs Linux >= 5.14)") from e
+    value: int = struct.unpack("=Q", raw)[0]
+    return value
