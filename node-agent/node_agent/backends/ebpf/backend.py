@@ -15,6 +15,7 @@ the pod cgroup's ancestors are reported, never removed (`foreign_progs`, `tc_for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -44,7 +45,7 @@ from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.backends.ebpf.parent_progs import watch_parents
 from node_agent.backends.ebpf.program_loads import PendingLoads, start_loads
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
-from node_agent.kernel.netns_runner import run_in_netns
+from node_agent.kernel.netns_runner import run_in_netns, staying_in
 
 log = logging.getLogger("headrace.backend.ebpf")
 
@@ -148,14 +149,8 @@ class EbpfBackend(RedirectBackend):
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
         if self.toolchain_fallback and (loader.busy() or loader.failure() is not None):
             return f"eBPF is unavailable on this node: {loader.failure() or COMPILING}"
-        if isinstance(spec, SidecarSpec) and spec.interception_mode == "TPROXY" and maps.needs_inbound(spec):
-            return (
-                "sidecar interceptionMode TPROXY is not implemented in eBPF: the proxy's original-source "
-                "connections to the app (mark 1337, a foreign source over lo) need the fwmark policy routing "
-                "and CONNMARK of the iptables TPROXY rules; use backend 'iptables' for such pods"
-            )
-        if isinstance(spec, SidecarSpec) and (spec.exclude_interfaces or spec.kubevirt_interfaces):
-            return maps.interfaces_reason(spec)
+        if (reason := maps.unsupported_reason(spec)) is not None:
+            return reason
         if isinstance(spec, AmbientSpec) and self.proxy_cgroup is None:
             return (
                 "ambient over eBPF needs the node proxy's cgroup v2 directory (its accepted sockets live there, "
@@ -168,15 +163,18 @@ class EbpfBackend(RedirectBackend):
         self.apply_after(target, spec, None)
 
     def apply_after(self, target: PodTarget, spec: RedirectSpec, first: Callable[[], None] | None) -> None:
-        """`apply`, with `first` run inside the pod netns before the inbound rules go in (AppliesInNetns):
-        in the rules backend's own single entry where it has one, else on a pooled thread there."""
+        """`apply`, with `first` run inside the pod netns before the inbound rules go in (AppliesInNetns).
+        The calling thread stays in the pod netns for the whole apply (`staying_in`): what it does there
+        (the netns cookie, TC filters, the rules backend's reads and writes, `first`) needs no hand-over to
+        a pooled thread, and bpf(2) and the cgroup and pin files work from any netns."""
         reason = self.fallback_reason(spec)
         if reason is not None:
             raise BackendError(f"eBPF apply for pod {target.uid}: {reason}")
-        with self._lock:
+        with self._lock, contextlib.ExitStack() as inside:
             try:
                 cg = validate_cgroup(target.cgroup_path)
-            except CgroupError as e:
+                inside.enter_context(staying_in(target.netns_path))
+            except (CgroupError, OSError) as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
             rules = self.inbound_rules(spec)
             had_ebpf = rules is not None and self._ebpf_installed(target)  # asked by a failed rules apply only

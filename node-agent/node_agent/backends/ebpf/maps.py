@@ -282,6 +282,20 @@ def needs_inbound(spec: Spec) -> bool:
     return True
 
 
+def unsupported_reason(spec: Spec) -> str | None:
+    """Pure: why eBPF cannot implement this spec on any node (the agent then uses iptables for the pod), or
+    None."""
+    if isinstance(spec, SidecarSpec) and spec.interception_mode == "TPROXY" and needs_inbound(spec):
+        return (
+            "sidecar interceptionMode TPROXY is not implemented in eBPF: the proxy's original-source "
+            "connections to the app (mark 1337, a foreign source over lo) need the fwmark policy routing "
+            "and CONNMARK of the iptables TPROXY rules; use backend 'iptables' for such pods"
+        )
+    if isinstance(spec, SidecarSpec) and (spec.exclude_interfaces or spec.kubevirt_interfaces):
+        return interfaces_reason(spec)
+    return None
+
+
 def interfaces_reason(spec: SidecarSpec) -> str:
     """Why the interface annotations keep a sidecar pod off eBPF: a cgroup connect hook runs before
     routing, so it cannot tell the interface a connection will leave by (excludeInterfaces), and a VM's
