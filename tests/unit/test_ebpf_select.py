@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,7 @@ class RecordingInbound:
 
 def test_inbound_fallback_gets_inbound_only_spec(monkeypatch, tmp_path):
     monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
+    monkeypatch.setattr("node_agent.backends.ebpf.backend.staying_in", lambda netns: contextlib.nullcontext())
     monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
     monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c: None)
     (tmp_path / "bpf").mkdir()  # a plain directory: a unit test mounts nothing
@@ -125,6 +127,7 @@ def test_ambient_inbound_takes_only_ambient_pods(monkeypatch, tmp_path):
     """Default eBPF node: an ambient pod's inbound goes to the rules backend, a sidecar pod's stays in TC;
     a pod pinned as sidecar never costs a rules read; remove takes the ambient rules out."""
     monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
+    monkeypatch.setattr("node_agent.backends.ebpf.backend.staying_in", lambda netns: contextlib.nullcontext())
     monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
     monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c: None)
     monkeypatch.setattr(EbpfBackend, "_remove_ebpf", lambda self, t: None)
