@@ -431,6 +431,13 @@ def node_config_keys(directory: Path, name: str = "hr_pod_cfg", size: int = 8) -
         os.close(fd)
 
 
+def our_tc_filters(env: PodEnv, hook: str) -> list[str]:
+    """The lines of `tc filter show` on the pod's eth0 hook that name one of our programs."""
+    out = subprocess.run(["ip", "netns", "exec", env.pod_ns, "tc", "filter", "show", "dev", "eth0", hook],
+                         capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "hr_tc_" in line]
+
+
 def node_slot_keys(directory: Path) -> list[bytes]:
     return node_config_keys(directory, "hr_pod_tc", 4)
 
@@ -452,6 +459,8 @@ def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec, nod
     node_tc_progs = 2 if node_tc and spec.include_inbound_ports != () else 0  # ingress, egress
     assert len(node_progs) == len(cgroup_programs.wanted_programs(spec)) + node_tc_progs
     assert len(node_slot_keys(node_dir)) == (1 if node_tc_progs else 0)
+    with_tc = spec.include_inbound_ports != ()
+    assert [bool(our_tc_filters(env, hook)) for hook in ("ingress", "egress")] == [with_tc, with_tc]
     ours_maps = hr_ids("map") - before_maps
     node_maps = ours_maps & pinned_map_ids(node_dir)
     assert len(node_maps) == len(loader.NODE_MAPS)
@@ -462,6 +471,7 @@ def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec, nod
     assert wait_none_left("prog", ours - node_progs)  # the pod's own (TC)
     assert wait_no_maps_of(ours_maps - node_maps)  # the pod's own
     assert node_config_keys(node_dir) == node_slot_keys(node_dir) == []  # its entries in the node maps too
+    assert our_tc_filters(env, "ingress") == our_tc_filters(env, "egress") == []
     assert not (backend.state_dir / "bpf" / target.uid).exists()
     assert not backend.installed(target)
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"
@@ -494,7 +504,7 @@ def test_sidecar_inbound_reaches_15006_with_original_destination(env, backend, t
     assert got["reply"]["name"] == "inbound-proxy"
     assert got["reply"]["orig"] == f"{env.pod_v4}:8080"
     assert got["reply"]["local"] == f"{env.pod_v4}:15006"  # as iptables REDIRECT: pod-ip:15006
-    assert tc.ingress_status(env.pod_ns_path, tc.EGRESS) == {"eth0": True}
+    assert our_tc_filters(env, "egress")
     got6 = env.connect_from_peer(env.pod_v6, 8080)
     assert got6["reply"]["name"] == "inbound-proxy" and got6["reply"]["orig"] == f"[{env.pod_v6}]:8080"
     assert env.connect_from_peer(env.pod_v4, 15020)["reply"]["name"] == "app15020"  # excluded inbound port
@@ -504,8 +514,7 @@ def test_sidecar_inbound_reaches_15006_with_original_destination(env, backend, t
     assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
     backend.remove(target)
     assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
-    assert tc.ingress_status(env.pod_ns_path) == {"eth0": False}
-    assert tc.ingress_status(env.pod_ns_path, tc.EGRESS) == {"eth0": False}
+    assert our_tc_filters(env, "ingress") == our_tc_filters(env, "egress") == []
 
 
 def test_inbound_without_proxy_listener_fails_closed(env, backend, target):
@@ -590,7 +599,8 @@ def test_drift_detected_and_repaired(env, backend, target):
     backend.apply(target, SidecarSpec())
     names = sorted(cgroup_prog_names(env.cgroup))
     # someone deletes our TC filter and detaches our connect4
-    tc.detach_ingress(env.pod_ns_path)
+    subprocess.run(["ip", "netns", "exec", env.pod_ns, "tc", "filter", "del", "dev", "eth0", "ingress", "pref",
+                    str(tc.HR_PRIO), "handle", "1", "bpf"], check=True)
     fd = pinning.open_pinned(backend.state_dir / "bpf" / target.uid / "hr_connect4")
     assert fd is not None
     with Cgroup(env.cgroup) as c:

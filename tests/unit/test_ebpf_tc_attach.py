@@ -40,3 +40,12 @@ def test_filter_replaces_ours_in_place_as_direct_action_bpf():
     assert struct.unpack("=I", options[tc_attach.TCA_BPF_FLAGS]) == (tc_attach.TCA_BPF_FLAG_ACT_DIRECT,)
     assert struct.unpack("=I", options[tc_attach.TCA_BPF_CLASSID]) == (0x7A46,)  # the pod's TC slot
 
+
+
+def test_detach_deletes_our_filter_by_priority_handle_and_kind():
+    (_, msg_type, flags, seq, _), (_family, index, handle, parent, info), attrs = parse(
+        tc_attach.delete_request(3, tc.INGRESS, 9))
+    assert (msg_type, seq, index) == (tc_attach.RTM_DELTFILTER, 9, 3)
+    assert flags & tc_attach.NLM_F_ACK and not flags & (tc_attach.NLM_F_CREATE | tc_attach.NLM_F_REPLACE)
+    assert (handle, parent, info >> 16) == (tc.HR_HANDLE, tc.INGRESS_PARENT, tc.HR_PRIO)
+    assert attrs[tc_attach.TCA_KIND] == b"bpf\0"

@@ -268,8 +268,8 @@ class EbpfBackend(RedirectBackend):
                 hooks = {hook: progs[prog_name] for prog_name, hook in TC_HOOKS}
                 tc_attach.attach(target.netns_path, hooks, slot)
             elif had_tc:
-                for prog_name, hook in TC_HOOKS:
-                    tc.detach_ingress(target.netns_path, hook)
+                tc_attach.detach(target.netns_path)
+                for prog_name in TC_NAMES:
                     pinning.unpin(pdir / prog_name)
             for name, fd in progs.items():
                 pinning.pin(fd, pdir / name)
@@ -278,7 +278,7 @@ class EbpfBackend(RedirectBackend):
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
             cgroup_programs.rollback(cg, done)
             if tc_wanted and not had_tc:
-                tc.detach_quietly(target.netns_path)
+                tc_attach.detach_quietly(target.netns_path)
             pod_index.undo(fds, pinned, cookie, pm, indexed=indexed, switched=switched)
             if new_slot:
                 pod_index.release_slot(fds, slot, cookie)
@@ -347,8 +347,7 @@ class EbpfBackend(RedirectBackend):
                     cgroup_programs.detach_ours_by_name(c)
             if target.netns_path:  # our filters only; cheap when there are none
                 try:
-                    for _prog_name, hook in TC_HOOKS:
-                        tc.detach_ingress(target.netns_path, hook)
+                    tc_attach.detach(target.netns_path)
                 except (tc.TcError, OSError) as e:  # netns gone or not a netns any more: filters went with it
                     log.info("ebpf tc detach skipped", extra={"pod": target.uid, "reason": str(e)})
             pod_index.drop_pod(root / pinning.NODE_DIR, pdir)
