@@ -116,6 +116,12 @@ def test_spec_change_switches_generation_and_drops_the_old_entries(env, backend,
     assert {(netns, gen) for netns, gen, _port, _kind, _pad in ports} == {(struct.unpack("=Q", key)[0], generation)}
     assert [port for _netns, _gen, port, kind, _pad in ports if kind == 1] == [9090]  # HR_SET_XPORTS
     assert {pod_index.NET_KEY.unpack(k)[2] for k in node_keys(backend, pod_index.NETS)} == {generation}
+    pdir = backend.state_dir / "bpf" / target.uid
+    assert (pdir / "hr_cfg_xports").exists()
+    backend.apply(target, SIDECAR_OUT)  # no exclusion left: the set's pin goes, and its entries
+    assert not (pdir / "hr_cfg_xports").exists() and (pdir / "hr_cfg").exists()
+    assert [k for k in node_keys(backend, pod_index.PORTS) if pod_index.PORT_KEY.unpack(k)[3] == 1] == []
+    assert env.connect(env.peer_v4, 9090)["reply"]["name"] == "proxy"
 
 
 def test_lost_node_entry_is_drift_and_repaired(env, backend, target):
@@ -289,3 +295,19 @@ def test_the_node_programs_kept_open_are_let_go_at_close(env, env2, backend):
     backend.remove(b)
     backend.close()
     assert all(program_freed(pid) for pid in progs)
+
+
+def test_the_load_threads_an_apply_starts_live_in_the_agents_netns(env, backend, target, monkeypatch):
+    """The apply stays in the pod netns; the program-load threads it starts there go home first (a thread
+    left in a pod netns keeps that netns alive after the pod is gone)."""
+    from node_agent.backends.ebpf import program_loads
+
+    monkeypatch.setattr(program_loads, "_pool", None)  # a pool made by this apply, from the pod netns
+    backend.node_tc = False  # the pod's own TC programs: loaded on the pool
+    backend.apply(target, SidecarSpec())
+    own = os.stat("/proc/self/ns/net").st_ino
+    pool = program_loads._pool
+    assert pool is not None
+    loaders = {str(t.native_id) for t in pool._threads}
+    assert loaders and all(os.stat(f"/proc/self/task/{tid}/ns/net").st_ino == own for tid in loaders)
+    pool.shutdown()

@@ -461,6 +461,11 @@ def test_remove_leaves_nothing_and_is_idempotent(env, backend, target, spec, nod
     assert len(node_slot_keys(node_dir)) == (1 if node_tc_progs else 0)
     with_tc = spec.include_inbound_ports != ()
     assert [bool(our_tc_filters(env, hook)) for hook in ("ingress", "egress")] == [with_tc, with_tc]
+    pinned_maps = {p.name for p in (backend.state_dir / "bpf" / target.uid).iterdir()} & set(loader.POD_MAPS)
+    if with_tc and not node_tc:  # the pod's own TC programs read all of its maps
+        assert pinned_maps == set(loader.POD_MAPS)
+    else:  # an empty set is not made (inbound: every port, none listed)
+        assert "hr_cfg" in pinned_maps and "hr_cfg_iin" not in pinned_maps
     ours_maps = hr_ids("map") - before_maps
     node_maps = ours_maps & pinned_map_ids(node_dir)
     assert len(node_maps) == len(loader.NODE_MAPS)

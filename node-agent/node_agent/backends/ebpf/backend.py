@@ -250,7 +250,7 @@ class EbpfBackend(RedirectBackend):
         pinned: pod_index.Pinned | None = None
         tc_loads: PendingLoads | None = None
         try:
-            pod_fds = node_maps.create_pod_maps(obj, pm)
+            pod_fds = node_maps.create_pod_maps(obj, pm, every=tc_wanted and not slot)
             if tc_wanted and not slot:  # the verifier runs meanwhile (the pod's own TC programs; ~2 ms)
                 tc_loads = start_loads(obj, fds | pod_fds, TC_NAMES, ambient=ambient)
             progs.update(self.node_programs.open(root, obj, fds, (*wanted, *TC_NAMES) if slot else wanted,
@@ -274,7 +274,10 @@ class EbpfBackend(RedirectBackend):
             for name, fd in progs.items():
                 pinning.pin(fd, pdir / name)
             for name in loader.POD_MAPS:
-                pinning.pin(pod_fds[name], pdir / name)
+                if name in pod_fds:
+                    pinning.pin(pod_fds[name], pdir / name)
+                else:  # a set left empty: its older pin goes
+                    pinning.unpin(pdir / name)
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
             cgroup_programs.rollback(cg, done)
             if tc_wanted and not had_tc:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from node_agent.backends.ebpf import bpfsys, loader, maps, pinning
+from node_agent.backends.ebpf import bpfsys, loader, maps, pinning, pod_index
 
 
 def close_all(fds: dict[str, int]) -> None:
@@ -63,23 +63,17 @@ def open_node_maps(ndir: Path, obj: Callable[[], loader.CompiledObject]) -> dict
     return fds
 
 
-def create_pod_maps(obj: loader.CompiledObject, pm: maps.PodMaps) -> dict[str, int]:
-    """A pod's own maps, made and filled (the caller closes them)."""
+def create_pod_maps(obj: loader.CompiledObject, pm: maps.PodMaps, *, every: bool) -> dict[str, int]:
+    """A pod's own maps, made and filled (the caller closes them). every: each of them, empty sets too (the
+    pod's own TC programs read them); else the config and the sets that hold something (the rest would be
+    the record of nothing: pod_index.pinned reads a set that is not pinned as empty)."""
     fds: dict[str, int] = {}
     try:
-        for name in loader.POD_MAPS:
-            fds[name] = bpfsys.map_create(obj.maps[name], name)
+        fds["hr_cfg"] = bpfsys.map_create(obj.maps["hr_cfg"], "hr_cfg")
         bpfsys.map_update(fds["hr_cfg"], b"\0\0\0\0", pm.config)
-        sets = {
-            "hr_cfg_xports": pm.exclude_ports,
-            "hr_cfg_xnets": pm.exclude_nets,
-            "hr_cfg_inets": pm.include_nets,
-            "hr_cfg_xin": pm.exclude_inbound,
-            "hr_cfg_iin": pm.include_inbound,
-            "hr_cfg_local": pm.local_addrs,
-            "hr_cfg_oports": pm.include_ports,
-        }
-        for map_name, keys in sets.items():
+        for map_name, keys in pod_index.sets_of(pm).items():
+            if keys or every:
+                fds[map_name] = bpfsys.map_create(obj.maps[map_name], map_name)
             for key in keys:
                 bpfsys.map_update(fds[map_name], key, b"\1")
     except BaseException:

@@ -98,9 +98,14 @@ def open_pinned(path: Path) -> int | None:
 
 
 def pin(fd: int, path: Path) -> None:
-    """Pin fd at path, replacing what is pinned there."""
-    unpin(path)
-    bpfsys.obj_pin(fd, str(path))
+    """Pin fd at path, replacing what is pinned there (one syscall where nothing is)."""
+    try:
+        bpfsys.obj_pin(fd, str(path))
+    except bpfsys.BpfSysError as e:
+        if e.errno != errno.EEXIST:
+            raise
+        unpin(path)
+        bpfsys.obj_pin(fd, str(path))
 
 
 def unpin(path: Path) -> None:

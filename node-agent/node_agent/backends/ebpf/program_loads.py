@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from node_agent.backends.ebpf import bpfsys
 from node_agent.backends.ebpf.loader import LICENSE, CompiledObject, function_of
+from node_agent.kernel.home_netns import go_home
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -28,7 +29,9 @@ def _executor() -> ThreadPoolExecutor:
     with _pool_lock:
         if _pool is None:
             workers = max(2, min(4, os.cpu_count() or 2))
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ebpf-load")
+            # a worker starts in the netns of the thread that submitted (an apply stays in the pod's):
+            # it goes home first, or it would keep that pod netns alive
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ebpf-load", initializer=go_home)
         return _pool
 
 
