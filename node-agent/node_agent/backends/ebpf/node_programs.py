@@ -1,8 +1,9 @@
-"""The cgroup programs (and, on kernels that allow it, the TC programs), loaded once per node and pod mode.
+"""The cgroup and TC programs, loaded once per node and pod mode.
 
 They reference only the node's maps: a pod's parameters are entries there (hr_pod_cfg, hr_pod_ports,
-hr_pod_nets, keyed by the netns cookie: pod_index.py), so every pod of a mode gets the same programs
-attached to its cgroup and the kernel verifies each program once per node instead of once per pod. They
+hr_pod_nets, keyed by the netns cookie; for TC, hr_pod_tc by the pod's TC slot: pod_index.py), so every pod
+of a mode gets the same programs attached to its cgroup (and its TC filters) and the kernel verifies each
+program once per node instead of once per pod. They
 are pinned under <bpffs>/node/progs-<object digest>/<function>, so a restarted agent attaches the same
 programs; a directory of another digest (an older build's programs) is unpinned when this one is made,
 which leaves the programs attached to pods alone (an attachment holds its program).

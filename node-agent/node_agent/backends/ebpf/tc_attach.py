@@ -41,7 +41,7 @@ def clsact_request(index: int, seq: int) -> bytes:
 
 def filter_request(index: int, hook: str, prog_fd: int, name: str, seq: int, classid: int) -> bytes:
     """Pure: our bpf filter on the hook (tc.INGRESS / tc.EGRESS) of the interface, made or replaced, with
-    that classid (tc.tc_id)."""
+    that classid (the pod's TC slot: pod_index.tc_slot)."""
     options = b"".join((
         attr(TCA_BPF_CLASSID, struct.pack("=I", classid)),
         attr(TCA_BPF_FD, struct.pack("=I", prog_fd)),
