@@ -35,6 +35,7 @@ pytest.importorskip("bcc")
 
 from node_agent.backends.ebpf import bpfsys, loader, pinning, tc  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
+from node_agent.kernel.netns_runner import run_in_netns  # noqa: E402
 
 from cni.kernel.netns import entered  # noqa: E402
 
@@ -177,7 +178,7 @@ def test_idle_inbound_connections_survive_more_flows_than_the_map_holds(env, bac
         assert talked.recv(100) == b"proxy|hello"
         silent = client(env)  # only the handshake, then idle: not one segment more before the eviction
         idle += [talked, silent]
-        cookie = tc.netns_cookie(env.pod_ns_path)
+        cookie = run_in_netns(env.pod_ns_path, tc.netns_cookie_here)
         nat_fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / "hr_nat")
         assert nat_fd is not None
         try:
@@ -270,7 +271,7 @@ def test_ambient_idle_connection_the_proxy_speaks_first_on_after_eviction(env, b
         procs.append(p)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         silent = client(env)
-        cookie = tc.netns_cookie(env.pod_ns_path)
+        cookie = run_in_netns(env.pod_ns_path, tc.netns_cookie_here)
         key = nat_key(cookie, env.peer_v4, silent.getsockname()[1])
         nat_fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / "hr_nat")
         assert nat_fd is not None

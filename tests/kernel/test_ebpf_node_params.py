@@ -28,6 +28,7 @@ pytest.importorskip("bcc")
 
 from node_agent.backends.ebpf import bpfsys, loader, pinning, pod_index, tc  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
+from node_agent.kernel.netns_runner import run_in_netns  # noqa: E402
 
 SIDECAR_OUT = SidecarSpec(include_inbound_ports=())
 
@@ -151,7 +152,8 @@ def test_pod_in_a_new_netns_is_drift_and_its_entries_move(env, backend, target):
         assert any("another netns" in p for p in backend.check(moved, SIDECAR_OUT))
         backend.apply(moved, SIDECAR_OUT)
         assert backend.check(moved, SIDECAR_OUT) == []
-        assert node_keys(backend, pod_index.CONFIG) == [struct.pack("=Q", tc.netns_cookie(moved.netns_path))]
+        cookie = run_in_netns(moved.netns_path, tc.netns_cookie_here)
+        assert node_keys(backend, pod_index.CONFIG) == [struct.pack("=Q", cookie)]
         assert node_keys(backend, pod_index.CONFIG) != [old_key]
         backend.remove(moved)
         assert node_keys(backend, pod_index.CONFIG) == []

@@ -9,18 +9,13 @@ hr_tc_egress on egress) are touched.
 
 from __future__ import annotations
 
-from node_agent.kernel.netns_runner import run_in_netns
-
 HR_PRIO = 0x4852  # "HR"
 HR_HANDLE = 1
 INGRESS_PARENT = 0xFFFFFFF2
 EGRESS_PARENT = 0xFFFFFFF3
-FILTER_NAME = "hr_tc_ingress"
-EGRESS_FILTER_NAME = "hr_tc_egress"
 INGRESS = "ingress"
 EGRESS = "egress"
-_HOOKS = {INGRESS: (INGRESS_PARENT, FILTER_NAME), EGRESS: (EGRESS_PARENT, EGRESS_FILTER_NAME)}
-FILTER_NAMES = {hook: name for hook, (_parent, name) in _HOOKS.items()}
+FILTER_NAMES = {INGRESS: "hr_tc_ingress", EGRESS: "hr_tc_egress"}
 HOOK_PARENTS = {INGRESS: INGRESS_PARENT, EGRESS: EGRESS_PARENT}
 
 
@@ -31,14 +26,9 @@ class TcError(Exception):
 SO_NETNS_COOKIE = 71  # Linux >= 5.14
 
 
-def netns_cookie(netns_path: str) -> int:
-    """The netns' cookie (what bpf_get_netns_cookie answers for sockets there), from a socket made in it
-    (on the agent's pooled netns threads)."""
-    return run_in_netns(netns_path, netns_cookie_here, timeout=10.0)
-
-
 def netns_cookie_here() -> int:
-    """`netns_cookie` of the calling thread's netns."""
+    """The cookie of the calling thread's netns (what bpf_get_netns_cookie answers for sockets there),
+    from a socket made in it."""
     import socket
     import struct
 
