@@ -2,8 +2,9 @@
 
 bcc compiles the C and creates template maps; we copy out each program's instructions, note which
 instructions load which map (BPF_PSEUDO_MAP_FD relocations), read each map's shape, and then release the
-bcc module (so its template maps and nothing else of ours stays in the kernel). The cgroup programs are then
-loaded once per node (node_programs.py); each pod gets fresh maps (and, for TC, programs) from this object.
+bcc module (so its template maps and nothing else of ours stays in the kernel). The cgroup and TC programs are
+then loaded once per node (node_programs.py); each pod gets fresh maps from this object (and, without a TC
+slot, TC programs of its own).
 The object is also kept on disk (object_cache.py), keyed by the sources, the kernel release and the bcc
 version: a restarted agent reads it instead of compiling (seconds).
 The compile itself runs in a child process (compile_child.py): bcc and LLVM never enter the agent, which
@@ -72,7 +73,7 @@ POD_MAPS = (
     "hr_cfg_local",
     "hr_cfg_oports",
 )
-# every pod's parameters for the node's cgroup programs, by netns cookie (pod_index.py)
+# every pod's parameters for the node's cgroup and TC programs, by netns cookie and TC slot (pod_index.py)
 INDEX_MAPS = ("hr_pod_cfg", "hr_pod_ports", "hr_pod_nets", "hr_pod_tc")
 NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat", "hr_in_orig", *INDEX_MAPS)
 LICENSE = "Dual MIT/GPL"
