@@ -550,6 +550,47 @@ class _NullInbound:
         return bool(self.applied)
 
 
+class _FailingInbound(_NullInbound):
+    """An inbound fallback whose apply fails while `failing` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+
+    def apply(self, target: PodTarget, spec: object) -> None:
+        if self.failing:
+            raise BackendError("inbound rules refused")
+        super().apply(target, spec)
+
+
+def test_a_failed_inbound_apply_takes_a_new_pods_ebpf_out_and_leaves_a_pods_own(env, tmp_path):
+    """The inbound rules go in after the eBPF part: when they fail for a pod that had nothing of ours, its
+    programs come off again (no half-applied pod); a pod that had its eBPF part keeps it (a re-apply that
+    fails leaves a pod redirected, the next apply tries again)."""
+    state = tmp_path / "state-inbound"
+    inbound = _FailingInbound()
+    b = EbpfBackend(state, inbound_fallback=inbound)
+    t = env.target()
+    try:
+        with pytest.raises(BackendError, match="inbound rules refused"):
+            b.apply(t, SidecarSpec())
+        assert cgroup_prog_names(env.cgroup) == []
+        assert not b.installed(t)
+        inbound.failing = False
+        b.apply(t, SidecarSpec())
+        attached = sorted(cgroup_prog_names(env.cgroup))
+        assert attached and inbound.applied
+        inbound.failing = True
+        with pytest.raises(BackendError, match="inbound rules refused"):
+            b.apply(t, SidecarSpec(exclude_outbound_ports=(9999,)))
+        assert sorted(cgroup_prog_names(env.cgroup)) == attached
+        assert (state / "bpf" / t.uid / "hr_cfg").exists()
+    finally:
+        b.remove(t)
+        b.close()
+        pinning.unmount_bpffs(state)
+
+
 def test_remove_after_pod_is_gone(env, backend, target):
     env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
     backend.apply(target, SidecarSpec())
@@ -627,6 +668,16 @@ def test_unpinned_leftover_is_not_duplicated(env, backend, target):
     assert backend.check(target, SIDECAR_OUT) != []
     backend.apply(target, SIDECAR_OUT)
     assert cgroup_prog_names(env.cgroup).count("hr_connect4") == 1
+    assert backend.check(target, SIDECAR_OUT) == []
+    # the pod's whole pin directory lost (a new one is made) and the node's programs loaded again (as after
+    # an upgrade): every program attached to the pod is replaced by the new one, once
+    names = sorted(cgroup_prog_names(env.cgroup))
+    bpf = backend.state_dir / "bpf"
+    pinning.remove_dir(bpf / target.uid)
+    for progs in (bpf / pinning.NODE_DIR).glob("progs-*"):
+        pinning.remove_dir(progs)
+    backend.apply(target, SIDECAR_OUT)
+    assert sorted(cgroup_prog_names(env.cgroup)) == names
     assert backend.check(target, SIDECAR_OUT) == []
     backend.remove(target)
     assert cgroup_prog_names(env.cgroup) == []

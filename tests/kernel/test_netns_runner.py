@@ -309,3 +309,29 @@ def test_a_worker_started_from_inside_a_pod_netns_lives_at_home(netns: str, two:
             netns).st_ino
     (worker,) = runner._idle
     assert os.stat(f"/proc/self/task/{worker.thread.native_id}/ns/net").st_ino == own
+
+
+def test_staying_in_the_netns_the_thread_is_in_enters_nothing(netns: str, two: tuple[str, str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block for the netns the thread already stays in (a backend applying through another's apply) does
+    not enter it again; the outer block still brings the thread home; another netns is entered as ever."""
+    from cni.kernel.netns import entered
+
+    entries: list[str | int] = []
+
+    def counting(target: str | int) -> entered:
+        entries.append(target)
+        return entered(target)
+
+    monkeypatch.setattr("node_agent.kernel.netns_runner.entered", counting)
+    here = "/proc/thread-self/ns/net"
+    own, inside = os.stat(here).st_ino, os.stat(netns).st_ino
+    other = f"/run/netns/{two[0]}"
+    with staying_in(netns):
+        with staying_in(netns):
+            assert os.stat(here).st_ino == inside
+        assert os.stat(here).st_ino == inside and entries == [netns]
+        with staying_in(other):
+            assert os.stat(here).st_ino == os.stat(other).st_ino
+        assert os.stat(here).st_ino == inside
+    assert os.stat(here).st_ino == own and entries == [netns, other]

@@ -41,8 +41,12 @@ _HERE = threading.local()  # .netns: the path the thread entered with staying_in
 @contextmanager
 def staying_in(netns: str) -> Iterator[None]:
     """The calling thread inside `netns` for the block (`entered`: it goes back afterwards); meanwhile
-    `run_in_netns(netns, fn)` from this thread runs fn right here."""
+    `run_in_netns(netns, fn)` from this thread runs fn right here. Inside a block for the same netns
+    (a backend that applies through another's apply) the thread is there already: nothing to enter."""
     previous = getattr(_HERE, "netns", None)
+    if previous == netns:
+        yield
+        return
     with entered(netns):
         _HERE.netns = netns
         try:

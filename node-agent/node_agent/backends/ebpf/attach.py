@@ -88,10 +88,23 @@ def validate_cgroup(path: str | None) -> Path:
     return p
 
 
+def _resolved_dir(path: str) -> Path | None:
+    """The directory `path` leads to as the kernel names it (every link followed; one O_PATH open instead of
+    a stat per component), or None when it is not a directory."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    finally:
+        os.close(fd)
+
+
 def _validate(path: str) -> Path:
-    p = Path(path).resolve()
-    if not p.is_dir():
-        raise CgroupError(f"pod cgroup {p} does not exist")
+    p = _resolved_dir(path)
+    if p is None:
+        raise CgroupError(f"pod cgroup {Path(path).resolve()} does not exist")
     mounts = cgroup2_mounts()
     if not mounts:
         raise CgroupError("no cgroup2 filesystem is mounted (mount cgroup2, e.g. at /sys/fs/cgroup/unified)")

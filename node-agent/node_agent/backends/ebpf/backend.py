@@ -177,14 +177,13 @@ class EbpfBackend(RedirectBackend):
             except (CgroupError, OSError) as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
             rules = self.inbound_rules(spec)
-            had_ebpf = rules is not None and self._ebpf_installed(target)  # asked by a failed rules apply only
             mode = self._pinned_mode(target)
             if first is not None and not isinstance(rules, AppliesInNetns):
                 try:
                     run_in_netns(target.netns_path, first, timeout=10.0)
                 except (OSError, NetnsThreadTimeout) as e:
                     raise BackendError(f"eBPF apply for pod {target.uid}: in {target.netns_path}: {e}") from e
-            self._apply_ebpf(target, spec, cg)
+            had_ebpf = self._apply_ebpf(target, spec, cg)
             if rules is not None:
                 try:
                     if isinstance(rules, AppliesInNetns):  # one netns entry for its reads and writes
@@ -202,7 +201,8 @@ class EbpfBackend(RedirectBackend):
                 if other is not None and other is not rules and not skip and other.installed(target):
                     other.remove(target)
 
-    def _apply_ebpf(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> None:
+    def _apply_ebpf(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> bool:
+        """Whether the pod had its eBPF part before (a failed rules apply then leaves it; else removes it)."""
         try:
             families = maps.families_mask(target.ips)
         except ValueError as e:
@@ -215,15 +215,16 @@ class EbpfBackend(RedirectBackend):
         tc_wanted = wants_tc(spec, self.rules_inbound(spec) is None)
         if ambient and self.proxy_cgroup is not None:
             self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
-        old = pod_state.read_config(pdir) if pdir.is_dir() else None
+        existed, cg_id = pdir.is_dir(), cgroup_id(cg)
+        old = pod_state.read_config(pdir) if existed else None
         if old is not None:
-            if old["cgroup_id"] != cgroup_id(cg):
+            if old["cgroup_id"] != cg_id:
                 self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
                 old = None
             elif not self._remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
-                return
+                return True
         # the node's pod parameters are keyed by the netns cookie (so are the TC flow keys); a sidecar with
         # IPv6 gets its inbound passthrough source on lo (as the iptables backend puts it there)
         passthrough6 = isinstance(spec, SidecarSpec) and families != maps.FAM_V4
@@ -235,17 +236,17 @@ class EbpfBackend(RedirectBackend):
         obj = self._object()  # only now: a pod whose pinned programs are intact needs no object
         fds = self._node_maps(root)
         try:
-            slot, new_slot = pod_index.claim(fds, cookie, cgroup_id(cg), old["tc_slot"] if old else 0,
+            slot, new_slot = pod_index.claim(fds, cookie, cg_id, old["tc_slot"] if old else 0,
                                              tc_wanted and self.node_tc)
         except OSError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
         pdir.mkdir(exist_ok=True)
-        pm = maps.with_netns(pm, cookie, ino, slot, cgroup_id(cg))
+        pm = maps.with_netns(pm, cookie, ino, slot, cg_id)
         pod_fds: dict[str, int] = {}
         progs: dict[str, int] = {}
         done: list[tuple[int, int, int | None]] = []  # (new fd, attach type, replaced fd)
         olds: dict[str, int] = {}
-        had_tc = (pdir / TC_PROGRAM).exists()
+        had_tc = existed and (pdir / TC_PROGRAM).exists()
         indexed = switched = False
         pinned: pod_index.Pinned | None = None
         tc_loads: PendingLoads | None = None
@@ -258,7 +259,7 @@ class EbpfBackend(RedirectBackend):
             pinned = pod_index.pinned(pdir) if old is not None else None  # the entries to drop after
             pod_index.add_sets(fds, pm, cookie)
             indexed = True
-            cgroup_programs.attach_wanted(cg, pdir, wanted, progs, done, olds)
+            had = cgroup_programs.attach_wanted(cg, pdir, wanted, progs, done, olds, fresh=not existed)
             pod_index.point_config(fds, pm.config, cookie)
             switched = True
             if tc_wanted:
@@ -276,7 +277,7 @@ class EbpfBackend(RedirectBackend):
             for name in loader.POD_MAPS:
                 if name in pod_fds:
                     pinning.pin(pod_fds[name], pdir / name)
-                else:  # a set left empty: its older pin goes
+                elif existed:  # a set left empty: its older pin goes
                     pinning.unpin(pdir / name)
         except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
             cgroup_programs.rollback(cg, done)
@@ -298,6 +299,7 @@ class EbpfBackend(RedirectBackend):
             "ebpf redirect applied",
             extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},
         )
+        return old is not None or had
 
     def _remove_foreign(self, cg: Path, pdir: Path, wanted: tuple[str, ...], target: PodTarget, tc_wanted: bool) -> int:
         """The repair of foreign programs at our hooks (pod cgroup; TC ahead of ours); how many there were."""

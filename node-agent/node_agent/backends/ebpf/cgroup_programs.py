@@ -32,30 +32,37 @@ def wanted_programs(spec: RedirectSpec) -> tuple[str, ...]:
 
 def attach_wanted(
     cg: Path, pdir: Path, wanted: tuple[str, ...], progs: dict[str, int], done: list[tuple[int, int, int | None]],
-    olds: dict[str, int],
-) -> None:
+    olds: dict[str, int], *, fresh: bool = False,
+) -> bool:
     """Attach each wanted program (name → fd in progs) to the cgroup in place of the one pinned for the pod
     (BPF_F_REPLACE: the hook never runs without one of ours), and detach the pinned ones no longer wanted.
     Appends to `done` (new fd, attach type, replaced fd) for `rollback`, and to `olds` the fds of the
-    pinned programs it opened (the caller closes them)."""
+    pinned programs it opened (the caller closes them). fresh: the pod directory is new (nothing pinned to
+    replace or drop). Returns whether one of the pod's programs was attached at a wanted hook already."""
+    had = False
     with Cgroup(cg) as c:
         for name in wanted:
             atype = loader.PROGRAMS[name][1]
             attached = c.attached(atype)
-            if bpfsys.prog_info(progs[name]).prog_id in attached:
-                continue  # the node's program is there already (an apply that repairs something else)
-            old = pinning.open_pinned(pdir / name)
-            if old is not None:
-                olds[name] = old
-                if bpfsys.prog_info(old).prog_id not in attached:
-                    old = None
-            if old is None and attached:  # an unpinned program of ours (crash mid-apply) must not stay twice
-                detach_ours_by_name(c, only_type=atype)
+            old = None
+            if attached:  # an empty hook (a new pod's) has nothing to keep or replace
+                if bpfsys.prog_info(progs[name]).prog_id in attached:
+                    had = True
+                    continue  # the node's program is there already (an apply that repairs something else)
+                old = None if fresh else pinning.open_pinned(pdir / name)
+                if old is not None:
+                    olds[name] = old
+                    if bpfsys.prog_info(old).prog_id not in attached:
+                        old = None
+                if old is None:  # an unpinned program of ours (crash mid-apply) must not stay twice
+                    detach_ours_by_name(c, only_type=atype)
+                had = had or old is not None
             c.attach(progs[name], atype, replace_fd=old)
             done.append((progs[name], atype, old))
-        for child in list(pdir.iterdir()):  # programs no longer wanted (DNS switched off)
+        for child in [] if fresh else list(pdir.iterdir()):  # programs no longer wanted (DNS switched off)
             if child.name in loader.PROGRAMS and child.name not in wanted:
                 detach_pinned(c, child)
+    return had
 
 
 def rollback(cg: Path, done: list[tuple[int, int, int | None]]) -> None:

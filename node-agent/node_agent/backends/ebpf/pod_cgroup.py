@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from node_agent.backends.ebpf import attach
+
 GUARANTEED, BURSTABLE, BESTEFFORT = "guaranteed", "burstable", "besteffort"
 QOS_CLASSES = (GUARANTEED, BURSTABLE, BESTEFFORT)
 ROOTS_ENV = "HEADRACE_POD_CGROUP_ROOTS"
@@ -99,25 +101,13 @@ def qos_class(pod: Mapping[str, Any]) -> str:
 
 
 def default_roots(environ: Mapping[str, str] | None = None, mountinfo: str | None = None) -> list[Path]:
-    """$HEADRACE_POD_CGROUP_ROOTS (colon separated), else the cgroup2 mounts of this process."""
+    """$HEADRACE_POD_CGROUP_ROOTS (colon separated), else the cgroup2 mounts in `mountinfo`, or this
+    process's (`attach.cgroup2_mounts`: read again only when the mount table changed)."""
     env = (os.environ if environ is None else environ).get(ROOTS_ENV, "")
     if env.strip():
         return [Path(p) for p in env.split(":") if p.strip()]
-    if mountinfo is None:
-        try:
-            with open("/proc/self/mountinfo", encoding="utf-8") as f:
-                mountinfo = f.read()
-        except OSError:
-            return []
-    roots: list[Path] = []
-    for line in mountinfo.splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if right.split()[:1] == ["cgroup2"] and len(fields) > 4:
-            path = Path(fields[4].replace("\\040", " "))
-            if path not in roots:
-                roots.append(path)
-    return roots
+    mounts = attach.cgroup2_mounts() if mountinfo is None else attach.parse_cgroup2_mounts(mountinfo)
+    return list(dict.fromkeys(mounts))
 
 
 def find(uid: str, qos: str | None = None, roots: Iterable[Path] | None = None) -> Path | None:
