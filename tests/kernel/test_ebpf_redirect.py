@@ -759,6 +759,32 @@ def test_apply_after_runs_first_inside_the_rules_backends_netns_entry(env, backe
         amb.remove(target)
 
 
+@pytest.mark.parametrize("rules", ["nftables", "iptables"])
+def test_an_ambient_pods_two_parts_are_read_apart(env, backend, target, proxy_cgroup, rules):
+    """An eBPF ambient pod's inbound rules and policy routing (on a rules backend whose changes are announced)
+    are what `check_announced` reads; its programs are what `check_unannounced` reads; `check` reads both."""
+    from node_agent.backends.iptables.backend import IptablesBackend
+    from node_agent.backends.nftables.backend import NftablesBackend
+
+    inbound = NftablesBackend() if rules == "nftables" else IptablesBackend("auto")
+    amb = EbpfBackend(backend.state_dir, proxy_cgroup=proxy_cgroup, ambient_inbound=inbound)
+    spec = AmbientSpec()
+    amb.apply(target, spec)
+    try:
+        assert amb.announces_part(spec) == (rules == "nftables" or inbound.change_events)
+        assert amb.check_announced(target, spec) == amb.check_unannounced(target, spec) == []
+        inbound.remove(target)  # the inbound rules gone
+        assert amb.check_announced(target, spec) != [] and amb.check_unannounced(target, spec) == []
+        amb.apply(target, spec)
+        assert amb.check(target, spec) == []
+        with Cgroup(env.cgroup) as c:  # a program gone
+            cgroup_programs.detach_pinned(c, backend.state_dir / "bpf" / target.uid / "hr_connect4")
+        assert amb.check_announced(target, spec) == [] and amb.check_unannounced(target, spec) != []
+        assert amb.check(target, spec) == amb.check_unannounced(target, spec)
+    finally:
+        amb.remove(target)
+
+
 def test_apply_after_runs_first_in_the_pod_netns_without_a_rules_backend(env, backend, target):
     """A sidecar pod with its inbound in TC: no rules backend enters the netns, so `first` runs there on a
     pooled thread, before anything is applied."""

@@ -136,18 +136,24 @@ def test_an_unwatched_node_netns_is_rechecked_every_node_poll_not_every_poll(tmp
 
 def test_a_partly_announcing_backend_is_watched_polls_only_its_unannounced_part(tmp_path: Path) -> None:
     """eBPF ambient pods: the programs are polled every drift interval (`check_unannounced`), the inbound
-    rules and routing (announced on the pod netns) are read by the full check only on change, right
-    after the subscription and at the backstop."""
+    rules and routing (announced on the pod netns) are read (`check_announced`) only on change and right
+    after the subscription; the full check at the backstop."""
     env = Env(tmp_path)
     env.backend.change_events = False
     partial: list[str] = []
+    announced: list[str] = []
     env.backend.announces_part = lambda spec: True  # type: ignore[attr-defined]
 
     def unannounced(target: PodTarget, spec: object) -> list[str]:
         partial.append(target.uid)
         return []
 
+    def announced_part(target: PodTarget, spec: object) -> list[str]:
+        announced.append(target.uid)
+        return []
+
     env.backend.check_unannounced = unannounced  # type: ignore[attr-defined]
+    env.backend.check_announced = announced_part  # type: ignore[attr-defined]
     full, made = watched_and_counted(env)
     env.fake_netns(UID)
     env.set(AMBIENT, pod(UID))
@@ -156,17 +162,17 @@ def test_a_partly_announcing_backend_is_watched_polls_only_its_unannounced_part(
     assert env.state(UID) == "enrolled"
     (w,) = made
     assert UID in w.keys()  # watched although its backend does not announce everything
-    assert UID in full  # the full check right after the subscription
+    assert announced == [UID]  # its announced part right after the subscription
+    announced.clear()
     full.clear()
     partial.clear()
     for _ in range(3):  # drift intervals: only the part that announces nothing
         env.clock.t += 2.5
         env.r.reconcile()
-    assert full == [] and partial == [UID] * 3
-    w.on_change(UID)  # the inbound rules or routing changed: the full check
+    assert full == [] and partial == [UID] * 3 and announced == []
+    w.on_change(UID)  # the inbound rules or routing changed: that part is read
     env.r.reconcile()
-    assert full == [UID]
-    full.clear()
+    assert announced == [UID] and full == []
     env.clock.t += 31
     env.r.reconcile()
     assert full == [UID]  # the backstop: the full check
@@ -180,6 +186,7 @@ def test_a_node_whose_probe_rules_announce_nothing_stays_polled(tmp_path: Path) 
     env.backend.change_events = False
     env.backend.announces_part = lambda spec: True  # type: ignore[attr-defined]
     env.backend.check_unannounced = lambda target, spec: []  # type: ignore[attr-defined]
+    env.backend.check_announced = lambda target, spec: []  # type: ignore[attr-defined]
     env.r.drift.node_announces = False
     _full, made = watched_and_counted(env)
     env.r.drift.backstop = 1000.0

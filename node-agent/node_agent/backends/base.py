@@ -65,13 +65,16 @@ class PartlyAnnounced(Protocol):
     """A backend of which a pod's state is partly in nf_tables and its policy routing (announced on the
     pod netns' NFNLGRP_NFTABLES and rtnetlink groups: eBPF's ambient inbound on a rules backend with
     `change_events`) and partly not: the agent watches the pod, polls `check_unannounced` (the rest) and
-    runs the full `check` when the netns announces a change."""
+    runs `check_announced` when the netns announces a change (the full `check` when both are due)."""
 
     def announces_part(self, spec: RedirectSpec) -> bool:
         """Whether part of a pod with this spec announces its changes (else it is polled as a whole)."""
 
     def check_unannounced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         """`check` without the part that announces its changes."""
+
+    def check_announced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        """`check` of the part that announces its changes only (what a change announcement can concern)."""
 
 
 class RedirectBackend(PodRules, Protocol):

@@ -10,8 +10,9 @@ When a pod is read back:
 - every drift interval (`--drift-interval`): the pods that are not watched (iptables-legacy sidecar
   pods, eBPF, or a failed subscription), and the part that announces nothing of pods that are watched
   for the rest (`PartlyAnnounced`: an eBPF ambient pod's programs and filters are polled, its inbound
-  rules on nftables or iptables-nft and its policy routing are checked on change; an iptables-legacy
-  ambient pod's x_tables rules are polled, its policy routing is checked on change);
+  rules on nftables or iptables-nft and its policy routing are read on change and right after the
+  subscription, `check_announced`; an iptables-legacy ambient pod's x_tables rules are polled, its policy
+  routing is read on change);
 - every backstop interval (`--drift-backstop`) and right after pods were enrolled on rules found in place
   (adoption): every pod, watched or not.
 The read-back runs outside the lock, one pod at a time; a CNI request that arrives meanwhile is served
@@ -57,6 +58,7 @@ class Due:
     uids: frozenset[str] | None
     node: bool
     partial: frozenset[str] = frozenset()  # of uids: only the part that announces nothing (PartlyAnnounced)
+    announced: frozenset[str] = frozenset()  # of uids: only the part that announces its changes
 
 
 class DriftCheck:
@@ -135,6 +137,7 @@ class DriftCheck:
             self._soon = False
             return Due(None, True)
         uids = {uid for uid in dirty if uid in self.table.pods}
+        announced = uids & self._partly  # a change announced, or the first look after the subscription
         timed = now - self.last_run >= self.interval and self._polled()
         node = NODE in dirty or (timed and not self._is_watched(NODE) and now - self.last_node >= NODE_POLL)
         partial: set[str] = set()
@@ -142,12 +145,13 @@ class DriftCheck:
             self.last_run = now
             polled = {uid for uid in self.table.pods if self._is_polled(uid)}
             partial = {uid for uid in polled - uids if uid in self._partly and self._is_watched(uid)}
+            announced -= polled
             uids |= polled
         if node:
             self.last_node = now
         if not uids and not timed and not node:
             return None
-        return Due(frozenset(uids), node, frozenset(partial))
+        return Due(frozenset(uids), node, frozenset(partial), frozenset(announced))
 
     def close(self) -> None:
         """Every subscription closed (agent shutdown)."""
@@ -212,8 +216,9 @@ class DriftCheck:
             st, backend, target = job
             try:
                 result: list[str] | BackendError = (
-                    backend.check_unannounced(target, st.spec)
-                    if due is not None and uid in due.partial and isinstance(backend, PartlyAnnounced)
+                    backend.check(target, st.spec) if due is None or not isinstance(backend, PartlyAnnounced)
+                    else backend.check_unannounced(target, st.spec) if uid in due.partial
+                    else backend.check_announced(target, st.spec) if uid in due.announced
                     else backend.check(target, st.spec))
             except BackendError as exc:
                 result = exc

@@ -364,8 +364,7 @@ class EbpfBackend(RedirectBackend):
         log.info("ebpf redirect removed", extra={"pod": target.uid, "event": "ebpf_removed"})
 
     def _ebpf_installed(self, target: PodTarget) -> bool:
-        root = self._root()
-        pdir = self._pod_dir(root, target)
+        pdir = self._pod_dir(self._root(), target)
         if pdir.is_dir() and any(pdir.iterdir()):
             return True
         cg = pod_state.cgroup_of(target.cgroup_path, None)
@@ -407,10 +406,13 @@ class EbpfBackend(RedirectBackend):
 
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         with self._lock:
-            problems = self.check_unannounced(target, spec)
-            if (rules := self.inbound_rules(spec)) is not None:
-                problems += [f"inbound ({rules.name}): {p}" for p in rules.check(target, maps.inbound_only(spec))]
-            return problems
+            return self.check_unannounced(target, spec) + self.check_announced(target, spec)
+
+    def check_announced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        """The inbound rules (and an ambient pod's policy routing) on the rules backend."""
+        if (rules := self.inbound_rules(spec)) is None:
+            return []
+        return [f"inbound ({rules.name}): {p}" for p in rules.check(target, maps.inbound_only(spec))]
 
     def announces_part(self, spec: RedirectSpec) -> bool:
         """An ambient pod's inbound is on the rules backend: announced when that one announces (nf_tables)."""
@@ -444,6 +446,5 @@ class EbpfBackend(RedirectBackend):
 
     def installed(self, target: PodTarget) -> bool:
         with self._lock:
-            if self._ebpf_installed(target):
-                return True
-            return any(b is not None and b.installed(target) for b in (self.inbound, self.ambient_inbound))
+            rules = (self.inbound, self.ambient_inbound)
+            return self._ebpf_installed(target) or any(b is not None and b.installed(target) for b in rules)

@@ -243,11 +243,12 @@ class IptablesBackend:
         """`check` without the ambient policy routing: the iptables rules only."""
         return self._check_rules(target, spec)
 
+    def check_announced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        """An ambient pod's policy routing (beside the iptables rules, never part of the fingerprint)."""
+        return check_ambient_routing(target, families_of(target.ips)) if isinstance(spec, AmbientSpec) else []
+
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
-        problems = self._check_rules(target, spec)
-        if isinstance(spec, AmbientSpec):  # beside the iptables rules (never part of the fingerprint)
-            problems = [*problems, *check_ambient_routing(target, families_of(target.ips))]
-        return problems
+        return [*self._check_rules(target, spec), *self.check_announced(target, spec)]
 
     def _check_rules(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         families = families_of(target.ips)
