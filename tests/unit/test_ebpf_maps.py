@@ -210,3 +210,21 @@ def test_include_outbound_ports_and_interface_fallback():
     assert maps.pod_maps(AmbientSpec(), 1).include_ports == ()
     reason = maps.interfaces_reason(SidecarSpec(exclude_interfaces=("net1",), kubevirt_interfaces=("eth1",)))
     assert "excludeInterfaces and kubevirtInterfaces" in reason and "iptables" in reason
+
+
+def test_generation_is_pinned_so_an_upgrade_re_applies_no_pod():
+    """A pinned config's generation is compared with the wanted one by every drift check: the same spec and
+    IPs must keep giving the same number across releases (else every pod is applied again after one)."""
+    assert maps.pod_maps(SidecarSpec(), 0, True, ("10.1.2.3",)).generation == 6079030082016018517
+    assert maps.pod_maps(AmbientSpec(), 0, False, ("10.1.2.3/24", "fd00::5")).generation == 2529907797572805904
+
+
+def test_pods_of_one_spec_differ_only_in_what_their_ips_make():
+    a = maps.pod_maps(SidecarSpec(exclude_outbound_ports=(22,)), 5, True, ("10.1.2.3",))
+    b = maps.pod_maps(SidecarSpec(exclude_outbound_ports=(22,)), 5, True, ("10.1.2.4", "fd00::4"))
+    assert a.exclude_ports == b.exclude_ports == (struct.pack("=H", 22),)
+    assert a.local_addrs != b.local_addrs and a.generation != b.generation
+    ca, cb = maps.unpack_config(a.config), maps.unpack_config(b.config)
+    differ = {k for k in ca if ca[k] != cb[k]}
+    assert differ == {"generation", "families", "self_ip4"}  # (and self_ip6, which unpack_config leaves out)
+    assert maps.pod_maps(SidecarSpec(exclude_outbound_ports=(22,)), 5, False, ("10.1.2.3",)).exclude_inbound == ()

@@ -48,19 +48,25 @@ class PodMaps:
     include_ports: tuple[bytes, ...] = ()
 
 
+def _enc(v: object) -> object:
+    if isinstance(v, tuple):
+        return [_enc(x) for x in v]
+    if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return str(v)
+    return v
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_doc(spec: Spec) -> tuple[tuple[str, object], ...]:
+    """The spec's fields as generation_of hashes them (encoded once per spec: most of its cost)."""
+    return (("kind", type(spec).__name__), *((f.name, _enc(getattr(spec, f.name))) for f in dataclasses.fields(spec)))
+
+
 def generation_of(spec: Spec, *extra: object) -> int:
     """A stable 63-bit hash of the spec (and extra inputs), stored in the config map: what is installed."""
-
-    def enc(v: object) -> object:
-        if isinstance(v, tuple):
-            return [enc(x) for x in v]
-        if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)):
-            return str(v)
-        return v
-
-    doc = {"kind": type(spec).__name__, **{f.name: enc(getattr(spec, f.name)) for f in dataclasses.fields(spec)}}
+    doc = dict(_spec_doc(spec))
     if extra:
-        doc["extra"] = [enc(x) for x in extra]
+        doc["extra"] = [_enc(x) for x in extra]
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -156,14 +162,22 @@ def wanted_generation(spec: Spec, inbound_in_ebpf: bool, ips: tuple[str, ...]) -
     return spec_maps(spec, inbound_in_ebpf, ips).generation
 
 
-def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = ()) -> PodMaps:
-    """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs,
-    before `with_netns` names the pod netns."""
-    local = local_addresses(ips)
-    self4, self6 = self_addresses(ips)
-    gen = generation_of(
-        spec, "inbound-ebpf" if inbound_in_ebpf else "inbound-fallback", *local, "nat-fam-v4", str(self4), str(self6)
-    )
+@dataclass(frozen=True)
+class _SpecPart:
+    """What a spec alone makes of a pod's maps (the pod's IPs, netns and cgroup aside)."""
+
+    head: tuple[int, ...]  # struct hr_config's fields ahead of the generation
+    inbound_port: int
+    probe4: int
+    probe6: bytes
+    proxy_gid: int
+    hbone: int
+    sets: PodMaps  # the set entries (config, local addresses and generation left empty)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_part(spec: Spec, inbound_in_ebpf: bool) -> _SpecPart:
+    """The spec's share of `pod_maps`, made once per spec (a node's pods share a few)."""
     if isinstance(spec, SidecarSpec):
         mode, uid, mark, mask = MODE_SIDECAR, spec.proxy_uid, 0, 0
         proxy_gid = spec.proxy_gid
@@ -197,25 +211,39 @@ def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tupl
     if isinstance(spec, AmbientSpec):
         probe4 = int.from_bytes(spec.probe_snat_v4.packed, "little")  # network order as the C reads it
         probe6 = spec.probe_snat_v6.packed
-    config = struct.pack(
-        CONFIG_FMT, mode, uid, mark & 0xFFFFFFFF, mask & 0xFFFFFFFF, out_port, dns_port,
-        1 if capture_dns else 0, 1 if all4 else 0, 1 if all6 else 0, in_mode, gen, cgroup_id,
-        in_port, families_mask(ips), probe4, probe6, proxy_gid, 0,
-        int.from_bytes(self4.packed, "little") if self4 else 0,  # network order as the C reads it
-        self6.packed if self6 else b"\0" * 16, 0, hbone, 0, 0,
-    )  # fmt: skip
     ports = tuple(sorted({_check_port(p, "excluded outbound port") for p in spec.exclude_outbound_ports}))
-    return PodMaps(
-        config=config,
+    head = (mode, uid, mark & 0xFFFFFFFF, mask & 0xFFFFFFFF, out_port, dns_port, 1 if capture_dns else 0,
+            1 if all4 else 0, 1 if all6 else 0, in_mode)
+    sets = PodMaps(
+        config=b"",
         exclude_ports=tuple(struct.pack(PORT_FMT, p) for p in ports),
         exclude_nets=tuple(lpm_key(n) for n in excl),
         include_nets=tuple(lpm_key(n) for n in inc),
         exclude_inbound=tuple(struct.pack(PORT_FMT, p) for p in in_excl),
         include_inbound=tuple(struct.pack(PORT_FMT, p) for p in in_incl),
-        local_addrs=tuple(lpm_key(ipaddress.ip_network(a)) for a in local),
-        generation=gen,
+        local_addrs=(),
+        generation=0,
         include_ports=tuple(struct.pack(PORT_FMT, p) for p in include_ports),
     )
+    return _SpecPart(head, in_port, probe4, probe6, proxy_gid, hbone, sets)
+
+
+def pod_maps(spec: Spec, cgroup_id: int, inbound_in_ebpf: bool = True, ips: tuple[str, ...] = ()) -> PodMaps:
+    """The map contents implementing a spec (inbound only when inbound_in_ebpf) for a pod with these IPs,
+    before `with_netns` names the pod netns."""
+    part = _spec_part(spec, inbound_in_ebpf)
+    local = local_addresses(ips)
+    self4, self6 = self_addresses(ips)
+    gen = generation_of(
+        spec, "inbound-ebpf" if inbound_in_ebpf else "inbound-fallback", *local, "nat-fam-v4", str(self4), str(self6)
+    )
+    config = struct.pack(
+        CONFIG_FMT, *part.head, gen, cgroup_id, part.inbound_port, families_mask(ips), part.probe4, part.probe6,
+        part.proxy_gid, 0, int.from_bytes(self4.packed, "little") if self4 else 0,  # network order as the C reads it
+        self6.packed if self6 else b"\0" * 16, 0, part.hbone, 0, 0,
+    )  # fmt: skip
+    return dataclasses.replace(part.sets, config=config, generation=gen,
+                               local_addrs=tuple(lpm_key(ipaddress.ip_network(a)) for a in local))
 
 
 def with_netns(
