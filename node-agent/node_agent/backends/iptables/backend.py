@@ -19,6 +19,7 @@ foreign base chains hooked ahead of our nat chains (`nft_foreign`), which `apply
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -53,6 +54,12 @@ def in_process_check_enabled(environ: dict[str, str] | None = None) -> bool:
 
 def families_of(ips: tuple[str, ...]) -> tuple[Family, ...]:
     """The address families of a pod's IPs; (4, 6) when none are known. Bad IPs raise BackendError."""
+    return _families_of(tuple(ips))
+
+
+@functools.lru_cache(maxsize=4096)
+def _families_of(ips: tuple[str, ...]) -> tuple[Family, ...]:
+    """(every apply and check of a pod asks: its IPs are parsed once)"""
     found: set[int] = set()
     for ip in ips:
         try:
