@@ -106,7 +106,10 @@ def default_roots(environ: Mapping[str, str] | None = None, mountinfo: str | Non
     env = (os.environ if environ is None else environ).get(ROOTS_ENV, "")
     if env.strip():
         return [Path(p) for p in env.split(":") if p.strip()]
-    mounts = attach.cgroup2_mounts() if mountinfo is None else attach.parse_cgroup2_mounts(mountinfo)
+    try:
+        mounts = attach.cgroup2_mounts() if mountinfo is None else attach.parse_cgroup2_mounts(mountinfo)
+    except OSError:  # no /proc/self/mountinfo to read
+        return []
     return list(dict.fromkeys(mounts))
 
 
