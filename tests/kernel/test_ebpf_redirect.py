@@ -585,10 +585,17 @@ def test_a_failed_inbound_apply_takes_a_new_pods_ebpf_out_and_leaves_a_pods_own(
             b.apply(t, SidecarSpec(exclude_outbound_ports=(9999,)))
         assert sorted(cgroup_prog_names(env.cgroup)) == attached
         assert (state / "bpf" / t.uid / "hr_cfg").exists()
+        # moved to another cgroup (its programs come off the old one): it had them, so it keeps them
+        moved = dataclasses.replace(t, cgroup_path=str(make_cgroup(Path(f"{env.cgroup}-moved"))))
+        with pytest.raises(BackendError, match="inbound rules refused"):
+            b.apply(moved, SidecarSpec())
+        assert cgroup_prog_names(env.cgroup) == [] and sorted(cgroup_prog_names(Path(moved.cgroup_path))) == attached
+        t = moved
     finally:
         b.remove(t)
         b.close()
         pinning.unmount_bpffs(state)
+        remove_cgroup(Path(f"{env.cgroup}-moved"))
 
 
 def test_remove_after_pod_is_gone(env, backend, target):

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
@@ -56,9 +57,6 @@ CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / ob
 
 def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
     return inbound_in_ebpf and maps.needs_inbound(spec)
-
-
-_close = node_maps.close_all
 
 
 class EbpfBackend(RedirectBackend):
@@ -217,9 +215,9 @@ class EbpfBackend(RedirectBackend):
             self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
         existed, cg_id = pdir.is_dir(), cgroup_id(cg)
         old = pod_state.read_config(pdir) if existed else None
-        if old is not None:
+        if had := old is not None:
             if old["cgroup_id"] != cg_id:
-                self._remove_ebpf(target)  # the pod moved cgroup: detach from the old one first
+                self._remove_ebpf(replace(target, cgroup_path=None))  # moved: off the cgroup its config names
                 old = None
             elif not self._remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
@@ -259,7 +257,7 @@ class EbpfBackend(RedirectBackend):
             pinned = pod_index.pinned(pdir) if old is not None else None  # the entries to drop after
             pod_index.add_sets(fds, pm, cookie)
             indexed = True
-            had = cgroup_programs.attach_wanted(cg, pdir, wanted, progs, done, olds, fresh=not existed)
+            had = cgroup_programs.attach_wanted(cg, pdir, wanted, progs, done, olds, fresh=not existed) or had
             pod_index.point_config(fds, pm.config, cookie)
             switched = True
             if tc_wanted:
@@ -291,15 +289,14 @@ class EbpfBackend(RedirectBackend):
         finally:
             if tc_loads is not None:  # the apply failed before it took them: wait for them before the maps close
                 tc_loads.discard()
-            _close(pod_fds)
-            _close(progs)
-            _close(olds)
+            for fds_of in (pod_fds, progs, olds):
+                node_maps.close_all(fds_of)
         pod_index.drop_stale(fds, pinned, cookie, pm, target.uid)
         log.info(
             "ebpf redirect applied",
             extra={"pod": target.uid, "event": "ebpf_applied", "cgroup": str(cg), "programs": list(wanted)},
         )
-        return old is not None or had
+        return had
 
     def _remove_foreign(self, cg: Path, pdir: Path, wanted: tuple[str, ...], target: PodTarget, tc_wanted: bool) -> int:
         """The repair of foreign programs at our hooks (pod cgroup; TC ahead of ours); how many there were."""
