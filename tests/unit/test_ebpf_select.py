@@ -101,7 +101,7 @@ def test_inbound_fallback_gets_inbound_only_spec(monkeypatch, tmp_path):
     monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
     monkeypatch.setattr("node_agent.backends.ebpf.backend.staying_in", lambda netns: contextlib.nullcontext())
     monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
-    monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c: None)
+    monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c, e, o: None)
     (tmp_path / "bpf").mkdir()  # a plain directory: a unit test mounts nothing
     monkeypatch.setattr(EbpfBackend, "_root", lambda self: tmp_path / "bpf")
     rec = RecordingInbound()
@@ -129,10 +129,11 @@ def test_ambient_inbound_takes_only_ambient_pods(monkeypatch, tmp_path):
     monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
     monkeypatch.setattr("node_agent.backends.ebpf.backend.staying_in", lambda netns: contextlib.nullcontext())
     monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
-    monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c: None)
+    monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c, e, o: None)
     monkeypatch.setattr(EbpfBackend, "_remove_ebpf", lambda self, t: None)
     mode: list[int | None] = [None]
-    monkeypatch.setattr(EbpfBackend, "_pinned_mode", lambda self, t: mode[0])
+    monkeypatch.setattr(EbpfBackend, "_pinned",
+                        lambda self, t: (mode[0] is not None, None if mode[0] is None else {"mode": mode[0]}))
     rec = RecordingInbound()
     reads: list[str] = []
     real_installed = rec.installed

@@ -123,11 +123,10 @@ class EbpfBackend(RedirectBackend):
         except pinning.PinError as e:
             raise BackendError(str(e)) from e
 
-    def _pinned_mode(self, target: PodTarget) -> int | None:
-        """The mode (maps.MODE_*) the pod's pinned config holds, or None (nothing pinned)."""
+    def _pinned(self, target: PodTarget) -> tuple[bool, dict[str, int] | None]:
+        """Whether the pod has a pin directory, and the config pinned there (None: none)."""
         pdir = self._pod_dir(self._root(), target)
-        cfg = pod_state.read_config(pdir) if pdir.is_dir() else None
-        return cfg["mode"] if cfg is not None else None
+        return (True, pod_state.read_config(pdir)) if pdir.is_dir() else (False, None)
 
     @property
     def inbound_in_ebpf(self) -> bool:
@@ -175,13 +174,14 @@ class EbpfBackend(RedirectBackend):
             except (CgroupError, OSError) as e:
                 raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
             rules = self.inbound_rules(spec)
-            mode = self._pinned_mode(target)
+            existed, pinned = self._pinned(target)
+            mode = pinned["mode"] if pinned is not None else None
             if first is not None and not isinstance(rules, AppliesInNetns):
                 try:
                     run_in_netns(target.netns_path, first, timeout=10.0)
                 except (OSError, NetnsThreadTimeout) as e:
                     raise BackendError(f"eBPF apply for pod {target.uid}: in {target.netns_path}: {e}") from e
-            had_ebpf = self._apply_ebpf(target, spec, cg)
+            had_ebpf = self._apply_ebpf(target, spec, cg, existed, pinned)
             if rules is not None:
                 try:
                     if isinstance(rules, AppliesInNetns):  # one netns entry for its reads and writes
@@ -199,8 +199,11 @@ class EbpfBackend(RedirectBackend):
                 if other is not None and other is not rules and not skip and other.installed(target):
                     other.remove(target)
 
-    def _apply_ebpf(self, target: PodTarget, spec: RedirectSpec, cg: Path) -> bool:
-        """Whether the pod had its eBPF part before (a failed rules apply then leaves it; else removes it)."""
+    def _apply_ebpf(
+        self, target: PodTarget, spec: RedirectSpec, cg: Path, existed: bool, old: dict[str, int] | None
+    ) -> bool:
+        """existed, old: `_pinned` (read just before). Whether the pod had its eBPF part before (a failed rules
+        apply then leaves it; else removes it)."""
         try:
             families = maps.families_mask(target.ips)
         except ValueError as e:
@@ -213,8 +216,7 @@ class EbpfBackend(RedirectBackend):
         tc_wanted = wants_tc(spec, self.rules_inbound(spec) is None)
         if ambient and self.proxy_cgroup is not None:
             self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
-        existed, cg_id = pdir.is_dir(), cgroup_id(cg)
-        old = pod_state.read_config(pdir) if existed else None
+        cg_id = cgroup_id(cg)
         if had := old is not None:
             if old["cgroup_id"] != cg_id:
                 self._remove_ebpf(replace(target, cgroup_path=None))  # moved: off the cgroup its config names
@@ -393,7 +395,8 @@ class EbpfBackend(RedirectBackend):
 
     def remove(self, target: PodTarget) -> None:
         with self._lock:
-            mode = self._pinned_mode(target)
+            pinned = self._pinned(target)[1]
+            mode = pinned["mode"] if pinned is not None else None
             self._remove_ebpf(target)
             ALERTS.clear(target.uid)
             if self.inbound is not None:

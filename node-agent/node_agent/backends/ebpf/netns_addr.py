@@ -13,9 +13,9 @@ from node_agent.kernel.netns_runner import run_in_netns
 
 
 def cookie_and_passthrough6(netns_path: str, passthrough6: bool) -> int:
-    """One entry into the pod netns (a pooled thread there): its cookie (tc.netns_cookie) and, when asked,
-    ::6/128 put on its lo (idempotent: replace; one rtnetlink request). OSError (tc.TcError included) when
-    the netns cannot be entered or the kernel refuses."""
+    """One entry into the pod netns (none from a thread staying there, else a pooled thread): its cookie
+    (tc.netns_cookie_here) and, when asked, ::6/128 put on its lo (idempotent: replace; one rtnetlink
+    request). OSError (tc.TcError included) when the netns cannot be entered or the kernel refuses."""
 
     def work() -> int:
         if passthrough6:
