@@ -81,6 +81,10 @@ def test_agent_follows_the_proxy_cgroup(ebpf_env: Any) -> None:
     node.add_namespace("early", AMBIENT)
     node.add_namespace("shop", AMBIENT)
     agent.start_agent()
+    # before any pod: the node maps and both pod modes' programs are made at start (EbpfBackend.prepare)
+    node_dir = node.state_dir / "bpf" / "node"
+    wanted = {"hr_connect4_amb", "hr_connect4_sc", "hr_sendmsg4", "hr_tc_ingress_node"}
+    wait_for(lambda: wanted <= {p.name for p in node_dir.glob("progs-*/*")}, 15, "node programs made at start")
 
     # 1. a proxy in the agent's own cgroup (here: the root cgroup) is refused; ambient pods use iptables
     AgentRun.start_proxy(agent)

@@ -313,3 +313,39 @@ def test_the_load_threads_an_apply_starts_live_in_the_agents_netns(env, backend,
     loaders = {str(t.native_id) for t in pool._threads}
     assert loaders and all(os.stat(f"/proc/self/task/{tid}/ns/net").st_ino == own for tid in loaders)
     pool.shutdown()
+
+
+def test_prepare_makes_the_node_maps_and_both_modes_programs_before_any_pod(env, backend, target, monkeypatch):
+    """`prepare` (the agent runs it at start) makes the node maps and loads and pins the node programs of
+    both pod modes; the first pod's apply then loads nothing and attaches those programs, and traffic goes
+    through them. A backend already closed prepares nothing (no bpffs mounted again at shutdown)."""
+    from node_agent.backends.ebpf import cgroup_programs, node_programs, pod_state
+
+    backend.prepare()
+    node_dir = backend.state_dir / "bpf" / pinning.NODE_DIR
+    assert all((node_dir / name).exists() for name in loader.NODE_MAPS)
+    (progs,) = node_dir.glob("progs-*")
+    wanted = {loader.function_of(n, False, node=True)
+              for n in (*cgroup_programs.SIDECAR_PROGRAMS, *cgroup_programs.TCP_PROGRAMS, *pod_state.TC_NAMES)}
+    wanted |= {loader.function_of(n, True, node=True)
+               for n in (*cgroup_programs.TCP_PROGRAMS, *cgroup_programs.DNS_PROGRAMS)}
+    assert {p.name for p in progs.iterdir()} == wanted
+    pinned_ids = set()
+    for p in progs.iterdir():
+        fd = pinning.open_pinned(p)
+        assert fd is not None
+        pinned_ids.add(bpfsys.prog_info(fd).prog_id)
+        os.close(fd)
+    loads: list[object] = []
+    real = node_programs.load_programs
+    monkeypatch.setattr(node_programs, "load_programs", lambda *a, **k: loads.append(a[2]) or real(*a, **k))
+    start_proxy_and_server(env)
+    backend.apply(target, SIDECAR_OUT)
+    assert loads == []
+    assert set(attached_ids(env.cgroup)) <= pinned_ids
+    assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+
+    closed = EbpfBackend(backend.state_dir.parent / "closed")
+    closed.close()
+    closed.prepare()
+    assert not os.path.ismount(closed.state_dir / "bpf") and not (closed.state_dir / "bpf" / pinning.NODE_DIR).exists()

@@ -26,7 +26,7 @@ from cni.kernel.flavour import Flavour
 from node_agent.agent.config import AgentConfig
 from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
-from node_agent.backends.base import BackendError, RedirectBackend
+from node_agent.backends.base import BackendError, Prepares, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.select import rules_backend_setting, select_backend
@@ -265,6 +265,8 @@ class Agent:
         # commands in a pod netns without nsenter; some done in-process
         self._spawner = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
         self.hub.start()
+        if isinstance(self.backend, Prepares):  # e.g. the eBPF node maps and programs, before the first pod
+            threading.Thread(target=self.backend.prepare, name="headrace-backend-prepare", daemon=True).start()
         self.reconciler.start()
         self.source.start()
         if self.marker is not None:

@@ -61,6 +61,15 @@ class AppliesInNetns(Protocol):
 
 
 @runtime_checkable
+class Prepares(Protocol):
+    """A backend with node-wide pieces worth making before its first pod: the agent calls `prepare` once, at
+    start, on a thread of its own (pods applied meanwhile make what they need themselves)."""
+
+    def prepare(self) -> None:
+        """Make them; never raises (what fails is logged, and the first apply meets it again)."""
+
+
+@runtime_checkable
 class PartlyAnnounced(Protocol):
     """A backend of which a pod's state is partly in nf_tables and its policy routing (announced on the
     pod netns' NFNLGRP_NFTABLES and rtnetlink groups: eBPF's ambient inbound on a rules backend with

@@ -44,6 +44,7 @@ from node_agent.backends.ebpf.foreign_progs import detach_foreign
 from node_agent.backends.ebpf.node_programs import NodePrograms
 from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.backends.ebpf.parent_progs import watch_parents
+from node_agent.backends.ebpf.pod_removal import remove_pod
 from node_agent.backends.ebpf.program_loads import PendingLoads, start_loads
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 from node_agent.kernel.netns_runner import run_in_netns, staying_in
@@ -92,6 +93,7 @@ class EbpfBackend(RedirectBackend):
         self.node_maps = node_maps.NodeMaps()
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
         self.node_tc = node_tc
+        self._closed = False  # close() ran: prepare() makes nothing any more
 
     def _root(self) -> Path:
         if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
@@ -339,28 +341,7 @@ class EbpfBackend(RedirectBackend):
 
     def _remove_ebpf(self, target: PodTarget) -> None:
         root = self._root()
-        pdir = self._pod_dir(root, target)
-        cg = pod_state.cgroup_of(target.cgroup_path, pdir)
-        try:
-            if cg is not None:
-                with Cgroup(cg) as c:
-                    if pdir.is_dir():
-                        for child in list(pdir.iterdir()):
-                            if child.name in loader.PROGRAMS:
-                                cgroup_programs.detach_pinned(c, child)
-                    cgroup_programs.detach_ours_by_name(c)
-            if target.netns_path:  # our filters only; cheap when there are none
-                try:
-                    tc_attach.detach(target.netns_path)
-                except (tc.TcError, OSError) as e:  # netns gone or not a netns any more: filters went with it
-                    log.info("ebpf tc detach skipped", extra={"pod": target.uid, "reason": str(e)})
-            pod_index.drop_pod(root / pinning.NODE_DIR, pdir)
-            pinning.remove_dir(pdir)
-            if not pinning.pod_dirs(root):  # the node maps stay (close() takes them)
-                self.orig_dst.detach(self.proxy_cgroup, root)
-        except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
-            raise BackendError(f"eBPF remove for pod {target.uid} failed: {e}") from e
-        log.info("ebpf redirect removed", extra={"pod": target.uid, "event": "ebpf_removed"})
+        remove_pod(root, self._pod_dir(root, target), target, self.orig_dst, self.proxy_cgroup)
 
     def _ebpf_installed(self, target: PodTarget) -> bool:
         pdir = self._pod_dir(self._root(), target)
@@ -379,12 +360,31 @@ class EbpfBackend(RedirectBackend):
         """UIDs of the pods with eBPF state pinned on this node (for the agent's garbage collection)."""
         return pinning.pinned_pod_dirs(self.state_dir)
 
+    def prepare(self) -> None:
+        """Make the bpffs mount, the node maps and both pod modes' node programs before a pod needs them
+        (~50 ms and the verifier, else spent by the node's first apply with the lock held: a wave waits).
+        Waits for a background compile; a failure is logged (the first apply meets it again)."""
+        try:
+            obj = loader.compile_object()
+            with self._lock:
+                if self._closed:
+                    return
+                root = self._root()
+                fds = self._node_maps(root)
+                for spec in (SidecarSpec(), AmbientSpec(capture_dns=True)):
+                    tc_too = self.node_tc and wants_tc(spec, self.rules_inbound(spec) is None)
+                    names = (*cgroup_programs.wanted_programs(spec), *(TC_NAMES if tc_too else ()))
+                    ambient = isinstance(spec, AmbientSpec)
+                    node_maps.close_all(self.node_programs.open(root, obj, fds, names, ambient=ambient))
+        except (loader.ToolchainError, BackendError, bpfsys.BpfSysError, OSError) as e:
+            log.warning("ebpf node programs not prepared", extra={"event": "ebpf_prepare_failed", "reason": str(e)})
+
     def close(self) -> None:
         """Agent shutdown: when no pod has anything pinned any more, unpin the node maps and unmount
         <state-dir>/bpf (pods keep their programs otherwise, and the next agent re-adopts them from the pins).
-        The node maps and programs outlive the last pod while the agent runs: the next pod's apply would
-        otherwise make them again (~17 ms for the five preallocated 65 536-entry LRU maps, and the verifier)."""
+        The node maps and programs outlive the last pod while the agent runs (`prepare`)."""
         with self._lock:
+            self._closed = True
             self.node_maps.close()
             self.node_programs.close()
             try:
