@@ -154,9 +154,9 @@ class IptablesBackend:
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         self._forget(target)
-        with self.recorded_if_fresh(target, spec):
+        with self.recorded_if_fresh(target, spec) as owned_only:
             try:
-                self._apply(target, spec)
+                self._apply(target, spec, owned_only)
             finally:
                 self._forget(target)
 
@@ -178,7 +178,7 @@ class IptablesBackend:
 
     @contextmanager
     def recorded_if_fresh(self, target: PodTarget, spec: RedirectSpec,
-                          later: Callable[[Callable[[], None]], None] | None = None) -> Iterator[None]:
+                          later: Callable[[Callable[[], None]], None] | None = None) -> Iterator[bool]:
         """Around an apply (nft hosts with the shortcut on, specs it covers): the netns' mark is read
         before and after; when every commit between them was a fresh in-process batch of the apply's own
         text (one per family, each into tables that did not exist: `nft_fresh_write`) and the netns holds
@@ -187,11 +187,16 @@ class IptablesBackend:
         iptables-save per family and a ruleset read. Nothing is recorded when the block raises. On every
         host the spec is remembered for the netns (a later removal's in-process way, `fresh_remove`).
         `later(fn)` (an ADD's: after its reply) takes what follows the block; a commit by anyone else
-        meanwhile only means nothing is recorded."""
+        meanwhile only means nothing is recorded. Yields whether the netns holds no table but iptables-nft's
+        and ours, as read right after the first mark (so the block need not look for foreign chains; False:
+        not read, or not so). Without `later` that read is the one the record relies on: only fresh
+        batches of ours came after it. With `later` the tables are read after the block, off the reply's
+        path."""
         covered = (self.flavour == "nft" and self.shortcut is not None
                    and isinstance(spec, (SidecarSpec, AmbientSpec)) and iptables_only_check(spec))
         before = nft_fresh_write.mark_of(target.netns_path) if covered else None
-        yield
+        owned_first = before is not None and later is None and nft_foreign.only_owned_tables(target.netns_path)
+        yield owned_first
 
         def record() -> None:
             families = families_of(target.ips)
@@ -200,7 +205,8 @@ class IptablesBackend:
             self._applied[target.netns_path] = (spec, families)
             if before is None or self.shortcut is None:
                 return
-            owned_only = nft_foreign.only_owned_tables(target.netns_path)  # read before `after`: still so then
+            # read before `after` (still so then); without `later`, after `before`: still so
+            owned_only = owned_first if later is None else nft_foreign.only_owned_tables(target.netns_path)
             after = nft_fresh_write.mark_of(target.netns_path)
             if (after is None or not owned_only
                     or not nft_fresh_write.only_fresh_commits(before, after, len(families))):
@@ -213,9 +219,12 @@ class IptablesBackend:
         else:
             later(record)
 
-    def _apply(self, target: PodTarget, spec: RedirectSpec) -> None:
+    def _apply(self, target: PodTarget, spec: RedirectSpec, owned_only: bool = False) -> None:
+        """owned_only: the netns was just found to hold no table but iptables-nft's and ours (no foreign
+        chain to look for)."""
         families = families_of(target.ips)
-        self._remove_foreign(target, families)
+        if not owned_only:
+            self._remove_foreign(target, families)
         try:
             if isinstance(spec, SidecarSpec):
                 netns_tables.apply_sidecar(target.netns_path, spec, families, self.flavour)
