@@ -11,7 +11,7 @@ import os
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -319,7 +319,7 @@ def test_prepare_makes_the_node_maps_and_both_modes_programs_before_any_pod(env,
     """`prepare` (the agent runs it at start) makes the node maps and loads and pins the node programs of
     both pod modes; the first pod's apply then loads nothing and attaches those programs, and traffic goes
     through them. A backend already closed prepares nothing (no bpffs mounted again at shutdown)."""
-    from node_agent.backends.ebpf import cgroup_programs, node_programs, pod_state
+    from node_agent.backends.ebpf import cgroup_programs, node_programs, pod_state, program_loads
 
     backend.prepare()
     node_dir = backend.state_dir / "bpf" / pinning.NODE_DIR
@@ -337,8 +337,13 @@ def test_prepare_makes_the_node_maps_and_both_modes_programs_before_any_pod(env,
         pinned_ids.add(bpfsys.prog_info(fd).prog_id)
         os.close(fd)
     loads: list[object] = []
-    real = node_programs.load_programs
-    monkeypatch.setattr(node_programs, "load_programs", lambda *a, **k: loads.append(a[2]) or real(*a, **k))
+
+    def counted(obj: loader.CompiledObject, fds: dict[str, int], names: Sequence[str], *, ambient: bool,
+                node: bool = False) -> dict[str, int]:
+        loads.append(names)
+        return program_loads.load_programs(obj, fds, names, ambient=ambient, node=node)
+
+    monkeypatch.setattr(node_programs, "load_programs", counted)
     start_proxy_and_server(env)
     backend.apply(target, SIDECAR_OUT)
     assert loads == []
