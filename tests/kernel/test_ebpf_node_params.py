@@ -352,5 +352,8 @@ def test_prepare_makes_the_node_maps_and_both_modes_programs_before_any_pod(env,
 
     closed = EbpfBackend(backend.state_dir.parent / "closed")
     closed.close()
-    closed.prepare()
-    assert not os.path.ismount(closed.state_dir / "bpf") and not (closed.state_dir / "bpf" / pinning.NODE_DIR).exists()
+    try:
+        closed.prepare()
+        assert not os.path.ismount(closed.state_dir / "bpf")
+    finally:
+        pinning.unmount_bpffs(closed.state_dir)
