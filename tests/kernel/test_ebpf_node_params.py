@@ -6,6 +6,7 @@ entry, a TC filter of another slot, or a pod in a new netns, is drift the apply 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import struct
@@ -281,6 +282,27 @@ def test_a_second_pod_in_the_same_netns_is_refused(env, env2, backend, target):
     assert not backend.installed(intruder)
     assert backend.check(target, SIDECAR_OUT) == []  # pod a's parameters untouched
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "proxy"
+
+
+def test_a_pin_directory_that_cannot_be_made_leaves_no_tc_slot_taken(env, backend, target, monkeypatch):
+    """The pod's pin directory cannot be made (a full or read-only bpffs): the apply fails, and the TC slot
+    it had just taken is free again; the next apply takes one and redirects."""
+    real_mkdir = Path.mkdir
+
+    def refused(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name == target.uid:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(BackendError, match="No space left"):
+        backend.apply(target, SidecarSpec())
+    assert node_keys(backend, pod_index.TC) == []
+    monkeypatch.undo()
+    start_inbound(env)
+    backend.apply(target, SidecarSpec())
+    assert len(node_keys(backend, pod_index.TC)) == 1
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
 
 
 def test_the_node_programs_kept_open_are_let_go_at_close(env, env2, backend):

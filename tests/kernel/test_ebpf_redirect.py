@@ -262,6 +262,27 @@ def test_ambient_all_in_ebpf_inbound_hbone_and_probe_bypass(env, backend, target
     assert cgroup_prog_names(proxy_cgroup) == [] and cgroup_prog_names(env.cgroup) == []
 
 
+def test_the_only_ambient_pod_moving_cgroup_keeps_the_proxy_programs(env, backend, target, proxy_cgroup):
+    """The node's only ambient pod in a new cgroup: its programs leave the old one for the new one, and the
+    proxy cgroup's programs stay through the re-apply (taking the pod's old part off must not count as the
+    node's last pod leaving), so the proxy still answers SO_ORIGINAL_DST right after."""
+    start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb.apply(target, AmbientSpec())
+    attached = sorted(cgroup_prog_names(env.cgroup))
+    moved = dataclasses.replace(target, cgroup_path=str(make_cgroup(Path(f"{env.cgroup}-moved"))))
+    try:
+        amb.apply(moved, AmbientSpec())
+        assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS
+        assert cgroup_prog_names(env.cgroup) == [] and sorted(cgroup_prog_names(Path(moved.cgroup_path))) == attached
+        got = env.connect(env.peer_v4, 8080, cgroup=Path(moved.cgroup_path))  # the app, in its new cgroup
+        assert got["reply"]["name"] == "proxy" and got["reply"]["orig"] == f"{env.peer_v4}:8080"
+    finally:
+        amb.remove(moved)
+        remove_cgroup(Path(f"{env.cgroup}-moved"))
+    assert cgroup_prog_names(proxy_cgroup) == []
+
+
 def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
     start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
     amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())

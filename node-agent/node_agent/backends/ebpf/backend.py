@@ -221,7 +221,7 @@ class EbpfBackend(RedirectBackend):
         cg_id = cgroup_id(cg)
         if had := old is not None:
             if old["cgroup_id"] != cg_id:
-                self._remove_ebpf(replace(target, cgroup_path=None))  # moved: off the cgroup its config names
+                self._remove_ebpf(replace(target, cgroup_path=None), keep_proxy=True)  # moved: off its old cgroup
                 old = None
             elif not self._remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
@@ -242,7 +242,6 @@ class EbpfBackend(RedirectBackend):
                                              tc_wanted and self.node_tc)
         except OSError as e:
             raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        pdir.mkdir(exist_ok=True)
         pm = maps.with_netns(pm, cookie, ino, slot, cg_id)
         pod_fds: dict[str, int] = {}
         progs: dict[str, int] = {}
@@ -253,6 +252,7 @@ class EbpfBackend(RedirectBackend):
         pinned: pod_index.Pinned | None = None
         tc_loads: PendingLoads | None = None
         try:
+            pdir.mkdir(exist_ok=True)  # in here: a failure releases the slot just claimed
             pod_fds = node_maps.create_pod_maps(obj, pm, every=tc_wanted and not slot)
             if tc_wanted and not slot:  # the verifier runs meanwhile (the pod's own TC programs; ~2 ms)
                 tc_loads = start_loads(obj, fds | pod_fds, TC_NAMES, ambient=ambient)
@@ -339,9 +339,9 @@ class EbpfBackend(RedirectBackend):
             if had and new is not None:
                 self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
 
-    def _remove_ebpf(self, target: PodTarget) -> None:
+    def _remove_ebpf(self, target: PodTarget, keep_proxy: bool = False) -> None:
         root = self._root()
-        remove_pod(root, self._pod_dir(root, target), target, self.orig_dst, self.proxy_cgroup)
+        remove_pod(root, self._pod_dir(root, target), target, self.orig_dst, self.proxy_cgroup, keep_proxy)
 
     def _ebpf_installed(self, target: PodTarget) -> bool:
         pdir = self._pod_dir(self._root(), target)

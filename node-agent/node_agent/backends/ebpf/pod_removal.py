@@ -14,9 +14,11 @@ from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 log = logging.getLogger("headrace.backend.ebpf")
 
 
-def remove_pod(root: Path, pdir: Path, target: PodTarget, orig_dst: ProxyOrigDst, proxy_cgroup: str | None) -> None:
+def remove_pod(root: Path, pdir: Path, target: PodTarget, orig_dst: ProxyOrigDst, proxy_cgroup: str | None,
+               keep_proxy: bool = False) -> None:
     """pdir: the pod's pin directory under the bpffs root. The cgroup is target.cgroup_path, or (None) the one
-    its pinned config names. BackendError when the kernel refuses a step."""
+    its pinned config names. keep_proxy: the proxy cgroup's programs stay even when no pod is left (the pod
+    is applied again right after). BackendError when the kernel refuses a step."""
     cg = pod_state.cgroup_of(target.cgroup_path, pdir)
     try:
         if cg is not None:
@@ -33,7 +35,7 @@ def remove_pod(root: Path, pdir: Path, target: PodTarget, orig_dst: ProxyOrigDst
                 log.info("ebpf tc detach skipped", extra={"pod": target.uid, "reason": str(e)})
         pod_index.drop_pod(root / pinning.NODE_DIR, pdir)
         pinning.remove_dir(pdir)
-        if not pinning.pod_dirs(root):  # the node maps stay (the backend's close() takes them)
+        if not keep_proxy and not pinning.pod_dirs(root):  # the node maps stay (the backend's close() takes them)
             orig_dst.detach(proxy_cgroup, root)
     except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
         raise BackendError(f"eBPF remove for pod {target.uid} failed: {e}") from e
