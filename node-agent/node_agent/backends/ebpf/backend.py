@@ -222,7 +222,7 @@ class EbpfBackend(RedirectBackend):
         if had := old is not None:
             if old["cgroup_id"] != cg_id:
                 self._remove_ebpf(replace(target, cgroup_path=None), keep_proxy=True)  # moved: off its old cgroup
-                old = None
+                old, existed = None, False  # its pin directory went with it
             elif not self._remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
