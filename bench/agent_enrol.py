@@ -43,6 +43,8 @@ from node_agent.lab.netns import NetNS
 from node_agent.lab.objects import ns_object, pod_object, write_object
 from node_agent.lab.pod_cgroups import CGROUP2_ROOT, PodProcs, rmdir_cgroup
 
+from bench.interrupts import stop_like_ctrl_c, uninterrupted
+
 
 def scratch_dir(prefix: str) -> Path:
     """A fresh directory on a tmpfs (/dev/shm) where there is one, else in /tmp."""
@@ -161,12 +163,13 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backen
                 "cpu": idle_cpu, "enrol_cpu": enrol_cpu, "r_median": statistics.median(again),
                 "r_p99": p99(again), "restart": max(again), "passes": passes, "longest": longest}
     finally:
-        agent.close()
-        pods.close()
-        if proxy_cg.exists():
-            rmdir_cgroup(proxy_cg)
-        node.delete()
-        shutil.rmtree(objects, ignore_errors=True)
+        with uninterrupted():
+            agent.close()
+            pods.close()
+            if proxy_cg.exists():
+                rmdir_cgroup(proxy_cg)
+            node.delete()
+            shutil.rmtree(objects, ignore_errors=True)
 
 
 def main() -> int:
@@ -193,10 +196,15 @@ def main() -> int:
           f"{'enrol CPU s':>11}  {'proxy CPU s':>11}  "
           f"{'idle RSS MiB':>12}  {'idle CPU %':>10}  {'restart median s':>16}  {'p99 s':>7}  {'all s':>7}  "
           f"{'passes':>6}  {'longest ≤ s':>11}")
+    stop_like_ctrl_c()
     for n in counts:
         for backend in backends:
-            r = run_one(n, args.drift_interval, args.agent_args.split(), backend=backend, settle=args.settle,
-                        window=args.window)
+            try:
+                r = run_one(n, args.drift_interval, args.agent_args.split(), backend=backend, settle=args.settle,
+                            window=args.window)
+            except KeyboardInterrupt:
+                print("interrupted: cleaned up", file=sys.stderr)
+                return 130
             print(f"{backend:>15}  {n:>5}  {r['first']:>7.3f}  {r['median']:>9.3f}  {r['p99']:>7.3f}  "
                   f"{r['total']:>7.3f}  {r['enrol_cpu']:>11.2f}  {r['proxy_cpu']:>11.2f}  {r['rss']:>12.1f}  "
                   f"{r['cpu']:>10.2f}  {r['r_median']:>16.3f}  "

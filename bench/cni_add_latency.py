@@ -24,7 +24,6 @@ import math
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` when run as a script
 
 from node_agent.backends.ebpf import pod_cgroup
 from node_agent.lab.agent_run import AgentRun
@@ -43,6 +43,7 @@ from node_agent.lab.netns import NetNS
 from node_agent.lab.pod_cgroups import rmdir_cgroup
 from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
 
+from bench.interrupts import stop_like_ctrl_c, uninterrupted
 from cni.contract.spec import SidecarSpec
 from cni.rules import builder, transition
 
@@ -281,10 +282,6 @@ def floor_rows(runs: int, root: Path, flavours: Sequence[str], node_netns: str) 
     return rows
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=30, help="ADD+DEL cycles per pod kind, backend, agent (>=1)")
@@ -299,8 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flavours = [b for b in backends if b in FLAVOURS]
     if not HEADRACE_CNI.exists():
         parser.error(f"{HEADRACE_CNI} not found: run `make setup` first")
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (background job)
+    stop_like_ctrl_c()
 
     root = Path(tempfile.mkdtemp(prefix="hrbench-"))
     nodes: list[SimNode] = []
@@ -328,14 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nbench failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        # A second Ctrl-C must not cut the clean-up short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for running in agents:
-            running.close()
-        for node in nodes:
-            node.close()
-        shutil.rmtree(root, ignore_errors=True)
+        with uninterrupted():  # a second Ctrl-C must not cut the clean-up short
+            for running in agents:
+                running.close()
+            for node in nodes:
+                node.close()
+            shutil.rmtree(root, ignore_errors=True)
 
     print(
         f"CNI ADD/DEL latency, chain bridge (+ host-local IPAM) + headrace-cni (-IS launcher), {args.runs} runs"

@@ -50,7 +50,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,6 +58,7 @@ from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, R
 from node_agent.lab.netns import NetNS, run_in
 from node_agent.lab.simnode import Pod, SimNode
 
+from bench.interrupts import stop_like_ctrl_c, uninterrupted
 from bench.redirect_stats import (
     ALL_MODES,
     MODE_LABELS,
@@ -479,11 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} not found on PATH", file=sys.stderr)
             return 2
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    stop_like_ctrl_c()
     bench = Bench(Path(tempfile.mkdtemp(prefix="hr-bench-redirect-", dir="/tmp")))
     bench.on_exit("files", lambda: shutil.rmtree(bench.root, ignore_errors=True))
     t0 = time.monotonic()
@@ -496,11 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {e}")
         return 1
     finally:
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.close()
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        with uninterrupted():  # let the cleanup finish
+            bench.close()
     text = report(a, args_list, samples, time.monotonic() - t0)
     print(text)
     if a.json:
