@@ -201,3 +201,26 @@ def test_a_node_whose_probe_rules_announce_nothing_stays_polled(tmp_path: Path) 
         env.clock.t += 2.5
         env.r.reconcile()
     assert env.r.drift.last_node > start and len(env.node_rules) > calls  # read again on a poll pass
+
+
+def test_a_pod_applied_during_a_polling_pass_is_left_to_the_next_poll(tmp_path: Path) -> None:
+    """A wave of enrolments is not read back while it goes in (each read would hold the backend's lock
+    between two applies): a polled pod applied during a pass that polls is read back by the next poll,
+    so a bypass right after its apply is still repaired within one interval."""
+    env = Env(tmp_path)
+    env.backend.change_events = False
+    checked, _made = watched_and_counted(env)
+    interval = env.r.drift.interval
+    env.r.reconcile()  # the agent's first pass (a backstop: every pod, of which there is none yet)
+    env.clock.t += interval
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()  # applied in a pass that polls: not read back
+    assert env.state(UID) == "enrolled" and checked == []
+    env.backend.flush(UID)  # a bypass right after the apply
+    env.clock.t += interval / 2
+    env.r.reconcile()
+    assert checked == []
+    env.clock.t += interval / 2
+    env.r.reconcile()  # the next poll, one interval after the apply: read back and repaired
+    assert checked == [UID] and UID in env.backend.rules and env.repairs == 1

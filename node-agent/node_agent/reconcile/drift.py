@@ -12,7 +12,10 @@ When a pod is read back:
   for the rest (`PartlyAnnounced`: an eBPF ambient pod's programs and filters are polled, its inbound
   rules on nftables or iptables-nft and its policy routing are read on change and right after the
   subscription, `check_announced`; an iptables-legacy ambient pod's x_tables rules are polled, its policy
-  routing is read on change);
+  routing is read on change). A pod this agent applied during the pass itself (a wave of enrolments
+  goes in during the pass's converge step) waits for the next poll: the wave is not read back while it
+  goes in, each read holding the backend's lock between two applies, and a bypass after such an apply
+  is still found within one interval;
 - every backstop interval (`--drift-backstop`) and right after pods were enrolled on rules found in place
   (adoption): every pod, watched or not.
 The read-back runs outside the lock, one pod at a time; a CNI request that arrives meanwhile is served
@@ -143,7 +146,8 @@ class DriftCheck:
         partial: set[str] = set()
         if timed:
             self.last_run = now
-            polled = {uid for uid in self.table.pods if self._is_polled(uid)}
+            polled = {uid for uid, st in self.table.pods.items()
+                      if self._is_polled(uid) and st.applied_at < now}
             partial = {uid for uid in polled - uids if uid in self._partly and self._is_watched(uid)}
             announced -= polled
             uids |= polled
@@ -270,6 +274,7 @@ class DriftCheck:
             if result:
                 log.warning("drift found, repairing: %s", "; ".join(result), extra=log_ctx(st, "drift"))
                 backend.apply(target, st.spec)
+                st.applied_at = self.table.clock()
                 self.table.metrics.drift_repaired()
                 if sidecar and st.state != ENROLLED:
                     st.enrolled_at = time.time()

@@ -283,6 +283,7 @@ class AmbientEnrolment:
         if error is not None:
             self._rules_failed(st, error)
             return
+        st.applied_at = self.table.clock()
         self._enrolled(st, notify=notify)
 
     def _rules_failed(self, st: PodState, exc: Exception) -> None:
