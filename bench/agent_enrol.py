@@ -10,7 +10,8 @@ backend in the node netns. Then the namespace is labelled ambient and the
 agent's status is polled: per-pod time from the label write to `enrolled` (rules in and proxy ack),
 median / p99 / total (per pod from the agent's `enrolled_at`), and the agent's CPU seconds meanwhile (a
 figure that the machine's other load does not inflate). With all pods enrolled and settled: the agent's
-RSS and CPU over an idle window (drift checks and the tools it runs included). Finally the agent is
+RSS and CPU over an idle window (drift checks and the tools it runs included). The agent's figures
+include its rules helper child where it runs one (eBPF ambient pods' rules on an iptables host). Finally the agent is
 SIGKILLed and restarted: per pod, the time from the restart until it is enrolled again (adoption: rules
 checked, not re-applied; fresh snapshot to the proxy), median / p99 / all, and the new agent's reconcile
 passes until then (count, longest pass, from its `headrace_agent_reconcile_duration_seconds`). Prints a
@@ -32,7 +33,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -101,10 +104,29 @@ BACKENDS = {  # bench name -> `headrace agent` flags
 }
 
 
+T = TypeVar("T")
+
+
 def agent_cpu(proc: psutil.Process) -> float:
-    """CPU seconds of the agent and the helper processes it reaped."""
+    """CPU seconds of the agent, the tools it ran and reaped, and its running children (the rules helper)."""
     t = proc.cpu_times()
-    return float(t.user + t.system + t.children_user + t.children_system)
+    return float(t.user + t.system + t.children_user + t.children_system) + sum(
+        c.user + c.system for c in _children(proc, lambda child: child.cpu_times()))
+
+
+def agent_rss(proc: psutil.Process) -> float:
+    """MiB resident in the agent and its running children (the rules helper)."""
+    return float(proc.memory_info().rss + sum(m.rss for m in _children(proc, lambda c: c.memory_info()))) / 2**20
+
+
+def _children(proc: psutil.Process, read: Callable[[psutil.Process], T]) -> list[T]:
+    out = []
+    for child in proc.children(recursive=True):
+        try:
+            out.append(read(child))
+        except psutil.Error:  # ended meanwhile (a tool the agent ran)
+            pass
+    return out
 
 
 def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backend: str = "iptables-legacy",
@@ -152,7 +174,7 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backen
         time.sleep(window)
         # the agent plus the tools it ran (iptables-save for drift checks), as % of one core
         idle_cpu = (agent_cpu(proc) - cpu0) / (time.monotonic() - w0) * 100
-        rss = proc.memory_info().rss / 2**20
+        rss = agent_rss(proc)
         agent.kill_agent(signal.SIGKILL)
         t1 = time.time()
         agent.start_agent()

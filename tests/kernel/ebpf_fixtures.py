@@ -314,6 +314,13 @@ def _empty_and_rmdir(path: Path) -> None:
     path.rmdir()
 
 
+def proxy_cgroup_of(env: PodEnv) -> Iterator[Path]:
+    """A cgroup for the node proxy beside the pod's (removed after)."""
+    cg = make_cgroup(Path(f"{env.cgroup}-proxy"))
+    yield cg
+    remove_cgroup(cg)
+
+
 def pod_env(tmp: Path) -> Iterator[PodEnv]:
     sfx = suffix()
     env = PodEnv(

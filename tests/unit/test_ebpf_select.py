@@ -100,7 +100,7 @@ class RecordingInbound:
 def test_inbound_fallback_gets_inbound_only_spec(monkeypatch, tmp_path):
     monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
     monkeypatch.setattr("node_agent.backends.ebpf.backend.staying_in", lambda netns: contextlib.nullcontext())
-    monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
+    monkeypatch.setattr("node_agent.backends.ebpf.pod_state.installed", lambda pdir, cg: False)
     monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c, e, o: None)
     (tmp_path / "bpf").mkdir()  # a plain directory: a unit test mounts nothing
     monkeypatch.setattr(EbpfBackend, "_root", lambda self: tmp_path / "bpf")
@@ -128,7 +128,7 @@ def test_ambient_inbound_takes_only_ambient_pods(monkeypatch, tmp_path):
     a pod pinned as sidecar never costs a rules read; remove takes the ambient rules out."""
     monkeypatch.setattr("node_agent.backends.ebpf.backend.validate_cgroup", lambda p: Path(str(p)))
     monkeypatch.setattr("node_agent.backends.ebpf.backend.staying_in", lambda netns: contextlib.nullcontext())
-    monkeypatch.setattr(EbpfBackend, "_ebpf_installed", lambda self, t: False)
+    monkeypatch.setattr("node_agent.backends.ebpf.pod_state.installed", lambda pdir, cg: False)
     monkeypatch.setattr(EbpfBackend, "_apply_ebpf", lambda self, t, s, c, e, o: None)
     monkeypatch.setattr(EbpfBackend, "_remove_ebpf", lambda self, t: None)
     mode: list[int | None] = [None]

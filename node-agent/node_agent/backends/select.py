@@ -7,7 +7,8 @@ iptables -> iptables; nftables -> nftables (libnftables in-process; BackendError
 The eBPF backend captures inbound with TC + bpf_sk_assign, except for ambient pods: their inbound goes to
 the rule-based backend (iptables, or nftables without an iptables binary), whose CONNMARK and policy routing
 bring the app's replies to the node proxy's original-source connections back to the proxy (TC eBPF keeps no
-connection marks). inbound="iptables" hands every pod's inbound capture to an iptables backend of the same
+connection marks; on a node with two CPUs or more an iptables one is written by a child process beside the
+agent: `rules_helper`). inbound="iptables" hands every pod's inbound capture to an iptables backend of the same
 flavour instead (see docs/ebpf.md).
 """
 
@@ -106,6 +107,7 @@ def select_backend(
         log.warning(reason, extra={"event": "backend_selected", "backend": "iptables"})
         return BackendChoice(_iptables(iptables_flavour), reason)
     from node_agent.backends.ebpf.backend import EbpfBackend
+    from node_agent.backends.iptables import rules_helper
 
     if inbound not in ("ebpf", "iptables"):
         raise BackendError(f"unknown inbound mode {inbound!r}: use 'ebpf' or 'iptables'")
@@ -123,6 +125,7 @@ def select_backend(
         proxy_cgroup=proxy_cgroup,
         toolchain_fallback=setting == "auto",
         ambient_inbound=ambient_rules,
+        rules_helper=rules_helper.for_rules(ambient_rules),
     )
     ambient_in = ambient_rules.name if ambient_rules is not None else "iptables"
     how = "iptables" if ambient_rules is None else f"TC eBPF; ambient pods' inbound via {ambient_in}"

@@ -11,6 +11,8 @@ routing return the replies of the node proxy's original-source connections; TC h
 its changes are announced, so the agent polls only `check_unannounced` for such pods. Foreign programs at
 our hooks and foreign TC filters or tcx programs ahead of ours are drift, removed by the apply; programs on
 the pod cgroup's ancestors are reported, never removed (`foreign_progs`, `tc_foreign`, `parent_progs`).
+With a rules helper, the rules part of a pod's apply goes in from that child process after the backend's
+lock, while the next pod's eBPF part goes in (`inbound_part`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from node_agent.backends.base import AppliesInNetns, BackendError, PodRules, Pod
 from node_agent.backends.ebpf import (
     bpfsys,
     cgroup_programs,
+    inbound_part,
     loader,
     maps,
     netns_addr,
@@ -39,14 +42,14 @@ from node_agent.backends.ebpf import (
     tc,
     tc_attach,
 )
-from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, validate_cgroup
-from node_agent.backends.ebpf.foreign_progs import detach_foreign
+from node_agent.backends.ebpf.attach import CgroupError, cgroup_id, validate_cgroup
 from node_agent.backends.ebpf.node_programs import NodePrograms
 from node_agent.backends.ebpf.parent_alerts import ALERTS
 from node_agent.backends.ebpf.parent_progs import watch_parents
 from node_agent.backends.ebpf.pod_removal import remove_pod
 from node_agent.backends.ebpf.program_loads import PendingLoads, start_loads
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
+from node_agent.backends.iptables.rules_helper import RulesHelper
 from node_agent.kernel.netns_runner import run_in_netns, staying_in
 
 log = logging.getLogger("headrace.backend.ebpf")
@@ -73,13 +76,15 @@ class EbpfBackend(RedirectBackend):
         toolchain_fallback: bool = False,
         ambient_inbound: PodRules | None = None,
         node_tc: bool = True,
+        rules_helper: RulesHelper | None = None,
     ) -> None:
         """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
         the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
         inbound_fallback: when given, inbound capture is delegated to it instead of the TC program.
         toolchain_fallback (`auto`): a failed background compile makes fallback_reason decline every pod
         (the agent's iptables fallback takes them); otherwise apply fails closed.
-        node_tc: False loads each pod its own TC programs (as when every TC slot is taken)."""
+        node_tc: False loads each pod its own TC programs (as when every TC slot is taken).
+        rules_helper: a child process that writes ambient_inbound's part of ambient applies (`inbound_part`)."""
         self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
         if loader.cache_dir() is None:  # compiled objects kept between agent runs
@@ -94,6 +99,7 @@ class EbpfBackend(RedirectBackend):
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
         self.node_tc = node_tc
         self._closed = False  # close() ran: prepare() makes nothing any more
+        self.rules_helper = rules_helper
 
     def _root(self) -> Path:
         if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
@@ -184,22 +190,26 @@ class EbpfBackend(RedirectBackend):
                 except (OSError, NetnsThreadTimeout) as e:
                     raise BackendError(f"eBPF apply for pod {target.uid}: in {target.netns_path}: {e}") from e
             had_ebpf = self._apply_ebpf(target, spec, cg, existed, pinned)
-            if rules is not None:
-                try:
-                    if isinstance(rules, AppliesInNetns):  # one netns entry for its reads and writes
-                        rules.apply_after(target, maps.inbound_only(spec), first)
-                    else:
-                        rules.apply(target, maps.inbound_only(spec))
-                except Exception:
-                    if not had_ebpf:
-                        self._remove_ebpf(target)
-                    raise
+            try:  # handed to the rules helper: waited for after the lock (the next pod goes on meanwhile)
+                pending = inbound_part.start(rules, self.rules_helper, target, maps.inbound_only(spec), first)
+            except Exception:
+                if not had_ebpf:
+                    self._remove_ebpf(target)
+                raise
             for other in (self.inbound, self.ambient_inbound):
                 # ambient_inbound never held a pod pinned as sidecar (spares a rules read per sidecar apply)
                 was = mode if mode is not None else (maps.MODE_SIDECAR if isinstance(spec, SidecarSpec) else None)
                 skip = other is self.ambient_inbound and was == maps.MODE_SIDECAR
                 if other is not None and other is not rules and not skip and other.installed(target):
                     other.remove(target)
+        if pending is not None:
+            try:
+                inbound_part.finish(pending, target, maps.inbound_only(spec))
+            except Exception:
+                with self._lock:
+                    if not had_ebpf:
+                        self._remove_ebpf(target)
+                raise
 
     def _apply_ebpf(
         self, target: PodTarget, spec: RedirectSpec, cg: Path, existed: bool, old: dict[str, int] | None
@@ -223,7 +233,7 @@ class EbpfBackend(RedirectBackend):
             if old["cgroup_id"] != cg_id:
                 self._remove_ebpf(replace(target, cgroup_path=None), keep_proxy=True)  # moved: off its old cgroup
                 old, existed = None, False  # its pin directory went with it
-            elif not self._remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
+            elif not pod_state.remove_foreign(cg, pdir, wanted, target, tc_wanted) and not pod_state.problems(
                     pdir, cg, wanted, pm.generation, target.netns_path, tc_wanted):  # else a full apply
                 log.info("ebpf redirect already intact", extra={"pod": target.uid, "event": "ebpf_intact"})
                 return True
@@ -302,16 +312,6 @@ class EbpfBackend(RedirectBackend):
         )
         return had
 
-    def _remove_foreign(self, cg: Path, pdir: Path, wanted: tuple[str, ...], target: PodTarget, tc_wanted: bool) -> int:
-        """The repair of foreign programs at our hooks (pod cgroup; TC ahead of ours); how many there were."""
-        gone = detach_foreign(cg, pdir, wanted, target.uid)
-        if tc_wanted:
-            try:
-                gone += pod_state.remove_foreign_tc(target.netns_path, target.uid)
-            except OSError as e:
-                raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
-        return gone
-
     def _pod_maps(self, target: PodTarget, spec: RedirectSpec) -> maps.PodMaps:
         try:
             return maps.spec_maps(spec, self.rules_inbound(spec) is None, tuple(target.ips))
@@ -343,19 +343,6 @@ class EbpfBackend(RedirectBackend):
         root = self._root()
         remove_pod(root, self._pod_dir(root, target), target, self.orig_dst, self.proxy_cgroup, keep_proxy)
 
-    def _ebpf_installed(self, target: PodTarget) -> bool:
-        pdir = self._pod_dir(self._root(), target)
-        if pdir.is_dir() and any(pdir.iterdir()):
-            return True
-        cg = pod_state.cgroup_of(target.cgroup_path, None)
-        if cg is None:
-            return False
-        try:
-            with Cgroup(cg) as c:
-                return bool(cgroup_programs.ours_attached(c))
-        except (CgroupError, bpfsys.BpfSysError):
-            return False
-
     def pinned_pods(self) -> list[str]:
         """UIDs of the pods with eBPF state pinned on this node (for the agent's garbage collection)."""
         return pinning.pinned_pod_dirs(self.state_dir)
@@ -364,6 +351,8 @@ class EbpfBackend(RedirectBackend):
         """Make the bpffs mount, the node maps and both pod modes' node programs before a pod needs them
         (~50 ms and the verifier, else spent by the node's first apply with the lock held: a wave waits).
         Waits for a background compile; a failure is logged (the first apply meets it again)."""
+        if self.rules_helper is not None:
+            self.rules_helper.start()
         try:
             obj = loader.compile_object()
             with self._lock:
@@ -383,6 +372,8 @@ class EbpfBackend(RedirectBackend):
         """Agent shutdown: when no pod has anything pinned any more, unpin the node maps and unmount
         <state-dir>/bpf (pods keep their programs otherwise, and the next agent re-adopts them from the pins).
         The node maps and programs outlive the last pod while the agent runs (`prepare`)."""
+        if self.rules_helper is not None:
+            self.rules_helper.stop()
         with self._lock:
             self._closed = True
             self.node_maps.close()
@@ -447,4 +438,5 @@ class EbpfBackend(RedirectBackend):
     def installed(self, target: PodTarget) -> bool:
         with self._lock:
             rules = (self.inbound, self.ambient_inbound)
-            return self._ebpf_installed(target) or any(b is not None and b.installed(target) for b in rules)
+            ours = pod_state.installed(self._pod_dir(self._root(), target), target.cgroup_path)
+            return ours or any(b is not None and b.installed(target) for b in rules)

@@ -6,9 +6,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from node_agent.backends.ebpf import loader, maps, pinning, pod_index, tc, tc_foreign, tc_status
-from node_agent.backends.ebpf.attach import Cgroup, cgroup_id, find_cgroup_by_id
-from node_agent.backends.ebpf.foreign_progs import foreign_problems
+from node_agent.backends.base import BackendError, PodTarget
+from node_agent.backends.ebpf import (
+    bpfsys,
+    cgroup_programs,
+    loader,
+    maps,
+    pinning,
+    pod_index,
+    tc,
+    tc_foreign,
+    tc_status,
+)
+from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id
+from node_agent.backends.ebpf.foreign_progs import detach_foreign, foreign_problems
 
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
@@ -28,6 +39,20 @@ def cgroup_of(cgroup_path: str | None, pdir: Path | None) -> Path | None:
         return Path(cgroup_path)
     cfg = read_config(pdir) if pdir is not None and pdir.is_dir() else None
     return find_cgroup_by_id(cfg["cgroup_id"]) if cfg is not None and cfg["cgroup_id"] else None
+
+
+def installed(pdir: Path, cgroup_path: str | None) -> bool:
+    """Whether anything of the pod's eBPF part is there: pins, or a program of ours on its cgroup."""
+    if pdir.is_dir() and any(pdir.iterdir()):
+        return True
+    cg = cgroup_of(cgroup_path, None)
+    if cg is None:
+        return False
+    try:
+        with Cgroup(cg) as c:
+            return bool(cgroup_programs.ours_attached(c))
+    except (CgroupError, bpfsys.BpfSysError):
+        return False
 
 
 def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool) -> list[str]:
@@ -91,3 +116,14 @@ def foreign_tc(netns: str) -> list[tc_foreign.Foreign]:
 def remove_foreign_tc(netns: str, pod: str) -> int:
     """Remove them (the repair); how many there were."""
     return tc_foreign.remove(netns, foreign_tc(netns), pod)
+
+
+def remove_foreign(cg: Path, pdir: Path, wanted: tuple[str, ...], target: PodTarget, tc_wanted: bool) -> int:
+    """The repair of foreign programs at our hooks (pod cgroup; TC ahead of ours); how many there were."""
+    gone = detach_foreign(cg, pdir, wanted, target.uid)
+    if tc_wanted:
+        try:
+            gone += remove_foreign_tc(target.netns_path, target.uid)
+        except OSError as e:
+            raise BackendError(f"eBPF apply for pod {target.uid}: {e}") from e
+    return gone

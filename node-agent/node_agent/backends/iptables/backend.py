@@ -152,6 +152,22 @@ class IptablesBackend:
         if self.shortcut is not None:
             self.shortcut.forget(target.netns_path)
 
+    def adopt_written(self, target: PodTarget, spec: RedirectSpec, digest: bytes | None) -> None:
+        """Another process (`rules_helper`) just applied `spec` for the pod: remembered as if applied here,
+        with its verified fresh write's digest (None: none, the first check reads the rules back)."""
+        self._forget(target)
+        families = families_of(target.ips)
+        if len(self._applied) >= MAX_APPLIED:
+            self._applied.clear()
+        self._applied[target.netns_path] = (spec, families)
+        if digest is not None and self.shortcut is not None:
+            self.shortcut.record_written(target.netns_path, spec, families, _prefix(spec), digest)
+
+    def forget_applied(self, target: PodTarget) -> None:
+        """Drop what this backend remembers of the pod's netns (the helper's, once it answered)."""
+        self._applied.pop(target.netns_path, None)
+        self._forget(target)
+
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         self._forget(target)
         with self.recorded_if_fresh(target, spec) as owned_only:
