@@ -20,6 +20,7 @@ from node_agent.backends.ebpf import loader, pinning
 from node_agent.backends.ebpf.backend import EbpfBackend
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.iptables.rules_helper import RulesHelper
+from node_agent.kernel.netns_runner import staying_in
 
 from cni.contract.spec import AmbientSpec
 from tests.kernel.ebpf_fixtures import PodEnv, pod_env, proxy_cgroup_of, removed_after
@@ -124,6 +125,7 @@ def test_a_failed_rules_part_takes_a_new_pods_ebpf_part_out(make: Make, env: Pod
 PARENT = r"""
 import sys, time
 from node_agent.backends.iptables.rules_helper import RulesHelper
+from node_agent.kernel.netns_runner import staying_in
 helper = RulesHelper("nft")
 helper.start()
 while not helper.ready:
@@ -147,3 +149,17 @@ def test_the_helper_ends_with_the_process_that_started_it() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_helper_started_from_inside_a_pod_netns_runs_in_the_agents_own(env: PodEnv) -> None:
+    """A restart comes from an apply thread, inside a pod netns: the child must not start there (it would
+    keep that netns alive)."""
+    helper = RulesHelper("nft")
+    try:
+        with staying_in(env.pod_ns_path):
+            helper.start()
+        ready(helper)
+        assert helper._proc is not None
+        assert os.stat(f"/proc/{helper._proc.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    finally:
+        helper.stop()

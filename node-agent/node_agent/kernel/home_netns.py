@@ -18,3 +18,10 @@ _HOME = os.open(OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC)
 def go_home() -> None:
     """Move the calling thread into the agent's own netns (OSError if the kernel refuses)."""
     setns(_HOME, "the agent's own netns")
+
+
+def at_home() -> bool:
+    """Whether the calling thread is in the agent's own netns (then `go_home` has nothing to do: a setns
+    needs CAP_SYS_ADMIN even into the netns a thread is in)."""
+    here, home = os.stat("/proc/thread-self/ns/net"), os.fstat(_HOME)
+    return (here.st_dev, here.st_ino) == (home.st_dev, home.st_ino)

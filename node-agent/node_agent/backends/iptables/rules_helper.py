@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from typing import IO, Any
 
 from node_agent.backends.base import PodTarget, RedirectSpec
-from node_agent.kernel.home_netns import go_home
+from node_agent.kernel.home_netns import at_home, go_home
 
 log = logging.getLogger("headrace.backend.rules_helper")
 
@@ -38,8 +38,6 @@ MAIN = "node_agent.backends.iptables.rules_helper_main"
 HEAD = struct.Struct("<I")
 MAX_FRAME = 1 << 20
 READY = 0  # the id of the child's first frame
-
-
 ENV = "HEADRACE_RULES_HELPER"  # 0/false/no/off: no helper (the agent writes every pod's rules itself)
 
 
@@ -124,7 +122,8 @@ class RulesHelper:
         """On a thread of its own, which then reads the replies: moved to the agent's own netns first (the
         caller may be applying inside a pod netns, which the child would otherwise start in and keep)."""
         try:
-            go_home()
+            if not at_home():
+                go_home()
             proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         except OSError as exc:
             log.warning("rules helper not started: %s", exc, extra={"event": "rules_helper_failed"})
@@ -133,10 +132,8 @@ class RulesHelper:
             return
         with self._lock:
             self._starting = False
-            if self._stopped:
-                stale = True
-            else:
-                stale = False
+            stale = self._stopped  # stopped while it started
+            if not stale:
                 self._proc, self._ready = proc, False
                 self.starts += 1
         if stale:

@@ -6,6 +6,7 @@ return to its own netns."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import IO
 
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
         return 2
     flavour: Flavour = "nft" if argv[0] == "nft" else "legacy"
     log.setup("warning")  # the agent's JSON lines, on the stderr it shares with the agent
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the agent's terminal: the agent ends it
     spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
     backend = IptablesBackend(flavour=flavour)
     try:
