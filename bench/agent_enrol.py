@@ -11,11 +11,11 @@ agent's status is polled: per-pod time from the label write to `enrolled` (rules
 median / p99 / total (per pod from the agent's `enrolled_at`), and the agent's CPU seconds meanwhile (a
 figure that the machine's other load does not inflate). With all pods enrolled and settled: the agent's
 RSS and CPU over an idle window (drift checks and the tools it runs included). The agent's figures
-include its rules helper child where it runs one (eBPF ambient pods' rules on an iptables host). Finally the agent is
-SIGKILLed and restarted: per pod, the time from the restart until it is enrolled again (adoption: rules
-checked, not re-applied; fresh snapshot to the proxy), median / p99 / all, and the new agent's reconcile
-passes until then (count, longest pass, from its `headrace_agent_reconcile_duration_seconds`). Prints a
-table; cleans up.
+include its rules helper child where it runs one (eBPF ambient pods' rules on an iptables host). Finally
+the agent is SIGKILLed and restarted: per pod, the time from the restart until it is enrolled again
+(adoption: rules checked, not re-applied; fresh snapshot to the proxy), median / p99 / all, and the new
+agent's reconcile passes until then (count, longest pass, from its
+`headrace_agent_reconcile_duration_seconds`). Prints a table; cleans up.
 
 The agent's state dir (records, pins, sockets) and the objects dir are on a tmpfs (/dev/shm), as the
 agent's `/var/run/headrace` is on a node; on a disk file system (ext4) each record written by rename

@@ -274,7 +274,6 @@ class DriftCheck:
             if result:
                 log.warning("drift found, repairing: %s", "; ".join(result), extra=log_ctx(st, "drift"))
                 backend.apply(target, st.spec)
-                st.applied_at = self.table.clock()
                 self.table.metrics.drift_repaired()
                 if sidecar and st.state != ENROLLED:
                     st.enrolled_at = time.time()

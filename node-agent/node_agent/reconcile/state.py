@@ -106,7 +106,7 @@ class PodState:
     tcp_loose: int | None = None  # the pod's nf_conntrack_tcp_loose before we changed it
     backend: str = ""  # the backend that holds (or will hold) this pod's redirection
     enrolled_at: float = 0.0  # wall clock of the last transition to enrolled
-    applied_at: float = float("-inf")  # table clock when this agent last applied its redirection
+    applied_at: float = float("-inf")  # table clock when its enrolment apply last succeeded
     annotations: tuple[tuple[str, str], ...] = ()  # sidecar: the traffic annotations its spec comes from
     fallback_reason: str | None = None  # why the pod is on the fallback backend (logged once per reason)
 

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,26 +190,28 @@ class EbpfBackend(RedirectBackend):
                 except (OSError, NetnsThreadTimeout) as e:
                     raise BackendError(f"eBPF apply for pod {target.uid}: in {target.netns_path}: {e}") from e
             had_ebpf = self._apply_ebpf(target, spec, cg, existed, pinned)
-            try:  # handed to the rules helper: waited for after the lock (the next pod goes on meanwhile)
+            with self._out_on_failure(target, had_ebpf):  # a rules helper's part: waited for after the lock
                 pending = inbound_part.start(rules, self.rules_helper, target, maps.inbound_only(spec), first)
-            except Exception:
-                if not had_ebpf:
-                    self._remove_ebpf(target)
-                raise
             for other in (self.inbound, self.ambient_inbound):
                 # ambient_inbound never held a pod pinned as sidecar (spares a rules read per sidecar apply)
                 was = mode if mode is not None else (maps.MODE_SIDECAR if isinstance(spec, SidecarSpec) else None)
                 skip = other is self.ambient_inbound and was == maps.MODE_SIDECAR
                 if other is not None and other is not rules and not skip and other.installed(target):
                     other.remove(target)
-        if pending is not None:
-            try:
+        if pending is not None:  # the next pod's eBPF part went in meanwhile
+            with self._out_on_failure(target, had_ebpf):
                 inbound_part.finish(pending, target, maps.inbound_only(spec))
-            except Exception:
+
+    @contextlib.contextmanager
+    def _out_on_failure(self, target: PodTarget, had_ebpf: bool) -> Iterator[None]:
+        """A failed rules part takes out the eBPF part the apply gave a pod that had none."""
+        try:
+            yield
+        except Exception:
+            if not had_ebpf:
                 with self._lock:
-                    if not had_ebpf:
-                        self._remove_ebpf(target)
-                raise
+                    self._remove_ebpf(target)
+            raise
 
     def _apply_ebpf(
         self, target: PodTarget, spec: RedirectSpec, cg: Path, existed: bool, old: dict[str, int] | None

@@ -156,12 +156,17 @@ class IptablesBackend:
         """Another process (`rules_helper`) just applied `spec` for the pod: remembered as if applied here,
         with its verified fresh write's digest (None: none, the first check reads the rules back)."""
         self._forget(target)
-        families = families_of(target.ips)
-        if len(self._applied) >= MAX_APPLIED:
-            self._applied.clear()
-        self._applied[target.netns_path] = (spec, families)
+        families = self._remember(target, spec)
         if digest is not None and self.shortcut is not None:
             self.shortcut.record_written(target.netns_path, spec, families, _prefix(spec), digest)
+
+    def _remember(self, target: PodTarget, spec: RedirectSpec) -> tuple[Family, ...]:
+        """The spec and families applied in the pod's netns (a later removal's in-process way); the families."""
+        families = families_of(target.ips)
+        if len(self._applied) >= MAX_APPLIED:  # pods whose removal never came here (netns gone)
+            self._applied.clear()
+        self._applied[target.netns_path] = (spec, families)
+        return families
 
     def forget_applied(self, target: PodTarget) -> None:
         """Drop what this backend remembers of the pod's netns (the helper's, once it answered)."""
@@ -215,10 +220,7 @@ class IptablesBackend:
         yield owned_first
 
         def record() -> None:
-            families = families_of(target.ips)
-            if len(self._applied) >= MAX_APPLIED:  # pods whose removal never came here (netns gone)
-                self._applied.clear()
-            self._applied[target.netns_path] = (spec, families)
+            families = self._remember(target, spec)
             if before is None or self.shortcut is None:
                 return
             # read before `after` (still so then); without `later`, after `before`: still so
