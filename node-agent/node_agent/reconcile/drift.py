@@ -28,8 +28,10 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from node_agent.backends.base import BackendError, PartlyAnnounced, PodTarget, RedirectBackend
 from node_agent.netns.pin import PinError
@@ -62,6 +64,18 @@ class Due:
     node: bool
     partial: frozenset[str] = frozenset()  # of uids: only the part that announces nothing (PartlyAnnounced)
     announced: frozenset[str] = frozenset()  # of uids: only the part that announces its changes
+
+
+_PARTLY: weakref.WeakKeyDictionary[RedirectBackend, bool] = weakref.WeakKeyDictionary()
+
+
+def partly_announced(backend: RedirectBackend) -> PartlyAnnounced | None:
+    """The backend when it is a PartlyAnnounced, answered once per backend (isinstance with a
+    runtime-checkable protocol looks up each of its methods, and this is asked for every pod of a pass)."""
+    known = _PARTLY.get(backend)
+    if known is None:
+        known = _PARTLY[backend] = isinstance(backend, PartlyAnnounced)
+    return cast(PartlyAnnounced, backend) if known else None
 
 
 class DriftCheck:
@@ -179,7 +193,7 @@ class DriftCheck:
                     continue
                 if backend.change_events:
                     want[st.uid] = (st.netns, st.inode)
-                elif isinstance(backend, PartlyAnnounced) and backend.announces_part(st.spec):
+                elif (part := partly_announced(backend)) and part.announces_part(st.spec):
                     want[st.uid] = (st.netns, st.inode)
                     partly.add(st.uid)
             self._partly = frozenset(partly)
@@ -219,10 +233,10 @@ class DriftCheck:
                 continue
             st, backend, target = job
             try:
+                partly = partly_announced(backend) if due is not None else None
                 result: list[str] | BackendError = (
-                    backend.check(target, st.spec) if due is None or not isinstance(backend, PartlyAnnounced)
-                    else backend.check_unannounced(target, st.spec) if uid in due.partial
-                    else backend.check_announced(target, st.spec) if uid in due.announced
+                    partly.check_unannounced(target, st.spec) if partly and due and uid in due.partial
+                    else partly.check_announced(target, st.spec) if partly and due and uid in due.announced
                     else backend.check(target, st.spec))
             except BackendError as exc:
                 result = exc

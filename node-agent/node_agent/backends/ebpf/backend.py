@@ -429,8 +429,10 @@ class EbpfBackend(RedirectBackend):
                     gen = maps.wanted_generation(spec, in_ebpf, target.ips)
                     wanted = cgroup_programs.wanted_programs(spec)
                     tc_wanted = wants_tc(spec, in_ebpf)
-                    problems, hooks = pod_state.problems_and_hooks(pdir, cg, wanted, gen, target.netns_path, tc_wanted)
-                    watch_parents(target.uid, cg, pdir, wanted, [self.orig_dst.pinned_path(root)], hooks or None)
+                    problems, hooks = pod_state.problems_and_hooks(
+                        pdir, cg, wanted, gen, target.netns_path, tc_wanted, self.node_maps.current(root))
+                    watch_parents(target.uid, cg, pdir, wanted, [self.orig_dst.pinned_path(root)],
+                                  hooks.attached, hooks.effective)
                 except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
                     problems.append(f"cannot read eBPF state: {e}")
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:

@@ -10,6 +10,7 @@ import ctypes
 import errno as errno_mod
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from cni.kernel.netns import libc
@@ -227,15 +228,23 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _bpf(PROG_DETACH, _attr("=IIII", target_fd, prog_fd, attach_type, 0), "detach program")
 
 
+_QUERY_CAP = 64
+_query_bufs = threading.local()  # per thread: the attr and id buffers of prog_query, made once
+
+
 def prog_query(target_fd: int, attach_type: int, flags: int = 0) -> list[int]:
     """Ids of the programs attached to a cgroup for one attach type (flags 0: this cgroup only;
-    F_QUERY_EFFECTIVE: the ones that run for it, in run order)."""
-    cap = 64
-    ids = (ctypes.c_uint32 * cap)()
-    attr = _attr("=IIIIQI", target_fd, attach_type, flags, 0, ctypes.addressof(ids), cap)
+    F_QUERY_EFFECTIVE: the ones that run for it, in run order). The drift check asks each pod's cgroup at
+    every hook every interval: the buffers are the thread's own, made once."""
+    bufs = getattr(_query_bufs, "bufs", None)
+    if bufs is None:
+        bufs = _query_bufs.bufs = (ctypes.create_string_buffer(ATTR_SIZE), (ctypes.c_uint32 * _QUERY_CAP)())
+    attr, ids = bufs
+    ctypes.memset(attr, 0, ATTR_SIZE)
+    struct.pack_into("=IIIIQI", attr, 0, target_fd, attach_type, flags, 0, ctypes.addressof(ids), _QUERY_CAP)
     _bpf(PROG_QUERY, attr, "query cgroup programs")
-    count = struct.unpack_from("=I", attr.raw, 24)[0]
-    return [int(ids[i]) for i in range(min(count, cap))]
+    count = struct.unpack_from("=I", attr, 24)[0]
+    return ids[:min(count, _QUERY_CAP)]
 
 
 def tcx_query(ifindex: int, attach_type: int) -> list[tuple[int, int]]:

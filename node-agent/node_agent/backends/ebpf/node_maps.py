@@ -28,18 +28,23 @@ class NodeMaps:
         """name → fd of each node map (owned here: callers do not close them), made and pinned where
         missing; obj is only called then. OSError (BpfSysError included) when one cannot be made."""
         ndir = root / pinning.NODE_DIR
-        try:
-            st = os.stat(ndir)
-            seen: tuple[Path, int, int] | None = (ndir, st.st_ino, st.st_mtime_ns)
-        except FileNotFoundError:
-            seen = None
-        if seen is not None and seen == self._seen:
-            return self._fds
+        if (fds := self.current(root)) is not None:
+            return fds
         self.close()
         fds = open_node_maps(ndir, obj)
         st = os.stat(ndir)  # after any pin it made
         self._fds, self._seen = fds, (ndir, st.st_ino, st.st_mtime_ns)
         return fds
+
+    def current(self, root: Path) -> dict[str, int] | None:
+        """The fds `get` opened, while the pin directory is unchanged since; else None (nothing opened or
+        made here: a read-only caller then opens the pins itself)."""
+        ndir = root / pinning.NODE_DIR
+        try:
+            st = os.stat(ndir)
+        except FileNotFoundError:
+            return None
+        return self._fds if self._seen == (ndir, st.st_ino, st.st_mtime_ns) else None
 
     def close(self) -> None:
         close_all(self._fds)

@@ -15,6 +15,7 @@ reason and `headrace_agent_ebpf_parent_program_*` metrics) and leaves the decisi
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -32,9 +33,11 @@ HOOK_NAMES = {
 }  # fmt: skip
 
 
-def checked_types(wanted: Iterable[str]) -> list[int]:
-    """Pure: the attach types of the wanted programs where an ancestor's program can override ours."""
-    return sorted({loader.PROGRAMS[n][1] for n in wanted} & HOOK_NAMES.keys())
+@functools.cache
+def checked_types(wanted: tuple[str, ...]) -> tuple[int, ...]:
+    """Pure: the attach types of the wanted programs where an ancestor's program can override ours (asked
+    for every pod every drift interval: remembered per program set)."""
+    return tuple(sorted({loader.PROGRAMS[n][1] for n in wanted} & HOOK_NAMES.keys()))
 
 
 def _holder(cg: Path, prog_id: int, atype: int) -> Path | None:
@@ -63,17 +66,25 @@ def _name(prog_id: int) -> str:
         os.close(fd)
 
 
-def found(cg: Path, wanted: Iterable[str], ours: Callable[[], set[int]],
-          attached: Mapping[int, list[int]] | None = None) -> list[str]:
+Ids = Mapping[int, list[int]]  # attach type → program ids
+
+
+def found(cg: Path, wanted: tuple[str, ...], ours: Callable[[], set[int]], attached: Ids | None = None,
+          effective: Ids | None = None) -> list[str]:
     """One line per program that runs for the pod cgroup at a checked hook, is not attached to the pod
-    cgroup itself and is not one of ours (ours: read only when something else runs). attached: the pod
-    cgroup's own ids per attach type, as the caller just read them (else read here)."""
-    candidates: list[tuple[int, int]] = []
-    with Cgroup(cg) as c:
-        for atype in checked_types(wanted):
-            own = set(attached[atype] if attached is not None and atype in attached else c.attached(atype))
-            candidates += [(pid, atype) for pid in bpfsys.prog_query(c.fd, atype, bpfsys.F_QUERY_EFFECTIVE)
-                           if pid not in own]
+    cgroup itself and is not one of ours (ours: read only when something else runs). attached, effective:
+    the pod cgroup's own ids and the ids that run for it, per attach type, as the caller just read them
+    (else read here)."""
+    types = checked_types(wanted)
+    given_own, given_run = attached or {}, effective or {}
+    if all(t in given_own and t in given_run for t in types):  # the drift check's read: nothing to open
+        views = [(t, given_own[t], given_run[t]) for t in types]
+    else:
+        with Cgroup(cg) as c:
+            views = [(t, given_own[t] if t in given_own else c.attached(t),
+                      given_run[t] if t in given_run else bpfsys.prog_query(c.fd, t, bpfsys.F_QUERY_EFFECTIVE))
+                     for t in types]
+    candidates = [(pid, atype) for atype, own, run in views for pid in run if pid not in own]
     if not candidates:
         return []
     mine = ours()
@@ -83,12 +94,12 @@ def found(cg: Path, wanted: Iterable[str], ours: Callable[[], set[int]],
 
 
 def watch_parents(pod: str, cg: Path, pdir: Path, wanted: tuple[str, ...], node_pins: Iterable[Path],
-                  attached: Mapping[int, list[int]] | None = None) -> None:
+                  attached: Ids | None = None, effective: Ids | None = None) -> None:
     """The drift check's part: record what runs from the ancestors now (a failed read records nothing new)."""
     def ours() -> set[int]:
         return pinning.pinned_ids([*(pdir / n for n in wanted), *node_pins])
 
     try:
-        ALERTS.update(pod, found(cg, wanted, ours, attached))
+        ALERTS.update(pod, found(cg, wanted, ours, attached, effective))
     except (CgroupError, bpfsys.BpfSysError, OSError):
         return

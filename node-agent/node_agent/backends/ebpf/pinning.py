@@ -88,7 +88,7 @@ def pod_dir_name(pod_uid: str) -> str:
     return pod_uid
 
 
-def open_pinned(path: Path) -> int | None:
+def open_pinned(path: str | Path) -> int | None:
     try:
         return bpfsys.obj_get(str(path))
     except bpfsys.BpfSysError as e:
@@ -134,7 +134,7 @@ _PROG_IDS: dict[str, tuple[int, int, int]] = {}  # pin path -> (inode, ctime ns,
 _PROG_IDS_MAX = 65536
 
 
-def pinned_prog_id(path: Path) -> int | None:
+def pinned_prog_id(path: str | Path) -> int | None:
     """The id of the program pinned at `path` (None: nothing pinned there). Remembered per pin file: a
     pin made again is a new bpffs inode, so one stat tells whether it is still the program read before
     (the drift check asks for every program of every pod each interval; opening the pin and asking the
@@ -148,7 +148,7 @@ def pinned_prog_id(path: Path) -> int | None:
     known = _PROG_IDS.get(key)
     if known is not None and known[:2] == (st.st_ino, st.st_ctime_ns):
         return known[2]
-    fd = open_pinned(path)
+    fd = open_pinned(key)
     if fd is None:
         return None
     try:

@@ -155,7 +155,7 @@ def pinned(pdir: Path) -> Pinned | None:
 
 def read_config_raw(pdir: Path) -> bytes | None:
     """The pod's pinned config map's value, or None."""
-    fd = pinning.open_pinned(pdir / "hr_cfg")
+    fd = pinning.open_pinned(f"{pdir}/hr_cfg")
     if fd is None:
         return None
     try:
@@ -190,8 +190,11 @@ def drop(
                 raise
 
 
-def _lookup(node_dir: Path, name: str, key: bytes, size: int) -> bytes | None:
-    """The value under key in the node map pinned as name (OSError when it is not pinned)."""
+def _lookup(node_dir: Path, name: str, key: bytes, size: int, node_fds: dict[str, int] | None) -> bytes | None:
+    """The value under key in the node map pinned as name, through its open fd when given (OSError when it
+    is not pinned)."""
+    if node_fds is not None:
+        return bpfsys.map_lookup(node_fds[name], key, size)
     fd = pinning.open_pinned(node_dir / name)
     if fd is None:
         raise FileNotFoundError(f"the node's eBPF map {name} is not pinned in {node_dir}")
@@ -201,13 +204,13 @@ def _lookup(node_dir: Path, name: str, key: bytes, size: int) -> bytes | None:
         os.close(fd)
 
 
-def problems(node_dir: Path, netns: int, config: bytes) -> list[str]:
+def problems(node_dir: Path, netns: int, config: bytes, node_fds: dict[str, int] | None = None) -> list[str]:
     """Why the node's config entry for the pod's netns is not its pinned config, or its TC slot not its
-    netns' ([] when both are)."""
+    netns' ([] when both are). node_fds: the node maps, open (else opened by their pins)."""
     slot = maps.unpack_config(config)["tc_slot"]
     try:
-        found = _lookup(node_dir, CONFIG, config_key(netns), maps.CONFIG_SIZE)
-        owner = _lookup(node_dir, TC, slot_key(slot), 8) if slot else config_key(netns)
+        found = _lookup(node_dir, CONFIG, config_key(netns), maps.CONFIG_SIZE, node_fds)
+        owner = _lookup(node_dir, TC, slot_key(slot), 8, node_fds) if slot else config_key(netns)
     except OSError as e:
         return [str(e)]
     if found is None:

@@ -4,6 +4,7 @@ and TC) for a wanted spec generation."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from node_agent.backends.base import BackendError, PodTarget
@@ -20,6 +21,7 @@ from node_agent.backends.ebpf import (
 )
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id
 from node_agent.backends.ebpf.foreign_progs import detach_foreign, foreign_problems
+from node_agent.backends.ebpf.parent_progs import checked_types
 
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
@@ -60,15 +62,29 @@ def problems(pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str
     return problems_and_hooks(pdir, cg, wanted, gen, netns, tc_wanted)[0]
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """The pod cgroup's programs as one drift check read them, per attach type of the wanted programs:
+    `attached` to the cgroup itself, and `effective` (the ones that run for it, its ancestors' included) at
+    the hooks where an ancestor's program can override ours (parent_progs.checked_types). Where that run
+    list is exactly the pod's own program the cgroup's own list is not read again: it is taken to be that
+    one program (wherever in the hierarchy it is attached, it is the only one that runs there)."""
+
+    attached: dict[int, list[int]] = field(default_factory=dict)
+    effective: dict[int, list[int]] = field(default_factory=dict)
+
+
 def problems_and_hooks(
-    pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool
-) -> tuple[list[str], dict[int, list[int]]]:
-    """`problems`, and the ids attached to the pod cgroup at each of the wanted programs' attach types as
-    read for it (empty when the config is not pinned): the drift check's parent check reuses them."""
+    pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool,
+    node_fds: dict[str, int] | None = None,
+) -> tuple[list[str], Hooks]:
+    """`problems`, and the pod cgroup's programs as read for it (`Hooks`, empty when the config is not
+    pinned): the drift check's parent check reuses them. node_fds: the node maps, open (else opened by
+    their pins)."""
     problems: list[str] = []
     raw = pod_index.read_config_raw(pdir)
     if not raw:
-        return [f"eBPF config map of the pod is not pinned in {pdir}"], {}
+        return [f"eBPF config map of the pod is not pinned in {pdir}"], Hooks()
     cfg = maps.unpack_config(raw)
     if cfg["generation"] != gen:
         problems.append("eBPF config differs from the wanted spec")
@@ -76,19 +92,22 @@ def problems_and_hooks(
         problems.append(f"eBPF programs belong to another cgroup (id {cfg['cgroup_id']})")
     if netns and cfg["netns_ino"] != _inode(netns):
         problems.append(f"eBPF config was made for another netns than {netns}")
-    problems += pod_index.problems(pdir.parent / pinning.NODE_DIR, cfg["netns_cookie"], raw)
-    with Cgroup(cg) as c:  # each hook queried once, each pin opened once: this runs every drift interval
-        attached = {atype: c.attached(atype) for atype in {loader.PROGRAMS[name][1] for name in wanted}}
-        ours: set[int] = set()
-        for name in wanted:
-            pid = pinning.pinned_prog_id(pdir / name)
-            if pid is None:
-                problems.append(f"eBPF program {name} is not pinned")
-                continue
-            ours.add(pid)
-            if pid not in attached[loader.PROGRAMS[name][1]]:
-                problems.append(f"eBPF program {name} is not attached to {cg}")
-        problems += foreign_problems(cg, attached, ours)
+    problems += pod_index.problems(pdir.parent / pinning.NODE_DIR, cfg["netns_cookie"], raw, node_fds)
+    own: dict[int, int] = {}  # attach type → the pod's pinned program there
+    prefix = f"{pdir}/"  # str, not Path joins: this runs for every pod every drift interval
+    for name in wanted:  # each pin stat'ed once
+        pid = pinning.pinned_prog_id(prefix + name)
+        if pid is None:
+            problems.append(f"eBPF program {name} is not pinned")
+        else:
+            own[loader.PROGRAMS[name][1]] = pid
+    with Cgroup(cg) as c:  # each hook queried once where only ours runs there
+        hooks = read_hooks(c, wanted, own)
+    for name in wanted:
+        atype = loader.PROGRAMS[name][1]
+        if atype in own and own[atype] not in hooks.attached[atype]:
+            problems.append(f"eBPF program {name} is not attached to {cg}")
+    problems += foreign_problems(cg, hooks.attached, set(own.values()))
     pinned = os.listdir(pdir)  # names only: this runs for every pod every drift interval
     extra = sorted(n for n in pinned if n in loader.PROGRAMS and n not in wanted)
     problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
@@ -96,7 +115,21 @@ def problems_and_hooks(
         problems += tc_status.problems(pdir, netns, TC_HOOKS, cfg["tc_slot"])
     elif TC_PROGRAM in pinned:
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
-    return problems, attached
+    return problems, hooks
+
+
+def read_hooks(c: Cgroup, wanted: tuple[str, ...], own: dict[int, int]) -> Hooks:
+    """`Hooks` of the open cgroup for the wanted programs; own: attach type → the pod's program there."""
+    hooks = Hooks()
+    checked = set(checked_types(wanted))
+    for atype in {loader.PROGRAMS[name][1] for name in wanted}:
+        if atype in checked:
+            hooks.effective[atype] = run = bpfsys.prog_query(c.fd, atype, bpfsys.F_QUERY_EFFECTIVE)
+            if atype in own and run == [own[atype]]:
+                hooks.attached[atype] = run
+                continue
+        hooks.attached[atype] = c.attached(atype)
+    return hooks
 
 
 def _inode(path: str) -> int | None:
