@@ -17,12 +17,15 @@ def close_all(fds: dict[str, int]) -> None:
 
 
 class NodeMaps:
-    """The node maps' fds, opened once and kept while the pin directory is unchanged (a pin made or removed
-    there changes its mtime: one stat instead of opening every pin for each pod)."""
+    """The node maps' fds, opened once and kept while their pins are the ones opened: one stat of the pin
+    directory instead of opening every pin for each pod (a pin made or removed there changes its mtime;
+    then each map's pin is stat'ed, and the fds are kept while every pin is still the file they came
+    from: the node's programs and the proxy's are pinned in the same directory)."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
-        self._seen: tuple[Path, int, int] | None = None  # (node dir, inode, mtime ns) the fds were opened at
+        self._seen: tuple[Path, int, int] | None = None  # (node dir, inode, mtime ns) the fds were checked at
+        self._pins: dict[str, int] = {}  # map name → inode of the pin its fd was opened from
 
     def get(self, root: Path, obj: Callable[[], loader.CompiledObject]) -> dict[str, int]:
         """name → fd of each node map (owned here: callers do not close them), made and pinned where
@@ -32,23 +35,36 @@ class NodeMaps:
             return fds
         self.close()
         fds = open_node_maps(ndir, obj)
-        st = os.stat(ndir)  # after any pin it made
+        try:
+            self._pins = {name: os.stat(ndir / name).st_ino for name in fds}
+            st = os.stat(ndir)  # after any pin it made
+        except BaseException:
+            close_all(fds)
+            raise
         self._fds, self._seen = fds, (ndir, st.st_ino, st.st_mtime_ns)
         return fds
 
     def current(self, root: Path) -> dict[str, int] | None:
-        """The fds `get` opened, while the pin directory is unchanged since; else None (nothing opened or
-        made here: a read-only caller then opens the pins itself)."""
+        """The fds `get` opened, while their pins are the same files; else None (nothing opened or made
+        here: a read-only caller then opens the pins itself)."""
+        if not self._fds:
+            return None
         ndir = root / pinning.NODE_DIR
         try:
             st = os.stat(ndir)
+            seen = (ndir, st.st_ino, st.st_mtime_ns)
+            if seen != self._seen:
+                if any(os.stat(ndir / name).st_ino != ino for name, ino in self._pins.items()):
+                    return None
+                self._seen = seen  # something else was pinned or removed there
         except FileNotFoundError:
             return None
-        return self._fds if self._seen == (ndir, st.st_ino, st.st_mtime_ns) else None
+        return self._fds
 
     def close(self) -> None:
         close_all(self._fds)
         self._seen = None
+        self._pins = {}
 
 
 def open_node_maps(ndir: Path, obj: Callable[[], loader.CompiledObject]) -> dict[str, int]:
