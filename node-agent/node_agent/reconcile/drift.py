@@ -193,7 +193,7 @@ class DriftCheck:
                     continue
                 if backend.change_events:
                     want[st.uid] = (st.netns, st.inode)
-                elif (part := partly_announced(backend)) and part.announces_part(st.spec):
+                elif (split := partly_announced(backend)) is not None and split.announces_part(st.spec):
                     want[st.uid] = (st.netns, st.inode)
                     partly.add(st.uid)
             self._partly = frozenset(partly)
@@ -234,9 +234,11 @@ class DriftCheck:
             st, backend, target = job
             try:
                 partly = partly_announced(backend) if due is not None else None
+                part = "" if partly is None or due is None else (
+                    "unannounced" if uid in due.partial else "announced" if uid in due.announced else "")
                 result: list[str] | BackendError = (
-                    partly.check_unannounced(target, st.spec) if partly and due and uid in due.partial
-                    else partly.check_announced(target, st.spec) if partly and due and uid in due.announced
+                    partly.check_unannounced(target, st.spec) if partly is not None and part == "unannounced"
+                    else partly.check_announced(target, st.spec) if partly is not None and part == "announced"
                     else backend.check(target, st.spec))
             except BackendError as exc:
                 result = exc
