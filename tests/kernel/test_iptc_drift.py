@@ -23,6 +23,7 @@ from node_agent.backends.iptables import iptc_reader
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
 from node_agent.backends.iptables.xt_digest import XtDigestError, XtDigestReader
+from node_agent.kernel import home_netns
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
@@ -238,11 +239,13 @@ def test_an_unchanged_netns_is_decided_by_the_xt_digest_alone(
 def test_the_xt_digest_creates_no_table_and_reports_what_it_cannot_read(ns: NetNS, tmp_path) -> None:
     quick = XtDigestReader()
     empty = quick.digest(ns.path, (4, 6))
+    assert home_netns.at_home()  # read by this thread from inside the pod netns, and back
     assert quick.digest(ns.path, (4, 6)) == empty
     assert ns.run(["iptables-legacy-save"]).stdout.strip() == ""  # no table made by reading
     assert quick.digest(ns.path, (4,)) != empty  # the families are part of it
     with pytest.raises(XtDigestError):
         quick.digest(str(tmp_path / "missing"), (4,))
+    assert home_netns.at_home()
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERING))

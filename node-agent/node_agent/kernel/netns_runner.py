@@ -22,6 +22,8 @@ An inline `fn` has no timeout: it runs on the caller's thread.
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -34,6 +36,10 @@ from node_agent.kernel.home_netns import go_home
 T = TypeVar("T")
 
 _Job = tuple[str, Callable[[], Any], "queue.Queue[tuple[bool, Any]]"]
+
+log = logging.getLogger("headrace.agent.netns")
+
+EXIT_NOT_HOME = 70  # visiting: a thread stuck outside the agent's netns ends the process
 
 _HERE = threading.local()  # .netns: the path the thread entered with staying_in (absent: its own netns)
 
@@ -53,6 +59,27 @@ def staying_in(netns: str) -> Iterator[None]:
             yield
         finally:
             _HERE.netns = previous
+
+
+@contextmanager
+def visiting(netns: str) -> Iterator[None]:
+    """`staying_in` for one of the agent's long-lived threads that reads in a pod netns itself (the drift
+    check, on the reconcile thread: no hand-over to a pooled thread, which costs more CPU than the read of
+    a pod's TC filters or x_tables digest; no timeout either, as for an apply). Such a thread must never go
+    on in a pod's netns: when it cannot come back it is moved to the agent's own (`go_home`) and the error
+    raised as a plain OSError; when even that fails the process ends (exit status 70, logged), for the
+    DaemonSet to start it again and adopt its pods, rather than act on the node from a pod's netns."""
+    try:
+        with staying_in(netns):
+            yield
+    except NetnsReturnError as exc:
+        try:
+            go_home()
+        except OSError as home:
+            log.critical("a thread cannot return to the agent's netns: exiting",
+                         extra={"netns": netns, "reason": f"{exc}; {home}", "step": "netns-return"})
+            os._exit(EXIT_NOT_HOME)
+        raise OSError(exc.errno, f"left {netns} only by the agent's own netns: {exc.strerror}") from exc
 
 
 class _Worker:

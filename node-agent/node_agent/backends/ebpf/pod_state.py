@@ -22,6 +22,7 @@ from node_agent.backends.ebpf import (
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError, cgroup_id, find_cgroup_by_id
 from node_agent.backends.ebpf.foreign_progs import detach_foreign, foreign_problems
 from node_agent.backends.ebpf.parent_progs import checked_types
+from node_agent.kernel.netns_runner import visiting
 
 TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
@@ -112,7 +113,8 @@ def problems_and_hooks(
     extra = sorted(n for n in pinned if n in loader.PROGRAMS and n not in wanted)
     problems += [f"eBPF program {n} is installed but not wanted" for n in extra]
     if tc_wanted:
-        problems += tc_status.problems(pdir, netns, TC_HOOKS, cfg["tc_slot"])
+        with visiting(netns):  # read from this thread: no hand-over, every pod every drift interval
+            problems += tc_status.problems(pdir, netns, TC_HOOKS, cfg["tc_slot"])
     elif TC_PROGRAM in pinned:
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
     return problems, hooks

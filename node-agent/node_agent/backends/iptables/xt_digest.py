@@ -10,7 +10,7 @@ kernel copies a match's or target's data only up to its user-visible size, so no
 internal state leaks into it: equal digests mean equal tables.
 
 About 0.4 ms for a dual-stack ambient pod here, under half the python-iptables read it spares when
-nothing changed. A pooled thread does the read inside the pod netns (`netns_runner`).
+nothing changed. The calling thread does the read inside the pod netns (`netns_runner.visiting`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from cni.kernel.netns import NetnsThreadTimeout, libc
+from cni.kernel.netns import libc
 from node_agent.backends.iptables.iptc_fingerprint import LAYOUTS, EntryLayout
 from node_agent.backends.iptables.iptc_reader import table_names_here
-from node_agent.kernel.netns_runner import run_in_netns
+from node_agent.kernel.netns_runner import visiting
 
 SO_GET_INFO, SO_GET_ENTRIES = 64, 65  # IPT_SO_* == IP6T_SO_*
 LEVELS = {4: socket.IPPROTO_IP, 6: socket.IPPROTO_IPV6}
@@ -103,17 +103,15 @@ def digest_here(families: Sequence[int]) -> bytes:
 
 
 class XtDigestReader:
-    """`digest(netns_path, families)` from a pooled thread inside the netns; XtDigestError when unreadable."""
-
-    def __init__(self, timeout: float = 2.0) -> None:
-        self.timeout = timeout
+    """`digest(netns_path, families)`, read by the calling thread from inside the netns (`visiting`: the
+    drift check asks every legacy pod every interval, and a hand-over to a pooled thread cost more CPU
+    than the read itself); XtDigestError when unreadable."""
 
     def digest(self, netns_path: str, families: Sequence[int]) -> bytes:
         fams = tuple(families)
         try:
-            return run_in_netns(netns_path, lambda: digest_here(fams), timeout=self.timeout)
-        except NetnsThreadTimeout:
-            raise XtDigestError(0, f"no answer from {netns_path} within {self.timeout:.0f}s") from None
+            with visiting(netns_path):
+                return digest_here(fams)
         except XtDigestError:
             raise
         except (OSError, ValueError) as exc:  # cannot enter the netns, no socket
