@@ -282,6 +282,27 @@ def floor_rows(runs: int, root: Path, flavours: Sequence[str], node_netns: str) 
     return rows
 
 
+def guarded(work: Callable[[], None], agents: list[AgentRun], nodes: list[SimNode], root: Path) -> int:
+    """Run work; 0, 130 after a Ctrl-C, 1 when a CNI call failed. Then, whatever happened, the agents end,
+    the nodes go (their pods, netns and bridge) and the scratch dir; a second Ctrl-C cannot cut that short."""
+    try:
+        work()
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        return 130
+    except CniInvocationError as exc:
+        print(f"\nbench failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        with uninterrupted():
+            for running in agents:
+                running.close()
+            for node in nodes:
+                node.close()
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=30, help="ADD+DEL cycles per pod kind, backend, agent (>=1)")
@@ -306,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, end="\r", flush=True)
 
-    try:
+    context: list[list[str]] = []
+
+    def work() -> None:
         for backend in backends:
             measured = measure_backend(root, backend, AGENT_MODES[args.agent], args.runs, nodes, agents, progress)
             for (agent_label, kind), s in measured.items():
@@ -314,22 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(file=sys.stderr)
         launcher = root / "headrace-cni"
         write_plugin_launcher(launcher)
-        context = context_rows(args.runs, nodes[0].netns.path if nodes else None, launcher)
+        context.extend(context_rows(args.runs, nodes[0].netns.path if nodes else None, launcher))
         if nodes and flavours:
-            context += floor_rows(args.runs, root, flavours, nodes[0].netns.path)
-    except KeyboardInterrupt:
-        print("\ninterrupted: cleaning up", file=sys.stderr)
-        return 130
-    except CniInvocationError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        with uninterrupted():  # a second Ctrl-C must not cut the clean-up short
-            for running in agents:
-                running.close()
-            for node in nodes:
-                node.close()
-            shutil.rmtree(root, ignore_errors=True)
+            context.extend(floor_rows(args.runs, root, flavours, nodes[0].netns.path))
+
+    if (status := guarded(work, agents, nodes, root)) != 0:
+        return status
 
     print(
         f"CNI ADD/DEL latency, chain bridge (+ host-local IPAM) + headrace-cni (-IS launcher), {args.runs} runs"

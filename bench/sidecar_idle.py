@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -31,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` when 
 
 from node_agent.backends.ebpf import pod_cgroup
 from node_agent.lab.agent_run import AgentRun
-from node_agent.lab.cni_runner import CniInvocationError
 from node_agent.lab.simnode import HEADRACE_CNI, SimNode
 
 from bench.agent_enrol import agent_cpu, agent_rss
-from bench.cni_add_latency import AGENT_ONLY, BACKENDS, new_pod, table
-from bench.interrupts import stop_like_ctrl_c, uninterrupted
+from bench.cni_add_latency import AGENT_ONLY, BACKENDS, guarded, new_pod, table
+from bench.interrupts import stop_like_ctrl_c
 
 MAX_PODS = 250  # the node's /24
 
@@ -94,23 +92,14 @@ def main() -> int:
     nodes: list[SimNode] = []
     agents: list[AgentRun] = []
     rows: list[list[str]] = []
-    try:
+
+    def work() -> None:
         for backend in backends:
             rows.append(measure(root, backend, args.pods, args.drift_interval, args.settle, args.window,
                                 nodes, agents))
-    except KeyboardInterrupt:
-        print("\ninterrupted: cleaning up", file=sys.stderr)
-        return 130
-    except CniInvocationError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        with uninterrupted():  # a second Ctrl-C must not cut the clean-up short
-            for running in agents:
-                running.close()
-            for node in nodes:
-                node.close()
-            shutil.rmtree(root, ignore_errors=True)
+
+    if (status := guarded(work, agents, nodes, root)) != 0:
+        return status
     print(file=sys.stderr)
     print(f"Idle agent with sidecar pods (drift interval {args.drift_interval:g} s, {args.window:g} s window "
           f"{args.settle:g} s after the last ADD; CPU: the agent, the tools it ran, its children)")
