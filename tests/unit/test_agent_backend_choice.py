@@ -23,12 +23,16 @@ class FakeEbpf(FakeBackend):
     def __init__(self, reason: str | None = None) -> None:
         super().__init__()
         self.reason = reason
+        self.for_now = False  # the reason is a passing one (the programs being compiled)
         self.closed = 0
         self.cgroups: list[str | None] = []
         self.pinned: set[str] = set()  # pods with state pinned outside their netns
 
     def fallback_reason(self, spec: object) -> str | None:
         return self.reason
+
+    def declines_for_now(self, spec: object) -> bool:
+        return self.reason is not None and self.for_now
 
     def apply(self, target: Any, spec: object) -> None:
         self.cgroups.append(target.cgroup_path)
@@ -148,6 +152,58 @@ def test_restart_with_other_backend_moves_the_pod(tmp_path: Path) -> None:
     assert ipt3.rules == {UID: 1} and not ebpf.rules and built == ["ebpf"]
 
 
+def test_pods_held_by_the_node_backend_stay_while_it_declines_for_now(tmp_path: Path) -> None:
+    """An agent restarted where the node backend declines pods only for now (`auto` and the eBPF programs
+    being compiled, as after an upgrade that changed them): the pods it holds keep their redirection (not
+    moved to the fallback and back), a new pod goes to the fallback meanwhile."""
+    env = Env(tmp_path)
+    env.fake_netns(UID)
+    with_cgroup(env, "/sys/fs/cgroup/unified/k/pod" + UID)
+    ebpf, ipt = FakeEbpf(), FakeIptables()
+    r = make(env, ebpf, ipt, cgroup_fallback=True)
+    env.set(AMBIENT, pod(UID))
+    r.reconcile()
+    assert row(r, UID)["backend"] == "ebpf" and ebpf.rules == {UID: 1}
+
+    env.hub = FakeHub()
+    ebpf.reason, ebpf.for_now = "eBPF is unavailable on this node: being compiled", True
+    applies = ebpf.applies
+    r2 = make(env, ebpf, ipt, cgroup_fallback=True)
+    r2.adopt()
+    r2.reconcile()
+    assert row(r2, UID)["state"] == "enrolled" and row(r2, UID)["backend"] == "ebpf"
+    assert ebpf.rules == {UID: 1} and ebpf.removes == 0 and ebpf.applies == applies and not ipt.rules
+    new = "0f0e0d0c-0000-4000-8000-000000000002"
+    env.fake_netns(new)
+    env.set(AMBIENT, pod(UID), pod(new))
+    r2.reconcile()
+    assert row(r2, new)["state"] == "enrolled" and row(r2, new)["backend"] == "iptables" and ipt.rules == {new: 1}
+    assert row(r2, UID)["backend"] == "ebpf" and ebpf.removes == 0
+
+    # its redirection damaged meanwhile, and no repair possible before the compile ends: the fallback takes it
+    ebpf.flush(UID)
+    ebpf.fail_apply = True
+    env.clock.t += 60  # a drift pass is due
+    r2.reconcile()
+    assert row(r2, UID)["state"] == "failed"
+    env.clock.t += 60
+    r2.reconcile()
+    assert row(r2, UID)["state"] == "enrolled" and row(r2, UID)["backend"] == "iptables"
+    assert ipt.rules == {UID: 1, new: 1} and not ebpf.rules
+
+    # the programs compiled: pods move back when asked (the agent asks once they are)
+    ebpf.reason, ebpf.fail_apply = None, False
+    r2.rechoose_backends()
+    r2.reconcile()
+    assert row(r2, UID)["backend"] == row(r2, new)["backend"] == "ebpf" and not ipt.rules
+
+    ebpf.reason = "eBPF is unavailable on this node: the compile failed"
+    ebpf.for_now = False  # a lasting reason (the compile failed): the pods it holds go to the fallback
+    r2.rechoose_backends()
+    r2.reconcile()
+    assert row(r2, UID)["backend"] == row(r2, new)["backend"] == "iptables" and not ebpf.rules
+
+
 def test_del_of_a_pod_only_pinned_by_an_earlier_agent_removes_its_pins(tmp_path: Path) -> None:
     env = Env(tmp_path)
     ebpf = FakeEbpf()
@@ -201,3 +257,32 @@ def test_sidecar_pod_whose_netns_is_gone_is_cleared_by_its_pins(tmp_path: Path) 
     env.clock.t += 10
     r.reconcile()
     assert UID not in r.pods and not ebpf.rules and env.records.load_all() == {}
+
+
+def test_a_move_to_ebpf_rewrites_the_fallback_rules_in_place_only_where_they_are_the_same_kind() -> None:
+    """Moving an ambient pod from the fallback to a backend that keeps its inbound on a rules backend of the
+    fallback's kind (eBPF's ambient inbound) leaves the old rules for the new apply to rewrite (no moment
+    without redirection); any other move clears the old backend first."""
+    from node_agent.reconcile.choice import rewrites_in_place
+
+    from cni.contract.spec import AmbientSpec, SidecarSpec
+
+    class Rules(FakeIptables):
+        def __init__(self, flavour: str) -> None:
+            super().__init__()
+            self.flavour = flavour
+
+    class WithInbound(FakeEbpf):
+        def __init__(self, rules: FakeBackend) -> None:
+            super().__init__()
+            self.rules_backend = rules
+
+        def rules_inbound(self, spec: object) -> FakeBackend | None:
+            return self.rules_backend if isinstance(spec, AmbientSpec) else None
+
+    nft = WithInbound(Rules("nft"))
+    assert rewrites_in_place(Rules("nft"), nft, AmbientSpec())
+    assert not rewrites_in_place(Rules("legacy"), nft, AmbientSpec())
+    assert not rewrites_in_place(Rules("nft"), nft, SidecarSpec())
+    assert not rewrites_in_place(FakeIptables(), FakeEbpf(), AmbientSpec())
+    assert not rewrites_in_place(nft, Rules("nft"), AmbientSpec())

@@ -238,3 +238,41 @@ def test_an_apply_that_hangs_is_acked_with_an_error(monkeypatch: pytest.MonkeyPa
 
     assert asyncio.run(apply_deadline.bounded_apply(hang(), "add")) == "add not applied within 0.05s"
     assert asyncio.run(apply_deadline.bounded_apply(quick(), "add")) == "listen failed"
+
+
+def test_a_connection_whose_original_destination_is_the_listener_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Told its own listener as the original destination (conntrack gave an eBPF-redirected connection
+    another source port, so the lookup by the client's port missed), the proxy closes the connection instead
+    of dialling itself, which would repeat with every connection it accepts from itself."""
+    import asyncio
+
+    from node_agent.refproxy import forward
+
+    monkeypatch.setattr(forward, "original_dst", lambda sock: sock.getsockname()[:2])
+    dialled: list[object] = []
+    emitted: list[dict[str, object]] = []
+
+    async def make_upstream(family: socket.AddressFamily, source: str | None) -> socket.socket:
+        dialled.append(family)
+        raise OSError("must not dial")
+
+    async def main() -> bytes:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await forward.relay(reader, writer, direction="outbound", workload="ns/n", make_upstream=make_upstream,
+                                emit=emitted.append)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"hello")
+        try:
+            reply = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:  # closed with the request unread
+            reply = b""
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return reply
+
+    assert asyncio.run(main()) == b""
+    assert dialled == [] and emitted == []

@@ -70,6 +70,25 @@ class Prepares(Protocol):
 
 
 @runtime_checkable
+class InboundOnRules(Protocol):
+    """A backend that keeps part of a pod's redirection on a rule-based backend (eBPF: an ambient pod's
+    inbound capture and policy routing), written there as that backend writes its own."""
+
+    def rules_inbound(self, spec: RedirectSpec) -> PodRules | None:
+        """The rules backend holding this spec's inbound capture, or None."""
+
+
+@runtime_checkable
+class DeclinesForNow(Protocol):
+    """A backend whose `fallback_reason` can be a passing one (eBPF under `auto`: its programs being compiled,
+    the node's first start with them): the pods it already holds, their redirection in place, stay with it
+    meanwhile instead of moving to the fallback and back."""
+
+    def declines_for_now(self, spec: RedirectSpec) -> bool:
+        """Whether `fallback_reason(spec)` declines such a pod only for now."""
+
+
+@runtime_checkable
 class PartlyAnnounced(Protocol):
     """A backend of which a pod's state is partly in nf_tables and its policy routing (announced on the
     pod netns' NFNLGRP_NFTABLES and rtnetlink groups: eBPF's ambient inbound on a rules backend with

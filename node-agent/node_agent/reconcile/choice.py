@@ -1,21 +1,43 @@
 """Which backend holds a pod: the node's, or its fallback (iptables on an eBPF node) when the node's
-backend declines the pod's spec (fallback_reason) or, with `auto`, when the pod's cgroup is unknown. A pod
-recorded with another backend (the agent restarted with another --backend, or the choice changed) is
-settled: the old backend's redirection comes out before the new one goes in. Backends this node no longer
-uses are built on demand (retired), only to clear what they left."""
+backend declines the pod's spec (fallback_reason) or, with `auto`, when the pod's cgroup is unknown; a pod
+the node's backend holds, its redirection in place, stays there while the decline is a passing one
+(`DeclinesForNow`: the eBPF programs being compiled). A pod recorded with another backend (the agent
+restarted with another --backend, or the choice changed) is settled: the old backend's redirection comes
+out before the new one goes in, or, where the new one rewrites it in place (`rewrites_in_place`: the
+iptables fallback's pod moving to eBPF), is left for it to replace. Backends this node no longer uses are
+built on demand (retired), only to clear what they left."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
-from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, RedirectSpec
+from cni.contract.spec import AmbientSpec
+from node_agent.backends.base import (
+    BackendError,
+    DeclinesForNow,
+    InboundOnRules,
+    PodTarget,
+    RedirectBackend,
+    RedirectSpec,
+)
 from node_agent.reconcile.pod_netns import PodNetns
 from node_agent.reconcile.state import PodState, log_ctx
 
 log = logging.getLogger("headrace.agent.reconcile")
 
 UNKNOWN_CGROUP = "the pod's cgroup v2 directory is unknown (no pod process found)"
+
+
+def rewrites_in_place(old: RedirectBackend, new: RedirectBackend, spec: RedirectSpec) -> bool:
+    """Whether new's apply of an ambient pod replaces all that old installed, with no moment without
+    redirection: new keeps the pod's inbound on a rules backend of old's kind (the iptables fallback and
+    eBPF's ambient inbound: the same chains, rewritten in one restore, after eBPF's outbound programs are on;
+    until then both capture outbound, to the same proxy port). Else old's part comes out first."""
+    if not isinstance(spec, AmbientSpec) or not isinstance(new, InboundOnRules):
+        return False
+    rules = new.rules_inbound(spec)
+    return type(rules) is type(old) and getattr(rules, "flavour", None) == getattr(old, "flavour", None)
 
 
 class Backends:
@@ -69,13 +91,16 @@ class Backends:
         if self.fallback is None:
             return self.node
         reason = self._declines(st.spec, st.cgroup_path, self.cgroup_fallback)
-        if reason is None:
-            return self.node
+        if reason is None or (st.rules_in and st.backend == self.node.name and self._for_now(st.spec)):
+            return self.node  # a passing decline moves no pod the node's backend holds
         if st.fallback_reason != reason:
             st.fallback_reason = reason
             log.info("pod uses the %s backend: %s", self.fallback.name, reason,
                      extra={**log_ctx(st, "backend"), "backend": self.fallback.name})
         return self.fallback
+
+    def _for_now(self, spec: RedirectSpec) -> bool:
+        return isinstance(self.node, DeclinesForNow) and self.node.declines_for_now(spec)
 
     def for_unheld_pod(self, spec: RedirectSpec, cgroup_path: str | None) -> RedirectBackend:
         """The backend for a pod the reconciler holds no state for (boot-race repair): as `choose`, and a
@@ -96,11 +121,15 @@ class Backends:
 
     def settle(self, st: PodState) -> None:
         """A pod recorded with another backend than the one it should have now: clear the old backend's
-        redirection first, so the new one is installed alone. Raises BackendError/PinError/OSError."""
+        redirection first, so the new one is installed alone (unless the new one's apply rewrites it in
+        place). Raises BackendError/PinError/OSError."""
         chosen = self.choose(st)
         if st.backend and st.backend != chosen.name:
             old = self.named(st.backend)
-            if old is not None and st.inode:
+            if old is not None and st.inode and rewrites_in_place(old, chosen, st.spec):
+                log.info("pod moves from the %s to the %s backend in place", old.name, chosen.name,
+                         extra=log_ctx(st, "backend-switch"))
+            elif old is not None and st.inode:
                 target = self._netns.target(st)
                 if old.installed(target):
                     old.remove(target)

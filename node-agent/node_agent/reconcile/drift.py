@@ -277,6 +277,7 @@ class DriftCheck:
             st.state, st.reason = FAILED, f"drift repair: {exc}"
             log.warning("sidecar drift repair failed: %s", exc, extra=log_ctx(st, "drift"))
         else:
+            st.rules_in = False  # not whole: the retry applies it afresh (on the fallback if the node's cannot now)
             self.table.fail(st, f"drift repair: {exc}")
 
     def _repair(self, st: PodState, backend: RedirectBackend, target: PodTarget,

@@ -70,6 +70,14 @@ async def relay(
         event(logging.WARNING, "no_original_dst", direction=direction, workload=workload, src=src, error=str(exc))
         await _close(client_writer)
         return
+    local = sock.getsockname()
+    if (ip, port) == (str(local[0]), int(local[1])):
+        # the original destination is this listener (conntrack gave the connection another source port, so
+        # the eBPF lookup missed): dialling it would loop back here, one connection after another
+        event(logging.WARNING, "original_dst_is_the_proxy", direction=direction, workload=workload, src=src,
+              dst=format_addr(ip, port))
+        await _close(client_writer)
+        return
     record: dict[str, Any] = {
         "direction": direction,
         "workload": workload,

@@ -154,15 +154,18 @@ class EbpfBackend(RedirectBackend):
         for the pod), or None. apply() refuses such a spec rather than redirect without SO_ORIGINAL_DST."""
         if self.toolchain_fallback and (loader.busy() or loader.failure() is not None):
             return f"eBPF is unavailable on this node: {loader.failure() or COMPILING}"
-        if (reason := maps.unsupported_reason(spec)) is not None:
+        return self._spec_reason(spec)
+
+    def declines_for_now(self, spec: RedirectSpec) -> bool:
+        """DeclinesForNow: only while the programs are being compiled (a failed compile lasts)."""
+        return self.toolchain_fallback and loader.busy() and self._spec_reason(spec) is None
+
+    def _spec_reason(self, spec: RedirectSpec) -> str | None:
+        if (reason := maps.unsupported_reason(spec)) is not None or not isinstance(spec, AmbientSpec):
             return reason
-        if isinstance(spec, AmbientSpec) and self.proxy_cgroup is None:
-            return (
-                "ambient over eBPF needs the node proxy's cgroup v2 directory (its accepted sockets live there, "
-                "so SO_ORIGINAL_DST is answered there): pass proxy_cgroup / call set_proxy_cgroup, "
-                "or use backend 'iptables'"
-            )
-        return None
+        return None if self.proxy_cgroup is not None else (
+            "ambient over eBPF needs the node proxy's cgroup v2 directory (its accepted sockets live there, so "
+            "SO_ORIGINAL_DST is answered there): pass proxy_cgroup / call set_proxy_cgroup, or use backend 'iptables'")
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
         self.apply_after(target, spec, None)
