@@ -8,9 +8,9 @@ process in its own cgroup:
 - the compile ends under a client connecting in a tight loop: every connection is answered and passes the
   proxy, the pods stay where they are (a move from iptables' REDIRECT to eBPF disturbs connections for a
   while: see docs/ebpf.md), and a pod added now goes to eBPF;
-- the agent restarted with the cache emptied again (new programs to compile): the pod it holds on eBPF
-  stays there as it is (same programs, nothing removed and re-applied), a pod added meanwhile goes to the
-  fallback.
+- the agent restarted with the cache emptied again (new programs to compile), then with programs that do
+  not compile: the pod it holds on eBPF stays there as it is (same programs, nothing removed and
+  re-applied), a pod added meanwhile goes to the fallback.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from node_agent.backends.ebpf import loader
 from node_agent.lab.simnode import Pod, SimNode
 
 from tests.kernel.agent_kit import wait_for
@@ -168,6 +169,26 @@ def test_the_compile_ends_under_traffic_and_held_pods_stay_put(
     assert backends(agent, fresh, late) == ["ebpf", "iptables"] and ebpf_ids(fresh) == ids
     assert "pod moved from the" not in agent.agent_log(), "a held pod changed backend"
     for pod in (fresh, late):
+        assert_proxied(agent, pod, server)
+
+    # 4. restarted with programs that do not compile (a broken upgrade): the same, for as long as it lasts
+    src = tmp_path / "bpf"
+    shutil.copytree(loader.bpf_source_dir(), src)
+    with (src / loader.C_FILE).open("a") as f:
+        f.write("\nint hr_broken(void) { return undeclared_thing; }\n")
+    monkeypatch.setenv("HEADRACE_BPF_DIR", str(src))
+    assert agent.proxy is not None
+    agent.proxy.kill()  # both restart; the proxy comes back after the compile failed, and acks the held pods
+    agent.proxy.wait(10)
+    agent.kill_agent(signal.SIGKILL)
+    start_without_cache(agent, node, monkeypatch)
+    wait_for(lambda: "ebpf unavailable" in agent.agent_log(), 120, "the compile failed")
+    agent.start_proxy()
+    wait_for(lambda: on_ebpf(agent, fresh), 20, "the eBPF pod adopted")
+    broken = node.add_pod("shop", "broken")
+    assert backends(agent, fresh, late, broken) == ["ebpf", "iptables", "iptables"] and ebpf_ids(fresh) == ids
+    assert "pod moved from the" not in agent.agent_log(), "a held pod changed backend"
+    for pod in (fresh, broken):
         assert_proxied(agent, pod, server)
 
 

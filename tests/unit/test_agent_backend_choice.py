@@ -23,7 +23,7 @@ class FakeEbpf(FakeBackend):
     def __init__(self, reason: str | None = None) -> None:
         super().__init__()
         self.reason = reason
-        self.for_now = False  # the reason is a passing one (the programs being compiled)
+        self.new_only = False  # the reason concerns pods it does not hold yet (its programs not compiled)
         self.closed = 0
         self.cgroups: list[str | None] = []
         self.pinned: set[str] = set()  # pods with state pinned outside their netns
@@ -31,8 +31,8 @@ class FakeEbpf(FakeBackend):
     def fallback_reason(self, spec: object) -> str | None:
         return self.reason
 
-    def declines_for_now(self, spec: object) -> bool:
-        return self.reason is not None and self.for_now
+    def declines_new_pods_only(self, spec: object) -> bool:
+        return self.reason is not None and self.new_only
 
     def apply(self, target: Any, spec: object) -> None:
         self.cgroups.append(target.cgroup_path)
@@ -152,10 +152,10 @@ def test_restart_with_other_backend_moves_the_pod(tmp_path: Path) -> None:
     assert ipt3.rules == {UID: 1} and not ebpf.rules and built == ["ebpf"]
 
 
-def test_pods_held_by_the_node_backend_stay_while_it_declines_for_now(tmp_path: Path) -> None:
-    """An agent restarted where the node backend declines pods only for now (`auto` and the eBPF programs
-    being compiled, as after an upgrade that changed them): the pods it holds keep their redirection (not
-    moved to the fallback and back), a new pod goes to the fallback meanwhile."""
+def test_pods_held_by_the_node_backend_stay_while_it_declines_new_pods_only(tmp_path: Path) -> None:
+    """An agent restarted where the node backend declines new pods only (`auto` with the eBPF programs being
+    compiled, as after an upgrade that changed them, or not compiling): the pods it holds keep their
+    redirection (not moved to the fallback), a new pod goes to the fallback."""
     env = Env(tmp_path)
     env.fake_netns(UID)
     with_cgroup(env, "/sys/fs/cgroup/unified/k/pod" + UID)
@@ -166,7 +166,7 @@ def test_pods_held_by_the_node_backend_stay_while_it_declines_for_now(tmp_path: 
     assert row(r, UID)["backend"] == "ebpf" and ebpf.rules == {UID: 1}
 
     env.hub = FakeHub()
-    ebpf.reason, ebpf.for_now = "eBPF is unavailable on this node: being compiled", True
+    ebpf.reason, ebpf.new_only = "eBPF is unavailable on this node: being compiled", True
     applies = ebpf.applies
     r2 = make(env, ebpf, ipt, cgroup_fallback=True)
     r2.adopt()
@@ -180,7 +180,7 @@ def test_pods_held_by_the_node_backend_stay_while_it_declines_for_now(tmp_path: 
     assert row(r2, new)["state"] == "enrolled" and row(r2, new)["backend"] == "iptables" and ipt.rules == {new: 1}
     assert row(r2, UID)["backend"] == "ebpf" and ebpf.removes == 0
 
-    # its redirection damaged meanwhile, and no repair possible before the compile ends: the fallback takes it
+    # its redirection damaged meanwhile, and no repair possible without the programs: the fallback takes it
     ebpf.flush(UID)
     ebpf.fail_apply = True
     env.clock.t += 60  # a drift pass is due
@@ -191,14 +191,14 @@ def test_pods_held_by_the_node_backend_stay_while_it_declines_for_now(tmp_path: 
     assert row(r2, UID)["state"] == "enrolled" and row(r2, UID)["backend"] == "iptables"
     assert ipt.rules == {UID: 1, new: 1} and not ebpf.rules
 
-    # the programs compiled: pods move back when asked (the agent asks once they are)
+    # the programs compiled: pods move when the reconciler is asked to re-choose (the proxy's cgroup changed)
     ebpf.reason, ebpf.fail_apply = None, False
     r2.rechoose_backends()
     r2.reconcile()
     assert row(r2, UID)["backend"] == row(r2, new)["backend"] == "ebpf" and not ipt.rules
 
-    ebpf.reason = "eBPF is unavailable on this node: the compile failed"
-    ebpf.for_now = False  # a lasting reason (the compile failed): the pods it holds go to the fallback
+    ebpf.reason = "ambient over eBPF needs the node proxy's cgroup"
+    ebpf.new_only = False  # a reason about the pods' spec: the pods it holds go to the fallback
     r2.rechoose_backends()
     r2.reconcile()
     assert row(r2, UID)["backend"] == row(r2, new)["backend"] == "iptables" and not ebpf.rules

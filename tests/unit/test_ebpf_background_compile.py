@@ -87,3 +87,19 @@ def test_verifier_refusal_is_reported(monkeypatch):
         time.sleep(0.01)
     assert loader.failure() == "the kernel refused the probe program"
     assert loader.compile_object() is OBJ  # the object itself is there; loading it fails per pod
+
+
+def test_missing_programs_decline_new_pods_only(monkeypatch, tmp_path):
+    """Programs being compiled, or not compiling, concern only pods the backend does not hold yet (those it
+    holds have theirs pinned); a reason of the spec's own concerns every pod."""
+    from cni.contract.spec import AmbientSpec
+
+    auto = EbpfBackend(tmp_path / "a", toolchain_fallback=True, proxy_cgroup=str(tmp_path))
+    assert auto.fallback_reason(SidecarSpec()) is None and not auto.declines_new_pods_only(SidecarSpec())
+    monkeypatch.setattr(loader, "_busy", True)
+    assert auto.declines_new_pods_only(SidecarSpec()) and auto.declines_new_pods_only(AmbientSpec())
+    monkeypatch.setattr(loader, "_busy", False)
+    monkeypatch.setattr(loader, "_failure", "clang said no")
+    assert auto.declines_new_pods_only(AmbientSpec())
+    no_cgroup = EbpfBackend(tmp_path / "b", toolchain_fallback=True)
+    assert no_cgroup.fallback_reason(AmbientSpec()) and not no_cgroup.declines_new_pods_only(AmbientSpec())

@@ -79,13 +79,13 @@ class InboundOnRules(Protocol):
 
 
 @runtime_checkable
-class DeclinesForNow(Protocol):
-    """A backend whose `fallback_reason` can be a passing one (eBPF under `auto`: its programs being compiled,
-    the node's first start with them): the pods it already holds, their redirection in place, stay with it
-    meanwhile instead of moving to the fallback and back."""
+class DeclinesNewPodsOnly(Protocol):
+    """A backend whose `fallback_reason` can concern only pods it does not hold yet (eBPF under `auto`: its
+    programs being compiled, or not compiling; the pods it holds have theirs pinned): those it holds, their
+    redirection in place, stay with it instead of moving to the fallback (and back)."""
 
-    def declines_for_now(self, spec: RedirectSpec) -> bool:
-        """Whether `fallback_reason(spec)` declines such a pod only for now."""
+    def declines_new_pods_only(self, spec: RedirectSpec) -> bool:
+        """Whether `fallback_reason(spec)` leaves the pods of that spec it holds with it."""
 
 
 @runtime_checkable

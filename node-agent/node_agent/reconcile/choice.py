@@ -1,11 +1,11 @@
 """Which backend holds a pod: the node's, or its fallback (iptables on an eBPF node) when the node's
 backend declines the pod's spec (fallback_reason) or, with `auto`, when the pod's cgroup is unknown; a pod
-the node's backend holds, its redirection in place, stays there while the decline is a passing one
-(`DeclinesForNow`: the eBPF programs being compiled). A pod recorded with another backend (the agent
-restarted with another --backend, or the choice changed) is settled: the old backend's redirection comes
-out before the new one goes in, or, where the new one rewrites it in place (`rewrites_in_place`: the
-iptables fallback's pod moving to eBPF), is left for it to replace. Backends this node no longer uses are
-built on demand (retired), only to clear what they left."""
+the node's backend holds, its redirection in place, stays there while the decline concerns new pods only
+(`DeclinesNewPodsOnly`: the eBPF programs being compiled, or not compiling). A pod recorded with another
+backend (the agent restarted with another --backend, or the choice changed) is settled: the old backend's
+redirection comes out before the new one goes in, or, where the new one rewrites it in place
+(`rewrites_in_place`: the iptables fallback's pod moving to eBPF), is left for it to replace. Backends
+this node no longer uses are built on demand (retired), only to clear what they left."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from cni.contract.spec import AmbientSpec
 from node_agent.backends.base import (
     BackendError,
-    DeclinesForNow,
+    DeclinesNewPodsOnly,
     InboundOnRules,
     PodTarget,
     RedirectBackend,
@@ -91,16 +91,16 @@ class Backends:
         if self.fallback is None:
             return self.node
         reason = self._declines(st.spec, st.cgroup_path, self.cgroup_fallback)
-        if reason is None or (st.rules_in and st.backend == self.node.name and self._for_now(st.spec)):
-            return self.node  # a passing decline moves no pod the node's backend holds
+        if reason is None or (st.rules_in and st.backend == self.node.name and self._new_only(st.spec)):
+            return self.node  # a decline for new pods moves no pod the node's backend holds
         if st.fallback_reason != reason:
             st.fallback_reason = reason
             log.info("pod uses the %s backend: %s", self.fallback.name, reason,
                      extra={**log_ctx(st, "backend"), "backend": self.fallback.name})
         return self.fallback
 
-    def _for_now(self, spec: RedirectSpec) -> bool:
-        return isinstance(self.node, DeclinesForNow) and self.node.declines_for_now(spec)
+    def _new_only(self, spec: RedirectSpec) -> bool:
+        return isinstance(self.node, DeclinesNewPodsOnly) and self.node.declines_new_pods_only(spec)
 
     def for_unheld_pod(self, spec: RedirectSpec, cgroup_path: str | None) -> RedirectBackend:
         """The backend for a pod the reconciler holds no state for (boot-race repair): as `choose`, and a

@@ -156,9 +156,9 @@ class EbpfBackend(RedirectBackend):
             return f"eBPF is unavailable on this node: {loader.failure() or COMPILING}"
         return self._spec_reason(spec)
 
-    def declines_for_now(self, spec: RedirectSpec) -> bool:
-        """DeclinesForNow: only while the programs are being compiled (a failed compile lasts)."""
-        return self.toolchain_fallback and loader.busy() and self._spec_reason(spec) is None
+    def declines_new_pods_only(self, spec: RedirectSpec) -> bool:
+        """DeclinesNewPodsOnly: when only the programs are missing (being compiled, or not compiling)."""
+        return self.fallback_reason(spec) is not None and self._spec_reason(spec) is None
 
     def _spec_reason(self, spec: RedirectSpec) -> str | None:
         if (reason := maps.unsupported_reason(spec)) is not None or not isinstance(spec, AmbientSpec):
