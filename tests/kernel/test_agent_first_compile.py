@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from node_agent.backends.ebpf import loader
 from node_agent.lab.simnode import Pod, SimNode
+from node_agent.serve.status_client import state_text
 
 from tests.kernel.agent_kit import wait_for
 from tests.kernel.test_backend_parity import (
@@ -141,6 +142,7 @@ def test_the_compile_ends_under_traffic_and_held_pods_stay_put(
     client, server = shop(node, agent, apps)
     assert backends(agent, client, server) == ["iptables", "iptables"], "the compile ended before the pods came"
     assert iptables_state(client) and not ebpf_state(client) and not inbound_only_rules(client)
+    assert "being compiled" in state_text(agent.status()[client.uid])  # `headrace status` says why
 
     # 2. the compile ends while the client connects in a tight loop; a pod added after it gets eBPF
     seen = len(agent.proxy_lines())

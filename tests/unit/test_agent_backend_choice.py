@@ -81,6 +81,9 @@ def test_declined_spec_goes_to_the_fallback(tmp_path: Path) -> None:
     env.set(AMBIENT, pod(UID))
     r.reconcile()
     assert row(r, UID)["state"] == "enrolled" and row(r, UID)["backend"] == "iptables"
+    from node_agent.serve.status_client import state_text  # `headrace status` says why
+
+    assert state_text(row(r, UID)) == "enrolled (on the iptables fallback: no proxy cgroup)"
     assert ipt.rules == {UID: 1} and not ebpf.rules
 
 

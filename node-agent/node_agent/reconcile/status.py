@@ -20,13 +20,18 @@ from node_agent.sources.desired import Desired
 
 def pod_row(st: PodState, node_backend: str) -> dict[str, Any]:
     ambient = st.mode == AMBIENT
-    return {
+    reason = st.reason if ambient else (st.reason or "redirected by the agent")
+    fallback = bool(not reason and st.fallback_reason and st.backend and st.backend != node_backend)
+    row = {
         "namespace": st.namespace, "name": st.name, "uid": st.uid, "mode": st.mode,
         "backend": (st.backend or node_backend) if ambient else st.backend, "state": st.state,
-        "reason": st.reason if ambient else (st.reason or "redirected by the agent"),
+        "reason": f"on the {st.backend} fallback: {st.fallback_reason}" if fallback else reason,
         "netns": st.netns, "ips": list(st.ips),
         "enrolled_at": round(st.enrolled_at, 3) if st.state == ENROLLED else None,
     }
+    if fallback:  # why not the node's backend (shown beside the state)
+        row["fallback"] = True
+    return row
 
 
 def other_row(uid: str, d: Desired) -> dict[str, Any]:
