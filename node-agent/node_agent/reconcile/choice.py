@@ -126,12 +126,11 @@ class Backends:
         chosen = self.choose(st)
         if st.backend and st.backend != chosen.name:
             old = self.named(st.backend)
-            if old is not None and st.inode and rewrites_in_place(old, chosen, st.spec):
-                log.info("pod moves from the %s to the %s backend in place", old.name, chosen.name,
-                         extra=log_ctx(st, "backend-switch"))
-            elif old is not None and st.inode:
-                target = self._netns.target(st)
-                if old.installed(target):
+            if old is not None and st.inode:
+                if rewrites_in_place(old, chosen, st.spec):
+                    log.info("pod moves from the %s to the %s backend in place", old.name, chosen.name,
+                             extra=log_ctx(st, "backend-switch"))
+                elif old.installed(target := self._netns.target(st)):
                     old.remove(target)
                     log.info("pod moved from the %s to the %s backend", old.name, chosen.name,
                              extra=log_ctx(st, "backend-switch"))

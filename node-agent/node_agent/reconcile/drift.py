@@ -78,6 +78,18 @@ def partly_announced(backend: RedirectBackend) -> PartlyAnnounced | None:
     return cast(PartlyAnnounced, backend) if known else None
 
 
+def _read(uid: str, st: PodState, backend: RedirectBackend, target: PodTarget, due: Due | None) -> list[str]:
+    """One pod's check: of a partly announced backend's pod, only the part the pass is due for. Raises
+    BackendError."""
+    partly = partly_announced(backend) if due is not None else None
+    if partly is not None and due is not None:
+        if uid in due.partial:
+            return partly.check_unannounced(target, st.spec)
+        if uid in due.announced:
+            return partly.check_announced(target, st.spec)
+    return backend.check(target, st.spec)
+
+
 class DriftCheck:
     def __init__(
         self,
@@ -233,13 +245,7 @@ class DriftCheck:
                 continue
             st, backend, target = job
             try:
-                partly = partly_announced(backend) if due is not None else None
-                part = "" if partly is None or due is None else (
-                    "unannounced" if uid in due.partial else "announced" if uid in due.announced else "")
-                result: list[str] | BackendError = (
-                    partly.check_unannounced(target, st.spec) if partly is not None and part == "unannounced"
-                    else partly.check_announced(target, st.spec) if partly is not None and part == "announced"
-                    else backend.check(target, st.spec))
+                result: list[str] | BackendError = _read(uid, st, backend, target, due)
             except BackendError as exc:
                 result = exc
             with self.table.lock:
