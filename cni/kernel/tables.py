@@ -148,9 +148,11 @@ def check_ambient_routes(netns_path: str | None, families: Iterable[Family]) -> 
     return check_routes(netns_path, families, AMBIENT)
 
 
-def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None = None) -> None:
-    """Delete every HEADRACE_* chain and every jump into one, both families. Idempotent; a netns that
-    does not exist (any more) is success."""
+def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None = None,
+               keep_routing: bool = False) -> None:
+    """Delete every HEADRACE_* chain and every jump into one, both families, and the policy routing that
+    comes with them (unless `keep_routing`: another backend now uses the same entries). Idempotent; a netns
+    that does not exist (any more) is success."""
     if netns_path is not None and not os.path.exists(netns_path):
         emit(log, "info", "remove", "netns already gone", netns=netns_path)
         return
@@ -172,6 +174,8 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None 
                 if err is not None:
                     step = f"remove-v{family}"
                     set_owned(netns_path, flavour, family, {}, rule_text.OWNED_PREFIX, step, attempts=1)
+            if keep_routing:  # another backend's redirection beside ours uses the same entries
+                tproxy_fams = ambient_fams = []
             if tproxy_fams:
                 from cni.kernel.tproxy import remove_tproxy_routes
 

@@ -8,20 +8,34 @@ connection leaves the client or reaches the server without passing the proxy. Co
 the iptables connections' conntrack entries linger (a reply-tuple clash, refused by the proxy: see
 docs/ebpf.md, "Moving a live pod"); each failure is such a refusal, and after the move every pod's
 traffic passes the proxy.
+
+Every other move (iptables ↔ nftables, legacy iptables → nftables and back, eBPF → iptables or nftables),
+under the same loop: not one connection fails or passes unproxied, the old backend leaves nothing, the
+policy routing both use stays (no drift repair after the move).
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from node_agent.lab.simnode import Pod
 
-from tests.kernel.agent_kit import wait_for
+from cni.rules.tproxy_routes import AMBIENT as AMBIENT_ROUTES
+from tests.kernel.agent_kit import run, wait_for
 from tests.kernel.test_agent_first_compile import AMBIENT, assert_proxied, backends, looping, on_ebpf, relayed, shop
+from tests.kernel.test_backend_parity import _ebpf_problems as ebpf_problems
 from tests.kernel.test_backend_parity import ebpf_env as ebpf_env  # node + agent (ParityRun)
-from tests.kernel.test_backend_parity import ebpf_state, inbound_only_rules
+from tests.kernel.test_backend_parity import (
+    ebpf_state,
+    inbound_only_rules,
+    iptables_state,
+    nftables_state,
+    node_env,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -55,4 +69,91 @@ def test_a_move_to_ebpf_under_traffic_leaves_no_connection_unproxied(ebpf_env: A
     assert backends(agent, client, server) == ["ebpf", "ebpf"]
     assert ebpf_state(client) and inbound_only_rules(client) and inbound_only_rules(server)
     assert "moves from the iptables to the ebpf backend in place" in agent.agent_log()
+    assert_proxied(agent, client, server)
+
+
+# the agent's arguments for each backend; iptables-legacy is the iptables backend on legacy x_tables
+ARGS = {
+    "iptables": ["--backend", "iptables"],
+    "iptables-legacy": ["--backend", "iptables", "--iptables", "legacy"],
+    "nftables": ["--backend", "nftables"],
+    "ebpf": ["--backend", "ebpf"],
+}
+MOVES = [
+    ("iptables", "nftables"),
+    ("nftables", "iptables"),
+    ("iptables-legacy", "nftables"),
+    ("nftables", "iptables-legacy"),
+    ("ebpf", "iptables"),
+    ("ebpf", "nftables"),
+]
+
+
+@pytest.fixture(params=MOVES, ids=[f"{a}-to-{b}" for a, b in MOVES])
+def move(request: pytest.FixtureRequest, make_node: Any) -> Iterator[tuple[str, str, Any]]:
+    before, after = request.param
+    if "ebpf" in (before, after) and (problems := ebpf_problems()):
+        pytest.skip(f"eBPF cannot run here: {'; '.join(problems)}")
+    for env in node_env(make_node, before.split("-")[0]):
+        yield before, after, env
+
+
+def left_by_others(pod: Pod, backend: str) -> list[str]:
+    """What backends other than `backend` have in the pod."""
+    return [
+        *(ebpf_state(pod) if backend != "ebpf" else []),
+        *(iptables_state(pod) if backend != "iptables" else []),
+        *(nftables_state(pod) if backend != "nftables" else []),
+    ]
+
+
+def ambient_routing(pod: Pod) -> list[str]:
+    """The pod netns' IPv4 policy rule of the ambient original-source routing (empty: missing)."""
+    out = run(
+        ["nsenter", f"--net={pod.netns.path}", "ip", "-4", "rule", "list", "pref", str(AMBIENT_ROUTES.pref)],
+        check=False,
+    )
+    return [line for line in out.stdout.splitlines() if f"lookup {AMBIENT_ROUTES.table}" in line]
+
+
+def test_a_move_between_backends_under_traffic_leaves_no_connection_unproxied(
+    move: tuple[str, str, Any], tmp_path: Path
+) -> None:
+    """The new backend's redirection goes in beside the old one's, which comes out only then (keeping the
+    policy routing both use): a tight connect loop meets no moment without redirection, and no connection
+    fails."""
+    before, after, (node, agent, apps) = move
+    agent.extra = [*ARGS[before], "--proxy-cgroup", str(agent.proxy_cgroup)]
+    node.add_namespace("shop", AMBIENT)
+    agent.start_proxy()
+    agent.start_agent()
+    client, server = shop(node, agent, apps)
+    name = after.split("-")[0]
+
+    def moved() -> bool:
+        return backends(agent, client, server) == [name, name] and all(
+            agent.pod_state(p.uid) == "enrolled" for p in (client, server)
+        )
+
+    seen = len(agent.proxy_lines())
+    with looping(client, server, tmp_path) as got:
+        wait_for(lambda: len(agent.proxy_lines()) > seen + 100, 20, "connections before the move")
+        agent.kill_agent(signal.SIGTERM)
+        agent.extra = [*ARGS[after], "--proxy-cgroup", str(agent.proxy_cgroup)]
+        agent.start_agent()
+        wait_for(moved, 60, f"both pods moved to {after}")
+        now = len(agent.proxy_lines())
+        wait_for(lambda: len(agent.proxy_lines()) > now + 200, 20, "connections after the move")
+    assert got["ok"] > 200
+    assert got["failures"] == 0, got["failed"]
+    wait_for(lambda: min(relayed(agent, seen, client, server)) >= got["ok"], 10, "every connection in the log")
+    outbound, inbound = relayed(agent, seen, client, server)
+    assert outbound == got["ok"], f"{got['ok'] - outbound} connections left the client unproxied"
+    assert inbound == got["ok"], f"{got['ok'] - inbound} connections reached the server unproxied"
+    for pod in (client, server):
+        assert left_by_others(pod, name) == [], f"{pod.name}: the old backend's redirection is still there"
+        assert ambient_routing(pod), f"{pod.name}: the ambient policy routing is gone"
+    moving = (agent.base / f"agent{agent.agent_runs}.log").read_text()
+    assert "the new redirection goes in beside the old one" in moving
+    assert "drift found" not in moving  # e.g. the policy routing taken out with the old backend's rules
     assert_proxied(agent, client, server)

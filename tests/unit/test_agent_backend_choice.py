@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from node_agent.backends.base import BackendError
 from node_agent.netns.finder import NetnsLocation
 from node_agent.reconcile.loop import Reconciler
 from node_agent.reconcile.state import SIDECAR
@@ -289,3 +290,96 @@ def test_a_move_to_ebpf_rewrites_the_fallback_rules_in_place_only_where_they_are
     assert not rewrites_in_place(Rules("nft"), nft, SidecarSpec())
     assert not rewrites_in_place(FakeIptables(), FakeEbpf(), AmbientSpec())
     assert not rewrites_in_place(nft, Rules("nft"), AmbientSpec())
+
+
+class Stepping(FakeBackend):
+    """A rules backend that can step aside (StepsAside): every change goes into one shared event list."""
+
+    def __init__(self, name: str, events: list[str]) -> None:
+        super().__init__()
+        self.name, self.events = name, events
+
+    def apply(self, target: Any, spec: object) -> None:
+        super().apply(target, spec)
+        self.events.append(f"{self.name} apply")
+
+    def remove(self, target: Any) -> None:
+        super().remove(target)
+        self.events.append(f"{self.name} remove")
+
+    def remove_beside(self, target: Any, new: Any) -> None:
+        if self.fail_apply:
+            raise BackendError("injected removal failure")
+        super().remove(target)
+        self.events.append(f"{self.name} remove beside {new.name}")
+
+
+def test_a_move_puts_the_new_redirection_in_beside_the_old_one_which_comes_out_after(tmp_path: Path) -> None:
+    """An agent restarted with another backend: the new backend's apply goes in while the old one's rules are
+    still there, and only then does the old one step aside. A failed apply leaves the old rules (the pod is
+    never without redirection) and the move recorded, so a restarted agent finishes it; a pod removed in
+    the middle of a move loses both."""
+    env = Env(tmp_path)
+    env.fake_netns(UID)
+    events: list[str] = []
+    ipt, nft = Stepping("iptables", events), Stepping("nftables", events)
+    r = make(env, ipt, None, cgroup_fallback=False)
+    env.set(AMBIENT, pod(UID))
+    r.reconcile()
+    assert row(r, UID)["backend"] == "iptables" and events == ["iptables apply"]
+
+    # --backend nftables, whose first apply fails: the iptables rules stay, the move is recorded
+    env.hub, nft.fail_apply = FakeHub(), True
+    r2 = make(env, nft, None, cgroup_fallback=False, factory=lambda name: ipt if name == "iptables" else None)
+    r2.adopt()
+    r2.reconcile()
+    assert row(r2, UID)["state"] == "failed" and ipt.rules == {UID: 1} and not nft.rules
+    assert env.records.load_all()[UID].backend == "nftables" and env.records.load_all()[UID].leaving == "iptables"
+
+    # the agent restarts again (still nftables): it finishes the move, new rules first
+    env.hub, nft.fail_apply = FakeHub(), False
+    r3 = make(env, nft, None, cgroup_fallback=False, factory=lambda name: ipt if name == "iptables" else None)
+    r3.adopt()
+    r3.reconcile()
+    assert row(r3, UID)["state"] == "enrolled" and row(r3, UID)["backend"] == "nftables"
+    assert events == ["iptables apply", "nftables apply", "iptables remove beside nftables"]
+    assert nft.rules == {UID: 1} and not ipt.rules and env.records.load_all()[UID].leaving == ""
+
+    # back to iptables, and the pod removed while the move is still failing: both backends' rules go
+    env.hub, ipt.fail_apply = FakeHub(), True
+    r4 = make(env, ipt, None, cgroup_fallback=False, factory=lambda name: nft if name == "nftables" else None)
+    r4.adopt()
+    r4.reconcile()
+    assert row(r4, UID)["state"] == "failed" and nft.rules == {UID: 1}
+    env.set(AMBIENT)
+    env.clock.t += 60
+    r4.reconcile()
+    assert not nft.rules and not ipt.rules and env.records.load_all() == {}
+    assert events[-1] == "nftables remove"
+
+
+def test_a_move_started_before_the_last_one_finished_leaves_neither_old_backend(tmp_path: Path) -> None:
+    """iptables -> nftables, whose old rules would not come out (the pod fails with both in place), then the
+    agent restarted with a third backend: both earlier backends step aside, each once the next one is in."""
+    env = Env(tmp_path)
+    env.fake_netns(UID)
+    events: list[str] = []
+    ipt, nft, third = Stepping("iptables", events), Stepping("nftables", events), Stepping("third", events)
+    retired = {"iptables": ipt, "nftables": nft}
+    r = make(env, ipt, None, cgroup_fallback=False)
+    env.set(AMBIENT, pod(UID))
+    r.reconcile()
+
+    env.hub, ipt.fail_apply = FakeHub(), True  # its removal fails
+    r2 = make(env, nft, None, cgroup_fallback=False, factory=retired.get)
+    r2.adopt()
+    r2.reconcile()
+    assert row(r2, UID)["state"] == "failed" and ipt.rules == nft.rules == {UID: 1}
+
+    env.hub, ipt.fail_apply = FakeHub(), False
+    r3 = make(env, third, None, cgroup_fallback=False, factory=retired.get)
+    r3.adopt()
+    r3.reconcile()
+    assert row(r3, UID)["state"] == "enrolled" and third.rules == {UID: 1} and not ipt.rules and not nft.rules
+    assert events[1:] == ["nftables apply", "iptables remove beside nftables", "third apply",
+                          "nftables remove beside third"]

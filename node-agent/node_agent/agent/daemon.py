@@ -29,7 +29,7 @@ from node_agent.agent.errors import AgentError
 from node_agent.backends.base import BackendError, Prepares, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
-from node_agent.backends.select import rules_backend_setting, select_backend
+from node_agent.backends.select import ambient_inbound_rules, rules_backend_setting, select_backend
 from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.netns.pin import NetnsPins
 from node_agent.proxy.cgroup import Source as CgroupSource
@@ -210,8 +210,9 @@ class Agent:
             return make_backend(replace(self.config, backend="iptables"), self.flavour)
         if name == "nftables":
             return make_backend(replace(self.config, backend="nftables"), self.flavour)
-        if name == "ebpf":
-            return EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path)
+        if name == "ebpf":  # with its ambient inbound's rules backend: a move takes those rules out too
+            return EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path,
+                               ambient_inbound=ambient_inbound_rules(self.flavour))
         return None
 
     def _proxy_cgroup_follower(self) -> ProxyCgroupFollower:

@@ -89,6 +89,22 @@ class DeclinesNewPodsOnly(Protocol):
 
 
 @runtime_checkable
+class StepsAside(Protocol):
+    """A backend whose redirection can stay in a pod while another backend's goes in beside it, and come out
+    after: a pod moved between backends has no moment without redirection (both send to the same proxy
+    ports meanwhile; the first NAT a connection meets is the one it keeps)."""
+
+    def remove_beside(self, target: PodTarget, new: PodRules) -> None:
+        """`remove`, once `new` holds the pod: the policy routing stays (both backends use the same entries),
+        and so do rules `new` wrote over ours (`same_kind`: the same chains). Raises BackendError."""
+
+
+def same_kind(a: object, b: object) -> bool:
+    """Whether two rules backends write the same rules in the same place (class and iptables flavour)."""
+    return type(a) is type(b) and getattr(a, "flavour", None) == getattr(b, "flavour", None)
+
+
+@runtime_checkable
 class PartlyAnnounced(Protocol):
     """A backend of which a pod's state is partly in nf_tables and its policy routing (announced on the
     pod netns' NFNLGRP_NFTABLES and rtnetlink groups: eBPF's ambient inbound on a rules backend with

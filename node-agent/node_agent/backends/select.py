@@ -61,6 +61,11 @@ def rules_backend_setting(iptables_present: bool | None = None) -> Literal["ipta
     return "iptables" if present else "nftables"
 
 
+def ambient_inbound_rules(iptables_flavour: str, iptables_present: bool | None = None) -> RedirectBackend:
+    """The rules backend an eBPF node keeps ambient pods' inbound on (`rules_backend_setting`)."""
+    return _iptables(iptables_flavour) if rules_backend_setting(iptables_present) == "iptables" else _nftables()
+
+
 def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR, background: bool = False) -> list[str]:
     """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs.
     background (`auto`): on the first start (nothing cached) compile in the background, the agent serving
@@ -117,8 +122,7 @@ def select_backend(
     inbound_rules = _iptables(iptables_flavour) if inbound == "iptables" else None
     ambient_rules: RedirectBackend | None = None
     if inbound_rules is None:
-        on_iptables = rules_backend_setting(iptables_present) == "iptables"
-        ambient_rules = _iptables(iptables_flavour) if on_iptables else _nftables()
+        ambient_rules = ambient_inbound_rules(iptables_flavour, iptables_present)
     backend = EbpfBackend(
         Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR,
         inbound_fallback=inbound_rules,

@@ -64,10 +64,10 @@ class Adoption:
         st = self.enrolment.new_state(uid, rec.namespace, rec.name)
         st.ips, st.inode, st.tcp_loose = rec.ips, rec.netns_inode, rec.tcp_loose
         st.backend, st.cgroup_path = rec.backend, rec.cgroup_path
-        st.service_account = rec.service_account
+        st.service_account, st.leaving = rec.service_account, rec.leaving
         if pinned_inode == rec.netns_inode:
             st.netns = str(self.table.pins.path(uid))
-            st.rules_in = True  # checked before use; never re-added blindly
+            st.rules_in = not st.leaving  # checked before use, never re-added blindly; an unfinished move is re-applied
             st.reason = "adopted after restart"
             self.table.pods[uid] = st
             if st.ips:

@@ -2,10 +2,12 @@
 backend declines the pod's spec (fallback_reason) or, with `auto`, when the pod's cgroup is unknown; a pod
 the node's backend holds, its redirection in place, stays there while the decline concerns new pods only
 (`DeclinesNewPodsOnly`: the eBPF programs being compiled, or not compiling). A pod recorded with another
-backend (the agent restarted with another --backend, or the choice changed) is settled: the old backend's
-redirection comes out before the new one goes in, or, where the new one rewrites it in place
-(`rewrites_in_place`: the iptables fallback's pod moving to eBPF), is left for it to replace. Backends
-this node no longer uses are built on demand (retired), only to clear what they left."""
+backend (the agent restarted with another --backend, or the choice changed) is settled without a moment
+unredirected: where the new backend rewrites the old one's rules in place (`rewrites_in_place`: the iptables
+fallback's pod moving to eBPF) they are left for it to replace; else the old one's redirection stays beside
+the new one's until that is in (`StepsAside`; the pod's `leaving` names it), and comes out only then. A
+backend that cannot step aside is removed first. Backends this node no longer uses are built on demand
+(retired), only to clear what they left."""
 
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ from node_agent.backends.base import (
     BackendError,
     DeclinesNewPodsOnly,
     InboundOnRules,
+    PodRules,
     PodTarget,
     RedirectBackend,
     RedirectSpec,
+    StepsAside,
+    same_kind,
 )
 from node_agent.reconcile.pod_netns import PodNetns
 from node_agent.reconcile.state import PodState, log_ctx
@@ -36,8 +41,7 @@ def rewrites_in_place(old: RedirectBackend, new: RedirectBackend, spec: Redirect
     until then both capture outbound, to the same proxy port). Else old's part comes out first."""
     if not isinstance(spec, AmbientSpec) or not isinstance(new, InboundOnRules):
         return False
-    rules = new.rules_inbound(spec)
-    return type(rules) is type(old) and getattr(rules, "flavour", None) == getattr(old, "flavour", None)
+    return same_kind(new.rules_inbound(spec), old)
 
 
 class Backends:
@@ -120,9 +124,10 @@ class Backends:
         return chosen
 
     def settle(self, st: PodState) -> None:
-        """A pod recorded with another backend than the one it should have now: clear the old backend's
-        redirection first, so the new one is installed alone (unless the new one's apply rewrites it in
-        place). Raises BackendError/PinError/OSError."""
+        """A pod recorded with another backend than the one it should have now: the new one's apply rewrites
+        the old one's redirection in place, or goes in beside it (the old one then `leaving`, removed by
+        `step_aside` after the apply), or, for a backend that cannot step aside, the old one's comes out
+        first. Raises BackendError/PinError/OSError."""
         chosen = self.choose(st)
         if st.backend and st.backend != chosen.name:
             old = self.named(st.backend)
@@ -131,11 +136,31 @@ class Backends:
                     log.info("pod moves from the %s to the %s backend in place", old.name, chosen.name,
                              extra=log_ctx(st, "backend-switch"))
                 elif old.installed(target := self._netns.target(st)):
-                    old.remove(target)
-                    log.info("pod moved from the %s to the %s backend", old.name, chosen.name,
-                             extra=log_ctx(st, "backend-switch"))
+                    if isinstance(old, StepsAside):
+                        if st.leaving and st.leaving != chosen.name:  # a move before this one not finished
+                            self.step_aside(self.leaving(st), target, old)
+                        st.leaving = old.name
+                        log.info("pod moves from the %s to the %s backend: the new redirection goes in beside "
+                                 "the old one", old.name, chosen.name, extra=log_ctx(st, "backend-switch"))
+                    else:
+                        old.remove(target)
+                        log.info("pod moved from the %s to the %s backend", old.name, chosen.name,
+                                 extra=log_ctx(st, "backend-switch"))
             st.rules_in = False
         st.backend = chosen.name
+        if st.leaving == chosen.name:
+            st.leaving = ""  # moved back before the old one came out: it is the pod's again
+
+    def leaving(self, st: PodState) -> RedirectBackend | None:
+        """The backend whose redirection is still in the pod beside its own backend's (a move), or None."""
+        return self.named(st.leaving) if st.leaving else None
+
+    @staticmethod
+    def step_aside(leaving: RedirectBackend | None, target: PodTarget, new: PodRules) -> None:
+        """After `new`'s apply: the backend the pod moved from takes its redirection out (the policy routing
+        and what `new` rewrote stay). Raises BackendError/OSError."""
+        if isinstance(leaving, StepsAside):
+            leaving.remove_beside(target, new)
 
     def remove_pinned(self, backend: RedirectBackend, uid: str) -> bool:
         """Remove what `backend` pinned for the pod outside its netns (the netns may be gone: found by uid).

@@ -233,13 +233,14 @@ class AmbientEnrolment:
         if pool is None:
             pool = self._pools[in_process] = ThreadPoolExecutor(
                 max_workers=IN_PROCESS_WORKERS if in_process else APPLY_WORKERS, thread_name_prefix="enrol-apply")
-        known, record = st.tcp_loose, self.table.record_of(st)
+        known, record, leaving = st.tcp_loose, self.table.record_of(st), self.backends.leaving(st)
         spec, conntrack, records, ctx = self.spec, self.conntrack, self.table.records, log_ctx(st, "conntrack")
 
         def job() -> JobResult:
             """The pod's conntrack guard and rules (no lock: nothing else writes this pod's record or
             state while its job runs): the nf_conntrack_tcp_loose found before, and the apply's error.
-            A backend that applies from inside the pod netns runs the guard in the same entry."""
+            A backend that applies from inside the pod netns runs the guard in the same entry. A pod moving
+            between backends: the one it leaves takes its redirection out once the new one's is in."""
             loose = known
 
             def guard(read: Callable[[], int | None], write: Callable[[int], None]) -> None:
@@ -261,6 +262,7 @@ class AmbientEnrolment:
                     path = target.netns_path
                     guard(lambda: conntrack.read_loose(path), lambda value: conntrack.set_loose(path, value))
                     backend.apply(target, spec)
+                Backends.step_aside(leaving, target, backend)
             except (BackendError, PinError, OSError) as exc:
                 return loose, exc
             return loose, None
@@ -284,7 +286,16 @@ class AmbientEnrolment:
             self._rules_failed(st, error)
             return
         st.applied_at = self.table.clock()
+        self._moved(st)
         self._enrolled(st, notify=notify)
+
+    def _moved(self, st: PodState) -> None:
+        """The pod's apply is in and the backend it left has stepped aside: the move is over (recorded)."""
+        if st.leaving:
+            log.info("pod moved from the %s to the %s backend", st.leaving, st.backend,
+                     extra=log_ctx(st, "backend-switch"))
+            st.leaving = ""
+            self.table.save_record(st)
 
     def _rules_failed(self, st: PodState, exc: Exception) -> None:
         self.table.fail(st, f"rules: {exc}")
@@ -325,6 +336,8 @@ class AmbientEnrolment:
             if st.inode and self.table.pins.inode(uid) == st.inode:
                 target = self.netns.target(st)
                 self.backends.of(st).remove(target)
+                if (leaving := self.backends.leaving(st)) is not None:  # removed in the middle of a move
+                    leaving.remove(target)
                 if st.tcp_loose:
                     self.conntrack.set_loose(target.netns_path, st.tcp_loose)
         except (BackendError, PinError, OSError) as exc:
@@ -339,15 +352,17 @@ class AmbientEnrolment:
 
     def switch_backends(self) -> None:
         """Move enrolled pods whose backend would be chosen differently now (e.g. the node proxy's cgroup
-        became known: pods on the iptables fallback go to eBPF). Old redirection out first."""
+        became known: pods on the iptables fallback go to eBPF), as `Backends.settle` says."""
         for st in self.table.of_mode(AMBIENT):
             if st.state != ENROLLED or not st.backend or self.backends.choose(st).name == st.backend:
                 continue
             old = st.backend
             try:
                 self.backends.settle(st)
-                self.backends.of(st).apply(self.netns.target(st), self.spec)
-                st.rules_in = True
+                target, backend = self.netns.target(st), self.backends.of(st)
+                backend.apply(target, self.spec)
+                self.backends.step_aside(self.backends.leaving(st), target, backend)
+                st.rules_in, st.leaving = True, ""
                 self.table.save_record(st)
                 log.info("pod re-applied on the %s backend (was %s)", st.backend, old,
                          extra=log_ctx(st, "backend-switch"))

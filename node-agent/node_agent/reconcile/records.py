@@ -24,6 +24,7 @@ class EnrolRecord:
     mode: str = "ambient"  # "sidecar": a sidecar pod the plugin handed over (its spec from `annotations`)
     annotations: tuple[tuple[str, str], ...] = ()  # the traffic annotations the sidecar spec is built from
     service_account: str = "default"  # ambient: sent to the proxy with the workload (adoption re-sends it)
+    leaving: str = ""  # a move in progress: the backend whose redirection is still in the pod beside backend's
 
 
 class RecordStore:
@@ -71,6 +72,7 @@ class RecordStore:
                     mode=str(raw.get("mode") or "ambient"),
                     annotations=tuple((str(k), str(v)) for k, v in raw.get("annotations") or ()),
                     service_account=str(raw.get("service_account") or "default"),
+                    leaving=str(raw.get("leaving") or ""),
                 )
                 if rec.mode not in ("ambient", "sidecar"):
                     continue

@@ -105,6 +105,7 @@ class PodState:
     service_account: str = "default"
     tcp_loose: int | None = None  # the pod's nf_conntrack_tcp_loose before we changed it
     backend: str = ""  # the backend that holds (or will hold) this pod's redirection
+    leaving: str = ""  # a move: the backend whose redirection stays beside the new one's until that is in
     enrolled_at: float = 0.0  # wall clock of the last transition to enrolled
     applied_at: float = float("-inf")  # table clock when its enrolment apply last succeeded
     annotations: tuple[tuple[str, str], ...] = ()  # sidecar: the traffic annotations its spec comes from

@@ -79,7 +79,7 @@ class PodTable:
         """The pod's enrolment record as it stands (lock held); saved by save_record, or by a job."""
         return EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend, st.tcp_loose,
                            st.cgroup_path, mode=st.mode, annotations=st.annotations,
-                           service_account=st.service_account)
+                           service_account=st.service_account, leaving=st.leaving)
 
     def forget(self, st: PodState, message: str, step: str) -> None:
         """The end of every removal, once the pod's redirection is out: pin released, record deleted, the

@@ -195,12 +195,9 @@ class EbpfBackend(RedirectBackend):
             had_ebpf = self._apply_ebpf(target, spec, cg, existed, pinned)
             with self._out_on_failure(target, had_ebpf):  # a rules helper's part: waited for after the lock
                 pending = inbound_part.start(rules, self.rules_helper, target, maps.inbound_only(spec), first)
-            for other in (self.inbound, self.ambient_inbound):
-                # ambient_inbound never held a pod pinned as sidecar (spares a rules read per sidecar apply)
-                was = mode if mode is not None else (maps.MODE_SIDECAR if isinstance(spec, SidecarSpec) else None)
-                skip = other is self.ambient_inbound and was == maps.MODE_SIDECAR
-                if other is not None and other is not rules and not skip and other.installed(target):
-                    other.remove(target)
+            was = mode if mode is not None else (maps.MODE_SIDECAR if isinstance(spec, SidecarSpec) else None)
+            ambient_in = None if was == maps.MODE_SIDECAR else self.ambient_inbound  # never held a sidecar pod
+            inbound_part.remove_others(rules, (self.inbound, ambient_in), target)
         if pending is not None:  # the next pod's eBPF part went in meanwhile
             with self._out_on_failure(target, had_ebpf):
                 inbound_part.finish(pending, target, maps.inbound_only(spec))
@@ -389,16 +386,20 @@ class EbpfBackend(RedirectBackend):
             except pinning.PinError as e:
                 log.warning("ebpf bpffs unmount failed", extra={"reason": str(e)})
 
-    def remove(self, target: PodTarget) -> None:
+    def remove_beside(self, target: PodTarget, new: PodRules) -> None:
+        """`remove` once `new` holds the pod (StepsAside): the inbound rules `new` wrote over stay (same kind
+        of rules backend), the policy routing too."""
+        self.remove(target, new)
+
+    def remove(self, target: PodTarget, beside: PodRules | None = None) -> None:
         with self._lock:
             pinned = self._pinned(target)[1]
             mode = pinned["mode"] if pinned is not None else None
             self._remove_ebpf(target)
             ALERTS.clear(target.uid)
-            if self.inbound is not None:
-                self.inbound.remove(target)
-            elif self.ambient_inbound is not None and mode != maps.MODE_SIDECAR:
-                self.ambient_inbound.remove(target)  # not for pods pinned as sidecar (never there; a read costs)
+            # the ambient inbound never held a pod pinned as sidecar (spares a rules read)
+            inbound_part.remove(self.inbound or (self.ambient_inbound if mode != maps.MODE_SIDECAR else None),
+                                target, beside)
 
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         with self._lock:

@@ -1,7 +1,8 @@
 """The rules part of an eBPF apply: the pod's inbound capture on the rules backend (an ambient pod's also
 its policy routing), written after its eBPF part. With a rules helper (`iptables.rules_helper`) the part is
 handed to that child under the backend's lock and waited for after it, so the next pod's eBPF part goes in
-meanwhile; the helper not ready, gone or stuck: written right here, as without one."""
+meanwhile; the helper not ready, gone or stuck: written right here, as without one. Removed with the
+eBPF part, or (a spec change) when the pod's inbound moves to the other rules backend."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from node_agent.backends.base import AppliesInNetns, BackendError, PodRules, PodTarget, RedirectSpec
+from node_agent.backends.base import (
+    AppliesInNetns,
+    BackendError,
+    PodRules,
+    PodTarget,
+    RedirectSpec,
+    StepsAside,
+    same_kind,
+)
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.iptables.rules_helper import HelperGone, RulesError, RulesHelper
 
@@ -53,3 +62,22 @@ def finish(pending: Pending, target: PodTarget, spec: RedirectSpec) -> None:
     except RulesError as exc:
         raise BackendError(str(exc)) from exc
     rules.adopt_written(target, spec, digest)
+
+
+def remove(rules: PodRules | None, target: PodTarget, beside: PodRules | None) -> None:
+    """The pod's inbound rules out with its eBPF part. `beside`: the backend the pod moved to (StepsAside):
+    the policy routing stays, and so do rules of `beside`'s kind (it wrote its own over them)."""
+    if rules is None or (beside is not None and same_kind(rules, beside)):
+        return
+    if beside is not None and isinstance(rules, StepsAside):
+        rules.remove_beside(target, beside)
+    else:
+        rules.remove(target)
+
+
+def remove_others(rules: PodRules | None, others: tuple[PodRules | None, ...], target: PodTarget) -> None:
+    """After an apply whose inbound went on `rules`: what the other rules backends wrote for the pod
+    before (its spec moved the inbound from one to the other) comes out."""
+    for other in others:
+        if other is not None and other is not rules and other.installed(target):
+            other.remove(target)

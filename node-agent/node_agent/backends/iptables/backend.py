@@ -36,7 +36,7 @@ from cni.kernel.iptables_run import IptablesError
 from cni.kernel.netns import NetnsReturnError
 from cni.rules import builder
 from node_agent.backends import nft_foreign
-from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
+from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectSpec
 from node_agent.backends.iptables import fresh_remove, nft_fresh_write
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
 from node_agent.kernel.netns_runner import staying_in
@@ -266,6 +266,15 @@ class IptablesBackend:
             raise BackendError(f"iptables remove for pod {target.namespace}/{target.name}: {exc}") from exc
         finally:
             self._forget(target)
+
+    def remove_beside(self, target: PodTarget, new: PodRules) -> None:
+        """`remove` once another backend holds the pod (StepsAside): the policy routing stays."""
+        self._applied.pop(target.netns_path, None)
+        self._forget(target)
+        try:
+            netns_tables.remove_all(target.netns_path, self.flavour, keep_routing=True)
+        except (IptablesError, OSError) as exc:
+            raise BackendError(f"iptables remove for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def announces_part(self, spec: RedirectSpec) -> bool:
         """An ambient pod's policy routing announces its changes (rtnetlink) on any host; on legacy hosts

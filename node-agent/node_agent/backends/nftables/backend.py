@@ -37,7 +37,7 @@ from cni.rules.nft_ambient import AM_MANGLE_PRERT
 from cni.rules.nft_compare import compare
 from cni.rules.sidecar import uses_tproxy
 from node_agent.backends import nft_foreign
-from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
+from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectSpec
 from node_agent.backends.iptables.backend import check_ambient_routing, families_of
 from node_agent.backends.iptables.nft_generation import NftGenerationError, read_here
 from node_agent.backends.nft_table_dump import NftTableDumpError, tables_here
@@ -131,6 +131,13 @@ class NftablesBackend:
         return libnft.listing_of(nft.cmd(nft_text.list_command())), generation
 
     def remove(self, target: PodTarget) -> None:
+        self._remove(target, keep_routing=False)
+
+    def remove_beside(self, target: PodTarget, new: PodRules) -> None:
+        """`remove` once another backend holds the pod (StepsAside): the policy routing stays."""
+        self._remove(target, keep_routing=True)
+
+    def _remove(self, target: PodTarget, keep_routing: bool) -> None:
         self._forget(target.netns_path)
         if not target.netns_path or not os.path.exists(target.netns_path):
             return
@@ -143,7 +150,8 @@ class NftablesBackend:
                 if result.rc != 0:
                     raise BackendError(f"nftables remove refused: {result.error.strip()}")
                 nft.close_in_background = True  # the table is gone: nobody waits for the context's free
-                pod_routing.remove_here(TPROXY_CHAIN in before, AMBIENT_CHAIN in before)
+                if not keep_routing:
+                    pod_routing.remove_here(TPROXY_CHAIN in before, AMBIENT_CHAIN in before)
         except (IptablesError, OSError) as exc:
             if not os.path.exists(target.netns_path):
                 return
