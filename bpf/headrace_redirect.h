@@ -118,4 +118,12 @@ struct hr_conn_key {
     __u32 port;    /* client port, host byte order */
 };
 
+/* a connection by its handshake, as both ends see it whatever NAT did to its ports: the netns and the
+ * next sequence numbers of each direction once it is established (initial sequence number + 1) */
+struct hr_seq_key {
+    __u64 netns;
+    __u32 client; /* the client's snd_nxt, the server's rcv_nxt */
+    __u32 server; /* the server's snd_nxt, the client's rcv_nxt */
+};
+
 #endif

@@ -8,7 +8,8 @@
  *                               constant, so the verifier walks one mode's paths, a quarter of the states)
  *                               and attached under these names
  *   hr_sockops                  sock_ops: at TCP connect, move the original destination from the socket
- *                               cookie to the connection's client address/port (what the proxy sees)
+ *                               cookie to the connection's client address/port (what the proxy sees;
+ *                               also keyed by handshake for a while, for a client port conntrack changed)
  *   hr_getsockopt               cgroup/getsockopt: answers SO_ORIGINAL_DST (SOL_IP 80, SOL_IPV6 80) for
  *                               redirected connections from that map, as netfilter would after REDIRECT
  *   hr_sock_create              cgroup/sock_create (sidecar): the creator's uid/gid of each TCP socket
@@ -64,6 +65,10 @@ BPF_LPM_TRIE(hr_pod_nets, struct hr_net_key, u8, 65536);
 BPF_F_TABLE("hash", u32, u64, hr_pod_tc, 65536, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_cookie_orig, 65536);
 BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_conn_orig, 65536);
+/* the same, by handshake, from the client's side being established until the proxy's: the proxy finds its
+ * connection there when conntrack gave it another source port than the client socket's (the reply tuple
+ * clashed with a lingering entry, e.g. of a connection iptables REDIRECTed before the pod moved to eBPF) */
+BPF_TABLE("lru_hash", struct hr_seq_key, struct hr_orig, hr_seq_orig, 16384);
 BPF_TABLE("lru_hash", u64, struct hr_orig, hr_dns_orig, 65536);
 /* inbound port rewrite state (TC): client (netns, address, port) -> the address and port it dialled */
 BPF_TABLE("lru_hash", struct hr_conn_key, struct hr_orig, hr_nat, 65536);
@@ -493,8 +498,24 @@ int hr_sockops(struct bpf_sock_ops *skops)
         hr_conn_orig.update(&key, &copy);
         hr_cookie_orig.delete(&cookie);
         bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    } else if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        hr_conn_key_of_ops(skops, &key);
+        struct hr_orig *orig = hr_conn_orig.lookup(&key);
+        if (!orig)
+            return 1;
+        struct hr_orig copy = *orig;
+        struct hr_seq_key seq = {.netns = key.netns, .client = skops->snd_nxt, .server = skops->rcv_nxt};
+        hr_seq_orig.update(&seq, &copy);
     } else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
         hr_conn_key_of_peer(skops, &key);
+        struct hr_seq_key seq = {.netns = key.netns, .client = skops->rcv_nxt, .server = skops->snd_nxt};
+        struct hr_orig *by_seq = hr_seq_orig.lookup(&seq);
+        if (by_seq) {
+            /* under the client's port as this end sees it (another one after such a clash) */
+            struct hr_orig copy = *by_seq;
+            hr_conn_orig.update(&key, &copy);
+            hr_seq_orig.delete(&seq);
+        }
         if (hr_conn_orig.lookup(&key))
             bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
         hr_in_orig_from_nat(skops, &key);

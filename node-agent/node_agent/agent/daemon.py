@@ -267,7 +267,8 @@ class Agent:
         self._spawner = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
         self.hub.start()
         if isinstance(self.backend, Prepares):  # e.g. the eBPF node maps and programs, before the first pod
-            threading.Thread(target=self.backend.prepare, name="headrace-backend-prepare", daemon=True).start()
+            threading.Thread(target=self._prepare, args=(self.backend,), name="headrace-backend-prepare",
+                             daemon=True).start()
         self.reconciler.start()
         self.source.start()
         if self.marker is not None:
@@ -281,6 +282,12 @@ class Agent:
             self.health.start()
         log.info("agent started", extra={"step": "start", "backend": self.backend.name,
                                          "state_dir": str(self.config.state_dir), "flavour": self.flavour})
+
+    def _prepare(self, backend: Prepares) -> None:
+        """The backend's node-wide pieces (after a first compile, for eBPF); then pods the fallback took
+        meanwhile (the programs not compiled yet) move to the node's backend, as the next pass chooses."""
+        backend.prepare()
+        self.reconciler.rechoose_backends()
 
     def stop(self) -> None:
         """Clean shutdown: stop serving; leave pods' rules, pins and records in place."""

@@ -75,7 +75,8 @@ POD_MAPS = (
 )
 # every pod's parameters for the node's cgroup and TC programs, by netns cookie and TC slot (pod_index.py)
 INDEX_MAPS = ("hr_pod_cfg", "hr_pod_ports", "hr_pod_nets", "hr_pod_tc")
-NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat", "hr_in_orig", *INDEX_MAPS)
+NODE_MAPS = ("hr_cookie_orig", "hr_conn_orig", "hr_seq_orig", "hr_dns_orig", "hr_sock_owner", "hr_nat", "hr_in_orig",
+             *INDEX_MAPS)
 LICENSE = "Dual MIT/GPL"
 
 
