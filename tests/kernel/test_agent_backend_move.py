@@ -154,6 +154,7 @@ def test_a_move_between_backends_under_traffic_leaves_no_connection_unproxied(
     moving = (agent.base / f"agent{agent.agent_runs}.log").read_text()
     assert "the new redirection goes in beside the old one" in moving
     assert "drift found" not in moving  # e.g. the policy routing taken out with the old backend's rules
+    assert "foreign nftables chains" not in moving  # iptables-nft's chains with only our jumps are not foreign
     assert_proxied(agent, client, server)
 
 

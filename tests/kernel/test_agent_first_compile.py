@@ -150,7 +150,8 @@ def test_the_compile_ends_under_traffic_and_held_pods_stay_put(
     with looping(client, server, tmp_path) as got:
         wait_for(lambda: "ebpf object ready" in agent.agent_log(), 120, "the programs compiled")
         fresh = node.add_pod("shop", "fresh")
-        assert on_ebpf(agent, fresh) and ebpf_state(fresh) and inbound_only_rules(fresh)
+        wait_for(lambda: on_ebpf(agent, fresh), 5, "the new pod on eBPF")  # status rows lag by up to 50 ms
+        assert ebpf_state(fresh) and inbound_only_rules(fresh)
         wait_for(lambda: on_ebpf(agent, client, server), 20, "the fallback's pods moved to eBPF")
         moved = len(agent.proxy_lines())
         wait_for(lambda: len(agent.proxy_lines()) > moved + 200, 20, "connections after the move")
@@ -167,6 +168,7 @@ def test_the_compile_ends_under_traffic_and_held_pods_stay_put(
     agent.kill_agent(signal.SIGKILL)
     start_without_cache(agent, node, monkeypatch)
     late = node.add_pod("shop", "late")
+    wait_for(lambda: backends(agent, late) != [""], 5, "the new pod in status")  # its rows lag by up to 50 ms
     assert backends(agent, late) == ["iptables"], "the compile ended before the pod came"
     wait_for(lambda: on_ebpf(agent, fresh), 20, "the eBPF pod adopted")
     wait_for(lambda: agent.agent_log().count("ebpf object ready") == 2, 120, "the programs compiled again")

@@ -449,6 +449,10 @@ def test_enrolled_pods_move_backend_when_the_choice_changes(env: Env) -> None:
     r.reconcile()
     assert r.pods[UID].backend == "iptables", "nothing moves until asked"
     r.rechoose_backends()
+    r.reconcile()  # the move's apply runs on its own pool; a later pass collects it
+    assert r.pods[UID].state == "pending" and r.pods[UID].reason == "moving to the ebpf backend"
+    for job in list(r.enrolment.jobs.values()):
+        job.result(timeout=5)
     r.reconcile()
     assert r.pods[UID].state == "enrolled" and r.pods[UID].backend == "ebpf"
     assert fallback.rules == {} and node.rules == {UID: 1}

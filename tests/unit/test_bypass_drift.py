@@ -86,6 +86,26 @@ def test_foreign_base_chains_ahead_of_nat_are_found() -> None:
     assert [(c.family, c.table, c.name) for c in nft] == [("ip", "nat", "OUTPUT"), ("inet", "bar", "raw")]
 
 
+def test_iptables_nft_chains_holding_only_our_jumps_are_told_apart() -> None:
+    """A pod moving from the iptables backend to nftables: iptables-nft's base chains with nothing but jumps
+    into our chains are the iptables backend's (logged as such when nftables takes them out), any other
+    rule makes the chain foreign."""
+    jump = {"jump": {"target": "HEADRACE_AM_OUTPUT"}}
+    text = _ruleset(
+        {"chain": {"family": "ip", "table": "nat", "name": "OUTPUT", "handle": 1, "type": "nat",
+                   "hook": "output", "prio": -100, "policy": "accept"}},
+        {"chain": {"family": "ip", "table": "mangle", "name": "OUTPUT", "handle": 2, "type": "route",
+                   "hook": "output", "prio": -150, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "OUTPUT", "handle": 3, "expr": [{"counter": None}, jump]}},
+        {"rule": {"family": "ip", "table": "mangle", "chain": "OUTPUT", "handle": 4, "expr": [jump]}},
+        {"rule": {"family": "ip", "table": "mangle", "chain": "OUTPUT", "handle": 5,
+                  "expr": [{"jump": {"target": "OTHER"}}]}},
+    )
+    nat, mangle = nft_foreign.parse_ruleset(text)
+    assert nat.only_our_jumps() and (nat.rules, nat.jumps_to_ours) == (1, 1)
+    assert not mangle.only_our_jumps() and (mangle.rules, mangle.jumps_to_ours) == (2, 1)
+
+
 def test_a_changed_policy_on_our_nftables_chain_is_drift() -> None:
     from cni.contract.spec import SidecarSpec
     from cni.rules import nft_builder

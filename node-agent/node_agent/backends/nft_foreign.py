@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cni.rules.rule_text import OWNED_PREFIX
 from node_agent.backends.nft_table_dump import NftTableDumpError, tables_here
 from node_agent.kernel.netns_runner import run_in_netns
 
@@ -60,6 +61,12 @@ class BaseChain:
     priority: int
     policy: str
     rules: int
+    jumps_to_ours: int = 0  # rules whose verdict is a jump into one of our iptables chains (HEADRACE_*)
+
+    def only_our_jumps(self) -> bool:
+        """An iptables-nft chain holding nothing but the iptables backend's jumps (a pod it redirected,
+        moving to the nftables backend)."""
+        return 0 < self.rules == self.jumps_to_ours and self.policy == "accept"
 
     def describe(self) -> str:
         return (f"{self.family} {self.table} {self.name} (hook {self.hook}, priority {self.priority}, "
@@ -73,6 +80,7 @@ def parse_ruleset(text: str) -> list[BaseChain]:
     except (ValueError, AttributeError) as exc:
         raise NftForeignError(f"nft -j output unreadable: {exc}") from None
     counts: dict[tuple[str, str, str], int] = {}
+    ours: dict[tuple[str, str, str], int] = {}
     chains: list[dict[str, Any]] = []
     for item in items:
         if not isinstance(item, dict):
@@ -83,6 +91,8 @@ def parse_ruleset(text: str) -> list[BaseChain]:
             r = item["rule"]
             key = (str(r.get("family")), str(r.get("table")), str(r.get("chain")))
             counts[key] = counts.get(key, 0) + 1
+            if _jumps_to_ours(r.get("expr")):
+                ours[key] = ours.get(key, 0) + 1
     out = []
     for c in chains:
         fam, table, name = str(c.get("family")), str(c.get("table")), str(c.get("name"))
@@ -90,9 +100,18 @@ def parse_ruleset(text: str) -> list[BaseChain]:
             prio, handle = int(c.get("prio", 0)), int(c.get("handle", 0))
         except (TypeError, ValueError):
             continue
+        key = (fam, table, name)
         out.append(BaseChain(fam, table, name, handle, str(c.get("hook")), prio, str(c.get("policy", "accept")),
-                             counts.get((fam, table, name), 0)))
+                             counts.get(key, 0), ours.get(key, 0)))
     return out
+
+
+def _jumps_to_ours(expr: object) -> bool:
+    """Whether a rule's expressions end in a jump into one of our iptables chains."""
+    last = expr[-1] if isinstance(expr, list) and expr else None
+    jump = last.get("jump") if isinstance(last, dict) else None
+    target = jump.get("target") if isinstance(jump, dict) else None
+    return isinstance(target, str) and target.startswith(OWNED_PREFIX)
 
 
 def iptables_owned(c: BaseChain) -> bool:

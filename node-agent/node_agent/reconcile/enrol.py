@@ -65,16 +65,18 @@ class AmbientEnrolment:
         self.node_name = node_name
         self._wake = wake  # the proxy acked: the loop takes the next step
         self._verify_soon = verify_soon  # rules were found in place: read them back in this pass
-        self._pools: dict[bool, ThreadPoolExecutor] = {}  # in-process applies or not -> its pool, made when needed
+        # in-process applies or not (or "move": pods changing backend) -> its pool, made when needed
+        self._pools: dict[bool | str, ThreadPoolExecutor] = {}
         self.jobs: dict[str, Future[JobResult]] = {}  # uid -> its running (or not yet collected) apply
         self._sent: dict[str, PodState] = {}  # pods told to the proxy since step_jobs last looked at them
         self._published, self._unpublished = 0.0, False  # status rows: last rebuilt, changes since
 
     def close(self) -> None:
-        """Agent shutdown: running applies finish; nothing new starts."""
+        """Agent shutdown: running applies finish; nothing new starts (queued ones are dropped: the next
+        agent adopts those pods from their records and finishes them)."""
         pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def new_state(self, uid: str, namespace: str, name: str) -> PodState:
         return PodState(uid, namespace, name, AMBIENT, self.spec)
@@ -165,8 +167,10 @@ class AmbientEnrolment:
             return
         try:
             # the choice may have changed while the proxy was acking, or since the agent that enrolled an
-            # adopted pod (then the old backend's redirection comes out and the new one goes in)
+            # adopted pod (then the old backend's redirection comes out and the new one goes in); an adopted
+            # pod's cgroup is looked for here when that agent's backend did not need it
             recorded = st.backend
+            self.netns.fill_cgroup(st, self.netns.new_scan())
             self.backends.settle(st)
             if st.backend != recorded:
                 self.table.save_record(st)
@@ -226,13 +230,15 @@ class AmbientEnrolment:
             self.table.notify()
             self._published, self._unpublished = now, False
 
-    def _submit(self, st: PodState, target: PodTarget, backend: RedirectBackend) -> None:
-        """Start the pod's conntrack guard and rules on the pool (lock held)."""
+    def _submit(self, st: PodState, target: PodTarget, backend: RedirectBackend, *, move: bool = False) -> None:
+        """Start the pod's conntrack guard and rules on the pool (lock held); `move`: on the moves' own pool,
+        one at a time, so enrolments never queue behind a wave of them."""
         in_process = isinstance(backend, AppliesInNetns)
-        pool = self._pools.get(in_process)
+        key: bool | str = "move" if move else in_process
+        pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[in_process] = ThreadPoolExecutor(
-                max_workers=IN_PROCESS_WORKERS if in_process else APPLY_WORKERS, thread_name_prefix="enrol-apply")
+            workers = 1 if move else IN_PROCESS_WORKERS if in_process else APPLY_WORKERS
+            pool = self._pools[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enrol-apply")
         known, record, leaving = st.tcp_loose, self.table.record_of(st), self.backends.leaving(st)
         spec, conntrack, records, ctx = self.spec, self.conntrack, self.table.records, log_ctx(st, "conntrack")
 
@@ -351,21 +357,23 @@ class AmbientEnrolment:
         return True
 
     def switch_backends(self) -> None:
-        """Move enrolled pods whose backend would be chosen differently now (e.g. the node proxy's cgroup
-        became known: pods on the iptables fallback go to eBPF), as `Backends.settle` says."""
+        """Move enrolled pods whose backend would be chosen differently now (the node proxy's cgroup became
+        known, or the eBPF programs compiled: pods on the iptables fallback go to eBPF), as
+        `Backends.settle` says. Their applies run one at a time on a pool of their own, collected by later
+        passes as enrolments' are (new pods do not wait for a wave of moves); the proxy keeps serving the
+        pods meanwhile."""
         for st in self.table.of_mode(AMBIENT):
-            if st.state != ENROLLED or not st.backend or self.backends.choose(st).name == st.backend:
+            if (st.state != ENROLLED or not st.backend or st.uid in self.jobs
+                    or self.backends.choose(st).name == st.backend):
                 continue
-            old = st.backend
             try:
                 self.backends.settle(st)
-                target, backend = self.netns.target(st), self.backends.of(st)
-                backend.apply(target, self.spec)
-                self.backends.step_aside(self.backends.leaving(st), target, backend)
-                st.rules_in, st.leaving = True, ""
                 self.table.save_record(st)
-                log.info("pod re-applied on the %s backend (was %s)", st.backend, old,
-                         extra=log_ctx(st, "backend-switch"))
+                target = self.netns.target(st)
             except (BackendError, PinError, OSError) as exc:
-                st.state, st.rules_in = PENDING, False
+                st.rules_in = False
                 self.table.fail(st, f"backend switch: {exc}")  # retried like any failed enrolment
+                continue
+            st.state = PENDING  # not drift-checked while its apply runs
+            self._submit(st, target, self.backends.of(st), move=True)
+            st.reason = f"moving to the {st.backend} backend"

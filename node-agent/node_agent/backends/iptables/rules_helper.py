@@ -135,8 +135,8 @@ class RulesHelper:
             if not stale:
                 self._proc, self._ready = proc, False
                 self.starts += 1
-        if stale:
-            _end(proc, kill=False)
+        if stale:  # nothing for it to finish: gone at once, not after the agent's own end
+            _end(proc, kill=True)
             return
         self._read(proc)
 
@@ -213,12 +213,13 @@ class RulesHelper:
             raise HelperGone("rules helper stuck") from None
 
     def stop(self) -> None:
-        """Agent shutdown: the child is told (its input closed) and waited for; nothing starts again."""
+        """Agent shutdown: the child is told (its input closed) and waited for, or killed when it is not
+        ready yet (it holds no request); nothing starts again."""
         with self._lock:
             self._stopped = True
-            proc = self._proc
+            proc, ready = self._proc, self._ready
         if proc is not None:
-            self._gone(proc, "stopped")
+            self._gone(proc, "stopped", kill=not ready)
 
 
 class RulesError(Exception):

@@ -112,11 +112,13 @@ class NftablesBackend:
         foreign = nft_foreign.ahead_of_redirect(chains, families, nft_foreign.nftables_owned)
         before = swap_here(nft, what, _removal(target, foreign), table,
                            any(nft_foreign.nftables_owned(c) for c in chains))
-        if foreign:
-            log.warning("foreign nftables chains ahead of our redirect removed: %s",
-                        "; ".join(c.describe() for c in foreign),
-                        extra={"pod": target.name, "namespace": target.namespace, "uid": target.uid,
-                               "netns": target.netns_path, "step": "nft-foreign"})
+        if foreign:  # only the iptables backend's jumps: the pod moves from it (its chains come out after)
+            moving = all(c.only_our_jumps() for c in foreign)
+            log.log(logging.INFO if moving else logging.WARNING, "%s ahead of our redirect removed: %s",
+                    "the iptables backend's chains" if moving else "foreign nftables chains",
+                    "; ".join(c.describe() for c in foreign),
+                    extra={"pod": target.name, "namespace": target.namespace, "uid": target.uid,
+                           "netns": target.netns_path, "step": "nft-foreign"})
         try:
             pod_routing.add_here(spec, families, before is not None and TPROXY_CHAIN in before)
         except OSError as exc:
