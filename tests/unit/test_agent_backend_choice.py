@@ -383,3 +383,24 @@ def test_a_move_started_before_the_last_one_finished_leaves_neither_old_backend(
     assert row(r3, UID)["state"] == "enrolled" and third.rules == {UID: 1} and not ipt.rules and not nft.rules
     assert events[1:] == ["nftables apply", "iptables remove beside nftables", "third apply",
                           "nftables remove beside third"]
+
+
+def test_a_pod_adopted_from_an_agent_that_needed_no_cgroup_gets_it_before_moving_to_ebpf(tmp_path: Path) -> None:
+    """An iptables agent records no cgroup where its scan found none; the eBPF agent that adopts the pod looks
+    for it then, so the move's apply has it (without it eBPF fails the pod until a retry)."""
+    env = Env(tmp_path)
+    env.fake_netns(UID)
+    ipt = FakeIptables()
+    r = make(env, ipt, None, cgroup_fallback=False)
+    env.set(AMBIENT, pod(UID))
+    r.reconcile()
+    assert env.records.load_all()[UID].cgroup_path is None
+
+    cg = "/sys/fs/cgroup/unified/k/pod" + UID
+    with_cgroup(env, cg)
+    env.hub, ebpf = FakeHub(), FakeEbpf()
+    r2 = make(env, ebpf, ipt, cgroup_fallback=False)
+    r2.adopt()
+    r2.reconcile()
+    assert row(r2, UID)["state"] == "enrolled" and ebpf.cgroups == [cg]
+    assert env.records.load_all()[UID].cgroup_path == cg

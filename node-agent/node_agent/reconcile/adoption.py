@@ -18,6 +18,7 @@ from cni.contract.errors import CniError
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.enrol import AmbientEnrolment
 from node_agent.reconcile.gate import AdoptionGate
+from node_agent.reconcile.pod_netns import Scan
 from node_agent.reconcile.records import EnrolRecord
 from node_agent.reconcile.state import ENROLLED, FAILED, SIDECAR, PodState, log_ctx
 from node_agent.reconcile.table import PodTable
@@ -45,11 +46,12 @@ class Adoption:
         pins = self.table.pins
         records = self.table.records.load_all()
         pinned = pins.pinned()
+        scan = self.enrolment.netns.new_scan()  # taken only if a pod's cgroup is wanted and not found at once
         for uid, rec in records.items():
             if rec.mode == SIDECAR:
                 self._adopt_sidecar(rec, pinned.get(uid))
             else:
-                self._adopt_ambient(rec, pinned.get(uid))
+                self._adopt_ambient(rec, pinned.get(uid), scan)
         for uid, ino in pinned.items():
             if uid not in self.table.pods and uid not in records:
                 st = self.enrolment.new_state(uid, "", "")
@@ -59,7 +61,7 @@ class Adoption:
         for uid in pins.leftovers():
             pins.release(uid)
 
-    def _adopt_ambient(self, rec: EnrolRecord, pinned_inode: int | None) -> None:
+    def _adopt_ambient(self, rec: EnrolRecord, pinned_inode: int | None, scan: Scan) -> None:
         uid = rec.uid
         st = self.enrolment.new_state(uid, rec.namespace, rec.name)
         st.ips, st.inode, st.tcp_loose = rec.ips, rec.netns_inode, rec.tcp_loose
@@ -69,6 +71,7 @@ class Adoption:
             st.netns = str(self.table.pins.path(uid))
             st.rules_in = not st.leaving  # checked before use, never re-added blindly; an unfinished move is re-applied
             st.reason = "adopted after restart"
+            self.enrolment.netns.fill_cgroup(st, scan)  # recorded by an agent whose backend did not need it
             self.table.pods[uid] = st
             if st.ips:
                 # back into the desired set, before any proxy gets a snapshot

@@ -167,10 +167,8 @@ class AmbientEnrolment:
             return
         try:
             # the choice may have changed while the proxy was acking, or since the agent that enrolled an
-            # adopted pod (then the old backend's redirection comes out and the new one goes in); an adopted
-            # pod's cgroup is looked for here when that agent's backend did not need it
+            # adopted pod (then the old backend's redirection comes out and the new one goes in)
             recorded = st.backend
-            self.netns.fill_cgroup(st, self.netns.new_scan())
             self.backends.settle(st)
             if st.backend != recorded:
                 self.table.save_record(st)
