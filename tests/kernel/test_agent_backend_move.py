@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,36 +40,6 @@ from tests.kernel.test_backend_parity import (
 pytestmark = pytest.mark.kernel
 
 
-def test_a_move_to_ebpf_under_traffic_leaves_no_connection_unproxied(ebpf_env: Any, tmp_path: Path) -> None:
-    node, agent, apps = ebpf_env
-    agent.extra = ["--backend", "iptables"]
-    node.add_namespace("shop", AMBIENT)
-    agent.start_proxy()
-    agent.start_agent()
-    client, server = shop(node, agent, apps)
-
-    seen = len(agent.proxy_lines())
-    with looping(client, server, tmp_path) as got:
-        wait_for(lambda: len(agent.proxy_lines()) > seen + 100, 20, "connections on iptables")
-        agent.kill_agent(signal.SIGTERM)
-        agent.use_backend("ebpf")
-        agent.start_agent()
-        wait_for(lambda: on_ebpf(agent, client, server), 60, "both pods moved to eBPF")
-        moved = len(agent.proxy_lines())
-        wait_for(lambda: len(agent.proxy_lines()) > moved + 200, 20, "connections after the move")
-    assert got["ok"] > 200
-    assert got["failures"] == 0, got["failed"]
-
-    wait_for(lambda: min(relayed(agent, seen, client, server)) >= got["ok"], 10, "every connection in the log")
-    outbound, inbound = relayed(agent, seen, client, server)
-    assert outbound == got["ok"], f"{got['ok'] - outbound} connections left the client unproxied"
-    assert inbound == got["ok"], f"{got['ok'] - inbound} connections reached the server unproxied"
-    assert backends(agent, client, server) == ["ebpf", "ebpf"]
-    assert ebpf_state(client) and inbound_only_rules(client) and inbound_only_rules(server)
-    assert "moves from the iptables to the ebpf backend in place" in agent.agent_log()
-    assert_proxied(agent, client, server)
-
-
 # the agent's arguments for each backend; iptables-legacy is the iptables backend on legacy x_tables
 ARGS = {
     "iptables": ["--backend", "iptables"],
@@ -85,6 +55,42 @@ MOVES = [
     ("ebpf", "iptables"),
     ("ebpf", "nftables"),
 ]
+
+
+def move_under_loop(agent: Any, client: Pod, server: Pod, tmp_path: Path, backend: str,
+                    moved: Callable[[], bool]) -> None:
+    """A tight connect loop from client to server while the agent is restarted with `backend` and until
+    `moved`, then 200 more: not one connection fails, leaves the client or reaches the server unproxied."""
+    seen = len(agent.proxy_lines())
+    with looping(client, server, tmp_path) as got:
+        wait_for(lambda: len(agent.proxy_lines()) > seen + 100, 20, "connections before the move")
+        agent.kill_agent(signal.SIGTERM)
+        agent.extra = [*ARGS[backend], "--proxy-cgroup", str(agent.proxy_cgroup)]
+        agent.start_agent()
+        wait_for(moved, 60, f"the pods moved to {backend}")
+        now = len(agent.proxy_lines())
+        wait_for(lambda: len(agent.proxy_lines()) > now + 200, 20, "connections after the move")
+    assert got["ok"] > 200
+    assert got["failures"] == 0, got["failed"]
+    wait_for(lambda: min(relayed(agent, seen, client, server)) >= got["ok"], 10, "every connection in the log")
+    outbound, inbound = relayed(agent, seen, client, server)
+    assert outbound == got["ok"], f"{got['ok'] - outbound} connections left the client unproxied"
+    assert inbound == got["ok"], f"{got['ok'] - inbound} connections reached the server unproxied"
+
+
+def test_a_move_to_ebpf_under_traffic_leaves_no_connection_unproxied(ebpf_env: Any, tmp_path: Path) -> None:
+    node, agent, apps = ebpf_env
+    agent.extra = ["--backend", "iptables"]
+    node.add_namespace("shop", AMBIENT)
+    agent.start_proxy()
+    agent.start_agent()
+    client, server = shop(node, agent, apps)
+
+    move_under_loop(agent, client, server, tmp_path, "ebpf", lambda: on_ebpf(agent, client, server))
+    assert backends(agent, client, server) == ["ebpf", "ebpf"]
+    assert ebpf_state(client) and inbound_only_rules(client) and inbound_only_rules(server)
+    assert "moves from the iptables to the ebpf backend in place" in agent.agent_log()
+    assert_proxied(agent, client, server)
 
 
 @pytest.fixture(params=MOVES, ids=[f"{a}-to-{b}" for a, b in MOVES])
@@ -133,21 +139,7 @@ def test_a_move_between_backends_under_traffic_leaves_no_connection_unproxied(
             agent.pod_state(p.uid) == "enrolled" for p in (client, server)
         )
 
-    seen = len(agent.proxy_lines())
-    with looping(client, server, tmp_path) as got:
-        wait_for(lambda: len(agent.proxy_lines()) > seen + 100, 20, "connections before the move")
-        agent.kill_agent(signal.SIGTERM)
-        agent.extra = [*ARGS[after], "--proxy-cgroup", str(agent.proxy_cgroup)]
-        agent.start_agent()
-        wait_for(moved, 60, f"both pods moved to {after}")
-        now = len(agent.proxy_lines())
-        wait_for(lambda: len(agent.proxy_lines()) > now + 200, 20, "connections after the move")
-    assert got["ok"] > 200
-    assert got["failures"] == 0, got["failed"]
-    wait_for(lambda: min(relayed(agent, seen, client, server)) >= got["ok"], 10, "every connection in the log")
-    outbound, inbound = relayed(agent, seen, client, server)
-    assert outbound == got["ok"], f"{got['ok'] - outbound} connections left the client unproxied"
-    assert inbound == got["ok"], f"{got['ok'] - inbound} connections reached the server unproxied"
+    move_under_loop(agent, client, server, tmp_path, after, moved)
     for pod in (client, server):
         assert left_by_others(pod, name) == [], f"{pod.name}: the old backend's redirection is still there"
         assert ambient_routing(pod), f"{pod.name}: the ambient policy routing is gone"
