@@ -132,24 +132,31 @@ class Backends:
         if st.backend and st.backend != chosen.name:
             old = self.named(st.backend)
             if old is not None and st.inode:
-                if rewrites_in_place(old, chosen, st.spec):
-                    log.info("pod moves from the %s to the %s backend in place", old.name, chosen.name,
-                             extra=log_ctx(st, "backend-switch"))
-                elif old.installed(target := self._netns.target(st)):
-                    if isinstance(old, StepsAside):
-                        if st.leaving and st.leaving != chosen.name:  # a move before this one not finished
-                            self.step_aside(self.leaving(st), target, old)
-                        st.leaving = old.name
-                        log.info("pod moves from the %s to the %s backend: the new redirection goes in beside "
-                                 "the old one", old.name, chosen.name, extra=log_ctx(st, "backend-switch"))
-                    else:
-                        old.remove(target)
-                        log.info("pod moved from the %s to the %s backend", old.name, chosen.name,
-                                 extra=log_ctx(st, "backend-switch"))
+                self._leave(st, old, chosen)
             st.rules_in = False
         st.backend = chosen.name
         if st.leaving == chosen.name:
             st.leaving = ""  # moved back before the old one came out: it is the pod's again
+
+    def _leave(self, st: PodState, old: RedirectBackend, chosen: RedirectBackend) -> None:
+        """The pod's move from `old` to `chosen`: rewritten in place, or `old` leaving (stepping aside after
+        the apply), or, where it cannot step aside, its redirection removed now."""
+        ctx = log_ctx(st, "backend-switch")
+        if rewrites_in_place(old, chosen, st.spec):
+            log.info("pod moves from the %s to the %s backend in place", old.name, chosen.name, extra=ctx)
+            return
+        target = self._netns.target(st)
+        if not old.installed(target):
+            return
+        if not isinstance(old, StepsAside):
+            old.remove(target)
+            log.info("pod moved from the %s to the %s backend", old.name, chosen.name, extra=ctx)
+            return
+        if st.leaving and st.leaving != chosen.name:  # a move before this one not finished
+            self.step_aside(self.leaving(st), target, old)
+        st.leaving = old.name
+        log.info("pod moves from the %s to the %s backend: the new redirection goes in beside the old one",
+                 old.name, chosen.name, extra=ctx)
 
     def leaving(self, st: PodState) -> RedirectBackend | None:
         """The backend whose redirection is still in the pod beside its own backend's (a move), or None."""

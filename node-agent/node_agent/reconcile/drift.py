@@ -81,8 +81,7 @@ def partly_announced(backend: RedirectBackend) -> PartlyAnnounced | None:
 def _read(uid: str, st: PodState, backend: RedirectBackend, target: PodTarget, due: Due | None) -> list[str]:
     """One pod's check: of a partly announced backend's pod, only the part the pass is due for. Raises
     BackendError."""
-    partly = partly_announced(backend) if due is not None else None
-    if partly is not None and due is not None:
+    if due is not None and (partly := partly_announced(backend)) is not None:
         if uid in due.partial:
             return partly.check_unannounced(target, st.spec)
         if uid in due.announced:

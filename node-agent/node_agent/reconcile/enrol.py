@@ -361,9 +361,8 @@ class AmbientEnrolment:
         passes as enrolments' are (new pods do not wait for a wave of moves); the proxy keeps serving the
         pods meanwhile."""
         for st in self.table.of_mode(AMBIENT):
-            if (st.state != ENROLLED or not st.backend or st.uid in self.jobs
-                    or self.backends.choose(st).name == st.backend):
-                continue
+            if st.state != ENROLLED or not st.backend or self.backends.choose(st).name == st.backend:
+                continue  # (an enrolled pod has no apply job: its job was collected first)
             try:
                 self.backends.settle(st)
                 self.table.save_record(st)
