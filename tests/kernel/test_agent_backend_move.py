@@ -8,7 +8,8 @@ connection fails, leaves the client or reaches the server without passing the pr
 iptables connections' conntrack entries linger (a new connection whose reply tuple meets one gets another
 source port from conntrack: the proxy finds it by its handshake; see docs/ebpf.md, "Moving a live pod").
 
-Every other move (iptables ↔ nftables, legacy iptables → nftables and back, eBPF → iptables or nftables),
+Every other move (iptables ↔ nftables, legacy iptables → nftables and back, legacy ↔ nft iptables: the
+node's flavour changed, eBPF → iptables or nftables),
 under the same loop: not one connection fails or passes unproxied, the old backend leaves nothing, the
 policy routing both use stays (no drift repair after the move).
 """
@@ -40,12 +41,16 @@ from tests.kernel.test_backend_parity import (
 pytestmark = pytest.mark.kernel
 
 
-# the agent's arguments for each backend; iptables-legacy is the iptables backend on legacy x_tables
+# the agent's arguments for each backend; iptables-legacy and iptables-nft: the iptables backend on one
+# flavour (plain iptables: the flavour `auto` detects)
 ARGS = {
     "iptables": ["--backend", "iptables"],
     "iptables-legacy": ["--backend", "iptables", "--iptables", "legacy"],
+    "iptables-nft": ["--backend", "iptables", "--iptables", "nft"],
     "nftables": ["--backend", "nftables"],
     "ebpf": ["--backend", "ebpf"],
+    "ebpf-legacy": ["--backend", "ebpf", "--iptables", "legacy"],  # ambient inbound on legacy iptables
+    "ebpf-nft": ["--backend", "ebpf", "--iptables", "nft"],
 }
 MOVES = [
     ("iptables", "nftables"),
@@ -54,6 +59,9 @@ MOVES = [
     ("nftables", "iptables-legacy"),
     ("ebpf", "iptables"),
     ("ebpf", "nftables"),
+    ("iptables-legacy", "iptables-nft"),
+    ("iptables-nft", "iptables-legacy"),
+    ("ebpf-legacy", "ebpf-nft"),
 ]
 
 
@@ -96,18 +104,21 @@ def test_a_move_to_ebpf_under_traffic_leaves_no_connection_unproxied(ebpf_env: A
 @pytest.fixture(params=MOVES, ids=[f"{a}-to-{b}" for a, b in MOVES])
 def move(request: pytest.FixtureRequest, make_node: Any) -> Iterator[tuple[str, str, Any]]:
     before, after = request.param
-    if "ebpf" in (before, after) and (problems := ebpf_problems()):
+    if any(b.startswith("ebpf") for b in (before, after)) and (problems := ebpf_problems()):
         pytest.skip(f"eBPF cannot run here: {'; '.join(problems)}")
     for env in node_env(make_node, before.split("-")[0]):
         yield before, after, env
 
 
 def left_by_others(pod: Pod, backend: str) -> list[str]:
-    """What backends other than `backend` have in the pod."""
+    """What backends other than `backend` (a key of ARGS) have in the pod; iptables rules of another
+    flavour than the one `backend` names count (an eBPF pod's are its ambient inbound's)."""
+    kind, _, flavour = backend.partition("-")
+    ours = ("iptables", "ebpf") if flavour else ("iptables",)
     return [
-        *(ebpf_state(pod) if backend != "ebpf" else []),
-        *(iptables_state(pod) if backend != "iptables" else []),
-        *(nftables_state(pod) if backend != "nftables" else []),
+        *(ebpf_state(pod) if kind != "ebpf" else []),
+        *(r for r in iptables_state(pod) if kind not in ours or (flavour and not r.startswith(f"{flavour}:"))),
+        *(nftables_state(pod) if kind != "nftables" else []),
     ]
 
 
@@ -136,15 +147,18 @@ def test_a_move_between_backends_under_traffic_leaves_no_connection_unproxied(
 
     def moved() -> bool:
         return backends(agent, client, server) == [name, name] and all(
-            agent.pod_state(p.uid) == "enrolled" for p in (client, server)
+            agent.pod_state(p.uid) == "enrolled" and not left_by_others(p, after) for p in (client, server)
         )
 
     move_under_loop(agent, client, server, tmp_path, after, moved)
     for pod in (client, server):
-        assert left_by_others(pod, name) == [], f"{pod.name}: the old backend's redirection is still there"
+        assert left_by_others(pod, after) == [], f"{pod.name}: the old backend's redirection is still there"
         assert ambient_routing(pod), f"{pod.name}: the ambient policy routing is gone"
+    if name == "ebpf":  # the same backend: its ambient inbound's rules moved to the other flavour
+        assert all(ebpf_state(p) and inbound_only_rules(p) for p in (client, server))
     moving = (agent.base / f"agent{agent.agent_runs}.log").read_text()
-    assert "the new redirection goes in beside the old one" in moving
+    how = "inbound rules move from the" if name == "ebpf" else "the new redirection goes in beside"
+    assert how in moving
     assert "drift found" not in moving  # e.g. the policy routing taken out with the old backend's rules
     assert "foreign nftables chains" not in moving  # iptables-nft's chains with only our jumps are not foreign
     assert_proxied(agent, client, server)
@@ -174,7 +188,8 @@ def test_an_agent_killed_in_the_middle_of_moves_finishes_them_after_its_restart(
     wait_for(lambda: "goes in beside the old one" in log.read_text(), 20, "the first move")
     agent.kill_agent(signal.SIGKILL)
     records = [json.loads(p.read_text()) for p in (node.state_dir / "pods").glob("*.json")]
-    assert any(r.get("leaving") == "iptables" for r in records), "no move was under way at the kill"
+    # (a record names the iptables flavour: iptables-nft or iptables-legacy, whichever `auto` found)
+    assert any(str(r.get("leaving")).startswith("iptables-") for r in records), "no move was under way at the kill"
 
     agent.start_agent()
     wait_for(lambda: backends(agent, *pods) == ["nftables"] * len(pods)

@@ -359,3 +359,26 @@ def test_del_after_the_agent_died_removes_agent_rules(warm: tuple[SimNode, Agent
     agent.kill_agent(signal.SIGKILL)
     node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)
     assert headrace_rules(pod.netns.path) == []
+
+
+@pytest.mark.parametrize("warm", ["iptables-legacy", "iptables-nft"], indirect=True)
+def test_a_held_sidecar_pod_keeps_its_flavour_when_the_agents_changes(warm: tuple[SimNode, AgentRun, str]) -> None:
+    """An agent restarted with the other iptables flavour checks a sidecar pod it holds in the flavour the
+    pod's rules are in (no second set in its own flavour: nothing to leave behind), and DEL takes them out."""
+    node, agent, _backend = warm
+    before = agent.extra[-1]
+    agent.start_agent()
+    peer = node.add_pod("plain", "peer")
+    pod = node.add_pod("shop", "web", annotations=SIDECAR)
+    assert any(r["msg"] == "sidecar redirect applied by the agent" for r in plugin_lines(node, pod.container_id))
+    agent.kill_agent(signal.SIGTERM)
+    agent.extra[-1] = "nft" if before == "legacy" else "legacy"
+    agent.start_agent()
+    wait_for(lambda: agent.pod_state(pod.uid) == "enrolled", 10, "the restarted agent holds the pod")
+    assert agent.status()[pod.uid]["backend"] == f"iptables-{before}"
+    time.sleep(1.5)  # drift checks (every 0.5 s)
+    assert {r.split(":")[0] for r in headrace_rules(pod.netns.path)} == {before}
+    assert "drift found" not in agent.agent_log()
+    redirected(pod, peer)
+    node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)
+    assert headrace_rules(pod.netns.path) == []

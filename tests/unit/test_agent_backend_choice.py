@@ -404,3 +404,46 @@ def test_a_pod_adopted_from_an_agent_that_needed_no_cgroup_gets_it_before_moving
     r2.reconcile()
     assert row(r2, UID)["state"] == "enrolled" and ebpf.cgroups == [cg]
     assert env.records.load_all()[UID].cgroup_path == cg
+
+
+def test_a_pod_recorded_on_the_other_iptables_flavour_moves_to_the_nodes(tmp_path: Path) -> None:
+    """The node's iptables flavour changed between two agent runs: the pod's record names the old flavour,
+    a backend of that flavour (built only for it) steps aside once the node's flavour is in; an eBPF pod's
+    inbound rules on the old flavour leave the same way, after its re-apply."""
+    env = Env(tmp_path)
+    env.fake_netns(UID)
+    events: list[str] = []
+    env.records.iptables_flavour = "legacy"
+    legacy = Stepping("iptables", events)
+    r = make(env, legacy, None, cgroup_fallback=False)
+    env.set(AMBIENT, pod(UID))
+    r.reconcile()
+    assert env.records.load_all()[UID].backend == "iptables"  # (on disk: iptables-legacy)
+
+    env.hub, env.records.iptables_flavour = FakeHub(), "nft"
+    legacy.name = "iptables-legacy"  # what the factory builds for the old flavour
+    nft = Stepping("iptables", events)
+    r2 = make(env, nft, None, cgroup_fallback=False, factory={"iptables-legacy": legacy}.get)
+    r2.adopt()
+    r2.reconcile()
+    assert row(r2, UID)["state"] == "enrolled" and row(r2, UID)["backend"] == "iptables"
+    assert events == ["iptables apply", "iptables apply", "iptables-legacy remove beside iptables"]
+    assert nft.rules == {UID: 1} and not legacy.rules and env.records.load_all()[UID].leaving == ""
+
+    # eBPF now, its ambient inbound on iptables-nft; then the flavour changes again
+    env.hub, env.records.ebpf_inbound = FakeHub(), "iptables"
+    with_cgroup(env, "/sys/fs/cgroup/unified/k/pod" + UID)
+    nft.name = "iptables-nft"
+    ebpf = FakeEbpf()
+    r3 = make(env, ebpf, None, cgroup_fallback=False, factory={"iptables-nft": nft}.get)
+    r3.adopt()
+    r3.reconcile()
+    assert row(r3, UID)["backend"] == "ebpf" and env.records.load_all()[UID].inbound == "iptables"
+    nft.rules[UID] = 1  # (a fake eBPF writes no inbound rules: these stand for them)
+    env.hub, env.records.iptables_flavour = FakeHub(), "legacy"
+    r4 = make(env, ebpf, None, cgroup_fallback=False, factory={"iptables-nft": nft}.get)
+    r4.adopt()
+    r4.reconcile()
+    assert row(r4, UID)["state"] == "enrolled" and ebpf.rules == {UID: 1} and not nft.rules
+    assert events[-1] == "iptables-nft remove beside ebpf"
+    assert env.records.load_all()[UID].inbound == "iptables" and env.records.load_all()[UID].leaving == ""

@@ -26,7 +26,8 @@ from cni.kernel.flavour import Flavour
 from node_agent.agent.config import AgentConfig
 from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
-from node_agent.backends.base import BackendError, Prepares, RedirectBackend
+from node_agent.backends import names
+from node_agent.backends.base import BackendError, InboundOnRules, Prepares, RedirectBackend
 from node_agent.backends.ebpf.backend import EbpfBackend
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.select import ambient_inbound_rules, rules_backend_setting, select_backend
@@ -128,7 +129,7 @@ class Agent:
         self.metrics = AgentMetrics(lambda: bool(self.hub.connected))
         self.metrics.registry.register(ProxyProtocolCollector(self.hub.status))
         self.pins = NetnsPins(config.netns_dir)
-        self.records = RecordStore(config.pods_dir)
+        self.records = RecordStore(config.pods_dir, self.flavour, "" if injected else self._ebpf_inbound())
         rules, announce = (node_rules, True) if node_rules is not None else self._node_rules()
         self.reconciler = Reconciler(
             self.store, self.backend, self.hub, self.pins, self.records,
@@ -203,11 +204,22 @@ class Agent:
         flavour = resolve_flavour(self.config.iptables)
         return make_node_rules(flavour), flavour == "nft"
 
+    def _ebpf_inbound(self) -> str:
+        """The rules backend eBPF ambient pods' inbound is on here: the node's eBPF backend's, or what a
+        retired one (`_other_backend`) would use."""
+        rules = self.backend.rules_inbound(AmbientSpec()) if isinstance(self.backend, InboundOnRules) else None
+        return rules.name if rules is not None else rules_backend_setting()
+
     def _other_backend(self, name: str) -> RedirectBackend | None:
-        """A backend that is not this node's any more (agent restarted with another --backend): only to
-        remove what it left in a pod before the pod moves to the node's backend."""
+        """A backend that is not this node's any more (agent restarted with another --backend or iptables
+        flavour: `iptables-legacy`, `iptables-nft`, see backends.names): to remove what it left in a pod
+        when the pod moves to the node's backend (a sidecar pod keeps it)."""
         if name == "iptables":
             return make_backend(replace(self.config, backend="iptables"), self.flavour)
+        if (flavour := names.flavour_named(name)) is not None:  # pods recorded before the flavour changed
+            other = make_backend(replace(self.config, backend="iptables"), flavour)
+            other.name = name
+            return other
         if name == "nftables":
             return make_backend(replace(self.config, backend="nftables"), self.flavour)
         if name == "ebpf":  # with its ambient inbound's rules backend: a move takes those rules out too

@@ -15,6 +15,7 @@ import time
 
 from cni.contract.annotations import sidecar_spec
 from cni.contract.errors import CniError
+from node_agent.backends import names
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.enrol import AmbientEnrolment
 from node_agent.reconcile.gate import AdoptionGate
@@ -66,7 +67,7 @@ class Adoption:
         st = self.enrolment.new_state(uid, rec.namespace, rec.name)
         st.ips, st.inode, st.tcp_loose = rec.ips, rec.netns_inode, rec.tcp_loose
         st.backend, st.cgroup_path = rec.backend, rec.cgroup_path
-        st.service_account, st.leaving = rec.service_account, rec.leaving
+        st.service_account, st.leaving = rec.service_account, rec.leaving or self._inbound_leaving(rec)
         if pinned_inode == rec.netns_inode:
             st.netns = str(self.table.pins.path(uid))
             st.rules_in = not st.leaving  # checked before use, never re-added blindly; an unfinished move is re-applied
@@ -84,6 +85,17 @@ class Adoption:
         if pinned_inode is not None:
             self.table.pins.release(uid)
         self.table.pods[uid] = st
+
+    def _inbound_leaving(self, rec: EnrolRecord) -> str:
+        """An eBPF pod whose inbound capture is on another rules backend than this node's eBPF inbound (the
+        iptables flavour changed, or the host lost or gained iptables): those rules leave as a move's old
+        backend does, once its redirection is in again on the node's. Else ""."""
+        now = self.table.records.ebpf_inbound
+        if rec.backend == names.EBPF and rec.inbound and now and rec.inbound != now:
+            log.info("pod's inbound rules move from the %s to the %s backend", rec.inbound, now,
+                     extra={"pod": rec.name, "namespace": rec.namespace, "uid": rec.uid, "step": "adopt"})
+            return rec.inbound
+        return ""
 
     def _adopt_sidecar(self, rec: EnrolRecord, pinned_inode: int | None) -> None:
         """A sidecar pod a previous agent redirected: kept (rules checked by the drift check, not

@@ -1,12 +1,14 @@
 """What the agent enrolled, persisted under <state-dir>/pods/<uid>.json so a restarted agent can adopt
-(or clean up) every pod it touched: identity, pinned netns inode, IPs and backend."""
+(or clean up) every pod it touched: identity, pinned netns inode, IPs and backend (on disk an iptables
+backend's name carries its flavour: `node_agent.backends.names`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from node_agent.backends import names
 from node_agent.install_cni.atomic import replace_file
 from node_agent.netns.pin import check_uid
 
@@ -25,11 +27,17 @@ class EnrolRecord:
     annotations: tuple[tuple[str, str], ...] = ()  # the traffic annotations the sidecar spec is built from
     service_account: str = "default"  # ambient: sent to the proxy with the workload (adoption re-sends it)
     leaving: str = ""  # a move in progress: the backend whose redirection is still in the pod beside backend's
+    inbound: str = ""  # an eBPF ambient pod: the rules backend its inbound capture is on (written by the store)
 
 
 class RecordStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, iptables_flavour: str = "", ebpf_inbound: str = "") -> None:
+        """iptables_flavour: the node's (`iptables` on disk as `iptables-<flavour>` and back; "" leaves
+        names as they are). ebpf_inbound: the rules backend this node keeps eBPF ambient pods' inbound on
+        (each such record says so: a pod recorded with another one has those rules moved)."""
         self.directory = directory
+        self.iptables_flavour = iptables_flavour
+        self.ebpf_inbound = ebpf_inbound
 
     def _path(self, uid: str) -> Path:
         return self.directory / f"{check_uid(uid)}.json"
@@ -38,6 +46,10 @@ class RecordStore:
         """Write the record atomically (a temporary file renamed over the old one); the directory is made
         when missing."""
         path = str(self._path(rec.uid))
+        flavour = self.iptables_flavour
+        inbound = self.ebpf_inbound if rec.backend == names.EBPF and rec.mode == "ambient" else ""
+        rec = replace(rec, backend=names.recorded(rec.backend, flavour), leaving=names.recorded(rec.leaving, flavour),
+                      inbound=names.recorded(inbound, flavour))
         data = json.dumps(asdict(rec), sort_keys=True).encode("utf-8")
         try:
             replace_file(path, data, f"{path}.tmp", 0o600)
@@ -66,13 +78,14 @@ class RecordStore:
                     name=str(raw["name"]),
                     netns_inode=int(raw["netns_inode"]),
                     ips=tuple(str(ip) for ip in raw.get("ips", ())),
-                    backend=str(raw.get("backend", "")),
+                    backend=names.held(str(raw.get("backend", "")), self.iptables_flavour),
                     tcp_loose=int(raw["tcp_loose"]) if raw.get("tcp_loose") is not None else None,
                     cgroup_path=str(raw["cgroup_path"]) if raw.get("cgroup_path") else None,
                     mode=str(raw.get("mode") or "ambient"),
                     annotations=tuple((str(k), str(v)) for k, v in raw.get("annotations") or ()),
                     service_account=str(raw.get("service_account") or "default"),
-                    leaving=str(raw.get("leaving") or ""),
+                    leaving=names.held(str(raw.get("leaving") or ""), self.iptables_flavour),
+                    inbound=names.held(str(raw.get("inbound") or ""), self.iptables_flavour),
                 )
                 if rec.mode not in ("ambient", "sidecar"):
                     continue
