@@ -57,7 +57,7 @@ class StormRun(ParityRun):
         try:
             super().start_agent()
         except TimeoutError:
-            wait_for(self.ready, 90, "agent ready (slow start)")
+            self.wait_ready(90, "agent ready (slow start)")
 
 
 STATUS_WATCH = """

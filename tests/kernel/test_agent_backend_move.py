@@ -26,7 +26,7 @@ import pytest
 from node_agent.lab.simnode import Pod
 
 from cni.rules.tproxy_routes import AMBIENT as AMBIENT_ROUTES
-from tests.kernel.agent_kit import run, wait_for
+from tests.kernel.agent_kit import iptables_save, run, wait_for
 from tests.kernel.test_agent_first_compile import AMBIENT, assert_proxied, backends, looping, on_ebpf, relayed, shop
 from tests.kernel.test_backend_parity import _ebpf_problems as ebpf_problems
 from tests.kernel.test_backend_parity import ebpf_env as ebpf_env  # node + agent (ParityRun)
@@ -131,6 +131,17 @@ def ambient_routing(pod: Pod) -> list[str]:
     return [line for line in out.stdout.splitlines() if f"lookup {AMBIENT_ROUTES.table}" in line]
 
 
+def node_snat(node_netns: str) -> set[str]:
+    """The kinds of node-side probe SNAT in the node netns: nftables (our node table), iptables-legacy,
+    iptables-nft (our nat chain in that flavour)."""
+    kinds = {f"iptables-{f}" for f in ("legacy", "nft")
+             if any("HEADRACE_POSTROUTING" in iptables_save(node_netns, fam, f) for fam in (4, 6))}
+    if run(["nsenter", f"--net={node_netns}", "nft", "list", "table", "inet", "headrace_node"],
+           check=False).returncode == 0:
+        kinds.add("nftables")
+    return kinds
+
+
 def test_a_move_between_backends_under_traffic_leaves_no_connection_unproxied(
     move: tuple[str, str, Any], tmp_path: Path
 ) -> None:
@@ -154,6 +165,15 @@ def test_a_move_between_backends_under_traffic_leaves_no_connection_unproxied(
     for pod in (client, server):
         assert left_by_others(pod, after) == [], f"{pod.name}: the old backend's redirection is still there"
         assert ambient_routing(pod), f"{pod.name}: the ambient policy routing is gone"
+    # the node-side probe SNAT: only the new agent's kind (the old one's chain or table cleared at its start)
+    kind = "nftables" if name == "nftables" else "iptables-" + (after.partition("-")[2] or "*")
+
+    def one_kind() -> set[str] | None:
+        kinds = node_snat(node.netns.path)
+        return kinds if len(kinds) == 1 else None
+
+    (got,) = wait_for(one_kind, 10, "one kind of probe SNAT")
+    assert got == kind or (kind == "iptables-*" and got.startswith("iptables-")), got
     if name == "ebpf":  # the same backend: its ambient inbound's rules moved to the other flavour
         assert all(ebpf_state(p) and inbound_only_rules(p) for p in (client, server))
     moving = (agent.base / f"agent{agent.agent_runs}.log").read_text()

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 from cni.contract.spec import AmbientSpec
 from cni.kernel import flavour as flavour_mod
 from cni.kernel import spawn
-from cni.kernel import tables as kernel_tables
 from cni.kernel.flavour import Flavour
+from node_agent.agent import node_rules as probe_snat
 from node_agent.agent.config import AgentConfig
 from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
@@ -74,17 +74,6 @@ def make_backend(config: AgentConfig, flavour: str) -> RedirectBackend:
     return choice.backend
 
 
-def make_node_rules(flavour: Flavour) -> Callable[[list[str]], None]:
-    """Node-side probe SNAT in the agent's own netns: checked, and re-synced only when it differs."""
-
-    def sync(ips: list[str]) -> None:
-        if not kernel_tables.check_node_probe_rules(None, ips, flavour):
-            return
-        kernel_tables.sync_node_probe_rules(None, ips, flavour)
-
-    return sync
-
-
 def make_hub(config: AgentConfig, gate: AdoptionGate | None = None) -> Hub:
     """The gRPC hub, and beside it the ZDS server for ztunnel unless --zds-socket is empty; neither sends a
     snapshot before the gate opens (adoption complete)."""
@@ -130,6 +119,7 @@ class Agent:
         self.metrics.registry.register(ProxyProtocolCollector(self.hub.status))
         self.pins = NetnsPins(config.netns_dir)
         self.records = RecordStore(config.pods_dir, self.flavour, "" if injected else self._ebpf_inbound())
+        self.node_rules_kind = ""  # set by _node_rules: other kinds' probe SNAT is cleared at start
         rules, announce = (node_rules, True) if node_rules is not None else self._node_rules()
         self.reconciler = Reconciler(
             self.store, self.backend, self.hub, self.pins, self.records,
@@ -197,12 +187,17 @@ class Agent:
     def _node_rules(self) -> tuple[Callable[[list[str]], None], bool]:
         """The node-side probe SNAT: nftables on a node without iptables (or with the nftables backend);
         and whether its changes are announced (nf_tables: nftables or iptables-nft, not iptables-legacy)."""
-        if self.backend.name == "nftables" or rules_backend_setting() == "nftables":
-            from node_agent.backends.nftables.node_probe import make_nft_node_rules
+        nft = self.backend.name == "nftables" or rules_backend_setting() == "nftables"
+        self.node_rules_kind = probe_snat.kind(nft, self.flavour)
+        return probe_snat.make(self.node_rules_kind), probe_snat.announced(self.node_rules_kind)
 
-            return make_nft_node_rules(), True
-        flavour = resolve_flavour(self.config.iptables)
-        return make_node_rules(flavour), flavour == "nft"
+    def _clear_other_node_rules(self) -> None:
+        """Once the first pass has written the node's own kind of probe SNAT (for the pods enrolled by then):
+        take out any other kind an earlier agent left."""
+        deadline = time.monotonic() + 30.0
+        while not self.reconciler.passes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        probe_snat.clear_others(self.node_rules_kind)
 
     def _ebpf_inbound(self) -> str:
         """The rules backend eBPF ambient pods' inbound is on here: the node's eBPF backend's, or what a
@@ -281,6 +276,8 @@ class Agent:
         if isinstance(self.backend, Prepares):  # e.g. the eBPF node maps and programs, before the first pod
             threading.Thread(target=self._prepare, args=(self.backend,), name="headrace-backend-prepare",
                              daemon=True).start()
+        if self.node_rules_kind:  # what an agent with another backend or flavour left on the node
+            threading.Thread(target=self._clear_other_node_rules, name="node-rules-cleanup", daemon=True).start()
         self.reconciler.start()
         self.source.start()
         if self.marker is not None:

@@ -104,7 +104,15 @@ class AgentRun:
             stderr=err,
         )
         err.close()
-        wait_for(lambda: self.ready(), 60, "agent ready")  # eBPF compiles at start: slow on a busy machine
+        self.wait_ready(60)  # eBPF compiles at start: slow on a busy machine
+
+    def wait_ready(self, timeout: float, what: str = "agent ready") -> None:
+        """Until /readyz answers 200; TimeoutError with its last answer and the agent log's tail."""
+        try:
+            wait_for(self.ready, timeout, what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; /readyz: {self.http('/readyz')}; agent log ends: {self.agent_log()[-4000:]}"
+                               ) from None
 
     def proxy_argv(self, proxy_id: str, *extra: str) -> list[str]:
         """`headrace proxy` over self.protocol, at the matching agent socket."""

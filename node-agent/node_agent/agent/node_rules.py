@@ -1,0 +1,106 @@
+"""The node-side probe SNAT in the agent's own netns (the kubelet's TCP to enrolled ambient pods' IPs, SNATed
+to the probe address the pods' rules let through): one kind per node, and what an agent of another kind
+left there cleared.
+
+The kind follows the node's backend and iptables flavour: nftables (`table inet headrace_node`, on the
+nftables backend or a host without iptables) or iptables of the node's flavour (HEADRACE_POSTROUTING in
+the nat table). An agent restarted with another backend or flavour would otherwise leave the old kind's
+chain or table on the host for good, SNATing the pod IPs it last knew (`clear_others`, once at start).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from cni.kernel import tables as kernel_tables
+from cni.kernel.executables import on_path
+from cni.kernel.flavour import FLAVOURS, Flavour, binary
+from cni.kernel.iptables_run import IptablesError
+from node_agent.backends.base import BackendError
+
+log = logging.getLogger("headrace.agent.node_rules")
+
+NFTABLES = "nftables"
+KINDS = (NFTABLES, *(f"iptables-{f}" for f in FLAVOURS))
+
+
+def kind(nftables: bool, flavour: str) -> str:
+    """The node's kind: nftables, else iptables of `flavour`."""
+    return NFTABLES if nftables else f"iptables-{flavour}"
+
+
+def make(kind_: str) -> Callable[[list[str]], None]:
+    """sync(ips): the node's probe SNAT for exactly these pod IPs, checked and rewritten only when it
+    differs."""
+    if kind_ == NFTABLES:
+        from node_agent.backends.nftables.node_probe import make_nft_node_rules
+
+        return make_nft_node_rules()
+    flavour = _flavour(kind_)
+
+    def sync(ips: list[str]) -> None:
+        if kernel_tables.check_node_probe_rules(None, ips, flavour):
+            kernel_tables.sync_node_probe_rules(None, ips, flavour)
+
+    return sync
+
+
+def announced(kind_: str) -> bool:
+    """Whether changes to this kind are announced (nf_tables: nftables and iptables-nft; legacy is polled)."""
+    return kind_ != "iptables-legacy"
+
+
+def _flavour(kind_: str) -> Flavour:
+    flavour = kind_.removeprefix("iptables-")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown node rules kind {kind_!r}")
+    return flavour
+
+
+def _legacy_tables() -> bool:
+    """Whether this netns has any legacy x_tables table (none: no legacy rule of ours either)."""
+    for name in ("ip_tables_names", "ip6_tables_names"):
+        try:
+            with open(f"/proc/net/{name}", encoding="ascii") as fh:
+                if fh.read().strip():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _clear(other: str) -> bool:
+    """Remove `other`'s probe SNAT from this netns; whether there was some. Raises BackendError/OSError."""
+    if other == NFTABLES:
+        from node_agent.backends.nftables import libnft
+        from node_agent.backends.nftables.node_probe import sync_node_probe
+
+        libnft.load()  # BackendError without libnftables: then no table of ours can be there either
+        return sync_node_probe([])
+    flavour = _flavour(other)
+    if not on_path(binary(flavour, 4, "save")) or (flavour == "legacy" and not _legacy_tables()):
+        return False
+    if not kernel_tables.check_node_probe_rules(None, [], flavour):
+        return False
+    kernel_tables.sync_node_probe_rules(None, [], flavour)
+    return True
+
+
+def clear_others(kind_: str) -> list[str]:
+    """Take out the probe SNAT of every kind but `kind_` (left by an agent with another backend or iptables
+    flavour); the kinds that had some. Failures are logged, not raised: the node's own kind works
+    regardless."""
+    cleared: list[str] = []
+    for other in KINDS:
+        if other == kind_:
+            continue
+        try:
+            if _clear(other):
+                cleared.append(other)
+                log.info("node probe SNAT of the %s kind removed (left by an agent of that kind)", other,
+                         extra={"step": "node-rules", "kind": other})
+        except (BackendError, IptablesError, OSError, ValueError) as exc:
+            log.info("node probe SNAT of the %s kind not checked: %s", other,
+                     exc, extra={"step": "node-rules", "kind": other})
+    return cleared
