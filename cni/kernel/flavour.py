@@ -47,7 +47,7 @@ def choose(legacy_rules: int, nft_rules: int) -> Flavour:
     return "legacy" if legacy_rules > nft_rules else "nft"
 
 
-def _legacy_tables_present(proc_net: str = "/proc/net") -> bool:
+def legacy_tables_present(proc_net: str = "/proc/net") -> bool:
     for name in ("ip_tables_names", "ip6_tables_names"):
         try:
             with open(os.path.join(proc_net, name), encoding="ascii") as f:
@@ -86,7 +86,7 @@ def detect(netns_path: str | None = None) -> Flavour:
     have_legacy, have_nft = _installed("legacy"), _installed("nft")
     if have_legacy != have_nft:
         return "legacy" if have_legacy else "nft"
-    if netns_path is None and not _legacy_tables_present():
+    if netns_path is None and not legacy_tables_present():
         return "nft"
     legacy = _count("legacy", netns_path)
     if legacy == 0:

@@ -55,13 +55,18 @@ def answered_by(client: Pod, server: Pod) -> bytes:
             return b""
 
 
-def test_capture_dns_turned_on_and_off_reaches_running_pods(any_backend: tuple[str, Any]) -> None:
+def started(any_backend: tuple[str, Any]) -> tuple[Any, Any, list[str], Pod, Pod]:
+    """The agent and proxy started, ambient client and server pods enrolled: (node, agent, the agent's
+    arguments, client, server)."""
     _backend, (node, agent, apps) = any_backend
-    args = list(agent.extra)
     node.add_namespace("shop", AMBIENT)
     agent.start_proxy()
     agent.start_agent()
-    client, server = shop(node, agent, apps)
+    return (node, agent, list(agent.extra), *shop(node, agent, apps))
+
+
+def test_capture_dns_turned_on_and_off_reaches_running_pods(any_backend: tuple[str, Any]) -> None:
+    _node, agent, args, client, server = started(any_backend)
     assert answered_by(client, server) == b"server|q"
     for extra, expected in ((["--capture-dns"], b"dns-proxy|q"), ([], b"server|q")):
         restart(agent, [*args, *extra])
@@ -69,13 +74,7 @@ def test_capture_dns_turned_on_and_off_reaches_running_pods(any_backend: tuple[s
 
 
 def test_an_excluded_namespace_is_unenrolled_and_enrolled_again(any_backend: tuple[str, Any]) -> None:
-    _backend, (node, agent, apps) = any_backend
-    args = list(agent.extra)
-    node.add_namespace("shop", AMBIENT)
-    agent.start_proxy()
-    agent.start_agent()
-    client, server = shop(node, agent, apps)
-
+    node, agent, args, client, server = started(any_backend)
     restart(agent, [*args, "--exclude-namespaces", "kube-system,shop"])
     wait_for(lambda: not any(anything_of_ours(node, p) for p in (client, server)), 20, "the pods unenrolled")
     assert all(agent.pod_state(p.uid) in ("none", "absent") for p in (client, server))

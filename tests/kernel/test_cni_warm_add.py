@@ -362,7 +362,9 @@ def test_del_after_the_agent_died_removes_agent_rules(warm: tuple[SimNode, Agent
 
 
 @pytest.mark.parametrize("warm", ["iptables-legacy", "iptables-nft"], indirect=True)
-def test_a_held_sidecar_pod_keeps_its_flavour_when_the_agents_changes(warm: tuple[SimNode, AgentRun, str]) -> None:
+def test_a_held_sidecar_pod_keeps_its_flavour_when_the_agents_flavour_changes(
+    warm: tuple[SimNode, AgentRun, str],
+) -> None:
     """An agent restarted with the other iptables flavour checks a sidecar pod it holds in the flavour the
     pod's rules are in (no second set in its own flavour: nothing to leave behind), and DEL takes them out."""
     node, agent, _backend = warm

@@ -73,7 +73,7 @@ def test_resolve_auto_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_detect_skips_saves_without_legacy_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flavour, "_installed", lambda f: True)
-    monkeypatch.setattr(flavour, "_legacy_tables_present", lambda: False)
+    monkeypatch.setattr(flavour, "legacy_tables_present", lambda: False)
 
     def no_count(f: str, ns: str | None) -> int:
         raise AssertionError("no save should run")
@@ -84,7 +84,7 @@ def test_detect_skips_saves_without_legacy_tables(monkeypatch: pytest.MonkeyPatc
 
 def test_detect_counts_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flavour, "_installed", lambda f: True)
-    monkeypatch.setattr(flavour, "_legacy_tables_present", lambda: True)
+    monkeypatch.setattr(flavour, "legacy_tables_present", lambda: True)
     counts = {"legacy": 5, "nft": 2}
     monkeypatch.setattr(flavour, "_count", lambda f, ns: counts[f])
     assert flavour.detect() == "legacy"
@@ -99,9 +99,9 @@ def test_detect_only_one_flavour_installed(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_legacy_tables_present_reads_proc(tmp_path) -> None:
     (tmp_path / "ip_tables_names").write_text("")
-    assert not flavour._legacy_tables_present(str(tmp_path))
+    assert not flavour.legacy_tables_present(str(tmp_path))
     (tmp_path / "ip6_tables_names").write_text("nat\n")
-    assert flavour._legacy_tables_present(str(tmp_path))
+    assert flavour.legacy_tables_present(str(tmp_path))
 
 
 def test_binary_names() -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from cni.kernel import tables as kernel_tables
 from cni.kernel.executables import on_path
-from cni.kernel.flavour import FLAVOURS, Flavour, binary
+from cni.kernel.flavour import FLAVOURS, Flavour, binary, legacy_tables_present
 from cni.kernel.iptables_run import IptablesError
 from node_agent.backends.base import BackendError
 
@@ -58,18 +58,6 @@ def _flavour(kind_: str) -> Flavour:
     return flavour
 
 
-def _legacy_tables() -> bool:
-    """Whether this netns has any legacy x_tables table (none: no legacy rule of ours either)."""
-    for name in ("ip_tables_names", "ip6_tables_names"):
-        try:
-            with open(f"/proc/net/{name}", encoding="ascii") as fh:
-                if fh.read().strip():
-                    return True
-        except OSError:
-            continue
-    return False
-
-
 def _clear(other: str) -> bool:
     """Remove `other`'s probe SNAT from this netns; whether there was some. Raises BackendError/OSError."""
     if other == NFTABLES:
@@ -79,7 +67,7 @@ def _clear(other: str) -> bool:
         libnft.load()  # BackendError without libnftables: then no table of ours can be there either
         return sync_node_probe([])
     flavour = _flavour(other)
-    if not on_path(binary(flavour, 4, "save")) or (flavour == "legacy" and not _legacy_tables()):
+    if not on_path(binary(flavour, 4, "save")) or (flavour == "legacy" and not legacy_tables_present()):
         return False
     if not kernel_tables.check_node_probe_rules(None, [], flavour):
         return False

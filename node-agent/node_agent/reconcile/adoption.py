@@ -88,7 +88,7 @@ class Adoption:
 
     def _inbound_leaving(self, rec: EnrolRecord) -> str:
         """An eBPF pod whose inbound capture is on another rules backend than this node's eBPF inbound (the
-        iptables flavour changed, or the host lost or gained iptables): those rules leave as a move's old
+        iptables flavour changed, or the host gained an iptables binary): those rules leave as a move's old
         backend does, once its redirection is in again on the node's. Else ""."""
         now = self.table.records.ebpf_inbound
         if rec.backend == names.EBPF and rec.inbound and now and rec.inbound != now:
