@@ -36,6 +36,7 @@ from tests.kernel.test_backend_parity import (
     iptables_state,
     nftables_state,
     node_env,
+    ours,
 )
 
 pytestmark = pytest.mark.kernel
@@ -184,17 +185,25 @@ def test_a_move_between_backends_under_traffic_leaves_no_connection_unproxied(
     assert_proxied(agent, client, server)
 
 
-@pytest.fixture
-def iptables_env(make_node: Any) -> Iterator[Any]:
-    yield from node_env(make_node, "iptables")
+KILLED_MOVES = [("iptables", "nftables"), ("iptables-legacy", "iptables-nft")]
 
 
-def test_an_agent_killed_in_the_middle_of_moves_finishes_them_after_its_restart(iptables_env: Any) -> None:
-    """SIGKILL while a wave of pods moves from iptables to nftables: the restarted agent finishes every move
-    (the records name the backend each pod was leaving), so each pod ends with the new backend's
-    redirection alone, its policy routing in place, and its traffic through the proxy."""
-    node, agent, apps = iptables_env
-    agent.extra = [*ARGS["iptables"], "--proxy-cgroup", str(agent.proxy_cgroup)]
+@pytest.fixture(params=KILLED_MOVES, ids=[f"{a}-to-{b}" for a, b in KILLED_MOVES])
+def killed_move(request: pytest.FixtureRequest, make_node: Any) -> Iterator[tuple[str, str, Any]]:
+    before, after = request.param
+    for env in node_env(make_node, "iptables"):
+        yield before, after, env
+
+
+def test_an_agent_killed_in_the_middle_of_moves_finishes_them_after_its_restart(
+    killed_move: tuple[str, str, Any],
+) -> None:
+    """SIGKILL while a wave of pods moves from iptables to nftables (or from legacy to nft iptables): the
+    restarted agent finishes every move (the records name the backend each pod was leaving, with its
+    flavour), so each pod ends with the new backend's redirection alone, its policy routing in place, and its
+    traffic through the proxy."""
+    before, after, (node, agent, apps) = killed_move
+    agent.extra = [*ARGS[before], "--proxy-cgroup", str(agent.proxy_cgroup)]
     node.add_namespace("shop", AMBIENT)
     agent.start_proxy()
     agent.start_agent()
@@ -202,7 +211,7 @@ def test_an_agent_killed_in_the_middle_of_moves_finishes_them_after_its_restart(
     pods = [client, server, *(node.add_pod("shop", f"p{i}") for i in range(30))]
 
     agent.kill_agent(signal.SIGTERM)
-    agent.extra = [*ARGS["nftables"], "--proxy-cgroup", str(agent.proxy_cgroup)]
+    agent.extra = [*ARGS[after], "--proxy-cgroup", str(agent.proxy_cgroup)]
     agent.start_agent()
     log = agent.base / f"agent{agent.agent_runs}.log"
     wait_for(lambda: "goes in beside the old one" in log.read_text(), 20, "the first move")
@@ -212,10 +221,11 @@ def test_an_agent_killed_in_the_middle_of_moves_finishes_them_after_its_restart(
     assert any(str(r.get("leaving")).startswith("iptables-") for r in records), "no move was under way at the kill"
 
     agent.start_agent()
-    wait_for(lambda: backends(agent, *pods) == ["nftables"] * len(pods)
-             and all(agent.pod_state(p.uid) == "enrolled" for p in pods), 60, "every pod on nftables")
+    name = after.split("-")[0]
+    wait_for(lambda: backends(agent, *pods) == [name] * len(pods)
+             and all(agent.pod_state(p.uid) == "enrolled" for p in pods), 60, f"every pod on {after}")
     assert all(not json.loads(p.read_text()).get("leaving") for p in (node.state_dir / "pods").glob("*.json"))
     for pod in pods:
-        assert left_by_others(pod, "nftables") == [], f"{pod.name}: the iptables rules are still there"
-        assert nftables_state(pod) and ambient_routing(pod), f"{pod.name}: its redirection is incomplete"
+        assert left_by_others(pod, after) == [], f"{pod.name}: the old backend's rules are still there"
+        assert ours(pod, name) and ambient_routing(pod), f"{pod.name}: its redirection is incomplete"
     assert_proxied(agent, client, server)
