@@ -156,6 +156,8 @@ def test_sidecar_add_starts_no_process(make_node: Callable[..., SimNode], tmp_pa
     trace = tmp_path / "agent.strace"
     try:
         agent.start_agent()
+        # the start's one-off look for another kind's node probe SNAT is over
+        wait_for(lambda: "node probe SNAT of other kinds checked" in agent.agent_log(), 20, "the start's checks")
         node.add_pod("shop", "warmup", annotations=SIDECAR)  # first use of every code path
         assert agent.agent is not None
         tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=execve,execveat", "-o", str(trace),

@@ -58,6 +58,19 @@ def _flavour(kind_: str) -> Flavour:
     return flavour
 
 
+def _nft_chain_present() -> bool:
+    """Whether iptables-nft holds our nat chain in this netns (read in-process with libnftables; True when
+    that cannot tell, so that iptables-nft-save looks)."""
+    from cni.rules.node_probe import NODE_CHAIN
+    from node_agent.backends.nftables import libnft
+
+    try:
+        listed = libnft.run_in_netns(None, [f"list chain {fam} nat {NODE_CHAIN}" for fam in ("ip", "ip6")])
+        return any(libnft.listing_of(r) is not None for r in listed)
+    except BackendError:
+        return True
+
+
 def _clear(other: str) -> bool:
     """Remove `other`'s probe SNAT from this netns; whether there was some. Raises BackendError/OSError."""
     if other == NFTABLES:
@@ -67,8 +80,10 @@ def _clear(other: str) -> bool:
         libnft.load()  # BackendError without libnftables: then no table of ours can be there either
         return sync_node_probe([])
     flavour = _flavour(other)
-    if not on_path(binary(flavour, 4, "save")) or (flavour == "legacy" and not legacy_tables_present()):
+    if not on_path(binary(flavour, 4, "save")):
         return False
+    if not (legacy_tables_present() if flavour == "legacy" else _nft_chain_present()):
+        return False  # nothing of ours (the usual case): no process started
     if not kernel_tables.check_node_probe_rules(None, [], flavour):
         return False
     kernel_tables.sync_node_probe_rules(None, [], flavour)
@@ -91,4 +106,5 @@ def clear_others(kind_: str) -> list[str]:
         except (BackendError, IptablesError, OSError, ValueError) as exc:
             log.info("node probe SNAT of the %s kind not checked: %s", other,
                      exc, extra={"step": "node-rules", "kind": other})
+    log.debug("node probe SNAT of other kinds checked", extra={"step": "node-rules", "cleared": cleared})
     return cleared
