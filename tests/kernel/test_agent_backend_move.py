@@ -115,10 +115,11 @@ def left_by_others(pod: Pod, backend: str) -> list[str]:
     """What backends other than `backend` (a key of ARGS) have in the pod; iptables rules of another
     flavour than the one `backend` names count (an eBPF pod's are its ambient inbound's)."""
     kind, _, flavour = backend.partition("-")
-    ours = ("iptables", "ebpf") if flavour else ("iptables",)
+    with_iptables = ("iptables", "ebpf") if flavour else ("iptables",)  # kinds whose iptables rules these are
     return [
         *(ebpf_state(pod) if kind != "ebpf" else []),
-        *(r for r in iptables_state(pod) if kind not in ours or (flavour and not r.startswith(f"{flavour}:"))),
+        *(r for r in iptables_state(pod)
+          if kind not in with_iptables or (flavour and not r.startswith(f"{flavour}:"))),
         *(nftables_state(pod) if kind != "nftables" else []),
     ]
 

@@ -209,9 +209,9 @@ class Agent:
         """A backend that is not this node's any more (agent restarted with another --backend or iptables
         flavour: `iptables-legacy`, `iptables-nft`, see backends.names): to remove what it left in a pod
         when the pod moves to the node's backend (a sidecar pod keeps it)."""
-        if name == "iptables":
-            return make_backend(replace(self.config, backend="iptables"), self.flavour)
-        if (flavour := names.flavour_named(name)) is not None:  # pods recorded before the flavour changed
+        # iptables of the node's flavour, or of another (pods recorded before the flavour changed)
+        flavour = self.flavour if name == names.IPTABLES else names.flavour_named(name)
+        if flavour is not None:
             other = make_backend(replace(self.config, backend="iptables"), flavour)
             other.name = name
             return other
