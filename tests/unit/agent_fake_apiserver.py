@@ -3,7 +3,8 @@
 Serves /api/v1/pods (fieldSelector spec.nodeName=...) and /api/v1/namespaces: lists with a
 resourceVersion, and `?watch=true` streams of newline-delimited WatchEvents (chunked, as the real API
 server does) from the requested resourceVersion. Tests can drop every open watch, compact history (a watch
-from an older version then gets a 410 ERROR event), and make the next requests fail with HTTP 500.
+from an older version then gets a 410 ERROR event), and make the next requests fail with HTTP 500. A
+DaemonSet GET is answered as `set_daemonset` says (present, being deleted, gone, forbidden, failing).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
         self.unauthorized = 0
         self.patches: list[tuple[str, str, dict[str, Any]]] = []  # (path, Content-Type, body) of each PATCH
+        self.daemonsets: dict[str, tuple[int, dict[str, Any]]] = {}  # path: (HTTP code, body) of its GET
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -98,6 +100,18 @@ class FakeApiServer:
                 self.events.append((self.rv, kind, "DELETED", obj))
             self.cond.notify_all()
 
+    def set_daemonset(self, namespace: str, name: str, state: str) -> None:
+        """How a GET of DaemonSet namespace/name is answered: `present`, `deleting` (a deletionTimestamp),
+        `gone` (404), `forbidden` (403) or `failing` (500)."""
+        meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": f"ds-{name}"}
+        if state == "deleting":
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        codes = {"present": 200, "deleting": 200, "gone": 404, "forbidden": 403, "failing": 500}
+        body = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": meta} if codes[state] == 200 else {
+            "kind": "Status", "code": codes[state]}
+        with self.cond:
+            self.daemonsets[f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"] = (codes[state], body)
+
     def compact(self) -> None:
         """Forget history: watches from an older resourceVersion get 410 Gone."""
         with self.cond:
@@ -149,6 +163,9 @@ class FakeApiServer:
                 self._json(h, 500, {"kind": "Status", "code": 500, "message": "injected failure"})
                 return
         kind = url.path.rsplit("/", 1)[-1]
+        if url.path in self.daemonsets:
+            self._json(h, *self.daemonsets[url.path])
+            return
         if url.path not in ("/api/v1/pods", "/api/v1/namespaces"):
             self._json(h, 404, {"kind": "Status", "code": 404})
             return

@@ -170,6 +170,7 @@ def test_daemonset_shape():
     assert "install-cni --check" in install["readinessProbe"]["exec"]["command"][-1]
     assert spec["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
     agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    assert "--owner-daemonset=" + one("DaemonSet")["metadata"]["name"] in agent["args"]
     caps = agent["securityContext"]["capabilities"]
     assert caps["drop"] == ["ALL"]
     assert set(caps["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "BPF", "PERFMON", "SYS_RESOURCE"}

@@ -11,6 +11,8 @@ from typing import Literal
 BackendSetting = Literal["auto", "iptables", "nftables", "ebpf"]
 BACKEND_SETTINGS = ("auto", "iptables", "nftables", "ebpf")
 IptablesSetting = Literal["auto", "legacy", "nft"]
+OnUninstall = Literal["keep", "release"]
+ON_UNINSTALL = ("keep", "release")
 
 DEFAULT_STATE_DIR = Path("/var/run/headrace")
 DEFAULT_ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"  # where ztunnel looks for its node agent
@@ -18,7 +20,7 @@ DEFAULT_EXCLUDED_NAMESPACES = ("kube-system",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,10 @@ class AgentConfig:
     proxy_cgroup: Path | None = None  # the node proxy's cgroup v2 dir (ambient over eBPF)
     capture_dns: bool = False  # ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053
     zds_socket: Path | None = None  # ztunnel's ZDS socket (SOCK_SEQPACKET); None: not served
+    # at SIGTERM, is this DaemonSet (in agent_namespace) going away? Then the agent leaves the node (uninstall.py)
+    owner_daemonset: str | None = None
+    agent_namespace: str = "headrace-system"
+    on_uninstall: OnUninstall = "keep"  # ambient pods when leaving: keep their redirection, or release them
 
     @property
     def netns_dir(self) -> Path:
@@ -120,6 +126,9 @@ def build_config(
     capture_dns: bool = False,
     zds_socket: str | Path | None = None,
     in_cluster: bool = False,
+    owner_daemonset: str | None = None,
+    agent_namespace: str = "headrace-system",
+    on_uninstall: str = "keep",
 ) -> AgentConfig:
     """Validate everything the agent needs before it starts; raise ConfigError with a clear message."""
     if [objects_dir is not None, kubeconfig is not None, in_cluster].count(True) != 1:
@@ -140,7 +149,7 @@ def build_config(
             raise ConfigError(f"--kubeconfig {str(kcfg)!r} does not exist")
         if not node:
             raise ConfigError("--kubeconfig needs --node-name (the pods of this node are watched)")
-    if node and not _NODE_NAME.match(node):
+    if node and not _DNS_SUBDOMAIN.match(node):
         raise ConfigError(f"--node-name {node!r} is not a valid node name")
     if backend not in BACKEND_SETTINGS:
         raise ConfigError(f"--backend {backend!r}: expected auto, iptables, nftables or ebpf")
@@ -174,6 +183,7 @@ def build_config(
         pcg = Path(proxy_cgroup)
         if not pcg.is_absolute() or not (pcg / "cgroup.procs").is_file():
             raise ConfigError(f"--proxy-cgroup {str(pcg)!r} is not a cgroup directory (absolute path expected)")
+    owner = _owner(owner_daemonset, agent_namespace, on_uninstall, kube=objects_dir is None)
     return AgentConfig(
         state_dir=sdir,
         cni_socket=csock,
@@ -195,4 +205,26 @@ def build_config(
         proxy_cgroup=pcg,
         capture_dns=capture_dns,
         zds_socket=zsock,
+        owner_daemonset=owner,
+        agent_namespace=agent_namespace,
+        on_uninstall=on_uninstall,  # type: ignore[arg-type]
     )
+
+
+def _owner(daemonset: str | None, namespace: str, on_uninstall: str, *, kube: bool) -> str | None:
+    """The DaemonSet asked about at SIGTERM (None: never asked, the agent always leaves pods and node as
+    they are), checked with what goes with it."""
+    if on_uninstall not in ON_UNINSTALL:
+        raise ConfigError(f"--on-uninstall {on_uninstall!r}: expected keep or release")
+    if not _DNS_LABEL.match(namespace):
+        raise ConfigError(f"--agent-namespace {namespace!r} is not a valid namespace name")
+    name = (daemonset or "").strip()
+    if not name:
+        if on_uninstall == "release":
+            raise ConfigError("--on-uninstall release needs --owner-daemonset (to tell an uninstall from a restart)")
+        return None
+    if not _DNS_SUBDOMAIN.match(name):
+        raise ConfigError(f"--owner-daemonset {name!r} is not a valid DaemonSet name")
+    if not kube:
+        raise ConfigError("--owner-daemonset needs the Kubernetes API as pod source (--kubeconfig or --in-cluster)")
+    return name

@@ -2,7 +2,8 @@
 
 Shutdown (SIGTERM/SIGINT) stops serving and watching but leaves every pod's rules, pins and records in
 place: traffic of enrolled pods must not bypass the proxy because the agent restarts. The next agent
-adopts them.
+adopts them. Only when its DaemonSet goes away (`--owner-daemonset`) does the agent leave the node
+(agent/uninstall.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ from cni.kernel import flavour as flavour_mod
 from cni.kernel import spawn
 from cni.kernel.flavour import Flavour
 from node_agent.agent import node_rules as probe_snat
+from node_agent.agent import uninstall
 from node_agent.agent.config import AgentConfig
 from node_agent.agent.duties import AgentDuties, DutyOptions
 from node_agent.agent.errors import AgentError
@@ -154,6 +157,7 @@ class Agent:
         self._spawner: spawn.Runner = spawn.Spawner()  # the runner start() replaced, put back by stop()
         self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
+        self.owner = uninstall.OwnerCheck(config)  # is the DaemonSet going away? (--owner-daemonset)
 
     def _default_source(self, store: PodStore) -> Source:
         if self.config.objects_dir is not None:
@@ -284,6 +288,7 @@ class Agent:
             self.marker.start()
         self.plugin_logs.start()  # the plugin's log lines, into this agent's log
         self.cni.start()
+        self.owner.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
             self.health = HealthServer(self.config.metrics_addr.host, self.config.metrics_addr.port,
@@ -298,8 +303,9 @@ class Agent:
         backend.prepare()
         self.reconciler.rechoose_backends()
 
-    def stop(self) -> None:
-        """Clean shutdown: stop serving; leave pods' rules, pins and records in place."""
+    def stop(self, leave: bool = False) -> None:
+        """Clean shutdown: stop serving; leave pods' rules, pins and records in place. `leave`: the DaemonSet
+        goes away, so the agent leaves the node (uninstall.py) before the proxy connection closes."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -308,14 +314,20 @@ class Agent:
         if self.marker is not None:
             self.marker.stop()
         self.plugin_logs.stop()
-        self.source.stop()
         self.reconciler.stop()
+        if leave:  # the source's API client still open for the annotations
+            release = self.config.on_uninstall == "release"
+            uninstall.leave_node(partial(self.reconciler.release_ambient, "the DaemonSet goes away") if release
+                                 else None, self._annotation_writer,
+                                 probe_snat.clear_all if self.node_rules_kind else list)  # (injected: not ours)
+        self.source.stop()
         self.hub.stop()
         if self.health is not None:
             self.health.stop()
         self.reconciler.close_backends()
         spawn.install_runner(self._spawner)
-        log.info("agent stopped; pod rules left in place", extra={"step": "stop"})
+        log.info("agent stopped; the node left" if leave else "agent stopped; pod rules left in place",
+                 extra={"step": "stop"})
 
     def run(self) -> int:
         done = threading.Event()
@@ -329,5 +341,5 @@ class Agent:
         self.start()
         while not done.wait(1.0):
             pass
-        self.stop()
+        self.stop(leave=self.owner.going_away())
         return 0

@@ -6,6 +6,7 @@ The kind follows the node's backend and iptables flavour: nftables (`table inet 
 nftables backend or a host without iptables) or iptables of the node's flavour (HEADRACE_POSTROUTING in
 the nat table). An agent restarted with another backend or flavour would otherwise leave the old kind's
 chain or table on the host for good, SNATing the pod IPs it last knew (`clear_others`, once at start).
+An agent whose DaemonSet is deleted takes out every kind (`clear_all`).
 """
 
 from __future__ import annotations
@@ -94,17 +95,26 @@ def clear_others(kind_: str) -> list[str]:
     """Take out the probe SNAT of every kind but `kind_` (left by an agent with another backend or iptables
     flavour); the kinds that had some. Failures are logged, not raised: the node's own kind works
     regardless."""
+    cleared = _clear_kinds([k for k in KINDS if k != kind_], "left by an agent of that kind")
+    log.debug("node probe SNAT of other kinds checked", extra={"step": "node-rules", "cleared": cleared})
+    return cleared
+
+
+def clear_all() -> list[str]:
+    """The agent leaves the node for good (its DaemonSet deleted): the probe SNAT of every kind taken out;
+    the kinds that had some."""
+    return _clear_kinds(list(KINDS), "the agent leaves the node")
+
+
+def _clear_kinds(kinds: list[str], why: str) -> list[str]:
     cleared: list[str] = []
-    for other in KINDS:
-        if other == kind_:
-            continue
+    for other in kinds:
         try:
             if _clear(other):
                 cleared.append(other)
-                log.info("node probe SNAT of the %s kind removed (left by an agent of that kind)", other,
+                log.info("node probe SNAT of the %s kind removed (%s)", other, why,
                          extra={"step": "node-rules", "kind": other})
         except (BackendError, IptablesError, OSError, ValueError) as exc:
             log.info("node probe SNAT of the %s kind not checked: %s", other,
                      exc, extra={"step": "node-rules", "kind": other})
-    log.debug("node probe SNAT of other kinds checked", extra={"step": "node-rules", "cleared": cleared})
     return cleared

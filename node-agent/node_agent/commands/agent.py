@@ -45,6 +45,15 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
               help="Also redirect ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053.")
 @click.option("--zds-socket", default="/var/run/ztunnel/ztunnel.sock", show_default=True,
               help="Also serve ztunnel's ZDS protocol on this SOCK_SEQPACKET socket (empty: off).")
+@click.option("--owner-daemonset", default=None, metavar="NAME",
+              help="On SIGTERM/SIGINT ask whether DaemonSet NAME (in --agent-namespace) is gone or being "
+                   "deleted; if so, leave the node: the node's probe SNAT removed, and with --on-uninstall "
+                   "release every ambient pod released. A rolling update or restart leaves all in place.")
+@click.option("--agent-namespace", default="headrace-system", show_default=True, envvar="POD_NAMESPACE",
+              help="The namespace of --owner-daemonset.")
+@click.option("--on-uninstall", type=click.Choice(["keep", "release"]), default="keep", show_default=True,
+              help="Ambient pods when the DaemonSet goes away: keep their redirection (fail closed) or "
+                   "release them (rules out, proxy told, pins and records gone).")
 @duty_flags  # --install-cni, --cni-*-dir, --cni-cleanup-on-exit, --repair-sidecars (agent/duties.py)
 def agent(
     objects_dir: str | None,
@@ -66,6 +75,9 @@ def agent(
     proxy_cgroup: str | None,
     capture_dns: bool,
     zds_socket: str,
+    owner_daemonset: str | None,
+    agent_namespace: str,
+    on_uninstall: str,
     **duty: Any,
 ) -> None:
     """Run the node agent (one per node)."""
@@ -80,6 +92,7 @@ def agent(
             drift_interval=drift_interval, drift_backstop=drift_backstop, drift_events=drift_events,
             cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
             capture_dns=capture_dns, zds_socket=zds_socket, in_cluster=in_cluster,
+            owner_daemonset=owner_daemonset, agent_namespace=agent_namespace, on_uninstall=on_uninstall,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cni.plugin.kube_api import KubeCredentials, parse_kubeconfig
@@ -38,10 +40,16 @@ MAX_BODY = 1 << 20
 class Verdict:
     action: str  # KEEP, UNINSTALL or UNKNOWN
     reason: str
+    status: int | None = None  # the HTTP status it was decided on (None: no answer)
 
     @property
     def uninstall(self) -> bool:
         return self.action == UNINSTALL
+
+    @property
+    def deleting(self) -> bool:
+        """The DaemonSet itself says it is being deleted (not an absence or a refusal)."""
+        return self.action == UNINSTALL and self.status == 200
 
 
 def decide(status: int | None, body: bytes | None, error: str = "") -> Verdict:
@@ -49,21 +57,33 @@ def decide(status: int | None, body: bytes | None, error: str = "") -> Verdict:
     if status is None:
         return Verdict(UNKNOWN, f"Kubernetes API unreachable: {error}")
     if status == 404:
-        return Verdict(UNINSTALL, "the DaemonSet no longer exists")
+        return Verdict(UNINSTALL, "the DaemonSet no longer exists", status)
     if status in (401, 403):
-        return Verdict(UNINSTALL, f"HTTP {status}: our service account or its RBAC binding is gone")
+        return Verdict(UNINSTALL, f"HTTP {status}: our service account or its RBAC binding is gone", status)
     if status != 200:
-        return Verdict(UNKNOWN, f"HTTP {status} from the Kubernetes API")
+        return Verdict(UNKNOWN, f"HTTP {status} from the Kubernetes API", status)
     try:
         obj = json.loads(body or b"")
     except (ValueError, UnicodeDecodeError):
-        return Verdict(UNKNOWN, "the DaemonSet GET returned no JSON")
+        return Verdict(UNKNOWN, "the DaemonSet GET returned no JSON", status)
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     if not isinstance(meta, dict):
-        return Verdict(UNKNOWN, "the DaemonSet GET returned no object metadata")
+        return Verdict(UNKNOWN, "the DaemonSet GET returned no object metadata", status)
     if meta.get("deletionTimestamp"):
-        return Verdict(UNINSTALL, f"the DaemonSet is being deleted (since {meta['deletionTimestamp']})")
-    return Verdict(KEEP, "the DaemonSet is still there: a rolling update or a restart")
+        return Verdict(UNINSTALL, f"the DaemonSet is being deleted (since {meta['deletionTimestamp']})", status)
+    return Verdict(KEEP, "the DaemonSet is still there: a rolling update or a restart", status)
+
+
+def ask(check: Callable[[], Verdict], attempts: int = 3, pause: float = 1.0) -> Verdict:
+    """`check()` until it gives a KEEP or UNINSTALL answer, at most `attempts` times `pause` s apart (within
+    the pod's grace period); the last answer, UNKNOWN when none was clear."""
+    verdict = check()
+    for _ in range(attempts - 1):
+        if verdict.action != UNKNOWN:
+            break
+        time.sleep(pause)
+        verdict = check()
+    return verdict
 
 
 def daemonset_path(namespace: str, name: str) -> str:

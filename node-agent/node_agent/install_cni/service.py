@@ -168,14 +168,12 @@ def uninstall_if_owner_gone(opts: InstallOptions, daemonset: str, attempts: int 
     """At termination: uninstall when our DaemonSet is gone or being deleted, keep everything on a
     rolling update or restart (see `owner`). Asks with the plugin's kubeconfig; an unknown answer is
     retried a few times within the grace period, then the files stay (logged with the manual fix)."""
-    verdict = owner.Verdict(owner.UNKNOWN, "no kubeconfig to ask the Kubernetes API with")
-    for attempt in range(attempts):
-        if opts.settings.kubeconfig:
-            here = under_root(opts.host_root, opts.settings.kubeconfig)
-            verdict = owner.check_daemonset(here, opts.settings.agent_namespace, daemonset)
-        if verdict.action != owner.UNKNOWN or attempt == attempts - 1:
-            break
-        time.sleep(1.0)
+    kubeconfig = opts.settings.kubeconfig
+    if kubeconfig:
+        here = under_root(opts.host_root, kubeconfig)
+        verdict = owner.ask(lambda: owner.check_daemonset(here, opts.settings.agent_namespace, daemonset), attempts)
+    else:
+        verdict = owner.Verdict(owner.UNKNOWN, "no kubeconfig to ask the Kubernetes API with")
     fields = {"daemonset": f"{opts.settings.agent_namespace}/{daemonset}", "reason": verdict.reason}
     if verdict.uninstall:
         log("info", "DaemonSet going away: removing the plugin from this node", **fields)

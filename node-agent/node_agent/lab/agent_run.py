@@ -64,6 +64,7 @@ class AgentRun:
         self.zds_socket = str(zds_socket or self.base / "zds.sock")
         self.protocol = "grpc"  # what the reference proxy speaks: "grpc" or "zds" (ztunnel's protocol)
         self.extra = extra or []
+        self.source = ["--objects-dir", str(objects_dir)]  # or the Kubernetes API: --kubeconfig F --node-name N
         self.agent: subprocess.Popen[bytes] | None = None
         self.proxy: subprocess.Popen[bytes] | None = None
         self.agent_runs = 0
@@ -80,8 +81,7 @@ class AgentRun:
             self._nsenter(
                 HEADRACE,
                 "agent",
-                "--objects-dir",
-                str(self.objects_dir),
+                *self.source,
                 "--state-dir",
                 str(self.state),
                 "--cni-socket",

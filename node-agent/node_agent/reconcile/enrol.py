@@ -354,6 +354,18 @@ class AmbientEnrolment:
         self.table.forget(st, f"pod removed ({why})", "removed")
         return True
 
+    def release_all(self, why: str) -> list[tuple[str, str]]:
+        """Lock held, the loop stopped: every ambient pod unenrolled as when its label is removed (rules
+        out, proxy told, pin and record gone). The (namespace, name) of each pod released; a pod whose
+        rules could not be removed keeps them (logged)."""
+        released: list[tuple[str, str]] = []
+        for st in list(self.table.of_mode(AMBIENT)):
+            if self.unenrol(st.uid, why):
+                released.append((st.namespace, st.name))
+            else:
+                log.warning("pod not released: %s", st.reason, extra=log_ctx(st, "release"))
+        return released
+
     def switch_backends(self) -> None:
         """Move enrolled pods whose backend would be chosen differently now (the node proxy's cgroup became
         known, or the eBPF programs compiled: pods on the iptables fallback go to eBPF), as

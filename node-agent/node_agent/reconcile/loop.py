@@ -165,6 +165,11 @@ class Reconciler:
         self.enrolment.close()
         self.drift.close()
 
+    def release_ambient(self, why: str) -> list[tuple[str, str]]:
+        """The agent leaves the node for good (after `stop`): every ambient pod released (`release_all`)."""
+        with self.table.lock:
+            return self.enrolment.release_all(why)
+
     def close_backends(self) -> None:
         """Agent shutdown: let backends release node resources they hold (pods keep their redirection)."""
         self.backends.close()

@@ -1,0 +1,142 @@
+"""The agent leaves the node only when its DaemonSet goes away, on every backend.
+
+The agent watches a local API server (real list/watch JSON, inside the node netns) that mirrors the lab's
+objects dir and answers the DaemonSet GET as the test says. Ambient client and server pods are enrolled,
+then the agent gets SIGTERM three times:
+
+- the DaemonSet still there (a rolling update): everything stays, the next agent adopts it;
+- the DaemonSet's access gone (403, `kubectl delete -k` took the RBAC first), `--on-uninstall keep`: the
+  node's probe SNAT is gone from the host, the pods keep their redirection (fail closed);
+- the DaemonSet being deleted, `--on-uninstall release`: nothing of ours in the pods, no pins, records or
+  bpffs left, the redirection annotation removed, and the client reaches the server directly.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_agent.lab.simnode import Pod
+from node_agent.sources.redirection_mark import ANNOTATION
+
+from cni.kernel.netns import run_in_thread
+from tests.kernel.agent_kit import wait_for
+from tests.kernel.test_agent_backend_move import node_snat
+from tests.kernel.test_agent_first_compile import AMBIENT, assert_proxied, shop
+from tests.kernel.test_agent_settings_change import any_backend  # noqa: F401 - the fixture
+from tests.kernel.test_backend_parity import anything_of_ours, request
+from tests.unit.agent_fake_apiserver import FakeApiServer
+
+pytestmark = pytest.mark.kernel
+
+NAMESPACE, DAEMONSET = "headrace-system", "headrace-agent"
+
+
+class Mirror:
+    """Copies the lab's objects dir into the API server as it changes (pods and namespaces)."""
+
+    def __init__(self, objects_dir: Path, api: FakeApiServer) -> None:
+        self.dir, self.api = objects_dir, api
+        self.seen: dict[str, tuple[str, str, str, str]] = {}  # file: (text, kind, namespace, name)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.05):
+            self.sync()
+
+    def sync(self) -> None:
+        now = {f.name: f.read_text() for f in self.dir.glob("*.json")}
+        for name, text in now.items():
+            if self.seen.get(name, ("",))[0] == text:
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                continue
+            kind = "pods" if obj.get("kind") == "Pod" else "namespaces"
+            meta = obj["metadata"]
+            self.api.put(kind, obj)
+            self.seen[name] = (text, kind, meta.get("namespace", ""), meta["name"])
+        for name in set(self.seen) - set(now):
+            _text, kind, namespace, obj_name = self.seen.pop(name)
+            self.api.delete(kind, namespace, obj_name)
+
+
+@pytest.fixture
+def on_api(any_backend: tuple[str, Any], tmp_path: Path) -> Iterator[tuple[str, Any, FakeApiServer]]:  # noqa: F811
+    """(backend, (node, agent, apps), api): the agent (not started) watching the API server, its
+    DaemonSet present."""
+    backend, (node, agent, apps) = any_backend
+    api = run_in_thread(node.netns.path, FakeApiServer)  # its socket listens in the node netns
+    api.start()
+    mirror = Mirror(node.objects_dir, api)
+    mirror.thread.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    api.write_kubeconfig(kubeconfig)
+    api.set_daemonset(NAMESPACE, DAEMONSET, "present")
+    agent.source = ["--kubeconfig", str(kubeconfig), "--node-name", node.netns.name]
+    agent.extra = [*agent.extra, "--owner-daemonset", DAEMONSET, "--agent-namespace", NAMESPACE]
+    try:
+        yield backend, (node, agent, apps), api
+    finally:
+        mirror.stopped.set()
+        mirror.thread.join(5)
+        api.stop()
+
+
+def kept(node: Any, pods: tuple[Pod, Pod]) -> None:
+    """Both pods still redirected, their pins and records in place."""
+    for pod in pods:
+        assert anything_of_ours(node, pod), f"{pod.name} lost its redirection"
+        assert (node.state_dir / "netns" / pod.uid).exists()
+        assert any((node.state_dir / "pods").glob(f"{pod.uid}*"))
+
+
+def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
+        on_api: tuple[str, Any, FakeApiServer]) -> None:
+    backend, (node, agent, apps), api = on_api
+    node.add_namespace("shop", AMBIENT)
+    agent.start_proxy()
+    agent.start_agent()
+    client, server = pods = shop(node, agent, apps)
+    kind = node_snat(node.netns.path)
+    assert len(kind) == 1
+
+    agent.kill_agent(signal.SIGTERM)  # a rolling update
+    assert "DaemonSet still present" in agent.agent_log()
+    assert node_snat(node.netns.path) == kind
+    kept(node, pods)
+
+    agent.start_agent()
+    assert_proxied(agent, client, server)
+    api.set_daemonset(NAMESPACE, DAEMONSET, "forbidden")
+    agent.kill_agent(signal.SIGTERM)  # uninstalled, pods kept
+    assert "DaemonSet going away" in agent.agent_log()
+    assert node_snat(node.netns.path) == set()
+    kept(node, pods)
+
+    api.set_daemonset(NAMESPACE, DAEMONSET, "present")
+    agent.extra = [*agent.extra, "--on-uninstall", "release"]
+    agent.start_agent()
+    wait_for(lambda: node_snat(node.netns.path) == kind, 20, "the node's probe SNAT back")
+    assert_proxied(agent, client, server)
+    wait_for(lambda: all(api.objects["pods"][f"shop/{p.name}"]["metadata"].get("annotations", {}).get(ANNOTATION)
+                         for p in pods), 20, "the pods annotated")
+    api.set_daemonset(NAMESPACE, DAEMONSET, "deleting")
+    agent.kill_agent(signal.SIGTERM)  # uninstalled, pods released
+    assert [p for p in pods if anything_of_ours(node, p)] == []
+    assert node_snat(node.netns.path) == set()
+    assert list((node.state_dir / "netns").iterdir()) == [] and list((node.state_dir / "pods").iterdir()) == []
+    bpffs = str(node.state_dir / "bpf")
+    assert not any(line.split()[1] == bpffs for line in Path("/proc/self/mounts").read_text().splitlines())
+    for p in pods:
+        assert ANNOTATION not in api.objects["pods"][f"shop/{p.name}"]["metadata"].get("annotations", {})
+    seen = len(agent.proxy_lines())
+    assert request(client, server.ipv4, b"direct") == b"server|direct"
+    assert not [x for x in agent.proxy_lines()[seen:] if x.get("workload", "").startswith("shop/")], backend
