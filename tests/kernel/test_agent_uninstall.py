@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ def on_api(any_backend: tuple[str, Any], tmp_path: Path) -> Iterator[tuple[str, 
         api.stop()
 
 
+def start(agent: Any, api: FakeApiServer) -> None:
+    """Start the agent and let it see its DaemonSet (its look at start: a 404 or 403 counts only after it)."""
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/{DAEMONSET}"
+    before = sum(1 for p, _q in api.requests if p == path)
+    agent.start_agent()
+    wait_for(lambda: sum(1 for p, _q in api.requests if p == path) > before, 20, "the agent's look at its DaemonSet")
+    time.sleep(0.3)  # its answer taken in
+
+
 def kept(node: Any, pods: tuple[Pod, Pod]) -> None:
     """Both pods still redirected, their pins and records in place."""
     for pod in pods:
@@ -103,7 +113,7 @@ def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
     backend, (node, agent, apps), api = on_api
     node.add_namespace("shop", AMBIENT)
     agent.start_proxy()
-    agent.start_agent()
+    start(agent, api)
     client, server = pods = shop(node, agent, apps)
     kind = node_snat(node.netns.path)
     assert len(kind) == 1
@@ -113,7 +123,7 @@ def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
     assert node_snat(node.netns.path) == kind
     kept(node, pods)
 
-    agent.start_agent()
+    start(agent, api)
     assert_proxied(agent, client, server)
     api.set_daemonset(NAMESPACE, DAEMONSET, "forbidden")
     agent.kill_agent(signal.SIGTERM)  # uninstalled, pods kept
@@ -123,7 +133,7 @@ def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
 
     api.set_daemonset(NAMESPACE, DAEMONSET, "present")
     agent.extra = [*agent.extra, "--on-uninstall", "release"]
-    agent.start_agent()
+    start(agent, api)
     wait_for(lambda: node_snat(node.netns.path) == kind, 20, "the node's probe SNAT back")
     assert_proxied(agent, client, server)
     wait_for(lambda: all(api.objects["pods"][f"shop/{p.name}"]["metadata"].get("annotations", {}).get(ANNOTATION)

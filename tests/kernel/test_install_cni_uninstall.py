@@ -9,7 +9,9 @@ uninstall used to leave). On SIGTERM install-cni asks for its DaemonSet:
   launcher and the runtime are removed, and then a pod ADD through the node's chain (real bridge +
   host-local) succeeds and the pod talks TCP;
 - still there (a rolling update): everything stays chained; `headrace uninstall-cni` then removes it by
-  hand and pods start again.
+  hand and pods start again;
+- never seen present since install-cni started (a wrong name, RBAC that never let it read the DaemonSet):
+  a 404 or 403 is not taken for an uninstall, everything stays.
 """
 
 from __future__ import annotations
@@ -98,8 +100,11 @@ class FakeApi:
 
 @pytest.fixture
 def installed(plain_node: SimNode, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    """install-cni --watch chained into the node's conflist; yields paths, the process and the fake API."""
-    api = FakeApi(request.param)
+    """install-cni --watch chained into the node's conflist; yields paths, the process and the fake API. The
+    DaemonSet is present at start (install-cni sees it), then answered as the parameter says; with a
+    `never-` prefix it is never seen present."""
+    mode = str(request.param)
+    api = FakeApi(mode.removeprefix("never-") if mode.startswith("never-") else "present")
     conf_dir = tmp_path / "net.d"
     conf_dir.mkdir()
     conf = conf_dir / "10-bridge.conflist"
@@ -122,6 +127,11 @@ def installed(plain_node: SimNode, tmp_path: Path, request: pytest.FixtureReques
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, "install-cni did not chain the plugin"
             time.sleep(0.1)
+        while DS_PATH not in api.requests:  # its look at start
+            assert time.monotonic() < deadline, "install-cni did not look at its DaemonSet at start"
+            time.sleep(0.1)
+        time.sleep(0.2)
+        api.mode = mode.removeprefix("never-")
         yield {"api": api, "proc": proc, "conf": conf, "original": original, "bin": bin_dir,
                "install_dir": install_dir, "conf_dir": conf_dir}
     finally:
@@ -183,6 +193,16 @@ def test_daemonset_going_away_uninstalls(plain_node: SimNode, installed: dict[st
     assert not (installed["bin"] / "headrace-cni").exists()
     assert not installed["install_dir"].exists()
     pods_start_without_headrace(plain_node, installed["conf"])
+
+
+@pytest.mark.parametrize("installed", ["never-gone", "never-forbidden"], indirect=True)
+def test_a_daemonset_never_seen_is_not_taken_for_gone(installed: dict[str, Any]) -> None:
+    """A wrong --owner-daemonset or RBAC that never let install-cni read it: a restart must not uninstall."""
+    chained = installed["conf"].read_text()
+    err = stop(installed["proc"])
+    assert "never seen since the start" in err and "cannot tell whether the DaemonSet is being deleted" in err
+    assert installed["conf"].read_text() == chained
+    assert (installed["bin"] / "headrace-cni").exists()
 
 
 @pytest.mark.parametrize("installed", ["present"], indirect=True)

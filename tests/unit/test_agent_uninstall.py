@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from node_agent.agent import uninstall
 from node_agent.agent.config import AgentConfig, ConfigError, build_config
-from node_agent.agent.uninstall import OwnerCheck
 from node_agent.install_cni import owner
 
 from tests.unit.agent_fake_apiserver import FakeApiServer
@@ -56,12 +54,12 @@ def test_no_answer_is_unknown(tmp_path: Path) -> None:
     assert uninstall.daemonset_verdict(config(tmp_path), timeout=2).action == owner.UNKNOWN
 
 
-def verdicts(*answers: owner.Verdict) -> tuple[list[AgentConfig], Callable[[AgentConfig], owner.Verdict]]:
+def verdicts(*answers: owner.Verdict) -> tuple[list[int], Callable[[], owner.Verdict]]:
     """A check that gives these answers in turn (the last one for ever), and the list of its calls."""
-    asked: list[AgentConfig] = []
+    asked: list[int] = []
 
-    def check(cfg: AgentConfig) -> owner.Verdict:
-        asked.append(cfg)
+    def check() -> owner.Verdict:
+        asked.append(1)
         return answers[min(len(asked), len(answers)) - 1]
 
     return asked, check
@@ -72,59 +70,57 @@ DELETING = owner.decide(200, b'{"metadata": {"deletionTimestamp": "2026-01-01T00
 GONE, FORBIDDEN, NO_ANSWER = owner.decide(404, None), owner.decide(403, None), owner.decide(None, None, "refused")
 
 
-def seen_at_start(check: OwnerCheck) -> None:
-    check.start()
-    assert check.seen.wait(5)
+def started(check: Callable[[], owner.Verdict], delays: tuple[float, ...] = (0.0,),
+            unseen: Callable[[owner.Verdict], None] | None = None) -> owner.OwnerCheck:
+    """An OwnerCheck whose looks at start (one by default) are over."""
+    checker = owner.OwnerCheck(check, pause=0.0, unseen=unseen)
+    checker.START_DELAYS = delays
+    checker.start()
+    checker._thread.join(5)
+    return checker
 
 
-def test_going_away_asks_again_while_unknown(tmp_path: Path) -> None:
+def test_the_last_answer_is_asked_again_while_unknown() -> None:
     asked, check = verdicts(PRESENT, NO_ANSWER, GONE)
-    owner_check = OwnerCheck(config(tmp_path), check, pause=0.0)
-    seen_at_start(owner_check)
-    assert owner_check.going_away() is True
+    assert started(check).final().action == owner.UNINSTALL
     assert len(asked) == 3
     asked, check = verdicts(PRESENT, NO_ANSWER)
-    owner_check = OwnerCheck(config(tmp_path), check, pause=0.0)
-    seen_at_start(owner_check)
-    assert owner_check.going_away() is False and len(asked) == 4  # three tries at SIGTERM
-    plain = build_config(kubeconfig=tmp_path / "kubeconfig", node_name="node1", state_dir=tmp_path / "state")
-    never = OwnerCheck(plain, lambda _c: pytest.fail("asked without --owner-daemonset"))
-    never.start()
-    assert never.going_away() is False
+    assert started(check).final().action == owner.UNKNOWN
+    assert len(asked) == 4  # three tries at termination
 
 
 @pytest.mark.parametrize("answer", [GONE, FORBIDDEN])
-def test_an_absence_counts_only_when_the_daemonset_was_seen_since_the_start(tmp_path: Path,
-                                                                            answer: owner.Verdict) -> None:
-    _asked, check = verdicts(PRESENT, answer)
-    seen = OwnerCheck(config(tmp_path), check, pause=0.0)
-    seen_at_start(seen)
-    assert seen.going_away() is True
+def test_an_absence_counts_only_when_the_daemonset_was_seen_since_the_start(answer: owner.Verdict) -> None:
+    assert started(verdicts(PRESENT, answer)[1]).final().action == owner.UNINSTALL
     # never readable (a wrong name, RBAC missing): every restart would look like an uninstall
-    _asked, check = verdicts(answer)
-    never = OwnerCheck(config(tmp_path), check, pause=0.0)
-    never.START_DELAYS = (0.0,)
-    never.start()
-    time.sleep(0.2)
-    assert never.going_away() is False
+    unseen: list[owner.Verdict] = []
+    never = started(verdicts(answer)[1], unseen=unseen.append)
+    assert unseen == [answer]
+    final = never.final()
+    assert final.action == owner.UNKNOWN and "never seen since the start" in final.reason
 
 
-def test_a_deletion_timestamp_always_counts(tmp_path: Path) -> None:
-    _asked, check = verdicts(FORBIDDEN, DELETING)
-    owner_check = OwnerCheck(config(tmp_path), check, pause=0.0)
-    owner_check.START_DELAYS = (0.0,)
-    owner_check.start()
-    time.sleep(0.2)
-    assert not owner_check.seen.is_set()
-    assert owner_check.going_away() is True
+def test_a_deletion_timestamp_always_counts() -> None:
+    checker = started(verdicts(FORBIDDEN, DELETING)[1])
+    assert not checker.seen.is_set()
+    assert checker.final().action == owner.UNINSTALL
 
 
-def test_the_start_looks_again_until_it_sees_the_daemonset(tmp_path: Path) -> None:
+def test_the_start_looks_again_until_it_sees_the_daemonset() -> None:
     asked, check = verdicts(FORBIDDEN, NO_ANSWER, PRESENT)
-    owner_check = OwnerCheck(config(tmp_path), check)
-    owner_check.START_DELAYS = (0.0, 0.01, 0.01, 0.01, 0.01)
-    seen_at_start(owner_check)
-    assert len(asked) == 3
+    checker = started(check, (0.0, 0.01, 0.01, 0.01, 0.01))
+    assert checker.seen.is_set() and len(asked) == 3
+
+
+def test_the_agent_asks_only_with_an_owner(tmp_path: Path) -> None:
+    plain = build_config(kubeconfig=config(tmp_path).kubeconfig, node_name="node1", state_dir=tmp_path / "state")
+    assert uninstall.owner_check(plain, lambda _c: pytest.fail("asked without --owner-daemonset")) is None
+    assert uninstall.going_away(plain, None) is False
+    checker = uninstall.owner_check(config(tmp_path), lambda _c: PRESENT, pause=0.0)
+    assert checker is not None
+    checker.start()
+    assert checker.seen.wait(5)
+    assert uninstall.going_away(config(tmp_path), checker) is False
 
 
 def test_leaving_releases_unmarks_and_clears() -> None:

@@ -157,7 +157,7 @@ class Agent:
         self._spawner: spawn.Runner = spawn.Spawner()  # the runner start() replaced, put back by stop()
         self.plugin_logs = PluginLogListener(plugin_log_socket(self.config.state_dir))
         self._stopped = threading.Event()
-        self.owner = uninstall.OwnerCheck(config)  # is the DaemonSet going away? (--owner-daemonset)
+        self.owner = uninstall.owner_check(config)  # is the DaemonSet going away? (--owner-daemonset)
 
     def _default_source(self, store: PodStore) -> Source:
         if self.config.objects_dir is not None:
@@ -288,7 +288,8 @@ class Agent:
             self.marker.start()
         self.plugin_logs.start()  # the plugin's log lines, into this agent's log
         self.cni.start()
-        self.owner.start()
+        if self.owner is not None:
+            self.owner.start()
         self.duties.start()  # after the socket listens: the plugin is chained only once we can answer it
         if self.config.metrics_addr is not None:
             self.health = HealthServer(self.config.metrics_addr.host, self.config.metrics_addr.port,
@@ -341,5 +342,5 @@ class Agent:
         self.start()
         while not done.wait(1.0):
             pass
-        self.stop(leave=self.owner.going_away())
+        self.stop(leave=uninstall.going_away(self.config, self.owner))
         return 0

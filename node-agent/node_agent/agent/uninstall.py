@@ -14,7 +14,7 @@ means uninstall; present means an update; no answer keeps everything). When it g
   current, it would SNAT kubelet probes to whatever pod gets one of those IPs next).
 
 A 404, 401 or 403 is taken for an uninstall only when the agent saw its DaemonSet since it started
-(`OwnerCheck`): a misspelt name or missing RBAC must not turn every restart into one.
+(`owner.OwnerCheck`): a misspelt name or missing RBAC must not turn every restart into one.
 
 Sidecar pods keep their rules either way: their proxy is in the pod.
 """
@@ -22,7 +22,6 @@ Sidecar pods keep their rules either way: their proxy is in the pod.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -60,61 +59,36 @@ def daemonset_verdict(config: AgentConfig, timeout: float = 5.0) -> owner.Verdic
             return owner.decide(None, None, str(exc))
 
 
-class OwnerCheck:
-    """Is the agent's DaemonSet going away? Asked at start until it is seen present, and at SIGTERM.
+def owner_check(config: AgentConfig, check: Callable[[AgentConfig], owner.Verdict] = daemonset_verdict,
+                pause: float = 1.0) -> owner.OwnerCheck | None:
+    """The DaemonSet question for this agent (None without --owner-daemonset); `start()` it with the agent."""
+    if config.owner_daemonset is None:
+        return None
 
-    A 404, 401 or 403 at SIGTERM counts as an uninstall only when the DaemonSet was seen present since the
-    start: an agent that could never read it (a wrong --owner-daemonset, RBAC missing or not yet in
-    force) would otherwise take every restart for an uninstall. A `deletionTimestamp` always counts."""
-
-    START_DELAYS: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # between the looks at start, until one sees it
-
-    def __init__(self, config: AgentConfig, check: Callable[[AgentConfig], owner.Verdict] = daemonset_verdict,
-                 pause: float = 1.0) -> None:
-        self.config = config
-        self.check = check
-        self.pause = pause
-        self.seen = threading.Event()
-        self._stop = threading.Event()
-        self.fields = {"step": "uninstall", "daemonset": f"{config.agent_namespace}/{config.owner_daemonset}"}
-
-    def start(self) -> None:
-        if self.config.owner_daemonset is not None:
-            threading.Thread(target=self._look, name="owner-check", daemon=True).start()
-
-    def _look(self) -> None:
-        verdict = owner.Verdict(owner.UNKNOWN, "not asked")
-        for delay in self.START_DELAYS:
-            if self._stop.wait(delay):
-                return
-            verdict = self.check(self.config)
-            if verdict.action == owner.KEEP:
-                self.seen.set()
-                log.debug("DaemonSet seen", extra=self.fields)
-                return
+    def unseen(verdict: owner.Verdict) -> None:
         log.warning("DaemonSet never seen since the start (%s): at SIGTERM only a deletionTimestamp will be "
-                    "taken for an uninstall", verdict.reason, extra=self.fields)
+                    "taken for an uninstall", verdict.reason, extra=_fields(config))
 
-    def going_away(self) -> bool:
-        """At SIGTERM: whether the agent leaves the node for good (False without --owner-daemonset). No clear
-        answer is asked again twice, `pause` s apart."""
-        self._stop.set()
-        if self.config.owner_daemonset is None:
-            return False
-        verdict = owner.ask(lambda: self.check(self.config), pause=self.pause)
-        fields = {**self.fields, "reason": verdict.reason}
-        if verdict.uninstall and not (verdict.deleting or self.seen.is_set()):
-            log.warning("DaemonSet not readable, and never seen since the start: not taken for an uninstall, "
-                        "everything left in place", extra=fields)
-            return False
-        if verdict.uninstall:
-            log.info("DaemonSet going away: leaving the node", extra=fields)
-        elif verdict.action == owner.KEEP:
-            log.info("DaemonSet still present: everything left for the next agent", extra=fields)
-        else:
-            log.warning("cannot tell whether the DaemonSet is being deleted: everything left in place",
-                        extra=fields)
-        return verdict.uninstall
+    return owner.OwnerCheck(lambda: check(config), pause, unseen)
+
+
+def _fields(config: AgentConfig) -> dict[str, str]:
+    return {"step": "uninstall", "daemonset": f"{config.agent_namespace}/{config.owner_daemonset}"}
+
+
+def going_away(config: AgentConfig, check: owner.OwnerCheck | None) -> bool:
+    """At SIGTERM: whether the agent leaves the node for good (False without --owner-daemonset)."""
+    if check is None:
+        return False
+    verdict = check.final()
+    fields = {**_fields(config), "reason": verdict.reason}
+    if verdict.uninstall:
+        log.info("DaemonSet going away: leaving the node", extra=fields)
+    elif verdict.action == owner.KEEP:
+        log.info("DaemonSet still present: everything left for the next agent", extra=fields)
+    else:
+        log.warning("cannot tell whether the DaemonSet is being deleted: everything left in place", extra=fields)
+    return verdict.uninstall
 
 
 def leave_node(release: Callable[[], list[tuple[str, str]]] | None,

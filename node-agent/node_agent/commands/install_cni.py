@@ -137,11 +137,14 @@ def install_cni(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     service.log("info", "watching", dir=cni_conf_dir)
+    checker = service.owner_check(opts, owner_daemonset) if owner_daemonset is not None else None
+    if checker is not None:
+        checker.start()  # the DaemonSet seen present: a 404/401/403 at termination then means uninstall
     service.watch(opts, stop)
     if uninstall_on_exit:
         service.uninstall(opts)
-    elif owner_daemonset is not None:
-        service.uninstall_if_owner_gone(opts, owner_daemonset)
+    elif checker is not None:
+        service.uninstall_if_owner_gone(opts, str(owner_daemonset), checker)
     sys.exit(0)
 
 

@@ -86,6 +86,54 @@ def ask(check: Callable[[], Verdict], attempts: int = 3, pause: float = 1.0) -> 
     return verdict
 
 
+class OwnerCheck:
+    """The question asked at start, until the DaemonSet is seen present, and again at termination (`final`).
+
+    A 404, 401 or 403 at termination is taken for an uninstall only when the DaemonSet was seen present since
+    the start: a process that could never read it (a misspelt name, RBAC missing) would otherwise take every
+    restart for an uninstall, and remove the plugin or the node's rules on each rolling update. A
+    `deletionTimestamp` always counts: the DaemonSet itself says so. `unseen` hears the last answer when
+    the looks at start end without seeing it."""
+
+    START_DELAYS: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # before each look at start
+
+    def __init__(self, check: Callable[[], Verdict], pause: float = 1.0,
+                 unseen: Callable[[Verdict], None] | None = None) -> None:
+        import threading
+
+        self.check = check
+        self.pause = pause
+        self.unseen = unseen
+        self.seen = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._look, name="owner-check", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _look(self) -> None:
+        verdict = Verdict(UNKNOWN, "not asked")
+        for delay in self.START_DELAYS:
+            if self._stop.wait(delay):
+                return
+            verdict = self.check()
+            if verdict.action == KEEP:
+                self.seen.set()
+                return
+        if self.unseen is not None:
+            self.unseen(verdict)
+
+    def final(self) -> Verdict:
+        """At termination: the answer (asked up to three times while unclear, see `ask`), an uninstall not
+        backed by a sighting since the start turned into UNKNOWN."""
+        self._stop.set()
+        verdict = ask(self.check, pause=self.pause)
+        if verdict.uninstall and not (verdict.deleting or self.seen.is_set()):
+            return Verdict(UNKNOWN, f"{verdict.reason}; but the DaemonSet was never seen since the start (a wrong "
+                           "name, or RBAC that never let us read it?)", verdict.status)
+        return verdict
+
+
 def daemonset_path(namespace: str, name: str) -> str:
     q = urllib.parse.quote
     return f"/apis/apps/v1/namespaces/{q(namespace, safe='')}/daemonsets/{q(name, safe='')}"

@@ -164,16 +164,30 @@ def uninstall(opts: InstallOptions) -> dict[str, Any]:
     return report
 
 
-def uninstall_if_owner_gone(opts: InstallOptions, daemonset: str, attempts: int = 3) -> owner.Verdict:
-    """At termination: uninstall when our DaemonSet is gone or being deleted, keep everything on a
-    rolling update or restart (see `owner`). Asks with the plugin's kubeconfig; an unknown answer is
-    retried a few times within the grace period, then the files stay (logged with the manual fix)."""
+def owner_check(opts: InstallOptions, daemonset: str) -> owner.OwnerCheck:
+    """The DaemonSet question (see `owner`), asked with the plugin's kubeconfig; `start()` it before the
+    watch."""
     kubeconfig = opts.settings.kubeconfig
-    if kubeconfig:
+
+    def check() -> owner.Verdict:
+        if not kubeconfig:
+            return owner.Verdict(owner.UNKNOWN, "no kubeconfig to ask the Kubernetes API with")
         here = under_root(opts.host_root, kubeconfig)
-        verdict = owner.ask(lambda: owner.check_daemonset(here, opts.settings.agent_namespace, daemonset), attempts)
-    else:
-        verdict = owner.Verdict(owner.UNKNOWN, "no kubeconfig to ask the Kubernetes API with")
+        return owner.check_daemonset(here, opts.settings.agent_namespace, daemonset)
+
+    def unseen(verdict: owner.Verdict) -> None:
+        log("warning", "DaemonSet never seen since the start: at termination only a deletionTimestamp will be "
+            "taken for an uninstall", daemonset=f"{opts.settings.agent_namespace}/{daemonset}",
+            reason=verdict.reason)
+
+    return owner.OwnerCheck(check, unseen=unseen)
+
+
+def uninstall_if_owner_gone(opts: InstallOptions, daemonset: str, checker: owner.OwnerCheck) -> owner.Verdict:
+    """At termination: uninstall when our DaemonSet is gone or being deleted, keep everything on a
+    rolling update or restart (see `owner`). An unknown answer is retried a few times within the grace
+    period, then the files stay (logged with the manual fix)."""
+    verdict = checker.final()
     fields = {"daemonset": f"{opts.settings.agent_namespace}/{daemonset}", "reason": verdict.reason}
     if verdict.uninstall:
         log("info", "DaemonSet going away: removing the plugin from this node", **fields)
