@@ -6,9 +6,11 @@ then the agent gets SIGTERM three times:
 
 - the DaemonSet still there (a rolling update): everything stays, the next agent adopts it;
 - the DaemonSet's access gone (403, `kubectl delete -k` took the RBAC first), `--on-uninstall keep`: the
-  node's probe SNAT is gone from the host, the pods keep their redirection (fail closed);
-- the DaemonSet being deleted, `--on-uninstall release`: nothing of ours in the pods, no pins, records or
-  bpffs left, the redirection annotation removed, and the client reaches the server directly.
+  node's probe SNAT is gone from the host, the pods keep their redirection (fail closed) but no pin or
+  record holds them; an agent installed again takes them over as they are;
+- the DaemonSet being deleted, `--on-uninstall release`: nothing of ours in the ambient pods, no pins or
+  records left, the redirection annotation removed, and the client reaches the server directly; the
+  sidecar pod (held by the agent too) keeps its rules.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tests.kernel.agent_kit import wait_for
 from tests.kernel.test_agent_backend_move import node_snat
 from tests.kernel.test_agent_first_compile import AMBIENT, assert_proxied, shop
 from tests.kernel.test_agent_settings_change import any_backend  # noqa: F401 - the fixture
-from tests.kernel.test_backend_parity import anything_of_ours, request
+from tests.kernel.test_backend_parity import SIDECAR, anything_of_ours, request
 from tests.unit.agent_fake_apiserver import FakeApiServer
 
 pytestmark = pytest.mark.kernel
@@ -100,12 +102,14 @@ def start(agent: Any, api: FakeApiServer) -> None:
     time.sleep(0.3)  # its answer taken in
 
 
-def kept(node: Any, pods: tuple[Pod, Pod]) -> None:
-    """Both pods still redirected, their pins and records in place."""
+def pinned(node: Any, pod: Pod) -> bool:
+    """The pod's netns pin and its record on the node."""
+    return (node.state_dir / "netns" / pod.uid).exists() and any((node.state_dir / "pods").glob(f"{pod.uid}*"))
+
+
+def redirected(node: Any, pods: tuple[Pod, ...]) -> None:
     for pod in pods:
         assert anything_of_ours(node, pod), f"{pod.name} lost its redirection"
-        assert (node.state_dir / "netns" / pod.uid).exists()
-        assert any((node.state_dir / "pods").glob(f"{pod.uid}*"))
 
 
 def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
@@ -115,36 +119,44 @@ def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
     agent.start_proxy()
     start(agent, api)
     client, server = pods = shop(node, agent, apps)
+    sidecar = node.add_pod("shop", "sidecar", annotations=SIDECAR)  # held by the agent
+    wait_for(lambda: pinned(node, sidecar), 20, "the sidecar pod held")
     kind = node_snat(node.netns.path)
     assert len(kind) == 1
 
     agent.kill_agent(signal.SIGTERM)  # a rolling update
     assert "DaemonSet still present" in agent.agent_log()
     assert node_snat(node.netns.path) == kind
-    kept(node, pods)
+    redirected(node, (*pods, sidecar))
+    assert all(pinned(node, p) for p in (*pods, sidecar))
 
     start(agent, api)
     assert_proxied(agent, client, server)
     api.set_daemonset(NAMESPACE, DAEMONSET, "forbidden")
-    agent.kill_agent(signal.SIGTERM)  # uninstalled, pods kept
+    agent.kill_agent(signal.SIGTERM)  # uninstalled, pods kept: their rules stay, our hold on them goes
     assert "DaemonSet going away" in agent.agent_log()
     assert node_snat(node.netns.path) == set()
-    kept(node, pods)
+    redirected(node, (*pods, sidecar))
+    assert not any(pinned(node, p) for p in (*pods, sidecar))
 
+    # installed again (with release this time): the pods are taken over as they are, and proxied
     api.set_daemonset(NAMESPACE, DAEMONSET, "present")
     agent.extra = [*agent.extra, "--on-uninstall", "release"]
     start(agent, api)
     wait_for(lambda: node_snat(node.netns.path) == kind, 20, "the node's probe SNAT back")
+    wait_for(lambda: all(agent.pod_state(p.uid) == "enrolled" for p in pods), 20, "the ambient pods enrolled")
     assert_proxied(agent, client, server)
     wait_for(lambda: all(api.objects["pods"][f"shop/{p.name}"]["metadata"].get("annotations", {}).get(ANNOTATION)
                          for p in pods), 20, "the pods annotated")
     api.set_daemonset(NAMESPACE, DAEMONSET, "deleting")
-    agent.kill_agent(signal.SIGTERM)  # uninstalled, pods released
+    agent.kill_agent(signal.SIGTERM)  # uninstalled, ambient pods released
     assert [p for p in pods if anything_of_ours(node, p)] == []
+    redirected(node, (sidecar,))  # its proxy is in the pod
     assert node_snat(node.netns.path) == set()
     assert list((node.state_dir / "netns").iterdir()) == [] and list((node.state_dir / "pods").iterdir()) == []
-    bpffs = str(node.state_dir / "bpf")
-    assert not any(line.split()[1] == bpffs for line in Path("/proc/self/mounts").read_text().splitlines())
+    if backend != "ebpf":  # (an eBPF sidecar pod keeps its programs, and their pins)
+        bpffs = str(node.state_dir / "bpf")
+        assert not any(line.split()[1] == bpffs for line in Path("/proc/self/mounts").read_text().splitlines())
     for p in pods:
         assert ANNOTATION not in api.objects["pods"][f"shop/{p.name}"]["metadata"].get("annotations", {})
     seen = len(agent.proxy_lines())

@@ -126,9 +126,9 @@ def test_the_agent_asks_only_with_an_owner(tmp_path: Path) -> None:
 def test_leaving_releases_unmarks_and_clears() -> None:
     calls: list[tuple[str, str, bool]] = []
     report = uninstall.leave_node(lambda: [("shop", "a"), ("shop", "b")], lambda ns, n, on: calls.append((ns, n, on)),
-                                  lambda: ["iptables-nft"])
+                                  lambda: 1, lambda: ["iptables-nft"])
     assert calls == [("shop", "a", False), ("shop", "b", False)]
-    assert report == {"released": 2, "unmarked": 2, "node_rules_removed": ["iptables-nft"]}
+    assert report == {"released": 2, "unmarked": 2, "kept": 1, "node_rules_removed": ["iptables-nft"]}
 
 
 def test_leaving_stops_unmarking_at_the_first_refusal_and_still_clears() -> None:
@@ -144,14 +144,14 @@ def test_leaving_stops_unmarking_at_the_first_refusal_and_still_clears() -> None
         cleared.append(True)
         return []
 
-    report = uninstall.leave_node(lambda: [("shop", "a"), ("shop", "b")], refused, clear)
+    report = uninstall.leave_node(lambda: [("shop", "a"), ("shop", "b")], refused, lambda: 0, clear)
     assert calls == ["a"] and cleared == [True]
     assert report["released"] == 2 and report["unmarked"] == 0
 
 
 def test_keeping_pods_releases_and_unmarks_nothing() -> None:
-    report = uninstall.leave_node(None, lambda *a: pytest.fail("unmarked a kept pod"), lambda: ["nftables"])
-    assert report == {"released": 0, "unmarked": 0, "node_rules_removed": ["nftables"]}
+    report = uninstall.leave_node(None, lambda *a: pytest.fail("unmarked a kept pod"), lambda: 2, lambda: ["nftables"])
+    assert report == {"released": 0, "unmarked": 0, "kept": 2, "node_rules_removed": ["nftables"]}
 
 
 @pytest.mark.parametrize(("kw", "message"), [

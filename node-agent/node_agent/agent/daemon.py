@@ -317,10 +317,7 @@ class Agent:
         self.plugin_logs.stop()
         self.reconciler.stop()
         if leave:  # the source's API client still open for the annotations
-            release = self.config.on_uninstall == "release"
-            uninstall.leave_node(partial(self.reconciler.release_ambient, "the DaemonSet goes away") if release
-                                 else None, self._annotation_writer,
-                                 probe_snat.clear_all if self.node_rules_kind else list)  # (injected: not ours)
+            self._leave_node()
         self.source.stop()
         self.hub.stop()
         if self.health is not None:
@@ -329,6 +326,17 @@ class Agent:
         spawn.install_runner(self._spawner)
         log.info("agent stopped; the node left" if leave else "agent stopped; pod rules left in place",
                  extra={"step": "stop"})
+
+    def _leave_node(self) -> None:
+        """The DaemonSet goes away (uninstall.py); whatever fails, the rest of the shutdown follows."""
+        release = self.config.on_uninstall == "release"
+        try:
+            uninstall.leave_node(partial(self.reconciler.release_ambient, "the DaemonSet goes away") if release
+                                 else None, self._annotation_writer,
+                                 partial(self.reconciler.table.forget_all, "left with its rules in place", "leave"),
+                                 probe_snat.clear_all if self.node_rules_kind else list)  # (injected: not ours)
+        except Exception:
+            log.exception("leaving the node failed", extra={"step": "uninstall"})
 
     def run(self) -> int:
         done = threading.Event()

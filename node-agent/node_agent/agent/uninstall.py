@@ -10,6 +10,8 @@ means uninstall; present means an update; no answer keeps everything). When it g
   node proxy told, netns pin and record gone), then its `ambient.istio.io/redirection` annotation is
   removed (best effort, while the API lets us: a later mesh must not take the pod for captured). With
   `keep` (the default) ambient pods keep their redirection: they fail closed until re-created;
+- the pods that keep their rules (sidecar pods, and ambient ones with `keep`) lose their netns pin and
+  record: with no agent left, a pin would keep a deleted pod's network namespace until the node reboots;
 - the node-side probe SNAT, of every kind, is removed from the host (with no agent to keep its pod IPs
   current, it would SNAT kubelet probes to whatever pod gets one of those IPs next).
 
@@ -93,10 +95,13 @@ def going_away(config: AgentConfig, check: owner.OwnerCheck | None) -> bool:
 
 def leave_node(release: Callable[[], list[tuple[str, str]]] | None,
                unmark: Callable[[str, str, bool], None] | None,
+               let_go: Callable[[], int],
                clear: Callable[[], list[str]] = node_rules.clear_all) -> dict[str, object]:
     """The agent's loops stopped, its DaemonSet going away: release the ambient pods (`release` given, with
-    --on-uninstall release), take their annotation off through `unmark`, clear the node's probe SNAT."""
+    --on-uninstall release), take their annotation off through `unmark`, `let_go` of the pods that keep
+    their rules (their pins and records), clear the node's probe SNAT."""
     released = release() if release is not None else []
+    kept = let_go()
     unmarked = 0
     deadline = time.monotonic() + ANNOTATIONS_WITHIN
     for namespace, name in released:
@@ -110,6 +115,7 @@ def leave_node(release: Callable[[], list[tuple[str, str]]] | None,
                      extra={"step": "uninstall", "namespace": namespace, "pod": name})
             break
     cleared = clear()
-    report: dict[str, object] = {"released": len(released), "unmarked": unmarked, "node_rules_removed": cleared}
+    report: dict[str, object] = {"released": len(released), "unmarked": unmarked, "kept": kept,
+                                 "node_rules_removed": cleared}
     log.info("left the node", extra={"step": "uninstall", **report})
     return report

@@ -93,3 +93,13 @@ class PodTable:
             del self.pods[st.uid]
         log.info(message, extra=log_ctx(st, step))
         self.notify()
+
+    def forget_all(self, message: str, step: str) -> int:
+        """Every pod still held forgotten (`forget`: pin released, record deleted), its rules left as they
+        are: the agent leaves the node for good, and a pin would keep a deleted pod's netns with no agent
+        left to release it. How many."""
+        with self.lock:
+            held = list(self.pods.values())
+            for st in held:
+                self.forget(st, message, step)
+            return len(held)
