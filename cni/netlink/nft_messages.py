@@ -75,9 +75,9 @@ def payload(base: int, offset: int, length: int) -> bytes:
     return expr("payload", u32(1, REG_1), u32(2, base), u32(3, offset), u32(4, length))
 
 
-def bitwise(mask: bytes) -> bytes:  # SREG, DREG, LEN, MASK{VALUE}, XOR{VALUE}
+def bitwise(mask: bytes, xor: bytes | None = None) -> bytes:  # SREG, DREG, LEN, MASK{VALUE}, XOR{VALUE}
     return expr("bitwise", u32(1, REG_1), u32(2, REG_1), u32(3, len(mask)), nest(4, attr(1, mask)),
-                nest(5, attr(1, bytes(len(mask)))))
+                nest(5, attr(1, xor if xor is not None else bytes(len(mask)))))
 
 
 def verdict(code: int, chain: str | None = None) -> bytes:

@@ -11,7 +11,9 @@ What is laid out is what the REDIRECT-mode sidecar tables use, encoded as libnft
 in an `inet` table: `meta l4proto|nfproto|skuid|skgid [!=] v`, `iifname|oifname [!=] "name"` (the name
 padded to IFNAMSIZ), `ip|ip6 saddr|daddr [!=] address[/prefix]` (the bytes a byte-aligned prefix covers, else
 the whole address through a bitwise mask), `tcp|udp sport|dport [!=] port`, the verdicts `accept`,
-`drop`, `return`, `jump`, `goto`, `redirect to :port`, and the comment (rule user data). A match on a
+`drop`, `return`, `jump`, `goto`, `redirect to :port`, and the comment (rule user data); and what the
+ambient tables add: `meta|ct mark & MASK ==|!= VALUE`, `meta mark set ct mark` and `ct mark set ct mark &
+MASK | VALUE` (marks in host byte order, as registers hold them). A match on a
 header adds the dependency libnftables adds (`meta nfproto` before an address, `meta l4proto` before a
 port) unless the rule established it already. Anything else raises `Unsupported` and the text goes to
 libnftables (or `nft -f`) as before. The kernel test compares the rules the kernel holds afterwards
@@ -33,6 +35,7 @@ from cni.netlink.nft_messages import (
     CMP_NEQ,
     META_IIFNAME,
     META_L4PROTO,
+    META_MARK,
     META_NFPROTO,
     META_OIFNAME,
     META_SKGID,
@@ -55,6 +58,7 @@ from cni.netlink.nft_messages import (
     Change,
     address,
     attr,
+    bitwise,
     cmp,
     expr,
     frame,
@@ -84,6 +88,9 @@ COMMENT_MAX = 128  # NFTNL_UDATA_COMMENT_MAXLEN, the terminating NUL included
 UDATA_RULE_COMMENT = 0
 VERDICTS = {"accept": NF_ACCEPT, "drop": NF_DROP, "return": NFT_RETURN}
 NF_NAT_RANGE_PROTO_SPECIFIED = 2
+CT_MARK = 3  # NFT_CT_MARK
+META_SET_KEY, META_SET_SREG = 2, 3  # NFTA_META_KEY, NFTA_META_SREG
+CT_DREG, CT_KEY, CT_SREG = 1, 2, 4  # NFTA_CT_*
 
 
 class Unsupported(ValueError):
@@ -189,6 +196,51 @@ def _meta(rule: _Rule, words: list[str]) -> None:
         raise Unsupported(f"meta {key} {value}")
 
 
+def _hex32(text: str, what: str) -> bytes:
+    """A 32-bit `0x...` value as a register holds a mark: host byte order."""
+    digits = text[2:]
+    if not text.startswith("0x") or not 0 < len(digits) <= 8 or any(c not in "0123456789abcdef" for c in digits):
+        raise Unsupported(f"{what} {text!r}")
+    return struct.pack("=I", int(digits, 16))
+
+
+def _load_mark(source: str) -> bytes:
+    """`meta mark` or `ct mark` into register 1."""
+    return meta(META_MARK) if source == "meta" else expr("ct", u32(CT_DREG, REG_1), u32(CT_KEY, CT_MARK))
+
+
+def _mark(rule: _Rule, source: str, words: list[str]) -> None:
+    """`meta|ct mark & MASK ==|!= VALUE` (a match); `meta mark set ct mark` and `ct mark set ct mark & MASK |
+    VALUE` (statements: the mark loaded, masked and set, in register 1)."""
+    if (key := _take(words, f"{source} key")) != "mark":
+        raise Unsupported(f"{source} {key}")
+    word = _take(words, f"{source} mark operation")
+    if word == "&":
+        mask = _hex32(_take(words, "mark mask"), "mark mask")
+        op = _take(words, "mark comparison")
+        if op not in ("==", "!="):
+            raise Unsupported(f"mark comparison {op!r}")
+        value = _hex32(_take(words, "mark value"), "mark value")
+        rule.add(_load_mark(source), bitwise(mask), cmp(CMP_EQ if op == "==" else CMP_NEQ, value))
+        return
+    if word != "set" or words[:2] != ["ct", "mark"]:
+        raise Unsupported(f"{source} mark {word} {' '.join(words[:2])}")
+    del words[:2]
+    parts = [_load_mark("ct")]
+    if words[:1] == ["&"]:  # (mark & MASK) | VALUE, as nft sends it: mark & (MASK & ~VALUE) ^ VALUE
+        words.pop(0)
+        mask = _hex32(_take(words, "mark mask"), "mark mask")
+        if _take(words, "mark |") != "|":
+            raise Unsupported("a mark mask without | VALUE")
+        value = _hex32(_take(words, "mark value"), "mark value")
+        parts.append(bitwise(bytes(m & ~v & 0xFF for m, v in zip(mask, value, strict=True)), value))
+    if source == "meta":
+        parts.append(expr("meta", u32(META_SET_KEY, META_MARK), u32(META_SET_SREG, REG_1)))
+    else:
+        parts.append(expr("ct", u32(CT_KEY, CT_MARK), u32(CT_SREG, REG_1)))
+    rule.add(*parts)
+
+
 def _interface(rule: _Rule, key: str, words: list[str]) -> None:
     negate = _negated(words)
     name = _quoted(_take(words, key), key)
@@ -258,7 +310,9 @@ def rule_body(text: str, chains: frozenset[str]) -> tuple[bytes, bytes | None]:
         word = words.pop(0)
         if rule.comment is not None:
             raise Unsupported("something after the comment")
-        if word == "meta":
+        if word == "ct" or (word == "meta" and words[:1] == ["mark"]):
+            _mark(rule, word, words)
+        elif word == "meta":
             _meta(rule, words)
         elif word in ("iifname", "oifname"):
             _interface(rule, word, words)

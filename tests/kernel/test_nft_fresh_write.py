@@ -1,11 +1,11 @@
 """The nftables backend's in-process creation of a pod table (`fresh_batch` + `fresh_write`) against
 libnftables on the real kernel:
 
-- for every REDIRECT-mode sidecar scenario of the golden files, the table is the one `nft -f` writes
-  from the same text, expression for expression (`nft --debug=netlink`, handles aside), and nft lists it
-  exactly as the golden text;
-- it declines, changing nothing, what it does not lay out (TPROXY, ambient and node tables) and a netns
-  that has a table of that name already (the caller then goes to libnftables);
+- for every REDIRECT-mode sidecar scenario and every ambient scenario of the golden files, the table is
+  the one `nft -f` writes from the same text, expression for expression (`nft --debug=netlink`, handles
+  aside), and nft lists it exactly as the golden text;
+- it declines, changing nothing, what it does not lay out (TPROXY and node tables) and a netns that has a
+  table of that name already (the caller then goes to libnftables);
 - the rules it writes redirect real traffic (outbound TCP lands on 15001 with its original destination,
   inbound on 15006, the proxy's own connections pass), and the agent's ADD apply uses it.
 """
@@ -28,7 +28,7 @@ from tests.harness.traffic import sidecar_redirected
 from tests.unit.nft_scenarios import SCENARIOS
 
 pytestmark = pytest.mark.kernel
-BUILT_HERE = sorted(n for n in SCENARIOS if n.startswith("sidecar") and "tproxy" not in n)
+BUILT_HERE = sorted(n for n in SCENARIOS if n.startswith(("sidecar", "ambient")) and "tproxy" not in n)
 NOT_BUILT_HERE = sorted(set(SCENARIOS) - set(BUILT_HERE))
 
 

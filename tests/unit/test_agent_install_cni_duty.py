@@ -85,6 +85,17 @@ def test_without_cleanup_everything_stays(tmp_path: Path) -> None:
     assert has_entry(target)
 
 
+def test_the_daemonset_going_away_cleans_up_without_cleanup_on_exit(tmp_path: Path) -> None:
+    target, original = setup_dir(tmp_path)
+    duty = InstallCniDuty(options(tmp_path, plugin=True))
+    duty.start()
+    assert has_entry(target)
+    report = duty.stop(cleanup=True)
+    assert report is not None and report["bytes_restored"] == [str(target)]
+    assert target.read_bytes() == original
+    assert list((tmp_path / "bin").iterdir()) == []
+
+
 def test_late_config_and_preinstalled_plugin(tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     opts = options(tmp_path, plugin=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import random
 import re
+import struct
 
 import pytest
 from node_agent.backends.nftables import fresh_write
 
-from cni.contract.spec import SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.netlink import netlink_parse
 from cni.netlink import nft_messages as nm
 from cni.rules import nft_builder
@@ -67,8 +68,26 @@ def test_the_comment_is_the_rules_user_data() -> None:
     assert userdata is None
 
 
+def test_marks_are_loaded_masked_and_set_as_nft_does() -> None:
+    exprs, _ = rule_body("meta mark & 0x00000fff != 0x00000539 redirect to :15001", CHAINS)
+    assert names(exprs) == ["meta", "bitwise", "cmp", "immediate", "redir"]
+    exprs, _ = rule_body("ct mark & 0x00000fff == 0x00000111 meta mark set ct mark", CHAINS)
+    assert names(exprs) == ["ct", "bitwise", "cmp", "ct", "meta"]
+    exprs, _ = rule_body("meta mark & 0x00000fff == 0x00000539 ct mark set ct mark & 0xfffff111 | 0x00000111",
+                         CHAINS)
+    assert names(exprs) == ["meta", "bitwise", "cmp", "ct", "bitwise", "ct"]
+    # (mark & 0xfffff111) | 0x111 is sent as mark & 0xfffff000 ^ 0x111, host byte order
+    assert nm.bitwise(struct.pack("=I", 0xFFFFF000), struct.pack("=I", 0x111)) in exprs
+
+
 @pytest.mark.parametrize("rule", [
     "meta mark set 0x00000539 accept",
+    "meta mark & 0xfff 0x539 accept",
+    "meta mark & 0x1fffffffff == 0x1 accept",
+    "meta mark & fff == 0x1 accept",
+    "ct mark set ct mark & 0xfff accept",
+    "ct state established accept",
+    "meta mark set meta mark",
     'iifname "eth*" return',
     'oifname "a-name-too-long-for-linux" return',
     "jump elsewhere",
@@ -88,7 +107,9 @@ def test_what_it_does_not_lay_out_is_left_to_libnftables(rule: str) -> None:
         rule_body(rule, CHAINS)
 
 
-def test_tproxy_and_ambient_tables_are_left_to_libnftables() -> None:
+def test_ambient_tables_are_laid_out_and_tproxy_ones_left_to_libnftables() -> None:
+    for families in ((4, 6), (6,)):
+        batch(nft_builder.ambient_table(AmbientSpec(capture_dns=True), families))
     with pytest.raises(Unsupported):
         batch(nft_builder.sidecar_table(SidecarSpec(interception_mode="TPROXY"), (4,)))
     with pytest.raises(Unsupported):

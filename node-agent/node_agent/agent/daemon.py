@@ -310,7 +310,8 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.duties.stop()  # first: with --cni-cleanup-on-exit the entry leaves before the socket closes
+        self.duties.stop(leaving=leave)  # first: an entry that leaves (--cni-cleanup-on-exit, or the DaemonSet
+        # going away) does so before the socket closes
         self.cni.stop()
         if self.marker is not None:
             self.marker.stop()

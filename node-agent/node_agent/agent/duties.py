@@ -150,11 +150,13 @@ class AgentDuties:
         if self.monitor is not None:
             self.monitor.start()
 
-    def stop(self) -> None:
+    def stop(self, leaving: bool = False) -> None:
+        """`leaving`: the agent's DaemonSet goes away, so install-cni's entry and files go too (as with
+        --cni-cleanup-on-exit)."""
         if self.monitor is not None:
             self.monitor.stop()
         if self.install is not None:
-            self.install.stop()
+            self.install.stop(cleanup=leaving)
 
     def status_view(self, handler: Handler) -> StatusView:
         return StatusView(handler, self.overlay)

@@ -123,12 +123,13 @@ class InstallCniDuty:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def stop(self, timeout: float = 5.0) -> dict[str, Any] | None:
-        """Stop watching; with cleanup_on_exit remove what this agent added. Returns the cleanup report."""
+    def stop(self, timeout: float = 5.0, cleanup: bool = False) -> dict[str, Any] | None:
+        """Stop watching; with cleanup_on_exit (or `cleanup`: the agent's DaemonSet goes away) remove what
+        this agent added. Returns the cleanup report."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if not self.cleanup_on_exit:
+        if not (self.cleanup_on_exit or cleanup):
             return None
         return self.cleanup()
 
