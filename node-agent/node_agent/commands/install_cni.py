@@ -143,8 +143,8 @@ def install_cni(
     service.watch(opts, stop)
     if uninstall_on_exit:
         service.uninstall(opts)
-    elif checker is not None:
-        service.uninstall_if_owner_gone(opts, str(owner_daemonset), checker)
+    elif owner_daemonset is not None and checker is not None:
+        service.uninstall_if_owner_gone(opts, owner_daemonset, checker)
     sys.exit(0)
 
 

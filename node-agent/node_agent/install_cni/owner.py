@@ -12,7 +12,9 @@ So at termination install-cni GETs its DaemonSet: present without `deletionTimes
 `404`, a `deletionTimestamp`, or `401`/`403` (our service account or its RBAC binding deleted first,
 as a `kubectl delete -k` of the whole set does) means uninstall. Anything else (API unreachable, 5xx)
 is unknown and keeps the files: the log line says to run `headrace uninstall-cni` if the DaemonSet was
-deleted. The decision is a pure function (`decide`) of what the GET returned.
+deleted. The decision is a pure function (`decide`) of what the GET returned. A `404`, `401` or `403`
+counts only when the DaemonSet was seen present since the process started (`OwnerCheck`). The agent
+asks the same question, with its own client, before it leaves the node (`node_agent.agent.uninstall`).
 """
 
 from __future__ import annotations
