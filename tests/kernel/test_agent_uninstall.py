@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from node_agent.install_cni.owner import daemonset_path
 from node_agent.lab.simnode import Pod
 from node_agent.sources.redirection_mark import ANNOTATION
 
@@ -95,7 +96,7 @@ def on_api(any_backend: tuple[str, Any], tmp_path: Path) -> Iterator[tuple[str, 
 
 def start(agent: Any, api: FakeApiServer) -> None:
     """Start the agent and let it see its DaemonSet (its look at start: a 404 or 403 counts only after it)."""
-    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/{DAEMONSET}"
+    path = daemonset_path(NAMESPACE, DAEMONSET)
     before = sum(1 for p, _q in api.requests if p == path)
     agent.start_agent()
     wait_for(lambda: sum(1 for p, _q in api.requests if p == path) > before, 20, "the agent's look at its DaemonSet")

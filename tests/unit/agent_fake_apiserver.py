@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from node_agent.install_cni.owner import daemonset_path
+
 TOKEN = "test-token"
 
 
@@ -110,7 +112,7 @@ class FakeApiServer:
         body = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": meta} if codes[state] == 200 else {
             "kind": "Status", "code": codes[state]}
         with self.cond:
-            self.daemonsets[f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}"] = (codes[state], body)
+            self.daemonsets[daemonset_path(namespace, name)] = (codes[state], body)
 
     def compact(self) -> None:
         """Forget history: watches from an older resourceVersion get 410 Gone."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -101,8 +102,6 @@ class OwnerCheck:
 
     def __init__(self, check: Callable[[], Verdict], pause: float = 1.0,
                  unseen: Callable[[Verdict], None] | None = None) -> None:
-        import threading
-
         self.check = check
         self.pause = pause
         self.unseen = unseen
