@@ -4,6 +4,8 @@ another backend. Fakes only (no root)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +342,7 @@ def test_a_move_puts_the_new_redirection_in_beside_the_old_one_which_comes_out_a
     env.hub, nft.fail_apply = FakeHub(), False
     r3 = make(env, nft, None, cgroup_fallback=False, factory=lambda name: ipt if name == "iptables" else None)
     r3.adopt()
+    assert row(r3, UID)["state"] == "moving", "the iptables rules hold it until the move is over"
     r3.reconcile()
     assert row(r3, UID)["state"] == "enrolled" and row(r3, UID)["backend"] == "nftables"
     assert events == ["iptables apply", "nftables apply", "iptables remove beside nftables"]
@@ -356,6 +359,74 @@ def test_a_move_puts_the_new_redirection_in_beside_the_old_one_which_comes_out_a
     r4.reconcile()
     assert not nft.rules and not ipt.rules and env.records.load_all() == {}
     assert events[-1] == "nftables remove"
+
+
+def test_a_pod_still_redirected_by_the_backend_it_leaves_shows_moving(tmp_path: Path) -> None:
+    """While a move's apply runs, a pod whose old redirection stays until the new one is in shows `moving`
+    (status and the pods-by-state gauge), not `pending`; `enrolled` once the new backend's is in. A pod
+    whose old backend had to come out first shows `pending`: nothing redirects it meanwhile."""
+    import threading
+
+    from node_agent.reconcile.state import MOVING, NoMetrics, shown_state
+    from node_agent.serve.status_client import state_text
+
+    env = Env(tmp_path)
+    env.fake_netns(UID)
+    events: list[str] = []
+    gate = threading.Event()
+
+    class Slow(FakeEbpf):
+        def apply(self, target: Any, spec: object) -> None:
+            gate.wait(10)
+            super().apply(target, spec)
+
+    class SlowStepping(Stepping):
+        def apply(self, target: Any, spec: object) -> None:
+            gate.wait(10)
+            super().apply(target, spec)
+
+    class Counts(NoMetrics):
+        def pod_states(self, counts: Mapping[str, int]) -> None:
+            seen.append(dict(counts))
+
+    ebpf, ipt = Slow(reason="no proxy cgroup"), Stepping("iptables", events)
+    seen: list[dict[str, int]] = []
+    r = make(env, ebpf, ipt, cgroup_fallback=False)
+    r.metrics = Counts()
+    env.set(AMBIENT, pod(UID))
+    r.reconcile()
+    assert row(r, UID)["state"] == "enrolled" and ipt.rules == {UID: 1}
+
+    ebpf.reason = None  # the proxy's cgroup learned: the pod moves to eBPF, iptables stepping aside after
+    r.rechoose_backends()
+    r.reconcile()
+    assert row(r, UID)["state"] == MOVING and seen[-1] == {MOVING: 1}
+    assert state_text(row(r, UID)) == "moving (moving to the ebpf backend)" and ipt.rules == {UID: 1}
+    gate.set()
+    for job in list(r.enrolment.jobs.values()):
+        job.result(timeout=5)
+    r.reconcile()
+    assert row(r, UID)["state"] == "enrolled" and seen[-1] == {"enrolled": 1} and not r.pods[UID].moving_from
+    assert ebpf.rules == {UID: 1} and not ipt.rules and events[-1] == "iptables remove beside ebpf"
+
+    # the agent restarted with iptables, whose apply blocks: its redirection comes out of eBPF first (a
+    # backend that cannot step aside), so the pod is pending, not moving
+    gate.clear()
+    env.hub = FakeHub()
+    slow_ipt = SlowStepping("iptables", events)
+    r2 = make(env, slow_ipt, None, cgroup_fallback=False, factory=lambda name: ebpf if name == "ebpf" else None)
+    r2.adopt()
+    passing = threading.Thread(target=r2.reconcile)
+    passing.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not ebpf.rules == {} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not ebpf.rules and shown_state(r2.pods[UID]) == "pending"
+    finally:
+        gate.set()
+        passing.join(10)
+    assert row(r2, UID)["state"] == "enrolled" and slow_ipt.rules == {UID: 1}
 
 
 def test_a_move_started_before_the_last_one_finished_leaves_neither_old_backend(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ class Adoption:
         st.ips, st.inode, st.tcp_loose = rec.ips, rec.netns_inode, rec.tcp_loose
         st.backend, st.cgroup_path = rec.backend, rec.cgroup_path
         st.service_account, st.leaving = rec.service_account, rec.leaving or self._inbound_leaving(rec)
+        st.moving_from = st.leaving  # an unfinished move: that backend's redirection holds the pod meanwhile
         if pinned_inode == rec.netns_inode:
             st.netns = str(self.table.pins.path(uid))
             st.rules_in = not st.leaving  # checked before use, never re-added blindly; an unfinished move is re-applied

@@ -131,32 +131,34 @@ class Backends:
         chosen = self.choose(st)
         if st.backend and st.backend != chosen.name:
             old = self.named(st.backend)
-            if old is not None and st.inode:
-                self._leave(st, old, chosen)
+            kept = old is not None and bool(st.inode) and self._leave(st, old, chosen)
+            st.moving_from = st.backend if kept else ""
             st.rules_in = False
         st.backend = chosen.name
         if st.leaving == chosen.name:
             st.leaving = ""  # moved back before the old one came out: it is the pod's again
 
-    def _leave(self, st: PodState, old: RedirectBackend, chosen: RedirectBackend) -> None:
+    def _leave(self, st: PodState, old: RedirectBackend, chosen: RedirectBackend) -> bool:
         """The pod's move from `old` to `chosen`: rewritten in place, or `old` leaving (stepping aside after
-        the apply), or, where it cannot step aside, its redirection removed now."""
+        the apply), or, where it cannot step aside, its redirection removed now. Whether old's redirection
+        holds the pod until chosen's is in."""
         ctx = log_ctx(st, "backend-switch")
         if rewrites_in_place(old, chosen, st.spec):
             log.info("pod moves from the %s to the %s backend in place", old.name, chosen.name, extra=ctx)
-            return
+            return True
         target = self._netns.target(st)
         if not old.installed(target):
-            return
+            return False
         if not isinstance(old, StepsAside):
             old.remove(target)
             log.info("pod moved from the %s to the %s backend", old.name, chosen.name, extra=ctx)
-            return
+            return False
         if st.leaving and st.leaving != chosen.name:  # a move before this one not finished
             self.step_aside(self.leaving(st), target, old)
         st.leaving = old.name
         log.info("pod moves from the %s to the %s backend: the new redirection goes in beside the old one",
                  old.name, chosen.name, extra=ctx)
+        return True
 
     def leaving(self, st: PodState) -> RedirectBackend | None:
         """The backend whose redirection is still in the pod beside its own backend's (a move), or None."""

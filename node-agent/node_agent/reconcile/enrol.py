@@ -321,6 +321,7 @@ class AmbientEnrolment:
     def _enrolled(self, st: PodState, *, notify: bool = True) -> None:
         st.rules_in = True
         st.state = ENROLLED
+        st.moving_from = ""
         st.enrolled_at = time.time()
         st.reason = ""
         st.attempts = 0

@@ -60,6 +60,7 @@ from node_agent.reconcile.state import (
     Pins,
     PodState,
     RepairResult,
+    shown_state,
 )
 from node_agent.reconcile.status import StatusBoard, proxy_state, status_rows, with_proxy
 from node_agent.reconcile.table import PodTable
@@ -233,7 +234,8 @@ class Reconciler:
             self._sync_node_rules(force=due is not None and due.node)
             counts: dict[str, int] = {}
             for st in self.table.of_mode(AMBIENT):
-                counts[st.state] = counts.get(st.state, 0) + 1
+                shown = shown_state(st)
+                counts[shown] = counts.get(shown, 0) + 1
             self.metrics.pod_states(counts)
             self.passes += 1
             self.last_pass = time.time()

@@ -13,6 +13,9 @@ from node_agent.backends.base import RedirectSpec
 from node_agent.protocol.workload import WorkloadInfo
 
 ENROLLED, PENDING, FAILED, NONE = "enrolled", "pending", "failed", "none"
+# shown only (status rows, metrics): a pending pod whose old backend's redirection holds it until the new
+# backend's is in (a backend move)
+MOVING = "moving"
 
 Mode = Literal["ambient", "sidecar"]
 AMBIENT: Mode = "ambient"  # enrolled by the agent from the pod source's labels; served by the node proxy
@@ -106,6 +109,7 @@ class PodState:
     tcp_loose: int | None = None  # the pod's nf_conntrack_tcp_loose before we changed it
     backend: str = ""  # the backend that holds (or will hold) this pod's redirection
     leaving: str = ""  # a move: the backend whose redirection stays beside the new one's until that is in
+    moving_from: str = ""  # a move that keeps the pod redirected (beside, or rewritten in place): from where
     enrolled_at: float = 0.0  # wall clock of the last transition to enrolled
     applied_at: float = float("-inf")  # table clock when its enrolment apply last succeeded
     annotations: tuple[tuple[str, str], ...] = ()  # sidecar: the traffic annotations its spec comes from
@@ -127,6 +131,12 @@ class RepairResult:
 
     backend: str
     error: str = ""
+
+
+def shown_state(st: PodState) -> str:
+    """The state `headrace status` and the metrics show: `moving` for a pending pod still redirected by the
+    backend it is moving from, else its state."""
+    return MOVING if st.state == PENDING and st.moving_from else st.state
 
 
 def log_ctx(st: PodState, step: str) -> dict[str, Any]:

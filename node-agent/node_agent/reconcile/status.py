@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from node_agent.backends.ebpf.parent_alerts import ALERTS
-from node_agent.reconcile.state import AMBIENT, ENROLLED, NONE, PodState
+from node_agent.reconcile.state import AMBIENT, ENROLLED, NONE, PodState, shown_state
 from node_agent.sources.desired import Desired
 
 
@@ -24,7 +24,7 @@ def pod_row(st: PodState, node_backend: str) -> dict[str, Any]:
     fallback = bool(not reason and st.fallback_reason and st.backend and st.backend != node_backend)
     row = {
         "namespace": st.namespace, "name": st.name, "uid": st.uid, "mode": st.mode,
-        "backend": (st.backend or node_backend) if ambient else st.backend, "state": st.state,
+        "backend": (st.backend or node_backend) if ambient else st.backend, "state": shown_state(st),
         "reason": f"on the {st.backend} fallback: {st.fallback_reason}" if fallback else reason,
         "netns": st.netns, "ips": list(st.ips),
         "enrolled_at": round(st.enrolled_at, 3) if st.state == ENROLLED else None,

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-STATES = ("enrolled", "pending", "failed")
+STATES = ("enrolled", "moving", "pending", "failed")
 PROXY_CGROUP_SOURCES = ("flag", "peer", "none")
 
 

@@ -52,7 +52,7 @@ def state_text(pod: dict[str, Any]) -> str:
     if state == "enrolled" and proxy and proxy != "connected":  # ambient: the node proxy's session
         return f"{state}, proxy {proxy}"
     # boot race: agent_duties.py; alerts: eBPF programs on parent cgroups; fallback: reconcile/status.py
-    if reason and (state in ("pending", "failed") or pod.get("boot_race") or pod.get("alerts")
+    if reason and (state in ("moving", "pending", "failed") or pod.get("boot_race") or pod.get("alerts")
                    or pod.get("fallback")):
         return f"{state} ({reason})"
     return state
