@@ -65,8 +65,9 @@ class AmbientEnrolment:
         self.node_name = node_name
         self._wake = wake  # the proxy acked: the loop takes the next step
         self._verify_soon = verify_soon  # rules were found in place: read them back in this pass
-        # in-process applies or not (or "move": pods changing backend) -> its pool, made when needed
-        self._pools: dict[bool | str, ThreadPoolExecutor] = {}
+        # "in-process" (AppliesInNetns), "spawning" (the others) or "move" (pods changing backend) -> its
+        # pool, made when needed
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         self.jobs: dict[str, Future[JobResult]] = {}  # uid -> its running (or not yet collected) apply
         self._sent: dict[str, PodState] = {}  # pods told to the proxy since step_jobs last looked at them
         self._published, self._unpublished = 0.0, False  # status rows: last rebuilt, changes since
@@ -232,10 +233,10 @@ class AmbientEnrolment:
         """Start the pod's conntrack guard and rules on the pool (lock held); `move`: on the moves' own pool,
         one at a time, so enrolments never queue behind a wave of them."""
         in_process = isinstance(backend, AppliesInNetns)
-        key: bool | str = "move" if move else in_process
+        key = "move" if move else "in-process" if in_process else "spawning"
         pool = self._pools.get(key)
         if pool is None:
-            workers = 1 if move else IN_PROCESS_WORKERS if in_process else APPLY_WORKERS
+            workers = {"move": 1, "in-process": IN_PROCESS_WORKERS, "spawning": APPLY_WORKERS}[key]
             pool = self._pools[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enrol-apply")
         known, record, leaving = st.tcp_loose, self.table.record_of(st), self.backends.leaving(st)
         spec, conntrack, records, ctx = self.spec, self.conntrack, self.table.records, log_ctx(st, "conntrack")
