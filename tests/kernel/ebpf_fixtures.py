@@ -282,6 +282,19 @@ def removed_after(env: PodEnv, backend: Any) -> Iterator[PodTarget]:
     backend.remove(t)
 
 
+def drop_node_config_entries(state_dir: Path) -> None:
+    """Delete every pod's entry in the node's eBPF config map (as `bpftool map delete` would)."""
+    from node_agent.backends.ebpf import bpfsys, pinning, pod_index
+
+    fd = pinning.open_pinned(state_dir / "bpf" / pinning.NODE_DIR / pod_index.CONFIG)
+    assert fd is not None
+    try:
+        for key in bpfsys.map_keys(fd, 8):
+            bpfsys.map_delete(fd, key)
+    finally:
+        os.close(fd)
+
+
 def make_cgroup(path: Path) -> Path:
     path.mkdir()
     return path

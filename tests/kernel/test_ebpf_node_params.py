@@ -19,7 +19,7 @@ import pytest
 from node_agent.backends.base import BackendError, PodTarget
 
 from cni.contract.spec import SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, pod_env, removed_after, suffix
+from tests.kernel.ebpf_fixtures import PodEnv, drop_node_config_entries, pod_env, removed_after, suffix
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -129,13 +129,7 @@ def test_spec_change_switches_generation_and_drops_the_old_entries(env, backend,
 def test_lost_node_entry_is_drift_and_repaired(env, backend, target):
     start_proxy_and_server(env)
     backend.apply(target, SIDECAR_OUT)
-    fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / pod_index.CONFIG)
-    assert fd is not None
-    try:
-        for key in bpfsys.map_keys(fd, 8):
-            bpfsys.map_delete(fd, key)
-    finally:
-        os.close(fd)
+    drop_node_config_entries(backend.state_dir)
     assert env.connect(env.peer_v4, 8080)["reply"]["name"] == "server"  # the programs find no parameters
     assert any("no entry in the node's eBPF pod config map" in p for p in backend.check(target, SIDECAR_OUT))
     backend.apply(target, SIDECAR_OUT)

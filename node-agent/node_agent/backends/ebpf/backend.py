@@ -43,10 +43,12 @@ from node_agent.backends.ebpf import (
     tc_attach,
 )
 from node_agent.backends.ebpf.attach import CgroupError, cgroup_id, validate_cgroup
+from node_agent.backends.ebpf.intact_cache import IntactPods
 from node_agent.backends.ebpf.node_programs import NodePrograms
 from node_agent.backends.ebpf.parent_alerts import ALERTS
-from node_agent.backends.ebpf.parent_progs import watch_parents
+from node_agent.backends.ebpf.pod_read import read_pod
 from node_agent.backends.ebpf.pod_removal import remove_pod
+from node_agent.backends.ebpf.pod_state import wants_tc
 from node_agent.backends.ebpf.program_loads import PendingLoads, start_loads
 from node_agent.backends.ebpf.proxy_orig_dst import ProxyOrigDst
 from node_agent.backends.iptables.rules_helper import RulesHelper
@@ -57,10 +59,6 @@ log = logging.getLogger("headrace.backend.ebpf")
 TC_PROGRAM, TC_HOOKS, TC_NAMES = pod_state.TC_PROGRAM, pod_state.TC_HOOKS, pod_state.TC_NAMES
 COMPILING = "the eBPF programs are being compiled (first start on this node)"
 CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / object_cache)
-
-
-def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
-    return inbound_in_ebpf and maps.needs_inbound(spec)
 
 
 class EbpfBackend(RedirectBackend):
@@ -99,6 +97,7 @@ class EbpfBackend(RedirectBackend):
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
         self.node_tc = node_tc
         self._closed = False  # close() ran: prepare() makes nothing any more
+        self.intact = IntactPods()  # the drift poll's shortcut for pods found intact
         self.rules_helper = rules_helper
 
     def _root(self) -> Path:
@@ -342,6 +341,7 @@ class EbpfBackend(RedirectBackend):
                 self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
 
     def _remove_ebpf(self, target: PodTarget, keep_proxy: bool = False) -> None:
+        self.intact.forget(target.uid)
         root = self._root()
         remove_pod(root, self._pod_dir(root, target), target, self.orig_dst, self.proxy_cgroup, keep_proxy)
 
@@ -416,29 +416,17 @@ class EbpfBackend(RedirectBackend):
         return bool(getattr(self.inbound_rules(spec), "change_events", False))
 
     def check_unannounced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
-        """The programs, pins, maps and TC filters (polled: nothing announces their changes)."""
+        """The programs, pins, maps and TC filters (polled: nothing announces their changes); a pod found
+        intact is read through `intact_cache` while nothing it read has changed."""
         with self._lock:
             try:
                 cg = validate_cgroup(target.cgroup_path)
             except CgroupError as e:
                 return [str(e)]
             root = self._root()
-            pdir = self._pod_dir(root, target)
-            problems: list[str] = []
-            if not pdir.is_dir():
-                problems.append(f"no eBPF pin directory {pdir}")
-            else:
-                try:
-                    in_ebpf = self.rules_inbound(spec) is None
-                    gen = maps.wanted_generation(spec, in_ebpf, target.ips)
-                    wanted = cgroup_programs.wanted_programs(spec)
-                    tc_wanted = wants_tc(spec, in_ebpf)
-                    problems, hooks = pod_state.problems_and_hooks(
-                        pdir, cg, wanted, gen, target.netns_path, tc_wanted, self.node_maps.current(root))
-                    watch_parents(target.uid, cg, pdir, wanted, [self.orig_dst.pinned_path(root)],
-                                  hooks.attached, hooks.effective)
-                except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
-                    problems.append(f"cannot read eBPF state: {e}")
+            problems = read_pod(target, spec, cg, self._pod_dir(root, target), self.node_maps.current(root),
+                                self.intact, inbound_in_ebpf=self.rules_inbound(spec) is None,
+                                node_pins=[self.orig_dst.pinned_path(root)])
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
                 problems += self.orig_dst.problems(self.proxy_cgroup, root)
             return problems

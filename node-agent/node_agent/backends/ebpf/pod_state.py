@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node_agent.backends.base import BackendError, PodTarget
+from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.backends.ebpf import (
     bpfsys,
     cgroup_programs,
@@ -28,6 +28,11 @@ TC_PROGRAM = "hr_tc_ingress"
 TC_EGRESS = "hr_tc_egress"  # the reverse port rewrite of inbound connections
 TC_HOOKS = ((TC_PROGRAM, tc.INGRESS), (TC_EGRESS, tc.EGRESS))
 TC_NAMES = (TC_PROGRAM, TC_EGRESS)
+
+
+def wants_tc(spec: RedirectSpec, inbound_in_ebpf: bool) -> bool:
+    """Whether the pod's inbound is captured by TC programs in its netns."""
+    return inbound_in_ebpf and maps.needs_inbound(spec)
 
 
 def read_config(pdir: Path) -> dict[str, int] | None:
@@ -69,23 +74,25 @@ class Hooks:
     `attached` to the cgroup itself, and `effective` (the ones that run for it, its ancestors' included) at
     the hooks where an ancestor's program can override ours (parent_progs.checked_types). Where that run
     list is exactly the pod's own program the cgroup's own list is not read again: it is taken to be that
-    one program (wherever in the hierarchy it is attached, it is the only one that runs there)."""
+    one program (wherever in the hierarchy it is attached, it is the only one that runs there). `own`: the
+    pod's pinned program per attach type, as the read found them."""
 
     attached: dict[int, list[int]] = field(default_factory=dict)
     effective: dict[int, list[int]] = field(default_factory=dict)
+    own: dict[int, int] = field(default_factory=dict)
 
 
 def problems_and_hooks(
     pdir: Path, cg: Path, wanted: tuple[str, ...], gen: int, netns: str, tc_wanted: bool,
     node_fds: dict[str, int] | None = None,
-) -> tuple[list[str], Hooks]:
-    """`problems`, and the pod cgroup's programs as read for it (`Hooks`, empty when the config is not
-    pinned): the drift check's parent check reuses them. node_fds: the node maps, open (else opened by
-    their pins)."""
+) -> tuple[list[str], Hooks, bytes]:
+    """`problems`, the pod cgroup's programs as read for it (`Hooks`, empty when the config is not pinned):
+    the drift check's parent check reuses them, and the pod's pinned config (b"": none). node_fds: the node
+    maps, open (else opened by their pins)."""
     problems: list[str] = []
     raw = pod_index.read_config_raw(pdir)
     if not raw:
-        return [f"eBPF config map of the pod is not pinned in {pdir}"], Hooks()
+        return [f"eBPF config map of the pod is not pinned in {pdir}"], Hooks(), b""
     cfg = maps.unpack_config(raw)
     if cfg["generation"] != gen:
         problems.append("eBPF config differs from the wanted spec")
@@ -117,12 +124,12 @@ def problems_and_hooks(
             problems += tc_status.problems(pdir, netns, TC_HOOKS, cfg["tc_slot"])
     elif TC_PROGRAM in pinned:
         problems.append(f"eBPF program {TC_PROGRAM} is installed but not wanted")
-    return problems, hooks
+    return problems, hooks, raw
 
 
 def read_hooks(c: Cgroup, wanted: tuple[str, ...], own: dict[int, int]) -> Hooks:
     """`Hooks` of the open cgroup for the wanted programs; own: attach type → the pod's program there."""
-    hooks = Hooks()
+    hooks = Hooks(own=dict(own))
     checked = set(checked_types(wanted))
     for atype in {loader.PROGRAMS[name][1] for name in wanted}:
         if atype in checked:

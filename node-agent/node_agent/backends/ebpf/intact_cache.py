@@ -1,0 +1,118 @@
+"""The eBPF drift poll's shortcut for pods found intact.
+
+Nothing announces a change to a pod's cgroup programs, pins or node-map entries, so every eBPF pod is
+read back each drift interval (`pod_state.problems_and_hooks`: its pinned config, each pinned program,
+its node entries, each hook of its cgroup, its pin directory's listing). Once that full read found a pod
+intact, `IntactPods` remembers what it read, and the next polls ask only for what can change how the
+pod's traffic is redirected, or what the full read would notice first:
+
+- its pin directory's identity (inode, mtime): bpffs sets a directory's mtime whenever a pin is made,
+  removed or renamed in it, so a missing, extra or replaced program or map shows there. The mtime comes
+  from the kernel's coarse clock (one tick, 1-10 ms): a directory changed in the tick of the full read
+  is not remembered (a second change in that tick would leave the same mtime);
+- its entry in the node's config map (what the node programs read for the pod's netns);
+- the program lists at its cgroup's hooks, as the full read asked for them (`pod_state.read_hooks`: the
+  run list where an ancestor's program can override ours, the cgroup's own list elsewhere).
+
+One stat, one map lookup and one query per hook (the full read makes about three times as many calls).
+Anything different, an error, a change in what the pod should have (spec, IPs, cgroup, netns), every
+apply or removal of the pod (`forget`), and `FULL_EVERY` seconds after the full read send the pod through
+the full read again. Pods whose inbound is on TC are not remembered: their TC filters are read in their
+netns by the full read each time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+
+from node_agent.backends.ebpf import bpfsys, pod_index
+from node_agent.backends.ebpf.attach import Cgroup, CgroupError
+from node_agent.backends.ebpf.pod_state import Hooks, read_hooks
+
+FULL_EVERY = 60.0  # seconds: a pod read through the shortcut is read fully again at least this often
+
+
+@dataclass(frozen=True)
+class Intact:
+    """What the full read of one pod found, intact."""
+
+    wanted: Hashable  # what the pod should have when it was read (spec, IPs, cgroup, netns)
+    programs: tuple[str, ...]  # the wanted cgroup programs (their hooks)
+    pins: tuple[int, int]  # the pin directory's (st_ino, st_mtime_ns)
+    config_key: bytes  # the pod's key in the node config map
+    config: bytes  # and its value there
+    hooks: Hooks  # the hooks as read (with the pod's own program per attach type)
+    until: float  # monotonic: read fully again from then on
+
+
+CLOCK_REALTIME_COARSE = 5  # <linux/time.h>: the clock file times are taken from
+
+
+def pins_identity(pdir: str) -> tuple[int, int]:
+    st = os.stat(pdir)
+    return st.st_ino, st.st_mtime_ns
+
+
+def settled_identity(pdir: str) -> tuple[int, int] | None:
+    """`pins_identity`, or None while the directory's mtime is the coarse clock's current tick."""
+    ino, mtime = pins_identity(pdir)
+    return (ino, mtime) if time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > mtime else None
+
+
+class IntactPods:
+    """Per pod uid, its last intact read. Thread-safe; the backend calls it with its lock held."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._by_pod: dict[str, Intact] = {}
+        self._clock = clock
+        self.shortcuts = 0  # polls answered by the shortcut (for tests)
+
+    def remember(self, uid: str, wanted: Hashable, programs: tuple[str, ...], pdir: str, netns_cookie: int,
+                 config: bytes, hooks: Hooks) -> None:
+        """After a full read that found the pod intact (no TC part). A pin directory that cannot be read, or
+        changed in the coarse clock's current tick, leaves nothing remembered."""
+        try:
+            pins = settled_identity(pdir)
+        except OSError:
+            pins = None
+        if pins is None:
+            self.forget(uid)
+            return
+        entry = Intact(wanted, programs, pins, pod_index.config_key(netns_cookie), config, hooks,
+                       self._clock() + FULL_EVERY)
+        with self._lock:
+            self._by_pod[uid] = entry
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._by_pod.pop(uid, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_pod.clear()
+
+    def still(self, uid: str, wanted: Hashable, pdir: str, cg: Path, config_fd: int | None) -> bool:
+        """Whether the pod reads as it did at its last intact read (then it is intact: the caller skips
+        the full read). config_fd: the node config map, open (None: no shortcut)."""
+        with self._lock:
+            known = self._by_pod.get(uid)
+        if known is None or config_fd is None or known.wanted != wanted or self._clock() >= known.until:
+            return False
+        try:
+            if pins_identity(pdir) != known.pins:
+                return False
+            if bpfsys.map_lookup(config_fd, known.config_key, len(known.config)) != known.config:
+                return False
+            with Cgroup(cg) as c:
+                if read_hooks(c, known.programs, known.hooks.own) != known.hooks:
+                    return False
+        except (OSError, CgroupError, bpfsys.BpfSysError):
+            return False
+        self.shortcuts += 1
+        return True

@@ -1,0 +1,38 @@
+"""The drift check's read of one pod's eBPF part (programs, pins, node entries, TC filters): through
+`intact_cache` while nothing the last intact read saw has changed, else in full
+(`pod_state.problems_and_hooks`, the parent-cgroup findings recorded by `parent_progs.watch_parents`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node_agent.backends.base import PodTarget, RedirectSpec
+from node_agent.backends.ebpf import bpfsys, cgroup_programs, maps, pod_index, pod_state, tc
+from node_agent.backends.ebpf.attach import CgroupError
+from node_agent.backends.ebpf.intact_cache import IntactPods
+from node_agent.backends.ebpf.parent_progs import watch_parents
+
+
+def read_pod(target: PodTarget, spec: RedirectSpec, cg: Path, pdir: Path, node_fds: dict[str, int] | None,
+             intact: IntactPods, *, inbound_in_ebpf: bool, node_pins: list[Path]) -> list[str]:
+    """What differs from `spec` in the pod's eBPF part ([]: intact). node_fds: the node maps, open (None:
+    read by their pins, and no shortcut); node_pins: the node-level programs that count as ours on the
+    pod's ancestors."""
+    wanted_now = (spec, target.ips, target.cgroup_path, target.netns_path, target.netns_inode)
+    if intact.still(target.uid, wanted_now, str(pdir), cg, node_fds[pod_index.CONFIG] if node_fds else None):
+        return []
+    intact.forget(target.uid)
+    if not pdir.is_dir():
+        return [f"no eBPF pin directory {pdir}"]
+    try:
+        wanted, tc_wanted = cgroup_programs.wanted_programs(spec), pod_state.wants_tc(spec, inbound_in_ebpf)
+        problems, hooks, config = pod_state.problems_and_hooks(
+            pdir, cg, wanted, maps.wanted_generation(spec, inbound_in_ebpf, target.ips), target.netns_path,
+            tc_wanted, node_fds)
+        watch_parents(target.uid, cg, pdir, wanted, node_pins, hooks.attached, hooks.effective)
+    except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
+        return [f"cannot read eBPF state: {e}"]
+    if not problems and not tc_wanted:  # TC filters are read in the pod netns each time
+        intact.remember(target.uid, wanted_now, wanted, str(pdir), maps.unpack_config(config)["netns_cookie"],
+                        config, hooks)
+    return problems
