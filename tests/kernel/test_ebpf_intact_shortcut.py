@@ -1,12 +1,15 @@
 """The eBPF drift poll's shortcut (`intact_cache`): a pod found intact is read back with one stat, one map
-lookup and one query per hook. Each kind of tampering with its redirection after that is still found by
-the next check, the full read comes back after `FULL_EVERY`, and a changed spec is never answered from
-the shortcut. Real programs on a real cgroup and bpffs."""
+lookup and one query per hook (and, with inbound on TC, its netns' TC announcements and a tcx query).
+Each kind of tampering with its redirection after that is still found by the next check, the full read
+comes back after `FULL_EVERY`, and a changed spec is never answered from the shortcut. Real programs on
+a real cgroup, bpffs, TC filters and tcx."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from node_agent.backends.base import PodTarget
 
 from cni.contract.spec import SidecarSpec
+from cni.kernel.netns import run_in_thread
 from tests.kernel.ebpf_fixtures import PodEnv, drop_node_config_entries, pod_env, removed_after
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
@@ -23,7 +27,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 bcc = pytest.importorskip("bcc")
 
-from node_agent.backends.ebpf import bpfsys, intact_cache, maps, pinning  # noqa: E402
+from node_agent.backends.ebpf import bpfsys, intact_cache, maps, pinning, tc  # noqa: E402
 from node_agent.backends.ebpf.attach import Cgroup  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 
@@ -111,13 +115,13 @@ TAMPERING: dict[str, tuple[Callable[[PodEnv, EbpfBackend, PodTarget], None], str
 }
 
 
-def read_intact(backend: EbpfBackend, target: PodTarget) -> None:
+def read_intact(backend: EbpfBackend, target: PodTarget, spec: SidecarSpec = SPEC) -> None:
     """A full read finds the pod intact and the next check takes the shortcut (the pin directory's mtime
     must be older than the coarse clock's tick first)."""
     time.sleep(0.05)
-    assert backend.check(target, SPEC) == []
+    assert backend.check(target, spec) == []
     shortcuts = backend.intact.shortcuts
-    assert backend.check(target, SPEC) == [] and backend.intact.shortcuts == shortcuts + 1
+    assert backend.check(target, spec) == [] and backend.intact.shortcuts == shortcuts + 1
 
 
 @pytest.mark.parametrize("kind", list(TAMPERING))
@@ -178,3 +182,81 @@ def test_the_full_read_comes_back_and_a_new_spec_is_never_answered_by_the_shortc
     shortcuts = backend.intact.shortcuts
     assert backend.check(target, SidecarSpec(include_inbound_ports=(), exclude_outbound_ports=(9999,))) != []
     assert backend.intact.shortcuts == shortcuts
+
+
+TC_SPEC = SidecarSpec()  # inbound on TC: the shortcut stands on the netns' TC and link announcements
+
+
+def in_pod(env: PodEnv, *argv: str) -> None:
+    subprocess.run(["ip", "netns", "exec", env.pod_ns, *argv], check=True)
+
+
+def tc_filter_deleted(env: PodEnv) -> None:
+    in_pod(env, "tc", "filter", "del", "dev", "eth0", "ingress", "pref", str(tc.HR_PRIO), "handle", "1", "bpf")
+
+
+def foreign_filter_ahead(env: PodEnv) -> None:
+    in_pod(env, "tc", "filter", "add", "dev", "eth0", "ingress", "pref", "1", "u32", "match", "u32", "0", "0")
+
+
+def interface_added(env: PodEnv) -> None:
+    in_pod(env, "ip", "link", "add", "hrv0", "type", "veth", "peer", "name", "hrv1")
+
+
+def tcx_program(env: PodEnv) -> None:
+    """A tcx ingress program (bpf(2): nothing announced) that passes every packet, before our filters."""
+    prog = bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, bytes.fromhex("b7000000000000009500000000000000"),
+                            "hrtest_tcx", 0)
+
+    def attach() -> None:
+        bpfsys.prog_attach(prog, socket.if_nametoindex("eth0"), bpfsys.ATTACH_TCX_INGRESS, 0)
+
+    try:
+        run_in_thread(env.pod_ns_path, attach, name="test-tcx")
+    finally:
+        os.close(prog)
+
+
+TC_TAMPERING: dict[str, tuple[Callable[[PodEnv], None], str]] = {
+    "our filter deleted": (tc_filter_deleted, "TC ingress program missing on eth0"),
+    "foreign filter ahead": (foreign_filter_ahead, "foreign TC u32 filter pref 1"),
+    "interface added": (interface_added, "TC ingress program missing on hrv0"),
+    "tcx program": (tcx_program, "tcx program"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TC_TAMPERING))
+def test_tc_tampering_after_an_intact_read_is_found(env: PodEnv, backend: EbpfBackend, target: PodTarget,
+                                                    kind: str) -> None:
+    tamper, finding = TC_TAMPERING[kind]
+    env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=env.cgroup)
+    backend.apply(target, TC_SPEC)
+    read_intact(backend, target, TC_SPEC)
+    shortcuts = backend.intact.shortcuts
+    tamper(env)
+    problems = backend.check(target, TC_SPEC)
+    assert any(finding in p for p in problems), problems
+    assert backend.intact.shortcuts == shortcuts
+    if kind == "tcx program":
+        detach_tcx(env)
+    backend.apply(target, TC_SPEC)  # the repair
+    read_intact(backend, target, TC_SPEC)
+    assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "inbound-proxy"
+
+
+def detach_tcx(env: PodEnv) -> None:
+    def detach() -> None:
+        index = socket.if_nametoindex("eth0")
+        for prog_id, link_id in bpfsys.tcx_query(index, bpfsys.ATTACH_TCX_INGRESS):
+            bpfsys.tcx_detach(index, bpfsys.ATTACH_TCX_INGRESS, prog_id, link_id)
+
+    run_in_thread(env.pod_ns_path, detach, name="test-tcx")
+
+
+def test_tc_watches_are_closed_with_their_pod(env: PodEnv, backend: EbpfBackend, target: PodTarget) -> None:
+    """A TC watch socket holds its netns: it goes when the pod's redirection is removed."""
+    backend.apply(target, TC_SPEC)
+    read_intact(backend, target, TC_SPEC)
+    fds = len(os.listdir("/proc/self/fd"))
+    backend.remove(target)
+    assert len(os.listdir("/proc/self/fd")) == fds - 1

@@ -19,29 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import select
 import socket
 import threading
 from collections.abc import Callable, Sequence
 
 from node_agent.kernel import nft_events
+from node_agent.kernel.fd_limit import raise_fd_limit
 
 log = logging.getLogger("headrace.agent.change_watch")
-
-
-def raise_fd_limit() -> int:
-    """One socket per watched pod: lift the soft RLIMIT_NOFILE to the hard one (1024 is the usual soft
-    limit; a node may run more pods). Returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-        except (OSError, ValueError) as exc:
-            log.warning("cannot raise the open-file limit: %s", exc, extra={"step": "nft-watch"})
-    return soft
 
 
 class ChangeWatcher:

@@ -378,6 +378,7 @@ class EbpfBackend(RedirectBackend):
             self.rules_helper.stop()
         with self._lock:
             self._closed = True
+            self.intact.clear()  # the TC watch sockets (each holds a pod netns)
             self.node_maps.close()
             self.node_programs.close()
             try:

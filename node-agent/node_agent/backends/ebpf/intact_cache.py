@@ -15,10 +15,13 @@ pod's traffic is redirected, or what the full read would notice first:
   run list where an ancestor's program can override ours, the cgroup's own list elsewhere).
 
 One stat, one map lookup and one query per hook (the full read makes about three times as many calls).
-Anything different, an error, a change in what the pod should have (spec, IPs, cgroup, netns), every
-apply or removal of the pod (`forget`), and `FULL_EVERY` seconds after the full read send the pod through
-the full read again. Pods whose inbound is on TC are not remembered: their TC filters are read in their
-netns by the full read each time.
+A pod whose inbound is on TC also keeps a socket subscribed to its netns' TC and link announcements
+from before its full read (`tc_watch`): nothing queued there (and no tcx program on its interfaces) stands
+for the TC filters' dumps. Anything different, an error, a change in what the pod should have (spec, IPs,
+cgroup, netns), every apply or removal of the pod (`forget`), and `FULL_EVERY` seconds after the full
+read send the pod through the full read again. The TC sockets are held for at most a quarter of the
+open-file limit's worth of pods (the others are read in full each time), and closed with their entry;
+an entry not asked for in `FULL_EVERY` after it expired (a pod no longer checked) is dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 from node_agent.backends.ebpf import bpfsys, pod_index
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError
 from node_agent.backends.ebpf.pod_state import Hooks, read_hooks
+from node_agent.backends.ebpf.tc_watch import TcWatch
+from node_agent.kernel.fd_limit import raise_fd_limit
 
 FULL_EVERY = 60.0  # seconds: a pod read through the shortcut is read fully again at least this often
 
@@ -48,6 +53,7 @@ class Intact:
     config: bytes  # and its value there
     hooks: Hooks  # the hooks as read (with the pod's own program per attach type)
     until: float  # monotonic: read fully again from then on
+    tc: TcWatch | None = None  # inbound on TC: its announcements since before the full read
 
 
 CLOCK_REALTIME_COARSE = 5  # <linux/time.h>: the clock file times are taken from
@@ -71,31 +77,54 @@ class IntactPods:
         self._lock = threading.Lock()
         self._by_pod: dict[str, Intact] = {}
         self._clock = clock
+        self._max_watches: int | None = None  # TC sockets held at most (a quarter of the open-file limit)
         self.shortcuts = 0  # polls answered by the shortcut (for tests)
 
+    def may_watch(self) -> bool:
+        """Whether one more pod may keep a TC watch socket."""
+        if self._max_watches is None:
+            self._max_watches = raise_fd_limit() // 4
+        with self._lock:
+            return sum(1 for e in self._by_pod.values() if e.tc is not None) < self._max_watches
+
     def remember(self, uid: str, wanted: Hashable, programs: tuple[str, ...], pdir: str, netns_cookie: int,
-                 config: bytes, hooks: Hooks) -> None:
-        """After a full read that found the pod intact (no TC part). A pin directory that cannot be read, or
-        changed in the coarse clock's current tick, leaves nothing remembered."""
+                 config: bytes, hooks: Hooks, tc: TcWatch | None = None) -> None:
+        """After a full read that found the pod intact (tc: its TC watch, opened before that read; kept
+        here or closed). A pin directory that cannot be read, or changed in the coarse clock's current
+        tick, leaves nothing remembered."""
         try:
             pins = settled_identity(pdir)
         except OSError:
             pins = None
         if pins is None:
             self.forget(uid)
+            if tc is not None:
+                tc.close()
             return
+        now = self._clock()
         entry = Intact(wanted, programs, pins, pod_index.config_key(netns_cookie), config, hooks,
-                       self._clock() + FULL_EVERY)
+                       now + FULL_EVERY, tc)
         with self._lock:
+            old = self._by_pod.pop(uid, None)
+            stale = [u for u, e in self._by_pod.items() if e.until + FULL_EVERY < now]
+            dropped = [self._by_pod.pop(u) for u in stale]
             self._by_pod[uid] = entry
+        for gone in (old, *dropped):
+            if gone is not None and gone.tc is not None:
+                gone.tc.close()
 
     def forget(self, uid: str) -> None:
         with self._lock:
-            self._by_pod.pop(uid, None)
+            gone = self._by_pod.pop(uid, None)
+        if gone is not None and gone.tc is not None:
+            gone.tc.close()
 
     def clear(self) -> None:
         with self._lock:
-            self._by_pod.clear()
+            gone, self._by_pod = list(self._by_pod.values()), {}
+        for entry in gone:
+            if entry.tc is not None:
+                entry.tc.close()
 
     def still(self, uid: str, wanted: Hashable, pdir: str, cg: Path, config_fd: int | None) -> bool:
         """Whether the pod reads as it did at its last intact read (then it is intact: the caller skips
@@ -112,6 +141,8 @@ class IntactPods:
             with Cgroup(cg) as c:
                 if read_hooks(c, known.programs, known.hooks.own) != known.hooks:
                     return False
+            if known.tc is not None and not known.tc.quiet():
+                return False
         except (OSError, CgroupError, bpfsys.BpfSysError):
             return False
         self.shortcuts += 1

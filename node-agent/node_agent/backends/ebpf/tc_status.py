@@ -116,7 +116,8 @@ def dump(sock: socket.socket, msg_type: int, body: bytes, seq: int) -> list[tupl
 TCX_TYPES = {tc.INGRESS: bpfsys.ATTACH_TCX_INGRESS, tc.EGRESS: bpfsys.ATTACH_TCX_EGRESS}
 
 
-def _tcx(index: int, hook: str) -> list[tuple[int, int]]:
+def tcx_programs(index: int, hook: str) -> list[tuple[int, int]]:
+    """The tcx programs ((program id, link id)) on an interface of the calling thread's netns at a hook."""
     try:
         return bpfsys.tcx_query(index, TCX_TYPES[hook])
     except bpfsys.BpfSysError:  # a kernel without tcx (< 6.6): nothing can run there
@@ -138,7 +139,7 @@ def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]
             for index, ifname in links:
                 for hook in hooks:
                     parent = tc.HOOK_PARENTS[hook]
-                    view = HookView(index, tcx=_tcx(index, hook))
+                    view = HookView(index, tcx=tcx_programs(index, hook))
                     try:
                         view.filters = records_of(dump(s, RTM_GETTFILTER, TCMSG.pack(0, index, 0, parent, 0), seq),
                                                   parent)
