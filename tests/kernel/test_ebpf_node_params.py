@@ -373,3 +373,33 @@ def test_prepare_makes_the_node_maps_and_both_modes_programs_before_any_pod(env,
         assert not os.path.ismount(closed.state_dir / "bpf")
     finally:
         pinning.unmount_bpffs(closed.state_dir)
+
+
+def test_node_maps_replaced_in_the_tick_of_a_check_are_not_taken_for_the_same(env, backend, target):
+    """bpffs takes file times from the coarse clock: a node map pin made again in the same tick as the check
+    that last looked at the node directory leaves its mtime as that check saw it; the fds opened from the
+    earlier pin are not taken for the pinned map on that word."""
+    backend.apply(target, SIDECAR_OUT)
+    root = backend.state_dir / "bpf"
+    ndir = root / pinning.NODE_DIR
+    config, touch = ndir / pod_index.CONFIG, ndir / "hrtest_touch"
+    for _ in range(50):  # a change, a check and the pin made again in one tick (retried until they are)
+        backend._node_maps(root)  # the fds opened from the pins as they are now
+        spare = pinning.open_pinned(config)
+        assert spare is not None
+        try:
+            bpfsys.obj_pin(spare, str(touch))  # something pinned in the node directory
+            touched = os.stat(ndir).st_mtime_ns
+            assert backend.node_maps.current(root) is not None  # a check that sees that change
+            os.unlink(config)
+            bpfsys.obj_pin(spare, str(config))  # the config map's pin made again: another file
+            same_tick = os.stat(ndir).st_mtime_ns == touched
+        finally:
+            os.close(spare)
+        if same_tick:
+            break
+        os.unlink(touch)
+    else:
+        pytest.fail("no change, check and new pin in one tick in 50 tries")
+    assert backend.node_maps.current(root) is None
+    os.unlink(touch)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.backends.ebpf import bpfsys, pod_index
+from node_agent.backends.ebpf import bpfsys, pinning, pod_index
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError
 from node_agent.backends.ebpf.pod_state import Hooks, read_hooks
 from node_agent.backends.ebpf.tc_watch import TcWatch
@@ -56,18 +56,9 @@ class Intact:
     tc: TcWatch | None = None  # inbound on TC: its announcements since before the full read
 
 
-CLOCK_REALTIME_COARSE = 5  # <linux/time.h>: the clock file times are taken from
-
-
 def pins_identity(pdir: str) -> tuple[int, int]:
     st = os.stat(pdir)
     return st.st_ino, st.st_mtime_ns
-
-
-def settled_identity(pdir: str) -> tuple[int, int] | None:
-    """`pins_identity`, or None while the directory's mtime is the coarse clock's current tick."""
-    ino, mtime = pins_identity(pdir)
-    return (ino, mtime) if time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > mtime else None
 
 
 class IntactPods:
@@ -93,7 +84,7 @@ class IntactPods:
         here or closed). A pin directory that cannot be read, or changed in the coarse clock's current
         tick, leaves nothing remembered."""
         try:
-            pins = settled_identity(pdir)
+            pins = pinning.settled_identity(pdir)
         except OSError:
             pins = None
         if pins is None:

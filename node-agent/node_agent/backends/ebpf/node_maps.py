@@ -20,11 +20,13 @@ class NodeMaps:
     """The node maps' fds, opened once and kept while their pins are the ones opened: one stat of the pin
     directory instead of opening every pin for each pod (a pin made or removed there changes its mtime;
     then each map's pin is stat'ed, and the fds are kept while every pin is still the file they came
-    from: the node's programs and the proxy's are pinned in the same directory)."""
+    from: the node's programs and the proxy's are pinned in the same directory). A directory whose mtime
+    is still the coarse clock's current tick is not taken as checked (`pinning.settled_identity`)."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
-        self._seen: tuple[Path, int, int] | None = None  # (node dir, inode, mtime ns) the fds were checked at
+        self._seen: tuple[int, int] | None = None  # the node dir's (inode, mtime ns) the fds were checked at
+        self._dir: Path | None = None
         self._pins: dict[str, int] = {}  # map name → inode of the pin its fd was opened from
 
     def get(self, root: Path, obj: Callable[[], loader.CompiledObject]) -> dict[str, int]:
@@ -37,11 +39,11 @@ class NodeMaps:
         fds = open_node_maps(ndir, obj)
         try:
             self._pins = {name: os.stat(ndir / name).st_ino for name in fds}
-            st = os.stat(ndir)  # after any pin it made
+            seen = pinning.settled_identity(ndir)  # after any pin it made
         except BaseException:
             close_all(fds)
             raise
-        self._fds, self._seen = fds, (ndir, st.st_ino, st.st_mtime_ns)
+        self._fds, self._seen, self._dir = fds, seen, ndir
         return fds
 
     def current(self, root: Path) -> dict[str, int] | None:
@@ -52,18 +54,17 @@ class NodeMaps:
         ndir = root / pinning.NODE_DIR
         try:
             st = os.stat(ndir)
-            seen = (ndir, st.st_ino, st.st_mtime_ns)
-            if seen != self._seen:
+            if ndir != self._dir or (st.st_ino, st.st_mtime_ns) != self._seen:
                 if any(os.stat(ndir / name).st_ino != ino for name, ino in self._pins.items()):
                     return None
-                self._seen = seen  # something else was pinned or removed there
+                self._dir, self._seen = ndir, pinning.settled_identity(ndir)  # something else changed there
         except FileNotFoundError:
             return None
         return self._fds
 
     def close(self) -> None:
         close_all(self._fds)
-        self._seen = None
+        self._seen = self._dir = None
         self._pins = {}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -164,3 +165,14 @@ def pinned_prog_id(path: str | Path) -> int | None:
 def pinned_ids(paths: Iterable[Path]) -> set[int]:
     """The ids of the programs pinned at `paths` (missing pins skipped)."""
     return {pid for pid in map(pinned_prog_id, paths) if pid is not None}
+
+
+CLOCK_REALTIME_COARSE = 5  # <linux/time.h>: the clock bpffs takes file times from
+
+
+def settled_identity(path: str | Path) -> tuple[int, int] | None:
+    """(st_ino, st_mtime_ns) of a bpffs directory, whose mtime moves whenever a pin is made, removed or
+    renamed in it; None while that mtime is the coarse clock's current tick (one tick, 1-10 ms: a second
+    change in the same tick would leave the same mtime, so it cannot stand for "nothing changed" yet)."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_mtime_ns) if time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > st.st_mtime_ns else None
