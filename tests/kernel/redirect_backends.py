@@ -140,6 +140,7 @@ def redirect_fixture(make_node: Callable[..., SimNode], name: str) -> Iterator[R
         try:
             left = rd.remove_all()
         finally:
+            backend.close()  # the descriptors it holds (eBPF: the node maps and programs)
             if name == "ebpf":
                 from node_agent.backends.ebpf import pinning
 

@@ -59,6 +59,7 @@ def backend(tmp_path: Path, clock: Clock) -> Iterator[EbpfBackend]:
     b = EbpfBackend(state)
     b.intact = intact_cache.IntactPods(clock)
     yield b
+    b.close()
     pinning.unmount_bpffs(state)
 
 
@@ -148,7 +149,7 @@ def test_a_pin_directory_changed_in_the_tick_of_the_full_read_is_not_remembered(
     pdir = str(backend.state_dir / "bpf" / target.uid)
     for _ in range(50):  # a full read in the same tick as the apply's last pin (retried until one is)
         assert backend.check(target, SPEC) == []
-        if intact_cache.pins_identity(pdir)[1] >= time.clock_gettime_ns(intact_cache.CLOCK_REALTIME_COARSE):
+        if intact_cache.pins_identity(pdir)[1] >= time.clock_gettime_ns(pinning.CLOCK_REALTIME_COARSE):
             break
         backend.apply(target, dataclasses.replace(SPEC, exclude_outbound_ports=(9999,)))
         backend.apply(target, SPEC)

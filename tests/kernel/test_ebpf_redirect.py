@@ -43,6 +43,7 @@ def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
     state = tmp_path / "state"
     b = EbpfBackend(state)
     yield b
+    b.close()
     pinning.unmount_bpffs(state)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from cni.kernel.netns import NetnsThreadTimeout
 from cni.netlink import netlink_parse
 from cni.netlink.nft_messages import NFNL_SUBSYS_NFTABLES
+from node_agent.kernel.fd_limit import moved_high
 from node_agent.kernel.netns_runner import run_in_netns
 
 NFNLGRP_NFTABLES = 7
@@ -69,7 +70,7 @@ def _open(proto: int, groups: int) -> socket.socket:
     except BaseException:
         s.close()
         raise
-    return s
+    return moved_high(s)  # one or two per watched pod: kept off the descriptors select() can take
 
 
 def _open_here(routing: bool) -> tuple[socket.socket, ...]:

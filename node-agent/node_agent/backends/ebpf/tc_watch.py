@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass
 
 from node_agent.backends.ebpf import tc, tc_status
+from node_agent.kernel.fd_limit import moved_high
 from node_agent.kernel.netns_runner import visiting
 
 RTMGRP_LINK, RTMGRP_TC = 0x1, 0x8  # <linux/rtnetlink.h>: the groups' bits (RTNLGRP_LINK 1, RTNLGRP_TC 4)
@@ -58,4 +59,4 @@ def open_watch(netns: str) -> TcWatch:
         except OSError:
             sock.close()
             raise
-    return TcWatch(sock, netns, tuple(index for index, _name in links))
+    return TcWatch(moved_high(sock), netns, tuple(index for index, _name in links))
