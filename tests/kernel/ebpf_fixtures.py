@@ -282,6 +282,18 @@ def removed_after(env: PodEnv, backend: Any) -> Iterator[PodTarget]:
     backend.remove(t)
 
 
+def ebpf_backend(state: Path) -> Iterator[Any]:
+    """An EbpfBackend on the state dir `state` for a test (a fixture's body): closed (its node maps and
+    programs' descriptors) and its bpffs unmounted afterwards."""
+    from node_agent.backends.ebpf import pinning
+    from node_agent.backends.ebpf.backend import EbpfBackend
+
+    b = EbpfBackend(state)
+    yield b
+    b.close()
+    pinning.unmount_bpffs(state)
+
+
 def drop_node_config_entries(state_dir: Path) -> None:
     """Delete every pod's entry in the node's eBPF config map (as `bpftool map delete` would)."""
     from node_agent.backends.ebpf import bpfsys, pinning, pod_index

@@ -19,7 +19,7 @@ from node_agent.backends.base import PodTarget
 
 from cni.contract.spec import SidecarSpec
 from cni.kernel.netns import run_in_thread
-from tests.kernel.ebpf_fixtures import PodEnv, drop_node_config_entries, pod_env, removed_after
+from tests.kernel.ebpf_fixtures import PodEnv, drop_node_config_entries, ebpf_backend, pod_env, removed_after
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -55,12 +55,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def backend(tmp_path: Path, clock: Clock) -> Iterator[EbpfBackend]:
-    state = tmp_path / "state"
-    b = EbpfBackend(state)
-    b.intact = intact_cache.IntactPods(clock)
-    yield b
-    b.close()
-    pinning.unmount_bpffs(state)
+    for b in ebpf_backend(tmp_path / "state"):  # closed and unmounted when the test is done
+        b.intact = intact_cache.IntactPods(clock)
+        yield b
 
 
 @pytest.fixture
@@ -149,7 +146,7 @@ def test_a_pin_directory_changed_in_the_tick_of_the_full_read_is_not_remembered(
     pdir = str(backend.state_dir / "bpf" / target.uid)
     for _ in range(50):  # a full read in the same tick as the apply's last pin (retried until one is)
         assert backend.check(target, SPEC) == []
-        if intact_cache.pins_identity(pdir)[1] >= time.clock_gettime_ns(pinning.CLOCK_REALTIME_COARSE):
+        if pinning.dir_identity(pdir)[1] >= time.clock_gettime_ns(pinning.CLOCK_REALTIME_COARSE):
             break
         backend.apply(target, dataclasses.replace(SPEC, exclude_outbound_ports=(9999,)))
         backend.apply(target, SPEC)

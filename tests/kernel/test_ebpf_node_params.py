@@ -19,7 +19,7 @@ import pytest
 from node_agent.backends.base import BackendError, PodTarget
 
 from cni.contract.spec import SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, drop_node_config_entries, pod_env, removed_after, suffix
+from tests.kernel.ebpf_fixtures import PodEnv, drop_node_config_entries, ebpf_backend, pod_env, removed_after, suffix
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -47,11 +47,7 @@ def env2(tmp_path: Path) -> Iterator[PodEnv]:
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
-    state = tmp_path / "state"
-    b = EbpfBackend(state)
-    yield b
-    b.close()
-    pinning.unmount_bpffs(state)
+    yield from ebpf_backend(tmp_path / "state")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from node_agent.backends.base import PodTarget
 
 from cni.contract.spec import SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, pod_env
+from tests.kernel.ebpf_fixtures import PodEnv, ebpf_backend, pod_env
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -26,7 +26,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 pytest.importorskip("bcc")
 
-from node_agent.backends.ebpf import bpfsys, pinning  # noqa: E402
+from node_agent.backends.ebpf import bpfsys  # noqa: E402
 from node_agent.backends.ebpf.attach import Cgroup  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 from node_agent.backends.ebpf.parent_alerts import ALERTS  # noqa: E402
@@ -68,11 +68,7 @@ def env(tmp_path: Path) -> Iterator[PodEnv]:
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
-    state = tmp_path / "state"
-    b = EbpfBackend(state)
-    yield b
-    b.close()
-    pinning.unmount_bpffs(state)
+    yield from ebpf_backend(tmp_path / "state")
 
 
 def test_parent_cgroup_program_is_reported_not_removed(env: PodEnv, backend: EbpfBackend,

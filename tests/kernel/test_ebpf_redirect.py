@@ -16,7 +16,7 @@ import pytest
 from node_agent.backends.base import BackendError, PodTarget
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, make_cgroup, pod_env, remove_cgroup, removed_after
+from tests.kernel.ebpf_fixtures import PodEnv, ebpf_backend, make_cgroup, pod_env, remove_cgroup, removed_after
 from tests.kernel.parity_kit import ANY, HELPER, LOOPBACK, Scenario
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
@@ -40,11 +40,7 @@ def env(tmp_path: Path) -> Iterator[PodEnv]:
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
-    state = tmp_path / "state"
-    b = EbpfBackend(state)
-    yield b
-    b.close()
-    pinning.unmount_bpffs(state)
+    yield from ebpf_backend(tmp_path / "state")
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ an entry not asked for in `FULL_EVERY` after it expired (a pod no longer checked
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -54,11 +53,6 @@ class Intact:
     hooks: Hooks  # the hooks as read (with the pod's own program per attach type)
     until: float  # monotonic: read fully again from then on
     tc: TcWatch | None = None  # inbound on TC: its announcements since before the full read
-
-
-def pins_identity(pdir: str) -> tuple[int, int]:
-    st = os.stat(pdir)
-    return st.st_ino, st.st_mtime_ns
 
 
 class IntactPods:
@@ -125,7 +119,7 @@ class IntactPods:
         if known is None or config_fd is None or known.wanted != wanted or self._clock() >= known.until:
             return False
         try:
-            if pins_identity(pdir) != known.pins:
+            if pinning.dir_identity(pdir) != known.pins:
                 return False
             if bpfsys.map_lookup(config_fd, known.config_key, len(known.config)) != known.config:
                 return False

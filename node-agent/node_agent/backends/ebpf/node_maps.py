@@ -53,8 +53,7 @@ class NodeMaps:
             return None
         ndir = root / pinning.NODE_DIR
         try:
-            st = os.stat(ndir)
-            if ndir != self._dir or (st.st_ino, st.st_mtime_ns) != self._seen:
+            if ndir != self._dir or pinning.dir_identity(ndir) != self._seen:
                 if any(os.stat(ndir / name).st_ino != ino for name, ino in self._pins.items()):
                     return None
                 self._dir, self._seen = ndir, pinning.settled_identity(ndir)  # something else changed there

@@ -170,9 +170,16 @@ def pinned_ids(paths: Iterable[Path]) -> set[int]:
 CLOCK_REALTIME_COARSE = 5  # <linux/time.h>: the clock bpffs takes file times from
 
 
-def settled_identity(path: str | Path) -> tuple[int, int] | None:
-    """(st_ino, st_mtime_ns) of a bpffs directory, whose mtime moves whenever a pin is made, removed or
-    renamed in it; None while that mtime is the coarse clock's current tick (one tick, 1-10 ms: a second
-    change in the same tick would leave the same mtime, so it cannot stand for "nothing changed" yet)."""
+def dir_identity(path: str | Path) -> tuple[int, int]:
+    """(st_ino, st_mtime_ns) of a bpffs directory: its mtime moves whenever a pin is made, removed or
+    renamed in it."""
     st = os.stat(path)
-    return (st.st_ino, st.st_mtime_ns) if time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > st.st_mtime_ns else None
+    return st.st_ino, st.st_mtime_ns
+
+
+def settled_identity(path: str | Path) -> tuple[int, int] | None:
+    """`dir_identity`, or None while that mtime is the coarse clock's current tick (one tick, 1-10 ms: a
+    second change in the same tick would leave the same mtime, so it cannot stand for "nothing changed"
+    yet)."""
+    ino, mtime = dir_identity(path)
+    return (ino, mtime) if time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > mtime else None

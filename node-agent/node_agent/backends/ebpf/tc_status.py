@@ -113,6 +113,12 @@ def dump(sock: socket.socket, msg_type: int, body: bytes, seq: int) -> list[tupl
             got.append((t, payload))
 
 
+def links_here(sock: socket.socket) -> list[tuple[int, str]]:
+    """(index, name) of every non-loopback interface of the netns `sock` was made in (one RTM_GETLINK dump,
+    sequence number 1)."""
+    return links_of(dump(sock, RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0), 1))
+
+
 TCX_TYPES = {tc.INGRESS: bpfsys.ATTACH_TCX_INGRESS, tc.EGRESS: bpfsys.ATTACH_TCX_EGRESS}
 
 
@@ -133,7 +139,7 @@ def read(netns_path: str, hooks: Iterable[str]) -> dict[str, dict[str, HookView]
     def work() -> dict[str, dict[str, HookView]]:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
             s.settimeout(5)
-            links = links_of(dump(s, RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0), 1))
+            links = links_here(s)
             out: dict[str, dict[str, HookView]] = {hook: {} for hook in hooks}
             seq = 2
             for index, ifname in links:

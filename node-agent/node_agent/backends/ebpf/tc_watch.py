@@ -54,8 +54,7 @@ def open_watch(netns: str) -> TcWatch:
             with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                socket.NETLINK_ROUTE) as query:
                 query.settimeout(5)
-                links = tc_status.links_of(tc_status.dump(query, tc_status.RTM_GETLINK,
-                                                          tc_status.IFINFOMSG.pack(0, 0, 0, 0, 0), 1))
+                links = tc_status.links_here(query)
         except OSError:
             sock.close()
             raise
