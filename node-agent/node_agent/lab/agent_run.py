@@ -149,6 +149,17 @@ class AgentRun:
     def agent_log(self) -> str:
         return "".join((self.base / f"agent{i}.log").read_text() for i in range(1, self.agent_runs + 1))
 
+    def failure_logs(self, tail: int = 12000) -> list[tuple[str, str]]:
+        """The ends of every agent and proxy log this run wrote, titled, for a failed test's report."""
+        names = [f"agent{i}.log" for i in range(1, self.agent_runs + 1)]
+        names += [f"proxy{i}.{ext}" for i in range(1, self.proxy_runs + 1) for ext in ("log", "out")]
+        found = []
+        for name in names:
+            path = self.base / name
+            if path.is_file():
+                found.append((f"{name} (last {tail} characters)", path.read_text(errors="replace")[-tail:]))
+        return found
+
     def ready(self) -> bool:
         if self.agent is not None and self.agent.poll() is not None:
             raise RuntimeError(f"agent exited {self.agent.returncode}: {self.agent_log()[-3000:]}")
