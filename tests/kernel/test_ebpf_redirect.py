@@ -280,6 +280,32 @@ def test_the_only_ambient_pod_moving_cgroup_keeps_the_proxy_programs(env, backen
     assert cgroup_prog_names(proxy_cgroup) == []
 
 
+def test_the_proxy_programs_are_logged_as_attached_only_when_attached(env, backend, target, proxy_cgroup, caplog):
+    """Each ambient apply asks for the proxy cgroup's programs (read again once max_age is over): found in
+    place they are not logged as attached again; taken away, they are attached (and logged) by the next."""
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb.orig_dst.max_age = 0.0  # every apply reads them
+    caplog.set_level("INFO", logger="headrace.backend.ebpf")
+
+    def attached_logs() -> int:
+        return sum(r.__dict__.get("event") == "ebpf_proxy_attached" for r in caplog.records)
+
+    try:
+        amb.apply(target, AmbientSpec())
+        assert attached_logs() == 1
+        amb.apply(target, AmbientSpec())
+        amb.apply(target, AmbientSpec())
+        assert attached_logs() == 1
+        amb.orig_dst.detach(str(proxy_cgroup), amb._root())
+        assert cgroup_prog_names(proxy_cgroup) == []
+        amb.apply(target, AmbientSpec())
+        assert attached_logs() == 2 and sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS
+    finally:
+        amb.remove(target)
+        amb.close()
+    assert cgroup_prog_names(proxy_cgroup) == []
+
+
 def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
     start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
     amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())

@@ -61,33 +61,36 @@ class ProxyOrigDst:
             if recorded is not None and recorded != str(cg):
                 self._detach_from(root, recorded)  # attached by an earlier run to another cgroup
             with Cgroup(cg) as c:
-                for prog_name, pin in PROXY_PROGRAMS:
-                    self._ensure_one(c, prog_name, self.pinned_path(root, pin), obj, node_fds)
+                attached = [self._ensure_one(c, prog_name, self.pinned_path(root, pin), obj, node_fds)
+                            for prog_name, pin in PROXY_PROGRAMS]
             self._record_attached(str(cg))
             self._last = (time.monotonic(), proxy_cgroup, root, [])
         except (CgroupError, bpfsys.BpfSysError, OSError) as e:
             raise BackendError(
                 f"cannot attach the original-destination programs to the proxy cgroup {proxy_cgroup}: {e}"
             ) from e
-        log.info(
-            "ebpf proxy programs attached", extra={"event": "ebpf_proxy_attached", "cgroup": str(proxy_cgroup)}
-        )
+        if any(attached):  # else found in place (asked again each max_age while pods are applied)
+            log.info(
+                "ebpf proxy programs attached", extra={"event": "ebpf_proxy_attached", "cgroup": str(proxy_cgroup)}
+            )
 
     @staticmethod
     def _ensure_one(
         c: Cgroup, prog_name: str, path: Path, obj: Callable[[], loader.CompiledObject], node_fds: dict[str, int]
-    ) -> None:
+    ) -> bool:
+        """Whether the program had to be attached (False: found attached)."""
         atype = loader.PROGRAMS[prog_name][1]
         fd = pinning.open_pinned(path)
         try:
             if fd is not None and bpfsys.prog_info(fd).prog_id in c.attached(atype):
-                return
+                return False
             if fd is None:
                 prog = obj().programs[prog_name]
                 fd = bpfsys.prog_load(prog.prog_type, prog.patched(node_fds), prog_name, prog.attach_type,
                                       loader.LICENSE)
                 pinning.pin(fd, path)
             c.attach(fd, atype)
+            return True
         finally:
             if fd is not None:
                 os.close(fd)
