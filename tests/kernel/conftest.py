@@ -36,8 +36,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()  # type: ignore[attr-defined]
     if report.when != "call" or not report.failed:
         return
-    values = list(getattr(item, "funcargs", {}).values())
-    runs = [v for v in values if isinstance(v, AgentRun)]
-    runs += [x for v in values if isinstance(v, tuple) for x in v if isinstance(x, AgentRun)]
-    for run in dict.fromkeys(runs):
+    for run in dict.fromkeys(_agent_runs(list(getattr(item, "funcargs", {}).values()))):
         report.sections.extend(run.failure_logs())
+
+
+def _agent_runs(values: list[object]) -> list[AgentRun]:
+    """The AgentRuns among a test's fixture values, also inside the tuples some fixtures yield."""
+    found: list[AgentRun] = []
+    for v in values:
+        if isinstance(v, AgentRun):
+            found.append(v)
+        elif isinstance(v, tuple):
+            found += _agent_runs(list(v))
+    return found

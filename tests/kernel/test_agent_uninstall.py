@@ -7,7 +7,8 @@ then the agent gets SIGTERM three times:
 - the DaemonSet still there (a rolling update): everything stays, the next agent adopts it;
 - the DaemonSet's access gone (403, `kubectl delete -k` took the RBAC first), `--on-uninstall keep`: the
   node's probe SNAT is gone from the host, the pods keep their redirection (fail closed) but no pin or
-  record holds them; an agent installed again takes them over as they are;
+  record holds them; an agent installed again with another backend takes them over, moving them off what
+  the first one left (as after a backend switch);
 - the DaemonSet being deleted, `--on-uninstall release`: nothing of ours in the ambient pods, no pins or
   records left, the redirection annotation removed, and the client reaches the server directly; the
   sidecar pod (held by the agent too) keeps its rules.
@@ -30,7 +31,7 @@ from node_agent.sources.redirection_mark import ANNOTATION
 
 from cni.kernel.netns import run_in_thread
 from tests.kernel.agent_kit import wait_for
-from tests.kernel.test_agent_backend_move import node_snat
+from tests.kernel.test_agent_backend_move import ARGS, left_by_others, node_snat
 from tests.kernel.test_agent_first_compile import AMBIENT, assert_proxied, shop
 from tests.kernel.test_agent_settings_change import any_backend  # noqa: F401 - the fixture
 from tests.kernel.test_backend_parity import SIDECAR, anything_of_ours, request
@@ -39,6 +40,8 @@ from tests.unit.agent_fake_apiserver import FakeApiServer
 pytestmark = pytest.mark.kernel
 
 NAMESPACE, DAEMONSET = "headrace-system", "headrace-agent"
+# the backend the agent is installed again with, after an uninstall that kept the pods' redirection
+REINSTALL = {"iptables": "nftables", "nftables": "iptables", "ebpf": "nftables"}
 
 
 class Mirror:
@@ -140,12 +143,17 @@ def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
     redirected(node, (*pods, sidecar))
     assert not any(pinned(node, p) for p in (*pods, sidecar))
 
-    # installed again (with release this time): the pods are taken over as they are, and proxied
+    # installed again, with another backend (and release this time): the pods are taken over, what the
+    # first backend left in them moved off (the annotation says they were redirected), and proxied
     api.set_daemonset(NAMESPACE, DAEMONSET, "present")
-    agent.extra = [*agent.extra, "--on-uninstall", "release"]
+    again = REINSTALL[backend]
+    agent.extra = [*ARGS[again], *agent.extra[len(ARGS[backend]):], "--on-uninstall", "release"]
     start(agent, api)
-    wait_for(lambda: node_snat(node.netns.path) == kind, 20, "the node's probe SNAT back")
+    wait_for(lambda: len(node_snat(node.netns.path)) == 1, 20, "the node's probe SNAT back")
     wait_for(lambda: all(agent.pod_state(p.uid) == "enrolled" for p in pods), 20, "the ambient pods enrolled")
+    assert {agent.status()[p.uid]["backend"] for p in pods} == {again}
+    wait_for(lambda: not any(left_by_others(p, again) for p in pods), 20, f"nothing of {backend} left")
+    assert f"pod still redirected by the {backend} backend" in agent.agent_log()
     assert_proxied(agent, client, server)
     wait_for(lambda: all(api.objects["pods"][f"shop/{p.name}"]["metadata"].get("annotations", {}).get(ANNOTATION)
                          for p in pods), 20, "the pods annotated")
@@ -160,6 +168,7 @@ def test_the_agent_leaves_the_node_only_when_its_daemonset_goes_away(
         assert not any(line.split()[1] == bpffs for line in Path("/proc/self/mounts").read_text().splitlines())
     for p in pods:
         assert ANNOTATION not in api.objects["pods"][f"shop/{p.name}"]["metadata"].get("annotations", {})
+    assert not (node.state_dir / "bpf" / client.uid).exists() and not (node.state_dir / "bpf" / server.uid).exists()
     seen = len(agent.proxy_lines())
     assert request(client, server.ipv4, b"direct") == b"server|direct"
     assert not [x for x in agent.proxy_lines()[seen:] if x.get("workload", "").startswith("shop/")], backend

@@ -15,7 +15,7 @@ from node_agent.reconcile.loop import Reconciler
 from node_agent.reconcile.state import SIDECAR
 
 from tests.unit.agent_fakes import FakeBackend, FakeHub
-from tests.unit.test_agent_reconcile import AMBIENT, UID, Env, pod
+from tests.unit.test_agent_reconcile import AMBIENT, UID, UID2, Env, pod
 
 
 class FakeEbpf(FakeBackend):
@@ -286,6 +286,9 @@ def test_a_move_to_ebpf_rewrites_the_fallback_rules_in_place_only_where_they_are
         def rules_inbound(self, spec: object) -> FakeBackend | None:
             return self.rules_backend if isinstance(spec, AmbientSpec) else None
 
+        def own_installed(self, target: Any) -> bool:
+            return self.installed(target)
+
     nft = WithInbound(Rules("nft"))
     assert rewrites_in_place(Rules("nft"), nft, AmbientSpec())
     assert not rewrites_in_place(Rules("legacy"), nft, AmbientSpec())
@@ -518,3 +521,52 @@ def test_a_pod_recorded_on_the_other_iptables_flavour_moves_to_the_nodes(tmp_pat
     assert row(r4, UID)["state"] == "enrolled" and ebpf.rules == {UID: 1} and not nft.rules
     assert events[-1] == "iptables-nft remove beside ebpf"
     assert env.records.load_all()[UID].inbound == "iptables" and env.records.load_all()[UID].leaving == ""
+
+
+def test_an_annotated_pod_met_without_a_record_moves_off_what_an_earlier_agent_left(tmp_path: Path) -> None:
+    """An uninstall that kept the pods' redirection took the agent's records with it: an agent installed
+    again with another backend meets the pod annotated as redirected, finds the earlier backend's
+    redirection in it and moves the pod as after a backend switch (the new redirection in beside, the old
+    one out after), instead of leaving the old rules there (they would redirect the pod, to a proxy no
+    longer listening, after it leaves the mesh). An eBPF node's redirection is found by its own part (its
+    inbound rules alone are the rules backend's); a pod that is not annotated is not looked at."""
+    from node_agent.sources.redirection_mark import ANNOTATION, ENABLED
+
+    from cni.contract.spec import AmbientSpec
+
+    env = Env(tmp_path)
+    for u in (UID, UID2):
+        env.fake_netns(u)
+    events: list[str] = []
+    ipt, nft = Stepping("iptables", events), Stepping("nftables", events)
+    ipt.rules = {UID: 1, UID2: 1}  # the earlier agent's
+
+    class EbpfInbound(FakeEbpf):
+        """An eBPF backend that holds nothing of its own here; its installed() counts its inbound rules."""
+
+        def rules_inbound(self, spec: object) -> FakeBackend | None:
+            return ipt if isinstance(spec, AmbientSpec) else None
+
+        def installed(self, target: Any) -> bool:
+            return self.own_installed(target) or ipt.installed(target)
+
+        def own_installed(self, target: Any) -> bool:
+            return target.uid in self.rules
+
+    ebpf = EbpfInbound()
+    built: list[str] = []
+
+    def factory(name: str) -> FakeBackend | None:
+        built.append(name)
+        return {"iptables": ipt, "ebpf": ebpf}.get(name)
+
+    r = make(env, nft, None, cgroup_fallback=False, factory=factory)
+    env.set(AMBIENT, pod(UID2))
+    r.reconcile()
+    assert built == [] and ipt.rules == {UID: 1, UID2: 1}, "a pod met without the annotation is not looked at"
+    env.set(AMBIENT, pod(UID2), pod(UID, annotations={ANNOTATION: ENABLED}))
+    r.reconcile()
+    assert row(r, UID)["state"] == "enrolled" and row(r, UID)["backend"] == "nftables"
+    assert events[-2:] == ["nftables apply", "iptables remove beside nftables"] and UID not in ipt.rules
+    assert env.records.load_all()[UID].backend == "nftables" and env.records.load_all()[UID].leaving == ""
+    assert built == ["ebpf", "iptables"]  # looked for in LEFT_BY's order; eBPF's inbound rules not taken for it

@@ -77,6 +77,10 @@ class InboundOnRules(Protocol):
     def rules_inbound(self, spec: RedirectSpec) -> PodRules | None:
         """The rules backend holding this spec's inbound capture, or None."""
 
+    def own_installed(self, target: PodTarget) -> bool:
+        """`installed`, not counting what it keeps on the rules backend (those rules alone may be that
+        backend's own)."""
+
 
 @runtime_checkable
 class DeclinesNewPodsOnly(Protocol):

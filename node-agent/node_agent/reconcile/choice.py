@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from cni.contract.spec import AmbientSpec
+from node_agent.backends import names
 from node_agent.backends.base import (
     BackendError,
     DeclinesNewPodsOnly,
@@ -32,6 +33,9 @@ from node_agent.reconcile.state import PodState, log_ctx
 log = logging.getLogger("headrace.agent.reconcile")
 
 UNKNOWN_CGROUP = "the pod's cgroup v2 directory is unknown (no pod process found)"
+# the backends whose redirection an earlier agent may have left in a pod, looked for in this order (the
+# node's iptables flavour; eBPF first: its ambient inbound is on iptables or nftables)
+LEFT_BY = (names.EBPF, "nftables", names.IPTABLES)
 
 
 def rewrites_in_place(old: RedirectBackend, new: RedirectBackend, spec: RedirectSpec) -> bool:
@@ -159,6 +163,21 @@ class Backends:
         log.info("pod moves from the %s to the %s backend: the new redirection goes in beside the old one",
                  old.name, chosen.name, extra=ctx)
         return True
+
+    def find_left(self, st: PodState) -> None:
+        """A pod with no backend recorded that is annotated as redirected: the first backend whose own
+        redirection is found in it (LEFT_BY; eBPF's inbound rules are not its rules backend's) becomes the
+        pod's recorded one, so that `settle` moves it to the chosen one as after a backend switch, instead
+        of leaving it there beside the new redirection for as long as the pod lives. Raises
+        BackendError/OSError."""
+        target = self._netns.target(st)
+        for name in LEFT_BY:
+            b = self.named(name)
+            if b is not None and (b.own_installed(target) if isinstance(b, InboundOnRules) else b.installed(target)):
+                st.backend = name
+                log.info("pod still redirected by the %s backend (an earlier agent's)", name,
+                         extra={**log_ctx(st, "backend"), "backend": name})
+                return
 
     def leaving(self, st: PodState) -> RedirectBackend | None:
         """The backend whose redirection is still in the pod beside its own backend's (a move), or None."""

@@ -29,6 +29,7 @@ from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns, Scan
 from node_agent.reconcile.state import AMBIENT, ENROLLED, FAILED, PENDING, Conntrack, Hub, PodState, log_ctx
 from node_agent.reconcile.table import PodTable
+from node_agent.sources.redirection_mark import ANNOTATION, ENABLED
 
 log = logging.getLogger("headrace.agent.reconcile")
 
@@ -87,6 +88,7 @@ class AmbientEnrolment:
         st = self.table.pods.get(uid)
         if st is None:
             st = self.table.pods[uid] = self.new_state(uid, pod.namespace, pod.name)
+            st.annotated = pod.annotations.get(ANNOTATION) == ENABLED
         elif st.mode != AMBIENT:
             return  # the plugin handed it over as a sidecar pod: that stays until its DEL or the pod leaves
         st.namespace, st.name = pod.namespace or st.namespace, pod.name or st.name
@@ -121,6 +123,9 @@ class AmbientEnrolment:
             self.table.fail(st, f"netns not found: {exc}", now)
             return
         try:
+            if st.annotated:
+                self.backends.find_left(st)
+                st.annotated = False
             self.backends.settle(st)
         except (BackendError, PinError, OSError) as exc:
             self.table.fail(st, f"backend switch: {exc}", now)

@@ -114,6 +114,9 @@ class PodState:
     applied_at: float = float("-inf")  # table clock when its enrolment apply last succeeded
     annotations: tuple[tuple[str, str], ...] = ()  # sidecar: the traffic annotations its spec comes from
     fallback_reason: str | None = None  # why the pod is on the fallback backend (logged once per reason)
+    # met without a record but annotated as redirected: a previous agent (an uninstall that kept the pods'
+    # redirection took its records) may have left its redirection in the pod (`Backends.find_left`)
+    annotated: bool = False
 
 
 @dataclass(frozen=True)

@@ -432,8 +432,16 @@ class EbpfBackend(RedirectBackend):
                 problems += self.orig_dst.problems(self.proxy_cgroup, root)
             return problems
 
+    def own_installed(self, target: PodTarget) -> bool:
+        """Pins or programs (a node that never ran eBPF has no bpffs: looked for, not mounted)."""
+        with self._lock:
+            root = self._mounted or self.state_dir / "bpf"
+            if root != self._mounted and pinning.mount_fstype(root) == "bpf":
+                self._mounted = root
+            return pod_state.installed(self._pod_dir(root, target) if root == self._mounted else None,
+                                       target.cgroup_path)
+
     def installed(self, target: PodTarget) -> bool:
         with self._lock:
             rules = (self.inbound, self.ambient_inbound)
-            ours = pod_state.installed(self._pod_dir(self._root(), target), target.cgroup_path)
-            return ours or any(b is not None and b.installed(target) for b in rules)
+            return self.own_installed(target) or any(b is not None and b.installed(target) for b in rules)

@@ -49,9 +49,10 @@ def cgroup_of(cgroup_path: str | None, pdir: Path | None) -> Path | None:
     return find_cgroup_by_id(cfg["cgroup_id"]) if cfg is not None and cfg["cgroup_id"] else None
 
 
-def installed(pdir: Path, cgroup_path: str | None) -> bool:
-    """Whether anything of the pod's eBPF part is there: pins, or a program of ours on its cgroup."""
-    if pdir.is_dir() and any(pdir.iterdir()):
+def installed(pdir: Path | None, cgroup_path: str | None) -> bool:
+    """Whether anything of the pod's eBPF part is there: pins (none without a bpffs: pdir None), or a program
+    of ours on its cgroup."""
+    if pdir is not None and pdir.is_dir() and any(pdir.iterdir()):
         return True
     cg = cgroup_of(cgroup_path, None)
     if cg is None:
