@@ -23,7 +23,7 @@ from node_agent.backends.base import PodTarget
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 
 HELPER = r"""
-import json, os, select, socket, struct, sys
+import json, os, select, socket, struct, sys, time
 
 def join(cg):
     if cg != "-":
@@ -58,6 +58,8 @@ def serve(cg, port, name):
         r, _, _ = select.select(socks, [], [])
         for s in r:
             conn, peer = s.accept()
+            if "@" in name:  # NAME@SECONDS: a slow proxy, asking for the original destination that much later
+                time.sleep(float(name.partition("@")[2]))
             data = conn.recv(100)
             reply = {"name": name, "orig": orig_dst(conn, s.family), "peer": str(peer[0]),
                      "local": "%s:%d" % conn.getsockname()[:2], "data": data.decode(errors="replace")}

@@ -28,6 +28,7 @@ bcc = pytest.importorskip("bcc")
 from node_agent.backends.ebpf import bpfsys, cgroup_programs, loader, pinning, tc  # noqa: E402
 from node_agent.backends.ebpf.attach import Cgroup  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
+from node_agent.backends.ebpf.proxy_orig_dst import GRACE  # noqa: E402
 
 SIDECAR_OUT = SidecarSpec(include_inbound_ports=())
 PROXY_PROGRAMS = ["hr_getsockopt", "hr_sockops"]  # on the node proxy's cgroup (ambient)
@@ -75,6 +76,16 @@ def hr_ids(kind: str) -> set[int]:
 
 def cgroup_prog_names(cg: Path) -> list[str]:
     return [str(p.get("name", "")) for p in bpftool_json("cgroup", "show", str(cg))]
+
+
+def proxy_programs_gone(cg: Path) -> bool:
+    """The proxy cgroup's programs come off GRACE seconds after the node's last pod left: until then."""
+    deadline = time.monotonic() + GRACE + 5
+    while cgroup_prog_names(cg):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def start_proxy_and_server(env: PodEnv, proxy_cgroup: Path | None = None) -> None:
@@ -232,7 +243,7 @@ def test_ambient_proxy_in_own_cgroup_gets_original_destination_and_mark_bypasses
     assert marked["reply"]["name"] == "server"
     assert amb.check(target, AmbientSpec()) == []
     amb.remove(target)
-    assert cgroup_prog_names(proxy_cgroup) == []
+    assert proxy_programs_gone(proxy_cgroup)
     assert cgroup_prog_names(env.cgroup) == []
 
 
@@ -256,7 +267,7 @@ def test_ambient_all_in_ebpf_inbound_hbone_and_probe_bypass(env, backend, target
     assert amb.check(target, AmbientSpec()) == []
     amb.remove(target)
     assert env.connect_from_peer(env.pod_v4, 8080)["reply"]["name"] == "app"
-    assert cgroup_prog_names(proxy_cgroup) == [] and cgroup_prog_names(env.cgroup) == []
+    assert proxy_programs_gone(proxy_cgroup) and cgroup_prog_names(env.cgroup) == []
 
 
 def test_the_only_ambient_pod_moving_cgroup_keeps_the_proxy_programs(env, backend, target, proxy_cgroup):
@@ -277,7 +288,7 @@ def test_the_only_ambient_pod_moving_cgroup_keeps_the_proxy_programs(env, backen
     finally:
         amb.remove(moved)
         remove_cgroup(Path(f"{env.cgroup}-moved"))
-    assert cgroup_prog_names(proxy_cgroup) == []
+    assert proxy_programs_gone(proxy_cgroup)
 
 
 def test_the_proxy_programs_are_logged_as_attached_only_when_attached(env, backend, target, proxy_cgroup, caplog):
@@ -306,6 +317,32 @@ def test_the_proxy_programs_are_logged_as_attached_only_when_attached(env, backe
     assert cgroup_prog_names(proxy_cgroup) == []
 
 
+def test_a_connection_accepted_before_the_last_pod_left_still_gets_its_original_destination(
+        env, backend, target, proxy_cgroup):
+    """The node's last eBPF pod leaves while the proxy holds a connection its programs redirected but has not
+    asked for its original destination yet: the proxy cgroup's programs stay GRACE seconds more, so the
+    proxy is still told the destination the app dialled (not its own address, which would drop the
+    connection); then they come off."""
+    import threading
+
+    env.start_server(env.peer_ns, 8080, "server")
+    delay = GRACE / 2  # asks this long after accepting: after the removal, before the grace is over
+    env.start_server(env.pod_ns, 15001, f"proxy@{delay}", cgroup=proxy_cgroup)
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb.apply(target, AmbientSpec())
+    got: dict[str, Any] = {}
+    client = threading.Thread(target=lambda: got.update(env.connect(env.peer_v4, 8080)))
+    client.start()
+    time.sleep(delay / 4)  # connected and accepted
+    t0 = time.monotonic()
+    amb.remove(target)  # the node's last pod
+    assert time.monotonic() - t0 < delay / 2, "the removal took too long for this test's timing"
+    client.join(15)
+    assert got["reply"]["name"].startswith("proxy") and got["reply"]["orig"] == f"{env.peer_v4}:8080"
+    assert proxy_programs_gone(proxy_cgroup)
+    amb.close()
+
+
 def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
     start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
     amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())
@@ -321,7 +358,7 @@ def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
     with pytest.raises(BackendError, match="root"):
         amb.set_proxy_cgroup("/sys/fs/cgroup/unified")
     amb.remove(target)
-    assert cgroup_prog_names(proxy_cgroup) == []
+    assert proxy_programs_gone(proxy_cgroup)
 
 
 def test_restarted_backend_moves_the_proxy_program_without_an_orphan(env, backend, target, proxy_cgroup):
@@ -341,7 +378,7 @@ def test_restarted_backend_moves_the_proxy_program_without_an_orphan(env, backen
         again.apply(target, AmbientSpec())  # a restart with the old cgroup as flag: moved back, not doubled
         assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS and cgroup_prog_names(moved) == []
         again.remove(target)
-        assert cgroup_prog_names(proxy_cgroup) == [] and cgroup_prog_names(moved) == []
+        assert proxy_programs_gone(proxy_cgroup) and cgroup_prog_names(moved) == []
     finally:
         remove_cgroup(moved)
 

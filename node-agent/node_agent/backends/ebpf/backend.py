@@ -91,7 +91,7 @@ class EbpfBackend(RedirectBackend):
         self.ambient_inbound = ambient_inbound
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None
         self._lock = threading.RLock()
-        self.orig_dst = ProxyOrigDst(self.state_dir)
+        self.orig_dst = ProxyOrigDst(self.state_dir, self._lock)
         self.node_programs = NodePrograms()
         self.node_maps = node_maps.NodeMaps()
         self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
@@ -379,6 +379,7 @@ class EbpfBackend(RedirectBackend):
         with self._lock:
             self._closed = True
             self.intact.clear()  # the TC watch sockets (each holds a pod netns)
+            self.orig_dst.flush()
             self.node_maps.close()
             self.node_programs.close()
             try:

@@ -1,5 +1,6 @@
 """Taking a pod's eBPF part off: its programs off its cgroup, our TC filters out of its netns, its entries
-out of the node maps, its pin directory; and the proxy cgroup's programs once no pod is left."""
+out of the node maps, its pin directory; and the proxy cgroup's programs once no pod is left (a little
+later: `ProxyOrigDst.release`)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def remove_pod(root: Path, pdir: Path, target: PodTarget, orig_dst: ProxyOrigDst
         pod_index.drop_pod(root / pinning.NODE_DIR, pdir)
         pinning.remove_dir(pdir)
         if not keep_proxy and not pinning.pod_dirs(root):  # the node maps stay (the backend's close() takes them)
-            orig_dst.detach(proxy_cgroup, root)
+            orig_dst.release(proxy_cgroup, root)
     except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
         raise BackendError(f"eBPF remove for pod {target.uid} failed: {e}") from e
     log.info("ebpf redirect removed", extra={"pod": target.uid, "event": "ebpf_removed"})

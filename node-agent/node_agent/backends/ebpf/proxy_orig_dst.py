@@ -5,6 +5,11 @@ dir of the backend's bpffs.
 
 Where it is attached is recorded in a file outside the bpffs: a legacy cgroup attachment cannot be looked up
 from the program, and the agent's idea of the proxy cgroup may change, or be unknown, after a restart.
+
+When the node's last eBPF pod leaves (its label removed, or moved to another backend) they stay GRACE
+seconds more (`release`): the proxy may have accepted a connection that pod's programs redirected and not
+asked for its original destination yet; without them it would be told the proxy's own address, and drop
+the connection.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +33,17 @@ PROXY_GETSOCKOPT = "hr_getsockopt_proxy"
 # sockets; sock_ops keeps each accepted inbound connection's rewrite state on the socket (hr_in_orig) and
 # drops its SO_ORIGINAL_DST entry when it closes
 PROXY_PROGRAMS = (("hr_getsockopt", PROXY_GETSOCKOPT), ("hr_sockops", "hr_sockops_proxy"))
+GRACE = 2.0  # seconds the programs outlive the node's last eBPF pod (`release`)
 
 
 class ProxyOrigDst:
     """The proxy cgroup's programs: attach (idempotent), check, detach."""
 
-    def __init__(self, state_dir: Path, max_age: float = 0.5) -> None:
+    def __init__(self, state_dir: Path, lock: threading.RLock, max_age: float = 0.5) -> None:
+        """lock: the backend's, held for every change to the node's pods (`release` takes it later)."""
         self.state_dir = state_dir
+        self.lock = lock
+        self._release: threading.Timer | None = None
         # problems() is node-wide but asked in every ambient pod's check: one answer serves all the pods
         # checked within max_age seconds (a detached program is still seen well within the 2 s target)
         self.max_age = max_age
@@ -166,6 +176,37 @@ class ProxyOrigDst:
                         raise
                 finally:
                     os.close(fd)
+
+    def release(self, proxy_cgroup: str | None, root: Path) -> None:
+        """The node's last pod left (lock held): detach GRACE seconds from now, under the lock, if no pod
+        has come meanwhile (`detach` errors are then logged: a later ambient apply re-uses what is left)."""
+        if self._release is not None:
+            self._release.cancel()
+
+        def later() -> None:
+            with self.lock:
+                if self._release is not timer:
+                    return  # flushed or replaced meanwhile
+                self._release = None
+                try:
+                    if not pinning.pod_dirs(root):
+                        self.detach(proxy_cgroup, root)
+                except (CgroupError, bpfsys.BpfSysError, OSError) as e:
+                    log.warning("ebpf proxy programs not detached", extra={"event": "ebpf_proxy_detach_failed",
+                                                                           "reason": str(e)})
+
+        timer = threading.Timer(GRACE, later)
+        timer.daemon = True
+        self._release = timer
+        timer.start()
+
+    def flush(self) -> None:
+        """A pending `release` done now (the agent stops)."""
+        with self.lock:
+            timer = self._release
+            if timer is not None:
+                timer.cancel()
+                timer.function()  # `later`: still the pending one, so it runs
 
     def detach(self, proxy_cgroup: str | None, root: Path) -> None:
         """Detach the node-level programs from wherever they are attached (the recorded cgroup and the
