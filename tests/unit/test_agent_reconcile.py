@@ -218,6 +218,19 @@ def test_restart_before_source_synced_removes_nothing(env: Env) -> None:
     assert env.backend.rules == {UID: 1} and UID in env.r.pods
 
 
+def test_only_passes_over_a_fully_listed_source_count_as_synced(env: Env) -> None:
+    """The annotation marker waits for such a pass (`synced_passes`): before it, a pod whose namespace is
+    not listed yet is not held, and taking its annotation off would lose an earlier agent's mark."""
+    env.store = PodStore()
+    env.r = env.make()
+    env.store.replace_pods([pod(UID)])  # the namespaces not listed yet
+    env.r.reconcile()
+    assert (env.r.passes, env.r.synced_passes) == (1, 0)
+    env.store.replace_namespaces([])
+    env.r.reconcile()
+    assert (env.r.passes, env.r.synced_passes) == (2, 1)
+
+
 def test_drift_is_repaired_and_counted(env: Env) -> None:
     env.fake_netns(UID)
     env.set(AMBIENT, pod())

@@ -182,8 +182,10 @@ class Agent:
         """`ambient.istio.io/redirection: enabled` on enrolled ambient pods (sources/redirection_mark.py)."""
         if self._annotation_writer is None:
             return None
+        # ready once a pass saw every pod and namespace: before, an ambient pod whose namespace is not listed
+        # yet is not held, and its annotation would be taken off (and the earlier agent's mark lost with it)
         marker = RedirectionMarker(self.reconciler.status, lambda: self.store.snapshot().pods,
-                                   lambda: self.reconciler.passes > 0, self._annotation_writer)
+                                   lambda: self.reconciler.synced_passes > 0, self._annotation_writer)
         self.store.subscribe(marker.wake, quiet=True)  # its own write-backs, and anyone else's edits
         self.reconciler.board.subscribe(marker.wake)  # a pod enrolled or gone: write at once
         return marker

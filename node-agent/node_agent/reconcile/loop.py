@@ -136,6 +136,7 @@ class Reconciler:
         self.tombstones: set[str] = set()
         self._node_ips: list[str] | None = None
         self.passes = 0
+        self.synced_passes = 0  # passes on a source that had listed everything (before: pods of unknown mode)
         self.converges = 0
         self.last_pass = 0.0
         self._hub = hub
@@ -218,6 +219,7 @@ class Reconciler:
         arrives meanwhile gets a converge step before the next pod, so it never waits for a whole pass."""
         started = time.perf_counter()
         with self.table.lock:
+            synced = self.store.synced  # then the converge's snapshot is too
             now = self.table.clock()
             self._converge_all(now)
             if self._rechoose:
@@ -238,6 +240,7 @@ class Reconciler:
                 counts[shown] = counts.get(shown, 0) + 1
             self.metrics.pod_states(counts)
             self.passes += 1
+            self.synced_passes += synced
             self.last_pass = time.time()
             self.table.notify()
         self.metrics.reconcile_took(time.perf_counter() - started)

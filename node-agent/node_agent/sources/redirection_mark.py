@@ -58,9 +58,10 @@ def changes(rows: Iterable[Mapping[str, Any]], pods: Mapping[str, Pod]) -> list[
 
 class RedirectionMarker:
     """Runs `changes` when woken (the store or the status changed) and every `interval` seconds (a write that
-    failed is retried), once the reconciler has made a pass. A burst of changes (an enrolment wave) is
-    written once it calms down: `settle` seconds without a change, at most `max_delay` after the first —
-    the writes then neither compete with the enrolment nor repeat."""
+    failed is retried), once `ready` (the agent: the reconciler has made a pass over a source that had listed
+    every pod and namespace; before, a pod whose namespace is not known yet is not held). A burst of
+    changes (an enrolment wave) is written once it calms down: `settle` seconds without a change, at most
+    `max_delay` after the first — the writes then neither compete with the enrolment nor repeat."""
 
     def __init__(
         self,
