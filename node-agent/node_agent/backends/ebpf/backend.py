@@ -436,11 +436,10 @@ class EbpfBackend(RedirectBackend):
     def own_installed(self, target: PodTarget) -> bool:
         """Pins or programs (a node that never ran eBPF has no bpffs: looked for, not mounted)."""
         with self._lock:
-            root = self._mounted or self.state_dir / "bpf"
-            if root != self._mounted and pinning.mount_fstype(root) == "bpf":
-                self._mounted = root
-            return pod_state.installed(self._pod_dir(root, target) if root == self._mounted else None,
-                                       target.cgroup_path)
+            if self._mounted is None and pinning.mount_fstype(self.state_dir / "bpf") == "bpf":
+                self._mounted = self.state_dir / "bpf"
+            pdir = self._pod_dir(self._mounted, target) if self._mounted is not None else None
+            return pod_state.installed(pdir, target.cgroup_path)
 
     def installed(self, target: PodTarget) -> bool:
         with self._lock:
