@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from cni.kernel.netns import stat_identity
-from node_agent.backends.ebpf import bpfsys
+from node_agent.backends.ebpf import bpfsys, cgroup_fs
 
 
 class CgroupError(Exception):
@@ -27,8 +27,8 @@ def parse_cgroup2_mounts(mountinfo: str) -> list[Path]:
 
 class MountTable:
     """The cgroup2 mount points, read again only when the mount table changed: the kernel flags an open
-    mountinfo file with POLLPRI/POLLERR on every mount or unmount (the drift check validates each pod's
-    cgroup every second; re-reading the whole table for each was most of its cost)."""
+    mountinfo file with POLLPRI/POLLERR on every mount or unmount (each pod netns pinned is one, and the
+    table grows by a line with each)."""
 
     def __init__(self, path: str = "/proc/self/mountinfo") -> None:
         self.path = path
@@ -64,54 +64,48 @@ def cgroup2_mounts() -> list[Path]:
     return MOUNTS.cgroup2()
 
 
-_VALID: dict[str, tuple[int, int, int, Path]] = {}  # path -> (mount table reads, st_dev, st_ino, resolved)
+_VALID: dict[str, tuple[int, int, Path]] = {}  # path -> (st_dev, st_ino, resolved) of a valid pod cgroup
 _VALID_MAX = 65536
 
 
 def validate_cgroup(path: str | None) -> Path:
-    """The pod cgroup as a resolved path; refuses a missing dir, a non-cgroup2 dir and any cgroup2 root.
-    A path found valid is remembered with what it led to (device and inode) and the mount table it was
-    judged against: the drift check asks every pod every interval, and resolving the path component by
-    component was a good part of it. Another directory there, or a mount change, is judged again."""
+    """The pod cgroup as a resolved path; refuses a missing dir, a non-cgroup2 dir and any cgroup2 root
+    (the root of a cgroup2 mount: attaching there would be host-wide). Asked of the directory itself
+    (`cgroup_fs`), not of the mount table, which changes with every pod netns pinned; kernels before 5.8
+    (no mount-root flag) compare with the cgroup2 mount points instead. A path found valid is remembered
+    with the directory it led to (device and inode): the drift check asks for every pod every interval,
+    and a stat is a third of the full look. Another directory there is judged again."""
     if not path:
         raise CgroupError("the pod's cgroup v2 directory is unknown (PodTarget.cgroup_path); eBPF needs it")
-    cgroup2_mounts()  # notices a mount change (MOUNTS.reads moves)
-    reads, before = MOUNTS.reads, stat_identity(path)
+    before = stat_identity(path)
     known = _VALID.get(path)
-    if known is not None and before is not None and known[:3] == (reads, *before):
-        return known[3]
+    if known is not None and before is not None and known[:2] == before:
+        return known[2]
     p = _validate(path)
-    if before is not None and stat_identity(path) == before and MOUNTS.reads == reads:
+    if before is not None and stat_identity(path) == before:
         if len(_VALID) >= _VALID_MAX:
             _VALID.clear()
-        _VALID[path] = (reads, *before, p)
+        _VALID[path] = (*before, p)
     return p
 
 
-def _resolved_dir(path: str) -> Path | None:
-    """The directory `path` leads to as the kernel names it (every link followed; one O_PATH open instead of
-    a stat per component), or None when it is not a directory."""
+def _validate(path: str) -> Path:
     try:
         fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        raise CgroupError(f"pod cgroup {Path(path).resolve()} does not exist") from None
+    except OSError as e:
+        raise CgroupError(f"cannot open pod cgroup {path}: {e.strerror}") from e
     try:
-        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+        p = Path(os.readlink(f"/proc/self/fd/{fd}"))  # the directory as the kernel names it (links followed)
+        if cgroup_fs.fs_magic(fd) != cgroup_fs.CGROUP2_MAGIC:
+            raise CgroupError(f"{p} is not inside a cgroup2 mount")
+        root = cgroup_fs.mount_root(fd)
+    except OSError as e:
+        raise CgroupError(f"cannot inspect pod cgroup {path}: {e.strerror}") from e
     finally:
         os.close(fd)
-
-
-def _validate(path: str) -> Path:
-    p = _resolved_dir(path)
-    if p is None:
-        raise CgroupError(f"pod cgroup {Path(path).resolve()} does not exist")
-    mounts = cgroup2_mounts()
-    if not mounts:
-        raise CgroupError("no cgroup2 filesystem is mounted (mount cgroup2, e.g. at /sys/fs/cgroup/unified)")
-    owner = [m for m in mounts if p == m or m in p.parents]
-    if not owner:
-        raise CgroupError(f"{p} is not inside a cgroup2 mount ({', '.join(map(str, mounts))})")
-    if any(p == m for m in mounts):
+    if root or (root is None and p in cgroup2_mounts()):
         raise CgroupError(f"{p} is a cgroup2 root: refusing to attach host-wide")
     return p
 
