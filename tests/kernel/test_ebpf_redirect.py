@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,21 @@ def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
 @pytest.fixture
 def target(env: PodEnv, backend: EbpfBackend) -> Iterator[PodTarget]:
     yield from removed_after(env, backend)
+
+
+@pytest.fixture
+def make_backend(backend: EbpfBackend) -> Iterator[Callable[..., EbpfBackend]]:
+    """More backends on the test backend's state dir (other settings, or a restarted agent's), each closed
+    after the test (its node maps' and programs' descriptors), before the test backend."""
+    made: list[EbpfBackend] = []
+
+    def make(**settings: Any) -> EbpfBackend:
+        made.append(EbpfBackend(backend.state_dir, **settings))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
 
 
 def bpftool_json(*args: str) -> list[dict[str, Any]]:
@@ -227,10 +242,11 @@ def proxy_cgroup(env: PodEnv) -> Iterator[Path]:
     remove_cgroup(cg)
 
 
-def test_ambient_proxy_in_own_cgroup_gets_original_destination_and_mark_bypasses(env, backend, target, proxy_cgroup):
+def test_ambient_proxy_in_own_cgroup_gets_original_destination_and_mark_bypasses(
+        env, backend, target, proxy_cgroup, make_backend):
     # the node proxy: its own cgroup, listening inside the pod netns (in-pod mode)
     start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
-    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb = make_backend(inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
     amb.apply(target, AmbientSpec())
     assert amb.inbound is not None and amb.inbound.installed(target)  # inbound handed to the fallback
     got = env.connect(env.peer_v4, 8080)
@@ -247,7 +263,7 @@ def test_ambient_proxy_in_own_cgroup_gets_original_destination_and_mark_bypasses
     assert cgroup_prog_names(env.cgroup) == []
 
 
-def test_ambient_all_in_ebpf_inbound_hbone_and_probe_bypass(env, backend, target, proxy_cgroup):
+def test_ambient_all_in_ebpf_inbound_hbone_and_probe_bypass(env, backend, target, proxy_cgroup, make_backend):
     # the node proxy (own cgroup) listens in the pod netns: outbound 15001, inbound 15006, HBONE 15008
     start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
     env.start_server(env.pod_ns, 15006, "inbound-proxy", cgroup=proxy_cgroup)
@@ -256,7 +272,7 @@ def test_ambient_all_in_ebpf_inbound_hbone_and_probe_bypass(env, backend, target
     probe = str(AmbientSpec().probe_snat_v4)
     subprocess.run(["ip", "-n", env.peer_ns, "addr", "add", f"{probe}/32", "dev", "eth0"], check=True)
     subprocess.run(["ip", "-n", env.pod_ns, "route", "add", f"{probe}/32", "dev", "eth0"], check=True)
-    amb = EbpfBackend(backend.state_dir, proxy_cgroup=proxy_cgroup)
+    amb = make_backend(proxy_cgroup=proxy_cgroup)
     amb.apply(target, AmbientSpec())
     got = env.connect_from_peer(env.pod_v4, 8080)
     assert got["reply"]["name"] == "inbound-proxy" and got["reply"]["orig"] == f"{env.pod_v4}:8080"
@@ -270,12 +286,12 @@ def test_ambient_all_in_ebpf_inbound_hbone_and_probe_bypass(env, backend, target
     assert proxy_programs_gone(proxy_cgroup) and cgroup_prog_names(env.cgroup) == []
 
 
-def test_the_only_ambient_pod_moving_cgroup_keeps_the_proxy_programs(env, backend, target, proxy_cgroup):
+def test_the_only_ambient_pod_moving_cgroup_keeps_the_proxy_programs(env, backend, target, proxy_cgroup, make_backend):
     """The node's only ambient pod in a new cgroup: its programs leave the old one for the new one, and the
     proxy cgroup's programs stay through the re-apply (taking the pod's old part off must not count as the
     node's last pod leaving), so the proxy still answers SO_ORIGINAL_DST right after."""
     start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
-    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb = make_backend(inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
     amb.apply(target, AmbientSpec())
     attached = sorted(cgroup_prog_names(env.cgroup))
     moved = dataclasses.replace(target, cgroup_path=str(make_cgroup(Path(f"{env.cgroup}-moved"))))
@@ -343,9 +359,34 @@ def test_a_connection_accepted_before_the_last_pod_left_still_gets_its_original_
     amb.close()
 
 
-def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
+def test_an_agent_killed_before_its_deferred_detach_leaves_nothing_after_the_next_start(
+        env, backend, target, proxy_cgroup):
+    """The agent dies within GRACE after the node's last pod left (its deferred detach never runs): the next
+    agent's backend finds the proxy cgroup's programs with no pod and takes them off GRACE seconds after its
+    start, as the dead one would have."""
+    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb.apply(target, AmbientSpec())
+    amb.remove(target)  # the node's last pod: the detach is deferred
+    timer = amb.orig_dst._release
+    assert timer is not None
+    timer.cancel()  # the agent is SIGKILLed meanwhile: its descriptors go with it, its pins stay
+    amb.node_maps.close()
+    amb.node_programs.close()
+    time.sleep(GRACE + 0.5)
+    assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS  # nobody took them off
+    restarted = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    try:
+        restarted.prepare()
+        assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS  # the grace first
+        assert proxy_programs_gone(proxy_cgroup)
+        assert not restarted.orig_dst.pinned(restarted._root())
+    finally:
+        restarted.close()
+
+
+def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup, make_backend):
     start_proxy_and_server(env, proxy_cgroup=proxy_cgroup)
-    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())
+    amb = make_backend(inbound_fallback=_NullInbound())
     assert amb.fallback_reason(AmbientSpec()) is not None
     with pytest.raises(BackendError, match="proxy's cgroup"):  # never redirect without SO_ORIGINAL_DST
         amb.apply(target, AmbientSpec())
@@ -361,20 +402,20 @@ def test_proxy_cgroup_learned_later(env, backend, target, proxy_cgroup):
     assert proxy_programs_gone(proxy_cgroup)
 
 
-def test_restarted_backend_moves_the_proxy_program_without_an_orphan(env, backend, target, proxy_cgroup):
+def test_restarted_backend_moves_the_proxy_program_without_an_orphan(env, backend, target, proxy_cgroup, make_backend):
     """A new backend instance (agent restart) that does not know the old proxy cgroup yet, then learns a
     new one: the node-level programs (getsockopt, sock_ops) end up on the new cgroup only, never left on the
     old."""
-    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb = make_backend(inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
     amb.apply(target, AmbientSpec())
     assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS
     moved = make_cgroup(Path(f"{env.cgroup}-proxy2"))
     try:
-        restarted = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound())
+        restarted = make_backend(inbound_fallback=_NullInbound())
         restarted.set_proxy_cgroup(moved)
         assert sorted(cgroup_prog_names(moved)) == PROXY_PROGRAMS
         assert cgroup_prog_names(proxy_cgroup) == [], "the program stayed on the old proxy cgroup"
-        again = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+        again = make_backend(inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
         again.apply(target, AmbientSpec())  # a restart with the old cgroup as flag: moved back, not doubled
         assert sorted(cgroup_prog_names(proxy_cgroup)) == PROXY_PROGRAMS and cgroup_prog_names(moved) == []
         again.remove(target)
@@ -383,10 +424,10 @@ def test_restarted_backend_moves_the_proxy_program_without_an_orphan(env, backen
         remove_cgroup(moved)
 
 
-def test_ambient_dns_capture(env, backend, target, proxy_cgroup, scenario):
+def test_ambient_dns_capture(env, backend, target, proxy_cgroup, scenario, make_backend):
     # the DNS proxy answers from the loopback address the query reached (as it must with iptables too)
     scenario.udpserve(env.pod_ns, 15053, "dnsproxy", LOOPBACK, cgroup=proxy_cgroup)
-    amb = EbpfBackend(backend.state_dir, inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
+    amb = make_backend(inbound_fallback=_NullInbound(), proxy_cgroup=proxy_cgroup)
     amb.apply(target, AmbientSpec(capture_dns=True))
     got = scenario.udpapp(env.peer_v4, 53)
     assert got["unconnected"]["src"] == f"{env.peer_v4}:53" and got["unconnected"]["reply"]["data"] == "q1"
@@ -460,12 +501,12 @@ def load_foreign_connect4() -> int:
     return bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, insns, "foreign_c4", bpfsys.ATTACH_CGROUP_INET4_CONNECT)
 
 
-def test_apply_idempotent_and_readopted_after_restart(env, backend, target, tmp_path):
+def test_apply_idempotent_and_readopted_after_restart(env, backend, target, tmp_path, make_backend):
     start_proxy_and_server(env)
     backend.apply(target, SIDECAR_OUT)
     names = sorted(cgroup_prog_names(env.cgroup))
     compiles = loader.compile_count
-    restarted = EbpfBackend(backend.state_dir)  # a new agent: same state dir, pins re-adopted
+    restarted = make_backend()  # a new agent: same state dir, pins re-adopted
     assert restarted.installed(target)
     assert restarted.pinned_pods() == [target.uid]
     assert restarted.check(target, SIDECAR_OUT) == []
@@ -830,14 +871,15 @@ def _netns_inode() -> int:
 
 
 @pytest.mark.parametrize("rules", ["nftables", "iptables"])
-def test_apply_after_runs_first_inside_the_rules_backends_netns_entry(env, backend, target, proxy_cgroup, rules):
+def test_apply_after_runs_first_inside_the_rules_backends_netns_entry(
+        env, backend, target, proxy_cgroup, rules, make_backend):
     """The agent's conntrack guard (`first`) runs inside the pod netns, on the thread and in the netns entry
     the ambient inbound rules go in with, before them."""
     from node_agent.backends.iptables.backend import IptablesBackend
     from node_agent.backends.nftables.backend import NftablesBackend
 
     inbound = NftablesBackend() if rules == "nftables" else IptablesBackend("auto")
-    amb = EbpfBackend(backend.state_dir, proxy_cgroup=proxy_cgroup, ambient_inbound=inbound)
+    amb = make_backend(proxy_cgroup=proxy_cgroup, ambient_inbound=inbound)
     seen: list[tuple[int, bool]] = []
     amb.apply_after(target, AmbientSpec(), lambda: seen.append((_netns_inode(), inbound.installed(target))))
     try:
@@ -848,14 +890,14 @@ def test_apply_after_runs_first_inside_the_rules_backends_netns_entry(env, backe
 
 
 @pytest.mark.parametrize("rules", ["nftables", "iptables"])
-def test_an_ambient_pods_two_parts_are_read_apart(env, backend, target, proxy_cgroup, rules):
+def test_an_ambient_pods_two_parts_are_read_apart(env, backend, target, proxy_cgroup, rules, make_backend):
     """An eBPF ambient pod's inbound rules and policy routing (on a rules backend whose changes are announced)
     are what `check_announced` reads; its programs are what `check_unannounced` reads; `check` reads both."""
     from node_agent.backends.iptables.backend import IptablesBackend
     from node_agent.backends.nftables.backend import NftablesBackend
 
     inbound = NftablesBackend() if rules == "nftables" else IptablesBackend("auto")
-    amb = EbpfBackend(backend.state_dir, proxy_cgroup=proxy_cgroup, ambient_inbound=inbound)
+    amb = make_backend(proxy_cgroup=proxy_cgroup, ambient_inbound=inbound)
     spec = AmbientSpec()
     amb.apply(target, spec)
     try:

@@ -351,8 +351,9 @@ class EbpfBackend(RedirectBackend):
 
     def prepare(self) -> None:
         """Make the bpffs mount, the node maps and both pod modes' node programs before a pod needs them
-        (~50 ms and the verifier, else spent by the node's first apply with the lock held: a wave waits).
-        Waits for a background compile; a failure is logged (the first apply meets it again)."""
+        (~50 ms and the verifier, else spent by the node's first apply with the lock held: a wave waits);
+        proxy cgroup programs found with no pod (an agent killed before detaching them) come off as after a
+        last pod's removal. Waits for a background compile; a failure is logged (met again by an apply)."""
         if self.rules_helper is not None:
             self.rules_helper.start()
         try:
@@ -367,6 +368,8 @@ class EbpfBackend(RedirectBackend):
                     names = (*cgroup_programs.wanted_programs(spec), *(TC_NAMES if tc_too else ()))
                     ambient = isinstance(spec, AmbientSpec)
                     node_maps.close_all(self.node_programs.open(root, obj, fds, names, ambient=ambient))
+                if not pinning.pod_dirs(root) and self.orig_dst.pinned(root):  # left by an agent stopped
+                    self.orig_dst.release(self.proxy_cgroup, root)  # within GRACE of its last pod leaving
         except (loader.ToolchainError, BackendError, bpfsys.BpfSysError, OSError) as e:
             log.warning("ebpf node programs not prepared", extra={"event": "ebpf_prepare_failed", "reason": str(e)})
 

@@ -105,6 +105,10 @@ class ProxyOrigDst:
             if fd is not None:
                 os.close(fd)
 
+    def pinned(self, root: Path) -> bool:
+        """Whether any of the programs is pinned (attached or not)."""
+        return any(self.pinned_path(root, pin).exists() for _prog_name, pin in PROXY_PROGRAMS)
+
     def _fresh(self, proxy_cgroup: str | None, root: Path) -> bool:
         """Found in place, for this cgroup and root, within max_age."""
         last = self._last
