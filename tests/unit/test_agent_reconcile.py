@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from node_agent.reconcile.records import EnrolRecord, RecordStore
 from node_agent.sources.store import PodStore
 
 from cni.contract.kube_objects import Namespace, Pod
+from tests.unit import agent_fakes
 from tests.unit.agent_fakes import FakeBackend, FakeHub, FakePins
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -150,6 +152,40 @@ def test_label_enrols_running_pod_proxy_first_then_rules(env: Env) -> None:
     assert env.records.load_all()[UID].netns_inode == os.stat(env.netns[UID]).st_ino
     assert env.records.load_all()[UID].tcp_loose == 1
     assert env.ct.values[str(env.pins.path(UID))] == 0, "pre-existing connections are protected"
+
+
+class CountedFuture(Future[None]):
+    """A proxy ack that counts how often it is asked whether it is done."""
+
+    asked = 0
+
+    def done(self) -> bool:
+        CountedFuture.asked += 1
+        return super().done()
+
+
+def test_a_wave_is_followed_by_what_ended_not_by_asking_every_pod(env: Env, monkeypatch) -> None:
+    """Between pods of a pass and while it waits, the loop looks at the proxy acks and applies that ended
+    since it last looked, never at every pod sent or every job: a wave of N pods costs N looks, not N²."""
+    monkeypatch.setattr(agent_fakes, "Future", CountedFuture)
+    env.hub.auto_ack = False
+    uids = [f"aaaaaaaa-0000-0000-0000-{i:012d}" for i in range(1, 41)]
+    for uid in uids:
+        env.fake_netns(uid)
+    env.set(AMBIENT, *(pod(uid) for uid in uids))
+    env.r.reconcile()
+    assert len(env.hub.pending) == len(uids) and not env.backend.rules
+    first_uid, first = env.hub.pending.pop(0)
+    first.set_result(None)
+    CountedFuture.asked = 0
+    with env.r.table.lock:
+        env.r.enrolment.step_jobs()  # the one ack: its apply starts
+        assert first_uid in env.r.enrolment.jobs
+        env.r.enrolment.step_jobs()  # nothing ended since
+    assert CountedFuture.asked <= 2, "the pods still waiting for their ack were asked"
+    env.hub.ack_all()
+    env.r.reconcile()
+    assert {env.state(uid) for uid in uids} == {"enrolled"} and set(env.backend.rules) == set(uids)
 
 
 def test_unlabel_removes_rules_then_tells_proxy_then_releases_pin(env: Env) -> None:

@@ -14,11 +14,14 @@ take the lock) and, at its end, waits for them all (`finish_jobs`) and makes eac
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec
@@ -70,7 +73,10 @@ class AmbientEnrolment:
         # pool, made when needed
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self.jobs: dict[str, Future[JobResult]] = {}  # uid -> its running (or not yet collected) apply
-        self._sent: dict[str, PodState] = {}  # pods told to the proxy since step_jobs last looked at them
+        # what ended since step_jobs last looked (appended by the futures' callbacks, on any thread): it looks
+        # at these only, never at every job or every pod sent (a wave of N pods would cost N² checks)
+        self._finished: deque[tuple[str, Future[Any]]] = deque()  # applies
+        self._acked: deque[tuple[str, Future[Any]]] = deque()  # proxy acks (the pod's `ack` future)
         self._published, self._unpublished = 0.0, False  # status rows: last rebuilt, changes since
 
     def close(self) -> None:
@@ -158,9 +164,8 @@ class AmbientEnrolment:
             self.table.fail(st, f"proxy hub: {exc}", now)
             return
         st.ack = fut
-        self._sent[st.uid] = st
         log.debug("workload sent to proxy", extra=log_ctx(st, "proxy-upsert"))
-        fut.add_done_callback(lambda _f: self._wake())
+        fut.add_done_callback(functools.partial(self._ended, self._acked, st.uid))
         if fut.done() and follow:
             self._after_ack(st)
 
@@ -206,18 +211,26 @@ class AmbientEnrolment:
         """Lock held: every finished apply makes its pod `enrolled` (or `failed`), every pod whose proxy ack
         is in gets its apply started on the pool. The pass also calls it between pods, so applies run and
         pods become enrolled while it is still sending the later ones. True when an apply finished."""
-        done = [uid for uid, fut in self.jobs.items() if fut.done()]
-        for uid in done:
-            fut = self.jobs.pop(uid)
-            st = self.table.get(uid, AMBIENT)
-            if st is not None:
+        done = []
+        while self._finished:
+            uid, fut = self._finished.popleft()
+            if self.jobs.get(uid) is not fut:
+                continue  # collected meanwhile (converge, wait_job)
+            done.append(uid)
+            del self.jobs[uid]
+            if (st := self.table.get(uid, AMBIENT)) is not None:
                 self._finish_apply(st, fut, notify=False)
-        acked = []
-        for uid, st in list(self._sent.items()):  # not every pod: the pass calls this between pods
-            if st.ack is None or self.table.pods.get(uid) is not st:
-                del self._sent[uid]  # acked, failed or gone
-            elif st.ack.done() and uid not in self.jobs:
+        acked, later = [], []
+        while self._acked:
+            uid, ack = self._acked.popleft()
+            st = self.table.pods.get(uid)
+            if st is None or st.ack is not ack:
+                continue  # followed already, failed or gone
+            if uid in self.jobs:
+                later.append((uid, ack))  # its earlier apply still runs: looked at again next time
+            else:
                 acked.append(st)
+        self._acked.extend(later)
         for st in acked:
             self._after_ack(st, notify=False)
         if done or acked:
@@ -280,7 +293,12 @@ class AmbientEnrolment:
         st.reason = "applying rules"
         fut = pool.submit(job)
         self.jobs[st.uid] = fut
-        fut.add_done_callback(lambda _f: self._wake())
+        fut.add_done_callback(functools.partial(self._ended, self._finished, st.uid))
+
+    def _ended(self, queue: deque[tuple[str, Future[Any]]], uid: str, fut: Future[Any]) -> None:
+        """A future's callback (any thread): handed to the next step_jobs, and the loop woken."""
+        queue.append((uid, fut))
+        self._wake()
 
     def _finish_apply(self, st: PodState, fut: Future[JobResult], *, notify: bool = True) -> None:
         """The pass that sees a pod's apply done (lock held): `enrolled`, or `failed` and retried."""
