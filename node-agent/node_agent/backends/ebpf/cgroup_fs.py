@@ -6,6 +6,7 @@ reading the mount table, which grows by one line for every pod netns pinned on t
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from cni.kernel.netns import libc
@@ -34,10 +35,15 @@ def fs_magic(fd: int) -> int:
 
 
 def mount_root(fd: int) -> bool | None:
-    """Whether `fd` is the root directory of a mount; None when the kernel does not say (before 5.8).
-    Raises OSError."""
+    """Whether `fd` is the root directory of a mount; None when the kernel does not say (before 5.8, or a C
+    library without statx). Raises OSError."""
+    statx = getattr(libc(), "statx", None)
+    if statx is None:
+        return None
     buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if libc().statx(fd, b"", AT_EMPTY_PATH, STATX_INO, buf) != 0:
+    if statx(fd, b"", AT_EMPTY_PATH, STATX_INO, buf) != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            return None
         _raise_errno("statx")
     supported = ctypes.c_uint64.from_buffer(buf, _ATTRIBUTES_MASK).value
     if not supported & STATX_ATTR_MOUNT_ROOT:
