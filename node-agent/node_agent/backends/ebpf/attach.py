@@ -74,7 +74,7 @@ def validate_cgroup(path: str | None) -> Path:
     (`cgroup_fs`), not of the mount table, which changes with every pod netns pinned; kernels before 5.8
     (no mount-root flag) compare with the cgroup2 mount points instead. A path found valid is remembered
     with the directory it led to (device and inode): the drift check asks for every pod every interval,
-    and a stat is a third of the full look. Another directory there is judged again."""
+    and a stat costs a quarter of the full look. Another directory there is judged again."""
     if not path:
         raise CgroupError("the pod's cgroup v2 directory is unknown (PodTarget.cgroup_path); eBPF needs it")
     before = stat_identity(path)
