@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from node_agent.backends.base import PodTarget
 from node_agent.netns.finder import NetnsLocation, NetnsNotFound
+from node_agent.reconcile import enrol
 from node_agent.reconcile.loop import Reconciler
 from node_agent.reconcile.records import EnrolRecord, RecordStore
 from node_agent.sources.store import PodStore
@@ -186,6 +187,39 @@ def test_a_wave_is_followed_by_what_ended_not_by_asking_every_pod(env: Env, monk
     env.hub.ack_all()
     env.r.reconcile()
     assert {env.state(uid) for uid in uids} == {"enrolled"} and set(env.backend.rules) == set(uids)
+
+
+class HeldBackend(FakeBackend):
+    """Its applies wait until `go` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def apply(self, target: PodTarget, spec: object) -> None:
+        self.started.set()
+        assert self.go.wait(10)
+        super().apply(target, spec)
+
+
+def test_a_pass_waiting_for_its_applies_goes_on_as_soon_as_one_ends(env: Env, monkeypatch) -> None:
+    """The pass that started applies waits for them with the lock free (CNI requests served meanwhile); an
+    apply that ends wakes it at once, so the pod is enrolled (and an ADD waiting for it answered) then,
+    not at the pass's next look (JOB_POLL, made long here)."""
+    monkeypatch.setattr(enrol, "JOB_POLL", 5.0)
+    env.backend = HeldBackend()
+    env.r = env.make()
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    running = threading.Thread(target=env.r.reconcile)
+    running.start()
+    assert env.backend.started.wait(5)
+    time.sleep(0.1)  # the pass waits in finish_jobs
+    ended = time.monotonic()
+    env.backend.go.set()
+    running.join(10)
+    assert time.monotonic() - ended < 1.0, "the pass waited for its next look"
+    assert env.state(UID) == "enrolled"
 
 
 def test_unlabel_removes_rules_then_tells_proxy_then_releases_pin(env: Env) -> None:

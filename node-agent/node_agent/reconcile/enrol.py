@@ -42,6 +42,7 @@ APPLY_WORKERS = 6  # pods whose rules go in at once (each mostly waits on the ke
 # p99 0.8 s with 6, 0.6 s with 2; iptables-nft 0.84-0.98 s with 6, 0.54-0.62 s with 2)
 IN_PROCESS_WORKERS = 2
 JOB_WAIT = 30.0  # the longest a removal waits for the pod's running apply
+JOB_POLL = 0.02  # finish_jobs' longest wait between two looks (an apply or ack that ends wakes it at once)
 PUBLISH_EVERY = 0.05  # while applies finish: the status rows are rebuilt at most this often
 JobResult = tuple[int | None, Exception | None]  # an apply job: nf_conntrack_tcp_loose found before, error
 
@@ -204,7 +205,7 @@ class AmbientEnrolment:
         deadline = time.monotonic() + JOB_WAIT
         while self.jobs and time.monotonic() < deadline:
             if not self.step_jobs():
-                self.table.cond.wait(0.02)
+                self.table.cond.wait(JOB_POLL)
         self.publish(force=True)
 
     def step_jobs(self) -> bool:
@@ -296,9 +297,16 @@ class AmbientEnrolment:
         fut.add_done_callback(functools.partial(self._ended, self._finished, st.uid))
 
     def _ended(self, queue: deque[tuple[str, Future[Any]]], uid: str, fut: Future[Any]) -> None:
-        """A future's callback (any thread): handed to the next step_jobs, and the loop woken."""
+        """A future's callback (any thread): handed to the next step_jobs, and the loop woken; a pass waiting
+        in finish_jobs goes on now (the pod enrolled, a CNI ADD waiting for it answered), not at its next
+        look. Never waits for the lock (held by another thread: the pass looks again within JOB_POLL)."""
         queue.append((uid, fut))
         self._wake()
+        if self.table.lock.acquire(blocking=False):
+            try:
+                self.table.cond.notify_all()
+            finally:
+                self.table.lock.release()
 
     def _finish_apply(self, st: PodState, fut: Future[JobResult], *, notify: bool = True) -> None:
         """The pass that sees a pod's apply done (lock held): `enrolled`, or `failed` and retried."""
