@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from node_agent.netns.finder import NetnsLocation, NetnsNotFound
 from node_agent.reconcile import enrol
 from node_agent.reconcile.loop import Reconciler
 from node_agent.reconcile.records import EnrolRecord, RecordStore
+from node_agent.reconcile.state import CniHint, same_ips
 from node_agent.sources.store import PodStore
 
 from cni.contract.kube_objects import Namespace, Pod
@@ -559,6 +561,59 @@ def test_pod_without_ips_waits_for_its_cni_add(env: Env) -> None:
         env.r.stop()
     assert out.ok and out.state == "enrolled"
     assert env.hub.desired[UID].ips == ("10.0.0.7", "fd00::7") and env.r.pods[UID].ips == ("10.0.0.7", "fd00::7")
+
+
+def test_cni_add_is_answered_once_the_pod_is_enrolled_with_its_ips(env: Env) -> None:
+    """The agent may find a labelled pod's netns while the chain's ADD is still wiring it and read only
+    some of its addresses (IPv4 in, IPv6 not yet): it enrols the pod with those. The ADD, which brings
+    them all, is answered only once the pod is enrolled again with them: before, the app could start with
+    no IPv6 rules in its netns (its IPv6 traffic bypassed the proxy) and the proxy not knowing that IP."""
+    env.ips_in_netns = ("10.0.0.7",)  # mid-ADD: the IPv6 address not there yet
+    netns = env.fake_netns(UID)
+    env.set(AMBIENT, pod(ips=()))  # the object has no IPs before the ADD
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled" and env.r.pods[UID].ips == ("10.0.0.7",)
+    env.clock.real = True
+    env.r.start()
+    try:
+        out = env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7", "fd00::7"), timeout=5)
+        assert out.ok and out.state == "enrolled"
+        assert env.r.pods[UID].ips == ("10.0.0.7", "fd00::7"), "answered before the pod had its IPv6 address"
+        assert env.hub.desired[UID].ips == ("10.0.0.7", "fd00::7") and env.backend.applies == 2
+    finally:
+        env.r.stop()
+
+
+def test_ips_are_compared_as_addresses() -> None:
+    assert same_ips(("10.0.0.7", "fd00::7"), ("FD00:0::7", "10.0.0.7", "10.0.0.7"))
+    assert not same_ips(("10.0.0.7",), ("10.0.0.7", "fd00::7"))
+    assert same_ips(("not-an-ip",), ("not-an-ip",)) and not same_ips(("not-an-ip",), ("10.0.0.7",))
+    hint = CniHint(UID, "app", "p-1", "/x", ("fd00::7",), 0.0)
+    assert hint.ips_for(pod(ips=("FD00::7",))).ips == ("FD00::7",), "the same address: the pod as it is"
+    assert hint.ips_for(pod(ips=())).ips == ("fd00::7",) and hint.ips_for(pod(ips=("10.0.0.5",))).ips == ("fd00::7",)
+    assert replace(hint, ips=()).ips_for(pod(ips=("10.0.0.5",))).ips == ("10.0.0.5",)
+
+
+def test_a_new_sandbox_is_enrolled_with_its_add_ips_not_the_objects_older_ones(env: Env) -> None:
+    """A pod whose sandbox is replaced keeps the old sandbox's IPs in its object until the kubelet writes
+    the new ones: the ADD's IPs, its new sandbox's own, are the ones enrolled and answered."""
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+    new = env.tmp / "ns-new"
+    new.write_text("")
+    env.netns[UID] = new
+    env.clock.real = True
+    env.r.start()
+    try:
+        out = env.r.cni_add(UID, "app", "p-1", str(new), ("10.0.0.8",), timeout=5)
+        assert out.ok and out.state == "enrolled"
+        assert env.r.pods[UID].ips == ("10.0.0.8",) and env.hub.desired[UID].ips == ("10.0.0.8",)
+        env.r.reconcile()
+        assert env.r.pods[UID].ips == ("10.0.0.8",), "the object's older IPs must not win while the ADD's hold"
+    finally:
+        env.r.stop()
 
 
 def test_enrolled_pod_whose_ips_change_is_sent_and_applied_again(env: Env) -> None:

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,8 +356,10 @@ class SimNode:
         labels: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
         cni_version: str = "1.0.0",
+        before_add: Callable[[Pod], None] | None = None,
     ) -> Pod:
-        """Write the Pod object (before ADD, as the API server has it), make its netns, run the chain ADD."""
+        """Write the Pod object (before ADD, as the API server has it), make its netns, run the chain ADD.
+        `before_add(pod)`: run once the netns (and the pod's infra process) exist, just before the ADD."""
         if not (self.objects_dir / f"namespace-{namespace}.json").exists():
             self.add_namespace(namespace)
         netns = NetNS.create("hrpod-")
@@ -374,6 +377,8 @@ class SimNode:
         try:
             if self.pod_cgroups:
                 self._start_pause(pod)
+            if before_add is not None:
+                before_add(pod)
             pod.result = self.runner(cni_version).add(pod.container_id, netns.path, args=pod.cni_args)
         except BaseException:
             with contextlib.suppress(Exception):

@@ -30,7 +30,7 @@ from node_agent.netns.pin import PinError
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns, Scan
-from node_agent.reconcile.state import AMBIENT, ENROLLED, FAILED, PENDING, Conntrack, Hub, PodState, log_ctx
+from node_agent.reconcile.state import AMBIENT, ENROLLED, FAILED, PENDING, Conntrack, Hub, PodState, log_ctx, same_ips
 from node_agent.reconcile.table import PodTable
 from node_agent.sources.redirection_mark import ANNOTATION, ENABLED
 
@@ -105,7 +105,7 @@ class AmbientEnrolment:
             if job.done():
                 self._finish_apply(st, self.jobs.pop(uid))
             return  # its rules are going in: new IPs and the rest are looked at once they are
-        if pod.ips and st.ips and set(pod.ips) != set(st.ips) and (st.state == ENROLLED or st.ack is not None):
+        if pod.ips and st.ips and not same_ips(pod.ips, st.ips) and (st.state == ENROLLED or st.ack is not None):
             # the proxy and the backend (eBPF keeps the pod IPs in its config) must learn the new IPs
             log.info("pod IPs changed (%s -> %s): enrolling again", ",".join(st.ips), ",".join(pod.ips),
                      extra=log_ctx(st, "ips-changed"))

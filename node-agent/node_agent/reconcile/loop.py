@@ -60,6 +60,7 @@ from node_agent.reconcile.state import (
     Pins,
     PodState,
     RepairResult,
+    same_ips,
     shown_state,
 )
 from node_agent.reconcile.status import StatusBoard, proxy_state, status_rows, with_proxy
@@ -277,8 +278,7 @@ class Reconciler:
                 continue
             if d.mode == "ambient":
                 added = self.hints.get(uid)
-                # a pod object written before its CNI ADD has no IPs yet; the ADD brings them
-                want[uid] = d.pod.with_ips(added.ips) if not d.pod.ips and added and added.ips else d.pod
+                want[uid] = added.ips_for(d.pod) if added is not None else d.pod
             else:
                 others[uid] = d
         for uid, hint in self.hints.items():
@@ -355,8 +355,8 @@ class Reconciler:
             self.wake()
             while True:
                 st = self.table.get(uid, AMBIENT)
-                if st is not None and st.state == ENROLLED:
-                    return Outcome(True, ENROLLED)
+                if st is not None and st.state == ENROLLED and (not ips or same_ips(st.ips, ips)):
+                    return Outcome(True, ENROLLED)  # with the ADD's IPs (else it is enrolled again with them)
                 if st is not None and st.state == FAILED and self.converges > converges_at_request:
                     return Outcome(False, FAILED, st.reason, retry=True)
                 other = self.others.get(uid)

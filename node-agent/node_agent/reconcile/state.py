@@ -3,14 +3,18 @@ names, and the interfaces of its collaborators (proxy hub, netns pins, conntrack
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from node_agent.backends.base import RedirectSpec
 from node_agent.protocol.workload import WorkloadInfo
+
+if TYPE_CHECKING:
+    from cni.contract.kube_objects import Pod
 
 ENROLLED, PENDING, FAILED, NONE = "enrolled", "pending", "failed", "none"
 # shown only (status rows, metrics): a pending pod whose old backend's redirection holds it until the new
@@ -82,6 +86,28 @@ class CniHint:
     netns: str
     ips: tuple[str, ...]
     expires: float
+
+    def ips_for(self, pod: Pod) -> Pod:
+        """The pod with this ADD's IPs, its sandbox's own, when it brought any: the pod object has none
+        before the kubelet writes them, or still an older sandbox's."""
+        return pod.with_ips(self.ips) if self.ips and not same_ips(self.ips, pod.ips) else pod
+
+
+def same_ips(a: Iterable[str], b: Iterable[str]) -> bool:
+    """Whether two lists of IPs name the same addresses (order, repeats and spelling aside; parsed only
+    when the strings differ: asked in every pass and by every waiting ADD at every wake-up)."""
+    sa, sb = set(a), set(b)
+    return sa == sb or _addresses(sa) == _addresses(sb)
+
+
+def _addresses(ips: Iterable[str]) -> set[str]:
+    out = set()
+    for ip in ips:
+        try:
+            out.add(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            out.add(ip)
+    return out
 
 
 @dataclass
