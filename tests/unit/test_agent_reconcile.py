@@ -388,6 +388,30 @@ def test_cni_add_waits_for_ack_and_del_removes(env: Env) -> None:
         env.r.stop()
 
 
+def test_a_cni_hint_outlives_an_add_that_waits_longer_than_its_ttl(env: Env) -> None:
+    """An ADD may wait up to --cni-add-timeout (up to an hour): the pod the ADD stands in for (the source
+    does not show it yet) stays wanted, with the ADD's IPs, for as long as the ADD waits."""
+    env.hub.auto_ack = False
+    env.set({})  # the source does not know the pod
+    netns = env.fake_netns(UID)
+    env.r.hint_ttl = 0.3
+    env.clock.real = True
+    env.r.start()
+    try:
+        result: list[object] = []
+        t = threading.Thread(
+            target=lambda: result.append(env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7",), timeout=5))
+        )
+        t.start()
+        time.sleep(0.8)  # past the hint's own TTL
+        assert not result and env.state(UID) == "pending", "the pod must still be held for its ADD"
+        env.hub.ack_all()
+        t.join(5)
+        assert result[0].ok and result[0].state == "enrolled"  # type: ignore[attr-defined]
+    finally:
+        env.r.stop()
+
+
 def test_cni_add_times_out_without_proxy(env: Env) -> None:
     env.hub.auto_ack = False
     env.set({})

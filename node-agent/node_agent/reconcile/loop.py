@@ -338,7 +338,8 @@ class Reconciler:
         with self.table.lock:
             converges_at_request = self.converges
             self.tombstones.discard(uid)
-            self.hints[uid] = CniHint(uid, namespace, name, netns, ips, clock() + self.hint_ttl)
+            # held while the ADD may wait (up to an hour), and the hint TTL after (the source catches up)
+            self.hints[uid] = CniHint(uid, namespace, name, netns, ips, deadline + self.hint_ttl)
             held = self.table.get(uid)
             if held is not None and held.mode == SIDECAR:
                 self.sidecars.remove(uid)  # now an ambient pod
