@@ -134,3 +134,50 @@ def test_ip_matcher_finds_named_netns_by_pod_ips_and_refuses_ambiguity() -> None
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_netns_global_addresses_are_read_in_process_as_ip_shows_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the agent enrols a pod without IPs with: the same addresses, in the same order, as `ip addr`
+    shows with scope global off lo (two links, both families, DAD pending or not), not lo's ::6, not
+    link-local ones; read with no process started."""
+    import ipaddress
+    import json
+
+    from node_agent.netns.finder import read_netns_ips
+
+    def no_process(*_args: object, **_kw: object) -> None:
+        raise AssertionError("a process was started")
+
+    name = f"hra-addr-{secrets.token_hex(3)}"
+    ip = ["ip", "-n", name]
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        for args in (
+            ["link", "add", "a0", "type", "veth", "peer", "name", "b0"],
+            ["link", "add", "c0", "type", "veth", "peer", "name", "d0"],
+            ["addr", "add", "10.197.0.2/24", "dev", "a0"],
+            ["addr", "add", "fd97::2/64", "dev", "a0"],
+            ["addr", "add", "fd97::3/64", "dev", "a0", "nodad"],
+            ["addr", "add", "169.254.7.7/16", "dev", "a0"],
+            ["addr", "add", "10.197.1.2/24", "dev", "c0"],
+            ["addr", "add", "::6/128", "dev", "lo"],
+            ["link", "set", "lo", "up"],
+            ["link", "set", "a0", "up"],
+            ["link", "set", "b0", "up"],  # a0 gets its fe80:: address
+        ):
+            subprocess.run([*ip, *args], check=True)
+        shown = [
+            a["local"]
+            for link in json.loads(subprocess.run([*ip, "-j", "addr", "show"], check=True, capture_output=True).stdout)
+            if link["ifname"] != "lo"
+            for a in link.get("addr_info", [])
+            if a.get("scope") == "global" and not ipaddress.ip_address(a["local"]).is_link_local
+        ]
+        assert set(shown) == {"10.197.0.2", "fd97::2", "fd97::3", "10.197.1.2"}
+        with monkeypatch.context() as m:
+            m.setattr(subprocess, "Popen", no_process)
+            assert list(read_netns_ips(f"/run/netns/{name}")) == shown
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+    with pytest.raises(OSError):
+        read_netns_ips(f"/run/netns/{name}")  # gone

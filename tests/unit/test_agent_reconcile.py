@@ -359,6 +359,16 @@ def test_backend_failure_rolls_back_proxy(env: Env) -> None:
     assert UID not in env.hub.desired
 
 
+def add_in_background(env: Env, netns: Path, timeout: float) -> tuple[threading.Thread, list[object]]:
+    """The pod's CNI ADD (IP 10.0.0.7) on a thread of its own: (the thread, the list its outcome goes to)."""
+    result: list[object] = []
+    t = threading.Thread(
+        target=lambda: result.append(env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7",), timeout=timeout))
+    )
+    t.start()
+    return t, result
+
+
 def test_cni_add_waits_for_ack_and_del_removes(env: Env) -> None:
     env.hub.auto_ack = False
     env.set(
@@ -368,11 +378,7 @@ def test_cni_add_waits_for_ack_and_del_removes(env: Env) -> None:
     env.clock.real = True
     env.r.start()
     try:
-        result: list[object] = []
-        t = threading.Thread(
-            target=lambda: result.append(env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7",), timeout=10))
-        )
-        t.start()
+        t, result = add_in_background(env, netns, timeout=10)
         for _ in range(200):
             if env.hub.pending:
                 break
@@ -398,11 +404,7 @@ def test_a_cni_hint_outlives_an_add_that_waits_longer_than_its_ttl(env: Env) -> 
     env.clock.real = True
     env.r.start()
     try:
-        result: list[object] = []
-        t = threading.Thread(
-            target=lambda: result.append(env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7",), timeout=5))
-        )
-        t.start()
+        t, result = add_in_background(env, netns, timeout=5)
         time.sleep(0.8)  # past the hint's own TTL
         assert not result and env.state(UID) == "pending", "the pod must still be held for its ADD"
         env.hub.ack_all()

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from node_agent.kernel.netns_addresses import read_addresses
+
 _POD_RE = re.compile(r"pod([0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12})")
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 
@@ -106,29 +108,9 @@ def find_pod_netns(uid: str, proc_root: str = "/proc") -> NetnsLocation:
 
 
 def read_netns_ips(netns_path: str) -> tuple[str, ...]:
-    """The global unicast addresses inside a netns (pods whose source object carries no IPs)."""
-    import ipaddress
-    import json
-    import subprocess
-
-    out = subprocess.run(
-        ["nsenter", f"--net={netns_path}", "ip", "-j", "addr", "show"],
-        capture_output=True, text=True, timeout=10, check=False,
-    )
-    if out.returncode != 0:
-        raise OSError(f"ip addr in {netns_path}: {out.stderr.strip()}")
-    ips: list[str] = []
-    for link in json.loads(out.stdout or "[]"):
-        if link.get("ifname") == "lo":
-            continue
-        for addr in link.get("addr_info", []):
-            local = addr.get("local")
-            if not local or addr.get("scope") != "global":
-                continue
-            if ipaddress.ip_address(local).is_link_local:
-                continue
-            ips.append(str(ipaddress.ip_address(local)))
-    return tuple(ips)
+    """The global unicast addresses inside a netns (pods whose source object carries no IPs), read
+    in-process (node_agent.kernel.netns_addresses). OSError when it cannot be read."""
+    return read_addresses(netns_path)
 
 
 NAMED_NETNS_DIRS = ("/run/netns", "/var/run/netns")
