@@ -67,6 +67,7 @@ class Env:
         self.netns: dict[str, Path] = {}
         self.node_rules: list[list[str]] = []
         self.repairs = 0
+        self.failures: list[str] = []  # the reasons counted as enrolment failures (metrics)
         self.ct = FakeConntrack()
         self.ips_in_netns: tuple[str, ...] = ("10.9.9.9",)  # what the pod's netns shows (no CNI ADD yet)
         self.r = self.make()
@@ -76,7 +77,8 @@ class Env:
 
         class M:
             def enrolled(self) -> None: ...
-            def failed(self, reason: str) -> None: ...
+            def failed(self, reason: str) -> None:
+                env.failures.append(reason)
             def drift_repaired(self) -> None:
                 env.repairs += 1
 
@@ -640,6 +642,30 @@ def test_a_new_sandbox_is_enrolled_with_its_add_ips_not_the_objects_older_ones(e
         assert env.r.pods[UID].ips == ("10.0.0.8",), "the object's older IPs must not win while the ADD's hold"
     finally:
         env.r.stop()
+
+
+def test_a_pod_not_wired_yet_waits_for_its_add_without_failing(env: Env) -> None:
+    """A pod created in an ambient namespace shows in the source before its sandbox is wired: no IPs, and
+    (containerd: the infra process starts after the ADD) no process to find its netns by. That is the
+    normal way of every new pod, not an enrolment failure: it waits, `pending`, with no failure counted
+    or logged; its ADD enrols it at once."""
+    failures = env.failures
+    env.set(AMBIENT, pod(ips=()))
+    env.r.reconcile()
+    st = env.r.pods[UID]
+    assert (st.state, failures) == ("pending", []) and "ADD" in st.reason, (st.state, st.reason, failures)
+    netns = env.fake_netns(UID)
+    env.clock.real = True
+    env.r.start()
+    try:
+        t0 = time.monotonic()
+        out = env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.7",), timeout=5)
+    finally:
+        env.r.stop()
+    assert out.ok and out.state == "enrolled" and time.monotonic() - t0 < 1.0 and failures == []
+    env.set(AMBIENT, pod(uid=UID2, ips=("10.0.0.8",)))  # IPs but no netns to be found: a failure
+    env.r.reconcile()
+    assert env.state(UID2) == "failed" and failures == ["netns not found"]
 
 
 def test_enrolled_pod_whose_ips_change_is_sent_and_applied_again(env: Env) -> None:

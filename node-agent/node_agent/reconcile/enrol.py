@@ -26,6 +26,7 @@ from typing import Any
 from cni.contract.kube_objects import Pod
 from cni.contract.spec import AmbientSpec
 from node_agent.backends.base import AppliesInNetns, BackendError, PodTarget, RedirectBackend
+from node_agent.netns.finder import NetnsNotFound
 from node_agent.netns.pin import PinError
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.reconcile.choice import Backends
@@ -126,6 +127,12 @@ class AmbientEnrolment:
         st.state = PENDING
         try:
             self.netns.locate(st, hint_netns, scan)
+        except NetnsNotFound as exc:
+            if st.ips:
+                self.table.fail(st, f"netns not found: {exc}", now)
+            else:  # no process and no IPs yet: a new pod before its ADD (every one: not a failure)
+                st.reason = "waiting for the pod's sandbox (its CNI ADD, or a process in its netns)"
+            return
         except (PinError, LookupError, OSError) as exc:
             self.table.fail(st, f"netns not found: {exc}", now)
             return
