@@ -654,7 +654,8 @@ def test_a_pod_not_wired_yet_waits_for_its_add_without_failing(env: Env) -> None
     env.r.reconcile()
     st = env.r.pods[UID]
     assert (st.state, failures) == ("pending", []) and "ADD" in st.reason, (st.state, st.reason, failures)
-    netns = env.fake_netns(UID)
+    netns = env.tmp / "ns-from-add"  # only the ADD names it (no process of the pod to find it by)
+    netns.write_text("")
     env.clock.real = True
     env.r.start()
     try:
@@ -663,6 +664,7 @@ def test_a_pod_not_wired_yet_waits_for_its_add_without_failing(env: Env) -> None
     finally:
         env.r.stop()
     assert out.ok and out.state == "enrolled" and time.monotonic() - t0 < 1.0 and failures == []
+    assert env.hub.log == [("add", UID)], "a pod that had no sandbox yet is not removed first (nor the proxy told)"
     env.set(AMBIENT, pod(uid=UID2, ips=("10.0.0.8",)))  # IPs but no netns to be found: a failure
     env.r.reconcile()
     assert env.state(UID2) == "failed" and failures == ["netns not found"]

@@ -348,7 +348,7 @@ class Reconciler:
                     new_ino = os.stat(netns).st_ino
                 except OSError as exc:
                     return Outcome(False, FAILED, f"netns {netns}: {exc.strerror}", retry=False)
-                if held.inode != new_ino:  # a new sandbox: forget the old one
+                if held.inode and held.inode != new_ino:  # a new sandbox: forget the old one (none: a new pod)
                     self.enrolment.unenrol(uid, "sandbox replaced")
                 elif held.state == FAILED:
                     held.retry_at = 0.0
