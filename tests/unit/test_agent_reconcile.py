@@ -670,6 +670,30 @@ def test_a_pod_not_wired_yet_waits_for_its_add_without_failing(env: Env) -> None
     assert env.state(UID2) == "failed" and failures == ["netns not found"]
 
 
+def test_a_sandbox_keeps_its_add_ips_after_the_hint_while_the_object_shows_older_ones(env: Env) -> None:
+    """The ADD's IPs belong to the sandbox it wired: once the pod is enrolled with them in that netns, a pod
+    object that still shows an older sandbox's IPs (the kubelet cannot write the new ones: API server out
+    of reach) does not take the pod back to them when the ADD's hint has expired."""
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
+    env.r.reconcile()
+    new = env.tmp / "ns-new"
+    new.write_text("")
+    env.netns[UID] = new
+    env.r.hint_ttl = 0.1
+    env.clock.real = True
+    env.r.start()
+    try:
+        out = env.r.cni_add(UID, "app", "p-1", str(new), ("10.0.0.8",), timeout=0.5)
+        assert out.ok and env.r.pods[UID].ips == ("10.0.0.8",)
+        time.sleep(0.8)  # past the ADD's deadline + the hint's TTL
+        env.r.reconcile()
+        assert UID not in env.r.hints
+        assert env.r.pods[UID].ips == ("10.0.0.8",) and env.hub.desired[UID].ips == ("10.0.0.8",)
+    finally:
+        env.r.stop()
+
+
 def test_enrolled_pod_whose_ips_change_is_sent_and_applied_again(env: Env) -> None:
     env.fake_netns(UID)
     env.set(AMBIENT, pod(ips=("10.0.0.5",)))

@@ -62,6 +62,7 @@ from node_agent.reconcile.state import (
     RepairResult,
     same_ips,
     shown_state,
+    with_add_ips,
 )
 from node_agent.reconcile.status import StatusBoard, proxy_state, status_rows, with_proxy
 from node_agent.reconcile.table import PodTable
@@ -278,7 +279,7 @@ class Reconciler:
                 continue
             if d.mode == "ambient":
                 added = self.hints.get(uid)
-                want[uid] = added.ips_for(d.pod) if added is not None else d.pod
+                want[uid] = added.ips_for(d.pod) if added is not None else with_add_ips(self.table.pods.get(uid), d.pod)
             else:
                 others[uid] = d
         for uid, hint in self.hints.items():
@@ -357,6 +358,7 @@ class Reconciler:
             while True:
                 st = self.table.get(uid, AMBIENT)
                 if st is not None and st.state == ENROLLED and (not ips or same_ips(st.ips, ips)):
+                    st.add_ips, st.add_inode = ips, st.inode  # this sandbox's own (the pod object may lag)
                     return Outcome(True, ENROLLED)  # with the ADD's IPs (else it is enrolled again with them)
                 if st is not None and st.state == FAILED and self.converges > converges_at_request:
                     return Outcome(False, FAILED, st.reason, retry=True)

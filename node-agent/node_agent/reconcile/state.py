@@ -100,6 +100,14 @@ def same_ips(a: Iterable[str], b: Iterable[str]) -> bool:
     return sa == sb or _addresses(sa) == _addresses(sb)
 
 
+def with_add_ips(st: PodState | None, pod: Pod) -> Pod:
+    """The pod with the IPs its current sandbox's ADD gave, once it was enrolled with them in that netns:
+    the pod object may still show an older sandbox's (the kubelet could not write the new ones yet)."""
+    if st is None or not st.add_ips or st.add_inode != st.inode or same_ips(st.add_ips, pod.ips):
+        return pod
+    return pod.with_ips(st.add_ips)
+
+
 def _addresses(ips: Iterable[str]) -> set[str]:
     out = set()
     for ip in ips:
@@ -125,6 +133,9 @@ class PodState:
     netns: str = ""
     inode: int = 0
     ips: tuple[str, ...] = ()
+    # the IPs a CNI ADD was answered `enrolled` with, and the netns (inode) it wired: that sandbox's own
+    add_ips: tuple[str, ...] = ()
+    add_inode: int = 0
     cgroup_path: str | None = None
     attempts: int = 0
     retry_at: float = 0.0
