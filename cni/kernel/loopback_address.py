@@ -20,7 +20,7 @@ NLM_F_CREATE = 0x400
 IFA_LOCAL = 2
 NETLINK_ROUTE = 0
 LOOPBACK_INDEX = 1  # `lo` is the first interface of every network namespace
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTATTR = struct.Struct("=HH")
 
 
@@ -28,7 +28,7 @@ def replace_request(address: str, seq: int = 1) -> bytes:
     """The RTM_NEWADDR message (pure): ADDR/128 on ifindex 1, created or replaced, ack requested.
     OSError for a text that is not an IPv6 address."""
     raw = _socket.inet_pton(_socket.AF_INET6, address)
-    body = _IFADDRMSG.pack(_socket.AF_INET6, 128, 0, 0, LOOPBACK_INDEX) + _RTATTR.pack(4 + len(raw), IFA_LOCAL) + raw
+    body = IFADDRMSG.pack(_socket.AF_INET6, 128, 0, 0, LOOPBACK_INDEX) + _RTATTR.pack(4 + len(raw), IFA_LOCAL) + raw
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), RTM_NEWADDR, flags, seq, 0) + body
 

@@ -8,6 +8,8 @@ import struct
 
 from node_agent.kernel import netns_addresses as na
 
+from cni.kernel.loopback_address import IFA_LOCAL
+
 IFADDRMSG = struct.Struct("=BBBBI")
 V4, V6 = socket.AF_INET, socket.AF_INET6
 HOST_SCOPE, LINK_SCOPE = 254, 253
@@ -20,7 +22,7 @@ def attr(kind: int, raw: bytes) -> bytes:
 def payload(family: int, index: int, address: str, *, scope: int = 0, local: str | None = None) -> bytes:
     body = IFADDRMSG.pack(family, 24, 0, scope, index) + attr(na.IFA_ADDRESS, ipaddress.ip_address(address).packed)
     if local is not None:
-        body += attr(na.IFA_LOCAL, ipaddress.ip_address(local).packed)
+        body += attr(IFA_LOCAL, ipaddress.ip_address(local).packed)
     return body
 
 

@@ -17,25 +17,23 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 from collections.abc import Iterable
 
+from cni.kernel.loopback_address import IFA_LOCAL, IFADDRMSG, LOOPBACK_INDEX, NLM_F_REQUEST, RTM_NEWADDR
 from cni.kernel.netns import NetnsThreadTimeout
 from cni.netlink import netlink_parse
 from node_agent.kernel.netns_runner import run_in_netns
+from node_agent.kernel.policy_routes_read import NLM_F_DUMP
 
-RTM_NEWADDR, RTM_GETADDR = 20, 22
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTM_GETADDR = 22
+IFA_ADDRESS = 1
 RT_SCOPE_UNIVERSE = 0
-LOOPBACK_INDEX = 1
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
 _RAW_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
 def dump_request(seq: int) -> bytes:
     """An address dump of both families."""
-    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    body = IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
     hdr = netlink_parse.NLMSGHDR
     return hdr.pack(hdr.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
@@ -44,12 +42,12 @@ def parse_address(payload: bytes) -> tuple[int, int, str] | None:
     """(interface index, family, address) of one RTM_NEWADDR payload when it is a global unicast address
     off `lo`; else None. The address is IFA_LOCAL's (an IPv4 point-to-point link's own end), else
     IFA_ADDRESS's."""
-    if len(payload) < _IFADDRMSG.size:
+    if len(payload) < IFADDRMSG.size:
         return None
-    family, _prefix, _flags, scope, index = _IFADDRMSG.unpack_from(payload)
+    family, _prefix, _flags, scope, index = IFADDRMSG.unpack_from(payload)
     if scope != RT_SCOPE_UNIVERSE or index == LOOPBACK_INDEX or family not in _RAW_LEN:
         return None
-    attrs = dict(netlink_parse.attributes(payload[_IFADDRMSG.size :]))
+    attrs = dict(netlink_parse.attributes(payload[IFADDRMSG.size :]))
     raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
     if raw is None or len(raw) != _RAW_LEN[family]:
         return None

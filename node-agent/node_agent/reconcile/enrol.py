@@ -127,14 +127,11 @@ class AmbientEnrolment:
         st.state = PENDING
         try:
             self.netns.locate(st, hint_netns, scan)
-        except NetnsNotFound as exc:
-            if st.ips:
-                self.table.fail(st, f"netns not found: {exc}", now)
-            else:  # no process and no IPs yet: a new pod before its ADD (every one: not a failure)
-                st.reason = "waiting for the pod's sandbox (its CNI ADD, or a process in its netns)"
-            return
         except (PinError, LookupError, OSError) as exc:
-            self.table.fail(st, f"netns not found: {exc}", now)
+            if isinstance(exc, NetnsNotFound) and not st.ips:  # a new pod before its ADD: not a failure
+                st.reason = "waiting for the pod's sandbox (its CNI ADD, or a process in its netns)"
+            else:
+                self.table.fail(st, f"netns not found: {exc}", now)
             return
         try:
             if st.annotated:

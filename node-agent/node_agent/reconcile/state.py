@@ -90,7 +90,7 @@ class CniHint:
     def ips_for(self, pod: Pod) -> Pod:
         """The pod with this ADD's IPs, its sandbox's own, when it brought any: the pod object has none
         before the kubelet writes them, or still an older sandbox's."""
-        return pod.with_ips(self.ips) if self.ips and not same_ips(self.ips, pod.ips) else pod
+        return _with_ips(pod, self.ips)
 
 
 def same_ips(a: Iterable[str], b: Iterable[str]) -> bool:
@@ -103,9 +103,12 @@ def same_ips(a: Iterable[str], b: Iterable[str]) -> bool:
 def with_add_ips(st: PodState | None, pod: Pod) -> Pod:
     """The pod with the IPs its current sandbox's ADD gave, once it was enrolled with them in that netns:
     the pod object may still show an older sandbox's (the kubelet could not write the new ones yet)."""
-    if st is None or not st.add_ips or st.add_inode != st.inode or same_ips(st.add_ips, pod.ips):
-        return pod
-    return pod.with_ips(st.add_ips)
+    return _with_ips(pod, st.add_ips) if st is not None and st.add_inode == st.inode else pod
+
+
+def _with_ips(pod: Pod, ips: tuple[str, ...]) -> Pod:
+    """The pod with `ips` when there are any and they are not its own already."""
+    return pod.with_ips(ips) if ips and not same_ips(ips, pod.ips) else pod
 
 
 def _addresses(ips: Iterable[str]) -> set[str]:
