@@ -694,6 +694,50 @@ def test_a_sandbox_keeps_its_add_ips_after_the_hint_while_the_object_shows_older
         env.r.stop()
 
 
+def test_a_sandbox_keeps_its_add_ips_across_an_agent_restart(env: Env) -> None:
+    """The ADD's IPs, bound to the netns they came with, are in the pod's record: an agent restarted while
+    the pod object still shows an older sandbox's IPs adopts the pod with the ADD's and keeps them there
+    (and the proxy on them); a record written before (no ADD IPs) leaves the object's to count."""
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
+    env.r.reconcile()
+    assert env.records.load_all()[UID].add_ips == ()
+    new = env.tmp / "ns-new"
+    new.write_text("")
+    env.netns[UID] = new
+    env.clock.real = True
+    env.r.start()
+    try:
+        assert env.r.cni_add(UID, "app", "p-1", str(new), ("10.0.0.8",), timeout=0.5).ok
+    finally:
+        env.r.stop()
+    assert env.records.load_all()[UID].add_ips == ("10.0.0.8",)
+    env.hub = FakeHub()  # "SIGKILL": a new reconciler and hub; the ADD's hint is gone with the old one
+    env.r = env.make()
+    env.r.adopt()
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled" and env.r.pods[UID].ips == ("10.0.0.8",)
+    assert env.hub.desired[UID].ips == ("10.0.0.8",) and env.backend.applies == 2
+
+
+def test_an_add_is_answered_enrolled_when_its_ips_cannot_be_recorded(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record's ADD IPs serve a later restart only: a state dir that refuses the write costs that, not
+    the ADD of a pod that is enrolled."""
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
+    env.r.reconcile()
+    def refuse(rec: object) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(env.records, "save", refuse)
+    env.clock.real = True
+    env.r.start()
+    try:
+        out = env.r.cni_add(UID, "app", "p-1", str(env.netns[UID]), ("10.0.0.5",), timeout=0.5)
+    finally:
+        env.r.stop()
+    assert out.ok and env.r.pods[UID].add_ips == ("10.0.0.5",)
+
+
 def test_enrolled_pod_whose_ips_change_is_sent_and_applied_again(env: Env) -> None:
     env.fake_netns(UID)
     env.set(AMBIENT, pod(ips=("10.0.0.5",)))

@@ -69,6 +69,8 @@ class Adoption:
         st.backend, st.cgroup_path = rec.backend, rec.cgroup_path
         st.service_account, st.leaving = rec.service_account, rec.leaving or self._inbound_leaving(rec)
         st.moving_from = st.leaving  # an unfinished move: that backend's redirection holds the pod meanwhile
+        if rec.add_ips:  # its sandbox's ADD's IPs: they still win over an older sandbox's in the pod object
+            st.add_ips, st.add_inode = rec.add_ips, rec.netns_inode
         if pinned_inode == rec.netns_inode:
             st.netns = str(self.table.pins.path(uid))
             st.rules_in = not st.leaving  # checked before use, never re-added blindly; an unfinished move is re-applied

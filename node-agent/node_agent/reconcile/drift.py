@@ -97,7 +97,7 @@ class DriftCheck:
         backends: Backends,
         *,
         interval: float,
-        remove_sidecar: Callable[[str], None],
+        remove_sidecar: Callable[[str], object],
         backstop: float = 120.0,
         events: bool = True,
         node_announces: bool = True,

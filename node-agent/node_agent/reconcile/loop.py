@@ -120,7 +120,7 @@ class Reconciler:
                                  factory=backend_factory)
         ct: Conntrack = conntrack if conntrack is not None else conntrack_guard
         self.drift = DriftCheck(self.table, self.netns, self.backends, interval=drift_interval,
-                                remove_sidecar=self._remove_sidecar, backstop=drift_backstop,
+                                remove_sidecar=lambda uid: self.sidecars.remove(uid), backstop=drift_backstop,
                                 events=drift_events, node_announces=node_rules_announce, wake=self.wake)
         self.enrolment = AmbientEnrolment(self.table, self.netns, self.backends, hub, ct, spec or AmbientSpec(),
                                           node_name=node_name, wake=self._acked, verify_soon=self.drift.verify_soon)
@@ -325,9 +325,6 @@ class Reconciler:
         except Exception as exc:
             log.warning("node probe rules: %s", exc, extra={"step": "node-rules"})
 
-    def _remove_sidecar(self, uid: str) -> None:
-        self.sidecars.remove(uid)
-
     # ---- CNI plugin events --------------------------------------------------------------------------
     def cni_add(self, uid: str, namespace: str, name: str, netns: str, ips: tuple[str, ...],
                 timeout: float) -> Outcome:
@@ -358,7 +355,7 @@ class Reconciler:
             while True:
                 st = self.table.get(uid, AMBIENT)
                 if st is not None and st.state == ENROLLED and (not ips or same_ips(st.ips, ips)):
-                    st.add_ips, st.add_inode = ips, st.inode  # this sandbox's own (the pod object may lag)
+                    self.table.bind_add_ips(st, ips)  # this sandbox's own (the pod object may lag)
                     return Outcome(True, ENROLLED)  # with the ADD's IPs (else it is enrolled again with them)
                 if st is not None and st.state == FAILED and self.converges > converges_at_request:
                     return Outcome(False, FAILED, st.reason, retry=True)

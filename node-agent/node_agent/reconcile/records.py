@@ -28,6 +28,7 @@ class EnrolRecord:
     service_account: str = "default"  # ambient: sent to the proxy with the workload (adoption re-sends it)
     leaving: str = ""  # a move in progress: the backend whose redirection is still in the pod beside backend's
     inbound: str = ""  # an eBPF ambient pod: the rules backend its inbound capture is on (written by the store)
+    add_ips: tuple[str, ...] = ()  # the IPs the CNI ADD of the sandbox in netns_inode was answered with
 
 
 class RecordStore:
@@ -86,6 +87,7 @@ class RecordStore:
                     service_account=str(raw.get("service_account") or "default"),
                     leaving=names.held(str(raw.get("leaving") or ""), self.iptables_flavour),
                     inbound=names.held(str(raw.get("inbound") or ""), self.iptables_flavour),
+                    add_ips=tuple(str(ip) for ip in raw.get("add_ips") or ()),
                 )
                 if rec.mode not in ("ambient", "sidecar"):
                     continue

@@ -75,11 +75,24 @@ class PodTable:
     def save_record(self, st: PodState) -> None:
         self.records.save(self.record_of(st))
 
+    def bind_add_ips(self, st: PodState, ips: tuple[str, ...]) -> None:
+        """Bind a CNI ADD's IPs to the netns the pod is in now, whose sandbox they are (the pod object may
+        lag: `with_add_ips`), and keep that in the pod's record; one that cannot be written costs the
+        binding after a restart, not the ADD."""
+        if st.add_inode == st.inode and st.add_ips == ips:
+            return
+        st.add_ips, st.add_inode = ips, st.inode
+        try:
+            self.save_record(st)
+        except OSError as exc:
+            log.warning("enrolment record not saved: %s", exc, extra=log_ctx(st, "record"))
+
     def record_of(self, st: PodState) -> EnrolRecord:
         """The pod's enrolment record as it stands (lock held); saved by save_record, or by a job."""
         return EnrolRecord(st.uid, st.namespace, st.name, st.inode, st.ips, st.backend, st.tcp_loose,
                            st.cgroup_path, mode=st.mode, annotations=st.annotations,
-                           service_account=st.service_account, leaving=st.leaving)
+                           service_account=st.service_account, leaving=st.leaving,
+                           add_ips=st.add_ips if st.add_inode == st.inode else ())
 
     def forget(self, st: PodState, message: str, step: str) -> None:
         """The end of every removal, once the pod's redirection is out: pin released, record deleted, the
