@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -279,6 +280,22 @@ def test_restart_adopts_without_duplicates_and_resends_to_proxy(env: Env) -> Non
     assert env.backend.rules == {UID: 1}, "the stale pod's rules are removed"
     assert list(env.hub.desired) == [UID]
     assert UID2 in env.pins.released
+
+
+def test_a_damaged_record_does_not_stop_a_restarted_agent(env: Env) -> None:
+    """A record naming another uid than its file's (here one that is no pod uid) is set aside; the agent
+    adopts the others (before, its adoption raised and the agent could not start)."""
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()
+    damaged = json.loads((env.tmp / "pods" / f"{UID}.json").read_text()) | {"uid": "../../x"}
+    (env.tmp / "pods" / f"{UID2}.json").write_text(json.dumps(damaged))
+    env.hub = FakeHub()
+    env.r = env.make()
+    env.r.adopt()
+    env.r.reconcile()
+    assert env.state(UID) == "enrolled" and list(env.hub.desired) == [UID]
+    assert (env.tmp / "pods" / f"{UID2}.json.unreadable").exists()
 
 
 def test_restart_before_source_synced_removes_nothing(env: Env) -> None:

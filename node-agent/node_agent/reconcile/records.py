@@ -4,13 +4,20 @@ backend's name carries its flavour: `node_agent.backends.names`)."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from cni.contract.pod_uid import valid_uid
 from node_agent.backends import names
 from node_agent.install_cni.atomic import replace_file
 from node_agent.netns.pin import check_uid
+
+log = logging.getLogger("headrace.agent.reconcile")
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,9 @@ class RecordStore:
             pass
 
     def load_all(self) -> dict[str, EnrolRecord]:
+        """Every readable record by pod uid. One that cannot be used (not JSON, a field missing or of the
+        wrong kind, an IP that is none, a uid that is not its file's name) is set aside as
+        `<name>.unreadable` with a warning: it never stops an agent from starting, and is not read again."""
         out: dict[str, EnrolRecord] = {}
         try:
             paths = sorted(self.directory.glob("*.json"))
@@ -72,26 +82,60 @@ class RecordStore:
             return out
         for path in paths:
             try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-                rec = EnrolRecord(
-                    uid=str(raw["uid"]),
-                    namespace=str(raw["namespace"]),
-                    name=str(raw["name"]),
-                    netns_inode=int(raw["netns_inode"]),
-                    ips=tuple(str(ip) for ip in raw.get("ips", ())),
-                    backend=names.held(str(raw.get("backend", "")), self.iptables_flavour),
-                    tcp_loose=int(raw["tcp_loose"]) if raw.get("tcp_loose") is not None else None,
-                    cgroup_path=str(raw["cgroup_path"]) if raw.get("cgroup_path") else None,
-                    mode=str(raw.get("mode") or "ambient"),
-                    annotations=tuple((str(k), str(v)) for k, v in raw.get("annotations") or ()),
-                    service_account=str(raw.get("service_account") or "default"),
-                    leaving=names.held(str(raw.get("leaving") or ""), self.iptables_flavour),
-                    inbound=names.held(str(raw.get("inbound") or ""), self.iptables_flavour),
-                    add_ips=tuple(str(ip) for ip in raw.get("add_ips") or ()),
-                )
-                if rec.mode not in ("ambient", "sidecar"):
-                    continue
-            except (OSError, ValueError, KeyError, TypeError):
+                rec = self._parse(json.loads(path.read_text(encoding="utf-8")), path.stem)
+            except OSError as exc:
+                log.warning("enrolment record %s unreadable: %s", path, exc, extra={"step": "adopt"})
+                continue
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("enrolment record %s unusable, set aside: %s", path, exc or type(exc).__name__,
+                            extra={"step": "adopt"})
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".unreadable"))
                 continue
             out[rec.uid] = rec
         return out
+
+    def _parse(self, raw: dict[str, Any], stem: str) -> EnrolRecord:
+        uid = str(raw["uid"])
+        if uid != stem or not valid_uid(uid):
+            raise ValueError(f"uid {uid!r} is not the file's or not a pod uid")
+        mode = str(raw.get("mode") or "ambient")
+        if mode not in ("ambient", "sidecar"):
+            raise ValueError(f"mode {mode!r}")
+        inode = int(raw["netns_inode"])
+        if inode < 0:
+            raise ValueError(f"netns_inode {inode}")
+        flavour = self.iptables_flavour
+        return EnrolRecord(
+            uid=uid,
+            namespace=_text(raw["namespace"]),
+            name=_text(raw["name"]),
+            netns_inode=inode,
+            ips=_ips(raw.get("ips")),
+            backend=names.held(_text(raw.get("backend", "")), flavour),
+            tcp_loose=int(raw["tcp_loose"]) if raw.get("tcp_loose") is not None else None,
+            cgroup_path=_text(raw["cgroup_path"]) if raw.get("cgroup_path") else None,
+            mode=mode,
+            annotations=tuple((_text(k), _text(v)) for k, v in raw.get("annotations") or ()),
+            service_account=_text(raw.get("service_account") or "default"),
+            leaving=names.held(_text(raw.get("leaving") or ""), flavour),
+            inbound=names.held(_text(raw.get("inbound") or ""), flavour),
+            add_ips=_ips(raw.get("add_ips")),
+        )
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def _ips(value: object) -> tuple[str, ...]:
+    """A list of IP addresses as written (each checked: a proxy and a pod's rules are given them)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TypeError(f"IPs {value!r} are not a list")
+    for ip in value:
+        ipaddress.ip_address(_text(ip))
+    return tuple(value)
