@@ -433,6 +433,27 @@ def test_a_cni_hint_outlives_an_add_that_waits_longer_than_its_ttl(env: Env) -> 
         env.r.stop()
 
 
+def test_a_pod_the_source_showed_and_then_deleted_is_let_go_while_its_hint_lives(env: Env) -> None:
+    """The ADD's hint stands in for a pod the source does not show yet; once the source has shown it, the
+    source says whether it is still there: a pod deleted soon after its ADD, whose DEL does not come (its
+    sandbox lost), is let go at once, not held (pinned, redirected, at the proxy) until the hint expires."""
+    netns = env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    env.clock.real = True
+    env.r.start()
+    try:
+        assert env.r.cni_add(UID, "app", "p-1", str(netns), ("10.0.0.5",), timeout=2).ok
+        env.store.replace_pods([])  # deleted in the API
+        env.r.wake()
+        deadline = time.monotonic() + 5
+        while UID in env.r.pods and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert UID not in env.r.pods and env.backend.rules == {} and env.pins.inode(UID) is None
+        assert UID not in env.hub.desired
+    finally:
+        env.r.stop()
+
+
 def test_cni_add_times_out_without_proxy(env: Env) -> None:
     env.hub.auto_ack = False
     env.set({})

@@ -277,14 +277,16 @@ class Reconciler:
         for uid, d in desired.items():
             if uid in self.tombstones:
                 continue
+            added = self.hints.get(uid)
+            if added is not None:
+                added.shown = True  # the source has the pod: from now on it says whether the pod is there
             if d.mode == "ambient":
-                added = self.hints.get(uid)
                 want[uid] = added.ips_for(d.pod) if added is not None else with_add_ips(self.table.pods.get(uid), d.pod)
             else:
                 others[uid] = d
         for uid, hint in self.hints.items():
             # a CNI ADD stands in for a pod the source does not show yet
-            if uid not in desired and uid not in self.tombstones:
+            if uid not in desired and uid not in self.tombstones and not hint.shown:
                 want[uid] = Pod(uid=uid, namespace=hint.namespace, name=hint.name, ips=hint.ips)
         self.tombstones &= set(desired)  # a pod gone from the source needs no tombstone
         self.others = others

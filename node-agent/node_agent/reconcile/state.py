@@ -86,6 +86,7 @@ class CniHint:
     netns: str
     ips: tuple[str, ...]
     expires: float
+    shown: bool = False  # the pod source has shown the pod since: the hint no longer stands in for it
 
     def ips_for(self, pod: Pod) -> Pod:
         """The pod with this ADD's IPs, its sandbox's own, when it brought any: the pod object has none

@@ -1,0 +1,111 @@
+"""Pods come and go for a while, leaving the node every way a pod leaves one; afterwards the agent holds
+no more than it held before the churn: file descriptors, threads, netns pins and their mounts, enrolment
+records, the node's eBPF entries and TC slots, watched netns, workloads at the proxy.
+
+Each cycle makes ambient pods and a sidecar pod through the real chain (each ambient ADD answered once the
+pod is enrolled) and removes them:
+- by CNI DEL, as the kubelet removes a pod;
+- the pod object first (deleted in the API), its DEL after the agent has let it go;
+- the sandbox gone with no DEL (infra process killed, netns deleted, object removed: a runtime that lost
+  it), the DEL only afterwards, on a netns that no longer exists.
+A leak per pod shows as at least one descriptor (or entry) per pod left, over the cycles after a first
+one that warms the agent up (its thread pools, caches, the proxy connection).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from node_agent.lab.simnode import SimNode
+from node_agent.serve.status_client import query
+
+from tests.kernel.agent_kit import AgentRun, wait_for
+from tests.kernel.test_backend_parity import AMBIENT, SIDECAR, anything_of_ours
+from tests.kernel.test_backend_parity import backend as backend  # the (iptables, nftables, ebpf) fixture
+from tests.kernel.test_backend_parity import env as env  # a node with pod cgroups and the agent on `backend`
+
+pytestmark = pytest.mark.kernel
+
+CYCLES = 4  # the first warms the agent up; the others must leave nothing
+AMBIENT_PER_CYCLE = 5
+SLACK = 3  # descriptors or threads that may come and go on their own (a pooled thread, a status socket)
+
+
+def held(agent: AgentRun) -> tuple[int, int]:
+    """The agent process's open descriptors and threads."""
+    assert agent.agent is not None
+    pid = agent.agent.pid
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def node_entries(node: SimNode) -> dict[str, int]:
+    """How many entries each node eBPF map of pods' parameters holds (none when there are no node maps)."""
+    from node_agent.backends.ebpf import bpfsys, pinning, pod_index
+
+    sizes = {pod_index.CONFIG: 8, pod_index.PORTS: pod_index.PORT_KEY.size, pod_index.NETS: pod_index.NET_KEY.size,
+             pod_index.TC: 4}
+    out: dict[str, int] = {}
+    for name, size in sizes.items():
+        fd = pinning.open_pinned(node.state_dir / "bpf" / pinning.NODE_DIR / name)
+        if fd is None:
+            continue
+        try:
+            out[name] = len(bpfsys.map_keys(fd, size))
+        finally:
+            os.close(fd)
+    return out
+
+
+def state_files(node: SimNode) -> list[str]:
+    """Pins, records and per-pod eBPF pin directories in the agent's state dir, and nsfs mounts under it."""
+    state = node.state_dir
+    found = [f"pin {p.name}" for p in (state / "netns").glob("*")] if (state / "netns").is_dir() else []
+    found += [f"record {p.name}" for p in (state / "pods").glob("*")] if (state / "pods").is_dir() else []
+    bpf = state / "bpf"
+    found += [f"bpf {p.name}" for p in bpf.iterdir() if p.name != "node" and p.is_dir()] if bpf.is_dir() else []
+    with open("/proc/self/mounts") as f:
+        found += [f"mount {line.split()[1]}" for line in f if line.split()[1].startswith(str(state / "netns"))]
+    return sorted(found)
+
+
+def one_cycle(node: SimNode, agent: AgentRun, n: int) -> list[str]:
+    """Make this cycle's pods, then remove them every way; what of ours was left in the pods whose netns
+    outlived the agent's hold on them (the pod object deleted first)."""
+    pods = [node.add_pod("shop", f"a{n}-{i}") for i in range(AMBIENT_PER_CYCLE)]
+    pods.append(node.add_pod("web", f"s{n}", annotations=SIDECAR))
+    states = agent.status()
+    assert all(states[p.uid]["state"] == "enrolled" for p in pods[:AMBIENT_PER_CYCLE]), states
+    by_del, object_first, vanished = pods[:2] + pods[-1:], pods[2:4], pods[4]
+    for pod in by_del:
+        node.remove_pod(pod)
+    for pod in object_first:
+        (node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink()
+    node.vanish_pod(vanished)
+    wait_for(lambda: not agent.status(), 20, "every pod let go")
+    left = [f"{pod.name}: {x}" for pod in object_first for x in anything_of_ours(node, pod)]
+    for pod in [*object_first, vanished]:
+        node.remove_pod(pod)  # the kubelet's DEL, late (for the vanished pod: its netns is gone)
+    return left
+
+
+def test_pods_that_come_and_go_leave_the_agent_as_it_was(env: Any, backend: str) -> None:
+    node, agent, _apps = env
+    node.add_namespace("shop", AMBIENT)
+    node.add_namespace("web")
+    agent.start_proxy()
+    agent.start_agent()
+    assert one_cycle(node, agent, 0) == []
+    before = held(agent)
+    for n in range(1, CYCLES):
+        assert one_cycle(node, agent, n) == []
+    after = held(agent)
+    assert after[0] <= before[0] + SLACK, f"descriptors {before[0]} -> {after[0]}"
+    assert after[1] <= before[1] + SLACK, f"threads {before[1]} -> {after[1]}"
+    assert state_files(node) == []
+    assert all(count == 0 for count in node_entries(node).values()), node_entries(node)
+    reply = query(agent.cni_socket, 10)
+    assert reply.get("proxy", {}).get("workloads", 0) == 0, reply.get("proxy")
+    assert agent.metric("headrace_agent_drift_watched_pods") == 0
+    assert agent.metric("headrace_agent_enrolment_failures_total") == 0
