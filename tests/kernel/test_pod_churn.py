@@ -1,6 +1,7 @@
 """Pods come and go for a while, leaving the node every way a pod leaves one; afterwards the agent holds
 no more than it held before the churn: file descriptors, threads, netns pins and their mounts, enrolment
-records, the node's eBPF entries and TC slots, watched netns, workloads at the proxy.
+records, the node's eBPF entries and TC slots, watched netns, workloads and operations waiting for acks
+on both proxy transports (the one the proxy speaks, gRPC or ZDS, and the other).
 
 Each cycle makes ambient pods and a sidecar pod through the real chain (each ambient ADD answered once the
 pod is enrolled) and removes them:
@@ -22,9 +23,10 @@ from node_agent.lab.simnode import SimNode
 from node_agent.serve.status_client import query
 
 from tests.kernel.agent_kit import AgentRun, wait_for
+from tests.kernel.test_ambient_e2e import env as env  # a node with the agent on `backend`, proxy on `protocol`
+from tests.kernel.test_ambient_e2e import protocol as protocol  # ("grpc", "zds")
 from tests.kernel.test_backend_parity import AMBIENT, SIDECAR, anything_of_ours
 from tests.kernel.test_backend_parity import backend as backend  # the (iptables, nftables, ebpf) fixture
-from tests.kernel.test_backend_parity import env as env  # a node with pod cgroups and the agent on `backend`
 
 pytestmark = pytest.mark.kernel
 
@@ -33,11 +35,13 @@ AMBIENT_PER_CYCLE = 5
 SLACK = 3  # descriptors or threads that may come and go on their own (a pooled thread, a status socket)
 
 
-def held(agent: AgentRun) -> tuple[int, int]:
-    """The agent process's open descriptors and threads."""
-    assert agent.agent is not None
+def held(agent: AgentRun) -> tuple[int, int, int]:
+    """The agent process's open descriptors and threads, and the proxy's descriptors (with ZDS it is
+    given each pod's netns as one)."""
+    assert agent.agent is not None and agent.proxy is not None
     pid = agent.agent.pid
-    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+    return (len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task")),
+            len(os.listdir(f"/proc/{agent.proxy.pid}/fd")))
 
 
 def node_entries(node: SimNode) -> dict[str, int]:
@@ -90,7 +94,7 @@ def one_cycle(node: SimNode, agent: AgentRun, n: int) -> list[str]:
     return left
 
 
-def test_pods_that_come_and_go_leave_the_agent_as_it_was(env: Any, backend: str) -> None:
+def test_pods_that_come_and_go_leave_the_agent_as_it_was(env: Any, backend: str, protocol: str) -> None:
     node, agent, _apps = env
     node.add_namespace("shop", AMBIENT)
     node.add_namespace("web")
@@ -103,9 +107,11 @@ def test_pods_that_come_and_go_leave_the_agent_as_it_was(env: Any, backend: str)
     after = held(agent)
     assert after[0] <= before[0] + SLACK, f"descriptors {before[0]} -> {after[0]}"
     assert after[1] <= before[1] + SLACK, f"threads {before[1]} -> {after[1]}"
+    assert after[2] <= before[2] + SLACK, f"proxy descriptors {before[2]} -> {after[2]}"
     assert state_files(node) == []
     assert all(count == 0 for count in node_entries(node).values()), node_entries(node)
-    reply = query(agent.cni_socket, 10)
-    assert reply.get("proxy", {}).get("workloads", 0) == 0, reply.get("proxy")
+    grpc = query(agent.cni_socket, 10)["proxy"]
+    for transport in (grpc, grpc["zds"]):  # the one the proxy speaks, and the other, which none speaks
+        assert (transport["workloads"], transport["pending"]) == (0, 0), grpc
     assert agent.metric("headrace_agent_drift_watched_pods") == 0
     assert agent.metric("headrace_agent_enrolment_failures_total") == 0

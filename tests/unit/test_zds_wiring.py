@@ -70,7 +70,7 @@ def test_fanout_first_answer_wins_and_errors_fail() -> None:
     assert not ok.done()
     zds.futs[-1].set_result(None)
     assert ok.result(0) is None
-    grpc_hub.futs[-1].set_exception(RuntimeError("late"))  # too late to matter
+    assert grpc_hub.futs[-1].cancelled()  # answered: the other transport no longer waits for its proxy
     assert ok.result(0) is None
     bad = fan.upsert(WorkloadInfo("u", "n", "ns"))
     zds.futs[-1].set_exception(RuntimeError("ztunnel said no"))
@@ -112,3 +112,30 @@ def test_proxy_command_protocol_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     last = seen.pop()
     assert last[1] == "o" and last[-1] == "orig_src"
     assert CliRunner().invoke(proxy_cmd.proxy, ["--protocol", "quic"]).exit_code != 0
+
+
+@pytest.mark.parametrize("idle_kind", ["grpc", "zds"])
+def test_a_transport_no_proxy_connects_to_keeps_nothing_for_pods_answered_elsewhere(
+        tmp_path: Path, idle_kind: str) -> None:
+    """The node's proxy speaks one protocol: the other transport (a real hub, no proxy ever connects) keeps
+    the desired set for a proxy that may come, but no waiter or operation number for what the first
+    answered: before, one per pod ever removed (and `pending` and headrace_agent_proxy_pending grew with them)."""
+    idle = ProxyHub(str(tmp_path / "p.sock"), "a") if idle_kind == "grpc" else ZdsHub(str(tmp_path / "z.sock"))
+    answering = StubHub(connected=True)
+    fan = HubFanout(answering, idle)
+    fan.start()
+    try:
+        for i in range(20):
+            added = fan.upsert(WorkloadInfo(f"u{i}", "n", "ns", ips=("10.0.0.1",)))
+            answering.futs[-1].set_result(None)
+            assert added.result(0) is None
+        removed = [fan.remove(f"u{i}") for i in range(15)]
+        for fut in answering.futs[-15:]:
+            fut.set_result(None)
+        assert all(f.result(0) is None for f in removed)
+        assert idle.status()["pending"] == 0
+        assert sorted(idle.desired()) == sorted(f"u{i}" for i in range(15, 20))  # for a proxy that may come
+        book = idle._book
+        assert sorted(book.latest_op) == sorted(f"u{i}" for i in range(15, 20)) and not book.waiters
+    finally:
+        fan.stop()

@@ -36,7 +36,8 @@ from node_agent.protocol.fd_channel import NetnsFdServer, side_channel_path
 from node_agent.protocol.proto_gen import node_proxy_pb2 as pb
 from node_agent.protocol.proto_gen import node_proxy_pb2_grpc as pb_grpc
 from node_agent.protocol.workload import WorkloadInfo
-from node_agent.proxy.hub_session import Inflight, Session, Waiter, drop_waiters, overdue_ack, settle, supersede
+from node_agent.proxy.ack_book import AckBook, forget_when_cancelled
+from node_agent.proxy.hub_session import Inflight, Session, overdue_ack, settle
 from node_agent.proxy.peer_reports import PeerListener, PeerReports
 from node_agent.proxy.peers import client_pids
 from node_agent.reconcile.gate import OpenGate, SnapshotGate
@@ -99,11 +100,7 @@ class ProxyHub:
         self._gate: SnapshotGate = snapshot_gate or OpenGate()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._desired: dict[str, WorkloadInfo] = {}
-        self._latest_op: dict[str, int] = {}
-        self._waiters: dict[str, list[Waiter]] = {}
-        self._ops = itertools.count(1)
-        self._op_now = 0
+        self._book = AckBook()  # desired set, operation numbers, futures waiting for acks
         self._session: Session | None = None
         self._session_numbers = itertools.count(1)
         self._server: grpc.Server | None = None
@@ -144,8 +141,7 @@ class ProxyHub:
             self._changed.notify_all()
             if self._session is not None:
                 self._close_session_locked(self._session, "hub stopping")
-            failed = [w.future for ws in self._waiters.values() for w in ws]
-            self._waiters.clear()
+            failed = self._book.drain()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
             self._server = None
@@ -166,17 +162,14 @@ class ProxyHub:
         fut: futures.Future[None] = futures.Future()
         with self._lock:
             self._check_running()
-            op = self._next_op()
-            self._desired[w.uid] = w
-            self._latest_op[w.uid] = op
-            superseded = supersede(self._waiters, w.uid, keep="add")
-            self._waiters.setdefault(w.uid, []).append(Waiter(op, "add", fut))
+            op, superseded = self._book.issue(w.uid, "add", fut, w)
+            forget_when_cancelled(fut, w.uid, self._book, self._lock)
             s = self._session
             if s is not None and not s.closed and s.snapshot_sent:
                 self._send_locked(s, Inflight("add", w.uid, op),
                                   add=pb.WorkloadAdd(workload=workload_to_pb(w), snapshot=False))
         for f in superseded:
-            settle(f, Superseded(f"workload {w.uid} was upserted again before the proxy acked"))
+            settle(f.future, Superseded(f"workload {w.uid} was upserted again before the proxy acked"))
         return fut
 
     def remove(self, uid: str) -> futures.Future[None]:
@@ -185,16 +178,13 @@ class ProxyHub:
         fut: futures.Future[None] = futures.Future()
         with self._lock:
             self._check_running()
-            op = self._next_op()
-            self._desired.pop(uid, None)
-            self._latest_op[uid] = op
-            superseded = supersede(self._waiters, uid, keep="delete")
-            self._waiters.setdefault(uid, []).append(Waiter(op, "delete", fut))
+            op, superseded = self._book.issue(uid, "delete", fut)
+            forget_when_cancelled(fut, uid, self._book, self._lock)
             s = self._session
             if s is not None and not s.closed and s.snapshot_sent:
                 self._send_locked(s, Inflight("delete", uid, op), delete=pb.WorkloadDelete(uid=uid))
         for f in superseded:
-            settle(f, Superseded(f"workload {uid} was removed before the proxy acked its add"))
+            settle(f.future, Superseded(f"workload {uid} was removed before the proxy acked its add"))
         return fut
 
     @property
@@ -214,7 +204,7 @@ class ProxyHub:
 
     def desired(self) -> dict[str, WorkloadInfo]:
         with self._lock:
-            return dict(self._desired)
+            return dict(self._book.desired)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -233,8 +223,8 @@ class ProxyHub:
                 "nacks": self.nacks,
                 "refused": self.refused,
                 "ack_timeouts": self.ack_timeouts,
-                "workloads": len(self._desired),
-                "pending": sum(len(ws) for ws in self._waiters.values()),
+                "workloads": len(self._book.desired),
+                "pending": self._book.pending(),
                 "inflight": len(s.inflight) if (s is not None and live) else 0,
             }
 
@@ -248,15 +238,11 @@ class ProxyHub:
 
     def _lookup_desired(self, uid: str) -> WorkloadInfo | None:
         with self._lock:
-            return self._desired.get(uid)
+            return self._book.desired.get(uid)
 
     def _check_running(self) -> None:
         if self._stopped:
             raise HubStopped("proxy hub is stopped")
-
-    def _next_op(self) -> int:
-        self._op_now = next(self._ops)
-        return self._op_now
 
     def _send_locked(self, s: Session, what: Inflight, **body: Any) -> None:
         seq = s.next_seq
@@ -370,14 +356,15 @@ class ProxyHub:
 
     def _send_snapshot_locked(self, s: Session) -> None:
         s.snapshot_sent = True
-        s.snapshot_watermark = self._op_now
-        for uid, w in self._desired.items():
-            self._send_locked(s, Inflight("add", uid, self._latest_op[uid]),
+        book = self._book
+        s.snapshot_watermark = book.op_now
+        for uid, w in book.desired.items():
+            self._send_locked(s, Inflight("add", uid, book.latest_op[uid]),
                               add=pb.WorkloadAdd(workload=workload_to_pb(w), snapshot=True))
-        self._send_locked(s, Inflight("snapshot_complete", "", self._op_now),
-                          snapshot_complete=pb.SnapshotComplete(count=len(self._desired)))
+        self._send_locked(s, Inflight("snapshot_complete", "", book.op_now),
+                          snapshot_complete=pb.SnapshotComplete(count=len(book.desired)))
         self._changed.notify_all()
-        _jlog(logging.INFO, "proxy_snapshot_sent", session=s.number, proxy_id=s.proxy_id, snapshot=len(self._desired))
+        _jlog(logging.INFO, "proxy_snapshot_sent", session=s.number, proxy_id=s.proxy_id, snapshot=len(book.desired))
 
     def _ack_watchdog(self) -> None:
         """End a session whose proxy stopped acking: it reconnects and gets a fresh snapshot, instead of
@@ -431,20 +418,11 @@ class ProxyHub:
                 if s is self._session:
                     s.snapshot_acked = True
                 # removals issued before the snapshot was built are fulfilled by its absence
-                for uid, ws in list(self._waiters.items()):
-                    if uid in self._desired:
-                        continue
-                    covered = [w for w in ws if w.kind == "delete" and w.op <= what.op]
-                    done += [(w.future, ProxyNack(error) if error else None) for w in covered]
-                    drop_waiters(self._waiters, uid, covered)
+                hit = self._book.snapshot_answered(what.op)
                 self._changed.notify_all()
-            elif self._latest_op.get(what.uid) == what.op:
-                ws = self._waiters.get(what.uid, [])
-                hit = [w for w in ws if w.kind == what.kind and w.op <= what.op]
-                done += [(w.future, ProxyNack(error) if error else None) for w in hit]
-                drop_waiters(self._waiters, what.uid, hit)
-                if what.kind == "delete" and what.uid not in self._desired:
-                    self._latest_op.pop(what.uid, None)
+            else:
+                hit = self._book.answered(what.uid, what.op, "add" if what.kind == "add" else "delete")
+            done += [(w.future, ProxyNack(error) if error else None) for w in hit]
         for fut, exc in done:
             settle(fut, exc)
 

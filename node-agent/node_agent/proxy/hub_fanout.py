@@ -2,7 +2,8 @@
 
 Every upsert and remove goes to each transport; the caller's future settles with the first transport
 that answers: the ack of the proxy connected there, or its error (fail closed). A node runs one proxy,
-so in practice one transport answers and the others keep the workload for a proxy that connects later.
+so in practice one transport answers and the others keep the workload for a proxy that connects later;
+their futures are then cancelled, so they keep no waiter for it (`ack_book.AckBook.forget`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def first_answer(parts: Sequence[futures.Future[None]]) -> futures.Future[None]:
                 return
             exc = f.exception() if not f.cancelled() else futures.CancelledError()
             settle(out, exc)
+        for other in parts:  # answered: the other transports need not wait for their proxies any more
+            other.cancel()
 
     for f in parts:
         f.add_done_callback(done)

@@ -57,25 +57,6 @@ def settle(fut: futures.Future[None], exc: BaseException | None) -> None:
         pass  # cancelled by the caller meanwhile
 
 
-def supersede(waiters: dict[str, list[Waiter]], uid: str, keep: OpKind) -> list[futures.Future[None]]:
-    """Drop waiters of the other kind for uid (their operation was replaced); return their futures."""
-    ws = waiters.get(uid, [])
-    gone = [w.future for w in ws if w.kind != keep]
-    if gone:
-        waiters[uid] = [w for w in ws if w.kind == keep]
-    return gone
-
-
-def drop_waiters(waiters: dict[str, list[Waiter]], uid: str, gone: list[Waiter]) -> None:
-    if not gone:
-        return
-    rest = [w for w in waiters.get(uid, []) if w not in gone]
-    if rest:
-        waiters[uid] = rest
-    else:
-        waiters.pop(uid, None)
-
-
 def overdue_ack(s: Session, timeout: float, now: float | None = None) -> str:
     """Why the session must end when its oldest unacked message is older than `timeout`; "" if none is."""
     if not s.inflight:

@@ -1,7 +1,8 @@
 """The ZDS server's state machine (pure: no sockets, no threads, no clock; the server holds its lock).
 
-What it keeps: the desired workload set, the futures waiting for acks, and per ztunnel connection the
-queue of requests still to send and the one in flight. The rules, as istio-cni applies them:
+What it keeps: what every transport keeps (`ack_book.AckBook`: the desired set, the futures waiting for
+acks), and per ztunnel connection the queue of requests still to send and the one in flight. The rules,
+as istio-cni applies them:
 
 - A new connection (after its ZdsHello) gets the whole desired set as adds, then `snapshot_sent`.
 - An add goes to the newest connection only (during a ztunnel upgrade the new ztunnel takes over the
@@ -16,13 +17,13 @@ queue of requests still to send and the one in flight. The rules, as istio-cni a
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Literal
 
 from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.ack_book import AckBook
 from node_agent.proxy.hub_session import OpKind, Waiter
 
 Settle = tuple[futures.Future[None], BaseException | None]
@@ -56,39 +57,27 @@ class ZdsConn:
     closed: bool = False
 
 
-class ZdsBook:
+class ZdsBook(AckBook):
     def __init__(self) -> None:
-        self.desired: dict[str, WorkloadInfo] = {}
-        self.latest_op: dict[str, int] = {}
-        self.waiters: dict[str, list[Waiter]] = {}
+        super().__init__()
         self.conns: list[ZdsConn] = []  # greeted connections, oldest first
-        self._ops = itertools.count(1)
-        self.op_now = 0
         self.acks = 0
         self.nacks = 0
 
     # ---- the agent's operations ------------------------------------------------------------------
 
     def upsert(self, w: WorkloadInfo, fut: futures.Future[None]) -> list[Settle]:
-        op = self._next_op()
-        self.desired[w.uid] = w
-        self.latest_op[w.uid] = op
-        gone = self._supersede(w.uid, keep="add")
-        self.waiters.setdefault(w.uid, []).append(Waiter(op, "add", fut))
+        op, gone = self.issue(w.uid, "add", fut, w)
         newest = self.newest()
         if newest is not None:
             newest.queue.append(Outgoing("add", w.uid, op, w))
-        return gone
+        return self._superseded(w.uid, "add", gone)
 
     def remove(self, uid: str, fut: futures.Future[None]) -> list[Settle]:
-        op = self._next_op()
-        self.desired.pop(uid, None)
-        self.latest_op[uid] = op
-        gone = self._supersede(uid, keep="delete")
-        self.waiters.setdefault(uid, []).append(Waiter(op, "delete", fut))
+        op, gone = self.issue(uid, "delete", fut)
         for c in self.conns:
             c.queue.append(Outgoing("del", uid, op))
-        return gone
+        return self._superseded(uid, "delete", gone)
 
     # ---- connections -----------------------------------------------------------------------------
 
@@ -136,56 +125,23 @@ class ZdsBook:
         if counted:
             self.acks += 1
             self.nacks += bool(error)
-        out: list[Settle] = []
         if what.kind == "snapshot_sent":
             conn.snapshot_acked = True
             # removals issued before the snapshot was built are fulfilled by their absence from it
-            for uid, ws in list(self.waiters.items()):
-                if uid in self.desired:
-                    continue
-                covered = [w for w in ws if w.kind == "delete" and w.op <= what.op]
-                out += [(w.future, ZdsNack(error) if error else None) for w in covered]
-                self._drop(uid, covered)
-            return out
-        if what.kind == "keep" or self.latest_op.get(what.uid) != what.op:
-            return out  # a keep settles nothing; an older operation was superseded
-        kind: OpKind = "add" if what.kind == "add" else "delete"
-        hit = [w for w in self.waiters.get(what.uid, []) if w.kind == kind and w.op <= what.op]
-        out += [(w.future, ZdsNack(error) if error else None) for w in hit]
-        self._drop(what.uid, hit)
-        if kind == "delete" and what.uid not in self.desired:
-            self.latest_op.pop(what.uid, None)
-        return out
+            hit = self.snapshot_answered(what.op)
+        elif what.kind == "keep":
+            return []  # a keep settles nothing
+        else:
+            hit = self.answered(what.uid, what.op, "add" if what.kind == "add" else "delete")
+        return [(w.future, ZdsNack(error) if error else None) for w in hit]
 
     def stop(self) -> list[futures.Future[None]]:
         """Every waiting future (the server fails them)."""
-        failed = [w.future for ws in self.waiters.values() for w in ws]
-        self.waiters.clear()
+        failed = self.drain()
         for c in list(self.conns):
             self.closed(c)
         return failed
 
-    def pending(self) -> int:
-        return sum(len(ws) for ws in self.waiters.values())
-
-    # ---- internals -------------------------------------------------------------------------------
-
-    def _next_op(self) -> int:
-        self.op_now = next(self._ops)
-        return self.op_now
-
-    def _supersede(self, uid: str, keep: OpKind) -> list[Settle]:
-        ws = self.waiters.get(uid, [])
-        gone = [w for w in ws if w.kind != keep]
-        if gone:
-            self.waiters[uid] = [w for w in ws if w.kind == keep]
+    @staticmethod
+    def _superseded(uid: str, keep: OpKind, gone: list[Waiter]) -> list[Settle]:
         return [(w.future, ZdsSuperseded(f"workload {uid}: a later {keep} replaced this operation")) for w in gone]
-
-    def _drop(self, uid: str, gone: list[Waiter]) -> None:
-        if not gone:
-            return
-        rest = [w for w in self.waiters.get(uid, []) if w not in gone]
-        if rest:
-            self.waiters[uid] = rest
-        else:
-            self.waiters.pop(uid, None)

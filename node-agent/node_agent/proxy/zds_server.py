@@ -31,6 +31,7 @@ from node_agent.kernel.unix_socket import ACCEPT_RETRY, private_bind_path, unlin
 from node_agent.protocol import zds_wire
 from node_agent.protocol.fd_channel import NetnsFdError, open_verified_netns, peer_pid
 from node_agent.protocol.workload import WorkloadInfo
+from node_agent.proxy.ack_book import forget_when_cancelled
 from node_agent.proxy.hub_session import settle
 from node_agent.proxy.peer_reports import PeerListener, PeerReports
 from node_agent.proxy.zds_book import Outgoing, Settle, ZdsBook, ZdsConn
@@ -137,6 +138,7 @@ class ZdsHub:
         with self._lock:
             self._check_running()
             gone = self._book.upsert(w, fut)
+            forget_when_cancelled(fut, w.uid, self._book, self._lock)
             self._kick_all_locked()
         self._settle(gone)
         return fut
@@ -148,6 +150,7 @@ class ZdsHub:
         with self._lock:
             self._check_running()
             gone = self._book.remove(uid, fut)
+            forget_when_cancelled(fut, uid, self._book, self._lock)
             self._kick_all_locked()
         self._settle(gone)
         return fut
