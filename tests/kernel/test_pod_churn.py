@@ -16,6 +16,7 @@ one that warms the agent up (its thread pools, caches, the proxy connection).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from tests.kernel.test_ambient_e2e import env as env  # a node with the agent on
 from tests.kernel.test_ambient_e2e import protocol as protocol  # ("grpc", "zds")
 from tests.kernel.test_backend_parity import AMBIENT, SIDECAR, anything_of_ours
 from tests.kernel.test_backend_parity import backend as backend  # the (iptables, nftables, ebpf) fixture
+from tests.kernel.test_backend_parity import ebpf_env as ebpf_env  # a node with the agent on eBPF
 
 pytestmark = pytest.mark.kernel
 
@@ -74,6 +76,13 @@ def state_files(node: SimNode) -> list[str]:
     return sorted(found)
 
 
+def proxy_settled(agent: AgentRun) -> bool:
+    """No workload and no operation waiting for an ack on either transport: the one the proxy speaks, and
+    the other, which none speaks."""
+    grpc = query(agent.cni_socket, 10)["proxy"]
+    return all((t["workloads"], t["pending"]) == (0, 0) for t in (grpc, grpc["zds"]))
+
+
 def one_cycle(node: SimNode, agent: AgentRun, n: int) -> list[str]:
     """Make this cycle's pods, then remove them every way; what of ours was left in the pods whose netns
     outlived the agent's hold on them (the pod object deleted first)."""
@@ -110,8 +119,59 @@ def test_pods_that_come_and_go_leave_the_agent_as_it_was(env: Any, backend: str,
     assert after[2] <= before[2] + SLACK, f"proxy descriptors {before[2]} -> {after[2]}"
     assert state_files(node) == []
     assert all(count == 0 for count in node_entries(node).values()), node_entries(node)
-    grpc = query(agent.cni_socket, 10)["proxy"]
-    for transport in (grpc, grpc["zds"]):  # the one the proxy speaks, and the other, which none speaks
-        assert (transport["workloads"], transport["pending"]) == (0, 0), grpc
+    assert proxy_settled(agent), query(agent.cni_socket, 10)["proxy"]
     assert agent.metric("headrace_agent_drift_watched_pods") == 0
-    assert agent.metric("headrace_agent_enrolment_failures_total") == 0
+    failures = [line for line in agent.agent_log().splitlines() if "enrol-failed" in line]
+    assert agent.metric("headrace_agent_enrolment_failures_total") == 0, "\n".join(failures)
+
+
+@pytest.mark.parametrize("protocol", ["grpc"])
+def test_pods_that_leave_while_the_agent_is_down_are_let_go_after_its_restart(env: Any, backend: str) -> None:
+    """SIGKILL the agent, then pods leave: by DEL (the plugin alone: the agent does not answer), with the
+    sandbox vanishing, or with the object deleted and the DEL still to come. The restarted agent adopts
+    them from their records and pins, finds them gone from the source and lets them go: nothing of theirs
+    is left in the state dir, the node maps or at the proxy."""
+    node, agent, _apps = env
+    node.add_namespace("shop", AMBIENT)
+    node.add_namespace("web")
+    agent.start_proxy()
+    agent.start_agent()
+    pods = [node.add_pod("shop", f"a{i}") for i in range(4)]
+    pods.append(node.add_pod("web", "s", annotations=SIDECAR))
+    agent.kill_agent()
+    for pod in (pods[0], pods[1], pods[4]):
+        node.remove_pod(pod)
+    node.vanish_pod(pods[2])
+    (node.objects_dir / f"pod-{pods[3].namespace}-{pods[3].name}.json").unlink()
+    agent.start_agent()
+    wait_for(lambda: not agent.status(), 20, "every pod let go")
+    left = anything_of_ours(node, pods[3])
+    node.remove_pod(pods[3])
+    node.remove_pod(pods[2])
+    assert left == []
+    assert state_files(node) == []
+    assert all(count == 0 for count in node_entries(node).values()), node_entries(node)
+    # the removals wait for the proxy, back after its reconnect back-off, to ack a snapshot without them
+    wait_for(lambda: proxy_settled(agent), 15, "nothing at the proxy or waiting for it")
+
+
+def test_an_ebpf_pod_whose_cgroup_goes_before_the_agent_learns_of_it_is_no_enrolment_failure(ebpf_env: Any) -> None:
+    """The pod's sandbox torn down, its cgroup removed, the pod object still there (its deletion or the DEL
+    not come yet): the eBPF drift check finds the programs' cgroup gone and cannot attach them again. No
+    process of the pod is left to send traffic: said in the pod's status, logged at info, not counted as
+    an enrolment failure (it was a warning and a failure per retry). The object's removal lets it go."""
+    node, agent, _apps = ebpf_env
+    node.add_namespace("shop", AMBIENT)
+    agent.start_proxy()
+    agent.start_agent()
+    pod = node.add_pod("shop", "a")
+    node.vanish_pod(pod, object_too=False)
+    wait_for(lambda: "cgroup gone" in agent.status()[pod.uid]["reason"], 10, "the drift check's look")
+    time.sleep(1.5)  # a retry or two
+    failures = [line for line in agent.agent_log().splitlines() if "enrol-failed" in line]
+    assert agent.metric("headrace_agent_enrolment_failures_total") == 0, "\n".join(failures)
+    (node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink()
+    wait_for(lambda: not agent.status(), 10, "the pod let go")
+    node.remove_pod(pod)
+    assert state_files(node) == []
+    assert all(count == 0 for count in node_entries(node).values()), node_entries(node)

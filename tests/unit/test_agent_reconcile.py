@@ -298,6 +298,23 @@ def test_a_damaged_record_does_not_stop_a_restarted_agent(env: Env) -> None:
     assert (env.tmp / "pods" / f"{UID2}.json.unreadable").exists()
 
 
+def test_a_failure_of_a_pod_whose_cgroup_is_gone_is_not_counted(env: Env) -> None:
+    """No process is left in a pod whose cgroup is gone (its sandbox torn down before the agent learnt of
+    it): its failed apply says so and is not an enrolment failure; one whose cgroup is there is."""
+    env.fake_netns(UID)
+    env.fake_netns(UID2)
+    env.backend.fail_apply = True
+    env.set(AMBIENT, pod(UID), pod(UID2))
+    env.r.reconcile()
+    env.r.pods[UID].cgroup_path = str(env.tmp / "gone")
+    env.r.pods[UID2].cgroup_path = str(env.tmp)
+    env.failures.clear()
+    env.clock.t += 60
+    env.r.reconcile()
+    assert env.state(UID) == env.state(UID2) == "failed"
+    assert env.r.pods[UID].reason.startswith("pod cgroup gone") and env.failures == ["rules"]
+
+
 def test_restart_before_source_synced_removes_nothing(env: Env) -> None:
     env.fake_netns(UID)
     env.set(AMBIENT, pod(UID))

@@ -66,3 +66,13 @@ def test_an_unusable_record_is_set_aside_and_the_others_load(tmp_path: Path, con
     with caplog.at_level(logging.WARNING, logger="headrace.agent.reconcile"):
         assert store.load_all() == {other.uid: other}
     assert caplog.text == ""  # not read (nor warned about) again
+
+
+def test_a_write_a_killed_agent_left_unfinished_is_removed(tmp_path: Path) -> None:
+    """replace_file writes `<uid>.json.tmp` then renames it: an agent killed in between leaves the temporary
+    file (the record before it still counts); the next agent removes it."""
+    store = RecordStore(tmp_path)
+    store.save(GOOD)
+    (tmp_path / f"{UID}.json.tmp").write_text('{"uid": "half')
+    assert store.load_all() == {UID: GOOD}
+    assert [p.name for p in tmp_path.iterdir()] == [f"{UID}.json"]

@@ -400,12 +400,14 @@ class SimNode:
             self.pods.pop(pod.uid, None)
             (self.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
 
-    def vanish_pod(self, pod: Pod) -> None:
-        """The pod's sandbox gone with no CNI DEL (a runtime that lost it): infra process killed, netns
-        deleted, object removed. The pod stays in `pods`: `remove_pod` runs the DEL that may come later."""
+    def vanish_pod(self, pod: Pod, *, object_too: bool = True) -> None:
+        """The pod's sandbox gone with no CNI DEL (a runtime that lost it): infra process killed, cgroups and
+        netns deleted, and (`object_too`) the object removed. The pod stays in `pods`: `remove_pod` runs the
+        DEL that may come later."""
         self._stop_pause(pod)
         pod.netns.delete()
-        (self.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
+        if object_too:
+            (self.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
 
     # -- infra ("pause") processes in pod cgroups ---------------------------------------------------------
     def _start_pause(self, pod: Pod) -> None:

@@ -74,12 +74,17 @@ class RecordStore:
     def load_all(self) -> dict[str, EnrolRecord]:
         """Every readable record by pod uid. One that cannot be used (not JSON, a field missing or of the
         wrong kind, an IP that is none, a uid that is not its file's name) is set aside as
-        `<name>.unreadable` with a warning: it never stops an agent from starting, and is not read again."""
+        `<name>.unreadable` with a warning: it never stops an agent from starting, and is not read again.
+        A write a killed agent left unfinished (`<name>.tmp`: its record is the one before) is removed."""
         out: dict[str, EnrolRecord] = {}
         try:
             paths = sorted(self.directory.glob("*.json"))
+            unfinished = list(self.directory.glob("*.json.tmp"))
         except FileNotFoundError:
             return out
+        for path in unfinished:
+            with contextlib.suppress(OSError):
+                path.unlink()
         for path in paths:
             try:
                 rec = self._parse(json.loads(path.read_text(encoding="utf-8")), path.stem)

@@ -5,6 +5,7 @@ the removal tail)."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 
@@ -61,15 +62,21 @@ class PodTable:
             self.on_change()
 
     def fail(self, st: PodState, reason: str, now: float | None = None) -> None:
-        """The pod is `failed` and retried after a backoff that grows with its attempts."""
+        """The pod is `failed` and retried after a backoff that grows with its attempts. A pod whose cgroup
+        is gone (eBPF: the pod's processes are all gone, its sandbox torn down before the agent learnt of
+        it) is not an enrolment failure: said so, logged at info and not counted."""
         now = self.clock() if now is None else now
+        gone = st.cgroup_path is not None and not os.path.isdir(st.cgroup_path)
         st.state = FAILED
-        st.reason = reason
+        st.reason = f"pod cgroup gone (its sandbox was torn down): {reason}" if gone else reason
         st.attempts += 1
         st.retry_at = now + min(30.0, 0.5 * (2 ** min(st.attempts, 6)))
         st.ack = None
-        self.metrics.failed(reason.split(":")[0][:40])
-        log.warning("enrolment failed: %s", reason, extra=log_ctx(st, "enrol-failed"))
+        if gone:
+            log.info("enrolment stopped: %s", st.reason, extra=log_ctx(st, "sandbox-gone"))
+        else:
+            self.metrics.failed(reason.split(":")[0][:40])
+            log.warning("enrolment failed: %s", reason, extra=log_ctx(st, "enrol-failed"))
         self.notify()
 
     def save_record(self, st: PodState) -> None:
