@@ -677,9 +677,9 @@ def test_ips_are_compared_as_addresses() -> None:
     assert replace(hint, ips=()).ips_for(pod(ips=("10.0.0.5",))).ips == ("10.0.0.5",)
 
 
-def test_a_new_sandbox_is_enrolled_with_its_add_ips_not_the_objects_older_ones(env: Env) -> None:
-    """A pod whose sandbox is replaced keeps the old sandbox's IPs in its object until the kubelet writes
-    the new ones: the ADD's IPs, its new sandbox's own, are the ones enrolled and answered."""
+def new_sandbox_after_enrolment(env: Env) -> Path:
+    """UID enrolled with its object's IP 10.0.0.5, then given a new sandbox (netns), whose ADD has not come
+    yet; the loop running on the real clock. The new netns."""
     env.fake_netns(UID)
     env.set(AMBIENT, pod(ips=("10.0.0.5",)))
     env.r.reconcile()
@@ -689,6 +689,13 @@ def test_a_new_sandbox_is_enrolled_with_its_add_ips_not_the_objects_older_ones(e
     env.netns[UID] = new
     env.clock.real = True
     env.r.start()
+    return new
+
+
+def test_a_new_sandbox_is_enrolled_with_its_add_ips_not_the_objects_older_ones(env: Env) -> None:
+    """A pod whose sandbox is replaced keeps the old sandbox's IPs in its object until the kubelet writes
+    the new ones: the ADD's IPs, its new sandbox's own, are the ones enrolled and answered."""
+    new = new_sandbox_after_enrolment(env)
     try:
         out = env.r.cni_add(UID, "app", "p-1", str(new), ("10.0.0.8",), timeout=5)
         assert out.ok and out.state == "enrolled"
@@ -729,15 +736,8 @@ def test_a_sandbox_keeps_its_add_ips_after_the_hint_while_the_object_shows_older
     """The ADD's IPs belong to the sandbox it wired: once the pod is enrolled with them in that netns, a pod
     object that still shows an older sandbox's IPs (the kubelet cannot write the new ones: API server out
     of reach) does not take the pod back to them when the ADD's hint has expired."""
-    env.fake_netns(UID)
-    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
-    env.r.reconcile()
-    new = env.tmp / "ns-new"
-    new.write_text("")
-    env.netns[UID] = new
     env.r.hint_ttl = 0.1
-    env.clock.real = True
-    env.r.start()
+    new = new_sandbox_after_enrolment(env)
     try:
         out = env.r.cni_add(UID, "app", "p-1", str(new), ("10.0.0.8",), timeout=0.5)
         assert out.ok and env.r.pods[UID].ips == ("10.0.0.8",)
@@ -753,15 +753,8 @@ def test_a_sandbox_keeps_its_add_ips_across_an_agent_restart(env: Env) -> None:
     """The ADD's IPs, bound to the netns they came with, are in the pod's record: an agent restarted while
     the pod object still shows an older sandbox's IPs adopts the pod with the ADD's and keeps them there
     (and the proxy on them); a record written before (no ADD IPs) leaves the object's to count."""
-    env.fake_netns(UID)
-    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
-    env.r.reconcile()
+    new = new_sandbox_after_enrolment(env)
     assert env.records.load_all()[UID].add_ips == ()
-    new = env.tmp / "ns-new"
-    new.write_text("")
-    env.netns[UID] = new
-    env.clock.real = True
-    env.r.start()
     try:
         assert env.r.cni_add(UID, "app", "p-1", str(new), ("10.0.0.8",), timeout=0.5).ok
     finally:
