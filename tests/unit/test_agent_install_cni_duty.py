@@ -131,3 +131,27 @@ def test_entry_points_at_this_agent(tmp_path: Path) -> None:
     assert entry["objects_dir"] == str(objects) and entry["backend"] == "iptables" and entry["iptables"] == "nft"
     assert entry["exclude_namespaces"] == ["kube-system", "infra", "mesh"]
     assert (opts.cni_conf_dir, opts.cni_bin_dir, opts.install_dir, opts.host_root) == ("/c", "/b", "/i", "/")
+
+
+def test_start_removes_what_a_killed_install_cni_left_half_written(tmp_path: Path) -> None:
+    """write_atomic writes `.headrace-*.tmp` and renames it: an install-cni killed in between leaves the file
+    in the host's CNI config (or binary, or install) dir. The next start removes those older than a minute;
+    a fresh one (a write in progress) and every other file stay."""
+    from node_agent.install_cni.atomic import TEMP_PREFIX, TEMP_SUFFIX
+
+    target, _ = setup_dir(tmp_path)
+    (tmp_path / "opt").mkdir()
+    old = [tmp_path / d / f"{TEMP_PREFIX}x1{TEMP_SUFFIX}" for d in ("net.d", "bin", "opt")]
+    fresh = tmp_path / "net.d" / f"{TEMP_PREFIX}x2{TEMP_SUFFIX}"
+    others = [tmp_path / "net.d" / f"{TEMP_PREFIX}kept.conf", tmp_path / "net.d" / "other.tmp"]
+    for path in [*old, fresh, *others]:
+        path.write_text("{")
+    for path in old:
+        os.utime(path, (time.time() - 120, time.time() - 120))
+    duty = InstallCniDuty(options(tmp_path, plugin=False))
+    duty.start()
+    try:
+        assert not any(p.exists() for p in old)
+        assert fresh.exists() and all(p.exists() for p in others) and has_entry(target)
+    finally:
+        duty.stop()

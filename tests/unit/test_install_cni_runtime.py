@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,19 @@ def test_cli_without_config_fails_clearly(tmp_path):
     assert res.exit_code == 1 and "no CNI config found" in res.output
     res = CliRunner().invoke(cli, ["install-cni", "--skip-plugin", "--backend", "bogus"])
     assert res.exit_code == 2
+
+
+def test_cli_removes_a_killed_runs_half_written_file(tmp_path):
+    """`headrace install-cni` (the init container) removes the `.headrace-*.tmp` a killed run left in the
+    host's CNI config dir, leaving a fresh one (a write in progress) and every other file."""
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    shutil.copy(DATA / "10-mynet.conf", conf)
+    stale, fresh = conf / ".headrace-a1.tmp", conf / ".headrace-b2.tmp"
+    stale.write_text("{")
+    fresh.write_text("{")
+    os.utime(stale, (time.time() - 300, time.time() - 300))
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin"])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and fresh.exists() and (conf / "10-mynet.conflist").exists()
+    assert "unfinished write of a previous install-cni removed" in res.output

@@ -110,6 +110,7 @@ def install_cni(
             service_account_dir=service_account_dir if write_kubeconfig else None,
             wait_for_agent=wait_for_agent,
         )
+        service.remove_stale_temps(opts)
         service.install_plugin_files(opts)
         if skip_config:
             service.write_kubeconfig(opts)

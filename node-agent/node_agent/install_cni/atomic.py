@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
+import time
 
 TEMP_PREFIX = ".headrace-"
 TEMP_SUFFIX = ".tmp"
@@ -50,6 +52,31 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> bool:
         raise
     fsync_dir(directory)
     return True
+
+
+def remove_stale_temps(directory: str, older_than: float = 60.0, now: float | None = None) -> list[str]:
+    """Remove the temporary files `write_atomic` leaves in `directory` when its process is killed between
+    the write and the rename (`.headrace-*.tmp`), those older than `older_than` seconds (a write in progress
+    takes milliseconds; another writer's file is left alone); their names. Nothing else is touched."""
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < older_than:
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
 
 
 def replace_file(path: str, data: bytes, tmp: str, mode: int) -> None:

@@ -92,6 +92,7 @@ class InstallCniDuty:
     def start(self) -> None:
         """Install once (plugin files + entry), then watch in a thread. Plugin files that cannot be
         installed stop the agent (InstallCniError); an unusable config is logged and retried."""
+        service.remove_stale_temps(self.options)
         try:
             result = service.install_plugin_files(self.options)
         except (RuntimeInstallError, OSError) as exc:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from node_agent.install_cni import confdir, kubeconfig, owner
+from node_agent.install_cni import atomic, confdir, kubeconfig, owner
 from node_agent.install_cni.conflist import ConfigError
 from node_agent.install_cni.runtime import PluginInstall, install_plugin, under_root, uninstall_plugin
 from node_agent.install_cni.settings import PluginSettings
@@ -93,7 +93,18 @@ def ensure_config(opts: InstallOptions) -> confdir.ConfigChange:
     return change
 
 
+def remove_stale_temps(opts: InstallOptions) -> None:
+    """The temporary files an install-cni killed mid-write left in the directories it writes to (the CNI
+    config and binary dirs, the install dir): removed once at start."""
+    dirs = (opts.conf_dir_here, under_root(opts.host_root, opts.cni_bin_dir),
+            under_root(opts.host_root, opts.install_dir))
+    for directory in dirs:
+        for name in atomic.remove_stale_temps(directory):
+            log("info", "unfinished write of a previous install-cni removed", path=os.path.join(directory, name))
+
+
 def install_once(opts: InstallOptions) -> confdir.ConfigChange:
+    remove_stale_temps(opts)
     install_plugin_files(opts)
     return ensure_config(opts)
 
