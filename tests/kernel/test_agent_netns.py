@@ -131,6 +131,12 @@ def test_ip_matcher_finds_named_netns_by_pod_ips_and_refuses_ambiguity() -> None
             m.find("uid-x", (f"10.198.{octet}.2",))
         with pytest.raises(NetnsNotFound):
             m.find("uid-y", (f"10.198.{octet}.99",))
+        gone = os.stat(f"/run/netns/{names[2]}").st_ino
+        assert gone in m._cache
+        subprocess.run(["ip", "netns", "del", names[2]], check=True)
+        with pytest.raises(NetnsNotFound):
+            m.find("uid-c", (f"10.198.{octet}.3",))
+        assert gone not in m._cache  # a deleted netns' addresses are not kept for ever
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], check=False)

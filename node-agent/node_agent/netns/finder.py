@@ -120,7 +120,8 @@ class IpMatcher:
     """Second strategy, for pods without a process in a kubelet-style cgroup (e.g. a runtime that does not
     name cgroups by pod UID, or the lab's bare netns): the named netns (runtimes keep sandbox netns under
     /run/netns) whose global addresses include the pod's IPs from the pod source. Only an unambiguous
-    match counts: exactly one netns holding all of the pod's IPs. Address sets are cached per netns inode.
+    match counts: exactly one netns holding all of the pod's IPs. Address sets are cached per netns inode,
+    for as long as the netns is there.
     """
 
     def __init__(self, dirs: tuple[str, ...] = NAMED_NETNS_DIRS, ttl: float = 30.0) -> None:
@@ -166,10 +167,10 @@ class IpMatcher:
             raise NetnsNotFound(f"pod {uid} has no IPs to match a netns by")
         want = {str(ipaddress.ip_address(ip)) for ip in ips}
         now = time.monotonic()
-        matches = [
-            (ino, path) for ino, path in self._candidates().items()
-            if want <= self._addresses(ino, path, now)
-        ]
+        candidates = self._candidates()
+        for gone in [ino for ino in self._cache if ino not in candidates]:  # a netns deleted since
+            del self._cache[gone]
+        matches = [(ino, path) for ino, path in candidates.items() if want <= self._addresses(ino, path, now)]
         if not matches:
             raise NetnsNotFound(f"no process of pod {uid} found, and no named netns holds {sorted(want)}")
         if len(matches) > 1:
