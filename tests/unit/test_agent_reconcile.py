@@ -455,7 +455,8 @@ def test_a_pod_the_source_showed_and_then_deleted_is_let_go_while_its_hint_lives
     source says whether it is still there: a pod deleted soon after its ADD, whose DEL does not come (its
     sandbox lost), is let go at once, not held (pinned, redirected, at the proxy) until the hint expires."""
     netns = env.fake_netns(UID)
-    env.set(AMBIENT, pod())
+    env.set(AMBIENT, pod(ips=("10.0.0.5",)))
+    env.r.reconcile()  # found through its process and enrolled: its ADD is answered without another pass
     env.clock.real = True
     env.r.start()
     try:

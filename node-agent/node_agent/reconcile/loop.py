@@ -136,6 +136,7 @@ class Reconciler:
         self.others: dict[str, Desired] = {}  # pods of the source that are not ambient, for status
         self.hints: dict[str, CniHint] = {}
         self.tombstones: set[str] = set()
+        self.shown: set[str] = set()  # the pods the source showed at the last pass (a CNI hint no longer stands in)
         self._node_ips: list[str] | None = None
         self.passes = 0
         self.synced_passes = 0  # passes on a source that had listed everything (before: pods of unknown mode)
@@ -277,18 +278,18 @@ class Reconciler:
         for uid, d in desired.items():
             if uid in self.tombstones:
                 continue
-            added = self.hints.get(uid)
-            if added is not None:
-                added.shown = True  # the source has the pod: from now on it says whether the pod is there
             if d.mode == "ambient":
+                added = self.hints.get(uid)
                 want[uid] = added.ips_for(d.pod) if added is not None else with_add_ips(self.table.pods.get(uid), d.pod)
             else:
                 others[uid] = d
         for uid, hint in self.hints.items():
+            hint.shown = hint.shown or uid in desired  # once the source has the pod, it says if it is there
             # a CNI ADD stands in for a pod the source does not show yet
-            if uid not in desired and uid not in self.tombstones and not hint.shown:
+            if not hint.shown and uid not in self.tombstones:
                 want[uid] = Pod(uid=uid, namespace=hint.namespace, name=hint.name, ips=hint.ips)
-        self.tombstones &= set(desired)  # a pod gone from the source needs no tombstone
+        self.shown = set(desired)
+        self.tombstones &= self.shown  # a pod gone from the source needs no tombstone
         self.others = others
 
         if snap.synced:  # never clean up before the first full list
@@ -339,7 +340,7 @@ class Reconciler:
             converges_at_request = self.converges
             self.tombstones.discard(uid)
             # held while the ADD may wait (up to an hour), and the hint TTL after (the source catches up)
-            self.hints[uid] = CniHint(uid, namespace, name, netns, ips, deadline + self.hint_ttl)
+            self.hints[uid] = CniHint(uid, namespace, name, netns, ips, deadline + self.hint_ttl, uid in self.shown)
             held = self.table.get(uid)
             if held is not None and held.mode == SIDECAR:
                 self.sidecars.remove(uid)  # now an ambient pod
