@@ -67,9 +67,9 @@ class AckBook:
             covered = [w for w in ws if w.kind == "delete" and w.op <= op]
             out += covered
             self._drop(uid, covered)
-        for uid in [u for u, last in self.latest_op.items() if last <= op and u not in self.desired]:
-            if uid not in self.waiters:
-                del self.latest_op[uid]
+        for uid in [u for u, last in self.latest_op.items()
+                    if last <= op and u not in self.desired and u not in self.waiters]:
+            del self.latest_op[uid]
         return out
 
     def forget(self, uid: str, fut: futures.Future[None]) -> None:
