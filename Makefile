@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PROTO_OUT := node-agent/node_agent/protocol/proto_gen
 
-.PHONY: setup test lint unit kernel lab bench proto clean
+.PHONY: setup test lint unit kernel lab bench proto front clean
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,15 @@ $(PROTO_OUT)/zds_pb2.py: proto/istio/zds/zds.proto
 	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto/istio/zds --python_out=$(PROTO_OUT) \
 	  --mypy_out=$(PROTO_OUT) proto/istio/zds/zds.proto
 	touch $(PROTO_OUT)/__init__.py
+
+# headrace-cni's compiled front (the relayed ADD without an interpreter): static, libc only.
+FRONT := cni/front/headrace-cni-front
+CFLAGS_FRONT := -O2 -static -s -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
+
+front: $(FRONT)
+
+$(FRONT): cni/front/front.c
+	$(CC) $(CFLAGS_FRONT) -o $@.tmp $< && mv $@.tmp $@
 
 lint:
 	$(PY) -m ruff check .
@@ -45,4 +54,4 @@ bench: setup
 	$(PY) bench/redirect_overhead.py --rounds 5 --requests 2000 --connections 500
 
 clean:
-	rm -rf .venv $(PROTO_OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv $(PROTO_OUT) $(FRONT) .pytest_cache .mypy_cache .ruff_cache

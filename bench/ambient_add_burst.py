@@ -2,10 +2,13 @@
 the mesh, on the same node.
 
     .venv/bin/python bench/ambient_add_burst.py [--pods 10,50] [--rounds 3] [--backends nftables,nft,legacy]
+        [--launchers python,front]
 
 Per backend (nftables, iptables-nft, iptables-legacy; eBPF when asked) a simulated node (node_agent.lab)
 runs `headrace agent` on that backend and the reference node proxy, and the chain bridge + host-local +
-headrace-cni (through the `python -IS` launcher install-cni lays) the way a runtime does. Each round, per
+headrace-cni (through the launcher install-cni lays: `--launchers python` runs the interpreter, which
+relays the ADD; `front` the compiled front, which relays without one; both: one node each, one after the
+other, rows `<backend>+front`) the way a runtime does. Each round, per
 burst size N: N pods of namespace `mesh` (labelled ambient) are added at once, one thread per pod (its
 Pod object written first without IPs, its netns and kubelet-style cgroup directory made, as a kubelet
 and containerd do before the ADD), then N pods of namespace `plain` (outside the mesh) the same way; all
@@ -35,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` when run as a script
 
 from node_agent.backends.ebpf import pod_cgroup
+from node_agent.install_cni.runtime import front_binary
 from node_agent.lab.agent_run import AgentRun
 from node_agent.lab.cni_runner import CniInvocationError
 from node_agent.lab.netns import NetNS
@@ -113,16 +117,18 @@ def remove(node: SimNode, pods: list[Pod]) -> None:
             rmdir_cgroup(node.cgroup_base / "kubepods" / f"pod{pod.uid}")
 
 
-def measure_backend(root: Path, backend: str, sizes: Sequence[int], rounds: int, nodes: list[SimNode],
-                    agents: list[AgentRun], progress: Callable[[str], None]) -> dict[tuple[int, str], list[Burst]]:
+def measure_backend(root: Path, backend: str, front: bool, sizes: Sequence[int], rounds: int,
+                    nodes: list[SimNode], agents: list[AgentRun], progress: Callable[[str], None]
+                    ) -> dict[tuple[int, str], list[Burst]]:
     """(N, kind) -> the bursts of every round, on one node running the agent on this backend."""
     conf, agent_args = BACKENDS[backend]
-    node = SimNode.create(root / backend, headrace=dict(conf), pod_cgroups=True)
+    label = backend + ("+front" if front else "")
+    node = SimNode.create(root / label, headrace=dict(conf), pod_cgroups=True, front=front)
     nodes.append(node)
     os.environ[pod_cgroup.ROOTS_ENV] = str(node.cgroup_base)  # the node's kubelet cgroup root
     for kind, namespace in KINDS.items():
         node.add_namespace(namespace, AMBIENT if kind == "ambient" else None)
-    agent = AgentRun(node.netns.path, node.objects_dir, root / f"agent-{backend}", state_dir=node.state_dir,
+    agent = AgentRun(node.netns.path, node.objects_dir, root / f"agent-{label}", state_dir=node.state_dir,
                      cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
                      extra=[*agent_args, "--proxy-cgroup", str(node.proxy_cgroup()), "--log-level", "warning"])
     agents.append(agent)
@@ -141,7 +147,7 @@ def measure_backend(root: Path, backend: str, sizes: Sequence[int], rounds: int,
                     raise burst.errors[0]
                 if r >= 0:
                     out[(n, kind)].append(burst)
-        progress(f"{backend}: round {r + 1}/{rounds}")
+        progress(f"{label}: round {r + 1}/{rounds}")
     return out
 
 
@@ -171,12 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pods", default="10,50", help="burst sizes, comma separated")
     ap.add_argument("--rounds", type=int, default=3, help="bursts per size and kind (>=1)")
     ap.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"of {','.join(BACKENDS)}")
+    ap.add_argument("--launchers", default="python", help="python (the interpreter relays), front, or both")
     args = ap.parse_args(argv)
+    launchers = [x for x in args.launchers.split(",") if x]
     sizes = [int(x) for x in args.pods.split(",") if x]
     backends = [b for b in args.backends.split(",") if b]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or args.rounds < 1 or not sizes or min(sizes) < 1 or max(sizes) > 200:
         ap.error(f"backends of {sorted(BACKENDS)}, --rounds >= 1, burst sizes 1..200 (unknown: {unknown})")
+    if not launchers or not set(launchers) <= {"python", "front"}:
+        ap.error("--launchers: python, front or python,front")
+    if "front" in launchers and not front_binary():
+        ap.error("the compiled front is not built: run `make front`")
     if os.geteuid() != 0:
         print("needs root (netns, bridges, cgroups)", file=sys.stderr)
         return 2
@@ -186,10 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_rows: list[list[str]] = []
 
     def work() -> None:
-        for backend in backends:
-            results = measure_backend(root, backend, sizes, args.rounds, nodes, agents,
+        for backend, launcher in ((b, x) for b in backends for x in launchers):
+            front = launcher == "front"
+            results = measure_backend(root, backend, front, sizes, args.rounds, nodes, agents,
                                       lambda m: print(m, file=sys.stderr, flush=True))
-            all_rows.extend(rows(backend, results))
+            all_rows.extend(rows(backend + ("+front" if front else ""), results))
             for running in agents:
                 running.close()
             for node in nodes:

@@ -1,6 +1,7 @@
 """CNI ADD latency: headrace-cni's ADD next to the reference bridge plugin's ADD in the same chain.
 
     .venv/bin/python bench/cni_add_latency.py [--runs 30] [--backends legacy,nft,nftables[,ebpf]] [--agent both]
+        [--launcher both]
 
 For each backend (iptables-legacy, iptables-nft, nftables; eBPF when asked, agent up only: the plugin hands
 an eBPF node's sidecar pods to the agent, which attaches programs to the pod's cgroup, so its pods get
@@ -10,6 +11,9 @@ fresh process exec'd inside the node netns; headrace-cni through the `python -IS
 install-cni` lays). `--agent`: `up` runs `headrace agent` (same backend) on the node, so the plugin sends
 its one-request ADD and the agent decides and applies; `down` has no agent (the plugin's standalone path:
 pod lookup, iptables-restore / `nft -f`); `both` measures the two on the same node, one after the other.
+`--launcher`: `python` is the launcher whose `#!` line runs the interpreter, which relays the ADD;
+`front` names the compiled front (`make front`), which relays without an interpreter and runs it only for
+what the agent did not take (rows `up+front`, `down+front`); `both` measures them side by side.
 Each run adds (and then deletes) one sidecar pod (annotation `sidecar.istio.io/status`) and one non-mesh
 pod, side by side. Printed: median and p90 wall time per plugin and command, and the ratio of medians
 headrace-cni ADD / bridge ADD; for context the start-up of a bare `python3 -IS -c pass`, of `headrace-cni`
@@ -37,11 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` when run as a script
 
 from node_agent.backends.ebpf import pod_cgroup
+from node_agent.install_cni.runtime import front_binary
 from node_agent.lab.agent_run import AgentRun
 from node_agent.lab.cni_runner import CniInvocationError, CniRunner
 from node_agent.lab.netns import NetNS
+from node_agent.lab.plugin_launcher import write_plugin_launcher
 from node_agent.lab.pod_cgroups import rmdir_cgroup
-from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode, write_plugin_launcher
+from node_agent.lab.simnode import HEADRACE_CNI, Pod, SimNode
 
 from bench.interrupts import stop_like_ctrl_c, uninterrupted
 from cni.contract.spec import SidecarSpec
@@ -62,6 +68,7 @@ DEFAULT_BACKENDS = "legacy,nft,nftables"
 # on the pod's cgroup: agent up only, and pods with kubelet-like cgroups
 AGENT_ONLY = ("ebpf",)
 AGENT_MODES = {"up": (True,), "down": (False,), "both": (False, True)}
+LAUNCHERS = {"python": (False,), "front": (True,), "both": (False, True)}
 PLUGINS = ("bridge", "headrace-cni")
 
 
@@ -177,15 +184,16 @@ def one_cycle(node: SimNode, runner: CniRunner, kind: str, run: int, samples: Sa
 
 
 def measure_backend(
-    root: Path, backend: str, agent_modes: Sequence[bool], runs: int, nodes: list[SimNode],
-    agents: list[AgentRun], progress: Callable[[str], None],
+    root: Path, backend: str, agent_modes: Sequence[bool], fronts: Sequence[bool], runs: int,
+    nodes: list[SimNode], agents: list[AgentRun], progress: Callable[[str], None],
 ) -> dict[tuple[str, str], Samples]:
-    """(agent up/down, pod kind) -> samples on one node of this backend. With both, one agent runs and the
-    "down" chain names an agent socket that does not exist, and each run measures both, side by side."""
+    """(agent up/down[+front], pod kind) -> samples on one node of this backend. With both, one agent runs
+    and the "down" chains name an agent socket that does not exist, and each run measures every chain, side
+    by side."""
     conf, agent_args = BACKENDS[backend]
     if backend in AGENT_ONLY:
         agent_modes = (True,)
-    node = SimNode.create(root / backend, headrace=dict(conf), pod_cgroups=backend in AGENT_ONLY)
+    node = SimNode.create(root / backend, headrace=dict(conf), pod_cgroups=backend in AGENT_ONLY, front=False)
     if backend in AGENT_ONLY:  # the node's kubelet cgroup root, as with `kubelet --cgroup-root`
         os.environ[pod_cgroup.ROOTS_ENV] = str(node.cgroup_base)
         agent_args = [*agent_args, "--proxy-cgroup", str(node.proxy_cgroup())]
@@ -193,18 +201,21 @@ def measure_backend(
     node.add_namespace("bench")
     runners: dict[str, CniRunner] = {}
     for up in agent_modes:
-        if up:
-            runners["up"] = node.runner()
-        else:  # its own launcher too: the node's relays to the running agent's socket
+        for front in fronts:
+            label = ("up" if up else "down") + ("+front" if front else "")
+            if up and not front:
+                runners[label] = node.runner()
+                continue
+            # its own launcher: the node's runs the interpreter and relays to the running agent's socket
+            sock = str(node.agent_socket) if up else str(root / f"no-agent-{backend}.sock")
             conflist = node.conflist()
-            no_agent = str(root / f"no-agent-{backend}.sock")
-            conflist["plugins"][-1]["agent_socket"] = no_agent
-            bin_down = root / f"bin-down-{backend}"
-            bin_down.mkdir()
-            write_plugin_launcher(bin_down / "headrace-cni", no_agent)
-            runners["down"] = CniRunner(conflist, [node.cni_path[0], str(bin_down)], node.root / "cache",
-                                        run_netns=node.netns.path)
-    if "up" in runners:
+            conflist["plugins"][-1]["agent_socket"] = sock
+            bin_dir = root / f"bin-{label}-{backend}"
+            bin_dir.mkdir()
+            write_plugin_launcher(bin_dir / "headrace-cni", sock, front=front)
+            runners[label] = CniRunner(conflist, [node.cni_path[0], str(bin_dir)], node.root / "cache",
+                                       run_netns=node.netns.path)
+    if any(label.startswith("up") for label in runners):
         agent = AgentRun(node.netns.path, node.objects_dir, root / f"agent-{backend}", state_dir=node.state_dir,
                          cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
                          extra=[*agent_args, "--log-level", "warning"])
@@ -234,14 +245,17 @@ def startup_samples(
     return samples
 
 
-def context_rows(runs: int, node_netns: str | None, launcher: Path) -> list[list[str]]:
-    """Start-up costs; `launcher` is the `python -IS` plugin launcher the chain runs (as install-cni lays it)."""
+def context_rows(runs: int, node_netns: str | None, launcher: Path, front: Path | None) -> list[list[str]]:
+    """Start-up costs; `launcher` is the `python -IS` plugin launcher the chain runs (as install-cni lays it),
+    `front` the one naming the compiled front (which runs the interpreter for VERSION)."""
     rows = []
     version_env = {"CNI_COMMAND": "VERSION", "PATH": "/usr/sbin:/usr/bin"}
     cases: list[tuple[str, list[str], dict[str, str] | None]] = [
         ("python3 -IS -c pass (/usr/bin/python3)", ["/usr/bin/python3", "-IS", "-c", "pass"], None),
         ("venv python -c pass (.pth files)", [sys.executable, "-c", "pass"], None),
         ("headrace-cni VERSION (-IS launcher)", [str(launcher)], version_env),
+        *([("headrace-cni VERSION (compiled front, then the -IS launcher)", [str(front)], version_env)]
+          if front else []),
         ("headrace-cni VERSION (venv console script)", [str(HEADRACE_CNI)], version_env),
     ]
     if node_netns:
@@ -310,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated: legacy,nft (iptables flavours), nftables, ebpf (agent up only)")
     parser.add_argument("--agent", choices=sorted(AGENT_MODES), default="both",
                         help="headrace agent running on the node (up), not (down), or both")
+    parser.add_argument("--launcher", choices=sorted(LAUNCHERS), default="both",
+                        help="the interpreter's launcher (python), the compiled front's (front), or both")
     args = parser.parse_args(argv)
     backends = [f for f in args.backends.split(",") if f]
     if args.runs < 1 or any(f not in BACKENDS for f in backends) or not backends:
@@ -317,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flavours = [b for b in backends if b in FLAVOURS]
     if not HEADRACE_CNI.exists():
         parser.error(f"{HEADRACE_CNI} not found: run `make setup` first")
+    if args.launcher != "python" and not front_binary():
+        parser.error("the compiled front is not built: run `make front` (or --launcher python)")
     stop_like_ctrl_c()
 
     root = Path(tempfile.mkdtemp(prefix="hrbench-"))
@@ -331,13 +349,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> None:
         for backend in backends:
-            measured = measure_backend(root, backend, AGENT_MODES[args.agent], args.runs, nodes, agents, progress)
+            measured = measure_backend(root, backend, AGENT_MODES[args.agent], LAUNCHERS[args.launcher], args.runs,
+                                       nodes, agents, progress)
             for (agent_label, kind), s in measured.items():
                 results[(backend, agent_label, kind)] = s
         print(file=sys.stderr)
         launcher = root / "headrace-cni"
         write_plugin_launcher(launcher)
-        context.extend(context_rows(args.runs, nodes[0].netns.path if nodes else None, launcher))
+        front = None
+        if True in LAUNCHERS[args.launcher]:
+            (root / "front").mkdir()
+            front = root / "front" / "headrace-cni"
+            write_plugin_launcher(front, front=True)
+        context.extend(context_rows(args.runs, nodes[0].netns.path if nodes else None, launcher, front))
         if nodes and flavours:
             context.extend(floor_rows(args.runs, root, flavours, nodes[0].netns.path))
 
@@ -347,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"CNI ADD/DEL latency, chain bridge (+ host-local IPAM) + headrace-cni (-IS launcher), {args.runs} runs"
         " per row (wall ms per plugin exec, nsenter into the node netns included for both); agent up: the"
-        " one-request ADD to `headrace agent`, down: the plugin's standalone path"
+        " one-request ADD to `headrace agent`, down: the plugin's standalone path; +front: through the"
+        " compiled front"
     )
     print()
     print(table(result_rows(results), RESULT_HEADER))

@@ -87,5 +87,5 @@ ln -sfn /usr/lib/python3/dist-packages/nftables "$site/_headrace_nftables/nftabl
 echo "$site/_headrace_nftables" > "$site/headrace_nftables.pth"
 
 # Generated gRPC code (never hand-edited, never committed).
-step "[5/5] generated gRPC code (make proto)"
-make -s proto
+step "[5/5] generated gRPC code (make proto), headrace-cni's compiled front (make front)"
+make -s proto front

@@ -6,6 +6,10 @@ command, and an ADD the agent declines or cannot take, runs the plugin's own cod
 which then knows how the relay went (it does not ask the same agent twice; a pod the agent held and then
 left unanswered fails closed).
 
+On nodes the launcher's `#!` line usually names the compiled front (`cni/front/front.c`), which does the
+relay without an interpreter and runs this only when the agent did not run the ADD: it then passes the
+relay's outcome as `--relayed <kind> <why>` (`relayed_by_front`), and this does not relay again.
+
 Imports only `posix` and `sys` here (not even `os`): start-up is most of an ADD's cost.
 """
 
@@ -43,6 +47,19 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
+#: How the compiled front's relay went, when it ran this: `--relayed <kind> <why>` (a runtime passes no
+#: arguments to a CNI plugin).
+RELAYED_FLAG = "--relayed"
+FRONT_OUTCOMES = ("standalone", "unusable", "held")
+
+
+def relayed_by_front(argv: list[str]) -> tuple[str, str] | None:
+    """(kind, why) of the front's relay from the arguments, or None when the front did not relay."""
+    if len(argv) == 4 and argv[1] == RELAYED_FLAG and argv[2] in FRONT_OUTCOMES:
+        return argv[2], argv[3]
+    return None
+
+
 def run_executable(agent_socket: str = DEFAULT_AGENT_SOCKET) -> None:
     """Run one invocation and leave with posix._exit, skipping the interpreter's finalization (tearing
     down modules a short-lived process no longer needs costs 2-3 ms of every ADD). Nothing is lost:
@@ -50,7 +67,12 @@ def run_executable(agent_socket: str = DEFAULT_AGENT_SOCKET) -> None:
     child process was waited for, and the plugin starts no threads."""
     stdin = read_stdin()
     relayed: Answer | None = None
-    if posix.environ.get(b"CNI_COMMAND") == b"ADD":
+    by_front = relayed_by_front(sys.argv)
+    if by_front is not None:  # the front relayed this ADD, and the agent did not run it
+        from cni.plugin import relay_client
+
+        relayed = relay_client.Answer(*by_front)
+    elif posix.environ.get(b"CNI_COMMAND") == b"ADD":
         from cni.plugin import relay_client
 
         relayed = relay_client.add(agent_socket, relay_client.env_of(posix.environ), stdin)

@@ -142,7 +142,9 @@ def test_install_cni_into_host_root_and_plugin_answers(
     assert conflist["plugins"][-1]["type"] == "headrace-cni"
     launcher = host / "opt" / "cni" / "bin" / "headrace-cni"
     first_line = launcher.read_text().splitlines()[0]
-    assert first_line.startswith("#!/opt/headrace/runtime-") and first_line.endswith(" -IS")
+    # the image carries the compiled front: the launcher's #! line names it and the agent socket
+    assert first_line.startswith("#!/opt/headrace/runtime-")
+    assert first_line.endswith("/bin/headrace-cni-front /var/run/headrace/cni.sock"), first_line
 
     # A node without Python: the bare Debian base plus the libraries install-cni says the host must
     # provide (host-libraries.json) runs the launcher on the runtime install-cni copied.

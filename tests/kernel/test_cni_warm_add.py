@@ -1,5 +1,6 @@
 """The one-request ADD on the real chain (bridge + host-local + headrace-cni as the installed `-IS` launcher)
-with a real agent in the node netns:
+with a real agent in the node netns (cases marked `+front` through the compiled front's relay, the others
+through the interpreter's):
 
 - agent up: a sidecar pod's ADD is decided and applied by the agent (plugin log: "applied by the agent",
   no iptables/nft step of the plugin; agent status: held, drift watched); outbound TCP lands on 15001
@@ -75,9 +76,10 @@ def redirected(pod: Pod, peer: Pod) -> None:
 @pytest.fixture
 def warm(make_node: Callable[..., SimNode], tmp_path: Path, request: pytest.FixtureRequest
          ) -> Iterator[tuple[SimNode, AgentRun, str]]:
-    name = getattr(request, "param", "iptables-nft")
-    conf_backend, flavour, agent_backend, dual = BACKENDS[name]
-    node = make_node(headrace={"backend": conf_backend, "iptables": flavour}, dual_stack=dual)
+    name = getattr(request, "param", "iptables-nft")  # "<backend>+front": the launcher names the compiled front
+    conf_backend, flavour, agent_backend, dual = BACKENDS[name.removesuffix("+front")]
+    node = make_node(headrace={"backend": conf_backend, "iptables": flavour}, dual_stack=dual,
+                     front=name.endswith("+front"))
     agent = AgentRun(node.netns.path, node.objects_dir, tmp_path / "agent", state_dir=node.state_dir,
                      cni_socket=node.agent_socket, proxy_socket=node.state_dir / "proxy.sock",
                      extra=["--backend", agent_backend, "--iptables", flavour])
@@ -87,7 +89,7 @@ def warm(make_node: Callable[..., SimNode], tmp_path: Path, request: pytest.Fixt
         agent.close()
 
 
-@pytest.mark.parametrize("warm", list(BACKENDS), indirect=True)
+@pytest.mark.parametrize("warm", [*BACKENDS, "nftables+front", "iptables-legacy+front"], indirect=True)
 def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -> None:
     node, agent, backend = warm
     agent.start_agent()
@@ -182,6 +184,7 @@ def test_sidecar_add_starts_no_process(make_node: Callable[..., SimNode], tmp_pa
         agent.close()
 
 
+@pytest.mark.parametrize("warm", ["iptables-nft", "iptables-nft+front"], indirect=True)
 def test_agent_down_means_standalone(warm: tuple[SimNode, AgentRun, str]) -> None:
     node, agent, _backend = warm
     peer = node.add_pod("plain", "peer")
@@ -201,6 +204,7 @@ def test_agent_down_means_standalone(warm: tuple[SimNode, AgentRun, str]) -> Non
     redirected(stale, peer)
 
 
+@pytest.mark.parametrize("warm", ["iptables-nft", "iptables-nft+front"], indirect=True)
 def test_wedged_then_killed_agent_falls_back_without_half_state(warm: tuple[SimNode, AgentRun, str]) -> None:
     node, agent, _backend = warm
     agent.start_agent()
@@ -243,6 +247,7 @@ def test_wedged_then_killed_agent_falls_back_without_half_state(warm: tuple[SimN
     redirected(killed, peer)
 
 
+@pytest.mark.parametrize("warm", ["iptables-nft", "iptables-nft+front"], indirect=True)
 def test_ambient_pod_fails_closed_when_the_agent_dies_holding_it(warm: tuple[SimNode, AgentRun, str]) -> None:
     node, agent, _ = warm
     agent.start_agent()  # no node proxy: the enrolment waits for its ack

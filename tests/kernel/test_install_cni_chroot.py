@@ -83,7 +83,7 @@ def test_version_in_chroot(host_root):
 def test_bundled_libraries_load_in_chroot(host_root):
     """ctypes (libffi), ssl/hashlib (libssl, libcrypto) come from the runtime's shlib/, found by path."""
     launcher = (host_root / LAUNCHER.lstrip("/")).read_text()
-    python = launcher.splitlines()[0][2:].split()[0]
+    python = str(Path(launcher.splitlines()[0][2:].split()[0]).with_name("python3"))  # beside the front
     prologue = launcher.split("from cni.plugin.launch import run_executable")[0]
     check = prologue + (
         "import ctypes, ssl, hashlib, json, socket, yaml\n"

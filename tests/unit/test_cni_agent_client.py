@@ -34,6 +34,7 @@ class FakeAgent:
         self.v2: Reply = v2 or (lambda req: OLD_AGENT_REFUSAL)
         self.v3: Reply = v3 or (lambda req: OLD_AGENT_REFUSAL)
         self.requests: list[dict[str, Any]] = []
+        self.lines: list[bytes] = []  # each request line as it came, its newline included
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(8)
@@ -60,6 +61,7 @@ class FakeAgent:
                 if not chunk:
                     return
                 buf += chunk
+            self.lines.append(buf.split(b"\n")[0] + b"\n")
             req = json.loads(buf.split(b"\n")[0])
             self.requests.append(req)
             answer = {2: self.v2, 3: self.v3}.get(req.get("v"), self.reply)(req)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_agent.lab.simnode import write_plugin_launcher
+from node_agent.lab.plugin_launcher import write_plugin_launcher
 from node_agent.serve.add_request import WarmAddRequest
 from node_agent.serve.cni_request import RequestError
 from node_agent.serve.relay_add import relayed_add
@@ -79,10 +79,18 @@ def test_frames_parse_back() -> None:
 # the plugin's side
 
 
-def launched(env: Env, tmp_path: Path) -> Callable[..., tuple[int, Any]]:
+@pytest.fixture(params=[False, True], ids=["python-launcher", "compiled-front"])
+def front(request: pytest.FixtureRequest) -> bool:
+    """Each of the plugin side's cases through both launchers install-cni lays: the interpreter's relay
+    (`cni.plugin.relay_client`), and the compiled front's (`cni/front/front.c`), which runs the
+    interpreter with the relay's outcome when the agent did not run the ADD."""
+    return bool(request.param)
+
+
+def launched(env: Env, tmp_path: Path, front: bool = False) -> Callable[..., tuple[int, Any]]:
     """env.run, through a launcher that relays to the fake agent's socket (as install-cni lays one)."""
     launcher = tmp_path / "headrace-cni"
-    write_plugin_launcher(launcher, str(env.sock))
+    write_plugin_launcher(launcher, str(env.sock), front=front)
 
     def run(conf: dict[str, Any], **extra: str) -> tuple[int, Any]:
         e = {"PATH": "/usr/bin:/bin", **ENV, "CNI_NETNS": env.netns,
@@ -95,11 +103,11 @@ def launched(env: Env, tmp_path: Path) -> Callable[..., tuple[int, Any]]:
     return run
 
 
-def test_done_is_printed_as_the_agent_sent_it(env: Env, tmp_path: Path) -> None:
+def test_done_is_printed_as_the_agent_sent_it(env: Env, tmp_path: Path, front: bool) -> None:
     answer = b'{"cniVersion": "1.0.0", "ips": []}\n'
     agent = FakeAgent(env.sock, v3=lambda r: relay.done_frame(0, answer))
     try:
-        assert launched(env, tmp_path)(env.conf()) == (0, json.loads(answer))
+        assert launched(env, tmp_path, front)(env.conf()) == (0, json.loads(answer))
         [req] = agent.requests
         assert req["v"] == 3 and req["env"]["CNI_NETNS"] == env.netns and req["stdin"] == env.conf()
         assert "PATH" not in req["env"]
@@ -108,20 +116,20 @@ def test_done_is_printed_as_the_agent_sent_it(env: Env, tmp_path: Path) -> None:
     assert env.log_lines() == []  # the agent logged this ADD
 
 
-def test_a_failed_add_is_exit_status_1_with_the_error_object(env: Env, tmp_path: Path) -> None:
+def test_a_failed_add_is_exit_status_1_with_the_error_object(env: Env, tmp_path: Path, front: bool) -> None:
     err = {"cniVersion": "1.0.0", "code": 101, "msg": "bad annotation"}
     agent = FakeAgent(env.sock, v3=lambda r: relay.done_frame(1, json.dumps(err).encode() + b"\n"))
     try:
-        assert launched(env, tmp_path)(env.conf()) == (1, err)
+        assert launched(env, tmp_path, front)(env.conf()) == (1, err)
     finally:
         agent.close()
 
 
-def test_standalone_runs_the_plugins_own_path_without_asking_again(env: Env, tmp_path: Path) -> None:
+def test_standalone_runs_the_plugins_own_path_without_asking_again(env: Env, tmp_path: Path, front: bool) -> None:
     env.pod("shop", "web")  # non-mesh in the plugin's own pod source
     agent = FakeAgent(env.sock, v3=lambda r: relay.standalone_frame())
     try:
-        assert launched(env, tmp_path)(env.conf()) == (0, PREV_100)
+        assert launched(env, tmp_path, front)(env.conf()) == (0, PREV_100)
         assert [r["v"] for r in agent.requests] == [3]
     finally:
         agent.close()
@@ -134,48 +142,50 @@ def test_standalone_runs_the_plugins_own_path_without_asking_again(env: Env, tmp
     b"HR3 done 0 500\n{}",  # cut short
     None,  # hangs up
 ])
-def test_an_agent_that_does_not_take_it_means_the_own_path(env: Env, tmp_path: Path, answer: bytes | None) -> None:
+def test_an_agent_that_does_not_take_it_means_the_own_path(env: Env, tmp_path: Path, front: bool,
+                                                           answer: bytes | None) -> None:
     env.pod("shop", "web")
     agent = FakeAgent(env.sock, v3=lambda r: answer)
     try:
-        assert launched(env, tmp_path)(env.conf()) == (0, PREV_100)
+        assert launched(env, tmp_path, front)(env.conf()) == (0, PREV_100)
         assert [r["v"] for r in agent.requests] == [3]  # the same agent is not asked twice
     finally:
         agent.close()
     assert any(r["msg"].startswith("agent not usable, standalone path") for r in env.log_lines())
 
 
-def test_no_agent_at_all(env: Env, tmp_path: Path) -> None:
+def test_no_agent_at_all(env: Env, tmp_path: Path, front: bool) -> None:
     env.pod("shop", "web")
-    assert launched(env, tmp_path)(env.conf()) == (0, PREV_100)
+    assert launched(env, tmp_path, front)(env.conf()) == (0, PREV_100)
     assert any("does not exist" in r["msg"] for r in env.log_lines())
 
 
-def test_wait_then_done(env: Env, tmp_path: Path) -> None:
+def test_wait_then_done(env: Env, tmp_path: Path, front: bool) -> None:
     frames: list[bytes | float | None] = [relay.wait_frame(5), 2.5, relay.done_frame(0, json.dumps(PREV_100).encode())]
     agent = FakeAgent(env.sock, v3=lambda r: frames)
     try:
-        assert launched(env, tmp_path)(env.conf()) == (0, PREV_100)  # past the 2 s first-answer bound
+        assert launched(env, tmp_path, front)(env.conf()) == (0, PREV_100)  # past the 2 s first-answer bound
     finally:
         agent.close()
 
 
 @pytest.mark.parametrize("after_wait", [None, b"garbage\n"])
-def test_a_held_pod_without_an_answer_fails_closed(env: Env, tmp_path: Path, after_wait: bytes | None) -> None:
+def test_a_held_pod_without_an_answer_fails_closed(env: Env, tmp_path: Path, front: bool,
+                                                   after_wait: bytes | None) -> None:
     env.pod("shop", "web")  # the own path would have said non-mesh: it must not run
     agent = FakeAgent(env.sock, v3=lambda r: [relay.wait_frame(5), after_wait])
     try:
-        out = assert_error(launched(env, tmp_path)(env.conf()), errors.AGENT_UNREACHABLE)
+        out = assert_error(launched(env, tmp_path, front)(env.conf()), errors.AGENT_UNREACHABLE)
         assert out["msg"] == "headrace agent did not finish the ADD"
         assert [r["v"] for r in agent.requests] == [3]
     finally:
         agent.close()
 
 
-def test_an_invocation_that_cannot_be_relayed_takes_the_one_request_add(env: Env, tmp_path: Path) -> None:
+def test_an_invocation_that_cannot_be_relayed_takes_the_one_request_add(env: Env, tmp_path: Path, front: bool) -> None:
     agent = FakeAgent(env.sock, v2=lambda r: agent_add_line(agent_add.none_reply("x")))
     try:
-        assert launched(env, tmp_path)(env.conf(), CNI_PATH="/opt/cni/b\u00efn") == (0, PREV_100)
+        assert launched(env, tmp_path, front)(env.conf(), CNI_PATH="/opt/cni/b\u00efn") == (0, PREV_100)
         assert [r["v"] for r in agent.requests] == [2]
     finally:
         agent.close()

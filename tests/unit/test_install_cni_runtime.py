@@ -32,7 +32,11 @@ def test_layout_and_launcher(installed):
     text = launcher.read_text()
     rt = Path(result.runtime)
     assert rt.parent == inst and rt.name.startswith("runtime-")
-    assert text.splitlines()[0] == f"#!{rt}/bin/python3.11 -IS"
+    # the compiled front relays an ADD; it runs the script with the interpreter it finds beside it
+    assert text.splitlines()[0] == f"#!{rt}/bin/headrace-cni-front /var/run/headrace/cni.sock"
+    assert result.front == f"{rt}/bin/headrace-cni-front"
+    assert (rt / "bin" / "headrace-cni-front").read_bytes() == Path(runtime.front_binary()).read_bytes()
+    assert os.readlink(rt / "bin" / "python3") == "python3.11"
     assert runtime.is_our_launcher(str(launcher))
     assert text.rstrip().endswith("run_executable('/var/run/headrace/cni.sock')")  # relays ADDs there first
     assert launcher.stat().st_mode & 0o777 == 0o755
@@ -49,7 +53,35 @@ def test_layout_and_launcher(installed):
 def test_launcher_relays_to_the_configured_agent_socket(installed, tmp_path):
     _, inst, _ = installed
     runtime.install_plugin(str(tmp_path / "bin"), str(inst), agent_socket="/run/other/cni.sock")
-    assert (tmp_path / "bin" / "headrace-cni").read_text().rstrip().endswith("run_executable('/run/other/cni.sock')")
+    text = (tmp_path / "bin" / "headrace-cni").read_text()
+    assert text.rstrip().endswith("run_executable('/run/other/cni.sock')")
+    assert text.splitlines()[0].endswith("/bin/headrace-cni-front /run/other/cni.sock")
+
+
+def test_a_runtime_missing_what_the_launcher_runs_is_built_again(tmp_path):
+    bin_dir, inst = tmp_path / "bin", tmp_path / "inst"
+    first = runtime.install_plugin(str(bin_dir), str(inst))
+    for name in ("headrace-cni-front", "python3", "python3.11"):
+        os.unlink(Path(first.runtime) / "bin" / name)
+        again = runtime.install_plugin(str(bin_dir), str(inst))
+        assert again.changed and again.runtime == first.runtime
+        assert os.path.lexists(Path(first.runtime) / "bin" / name), name
+    proc = subprocess.run([str(bin_dir / "headrace-cni")], env={"CNI_COMMAND": "VERSION"}, input=b"",
+                          capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_a_build_without_the_front_runs_the_interpreter_from_the_launcher(tmp_path):
+    source = runtime.RuntimeSource.current()
+    source = runtime.RuntimeSource(source.executable, source.version, source.stdlib, source.dynload,
+                                   source.packages, front="")
+    result = runtime.install_plugin(str(tmp_path / "bin"), str(tmp_path / "inst"), source=source)
+    text = (tmp_path / "bin" / "headrace-cni").read_text()
+    assert text.splitlines()[0] == f"#!{result.runtime}/bin/python3.11 -IS" and result.front == ""
+    assert not (Path(result.runtime) / "bin" / "headrace-cni-front").exists()
+    proc = subprocess.run([str(tmp_path / "bin" / "headrace-cni")], env={"CNI_COMMAND": "VERSION"}, input=b"",
+                          capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 0 and "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
 
 
 def test_second_install_changes_nothing(installed):
@@ -69,11 +101,28 @@ def test_installed_plugin_answers_version(installed):
     assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
 
 
+def test_installed_plugin_runs_an_add_no_agent_took_with_its_configuration(installed, tmp_path):
+    """No agent at the socket: the front hands the ADD, configuration and all, to the runtime's interpreter."""
+    bin_dir, _, _ = installed
+    conf = {"cniVersion": "1.0.0", "name": "n", "type": "headrace-cni", "log_file": str(tmp_path / "log"),
+            "agent_socket": str(tmp_path / "none.sock")}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/proc/1/ns/net", "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/opt/cni/bin"}
+    proc = subprocess.run([str(bin_dir / "headrace-cni")], env=env, input=json.dumps(conf).encode(),
+                          capture_output=True, timeout=30, check=False)
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 1 and out["code"] == 4 and "pod source" in out["msg"], out  # its own check ran
+
+
 def test_launcher_rejects_unusable_paths():
     with pytest.raises(runtime.RuntimeInstallError):
         runtime.render_launcher("/opt/with space/python", "/r", "/r/app", {})
     with pytest.raises(runtime.RuntimeInstallError):
         runtime.render_launcher("/" + "x" * 300, "/r", "/r/app", {})
+    with pytest.raises(runtime.RuntimeInstallError):  # the #! line takes one argument: the socket
+        runtime.render_launcher("/r/bin/python3.11", "/r", "/r/app", {}, "/run/a b.sock", front="/r/bin/front")
+    with pytest.raises(runtime.RuntimeInstallError):
+        runtime.render_launcher("/r/bin/python3.11", "/r", "/r/app", {}, "/run/" + "s" * 250, front="/r/bin/front")
 
 
 def test_uninstall_keeps_foreign_binary(tmp_path):

@@ -9,10 +9,16 @@ host's / is mounted in this process; "/" when running on the host itself):
     runtime-<fingerprint>/shlib/*.so*              shared libs those extension modules need beyond
                                                    the interpreter's own (libffi, libssl, ...)
     runtime-<fingerprint>/app/cni, app/yaml        the plugin package (and pure-Python PyYAML)
+    runtime-<fingerprint>/bin/headrace-cni-front   the compiled front (static), when this image has it,
+    runtime-<fingerprint>/bin/python3              and the name it runs the interpreter by
 
-and `<cni bin dir>/headrace-cni`, a launcher script whose `#!` line runs the bundled interpreter with
-`-I -S` (isolated: no PYTHON* env, no site, no user dirs); the kernel handles `#!`, so no shell is
-needed either. The interpreter finds its stdlib from its own location. Extension-module dependencies
+and `<cni bin dir>/headrace-cni`, a launcher script. Its `#!` line names the compiled front and the agent
+socket (`#!<runtime>/bin/headrace-cni-front <agent socket>`): the front relays an ADD to the agent
+without starting an interpreter and runs the script with `bin/python3 -IS` for everything else
+(`cni/front/front.c`). Without a front (a build without a C compiler) the `#!` line runs the bundled
+interpreter with `-I -S` itself (isolated: no PYTHON* env, no site, no user dirs), which then relays.
+The kernel handles `#!`, so no shell is needed either. The interpreter finds its stdlib from its own
+location. Extension-module dependencies
 are loaded from `shlib/` by path before the module imports them. The host must provide only what the
 interpreter binary itself links (glibc's loader, libc, libm, libz, libexpat): see docs/deploy.md.
 """
@@ -37,9 +43,12 @@ from cni.plugin.launch import DEFAULT_AGENT_SOCKET
 from node_agent.install_cni.atomic import read_bytes, remove_file, write_atomic
 
 PLUGIN_BINARY = "headrace-cni"
+FRONT_BINARY = "headrace-cni-front"
+#: The interpreter's name next to the front in the runtime's bin/ (INTERPRETER in cni/front/front.c).
+FRONT_INTERPRETER = "python3"
 LAUNCHER_MARKER = "# headrace-cni launcher, written by `headrace install-cni`"
 RUNTIME_PREFIX = "runtime-"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 COMPLETE_MARK = ".complete"
 #: Linux reads at most this many bytes of a `#!` line (BINPRM_BUF_SIZE).
 MAX_SHEBANG = 255
@@ -74,6 +83,7 @@ class RuntimeSource:
     stdlib: str
     dynload: str
     packages: tuple[str, ...]  # package directories copied into app/
+    front: str = ""  # the compiled front's binary ("" when this build has none)
 
     @classmethod
     def current(cls) -> RuntimeSource:
@@ -88,7 +98,7 @@ class RuntimeSource:
         yaml_dir = _package_dir("yaml", required=False)
         if yaml_dir:
             packages.append(yaml_dir)
-        return cls(exe, version, stdlib, dynload, tuple(packages))
+        return cls(exe, version, stdlib, dynload, tuple(packages), front_binary())
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class PluginInstall:
     launcher: str  # host path
     runtime: str  # host path
     changed: bool
+    front: str = ""  # host path of the compiled front the launcher names ("": the interpreter relays)
 
 
 def _package_dir(name: str, required: bool = True) -> str:
@@ -105,6 +116,12 @@ def _package_dir(name: str, required: bool = True) -> str:
             raise RuntimeInstallError(f"package {name!r} not found in this interpreter")
         return ""
     return str(next(iter(spec.submodule_search_locations)))
+
+
+def front_binary() -> str:
+    """The compiled front built beside the `cni` package (`make front`; the image's build stage), or ""."""
+    path = os.path.join(_package_dir("cni"), "front", FRONT_BINARY)
+    return path if os.access(path, os.X_OK) else ""
 
 
 def under_root(host_root: str, path: str) -> str:
@@ -130,6 +147,8 @@ def fingerprint(source: RuntimeSource) -> str:
         for f in _package_files(pkg):
             h.update(os.path.relpath(f, os.path.dirname(pkg)).encode() + b"\0")
             h.update(read_bytes(f) or b"")
+    if source.front:
+        h.update(b"front\0" + (read_bytes(source.front) or b""))
     return h.hexdigest()[:12]
 
 
@@ -216,9 +235,9 @@ def _bundle_libraries(
     return preload
 
 
-_LAUNCHER = '''#!{python} -IS
+_LAUNCHER = '''{shebang}
 {marker}; `headrace uninstall-cni` removes it.
-# Runs the plugin on the self-contained runtime {runtime} (nothing of the host's Python is used).
+# Runs the plugin on the self-contained runtime {runtime} (nothing of the host's Python is used).{front_note}
 import sys
 
 _PRELOAD = {preload!r}
@@ -251,16 +270,25 @@ run_executable({agent_socket!r})
 '''
 
 
+_FRONT_NOTE = """
+# The #! line's program relays an ADD to the agent at the socket it names; it runs this file with the
+# runtime's bin/python3 -IS for every other command and for an ADD the agent did not run."""
+
+
 def render_launcher(python: str, runtime: str, app: str, preload: dict[str, list[str]],
-                    agent_socket: str = DEFAULT_AGENT_SOCKET) -> bytes:
+                    agent_socket: str = DEFAULT_AGENT_SOCKET, front: str = "") -> bytes:
     """The launcher's text; `agent_socket` is where it relays an ADD first (the one the configuration
-    names, which the agent checks)."""
-    shebang = f"#!{python} -IS"
-    if len(shebang) > MAX_SHEBANG or any(c.isspace() for c in python):
-        raise RuntimeInstallError(f"install dir path too long or has spaces for a #! line: {python!r}")
+    names, which the agent checks); `front`: the compiled front's path, which the `#!` line then names."""
+    if any(c.isspace() for c in python) or any(c.isspace() for c in front):
+        raise RuntimeInstallError(f"install dir path has spaces, not allowed in a #! line: {front or python!r}")
+    if front and any(c.isspace() or not c.isprintable() for c in agent_socket):
+        raise RuntimeInstallError(f"agent socket path has spaces, not allowed in a #! line: {agent_socket!r}")
+    shebang = f"#!{front} {agent_socket}" if front else f"#!{python} -IS"
+    if len(shebang) > MAX_SHEBANG:
+        raise RuntimeInstallError(f"install dir or agent socket path too long for a #! line: {shebang!r}")
     text = _LAUNCHER.format(
-        python=python, marker=LAUNCHER_MARKER, runtime=runtime, app=app, preload=dict(sorted(preload.items())),
-        agent_socket=agent_socket,
+        shebang=shebang, marker=LAUNCHER_MARKER, runtime=runtime, app=app, preload=dict(sorted(preload.items())),
+        agent_socket=agent_socket, front_note=_FRONT_NOTE if front else "",
     )
     return text.encode("utf-8")
 
@@ -279,16 +307,21 @@ def install_plugin(
     app_host = os.path.join(runtime_host, "app")
     changed = False
     preload_file = os.path.join(runtime_w, "preload.json")
-    if not os.path.exists(os.path.join(runtime_w, COMPLETE_MARK)):
+    executables = [os.path.join(runtime_w, "bin", python_name)]
+    if source.front:
+        executables += [os.path.join(runtime_w, "bin", n) for n in (FRONT_BINARY, FRONT_INTERPRETER)]
+    complete = os.path.exists(os.path.join(runtime_w, COMPLETE_MARK)) and all(map(os.path.exists, executables))
+    if not complete:  # never built, cut short, or what the launcher runs was removed since
         _build_runtime(source, runtime_w, runtime_host, python_name)
         changed = True
     preload = json.loads(read_bytes(preload_file) or b"{}")
     launcher_w = os.path.join(under_root(host_root, bin_dir), PLUGIN_BINARY)
     os.makedirs(os.path.dirname(launcher_w), exist_ok=True)
-    data = render_launcher(python_host, runtime_host, app_host, preload, agent_socket)
+    front_host = os.path.join(runtime_host, "bin", FRONT_BINARY) if source.front else ""
+    data = render_launcher(python_host, runtime_host, app_host, preload, agent_socket, front_host)
     changed = write_atomic(launcher_w, data, mode=0o755) or changed
     changed = _remove_other_runtimes(under_root(host_root, install_dir), keep=RUNTIME_PREFIX + fp) or changed
-    return PluginInstall(os.path.join(bin_dir, PLUGIN_BINARY), runtime_host, changed)
+    return PluginInstall(os.path.join(bin_dir, PLUGIN_BINARY), runtime_host, changed, front_host)
 
 
 def _build_runtime(source: RuntimeSource, runtime_w: str, runtime_host: str, python_name: str) -> None:
@@ -298,6 +331,9 @@ def _build_runtime(source: RuntimeSource, runtime_w: str, runtime_host: str, pyt
     try:
         os.makedirs(os.path.join(tmp, "bin"))
         shutil.copy2(source.executable, os.path.join(tmp, "bin", python_name))
+        if source.front:
+            shutil.copy2(source.front, os.path.join(tmp, "bin", FRONT_BINARY))
+            os.symlink(python_name, os.path.join(tmp, "bin", FRONT_INTERPRETER))
         lib = os.path.join(tmp, "lib", python_name)
         _copy_stdlib(source, lib)
         dynload = os.path.join(lib, "lib-dynload")

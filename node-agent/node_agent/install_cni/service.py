@@ -68,7 +68,8 @@ def install_plugin_files(opts: InstallOptions) -> PluginInstall | None:
     result = install_plugin(opts.cni_bin_dir, opts.install_dir, opts.host_root,
                             agent_socket=opts.settings.agent_socket)
     log("info", "plugin installed" if result.changed else "plugin already current",
-        launcher=result.launcher, runtime=result.runtime)
+        launcher=result.launcher, runtime=result.runtime,
+        front=result.front or "none in this build: the interpreter relays the ADD")
     return result
 
 

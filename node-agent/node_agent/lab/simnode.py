@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -34,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node_agent.install_cni.runtime import front_binary
 from node_agent.lab.cni_runner import CniRunner
 from node_agent.lab.netns import NetNS, unique
 from node_agent.lab.objects import ns_object, pod_object, write_object
+from node_agent.lab.plugin_launcher import write_plugin_launcher
 from node_agent.lab.pod_cgroups import CGROUP2_ROOT, kill_if_in, remove_tree, rmdir_cgroup, sleeper
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
@@ -60,31 +61,6 @@ def remove_stale_node_cgroups(netns_dir: Path = Path("/run/netns")) -> list[Path
             remove_tree(base)
             removed.append(base)
     return removed
-
-
-def write_plugin_launcher(path: Path, agent_socket: str | None = None) -> None:
-    """Write a headrace-cni launcher the way install-cni lays one on a node: `python -IS` (no site
-    processing, no editable-install hooks), the `cni` package first on sys.path, site-packages last
-    (only for the lazily imported PyYAML); it relays ADDs to `agent_socket` first (default: the
-    default configuration's)."""
-    import sysconfig
-
-    import cni
-
-    package_root = str(Path(cni.__file__).resolve().parent.parent)
-    purelib = sysconfig.get_paths()["purelib"]
-    text = (
-        f"#!{sys.executable} -IS\n"
-        "import sys\n"
-        f"sys.path.insert(0, {package_root!r})\n"
-        f"sys.path.append({purelib!r})\n"
-        "from cni.plugin.launch import run_executable\n"
-        + (f"run_executable({agent_socket!r})\n" if agent_socket else "run_executable()\n")
-    )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
 
 
 def random_subnets() -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network]:
@@ -163,14 +139,18 @@ class SimNode:
         dual_stack: bool = True,
         headrace: dict[str, Any] | None = None,
         pod_cgroups: bool = False,
+        front: bool | None = None,
     ) -> SimNode:
         """A node netns and directories under root. headrace=None: a chain without headrace-cni; a dict:
         extra fields of the headrace-cni entry (defaults: objects_dir, log_file, agent_socket in root).
-        pod_cgroups: give every pod an infra process in a kubelet-like cgroup v2 directory."""
+        pod_cgroups: give every pod an infra process in a kubelet-like cgroup v2 directory. front: the
+        plugin's launcher names the compiled front (`write_plugin_launcher`), as install-cni's does; by
+        default when it is built."""
         root.mkdir(parents=True, exist_ok=True)
         for sub in ("objects", "ipam", "cache", "bin", "state", "log"):
             (root / sub).mkdir(exist_ok=True)
-        write_plugin_launcher(root / "bin" / "headrace-cni", str(root / "state" / "cni.sock"))
+        write_plugin_launcher(root / "bin" / "headrace-cni", str(root / "state" / "cni.sock"),
+                              front=bool(front_binary()) if front is None else front)
         v4, v6 = random_subnets()
         netns = NetNS.create(NODE_NETNS_PREFIX)
         node = cls(root, netns, unique("hrb", 8), v4, v6, dual_stack, headrace, pod_cgroups=pod_cgroups)
