@@ -148,6 +148,21 @@ def test_a_bad_agent_means_the_own_path_in_bounded_time(env: Env, tmp_path: Path
     assert len(notes) == 2 and notes[0] == notes[1], notes  # both launchers say the same
 
 
+@pytest.mark.parametrize("answer", [
+    b"HR3 wait 5 7\n", b"HR3 standalone 1\n", b"HR3 done 0\n{}", b"HR3 done 256 2\n{}", b"HR3 done 0 1048577\n{}",
+    b"HR3 done 0 12345678901\n{}", b"HR3\tdone\x0b0 3\r\n{}\n", b" HR3 done 0 3\n{}\n", b"HR3 standalone",
+    b"HR3 wait 100\nHR3 wait 100\n", b"HR3 wait 100\nHR3 done 0 3\n{}\n", b"HR3 done -1 3\n{}\n",
+    b"HR3 done 0 3", b"hr3 standalone\n", b"HR3 done 00000000001 1\n{",
+])
+def test_edge_headers_are_read_as_the_interpreter_reads_them(env: Env, tmp_path: Path, agent: Any,
+                                                            answer: bytes) -> None:
+    agent(v3=lambda req: answer)
+    env.pod("shop", "web")
+    environ = {**ENV, "CNI_NETNS": env.netns}
+    out = {kind: run(path, json.dumps(env.conf()).encode(), environ) for kind, path in launchers(env, tmp_path).items()}
+    assert (out["front"].returncode, out["front"].stdout) == (out["python"].returncode, out["python"].stdout)
+
+
 def test_the_front_outside_a_launcher_answers_with_a_cni_error(tmp_path: Path) -> None:
     proc = subprocess.run([front_binary()], input=b"{}", env={"CNI_COMMAND": "ADD"}, capture_output=True,
                           timeout=10, check=False)

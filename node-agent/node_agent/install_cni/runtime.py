@@ -18,9 +18,9 @@ without starting an interpreter and runs the script with `bin/python3 -IS` for e
 (`cni/front/front.c`). Without a front (a build without a C compiler) the `#!` line runs the bundled
 interpreter with `-I -S` itself (isolated: no PYTHON* env, no site, no user dirs), which then relays.
 The kernel handles `#!`, so no shell is needed either. The interpreter finds its stdlib from its own
-location. Extension-module dependencies
-are loaded from `shlib/` by path before the module imports them. The host must provide only what the
-interpreter binary itself links (glibc's loader, libc, libm, libz, libexpat): see docs/deploy.md.
+location. Extension-module dependencies are loaded from `shlib/` by path before the module imports them.
+The host must provide only what the interpreter binary itself links (glibc's loader, libc, libm, libz,
+libexpat): see docs/deploy.md.
 """
 
 from __future__ import annotations
