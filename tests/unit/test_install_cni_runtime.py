@@ -114,6 +114,17 @@ def test_installed_plugin_runs_an_add_no_agent_took_with_its_configuration(insta
     assert proc.returncode == 1 and out["code"] == 4 and "pod source" in out["msg"], out  # its own check ran
 
 
+def test_the_front_can_be_turned_off_and_a_bad_switch_is_refused(tmp_path, monkeypatch):
+    assert runtime.front_binary({"HEADRACE_CNI_FRONT": "off"}) == ""
+    assert runtime.front_binary({"HEADRACE_CNI_FRONT": " On "}) == runtime.front_binary({})
+    with pytest.raises(runtime.RuntimeInstallError, match="HEADRACE_CNI_FRONT must be on or off"):
+        runtime.front_binary({"HEADRACE_CNI_FRONT": "of"})
+    monkeypatch.setenv("HEADRACE_CNI_FRONT", "off")  # as the ConfigMap sets it for install-cni
+    result = runtime.install_plugin(str(tmp_path / "bin"), str(tmp_path / "inst"))
+    assert (tmp_path / "bin" / "headrace-cni").read_text().startswith(f"#!{result.runtime}/bin/python3.11 -IS\n")
+    assert result.front == ""
+
+
 def test_launcher_rejects_unusable_paths():
     with pytest.raises(runtime.RuntimeInstallError):
         runtime.render_launcher("/opt/with space/python", "/r", "/r/app", {})
@@ -173,6 +184,15 @@ def test_cli_refuses_broken_config(tmp_path):
     assert res.exit_code == 1
     assert "20-comments.conflist" in res.output and "comments" in res.output
     assert (conf / "20-comments.conflist").read_bytes() == (DATA / "20-comments.conflist").read_bytes()
+
+
+def test_cli_refuses_a_bad_front_switch(tmp_path):
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    shutil.copy(DATA / "10-mynet.conf", conf)
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path)], env={"HEADRACE_CNI_FRONT": "maybe"})
+    assert res.exit_code == 1 and "HEADRACE_CNI_FRONT must be on or off" in res.output
+    assert not (tmp_path / "opt" / "cni" / "bin" / "headrace-cni").exists()
 
 
 def test_cli_without_config_fails_clearly(tmp_path):

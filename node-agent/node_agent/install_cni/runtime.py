@@ -36,7 +36,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cni.plugin.launch import DEFAULT_AGENT_SOCKET
@@ -46,6 +46,10 @@ PLUGIN_BINARY = "headrace-cni"
 FRONT_BINARY = "headrace-cni-front"
 #: The interpreter's name next to the front in the runtime's bin/ (INTERPRETER in cni/front/front.c).
 FRONT_INTERPRETER = "python3"
+#: off: lay the interpreter's launcher even when this build has the front (a switch for operators).
+FRONT_ENV = "HEADRACE_CNI_FRONT"
+FRONT_SWITCH = {"on": True, "1": True, "true": True, "yes": True, "off": False, "0": False, "false": False,
+                "no": False}
 LAUNCHER_MARKER = "# headrace-cni launcher, written by `headrace install-cni`"
 RUNTIME_PREFIX = "runtime-"
 FORMAT_VERSION = "2"
@@ -118,10 +122,14 @@ def _package_dir(name: str, required: bool = True) -> str:
     return str(next(iter(spec.submodule_search_locations)))
 
 
-def front_binary() -> str:
-    """The compiled front built beside the `cni` package (`make front`; the image's build stage), or ""."""
+def front_binary(environ: Mapping[str, str] | None = None) -> str:
+    """The compiled front built beside the `cni` package (`make front`; the image's build stage), or ""
+    (none built, or FRONT_ENV turned off: install-cni then lays the interpreter's launcher)."""
+    value = (os.environ if environ is None else environ).get(FRONT_ENV, "on").strip().lower()
+    if value not in FRONT_SWITCH:
+        raise RuntimeInstallError(f"{FRONT_ENV} must be on or off, not {value!r}")
     path = os.path.join(_package_dir("cni"), "front", FRONT_BINARY)
-    return path if os.access(path, os.X_OK) else ""
+    return path if FRONT_SWITCH[value] and os.access(path, os.X_OK) else ""
 
 
 def under_root(host_root: str, path: str) -> str:
