@@ -37,6 +37,7 @@
 #define CONNECT_TIMEOUT_MS 250  /* relay_client.CONNECT_TIMEOUT */
 #define FIRST_ANSWER_MS 2000    /* relay_client.FIRST_ANSWER_TIMEOUT */
 #define INTERPRETER "python3"   /* next to this program in the runtime's bin/ */
+#define INTERNAL_ERROR 199      /* cni.contract.errors.INTERNAL_ERROR */
 
 static const char *const ENV_KEYS[] = {
     "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH",
@@ -340,7 +341,8 @@ static int restore_stdin(size_t n, int spill) {
 static void fail(const char *msg, const char *details) {
     char out[1024];
     int n = snprintf(out, sizeof out,
-                     "{\"cniVersion\":\"1.0.0\",\"code\":999,\"msg\":\"%s\",\"details\":\"%s\"}\n", msg, details);
+                     "{\"cniVersion\":\"1.0.0\",\"code\":%d,\"msg\":\"%s\",\"details\":\"%s\"}\n", INTERNAL_ERROR,
+                     msg, details);
     if (n > 0) write_all(1, out, (size_t)n < sizeof out ? (size_t)n : sizeof out - 1);
     _exit(1);
 }

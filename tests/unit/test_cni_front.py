@@ -18,7 +18,7 @@ import pytest
 from node_agent.install_cni.runtime import front_binary
 from node_agent.lab.plugin_launcher import write_plugin_launcher
 
-from cni.contract import relay
+from cni.contract import errors, relay
 from tests.unit.test_cni_agent_client import FakeAgent
 from tests.unit.test_cni_plugin_process import PREV_100, Env, env, pod_netns
 
@@ -166,7 +166,7 @@ def test_edge_headers_are_read_as_the_interpreter_reads_them(env: Env, tmp_path:
 def test_the_front_outside_a_launcher_answers_with_a_cni_error(tmp_path: Path) -> None:
     proc = subprocess.run([front_binary()], input=b"{}", env={"CNI_COMMAND": "ADD"}, capture_output=True,
                           timeout=10, check=False)
-    assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == 999
+    assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == errors.INTERNAL_ERROR
 
 
 def test_a_missing_interpreter_is_a_cni_error(env: Env, tmp_path: Path) -> None:
@@ -174,4 +174,4 @@ def test_a_missing_interpreter_is_a_cni_error(env: Env, tmp_path: Path) -> None:
     os.unlink(path.parent / f".{path.name}-front" / "python3")
     proc = run(path, b"{}", {"CNI_COMMAND": "VERSION"})
     out = json.loads(proc.stdout)
-    assert proc.returncode == 1 and out["code"] == 999 and "interpreter" in out["msg"], out
+    assert proc.returncode == 1 and out["code"] == errors.INTERNAL_ERROR and "interpreter" in out["msg"], out
