@@ -186,6 +186,29 @@ def test_cli_refuses_broken_config(tmp_path):
     assert (conf / "20-comments.conflist").read_bytes() == (DATA / "20-comments.conflist").read_bytes()
 
 
+@pytest.mark.parametrize("front", ["on", "off"])
+def test_cli_check_says_not_ready_when_the_launchers_program_is_gone(tmp_path, front):
+    """The readiness probe: our entry, our launcher, and what its #! line runs (the front and the
+    interpreter beside it, or the interpreter)."""
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    shutil.copy(DATA / "10-mynet.conf", conf)
+    env = {"HEADRACE_CNI_FRONT": front}
+    runner = CliRunner()
+    assert runner.invoke(cli, ["install-cni", "--host-root", str(tmp_path)], env=env).exit_code == 0
+    check = ["install-cni", "--check", "--host-root", str(tmp_path)]
+    res = runner.invoke(cli, check, env=env)
+    assert res.exit_code == 0 and "ready: headrace-cni chained and installed" in res.output, res.output
+    rt = next((tmp_path / "opt" / "headrace").glob("runtime-*"))
+    for name in (["headrace-cni-front", "python3"] if front == "on" else ["python3.11"]):
+        moved = rt / "bin" / f"{name}.away"
+        os.rename(rt / "bin" / name, moved)
+        res = runner.invoke(cli, check, env=env)
+        assert res.exit_code == 1 and f"not ready: the launcher's {name} " in res.output, res.output
+        os.rename(moved, rt / "bin" / name)
+    assert runner.invoke(cli, check, env=env).exit_code == 0
+
+
 def test_cli_refuses_a_bad_front_switch(tmp_path):
     conf = tmp_path / "etc" / "cni" / "net.d"
     conf.mkdir(parents=True)

@@ -386,6 +386,22 @@ def is_our_launcher(path: str) -> bool:
     return head.startswith(b"#!") and LAUNCHER_MARKER.encode() in head
 
 
+def launcher_problem(path: str, host_root: str = "/") -> str:
+    """What stops our launcher at `path` (as this process sees it) from running: its `#!` program (host
+    path) missing or not executable, or, for the compiled front, the interpreter beside it; "" when none."""
+    first = (read_bytes(path) or b"").split(b"\n", 1)[0]
+    words = first[2:].decode("utf-8", "replace").split()
+    if not first.startswith(b"#!") or not words:
+        return f"{path} has no #! line"
+    needed = [words[0]]
+    if os.path.basename(words[0]) == FRONT_BINARY:
+        needed.append(os.path.join(os.path.dirname(words[0]), FRONT_INTERPRETER))
+    for program in needed:
+        if not os.access(under_root(host_root, program), os.X_OK):
+            return f"the launcher's {os.path.basename(program)} ({program}) is missing or not executable"
+    return ""
+
+
 def uninstall_plugin(bin_dir: str, install_dir: str, host_root: str = "/") -> list[str]:
     """Remove our launcher (only if it is ours) and every runtime; return what was removed (host paths)."""
     removed = []
