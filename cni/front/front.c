@@ -13,8 +13,9 @@
  * back on stdin, and for an ADD it tried to relay: `--relayed <standalone|unusable|held> <why>`, so the
  * plugin's own code knows how the relay went and does not ask the same agent again.
  *
- * Static, libc only; no allocation beyond two fixed buffers; nothing from the request is interpreted
- * beyond what the framing needs.
+ * Static, libc only; no heap allocation (fixed buffers); nothing from the request is interpreted beyond
+ * what the framing needs. The constants below mirror the Python modules named beside them
+ * (tests/unit/test_cni_front.py compares them).
  */
 #define _GNU_SOURCE
 #include <errno.h>

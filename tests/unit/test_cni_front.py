@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from node_agent.install_cni.runtime import front_binary
 from node_agent.lab.plugin_launcher import write_plugin_launcher
 
 from cni.contract import errors, relay
+from cni.plugin import relay_client
 from tests.unit.test_cni_agent_client import FakeAgent
 from tests.unit.test_cni_plugin_process import PREV_100, Env, env, pod_netns
 
@@ -66,6 +68,25 @@ def padded(conf: dict[str, Any], line_bytes: int, env: dict[str, str]) -> bytes:
 
 def test_the_front_is_built() -> None:
     assert front_binary(), "cni/front/headrace-cni-front missing: `make front` (make setup builds it)"
+
+
+def test_the_fronts_constants_are_the_pythons() -> None:
+    """Each `#define NAME value /* module.CONSTANT */` of front.c against that constant."""
+    source = (Path(front_binary()).parent / "front.c").read_text()
+    found = re.findall(r"^#define \w+ +(\(1 << 20\)|\d+|\"\w+\") +/\* ([\w.]+)\.(\w+)", source, re.M)
+    modules = {"relay": relay, "relay_client": relay_client, "cni.contract.errors": errors}
+    values = {"(1 << 20)": 1 << 20}
+    seen = 0
+    for value, module, name in found:
+        if module not in modules:
+            continue
+        expected = getattr(modules[module], name)
+        got = values.get(value) or int(value)
+        if isinstance(expected, float):  # seconds in Python, milliseconds in C
+            expected = round(expected * 1000)
+        assert got == expected, (module, name)
+        seen += 1
+    assert seen == 6, found
 
 
 def test_request_lines_are_the_interpreters_byte_for_byte(env: Env, tmp_path: Path, agent: Any) -> None:

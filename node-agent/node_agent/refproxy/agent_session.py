@@ -47,6 +47,9 @@ class AgentSession:
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
                 greeted = greeted or self.connected.is_set()
+            except asyncio.InvalidStateError as exc:  # an ack written after the agent's stream ended (killed)
+                reason = f"agent's stream ended before our write: {exc}"
+                greeted = greeted or self.connected.is_set()
             except (OSError, ProtocolError) as exc:
                 reason = str(exc)
             finally:
