@@ -28,8 +28,8 @@ class SlowTable:
         await asyncio.sleep(0.3)
 
 
-class EndingAgent(pb_grpc.NodeProxyServicer):
-    """Greets, sends one add, and ends the stream at once; counts the sessions."""
+class EndingAgent:
+    """Greets, sends one add, and ends the stream at once; counts the sessions (a duck-typed servicer)."""
 
     def __init__(self) -> None:
         self.sessions = 0
