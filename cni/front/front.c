@@ -301,6 +301,16 @@ closed:
     return outcome;
 }
 
+/* A memory file holding data[0..n) (its offset at the end), or -1. */
+static int memfd_with(const char *data, size_t n) {
+    int fd = memfd_create("headrace-cni-stdin", 0);
+    if (fd >= 0 && write_all(fd, data, n) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 /* Read all of stdin; return its length, or -1. Whatever does not fit in stdin_buf is written, with
  * what does, to a memory file `*spill` (-1 when it all fit). */
 static ssize_t read_stdin(int *spill) {
@@ -313,8 +323,8 @@ static ssize_t read_stdin(int *spill) {
         n += (size_t)got;
         if (n == sizeof stdin_buf) break;
     }
-    int fd = memfd_create("headrace-cni-stdin", 0);
-    if (fd < 0 || write_all(fd, stdin_buf, n) < 0) return -1;
+    int fd = memfd_with(stdin_buf, n);
+    if (fd < 0) return -1;
     char chunk[65536];
     for (;;) {
         ssize_t got = read(0, chunk, sizeof chunk);
@@ -329,11 +339,8 @@ static ssize_t read_stdin(int *spill) {
 
 /* Put the configuration back on fd 0 for the interpreter: a memory file holding it. */
 static int restore_stdin(size_t n, int spill) {
-    int fd = spill;
-    if (fd < 0) {
-        fd = memfd_create("headrace-cni-stdin", 0);
-        if (fd < 0 || write_all(fd, stdin_buf, n) < 0) return -1;
-    }
+    int fd = spill >= 0 ? spill : memfd_with(stdin_buf, n);
+    if (fd < 0) return -1;
     if (lseek(fd, 0, SEEK_SET) < 0 || dup2(fd, 0) < 0) return -1;
     if (fd != 0) close(fd);
     return 0;

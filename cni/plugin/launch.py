@@ -68,14 +68,13 @@ def run_executable(agent_socket: str = DEFAULT_AGENT_SOCKET) -> None:
     stdin = read_stdin()
     relayed: Answer | None = None
     by_front = relayed_by_front(sys.argv)
-    if by_front is not None:  # the front relayed this ADD, and the agent did not run it
+    if by_front is not None or posix.environ.get(b"CNI_COMMAND") == b"ADD":
         from cni.plugin import relay_client
 
-        relayed = relay_client.Answer(*by_front)
-    elif posix.environ.get(b"CNI_COMMAND") == b"ADD":
-        from cni.plugin import relay_client
-
-        relayed = relay_client.add(agent_socket, relay_client.env_of(posix.environ), stdin)
+        if by_front is not None:  # the front relayed this ADD, and the agent did not run it
+            relayed = relay_client.Answer(*by_front)
+        else:
+            relayed = relay_client.add(agent_socket, relay_client.env_of(posix.environ), stdin)
         if relayed is not None and relayed.kind == "done":
             _write_all(1, relayed.output)
             posix._exit(relayed.status)

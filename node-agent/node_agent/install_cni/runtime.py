@@ -315,9 +315,7 @@ def install_plugin(
     app_host = os.path.join(runtime_host, "app")
     changed = False
     preload_file = os.path.join(runtime_w, "preload.json")
-    executables = [os.path.join(runtime_w, "bin", python_name)]
-    if source.front:
-        executables += [os.path.join(runtime_w, "bin", n) for n in (FRONT_BINARY, FRONT_INTERPRETER)]
+    executables = launcher_programs(os.path.join(runtime_w, "bin", FRONT_BINARY if source.front else python_name))
     complete = os.path.exists(os.path.join(runtime_w, COMPLETE_MARK)) and all(map(os.path.exists, executables))
     if not complete:  # never built, cut short, or what the launcher runs was removed since
         _build_runtime(source, runtime_w, runtime_host, python_name)
@@ -386,6 +384,14 @@ def is_our_launcher(path: str) -> bool:
     return head.startswith(b"#!") and LAUNCHER_MARKER.encode() in head
 
 
+def launcher_programs(program: str) -> list[str]:
+    """What a launcher whose `#!` line names `program` runs: that program and, for the compiled front, the
+    interpreter beside it (the link to the runtime's interpreter binary)."""
+    if os.path.basename(program) == FRONT_BINARY:
+        return [program, os.path.join(os.path.dirname(program), FRONT_INTERPRETER)]
+    return [program]
+
+
 def launcher_problem(path: str, host_root: str = "/") -> str:
     """What stops our launcher at `path` (as this process sees it) from running: its `#!` program (host
     path) missing or not executable, or, for the compiled front, the interpreter beside it; "" when none."""
@@ -393,10 +399,7 @@ def launcher_problem(path: str, host_root: str = "/") -> str:
     words = first[2:].decode("utf-8", "replace").split()
     if not first.startswith(b"#!") or not words:
         return f"{path} has no #! line"
-    needed = [words[0]]
-    if os.path.basename(words[0]) == FRONT_BINARY:
-        needed.append(os.path.join(os.path.dirname(words[0]), FRONT_INTERPRETER))
-    for program in needed:
+    for program in launcher_programs(words[0]):
         if not os.access(under_root(host_root, program), os.X_OK):
             return f"the launcher's {os.path.basename(program)} ({program}) is missing or not executable"
     return ""
