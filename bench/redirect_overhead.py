@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/redirect_overhead.py [--rounds 5] [--requests 2000] [--connections 500]
         [--size 64] [--spec sidecar|sidecar-outbound] [--conntrack fresh|always] [--cpus auto|none|N,..] [--rotate]
-        [--settle 0.2] [--phase-limit 20] [--modes direct,iptables,nftables,ebpf] [--json FILE]
+        [--settle 0.2] [--phase-limit 20] [--modes direct,iptables,nftables,ebpf[,nft-tproxy-out,nft-hooks]]
+        [--json FILE]
 
 Root only. A simulated node (node_agent.lab.SimNode, its own netns and bridge, plain pods: headrace=None)
 gets two pods made by the real bridge + host-local plugins: `client` and `server`. The client pod also
@@ -18,7 +19,11 @@ All three are pinned to one CPU by default (--cpus auto: the highest one), which
 Modes: (a) `direct`: no redirect rules; the client dials 127.0.0.1:15001. (b) `iptables`: IptablesBackend
 (host flavour) applies SidecarSpec to the client pod; the client dials server:8080. (c) `ebpf`: EbpfBackend,
 same spec, same pod. (d) `nftables`: NftablesBackend (one `table inet headrace`, same spec, same pod; removal
-deletes the whole table, so no hook is left behind). Rounds interleave the modes (a,b,c,a,b,c,…); each phase
+deletes the whole table, so no hook is left behind). Two reference modes, not backends of headrace, bound
+what any netfilter capture can reach (bench/redirect_reference.py): (r1) `nft-tproxy-out`, outbound capture
+by mark, policy route and `tproxy` (no conntrack, no NAT; the proxy's listener is transparent and takes the
+original destination from its socket's address), and (r2) `nft-hooks`, the base chains such a capture
+needs, capturing nothing (the client dials the proxy). Rounds interleave the modes (a,b,c,a,b,c,…); each phase
 applies its backend, checks with the proxy's counters that every connection went through the proxy the
 expected way (original destination in (b)/(c), the fixed upstream in (a)), measures, removes the backend.
 A warm-up phase per mode (not recorded) comes first (it also compiles the eBPF object, once). Every phase
@@ -54,13 +59,15 @@ from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node_agent.backends.base import BackendError, PodTarget, RedirectBackend, RedirectSpec
+from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.lab.netns import NetNS, run_in
 from node_agent.lab.simnode import Pod, SimNode
 
 from bench.interrupts import stop_like_ctrl_c, uninterrupted
+from bench.redirect_reference import DIALS_PROXY, REFERENCE_MODES, Redirector, ReferenceRules
 from bench.redirect_stats import (
     ALL_MODES,
+    DEFAULT_MODES,
     MODE_LABELS,
     NFT_VERDICT_HEADER,
     RESULT_HEADER,
@@ -244,7 +251,7 @@ class Rig:
     client: Worker
     proxy: Worker
     server_ip: str
-    backends: dict[str, RedirectBackend | None]
+    backends: dict[str, Redirector | None]
     target: PodTarget
     spec: RedirectSpec
     size: int
@@ -253,7 +260,7 @@ class Rig:
     conntrack: str
 
     def dial(self, mode: str) -> tuple[str, int]:
-        return ("127.0.0.1", PROXY_PORT) if mode == "direct" else (self.server_ip, SERVER_PORT)
+        return ("127.0.0.1", PROXY_PORT) if mode in DIALS_PROXY else (self.server_ip, SERVER_PORT)
 
     @contextlib.contextmanager
     def redirect(self, mode: str) -> Iterator[None]:
@@ -289,12 +296,12 @@ class Rig:
         rtt, cycles = list(lat["rtt_ns"]), list(cyc["cycle_ns"])
         expect = 1 + len(cycles)
         delta = {k: int(after[k]) - int(before[k]) for k in ("accepted", "via_orig", "via_fixed", "failed")}
-        want_key = "via_fixed" if mode == "direct" else "via_orig"
+        want_key = "via_fixed" if mode in DIALS_PROXY else "via_orig"
         if delta["accepted"] != expect or delta[want_key] != expect or delta["failed"]:
             raise BenchError(
                 f"mode {mode}: expected all {expect} connections through the proxy by {want_key}, proxy saw {delta}"
             )
-        if mode != "direct" and after["last_orig"] != f"{self.server_ip}:{SERVER_PORT}":
+        if mode not in DIALS_PROXY and after["last_orig"] != f"{self.server_ip}:{SERVER_PORT}":
             raise BenchError(f"mode {mode}: proxy got original destination {after['last_orig']!r}")
         return rtt, cycles, int(cyc["elapsed_ns"])
 
@@ -319,7 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus", default="auto",
                    help="pin server, proxy and client to these CPUs (e.g. 1 or 0,1); auto: the highest CPU "
                    "available; none: no pinning")  # fmt: skip
-    p.add_argument("--modes", default=",".join(ALL_MODES), help="subset of direct,iptables,nftables,ebpf")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"subset of {','.join(ALL_MODES)} (the last two: reference modes, not backends)")
     p.add_argument("--json", type=Path, help="also write the summaries as JSON here")
     a = p.parse_args(argv)
     for name in ("rounds", "requests", "connections", "size"):
@@ -348,16 +356,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def make_backends(modes: tuple[str, ...], state: Path) -> dict[str, RedirectBackend | None]:
+def make_backends(modes: tuple[str, ...], state: Path) -> dict[str, Redirector | None]:
     from node_agent.backends.iptables.backend import IptablesBackend
 
-    out: dict[str, RedirectBackend | None] = {"direct": None}
+    out: dict[str, Redirector | None] = {"direct": None}
     if "iptables" in modes:
         out["iptables"] = IptablesBackend("auto")
     if "nftables" in modes:
         from node_agent.backends.nftables.backend import NftablesBackend
 
         out["nftables"] = NftablesBackend()
+    for mode in REFERENCE_MODES:
+        if mode in modes:
+            out[mode] = ReferenceRules(mode, PROXY_PORT)
     if "ebpf" in modes:
         from node_agent.backends.ebpf.backend import EbpfBackend
 
@@ -365,7 +376,7 @@ def make_backends(modes: tuple[str, ...], state: Path) -> dict[str, RedirectBack
     return out
 
 
-def environment_line(backends: dict[str, RedirectBackend | None]) -> str:
+def environment_line(backends: dict[str, Redirector | None]) -> str:
     from node_agent.backends.iptables.backend import IptablesBackend
 
     ipt = backends.get("iptables")
@@ -373,7 +384,7 @@ def environment_line(backends: dict[str, RedirectBackend | None]) -> str:
     return f"kernel {platform.release()}, {os.cpu_count()} CPUs, python {platform.python_version()}, iptables {flavour}"
 
 
-def remover(backend: RedirectBackend, target: PodTarget) -> Callable[[], None]:
+def remover(backend: Redirector, target: PodTarget) -> Callable[[], None]:
     return lambda: backend.remove(target)
 
 

@@ -10,12 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 MODES = ("direct", "iptables", "ebpf")  # the modes of the iptables/eBPF verdict
-ALL_MODES = ("direct", "iptables", "nftables", "ebpf")  # every mode the bench can run, in table order
+DEFAULT_MODES = ("direct", "iptables", "nftables", "ebpf")  # what the bench runs unless told otherwise
+# every mode the bench can run, in table order: the defaults and the reference modes (redirect_reference.py)
+ALL_MODES = (*DEFAULT_MODES, "nft-tproxy-out", "nft-hooks")
 MODE_LABELS = {
     "direct": "(a) no redirect, dial proxy",
     "iptables": "(b) iptables REDIRECT",
     "nftables": "(d) nftables REDIRECT",
     "ebpf": "(c) eBPF connect/getsockopt",
+    "nft-tproxy-out": "(r1) ref: nft mark+tproxy, no NAT",
+    "nft-hooks": "(r2) ref: nft hooks, dial proxy",
 }
 BASELINE = "direct"
 # The figures compared; for each: lower is better (latency) or higher is better (rate).

@@ -7,10 +7,12 @@
 Each is started by the bench inside a netns (nsenter --net=...), so it needs no netns code of its own.
 All of them print "ready" on stdout once listening / set up, then:
 - server: echoes whatever each connection sends, until killed.
-- proxy: accepts on 0.0.0.0:PORT; per connection asks getsockopt(SO_ORIGINAL_DST) and dials that
-  destination, or the fixed --upstream when there is none or it is the proxy's own listener (mode (a),
-  where the client dialled the proxy explicitly). Then relays bytes both ways until either side closes.
-  Every connection takes the same code path (the getsockopt call included) in every mode. On stdin it
+- proxy: accepts on 0.0.0.0:PORT (IP_TRANSPARENT: it also takes what a `tproxy` rule hands it); per
+  connection asks getsockopt(SO_ORIGINAL_DST), else its socket's own address (tproxy leaves the original
+  destination there), and dials that destination, or the fixed --upstream when there is none or it is the
+  proxy's own listener (modes where the client dialled the proxy explicitly). Then relays bytes both
+  ways until either side closes. Every connection takes the same code path (the getsockopt call
+  included) in every mode. On stdin it
   answers "stats" with one JSON line of counters; "quit" (or EOF) ends it. The process joins --cgroup
   and binds as root, then drops to --uid (the sidecar proxy uid, bypassed by both redirect backends).
 - client: reads one JSON command per stdin line and answers one JSON line:
@@ -34,6 +36,7 @@ import time
 from typing import Any
 
 SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19
 IO_TIMEOUT_S = 5.0
 
 
@@ -47,9 +50,11 @@ def tune(s: socket.socket) -> None:
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def listener(port: int) -> socket.socket:
+def listener(port: int, transparent: bool = False) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if transparent:  # takes the connections a `tproxy` rule hands it (reference mode nft-tproxy-out)
+        s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     s.bind(("0.0.0.0", port))
     s.listen(512)
     return s
@@ -91,11 +96,14 @@ def serve(port: int) -> None:
 # -- proxy ---------------------------------------------------------------------------------------------
 
 
-def original_dst(conn: socket.socket) -> tuple[str, int] | None:
+def original_dst(conn: socket.socket, listen_port: int) -> tuple[str, int] | None:
+    """SO_ORIGINAL_DST; without one (no NAT), the socket's own address, which a `tproxy` rule left as the
+    original destination (the listener's own port there means the client dialled the proxy: None)."""
     try:
         raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     except OSError:
-        return None
+        host, port = conn.getsockname()[:2]
+        return None if port == listen_port else (str(host), int(port))
     (port,) = struct.unpack_from("!H", raw, 2)
     return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
 
@@ -105,11 +113,11 @@ class Proxy:
         self.port = port
         self.upstream = upstream
         self.sel = selectors.DefaultSelector()
-        self.lsock = listener(port)
+        self.lsock = listener(port, transparent=True)
         self.stats: dict[str, Any] = {"accepted": 0, "via_orig": 0, "via_fixed": 0, "failed": 0, "last_orig": ""}
 
     def destination(self, conn: socket.socket) -> tuple[str, int]:
-        orig = original_dst(conn)
+        orig = original_dst(conn, self.port)
         if orig is None or (orig[1] == self.port and (orig[0].startswith("127.") or orig[0] == "0.0.0.0")):
             self.stats["via_fixed"] += 1
             return self.upstream
