@@ -44,9 +44,12 @@ def test_objects_dir_agent_status_and_health(tmp_path: Path) -> None:
             {"kind": "Pod", "metadata": {"name": "b", "namespace": "app", "uid": "u-b"}, "spec": {"hostNetwork": True}}
         )
     )
+    (objects / ".a.json.headrace-tmp").write_text("{")  # a write-back an agent killed mid-write left
+    (objects / ".a.json.swp").write_text("")  # not ours
     agent = make_agent(tmp_path, objects_dir=objects)
     agent.start()
     try:
+        assert sorted(p.name for p in objects.iterdir()) == [".a.json.swp", "a.json", "b.json", "ns.json"]
         assert agent.health is not None
         port = agent.health.port
         wait(lambda: agent.readyz()[0])

@@ -8,6 +8,7 @@ import struct
 from node_agent.kernel import policy_routes_read as pr
 from node_agent.kernel import policy_routes_write as prw
 
+from cni.kernel.loopback_address import LOOPBACK_INDEX
 from cni.netlink import netlink_parse
 from cni.rules.tproxy_routes import AMBIENT, TPROXY
 
@@ -38,7 +39,7 @@ def test_route_requests_read_back_as_local_default_on_lo() -> None:
     assert header(add)[1:4] == (prw.RTM_NEWROUTE, prw.NLM_F_REQUEST | prw.NLM_F_ACK | prw.NLM_F_CREATE
                                 | prw.NLM_F_EXCL, 9)
     route = pr.parse_route(add[16:])
-    assert (route.table, route.rtype, route.dst_len, route.oif) == (100, pr.RTN_LOCAL, 0, prw.LOOPBACK_INDEX)
+    assert (route.table, route.rtype, route.dst_len, route.oif) == (100, pr.RTN_LOCAL, 0, LOOPBACK_INDEX)
     assert add[16 + 5 : 16 + 7] == bytes([prw.RTPROT_BOOT, prw.RT_SCOPE_HOST])
     assert header(prw.route_request(False, 6, AMBIENT, 1))[1] == prw.RTM_DELROUTE
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from node_agent.sources.kubernetes import KubernetesSource
 from node_agent.sources.objects_dir import read_objects_dir
-from node_agent.sources.objects_write import write_pod_annotation
+from node_agent.sources.objects_write import sweep_unfinished, write_pod_annotation
 from node_agent.sources.redirection_mark import ANNOTATION, Change, RedirectionMarker, changes, merge_patch
 from node_agent.sources.store import PodStore
 
@@ -165,3 +165,18 @@ def test_objects_dir_write_back_json_yaml_and_lists(tmp_path: Path) -> None:
     pods = {p.uid: p for p in read_objects_dir(tmp_path)[0]}
     assert dict(pods[UID3].annotations) == {"x": "y"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_unfinished_write_backs_are_swept_and_nothing_else(tmp_path: Path) -> None:
+    """An agent killed between writing `.<file>.headrace-tmp` and renaming it leaves it behind: the next
+    agent removes it (and a symlink of that name, which a write would follow) before it writes anything."""
+    (tmp_path / "pod.json").write_text("{}")
+    (tmp_path / ".pod.json.headrace-tmp").write_text("{")
+    (tmp_path / ".other.yaml.headrace-tmp").symlink_to(tmp_path / "pod.json")
+    (tmp_path / ".dir.headrace-tmp").mkdir()
+    (tmp_path / "pod.json.headrace-tmp").write_text("")  # not hidden: not a name we write
+    assert sweep_unfinished(tmp_path) == [".other.yaml.headrace-tmp", ".pod.json.headrace-tmp"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".dir.headrace-tmp", "pod.json", "pod.json.headrace-tmp"]
+    assert (tmp_path / "pod.json").read_text() == "{}"
+    assert sweep_unfinished(tmp_path / "missing") == []

@@ -162,10 +162,12 @@ class Agent:
     def _default_source(self, store: PodStore) -> Source:
         if self.config.objects_dir is not None:
             from node_agent.sources.objects_dir import ObjectsDirSource
-            from node_agent.sources.objects_write import write_pod_annotation
+            from node_agent.sources.objects_write import sweep_unfinished, write_pod_annotation
 
             objects_dir = self.config.objects_dir
             objects = ObjectsDirSource(store, objects_dir, self.config.node_name)
+            for name in sweep_unfinished(objects_dir):
+                log.info("unfinished annotation write removed: %s", name, extra={"step": "objects-dir", "file": name})
 
             def write(namespace: str, name: str, enabled: bool) -> None:
                 write_pod_annotation(objects_dir, namespace, name, enabled, objects.file_of(namespace, name))

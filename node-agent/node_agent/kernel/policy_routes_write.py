@@ -22,6 +22,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cni.kernel.loopback_address import LOOPBACK_INDEX
 from cni.netlink import netlink_parse
 from node_agent.kernel.policy_routes_read import Routing
 
@@ -31,7 +32,6 @@ FR_ACT_TO_TBL = 1
 FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
 RTA_OIF, RTA_TABLE = 4, 15
 RTPROT_BOOT, RT_SCOPE_HOST, RTN_LOCAL, RT_TABLE_UNSPEC = 3, 254, 2, 0
-LOOPBACK_INDEX = 1  # `lo` is the first interface of every network namespace
 _HDR = struct.Struct("=BBBBBBBBI")  # fib_rule_hdr and rtmsg (12 bytes)
 _ATTR_U32 = struct.Struct("=HHI")
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}

@@ -5,6 +5,7 @@ rename); JSON stays JSON, YAML stays YAML (comments are not kept)."""
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,34 @@ def _patch_docs(docs: list[Any], namespace: str, name: str, enabled: bool) -> tu
     return found, changed
 
 
+TMP_SUFFIX = ".headrace-tmp"
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Replace the file by renaming a hidden sibling over it (hidden files are not read as objects)."""
-    replace_file(str(path), text.encode("utf-8"), str(path.parent / f".{path.name}.headrace-tmp"),
+    replace_file(str(path), text.encode("utf-8"), str(path.parent / f".{path.name}{TMP_SUFFIX}"),
                  path.stat().st_mode & 0o777)
+
+
+def sweep_unfinished(directory: Path) -> list[str]:
+    """Remove the hidden siblings an agent killed mid-write left (`.<file>.headrace-tmp`: that write did not
+    happen, the object file is the one before); the names removed. Run at start, before any write."""
+    removed: list[str] = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed  # the source reports a missing or unreadable directory itself
+    for path in entries:
+        if not (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)):
+            continue
+        try:
+            if stat.S_ISDIR(path.lstat().st_mode):
+                continue  # not one of ours (a symlink of that name is removed: a write would follow it)
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path.name)
+    return sorted(removed)
 
 
 def _patch_file(path: Path, namespace: str, name: str, enabled: bool) -> bool:
