@@ -1012,3 +1012,72 @@ int hr_tc_ingress(struct __sk_buff *skb) { return hr_tc_in(skb, 0); }
 int hr_tc_ingress_node(struct __sk_buff *skb) { return hr_tc_in(skb, 1); }
 int hr_tc_egress(struct __sk_buff *skb) { return hr_tc_out(skb, 0); }
 int hr_tc_egress_node(struct __sk_buff *skb) { return hr_tc_out(skb, 1); }
+
+/* ---- the node's change count: what other processes did with bpf(2) ------------------------------------
+ * Two tracepoint programs (loaded and attached by the agent, node_agent/backends/ebpf/bpf_watch.py) count
+ * every bpf(2) command that can change how a pod's traffic is redirected: attaching or detaching a program
+ * (cgroup hooks, tcx, links) and writing or deleting map elements. On sys_enter_bpf such a command marks
+ * its thread (commands of the agent itself, its pid namespace and tgid in hr_watch_self, are not marked);
+ * on sys_exit_bpf a marked thread's command is counted: once it has returned, its effect is there to be
+ * read, so a check that read the count before it can never take a half-done command for none. While the
+ * count stands still, nobody else can have changed a pod's cgroup programs or the node maps' entries, so
+ * the drift poll skips reading them back (intact_cache). */
+struct hr_sys_enter {
+    u64 common;       /* common_type, common_flags, common_preempt_count, common_pid */
+    s32 syscall_nr;
+    u32 pad;
+    u64 args[6];      /* cmd, uattr, size */
+};
+struct hr_watch_self {
+    u64 dev;          /* the agent's pid namespace: st_dev and st_ino of /proc/self/ns/pid */
+    u64 ino;
+    u32 tgid;         /* the agent's pid in it */
+    u32 pad;
+};
+BPF_ARRAY(hr_watch_self, struct hr_watch_self, 1);
+BPF_ARRAY(hr_bpf_changes, u64, 1);
+BPF_TABLE("lru_hash", u64, u8, hr_watch_busy, 4096); /* threads inside a counted command */
+
+int hr_bpf_watch(void *ctx) {
+    u64 cmd = ((struct hr_sys_enter *)ctx)->args[0];
+    switch (cmd) {
+    case BPF_MAP_UPDATE_ELEM:
+    case BPF_MAP_DELETE_ELEM:
+    case BPF_PROG_ATTACH:
+    case BPF_PROG_DETACH:
+    case BPF_MAP_LOOKUP_AND_DELETE_ELEM:
+    case BPF_MAP_LOOKUP_AND_DELETE_BATCH:
+    case BPF_MAP_UPDATE_BATCH:
+    case BPF_MAP_DELETE_BATCH:
+    case BPF_LINK_CREATE:
+    case BPF_LINK_UPDATE:
+    case BPF_LINK_DETACH:
+        break;
+    default:
+        return 0;
+    }
+    u32 zero = 0;
+    struct hr_watch_self *self = hr_watch_self.lookup(&zero);
+    if (!self)
+        return 0;
+    struct bpf_pidns_info ns = {};
+    if (self->tgid && bpf_get_ns_current_pid_tgid(self->dev, self->ino, &ns, sizeof(ns)) == 0 &&
+        ns.tgid == self->tgid)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u8 one = 1;
+    hr_watch_busy.update(&id, &one);
+    return 0;
+}
+
+int hr_bpf_watch_exit(void *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!hr_watch_busy.lookup(&id))
+        return 0;
+    hr_watch_busy.delete(&id);
+    u32 zero = 0;
+    u64 *count = hr_bpf_changes.lookup(&zero);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    return 0;
+}

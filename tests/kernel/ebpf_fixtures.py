@@ -284,13 +284,13 @@ def removed_after(env: PodEnv, backend: Any) -> Iterator[PodTarget]:
     backend.remove(t)
 
 
-def ebpf_backend(state: Path) -> Iterator[Any]:
-    """An EbpfBackend on the state dir `state` for a test (a fixture's body): closed (its node maps and
-    programs' descriptors) and its bpffs unmounted afterwards."""
+def ebpf_backend(state: Path, **options: Any) -> Iterator[Any]:
+    """An EbpfBackend on the state dir `state` (and these options) for a test (a fixture's body): closed
+    (its node maps and programs' descriptors) and its bpffs unmounted afterwards."""
     from node_agent.backends.ebpf import pinning
     from node_agent.backends.ebpf.backend import EbpfBackend
 
-    b = EbpfBackend(state)
+    b = EbpfBackend(state, **options)
     yield b
     b.close()
     pinning.unmount_bpffs(state)

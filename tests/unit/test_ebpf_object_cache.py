@@ -77,7 +77,7 @@ def test_what_the_loader_writes_it_reads_back(tmp_path):
     names = loader.compiled_functions()
     assert {"hr_connect4_sc", "hr_connect4_amb", "hr_connect6_sc", "hr_connect6_amb"} <= set(names)
     assert "hr_connect4" not in names and names["hr_connect4_amb"] == loader.PROGRAMS["hr_connect4"]
-    maps = dict.fromkeys((*loader.POD_MAPS, *loader.NODE_MAPS), MAPS["hr_cfg"])
+    maps = dict.fromkeys((*loader.POD_MAPS, *loader.NODE_MAPS, *loader.WATCH_MAPS), MAPS["hr_cfg"])
     programs = {n: loader.Program(n, t, a, INSNS, RELOCS[:1]) for n, (t, a) in names.items()}
     obj = loader.CompiledObject(programs, maps)
     oc.write(tmp_path, "k1", loader.encode("k1", obj))

@@ -130,6 +130,7 @@ def select_backend(
         toolchain_fallback=setting == "auto",
         ambient_inbound=ambient_rules,
         rules_helper=rules_helper.for_rules(ambient_rules),
+        change_count=True,
     )
     ambient_in = ambient_rules.name if ambient_rules is not None else "iptables"
     how = "iptables" if ambient_rules is None else f"TC eBPF; ambient pods' inbound via {ambient_in}"

@@ -1,20 +1,19 @@
 """EbpfBackend: per-pod eBPF redirection on the pod's own cgroup v2 directory.
 
-Outbound TCP (IPv4, IPv6, v4-mapped) and DNS are done in eBPF (bpf/redirect.c): connect4/6 rewrite to the
-proxy's loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. The cgroup
-programs are the node's (node_programs), attached to each pod's cgroup; a pod's parameters are entries in
-the node maps under its netns cookie (pod_index), its own maps the record of them. Inbound TCP: TC
-ingress/egress programs in the pod netns (the port rewritten to the proxy's inbound port and back, as
-REDIRECT), or (kernels without what TC needs) an inbound fallback backend (iptables) with an "inbound only"
-spec. ambient_inbound: the rules backend that takes ambient pods' inbound even then (its CONNMARK + policy
-routing return the replies of the node proxy's original-source connections; TC has no connection marks);
-its changes are announced, so the agent polls only `check_unannounced` for such pods. Foreign programs at
-our hooks and foreign TC filters or tcx programs ahead of ours are drift, removed by the apply; programs on
-the pod cgroup's ancestors are reported, never removed (`foreign_progs`, `tc_foreign`, `parent_progs`).
-With a rules helper, the rules part of a pod's apply goes in from that child process after the backend's
-lock, while the next pod's eBPF part goes in (`inbound_part`).
+Outbound TCP (IPv4, IPv6, v4-mapped) and DNS in eBPF (bpf/redirect.c): connect4/6 rewrite to the proxy's
+loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. The cgroup programs
+are the node's (node_programs), attached to each pod's cgroup; a pod's parameters are node-map entries
+under its netns cookie (pod_index), its own maps the record of them. Inbound TCP: TC programs in the pod
+netns (the port rewritten to the proxy's inbound port and back, as REDIRECT), or an inbound fallback
+backend (iptables, "inbound only" spec). ambient_inbound: the rules backend that takes ambient pods'
+inbound even then (its CONNMARK + policy routing return the replies of the node proxy's original-source
+connections); its changes are announced, so the agent polls only `check_unannounced` for such pods, and
+that poll reads less while the node's change count (`bpf_watch`) stands still. Foreign programs at our
+hooks and foreign TC filters or tcx programs ahead of ours are drift, removed by the apply; programs on the
+pod cgroup's ancestors are reported, never removed (`foreign_progs`, `tc_foreign`, `parent_progs`). With
+a rules helper, a pod's rules part goes in from that child after the lock, while the next pod's eBPF part
+goes in (`inbound_part`).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +42,7 @@ from node_agent.backends.ebpf import (
     tc_attach,
 )
 from node_agent.backends.ebpf.attach import CgroupError, cgroup_id, validate_cgroup
+from node_agent.backends.ebpf.bpf_watch import ChangeCount
 from node_agent.backends.ebpf.intact_cache import IntactPods
 from node_agent.backends.ebpf.node_programs import NodePrograms
 from node_agent.backends.ebpf.parent_alerts import ALERTS
@@ -75,14 +75,14 @@ class EbpfBackend(RedirectBackend):
         ambient_inbound: PodRules | None = None,
         node_tc: bool = True,
         rules_helper: RulesHelper | None = None,
+        change_count: bool = False,
     ) -> None:
-        """proxy_cgroup: the node proxy's cgroup v2 dir (ambient). Its accepted sockets live there, not in
-        the pod's cgroup, so SO_ORIGINAL_DST is answered by one node-level getsockopt program attached to it.
-        inbound_fallback: when given, inbound capture is delegated to it instead of the TC program.
-        toolchain_fallback (`auto`): a failed background compile makes fallback_reason decline every pod
-        (the agent's iptables fallback takes them); otherwise apply fails closed.
-        node_tc: False loads each pod its own TC programs (as when every TC slot is taken).
-        rules_helper: a child process that writes ambient_inbound's part of ambient applies (`inbound_part`)."""
+        """proxy_cgroup: the node proxy's cgroup v2 dir (ambient: its accepted sockets live there, so one
+        node-level getsockopt program there answers SO_ORIGINAL_DST). inbound_fallback: takes inbound
+        capture instead of TC. toolchain_fallback (`auto`): a failed background compile makes fallback_reason
+        decline every pod (the iptables fallback takes them); else apply fails closed. node_tc: False loads
+        each pod its own TC programs (as when every TC slot is taken). rules_helper: a child that writes
+        ambient_inbound's part of applies (`inbound_part`). change_count: run the node's change count."""
         self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
         if loader.cache_dir() is None:  # compiled objects kept between agent runs
@@ -99,6 +99,7 @@ class EbpfBackend(RedirectBackend):
         self._closed = False  # close() ran: prepare() makes nothing any more
         self.intact = IntactPods()  # the drift poll's shortcut for pods found intact
         self.rules_helper = rules_helper
+        self.changes = ChangeCount(change_count, self.state_dir)
 
     def _root(self) -> Path:
         if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
@@ -320,9 +321,8 @@ class EbpfBackend(RedirectBackend):
             raise BackendError(f"eBPF apply for pod {target.uid}: invalid spec: {e}") from e
 
     def set_proxy_cgroup(self, path: str | Path | None) -> None:
-        """Tell the backend where the node proxy runs (the agent learns it from the proxy's connection:
-        node_agent.proxy.cgroup_follow). Moves the node-level getsockopt program there when ambient pods
-        exist."""
+        """Where the node proxy runs (the agent learns it from the proxy's connection: proxy.cgroup_follow).
+        Moves the node-level getsockopt program there when ambient pods exist."""
         with self._lock:
             new = str(path) if path is not None else None
             if new == self.proxy_cgroup:
@@ -333,8 +333,7 @@ class EbpfBackend(RedirectBackend):
                 except CgroupError as e:
                     raise BackendError(f"proxy cgroup: {e}") from e
             root = self._root()
-            had = self.orig_dst.pinned_path(root).exists()
-            if had:
+            if had := self.orig_dst.pinned_path(root).exists():
                 self.orig_dst.detach(self.proxy_cgroup, root)
             self.proxy_cgroup = new
             if had and new is not None:
@@ -382,6 +381,7 @@ class EbpfBackend(RedirectBackend):
         with self._lock:
             self._closed = True
             self.intact.clear()  # the TC watch sockets (each holds a pod netns)
+            self.changes.close()
             self.orig_dst.flush()
             self.node_maps.close()
             self.node_programs.close()
@@ -428,10 +428,10 @@ class EbpfBackend(RedirectBackend):
                 cg = validate_cgroup(target.cgroup_path)
             except CgroupError as e:
                 return [str(e)]
-            root = self._root()
+            root, count = self._root(), self.changes.read(self._object)  # the count before anything is read
             problems = read_pod(target, spec, cg, self._pod_dir(root, target), self.node_maps.current(root),
                                 self.intact, inbound_in_ebpf=self.rules_inbound(spec) is None,
-                                node_pins=[self.orig_dst.pinned_path(root)])
+                                node_pins=[self.orig_dst.pinned_path(root)], generation=count)
             if isinstance(spec, AmbientSpec) and self.proxy_cgroup is not None:
                 problems += self.orig_dst.problems(self.proxy_cgroup, root)
             return problems

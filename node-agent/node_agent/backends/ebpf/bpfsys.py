@@ -43,6 +43,7 @@ F_REPLACE = 4
 F_QUERY_EFFECTIVE = 1  # query: the programs that run for the cgroup (its own and its ancestors')
 
 PROG_TYPE_SCHED_CLS = 3
+PROG_TYPE_TRACEPOINT = 5
 PROG_TYPE_CGROUP_SOCK = 9
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_CGROUP_SOCK_ADDR = 18

@@ -15,6 +15,10 @@ pod's traffic is redirected, or what the full read would notice first:
   run list where an ancestor's program can override ours, the cgroup's own list elsewhere).
 
 One stat, one map lookup and one query per hook (the full read makes about three times as many calls).
+Where the node's change count runs (`bpf_watch`: the bpf(2) attaches, detaches and map writes of every
+other process), a poll that finds it where it was at the pod's last look skips the map lookup, the hook
+queries and the tcx query: nobody else can have changed them meanwhile; the stat (pins are files) and the
+TC announcements stay.
 A pod whose inbound is on TC also keeps a socket subscribed to its netns' TC and link announcements
 from before its full read (`tc_watch`): nothing queued there (and no tcx program on its interfaces) stands
 for the TC filters' dumps. Anything different, an error, a change in what the pod should have (spec, IPs,
@@ -29,7 +33,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, pinning, pod_index
@@ -53,6 +57,7 @@ class Intact:
     hooks: Hooks  # the hooks as read (with the pod's own program per attach type)
     until: float  # monotonic: read fully again from then on
     tc: TcWatch | None = None  # inbound on TC: its announcements since before the full read
+    generation: int | None = None  # the node's change count read before the last look that found it intact
 
 
 class IntactPods:
@@ -64,6 +69,7 @@ class IntactPods:
         self._clock = clock
         self._max_watches: int | None = None  # TC sockets held at most (a quarter of the open-file limit)
         self.shortcuts = 0  # polls answered by the shortcut (for tests)
+        self.quiet = 0  # of them, answered without the map and hook reads: the change count stood still
 
     def may_watch(self) -> bool:
         """Whether one more pod may keep a TC watch socket."""
@@ -73,10 +79,10 @@ class IntactPods:
             return sum(1 for e in self._by_pod.values() if e.tc is not None) < self._max_watches
 
     def remember(self, uid: str, wanted: Hashable, programs: tuple[str, ...], pdir: str, netns_cookie: int,
-                 config: bytes, hooks: Hooks, tc: TcWatch | None = None) -> None:
+                 config: bytes, hooks: Hooks, tc: TcWatch | None = None, generation: int | None = None) -> None:
         """After a full read that found the pod intact (tc: its TC watch, opened before that read; kept
-        here or closed). A pin directory that cannot be read, or changed in the coarse clock's current
-        tick, leaves nothing remembered."""
+        here or closed; generation: the change count read before it). A pin directory that cannot be
+        read, or changed in the coarse clock's current tick, leaves nothing remembered."""
         try:
             pins = pinning.settled_identity(pdir)
         except OSError:
@@ -88,7 +94,7 @@ class IntactPods:
             return
         now = self._clock()
         entry = Intact(wanted, programs, pins, pod_index.config_key(netns_cookie), config, hooks,
-                       now + FULL_EVERY, tc)
+                       now + FULL_EVERY, tc, generation)
         with self._lock:
             old = self._by_pod.pop(uid, None)
             stale = [u for u, e in self._by_pod.items() if e.until + FULL_EVERY < now]
@@ -111,24 +117,34 @@ class IntactPods:
             if entry.tc is not None:
                 entry.tc.close()
 
-    def still(self, uid: str, wanted: Hashable, pdir: str, cg: Path, config_fd: int | None) -> bool:
+    def still(self, uid: str, wanted: Hashable, pdir: str, cg: Path, config_fd: int | None,
+              generation: int | None = None) -> bool:
         """Whether the pod reads as it did at its last intact read (then it is intact: the caller skips
-        the full read). config_fd: the node config map, open (None: no shortcut)."""
+        the full read). config_fd: the node config map, open (None: no shortcut); generation: the node's
+        change count, read before this call (None: not counted here)."""
         with self._lock:
             known = self._by_pod.get(uid)
         if known is None or config_fd is None or known.wanted != wanted or self._clock() >= known.until:
             return False
+        quiet = generation is not None and generation == known.generation
         try:
             if pinning.dir_identity(pdir) != known.pins:
                 return False
-            if bpfsys.map_lookup(config_fd, known.config_key, len(known.config)) != known.config:
-                return False
-            with Cgroup(cg) as c:
-                if read_hooks(c, known.programs, known.hooks.own) != known.hooks:
+            if not quiet:
+                if bpfsys.map_lookup(config_fd, known.config_key, len(known.config)) != known.config:
                     return False
-            if known.tc is not None and not known.tc.quiet():
+                with Cgroup(cg) as c:
+                    if read_hooks(c, known.programs, known.hooks.own) != known.hooks:
+                        return False
+            if known.tc is not None and not known.tc.quiet(tcx=not quiet):
                 return False
         except (OSError, CgroupError, bpfsys.BpfSysError):
             return False
         self.shortcuts += 1
+        if quiet:
+            self.quiet += 1
+        elif generation is not None:  # as it was, read after the count: the next poll compares with this one
+            with self._lock:
+                if self._by_pod.get(uid) is known:
+                    self._by_pod[uid] = replace(known, generation=generation)
         return True

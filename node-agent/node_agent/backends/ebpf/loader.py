@@ -53,6 +53,12 @@ TC_PROGRAMS: dict[str, tuple[int, int]] = {
     "hr_tc_ingress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
     "hr_tc_egress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
 }
+# The node's change count (bpf_watch.py): tracepoint programs on sys_enter_bpf and sys_exit_bpf, their maps.
+WATCH_PROGRAMS: dict[str, tuple[int, int]] = {
+    "hr_bpf_watch": (bpfsys.PROG_TYPE_TRACEPOINT, 0),
+    "hr_bpf_watch_exit": (bpfsys.PROG_TYPE_TRACEPOINT, 0),
+}
+WATCH_MAPS = ("hr_watch_self", "hr_bpf_changes", "hr_watch_busy")
 # The C function a program is loaded from, per pod mode, where it is not the program's own name: the mode is
 # a constant in these, so the verifier walks one mode's paths (connect6: ~4 100 instructions processed and
 # 4.2 ms a load here, ~1 400 and 1.2 ms once specialised). Loaded and pinned under the program's name.
@@ -90,7 +96,8 @@ def function_of(program: str, ambient: bool, *, node: bool = False) -> str:
 
 def compiled_functions() -> dict[str, tuple[int, int]]:
     """Every function the object holds: name → (program type, attach type) of the program it is loaded as."""
-    out = {name: types for name, types in (PROGRAMS | TC_PROGRAMS).items() if name not in MODE_FUNCTIONS}
+    out = {name: types for name, types in (PROGRAMS | TC_PROGRAMS | WATCH_PROGRAMS).items()
+           if name not in MODE_FUNCTIONS}
     for program, functions in MODE_FUNCTIONS.items():
         out.update(dict.fromkeys(functions, PROGRAMS[program]))
     for program, function in NODE_FUNCTIONS.items():
@@ -317,7 +324,7 @@ def encode(key: str, obj: CompiledObject) -> bytes:
 
 
 def _decode(raw: bytes, key: str) -> CompiledObject:
-    progs, maps = object_cache.decode(raw, key, set(compiled_functions()), {*POD_MAPS, *NODE_MAPS})
+    progs, maps = object_cache.decode(raw, key, set(compiled_functions()), {*POD_MAPS, *NODE_MAPS, *WATCH_MAPS})
     return CompiledObject({n: Program(n, *p) for n, p in progs.items()}, maps)
 
 
@@ -378,7 +385,7 @@ def compile_here() -> CompiledObject:
     try:
         fd_names: dict[int, str] = {}
         maps: dict[str, bpfsys.MapSpec] = {}
-        for name in (*POD_MAPS, *NODE_MAPS):
+        for name in (*POD_MAPS, *NODE_MAPS, *WATCH_MAPS):
             fd = int(lib.bpf_table_fd(module.module, name.encode()))  # also the map types bcc has no class for
             if fd < 0:
                 raise ToolchainError(f"bcc created no map {name}")

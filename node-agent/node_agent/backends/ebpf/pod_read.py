@@ -16,12 +16,14 @@ from node_agent.backends.ebpf.parent_progs import watch_parents
 
 
 def read_pod(target: PodTarget, spec: RedirectSpec, cg: Path, pdir: Path, node_fds: dict[str, int] | None,
-             intact: IntactPods, *, inbound_in_ebpf: bool, node_pins: list[Path]) -> list[str]:
+             intact: IntactPods, *, inbound_in_ebpf: bool, node_pins: list[Path],
+             generation: int | None = None) -> list[str]:
     """What differs from `spec` in the pod's eBPF part ([]: intact). node_fds: the node maps, open (None:
     read by their pins, and no shortcut); node_pins: the node-level programs that count as ours on the
-    pod's ancestors."""
+    pod's ancestors; generation: the node's change count (`bpf_watch`), read before this call."""
     wanted_now = (spec, target.ips, target.cgroup_path, target.netns_path, target.netns_inode)
-    if intact.still(target.uid, wanted_now, str(pdir), cg, node_fds[pod_index.CONFIG] if node_fds else None):
+    config_fd = node_fds[pod_index.CONFIG] if node_fds else None
+    if intact.still(target.uid, wanted_now, str(pdir), cg, config_fd, generation):
         return []
     intact.forget(target.uid)
     if not pdir.is_dir():
@@ -40,7 +42,7 @@ def read_pod(target: PodTarget, spec: RedirectSpec, cg: Path, pdir: Path, node_f
         watch_parents(target.uid, cg, pdir, wanted, node_pins, hooks.attached, hooks.effective)
         if not problems and (watch is not None or not tc_wanted):
             intact.remember(target.uid, wanted_now, wanted, str(pdir),
-                            maps.unpack_config(config)["netns_cookie"], config, hooks, watch)
+                            maps.unpack_config(config)["netns_cookie"], config, hooks, watch, generation)
             watch = None  # the cache holds it now
     except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError, ValueError) as e:
         return [f"cannot read eBPF state: {e}"]

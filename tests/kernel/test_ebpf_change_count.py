@@ -1,0 +1,171 @@
+"""The node's change count (`bpf_watch`) on the real kernel: the tracepoint program counts the bpf(2)
+attaches, detaches and map writes of other processes, not the agent's own; while it stands still a pod
+found intact is polled without its map and hook reads, and each kind of tampering by another process is
+still found by the next check (it moved the count). Real programs on a real cgroup; the tampering runs in
+a child process, as another tool on the node would."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_agent.backends.base import PodTarget
+
+from cni.contract.spec import SidecarSpec
+from tests.kernel.ebpf_fixtures import PodEnv, ebpf_backend, pod_env, removed_after
+
+pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
+
+if os.geteuid() != 0:
+    pytest.skip("needs root", allow_module_level=True)
+bcc = pytest.importorskip("bcc")
+
+from node_agent.backends.ebpf import bpfsys, intact_cache, pinning, pod_index  # noqa: E402
+from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
+
+SPEC = SidecarSpec(include_inbound_ports=())  # outbound only: no TC part
+TRIES = 20  # another process on the machine may move the count meanwhile: a few looks, one must be quiet
+
+DETACH = """
+import sys
+from node_agent.backends.ebpf import pinning
+from node_agent.backends.ebpf.attach import Cgroup
+fd = pinning.open_pinned(sys.argv[1])
+with Cgroup(sys.argv[2]) as c:
+    c.detach(fd, int(sys.argv[3]))
+"""
+ATTACH_FOREIGN = """
+import sys
+from node_agent.backends.ebpf import bpfsys
+from node_agent.backends.ebpf.attach import Cgroup
+allow = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
+fd = bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, allow, "hrtest_c4", bpfsys.ATTACH_CGROUP_INET4_CONNECT)
+with Cgroup(sys.argv[1]) as c:
+    bpfsys.prog_attach(fd, c.fd, bpfsys.ATTACH_CGROUP_INET4_CONNECT, bpfsys.F_ALLOW_MULTI)
+"""
+DROP_ENTRIES = """
+import sys
+from node_agent.backends.ebpf import bpfsys, pinning
+fd = pinning.open_pinned(sys.argv[1])
+for key in bpfsys.map_keys(fd, 8):
+    bpfsys.map_delete(fd, key)
+"""
+TCX = """
+import socket, sys
+from node_agent.backends.ebpf import bpfsys
+index = socket.if_nametoindex("eth0")
+if sys.argv[1] == "attach":  # passes every packet, ahead of our TC filters
+    prog = bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, bytes.fromhex("b7000000000000009500000000000000"),
+                            "hrtest_tcx", 0)
+    bpfsys.prog_attach(prog, index, bpfsys.ATTACH_TCX_INGRESS, 0)
+else:
+    for prog_id, link_id in bpfsys.tcx_query(index, bpfsys.ATTACH_TCX_INGRESS):
+        bpfsys.tcx_detach(index, bpfsys.ATTACH_TCX_INGRESS, prog_id, link_id)
+"""
+
+
+def in_child(code: str, *args: str, netns: str | None = None) -> None:
+    enter = ["nsenter", f"--net={netns}", "--"] if netns else []
+    subprocess.run([*enter, sys.executable, "-c", code, *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[PodEnv]:
+    yield from pod_env(tmp_path)
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[EbpfBackend]:
+    for b in ebpf_backend(tmp_path / "state", change_count=True):  # closed and unmounted afterwards
+        b.intact = intact_cache.IntactPods(lambda: 1000.0)  # no FULL_EVERY expiry during a test
+        yield b
+
+
+@pytest.fixture
+def target(env: PodEnv, backend: EbpfBackend) -> Iterator[PodTarget]:
+    yield from removed_after(env, backend)
+
+
+def quiet_check(backend: EbpfBackend, target: PodTarget, spec: SidecarSpec = SPEC) -> None:
+    """Checks until one is answered by a still count (all find the pod intact)."""
+    time.sleep(0.05)  # the pin directory's mtime older than the coarse clock's tick
+    for _ in range(TRIES):
+        quiet = backend.intact.quiet
+        assert backend.check(target, spec) == []
+        if backend.intact.quiet == quiet + 1:
+            return
+    pytest.fail(f"no check in {TRIES} was answered by a still count")
+
+
+def test_the_count_runs_its_tracefs_read_leaves_no_mount_and_own_writes_do_not_count(
+    env: PodEnv, backend: EbpfBackend, target: PodTarget, tmp_path: Path
+) -> None:
+    backend.apply(target, SPEC)
+    quiet_check(backend, target)
+    assert backend.changes.watch is not None and backend.changes.problem is None
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        assert not [line for line in fh if str(tmp_path) in line and "tracefs" in line]
+    watch = backend.changes.watch
+    fd = pinning.open_pinned(backend.state_dir / "bpf" / pinning.NODE_DIR / pod_index.CONFIG)
+    assert fd is not None
+    try:
+        for _ in range(TRIES):  # this process writes a map: not counted (another may write meanwhile)
+            before = watch.generation()
+            bpfsys.map_update(fd, struct.pack("=Q", 0xFFFF_FFFF_FFFF), bytes(bpfsys.map_info(fd).spec.value_size))
+            bpfsys.map_delete(fd, struct.pack("=Q", 0xFFFF_FFFF_FFFF))
+            if watch.generation() == before:
+                break
+        else:
+            pytest.fail("every own write moved the count")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["program detached", "foreign program at our hook", "node entry gone"])
+def test_tampering_by_another_process_is_found_by_the_next_check(
+    env: PodEnv, backend: EbpfBackend, target: PodTarget, kind: str
+) -> None:
+    backend.apply(target, SPEC)
+    quiet_check(backend, target)  # the map and hook reads are skipped now: only the count can tell
+    before = backend.changes.read(backend._object)
+    pdir = backend.state_dir / "bpf" / target.uid
+    if kind == "program detached":
+        in_child(DETACH, str(pdir / "hr_connect4"), str(env.cgroup), str(bpfsys.ATTACH_CGROUP_INET4_CONNECT))
+        want = "hr_connect4 is not attached"
+    elif kind == "foreign program at our hook":
+        in_child(ATTACH_FOREIGN, str(env.cgroup))
+        want = "foreign eBPF program"
+    else:
+        in_child(DROP_ENTRIES, str(backend.state_dir / "bpf" / pinning.NODE_DIR / pod_index.CONFIG))
+        want = "no entry in the node's eBPF pod config map"
+    after = backend.changes.read(backend._object)
+    assert before is not None and after is not None and after > before
+    problems = backend.check(target, SPEC)
+    assert any(want in p for p in problems), problems
+    backend.apply(target, SPEC)  # repaired, then quiet again
+    assert backend.check(target, SPEC) == []
+    quiet_check(backend, target)
+
+
+def test_a_tcx_program_put_ahead_of_our_tc_filters_is_found_though_the_tcx_query_was_skipped(
+    env: PodEnv, backend: EbpfBackend, target: PodTarget
+) -> None:
+    """Inbound on TC: a quiet poll looks only at the netns' TC announcements; a tcx attach (bpf(2), which
+    nothing announces) moved the count, so the next check asks for tcx programs again."""
+    spec = SidecarSpec()
+    backend.apply(target, spec)
+    quiet_check(backend, target, spec)
+    in_child(TCX, "attach", netns=env.pod_ns_path)
+    try:
+        problems = backend.check(target, spec)
+        assert any("tcx program" in p for p in problems), problems
+    finally:
+        in_child(TCX, "detach", netns=env.pod_ns_path)
+    backend.apply(target, spec)
+    quiet_check(backend, target, spec)
