@@ -14,6 +14,7 @@ pod cgroup's ancestors are reported, never removed (`foreign_progs`, `tc_foreign
 a rules helper, a pod's rules part goes in from that child after the lock, while the next pod's eBPF part
 goes in (`inbound_part`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -216,8 +217,7 @@ class EbpfBackend(RedirectBackend):
     def _apply_ebpf(
         self, target: PodTarget, spec: RedirectSpec, cg: Path, existed: bool, old: dict[str, int] | None
     ) -> bool:
-        """existed, old: `_pinned` (read just before). Whether the pod had its eBPF part before (a failed rules
-        apply then leaves it; else removes it)."""
+        """existed, old: `_pinned`, read just before. Whether the pod had its eBPF part (`_out_on_failure`)."""
         try:
             families = maps.families_mask(target.ips)
         except ValueError as e:
