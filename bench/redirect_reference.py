@@ -16,9 +16,10 @@ there is no SO_ORIGINAL_DST (bench/redirect_workers.py), so the same proxy serve
 
 from __future__ import annotations
 
+import subprocess
 from typing import Protocol
 
-from node_agent.backends.base import PodTarget, RedirectSpec
+from node_agent.backends.base import BackendError, PodTarget, RedirectSpec
 from node_agent.lab.netns import run_in
 
 from cni.contract.constants import PROXY_UID
@@ -76,10 +77,15 @@ class ReferenceRules:
                 ["ip", "route", "add", "local", "default", "dev", "lo", "table", ROUTE_TABLE]]  # fmt: skip
 
     def apply(self, target: PodTarget, spec: RedirectSpec) -> None:
-        run_in(target.netns_path, ["nft", "-f", "-"], input=self.text)
-        if self.mode == "nft-tproxy-out":
-            for argv in self._routes():
-                run_in(target.netns_path, argv)
+        """BackendError when the rules cannot go in here (the bench then leaves the mode out)."""
+        try:
+            run_in(target.netns_path, ["nft", "-f", "-"], input=self.text)
+            if self.mode == "nft-tproxy-out":
+                for argv in self._routes():
+                    run_in(target.netns_path, argv)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+            raise BackendError(f"reference mode {self.mode}: {detail}") from e
 
     def remove(self, target: PodTarget) -> None:
         """Everything apply made, gone; what is missing already is no error (a phase that failed half-way)."""
