@@ -374,3 +374,30 @@ def pod_env(tmp: Path) -> Iterator[PodEnv]:
         remove_cgroup(env.cgroup)
         for ns in made_ns:
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+# Tampering as another tool on the node would do it: from a child process (the change count leaves the
+# agent's own bpf(2) calls out). TRIES: looks a test may take for one to be quiet (another process on the
+# machine may move the count meanwhile).
+TRIES = 20
+DETACH = """
+import sys
+from node_agent.backends.ebpf import pinning
+from node_agent.backends.ebpf.attach import Cgroup
+fd = pinning.open_pinned(sys.argv[1])
+with Cgroup(sys.argv[2]) as c:
+    c.detach(fd, int(sys.argv[3]))
+"""
+DROP_ENTRIES = """
+import sys
+from node_agent.backends.ebpf import bpfsys, pinning
+fd = pinning.open_pinned(sys.argv[1])
+for key in bpfsys.map_keys(fd, 8):
+    bpfsys.map_delete(fd, key)
+"""
+
+
+def in_child(code: str, *args: str, netns: str | None = None) -> None:
+    """Runs `code` in a new Python process (in `netns` when given)."""
+    enter = ["nsenter", f"--net={netns}", "--"] if netns else []
+    subprocess.run([*enter, sys.executable, "-c", code, *args], check=True, capture_output=True, timeout=60)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,16 @@ import pytest
 from node_agent.backends.base import PodTarget
 
 from cni.contract.spec import SidecarSpec
-from tests.kernel.ebpf_fixtures import PodEnv, ebpf_backend, pod_env, removed_after
+from tests.kernel.ebpf_fixtures import (
+    DETACH,
+    DROP_ENTRIES,
+    TRIES,
+    PodEnv,
+    ebpf_backend,
+    in_child,
+    pod_env,
+    removed_after,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.ebpf]
 
@@ -30,16 +37,7 @@ from node_agent.backends.ebpf import bpfsys, intact_cache, pinning, pod_index  #
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 
 SPEC = SidecarSpec(include_inbound_ports=())  # outbound only: no TC part
-TRIES = 20  # another process on the machine may move the count meanwhile: a few looks, one must be quiet
 
-DETACH = """
-import sys
-from node_agent.backends.ebpf import pinning
-from node_agent.backends.ebpf.attach import Cgroup
-fd = pinning.open_pinned(sys.argv[1])
-with Cgroup(sys.argv[2]) as c:
-    c.detach(fd, int(sys.argv[3]))
-"""
 ATTACH_FOREIGN = """
 import sys
 from node_agent.backends.ebpf import bpfsys
@@ -48,13 +46,6 @@ allow = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
 fd = bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, allow, "hrtest_c4", bpfsys.ATTACH_CGROUP_INET4_CONNECT)
 with Cgroup(sys.argv[1]) as c:
     bpfsys.prog_attach(fd, c.fd, bpfsys.ATTACH_CGROUP_INET4_CONNECT, bpfsys.F_ALLOW_MULTI)
-"""
-DROP_ENTRIES = """
-import sys
-from node_agent.backends.ebpf import bpfsys, pinning
-fd = pinning.open_pinned(sys.argv[1])
-for key in bpfsys.map_keys(fd, 8):
-    bpfsys.map_delete(fd, key)
 """
 TCX = """
 import socket, sys
@@ -68,11 +59,6 @@ else:
     for prog_id, link_id in bpfsys.tcx_query(index, bpfsys.ATTACH_TCX_INGRESS):
         bpfsys.tcx_detach(index, bpfsys.ATTACH_TCX_INGRESS, prog_id, link_id)
 """
-
-
-def in_child(code: str, *args: str, netns: str | None = None) -> None:
-    enter = ["nsenter", f"--net={netns}", "--"] if netns else []
-    subprocess.run([*enter, sys.executable, "-c", code, *args], check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from node_agent.backends.base import PodTarget
+from node_agent.backends.base import BackendError, PodTarget
 from node_agent.reconcile.drift import NODE, NODE_POLL
 
 from tests.unit.test_agent_reconcile import AMBIENT, UID, UID2, Env, pod
@@ -224,3 +224,71 @@ def test_a_pod_applied_during_a_polling_pass_is_left_to_the_next_poll(tmp_path: 
     env.clock.t += interval / 2
     env.r.reconcile()  # the next poll, one interval after the apply: read back and repaired
     assert checked == [UID] and UID in env.backend.rules and env.repairs == 1
+
+
+def test_pods_a_quiet_polls_backend_answers_for_are_not_read_on_a_poll_pass(tmp_path: Path) -> None:
+    """QuietPolls (eBPF: its change count and pin events): the pods it answers for are skipped on a poll
+    pass; it is asked about the polled pods only, never at the backstop or for an announced change."""
+    env, checked, _made = setup(tmp_path, events=False)
+    asked: list[list[tuple[str, bool]]] = []
+
+    def unchanged(polls: list[tuple[str, object, bool]]) -> set[str]:
+        asked.append(sorted((uid, part) for uid, _spec, part in polls))
+        return {UID}
+
+    env.backend.unchanged = unchanged  # type: ignore[attr-defined]
+    env.r.drift.backstop = 1000.0
+    checked.clear()
+    env.clock.t += 2.5
+    env.r.reconcile()
+    assert checked == [UID2] and asked == [[(UID, False), (UID2, False)]]
+    checked.clear()
+    asked.clear()
+    env.r.drift.last_full = env.clock.t - 1000.0  # the backstop: every pod read, nobody asked
+    env.r.reconcile()
+    assert sorted(checked) == sorted([UID, UID2]) and asked == []
+
+
+def test_an_announced_change_is_read_though_the_backend_answers_for_every_poll(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.backend.change_events = False
+    reads: list[str] = []
+    env.backend.announces_part = lambda spec: True  # type: ignore[attr-defined]
+
+    def reading(part: str) -> Callable[[PodTarget, object], list[str]]:
+        def read(target: PodTarget, spec: object) -> list[str]:
+            reads.append(part)
+            return []
+        return read
+
+    env.backend.check_unannounced = reading("unannounced")  # type: ignore[attr-defined]
+    env.backend.check_announced = reading("announced")  # type: ignore[attr-defined]
+    env.backend.unchanged = lambda polls: {uid for uid, _spec, _part in polls}  # type: ignore[attr-defined]
+    _full, made = watched_and_counted(env)
+    env.r.drift.backstop = 1000.0
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()
+    env.r.reconcile()
+    (w,) = made
+    reads.clear()
+    for _ in range(3):
+        env.clock.t += 2.5
+        env.r.reconcile()
+    assert reads == []  # every poll answered for
+    w.on_change(UID)
+    env.r.reconcile()
+    assert reads == ["announced"]
+
+
+def test_a_backend_that_cannot_answer_has_its_pods_read(tmp_path: Path) -> None:
+    env, checked, _made = setup(tmp_path, events=False)
+
+    def unchanged(polls: object) -> set[str]:
+        raise BackendError("inotify gone")
+
+    env.backend.unchanged = unchanged  # type: ignore[attr-defined]
+    checked.clear()
+    env.clock.t += 2.5
+    env.r.reconcile()
+    assert sorted(checked) == sorted([UID, UID2])

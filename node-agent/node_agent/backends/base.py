@@ -6,7 +6,7 @@ no-ops or empty answers where a member does not apply (iptables has no cgroups a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -123,6 +123,17 @@ class PartlyAnnounced(Protocol):
 
     def check_announced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         """`check` of the part that announces its changes only (what a change announcement can concern)."""
+
+
+@runtime_checkable
+class QuietPolls(Protocol):
+    """A polled backend that can tell, for a whole drift pass at once, which pods would read as at their
+    last look that found them intact, without reading them (something announces every change to them that
+    it does not read: eBPF's change count and pin-directory events). The agent skips those pods."""
+
+    def unchanged(self, polls: Iterable[tuple[str, RedirectSpec, bool]]) -> set[str]:
+        """Of the pods due for a poll ((uid, spec, whether only `check_unannounced` is due: else `check`)),
+        the uids whose read would find nothing (never a pod whose read is due for another reason)."""
 
 
 class RedirectBackend(PodRules, Protocol):

@@ -12,10 +12,11 @@ When a pod is read back:
   for the rest (`PartlyAnnounced`: an eBPF ambient pod's programs and filters are polled, its inbound
   rules on nftables or iptables-nft and its policy routing are read on change and right after the
   subscription, `check_announced`; an iptables-legacy ambient pod's x_tables rules are polled, its policy
-  routing is read on change). A pod this agent applied during the pass itself (a wave of enrolments
-  goes in during the pass's converge step) waits for the next poll: the wave is not read back while it
-  goes in, each read holding the backend's lock between two applies, and a bypass after such an apply
-  is still found within one interval;
+  routing is read on change); of these, the pods a `QuietPolls` backend answers for (nothing happened to
+  them since their last read: eBPF's change count and pin events) are skipped. A pod this agent applied
+  during the pass itself (a wave of enrolments goes in during the pass's converge step) waits for the
+  next poll: the wave is not read back while it goes in, each read holding the backend's lock between
+  two applies, and a bypass after such an apply is still found within one interval;
 - every backstop interval (`--drift-backstop`) and right after pods were enrolled on rules found in place
   (adoption): every pod, watched or not.
 The read-back runs outside the lock, one pod at a time; a CNI request that arrives meanwhile is served
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from node_agent.backends.base import BackendError, PartlyAnnounced, PodTarget, RedirectBackend
+from node_agent.backends.base import BackendError, PartlyAnnounced, PodTarget, QuietPolls, RedirectBackend, RedirectSpec
 from node_agent.netns.pin import PinError
 from node_agent.reconcile.choice import Backends
 from node_agent.reconcile.pod_netns import PodNetns
@@ -66,16 +67,24 @@ class Due:
     announced: frozenset[str] = frozenset()  # of uids: only the part that announces its changes
 
 
-_PARTLY: weakref.WeakKeyDictionary[RedirectBackend, bool] = weakref.WeakKeyDictionary()
+_CAN: weakref.WeakKeyDictionary[RedirectBackend, dict[type, bool]] = weakref.WeakKeyDictionary()
+
+
+def _can(backend: RedirectBackend, protocol: type) -> bool:
+    """isinstance with a runtime-checkable protocol, answered once per backend (it looks up each of the
+    protocol's methods, and this is asked for every pod of a pass)."""
+    known = _CAN.setdefault(backend, {})
+    if protocol not in known:
+        known[protocol] = isinstance(backend, protocol)
+    return known[protocol]
 
 
 def partly_announced(backend: RedirectBackend) -> PartlyAnnounced | None:
-    """The backend when it is a PartlyAnnounced, answered once per backend (isinstance with a
-    runtime-checkable protocol looks up each of its methods, and this is asked for every pod of a pass)."""
-    known = _PARTLY.get(backend)
-    if known is None:
-        known = _PARTLY[backend] = isinstance(backend, PartlyAnnounced)
-    return cast(PartlyAnnounced, backend) if known else None
+    return cast(PartlyAnnounced, backend) if _can(backend, PartlyAnnounced) else None
+
+
+def quiet_polls(backend: RedirectBackend) -> QuietPolls | None:
+    return cast(QuietPolls, backend) if _can(backend, QuietPolls) else None
 
 
 def _read(uid: str, st: PodState, backend: RedirectBackend, target: PodTarget, due: Due | None) -> list[str]:
@@ -234,9 +243,13 @@ class DriftCheck:
         serve_waiting (lock held) runs a converge step for CNI requests that arrived meanwhile."""
         with self.table.lock:
             todo = [uid for uid in self.table.pods if due is None or due.uids is None or uid in due.uids]
+            polls = self._polls(todo, due)
+        unread = self._unread(polls)
         for uid in todo:
             if stopping():
                 return
+            if uid in unread:
+                continue
             with self.table.lock:
                 serve_waiting()
                 job = self._job(uid)
@@ -255,6 +268,33 @@ class DriftCheck:
                     self._repair(st, backend, target, result)
                     if (st.state, st.reason) != before:
                         self.table.notify()
+
+    def _polls(self, todo: list[str], due: Due | None) -> dict[QuietPolls, list[tuple[str, RedirectSpec, bool]]]:
+        """The polls of this pass that a QuietPolls backend may answer for (lock held): of a poll pass, the
+        pods read for their polled part (never for an announced change); per backend, (uid, spec, whether
+        only the unannounced part is due)."""
+        polls: dict[QuietPolls, list[tuple[str, RedirectSpec, bool]]] = {}
+        if due is None or due.uids is None:
+            return polls
+        for uid in todo:
+            st = self.table.pods[uid]
+            if uid in due.announced or not st.backend or (st.mode != SIDECAR and st.state != ENROLLED):
+                continue
+            backend = self.backends.named(st.backend)
+            if backend is not None and (quiet := quiet_polls(backend)) is not None:
+                polls.setdefault(quiet, []).append((uid, st.spec, uid in due.partial))
+        return polls
+
+    @staticmethod
+    def _unread(polls: dict[QuietPolls, list[tuple[str, RedirectSpec, bool]]]) -> set[str]:
+        """The pods their backends answer for (a backend that cannot answer now answers for none)."""
+        unread: set[str] = set()
+        for backend, of in polls.items():
+            try:
+                unread |= backend.unchanged(of)
+            except (BackendError, OSError) as exc:
+                log.warning("cannot tell which pods are unchanged: %s", exc, extra={"step": "drift"})
+        return unread
 
     def _job(self, uid: str) -> Job | None:
         """What the check reads for this pod (lock held); None: nothing to check."""

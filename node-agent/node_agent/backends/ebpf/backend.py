@@ -1,18 +1,17 @@
 """EbpfBackend: per-pod eBPF redirection on the pod's own cgroup v2 directory.
 
 Outbound TCP (IPv4, IPv6, v4-mapped) and DNS in eBPF (bpf/redirect.c): connect4/6 rewrite to the proxy's
-loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. The cgroup programs
-are the node's (node_programs), attached to each pod's cgroup; a pod's parameters are node-map entries
-under its netns cookie (pod_index), its own maps the record of them. Inbound TCP: TC programs in the pod
-netns (the port rewritten to the proxy's inbound port and back, as REDIRECT), or an inbound fallback
-backend (iptables, "inbound only" spec). ambient_inbound: the rules backend that takes ambient pods'
-inbound even then (its CONNMARK + policy routing return the replies of the node proxy's original-source
-connections); its changes are announced, so the agent polls only `check_unannounced` for such pods, and
-that poll reads less while the node's change count (`bpf_watch`) stands still. Foreign programs at our
-hooks and foreign TC filters or tcx programs ahead of ours are drift, removed by the apply; programs on the
-pod cgroup's ancestors are reported, never removed (`foreign_progs`, `tc_foreign`, `parent_progs`). With
-a rules helper, a pod's rules part goes in from that child after the lock, while the next pod's eBPF part
-goes in (`inbound_part`).
+loopback port from the pod IP, sock_ops + getsockopt give the proxy SO_ORIGINAL_DST. The node's cgroup
+programs (node_programs) are attached to each pod's cgroup; a pod's parameters are node-map entries under
+its netns cookie (pod_index), its own maps the record of them. Inbound TCP: TC programs in the pod netns
+(the port rewritten to the proxy's inbound port and back, as REDIRECT), or an inbound fallback backend
+(iptables, "inbound only" spec). ambient_inbound: the rules backend that takes ambient pods' inbound even
+then (its CONNMARK + policy routing return the node proxy's original-source replies), written from a rules
+helper child after the lock when there is one (`inbound_part`); its changes are announced, so the agent
+polls only `check_unannounced` for such pods, which reads less, or nothing (`unchanged`), while the node's
+change count (`bpf_watch`) stands still. Foreign programs at our hooks and foreign TC filters or tcx
+programs ahead of ours are drift, removed by the apply; programs on the pod cgroup's ancestors are
+reported, never removed (`foreign_progs`, `tc_foreign`, `parent_progs`).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,6 +179,7 @@ class EbpfBackend(RedirectBackend):
         if reason is not None:
             raise BackendError(f"eBPF apply for pod {target.uid}: {reason}")
         with self._lock, contextlib.ExitStack() as inside:
+            self.intact.forget(target.uid)  # what it read may be changed now: read in full next
             try:
                 cg = validate_cgroup(target.cgroup_path)
                 inside.enter_context(staying_in(target.netns_path))
@@ -332,12 +332,8 @@ class EbpfBackend(RedirectBackend):
                     validate_cgroup(new)
                 except CgroupError as e:
                     raise BackendError(f"proxy cgroup: {e}") from e
-            root = self._root()
-            if had := self.orig_dst.pinned_path(root).exists():
-                self.orig_dst.detach(self.proxy_cgroup, root)
-            self.proxy_cgroup = new
-            if had and new is not None:
-                self.orig_dst.ensure(self.proxy_cgroup, root, self._object, self._node_maps(root))
+            root, old, self.proxy_cgroup = self._root(), self.proxy_cgroup, new
+            self.orig_dst.move(old, new, root, self._object, lambda: self._node_maps(root))
 
     def _remove_ebpf(self, target: PodTarget, keep_proxy: bool = False) -> None:
         self.intact.forget(target.uid)
@@ -349,10 +345,9 @@ class EbpfBackend(RedirectBackend):
         return pinning.pinned_pod_dirs(self.state_dir)
 
     def prepare(self) -> None:
-        """Make the bpffs mount, the node maps and both pod modes' node programs before a pod needs them
-        (~50 ms and the verifier, else spent by the node's first apply with the lock held: a wave waits);
-        proxy cgroup programs found with no pod (an agent killed before detaching them) come off as after a
-        last pod's removal. Waits for a background compile; a failure is logged (met again by an apply)."""
+        """Make the bpffs mount, the node maps and both pod modes' node programs ahead of the first pod (else
+        ~50 ms and the verifier under the lock: a wave waits); proxy cgroup programs left with no pod (an agent
+        killed before detaching them) come off. Waits for a background compile; a failure is logged."""
         if self.rules_helper is not None:
             self.rules_helper.start()
         try:
@@ -373,9 +368,8 @@ class EbpfBackend(RedirectBackend):
             log.warning("ebpf node programs not prepared", extra={"event": "ebpf_prepare_failed", "reason": str(e)})
 
     def close(self) -> None:
-        """Agent shutdown: when no pod has anything pinned any more, unpin the node maps and unmount
-        <state-dir>/bpf (pods keep their programs otherwise, and the next agent re-adopts them from the pins).
-        The node maps and programs outlive the last pod while the agent runs (`prepare`)."""
+        """Agent shutdown: with nothing pinned for any pod, unpin the node maps and unmount <state-dir>/bpf
+        (else pods keep their programs, re-adopted from the pins by the next agent)."""
         if self.rules_helper is not None:
             self.rules_helper.stop()
         with self._lock:
@@ -392,8 +386,7 @@ class EbpfBackend(RedirectBackend):
                 log.warning("ebpf bpffs unmount failed", extra={"reason": str(e)})
 
     def remove_beside(self, target: PodTarget, new: PodRules) -> None:
-        """`remove` once `new` holds the pod (StepsAside): the inbound rules `new` wrote over stay (same kind
-        of rules backend), the policy routing too."""
+        """`remove` once `new` holds the pod (StepsAside): rules `new` wrote over and policy routing stay."""
         self.remove(target, new)
 
     def remove(self, target: PodTarget, beside: PodRules | None = None) -> None:
@@ -402,9 +395,8 @@ class EbpfBackend(RedirectBackend):
             mode = pinned["mode"] if pinned is not None else None
             self._remove_ebpf(target)
             ALERTS.clear(target.uid)
-            # the ambient inbound never held a pod pinned as sidecar (spares a rules read)
             inbound_part.remove(self.inbound or (self.ambient_inbound if mode != maps.MODE_SIDECAR else None),
-                                target, beside)
+                                target, beside)  # the ambient inbound never held a pod pinned as sidecar
 
     def check(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         with self._lock:
@@ -421,8 +413,7 @@ class EbpfBackend(RedirectBackend):
         return bool(getattr(self.inbound_rules(spec), "change_events", False))
 
     def check_unannounced(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
-        """The programs, pins, maps and TC filters (polled: nothing announces their changes); a pod found
-        intact is read through `intact_cache` while nothing it read has changed."""
+        """The programs, pins, maps and TC filters (polled); a pod found intact is read through `intact_cache`."""
         with self._lock:
             try:
                 cg = validate_cgroup(target.cgroup_path)
@@ -436,6 +427,15 @@ class EbpfBackend(RedirectBackend):
                 problems += self.orig_dst.problems(self.proxy_cgroup, root)
             return problems
 
+    def unchanged(self, polls: Iterable[tuple[str, RedirectSpec, bool]]) -> set[str]:
+        """QuietPolls: of the pods whose poll is their eBPF part alone (the unannounced part due, or no rules
+        part), those that would read as at their last look (`IntactPods.unchanged`)."""
+        with self._lock:
+            uids = [uid for uid, spec, part in polls if part or self.inbound_rules(spec) is None]
+            if self._mounted is None or not uids:
+                return set()
+            return self.intact.unchanged(uids, self.changes.read(self._object), str(self._mounted / pinning.NODE_DIR))
+
     def own_installed(self, target: PodTarget) -> bool:
         """Pins or programs (a node that never ran eBPF has no bpffs: looked for, not mounted)."""
         with self._lock:
@@ -446,5 +446,5 @@ class EbpfBackend(RedirectBackend):
 
     def installed(self, target: PodTarget) -> bool:
         with self._lock:
-            rules = (self.inbound, self.ambient_inbound)
-            return self.own_installed(target) or any(b is not None and b.installed(target) for b in rules)
+            return self.own_installed(target) or any(b is not None and b.installed(target)
+                                                     for b in (self.inbound, self.ambient_inbound))

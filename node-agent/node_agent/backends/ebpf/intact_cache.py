@@ -19,6 +19,9 @@ Where the node's change count runs (`bpf_watch`: the bpf(2) attaches, detaches a
 other process), a poll that finds it where it was at the pod's last look skips the map lookup, the hook
 queries and the tcx query: nobody else can have changed them meanwhile; the stat (pins are files) and the
 TC announcements stay.
+Where inotify can be had, each remembered pod's pin directory (and the node's) is watched too (`pin_events`):
+then `unchanged` answers for a whole drift pass at once which pods need no look at all (the count where it
+was at their last look, no pin event, nothing queued on their TC socket), and the agent skips them.
 A pod whose inbound is on TC also keeps a socket subscribed to its netns' TC and link announcements
 from before its full read (`tc_watch`): nothing queued there (and no tcx program on its interfaces) stands
 for the TC filters' dumps. Anything different, an error, a change in what the pod should have (spec, IPs,
@@ -32,17 +35,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from node_agent.backends.ebpf import bpfsys, pinning, pod_index
 from node_agent.backends.ebpf.attach import Cgroup, CgroupError
+from node_agent.backends.ebpf.pin_events import PinEvents
 from node_agent.backends.ebpf.pod_state import Hooks, read_hooks
 from node_agent.backends.ebpf.tc_watch import TcWatch
 from node_agent.kernel.fd_limit import raise_fd_limit
 
 FULL_EVERY = 60.0  # seconds: a pod read through the shortcut is read fully again at least this often
+NODE = ""  # the pin-event key of the node's pin directory (the pod keys are uids)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Intact:
     until: float  # monotonic: read fully again from then on
     tc: TcWatch | None = None  # inbound on TC: its announcements since before the full read
     generation: int | None = None  # the node's change count read before the last look that found it intact
+    watched: bool = False  # its pin directory is watched (pin_events) since before `pins` was read
 
 
 class IntactPods:
@@ -70,6 +76,9 @@ class IntactPods:
         self._max_watches: int | None = None  # TC sockets held at most (a quarter of the open-file limit)
         self.shortcuts = 0  # polls answered by the shortcut (for tests)
         self.quiet = 0  # of them, answered without the map and hook reads: the change count stood still
+        self.unread = 0  # polls `unchanged` answered for (no look at all)
+        self._pins: PinEvents | None = None
+        self._pins_tried = False
 
     def may_watch(self) -> bool:
         """Whether one more pod may keep a TC watch socket."""
@@ -82,7 +91,10 @@ class IntactPods:
                  config: bytes, hooks: Hooks, tc: TcWatch | None = None, generation: int | None = None) -> None:
         """After a full read that found the pod intact (tc: its TC watch, opened before that read; kept
         here or closed; generation: the change count read before it). A pin directory that cannot be
-        read, or changed in the coarse clock's current tick, leaves nothing remembered."""
+        read, or changed in the coarse clock's current tick, leaves nothing remembered. Its pin directory is
+        watched from before that identity is read."""
+        with self._lock:
+            watched = (events := self._events()) is not None and events.watch(uid, pdir)
         try:
             pins = pinning.settled_identity(pdir)
         except OSError:
@@ -94,28 +106,74 @@ class IntactPods:
             return
         now = self._clock()
         entry = Intact(wanted, programs, pins, pod_index.config_key(netns_cookie), config, hooks,
-                       now + FULL_EVERY, tc, generation)
+                       now + FULL_EVERY, tc, generation, watched)
         with self._lock:
             old = self._by_pod.pop(uid, None)
             stale = [u for u, e in self._by_pod.items() if e.until + FULL_EVERY < now]
-            dropped = [self._by_pod.pop(u) for u in stale]
+            dropped = [self._drop(u) for u in stale]
             self._by_pod[uid] = entry
         for gone in (old, *dropped):
             if gone is not None and gone.tc is not None:
                 gone.tc.close()
 
+    def _events(self) -> PinEvents | None:
+        """The pin-event watches (lock held), opened at the first use."""
+        if not self._pins_tried:
+            self._pins_tried = True
+            self._pins = PinEvents.open()
+        return self._pins
+
+    def _drop(self, uid: str) -> Intact | None:
+        """The pod's entry taken out and its pin directory unwatched (lock held)."""
+        if self._pins is not None:
+            self._pins.unwatch(uid)
+        return self._by_pod.pop(uid, None)
+
     def forget(self, uid: str) -> None:
         with self._lock:
-            gone = self._by_pod.pop(uid, None)
+            gone = self._drop(uid)
         if gone is not None and gone.tc is not None:
             gone.tc.close()
 
     def clear(self) -> None:
+        """Every entry dropped, the pin-event watches closed (the backend's close)."""
         with self._lock:
             gone, self._by_pod = list(self._by_pod.values()), {}
+            if self._pins is not None:
+                self._pins.close()
+            self._pins, self._pins_tried = None, False
         for entry in gone:
             if entry.tc is not None:
                 entry.tc.close()
+
+    def unchanged(self, uids: Iterable[str], generation: int | None, node_dir: str) -> set[str]:
+        """Of these pods, those that read as at their last look without a look: the node's change count
+        (`generation`, read before this call) is where it was then, no pin was made or removed in their
+        directory nor in the node's (`node_dir`) since, nothing is queued on their TC socket, and their
+        full read is not due. A pod whose directory announced a change is forgotten (read in full next).
+        Nothing is answered for while the count or the watches cannot be had, or events were lost."""
+        if generation is None:
+            return set()
+        with self._lock:
+            if (events := self._events()) is None:
+                return set()
+            changed, lost = events.drain()
+            if not events.watching(NODE):  # its past is unknown: from now on
+                events.watch(NODE, node_dir)
+                lost = True
+            gone = [self._drop(uid) for uid in changed - {NODE}]
+            if lost or NODE in changed:
+                entries = {}
+            else:
+                entries = {uid: e for uid in uids if (e := self._by_pod.get(uid)) is not None}
+        for entry in gone:
+            if entry is not None and entry.tc is not None:
+                entry.tc.close()
+        now = self._clock()
+        out = {uid for uid, e in entries.items() if e.watched and e.generation == generation and now < e.until
+               and (e.tc is None or e.tc.quiet(tcx=False))}
+        self.unread += len(out)
+        return out
 
     def still(self, uid: str, wanted: Hashable, pdir: str, cg: Path, config_fd: int | None,
               generation: int | None = None) -> bool:

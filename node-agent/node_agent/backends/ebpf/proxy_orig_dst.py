@@ -212,6 +212,15 @@ class ProxyOrigDst:
                 timer.cancel()
                 timer.function()  # `later`: still the pending one, so it runs
 
+    def move(self, old: str | None, new: str | None, root: Path, obj: Callable[[], loader.CompiledObject],
+             node_fds: Callable[[], dict[str, int]]) -> None:
+        """The proxy now runs in the cgroup `new` (validated by the caller): programs attached for it in
+        `old` move there (none are attached while no ambient pod needs them)."""
+        if self.pinned_path(root).exists():
+            self.detach(old, root)
+            if new is not None:
+                self.ensure(new, root, obj, node_fds())
+
     def detach(self, proxy_cgroup: str | None, root: Path) -> None:
         """Detach the node-level programs from wherever they are attached (the recorded cgroup and the
         current proxy cgroup), then unpin them."""

@@ -1,0 +1,99 @@
+"""The pin-directory watches (`pin_events`) and `IntactPods.unchanged` over them, on plain directories
+(inotify behaves alike on the bpffs: the kernel side is tests/kernel/test_ebpf_unread_polls.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from node_agent.backends.ebpf import intact_cache
+from node_agent.backends.ebpf.intact_cache import IntactPods
+from node_agent.backends.ebpf.pin_events import PinEvents
+from node_agent.backends.ebpf.pod_state import Hooks
+
+
+@pytest.fixture
+def events() -> Iterator[PinEvents]:
+    ev = PinEvents.open()
+    assert ev is not None
+    yield ev
+    ev.close()
+
+
+def test_changes_are_reported_under_their_key_and_a_removed_directory_is_no_longer_watched(
+    tmp_path: Path, events: PinEvents
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    assert events.watch("A", str(a)) and events.watch("B", str(b))
+    assert events.drain() == (set(), False)
+    (a / "pin").touch()
+    assert events.drain() == ({"A"}, False)
+    (a / "pin").rename(a / "other")
+    (a / "other").chmod(0o600)  # an attribute change leaves the pins as they were: not reported alone
+    assert events.drain() == ({"A"}, False)
+    (a / "other").chmod(0o644)
+    assert events.drain() == (set(), False)
+    (b / "x").touch()
+    os.unlink(b / "x")
+    b.rmdir()
+    assert events.drain() == ({"B"}, False)
+    assert not events.watching("B") and events.watching("A")
+    b.mkdir()  # recreated: another directory, not watched until asked
+    (b / "y").touch()
+    assert events.drain() == (set(), False)
+
+
+def test_unwatch_and_rewatch_leave_no_stale_reports(tmp_path: Path, events: PinEvents) -> None:
+    a = tmp_path / "a"
+    a.mkdir()
+    assert events.watch("A", str(a))
+    (a / "pin").touch()
+    events.unwatch("A")
+    assert events.drain() == (set(), False)  # what came before the unwatch is dropped with it
+    assert events.watch("A", str(a)) and events.watch("A", str(a))  # a second watch replaces the first
+    assert events.drain() == (set(), False)
+    assert not events.watch("gone", str(tmp_path / "missing"))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def remembered(pods: IntactPods, uid: str, pdir: Path, generation: int | None = 7) -> None:
+    pdir.mkdir(exist_ok=True)
+    time.sleep(0.02)  # its mtime older than the coarse clock's tick: remembered
+    pods.remember(uid, ("spec",), (), str(pdir), 1, b"cfg", Hooks(), None, generation)
+
+
+def test_unchanged_answers_for_pods_nothing_happened_to(tmp_path: Path) -> None:
+    clock = Clock()
+    pods = IntactPods(clock)
+    node = tmp_path / "node"
+    node.mkdir()
+    remembered(pods, "p1", tmp_path / "p1")
+    remembered(pods, "p2", tmp_path / "p2")
+    remembered(pods, "p3", tmp_path / "p3", generation=None)  # no count when it was read
+    assert pods.unchanged(["p1", "p2"], 7, str(node)) == set()  # the node's watch is new: its past unknown
+    assert pods.unchanged(["p1", "p2", "p3", "unknown"], 7, str(node)) == {"p1", "p2"}
+    assert pods.unread == 2
+    assert pods.unchanged(["p1"], 8, str(node)) == set()  # the count moved
+    assert pods.unchanged(["p1"], None, str(node)) == set()  # the count cannot be had
+    (tmp_path / "p1" / "pin").touch()  # a pin made: p1 forgotten (read in full next), p2 still answered
+    assert pods.unchanged(["p1", "p2"], 7, str(node)) == {"p2"}
+    assert not pods.still("p1", ("spec",), str(tmp_path / "p1"), tmp_path, 3, 7)
+    (node / "pin").touch()  # the node's directory: nobody this time, nobody forgotten
+    assert pods.unchanged(["p2"], 7, str(node)) == set()
+    assert pods.unchanged(["p2"], 7, str(node)) == {"p2"}
+    clock.t += intact_cache.FULL_EVERY  # its full read is due
+    assert pods.unchanged(["p2"], 7, str(node)) == set()
+    pods.clear()
+    assert pods.unchanged(["p2"], 7, str(node)) == set()
