@@ -15,15 +15,17 @@ pod lookup, iptables-restore / `nft -f`); `both` measures the two on the same no
 `front` names the compiled front (`make front`), which relays without an interpreter and runs it only for
 what the agent did not take (rows `up+front`, `down+front`); `both` measures them side by side.
 Each run adds (and then deletes) one sidecar pod (annotation `sidecar.istio.io/status`) and one non-mesh
-pod, side by side. Printed: median and p90 wall time per plugin and command, and the ratio of medians
-headrace-cni ADD / bridge ADD; for context the start-up of a bare `python3 -IS -c pass`, of `headrace-cni`
-answering VERSION, and of `nsenter --net` itself. No assertions: it prints a table.
+pod, side by side, and asks headrace-cni STATUS once (cniVersion 1.1.0, as containerd 2 asks it every
+5 s; relayed to the agent when it is up). Printed: median and p90 wall time per plugin and command, and
+the ratio of medians headrace-cni ADD / bridge ADD; for context the start-up of a bare `python3 -IS -c
+pass`, of `headrace-cni` answering VERSION, and of `nsenter --net` itself. No assertions: it prints a table.
 Everything (agent, pods, netns, the node's bridge, files) is removed at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import secrets
@@ -133,6 +135,7 @@ def result_rows(results: dict[tuple[str, str, str], Samples]) -> list[list[str]]
                 ratio(h_add, b_add),
                 ms(percentile(b_del, 50)),
                 ms(percentile(h_del, 50)),
+                ms(percentile(s.get("headrace-cni", "STATUS"), 50)),
             ]
         )
     return rows
@@ -150,6 +153,7 @@ RESULT_HEADER = [
     "ratio headrace/bridge (p50)",
     "bridge DEL p50",
     "headrace-cni DEL p50",
+    "headrace-cni STATUS p50",
 ]
 
 
@@ -181,6 +185,16 @@ def one_cycle(node: SimNode, runner: CniRunner, kind: str, run: int, samples: Sa
     node.pods.pop(pod.uid, None)
     (node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
     rmdir_cgroup(node.cgroup_base / "kubepods" / f"pod{pod.uid}")
+
+
+def one_status(runner: CniRunner, samples: Samples) -> None:
+    """headrace-cni STATUS as a runtime asks it (cniVersion 1.1.0, no pod)."""
+    plugin = runner.plugin_conf("headrace-cni")
+    conf = {**plugin, "name": runner.conflist["name"], "cniVersion": "1.1.0"}
+    mark = len(runner.timings)
+    runner.exec_plugin(plugin, "STATUS", stdin_override=json.dumps(conf).encode())
+    for t in runner.timings[mark:]:
+        samples.add(t.plugin, t.command, t.seconds)
 
 
 def measure_backend(
@@ -230,6 +244,7 @@ def measure_backend(
         for label, runner in runners.items():  # side by side: each run does every chain and kind
             for kind in KINDS:
                 one_cycle(node, runner, kind, i, out[(label, kind)])
+            one_status(runner, out[(label, KINDS[-1])])
         progress(f"{backend}: {i + 1}/{runs}")
     return out
 

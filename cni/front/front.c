@@ -1,16 +1,16 @@
 /*
- * headrace-cni's compiled front: the relayed ADD (protocol version 3 of the agent's plugin socket) without
- * starting an interpreter.
+ * headrace-cni's compiled front: the relayed ADD and STATUS (protocol version 3 of the agent's plugin
+ * socket) without starting an interpreter.
  *
  * install-cni lays the plugin as a launcher script whose `#!` line names this program and the agent
  * socket; the kernel then runs
  *     headrace-cni-front <agent socket> <launcher script> [the runtime's arguments...]
- * For an ADD this program sends the runtime's CNI_* environment and the network configuration to the
- * agent, exactly as the Python launcher does (cni/contract/relay.py, cni/plugin/relay_client.py: the
- * same request line byte for byte, the same timeouts and answers). When the agent runs the ADD, its
- * output is printed and nothing else starts. Otherwise, and for every other command, it runs the
+ * For an ADD or a STATUS this program sends the runtime's CNI_* environment and the network configuration
+ * to the agent, exactly as the Python launcher does (cni/contract/relay.py, cni/plugin/relay_client.py:
+ * the same request line byte for byte, the same timeouts and answers). When the agent runs the command,
+ * its output is printed and nothing else starts. Otherwise, and for every other command, it runs the
  * launcher script with the bundled interpreter next to it (`python3 -IS <script>`), the configuration
- * back on stdin, and for an ADD it tried to relay: `--relayed <standalone|unusable|held> <why>`, so the
+ * back on stdin, and when it tried to relay: `--relayed <standalone|unusable|held> <why>`, so the
  * plugin's own code knows how the relay went and does not ask the same agent again.
  *
  * Static, libc only; no heap allocation (fixed buffers); nothing from the request is interpreted beyond
@@ -78,10 +78,10 @@ static int write_all(int fd, const char *data, size_t n) {
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
 /* relay.request_line: the request, or 0 when this invocation is not relayed as it is. */
-static size_t request_line(const char *config, size_t config_len) {
+static size_t request_line(const char *command, const char *config, size_t config_len) {
     size_t n = 0;
     int first = 1;
-    n += (size_t)snprintf(line, sizeof line, "{\"v\":3,\"cmd\":\"ADD\",\"env\":{");
+    n += (size_t)snprintf(line, sizeof line, "{\"v\":3,\"cmd\":\"%s\",\"env\":{", command);
     for (size_t k = 0; k < sizeof ENV_KEYS / sizeof ENV_KEYS[0]; k++) {
         const char *value = getenv(ENV_KEYS[k]);
         if (value == NULL) continue;
@@ -385,12 +385,12 @@ int main(int argc, char **argv) {
     if (argc < 3) fail("headrace-cni-front runs only from the launcher install-cni lays", "");
     struct relay r = {.socket_path = argv[1]};
     const char *command = getenv("CNI_COMMAND");
-    if (command == NULL || strcmp(command, "ADD") != 0)
+    if (command == NULL || (strcmp(command, "ADD") != 0 && strcmp(command, "STATUS") != 0))  /* relay.COMMANDS */
         run_interpreter(argv[0], argv[2], argc - 3, argv + 3, NULL, NULL);
     int spill;
     ssize_t n = read_stdin(&spill);
     if (n < 0) fail("headrace-cni: cannot hold the network configuration", strerror(errno));
-    size_t request_len = spill < 0 ? request_line(stdin_buf, (size_t)n) : 0;
+    size_t request_len = spill < 0 ? request_line(command, stdin_buf, (size_t)n) : 0;
     const char *kind = NULL;
     if (request_len > 0) {
         int status = 0;

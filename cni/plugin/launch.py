@@ -1,13 +1,13 @@
 """The plugin executable's entry point (`run_executable`), what the launcher install-cni lays calls.
 
-An ADD goes first to the agent's socket as it came (`cni.plugin.relay_client`, `cni.contract.relay`):
-when the agent runs it, its answer is printed and nothing else of the plugin is imported. Every other
-command, and an ADD the agent declines or cannot take, runs the plugin's own code (`cni.plugin.entry`),
-which then knows how the relay went (it does not ask the same agent twice; a pod the agent held and then
-left unanswered fails closed).
+An ADD or a STATUS goes first to the agent's socket as it came (`cni.plugin.relay_client`,
+`cni.contract.relay`): when the agent runs it, its answer is printed and nothing else of the plugin is
+imported. Every other command, and one the agent declines or cannot take, runs the plugin's own code
+(`cni.plugin.entry`), which then knows how the relay went (it does not ask the same agent twice; a pod
+the agent held and then left unanswered fails closed).
 
 On nodes the launcher's `#!` line usually names the compiled front (`cni/front/front.c`), which does the
-relay without an interpreter and runs this only when the agent did not run the ADD: it then passes the
+relay without an interpreter and runs this only when the agent did not run the command: it then passes the
 relay's outcome as `--relayed <kind> <why>` (`relayed_by_front`), and this does not relay again.
 
 Imports only `posix` and `sys` here (not even `os`): start-up is most of an ADD's cost.
@@ -47,6 +47,9 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
+#: The commands relayed (`cni.contract.relay.COMMANDS`, not imported before it is needed).
+RELAYED_COMMANDS = (b"ADD", b"STATUS")
+
 #: How the compiled front's relay went, when it ran this: `--relayed <kind> <why>` (a runtime passes no
 #: arguments to a CNI plugin).
 RELAYED_FLAG = "--relayed"
@@ -68,13 +71,13 @@ def run_executable(agent_socket: str = DEFAULT_AGENT_SOCKET) -> None:
     stdin = read_stdin()
     relayed: Answer | None = None
     by_front = relayed_by_front(sys.argv)
-    if by_front is not None or posix.environ.get(b"CNI_COMMAND") == b"ADD":
+    if by_front is not None or posix.environ.get(b"CNI_COMMAND") in RELAYED_COMMANDS:
         from cni.plugin import relay_client
 
-        if by_front is not None:  # the front relayed this ADD, and the agent did not run it
+        if by_front is not None:  # the front relayed this command, and the agent did not run it
             relayed = relay_client.Answer(*by_front)
         else:
-            relayed = relay_client.add(agent_socket, relay_client.env_of(posix.environ), stdin)
+            relayed = relay_client.send(agent_socket, relay_client.env_of(posix.environ), stdin)
         if relayed is not None and relayed.kind == "done":
             _write_all(1, relayed.output)
             posix._exit(relayed.status)

@@ -1,5 +1,5 @@
-"""The launcher's relayed ADD (`cni.contract.relay`): send the ADD as it came to the agent's socket, return
-what to print. Imports only `_socket` and `time` (both built into the interpreter or tiny): this runs
+"""The launcher's relayed ADD or STATUS (`cni.contract.relay`): send the command as it came to the agent's
+socket, return what to print. Imports only `_socket` and `time` (both built into the interpreter or tiny): this runs
 before any other module of the plugin is loaded, and when the agent answers, nothing else is.
 
 Waits as the version 2 client's (`cni.plugin.agent_add_client`): connecting at most CONNECT_TIMEOUT, the
@@ -72,7 +72,7 @@ def env_of(environ: dict[bytes, bytes]) -> dict[str, str]:
     return out
 
 
-def add(socket_path: str, env: dict[str, str], stdin: bytes) -> Answer | None:
+def send(socket_path: str, env: dict[str, str], stdin: bytes) -> Answer | None:
     """The relay's outcome; None when this invocation cannot be relayed as it is (`relay.request_line`)."""
     line = relay.request_line(env, stdin)
     if line is None:

@@ -4,6 +4,12 @@ and reply handling as the plugin's own ADD through the agent (`cni.plugin.via_ag
 in-process transport), the same result or CNI error object. The agent prints nothing: it sends back what
 the plugin prints.
 
+A relayed STATUS is answered here too: the configuration and its version checked as the plugin checks
+them (the same CNI errors), then ready. What the plugin's own STATUS looks for — its pod source, the
+rules tools, the agent socket — is what its standalone ADD needs; the ADDs of a node whose agent answers
+on the configured socket are the agent's, which is up. Not logged when ready (a runtime asks every few
+seconds).
+
 `Declined` is raised where the plugin would not have used this agent, or would have gone on with its
 own standalone path: the configuration names another agent socket, the invocation carries no pod
 identity, the namespace is excluded, or the agent left the pod to the plugin.
@@ -18,7 +24,7 @@ from cni.contract import jsoncodec
 from cni.contract.errors import CniError
 from cni.plugin import cni_env, netconf
 from cni.plugin import result as cni_result
-from cni.plugin.entry import failed, internal_error, netns_inode, prev_result
+from cni.plugin.entry import failed, internal_error, netns_inode, prev_result, require_1_1
 from cni.plugin.via_agent import add_via_agent
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -35,13 +41,14 @@ class Declined(Exception):
 
 def run_relayed(environ: Mapping[str, str], stdin: bytes, own_socket: str, send: Send,
                 log: JsonLog) -> tuple[int, str]:
-    """(exit status, stdout text) of the ADD, as the plugin would have ended it; Declined otherwise."""
+    """(exit status, stdout text) of the ADD or STATUS, as the plugin would have ended it; Declined
+    otherwise."""
     started = time.monotonic()
     log.bind(container_id=environ.get("CNI_CONTAINERID", "")[:128], netns=environ.get("CNI_NETNS", "")[:256])
     version = netconf.requested_version(stdin) or netconf.LATEST_VERSION
     try:
         env = cni_env.parse_env(environ)
-        if env.command != "ADD":
+        if env.command not in ("ADD", "STATUS"):
             raise Declined(f"{env.command} is not relayed")
         log.bind(pod=env.k8s.name, namespace=env.k8s.namespace)
         conf = netconf.parse_config(stdin, env.command)
@@ -49,6 +56,9 @@ def run_relayed(environ: Mapping[str, str], stdin: bytes, own_socket: str, send:
         log.configure(conf.log_file, conf.log_level)
         if os.path.normpath(conf.agent_socket) != os.path.normpath(own_socket):
             raise Declined(f"the configuration names agent socket {conf.agent_socket}")
+        if env.command == "STATUS":
+            require_1_1(conf, "STATUS")
+            return 0, ""
         if not env.k8s.known or env.k8s.namespace in conf.exclude_namespaces:
             raise Declined("no pod identity in CNI_ARGS, or the namespace is excluded")
         prev, prev_version = prev_result(conf)

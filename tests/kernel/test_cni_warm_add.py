@@ -391,3 +391,31 @@ def test_a_held_sidecar_pod_keeps_its_flavour_when_the_agents_flavour_changes(
     redirected(pod, peer)
     node.runner().delete(pod.container_id, pod.netns.path, args=pod.cni_args)
     assert headrace_rules(pod.netns.path) == []
+
+
+@pytest.mark.parametrize("warm", ["nftables+front", "iptables-nft"], indirect=True)
+def test_status_is_the_agents_while_it_is_up_and_the_plugins_own_check_otherwise(
+    warm: tuple[SimNode, AgentRun, str]
+) -> None:
+    """A runtime asks STATUS every few seconds (containerd 2, for each kubelet Status call): with the agent
+    up the launcher relays it and the agent answers (no plugin code runs, nothing is logged), whatever
+    the plugin's own pod source; with the agent gone the plugin's own check runs again."""
+    node, agent, _backend = warm
+    runner = node.runner("1.1.0")
+    plugin = runner.plugin_conf("headrace-cni")
+    broken = dict(plugin, objects_dir=str(node.root / "missing"))  # the plugin's own check fails on it
+    agent.start_agent()
+    logged = len(node.log_file.read_text().splitlines()) if node.log_file.exists() else 0
+    assert runner.exec_plugin(plugin, "STATUS") is None
+    assert runner.exec_plugin(broken, "STATUS") is None
+    assert (len(node.log_file.read_text().splitlines()) if node.log_file.exists() else 0) == logged
+    with pytest.raises(CniInvocationError) as info:
+        node.runner("1.0.0").exec_plugin(plugin, "STATUS")  # the plugin's error, from the agent
+    assert info.value.code == 1
+    assert json.loads(node.log_file.read_text().splitlines()[-1])["code"] == 1  # logged as the plugin would
+    agent.kill_agent(signal.SIGKILL)
+    with pytest.raises(CniInvocationError) as info:
+        runner.exec_plugin(broken, "STATUS")
+    assert info.value.code == 50 and "missing is not a directory" in info.value.stdout
+    assert runner.exec_plugin(plugin, "STATUS") is None
+    assert any(r["msg"] == "ready" for r in map(json.loads, node.log_file.read_text().splitlines()))

@@ -20,7 +20,7 @@ from node_agent.install_cni.runtime import front_binary
 from node_agent.lab.plugin_launcher import write_plugin_launcher
 
 from cni.contract import errors, relay
-from cni.plugin import relay_client
+from cni.plugin import launch, relay_client
 from tests.unit.test_cni_agent_client import FakeAgent
 from tests.unit.test_cni_plugin_process import PREV_100, Env, env, pod_netns
 
@@ -87,6 +87,11 @@ def test_the_fronts_constants_are_the_pythons() -> None:
         assert got == expected, (module, name)
         seen += 1
     assert seen == 6, found
+    # the commands it relays (relay.COMMANDS), as the interpreter's launcher relays them
+    relayed = re.search(r"^    if \(command == NULL \|\| (.*) +/\* relay\.COMMANDS \*/$", source, re.M)
+    assert relayed is not None
+    assert re.findall(r'strcmp\(command, "(\w+)"\)', relayed.group(1)) == list(relay.COMMANDS)
+    assert launch.RELAYED_COMMANDS == tuple(c.encode() for c in relay.COMMANDS)
 
 
 def test_request_lines_are_the_interpreters_byte_for_byte(env: Env, tmp_path: Path, agent: Any) -> None:
@@ -102,6 +107,7 @@ def test_request_lines_are_the_interpreters_byte_for_byte(env: Env, tmp_path: Pa
         ({"CNI_COMMAND": "ADD", "CNI_NETNS": env.netns, "CNI_ARGS": ""}, json.dumps(conf).encode()),  # few keys
         ({**ENV, "CNI_NETNS": env.netns, "CNI_PATH": " spaced ~ path "}, b'{"x":"\\u00e9\xc3\xa9\\n"}'),
         ({**ENV, "CNI_NETNS": env.netns}, padded(conf, relay.MAX_LINE_BYTES, {**ENV, "CNI_NETNS": env.netns})),
+        ({"CNI_COMMAND": "STATUS", "CNI_PATH": "/opt/cni/bin"}, json.dumps(env.conf("1.1.0", prev=None)).encode()),
     ]
     for environ, stdin in cases:
         expected = relay.request_line(environ, stdin)

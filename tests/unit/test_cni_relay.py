@@ -38,6 +38,16 @@ def test_request_line_carries_the_env_and_the_configuration_as_they_came() -> No
     assert obj == {"v": 3, "cmd": "ADD", "env": env, "stdin": {"cniVersion": "1.0.0", "name": 'n"x'}}
 
 
+def test_status_is_relayed_and_the_other_commands_are_not() -> None:
+    status = {"CNI_COMMAND": "STATUS", "CNI_PATH": "/opt/cni/bin"}
+    line = relay.request_line(status, b'{"cniVersion": "1.1.0"}')
+    assert line is not None and json.loads(line) == {"v": 3, "cmd": "STATUS", "env": status,
+                                                      "stdin": {"cniVersion": "1.1.0"}}
+    for command in ("DEL", "CHECK", "GC", "VERSION", "add"):
+        assert relay.request_line(dict(ENV, CNI_COMMAND=command), b"{}") is None
+    assert relay.request_line({k: v for k, v in ENV.items() if k != "CNI_COMMAND"}, b"{}") is None
+
+
 @pytest.mark.parametrize("env, stdin", [
     (dict(ENV, CNI_PATH="/opt/cni/b\u00efn"), b"{}"),  # not ASCII
     (dict(ENV, CNI_ARGS="a\tb"), b"{}"),  # not printable
@@ -191,6 +201,43 @@ def test_an_invocation_that_cannot_be_relayed_takes_the_one_request_add(env: Env
         agent.close()
 
 
+STATUS_ENV = {"CNI_COMMAND": "STATUS", "CNI_PATH": "/opt/cni/bin"}
+
+
+def test_a_status_the_agent_answers_is_printed_without_the_plugins_own_check(env: Env, tmp_path: Path,
+                                                                             front: bool) -> None:
+    agent = FakeAgent(env.sock, v3=lambda r: relay.done_frame(0, b""))
+    launcher = tmp_path / "headrace-cni"
+    write_plugin_launcher(launcher, str(env.sock), front=front)
+    conf = env.conf("1.1.0", prev=None, objects_dir=str(tmp_path / "missing"))  # the own check would fail
+    try:
+        proc = subprocess.run([str(launcher)], input=json.dumps(conf).encode(),
+                              env={"PATH": "/usr/bin:/bin", **STATUS_ENV}, capture_output=True, timeout=30)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+        [req] = agent.requests
+        assert req["cmd"] == "STATUS" and req["env"] == STATUS_ENV and req["stdin"] == conf
+    finally:
+        agent.close()
+    assert env.log_lines() == []
+
+
+@pytest.mark.parametrize("answer", [lambda r: relay.standalone_frame(), lambda r: b"garbage\n", None])
+def test_a_status_the_agent_does_not_answer_is_the_plugins_own(env: Env, tmp_path: Path, front: bool,
+                                                               answer: Callable[[Any], bytes] | None) -> None:
+    agent = FakeAgent(env.sock, v3=answer) if answer is not None else None
+    launcher = tmp_path / "headrace-cni"
+    write_plugin_launcher(launcher, str(env.sock), front=front)
+    conf = env.conf("1.1.0", prev=None, objects_dir=str(tmp_path / "missing"))
+    try:
+        proc = subprocess.run([str(launcher)], input=json.dumps(conf).encode(),
+                              env={"PATH": "/usr/bin:/bin", **STATUS_ENV}, capture_output=True, timeout=30)
+    finally:
+        if agent is not None:
+            agent.close()
+    assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == errors.PLUGIN_NOT_AVAILABLE
+    assert "missing is not a directory" in json.loads(proc.stdout)["details"]
+
+
 def agent_add_line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj) + "\n").encode()
 
@@ -314,8 +361,25 @@ def test_agent_answers_a_bad_env_like_the_plugin(env: Env) -> None:
     assert status == 1 and out["code"] == errors.INVALID_ENV
 
 
+def agent_status(env: Env, conf: dict[str, Any], own: str | None = None) -> bytes:
+    obj = {"v": 3, "cmd": "STATUS", "env": STATUS_ENV, "stdin": conf}
+    return relayed_add(obj, own or str(env.sock), Warm(agent_add.none_reply("x")), lambda p: None, lambda b: None)
+
+
+def test_agent_answers_status_ready_for_its_own_socket_and_the_plugins_errors_otherwise(env: Env) -> None:
+    conf = env.conf("1.1.0", prev=None, objects_dir="/nonexistent")  # the plugin's own source: not the agent's
+    assert agent_status(env, conf) == relay.done_frame(0, b"")
+    assert env.log_lines() == []  # a ready STATUS is not logged (asked every few seconds)
+    status, out = done(agent_status(env, env.conf("1.0.0", prev=None)))
+    assert status == 1 and out["code"] == errors.INCOMPATIBLE_VERSION and "STATUS" in out["msg"]
+    status, out = done(agent_status(env, {"cniVersion": "1.1.0"}))  # no name, no type
+    assert status == 1 and out["code"] == errors.INVALID_NETWORK_CONFIG
+    assert agent_status(env, conf, own="/run/elsewhere.sock") == relay.standalone_frame()
+
+
 @pytest.mark.parametrize("obj", [
-    {"v": 3, "cmd": "DEL", "env": ENV, "stdin": {}},
+    {"v": 3, "cmd": "DEL", "env": dict(ENV, CNI_COMMAND="DEL"), "stdin": {}},
+    {"v": 3, "cmd": "STATUS", "env": ENV, "stdin": {}},  # cmd and CNI_COMMAND differ
     {"v": 3, "cmd": "ADD", "env": {**ENV, "PATH": "/bin"}, "stdin": {}},
     {"v": 3, "cmd": "ADD", "env": {**ENV, "CNI_ARGS": 1}, "stdin": {}},
     {"v": 3, "cmd": "ADD", "env": ENV, "stdin": "{}"},

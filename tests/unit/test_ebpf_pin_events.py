@@ -97,3 +97,21 @@ def test_unchanged_answers_for_pods_nothing_happened_to(tmp_path: Path) -> None:
     assert pods.unchanged(["p2"], 7, str(node)) == set()
     pods.clear()
     assert pods.unchanged(["p2"], 7, str(node)) == set()
+
+
+def test_lost_events_leave_no_pod_answered_for_until_its_next_full_read(tmp_path: Path) -> None:
+    pods = IntactPods(Clock())
+    node = tmp_path / "node"
+    node.mkdir()
+    remembered(pods, "p1", tmp_path / "p1")
+    pods.unchanged(["p1"], 7, str(node))
+    assert pods.unchanged(["p1"], 7, str(node)) == {"p1"}
+    events = pods._pins
+    assert events is not None
+    real = events.drain
+    events.drain = lambda: (set(), True)  # type: ignore[method-assign]  # a queue overflow
+    assert pods.unchanged(["p1"], 7, str(node)) == set()
+    events.drain = real  # type: ignore[method-assign]
+    assert pods.unchanged(["p1"], 7, str(node)) == set()  # whatever the lost events were about
+    remembered(pods, "p1", tmp_path / "p1")  # its next full read found it intact
+    assert pods.unchanged(["p1"], 7, str(node)) == {"p1"}

@@ -81,9 +81,11 @@ def test_bench_statistics() -> None:
     assert math.isnan(percentile([], 50))
     assert ratio([0.02, 0.04], [0.02]) == "1.50"
     s = Samples()
-    for plugin, cmd, sec in [("bridge", "ADD", 0.010), ("headrace-cni", "ADD", 0.005)]:
+    samples = [("bridge", "ADD", 0.010), ("headrace-cni", "ADD", 0.005), ("headrace-cni", "STATUS", 0.002)]
+    for plugin, cmd, sec in samples:
         s.add(plugin, cmd, sec)
     rows = result_rows({("nft", "up", "sidecar"): s})
     assert rows[0][:9] == ["nft", "up", "sidecar", "1", "10.0", "10.0", "5.0", "5.0", "0.50"]
-    out = table(rows, ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"])
+    assert rows[0][-1] == "2.0"
+    out = table(rows, ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"])
     assert out.splitlines()[1].startswith("|---")

@@ -1,5 +1,5 @@
-"""The relayed ADD (`cni.contract.relay`, protocol version 3) in the agent: the plugin's launcher sent the
-runtime's CNI_* environment and the network configuration; the plugin's own ADD code runs here
+"""The relayed ADD and STATUS (`cni.contract.relay`, protocol version 3) in the agent: the plugin's launcher
+sent the runtime's CNI_* environment and the network configuration; the plugin's own code runs here
 (`cni.plugin.relayed`) with an in-process transport to the one-request ADD (`warm_add`, the request
 validated and its netns checked exactly as when it comes over the socket). The plugin's log lines go
 where the plugin would put them (`cni.plugin.log`: the agent's `cni-log.sock` next to the configured log
@@ -36,12 +36,16 @@ def is_relay(obj: Any) -> bool:
 
 def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
     """(the CNI_* environment, the configuration as bytes) of a relay request; RequestError if malformed."""
-    if obj.get(events.CMD) != events.ADD:
-        raise RequestError(f"protocol version {relay.VERSION} has only ADD, not {str(obj.get(events.CMD))[:40]!r}")
+    cmd = obj.get(events.CMD)
+    if cmd not in relay.COMMANDS:
+        raise RequestError(f"protocol version {relay.VERSION} has only {' and '.join(relay.COMMANDS)}, "
+                           f"not {str(cmd)[:40]!r}")
     env = obj.get(relay.ENV)
     if not isinstance(env, dict) or not all(
             k in relay.ENV_KEYS and isinstance(v, str) and len(v) <= MAX_ENV_VALUE for k, v in env.items()):
         raise RequestError(f"'env' must map {', '.join(relay.ENV_KEYS)} to strings")
+    if env.get("CNI_COMMAND") != cmd:
+        raise RequestError(f"'cmd' {cmd} and CNI_COMMAND {str(env.get('CNI_COMMAND'))[:40]!r} differ")
     config = obj.get(relay.STDIN)
     if not isinstance(config, dict):
         raise RequestError("'stdin' must be the network configuration object")
@@ -50,7 +54,7 @@ def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
 
 def relayed_add(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, check_netns: Callable[[str], None],
                 send_frame: Callable[[bytes], None], later: Later = at_once) -> bytes:
-    """Run one relayed ADD; the final frame (`send_frame` sends a `wait` frame when the agent holds the pod;
+    """Run one relayed ADD or STATUS; the final frame (`send_frame` sends a `wait` frame when the agent holds the pod;
     `later` takes what runs once the final frame is sent)."""
     env, stdin = parse_relay(obj)
 
@@ -63,11 +67,11 @@ def relayed_add(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, check
         reply = warm_add(warm, lambda _interim: send_frame(relay.wait_frame(timeout)), later)
         return agent_add.parse_reply(reply)
 
-    plugin_log = JsonLog(early_log_file(stdin, {}), cmd="ADD")
+    plugin_log = JsonLog(early_log_file(stdin, {}), cmd=env["CNI_COMMAND"])
     try:
         status, text = run_relayed(env, stdin, own_socket, send, plugin_log)
     except Declined as exc:
-        log.info("relayed ADD left to the plugin: %s", exc, extra={
+        log.info("relayed %s left to the plugin: %s", env["CNI_COMMAND"], exc, extra={
             "step": "cni-relay", "pod": plugin_log.context.get("pod", ""),
             "namespace": plugin_log.context.get("namespace", ""), "netns": env.get("CNI_NETNS", "")})
         return relay.standalone_frame()

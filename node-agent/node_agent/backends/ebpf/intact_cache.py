@@ -151,18 +151,21 @@ class IntactPods:
         (`generation`, read before this call) is where it was then, no pin was made or removed in their
         directory nor in the node's (`node_dir`) since, nothing is queued on their TC socket, and their
         full read is not due. A pod whose directory announced a change is forgotten (read in full next).
-        Nothing is answered for while the count or the watches cannot be had, or events were lost."""
+        Nothing is answered for while the count or the watches cannot be had; events lost (a queue
+        overflow) leave no pod watched until its next full read (its polls compare its pin directory)."""
         if generation is None:
             return set()
         with self._lock:
             if (events := self._events()) is None:
                 return set()
             changed, lost = events.drain()
-            if not events.watching(NODE):  # its past is unknown: from now on
+            if lost:
+                self._by_pod = {uid: replace(e, watched=False) for uid, e in self._by_pod.items()}
+            new_node = not events.watching(NODE)
+            if new_node:  # its past is unknown: from now on
                 events.watch(NODE, node_dir)
-                lost = True
             gone = [self._drop(uid) for uid in changed - {NODE}]
-            if lost or NODE in changed:
+            if lost or new_node or NODE in changed:
                 entries = {}
             else:
                 entries = {uid: e for uid in uids if (e := self._by_pod.get(uid)) is not None}
