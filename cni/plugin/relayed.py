@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 
-from cni.contract import jsoncodec
+from cni.contract import jsoncodec, relay
 from cni.contract.errors import CniError
 from cni.plugin import cni_env, netconf
 from cni.plugin import result as cni_result
@@ -48,7 +48,7 @@ def run_relayed(environ: Mapping[str, str], stdin: bytes, own_socket: str, send:
     version = netconf.requested_version(stdin) or netconf.LATEST_VERSION
     try:
         env = cni_env.parse_env(environ)
-        if env.command not in ("ADD", "STATUS"):
+        if env.command not in relay.COMMANDS:
             raise Declined(f"{env.command} is not relayed")
         log.bind(pod=env.k8s.name, namespace=env.k8s.namespace)
         conf = netconf.parse_config(stdin, env.command)

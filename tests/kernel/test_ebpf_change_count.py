@@ -1,13 +1,17 @@
 """The node's change count (`bpf_watch`) on the real kernel: the tracepoint program counts the bpf(2)
 attaches, detaches and map writes of other processes, not the agent's own; while it stands still a pod
 found intact is polled without its map and hook reads, and each kind of tampering by another process is
-still found by the next check (it moved the count). Real programs on a real cgroup; the tampering runs in
-a child process, as another tool on the node would."""
+still found by the next check (it moved the count). Polls answered without a look (`EbpfBackend.unchanged`,
+the agent's drift pass skips those pods): while the count stands still and the pod's pin directory and the
+node's are untouched; each kind of tampering — a bpf(2) detach or map write, a pin removed, a TC filter
+ahead of ours — ends that at once, and the check that follows finds it. Real programs on a real cgroup and
+pins on a real bpffs; the tampering runs in a child process, as another tool on the node would."""
 
 from __future__ import annotations
 
 import os
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 import pytest
 from node_agent.backends.base import PodTarget
 
-from cni.contract.spec import SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from tests.kernel.ebpf_fixtures import (
     DETACH,
     DROP_ENTRIES,
@@ -37,6 +41,7 @@ from node_agent.backends.ebpf import bpfsys, intact_cache, pinning, pod_index  #
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 
 SPEC = SidecarSpec(include_inbound_ports=())  # outbound only: no TC part
+UNPIN = "import os, sys; os.unlink(sys.argv[1])"
 
 ATTACH_FOREIGN = """
 import sys
@@ -155,3 +160,89 @@ def test_a_tcx_program_put_ahead_of_our_tc_filters_is_found_though_the_tcx_query
         in_child(TCX, "detach", netns=env.pod_ns_path)
     backend.apply(target, spec)
     quiet_check(backend, target, spec)
+
+
+# Polls answered without a look (`EbpfBackend.unchanged`: the agent's drift pass skips those pods).
+
+
+def answered(backend: EbpfBackend, target: PodTarget, spec: SidecarSpec | AmbientSpec = SPEC) -> None:
+    """Checks (each finding the pod intact) until a poll is answered without a look."""
+    time.sleep(0.05)  # the pin directory's mtime older than the coarse clock's tick
+    for _ in range(TRIES):  # another process on the machine may move the count meanwhile
+        assert backend.check(target, spec) == []
+        if backend.unchanged([(target.uid, spec, False)]) == {target.uid}:
+            return
+    pytest.fail(f"no poll in {TRIES} was answered without a look")
+
+
+@pytest.mark.parametrize("kind", ["program detached", "node entry gone", "pin removed", "node pin removed"])
+def test_tampering_ends_the_unread_polls_and_the_next_check_finds_it(
+    env: PodEnv, backend: EbpfBackend, target: PodTarget, kind: str
+) -> None:
+    backend.apply(target, SPEC)
+    answered(backend, target)
+    unread = backend.intact.unread
+    pdir = backend.state_dir / "bpf" / target.uid
+    node = backend.state_dir / "bpf" / pinning.NODE_DIR
+    if kind == "program detached":  # bpf(2): the count moves
+        in_child(DETACH, str(pdir / "hr_connect4"), str(env.cgroup), str(bpfsys.ATTACH_CGROUP_INET4_CONNECT))
+        want = "hr_connect4 is not attached"
+    elif kind == "node entry gone":
+        in_child(DROP_ENTRIES, str(node / pod_index.CONFIG))
+        want = "no entry in the node's eBPF pod config map"
+    elif kind == "pin removed":  # an unlink on the bpffs: no bpf(2) call, the pin directory's watch tells
+        in_child(UNPIN, str(pdir / "hr_connect4"))
+        want = "hr_connect4 is not pinned"
+    else:  # the node's pin directory: no pod is answered for this pass (each pod's own read decides)
+        in_child(UNPIN, str(node / pod_index.CONFIG))
+        want = "node"
+    assert backend.unchanged([(target.uid, SPEC, False)]) == set()
+    assert backend.intact.unread == unread
+    problems = backend.check(target, SPEC)
+    assert any(want in p for p in problems), problems
+    backend.apply(target, SPEC)  # repaired, then answered for again
+    answered(backend, target)
+
+
+def test_tc_announcements_and_applies_end_the_unread_polls(
+    env: PodEnv, backend: EbpfBackend, target: PodTarget
+) -> None:
+    """Inbound on TC: a filter added in the pod netns (rtnetlink announces it, no bpf(2) call) is not
+    answered for; nor is a pod just applied (its next poll reads it)."""
+    spec = SidecarSpec()
+    backend.apply(target, spec)
+    answered(backend, target, spec)
+    subprocess.run(["tc", "-n", env.pod_ns, "filter", "add", "dev", "eth0", "ingress", "pref", "1", "u32", "match",
+                    "u32", "0", "0"], check=True)
+    assert backend.unchanged([(target.uid, spec, False)]) == set()
+    problems = backend.check(target, spec)
+    assert any("foreign" in p or "ahead" in p for p in problems), problems
+    backend.apply(target, spec)
+    answered(backend, target, spec)
+    backend.apply(target, spec)  # intact: nothing changes, yet the pod is read again before it is answered for
+    assert backend.unchanged([(target.uid, spec, False)]) == set()
+    answered(backend, target, spec)
+
+
+def test_only_polls_of_the_ebpf_part_alone_are_answered(
+    env: PodEnv, tmp_path: Path, target: PodTarget
+) -> None:
+    """A pod whose check has a rules part (inbound on the iptables fallback) is answered for only when the
+    unannounced part alone is due."""
+    from node_agent.backends.iptables.backend import IptablesBackend
+
+    for b in ebpf_backend(tmp_path / "state2", change_count=True, inbound_fallback=IptablesBackend("nft")):
+        b.intact = intact_cache.IntactPods(lambda: 1000.0)
+        spec = SidecarSpec()
+        b.apply(target, spec)
+        try:
+            time.sleep(0.05)
+            for _ in range(TRIES):
+                assert b.check(target, spec) == []
+                if b.unchanged([(target.uid, spec, True)]) == {target.uid}:
+                    break
+            else:
+                pytest.fail("the unannounced part was never answered for")
+            assert b.unchanged([(target.uid, spec, False)]) == set()
+        finally:
+            b.remove(target)

@@ -75,6 +75,18 @@ def setup(tmp_path: Path, *, events: bool = True) -> tuple[Env, list[str], list[
     return env, checked, made
 
 
+def enrolled_watched(env: Env) -> FakeWatcher:
+    """One ambient pod enrolled on env's backend (backstop far off); the drift check's watcher."""
+    _full, made = watched_and_counted(env)
+    env.r.drift.backstop = 1000.0
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod(UID))
+    env.r.reconcile()
+    env.r.reconcile()
+    (w,) = made
+    return w
+
+
 def test_watched_pods_are_checked_after_subscribing_then_only_on_change_and_at_the_backstop(tmp_path: Path) -> None:
     env, checked, made = setup(tmp_path)
     (w,) = made
@@ -188,13 +200,7 @@ def test_a_node_whose_probe_rules_announce_nothing_stays_polled(tmp_path: Path) 
     env.backend.check_unannounced = lambda target, spec: []  # type: ignore[attr-defined]
     env.backend.check_announced = lambda target, spec: []  # type: ignore[attr-defined]
     env.r.drift.node_announces = False
-    _full, made = watched_and_counted(env)
-    env.r.drift.backstop = 1000.0
-    env.fake_netns(UID)
-    env.set(AMBIENT, pod(UID))
-    env.r.reconcile()
-    env.r.reconcile()
-    (w,) = made
+    w = enrolled_watched(env)
     assert UID in w.keys() and NODE not in w.keys()
     calls, start = len(env.node_rules), env.r.drift.last_node
     for _ in range(int(NODE_POLL / 2.5) + 2):
@@ -264,13 +270,7 @@ def test_an_announced_change_is_read_though_the_backend_answers_for_every_poll(t
     env.backend.check_unannounced = reading("unannounced")  # type: ignore[attr-defined]
     env.backend.check_announced = reading("announced")  # type: ignore[attr-defined]
     env.backend.unchanged = lambda polls: {uid for uid, _spec, _part in polls}  # type: ignore[attr-defined]
-    _full, made = watched_and_counted(env)
-    env.r.drift.backstop = 1000.0
-    env.fake_netns(UID)
-    env.set(AMBIENT, pod(UID))
-    env.r.reconcile()
-    env.r.reconcile()
-    (w,) = made
+    w = enrolled_watched(env)
     reads.clear()
     for _ in range(3):
         env.clock.t += 2.5

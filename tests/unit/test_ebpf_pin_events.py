@@ -1,5 +1,5 @@
 """The pin-directory watches (`pin_events`) and `IntactPods.unchanged` over them, on plain directories
-(inotify behaves alike on the bpffs: the kernel side is tests/kernel/test_ebpf_unread_polls.py)."""
+(inotify behaves alike on the bpffs: the kernel side is tests/kernel/test_ebpf_change_count.py)."""
 
 from __future__ import annotations
 
