@@ -224,25 +224,31 @@ def test_tc_announcements_and_applies_end_the_unread_polls(
     answered(backend, target, spec)
 
 
-def test_only_polls_of_the_ebpf_part_alone_are_answered(
-    env: PodEnv, tmp_path: Path, target: PodTarget
-) -> None:
-    """A pod whose check has a rules part (inbound on the iptables fallback) is answered for only when the
-    unannounced part alone is due."""
+@pytest.fixture
+def rules_inbound(tmp_path: Path) -> Iterator[EbpfBackend]:
+    """A backend whose pods' inbound goes on the iptables fallback (a rules part in their check)."""
     from node_agent.backends.iptables.backend import IptablesBackend
 
     for b in ebpf_backend(tmp_path / "state2", change_count=True, inbound_fallback=IptablesBackend("nft")):
         b.intact = intact_cache.IntactPods(lambda: 1000.0)
-        spec = SidecarSpec()
-        b.apply(target, spec)
-        try:
-            time.sleep(0.05)
-            for _ in range(TRIES):
-                assert b.check(target, spec) == []
-                if b.unchanged([(target.uid, spec, True)]) == {target.uid}:
-                    break
-            else:
-                pytest.fail("the unannounced part was never answered for")
-            assert b.unchanged([(target.uid, spec, False)]) == set()
-        finally:
-            b.remove(target)
+        yield b
+
+
+def test_only_polls_of_the_ebpf_part_alone_are_answered(
+    env: PodEnv, rules_inbound: EbpfBackend, target: PodTarget
+) -> None:
+    """A pod whose check has a rules part (inbound on the iptables fallback) is answered for only when the
+    unannounced part alone is due."""
+    b, spec = rules_inbound, SidecarSpec()
+    b.apply(target, spec)
+    try:
+        time.sleep(0.05)
+        for _ in range(TRIES):
+            assert b.check(target, spec) == []
+            if b.unchanged([(target.uid, spec, True)]) == {target.uid}:
+                break
+        else:
+            pytest.fail("the unannounced part was never answered for")
+        assert b.unchanged([(target.uid, spec, False)]) == set()
+    finally:
+        b.remove(target)
