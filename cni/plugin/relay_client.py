@@ -1,6 +1,7 @@
 """The launcher's relayed ADD or STATUS (`cni.contract.relay`): send the command as it came to the agent's
-socket, return what to print. Imports only `_socket` and `time` (both built into the interpreter or tiny): this runs
-before any other module of the plugin is loaded, and when the agent answers, nothing else is.
+socket, return what to print. Imports only `_socket` and `time` (both built into the interpreter or
+tiny): this runs before any other module of the plugin is loaded, and when the agent answers, nothing
+else is.
 
 Waits as the version 2 client's (`cni.plugin.agent_add_client`): connecting at most CONNECT_TIMEOUT, the
 first answer within FIRST_ANSWER_TIMEOUT; after a `wait` header as long as the agent said (its copy of

@@ -270,18 +270,20 @@ class DriftCheck:
                         self.table.notify()
 
     def _polls(self, todo: list[str], due: Due | None) -> dict[QuietPolls, list[tuple[str, RedirectSpec, bool]]]:
-        """The polls of this pass that a QuietPolls backend may answer for (lock held): of a poll pass, the
+        """The polls of this pass that a QuietPolls backend in use may answer for (lock held): of a poll pass, the
         pods read for their polled part (never for an announced change); per backend, (uid, spec, whether
         only the unannounced part is due)."""
         polls: dict[QuietPolls, list[tuple[str, RedirectSpec, bool]]] = {}
         if due is None or due.uids is None:
             return polls
+        quiet_by_name = {b.name: q for b in self.backends.in_use() if (q := quiet_polls(b)) is not None}
+        if not quiet_by_name:  # no per-pod work on a node whose backends cannot answer
+            return polls
         for uid in todo:
             st = self.table.pods[uid]
-            if uid in due.announced or not st.backend or (st.mode != SIDECAR and st.state != ENROLLED):
+            if uid in due.announced or (st.mode != SIDECAR and st.state != ENROLLED):
                 continue
-            backend = self.backends.named(st.backend)
-            if backend is not None and (quiet := quiet_polls(backend)) is not None:
+            if (quiet := quiet_by_name.get(st.backend)) is not None:
                 polls.setdefault(quiet, []).append((uid, st.spec, uid in due.partial))
         return polls
 

@@ -20,11 +20,17 @@ import select
 import time
 
 from cni.kernel.netns import libc
-from node_agent.install_cni.watcher import IN_CLOEXEC, IN_IGNORED, IN_NONBLOCK, WATCH_MASK, parse_events
+from node_agent.install_cni.watcher import (
+    IN_CLOEXEC,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_NONBLOCK,
+    IN_Q_OVERFLOW,
+    WATCH_MASK,
+    parse_events,
+)
 
-IN_Q_OVERFLOW = 0x00004000
-IN_DELETE_SELF = 0x00000400
-IN_MOVE_SELF = 0x00000800
 LOST = IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_Q_OVERFLOW
 RETRY_WATCH = 0.5  # while the directory is gone: how often the watch is tried again
 

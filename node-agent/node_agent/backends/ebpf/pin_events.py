@@ -29,10 +29,10 @@ from node_agent.install_cni.watcher import (
     IN_MOVED_FROM,
     IN_MOVED_TO,
     IN_NONBLOCK,
+    IN_Q_OVERFLOW,
     parse_events,
 )
 
-IN_Q_OVERFLOW = 0x00004000
 # what changes the pins in a directory, or the directory itself (an attribute change leaves the pins as
 # they were)
 MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
