@@ -1038,6 +1038,17 @@ BPF_ARRAY(hr_watch_self, struct hr_watch_self, 1);
 BPF_ARRAY(hr_bpf_changes, u64, 1);
 BPF_TABLE("lru_hash", u64, u8, hr_watch_busy, 4096); /* threads inside a counted command */
 
+/* Whether the running task is the agent (its commands are not counted; the map unset: nobody is). */
+static __always_inline int hr_watch_is_self(void) {
+    u32 zero = 0;
+    struct hr_watch_self *self = hr_watch_self.lookup(&zero);
+    if (!self)
+        return 1;
+    struct bpf_pidns_info ns = {};
+    return self->tgid && bpf_get_ns_current_pid_tgid(self->dev, self->ino, &ns, sizeof(ns)) == 0 &&
+           ns.tgid == self->tgid;
+}
+
 int hr_bpf_watch(void *ctx) {
     u64 cmd = ((struct hr_sys_enter *)ctx)->args[0];
     switch (cmd) {
@@ -1056,13 +1067,7 @@ int hr_bpf_watch(void *ctx) {
     default:
         return 0;
     }
-    u32 zero = 0;
-    struct hr_watch_self *self = hr_watch_self.lookup(&zero);
-    if (!self)
-        return 0;
-    struct bpf_pidns_info ns = {};
-    if (self->tgid && bpf_get_ns_current_pid_tgid(self->dev, self->ino, &ns, sizeof(ns)) == 0 &&
-        ns.tgid == self->tgid)
+    if (hr_watch_is_self())
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u8 one = 1;
@@ -1079,5 +1084,81 @@ int hr_bpf_watch_exit(void *ctx) {
     u64 *count = hr_bpf_changes.lookup(&zero);
     if (count)
         __sync_fetch_and_add(count, 1);
+    return 0;
+}
+
+/* ---- the x_tables change count: what other processes did to legacy iptables tables ----------------------
+ * Legacy iptables (x_tables) announces nothing either, and the drift check would read every legacy pod's
+ * tables back each interval. A rule change is always a whole-table replace, setsockopt(SOL_IP or SOL_IPV6,
+ * IPT_SO_SET_REPLACE == IP6T_SO_SET_REPLACE == 64) on any socket of the netns, made as that system call or
+ * as an io_uring socket command. The system call: marked on sys_enter_setsockopt, counted on its exit (as
+ * above). io_uring: the tracepoints do not say which socket command a request is, so every socket command
+ * of another process counts, once when submitted and once when it completes; hr_xt_changes[1] counts those
+ * in flight, and the agent trusts the count only while it is 0 (a command submitted with its completion
+ * left unposted, or whose mark was evicted, keeps every pod on the poll: safe). Commands of 32-bit
+ * processes are not seen by syscall tracepoints (nor bpf(2) above): found by each pod's full read. */
+BPF_ARRAY(hr_xt_changes, u64, 2);                     /* [0] the count, [1] io_uring commands in flight */
+BPF_TABLE("lru_hash", u64, u8, hr_xt_busy, 4096);     /* threads in a replace, io_uring commands in flight */
+
+#define HR_SOL_IP 0
+#define HR_SOL_IPV6 41
+#define HR_IPT_SO_SET_REPLACE 64
+#define HR_IORING_OP_URING_CMD 46
+#define HR_IORING_OP_KNOWN 63  /* opcodes from here on are newer than this code: counted like a command */
+
+struct hr_uring_req {  /* io_uring:io_uring_submit_req; io_uring_complete has ring and req at the same places */
+    u64 common;
+    u64 ring;
+    u64 req;
+    u64 user_data;
+    u8 opcode;
+};
+
+static __always_inline void hr_xt_add(u32 index, u64 n) {
+    u64 *v = hr_xt_changes.lookup(&index);
+    if (v)
+        __sync_fetch_and_add(v, n);
+}
+
+int hr_xt_watch(void *ctx) {
+    struct hr_sys_enter *e = ctx;
+    u32 level = (u32)e->args[1], optname = (u32)e->args[2];
+    if ((level != HR_SOL_IP && level != HR_SOL_IPV6) || optname != HR_IPT_SO_SET_REPLACE || hr_watch_is_self())
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u8 one = 1;
+    hr_xt_busy.update(&id, &one);
+    return 0;
+}
+
+int hr_xt_watch_exit(void *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!hr_xt_busy.lookup(&id))
+        return 0;
+    hr_xt_busy.delete(&id);
+    hr_xt_add(0, 1);
+    return 0;
+}
+
+int hr_xt_uring_submit(void *ctx) {
+    struct hr_uring_req *r = ctx;
+    u8 op = r->opcode;
+    if ((op != HR_IORING_OP_URING_CMD && op < HR_IORING_OP_KNOWN) || hr_watch_is_self())
+        return 0;
+    u64 req = r->req;
+    u8 one = 1;
+    hr_xt_add(1, 1);  /* in flight before the count moves: a reader never sees the count settled early */
+    hr_xt_add(0, 1);
+    hr_xt_busy.update(&req, &one);  /* not marked (or the mark evicted): in flight for good, pods polled */
+    return 0;
+}
+
+int hr_xt_uring_done(void *ctx) {
+    u64 req = ((struct hr_uring_req *)ctx)->req;
+    if (!hr_xt_busy.lookup(&req))
+        return 0;
+    hr_xt_busy.delete(&req);
+    hr_xt_add(0, 1);  /* its effect is there: counted before it stops being in flight */
+    hr_xt_add(1, (u64)-1);
     return 0;
 }

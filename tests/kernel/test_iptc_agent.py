@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,10 +37,11 @@ from tests.kernel.agent_kit import (
 pytestmark = pytest.mark.kernel
 
 POD_IP, SERVER_IP, PORT = "10.77.0.2", "10.77.0.9", 8080
+ENV = ("HEADRACE_IPTC_CHECK", "HEADRACE_XT_CHANGE_COUNT")  # the in-process check; the x_tables change count
 
 
 class LegacyWorld:
-    def __init__(self, tmp: Path, iptc: str) -> None:
+    def __init__(self, tmp: Path, iptc: str, count: str = "0") -> None:
         self.node = NetNS.create("hra-node-")
         self.pods = PodProcs()
         self.server = NetNS.create("hr-iptc-srv-")
@@ -57,8 +60,8 @@ class LegacyWorld:
         run([*pod, "ip", "link", "set", veth, "up"])
         self.server.run(["ip", "addr", "add", f"{SERVER_IP}/24", "dev", "eth9"])
         self.server.run(["ip", "link", "set", "eth9", "up"])
-        self.env = os.environ.get("HEADRACE_IPTC_CHECK")
-        os.environ["HEADRACE_IPTC_CHECK"] = iptc  # the agent process inherits it
+        self.env = {name: os.environ.get(name) for name in ENV}
+        os.environ.update(zip(ENV, (iptc, count), strict=True))  # the agent process inherits them
         write_object(self.objects, "ns.json", ns_object("app", ambient=True))
         write_object(self.objects, "pod.json", pod_object("app", "web", self.uid, [POD_IP]))
         self.stop = threading.Event()
@@ -101,10 +104,11 @@ class LegacyWorld:
         self.stop.set()
         self.listener.close()
         self.thread.join(5)
-        if self.env is None:
-            os.environ.pop("HEADRACE_IPTC_CHECK", None)
-        else:
-            os.environ["HEADRACE_IPTC_CHECK"] = self.env
+        for name, value in self.env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         self.agent.close()
         self.pods.close()
         self.server.delete()
@@ -113,7 +117,7 @@ class LegacyWorld:
 
 @pytest.fixture
 def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LegacyWorld]:
-    w = LegacyWorld(tmp_path, getattr(request, "param", "1"))
+    w = LegacyWorld(tmp_path, *getattr(request, "param", ("1",)))
     try:
         yield w
     finally:
@@ -150,7 +154,7 @@ def test_in_process_drift_checks_and_repair_of_a_bypass_rule(world: LegacyWorld)
     wait_for(lambda: w.checks().get("in_process", 0) > later["in_process"] + 2, 15, "in-process again")
 
 
-@pytest.mark.parametrize("world", ["0"], indirect=True)
+@pytest.mark.parametrize("world", [("0",)], indirect=True)
 def test_switched_off_every_check_runs_iptables_save(world: LegacyWorld) -> None:
     w = world
     w.agent.start_proxy()
@@ -160,3 +164,33 @@ def test_switched_off_every_check_runs_iptables_save(world: LegacyWorld) -> None
     assert w.checks().get("in_process", 0) == 0
     assert w.request() == b"hi"
     wait_for(lambda: w.via_proxy() >= 1, 10, "connection through the proxy")
+
+
+def checks_still(w: LegacyWorld, seconds: float) -> bool:
+    """No drift check of the pod (in-process or iptables-save) over `seconds`: its polls are skipped."""
+    before = w.checks()
+    time.sleep(seconds)
+    return w.checks() == before
+
+
+@pytest.mark.parametrize("world", [("1", "1")], indirect=True)
+def test_with_the_change_count_an_idle_pod_is_not_read_and_a_flush_by_io_uring_is_repaired(world: LegacyWorld) -> None:
+    w = world
+    w.agent.start_proxy()
+    w.agent.start_agent()
+    wait_for(lambda: enrolled(w), 20, "pod enrolled")
+    rules = headrace_rules(w.netns)
+    wait_for(lambda: checks_still(w, 3.0), 30, "the pod's polls skipped (the count started, nothing changed)")
+    # the nat table flushed by an io_uring socket command from another process: no setsockopt(2) at all
+    flush = run([sys.executable, "-m", "tests.kernel.uring_flush", w.netns, "nat"])
+    assert flush.stdout.strip() == "0" and headrace_rules(w.netns) != rules
+    wait_for(lambda: headrace_rules(w.netns) == rules, 10, "the flushed rules repaired")
+    wait_for(lambda: w.agent.metric("headrace_agent_drift_repairs_total") >= 1, 5, "drift counted")
+    n = w.via_proxy()
+    assert w.request() == b"hi"
+    wait_for(lambda: w.via_proxy() > n, 10, "traffic through the proxy again")
+    # a rule inserted by iptables-legacy (setsockopt), once the polls are skipped again
+    wait_for(lambda: checks_still(w, 3.0), 30, "the pod's polls skipped again")
+    run(["nsenter", f"--net={w.netns}", "iptables-legacy", "-t", "nat", "-I", "HEADRACE_AM_OUTPUT", "1",
+         "-p", "tcp", "-j", "ACCEPT"])
+    wait_for(lambda: headrace_rules(w.netns) == rules, 10, "the bypass rule removed")

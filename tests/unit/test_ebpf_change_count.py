@@ -63,7 +63,7 @@ def test_the_count_starts_once_the_object_is_there_and_a_failure_is_said_once(
     assert count.read(compiling) is None and count.read(compiling) is None and len(asked) == 2  # tried again
     starts: list[int] = []
 
-    def refuse(obj: object, scratch: Path) -> bpf_watch.BpfWatch:
+    def refuse(obj: object, scratch: Path, spec: bpf_watch.WatchSpec) -> bpf_watch.BpfWatch:
         starts.append(1)
         raise bpf_watch.WatchError("no tracefs with syscall tracepoints is mounted")
 
@@ -73,8 +73,8 @@ def test_the_count_starts_once_the_object_is_there_and_a_failure_is_said_once(
         assert count.read(lambda: object()) is None  # type: ignore[arg-type, return-value]
     assert starts == [1] and count.problem is not None
     assert [r.getMessage() for r in caplog.records].count(
-        "ebpf change count unavailable: no tracefs with syscall tracepoints is mounted; every eBPF pod is read "
-        "back in full each poll") == 1
+        "ebpf change count unavailable: no tracefs with syscall tracepoints is mounted; every pod it covers is "
+        "read back in full each poll") == 1
     off = bpf_watch.ChangeCount(False, tmp_path)
     assert off.read(compiling) is None and len(asked) == 2  # off: the object is not even asked for
 
@@ -84,8 +84,53 @@ def test_the_tracepoint_ids_come_from_a_mounted_tracefs(tmp_path: Path) -> None:
         events = tmp_path / "tracing" / "events" / "syscalls" / name
         events.mkdir(parents=True)
         (events / "id").write_text(number)
-    names = ("sys_enter_bpf", "sys_exit_bpf")
-    assert bpf_watch.tracepoint_ids(names, (tmp_path / "nothing", tmp_path / "tracing")) == {
-        "sys_enter_bpf": 586, "sys_exit_bpf": 585}
+    spec = bpf_watch.BPF_WATCH
+    assert bpf_watch.tracepoint_ids(spec, (tmp_path / "nothing", tmp_path / "tracing")) == {
+        "syscalls/sys_enter_bpf": 586, "syscalls/sys_exit_bpf": 585}
     with pytest.raises(bpf_watch.WatchError, match="no tracefs"):
-        bpf_watch.tracepoint_ids(names, (tmp_path / "nothing",))
+        bpf_watch.tracepoint_ids(spec, (tmp_path / "nothing",))
+
+
+SUBMIT_FORMAT = """name: io_uring_submit_req
+ID: 2140
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:void * ctx;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:void * req;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:u8 opcode;\toffset:32;\tsize:1;\tsigned:0;
+\tfield:__data_loc char[] op_str;\toffset:52;\tsize:4;\tsigned:0;
+"""
+
+
+def _tracefs(root: Path, uring: dict[str, str] | None) -> None:
+    for name in ("sys_enter_setsockopt", "sys_exit_setsockopt"):
+        (root / "events" / "syscalls" / name).mkdir(parents=True)
+        (root / "events" / "syscalls" / name / "id").write_text("7\n")
+    for name, text in (uring or {}).items():
+        (root / "events" / "io_uring" / name).mkdir(parents=True)
+        (root / "events" / "io_uring" / name / "id").write_text("9\n")
+        (root / "events" / "io_uring" / name / "format").write_text(text)
+
+
+def test_the_x_tables_count_watches_io_uring_where_the_kernel_has_it_and_checks_its_layout(tmp_path: Path) -> None:
+    spec = bpf_watch.XT_WATCH
+    _tracefs(tmp_path / "none", None)  # no io_uring in this kernel: the syscalls alone
+    assert set(bpf_watch.tracepoint_ids(spec, (tmp_path / "none",))) == {
+        "syscalls/sys_enter_setsockopt", "syscalls/sys_exit_setsockopt"}
+    complete = SUBMIT_FORMAT.replace("io_uring_submit_req", "io_uring_complete").replace(
+        "\tfield:u8 opcode;\toffset:32;\tsize:1;\tsigned:0;\n", "")
+    _tracefs(tmp_path / "ok", {"io_uring_submit_req": SUBMIT_FORMAT, "io_uring_complete": complete})
+    assert len(bpf_watch.tracepoint_ids(spec, (tmp_path / "ok",))) == 4
+    moved = SUBMIT_FORMAT.replace("offset:32;\tsize:1", "offset:33;\tsize:1")
+    _tracefs(tmp_path / "moved", {"io_uring_submit_req": moved, "io_uring_complete": complete})
+    with pytest.raises(bpf_watch.WatchError, match="opcode is not at offset 32"):  # the program would misread it
+        bpf_watch.tracepoint_ids(spec, (tmp_path / "moved",))
+
+
+def test_field_layout_reads_offset_and_size() -> None:
+    assert bpf_watch.field_layout(SUBMIT_FORMAT, "req") == (16, 8)
+    assert bpf_watch.field_layout(SUBMIT_FORMAT, "op_str") == (52, 4)
+    assert bpf_watch.field_layout(SUBMIT_FORMAT, "common_pid") == (4, 4)
+    assert bpf_watch.field_layout(SUBMIT_FORMAT, "flags") is None

@@ -17,8 +17,9 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 class FakeIptables:
     name = "iptables"
 
-    def __init__(self, flavour: str) -> None:
+    def __init__(self, flavour: str, change_count_dir: Path | None = None) -> None:
         self.flavour = flavour
+        self.change_count_dir = change_count_dir  # the node's own backend counts x_tables changes
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,7 @@ def test_iptables_forced():
     choice = select.select_backend("iptables", iptables_flavour="legacy", problems_fn=lambda: ["x"])
     backend, reason = choice
     assert isinstance(backend, FakeIptables) and backend.flavour == "legacy"
+    assert backend.change_count_dir == select.DEFAULT_STATE_DIR
     assert "iptables" in reason
 
 
@@ -51,6 +53,7 @@ def test_ebpf_chosen_when_probe_passes(tmp_path):
     assert choice.backend.inbound is None and choice.backend.inbound_in_ebpf
     # ambient pods' inbound goes to the rules backend (CONNMARK + policy routing for original-source delivery)
     assert isinstance(choice.backend.ambient_inbound, FakeIptables) and choice.backend.ambient_inbound.flavour == "nft"
+    assert choice.backend.ambient_inbound.change_count_dir is None  # the eBPF node's rules part: no count
     assert "ambient pods' inbound via iptables" in choice.reason
     assert choice.backend.rules_inbound(AmbientSpec()) is choice.backend.ambient_inbound
     assert choice.backend.rules_inbound(SidecarSpec()) is None  # sidecar inbound stays in TC eBPF

@@ -13,7 +13,7 @@ class FakeBackend:
 
 @pytest.fixture(autouse=True)
 def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(select, "_iptables", lambda flavour: FakeBackend("iptables"))
+    monkeypatch.setattr(select, "_iptables", lambda flavour, change_count_dir=None: FakeBackend("iptables"))
     monkeypatch.setattr(select, "_nftables", lambda: FakeBackend("nftables"))
 
 

@@ -35,10 +35,12 @@ class BackendChoice(NamedTuple):
     reason: str
 
 
-def _iptables(flavour: str) -> RedirectBackend:
+def _iptables(flavour: str, change_count_dir: Path | None = None) -> RedirectBackend:
+    """change_count_dir: the node's own backend (not an eBPF node's rules part) counts x_tables changes
+    on legacy hosts, with the agent's state dir as its scratch and object cache."""
     from node_agent.backends.iptables.backend import IptablesBackend
 
-    backend: RedirectBackend = IptablesBackend(flavour)
+    backend: RedirectBackend = IptablesBackend(flavour, change_count_dir=change_count_dir)
     return backend
 
 
@@ -70,9 +72,10 @@ def ebpf_problems(state_dir: Path = DEFAULT_STATE_DIR, background: bool = False)
     """What stops eBPF here; the compiled object is kept in <state_dir>/bpf-cache between agent runs.
     background (`auto`): on the first start (nothing cached) compile in the background, the agent serving
     meanwhile (pods go to iptables until the object is ready); otherwise (`ebpf`) compile now."""
+    from node_agent.backends.ebpf import loader
     from node_agent.backends.ebpf.probe import probe
 
-    return probe(cache_dir=state_dir / "bpf-cache", background=background)
+    return probe(cache_dir=state_dir / loader.CACHE_DIR, background=background)
 
 
 def select_backend(
@@ -91,12 +94,12 @@ def select_backend(
     proxy_cgroup: the node proxy's cgroup v2 dir (ambient original-destination lookups happen there)."""
     if setting not in SETTINGS:
         raise BackendError(f"unknown backend {setting!r}: use one of {', '.join(SETTINGS)}")
+    where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
     if setting == "iptables":
-        return BackendChoice(_iptables(iptables_flavour), "backend 'iptables' configured")
+        return BackendChoice(_iptables(iptables_flavour, where), "backend 'iptables' configured")
     if setting == "nftables":
         return BackendChoice(_nftables(), "backend 'nftables' configured")
     if problems_fn is None:
-        where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
         problems: list[str] = ebpf_problems(where, background=setting == "auto")
     else:
         problems = list(problems_fn())
@@ -110,7 +113,7 @@ def select_backend(
             return BackendChoice(_nftables(), reason)
         reason = f"auto: eBPF unavailable ({why}); using iptables"
         log.warning(reason, extra={"event": "backend_selected", "backend": "iptables"})
-        return BackendChoice(_iptables(iptables_flavour), reason)
+        return BackendChoice(_iptables(iptables_flavour, where), reason)
     from node_agent.backends.ebpf.backend import EbpfBackend
     from node_agent.backends.iptables import rules_helper
 

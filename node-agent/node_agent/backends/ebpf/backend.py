@@ -58,7 +58,6 @@ log = logging.getLogger("headrace.backend.ebpf")
 
 TC_PROGRAM, TC_HOOKS, TC_NAMES = pod_state.TC_PROGRAM, pod_state.TC_HOOKS, pod_state.TC_NAMES
 COMPILING = "the eBPF programs are being compiled (first start on this node)"
-CACHE_DIR = "bpf-cache"  # under the state dir: the compiled object (loader / object_cache)
 
 
 class EbpfBackend(RedirectBackend):
@@ -86,7 +85,7 @@ class EbpfBackend(RedirectBackend):
         self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
         if loader.cache_dir() is None:  # compiled objects kept between agent runs
-            loader.set_cache_dir(self.state_dir / CACHE_DIR)
+            loader.set_cache_dir(self.state_dir / loader.CACHE_DIR)
         self.inbound = inbound_fallback
         self.ambient_inbound = ambient_inbound
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None

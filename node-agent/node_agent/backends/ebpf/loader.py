@@ -53,12 +53,13 @@ TC_PROGRAMS: dict[str, tuple[int, int]] = {
     "hr_tc_ingress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
     "hr_tc_egress": (bpfsys.PROG_TYPE_SCHED_CLS, 0),
 }
-# The node's change count (bpf_watch.py): tracepoint programs on sys_enter_bpf and sys_exit_bpf, their maps.
-WATCH_PROGRAMS: dict[str, tuple[int, int]] = {
-    "hr_bpf_watch": (bpfsys.PROG_TYPE_TRACEPOINT, 0),
-    "hr_bpf_watch_exit": (bpfsys.PROG_TYPE_TRACEPOINT, 0),
-}
-WATCH_MAPS = ("hr_watch_self", "hr_bpf_changes", "hr_watch_busy")
+# The node's change counts (bpf_watch.py): tracepoint programs on bpf(2), on setsockopt(2) and io_uring (legacy
+# iptables tables), their maps.
+WATCH_PROGRAMS: dict[str, tuple[int, int]] = dict.fromkeys(
+    ("hr_bpf_watch", "hr_bpf_watch_exit", "hr_xt_watch", "hr_xt_watch_exit", "hr_xt_uring_submit", "hr_xt_uring_done"),
+    (bpfsys.PROG_TYPE_TRACEPOINT, 0),
+)
+WATCH_MAPS = ("hr_watch_self", "hr_bpf_changes", "hr_watch_busy", "hr_xt_changes", "hr_xt_busy")
 # The C function a program is loaded from, per pod mode, where it is not the program's own name: the mode is
 # a constant in these, so the verifier walks one mode's paths (connect6: ~4 100 instructions processed and
 # 4.2 ms a load here, ~1 400 and 1.2 ms once specialised). Loaded and pinned under the program's name.
@@ -192,6 +193,7 @@ compile_count = 0  # observable by tests and benchmarks: compile once per proces
 cache_loads = 0  # objects read from the on-disk cache instead
 _cache_dir: Path | None = None
 CACHE_ENV = "HEADRACE_BPF_CACHE_DIR"
+CACHE_DIR = "bpf-cache"  # under the agent's state dir
 FAILED_COMPILE = "compile failed: "
 
 

@@ -23,7 +23,7 @@ import functools
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectSpec
 from node_agent.backends.iptables import fresh_remove, nft_fresh_write
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
+from node_agent.backends.iptables.xt_changes import QuietLegacyPods, count_enabled
 from node_agent.kernel.netns_runner import staying_in
 
 IPTC_ENV = "HEADRACE_IPTC_CHECK"
@@ -116,14 +117,18 @@ class IptablesBackend:
     name = "iptables"
     needs_cgroup = False
 
-    def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None) -> None:
+    def __init__(self, flavour: str = "auto", *, in_process_check: bool | None = None,
+                 change_count_dir: Path | None = None) -> None:
         """in_process_check: None = on unless HEADRACE_IPTC_CHECK says off (legacy: python-iptables
-        fingerprint; nft: the ruleset generation)."""
+        fingerprint; nft: the ruleset generation). change_count_dir (the node's backend, on legacy hosts with
+        the in-process check on): run the x_tables change count there (`xt_changes`; unless
+        HEADRACE_XT_CHANGE_COUNT says off)."""
         try:
             self.flavour: Flavour = flavour_mod.resolve(flavour)
         except ValueError as exc:
             raise BackendError(str(exc)) from exc
         self.shortcut: DriftShortcut | None = None
+        self.quiet: QuietLegacyPods | None = None  # legacy pods the drift poll may skip
         # netns path -> (spec, families) of this backend's last apply there (a removal's in-process way)
         self._applied: dict[str, tuple[RedirectSpec, tuple[Family, ...]]] = {}
         # iptables-nft writes through nf_tables (changes announced); legacy tables announce nothing: polled
@@ -135,6 +140,8 @@ class IptablesBackend:
 
             iptc_reader.prepare_env()  # now, while the agent is still single-threaded
             self.shortcut = DriftShortcut(iptc_reader.shared_reader(), quick=XtDigestReader())
+            if change_count_dir is not None and count_enabled():
+                self.quiet = QuietLegacyPods(change_count_dir)
         elif self.flavour == "nft" and wanted:
             from node_agent.backends.iptables.nft_generation import NftGenerationReader
 
@@ -151,6 +158,8 @@ class IptablesBackend:
     def _forget(self, target: PodTarget) -> None:
         if self.shortcut is not None:
             self.shortcut.forget(target.netns_path)
+        if self.quiet is not None:
+            self.quiet.forget(target.uid)
 
     def adopt_written(self, target: PodTarget, spec: RedirectSpec, digest: bytes | None) -> None:
         """Another process (`rules_helper`) just applied `spec` for the pod: remembered as if applied here,
@@ -298,12 +307,22 @@ class IptablesBackend:
         prefix = _prefix(spec)
         if self.shortcut is None or not iptables_only_check(spec):
             STATS.count("iptables_save")
-            problems = self._check_save(target, spec, families)
-        else:
+            return self._check_save(target, spec, families)
+        count = self.quiet.read() if self.quiet is not None else None  # before anything is read
+        problems: list[str] | None = None
+        try:
             problems = self.shortcut.check(
                 target.netns_path, spec, families, prefix, lambda: self._check_save(target, spec, families)
             )
-        return problems
+            return problems
+        finally:
+            if self.quiet is not None:  # found intact: remembered at the count read before
+                self.quiet.intact(target.uid, spec, count if problems == [] else None)
+
+    def unchanged(self, polls: Iterable[tuple[str, RedirectSpec, bool]]) -> set[str]:
+        """QuietPolls (legacy hosts with the x_tables change count): the pods whose rules read as at their
+        last intact read (`xt_changes`)."""
+        return self.quiet.unchanged(polls) if self.quiet is not None else set()
 
     def _check_save(self, target: PodTarget, spec: RedirectSpec, families: tuple[Family, ...]) -> list[str]:
         """The authoritative check: iptables-save in the pod netns, compared with the builder's rules (and,
@@ -360,4 +379,6 @@ class IptablesBackend:
         return []  # every rule lives in its pod's netns
 
     def close(self) -> None:
-        """Nothing held on the node."""
+        """Nothing held on the node but the change count's programs, if any."""
+        if self.quiet is not None:
+            self.quiet.count.close()

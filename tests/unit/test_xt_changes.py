@@ -1,0 +1,81 @@
+"""Which legacy pods the drift poll skips: the x_tables change count where it was at their last intact read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from node_agent.backends.ebpf import loader
+from node_agent.backends.iptables import xt_changes
+from node_agent.backends.iptables.xt_changes import QuietLegacyPods
+
+from cni.contract.spec import AmbientSpec, SidecarSpec
+
+AMBIENT, SIDECAR = AmbientSpec(), SidecarSpec()
+
+
+class FakeCount:
+    def __init__(self) -> None:
+        self.value: int | None = 5
+
+    def read(self, _obj: Callable[[], loader.CompiledObject]) -> int | None:
+        return self.value
+
+
+@pytest.fixture
+def quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[QuietLegacyPods, FakeCount, list[float]]:
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path / "cache"))
+    clock = [100.0]
+    q = QuietLegacyPods(tmp_path, clock=lambda: clock[0])
+    count = FakeCount()
+    q.count = count  # type: ignore[assignment]
+    return q, count, clock
+
+
+def test_a_pod_is_skipped_while_the_count_stands_where_its_intact_read_was(
+        quiet: tuple[QuietLegacyPods, FakeCount, list[float]]) -> None:
+    q, count, clock = quiet
+    q.intact("a", SIDECAR, 5)
+    q.intact("b", SIDECAR, 4)  # read before a change elsewhere: read again
+    q.intact("c", SIDECAR, None)  # no count when it was read: nothing known
+    polls = [("a", SIDECAR, False), ("b", SIDECAR, False), ("c", SIDECAR, False), ("d", SIDECAR, False)]
+    assert q.unchanged(polls) == {"a"}
+    assert q.unchanged([("a", SidecarSpec(exclude_inbound_ports=(22,)), False)]) == set()  # another spec: read
+    count.value = 6  # another process replaced a table somewhere on the node
+    assert q.unchanged(polls) == set()
+    count.value = None  # the count stopped, or a command is in flight
+    assert q.unchanged(polls) == set()
+    count.value = 5
+    clock[0] += xt_changes.FULL_EVERY  # its full read is due
+    assert q.unchanged(polls) == set()
+
+
+def test_an_ambient_pod_is_skipped_only_when_its_rules_alone_are_due(
+        quiet: tuple[QuietLegacyPods, FakeCount, list[float]]) -> None:
+    q, _, _ = quiet
+    q.intact("a", AMBIENT, 5)
+    assert q.unchanged([("a", AMBIENT, True)]) == {"a"}
+    assert q.unchanged([("a", AMBIENT, False)]) == set()  # its policy routing is due too
+
+
+def test_forgetting_and_a_failed_read_end_the_skipping(quiet: tuple[QuietLegacyPods, FakeCount, list[float]]) -> None:
+    q, _, _ = quiet
+    q.intact("a", SIDECAR, 5)
+    q.intact("b", SIDECAR, 5)
+    q.forget("a")  # an apply or a removal of the agent's
+    q.intact("b", SIDECAR, None)  # a read that found problems (or raised)
+    assert q.unchanged([("a", SIDECAR, False), ("b", SIDECAR, False)]) == set()
+
+
+def test_no_polls_read_no_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path / "cache"))
+    q = QuietLegacyPods(tmp_path)
+    reads: list[int] = []
+
+    def read() -> int:
+        reads.append(1)
+        return 5
+
+    q.read = read  # type: ignore[method-assign]
+    assert q.unchanged([]) == set() and reads == []
