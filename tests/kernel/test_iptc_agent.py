@@ -128,12 +128,17 @@ def enrolled(w: LegacyWorld) -> bool:
     return w.agent.status().get(w.uid, {}).get("state") == "enrolled"
 
 
-def test_in_process_drift_checks_and_repair_of_a_bypass_rule(world: LegacyWorld) -> None:
-    w = world
+def started(w: LegacyWorld) -> list[str]:
+    """Start the proxy and the agent; the pod's rules once it is enrolled."""
     w.agent.start_proxy()
     w.agent.start_agent()
     wait_for(lambda: enrolled(w), 20, "pod enrolled")
-    rules = headrace_rules(w.netns)
+    return headrace_rules(w.netns)
+
+
+def test_in_process_drift_checks_and_repair_of_a_bypass_rule(world: LegacyWorld) -> None:
+    w = world
+    rules = started(w)
     assert rules and all(line.startswith("legacy: ") for line in rules)
     assert w.request() == b"hi"
     wait_for(lambda: w.via_proxy() >= 1, 10, "connection through the proxy")
@@ -157,9 +162,7 @@ def test_in_process_drift_checks_and_repair_of_a_bypass_rule(world: LegacyWorld)
 @pytest.mark.parametrize("world", [("0",)], indirect=True)
 def test_switched_off_every_check_runs_iptables_save(world: LegacyWorld) -> None:
     w = world
-    w.agent.start_proxy()
-    w.agent.start_agent()
-    wait_for(lambda: enrolled(w), 20, "pod enrolled")
+    started(w)
     wait_for(lambda: w.checks().get("iptables_save", 0) >= 4, 15, "checks")
     assert w.checks().get("in_process", 0) == 0
     assert w.request() == b"hi"
@@ -176,10 +179,7 @@ def checks_still(w: LegacyWorld, seconds: float) -> bool:
 @pytest.mark.parametrize("world", [("1", "1")], indirect=True)
 def test_with_the_change_count_an_idle_pod_is_not_read_and_a_flush_by_io_uring_is_repaired(world: LegacyWorld) -> None:
     w = world
-    w.agent.start_proxy()
-    w.agent.start_agent()
-    wait_for(lambda: enrolled(w), 20, "pod enrolled")
-    rules = headrace_rules(w.netns)
+    rules = started(w)
     wait_for(lambda: checks_still(w, 3.0), 30, "the pod's polls skipped (the count started, nothing changed)")
     # the nat table flushed by an io_uring socket command from another process: no setsockopt(2) at all
     flush = run([sys.executable, "-m", "tests.kernel.uring_flush", w.netns, "nat"])

@@ -34,15 +34,6 @@ def watch(tmp_path: Path) -> Iterator[BpfWatch]:
         w.close()
 
 
-@pytest.fixture
-def ns() -> Iterator[NetNS]:
-    n = NetNS.create("hr-xtc-")
-    try:
-        yield n
-    finally:
-        n.delete()
-
-
 def redirects(ns: NetNS) -> int:
     return ns.run(["iptables-legacy-save", "-t", "nat"]).stdout.count("REDIRECT")
 

@@ -13,7 +13,8 @@ When a pod is read back:
   rules on nftables or iptables-nft and its policy routing are read on change and right after the
   subscription, `check_announced`; an iptables-legacy ambient pod's x_tables rules are polled, its policy
   routing is read on change); of these, the pods a `QuietPolls` backend answers for (nothing happened to
-  them since their last read: eBPF's change count and pin events) are skipped. A pod this agent applied
+  them since their last read: eBPF's change count and pin events, iptables-legacy's x_tables change
+  count) are skipped. A pod this agent applied
   during the pass itself (a wave of enrolments goes in during the pass's converge step) waits for the
   next poll: the wave is not read back while it goes in, each read holding the backend's lock between
   two applies, and a bypass after such an apply is still found within one interval;

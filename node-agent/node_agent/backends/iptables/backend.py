@@ -37,9 +37,10 @@ from cni.kernel.netns import NetnsReturnError
 from cni.rules import builder
 from node_agent.backends import nft_foreign
 from node_agent.backends.base import BackendError, PodRules, PodTarget, RedirectSpec
+from node_agent.backends.env_switch import switched_on
 from node_agent.backends.iptables import fresh_remove, nft_fresh_write
 from node_agent.backends.iptables.iptc_check import STATS, DriftShortcut
-from node_agent.backends.iptables.xt_changes import QuietLegacyPods, count_enabled
+from node_agent.backends.iptables.xt_changes import COUNT_ENV, QuietLegacyPods
 from node_agent.kernel.netns_runner import staying_in
 
 IPTC_ENV = "HEADRACE_IPTC_CHECK"
@@ -49,8 +50,7 @@ log = logging.getLogger("headrace.backend.iptables")
 
 def in_process_check_enabled(environ: dict[str, str] | None = None) -> bool:
     """HEADRACE_IPTC_CHECK: unset or anything but 0/false/no/off turns the in-process check on."""
-    value = (os.environ if environ is None else environ).get(IPTC_ENV, "1")
-    return value.strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(IPTC_ENV, environ)
 
 
 def families_of(ips: tuple[str, ...]) -> tuple[Family, ...]:
@@ -140,7 +140,7 @@ class IptablesBackend:
 
             iptc_reader.prepare_env()  # now, while the agent is still single-threaded
             self.shortcut = DriftShortcut(iptc_reader.shared_reader(), quick=XtDigestReader())
-            if change_count_dir is not None and count_enabled():
+            if change_count_dir is not None and switched_on(COUNT_ENV):
                 self.quiet = QuietLegacyPods(change_count_dir)
         elif self.flavour == "nft" and wanted:
             from node_agent.backends.iptables.nft_generation import NftGenerationReader

@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from typing import IO, Any
 
 from node_agent.backends.base import PodTarget, RedirectSpec
+from node_agent.backends.env_switch import switched_on
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.kernel.home_netns import at_home, go_home
 
@@ -45,8 +46,7 @@ ENV = "HEADRACE_RULES_HELPER"  # 0/false/no/off: no helper (the agent writes eve
 def for_rules(rules: object, environ: Mapping[str, str] | None = None, cpus: int | None = None) -> RulesHelper | None:
     """A helper for an eBPF node's ambient rules backend: when it is an iptables one, the agent may use
     two CPUs or more (one CPU: the child would only add its hand-overs) and ENV does not turn it off."""
-    value = (os.environ if environ is None else environ).get(ENV, "1").strip().lower()
-    if not isinstance(rules, IptablesBackend) or value in ("0", "false", "no", "off"):
+    if not isinstance(rules, IptablesBackend) or not switched_on(ENV, environ):
         return None
     return RulesHelper(rules.flavour) if (cpus or len(os.sched_getaffinity(0))) >= 2 else None
 

@@ -18,10 +18,9 @@ the agent's environment turns the count off.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cni.contract.spec import AmbientSpec
@@ -29,15 +28,16 @@ from node_agent.backends.base import BackendError, RedirectSpec
 from node_agent.backends.ebpf import loader
 from node_agent.backends.ebpf.bpf_watch import XT_WATCH, ChangeCount, WatchError
 
-COUNT_ENV = "HEADRACE_XT_CHANGE_COUNT"
+COUNT_ENV = "HEADRACE_XT_CHANGE_COUNT"  # 0/false/no/off: no count (`env_switch`)
 FULL_EVERY = 60.0  # seconds: a pod skipped by the count is read in full again at least this often
 MAX_PODS = 65536  # pods remembered; beyond that all are forgotten (then re-learnt)
 
 
-def count_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """HEADRACE_XT_CHANGE_COUNT: unset or anything but 0/false/no/off runs the count."""
-    value = (os.environ if environ is None else environ).get(COUNT_ENV, "1")
-    return value.strip().lower() not in ("0", "false", "no", "off")
+def toolchain_problem() -> str | None:
+    """What the compile would miss here (bcc, kernel headers), None when it can run."""
+    if not loader.bcc_version():
+        return "bcc is not installed (python3-bpfcc)"
+    return loader.kernel_headers_problem()
 
 
 class QuietLegacyPods:
@@ -57,6 +57,9 @@ class QuietLegacyPods:
         """The compiled object; BackendError while it is compiled (started in the background by the first
         call, never in the caller: the drift pass), WatchError when there will be none."""
         if not self._compiling:
+            missing = None if loader.cached_available() else toolchain_problem()
+            if missing is not None:  # said as this count's problem, not as eBPF failing on an iptables node
+                raise WatchError(f"no eBPF object for the count: {missing}")
             self._compiling = True
             loader.compile_in_background(lambda _obj: None)
         if loader.busy():
