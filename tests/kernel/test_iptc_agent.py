@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cni.kernel.netns import entered
+from cni.rules.node_probe import NODE_CHAIN
 from tests.harness.netns import NetNS
 from tests.kernel.agent_kit import (
     AgentRun,
@@ -194,3 +195,9 @@ def test_with_the_change_count_an_idle_pod_is_not_read_and_a_flush_by_io_uring_i
     run(["nsenter", f"--net={w.netns}", "iptables-legacy", "-t", "nat", "-I", "HEADRACE_AM_OUTPUT", "1",
          "-p", "tcp", "-j", "ACCEPT"])
     wait_for(lambda: headrace_rules(w.netns) == rules, 10, "the bypass rule removed")
+    # the node's probe SNAT (checked at most every 10 s on legacy hosts, and not while the count stands)
+    node = headrace_rules(w.node.path)
+    assert node
+    run(["nsenter", f"--net={w.node.path}", "iptables-legacy", "-t", "nat", "-F", NODE_CHAIN])
+    assert headrace_rules(w.node.path) != node
+    wait_for(lambda: headrace_rules(w.node.path) == node, 25, "the node's probe SNAT repaired")

@@ -96,3 +96,40 @@ def test_without_bcc_the_count_says_so_once_and_starts_no_compile(tmp_path: Path
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["x_tables change count unavailable"]
     q.intact("a", SIDECAR, None)
     assert q.unchanged([("a", SIDECAR, False)]) == set()  # every legacy pod polled, as without the count
+
+
+def test_the_node_probe_rules_are_read_again_only_when_the_count_moved_the_ips_changed_or_a_minute_passed() -> None:
+    from node_agent.agent.node_rules import unless_unchanged
+
+    synced: list[list[str]] = []
+    count: list[int | None] = [7]
+    clock = [0.0]
+    sync = unless_unchanged(synced.append, lambda: count[0], lambda: clock[0])
+    sync(["10.0.0.2"])
+    sync(["10.0.0.2"])  # nothing replaced anywhere since: not read
+    assert synced == [["10.0.0.2"]]
+    sync(["10.0.0.2", "10.0.0.3"])  # another pod enrolled
+    count[0] = 8  # another process replaced a table
+    sync(["10.0.0.2", "10.0.0.3"])
+    clock[0] = xt_changes.FULL_EVERY  # the full read is due
+    sync(["10.0.0.2", "10.0.0.3"])
+    count[0] = None  # no count (or a command in flight): every call reads
+    sync(["10.0.0.2", "10.0.0.3"])
+    sync(["10.0.0.2", "10.0.0.3"])
+    assert len(synced) == 6
+
+
+def test_a_failed_node_sync_is_tried_again() -> None:
+    from node_agent.agent.node_rules import unless_unchanged
+
+    calls: list[int] = []
+
+    def failing(_ips: list[str]) -> None:
+        calls.append(1)
+        raise OSError("iptables-save failed")
+
+    sync = unless_unchanged(failing, lambda: 3)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            sync(["10.0.0.2"])
+    assert len(calls) == 2

@@ -197,7 +197,11 @@ class Agent:
         and whether its changes are announced (nf_tables: nftables or iptables-nft, not iptables-legacy)."""
         nft = self.backend.name == "nftables" or rules_backend_setting() == "nftables"
         self.node_rules_kind = probe_snat.kind(nft, self.flavour)
-        return probe_snat.make(self.node_rules_kind), probe_snat.announced(self.node_rules_kind)
+        sync = probe_snat.make(self.node_rules_kind)
+        quiet = getattr(self.backend, "quiet", None)  # a legacy node's x_tables change count (IptablesBackend)
+        if self.node_rules_kind == "iptables-legacy" and quiet is not None:
+            sync = probe_snat.unless_unchanged(sync, quiet.read)
+        return sync, probe_snat.announced(self.node_rules_kind)
 
     def _clear_other_node_rules(self) -> None:
         """Once the first pass has written the node's own kind of probe SNAT (for the pods enrolled by then):

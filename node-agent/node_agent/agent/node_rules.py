@@ -12,13 +12,16 @@ An agent whose DaemonSet is deleted takes out every kind (`clear_all`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from typing import cast
 
 from cni.kernel import tables as kernel_tables
 from cni.kernel.executables import on_path
 from cni.kernel.flavour import FLAVOURS, Flavour, binary, legacy_tables_present
 from cni.kernel.iptables_run import IptablesError
 from node_agent.backends.base import BackendError
+from node_agent.backends.iptables.xt_changes import FULL_EVERY
 
 log = logging.getLogger("headrace.agent.node_rules")
 
@@ -45,6 +48,24 @@ def make(kind_: str) -> Callable[[list[str]], None]:
             kernel_tables.sync_node_probe_rules(None, ips, flavour)
 
     return sync
+
+
+def unless_unchanged(sync: Callable[[list[str]], None], count: Callable[[], int | None],
+                     clock: Callable[[], float] = time.monotonic) -> Callable[[list[str]], None]:
+    """`sync` on a legacy host, not run while the node's x_tables change count (`xt_changes`) stands where
+    it was when the last sync of the same IPs found or made the rules right (its iptables-save of the
+    host's tables, with kube-proxy's rules in them, is the costliest read a pass can make); run at least
+    every FULL_EVERY seconds (a change no tracepoint saw)."""
+    last: list[object] = [None, None, 0.0]  # count, IPs, when
+
+    def guarded(ips: list[str]) -> None:
+        now = count()  # before the read
+        if now is not None and last[:2] == [now, ips] and clock() - cast(float, last[2]) < FULL_EVERY:
+            return
+        sync(ips)
+        last[:] = [now, list(ips), clock()]
+
+    return guarded
 
 
 def announced(kind_: str) -> bool:

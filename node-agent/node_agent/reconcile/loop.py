@@ -64,7 +64,7 @@ from node_agent.reconcile.state import (
     shown_state,
     with_add_ips,
 )
-from node_agent.reconcile.status import StatusBoard, proxy_state, status_rows, with_proxy
+from node_agent.reconcile.status import StatusBoard, proxy_state, with_proxy
 from node_agent.reconcile.table import PodTable
 from node_agent.sources.desired import Desired, desired_pods
 from node_agent.sources.store import PodStore
@@ -435,8 +435,8 @@ class Reconciler:
 
     # ---- status ----------------------------------------------------------------------------------------
     def _publish_status(self) -> None:
-        """A new status snapshot (lock held: called on every state change)."""
-        self.board.publish(status_rows(self.table.pods.values(), self.others, self.backends.node.name))
+        """A new status snapshot when a row changed (lock held: called on every state change and pass)."""
+        self.board.update(self.table.pods.values(), self.others, self.backends.node.name)
 
     def proxy_state(self) -> str:
         return proxy_state(self._hub.status())

@@ -67,6 +67,13 @@ class StatusBoard:
         self._lock = threading.Lock()  # only orders publishers; readers take the reference as it is
         self.enrolled_ambient = 0
         self._listeners: list[Callable[[], None]] = []
+        self._made = StatusRows()
+
+    def update(self, held: Iterable[PodState], others: Mapping[str, Desired], node_backend: str) -> None:
+        """Publish the rows of this state if one differs from the last published (the reconciler's lock held)."""
+        rows = self._made.update(held, others, node_backend)
+        if rows is not None:
+            self.publish(rows)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call listener() after every publish (from the publisher's thread: it must be quick)."""
@@ -93,9 +100,43 @@ def with_alerts(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def status_rows(held: Iterable[PodState], others: Mapping[str, Desired], node_backend: str) -> list[dict[str, Any]]:
-    rows = [pod_row(st, node_backend) for st in held]
-    seen = {r["uid"] for r in rows}
-    rows += [other_row(uid, d) for uid, d in others.items() if uid not in seen]
-    rows.sort(key=lambda r: (r["namespace"], r["name"], r["uid"]))
-    return rows
+Cached = tuple[tuple[Any, ...], dict[str, Any]]  # what a row was made from, the row
+
+
+class StatusRows:
+    """The rows, rebuilt only for the pods whose row would differ since the last update (the reconciler
+    publishes at every pass: with many pods, building every row each time was most of an idle agent's
+    work). The rows are shared between snapshots: never changed once made."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Cached] = {}
+        self._others: dict[str, Cached] = {}
+        self._answered = False
+
+    def update(self, held: Iterable[PodState], others: Mapping[str, Desired],
+               node_backend: str) -> list[dict[str, Any]] | None:
+        """The rows sorted by namespace, name and uid; None when they are the last update's."""
+        changed = not self._answered
+        new_held: dict[str, Cached] = {}
+        for st in held:
+            key: tuple[Any, ...] = (st.namespace, st.name, st.mode, st.backend, st.state, st.moving_from, st.reason,
+                   st.fallback_reason, st.netns, st.ips, st.enrolled_at, node_backend)
+            last = self._held.get(st.uid)
+            if last is None or last[0] != key:
+                last, changed = (key, pod_row(st, node_backend)), True
+            new_held[st.uid] = last
+        new_others: dict[str, Cached] = {}
+        for uid, d in others.items():
+            if uid in new_held:
+                continue
+            key = (d.pod.namespace, d.pod.name, d.mode, d.reason, d.pod.ips)
+            last = self._others.get(uid)
+            if last is None or last[0] != key:
+                last, changed = (key, other_row(uid, d)), True
+            new_others[uid] = last
+        if not changed and len(new_held) == len(self._held) and len(new_others) == len(self._others):
+            return None
+        self._held, self._others, self._answered = new_held, new_others, True
+        rows = [row for _, row in (*new_held.values(), *new_others.values())]
+        rows.sort(key=lambda r: (r["namespace"], r["name"], r["uid"]))
+        return rows

@@ -319,6 +319,12 @@ class IptablesBackend:
             if self.quiet is not None:  # found intact: remembered at the count read before
                 self.quiet.intact(target.uid, spec, count if problems == [] else None)
 
+    def prepare(self) -> None:
+        """Prepares: the x_tables change count's object starts compiling at the agent's start, not at the
+        first poll (a first start on a node compiles it, seconds in a child)."""
+        if self.quiet is not None:
+            self.quiet.read()
+
     def unchanged(self, polls: Iterable[tuple[str, RedirectSpec, bool]]) -> set[str]:
         """QuietPolls (legacy hosts with the x_tables change count): the pods whose rules read as at their
         last intact read (`xt_changes`)."""
