@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
 
 from cni.kernel import tables as kernel_tables
 from cni.kernel.executables import on_path
@@ -56,14 +55,15 @@ def unless_unchanged(sync: Callable[[list[str]], None], count: Callable[[], int 
     it was when the last sync of the same IPs found or made the rules right (its iptables-save of the
     host's tables, with kube-proxy's rules in them, is the costliest read a pass can make); run at least
     every FULL_EVERY seconds (a change no tracepoint saw)."""
-    last: list[object] = [None, None, 0.0]  # count, IPs, when
+    last: tuple[int | None, list[str], float] | None = None  # the count, the IPs, when
 
     def guarded(ips: list[str]) -> None:
+        nonlocal last
         now = count()  # before the read
-        if now is not None and last[:2] == [now, ips] and clock() - cast(float, last[2]) < FULL_EVERY:
+        if now is not None and last is not None and last[:2] == (now, ips) and clock() - last[2] < FULL_EVERY:
             return
         sync(ips)
-        last[:] = [now, list(ips), clock()]
+        last = (now, list(ips), clock())
 
     return guarded
 

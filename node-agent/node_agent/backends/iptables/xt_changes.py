@@ -11,9 +11,9 @@ never skipped). Every apply or removal of the agent's forgets the pod; a pod is 
 every `FULL_EVERY` seconds (a replace no tracepoint saw: a 32-bit process's), and at every backstop pass.
 
 The count's programs come from the eBPF object (`loader`, compiled once in a child and kept in the state
-dir), compiled in the background on the first read; where it cannot be (no bcc, no kernel headers, no
-tracepoints), every legacy pod is polled as before (said once in the log). `HEADRACE_XT_CHANGE_COUNT=0` in
-the agent's environment turns the count off.
+dir), compiled in the background from the agent's start (`IptablesBackend.prepare`); where it cannot be
+(no bcc, no kernel headers, no tracepoints), every legacy pod is polled as before (said once in the log).
+`HEADRACE_XT_CHANGE_COUNT=0` in the agent's environment turns the count off.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class QuietLegacyPods:
 
     def _object(self) -> loader.CompiledObject:
         """The compiled object; BackendError while it is compiled (started in the background by the first
-        call, never in the caller: the drift pass), WatchError when there will be none."""
+        call, never in the caller), WatchError when there will be none."""
         if not self._compiling:
             missing = None if loader.cached_available() else toolchain_problem()
             if missing is not None:  # said as this count's problem, not as eBPF failing on an iptables node
