@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from tests.kernel.uring_flush import flush_payload
 
 pytestmark = pytest.mark.kernel
 
+TRIES = 5
 RULE = ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"]
 
 
@@ -38,6 +39,17 @@ def redirects(ns: NetNS) -> int:
     return ns.run(["iptables-legacy-save", "-t", "nat"]).stdout.count("REDIRECT")
 
 
+def not_counted(watch: BpfWatch, action: Callable[[], object]) -> bool:
+    """Whether `action` leaves the count as it was, in one of TRIES attempts (another process on the machine
+    may replace a legacy table meanwhile)."""
+    for _ in range(TRIES):
+        before = watch.generation()
+        action()
+        if watch.generation() == before:
+            return True
+    return False
+
+
 def test_replaces_by_other_processes_count_and_the_watchers_own_reads_and_nft_writes_do_not(
         watch: BpfWatch, ns: NetNS, tmp_path: Path) -> None:
     start = watch.generation()
@@ -45,18 +57,19 @@ def test_replaces_by_other_processes_count_and_the_watchers_own_reads_and_nft_wr
     mounts = Path("/proc/mounts").read_text().splitlines()
     assert not any("tracefs" in line and str(tmp_path) in line for line in mounts)  # read, unmounted
     ns.run(["iptables-legacy", *RULE])
-    assert watch.generation() == start + 1
+    after_v4 = watch.generation()
+    assert after_v4 is not None and after_v4 > start
     ns.run(["ip6tables-legacy", "-t", "mangle", "-A", "OUTPUT", "-j", "RETURN"])
-    assert watch.generation() == start + 2
-    ns.run(["iptables-legacy-save"])
-    ns.run(["iptables-nft", *RULE])
-    assert watch.generation() == start + 2
+    after_v6 = watch.generation()
+    assert after_v6 is not None and after_v6 > after_v4
+    assert not_counted(watch, lambda: ns.run(["iptables-legacy-save"]))
+    assert not_counted(watch, lambda: ns.run(["iptables-nft", *RULE]))
     with entered(ns.path):  # the watching process's own replace (the agent's writes are its own to verify)
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     with sock:
-        payload = flush_payload(sock, "nat")
-        sock.setsockopt(socket.IPPROTO_IP, SO_SET_REPLACE, payload.raw[:-1])
-    assert redirects(ns) == 0 and watch.generation() == start + 2
+        assert not_counted(watch, lambda: sock.setsockopt(socket.IPPROTO_IP, SO_SET_REPLACE,
+                                                          flush_payload(sock, "nat").raw[:-1]))
+    assert redirects(ns) == 0
 
 
 def test_an_io_uring_replace_counts_and_the_count_is_untrusted_while_it_is_in_flight(
