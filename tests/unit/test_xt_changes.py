@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -86,13 +87,15 @@ def test_without_bcc_the_count_says_so_once_and_starts_no_compile(tmp_path: Path
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(loader, "cached_available", lambda: False)
-    monkeypatch.setattr(loader, "bcc_version", lambda: "")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bcc" else find_spec(name, *a))
     started: list[int] = []
     monkeypatch.setattr(loader, "compile_in_background", lambda _verify: started.append(1))
     q = QuietLegacyPods(tmp_path)
     with caplog.at_level(logging.WARNING, logger="headrace.backend.ebpf"):
         assert q.read() is None and q.read() is None
-    assert started == [] and q.count.problem is not None and "bcc is not installed" in q.count.problem
+    assert started == [] and q.count.problem is not None
+    assert "bcc is not importable: install python3-bpfcc" in q.count.problem
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["x_tables change count unavailable"]
     q.intact("a", SIDECAR, None)
     assert q.unchanged([("a", SIDECAR, False)]) == set()  # every legacy pod polled, as without the count

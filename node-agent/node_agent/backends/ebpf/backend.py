@@ -84,8 +84,7 @@ class EbpfBackend(RedirectBackend):
         ambient_inbound's part of applies (`inbound_part`). change_count: run the node's change count."""
         self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
-        if loader.cache_dir() is None:  # compiled objects kept between agent runs
-            loader.set_cache_dir(self.state_dir / loader.CACHE_DIR)
+        loader.use_cache_dir(self.state_dir / loader.CACHE_DIR)  # compiled objects kept between agent runs
         self.inbound = inbound_fallback
         self.ambient_inbound = ambient_inbound
         self.proxy_cgroup = str(proxy_cgroup) if proxy_cgroup is not None else None

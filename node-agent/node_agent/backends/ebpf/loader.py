@@ -209,6 +209,24 @@ def cache_dir() -> Path | None:
     return Path(env) if env else _cache_dir
 
 
+def use_cache_dir(path: str | Path) -> None:
+    """`set_cache_dir(path)` unless a cache dir is set already (the first of the agent's users decides)."""
+    if cache_dir() is None:
+        set_cache_dir(path)
+
+
+def toolchain_problems() -> list[str]:
+    """What a compile would miss here (bcc, kernel headers), each with how to supply it; [] when it can run."""
+    problems = []
+    if importlib.util.find_spec("bcc") is None:
+        problems.append("bcc is not importable: install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
+                        "to the agent's Python (make setup does this)")
+    headers = kernel_headers_problem()
+    if headers:
+        problems.append(headers)
+    return problems
+
+
 def bcc_version() -> str:
     """The installed bcc's version, read from its package without importing it ("" when absent)."""
     spec = importlib.util.find_spec("bcc")

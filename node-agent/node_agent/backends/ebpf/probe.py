@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from pathlib import Path
 
@@ -18,19 +17,10 @@ def probe(cache_dir: str | Path | None = None, background: bool = False) -> list
     background: when the object must be compiled (nothing cached), check only what can be checked without
     it and compile (then probe-load) in a thread: the agent starts serving meanwhile, and a failure is
     reported by loader.failure() (the backend then declines pods, or refuses them when eBPF is forced)."""
-    if cache_dir is not None and loader.cache_dir() is None:
-        loader.set_cache_dir(cache_dir)
-    problems: list[str] = []
+    if cache_dir is not None:
+        loader.use_cache_dir(cache_dir)
     cached = loader.cached_available()
-    if not cached:
-        if importlib.util.find_spec("bcc") is None:
-            problems.append(
-                "bcc is not importable: install python3-bpfcc and expose /usr/lib/python3/dist-packages/bcc "
-                "to the agent's Python (make setup does this)"
-            )
-        headers = loader.kernel_headers_problem()
-        if headers:
-            problems.append(headers)
+    problems = [] if cached else loader.toolchain_problems()
     if not cgroup2_mounts():
         problems.append(
             "no cgroup2 filesystem is mounted: mount cgroup2 (e.g. at /sys/fs/cgroup/unified) and give "

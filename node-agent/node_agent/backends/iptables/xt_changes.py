@@ -33,13 +33,6 @@ FULL_EVERY = 60.0  # seconds: a pod skipped by the count is read in full again a
 MAX_PODS = 65536  # pods remembered; beyond that all are forgotten (then re-learnt)
 
 
-def toolchain_problem() -> str | None:
-    """What the compile would miss here (bcc, kernel headers), None when it can run."""
-    if not loader.bcc_version():
-        return "bcc is not installed (python3-bpfcc)"
-    return loader.kernel_headers_problem()
-
-
 class QuietLegacyPods:
     """The count (`read`), and per pod the count of its last intact read (`intact`). Thread-safe."""
 
@@ -50,16 +43,16 @@ class QuietLegacyPods:
         self._seen: dict[str, tuple[int, RedirectSpec, float]] = {}  # uid -> (count, spec, monotonic)
         self._compiling = False
         self._now = clock
-        if enabled and loader.cache_dir() is None:  # compiled objects kept between agent runs
-            loader.set_cache_dir(scratch / loader.CACHE_DIR)
+        if enabled:
+            loader.use_cache_dir(scratch / loader.CACHE_DIR)  # compiled objects kept between agent runs
 
     def _object(self) -> loader.CompiledObject:
         """The compiled object; BackendError while it is compiled (started in the background by the first
         call, never in the caller), WatchError when there will be none."""
         if not self._compiling:
-            missing = None if loader.cached_available() else toolchain_problem()
-            if missing is not None:  # said as this count's problem, not as eBPF failing on an iptables node
-                raise WatchError(f"no eBPF object for the count: {missing}")
+            missing = [] if loader.cached_available() else loader.toolchain_problems()
+            if missing:  # said as this count's problem, not as eBPF failing on an iptables node
+                raise WatchError(f"no eBPF object for the count: {'; '.join(missing)}")
             self._compiling = True
             loader.compile_in_background(lambda _obj: None)
         if loader.busy():
