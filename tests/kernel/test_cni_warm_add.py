@@ -100,7 +100,9 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     assert not any(r["step"] in ("apply-sidecar", "apply-nft") for r in lines), "the plugin wrote rules itself"
     assert any(r["msg"] == "ADD ok (relayed to the agent)" for r in lines), "the launcher relayed the ADD"
     assert our_rules(pod.netns.path, backend)
-    row = wait_for(lambda: agent.status().get(pod.uid), 10, "agent holds the pod")
+    # held once the ADD's reply is on its way: until then the row is the source's (state none)
+    wait_for(lambda: agent.status().get(pod.uid, {}).get("state") == "enrolled", 10, "agent holds the pod")
+    row = agent.status()[pod.uid]
     assert row["mode"] == "sidecar" and row["state"] == "enrolled" and "by the agent" in row["reason"]
     # the non-mesh peer was answered by the agent too
     assert any(r["msg"].startswith("mode none") for r in plugin_lines(node, peer.container_id))

@@ -208,6 +208,23 @@ def test_rules_appearing_within_grace_are_not_a_boot_race(tmp_path: Path) -> Non
     assert w.metric("headrace_agent_boot_race_detected_total") == 0
 
 
+def test_a_pod_without_an_ip_is_not_judged_however_long_its_add_takes(tmp_path: Path) -> None:
+    """The chain before ours can take seconds (a busy node, a slow primary CNI): the pod's sandbox is there
+    and locatable, our rules are not yet, and the kubelet has reported no IP. Not a boot race."""
+    w = World(tmp_path)
+    slow = Pod(uid="u-slow", namespace="shop", name="slow", annotations=SIDECAR, ips=())
+    w.set_pods(slow)
+    for _ in range(5):
+        w.monitor.check_once()
+        w.clock.now += 1.0
+    assert "u-slow" not in w.monitor.verdicts and w.located == [] and w.backend.applied == []
+    w.backend.rules.add("u-slow")  # the ADD done: rules in, then the IP reported
+    w.set_pods(pod("u-slow", "slow", SIDECAR))
+    w.monitor.check_once()
+    assert w.state("u-slow") == INTACT
+    assert w.metric("headrace_agent_boot_race_detected_total") == 0
+
+
 def test_failures_are_reported_and_retried(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.backend.fail = True

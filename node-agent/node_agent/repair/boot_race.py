@@ -21,7 +21,10 @@ lost requests, and no dependency on the workload's controller recreating the pod
 
 **What counts.** A sidecar pod of the pod source whose netns was found and in which no backend shows
 any of our rules (`installed()` of the node backend, its fallback and the iptables backend the plugin
-uses), seen so for `grace` seconds (a pod whose ADD is still running is not a victim). Pods whose rules
+uses), seen so for `grace` seconds (a pod whose ADD is still running is not a victim). Only pods with IPs
+in the source are judged: the kubelet reports a pod's IP once its sandbox's network set-up (the whole CNI
+chain, ours included) has returned, so a pod without one may still be in its ADD, however slow the chain
+before ours is (a victim, running since before the plugin was chained, has its IP). Pods whose rules
 are present are left alone: the plugin made them. Pods whose netns cannot be found are not judged, nor
 are pods the reconciler already holds (its `managed_pods()`). A repaired pod is held by the reconciler from
 then on (drift watched like every pod it holds); it stays reported here as `repaired`.
@@ -240,7 +243,8 @@ class BootRaceMonitor:
             return
         skip = self.repairer.managed_pods()
         desired = desired_pods(snap, self.exclude_namespaces)
-        sidecars = {uid: d.pod for uid, d in desired.items() if d.mode == "sidecar" and uid not in skip}
+        sidecars = {uid: d.pod for uid, d in desired.items()
+                    if d.mode == "sidecar" and uid not in skip and d.pod.ips}  # no IP yet: its ADD may be running
         with self._lock:  # a repaired pod stays reported once the reconciler holds it (drift watched)
             for uid in [u for u, v in self.verdicts.items()
                         if u not in sidecars and not (v.state == REPAIRED and u in desired)]:
