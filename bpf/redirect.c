@@ -1021,7 +1021,9 @@ int hr_tc_egress_node(struct __sk_buff *skb) { return hr_tc_out(skb, 1); }
  * on sys_exit_bpf a marked thread's command is counted: once it has returned, its effect is there to be
  * read, so a check that read the count before it can never take a half-done command for none. While the
  * count stands still, nobody else can have changed a pod's cgroup programs or the node maps' entries, so
- * the drift poll skips reading them back (intact_cache). */
+ * the drift poll skips reading them back (intact_cache). A map command on a map that is certainly not ours
+ * (hr_map_not_ours: its name does not start with "hr_") is not counted, so another eBPF agent writing its
+ * own maps all the time does not keep the count moving. */
 struct hr_sys_enter {
     u64 common;       /* common_type, common_flags, common_preempt_count, common_pid */
     s32 syscall_nr;
@@ -1037,6 +1039,20 @@ struct hr_watch_self {
 BPF_ARRAY(hr_watch_self, struct hr_watch_self, 1);
 BPF_ARRAY(hr_bpf_changes, u64, 1);
 BPF_TABLE("lru_hash", u64, u8, hr_watch_busy, 4096); /* threads inside a counted command */
+/* Byte offsets along task_struct.files -> files_struct.fdt -> fdtable.max_fds, fdtable.fd -> file.private_data
+ * -> bpf_map.name, read by the agent from the running kernel's BTF (btf_layout.py); valid 0: not known,
+ * every map command counts. */
+struct hr_watch_layout {
+    u32 valid;
+    u32 task_files;
+    u32 files_fdt;
+    u32 fdt_max_fds;
+    u32 fdt_fd;
+    u32 file_private;
+    u32 map_name;
+    u32 pad;
+};
+BPF_ARRAY(hr_watch_layout, struct hr_watch_layout, 1);
 
 /* Whether the running task is the agent (its commands are not counted; the map unset: nobody is). */
 static __always_inline int hr_watch_is_self(void) {
@@ -1049,17 +1065,51 @@ static __always_inline int hr_watch_is_self(void) {
            ns.tgid == self->tgid;
 }
 
+/* Whether a map command's map is certainly not ours: the attribute's map fd (at byte `at` of it), looked up
+ * in the calling task's file table, is a map whose name does not start with "hr_". Anything not known or not
+ * readable may be ours: 0, counted. (A process that races its own attribute or file table against this read
+ * can have a write of ours go uncounted; it holds an fd of our maps, i.e. it is root on the node, and the
+ * pod's next full read finds what it did.) */
+static __always_inline int hr_map_not_ours(u64 uattr, u32 at) {
+    u32 zero = 0;
+    struct hr_watch_layout *l = hr_watch_layout.lookup(&zero);
+    if (!l || !l->valid)
+        return 0;
+    u64 task = bpf_get_current_task();
+    u64 files = 0, fdt = 0, fds = 0, file = 0, map = 0;
+    u32 fd = 0, max_fds = 0;
+    char name[3] = {};
+    if (bpf_probe_read_user(&fd, sizeof(fd), (void *)(uattr + at)) ||
+        bpf_probe_read_kernel(&files, sizeof(files), (void *)(task + l->task_files)) || !files ||
+        bpf_probe_read_kernel(&fdt, sizeof(fdt), (void *)(files + l->files_fdt)) || !fdt ||
+        bpf_probe_read_kernel(&max_fds, sizeof(max_fds), (void *)(fdt + l->fdt_max_fds)) || fd >= max_fds ||
+        bpf_probe_read_kernel(&fds, sizeof(fds), (void *)(fdt + l->fdt_fd)) || !fds ||
+        bpf_probe_read_kernel(&file, sizeof(file), (void *)(fds + (u64)fd * sizeof(u64))) || !file ||
+        bpf_probe_read_kernel(&map, sizeof(map), (void *)(file + l->file_private)) || !map ||
+        bpf_probe_read_kernel(name, sizeof(name), (void *)(map + l->map_name)))
+        return 0;
+    return !(name[0] == 'h' && name[1] == 'r' && name[2] == '_');
+}
+
+#define HR_ATTR_MAP_FD 0        /* union bpf_attr: map_fd of the element commands */
+#define HR_ATTR_BATCH_MAP_FD 36 /* batch.map_fd: after in_batch, out_batch, keys, values, count */
+
 int hr_bpf_watch(void *ctx) {
     u64 cmd = ((struct hr_sys_enter *)ctx)->args[0];
+    s32 map_fd_at = -1; /* map commands: where the attribute holds the map's fd */
     switch (cmd) {
     case BPF_MAP_UPDATE_ELEM:
     case BPF_MAP_DELETE_ELEM:
-    case BPF_PROG_ATTACH:
-    case BPF_PROG_DETACH:
     case BPF_MAP_LOOKUP_AND_DELETE_ELEM:
+        map_fd_at = HR_ATTR_MAP_FD;
+        break;
     case BPF_MAP_LOOKUP_AND_DELETE_BATCH:
     case BPF_MAP_UPDATE_BATCH:
     case BPF_MAP_DELETE_BATCH:
+        map_fd_at = HR_ATTR_BATCH_MAP_FD;
+        break;
+    case BPF_PROG_ATTACH:
+    case BPF_PROG_DETACH:
     case BPF_LINK_CREATE:
     case BPF_LINK_UPDATE:
     case BPF_LINK_DETACH:
@@ -1068,6 +1118,8 @@ int hr_bpf_watch(void *ctx) {
         return 0;
     }
     if (hr_watch_is_self())
+        return 0;
+    if (map_fd_at >= 0 && hr_map_not_ours(((struct hr_sys_enter *)ctx)->args[1], map_fd_at))
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u8 one = 1;

@@ -37,7 +37,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root", allow_module_level=True)
 bcc = pytest.importorskip("bcc")
 
-from node_agent.backends.ebpf import bpfsys, intact_cache, pinning, pod_index  # noqa: E402
+from node_agent.backends.ebpf import bpfsys, btf_layout, intact_cache, pinning, pod_index  # noqa: E402
 from node_agent.backends.ebpf.backend import EbpfBackend  # noqa: E402
 
 SPEC = SidecarSpec(include_inbound_ports=())  # outbound only: no TC part
@@ -63,6 +63,23 @@ if sys.argv[1] == "attach":  # passes every packet, ahead of our TC filters
 else:
     for prog_id, link_id in bpfsys.tcx_query(index, bpfsys.ATTACH_TCX_INGRESS):
         bpfsys.tcx_detach(index, bpfsys.ATTACH_TCX_INGRESS, prog_id, link_id)
+"""
+
+MAP_WRITES = """
+import ctypes, struct, sys
+from node_agent.backends.ebpf import bpfsys
+BATCH_UPDATE, BATCH_DELETE = 26, 27
+fd = bpfsys.map_create(bpfsys.MapSpec(1, 8, 8, 64, 0), sys.argv[1]) if sys.argv[1] else bpfsys.obj_get(sys.argv[2])
+size = bpfsys.map_info(fd).spec.value_size
+key = struct.pack("=Q", 0xFFFF_FFFF_FFF0)
+for _ in range(5):
+    bpfsys.map_update(fd, key, bytes(size))
+    bpfsys.map_delete(fd, key)
+keys, values = ctypes.create_string_buffer(key, 8), ctypes.create_string_buffer(size)
+# union bpf_attr batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
+for cmd in (BATCH_UPDATE, BATCH_DELETE):
+    attr = bpfsys._attr("=QQQQIIQQ", 0, 0, ctypes.addressof(keys), ctypes.addressof(values), 1, fd, 0, 0)
+    bpfsys._bpf(cmd, attr, "batch")
 """
 
 
@@ -252,3 +269,47 @@ def test_only_polls_of_the_ebpf_part_alone_are_answered(
         assert b.unchanged([(target.uid, spec, False)]) == set()
     finally:
         b.remove(target)
+
+
+def count_moved_by(backend: EbpfBackend, *args: str) -> bool:
+    """Whether another process's map writes (`MAP_WRITES` with args) moved the count; a move by somebody
+    else on the machine meanwhile is told apart by trying again."""
+    watch = backend.changes.watch
+    assert watch is not None
+    for _ in range(TRIES):
+        before = watch.generation()
+        in_child(MAP_WRITES, *args)
+        after = watch.generation()
+        assert before is not None and after is not None
+        if after == before:
+            return False
+        if after - before == 12:  # five updates, five deletes, two batches: all of them, nobody else's
+            return True
+    pytest.fail(f"the count moved by other processes in each of {TRIES} tries")
+
+
+def test_writes_on_maps_that_are_not_ours_do_not_move_the_count(
+    env: PodEnv, backend: EbpfBackend, target: PodTarget
+) -> None:
+    """Another eBPF agent writing its own maps (element and batch commands) leaves the count still, so the
+    pods' polls stay unread; writes on ours, or on any map named like ours, count."""
+    backend.apply(target, SPEC)
+    answered(backend, target)
+    assert backend.changes.watch is not None and backend.changes.watch.maps_told_apart
+    assert not count_moved_by(backend, "cilium_ct4_glob")
+    assert backend.unchanged([(target.uid, SPEC, False)]) == {target.uid}
+    assert count_moved_by(backend, "hr_lookalike")
+    assert count_moved_by(backend, "", str(backend.state_dir / "bpf" / pinning.NODE_DIR / pod_index.CONFIG))
+    assert backend.unchanged([(target.uid, SPEC, False)]) == set()
+    problems = backend.check(target, SPEC)
+    assert problems == [] or any("node" in p for p in problems), problems  # the batch left the entry as it was
+
+
+def test_without_the_kernels_btf_every_map_write_counts(
+    env: PodEnv, backend: EbpfBackend, target: PodTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(btf_layout, "VMLINUX", tmp_path / "no-btf")
+    backend.apply(target, SPEC)
+    quiet_check(backend, target)
+    assert backend.changes.watch is not None and not backend.changes.watch.maps_told_apart
+    assert count_moved_by(backend, "cilium_ct4_glob")

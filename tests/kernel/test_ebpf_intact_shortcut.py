@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from node_agent.backends import full_reads
 from node_agent.backends.base import PodTarget
 
 from cni.contract.spec import SidecarSpec
@@ -173,7 +174,7 @@ def test_the_full_read_comes_back_and_a_new_spec_is_never_answered_by_the_shortc
     finally:
         os.close(fd)
     assert backend.check(target, SPEC) == []  # the shortcut: nothing it reads changed
-    clock.t += intact_cache.FULL_EVERY
+    clock.t += full_reads.FULL_EVERY
     assert backend.check(target, SPEC) != []
     backend.apply(target, SPEC)
     read_intact(backend, target)

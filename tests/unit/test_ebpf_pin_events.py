@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node_agent.backends.ebpf import intact_cache
+from node_agent.backends import full_reads
 from node_agent.backends.ebpf.intact_cache import IntactPods
 from node_agent.backends.ebpf.pin_events import PinEvents
 from node_agent.backends.ebpf.pod_state import Hooks
@@ -93,10 +93,27 @@ def test_unchanged_answers_for_pods_nothing_happened_to(tmp_path: Path) -> None:
     (node / "pin").touch()  # the node's directory: nobody this time, nobody forgotten
     assert pods.unchanged(["p2"], 7, str(node)) == set()
     assert pods.unchanged(["p2"], 7, str(node)) == {"p2"}
-    clock.t += intact_cache.FULL_EVERY  # its full read is due
+    clock.t += full_reads.FULL_EVERY  # its full read is due
     assert pods.unchanged(["p2"], 7, str(node)) == set()
     pods.clear()
     assert pods.unchanged(["p2"], 7, str(node)) == set()
+
+
+def test_pods_remembered_together_come_due_for_their_full_read_apart(tmp_path: Path) -> None:
+    clock = Clock()
+    pods = IntactPods(clock)
+    node = tmp_path / "node"
+    node.mkdir()
+    uids = [f"pod-{i}" for i in range(40)]
+    for uid in uids:
+        (tmp_path / uid).mkdir()
+    time.sleep(0.02)
+    for uid in uids:
+        pods.remember(uid, ("spec",), (), str(tmp_path / uid), 1, b"cfg", Hooks(), None, 7)
+    pods.unchanged(uids, 7, str(node))
+    start = clock.t
+    clock.t = start + full_reads.FULL_EVERY * (1 - full_reads.SPREAD / 2)  # half way into the spread
+    assert 0 < len(pods.unchanged(uids, 7, str(node))) < len(uids)
 
 
 def test_lost_events_leave_no_pod_answered_for_until_its_next_full_read(tmp_path: Path) -> None:

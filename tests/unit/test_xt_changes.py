@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from node_agent.backends import full_reads
 from node_agent.backends.ebpf import loader
-from node_agent.backends.iptables import xt_changes
 from node_agent.backends.iptables.xt_changes import QuietLegacyPods
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
@@ -49,8 +50,24 @@ def test_a_pod_is_skipped_while_the_count_stands_where_its_intact_read_was(
     count.value = None  # the count stopped, or a command is in flight
     assert q.unchanged(polls) == set()
     count.value = 5
-    clock[0] += xt_changes.FULL_EVERY  # its full read is due
+    clock[0] += full_reads.FULL_EVERY  # its full read is due
     assert q.unchanged(polls) == set()
+
+
+def test_pods_read_in_the_same_pass_come_due_for_their_full_read_at_different_passes(
+        quiet: tuple[QuietLegacyPods, FakeCount, list[float]]) -> None:
+    q, _, clock = quiet
+    polls = [(f"pod-{i}", SIDECAR, False) for i in range(200)]
+    for uid, spec, _ in polls:
+        q.intact(uid, spec, 5)
+    start = clock[0]
+    skipped = []
+    for step in range(0, 17):
+        clock[0] = start + full_reads.FULL_EVERY * (1 - full_reads.SPREAD) + step
+        skipped.append(len(q.unchanged(polls)))
+    assert skipped[0] == 200 and skipped[-1] == 0  # none due 45 s on, all 60 s on
+    assert all(0 < n < 200 for n in skipped[2:-2])  # in between, a few more each second
+    assert max(a - b for a, b in itertools.pairwise(skipped)) <= 40
 
 
 def test_an_ambient_pod_is_skipped_only_when_its_rules_alone_are_due(
@@ -114,7 +131,7 @@ def test_the_node_probe_rules_are_read_again_only_when_the_count_moved_the_ips_c
     sync(["10.0.0.2", "10.0.0.3"])  # another pod enrolled
     count[0] = 8  # another process replaced a table
     sync(["10.0.0.2", "10.0.0.3"])
-    clock[0] = xt_changes.FULL_EVERY  # the full read is due
+    clock[0] = full_reads.FULL_EVERY  # the full read is due
     sync(["10.0.0.2", "10.0.0.3"])
     count[0] = None  # no count (or a command in flight): every call reads
     sync(["10.0.0.2", "10.0.0.3"])

@@ -20,7 +20,7 @@ from cni.kernel.executables import on_path
 from cni.kernel.flavour import FLAVOURS, Flavour, binary, legacy_tables_present
 from cni.kernel.iptables_run import IptablesError
 from node_agent.backends.base import BackendError
-from node_agent.backends.iptables.xt_changes import FULL_EVERY
+from node_agent.backends.full_reads import FULL_EVERY
 
 log = logging.getLogger("headrace.agent.node_rules")
 

@@ -4,13 +4,16 @@ redirection.
 Nothing announces an attach, a detach or a map write, so the drift check reads every eBPF pod back each
 interval. Two tracepoint programs (bpf/redirect.c) count the commands that can: program attach and detach
 (cgroup hooks, tcx), link create, update and detach, map element updates and deletes, from any process but
-the agent (told its pid namespace and pid in `hr_watch_self`). `hr_bpf_watch` on `syscalls:sys_enter_bpf`
-marks the thread running one, `hr_bpf_watch_exit` on `sys_exit_bpf` counts it when it returns: its effect
-is then there to be read, so a check that read the count before cannot take a half-done command for none.
-While the count stands still, a pod found intact still is as far as its cgroup programs and node-map
-entries go (`intact_cache`). Commands on maps and programs that are not ours count too, so on a node
-where another agent writes its maps all the time the count moves at every poll and the check reads as much
-as without it.
+the agent (told its pid namespace and pid in `hr_watch_self`), and of the map commands only those on maps
+that may be ours (`hr_watch_layout`: where the kernel keeps a map's name, from its BTF, `btf_layout`; a map
+whose name does not start with `hr_` is not ours; without the kernel's BTF every map command counts).
+`hr_bpf_watch` on `syscalls:sys_enter_bpf` marks the thread running one, `hr_bpf_watch_exit` on
+`sys_exit_bpf` counts it when it returns: its effect is then there to be read, so a check that read the
+count before cannot take a half-done command for none. While the count stands still, a pod found intact
+still is as far as its cgroup programs and node-map entries go (`intact_cache`). Attaches and detaches of
+programs that are not ours count too (rare: a pod starting), and so does every map write where the kernel
+has no BTF: on such a node, where another agent writes its maps all the time, the count moves at every poll
+and the check reads as much as without it.
 
 The same scheme counts the replaces of legacy iptables tables (`XT_WATCH`: setsockopt(2) and io_uring socket
 commands, for the iptables backend on legacy hosts; `BPF_WATCH` is the one above).
@@ -39,11 +42,12 @@ from pathlib import Path
 
 from cni.kernel.netns import libc
 from node_agent.backends.base import BackendError
-from node_agent.backends.ebpf import bpfsys, loader
+from node_agent.backends.ebpf import bpfsys, btf_layout, loader
 
 log = logging.getLogger("headrace.backend.ebpf")
 
 SELF_MAP = "hr_watch_self"
+LAYOUT_MAP = "hr_watch_layout"
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class WatchSpec:
     its enter, so that no mark is left uncounted), its maps, the map holding the count at index 0 and, with
     `pending`, at index 1 the commands in flight (the count is not trusted while any is). A group in
     `optional` that the kernel does not have (no io_uring) is left out; `layouts`: the fields of a
-    tracepoint the program reads, (offset, size) as its format must give them."""
+    tracepoint the program reads, (offset, size) as its format must give them; `map_layout`: the spec has
+    `LAYOUT_MAP`, filled with `btf_layout`'s offsets (map writes on other maps not counted)."""
 
     what: str
     programs: tuple[tuple[str, str], ...]
@@ -61,12 +66,13 @@ class WatchSpec:
     pending: bool = False
     optional: tuple[str, ...] = ()
     layouts: tuple[tuple[str, str, int, int], ...] = ()  # (group/tracepoint, field, offset, size)
+    map_layout: bool = False
 
 
 BPF_WATCH = WatchSpec(
     "ebpf change count",
     (("hr_bpf_watch_exit", "syscalls/sys_exit_bpf"), ("hr_bpf_watch", "syscalls/sys_enter_bpf")),
-    (SELF_MAP, "hr_bpf_changes", "hr_watch_busy"), "hr_bpf_changes",
+    (SELF_MAP, "hr_bpf_changes", "hr_watch_busy", LAYOUT_MAP), "hr_bpf_changes", map_layout=True,
 )
 XT_WATCH = WatchSpec(
     "x_tables change count",
@@ -158,10 +164,11 @@ def _perf_event_open(tp_id: int) -> int:
 class BpfWatch:
     """The running count: `generation()` reads it. Thread-safe (one map lookup per call)."""
 
-    def __init__(self, count_fd: int, fds: list[int], pending: bool = False) -> None:
+    def __init__(self, count_fd: int, fds: list[int], pending: bool = False, maps_told_apart: bool = False) -> None:
         self._count_fd = count_fd
         self._fds = fds  # the maps, the program and the perf event, closed together
         self._pending = pending
+        self.maps_told_apart = maps_told_apart  # writes on maps not ours are not counted
 
     @classmethod
     def start(cls, obj: loader.CompiledObject, scratch: Path, spec: WatchSpec = BPF_WATCH) -> BpfWatch:
@@ -174,6 +181,9 @@ class BpfWatch:
                 fds.append(maps[name])
             ns = os.stat("/proc/self/ns/pid")
             bpfsys.map_update(maps[SELF_MAP], _ZERO, struct.pack("=QQII", ns.st_dev, ns.st_ino, os.getpid(), 0))
+            offsets = btf_layout.read_offsets() if spec.map_layout else None
+            if offsets is not None:
+                bpfsys.map_update(maps[LAYOUT_MAP], _ZERO, struct.pack("=8I", 1, *offsets, 0))
             ids = tracepoint_ids(spec, scratch=scratch)
             for name, tracepoint in spec.programs:
                 if tracepoint not in ids:
@@ -191,7 +201,7 @@ class BpfWatch:
         except BaseException:
             _close(fds)
             raise
-        return cls(maps[spec.count_map], fds, spec.pending)
+        return cls(maps[spec.count_map], fds, spec.pending, offsets is not None)
 
     def generation(self) -> int | None:
         """The count now (None: closed, unreadable, or with commands in flight)."""
@@ -243,7 +253,11 @@ class ChangeCount:
                 log.warning("%s unavailable: %s; every pod it covers is read back in full each poll",
                             self.spec.what, e, extra={"event": event, "error": str(e)})
                 return None
-            log.info("%s started", self.spec.what, extra={"event": event})
+            if self.spec.map_layout and not self.watch.maps_told_apart:
+                log.info("%s started; no kernel BTF (%s): writes on every map count, ours or not", self.spec.what,
+                         btf_layout.VMLINUX, extra={"event": event})
+            else:
+                log.info("%s started", self.spec.what, extra={"event": event})
         return self.watch.generation()
 
     def close(self) -> None:

@@ -25,9 +25,9 @@ was at their last look, no pin event, nothing queued on their TC socket), and th
 A pod whose inbound is on TC also keeps a socket subscribed to its netns' TC and link announcements
 from before its full read (`tc_watch`): nothing queued there (and no tcx program on its interfaces) stands
 for the TC filters' dumps. Anything different, an error, a change in what the pod should have (spec, IPs,
-cgroup, netns), every apply or removal of the pod (`forget`), and `FULL_EVERY` seconds after the full
-read send the pod through the full read again. The TC sockets are held for at most a quarter of the
-open-file limit's worth of pods (the others are read in full each time), and closed with their entry;
+cgroup, netns), every apply or removal of the pod (`forget`), and up to `FULL_EVERY` seconds after the
+full read (`full_reads`) send the pod through the full read again. The TC sockets are held for at most a
+quarter of the open-file limit's worth of pods (the others are read in full each time), and closed with their entry;
 an entry not asked for in `FULL_EVERY` after it expired (a pod no longer checked) is dropped.
 """
 
@@ -44,9 +44,9 @@ from node_agent.backends.ebpf.attach import Cgroup, CgroupError
 from node_agent.backends.ebpf.pin_events import PinEvents
 from node_agent.backends.ebpf.pod_state import Hooks, read_hooks
 from node_agent.backends.ebpf.tc_watch import TcWatch
+from node_agent.backends.full_reads import FULL_EVERY, full_read_period
 from node_agent.kernel.fd_limit import raise_fd_limit
 
-FULL_EVERY = 60.0  # seconds: a pod read through the shortcut is read fully again at least this often
 NODE = ""  # the pin-event key of the node's pin directory (the pod keys are uids)
 
 
@@ -106,7 +106,7 @@ class IntactPods:
             return
         now = self._clock()
         entry = Intact(wanted, programs, pins, pod_index.config_key(netns_cookie), config, hooks,
-                       now + FULL_EVERY, tc, generation, watched)
+                       now + full_read_period(uid), tc, generation, watched)
         with self._lock:
             old = self._by_pod.pop(uid, None)
             stale = [u for u, e in self._by_pod.items() if e.until + FULL_EVERY < now]

@@ -59,7 +59,7 @@ WATCH_PROGRAMS: dict[str, tuple[int, int]] = dict.fromkeys(
     ("hr_bpf_watch", "hr_bpf_watch_exit", "hr_xt_watch", "hr_xt_watch_exit", "hr_xt_uring_submit", "hr_xt_uring_done"),
     (bpfsys.PROG_TYPE_TRACEPOINT, 0),
 )
-WATCH_MAPS = ("hr_watch_self", "hr_bpf_changes", "hr_watch_busy", "hr_xt_changes", "hr_xt_busy")
+WATCH_MAPS = ("hr_watch_self", "hr_bpf_changes", "hr_watch_busy", "hr_watch_layout", "hr_xt_changes", "hr_xt_busy")
 # The C function a program is loaded from, per pod mode, where it is not the program's own name: the mode is
 # a constant in these, so the verifier walks one mode's paths (connect6: ~4 100 instructions processed and
 # 4.2 ms a load here, ~1 400 and 1.2 ms once specialised). Loaded and pinned under the program's name.

@@ -8,7 +8,7 @@ its rules as verified reads the same while the count has not moved: `unchanged` 
 drift pass skips it. What else could change it is read anyway: an ambient pod's policy routing (announced
 over rtnetlink: its check is not skipped), a sidecar pod in TPROXY mode (its routing is part of its check:
 never skipped). Every apply or removal of the agent's forgets the pod; a pod is read in full at least
-every `FULL_EVERY` seconds (a replace no tracepoint saw: a 32-bit process's), and at every backstop pass.
+once a minute (`full_reads`: a replace no tracepoint saw: a 32-bit process's), and at every backstop pass.
 
 The count's programs come from the eBPF object (`loader`, compiled once in a child and kept in the state
 dir), compiled in the background from the agent's start (`IptablesBackend.prepare`); where it cannot be
@@ -27,9 +27,9 @@ from cni.contract.spec import AmbientSpec
 from node_agent.backends.base import BackendError, RedirectSpec
 from node_agent.backends.ebpf import loader
 from node_agent.backends.ebpf.bpf_watch import XT_WATCH, ChangeCount, WatchError
+from node_agent.backends.full_reads import full_read_period
 
 COUNT_ENV = "HEADRACE_XT_CHANGE_COUNT"  # 0/false/no/off: no count (`env_switch`)
-FULL_EVERY = 60.0  # seconds: a pod skipped by the count is read in full again at least this often
 MAX_PODS = 65536  # pods remembered; beyond that all are forgotten (then re-learnt)
 
 
@@ -96,7 +96,8 @@ class QuietLegacyPods:
         with self._lock:
             for uid, spec, only_rules in polls:
                 seen = self._seen.get(uid)
-                if (seen is not None and seen[0] == now_count and seen[1] == spec and now - seen[2] < FULL_EVERY
+                if (seen is not None and seen[0] == now_count and seen[1] == spec
+                        and now - seen[2] < full_read_period(uid)
                         and (only_rules or not isinstance(spec, AmbientSpec))):
                     out.add(uid)
         return out
