@@ -6,9 +6,9 @@ the mesh, on the same node.
 
 Per backend (nftables, iptables-nft, iptables-legacy; eBPF when asked) a simulated node (node_agent.lab)
 runs `headrace agent` on that backend and the reference node proxy, and the chain bridge + host-local +
-headrace-cni (through the launcher install-cni lays: `--launchers python` runs the interpreter, which
-relays the ADD; `front` the compiled front, which relays without one; both: one node each, one after the
-other, rows `<backend>+front`) the way a runtime does. Each round, per
+headrace-cni (through the launcher install-cni lays: `front`, the default and what nodes run, the
+compiled front, which relays the ADD without starting an interpreter; `python` the interpreter, which
+relays it; both: one node each, one after the other, rows `<backend>+front`) the way a runtime does. Each round, per
 burst size N: N pods of namespace `mesh` (labelled ambient) are added at once, one thread per pod (its
 Pod object written first without IPs, its netns and kubelet-style cgroup directory made, as a kubelet
 and containerd do before the ADD), then N pods of namespace `plain` (outside the mesh) the same way; all
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pods", default="10,50", help="burst sizes, comma separated")
     ap.add_argument("--rounds", type=int, default=3, help="bursts per size and kind (>=1)")
     ap.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"of {','.join(BACKENDS)}")
-    ap.add_argument("--launchers", default="python", help="python (the interpreter relays), front, or both")
+    ap.add_argument("--launchers", default="front",
+                    help="front (the compiled front relays: the default), python (the interpreter relays), or both")
     args = ap.parse_args(argv)
     launchers = [x for x in args.launchers.split(",") if x]
     sizes = [int(x) for x in args.pods.split(",") if x]
