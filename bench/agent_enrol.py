@@ -17,6 +17,11 @@ the agent is SIGKILLed and restarted: per pod, the time from the restart until i
 agent's reconcile passes until then (count, longest pass, from its
 `headrace_agent_reconcile_duration_seconds`). Prints a table; cleans up.
 
+On eBPF and iptables-legacy nodes the agent compiles its eBPF object once at start (a few seconds of a
+child process's CPU; cached in its state dir after): the label is written once that compile has ended,
+as on a node whose agent has been running (the restart reuses the object). The agent's start itself is
+`bench/ebpf_start.py`'s.
+
 The agent's state dir (records, pins, sockets) and the objects dir are on a tmpfs (/dev/shm), as the
 agent's `/var/run/headrace` is on a node; on a disk file system (ext4) each record written by rename
 can start a writeback, which a node never pays.
@@ -161,6 +166,8 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backen
             assert agent.proxy is not None
             (proxy_cg / "cgroup.procs").write_text(str(agent.proxy.pid))
         agent.start_agent()
+        if backend in ("ebpf", "iptables-legacy"):
+            agent.wait_compiled()
         assert agent.agent is not None
         proc = psutil.Process(agent.agent.pid)
         assert agent.proxy is not None

@@ -160,6 +160,14 @@ class AgentRun:
                 found.append((f"{name} (last {tail} characters)", path.read_text(errors="replace")[-tail:]))
         return found
 
+    def wait_compiled(self, timeout: float = 120.0) -> None:
+        """Until this run's agent has ended its start-up compile of the eBPF object (eBPF nodes, and the x_tables
+        change count on iptables-legacy ones), done or given up, as a node's long-running agent has: a bench
+        that labels pods right after the start would otherwise measure the compile beside them."""
+        log, cache = self.base / f"agent{self.agent_runs}.log", self.state / "bpf-cache"
+        wait_for(lambda: any(cache.glob("*.bpfobj.json")) or " unavailable" in log.read_text(), timeout,
+                 "the agent's eBPF compile ended")
+
     def ready(self) -> bool:
         if self.agent is not None and self.agent.poll() is not None:
             raise RuntimeError(f"agent exited {self.agent.returncode}: {self.agent_log()[-3000:]}")
