@@ -1,5 +1,6 @@
 """The node's change count (`bpf_watch`) on the real kernel: the tracepoint program counts the bpf(2)
-attaches, detaches and map writes of other processes, not the agent's own; while it stands still a pod
+attaches, detaches and map writes of other processes, not the agent's own, and of the map writes only
+those on maps named like ours (another agent writing its own maps leaves it still); while it stands still a pod
 found intact is polled without its map and hook reads, and each kind of tampering by another process is
 still found by the next check (it moved the count). Polls answered without a look (`EbpfBackend.unchanged`,
 the agent's drift pass skips those pods): while the count stands still and the pod's pin directory and the
