@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node_agent.backends.ebpf import loader, object_cache
 from node_agent.lab.netns import run_in
 from node_agent.lab.processes import HEADRACE
 from node_agent.netns.pin import NetnsPins
@@ -164,8 +165,8 @@ class AgentRun:
         """Until this run's agent has ended its start-up compile of the eBPF object (eBPF nodes, and the x_tables
         change count on iptables-legacy ones), done or given up, as a node's long-running agent has: a bench
         that labels pods right after the start would otherwise measure the compile beside them."""
-        log, cache = self.base / f"agent{self.agent_runs}.log", self.state / "bpf-cache"
-        wait_for(lambda: any(cache.glob("*.bpfobj.json")) or " unavailable" in log.read_text(), timeout,
+        log, cache = self.base / f"agent{self.agent_runs}.log", self.state / loader.CACHE_DIR
+        wait_for(lambda: any(cache.glob("*" + object_cache.SUFFIX)) or " unavailable" in log.read_text(), timeout,
                  "the agent's eBPF compile ended")
 
     def ready(self) -> bool:

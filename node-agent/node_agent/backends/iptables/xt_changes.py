@@ -40,7 +40,7 @@ class QuietLegacyPods:
         self.count = ChangeCount(enabled, scratch, XT_WATCH)
         self._count_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._seen: dict[str, tuple[int, RedirectSpec, float]] = {}  # uid -> (count, spec, monotonic)
+        self._seen: dict[str, tuple[int, RedirectSpec, float]] = {}  # uid -> (count, spec, full read due)
         self._compiling = False
         self._now = clock
         if enabled:
@@ -75,7 +75,7 @@ class QuietLegacyPods:
         with self._lock:
             if len(self._seen) >= MAX_PODS and uid not in self._seen:
                 self._seen.clear()
-            self._seen[uid] = (count, spec, self._now())
+            self._seen[uid] = (count, spec, self._now() + full_read_period(uid))
 
     def forget(self, uid: str) -> None:
         with self._lock:
@@ -96,8 +96,7 @@ class QuietLegacyPods:
         with self._lock:
             for uid, spec, only_rules in polls:
                 seen = self._seen.get(uid)
-                if (seen is not None and seen[0] == now_count and seen[1] == spec
-                        and now - seen[2] < full_read_period(uid)
+                if (seen is not None and seen[0] == now_count and seen[1] == spec and now < seen[2]
                         and (only_rules or not isinstance(spec, AmbientSpec))):
                     out.add(uid)
         return out
