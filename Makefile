@@ -21,7 +21,7 @@ $(PROTO_OUT)/zds_pb2.py: proto/istio/zds/zds.proto
 	  --mypy_out=$(PROTO_OUT) proto/istio/zds/zds.proto
 	touch $(PROTO_OUT)/__init__.py
 
-# headrace-cni's compiled front (the relayed ADD without an interpreter): static, libc only.
+# headrace-cni's compiled front (the relayed commands without an interpreter): static, libc only.
 FRONT := cni/front/headrace-cni-front
 CFLAGS_FRONT := -O2 -static -s -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
 

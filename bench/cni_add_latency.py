@@ -11,7 +11,7 @@ fresh process exec'd inside the node netns; headrace-cni through the `python -IS
 install-cni` lays). `--agent`: `up` runs `headrace agent` (same backend) on the node, so the plugin sends
 its one-request ADD and the agent decides and applies; `down` has no agent (the plugin's standalone path:
 pod lookup, iptables-restore / `nft -f`); `both` measures the two on the same node, one after the other.
-`--launcher`: `python` is the launcher whose `#!` line runs the interpreter, which relays the ADD;
+`--launcher`: `python` is the launcher whose `#!` line runs the interpreter, which relays the ADD (and DEL);
 `front` names the compiled front (`make front`), which relays without an interpreter and runs it only for
 what the agent did not take (rows `up+front`, `down+front`); `both` measures them side by side.
 Each run adds (and then deletes) one sidecar pod (annotation `sidecar.istio.io/status`) and one non-mesh

@@ -1,13 +1,15 @@
-"""The relayed ADD and STATUS (protocol version 3 of the plugin socket): the plugin's launcher hands a CNI
-ADD or STATUS to a running agent as it came — the runtime's CNI_* environment and the network
+"""The relayed commands (protocol version 3 of the plugin socket): the plugin's launcher hands a CNI ADD,
+DEL, GC or STATUS to a running agent as it came — the runtime's CNI_* environment and the network
 configuration on stdin — and the agent runs the plugin's own code for it (`cni.plugin.relayed`) in its
 warm process, then answers with what the plugin prints. The plugin's hot path is then interpreter
 start-up and this one exchange: no module of the plugin beyond the launcher and this one is imported.
-STATUS is relayed because a runtime asks it all the time (containerd 2 for every Status call the kubelet
-makes, every 5 s); DEL, CHECK, GC and VERSION are not.
+Besides the ADD, a runtime runs a DEL for every pod that leaves the node, STATUS all the time (containerd
+2 for every Status call the kubelet makes, every 5 s) and GC now and then; CHECK and VERSION are not
+relayed.
 
 Request (plugin -> agent), one line:
-    {"v": 3, "cmd": "ADD" | "STATUS", "env": {"CNI_COMMAND": <the same>, "CNI_CONTAINERID": str, ...},
+    {"v": 3, "cmd": "ADD" | "DEL" | "GC" | "STATUS",
+     "env": {"CNI_COMMAND": <the same>, "CNI_CONTAINERID": str, ...},
      "stdin": <the network configuration object, as given>}
     Only the names in ENV_KEYS are sent, each value printable ASCII (anything else: not relayed); the
     configuration's line breaks become spaces (outside JSON strings they are whitespace, inside they are
@@ -15,15 +17,16 @@ Request (plugin -> agent), one line:
 
 Replies (agent -> plugin): a header line of ASCII words, then its payload:
     HR3 done <exit status> <n>\\n<n bytes>   the command ran: the bytes are the plugin's stdout (the CNI
-                                              result, nothing for a STATUS that is ready, or the CNI error
-                                              object with status 1)
+                                              result, nothing for a DEL, a GC or a STATUS that is ready,
+                                              or the CNI error object with status 1)
     HR3 standalone\\n                         the agent will not run this command (another agent socket in the
                                               configuration, a pod it does not know, ...): the plugin runs
-                                              its own path, without asking this agent again
+                                              its own path (an ADD's without asking this agent again; a
+                                              DEL's still tells it, as when nothing was relayed)
     HR3 wait <milliseconds>\\n                the agent holds the pod (ambient enrolment, eBPF sidecar):
                                               `done` follows within that time, or the pod fails closed
 Anything else (a version 1 or 2 failure line from an agent that cannot take the request, a closed
-connection) means the agent is not usable for this command. A STATUS is never held.
+connection) means the agent is not usable for this command. Only an ADD is ever held.
 
 Pure and stdlib only, no imports: the launcher loads it before anything else.
 """
@@ -37,7 +40,7 @@ STANDALONE = "standalone"
 WAIT = "wait"
 ENV = "env"  # request fields (beside cni.contract.events' "v" and "cmd")
 STDIN = "stdin"
-COMMANDS = ("ADD", "STATUS")  # the CNI commands relayed
+COMMANDS = ("ADD", "DEL", "GC", "STATUS")  # the CNI commands relayed
 ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 MAX_LINE_BYTES = 65536  # the server's request line limit (cni.contract.events takes it from here)
 MAX_HEADER_BYTES = 64

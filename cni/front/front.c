@@ -1,11 +1,11 @@
 /*
- * headrace-cni's compiled front: the relayed ADD and STATUS (protocol version 3 of the agent's plugin
- * socket) without starting an interpreter.
+ * headrace-cni's compiled front: the relayed ADD, DEL, GC and STATUS (protocol version 3 of the agent's
+ * plugin socket) without starting an interpreter.
  *
  * install-cni lays the plugin as a launcher script whose `#!` line names this program and the agent
  * socket; the kernel then runs
  *     headrace-cni-front <agent socket> <launcher script> [the runtime's arguments...]
- * For an ADD or a STATUS this program sends the runtime's CNI_* environment and the network configuration
+ * For those commands this program sends the runtime's CNI_* environment and the network configuration
  * to the agent, exactly as the Python launcher does (cni/contract/relay.py, cni/plugin/relay_client.py:
  * the same request line byte for byte, the same timeouts and answers). When the agent runs the command,
  * its output is printed and nothing else starts. Otherwise, and for every other command, it runs the
@@ -40,6 +40,8 @@
 #define INTERPRETER "python3"   /* next to this program in the runtime's bin/ */
 #define INTERNAL_ERROR 199      /* cni.contract.errors.INTERNAL_ERROR */
 
+static const char *const COMMANDS[] = {"ADD", "DEL", "GC", "STATUS"};  /* relay.COMMANDS */
+
 static const char *const ENV_KEYS[] = {
     "CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH",
 };
@@ -52,6 +54,7 @@ static char reply[MAX_HEADER + MAX_OUTPUT + 1];
 
 struct relay {
     const char *socket_path;
+    const char *command;
     char msg[512];
     int held;
 };
@@ -199,7 +202,7 @@ static void connect_failed(struct relay *r, int err) {
 }
 
 /* The relay's outcome; on R_DONE the output is reply[*out_at..*out_at + *out_len) and *status is set. */
-static int relay_add(struct relay *r, size_t request_len, int *status, size_t *out_at, size_t *out_len) {
+static int relay(struct relay *r, size_t request_len, int *status, size_t *out_at, size_t *out_len) {
     long long started = now_ms();
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(r->socket_path) >= sizeof addr.sun_path) {
@@ -262,7 +265,7 @@ static int relay_add(struct relay *r, size_t request_len, int *status, size_t *o
         }
         if (kind == K_NONE) break;
         if (kind == K_STANDALONE) {
-            snprintf(r->msg, sizeof r->msg, "the agent left the ADD to the plugin");
+            snprintf(r->msg, sizeof r->msg, "the agent left the %s to the plugin", r->command);
             outcome = R_STANDALONE;
             goto closed;
         }
@@ -378,14 +381,21 @@ static void run_interpreter(char *self, char *script, int argc, char **argv, con
     fail("headrace-cni: cannot start the plugin's interpreter", strerror(errno));
 }
 
+static int relayed_command(const char *command) {
+    if (command == NULL) return 0;
+    for (size_t k = 0; k < sizeof COMMANDS / sizeof COMMANDS[0]; k++)
+        if (strcmp(command, COMMANDS[k]) == 0) return 1;
+    return 0;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);  /* a closed socket or stdout is an error return, as in the interpreter */
     /* argv: this program, the agent socket (the `#!` line's argument), the launcher script, then the
      * runtime's own arguments (none for CNI) */
     if (argc < 3) fail("headrace-cni-front runs only from the launcher install-cni lays", "");
-    struct relay r = {.socket_path = argv[1]};
     const char *command = getenv("CNI_COMMAND");
-    if (command == NULL || (strcmp(command, "ADD") != 0 && strcmp(command, "STATUS") != 0))  /* relay.COMMANDS */
+    struct relay r = {.socket_path = argv[1], .command = command};
+    if (!relayed_command(command))
         run_interpreter(argv[0], argv[2], argc - 3, argv + 3, NULL, NULL);
     int spill;
     ssize_t n = read_stdin(&spill);
@@ -395,7 +405,7 @@ int main(int argc, char **argv) {
     if (request_len > 0) {
         int status = 0;
         size_t at = 0, len = 0;
-        int outcome = relay_add(&r, request_len, &status, &at, &len);
+        int outcome = relay(&r, request_len, &status, &at, &len);
         if (outcome == R_DONE) {
             write_all(1, reply + at, len);
             _exit(status);

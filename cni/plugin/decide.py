@@ -49,12 +49,19 @@ def plugin_redirects(mode: membership.Mode | None, conf: NetConf) -> bool:
     return mode == "sidecar" and conf.backend != "ebpf"
 
 
+def without_pod(env: CniEnv, conf: NetConf) -> str:
+    """Why the invocation is no pod's to redirect before any lookup ("" when the pod must be looked up)."""
+    if not env.k8s.known:
+        return "no Kubernetes pod identity in CNI_ARGS"
+    if env.k8s.namespace in conf.exclude_namespaces:
+        return f"namespace {env.k8s.namespace} is excluded"
+    return ""
+
+
 def _decide(env: CniEnv, conf: NetConf, for_del: bool) -> Decision:
     k8s = env.k8s
-    if not k8s.known:
-        return Decision("none", None, "no Kubernetes pod identity in CNI_ARGS")
-    if k8s.namespace in conf.exclude_namespaces:
-        return Decision("none", None, f"namespace {k8s.namespace} is excluded")
+    if reason := without_pod(env, conf):
+        return Decision("none", None, reason)
     try:
         source = from_config(conf.kubeconfig, conf.objects_dir, conf.api_timeout)
         pod = source.get_pod(k8s.namespace, k8s.name)

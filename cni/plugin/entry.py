@@ -154,15 +154,28 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog, relayed: Relayed | None = 
     return out
 
 
-def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
+def relay_failed(conf: NetConf, relayed: Relayed | None) -> str:
+    """Why the launcher's relay of this command to the configured agent found it unusable ("" when it did
+    not relay it there, or the agent declined): a DEL then does not wait on that agent a second time."""
+    if relayed is None or relayed[1] == "standalone":
+        return ""
+    if os.path.normpath(relayed[0]) != os.path.normpath(conf.agent_socket):
+        return ""
+    return relayed[2] or "the agent did not take the relayed command"
+
+
+def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog, relayed: Relayed | None = None) -> None:
     from cni.plugin import standalone
     from cni.plugin.decide import decide, plugin_redirects
 
     decision = decide(env, conf, log, for_del=True)
     if decision.mode == "none":
         return
+    unusable = relay_failed(conf, relayed)
+    if unusable:
+        log.warning("agent", f"DEL not delivered to the agent: {unusable}", agent_socket=conf.agent_socket)
     removed = False
-    if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket):
+    if plugin_redirects(decision.mode, conf) and os.path.exists(conf.agent_socket) and not unusable:
         from cni.plugin.via_agent import rules_setting
 
         # a running agent watches such pods: it lets go first, and removes the rules of a pod it holds
@@ -172,7 +185,7 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog) -> None:
     elif netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
         standalone.remove_redirect(env.netns, conf, log)
         log.info("redirect", "redirect removed (if any)")
-    if uses_agent(decision.mode, conf):
+    if uses_agent(decision.mode, conf) and not unusable:
         if decision.mode is None and not os.path.exists(conf.agent_socket):
             return
         _del_to_agent(env, conf, decision, log)
@@ -277,8 +290,8 @@ def early_log_file(stdin: bytes, environ: Mapping[str, str]) -> str:
 
 
 def run(environ: Mapping[str, str], stdin: bytes, relayed: Relayed | None = None) -> tuple[int, str]:
-    """One invocation: (exit status, text for stdout). `relayed`: how the launcher's relay of this ADD to
-    an agent went, when it tried."""
+    """One invocation: (exit status, text for stdout). `relayed`: how the launcher's relay of this command
+    to an agent went, when it tried and the agent did not run it."""
     started = time.monotonic()
     log = JsonLog(early_log_file(stdin, environ), cmd=environ.get("CNI_COMMAND", ""))
     log.bind(container_id=environ.get("CNI_CONTAINERID", "")[:128], netns=environ.get("CNI_NETNS", "")[:256])
@@ -295,7 +308,7 @@ def run(environ: Mapping[str, str], stdin: bytes, relayed: Relayed | None = None
         if env.command == "ADD":
             output = cmd_add(env, conf, log, relayed)
         elif env.command == "DEL":
-            cmd_del(env, conf, log)
+            cmd_del(env, conf, log, relayed)
         elif env.command == "CHECK":
             if version.startswith("0.3."):
                 raise CniError(

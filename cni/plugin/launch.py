@@ -1,6 +1,6 @@
 """The plugin executable's entry point (`run_executable`), what the launcher install-cni lays calls.
 
-An ADD or a STATUS goes first to the agent's socket as it came (`cni.plugin.relay_client`,
+An ADD, DEL, GC or STATUS goes first to the agent's socket as it came (`cni.plugin.relay_client`,
 `cni.contract.relay`): when the agent runs it, its answer is printed and nothing else of the plugin is
 imported. Every other command, and one the agent declines or cannot take, runs the plugin's own code
 (`cni.plugin.entry`), which then knows how the relay went (it does not ask the same agent twice; a pod
@@ -48,7 +48,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 #: The commands relayed (`cni.contract.relay.COMMANDS`, not imported before it is needed).
-RELAYED_COMMANDS = (b"ADD", b"STATUS")
+RELAYED_COMMANDS = (b"ADD", b"DEL", b"GC", b"STATUS")
 
 #: How the compiled front's relay went, when it ran this: `--relayed <kind> <why>` (a runtime passes no
 #: arguments to a CNI plugin).

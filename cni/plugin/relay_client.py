@@ -1,4 +1,4 @@
-"""The launcher's relayed ADD or STATUS (`cni.contract.relay`): send the command as it came to the agent's
+"""The launcher's relayed command (`cni.contract.relay`): send the command as it came to the agent's
 socket, return what to print. Imports only `_socket` and `time` (both built into the interpreter or
 tiny): this runs before any other module of the plugin is loaded, and when the agent answers, nothing
 else is.
@@ -21,7 +21,7 @@ FIRST_ANSWER_TIMEOUT = 2.0
 
 class Answer:
     """How the relay went. kind: "done" (print `output`, exit with `status`), "standalone" (the agent
-    declined: the plugin's own path, without asking it again), "unusable" (no agent, or one that did not
+    declined: the plugin's own path; an ADD's without asking it again), "unusable" (no agent, or one that did not
     take the request: the plugin's own path), "held" (the agent took the pod and then gave no answer: the
     ADD fails, `msg` says why)."""
 
@@ -98,7 +98,7 @@ def send(socket_path: str, env: dict[str, str], stdin: bytes) -> Answer | None:
                 break
             kind, a, b = header
             if kind == relay.STANDALONE:
-                return Answer("standalone", "the agent left the ADD to the plugin")
+                return Answer("standalone", f"the agent left the {env.get('CNI_COMMAND')} to the plugin")
             if kind == relay.WAIT and not held:
                 held = True
                 deadline = time.monotonic() + a / 1000

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from cni.plugin.log import JsonLog
     from cni.plugin.netconf import NetConf
 
-    #: how the launcher's relay of this ADD went, when it did not end it: (agent socket, kind, message)
+    #: how the launcher's relay of this command went, when it did not end it: (agent socket, kind, message)
     Relayed = tuple[str, str, str]
     #: the ADD request's transport: (agent socket, request, timeout) -> the agent's final reply
     Send = Callable[[str, dict[str, Any], float], AddReply]

@@ -5,9 +5,9 @@ through the interpreter's):
 - agent up: a sidecar pod's ADD is decided and applied by the agent (plugin log: "applied by the agent",
   no iptables/nft step of the plugin; agent status: held, drift watched); outbound TCP lands on 15001
   with the original destination; on every backend a dual-stack pod's ADD starts no process for its
-  rules in the agent (strace of the agent during the ADD); CHECK passes; DEL removes the rules (the agent
-  does and says so, the plugin removes nothing; the pod is not taken over again); a non-mesh pod is
-  answered by the agent;
+  rules in the agent (strace of the agent during the ADD); CHECK passes; DEL, relayed too, removes the
+  rules (the agent does and says so, the plugin removes nothing; the pod is not taken over again); a
+  non-mesh pod is answered by the agent;
 - agent down (no socket, or a stale socket of a killed agent): the standalone path, quickly;
 - agent wedged (SIGSTOP) then killed during a sidecar ADD: the plugin falls back to its standalone path
   after the first-answer bound, the rules are in exactly once; an ambient pod the agent took and then
@@ -117,6 +117,7 @@ def test_sidecar_add_applied_by_the_agent(warm: tuple[SimNode, AgentRun, str]) -
     # the agent held the pod on the plugin's backend: it removed the rules, the plugin removed nothing
     deleting = [r for r in plugin_lines(node, pod.container_id) if r.get("cmd") == "DEL"]
     assert any(r["msg"] == "redirect removed by the agent" for r in deleting), deleting
+    assert any(r["msg"] == "DEL ok (relayed to the agent)" for r in deleting), "the launcher relayed the DEL"
     assert not any(r["step"] in ("remove", "remove-nft") for r in deleting), deleting
     time.sleep(1.5)  # a few reconcile passes: the pod (still in the source) is not taken over again
     assert not our_rules(pod.netns.path, backend)

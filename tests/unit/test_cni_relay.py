@@ -1,6 +1,6 @@
-"""The launcher's relayed ADD (protocol version 3): the framing, the plugin's side against a fake agent (run
-as the runtime runs it, through a launcher that names the fake's socket), and the agent's side
-(`serve/relay_add.py`) with a fake one-request ADD."""
+"""The launcher's relayed commands (protocol version 3): the framing, the plugin's side against a fake agent
+(run as the runtime runs it, through a launcher that names the fake's socket), and the agent's side
+(`serve/relayed_commands.py`) with a fake one-request ADD and a fake agent part of the DEL."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ import pytest
 from node_agent.lab.plugin_launcher import write_plugin_launcher
 from node_agent.serve.add_request import WarmAddRequest
 from node_agent.serve.cni_request import RequestError
-from node_agent.serve.relay_add import relayed_add
+from node_agent.serve.relayed_commands import relayed_command
 
 from cni.contract import agent_add, errors, relay
+from cni.plugin.cni_env import CniEnv
+from cni.plugin.log import JsonLog
+from cni.plugin.netconf import NetConf
+from cni.plugin.relayed import Declined
 from tests.unit.test_cni_agent_client import FakeAgent
 from tests.unit.test_cni_plugin_process import PREV_100, Env, assert_error, env, pod_netns
 
@@ -38,12 +42,15 @@ def test_request_line_carries_the_env_and_the_configuration_as_they_came() -> No
     assert obj == {"v": 3, "cmd": "ADD", "env": env, "stdin": {"cniVersion": "1.0.0", "name": 'n"x'}}
 
 
-def test_status_is_relayed_and_the_other_commands_are_not() -> None:
+def test_del_gc_and_status_are_relayed_and_the_other_commands_are_not() -> None:
     status = {"CNI_COMMAND": "STATUS", "CNI_PATH": "/opt/cni/bin"}
     line = relay.request_line(status, b'{"cniVersion": "1.1.0"}')
     assert line is not None and json.loads(line) == {"v": 3, "cmd": "STATUS", "env": status,
                                                       "stdin": {"cniVersion": "1.1.0"}}
-    for command in ("DEL", "CHECK", "GC", "VERSION", "add"):
+    for command in ("DEL", "GC"):
+        line = relay.request_line(dict(ENV, CNI_COMMAND=command), b"{}")
+        assert line is not None and json.loads(line)["cmd"] == command
+    for command in ("CHECK", "VERSION", "add"):
         assert relay.request_line(dict(ENV, CNI_COMMAND=command), b"{}") is None
     assert relay.request_line({k: v for k, v in ENV.items() if k != "CNI_COMMAND"}, b"{}") is None
 
@@ -238,11 +245,48 @@ def test_a_status_the_agent_does_not_answer_is_the_plugins_own(env: Env, tmp_pat
     assert "missing is not a directory" in json.loads(proc.stdout)["details"]
 
 
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+def test_a_del_the_agent_runs_is_its_answer(env: Env, tmp_path: Path, front: bool) -> None:
+    agent = FakeAgent(env.sock, v3=lambda r: relay.done_frame(0, b""))
+    try:
+        assert launched(env, tmp_path, front)(env.conf(), CNI_COMMAND="DEL") == (0, None)
+        [req] = agent.requests
+        assert req["v"] == 3 and req["cmd"] == "DEL" and req["stdin"] == env.conf()
+    finally:
+        agent.close()
+    assert env.log_lines() == []  # the agent logged this DEL
+
+
+def test_a_del_the_agent_declines_is_the_plugins_own_and_still_tells_it(env: Env, tmp_path: Path,
+                                                                        front: bool) -> None:
+    env.pod("shop", "web", labels=AMBIENT)
+    agent = FakeAgent(env.sock, v3=lambda r: relay.standalone_frame())
+    try:
+        assert launched(env, tmp_path, front)(env.conf(), CNI_COMMAND="DEL") == (0, None)
+        assert [(r["v"], r["cmd"]) for r in agent.requests] == [(3, "DEL"), (1, "DEL")]
+    finally:
+        agent.close()
+
+
+def test_a_del_the_agent_did_not_take_does_not_wait_on_it_twice(env: Env, tmp_path: Path, front: bool) -> None:
+    env.pod("shop", "web", labels=AMBIENT)
+    agent = FakeAgent(env.sock, v3=lambda r: [3.0])  # stalls past the first-answer bound
+    try:
+        assert launched(env, tmp_path, front)(env.conf(), CNI_COMMAND="DEL") == (0, None)
+        assert [r["v"] for r in agent.requests] == [3]
+    finally:
+        agent.close()
+    assert any(r["msg"] == "DEL not delivered to the agent: the agent did not answer in time"
+               for r in env.log_lines()), env.log_lines()
+
+
 def agent_add_line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj) + "\n").encode()
 
 
-def test_a_relayed_add_loads_only_the_launcher(env: Env, tmp_path: Path) -> None:
+def test_a_relayed_command_loads_only_the_launcher(env: Env, tmp_path: Path) -> None:
     agent = FakeAgent(env.sock, v3=lambda r: relay.done_frame(0, b"{}\n"))
     launcher = tmp_path / "headrace-cni"
     write_plugin_launcher(launcher, str(env.sock))
@@ -287,7 +331,7 @@ def agent_side(env: Env, warm: Warm, conf: dict[str, Any] | None = None, own: st
     sent: list[bytes] = []
     obj = {"v": 3, "cmd": "ADD", "env": {**ENV, "CNI_NETNS": env.netns, **env_fields},
            "stdin": env.conf() if conf is None else conf}
-    frame = relayed_add(obj, own or str(env.sock), warm, check, sent.append)
+    frame = relayed_command(obj, own or str(env.sock), warm, check, sent.append)
     return frame, sent
 
 
@@ -311,7 +355,7 @@ def test_what_the_add_leaves_for_later_runs_after_the_final_frame(env: Env) -> N
     warm = Warm(agent_add.done_reply("sidecar", "enrolled", "nftables"))
     later: list[Callable[[], None]] = []
     obj = {"v": 3, "cmd": "ADD", "env": {**ENV, "CNI_NETNS": env.netns}, "stdin": env.conf()}
-    frame = relayed_add(obj, str(env.sock), warm, lambda p: None, lambda b: None, later.append)
+    frame = relayed_command(obj, str(env.sock), warm, lambda p: None, lambda b: None, later.append)
     assert done(frame)[0] == 0 and warm.afterwards == [] and len(later) == 1
     later[0]()
     assert len(warm.afterwards) == 1
@@ -363,7 +407,7 @@ def test_agent_answers_a_bad_env_like_the_plugin(env: Env) -> None:
 
 def agent_status(env: Env, conf: dict[str, Any], own: str | None = None) -> bytes:
     obj = {"v": 3, "cmd": "STATUS", "env": STATUS_ENV, "stdin": conf}
-    return relayed_add(obj, own or str(env.sock), Warm(agent_add.none_reply("x")), lambda p: None, lambda b: None)
+    return relayed_command(obj, own or str(env.sock), Warm(agent_add.none_reply("x")), lambda p: None, lambda b: None)
 
 
 def test_agent_answers_status_ready_for_its_own_socket_and_the_plugins_errors_otherwise(env: Env) -> None:
@@ -378,7 +422,7 @@ def test_agent_answers_status_ready_for_its_own_socket_and_the_plugins_errors_ot
 
 
 @pytest.mark.parametrize("obj", [
-    {"v": 3, "cmd": "DEL", "env": dict(ENV, CNI_COMMAND="DEL"), "stdin": {}},
+    {"v": 3, "cmd": "CHECK", "env": dict(ENV, CNI_COMMAND="CHECK"), "stdin": {}},
     {"v": 3, "cmd": "STATUS", "env": ENV, "stdin": {}},  # cmd and CNI_COMMAND differ
     {"v": 3, "cmd": "ADD", "env": {**ENV, "PATH": "/bin"}, "stdin": {}},
     {"v": 3, "cmd": "ADD", "env": {**ENV, "CNI_ARGS": 1}, "stdin": {}},
@@ -387,4 +431,65 @@ def test_agent_answers_status_ready_for_its_own_socket_and_the_plugins_errors_ot
 ])
 def test_malformed_relay_requests_are_refused(obj: dict[str, Any]) -> None:
     with pytest.raises(RequestError):
-        relayed_add(obj, "/run/x.sock", Warm(agent_add.none_reply("x")), lambda p: None, lambda b: None)
+        relayed_command(obj, "/run/x.sock", Warm(agent_add.none_reply("x")), lambda p: None, lambda b: None)
+
+
+class Deleting:
+    """A fake agent part of the DEL: records the pods it is asked about, or declines."""
+
+    def __init__(self, decline: str = "") -> None:
+        self.decline = decline
+        self.asked: list[tuple[str, str]] = []
+
+    def __call__(self, env: CniEnv, conf: NetConf, log: JsonLog) -> None:
+        self.asked.append((env.k8s.namespace, env.k8s.name))
+        if self.decline:
+            raise Declined(self.decline)
+
+
+def agent_del(env: Env, deleting: Deleting | None, conf: dict[str, Any] | None = None, **env_fields: str) -> bytes:
+    obj = {"v": 3, "cmd": "DEL", "env": {**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": env.netns, **env_fields},
+           "stdin": env.conf() if conf is None else conf}
+    return relayed_command(obj, str(env.sock), Warm(agent_add.none_reply("x")), lambda p: None, lambda b: None,
+                           delete=deleting)
+
+
+def test_agent_runs_the_plugins_del_with_its_own_part(env: Env) -> None:
+    deleting = Deleting()
+    assert agent_del(env, deleting) == relay.done_frame(0, b"")
+    assert deleting.asked == [("shop", "web")]
+    assert any(r["msg"] == "DEL ok (relayed to the agent)" for r in env.log_lines())
+
+
+@pytest.mark.parametrize("case", ["no pod identity", "excluded namespace"])
+def test_a_del_of_no_pod_is_done_without_the_agents_part(env: Env, case: str) -> None:
+    deleting = Deleting()
+    if case == "no pod identity":
+        frame = agent_del(env, deleting, CNI_ARGS="IgnoreUnknown=1")
+    else:
+        frame = agent_del(env, deleting, env.conf(exclude_namespaces=["shop"]))
+    assert frame == relay.done_frame(0, b"") and deleting.asked == []
+    assert any(r["msg"].startswith("mode none:") for r in env.log_lines())
+
+
+@pytest.mark.parametrize("deleting", [Deleting("the plugin's rules"), None])
+def test_a_del_the_agent_leaves_to_the_plugin(env: Env, deleting: Deleting | None) -> None:
+    assert agent_del(env, deleting) == relay.standalone_frame()
+
+
+def test_a_del_with_a_bad_configuration_is_the_plugins_error(env: Env) -> None:
+    deleting = Deleting()
+    status, out = done(agent_del(env, deleting, {"cniVersion": "1.0.0", "name": "n"}))
+    assert status == 1 and out["code"] == errors.INVALID_NETWORK_CONFIG and deleting.asked == []
+
+
+def test_agent_answers_gc_as_the_plugin_does(env: Env) -> None:
+    obj = {"v": 3, "cmd": "GC", "env": {"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"},
+           "stdin": env.conf("1.1.0", prev=None)}
+    assert relayed_command(obj, str(env.sock), Warm(agent_add.none_reply("x")), lambda p: None,
+                           lambda b: None) == relay.done_frame(0, b"")
+    assert any(r["msg"] == "GC ok (relayed to the agent)" for r in env.log_lines())
+    obj["stdin"] = env.conf("1.0.0", prev=None)
+    status, out = done(relayed_command(obj, str(env.sock), Warm(agent_add.none_reply("x")), lambda p: None,
+                                       lambda b: None))
+    assert status == 1 and out["code"] == errors.INCOMPATIBLE_VERSION

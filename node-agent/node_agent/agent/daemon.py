@@ -49,6 +49,7 @@ from node_agent.serve.metrics import AgentMetrics
 from node_agent.serve.plugin_logs import PluginLogListener
 from node_agent.serve.plugin_logs import socket_path as plugin_log_socket
 from node_agent.serve.proxy_metrics import ProxyProtocolCollector
+from node_agent.serve.relayed_del import RelayedDel
 from node_agent.serve.warm_add import WarmAdd, pod_lookup
 from node_agent.sources.redirection_mark import RedirectionMarker, Writer
 from node_agent.sources.store import PodStore
@@ -141,16 +142,19 @@ class Agent:
         self.marker = self._redirection_marker()
         self.duties = AgentDuties(self, duties)  # install-cni in the agent, boot-race monitor
         view = self.duties.status_view(self.reconciler)
+        lookup = pod_lookup(str(config.kubeconfig) if config.kubeconfig else None,
+                            str(config.objects_dir) if config.objects_dir else None)
         self.warm_add = WarmAdd(
             self.store, view, self.reconciler.table, self.reconciler.backends, self.reconciler.plugin_sidecars,
-            lookup=pod_lookup(str(config.kubeconfig) if config.kubeconfig else None,
-                              str(config.objects_dir) if config.objects_dir else None),
-            add_timeout=config.cni_add_timeout,
+            lookup=lookup, add_timeout=config.cni_add_timeout,
         )
+        self.relayed_del = RelayedDel(self.store, view, self.reconciler.table, lookup=lookup)
         self.metrics.watch_plugin_adds(self.warm_add.counts)
+        self.metrics.watch_plugin_dels(self.relayed_del.counts)
         self.cni = CniServer(
             str(config.cni_socket), view, add_timeout=config.cni_add_timeout,
             resolve_uid=self._resolve_uid, extra_status=self._extra_status, warm_add=self.warm_add.add,
+            relayed_del=self.relayed_del,
         )
         self.metrics.watch_plugin_admission(self.cni.admission.counts)
         self.health: HealthServer | None = None

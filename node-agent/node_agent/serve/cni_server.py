@@ -7,9 +7,10 @@ has acked the workload and the rules are in (`{"ok": true, "state": "enrolled"}`
 The socket is created with mode 0600 (bound in a private directory, then renamed into place).
 Version 2 requests (the one-request ADD, `cni/contract/agent_add.py`, docs/plugin-agent.md) are validated
 by `serve/add_request.py`, their netns checked like an ADD's, and handed to `warm_add` (which may send an
-interim line before its answer); version 3 requests (the launcher's relayed ADD, `cni/contract/relay.py`)
-run the plugin's ADD code here with `warm_add` in-process (`serve/relay_add.py`). Without a `warm_add`
-both are refused as unknown, as an agent that speaks only version 1 does.
+interim line before its answer); version 3 requests (the launcher's relayed ADD, DEL, GC and STATUS,
+`cni/contract/relay.py`) run the plugin's code here with `warm_add` in-process and the agent's part of a
+DEL, `relayed_del` (`serve/relayed_commands.py`). Without a `warm_add` both are refused as unknown, as an
+agent that speaks only version 1 does.
 
 Limits (`serve/cni_admission.py`): the whole request line within `READ_TIMEOUT` of accept (one deadline,
 not one per read), the reply written within `SEND_TIMEOUT`, connections bounded per peer process, and
@@ -28,7 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cni.contract import events
 from cni.contract.kube_objects import Pod
@@ -38,7 +39,10 @@ from node_agent.reconcile.state import Outcome
 from node_agent.serve.add_request import Later, WarmAddFn, at_once, is_v2, parse_add_request
 from node_agent.serve.cni_admission import Admission, Refusal, Ticket, peer_key
 from node_agent.serve.cni_request import PluginRequest, RequestError, parse_request, reply_json
-from node_agent.serve.relay_add import is_relay, relayed_add
+from node_agent.serve.relayed_commands import is_relay, relayed_command
+
+if TYPE_CHECKING:
+    from cni.plugin.relayed import Delete
 
 log = logging.getLogger("headrace.agent.cni")
 
@@ -89,6 +93,7 @@ class CniServer:
         check_netns: Callable[[str], None] = check_add_netns,
         admission: Admission | None = None,
         warm_add: WarmAddFn | None = None,
+        relayed_del: Delete | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.handler = handler
@@ -103,6 +108,7 @@ class CniServer:
         self._inode = 0
         self.requests = 0
         self._warm_add = warm_add  # version 2 (the one-request ADD); None: answered as version 1 does
+        self._relayed_del = relayed_del  # the agent's part of a relayed DEL; None: left to the plugin
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -224,8 +230,8 @@ class CniServer:
                 self._check_netns(warm.netns)
                 return self._warm_add(warm, interim or (lambda _obj: None), later)
             if is_relay(obj):
-                return relayed_add(obj, self.socket_path, self._warm_add, self._check_netns,
-                                   interim or (lambda _frame: None), later)
+                return relayed_command(obj, self.socket_path, self._warm_add, self._check_netns,
+                                       interim or (lambda _frame: None), later, self._relayed_del)
         req = parse_request(line)
         if req.cmd == events.STATUS:
             out: dict[str, Any] = {events.OK: True, events.PODS: self.handler.status()}

@@ -36,23 +36,29 @@ class IptablesCheckCollector:
         yield errors
 
 
-class PluginAddCollector:
-    """The plugin's one-request ADDs by outcome (serve/warm_add.py): `headrace_agent_plugin_adds_total{outcome}`
-    with outcome `none`, `sidecar` (rules applied by the agent), `ambient`, `refused` (bad annotations),
-    `apply_failed`, `standalone` (left to the plugin's own path), and `lookup` (cache misses looked up)."""
+class OutcomeCollector:
+    """Counts by outcome, each outcome exported (0 until it happens):
+    - `headrace_agent_plugin_adds_total{outcome}`, the plugin's one-request ADDs (serve/warm_add.py):
+      `none`, `sidecar` (rules applied by the agent), `ambient`, `refused` (bad annotations),
+      `apply_failed`, `standalone` (left to the plugin's own path), and `lookup` (cache misses looked up);
+    - `headrace_agent_plugin_dels_total{outcome}`, the relayed DELs (serve/relayed_del.py): `none`,
+      `ambient`, `sidecar` (the agent's part done), `standalone` (left to the plugin's own DEL), and `lookup`
+      (cache misses looked up)."""
 
-    OUTCOMES = ("none", "sidecar", "ambient", "refused", "apply_failed", "standalone", "lookup")
-
-    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
-        self.source = source
+    def __init__(self, name: str, documentation: str, outcomes: tuple[str, ...],
+                 source: Callable[[], Mapping[str, int]]) -> None:
+        self.name, self.documentation, self.outcomes, self.source = name, documentation, outcomes, source
 
     def collect(self) -> Iterator[Metric]:
         counts = self.source()
-        adds = CounterMetricFamily("headrace_agent_plugin_adds", "The plugin's one-request ADDs, by outcome.",
-                                   labels=["outcome"])
-        for outcome in self.OUTCOMES:
-            adds.add_metric([outcome], counts.get(outcome, 0))
-        yield adds
+        family = CounterMetricFamily(self.name, self.documentation, labels=["outcome"])
+        for outcome in self.outcomes:
+            family.add_metric([outcome], counts.get(outcome, 0))
+        yield family
+
+
+PLUGIN_ADDS = ("none", "sidecar", "ambient", "refused", "apply_failed", "standalone", "lookup")
+PLUGIN_DELS = ("none", "ambient", "sidecar", "standalone", "lookup")
 
 
 class DriftWatchCollector:
@@ -209,7 +215,13 @@ class AgentMetrics:
 
     def watch_plugin_adds(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """headrace_agent_plugin_adds_total from the one-request ADD's counts."""
-        self.registry.register(PluginAddCollector(counts))
+        self.registry.register(OutcomeCollector(
+            "headrace_agent_plugin_adds", "The plugin's one-request ADDs, by outcome.", PLUGIN_ADDS, counts))
+
+    def watch_plugin_dels(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """headrace_agent_plugin_dels_total from the relayed DELs' counts."""
+        self.registry.register(OutcomeCollector(
+            "headrace_agent_plugin_dels", "The plugin's relayed DELs, by outcome.", PLUGIN_DELS, counts))
 
     def proxy_cgroup_source(self, source: str) -> None:
         for name in PROXY_CGROUP_SOURCES:

@@ -39,14 +39,15 @@ from node_agent.backends.plugin_rules import writes_like_plugin
 from node_agent.reconcile.plugin_sidecars import PluginSidecars
 from node_agent.reconcile.state import Outcome
 from node_agent.reconcile.table import PodTable
+from node_agent.serve import pod_cache
 from node_agent.serve.add_request import Later, WarmAddRequest, at_once
+from node_agent.serve.pod_cache import Lookup
 from node_agent.serve.sidecar_apply import apply_for_add
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.cni")
 
 AGENT_REASON = "redirected by the agent at the plugin's ADD; watched by the agent"
-Lookup = Callable[[str, str], tuple[Pod | None, Namespace | None]]
 
 
 class Handlers(Protocol):
@@ -94,30 +95,10 @@ class WarmAdd:
             return dict(self._counts)
 
     # ---- which pod -----------------------------------------------------------------------------------
-    def _cached(self, req: WarmAddRequest) -> tuple[Pod | None, Namespace | None]:
-        snap = self.store.snapshot()
-        pod = snap.pods.get(req.uid) if req.uid else None
-        if pod is None:
-            pod = next((p for p in snap.pods.values() if p.namespace == req.namespace and p.name == req.name), None)
-        return pod, (snap.namespaces.get(pod.namespace) if pod is not None else None)
-
-    @staticmethod
-    def _matches(pod: Pod | None, req: WarmAddRequest) -> bool:
-        if pod is None or pod.namespace != req.namespace or pod.name != req.name:
-            return False
-        return not (req.uid and pod.authoritative_uid and pod.uid != req.uid)
-
     def _pod(self, req: WarmAddRequest) -> tuple[Pod | None, Namespace | None]:
         """The pod (None when the agent cannot tell) and its namespace (None when unknown and needed)."""
-        pod, ns = self._cached(req)
-        ok = self._matches(pod, req)
-        if ok and ns is None and pod is not None and not membership.namespace_needed(
-                pod.namespace, pod.labels, pod.annotations, pod.host_network, req.exclude_namespaces):
-            return pod, None
-        if (not ok or ns is None) and self.lookup is not None:
-            self._count("lookup")
-            pod, ns = self.lookup(req.namespace, req.name)
-        return (pod, ns) if self._matches(pod, req) else (None, None)
+        return pod_cache.find(self.store.snapshot(), self.lookup, req.uid, req.namespace, req.name,
+                              req.exclude_namespaces, lambda: self._count("lookup"))
 
     # ---- the request ---------------------------------------------------------------------------------
     def add(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None],
