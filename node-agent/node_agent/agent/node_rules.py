@@ -35,18 +35,28 @@ def kind(nftables: bool, flavour: str) -> str:
 
 def make(kind_: str) -> Callable[[list[str]], None]:
     """sync(ips): the node's probe SNAT for exactly these pod IPs, checked and rewritten only when it
-    differs."""
+    differs (logged: at start, as the pod IPs change, and when something else changed it)."""
     if kind_ == NFTABLES:
-        from node_agent.backends.nftables.node_probe import make_nft_node_rules
+        from node_agent.backends.nftables.node_probe import sync_node_probe
 
-        return make_nft_node_rules()
+        def sync_table(ips: list[str]) -> None:
+            if sync_node_probe(ips):
+                _written(kind_, ips, "the table differed")
+
+        return sync_table
     flavour = _flavour(kind_)
 
     def sync(ips: list[str]) -> None:
-        if kernel_tables.check_node_probe_rules(None, ips, flavour):
+        if problems := kernel_tables.check_node_probe_rules(None, ips, flavour):
             kernel_tables.sync_node_probe_rules(None, ips, flavour)
+            _written(kind_, ips, problems[0])
 
     return sync
+
+
+def _written(kind_: str, ips: list[str], why: str) -> None:
+    log.info("node probe SNAT written (%s; %d pod IPs): %s", kind_, len(ips), why[:200],
+             extra={"step": "node-rules"})
 
 
 def unless_unchanged(sync: Callable[[list[str]], None], count: Callable[[], int | None],

@@ -3,8 +3,6 @@ checked and replaced in-process (libnftables), one transaction; no pod IPs → n
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from cni.rules import nft_builder, nft_text
 from node_agent.backends.base import BackendError
 from node_agent.backends.nftables import libnft
@@ -23,9 +21,3 @@ def sync_node_probe(ips: list[str], netns_path: str | None = None) -> bool:
         raise BackendError(f"node probe SNAT table refused: {result.error.strip()}")
     return True
 
-
-def make_nft_node_rules(netns_path: str | None = None) -> Callable[[list[str]], None]:
-    def sync(ips: list[str]) -> None:
-        sync_node_probe(ips, netns_path)
-
-    return sync
