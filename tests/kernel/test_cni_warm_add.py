@@ -337,7 +337,8 @@ def test_hostile_requests_are_refused(warm: tuple[SimNode, AgentRun, str]) -> No
         "env beyond CNI_*": {"v": 3, "cmd": "ADD", "env": {**env, "LD_PRELOAD": "/tmp/x.so"}, "stdin": netconf},
         "env value not a string": {"v": 3, "cmd": "ADD", "env": {**env, "CNI_ARGS": ["x"]}, "stdin": netconf},
         "config not an object": {"v": 3, "cmd": "ADD", "env": env, "stdin": "{}"},
-        "not ADD": {"v": 3, "cmd": "DEL", "env": env, "stdin": netconf},
+        "cmd and CNI_COMMAND differ": {"v": 3, "cmd": "DEL", "env": env, "stdin": netconf},
+        "CHECK, not relayed": {"v": 3, "cmd": "CHECK", "env": {**env, "CNI_COMMAND": "CHECK"}, "stdin": netconf},
     }
     for what, req in relay_bad.items():
         reply = _ask(node.agent_socket, (json.dumps(req) + "\n").encode())
