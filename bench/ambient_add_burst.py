@@ -1,5 +1,5 @@
-"""Ambient ADD in a burst: N pods created at once in an ambient namespace, beside N created at once outside
-the mesh, on the same node.
+"""Ambient ADD and DEL in a burst: N pods created (then deleted) at once in an ambient namespace, beside N
+created (then deleted) at once outside the mesh, on the same node.
 
     .venv/bin/python bench/ambient_add_burst.py [--pods 10,50] [--rounds 3] [--backends nftables,nft,legacy]
         [--launchers python,front]
@@ -11,14 +11,18 @@ compiled front, which relays the ADD without starting an interpreter; `python` t
 relays it; both: one node each, one after the other, rows `<backend>+front`) the way a runtime does. Each round, per
 burst size N: N pods of namespace `mesh` (labelled ambient) are added at once, one thread per pod (its
 Pod object written first without IPs, its netns and kubelet-style cgroup directory made, as a kubelet
-and containerd do before the ADD), then N pods of namespace `plain` (outside the mesh) the same way; all
-are deleted after each burst. An ambient ADD is answered once the agent has enrolled the pod (its
-redirection in and the proxy's ack); a non-mesh ADD has nothing to wait for.
+and containerd do before the ADD), then N pods of namespace `plain` (outside the mesh) the same way; each
+burst's pods are deleted at once after it (every pod's chain DEL on a thread of its own, its netns still
+there, as a kubelet tears pods down). An ambient ADD is answered once the agent has enrolled the pod (its
+redirection in and the proxy's ack); a non-mesh ADD has nothing to wait for; an ambient DEL once the
+agent has taken the redirection out.
 
 Printed per backend and N, over all rounds: headrace-cni's ADD median and p99 for each kind, the
 bridge plugin's ADD median in the same chains, the wall time of a whole burst (median of the rounds),
-and the ratios ambient / non-mesh of headrace-cni's median and of the burst. No assertions: it prints a
-table. Everything (agents, proxies, pods, netns, bridges, files) is removed at the end, also on Ctrl-C.
+and the ratios ambient / non-mesh of headrace-cni's median and of the burst; then headrace-cni's DEL
+median and p99 for each kind, the bridge plugin's DEL median, and the wall time of each DEL burst. No
+assertions: it prints two tables. Everything (agents, proxies, pods, netns, bridges, files) is removed at
+the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` when 
 from node_agent.backends.ebpf import pod_cgroup
 from node_agent.install_cni.runtime import front_binary
 from node_agent.lab.agent_run import AgentRun
-from node_agent.lab.cni_runner import CniInvocationError
+from node_agent.lab.cni_runner import CniInvocationError, CniRunner
 from node_agent.lab.netns import NetNS
 from node_agent.lab.pod_cgroups import rmdir_cgroup
 from node_agent.lab.simnode import Pod, SimNode
@@ -75,8 +79,8 @@ def make_pods(node: SimNode, namespace: str, n: int, label: str) -> list[Pod]:
     return pods
 
 
-def add_at_once(node: SimNode, pods: list[Pod]) -> Burst:
-    """Every pod's chain ADD on a thread of its own, released together."""
+def at_once(node: SimNode, pods: list[Pod], step: Callable[[CniRunner, Pod], object]) -> Burst:
+    """`step` (the chain's ADD or DEL) for every pod on a thread of its own, released together."""
     burst = Burst()
     gate = threading.Barrier(len(pods) + 1)
     lock = threading.Lock()
@@ -85,7 +89,7 @@ def add_at_once(node: SimNode, pods: list[Pod]) -> Burst:
         runner = node.runner()  # its own: its timings are this pod's
         gate.wait()
         try:
-            pod.result = runner.add(pod.container_id, pod.netns.path, args=pod.cni_args)
+            step(runner, pod)
         except CniInvocationError as exc:
             with lock:
                 burst.errors.append(exc)
@@ -105,12 +109,20 @@ def add_at_once(node: SimNode, pods: list[Pod]) -> Burst:
     return burst
 
 
-def remove(node: SimNode, pods: list[Pod]) -> None:
-    runner = node.runner()
-    for pod in pods:
-        try:
-            runner.delete(pod.container_id, pod.netns.path, args=pod.cni_args)
-        finally:
+def add_at_once(node: SimNode, pods: list[Pod]) -> Burst:
+    def add(runner: CniRunner, pod: Pod) -> None:
+        pod.result = runner.add(pod.container_id, pod.netns.path, args=pod.cni_args)
+
+    return at_once(node, pods, add)
+
+
+def delete_at_once(node: SimNode, pods: list[Pod]) -> Burst:
+    """Every pod's chain DEL at once (its netns still there); then the pods are gone (netns, object, cgroup)."""
+    try:
+        return at_once(node, pods, lambda runner, pod: runner.delete(pod.container_id, pod.netns.path,
+                                                                     args=pod.cni_args))
+    finally:
+        for pod in pods:
             pod.netns.delete()
             node.pods.pop(pod.uid, None)
             (node.objects_dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
@@ -119,8 +131,8 @@ def remove(node: SimNode, pods: list[Pod]) -> None:
 
 def measure_backend(root: Path, backend: str, front: bool, sizes: Sequence[int], rounds: int,
                     nodes: list[SimNode], agents: list[AgentRun], progress: Callable[[str], None]
-                    ) -> dict[tuple[int, str], list[Burst]]:
-    """(N, kind) -> the bursts of every round, on one node running the agent on this backend."""
+                    ) -> dict[tuple[int, str, str], list[Burst]]:
+    """(N, kind, "ADD" | "DEL") -> the bursts of every round, on one node running the agent on this backend."""
     conf, agent_args = BACKENDS[backend]
     label = backend + ("+front" if front else "")
     node = SimNode.create(root / label, headrace=dict(conf), pod_cgroups=True, front=front)
@@ -134,7 +146,8 @@ def measure_backend(root: Path, backend: str, front: bool, sizes: Sequence[int],
     agents.append(agent)
     agent.start_proxy()
     agent.start_agent()
-    out: dict[tuple[int, str], list[Burst]] = {(n, kind): [] for n in sizes for kind in KINDS}
+    out: dict[tuple[int, str, str], list[Burst]] = {(n, kind, cmd): [] for n in sizes for kind in KINDS
+                                                    for cmd in ("ADD", "DEL")}
     for r in range(-1, rounds):  # round -1 warms up (page cache, first tables), not recorded
         for n in sizes:
             for kind, namespace in KINDS.items():  # side by side: each round does both kinds
@@ -142,19 +155,22 @@ def measure_backend(root: Path, backend: str, front: bool, sizes: Sequence[int],
                 try:
                     burst = add_at_once(node, pods)
                 finally:
-                    remove(node, pods)
-                if burst.errors:  # the first failed ADD (`guarded` prints it)
-                    raise burst.errors[0]
+                    deleted = delete_at_once(node, pods)
+                for b in (burst, deleted):
+                    if b.errors:  # the first failed ADD or DEL (`guarded` prints it)
+                        raise b.errors[0]
                 if r >= 0:
-                    out[(n, kind)].append(burst)
+                    out[(n, kind, "ADD")].append(burst)
+                    out[(n, kind, "DEL")].append(deleted)
         progress(f"{label}: round {r + 1}/{rounds}")
     return out
 
 
-def rows(backend: str, results: dict[tuple[int, str], list[Burst]]) -> list[list[str]]:
+def rows(backend: str, results: dict[tuple[int, str, str], list[Burst]], cmd: str = "ADD") -> list[list[str]]:
+    """The table's rows of one command (the ratio columns: ADD only)."""
     out = []
-    for n in sorted({n for n, _kind in results}):
-        amb, plain = results[(n, "ambient")], results[(n, "non-mesh")]
+    for n in sorted({n for n, _kind, _cmd in results}):
+        amb, plain = results[(n, "ambient", cmd)], results[(n, "non-mesh", cmd)]
         h_amb = [s for b in amb for s in b.headrace]
         h_plain = [s for b in plain for s in b.headrace]
         bridge = [s for b in amb + plain for s in b.bridge]
@@ -163,13 +179,16 @@ def rows(backend: str, results: dict[tuple[int, str], list[Burst]]) -> list[list
         out.append([
             backend, str(n), ms(percentile(h_amb, 50)), ms(percentile(h_amb, 99)), ms(percentile(h_plain, 50)),
             ms(percentile(h_plain, 99)), ms(percentile(bridge, 50)), ms(wall_amb), ms(wall_plain),
-            f"{percentile(h_amb, 50) / percentile(h_plain, 50):.2f}", f"{wall_amb / wall_plain:.2f}",
+            *([f"{percentile(h_amb, 50) / percentile(h_plain, 50):.2f}", f"{wall_amb / wall_plain:.2f}"]
+              if cmd == "ADD" else []),
         ])
     return out
 
 
 HEADER = ["backend", "pods", "ambient ADD p50", "p99", "non-mesh ADD p50", "p99", "bridge ADD p50",
           "ambient burst", "non-mesh burst", "ratio ADD p50", "ratio burst"]
+DEL_HEADER = ["backend", "pods", "ambient DEL p50", "p99", "non-mesh DEL p50", "p99", "bridge DEL p50",
+              "ambient DEL burst", "non-mesh DEL burst"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes: list[SimNode] = []
     agents: list[AgentRun] = []
     all_rows: list[list[str]] = []
+    del_rows: list[list[str]] = []
 
     def work() -> None:
         for backend, launcher in ((b, x) for b in backends for x in launchers):
@@ -204,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = measure_backend(root, backend, front, sizes, args.rounds, nodes, agents,
                                       lambda m: print(m, file=sys.stderr, flush=True))
             all_rows.extend(rows(backend + ("+front" if front else ""), results))
+            del_rows.extend(rows(backend + ("+front" if front else ""), results, "DEL"))
             for running in agents:
                 running.close()
             for node in nodes:
@@ -217,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{args.rounds} rounds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; "
               f"wall time of each plugin's exec, ms\n")
         print(table(all_rows, HEADER))
+        print()
+        print(table(del_rows, DEL_HEADER))
     return code
 
 

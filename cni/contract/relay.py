@@ -23,10 +23,11 @@ Replies (agent -> plugin): a header line of ASCII words, then its payload:
                                               configuration, a pod it does not know, ...): the plugin runs
                                               its own path (an ADD's without asking this agent again; a
                                               DEL's still tells it, as when nothing was relayed)
-    HR3 wait <milliseconds>\\n                the agent holds the pod (ambient enrolment, eBPF sidecar):
-                                              `done` follows within that time, or the pod fails closed
+    HR3 wait <milliseconds>\\n                the agent holds the pod (an ADD's ambient enrolment or eBPF
+                                              sidecar, a DEL's removal): `done` follows within that time,
+                                              or an ADD fails closed (a DEL runs the plugin's own)
 Anything else (a version 1 or 2 failure line from an agent that cannot take the request, a closed
-connection) means the agent is not usable for this command. Only an ADD is ever held.
+connection) means the agent is not usable for this command. A STATUS or a GC is never held.
 
 Pure and stdlib only, no imports: the launcher loads it before anything else.
 """

@@ -292,10 +292,12 @@ static int relay(struct relay *r, size_t request_len, int *status, size_t *out_a
         break;
     }
 out:
-    if (timed_out)
-        why = r->held ? "the agent did not finish the ADD in time" : "the agent did not answer in time";
     if (io_error)
         snprintf(r->msg, sizeof r->msg, "talking to the agent at %s failed: %s", r->socket_path, strerror(io_error));
+    else if (timed_out && r->held)
+        snprintf(r->msg, sizeof r->msg, "the agent did not finish the %s in time", r->command);
+    else if (timed_out)
+        snprintf(r->msg, sizeof r->msg, "the agent did not answer in time");
     else
         snprintf(r->msg, sizeof r->msg, "%s", why);
     outcome = r->held ? R_HELD : R_UNUSABLE;

@@ -110,7 +110,8 @@ def send(socket_path: str, env: dict[str, str], stdin: bytes) -> Answer | None:
             break
         msg = "the agent's answer was cut short or not one of protocol version 3"
     except TimeoutError:
-        msg = "the agent did not finish the ADD in time" if held else "the agent did not answer in time"
+        msg = f"the agent did not finish the {env.get('CNI_COMMAND')} in time" if held else \
+            "the agent did not answer in time"
     except OSError as exc:
         msg = f"talking to the agent at {socket_path} failed: {exc.strerror or exc}"
     finally:

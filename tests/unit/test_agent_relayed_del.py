@@ -125,7 +125,7 @@ def test_a_sidecar_pod_held_on_another_backend_leaves_its_rules_to_the_plugin(en
                                                                              pod_netns: str) -> None:
     relay = Relay(env, tmp_path)
     held_sidecar(env, backend_name="ebpf")
-    assert relay.delete(pod_netns).startswith("declined: the agent held the sidecar pod on another backend")
+    assert relay.delete(pod_netns).startswith("declined: the agent did not remove the sidecar pod's rules")
     assert UID not in env.r.pods  # the agent let go first
     assert relay.deleting.counts() == {"standalone": 1}
 

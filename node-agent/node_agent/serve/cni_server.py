@@ -42,7 +42,7 @@ from node_agent.serve.cni_request import PluginRequest, RequestError, parse_requ
 from node_agent.serve.relayed_commands import is_relay, relayed_command
 
 if TYPE_CHECKING:
-    from cni.plugin.relayed import Delete
+    from node_agent.serve.relayed_commands import AgentDelete
 
 log = logging.getLogger("headrace.agent.cni")
 
@@ -93,7 +93,7 @@ class CniServer:
         check_netns: Callable[[str], None] = check_add_netns,
         admission: Admission | None = None,
         warm_add: WarmAddFn | None = None,
-        relayed_del: Delete | None = None,
+        relayed_del: AgentDelete | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.handler = handler

@@ -26,7 +26,11 @@ from node_agent.serve.add_request import Later, WarmAddFn, at_once, parse_add_re
 from node_agent.serve.cni_request import RequestError
 
 if TYPE_CHECKING:
-    from cni.plugin.relayed import Delete
+    from cni.plugin.cni_env import CniEnv
+    from cni.plugin.netconf import NetConf
+
+    #: the agent's part of a DEL (`relayed_del.RelayedDel`), with what sends the `wait` frame before its removal
+    AgentDelete = Callable[[CniEnv, NetConf, JsonLog, Callable[[], None]], None]
 
 log = logging.getLogger("headrace.agent.cni")
 
@@ -56,11 +60,11 @@ def parse_relay(obj: dict[str, Any]) -> tuple[dict[str, str], bytes]:
 
 
 def relayed_command(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, check_netns: Callable[[str], None],
-                    send_frame: Callable[[bytes], None], later: Later = at_once, delete: Delete | None = None
+                    send_frame: Callable[[bytes], None], later: Later = at_once, delete: AgentDelete | None = None
                     ) -> bytes:
     """Run one relayed command; the final frame (`send_frame` sends a `wait` frame when the agent holds the
-    pod an ADD names; `later` takes what runs once the final frame is sent; `delete`: the agent's part of a
-    DEL, none: a DEL is left to the plugin)."""
+    pod an ADD names, and before the agent's removal of a DEL's pod; `later` takes what runs once the final
+    frame is sent; `delete`: the agent's part of a DEL, none: a DEL is left to the plugin)."""
     env, stdin = parse_relay(obj)
 
     def send(_socket_path: str, request: dict[str, Any], timeout: float) -> agent_add.AddReply:
@@ -72,9 +76,14 @@ def relayed_command(obj: dict[str, Any], own_socket: str, warm_add: WarmAddFn, c
         reply = warm_add(warm, lambda _interim: send_frame(relay.wait_frame(timeout)), later)
         return agent_add.parse_reply(reply)
 
+    def delete_here(env: CniEnv, conf: NetConf, plog: JsonLog) -> None:
+        assert delete is not None
+        delete(env, conf, plog, lambda: send_frame(relay.wait_frame(conf.agent_timeout)))
+
     plugin_log = JsonLog(early_log_file(stdin, {}), cmd=env["CNI_COMMAND"])
     try:
-        status, text = run_relayed(env, stdin, own_socket, send, plugin_log, delete)
+        status, text = run_relayed(env, stdin, own_socket, send, plugin_log,
+                                   delete_here if delete is not None else None)
     except Declined as exc:
         log.info("relayed %s left to the plugin: %s", env["CNI_COMMAND"], exc, extra={
             "step": "cni-relay", "pod": plugin_log.context.get("pod", ""),

@@ -13,8 +13,11 @@ the node costs the runtime one round trip instead of an interpreter start-up.
   cannot find (its object deleted first, another uid): `Declined`, and the plugin's own DEL runs as when
   nothing was relayed.
 
-A DEL succeeds whatever the agent's removal did, as the plugin's does (a failed removal is retried by the
-agent and logged as a warning in the plugin's log). Counted in `headrace_agent_plugin_dels_total{outcome}`.
+The agent's removal of a pod waits for every other one (a node draining many ambient pods removes them one
+after the other): before it the relay sends `wait`, and the launcher waits up to `agent_timeout` as the
+plugin waits for its DEL event's answer. A DEL succeeds whatever the agent's removal did, as the plugin's
+does (a failed removal is retried by the agent and logged as a warning in the plugin's log). Counted in
+`headrace_agent_plugin_dels_total{outcome}`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from cni.contract import membership
@@ -69,9 +73,11 @@ class RelayedDel:
             st = self.table.get(uid)
             return st.mode if st is not None else None
 
-    def __call__(self, env: CniEnv, conf: NetConf, plog: JsonLog) -> None:
+    def __call__(self, env: CniEnv, conf: NetConf, plog: JsonLog, hold: Callable[[], None] = lambda: None) -> None:
+        """`hold`: called before the agent's removal, which may wait for others (the relay then tells the
+        launcher to wait up to `agent_timeout`, as the plugin's DEL event would)."""
         try:
-            self._delete(env, conf, plog)
+            self._delete(env, conf, plog, hold)
         except Declined:  # logged by the relay
             self._count("standalone")
             raise
@@ -101,7 +107,7 @@ class RelayedDel:
             pod.namespace, pod.labels, pod.annotations, pod.host_network, ns.labels if ns is not None else None,
             conf.exclude_namespaces)
 
-    def _delete(self, env: CniEnv, conf: NetConf, plog: JsonLog) -> None:
+    def _delete(self, env: CniEnv, conf: NetConf, plog: JsonLog, hold: Callable[[], None]) -> None:
         uid, held, mode = self._mode(env, conf)
         source = "held by the agent" if held else "the agent's pod cache"
         plog.info("membership", f"mode {mode}: {source}", mode=mode)
@@ -112,16 +118,19 @@ class RelayedDel:
         removes = (rules_setting(conf), conf.iptables) if plugin_redirects(mode, conf) else None
         if removes is not None and held != SIDECAR and netns_there():
             raise Declined("the sidecar pod's rules may be the plugin's own: it removes them")
+        hold()
         outcome = self.handler.cni_del(uid, removes)
         log.info("relayed DEL answered: %s", outcome.state if outcome.ok else outcome.error, extra={
             "pod": env.k8s.name, "namespace": env.k8s.namespace, "uid": uid, "netns": env.netns,
             "step": "cni-del-relayed", "ok": outcome.ok})
+        removed = outcome.ok and outcome.state == RULES_REMOVED
+        if removes is not None and not removed and netns_there():
+            raise Declined("the agent did not remove the sidecar pod's rules (held on another backend): "
+                           "the plugin removes them")
         if not outcome.ok:  # the plugin's DEL succeeds anyway: the agent retries the pod's removal
             plog.warning("agent", f"DEL not completed by the agent: {outcome.error}")
-        elif removes is not None and outcome.state == RULES_REMOVED:
+        elif removed:
             plog.info("redirect", "redirect removed by the agent")
-        elif removes is not None and netns_there():
-            raise Declined("the agent held the sidecar pod on another backend: the plugin removes its rules")
         else:
             plog.info("agent", f"agent answered {outcome.state or 'ok'}", state=outcome.state)
         self._count(mode)
