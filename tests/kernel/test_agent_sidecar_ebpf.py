@@ -51,14 +51,15 @@ def test_sidecar_pod_survives_agent_restart_with_drift_repair(ebpf_env: Any) -> 
         assert tcp_request(pod.netns.path, peer.ipv4, PORT, b"after", cgroup=pod.cgroup) == b"outbound|after"
         assert out4.wait_one().original_dst == (peer.ipv4, PORT)
 
-        # drift: one of our programs detached → re-attached by the new agent within seconds, counted
+        # drift: one of our programs detached → re-attached by the new agent within seconds, counted (the
+        # repair can come before a read of the programs here could see one gone: the repair count tells)
         progs = bpftool_cgroup(pod.pod_cgroup)
         prog = next((p for p in progs if p["name"] == "hr_connect4"), None)
         assert prog is not None and pod.pod_cgroup is not None, progs
+        repairs = agent.metric("headrace_agent_drift_repairs_total")
         run(["bpftool", "cgroup", "detach", pod.pod_cgroup, prog["attach_type"], "id", str(prog["id"])])
-        assert len(ebpf_ids(pod)) == len(ids) - 1
-        wait_for(lambda: len(ebpf_ids(pod)) == len(ids), 10, "detached program repaired")
-        wait_for(lambda: agent.metric("headrace_agent_drift_repairs_total") >= 1, 5, "drift metric")
+        wait_for(lambda: agent.metric("headrace_agent_drift_repairs_total") > repairs, 10, "the detach repaired")
+        wait_for(lambda: len(ebpf_ids(pod)) == len(ids), 10, "detached program back")
         assert tcp_request(pod.netns.path, peer.ipv4, PORT, b"fixed", cgroup=pod.cgroup) == b"outbound|fixed"
         assert out4.wait_one().original_dst == (peer.ipv4, PORT)
 
