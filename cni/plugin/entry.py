@@ -157,11 +157,14 @@ def cmd_add(env: CniEnv, conf: NetConf, log: JsonLog, relayed: Relayed | None = 
 def relay_failed(conf: NetConf, relayed: Relayed | None) -> str:
     """Why the launcher's relay of this command to the configured agent found it unusable ("" when it did
     not relay it there, or the agent declined): a DEL then does not wait on that agent a second time."""
-    if relayed is None or relayed[1] == "standalone":
+    if relayed is None:
         return ""
-    if os.path.normpath(relayed[0]) != os.path.normpath(conf.agent_socket):
+    from cni.plugin.via_agent import relayed_here
+
+    here = relayed_here(conf, relayed)
+    if here is None or here[0] == "standalone":
         return ""
-    return relayed[2] or "the agent did not take the relayed command"
+    return here[1] or "the agent did not take the relayed command"
 
 
 def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog, relayed: Relayed | None = None) -> None:

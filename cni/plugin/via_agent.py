@@ -58,12 +58,20 @@ def _unfinished(why: str) -> CniError:
     return CniError(errors.AGENT_UNREACHABLE, "headrace agent did not finish the ADD", why)
 
 
+def relayed_here(conf: NetConf, relayed: Relayed | None) -> tuple[str, str] | None:
+    """(kind, message) of the launcher's relay of this command when it went to the configured agent."""
+    if relayed is None or os.path.normpath(relayed[0]) != os.path.normpath(conf.agent_socket):
+        return None
+    return relayed[1], relayed[2]
+
+
 def _after_relay(conf: NetConf, relayed: Relayed | None, log: JsonLog) -> bool:
     """Whether the launcher's relay settled this agent's part (True: standalone path; raises when the
     agent held the pod and did not answer)."""
-    if relayed is None or os.path.normpath(relayed[0]) != os.path.normpath(conf.agent_socket):
+    here = relayed_here(conf, relayed)
+    if here is None:
         return False
-    _socket_path, kind, msg = relayed
+    kind, msg = here
     if kind == "held":
         raise _unfinished(msg)
     if kind == "standalone":

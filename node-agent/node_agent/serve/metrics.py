@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -34,6 +35,22 @@ class IptablesCheckCollector:
             "In-process (python-iptables) reads that failed; the check fell back to iptables-save.")
         errors.add_metric([], counts.get("read_errors", 0))
         yield errors
+
+
+class OutcomeCounts:
+    """Thread-safe counts by outcome, for an OutcomeCollector."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, outcome: str) -> None:
+        with self._lock:
+            self._counts[outcome] = self._counts.get(outcome, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
 
 
 class OutcomeCollector:

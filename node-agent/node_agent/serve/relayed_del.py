@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -40,6 +39,7 @@ from cni.plugin.via_agent import rules_setting
 from node_agent.reconcile.state import SIDECAR, Mode, Outcome
 from node_agent.reconcile.table import PodTable
 from node_agent.serve import pod_cache
+from node_agent.serve.metrics import OutcomeCounts
 from node_agent.sources.store import PodStore
 
 log = logging.getLogger("headrace.agent.cni")
@@ -56,16 +56,11 @@ class RelayedDel:
         self.handler = handler
         self.table = table
         self.lookup = lookup  # the pod and its namespace when the cache does not have them
-        self._counts: dict[str, int] = {}
-        self._counts_lock = threading.Lock()
+        self.outcomes = OutcomeCounts()
 
     def counts(self) -> dict[str, int]:
-        with self._counts_lock:
-            return dict(self._counts)
-
-    def _count(self, what: str) -> None:
-        with self._counts_lock:
-            self._counts[what] = self._counts.get(what, 0) + 1
+        """DELs by outcome (and cache-miss lookups), for the metrics."""
+        return self.outcomes.snapshot()
 
     def _held(self, uid: str) -> Mode | None:
         self.table.wait_hold(uid)  # an ADD answered just before: held once its bookkeeping is done
@@ -79,7 +74,7 @@ class RelayedDel:
         try:
             self._delete(env, conf, plog, hold)
         except Declined:  # logged by the relay
-            self._count("standalone")
+            self.outcomes.add("standalone")
             raise
 
     def _mode(self, env: CniEnv, conf: NetConf) -> tuple[str, Mode | None, membership.Mode]:
@@ -95,7 +90,7 @@ class RelayedDel:
             return uid, held, held
         try:
             pod, ns = pod_cache.find(snap, self.lookup, k8s.uid, k8s.namespace, k8s.name, conf.exclude_namespaces,
-                                     lambda: self._count("lookup"))
+                                     lambda: self.outcomes.add("lookup"))
         except Exception as exc:  # the lookup's source failed: the plugin asks its own
             raise Declined(f"pod lookup failed: {exc}") from exc
         if pod is None:
@@ -112,7 +107,7 @@ class RelayedDel:
         source = "held by the agent" if held else "the agent's pod cache"
         plog.info("membership", f"mode {mode}: {source}", mode=mode)
         if mode == "none":
-            self._count("none")
+            self.outcomes.add("none")
             return
         netns_there = functools.cache(lambda: netns_for_del(env.netns, plog))
         removes = (rules_setting(conf), conf.iptables) if plugin_redirects(mode, conf) else None
@@ -133,4 +128,4 @@ class RelayedDel:
             plog.info("redirect", "redirect removed by the agent")
         else:
             plog.info("agent", f"agent answered {outcome.state or 'ok'}", state=outcome.state)
-        self._count(mode)
+        self.outcomes.add(mode)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,6 +40,7 @@ from node_agent.reconcile.state import Outcome
 from node_agent.reconcile.table import PodTable
 from node_agent.serve import pod_cache
 from node_agent.serve.add_request import Later, WarmAddRequest, at_once
+from node_agent.serve.metrics import OutcomeCounts
 from node_agent.serve.pod_cache import Lookup
 from node_agent.serve.sidecar_apply import apply_for_add
 from node_agent.sources.store import PodStore
@@ -82,23 +82,17 @@ class WarmAdd:
         self.sidecars = sidecars
         self.lookup = lookup
         self.add_timeout = add_timeout
-        self._counts: dict[str, int] = {}
-        self._counts_lock = threading.Lock()
-
-    def _count(self, what: str) -> None:
-        with self._counts_lock:
-            self._counts[what] = self._counts.get(what, 0) + 1
+        self.outcomes = OutcomeCounts()
 
     def counts(self) -> dict[str, int]:
         """ADDs by outcome (and cache-miss lookups), for the metrics."""
-        with self._counts_lock:
-            return dict(self._counts)
+        return self.outcomes.snapshot()
 
     # ---- which pod -----------------------------------------------------------------------------------
     def _pod(self, req: WarmAddRequest) -> tuple[Pod | None, Namespace | None]:
         """The pod (None when the agent cannot tell) and its namespace (None when unknown and needed)."""
         return pod_cache.find(self.store.snapshot(), self.lookup, req.uid, req.namespace, req.name,
-                              req.exclude_namespaces, lambda: self._count("lookup"))
+                              req.exclude_namespaces, lambda: self.outcomes.add("lookup"))
 
     # ---- the request ---------------------------------------------------------------------------------
     def add(self, req: WarmAddRequest, interim: Callable[[dict[str, Any]], None],
@@ -122,7 +116,7 @@ class WarmAdd:
                                    ns.labels if ns is not None else None, req.exclude_namespaces)
         ctx["uid"] = pod.uid
         if mode == "none":
-            self._count("none")
+            self.outcomes.add("none")
             why = "interceptionMode NONE" if membership.interception_none(pod.annotations) else "not in the mesh"
             return agent_add.none_reply(f"{why} (agent's pod cache)")
         spec: SidecarSpec | None = None
@@ -130,7 +124,7 @@ class WarmAdd:
             try:
                 spec = sidecar_spec(pod.annotations)
             except CniError as exc:  # refused before anything is done, with the plugin's error code
-                self._count("refused")
+                self.outcomes.add("refused")
                 return agent_add.failed_reply("sidecar", f"{exc.msg}: {exc.details}" if exc.details else exc.msg,
                                               retry=False, code=exc.code)
         cgroup = self._ebpf_cgroup(pod, spec) if spec is not None and req.backend == "ebpf" else None
@@ -144,12 +138,12 @@ class WarmAdd:
         return reply
 
     def _standalone(self, reason: str, ctx: dict[str, Any]) -> dict[str, Any]:
-        self._count("standalone")
+        self.outcomes.add("standalone")
         log.info("ADD left to the plugin: %s", reason, extra=ctx)
         return agent_add.standalone_reply(reason)
 
     def _held(self, mode: str, pod: Pod, req: WarmAddRequest, ctx: dict[str, Any]) -> dict[str, Any]:
-        self._count(mode)
+        self.outcomes.add(mode)
         if mode == "ambient":
             outcome = self.handlers.cni_add(pod.uid, pod.namespace, pod.name, req.netns, req.ips, self.add_timeout)
         else:  # the pod as looked up here: the pod source may not have it yet (a GET on a cache miss)
@@ -196,10 +190,10 @@ class WarmAdd:
         try:
             apply_for_add(backend, target, spec, later)  # its bookkeeping runs before `hold`
         except BackendError as exc:
-            self._count("apply_failed")
+            self.outcomes.add("apply_failed")
             log.warning("sidecar apply for the plugin failed: %s", exc, extra=ctx)
             return agent_add.failed_reply("sidecar", f"sidecar rules: {exc}", retry=True)
-        self._count("sidecar")
+        self.outcomes.add("sidecar")
         ctx["apply_ms"] = round((time.monotonic() - t0) * 1000, 2)
         with self.table.lock:
             if pod.uid in self.table.pods:  # taken over meanwhile (it saw our rules)
