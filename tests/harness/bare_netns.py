@@ -26,3 +26,14 @@ def bare_netns(count: int, prefix: str = "hrbn") -> Iterator[list[str]]:
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def ambient_routing(name: str) -> list[str]:
+    """The ambient policy routing's rule (pref 32764) and route (table 100) in netns `name`, both families
+    ([]: none)."""
+    out: list[str] = []
+    for fam in ("-4", "-6"):
+        for what in (["rule", "list", "pref", "32764"], ["route", "list", "table", "100"]):
+            got = subprocess.run(["ip", "-n", name, fam, *what], capture_output=True, text=True, check=False)
+            out += got.stdout.splitlines()
+    return [line for line in out if line]

@@ -12,7 +12,8 @@ the real kernel, legacy (`xt_fresh_write`) and nft (`nft_fresh_write`):
 - the rules they write redirect real traffic (outbound TCP lands on 15001 with its original destination,
   inbound on 15006);
 - the way back (legacy): a table still exactly our write gets a new netns' empty chains back in-process
-  (the agent's removal of such a pod starts no process); a table someone changed is declined, unchanged.
+  (the agent's removal of such a pod starts no process, an ambient pod's policy routing going over
+  rtnetlink); a table someone changed is declined, unchanged, and left to iptables-restore.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ from node_agent.backends.iptables.xt_digest import masked, read_table
 from node_agent.backends.iptables.xt_fresh_write import restore_fresh_here, unrestore_fresh_here
 from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.lab.simnode import SimNode
-from node_agent.serve.sidecar_apply import apply_for_add
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
 from cni.kernel.netns import entered
 from cni.rules import builder
 from cni.rules.transition import fresh_ruleset_text
-from tests.harness.bare_netns import make_netns
+from tests.harness.bare_netns import ambient_routing, make_netns
 from tests.harness.traffic import sidecar_redirected
+from tests.kernel.test_nft_generation import fresh_write
 
 pytestmark = pytest.mark.kernel
 net = ipaddress.ip_network
@@ -277,16 +278,21 @@ def test_legacy_unrestore_declines_a_table_someone_changed(two: tuple[str, str])
     assert table_blob(name, 4) == before
 
 
-def test_a_legacy_sidecar_pods_removal_starts_no_process(two: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The agent's removal of a sidecar pod it applied (the warm ADD's apply): still exactly its rules, so
-    the tables get their empty chains back in-process, no iptables-save/restore started."""
+@pytest.mark.parametrize("spec", [SidecarSpec(), AmbientSpec()], ids=["sidecar", "ambient"])
+def test_a_legacy_pods_removal_starts_no_process(two: tuple[str, str], spec: SidecarSpec | AmbientSpec,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's removal of a pod it applied (a sidecar's warm ADD, an ambient enrolment): still exactly
+    its rules, so the tables get their empty chains back in-process and an ambient pod's policy routing
+    goes over rtnetlink, no iptables-save/restore or ip started."""
     name, _ = two
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
     previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
     try:
         backend = IptablesBackend("legacy", in_process_check=False)
         target = PodTarget("u1", "default", "web", f"/run/netns/{name}", 0, ("10.5.0.2", "fd00:5::2"))
-        apply_for_add(backend, target, SidecarSpec())
+        fresh_write(backend, target, spec)
         assert any("HEADRACE" in line for line in saved(name, 4))
+        assert len(ambient_routing(name)) == (4 if isinstance(spec, AmbientSpec) else 0)
 
         def no_process(*_a: object, **_k: object) -> None:
             raise AssertionError("a process was started to remove the rules")
@@ -295,5 +301,29 @@ def test_a_legacy_sidecar_pods_removal_starts_no_process(two: tuple[str, str], m
             m.setattr(spawn, "run_many", no_process)
             backend.remove(target)
         assert not [line for f in (4, 6) for line in saved(name, f) if "HEADRACE" in line]
+        assert ambient_routing(name) == []
     finally:
         spawn.install_runner(previous)
+
+
+def test_a_family_someone_changed_is_left_to_iptables_restore_and_both_lose_their_routing(
+    two: tuple[str, str]
+) -> None:
+    """A dual-stack ambient pod whose IPv6 mangle table got a rule of someone else's after the enrolment:
+    IPv4 comes out in-process with its routing, IPv6 through iptables-restore (which finds our chains
+    there) with its routing; the other rule stays."""
+    name, _ = two
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        backend = IptablesBackend("legacy", in_process_check=False)
+        target = PodTarget("u1", "default", "web", f"/run/netns/{name}", 0, ("10.5.0.2", "fd00:5::2"))
+        fresh_write(backend, target, AmbientSpec())
+        restore(name, 6, "*mangle\n-A OUTPUT -p udp -j ACCEPT\nCOMMIT\n")
+        backend.remove(target)
+        assert not [line for f in (4, 6) for line in saved(name, f) if "HEADRACE" in line]
+        assert "-A OUTPUT -p udp -j ACCEPT" in saved(name, 6)
+        assert ambient_routing(name) == []
+    finally:
+        spawn.install_runner(previous)
+

@@ -7,11 +7,12 @@ after the repair the checks are in-process again; the calling thread never leave
 ambient apply the agent wrote itself (fresh batches only, nothing else committed meanwhile) is recorded
 without a read-back; any other commit in that window, ours or not, means the full compare. A sidecar
 pod's write still unchanged at its removal is deleted in-process (its tables), a changed one goes through
-iptables-restore and keeps what others added.
+iptables-restore and keeps what others added. So is an ambient pod's, with its policy routing.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from node_agent.backends.base import PodTarget
+from node_agent.backends.iptables import fresh_remove
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
@@ -30,6 +32,7 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
 from cni.kernel.iptables_run import restore_argv
 from cni.kernel.netns import entered
+from tests.harness.bare_netns import ambient_routing
 from tests.harness.netns import NetNS
 
 pytestmark = pytest.mark.kernel
@@ -193,20 +196,33 @@ def nft_tables(ns: NetNS) -> list[str]:
     return out.split("\n")[:-1]
 
 
+def fresh_write(backend: IptablesBackend, target: PodTarget, spec: SidecarSpec | AmbientSpec) -> None:
+    """The agent's first apply of a pod: a sidecar's warm ADD or an ambient enrolment (policy routing too)."""
+    if isinstance(spec, SidecarSpec):
+        apply_for_add(backend, target, spec)
+    else:
+        backend.apply_after(target, spec, None)
+
+
+@pytest.mark.parametrize("spec", [SIDECAR, AMBIENT], ids=["sidecar", "ambient"])
 @pytest.mark.parametrize("ips", [("10.5.0.2",), ("10.5.0.2", "fd00:5::2")], ids=["v4", "dual"])
-def test_a_sidecar_pods_unchanged_fresh_write_is_removed_in_process(
-    ns: NetNS, agent_runner: None, ips: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+def test_a_pods_unchanged_fresh_write_is_removed_in_process(
+    ns: NetNS, agent_runner: None, ips: tuple[str, ...], spec: SidecarSpec | AmbientSpec,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sidecar apply the agent wrote itself and nobody changed since (the generation recorded): remove
-    deletes iptables-nft's tables it created, in one transaction, starting no process; the netns is as it
-    was before the apply."""
+    """An apply the agent wrote itself and nobody changed since (the generation recorded): remove deletes
+    iptables-nft's tables it created, in one transaction, and an ambient pod's policy routing over
+    rtnetlink, starting no process; the netns is as it was before the apply."""
     subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
     before = nft_tables(ns)
     backend, _ = nft_backend()
     target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=ips)
-    apply_for_add(backend, target, SIDECAR)  # the warm ADD's apply: a fresh write, recorded
+    fresh_write(backend, target, spec)
+    assert len(ambient_routing(ns.name)) == (2 * len(ips) if spec is AMBIENT else 0)
     assert backend.shortcut is not None and backend.shortcut.written(ns.path) is not None
-    assert nft_tables(ns) == before + [f"table {f} nat" for f in ("ip", "ip6")[: len(ips)]]
+    tables = ("nat",) if spec is SIDECAR else ("mangle", "nat")
+    assert sorted(nft_tables(ns)) == sorted(before + [f"table {f} {t}" for f in ("ip", "ip6")[: len(ips)]
+                                                      for t in tables])
 
     def no_process(*_a: object, **_k: object) -> None:
         raise AssertionError("a process was started to remove the rules")
@@ -214,6 +230,7 @@ def test_a_sidecar_pods_unchanged_fresh_write_is_removed_in_process(
     monkeypatch.setattr(spawn, "run_many", no_process)
     backend.remove(target)
     assert nft_tables(ns) == before and not backend.shortcut.recorded(ns.path)
+    assert ambient_routing(ns.name) == []
 
 
 def test_the_warm_adds_record_follows_the_reply_and_a_commit_before_it_records_nothing(
@@ -242,14 +259,38 @@ def test_the_warm_adds_record_follows_the_reply_and_a_commit_before_it_records_n
         other.delete()
 
 
-def test_a_changed_netns_is_removed_by_iptables_restore_and_keeps_the_rest(ns: NetNS, agent_runner: None) -> None:
+@pytest.mark.parametrize("spec", [SIDECAR, AMBIENT], ids=["sidecar", "ambient"])
+def test_a_changed_netns_is_removed_by_iptables_restore_and_keeps_the_rest(
+    ns: NetNS, agent_runner: None, spec: SidecarSpec | AmbientSpec
+) -> None:
     """Someone committed in the netns after our write (here a filter rule of theirs): the tables are not
-    ours alone any more, so the removal takes the usual way, our chains out, their rule left."""
+    ours alone any more, so the removal takes the usual way, our chains (and routing) out, their rule left."""
+    subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
     backend, _ = nft_backend()
     target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
-    apply_for_add(backend, target, SIDECAR)
+    fresh_write(backend, target, spec)
     ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
     backend.remove(target)
-    saved = subprocess.run(["nsenter", f"--net={ns.path}", "iptables-nft-save", "-t", "nat"], check=True,
+    saved = subprocess.run(["nsenter", f"--net={ns.path}", "iptables-nft-save"], check=True,
                            capture_output=True, text=True).stdout
     assert "HEADRACE" not in saved and "-A POSTROUTING -p udp -j ACCEPT" in saved
+    assert ambient_routing(ns.name) == []
+
+
+def test_routing_the_kernel_refuses_to_delete_in_process_is_deleted_with_ip(
+    ns: NetNS, agent_runner: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ambient pod's tables came out in-process but its routing could not be deleted over rtnetlink:
+    nothing is left that would tell iptables-restore's removal about the routing, so `ip` deletes it."""
+    subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
+    backend, _ = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2", "fd00:5::2"))
+    backend.apply_after(target, AMBIENT, None)
+    assert len(ambient_routing(ns.name)) == 4
+
+    def refused(*_a: object, **_k: object) -> None:
+        raise OSError(errno.EPERM, "refused")
+
+    monkeypatch.setattr(fresh_remove, "remove_here", refused)
+    backend.remove(target)
+    assert nft_tables(ns) == [] and ambient_routing(ns.name) == []

@@ -16,9 +16,13 @@ def test_a_redirect_sidecar_write_is_its_nat_tables() -> None:
     assert tables_of(SidecarSpec(), (4,)) == [(4, "nat")]
 
 
-def test_specs_whose_removal_takes_routing_out_are_not_removed_here() -> None:
+def test_an_ambient_write_is_its_mangle_and_nat_tables() -> None:
+    assert tables_of(AmbientSpec(), (4, 6)) == [(4, "mangle"), (4, "nat"), (6, "mangle"), (6, "nat")]
+    assert tables_of(AmbientSpec(capture_dns=True), (6,)) == [(6, "mangle"), (6, "nat")]
+
+
+def test_a_tproxy_sidecar_is_not_removed_here() -> None:
     assert tables_of(SidecarSpec(interception_mode="TPROXY"), (4,)) is None
-    assert tables_of(AmbientSpec(), (4, 6)) is None
 
 
 def test_one_transaction_deletes_them_by_family_and_name() -> None:

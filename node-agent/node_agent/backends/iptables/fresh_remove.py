@@ -1,5 +1,5 @@
-"""Take out, in-process, a sidecar pod's rules that are still exactly what the agent wrote into its new
-netns: no iptables-save / iptables-restore process.
+"""Take out, in-process, a pod's rules that are still exactly what the agent wrote into its new netns: no
+iptables-save / iptables-restore process.
 
 - nft (`remove_fresh_nft`): `nft_fresh_write` creates iptables-nft's tables of a new pod netns itself
   (NLM_F_EXCL: they did not exist), and the backend records that state with the netns' ruleset
@@ -14,9 +14,15 @@ netns: no iptables-save / iptables-restore process.
   then gets its empty built-in chains back with one `IPT_SO_SET_REPLACE`
   (`xt_fresh_write.unrestore_fresh_here`).
 
+An ambient pod's original-source policy routing (one rule and one route per family) comes out after its
+tables, over rtnetlink (`policy_routes_write`), of every family whose tables came out here. Sidecar pods
+in REDIRECT mode have no routing; TPROXY-mode sidecars are not removed here.
+
 Both run under the netns flock, so the plugin's writers cannot come in between. Anything else (the
-generation moved, a table holds more or other rules, the spec is one whose removal also takes policy
-routing out, the kernel refuses) is declined and left to `iptables-restore` as before.
+generation moved, a table holds more or other rules, a TPROXY-mode sidecar, the kernel refuses) is
+declined and left to `iptables-restore` as before; on legacy hosts a family declined after another came
+out is left to it alone (it finds nothing of ours in the other). `RoutingLeft` is raised when tables came
+out but their routing could not be deleted (iptables-restore would find no chain that tells it to).
 """
 
 from __future__ import annotations
@@ -25,30 +31,62 @@ from collections.abc import Callable, Hashable
 from typing import cast
 
 from cni.contract.kinds import Family
-from cni.contract.spec import SidecarSpec
+from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel.iptables_run import IptablesError
 from cni.kernel.netns_lock import netns_lock
 from cni.kernel.nft_commit import declined_here
 from cni.netlink import nft_messages
 from cni.rules import builder
 from cni.rules.nft_compat_batch import FAMILIES
+from cni.rules.rule_text import RuleSet
 from cni.rules.sidecar import uses_tproxy
+from cni.rules.tproxy_routes import AMBIENT
 from cni.rules.transition import fresh_ruleset_text
 from node_agent.backends.iptables.nft_generation import read_here
 from node_agent.backends.iptables.xt_fresh_write import unrestore_fresh_here
 from node_agent.kernel import background_close
 from node_agent.kernel.netns_runner import run_in_netns
+from node_agent.kernel.policy_routes_write import remove_here
 
 STEP = "remove-fresh"
+TPROXY_DECLINED = "not removed in-process: a TPROXY-mode sidecar's policy routing"
+
+
+class RoutingLeft(OSError):
+    """The tables came out, the policy routing of these families did not."""
+
+    def __init__(self, families: tuple[int, ...], cause: OSError) -> None:
+        super().__init__(cause.errno, f"policy routing of IPv{'/'.join(map(str, families))}: {cause}")
+        self.families = families
+
+
+def rulesets_of(spec: Hashable, families: tuple[int, ...]) -> list[RuleSet] | None:
+    """The rulesets the fresh write of `spec` lays out, per family; None when its removal is not done here."""
+    if isinstance(spec, AmbientSpec):
+        from cni.rules import ambient  # ambient pods only
+
+        return [ambient.ambient_rules(spec, cast(Family, f)) for f in families]
+    if isinstance(spec, SidecarSpec) and not uses_tproxy(spec):
+        return [builder.sidecar_rules(spec, cast(Family, f)) for f in families]
+    return None
 
 
 def tables_of(spec: Hashable, families: tuple[int, ...]) -> list[tuple[int, str]] | None:
     """(family, table) of every table the fresh write of `spec` fills; None when such a removal is not
-    done here (policy routing to take out as well: TPROXY sidecars, ambient pods)."""
-    if not isinstance(spec, SidecarSpec) or uses_tproxy(spec):
+    done here (a TPROXY-mode sidecar)."""
+    rulesets = rulesets_of(spec, families)
+    if rulesets is None:
         return None
-    return [(f, t.table) for f in families for t in builder.sidecar_rules(spec, cast(Family, f)).tables
-            if t.chains or t.rules or t.jumps]
+    return [(rs.family, t.table) for rs in rulesets for t in rs.tables if t.chains or t.rules or t.jumps]
+
+
+def _routing_out(spec: Hashable, families: tuple[int, ...]) -> None:
+    """An ambient pod's policy routing of these families deleted (calling thread in the netns)."""
+    if isinstance(spec, AmbientSpec) and families:
+        try:
+            remove_here(families, AMBIENT)
+        except OSError as exc:
+            raise RoutingLeft(families, exc) from exc
 
 
 def remove_fresh(netns_path: str, flavour: str, spec: Hashable, families: tuple[int, ...],
@@ -71,13 +109,16 @@ def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...],
     """None when the tables of our fresh write are gone; else why it was declined (nothing changed)."""
     tables = tables_of(spec, families)
     if not tables:
-        return "not removed in-process: its removal takes policy routing out too"
+        return TPROXY_DECLINED
     data, acked = delete_batch(tables)
 
     def here() -> str | None:
         if read_here().to_bytes(4, "big") != digest:
             return "the netns changed since our write"
-        return declined_here(data, acked, close=background_close.later)
+        declined = declined_here(data, acked, close=background_close.later)
+        if declined is None:
+            _routing_out(spec, families)
+        return declined
 
     return _in_netns(netns_path, here)
 
@@ -85,17 +126,23 @@ def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...],
 def remove_fresh_legacy(netns_path: str, spec: Hashable, families: tuple[int, ...]) -> str | None:
     """None when every family's tables, still exactly what the fresh write of `spec` lays out, have their
     empty built-in chains back; else why it was declined (what was put back stays put back: the caller's
-    iptables-restore removal then finds nothing of ours there)."""
-    if not isinstance(spec, SidecarSpec) or uses_tproxy(spec):
-        return "not removed in-process: its removal takes policy routing out too"
-    texts = [(f, fresh_ruleset_text(builder.sidecar_rules(spec, cast(Family, f)))) for f in families]
+    iptables-restore removal then finds nothing of ours there, and their routing is out)."""
+    rulesets = rulesets_of(spec, families)
+    if rulesets is None:
+        return TPROXY_DECLINED
+    texts = [(rs.family, fresh_ruleset_text(rs)) for rs in rulesets]
 
     def here() -> str | None:
+        done: list[int] = []
+        declined: str | None = None
         for family, text in texts:
             declined = unrestore_fresh_here(family, text)
             if declined is not None:
-                return f"IPv{family}: {declined}"
-        return None
+                declined = f"IPv{family}: {declined}"
+                break
+            done.append(family)
+        _routing_out(spec, tuple(done))
+        return declined
 
     return _in_netns(netns_path, here)
 
@@ -106,6 +153,8 @@ def _in_netns(netns_path: str, here: Callable[[], str | None]) -> str | None:
             return run_in_netns(netns_path, here)
     except IptablesError as exc:  # the lock: netns gone or busy
         return str(exc)
+    except RoutingLeft:
+        raise
     except Exception as exc:  # the thread's error (cannot enter, a socket failed)
         return f"in-process removal: {exc}"
 
