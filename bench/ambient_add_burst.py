@@ -2,7 +2,7 @@
 created (then deleted) at once outside the mesh, on the same node.
 
     .venv/bin/python bench/ambient_add_burst.py [--pods 10,50] [--rounds 3] [--backends nftables,nft,legacy]
-        [--launchers python,front]
+        [--launchers python,front] [--restart SETTLE]
 
 Per backend (nftables, iptables-nft, iptables-legacy; eBPF when asked) a simulated node (node_agent.lab)
 runs `headrace agent` on that backend and the reference node proxy, and the chain bridge + host-local +
@@ -15,7 +15,9 @@ and containerd do before the ADD), then N pods of namespace `plain` (outside the
 burst's pods are deleted at once after it (every pod's chain DEL on a thread of its own, its netns still
 there, as a kubelet tears pods down). An ambient ADD is answered once the agent has enrolled the pod (its
 redirection in and the proxy's ack); a non-mesh ADD has nothing to wait for; an ambient DEL once the
-agent has taken the redirection out.
+agent has taken the redirection out. `--restart SETTLE`: the agent is SIGKILLed and started again between
+each burst's ADD and its DEL (the DEL burst starts SETTLE seconds after every pod is enrolled again), so
+the DELs meet an agent that did not write the pods' rules itself.
 
 Printed per backend and N, over all rounds: headrace-cni's ADD median and p99 for each kind, the
 bridge plugin's ADD median in the same chains, the wall time of a whole burst (median of the rounds),
@@ -129,10 +131,26 @@ def delete_at_once(node: SimNode, pods: list[Pod]) -> Burst:
             rmdir_cgroup(node.cgroup_base / "kubepods" / f"pod{pod.uid}")
 
 
+def restarted(agent: AgentRun, pods: list[Pod], settle: float) -> None:
+    """The agent SIGKILLed and started again; back once it is ready, holds every ambient pod of `pods`
+    enrolled again, and `settle` seconds more have passed (its first drift checks of them)."""
+    agent.kill_agent()
+    agent.start_agent()
+    agent.wait_ready(60, "agent ready after its restart")
+    wanted = {p.uid for p in pods if p.namespace == KINDS["ambient"]}
+    deadline = time.monotonic() + 60
+    while wanted - {uid for uid, st in agent.status().items() if st.get("state") == "enrolled"}:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the restarted agent did not enrol the burst's pods again within 60 s")
+        time.sleep(0.1)
+    time.sleep(settle)
+
+
 def measure_backend(root: Path, backend: str, front: bool, sizes: Sequence[int], rounds: int,
-                    nodes: list[SimNode], agents: list[AgentRun], progress: Callable[[str], None]
-                    ) -> dict[tuple[int, str, str], list[Burst]]:
-    """(N, kind, "ADD" | "DEL") -> the bursts of every round, on one node running the agent on this backend."""
+                    nodes: list[SimNode], agents: list[AgentRun], progress: Callable[[str], None],
+                    restart: float | None = None) -> dict[tuple[int, str, str], list[Burst]]:
+    """(N, kind, "ADD" | "DEL") -> the bursts of every round, on one node running the agent on this backend
+    (`restart`: the agent restarted between each burst's ADD and its DEL, that many seconds settled)."""
     conf, agent_args = BACKENDS[backend]
     label = backend + ("+front" if front else "")
     node = SimNode.create(root / label, headrace=dict(conf), pod_cgroups=True, front=front)
@@ -154,6 +172,8 @@ def measure_backend(root: Path, backend: str, front: bool, sizes: Sequence[int],
                 pods = make_pods(node, namespace, n, f"{kind[0]}{r}")
                 try:
                     burst = add_at_once(node, pods)
+                    if restart is not None and not burst.errors:
+                        restarted(agent, pods, restart)
                 finally:
                     deleted = delete_at_once(node, pods)
                 for b in (burst, deleted):
@@ -198,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"of {','.join(BACKENDS)}")
     ap.add_argument("--launchers", default="front",
                     help="front (the compiled front relays: the default), python (the interpreter relays), or both")
+    ap.add_argument("--restart", type=float, default=None, metavar="SETTLE",
+                    help="restart the agent (SIGKILL) between each burst's ADD and DEL; the DEL burst starts "
+                         "SETTLE seconds after every pod is enrolled again")
     args = ap.parse_args(argv)
     launchers = [x for x in args.launchers.split(",") if x]
     sizes = [int(x) for x in args.pods.split(",") if x]
@@ -222,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for backend, launcher in ((b, x) for b in backends for x in launchers):
             front = launcher == "front"
             results = measure_backend(root, backend, front, sizes, args.rounds, nodes, agents,
-                                      lambda m: print(m, file=sys.stderr, flush=True))
+                                      lambda m: print(m, file=sys.stderr, flush=True), args.restart)
             all_rows.extend(rows(backend + ("+front" if front else ""), results))
             del_rows.extend(rows(backend + ("+front" if front else ""), results, "DEL"))
             for running in agents:
@@ -239,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"wall time of each plugin's exec, ms\n")
         print(table(all_rows, HEADER))
         print()
+        if args.restart is not None:
+            print(f"DEL after the agent's restart (SIGKILL, every pod enrolled again, {args.restart:g} s "
+                  f"settled)\n")
         print(table(del_rows, DEL_HEADER))
     return code
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
+NFNL_BATCH_GENID = 1  # the batch-begin message's attribute: the generation the batch was made for
 NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE = 0, 2, 3, 6
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
 NLA_F_NESTED = 0x8000
@@ -113,17 +114,21 @@ def frame(changes: Sequence[Change], family: int, seq: int) -> tuple[bytes, int]
     return frame_families([(family, c) for c in changes], seq)
 
 
-def frame_families(changes: Sequence[tuple[int, Change]], seq: int) -> tuple[bytes, int]:
-    """`frame` for changes of several families (family, change): still one transaction."""
+def frame_families(changes: Sequence[tuple[int, Change]], seq: int, genid: int = 0) -> tuple[bytes, int]:
+    """`frame` for changes of several families (family, change): still one transaction. `genid` (not 0):
+    the ruleset generation the batch was made for; the kernel refuses it (ERESTART, nothing applied) when
+    the netns' generation is another one by the time it takes the batch (checked under its commit lock)."""
     kind, last = NFNL_SUBSYS_NFTABLES << 8, seq + len(changes)
-    out = [message(NFNL_MSG_BATCH_BEGIN, 0, 0, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)]
+    begin = u32(NFNL_BATCH_GENID, genid) if genid else b""
+    out = [message(NFNL_MSG_BATCH_BEGIN, 0, 0, seq, begin, res_id=NFNL_SUBSYS_NFTABLES)]
     out.extend(message(kind | msg_type, family, flags | (NLM_F_ACK if n == last else 0), n, body)
                for n, (family, (msg_type, flags, body)) in enumerate(changes, seq + 1))
     out.append(message(NFNL_MSG_BATCH_END, 0, 0, last + 1, b"", res_id=NFNL_SUBSYS_NFTABLES))
     return b"".join(out), last
 
 
-def delete_tables(tables: Sequence[tuple[int, str]], seq: int = 1) -> tuple[bytes, int]:
+def delete_tables(tables: Sequence[tuple[int, str]], seq: int = 1, genid: int = 0) -> tuple[bytes, int]:
     """One transaction deleting these tables, (NFPROTO_* family, name) each (NFT_MSG_DELTABLE by name);
-    `frame_families`' pair."""
-    return frame_families([(family, (NFT_MSG_DELTABLE, 0, string(1, name))) for family, name in tables], seq)
+    `frame_families`' pair (`genid`: as there)."""
+    changes = [(family, (NFT_MSG_DELTABLE, 0, string(1, name))) for family, name in tables]
+    return frame_families(changes, seq, genid)

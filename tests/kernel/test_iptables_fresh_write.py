@@ -278,12 +278,13 @@ def test_legacy_unrestore_declines_a_table_someone_changed(two: tuple[str, str])
     assert table_blob(name, 4) == before
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["applied", "restarted"])
 @pytest.mark.parametrize("spec", [SidecarSpec(), AmbientSpec()], ids=["sidecar", "ambient"])
 def test_a_legacy_pods_removal_starts_no_process(two: tuple[str, str], spec: SidecarSpec | AmbientSpec,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The agent's removal of a pod it applied (a sidecar's warm ADD, an ambient enrolment): still exactly
-    its rules, so the tables get their empty chains back in-process and an ambient pod's policy routing
-    goes over rtnetlink, no iptables-save/restore or ip started."""
+                                                  restarted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's removal of a pod it applied (a sidecar's warm ADD, an ambient enrolment), or, after a
+    restart, found intact: still exactly its rules, so the tables get their empty chains back in-process
+    and an ambient pod's policy routing goes over rtnetlink, no iptables-save/restore or ip started."""
     name, _ = two
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
     previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
@@ -293,6 +294,9 @@ def test_a_legacy_pods_removal_starts_no_process(two: tuple[str, str], spec: Sid
         fresh_write(backend, target, spec)
         assert any("HEADRACE" in line for line in saved(name, 4))
         assert len(ambient_routing(name)) == (4 if isinstance(spec, AmbientSpec) else 0)
+        if restarted:  # a new agent: it knows the pod's rules from its check of them only
+            backend = IptablesBackend("legacy", in_process_check=False)
+            assert backend.check(target, spec) == []
 
         def no_process(*_a: object, **_k: object) -> None:
             raise AssertionError("a process was started to remove the rules")

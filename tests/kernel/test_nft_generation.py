@@ -24,7 +24,7 @@ from node_agent.backends.iptables import fresh_remove
 from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
-from node_agent.backends.iptables.nft_generation import NftGenerationReader, read_generation
+from node_agent.backends.iptables.nft_generation import NftGenerationReader, read_generation, read_here
 from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.serve.sidecar_apply import apply_for_add
 
@@ -32,6 +32,7 @@ from cni.contract.spec import AmbientSpec, SidecarSpec
 from cni.kernel import spawn
 from cni.kernel.iptables_run import restore_argv
 from cni.kernel.netns import entered
+from cni.kernel.nft_commit import declined_here
 from tests.harness.bare_netns import ambient_routing
 from tests.harness.netns import NetNS
 
@@ -204,15 +205,17 @@ def fresh_write(backend: IptablesBackend, target: PodTarget, spec: SidecarSpec |
         backend.apply_after(target, spec, None)
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["applied", "restarted"])
 @pytest.mark.parametrize("spec", [SIDECAR, AMBIENT], ids=["sidecar", "ambient"])
 @pytest.mark.parametrize("ips", [("10.5.0.2",), ("10.5.0.2", "fd00:5::2")], ids=["v4", "dual"])
 def test_a_pods_unchanged_fresh_write_is_removed_in_process(
-    ns: NetNS, agent_runner: None, ips: tuple[str, ...], spec: SidecarSpec | AmbientSpec,
+    ns: NetNS, agent_runner: None, ips: tuple[str, ...], spec: SidecarSpec | AmbientSpec, restarted: bool,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An apply the agent wrote itself and nobody changed since (the generation recorded): remove deletes
-    iptables-nft's tables it created, in one transaction, and an ambient pod's policy routing over
-    rtnetlink, starting no process; the netns is as it was before the apply."""
+    """An apply the agent wrote itself and nobody changed since (the generation recorded), or, after a
+    restart, rules found intact in tables that hold nothing else (the ruleset listed in-process): remove
+    deletes iptables-nft's tables, in one transaction, and an ambient pod's policy routing over rtnetlink,
+    starting no process; the netns is as it was before the apply."""
     subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
     before = nft_tables(ns)
     backend, _ = nft_backend()
@@ -223,14 +226,18 @@ def test_a_pods_unchanged_fresh_write_is_removed_in_process(
     tables = ("nat",) if spec is SIDECAR else ("mangle", "nat")
     assert sorted(nft_tables(ns)) == sorted(before + [f"table {f} {t}" for f in ("ip", "ip6")[: len(ips)]
                                                       for t in tables])
+    if restarted:  # a new agent: it knows the pod's rules from its check of them only
+        backend, _ = nft_backend()
+        assert backend.check(target, spec) == []
+        assert backend.shortcut is not None and backend.shortcut.written(ns.path) is None
 
     def no_process(*_a: object, **_k: object) -> None:
         raise AssertionError("a process was started to remove the rules")
 
     monkeypatch.setattr(spawn, "run_many", no_process)
     backend.remove(target)
-    assert nft_tables(ns) == before and not backend.shortcut.recorded(ns.path)
-    assert ambient_routing(ns.name) == []
+    assert backend.shortcut is not None and not backend.shortcut.recorded(ns.path)
+    assert nft_tables(ns) == before and ambient_routing(ns.name) == []
 
 
 def test_the_warm_adds_record_follows_the_reply_and_a_commit_before_it_records_nothing(
@@ -259,17 +266,22 @@ def test_the_warm_adds_record_follows_the_reply_and_a_commit_before_it_records_n
         other.delete()
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["applied", "restarted"])
 @pytest.mark.parametrize("spec", [SIDECAR, AMBIENT], ids=["sidecar", "ambient"])
 def test_a_changed_netns_is_removed_by_iptables_restore_and_keeps_the_rest(
-    ns: NetNS, agent_runner: None, spec: SidecarSpec | AmbientSpec
+    ns: NetNS, agent_runner: None, spec: SidecarSpec | AmbientSpec, restarted: bool
 ) -> None:
     """Someone committed in the netns after our write (here a filter rule of theirs): the tables are not
-    ours alone any more, so the removal takes the usual way, our chains (and routing) out, their rule left."""
+    ours alone any more (the generation moved; after a restart, the listing shows their rule), so the
+    removal takes the usual way, our chains (and routing) out, their rule left."""
     subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
     backend, _ = nft_backend()
     target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
     fresh_write(backend, target, spec)
     ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
+    if restarted:
+        backend, _ = nft_backend()
+        assert backend.check(target, spec) == []
     backend.remove(target)
     saved = subprocess.run(["nsenter", f"--net={ns.path}", "iptables-nft-save"], check=True,
                            capture_output=True, text=True).stdout
@@ -294,3 +306,50 @@ def test_routing_the_kernel_refuses_to_delete_in_process_is_deleted_with_ip(
     monkeypatch.setattr(fresh_remove, "remove_here", refused)
     backend.remove(target)
     assert nft_tables(ns) == [] and ambient_routing(ns.name) == []
+
+
+def test_a_delete_made_for_an_older_generation_is_refused_by_the_kernel(ns: NetNS, agent_runner: None) -> None:
+    """The delete names the generation its proof was read at: a commit by anyone after that read (here
+    between the read and the delete) makes the kernel refuse the whole batch, and every table stays."""
+    backend, _ = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
+    backend.apply_after(target, AMBIENT, None)
+    tables = fresh_remove.tables_of(AMBIENT, (4,))
+    assert tables is not None
+    with entered(ns.path):
+        stale = read_here()
+    ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
+    data, acked = fresh_remove.delete_batch(tables, stale)
+    with entered(ns.path):
+        declined = declined_here(data, acked)
+    assert declined is not None and "restarted" in declined
+    assert sorted(nft_tables(ns)) == ["table ip mangle", "table ip nat"]
+    data, acked = fresh_remove.delete_batch(tables, stale + 1)  # the generation now: taken
+    with entered(ns.path):
+        assert declined_here(data, acked) is None
+    assert nft_tables(ns) == []
+
+
+def test_a_commit_between_the_listing_and_the_delete_keeps_the_tables(
+    ns: NetNS, agent_runner: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart the removal lists the ruleset, finds only ours, and deletes; someone's rule added
+    right after the listing makes the kernel refuse that delete, and the removal goes through
+    iptables-restore: our chains out, their rule kept."""
+    backend, _ = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2",))
+    backend.apply_after(target, AMBIENT, None)
+    backend, _ = nft_backend()
+    assert backend.check(target, AMBIENT) == []
+    listed = fresh_remove._not_ours_here
+
+    def listing_then_their_commit(tables: list[tuple[int, str]]) -> str | None:
+        why = listed(tables)
+        ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
+        return why
+
+    monkeypatch.setattr(fresh_remove, "_not_ours_here", listing_then_their_commit)
+    backend.remove(target)
+    saved = subprocess.run(["nsenter", f"--net={ns.path}", "iptables-nft-save"], check=True,
+                           capture_output=True, text=True).stdout
+    assert "HEADRACE" not in saved and "-A POSTROUTING -p udp -j ACCEPT" in saved

@@ -35,3 +35,10 @@ def test_one_transaction_deletes_them_by_family_and_name() -> None:
     assert families(data)[1:-1] == [nm.NFPROTO_IPV4, nm.NFPROTO_IPV6]
     assert all(dict(netlink_parse.attributes(m[3]))[1] == b"nat\0" for m in deletes)
 
+
+
+def test_the_delete_may_name_the_generation_it_was_made_for() -> None:
+    begin = messages(delete_batch([(4, "nat")], genid=0x01020304)[0])[0]
+    assert begin[0] == nm.NFNL_MSG_BATCH_BEGIN
+    assert dict(netlink_parse.attributes(begin[3])) == {nm.NFNL_BATCH_GENID: b"\x01\x02\x03\x04"}
+    assert messages(delete_batch([(4, "nat")])[0])[0][3] == b""  # no generation: no attribute

@@ -91,7 +91,7 @@ def parse_ruleset(text: str) -> list[BaseChain]:
             r = item["rule"]
             key = (str(r.get("family")), str(r.get("table")), str(r.get("chain")))
             counts[key] = counts.get(key, 0) + 1
-            if _jumps_to_ours(r.get("expr")):
+            if jumps_to_ours(r.get("expr")):
                 ours[key] = ours.get(key, 0) + 1
     out = []
     for c in chains:
@@ -106,7 +106,7 @@ def parse_ruleset(text: str) -> list[BaseChain]:
     return out
 
 
-def _jumps_to_ours(expr: object) -> bool:
+def jumps_to_ours(expr: object) -> bool:
     """Whether a rule's expressions end in a jump into one of our iptables chains."""
     last = expr[-1] if isinstance(expr, list) and expr else None
     jump = last.get("jump") if isinstance(last, dict) else None

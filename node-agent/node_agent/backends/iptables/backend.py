@@ -321,6 +321,14 @@ class IptablesBackend:
         return [*self._check_rules(target, spec), *self.check_announced(target, spec)]
 
     def _check_rules(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
+        problems = self._read_rules(target, spec)
+        if not problems and target.netns_path not in self._applied:
+            # rules this agent did not write (it restarted since): the removal's in-process way proves
+            # the tables hold nothing but ours itself, so the spec they were found intact with is all it needs
+            self._remember(target, spec)
+        return problems
+
+    def _read_rules(self, target: PodTarget, spec: RedirectSpec) -> list[str]:
         families = families_of(target.ips)
         prefix = _prefix(spec)
         if self.shortcut is None or not iptables_only_check(spec):

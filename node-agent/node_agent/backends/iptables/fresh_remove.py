@@ -1,14 +1,17 @@
-"""Take out, in-process, a pod's rules that are still exactly what the agent wrote into its new netns: no
-iptables-save / iptables-restore process.
+"""Take out, in-process, a pod's rules while its tables hold nothing but them (mostly: still exactly what
+the agent wrote into its new netns): no iptables-save / iptables-restore process.
 
 - nft (`remove_fresh_nft`): `nft_fresh_write` creates iptables-nft's tables of a new pod netns itself
   (NLM_F_EXCL: they did not exist), and the backend records that state with the netns' ruleset
   generation right after it (`DriftShortcut.record_written`: only iptables-nft's tables and ours were
   there, every commit in between was that write). When the generation is still that one, nothing in the
   netns has changed since: the tables hold exactly that write, and deleting them (one transaction, every
-  family) puts the netns back as it was before the ADD. Deleting a table with base chains makes the
-  socket's close wait for an RCU grace period; it is closed in the background
-  (`node_agent.kernel.background_close`).
+  family) puts the netns back as it was before the ADD. With no such record (rules the agent found
+  intact after its restart, or rewrote in a repair) the ruleset is listed in-process (libnftables) and
+  the tables go when they hold nothing but ours (`nft_owned`). The delete names the generation that
+  proof is of (NFNL_BATCH_GENID): the kernel refuses it, under its commit lock, when anyone committed
+  in the netns since. Deleting a table with base chains makes the socket's close wait for an RCU grace
+  period; it is closed in the background (`node_agent.kernel.background_close`).
 - legacy (`remove_fresh_legacy`): per family, the tables must hold exactly the blob `xt_fresh_write`
   lays out from the pod's spec (read with the same two getsockopt calls, under the xtables lock); each
   then gets its empty built-in chains back with one `IPT_SO_SET_REPLACE`
@@ -43,6 +46,7 @@ from cni.rules.sidecar import uses_tproxy
 from cni.rules.tproxy_routes import AMBIENT
 from cni.rules.transition import fresh_ruleset_text
 from node_agent.backends.iptables.nft_generation import read_here
+from node_agent.backends.iptables.nft_owned import not_ours_alone
 from node_agent.backends.iptables.xt_fresh_write import unrestore_fresh_here
 from node_agent.kernel import background_close
 from node_agent.kernel.netns_runner import run_in_netns
@@ -91,36 +95,59 @@ def _routing_out(spec: Hashable, families: tuple[int, ...]) -> None:
 
 def remove_fresh(netns_path: str, flavour: str, spec: Hashable, families: tuple[int, ...],
                  written: bytes | None) -> str | None:
-    """The flavour's in-process removal (`written`: the recorded digest of an nft host's fresh write, the
-    nft way needs it); None when done, else why it was declined (nothing of ours changed)."""
+    """The flavour's in-process removal (`written`: the recorded digest of an nft host's fresh write);
+    None when done, else why it was declined (nothing of ours changed)."""
     if flavour == "legacy":
         return remove_fresh_legacy(netns_path, spec, families)
-    if written is None:
-        return "no unchanged fresh write recorded"
     return remove_fresh_nft(netns_path, spec, families, written)
 
 
-def delete_batch(tables: list[tuple[int, str]]) -> tuple[bytes, int]:
-    """One transaction deleting these iptables-nft tables (NFT_MSG_DELTABLE by name)."""
-    return nft_messages.delete_tables([(FAMILIES[family], name) for family, name in tables])
+def delete_batch(tables: list[tuple[int, str]], genid: int = 0) -> tuple[bytes, int]:
+    """One transaction deleting these iptables-nft tables (NFT_MSG_DELTABLE by name); `genid` (not 0): the
+    kernel refuses it unless the netns' ruleset generation is still that one."""
+    return nft_messages.delete_tables([(FAMILIES[family], name) for family, name in tables], genid=genid)
 
 
-def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...], digest: bytes) -> str | None:
-    """None when the tables of our fresh write are gone; else why it was declined (nothing changed)."""
+def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...],
+                     digest: bytes | None) -> str | None:
+    """None when the tables of the spec's write are gone (and an ambient pod's routing); else why it was
+    declined (nothing changed). `digest`: the generation recorded right after the agent's own fresh write,
+    when the tables held nothing else; without one (rules found intact after a restart, or rewritten by
+    a repair) the ruleset is read for that (`nft_owned`). Either way the delete names the generation its
+    proof is of, and the kernel refuses it when anything was committed in the netns since."""
     tables = tables_of(spec, families)
     if not tables:
         return TPROXY_DECLINED
-    data, acked = delete_batch(tables)
 
     def here() -> str | None:
-        if read_here().to_bytes(4, "big") != digest:
+        generation = read_here()
+        if digest is not None and generation.to_bytes(4, "big") != digest:
             return "the netns changed since our write"
+        if digest is None and (why := _not_ours_here(tables)) is not None:
+            return why
+        data, acked = delete_batch(tables, generation)
         declined = declined_here(data, acked, close=background_close.later)
         if declined is None:
             _routing_out(spec, families)
         return declined
 
     return _in_netns(netns_path, here)
+
+
+def _not_ours_here(tables: list[tuple[int, str]]) -> str | None:
+    """Why these iptables-nft tables of the calling thread's netns are not ours alone (None: they are),
+    from the ruleset libnftables lists in-process."""
+    from node_agent.backends.base import BackendError
+    from node_agent.backends.nftables import libnft
+
+    try:
+        with libnft.session(None) as nft:
+            listed = nft.cmd("list ruleset", json=True)
+    except BackendError as exc:
+        return f"the ruleset cannot be read in-process: {exc}"
+    if listed.rc != 0:
+        return f"nft list ruleset: {listed.error.strip()[:200]}"
+    return not_ours_alone(listed.output, tables)
 
 
 def remove_fresh_legacy(netns_path: str, spec: Hashable, families: tuple[int, ...]) -> str | None:
