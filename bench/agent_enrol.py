@@ -15,7 +15,9 @@ include its rules helper child where it runs one (eBPF ambient pods' rules on an
 the agent is SIGKILLed and restarted: per pod, the time from the restart until it is enrolled again
 (adoption: rules checked, not re-applied; fresh snapshot to the proxy), median / p99 / all, and the new
 agent's reconcile passes until then (count, longest pass, from its
-`headrace_agent_reconcile_duration_seconds`). Prints a table; cleans up.
+`headrace_agent_reconcile_duration_seconds`). Last, `--settle` seconds later, the label is removed: per pod,
+the time until the restarted agent has released it (redirection out, proxy told, pin released; from its
+log line), median / p99 / all. Prints a table; cleans up.
 
 On eBPF and iptables-legacy nodes the agent compiles its eBPF object once at start (a few seconds of a
 child process's CPU; cached in its state dir after): the label is written once that compile has ended,
@@ -30,6 +32,7 @@ can start a writeback, which a node never pays.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import statistics
@@ -39,6 +42,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -81,6 +85,30 @@ def wait_all_enrolled(agent: AgentRun, uids: list[str], t0: float, timeout: floa
         time.sleep(max(0.1, len(uids) / 2500))
     if len(done) < len(uids):
         raise RuntimeError(f"only {len(done)}/{len(uids)} pods enrolled within {timeout:.0f} s")
+    return done
+
+
+def wait_all_released(agent: AgentRun, uids: list[str], t0: float, timeout: float) -> dict[str, float]:
+    """Per pod: seconds from t0 (wall clock) to the agent's log line of its removal (step `removed`: the
+    redirection out, the proxy told, the pin released), once the agent holds none of them."""
+    want = set(uids)
+    end = time.monotonic() + timeout
+    while held := [u for u, row in agent.status().items() if u in want and row.get("state") != "none"]:
+        if time.monotonic() > end:
+            raise RuntimeError(f"{len(held)}/{len(uids)} pods still held after {timeout:.0f} s")
+        time.sleep(max(0.1, len(uids) / 2500))
+    done: dict[str, float] = {}
+    for line in agent.agent_log().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step") == "removed" and rec.get("uid") in want:
+            at = datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+            if at >= t0:
+                done[rec["uid"]] = at - t0
+    if len(done) < len(uids):
+        raise RuntimeError(f"only {len(done)}/{len(uids)} removals logged")
     return done
 
 
@@ -189,10 +217,15 @@ def run_one(n: int, drift: float, agent_args: list[str] | None = None, *, backen
         agent.start_agent()
         again = list(wait_all_enrolled(agent, uids, t1, 60 + n).values())
         passes, longest = reconcile_passes(agent)
+        time.sleep(settle)  # the restarted agent's first checks of the pods it adopted
+        t2 = time.time()
+        write_object(objects, "ns.json", ns_object("bench", ambient=False))
+        released = list(wait_all_released(agent, uids, t2, 60 + n).values())
         return {"first": min(lat), "proxy_cpu": proxy_cpu, "median": statistics.median(lat), "p99": p99(lat),
                 "total": max(lat), "rss": rss,
                 "cpu": idle_cpu, "enrol_cpu": enrol_cpu, "r_median": statistics.median(again),
-                "r_p99": p99(again), "restart": max(again), "passes": passes, "longest": longest}
+                "r_p99": p99(again), "restart": max(again), "passes": passes, "longest": longest,
+                "u_median": statistics.median(released), "u_p99": p99(released), "unlabel": max(released)}
     finally:
         with uninterrupted():
             agent.close()
@@ -221,12 +254,13 @@ def main() -> int:
     print(f"label → enrolled per pod (first, median, p99, all) and the agent's and the proxy's CPU seconds for it; "
           f"idle with all enrolled "
           f"(RSS, CPU incl. tools, {args.window:g} s window {args.settle:g} s after); after a SIGKILL + restart: per "
-          f"pod back to enrolled (median, p99, all) and reconcile passes (count, longest ≤); drift interval "
+          f"pod back to enrolled (median, p99, all) and reconcile passes (count, longest ≤); then, "
+          f"{args.settle:g} s later, the label removed: per pod until released (median, p99, all); drift interval "
           f"{args.drift_interval:g} s")
     print(f"{'backend':>15}  {'pods':>5}  {'first s':>7}  {'median s':>9}  {'p99 s':>7}  {'all s':>7}  "
           f"{'enrol CPU s':>11}  {'proxy CPU s':>11}  "
           f"{'idle RSS MiB':>12}  {'idle CPU %':>10}  {'restart median s':>16}  {'p99 s':>7}  {'all s':>7}  "
-          f"{'passes':>6}  {'longest ≤ s':>11}")
+          f"{'passes':>6}  {'longest ≤ s':>11}  {'unlabel median s':>16}  {'p99 s':>7}  {'all s':>7}")
     stop_like_ctrl_c()
     for n in counts:
         for backend in backends:
@@ -239,7 +273,8 @@ def main() -> int:
             print(f"{backend:>15}  {n:>5}  {r['first']:>7.3f}  {r['median']:>9.3f}  {r['p99']:>7.3f}  "
                   f"{r['total']:>7.3f}  {r['enrol_cpu']:>11.2f}  {r['proxy_cpu']:>11.2f}  {r['rss']:>12.1f}  "
                   f"{r['cpu']:>10.2f}  {r['r_median']:>16.3f}  "
-                  f"{r['r_p99']:>7.3f}  {r['restart']:>7.3f}  {r['passes']:>6}  {r['longest']:>11.3f}", flush=True)
+                  f"{r['r_p99']:>7.3f}  {r['restart']:>7.3f}  {r['passes']:>6}  {r['longest']:>11.3f}  "
+                  f"{r['u_median']:>16.3f}  {r['u_p99']:>7.3f}  {r['unlabel']:>7.3f}", flush=True)
     return 0
 
 
