@@ -228,3 +228,12 @@ def test_pods_of_one_spec_differ_only_in_what_their_ips_make():
     differ = {k for k in ca if ca[k] != cb[k]}
     assert differ == {"generation", "families", "self_ip4"}  # (and self_ip6, which unpack_config leaves out)
     assert maps.pod_maps(SidecarSpec(exclude_outbound_ports=(22,)), 5, False, ("10.1.2.3",)).exclude_inbound == ()
+
+
+def test_any_pod_dir_looks_for_a_directory_beside_the_node_one(tmp_path):
+    assert not pinning.any_pod_dir(tmp_path)
+    (tmp_path / pinning.NODE_DIR).mkdir()
+    (tmp_path / "stray-file").write_text("")
+    assert not pinning.any_pod_dir(tmp_path) and pinning.pod_dirs(tmp_path) == []
+    (tmp_path / "3f1c2d4e-1111-2222-3333-444455556666").mkdir()
+    assert pinning.any_pod_dir(tmp_path) and pinning.pod_dirs(tmp_path) == ["3f1c2d4e-1111-2222-3333-444455556666"]

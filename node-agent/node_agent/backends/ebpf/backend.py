@@ -360,7 +360,7 @@ class EbpfBackend(RedirectBackend):
                     names = (*cgroup_programs.wanted_programs(spec), *(TC_NAMES if tc_too else ()))
                     ambient = isinstance(spec, AmbientSpec)
                     node_maps.close_all(self.node_programs.open(root, obj, fds, names, ambient=ambient))
-                if not pinning.pod_dirs(root) and self.orig_dst.pinned(root):  # left by an agent stopped
+                if not pinning.any_pod_dir(root) and self.orig_dst.pinned(root):  # left by an agent stopped
                     self.orig_dst.release(self.proxy_cgroup, root)  # within GRACE of its last pod leaving
         except (loader.ToolchainError, BackendError, bpfsys.BpfSysError, OSError) as e:
             log.warning("ebpf node programs not prepared", extra={"event": "ebpf_prepare_failed", "reason": str(e)})

@@ -72,11 +72,18 @@ def pod_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != NODE_DIR)
 
 
+def any_pod_dir(root: Path) -> bool:
+    """Whether a mounted pin root holds a pod directory: `pod_dirs` stopping at the first (each pod's
+    removal asks, with every other pod's directory there)."""
+    with os.scandir(root) as entries:
+        return any(e.name != NODE_DIR and e.is_dir() for e in entries)
+
+
 def unmount_if_unused(state_dir: Path) -> bool:
     """Unpin the node maps and unmount <state-dir>/bpf when it is a bpffs that holds no pod directory any
     more (True: unmounted)."""
     root = state_dir / "bpf"
-    if mount_fstype(root) != "bpf" or pod_dirs(root):
+    if mount_fstype(root) != "bpf" or any_pod_dir(root):
         return False
     remove_dir(root / NODE_DIR)
     unmount_bpffs(state_dir)

@@ -36,7 +36,7 @@ def remove_pod(root: Path, pdir: Path, target: PodTarget, orig_dst: ProxyOrigDst
                 log.info("ebpf tc detach skipped", extra={"pod": target.uid, "reason": str(e)})
         pod_index.drop_pod(root / pinning.NODE_DIR, pdir)
         pinning.remove_dir(pdir)
-        if not keep_proxy and not pinning.pod_dirs(root):  # the node maps stay (the backend's close() takes them)
+        if not keep_proxy and not pinning.any_pod_dir(root):  # the node maps stay (the backend's close() takes them)
             orig_dst.release(proxy_cgroup, root)
     except (bpfsys.BpfSysError, CgroupError, OSError, tc.TcError) as e:
         raise BackendError(f"eBPF remove for pod {target.uid} failed: {e}") from e

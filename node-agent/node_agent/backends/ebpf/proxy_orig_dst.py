@@ -193,7 +193,7 @@ class ProxyOrigDst:
                     return  # flushed or replaced meanwhile
                 self._release = None
                 try:
-                    if not pinning.pod_dirs(root):
+                    if not pinning.any_pod_dir(root):
                         self.detach(proxy_cgroup, root)
                 except (CgroupError, bpfsys.BpfSysError, OSError) as e:
                     log.warning("ebpf proxy programs not detached", extra={"event": "ebpf_proxy_detach_failed",
