@@ -23,6 +23,7 @@ import ipaddress
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -278,56 +279,57 @@ def test_legacy_unrestore_declines_a_table_someone_changed(two: tuple[str, str])
     assert table_blob(name, 4) == before
 
 
+LegacyPod = tuple[str, IptablesBackend, PodTarget]
+
+
+@pytest.fixture
+def legacy_pod(two: tuple[str, str]) -> Iterator[LegacyPod]:
+    """A dual-stack pod's netns (lo up), a legacy backend and the pod, with the agent's command runner."""
+    name, _ = two
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
+    try:
+        yield (name, IptablesBackend("legacy", in_process_check=False),
+               PodTarget("u1", "default", "web", f"/run/netns/{name}", 0, ("10.5.0.2", "fd00:5::2")))
+    finally:
+        spawn.install_runner(previous)
+
+
 @pytest.mark.parametrize("restarted", [False, True], ids=["applied", "restarted"])
 @pytest.mark.parametrize("spec", [SidecarSpec(), AmbientSpec()], ids=["sidecar", "ambient"])
-def test_a_legacy_pods_removal_starts_no_process(two: tuple[str, str], spec: SidecarSpec | AmbientSpec,
+def test_a_legacy_pods_removal_starts_no_process(legacy_pod: LegacyPod, spec: SidecarSpec | AmbientSpec,
                                                   restarted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent's removal of a pod it applied (a sidecar's warm ADD, an ambient enrolment), or, after a
     restart, found intact: still exactly its rules, so the tables get their empty chains back in-process
     and an ambient pod's policy routing goes over rtnetlink, no iptables-save/restore or ip started."""
-    name, _ = two
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
-    try:
+    name, backend, target = legacy_pod
+    fresh_write(backend, target, spec)
+    assert any("HEADRACE" in line for line in saved(name, 4))
+    assert len(ambient_routing(name)) == (4 if isinstance(spec, AmbientSpec) else 0)
+    if restarted:  # a new agent: it knows the pod's rules from its check of them only
         backend = IptablesBackend("legacy", in_process_check=False)
-        target = PodTarget("u1", "default", "web", f"/run/netns/{name}", 0, ("10.5.0.2", "fd00:5::2"))
-        fresh_write(backend, target, spec)
-        assert any("HEADRACE" in line for line in saved(name, 4))
-        assert len(ambient_routing(name)) == (4 if isinstance(spec, AmbientSpec) else 0)
-        if restarted:  # a new agent: it knows the pod's rules from its check of them only
-            backend = IptablesBackend("legacy", in_process_check=False)
-            assert backend.check(target, spec) == []
+        assert backend.check(target, spec) == []
 
-        def no_process(*_a: object, **_k: object) -> None:
-            raise AssertionError("a process was started to remove the rules")
+    def no_process(*_a: object, **_k: object) -> None:
+        raise AssertionError("a process was started to remove the rules")
 
-        with monkeypatch.context() as m:
-            m.setattr(spawn, "run_many", no_process)
-            backend.remove(target)
-        assert not [line for f in (4, 6) for line in saved(name, f) if "HEADRACE" in line]
-        assert ambient_routing(name) == []
-    finally:
-        spawn.install_runner(previous)
+    with monkeypatch.context() as m:
+        m.setattr(spawn, "run_many", no_process)
+        backend.remove(target)
+    assert not [line for f in (4, 6) for line in saved(name, f) if "HEADRACE" in line]
+    assert ambient_routing(name) == []
 
 
 def test_a_family_someone_changed_is_left_to_iptables_restore_and_both_lose_their_routing(
-    two: tuple[str, str]
+    legacy_pod: LegacyPod
 ) -> None:
     """A dual-stack ambient pod whose IPv6 mangle table got a rule of someone else's after the enrolment:
     IPv4 comes out in-process with its routing, IPv6 through iptables-restore (which finds our chains
     there) with its routing; the other rule stays."""
-    name, _ = two
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    previous = spawn.install_runner(InNetnsSpawner(IN_PROCESS, RESTORES))
-    try:
-        backend = IptablesBackend("legacy", in_process_check=False)
-        target = PodTarget("u1", "default", "web", f"/run/netns/{name}", 0, ("10.5.0.2", "fd00:5::2"))
-        fresh_write(backend, target, AmbientSpec())
-        restore(name, 6, "*mangle\n-A OUTPUT -p udp -j ACCEPT\nCOMMIT\n")
-        backend.remove(target)
-        assert not [line for f in (4, 6) for line in saved(name, f) if "HEADRACE" in line]
-        assert "-A OUTPUT -p udp -j ACCEPT" in saved(name, 6)
-        assert ambient_routing(name) == []
-    finally:
-        spawn.install_runner(previous)
-
+    name, backend, target = legacy_pod
+    fresh_write(backend, target, AmbientSpec())
+    restore(name, 6, "*mangle\n-A OUTPUT -p udp -j ACCEPT\nCOMMIT\n")
+    backend.remove(target)
+    assert not [line for f in (4, 6) for line in saved(name, f) if "HEADRACE" in line]
+    assert "-A OUTPUT -p udp -j ACCEPT" in saved(name, 6)
+    assert ambient_routing(name) == []

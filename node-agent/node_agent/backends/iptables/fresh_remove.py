@@ -161,15 +161,15 @@ def remove_fresh_legacy(netns_path: str, spec: Hashable, families: tuple[int, ..
 
     def here() -> str | None:
         done: list[int] = []
-        declined: str | None = None
-        for family, text in texts:
-            declined = unrestore_fresh_here(family, text)
-            if declined is not None:
-                declined = f"IPv{family}: {declined}"
-                break
-            done.append(family)
-        _routing_out(spec, tuple(done))
-        return declined
+        try:
+            for family, text in texts:
+                declined = unrestore_fresh_here(family, text)
+                if declined is not None:
+                    return f"IPv{family}: {declined}"
+                done.append(family)
+            return None
+        finally:  # also when a later family fails: the routing of those whose tables came out
+            _routing_out(spec, tuple(done))
 
     return _in_netns(netns_path, here)
 
