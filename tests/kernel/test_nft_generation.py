@@ -25,6 +25,7 @@ from node_agent.backends.iptables.backend import IptablesBackend
 from node_agent.backends.iptables.in_process_commands import IN_PROCESS, RESTORES
 from node_agent.backends.iptables.iptc_check import CheckStats, DriftShortcut
 from node_agent.backends.iptables.nft_generation import NftGenerationReader, read_generation, read_here
+from node_agent.kernel import policy_routes_write
 from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.serve.sidecar_apply import apply_for_add
 
@@ -197,6 +198,13 @@ def nft_tables(ns: NetNS) -> list[str]:
     return out.split("\n")[:-1]
 
 
+def ours_saved(ns: NetNS) -> list[str]:
+    """Our lines in the netns' iptables-nft rules, both families."""
+    out = [subprocess.run(["nsenter", f"--net={ns.path}", f"ip{v}tables-nft-save"], check=True, capture_output=True,
+                          text=True).stdout for v in ("", "6")]
+    return [line for text in out for line in text.splitlines() if "HEADRACE" in line]
+
+
 def fresh_write(backend: IptablesBackend, target: PodTarget, spec: SidecarSpec | AmbientSpec) -> None:
     """The agent's first apply of a pod: a sidecar's warm ADD or an ambient enrolment (policy routing too)."""
     if isinstance(spec, SidecarSpec):
@@ -289,11 +297,11 @@ def test_a_changed_netns_is_removed_by_iptables_restore_and_keeps_the_rest(
     assert ambient_routing(ns.name) == []
 
 
-def test_routing_the_kernel_refuses_to_delete_in_process_is_deleted_with_ip(
+def test_routing_the_kernel_refuses_to_delete_in_process_is_left_to_the_processes(
     ns: NetNS, agent_runner: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An ambient pod's tables came out in-process but its routing could not be deleted over rtnetlink:
-    nothing is left that would tell iptables-restore's removal about the routing, so `ip` deletes it."""
+    """An ambient pod's routing cannot be deleted over rtnetlink: its tables stay, and the removal by
+    iptables-restore (which finds our chains) and `ip` takes both out."""
     subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
     backend, _ = nft_backend()
     target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2", "fd00:5::2"))
@@ -305,7 +313,7 @@ def test_routing_the_kernel_refuses_to_delete_in_process_is_deleted_with_ip(
 
     monkeypatch.setattr(fresh_remove, "remove_here", refused)
     backend.remove(target)
-    assert nft_tables(ns) == [] and ambient_routing(ns.name) == []
+    assert not ours_saved(ns) and ambient_routing(ns.name) == []
 
 
 def test_a_delete_made_for_an_older_generation_is_refused_by_the_kernel(ns: NetNS, agent_runner: None) -> None:
@@ -324,8 +332,8 @@ def test_a_delete_made_for_an_older_generation_is_refused_by_the_kernel(ns: NetN
         declined = declined_here(data, acked)
     assert declined is not None and "restarted" in declined
     assert sorted(nft_tables(ns)) == ["table ip mangle", "table ip nat"]
-    data, acked = fresh_remove.delete_batch(tables, stale + 1)  # the generation now: taken
     with entered(ns.path):
+        data, acked = fresh_remove.delete_batch(tables, read_here())  # the generation now: taken
         assert declined_here(data, acked) is None
     assert nft_tables(ns) == []
 
@@ -353,3 +361,39 @@ def test_a_commit_between_the_listing_and_the_delete_keeps_the_tables(
     saved = subprocess.run(["nsenter", f"--net={ns.path}", "iptables-nft-save"], check=True,
                            capture_output=True, text=True).stdout
     assert "HEADRACE" not in saved and "-A POSTROUTING -p udp -j ACCEPT" in saved
+
+
+class Killed(BaseException):
+    """The agent dies here."""
+
+
+def test_an_agent_killed_between_its_two_steps_leaves_nothing_behind(
+    ns: NetNS, agent_runner: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ambient pod's removal is two steps, its routing and its tables; the agent dies after the first:
+    the next agent (no record of the pod) still finds our chains, which tell its removal to take the
+    routing too. No rule, route or chain of ours is left (tables first, it would find none and leave the
+    routing)."""
+    subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
+    backend, _ = nft_backend()
+    target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2", "fd00:5::2"))
+    backend.apply_after(target, AMBIENT, None)
+    steps: list[str] = []
+
+    def step(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def run(*args: object, **kwargs: object) -> object:
+            steps.append(name)
+            if len(steps) > 1:
+                raise Killed
+            return real(*args, **kwargs)
+        return run
+
+    with monkeypatch.context() as m:
+        m.setattr(fresh_remove, "remove_here", step("routing", policy_routes_write.remove_here))
+        m.setattr(fresh_remove, "declined_here", step("tables", declined_here))
+        with pytest.raises(Killed):
+            backend.remove(target)
+    assert len(steps) == 2
+    restarted, _ = nft_backend()
+    restarted.remove(target)
+    assert not ours_saved(ns) and ambient_routing(ns.name) == []

@@ -26,7 +26,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
 
 from cni.contract.kinds import Family
 from cni.contract.spec import AmbientSpec, SidecarSpec
@@ -267,32 +266,15 @@ class IptablesBackend:
         applied = self._applied.pop(target.netns_path, None)
         written = self.shortcut.written(target.netns_path) if self.shortcut is not None else None
         self._forget(target)
-        try:
-            if applied is not None and fresh_remove.remove_fresh(target.netns_path, self.flavour, *applied,
-                                                                 written) is None:
-                return  # still exactly the agent's own write: taken out in-process
-        except fresh_remove.RoutingLeft as left:  # its tables are out: nothing left to tell the way below
-            log.warning("in-process removal of the policy routing failed, deleting it with ip: %s", left,
-                        extra={"uid": target.uid, "netns": target.netns_path, "step": fresh_remove.STEP})
-            self._remove_routing(target, left.families)
-            return
+        if applied is not None and fresh_remove.remove_fresh(target.netns_path, self.flavour, *applied,
+                                                             written) is None:
+            return  # still exactly the agent's own write: taken out in-process
         try:
             netns_tables.remove_all(target.netns_path, self.flavour)
         except (IptablesError, OSError) as exc:
             raise BackendError(f"iptables remove for pod {target.namespace}/{target.name}: {exc}") from exc
         finally:
             self._forget(target)
-
-    @staticmethod
-    def _remove_routing(target: PodTarget, families: tuple[int, ...]) -> None:
-        """An ambient pod's policy routing of these families, deleted with `ip` processes."""
-        from cni.kernel.tproxy import remove_routes
-        from cni.rules.tproxy_routes import AMBIENT
-
-        try:
-            remove_routes(target.netns_path, cast(tuple[Family, ...], families), AMBIENT)
-        except (IptablesError, OSError) as exc:
-            raise BackendError(f"policy routing removal for pod {target.namespace}/{target.name}: {exc}") from exc
 
     def remove_beside(self, target: PodTarget, new: PodRules) -> None:
         """`remove` once another backend holds the pod (StepsAside): the policy routing stays."""

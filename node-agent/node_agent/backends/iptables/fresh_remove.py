@@ -17,15 +17,17 @@ the agent wrote into its new netns): no iptables-save / iptables-restore process
   then gets its empty built-in chains back with one `IPT_SO_SET_REPLACE`
   (`xt_fresh_write.unrestore_fresh_here`).
 
-An ambient pod's original-source policy routing (one rule and one route per family) comes out after its
-tables, over rtnetlink (`policy_routes_write`), of every family whose tables came out here. Sidecar pods
-in REDIRECT mode have no routing; TPROXY-mode sidecars are not removed here.
+An ambient pod's original-source policy routing (one rule and one route per family) comes out first,
+over rtnetlink (`policy_routes_write`), then its tables: an agent killed between the two leaves chains of
+ours, which tell the next agent's iptables-restore removal to take the routing too (in the other order it
+would find nothing telling it so, and the routing would stay behind). Sidecar pods in REDIRECT mode have
+no routing; TPROXY-mode sidecars are not removed here.
 
 Both run under the netns flock, so the plugin's writers cannot come in between. Anything else (the
-generation moved, a table holds more or other rules, a TPROXY-mode sidecar, the kernel refuses) is
-declined and left to `iptables-restore` as before; on legacy hosts a family declined after another came
-out is left to it alone (it finds nothing of ours in the other). `RoutingLeft` is raised when tables came
-out but their routing could not be deleted (iptables-restore would find no chain that tells it to).
+generation moved, a table holds more or other rules, a TPROXY-mode sidecar, the kernel refuses, the
+routing cannot be deleted) is declined and left to `iptables-restore` as before, which takes out what is
+left of ours (routing included) and keeps the rest; on legacy hosts a family declined after another came
+out is left to it alone (it finds nothing of ours in the other).
 """
 
 from __future__ import annotations
@@ -56,14 +58,6 @@ STEP = "remove-fresh"
 TPROXY_DECLINED = "not removed in-process: a TPROXY-mode sidecar's policy routing"
 
 
-class RoutingLeft(OSError):
-    """The tables came out, the policy routing of these families did not."""
-
-    def __init__(self, families: tuple[int, ...], cause: OSError) -> None:
-        super().__init__(cause.errno, f"policy routing of IPv{'/'.join(map(str, families))}: {cause}")
-        self.families = families
-
-
 def rulesets_of(spec: Hashable, families: tuple[int, ...]) -> list[RuleSet] | None:
     """The rulesets the fresh write of `spec` lays out, per family; None when its removal is not done here."""
     if isinstance(spec, AmbientSpec):
@@ -84,13 +78,14 @@ def tables_of(spec: Hashable, families: tuple[int, ...]) -> list[tuple[int, str]
     return [(rs.family, t.table) for rs in rulesets for t in rs.tables if t.chains or t.rules or t.jumps]
 
 
-def _routing_out(spec: Hashable, families: tuple[int, ...]) -> None:
-    """An ambient pod's policy routing of these families deleted (calling thread in the netns)."""
-    if isinstance(spec, AmbientSpec) and families:
+def _routing_out(spec: Hashable, families: tuple[int, ...]) -> str | None:
+    """An ambient pod's policy routing of these families deleted (calling thread in the netns); why not."""
+    if isinstance(spec, AmbientSpec):
         try:
             remove_here(families, AMBIENT)
         except OSError as exc:
-            raise RoutingLeft(families, exc) from exc
+            return f"policy routing: {exc}"
+    return None
 
 
 def remove_fresh(netns_path: str, flavour: str, spec: Hashable, families: tuple[int, ...],
@@ -110,11 +105,11 @@ def delete_batch(tables: list[tuple[int, str]], genid: int = 0) -> tuple[bytes, 
 
 def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...],
                      digest: bytes | None) -> str | None:
-    """None when the tables of the spec's write are gone (and an ambient pod's routing); else why it was
-    declined (nothing changed). `digest`: the generation recorded right after the agent's own fresh write,
-    when the tables held nothing else; without one (rules found intact after a restart, or rewritten by
-    a repair) the ruleset is read for that (`nft_owned`). Either way the delete names the generation its
-    proof is of, and the kernel refuses it when anything was committed in the netns since."""
+    """None when the tables of the spec's write are gone (an ambient pod's routing deleted first); else why
+    it was declined (nothing of the tables changed). `digest`: the generation recorded right after the
+    agent's own fresh write, when the tables held nothing else; without one (rules found intact after a
+    restart, or rewritten by a repair) the ruleset is read for that (`nft_owned`). Either way the delete
+    names the generation its proof is of, and the kernel refuses it when anything was committed since."""
     tables = tables_of(spec, families)
     if not tables:
         return TPROXY_DECLINED
@@ -125,11 +120,10 @@ def remove_fresh_nft(netns_path: str, spec: Hashable, families: tuple[int, ...],
             return "the netns changed since our write"
         if digest is None and (why := _not_ours_here(tables)) is not None:
             return why
+        if (why := _routing_out(spec, families)) is not None:
+            return why
         data, acked = delete_batch(tables, generation)
-        declined = declined_here(data, acked, close=background_close.later)
-        if declined is None:
-            _routing_out(spec, families)
-        return declined
+        return declined_here(data, acked, close=background_close.later)
 
     return _in_netns(netns_path, here)
 
@@ -152,24 +146,21 @@ def _not_ours_here(tables: list[tuple[int, str]]) -> str | None:
 
 def remove_fresh_legacy(netns_path: str, spec: Hashable, families: tuple[int, ...]) -> str | None:
     """None when every family's tables, still exactly what the fresh write of `spec` lays out, have their
-    empty built-in chains back; else why it was declined (what was put back stays put back: the caller's
-    iptables-restore removal then finds nothing of ours there, and their routing is out)."""
+    empty built-in chains back (an ambient pod's routing deleted first); else why it was declined (what
+    was put back stays put back: the caller's iptables-restore removal then finds nothing of ours there)."""
     rulesets = rulesets_of(spec, families)
     if rulesets is None:
         return TPROXY_DECLINED
     texts = [(rs.family, fresh_ruleset_text(rs)) for rs in rulesets]
 
     def here() -> str | None:
-        done: list[int] = []
-        try:
-            for family, text in texts:
-                declined = unrestore_fresh_here(family, text)
-                if declined is not None:
-                    return f"IPv{family}: {declined}"
-                done.append(family)
-            return None
-        finally:  # also when a later family fails: the routing of those whose tables came out
-            _routing_out(spec, tuple(done))
+        if (why := _routing_out(spec, families)) is not None:
+            return why
+        for family, text in texts:
+            declined = unrestore_fresh_here(family, text)
+            if declined is not None:
+                return f"IPv{family}: {declined}"
+        return None
 
     return _in_netns(netns_path, here)
 
@@ -180,8 +171,6 @@ def _in_netns(netns_path: str, here: Callable[[], str | None]) -> str | None:
             return run_in_netns(netns_path, here)
     except IptablesError as exc:  # the lock: netns gone or busy
         return str(exc)
-    except RoutingLeft:
-        raise
     except Exception as exc:  # the thread's error (cannot enter, a socket failed)
         return f"in-process removal: {exc}"
 
