@@ -168,14 +168,10 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None 
             ]
             # ambient chains (mangle) come with the original-source policy routing likewise
             ambient_fams = [f for f in both if "mangle" in parsed[f] and owned(parsed[f]["mangle"], _AM_PREFIX).chains]
-            # both families' restores at once; a failed one is retried once from a fresh save
-            results = restore_many(netns_path, flavour, {f: t for f, t in texts.items() if t}, "remove")
-            for family, err in results.items():
-                if err is not None:
-                    step = f"remove-v{family}"
-                    set_owned(netns_path, flavour, family, {}, rule_text.OWNED_PREFIX, step, attempts=1)
             if keep_routing:  # another backend's redirection beside ours uses the same entries
                 tproxy_fams = ambient_fams = []
+            # the routing before the chains: a removal cut short between the two leaves chains, which tell
+            # the next one to take the routing too (the other way round nothing would)
             if tproxy_fams:
                 from cni.kernel.tproxy import remove_tproxy_routes
 
@@ -185,6 +181,12 @@ def remove_all(netns_path: str | None, flavour: Flavour, *, log: StepLog | None 
                 from cni.rules.tproxy_routes import AMBIENT
 
                 remove_routes(netns_path, ambient_fams, AMBIENT, log=log)
+            # both families' restores at once; a failed one is retried once from a fresh save
+            results = restore_many(netns_path, flavour, {f: t for f, t in texts.items() if t}, "remove")
+            for family, err in results.items():
+                if err is not None:
+                    step = f"remove-v{family}"
+                    set_owned(netns_path, flavour, family, {}, rule_text.OWNED_PREFIX, step, attempts=1)
     except IptablesError:
         if netns_path is not None and not os.path.exists(netns_path):
             return

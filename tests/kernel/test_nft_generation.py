@@ -30,7 +30,7 @@ from node_agent.kernel.netns_spawn import InNetnsSpawner
 from node_agent.serve.sidecar_apply import apply_for_add
 
 from cni.contract.spec import AmbientSpec, SidecarSpec
-from cni.kernel import spawn
+from cni.kernel import iptables_run, spawn, tables, tproxy
 from cni.kernel.iptables_run import restore_argv
 from cni.kernel.netns import entered
 from cni.kernel.nft_commit import declined_here
@@ -367,17 +367,20 @@ class Killed(BaseException):
     """The agent dies here."""
 
 
+@pytest.mark.parametrize("way", ["in-process", "processes"])
 def test_an_agent_killed_between_its_two_steps_leaves_nothing_behind(
-    ns: NetNS, agent_runner: None, monkeypatch: pytest.MonkeyPatch
+    ns: NetNS, agent_runner: None, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
-    """An ambient pod's removal is two steps, its routing and its tables; the agent dies after the first:
-    the next agent (no record of the pod) still finds our chains, which tell its removal to take the
-    routing too. No rule, route or chain of ours is left (tables first, it would find none and leave the
-    routing)."""
+    """An ambient pod's removal is two steps, its routing and its chains (in-process, or, when the tables
+    hold a rule of someone else's, iptables-restore and ip); the agent dies after the first: the next
+    agent (no record of the pod) still finds our chains, which tell its removal to take the routing too.
+    No rule, route or chain of ours is left (chains first, it would find none and leave the routing)."""
     subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
     backend, _ = nft_backend()
     target = PodTarget(uid="u1", namespace="default", name="web", netns_path=ns.path, ips=("10.5.0.2", "fd00:5::2"))
     backend.apply_after(target, AMBIENT, None)
+    if way == "processes":
+        ipt(ns, "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT")
     steps: list[str] = []
 
     def step(name: str, real: Callable[..., object]) -> Callable[..., object]:
@@ -389,11 +392,15 @@ def test_an_agent_killed_between_its_two_steps_leaves_nothing_behind(
         return run
 
     with monkeypatch.context() as m:
-        m.setattr(fresh_remove, "remove_here", step("routing", policy_routes_write.remove_here))
-        m.setattr(fresh_remove, "declined_here", step("tables", declined_here))
+        if way == "in-process":
+            m.setattr(fresh_remove, "remove_here", step("routing", policy_routes_write.remove_here))
+            m.setattr(fresh_remove, "declined_here", step("chains", declined_here))
+        else:
+            m.setattr(tproxy, "remove_routes", step("routing", tproxy.remove_routes))
+            m.setattr(tables, "restore_many", step("chains", iptables_run.restore_many))
         with pytest.raises(Killed):
             backend.remove(target)
-    assert len(steps) == 2
+    assert steps == ["routing", "chains"]
     restarted, _ = nft_backend()
     restarted.remove(target)
     assert not ours_saved(ns) and ambient_routing(ns.name) == []
