@@ -73,6 +73,20 @@ _args_char = st.sampled_from([*'ab=;"\\ ~\t', "\x7f", "\u00e9", "\x01"])
 _extra = st.text(alphabet=st.sampled_from([*'ab"\\ \t\n\r', "\u00e9", "\x00", "\u2028"]), max_size=12)
 
 
+RACED = (b"the agent did not finish the ADD in time",
+         b"the agent's answer was cut short or not one of protocol version 3")
+
+
+def settled(out: bytes, replies: list[bytes]) -> bytes:
+    """A launcher's output with its one race taken out: the fake agent hangs up right after its last frame,
+    and after a short `wait` whether the launcher's deadline or the hang-up comes first decides between
+    these two details of the same failure (code 103); both launchers meet both."""
+    if replies and b"wait" in replies[-1]:
+        for detail in RACED:
+            out = out.replace(detail, b"<the wait's deadline or the hang-up>")
+    return out
+
+
 class Agent:
     """One fake agent for all examples: it answers each version 3 request with the current `replies`."""
 
@@ -112,7 +126,8 @@ def test_the_front_and_the_interpreter_answer_alike(env: Env, agent: Agent, tmp_
         proc = run(path, stdin, environ)
         logged = env.log.read_bytes()[log_from:].decode(errors="replace").splitlines() if env.log.exists() else []
         msgs = [json.loads(line)["msg"] for line in logged if line.strip()]
-        seen[kind] = (proc.returncode, proc.stdout, [x for x in agent.fake.lines if b'"v":3' in x], msgs)
+        seen[kind] = (proc.returncode, settled(proc.stdout, replies), [x for x in agent.fake.lines if b'"v":3' in x],
+                      msgs)
         assert proc.stderr == b"", (kind, proc.stderr)
     code, _out, lines, msgs = seen["front"]
     event(f"exit {code}, relayed {len(lines)}: " + (msgs[0][:40] if msgs else "nothing logged"))
