@@ -36,7 +36,6 @@ def test_one_transaction_deletes_them_by_family_and_name() -> None:
     assert all(dict(netlink_parse.attributes(m[3]))[1] == b"nat\0" for m in deletes)
 
 
-
 def test_the_delete_may_name_the_generation_it_was_made_for() -> None:
     begin = messages(delete_batch([(4, "nat")], genid=0x01020304)[0])[0]
     assert begin[0] == nm.NFNL_MSG_BATCH_BEGIN
