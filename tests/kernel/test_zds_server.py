@@ -1,7 +1,8 @@
 """The agent's ZDS server (proxy/zds_server.ZdsHub) against a real SOCK_SEQPACKET peer playing ztunnel:
 the fd an add carries is the pod's netns (same inode), no other message carries one, an error ack fails
 the workload, a reconnect gets a fresh snapshot and snapshot_sent, two connections (a ztunnel upgrade)
-get adds on the newest only and deletes on both, a missing ack closes the connection."""
+get adds on the newest only and deletes on both (the newest gone, its unacked adds go to the older one),
+a missing ack closes the connection, a hello without a version is refused (held open a second first)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -19,7 +21,7 @@ from node_agent.lab.netns import NetNS
 from node_agent.protocol import zds_wire
 from node_agent.protocol.workload import WorkloadInfo
 from node_agent.proxy.zds_book import ZdsNack
-from node_agent.proxy.zds_server import ZdsHub
+from node_agent.proxy.zds_server import REFUSED_HOLD, ZdsHub
 
 pytestmark = pytest.mark.kernel
 
@@ -168,6 +170,24 @@ def test_two_connections_newest_gets_adds_all_get_deletes(hub: ZdsHub, pods: lis
         new.close()
 
 
+def test_the_newest_gone_before_its_ack_the_older_one_takes_the_add(hub: ZdsHub, pods: list[NetNS]) -> None:
+    old = FakeZtunnel(hub.socket_path)
+    try:
+        assert old.answer()[0].kind == "snapshot_sent"
+        new = FakeZtunnel(hub.socket_path)
+        assert new.answer()[0].kind == "snapshot_sent"
+        fut = hub.upsert(workload(pods[0], "a"))
+        req, fds = new.recv()  # the upgraded ztunnel dies before it answers
+        for fd in fds:
+            os.close(fd)
+        new.close()
+        req, inode = old.answer()
+        assert (req.kind, req.uid, inode) == ("add", "a", pods[0].inode())
+        wait(fut)
+    finally:
+        old.close()
+
+
 def test_missing_ack_closes_the_connection_and_the_next_snapshot_settles(hub: ZdsHub, pods: list[NetNS]) -> None:
     zt = FakeZtunnel(hub.socket_path)
     assert zt.answer()[0].kind == "snapshot_sent"
@@ -186,11 +206,22 @@ def test_missing_ack_closes_the_connection_and_the_next_snapshot_settles(hub: Zd
         zt.close()
 
 
-def test_wrong_version_and_vanished_netns(hub: ZdsHub, pods: list[NetNS]) -> None:
-    bad = FakeZtunnel(hub.socket_path, version=7)
+def test_no_version_refused_a_newer_one_spoken_to_in_v1(hub: ZdsHub) -> None:
+    bad = FakeZtunnel(hub.socket_path, version=0)
+    started = time.monotonic()
     assert bad.closed_by_agent()
+    assert time.monotonic() - started >= REFUSED_HOLD * 0.9  # no tight reconnect loop
     bad.close()
     assert hub.status()["refused"] == 1
+    newer = FakeZtunnel(hub.socket_path, version=7)
+    try:
+        assert newer.answer()[0].kind == "snapshot_sent"
+        assert hub.status()["connections"] == 1
+    finally:
+        newer.close()
+
+
+def test_vanished_netns(hub: ZdsHub, pods: list[NetNS]) -> None:
     zt = FakeZtunnel(hub.socket_path)
     try:
         assert zt.answer()[0].kind == "snapshot_sent"

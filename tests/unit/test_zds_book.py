@@ -81,6 +81,42 @@ def test_adds_go_to_the_newest_connection_deletes_to_all() -> None:
     assert drain(book, new) == [("del", "a")]
 
 
+def test_the_newest_gone_its_unacked_adds_go_to_the_older_one() -> None:
+    book = ZdsBook()
+    old, new = ZdsConn(1), ZdsConn(2)
+    book.greeted(old)
+    drain(book, old)
+    book.upsert(wl("a"), fut())
+    book.greeted(new)
+    drain(book, new)
+    assert drain(book, old) == [("add", "a")]
+    fb, fc, fd, fe = fut(), fut(), fut(), fut()
+    book.upsert(wl("b"), fb)
+    book.upsert(wl("c"), fc)
+    book.upsert(wl("d"), fd)
+    book.upsert(wl("e"), fe)
+    apply(book.remove("d", fut()))  # superseded: the delete went to both
+    assert book.next_request(new) == Outgoing("add", "b", 2, wl("b"))
+    apply(book.acked(new, ""))
+    assert book.next_request(new) == Outgoing("add", "c", 3, wl("c"))  # in flight when the new ztunnel dies
+    book.closed(new)
+    assert drain(book, old) == [("del", "d"), ("add", "c"), ("add", "e")]
+    assert fb.result(0) is None and fc.result(0) is None and fe.result(0) is None
+    book.closed(old)
+    assert book.newest() is None
+
+
+def test_an_older_connection_gone_hands_nothing_on() -> None:
+    book = ZdsBook()
+    old, new = ZdsConn(1), ZdsConn(2)
+    book.greeted(old)
+    drain(book, old)
+    book.upsert(wl("a"), fut())  # queued on the old one, then in the new one's snapshot
+    book.greeted(new)
+    book.closed(old)
+    assert drain(book, new) == [("add", "a"), ("snapshot_sent", "")]
+
+
 def test_add_and_delete_in_order_and_superseded() -> None:
     book = ZdsBook()
     c = ZdsConn(1)

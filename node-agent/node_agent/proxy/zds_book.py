@@ -5,6 +5,7 @@ acks), and per ztunnel connection the queue of requests still to send and the on
 as istio-cni applies them:
 
 - A new connection (after its ZdsHello) gets the whole desired set as adds, then `snapshot_sent`.
+- When the newest connection goes, the adds it had not acked go to the one that is the newest now.
 - An add goes to the newest connection only (during a ztunnel upgrade the new ztunnel takes over the
   pods); a delete goes to every connection, so an older ztunnel still running lets go of the pod too.
 - One request in flight per connection; its ack (from any connection) settles the waiters of that uid's
@@ -92,12 +93,20 @@ class ZdsBook(AckBook):
         conn.queue.append(Outgoing("snapshot_sent", "", self.op_now))
 
     def closed(self, conn: ZdsConn) -> None:
-        """The connection is gone: what it had not acked waits for the next connection's snapshot."""
+        """The connection is gone. The adds it had not acked go to the connection that is the newest now (an
+        older ztunnel still running: an upgrade whose new ztunnel died), or, with none left, wait for the
+        next connection's snapshot. Its snapshot's adds and every delete the older one had queued already."""
+        heir_owed = conn is self.newest()
+        unacked = [out for out in (conn.inflight, *conn.queue)
+                   if out is not None and out.kind == "add" and not out.snapshot]
         conn.closed = True
         conn.inflight = None
         conn.queue.clear()
         if conn in self.conns:
             self.conns.remove(conn)
+        heir = self.newest()
+        if heir_owed and heir is not None:
+            heir.queue.extend(out for out in unacked if self.latest_op.get(out.uid) == out.op)
 
     def next_request(self, conn: ZdsConn) -> Outgoing | None:
         """The next request to send on conn, now in flight; None while one is in flight or none queued."""

@@ -39,6 +39,7 @@ from node_agent.proxy.zds_book import Outgoing, Settle, ZdsBook, ZdsConn
 log = logging.getLogger("headrace.zds")
 
 IDLE_CHECK = 30.0  # seconds between checks that an idle ztunnel is still connected
+REFUSED_HOLD = 1.0  # seconds a refused connection stays open before it is closed
 
 
 class SnapshotGate(Protocol):
@@ -235,11 +236,15 @@ class ZdsHub:
         conn: ZdsConn | None = None
         reason = "ztunnel closed the connection"
         try:
-            conn = self._greet(sock, number)
-            if conn is None or not self._wait_gate(number):
-                return
             with self._lock:
                 self._wakers[number] = efd
+            conn = self._greet(sock, number)
+            if conn is None:
+                self._hold_refused(efd)
+                return
+            if not self._wait_gate(number):
+                return
+            with self._lock:
                 self._book.greeted(conn)
                 self.connections += 1
                 self._changed.notify_all()
@@ -253,6 +258,7 @@ class ZdsHub:
                 self._wakers.pop(number, None)
                 if conn is not None:
                     self._book.closed(conn)
+                    self._kick_all_locked()  # an older connection may have been handed adds
                 self._changed.notify_all()
             sock.close()
             os.close(efd)
@@ -270,6 +276,15 @@ class ZdsHub:
                 return True
         return False
 
+    def _hold_refused(self, efd: int) -> None:
+        """Keep a refused connection open a while before closing it: ztunnel dials again as soon as its
+        connection ends, and would otherwise loop as fast as both sides can go."""
+        deadline = time.monotonic() + REFUSED_HOLD
+        while not self._stopped and (left := deadline - time.monotonic()) > 0:
+            select.select([efd], [], [], left)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(efd)
+
     def _greet(self, sock: socket.socket, number: int) -> ZdsConn | None:
         pid = 0
         with contextlib.suppress(OSError):
@@ -284,13 +299,16 @@ class ZdsHub:
             if fds:
                 raise zds_wire.ZdsWireError("file descriptors with ZdsHello")
             version = zds_wire.parse_hello(data)
-            if version != zds_wire.ZDS_VERSION:
-                raise zds_wire.ZdsWireError(f"ZDS version {version}, this agent speaks {zds_wire.ZDS_VERSION}")
+            if version < zds_wire.ZDS_VERSION:
+                raise zds_wire.ZdsWireError(f"ZdsHello without a version ({version})")
         except (OSError, zds_wire.ZdsWireError) as exc:
             with self._lock:
                 self.refused += 1
             _jlog(logging.WARNING, "zds_refused", connection=number, pid=pid, reason=str(exc) or "timeout")
             return None
+        if version != zds_wire.ZDS_VERSION:  # as istio-cni: a newer ztunnel is spoken to in this version
+            _jlog(logging.WARNING, "zds_newer_version", connection=number, pid=pid, version=version,
+                  spoken=zds_wire.ZDS_VERSION)
         return ZdsConn(number=number, pid=pid)
 
     def _run(self, sock: socket.socket, conn: ZdsConn, efd: int) -> str:
