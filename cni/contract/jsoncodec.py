@@ -5,7 +5,9 @@ regular expressions, which imports ``re``, ``enum``, ``functools``, ``collection
 encoding work itself is done by the C accelerator ``_json`` that ``json`` uses too; this module drives it
 directly with ``json``'s default settings. Only a *successful* result is produced here: on any failure
 (invalid JSON, unserializable object, ``_json`` missing or different) the call is repeated with the real
-``json`` module, so the caller sees exactly the exception and message ``json`` would give.
+``json`` module, so the caller sees exactly the exception and message ``json`` would give. Every
+``ValueError`` `loads` raises is about the text (``JSONDecodeError``, ``UnicodeDecodeError``, an integer
+longer than Python's digit limit for ``int``).
 """
 
 from __future__ import annotations
@@ -77,13 +79,6 @@ def loads_bytes(data: bytes) -> Any:
     import json
 
     return json.loads(data)
-
-
-def is_decode_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is ``json.JSONDecodeError`` (imports ``json``: call it on error paths only)."""
-    import json
-
-    return isinstance(exc, json.JSONDecodeError)
 
 
 def dumps(obj: Any, *, separators: tuple[str, str] | None = None, default: Callable[[Any], Any] | None = None) -> str:

@@ -49,8 +49,6 @@ def load_json(text: str, origin: str) -> Any:
     except RecursionError as exc:
         raise ObjectFileError(f"{origin}: invalid JSON: nested too deep") from exc
     except ValueError as exc:
-        if not jsoncodec.is_decode_error(exc):
-            raise
         raise ObjectFileError(f"{origin}: invalid JSON: {str(exc)[:200]}") from exc
 
 

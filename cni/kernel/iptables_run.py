@@ -29,9 +29,10 @@ _WAIT = "--wait=10"  # xtables lock (legacy); accepted and ignored by nft
 class IptablesError(Exception):
     """An iptables step failed; `step` names it and `stderr` carries iptables' own words."""
 
-    def __init__(self, step: str, message: str, stderr: str = "") -> None:
+    def __init__(self, step: str, message: str, stderr: str = "", *, missing: bool = False) -> None:
         self.step = step
         self.stderr = stderr.strip()
+        self.missing = missing  # the command (or nsenter) is not on this host: nothing of ours could run
         text = f"{step}: {message}"
         if self.stderr:
             text += f": {self.stderr}"
@@ -42,6 +43,7 @@ class IptablesError(Exception):
 
 
 _NSENTER = "nsenter"
+NOT_FOUND_EXIT = 127  # nsenter's exit when the command it was to run is not found
 _NET = "--net="
 
 
@@ -64,13 +66,15 @@ def run(step: str, netns_path: str | None, argv: Sequence[str], stdin: str | Non
     try:
         (proc,) = spawn.run_many([(full, stdin)], TIMEOUT)
     except FileNotFoundError as exc:
-        raise IptablesError(step, f"{full[0] if netns_path is None else 'nsenter'} not found", str(exc)) from exc
+        raise IptablesError(step, f"{full[0] if netns_path is None else 'nsenter'} not found", str(exc),
+                            missing=True) from exc
     except OSError as exc:
         raise IptablesError(step, f"{full[0]} could not be started", str(exc)) from exc
     if proc.returncode is None:
         raise IptablesError(step, f"{argv[0]} timed out after {TIMEOUT:.0f}s")
     if proc.returncode != 0:
-        raise IptablesError(step, f"{argv[0]} exited {proc.returncode}", proc.stderr)
+        raise IptablesError(step, f"{argv[0]} exited {proc.returncode}", proc.stderr,
+                            missing=proc.returncode == NOT_FOUND_EXIT)
     return proc.stdout
 
 
@@ -91,7 +95,8 @@ def save_families(netns_path: str | None, flavour: Flavour, families: Sequence[F
     try:
         results = spawn.run_many([(argv, None) for argv in argvs], TIMEOUT)
     except OSError as exc:
-        raise IptablesError(f"save-v{families[0]}", f"{argvs[0][0]} could not be started", str(exc)) from exc
+        raise IptablesError(f"save-v{families[0]}", f"{argvs[0][0]} could not be started", str(exc),
+                            missing=isinstance(exc, FileNotFoundError)) from exc
     return save_results(flavour, families, results)
 
 
@@ -102,7 +107,8 @@ def save_results(flavour: Flavour, families: Sequence[Family], procs: Sequence[s
         if proc.returncode is None:
             raise IptablesError(f"save-v{f}", f"save timed out after {TIMEOUT:.0f}s")
         if proc.returncode != 0:
-            raise IptablesError(f"save-v{f}", f"{binary(flavour, f, 'save')} exited {proc.returncode}", proc.stderr)
+            raise IptablesError(f"save-v{f}", f"{binary(flavour, f, 'save')} exited {proc.returncode}", proc.stderr,
+                                missing=proc.returncode == NOT_FOUND_EXIT)
         out[f] = proc.stdout
     return out
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from cni.kernel import spawn
-from cni.kernel.iptables_run import TIMEOUT, IptablesError, emit, netns_argv
+from cni.kernel.iptables_run import NOT_FOUND_EXIT, TIMEOUT, IptablesError, emit, netns_argv
 from cni.kernel.netns_lock import netns_lock
 from cni.kernel.side_jobs import SideJob, lo_passthrough_v6, run_with_side_jobs, undo_side_jobs
 from cni.rules import nft_builder, nft_text
@@ -45,7 +45,7 @@ def _result(step: str, proc: spawn.Result) -> NftError | None:
     if proc.returncode is None:
         return NftError(step, f"nft timed out after {TIMEOUT:.0f}s")
     if proc.returncode != 0:
-        return NftError(step, f"nft exited {proc.returncode}", proc.stderr)
+        return NftError(step, f"nft exited {proc.returncode}", proc.stderr, missing=proc.returncode == NOT_FOUND_EXIT)
     return None
 
 
@@ -54,7 +54,7 @@ def _run(step: str, netns_path: str | None, args: list[str], stdin: str | None =
     try:
         (proc,) = spawn.run_many([(argv, stdin)], TIMEOUT)
     except FileNotFoundError as exc:
-        raise NftError(step, f"{argv[0]} not found", str(exc)) from exc
+        raise NftError(step, f"{argv[0]} not found", str(exc), missing=True) from exc
     except OSError as exc:
         raise NftError(step, f"{argv[0]} could not be started", str(exc)) from exc
     return proc
@@ -70,7 +70,7 @@ def transaction(netns_path: str | None, text: str, step: str) -> None:
 def listing(netns_path: str | None, name: str = nft_text.POD_TABLE) -> str | None:
     """`nft list table inet <name>` in the netns; None when there is no such table."""
     proc = _run("list", netns_path, ["list", "table", nft_text.TABLE_FAMILY, name])
-    if proc.returncode != 0 and _ABSENT in proc.stderr:
+    if proc.returncode not in (0, NOT_FOUND_EXIT) and _ABSENT in proc.stderr:  # 127: nft itself is missing
         return None
     err = _result("list", proc)
     if err is not None:

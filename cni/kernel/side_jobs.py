@@ -92,7 +92,7 @@ def run_with_side_jobs(
         procs = spawn.run_many([*jobs, *side], TIMEOUT)
     except FileNotFoundError as exc:
         missing = side[0][0][0] if netns_path is None else "nsenter"
-        return [], IptablesError(side_jobs[0].step, f"{missing} not found", str(exc))
+        return [], IptablesError(side_jobs[0].step, f"{missing} not found", str(exc), missing=True)
     except OSError as exc:
         return [], IptablesError(side_jobs[0].step, f"{side[0][0][0]} could not be started", str(exc))
     errors = [sj.error(proc) for sj, proc in zip(side_jobs, procs[len(jobs) :], strict=True)]

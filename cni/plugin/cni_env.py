@@ -143,6 +143,12 @@ def parse_env(environ: Mapping[str, str]) -> CniEnv:
     if netns and not os.path.isabs(netns):
         raise _env_error("CNI_NETNS must be an absolute path", repr(netns[:200]))
     raw_args = environ.get("CNI_ARGS", "")
+    try:
+        k8s = parse_cni_args(raw_args)
+    except CniError:
+        if command != "DEL":
+            raise
+        k8s = _NO_K8S  # a DEL does not fail on what its ADD refused: the pod never got past that ADD
     return CniEnv(
         command=command,
         container_id=container_id,
@@ -150,5 +156,5 @@ def parse_env(environ: Mapping[str, str]) -> CniEnv:
         ifname=ifname,
         args=raw_args,
         path=environ.get("CNI_PATH", ""),
-        k8s=parse_cni_args(raw_args),
+        k8s=k8s,
     )

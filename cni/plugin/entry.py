@@ -186,8 +186,8 @@ def cmd_del(env: CniEnv, conf: NetConf, log: JsonLog, relayed: Relayed | None = 
     if removed:
         log.info("redirect", "redirect removed by the agent")
     elif netns_for_del(env.netns, log) and (decision.mode is None or plugin_redirects(decision.mode, conf)):
-        standalone.remove_redirect(env.netns, conf, log)
-        log.info("redirect", "redirect removed (if any)")
+        if standalone.remove_redirect(env.netns, conf, log):
+            log.info("redirect", "redirect removed (if any)")
     if uses_agent(decision.mode, conf) and not unusable:
         if decision.mode is None and not os.path.exists(conf.agent_socket):
             return
@@ -274,7 +274,8 @@ def cmd_gc(conf: NetConf, log: JsonLog) -> None:
 
 
 def version_info(stdin: bytes) -> dict[str, Any]:
-    requested = netconf.requested_version(stdin) or netconf.LATEST_VERSION
+    # the spec's VERSION answer carries the version asked for, whether or not the plugin supports it
+    requested = netconf.requested_version(stdin, supported_only=False) or netconf.LATEST_VERSION
     return {"cniVersion": requested, "supportedVersions": list(netconf.SUPPORTED_VERSIONS)}
 
 

@@ -126,29 +126,26 @@ def decode_json_object(data: bytes, what: str = "network configuration") -> dict
         raise CniError(DECODE_FAILURE, f"{what} is empty", "expected a JSON object on stdin")
     try:
         obj = jsoncodec.loads(text)
-    except (ValueError, RecursionError) as exc:
-        if isinstance(exc, ValueError) and not jsoncodec.is_decode_error(exc):
-            raise
+    except (ValueError, RecursionError) as exc:  # every ValueError of a decode is about the text
         raise CniError(DECODE_FAILURE, f"{what} is not valid JSON", str(exc)[:300]) from exc
     if not isinstance(obj, dict):
         raise CniError(DECODE_FAILURE, f"{what} must be a JSON object", f"got {type(obj).__name__}")
     return obj
 
 
-def requested_version(data: bytes) -> str | None:
-    """Best effort: the cniVersion the runtime asked for (to format errors), None if not readable."""
+def requested_version(data: bytes, *, supported_only: bool = True) -> str | None:
+    """Best effort: the cniVersion the runtime asked for (to format errors), None if not readable (or, with
+    `supported_only`, not one of ours)."""
     if not data.strip():  # e.g. VERSION with empty stdin: not JSON (decided without importing json)
         return None
     try:
         obj = jsoncodec.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
-        if isinstance(exc, ValueError) and not (isinstance(exc, UnicodeDecodeError) or jsoncodec.is_decode_error(exc)):
-            raise
+    except (ValueError, RecursionError):
         return None
     if isinstance(obj, dict):
         version = obj.get("cniVersion")
-        if isinstance(version, str) and version in SUPPORTED_VERSIONS:
-            return version
+        if isinstance(version, str) and (version in SUPPORTED_VERSIONS or not supported_only):
+            return version[:64]
     return None
 
 
@@ -211,6 +208,8 @@ def _attachments(obj: dict[str, Any]) -> tuple[Attachment, ...] | None:
     if VALID_ATTACHMENTS_KEY not in obj:
         return None
     value = obj[VALID_ATTACHMENTS_KEY]
+    if value is None:  # libcni writes a nil slice (a network with no attachment left) as null
+        return ()
     if not isinstance(value, list):
         raise _config_error(f"field {VALID_ATTACHMENTS_KEY!r} must be a list")
     out: list[Attachment] = []

@@ -90,8 +90,6 @@ class ObjectsDirSource:
                 except RecursionError as exc:
                     raise PodSourceError(f"{full}: invalid JSON: nested too deep") from exc
                 except ValueError as exc:
-                    if not jsoncodec.is_decode_error(exc):
-                        raise
                     raise PodSourceError(f"{full}: invalid JSON: {exc}") from exc
             else:
                 obj = load_yaml(text, full)

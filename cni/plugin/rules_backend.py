@@ -39,14 +39,27 @@ def apply(netns: str, spec: SidecarParams, families: tuple[Family, ...], log: Js
         raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect (nftables) failed", str(exc)) from exc
 
 
-def remove(netns: str, log: JsonLog) -> None:
+def remove(netns: str, log: JsonLog) -> bool:
+    """Whether nft ran (False: a tool is missing, logged)."""
     from cni.kernel import nft_tables
     from cni.kernel.iptables_run import IptablesError
 
     try:
         nft_tables.remove(netns, log=log)
-    except (IptablesError, OSError) as exc:
+    except IptablesError as exc:
+        if not exc.missing:
+            raise CniError(errors.REDIRECT_FAILED, "removing the redirect (nftables) failed", str(exc)) from exc
+        return tool_missing_on_del(log, exc)
+    except OSError as exc:
         raise CniError(errors.REDIRECT_FAILED, "removing the redirect (nftables) failed", str(exc)) from exc
+    return True
+
+
+def tool_missing_on_del(log: JsonLog, exc: Exception) -> bool:
+    """A DEL on a host without the rules tools succeeds (False): no ADD could have written rules with them,
+    and the runtime could never remove the pod otherwise."""
+    log.warning("redirect", f"DEL: redirect not removed, a tool is missing: {exc}")
+    return False
 
 
 def check(netns: str, spec: SidecarParams, families: tuple[Family, ...]) -> list[str]:

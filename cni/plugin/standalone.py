@@ -43,7 +43,8 @@ def apply_sidecar_redirect(
         raise CniError(errors.REDIRECT_FAILED, "applying the sidecar redirect failed", str(exc)) from exc
 
 
-def remove_redirect(netns: str, conf: NetConf, log: JsonLog) -> None:
+def remove_redirect(netns: str, conf: NetConf, log: JsonLog) -> bool:
+    """Whether the tools ran (False: one is missing, logged; a DEL goes on)."""
     if rules_backend.uses_nftables(conf):
         return rules_backend.remove(netns, log)
     setting = conf.iptables
@@ -55,8 +56,13 @@ def remove_redirect(netns: str, conf: NetConf, log: JsonLog) -> None:
         raise CniError(errors.REDIRECT_FAILED, "iptables support is not available", str(exc)) from exc
     try:
         netns_tables.remove_all(netns, flavour.resolve(setting), log=log)
-    except (IptablesError, OSError, ValueError) as exc:
+    except IptablesError as exc:
+        if not exc.missing:
+            raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
+        return rules_backend.tool_missing_on_del(log, exc)
+    except (OSError, ValueError) as exc:
         raise CniError(errors.REDIRECT_FAILED, "removing the redirect failed", str(exc)) from exc
+    return True
 
 
 def check_sidecar_redirect(netns: str, spec: SidecarParams, families: tuple[Family, ...], conf: NetConf) -> list[str]:

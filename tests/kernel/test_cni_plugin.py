@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import ssl
 import threading
 from collections.abc import Callable
@@ -141,6 +142,27 @@ def test_del_with_empty_netns_and_gone_netns(flavour_node: tuple[str, SimNode]) 
     assert run_headrace(node, web, "DEL", netns="/run/netns/hrpod-does-not-exist") is None
 
 
+@pytest.mark.parametrize("backend", ["iptables", "nftables", "auto"])
+def test_del_succeeds_on_a_host_without_the_tools_its_add_failed_on(
+        make_node: Callable[..., SimNode], tmp_path: Path, backend: str) -> None:
+    node = make_node(headrace={"backend": backend})
+    web = node.add_pod("shop", "plain")
+    web.annotations = dict(SIDECAR)
+    node.write_pod(web)
+    only_nsenter = tmp_path / "bin"
+    only_nsenter.mkdir()
+    (only_nsenter / "nsenter").symlink_to(shutil.which("nsenter") or "/usr/bin/nsenter")
+    for path in (str(only_nsenter), str(tmp_path / "empty")):
+        with pytest.raises(CniInvocationError) as info:
+            run_headrace(node, web, "ADD", env_override={"PATH": path})
+        assert info.value.code == 102
+        assert run_headrace(node, web, "DEL", env_override={"PATH": path}) is None  # the runtime can let go
+    assert headrace_lines(web) == []
+    logged = [json.loads(line) for line in node.log_file.read_text().splitlines()]
+    dels = [entry["msg"] for entry in logged if entry.get("cmd") == "DEL" and entry["step"] == "redirect"]
+    assert dels and all("a tool is missing" in msg for msg in dels), dels
+
+
 def test_bad_input_leaves_the_netns_untouched(flavour_node: tuple[str, SimNode]) -> None:
     _flavour, node = flavour_node
     pod = node.add_pod("shop", "plain")
@@ -156,8 +178,8 @@ def test_bad_input_leaves_the_netns_untouched(flavour_node: tuple[str, SimNode])
     cases: list[tuple[dict[str, Any], int]] = [
         ({"stdin_override": b'{"cniVersion": "1.0.0", "name": '}, 6),
         ({"stdin_override": json.dumps({**headrace(node), "name": "n", "cniVersion": "0.2.0"}).encode()}, 1),
-        ({"prev": None}, 4),
-        ({"env_override": {"CNI_IFNAME": "bad/if"}}, 7),
+        ({"prev": None}, 7),
+        ({"env_override": {"CNI_IFNAME": "bad/if"}}, 4),
         ({"netns": "/run/netns/hrpod-missing"}, 106),
     ]
     for kwargs, code in cases:

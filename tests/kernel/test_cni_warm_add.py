@@ -347,7 +347,7 @@ def test_hostile_requests_are_refused(warm: tuple[SimNode, AgentRun, str]) -> No
     no_prev = _ask_raw(node.agent_socket, (json.dumps({"v": 3, "cmd": "ADD", "env": env, "stdin": netconf})
                                            + "\n").encode())
     head, _, body = no_prev.partition(b"\n")
-    assert head.split()[:3] == [b"HR3", b"done", b"1"] and json.loads(body)["code"] == 4, no_prev
+    assert head.split()[:3] == [b"HR3", b"done", b"1"] and json.loads(body)["code"] == 7, no_prev
     # the host's netns as CNI_NETNS: the agent acts on nothing; it refuses the netns as the plugin does
     # (CNI code 106) or leaves it to the plugin
     host = {"v": 3, "cmd": "ADD", "env": {**env, "CNI_NETNS": "/proc/1/ns/net"},

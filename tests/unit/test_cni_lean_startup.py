@@ -89,10 +89,10 @@ def test_dumps_errors_are_json_errors() -> None:
     assert jsoncodec.dumps({"x": {1, 2}}, default=str) == json.dumps({"x": {1, 2}}, default=str)
 
 
-def test_is_decode_error() -> None:
-    with pytest.raises(ValueError) as err:
-        jsoncodec.loads("{")
-    assert jsoncodec.is_decode_error(err.value) and not jsoncodec.is_decode_error(ValueError("x"))
+def test_what_the_text_gets_wrong_is_a_value_error() -> None:
+    for text in ("{", '{"x": ' + "1" * 5000 + "}", "\ud800"):
+        with pytest.raises(ValueError):
+            jsoncodec.loads(text)
 
 
 def test_success_paths_do_not_import_json_re_or_typing() -> None:

@@ -162,6 +162,16 @@ def test_version(env: Env) -> None:
     )
     rc, out = env.run("VERSION", b"")
     assert rc == 0 and out["cniVersion"] == "1.1.0"
+    rc, out = env.run("VERSION", b'{"cniVersion": "1.2.0"}')  # the spec: the version asked for, echoed
+    assert rc == 0 and out["cniVersion"] == "1.2.0" and "1.2.0" not in out["supportedVersions"]
+
+
+def test_the_spec_error_codes_by_number(env: Env) -> None:
+    env.pod("shop", "web")
+    assert_error(env.run("ADD", env.conf(), CNI_IFNAME=""), 4)  # invalid necessary environment variables
+    assert_error(env.run("ADD", env.conf(prev=None)), 7)  # invalid network config
+    long_int = b'{"cniVersion": "1.0.0", "x": ' + b"1" * 5000 + b"}"  # longer than Python's int digit limit
+    assert_error(env.run("ADD", long_int), 6, "1.1.0")  # failed to decode content (its version unreadable)
 
 
 FORBIDDEN = ("grpc", "pyroute2", "iptc", "bcc", "yaml", "kubernetes", "click", "psutil", "google", "node_agent")
@@ -321,11 +331,11 @@ def test_excluded_namespace_is_untouched_even_with_sidecar(env: Env) -> None:
     [
         (b"{not json", {}, 6),
         (b"", {}, 6),
-        (None, {"CNI_COMMAND": ""}, 7),
-        (None, {"CNI_IFNAME": ""}, 7),
-        (None, {"CNI_NETNS": ""}, 7),
-        (None, {"CNI_CONTAINERID": "bad id"}, 7),
-        (None, {"CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=we b"}, 7),
+        (None, {"CNI_COMMAND": ""}, 4),
+        (None, {"CNI_IFNAME": ""}, 4),
+        (None, {"CNI_NETNS": ""}, 4),
+        (None, {"CNI_CONTAINERID": "bad id"}, 4),
+        (None, {"CNI_ARGS": "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=we b"}, 4),
         (None, {"CNI_NETNS": "/nonexistent/netns"}, 106),
         (None, {"CNI_NETNS": "/etc/hostname"}, 106),
         (None, {"CNI_NETNS": "/proc/self/ns/net"}, 106),  # the plugin's own netns: refused
@@ -344,11 +354,11 @@ def test_add_bad_input(env: Env, stdin: bytes | None, env_change: dict[str, str]
     [
         ({"cniVersion": "0.2.0"}, 1),
         ({"cniVersion": "2.0.0"}, 1),
-        ({"prevResult": None}, 4),
-        ({"prevResult": {"ips": [{"address": "300.1.1.1/24"}]}}, 4),
-        ({"objects_dir": 7}, 4),
-        ({"backend": "magic"}, 4),
-        ({"exclude_namespaces": [1]}, 4),
+        ({"prevResult": None}, 7),
+        ({"prevResult": {"ips": [{"address": "300.1.1.1/24"}]}}, 7),
+        ({"objects_dir": 7}, 7),
+        ({"backend": "magic"}, 7),
+        ({"exclude_namespaces": [1]}, 7),
     ],
 )
 def test_add_bad_config(env: Env, change: dict[str, Any], code: int) -> None:
@@ -501,6 +511,13 @@ def test_del_is_idempotent_for_gone_or_empty_netns(env: Env) -> None:
     assert env.run("DEL", env.conf(prev=None), name="ghost", netns="") == (0, None)
 
 
+def test_del_succeeds_with_the_k8s_args_its_add_refused(env: Env) -> None:
+    env.pod("shop", "web", annotations={"sidecar.istio.io/status": "{}"})
+    podman3 = "IgnoreUnknown=1;K8S_POD_NAMESPACE=quirky_turing;K8S_POD_NAME=quirky_turing"
+    assert_error(env.run("ADD", env.conf(), CNI_ARGS=podman3), 4)
+    assert env.run("DEL", env.conf(prev=None), netns="", CNI_ARGS=podman3) == (0, None)
+
+
 def test_del_of_a_sidecar_pod_with_unmounted_or_wrong_netns(env: Env) -> None:
     env.pod("shop", "web", annotations={"sidecar.istio.io/status": "{}"})
     pin = env.tmp / "pinned-netns"
@@ -514,7 +531,7 @@ def test_del_of_a_sidecar_pod_with_unmounted_or_wrong_netns(env: Env) -> None:
 
 def test_check_requires_prev_result(env: Env) -> None:
     env.pod("shop", "web")
-    assert_error(env.run("CHECK", env.conf(prev=None)), 4)
+    assert_error(env.run("CHECK", env.conf(prev=None)), 7)
     assert env.run("CHECK", env.conf()) == (0, None)
 
 
@@ -529,6 +546,8 @@ def test_status_and_gc(env: Env) -> None:
         version="1.1.0", prev=None, **{"cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]}
     )
     assert env.run("GC", gc_conf) == (0, None)
+    # libcni writes a network's empty attachment list as null
+    assert env.run("GC", env.conf(version="1.1.0", prev=None, **{"cni.dev/valid-attachments": None})) == (0, None)
     assert_error(env.run("GC", env.conf(version="0.4.0", prev=None)), 1, "0.4.0")
     assert any(line["step"] == "gc" and line["valid_attachments"] == 1 for line in env.log_lines())
 

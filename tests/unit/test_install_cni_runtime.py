@@ -111,7 +111,7 @@ def test_installed_plugin_runs_an_add_no_agent_took_with_its_configuration(insta
     proc = subprocess.run([str(bin_dir / "headrace-cni")], env=env, input=json.dumps(conf).encode(),
                           capture_output=True, timeout=30, check=False)
     out = json.loads(proc.stdout)
-    assert proc.returncode == 1 and out["code"] == 4 and "pod source" in out["msg"], out  # its own check ran
+    assert proc.returncode == 1 and out["code"] == 7 and "pod source" in out["msg"], out  # its own check ran
 
 
 def test_the_front_can_be_turned_off_and_a_bad_switch_is_refused(tmp_path, monkeypatch):

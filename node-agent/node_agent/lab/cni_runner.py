@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -106,7 +107,8 @@ class CniRunner:
         stdin = stdin_override if stdin_override is not None else json.dumps(self._netconf(plugin, prev)).encode()
         argv = [binary]
         if self.run_netns:
-            argv = ["nsenter", f"--net={self.run_netns}", "--", binary]
+            # found on the runner's own PATH: the plugin's environment may carry another one
+            argv = [shutil.which("nsenter") or "nsenter", f"--net={self.run_netns}", "--", binary]
         start = time.perf_counter()
         proc = subprocess.run(argv, input=stdin, env=env, capture_output=True, timeout=60)
         elapsed = time.perf_counter() - start
