@@ -378,6 +378,9 @@ def test_agent_command_rejects_bad_duty_flags(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--cni-bin-dir 'bin'" in res.output
     res = CliRunner().invoke(agent, [*base, "--repair-sidecars", "sometimes"])
     assert res.exit_code == 2
+    in_cluster = ["--in-cluster", "--node-name", "n1", "--state-dir", str(tmp_path / "state"), "--install-cni"]
+    res = CliRunner().invoke(agent, in_cluster)
+    assert res.exit_code == 2 and "--install-cni needs a pod source for the plugin" in res.output
     assert not (tmp_path / "state").exists()  # nothing started
 
 

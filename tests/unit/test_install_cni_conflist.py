@@ -87,6 +87,16 @@ def test_bad_json_refused_with_position():
     assert "line 6" in str(exc.value)
 
 
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"mtu": ' + "1" * 5000 + "}", '{"x": /**/ ' + "[" * 100_000])
+def test_json_python_cannot_hold_is_a_config_error(text):
+    with pytest.raises(cl.ConfigError, match="invalid JSON"):
+        cl.parse_config("10-odd.conflist", text)
+
+
+def test_plugins_that_are_no_objects_are_not_our_entry():
+    assert not cl.has_our_entry({"plugins": ["headrace-cni", 7]}) and not cl.has_our_entry({"plugins": "x"})
+
+
 def test_comment_markers_inside_strings_are_not_comments():
     doc = cl.parse_config("x.conflist", '{"name": "a//b", "plugins": [{"type": "x", "u": "http://h/*"}]}')
     assert doc["name"] == "a//b"

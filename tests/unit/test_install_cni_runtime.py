@@ -15,6 +15,7 @@ from node_agent.cli import main as cli
 from node_agent.install_cni import runtime
 
 DATA = Path(__file__).parent.parent / "data" / "conflists"
+SOURCE = ("--objects-dir", "/var/lib/headrace/objects")  # the plugin's pod source
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_cli_refuses_broken_config(tmp_path):
     conf = tmp_path / "etc" / "cni" / "net.d"
     conf.mkdir(parents=True)
     shutil.copy(DATA / "20-comments.conflist", conf)
-    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin"])
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin", *SOURCE])
     assert res.exit_code == 1
     assert "20-comments.conflist" in res.output and "comments" in res.output
     assert (conf / "20-comments.conflist").read_bytes() == (DATA / "20-comments.conflist").read_bytes()
@@ -195,7 +196,7 @@ def test_cli_check_says_not_ready_when_the_launchers_program_is_gone(tmp_path, f
     shutil.copy(DATA / "10-mynet.conf", conf)
     env = {"HEADRACE_CNI_FRONT": front}
     runner = CliRunner()
-    assert runner.invoke(cli, ["install-cni", "--host-root", str(tmp_path)], env=env).exit_code == 0
+    assert runner.invoke(cli, ["install-cni", "--host-root", str(tmp_path), *SOURCE], env=env).exit_code == 0
     check = ["install-cni", "--check", "--host-root", str(tmp_path)]
     res = runner.invoke(cli, check, env=env)
     assert res.exit_code == 0 and "ready: headrace-cni chained and installed" in res.output, res.output
@@ -213,13 +214,20 @@ def test_cli_refuses_a_bad_front_switch(tmp_path):
     conf = tmp_path / "etc" / "cni" / "net.d"
     conf.mkdir(parents=True)
     shutil.copy(DATA / "10-mynet.conf", conf)
-    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path)], env={"HEADRACE_CNI_FRONT": "maybe"})
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), *SOURCE],
+                             env={"HEADRACE_CNI_FRONT": "maybe"})
     assert res.exit_code == 1 and "HEADRACE_CNI_FRONT must be on or off" in res.output
     assert not (tmp_path / "opt" / "cni" / "bin" / "headrace-cni").exists()
 
 
-def test_cli_without_config_fails_clearly(tmp_path):
+def test_cli_refuses_an_entry_without_a_pod_source(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin"])
+    assert res.exit_code == 2 and "the plugin needs a pod source" in res.output
+    assert not any(tmp_path.rglob("*.conflist"))
+
+
+def test_cli_without_config_fails_clearly(tmp_path):
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin", *SOURCE])
     assert res.exit_code == 1 and "no CNI config found" in res.output
     res = CliRunner().invoke(cli, ["install-cni", "--skip-plugin", "--backend", "bogus"])
     assert res.exit_code == 2
@@ -235,7 +243,7 @@ def test_cli_removes_a_killed_runs_half_written_file(tmp_path):
     stale.write_text("{")
     fresh.write_text("{")
     os.utime(stale, (time.time() - 300, time.time() - 300))
-    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin"])
+    res = CliRunner().invoke(cli, ["install-cni", "--host-root", str(tmp_path), "--skip-plugin", *SOURCE])
     assert res.exit_code == 0, res.output
     assert not stale.exists() and fresh.exists() and (conf / "10-mynet.conflist").exists()
     assert "unfinished write of a previous install-cni removed" in res.output

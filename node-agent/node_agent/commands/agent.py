@@ -101,6 +101,9 @@ def agent(
     listen_early(str(config.cni_socket), 128)  # ADDs wait in the backlog while the agent starts, never refused
     try:
         duties = build_duties(duty)
+        if duties.install_cni and config.objects_dir is None and config.kubeconfig is None:
+            raise click.UsageError("--install-cni needs a pod source for the plugin: --kubeconfig or --objects-dir "
+                                   "(in a cluster, the install-cni container's --write-kubeconfig chains the plugin)")
     except BaseException:
         drop_early(str(config.cni_socket))
         raise

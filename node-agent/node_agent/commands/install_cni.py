@@ -98,6 +98,9 @@ def install_cni(
         if kubeconfig or objects_dir:
             raise click.UsageError("--write-kubeconfig replaces --kubeconfig and --objects-dir")
         kubeconfig = f"{install_dir.rstrip('/')}/kubeconfig"
+    elif not (kubeconfig or objects_dir or skip_config):  # the plugin would refuse every ADD and DEL
+        raise click.UsageError("the plugin needs a pod source: --write-kubeconfig (in a cluster), --kubeconfig "
+                               "or --objects-dir")
     try:
         settings = PluginSettings(
             agent_socket=agent_socket, backend=backend, iptables=iptables_mode, objects_dir=objects_dir,

@@ -55,18 +55,22 @@ def parse_config(filename: str, text: str) -> JsonObject:
     """Parse one config file; refuse comments, bad JSON and non-object documents with a clear error."""
     try:
         doc = json.loads(text)
+    except RecursionError as exc:
+        raise ConfigError(filename, "invalid JSON: nested too deep") from exc
     except json.JSONDecodeError as exc:
         stripped = _strip_comments(text)
         if stripped != text:
             try:
                 json.loads(stripped)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 pass
             else:
                 raise ConfigError(
                     filename, "contains comments, which JSON (and libcni) does not allow; fix the file"
                 ) from exc
         raise ConfigError(filename, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise ConfigError(filename, f"invalid JSON: {str(exc)[:200]}") from exc
     if not isinstance(doc, dict):
         raise ConfigError(filename, f"expected a JSON object, found {type(doc).__name__}")
     return doc
@@ -108,7 +112,8 @@ def is_our_entry(plugin: Mapping[str, Any]) -> bool:
 
 
 def has_our_entry(conflist: Mapping[str, Any]) -> bool:
-    return any(is_our_entry(p) for p in conflist.get("plugins", []))
+    plugins = conflist.get("plugins", [])
+    return isinstance(plugins, list) and any(isinstance(p, dict) and is_our_entry(p) for p in plugins)
 
 
 def upsert_entry(conflist: Mapping[str, Any], entry: Mapping[str, Any]) -> JsonObject:

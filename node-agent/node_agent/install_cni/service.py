@@ -17,6 +17,7 @@ from typing import Any
 
 from node_agent.install_cni import atomic, confdir, kubeconfig, owner
 from node_agent.install_cni.conflist import ConfigError
+from node_agent.install_cni.repair_throttle import RepairThrottle
 from node_agent.install_cni.runtime import PluginInstall, install_plugin, under_root, uninstall_plugin
 from node_agent.install_cni.settings import PluginSettings
 from node_agent.install_cni.watcher import DirWatcher
@@ -128,11 +129,16 @@ def watch(
             log("info", "waiting for the agent socket before chaining the plugin", socket=opts.settings.agent_socket)
         while not os.path.exists(sock) and not stop.wait(0.2):
             pass
+    throttle = RepairThrottle()
     with DirWatcher(opts.conf_dir_here, use_inotify=use_inotify) as watcher:
         while not stop.is_set():
+            if stop.wait(throttle.delay(time.monotonic())):
+                break
             try:
                 change = ensure_config(opts)
                 last_error = ""
+                if change.changed:
+                    _note_write(throttle, change)
                 if change.action == "no-config":
                     if not waiting_logged:
                         log("info", "no CNI config yet; waiting for one", dir=opts.cni_conf_dir)
@@ -154,6 +160,15 @@ def watch(
                     log("error", "config dir I/O error", dir=opts.cni_conf_dir, error=str(exc))
                     last_error = str(exc)
             watcher.wait(recheck)
+
+
+def _note_write(throttle: RepairThrottle, change: confdir.ConfigChange) -> None:
+    now = time.monotonic()
+    throttle.wrote(now)
+    if writes := throttle.fighting(now):
+        log("warning", "another writer keeps dropping our entry from the CNI config: rewriting it at most twice "
+            "a second; a primary CNI that owns its config exclusively must be set to allow chained plugins "
+            "(e.g. Cilium's cni.exclusive=false)", file=change.path, writes=writes, seconds=throttle.window)
 
 
 def uninstall(opts: InstallOptions) -> dict[str, Any]:
