@@ -2,9 +2,12 @@
 
 Serves /api/v1/pods (fieldSelector spec.nodeName=...) and /api/v1/namespaces: lists with a
 resourceVersion, and `?watch=true` streams of newline-delimited WatchEvents (chunked, as the real API
-server does) from the requested resourceVersion. Tests can drop every open watch, compact history (a watch
-from an older version then gets a 410 ERROR event), and make the next requests fail with HTTP 500. A
-DaemonSet GET is answered as `set_daemonset` says (present, being deleted, gone, forbidden, failing).
+server does) from the requested resourceVersion, with a BOOKMARK every `bookmark_interval` seconds when
+set and asked for. Tests can drop every open watch, compact history (a watch from an older version then
+gets a 410 ERROR event), make the next requests fail with HTTP 500, answer every request of a kind with an
+error status (`refuse`), and answer its watches the ways a broken server or proxy does (`watch_answers`:
+see WATCH_ANSWERS). Every request is recorded with its time. A DaemonSet GET is answered as
+`set_daemonset` says (present, being deleted, gone, forbidden, failing).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -19,6 +23,17 @@ from urllib.parse import parse_qs, urlparse
 from node_agent.install_cni.owner import daemonset_path
 
 TOKEN = "test-token"
+
+# how `watch_answers[kind]` has the watches of that kind answered
+WATCH_ANSWERS = (
+    "gone_event",  # 200 and at once a 410 ERROR event, whatever the resourceVersion
+    "gone_status",  # HTTP 410
+    "empty",  # 200 with an empty body (Content-Length: 0)
+    "not_watch",  # 200 with a list body instead of a watch stream
+    "stall",  # 200, chunked, then silence until the watches are dropped (a half-open connection)
+)
+GONE = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410, "reason": "Expired",
+        "message": "too old resource version"}
 
 
 class FakeApiServer:
@@ -31,6 +46,11 @@ class FakeApiServer:
         self.drop_generation = 0
         self.fail_next = 0
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
+        self.request_times: list[float] = []  # time.monotonic() of each of `requests`
+        self.refuse: dict[str, int] = {}  # kind: the HTTP status every list and watch of it gets
+        self.watch_answers: dict[str, str] = {}  # kind: one of WATCH_ANSWERS
+        self.bookmark_interval: float | None = None  # seconds between BOOKMARKs on watches that ask for them
+        self.bookmarks_sent = 0
         self.unauthorized = 0
         self.patches: list[tuple[str, str, dict[str, Any]]] = []  # (path, Content-Type, body) of each PATCH
         self.daemonsets: dict[str, tuple[int, dict[str, Any]]] = {}  # path: (HTTP code, body) of its GET
@@ -130,6 +150,18 @@ class FakeApiServer:
         with self.cond:
             return sum(1 for path, q in self.requests if path.endswith(kind) and ("watch" in q) == watch)
 
+    def times(self, kind: str, watch: bool) -> list[float]:
+        """When each list (or watch) of `kind` was asked for."""
+        with self.cond:
+            return [t for (path, q), t in zip(self.requests, self.request_times, strict=True)
+                    if path.endswith(kind) and ("watch" in q) == watch]
+
+    def list_versions(self, kind: str) -> list[str | None]:
+        """The resourceVersion each list of `kind` asked for (None: not given, a consistent read)."""
+        with self.cond:
+            return [q["resourceVersion"][0] if "resourceVersion" in q else None
+                    for path, q in self.requests if path.endswith(kind) and "watch" not in q]
+
     def watch_versions(self, kind: str) -> list[str]:
         with self.cond:
             return [
@@ -154,8 +186,10 @@ class FakeApiServer:
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         url = urlparse(h.path)
         query = parse_qs(url.query)
+        kind = url.path.rsplit("/", 1)[-1]
         with self.cond:
             self.requests.append((url.path, query))
+            self.request_times.append(time.monotonic())
             if h.headers.get("Authorization") != f"Bearer {TOKEN}":
                 self.unauthorized += 1
                 self._json(h, 401, {"kind": "Status", "code": 401})
@@ -164,7 +198,11 @@ class FakeApiServer:
                 self.fail_next -= 1
                 self._json(h, 500, {"kind": "Status", "code": 500, "message": "injected failure"})
                 return
-        kind = url.path.rsplit("/", 1)[-1]
+            refused = self.refuse.get(kind) if url.path in ("/api/v1/pods", "/api/v1/namespaces") else None
+            answer = self.watch_answers.get(kind)
+        if refused is not None:
+            self._json(h, refused, {"kind": "Status", "code": refused, "message": f"refused with {refused}"})
+            return
         if url.path in self.daemonsets:
             self._json(h, *self.daemonsets[url.path])
             return
@@ -172,7 +210,10 @@ class FakeApiServer:
             self._json(h, 404, {"kind": "Status", "code": 404})
             return
         if query.get("watch", ["false"])[0] in ("true", "1"):
-            self._watch(h, kind, query)
+            if answer is not None:
+                self._broken_watch(h, kind, answer)
+            else:
+                self._watch(h, kind, query)
             return
         with self.cond:
             items = [o for o in self.objects[kind].values() if self._matches(kind, o, query)]
@@ -217,6 +258,40 @@ class FakeApiServer:
         self.put("pods", obj)
         self._json(h, 200, obj)
 
+    def _broken_watch(self, h: BaseHTTPRequestHandler, kind: str, answer: str) -> None:
+        """A watch answered as WATCH_ANSWERS says."""
+        if answer == "gone_status":
+            self._json(h, 410, GONE)
+            return
+        if answer == "empty":
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if answer == "not_watch":
+            self._json(h, 200, {"kind": "PodList" if kind == "pods" else "NamespaceList", "apiVersion": "v1",
+                                "metadata": {"resourceVersion": str(self.rv)}, "items": []})
+            return
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        h.wfile.flush()
+        try:
+            if answer == "gone_event":
+                data = (json.dumps({"type": "ERROR", "object": GONE}) + "\n").encode()
+                h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
+                return
+            assert answer == "stall", answer
+            with self.cond:
+                generation = self.drop_generation
+                while self.drop_generation == generation:
+                    self.cond.wait(0.2)
+            h.close_connection = True  # dropped: no terminating chunk, just close
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
     @staticmethod
     def _json(h: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -259,15 +334,21 @@ class FakeApiServer:
                     h.wfile.write(b"0\r\n\r\n")
                     return
                 sent = since
-                import time
-
                 end = time.monotonic() + timeout
+                bookmarks = self.bookmark_interval if query.get("allowWatchBookmarks") == ["true"] else None
+                next_bookmark = time.monotonic() + (bookmarks or 0)
                 while self.drop_generation == generation and time.monotonic() < end:
                     for rv, k, etype, obj in self.events:
                         if k == kind and rv > sent and self._matches(kind, obj, query):
                             chunk({"type": etype, "object": obj})
                     sent = max([sent] + [rv for rv, k, _, _ in self.events if k == kind])
-                    self.cond.wait(0.2)
+                    if bookmarks is not None and time.monotonic() >= next_bookmark:
+                        chunk({"type": "BOOKMARK", "object": {"kind": "Pod" if kind == "pods" else "Namespace",
+                                                              "apiVersion": "v1",
+                                                              "metadata": {"resourceVersion": str(self.rv)}}})
+                        self.bookmarks_sent += 1
+                        next_bookmark = time.monotonic() + bookmarks
+                    self.cond.wait(min(0.2, bookmarks or 0.2))
                 if self.drop_generation != generation:
                     # a dropped connection: no terminating chunk, just close
                     h.close_connection = True

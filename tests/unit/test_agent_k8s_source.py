@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from node_agent.sources.kubernetes import Backoff, KubernetesSource
+from node_agent.sources.kubernetes import KubernetesSource
 from node_agent.sources.store import PodStore
 
 from tests.unit.agent_fake_apiserver import FakeApiServer
@@ -133,13 +133,3 @@ def test_errors_back_off_and_recover(api, tmp_path) -> None:
     finally:
         src.stop()
 
-
-def test_backoff_grows_and_resets() -> None:
-    b = Backoff(initial=1.0, maximum=8.0)
-    delays = [b.next_delay() for _ in range(6)]
-    assert 0.8 <= delays[0] <= 1.2
-    assert 1.6 <= delays[1] <= 2.4
-    assert all(d <= 8.0 * 1.2 for d in delays)
-    assert delays[-1] >= 8.0 * 0.8
-    b.reset()
-    assert b.next_delay() <= 1.2

@@ -10,6 +10,7 @@ from pathlib import Path
 from node_agent.agent.config import build_config
 from node_agent.agent.daemon import Agent
 from node_agent.serve.status_client import query
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.agent_fake_apiserver import FakeApiServer
 from tests.unit.agent_fakes import FakeBackend, FakeHub
@@ -96,6 +97,21 @@ def test_kubernetes_agent_sees_only_its_node(tmp_path: Path) -> None:
             },
         )
         wait(lambda: "u-new" in {p["uid"] for p in query(str(agent.config.cni_socket))["pods"]})
+        assert agent.health is not None
+        metrics_url = f"http://127.0.0.1:{agent.health.port}/metrics"
+
+        def sample(name: str, **labels: str) -> float:
+            with urllib.request.urlopen(metrics_url, timeout=5) as r:
+                text = r.read().decode()
+            return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                        if s.name == name and s.labels == labels)
+
+        assert sample("headrace_agent_kube_lists_total", resource="pods") == 1
+        # the pod watcher starts failing (RBAC lost): its errors show, readiness does not change
+        api.refuse["pods"] = 403
+        api.drop_watches()
+        wait(lambda: sample("headrace_agent_kube_watch_errors_total", resource="pods", reason="forbidden") >= 1)
+        assert agent.readyz()[0]
     finally:
         agent.stop()
         api.stop()

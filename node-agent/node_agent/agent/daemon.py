@@ -182,6 +182,7 @@ class Agent:
 
         source = KubernetesSource(store, self.config.kubeconfig, self.config.node_name)  # None: in-cluster
         self._annotation_writer = source.patch_redirection
+        self.metrics.watch_kube_source(source.figures)  # watched by alerts, not by readiness
         return source
 
     def _redirection_marker(self) -> RedirectionMarker | None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+
+if TYPE_CHECKING:
+    from node_agent.sources.watch_policy import WatcherFigures
 
 STATES = ("enrolled", "moving", "pending", "failed")
 PROXY_CGROUP_SOURCES = ("flag", "peer", "none")
@@ -149,6 +153,38 @@ class PluginAdmissionCollector:
         yield conns
 
 
+class KubeWatchCollector:
+    """The Kubernetes pod source's watchers (node_agent.sources.kubernetes), label `resource` (`pods`,
+    `namespaces`): `headrace_agent_kube_lists_total` (full lists done), `headrace_agent_kube_watches_total`
+    (watch requests made), `headrace_agent_kube_watch_errors_total{reason}` (failed lists and watches by
+    reason class, node_agent.sources.watch_policy.REASONS) and `headrace_agent_kube_sync_age_seconds`
+    (since the last list done or watch event or bookmark received)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, WatcherFigures]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self.source()
+        lists = CounterMetricFamily("headrace_agent_kube_lists", "Full lists of the Kubernetes pod source.",
+                                    labels=["resource"])
+        watches = CounterMetricFamily("headrace_agent_kube_watches", "Watch requests of the Kubernetes pod source.",
+                                      labels=["resource"])
+        errors = CounterMetricFamily(
+            "headrace_agent_kube_watch_errors", "Failed lists and watches of the Kubernetes pod source, by reason.",
+            labels=["resource", "reason"])
+        age = GaugeMetricFamily(
+            "headrace_agent_kube_sync_age_seconds",
+            "Seconds since the watcher last synced: a list done, a watch event or bookmark received.",
+            labels=["resource"])
+        for resource, f in sorted(figures.items()):
+            lists.add_metric([resource], f.lists)
+            watches.add_metric([resource], f.watches)
+            for reason, count in f.errors.items():
+                errors.add_metric([resource, reason], count)
+            age.add_metric([resource], f.sync_age)
+        yield from (lists, watches, errors, age)
+
+
 def _ebpf_parent_counts() -> Mapping[str, int]:
     from node_agent.backends.ebpf.parent_alerts import ALERTS
 
@@ -229,6 +265,10 @@ class AgentMetrics:
     def watch_drift_events(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """headrace_agent_drift_change_events_total / _drift_watched_pods from the drift check."""
         self.registry.register(DriftWatchCollector(counts))
+
+    def watch_kube_source(self, figures: Callable[[], Mapping[str, WatcherFigures]]) -> None:
+        """headrace_agent_kube_* from the Kubernetes pod source's watchers."""
+        self.registry.register(KubeWatchCollector(figures))
 
     def watch_plugin_adds(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """headrace_agent_plugin_adds_total from the one-request ADD's counts."""
