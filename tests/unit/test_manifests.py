@@ -18,6 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from node_agent.backends.iptables.xt_fresh_write import DEFAULT_LOCK
 
 ROOT = Path(__file__).parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -268,6 +269,28 @@ def test_agent_mounts_the_host_paths_discovery_and_ebpf_need():
         assert mounted_host_path(agent, inside) == host, inside
     propagation = {m["mountPath"]: m.get("mountPropagation") for m in agent["volumeMounts"]}
     assert propagation["/var/run/netns"] == "HostToContainer"  # netns created after the agent started
+
+
+def may_write_iptables(container: dict[str, Any]) -> bool:
+    sc = container.get("securityContext", {})
+    return bool(sc.get("privileged")) or "NET_ADMIN" in sc.get("capabilities", {}).get("add", [])
+
+
+@pytest.mark.parametrize("platform", [None, *PLATFORMS])
+def test_iptables_writers_share_the_hosts_xtables_lock(platform):
+    """Legacy iptables (iptables-legacy-restore --wait, the agent's in-process writer) opens its lock with
+    O_CREAT: under a read-only root filesystem the path must be a mount, and the host's own file, so that
+    the agent and kube-proxy (and the plugin, on the host) take turns."""
+    writers = [c for c in containers(platform) if may_write_iptables(c)]
+    assert [c["name"] for c in writers] == ["agent"]
+    volumes = {v["name"]: v for v in pod_spec(platform)["volumes"]}
+    for c in writers:
+        env = {e["name"] for e in c.get("env", [])} | set(one("ConfigMap", platform)["data"])
+        assert "XTABLES_LOCKFILE" not in env  # the lock is iptables' default path, as kube-proxy's
+        assert c["securityContext"]["readOnlyRootFilesystem"]
+        mounts = [m for m in c["volumeMounts"] if m["mountPath"] == DEFAULT_LOCK]
+        assert len(mounts) == 1 and not mounts[0].get("readOnly"), c["name"]
+        assert volumes[mounts[0]["name"]]["hostPath"] == {"path": DEFAULT_LOCK, "type": "FileOrCreate"}
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for kustomize) not installed")
