@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import threading
 import time
@@ -158,6 +160,28 @@ def test_label_enrols_running_pod_proxy_first_then_rules(env: Env) -> None:
     assert env.records.load_all()[UID].netns_inode == os.stat(env.netns[UID]).st_ino
     assert env.records.load_all()[UID].tcp_loose == 1
     assert env.ct.values[str(env.pins.path(UID))] == 0, "pre-existing connections are protected"
+
+
+def test_conntrack_guard_refused_warns_naming_the_sysctl_and_the_cost(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/proc/sys read-only (the agent's container not privileged): the pod still enrols, and the warning
+    names the sysctl and what its absence costs."""
+
+    def refused(netns_path: str, value: int) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    env.ct.set_loose = refused  # type: ignore[method-assign]
+    env.fake_netns(UID)
+    env.set(AMBIENT, pod())
+    with caplog.at_level(logging.WARNING, logger="headrace.agent.reconcile"):
+        for _ in range(3):
+            env.r.reconcile()
+    assert env.state(UID) == "enrolled"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "nf_conntrack_tcp_loose" in warned[0] and "Read-only file system" in warned[0]
+    assert "opened before enrolment may be reset" in warned[0]
 
 
 class CountedFuture(Future[None]):

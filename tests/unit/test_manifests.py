@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from node_agent.backends.iptables.xt_fresh_write import DEFAULT_LOCK
+from node_agent.netns.conntrack import KEY as CONNTRACK_SYSCTL
 
 ROOT = Path(__file__).parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -172,21 +173,39 @@ def test_daemonset_shape():
     assert spec["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
     agent = next(c for c in spec["containers"] if c["name"] == "agent")
     assert "--owner-daemonset=" + one("DaemonSet")["metadata"]["name"] in agent["args"]
-    caps = agent["securityContext"]["capabilities"]
-    assert caps["drop"] == ["ALL"]
-    assert set(caps["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "BPF", "PERFMON", "SYS_RESOURCE"}
-    assert agent["securityContext"]["privileged"] is False
+    sc = agent["securityContext"]
+    # privileged: /proc/sys writable (nf_conntrack_tcp_loose in pod netns); it grants every capability
+    assert sc["privileged"] is True and "capabilities" not in sc
+    assert sc["readOnlyRootFilesystem"] is True and sc["runAsUser"] == 0
+    assert sc["seccompProfile"] == sc["appArmorProfile"] == {"type": "Unconfined"}
     for c in containers():
         if c["name"] != "agent":
             assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, c["name"]
+            assert not c["securityContext"].get("privileged"), c["name"]
 
 
-def test_every_capability_says_why():
+def test_privileged_says_why():
+    """The comment above `privileged: true` names the sysctl that needs it."""
     lines = (DEPLOY / "daemonset.yaml").read_text().splitlines()
-    for i, line in enumerate(lines):
-        m = re.fullmatch(r"\s+- (NET_ADMIN|NET_RAW|SYS_ADMIN|SYS_PTRACE|BPF|PERFMON|SYS_RESOURCE)", line)
-        if m:
-            assert lines[i - 1].strip().startswith("#") and len(lines[i - 1].strip()) > 10, m.group(1)
+    at = [i for i, line in enumerate(lines) if line.strip() == "privileged: true"]
+    assert len(at) == 1
+    comment = []
+    for line in reversed(lines[:at[0]]):
+        if not line.strip().startswith("#"):
+            break
+        comment.append(line)
+    assert CONNTRACK_SYSCTL.rsplit(".", 1)[1] in " ".join(comment)
+
+
+@pytest.mark.parametrize("platform", [None, *PLATFORMS])
+def test_security_contexts_pass_the_api_servers_own_checks(platform):
+    """What the schemas cannot say and the API server refuses (ValidateSecurityContext):
+    allowPrivilegeEscalation: false together with privileged: true or an added `CAP_SYS_ADMIN`."""
+    for c in containers(platform):
+        sc = c.get("securityContext", {})
+        if sc.get("allowPrivilegeEscalation") is False:
+            assert not sc.get("privileged"), c["name"]
+            assert "CAP_SYS_ADMIN" not in sc.get("capabilities", {}).get("add", []), c["name"]
 
 
 def test_probes_on_the_metrics_port():

@@ -279,8 +279,10 @@ class AmbientEnrolment:
                         records.save(replace(record, tcp_loose=loose))
                     if loose:  # connections opened before enrolment must not be redirected mid-stream
                         write(0)
-                except OSError as exc:
-                    log.warning("cannot protect pre-existing connections: %s", exc, extra=ctx)
+                except OSError as exc:  # e.g. /proc/sys read-only: the agent's container is not privileged
+                    log.warning("cannot set nf_conntrack_tcp_loose=0 in the pod (%s): its connections opened "
+                                "before enrolment may be reset (their next packets can be redirected to the "
+                                "proxy, which knows nothing of them)", exc, extra=ctx)
 
             try:
                 if isinstance(backend, AppliesInNetns):
