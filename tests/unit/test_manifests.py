@@ -45,8 +45,8 @@ def _pointer(doc: Any, path: str) -> tuple[Any, str | int]:
 
 
 def apply_component(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    """The component's JSON6902 patches (test and replace) applied, as kustomize does; its extra resources
-    added."""
+    """The component's JSON6902 patches (test, replace, add, remove) applied, as kustomize does; its extra
+    resources added."""
     comp_dir = DEPLOY / "components" / name
     comp = yaml.safe_load((comp_dir / "kustomization.yaml").read_text())
     assert comp["kind"] == "Component"
@@ -59,10 +59,16 @@ def apply_component(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any
             parent, key = _pointer(targets[0], op["path"])
             if op["op"] == "test":
                 assert parent[key] == op["value"], op
-            else:
-                assert op["op"] == "replace", op
-                assert (key in parent) if isinstance(parent, dict) else (isinstance(key, int) and key < len(parent)), op
+            elif op["op"] == "add":
+                assert isinstance(parent, dict) and key not in parent, op  # never a silent replace
                 parent[key] = op["value"]
+            else:
+                assert op["op"] in ("replace", "remove"), op
+                assert (key in parent) if isinstance(parent, dict) else (isinstance(key, int) and key < len(parent)), op
+                if op["op"] == "replace":
+                    parent[key] = op["value"]
+                else:
+                    del parent[key]
     for res in comp.get("resources", []):
         out.extend(d for d in yaml.safe_load_all((comp_dir / res).read_text()) if d)
     return out
@@ -101,6 +107,16 @@ def test_platform_component_validates_and_sets_its_paths(platform):
         kubernetes_validate.validate(doc, MIN_K8S_VERSION, strict=True)
     data = one("ConfigMap", platform)["data"]
     assert (data["CNI_CONF_DIR"], data["CNI_BIN_DIR"]) == PLATFORM_PATHS[platform]
+
+
+@pytest.mark.parametrize("platform", [None, *PLATFORMS])
+def test_openshift_runs_every_container_as_spc_t(platform):
+    """CRI-O runs containers as container_t, which SELinux keeps from writing the host's CNI dirs, entering
+    pod netns and using the bpffs; the openshift component gives each container spc_t."""
+    for c in containers(platform):
+        selinux = c["securityContext"].get("seLinuxOptions")
+        assert selinux == ({"type": "spc_t"} if platform == "openshift" else None), c["name"]
+    assert "securityContext" not in pod_spec(platform)  # per container, nothing pod-wide
 
 
 def test_podmonitor_selects_the_agent_pods_metrics_port():
@@ -344,6 +360,7 @@ def test_kustomize_renders_each_component_as_the_test_applies_it(platform, tmp_p
     assert rendered["volumes"] == ours["volumes"]
     for a, b in zip([*rendered["initContainers"], *rendered["containers"]], containers(platform), strict=True):
         assert a["volumeMounts"] == b["volumeMounts"], a["name"]
+        assert a["securityContext"] == b["securityContext"], a["name"]
 
 
 def test_containerfile_copies_existing_sources_and_matches_the_manifests():
