@@ -119,6 +119,44 @@ def test_openshift_runs_every_container_as_spc_t(platform):
     assert "securityContext" not in pod_spec(platform)  # per container, nothing pod-wide
 
 
+#: Container-Optimized OS (GKE's default node image): the root filesystem is read-only; these trees are
+#: writable (a DirectoryOrCreate/FileOrCreate hostPath can be made there) ...
+COS_WRITABLE = ("/home/", "/var/", "/etc/", "/run/", "/tmp/")
+#: ... and these exist (so no one tries to create them). /usr/src does not exist there.
+COS_PRESENT = ("/proc", "/sys/fs/cgroup", "/sys/fs/bpf", "/lib/modules")
+
+
+def test_gke_component_fits_container_optimized_os():
+    data = one("ConfigMap", "gke")["data"]
+    # the plugin's runtime is executed by the runtime's CNI call: on COS only /home/kubernetes/bin is both
+    # writable and executable (/home is mounted noexec)
+    assert data["HEADRACE_INSTALL_DIR"].startswith(data["CNI_BIN_DIR"] + "/")
+    assert data["CNI_BIN_DIR"] == "/home/kubernetes/bin"
+    for v in pod_spec("gke")["volumes"]:
+        if "hostPath" in v:
+            path = v["hostPath"]["path"]
+            assert path.startswith(COS_WRITABLE) or path in COS_PRESENT, f"{v['name']}: {path} on a read-only root"
+    agent = next(c for c in containers("gke") if c["name"] == "agent")
+    assert mounted_host_path(agent, "/usr/src") is None
+    # standard nodes keep the headers the eBPF backend compiles against
+    agent = next(c for c in containers() if c["name"] == "agent")
+    assert mounted_host_path(agent, "/usr/src") == "/usr/src"
+    assert mounted_host_path(agent, "/lib/modules") == "/lib/modules"
+
+
+def test_gke_component_admits_the_priority_class_in_the_agents_namespace():
+    """GKE admits system-node-critical pods outside kube-system only with a ResourceQuota scoped to it."""
+    ds = one("DaemonSet", "gke")
+    quota = one("ResourceQuota", "gke")
+    assert quota["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    priority_class = ds["spec"]["template"]["spec"]["priorityClassName"]
+    assert quota["spec"]["scopeSelector"]["matchExpressions"] == [
+        {"scopeName": "PriorityClass", "operator": "In", "values": [priority_class]}
+    ]
+    assert int(quota["spec"]["hard"]["pods"]) >= 15000  # one agent pod per node, on clusters of any size
+    assert not [d for d in load_all() if d["kind"] == "ResourceQuota"]  # elsewhere the class needs none
+
+
 def test_podmonitor_selects_the_agent_pods_metrics_port():
     comp = yaml.safe_load((DEPLOY / "components" / "podmonitor" / "kustomization.yaml").read_text())
     assert comp["kind"] == "Component"
