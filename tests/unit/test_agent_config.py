@@ -61,11 +61,24 @@ def test_same_socket_twice_refused(tmp_path: Path) -> None:
 
 def test_metrics_addr_forms() -> None:
     assert parse_metrics_addr("127.0.0.1:9090") == MetricsAddr("127.0.0.1", 9090)
-    assert parse_metrics_addr(":15014") == MetricsAddr("0.0.0.0", 15014)
+    assert parse_metrics_addr("0.0.0.0:15114") == MetricsAddr("0.0.0.0", 15114)  # IPv4 only, as asked
     assert parse_metrics_addr("[::1]:1") == MetricsAddr("::1", 1)
     assert parse_metrics_addr("off") is None
     with pytest.raises(ConfigError):
         parse_metrics_addr("1.2.3.4:99999")
+
+
+@pytest.mark.parametrize("value", ["[::]:15114", ":15114", " [::]:15114 "])
+def test_metrics_addr_all_interfaces_is_the_v6_any_address(value: str) -> None:
+    """`[::]:PORT` (the ConfigMap's default) and `:PORT` mean every interface: `::`, which the health
+    listener binds dual-stack."""
+    assert parse_metrics_addr(value) == MetricsAddr("::", 15114)
+
+
+@pytest.mark.parametrize("value", ["[::]", "[::]:", "[::]:port", "[nonsense]:1", "[::]:65536"])
+def test_metrics_addr_bad_v6_forms_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="--metrics-addr"):
+        parse_metrics_addr(value)
 
 
 def test_exclude_namespaces_list(tmp_path: Path) -> None:

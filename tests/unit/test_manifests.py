@@ -18,6 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from node_agent.agent.config import parse_metrics_addr
 from node_agent.backends.iptables.xt_fresh_write import DEFAULT_LOCK
 from node_agent.netns.conntrack import KEY as CONNTRACK_SYSCTL
 
@@ -269,6 +270,13 @@ def test_probes_on_the_metrics_port():
     assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
     assert agent["ports"][0]["containerPort"] == port
+
+
+def test_metrics_listen_on_every_address_ipv4_and_ipv6():
+    """The kubelet probes the pod's IP, the node's (hostNetwork): an IPv6 address on IPv6-only clusters.
+    `::` is the agent's dual-stack listener (IPv4 too)."""
+    addr = parse_metrics_addr(one("ConfigMap")["data"]["HEADRACE_METRICS_ADDR"])
+    assert addr is not None and addr.host == "::"
 
 
 def expanded_args(container: dict[str, Any], platform: str | None = None) -> list[str]:

@@ -72,7 +72,8 @@ class AgentConfig:
 
 
 def parse_metrics_addr(value: str) -> MetricsAddr | None:
-    """`host:port`, `:port` (all interfaces) or `[v6]:port`; empty or `off` disables metrics."""
+    """`host:port`, `[v6]:port`, or `:port` (all interfaces: `::`, which listens dual-stack, IPv4 too);
+    empty or `off` disables metrics."""
     value = value.strip()
     if value in ("", "off", "none"):
         return None
@@ -82,7 +83,7 @@ def parse_metrics_addr(value: str) -> MetricsAddr | None:
     port = int(port_s)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--metrics-addr {value!r}: port out of range")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or "::"
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -24,7 +24,9 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
               show_default=True)
 @click.option("--iptables", "iptables_flavour", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
               show_default=True, help="iptables flavour used in every pod (auto: detected once per node).")
-@click.option("--metrics-addr", default="", help="HOST:PORT for /metrics, /healthz, /readyz (off if empty).")
+@click.option("--metrics-addr", default="",
+              help="HOST:PORT for /metrics, /healthz, /readyz ([::]:PORT or :PORT: every address, IPv4 and "
+              "IPv6; off if empty).")
 @click.option("--exclude-namespaces", default="kube-system", show_default=True,
               help="Comma-separated namespaces never touched.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
