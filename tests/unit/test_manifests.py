@@ -1,6 +1,6 @@
 """deploy/: every manifest validates offline against the Kubernetes OpenAPI schemas of the minimum
-supported version and a current one (strict: unknown fields are errors), RBAC is read-only on
-pods/namespaces (plus get of its own DaemonSet), and the DaemonSet mounts every path its ConfigMap and
+supported version and a current one (strict: unknown fields are errors), RBAC reads pods/namespaces and
+patches only pods/status (plus get of its own DaemonSet), and the DaemonSet mounts every path its ConfigMap and
 arguments use, as the process inside the container sees it — also with each distribution's host-path
 component (k3s, GKE, OpenShift) applied."""
 
@@ -18,7 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from node_agent.agent.config import parse_metrics_addr
+from node_agent.agent.config import BACKEND_SETTINGS, parse_metrics_addr
 from node_agent.backends.iptables.xt_fresh_write import DEFAULT_LOCK
 from node_agent.netns.conntrack import KEY as CONNTRACK_SYSCTL
 
@@ -261,6 +261,26 @@ def test_security_contexts_pass_the_api_servers_own_checks(platform):
         if sc.get("allowPrivilegeEscalation") is False:
             assert not sc.get("privileged"), c["name"]
             assert "CAP_SYS_ADMIN" not in sc.get("capabilities", {}).get("add", []), c["name"]
+
+
+def test_configmap_comments_name_every_setting_value():
+    """The comment above a choice lists what the agent accepts (config.BACKEND_SETTINGS)."""
+    text = (DEPLOY / "configmap.yaml").read_text()
+    listed = re.search(r"# redirect backend: ([a-z |]+);", text)
+    assert listed is not None
+    assert tuple(v.strip() for v in listed.group(1).split("|")) == BACKEND_SETTINGS
+    assert one("ConfigMap")["data"]["HEADRACE_BACKEND"] in BACKEND_SETTINGS
+
+
+def test_rbac_is_documented_as_it_is():
+    """docs/deploy.md's row for rbac.yaml names every resource and verb the ClusterRole grants."""
+    row = next(line for line in (ROOT / "docs" / "deploy.md").read_text().splitlines()
+               if line.startswith("| `rbac.yaml` |"))
+    for rule in one("ClusterRole")["rules"]:
+        for resource in rule["resources"]:
+            assert f"`{resource}`" in row, resource
+        for verb in rule["verbs"]:
+            assert f"`{verb}`" in row, verb
 
 
 def test_probes_on_the_metrics_port():
