@@ -92,6 +92,38 @@ def test_non_config_json_is_skipped(tmp_path):
     assert confdir.install_config(str(d), ENTRY).path == str(d / "10-flannel.conflist")
 
 
+MULTUS_IN_A_CONF = {"cniVersion": "0.3.1", "name": "multus-cni-network",
+                    "plugins": [{"type": "multus", "kubeconfig": "/etc/cni/net.d/multus.d/multus.kubeconfig"}]}
+
+
+def test_a_conflist_in_a_conf_file_is_skipped_as_the_runtime_skips_it(tmp_path):
+    """containerd refuses a .conf without 'type' and CRI-O skips it: our entry goes into the file CRI-O
+    uses, and the .conf is left as it is."""
+    d = tmp_path / "net.d"
+    put(d, "10-calico.conflist")
+    (d / "00-multus.conf").write_text(json.dumps(MULTUS_IN_A_CONF))
+    (d / "05-empty.conflist").write_text('{"name": "empty", "plugins": []}')
+    before = (d / "00-multus.conf").read_bytes()
+    change = confdir.install_config(str(d), ENTRY)
+    assert change.action == "inserted" and change.path == str(d / "10-calico.conflist")
+    assert [s.split(":")[0] for s in change.skipped] == ["00-multus.conf", "05-empty.conflist"]
+    assert (d / "00-multus.conf").read_bytes() == before
+    assert json.loads((d / "10-calico.conflist").read_text())["plugins"][-1] == ENTRY
+    assert confdir.entry_present(str(d), ENTRY)
+
+
+def test_an_entry_in_a_file_the_runtime_does_not_load_is_not_ready(tmp_path):
+    """The readiness check looks where the runtime looks: our entry in a conflist-shaped .conf (which
+    no runtime loads as a chain) is no entry."""
+    d = tmp_path / "net.d"
+    put(d, "10-calico.conflist")
+    (d / "00-multus.conf").write_text(json.dumps({**MULTUS_IN_A_CONF, "plugins": [
+        *MULTUS_IN_A_CONF["plugins"], ENTRY]}))
+    assert not confdir.entry_present(str(d))
+    confdir.install_config(str(d), ENTRY)
+    assert confdir.entry_present(str(d), ENTRY)
+
+
 def test_conf_is_converted_then_restored_exactly(tmp_path):
     d = tmp_path / "net.d"
     put(d, "10-mynet.conf", "99-loopback.conf")

@@ -103,28 +103,47 @@ def test_comment_markers_inside_strings_are_not_comments():
 
 
 @pytest.mark.parametrize(
-    ("text", "kind"),
+    ("name", "text", "kind"),
     [
-        ('{"name": "n", "plugins": []}', "conflist"),
-        ('{"name": "n", "type": "bridge"}', "conf"),
-        ('{"kind": "Config", "clusters": []}', None),
+        ("f.conflist", '{"name": "n", "plugins": [{"type": "bridge"}]}', "conflist"),
+        ("f.conf", '{"name": "n", "type": "bridge"}', "conf"),
+        ("f.json", '{"name": "n", "type": "bridge"}', "conf"),
+        ("f.conf", '{"name": "n", "type": "bridge", "plugins": [{"type": "x"}]}', "conf"),  # a plugin's own key
+        ("f.json", '{"kind": "Config", "clusters": []}', None),
     ],
 )
-def test_config_kind(text, kind):
-    assert cl.config_kind("f.json", cl.parse_config("f.json", text)) == kind
+def test_config_kind(name, text, kind):
+    assert cl.config_kind(name, cl.parse_config(name, text)) == kind
+
+
+@pytest.mark.parametrize(
+    ("name", "doc", "problem"),
+    [
+        # the kind is the extension's, as libcni's callers decide it: a conflist in a .conf is no conflist
+        ("00-multus.conf", {"name": "multus", "plugins": [{"type": "multus"}]}, "not a .conflist"),
+        ("00-x.json", {"name": "x", "plugins": [{"type": "x"}]}, "not a .conflist"),
+        # what libcni's ConfListFromBytes refuses
+        ("f.conflist", {"plugins": [{"type": "bridge"}]}, "'name'"),
+        ("f.conflist", {"name": 7, "plugins": [{"type": "bridge"}]}, "'name'"),
+        ("f.conflist", {"name": "n", "cniVersion": 1, "plugins": [{"type": "bridge"}]}, "cniVersion"),
+        ("f.conflist", {"name": "n"}, "'plugins'"),
+        ("f.conflist", {"name": "n", "plugins": []}, "'plugins'"),
+        ("f.conflist", {"name": "n", "plugins": "nope"}, "'plugins'"),
+        ("f.conflist", {"name": "n", "type": "bridge"}, "'plugins'"),
+        ("f.conflist", {"name": "n", "plugins": [{"type": "bridge"}, 7]}, "plugin 1"),
+        ("f.conflist", {"name": "n", "plugins": [{"name": "no type"}]}, "plugin 0"),
+        ("f.conf", {"name": "n", "type": ""}, "'type'"),
+    ],
+)
+def test_what_libcni_does_not_load_is_no_network_config(name, doc, problem):
+    assert cl.config_kind(name, doc) is None
+    assert problem in cl.config_problem(name, doc)
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"x"'])
 def test_non_object_refused(text):
     with pytest.raises(cl.ConfigError, match="expected a JSON object"):
         cl.parse_config("f.conf", text)
-
-
-def test_conflist_without_plugins_refused():
-    with pytest.raises(cl.ConfigError, match="plugins"):
-        cl.config_kind("f.conflist", {"name": "x"})
-    with pytest.raises(cl.ConfigError, match="plugins"):
-        cl.config_kind("f.conflist", {"name": "x", "plugins": "nope"})
 
 
 def test_entry_fields_and_never_block_namespace():

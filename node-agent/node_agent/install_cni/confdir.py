@@ -25,6 +25,8 @@ class PrimaryConfig:
     doc: cl.JsonObject
     kind: str  # "conflist" | "conf"
     mode: int
+    #: "name: reason" of each candidate before it that libcni would not load (see `find_primary`)
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,15 @@ class ConfigChange:
     action: str
     path: str | None = None
     converted_from: str | None = None
+    skipped: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
         return self.action not in ("unchanged", "no-config")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "path": self.path, "converted_from": self.converted_from}
+        return {"action": self.action, "path": self.path, "converted_from": self.converted_from,
+                "skipped": list(self.skipped)}
 
 
 def _load(conf_dir: str, name: str) -> tuple[cl.JsonObject, int] | None:
@@ -69,22 +73,33 @@ def list_names(conf_dir: str) -> list[str]:
         return []
 
 
-def find_primary(conf_dir: str) -> PrimaryConfig | None:
-    """The config a runtime would use: the first candidate (lexically) that is a network config.
+def scan(conf_dir: str) -> tuple[PrimaryConfig | None, tuple[str, ...]]:
+    """The config a runtime would use and the candidates before it that it would not load.
 
-    A candidate that cannot be parsed raises `ConfigError` naming the file (we never guess past it).
+    The first candidate (lexically) that libcni loads is the one CRI-O uses; containerd refuses the
+    whole directory when its first candidate does not load, so no pod gets any chain there and the
+    file we chain into does not matter. A candidate of the wrong shape (`conflist.config_problem`) is
+    therefore skipped, as CRI-O does. A candidate that cannot be parsed at all raises `ConfigError`
+    naming the file: it may be a file another writer has not finished, and we never guess past it.
     """
+    skipped: list[str] = []
     for name in list_names(conf_dir):
         loaded = _load(conf_dir, name)
         if loaded is None:
             continue
         doc, mode = loaded
         path = os.path.join(conf_dir, name)
-        kind = cl.config_kind(path, doc)
+        kind = cl.config_kind(name, doc)
         if kind is None:
+            skipped.append(f"{name}: {cl.config_problem(name, doc)}")
             continue
-        return PrimaryConfig(name=name, path=path, doc=doc, kind=kind, mode=mode)
-    return None
+        return PrimaryConfig(name, path, doc, kind, mode, tuple(skipped)), tuple(skipped)
+    return None, tuple(skipped)
+
+
+def find_primary(conf_dir: str) -> PrimaryConfig | None:
+    """The config a runtime would use (see `scan`)."""
+    return scan(conf_dir)[0]
 
 
 def _read_state(state_path: str | None) -> dict[str, Any]:
@@ -122,9 +137,9 @@ def install_config(
     (ConfigError, nothing written): the runtime would call the plugin with that version and every pod
     ADD on the node would fail, including the agent's own.
     """
-    primary = find_primary(conf_dir)
+    primary, skipped = scan(conf_dir)
     if primary is None:
-        return ConfigChange("no-config")
+        return ConfigChange("no-config", skipped=skipped)
     if supported_versions is not None:
         warning = cl.version_warning(primary.doc, supported_versions)
         if warning:
@@ -132,11 +147,11 @@ def install_config(
     if primary.kind == "conflist":
         new = cl.upsert_entry(primary.doc, entry)
         if new == primary.doc:
-            return ConfigChange("unchanged", primary.path)
+            return ConfigChange("unchanged", primary.path, skipped=primary.skipped)
         action = "updated" if cl.has_our_entry(primary.doc) else "inserted"
         # through a symlink to its target: the link (someone's layout) stays as it is
         write_atomic(os.path.realpath(primary.path), cl.render(new), mode=primary.mode)
-        return ConfigChange(action, primary.path)
+        return ConfigChange(action, primary.path, skipped=primary.skipped)
 
     new_name = cl.conflist_name_for(primary.name)
     new_path = os.path.join(conf_dir, new_name)
@@ -149,7 +164,7 @@ def install_config(
             )
         # an earlier conversion wrote the conflist and stopped before removing the .conf: finish it
         remove_file(primary.path)
-        return ConfigChange("converted", new_path, converted_from=primary.path)
+        return ConfigChange("converted", new_path, converted_from=primary.path, skipped=primary.skipped)
     original = read_bytes(primary.path)
     state = _read_state(state_path)
     if original is not None:
@@ -163,7 +178,7 @@ def install_config(
     # The new file is in place (fsynced) before the old one goes: a runtime always finds a config.
     write_atomic(new_path, cl.render(new), mode=primary.mode)
     remove_file(primary.path)
-    return ConfigChange("converted", new_path, converted_from=primary.path)
+    return ConfigChange("converted", new_path, converted_from=primary.path, skipped=primary.skipped)
 
 
 def uninstall_config(conf_dir: str, state_path: str | None = None) -> list[ConfigChange]:

@@ -76,17 +76,46 @@ def parse_config(filename: str, text: str) -> JsonObject:
     return doc
 
 
-def config_kind(filename: str, doc: Mapping[str, Any]) -> str | None:
-    """'conflist', 'conf' or None when the document is not a network config (libcni would skip it)."""
-    if "plugins" in doc:
-        if not isinstance(doc["plugins"], list) or not all(isinstance(p, dict) for p in doc["plugins"]):
-            raise ConfigError(filename, "'plugins' must be a list of objects")
-        return "conflist"
+def config_problem(filename: str, doc: Mapping[str, Any]) -> str:
+    """Why libcni would not load `doc` from a file named `filename`; "" when it would.
+
+    The kind follows the extension, as in libcni's callers (containerd's go-cni, CRI-O's ocicni):
+    `.conflist` is read with ConfListFromFile (a string `name`, a non-empty `plugins` list of objects
+    with a `type` each), `.conf` and `.json` with ConfFromFile (a single plugin: a `type`). A `.conf`
+    holding a `plugins` list and no `type` is no conflist to them: go-cni refuses it, CRI-O skips it.
+    """
     if is_conflist_name(filename):
-        raise ConfigError(filename, "a .conflist without a 'plugins' list")
-    if isinstance(doc.get("type"), str) and doc["type"]:
-        return "conf"
-    return None
+        return _conflist_problem(doc)
+    if _is_type(doc.get("type")):
+        return ""
+    if "plugins" in doc:
+        return "holds a 'plugins' list but is not a .conflist: runtimes read it as a single plugin without 'type'"
+    return "no 'type': not a network config"
+
+
+def _is_type(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _conflist_problem(doc: Mapping[str, Any]) -> str:
+    if not isinstance(doc.get("name"), str):
+        return "a .conflist without a string 'name'"
+    if "cniVersion" in doc and not isinstance(doc["cniVersion"], str):
+        return "'cniVersion' is not a string"
+    plugins = doc.get("plugins")
+    if not isinstance(plugins, list) or not plugins:
+        return "a .conflist without a non-empty 'plugins' list"
+    for i, plugin in enumerate(plugins):
+        if not isinstance(plugin, dict) or not _is_type(plugin.get("type")):
+            return f"plugin {i} of 'plugins' is not an object with a 'type'"
+    return ""
+
+
+def config_kind(filename: str, doc: Mapping[str, Any]) -> str | None:
+    """'conflist', 'conf' or None when libcni would not load the file (see `config_problem`)."""
+    if config_problem(filename, doc):
+        return None
+    return "conflist" if is_conflist_name(filename) else "conf"
 
 
 def to_conflist(conf: Mapping[str, Any]) -> JsonObject:

@@ -92,6 +92,9 @@ def ensure_config(opts: InstallOptions) -> confdir.ConfigChange:
     )
     if change.changed:
         log("info", f"conflist {change.action}", **change.as_dict())
+        if change.skipped:
+            log("warning", "CNI configs before the one chained into are skipped: the runtime does not load them",
+                skipped=list(change.skipped))
     return change
 
 
@@ -141,7 +144,8 @@ def watch(
                     _note_write(throttle, change)
                 if change.action == "no-config":
                     if not waiting_logged:
-                        log("info", "no CNI config yet; waiting for one", dir=opts.cni_conf_dir)
+                        log("info", "no CNI config yet; waiting for one", dir=opts.cni_conf_dir,
+                            skipped=list(change.skipped))
                         waiting_logged = True
                 else:
                     waiting_logged = False
