@@ -158,7 +158,7 @@ def _check(host_root: str, cni_conf_dir: str, cni_bin_dir: str) -> None:
     from node_agent.install_cni import confdir
     from node_agent.install_cni.runtime import PLUGIN_BINARY, is_our_launcher, launcher_problem, under_root
 
-    if not confdir.entry_present(under_root(host_root, cni_conf_dir)):
+    if not confdir.entry_present(under_root(host_root, cni_conf_dir), host_root=host_root):
         click.echo(f"not ready: no headrace-cni entry at the end of the primary CNI config in {cni_conf_dir}",
                    err=True)
         sys.exit(1)

@@ -2,7 +2,8 @@
 
 Every write is atomic (`atomic.write_atomic`); a run that finds everything in place writes nothing.
 A `.conf` primary is converted to a `.conflist`; the original bytes are kept in a small state file so
-uninstall can put back exactly what was there.
+uninstall can put back exactly what was there. `host_root` is where the host's / is mounted in this
+process: symlinks in the config dir are followed as the host follows them (`hostpath`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from node_agent.install_cni import conflist as cl
+from node_agent.install_cni import hostpath
 from node_agent.install_cni.atomic import read_bytes, remove_file, write_atomic
 
 
@@ -25,7 +27,8 @@ class PrimaryConfig:
     doc: cl.JsonObject
     kind: str  # "conflist" | "conf"
     mode: int
-    #: "name: reason" of each candidate before it that libcni would not load (see `find_primary`)
+    real: str  # the file `path` names, its links followed as on the host: what is read and written
+    #: "name: reason" of each candidate before it that libcni would not load (see `scan`)
     skipped: tuple[str, ...] = ()
 
 
@@ -48,22 +51,43 @@ class ConfigChange:
                 "skipped": list(self.skipped)}
 
 
-def _load(conf_dir: str, name: str) -> tuple[cl.JsonObject, int] | None:
-    path = os.path.join(conf_dir, name)
+class _Loaded(NamedTuple):
+    doc: cl.JsonObject
+    mode: int
+    real: str
+
+
+def _real(path: str, host_root: str) -> str:
+    """The file `path` names on the host (as this process sees it); ConfigError naming `path` when it is a
+    link that does not lead to a file here (a dangling link, or a target whose directory is not mounted)."""
     try:
-        st = os.stat(path)
+        real = hostpath.resolve(path, host_root)
+    except hostpath.LinkError as exc:
+        raise cl.ConfigError(path, f"cannot follow its symlink: {exc}") from exc
+    if os.path.islink(path) and not os.path.lexists(real):
+        hint = "" if host_root in ("", "/") else (
+            f" (not on the host, or its directory is not mounted under {host_root} in this container)")
+        raise cl.ConfigError(path, f"a symlink to {hostpath.host_view(real, host_root)}, which is not there{hint}")
+    return real
+
+
+def _load(conf_dir: str, name: str, host_root: str = "/") -> _Loaded | None:
+    path = os.path.join(conf_dir, name)
+    real = _real(path, host_root)
+    try:
+        st = os.lstat(real)
     except FileNotFoundError:
-        return None
+        return None  # removed since the directory was listed
     if not stat.S_ISREG(st.st_mode):
         return None
-    raw = read_bytes(path)
+    raw = read_bytes(real)
     if raw is None:
         return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise cl.ConfigError(path, f"not UTF-8 text: {exc}") from exc
-    return cl.parse_config(path, text), st.st_mode & 0o7777
+    return _Loaded(cl.parse_config(path, text), st.st_mode & 0o7777, real)
 
 
 def list_names(conf_dir: str) -> list[str]:
@@ -73,33 +97,34 @@ def list_names(conf_dir: str) -> list[str]:
         return []
 
 
-def scan(conf_dir: str) -> tuple[PrimaryConfig | None, tuple[str, ...]]:
+def scan(conf_dir: str, host_root: str = "/") -> tuple[PrimaryConfig | None, tuple[str, ...]]:
     """The config a runtime would use and the candidates before it that it would not load.
 
     The first candidate (lexically) that libcni loads is the one CRI-O uses; containerd refuses the
     whole directory when its first candidate does not load, so no pod gets any chain there and the
     file we chain into does not matter. A candidate of the wrong shape (`conflist.config_problem`) is
     therefore skipped, as CRI-O does. A candidate that cannot be parsed at all raises `ConfigError`
-    naming the file: it may be a file another writer has not finished, and we never guess past it.
+    naming the file: it may be a file another writer has not finished, and we never guess past it. So
+    does a symlink that does not lead to a file here: the runtime may well load what it names.
     """
     skipped: list[str] = []
     for name in list_names(conf_dir):
-        loaded = _load(conf_dir, name)
+        loaded = _load(conf_dir, name, host_root)
         if loaded is None:
             continue
-        doc, mode = loaded
-        path = os.path.join(conf_dir, name)
-        kind = cl.config_kind(name, doc)
+        kind = cl.config_kind(name, loaded.doc)
         if kind is None:
-            skipped.append(f"{name}: {cl.config_problem(name, doc)}")
+            skipped.append(f"{name}: {cl.config_problem(name, loaded.doc)}")
             continue
-        return PrimaryConfig(name, path, doc, kind, mode, tuple(skipped)), tuple(skipped)
+        path = os.path.join(conf_dir, name)
+        primary = PrimaryConfig(name, path, loaded.doc, kind, loaded.mode, loaded.real, tuple(skipped))
+        return primary, tuple(skipped)
     return None, tuple(skipped)
 
 
-def find_primary(conf_dir: str) -> PrimaryConfig | None:
+def find_primary(conf_dir: str, host_root: str = "/") -> PrimaryConfig | None:
     """The config a runtime would use (see `scan`)."""
-    return scan(conf_dir)[0]
+    return scan(conf_dir, host_root)[0]
 
 
 def _read_state(state_path: str | None) -> dict[str, Any]:
@@ -130,6 +155,7 @@ def install_config(
     entry: Mapping[str, Any],
     state_path: str | None = None,
     supported_versions: Iterable[str] | None = None,
+    host_root: str = "/",
 ) -> ConfigChange:
     """Make sure the primary config ends with exactly `entry`. Nothing written when already so.
 
@@ -137,7 +163,7 @@ def install_config(
     (ConfigError, nothing written): the runtime would call the plugin with that version and every pod
     ADD on the node would fail, including the agent's own.
     """
-    primary, skipped = scan(conf_dir)
+    primary, skipped = scan(conf_dir, host_root)
     if primary is None:
         return ConfigChange("no-config", skipped=skipped)
     if supported_versions is not None:
@@ -150,22 +176,22 @@ def install_config(
             return ConfigChange("unchanged", primary.path, skipped=primary.skipped)
         action = "updated" if cl.has_our_entry(primary.doc) else "inserted"
         # through a symlink to its target: the link (someone's layout) stays as it is
-        write_atomic(os.path.realpath(primary.path), cl.render(new), mode=primary.mode)
+        write_atomic(primary.real, cl.render(new), mode=primary.mode)
         return ConfigChange(action, primary.path, skipped=primary.skipped)
 
     new_name = cl.conflist_name_for(primary.name)
     new_path = os.path.join(conf_dir, new_name)
     new = cl.upsert_entry(cl.to_conflist(primary.doc), entry)
     if os.path.lexists(new_path):
-        existing = _load(conf_dir, new_name)
-        if existing is None or existing[0] != new:
+        existing = _load(conf_dir, new_name, host_root)
+        if existing is None or existing.doc != new:
             raise cl.ConfigError(
                 primary.path, f"cannot convert to a conflist: {new_path} already exists (and sorts after it)"
             )
         # an earlier conversion wrote the conflist and stopped before removing the .conf: finish it
         remove_file(primary.path)
         return ConfigChange("converted", new_path, converted_from=primary.path, skipped=primary.skipped)
-    original = read_bytes(primary.path)
+    original = read_bytes(primary.real)
     state = _read_state(state_path)
     if original is not None:
         state["converted"] = {
@@ -181,7 +207,7 @@ def install_config(
     return ConfigChange("converted", new_path, converted_from=primary.path, skipped=primary.skipped)
 
 
-def uninstall_config(conf_dir: str, state_path: str | None = None) -> list[ConfigChange]:
+def uninstall_config(conf_dir: str, state_path: str | None = None, host_root: str = "/") -> list[ConfigChange]:
     """Remove our entry from every config file that has it; restore a .conf we converted."""
     changes: list[ConfigChange] = []
     state = _read_state(state_path)
@@ -189,12 +215,12 @@ def uninstall_config(conf_dir: str, state_path: str | None = None) -> list[Confi
     for name in list_names(conf_dir):
         path = os.path.join(conf_dir, name)
         try:
-            loaded = _load(conf_dir, name)
+            loaded = _load(conf_dir, name, host_root)
         except cl.ConfigError:
             continue  # not ours to judge on the way out
         if loaded is None:
             continue
-        doc, mode = loaded
+        doc = loaded.doc
         if "plugins" not in doc or not isinstance(doc["plugins"], list) or not cl.has_our_entry(doc):
             continue
         new = cl.remove_entry(doc)
@@ -205,7 +231,7 @@ def uninstall_config(conf_dir: str, state_path: str | None = None) -> list[Confi
             changes.append(ConfigChange("restored", conf_path, converted_from=path))
             state.pop("converted", None)
             continue
-        write_atomic(os.path.realpath(path), cl.render(new), mode=mode)
+        write_atomic(loaded.real, cl.render(new), mode=loaded.mode)
         changes.append(ConfigChange("removed", path))
     _write_state(state_path, state)
     return changes
@@ -219,10 +245,10 @@ def _matches_original(converted: Mapping[str, Any], conflist_doc: Mapping[str, A
     return cl.to_conflist(original) == dict(conflist_doc)
 
 
-def entry_present(conf_dir: str, entry: Mapping[str, Any] | None = None) -> bool:
+def entry_present(conf_dir: str, entry: Mapping[str, Any] | None = None, host_root: str = "/") -> bool:
     """Whether the primary config is a conflist ending with our entry (equal to `entry` when given)."""
     try:
-        primary = find_primary(conf_dir)
+        primary = find_primary(conf_dir, host_root)
     except cl.ConfigError:
         return False
     if primary is None or primary.kind != "conflist":

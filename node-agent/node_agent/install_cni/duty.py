@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node_agent.install_cni import confdir, service
+from node_agent.install_cni import confdir, hostpath, service
 from node_agent.install_cni.atomic import write_atomic
 from node_agent.install_cni.conflist import ConfigError
 from node_agent.install_cni.runtime import RuntimeInstallError, uninstall_plugin
@@ -64,12 +64,12 @@ class InstallCniDuty:
     def _remember_primary(self) -> None:
         """Keep the primary config's bytes the first time we see it without our entry."""
         try:
-            primary = confdir.find_primary(self.options.conf_dir_here)
+            primary = confdir.find_primary(self.options.conf_dir_here, self.options.host_root)
         except ConfigError:
             return
         if primary is None:
             return
-        real = os.path.realpath(primary.path)
+        real = primary.real
         with self._lock:
             if real in self._pristine:
                 return
@@ -136,13 +136,16 @@ class InstallCniDuty:
 
     def cleanup(self) -> dict[str, Any]:
         opts = self.options
-        changes = confdir.uninstall_config(opts.conf_dir_here, opts.state_path_here)
+        changes = confdir.uninstall_config(opts.conf_dir_here, opts.state_path_here, opts.host_root)
         restored: list[str] = []
         for ch in changes:
             path = ch.path
             if path is None:
                 continue
-            real = os.path.realpath(path)
+            try:
+                real = hostpath.resolve(path, opts.host_root)
+            except hostpath.LinkError:
+                continue
             with self._lock:
                 pristine = self._pristine.get(real)
             if pristine is None or not os.path.exists(real):

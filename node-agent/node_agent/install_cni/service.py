@@ -88,7 +88,8 @@ def ensure_config(opts: InstallOptions) -> confdir.ConfigChange:
     from cni.plugin.netconf import SUPPORTED_VERSIONS
 
     change = confdir.install_config(
-        opts.conf_dir_here, opts.settings.entry(), opts.state_path_here, supported_versions=SUPPORTED_VERSIONS
+        opts.conf_dir_here, opts.settings.entry(), opts.state_path_here, supported_versions=SUPPORTED_VERSIONS,
+        host_root=opts.host_root,
     )
     if change.changed:
         log("info", f"conflist {change.action}", **change.as_dict())
@@ -178,7 +179,7 @@ def _note_write(throttle: RepairThrottle, change: confdir.ConfigChange) -> None:
 def uninstall(opts: InstallOptions) -> dict[str, Any]:
     """Remove exactly what install added: our entry (restoring a converted .conf), the launcher,
     the runtime and the state file."""
-    changes = confdir.uninstall_config(opts.conf_dir_here, opts.state_path_here)
+    changes = confdir.uninstall_config(opts.conf_dir_here, opts.state_path_here, opts.host_root)
     removed = uninstall_plugin(opts.cni_bin_dir, opts.install_dir, opts.host_root)
     install_here = under_root(opts.host_root, opts.install_dir)
     kube_here = os.path.join(install_here, kubeconfig.FILE_NAME)
