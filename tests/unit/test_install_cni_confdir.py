@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from node_agent.install_cni import confdir
-from node_agent.install_cni.atomic import write_atomic
+from node_agent.install_cni.atomic import remove_file, write_atomic
 from node_agent.install_cni.conflist import ConfigError
 from node_agent.install_cni.settings import PluginSettings
 
@@ -165,9 +165,100 @@ def test_conversion_refused_when_target_exists(tmp_path):
     put(d, "10-mynet.conf")
     (d / "10-mynet.conflist").write_text('{"name": "other", "plugins": [{"type": "bridge"}]}')
     before = snapshot(d)
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already exists and was not made by install-cni"):
         confdir.install_config(str(d), ENTRY)
     assert snapshot(d) == before
+
+
+def rewrite_conf(d: Path, name: str = "10-mynet.conf", mode: int = 0o600) -> bytes:
+    """What Multus, OVN-Kubernetes or an older Cilium do on restart: write their .conf again."""
+    conf = json.loads((DATA / "10-mynet.conf").read_text())
+    conf["ipam"]["subnet"] = "10.99.0.0/16"
+    raw = json.dumps(conf, indent=4).encode()
+    (d / name).write_bytes(raw)
+    os.chmod(d / name, mode)
+    return raw
+
+
+def test_conf_written_again_by_its_owner_is_converted_again(tmp_path, monkeypatch):
+    d = tmp_path / "net.d"
+    put(d, "10-mynet.conf")
+    state = tmp_path / "inst" / "state.json"
+    assert confdir.install_config(str(d), ENTRY, str(state)).action == "converted"
+    raw = rewrite_conf(d)  # sorts before our conflist: the runtime now uses it, without our entry
+    assert not confdir.entry_present(str(d))
+
+    seen: list[tuple[str, object, str]] = []
+
+    def remove_after_write(path: str) -> bool:  # the conflist and the state are written before the .conf goes
+        original = json.loads(state.read_text())["converted"]["original"]
+        seen.append((os.path.basename(path), json.loads((d / "10-mynet.conflist").read_text()), original))
+        return remove_file(path)
+
+    monkeypatch.setattr("node_agent.install_cni.confdir.remove_file", remove_after_write)
+    change = confdir.install_config(str(d), ENTRY, str(state))
+    monkeypatch.undo()
+    assert change.action == "converted" and change.converted_from == str(d / "10-mynet.conf")
+    expected = {"cniVersion": "1.0.0", "name": "mynet", "plugins": [json.loads(raw), ENTRY]}
+    assert seen == [("10-mynet.conf", expected, raw.decode())]
+    assert sorted(p.name for p in d.iterdir()) == ["10-mynet.conflist"]
+    assert (d / "10-mynet.conflist").stat().st_mode & 0o777 == 0o600
+    assert confdir.entry_present(str(d), ENTRY)
+    assert json.loads(state.read_text())["converted"]["original"] == raw.decode()
+    assert confdir.install_config(str(d), ENTRY, str(state)).action == "unchanged"
+
+    changes = confdir.uninstall_config(str(d), str(state))
+    assert [c.action for c in changes] == ["restored"]
+    assert sorted(p.name for p in d.iterdir()) == ["10-mynet.conf"]
+    assert (d / "10-mynet.conf").read_bytes() == raw  # the owner's latest, not the first we converted
+    assert (d / "10-mynet.conf").stat().st_mode & 0o777 == 0o600
+
+
+def test_json_written_again_by_its_owner_is_converted_again(tmp_path):
+    """A .json sorts after its .conflist: without converting it again the runtime keeps using our
+    conversion of the old one."""
+    d = tmp_path / "net.d"
+    d.mkdir()
+    shutil.copy(DATA / "10-mynet.conf", d / "10-mynet.json")
+    state = tmp_path / "state.json"
+    assert confdir.install_config(str(d), ENTRY, str(state)).action == "converted"
+    raw = rewrite_conf(d, "10-mynet.json", 0o644)
+    change = confdir.install_config(str(d), ENTRY, str(state))
+    assert change.action == "converted" and change.converted_from == str(d / "10-mynet.json")
+    assert sorted(p.name for p in d.iterdir()) == ["10-mynet.conflist"]
+    assert json.loads((d / "10-mynet.conflist").read_text())["plugins"] == [json.loads(raw), ENTRY]
+    confdir.uninstall_config(str(d), str(state))
+    assert (d / "10-mynet.json").read_bytes() == raw
+
+
+def test_a_conflist_we_did_not_make_is_never_overwritten(tmp_path):
+    d = tmp_path / "net.d"
+    put(d, "10-mynet.conf")
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"converted": {"conflist": "10-mynet.conflist", "conf": "10-other.conf",
+                                               "mode": 420, "original": "{}"}}))
+    (d / "10-mynet.conflist").write_text('{"name": "other", "plugins": [{"type": "bridge"}]}')
+    before = snapshot(d)
+    with pytest.raises(ConfigError, match="already exists and was not made by install-cni"):
+        confdir.install_config(str(d), ENTRY, str(state))
+    assert snapshot(d) == before
+
+
+def test_after_uninstall_the_conflist_left_behind_is_not_ours(tmp_path):
+    """Uninstall leaves a converted conflist that others changed since (it cannot restore the .conf): the
+    record of the conversion goes with it, and a later install does not overwrite that file."""
+    d = tmp_path / "net.d"
+    put(d, "10-mynet.conf")
+    state = tmp_path / "state.json"
+    confdir.install_config(str(d), ENTRY, str(state))
+    doc = json.loads((d / "10-mynet.conflist").read_text())
+    doc["plugins"].insert(1, {"type": "portmap"})
+    (d / "10-mynet.conflist").write_text(json.dumps(doc))
+    assert [c.action for c in confdir.uninstall_config(str(d), str(state))] == ["removed"]
+    assert not state.exists()
+    rewrite_conf(d)
+    with pytest.raises(ConfigError, match="already exists"):
+        confdir.install_config(str(d), ENTRY, str(state))
 
 
 @pytest.mark.parametrize(("name", "needle"), [("20-comments.conflist", "comments"), ("20-bad.conflist", "JSON")])

@@ -80,6 +80,25 @@ def test_late_config_then_dropped_entry_is_repaired(watching):
     assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap", "firewall", "tuning", "headrace-cni"]
 
 
+def test_a_conf_its_owner_writes_again_is_converted_again(watching):
+    """Multus, OVN-Kubernetes and older Cilium write their .conf again on restart; it sorts before the
+    conflist we made from the old one, so the runtime would use it without our entry."""
+    conf_dir, _ = watching
+    conf_dir.mkdir(parents=True)
+    shutil.copy(DATA / "10-mynet.conf", conf_dir / "10-mynet.conf")
+    conflist = conf_dir / "10-mynet.conflist"
+    wait_for(lambda: has_entry(conflist) and not (conf_dir / "10-mynet.conf").exists(), 2.0)
+    conf = json.loads((DATA / "10-mynet.conf").read_text())
+    conf["mtu"] = 1400
+    (conf_dir / "10-mynet.conf").write_text(json.dumps(conf))
+
+    def converted_again() -> bool:
+        plugins = json.loads(conflist.read_text())["plugins"]
+        return not (conf_dir / "10-mynet.conf").exists() and plugins[0].get("mtu") == 1400
+    assert wait_for(converted_again, 2.0) < 1.5
+    assert has_entry(conflist)
+
+
 def test_broken_file_is_left_alone_until_fixed(watching):
     conf_dir, t = watching
     conf_dir.mkdir(parents=True)

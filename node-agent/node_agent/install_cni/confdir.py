@@ -166,34 +166,80 @@ def install_config(
     primary, skipped = scan(conf_dir, host_root)
     if primary is None:
         return ConfigChange("no-config", skipped=skipped)
+    state = _read_state(state_path)
+    primary = _rewritten_json(conf_dir, primary, state, host_root) or primary
     if supported_versions is not None:
         warning = cl.version_warning(primary.doc, supported_versions)
         if warning:
             raise cl.ConfigError(primary.path, warning + "; not chaining headrace-cni into it")
     if primary.kind == "conflist":
-        new = cl.upsert_entry(primary.doc, entry)
-        if new == primary.doc:
-            return ConfigChange("unchanged", primary.path, skipped=primary.skipped)
-        action = "updated" if cl.has_our_entry(primary.doc) else "inserted"
-        # through a symlink to its target: the link (someone's layout) stays as it is
-        write_atomic(primary.real, cl.render(new), mode=primary.mode)
-        return ConfigChange(action, primary.path, skipped=primary.skipped)
+        return _upsert(primary, entry)
+    return _convert(conf_dir, primary, entry, state, state_path, host_root)
 
+
+def _upsert(primary: PrimaryConfig, entry: Mapping[str, Any]) -> ConfigChange:
+    new = cl.upsert_entry(primary.doc, entry)
+    if new == primary.doc:
+        return ConfigChange("unchanged", primary.path, skipped=primary.skipped)
+    action = "updated" if cl.has_our_entry(primary.doc) else "inserted"
+    # through a symlink to its target: the link (someone's layout) stays as it is
+    write_atomic(primary.real, cl.render(new), mode=primary.mode)
+    return ConfigChange(action, primary.path, skipped=primary.skipped)
+
+
+def _converted(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The state's record of our conversion: {"conflist", "conf", "mode", "original"}, or {}."""
+    converted = state.get("converted")
+    return converted if isinstance(converted, dict) else {}
+
+
+def _made_by_us(state: Mapping[str, Any], conflist_name: str, conf_name: str) -> bool:
+    converted = _converted(state)
+    return converted.get("conflist") == conflist_name and converted.get("conf") == conf_name
+
+
+def _rewritten_json(
+    conf_dir: str, primary: PrimaryConfig, state: Mapping[str, Any], host_root: str
+) -> PrimaryConfig | None:
+    """The `.json` we converted into the primary conflist, there again: its owner wrote it anew. It sorts
+    after our conflist, so the runtime keeps using our conversion of the old one until it is converted
+    again. (A `.conf` written anew sorts before our conflist: it is the primary itself.)"""
+    name = str(_converted(state).get("conf", ""))
+    if primary.kind != "conflist" or not name.endswith(".json") or not _made_by_us(state, primary.name, name):
+        return None
+    try:
+        loaded = _load(conf_dir, name, host_root)
+    except cl.ConfigError:
+        return None  # the runtime keeps using our conflist: nothing to convert
+    if loaded is None or cl.config_kind(name, loaded.doc) != "conf":
+        return None
+    return PrimaryConfig(name, os.path.join(conf_dir, name), loaded.doc, "conf", loaded.mode, loaded.real,
+                         primary.skipped)
+
+
+def _convert(
+    conf_dir: str, primary: PrimaryConfig, entry: Mapping[str, Any], state: dict[str, Any],
+    state_path: str | None, host_root: str,
+) -> ConfigChange:
+    """Replace a `.conf` primary by the equivalent `.conflist` with `entry`. The `.conflist` of that name
+    is overwritten only when the state says we made it from this `.conf` (its owner wrote the `.conf`
+    again since: Multus, OVN-Kubernetes, older Cilium do on every restart); anyone else's is an error."""
     new_name = cl.conflist_name_for(primary.name)
     new_path = os.path.join(conf_dir, new_name)
     new = cl.upsert_entry(cl.to_conflist(primary.doc), entry)
-    if os.path.lexists(new_path):
+    changed = ConfigChange("converted", new_path, converted_from=primary.path, skipped=primary.skipped)
+    if os.path.lexists(new_path) and not _made_by_us(state, new_name, primary.name):
         existing = _load(conf_dir, new_name, host_root)
         if existing is None or existing.doc != new:
             raise cl.ConfigError(
-                primary.path, f"cannot convert to a conflist: {new_path} already exists (and sorts after it)"
+                primary.path, f"cannot convert to a conflist: {new_path} already exists and was not made by "
+                "install-cni from this file"
             )
         # an earlier conversion wrote the conflist and stopped before removing the .conf: finish it
         remove_file(primary.path)
-        return ConfigChange("converted", new_path, converted_from=primary.path, skipped=primary.skipped)
+        return changed
     original = read_bytes(primary.real)
-    state = _read_state(state_path)
-    if original is not None:
+    if original is not None:  # what uninstall puts back: the .conf as its owner last wrote it
         state["converted"] = {
             "conflist": new_name,
             "conf": primary.name,
@@ -204,14 +250,16 @@ def install_config(
     # The new file is in place (fsynced) before the old one goes: a runtime always finds a config.
     write_atomic(new_path, cl.render(new), mode=primary.mode)
     remove_file(primary.path)
-    return ConfigChange("converted", new_path, converted_from=primary.path, skipped=primary.skipped)
+    return changed
 
 
 def uninstall_config(conf_dir: str, state_path: str | None = None, host_root: str = "/") -> list[ConfigChange]:
-    """Remove our entry from every config file that has it; restore a .conf we converted."""
+    """Remove our entry from every config file that has it; restore a .conf we converted. The record of
+    the conversion goes either way: a conflist left behind (changed by others since) is no longer ours,
+    and a later install must not overwrite it."""
     changes: list[ConfigChange] = []
     state = _read_state(state_path)
-    converted = state.get("converted") if isinstance(state.get("converted"), dict) else None
+    converted = _converted(state)
     for name in list_names(conf_dir):
         path = os.path.join(conf_dir, name)
         try:
@@ -229,10 +277,10 @@ def uninstall_config(conf_dir: str, state_path: str | None = None, host_root: st
             write_atomic(conf_path, str(converted["original"]).encode("utf-8"), mode=int(converted["mode"]))
             remove_file(path)
             changes.append(ConfigChange("restored", conf_path, converted_from=path))
-            state.pop("converted", None)
             continue
         write_atomic(loaded.real, cl.render(new), mode=loaded.mode)
         changes.append(ConfigChange("removed", path))
+    state.pop("converted", None)
     _write_state(state_path, state)
     return changes
 
