@@ -85,6 +85,54 @@ def test_a_build_without_the_front_runs_the_interpreter_from_the_launcher(tmp_pa
     assert proc.returncode == 0 and "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
 
 
+def fake_runtime(inst: Path, name: str) -> Path:
+    """A runtime directory as an earlier install left it (what the launcher runs, the mark of a finished build)."""
+    rt = inst / name
+    (rt / "bin").mkdir(parents=True)
+    for program in ("python3.11", "headrace-cni-front", "python3"):
+        (rt / "bin" / program).write_text("")
+        os.chmod(rt / "bin" / program, 0o755)
+    (rt / runtime.COMPLETE_MARK).write_text("")
+    return rt
+
+
+def test_an_upgrade_keeps_the_runtime_the_launcher_ran_before(tmp_path, monkeypatch):
+    """A plugin started from the old runtime just before the launcher switched still imports modules from
+    it: the previous runtime stays, only older ones go; it goes itself at the next switch."""
+    bin_dir, inst = tmp_path / "bin", tmp_path / "inst"
+    monkeypatch.setattr(runtime, "_build_runtime", lambda source, runtime_w, *_: fake_runtime(
+        Path(runtime_w).parent, Path(runtime_w).name))  # the layout is tested above: keep this fast
+    for name in ("runtime-older1", "runtime-older2", "runtime-before"):
+        fake_runtime(inst, name)
+    bin_dir.mkdir()
+    (bin_dir / "headrace-cni").write_text(runtime.render_launcher(
+        f"{inst}/runtime-before/bin/python3.11", f"{inst}/runtime-before", f"{inst}/runtime-before/app", {},
+        front=f"{inst}/runtime-before/bin/headrace-cni-front").decode())
+    assert runtime.launcher_runtime(str(bin_dir / "headrace-cni"), str(inst)) == "runtime-before"
+
+    result = runtime.install_plugin(str(bin_dir), str(inst))
+    current = Path(result.runtime).name
+    assert result.changed and runtime.launcher_runtime(str(bin_dir / "headrace-cni"), str(inst)) == current
+    assert sorted(os.listdir(inst)) == sorted([current, "runtime-before"])
+
+    again = runtime.install_plugin(str(bin_dir), str(inst))  # no switch: nothing removed
+    assert not again.changed and sorted(os.listdir(inst)) == sorted([current, "runtime-before"])
+
+    monkeypatch.setattr(runtime, "fingerprint", lambda source: "next")  # the next image
+    runtime.install_plugin(str(bin_dir), str(inst))  # the next switch: the one before the last goes
+    assert sorted(os.listdir(inst)) == sorted([current, "runtime-next"])
+
+
+def test_launcher_runtime_only_names_ours_under_the_install_dir(tmp_path):
+    launcher = tmp_path / "headrace-cni"
+    assert runtime.launcher_runtime(str(launcher), "/opt/headrace") == ""  # none
+    launcher.write_text("#!/opt/headrace/runtime-ab/bin/python3.11 -IS\n")  # not ours: no marker
+    assert runtime.launcher_runtime(str(launcher), "/opt/headrace") == ""
+    launcher.write_bytes(runtime.render_launcher("/opt/headrace/runtime-ab/bin/python3.11", "/r", "/r/app", {}))
+    assert runtime.launcher_runtime(str(launcher), "/opt/headrace/") == "runtime-ab"
+    assert runtime.launcher_runtime(str(launcher), "/opt/other") == ""
+
+
 def test_second_install_changes_nothing(installed):
     bin_dir, inst, result = installed
     launcher = bin_dir / "headrace-cni"

@@ -325,8 +325,10 @@ def install_plugin(
     os.makedirs(os.path.dirname(launcher_w), exist_ok=True)
     front_host = os.path.join(runtime_host, "bin", FRONT_BINARY) if source.front else ""
     data = render_launcher(python_host, runtime_host, app_host, preload, agent_socket, front_host)
+    previous = launcher_runtime(launcher_w, install_dir)  # what a plugin started a moment ago runs
     changed = write_atomic(launcher_w, data, mode=0o755) or changed
-    changed = _remove_other_runtimes(under_root(host_root, install_dir), keep=RUNTIME_PREFIX + fp) or changed
+    keep = {RUNTIME_PREFIX + fp, previous} if previous != RUNTIME_PREFIX + fp else None
+    changed = _remove_other_runtimes(under_root(host_root, install_dir), keep) or changed
     return PluginInstall(os.path.join(bin_dir, PLUGIN_BINARY), runtime_host, changed, front_host)
 
 
@@ -366,14 +368,18 @@ def _build_runtime(source: RuntimeSource, runtime_w: str, runtime_host: str, pyt
         raise
 
 
-def _remove_other_runtimes(install_dir_w: str, keep: str) -> bool:
+def _remove_other_runtimes(install_dir_w: str, keep: set[str] | None) -> bool:
+    """Remove unfinished builds and, with `keep` (the launcher just moved to another runtime), the runtimes
+    not in it. The one the launcher named before stays in `keep`: a plugin started from it just before the
+    switch still imports modules from it. It goes at the next switch, so current + previous remain."""
     removed = False
     try:
         names = os.listdir(install_dir_w)
     except FileNotFoundError:
         return False
     for name in names:
-        if (name.startswith(RUNTIME_PREFIX) and name != keep) or name.startswith(".runtime-build-"):
+        old_runtime = keep is not None and name.startswith(RUNTIME_PREFIX) and name not in keep
+        if old_runtime or name.startswith(".runtime-build-"):
             shutil.rmtree(os.path.join(install_dir_w, name), ignore_errors=True)
             removed = True
     return removed
@@ -392,14 +398,28 @@ def launcher_programs(program: str) -> list[str]:
     return [program]
 
 
+def _shebang_program(path: str) -> str:
+    """The program the `#!` line of the file at `path` names ("" when none)."""
+    first = (read_bytes(path) or b"").split(b"\n", 1)[0]
+    words = first[2:].decode("utf-8", "replace").split()
+    return words[0] if first.startswith(b"#!") and words else ""
+
+
+def launcher_runtime(path: str, install_dir: str) -> str:
+    """The runtime (its directory's name) our launcher at `path` runs, "" when not ours or none under
+    `install_dir` (a host path)."""
+    runtime = os.path.dirname(os.path.dirname(_shebang_program(path))) if is_our_launcher(path) else ""
+    name = os.path.basename(runtime)
+    in_dir = os.path.dirname(runtime) == os.path.normpath(install_dir)
+    return name if in_dir and name.startswith(RUNTIME_PREFIX) else ""
+
+
 def launcher_problem(path: str, host_root: str = "/") -> str:
     """What stops our launcher at `path` (as this process sees it) from running: its `#!` program (host
     path) missing or not executable, or, for the compiled front, the interpreter beside it; "" when none."""
-    first = (read_bytes(path) or b"").split(b"\n", 1)[0]
-    words = first[2:].decode("utf-8", "replace").split()
-    if not first.startswith(b"#!") or not words:
+    if not (named := _shebang_program(path)):
         return f"{path} has no #! line"
-    for program in launcher_programs(words[0]):
+    for program in launcher_programs(named):
         if not os.access(under_root(host_root, program), os.X_OK):
             return f"the launcher's {os.path.basename(program)} ({program}) is missing or not executable"
     return ""
