@@ -117,6 +117,24 @@ def test_late_config_and_preinstalled_plugin(tmp_path: Path) -> None:
     assert json.loads(target.read_text()) == json.loads((DATA / CONFLIST).read_text())
 
 
+def test_plugin_files_the_watch_put_back_are_removed_on_cleanup(tmp_path: Path) -> None:
+    """A launcher that was already current is not this agent's; once it went missing and the agent's
+    watch installed it again, it is."""
+    setup_dir(tmp_path)
+    opts = options(tmp_path, plugin=True)
+    service.install_plugin_files(opts)
+    duty = InstallCniDuty(opts, cleanup_on_exit=True, plugin_recheck=0.1)
+    duty.start()
+    launcher = tmp_path / "bin" / "headrace-cni"
+    try:
+        launcher.unlink()
+        wait_for(lambda: runtime.is_our_launcher(str(launcher)), 3.0)
+    finally:
+        report = duty.stop()
+    assert report is not None and str(tmp_path / "bin" / "headrace-cni") in report["removed"]
+    assert not launcher.exists()
+
+
 def test_entry_points_at_this_agent(tmp_path: Path) -> None:
     from node_agent.agent.config import build_config
 

@@ -222,3 +222,86 @@ def test_wait_for_agent_socket_before_chaining(tmp_path):
         stop.set()
         t.join(5)
     assert not t.is_alive()
+
+
+def plugin_watch(tmp_path: Path, install: bool) -> tuple[service.InstallOptions, threading.Event, threading.Thread]:
+    conf = tmp_path / "etc" / "cni" / "net.d"
+    conf.mkdir(parents=True)
+    shutil.copy(DATA / "10-containerd-net.conflist", conf)
+    opts = service.InstallOptions(host_root=str(tmp_path), install_plugin=install,
+                                  settings=PluginSettings(objects_dir="/var/lib/headrace/objects"))
+    stop = threading.Event()
+    t = threading.Thread(target=service.watch, args=(opts, stop), kwargs={"plugin_recheck": 0.1, "recheck": 0.1})
+    return opts, stop, t
+
+
+def test_missing_plugin_files_are_installed_again_by_the_watch(tmp_path):
+    """Our entry stays in the chain: without the launcher (or what it runs) every pod ADD fails, so the
+    watch that installs the plugin puts back what is missing."""
+    from node_agent.install_cni import runtime
+
+    opts, stop, t = plugin_watch(tmp_path, install=True)
+    service.install_once(opts)
+    launcher = tmp_path / "opt" / "cni" / "bin" / "headrace-cni"
+    t.start()
+    try:
+        assert service.plugin_problem(opts.cni_bin_dir, opts.host_root) == ""
+        launcher.unlink()
+        wait_for(lambda: runtime.is_our_launcher(str(launcher)), 3.0)
+        rt = next((tmp_path / "opt" / "headrace").glob("runtime-*"))
+        shutil.rmtree(rt)
+        wait_for(lambda: service.plugin_problem(opts.cni_bin_dir, opts.host_root) == "", 60.0)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive()
+
+
+def test_with_skip_plugin_a_missing_launcher_is_an_error_logged_once(tmp_path, capfd):
+    from node_agent.install_cni import runtime
+
+    _, stop, t = plugin_watch(tmp_path, install=False)
+    t.start()
+    try:
+        time.sleep(0.6)  # several checks
+        prog = tmp_path / "rt" / "bin" / "python3.11"
+        prog.parent.mkdir(parents=True)
+        prog.write_text("")
+        prog.chmod(0o755)
+        (tmp_path / "opt" / "cni" / "bin").mkdir(parents=True)
+        (tmp_path / "opt" / "cni" / "bin" / "headrace-cni").write_bytes(
+            runtime.render_launcher("/rt/bin/python3.11", "/rt", "/rt/app", {}))
+        time.sleep(0.4)
+        prog.unlink()
+        time.sleep(0.4)
+    finally:
+        stop.set()
+        t.join(5)
+    logs = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    errors = [r for r in logs if r["msg"].startswith("headrace-cni launcher cannot run")]
+    assert [r["level"] for r in errors] == ["error", "error"], errors  # once per problem, not every check
+    assert errors[0]["launcher"] == "/opt/cni/bin/headrace-cni" and "every pod ADD" in errors[0]["msg"]
+    assert errors[0]["problem"] == "no headrace-cni launcher in /opt/cni/bin"
+    assert "python3.11" in errors[1]["problem"]
+    assert [r["msg"] for r in logs].count("headrace-cni launcher usable again") == 1
+    assert not (tmp_path / "opt" / "headrace").exists()  # nothing installed: another container's job
+
+
+def test_a_failing_reinstall_is_retried_each_interval_and_reported_once(tmp_path, monkeypatch, capfd):
+    from node_agent.install_cni.runtime import RuntimeInstallError
+
+    calls: list[float] = []
+
+    def failing(*args: object, **kwargs: object) -> None:
+        calls.append(now)
+        raise RuntimeInstallError("no space left on device")
+
+    monkeypatch.setattr("node_agent.install_cni.service.install_plugin", failing)
+    guard = service.PluginGuard(service.InstallOptions(host_root=str(tmp_path), install_plugin=True), interval=5.0)
+    for now in (0.0, 1.0, 4.9, 5.0, 10.0):
+        guard.poll(now)
+    assert calls == [0.0, 5.0, 10.0]
+    logs = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert [(r["level"], r["msg"].split(":")[0]) for r in logs] == [
+        ("warning", "headrace-cni launcher cannot run"), ("error", "installing the plugin again failed")]
+    assert logs[1]["problem"] == "no space left on device"

@@ -153,20 +153,15 @@ def install_cni(
 
 
 def _check(host_root: str, cni_conf_dir: str, cni_bin_dir: str) -> None:
-    import os
-
     from node_agent.install_cni import confdir
-    from node_agent.install_cni.runtime import PLUGIN_BINARY, is_our_launcher, launcher_problem, under_root
+    from node_agent.install_cni.runtime import under_root
+    from node_agent.install_cni.service import plugin_problem
 
     if not confdir.entry_present(under_root(host_root, cni_conf_dir), host_root=host_root):
         click.echo(f"not ready: no headrace-cni entry at the end of the primary CNI config in {cni_conf_dir}",
                    err=True)
         sys.exit(1)
-    launcher = under_root(host_root, os.path.join(cni_bin_dir, PLUGIN_BINARY))
-    if not is_our_launcher(launcher):
-        click.echo(f"not ready: no headrace-cni launcher in {cni_bin_dir}", err=True)
-        sys.exit(1)
-    if problem := launcher_problem(launcher, host_root):  # a damaged runtime: restarting the pod rebuilds it
+    if problem := plugin_problem(cni_bin_dir, host_root):  # restarting the pod installs the plugin again
         click.echo(f"not ready: {problem}", err=True)
         sys.exit(1)
     click.echo("ready: headrace-cni chained and installed")

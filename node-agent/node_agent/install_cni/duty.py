@@ -10,8 +10,9 @@ a thread and keeps track of what it changed:
   the result is the same JSON value as what we found, the remembered bytes are written back, so the
   file is byte-identical to before (the uninstall alone would leave it re-rendered). A primary config
   that only appeared after the agent started gets the uninstall's rendering (same JSON value).
-- **The plugin files** (launcher + runtime) are removed only when this agent installed or changed them;
-  a launcher that was already current (the DaemonSet's init container put it there) stays.
+- **The plugin files** (launcher + runtime) are removed only when this agent installed or changed them
+  (at start, or when its watch put back missing ones); a launcher that was already current (the
+  DaemonSet's init container put it there) stays.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from node_agent.install_cni import confdir, hostpath, service
 from node_agent.install_cni.atomic import write_atomic
 from node_agent.install_cni.conflist import ConfigError
-from node_agent.install_cni.runtime import RuntimeInstallError, uninstall_plugin
+from node_agent.install_cni.runtime import PluginInstall, RuntimeInstallError, uninstall_plugin
 
 log = logging.getLogger("headrace.agent.install-cni")
 
@@ -51,6 +52,7 @@ class InstallCniDuty:
     options: service.InstallOptions
     cleanup_on_exit: bool = False
     recheck: float = service.RECHECK_INTERVAL
+    plugin_recheck: float = service.PLUGIN_RECHECK_INTERVAL
     use_inotify: bool = True
     on_change: Callable[[Any], None] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -114,9 +116,14 @@ class InstallCniDuty:
             if self.on_change is not None:
                 self.on_change(change)
 
+        def installed(result: PluginInstall) -> None:  # the watch put back missing plugin files
+            if result.changed:
+                self._plugin_installed_here = True
+
         try:
             service.watch(self.options, self._stop, on_change=changed, recheck=self.recheck,
-                          use_inotify=self.use_inotify)
+                          use_inotify=self.use_inotify, plugin_recheck=self.plugin_recheck,
+                          on_plugin_install=installed)
         except Exception:
             log.exception("install-cni watch stopped", extra={"step": "install-cni"})
 

@@ -18,13 +18,24 @@ from typing import Any
 from node_agent.install_cni import atomic, confdir, kubeconfig, owner
 from node_agent.install_cni.conflist import ConfigError
 from node_agent.install_cni.repair_throttle import RepairThrottle
-from node_agent.install_cni.runtime import PluginInstall, install_plugin, under_root, uninstall_plugin
+from node_agent.install_cni.runtime import (
+    PLUGIN_BINARY,
+    PluginInstall,
+    RuntimeInstallError,
+    install_plugin,
+    is_our_launcher,
+    launcher_problem,
+    under_root,
+    uninstall_plugin,
+)
 from node_agent.install_cni.settings import PluginSettings
 from node_agent.install_cni.watcher import DirWatcher
 
 STATE_FILE = "install-state.json"
 #: Re-check this often even without an inotify event (covers missed events and lost watches).
 RECHECK_INTERVAL = 1.0
+#: Check this often that the launcher and what its `#!` line runs are still there.
+PLUGIN_RECHECK_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,69 @@ def install_plugin_files(opts: InstallOptions) -> PluginInstall | None:
     return result
 
 
+def plugin_problem(cni_bin_dir: str, host_root: str) -> str:
+    """What keeps the runtime from running headrace-cni ("" when nothing): no launcher of ours in the CNI
+    binary dir (a host path), or what its `#!` line runs missing."""
+    launcher = under_root(host_root, os.path.join(cni_bin_dir, PLUGIN_BINARY))
+    if not is_our_launcher(launcher):
+        return f"no headrace-cni launcher in {cni_bin_dir}"
+    return launcher_problem(launcher, host_root)
+
+
+@dataclass
+class PluginGuard:
+    """Keeps the plugin runnable while the watch keeps our entry in the chain: every `interval` seconds it
+    checks the launcher and what it runs. When this install-cni installs the plugin it installs it again;
+    with --skip-plugin (the DaemonSet's install-plugin init container installs it) it logs an error once:
+    every pod ADD through our entry fails until then, and `--check` says not ready."""
+
+    opts: InstallOptions
+    interval: float = PLUGIN_RECHECK_INTERVAL
+    on_install: Callable[[PluginInstall], None] | None = None
+    _due: float = 0.0
+    _reported: str = ""
+
+    def poll(self, now: float) -> None:
+        if now < self._due:
+            return
+        self._due = now + self.interval
+        try:
+            problem = plugin_problem(self.opts.cni_bin_dir, self.opts.host_root)
+        except OSError as exc:
+            problem = f"cannot read the launcher: {exc}"
+        if not problem:
+            if self._reported:
+                log("info", "headrace-cni launcher usable again", launcher=self._launcher)
+                self._reported = ""
+        elif self.opts.install_plugin:
+            self._install(problem)
+        else:
+            self._report(problem, "headrace-cni launcher cannot run: every pod ADD through our entry fails until "
+                         "it is installed again (restarting this pod runs the install-plugin init container)")
+
+    @property
+    def _launcher(self) -> str:
+        return os.path.join(self.opts.cni_bin_dir, PLUGIN_BINARY)
+
+    def _install(self, problem: str) -> None:
+        if not self._reported:  # not again on each retry after a failed install
+            log("warning", "headrace-cni launcher cannot run: installing the plugin again",
+                launcher=self._launcher, problem=problem)
+        try:
+            result = install_plugin_files(self.opts)
+        except (RuntimeInstallError, OSError, ValueError) as exc:
+            self._report(str(exc), "installing the plugin again failed: every pod ADD through our entry fails")
+            return
+        self._reported = ""
+        if result is not None and self.on_install is not None:
+            self.on_install(result)
+
+    def _report(self, problem: str, msg: str) -> None:
+        if problem != self._reported:
+            log("error", msg, launcher=self._launcher, problem=problem)
+            self._reported = problem
+
+
 def write_kubeconfig(opts: InstallOptions) -> None:
     """Write/refresh the plugin's kubeconfig when asked to (no-op otherwise)."""
     if opts.service_account_dir:
@@ -121,10 +195,13 @@ def watch(
     on_change: Callable[[confdir.ConfigChange], None] | None = None,
     recheck: float = RECHECK_INTERVAL,
     use_inotify: bool = True,
+    plugin_recheck: float = PLUGIN_RECHECK_INTERVAL,
+    on_plugin_install: Callable[[PluginInstall], None] | None = None,
 ) -> None:
     """Keep our entry in place until `stop` is set: re-inserted within a second of being dropped,
     installed as soon as a primary config appears. Errors on a broken file are logged (once per
-    distinct message) and retried on the next change."""
+    distinct message) and retried on the next change. Every `plugin_recheck` seconds the launcher is
+    checked too (`PluginGuard`)."""
     last_error = ""
     waiting_logged = False
     if opts.wait_for_agent:
@@ -134,10 +211,12 @@ def watch(
         while not os.path.exists(sock) and not stop.wait(0.2):
             pass
     throttle = RepairThrottle()
+    guard = PluginGuard(opts, plugin_recheck, on_plugin_install)
     with DirWatcher(opts.conf_dir_here, use_inotify=use_inotify) as watcher:
         while not stop.is_set():
             if stop.wait(throttle.delay(time.monotonic())):
                 break
+            guard.poll(time.monotonic())
             try:
                 change = ensure_config(opts)
                 last_error = ""
