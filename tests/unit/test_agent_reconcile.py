@@ -182,6 +182,11 @@ def test_conntrack_guard_refused_warns_naming_the_sysctl_and_the_cost(
     assert len(warned) == 1, warned
     assert "nf_conntrack_tcp_loose" in warned[0] and "Read-only file system" in warned[0]
     assert "opened before enrolment may be reset" in warned[0]
+    env.set({}, pod())  # the label removed: the restore is refused the same way, the removal goes on
+    with caplog.at_level(logging.WARNING, logger="headrace.agent.reconcile"):
+        env.r.reconcile()
+    assert UID not in env.r.pods and env.hub.log[-1] == ("delete", UID) and env.records.load_all() == {}
+    assert any("cannot restore nf_conntrack_tcp_loose" in r.getMessage() for r in caplog.records)
 
 
 class CountedFuture(Future[None]):

@@ -382,7 +382,7 @@ class AmbientEnrolment:
                 if (leaving := self.backends.leaving(st)) is not None:  # removed in the middle of a move
                     leaving.remove(target)
                 if st.tcp_loose:
-                    self.conntrack.set_loose(target.netns_path, st.tcp_loose)
+                    self._restore_loose(st, target.netns_path)
         except (BackendError, PinError, OSError) as exc:
             self.table.fail(st, f"rule removal: {exc}")
             return False
@@ -392,6 +392,15 @@ class AmbientEnrolment:
             log.warning("proxy hub remove failed: %s", exc, extra=log_ctx(st, "proxy-remove"))
         self.table.forget(st, f"pod removed ({why})", "removed")
         return True
+
+    def _restore_loose(self, st: PodState, netns_path: str) -> None:
+        """The pod's nf_conntrack_tcp_loose back to what enrolment found; a refusal (e.g. /proc/sys read-only
+        in an agent that is not privileged, which then could not set it either) does not hold the removal."""
+        try:
+            self.conntrack.set_loose(netns_path, st.tcp_loose or 0)
+        except OSError as exc:
+            log.warning("cannot restore nf_conntrack_tcp_loose=%s in the pod (%s)", st.tcp_loose, exc,
+                        extra=log_ctx(st, "conntrack-restore"))
 
     def release_all(self, why: str) -> list[tuple[str, str]]:
         """Lock held, the loop stopped: every ambient pod unenrolled as when its label is removed (rules
