@@ -55,6 +55,7 @@ class AgentConfig:
     ack_timeout: float = 15.0
     agent_id: str = field(default="")
     proxy_cgroup: Path | None = None  # the node proxy's cgroup v2 dir (ambient over eBPF)
+    bpffs_dir: Path | None = None  # eBPF pins kept there, on the node's bpffs; None: in a bpffs of the agent's own
     capture_dns: bool = False  # ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053
     zds_socket: Path | None = None  # ztunnel's ZDS socket (SOCK_SEQPACKET); None: not served
     # at SIGTERM, is this DaemonSet (in agent_namespace) going away? Then the agent leaves the node (uninstall.py)
@@ -124,6 +125,7 @@ def build_config(
     drift_backstop: float = 120.0,
     drift_events: bool = True,
     proxy_cgroup: str | Path | None = None,
+    bpffs_dir: str | Path | None = None,
     capture_dns: bool = False,
     zds_socket: str | Path | None = None,
     in_cluster: bool = False,
@@ -185,6 +187,7 @@ def build_config(
         if not pcg.is_absolute() or not (pcg / "cgroup.procs").is_file():
             raise ConfigError(f"--proxy-cgroup {str(pcg)!r} is not a cgroup directory (absolute path expected)")
     owner = _owner(owner_daemonset, agent_namespace, on_uninstall, kube=objects_dir is None)
+    pins = _bpffs_dir(bpffs_dir, sdir)
     return AgentConfig(
         state_dir=sdir,
         cni_socket=csock,
@@ -204,12 +207,27 @@ def build_config(
         cni_add_timeout=cni_add_timeout,
         agent_id=f"headrace-agent-{node or 'local'}",
         proxy_cgroup=pcg,
+        bpffs_dir=pins,
         capture_dns=capture_dns,
         zds_socket=zsock,
         owner_daemonset=owner,
         agent_namespace=agent_namespace,
         on_uninstall=on_uninstall,  # type: ignore[arg-type]
     )
+
+
+def _bpffs_dir(value: str | Path | None, state_dir: Path) -> Path | None:
+    """--bpffs-dir: an absolute path outside the state dir (it is bind-mounted at <state-dir>/bpf); whether
+    it is on a bpffs is the backend's question (without one it warns and keeps the pins in its own)."""
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(f"--bpffs-dir {str(path)!r}: an absolute path is expected (e.g. /sys/fs/bpf/headrace)")
+    if path == state_dir or state_dir in path.parents:
+        raise ConfigError(f"--bpffs-dir {str(path)!r} is inside --state-dir: give a directory on the node's bpffs "
+                          "(e.g. /sys/fs/bpf/headrace)")
+    return path
 
 
 def _owner(daemonset: str | None, namespace: str, on_uninstall: str, *, kube: bool) -> str | None:

@@ -71,7 +71,7 @@ def make_backend(config: AgentConfig, flavour: str) -> RedirectBackend:
     """The node's backend (node_agent.backends.select); AgentError when it cannot run here."""
     try:
         choice = select_backend(config.backend, state_dir=config.state_dir, iptables_flavour=flavour,
-                                proxy_cgroup=config.proxy_cgroup)
+                                proxy_cgroup=config.proxy_cgroup, bpffs_dir=config.bpffs_dir)
     except BackendError as exc:
         raise AgentError(str(exc)) from exc
     log.info("backend: %s", choice.reason, extra={"step": "backend", "backend": choice.backend.name})
@@ -236,7 +236,7 @@ class Agent:
             return make_backend(replace(self.config, backend="nftables"), self.flavour)
         if name == "ebpf":  # with its ambient inbound's rules backend: a move takes those rules out too
             return EbpfBackend(self.config.state_dir, proxy_cgroup=self.proxy_cgroups.path,
-                               ambient_inbound=ambient_inbound_rules(self.flavour))
+                               ambient_inbound=ambient_inbound_rules(self.flavour), bpffs_dir=self.config.bpffs_dir)
         return None
 
     def _proxy_cgroup_follower(self) -> ProxyCgroupFollower:

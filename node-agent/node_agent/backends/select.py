@@ -87,11 +87,13 @@ def select_backend(
     inbound: str = "ebpf",
     problems_fn: Callable[[], Iterable[str]] | None = None,
     iptables_present: bool | None = None,
+    bpffs_dir: str | Path | None = None,
 ) -> BackendChoice:
     """The backend for this node and why it was chosen. problems_fn overrides the eBPF probe and
     iptables_present the look for an iptables binary (tests).
 
-    proxy_cgroup: the node proxy's cgroup v2 dir (ambient original-destination lookups happen there)."""
+    proxy_cgroup: the node proxy's cgroup v2 dir (ambient original-destination lookups happen there).
+    bpffs_dir: where on the node's bpffs the eBPF backend keeps its pins (None: a bpffs of its own)."""
     if setting not in SETTINGS:
         raise BackendError(f"unknown backend {setting!r}: use one of {', '.join(SETTINGS)}")
     where = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
@@ -134,6 +136,7 @@ def select_backend(
         ambient_inbound=ambient_rules,
         rules_helper=rules_helper.for_rules(ambient_rules),
         change_count=True,
+        bpffs_dir=bpffs_dir,
     )
     ambient_in = ambient_rules.name if ambient_rules is not None else "iptables"
     how = "iptables" if ambient_rules is None else f"TC eBPF; ambient pods' inbound via {ambient_in}"

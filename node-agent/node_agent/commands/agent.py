@@ -43,6 +43,10 @@ from node_agent.commands.agent_duty_flags import build_duties, duty_flags
 @click.option("--proxy-cgroup", default=None, type=click.Path(file_okay=False),
               help="The node proxy's cgroup v2 directory (ambient over eBPF answers SO_ORIGINAL_DST there). "
                    "Default: learned from the proxy's connection; this overrides it.")
+@click.option("--bpffs-dir", default=None, type=click.Path(file_okay=False),
+              help="eBPF backend: keep the pins in this directory on the node's bpffs (e.g. /sys/fs/bpf/headrace), "
+                   "bind-mounted at STATE_DIR/bpf, so that they outlive the agent's container and a restarted "
+                   "agent adopts its pods as they are. Default: a bpffs of the agent's own mount namespace.")
 @click.option("--capture-dns/--no-capture-dns", default=False, show_default=True,
               help="Also redirect ambient pods' DNS (UDP and TCP 53) to the node proxy's 15053.")
 @click.option("--zds-socket", default="/var/run/ztunnel/ztunnel.sock", show_default=True,
@@ -75,6 +79,7 @@ def agent(
     drift_events: bool,
     cni_add_timeout: float,
     proxy_cgroup: str | None,
+    bpffs_dir: str | None,
     capture_dns: bool,
     zds_socket: str,
     owner_daemonset: str | None,
@@ -92,7 +97,7 @@ def agent(
             cni_socket=cni_socket, proxy_socket=proxy_socket, backend=backend, iptables=iptables_flavour,
             metrics_addr=metrics_addr, exclude_namespaces=exclude_namespaces, log_level=log_level,
             drift_interval=drift_interval, drift_backstop=drift_backstop, drift_events=drift_events,
-            cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup,
+            cni_add_timeout=cni_add_timeout, proxy_cgroup=proxy_cgroup, bpffs_dir=bpffs_dir,
             capture_dns=capture_dns, zds_socket=zds_socket, in_cluster=in_cluster,
             owner_daemonset=owner_daemonset, agent_namespace=agent_namespace, on_uninstall=on_uninstall,
         )

@@ -46,6 +46,7 @@ from node_agent.backends.ebpf.bpf_watch import ChangeCount
 from node_agent.backends.ebpf.intact_cache import IntactPods
 from node_agent.backends.ebpf.node_programs import NodePrograms
 from node_agent.backends.ebpf.parent_alerts import ALERTS
+from node_agent.backends.ebpf.pin_root import PinRoot
 from node_agent.backends.ebpf.pod_read import read_pod
 from node_agent.backends.ebpf.pod_removal import remove_pod
 from node_agent.backends.ebpf.pod_state import wants_tc
@@ -75,13 +76,15 @@ class EbpfBackend(RedirectBackend):
         node_tc: bool = True,
         rules_helper: RulesHelper | None = None,
         change_count: bool = False,
+        bpffs_dir: str | Path | None = None,
     ) -> None:
         """proxy_cgroup: the node proxy's cgroup v2 dir (ambient: its accepted sockets live there, so one
         node-level getsockopt program there answers SO_ORIGINAL_DST). inbound_fallback: takes inbound
         capture instead of TC. toolchain_fallback (`auto`): a failed background compile makes fallback_reason
         decline every pod (the iptables fallback takes them); else apply fails closed. node_tc: False loads
         each pod its own TC programs (as when every TC slot is taken). rules_helper: a child that writes
-        ambient_inbound's part of applies (`inbound_part`). change_count: run the node's change count."""
+        ambient_inbound's part of applies (`inbound_part`). change_count: run the node's change count. bpffs_dir:
+        a directory on the node's bpffs for the pins, so that they outlive the agent's container (`pin_root`)."""
         self.toolchain_fallback = toolchain_fallback
         self.state_dir = Path(state_dir)
         loader.use_cache_dir(self.state_dir / loader.CACHE_DIR)  # compiled objects kept between agent runs
@@ -92,7 +95,7 @@ class EbpfBackend(RedirectBackend):
         self.orig_dst = ProxyOrigDst(self.state_dir, self._lock)
         self.node_programs = NodePrograms()
         self.node_maps = node_maps.NodeMaps()
-        self._mounted: Path | None = None  # <state-dir>/bpf once this backend saw it mounted
+        self.pins = PinRoot(self.state_dir, Path(bpffs_dir) if bpffs_dir is not None else None)
         self.node_tc = node_tc
         self._closed = False  # close() ran: prepare() makes nothing any more
         self.intact = IntactPods()  # the drift poll's shortcut for pods found intact
@@ -100,13 +103,10 @@ class EbpfBackend(RedirectBackend):
         self.changes = ChangeCount(change_count, self.state_dir)
 
     def _root(self) -> Path:
-        if self._mounted is not None and self._mounted.is_dir():  # checked once (mountinfo costs ~1 ms)
-            return self._mounted
         try:
-            self._mounted = pinning.ensure_bpffs(self.state_dir)
+            return self.pins.get()
         except pinning.PinError as e:
             raise BackendError(str(e)) from e
-        return self._mounted
 
     def _object(self) -> loader.CompiledObject:
         if loader.busy():  # first start on this node: never hold the caller (the reconciler) for seconds
@@ -340,7 +340,7 @@ class EbpfBackend(RedirectBackend):
 
     def pinned_pods(self) -> list[str]:
         """UIDs of the pods with eBPF state pinned on this node (for the agent's garbage collection)."""
-        return pinning.pinned_pod_dirs(self.state_dir)
+        return self.pins.pod_dirs()
 
     def prepare(self) -> None:
         """Make the bpffs mount, the node maps and both pod modes' node programs ahead of the first pod (else
@@ -378,8 +378,7 @@ class EbpfBackend(RedirectBackend):
             self.node_maps.close()
             self.node_programs.close()
             try:
-                if pinning.unmount_if_unused(self.state_dir):
-                    self._mounted = None
+                self.pins.release_if_unused()
             except pinning.PinError as e:
                 log.warning("ebpf bpffs unmount failed", extra={"reason": str(e)})
 
@@ -430,16 +429,15 @@ class EbpfBackend(RedirectBackend):
         part), those that would read as at their last look (`IntactPods.unchanged`)."""
         with self._lock:
             uids = [uid for uid, spec, part in polls if part or self.inbound_rules(spec) is None]
-            if self._mounted is None or not uids:
+            if (root := self.pins.mounted) is None or not uids:
                 return set()
-            return self.intact.unchanged(uids, self.changes.read(self._object), str(self._mounted / pinning.NODE_DIR))
+            return self.intact.unchanged(uids, self.changes.read(self._object), str(root / pinning.NODE_DIR))
 
     def own_installed(self, target: PodTarget) -> bool:
         """Pins or programs (a node that never ran eBPF has no bpffs: looked for, not mounted)."""
         with self._lock:
-            if self._mounted is None and pinning.mount_fstype(self.state_dir / "bpf") == "bpf":
-                self._mounted = self.state_dir / "bpf"
-            pdir = self._pod_dir(self._mounted, target) if self._mounted is not None else None
+            root = self.pins.found()
+            pdir = self._pod_dir(root, target) if root is not None else None
             return pod_state.installed(pdir, target.cgroup_path)
 
     def installed(self, target: PodTarget) -> bool:
