@@ -18,7 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from node_agent.agent.config import BACKEND_SETTINGS, parse_metrics_addr
+from node_agent.agent.config import BACKEND_SETTINGS, build_config, parse_metrics_addr
 from node_agent.backends.iptables.xt_fresh_write import DEFAULT_LOCK
 from node_agent.netns.conntrack import KEY as CONNTRACK_SYSCTL
 
@@ -329,7 +329,7 @@ def mounted_host_path(container: dict[str, Any], path: str, platform: str | None
 
 
 PATH_OPTIONS = ("--cni-conf-dir", "--cni-bin-dir", "--install-dir", "--kubeconfig", "--state-dir",
-                "--cni-socket", "--proxy-socket", "--agent-socket", "--log-file")
+                "--cni-socket", "--proxy-socket", "--agent-socket", "--log-file", "--bpffs-dir")
 
 
 @pytest.mark.parametrize("platform", [None, *PLATFORMS])
@@ -370,6 +370,23 @@ def test_agent_mounts_the_host_paths_discovery_and_ebpf_need():
         assert mounted_host_path(agent, inside) == host, inside
     propagation = {m["mountPath"]: m.get("mountPropagation") for m in agent["volumeMounts"]}
     assert propagation["/var/run/netns"] == "HostToContainer"  # netns created after the agent started
+
+
+@pytest.mark.parametrize("platform", [None, *PLATFORMS])
+def test_agent_keeps_its_ebpf_pins_in_the_nodes_bpffs(platform, tmp_path):
+    """--bpffs-dir is a directory of the node's own bpffs instance (the host's /sys/fs/bpf, writable, its
+    mounts propagated into the container): pins made there are files of that instance and outlive the
+    agent's container, unlike a bpffs the agent mounts in its own mount namespace. The agent binds it at
+    <state-dir>/bpf, so it must lie outside the state dir (the agent's config refuses it there)."""
+    agent = next(c for c in containers(platform) if c["name"] == "agent")
+    opts = dict(a[2:].split("=", 1) for a in expanded_args(agent, platform) if a.startswith("--") and "=" in a)
+    pins = Path(opts["bpffs-dir"])
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == str(pins.parent))
+    volume = next(v for v in pod_spec(platform)["volumes"] if v["name"] == mount["name"])
+    assert volume["hostPath"]["path"] == mount["mountPath"] == "/sys/fs/bpf"
+    assert mount.get("mountPropagation") == "HostToContainer" and not mount.get("readOnly")
+    config = build_config(objects_dir=tmp_path, state_dir=opts["state-dir"], bpffs_dir=opts["bpffs-dir"])
+    assert config.bpffs_dir == pins and config.state_dir not in pins.parents
 
 
 def may_write_iptables(container: dict[str, Any]) -> bool:
