@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from cni.kernel.netns import stat_identity
-from node_agent.backends.ebpf import bpfsys, cgroup_fs
+from node_agent.backends.ebpf import bpfsys, cgroup_fs, pinning
 
 
 class CgroupError(Exception):
@@ -17,12 +17,7 @@ class CgroupError(Exception):
 
 def parse_cgroup2_mounts(mountinfo: str) -> list[Path]:
     """The cgroup2 mount points in a /proc/<pid>/mountinfo text."""
-    out: list[Path] = []
-    for line in mountinfo.splitlines():
-        left, _, right = line.partition(" - ")
-        if right.split()[:1] == ["cgroup2"]:
-            out.append(Path(left.split()[4].replace("\\040", " ")))
-    return out
+    return [Path(point) for point, fstype in pinning.parse_mounts(mountinfo.splitlines()) if fstype == "cgroup2"]
 
 
 class MountTable:

@@ -42,9 +42,9 @@ def parse_mounts(mountinfo: Iterable[str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for line in mountinfo:
         left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) > 4 and right:
-            out.append((_unescape(fields[4]), right.split()[0]))
+        fields, fstype = left.split(), right.split()[:1]
+        if len(fields) > 4 and fstype:
+            out.append((_unescape(fields[4]), fstype[0]))
     return out
 
 
